@@ -1,0 +1,32 @@
+# Every target bootstraps .venv when it is missing or older than pyproject.toml:
+# torch==2.13.0 first (the local CPU wheel; a looser pin would pull a CUDA build), then
+# the package in editable mode with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,faces]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tlkfac demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(VENV)/bin/tlkfac bench
+
+clean-venv:
+	rm -rf $(VENV)

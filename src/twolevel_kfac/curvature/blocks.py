@@ -1,0 +1,206 @@
+"""Layer curvature blocks: turn a layer's captured inputs and output-gradients into the
+weight-sharing format ``[N, T, features]`` and into the Kronecker factors of KFAC / KFC.
+
+Conventions (``../shared/design.md`` §2, Martens & Grosse 2015 eq. (1); Grosse & Martens
+2016 for convolutions):
+
+* A layer's parameters are viewed as one matrix ``W̄ = [W, b]`` of shape
+  ``(d_out, d_in')`` with ``d_in' = d_in + 1`` when the layer has a bias (the bias is the
+  last column). For ``Conv2d`` ``W`` is ``weight.reshape(C_out, C_in·k_h·k_w)``, whose
+  column order matches :func:`torch.nn.functional.unfold`.
+* ``a[n, t]`` is the homogeneous input ``ā = [a; 1]`` of sample ``n`` at output location
+  ``t`` (``T = 1`` for a ``Linear`` layer on ``[N, d_in]`` inputs).
+* ``g[n, t]`` is ``δ = ∂ℓ_n/∂s_{n,t}``, the per-sample gradient of the pre-activation.
+* The per-sample gradient is ``∇_W̄ ℓ_n = Σ_t g[n,t] a[n,t]ᵀ`` and the Fisher of a batch of
+  ``N`` samples is ``F = (1/N) Σ_n vec(∇ℓ_n) vec(∇ℓ_n)ᵀ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class LayerStats:
+    """Per-sample statistics of one layer on the Fisher mini-batch.
+
+    Attributes:
+        a: homogeneous inputs ``ā``, shape ``[N, T, d_in']``.
+        g: pre-activation gradients ``δ`` of the per-sample losses, shape ``[N, T, d_out]``.
+    """
+
+    a: Tensor
+    g: Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def num_locations(self) -> int:
+        return int(self.a.shape[1])
+
+    def subset(self, index: Tensor) -> LayerStats:
+        """The statistics of the samples ``index`` (a 1-D index tensor)."""
+        return LayerStats(self.a[index], self.g[index])
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` has parameters KFAC would precondition wrongly, or ``None`` if fine.
+
+    Grouped convolutions and transposed convolutions have weights that do not factor as
+    ``A ⊗ G`` with the unfolded input; preconditioning them as dense convs would be wrong.
+    """
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
+        return None
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"{type(module).__name__} is not supported"
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return f"{type(module).__name__} is not supported (only Conv2d)"
+    return None
+
+
+def is_supported(module: nn.Module) -> bool:
+    """True for the layer types KFAC preconditions (``Linear``, ``Conv2d`` with groups=1)."""
+    return isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None
+
+
+def has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def layer_weight(module: nn.Module) -> nn.Parameter:
+    """The ``weight`` parameter of a Linear / Conv2d layer."""
+    weight = module.weight
+    if not isinstance(weight, nn.Parameter):
+        raise TypeError(f"{type(module).__name__} has no weight parameter")
+    return weight
+
+
+def layer_bias(module: nn.Module) -> nn.Parameter | None:
+    """The ``bias`` parameter of a layer, or ``None``."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, nn.Parameter) else None
+
+
+def input_features(module: nn.Module, inputs: Tensor) -> Tensor:
+    """The homogeneous inputs ``ā`` of a layer in ``[N, T, d_in']`` format.
+
+    For ``Conv2d`` the patches are ``unfold(x)`` (im2col), one row per output location.
+    Extra leading dimensions of a ``Linear`` input (sequences) become locations ``T``.
+    """
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        if isinstance(padding, str):  # 'same' may pad unevenly, which unfold cannot express
+            inputs = F.pad(inputs, module._reversed_padding_repeated_twice)
+            padding = (0, 0)
+        patches = F.unfold(
+            inputs,
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=padding,
+            stride=module.stride,
+        )
+        a = patches.transpose(1, 2)
+    elif isinstance(module, nn.Linear):
+        a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    else:
+        raise TypeError(f"unsupported layer {type(module).__name__}")
+    if has_bias(module):
+        a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
+    return a
+
+
+def output_gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
+    """Pre-activation gradients in ``[N, T, d_out]`` format (same location order as
+    :func:`input_features`)."""
+    if isinstance(module, nn.Conv2d):
+        return grad_output.flatten(start_dim=2).transpose(1, 2)
+    if isinstance(module, nn.Linear):
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+    raise TypeError(f"unsupported layer {type(module).__name__}")
+
+
+def gradient_matrix(module: nn.Module) -> Tensor:
+    """The layer's gradient as the matrix ``∇W̄ = [∇W, ∇b]`` of shape ``(d_out, d_in')``."""
+    weight, bias = layer_weight(module), layer_bias(module)
+    grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    mat = grad.reshape(grad.shape[0], -1)
+    if bias is not None:
+        bgrad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        mat = torch.cat([mat, bgrad.unsqueeze(1)], dim=1)
+    return mat
+
+
+def parameter_matrix(module: nn.Module) -> Tensor:
+    """The layer's parameters as the matrix ``W̄ = [W, b]`` (a copy)."""
+    weight, bias = layer_weight(module), layer_bias(module)
+    mat = weight.detach().reshape(weight.shape[0], -1)
+    if bias is not None:
+        mat = torch.cat([mat, bias.detach().unsqueeze(1)], dim=1)
+    return mat.clone()
+
+
+def matrix_to_parameter_shapes(module: nn.Module, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Split a ``(d_out, d_in')`` matrix back into tensors shaped like ``weight`` and ``bias``."""
+    shape = layer_weight(module).shape
+    if has_bias(module):
+        return mat[:, :-1].reshape(shape), mat[:, -1].contiguous()
+    return mat.reshape(shape), None
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in')`` of the layer's ``W̄`` matrix."""
+    weight = layer_weight(module)
+    return int(weight.shape[0]), int(weight[0].numel()) + (1 if has_bias(module) else 0)
+
+
+def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:
+    """KFAC / KFC factors ``A = Σ_{n,t} ā āᵀ/(N·T)`` and ``G = Σ_{n,t} δ δᵀ/(N·T)``.
+
+    For ``T = 1`` these are Martens & Grosse (2015) eq. (1)'s ``E[ā āᵀ]`` and ``E[δ δᵀ]``;
+    for convolutions they are KFC's factors averaged over samples and locations.
+    """
+    a = stats.a.reshape(-1, stats.a.shape[-1])
+    g = stats.g.reshape(-1, stats.g.shape[-1])
+    count = a.shape[0]
+    return a.T @ a / count, g.T @ g / count
+
+
+def per_sample_gradients(stats: LayerStats) -> Tensor:
+    """``∇_W̄ ℓ_n = Σ_t δ_{n,t} ā_{n,t}ᵀ`` for every sample, shape ``[N, d_out, d_in']``.
+
+    Materialises ``N·d_out·d_in'`` numbers: for tests and the analysis only, never in the
+    optimizer's hot path.
+    """
+    return torch.einsum("nto,nti->noi", stats.g, stats.a)
+
+
+def per_sample_dots(stats: LayerStats, vectors: Tensor) -> Tensor:
+    """``⟨r_k, ∇_W̄ ℓ_n⟩ = Σ_t δ_{n,t}ᵀ r_k ā_{n,t}`` for ``vectors`` of shape
+    ``[K, d_out, d_in']``, without forming per-sample gradients. Returns ``[N, K]``.
+
+    Costs ``O(N·T·K·d_out·d_in')`` and memory ``O(N·T·K·d_in')``.
+    """
+    # (δ @ r) has shape [N, T, K, d_in']; contract it with ā over (t, i).
+    projected = torch.einsum("nto,koi->ntki", stats.g, vectors)
+    return torch.einsum("ntki,nti->nk", projected, stats.a)
+
+
+def weighted_gradient_sum(stats: LayerStats, weights: Tensor) -> Tensor:
+    """``Σ_n w_n ∇_W̄ ℓ_n = Σ_{n,t} w_n δ_{n,t} ā_{n,t}ᵀ`` for ``weights`` of shape ``[N]``
+    (or ``[N, K]``, giving ``[K, d_out, d_in']``), without per-sample gradients."""
+    if weights.dim() == 1:
+        scaled = stats.g * weights[:, None, None]
+        return scaled.flatten(0, 1).T @ stats.a.flatten(0, 1)
+    return torch.einsum("nk,nto,nti->koi", weights, stats.g, stats.a)

@@ -1,0 +1,203 @@
+"""Damped Kronecker factor pairs: running averages, decompositions, and the damped inverse.
+
+A layer's Fisher block is approximated by ``A ⊗ G`` (column-major ``vec`` of ``W̄``), so
+``(A ⊗ G) vec(V) = vec(G V A)`` and every inverse acts on the gradient matrix from both
+sides. The three damping conventions (``../shared/paper.md`` §1):
+
+* ``per_factor``: ``[(A + λI) ⊗ (G + λI)]⁻¹``  → ``(G + λI)⁻¹ V (A + λI)⁻¹``
+* ``pi``: ``[(A + π√λ I) ⊗ (G + √λ/π I)]⁻¹`` with ``π² = (tr A / dim A) / (tr G / dim G)``
+  (Martens & Grosse 2015 §6.3, factored Tikhonov damping)
+* ``eigen_sum``: ``(A ⊗ G + λI)⁻¹`` → ``Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ``
+  (George et al. 2018; Tselepidis et al. 2020)
+
+Damping is a call-time argument (it may follow a schedule); the decompositions are not.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+DAMPING_MODES = ("per_factor", "pi", "eigen_sum")
+INVERSE_METHODS = ("eigen", "cholesky")
+
+
+def ema_weight(num_updates: int, ema_decay: float) -> float:
+    """``ρ = min(1 − 1/k, ema_decay)`` for the ``k``-th update (so the first replaces)."""
+    return min(1.0 - 1.0 / num_updates, ema_decay)
+
+
+def pi_ratio(trace_a: float, dim_a: int, trace_g: float, dim_g: int) -> float:
+    """``π = sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015 eq. (19)).
+
+    Falls back to 1 when either factor has zero trace (a dead layer).
+    """
+    mean_a, mean_g = trace_a / dim_a, trace_g / dim_g
+    if not (mean_a > 0 and mean_g > 0 and math.isfinite(mean_a / mean_g)):
+        return 1.0
+    return math.sqrt(mean_a / mean_g)
+
+
+def factor_dampings(damping: float, mode: str, pi: float) -> tuple[float, float]:
+    """The multiples of the identity added to ``(A, G)`` by a factored damping mode."""
+    if mode == "per_factor":
+        return damping, damping
+    if mode == "pi":
+        root = math.sqrt(damping)
+        return pi * root, root / pi
+    raise ValueError(f"damping_mode {mode!r} is not factored; use one of {DAMPING_MODES}")
+
+
+def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
+
+    Retries in float64 when the decomposition in the factor's dtype fails.
+    Returns ``(eigenvalues, eigenvectors)`` in the input's dtype.
+    """
+    sym = 0.5 * (matrix + matrix.T)
+    try:
+        values, vectors = torch.linalg.eigh(sym)
+    except RuntimeError:
+        values, vectors = torch.linalg.eigh(sym.double())
+        values, vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
+    return values.clamp_min(0.0), vectors
+
+
+def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
+    """``(M + shift·I)⁻¹`` by Cholesky, retried in float64 when it fails."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    sym = 0.5 * (matrix + matrix.T) + shift * eye
+    chol, info = torch.linalg.cholesky_ex(sym)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    chol64 = torch.linalg.cholesky(sym.double())
+    return torch.cholesky_inverse(chol64).to(matrix.dtype)
+
+
+def eigen_denominator(
+    values_g: Tensor, values_a: Tensor, damping: float, mode: str, pi: float
+) -> Tensor:
+    """The grid ``D`` with ``(damped A ⊗ G)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) ⊘ D] Q_Aᵀ``."""
+    if mode == "eigen_sum":
+        return torch.outer(values_g, values_a) + damping
+    shift_a, shift_g = factor_dampings(damping, mode, pi)
+    return torch.outer(values_g + shift_g, values_a + shift_a)
+
+
+@dataclass
+class KroneckerFactors:
+    """Running Kronecker factors ``A`` (``d_in' × d_in'``) and ``G`` (``d_out × d_out``) of one
+    layer, with the cached decomposition used to apply the damped inverse.
+
+    ``num_locations`` is ``T`` of the last statistics: the preconditioned gradient of a
+    convolution is divided by ``T`` (KFC convention, so that without damping it equals
+    ``(Ω ⊗ Γ)⁻¹ g`` with ``Ω = E_n Σ_t āāᵀ``, ``Γ = E_n (1/T) Σ_t δδᵀ``).
+    """
+
+    A: Tensor | None = None
+    G: Tensor | None = None
+    num_updates: int = 0
+    num_locations: int = 1
+    # The decomposition the inverse uses, frozen at the last refresh (factors keep moving
+    # between refreshes): eigen → (eigenvalues, eigenvectors); cholesky → (factor, empty).
+    decomp_a: tuple[Tensor, Tensor] | None = None
+    decomp_g: tuple[Tensor, Tensor] | None = None
+    decomp_pi: float = 1.0
+    _cache_key: tuple[float, str, str] | None = field(default=None, repr=False)
+    _cache: tuple[Tensor, ...] = field(default=(), repr=False)
+
+    def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
+        """``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)``."""
+        self.num_updates += 1
+        self.num_locations = num_locations
+        rho = ema_weight(self.num_updates, ema_decay)
+        if self.A is None or self.G is None or rho == 0.0:
+            self.A, self.G = new_a.clone(), new_g.clone()
+        else:
+            self.A.mul_(rho).add_(new_a, alpha=1.0 - rho)
+            self.G.mul_(rho).add_(new_g, alpha=1.0 - rho)
+
+    @property
+    def ready(self) -> bool:
+        return self.A is not None and self.G is not None
+
+    def decompose(self, method: str) -> None:
+        """Refresh the cached decomposition (and π) from the current factors."""
+        assert self.A is not None and self.G is not None
+        self.decomp_pi = pi_ratio(
+            float(self.A.trace()), self.A.shape[0], float(self.G.trace()), self.G.shape[0]
+        )
+        if method == "eigen":
+            self.decomp_a, self.decomp_g = safe_eigh(self.A), safe_eigh(self.G)
+        else:
+            self.decomp_a = (self.A.clone(), torch.empty(0))
+            self.decomp_g = (self.G.clone(), torch.empty(0))
+        self._cache_key = None
+
+    def _prepare(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
+        key = (damping, mode, method)
+        if self._cache_key == key:
+            return self._cache
+        if self.decomp_a is None or self.decomp_g is None:
+            raise RuntimeError("KroneckerFactors.decompose() must run before apply_inverse()")
+        if method == "eigen":
+            (values_a, vectors_a), (values_g, vectors_g) = self.decomp_a, self.decomp_g
+            grid = eigen_denominator(values_g, values_a, damping, mode, self.decomp_pi)
+            self._cache = (vectors_g, grid.reciprocal() / self.num_locations, vectors_a)
+        else:
+            a, g = self.decomp_a[0], self.decomp_g[0]
+            shift_a, shift_g = factor_dampings(damping, mode, self.decomp_pi)
+            self._cache = (
+                damped_inverse(g, shift_g) / self.num_locations,
+                damped_inverse(a, shift_a),
+            )
+        self._cache_key = key
+        return self._cache
+
+    def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
+        """The damped ``(A ⊗ G)⁻¹`` (divided by ``T``) applied to a ``(d_out, d_in')`` matrix."""
+        cache = self._prepare(damping, mode, method)
+        v = grad.to(cache[0].dtype)
+        if method == "eigen":
+            vectors_g, inv_grid, vectors_a = cache
+            out = vectors_g @ ((vectors_g.T @ v @ vectors_a) * inv_grid) @ vectors_a.T
+        else:
+            inv_g, inv_a = cache
+            out = inv_g @ v @ inv_a
+        return out.to(grad.dtype)
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "A": self.A,
+            "G": self.G,
+            "num_updates": self.num_updates,
+            "num_locations": self.num_locations,
+            "decomp_a": self.decomp_a,
+            "decomp_g": self.decomp_g,
+            "decomp_pi": self.decomp_pi,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name in self.state_dict():
+            if name not in state:
+                raise KeyError(f"Kronecker factor state is missing {name!r}")
+        self.A, self.G = state["A"], state["G"]  # type: ignore[assignment]
+        self.num_updates = int(state["num_updates"])  # type: ignore[call-overload]
+        self.num_locations = int(state["num_locations"])  # type: ignore[call-overload]
+        self.decomp_a = _as_pair(state["decomp_a"])
+        self.decomp_g = _as_pair(state["decomp_g"])
+        self.decomp_pi = float(state["decomp_pi"])  # type: ignore[arg-type]
+        self._cache_key = None
+
+
+def _as_pair(value: object) -> tuple[Tensor, Tensor] | None:
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return (value[0], value[1])
+    warnings.warn("ignoring a malformed cached decomposition in the state dict", stacklevel=3)
+    return None

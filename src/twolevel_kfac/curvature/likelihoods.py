@@ -1,0 +1,79 @@
+"""Likelihoods of the model's predictive distribution, for the Monte-Carlo ("true") Fisher.
+
+The true Fisher is ``F = E_x E_{y ~ p(y|x,θ)} [∇ log p ∇ log pᵀ]`` (Martens & Grosse 2015 §5):
+the targets are *sampled from the model*, not the data's. Each likelihood defines the
+per-sample negative log-likelihood ``ℓ_n(y) = −log p(y | f_n)`` of the network output
+``f_n``; its gradient with respect to the layer pre-activations is KFAC's ``δ``.
+
+* ``categorical``: ``f`` are logits ``[N, C]``; ``y ~ Cat(softmax(f))``; ``ℓ = CE(f, y)``.
+* ``bernoulli``: ``f`` are logits ``[N, ...]``; ``y ~ Bernoulli(σ(f))`` elementwise;
+  ``ℓ = Σ_k BCE(σ(f_k), y_k)`` (summed over output features).
+* ``gaussian``: ``f`` are means ``[N, ...]``; ``y ~ N(f, I)``; ``ℓ = ½‖y − f‖²``.
+
+The matching training losses take the *mean over samples* of these per-sample losses
+(sum over output features): e.g. ``BCEWithLogits(reduction="sum") / N``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+
+
+def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
+    """Draw one target per sample from the model's predictive distribution."""
+    output = output.detach()
+    if likelihood == "categorical":
+        if output.dim() != 2:
+            raise ValueError(
+                "likelihood='categorical' expects logits of shape [N, C], got "
+                f"{tuple(output.shape)}"
+            )
+        probs = torch.softmax(output.float(), dim=1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if likelihood == "bernoulli":
+        probs = torch.sigmoid(output)
+        return torch.bernoulli(probs, generator=generator)
+    if likelihood == "gaussian":
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+        return output + noise.to(output.device)
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def summed_nll(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
+    """``Σ_n ℓ_n(y_n)``: its gradient w.r.t. sample n's pre-activations is ``δ_n``."""
+    if likelihood == "categorical":
+        return F.cross_entropy(output, target, reduction="sum")
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
+    if likelihood == "gaussian":
+        return 0.5 * (output - target).square().sum()
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def sampled_nll(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
+    """The summed negative log-likelihood of targets sampled from the model itself."""
+    return summed_nll(output, sample_targets(output, likelihood, generator), likelihood)
+
+
+def output_hessian(output: Tensor, likelihood: str) -> Tensor:
+    """Per-sample Hessian of ``ℓ_n`` w.r.t. the (flattened) output, ``[N, K, K]``.
+
+    It equals ``E_y[∇_f ℓ ∇_f ℓᵀ]`` for these exponential-family likelihoods, so the
+    exact true Fisher is ``(1/N) Σ_n J_nᵀ H_n J_n``.
+    categorical: ``diag(p) − p pᵀ``; bernoulli: ``diag(p(1−p))``; gaussian: ``I``.
+    """
+    flat = output.detach().reshape(output.shape[0], -1)
+    if likelihood == "categorical":
+        p = torch.softmax(flat, dim=1)
+        return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    if likelihood == "bernoulli":
+        p = torch.sigmoid(flat)
+        return torch.diag_embed(p * (1 - p))
+    if likelihood == "gaussian":
+        eye = torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
+        return eye.expand(flat.shape[0], -1, -1).clone()
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")

@@ -1,0 +1,129 @@
+"""``KFAC``: a ``torch.optim.Optimizer`` = KFAC preconditioner + heavy-ball momentum SGD.
+
+Per step (the paper's recipe, ``../shared/paper.md`` §1): the preconditioner turns each
+layer's gradient into the (KL-clipped) natural-gradient direction ``d``; then weight decay
+is added *after* preconditioning, ``d ← d + wd·θ``, and the momentum-SGD step follows,
+``buf ← μ·buf + d``, ``θ ← θ − lr·buf`` (Nesterov: ``θ ← θ − lr·(d + μ·buf)``).
+Parameters outside Linear/Conv2d layers (BatchNorm, embeddings, …) take the same step
+with their raw gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .options import CurvatureOptions, check_real
+from .preconditioner import KFACPreconditioner
+
+CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
+
+
+class KFAC(torch.optim.Optimizer):
+    """KFAC with momentum SGD (Martens & Grosse 2015; KFC for convolutions).
+
+    Args:
+        model: its ``Linear`` and ``Conv2d`` layers are preconditioned; every other trainable
+            parameter gets the plain momentum-SGD step.
+        lr: learning rate (``param_groups[i]["lr"]``, so LR schedulers act on it).
+        momentum: heavy-ball momentum μ.
+        weight_decay: added to the preconditioned direction (not preconditioned).
+        nesterov: Nesterov momentum.
+        params: optional parameter groups (default: all trainable parameters of ``model``).
+        **curvature: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
+            ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
+            ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
+            ``inverse_method``, ``factor_dtype``, ``unsupported``, ``seed``.
+    """
+
+    preconditioner_class: type[KFACPreconditioner] = KFACPreconditioner
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        params: Iterable[Any] | None = None,
+        **curvature: Any,
+    ) -> None:
+        check_real("lr", lr, low=0.0, low_open=True)
+        check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        check_real("weight_decay", weight_decay, low=0.0)
+        self.preconditioner = self._make_preconditioner(model, curvature)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "nesterov": bool(nesterov),
+        }
+        super().__init__(params, defaults)
+
+    def _make_preconditioner(self, model: nn.Module, kwargs: dict[str, Any]) -> KFACPreconditioner:
+        unknown = sorted(set(kwargs) - CURVATURE_ARGUMENTS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown argument(s) {unknown}; "
+                f"allowed: {sorted(CURVATURE_ARGUMENTS)}"
+            )
+        return self.preconditioner_class(model, **kwargs)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Diagnostics of the last step (KL scale, damping, two-level residual/energy …)."""
+        return self.preconditioner.last_stats
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.preconditioner.step(lr=float(self.param_groups[0]["lr"]))
+        for group in self.param_groups:
+            self._momentum_step(group)
+        return loss
+
+    def _momentum_step(self, group: dict[str, Any]) -> None:
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            direction = param.grad
+            if wd != 0:
+                direction = direction.add(param, alpha=wd)
+            if mu != 0:
+                state = self.state[param]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = direction.detach().clone()
+                else:
+                    buf.mul_(mu).add_(direction)
+                direction = direction.add(buf, alpha=mu) if group["nesterov"] else buf
+            param.add_(direction, alpha=-lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["preconditioner"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "preconditioner" not in state_dict:
+            raise ValueError(f"not a {type(self).__name__} state dict: no 'preconditioner' entry")
+        state = dict(state_dict)
+        self.preconditioner.load_state_dict(state.pop("preconditioner"))
+        super().load_state_dict(state)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            f"group{i}(lr={g['lr']}, momentum={g['momentum']}, weight_decay={g['weight_decay']})"
+            for i, g in enumerate(self.param_groups)
+        )
+        return f"{type(self).__name__}[{groups}] with {self.preconditioner!r}"

@@ -1,0 +1,121 @@
+"""Validated option sets of the preconditioners (one frozen dataclass per concern).
+
+Every check raises ``ValueError`` / ``TypeError`` naming the argument and what is allowed,
+so a typo in a config or a constructor call fails at once and says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..curvature.capture import FISHER_TYPES
+from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS
+from ..curvature.likelihoods import LIKELIHOODS
+
+KL_CLIP_FORMS = ("paper", "lr_squared")
+UNSUPPORTED_POLICIES = ("warn", "error", "ignore")
+
+
+def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Check ``value`` is a finite real in the given (half-)open or closed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    number = float(value)
+    lo_ok = low is None or (number > low if low_open else number >= low)
+    hi_ok = high is None or (number < high if high_open else number <= high)
+    if not math.isfinite(number) or not lo_ok or not hi_ok:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ValueError(
+            f"{name} must be a finite number in {lo or '(-inf'}, {hi or 'inf)'}; got {value!r}"
+        )
+    return number
+
+
+def check_interval(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurvatureOptions:
+    """How the curvature statistics are gathered and inverted (``../shared/design.md`` §2).
+
+    Attributes:
+        damping: λ, added as set by ``damping_mode``.
+        damping_mode: ``per_factor`` | ``pi`` | ``eigen_sum`` (see :mod:`..curvature.kronecker`).
+        fisher: ``mc`` (sampled targets, the true Fisher) | ``empirical`` (the batch targets).
+        likelihood: what ``mc`` samples from: ``categorical`` | ``bernoulli`` | ``gaussian``.
+        fisher_batch: fraction of the batch used for curvature statistics (paper: 0.25).
+        ema_decay: cap of the running-average weight ρ = min(1 − 1/k, ema_decay).
+        cov_interval: T_cov, refresh the factors every this many steps.
+        inv_interval: T_inv, refresh the decompositions every this many steps.
+        kl_clip: c of the KL clipping, ``None`` to disable.
+        kl_clip_form: ``paper`` ν = min(1, √(c/Σ|⟨d,g⟩|)) | ``lr_squared`` (Ba et al. 2017)
+            ν = min(1, √(c/(lr² Σ|⟨d,g⟩|))).
+        inverse_method: ``eigen`` (default) | ``cholesky`` (not with ``eigen_sum``).
+        factor_dtype: dtype of factors and decompositions; ``None`` = the parameters' dtype.
+        unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
+            ``ignore`` (they then get the plain momentum-SGD step).
+        seed: seed of the sampler that picks the Fisher mini-batch and MC targets.
+    """
+
+    damping: float = 1e-3
+    damping_mode: str = "per_factor"
+    fisher: str = "mc"
+    likelihood: str = "categorical"
+    fisher_batch: float = 1.0
+    ema_decay: float = 0.95
+    cov_interval: int = 1
+    inv_interval: int = 1
+    kl_clip: float | None = 1e-2
+    kl_clip_form: str = "paper"
+    inverse_method: str = "eigen"
+    factor_dtype: torch.dtype | None = None
+    unsupported: str = "warn"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_real("damping", self.damping, low=0.0, low_open=True)
+        check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        check_choice("fisher", self.fisher, FISHER_TYPES)
+        check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        check_real("fisher_batch", self.fisher_batch, low=0.0, high=1.0, low_open=True)
+        check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        check_interval("cov_interval", self.cov_interval)
+        check_interval("inv_interval", self.inv_interval)
+        if self.kl_clip is not None:
+            check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
+        check_choice("kl_clip_form", self.kl_clip_form, KL_CLIP_FORMS)
+        check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        if self.inverse_method == "cholesky" and self.damping_mode == "eigen_sum":
+            raise ValueError(
+                "damping_mode='eigen_sum' needs inverse_method='eigen' "
+                "(A⊗G + λI has no Kronecker-factored Cholesky inverse)"
+            )
+        if self.factor_dtype is not None and not isinstance(self.factor_dtype, torch.dtype):
+            raise TypeError(
+                f"factor_dtype must be a torch.dtype or None; got {self.factor_dtype!r}"
+            )
+        check_choice("unsupported", self.unsupported, UNSUPPORTED_POLICIES)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an integer; got {self.seed!r}")

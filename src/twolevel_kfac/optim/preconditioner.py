@@ -1,0 +1,225 @@
+"""The KFAC preconditioner: rewrites ``.grad`` of a model's Linear / Conv2d layers.
+
+It is independent of the optimizer that then takes the step (the kfac-pytorch pattern):
+``loss.backward(); precond.step(); sgd.step()`` preconditions any torch optimizer.
+:class:`~twolevel_kfac.optim.kfac.KFAC` wraps it with momentum-SGD for the paper's recipe.
+
+One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper's
+schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistics captured
+during this step's forward/backward), ``_refresh_decompositions`` (every
+``inv_interval`` steps), ``_precondition`` (the damped block-diagonal inverse; subclasses
+add coarse corrections), ``_kl_clip`` and ``_write_grads``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.blocks import (
+    LayerStats,
+    gradient_matrix,
+    is_supported,
+    kronecker_factors,
+    layer_bias,
+    layer_weight,
+    matrix_to_parameter_shapes,
+    unsupported_reason,
+)
+from ..curvature.capture import CurvatureCapture
+from ..curvature.kronecker import KroneckerFactors
+from .options import CurvatureOptions
+
+
+def find_layers(model: nn.Module, unsupported: str) -> dict[str, nn.Module]:
+    """The trainable ``Linear`` / ``Conv2d`` (groups=1) layers of ``model``, by name.
+
+    Layers KFAC would precondition wrongly (grouped or transposed convolutions, …) are
+    reported as ``unsupported`` says and left to the plain momentum-SGD step.
+    """
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            message = (
+                f"module {name or '<root>'!r}: {reason}; its parameters get the "
+                "un-preconditioned momentum-SGD step"
+            )
+            if unsupported == "error":
+                raise ValueError(message + " (unsupported='error')")
+            if unsupported == "warn":
+                warnings.warn(message, stacklevel=4)
+        elif is_supported(module) and layer_weight(module).requires_grad:
+            layers[name] = module
+    return layers
+
+
+class KFACPreconditioner:
+    """Block-diagonal KFAC preconditioner (see :class:`CurvatureOptions` for arguments)."""
+
+    def __init__(
+        self, model: nn.Module, options: CurvatureOptions | None = None, **kwargs: Any
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if options is not None and kwargs:
+            raise TypeError("pass either options=... or keyword arguments, not both")
+        self.options = options if options is not None else CurvatureOptions(**kwargs)
+        self.model = model
+        self.layers = find_layers(model, self.options.unsupported)
+        if not self.layers:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable Linear or Conv2d layer to precondition"
+            )
+        self.damping = self.options.damping
+        self.steps = 0
+        self.generator = torch.Generator().manual_seed(self.options.seed)
+        self.factors = {name: KroneckerFactors() for name in self.layers}
+        self.capture = CurvatureCapture(
+            model,
+            self.layers,
+            self.options.fisher,
+            self.options.likelihood,
+            self.options.fisher_batch,
+            self.generator,
+        )
+        self.capture.active = True
+        self.last_stats: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, lr: float = 1.0) -> None:
+        """Precondition the gradients of the registered layers in place (``p.grad``)."""
+        opts = self.options
+        stats = self.capture.collect() if self.capture.active else {}
+        self.last_stats = {"damping": self.damping}
+        if stats:
+            self._update_factors(stats)
+        missing = [name for name, f in self.factors.items() if not f.ready]
+        if missing:
+            raise RuntimeError(
+                f"no curvature statistics for layer(s) {missing}: run the model's forward "
+                "(in train mode, with gradients enabled) and loss.backward() before step()"
+            )
+        if self.steps % opts.inv_interval == 0 or any(
+            f.decomp_a is None for f in self.factors.values()
+        ):
+            self._refresh_decompositions()
+        grads = {name: gradient_matrix(module) for name, module in self.layers.items()}
+        directions = self._precondition(grads, stats)
+        directions = self._kl_clip(directions, grads, lr)
+        self._write_grads(directions)
+        self.steps += 1
+        self.capture.active = self.steps % opts.cov_interval == 0
+
+    def _update_factors(self, stats: dict[str, LayerStats]) -> None:
+        skipped = 0
+        for name, layer_stats in stats.items():
+            dtype = self.factor_dtype(name)
+            new_a, new_g = kronecker_factors(
+                LayerStats(layer_stats.a.to(dtype), layer_stats.g.to(dtype))
+            )
+            if not (torch.isfinite(new_a).all() and torch.isfinite(new_g).all()):
+                skipped += 1  # a NaN/Inf batch never reaches the running factors
+                continue
+            self.factors[name].update(
+                new_a, new_g, self.options.ema_decay, layer_stats.num_locations
+            )
+        self.last_stats["nonfinite_factor_updates"] = float(skipped)
+
+    def _refresh_decompositions(self) -> None:
+        for factors in self.factors.values():
+            factors.decompose(self.options.inverse_method)
+
+    def factor_dtype(self, name: str) -> torch.dtype:
+        return self.options.factor_dtype or layer_weight(self.layers[name]).dtype
+
+    def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
+        """``M_i⁻¹``: the damped KFAC inverse of layer ``name`` applied to a ``W̄`` matrix."""
+        opts = self.options
+        return self.factors[name].apply_inverse(
+            matrix, self.damping, opts.damping_mode, opts.inverse_method
+        )
+
+    def _precondition(
+        self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
+    ) -> dict[str, Tensor]:
+        return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
+
+    def _kl_clip(
+        self, directions: dict[str, Tensor], grads: dict[str, Tensor], lr: float
+    ) -> dict[str, Tensor]:
+        """``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (``lr²`` inside the sum for Ba et al.)."""
+        clip = self.options.kl_clip
+        if clip is None:
+            return directions
+        total = sum(float((directions[n] * grads[n]).sum().abs()) for n in directions)
+        if self.options.kl_clip_form == "lr_squared":
+            total *= lr * lr
+        scale = 1.0 if total <= 0 or not math.isfinite(total) else min(1.0, math.sqrt(clip / total))
+        self.last_stats["kl_scale"] = scale
+        if scale == 1.0:
+            return directions
+        return {name: d * scale for name, d in directions.items()}
+
+    def _write_grads(self, directions: dict[str, Tensor]) -> None:
+        for name, direction in directions.items():
+            module = self.layers[name]
+            weight, bias = matrix_to_parameter_shapes(module, direction)
+            _set_grad(layer_weight(module), weight)
+            module_bias = layer_bias(module)
+            if bias is not None and module_bias is not None:
+                _set_grad(module_bias, bias)
+
+    # ------------------------------------------------------------ bookkeeping
+    def preconditioned_parameters(self) -> set[int]:
+        return {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, cached decompositions, step counter and the sampler's RNG state."""
+        return {
+            "steps": self.steps,
+            "damping": self.damping,
+            "generator": self.generator.get_state(),
+            "factors": {name: f.state_dict() for name, f in self.factors.items()},
+            "layers": list(self.layers),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = list(state.get("layers", []))
+        if saved != list(self.layers):
+            raise ValueError(
+                f"preconditioner state is for layers {saved}, but this model has "
+                f"{list(self.layers)}"
+            )
+        self.steps = int(state["steps"])
+        self.damping = float(state["damping"])
+        self.generator.set_state(state["generator"])
+        for name, factor_state in state["factors"].items():
+            self.factors[name].load_state_dict(factor_state)
+        self.capture.discard()
+        self.capture.active = self.steps % self.options.cov_interval == 0
+
+    def remove_hooks(self) -> None:
+        self.capture.remove()
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("]
+        lines += [f"  {k}={v!r}," for k, v in vars(self.options).items()]
+        lines.append(f"  preconditioned=[{', '.join(self.layers)}]")
+        return "\n".join(lines) + "\n)"
+
+
+def _set_grad(param: Tensor | None, value: Tensor) -> None:
+    if param is None:
+        return
+    if param.grad is None:
+        param.grad = value.to(param.dtype).clone()
+    else:
+        param.grad.copy_(value)

@@ -1,0 +1,260 @@
+"""Two-level KFAC: block-diagonal KFAC plus a coarse-space correction (Koroko et al. 2023).
+
+With ``M⁻¹`` the damped block-diagonal KFAC inverse, ``F̂ = F + λI`` the *exact* Fisher of
+the Fisher mini-batch (inter-layer blocks included, from the stored per-sample ``(ā, δ)``),
+a coarse basis ``R₀`` (a few vectors per layer) and ``Q = R₀ᵀ(R₀F̂R₀ᵀ)⁻¹R₀``, the
+direction is one of :mod:`twolevel_kfac.twolevel.combinations` (additive, A-DEF1,
+A-DEF2, balanced).
+
+``coarse_refresh`` decides when the basis ``R₀`` and the coarse matrix ``F_c`` change:
+
+* ``"consistent"`` (default): both are rebuilt together, from the statistics of the same
+  Fisher mini-batch, on every step that refreshes the factors (every ``cov_interval``
+  steps); residual-based bases use the residual of that step. ``Q`` is then always the
+  exact Galerkin correction of the stored ``F̂`` for the basis it uses.
+* ``"faithful"`` (the authors' released code): residual-based bases are rebuilt every step
+  from the current gradient, while ``F_c`` is computed for the basis of the refresh step,
+  running-averaged like the factors (ρ = min(1 − 1/k, ema_decay)) and reused until the next
+  refresh — so between refreshes ``F_c`` belongs to an older basis.
+
+Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the Fisher
+mini-batch of the last refresh step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..curvature.blocks import LayerStats, layer_shape, layer_weight
+from ..curvature.kronecker import ema_weight
+from ..twolevel.coarse_matrix import (
+    CoarseOperator,
+    ema_coarse_matrix,
+    exact_coarse_matrix,
+    tselepidis_coarse_matrix,
+)
+from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, build_basis
+from ..twolevel.combinations import COMBINATIONS, get_combination
+from ..twolevel.fisher_products import damped_fvp
+from ..twolevel.vectors import LayerVector, dot, sub
+from .kfac import CURVATURE_ARGUMENTS, KFAC
+from .options import CurvatureOptions, check_choice, check_real
+from .preconditioner import KFACPreconditioner
+
+COARSE_REFRESH = ("consistent", "faithful")
+SPECTRAL_WHICH = ("smallest", "largest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoarseOptions:
+    """The coarse level of :class:`TwoLevelKFAC`.
+
+    Attributes:
+        coarse_space: ``nicolaides`` | ``spectral`` | ``residual`` | ``krylov_nicolaides`` |
+            ``krylov_residual`` | ``tselepidis`` (:mod:`twolevel_kfac.twolevel.coarse_spaces`).
+        combination: ``additive`` | ``adef1`` | ``adef2`` | ``balanced``.
+        coarse_refresh: ``consistent`` | ``faithful`` (see the module docstring).
+        coarse_scale: ω_c, the weight of the coarse term (the authors' tuned factor).
+        fine_weight: ω_f, Tselepidis' weight of the fine term (additive only).
+        spectral_which: ``smallest`` (the paper) or ``largest`` eigenpair for ``spectral``.
+        diagnostics: compute ``‖res‖`` and ``E(β*) − E(0)`` every step (one extra exact
+            Fisher-vector product when the combination does not need the residual).
+    """
+
+    coarse_space: str = "nicolaides"
+    combination: str = "additive"
+    coarse_refresh: str = "consistent"
+    coarse_scale: float = 1.0
+    fine_weight: float = 1.0
+    spectral_which: str = "smallest"
+    diagnostics: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("coarse_space", self.coarse_space, COARSE_SPACES)
+        check_choice("combination", self.combination, COMBINATIONS)
+        check_choice("coarse_refresh", self.coarse_refresh, COARSE_REFRESH)
+        check_real("coarse_scale", self.coarse_scale, low=0.0)
+        check_real("fine_weight", self.fine_weight, low=0.0)
+        if self.fine_weight != 1.0 and self.combination != "additive":
+            raise ValueError("fine_weight applies to combination='additive' only")
+        check_choice("spectral_which", self.spectral_which, SPECTRAL_WHICH)
+
+
+COARSE_ARGUMENTS = frozenset(f.name for f in fields(CoarseOptions))
+
+
+class TwoLevelPreconditioner(KFACPreconditioner):
+    """KFAC preconditioner with a coarse-space correction (rewrites ``.grad``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        options: CurvatureOptions | None = None,
+        coarse: CoarseOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        coarse_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in COARSE_ARGUMENTS}
+        if coarse is not None and coarse_kwargs:
+            raise TypeError("pass either coarse=... or coarse keyword arguments, not both")
+        self.coarse = coarse if coarse is not None else CoarseOptions(**coarse_kwargs)
+        super().__init__(model, options, **kwargs)
+        if self.coarse.coarse_space == "spectral" and self.options.inverse_method != "eigen":
+            raise ValueError("coarse_space='spectral' needs inverse_method='eigen'")
+        self.names = list(self.layers)
+        self.fisher_stats: list[LayerStats] | None = None
+        self.basis: list[Tensor] | None = None
+        self.coarse_matrix: Tensor | None = None
+        self.coarse_updates = 0
+        self._operator: CoarseOperator | None = None
+
+    # ------------------------------------------------------------ operators
+    def minv(self, v: LayerVector) -> LayerVector:
+        """``M⁻¹v``: block-diagonal damped KFAC."""
+        return [self.apply_fine(n, x) for n, x in zip(self.names, v, strict=True)]
+
+    def fhat(self, v: LayerVector) -> LayerVector:
+        """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch."""
+        assert self.fisher_stats is not None
+        return damped_fvp(self.fisher_stats, v, self.damping)
+
+    def _eigen(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``(Q_A, d_A, Q_G, d_G)`` per layer from the factors' current decompositions."""
+        vecs_a, vals_a, vecs_g, vals_g = [], [], [], []
+        for name in self.names:
+            factors = self.factors[name]
+            assert factors.decomp_a is not None and factors.decomp_g is not None
+            vals_a.append(factors.decomp_a[0])
+            vecs_a.append(factors.decomp_a[1])
+            vals_g.append(factors.decomp_g[0])
+            vecs_g.append(factors.decomp_g[1])
+        return vecs_a, vals_a, vecs_g, vals_g
+
+    def _build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
+        space = self.coarse.coarse_space
+        param = layer_weight(self.layers[self.names[0]])
+        return build_basis(
+            space,
+            [layer_shape(self.layers[n]) for n in self.names],
+            minv=self.minv,
+            minv_res=minv_res,
+            eigen=self._eigen() if space == "spectral" else None,
+            which=self.coarse.spectral_which,
+            dtype=param.dtype,
+            device=param.device,
+        )
+
+    def _new_coarse_matrix(self, basis: list[Tensor]) -> Tensor:
+        assert self.fisher_stats is not None
+        if self.coarse.coarse_space == "tselepidis":
+            return tselepidis_coarse_matrix(self.fisher_stats, self.damping)
+        return exact_coarse_matrix(self.fisher_stats, basis, self.damping)
+
+    # ------------------------------------------------------------------ step
+    def _precondition(
+        self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
+    ) -> dict[str, Tensor]:
+        refreshed = bool(stats)
+        if refreshed:
+            missing = [n for n in self.names if n not in stats]
+            if missing:
+                raise RuntimeError(f"no Fisher mini-batch statistics for layer(s) {missing}")
+            self.fisher_stats = [stats[n] for n in self.names]
+        g = [grads[n] for n in self.names]
+        minv_g = self.minv(g)
+        if self.coarse.coarse_scale == 0.0:
+            return dict(zip(self.names, minv_g, strict=True))
+        space = self.coarse.coarse_space
+        needs_residual = (
+            space in RESIDUAL_SPACES
+            or self.coarse.combination == "adef2"
+            or self.coarse.diagnostics
+        )
+        residual = sub(g, self.fhat(minv_g)) if needs_residual else None
+        operator = self._coarse_operator(refreshed, residual)
+        result = get_combination(self.coarse.combination)(
+            g,
+            self.minv,
+            operator.apply,
+            self.fhat,
+            coarse_scale=self.coarse.coarse_scale,
+            fine_weight=self.coarse.fine_weight,
+            minv_g=minv_g,
+            residual=residual,
+        )
+        if residual is not None:
+            self.last_stats["residual_norm"] = float(dot(residual, residual).sqrt())
+            self.last_stats["energy_gain"] = float(operator.energy_gain(residual))
+        return dict(zip(self.names, result.direction, strict=True))
+
+    def _coarse_operator(self, refreshed: bool, residual: LayerVector | None) -> CoarseOperator:
+        """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled."""
+        space = self.coarse.coarse_space
+        per_step_basis = space in RESIDUAL_SPACES and self.coarse.coarse_refresh == "faithful"
+        if not (refreshed or per_step_basis or self._operator is None):
+            return self._operator
+        minv_res = (
+            self.minv(residual) if residual is not None and space in RESIDUAL_SPACES else None
+        )
+        if refreshed or per_step_basis or self.basis is None:
+            self.basis = self._build_basis(minv_res)
+        if refreshed or self.coarse_matrix is None:
+            new = self._new_coarse_matrix(self.basis)
+            if self.coarse.coarse_refresh == "faithful":
+                self.coarse_updates += 1
+                decay = ema_weight(self.coarse_updates, self.options.ema_decay)
+                self.coarse_matrix = ema_coarse_matrix(self.coarse_matrix, new, decay)
+            else:
+                self.coarse_matrix = new
+        self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
+        return self._operator
+
+    # ------------------------------------------------------------ bookkeeping
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["coarse"] = {
+            "fisher_stats": None
+            if self.fisher_stats is None
+            else [(s.a, s.g) for s in self.fisher_stats],
+            "basis": self.basis,
+            "coarse_matrix": self.coarse_matrix,
+            "coarse_updates": self.coarse_updates,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "coarse" not in state:
+            raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
+        super().load_state_dict(state)
+        coarse = state["coarse"]
+        stats = coarse["fisher_stats"]
+        self.fisher_stats = None if stats is None else [LayerStats(a, g) for a, g in stats]
+        self.basis = coarse["basis"]
+        self.coarse_matrix = coarse["coarse_matrix"]
+        self.coarse_updates = int(coarse["coarse_updates"])
+        self._operator = None
+        if self.basis is not None and self.coarse_matrix is not None:
+            self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
+
+    def __repr__(self) -> str:
+        coarse = ", ".join(f"{k}={v!r}" for k, v in vars(self.coarse).items())
+        return super().__repr__()[:-1] + f"  coarse: {coarse}\n)"
+
+
+class TwoLevelKFAC(KFAC):
+    """Two-level KFAC: every :class:`KFAC` argument plus the :class:`CoarseOptions` fields
+    (``coarse_space``, ``combination``, ``coarse_refresh``, ``coarse_scale``, ``fine_weight``,
+    ``spectral_which``, ``diagnostics``)."""
+
+    preconditioner_class = TwoLevelPreconditioner
+
+    def _make_preconditioner(self, model: nn.Module, kwargs: dict[str, Any]) -> KFACPreconditioner:
+        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise TypeError(
+                f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
+            )
+        return TwoLevelPreconditioner(model, **kwargs)

@@ -1,0 +1,317 @@
+"""KFAC optimizer behaviour: schedules, EMA, KL clipping, momentum / weight-decay order,
+non-preconditioned parameters, state_dict round trip, argument validation."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import twolevel_kfac as tk
+from twolevel_kfac.curvature.blocks import gradient_matrix, parameter_matrix
+
+CONTRACT = {
+    "fisher": "empirical",
+    "ema_decay": 0.0,
+    "cov_interval": 1,
+    "inv_interval": 1,
+    "kl_clip": None,
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "lr": 1.0,
+}
+
+
+def mlp(bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Tanh(), nn.Linear(4, 3, bias=bias))
+
+
+def batch(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def test_factor_schedule_and_ema(float64: None) -> None:
+    """Factors change only every cov_interval steps, with ρ = min(1 − 1/k, ema_decay)."""
+    model = mlp()
+    opt = tk.KFAC(model, lr=0.1, fisher="empirical", cov_interval=3, inv_interval=3, ema_decay=0.9)
+    factors = opt.preconditioner.factors["0"]
+    history = []
+    for step in range(7):
+        train_step(model, opt, *batch(seed=step))
+        assert factors.A is not None
+        history.append((factors.num_updates, factors.A.clone()))
+    assert [k for k, _ in history] == [1, 1, 1, 2, 2, 2, 3]
+    assert torch.equal(history[0][1], history[2][1])
+    assert not torch.equal(history[2][1], history[3][1])
+
+
+def test_ema_weights_first_update_replaces(float64: None) -> None:
+    model = mlp()
+    pre = tk.KFACPreconditioner(model, fisher="empirical", ema_decay=0.5)
+    captured = []
+    for step in range(3):
+        x, y = batch(seed=step)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        a_in = x
+        captured.append(torch.cat([a_in, torch.ones(len(x), 1)], 1))
+        pre.step()
+    a0, a1, a2 = (c.T @ c / len(c) for c in captured)
+    # k=1: ρ=0 → A=a0; k=2: ρ=min(1/2, 0.5)=0.5; k=3: ρ=min(2/3, 0.5)=0.5
+    expected = 0.5 * (0.5 * a0 + 0.5 * a1) + 0.5 * a2
+    torch.testing.assert_close(pre.factors["0"].A, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_inverse_interval_keeps_decomposition(float64: None) -> None:
+    model = mlp()
+    opt = tk.KFAC(model, lr=0.1, fisher="empirical", cov_interval=1, inv_interval=2)
+    factors = opt.preconditioner.factors["2"]
+    train_step(model, opt, *batch(seed=0))
+    first = factors.decomp_g
+    train_step(model, opt, *batch(seed=1))
+    assert factors.decomp_g is first
+    train_step(model, opt, *batch(seed=2))
+    assert factors.decomp_g is not first
+
+
+def test_kl_clip_paper_and_lr_squared_forms(float64: None) -> None:
+    for form, lr in (("paper", 0.5), ("lr_squared", 0.5)):
+        model = mlp()
+        clip = 1e-4
+        opt = tk.KFAC(model, **{**CONTRACT, "lr": lr, "kl_clip": None})
+        ref_model = copy.deepcopy(model)
+        x, y = batch()
+        train_step(model, opt, x, y)
+        unclipped = {n: parameter_matrix(m) for n, m in opt.preconditioner.layers.items()}
+
+        opt2 = tk.KFAC(ref_model, **{**CONTRACT, "lr": lr, "kl_clip": clip, "kl_clip_form": form})
+        start = {n: parameter_matrix(m) for n, m in opt2.preconditioner.layers.items()}
+        opt2.zero_grad()
+        F.cross_entropy(ref_model(x), y).backward()
+        grads = {n: gradient_matrix(m) for n, m in opt2.preconditioner.layers.items()}
+        opt2.step()
+        # d_i = (start − unclipped)/lr; ν = min(1, √(c / Σ|⟨d, g⟩|)) (· 1/lr² inside for Ba)
+        total = sum(float(((start[n] - unclipped[n]) / lr * grads[n]).sum()) for n in grads)
+        total = abs(total) * (lr * lr if form == "lr_squared" else 1.0)
+        nu = min(1.0, math.sqrt(clip / total))
+        assert nu < 1.0
+        assert opt2.last_stats["kl_scale"] == pytest.approx(nu, rel=1e-12)
+        for n, m in opt2.preconditioner.layers.items():
+            torch.testing.assert_close(
+                parameter_matrix(m),
+                start[n] - nu * (start[n] - unclipped[n]),
+                rtol=1e-10,
+                atol=1e-12,
+            )
+
+
+def test_momentum_and_weight_decay_after_preconditioning(float64: None) -> None:
+    """θ_{k+1} = θ_k − lr·buf, buf = μ buf + (d + wd θ): weight decay is not preconditioned."""
+    model = mlp()
+    lr, mu, wd = 0.3, 0.9, 0.01
+    base = {**CONTRACT, "lr": 1.0}
+    shadow = copy.deepcopy(model)
+    shadow_opt = tk.KFAC(shadow, **base)  # contract settings: θ changes by exactly −d
+    opt = tk.KFAC(model, **{**base, "lr": lr, "momentum": mu, "weight_decay": wd})
+    buf = None
+    for step in range(3):
+        x, y = batch(seed=step)
+        shadow.load_state_dict(model.state_dict())
+        shadow_opt.preconditioner.load_state_dict(opt.preconditioner.state_dict())
+        theta = parameters_vector(model)
+        train_step(shadow, shadow_opt, x, y)
+        d = theta - parameters_vector(shadow)
+        direction = d + wd * theta
+        buf = direction if buf is None else mu * buf + direction
+        train_step(model, opt, x, y)
+        torch.testing.assert_close(
+            parameters_vector(model), theta - lr * buf, rtol=1e-10, atol=1e-12
+        )
+
+
+def parameters_vector(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def test_non_preconditioned_parameters_get_momentum_sgd(float64: None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    opt = tk.KFAC(model, lr=0.1, momentum=0.0, weight_decay=0.0, fisher="empirical")
+    assert set(opt.preconditioner.layers) == {"0", "3"}
+    assert "preconditioned=[0, 3]" in repr(opt)
+    x, y = batch()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    bn_before = model[1].weight.detach().clone()
+    bn_grad = model[1].weight.grad.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model[1].weight.detach(), bn_before - 0.1 * bn_grad)
+
+
+def test_state_dict_round_trip_continues_identically(float64: None) -> None:
+    def run(split: int | None) -> torch.Tensor:
+        model = mlp()
+        opt = tk.KFAC(
+            model,
+            lr=0.05,
+            fisher="mc",
+            fisher_batch=0.5,
+            cov_interval=2,
+            inv_interval=3,
+            ema_decay=0.95,
+        )
+        for step in range(8):
+            if split is not None and step == split:
+                saved_model, saved_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+                saved_opt = copy.deepcopy(saved_opt)
+                model = mlp()
+                opt = tk.KFAC(
+                    model,
+                    lr=0.05,
+                    fisher="mc",
+                    fisher_batch=0.5,
+                    cov_interval=2,
+                    inv_interval=3,
+                    ema_decay=0.95,
+                )
+                model.load_state_dict(saved_model)
+                opt.load_state_dict(saved_opt)
+            train_step(model, opt, *batch(seed=step))
+        return parameters_vector(model)
+
+    uninterrupted = run(None)
+    for split in (3, 5):
+        assert torch.equal(run(split), uninterrupted)
+
+
+def test_load_state_dict_rejects_other_model() -> None:
+    opt = tk.KFAC(mlp(), lr=0.1)
+    other = tk.KFAC(nn.Sequential(nn.Linear(5, 3)), lr=0.1)
+    with pytest.raises(ValueError, match="layers"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="preconditioner"):
+        opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"damping_mode": "tikhonov"}, "damping_mode must be one of"),
+        ({"fisher": "exact"}, "fisher must be one of"),
+        ({"likelihood": "poisson"}, "likelihood must be one of"),
+        ({"damping": 0.0}, "damping must be"),
+        ({"fisher_batch": 1.5}, "fisher_batch must be"),
+        ({"ema_decay": 1.0}, "ema_decay must be"),
+        ({"cov_interval": 0}, "cov_interval must be"),
+        ({"inv_interval": 2.5}, "inv_interval must be"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"kl_clip": -1.0}, "kl_clip must be"),
+        ({"inverse_method": "cholesky", "damping_mode": "eigen_sum"}, "eigen_sum"),
+        ({"dampign": 1e-3}, "unknown argument"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        tk.KFAC(mlp(), **kwargs)
+
+
+def test_unsupported_layers_warn_or_raise() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 4, 5, 5))
+    with pytest.warns(UserWarning, match=r"module '0'.*groups=2"):
+        opt = tk.KFAC(model)
+    assert list(opt.preconditioner.layers) == ["2"]
+    with pytest.raises(ValueError, match=r"module '0'.*groups=2"):
+        tk.KFAC(model, unsupported="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.KFAC(
+            nn.Sequential(nn.ConvTranspose2d(2, 2, 3), nn.Flatten(), nn.Linear(2, 2)),
+            unsupported="ignore",
+        )
+
+
+def test_step_without_statistics_is_a_clear_error() -> None:
+    model = mlp()
+    opt = tk.KFAC(model)
+    x, _y = batch()
+    with torch.no_grad():
+        model(x)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="no curvature statistics"):
+        opt.step()
+
+
+def test_preconditioner_drives_any_torch_optimizer(float64: None) -> None:
+    model = mlp()
+    reference = copy.deepcopy(model)
+    pre = tk.KFACPreconditioner(model, fisher="empirical", ema_decay=0.0, kl_clip=None)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref_opt = tk.KFAC(reference, **CONTRACT)
+    x, y = batch()
+    adam.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    ref_opt.zero_grad()
+    F.cross_entropy(reference(x), y).backward()
+    before = parameters_vector(reference)
+    ref_opt.step()
+    natural = before - parameters_vector(reference)
+    torch.testing.assert_close(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]), natural, rtol=1e-10, atol=1e-12
+    )
+    adam.step()
+
+
+def test_lr_scheduler_acts_on_lr() -> None:
+    opt = tk.KFAC(mlp(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model = opt.preconditioner.model
+    train_step(model, opt, *batch())
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(1, 6),
+    hidden=st.integers(1, 6),
+    d_out=st.integers(2, 4),
+    n=st.integers(1, 6),
+    damping=st.floats(1e-6, 1.0),
+    mode=st.sampled_from(["per_factor", "pi", "eigen_sum"]),
+    fisher=st.sampled_from(["mc", "empirical"]),
+    bias=st.booleans(),
+)
+def test_no_nan_for_any_shape(
+    d_in: int, hidden: int, d_out: int, n: int, damping: float, mode: str, fisher: str, bias: bool
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(d_in, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, d_out, bias=bias)
+    )
+    opt = tk.KFAC(model, lr=0.1, damping=damping, damping_mode=mode, fisher=fisher, kl_clip=None)
+    x, y = torch.randn(n, d_in), torch.randint(0, d_out, (n,))
+    for _ in range(2):
+        train_step(model, opt, x, y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,277 @@
+"""The design contract for ``TwoLevelKFAC``: under the contract settings one ``step()``
+changes all layers together by ``−P g`` with ``P`` the combination's formula built from the
+exact (empirical) Fisher of the batch — for every coarse space × combination — plus the
+limiting cases that must hold exactly."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from oracles import (
+    assert_close_report,
+    build_dense_problem,
+    dense_twolevel_update,
+    energy_error,
+    layer_param_vector,
+    tiny_convnet,
+    tiny_mlp,
+)
+from test_kfac_exact import CONTRACT, make_batch, mixed_net, one_step, prepare
+from twolevel_kfac.optim.twolevel import TwoLevelPreconditioner
+
+SPACES = (
+    "nicolaides",
+    "spectral",
+    "residual",
+    "krylov_nicolaides",
+    "krylov_residual",
+    "tselepidis",
+)
+COMBINATIONS = ("additive", "adef1", "adef2", "balanced")
+LOSS = nn.CrossEntropyLoss()
+NETS = {
+    "mlp": (lambda: tiny_mlp(), (4,), 2),
+    "conv": (lambda: tiny_convnet(), (2, 5, 5), 2),
+    "mixed_bn": (mixed_net, (2, 6, 6), 3),
+}
+
+
+# The dense Tselepidis oracle covers T = 1 layers only (conv: see the diagonal test).
+CASES = [
+    (net, space, comb)
+    for net, space, comb in itertools.product(NETS, SPACES, COMBINATIONS)
+    if space != "tselepidis" or net == "mlp"
+]
+
+
+@pytest.mark.parametrize(("net", "space", "combination"), CASES)
+def test_step_equals_dense_formula(float64: None, net: str, space: str, combination: str) -> None:
+    build, shape, classes = NETS[net]
+    model = prepare(build())
+    x, y = make_batch(shape, classes, 8)
+    expected = dense_twolevel_update(
+        model, LOSS, x, y, damping=0.05, coarse_space=space, combination=combination
+    )
+    opt = tk.TwoLevelKFAC(
+        model, damping=0.05, coarse_space=space, combination=combination, **CONTRACT
+    )
+    assert_relative_error(one_step(model, opt, x, y), expected)
+
+
+def assert_relative_error(
+    actual: dict[str, Tensor], expected: dict[str, Tensor], tol: float = 1e-9
+) -> None:
+    """‖Δ − Δ_dense‖ / ‖Δ_dense‖ ≤ tol over all parameters together (the coarse solve mixes
+    layers, so entrywise tolerances would measure F_c's conditioning, not correctness)."""
+    names = sorted(expected)
+    got = torch.cat([actual[n].reshape(-1) for n in names])
+    want = torch.cat([expected[n].reshape(-1) for n in names])
+    error = float((got - want).norm() / want.norm())
+    assert error <= tol, f"relative error {error:.3e} > {tol:.0e}"
+    for name in names:  # and entrywise at a looser tolerance, so a sign/layer slip shows
+        assert_close_report(actual[name], expected[name], rtol=1e-7, atol=1e-10, name=name)
+
+
+@pytest.mark.parametrize("mode", ("pi", "eigen_sum"))
+def test_other_damping_modes_equal_dense(float64: None, mode: str) -> None:
+    model = prepare(tiny_convnet())
+    x, y = make_batch((2, 5, 5), 2, 6)
+    expected = dense_twolevel_update(
+        model, LOSS, x, y, damping=0.05, mode=mode, coarse_space="residual", combination="adef2"
+    )
+    opt = tk.TwoLevelKFAC(
+        model,
+        damping=0.05,
+        damping_mode=mode,
+        coarse_space="residual",
+        combination="adef2",
+        **CONTRACT,
+    )
+    assert_relative_error(one_step(model, opt, x, y), expected)
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_coarse_scale_zero_is_kfac_bit_for_bit(combination: str) -> None:
+    settings = {"lr": 0.05, "fisher_batch": 0.5, "cov_interval": 2, "ema_decay": 0.9}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    kfac = tk.KFAC(model, **settings)
+    two = tk.TwoLevelKFAC(
+        twin, coarse_scale=0.0, combination=combination, coarse_space="residual", **settings
+    )
+    for step in range(4):
+        x, y = make_batch((6,), 3, 10, seed=step)
+        one_step(model, kfac, x, y)
+        one_step(twin, two, x, y)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+class FullRankPreconditioner(TwoLevelPreconditioner):
+    """Test-only coarse space: every coordinate is its own coarse vector (scaled)."""
+
+    scale = 1.0
+
+    def _build_basis(self, minv_res: list[Tensor] | None) -> list[Tensor]:
+        basis = []
+        for name in self.names:
+            d_out, d_in = tk.optim.twolevel.layer_shape(self.layers[name])
+            eye = torch.eye(d_out * d_in).reshape(-1, d_out, d_in)
+            weights = torch.linspace(0.5, 2.0, d_out * d_in)[:, None, None] * self.scale
+            basis.append(eye * weights)
+        return basis
+
+
+class FullRankKFAC(tk.TwoLevelKFAC):
+    preconditioner_class = FullRankPreconditioner
+
+    def _make_preconditioner(self, model: nn.Module, kwargs: dict) -> TwoLevelPreconditioner:
+        return FullRankPreconditioner(model, **kwargs)
+
+
+@pytest.mark.parametrize("combination", ("adef1", "adef2", "balanced"))
+@pytest.mark.parametrize("scale", (1.0, 1e-5, 1e5))
+def test_full_rank_coarse_space_gives_exact_natural_gradient(
+    float64: None, combination: str, scale: float
+) -> None:
+    model = prepare(tiny_convnet())
+    x, y = make_batch((2, 5, 5), 2, 6)
+    problem = build_dense_problem(model, LOSS, x, y, damping=0.05)
+    exact = torch.linalg.solve(problem.fisher_damped, problem.grad)
+    FullRankPreconditioner.scale = scale
+    opt = FullRankKFAC(model, damping=0.05, combination=combination, **CONTRACT)
+    before = layer_param_vector(model)
+    one_step(model, opt, x, y)
+    assert_close_report(before - layer_param_vector(model), exact, rtol=1e-9, atol=1e-12)
+
+
+def test_scaling_coarse_vectors_does_not_change_the_step(float64: None) -> None:
+    model = prepare(tiny_mlp())
+    twin = copy.deepcopy(model)
+    x, y = make_batch((4,), 2, 8)
+    FullRankPreconditioner.scale = 1.0
+    one = one_step(model, FullRankKFAC(model, combination="additive", **CONTRACT), x, y)
+    FullRankPreconditioner.scale = 1e4
+    two = one_step(twin, FullRankKFAC(twin, combination="additive", **CONTRACT), x, y)
+    for name in one:
+        assert_close_report(two[name], one[name], rtol=1e-9, atol=1e-12, name=name)
+
+
+@pytest.mark.parametrize("space", SPACES[:-1])
+def test_adef2_energy_error_never_exceeds_kfac(float64: None, space: str) -> None:
+    """Inequality check: ‖d − F̂⁻¹g‖_F̂ of A-DEF2 ≤ KFAC's (holds by construction), and the
+    reported energy gain equals the dense E(β*) − E(0)."""
+    for seed in range(3):
+        model = prepare(tiny_convnet())
+        x, y = make_batch((2, 5, 5), 2, 8, seed=seed)
+        problem = build_dense_problem(model, LOSS, x, y, damping=0.05)
+        opt = tk.TwoLevelKFAC(
+            model,
+            damping=0.05,
+            coarse_space=space,
+            combination="adef2",
+            diagnostics=True,
+            **CONTRACT,
+        )
+        before = layer_param_vector(model)
+        one_step(model, opt, x, y)
+        direction = before - layer_param_vector(model)
+        kfac_direction = problem.kfac_inv @ problem.grad
+        two_err = energy_error(direction, problem.grad, problem.fisher_damped)
+        kfac_err = energy_error(kfac_direction, problem.grad, problem.fisher_damped)
+        assert two_err <= kfac_err * (1 + 1e-12)
+        assert float(two_err - kfac_err) == pytest.approx(
+            opt.last_stats["energy_gain"], rel=1e-8, abs=1e-12
+        )
+
+
+def test_tselepidis_diagonal_is_kronecker_sum(float64: None) -> None:
+    """F_c[i,i] = 1ᵀ(A_i⊗G_i)1 + λ·numel_i = sum(A_i)·sum(G_i) + λ·numel_i, conv included."""
+    model = prepare(mixed_net())
+    x, y = make_batch((2, 6, 6), 3, 5)
+    opt = tk.TwoLevelKFAC(model, damping=0.05, coarse_space="tselepidis", **CONTRACT)
+    one_step(model, opt, x, y)
+    pre = opt.preconditioner
+    assert isinstance(pre, TwoLevelPreconditioner) and pre.coarse_matrix is not None
+    for i, name in enumerate(pre.names):
+        factors = pre.factors[name]
+        assert factors.A is not None and factors.G is not None
+        numel = factors.A.shape[0] * factors.G.shape[0]
+        expected = factors.A.sum() * factors.G.sum() + 0.05 * numel
+        assert float(pre.coarse_matrix[i, i]) == pytest.approx(float(expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("space", ("residual", "krylov_residual"))
+def test_faithful_refresh_rebuilds_basis_every_step(space: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = tk.TwoLevelKFAC(
+        model, lr=0.05, coarse_space=space, coarse_refresh="faithful", cov_interval=3
+    )
+    consistent = tk.TwoLevelKFAC(copy.deepcopy(model), lr=0.05, coarse_space=space, cov_interval=3)
+    bases, kept = [], []
+    for step in range(3):
+        x, y = make_batch((6,), 3, 10, seed=step)
+        one_step(model, opt, x, y)
+        one_step(consistent.preconditioner.model, consistent, x, y)
+        bases.append(opt.preconditioner.basis)
+        kept.append(consistent.preconditioner.basis)
+    assert bases[0] is not bases[1] and bases[1] is not bases[2]
+    assert kept[0] is kept[1] is kept[2]
+    # faithful keeps F_c of the refresh step; consistent recomputes it with its basis
+    assert opt.preconditioner.coarse_updates == 1
+
+
+def test_state_dict_round_trip_two_level() -> None:
+    def run(split: int | None) -> Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        settings = {
+            "lr": 0.05,
+            "fisher_batch": 0.5,
+            "cov_interval": 2,
+            "inv_interval": 3,
+            "coarse_space": "krylov_residual",
+            "combination": "balanced",
+            "coarse_refresh": "faithful",
+        }
+        opt = tk.TwoLevelKFAC(model, **settings)
+        for step in range(6):
+            if step == split:
+                state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                torch.manual_seed(1)
+                model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+                opt = tk.TwoLevelKFAC(model, **settings)
+                model.load_state_dict(state[0])
+                opt.load_state_dict(state[1])
+            one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    reference = run(None)
+    assert torch.equal(run(3), reference)
+    assert torch.equal(run(4), reference)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"coarse_space": "multigrid"}, "coarse_space must be one of"),
+        ({"combination": "multiplicative"}, "combination must be one of"),
+        ({"coarse_refresh": "sometimes"}, "coarse_refresh must be one of"),
+        ({"coarse_scale": -1.0}, "coarse_scale must be"),
+        ({"fine_weight": 0.5, "combination": "adef2"}, "fine_weight"),
+        ({"coarse_space": "spectral", "inverse_method": "cholesky"}, "spectral"),
+        ({"spectral_which": "middle"}, "spectral_which must be one of"),
+        ({"coarse_spcae": "nicolaides"}, "unknown argument"),
+    ],
+)
+def test_bad_coarse_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        tk.TwoLevelKFAC(tiny_mlp(), **kwargs)
