@@ -1,0 +1,1 @@
+"""twolevel_kfac.experiments."""

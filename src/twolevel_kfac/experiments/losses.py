@@ -1,0 +1,82 @@
+"""Per-problem losses: the mean over the batch of the per-sample negative log-likelihood.
+
+Convention ("sum over output features, mean over the batch"), for a batch of B samples
+with network outputs z_n and targets y_n:
+
+    L = (1/B) Σ_n ℓ_n,   ℓ_n = −log p(y_n | z_n)  (up to an additive constant)
+
+| function | likelihood | ℓ_n |
+|---|---|---|
+| ``bce_logits_loss`` | ``"bernoulli"`` | Σ_j [softplus(z_nj) − y_nj z_nj]  (BCE with logits) |
+| ``mse_loss`` | ``"gaussian"`` | ½ ‖y_n − z_n‖²  (N(z_n, I), constant dropped) |
+| ``cross_entropy`` | ``"categorical"`` | −log softmax(z_n)[y_n] |
+
+This is the scaling under which the KFAC Fisher F = (1/B) Σ_n ∇ℓ_n ∇ℓ_nᵀ matches the
+``likelihood`` the optimizer samples from (design.md §2). Note that it differs from
+``torch.nn.MSELoss()``/``BCEWithLogitsLoss()`` defaults, which also average over features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LIKELIHOODS", "LOSSES", "LossFn", "bce_logits_loss", "cross_entropy", "mse_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def bce_logits_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Bernoulli NLL of targets in [0, 1] given logits, summed over features, batch mean.
+
+    Args:
+        logits: Network outputs ``[B, D]`` (pre-sigmoid).
+        target: Targets ``[B, D]`` in [0, 1].
+
+    Returns:
+        Scalar loss.
+    """
+    per_feature = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return per_feature.flatten(1).sum(dim=1).mean()
+
+
+def mse_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Gaussian N(output, I) NLL without constant: ½‖y − ŷ‖² summed over features, batch mean.
+
+    Args:
+        output: Network outputs ``[B, D]``.
+        target: Targets ``[B, D]``.
+
+    Returns:
+        Scalar loss.
+    """
+    return 0.5 * (output - target).pow(2).flatten(1).sum(dim=1).mean()
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Categorical NLL of class labels given logits, batch mean.
+
+    Args:
+        logits: Network outputs ``[B, C]``.
+        target: int64 class indices ``[B]``.
+
+    Returns:
+        Scalar loss.
+    """
+    return F.cross_entropy(logits, target)
+
+
+LOSSES: dict[str, LossFn] = {
+    "bce": bce_logits_loss,
+    "mse": mse_loss,
+    "cross_entropy": cross_entropy,
+}
+
+# Loss name -> the likelihood whose NLL it is (what KFAC's "mc" Fisher samples from).
+LIKELIHOODS: dict[str, str] = {
+    "bce": "bernoulli",
+    "mse": "gaussian",
+    "cross_entropy": "categorical",
+}
