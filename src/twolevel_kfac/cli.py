@@ -1,42 +1,64 @@
 """``tlkfac``: the command line of twolevel-kfac.
 
-Errors a user can fix (bad config, missing data, …) print ``error: …`` and exit with
-status 2, without a traceback; ``--debug`` shows the traceback.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int | None``; this file only wires them (``COMMANDS``), so subpackages
+never import each other through the CLI. Errors a user can fix (bad config, missing data,
+…) print ``error: …`` and exit with status 2, without a traceback; ``--debug`` shows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+# name → (module, help). Modules are imported when the parser is built; keep their
+# top-level imports light (torch-heavy work inside ``run``).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("twolevel_kfac.experiments.demo_command", "the main job: the CURVES comparison"),
+    "run": ("twolevel_kfac.experiments.commands.run", "one optimizer on one problem"),
+    "compare": ("twolevel_kfac.experiments.commands.compare", "optimizers × seeds, then report"),
+    "tune": ("twolevel_kfac.experiments.commands.tune", "the paper's lr × damping grid search"),
+    "report": ("twolevel_kfac.experiments.commands.report", "re-render report.md and plots"),
+    "data": ("twolevel_kfac.experiments.data.command", "fetch / verify / info of data sets"),
+    "analyze": ("twolevel_kfac.analysis.command", "exact-Fisher analysis on a small network"),
+    "bench": ("twolevel_kfac.bench", "the benchmarks of benchmarks/"),
+}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _load(module: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name and module.startswith(error.name):
+            return None  # a command that is not built yet is simply not offered
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlkfac",
         description="KFAC and two-level KFAC: experiments, analysis and benchmarks.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job: CURVES autoencoder, KFAC vs SGD vs Adam")
-    demo.add_argument("--out", default="results/demo", help="output directory")
-    demo.add_argument("--data-dir", default=None, help="data/cache directory (TLKFAC_DATA)")
-    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = _load(module_name)
+        if module is None:
+            continue
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
     return parser
 
 
-def _run_demo(args: argparse.Namespace) -> None:
-    from .experiments.demo import main as demo_main
-
-    demo_main(out_dir=args.out, data_dir=args.data_dir, quick=args.quick)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    commands = {"demo": _run_demo}
+    args = build_parser().parse_args(argv)
     try:
-        commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        status = args.handler(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
@@ -44,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":
