@@ -148,7 +148,8 @@ class CurvatureCapture:
             return
         if not isinstance(output, Tensor):
             raise TypeError("fisher='mc' needs a model that returns one tensor of outputs")
-        if not output.requires_grad:
+        if not output.requires_grad or not bool(torch.isfinite(output.detach()).all()):
+            forward.outputs.clear()  # a non-finite output gives no statistics this step
             return
         names = list(forward.outputs)
         loss = sampled_nll(_rows(output, forward), self.likelihood, self.generator)

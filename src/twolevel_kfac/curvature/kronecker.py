@@ -52,18 +52,45 @@ def factor_dampings(damping: float, mode: str, pi: float) -> tuple[float, float]
     raise ValueError(f"damping_mode {mode!r} is not factored; use one of {DAMPING_MODES}")
 
 
+def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``torch.linalg.eigh``, or ``None`` when it raises or returns non-finite values (MKL's
+    float32 ``syevd`` was seen to return NaN silently for rank-deficient 785×785 factors)."""
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except RuntimeError:  # torch's LinAlgError is a RuntimeError
+        return None
+    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+        return None
+    return values, vectors
+
+
 def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
 
-    Computed in the factor's dtype (float32 measured ≈ 0.6× the time of float64 for
-    500–1000-dimensional factors, ``benchmarks/eigh_dtype.py``) and retried in float64
-    when that fails. Returns ``(eigenvalues, eigenvectors)`` in the input's dtype.
+    Tries the factor's dtype (float32 measured ≈ 0.6× the time of float64 for
+    500–1000-dimensional factors, ``benchmarks/eigh_dtype.py``), then float64, then float64
+    with a small diagonal shift ``ε = 1e-10·(tr M / n + 1)`` that is subtracted again
+    (the eigenvectors do not change under a shift). Returns ``(eigenvalues, eigenvectors)``
+    in the input's dtype.
+
+    Raises:
+        RuntimeError: if the factor has non-finite entries or every attempt fails.
     """
+    if not torch.isfinite(matrix).all():
+        raise RuntimeError("cannot decompose a Kronecker factor with NaN/Inf entries")
     sym = 0.5 * (matrix + matrix.T)
-    try:
-        values, vectors = torch.linalg.eigh(sym)
-    except RuntimeError:  # torch raises LinAlgError (a RuntimeError) on non-convergence
-        values, vectors = torch.linalg.eigh(sym.double())
+    result = _eigh_or_none(sym)
+    if result is None:
+        sym64 = sym.double()
+        result = _eigh_or_none(sym64)
+        if result is None:
+            shift = 1e-10 * (float(sym64.diagonal().mean()) + 1.0)
+            eye = torch.eye(sym.shape[0], dtype=sym64.dtype, device=sym.device)
+            shifted = _eigh_or_none(sym64 + shift * eye)
+            if shifted is None:
+                raise RuntimeError(f"eigendecomposition of a {tuple(sym.shape)} factor failed")
+            result = (shifted[0] - shift, shifted[1])
+    values, vectors = result
     return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 

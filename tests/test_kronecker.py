@@ -1,0 +1,102 @@
+"""Factor math: robust eigendecomposition, damping conversions, EMA weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from twolevel_kfac.curvature import kronecker
+from twolevel_kfac.curvature.kronecker import (
+    KroneckerFactors,
+    ema_weight,
+    factor_dampings,
+    pi_ratio,
+    safe_eigh,
+)
+
+
+def test_ema_weight() -> None:
+    assert ema_weight(1, 0.95) == 0.0
+    assert ema_weight(2, 0.95) == 0.5
+    assert ema_weight(100, 0.95) == 0.95
+    assert ema_weight(100, 0.0) == 0.0
+
+
+def test_pi_damping_values() -> None:
+    assert pi_ratio(8.0, 2, 1.0, 1) == pytest.approx(2.0)
+    assert pi_ratio(0.0, 2, 1.0, 1) == 1.0  # dead layer
+    shift_a, shift_g = factor_dampings(0.04, "pi", 2.0)
+    assert (shift_a, shift_g) == pytest.approx((0.4, 0.1))
+    assert shift_a * shift_g == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="not factored"):
+        factor_dampings(0.1, "eigen_sum", 1.0)
+
+
+def test_safe_eigh_rank_deficient_factor() -> None:
+    a = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    factor = a.T @ a / 8  # rank 8 of 50
+    values, vectors = safe_eigh(factor)
+    assert bool((values >= 0).all())
+    torch.testing.assert_close(
+        vectors @ torch.diag(values) @ vectors.T, factor, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_safe_eigh_falls_back_when_eigh_returns_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MKL's float32 syevd was seen to return NaN silently: retry in float64."""
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(matrix.dtype)
+        values, vectors = real_eigh(matrix)
+        if matrix.dtype == torch.float32:
+            return values * math.nan, vectors
+        return values, vectors
+
+    monkeypatch.setattr(kronecker.torch.linalg, "eigh", flaky_eigh)
+    factor = torch.eye(3) * 2.0
+    values, vectors = safe_eigh(factor)
+    assert calls == [torch.float32, torch.float64]
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, torch.full((3,), 2.0))
+
+
+def test_safe_eigh_refuses_nonfinite_factor() -> None:
+    with pytest.raises(RuntimeError, match="NaN/Inf"):
+        safe_eigh(torch.tensor([[1.0, math.nan], [math.nan, 1.0]]))
+
+
+# eigen_sum has no Cholesky form (CurvatureOptions rejects the pair).
+@pytest.mark.parametrize(
+    ("mode", "method"),
+    [
+        ("per_factor", "eigen"),
+        ("pi", "eigen"),
+        ("eigen_sum", "eigen"),
+        ("per_factor", "cholesky"),
+        ("pi", "cholesky"),
+    ],
+)
+def test_apply_inverse_matches_dense(float64: None, mode: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, g = torch.randn(6, 4, generator=gen), torch.randn(6, 3, generator=gen)
+    factors = KroneckerFactors()
+    factors.update(a.T @ a / 6, g.T @ g / 6, ema_decay=0.0, num_locations=2)
+    factors.decompose(method)
+    v = torch.randn(3, 4, generator=gen)
+    A, G = factors.A, factors.G
+    assert A is not None and G is not None
+    lam = 0.07
+    if mode == "eigen_sum":
+        dense = torch.kron(G, A) + lam * torch.eye(12)
+    else:
+        pi = pi_ratio(float(A.trace()), 4, float(G.trace()), 3) if mode == "pi" else 1.0
+        sa, sg = factor_dampings(lam, mode, pi)
+        dense = torch.kron(G + sg * torch.eye(3), A + sa * torch.eye(4))
+    expected = torch.linalg.solve(dense, v.reshape(-1)).reshape(3, 4) / 2
+    torch.testing.assert_close(
+        factors.apply_inverse(v, lam, mode, method), expected, rtol=1e-10, atol=1e-12
+    )
