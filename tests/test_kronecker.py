@@ -58,7 +58,7 @@ def test_safe_eigh_falls_back_when_eigh_returns_nan(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(kronecker.torch.linalg, "eigh", flaky_eigh)
     factor = torch.eye(3) * 2.0
-    values, vectors = safe_eigh(factor)
+    values, _ = safe_eigh(factor)
     assert calls == [torch.float32, torch.float64]
     assert values.dtype == torch.float32
     torch.testing.assert_close(values, torch.full((3,), 2.0))
