@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,faces]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,faces,svhn]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -96,6 +96,19 @@ def test_curves_unwritable_cache_warns(tmp_path: Path, monkeypatch: pytest.Monke
     assert train.shape == (4, 784) and test.shape == (2, 784)
 
 
+def test_curves_truncated_cache_is_regenerated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(curves, "N_TRAIN", 6)
+    monkeypatch.setattr(curves, "N_TEST", 2)
+    path = tmp_path / "curves" / "curves_seed0.npz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.warns(UserWarning, match="ignoring unreadable CURVES cache"):
+        train, _ = load_curves(tmp_path, seed=0)
+    np.testing.assert_array_equal(train.numpy(), generate_curves(8, seed=0)[:6])
+
+
 def test_load_dataset_curves_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(curves, "N_TRAIN", 30)
     monkeypatch.setattr(curves, "N_TEST", 10)
@@ -229,6 +242,28 @@ def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(idx, "repo_root", lambda: None)
     with pytest.raises(FileNotFoundError, match="set TLKFAC_DATA"):
         resolve_data_dir()
+
+
+def test_resolve_data_dir_picks_the_default_holding_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TLKFAC_DATA", raising=False)
+    repo, shared = tmp_path / "repo", tmp_path / "shared" / "data"
+    (repo / "data" / "curves").mkdir(parents=True)
+    (shared / "mnist").mkdir(parents=True)
+    monkeypatch.setattr(idx, "repo_root", lambda: repo)
+    assert resolve_data_dir() == shared  # unchanged default without ``require``
+    assert resolve_data_dir(require="mnist") == shared
+    assert resolve_data_dir(require="svhn") == shared  # nobody has it: the last default
+    (repo / "data" / "mnist").mkdir()
+    assert resolve_data_dir(require="mnist") == repo / "data"  # where `fetch` installs
+    assert resolve_data_dir(tmp_path, require="mnist") == tmp_path  # explicit wins
+
+
+def test_empty_idx_images_are_refused(tmp_path: Path) -> None:
+    _write_fake_mnist(tmp_path, n_train=0)
+    with pytest.raises(ValueError, match="empty data set"):
+        load_idx_dataset("mnist", tmp_path, verify=False)
 
 
 # ----------------------------------------------------------------------------- real files

@@ -3,8 +3,14 @@
 | name | source | x | y |
 |---|---|---|---|
 | ``curves`` | generated (``curves.py``), 20k/10k | ``[N, 784]`` in [0, 1] | x (autoencoder) |
+| ``faces`` | generated from LFW faces (``faces.py``), 20k/5k | ``[N, 625]`` in [0, 1] | x |
 | ``mnist`` | IDX files (``idx.py``), 60k/10k | ``[N, 784]`` in [0, 1] | int64 labels or x |
 | ``fashion_mnist`` | IDX files (``idx.py``), 60k/10k | ``[N, 784]`` in [0, 1] | int64 labels or x |
+| ``cifar10`` | pickles (``cifar.py``), 50k/10k | ``[N, 3, 32, 32]`` in [0, 1] | labels 0–9 |
+| ``cifar100`` | pickles (``cifar.py``), 50k/10k | ``[N, 3, 32, 32]`` in [0, 1] | labels 0–99 |
+| ``svhn`` | MAT files (``svhn.py``), 73,257/26,032 | ``[N, 3, 32, 32]`` in [0, 1] | labels 0–9 |
+
+``tlkfac data fetch|verify|info NAME`` (``command.py``) installs and checks them.
 """
 
 from __future__ import annotations
@@ -13,14 +19,26 @@ import os
 
 import torch
 
+from twolevel_kfac.experiments.data.cifar import load_cifar
 from twolevel_kfac.experiments.data.curves import load_curves
+from twolevel_kfac.experiments.data.faces import load_faces
 from twolevel_kfac.experiments.data.idx import load_idx_dataset, resolve_data_dir
+from twolevel_kfac.experiments.data.svhn import load_svhn
 
-__all__ = ["DATASET_NAMES", "load_dataset", "resolve_data_dir"]
+__all__ = ["DATASET_NAMES", "GENERATED_NAMES", "load_dataset", "resolve_data_dir"]
 
-DATASET_NAMES = ("curves", "mnist", "fashion_mnist")
+DATASET_NAMES = ("curves", "mnist", "fashion_mnist", "faces", "cifar10", "cifar100", "svhn")
+GENERATED_NAMES = ("curves", "faces")  # autoencoder sets without labels
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _load_labelled(name: str, data_dir: str | os.PathLike[str] | None, verify: bool) -> Split:
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, data_dir, verify=verify)
+    if name == "svhn":
+        return load_svhn(data_dir, verify=verify)
+    return load_idx_dataset(name, data_dir, verify=verify)
 
 
 def load_dataset(
@@ -31,34 +49,39 @@ def load_dataset(
     n_train: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
+    verify: bool = True,
 ) -> Split:
     """Load a data set by name.
 
     Args:
         name: One of ``DATASET_NAMES``.
-        data_dir: Data directory (IDX files: see ``idx.resolve_data_dir``; CURVES: the
-            cache base, see ``curves.load_curves``).
+        data_dir: Data directory (file-based sets: see ``idx.resolve_data_dir``; CURVES
+            and FACES: the cache base, see ``curves.load_curves``).
         autoencoder: Targets are the inputs (``y = x``) when true, the labels when false.
-            ``None``: true for ``curves`` (it has no labels), false otherwise.
+            ``None``: true for ``curves`` and ``faces`` (no labels), false otherwise.
         n_train: Keep only the first ``n_train`` training samples (``None``: all).
         n_test: Keep only the first ``n_test`` test samples (``None``: all).
-        seed: CURVES generator seed (ignored by the IDX data sets).
+        seed: CURVES / FACES generator seed (ignored by the file-based sets).
+        verify: Check the md5 of every file of a file-based set.
 
     Returns:
         ``(train_x, train_y, test_x, test_y)``.
 
     Raises:
-        ValueError: Unknown name, or labels requested for CURVES.
+        ValueError: Unknown name, or labels requested for CURVES / FACES.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; allowed: {list(DATASET_NAMES)}")
-    if name == "curves":
+    if name in GENERATED_NAMES:
         if autoencoder is False:
-            raise ValueError("autoencoder=False: CURVES has no labels, it is an autoencoder task")
-        train_x, test_x = load_curves(data_dir, seed=seed)
+            raise ValueError(
+                f"autoencoder=False: {name.upper()} has no labels, it is an autoencoder task"
+            )
+        loader = load_curves if name == "curves" else load_faces
+        train_x, test_x = loader(data_dir, seed=seed)
         train_y, test_y = train_x, test_x
     else:
-        train_x, train_y, test_x, test_y = load_idx_dataset(name, data_dir)
+        train_x, train_y, test_x, test_y = _load_labelled(name, data_dir, verify)
         if autoencoder:
             train_y, test_y = train_x, test_x
     return (train_x[:n_train], train_y[:n_train], test_x[:n_test], test_y[:n_test])

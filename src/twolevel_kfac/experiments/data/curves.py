@@ -34,14 +34,23 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from twolevel_kfac.experiments.data.idx import repo_root
+from twolevel_kfac.experiments.data.cache import cache_dirs
 
-__all__ = ["N_TEST", "N_TRAIN", "curves_cache_path", "generate_curves", "load_curves"]
+__all__ = [
+    "N_TEST",
+    "N_TRAIN",
+    "curves_cache_key",
+    "curves_cache_path",
+    "generate_curves",
+    "load_curves",
+]
 
 N_TRAIN = 20_000
 N_TEST = 10_000
@@ -115,18 +124,6 @@ def generate_curves(
     return out
 
 
-def _default_cache_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
-    """Candidate base directories, in order: explicit > ``TLKFAC_DATA`` > ``<repo>/data``."""
-    if data_dir is not None:
-        return [Path(data_dir)]
-    dirs = []
-    if os.environ.get("TLKFAC_DATA"):
-        dirs.append(Path(os.environ["TLKFAC_DATA"]))
-    root = repo_root()
-    dirs.append((root if root is not None else Path.cwd()) / "data")
-    return dirs
-
-
 def curves_cache_path(data_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
     """Path of the cache file ``<data_dir>/curves/curves_seed{seed}.npz``.
 
@@ -137,11 +134,15 @@ def curves_cache_path(data_dir: str | os.PathLike[str] | None = None, seed: int 
     Returns:
         The cache path in the first candidate directory.
     """
-    return _default_cache_dirs(data_dir)[0] / "curves" / f"curves_seed{seed}.npz"
+    return cache_dirs(data_dir)[0] / "curves" / f"curves_seed{seed}.npz"
 
 
-def _cache_key() -> str:
-    """Identifies the procedure and its constants; a cache with another key is stale."""
+def curves_cache_key() -> str:
+    """Identifies the procedure and its constants; a cache with another key is stale.
+
+    Returns:
+        The key string.
+    """
     return f"v{CACHE_VERSION}-K{SEGMENTS}-w{STROKE_WIDTH}-P{POINT_RANGE}-{SIDE}px"
 
 
@@ -151,9 +152,10 @@ def _read_cache(path: Path, n_total: int) -> np.ndarray | None:
         return None
     try:
         with np.load(path) as z:
-            ok = "key" in z.files and str(z["key"]) == _cache_key() and int(z["n"]) == n_total
+            key = str(z["key"]) if "key" in z.files else None
+            ok = key == curves_cache_key() and int(z["n"]) == n_total
             images = z["images"] if ok else None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         warnings.warn(f"ignoring unreadable CURVES cache {path}: {exc}", stacklevel=3)
         return None
     if images is None or images.shape != (n_total, SIDE * SIDE):
@@ -168,7 +170,7 @@ def _write_cache(dirs: list[Path], name: str, images: np.ndarray) -> Path | None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, images=images, key=_cache_key(), n=len(images))
+            np.savez_compressed(tmp, images=images, key=curves_cache_key(), n=len(images))
             tmp.replace(path)  # atomic: readers never see a half-written file
             return path
         except OSError:
@@ -193,7 +195,7 @@ def load_curves(
         ``(train_x [20000, 784], test_x [10000, 784])``, float32 in [0, 1].
     """
     n_total = N_TRAIN + N_TEST
-    dirs = _default_cache_dirs(data_dir)
+    dirs = cache_dirs(data_dir)
     name = f"curves_seed{seed}.npz"
     images = None
     for base in dirs:

@@ -11,7 +11,8 @@ checksums published with the official downloads, and the checksums of the raw ID
 bytes, which survive recompression).
 
 Data directory resolution (``resolve_data_dir``): explicit argument > environment
-variable ``TLKFAC_DATA`` > ``<repo>/../shared/data`` when it exists > error. The files
+variable ``TLKFAC_DATA`` > ``<repo>/data`` or ``<repo>/../shared/data``, whichever holds
+the wanted folder > error. The files
 of a data set live in ``<data_dir>/<folder>/`` (``mnist/``, ``fashion-mnist/``) under
 their standard names, compressed (``*.gz``) or not.
 """
@@ -137,11 +138,19 @@ def repo_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() else None
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Pick the data directory: explicit > ``$TLKFAC_DATA`` > ``<repo>/../shared/data``.
+def resolve_data_dir(
+    data_dir: str | os.PathLike[str] | None = None, require: str | None = None
+) -> Path:
+    """Pick the data directory: explicit > ``$TLKFAC_DATA`` > a checkout's default folders.
+
+    The defaults, tried when neither an argument nor ``$TLKFAC_DATA`` is given, are
+    ``<repo>/data`` (where ``tlkfac data fetch`` puts files by default) and
+    ``<repo>/../shared/data``. With ``require``, the first default holding that subfolder
+    wins; without it (or when none holds it) the last existing default.
 
     Args:
         data_dir: Explicit directory; wins when given.
+        require: Subfolder the caller needs (e.g. ``"mnist"``), to choose among defaults.
 
     Returns:
         The directory.
@@ -159,14 +168,19 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
                 return Path(value)
             raise FileNotFoundError(f"data directory {label}={value} does not exist")
     root = repo_root()
-    shared = root.parent / "shared" / "data" if root is not None else None
-    if shared is not None and shared.is_dir():
-        return shared
+    defaults = [root / "data", root.parent / "shared" / "data"] if root is not None else []
+    existing = [d for d in defaults if d.is_dir()]
+    if require is not None:
+        for candidate in existing:
+            if (candidate / require).is_dir():
+                return candidate
+    if existing:
+        return existing[-1]
     raise FileNotFoundError(
-        f"no data directory found (no data_dir argument, ${ENV_VAR} unset, no {shared}). "
-        f"Pass --data-dir / data_dir=..., or set {ENV_VAR} to a folder holding "
-        "mnist/ and fashion-mnist/ with the standard *-ubyte.gz files "
-        "(`tlkfac data fetch NAME` downloads them)."
+        f"no data directory found (no data_dir argument, ${ENV_VAR} unset, none of "
+        f"{[str(d) for d in defaults]} exists). Pass --data-dir / data_dir=..., or set "
+        f"{ENV_VAR} to a folder holding the data sets' folders (mnist/, fashion-mnist/ with "
+        "the standard *-ubyte.gz files, …); `tlkfac data fetch NAME` puts them there."
     )
 
 
@@ -266,6 +280,8 @@ def _images(path: Path, entry: IdxFile, verify: bool) -> torch.Tensor:
     arr = read_idx(path, (entry.gz_md5, entry.raw_md5) if verify else None)
     if arr.ndim != 3 or arr.dtype != np.uint8:
         raise ValueError(f"{path}: expected uint8 images [N, H, W], got {arr.dtype} {arr.shape}")
+    if len(arr) == 0:
+        raise ValueError(f"{path}: empty data set (0 images)")
     return torch.from_numpy(arr.reshape(len(arr), -1).astype(np.float32) / np.float32(255.0))
 
 
@@ -297,7 +313,7 @@ def load_idx_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown IDX data set {name!r}; allowed: {sorted(DATASETS)}")
     spec = DATASETS[name]
-    folder = resolve_data_dir(data_dir) / spec.folder
+    folder = resolve_data_dir(data_dir, require=spec.folder) / spec.folder
     out: list[torch.Tensor] = []
     for img, lab in ((spec.train_images, spec.train_labels), (spec.test_images, spec.test_labels)):
         x = _images(_locate(folder, img), img, verify)
