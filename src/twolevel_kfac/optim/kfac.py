@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .options import CurvatureOptions, check_real
+from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
+NONFINITE_POLICIES = ("skip", "raise")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -34,6 +35,9 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: added to the preconditioned direction (not preconditioned).
         nesterov: Nesterov momentum.
         params: optional parameter groups (default: all trainable parameters of ``model``).
+        nonfinite_policy: ``skip`` (default: a step whose gradient or preconditioned
+            direction has a NaN/Inf is dropped, counted in ``nonfinite_steps`` and
+            ``consecutive_nonfinite``) or ``raise`` (``FloatingPointError``).
         **curvature: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
             ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
             ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
@@ -50,11 +54,16 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         params: Iterable[Any] | None = None,
+        nonfinite_policy: str = "skip",
         **curvature: Any,
     ) -> None:
         check_real("lr", lr, low=0.0, low_open=True)
         check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_real("weight_decay", weight_decay, low=0.0)
+        check_choice("nonfinite_policy", nonfinite_policy, NONFINITE_POLICIES)
+        self.nonfinite_policy = nonfinite_policy
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
         self.preconditioner = self._make_preconditioner(model, curvature)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -86,10 +95,35 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._finite_gradients():
+            self._skip_nonfinite("gradient")
+            return loss
         self.preconditioner.step(lr=float(self.param_groups[0]["lr"]))
+        if not self._finite_gradients():
+            self._skip_nonfinite("preconditioned direction")
+            return loss
+        self.consecutive_nonfinite = 0
         for group in self.param_groups:
             self._momentum_step(group)
         return loss
+
+    def _finite_gradients(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _skip_nonfinite(self, what: str) -> None:
+        """A NaN/Inf never reaches the parameters, the momentum or the running factors:
+        the step (and its captured curvature statistics) is dropped and counted."""
+        self.preconditioner.capture.discard()
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        self.preconditioner.last_stats = {"nonfinite_skipped": 1.0}
+        if self.nonfinite_policy == "raise":
+            raise FloatingPointError(
+                f"non-finite {what} at step {self.preconditioner.steps} (nonfinite_policy='raise')"
+            )
 
     def _momentum_step(self, group: dict[str, Any]) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -112,6 +146,7 @@ class KFAC(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["preconditioner"] = self.preconditioner.state_dict()
+        state["nonfinite"] = [self.nonfinite_steps, self.consecutive_nonfinite]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -119,6 +154,7 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"not a {type(self).__name__} state dict: no 'preconditioner' entry")
         state = dict(state_dict)
         self.preconditioner.load_state_dict(state.pop("preconditioner"))
+        self.nonfinite_steps, self.consecutive_nonfinite = state.pop("nonfinite", [0, 0])
         super().load_state_dict(state)
 
     def __repr__(self) -> str:
