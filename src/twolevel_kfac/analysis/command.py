@@ -1,0 +1,72 @@
+"""``tlkfac analyze CONFIG [--out DIR]``: exact-Fisher analysis of a small network.
+
+Writes ``analysis.json`` (method name → metrics, each with ``cos_to_exact_ng`` and
+``energy_error``), ``details.json``, ``spectra.npz``, ``report.md`` and PNG figures into
+``DIR`` (default ``results/analysis/<config name>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``analyze`` arguments to ``parser``."""
+    parser.add_argument("config", help="analysis YAML (e.g. configs/analysis/curves_small.yaml)")
+    parser.add_argument(
+        "--out", default=None, help="output directory (default: results/analysis/<name>)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default: 1)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-draw report.md and the figures from the JSON files already in --out",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the analysis described by ``args.config`` and write its outputs.
+
+    Raises:
+        ValueError: for an invalid configuration (the message names the key).
+        FileNotFoundError: for a missing configuration or data file.
+    """
+    import torch  # heavy imports only when the command runs
+
+    from .config import load_config
+    from .pipeline import run_analysis
+    from .report import load_outputs, render, write_outputs
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    torch.set_num_threads(args.threads)
+    config = load_config(args.config)
+    out = Path(args.out) if args.out else Path("results") / "analysis" / config.name
+    if args.render_only:
+        print(f"re-rendered {len(render(load_outputs(out), out))} files in {out}")
+        return
+    output = run_analysis(config, progress=not args.no_progress)
+    paths = write_outputs(output, out)
+    exact, kfac = output.methods.get("exact", {}), output.methods.get("kfac", {})
+    print(f"wrote {len(paths)} files to {out}")
+    if kfac:
+        print(
+            f"kfac: cos to exact NG {kfac['cos_to_exact_ng']:.4f}, "
+            f"E(d)/E(0) {kfac['energy_error_relative']:.4g} "
+            f"(exact: cos {exact.get('cos_to_exact_ng', float('nan')):.4f})"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m twolevel_kfac.analysis.command CONFIG --out DIR``."""
+    parser = argparse.ArgumentParser(prog="tlkfac analyze", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The analysis vector: coordinates, loss and gradient.
+
+The analysis vector ``θ ∈ R^P`` holds the parameters of the layers the optimizer
+preconditions (:func:`~twolevel_kfac.optim.preconditioner.find_layers`, in
+``named_modules()`` order), each layer as the row-major flattening of
+``W̄ = [W.reshape(d_out, -1), b]``: the layout of the optimizer's layer vectors. Other
+trainable parameters (BatchNorm affine parameters, unsupported layers) are held fixed and
+are not part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..curvature.blocks import layer_bias, layer_weight
+from ..curvature.likelihoods import summed_nll
+from ..optim.preconditioner import find_layers
+from ..twolevel.vectors import LayerVector
+
+
+# ----------------------------------------------------------------- coordinates
+def analysis_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of the analysis vector: those the optimizer preconditions, by name."""
+    return find_layers(model, "ignore")
+
+
+def flatten(v: Sequence[Tensor]) -> Tensor:
+    """Concatenate the row-major flattened layer matrices of a layer vector, ``[*lead, P]``.
+
+    Args:
+        v: one ``[*lead, d_out_i, d_in'_i]`` tensor per layer.
+
+    Returns:
+        The flat vector(s).
+    """
+    return torch.cat([m.reshape(*m.shape[:-2], -1) for m in v], dim=-1)
+
+
+def unflatten(flat: Tensor, shapes: Sequence[tuple[int, int]]) -> LayerVector:
+    """Split ``[*lead, P]`` into the layer matrices ``[*lead, d_out_i, d_in'_i]``.
+
+    Args:
+        flat: flat vector(s) in analysis coordinates.
+        shapes: ``(d_out_i, d_in'_i)`` per layer.
+
+    Returns:
+        The layer vector.
+
+    Raises:
+        ValueError: if the length does not match the shapes.
+    """
+    sizes = [o * i for o, i in shapes]
+    if flat.shape[-1] != sum(sizes):
+        raise ValueError(f"vector has length {flat.shape[-1]}, the layers need {sum(sizes)}")
+    parts = torch.split(flat, sizes, dim=-1)
+    return [p.reshape(*p.shape[:-1], *s) for p, s in zip(parts, shapes, strict=True)]
+
+
+def layer_param_names(layers: dict[str, nn.Module]) -> list[str]:
+    """Names (as in ``named_parameters()``) of the parameters of the analysis vector."""
+    names = []
+    for name, module in layers.items():
+        prefix = f"{name}." if name else ""
+        names.append(prefix + "weight")
+        if layer_bias(module) is not None:
+            names.append(prefix + "bias")
+    return names
+
+
+def to_layer_matrices(layers: dict[str, nn.Module], tensors: dict[str, Tensor]) -> LayerVector:
+    """``{param name: [*lead, *param.shape]}`` → per layer ``[*lead, d_out, d_in']`` (``W̄``).
+
+    Args:
+        layers: the analysis layers.
+        tensors: one tensor per parameter of :func:`layer_param_names`.
+
+    Returns:
+        The layer vector (with the leading dimensions kept).
+    """
+    out = []
+    for name, module in layers.items():
+        prefix = f"{name}." if name else ""
+        w = tensors[prefix + "weight"]
+        lead = w.shape[: w.dim() - layer_weight(module).dim()]
+        mat = w.reshape(*lead, int(layer_weight(module).shape[0]), -1)
+        if layer_bias(module) is not None:
+            mat = torch.cat([mat, tensors[prefix + "bias"].unsqueeze(-1)], dim=-1)
+        out.append(mat)
+    return out
+
+
+def from_layer_matrices(layers: dict[str, nn.Module], v: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`to_layer_matrices` for one layer vector (no leading dimensions)."""
+    out: dict[str, Tensor] = {}
+    for (name, module), mat in zip(layers.items(), v, strict=True):
+        prefix = f"{name}." if name else ""
+        weight = layer_weight(module)
+        if layer_bias(module) is not None:
+            out[prefix + "bias"] = mat[:, -1].contiguous()
+            mat = mat[:, :-1]
+        out[prefix + "weight"] = mat.reshape(weight.shape).contiguous()
+    return out
+
+
+# ------------------------------------------------------------- loss and gradient
+def mean_loss(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
+    """``L = (1/B) Σ_n ℓ_n`` with ``ℓ_n = −log p(y_n | f_n)`` summed over output features."""
+    return summed_nll(output, target, likelihood) / output.shape[0]
+
+
+def loss_and_gradient(
+    model: nn.Module, layers: dict[str, nn.Module], x: Tensor, y: Tensor, likelihood: str
+) -> tuple[float, LayerVector]:
+    """The mean batch loss and its gradient ``g = ∇_θ L`` as a layer vector."""
+    names = layer_param_names(layers)
+    by_name = dict(model.named_parameters())
+    params = [by_name[n] for n in names]
+    with torch.enable_grad():
+        loss = mean_loss(model(x), y, likelihood)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    named = {
+        n: torch.zeros_like(p) if gr is None else gr.detach()
+        for n, p, gr in zip(names, params, grads, strict=True)
+    }
+    return float(loss.detach()), to_layer_matrices(layers, named)
+
+
+@torch.no_grad()
+def loss_at(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    likelihood: str,
+    displacement: Sequence[Tensor] | None = None,
+) -> float:
+    """``L(θ + Δ)`` on a batch without modifying the model (``Δ`` a layer vector)."""
+    if displacement is None:
+        return float(mean_loss(model(x), y, likelihood))
+    params = dict(model.named_parameters())
+    moved = {k: params[k] + v for k, v in from_layer_matrices(layers, displacement).items()}
+    output = functional_call(model, moved, (x,), strict=False)
+    return float(mean_loss(output, y, likelihood))

@@ -1,0 +1,309 @@
+"""Exact curvature of a small network on one batch: the dense Fisher (torch.func) and the
+optimizer's per-sample statistics of the *same* Fisher.
+
+Coordinates: :mod:`.coordinates` (the optimizer's layer-vector layout over its
+preconditioned layers; BatchNorm and other non-preconditioned parameters are held fixed and
+excluded). Layers that couple the samples of a batch (BatchNorm in train mode) make
+per-sample gradients ill-defined: analyse such a model in ``eval()`` mode.
+
+Fisher. For the mean loss ``L = (1/B) Σ_n ℓ_n``, ``ℓ_n = −log p(y_n | f_n)`` and the
+per-sample output Jacobians ``J_n = ∂f_n/∂θ`` (``D × P``), every Fisher of the analysis has
+the form
+
+    F = (1/B) Σ_n J_nᵀ S_n S_nᵀ J_n,        S_n ∈ R^{D×K} (an output-space factor):
+
+* ``true`` (the default): ``S_n S_nᵀ = H_n = E_{y~p(·|f_n)}[∇_fℓ ∇_fℓᵀ]``, the *exact*
+  expectation over the likelihood (categorical ``S = (I − p1ᵀ) diag(√p)``, i.e. column ``k``
+  is ``√p_k ∇_fℓ(y = k)``; Bernoulli ``diag(√(p(1−p)))``; Gaussian ``I``);
+* ``empirical``: ``S_n = ∇_fℓ_n(y_n)`` (``K = 1``), the batch's own targets;
+* ``mc``: ``S_n = [∇_fℓ(y_n1), …, ∇_fℓ(y_nM)]/√M`` with ``y_nm ~ p(·|f_n)`` (the optimizer's
+  ``fisher="mc"`` has ``M = 1``).
+
+The dense ``F`` comes from ``torch.func`` per-sample Jacobians (:func:`dense_fisher`). For
+the optimizer the same ``F`` is written as the Fisher of ``N' = B·K`` *virtual samples*
+``(n, k)`` with inputs ``ā_n`` and pre-activation gradients ``δ_{n,k} = √K · J_{s,n}ᵀ S_n[:, k]``
+(:func:`fisher_statistics`): then ``(1/N') Σ_{n,k} ∇ℓ_{nk}∇ℓ_{nk}ᵀ = F`` exactly, the optimizer's
+factors are ``A = E_n[ā āᵀ]`` and ``G = (1/B) Σ_n J_{s,n}ᵀ H_n J_{s,n}`` (the exact expected
+``G``, not a one-sample Monte-Carlo estimate), and its exact Fisher–vector products and
+coarse matrices are those of ``F``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from ..curvature.blocks import (
+    LayerStats,
+    input_features,
+    layer_shape,
+    output_gradients,
+    per_sample_gradients,
+)
+from ..curvature.likelihoods import LIKELIHOODS, sample_targets, summed_nll
+from ..twolevel.vectors import LayerVector
+from .coordinates import (
+    analysis_layers,
+    flatten,
+    layer_param_names,
+    loss_and_gradient,
+    to_layer_matrices,
+)
+
+FISHER_KINDS = ("true", "empirical", "mc")
+
+
+# --------------------------------------------------------- output-space factors
+def output_factor(
+    output: Tensor,
+    likelihood: str,
+    fisher: str = "true",
+    target: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``S_n`` with ``F = (1/B) Σ_n J_nᵀ S_n S_nᵀ J_n`` (module docstring), ``[B, D, K]``.
+
+    Args:
+        output: the network outputs ``f`` (logits or means), ``[B, ...]``.
+        likelihood: ``categorical`` | ``bernoulli`` | ``gaussian``.
+        fisher: ``true`` (exact expectation) | ``empirical`` | ``mc``.
+        target: the batch targets (``empirical`` only).
+        mc_samples: ``M`` of the ``mc`` estimate.
+        generator: sampler of the ``mc`` targets.
+
+    Returns:
+        ``S`` of shape ``[B, D, K]`` (``D`` = flattened output size).
+
+    Raises:
+        ValueError: for an unknown ``likelihood`` / ``fisher`` or a missing ``target``.
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    f = output.detach()
+    flat = f.reshape(f.shape[0], -1)
+    if fisher == "true":
+        if likelihood == "categorical":
+            p = torch.softmax(flat, dim=1)
+            eye = torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
+            return (eye - p.unsqueeze(2)) * p.sqrt().unsqueeze(1)
+        if likelihood == "bernoulli":
+            p = torch.sigmoid(flat)
+            return torch.diag_embed((p * (1 - p)).sqrt())
+        eye = torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
+        return eye.expand(flat.shape[0], -1, -1).clone()
+    if fisher == "empirical":
+        if target is None:
+            raise ValueError("fisher='empirical' needs the batch targets")
+        return output_gradient(f, target, likelihood).unsqueeze(2)
+    if fisher == "mc":
+        columns = [
+            output_gradient(f, sample_targets(f, likelihood, generator), likelihood)
+            for _ in range(mc_samples)
+        ]
+        return torch.stack(columns, dim=2) / math.sqrt(mc_samples)
+    raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+
+
+def output_gradient(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
+    """``∇_{f_n} ℓ_n(y_n)`` for every sample, flattened, ``[B, D]``."""
+    with torch.enable_grad():
+        f = output.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(summed_nll(f, target, likelihood), f)
+    return grad.reshape(grad.shape[0], -1)
+
+
+# ---------------------------------------------------- the optimizer's statistics
+def fisher_statistics(
+    model: nn.Module, layers: dict[str, nn.Module], x: Tensor, factor: Tensor
+) -> list[LayerStats]:
+    """Virtual-sample :class:`LayerStats` whose Fisher is ``(1/B) Σ_n J_nᵀ S_n S_nᵀ J_n``.
+
+    Sample ``(n, k)`` (``n``-major) has ``ā_n`` and ``δ_{n,k} = √K · J_{s,n}ᵀ S_n[:, k]``,
+    the pre-activation gradient of the output cotangent ``S_n[:, k]`` (one backward pass
+    per column ``k``), formatted by the optimizer's own ``input_features`` /
+    ``output_gradients``.
+
+    Args:
+        model: the network (outputs ``[B, ...]``).
+        layers: the analysis layers.
+        x: the batch inputs.
+        factor: ``S`` of :func:`output_factor`, ``[B, D, K]``.
+
+    Returns:
+        One :class:`LayerStats` per layer with ``N' = B·K`` samples.
+    """
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            inputs[name], outputs[name] = args[0].detach(), out
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            output = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    batch, _, num = factor.shape
+    names = list(layers)
+    deltas: dict[str, list[Tensor]] = {n: [] for n in names}
+    for k in range(num):
+        cotangent = factor[:, :, k].reshape(output.shape)
+        grads = torch.autograd.grad(
+            output, [outputs[n] for n in names], cotangent, retain_graph=True, allow_unused=True
+        )
+        for n, gr in zip(names, grads, strict=True):
+            gr = torch.zeros_like(outputs[n]) if gr is None else gr
+            deltas[n].append(output_gradients(layers[n], gr.detach()))
+    stats = []
+    for n in names:
+        a = input_features(layers[n], inputs[n])  # [B, T, d_in']
+        g = torch.stack(deltas[n], dim=1) * math.sqrt(num)  # [B, K, T, d_out]
+        a_virtual = a.unsqueeze(1).expand(-1, num, -1, -1)
+        stats.append(LayerStats(a_virtual.reshape(batch * num, *a.shape[1:]), g.flatten(0, 1)))
+    return stats
+
+
+def fisher_from_statistics(stats: Sequence[LayerStats]) -> Tensor:
+    """``F = (1/N') Σ_j ψ_j ψ_jᵀ`` from the per-sample gradients of the statistics, ``[P, P]``."""
+    psi = torch.cat([per_sample_gradients(s).flatten(1) for s in stats], dim=1)
+    return psi.T @ psi / psi.shape[0]
+
+
+# ------------------------------------------------------ dense Fisher (torch.func)
+def output_jacobians(model: nn.Module, layers: dict[str, nn.Module], x: Tensor) -> Tensor:
+    """Per-sample ``J_n = ∂f_n/∂θ`` in analysis coordinates, ``[B, D, P]`` (vmap ∘ jacrev).
+
+    The parameters outside the analysis vector and the buffers are held fixed.
+    """
+    names = layer_param_names(layers)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    free = {k: params[k] for k in names}
+
+    def one(sub: dict[str, Tensor], xn: Tensor) -> Tensor:
+        out = functional_call(model, ({**params, **sub}, buffers), (xn.unsqueeze(0),))
+        return out.reshape(-1)
+
+    jac = vmap(jacrev(one), in_dims=(None, 0))(free, x)
+    return flatten(to_layer_matrices(layers, jac))
+
+
+def dense_fisher(
+    model: nn.Module, layers: dict[str, nn.Module], x: Tensor, factor: Tensor, chunk: int = 16
+) -> Tensor:
+    """``F = (1/B) Σ_n (S_nᵀJ_n)ᵀ(S_nᵀJ_n)`` from torch.func Jacobians, ``[P, P]``.
+
+    Args:
+        model: the network.
+        layers: the analysis layers.
+        x: the batch inputs ``[B, ...]``.
+        factor: ``S`` of :func:`output_factor`, ``[B, D, K]``.
+        chunk: samples per Jacobian evaluation (bounds memory at ``chunk·D·P`` numbers).
+
+    Returns:
+        The dense Fisher.
+    """
+    total: Tensor | None = None
+    for start in range(0, x.shape[0], chunk):
+        jac = output_jacobians(model, layers, x[start : start + chunk])
+        psi = torch.einsum("bdk,bdp->bkp", factor[start : start + chunk], jac).flatten(0, 1)
+        part = psi.T @ psi
+        total = part if total is None else total + part
+    assert total is not None
+    return total / x.shape[0]
+
+
+# ---------------------------------------------------------------- the bundle
+@dataclass
+class Curvature:
+    """The exact curvature of the analysis vector on one batch.
+
+    Attributes:
+        names: analysis layer names; ``shapes``: their ``(d_out, d_in')``.
+        stats: the optimizer-format statistics of the Fisher (:func:`fisher_statistics`).
+        grad: ``g = ∇L`` as a layer vector.
+        loss: the batch loss ``L(θ)``.
+        fisher: the dense Fisher ``F`` (undamped), when computed.
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    stats: list[LayerStats]
+    grad: LayerVector
+    loss: float
+    fisher: Tensor | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        return [o * i for o, i in self.shapes]
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def flat_grad(self) -> Tensor:
+        return flatten(self.grad)
+
+    def dense(self) -> Tensor:
+        """The dense Fisher, computed from the statistics when it is not stored yet."""
+        if self.fisher is None:
+            self.fisher = fisher_from_statistics(self.stats)
+        return self.fisher
+
+
+def compute_curvature(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    likelihood: str,
+    fisher: str = "true",
+    *,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    dense: str | None = "func",
+) -> Curvature:
+    """The loss, gradient, optimizer statistics and (optionally) dense Fisher of a batch.
+
+    Args:
+        model: the network (float64 recommended).
+        x: inputs; y: targets of the batch.
+        likelihood: the likelihood of the loss.
+        fisher: ``true`` | ``empirical`` | ``mc`` (module docstring).
+        mc_samples: ``M`` for ``mc``.
+        generator: sampler of ``mc`` targets.
+        dense: ``"func"`` (torch.func Jacobians), ``"stats"`` (Gram of the statistics'
+            per-sample gradients, the same matrix) or ``None`` (not computed).
+
+    Returns:
+        The :class:`Curvature`.
+    """
+    layers = analysis_layers(model)
+    loss, grad = loss_and_gradient(model, layers, x, y, likelihood)
+    with torch.no_grad():
+        output = model(x)
+    factor = output_factor(output, likelihood, fisher, y, mc_samples, generator)
+    stats = fisher_statistics(model, layers, x, factor)
+    curvature = Curvature(
+        names=list(layers),
+        shapes=[layer_shape(m) for m in layers.values()],
+        stats=stats,
+        grad=grad,
+        loss=loss,
+    )
+    if dense == "func":
+        curvature.fisher = dense_fisher(model, layers, x, factor)
+    elif dense == "stats":
+        curvature.dense()
+    return curvature

@@ -1,0 +1,350 @@
+"""The methods of the analysis as directions and dense matrices, built with the optimizer's
+own code so that the analysis measures what trains.
+
+Methods (``d ≈ F̂⁻¹g`` with ``F̂ = F + λI``, ``F`` the exact Fisher of the batch):
+
+* ``exact``: ``d = F̂⁻¹g`` (dense Cholesky solve);
+* ``block_diagonal``: ``d = blockdiag(F̂)⁻¹g``, the exact per-layer blocks, inter-layer blocks
+  dropped;
+* ``kfac`` (the configured damping mode), ``kfac_per_factor``, ``kfac_pi``,
+  ``kfac_eigen_sum``: ``d = M⁻¹g`` from a :class:`KFACPreconditioner` whose factors are
+  loaded from the batch's exact statistics (``ema_decay = 0``) through the optimizer's own
+  ``_update_factors`` / ``_refresh_decompositions``; ``M⁻¹`` is ``apply_fine``;
+* ``<space>+<combination>`` (e.g. ``nicolaides+adef2``): the direction returned by
+  :meth:`TwoLevelPreconditioner._precondition` — the optimizer's step path, with
+  ``fisher_stats`` set to the batch's statistics (consistent refresh, ``kl_clip=None``).
+
+Dense matrices ``P`` (``d = P g``): KFAC's ``M⁻¹`` is ``apply_fine`` on all unit vectors of a
+layer at once (a batch of matrices). A two-level ``P`` runs the optimizer's combination
+function (:mod:`twolevel_kfac.twolevel.combinations`) on the identity, one row per unit
+vector, with the dense ``M⁻¹``, ``F̂`` and ``Q = R₀ᵀF_c⁻¹R₀`` — ``F_c⁻¹`` from the
+preconditioner's own :class:`CoarseOperator` (Jacobi scaling, pseudo-inverse fallback
+included). Residual-based spaces (``residual``, ``krylov_residual``) build ``R₀`` from
+``res = g − F̂M⁻¹g`` of the current ``g``: their ``P`` is the matrix *for the basis built from
+this gradient* (the direction is not linear in ``g``), and ``P g`` is the step taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.blocks import per_sample_gradients
+from ..curvature.kronecker import DAMPING_MODES
+from ..optim.options import CurvatureOptions
+from ..optim.preconditioner import KFACPreconditioner
+from ..optim.twolevel import CoarseOptions, TwoLevelPreconditioner
+from ..twolevel.coarse_matrix import CoarseOperator
+from ..twolevel.coarse_spaces import COARSE_SPACES
+from ..twolevel.combinations import COMBINATIONS, get_combination
+from ..twolevel.vectors import LayerVector
+from .coordinates import flatten, unflatten
+from .exact import Curvature
+
+KFAC_METHODS = ("kfac", *(f"kfac_{mode}" for mode in DAMPING_MODES))
+BASE_METHODS = ("exact", "block_diagonal", *KFAC_METHODS)
+
+
+def twolevel_name(space: str, combination: str) -> str:
+    """The method name of a coarse space × combination, ``"<space>+<combination>"``."""
+    return f"{space}+{combination}"
+
+
+TWOLEVEL_METHODS = tuple(twolevel_name(s, c) for s in COARSE_SPACES for c in COMBINATIONS)
+ALL_METHODS = BASE_METHODS + TWOLEVEL_METHODS
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed method name; ``kind``: ``exact`` | ``block_diagonal`` | ``kfac`` | ``twolevel``."""
+
+    kind: str
+    damping_mode: str | None = None
+    space: str | None = None
+    combination: str | None = None
+
+
+def parse_method(name: str, damping_mode: str = "per_factor") -> MethodSpec:
+    """Parse a method name (see the module docstring).
+
+    Args:
+        name: the method name.
+        damping_mode: the mode of ``kfac`` and of the two-level fine level.
+
+    Returns:
+        The :class:`MethodSpec`.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name in ("exact", "block_diagonal"):
+        return MethodSpec(name)
+    if name == "kfac":
+        return MethodSpec("kfac", damping_mode)
+    if name.startswith("kfac_") and name[5:] in DAMPING_MODES:
+        return MethodSpec("kfac", name[5:])
+    space, _, combination = name.partition("+")
+    if space in COARSE_SPACES and combination in COMBINATIONS:
+        return MethodSpec("twolevel", damping_mode, space, combination)
+    raise ValueError(
+        f"unknown method {name!r}; allowed: {', '.join(BASE_METHODS)} or "
+        f"'<space>+<combination>' with space in {COARSE_SPACES} and combination in "
+        f"{tuple(COMBINATIONS)}"
+    )
+
+
+def _options(damping: float, damping_mode: str) -> CurvatureOptions:
+    return CurvatureOptions(
+        damping=damping,
+        damping_mode=damping_mode,
+        fisher="empirical",  # unused: the statistics are loaded, never captured
+        ema_decay=0.0,
+        kl_clip=None,
+        unsupported="ignore",
+    )
+
+
+class MethodSet:
+    """The analysis methods on one batch's :class:`Curvature` at one damping ``λ``.
+
+    Args:
+        model: the network (its analysis layers must match ``curvature.names``).
+        curvature: the batch's exact curvature.
+        damping: ``λ``.
+        damping_mode: the mode of ``kfac`` and of the two-level fine level.
+        coarse_scale: ``ω_c`` of the two-level combinations.
+        spectral_which: ``smallest`` | ``largest`` eigenpair of the spectral space.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        curvature: Curvature,
+        damping: float,
+        damping_mode: str = "per_factor",
+        coarse_scale: float = 1.0,
+        spectral_which: str = "smallest",
+    ) -> None:
+        self.model = model
+        self.curvature = curvature
+        self.damping = damping
+        self.damping_mode = damping_mode
+        self.coarse_scale = coarse_scale
+        self.spectral_which = spectral_which
+        self._kfac: dict[str, KFACPreconditioner] = {}
+        self._twolevel: dict[tuple[str, str], TwoLevelPreconditioner] = {}
+        self._directions: dict[str, Tensor] = {}
+        self._fhat: Tensor | None = None
+        self._exact_chol: Tensor | None = None
+
+    # ------------------------------------------------------------ preconditioners
+    def kfac(self, mode: str) -> KFACPreconditioner:
+        """A KFAC preconditioner with the batch's exact factors (cached per damping mode)."""
+        if mode not in self._kfac:
+            pre = KFACPreconditioner(self.model, _options(self.damping, mode))
+            pre.remove_hooks()
+            if list(pre.layers) != self.curvature.names:
+                raise ValueError("the model's layers differ from the curvature's")
+            pre._update_factors(dict(zip(self.curvature.names, self.curvature.stats, strict=True)))
+            pre._refresh_decompositions()
+            self._kfac[mode] = pre
+        return self._kfac[mode]
+
+    def twolevel(self, space: str, combination: str) -> TwoLevelPreconditioner:
+        """A two-level preconditioner that has run its step path on this batch's gradient."""
+        key = (space, combination)
+        if key not in self._twolevel:
+            coarse = CoarseOptions(
+                coarse_space=space,
+                combination=combination,
+                coarse_scale=self.coarse_scale,
+                spectral_which=self.spectral_which,
+                diagnostics=True,
+            )
+            pre = TwoLevelPreconditioner(
+                self.model, _options(self.damping, self.damping_mode), coarse
+            )
+            pre.remove_hooks()
+            pre.factors = self.kfac(self.damping_mode).factors  # same factors, same caches
+            names = self.curvature.names
+            grads = dict(zip(names, self.curvature.grad, strict=True))
+            stats = dict(zip(names, self.curvature.stats, strict=True))
+            direction = pre._precondition(grads, stats)
+            self._directions[twolevel_name(space, combination)] = flatten(
+                [direction[n] for n in names]
+            )
+            self._twolevel[key] = pre
+        return self._twolevel[key]
+
+    def operator(self, space: str) -> CoarseOperator:
+        """The coarse operator ``Q`` the optimizer built for ``space`` on this gradient."""
+        pre = self.twolevel(space, "adef2")
+        assert pre._operator is not None
+        return pre._operator
+
+    def energy_gain(self, space: str) -> float:
+        """The optimizer's own ``E(β*) − E(0)`` diagnostic for ``space`` (``last_stats``)."""
+        return float(self.twolevel(space, "adef2").last_stats["energy_gain"])
+
+    # ------------------------------------------------------------------ dense F̂
+    def fhat(self) -> Tensor:
+        """``F̂ = F + λI`` (dense)."""
+        if self._fhat is None:
+            fisher = self.curvature.dense()
+            self._fhat = fisher + self.damping * torch.eye(
+                fisher.shape[0], dtype=fisher.dtype, device=fisher.device
+            )
+        return self._fhat
+
+    def exact_direction(self) -> Tensor:
+        """``d* = F̂⁻¹g``."""
+        return self.direction("exact")
+
+    # --------------------------------------------------------------- directions
+    def direction(self, method: str) -> Tensor:
+        """The flat direction ``d`` of ``method`` (the step is ``−α d``)."""
+        if method not in self._directions:
+            self._directions[method] = self._compute_direction(
+                parse_method(method, self.damping_mode)
+            )
+        return self._directions[method]
+
+    def _compute_direction(self, spec: MethodSpec) -> Tensor:
+        g = self.curvature.flat_grad
+        if spec.kind == "exact":
+            if self._exact_chol is None:
+                self._exact_chol = torch.linalg.cholesky(self.fhat())
+            return torch.cholesky_solve(g[:, None], self._exact_chol)[:, 0]
+        if spec.kind == "block_diagonal":
+            return torch.cat(
+                [
+                    torch.linalg.solve(block, gi)
+                    for block, gi in zip(
+                        self._fhat_blocks(), torch.split(g, self.curvature.sizes), strict=True
+                    )
+                ]
+            )
+        if spec.kind == "kfac":
+            assert spec.damping_mode is not None
+            pre = self.kfac(spec.damping_mode)
+            return flatten(
+                [
+                    pre.apply_fine(n, gi)
+                    for n, gi in zip(self.curvature.names, self.curvature.grad, strict=True)
+                ]
+            )
+        assert spec.space is not None and spec.combination is not None
+        self.twolevel(spec.space, spec.combination)
+        return self._directions[twolevel_name(spec.space, spec.combination)]
+
+    def _fhat_blocks(self) -> list[Tensor]:
+        """The diagonal blocks of ``F̂``, from the dense Fisher or from the statistics."""
+        if self.curvature.fisher is not None:
+            return _blocks(self.fhat(), self.curvature.sizes)
+        out = []
+        for s, size in zip(self.curvature.stats, self.curvature.sizes, strict=True):
+            psi = per_sample_gradients(s).flatten(1)
+            eye = torch.eye(size, dtype=psi.dtype, device=psi.device)
+            out.append(psi.T @ psi / psi.shape[0] + self.damping * eye)
+        return out
+
+    # ---------------------------------------------------------- dense matrices
+    def dense(self, method: str) -> Tensor:
+        """The dense preconditioner ``P`` of ``method`` (``d = P g``), ``[P, P]``."""
+        spec = parse_method(method, self.damping_mode)
+        if spec.kind == "exact":
+            return torch.cholesky_inverse(torch.linalg.cholesky(self.fhat()))
+        if spec.kind == "block_diagonal":
+            return torch.block_diag(*[torch.linalg.inv(b) for b in self._fhat_blocks()])
+        if spec.kind == "kfac":
+            assert spec.damping_mode is not None
+            return self._dense_minv(spec.damping_mode)
+        assert spec.space is not None and spec.combination is not None
+        return self._dense_twolevel(spec.space, spec.combination)
+
+    def _dense_minv(self, mode: str) -> Tensor:
+        """``M⁻¹`` as a dense block-diagonal matrix."""
+        return torch.block_diag(*self._minv_blocks(mode))
+
+    def _minv_blocks(self, mode: str) -> list[Tensor]:
+        """``M_i⁻¹`` per layer: ``apply_fine`` on every unit matrix of the layer at once."""
+        pre = self.kfac(mode)
+        blocks = []
+        for name, (d_out, d_in), size in zip(
+            self.curvature.names, self.curvature.shapes, self.curvature.sizes, strict=True
+        ):
+            eye = torch.eye(size, dtype=self.curvature.grad[0].dtype).reshape(size, d_out, d_in)
+            rows = pre.apply_fine(name, eye).reshape(size, size)  # row k = (M⁻¹e_k)ᵀ
+            blocks.append(rows.T)
+        return blocks
+
+    def dense_basis(self, space: str) -> Tensor:
+        """``R₀`` of the optimizer's basis for ``space`` as a dense ``[K, P]`` matrix."""
+        basis = self.operator(space).basis
+        rows = []
+        for i, vectors in enumerate(basis):
+            for v in vectors:
+                parts = [
+                    v if j == i else torch.zeros(s, dtype=v.dtype, device=v.device)
+                    for j, s in enumerate(self.curvature.shapes)
+                ]
+                rows.append(flatten(parts))
+        return torch.stack(rows)
+
+    def _dense_fc_inv(self, space: str) -> Tensor:
+        """``F_c⁻¹`` (``[K, K]``) from the optimizer's :class:`CoarseOperator` (its Jacobi
+        scaling and pseudo-inverse fallback included)."""
+        op = self.operator(space)
+        k = sum(int(b.shape[0]) for b in op.basis)
+        eye = torch.eye(k, dtype=self.curvature.grad[0].dtype)
+        return torch.stack([op.solve(e) for e in eye], dim=1)
+
+    def dense_coarse(self, space: str) -> Tensor:
+        """``Q = R₀ᵀ F_c⁻¹ R₀`` with ``F_c⁻¹`` from the optimizer's :class:`CoarseOperator`."""
+        r0 = self.dense_basis(space)
+        return r0.T @ self._dense_fc_inv(space) @ r0
+
+    def _dense_twolevel(self, space: str, combination: str) -> Tensor:
+        """Run the optimizer's combination on the identity (rows = unit vectors).
+
+        ``M⁻¹`` is applied block by block and ``Q = R₀ᵀF_c⁻¹R₀`` in factored form, so only
+        the ``F̂`` products cost ``O(P³)``.
+        """
+        self.twolevel(space, combination)  # builds the basis from this gradient
+        blocks = self._minv_blocks(self.damping_mode)
+        r0, fc_inv = self.dense_basis(space), self._dense_fc_inv(space)
+        fhat = self.fhat()
+        eye = torch.eye(fhat.shape[0], dtype=fhat.dtype, device=fhat.device)
+
+        def minv(v: LayerVector) -> LayerVector:
+            parts = torch.split(v[0], self.curvature.sizes, dim=1)
+            return [torch.cat([p @ b.T for p, b in zip(parts, blocks, strict=True)], dim=1)]
+
+        def coarse(v: LayerVector) -> LayerVector:
+            return [((v[0] @ r0.T) @ fc_inv.T) @ r0]
+
+        def fhat_rows(v: LayerVector) -> LayerVector:
+            return [v[0] @ fhat.T]
+
+        result = get_combination(combination)(
+            [eye], minv, coarse, fhat_rows, coarse_scale=self.coarse_scale
+        )
+        return result.direction[0].T
+
+    def layer_vector(self, flat: Tensor) -> LayerVector:
+        """A flat vector as the optimizer's layer vector."""
+        return unflatten(flat, self.curvature.shapes)
+
+    def close(self) -> None:
+        """Drop the preconditioners (their hooks are already removed)."""
+        self._kfac.clear()
+        self._twolevel.clear()
+
+
+def _blocks(matrix: Tensor, sizes: list[int]) -> list[Tensor]:
+    """The diagonal blocks of a ``[P, P]`` matrix."""
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [matrix[lo:hi, lo:hi] for lo, hi in itertools.pairwise(bounds)]

@@ -1,0 +1,182 @@
+"""``run_analysis``: everything ``tlkfac analyze`` computes for one configuration.
+
+1. Data and the float64 network at initialisation (seeded), optionally advanced by
+   ``state_steps`` exact-curvature training steps of ``state_method``; the analysed batch is
+   the first ``batch_size`` samples of a seeded permutation of the pool.
+2. The exact curvature of that batch (torch.func dense Fisher + the optimizer's statistics).
+3. Every method's metrics at ``damping`` (:func:`~.evaluate.evaluate_state`), the Fisher's
+   block structure, and the damping sweep.
+4. Optionally, training with exact curvature (:mod:`.training`) from the initial network,
+   one run per method.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .config import AnalyzeConfig
+from .coordinates import analysis_layers
+from .evaluate import damping_sweep, evaluate_state, fisher_structure
+from .exact import Curvature, compute_curvature
+from .problems import build_model, load_data
+from .training import train_run
+
+
+@dataclass
+class AnalysisOutput:
+    """``methods`` goes to ``analysis.json``, ``details`` to ``details.json``, ``spectra``
+    (method → eigenvalues of ``P F̂``) to ``spectra.npz``."""
+
+    config: AnalyzeConfig
+    methods: dict[str, dict[str, Any]]
+    details: dict[str, Any]
+    spectra: dict[str, list[float]]
+
+
+def _bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput:
+    """Run the analysis of ``config``.
+
+    Args:
+        config: the validated configuration.
+        progress: show tqdm progress bars (only on a terminal).
+
+    Returns:
+        The :class:`AnalysisOutput`.
+    """
+    clock = _Clock()
+    initial, model, data, batch = _problem(config)
+    curvature = compute_curvature(
+        model,
+        *batch,
+        config.likelihood,
+        config.fisher,
+        mc_samples=config.mc_samples,
+        generator=torch.Generator().manual_seed(config.seed + 3),
+        dense="func",
+    )
+    clock.lap("curvature_s")
+    names = config.method_names
+    kwargs: dict[str, Any] = {
+        "damping_mode": config.damping_mode,
+        "coarse_scale": config.coarse_scale,
+        "spectral_which": config.spectral_which,
+    }
+    with _bar(len(names), "methods", progress) as bar:
+        state = evaluate_state(
+            model, curvature, batch, config.likelihood, names, damping=config.damping,
+            spectra=config.spectrum_methods, step_size=config.step_size,
+            progress=lambda _name: bar.update(), **kwargs,
+        )  # fmt: skip
+    clock.lap("methods_s")
+    sweep = damping_sweep(model, curvature, names, config.damping_sweep, **kwargs)
+    clock.lap("sweep_s")
+    training = _train(initial, data, config, progress)
+    clock.lap("training_s")
+    details = {
+        "name": config.name,
+        "config": config.model_dump(mode="json"),
+        "problem": _describe(config, curvature),
+        "fisher": fisher_structure(curvature),
+        "coarse_spaces": state.spaces,
+        "damping_sweep": sweep,
+        "training": training,
+        "timings": clock.laps,
+    }
+    spectra = {k: v.tolist() for k, v in state.spectra.items()}
+    return AnalysisOutput(config, state.methods, details, spectra)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+
+def _problem(
+    config: AnalyzeConfig,
+) -> tuple[torch.nn.Module, torch.nn.Module, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The network at initialisation, the analysed network, the data pool and the analysed
+    batch (the analysed network is the initial one unless ``state_steps > 0``).
+
+    Raises:
+        ValueError: if the network has more analysis parameters than ``max_params``.
+    """
+    torch.manual_seed(config.seed)
+    x_all, y_all = load_data(config)
+    initial = build_model(config.model, config.seed)
+    model: torch.nn.Module = initial
+    layers = analysis_layers(model)
+    num_params = sum(p.numel() for m in layers.values() for p in m.parameters(recurse=False))
+    if num_params > config.max_params:
+        raise ValueError(
+            f"the network has {num_params} analysed parameters, more than max_params="
+            f"{config.max_params} (dense P×P matrices and O(P³) spectra)"
+        )
+    if config.state_steps:
+        run = train_run(
+            model, (x_all, y_all), config, config.state_method, steps=config.state_steps
+        )
+        if run.diverged or run.model is None:
+            raise ValueError(
+                f"state_steps: the {config.state_method!r} run diverged before step "
+                f"{config.state_steps}; lower train.lr or raise train.damping"
+            )
+        model = run.model
+    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    index = perm[: config.batch_size]
+    return initial, model, (x_all, y_all), (x_all[index], y_all[index])
+
+
+def _describe(config: AnalyzeConfig, curvature: Curvature) -> dict[str, Any]:
+    return {
+        "num_params": curvature.num_params,
+        "layers": curvature.names,
+        "layer_shapes": [list(s) for s in curvature.shapes],
+        "batch_size": config.batch_size,
+        "state_steps": config.state_steps,
+        "state_method": config.state_method,
+        "virtual_samples": curvature.stats[0].num_samples,
+        "likelihood": config.likelihood,
+        "fisher": config.fisher,
+        "loss": curvature.loss,
+        "grad_norm": float(curvature.flat_grad.norm()),
+    }
+
+
+def _train(
+    model: torch.nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    config: AnalyzeConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    spec = config.train
+    if spec.steps == 0:
+        return {}
+    runs: dict[str, Any] = {}
+    with _bar(spec.steps * len(spec.methods), "training", progress) as bar:
+        for method in spec.methods:
+            runs[method] = train_run(model, data, config, method, bar.update).to_dict()
+    return {
+        "steps": spec.steps,
+        "lr": spec.lr,
+        "damping": spec.damping if spec.damping is not None else config.damping,
+        "kl_clip": spec.kl_clip,
+        "gain_run": spec.gain_run,
+        "runs": runs,
+    }

@@ -1,0 +1,165 @@
+"""The small problems of the analysis: networks and data (float64 throughout).
+
+Networks (:func:`build_model`): ``mlp`` = ``Linear(sizes[i], sizes[i+1])`` with the
+activation between layers (none after the last, which outputs logits / means); ``cnn`` =
+``Conv2d(c_i, c_{i+1}, kernel_size, stride, padding=kernel_size // 2)`` + activation per
+entry of ``channels``, then ``Flatten`` and one ``Linear`` head. Xavier-uniform weights and
+zero biases (the paper's initialisation).
+
+Data (:func:`load_data`): image data sets come from
+:func:`twolevel_kfac.experiments.data.load_dataset` (CURVES is generated and cached, MNIST /
+Fashion-MNIST read from the data directory), average-pooled to ``image_size``² and scaled to
+[0, 1]. ``synthetic`` needs no files: inputs ``x ~ N(0, I)`` and targets from a random
+teacher network of the same architecture (categorical: ``argmax`` of its logits; Gaussian:
+its output plus ``N(0, 0.1²)`` noise; Bernoulli: ``σ`` of its output as soft targets), or,
+for an autoencoder, images ``x = σ(Z W)`` with a rank-4 ``Z W`` and ``y = x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AnalyzeConfig, DataSpec, ModelSpec
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def _activation(name: str) -> list[nn.Module]:
+    return [] if name == "none" else [ACTIVATIONS[name]()]
+
+
+def input_shape(spec: ModelSpec) -> tuple[int, ...]:
+    """The shape of one input sample."""
+    if spec.kind == "mlp":
+        return (spec.sizes[0],)
+    return (spec.in_channels, spec.image_size, spec.image_size)
+
+
+def output_size(spec: ModelSpec) -> int:
+    """The number of network outputs ``D``."""
+    return spec.sizes[-1] if spec.kind == "mlp" else spec.num_outputs
+
+
+def build_model(spec: ModelSpec, seed: int) -> nn.Sequential:
+    """The float64 network of ``spec``, initialised from ``seed``.
+
+    Args:
+        spec: the model section of the config.
+        seed: the initialisation seed.
+
+    Returns:
+        The network.
+    """
+    layers: list[nn.Module] = []
+    if spec.kind == "mlp":
+        pairs = list(zip(spec.sizes[:-1], spec.sizes[1:], strict=True))
+        for i, (d_in, d_out) in enumerate(pairs):
+            layers.append(nn.Linear(d_in, d_out, bias=spec.bias))
+            if i < len(pairs) - 1:
+                layers += _activation(spec.activation)
+    else:
+        side, c_in = spec.image_size, spec.in_channels
+        pad = spec.kernel_size // 2
+        for c_out in spec.channels:
+            layers.append(
+                nn.Conv2d(c_in, c_out, spec.kernel_size, spec.stride, pad, bias=spec.bias)
+            )
+            layers += _activation(spec.activation)
+            side = (side + 2 * pad - spec.kernel_size) // spec.stride + 1
+            c_in = c_out
+        layers += [nn.Flatten(), nn.Linear(c_in * side * side, spec.num_outputs, bias=spec.bias)]
+    model = nn.Sequential(*layers).to(torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            _xavier_(module.weight, generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+@torch.no_grad()
+def _xavier_(weight: Tensor, generator: torch.Generator) -> None:
+    """Xavier-uniform init ``U(±√(6/(fan_in + fan_out)))`` from an explicit generator."""
+    receptive = weight[0][0].numel() if weight.dim() > 2 else 1
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    weight.copy_(
+        torch.rand(weight.shape, generator=generator, dtype=weight.dtype) * 2 * bound - bound
+    )
+
+
+def load_data(config: AnalyzeConfig) -> tuple[Tensor, Tensor]:
+    """The training pool ``(x, y)`` of the analysis (float64 inputs).
+
+    Args:
+        config: the analysis configuration.
+
+    Returns:
+        ``x`` of shape ``[n_train, *input_shape]`` and the targets ``y`` (int64 labels for
+        ``categorical``, float64 otherwise).
+
+    Raises:
+        ValueError: if the data do not fit the model's input or output size.
+    """
+    spec, data = config.model, config.data
+    if data.name == "synthetic":
+        return _synthetic(config)
+    x, y = _images(data, config.likelihood == "categorical")
+    if data.image_size is not None:
+        x = F.adaptive_avg_pool2d(x, data.image_size)
+    if data.autoencoder or data.name == "curves":
+        y = x.flatten(1).clone()
+    x = x.flatten(1) if spec.kind == "mlp" else x
+    if tuple(x.shape[1:]) != input_shape(spec):
+        raise ValueError(
+            f"data {data.name!r} gives inputs of shape {tuple(x.shape[1:])}, the model expects "
+            f"{input_shape(spec)} (set data.image_size / model.sizes[0] / model.image_size)"
+        )
+    if y.dim() > 1 and y.shape[1] != output_size(spec):
+        raise ValueError(
+            f"targets have {y.shape[1]} features, the model outputs {output_size(spec)}"
+        )
+    return x, y
+
+
+def _images(data: DataSpec, labels: bool) -> tuple[Tensor, Tensor]:
+    from ..experiments.data import load_dataset  # the experiments' registry (lazy import)
+
+    autoencoder = None if data.name == "curves" else not labels
+    train_x, train_y, _, _ = load_dataset(
+        data.name, data.data_dir, autoencoder=autoencoder, n_train=data.n_train, n_test=0
+    )
+    x = train_x.to(torch.float64).reshape(-1, 1, 28, 28)
+    y = train_y.long() if labels else train_y.to(torch.float64)
+    return x, y
+
+
+def _synthetic(config: AnalyzeConfig) -> tuple[Tensor, Tensor]:
+    spec, n = config.model, config.data.n_train
+    generator = torch.Generator().manual_seed(config.seed + 1000)
+    shape = input_shape(spec)
+    if config.data.autoencoder:
+        dim = math.prod(shape)
+        if output_size(spec) != dim:
+            raise ValueError(
+                "data.autoencoder needs a model whose output size equals its input size"
+            )
+        z = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+        w = torch.randn(4, dim, generator=generator, dtype=torch.float64)
+        x = torch.sigmoid(z @ w).reshape(n, *shape)
+        return x, x.flatten(1).clone()
+    x = torch.randn(n, *shape, generator=generator, dtype=torch.float64)
+    teacher = build_model(spec, seed=config.seed + 2000)
+    with torch.no_grad():
+        out = teacher(x)
+    if config.likelihood == "categorical":
+        return x, out.argmax(dim=1)
+    if config.likelihood == "gaussian":
+        noise = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+        return x, out + 0.1 * noise
+    return x, torch.sigmoid(out)

@@ -1,0 +1,350 @@
+"""Outputs of ``tlkfac analyze``: ``analysis.json``, ``details.json``, ``spectra.npz``,
+``report.md`` and PNG figures (matplotlib, Agg backend).
+
+Figures: ``methods.png`` (bars per method: cosine to the exact natural gradient and
+relative F̂-norm error), ``fisher_blocks.png`` (heatmap of ``log10 ‖F_ij‖_F``),
+``spectra.png`` (eigenvalues of ``P F̂``), ``damping_sweep.png``, and with training
+``training_loss.png``, ``coarse_gain.png`` (the authors' ``E(β*) − E(0)`` per iteration)
+and ``training_metrics.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .config import AnalyzeConfig
+from .pipeline import AnalysisOutput
+
+DPI = 90
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``None`` (standard JSON has no NaN/inf)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def write_outputs(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
+    """Write every output file of the analysis into ``out_dir``.
+
+    Args:
+        output: the result of :func:`~.pipeline.run_analysis`.
+        out_dir: the output directory (created).
+
+    Returns:
+        The paths written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, payload in (("analysis.json", output.methods), ("details.json", output.details)):
+        path = out / name
+        path.write_text(json.dumps(clean(payload), indent=1) + "\n")
+        written.append(path)
+    if output.spectra:
+        path = out / "spectra.npz"
+        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in output.spectra.items()}
+        np.savez_compressed(path, **arrays)
+        written.append(path)
+    return written + render(output, out)
+
+
+def load_outputs(out_dir: str | Path) -> AnalysisOutput:
+    """Read back ``analysis.json``, ``details.json`` and ``spectra.npz`` of a finished run
+    (to re-render the report and figures without recomputing; non-finite numbers come
+    back as ``None``).
+
+    Raises:
+        FileNotFoundError: if ``analysis.json`` or ``details.json`` is missing.
+    """
+    out = Path(out_dir)
+    for name in ("analysis.json", "details.json"):
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name} does not exist: run the analysis first")
+    methods = json.loads((out / "analysis.json").read_text())
+    details = json.loads((out / "details.json").read_text())
+    spectra: dict[str, list[float]] = {}
+    if (out / "spectra.npz").is_file():
+        with np.load(out / "spectra.npz") as archive:
+            spectra = {k: archive[k].tolist() for k in archive.files}
+    config = AnalyzeConfig.model_validate(details["config"])
+    return AnalysisOutput(config, methods, details, spectra)
+
+
+def render(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
+    """Write the figures and ``report.md`` only (the JSON files are left untouched)."""
+    out = Path(out_dir)
+    figures = plot_all(output, out)
+    path = out / "report.md"
+    path.write_text(markdown(output, [f.name for f in figures]))
+    return [*figures, path]
+
+
+# ------------------------------------------------------------------ figures
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _short(name: str) -> str:
+    return name.replace("krylov_", "kry_").replace("nicolaides", "nico").replace("+", " + ")
+
+
+def plot_methods(methods: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Horizontal bars: ``cos_to_exact_ng`` and ``energy_error_relative`` per method."""
+    names = [n for n in methods if n != "exact"]
+    cos = [methods[n]["cos_to_exact_ng"] for n in names]
+    energy = [max(methods[n]["energy_error_relative"], 1e-16) for n in names]
+    colors = ["tab:green" if "+" not in n else "tab:blue" for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.25 * len(names) + 1.5), sharey=True)
+    ypos = np.arange(len(names))
+    axes[0].barh(ypos, cos, color=colors)
+    axes[0].set_xlim(min(0.0, min(cos)), 1.0)
+    axes[0].set_xlabel("cosine to exact natural gradient F̂⁻¹g")
+    axes[1].barh(ypos, energy, color=colors)
+    axes[1].set_xscale("log")
+    axes[1].axvline(1.0, color="k", lw=0.8, ls="--")
+    axes[1].set_xlabel("E(d)/E(0) = ‖d − F̂⁻¹g‖²_F̂ / gᵀF̂⁻¹g  (1 = no better than d = 0)")
+    axes[0].set_yticks(ypos, [_short(n) for n in names], fontsize=7)
+    axes[0].invert_yaxis()
+    return _save(fig, path)
+
+
+def plot_blocks(fisher: dict[str, Any], path: Path) -> Path:
+    """Heatmap of ``log10 ‖F_ij‖_F`` over the layer × layer blocks."""
+    norms = np.asarray(fisher["block_norms"])
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    image = ax.imshow(np.log10(np.maximum(norms, 1e-300)), cmap="viridis")
+    labels = [f"L{i + 1}" for i in range(norms.shape[0])]
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_title(
+        f"log10 ‖F_ij‖_F (off-diag mass {100 * fisher['off_diagonal_fraction']:.0f}%)", fontsize=9
+    )
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+SPECTRUM_PLOT = (
+    "exact",
+    "block_diagonal",
+    "kfac",
+    "kfac_pi",
+    "kfac_eigen_sum",
+    "nicolaides+adef2",
+    "residual+adef2",
+    "krylov_residual+adef2",
+    "tselepidis+adef2",
+)
+
+
+def plot_spectra(spectra: dict[str, list[float]], path: Path) -> Path:
+    """Sorted eigenvalues of ``P F̂`` (log scale) for a readable subset of the methods;
+    indefinite spectra (a non-positive eigenvalue) cannot be drawn on a log scale and are
+    listed in the title instead."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    skipped = []
+    for name in [n for n in SPECTRUM_PLOT if n in spectra]:
+        vals = np.asarray(spectra[name])
+        if vals.min() <= 0:
+            skipped.append(_short(name))
+            continue
+        ax.plot(np.linspace(0, 1, len(vals)), vals, label=_short(name), lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index (normalised)")
+    ax.set_ylabel("eigenvalue of P F̂")
+    if skipped:
+        ax.set_title(f"indefinite, not shown: {', '.join(skipped)}", fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
+    """Relative energy error per method and relative coarse gain per space vs ``λ``."""
+    lams = sorted(sweep, key=float)
+    x = [float(v) for v in lams]
+    first = sweep[lams[0]]
+    methods = [n for n in first if not n.startswith("space:") and n != "exact"]
+    methods = [n for n in methods if "+" not in n or n.endswith("+adef2")]
+    spaces = [n for n in first if n.startswith("space:")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in methods:
+        ys = [max(sweep[lam][name]["energy_error_relative"], 1e-16) for lam in lams]
+        axes[0].plot(x, ys, marker="o", ms=3, label=_short(name))
+    for name in spaces:
+        ys = [max(-sweep[lam][name]["coarse_gain_relative"], 1e-16) for lam in lams]
+        axes[1].plot(x, ys, marker="o", ms=3, label=_short(name[6:]))
+    axes[0].set_ylabel("E(d)/E(0)")
+    axes[1].set_ylabel("−(E(β*) − E(0)) / E(M⁻¹g)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("damping λ")
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_training(training: dict[str, Any], out: Path) -> list[Path]:
+    """Loss per step per run, the coarse gain per iteration, metrics along training."""
+    runs = training["runs"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in runs.items():
+        ax.plot(run["losses"], label=_short(name), lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("batch loss")
+    clip = training.get("kl_clip")
+    ax.set_title(
+        f"exact-curvature training, lr {training['lr']}, λ {training['damping']}"
+        + (f", KL clip {clip}" if clip else ""),
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    paths = [_save(fig, out / "training_loss.png")]
+    run = runs[training["gain_run"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for space, gains in run["coarse_gain_per_step"].items():
+        axes[0].plot([max(-g, 1e-16) for g in gains], label=_short(space), lw=1)
+        steps = [c["step"] for c in run["checkpoints"]]
+        rel = [max(-c["spaces"][space]["coarse_gain_relative"], 1e-16) for c in run["checkpoints"]]
+        axes[1].plot(steps, rel, marker="o", ms=3, label=_short(space))
+    axes[0].set_ylabel("−(E(β*) − E(0))")
+    axes[1].set_ylabel("−(E(β*) − E(0)) / E(0)")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel(f"iteration ({_short(training['gain_run'])} run)")
+        ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "coarse_gain.png"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(run["checkpoints"][0]["methods"]) if run["checkpoints"] else []
+    for name in names:
+        steps = [c["step"] for c in run["checkpoints"]]
+        ax.plot(
+            steps,
+            [c["methods"][name]["cos_to_exact_ng"] for c in run["checkpoints"]],
+            marker="o",
+            ms=3,
+            label=_short(name),
+        )
+    ax.set_xlabel(f"iteration ({_short(training['gain_run'])} run)")
+    ax.set_ylabel("cosine to exact natural gradient")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "training_metrics.png"))
+    return paths
+
+
+def plot_all(output: AnalysisOutput, out: Path) -> list[Path]:
+    """Every figure of the module docstring."""
+    details = output.details
+    paths = [
+        plot_methods(output.methods, out / "methods.png"),
+        plot_blocks(details["fisher"], out / "fisher_blocks.png"),
+        plot_sweep(details["damping_sweep"], out / "damping_sweep.png"),
+    ]
+    if output.spectra:
+        paths.append(plot_spectra(output.spectra, out / "spectra.png"))
+    if details["training"]:
+        training = {"kl_clip": output.config.train.kl_clip, **details["training"]}
+        paths += plot_training(training, out)
+    return paths
+
+
+# ----------------------------------------------------------------- markdown
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def markdown(output: AnalysisOutput, figures: list[str]) -> str:
+    """``report.md``: the problem, the per-method table, coarse spaces, sweep, training."""
+    d, methods = output.details, output.methods
+    p = d["problem"]
+    lines = [
+        f"# Fisher analysis: {d['name']}",
+        "",
+        f"{p['num_params']} parameters in {len(p['layers'])} layers, batch {p['batch_size']}, "
+        f"likelihood {p['likelihood']}, Fisher `{p['fisher']}`, "
+        f"damping λ = {d['config']['damping']} ({d['config']['damping_mode']}), "
+        f"step α = {d['config']['step_size']}; loss {p['loss']:.4f}. Off-diagonal share of "
+        f"‖F‖²_F: {d['fisher']['off_diagonal_fraction']:.3f}.",
+        "",
+        "## Methods at "
+        + (
+            f"step {p['state_steps']} of a {p['state_method']} run"
+            if p["state_steps"]
+            else "initialisation"
+        ),
+        "",
+    ]
+    cols = [
+        "cos_to_exact_ng",
+        "relative_error",
+        "energy_error",
+        "energy_error_relative",
+        "predicted_decrease",
+        "actual_decrease",
+        "condition_number",
+    ]
+    lines += _table(["method", *cols], [[n] + [m.get(c) for c in cols] for n, m in methods.items()])
+    lines += ["", "## Coarse spaces", ""]
+    scols = [
+        "coarse_dim",
+        "coarse_gain",
+        "coarse_gain_relative",
+        "optimizer_energy_gain",
+        "off_diagonal_captured",
+    ]
+    lines += _table(
+        ["space", *scols], [[s] + [v[c] for c in scols] for s, v in d["coarse_spaces"].items()]
+    )
+    lines += ["", "## Damping sweep (E(d)/E(0))", ""]
+    lams = sorted(d["damping_sweep"], key=float)
+    names = [n for n in d["damping_sweep"][lams[0]] if not n.startswith("space:")]
+    rows = [
+        [n] + [d["damping_sweep"][lam][n]["energy_error_relative"] for lam in lams] for n in names
+    ]
+    lines += _table(["method", *[f"λ={float(v):g}" for v in lams]], rows)
+    if d["training"]:
+        lines += ["", "## Training with exact curvature", ""]
+        rows = [
+            [
+                n,
+                r["losses"][0] if r["losses"] else None,
+                r["losses"][-1] if r["losses"] else None,
+                r["eval_losses"][-1] if r["eval_losses"] else None,
+                r["diverged"],
+            ]
+            for n, r in d["training"]["runs"].items()
+        ]
+        lines += _table(
+            ["method", "first batch loss", "last batch loss", "final eval loss", "diverged"], rows
+        )
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
