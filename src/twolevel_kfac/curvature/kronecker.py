@@ -94,6 +94,14 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
+def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh`;
+    ``cholesky`` → ``(copy of the factor, empty)`` (its damped inverse is formed per damping)."""
+    if method == "eigen":
+        return safe_eigh(matrix)
+    return matrix.clone(), matrix.new_empty(0)
+
+
 def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
     """``(M + shift·I)⁻¹`` by Cholesky, retried in float64 when it fails."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
@@ -160,15 +168,40 @@ class KroneckerFactors:
     def decompose(self, method: str) -> None:
         """Refresh the cached decomposition (and π) from the current factors."""
         assert self.A is not None and self.G is not None
+        self.install_decomposition(
+            decompose_factor(self.A, method), decompose_factor(self.G, method)
+        )
+
+    def install_decomposition(
+        self, decomp_a: tuple[Tensor, Tensor], decomp_g: tuple[Tensor, Tensor]
+    ) -> None:
+        """Use the given decompositions of the current factors (e.g. computed on another
+        rank, :mod:`twolevel_kfac.distributed`); π is recomputed from the factors."""
+        assert self.A is not None and self.G is not None
         self.decomp_pi = pi_ratio(
             float(self.A.trace()), self.A.shape[0], float(self.G.trace()), self.G.shape[0]
         )
-        if method == "eigen":
-            self.decomp_a, self.decomp_g = safe_eigh(self.A), safe_eigh(self.G)
-        else:
-            self.decomp_a = (self.A.clone(), torch.empty(0))
-            self.decomp_g = (self.G.clone(), torch.empty(0))
+        self.decomp_a, self.decomp_g = decomp_a, decomp_g
         self._cache_key = None
+
+    def factor_shifts(self, damping: float, mode: str) -> tuple[float, float]:
+        """The multiples of ``I`` that a factored ``mode`` adds to ``(A, G)`` (π frozen at
+        the last refresh)."""
+        return factor_dampings(damping, mode, self.decomp_pi)
+
+    def install_inverses(
+        self, inv_a: Tensor, inv_g: Tensor, damping: float, mode: str, method: str
+    ) -> None:
+        """Use the given damped factor inverses ``(A + s_A I)⁻¹, (G + s_G I)⁻¹`` (e.g.
+        computed on another rank) for ``damping`` in the factored ``mode``.
+
+        Raises:
+            ValueError: for ``mode="eigen_sum"``, which has no factor inverses.
+        """
+        if mode == "eigen_sum":
+            raise ValueError("damping_mode='eigen_sum' has no Kronecker-factored inverses")
+        self._cache = (inv_g / self.num_locations, inv_a)
+        self._cache_key = (damping, mode, method)
 
     def _prepare(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         key = (damping, mode, method)
@@ -184,7 +217,7 @@ class KroneckerFactors:
         else:
             # A factored damping inverts each factor on its own: two GEMMs per apply
             # instead of the eigenbasis' four.
-            shift_a, shift_g = factor_dampings(damping, mode, self.decomp_pi)
+            shift_a, shift_g = self.factor_shifts(damping, mode)
             if method == "eigen":
                 inv_g = eigen_inverse(*self.decomp_g, shift_g)
                 inv_a = eigen_inverse(*self.decomp_a, shift_a)

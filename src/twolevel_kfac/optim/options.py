@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..curvature.capture import FISHER_TYPES
 from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS
 from ..curvature.likelihoods import LIKELIHOODS
+from ..distributed import INVERSE_PLACEMENTS
 
 KL_CLIP_FORMS = ("paper", "lr_squared")
 UNSUPPORTED_POLICIES = ("warn", "error", "ignore")
@@ -76,7 +79,13 @@ class CurvatureOptions:
         factor_dtype: dtype of factors and decompositions; ``None`` = the parameters' dtype.
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).
-        seed: seed of the sampler that picks the Fisher mini-batch and MC targets.
+        seed: seed of the sampler that picks the Fisher mini-batch and MC targets (rank
+            ``r`` of a distributed run uses :func:`~twolevel_kfac.distributed.rank_seed`).
+        process_group: the ``torch.distributed`` group the curvature is reduced over;
+            ``None`` = the world group when ``torch.distributed`` is initialised, else one
+            process (:mod:`twolevel_kfac.distributed`).
+        distributed_inverses: ``split`` (each factor decomposed by one rank, results
+            shared) | ``replicate`` (every rank decomposes every factor).
     """
 
     damping: float = 1e-3
@@ -93,6 +102,8 @@ class CurvatureOptions:
     factor_dtype: torch.dtype | None = None
     unsupported: str = "warn"
     seed: int = 0
+    process_group: Any = None
+    distributed_inverses: str = "split"
 
     def __post_init__(self) -> None:
         check_real("damping", self.damping, low=0.0, low_open=True)
@@ -119,3 +130,11 @@ class CurvatureOptions:
         check_choice("unsupported", self.unsupported, UNSUPPORTED_POLICIES)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an integer; got {self.seed!r}")
+        if self.process_group is not None and not (
+            dist.is_available() and isinstance(self.process_group, dist.ProcessGroup)
+        ):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup or None; got "
+                f"{type(self.process_group).__name__}"
+            )
+        check_choice("distributed_inverses", self.distributed_inverses, INVERSE_PLACEMENTS)

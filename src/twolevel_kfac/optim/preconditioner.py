@@ -8,7 +8,8 @@ One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper
 schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistics captured
 during this step's forward/backward), ``_refresh_decompositions`` (every
 ``inv_interval`` steps), ``_precondition`` (the damped block-diagonal inverse; subclasses
-add coarse corrections), ``_kl_clip`` and ``_write_grads``.
+add coarse corrections), ``_kl_clip`` and ``_write_grads``. Under ``torch.distributed`` the
+factors and decompositions are reduced / shared by :mod:`twolevel_kfac.distributed`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,22 @@ from ..curvature.blocks import (
     is_supported,
     kronecker_factors,
     layer_bias,
+    layer_shape,
     layer_weight,
     matrix_to_parameter_shapes,
     unsupported_reason,
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.kronecker import KroneckerFactors
+from ..distributed import (
+    LayerSpec,
+    make_communicator,
+    rank_seed,
+    reduce_statistics,
+    select_rank_state,
+    share_decompositions,
+    unwrap_model,
+)
 from .options import CurvatureOptions
 
 
@@ -71,7 +82,8 @@ class KFACPreconditioner:
         if options is not None and kwargs:
             raise TypeError("pass either options=... or keyword arguments, not both")
         self.options = options if options is not None else CurvatureOptions(**kwargs)
-        self.model = model
+        self.model = model = unwrap_model(model)
+        self.comm = make_communicator(self.options.process_group)
         self.layers = find_layers(model, self.options.unsupported)
         if not self.layers:
             raise ValueError(
@@ -79,7 +91,8 @@ class KFACPreconditioner:
             )
         self.damping = self.options.damping
         self.steps = 0
-        self.generator = torch.Generator().manual_seed(self.options.seed)
+        self.generator = torch.Generator().manual_seed(rank_seed(self.options.seed, self.comm.rank))
+        self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batch per layer
         self.factors = {name: KroneckerFactors() for name in self.layers}
         self.capture = CurvatureCapture(
             model,
@@ -97,10 +110,12 @@ class KFACPreconditioner:
     def step(self, lr: float = 1.0) -> None:
         """Precondition the gradients of the registered layers in place (``p.grad``)."""
         opts = self.options
-        stats = self.capture.collect() if self.capture.active else {}
+        active = self.capture.active
+        stats = self.capture.collect() if active else {}
         self.last_stats = {"damping": self.damping}
-        if stats:
-            self._update_factors(stats)
+        sent = self.comm.payload_bytes
+        if stats or (active and self.comm.distributed):  # every rank joins the reduction
+            stats = self._update_factors(stats)
         missing = [name for name, f in self.factors.items() if not f.ready]
         if missing:
             raise RuntimeError(
@@ -115,27 +130,57 @@ class KFACPreconditioner:
         directions = self._precondition(grads, stats)
         directions = self._kl_clip(directions, grads, lr)
         self._write_grads(directions)
+        if self.comm.distributed:
+            self.last_stats["comm_bytes"] = float(self.comm.payload_bytes - sent)
         self.steps += 1
         self.capture.active = self.steps % opts.cov_interval == 0
 
-    def _update_factors(self, stats: dict[str, LayerStats]) -> None:
+    def _update_factors(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+        """Fold this step's statistics into the running factors.
+
+        Returns:
+            The statistics of this step's Fisher mini-batch. Under ``torch.distributed``
+            the factors are those of every rank's statistics together, and the result has
+            this rank's statistics of every layer some rank saw (empty where this one saw
+            none); ``sample_counts`` holds the global sample counts.
+        """
+        if self.comm.distributed:
+            reduced = reduce_statistics(self.comm, stats, self._layer_specs())
+            new, stats, self.sample_counts = reduced.factors, reduced.stats, reduced.samples
+        else:
+            new = {}
+            for name, layer_stats in stats.items():
+                dtype = self.factor_dtype(name)
+                cast = LayerStats(layer_stats.a.to(dtype), layer_stats.g.to(dtype))
+                new[name] = (*kronecker_factors(cast), layer_stats.num_locations)
         skipped = 0
-        for name, layer_stats in stats.items():
-            dtype = self.factor_dtype(name)
-            new_a, new_g = kronecker_factors(
-                LayerStats(layer_stats.a.to(dtype), layer_stats.g.to(dtype))
-            )
+        for name, (new_a, new_g, locations) in new.items():
             if not (torch.isfinite(new_a).all() and torch.isfinite(new_g).all()):
                 skipped += 1  # a NaN/Inf batch never reaches the running factors
                 continue
-            self.factors[name].update(
-                new_a, new_g, self.options.ema_decay, layer_stats.num_locations
-            )
+            self.factors[name].update(new_a, new_g, self.options.ema_decay, locations)
         self.last_stats["nonfinite_factor_updates"] = float(skipped)
+        return stats
+
+    def _layer_specs(self) -> dict[str, LayerSpec]:
+        specs = {}
+        for name, module in self.layers.items():
+            weight = layer_weight(module)
+            d_out, d_in = layer_shape(module)
+            specs[name] = LayerSpec(
+                d_in, d_out, self.factor_dtype(name), weight.dtype, weight.device
+            )
+        return specs
 
     def _refresh_decompositions(self) -> None:
+        opts = self.options
+        if self.comm.distributed and opts.distributed_inverses == "split":
+            share_decompositions(
+                self.comm, self.factors, opts.inverse_method, self.damping, opts.damping_mode
+            )
+            return
         for factors in self.factors.values():
-            factors.decompose(self.options.inverse_method)
+            factors.decompose(opts.inverse_method)
 
     def factor_dtype(self, name: str) -> torch.dtype:
         return self.options.factor_dtype or layer_weight(self.layers[name]).dtype
@@ -182,14 +227,35 @@ class KFACPreconditioner:
         return {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Factors, cached decompositions, step counter and the sampler's RNG state."""
-        return {
+        """Factors, cached decompositions, step counter and the sampler's RNG state.
+
+        Under ``torch.distributed`` this is a collective (call it on every rank): the
+        rank-local parts of every rank are gathered into ``"ranks"``, so the state of any
+        rank (save rank 0's) restores all of them.
+        """
+        state = {
             "steps": self.steps,
             "damping": self.damping,
             "generator": self.generator.get_state(),
             "factors": {name: f.state_dict() for name, f in self.factors.items()},
             "layers": list(self.layers),
         }
+        if self.comm.distributed:
+            state["ranks"] = self.comm.all_gather_object(self._rank_state())
+        return state
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks (gathered by :meth:`state_dict`)."""
+        return {"generator": self.generator.get_state()}
+
+    def _load_rank_states(self, state: dict[str, Any]) -> None:
+        """Restore this rank's part of ``state["ranks"]`` (or of a one-process state)."""
+        parts = state.get("ranks") or [{"generator": state["generator"]}]
+        part = select_rank_state(parts, self.comm.rank, self.comm.world_size)
+        if part is None:
+            self.generator.manual_seed(rank_seed(self.options.seed, self.comm.rank))
+        else:
+            self.generator.set_state(part["generator"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = list(state.get("layers", []))
@@ -200,7 +266,7 @@ class KFACPreconditioner:
             )
         self.steps = int(state["steps"])
         self.damping = float(state["damping"])
-        self.generator.set_state(state["generator"])
+        self._load_rank_states(state)
         for name, factor_state in state["factors"].items():
             self.factors[name].load_state_dict(factor_state)
         self.capture.discard()

@@ -19,26 +19,43 @@ A-DEF2, balanced).
 
 Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the Fisher
 mini-batch of the last refresh step.
+
+Under ``torch.distributed`` each rank keeps its own rows of the Fisher mini-batch, and the
+coarse matrices and ``F̂`` products sum their per-sample terms over the ranks
+(:func:`global_damped_fvp`, :func:`global_coarse_matrix`, :func:`global_tselepidis_matrix`;
+see :mod:`twolevel_kfac.distributed`), so the coarse level sees the global Fisher mini-batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import Tensor, nn
 
-from ..curvature.blocks import LayerStats, layer_shape, layer_weight
+from ..curvature.blocks import LayerStats, layer_shape, layer_weight, weighted_gradient_sum
 from ..curvature.kronecker import ema_weight
+from ..distributed import (
+    Communicator,
+    all_reduce_sum,
+    pack_symmetric,
+    split_statistics,
+    unpack_symmetric,
+)
 from ..twolevel.coarse_matrix import (
     CoarseOperator,
+    basis_gram,
+    coarse_projections,
     ema_coarse_matrix,
     exact_coarse_matrix,
     tselepidis_coarse_matrix,
+    tselepidis_from_sums,
+    tselepidis_sums,
 )
 from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, build_basis
 from ..twolevel.combinations import COMBINATIONS, get_combination
-from ..twolevel.fisher_products import damped_fvp
+from ..twolevel.fisher_products import check_stats, damped_fvp, sample_coefficients
 from ..twolevel.vectors import LayerVector, dot, sub
 from .kfac import CURVATURE_ARGUMENTS, KFAC
 from .options import CurvatureOptions, check_choice, check_real
@@ -86,6 +103,45 @@ class CoarseOptions:
 COARSE_ARGUMENTS = frozenset(f.name for f in fields(CoarseOptions))
 
 
+# ----------------------------------------- the Fisher of the global Fisher mini-batch
+def global_damped_fvp(
+    comm: Communicator, stats: Sequence[LayerStats], v: LayerVector, damping: float, n: int
+) -> LayerVector:
+    """``(F + λI)v`` with the exact Fisher of the global Fisher mini-batch of ``n`` samples."""
+    coeffs = sample_coefficients(stats, v)
+    sums = all_reduce_sum(comm, [weighted_gradient_sum(s, coeffs) for s in stats])
+    return [s / n + damping * vi for s, vi in zip(sums, v, strict=True)]
+
+
+def global_coarse_matrix(
+    comm: Communicator, stats: Sequence[LayerStats], basis: list[Tensor], damping: float, n: int
+) -> Tensor:
+    """``F_c = (1/n) Σ_r P_rᵀP_r + λR₀R₀ᵀ`` (``exact_coarse_matrix`` of the
+    global Fisher mini-batch)."""
+    p = coarse_projections(stats, basis)
+    (packed,) = all_reduce_sum(comm, [pack_symmetric(p.T @ p)])
+    fc = unpack_symmetric(packed, p.shape[1]) / n
+    return fc + damping * basis_gram(basis) if damping != 0.0 else fc
+
+
+def global_tselepidis_matrix(
+    comm: Communicator, stats: Sequence[LayerStats], damping: float, n: int
+) -> Tensor:
+    """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ij)`` and
+    ``sum(G_ij)`` are sums over samples: reduced separately, then multiplied)."""
+    sum_a, sum_g, locations = tselepidis_sums(stats)
+    num = len(stats)
+    packed_a, packed_g = all_reduce_sum(comm, [pack_symmetric(sum_a), pack_symmetric(sum_g)])
+    return tselepidis_from_sums(
+        unpack_symmetric(packed_a, num),
+        unpack_symmetric(packed_g, num),
+        locations,
+        n,
+        stats,
+        damping,
+    )
+
+
 class TwoLevelPreconditioner(KFACPreconditioner):
     """KFAC preconditioner with a coarse-space correction (rewrites ``.grad``)."""
 
@@ -104,7 +160,8 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         if self.coarse.coarse_space == "spectral" and self.options.inverse_method != "eigen":
             raise ValueError("coarse_space='spectral' needs inverse_method='eigen'")
         self.names = list(self.layers)
-        self.fisher_stats: list[LayerStats] | None = None
+        self.fisher_stats: list[LayerStats] | None = None  # this rank's rows
+        self.fisher_samples: int | None = None  # N of the global Fisher mini-batch
         self.basis: list[Tensor] | None = None
         self.coarse_matrix: Tensor | None = None
         self.coarse_updates = 0
@@ -117,7 +174,11 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 
     def fhat(self, v: LayerVector) -> LayerVector:
         """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch."""
-        assert self.fisher_stats is not None
+        assert self.fisher_stats is not None and self.fisher_samples is not None
+        if self.comm.distributed:
+            return global_damped_fvp(
+                self.comm, self.fisher_stats, v, self.damping, self.fisher_samples
+            )
         return damped_fvp(self.fisher_stats, v, self.damping)
 
     def _eigen(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -147,10 +208,26 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         )
 
     def _new_coarse_matrix(self, basis: list[Tensor]) -> Tensor:
+        stats, n = self.fisher_stats, self.fisher_samples
+        assert stats is not None and n is not None
+        tselepidis = self.coarse.coarse_space == "tselepidis"
+        if self.comm.distributed and tselepidis:
+            return global_tselepidis_matrix(self.comm, stats, self.damping, n)
+        if self.comm.distributed:
+            return global_coarse_matrix(self.comm, stats, basis, self.damping, n)
+        if tselepidis:
+            return tselepidis_coarse_matrix(stats, self.damping)
+        return exact_coarse_matrix(stats, basis, self.damping)
+
+    def _global_samples(self) -> int:
+        """``N`` of the Fisher mini-batch just stored (summed over the ranks)."""
         assert self.fisher_stats is not None
-        if self.coarse.coarse_space == "tselepidis":
-            return tselepidis_coarse_matrix(self.fisher_stats, self.damping)
-        return exact_coarse_matrix(self.fisher_stats, basis, self.damping)
+        if not self.comm.distributed:
+            return check_stats(self.fisher_stats)
+        sizes = {self.sample_counts[n] for n in self.names}
+        if len(sizes) != 1:
+            raise RuntimeError(f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}")
+        return sizes.pop()
 
     # ------------------------------------------------------------------ step
     def _precondition(
@@ -162,6 +239,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
             if missing:
                 raise RuntimeError(f"no Fisher mini-batch statistics for layer(s) {missing}")
             self.fisher_stats = [stats[n] for n in self.names]
+            self.fisher_samples = self._global_samples()
         g = [grads[n] for n in self.names]
         minv_g = self.minv(g)
         if self.coarse.coarse_scale == 0.0:
@@ -214,29 +292,45 @@ class TwoLevelPreconditioner(KFACPreconditioner):
     # ------------------------------------------------------------ bookkeeping
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        distributed = "ranks" in state  # then every rank's rows are in state["ranks"]
         state["coarse"] = {
-            "fisher_stats": None
-            if self.fisher_stats is None
-            else [(s.a, s.g) for s in self.fisher_stats],
+            "fisher_stats": None if distributed else _stats_pairs(self.fisher_stats),
             "basis": self.basis,
+            "fisher_samples": self.fisher_samples,
             "coarse_matrix": self.coarse_matrix,
             "coarse_updates": self.coarse_updates,
         }
         return state
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {**super()._rank_state(), "fisher_stats": _stats_pairs(self.fisher_stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "coarse" not in state:
             raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
         super().load_state_dict(state)
         coarse = state["coarse"]
-        stats = coarse["fisher_stats"]
-        self.fisher_stats = None if stats is None else [LayerStats(a, g) for a, g in stats]
+        saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
+        per_rank = None if None in saved else [[LayerStats(a, g) for a, g in p] for p in saved]
+        self.fisher_stats = self._own_statistics(per_rank)
+        self.fisher_samples = coarse.get("fisher_samples")
+        if self.fisher_samples is None and per_rank is not None:  # a state from before it
+            self.fisher_samples = sum(check_stats(stats) for stats in per_rank)
         self.basis = coarse["basis"]
         self.coarse_matrix = coarse["coarse_matrix"]
         self.coarse_updates = int(coarse["coarse_updates"])
         self._operator = None
         if self.basis is not None and self.coarse_matrix is not None:
             self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
+
+    def _own_statistics(self, per_rank: list[list[LayerStats]] | None) -> list[LayerStats] | None:
+        """This rank's Fisher mini-batch rows from the saved ones of every rank (re-split
+        contiguously when the world size changed)."""
+        if per_rank is None:
+            return None
+        if len(per_rank) == self.comm.world_size:
+            return per_rank[self.comm.rank]
+        return split_statistics(per_rank, self.comm.rank, self.comm.world_size)
 
     def __repr__(self) -> str:
         coarse = ", ".join(f"{k}={v!r}" for k, v in vars(self.coarse).items())
@@ -258,3 +352,7 @@ class TwoLevelKFAC(KFAC):
                 f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
             )
         return TwoLevelPreconditioner(model, **kwargs)
+
+
+def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:
+    return None if stats is None else [(s.a, s.g) for s in stats]

@@ -129,17 +129,39 @@ def tselepidis_coarse_matrix(stats: Sequence[LayerStats], damping: float) -> Ten
     Returns:
         ``F_c`` of shape ``[L, L]``.
     """
-    n = check_stats(stats)
+    sum_a, sum_g, locations = tselepidis_sums(stats)
+    return tselepidis_from_sums(sum_a, sum_g, locations, check_stats(stats), stats, damping)
+
+
+def tselepidis_sums(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor, Tensor]:
+    """The sample sums behind :func:`tselepidis_coarse_matrix`, ``[L, L]`` each:
+    ``Σ_n Σ_t s^a_i[n, m_i(t)] s^a_j[n, m_j(t)]``, the same for ``s^δ``, and ``T_ij``.
+
+    They add over disjoint sample sets (what a distributed reduction needs)."""
     num = len(stats)
     s_a = [s.a.sum(dim=-1) for s in stats]  # s^a[n, t] = 1ᵀā_{n,t}, [N, T_i]
     s_g = [s.g.sum(dim=-1) for s in stats]
-    fc = stats[0].a.new_zeros(num, num)
+    sum_a, sum_g, locations = (stats[0].a.new_zeros(num, num) for _ in range(3))
     for i in range(num):
         for j in range(i, num):
             t = max(stats[i].num_locations, stats[j].num_locations)
-            sum_a = (_resample(s_a[i], t) * _resample(s_a[j], t)).sum()
-            sum_g = (_resample(s_g[i], t) * _resample(s_g[j], t)).sum()
-            fc[i, j] = fc[j, i] = sum_a * sum_g / (n * t) ** 2
+            sum_a[i, j] = sum_a[j, i] = (_resample(s_a[i], t) * _resample(s_a[j], t)).sum()
+            sum_g[i, j] = sum_g[j, i] = (_resample(s_g[i], t) * _resample(s_g[j], t)).sum()
+            locations[i, j] = locations[j, i] = t
+    return sum_a, sum_g, locations
+
+
+def tselepidis_from_sums(
+    sum_a: Tensor,
+    sum_g: Tensor,
+    locations: Tensor,
+    num_samples: int,
+    stats: Sequence[LayerStats],
+    damping: float,
+) -> Tensor:
+    """``F_c = sum(A_ij)·sum(G_ij) + λ·numel_i·δ_ij`` from :func:`tselepidis_sums` of
+    ``num_samples`` samples (``stats`` gives the layer sizes)."""
+    fc = sum_a * sum_g / (num_samples * locations) ** 2
     numel = [s.a.shape[-1] * s.g.shape[-1] for s in stats]
     return fc + damping * torch.diag(fc.new_tensor(numel))
 

@@ -1,0 +1,355 @@
+"""Data-parallel KFAC and two-level KFAC: two gloo processes on localhost, each with half of
+the batch and the model in ``DistributedDataParallel``, against one process on the whole
+batch (float64, relative error ≤ 1e-9), plus distributed resume and unequal local batches.
+
+The model mixes Conv2d, Linear and BatchNorm. The BatchNorm layer is in eval mode: in train
+mode its batch statistics couple the samples, so per-sample gradients (and with them the
+exact Fisher and the single-process oracle) are not defined, and the two halves would
+normalise with different statistics than the whole batch. ``SyncBatchNorm`` would make the
+forward equal the whole batch's, but it needs CUDA, and these tests run on CPU with gloo.
+
+All distributed runs happen in one pair of worker processes per module (``fork``ed after
+the parent imported ``torch._dynamo``, which DDP needs and which takes seconds to import);
+the tests compare their saved results.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from test_kfac_exact import CONTRACT, make_batch, mixed_net, prepare
+from twolevel_kfac.distributed import (
+    Communicator,
+    assign_owners,
+    make_communicator,
+    pack_symmetric,
+    rank_seed,
+    unpack_symmetric,
+)
+
+WORLD = 2
+BATCH = 8
+SHAPE, CLASSES = (2, 6, 6), 3
+# name: (optimizer class, extra arguments on top of CONTRACT and damping=0.05)
+CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
+    "kfac_per_factor": (tk.KFAC, {"damping_mode": "per_factor"}),
+    "kfac_pi": (tk.KFAC, {"damping_mode": "pi"}),
+    "kfac_eigen_sum": (tk.KFAC, {"damping_mode": "eigen_sum"}),
+    "kfac_cholesky_pi": (tk.KFAC, {"damping_mode": "pi", "inverse_method": "cholesky"}),
+    "kfac_replicate": (tk.KFAC, {"distributed_inverses": "replicate"}),
+    "kfac_subgroup": (tk.KFAC, {"process_group": "new_group"}),
+    "nicolaides_additive": (tk.TwoLevelKFAC, {"coarse_space": "nicolaides"}),
+    "nicolaides_adef2": (tk.TwoLevelKFAC, {"combination": "adef2"}),
+    "residual_additive": (tk.TwoLevelKFAC, {"coarse_space": "residual"}),
+    "residual_adef2": (tk.TwoLevelKFAC, {"coarse_space": "residual", "combination": "adef2"}),
+    "tselepidis_additive": (tk.TwoLevelKFAC, {"coarse_space": "tselepidis"}),
+    "spectral_balanced": (
+        tk.TwoLevelKFAC,
+        {"coarse_space": "spectral", "combination": "balanced", "damping_mode": "eigen_sum"},
+    ),
+    "krylov_residual_adef1": (
+        tk.TwoLevelKFAC,
+        {"coarse_space": "krylov_residual", "combination": "adef1", "damping_mode": "pi"},
+    ),
+}
+# Training settings of the resume runs: every moving part (MC sampling of a Fisher subset,
+# running averages, refreshes every 2 steps, momentum, KL clipping).
+RESUME = {
+    "lr": 0.1,
+    "damping": 0.05,
+    "fisher": "mc",
+    "fisher_batch": 0.5,
+    "ema_decay": 0.9,
+    "cov_interval": 2,
+    "inv_interval": 2,
+    "momentum": 0.9,
+    "kl_clip": 1e-2,
+}
+RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
+    "kfac": (tk.KFAC, {}),
+    "residual_adef2_faithful": (
+        tk.TwoLevelKFAC,
+        {"coarse_space": "residual", "combination": "adef2", "coarse_refresh": "faithful"},
+    ),
+}
+
+
+# ------------------------------------------------------------------ shared helpers
+def build(cls: type[tk.KFAC], kwargs: dict[str, Any], wrap: bool) -> tuple[nn.Module, tk.KFAC]:
+    model: nn.Module = prepare(mixed_net())
+    if wrap:
+        model = nn.parallel.DistributedDataParallel(model)
+    if kwargs.get("process_group") == "new_group":
+        kwargs = {**kwargs, "process_group": dist.new_group(list(range(WORLD)))}
+    return model, cls(model, **kwargs)
+
+
+def step(model: nn.Module, opt: tk.KFAC, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def params(model: nn.Module) -> dict[str, Tensor]:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {k: p.detach().clone() for k, p in inner.named_parameters()}
+
+
+def rows(rank: int, sizes: tuple[int, ...]) -> slice:
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def one_step(
+    cls: type[tk.KFAC], kwargs: dict[str, Any], sizes: tuple[int, ...] | None, rank: int = 0
+) -> tuple[dict[str, Tensor], tk.KFAC]:
+    """The parameter change of one contract step (``sizes``: this rank's share, or the
+    whole batch in one process when ``None``)."""
+    x, y = make_batch(SHAPE, CLASSES, BATCH)
+    if sizes is not None:
+        x, y = x[rows(rank, sizes)], y[rows(rank, sizes)]
+    model, opt = build(cls, {**CONTRACT, "damping": 0.05, **kwargs}, wrap=sizes is not None)
+    before = params(model)
+    step(model, opt, x, y)
+    return {k: v - before[k] for k, v in params(model).items()}, opt
+
+
+def train(model_opt: tuple[nn.Module, tk.KFAC], steps: range, rank: int) -> None:
+    model, opt = model_opt
+    for k in steps:
+        x, y = make_batch(SHAPE, CLASSES, BATCH, seed=100 + k)
+        half = rows(rank, (BATCH // 2,) * WORLD)
+        step(model, opt, x[half], y[half])
+
+
+def curvature(opt: tk.KFAC) -> dict[str, Any]:
+    """Factors, coarse matrix and ``F̂v`` for a fixed ``v`` (collective under DDP): with
+    unequal local batches DDP's gradient is not the global mean, but these are exact."""
+    pre = opt.preconditioner
+    assert isinstance(pre, tk.TwoLevelPreconditioner) and pre.basis is not None
+    return {
+        "factors": {n: (f.A, f.G) for n, f in pre.factors.items()},
+        "coarse_matrix": pre.coarse_matrix,
+        "fvp": pre.fhat([torch.cos(torch.arange(b[0].numel()).view_as(b[0])) for b in pre.basis]),
+    }
+
+
+# ------------------------------------------------------------------ worker processes
+def _worker(rank: int, port: int, out: Path) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # this child's environment only
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        results: dict[str, Any] = {}
+        half = (BATCH // 2,) * WORLD
+        for name, (cls, kwargs) in CASES.items():
+            delta, opt = one_step(cls, kwargs, half, rank)
+            results[name] = {"delta": delta, "bytes": opt.last_stats["comm_bytes"]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, opt = one_step(tk.TwoLevelKFAC, {}, (5, 3), rank)
+        results["unequal"] = {
+            **curvature(opt),
+            "warnings": [str(w.message) for w in caught],
+        }
+        for name, (cls, kwargs) in RESUME_CASES.items():
+            results[f"resume_{name}"] = _resume(cls, {**RESUME, **kwargs}, rank, out / name)
+        results["checkpoints"] = out
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume(cls: type[tk.KFAC], kwargs: dict[str, Any], rank: int, path: Path) -> Any:
+    """Final parameters of 5 uninterrupted steps and of 3 steps + save + reload + 2 steps."""
+    straight = build(cls, kwargs, wrap=True)
+    train(straight, range(5), rank)
+    first = build(cls, kwargs, wrap=True)
+    train(first, range(3), rank)
+    model, opt = first
+    state = {"model": model.module.state_dict(), "opt": opt.state_dict()}  # collective
+    if rank == 0:
+        torch.save(state, path)
+    dist.barrier()
+    resumed = build(cls, kwargs, wrap=True)
+    saved = torch.load(path, weights_only=False)
+    resumed[0].module.load_state_dict(saved["model"])
+    resumed[1].load_state_dict(saved["opt"])
+    train(resumed, range(3, 5), rank)
+    return {"straight": params(straight[0]), "resumed": params(resumed[0])}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every rank's results of all distributed runs (one pair of processes)."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the workers are forked (spawning re-imports torch: too slow)")
+    import torch._dynamo  # DDP imports it: once here instead of in each child
+
+    out = tmp_path_factory.mktemp("distributed")
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * WORLD, f"worker exit codes {codes}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def relative_error(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
+    names = sorted(expected)
+    got = torch.cat([actual[n].reshape(-1) for n in names])
+    want = torch.cat([expected[n].reshape(-1) for n in names])
+    return float((got - want).norm() / want.norm())
+
+
+# ------------------------------------------------------------------------ the tests
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_equals_single_process_on_whole_batch(
+    runs: list[dict[str, Any]], float64: None, case: str
+) -> None:
+    cls, kwargs = CASES[case]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("process_group", "distributed_inverses")}
+    expected, _ = one_step(cls, kwargs, None)
+    for rank in range(WORLD):
+        error = relative_error(runs[rank][case]["delta"], expected)
+        assert error <= 1e-9, f"rank {rank}: relative error {error:.3e}"
+    for name, delta in runs[0][case]["delta"].items():  # the replicas stay identical
+        assert torch.equal(delta, runs[1][case]["delta"][name]), name
+
+
+def _factor_dims() -> list[tuple[int, int]]:
+    return [(19, 3), (27, 4), (5, 3)]  # mixed_net: (d_in', d_out) of conv, linear, linear
+
+
+def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
+    dims = _factor_dims()
+    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (2 * 3 + 2)
+    sizes = [d for pair in dims for d in pair]
+    owners = assign_owners([float(d) ** 3 for d in sizes], WORLD)
+    split = 8 * max(sum(d * d + d for d, o in zip(sizes, owners, strict=True) if o == r)
+                    for r in range(WORLD))  # fmt: skip
+    coarse, fvp = 8 * 3 * 4 // 2, 8 * sum(a * g for a, g in dims)  # K = 3; P numbers
+    for rank in range(WORLD):
+        got = {name: runs[rank][name]["bytes"] for name in CASES}
+        assert got["kfac_replicate"] == factors
+        assert got["kfac_per_factor"] == factors + split
+        assert got["nicolaides_additive"] == factors + split + coarse
+        assert got["residual_adef2"] == factors + split + coarse + fvp
+
+
+def test_unequal_local_batches_weight_the_curvature_by_counts(
+    runs: list[dict[str, Any]], float64: None
+) -> None:
+    _, opt = one_step(tk.TwoLevelKFAC, {}, None)
+    expected = curvature(opt)
+    for rank in range(WORLD):
+        got = runs[rank]["unequal"]
+        for name, (a, g) in expected["factors"].items():
+            torch.testing.assert_close(got["factors"][name][0], a, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got["factors"][name][1], g, rtol=1e-12, atol=1e-14)
+        fc = expected["coarse_matrix"]
+        scale = float(fc.abs().max())
+        torch.testing.assert_close(got["coarse_matrix"], fc, rtol=1e-10, atol=1e-12 * scale)
+        for fv, ref in zip(got["fvp"], expected["fvp"], strict=True):
+            torch.testing.assert_close(fv, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+        assert any("different Fisher mini-batch sizes" in w for w in got["warnings"])
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_distributed_resume_equals_uninterrupted_run(runs: list[dict[str, Any]], case: str) -> None:
+    for rank in range(WORLD):
+        result = runs[rank][f"resume_{case}"]
+        for name, value in result["straight"].items():
+            assert torch.equal(result["resumed"][name], value), f"rank {rank}: {name}"
+            assert torch.equal(runs[0][f"resume_{case}"]["straight"][name], value), name
+
+
+def test_distributed_state_loads_in_one_process(runs: list[dict[str, Any]]) -> None:
+    """One process resuming a 2-process two-level run holds both ranks' Fisher rows."""
+    saved = torch.load(runs[0]["checkpoints"] / "residual_adef2_faithful", weights_only=False)
+    cls, kwargs = RESUME_CASES["residual_adef2_faithful"]
+    model, opt = build(cls, {**RESUME, **kwargs}, wrap=False)
+    model.load_state_dict(saved["model"])
+    with pytest.warns(UserWarning, match="saved by 2 process"):
+        opt.load_state_dict(saved["opt"])
+    pre = opt.preconditioner
+    assert isinstance(pre, tk.TwoLevelPreconditioner) and pre.fisher_stats is not None
+    assert pre.fisher_samples == pre.fisher_stats[0].num_samples == 4  # 2 rows per rank
+    assert torch.equal(pre.generator.get_state(), saved["opt"]["preconditioner"]["generator"])
+
+
+# --------------------------------------------------------- single-process pieces
+def test_pack_symmetric_round_trip() -> None:
+    m = torch.randn(5, 5, dtype=torch.float64)
+    m = m + m.T
+    packed = pack_symmetric(m)
+    assert packed.shape == (15,)
+    assert torch.equal(unpack_symmetric(packed, 5), m)
+
+
+def test_assign_owners_balances_cost_deterministically() -> None:
+    costs = [1000.0, 8.0, 729.0, 27.0, 512.0, 1.0]
+    owners = assign_owners(costs, 2)
+    assert owners == assign_owners(costs, 2)
+    # Largest first, each to the least-loaded rank: 1000 | 729, 512 | 27, 8, 1 → 1036 | 1241.
+    assert owners == [0, 0, 1, 0, 1, 0]
+    assert assign_owners(costs, 1) == [0] * len(costs)
+
+
+def test_rank_seeds_keep_rank_zero_and_differ() -> None:
+    assert rank_seed(7, 0) == 7
+    seeds = {rank_seed(7, r) for r in range(64)}
+    assert len(seeds) == 64 and all(0 <= s < 2**63 for s in seeds)
+    torch.Generator().manual_seed(rank_seed(-3, 5))  # a valid torch seed
+
+
+def test_options_validate_the_distributed_arguments() -> None:
+    with pytest.raises(ValueError, match="distributed_inverses must be one of"):
+        tk.CurvatureOptions(distributed_inverses="scatter")
+    with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed"):
+        tk.CurvatureOptions(process_group="world")
+    if not dist.is_initialized():
+        assert make_communicator(None).world_size == 1
+        with pytest.raises(ValueError, match="not initialised"):
+            make_communicator(object())
+
+
+def test_single_process_is_unchanged_by_the_communicator() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = tk.KFAC(model, kl_clip=None)
+    comm: Communicator = opt.preconditioner.comm
+    assert not comm.distributed
+    x = torch.randn(4, 3)
+    step(model, opt, x, torch.tensor([0, 1, 1, 0]))
+    assert comm.payload_bytes == 0 and "comm_bytes" not in opt.last_stats
+    state = opt.state_dict()
+    assert "ranks" not in state["preconditioner"]
