@@ -10,6 +10,14 @@ Methods (``d ≈ F̂⁻¹g`` with ``F̂ = F + λI``, ``F`` the exact Fisher of t
   ``kfac_eigen_sum``: ``d = M⁻¹g`` from a :class:`KFACPreconditioner` whose factors are
   loaded from the batch's exact statistics (``ema_decay = 0``) through the optimizer's own
   ``_update_factors`` / ``_refresh_decompositions``; ``M⁻¹`` is ``apply_fine``;
+* ``ekfac``, ``kpsvd``, ``kfac_corrected``: ``d = M⁻¹g`` with the fine level of
+  :class:`~twolevel_kfac.optim.ekfac.EKFACPreconditioner` /
+  :class:`~twolevel_kfac.optim.kpsvd.KPSVDPreconditioner` /
+  :class:`~twolevel_kfac.optim.kpsvd.KFACCorrectedPreconditioner` loaded the same way (the
+  exact statistics make EKFAC's ``S`` the diagonal of the exact block in KFAC's eigenbasis
+  and KPSVD the Frobenius-nearest Kronecker product of the exact block; the power
+  iteration runs to ``ANALYSIS_POWER``). They use the configured damping mode, except
+  ``kfac_corrected``, which has no ``eigen_sum`` form and uses ``per_factor`` then;
 * ``<space>+<combination>`` (e.g. ``nicolaides+adef2``): the direction returned by
   :meth:`TwoLevelPreconditioner._precondition` — the optimizer's step path, with
   ``fisher_stats`` set to the batch's statistics (consistent refresh, ``kl_clip=None``).
@@ -34,6 +42,7 @@ from torch import Tensor, nn
 
 from ..curvature.blocks import per_sample_gradients
 from ..curvature.kronecker import DAMPING_MODES
+from ..optim.fine import FINE_LEVELS
 from ..optim.options import CurvatureOptions
 from ..optim.preconditioner import KFACPreconditioner
 from ..optim.twolevel import CoarseOptions, TwoLevelPreconditioner
@@ -45,7 +54,9 @@ from .coordinates import flatten, unflatten
 from .exact import Curvature
 
 KFAC_METHODS = ("kfac", *(f"kfac_{mode}" for mode in DAMPING_MODES))
-BASE_METHODS = ("exact", "block_diagonal", *KFAC_METHODS)
+FINE_METHODS = tuple(name for name in FINE_LEVELS if name != "kfac")
+BASE_METHODS = ("exact", "block_diagonal", *KFAC_METHODS, *FINE_METHODS)
+ANALYSIS_POWER = {"power_iterations": 500, "power_tol": 1e-12}
 
 
 def twolevel_name(space: str, combination: str) -> str:
@@ -59,12 +70,14 @@ ALL_METHODS = BASE_METHODS + TWOLEVEL_METHODS
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A parsed method name; ``kind``: ``exact`` | ``block_diagonal`` | ``kfac`` | ``twolevel``."""
+    """A parsed method name; ``kind``: ``exact`` | ``block_diagonal`` | ``kfac`` | ``fine``
+    (``fine``: ``ekfac`` | ``kpsvd`` | ``kfac_corrected``) | ``twolevel``."""
 
     kind: str
     damping_mode: str | None = None
     space: str | None = None
     combination: str | None = None
+    fine: str | None = None
 
 
 def parse_method(name: str, damping_mode: str = "per_factor") -> MethodSpec:
@@ -86,6 +99,9 @@ def parse_method(name: str, damping_mode: str = "per_factor") -> MethodSpec:
         return MethodSpec("kfac", damping_mode)
     if name.startswith("kfac_") and name[5:] in DAMPING_MODES:
         return MethodSpec("kfac", name[5:])
+    if name in FINE_METHODS:
+        factored = name != "kfac_corrected" or damping_mode != "eigen_sum"
+        return MethodSpec("fine", damping_mode if factored else "per_factor", fine=name)
     space, _, combination = name.partition("+")
     if space in COARSE_SPACES and combination in COMBINATIONS:
         return MethodSpec("twolevel", damping_mode, space, combination)
@@ -135,6 +151,7 @@ class MethodSet:
         self.coarse_scale = coarse_scale
         self.spectral_which = spectral_which
         self._kfac: dict[str, KFACPreconditioner] = {}
+        self._fine: dict[str, KFACPreconditioner] = {}
         self._twolevel: dict[tuple[str, str], TwoLevelPreconditioner] = {}
         self._directions: dict[str, Tensor] = {}
         self._fhat: Tensor | None = None
@@ -144,14 +161,36 @@ class MethodSet:
     def kfac(self, mode: str) -> KFACPreconditioner:
         """A KFAC preconditioner with the batch's exact factors (cached per damping mode)."""
         if mode not in self._kfac:
-            pre = KFACPreconditioner(self.model, _options(self.damping, mode))
-            pre.remove_hooks()
-            if list(pre.layers) != self.curvature.names:
-                raise ValueError("the model's layers differ from the curvature's")
-            pre._update_factors(dict(zip(self.curvature.names, self.curvature.stats, strict=True)))
-            pre._refresh_decompositions()
-            self._kfac[mode] = pre
+            self._kfac[mode] = self._fitted(
+                KFACPreconditioner(self.model, _options(self.damping, mode))
+            )
         return self._kfac[mode]
+
+    def fine(self, spec: MethodSpec) -> KFACPreconditioner:
+        """The fine level ``spec.fine`` with the batch's exact statistics (cached)."""
+        assert spec.fine is not None and spec.damping_mode is not None
+        if spec.fine not in self._fine:
+            options = _options(self.damping, spec.damping_mode)
+            cls = FINE_LEVELS[spec.fine]
+            power = {k: v for k, v in ANALYSIS_POWER.items() if k in cls.extra_arguments}
+            pre = cls(self.model, options, **power)
+            self._fine[spec.fine] = self._fitted(pre)
+        return self._fine[spec.fine]
+
+    def _fitted(self, pre: KFACPreconditioner) -> KFACPreconditioner:
+        """``pre`` (hooks removed) loaded with the batch's statistics."""
+        pre.remove_hooks()
+        if list(pre.layers) != self.curvature.names:
+            raise ValueError("the model's layers differ from the curvature's")
+        pre.fit(dict(zip(self.curvature.names, self.curvature.stats, strict=True)))
+        return pre
+
+    def _preconditioner(self, spec: MethodSpec) -> KFACPreconditioner:
+        """The preconditioner of a ``kfac`` or ``fine`` method."""
+        if spec.kind == "fine":
+            return self.fine(spec)
+        assert spec.damping_mode is not None
+        return self.kfac(spec.damping_mode)
 
     def twolevel(self, space: str, combination: str) -> TwoLevelPreconditioner:
         """A two-level preconditioner that has run its step path on this batch's gradient."""
@@ -227,9 +266,8 @@ class MethodSet:
                     )
                 ]
             )
-        if spec.kind == "kfac":
-            assert spec.damping_mode is not None
-            pre = self.kfac(spec.damping_mode)
+        if spec.kind in ("kfac", "fine"):
+            pre = self._preconditioner(spec)
             return flatten(
                 [
                     pre.apply_fine(n, gi)
@@ -259,19 +297,13 @@ class MethodSet:
             return torch.cholesky_inverse(torch.linalg.cholesky(self.fhat()))
         if spec.kind == "block_diagonal":
             return torch.block_diag(*[torch.linalg.inv(b) for b in self._fhat_blocks()])
-        if spec.kind == "kfac":
-            assert spec.damping_mode is not None
-            return self._dense_minv(spec.damping_mode)
+        if spec.kind in ("kfac", "fine"):
+            return torch.block_diag(*self._minv_blocks(self._preconditioner(spec)))
         assert spec.space is not None and spec.combination is not None
         return self._dense_twolevel(spec.space, spec.combination)
 
-    def _dense_minv(self, mode: str) -> Tensor:
-        """``M⁻¹`` as a dense block-diagonal matrix."""
-        return torch.block_diag(*self._minv_blocks(mode))
-
-    def _minv_blocks(self, mode: str) -> list[Tensor]:
+    def _minv_blocks(self, pre: KFACPreconditioner) -> list[Tensor]:
         """``M_i⁻¹`` per layer: ``apply_fine`` on every unit matrix of the layer at once."""
-        pre = self.kfac(mode)
         blocks = []
         for name, (d_out, d_in), size in zip(
             self.curvature.names, self.curvature.shapes, self.curvature.sizes, strict=True
@@ -314,7 +346,7 @@ class MethodSet:
         the ``F̂`` products cost ``O(P³)``.
         """
         self.twolevel(space, combination)  # builds the basis from this gradient
-        blocks = self._minv_blocks(self.damping_mode)
+        blocks = self._minv_blocks(self.kfac(self.damping_mode))
         r0, fc_inv = self.dense_basis(space), self._dense_fc_inv(space)
         fhat = self.fhat()
         eye = torch.eye(fhat.shape[0], dtype=fhat.dtype, device=fhat.device)
@@ -341,6 +373,7 @@ class MethodSet:
     def close(self) -> None:
         """Drop the preconditioners (their hooks are already removed)."""
         self._kfac.clear()
+        self._fine.clear()
         self._twolevel.clear()
 
 

@@ -1,17 +1,51 @@
-"""``tlkfac demo``: the main job (``make demo``): the CURVES autoencoder comparison."""
+"""``tlkfac demo``: the main job (``make demo``), the CURVES comparison of ``configs/demo.yaml``.
+
+KFAC, NICO, RESIDU, PREVIOUS, SGD and Adam on a CURVES subset, one seed, sized to finish
+in a few minutes on 2 CPU cores; writes ``results/demo/report.md`` and its plots.
+``--quick`` runs a seconds-long version into ``results/demo-quick``. Runs on one thread
+unless ``--threads`` says otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from twolevel_kfac.experiments.commands import (
+    INTERRUPTED,
+    add_common,
+    apply_common,
+    progress_enabled,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="results/demo", help="output directory")
-    parser.add_argument("--data-dir", default=None, help="data/cache directory (TLKFAC_DATA)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: results/demo, quick: results/demo-quick)",
+    )
+    parser.add_argument("--config", default=None, help="config (default: configs/demo.yaml)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished runs in --out and continue unfinished ones",
+    )
+    add_common(parser, max_steps=False)
 
 
-def run(args: argparse.Namespace) -> None:
-    from .demo import main
+def run(args: argparse.Namespace) -> int:
+    from twolevel_kfac.experiments.demo import main
 
-    main(out_dir=args.out, data_dir=args.data_dir, quick=args.quick)
+    if args.threads is None:
+        args.threads = 1  # small matrices; robust on a shared machine (see demo.py)
+    apply_common(args)
+    outcome = main(
+        args.out,
+        args.config,
+        quick=args.quick,
+        resume=args.resume,
+        data_dir=args.data_dir,
+        progress=progress_enabled(args),
+    )
+    return INTERRUPTED if outcome.interrupted else 0

@@ -1,213 +1,369 @@
-"""A minimal, deterministic training loop and an optimizer factory for the experiments.
+"""The training loop of one run (one method, one seed): metrics, checkpoints, resume.
 
-``train`` drives any ``torch.optim.Optimizer`` through exactly
+``train_run(config, run_dir)`` trains the single method of a resolved run config
+(``ExperimentConfig.for_run``) through exactly
 
     opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); opt.step()
 
-(the usage contract of ``twolevel_kfac.KFAC``/``TwoLevelKFAC``, design.md §2) and returns
-one record per epoch. ``make_optimizer`` maps the method names of the paper's figures
-(Koroko et al. 2023) to optimizers.
+and writes into ``run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` and
+``checkpoint.pt``. Determinism: the model is built after ``torch.manual_seed(seed)``, the
+data order of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``,
+KFAC's sampler has its own seeded generator, and a checkpoint holds everything else
+(model, optimizer state, global RNG states, the position in the epoch, the loss
+accumulators, the early-stopping state), so ``resume=True`` continues bit-identically
+on CPU.
+
+Records (``metrics.jsonl``): ``event`` is ``"epoch"`` (end of an epoch: ``train_loss`` is
+the mean of its minibatch losses, held-out metrics, mean diagnostics), ``"step"`` (every
+``problem.log_every`` steps: the mean loss since the last step record and the step's
+diagnostics) or ``"partial"`` (the state where ``--max-steps`` or Ctrl-C stopped a run
+mid-epoch; dropped on resume). ``wall_time_s`` counts training steps only. Held-out
+metrics: ``val_*`` on the ``dataset.val_fraction`` split of the training set (the
+paper's "validation"), ``test_*`` on the official test set; ``*_acc`` for
+classification. ``torch.set_flush_denormal(True)`` is set for every run: denormal
+activations made CPU steps several times slower.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor, nn
+import yaml
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from twolevel_kfac.experiments.losses import LossFn
+from twolevel_kfac.experiments.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.losses import LOSSES
+from twolevel_kfac.experiments.metrics import MetricsWriter, read_metrics
+from twolevel_kfac.experiments.models import build_model
+from twolevel_kfac.experiments.optimizers import make_optimizer
+from twolevel_kfac.experiments.problem import Data, evaluate, load_data
 
-__all__ = ["TWO_LEVEL_METHODS", "evaluate", "make_optimizer", "train"]
+__all__ = ["Data", "LoopState", "RunResult", "evaluate", "load_data", "make_optimizer", "train_run"]
 
-# Figure label -> ``coarse_space`` argument of TwoLevelKFAC.
-TWO_LEVEL_METHODS: dict[str, str] = {
-    "nico": "nicolaides",
-    "spectral": "spectral",
-    "residu": "residual",
-    "kry_nico": "krylov_nicolaides",
-    "kry_residu": "krylov_residual",
-    "previous": "tselepidis",
-}
-
-
-def _public_class(name: str, module: str) -> Callable[..., torch.optim.Optimizer]:
-    """``twolevel_kfac.<name>``, falling back to ``<module>.<name>``; imported lazily."""
-    for mod_name in ("twolevel_kfac", module):
-        try:
-            cls: Any = getattr(importlib.import_module(mod_name), name, None)
-        except ImportError:
-            cls = None
-        if cls is not None:
-            return cls
-    raise ImportError(f"twolevel_kfac.{name} is not available (neither it nor {module}.{name})")
+FINAL_REASONS = ("early_stopping", "diverged", "time_budget")
 
 
-def make_optimizer(name: str, model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    """Build the optimizer of a method of the paper's figures.
+@dataclass
+class LoopState:
+    """Where the loop is; everything here goes into the checkpoint."""
 
-    Args:
-        name: ``"sgd"`` (momentum 0.9, Nesterov), ``"adam"``, ``"kfac"``, or a two-level
-            label of ``TWO_LEVEL_METHODS`` (``"nico"``, ``"residu"``, ``"previous"``, …).
-        model: The model whose parameters are optimised.
-        **hparams: Constructor arguments (``lr``, ``damping``, …); for SGD ``momentum``
-            and ``nesterov`` may override the defaults.
+    epoch: int = 0  # completed epochs
+    position: int = 0  # minibatches done in the current epoch
+    step: int = 0
+    wall_time_s: float = 0.0
+    loss_sum: float = 0.0  # current epoch
+    loss_count: int = 0
+    log_sum: float = 0.0  # since the last step record
+    log_count: int = 0
+    diag_sums: dict[str, float] = field(default_factory=dict)
+    diag_counts: dict[str, int] = field(default_factory=dict)
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+    stop_reason: str = ""
+    records: int = 0  # metrics lines written before this state
+
+
+@dataclass
+class RunResult:
+    """Outcome of ``train_run``."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    finished: bool
+    interrupted: bool
+    stop_reason: str
+    step: int
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[threading.Event]:
+    """First Ctrl-C sets the flag (the loop checkpoints and stops); a second one aborts."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        print(
+            "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The data order of an epoch: a permutation seeded by ``(seed, epoch)``."""
+    (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
+
+
+class _Loop:
+    """One run's model, optimizer, data and state, and the steps between them."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path, data: Data) -> None:
+        self.config, self.problem, self.run_dir, self.data = config, config.problem, run_dir, data
+        (self.label,) = config.methods
+        self.seed = self.problem.seeds[0]
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)  # noqa: NPY002 (user code may use it)
+        self.model = build_model(self.problem.model.name, **self.problem.model.kwargs)
+        kind, kwargs = config.method_kwargs(self.label, self.seed)
+        self.optimizer = make_optimizer(kind, self.model, **kwargs)
+        self.loss_fn = LOSSES[self.problem.loss]
+        self.state = LoopState()
+        n = len(data.train[0])
+        self.n_batches = math.ceil(n / self.problem.batch_size)
+        self._order: tuple[int, tuple[Tensor, ...]] = (-1, ())
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, full: bool = True) -> None:
+        save_checkpoint(
+            self.run_dir / "checkpoint.pt",
+            {
+                "fingerprint": self.config.fingerprint(),
+                "config": json.dumps(self.config.fingerprinted(), sort_keys=True),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if full else None,
+                "rng": get_rng_state(),
+                "loop": asdict(self.state),
+            },
+        )
+
+    def restore(self) -> None:
+        ck = load_checkpoint(
+            self.run_dir / "checkpoint.pt", self.config.fingerprint(), self.config.fingerprinted()
+        )
+        self.model.load_state_dict(ck["model"])
+        set_rng_state(ck["rng"])
+        self.state = LoopState(**ck["loop"])
+        if ck["optimizer"] is not None:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        elif not self.finished():
+            raise ValueError(
+                f"{self.run_dir / 'checkpoint.pt'} holds only the model of a finished run "
+                "(final_checkpoint: model), so it cannot be continued; start a new run directory"
+            )
+
+    def finished(self) -> bool:
+        return self.state.stop_reason in FINAL_REASONS or self.state.epoch >= self.problem.epochs
+
+    # ------------------------------------------------------------ steps
+    def step(self) -> float:
+        """One optimizer step on the next minibatch; returns its loss (NaN: no step)."""
+        s = self.state
+        if self._order[0] != s.epoch:
+            order = _epoch_order(len(self.data.train[0]), self.seed, s.epoch)
+            self._order = (s.epoch, order.split(self.problem.batch_size))
+        idx = self._order[1][s.position]
+        self.model.train()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(self.data.train[0][idx]), self.data.train[1][idx])
+        value = float(loss.detach())
+        if math.isfinite(value):
+            loss.backward()
+            self.optimizer.step()
+        s.wall_time_s += time.perf_counter() - start
+        s.step, s.position = s.step + 1, s.position + 1
+        s.loss_sum, s.loss_count = s.loss_sum + value, s.loss_count + 1
+        s.log_sum, s.log_count = s.log_sum + value, s.log_count + 1
+        for key, val in self.diagnostics().items():
+            s.diag_sums[key] = s.diag_sums.get(key, 0.0) + val
+            s.diag_counts[key] = s.diag_counts.get(key, 0) + 1
+        return value
+
+    def diagnostics(self) -> dict[str, float]:
+        stats = getattr(self.optimizer, "last_stats", None) or {}
+        return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+
+    def base_record(self, event: str, epoch: float) -> dict[str, Any]:
+        s = self.state
+        return {
+            "event": event,
+            "epoch": epoch,
+            "step": s.step,
+            "wall_time_s": s.wall_time_s,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+
+    def step_record(self) -> dict[str, Any]:
+        s = self.state
+        record = self.base_record("step", s.epoch + s.position / self.n_batches)
+        record["train_loss"] = s.log_sum / max(s.log_count, 1)
+        record |= self.diagnostics()
+        s.log_sum, s.log_count = 0.0, 0
+        return record
+
+    def epoch_record(self, event: str = "epoch") -> dict[str, Any]:
+        """The record of the (possibly partial) current epoch, with held-out metrics."""
+        s = self.state
+        epoch: float = (
+            s.epoch + 1 if s.position == self.n_batches else s.epoch + s.position / self.n_batches
+        )
+        record = self.base_record(event, epoch)
+        record["train_loss"] = s.loss_sum / max(s.loss_count, 1)
+        record |= {k: s.diag_sums[k] / s.diag_counts[k] for k in s.diag_sums}
+        last = event != "epoch" or s.epoch + 1 >= self.problem.epochs or s.stop_reason != ""
+        if last or (s.epoch + 1) % self.problem.eval_every == 0:
+            record |= self.held_out()
+        if s.stop_reason == "diverged":
+            record["diverged"] = True
+        return record
+
+    def held_out(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, split in (("val", self.data.val), ("test", self.data.test)):
+            if split is not None:
+                loss, acc = evaluate(self.model, self.loss_fn, *split, self.problem.eval_batch_size)
+                out[f"{name}_loss"] = loss
+                if acc is not None:
+                    out[f"{name}_acc"] = acc
+        return out
+
+    def end_epoch(self, writer: MetricsWriter) -> dict[str, Any]:
+        """Write the epoch record, update early stopping, move to the next epoch."""
+        s, stopping = self.state, self.problem.early_stopping
+        record = self.epoch_record()
+        writer.write(record)
+        loss = record["train_loss"]
+        if stopping is not None and math.isfinite(loss):
+            if loss < s.best_loss - stopping.min_delta:
+                s.best_loss, s.bad_epochs = loss, 0
+            else:
+                s.bad_epochs += 1
+                if s.bad_epochs >= stopping.patience:
+                    s.stop_reason = "early_stopping"
+        s.epoch, s.position = s.epoch + 1, 0
+        s.loss_sum, s.loss_count, s.diag_sums, s.diag_counts = 0.0, 0, {}, {}
+        return record
+
+
+def _run_loop(
+    loop: _Loop, writer: MetricsWriter, max_steps: int | None, progress: bool
+) -> tuple[bool, str]:
+    """Train until finished, ``max_steps``, the time budget or Ctrl-C.
 
     Returns:
-        The optimizer.
+        ``(interrupted, why a partial record is due or "")``.
+    """
+    s, problem = loop.state, loop.problem
+    bar = tqdm(
+        total=problem.epochs * loop.n_batches,
+        initial=s.step,
+        leave=False,
+        desc=f"{loop.label} seed {loop.seed}",
+        dynamic_ncols=True,
+        disable=not (progress and sys.stderr.isatty()),
+    )
+    with _interrupt_flag() as flag, bar:
+        while not loop.finished():
+            if flag.is_set() or (max_steps is not None and s.step >= max_steps):
+                return flag.is_set(), "partial" if s.position else ""
+            loss = loop.step()
+            bar.update(1)
+            if not math.isfinite(loss):
+                s.stop_reason = "diverged"
+            elif problem.time_budget_s is not None and s.wall_time_s >= problem.time_budget_s:
+                s.stop_reason = "time_budget"
+            if problem.log_every and s.step % problem.log_every == 0:
+                writer.write(loop.step_record())
+            if s.position == loop.n_batches or s.stop_reason:
+                record = loop.end_epoch(writer)
+                bar.set_postfix(epoch=s.epoch, loss=f"{record['train_loss']:.4g}")
+            if problem.checkpoint_every and s.step % problem.checkpoint_every == 0:
+                s.records = writer.count
+                loop.save()
+    return False, ""
+
+
+def train_run(
+    config: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    data: Data | None = None,
+    data_dir: str | Path | None = None,
+) -> RunResult:
+    """Train the single (method, seed) of a resolved run config into ``run_dir``.
+
+    Args:
+        config: A config with one method and one seed (``ExperimentConfig.for_run``).
+        run_dir: Output directory (created).
+        resume: Continue from ``run_dir/checkpoint.pt`` (refused if it was written for
+            another config). Without it, a directory that already holds a run is refused.
+        max_steps: Stop (checkpointed, not finished) once this many steps were taken in
+            total; ``None`` for no limit.
+        progress: tqdm progress bar (only when stderr is a terminal).
+        data: Pre-loaded data (``load_data``), e.g. shared by a comparison's runs.
+        data_dir: Data directory for ``load_data`` when ``data`` is not given.
+
+    Returns:
+        The run's outcome; ``records`` are all records of ``metrics.jsonl``.
 
     Raises:
-        ValueError: Unknown method name.
+        ValueError: Not a single-run config, an occupied ``run_dir`` without ``resume``,
+            or a checkpoint of another config.
+        FileNotFoundError: ``resume`` without a checkpoint; missing data.
     """
-    key = name.lower()
-    if key == "sgd":
-        sgd_args: dict[str, Any] = {"momentum": 0.9, "nesterov": True, **hparams}
-        return torch.optim.SGD(model.parameters(), **sgd_args)
-    if key == "adam":
-        return torch.optim.Adam(model.parameters(), **hparams)
-    if key == "kfac":
-        return _public_class("KFAC", "twolevel_kfac.optim.kfac")(model, **hparams)
-    if key in TWO_LEVEL_METHODS:
-        cls = _public_class("TwoLevelKFAC", "twolevel_kfac.optim.twolevel")
-        return cls(model, coarse_space=TWO_LEVEL_METHODS[key], **hparams)
-    allowed = ["sgd", "adam", "kfac", *TWO_LEVEL_METHODS]
-    raise ValueError(f"unknown optimizer {name!r}; allowed: {allowed}")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, batch_size: int = 2048
-) -> tuple[float, float | None]:
-    """Mean loss over a data set (eval mode), and accuracy for integer targets.
-
-    Args:
-        model: The model; restored to its previous train/eval mode afterwards.
-        loss_fn: Batch-mean loss.
-        x: Inputs.
-        y: Targets; int64 labels make it a classification problem.
-        batch_size: Evaluation batch size (does not change the result).
-
-    Returns:
-        ``(loss, accuracy)``, accuracy ``None`` for non-classification targets.
-    """
-    was_training = model.training
-    model.eval()
-    classify = not torch.is_floating_point(y)
-    total, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        out = model(xb)
-        total += float(loss_fn(out, yb)) * len(xb)
-        if classify:
-            correct += int((out.argmax(dim=1) == yb).sum())
-    model.train(was_training)
-    n = max(len(x), 1)
-    return total / n, (correct / n if classify else None)
-
-
-def _run_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    data: tuple[Tensor, Tensor],
-    batches: tuple[Tensor, ...],
-    deadline: float,
-) -> tuple[list[float], float]:
-    """One pass over the index ``batches`` of ``data = (x, y)``.
-
-    Stops early at a non-finite loss or when ``time.perf_counter()`` passes ``deadline``.
-
-    Returns:
-        The minibatch losses and the training time of the pass in seconds.
-    """
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    for idx in batches:
-        optimizer.zero_grad()
-        loss = loss_fn(model(data[0][idx]), data[1][idx])
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]) or time.perf_counter() >= deadline:
-            break
-    return losses, time.perf_counter() - start
-
-
-def train(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    max_seconds: float | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Train for ``epochs`` passes with reshuffled minibatches; one record per epoch.
-
-    Shuffling uses ``torch.Generator().manual_seed(seed)``, so two runs from the same model
-    state, optimizer and seed give the same losses. Training stops early when the
-    training time exceeds ``max_seconds`` (the last record then covers a partial epoch)
-    or a loss is NaN/Inf (the record gets ``"diverged": True``).
-
-    Args:
-        model: The model (initialised by the caller).
-        optimizer: Any optimizer following the zero_grad/backward/step protocol.
-        loss_fn: Batch-mean loss ``loss_fn(model(x), y)``.
-        train_x: Training inputs.
-        train_y: Training targets (int64 labels make it a classification problem).
-        test_x: Test inputs.
-        test_y: Test targets.
-        epochs: Number of passes over the training set.
-        batch_size: Minibatch size (the last minibatch of an epoch may be smaller).
-        seed: Shuffling seed.
-        max_seconds: Training-time budget (evaluation excluded); ``None`` for none.
-        progress: Show a tqdm bar (only when stderr is a terminal).
-
-    Returns:
-        Records with keys ``epoch, step, wall_time_s`` (cumulative training time,
-        evaluation excluded), ``train_loss`` (mean of the epoch's minibatch losses),
-        ``test_loss`` and, for classification, ``test_acc``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    budget = math.inf if max_seconds is None else max_seconds
-    records: list[dict[str, Any]] = []
-    step, elapsed = 0, 0.0
-    bar = tqdm(range(1, epochs + 1), disable=not (progress and sys.stderr.isatty()), leave=False)
-    for epoch in bar:
-        batches = torch.randperm(len(train_x), generator=gen).split(batch_size)
-        deadline = time.perf_counter() + budget - elapsed
-        losses, seconds = _run_epoch(
-            model, optimizer, loss_fn, (train_x, train_y), batches, deadline
+    if len(config.methods) != 1 or len(config.problem.seeds) != 1:
+        raise ValueError("train_run needs a single-run config (ExperimentConfig.for_run)")
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not resume and ((run_dir / "checkpoint.pt").exists() or metrics.exists()):
+        raise ValueError(
+            f"{run_dir} already holds a run; pass --resume to continue it "
+            "or choose another output directory"
         )
-        step, elapsed = step + len(losses), elapsed + seconds
-        test_loss, test_acc = evaluate(model, loss_fn, test_x, test_y)
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "wall_time_s": elapsed,
-            "train_loss": sum(losses) / len(losses),
-            "test_loss": test_loss,
-        }
-        if test_acc is not None:
-            record["test_acc"] = test_acc
-        diverged = not math.isfinite(losses[-1])
-        if diverged:
-            record["diverged"] = True
-        records.append(record)
-        bar.set_postfix(train=f"{record['train_loss']:.4g}", test=f"{test_loss:.4g}")
-        if diverged or elapsed >= budget:
-            break
-    bar.close()
-    return records
+    torch.set_flush_denormal(True)
+    data = data if data is not None else load_data(config.problem, data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop = _Loop(config, run_dir, data)
+    if resume:
+        loop.restore()
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )
+    with MetricsWriter(metrics, loop.state.records if resume else None) as writer:
+        interrupted, partial = _run_loop(loop, writer, max_steps, progress)
+        loop.state.records = writer.count
+        loop.save(full=not (loop.finished() and config.problem.final_checkpoint == "model"))
+        if partial:
+            writer.write(loop.epoch_record("partial"))
+    s = loop.state
+    return RunResult(
+        run_dir,
+        read_metrics(metrics),
+        loop.finished(),
+        interrupted,
+        s.stop_reason or ("epochs" if loop.finished() else "stopped"),
+        s.step,
+    )

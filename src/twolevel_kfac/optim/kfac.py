@@ -17,6 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .damping import (
+    DAMPING_ARGUMENTS,
+    DampingOptions,
+    QuadraticModel,
+    adjust_damping,
+    evaluate_without_capture,
+)
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner
 
@@ -41,7 +48,11 @@ class KFAC(torch.optim.Optimizer):
         **curvature: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
             ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
             ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
-            ``inverse_method``, ``factor_dtype``, ``unsupported``, ``seed``.
+            ``inverse_method``, ``factor_dtype``, ``unsupported``, ``seed``; and the
+            :class:`~twolevel_kfac.optim.damping.DampingOptions` fields (Martens & Grosse
+            §6.5, §7): ``adaptive_damping`` (then ``step(closure)`` is required),
+            ``damping_interval``, ``damping_decay``, ``min_damping``, ``max_damping``,
+            ``qmodel_lr_momentum``.
     """
 
     preconditioner_class: type[KFACPreconditioner] = KFACPreconditioner
@@ -64,7 +75,17 @@ class KFAC(torch.optim.Optimizer):
         self.nonfinite_policy = nonfinite_policy
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
+        self.damping_options = DampingOptions(
+            **{k: curvature.pop(k) for k in list(curvature) if k in DAMPING_ARGUMENTS}
+        )
         self.preconditioner = self._make_preconditioner(model, curvature)
+        if self.damping_options.needs_statistics:
+            if self.preconditioner.comm.distributed:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: adaptive_damping / qmodel_lr_momentum are not "
+                    "implemented under torch.distributed"
+                )
+            self.preconditioner.retain_statistics = True
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = {
@@ -76,11 +97,12 @@ class KFAC(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _make_preconditioner(self, model: nn.Module, kwargs: dict[str, Any]) -> KFACPreconditioner:
-        unknown = sorted(set(kwargs) - CURVATURE_ARGUMENTS)
+        allowed = CURVATURE_ARGUMENTS | self.preconditioner_class.extra_arguments
+        unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unknown argument(s) {unknown}; "
-                f"allowed: {sorted(CURVATURE_ARGUMENTS)}"
+                f"allowed: {sorted(allowed)}"
             )
         return self.preconditioner_class(model, **kwargs)
 
@@ -91,6 +113,14 @@ class KFAC(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One step; ``closure`` (re-evaluates the mean loss, calling ``backward``) is
+        required with ``adaptive_damping=True``, which calls it again at the new point."""
+        damping = self.damping_options
+        if damping.adaptive_damping and closure is None:
+            raise ValueError(
+                f"{type(self).__name__}(adaptive_damping=True) needs step(closure): the loss "
+                "is re-evaluated after the step (Martens & Grosse 2015 §6.5)"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -98,14 +128,35 @@ class KFAC(torch.optim.Optimizer):
         if not self._finite_gradients():
             self._skip_nonfinite("gradient")
             return loss
-        self.preconditioner.step(lr=float(self.param_groups[0]["lr"]))
+        pre = self.preconditioner
+        adapt = damping.adaptive_damping and pre.steps % damping.damping_interval == 0
+        needs_model = adapt or damping.qmodel_lr_momentum
+        model = QuadraticModel(self.param_groups, pre) if needs_model else None
+        pre.step(lr=float(self.param_groups[0]["lr"]))
         if not self._finite_gradients():
             self._skip_nonfinite("preconditioned direction")
             return loss
         self.consecutive_nonfinite = 0
-        for group in self.param_groups:
-            self._momentum_step(group)
+        if model is not None and damping.qmodel_lr_momentum:
+            alpha, mu = model.qmodel_step(self.state, pre.damping)
+            pre.last_stats.update(qmodel_alpha=alpha, qmodel_mu=mu)
+        else:
+            for group in self.param_groups:
+                self._momentum_step(group)
+        if adapt and model is not None and closure is not None and loss is not None:
+            self._adapt_damping(model, float(loss.detach()), closure)
         return loss
+
+    def _adapt_damping(
+        self, model: QuadraticModel, loss: float, closure: Callable[[], Tensor]
+    ) -> None:
+        """Martens & Grosse §6.5: ρ of the step just taken, then λ ← ω₁λ or λ/ω₁."""
+        pre = self.preconditioner
+        new_loss = evaluate_without_capture(pre, closure)
+        rho, actual, predicted = model.reduction_ratio(loss, new_loss)
+        pre.damping = adjust_damping(pre.damping, rho, self.damping_options)
+        pre.last_stats.update(rho=rho, actual_change=actual, predicted_change=predicted)
+        pre.last_stats["next_damping"] = pre.damping
 
     def _finite_gradients(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]

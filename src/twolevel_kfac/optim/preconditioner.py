@@ -8,15 +8,18 @@ One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper
 schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistics captured
 during this step's forward/backward), ``_refresh_decompositions`` (every
 ``inv_interval`` steps), ``_precondition`` (the damped block-diagonal inverse; subclasses
-add coarse corrections), ``_kl_clip`` and ``_write_grads``. Under ``torch.distributed`` the
-factors and decompositions are reduced / shared by :mod:`twolevel_kfac.distributed`.
+add coarse corrections), ``_kl_clip`` and ``_write_grads``. Other fine levels hook in at
+``_store_batch`` (KPSVD fits other factors to the statistics), ``_refresh_decompositions``
+and ``_update_after_refresh`` (EKFAC's scalings in the eigenbasis) and ``apply_fine``.
+Under ``torch.distributed`` the factors and decompositions are reduced / shared by
+:mod:`twolevel_kfac.distributed`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +77,9 @@ def find_layers(model: nn.Module, unsupported: str) -> dict[str, nn.Module]:
 class KFACPreconditioner:
     """Block-diagonal KFAC preconditioner (see :class:`CurvatureOptions` for arguments)."""
 
+    # Constructor arguments beyond CurvatureOptions (fine levels such as KPSVD add some).
+    extra_arguments: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(
         self, model: nn.Module, options: CurvatureOptions | None = None, **kwargs: Any
     ) -> None:
@@ -104,6 +110,9 @@ class KFACPreconditioner:
         )
         self.capture.active = True
         self.last_stats: dict[str, float] = {}
+        # The last Fisher mini-batch, kept for exact Fisher products (adaptive damping).
+        self.retain_statistics = False
+        self.retained_stats: dict[str, LayerStats] = {}
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -126,6 +135,10 @@ class KFACPreconditioner:
             f.decomp_a is None for f in self.factors.values()
         ):
             self._refresh_decompositions()
+        if stats:
+            self._update_after_refresh(stats)
+            if self.retain_statistics:
+                self.retained_stats = stats
         grads = {name: gradient_matrix(module) for name, module in self.layers.items()}
         directions = self._precondition(grads, stats)
         directions = self._kl_clip(directions, grads, lr)
@@ -155,12 +168,40 @@ class KFACPreconditioner:
                 new[name] = (*kronecker_factors(cast), layer_stats.num_locations)
         skipped = 0
         for name, (new_a, new_g, locations) in new.items():
-            if not (torch.isfinite(new_a).all() and torch.isfinite(new_g).all()):
-                skipped += 1  # a NaN/Inf batch never reaches the running factors
-                continue
-            self.factors[name].update(new_a, new_g, self.options.ema_decay, locations)
+            finite = bool(torch.isfinite(new_a).all() and torch.isfinite(new_g).all())
+            # a NaN/Inf batch never reaches the running factors
+            if not (finite and self._store_batch(name, new_a, new_g, locations, stats[name])):
+                skipped += 1
         self.last_stats["nonfinite_factor_updates"] = float(skipped)
         return stats
+
+    def _store_batch(
+        self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
+    ) -> bool:
+        """Fold one layer's (finite) factors of this Fisher mini-batch into the running ones;
+        fine levels that fit other factors to ``stats`` override it (:mod:`.kpsvd`).
+
+        Returns:
+            Whether the update was stored (``False``: it was not finite and was dropped).
+        """
+        self.factors[name].update(new_a, new_g, self.options.ema_decay, locations)
+        return True
+
+    def _update_after_refresh(self, stats: dict[str, LayerStats]) -> None:
+        """Statistics that live in the decompositions' eigenbasis (EKFAC's scalings) are
+        folded in here, after any refresh of this step; KFAC has none."""
+
+    def sample_count(self, name: str, stats: LayerStats) -> int:
+        """``N`` of this step's Fisher mini-batch for layer ``name`` (all ranks together)."""
+        return self.sample_counts[name] if self.comm.distributed else stats.num_samples
+
+    def fit(self, stats: dict[str, LayerStats]) -> None:
+        """Load the curvature of ``stats`` (running averages as configured) and refresh the
+        decompositions: what a factor-refreshing ``step()`` does before preconditioning
+        (the analysis uses it to build a method from a batch's exact statistics)."""
+        stats = self._update_factors(stats)
+        self._refresh_decompositions()
+        self._update_after_refresh(stats)
 
     def _layer_specs(self) -> dict[str, LayerSpec]:
         specs = {}
@@ -240,6 +281,8 @@ class KFACPreconditioner:
             "factors": {name: f.state_dict() for name, f in self.factors.items()},
             "layers": list(self.layers),
         }
+        if self.retain_statistics:
+            state["retained"] = {n: (s.a, s.g) for n, s in self.retained_stats.items()}
         if self.comm.distributed:
             state["ranks"] = self.comm.all_gather_object(self._rank_state())
         return state
@@ -269,6 +312,8 @@ class KFACPreconditioner:
         self._load_rank_states(state)
         for name, factor_state in state["factors"].items():
             self.factors[name].load_state_dict(factor_state)
+        retained = state.get("retained") or {}
+        self.retained_stats = {n: LayerStats(a, g) for n, (a, g) in retained.items()}
         self.capture.discard()
         self.capture.active = self.steps % self.options.cov_interval == 0
 

@@ -340,18 +340,25 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 class TwoLevelKFAC(KFAC):
     """Two-level KFAC: every :class:`KFAC` argument plus the :class:`CoarseOptions` fields
     (``coarse_space``, ``combination``, ``coarse_refresh``, ``coarse_scale``, ``fine_weight``,
-    ``spectral_which``, ``diagnostics``)."""
+    ``spectral_which``, ``diagnostics``) and ``fine``: the fine level ``M⁻¹``, ``kfac``
+    (default) | ``ekfac`` | ``kpsvd`` | ``kfac_corrected`` (:mod:`.fine`; the last two also
+    take ``power_iterations``, ``power_tol``)."""
 
     preconditioner_class = TwoLevelPreconditioner
 
     def _make_preconditioner(self, model: nn.Module, kwargs: dict[str, Any]) -> KFACPreconditioner:
-        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS
+        from .fine import TWO_LEVEL_PRECONDITIONERS  # imports this module
+
+        fine = kwargs.pop("fine", "kfac")
+        check_choice("fine", fine, TWO_LEVEL_PRECONDITIONERS)
+        cls = TWO_LEVEL_PRECONDITIONERS[fine]
+        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | cls.extra_arguments | {"fine"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(
                 f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
             )
-        return TwoLevelPreconditioner(model, **kwargs)
+        return cls(model, **kwargs)
 
 
 def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:

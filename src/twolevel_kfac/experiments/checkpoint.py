@@ -1,0 +1,144 @@
+"""Run checkpoints: atomic writes, ``weights_only`` loading, refusal of another config.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
+``torch.load(..., weights_only=True)`` reads it (no pickled objects):
+
+| key | content |
+|---|---|
+| ``format`` | ``FORMAT`` |
+| ``fingerprint`` | ``ExperimentConfig.fingerprint()`` of the resolved run config |
+| ``config`` | JSON of ``ExperimentConfig.fingerprinted()`` (to say what differs) |
+| ``model``, ``optimizer`` | their ``state_dict()`` (``optimizer`` ``None`` in the slim final |
+| | checkpoint of a finished run, ``problem.final_checkpoint: model``) |
+| ``rng`` | torch / numpy / python global RNG states as tensors |
+| ``loop`` | the training loop's position and accumulators (``runner.LoopState``) |
+
+Writes go to a temporary file in the same directory, are flushed and fsync'ed, then
+``os.replace``'d over the old checkpoint: a crash leaves the old or the new file, never a
+torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from twolevel_kfac.experiments.yaml_io import config_diff
+
+__all__ = ["FORMAT", "get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
+
+FORMAT = 1
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The global torch, numpy and python RNG states, as tensors (``weights_only``-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states of ``get_rng_state``."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    legacy = (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(legacy)  # noqa: NPY002
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically (temp file, fsync, ``os.replace``).
+
+    Args:
+        path: Destination, e.g. ``run_dir / "checkpoint.pt"``.
+        payload: The checkpoint dict (see the module docstring).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save({"format": FORMAT, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(
+    path: str | Path, fingerprint: str, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint written for the config with ``fingerprint``.
+
+    Args:
+        path: The checkpoint file.
+        fingerprint: ``ExperimentConfig.fingerprint()`` of the run being resumed.
+        config: ``ExperimentConfig.fingerprinted()`` of that run, to name what differs.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a checkpoint of this format, or of another config (the message
+            lists the differing keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path} to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a twolevel_kfac run checkpoint (format {FORMAT})")
+    if state["fingerprint"] != fingerprint:
+        saved = json.loads(state["config"])
+        diff = config_diff(saved, config) if config is not None else []
+        detail = "; ".join(diff[:10]) if diff else "unknown differences"
+        raise ValueError(
+            f"{path} was written for another config ({detail}); resume with the same "
+            "config or start a new run directory"
+        )
+    return state

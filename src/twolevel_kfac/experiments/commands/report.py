@@ -1,0 +1,42 @@
+"""Re-render a comparison's report from its finished runs: ``tlkfac report DIR``.
+
+Reads ``DIR/<method>/seed<k>/metrics.jsonl`` (and ``DIR/compare.yaml`` for the method
+order, title, notes and target loss when present) and rewrites ``DIR/report.md``, the PNGs
+and ``DIR/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="comparison directory (tlkfac compare --out)")
+    parser.add_argument("--title", default=None, help="report title")
+    parser.add_argument(
+        "--target-loss", type=float, default=None, help="train loss for the time-to-target column"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from twolevel_kfac.experiments.comparison import describe
+    from twolevel_kfac.experiments.config import load_config
+    from twolevel_kfac.experiments.report import load_runs, markdown_table, write_report
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"comparison directory {root} does not exist")
+    config = load_config(root / "compare.yaml") if (root / "compare.yaml").is_file() else None
+    results = load_runs(root, order=list(config.methods) if config else ())
+    title, notes, target = args.title or root.name, "", args.target_loss
+    if config is not None:
+        title = args.title or config.report.title or config.problem.name
+        seeds = sorted({int(p.name[4:]) for p in root.glob("*/seed*") if p.name[4:].isdigit()})
+        labels = [m for m in config.methods if m in results]
+        notes = describe(config, labels, seeds or config.problem.seeds)
+        target = target if target is not None else config.report.target_loss
+    path = write_report(results, root, title, notes, target)
+    print(markdown_table(results, target))
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,71 @@
+"""Train one method with one seed of a config: ``tlkfac run CONFIG [--out DIR] [--resume]``.
+
+The run directory gets ``config.yaml`` (resolved), ``metrics.jsonl`` and ``checkpoint.pt``
+(every ``problem.checkpoint_every`` steps, at the end, and on Ctrl-C). ``--resume``
+continues from the checkpoint bit-identically; ``--max-steps N`` stops after N steps in
+total (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from twolevel_kfac.experiments.commands import (
+    INTERRUPTED,
+    add_common,
+    apply_common,
+    progress_enabled,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML")
+    parser.add_argument(
+        "--out", default=None, help="run directory (default: results/<config>/<method>/seed<k>)"
+    )
+    parser.add_argument("--method", default=None, help="method label (needed if several)")
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: the first)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    add_common(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from twolevel_kfac.experiments.config import load_config
+    from twolevel_kfac.experiments.report import epoch_records
+    from twolevel_kfac.experiments.runner import train_run
+
+    apply_common(args)
+    config = load_config(args.config)
+    label = args.method
+    if label is None:
+        if len(config.methods) > 1:
+            raise ValueError(
+                f"{args.config} has several methods {list(config.methods)}; pick one with --method"
+            )
+        (label,) = config.methods
+    seed = config.problem.seeds[0] if args.seed is None else args.seed
+    out = Path(args.out or Path("results") / Path(args.config).stem / label / f"seed{seed}")
+    result = train_run(
+        config.for_run(label, seed),
+        out,
+        resume=args.resume,
+        max_steps=args.max_steps,
+        progress=progress_enabled(args),
+        data_dir=args.data_dir,
+    )
+    epochs = epoch_records(result.records)
+    last = epochs[-1] if epochs else {}
+    loss = last.get("train_loss")
+    print(
+        f"{label} seed {seed}: {result.stop_reason} after {result.step} steps"
+        + (f", train loss {loss:.4g}" if isinstance(loss, float) else "")
+        + f" → {out}"
+    )
+    if result.interrupted:
+        print(
+            f"interrupted: checkpoint saved; continue with `tlkfac run {args.config} "
+            f"--method {label} --seed {seed} --out {out} --resume`"
+        )
+        return INTERRUPTED
+    return 0

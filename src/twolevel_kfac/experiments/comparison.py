@@ -1,0 +1,209 @@
+"""Comparisons: every (method, seed) of a config as its own run directory, then a report.
+
+Layout of a comparison directory ``OUT``::
+
+    OUT/compare.yaml              the validated config (methods in report order)
+    OUT/<method>/seed<k>/         one run each: config.yaml, metrics.jsonl, checkpoint.pt
+    OUT/report.md, *.png          the report (``report.write_report``)
+    OUT/summary.json              the table's numbers
+
+Re-running a comparison continues it: finished runs are kept, unfinished ones resume from
+their checkpoint (a checkpoint of another config is refused unless ``fresh``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.metrics import read_metrics
+from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
+from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
+
+__all__ = ["ComparisonResult", "describe", "run_comparison", "run_one", "select"]
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml")
+
+
+@dataclass
+class ComparisonResult:
+    """What ``run_comparison`` produced."""
+
+    results: dict[str, list[Records]]
+    report: Path | None
+    table: str
+    interrupted: bool = False
+    runs: list[RunResult] = field(default_factory=list)
+
+
+def select(
+    config: ExperimentConfig, methods: Sequence[str] | None, seeds: Sequence[int] | None
+) -> tuple[list[str], list[int]]:
+    """The methods and seeds to run (default: all of the config), checked against it."""
+    labels = list(methods) if methods else list(config.methods)
+    unknown = [m for m in labels if m not in config.methods]
+    if unknown:
+        raise ValueError(
+            f"method(s) {unknown} are not in the config; it has {list(config.methods)}"
+        )
+    return labels, list(seeds) if seeds else list(config.problem.seeds)
+
+
+def run_one(
+    config: ExperimentConfig,
+    label: str,
+    seed: int,
+    run_dir: Path,
+    *,
+    data: Data,
+    max_steps: int | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+) -> RunResult:
+    """Start, resume or (if finished) just re-read the run of ``(label, seed)``.
+
+    Raises:
+        ValueError: ``run_dir`` holds a checkpoint of another config and not ``fresh``.
+    """
+    if fresh or not (run_dir / "checkpoint.pt").exists():
+        for name in RUN_FILES:  # a run that never reached a checkpoint starts over
+            (run_dir / name).unlink(missing_ok=True)
+    resume = (run_dir / "checkpoint.pt").exists()
+    try:
+        return train_run(
+            config.for_run(label, seed),
+            run_dir,
+            resume=resume,
+            max_steps=max_steps,
+            progress=progress,
+            data=data,
+        )
+    except ValueError as error:
+        if "another config" in str(error):
+            raise ValueError(f"{error} (or pass --fresh to discard it)") from None
+        raise
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe(config: ExperimentConfig, labels: Sequence[str], seeds: Sequence[int]) -> str:
+    """Markdown notes: the set-up and each method's resolved hyper-parameters."""
+    p, ds = config.problem, config.problem.dataset
+    sizes = (
+        f"{ds.n_train or 'all'} training samples ({ds.val_fraction:.0%} held out), "
+        f"{'all' if ds.n_test is None else ds.n_test} test samples"
+    )
+    lines = [
+        f"{p.name}: model `{p.model.name}`"
+        + (f" {p.model.kwargs}" if p.model.kwargs else "")
+        + f", data `{ds.name}` ({sizes}), "
+        f"loss `{p.loss}`, batch {p.batch_size}, {p.epochs} epochs, seeds {list(seeds)}"
+        + (f", early stopping patience {p.early_stopping.patience}" if p.early_stopping else "")
+        + ".",
+        "",
+        "| method | optimizer | hyper-parameters |",
+        "|---|---|---|",
+    ]
+    for label in labels:
+        kind, kwargs = config.method_kwargs(label, seeds[0])
+        kwargs.pop("seed", None)
+        args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
+        lines.append(f"| {label} | {kind} | {args} |")
+    if config.report.notes:
+        lines += ["", config.report.notes.strip()]
+    return "\n".join(lines)
+
+
+def run_comparison(
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+    data_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> ComparisonResult:
+    """Run ``methods × seeds`` of ``config`` into ``out_dir`` and write the report.
+
+    Args:
+        config: The experiment config.
+        out_dir: Comparison directory (see the module docstring).
+        methods: Labels to run (default: all, in config order).
+        seeds: Seeds to run (default: ``problem.seeds``).
+        max_steps: Per-run step limit (runs stop unfinished, checkpointed).
+        progress: tqdm bars (on a terminal).
+        fresh: Discard existing runs instead of continuing them.
+        data_dir: Data directory.
+        log: Where progress lines go.
+
+    Returns:
+        The results, report path and table; ``interrupted`` after Ctrl-C (the report
+        then covers the runs so far).
+    """
+    labels, seed_list = select(config, methods, seeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump = config.model_dump(mode="json")
+    dump["methods"] = {m: config.methods[m] for m in labels}
+    (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
+    data = load_data(config.problem, data_dir)
+    outcome = ComparisonResult({}, None, "")
+    total = len(labels) * len(seed_list)
+    for i, (label, seed) in enumerate(((m, s) for m in labels for s in seed_list), 1):
+        run_dir = out / label / f"seed{seed}"
+        log(f"[{i}/{total}] {label} seed {seed} → {run_dir}")
+        result = run_one(
+            config,
+            label,
+            seed,
+            run_dir,
+            data=data,
+            max_steps=max_steps,
+            progress=progress,
+            fresh=fresh,
+        )
+        outcome.runs.append(result)
+        log(_run_line(result))
+        if result.interrupted:
+            outcome.interrupted = True
+            break
+    results: dict[str, list[Records]] = {}
+    for label in labels:
+        metric_files = [out / label / f"seed{s}" / "metrics.jsonl" for s in seed_list]
+        runs: list[Records] = [read_metrics(f) for f in metric_files if f.exists()]
+        if runs:
+            results[label] = runs
+    title = config.report.title or config.problem.name
+    notes = describe(config, labels, seed_list)
+    outcome.results = results
+    outcome.report = write_report(results, out, title, notes, config.report.target_loss)
+    outcome.table = markdown_table(results, config.report.target_loss)
+    return outcome
+
+
+def _run_line(result: RunResult) -> str:
+    epochs = epoch_records(result.records)
+    if not epochs:
+        return f"    {result.stop_reason} after {result.step} steps"
+    last = epochs[-1]
+    held = "".join(
+        f", {k} {last[k]:.4g}"
+        for k in ("test_loss", "test_acc")
+        if k in last and last[k] is not None
+    )
+    loss = last.get("train_loss")
+    loss_text = f"{loss:.4g}" if isinstance(loss, float) else "nan"
+    return (
+        f"    {result.stop_reason} after {result.step} steps, epoch {last['epoch']:g}: "
+        f"train loss {loss_text}{held}, {last['wall_time_s']:.1f} s"
+    )

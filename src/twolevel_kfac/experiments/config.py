@@ -1,0 +1,324 @@
+"""Experiment configs: YAML in, validated pydantic models out; errors name the key.
+
+One schema serves ``tlkfac run | compare | tune``: a ``problem`` (model, data, loss, batch
+size, epochs, evaluation, checkpoints, early stopping, seeds), shared optimizer
+``defaults`` and the ``methods`` to run (a label → optimizer arguments; the label is the
+optimizer's name unless the entry sets ``optimizer:``). A single run is the same schema
+with one method and one seed: ``ExperimentConfig.for_run`` resolves every default into
+the method entry, and that resolved config is what a run directory stores and what its
+checkpoint fingerprints. Example::
+
+    problem:
+      name: CURVES
+      model: {name: curves_autoencoder}
+      dataset: {name: curves, n_train: 5000, n_test: 1000}
+      loss: bce
+      batch_size: 256
+      epochs: 60
+      seeds: [0, 1, 2]
+    defaults:
+      weight_decay: 1.0e-3
+      kfac: {lr: 0.1, damping: 0.1, kl_clip: 1.0e-2, fisher_batch: 0.25}
+    methods:
+      kfac: {}
+      nico: {}
+      sgd: {lr: 1.0e-2}
+
+YAML quirks handled here: ``1e-3`` (no dot) is read as a float, not a string; duplicate
+keys are an error. Unknown keys are rejected with close matches suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twolevel_kfac.experiments.losses import LIKELIHOODS
+from twolevel_kfac.experiments.models import MODELS
+from twolevel_kfac.experiments.optimizers import (
+    KFAC_FAMILY,
+    METHODS,
+    TWO_LEVEL_METHODS,
+    allowed_arguments,
+    make_optimizer,
+)
+from twolevel_kfac.experiments.yaml_io import config_diff, read_yaml
+
+__all__ = ["ExperimentConfig", "config_diff", "load_config", "parse_config", "read_yaml"]
+
+# Keys that may change between a checkpoint and its resumption (they do not change the
+# trajectory up to the checkpoint): more epochs, another checkpoint interval, …
+UNFINGERPRINTED = (
+    "problem.name",
+    "problem.epochs",
+    "problem.checkpoint_every",
+    "problem.time_budget_s",
+    "problem.final_checkpoint",
+    "report",
+    "tune",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """``experiments.models.MODELS`` name and constructor arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODELS:
+            raise ValueError(
+                f"unknown model {name!r}{_hint(name, MODELS)}; allowed: {list(MODELS)}"
+            )
+        return name
+
+
+class DatasetSpec(_Strict):
+    """Data set of ``experiments.data.load_dataset`` and how it is cut."""
+
+    name: str
+    n_train: int | None = Field(default=None, gt=0, description="first n of the training set")
+    n_test: int | None = Field(default=None, ge=0, description="first n of the test set; 0: none")
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0, description="held-out share of train")
+    input_shape: list[int] | None = None  # reshape inputs to [N, *input_shape]
+    autoencoder: bool | None = None  # targets = inputs (default: the loader's)
+    seed: int = 0  # generator (CURVES) and train/validation split seed, fixed over runs
+
+
+class EarlyStopping(_Strict):
+    """Stop when the epoch train loss has not improved by ``min_delta`` for ``patience``."""
+
+    patience: int = Field(default=10, gt=0)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class ProblemSpec(_Strict):
+    """What is trained, on what, for how long, and what is logged."""
+
+    name: str = "experiment"
+    model: ModelSpec
+    dataset: DatasetSpec
+    loss: Literal["bce", "mse", "cross_entropy"]
+    batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    eval_batch_size: int = Field(default=2048, gt=0)
+    eval_every: int = Field(default=1, gt=0, description="epochs between evaluations")
+    log_every: int | None = Field(default=None, gt=0, description="steps between step records")
+    checkpoint_every: int | None = Field(default=None, gt=0, description="steps; also at the end")
+    early_stopping: EarlyStopping | None = None
+    time_budget_s: float | None = Field(default=None, gt=0, description="training seconds per run")
+    # "model": a finished run's last checkpoint drops the optimizer state (KFAC factors
+    # take 100s of MB for the big autoencoders); such a run cannot be extended
+    final_checkpoint: Literal["full", "model"] = "full"
+    seeds: list[int] = Field(default=[0], min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct; got {seeds}")
+        return seeds
+
+
+class Defaults(_Strict):
+    """Optimizer arguments shared by the methods (an entry's own values win)."""
+
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # SGD and the KFAC family (not Adam)
+    kfac: dict[str, Any] = {}  # KFAC and every two-level method: lr, damping, kl_clip, …
+    twolevel: dict[str, Any] = {}  # the two-level methods: combination, coarse_refresh, …
+
+
+class TuneSpec(_Strict):
+    """The paper's grid search: lr × damping (lr only for SGD/Adam), lowest train loss."""
+
+    methods: list[str] | None = None  # default: every method of the config
+    lr: list[float] = [1e-1, 1e-2, 1e-3, 1e-4]
+    damping: list[float] = [1e-1, 1e-2, 1e-3, 1e-4]
+    epochs: int | None = Field(default=None, gt=0)  # default: problem.epochs
+    seed: int | None = None  # default: problem.seeds[0]
+
+
+class ReportSpec(_Strict):
+    """Report settings of a comparison."""
+
+    title: str | None = None
+    target_loss: float | None = Field(default=None, gt=0.0)  # default: 1.1 × KFAC's final loss
+    notes: str = ""
+
+
+class ExperimentConfig(_Strict):
+    """A problem, shared optimizer defaults and the methods to compare."""
+
+    problem: ProblemSpec
+    defaults: Defaults = Defaults()
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+    tune: TuneSpec = TuneSpec()
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _empty_entries(cls, methods: Any) -> Any:
+        """``kfac:`` with nothing after it means ``kfac: {}``."""
+        if isinstance(methods, dict):
+            return {k: {} if v is None else v for k, v in methods.items()}
+        return methods
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> ExperimentConfig:
+        _check_keys("defaults.kfac", self.defaults.kfac, allowed_arguments("kfac"))
+        coarse = allowed_arguments("nico") - allowed_arguments("kfac")
+        _check_keys("defaults.twolevel", self.defaults.twolevel, coarse)
+        for label, entry in self.methods.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+                raise ValueError(f"method label {label!r}: use letters, digits, '_', '-', '.'")
+            kind = entry.get("optimizer", label)
+            if kind not in METHODS:
+                raise ValueError(
+                    f"methods.{label}: unknown optimizer {kind!r}{_hint(str(kind), METHODS)}; "
+                    f"allowed: {list(METHODS)} (or set 'optimizer:' in the entry)"
+                )
+            keys = allowed_arguments(kind) | {"optimizer"}
+            _check_keys(f"methods.{label}", entry, keys)
+            self._dry_build(label)
+        for label in self.tune.methods or []:
+            if label not in self.methods:
+                raise ValueError(f"tune.methods: {label!r} is not in methods {list(self.methods)}")
+        return self
+
+    def _dry_build(self, label: str) -> None:
+        """Build the method's optimizer on a toy model: checks every argument value."""
+        from torch import nn
+
+        kind, kwargs = self.method_kwargs(label, self.problem.seeds[0])
+        if "lr" not in kwargs:
+            where = "defaults.kfac" if kind in KFAC_FAMILY else "the method entry"
+            raise ValueError(f"methods.{label}: no lr given (set it in {where})")
+        try:
+            make_optimizer(kind, nn.Linear(2, 2), **kwargs)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"methods.{label}: {error}") from None
+
+    def method_kwargs(self, label: str, seed: int) -> tuple[str, dict[str, Any]]:
+        """The optimizer name and its full keyword arguments for one run.
+
+        KFAC-family methods get the likelihood of the loss and the run seed as their
+        sampler seed unless set; defaults apply below the entry's own values.
+
+        Args:
+            label: A key of ``methods``.
+            seed: The run seed.
+
+        Returns:
+            ``(optimizer name, kwargs)`` for ``optimizers.make_optimizer``.
+        """
+        entry = dict(self.methods[label])
+        kind = str(entry.pop("optimizer", label))
+        d = self.defaults
+        base: dict[str, Any] = {"weight_decay": d.weight_decay}
+        if kind in KFAC_FAMILY:
+            base |= {"momentum": d.momentum, "likelihood": LIKELIHOODS[self.problem.loss]}
+            base |= {"seed": seed, **d.kfac}
+            if kind in TWO_LEVEL_METHODS:
+                base |= d.twolevel
+        elif kind == "sgd":
+            base |= {"momentum": d.momentum, "nesterov": True}
+        return kind, {**base, **entry}
+
+    def for_run(self, label: str, seed: int) -> ExperimentConfig:
+        """The single-run config of ``(label, seed)`` with every default resolved."""
+        if label not in self.methods:
+            raise ValueError(
+                f"unknown method {label!r}{_hint(label, self.methods)}; "
+                f"this config has {list(self.methods)}"
+            )
+        kind, kwargs = self.method_kwargs(label, seed)
+        data = self.model_dump(mode="json", exclude={"defaults", "tune"})
+        data["methods"] = {label: {"optimizer": kind, **kwargs}}
+        data["problem"]["seeds"] = [seed]
+        return ExperimentConfig.model_validate(data)
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The dict the fingerprint covers (``UNFINGERPRINTED`` keys removed)."""
+        data = self.model_dump(mode="json")
+        for dotted in UNFINGERPRINTED:
+            *parents, last = dotted.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node.pop(last, None)
+        return data
+
+    def fingerprint(self) -> str:
+        """SHA-256 of ``fingerprinted()`` (canonical JSON)."""
+        text = json.dumps(self.fingerprinted(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hint(key: str, allowed: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def _check_keys(where: str, entry: dict[str, Any], allowed: typing.Iterable[str]) -> None:
+    allowed = sorted(allowed)
+    for key in entry:
+        if key not in allowed:
+            raise ValueError(
+                f"unknown key '{where}.{key}'{_hint(str(key), allowed)}; allowed here: {allowed}"
+            )
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates location ``loc`` below ``model``."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    return model
+
+
+def _format_error(error: Any) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(map(str, loc))
+    if error["type"] == "extra_forbidden":
+        model = _model_at(ExperimentConfig, loc[:-1])
+        allowed = sorted(model.model_fields) if model else []
+        return f"unknown key '{path}'{_hint(str(loc[-1]), allowed)}; allowed here: {allowed}"
+    if error["type"] == "missing":
+        return f"missing required key '{path}'"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return message
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a config mapping; ``ValueError`` lists every problem, one per line."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        lines = [_format_error(e) for e in error.errors()]
+        raise ValueError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment config file."""
+    return parse_config(read_yaml(path), str(path))

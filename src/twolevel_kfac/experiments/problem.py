@@ -1,0 +1,93 @@
+"""The data and held-out evaluation of a problem (``ProblemSpec``).
+
+``load_data`` loads the configured data set (``experiments.data.load_dataset``), reshapes
+inputs to ``dataset.input_shape`` and splits off ``dataset.val_fraction`` of the training
+set as the validation set (the paper's "validation": an 80/20 split of the training set),
+with a permutation seeded by ``dataset.seed``, so every run seed sees the same split.
+``evaluate`` computes the mean loss (and accuracy) in eval mode under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from twolevel_kfac.experiments.config import ProblemSpec
+from twolevel_kfac.experiments.losses import LossFn
+
+__all__ = ["Data", "evaluate", "load_data"]
+
+
+@dataclass
+class Data:
+    """Train / validation / test tensors; ``val`` and ``test`` may be empty (``None``)."""
+
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor] | None
+    test: tuple[Tensor, Tensor] | None
+
+
+def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
+    """Load the problem's data set, reshape inputs, split off the validation set.
+
+    The split is a permutation seeded with ``dataset.seed``: the same for every run seed.
+
+    Raises:
+        ValueError: A regression loss with class labels as targets.
+    """
+    from twolevel_kfac.experiments.data import load_dataset
+
+    ds = problem.dataset
+    train_x, train_y, test_x, test_y = load_dataset(
+        ds.name,
+        data_dir,
+        autoencoder=ds.autoencoder,
+        n_train=ds.n_train,
+        n_test=ds.n_test,
+        seed=ds.seed,
+    )
+    if problem.loss != "cross_entropy" and not torch.is_floating_point(train_y):
+        raise ValueError(
+            f"loss {problem.loss!r} needs real-valued targets but {ds.name!r} gives labels; "
+            "set dataset.autoencoder: true or loss: cross_entropy"
+        )
+    if ds.input_shape:
+        train_x, test_x = (x.reshape(len(x), *ds.input_shape) for x in (train_x, test_x))
+    n_val = round(len(train_x) * ds.val_fraction)
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(ds.seed))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return Data(
+        train=(train_x[train_idx], train_y[train_idx]),
+        val=(train_x[val_idx], train_y[val_idx]) if n_val else None,
+        test=(test_x, test_y) if len(test_x) else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, batch_size: int = 2048
+) -> tuple[float, float | None]:
+    """Mean loss over a data set in eval mode, and accuracy for integer targets.
+
+    Runs under ``torch.no_grad()`` in ``eval()`` mode, so KFAC's hooks capture nothing;
+    the model's train/eval mode is restored afterwards.
+
+    Returns:
+        ``(loss, accuracy)``, accuracy ``None`` for real-valued targets.
+    """
+    was_training = model.training
+    model.eval()
+    classify = not torch.is_floating_point(y)
+    total, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        out = model(xb)
+        total += float(loss_fn(out, yb)) * len(xb)
+        if classify:
+            correct += int((out.argmax(dim=1) == yb).sum())
+    model.train(was_training)
+    n = max(len(x), 1)
+    return total / n, (correct / n if classify else None)

@@ -1,0 +1,150 @@
+"""EKFAC: KFAC's eigenbasis with per-coordinate second moments (George et al. 2018).
+
+With ``A = Q_A diag(d_A) Q_Aᵀ`` and ``G = Q_G diag(d_G) Q_Gᵀ`` the running KFAC factors
+(eigendecompositions frozen at the last refresh, as for KFAC), the scalings are the second
+moments of the per-sample gradients in that basis (George et al. eq. (9)),
+
+    S = (1/N) Σ_n (Q_Gᵀ ∇_W̄ℓ_n Q_A)²,        ∇_W̄ℓ_n = Σ_t δ_{n,t} ā_{n,t}ᵀ,
+
+over the Fisher mini-batch (same ``N`` and scale as the Fisher ``F = (1/N) Σ_n ∇ℓ_n∇ℓ_nᵀ``;
+for a convolution the per-sample gradient sums the ``T`` locations), so without damping
+``(Q_A ⊗ Q_G) diag(S) (Q_A ⊗ Q_G)ᵀ`` is the diagonal of the layer's exact Fisher block in
+KFAC's eigenbasis. The update is (George et al. Algorithm 1)
+
+    d = Q_G [(Q_Gᵀ ∇W̄ Q_A) ⊘ D] Q_Aᵀ,        D = S + T·(K − d_G d_Aᵀ),
+
+where ``K`` is KFAC's damped eigenvalue grid of the same ``damping_mode``
+(:func:`~twolevel_kfac.curvature.kronecker.eigen_denominator`): EKFAC's block is KFAC's
+damped block ``T·K`` with its undamped Kronecker eigenvalues ``T·d_G d_Aᵀ`` replaced by ``S``.
+For ``eigen_sum`` (and ``T = 1``) that is George et al.'s ``D = S + λ``; ``per_factor`` adds
+``λ(d_G + d_A) + λ²``, ``pi`` the π-scaled analogue. For convolutions the damping is ``T``
+times KFAC's, as KFAC's own convention (result divided by ``T``) has it.
+
+Running average: ``S ← ρS + (1 − ρ)S_new`` with ``ρ = min(1 − 1/k, ema_decay)``. When the
+eigenbasis is refreshed, the running ``S`` is first carried into the new basis as the
+diagonal of the previous EKFAC matrix there,
+``S ← (P_G∘P_G) S (P_A∘P_A)ᵀ``, ``P = Q_newᵀQ_old``
+(:func:`~twolevel_kfac.curvature.persample.eigenbasis_diagonal_transport`); the new
+mini-batch's ``S_new`` is computed in the new basis.
+
+Under ``torch.distributed`` the sums ``Σ_n (…)²`` are all-reduced and divided by the global
+``N``, like the factors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.blocks import LayerStats
+from ..curvature.kronecker import eigen_denominator, ema_weight
+from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
+from ..distributed import all_reduce_sum
+from .kfac import KFAC
+from .options import CurvatureOptions
+from .preconditioner import KFACPreconditioner
+
+
+class EKFACPreconditioner(KFACPreconditioner):
+    """Eigenvalue-corrected KFAC preconditioner (see the module docstring)."""
+
+    def __init__(
+        self, model: nn.Module, options: CurvatureOptions | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(model, options, **kwargs)
+        if self.options.inverse_method != "eigen":
+            raise ValueError(
+                f"{type(self).__name__} needs inverse_method='eigen' (it works in the "
+                f"factors' eigenbasis); got {self.options.inverse_method!r}"
+            )
+        self.scalings: dict[str, Tensor] = {}
+        self.scaling_updates: dict[str, int] = {}
+        self._scaling_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, ...]]] = {}
+
+    def _bases(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(Q_A, Q_G)`` of every layer whose factors have been decomposed."""
+        out = {}
+        for name, factors in self.factors.items():
+            if factors.decomp_a is not None and factors.decomp_g is not None:
+                out[name] = (factors.decomp_a[1], factors.decomp_g[1])
+        return out
+
+    def _refresh_decompositions(self) -> None:
+        old = self._bases()
+        super()._refresh_decompositions()
+        new = self._bases()
+        for name, scalings in self.scalings.items():
+            if name in old and name in new:
+                self.scalings[name] = eigenbasis_diagonal_transport(scalings, old[name], new[name])
+        self._scaling_cache.clear()
+
+    def _update_after_refresh(self, stats: dict[str, LayerStats]) -> None:
+        """``S ← ρS + (1 − ρ)S_new`` with ``S_new`` of this mini-batch in the current basis."""
+        bases = self._bases()
+        names = [n for n in stats if n in bases]
+        sums = []
+        for name in names:
+            dtype = self.factor_dtype(name)
+            layer = LayerStats(stats[name].a.to(dtype), stats[name].g.to(dtype))
+            sums.append(rotated_second_moments(layer, *bases[name]))
+        if self.comm.distributed:
+            sums = all_reduce_sum(self.comm, sums)
+        skipped = 0
+        for name, total in zip(names, sums, strict=True):
+            new = total / self.sample_count(name, stats[name])
+            if not torch.isfinite(new).all():
+                skipped += 1
+                continue
+            count = self.scaling_updates.get(name, 0) + 1
+            self.scaling_updates[name] = count
+            rho = ema_weight(count, self.options.ema_decay)
+            old = self.scalings.get(name)
+            self.scalings[name] = new if old is None or rho == 0 else rho * old + (1 - rho) * new
+            self._scaling_cache.pop(name, None)
+        self.last_stats["nonfinite_scaling_updates"] = float(skipped)
+
+    def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
+        """``Q_G [(Q_Gᵀ V Q_A) ⊘ D] Q_Aᵀ`` (module docstring); KFAC's until ``S`` exists."""
+        if name not in self.scalings:
+            return super().apply_fine(name, matrix)
+        vectors_g, inverse, vectors_a = self._prepare_scalings(name)
+        v = matrix.to(inverse.dtype)
+        out = vectors_g @ ((vectors_g.T @ v @ vectors_a) * inverse) @ vectors_a.T
+        return out.to(matrix.dtype)
+
+    def _prepare_scalings(self, name: str) -> tuple[Tensor, ...]:
+        key = (self.damping, self.options.damping_mode)
+        cached = self._scaling_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        factors = self.factors[name]
+        assert factors.decomp_a is not None and factors.decomp_g is not None
+        (values_a, vectors_a), (values_g, vectors_g) = factors.decomp_a, factors.decomp_g
+        grid = eigen_denominator(values_g, values_a, *key, factors.decomp_pi)
+        increment = grid - torch.outer(values_g, values_a)
+        denominator = self.scalings[name] + factors.num_locations * increment
+        prepared = (vectors_g, denominator.reciprocal(), vectors_a)
+        self._scaling_cache[name] = (key, prepared)
+        return prepared
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["scalings"] = {"S": dict(self.scalings), "updates": dict(self.scaling_updates)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "scalings" not in state:
+            raise ValueError(f"not a {type(self).__name__} state: no 'scalings' entry")
+        super().load_state_dict(state)
+        self.scalings = dict(state["scalings"]["S"])
+        self.scaling_updates = {k: int(v) for k, v in state["scalings"]["updates"].items()}
+        self._scaling_cache.clear()
+
+
+class EKFAC(KFAC):
+    """EKFAC with momentum SGD: every :class:`KFAC` argument (``inverse_method`` must be
+    ``eigen``); the fine step is :class:`EKFACPreconditioner`'s."""
+
+    preconditioner_class = EKFACPreconditioner

@@ -1,0 +1,186 @@
+"""``tlkfac run | compare | tune | report | demo`` end to end on the smoke configs (seconds),
+resume equivalence through the CLI, and bad inputs → exit status 2 with a clear message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from twolevel_kfac.cli import main
+from twolevel_kfac.experiments.metrics import read_metrics
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SMOKE_RUN = str(CONFIGS / "smoke" / "run.yaml")
+SMOKE_COMPARE = str(CONFIGS / "smoke" / "compare.yaml")
+
+
+def _train_losses(run_dir: Path) -> list[tuple[str, int, float]]:
+    return [
+        (r["event"], r["step"], r["train_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")
+    ]
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_run_and_resume_equivalence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["run", SMOKE_RUN, "--out", str(full), "--quiet"]) == 0
+    assert "kfac seed 0: epochs after 8 steps" in capsys.readouterr().out
+    assert {p.name for p in full.iterdir()} == {"config.yaml", "metrics.jsonl", "checkpoint.pt"}
+    resolved = yaml.safe_load((full / "config.yaml").read_text())
+    assert resolved["methods"]["kfac"]["likelihood"] == "bernoulli"
+    assert main(["run", SMOKE_RUN, "--out", str(part), "--quiet", "--max-steps", "5"]) == 0
+    assert read_metrics(part / "metrics.jsonl")[-1]["event"] == "partial"
+    assert main(["run", SMOKE_RUN, "--out", str(part), "--quiet", "--resume"]) == 0
+    assert _train_losses(part) == _train_losses(full)
+    a, b = _params(full), _params(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resolved config.yaml of a run directory is itself a valid config
+    again = tmp_path / "again"
+    assert main(["run", str(full / "config.yaml"), "--out", str(again), "--quiet"]) == 0
+    assert _train_losses(again) == _train_losses(full)
+
+
+def test_compare_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", SMOKE_COMPARE, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | seeds |" in printed and "| nico | 2 |" in printed
+    for method in ("kfac", "nico", "sgd", "adam"):
+        for seed in (0, 1):
+            assert (out / method / f"seed{seed}" / "metrics.jsonl").is_file()
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Smoke comparison") and "time vs KFAC" in report
+    for name in ("loss_vs_epoch.png", "loss_vs_time.png", "test_vs_epoch.png"):
+        assert (out / name).stat().st_size > 5000
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+    # re-running continues: finished runs are kept as they are
+    before = (out / "kfac" / "seed0" / "metrics.jsonl").read_text()
+    assert main(["compare", SMOKE_COMPARE, "--out", str(out), "--quiet", "--methods", "kfac"]) == 0
+    assert (out / "kfac" / "seed0" / "metrics.jsonl").read_text() == before
+
+
+def test_compare_max_steps_then_continue(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        SMOKE_COMPARE,
+        "--out",
+        str(out),
+        "--quiet",
+        "--methods",
+        "sgd,adam",
+        "--seeds",
+        "1",
+    ]
+    assert main([*args, "--max-steps", "2"]) == 0
+    assert read_metrics(out / "sgd" / "seed1" / "metrics.jsonl")[-1]["event"] == "partial"
+    assert main(args) == 0
+    records = read_metrics(out / "sgd" / "seed1" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == ["sgd", "adam"]
+
+
+def test_tune_writes_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load(Path(SMOKE_COMPARE).read_text())
+    raw["problem"]["seeds"] = [0]
+    raw["tune"] = {"methods": ["kfac", "sgd"], "lr": [0.1, 0.01], "damping": [0.1], "epochs": 1}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "tune"
+    assert main(["tune", str(config), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "kfac: lr" in printed and "sgd: lr" in printed
+    tuned = yaml.safe_load((out / "tuned.yaml").read_text())
+    assert tuned["methods"]["kfac"]["lr"] in (0.1, 0.01)
+    assert tuned["methods"]["kfac"]["damping"] == 0.1
+    assert tuned["methods"]["nico"] is None  # untouched
+    assert "### kfac" in (out / "tune.md").read_text()
+    assert (out / "kfac" / "lr0.1_damping0.1" / "metrics.jsonl").is_file()
+    assert (
+        main(
+            [
+                "run",
+                str(out / "tuned.yaml"),
+                "--method",
+                "sgd",
+                "--out",
+                str(tmp_path / "r"),
+                "--max-steps",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for method in ("kfac", "nico", "residu", "previous", "sgd", "adam"):
+        assert f"| {method} |" in printed
+    assert (out / "report.md").is_file() and (out / "loss_vs_epoch.png").is_file()
+
+
+def _write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        (["run", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["run", _write(tmp_path, "e.yaml", "")], "is empty"),
+        (["run", _write(tmp_path, "s.yaml", "problem: [\n")], "s.yaml:2:1: invalid YAML"),
+        (
+            [
+                "run",
+                _write(
+                    tmp_path,
+                    "k.yaml",
+                    Path(SMOKE_RUN).read_text().replace("batch_size:", "batchsize:"),
+                ),
+            ],
+            "did you mean 'batch_size'",
+        ),
+        (["run", SMOKE_COMPARE, "--out", str(tmp_path / "x")], "pick one with --method"),
+        (["run", SMOKE_COMPARE, "--method", "lbfgs"], "unknown method 'lbfgs'"),
+        (["run", SMOKE_RUN, "--out", str(tmp_path / "y"), "--resume"], "no checkpoint"),
+        (
+            ["compare", SMOKE_COMPARE, "--methods", "kfac,sdg", "--out", str(tmp_path / "z")],
+            "['sdg'] are not in the config",
+        ),
+        (["report", str(tmp_path)], "no runs"),
+        (["report", str(tmp_path / "missing")], "does not exist"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, (argv, err)
+
+
+def test_resume_with_another_config_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["run", SMOKE_RUN, "--out", str(out), "--quiet", "--max-steps", "1"]) == 0
+    other = _write(tmp_path, "o.yaml", Path(SMOKE_RUN).read_text().replace("lr: 0.1", "lr: 0.2"))
+    assert main(["run", other, "--out", str(out), "--quiet", "--resume"]) == 2
+    assert "methods.kfac.lr: 0.1 → 0.2" in capsys.readouterr().err
+    assert main(["run", SMOKE_RUN, "--out", str(out), "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", SMOKE_RUN, "--max-steps", "0"])
+    assert exit_info.value.code == 2
