@@ -364,3 +364,22 @@ def test_load_runs(tmp_path: Path) -> None:
     assert results["kfac"][0][0]["train_loss"] == 1.2  # seed 1 first
     with pytest.raises(FileNotFoundError, match="no runs"):
         load_runs(tmp_path / "sgd")
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "class_name"),
+    [
+        ("ekfac", {}, "EKFAC"),
+        ("kpsvd", {"power_iterations": 3}, "KPSVD"),
+        ("kfac_corrected", {}, "KFACCorrected"),
+        ("nico", {"fine": "ekfac"}, "TwoLevelKFAC"),
+    ],
+)
+def test_other_fine_levels_build_by_name(
+    method: str, kwargs: dict[str, Any], class_name: str
+) -> None:
+    from twolevel_kfac.experiments.optimizers import allowed_arguments, make_optimizer
+
+    assert set(kwargs) <= allowed_arguments(method)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    assert type(make_optimizer(method, model, lr=0.1, **kwargs)).__name__ == class_name

@@ -3,6 +3,7 @@
 | method | optimizer |
 |---|---|
 | ``kfac`` | :class:`twolevel_kfac.KFAC` |
+| ``ekfac``, ``kpsvd``, ``kfac_corrected`` | ``tk.EKFAC``, ``tk.KPSVD``, ``tk.KFACCorrected`` |
 | ``nico``, ``spectral``, ``residu``, | :class:`twolevel_kfac.TwoLevelKFAC` with the |
 | ``kry_nico``, ``kry_residu``, ``previous`` | ``coarse_space`` of ``TWO_LEVEL_METHODS`` |
 | ``sgd`` | ``torch.optim.SGD``, momentum 0.9 and Nesterov unless overridden |
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FINE_METHODS",
     "KFAC_FAMILY",
     "METHODS",
     "TWO_LEVEL_METHODS",
@@ -37,10 +39,16 @@ TWO_LEVEL_METHODS: dict[str, str] = {
     "kry_residu": "krylov_residual",
     "previous": "tselepidis",
 }
-KFAC_FAMILY = ("kfac", *TWO_LEVEL_METHODS)
+# Other fine levels (beyond the paper) -> class name in ``twolevel_kfac``.
+FINE_METHODS: dict[str, str] = {
+    "ekfac": "EKFAC",
+    "kpsvd": "KPSVD",
+    "kfac_corrected": "KFACCorrected",
+}
+KFAC_FAMILY = ("kfac", *FINE_METHODS, *TWO_LEVEL_METHODS)
 METHODS = (*KFAC_FAMILY, "sgd", "adam")
 
-_KFAC_OWN = frozenset({"lr", "momentum", "weight_decay", "nesterov"})
+_KFAC_OWN = frozenset({"lr", "momentum", "weight_decay", "nesterov", "nonfinite_policy"})
 _SGD_ARGS = frozenset({"lr", "momentum", "weight_decay", "nesterov", "dampening"})
 _ADAM_ARGS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad"})
 
@@ -65,17 +73,23 @@ def allowed_arguments(method: str) -> frozenset[str]:
     Raises:
         ValueError: Unknown method.
     """
+    from twolevel_kfac.optim.damping import DAMPING_ARGUMENTS
     from twolevel_kfac.optim.kfac import CURVATURE_ARGUMENTS
+    from twolevel_kfac.optim.kpsvd import KPSVDPreconditioner
     from twolevel_kfac.optim.twolevel import COARSE_ARGUMENTS
 
     if method == "sgd":
         return _SGD_ARGS
     if method == "adam":
         return _ADAM_ARGS
-    if method == "kfac":
-        return _KFAC_OWN | CURVATURE_ARGUMENTS
+    kfac_args = _KFAC_OWN | CURVATURE_ARGUMENTS | DAMPING_ARGUMENTS
+    if method == "kfac" or method == "ekfac":
+        return kfac_args
+    if method in ("kpsvd", "kfac_corrected"):
+        return kfac_args | KPSVDPreconditioner.extra_arguments
     if method in TWO_LEVEL_METHODS:
-        return _KFAC_OWN | CURVATURE_ARGUMENTS | (COARSE_ARGUMENTS - {"coarse_space"})
+        fine = {"fine", *KPSVDPreconditioner.extra_arguments}
+        return kfac_args | fine | (COARSE_ARGUMENTS - {"coarse_space"})
     raise ValueError(f"unknown method {method!r}; allowed: {list(METHODS)}")
 
 
@@ -106,6 +120,7 @@ def make_optimizer(name: str, model: nn.Module, **hparams: Any) -> torch.optim.O
         ValueError: Unknown method name, or an argument value the optimizer rejects.
         TypeError: An argument the optimizer does not take.
     """
+    import twolevel_kfac
     from twolevel_kfac import KFAC, TwoLevelKFAC
 
     key = name.lower()
@@ -118,6 +133,9 @@ def make_optimizer(name: str, model: nn.Module, **hparams: Any) -> torch.optim.O
         hparams = {**hparams, "factor_dtype": _dtype(hparams["factor_dtype"])}
     if key == "kfac":
         return KFAC(model, **hparams)
+    if key in FINE_METHODS:
+        optimizer_class: type[KFAC] = getattr(twolevel_kfac, FINE_METHODS[key])
+        return optimizer_class(model, **hparams)
     if key in TWO_LEVEL_METHODS:
         return TwoLevelKFAC(model, coarse_space=TWO_LEVEL_METHODS[key], **hparams)
     raise ValueError(f"unknown optimizer {name!r}; allowed: {list(METHODS)}")
