@@ -15,18 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import twolevel_kfac as tk
+from test_kfac_exact import CONTRACT
 from twolevel_kfac.curvature.blocks import gradient_matrix, parameter_matrix
-
-CONTRACT = {
-    "fisher": "empirical",
-    "ema_decay": 0.0,
-    "cov_interval": 1,
-    "inv_interval": 1,
-    "kl_clip": None,
-    "momentum": 0.0,
-    "weight_decay": 0.0,
-    "lr": 1.0,
-}
 
 
 def mlp(bias: bool = True) -> nn.Module:
