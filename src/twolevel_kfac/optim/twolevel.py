@@ -245,10 +245,13 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         if self.coarse.coarse_scale == 0.0:
             return dict(zip(self.names, minv_g, strict=True))
         space = self.coarse.coarse_space
+        # A residual basis needs res = g − F̂M⁻¹g only when it is rebuilt (every step in the
+        # faithful schedule, on refresh steps in the consistent one).
+        rebuilds_basis = space in RESIDUAL_SPACES and (
+            refreshed or self.coarse.coarse_refresh == "faithful" or self._operator is None
+        )
         needs_residual = (
-            space in RESIDUAL_SPACES
-            or self.coarse.combination == "adef2"
-            or self.coarse.diagnostics
+            rebuilds_basis or self.coarse.combination == "adef2" or self.coarse.diagnostics
         )
         residual = sub(g, self.fhat(minv_g)) if needs_residual else None
         operator = self._coarse_operator(refreshed, residual)
