@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +64,54 @@ def test_nonfinite_policy_raise() -> None:
         step(model, opt, x * float("inf"), y)
     with pytest.raises(ValueError, match="nonfinite_policy must be one of"):
         tk.KFAC(model, nonfinite_policy="ignore")
+
+
+@pytest.mark.parametrize("method", ("kfac", "sgd", "adam"))
+def test_runner_skips_counts_and_stops(tmp_path: Path, method: str) -> None:
+    """A poisoned example skips its step (counted); all-poisoned data stops the run."""
+    from twolevel_kfac.experiments.config import parse_config
+    from twolevel_kfac.experiments.runner import Data, train_run
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 5, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    x[7, 1] = float("nan")  # one bad example: one skipped step per epoch
+    entry = {"lr": 0.05} if method != "kfac" else {"lr": 0.05, "damping": 0.1}
+    problem = {
+        "model": {"name": "deep_linear", "kwargs": {"depth": 2, "width": 4, "in_features": 5}},
+        "dataset": {"name": "in-memory"},
+        "loss": "cross_entropy",
+        "batch_size": 8,
+        "epochs": 2,
+        "max_consecutive_nonfinite": 3,
+    }
+    config = parse_config({"problem": problem, "methods": {method: entry}}).for_run(method, 0)
+    result = train_run(config, tmp_path / "a", data=Data((x, y), None, None), progress=False)
+    assert result.stop_reason == "epochs"
+    assert [r["nonfinite_steps"] for r in result.records] == [1, 2]
+    assert all(math.isfinite(r["train_loss"]) for r in result.records)
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+    bad = Data((x * float("nan"), y), None, None)
+    result = train_run(config, tmp_path / "b", data=bad, progress=False)
+    assert result.stop_reason == "diverged" and result.step == 3
+    assert result.records[-1]["diverged"] is True and result.records[-1]["nonfinite_steps"] == 3
+
+
+@pytest.mark.parametrize("enabled", (True, False))
+def test_grad_scaler_with_kfac(enabled: bool) -> None:
+    """``torch.amp.GradScaler`` on CPU drives KFAC; an inf gradient skips the step."""
+    model, x, y = model_and_batch()
+    opt = tk.KFAC(model, lr=0.1, damping=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+    for poison in (False, True, False):
+        before = copy.deepcopy(list(model.parameters()))
+        opt.zero_grad()
+        batch = x * float("inf") if poison else x
+        scaler.scale(F.cross_entropy(model(batch), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        changed = any(
+            not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+        )
+        assert changed != poison
+    assert all(torch.isfinite(p).all() for p in model.parameters())

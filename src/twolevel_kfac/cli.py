@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError, ArithmeticError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

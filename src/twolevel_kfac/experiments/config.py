@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import re
 import typing
@@ -61,6 +62,7 @@ UNFINGERPRINTED = (
     "problem.checkpoint_every",
     "problem.time_budget_s",
     "problem.final_checkpoint",
+    "problem.max_consecutive_nonfinite",
     "report",
     "tune",
 )
@@ -84,6 +86,17 @@ class ModelSpec(_Strict):
                 f"unknown model {name!r}{_hint(name, MODELS)}; allowed: {list(MODELS)}"
             )
         return name
+
+    @model_validator(mode="after")
+    def _kwargs_fit(self) -> ModelSpec:
+        """The constructor accepts ``kwargs`` (checked without building the model)."""
+        try:
+            inspect.signature(MODELS[self.name]).bind(**self.kwargs)
+        except TypeError as error:
+            raise ValueError(
+                f"kwargs {self.kwargs} do not fit model {self.name!r}: {error}"
+            ) from None
+        return self
 
 
 class DatasetSpec(_Strict):
@@ -123,6 +136,8 @@ class ProblemSpec(_Strict):
     # "model": a finished run's last checkpoint drops the optimizer state (KFAC factors
     # take 100s of MB for the big autoencoders); such a run cannot be extended
     final_checkpoint: Literal["full", "model"] = "full"
+    # skipped NaN/Inf steps in a row that stop the run (stop_reason "diverged")
+    max_consecutive_nonfinite: int = Field(default=20, gt=0)
     seeds: list[int] = Field(default=[0], min_length=1)
 
     @field_validator("seeds")
@@ -193,11 +208,26 @@ class ExperimentConfig(_Strict):
                 )
             keys = allowed_arguments(kind) | {"optimizer"}
             _check_keys(f"methods.{label}", entry, keys)
+            self._check_likelihood(label, kind)
             self._dry_build(label)
         for label in self.tune.methods or []:
             if label not in self.methods:
                 raise ValueError(f"tune.methods: {label!r} is not in methods {list(self.methods)}")
         return self
+
+    def _check_likelihood(self, label: str, kind: str) -> None:
+        """A KFAC-family ``likelihood`` must be the one of ``problem.loss``."""
+        if kind not in KFAC_FAMILY:
+            return
+        _, kwargs = self.method_kwargs(label, self.problem.seeds[0])
+        wanted = LIKELIHOODS[self.problem.loss]
+        given = kwargs.get("likelihood", wanted)
+        if given != wanted and given in LIKELIHOODS.values():  # unknown names: _dry_build
+            raise ValueError(
+                f"methods.{label}: likelihood {kwargs['likelihood']!r} does not fit loss "
+                f"{self.problem.loss!r} (its likelihood is {wanted!r}); drop the key or set "
+                f"likelihood: {wanted}"
+            )
 
     def _dry_build(self, label: str) -> None:
         """Build the method's optimizer on a toy model: checks every argument value."""

@@ -9,6 +9,7 @@ with a permutation seeded by ``dataset.seed``, so every run seed sees the same s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
     The split is a permutation seeded with ``dataset.seed``: the same for every run seed.
 
     Raises:
-        ValueError: A regression loss with class labels as targets.
+        ValueError: A regression loss with class labels as targets, an ``input_shape``
+            that does not fit, an empty training set, or a batch larger than it.
     """
     from twolevel_kfac.experiments.data import load_dataset
 
@@ -55,8 +57,25 @@ def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
             "set dataset.autoencoder: true or loss: cross_entropy"
         )
     if ds.input_shape:
+        size, shape = math.prod(ds.input_shape), list(train_x.shape[1:])
+        if size != math.prod(shape):
+            raise ValueError(
+                f"dataset.input_shape {ds.input_shape} ({size} values) does not fit the "
+                f"{ds.name!r} inputs of shape {shape} ({math.prod(shape)} values)"
+            )
         train_x, test_x = (x.reshape(len(x), *ds.input_shape) for x in (train_x, test_x))
     n_val = round(len(train_x) * ds.val_fraction)
+    n_train = len(train_x) - n_val
+    if n_train <= 0:
+        raise ValueError(
+            f"the training set of {ds.name!r} is empty ({len(train_x)} examples, "
+            f"{n_val} held out by dataset.val_fraction {ds.val_fraction})"
+        )
+    if problem.batch_size > n_train:
+        raise ValueError(
+            f"problem.batch_size {problem.batch_size} is larger than the training set "
+            f"({n_train} examples after the validation split)"
+        )
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(ds.seed))
     val_idx, train_idx = order[:n_val], order[n_val:]
     return Data(

@@ -22,6 +22,16 @@ metrics: ``val_*`` on the ``dataset.val_fraction`` split of the training set (th
 paper's "validation"), ``test_*`` on the official test set; ``*_acc`` for
 classification. ``torch.set_flush_denormal(True)`` is set for every run: denormal
 activations made CPU steps several times slower.
+
+Non-finite values: a step whose loss or gradient is NaN/Inf is skipped (nothing reaches
+the parameters, the optimizer state or KFAC's running factors; the KFAC family does this
+itself and counts it in ``opt.nonfinite_steps``, SGD/Adam are checked here) and counted:
+every record carries ``nonfinite_steps`` (the total so far), and an epoch's
+``train_loss`` is the mean of its finite minibatch losses (NaN when there were none).
+``problem.max_consecutive_nonfinite`` skipped steps in a row stop the run with
+``stop_reason == "diverged"`` and a message on stderr; since skipped steps change nothing,
+the final checkpoint holds the last good parameters (a checkpoint is never overwritten by
+non-finite parameters).
 """
 
 from __future__ import annotations
@@ -80,6 +90,8 @@ class LoopState:
     bad_epochs: int = 0
     stop_reason: str = ""
     records: int = 0  # metrics lines written before this state
+    nonfinite_steps: int = 0  # skipped steps (NaN/Inf loss or gradient), in total
+    consecutive_nonfinite: int = 0  # skipped steps in a row, up to this one
 
 
 @dataclass
@@ -185,19 +197,54 @@ class _Loop:
         self.model.train()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # BatchNorm statistics
         loss = self.loss_fn(self.model(self.data.train[0][idx]), self.data.train[1][idx])
         value = float(loss.detach())
-        if math.isfinite(value):
-            loss.backward()
-            self.optimizer.step()
+        stepped = math.isfinite(value) and self._backward_and_step(loss)
+        if not stepped:  # nothing of a skipped step stays, not even running statistics
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            self._discard_capture()
+            self.optimizer.zero_grad(set_to_none=True)
         s.wall_time_s += time.perf_counter() - start
         s.step, s.position = s.step + 1, s.position + 1
-        s.loss_sum, s.loss_count = s.loss_sum + value, s.loss_count + 1
-        s.log_sum, s.log_count = s.log_sum + value, s.log_count + 1
+        if stepped:
+            s.consecutive_nonfinite = 0
+            s.loss_sum, s.loss_count = s.loss_sum + value, s.loss_count + 1
+            s.log_sum, s.log_count = s.log_sum + value, s.log_count + 1
+        else:
+            s.nonfinite_steps += 1
+            s.consecutive_nonfinite += 1
+            value = math.nan if math.isfinite(value) else value
         for key, val in self.diagnostics().items():
             s.diag_sums[key] = s.diag_sums.get(key, 0.0) + val
             s.diag_counts[key] = s.diag_counts.get(key, 0) + 1
         return value
+
+    def _backward_and_step(self, loss: Tensor) -> bool:
+        """Backward and step; ``False`` when the step was skipped for a NaN/Inf gradient."""
+        loss.backward()
+        skipped_before = getattr(self.optimizer, "nonfinite_steps", None)
+        if skipped_before is not None:  # the KFAC family skips and counts by itself
+            self.optimizer.step()
+            return int(getattr(self.optimizer, "nonfinite_steps", 0)) == skipped_before
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+        if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+            return False
+        self.optimizer.step()
+        return True
+
+    def _discard_capture(self) -> None:
+        """Drop the curvature statistics a KFAC-family forward captured for a skipped step."""
+        preconditioner = getattr(self.optimizer, "preconditioner", None)
+        capture = getattr(preconditioner, "capture", None)
+        if capture is not None:
+            capture.discard()
+
+    def params_finite(self) -> bool:
+        """Whether every parameter of the model is finite."""
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def diagnostics(self) -> dict[str, float]:
         stats = getattr(self.optimizer, "last_stats", None) or {}
@@ -211,12 +258,13 @@ class _Loop:
             "step": s.step,
             "wall_time_s": s.wall_time_s,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "nonfinite_steps": s.nonfinite_steps,
         }
 
     def step_record(self) -> dict[str, Any]:
         s = self.state
         record = self.base_record("step", s.epoch + s.position / self.n_batches)
-        record["train_loss"] = s.log_sum / max(s.log_count, 1)
+        record["train_loss"] = s.log_sum / s.log_count if s.log_count else math.nan
         record |= self.diagnostics()
         s.log_sum, s.log_count = 0.0, 0
         return record
@@ -228,7 +276,7 @@ class _Loop:
             s.epoch + 1 if s.position == self.n_batches else s.epoch + s.position / self.n_batches
         )
         record = self.base_record(event, epoch)
-        record["train_loss"] = s.loss_sum / max(s.loss_count, 1)
+        record["train_loss"] = s.loss_sum / s.loss_count if s.loss_count else math.nan
         record |= {k: s.diag_sums[k] / s.diag_counts[k] for k in s.diag_sums}
         last = event != "epoch" or s.epoch + 1 >= self.problem.epochs or s.stop_reason != ""
         if last or (s.epoch + 1) % self.problem.eval_every == 0:
@@ -286,10 +334,17 @@ def _run_loop(
         while not loop.finished():
             if flag.is_set() or (max_steps is not None and s.step >= max_steps):
                 return flag.is_set(), "partial" if s.position else ""
-            loss = loop.step()
+            loop.step()
             bar.update(1)
-            if not math.isfinite(loss):
+            if s.consecutive_nonfinite >= problem.max_consecutive_nonfinite:
                 s.stop_reason = "diverged"
+                print(
+                    f"{loop.label} seed {loop.seed}: stopped after {s.consecutive_nonfinite} "
+                    f"non-finite (NaN/Inf) steps in a row at step {s.step} "
+                    "(problem.max_consecutive_nonfinite); the checkpoint keeps the last good "
+                    "parameters",
+                    file=sys.stderr,
+                )
             elif problem.time_budget_s is not None and s.wall_time_s >= problem.time_budget_s:
                 s.stop_reason = "time_budget"
             if problem.log_every and s.step % problem.log_every == 0:
@@ -299,7 +354,8 @@ def _run_loop(
                 bar.set_postfix(epoch=s.epoch, loss=f"{record['train_loss']:.4g}")
             if problem.checkpoint_every and s.step % problem.checkpoint_every == 0:
                 s.records = writer.count
-                loop.save()
+                if loop.params_finite():
+                    loop.save()
     return False, ""
 
 
@@ -355,7 +411,8 @@ def train_run(
     with MetricsWriter(metrics, loop.state.records if resume else None) as writer:
         interrupted, partial = _run_loop(loop, writer, max_steps, progress)
         loop.state.records = writer.count
-        loop.save(full=not (loop.finished() and config.problem.final_checkpoint == "model"))
+        if loop.params_finite() or not (run_dir / "checkpoint.pt").exists():
+            loop.save(full=not (loop.finished() and config.problem.final_checkpoint == "model"))
         if partial:
             writer.write(loop.epoch_record("partial"))
     s = loop.state
