@@ -14,7 +14,9 @@ step where the factors are refreshed (``capture.active``), during ``model(x)``:
      ``torch.autograd.grad(Σ_n ℓ_n(ŷ_n), layer_outputs, retain_graph=True)`` before the
      forward returns. The user's backward later reuses the retained graph untouched.
 
-Several forwards before one ``step()`` (gradient accumulation) append their samples.
+Several forwards before one ``step()`` (gradient accumulation) append their samples; with
+``k`` micro-batches whose losses are divided by ``k``, ``accumulation_steps=k`` scales the
+empirical ``δ`` by ``B·k`` so the statistics equal those of the whole batch.
 Nothing is captured in ``eval()`` mode, under ``torch.no_grad()``, or when inactive.
 """
 
@@ -74,6 +76,7 @@ class CurvatureCapture:
         likelihood: str,
         fisher_batch: float,
         generator: torch.Generator,
+        accumulation_steps: int = 1,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -81,6 +84,7 @@ class CurvatureCapture:
         self.likelihood = likelihood
         self.fisher_batch = fisher_batch
         self.generator = generator
+        self.accumulation_steps = accumulation_steps
         self.active = False
         self._forward: _Forward | None = None
         self._records: dict[str, list[_Record]] = {name: [] for name in layers}
@@ -133,7 +137,7 @@ class CurvatureCapture:
             if self.fisher == "mc":
                 forward.outputs[name] = output
             elif output.requires_grad:
-                scale = float(forward.batch_size)
+                scale = float(forward.batch_size * self.accumulation_steps)
 
                 def grad_hook(grad: Tensor) -> None:
                     record.grad = _rows(grad.detach(), forward) * scale

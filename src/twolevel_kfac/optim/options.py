@@ -77,6 +77,10 @@ class CurvatureOptions:
             ν = min(1, √(c/(lr² Σ|⟨d,g⟩|))).
         inverse_method: ``eigen`` (default) | ``cholesky`` (not with ``eigen_sum``).
         factor_dtype: dtype of factors and decompositions; ``None`` = the parameters' dtype.
+        accumulation_steps: micro-batches per optimizer step when gradients are accumulated
+            (each micro-batch loss divided by it): the empirical ``δ`` is then scaled by
+            ``micro-batch size × accumulation_steps``, so the statistics equal those of the
+            whole accumulated batch. ``fisher="mc"`` needs no scaling.
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).
         seed: seed of the sampler that picks the Fisher mini-batch and MC targets (rank
@@ -102,6 +106,7 @@ class CurvatureOptions:
     factor_dtype: torch.dtype | None = None
     unsupported: str = "warn"
     seed: int = 0
+    accumulation_steps: int = 1
     process_group: Any = None
     distributed_inverses: str = "split"
 
@@ -128,6 +133,7 @@ class CurvatureOptions:
                 f"factor_dtype must be a torch.dtype or None; got {self.factor_dtype!r}"
             )
         check_choice("unsupported", self.unsupported, UNSUPPORTED_POLICIES)
+        check_interval("accumulation_steps", self.accumulation_steps)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an integer; got {self.seed!r}")
         if self.process_group is not None and not (

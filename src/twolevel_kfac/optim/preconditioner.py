@@ -107,6 +107,7 @@ class KFACPreconditioner:
             self.options.likelihood,
             self.options.fisher_batch,
             self.generator,
+            self.options.accumulation_steps,
         )
         self.capture.active = True
         self.last_stats: dict[str, float] = {}
