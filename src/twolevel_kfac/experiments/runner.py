@@ -61,6 +61,7 @@ from twolevel_kfac.experiments.checkpoint import (
     set_rng_state,
 )
 from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.guarded_step import guarded_step
 from twolevel_kfac.experiments.losses import LOSSES
 from twolevel_kfac.experiments.metrics import MetricsWriter, read_metrics
 from twolevel_kfac.experiments.models import build_model
@@ -196,17 +197,10 @@ class _Loop:
         idx = self._order[1][s.position]
         self.model.train()
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        buffers = [b.detach().clone() for b in self.model.buffers()]  # BatchNorm statistics
-        loss = self.loss_fn(self.model(self.data.train[0][idx]), self.data.train[1][idx])
-        value = float(loss.detach())
-        stepped = math.isfinite(value) and self._backward_and_step(loss)
-        if not stepped:  # nothing of a skipped step stays, not even running statistics
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
-            self._discard_capture()
-            self.optimizer.zero_grad(set_to_none=True)
+        x, y = self.data.train[0][idx], self.data.train[1][idx]
+        value, stepped = guarded_step(
+            self.model, self.optimizer, lambda: self.loss_fn(self.model(x), y)
+        )
         s.wall_time_s += time.perf_counter() - start
         s.step, s.position = s.step + 1, s.position + 1
         if stepped:
@@ -221,26 +215,6 @@ class _Loop:
             s.diag_sums[key] = s.diag_sums.get(key, 0.0) + val
             s.diag_counts[key] = s.diag_counts.get(key, 0) + 1
         return value
-
-    def _backward_and_step(self, loss: Tensor) -> bool:
-        """Backward and step; ``False`` when the step was skipped for a NaN/Inf gradient."""
-        loss.backward()
-        skipped_before = getattr(self.optimizer, "nonfinite_steps", None)
-        if skipped_before is not None:  # the KFAC family skips and counts by itself
-            self.optimizer.step()
-            return int(getattr(self.optimizer, "nonfinite_steps", 0)) == skipped_before
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-        if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
-            return False
-        self.optimizer.step()
-        return True
-
-    def _discard_capture(self) -> None:
-        """Drop the curvature statistics a KFAC-family forward captured for a skipped step."""
-        preconditioner = getattr(self.optimizer, "preconditioner", None)
-        capture = getattr(preconditioner, "capture", None)
-        if capture is not None:
-            capture.discard()
 
     def params_finite(self) -> bool:
         """Whether every parameter of the model is finite."""
