@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from twolevel_kfac.curvature import kronecker
 from twolevel_kfac.curvature.kronecker import (
     KroneckerFactors,
+    damped_inverse,
     ema_weight,
     factor_dampings,
     pi_ratio,
@@ -100,3 +102,60 @@ def test_apply_inverse_matches_dense(float64: None, mode: str, method: str) -> N
     torch.testing.assert_close(
         factors.apply_inverse(v, lam, mode, method), expected, rtol=1e-10, atol=1e-12
     )
+
+
+def _eigh_failing_below(threshold: float, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make ``torch.linalg.eigh`` raise unless the smallest diagonal entry is ≥ threshold
+    (a stand-in for a LAPACK convergence failure that extra damping cures)."""
+    real_eigh = torch.linalg.eigh
+    seen: list[float] = []
+
+    def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(float(matrix.diagonal().min()))
+        if seen[-1] < threshold:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(kronecker.torch.linalg, "eigh", eigh)
+    return seen
+
+
+def test_safe_eigh_retries_with_growing_damping(monkeypatch: pytest.MonkeyPatch) -> None:
+    factor = torch.diag(torch.tensor([0.0, 1.0, 3.0]))  # mean diagonal 4/3 → scale 7/3
+    scale = 7.0 / 3.0
+    seen = _eigh_failing_below(1e-5 * scale, monkeypatch)
+    with pytest.warns(RuntimeWarning, match="extra damping 0.000233"):
+        values, vectors = safe_eigh(factor)
+    # float32, float64, then the rungs 1e-10, 1e-7, 1e-4 (the first that passes)
+    assert seen == pytest.approx([0.0, 0.0, 1e-10 * scale, 1e-7 * scale, 1e-4 * scale])
+    torch.testing.assert_close(values, torch.tensor([0.0, 1.0, 3.0]) + 1e-4 * scale)
+    torch.testing.assert_close(vectors.abs(), torch.eye(3))
+
+
+def test_safe_eigh_first_rung_is_subtracted_silently(monkeypatch: pytest.MonkeyPatch) -> None:
+    factor = torch.diag(torch.tensor([0.0, 2.0], dtype=torch.float64))
+    _eigh_failing_below(1e-12, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values, _ = safe_eigh(factor)
+    torch.testing.assert_close(values, torch.tensor([0.0, 2.0], dtype=torch.float64))
+
+
+def test_safe_eigh_gives_up_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _eigh_failing_below(math.inf, monkeypatch)
+    with pytest.raises(RuntimeError, match=r"failed in its dtype, in float64 and with extra"):
+        safe_eigh(torch.eye(4))
+
+
+def test_damped_inverse_retries_with_growing_damping() -> None:
+    """A negative-definite 'factor' (impossible for a true second moment, possible after
+    float32 round-off in an EMA) cannot be Cholesky-factored at any small shift; the ladder
+    ends at 1e-2·scale and otherwise raises."""
+    indefinite = torch.diag(torch.tensor([-1e-3, 1.0], dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="Cholesky .* extra damping"):
+        inverse = damped_inverse(indefinite, 0.0)
+    scale = (1.0 - 1e-3) / 2 + 1.0
+    expected = torch.diag(1.0 / (torch.tensor([-1e-3, 1.0], dtype=torch.float64) + 1e-2 * scale))
+    torch.testing.assert_close(inverse, expected)
+    with pytest.raises(RuntimeError, match="Cholesky"):
+        damped_inverse(torch.diag(torch.tensor([-1.0, 1.0])), 0.0)

@@ -272,6 +272,25 @@ def test_rng_state_round_trip() -> None:
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
+def test_cuda_rng_state_saved_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA machine every device's generator travels with the checkpoint (simulated:
+    this machine has no GPU); a checkpoint from a machine with another device count
+    leaves the CUDA generators alone."""
+    devices = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(devices))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = get_rng_state()
+    assert state["cuda"] == devices
+    set_rng_state(state)
+    assert restored == [devices]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    set_rng_state(state)
+    assert len(restored) == 1
+
+
 # ----------------------------------------------------------------- report
 def _fixture_runs() -> dict[str, list[list[dict[str, Any]]]]:
     def run(scale: float, sec: float, acc: bool = True) -> list[dict[str, Any]]:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 DAMPING_MODES = ("per_factor", "pi", "eigen_sum")
 INVERSE_METHODS = ("eigen", "cholesky")
+_T = TypeVar("_T")
 
 
 def ema_weight(num_updates: int, ema_decay: float) -> float:
@@ -64,14 +67,52 @@ def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     return values, vectors
 
 
+RETRY_DAMPINGS = (1e-10, 1e-7, 1e-4, 1e-2)
+"""Extra damping tried, in order, when a decomposition fails in the factor's dtype and in
+float64: multiples of ``mean(diag M) + 1`` (so the ladder is scale-aware and never zero)."""
+
+
+def _retry_with_damping(
+    matrix64: Tensor, attempt: Callable[[Tensor], _T | None], what: str
+) -> tuple[_T, float, bool]:
+    """Run ``attempt(M + εI)`` for ε on :data:`RETRY_DAMPINGS` until it succeeds.
+
+    Returns the result, the ε used and whether it was the first (negligible) rung; warns
+    when ε had to grow past it (the factor is then damped more than asked, which is what
+    keeps a run alive).
+
+    Raises:
+        RuntimeError: if every rung fails.
+    """
+    scale = float(matrix64.diagonal().mean()) + 1.0
+    eye = torch.eye(matrix64.shape[0], dtype=matrix64.dtype, device=matrix64.device)
+    for rung, relative in enumerate(RETRY_DAMPINGS):
+        shift = relative * scale
+        result = attempt(matrix64 + shift * eye)
+        if result is not None:
+            if rung > 0:
+                warnings.warn(
+                    f"{what} of a {tuple(matrix64.shape)} Kronecker factor failed in float64; "
+                    f"it succeeded with extra damping {shift:.3g}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return result, shift, rung == 0
+    raise RuntimeError(
+        f"{what} of a {tuple(matrix64.shape)} factor failed in its dtype, in float64 and "
+        f"with extra damping up to {RETRY_DAMPINGS[-1] * scale:.3g}"
+    )
+
+
 def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
 
     Tries the factor's dtype (float32 measured ≈ 0.6× the time of float64 for
     500–1000-dimensional factors, ``benchmarks/eigh_dtype.py``), then float64, then float64
-    with a small diagonal shift ``ε = 1e-10·(tr M / n + 1)`` that is subtracted again
-    (the eigenvectors do not change under a shift). Returns ``(eigenvalues, eigenvectors)``
-    in the input's dtype.
+    with growing extra damping ``M + εI`` (:data:`RETRY_DAMPINGS`). The first rung
+    (ε = 1e-10·(tr M / n + 1)) is subtracted again, since the eigenvectors do not change
+    under a shift; larger rungs are kept in the eigenvalues (the factor is damped more)
+    and warned about. Returns ``(eigenvalues, eigenvectors)`` in the input's dtype.
 
     Raises:
         RuntimeError: if the factor has non-finite entries or every attempt fails.
@@ -84,12 +125,10 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
         sym64 = sym.double()
         result = _eigh_or_none(sym64)
         if result is None:
-            shift = 1e-10 * (float(sym64.diagonal().mean()) + 1.0)
-            eye = torch.eye(sym.shape[0], dtype=sym64.dtype, device=sym.device)
-            shifted = _eigh_or_none(sym64 + shift * eye)
-            if shifted is None:
-                raise RuntimeError(f"eigendecomposition of a {tuple(sym.shape)} factor failed")
-            result = (shifted[0] - shift, shifted[1])
+            (values, vectors), shift, negligible = _retry_with_damping(
+                sym64, _eigh_or_none, "eigendecomposition"
+            )
+            result = (values - shift if negligible else values, vectors)
     values, vectors = result
     return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
 
@@ -102,15 +141,27 @@ def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
     return matrix.clone(), matrix.new_empty(0)
 
 
+def _cholesky_inverse_or_none(matrix: Tensor) -> Tensor | None:
+    """``M⁻¹`` by Cholesky, or ``None`` when ``M`` is not numerically positive definite."""
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    inverse = torch.cholesky_inverse(chol)
+    return inverse if bool(torch.isfinite(inverse).all()) else None
+
+
 def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
-    """``(M + shift·I)⁻¹`` by Cholesky, retried in float64 when it fails."""
+    """``(M + shift·I)⁻¹`` by Cholesky; retried in float64, then with growing extra
+    damping (:data:`RETRY_DAMPINGS`, warned about past the first rung)."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     sym = 0.5 * (matrix + matrix.T) + shift * eye
-    chol, info = torch.linalg.cholesky_ex(sym)
-    if int(info) == 0:
-        return torch.cholesky_inverse(chol)
-    chol64 = torch.linalg.cholesky(sym.double())
-    return torch.cholesky_inverse(chol64).to(matrix.dtype)
+    inverse = _cholesky_inverse_or_none(sym)
+    if inverse is None:
+        inverse = _cholesky_inverse_or_none(sym.double())
+    if inverse is None:
+        retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
+        inverse = retried
+    return inverse.to(matrix.dtype)
 
 
 def eigen_inverse(values: Tensor, vectors: Tensor, shift: float) -> Tensor:

@@ -37,10 +37,13 @@ FORMAT = 1
 
 
 def get_rng_state() -> dict[str, Any]:
-    """The global torch, numpy and python RNG states, as tensors (``weights_only``-safe)."""
+    """The global torch (CPU, and every CUDA device when present), numpy and python RNG
+    states, as tensors (``weights_only``-safe)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
     version, internal, gauss = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {
+        "cuda": cuda,
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": str(kind),
@@ -58,8 +61,12 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states of ``get_rng_state``."""
+    """Restore the states of ``get_rng_state`` (CUDA states only when saved on a machine
+    with the same number of CUDA devices; otherwise the CUDA generators are left alone)."""
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda", [])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     npy = state["numpy"]
     keys = npy["keys"].numpy().astype(np.uint32)
     legacy = (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
