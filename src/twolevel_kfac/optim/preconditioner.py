@@ -246,14 +246,17 @@ class KFACPreconditioner:
         clip = self.options.kl_clip
         if clip is None:
             return directions
-        total = sum(float((directions[n] * grads[n]).sum().abs()) for n in directions)
+        # a dot product reads both once; (d * g).sum() would also write a full-size product
+        total = sum(
+            abs(float(torch.dot(directions[n].flatten(), grads[n].flatten()))) for n in directions
+        )
         if self.options.kl_clip_form == "lr_squared":
             total *= lr * lr
         scale = 1.0 if total <= 0 or not math.isfinite(total) else min(1.0, math.sqrt(clip / total))
         self.last_stats["kl_scale"] = scale
         if scale == 1.0:
             return directions
-        return {name: d * scale for name, d in directions.items()}
+        return {name: d.mul_(scale) for name, d in directions.items()}  # ours to overwrite
 
     def _write_grads(self, directions: dict[str, Tensor]) -> None:
         for name, direction in directions.items():

@@ -56,7 +56,7 @@ from ..twolevel.coarse_matrix import (
 from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, build_basis
 from ..twolevel.combinations import COMBINATIONS, get_combination
 from ..twolevel.fisher_products import check_stats, damped_fvp, sample_coefficients
-from ..twolevel.vectors import LayerVector, dot, sub
+from ..twolevel.vectors import LayerVector, dot, sub_into
 from .kfac import CURVATURE_ARGUMENTS, KFAC
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner
@@ -110,7 +110,7 @@ def global_damped_fvp(
     """``(F + λI)v`` with the exact Fisher of the global Fisher mini-batch of ``n`` samples."""
     coeffs = sample_coefficients(stats, v)
     sums = all_reduce_sum(comm, [weighted_gradient_sum(s, coeffs) for s in stats])
-    return [s / n + damping * vi for s, vi in zip(sums, v, strict=True)]
+    return [s.div_(n).add_(vi, alpha=damping) for s, vi in zip(sums, v, strict=True)]
 
 
 def global_coarse_matrix(
@@ -253,7 +253,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         needs_residual = (
             rebuilds_basis or self.coarse.combination == "adef2" or self.coarse.diagnostics
         )
-        residual = sub(g, self.fhat(minv_g)) if needs_residual else None
+        residual = sub_into(g, self.fhat(minv_g)) if needs_residual else None
         operator = self._coarse_operator(refreshed, residual)
         result = get_combination(self.coarse.combination)(
             g,

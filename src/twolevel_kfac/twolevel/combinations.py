@@ -27,7 +27,14 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-from twolevel_kfac.twolevel.vectors import LayerVector, LinearMap, add, axpy, scale, sub
+from twolevel_kfac.twolevel.vectors import (
+    LayerVector,
+    LinearMap,
+    axpy_into,
+    scale,
+    scale_into,
+    sub_into,
+)
 
 
 class CombinationResult(NamedTuple):
@@ -98,7 +105,7 @@ def additive(
         fine = scale(fine_weight, fine)
     if coarse_scale == 0.0:
         return CombinationResult(fine, residual)
-    return CombinationResult(axpy(coarse_scale, coarse(g), fine), residual)
+    return CombinationResult(axpy_into(coarse_scale, coarse(g), fine), residual)
 
 
 def adef2(
@@ -128,8 +135,8 @@ def adef2(
     fine = _fine_step(g, minv, minv_g, residual).direction
     if coarse_scale == 0.0:
         return CombinationResult(fine, residual)
-    res = sub(g, fhat(fine)) if residual is None else residual
-    return CombinationResult(axpy(coarse_scale, coarse(res), fine), res)
+    res = sub_into(g, fhat(fine)) if residual is None else residual
+    return CombinationResult(axpy_into(coarse_scale, coarse(res), fine), res)
 
 
 def adef1(
@@ -157,8 +164,8 @@ def adef1(
     _require_unit_fine_weight("adef1", fine_weight)
     if coarse_scale == 0.0:
         return _fine_step(g, minv, minv_g, residual)
-    y = scale(coarse_scale, coarse(g))
-    return CombinationResult(add(y, minv(sub(g, fhat(y)))), residual)
+    y = scale_into(coarse_scale, coarse(g))
+    return CombinationResult(axpy_into(1.0, minv(sub_into(g, fhat(y))), y), residual)
 
 
 def balanced(
@@ -187,9 +194,9 @@ def balanced(
     _require_unit_fine_weight("balanced", fine_weight)
     if coarse_scale == 0.0:
         return _fine_step(g, minv, minv_g, residual)
-    y = scale(coarse_scale, coarse(g))
-    z = minv(sub(g, fhat(y)))
-    return CombinationResult(axpy(coarse_scale, coarse(sub(g, fhat(z))), z), residual)
+    y = scale_into(coarse_scale, coarse(g))
+    z = minv(sub_into(g, fhat(y)))
+    return CombinationResult(axpy_into(coarse_scale, coarse(sub_into(g, fhat(z))), z), residual)
 
 
 COMBINATIONS: dict[str, Combination] = {

@@ -94,4 +94,4 @@ def damped_fvp(stats: Sequence[LayerStats], v: LayerVector, damping: float) -> L
     fv = fisher_vector_product(stats, v)
     if damping == 0.0:
         return fv
-    return [f + damping * vi for f, vi in zip(fv, v, strict=True)]
+    return [f.add_(vi, alpha=damping) for f, vi in zip(fv, v, strict=True)]

@@ -17,7 +17,9 @@ LayerVector = list[Tensor]
 """One ``(d_out_i, d_in'_i)`` matrix per layer."""
 
 LinearMap = Callable[[LayerVector], LayerVector]
-"""A linear operator on layer vectors, e.g. ``v ↦ M⁻¹v`` or ``v ↦ (F + λI)v``."""
+"""A linear operator on layer vectors, e.g. ``v ↦ M⁻¹v`` or ``v ↦ (F + λI)v``. It returns
+new tensors that the caller owns (the combinations overwrite some of them: a fresh
+full-size tensor costs about twice an in-place pass on CPU, from first-touch page faults)."""
 
 
 def add(u: LayerVector, v: LayerVector) -> LayerVector:
@@ -28,6 +30,21 @@ def add(u: LayerVector, v: LayerVector) -> LayerVector:
 def sub(u: LayerVector, v: LayerVector) -> LayerVector:
     """``u − v`` layer by layer."""
     return [a - b for a, b in zip(u, v, strict=True)]
+
+
+def sub_into(u: LayerVector, v: LayerVector) -> LayerVector:
+    """``u − v``, written into ``v`` (a temporary the caller owns), which is returned."""
+    return [torch.sub(a, b, out=b) for a, b in zip(u, v, strict=True)]
+
+
+def axpy_into(alpha: float, x: LayerVector, y: LayerVector) -> LayerVector:
+    """``α x + y``, written into ``x`` (a temporary the caller owns), which is returned."""
+    return [torch.add(b, a, alpha=alpha, out=a) for a, b in zip(x, y, strict=True)]
+
+
+def scale_into(alpha: float, v: LayerVector) -> LayerVector:
+    """``α v``, written into ``v`` (a temporary the caller owns), which is returned."""
+    return [b.mul_(alpha) for b in v]
 
 
 def scale(alpha: float, v: LayerVector) -> LayerVector:
