@@ -169,6 +169,17 @@ def eigen_inverse(values: Tensor, vectors: Tensor, shift: float) -> Tensor:
     return (vectors / (values + shift)) @ vectors.T
 
 
+def apply_in_eigenbasis(
+    vectors_g: Tensor, inverse_grid: Tensor, vectors_a: Tensor, matrix: Tensor
+) -> Tensor:
+    """``Q_G [(Q_Gᵀ V Q_A) ⊙ D⁻¹] Q_Aᵀ``: a diagonal scaling in the Kronecker eigenbasis
+    (George et al. 2018, eq. 7), computed in the basis' dtype, returned in ``V``'s."""
+    v = matrix.to(inverse_grid.dtype)
+    return (vectors_g @ ((vectors_g.T @ v @ vectors_a) * inverse_grid) @ vectors_a.T).to(
+        matrix.dtype
+    )
+
+
 def eigen_denominator(
     values_g: Tensor, values_a: Tensor, damping: float, mode: str, pi: float
 ) -> Tensor:
@@ -282,14 +293,10 @@ class KroneckerFactors:
     def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
         """The damped ``(A ⊗ G)⁻¹`` (divided by ``T``) applied to a ``(d_out, d_in')`` matrix."""
         cache = self._prepare(damping, mode, method)
-        v = grad.to(cache[0].dtype)
         if len(cache) == 3:
-            vectors_g, inv_grid, vectors_a = cache
-            out = vectors_g @ ((vectors_g.T @ v @ vectors_a) * inv_grid) @ vectors_a.T
-        else:
-            inv_g, inv_a = cache
-            out = inv_g @ v @ inv_a
-        return out.to(grad.dtype)
+            return apply_in_eigenbasis(*cache, grad)
+        inv_g, inv_a = cache
+        return (inv_g @ grad.to(inv_g.dtype) @ inv_a).to(grad.dtype)
 
     def state_dict(self) -> dict[str, object]:
         return {

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.blocks import LayerStats
-from ..curvature.kronecker import eigen_denominator, ema_weight
+from ..curvature.kronecker import apply_in_eigenbasis, eigen_denominator, ema_weight
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
 from ..distributed import all_reduce_sum
 from .kfac import KFAC
@@ -61,7 +61,7 @@ class EKFACPreconditioner(KFACPreconditioner):
             )
         self.scalings: dict[str, Tensor] = {}
         self.scaling_updates: dict[str, int] = {}
-        self._scaling_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, ...]]] = {}
+        self._scaling_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, Tensor, Tensor]]] = {}
 
     def _bases(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``(Q_A, Q_G)`` of every layer whose factors have been decomposed."""
@@ -109,12 +109,9 @@ class EKFACPreconditioner(KFACPreconditioner):
         """``Q_G [(Q_Gᵀ V Q_A) ⊘ D] Q_Aᵀ`` (module docstring); KFAC's until ``S`` exists."""
         if name not in self.scalings:
             return super().apply_fine(name, matrix)
-        vectors_g, inverse, vectors_a = self._prepare_scalings(name)
-        v = matrix.to(inverse.dtype)
-        out = vectors_g @ ((vectors_g.T @ v @ vectors_a) * inverse) @ vectors_a.T
-        return out.to(matrix.dtype)
+        return apply_in_eigenbasis(*self._prepare_scalings(name), matrix)
 
-    def _prepare_scalings(self, name: str) -> tuple[Tensor, ...]:
+    def _prepare_scalings(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
         key = (self.damping, self.options.damping_mode)
         cached = self._scaling_cache.get(name)
         if cached is not None and cached[0] == key:

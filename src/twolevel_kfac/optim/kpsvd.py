@@ -52,7 +52,7 @@ from ..curvature.kpsvd import (
     nearest_kronecker,
     pencil_eigh,
 )
-from ..curvature.kronecker import ema_weight
+from ..curvature.kronecker import apply_in_eigenbasis, ema_weight
 from .kfac import KFAC
 from .options import CurvatureOptions, check_interval, check_real
 from .preconditioner import KFACPreconditioner
@@ -125,7 +125,7 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
         self.corrections: dict[str, tuple[Tensor, Tensor]] = {}
         self.correction_updates: dict[str, int] = {}
         self.frozen_corrections: dict[str, tuple[Tensor, Tensor]] = {}
-        self._pencil_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, ...]]] = {}
+        self._pencil_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, Tensor, Tensor]]] = {}
 
     def _store_batch(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
@@ -168,12 +168,9 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
         """``K⁻¹`` of the module docstring; KFAC's inverse until a correction exists."""
         if name not in self.frozen_corrections:
             return super().apply_fine(name, matrix)
-        vectors_g, inverse, vectors_a = self._prepare_pencil(name)
-        v = matrix.to(inverse.dtype)
-        out = vectors_g @ ((vectors_g.T @ v @ vectors_a) * inverse) @ vectors_a.T
-        return out.to(matrix.dtype)
+        return apply_in_eigenbasis(*self._prepare_pencil(name), matrix)
 
-    def _prepare_pencil(self, name: str) -> tuple[Tensor, ...]:
+    def _prepare_pencil(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
         key = (self.damping, self.options.damping_mode)
         cached = self._pencil_cache.get(name)
         if cached is not None and cached[0] == key:
