@@ -17,7 +17,10 @@ from torch import Tensor, nn
 
 
 def guarded_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss: Callable[[], Tensor]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    compute_loss: Callable[[], Tensor],
+    reduce: Callable[[float], float] | None = None,
 ) -> tuple[float, bool]:
     """Run forward, backward and ``optimizer.step()`` unless something is non-finite.
 
@@ -25,6 +28,9 @@ def guarded_step(
         model: the model (its buffers are restored when the step is skipped).
         optimizer: any torch optimizer; KFAC-family optimizers skip by themselves.
         compute_loss: the forward pass, returning the minibatch's loss.
+        reduce: maps the loss value to the one that decides and is returned, before
+            ``backward`` (a data-parallel run: the global batch's loss, so that every
+            process skips the same steps).
 
     Returns:
         ``(loss value, stepped)``: ``stepped`` is ``False`` for a skipped step.
@@ -33,6 +39,8 @@ def guarded_step(
     buffers = [b.detach().clone() for b in model.buffers()]
     loss = compute_loss()
     value = float(loss.detach())
+    if reduce is not None:
+        value = reduce(value)
     stepped = math.isfinite(value) and _backward_and_step(optimizer, loss)
     if not stepped:
         with torch.no_grad():

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "NullMetricsWriter", "read_metrics"]
 
 
 def _clean(value: Any) -> Any:
@@ -81,6 +81,22 @@ class MetricsWriter:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class NullMetricsWriter(MetricsWriter):
+    """A ``MetricsWriter`` that counts records without touching any file (the ranks other
+    than 0 of a distributed run, which share rank 0's ``metrics.jsonl``)."""
+
+    def __init__(self, path: str | Path, keep_lines: int | None = None) -> None:
+        self.path = Path(path)
+        self.count = keep_lines or 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Count ``record``."""
+        self.count += 1
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -23,6 +23,10 @@ paper's "validation"), ``test_*`` on the official test set; ``*_acc`` for
 classification. ``torch.set_flush_denormal(True)`` is set for every run: denormal
 activations made CPU steps several times slower.
 
+Distributed: when ``torch.distributed`` is initialised (``tlkfac run --nproc N`` or
+``torchrun``: ``experiments.launch``), every rank runs this loop on its part of each global
+batch and rank 0 alone writes; the conventions are those of ``experiments.parallel``.
+
 Non-finite values: a step whose loss or gradient is NaN/Inf is skipped (nothing reaches
 the parameters, the optimizer state or KFAC's running factors; the KFAC family does this
 itself and counts it in ``opt.nonfinite_steps``, SGD/Adam are checked here) and counted:
@@ -38,12 +42,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,12 @@ from twolevel_kfac.experiments.checkpoint import (
 )
 from twolevel_kfac.experiments.config import ExperimentConfig
 from twolevel_kfac.experiments.guarded_step import guarded_step
+from twolevel_kfac.experiments.interrupt import interrupt_flag
 from twolevel_kfac.experiments.losses import LOSSES
-from twolevel_kfac.experiments.metrics import MetricsWriter, read_metrics
+from twolevel_kfac.experiments.metrics import MetricsWriter, NullMetricsWriter, read_metrics
 from twolevel_kfac.experiments.models import build_model
 from twolevel_kfac.experiments.optimizers import make_optimizer
+from twolevel_kfac.experiments.parallel import Parallel
 from twolevel_kfac.experiments.problem import Data, evaluate, load_data
 
 __all__ = ["Data", "LoopState", "RunResult", "evaluate", "load_data", "make_optimizer", "train_run"]
@@ -107,30 +109,6 @@ class RunResult:
     step: int
 
 
-@contextmanager
-def _interrupt_flag() -> Iterator[threading.Event]:
-    """First Ctrl-C sets the flag (the loop checkpoints and stops); a second one aborts."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-        print(
-            "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     """The data order of an epoch: a permutation seeded by ``(seed, epoch)``."""
     (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1)
@@ -140,38 +118,45 @@ def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 class _Loop:
     """One run's model, optimizer, data and state, and the steps between them."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: Path, data: Data) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: Path, data: Data, par: Parallel) -> None:
         self.config, self.problem, self.run_dir, self.data = config, config.problem, run_dir, data
         (self.label,) = config.methods
         self.seed = self.problem.seeds[0]
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)  # noqa: NPY002 (user code may use it)
         self.model = build_model(self.problem.model.name, **self.problem.model.kwargs)
+        self.par = par
+        self.net = self.par.wrap(self.model)  # what trains: DDP around the model, or itself
         kind, kwargs = config.method_kwargs(self.label, self.seed)
-        self.optimizer = make_optimizer(kind, self.model, **kwargs)
+        self.optimizer = make_optimizer(kind, self.net, **kwargs)
         self.loss_fn = LOSSES[self.problem.loss]
         self.state = LoopState()
         n = len(data.train[0])
+        self.par.check_split(n, self.problem.batch_size)
         self.n_batches = math.ceil(n / self.problem.batch_size)
         self._order: tuple[int, tuple[Tensor, ...]] = (-1, ())
 
     # ------------------------------------------------------------ checkpoints
     def save(self, full: bool = True) -> None:
-        save_checkpoint(
-            self.run_dir / "checkpoint.pt",
-            {
-                "fingerprint": self.config.fingerprint(),
-                "config": json.dumps(self.config.fingerprinted(), sort_keys=True),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict() if full else None,
-                "rng": get_rng_state(),
-                "loop": asdict(self.state),
-            },
-        )
+        """Checkpoint (every rank: ``state_dict()`` may be a collective; rank 0 writes)."""
+        payload = {
+            "fingerprint": self.config.fingerprint(),
+            "config": json.dumps(self.config.fingerprinted(), sort_keys=True),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if full else None,
+            "rng": get_rng_state(),
+            "loop": asdict(self.state),
+        }
+        if self.par.is_main:
+            save_checkpoint(self.run_dir / "checkpoint.pt", payload)
 
     def restore(self) -> None:
-        ck = load_checkpoint(
-            self.run_dir / "checkpoint.pt", self.config.fingerprint(), self.config.fingerprinted()
+        ck = self.par.from_main(
+            lambda: load_checkpoint(
+                self.run_dir / "checkpoint.pt",
+                self.config.fingerprint(),
+                self.config.fingerprinted(),
+            )
         )
         self.model.load_state_dict(ck["model"])
         set_rng_state(ck["rng"])
@@ -194,12 +179,12 @@ class _Loop:
         if self._order[0] != s.epoch:
             order = _epoch_order(len(self.data.train[0]), self.seed, s.epoch)
             self._order = (s.epoch, order.split(self.problem.batch_size))
-        idx = self._order[1][s.position]
+        idx = self.par.shard(self._order[1][s.position])
         self.model.train()
         start = time.perf_counter()
         x, y = self.data.train[0][idx], self.data.train[1][idx]
         value, stepped = guarded_step(
-            self.model, self.optimizer, lambda: self.loss_fn(self.model(x), y)
+            self.net, self.optimizer, lambda: self.loss_fn(self.net(x), y), self.par.global_loss
         )
         s.wall_time_s += time.perf_counter() - start
         s.step, s.position = s.step + 1, s.position + 1
@@ -261,6 +246,8 @@ class _Loop:
 
     def held_out(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        if not self.par.is_main:  # only rank 0 writes records
+            return out
         for name, split in (("val", self.data.val), ("test", self.data.test)):
             if split is not None:
                 loss, acc = evaluate(self.model, self.loss_fn, *split, self.problem.eval_batch_size)
@@ -302,12 +289,13 @@ def _run_loop(
         leave=False,
         desc=f"{loop.label} seed {loop.seed}",
         dynamic_ncols=True,
-        disable=not (progress and sys.stderr.isatty()),
+        disable=not (progress and sys.stderr.isatty() and loop.par.is_main),
     )
-    with _interrupt_flag() as flag, bar:
+    with interrupt_flag(announce=loop.par.is_main) as flag, bar:
         while not loop.finished():
-            if flag.is_set() or (max_steps is not None and s.step >= max_steps):
-                return flag.is_set(), "partial" if s.position else ""
+            interrupted = loop.par.any(flag.is_set())
+            if interrupted or (max_steps is not None and s.step >= max_steps):
+                return interrupted, "partial" if s.position else ""
             loop.step()
             bar.update(1)
             if s.consecutive_nonfinite >= problem.max_consecutive_nonfinite:
@@ -319,7 +307,9 @@ def _run_loop(
                     "parameters",
                     file=sys.stderr,
                 )
-            elif problem.time_budget_s is not None and s.wall_time_s >= problem.time_budget_s:
+            elif problem.time_budget_s is not None and loop.par.any(
+                s.wall_time_s >= problem.time_budget_s
+            ):
                 s.stop_reason = "time_budget"
             if problem.log_every and s.step % problem.log_every == 0:
                 writer.write(loop.step_record())
@@ -366,33 +356,35 @@ def train_run(
     """
     if len(config.methods) != 1 or len(config.problem.seeds) != 1:
         raise ValueError("train_run needs a single-run config (ExperimentConfig.for_run)")
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not resume and ((run_dir / "checkpoint.pt").exists() or metrics.exists()):
+    run_dir, par = Path(run_dir), Parallel.current()
+    metrics, checkpoint = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    if not resume and par.from_main(lambda: checkpoint.exists() or metrics.exists()):
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume to continue it "
             "or choose another output directory"
         )
     torch.set_flush_denormal(True)
     data = data if data is not None else load_data(config.problem, data_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loop = _Loop(config, run_dir, data)
+    loop = _Loop(config, run_dir, data, par)
     if resume:
         loop.restore()
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
-    )
-    with MetricsWriter(metrics, loop.state.records if resume else None) as writer:
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+        )
+    writer_class = MetricsWriter if par.is_main else NullMetricsWriter
+    with writer_class(metrics, loop.state.records if resume else None) as writer:
         interrupted, partial = _run_loop(loop, writer, max_steps, progress)
         loop.state.records = writer.count
-        if loop.params_finite() or not (run_dir / "checkpoint.pt").exists():
+        if loop.params_finite() or not par.from_main(checkpoint.exists):
             loop.save(full=not (loop.finished() and config.problem.final_checkpoint == "model"))
         if partial:
             writer.write(loop.epoch_record("partial"))
     s = loop.state
     return RunResult(
         run_dir,
-        read_metrics(metrics),
+        read_metrics(metrics) if par.is_main else [],
         loop.finished(),
         interrupted,
         s.stop_reason or ("epochs" if loop.finished() else "stopped"),

@@ -3,7 +3,9 @@
 The run directory gets ``config.yaml`` (resolved), ``metrics.jsonl`` and ``checkpoint.pt``
 (every ``problem.checkpoint_every`` steps, at the end, and on Ctrl-C). ``--resume``
 continues from the checkpoint bit-identically; ``--max-steps N`` stops after N steps in
-total (resumable).
+total (resumable). ``--nproc N`` trains data-parallel on N local processes, each on its
+part of every global batch; under ``torchrun`` each process is one rank (see
+``experiments.launch``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from twolevel_kfac.experiments.commands import (
     INTERRUPTED,
     add_common,
     apply_common,
+    positive_int,
     progress_enabled,
 )
 
@@ -27,13 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="method label (needed if several)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: the first)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    parser.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="data-parallel: N local processes share every batch (gloo; default: 1, or "
+        "the world size of torchrun)",
+    )
     add_common(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from twolevel_kfac.experiments.config import load_config
+    from twolevel_kfac.experiments.launch import launcher_world_size, train_parallel
     from twolevel_kfac.experiments.report import epoch_records
-    from twolevel_kfac.experiments.runner import train_run
 
     apply_common(args)
     config = load_config(args.config)
@@ -46,14 +57,18 @@ def run(args: argparse.Namespace) -> int:
         (label,) = config.methods
     seed = config.problem.seeds[0] if args.seed is None else args.seed
     out = Path(args.out or Path("results") / Path(args.config).stem / label / f"seed{seed}")
-    result = train_run(
+    result = train_parallel(
         config.for_run(label, seed),
         out,
+        args.nproc,
         resume=args.resume,
         max_steps=args.max_steps,
         progress=progress_enabled(args),
         data_dir=args.data_dir,
+        threads=args.threads,
     )
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     epochs = epoch_records(result.records)
     last = epochs[-1] if epochs else {}
     loss = last.get("train_loss")
@@ -63,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
         + f" → {out}"
     )
     if result.interrupted:
+        nproc = f" --nproc {args.nproc}" if args.nproc else ""
+        launcher = " under the same launcher" if launcher_world_size() else ""
         print(
             f"interrupted: checkpoint saved; continue with `tlkfac run {args.config} "
-            f"--method {label} --seed {seed} --out {out} --resume`"
+            f"--method {label} --seed {seed} --out {out}{nproc} --resume`{launcher}"
         )
         return INTERRUPTED
     return 0
