@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# the `bench` extra (ASDL) with torch pinned, then every default benchmark into docs/benchmarks
 bench: $(STAMP)
-	$(VENV)/bin/tlkfac bench
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[bench]'
+	$(VENV)/bin/tlkfac bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,176 @@
+"""Peers timed beside our KFAC: ASDL's KFAC and kfac-pytorch's ``KFACPreconditioner``.
+
+* **ASDL** (``pip install asdfghjkl``, imported as ``asdl``; our ``bench`` extra):
+  ``KfacGradientMaker`` with the empirical Fisher of the whole batch, π-damping and
+  Cholesky inverses (what ASDL's ``Kron.update_inv`` does), factors and inverses refreshed
+  every T steps, running average weight 1 − 0.95, BatchNorm layers left to SGD (as ours),
+  then ``torch.optim.SGD`` with momentum 0.9. ASDL 0.1a5 calls ``torch.cuda.nvtx.range``
+  unconditionally, which raises on CPU-only torch builds ("NVTX functions not installed");
+  :func:`asdl_status` replaces ASDL's ``nvtx`` handle with a no-op on such builds. ASDL
+  calls the loss with ``reduction="sum"`` and divides by the batch size itself, so our
+  mean losses are wrapped (:func:`_reducible`). Its hooks trigger torch's "non-full
+  backward hook" ``FutureWarning`` on every refresh and its import torch's
+  ``torch.jit.script`` ``DeprecationWarning``; both are silenced.
+* **kfac-pytorch** (gpauloski/kfac-pytorch, not on PyPI): given ``--external PATH`` of a
+  local checkout, ``kfac.preconditioner.KFACPreconditioner`` with its defaults (eigen
+  method, damping added to the eigenvalue products, the empirical Fisher of the loss's own
+  backward pass), ``factor_update_steps = inv_update_steps = T``; the step is
+  ``loss.backward(); preconditioner.step(); sgd.step()``.
+
+Nothing here is imported unless a peer is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from twolevel_kfac.bench.methods import MethodSpec, Runner
+from twolevel_kfac.experiments.losses import LossFn
+
+__all__ = ["asdl_status", "build_runner", "kfac_pytorch_status"]
+
+ASDL_MISSING = (
+    "ASDL is not installed: `pip install asdfghjkl torch==2.13.0` "
+    "(or the `bench` extra: pip install -e '.[bench]')"
+)
+_NVTX_MODULES = ("asdl.precondition.natural_gradient", "asdl.operations.operation", "asdl.utils")
+
+
+def asdl_status() -> str | None:
+    """``None`` when ASDL can be used (its NVTX calls patched on CPU builds), else why not."""
+    try:
+        with warnings.catch_warnings():  # its import decorates with torch.jit.script
+            warnings.simplefilter("ignore", DeprecationWarning)
+            importlib.import_module("asdl")
+    except ImportError as error:
+        return f"{ASDL_MISSING} ({error})"
+    except Exception as error:  # an ASDL release broken against this torch
+        return f"ASDL failed to import with torch {torch.__version__}: {error!r}"
+    warnings.filterwarnings("ignore", "Using a non-full backward hook", FutureWarning)
+    if not torch.cuda.is_available():
+        shim = types.SimpleNamespace(range=lambda *args, **kwargs: contextlib.nullcontext())
+        for name in _NVTX_MODULES:
+            module = sys.modules.get(name)
+            if module is not None and hasattr(module, "nvtx"):
+                module.nvtx = shim  # type: ignore[attr-defined]
+    return None
+
+
+def kfac_pytorch_status(path: str | None) -> str | None:
+    """``None`` when ``kfac.preconditioner`` imports from the checkout at ``path``."""
+    if not path:
+        return "kfac-pytorch is not on PyPI; pass --external PATH of a local checkout"
+    root = str(Path(path).expanduser().resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        importlib.import_module("kfac.preconditioner")
+    except Exception as error:
+        return f"cannot import kfac.preconditioner from {root}: {error!r}"
+    return None
+
+
+def _reducible(loss_fn: LossFn) -> Any:
+    """Our mean loss as ASDL wants it: a function with a ``reduction`` argument."""
+
+    def loss(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        value = loss_fn(output, target)
+        return value * output.shape[0] if reduction == "sum" else value
+
+    return loss
+
+
+def _asdl_runner(
+    spec: MethodSpec,
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn,
+    interval: int,
+) -> Runner:
+    reason = asdl_status()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from asdl import KfacGradientMaker, PreconditioningConfig
+
+    kw = spec.kwargs
+    x, y = batch
+    config = PreconditioningConfig(
+        data_size=x.shape[0],
+        damping=kw["damping"],
+        preconditioner_upd_interval=interval,
+        curvature_upd_interval=interval,
+        ema_decay=1.0 - kw.get("ema_decay", 0.95),
+        ignore_modules=[nn.BatchNorm1d, nn.BatchNorm2d],
+    )
+    maker = KfacGradientMaker(model, config, fisher_type="fisher_emp", loss_type="mse")
+    opt = torch.optim.SGD(model.parameters(), lr=kw["lr"], momentum=0.9)
+    loss = _reducible(loss_fn)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        dummy = maker.setup_model_call(model, x)
+        maker.setup_loss_call(loss, dummy, y)
+        maker.forward_and_backward()
+        opt.step()
+
+    return Runner(step, opt, model)
+
+
+def _kfac_pytorch_runner(
+    spec: MethodSpec,
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn,
+    interval: int,
+) -> Runner:
+    kw = spec.kwargs
+    reason = kfac_pytorch_status(kw.get("path"))
+    if reason is not None:
+        raise RuntimeError(reason)
+    from kfac.preconditioner import KFACPreconditioner
+
+    preconditioner = KFACPreconditioner(
+        model,
+        factor_update_steps=interval,
+        inv_update_steps=interval,
+        damping=kw["damping"],
+        factor_decay=kw.get("ema_decay", 0.95),
+        kl_clip=kw["kl_clip"],
+        lr=kw["lr"],
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=kw["lr"], momentum=0.9)
+    x, y = batch
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        preconditioner.step()
+        opt.step()
+
+    return Runner(step, opt, model)
+
+
+def build_runner(
+    spec: MethodSpec,
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn,
+    interval: int,
+) -> Runner:
+    """A peer's runner (``spec.kind`` ``asdl`` or ``kfac_pytorch``).
+
+    Raises:
+        RuntimeError: The peer is not available (the message says why).
+    """
+    if spec.kind == "asdl":
+        return _asdl_runner(spec, model, batch, loss_fn, interval)
+    return _kfac_pytorch_runner(spec, model, batch, loss_fn, interval)

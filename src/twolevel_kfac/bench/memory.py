@@ -1,0 +1,127 @@
+"""Peak memory of a method: the ``ru_maxrss`` delta of a fresh child process.
+
+``tracemalloc`` does not see tensor storage (torch allocates it outside Python's
+allocator), and the peak resident set size of the timing process is a running maximum over
+every method it has run. So each (problem, method) runs in its own child process, forked
+from a ``forkserver`` that has only imported torch and this package (fast, and safe with
+OpenMP): the child builds the model and the batch, reads ``resource.getrusage(...).ru_maxrss``,
+after one plain forward and backward pass (which loads the kernels, starts autograd's
+threads and touches the activations and gradients once) and after the method's first steps
+on a tiny stand-in network (which imports what the method imports lazily: PyTorch loads
+``torch._dynamo`` when the first optimizer is built, some 60 MiB), then builds the optimizer, takes
+a few steps (a refresh step included) and reads it again. The reported figure is the
+difference in MiB: the peak memory a method needs *beyond a plain forward and backward
+pass* (its state: momentum, factors, decompositions, stored Fisher statistics; and its
+transients), as resident memory, so allocator slack counts too. A child that ``spawn``
+started would inherit the parent's peak through ``exec`` and report nothing; a
+``forkserver`` child starts at the server's small peak.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+from twolevel_kfac.bench.methods import MethodSpec, build_runner, runner_for
+from twolevel_kfac.bench.problems import Problem
+
+__all__ = ["METHOD_NOTE", "peak_memory_mib"]
+
+METHOD_NOTE = (
+    "extra peak resident memory (ru_maxrss delta, MiB) of a forkserver child over one plain "
+    "forward+backward pass: the optimizer's state and transients"
+)
+_PRELOAD = ["torch", "twolevel_kfac.bench.methods"]
+
+
+def _maxrss_mib() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _stand_in(problem: Problem) -> Problem:
+    """A tiny MLP with the loss of ``problem``: runs a method's code once before measuring."""
+    out = 3 if problem.classes else 4
+    return Problem(
+        "stand_in",
+        "mlp",
+        8,
+        (4,),
+        problem.loss,
+        3 if problem.classes else 0,
+        {"sizes": (4, 4, out)},
+    )
+
+
+def _child(
+    conn: Connection,
+    spec: MethodSpec,
+    problem: Problem,
+    interval: int,
+    steps: int,
+    threads: int,
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    try:
+        runner_for(spec, _stand_in(problem), interval).run(2)  # the method's lazy imports
+        model = problem.build_model()
+        batch = problem.batch_data()
+        problem.loss_fn(model(batch[0]), batch[1]).backward()  # kernels, autograd threads
+        model.zero_grad(set_to_none=True)
+        before = _maxrss_mib()
+        runner = build_runner(spec, model, batch, problem.loss_fn, problem.likelihood, interval)
+        runner.run(steps)
+        conn.send(("ok", _maxrss_mib() - before))
+    except Exception as error:  # reported to the parent, which records it
+        conn.send(("error", repr(error)))
+    finally:
+        conn.close()
+
+
+def peak_memory_mib(
+    spec: MethodSpec,
+    problem: Problem,
+    interval: int,
+    threads: int,
+    steps: int = 3,
+    timeout_s: float = 600.0,
+) -> tuple[float | None, str | None]:
+    """Peak memory of ``spec`` on ``problem`` (module docstring).
+
+    Args:
+        spec: The method.
+        problem: The problem (its model and batch are built in the child).
+        interval: Refresh interval T of the method.
+        threads: torch threads of the child.
+        steps: Training steps taken (the first is a refresh step).
+        timeout_s: Give up after this long.
+
+    Returns:
+        ``(MiB, None)``, or ``(None, reason)`` when the child failed.
+    """
+    ctx: Any = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(child, spec, problem, interval, steps, threads))
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            process.kill()
+            return None, f"no answer within {timeout_s:.0f} s"
+        status, value = parent.recv()
+    except EOFError:
+        status, value = "error", f"child exited with status {process.exitcode}"
+    finally:
+        process.join()
+        parent.close()
+    if status == "ok":
+        return max(float(value), 0.0), None
+    return None, str(value)

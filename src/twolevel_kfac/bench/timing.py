@@ -1,0 +1,93 @@
+"""The timing harness: interleaved blocks of training steps, and their statistics.
+
+Every method trains its own model in the same process. After a warm-up of two steps each
+(the first refresh and allocations), the methods take turns: one *block* of ``block``
+steps each, ``repeats`` rounds, the order rotated every round so that no method always
+runs right after the same other one. With refresh interval T a block is a multiple of T
+steps, and any T consecutive steps hold exactly one refresh step, so each block carries
+its share of the factor and decomposition work whatever step it starts on.
+
+Statistics: the per-step time of a method is the median over its blocks (with the
+interquartile range); its ratio to a baseline is the median over rounds of the ratio of
+the two blocks of the same round (paired, so a load change between rounds cancels), with
+the interquartile range of those per-round ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from twolevel_kfac.bench.methods import Runner
+
+__all__ = ["block_steps", "interleave", "quartiles", "ratio_stats", "set_threads", "timed"]
+
+WARMUP_STEPS = 2
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (``None``: torch's default) and return the count in force."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def block_steps(interval: int, minimum: int) -> int:
+    """The smallest multiple of ``interval`` that is at least ``minimum`` steps."""
+    return interval * max(1, math.ceil(minimum / interval))
+
+
+def timed(runner: Runner, steps: int) -> float:
+    """Seconds per step of ``steps`` consecutive steps."""
+    start = time.perf_counter()
+    runner.run(steps)
+    return (time.perf_counter() - start) / steps
+
+
+def interleave(
+    runners: Mapping[str, Runner],
+    block: int,
+    repeats: int,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per step of each runner's blocks, rounds interleaved.
+
+    Args:
+        runners: Label → runner.
+        block: Steps per block.
+        repeats: Rounds (blocks per runner).
+        log: Progress sink (default: stderr).
+
+    Returns:
+        Label → ``repeats`` per-step times, in round order.
+    """
+    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    labels = list(runners)
+    for label in labels:
+        runners[label].run(WARMUP_STEPS)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(repeats):
+        shift = round_index % len(labels)
+        start = time.perf_counter()
+        for label in labels[shift:] + labels[:shift]:
+            times[label].append(timed(runners[label], block))
+        say(f"  round {round_index + 1}/{repeats}: {time.perf_counter() - start:.1f} s")
+    return times
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(q1, median, q3)`` (inclusive method; a single value is all three)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def ratio_stats(times: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+    """``quartiles`` of the per-round ratios ``times[r] / base[r]``."""
+    return quartiles([t / b for t, b in zip(times, base, strict=True)])

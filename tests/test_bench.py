@@ -1,0 +1,198 @@
+"""``tlkfac bench``: the FLOP floor against the issue's numbers, the timing statistics, and
+each benchmark's ``--quick`` mode end to end (JSON schema, finite positive ratios, the
+markdown re-rendered from the JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch import nn
+
+from twolevel_kfac.bench import external
+from twolevel_kfac.bench.flops import flop_floor, layer_shapes
+from twolevel_kfac.bench.problems import PROBLEMS
+from twolevel_kfac.bench.timing import block_steps, quartiles, ratio_stats
+from twolevel_kfac.cli import main
+
+QUICK = ["--quick", "--threads", "1"]
+
+
+def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Run ``tlkfac bench NAME --quick`` into ``tmp_path``; return its JSON."""
+    assert main(["bench", *args, *QUICK, "--out", str(tmp_path)]) == 0
+    return json.loads((tmp_path / f"{args[0]}.json").read_text())
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    assert {"problem", "description", "batch", "interval", "block_steps", "rows"} <= set(group)
+    assert group["block_steps"] % group["interval"] == 0
+    assert group["rows"][0]["method"] == "sgd" and group["rows"][0]["ratio_sgd"] == 1.0
+    for row in group["rows"]:
+        for key in ("median_ms", "q1_ms", "q3_ms", "ratio_sgd", "ratio_q1", "ratio_q3"):
+            assert _positive(row[key]), (row["method"], key, row[key])
+        assert row["ratio_q1"] <= row["ratio_sgd"] <= row["ratio_q3"]
+        assert _positive(row["floor_ratio"]) and row["floor_ratio"] >= 1.0
+        assert _positive(row["vs_floor"]) and row["skipped_steps"] == 0
+
+
+def _rerendered(tmp_path: Path, name: str) -> None:
+    """``--render`` rewrites the markdown from the JSON alone, identically."""
+    md = tmp_path / f"{name}.md"
+    before = md.read_text()
+    md.unlink()
+    assert main(["bench", name, "--render", "--out", str(tmp_path)]) == 0
+    assert md.read_text() == before
+
+
+def test_flop_floor_reproduces_the_mnist_autoencoder_numbers() -> None:
+    """MNIST AE, B = 512, Fisher batch 128: fwd+bwd 8.7, preconditioner 9.0, factor refresh
+    3.8 per refresh, eigendecompositions 50 per refresh (GFLOP), within 10 %."""
+    problem = PROBLEMS["mnist_ae_512"]
+    shapes = layer_shapes(problem.build_model(), problem.input_shape)
+    assert len(shapes) == 8 and all(s.locations == 1 and s.bias for s in shapes)
+    gflop = flop_floor(shapes, batch=512, fisher_batch=128).as_gflop()
+    expected = {"forward_backward": 8.7, "precondition": 9.0, "refresh_per_T": 3.8,
+                "decomposition_per_T": 50.0}  # fmt: skip
+    for key, value in expected.items():
+        assert gflop[key] == pytest.approx(value, rel=0.1), key
+    floor = flop_floor(shapes, 512, 128)
+    assert floor.ratio(20) == pytest.approx((8.7 + 9.0 + (3.8 + 50.0) / 20) / 8.7, rel=0.02)
+    assert floor.ratio(1, preconditioned=False) == 1.0
+    cheaper = flop_floor(shapes, 512, 128, inverse_method="cholesky", extra_pass=False)
+    assert cheaper.decomposition == pytest.approx(floor.decomposition / 9)
+    assert cheaper.refresh < floor.refresh
+
+
+def test_layer_shapes_of_a_convnet_count_output_locations() -> None:
+    shapes = layer_shapes(PROBLEMS["cuda_convnet_256"].build_model(), (3, 32, 32))
+    first = shapes[0]
+    assert (first.d_in, first.d_out, first.locations) == (27, 32, 30 * 30)
+    assert shapes[-1].locations == 1 and shapes[-1].d_out == 10
+    grouped = layer_shapes(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2, bias=False)), (4, 5, 5))
+    assert (grouped[0].d_in, grouped[0].locations, grouped[0].bias) == (18, 9, False)
+
+
+def test_timing_statistics() -> None:
+    assert block_steps(1, 10) == 10 and block_steps(20, 10) == 20 and block_steps(3, 10) == 12
+    assert quartiles([2.0]) == (2.0, 2.0, 2.0)
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    # paired per-round ratios: a slow round for both methods cancels
+    assert ratio_stats([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_step_time_quick(tmp_path: Path) -> None:
+    data = _run(tmp_path, "step_time")
+    assert data["benchmark"] == "step_time" and data["settings"]["quick"] is True
+    assert data["environment"]["threads"] == 1
+    assert [g["interval"] for g in data["results"]] == [2, 4]
+    for group in data["results"]:
+        _check_group(group)
+        labels = [r["method"] for r in group["rows"]]
+        assert {"adam", "kfac:pi:cholesky", "residual+additive:faithful"} <= set(labels)
+        memory = {r["method"]: r.get("peak_mib") for r in group["rows"]}
+        assert memory["kfac:per_factor:eigen"] > memory["sgd"] >= 0
+    floor = data["floors"]["curves_ae_256"]
+    assert floor["fisher_batch"] == 64 and len(floor["layers"]) == 12
+    assert (tmp_path / "step_time_curves_ae_256.png").stat().st_size > 5000
+    assert "| kfac:per_factor:eigen |" in (tmp_path / "step_time.md").read_text()
+    _rerendered(tmp_path, "step_time")
+
+
+def test_scaling_quick(tmp_path: Path) -> None:
+    data = _run(tmp_path, "scaling")
+    assert [s["quantity"] for s in data["sweeps"]] == ["batch", "width", "depth"]
+    for sweep in data["sweeps"]:
+        assert len(sweep["points"]) == 2
+        for point in sweep["points"]:
+            assert _positive(point["kfac_floor_ratio"])
+            for row in point["rows"].values():
+                assert _positive(row["ratio_sgd"])
+    assert (tmp_path / "scaling.png").stat().st_size > 5000
+    _rerendered(tmp_path, "scaling")
+
+
+def test_asdl_quick(tmp_path: Path) -> None:
+    data = _run(tmp_path, "asdl")
+    assert "kfac_pytorch" in data["skipped"] and "--external" in data["skipped"]["kfac_pytorch"]
+    if external.asdl_status() is not None:
+        assert "asdl:kfac" in data["skipped"] and not data["results"]
+        return
+    for group in data["results"]:
+        _check_group(group)
+        assert [r["method"] for r in group["rows"]] == ["sgd", "ours:asdl", "asdl:kfac"]
+
+
+def test_asdl_missing_is_skipped_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(external, "asdl_status", lambda: external.ASDL_MISSING)
+    data = _run(tmp_path, "asdl")
+    assert data["results"] == [] and data["skipped"]["asdl:kfac"] == external.ASDL_MISSING
+    assert "pip install asdfghjkl" in (tmp_path / "asdl.md").read_text()
+
+
+FAKE_KFAC = '''
+class KFACPreconditioner:
+    """Stand-in with kfac-pytorch's constructor keywords: counts its steps."""
+
+    def __init__(self, model, *, factor_update_steps, inv_update_steps, damping,
+                 factor_decay, kl_clip, lr):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+'''
+
+
+def test_external_checkout_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--external PATH`` imports ``kfac.preconditioner`` from PATH (a stand-in here)."""
+    checkout = tmp_path / "kfac-pytorch"
+    (checkout / "kfac").mkdir(parents=True)
+    (checkout / "kfac" / "__init__.py").write_text("")
+    (checkout / "kfac" / "preconditioner.py").write_text(FAKE_KFAC)
+    monkeypatch.setattr(external, "asdl_status", lambda: "not under test")
+    monkeypatch.syspath_prepend(str(checkout))
+    out = tmp_path / "out"
+    args = ["bench", "asdl", *QUICK, "--intervals", "2", "--out", str(out)]
+    assert main([*args, "--external", str(checkout)]) == 0
+    data = json.loads((out / "asdl.json").read_text())
+    assert "kfac_pytorch" not in data["skipped"]
+    (group,) = data["results"]
+    _check_group(group)
+    assert [r["method"] for r in group["rows"]] == ["sgd", "ours:kfac_pytorch", "kfac_pytorch"]
+
+
+def test_time_to_target_quick(tmp_path: Path) -> None:
+    data = _run(tmp_path, "time_to_target")
+    assert {r["method"] for r in data["runs"]} == {"kfac", "sgd", "adam"}
+    for run in data["runs"]:
+        assert len(run["wall_time_s"]) == len(run["train_loss"]) == 2
+        assert all(_positive(t) for t in run["wall_time_s"])
+    assert data["settings"]["hyperparameters"]["kfac"]["lr"] == 0.3  # configs/cpu/curves.yaml
+    for row in data["summary"]:
+        assert row["median_s"] is None or _positive(row["median_s"])
+    assert (tmp_path / "time_to_target.png").stat().st_size > 5000
+
+
+def test_eigh_dtype_quick(tmp_path: Path) -> None:
+    data = _run(tmp_path, "eigh_dtype")
+    assert [r["size"] for r in data["rows"]] == [64, 128]
+    assert all(_positive(r["ratio"]) for r in data["rows"])
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["bench", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "unknown benchmark 'nonsense'" in capsys.readouterr().err
+    args = ["bench", "step_time", *QUICK, "--out", str(tmp_path)]
+    assert main([*args, "--methods", "kfac:typo"]) == 2
+    assert "unknown method(s) ['kfac:typo']" in capsys.readouterr().err
+    assert main(["bench", "scaling", "--render", "--out", str(tmp_path)]) == 2
+    assert "tlkfac bench scaling" in capsys.readouterr().err
