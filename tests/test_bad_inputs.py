@@ -104,6 +104,11 @@ CONFIG_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("batch larger than data", _problem(batch_size=10**5), ["larger than the training set"]),
     ("empty training set", _dataset(n_train=2, val_fraction=0.9), ["training set", "is empty"]),
     ("input_shape", _dataset(input_shape=[7, 7]), ["dataset.input_shape [7, 7]", "784"]),
+    (
+        "BatchNorm with a last batch of 1",  # 256 training examples = 255 + 1
+        _problem(model={"name": "d_mnist_mlp"}, batch_size=255),
+        ["BatchNorm", "the last batch of an epoch has 1 row(s)", "256 training examples"],
+    ),
 ]
 
 # (case id, file text, words of the message)

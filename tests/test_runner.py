@@ -402,3 +402,30 @@ def test_other_fine_levels_build_by_name(
     assert set(kwargs) <= allowed_arguments(method)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     assert type(make_optimizer(method, model, lr=0.1, **kwargs)).__name__ == class_name
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "batch", "processes", "refused"),
+    [
+        (256, 255, 1, True),
+        (256, 128, 1, False),
+        (10, 1, 1, True),
+        (257, 128, 1, True),
+        (258, 128, 1, False),
+        (258, 128, 2, True),
+        (260, 128, 2, False),
+        (256, 3, 2, True),
+    ],
+)
+def test_batch_norm_needs_two_rows_per_process(
+    n_rows: int, batch: int, processes: int, refused: bool
+) -> None:
+    from twolevel_kfac.experiments.problem import check_batch_norm_rows
+
+    with_bn = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    check_batch_norm_rows(nn.Linear(2, 3), n_rows, batch, processes)  # no BatchNorm: no limit
+    if refused:
+        with pytest.raises(ValueError, match="BatchNorm layers, which need at least 2 rows"):
+            check_batch_norm_rows(with_bn, n_rows, batch, processes)
+    else:
+        check_batch_norm_rows(with_bn, n_rows, batch, processes)

@@ -85,6 +85,27 @@ def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
     )
 
 
+def check_batch_norm_rows(model: nn.Module, n_rows: int, batch_size: int, processes: int) -> None:
+    """Refuse batches that BatchNorm cannot normalise in training (fewer than 2 rows per
+    process), found before the first step instead of by torch in the middle of an epoch.
+
+    Raises:
+        ValueError: the model has BatchNorm layers and ``batch_size`` or the last batch of
+            an epoch (``n_rows % batch_size`` rows) leaves a process a single row.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    last = n_rows % batch_size
+    smallest, which = (last, "the last batch of an epoch") if last else (batch_size, "a batch")
+    if smallest // processes < 2:
+        per = f" per process (--nproc {processes})" if processes > 1 else ""
+        raise ValueError(
+            f"the model has BatchNorm layers, which need at least 2 rows per batch in "
+            f"training, but {which} has {smallest} row(s){per} ({n_rows} training examples, "
+            f"problem.batch_size {batch_size}): change the batch size or dataset.n_train"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, batch_size: int = 2048

@@ -68,7 +68,7 @@ from twolevel_kfac.experiments.metrics import MetricsWriter, NullMetricsWriter, 
 from twolevel_kfac.experiments.models import build_model
 from twolevel_kfac.experiments.optimizers import make_optimizer
 from twolevel_kfac.experiments.parallel import Parallel
-from twolevel_kfac.experiments.problem import Data, evaluate, load_data
+from twolevel_kfac.experiments.problem import Data, check_batch_norm_rows, evaluate, load_data
 
 __all__ = ["Data", "LoopState", "RunResult", "evaluate", "load_data", "make_optimizer", "train_run"]
 
@@ -133,6 +133,7 @@ class _Loop:
         self.state = LoopState()
         n = len(data.train[0])
         self.par.check_split(n, self.problem.batch_size)
+        check_batch_norm_rows(self.model, n, self.problem.batch_size, self.par.world_size)
         self.n_batches = math.ceil(n / self.problem.batch_size)
         self._order: tuple[int, tuple[Tensor, ...]] = (-1, ())
 
