@@ -17,8 +17,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from twolevel_kfac.experiments.comparison import ComparisonResult, run_comparison
 from twolevel_kfac.experiments.config import ExperimentConfig, load_config
 
@@ -82,7 +80,6 @@ def main(
         The comparison's outcome.
     """
     start = time.perf_counter()
-    torch.set_flush_denormal(True)  # denormal activations make CPU steps several × slower
     config = demo_config(config_path, quick)
     out = Path(out_dir or ("results/demo-quick" if quick else "results/demo"))
     outcome = run_comparison(config, out, progress=progress, fresh=not resume, data_dir=data_dir)

@@ -20,8 +20,8 @@ diagnostics) or ``"partial"`` (the state where ``--max-steps`` or Ctrl-C stopped
 mid-epoch; dropped on resume). ``wall_time_s`` counts training steps only. Held-out
 metrics: ``val_*`` on the ``dataset.val_fraction`` split of the training set (the
 paper's "validation"), ``test_*`` on the official test set; ``*_acc`` for
-classification. ``torch.set_flush_denormal(True)`` is set for every run: denormal
-activations made CPU steps several times slower.
+classification. Denormal floats are flushed to zero during a run (``denormals_flushed``):
+denormal activations made CPU steps several times slower.
 
 Distributed: when ``torch.distributed`` is initialised (``tlkfac run --nproc N`` or
 ``torchrun``: ``experiments.launch``), every rank runs this loop on its part of each global
@@ -68,7 +68,13 @@ from twolevel_kfac.experiments.metrics import MetricsWriter, NullMetricsWriter, 
 from twolevel_kfac.experiments.models import build_model
 from twolevel_kfac.experiments.optimizers import make_optimizer
 from twolevel_kfac.experiments.parallel import Parallel
-from twolevel_kfac.experiments.problem import Data, check_batch_norm_rows, evaluate, load_data
+from twolevel_kfac.experiments.problem import (
+    Data,
+    check_batch_norm_rows,
+    denormals_flushed,
+    evaluate,
+    load_data,
+)
 
 __all__ = ["Data", "LoopState", "RunResult", "evaluate", "load_data", "make_optimizer", "train_run"]
 
@@ -324,6 +330,7 @@ def _run_loop(
     return False, ""
 
 
+@denormals_flushed()
 def train_run(
     config: ExperimentConfig,
     run_dir: str | Path,
@@ -364,7 +371,6 @@ def train_run(
             f"{run_dir} already holds a run; pass --resume to continue it "
             "or choose another output directory"
         )
-    torch.set_flush_denormal(True)
     data = data if data is not None else load_data(config.problem, data_dir)
     loop = _Loop(config, run_dir, data, par)
     if resume:
