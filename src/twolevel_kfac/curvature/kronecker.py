@@ -144,17 +144,17 @@ def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
 def _cholesky_inverse_or_none(matrix: Tensor) -> Tensor | None:
     """``M⁻¹`` by Cholesky, or ``None`` when ``M`` is not numerically positive definite."""
     chol, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
+    # a finite factor with a positive diagonal has a finite inverse (cheaper to check)
+    if int(info) != 0 or not bool(torch.isfinite(chol.diagonal()).all()):
         return None
-    inverse = torch.cholesky_inverse(chol)
-    return inverse if bool(torch.isfinite(inverse).all()) else None
+    return torch.cholesky_inverse(chol)
 
 
 def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
     """``(M + shift·I)⁻¹`` by Cholesky; retried in float64, then with growing extra
     damping (:data:`RETRY_DAMPINGS`, warned about past the first rung)."""
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    sym = 0.5 * (matrix + matrix.T) + shift * eye
+    sym = matrix.clone()  # Cholesky reads the lower triangle only: no symmetrisation needed
+    sym.diagonal().add_(shift)
     inverse = _cholesky_inverse_or_none(sym)
     if inverse is None:
         inverse = _cholesky_inverse_or_none(sym.double())
