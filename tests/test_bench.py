@@ -10,15 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 from twolevel_kfac.bench import external
+from twolevel_kfac.bench.compiled import (
+    TOLERANCE,
+    CompilePair,
+    compile_unavailable,
+    measure_pair,
+    verdict,
+)
 from twolevel_kfac.bench.flops import flop_floor, layer_shapes
+from twolevel_kfac.bench.methods import Runner
 from twolevel_kfac.bench.problems import PROBLEMS
 from twolevel_kfac.bench.timing import block_steps, quartiles, ratio_stats
 from twolevel_kfac.cli import main
 
 QUICK = ["--quick", "--threads", "1"]
+NO_COMPILE = compile_unavailable()
 
 
 def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
@@ -196,3 +206,71 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert "unknown method(s) ['kfac:typo']" in capsys.readouterr().err
     assert main(["bench", "scaling", "--render", "--out", str(tmp_path)]) == 2
     assert "tlkfac bench scaling" in capsys.readouterr().err
+
+
+def _check_compile_row(row: dict[str, Any]) -> None:
+    """A compile pair: a recorded failure, or 'not equivalent' without times, or times and
+    finite positive compiled / eager ratios."""
+    if row["error"] is not None:
+        assert isinstance(row["error"], str) and row["error"] and verdict(row) == "failed"
+        return
+    assert _positive(row["compile_s"]) and _positive(row["eager_warmup_s"])
+    assert row["graphs"] >= 1 and row["recompile_limit_hits"] >= 0
+    if not row["equivalent"]:
+        assert row["relative_difference"] > TOLERANCE and "ratio" not in row
+        return
+    for key in ("eager_ms", "compiled_ms", "ratio", "ratio_q1", "ratio_q3"):
+        assert _positive(row[key]), (row["label"], key, row[key])
+    assert row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"]
+    assert row["graphs_while_timed"] == 0
+    assert verdict(row) in ("compile wins", "compile loses", "no clear difference")
+
+
+@pytest.mark.skipif(NO_COMPILE is not None, reason=f"torch.compile unavailable: {NO_COMPILE}")
+def test_compile_quick(tmp_path: Path) -> None:
+    data = _run(tmp_path, "compile")
+    assert data["benchmark"] == "compile" and data["unavailable"] is None
+    (group,) = data["models"]
+    labels = [r["label"] for r in group["rows"]]
+    assert labels[0] == "sgd" and len(labels) == 3
+    assert "mc Fisher" in labels[1] and "empirical Fisher" in labels[2]
+    for row in group["rows"]:
+        _check_compile_row(row)
+    for row in group["rows"][1:]:
+        if row["error"] is None:
+            assert row["facts"]["eager"] == {"layers": 3, "zero_G_layers": 0}
+    (apply,) = data["apply"]
+    _check_compile_row(apply)
+    assert apply["error"] is not None or apply["relative_difference"] <= TOLERANCE
+    text = (tmp_path / "compile.md").read_text()
+    assert "## Where compile wins and where it does not" in text and "| sgd |" in text
+    _rerendered(tmp_path, "compile")
+
+
+def _pair(compiled_scale: float, fail: bool = False) -> CompilePair:
+    """A stand-in pair without torch.compile: the 'compiled' twin scales its update."""
+
+    def build(compiled: bool) -> tuple[Runner, Any]:
+        if compiled and fail:
+            raise RuntimeError("no compiler\nsecond line")
+        state = [torch.zeros(3)]
+
+        def step() -> None:
+            state[0] = state[0] + (compiled_scale if compiled else 1.0)
+
+        return Runner(step), lambda: state[0]
+
+    return CompilePair("stand-in", build, warmup=3, block=2)
+
+
+def test_compile_pair_reports_differences_and_failures() -> None:
+    same = measure_pair(_pair(1.0), repeats=2, log=lambda _: None)
+    assert same["equivalent"] and same["relative_difference"] == 0.0
+    assert same["graphs"] == 0 and len(same["compiled_times_s"]) == 2
+    assert _positive(same["ratio"]) and verdict(same) != "failed"
+    differ = measure_pair(_pair(1.5), repeats=2, log=lambda _: None)
+    assert not differ["equivalent"] and differ["relative_difference"] == pytest.approx(0.5)
+    assert "ratio" not in differ and verdict(differ) == "not equivalent"
+    failed = measure_pair(_pair(1.0, fail=True), repeats=2, log=lambda _: None)
+    assert failed["error"] == "RuntimeError: no compiler / second line"
+    assert verdict(failed) == "failed" and "ratio" not in failed

@@ -1,8 +1,8 @@
 """Benchmarks: step-time ratios to SGD, scaling, peers side by side, time to a target loss.
 
 ``tlkfac bench [NAME ...]`` runs ``step_time``, ``scaling``, ``asdl`` and
-``time_to_target`` by default (``eigh_dtype`` and ``distributed`` by name) and writes
-``NAME.json``, ``NAME.md`` and PNGs to ``--out`` (default ``docs/benchmarks``).
+``time_to_target`` by default (``eigh_dtype``, ``distributed`` and ``compile`` by name)
+and writes ``NAME.json``, ``NAME.md`` and PNGs to ``--out`` (default ``docs/benchmarks``).
 ``--quick`` is a fast check that everything runs (its numbers are not worth keeping);
 ``--render`` rewrites the markdown and plots from existing JSON.
 """

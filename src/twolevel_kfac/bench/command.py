@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "time_to_target": ("twolevel_kfac.bench.time_to_target", "CURVES: wall time to a loss"),
     "eigh_dtype": ("twolevel_kfac.bench.eigh_dtype", "eigh time, float32 vs float64"),
     "distributed": ("twolevel_kfac.bench.distributed", "gloo data-parallel step time, bytes"),
+    "compile": ("twolevel_kfac.bench.compile", "torch.compile vs eager: SGD, KFAC, apply"),
 }
 DEFAULT = ("step_time", "scaling", "asdl", "time_to_target")
 

@@ -191,6 +191,7 @@ def build_runner(
     loss_fn: LossFn,
     likelihood: str,
     interval: int,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> Runner:
     """Bind ``spec`` to ``model`` and a fixed ``batch``.
 
@@ -201,6 +202,8 @@ def build_runner(
         loss_fn: Mean-over-batch loss.
         likelihood: What the MC Fisher samples from.
         interval: T: factors and decompositions are refreshed every T steps.
+        forward: What the step calls on ``x`` (default: ``model``), e.g.
+            ``torch.compile(model)`` after the optimizer hooked into ``model``.
 
     Returns:
         The runner.
@@ -211,10 +214,11 @@ def build_runner(
         return external.build_runner(spec, model, batch, loss_fn, interval)
     x, y = batch
     opt = _optimizer(spec, model, likelihood, interval)
+    call = model if forward is None else forward
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(call(x), y).backward()
         opt.step()
 
     return Runner(step, opt, model)

@@ -25,7 +25,15 @@ import torch
 
 from twolevel_kfac.bench.methods import Runner
 
-__all__ = ["block_steps", "interleave", "quartiles", "ratio_stats", "set_threads", "timed"]
+__all__ = [
+    "block_steps",
+    "interleave",
+    "quartiles",
+    "ratio_stats",
+    "seconds",
+    "set_threads",
+    "timed",
+]
 
 WARMUP_STEPS = 2
 
@@ -42,11 +50,16 @@ def block_steps(interval: int, minimum: int) -> int:
     return interval * max(1, math.ceil(minimum / interval))
 
 
-def timed(runner: Runner, steps: int) -> float:
-    """Seconds per step of ``steps`` consecutive steps."""
+def seconds(runner: Runner, steps: int) -> float:
+    """Wall seconds of ``steps`` consecutive steps (all of them; 0 steps take 0 s)."""
     start = time.perf_counter()
     runner.run(steps)
-    return (time.perf_counter() - start) / steps
+    return time.perf_counter() - start
+
+
+def timed(runner: Runner, steps: int) -> float:
+    """Seconds per step of ``steps`` consecutive steps."""
+    return seconds(runner, steps) / steps
 
 
 def interleave(
