@@ -305,3 +305,35 @@ def test_no_nan_for_any_shape(
     for _ in range(2):
         train_step(model, opt, x, y)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _DetachedHidden(nn.Module):
+    """A hidden layer whose output is cut from the graph before the head uses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(x)).detach())
+
+
+def test_mc_fisher_refuses_layers_cut_from_the_graph() -> None:
+    """Without the check the hidden layer's G would silently be zero (as under
+    torch.compile, where the layers' outputs are inside one compiled graph)."""
+    model = _DetachedHidden()
+    opt = tk.KFAC(model, lr=0.1)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(RuntimeError, match=r"layer\(s\) \['hidden'\].*torch.compile"):
+        F.cross_entropy(model(x), y).backward()
+    del opt
+
+
+def test_mc_fisher_refuses_a_compiled_model() -> None:
+    model = mlp()
+    opt = tk.KFAC(model, lr=0.1)
+    compiled = torch.compile(model, backend="aot_eager")  # AOTAutograd, no C++ compiler
+    x, y = batch()
+    with pytest.raises(RuntimeError, match="fisher='empirical' or an eager model"):
+        F.cross_entropy(compiled(x), y).backward()
+    del opt

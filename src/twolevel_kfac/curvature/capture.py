@@ -160,9 +160,17 @@ class CurvatureCapture:
         grads = torch.autograd.grad(
             loss, [forward.outputs[n] for n in names], retain_graph=True, allow_unused=True
         )
+        unreached = [name for name, grad in zip(names, grads, strict=True) if grad is None]
+        if unreached:
+            forward.outputs.clear()
+            raise RuntimeError(
+                f"fisher='mc' cannot differentiate the sampled loss with respect to the "
+                f"output of layer(s) {unreached}: they do not reach the model output in "
+                "autograd's graph (a torch.compile'd model hides its layers' outputs this "
+                "way; its Fisher would silently be zero). Use fisher='empirical' or an "
+                "eager model"
+            )
         for name, grad in zip(names, grads, strict=True):
-            out = forward.outputs[name]
-            grad = torch.zeros_like(out) if grad is None else grad
             forward.records[name].grad = _rows(grad.detach(), forward)
         forward.outputs.clear()
 
