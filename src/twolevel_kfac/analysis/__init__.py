@@ -2,16 +2,22 @@
 
 Checks the two claims the paper's verdict rests on — the energy-norm gain of the coarse
 correction, and that the Fisher's off-diagonal (inter-layer) blocks can be discarded — on
-a network of up to a few thousand parameters, with dense float64 matrices:
+networks of up to ~12k parameters with dense float64 matrices, and up to ~100k
+(``max_params``) matrix-free:
 
 * :mod:`.exact`: the true Fisher (exact expectation over the likelihood), the empirical
   Fisher and Monte-Carlo estimates, from torch.func per-sample Jacobians, plus the same
   Fisher in the optimizer's per-sample statistics format (:func:`compute_curvature`);
-* :mod:`.operators`: every method as a direction and a dense matrix, built with the
-  optimizer's own code (:class:`MethodSet`: ``exact``, ``block_diagonal``, ``kfac*``,
-  ``<coarse space>+<combination>``);
+* :mod:`.products`: exact Fisher–vector products by torch.func jvp/vjp (no dense ``F``);
+* :mod:`.backends`: dense (Cholesky) or matrix-free (conjugate gradients, :mod:`.krylov`)
+  products and solves with ``F̂ = F + λI``;
+* :mod:`.operators`: every method as a direction and an operator ``v ↦ P v``, built with
+  the optimizer's own code (:class:`MethodSet`: ``exact``, ``block_diagonal``, ``kfac*``,
+  ``ekfac``, ``kpsvd``, ``kfac_corrected``, ``<coarse space>+<combination>``), and
+  :mod:`.dense` as dense matrices;
 * :mod:`.metrics`: pure metric functions (cosine, F̂-norm error, coarse gain, spectra, block
-  norms, captured off-diagonal mass);
+  norms, captured off-diagonal mass); :mod:`.spectrum` (dense eigenvalues or Lanczos
+  extremes of ``P F̂``) and :mod:`.structure` (block norms, dense / Gram / Hutchinson);
 * :mod:`.evaluate`, :mod:`.training`, :mod:`.pipeline`, :mod:`.report`: the
   ``tlkfac analyze CONFIG --out DIR`` command (:mod:`.command`, config :mod:`.config`).
 
@@ -32,6 +38,8 @@ _EXPORTS = {
     "ALL_METHODS": ".operators",
     "AnalyzeConfig": ".config",
     "Curvature": ".exact",
+    "FisherProducts": ".products",
+    "MatrixFreeOptions": ".backends",
     "MethodSet": ".operators",
     "compute_curvature": ".exact",
     "load_config": ".config",

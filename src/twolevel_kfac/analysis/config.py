@@ -14,6 +14,8 @@ Unknown keys are errors (``extra="forbid"``), and every error names the offendin
     state_steps: 20                # analyse the network after 20 exact-curvature steps
     state_method: kfac             # … of this method (train.lr, train.damping); 0 = init
     train: {steps: 60, lr: 0.3, checkpoint_every: 10}
+    backend: auto                  # dense up to dense_max_params, else matrix_free
+    matrix_free: {cg_tol: 1.0e-10, lanczos_steps: 100}
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..twolevel.coarse_spaces import COARSE_SPACES
+from .backends import MatrixFreeOptions
 from .operators import ALL_METHODS, parse_method, twolevel_name
 
 DEFAULT_SWEEP = (1e-4, 1e-3, 1e-2, 0.1, 1.0)
@@ -138,7 +141,13 @@ class AnalyzeConfig(_Strict):
         step_size: α of the predicted / actual decrease of the step ``−α d``.
         coarse_scale: ω_c of the two-level combinations.
         spectral_which: eigenpair of the spectral coarse space.
-        max_params: refuse larger networks (dense ``P × P`` matrices, ``O(P³)`` spectra).
+        backend: ``auto`` (``dense`` when the network has at most ``dense_max_params``
+            analysed parameters, else ``matrix_free``) | ``dense`` | ``matrix_free``
+            (:mod:`.backends`).
+        dense_max_params: the largest network ``auto`` analyses with dense ``P × P``
+            matrices (``O(P²)`` memory, ``O(P³)`` spectra).
+        max_params: refuse larger networks (either backend).
+        matrix_free: CG tolerance, Lanczos steps, … (:class:`.backends.MatrixFreeOptions`).
         state_steps: analyse the network after this many exact-curvature training steps of
             ``state_method`` (``train.lr``, ``train.damping``); 0 = at initialisation.
         state_method: the method that produces the analysed state.
@@ -160,7 +169,10 @@ class AnalyzeConfig(_Strict):
     step_size: float = Field(default=1.0, gt=0)
     coarse_scale: float = Field(default=1.0, ge=0)
     spectral_which: Literal["smallest", "largest"] = "smallest"
-    max_params: int = Field(default=12000, ge=1)
+    backend: Literal["auto", "dense", "matrix_free"] = "auto"
+    dense_max_params: int = Field(default=12000, ge=1)
+    max_params: int = Field(default=100_000, ge=1)
+    matrix_free: MatrixFreeOptions = Field(default_factory=MatrixFreeOptions)
     state_steps: int = Field(default=0, ge=0)
     state_method: str = "kfac"
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -204,6 +216,21 @@ class AnalyzeConfig(_Strict):
         """The methods analysed: ``methods`` or all of them (``exact`` always first)."""
         names = list(ALL_METHODS) if self.methods is None else list(self.methods)
         return ["exact", *[n for n in names if n != "exact"]]
+
+    def resolve_backend(self, num_params: int) -> str:
+        """The backend for a network of ``num_params`` analysed parameters.
+
+        Raises:
+            ValueError: if ``num_params`` exceeds ``max_params``.
+        """
+        if num_params > self.max_params:
+            raise ValueError(
+                f"the network has {num_params} analysed parameters, more than max_params="
+                f"{self.max_params}"
+            )
+        if self.backend != "auto":
+            return self.backend
+        return "dense" if num_params <= self.dense_max_params else "matrix_free"
 
     @property
     def spectrum_methods(self) -> list[str]:

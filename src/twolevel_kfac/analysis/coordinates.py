@@ -106,6 +106,25 @@ def from_layer_matrices(layers: dict[str, nn.Module], v: Sequence[Tensor]) -> di
     return out
 
 
+def num_parameters(layers: dict[str, nn.Module]) -> int:
+    """``P``: the length of the analysis vector."""
+    return sum(p.numel() for m in layers.values() for p in m.parameters(recurse=False))
+
+
+def functional_parts(
+    model: nn.Module, layers: dict[str, nn.Module]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Detached copies of the model's parameters and buffers, and the analysis parameters
+    among them, for ``functional_call(model, ({**params, **free}, buffers), ...)``.
+
+    Returns:
+        ``(params, buffers, free)`` with ``free`` keyed by :func:`layer_param_names`.
+    """
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    return params, buffers, {k: params[k] for k in layer_param_names(layers)}
+
+
 # ------------------------------------------------------------- loss and gradient
 def mean_loss(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
     """``L = (1/B) Σ_n ℓ_n`` with ``ℓ_n = −log p(y_n | f_n)`` summed over output features."""

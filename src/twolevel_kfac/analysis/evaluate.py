@@ -1,5 +1,6 @@
-"""Metrics of every method at one network state and batch (:func:`evaluate_state`), the
-damping sweep (:func:`damping_sweep`) and the Fisher's block structure (:func:`fisher_structure`).
+"""Metrics of every method at one network state and batch (:func:`evaluate_state`) and the
+damping sweep (:func:`damping_sweep`), with the dense or the matrix-free backend
+(:mod:`.backends`; the Fisher's block structure is :mod:`.structure`).
 
 Per method (``d*`` = ``F̂⁻¹g``, ``E(d) = ‖d − d*‖²_F̂``, :mod:`.metrics`):
 
@@ -8,7 +9,11 @@ Per method (``d*`` = ``F̂⁻¹g``, ``E(d) = ‖d − d*‖²_F̂``, :mod:`.metr
   ``E(0) = gᵀF̂⁻¹g`` (the error of not moving: 0 for ``exact``, 1 for the zero step);
 * ``predicted_decrease`` = ``α gᵀd − ½α² dᵀFd`` (the Fisher/Gauss–Newton quadratic model,
   undamped ``F``) and ``actual_decrease`` = ``L(θ) − L(θ − αd)`` on the same batch, same ``α``;
-* spectrum of ``P F̂`` (``condition_number``, ``eig_*``) for the methods in ``spectra``;
+* spectrum of ``P F̂`` (``condition_number``, ``eig_*``) for the methods in ``spectra``:
+  every eigenvalue (dense) or the Lanczos extremes (matrix-free, :mod:`.spectrum`);
+* ``exact`` / ``block_diagonal`` matrix-free also: ``cg_iterations``,
+  ``cg_relative_residual`` (the true ``‖g − F̂d‖/‖g‖``, the worst layer's for
+  ``block_diagonal``), ``cg_converged``, ``cg_tol``;
 * two-level methods also: ``coarse_dim``, ``coarse_gain`` = ``E(β*) − E(0)`` of the space
   (Galerkin, the authors' diagnostic), ``coarse_gain_relative`` (divided by ``E`` of the
   KFAC direction), ``optimizer_energy_gain`` (the optimizer's own diagnostic; differs from
@@ -25,9 +30,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import metrics
+from .backends import MatrixFreeBackend, MatrixFreeOptions
 from .coordinates import analysis_layers, loss_at
-from .exact import Curvature, fisher_from_statistics
+from .exact import Curvature
 from .operators import MethodSet, parse_method
+from .spectrum import dense_spectrum, lanczos_spectrum
+from .structure import captured_off_diagonal, fisher_block_norms
 
 Progress = Callable[[str], None]
 
@@ -35,60 +43,82 @@ Progress = Callable[[str], None]
 @dataclass
 class StateResult:
     """Metrics of one state: ``methods`` (name → metrics), ``spaces`` (coarse space →
-    metrics), ``spectra`` (name → eigenvalues of ``P F̂``)."""
+    metrics), ``spectra`` (name → eigenvalues of ``P F̂``, dense backend only), ``solver``
+    (the backend and its solves)."""
 
     methods: dict[str, dict[str, Any]]
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     spectra: dict[str, Tensor] = field(default_factory=dict)
+    solver: dict[str, Any] = field(default_factory=dict)
 
 
-def direction_metrics(methods: MethodSet, name: str) -> dict[str, float]:
-    """``cos_to_exact_ng``, ``relative_error``, ``energy_error(_relative)`` of one method."""
+def direction_metrics(methods: MethodSet, name: str) -> dict[str, Any]:
+    """``cos_to_exact_ng``, ``relative_error``, ``energy_error(_relative)`` of one method
+    (plus the CG report of ``exact`` / ``block_diagonal`` when they were solved by CG)."""
     d_star = methods.exact_direction()
     d = methods.direction(name)
-    fhat = methods.fhat()
     zero_error = float(methods.curvature.flat_grad @ d_star)
-    energy = metrics.energy_error(d, d_star, fhat)
+    energy = metrics.energy_error(d, d_star, methods.fhat_op)
     return {
         "cos_to_exact_ng": metrics.cosine(d, d_star),
         "relative_error": metrics.relative_error(d, d_star),
         "energy_error": energy,
         "energy_error_relative": energy / zero_error if zero_error > 0 else float("nan"),
         "direction_norm": float(d.norm()),
+        **methods.backend.report.get(name, {}),
     }
 
 
-def _spectrum(
-    ms: MethodSet, name: str, p: Tensor, cache: dict[str, tuple[Tensor, float]]
-) -> tuple[Tensor, float]:
-    """Eigenvalues of ``P F̂``; A-DEF1 reuses A-DEF2's (the same space's).
-
-    With ``M⁻¹`` and ``Q`` symmetric, ``P_adef1 = P_adef2ᵀ``, so ``P_adef1 F̂`` is similar to
-    ``F̂ P_adef2ᵀ = (P_adef2 F̂)ᵀ``: both have the same spectrum (Tang et al. 2009), and the
-    non-symmetric eigenproblem is solved once per space.
-    """
-    key = name[: -len("adef1")] + "adef2" if name.endswith("+adef1") else name
-    if key not in cache:
-        cache[key] = metrics.preconditioned_spectrum(p if key == name else ms.dense(key), ms.fhat())
-    return cache[key]
+def _off_diagonal_captured(methods: MethodSet, space: str, basis: Tensor) -> float:
+    """``‖ΠOΠ‖²_F/‖O‖²_F`` of the space: dense, or with ``K`` Fisher–vector products and the
+    block norms' off-diagonal mass (:mod:`.structure`)."""
+    curvature = methods.curvature
+    backend = methods.backend
+    if not isinstance(backend, MatrixFreeBackend):
+        return metrics.captured_off_diagonal(curvature.dense(), curvature.sizes, basis)
+    opts = backend.options
+    norms = fisher_block_norms(
+        curvature,
+        probes=opts.block_norm_probes,
+        max_numbers=opts.gram_max_numbers,
+        seed=opts.seed,
+    ).norms
+    return captured_off_diagonal(
+        backend.products, methods.operator(space).basis, metrics.off_diagonal_mass(norms)
+    )
 
 
 def space_metrics(methods: MethodSet, space: str, fine_energy: float) -> dict[str, Any]:
     """The coarse space's dimension, optimal energy gain and captured off-diagonal mass."""
-    fhat = methods.fhat()
+    fhat = methods.fhat_op
     basis = methods.dense_basis(space)
     g = methods.curvature.flat_grad
-    residual = g - fhat @ methods.direction("kfac_" + methods.damping_mode)
+    residual = g - metrics.apply(fhat, methods.direction("kfac_" + methods.damping_mode))
     gain = metrics.coarse_gain(residual, basis, fhat)
     return {
         "coarse_dim": int(basis.shape[0]),
         "coarse_gain": gain,
         "coarse_gain_relative": gain / fine_energy if fine_energy > 0 else float("nan"),
         "optimizer_energy_gain": methods.energy_gain(space),
-        "off_diagonal_captured": metrics.captured_off_diagonal(
-            methods.curvature.dense(), methods.curvature.sizes, basis
-        ),
+        "off_diagonal_captured": _off_diagonal_captured(methods, space, basis),
     }
+
+
+def _spectrum_row(
+    ms: MethodSet, name: str, d: Tensor, options: MatrixFreeOptions, cache: dict[str, Any]
+) -> tuple[dict[str, Any], Tensor | None]:
+    """The spectrum entries of a row and, for the dense backend, all eigenvalues."""
+    g = ms.curvature.flat_grad
+    if isinstance(ms.backend, MatrixFreeBackend):
+        row = lanczos_spectrum(ms, name, options, cache)
+        check = ms.apply(name, g)
+        row["operator_matches_step"] = float((check - d).norm() / d.norm().clamp_min(1e-300))
+        return row, None
+    p = ms.dense(name)
+    eigs, imag = dense_spectrum(ms, name, p, cache)
+    row = {**metrics.spectrum_summary(eigs), "spectrum_max_imag": imag}
+    row["dense_matches_step"] = float((p @ g - d).norm() / d.norm().clamp_min(1e-300))
+    return row, eigs
 
 
 def evaluate_state(
@@ -104,6 +134,8 @@ def evaluate_state(
     step_size: float = 1.0,
     coarse_scale: float = 1.0,
     spectral_which: str = "smallest",
+    backend: str = "dense",
+    options: MatrixFreeOptions | None = None,
     progress: Progress | None = None,
 ) -> StateResult:
     """Every metric of the module docstring for the methods ``names``.
@@ -120,18 +152,23 @@ def evaluate_state(
         step_size: ``α`` of the predicted / actual decrease.
         coarse_scale: ``ω_c`` of the combinations.
         spectral_which: eigenpair of the spectral coarse space.
+        backend: ``dense`` | ``matrix_free`` (:mod:`.backends`).
+        options: the matrix-free settings (CG, Lanczos, probes).
         progress: called with each method name (a progress bar's update).
 
     Returns:
         The :class:`StateResult`.
     """
-    ms = MethodSet(model, curvature, damping, damping_mode, coarse_scale, spectral_which)
+    opts = options if options is not None else MatrixFreeOptions()
+    ms = MethodSet(
+        model, curvature, damping, damping_mode, coarse_scale, spectral_which, backend, opts
+    )
     layers = analysis_layers(model)
     x, y = batch
-    g, fisher, fhat = curvature.flat_grad, curvature.dense(), ms.fhat()
+    g, fisher, fhat = curvature.flat_grad, ms.fisher_op, ms.fhat_op
     fine = metrics.energy_error(ms.direction("kfac_" + damping_mode), ms.exact_direction(), fhat)
     result = StateResult(methods={})
-    spectrum_cache: dict[str, tuple[Tensor, float]] = {}
+    spectrum_cache: dict[str, Any] = {}
     for name in names:
         row: dict[str, Any] = direction_metrics(ms, name)
         d = ms.direction(name)
@@ -145,15 +182,16 @@ def evaluate_state(
                 result.spaces[spec.space] = space_metrics(ms, spec.space, fine)
             row.update(space=spec.space, combination=spec.combination, **result.spaces[spec.space])
         if name in spectra:
-            p = ms.dense(name)
-            eigs, imag = _spectrum(ms, name, p, spectrum_cache)
-            result.spectra[name] = eigs
-            row.update(metrics.spectrum_summary(eigs))
-            row["spectrum_max_imag"] = imag
-            row["dense_matches_step"] = float((p @ g - d).norm() / d.norm().clamp_min(1e-300))
+            entries, eigs = _spectrum_row(ms, name, d, opts, spectrum_cache)
+            row.update(entries)
+            if eigs is not None:
+                result.spectra[name] = eigs
         result.methods[name] = row
         if progress is not None:
             progress(name)
+    result.solver = {"backend": ms.backend.name, **ms.backend.report}
+    if isinstance(ms.backend, MatrixFreeBackend):
+        result.solver["fisher_vector_products"] = ms.backend.products.products
     return result
 
 
@@ -166,20 +204,24 @@ def damping_sweep(
     damping_mode: str = "per_factor",
     coarse_scale: float = 1.0,
     spectral_which: str = "smallest",
-) -> dict[str, dict[str, dict[str, float]]]:
+    backend: str = "dense",
+    options: MatrixFreeOptions | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Direction metrics of every method and the coarse gain of every space per ``λ``.
 
     Returns:
         ``{str(λ): {method: {cos_to_exact_ng, energy_error, energy_error_relative, …},
         "space:<name>": {coarse_gain, coarse_gain_relative}}}``.
     """
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for lam in dampings:
-        ms = MethodSet(model, curvature, lam, damping_mode, coarse_scale, spectral_which)
-        fine = metrics.energy_error(
-            ms.direction("kfac_" + damping_mode), ms.exact_direction(), ms.fhat()
+        ms = MethodSet(
+            model, curvature, lam, damping_mode, coarse_scale, spectral_which, backend, options
         )
-        rows: dict[str, dict[str, float]] = {n: direction_metrics(ms, n) for n in names}
+        fine = metrics.energy_error(
+            ms.direction("kfac_" + damping_mode), ms.exact_direction(), ms.fhat_op
+        )
+        rows: dict[str, dict[str, Any]] = {n: direction_metrics(ms, n) for n in names}
         spaces = {parse_method(n).space for n in names} - {None}
         for space in sorted(s for s in spaces if s is not None):
             info = space_metrics(ms, space, fine)
@@ -189,23 +231,3 @@ def damping_sweep(
             }
         out[repr(float(lam))] = rows
     return out
-
-
-def fisher_structure(curvature: Curvature) -> dict[str, Any]:
-    """Block norms ``‖F_ij‖_F``, the off-diagonal mass share, and a consistency check.
-
-    ``statistics_vs_dense`` is ``max|F_stats − F_dense| / max|F_dense|`` between the
-    Gram matrix of the optimizer-format statistics and the torch.func Fisher (≈ 1e-16).
-    """
-    fisher = curvature.dense()
-    norms = metrics.block_norms(fisher, curvature.sizes)
-    from_stats = fisher_from_statistics(curvature.stats)
-    scale = float(fisher.abs().max())
-    return {
-        "layers": list(curvature.names),
-        "block_sizes": list(curvature.sizes),
-        "block_norms": norms.tolist(),
-        "off_diagonal_fraction": metrics.off_diagonal_fraction(fisher, curvature.sizes),
-        "statistics_vs_dense": float((from_stats - fisher).abs().max()) / scale if scale else 0.0,
-        "trace": float(fisher.trace()),
-    }

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -50,10 +50,12 @@ from ..twolevel.vectors import LayerVector
 from .coordinates import (
     analysis_layers,
     flatten,
-    layer_param_names,
+    functional_parts,
     loss_and_gradient,
     to_layer_matrices,
 )
+from .products import FisherProducts
+from .structure import BlockNorms
 
 FISHER_KINDS = ("true", "empirical", "mc")
 
@@ -186,10 +188,7 @@ def output_jacobians(model: nn.Module, layers: dict[str, nn.Module], x: Tensor) 
 
     The parameters outside the analysis vector and the buffers are held fixed.
     """
-    names = layer_param_names(layers)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-    free = {k: params[k] for k in names}
+    params, buffers, free = functional_parts(model, layers)
 
     def one(sub: dict[str, Tensor], xn: Tensor) -> Tensor:
         out = functional_call(model, ({**params, **sub}, buffers), (xn.unsqueeze(0),))
@@ -235,6 +234,9 @@ class Curvature:
         grad: ``g = ∇L`` as a layer vector.
         loss: the batch loss ``L(θ)``.
         fisher: the dense Fisher ``F`` (undamped), when computed.
+        products: matrix-free ``v ↦ F v`` (torch.func, :mod:`.products`).
+        block_norms: the layer × layer ``‖F_ij‖_F`` once computed
+            (:func:`.structure.fisher_block_norms` caches them here).
     """
 
     names: list[str]
@@ -243,6 +245,8 @@ class Curvature:
     grad: LayerVector
     loss: float
     fisher: Tensor | None = None
+    products: FisherProducts | None = None
+    block_norms: BlockNorms | None = field(default=None, repr=False)
 
     @property
     def sizes(self) -> list[int]:
@@ -274,7 +278,8 @@ def compute_curvature(
     generator: torch.Generator | None = None,
     dense: str | None = "func",
 ) -> Curvature:
-    """The loss, gradient, optimizer statistics and (optionally) dense Fisher of a batch.
+    """The loss, gradient, optimizer statistics, matrix-free Fisher products and
+    (optionally) the dense Fisher of a batch.
 
     Args:
         model: the network (float64 recommended).
@@ -301,6 +306,7 @@ def compute_curvature(
         stats=stats,
         grad=grad,
         loss=loss,
+        products=FisherProducts(model, layers, x, factor),
     )
     if dense == "func":
         curvature.fisher = dense_fisher(model, layers, x, factor)

@@ -3,15 +3,36 @@
 Notation: ``g`` the gradient, ``F`` the Fisher, ``F̂ = F + λI``, ``d* = F̂⁻¹g`` the exact
 (damped) natural-gradient direction, ``d`` a method's direction (the step is ``−α d``),
 ``P`` a preconditioner (``d = P g``), ``R`` a coarse basis (rows = coarse vectors).
+
+The metrics that only multiply by ``F`` or ``F̂`` (:func:`energy_error`,
+:func:`quadratic_decrease`, :func:`coarse_gain`) take an :data:`Operator`: a dense matrix
+or a matrix-vector product ``v ↦ A v`` (the matrix-free analysis).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+Operator = Tensor | Callable[[Tensor], Tensor]
+"""A symmetric matrix, dense or as ``v ↦ A v``."""
+
+
+def apply(op: Operator, v: Tensor) -> Tensor:
+    """``A v`` for a dense matrix or a matrix-vector product."""
+    return op @ v if isinstance(op, Tensor) else op(v)
+
+
+def galerkin(op: Operator, basis: Tensor) -> Tensor:
+    """``R A Rᵀ`` (``[K, K]``) for a basis ``R`` of shape ``[K, P]`` (``K`` products)."""
+    if isinstance(op, Tensor):
+        return basis @ op @ basis.T
+    if basis.shape[0] == 0:
+        return basis.new_zeros(0, 0)
+    return basis @ torch.stack([op(r) for r in basis]).T
 
 
 def _check_vector(name: str, v: Tensor) -> None:
@@ -48,7 +69,7 @@ def relative_error(d: Tensor, reference: Tensor) -> float:
     return float((d - reference).norm() / reference.norm())
 
 
-def energy_error(d: Tensor, d_star: Tensor, fhat: Tensor) -> float:
+def energy_error(d: Tensor, d_star: Tensor, fhat: Operator) -> float:
     """``E(d) = ‖d − d*‖²_F̂ = (d − d*)ᵀ F̂ (d − d*)``, with ``d* = F̂⁻¹g``.
 
     Args:
@@ -60,10 +81,10 @@ def energy_error(d: Tensor, d_star: Tensor, fhat: Tensor) -> float:
         The F̂-norm error squared.
     """
     e = d - d_star
-    return float(e @ fhat @ e)
+    return float(e @ apply(fhat, e))
 
 
-def coarse_gain(residual: Tensor, basis: Tensor, fhat: Tensor) -> float:
+def coarse_gain(residual: Tensor, basis: Tensor, fhat: Operator) -> float:
     """``E(β*) − E(0) = −(R res)ᵀ (R F̂ Rᵀ)⁺ (R res)`` (the authors' diagnostic).
 
     With ``E(β) = ‖M⁻¹g + Rᵀβ − F̂⁻¹g‖²_F̂`` and ``res = g − F̂M⁻¹g``, the optimal coarse
@@ -79,11 +100,11 @@ def coarse_gain(residual: Tensor, basis: Tensor, fhat: Tensor) -> float:
         The (non-positive) change of the energy error.
     """
     r = basis @ residual
-    coarse = basis @ fhat @ basis.T
+    coarse = galerkin(fhat, basis)
     return -float(r @ torch.linalg.pinv(coarse, hermitian=True) @ r)
 
 
-def quadratic_decrease(g: Tensor, d: Tensor, curvature: Tensor, step: float) -> float:
+def quadratic_decrease(g: Tensor, d: Tensor, curvature: Operator, step: float) -> float:
     """Decrease ``α gᵀd − ½ α² dᵀ C d`` of the quadratic model for the step ``−α d``.
 
     Args:
@@ -96,7 +117,7 @@ def quadratic_decrease(g: Tensor, d: Tensor, curvature: Tensor, step: float) -> 
     Returns:
         The predicted decrease (positive = the model predicts the loss goes down).
     """
-    return float(step * (g @ d) - 0.5 * step * step * (d @ curvature @ d))
+    return float(step * (g @ d) - 0.5 * step * step * (d @ apply(curvature, d)))
 
 
 def preconditioned_spectrum(
@@ -174,9 +195,19 @@ def block_diagonal(matrix: Tensor, sizes: Sequence[int]) -> Tensor:
 def off_diagonal_fraction(matrix: Tensor, sizes: Sequence[int]) -> float:
     """``Σ_{i≠j} ‖F_ij‖²_F / ‖F‖²_F``: the share of the Fisher's squared Frobenius mass
     outside the diagonal (per-layer) blocks that KFAC keeps."""
-    norms = block_norms(matrix, sizes) ** 2
-    total = float(norms.sum())
-    return 0.0 if total == 0.0 else (total - float(norms.diagonal().sum())) / total
+    return off_diagonal_share(block_norms(matrix, sizes))
+
+
+def off_diagonal_mass(norms: Tensor) -> float:
+    """``Σ_{i≠j} ‖F_ij‖²_F`` from the block norms ``[L, L]``."""
+    squared = norms**2
+    return float(squared.sum() - squared.diagonal().sum())
+
+
+def off_diagonal_share(norms: Tensor) -> float:
+    """:func:`off_diagonal_fraction` from the block norms ``[L, L]``."""
+    total = float((norms**2).sum())
+    return 0.0 if total == 0.0 else off_diagonal_mass(norms) / total
 
 
 def captured_off_diagonal(matrix: Tensor, sizes: Sequence[int], basis: Tensor) -> float:

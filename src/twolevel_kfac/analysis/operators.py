@@ -1,11 +1,11 @@
-"""The methods of the analysis as directions and dense matrices, built with the optimizer's
+"""The methods of the analysis as directions and operators, built with the optimizer's
 own code so that the analysis measures what trains.
 
 Methods (``d ≈ F̂⁻¹g`` with ``F̂ = F + λI``, ``F`` the exact Fisher of the batch):
 
-* ``exact``: ``d = F̂⁻¹g`` (dense Cholesky solve);
+* ``exact``: ``d = F̂⁻¹g`` (dense Cholesky solve, or conjugate gradients matrix-free);
 * ``block_diagonal``: ``d = blockdiag(F̂)⁻¹g``, the exact per-layer blocks, inter-layer blocks
-  dropped;
+  dropped (dense per-layer solves, or one conjugate-gradient solve per layer);
 * ``kfac`` (the configured damping mode), ``kfac_per_factor``, ``kfac_pi``,
   ``kfac_eigen_sum``: ``d = M⁻¹g`` from a :class:`KFACPreconditioner` whose factors are
   loaded from the batch's exact statistics (``ema_decay = 0``) through the optimizer's own
@@ -21,26 +21,23 @@ Methods (``d ≈ F̂⁻¹g`` with ``F̂ = F + λI``, ``F`` the exact Fisher of t
 * ``<space>+<combination>`` (e.g. ``nicolaides+adef2``): the direction returned by
   :meth:`TwoLevelPreconditioner._precondition` — the optimizer's step path, with
   ``fisher_stats`` set to the batch's statistics (consistent refresh, ``kl_clip=None``).
+  The two-level methods use KFAC (``damping_mode``) as their fine level.
 
-Dense matrices ``P`` (``d = P g``): KFAC's ``M⁻¹`` is ``apply_fine`` on all unit vectors of a
-layer at once (a batch of matrices). A two-level ``P`` runs the optimizer's combination
-function (:mod:`twolevel_kfac.twolevel.combinations`) on the identity, one row per unit
-vector, with the dense ``M⁻¹``, ``F̂`` and ``Q = R₀ᵀF_c⁻¹R₀`` — ``F_c⁻¹`` from the
-preconditioner's own :class:`CoarseOperator` (Jacobi scaling, pseudo-inverse fallback
-included). Residual-based spaces (``residual``, ``krylov_residual``) build ``R₀`` from
-``res = g − F̂M⁻¹g`` of the current ``g``: their ``P`` is the matrix *for the basis built from
-this gradient* (the direction is not linear in ``g``), and ``P g`` is the step taken.
+Each method is available as a direction (:meth:`MethodSet.direction`), as an operator
+``v ↦ P v`` through the same code (:meth:`MethodSet.apply`, matrix-free) and, for the dense
+backend, as a dense matrix (:meth:`MethodSet.dense`, :mod:`.dense`). Residual-based spaces
+(``residual``, ``krylov_residual``) build ``R₀`` from ``res = g − F̂M⁻¹g`` of the current ``g``:
+their ``P`` is the operator *for the basis built from this gradient* (the direction is not
+linear in ``g``), and ``P g`` is the step taken.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..curvature.blocks import per_sample_gradients
 from ..curvature.kronecker import DAMPING_MODES
 from ..optim.fine import FINE_LEVELS
 from ..optim.options import CurvatureOptions
@@ -50,8 +47,11 @@ from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.coarse_spaces import COARSE_SPACES
 from ..twolevel.combinations import COMBINATIONS, get_combination
 from ..twolevel.vectors import LayerVector
+from .backends import Backend, MatrixFreeOptions, make_backend
 from .coordinates import flatten, unflatten
+from .dense import coarse_matrix, dense_backend, preconditioner_matrix
 from .exact import Curvature
+from .metrics import Operator
 
 KFAC_METHODS = ("kfac", *(f"kfac_{mode}" for mode in DAMPING_MODES))
 FINE_METHODS = tuple(name for name in FINE_LEVELS if name != "kfac")
@@ -133,6 +133,9 @@ class MethodSet:
         damping_mode: the mode of ``kfac`` and of the two-level fine level.
         coarse_scale: ``ω_c`` of the two-level combinations.
         spectral_which: ``smallest`` | ``largest`` eigenpair of the spectral space.
+        backend: ``dense`` | ``matrix_free``: how ``F̂`` is multiplied and inverted
+            (:mod:`.backends`).
+        options: the matrix-free settings (CG tolerance, …).
     """
 
     def __init__(
@@ -143,6 +146,8 @@ class MethodSet:
         damping_mode: str = "per_factor",
         coarse_scale: float = 1.0,
         spectral_which: str = "smallest",
+        backend: str = "dense",
+        options: MatrixFreeOptions | None = None,
     ) -> None:
         self.model = model
         self.curvature = curvature
@@ -150,12 +155,11 @@ class MethodSet:
         self.damping_mode = damping_mode
         self.coarse_scale = coarse_scale
         self.spectral_which = spectral_which
+        self.backend: Backend = make_backend(backend, curvature, damping, options)
         self._kfac: dict[str, KFACPreconditioner] = {}
         self._fine: dict[str, KFACPreconditioner] = {}
         self._twolevel: dict[tuple[str, str], TwoLevelPreconditioner] = {}
         self._directions: dict[str, Tensor] = {}
-        self._fhat: Tensor | None = None
-        self._exact_chol: Tensor | None = None
 
     # ------------------------------------------------------------ preconditioners
     def kfac(self, mode: str) -> KFACPreconditioner:
@@ -185,7 +189,7 @@ class MethodSet:
         pre.fit(dict(zip(self.curvature.names, self.curvature.stats, strict=True)))
         return pre
 
-    def _preconditioner(self, spec: MethodSpec) -> KFACPreconditioner:
+    def preconditioner(self, spec: MethodSpec) -> KFACPreconditioner:
         """The preconditioner of a ``kfac`` or ``fine`` method."""
         if spec.kind == "fine":
             return self.fine(spec)
@@ -228,15 +232,20 @@ class MethodSet:
         """The optimizer's own ``E(β*) − E(0)`` diagnostic for ``space`` (``last_stats``)."""
         return float(self.twolevel(space, "adef2").last_stats["energy_gain"])
 
-    # ------------------------------------------------------------------ dense F̂
+    # ------------------------------------------------------------------ exact F̂
     def fhat(self) -> Tensor:
-        """``F̂ = F + λI`` (dense)."""
-        if self._fhat is None:
-            fisher = self.curvature.dense()
-            self._fhat = fisher + self.damping * torch.eye(
-                fisher.shape[0], dtype=fisher.dtype, device=fisher.device
-            )
-        return self._fhat
+        """``F̂ = F + λI`` (dense; the dense backend only)."""
+        return dense_backend(self).fhat_matrix()
+
+    @property
+    def fhat_op(self) -> Operator:
+        """``F̂``: the dense matrix or ``v ↦ F̂v`` (matrix-free)."""
+        return self.backend.fhat_op
+
+    @property
+    def fisher_op(self) -> Operator:
+        """The undamped ``F``: the dense matrix or ``v ↦ Fv`` (matrix-free)."""
+        return self.backend.fisher_op
 
     def exact_direction(self) -> Tensor:
         """``d* = F̂⁻¹g``."""
@@ -254,67 +263,60 @@ class MethodSet:
     def _compute_direction(self, spec: MethodSpec) -> Tensor:
         g = self.curvature.flat_grad
         if spec.kind == "exact":
-            if self._exact_chol is None:
-                self._exact_chol = torch.linalg.cholesky(self.fhat())
-            return torch.cholesky_solve(g[:, None], self._exact_chol)[:, 0]
+            return self.backend.solve(g, record="exact")
         if spec.kind == "block_diagonal":
-            return torch.cat(
-                [
-                    torch.linalg.solve(block, gi)
-                    for block, gi in zip(
-                        self._fhat_blocks(), torch.split(g, self.curvature.sizes), strict=True
-                    )
-                ]
-            )
+            return self.backend.block_solve(g, record="block_diagonal")
         if spec.kind in ("kfac", "fine"):
-            pre = self._preconditioner(spec)
-            return flatten(
-                [
-                    pre.apply_fine(n, gi)
-                    for n, gi in zip(self.curvature.names, self.curvature.grad, strict=True)
-                ]
-            )
+            return self._apply_fine(self.preconditioner(spec), g)
         assert spec.space is not None and spec.combination is not None
         self.twolevel(spec.space, spec.combination)
         return self._directions[twolevel_name(spec.space, spec.combination)]
 
-    def _fhat_blocks(self) -> list[Tensor]:
-        """The diagonal blocks of ``F̂``, from the dense Fisher or from the statistics."""
-        if self.curvature.fisher is not None:
-            return _blocks(self.fhat(), self.curvature.sizes)
-        out = []
-        for s, size in zip(self.curvature.stats, self.curvature.sizes, strict=True):
-            psi = per_sample_gradients(s).flatten(1)
-            eye = torch.eye(size, dtype=psi.dtype, device=psi.device)
-            out.append(psi.T @ psi / psi.shape[0] + self.damping * eye)
-        return out
+    def _apply_fine(self, pre: KFACPreconditioner, v: Tensor) -> Tensor:
+        """``M⁻¹v``: the optimizer's ``apply_fine`` layer by layer."""
+        parts = zip(self.curvature.names, self.layer_vector(v), strict=True)
+        return flatten([pre.apply_fine(n, x) for n, x in parts])
+
+    def apply(self, method: str, v: Tensor) -> Tensor:
+        """``P v`` for any flat ``v``, without a dense matrix, through the method's own code.
+
+        ``exact`` / ``block_diagonal``: the backend's solves; ``kfac`` and the fine levels:
+        ``apply_fine``; two-level methods: the optimizer's combination with its ``M⁻¹``,
+        coarse operator ``Q`` (built for this batch's gradient) and ``F̂`` products on the
+        statistics — so ``apply(m, g)`` is ``direction(m)``.
+        """
+        spec = parse_method(method, self.damping_mode)
+        if spec.kind == "exact":
+            return self.backend.solve(v)
+        if spec.kind == "block_diagonal":
+            return self.backend.block_solve(v)
+        if spec.kind in ("kfac", "fine"):
+            return self._apply_fine(self.preconditioner(spec), v)
+        assert spec.space is not None and spec.combination is not None
+        pre = self.twolevel(spec.space, spec.combination)
+        assert pre._operator is not None
+        result = get_combination(spec.combination)(
+            self.layer_vector(v),
+            pre.minv,
+            pre._operator.apply,
+            pre.fhat,
+            coarse_scale=self.coarse_scale,
+        )
+        return flatten(result.direction)
 
     # ---------------------------------------------------------- dense matrices
     def dense(self, method: str) -> Tensor:
-        """The dense preconditioner ``P`` of ``method`` (``d = P g``), ``[P, P]``."""
-        spec = parse_method(method, self.damping_mode)
-        if spec.kind == "exact":
-            return torch.cholesky_inverse(torch.linalg.cholesky(self.fhat()))
-        if spec.kind == "block_diagonal":
-            return torch.block_diag(*[torch.linalg.inv(b) for b in self._fhat_blocks()])
-        if spec.kind in ("kfac", "fine"):
-            return torch.block_diag(*self._minv_blocks(self._preconditioner(spec)))
-        assert spec.space is not None and spec.combination is not None
-        return self._dense_twolevel(spec.space, spec.combination)
+        """The dense preconditioner ``P`` of ``method`` (``d = P g``), ``[P, P]``
+        (:mod:`.dense`; the dense backend only)."""
+        return preconditioner_matrix(self, parse_method(method, self.damping_mode))
 
-    def _minv_blocks(self, pre: KFACPreconditioner) -> list[Tensor]:
-        """``M_i⁻¹`` per layer: ``apply_fine`` on every unit matrix of the layer at once."""
-        blocks = []
-        for name, (d_out, d_in), size in zip(
-            self.curvature.names, self.curvature.shapes, self.curvature.sizes, strict=True
-        ):
-            eye = torch.eye(size, dtype=self.curvature.grad[0].dtype).reshape(size, d_out, d_in)
-            rows = pre.apply_fine(name, eye).reshape(size, size)  # row k = (M⁻¹e_k)ᵀ
-            blocks.append(rows.T)
-        return blocks
+    def dense_coarse(self, space: str) -> Tensor:
+        """``Q = R₀ᵀ F_c⁻¹ R₀`` (dense, :func:`.dense.coarse_matrix`)."""
+        return coarse_matrix(self, space)
 
     def dense_basis(self, space: str) -> Tensor:
-        """``R₀`` of the optimizer's basis for ``space`` as a dense ``[K, P]`` matrix."""
+        """``R₀`` of the optimizer's basis for ``space`` as a ``[K, P]`` matrix (``K`` is
+        small: one or two vectors per layer, so this is cheap for either backend)."""
         basis = self.operator(space).basis
         rows = []
         for i, vectors in enumerate(basis):
@@ -326,46 +328,6 @@ class MethodSet:
                 rows.append(flatten(parts))
         return torch.stack(rows)
 
-    def _dense_fc_inv(self, space: str) -> Tensor:
-        """``F_c⁻¹`` (``[K, K]``) from the optimizer's :class:`CoarseOperator` (its Jacobi
-        scaling and pseudo-inverse fallback included)."""
-        op = self.operator(space)
-        k = sum(int(b.shape[0]) for b in op.basis)
-        eye = torch.eye(k, dtype=self.curvature.grad[0].dtype)
-        return torch.stack([op.solve(e) for e in eye], dim=1)
-
-    def dense_coarse(self, space: str) -> Tensor:
-        """``Q = R₀ᵀ F_c⁻¹ R₀`` with ``F_c⁻¹`` from the optimizer's :class:`CoarseOperator`."""
-        r0 = self.dense_basis(space)
-        return r0.T @ self._dense_fc_inv(space) @ r0
-
-    def _dense_twolevel(self, space: str, combination: str) -> Tensor:
-        """Run the optimizer's combination on the identity (rows = unit vectors).
-
-        ``M⁻¹`` is applied block by block and ``Q = R₀ᵀF_c⁻¹R₀`` in factored form, so only
-        the ``F̂`` products cost ``O(P³)``.
-        """
-        self.twolevel(space, combination)  # builds the basis from this gradient
-        blocks = self._minv_blocks(self.kfac(self.damping_mode))
-        r0, fc_inv = self.dense_basis(space), self._dense_fc_inv(space)
-        fhat = self.fhat()
-        eye = torch.eye(fhat.shape[0], dtype=fhat.dtype, device=fhat.device)
-
-        def minv(v: LayerVector) -> LayerVector:
-            parts = torch.split(v[0], self.curvature.sizes, dim=1)
-            return [torch.cat([p @ b.T for p, b in zip(parts, blocks, strict=True)], dim=1)]
-
-        def coarse(v: LayerVector) -> LayerVector:
-            return [((v[0] @ r0.T) @ fc_inv.T) @ r0]
-
-        def fhat_rows(v: LayerVector) -> LayerVector:
-            return [v[0] @ fhat.T]
-
-        result = get_combination(combination)(
-            [eye], minv, coarse, fhat_rows, coarse_scale=self.coarse_scale
-        )
-        return result.direction[0].T
-
     def layer_vector(self, flat: Tensor) -> LayerVector:
         """A flat vector as the optimizer's layer vector."""
         return unflatten(flat, self.curvature.shapes)
@@ -375,9 +337,3 @@ class MethodSet:
         self._kfac.clear()
         self._fine.clear()
         self._twolevel.clear()
-
-
-def _blocks(matrix: Tensor, sizes: list[int]) -> list[Tensor]:
-    """The diagonal blocks of a ``[P, P]`` matrix."""
-    bounds = [0, *itertools.accumulate(sizes)]
-    return [matrix[lo:hi, lo:hi] for lo, hi in itertools.pairwise(bounds)]

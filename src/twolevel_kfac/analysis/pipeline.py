@@ -2,10 +2,13 @@
 
 1. Data and the float64 network at initialisation (seeded), optionally advanced by
    ``state_steps`` exact-curvature training steps of ``state_method``; the analysed batch is
-   the first ``batch_size`` samples of a seeded permutation of the pool.
-2. The exact curvature of that batch (torch.func dense Fisher + the optimizer's statistics).
+   the first ``batch_size`` samples of a seeded permutation of the pool. The backend
+   (dense or matrix-free, :mod:`.backends`) follows from the parameter count and
+   ``backend`` (:meth:`~.config.AnalyzeConfig.resolve_backend`).
+2. The exact curvature of that batch (the optimizer's statistics, torch.func Fisher–vector
+   products, and for the dense backend the torch.func dense Fisher).
 3. Every method's metrics at ``damping`` (:func:`~.evaluate.evaluate_state`), the Fisher's
-   block structure, and the damping sweep.
+   block structure (:func:`~.structure.fisher_structure`), and the damping sweep.
 4. Optionally, training with exact curvature (:mod:`.training`) from the initial network,
    one run per method.
 """
@@ -22,10 +25,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .config import AnalyzeConfig
-from .coordinates import analysis_layers
-from .evaluate import damping_sweep, evaluate_state, fisher_structure
+from .coordinates import analysis_layers, num_parameters
+from .evaluate import damping_sweep, evaluate_state
 from .exact import Curvature, compute_curvature
 from .problems import build_model, load_data
+from .structure import fisher_structure
 from .training import train_run
 
 
@@ -56,6 +60,7 @@ def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput
     """
     clock = _Clock()
     initial, model, data, batch = _problem(config)
+    backend = config.resolve_backend(num_parameters(analysis_layers(model)))
     curvature = compute_curvature(
         model,
         *batch,
@@ -63,14 +68,17 @@ def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput
         config.fisher,
         mc_samples=config.mc_samples,
         generator=torch.Generator().manual_seed(config.seed + 3),
-        dense="func",
+        dense="func" if backend == "dense" else None,
     )
     clock.lap("curvature_s")
     names = config.method_names
+    opts = config.matrix_free
     kwargs: dict[str, Any] = {
         "damping_mode": config.damping_mode,
         "coarse_scale": config.coarse_scale,
         "spectral_which": config.spectral_which,
+        "backend": backend,
+        "options": opts,
     }
     with _bar(len(names), "methods", progress) as bar:
         state = evaluate_state(
@@ -79,6 +87,13 @@ def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput
             progress=lambda _name: bar.update(), **kwargs,
         )  # fmt: skip
     clock.lap("methods_s")
+    structure = fisher_structure(
+        curvature,
+        probes=opts.block_norm_probes,
+        max_numbers=opts.gram_max_numbers,
+        seed=opts.seed,
+    )
+    clock.lap("structure_s")
     sweep = damping_sweep(model, curvature, names, config.damping_sweep, **kwargs)
     clock.lap("sweep_s")
     training = _train(initial, data, config, progress)
@@ -87,7 +102,8 @@ def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput
         "name": config.name,
         "config": config.model_dump(mode="json"),
         "problem": _describe(config, curvature),
-        "fisher": fisher_structure(curvature),
+        "solver": state.solver,
+        "fisher": structure,
         "coarse_spaces": state.spaces,
         "damping_sweep": sweep,
         "training": training,
@@ -121,13 +137,7 @@ def _problem(
     x_all, y_all = load_data(config)
     initial = build_model(config.model, config.seed)
     model: torch.nn.Module = initial
-    layers = analysis_layers(model)
-    num_params = sum(p.numel() for m in layers.values() for p in m.parameters(recurse=False))
-    if num_params > config.max_params:
-        raise ValueError(
-            f"the network has {num_params} analysed parameters, more than max_params="
-            f"{config.max_params} (dense P×P matrices and O(P³) spectra)"
-        )
+    config.resolve_backend(num_parameters(analysis_layers(model)))  # refuses too large nets
     if config.state_steps:
         run = train_run(
             model, (x_all, y_all), config, config.state_method, steps=config.state_steps

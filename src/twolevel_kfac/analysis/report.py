@@ -282,6 +282,33 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+def _backend_note(details: dict[str, Any]) -> str:
+    """One paragraph: how the exact curvature was multiplied, solved and summarised."""
+    solver = details.get("solver", {})
+    fisher = details["fisher"]
+    blocks = fisher.get("block_norms_method", "dense")
+    if solver.get("backend", "dense") == "dense":
+        return "Backend: dense (`P × P` float64 matrices, every eigenvalue of `P F̂`)."
+    exact = solver.get("exact", {})
+    steps = details["config"]["matrix_free"]["lanczos_steps"]
+    how = {
+        "gram": "exactly, from the per-layer Gram matrices of the per-sample gradients",
+        "hutchinson": f"estimated with {fisher.get('block_norms_probes')} Rademacher "
+        "probes per layer (Hutchinson)",
+    }.get(blocks, blocks)
+    return (
+        "Backend: matrix-free. `F v` by torch.func jvp/vjp "
+        f"({solver.get('fisher_vector_products')} products for the main table); `F̂⁻¹g` by "
+        f"conjugate gradients ({exact.get('cg_iterations')} iterations, true relative "
+        f"residual {_fmt(exact.get('cg_relative_residual'))}, tolerance "
+        f"{_fmt(exact.get('cg_tol'))}); the block-diagonal NG by one CG solve per layer; "
+        f"the spectrum of `P F̂` by {steps} Lanczos steps in the F̂-inner product (extreme "
+        "Ritz values: the condition numbers are lower bounds; no spectra.png); block norms "
+        f"{how}. fvp torch.func vs optimizer statistics: "
+        f"{_fmt(fisher.get('fvp_func_vs_stats'))}."
+    )
+
+
 def markdown(output: AnalysisOutput, figures: list[str]) -> str:
     """``report.md``: the problem, the per-method table, coarse spaces, sweep, training."""
     d, methods = output.details, output.methods
@@ -294,6 +321,8 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
         f"damping λ = {d['config']['damping']} ({d['config']['damping_mode']}), "
         f"step α = {d['config']['step_size']}; loss {p['loss']:.4f}. Off-diagonal share of "
         f"‖F‖²_F: {d['fisher']['off_diagonal_fraction']:.3f}.",
+        "",
+        _backend_note(d),
         "",
         "## Methods at "
         + (

@@ -4,7 +4,8 @@ discarded", and the metrics along training.
 Every run starts from the same initialisation and sees the same batches. At each step the
 exact curvature of the batch is computed (:func:`~.exact.compute_curvature`, no running
 averages, no Monte-Carlo noise unless ``fisher: mc``) and the run's method gives the
-direction ``d`` (:class:`~.operators.MethodSet`: ``exact`` = dense ``F̂⁻¹g``,
+direction ``d`` (:class:`~.operators.MethodSet` with the configured backend:
+``exact`` = ``F̂⁻¹g`` (dense solve or conjugate gradients),
 ``block_diagonal`` = exact per-layer blocks, ``kfac`` = the optimizer's ``M⁻¹g`` with
 factors of this batch, two-level = the optimizer's step path). The update is plain
 ``θ ← θ − lr·ν·d`` (no momentum; ``ν = min(1, √(c/|dᵀg|))`` the authors' KL clipping when
@@ -16,7 +17,7 @@ Along the way the run records the batch loss per step, the optimizer's own
 authors' figure: how much the optimal coarse correction would lower the F̂-norm error of the
 KFAC direction at the run's current state), and every ``checkpoint_every`` steps the
 direction metrics of ``metric_methods`` and the relative coarse gains (dense ``F`` from the
-statistics) plus the loss on a fixed evaluation set.
+statistics, or matrix-free products) plus the loss on a fixed evaluation set.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AnalyzeConfig
-from .coordinates import analysis_layers, from_layer_matrices, loss_at
+from .coordinates import analysis_layers, from_layer_matrices, loss_at, num_parameters
 from .evaluate import direction_metrics, space_metrics
 from .exact import compute_curvature
 from .operators import MethodSet
@@ -132,6 +133,7 @@ def train_run(
     num_steps = spec.steps if steps is None else steps
     batches = batch_schedule(x_all.shape[0], config.batch_size, num_steps, config.seed)
     run = RunResult(method, gains={s: [] for s in spec.gain_spaces}, model=net)
+    backend = config.resolve_backend(num_parameters(layers))
     for step, index in enumerate([*batches, None]):
         final = index is None
         if step % spec.checkpoint_every == 0 or final:
@@ -155,7 +157,14 @@ def train_run(
             run.diverged = True
             break
         ms = MethodSet(
-            net, curvature, damping, config.damping_mode, config.coarse_scale, config.spectral_which
+            net,
+            curvature,
+            damping,
+            config.damping_mode,
+            config.coarse_scale,
+            config.spectral_which,
+            backend,
+            config.matrix_free,
         )
         for space in spec.gain_spaces:
             run.gains[space].append(ms.energy_gain(space))
