@@ -18,6 +18,8 @@ Several forwards before one ``step()`` (gradient accumulation) append their samp
 ``k`` micro-batches whose losses are divided by ``k``, ``accumulation_steps=k`` scales the
 empirical ``δ`` by ``B·k`` so the statistics equal those of the whole batch.
 Nothing is captured in ``eval()`` mode, under ``torch.no_grad()``, or when inactive.
+The random draws (the subset, the MC targets) use the optimizer's CPU generator whatever the
+model's device (the subset's indices, then the targets, are moved to the data's device).
 """
 
 from __future__ import annotations

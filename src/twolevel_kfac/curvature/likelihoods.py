@@ -12,6 +12,11 @@ per-sample negative log-likelihood ``ℓ_n(y) = −log p(y | f_n)`` of the netwo
 
 The matching training losses take the *mean over samples* of these per-sample losses
 (sum over output features): e.g. ``BCEWithLogits(reduction="sum") / N``.
+
+Targets are drawn on the generator's device (the optimizers' sampler is a CPU generator,
+whose state a checkpoint restores on any machine) and then moved to the output's: for a
+model on a GPU the Fisher mini-batch's probabilities make a round trip through host memory,
+and the samples are those a CPU run draws from the same probabilities.
 """
 
 from __future__ import annotations
@@ -24,8 +29,14 @@ LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
 
 def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
-    """Draw one target per sample from the model's predictive distribution."""
+    """Draw one target per sample from the model's predictive distribution (on the
+    generator's device, returned on ``output``'s)."""
     output = output.detach()
+    device = output.device if generator is None else generator.device
+    return _draw(output.to(device), likelihood, generator).to(output.device)
+
+
+def _draw(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
     if likelihood == "categorical":
         if output.dim() != 2:
             raise ValueError(
@@ -38,8 +49,10 @@ def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator |
         probs = torch.sigmoid(output)
         return torch.bernoulli(probs, generator=generator)
     if likelihood == "gaussian":
-        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
-        return output + noise.to(output.device)
+        noise = torch.randn(
+            output.shape, generator=generator, dtype=output.dtype, device=output.device
+        )
+        return output + noise
     raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
 

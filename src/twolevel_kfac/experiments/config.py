@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from twolevel_kfac.experiments.device import check_device_spec
 from twolevel_kfac.experiments.losses import LIKELIHOODS
 from twolevel_kfac.experiments.models import MODELS
 from twolevel_kfac.experiments.optimizers import (
@@ -63,6 +64,7 @@ UNFINGERPRINTED = (
     "problem.time_budget_s",
     "problem.final_checkpoint",
     "problem.max_consecutive_nonfinite",
+    "problem.device",  # checkpoints are device-independent: a GPU run may resume on the CPU
     "report",
     "tune",
 )
@@ -138,7 +140,14 @@ class ProblemSpec(_Strict):
     final_checkpoint: Literal["full", "model"] = "full"
     # skipped NaN/Inf steps in a row that stop the run (stop_reason "diverged")
     max_consecutive_nonfinite: int = Field(default=20, gt=0)
+    # auto | cpu | cuda | cuda:K (experiments.device); --device overrides it
+    device: str = "auto"
     seeds: list[int] = Field(default=[0], min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return check_device_spec(device)
 
     @field_validator("seeds")
     @classmethod

@@ -19,8 +19,12 @@ initialised ``torch.distributed`` group together (the conventions of
   checkpoint and stop; a second Ctrl-C aborts.
 * **Otherwise** (``--nproc 1`` or none): ``train_run`` in this process.
 
-Backend: gloo. The runner keeps the model and the data on the CPU, and NCCL only reduces
-CUDA tensors, so NCCL needs GPU placement in the runner first.
+Device and backend (:mod:`twolevel_kfac.experiments.device`): each rank resolves
+``problem.device`` (``--device``) for its local rank: on the CPU the group is gloo; on GPUs
+rank ``r`` of a machine uses ``cuda:r`` (``torch.cuda.set_device``) and the group is
+``"cpu:gloo,cuda:nccl"`` (NCCL for CUDA tensors). A device that cannot serve ``--nproc N``
+processes (no GPU, fewer GPUs than processes, or a backend this torch lacks) is refused
+before any worker starts.
 """
 
 from __future__ import annotations
@@ -43,13 +47,13 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
 from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.device import backend_for, resolve_device
 from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.parallel import Parallel
 from twolevel_kfac.experiments.runner import RunResult, train_run
 
-__all__ = ["BACKEND", "START_METHODS", "launcher_world_size", "train_parallel"]
+__all__ = ["START_METHODS", "launcher_world_size", "train_parallel"]
 
-BACKEND = "gloo"
 START_METHODS = ("spawn", "fork", "forkserver")
 
 
@@ -122,24 +126,34 @@ def train_parallel(
             progress=progress,
             data_dir=data_dir,
         )
-    _check_distributed(nproc)
+    _check_distributed(config, nproc)
     batch = config.problem.batch_size  # the last batch is checked once the data are loaded
     Parallel(0, nproc).check_split(batch, batch)
     return _spawn(job, nproc)
 
 
-def _check_distributed(nproc: int) -> None:
-    """Refuse a torch without the gloo backend."""
-    if not (dist.is_available() and dist.is_gloo_available()):
+def _check_distributed(config: ExperimentConfig, nproc: int) -> None:
+    """Refuse a device that cannot serve ``nproc`` local processes, or a torch without the
+    backend(s) for it."""
+    backend = backend_for(resolve_device(config.problem.device, 0, nproc))
+    available = dist.is_available() and dist.is_gloo_available()
+    if "nccl" in backend:
+        available = available and dist.is_nccl_available()
+    if not available:
         raise ValueError(
-            f"--nproc {nproc} needs torch.distributed with the gloo backend, which this "
-            "torch build lacks"
+            f"--nproc {nproc} needs torch.distributed with the backend {backend!r}, which "
+            "this torch build lacks"
         )
 
 
 def _train_rank(job: _Job, rank: int, world_size: int, init_method: str) -> RunResult | None:
-    """Join the group as ``rank``, train, leave; rank 0's result (``None`` elsewhere)."""
-    dist.init_process_group(BACKEND, init_method=init_method, rank=rank, world_size=world_size)
+    """Join the group as ``rank`` (on its device), train, leave; rank 0's result (``None``
+    elsewhere)."""
+    device = resolve_device(job.config.problem.device, rank, world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and DDP use the current device
+    backend = backend_for(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     try:
         result = train_run(
             job.config,

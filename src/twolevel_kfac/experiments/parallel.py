@@ -26,6 +26,9 @@ method is the identity, so the one-process runner is unchanged):
   broadcast (:meth:`Parallel.from_main`), so every rank resumes from the same checkpoint
   and other nodes need no shared file system. Collectives such as ``opt.state_dict()`` are
   still called on every rank.
+* **Devices.** The collectives here (loss, flags, checkpoint) use CPU tensors: on GPUs they
+  go through the gloo part of the ``"cpu:gloo,cuda:nccl"`` group, the gradients and the
+  optimizers' curvature through NCCL (:mod:`twolevel_kfac.experiments.device`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from twolevel_kfac.experiments.config import ProblemSpec
 from twolevel_kfac.experiments.losses import LossFn
+from twolevel_kfac.placement import module_device
 
 __all__ = ["Data", "denormals_flushed", "evaluate", "load_data"]
 
@@ -126,7 +127,8 @@ def evaluate(
     """Mean loss over a data set in eval mode, and accuracy for integer targets.
 
     Runs under ``torch.no_grad()`` in ``eval()`` mode, so KFAC's hooks capture nothing;
-    the model's train/eval mode is restored afterwards.
+    the model's train/eval mode is restored afterwards. Each chunk of ``batch_size`` rows
+    is copied to the model's device when it is used.
 
     Returns:
         ``(loss, accuracy)``, accuracy ``None`` for real-valued targets.
@@ -135,8 +137,9 @@ def evaluate(
     model.eval()
     classify = not torch.is_floating_point(y)
     total, correct = 0.0, 0
+    device = module_device(model)
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        xb, yb = (part[start : start + batch_size].to(device) for part in (x, y))
         out = model(xb)
         total += float(loss_fn(out, yb)) * len(xb)
         if classify:

@@ -27,6 +27,9 @@ Distributed: when ``torch.distributed`` is initialised (``tlkfac run --nproc N``
 ``torchrun``: ``experiments.launch``), every rank runs this loop on its part of each global
 batch and rank 0 alone writes; the conventions are those of ``experiments.parallel``.
 
+Device: ``problem.device`` (``experiments.device``): the model, each minibatch (copied from
+the host-held data set when it is used) and the evaluation; checkpoints hold CPU tensors.
+
 Non-finite values: a step whose loss or gradient is NaN/Inf is skipped (nothing reaches
 the parameters, the optimizer state or KFAC's running factors; the KFAC family does this
 itself and counts it in ``opt.nonfinite_steps``, SGD/Adam are checked here) and counted:
@@ -44,7 +47,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,7 @@ from twolevel_kfac.experiments.checkpoint import (
     set_rng_state,
 )
 from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.device import resolve_device
 from twolevel_kfac.experiments.guarded_step import guarded_step
 from twolevel_kfac.experiments.interrupt import interrupt_flag
 from twolevel_kfac.experiments.losses import LOSSES
@@ -75,44 +79,10 @@ from twolevel_kfac.experiments.problem import (
     evaluate,
     load_data,
 )
+from twolevel_kfac.experiments.run_state import FINAL_REASONS, LoopState, RunResult
+from twolevel_kfac.placement import CPU, move_tensors
 
 __all__ = ["Data", "LoopState", "RunResult", "evaluate", "load_data", "make_optimizer", "train_run"]
-
-FINAL_REASONS = ("early_stopping", "diverged", "time_budget")
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; everything here goes into the checkpoint."""
-
-    epoch: int = 0  # completed epochs
-    position: int = 0  # minibatches done in the current epoch
-    step: int = 0
-    wall_time_s: float = 0.0
-    loss_sum: float = 0.0  # current epoch
-    loss_count: int = 0
-    log_sum: float = 0.0  # since the last step record
-    log_count: int = 0
-    diag_sums: dict[str, float] = field(default_factory=dict)
-    diag_counts: dict[str, int] = field(default_factory=dict)
-    best_loss: float = math.inf
-    bad_epochs: int = 0
-    stop_reason: str = ""
-    records: int = 0  # metrics lines written before this state
-    nonfinite_steps: int = 0  # skipped steps (NaN/Inf loss or gradient), in total
-    consecutive_nonfinite: int = 0  # skipped steps in a row, up to this one
-
-
-@dataclass
-class RunResult:
-    """Outcome of ``train_run``."""
-
-    run_dir: Path
-    records: list[dict[str, Any]]
-    finished: bool
-    interrupted: bool
-    stop_reason: str
-    step: int
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -130,7 +100,9 @@ class _Loop:
         self.seed = self.problem.seeds[0]
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)  # noqa: NPY002 (user code may use it)
-        self.model = build_model(self.problem.model.name, **self.problem.model.kwargs)
+        self.device = resolve_device(self.problem.device, par.rank, par.world_size)
+        model = build_model(self.problem.model.name, **self.problem.model.kwargs)
+        self.model = model.to(self.device)
         self.par = par
         self.net = self.par.wrap(self.model)  # what trains: DDP around the model, or itself
         kind, kwargs = config.method_kwargs(self.label, self.seed)
@@ -154,6 +126,7 @@ class _Loop:
             "rng": get_rng_state(),
             "loop": asdict(self.state),
         }
+        payload = move_tensors(payload, CPU)  # a GPU run's checkpoint loads anywhere
         if self.par.is_main:
             save_checkpoint(self.run_dir / "checkpoint.pt", payload)
 
@@ -189,7 +162,7 @@ class _Loop:
         idx = self.par.shard(self._order[1][s.position])
         self.model.train()
         start = time.perf_counter()
-        x, y = self.data.train[0][idx], self.data.train[1][idx]
+        x, y = (part[idx].to(self.device) for part in self.data.train)  # one batch at a time
         value, stepped = guarded_step(
             self.net, self.optimizer, lambda: self.loss_fn(self.net(x), y), self.par.global_loss
         )

@@ -135,7 +135,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         if "scalings" not in state:
             raise ValueError(f"not a {type(self).__name__} state: no 'scalings' entry")
         super().load_state_dict(state)
-        self.scalings = dict(state["scalings"]["S"])
+        self.scalings = {n: self._placed(n, s) for n, s in state["scalings"]["S"].items()}
         self.scaling_updates = {k: int(v) for k, v in state["scalings"]["updates"].items()}
         self._scaling_cache.clear()
 

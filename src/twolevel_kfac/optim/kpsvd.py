@@ -204,8 +204,10 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
             raise ValueError(f"not a {type(self).__name__} state: no 'corrections' entry")
         super().load_state_dict(state)
         saved = state["corrections"]
-        self.corrections = {n: (a, g) for n, (a, g) in saved["running"].items()}
-        self.frozen_corrections = {n: (a, g) for n, (a, g) in saved["frozen"].items()}
+        self.corrections = {n: self._placed(n, (a, g)) for n, (a, g) in saved["running"].items()}
+        self.frozen_corrections = {
+            n: self._placed(n, (a, g)) for n, (a, g) in saved["frozen"].items()
+        }
         self.correction_updates = {n: int(k) for n, k in saved["updates"].items()}
         self._pencil_cache.clear()
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,10 @@ from ..distributed import (
     share_decompositions,
     unwrap_model,
 )
+from ..placement import CPU, move_tensors
 from .options import CurvatureOptions
+
+T = TypeVar("T")
 
 
 def find_layers(model: nn.Module, unsupported: str) -> dict[str, nn.Module]:
@@ -288,8 +292,8 @@ class KFACPreconditioner:
         }
         if self.retain_statistics:
             state["retained"] = {n: (s.a, s.g) for n, s in self.retained_stats.items()}
-        if self.comm.distributed:
-            state["ranks"] = self.comm.all_gather_object(self._rank_state())
+        if self.comm.distributed:  # on the CPU: rank 0 must not unpickle other GPUs' tensors
+            state["ranks"] = self.comm.all_gather_object(move_tensors(self._rank_state(), CPU))
         return state
 
     def _rank_state(self) -> dict[str, Any]:
@@ -306,6 +310,7 @@ class KFACPreconditioner:
             self.generator.set_state(part["generator"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, its tensors on the devices of the layers."""
         saved = list(state.get("layers", []))
         if saved != list(self.layers):
             raise ValueError(
@@ -316,11 +321,20 @@ class KFACPreconditioner:
         self.damping = float(state["damping"])
         self._load_rank_states(state)
         for name, factor_state in state["factors"].items():
-            self.factors[name].load_state_dict(factor_state)
+            self.factors[name].load_state_dict(self._placed(name, factor_state))
         retained = state.get("retained") or {}
-        self.retained_stats = {n: LayerStats(a, g) for n, (a, g) in retained.items()}
+        self.retained_stats = {n: LayerStats(*self._placed(n, ag)) for n, ag in retained.items()}
         self.capture.discard()
         self.capture.active = self.steps % self.options.cov_interval == 0
+
+    def _placed(self, name: str, tree: T) -> T:
+        """Saved state of layer ``name`` with its tensors on that layer's device (a state
+        saved on the CPU or another GPU resumes where the model now is)."""
+        return move_tensors(tree, layer_weight(self.layers[name]).device)
+
+    def _placed_layers(self, trees: Sequence[T]) -> list[T]:
+        """:meth:`_placed` for a per-layer list in the order of ``self.layers``."""
+        return [self._placed(name, tree) for name, tree in zip(self.layers, trees, strict=True)]
 
     def remove_hooks(self) -> None:
         self.capture.remove()

@@ -314,13 +314,15 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         super().load_state_dict(state)
         coarse = state["coarse"]
         saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
-        per_rank = None if None in saved else [[LayerStats(a, g) for a, g in p] for p in saved]
+        per_rank = None
+        if None not in saved:
+            per_rank = [[LayerStats(a, g) for a, g in self._placed_layers(p)] for p in saved]
         self.fisher_stats = self._own_statistics(per_rank)
         self.fisher_samples = coarse.get("fisher_samples")
         if self.fisher_samples is None and per_rank is not None:  # a state from before it
             self.fisher_samples = sum(check_stats(stats) for stats in per_rank)
-        self.basis = coarse["basis"]
-        self.coarse_matrix = coarse["coarse_matrix"]
+        self.basis = None if coarse["basis"] is None else self._placed_layers(coarse["basis"])
+        self.coarse_matrix = self._placed(self.names[0], coarse["coarse_matrix"])
         self.coarse_updates = int(coarse["coarse_updates"])
         self._operator = None
         if self.basis is not None and self.coarse_matrix is not None:

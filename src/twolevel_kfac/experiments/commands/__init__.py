@@ -9,8 +9,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["INTERRUPTED", "add_common", "apply_common", "positive_int", "progress_enabled"]
+if TYPE_CHECKING:
+    from twolevel_kfac.experiments.config import ExperimentConfig
+
+__all__ = [
+    "INTERRUPTED",
+    "add_common",
+    "add_device",
+    "apply_common",
+    "positive_int",
+    "progress_enabled",
+    "with_device",
+]
 
 INTERRUPTED = 130  # exit status after Ctrl-C (the run was checkpointed)
 
@@ -24,6 +36,36 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def device_spec(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:K``."""
+    from twolevel_kfac.experiments.device import check_device_spec
+
+    try:
+        return check_device_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device``, which overrides the config's ``problem.device``."""
+    parser.add_argument(
+        "--device",
+        type=device_spec,
+        default=None,
+        help="auto | cpu | cuda | cuda:K, overriding problem.device (default: the config's; "
+        "auto: a GPU when torch sees one). With --nproc N and a GPU: one GPU per process, NCCL",
+    )
+
+
+def with_device(config: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    """``config`` with ``--device`` (when given) as its ``problem.device``; the device is
+    not fingerprinted, so the override may differ from the run being resumed."""
+    if getattr(args, "device", None) is None:
+        return config
+    problem = config.problem.model_copy(update={"device": args.device})
+    return config.model_copy(update={"problem": problem})
 
 
 def add_common(parser: argparse.ArgumentParser, max_steps: bool = True) -> None:

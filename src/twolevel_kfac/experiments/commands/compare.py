@@ -13,8 +13,10 @@ from pathlib import Path
 from twolevel_kfac.experiments.commands import (
     INTERRUPTED,
     add_common,
+    add_device,
     apply_common,
     progress_enabled,
+    with_device,
 )
 
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", type=_list, default=None, help="comma-separated subset")
     parser.add_argument("--seeds", type=_list, default=None, help="comma-separated seeds")
     parser.add_argument("--fresh", action="store_true", help="discard existing runs in --out")
+    add_device(parser)
     add_common(parser)
 
 
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from twolevel_kfac.experiments.config import load_config
 
     apply_common(args)
-    config = load_config(args.config)
+    config = with_device(load_config(args.config), args)
     try:
         seeds = [int(s) for s in args.seeds] if args.seeds else None
     except ValueError:

@@ -5,7 +5,7 @@ The run directory gets ``config.yaml`` (resolved), ``metrics.jsonl`` and ``check
 continues from the checkpoint bit-identically; ``--max-steps N`` stops after N steps in
 total (resumable). ``--nproc N`` trains data-parallel on N local processes, each on its
 part of every global batch; under ``torchrun`` each process is one rank (see
-``experiments.launch``).
+``experiments.launch``). ``--device`` overrides ``problem.device`` (``experiments.device``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from pathlib import Path
 from twolevel_kfac.experiments.commands import (
     INTERRUPTED,
     add_common,
+    add_device,
     apply_common,
     positive_int,
     progress_enabled,
+    with_device,
 )
 
 
@@ -35,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="data-parallel: N local processes share every batch (gloo; default: 1, or "
-        "the world size of torchrun)",
+        help="data-parallel: N local processes share every batch (gloo on the CPU, NCCL on "
+        "GPUs; default: 1, or the world size of torchrun)",
     )
+    add_device(parser)
     add_common(parser)
 
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from twolevel_kfac.experiments.report import epoch_records
 
     apply_common(args)
-    config = load_config(args.config)
+    config = with_device(load_config(args.config), args)
     label = args.method
     if label is None:
         if len(config.methods) > 1:

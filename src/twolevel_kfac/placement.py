@@ -1,0 +1,41 @@
+"""Moving saved state between devices: checkpoints are device-independent.
+
+A state dict (of a preconditioner, a model, a run checkpoint) is a tree of dicts, lists and
+tuples with tensors at the leaves. :func:`move_tensors` copies such a tree with every tensor
+on another device: the CPU before saving (a checkpoint written on a GPU loads on a machine
+without one), the device of the layer's parameters when a preconditioner loads its state
+(the optimizers' ``load_state_dict``). Tensors already on the target device are kept as they
+are (``Tensor.to`` returns the tensor itself), so a CPU run neither copies nor changes a bit.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar, cast
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CPU", "module_device", "move_tensors"]
+
+CPU = torch.device("cpu")
+
+T = TypeVar("T")
+
+
+def move_tensors(tree: T, device: torch.device) -> T:
+    """``tree`` with every tensor in its dicts, lists and tuples on ``device`` (a new
+    container where something inside moved; other leaves as they are)."""
+    if isinstance(tree, Tensor):
+        return cast(T, tree.to(device))
+    if isinstance(tree, dict):
+        return cast(T, {key: move_tensors(value, device) for key, value in tree.items()})
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):  # not a namedtuple
+        return cast(T, type(tree)(move_tensors(value, device) for value in tree))
+    return tree
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); the CPU if it has none."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return CPU
