@@ -1,0 +1,90 @@
+"""On a CUDA machine only (skipped elsewhere, with the reason): a one-process run on the
+GPU follows the CPU run, its checkpoint resumes on the CPU, and MC sampling draws the same
+targets from the same probabilities on both devices. Multi-process NCCL needs two GPUs.
+
+Run on a lent GPU machine with ``pytest tests/test_gpu.py -q``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from twolevel_kfac.curvature.likelihoods import sample_targets
+from twolevel_kfac.experiments.config import ExperimentConfig, parse_config
+from twolevel_kfac.experiments.metrics import read_metrics
+from twolevel_kfac.experiments.runner import Data, train_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+METHODS = ("kfac", "nico", "residu", "ekfac", "sgd")
+
+
+def _config(method: str, device: str) -> ExperimentConfig:
+    entry = (
+        {"lr": 0.05}
+        if method == "sgd"
+        else {"lr": 0.1, "damping": 0.1, "fisher_batch": 0.5, "cov_interval": 2}
+    )
+    data = {
+        "problem": {
+            "model": {"name": "deep_linear", "kwargs": {"depth": 3, "width": 4, "in_features": 8}},
+            "dataset": {"name": "in-memory"},
+            "loss": "cross_entropy",
+            "batch_size": 16,
+            "epochs": 2,
+            "checkpoint_every": 3,
+            "device": device,
+        },
+        "methods": {method: entry},
+    }
+    return parse_config(data).for_run(method, 0)
+
+
+def _data() -> Data:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(104, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return Data(train=(x[:80], y[:80]), val=(x[80:92], y[80:92]), test=(x[92:], y[92:]))
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_run_follows_the_cpu_run(tmp_path: Path, method: str) -> None:
+    """Same data, seed and MC draws (sampled on the CPU generator): the losses agree to
+    float32 rounding amplified over 10 steps (TF32 is off by default for matmuls)."""
+    cpu = train_run(_config(method, "cpu"), tmp_path / "cpu", data=_data(), progress=False)
+    gpu = train_run(_config(method, "cuda"), tmp_path / "gpu", data=_data(), progress=False)
+    assert cpu.finished and gpu.finished
+    torch.testing.assert_close(
+        torch.tensor(_losses(tmp_path / "gpu")),
+        torch.tensor(_losses(tmp_path / "cpu")),
+        rtol=1e-3,
+        atol=1e-4,
+    )
+    state = torch.load(tmp_path / "gpu" / "checkpoint.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+
+
+@pytest.mark.parametrize("method", ("kfac", "residu"))
+def test_gpu_checkpoint_resumes_on_the_cpu(tmp_path: Path, method: str) -> None:
+    run_dir = tmp_path / "run"
+    part = train_run(_config(method, "cuda"), run_dir, data=_data(), progress=False, max_steps=4)
+    assert not part.finished
+    done = train_run(_config(method, "cpu"), run_dir, data=_data(), progress=False, resume=True)
+    assert done.finished and done.step == 10
+
+
+@pytest.mark.parametrize("likelihood", ("categorical", "bernoulli", "gaussian"))
+def test_mc_targets_do_not_depend_on_the_device(likelihood: str) -> None:
+    outputs = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+    draws = []
+    for device in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(7)
+        draws.append(sample_targets(outputs.to(device), likelihood, gen).cpu())
+    torch.testing.assert_close(draws[1], draws[0])
