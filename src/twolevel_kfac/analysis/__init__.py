@@ -19,7 +19,9 @@ networks of up to ~12k parameters with dense float64 matrices, and up to ~100k
   norms, captured off-diagonal mass); :mod:`.spectrum` (dense eigenvalues or Lanczos
   extremes of ``P F̂``) and :mod:`.structure` (block norms, dense / Gram / Hutchinson);
 * :mod:`.evaluate`, :mod:`.training`, :mod:`.pipeline`, :mod:`.report`: the
-  ``tlkfac analyze CONFIG --out DIR`` command (:mod:`.command`, config :mod:`.config`).
+  ``tlkfac analyze CONFIG --out DIR`` command (:mod:`.command`, config :mod:`.config`);
+* :mod:`.along_run` (:mod:`.along_run_report`): the same metrics at the model snapshots of
+  a real ``tlkfac run`` (``--run RUN_DIR``, ``problem.keep_checkpoints: true``).
 
 Unlike the rest of the analysis layer's dependency rule (analysis → curvature), this
 package deliberately imports :mod:`twolevel_kfac.optim` and :mod:`twolevel_kfac.twolevel`:

@@ -1,8 +1,11 @@
-"""``tlkfac analyze CONFIG [--out DIR]``: exact-Fisher analysis of a small network.
+"""``tlkfac analyze CONFIG [--out DIR] [--run RUN_DIR]``: exact-Fisher analysis of a small
+network.
 
 Writes ``analysis.json`` (method name → metrics, each with ``cos_to_exact_ng`` and
 ``energy_error``), ``details.json``, ``spectra.npz``, ``report.md`` and PNG figures into
-``DIR`` (default ``results/analysis/<config name>``).
+``DIR`` (default ``results/analysis/<config name>``); with ``--run`` (or ``along_run.run_dir``
+in the config) also ``along_run.json``: the metrics at every model snapshot of that
+``tlkfac run`` directory (trained with ``problem.keep_checkpoints: true``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default: 1)"
+    )
+    parser.add_argument(
+        "--run",
+        default=None,
+        metavar="RUN_DIR",
+        help="also analyse the model snapshots of this `tlkfac run` directory "
+        "(problem.keep_checkpoints: true); overrides along_run.run_dir",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -49,10 +59,12 @@ def run(args: argparse.Namespace) -> None:
     if args.render_only:
         print(f"re-rendered {len(render(load_outputs(out), out))} files in {out}")
         return
-    output = run_analysis(config, progress=not args.no_progress)
+    output = run_analysis(config, progress=not args.no_progress, run_dir=args.run)
     paths = write_outputs(output, out)
     exact, kfac = output.methods.get("exact", {}), output.methods.get("kfac", {})
     print(f"wrote {len(paths)} files to {out}")
+    if output.along_run is not None:
+        print(f"along the run: {len(output.along_run['snapshots'])} snapshots analysed")
     if kfac:
         print(
             f"kfac: cos to exact NG {kfac['cos_to_exact_ng']:.4f}, "

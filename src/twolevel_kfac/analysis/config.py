@@ -16,6 +16,7 @@ Unknown keys are errors (``extra="forbid"``), and every error names the offendin
     train: {steps: 60, lr: 0.3, checkpoint_every: 10}
     backend: auto                  # dense up to dense_max_params, else matrix_free
     matrix_free: {cg_tol: 1.0e-10, lanczos_steps: 100}
+    along_run: {run_dir: results/along_run_train/kfac_seed0}  # or --run: a tlkfac run's snapshots
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ GALERKIN_SPACES = tuple(s for s in COARSE_SPACES if s != "tselepidis")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_methods(names: list[str] | None) -> None:
+    """Raise ``ValueError`` unless every name is a method of :mod:`.operators`."""
+    for name in names or []:
+        parse_method(name)
+
+
+def _check_spaces(names: list[str] | None) -> None:
+    """Raise ``ValueError`` unless every name is a coarse space."""
+    for name in names or []:
+        if name not in COARSE_SPACES:
+            raise ValueError(f"unknown coarse space {name!r}; allowed: {COARSE_SPACES}")
 
 
 class ModelSpec(_Strict):
@@ -103,16 +117,13 @@ class TrainSpec(_Strict):
     @field_validator("methods", "metric_methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
-        for name in value:
-            parse_method(name)
+        _check_methods(value)
         return value
 
     @field_validator("gain_spaces")
     @classmethod
     def _spaces(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in COARSE_SPACES:
-                raise ValueError(f"unknown coarse space {name!r}; allowed: {COARSE_SPACES}")
+        _check_spaces(value)
         return value
 
     @model_validator(mode="after")
@@ -120,6 +131,33 @@ class TrainSpec(_Strict):
         if self.steps and self.gain_run not in self.methods:
             raise ValueError(f"train.gain_run {self.gain_run!r} is not in train.methods")
         return self
+
+
+class AlongRunSpec(_Strict):
+    """The metrics along a real training run (:mod:`.along_run`): at every model snapshot
+    of the ``tlkfac run`` directory ``run_dir`` (kept with ``problem.keep_checkpoints:
+    true``; ``tlkfac analyze --run DIR`` overrides it), on the fixed analysis batch, the
+    direction metrics of ``methods`` (default ``train.metric_methods``) and the coarse gain
+    ``E(β*) − E(0)`` of ``spaces`` (default ``train.gain_spaces``), at ``λ = damping``
+    (default: the analysis damping). A relative ``run_dir`` is relative to the working
+    directory."""
+
+    run_dir: str | None = None
+    methods: list[str] | None = None
+    spaces: list[str] | None = None
+    damping: float | None = Field(default=None, gt=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        _check_methods(value)
+        return value
+
+    @field_validator("spaces")
+    @classmethod
+    def _spaces(cls, value: list[str] | None) -> list[str] | None:
+        _check_spaces(value)
+        return value
 
 
 class AnalyzeConfig(_Strict):
@@ -151,6 +189,7 @@ class AnalyzeConfig(_Strict):
         state_steps: analyse the network after this many exact-curvature training steps of
             ``state_method`` (``train.lr``, ``train.damping``); 0 = at initialisation.
         state_method: the method that produces the analysed state.
+        along_run: the metrics at the snapshots of a ``tlkfac run`` (:class:`AlongRunSpec`).
     """
 
     name: str = "analysis"
@@ -176,6 +215,7 @@ class AnalyzeConfig(_Strict):
     state_steps: int = Field(default=0, ge=0)
     state_method: str = "kfac"
     train: TrainSpec = Field(default_factory=TrainSpec)
+    along_run: AlongRunSpec = Field(default_factory=AlongRunSpec)
 
     @field_validator("fisher", mode="before")
     @classmethod
@@ -199,8 +239,7 @@ class AnalyzeConfig(_Strict):
     @field_validator("methods", "spectra")
     @classmethod
     def _known(cls, value: list[str] | None) -> list[str] | None:
-        for name in value or []:
-            parse_method(name)
+        _check_methods(value)
         return value
 
     @model_validator(mode="after")
@@ -231,6 +270,18 @@ class AnalyzeConfig(_Strict):
         if self.backend != "auto":
             return self.backend
         return "dense" if num_params <= self.dense_max_params else "matrix_free"
+
+    @property
+    def along_run_methods(self) -> list[str]:
+        """The methods measured along a run: ``along_run.methods`` or ``train.metric_methods``."""
+        spec = self.along_run
+        return list(spec.methods if spec.methods is not None else self.train.metric_methods)
+
+    @property
+    def along_run_spaces(self) -> list[str]:
+        """The coarse spaces measured along a run (``along_run.spaces`` or ``gain_spaces``)."""
+        spec = self.along_run
+        return list(spec.spaces if spec.spaces is not None else self.train.gain_spaces)
 
     @property
     def spectrum_methods(self) -> list[str]:

@@ -104,6 +104,20 @@ def space_metrics(methods: MethodSet, space: str, fine_energy: float) -> dict[st
     }
 
 
+def checkpoint_metrics(
+    methods: MethodSet, names: Sequence[str], spaces: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """The metrics of one state along training: :func:`direction_metrics` of ``names`` and
+    :func:`space_metrics` of ``spaces`` (relative gains against the ``kfac`` direction).
+
+    Returns:
+        ``{"methods": {name: metrics}, "spaces": {space: metrics}}``.
+    """
+    rows = {name: direction_metrics(methods, name) for name in names}
+    fine = rows.get("kfac", direction_metrics(methods, "kfac"))["energy_error"]
+    return {"methods": rows, "spaces": {s: space_metrics(methods, s, fine) for s in spaces}}
+
+
 def _spectrum_row(
     ms: MethodSet, name: str, d: Tensor, options: MatrixFreeOptions, cache: dict[str, Any]
 ) -> tuple[dict[str, Any], Tensor | None]:

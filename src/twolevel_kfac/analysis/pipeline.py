@@ -11,6 +11,8 @@
    block structure (:func:`~.structure.fisher_structure`), and the damping sweep.
 4. Optionally, training with exact curvature (:mod:`.training`) from the initial network,
    one run per method.
+5. Optionally, the metrics at the model snapshots of a real ``tlkfac run``
+   (:mod:`.along_run`; ``along_run.run_dir`` or ``tlkfac analyze --run DIR``).
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .along_run import along_run, open_run
 from .config import AnalyzeConfig
 from .coordinates import analysis_layers, num_parameters
 from .evaluate import damping_sweep, evaluate_state
 from .exact import Curvature, compute_curvature
-from .problems import build_model, load_data
+from .problems import analysis_batch, build_model, load_data
 from .structure import fisher_structure
 from .training import train_run
 
@@ -36,28 +40,41 @@ from .training import train_run
 @dataclass
 class AnalysisOutput:
     """``methods`` goes to ``analysis.json``, ``details`` to ``details.json``, ``spectra``
-    (method → eigenvalues of ``P F̂``) to ``spectra.npz``."""
+    (method → eigenvalues of ``P F̂``) to ``spectra.npz``, ``along_run`` (when a run was
+    analysed) to ``along_run.json``."""
 
     config: AnalyzeConfig
     methods: dict[str, dict[str, Any]]
     details: dict[str, Any]
     spectra: dict[str, list[float]]
+    along_run: dict[str, Any] | None = None
 
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
-def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput:
+def run_analysis(
+    config: AnalyzeConfig, progress: bool = True, run_dir: str | Path | None = None
+) -> AnalysisOutput:
     """Run the analysis of ``config``.
 
     Args:
         config: the validated configuration.
         progress: show tqdm progress bars (only on a terminal).
+        run_dir: a ``tlkfac run`` directory whose snapshots are analysed (default
+            ``config.along_run.run_dir``; none: no analysis along a run).
 
     Returns:
         The :class:`AnalysisOutput`.
+
+    Raises:
+        ValueError: a run directory of another problem, or without snapshots
+            (:func:`~.along_run.open_run`, checked before anything is computed).
+        FileNotFoundError: ``run_dir`` is not a run directory.
     """
+    run_dir = run_dir if run_dir is not None else config.along_run.run_dir
+    run = open_run(config, run_dir) if run_dir is not None else None  # refuse early
     clock = _Clock()
     initial, model, data, batch = _problem(config)
     backend = config.resolve_backend(num_parameters(analysis_layers(model)))
@@ -98,6 +115,11 @@ def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput
     clock.lap("sweep_s")
     training = _train(initial, data, config, progress)
     clock.lap("training_s")
+    along = None
+    if run is not None:
+        with _bar(len(run.snapshots), "snapshots", progress) as bar:
+            along = along_run(config, run, bar.update)
+    clock.lap("along_run_s")
     details = {
         "name": config.name,
         "config": config.model_dump(mode="json"),
@@ -110,7 +132,7 @@ def run_analysis(config: AnalyzeConfig, progress: bool = True) -> AnalysisOutput
         "timings": clock.laps,
     }
     spectra = {k: v.tolist() for k, v in state.spectra.items()}
-    return AnalysisOutput(config, state.methods, details, spectra)
+    return AnalysisOutput(config, state.methods, details, spectra, along)
 
 
 class _Clock:
@@ -148,9 +170,7 @@ def _problem(
                 f"{config.state_steps}; lower train.lr or raise train.damping"
             )
         model = run.model
-    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(config.seed))
-    index = perm[: config.batch_size]
-    return initial, model, (x_all, y_all), (x_all[index], y_all[index])
+    return initial, model, (x_all, y_all), analysis_batch(config, (x_all, y_all))
 
 
 def _describe(config: AnalyzeConfig, curvature: Curvature) -> dict[str, Any]:

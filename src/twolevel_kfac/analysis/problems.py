@@ -127,6 +127,23 @@ def load_data(config: AnalyzeConfig) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def analysis_batch(config: AnalyzeConfig, data: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The analysed batch: the first ``batch_size`` samples of a permutation of the pool
+    seeded with ``config.seed`` (the same batch for every state analysed).
+
+    Args:
+        config: the analysis configuration.
+        data: the pool ``(x, y)`` of :func:`load_data`.
+
+    Returns:
+        ``(x, y)`` of the batch.
+    """
+    x_all, y_all = data
+    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    index = perm[: config.batch_size]
+    return x_all[index], y_all[index]
+
+
 def _images(data: DataSpec, labels: bool) -> tuple[Tensor, Tensor]:
     from ..experiments.data import load_dataset  # the experiments' registry (lazy import)
 

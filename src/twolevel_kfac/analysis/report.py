@@ -5,37 +5,23 @@ Figures: ``methods.png`` (bars per method: cosine to the exact natural gradient 
 relative F̂-norm error), ``fisher_blocks.png`` (heatmap of ``log10 ‖F_ij‖_F``),
 ``spectra.png`` (eigenvalues of ``P F̂``), ``damping_sweep.png``, and with training
 ``training_loss.png``, ``coarse_gain.png`` (the authors' ``E(β*) − E(0)`` per iteration)
-and ``training_metrics.png``.
+and ``training_metrics.png``; with a run analysed, ``along_run.json`` and the figures of
+:mod:`.along_run_report`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .along_run_report import along_run_markdown, plot_along_run
 from .config import AnalyzeConfig
+from .formatting import clean, fmt, md_table, save_figure, short_name
 from .pipeline import AnalysisOutput
-
-DPI = 90
-
-
-def clean(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become ``None`` (standard JSON has no NaN/inf)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return value
 
 
 def write_outputs(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
@@ -51,7 +37,12 @@ def write_outputs(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, payload in (("analysis.json", output.methods), ("details.json", output.details)):
+    payloads = [("analysis.json", output.methods), ("details.json", output.details)]
+    if output.along_run is not None:
+        payloads.append(("along_run.json", output.along_run))
+    else:  # a stale one from an earlier analysis would be re-rendered by --render-only
+        (out / "along_run.json").unlink(missing_ok=True)
+    for name, payload in payloads:
         path = out / name
         path.write_text(json.dumps(clean(payload), indent=1) + "\n")
         written.append(path)
@@ -64,9 +55,9 @@ def write_outputs(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
 
 
 def load_outputs(out_dir: str | Path) -> AnalysisOutput:
-    """Read back ``analysis.json``, ``details.json`` and ``spectra.npz`` of a finished run
-    (to re-render the report and figures without recomputing; non-finite numbers come
-    back as ``None``).
+    """Read back ``analysis.json``, ``details.json``, ``spectra.npz`` and ``along_run.json``
+    of a finished run (to re-render the report and figures without recomputing;
+    non-finite numbers come back as ``None``).
 
     Raises:
         FileNotFoundError: if ``analysis.json`` or ``details.json`` is missing.
@@ -81,8 +72,10 @@ def load_outputs(out_dir: str | Path) -> AnalysisOutput:
     if (out / "spectra.npz").is_file():
         with np.load(out / "spectra.npz") as archive:
             spectra = {k: archive[k].tolist() for k in archive.files}
+    along = out / "along_run.json"
+    along_run = json.loads(along.read_text()) if along.is_file() else None
     config = AnalyzeConfig.model_validate(details["config"])
-    return AnalysisOutput(config, methods, details, spectra)
+    return AnalysisOutput(config, methods, details, spectra, along_run)
 
 
 def render(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
@@ -95,17 +88,6 @@ def render(output: AnalysisOutput, out_dir: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ figures
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def _short(name: str) -> str:
-    return name.replace("krylov_", "kry_").replace("nicolaides", "nico").replace("+", " + ")
-
-
 def plot_methods(methods: dict[str, dict[str, Any]], path: Path) -> Path:
     """Horizontal bars: ``cos_to_exact_ng`` and ``energy_error_relative`` per method."""
     names = [n for n in methods if n != "exact"]
@@ -121,9 +103,9 @@ def plot_methods(methods: dict[str, dict[str, Any]], path: Path) -> Path:
     axes[1].set_xscale("log")
     axes[1].axvline(1.0, color="k", lw=0.8, ls="--")
     axes[1].set_xlabel("E(d)/E(0) = ‖d − F̂⁻¹g‖²_F̂ / gᵀF̂⁻¹g  (1 = no better than d = 0)")
-    axes[0].set_yticks(ypos, [_short(n) for n in names], fontsize=7)
+    axes[0].set_yticks(ypos, [short_name(n) for n in names], fontsize=7)
     axes[0].invert_yaxis()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_blocks(fisher: dict[str, Any], path: Path) -> Path:
@@ -138,7 +120,7 @@ def plot_blocks(fisher: dict[str, Any], path: Path) -> Path:
         f"log10 ‖F_ij‖_F (off-diag mass {100 * fisher['off_diagonal_fraction']:.0f}%)", fontsize=9
     )
     fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 SPECTRUM_PLOT = (
@@ -163,16 +145,16 @@ def plot_spectra(spectra: dict[str, list[float]], path: Path) -> Path:
     for name in [n for n in SPECTRUM_PLOT if n in spectra]:
         vals = np.asarray(spectra[name])
         if vals.min() <= 0:
-            skipped.append(_short(name))
+            skipped.append(short_name(name))
             continue
-        ax.plot(np.linspace(0, 1, len(vals)), vals, label=_short(name), lw=1)
+        ax.plot(np.linspace(0, 1, len(vals)), vals, label=short_name(name), lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index (normalised)")
     ax.set_ylabel("eigenvalue of P F̂")
     if skipped:
         ax.set_title(f"indefinite, not shown: {', '.join(skipped)}", fontsize=8)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
@@ -186,10 +168,10 @@ def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Pat
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in methods:
         ys = [max(sweep[lam][name]["energy_error_relative"], 1e-16) for lam in lams]
-        axes[0].plot(x, ys, marker="o", ms=3, label=_short(name))
+        axes[0].plot(x, ys, marker="o", ms=3, label=short_name(name))
     for name in spaces:
         ys = [max(-sweep[lam][name]["coarse_gain_relative"], 1e-16) for lam in lams]
-        axes[1].plot(x, ys, marker="o", ms=3, label=_short(name[6:]))
+        axes[1].plot(x, ys, marker="o", ms=3, label=short_name(name[6:]))
     axes[0].set_ylabel("E(d)/E(0)")
     axes[1].set_ylabel("−(E(β*) − E(0)) / E(M⁻¹g)")
     for ax in axes:
@@ -197,7 +179,7 @@ def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Pat
         ax.set_yscale("log")
         ax.set_xlabel("damping λ")
         ax.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training(training: dict[str, Any], out: Path) -> list[Path]:
@@ -205,7 +187,7 @@ def plot_training(training: dict[str, Any], out: Path) -> list[Path]:
     runs = training["runs"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in runs.items():
-        ax.plot(run["losses"], label=_short(name), lw=1)
+        ax.plot(run["losses"], label=short_name(name), lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("batch loss")
@@ -216,21 +198,21 @@ def plot_training(training: dict[str, Any], out: Path) -> list[Path]:
         fontsize=9,
     )
     ax.legend(fontsize=7)
-    paths = [_save(fig, out / "training_loss.png")]
+    paths = [save_figure(fig, out / "training_loss.png")]
     run = runs[training["gain_run"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for space, gains in run["coarse_gain_per_step"].items():
-        axes[0].plot([max(-g, 1e-16) for g in gains], label=_short(space), lw=1)
+        axes[0].plot([max(-g, 1e-16) for g in gains], label=short_name(space), lw=1)
         steps = [c["step"] for c in run["checkpoints"]]
         rel = [max(-c["spaces"][space]["coarse_gain_relative"], 1e-16) for c in run["checkpoints"]]
-        axes[1].plot(steps, rel, marker="o", ms=3, label=_short(space))
+        axes[1].plot(steps, rel, marker="o", ms=3, label=short_name(space))
     axes[0].set_ylabel("−(E(β*) − E(0))")
     axes[1].set_ylabel("−(E(β*) − E(0)) / E(0)")
     for ax in axes:
         ax.set_yscale("log")
-        ax.set_xlabel(f"iteration ({_short(training['gain_run'])} run)")
+        ax.set_xlabel(f"iteration ({short_name(training['gain_run'])} run)")
         ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "coarse_gain.png"))
+    paths.append(save_figure(fig, out / "coarse_gain.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(run["checkpoints"][0]["methods"]) if run["checkpoints"] else []
     for name in names:
@@ -240,12 +222,12 @@ def plot_training(training: dict[str, Any], out: Path) -> list[Path]:
             [c["methods"][name]["cos_to_exact_ng"] for c in run["checkpoints"]],
             marker="o",
             ms=3,
-            label=_short(name),
+            label=short_name(name),
         )
-    ax.set_xlabel(f"iteration ({_short(training['gain_run'])} run)")
+    ax.set_xlabel(f"iteration ({short_name(training['gain_run'])} run)")
     ax.set_ylabel("cosine to exact natural gradient")
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "training_metrics.png"))
+    paths.append(save_figure(fig, out / "training_metrics.png"))
     return paths
 
 
@@ -262,26 +244,12 @@ def plot_all(output: AnalysisOutput, out: Path) -> list[Path]:
     if details["training"]:
         training = {"kl_clip": output.config.train.kl_clip, **details["training"]}
         paths += plot_training(training, out)
+    if output.along_run is not None:
+        paths += plot_along_run(output.along_run, out)
     return paths
 
 
 # ----------------------------------------------------------------- markdown
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.3e}"
-    return str(value)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return lines
-
-
 def _backend_note(details: dict[str, Any]) -> str:
     """One paragraph: how the exact curvature was multiplied, solved and summarised."""
     solver = details.get("solver", {})
@@ -300,12 +268,12 @@ def _backend_note(details: dict[str, Any]) -> str:
         "Backend: matrix-free. `F v` by torch.func jvp/vjp "
         f"({solver.get('fisher_vector_products')} products for the main table); `F̂⁻¹g` by "
         f"conjugate gradients ({exact.get('cg_iterations')} iterations, true relative "
-        f"residual {_fmt(exact.get('cg_relative_residual'))}, tolerance "
-        f"{_fmt(exact.get('cg_tol'))}); the block-diagonal NG by one CG solve per layer; "
+        f"residual {fmt(exact.get('cg_relative_residual'))}, tolerance "
+        f"{fmt(exact.get('cg_tol'))}); the block-diagonal NG by one CG solve per layer; "
         f"the spectrum of `P F̂` by {steps} Lanczos steps in the F̂-inner product (extreme "
         "Ritz values: the condition numbers are lower bounds; no spectra.png); block norms "
         f"{how}. fvp torch.func vs optimizer statistics: "
-        f"{_fmt(fisher.get('fvp_func_vs_stats'))}."
+        f"{fmt(fisher.get('fvp_func_vs_stats'))}."
     )
 
 
@@ -341,7 +309,9 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
         "actual_decrease",
         "condition_number",
     ]
-    lines += _table(["method", *cols], [[n] + [m.get(c) for c in cols] for n, m in methods.items()])
+    lines += md_table(
+        ["method", *cols], [[n] + [m.get(c) for c in cols] for n, m in methods.items()]
+    )
     lines += ["", "## Coarse spaces", ""]
     scols = [
         "coarse_dim",
@@ -350,7 +320,7 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
         "optimizer_energy_gain",
         "off_diagonal_captured",
     ]
-    lines += _table(
+    lines += md_table(
         ["space", *scols], [[s] + [v[c] for c in scols] for s, v in d["coarse_spaces"].items()]
     )
     lines += ["", "## Damping sweep (E(d)/E(0))", ""]
@@ -359,7 +329,7 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
     rows = [
         [n] + [d["damping_sweep"][lam][n]["energy_error_relative"] for lam in lams] for n in names
     ]
-    lines += _table(["method", *[f"λ={float(v):g}" for v in lams]], rows)
+    lines += md_table(["method", *[f"λ={float(v):g}" for v in lams]], rows)
     if d["training"]:
         lines += ["", "## Training with exact curvature", ""]
         rows = [
@@ -372,8 +342,10 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
             ]
             for n, r in d["training"]["runs"].items()
         ]
-        lines += _table(
+        lines += md_table(
             ["method", "first batch loss", "last batch loss", "final eval loss", "diverged"], rows
         )
+    if output.along_run is not None and output.along_run["snapshots"]:
+        lines += ["", *along_run_markdown(output.along_run)]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .config import AnalyzeConfig
 from .coordinates import analysis_layers, from_layer_matrices, loss_at, num_parameters
-from .evaluate import direction_metrics, space_metrics
+from .evaluate import checkpoint_metrics
 from .exact import compute_curvature
 from .operators import MethodSet
 
@@ -95,10 +95,7 @@ def kl_scale(direction: Tensor, ms: MethodSet, clip: float | None) -> float:
 
 def _checkpoint(ms: MethodSet, config: AnalyzeConfig, step: int) -> dict[str, Any]:
     spec = config.train
-    rows = {name: direction_metrics(ms, name) for name in spec.metric_methods}
-    fine = rows.get("kfac", direction_metrics(ms, "kfac"))["energy_error"]
-    spaces = {space: space_metrics(ms, space, fine) for space in spec.gain_spaces}
-    return {"step": step, "methods": rows, "spaces": spaces}
+    return {"step": step, **checkpoint_metrics(ms, spec.metric_methods, spec.gain_spaces)}
 
 
 def train_run(

@@ -16,6 +16,12 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
 Writes go to a temporary file in the same directory, are flushed and fsync'ed, then
 ``os.replace``'d over the old checkpoint: a crash leaves the old or the new file, never a
 torn one.
+
+Snapshots (``problem.keep_checkpoints: true``): ``keep_snapshot`` also keeps the model alone
+as ``run_dir/snapshots/step<k>.pt`` at the start of a run and each time the runner writes
+its checkpoint (every ``problem.checkpoint_every`` steps and at the end), written the same
+way and as ``weights_only``-safe: ``{"format", "kind": "snapshot", "step", "model"}``.
+``list_snapshots`` / ``load_snapshot`` read them back (``tlkfac analyze --run DIR``).
 """
 
 from __future__ import annotations
@@ -23,17 +29,34 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from twolevel_kfac.experiments.yaml_io import config_diff
 
-__all__ = ["FORMAT", "get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
+if TYPE_CHECKING:
+    from twolevel_kfac.experiments.config import ProblemSpec
+
+__all__ = [
+    "FORMAT",
+    "SNAPSHOT_DIR",
+    "get_rng_state",
+    "keep_snapshot",
+    "list_snapshots",
+    "load_checkpoint",
+    "load_snapshot",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 FORMAT = 1
+SNAPSHOT_DIR = "snapshots"
+_SNAPSHOT_NAME = re.compile(r"step(\d+)\.pt")
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -148,4 +171,61 @@ def load_checkpoint(
             f"{path} was written for another config ({detail}); resume with the same "
             "config or start a new run directory"
         )
+    return state
+
+
+def keep_snapshot(
+    problem: ProblemSpec, run_dir: str | Path, step: int, model_state: Mapping[str, torch.Tensor]
+) -> Path | None:
+    """Keep the model state of ``step`` as ``run_dir/snapshots/step<step>.pt`` when
+    ``problem.keep_checkpoints`` is set (atomically, CPU tensors; rewriting a step that
+    is already kept, as a resumed run does, replaces it by the same state).
+
+    Args:
+        problem: The run's problem section (``keep_checkpoints``).
+        run_dir: The run directory.
+        step: The optimizer steps taken so far.
+        model_state: The model's ``state_dict()``.
+
+    Returns:
+        The snapshot's path, or ``None`` when snapshots are off or a floating-point tensor
+        of the state is not finite (a diverged run keeps only its good states).
+    """
+    if not problem.keep_checkpoints:
+        return None
+    state = {k: v.detach().cpu() for k, v in model_state.items()}
+    if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
+        return None
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"kind": "snapshot", "step": int(step), "model": state}
+    return save_checkpoint(folder / f"step{int(step)}.pt", payload)
+
+
+def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The snapshots of a run directory as ``(step, path)``, in step order."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    found = []
+    for path in folder.glob("step*.pt") if folder.is_dir() else []:
+        match = _SNAPSHOT_NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def load_snapshot(path: str | Path) -> dict[str, Any]:
+    """Read a snapshot of ``keep_snapshot`` (``weights_only``).
+
+    Returns:
+        ``{"format", "kind", "step", "model"}``.
+
+    Raises:
+        ValueError: Not a readable snapshot of this format.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise ValueError(f"{path} is not a readable snapshot: {error}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise ValueError(f"{path} is not a twolevel_kfac model snapshot (format {FORMAT})")
     return state

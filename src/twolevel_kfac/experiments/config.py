@@ -65,9 +65,13 @@ UNFINGERPRINTED = (
     "problem.final_checkpoint",
     "problem.max_consecutive_nonfinite",
     "problem.device",  # checkpoints are device-independent: a GPU run may resume on the CPU
+    "problem.keep_checkpoints",  # snapshots are extra files; the trajectory is the same
     "report",
     "tune",
 )
+# Keys left out of the fingerprint while they hold their default (``None``): configs written
+# before the key existed keep their fingerprint, so their checkpoints stay resumable.
+FINGERPRINTED_WHEN_SET = ("problem.dataset.image_size",)
 
 
 class _Strict(BaseModel):
@@ -109,6 +113,9 @@ class DatasetSpec(_Strict):
     n_test: int | None = Field(default=None, ge=0, description="first n of the test set; 0: none")
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0, description="held-out share of train")
     input_shape: list[int] | None = None  # reshape inputs to [N, *input_shape]
+    # average-pool the images to image_size × image_size (square one-channel images when
+    # the inputs are flat; image-shaped real targets, i.e. autoencoders, too): problem.load_data
+    image_size: int | None = Field(default=None, gt=0)
     autoencoder: bool | None = None  # targets = inputs (default: the loader's)
     seed: int = 0  # generator (CURVES) and train/validation split seed, fixed over runs
 
@@ -142,6 +149,9 @@ class ProblemSpec(_Strict):
     max_consecutive_nonfinite: int = Field(default=20, gt=0)
     # auto | cpu | cuda | cuda:K (experiments.device); --device overrides it
     device: str = "auto"
+    # keep a model-only snapshot DIR/snapshots/step<k>.pt at the start, at every interval
+    # checkpoint and at the end (for `tlkfac analyze --run DIR`; checkpoint.keep_snapshot)
+    keep_checkpoints: bool = False
     seeds: list[int] = Field(default=[0], min_length=1)
 
     @field_validator("device")
@@ -291,14 +301,16 @@ class ExperimentConfig(_Strict):
         return ExperimentConfig.model_validate(data)
 
     def fingerprinted(self) -> dict[str, Any]:
-        """The dict the fingerprint covers (``UNFINGERPRINTED`` keys removed)."""
+        """The dict the fingerprint covers (``UNFINGERPRINTED`` keys removed, and the
+        ``FINGERPRINTED_WHEN_SET`` keys while they are ``None``)."""
         data = self.model_dump(mode="json")
-        for dotted in UNFINGERPRINTED:
+        for dotted in (*UNFINGERPRINTED, *FINGERPRINTED_WHEN_SET):
             *parents, last = dotted.split(".")
             node = data
             for part in parents:
                 node = node[part]
-            node.pop(last, None)
+            if dotted in UNFINGERPRINTED or node.get(last) is None:
+                node.pop(last, None)
         return data
 
     def fingerprint(self) -> str:

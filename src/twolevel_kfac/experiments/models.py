@@ -11,6 +11,8 @@ Layer sizes follow the authors' ``apps/mlp_cnn/models.py``:
 | ``deep_linear`` | Linear(784,10)+BN, 62×[Linear(10,10)+BN], Linear(10,10) |
 | ``cuda_convnet`` | [Conv3(32)-ReLU-MaxPool3-BN]×2, Conv2(64)-ReLU, Linear |
 | ``resnet18`` / ``resnet34`` | He et al. 2016 basic-block ResNets, CIFAR stem |
+| ``mlp`` | any widths ``sizes``, activation by name (small networks, e.g. for the Fisher |
+| | analysis along a run: the same layers as ``tlkfac analyze``'s ``model: {kind: mlp}``) |
 
 Choices (where the paper's text is silent, we follow the authors' code):
 
@@ -46,6 +48,7 @@ __all__ = [
     "deep_linear",
     "faces_autoencoder",
     "mlp",
+    "mlp_model",
     "mnist_autoencoder",
     "resnet18",
     "resnet34",
@@ -84,6 +87,7 @@ def mlp(
     activation: Callable[[], nn.Module] | None = nn.ReLU,
     batch_norm: bool = False,
     linear_after: Sequence[int] = (),
+    bias: bool = True,
 ) -> nn.Sequential:
     """Fully connected net ``Linear(sizes[i], sizes[i+1])`` with per-hidden-layer extras.
 
@@ -96,6 +100,7 @@ def mlp(
         activation: Factory of the hidden activation, or ``None`` for none.
         batch_norm: Insert BatchNorm1d after each hidden Linear.
         linear_after: Indices of hidden Linear layers that get no activation.
+        bias: Give every Linear a bias.
 
     Returns:
         The initialised ``nn.Sequential``.
@@ -103,7 +108,7 @@ def mlp(
     layers: list[nn.Module] = []
     n_linear = len(sizes) - 1
     for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(d_in, d_out))
+        layers.append(nn.Linear(d_in, d_out, bias=bias))
         if i == n_linear - 1:
             break
         if batch_norm:
@@ -111,6 +116,35 @@ def mlp(
         if activation is not None and i not in linear_after:
             layers.append(activation())
     return init_weights(nn.Sequential(*layers))
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module] | None] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "none": None,
+}
+
+
+def mlp_model(sizes: Sequence[int], activation: str = "relu", bias: bool = True) -> nn.Sequential:
+    """``mlp`` with the activation given by name, for configs (registry name ``mlp``).
+
+    Args:
+        sizes: Layer widths, input first (at least two).
+        activation: ``relu`` | ``tanh`` | ``sigmoid`` | ``none``, between the Linear layers.
+        bias: Give every Linear a bias.
+
+    Returns:
+        The initialised ``nn.Sequential`` (Linear, activation, …, Linear).
+
+    Raises:
+        ValueError: Fewer than two widths, or an unknown activation.
+    """
+    if len(sizes) < 2:
+        raise ValueError(f"sizes={list(sizes)}: an mlp needs at least two widths")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}; allowed: {list(ACTIVATIONS)}")
+    return mlp(sizes, ACTIVATIONS[activation], bias=bias)
 
 
 def _autoencoder(sizes: Sequence[int], linear_code: bool) -> nn.Sequential:
@@ -329,6 +363,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cuda_convnet": cuda_convnet,
     "resnet18": resnet18,
     "resnet34": resnet34,
+    "mlp": mlp_model,
 }
 
 

@@ -1,7 +1,8 @@
 """The data and held-out evaluation of a problem (``ProblemSpec``).
 
-``load_data`` loads the configured data set (``experiments.data.load_dataset``), reshapes
-inputs to ``dataset.input_shape`` and splits off ``dataset.val_fraction`` of the training
+``load_data`` loads the configured data set (``experiments.data.load_dataset``),
+average-pools its images to ``dataset.image_size`` (``pool_images``), reshapes inputs to
+``dataset.input_shape`` and splits off ``dataset.val_fraction`` of the training
 set as the validation set (the paper's "validation": an 80/20 split of the training set),
 with a permutation seeded by ``dataset.seed``, so every run seed sees the same split.
 ``evaluate`` computes the mean loss (and accuracy) in eval mode under ``torch.no_grad()``.
@@ -16,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twolevel_kfac.experiments.config import ProblemSpec
 from twolevel_kfac.experiments.losses import LossFn
 from twolevel_kfac.placement import module_device
 
-__all__ = ["Data", "denormals_flushed", "evaluate", "load_data"]
+__all__ = ["Data", "denormals_flushed", "evaluate", "load_data", "pool_images"]
 
 
 @contextmanager
@@ -46,13 +48,14 @@ class Data:
 
 
 def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
-    """Load the problem's data set, reshape inputs, split off the validation set.
+    """Load the problem's data set, pool and reshape inputs, split off the validation set.
 
     The split is a permutation seeded with ``dataset.seed``: the same for every run seed.
 
     Raises:
-        ValueError: A regression loss with class labels as targets, an ``input_shape``
-            that does not fit, an empty training set, or a batch larger than it.
+        ValueError: A regression loss with class labels as targets, an ``image_size`` for
+            inputs that are not images, an ``input_shape`` that does not fit, an empty
+            training set, or a batch larger than it.
     """
     from twolevel_kfac.experiments.data import load_dataset
 
@@ -70,6 +73,11 @@ def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
             f"loss {problem.loss!r} needs real-valued targets but {ds.name!r} gives labels; "
             "set dataset.autoencoder: true or loss: cross_entropy"
         )
+    if ds.image_size is not None:
+        images = torch.is_floating_point(train_y) and train_y.shape == train_x.shape
+        train_x, test_x = (pool_images(x, ds.image_size) for x in (train_x, test_x))
+        if images:  # autoencoder targets are the images: pooled the same way
+            train_y, test_y = (pool_images(y, ds.image_size) for y in (train_y, test_y))
     if ds.input_shape:
         size, shape = math.prod(ds.input_shape), list(train_x.shape[1:])
         if size != math.prod(shape):
@@ -97,6 +105,32 @@ def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
         val=(train_x[val_idx], train_y[val_idx]) if n_val else None,
         test=(test_x, test_y) if len(test_x) else None,
     )
+
+
+def pool_images(x: Tensor, size: int) -> Tensor:
+    """Average-pool images to ``size × size`` (``adaptive_avg_pool2d``, as the Fisher
+    analysis' ``data.image_size``).
+
+    Args:
+        x: ``[N, C, H, W]`` images, or ``[N, D]`` flat square one-channel images
+            (``D = H²``, e.g. 784 for 28×28), which come back flat (``[N, size²]``).
+        size: The side of the pooled images.
+
+    Returns:
+        The pooled images, in the layout of ``x``.
+
+    Raises:
+        ValueError: Flat inputs that are not square images, or another layout.
+    """
+    if x.dim() == 4:
+        return F.adaptive_avg_pool2d(x, size)
+    side = math.isqrt(x.shape[-1]) if x.dim() == 2 else 0
+    if side * side != x.shape[-1] or side == 0:
+        raise ValueError(
+            f"dataset.image_size needs [N, C, H, W] images or flat square one-channel images; "
+            f"got inputs of shape {list(x.shape)}"
+        )
+    return F.adaptive_avg_pool2d(x.reshape(-1, 1, side, side), size).flatten(1)
 
 
 def check_batch_norm_rows(model: nn.Module, n_rows: int, batch_size: int, processes: int) -> None:

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from twolevel_kfac.experiments.checkpoint import (
     get_rng_state,
+    keep_snapshot,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -129,6 +130,7 @@ class _Loop:
         payload = move_tensors(payload, CPU)  # a GPU run's checkpoint loads anywhere
         if self.par.is_main:
             save_checkpoint(self.run_dir / "checkpoint.pt", payload)
+            keep_snapshot(self.problem, self.run_dir, self.state.step, self.model.state_dict())
 
     def restore(self) -> None:
         ck = self.par.from_main(
@@ -353,6 +355,7 @@ def train_run(
         (run_dir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
         )
+        keep_snapshot(config.problem, run_dir, loop.state.step, loop.model.state_dict())
     writer_class = MetricsWriter if par.is_main else NullMetricsWriter
     with writer_class(metrics, loop.state.records if resume else None) as writer:
         interrupted, partial = _run_loop(loop, writer, max_steps, progress)
