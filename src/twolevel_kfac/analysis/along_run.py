@@ -39,7 +39,6 @@ from .config import AnalyzeConfig, ModelSpec
 from .coordinates import analysis_layers, num_parameters
 from .evaluate import checkpoint_metrics
 from .exact import compute_curvature
-from .operators import MethodSet
 from .problems import analysis_batch, build_model, load_data
 
 
@@ -170,16 +169,7 @@ def state_metrics(
         dense="func" if backend == "dense" else None,
     )
     damping = spec.damping if spec.damping is not None else config.damping
-    ms = MethodSet(
-        model,
-        curvature,
-        damping,
-        config.damping_mode,
-        config.coarse_scale,
-        config.spectral_which,
-        backend,
-        config.matrix_free,
-    )
+    ms = config.method_set(model, curvature, damping, backend)
     try:
         rows = checkpoint_metrics(ms, config.along_run_methods, config.along_run_spaces)
     finally:

@@ -26,10 +26,12 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
 
 from ..twolevel.coarse_spaces import COARSE_SPACES
 from .backends import MatrixFreeOptions
-from .operators import ALL_METHODS, parse_method, twolevel_name
+from .exact import Curvature
+from .operators import ALL_METHODS, MethodSet, parse_method, twolevel_name
 
 DEFAULT_SWEEP = (1e-4, 1e-3, 1e-2, 0.1, 1.0)
 GALERKIN_SPACES = tuple(s for s in COARSE_SPACES if s != "tselepidis")
@@ -270,6 +272,21 @@ class AnalyzeConfig(_Strict):
         if self.backend != "auto":
             return self.backend
         return "dense" if num_params <= self.dense_max_params else "matrix_free"
+
+    def method_set(
+        self, model: nn.Module, curvature: Curvature, damping: float, backend: str
+    ) -> MethodSet:
+        """The :class:`MethodSet` of this configuration at one state and damping."""
+        return MethodSet(
+            model,
+            curvature,
+            damping,
+            self.damping_mode,
+            self.coarse_scale,
+            self.spectral_which,
+            backend,
+            self.matrix_free,
+        )
 
     @property
     def along_run_methods(self) -> list[str]:

@@ -153,16 +153,7 @@ def train_run(
         if not math.isfinite(curvature.loss):
             run.diverged = True
             break
-        ms = MethodSet(
-            net,
-            curvature,
-            damping,
-            config.damping_mode,
-            config.coarse_scale,
-            config.spectral_which,
-            backend,
-            config.matrix_free,
-        )
+        ms = config.method_set(net, curvature, damping, backend)
         for space in spec.gain_spaces:
             run.gains[space].append(ms.energy_gain(space))
         if step % spec.checkpoint_every == 0:
