@@ -61,7 +61,11 @@ def test_step_equals_dense_formula(float64: None, net: str, space: str, combinat
     opt = tk.TwoLevelKFAC(
         model, damping=0.05, coarse_space=space, combination=combination, **CONTRACT
     )
-    assert_relative_error(one_step(model, opt, x, y), expected)
+    # krylov_residual applies M⁻¹ inside its basis and again in the step; its error varied
+    # from run to run between 3e-10 and 2e-9 (MKL's rounding depends on memory alignment),
+    # so it gets 1e-8; a slip in the formula shows as an O(1) error.
+    tol = 1e-8 if space == "krylov_residual" else 1e-9
+    assert_relative_error(one_step(model, opt, x, y), expected, tol)
 
 
 def assert_relative_error(
@@ -74,8 +78,11 @@ def assert_relative_error(
     want = torch.cat([expected[n].reshape(-1) for n in names])
     error = float((got - want).norm() / want.norm())
     assert error <= tol, f"relative error {error:.3e} > {tol:.0e}"
+    scale = float(want.abs().max())
     for name in names:  # and entrywise at a looser tolerance, so a sign/layer slip shows
-        assert_close_report(actual[name], expected[name], rtol=1e-7, atol=1e-10, name=name)
+        assert_close_report(
+            actual[name], expected[name], rtol=100 * tol, atol=tol * scale, name=name
+        )
 
 
 @pytest.mark.parametrize("mode", ("pi", "eigen_sum"))
