@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from twolevel_kfac.bench.problems import Problem
 from twolevel_kfac.experiments.losses import LossFn
+from twolevel_kfac.twolevel.coarse_spaces import COARSE_SPACES
+from twolevel_kfac.twolevel.combinations import COMBINATIONS
 
 __all__ = [
     "KFAC_SETTINGS",
@@ -50,15 +52,6 @@ KFAC_SETTINGS: dict[str, Any] = {
     "fisher_batch": 0.25,
     "kl_clip": 1e-2,
 }
-SPACES = (
-    "nicolaides",
-    "spectral",
-    "residual",
-    "krylov_nicolaides",
-    "krylov_residual",
-    "tselepidis",
-)
-COMBINATIONS = ("additive", "adef1", "adef2", "balanced")
 KFAC_VARIANTS = (
     ("per_factor", "eigen"),
     ("per_factor", "cholesky"),
@@ -140,7 +133,7 @@ def step_time_methods() -> list[MethodSpec]:
     ]
     methods += [_kfac(mode, inverse) for mode, inverse in KFAC_VARIANTS]
     methods += [MethodSpec(k, k, tuple(KFAC_SETTINGS.items())) for k in ("ekfac", "kpsvd")]
-    methods += [_two_level(s, c) for s, c in itertools.product(SPACES, COMBINATIONS)]
+    methods += [_two_level(s, c) for s, c in itertools.product(COARSE_SPACES, COMBINATIONS)]
     methods.append(_two_level("residual", "additive", "faithful"))
     return methods
 
