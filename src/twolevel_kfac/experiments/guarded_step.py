@@ -1,6 +1,8 @@
 """One training step that lets no NaN/Inf through (the runner's non-finite policy).
 
-A step whose loss or gradient is not finite is *skipped*: the parameters, the optimizer
+A step whose loss or gradient is not finite, or whose forward left a non-finite buffer (a
+BatchNorm running variance overflows while the normalised outputs and the loss stay
+finite), is *skipped*: the parameters, the optimizer
 state, KFAC's running factors and the model's buffers (BatchNorm running statistics, which
 the forward already updated) are left exactly as they were before the step. The KFAC family
 skips and counts such steps itself (``opt.nonfinite_steps``); for other optimizers the
@@ -10,7 +12,7 @@ gradients are checked here before ``step()``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,8 @@ def guarded_step(
     buffers = [b.detach().clone() for b in model.buffers()]
     loss = compute_loss()
     value = float(loss.detach())
+    if not all_finite(model.buffers()):
+        value = math.nan  # before ``reduce``, so every process skips this step
     if reduce is not None:
         value = reduce(value)
     stepped = math.isfinite(value) and _backward_and_step(optimizer, loss)
@@ -49,6 +53,12 @@ def guarded_step(
         _discard_capture(optimizer)
         optimizer.zero_grad(set_to_none=True)
     return value, stepped
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every floating-point tensor is finite (one sum each)."""
+    sums = [t.detach().sum().double() for t in tensors if t.is_floating_point()]
+    return not sums or bool(torch.stack(sums).isfinite().all())
 
 
 def _backward_and_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> bool:

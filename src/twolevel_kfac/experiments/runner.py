@@ -66,7 +66,7 @@ from twolevel_kfac.experiments.checkpoint import (
 )
 from twolevel_kfac.experiments.config import ExperimentConfig
 from twolevel_kfac.experiments.device import resolve_device
-from twolevel_kfac.experiments.guarded_step import guarded_step
+from twolevel_kfac.experiments.guarded_step import all_finite, guarded_step
 from twolevel_kfac.experiments.interrupt import interrupt_flag
 from twolevel_kfac.experiments.losses import LOSSES
 from twolevel_kfac.experiments.metrics import MetricsWriter, NullMetricsWriter, read_metrics
@@ -184,8 +184,8 @@ class _Loop:
         return value
 
     def params_finite(self) -> bool:
-        """Whether every parameter of the model is finite."""
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        """Whether every parameter and buffer of the model is finite."""
+        return all_finite(self.model.parameters()) and all_finite(self.model.buffers())
 
     def diagnostics(self) -> dict[str, float]:
         stats = getattr(self.optimizer, "last_stats", None) or {}
@@ -356,6 +356,8 @@ def train_run(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
         )
         keep_snapshot(config.problem, run_dir, loop.state.step, loop.model.state_dict())
+    if not resume:  # a good checkpoint from the start: a diverged run never saves NaN/Inf
+        loop.save()
     writer_class = MetricsWriter if par.is_main else NullMetricsWriter
     with writer_class(metrics, loop.state.records if resume else None) as writer:
         interrupted, partial = _run_loop(loop, writer, max_steps, progress)
