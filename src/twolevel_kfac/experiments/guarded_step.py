@@ -12,10 +12,12 @@ gradients are checked here before ``step()``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from twolevel_kfac.finite import all_finite
 
 
 def guarded_step(
@@ -53,12 +55,6 @@ def guarded_step(
         _discard_capture(optimizer)
         optimizer.zero_grad(set_to_none=True)
     return value, stepped
-
-
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every entry of every floating-point tensor is finite (one sum each)."""
-    sums = [t.detach().sum().double() for t in tensors if t.is_floating_point()]
-    return not sums or bool(torch.stack(sums).isfinite().all())
 
 
 def _backward_and_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> bool:

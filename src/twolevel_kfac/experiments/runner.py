@@ -66,7 +66,7 @@ from twolevel_kfac.experiments.checkpoint import (
 )
 from twolevel_kfac.experiments.config import ExperimentConfig
 from twolevel_kfac.experiments.device import resolve_device
-from twolevel_kfac.experiments.guarded_step import all_finite, guarded_step
+from twolevel_kfac.experiments.guarded_step import guarded_step
 from twolevel_kfac.experiments.interrupt import interrupt_flag
 from twolevel_kfac.experiments.losses import LOSSES
 from twolevel_kfac.experiments.metrics import MetricsWriter, NullMetricsWriter, read_metrics
@@ -81,6 +81,7 @@ from twolevel_kfac.experiments.problem import (
     load_data,
 )
 from twolevel_kfac.experiments.run_state import FINAL_REASONS, LoopState, RunResult
+from twolevel_kfac.finite import all_finite
 from twolevel_kfac.placement import CPU, move_tensors
 
 __all__ = ["Data", "LoopState", "RunResult", "evaluate", "load_data", "make_optimizer", "train_run"]

@@ -47,6 +47,7 @@ from ..distributed import (
     share_decompositions,
     unwrap_model,
 )
+from ..finite import all_finite
 from ..placement import CPU, move_tensors
 from .options import CurvatureOptions
 
@@ -173,8 +174,7 @@ class KFACPreconditioner:
                 new[name] = (*kronecker_factors(cast), layer_stats.num_locations)
         skipped = 0
         for name, (new_a, new_g, locations) in new.items():
-            # one sum per factor: NaN/Inf anywhere makes it non-finite (cheaper than a mask)
-            finite = bool(torch.isfinite(new_a.sum() + new_g.sum()))
+            finite = all_finite((new_a, new_g))
             # a NaN/Inf batch never reaches the running factors
             if not (finite and self._store_batch(name, new_a, new_g, locations, stats[name])):
                 skipped += 1
