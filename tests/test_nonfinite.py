@@ -115,3 +115,83 @@ def test_grad_scaler_with_kfac(enabled: bool) -> None:
         )
         assert changed != poison
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def bn_model_and_batches() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    return model, batches * 6
+
+
+DEFERRING = {  # optimizer, extra settings, whether a step without statistics defers
+    "kfac": (tk.KFAC, {}, True),
+    "ekfac": (tk.EKFAC, {"inv_interval": 3}, True),
+    "nicolaides": (tk.TwoLevelKFAC, {"coarse_space": "nicolaides"}, True),
+    "residual-adef2": (tk.TwoLevelKFAC, {"coarse_space": "residual", "combination": "adef2"}, True),
+    "residual-faithful": (
+        tk.TwoLevelKFAC,
+        {"coarse_space": "residual", "coarse_refresh": "faithful"},
+        False,
+    ),
+    "ekfac-refreshing": (tk.EKFAC, {"inv_interval": 1}, False),
+    "two-level-ekfac-refreshing": (tk.TwoLevelKFAC, {"fine": "ekfac", "inv_interval": 1}, False),
+}
+
+
+@pytest.mark.parametrize("method", DEFERRING)
+@pytest.mark.parametrize("kl_clip", (1e-2, None))
+@pytest.mark.parametrize("where", ("0.weight", "0.bias", "3.weight", "1.weight"))
+@pytest.mark.parametrize("bad", (float("nan"), float("inf")))
+def test_gradient_checked_after_the_step_changes_nothing(
+    method: str, kl_clip: float | None, where: str, bad: float
+) -> None:
+    """A step that folds no statistics and keeps no state checks its gradients through
+    the directions (the KL clip's sum, or one pass after preconditioning) and rewinds the
+    schedule: a NaN/Inf in any gradient (a preconditioned layer's weight or bias, or
+    BatchNorm's) leaves parameters, momentum, factors and step counter as they were, and
+    the run then continues bit for bit as if the step had never been tried. The faithful
+    residual schedule rebuilds its basis from every gradient, and EKFAC carries its
+    scalings into every new eigenbasis, so they check first."""
+    optimizer, extra, defers = DEFERRING[method]
+    model, batches = bn_model_and_batches()
+    twin = copy.deepcopy(model)
+    settings = {"lr": 0.1, "damping": 0.1, "kl_clip": kl_clip, "cov_interval": 3, **extra}
+    opt, clean = optimizer(model, **settings), optimizer(twin, **settings)
+    for x, y in batches[:2]:  # step 0 folds statistics, step 1 does not
+        step(model, opt, x, y)
+        step(twin, clean, x, y)
+    pre = opt.preconditioner
+    assert pre.defers_gradient_check() == defers
+    params = copy.deepcopy(list(model.parameters()))
+    momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    factors = {n: (f.A.clone(), f.G.clone()) for n, f in pre.factors.items()}
+    x, y = batches[2]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = dict(model.named_parameters())[where].grad
+    assert grad is not None
+    grad.view(-1)[0] = bad
+    opt.step()
+    assert opt.nonfinite_steps == 1 and pre.steps == 2 and not pre.capture.active
+    for before, after in zip(params, model.parameters(), strict=True):
+        assert torch.equal(before, after)
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], momentum[id(p)])
+    for name, (a, g) in factors.items():
+        assert torch.equal(pre.factors[name].A, a) and torch.equal(pre.factors[name].G, g)
+    for x, y in batches[2:]:
+        step(model, opt, x, y)
+        step(twin, clean, x, y)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_deferred_check_names_both_causes() -> None:
+    model, x, y = model_and_batch()
+    opt = tk.KFAC(model, lr=0.1, nonfinite_policy="raise", cov_interval=2)
+    step(model, opt, x, y)
+    with pytest.raises(FloatingPointError, match="non-finite gradient or preconditioned"):
+        step(model, opt, x * float("inf"), y)
+    assert opt.preconditioner.steps == 1

@@ -169,13 +169,51 @@ def eigen_inverse(values: Tensor, vectors: Tensor, shift: float) -> Tensor:
     return (vectors / (values + shift)) @ vectors.T
 
 
+def multiply_joined(left: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``L [V, b]``: ``left`` times the joined matrix ``W̄ = [V, b]`` without forming it.
+
+    One GEMM and one GEMV write straight into the two column blocks of the result, so the
+    layer's ``weight`` and ``bias`` gradients are read where autograd left them (forming
+    ``[V, b]`` first costs a full write and read of the gradient).
+    """
+    if bias is None:
+        return left @ weight
+    columns = weight.shape[1]
+    out = left.new_empty(left.shape[0], columns + 1)
+    torch.mm(left, weight, out=out[:, :columns])
+    torch.mv(left, bias, out=out[:, columns])
+    return out
+
+
+def multiply_split(matrix: Tensor, right: Tensor, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``X R`` as its weight and bias parts ``(X R[:, :-1], X R[:, -1])`` (the whole
+    product and ``None`` without a bias), each a fresh contiguous tensor: the inverse of
+    :func:`multiply_joined`, so a preconditioned ``W̄`` never needs splitting and copying."""
+    if not with_bias:
+        return matrix @ right, None
+    return matrix @ right[:, :-1], matrix @ right[:, -1]
+
+
+def apply_in_eigenbasis_split(
+    vectors_g: Tensor,
+    inverse_grid: Tensor,
+    vectors_a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`apply_in_eigenbasis` on ``W̄ = [weight, bias]`` given as its parts, returning
+    the parts of the result (:func:`multiply_joined`, :func:`multiply_split`)."""
+    rotated = multiply_joined(vectors_g.T, weight, bias) @ vectors_a
+    return multiply_split(vectors_g @ rotated.mul_(inverse_grid), vectors_a.T, bias is not None)
+
+
 def apply_in_eigenbasis(
     vectors_g: Tensor, inverse_grid: Tensor, vectors_a: Tensor, matrix: Tensor
 ) -> Tensor:
     """``Q_G [(Q_Gᵀ V Q_A) ⊙ D⁻¹] Q_Aᵀ``: a diagonal scaling in the Kronecker eigenbasis
     (George et al. 2018, eq. 7), computed in the basis' dtype, returned in ``V``'s."""
     v = matrix.to(inverse_grid.dtype)
-    return (vectors_g @ ((vectors_g.T @ v @ vectors_a) * inverse_grid) @ vectors_a.T).to(
+    return apply_in_eigenbasis_split(vectors_g, inverse_grid, vectors_a, v, None)[0].to(
         matrix.dtype
     )
 
@@ -188,6 +226,12 @@ def eigen_denominator(
         return torch.outer(values_g, values_a) + damping
     shift_a, shift_g = factor_dampings(damping, mode, pi)
     return torch.outer(values_g + shift_g, values_a + shift_a)
+
+
+def per_location(inverse: Tensor, num_locations: int) -> Tensor:
+    """``inverse / T`` (KFC's division by the number of locations); no copy for ``T = 1``
+    (every ``Linear`` layer)."""
+    return inverse if num_locations == 1 else inverse / num_locations
 
 
 @dataclass
@@ -262,7 +306,7 @@ class KroneckerFactors:
         """
         if mode == "eigen_sum":
             raise ValueError("damping_mode='eigen_sum' has no Kronecker-factored inverses")
-        self._cache = (inv_g / self.num_locations, inv_a)
+        self._cache = (per_location(inv_g, self.num_locations), inv_a)
         self._cache_key = (damping, mode, method)
 
     def _prepare(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
@@ -275,7 +319,7 @@ class KroneckerFactors:
         if method == "eigen" and mode == "eigen_sum":
             (values_a, vectors_a), (values_g, vectors_g) = self.decomp_a, self.decomp_g
             grid = eigen_denominator(values_g, values_a, damping, mode, self.decomp_pi)
-            self._cache = (vectors_g, grid.reciprocal() / num_locations, vectors_a)
+            self._cache = (vectors_g, per_location(grid.reciprocal_(), num_locations), vectors_a)
         else:
             # A factored damping inverts each factor on its own: two GEMMs per apply
             # instead of the eigenbasis' four.
@@ -286,17 +330,31 @@ class KroneckerFactors:
             else:
                 inv_g = damped_inverse(self.decomp_g[0], shift_g)
                 inv_a = damped_inverse(self.decomp_a[0], shift_a)
-            self._cache = (inv_g / num_locations, inv_a)
+            self._cache = (per_location(inv_g, num_locations), inv_a)
         self._cache_key = key
         return self._cache
 
     def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
         """The damped ``(A ⊗ G)⁻¹`` (divided by ``T``) applied to a ``(d_out, d_in')`` matrix."""
+        return self.apply_inverse_split(grad, None, damping, mode, method)[0]
+
+    def apply_inverse_split(
+        self, weight: Tensor, bias: Tensor | None, damping: float, mode: str, method: str
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`apply_inverse` on ``W̄ = [weight, bias]`` given as its parts (``weight``
+        ``(d_out, d_in)``, ``bias`` ``(d_out,)`` or ``None``), returning the parts of the
+        result, computed in the factors' dtype and returned in ``weight``'s: the damped
+        inverse without concatenating the gradient or splitting the direction."""
         cache = self._prepare(damping, mode, method)
+        dtype = cache[0].dtype
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         if len(cache) == 3:
-            return apply_in_eigenbasis(*cache, grad)
-        inv_g, inv_a = cache
-        return (inv_g @ grad.to(inv_g.dtype) @ inv_a).to(grad.dtype)
+            out_w, out_b = apply_in_eigenbasis_split(*cache, w, b)
+        else:
+            inv_g, inv_a = cache
+            out_w, out_b = multiply_split(multiply_joined(inv_g, w, b), inv_a, b is not None)
+        return out_w.to(weight.dtype), None if out_b is None else out_b.to(weight.dtype)
 
     def state_dict(self) -> dict[str, object]:
         return {

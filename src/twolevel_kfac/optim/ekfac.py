@@ -80,6 +80,10 @@ class EKFACPreconditioner(KFACPreconditioner):
                 self.scalings[name] = eigenbasis_diagonal_transport(scalings, old[name], new[name])
         self._scaling_cache.clear()
 
+    def _stateless_directions(self) -> bool:
+        """A decomposition refresh carries the scalings into the new eigenbasis (state)."""
+        return self.steps % self.options.inv_interval != 0
+
     def _update_after_refresh(self, stats: dict[str, LayerStats]) -> None:
         """``S ← ρS + (1 − ρ)S_new`` with ``S_new`` of this mini-batch in the current basis."""
         bases = self._bases()

@@ -127,16 +127,21 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._finite_gradients():
-            self._skip_nonfinite("gradient")
-            return loss
         pre = self.preconditioner
         adapt = damping.adaptive_damping and pre.steps % damping.damping_interval == 0
         needs_model = adapt or damping.qmodel_lr_momentum
+        deferred = not needs_model and pre.defers_gradient_check()
+        if not deferred and not self._finite_gradients():
+            self._skip_nonfinite("gradient")
+            return loss
         model = QuadraticModel(self.param_groups, pre) if needs_model else None
         pre.step(lr=float(self.param_groups[0]["lr"]))
-        if not self._finite_gradients():
-            self._skip_nonfinite("preconditioned direction")
+        if not self._finite_after_step(pre.directions_finite, deferred):
+            if deferred:
+                pre.undo_step()
+            self._skip_nonfinite(
+                "gradient or preconditioned direction" if deferred else "preconditioned direction"
+            )
             return loss
         self.consecutive_nonfinite = 0
         if model is not None and damping.qmodel_lr_momentum:
@@ -160,10 +165,27 @@ class KFAC(torch.optim.Optimizer):
         pre.last_stats.update(rho=rho, actual_change=actual, predicted_change=predicted)
         pre.last_stats["next_damping"] = pre.damping
 
-    def _finite_gradients(self) -> bool:
-        """Whether every gradient entry is finite (:func:`~twolevel_kfac.finite.all_finite`)."""
+    def _finite_gradients(self, skip: frozenset[int] = frozenset()) -> bool:
+        """Whether every gradient entry is finite (:func:`~twolevel_kfac.finite.all_finite`),
+        leaving out the parameters whose ``id`` is in ``skip``."""
         return all_finite(
-            p.grad for g in self.param_groups for p in g["params"] if p.grad is not None
+            p.grad
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and id(p) not in skip
+        )
+
+    def _finite_after_step(self, directions_finite: bool | None, deferred: bool) -> bool:
+        """Whether every ``.grad`` is finite after preconditioning, with as few passes as
+        possible: the KL clip's sum may have decided it for the preconditioned layers
+        (``directions_finite``); the other parameters' gradients need a look only if the
+        check before the step was ``deferred``."""
+        if directions_finite is None:
+            return self._finite_gradients()
+        if not directions_finite:
+            return False
+        return not deferred or self._finite_gradients(
+            frozenset(self.preconditioner.preconditioned_parameters())
         )
 
     def _skip_nonfinite(self, what: str) -> None:

@@ -272,10 +272,23 @@ class TwoLevelPreconditioner(KFACPreconditioner):
             self.last_stats["energy_gain"] = float(operator.energy_gain(residual))
         return dict(zip(self.names, result.direction, strict=True))
 
+    @property
+    def _per_step_basis(self) -> bool:
+        """The faithful schedule of a residual space rebuilds the basis at every step."""
+        return (
+            self.coarse.coarse_space in RESIDUAL_SPACES and self.coarse.coarse_refresh == "faithful"
+        )
+
+    def _stateless_directions(self) -> bool:
+        """No basis or ``F_c`` is rebuilt on a step without statistics, except in the
+        faithful schedule of the residual spaces (every step) and before the first one."""
+        fine = super()._stateless_directions()  # e.g. EKFAC under TwoLevelKFAC(fine="ekfac")
+        return fine and self._operator is not None and not self._per_step_basis
+
     def _coarse_operator(self, refreshed: bool, residual: LayerVector | None) -> CoarseOperator:
         """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled."""
         space = self.coarse.coarse_space
-        per_step_basis = space in RESIDUAL_SPACES and self.coarse.coarse_refresh == "faithful"
+        per_step_basis = self._per_step_basis
         if not (refreshed or per_step_basis or self._operator is None):
             return self._operator
         minv_res = (
