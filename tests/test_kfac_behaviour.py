@@ -337,3 +337,27 @@ def test_mc_fisher_refuses_a_compiled_model() -> None:
     with pytest.raises(RuntimeError, match="fisher='empirical' or an eager model"):
         F.cross_entropy(compiled(x), y).backward()
     del opt
+
+
+def test_sum_abs_layer_dots_matches_the_definition() -> None:
+    """The KL clip's ``Σ_i |Σ_parts ⟨d, g⟩|``: weight and bias parts of a layer are summed
+    before the absolute value, in one sync or (mixed dtypes) one per part."""
+    from twolevel_kfac.optim.preconditioner import sum_abs_layer_dots
+
+    gen = torch.Generator().manual_seed(0)
+
+    def pair(*shape: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(*shape, generator=gen).to(dtype) for _ in range(2))
+
+    layers = [[pair(3, 4), pair(3)], [pair(2, 5)], [pair(4, 2), pair(4)]]
+    # a layer whose parts cancel: |a − a| = 0, where Σ|parts| would be 2|a|
+    d, g = pair(3, 3)
+    layers.append([(d, g), (-d, g)])
+    expected = sum(
+        abs(sum(float((d.double() * g.double()).sum()) for d, g in pairs)) for pairs in layers
+    )
+    assert sum_abs_layer_dots(layers) == pytest.approx(expected, rel=1e-6)
+    mixed = [*layers, [pair(2, 2, dtype=torch.float64)]]
+    extra = abs(float((mixed[-1][0][0] * mixed[-1][0][1]).sum()))
+    assert sum_abs_layer_dots(mixed) == pytest.approx(expected + extra, rel=1e-6)
+    assert sum_abs_layer_dots([]) == 0.0

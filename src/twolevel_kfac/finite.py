@@ -18,5 +18,10 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     gradients). A sum that overflows from finite entries (float32: |Σ| ≳ 3e38) counts as
     non-finite too: values that large would overflow an update anyway.
     """
-    sums = [t.detach().sum().double() for t in tensors if t.is_floating_point()]
-    return not sums or bool(torch.stack(sums).isfinite().all())
+    with torch.no_grad():  # one context instead of a detach per tensor
+        sums = [t.sum() for t in tensors if t.is_floating_point()]
+        if not sums:
+            return True
+        if len({s.dtype for s in sums}) > 1:  # stack needs one dtype
+            sums = [s.double() for s in sums]
+        return bool(torch.stack(sums).isfinite().all())

@@ -136,10 +136,11 @@ def gradient_parts(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     ``weight.grad``) and ``∇b`` (``None`` without a bias); zeros for a missing ``.grad``."""
     weight, bias = layer_weight(module), layer_bias(module)
     grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    if grad.dim() != 2:  # Conv2d
+        grad = grad.reshape(grad.shape[0], -1)
     if bias is None:
-        return grad.reshape(grad.shape[0], -1), None
-    bgrad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-    return grad.reshape(grad.shape[0], -1), bgrad
+        return grad, None
+    return grad, bias.grad if bias.grad is not None else torch.zeros_like(bias)
 
 
 def gradient_matrix(module: nn.Module) -> Tensor:

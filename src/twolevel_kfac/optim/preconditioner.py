@@ -334,11 +334,7 @@ class KFACPreconditioner:
         self.directions_finite = None
         if clip is None:
             return 1.0
-        # a dot product reads both once; (d * g).sum() would also write a full-size product
-        total = sum(
-            abs(sum(float(torch.dot(d.reshape(-1), g.reshape(-1))) for d, g in pairs))
-            for pairs in layers
-        )
+        total = sum_abs_layer_dots(layers)
         if self.options.kl_clip_form == "lr_squared":
             total *= lr * lr
         self.directions_finite = math.isfinite(total)
@@ -436,6 +432,24 @@ class KFACPreconditioner:
         return "\n".join(lines) + "\n)"
 
 
+def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
+    """``Σ_i |Σ_parts ⟨d, g⟩|`` over the layers' (direction, gradient) part pairs, in
+    float64, with one host sync rather than one per part (a dot product reads both once;
+    ``(d * g).sum()`` would also write a full-size product)."""
+    dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for pairs in layers for d, g in pairs]
+    if not dots:
+        return 0.0
+    if len({(t.dtype, t.device) for t in dots}) > 1:  # mixed layers: one sync per part
+        parts = iter([float(t) for t in dots])
+        return sum(abs(sum(next(parts) for _ in pairs)) for pairs in layers)
+    values = torch.stack(dots).double()
+    if len(dots) > len(layers):  # weight and bias parts of one layer are summed first
+        owner = [i for i, pairs in enumerate(layers) for _ in pairs]
+        index = torch.tensor(owner, device=values.device)
+        values = values.new_zeros(len(layers)).index_add_(0, index, values)
+    return float(values.abs().sum())
+
+
 def _set_grad(param: Tensor, value: Tensor, scale: float) -> None:
     """``param.grad ← scale · value`` as a copy (``value`` may be a view of something else)."""
     grad = param.grad
@@ -452,7 +466,9 @@ def _assign_grad(param: Tensor, value: Tensor) -> None:
     dtype), except into a gradient that is a view: DDP's ``gradient_as_bucket_view`` keeps
     its buckets' storage there."""
     grad = param.grad
+    if value.shape != param.shape:  # a Conv2d weight from its (d_out, d_in) matrix
+        value = value.view(param.shape)
     if grad is not None and grad._base is not None:
-        grad.copy_(value.reshape(grad.shape))
+        grad.copy_(value)
     else:
-        param.grad = value.reshape(param.shape)
+        param.grad = value
