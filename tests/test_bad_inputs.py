@@ -70,7 +70,11 @@ CONFIG_CASES: list[tuple[str, Mutation, list[str]]] = [
         _kfac(likelihood="categorical"),
         ["likelihood 'categorical' does not fit loss 'bce'", "'bernoulli'"],
     ),
-    ("nonfinite_policy", _kfac(nonfinite_policy="ignore"), ["'skip', 'raise'", "'ignore'"]),
+    (
+        "nonfinite_policy",
+        _kfac(nonfinite_policy="ignore"),
+        ["'skip', 'raise', 'unchecked'", "'ignore'"],
+    ),
     ("unknown optimizer", _kfac(optimizer="lbfgs"), ["unknown optimizer 'lbfgs'", "'sgd'"]),
     (
         "unknown combination",

@@ -137,7 +137,8 @@ def test_asdl_quick(tmp_path: Path) -> None:
         return
     for group in data["results"]:
         _check_group(group)
-        assert [r["method"] for r in group["rows"]] == ["sgd", "ours:asdl", "asdl:kfac"]
+        labels = ["sgd", "ours:asdl", "ours:asdl:unchecked", "asdl:kfac"]
+        assert [r["method"] for r in group["rows"]] == labels
 
 
 def test_asdl_missing_is_skipped_with_the_reason(

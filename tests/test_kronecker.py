@@ -159,3 +159,51 @@ def test_damped_inverse_retries_with_growing_damping() -> None:
     torch.testing.assert_close(inverse, expected)
     with pytest.raises(RuntimeError, match="Cholesky"):
         damped_inverse(torch.diag(torch.tensor([-1.0, 1.0])), 0.0)
+
+
+def _random_factors(d_out: int, d_in: int, locations: int) -> KroneckerFactors:
+    gen = torch.Generator().manual_seed(d_out * 100 + d_in)
+    a = torch.randn(3 * d_in, d_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(2 * d_out, d_out, generator=gen, dtype=torch.float64)
+    factors = KroneckerFactors()
+    factors.update(a.T @ a / len(a), g.T @ g / len(g), 0.95, locations)
+    return factors
+
+
+@pytest.mark.parametrize(
+    ("mode", "method"),
+    [
+        ("per_factor", "eigen"),
+        ("pi", "cholesky"),
+        ("per_factor", "cholesky"),
+        ("eigen_sum", "eigen"),
+    ],
+)
+@pytest.mark.parametrize("locations", [1, 3])
+def test_split_and_rank_one_applies_equal_the_joined_one(
+    mode: str, method: str, locations: int
+) -> None:
+    """``apply_inverse_split`` on ``[W, b]`` given as parts and ``apply_inverse_outer`` on
+    ``u vᵀ`` equal ``apply_inverse`` of the joined matrix (to rounding)."""
+    factors = _random_factors(5, 7, locations)
+    factors.decompose(method)
+    gen = torch.Generator().manual_seed(1)
+    joined = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    expected = factors.apply_inverse(joined, 0.1, mode, method)
+    weight, bias = factors.apply_inverse_split(joined[:, :-1], joined[:, -1], 0.1, mode, method)
+    assert bias is not None
+    torch.testing.assert_close(torch.cat([weight, bias[:, None]], 1), expected, rtol=1e-12, atol=0)
+    alone, none = factors.apply_inverse_split(joined, None, 0.1, mode, method)
+    assert none is None and torch.equal(alone, expected)
+    u, v = joined[:, 0], joined[0]
+    torch.testing.assert_close(
+        factors.apply_inverse_outer(u, v, 0.1, mode, method),
+        factors.apply_inverse(torch.outer(u, v), 0.1, mode, method),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+    # float32 parts against float64 factors: computed in the factors' dtype, returned in theirs
+    w32, b32 = factors.apply_inverse_split(
+        joined[:, :-1].float(), joined[:, -1].float(), 0.1, mode, method
+    )
+    assert w32.dtype == torch.float32 and b32 is not None and b32.dtype == torch.float32

@@ -195,3 +195,20 @@ def test_deferred_check_names_both_causes() -> None:
     with pytest.raises(FloatingPointError, match="non-finite gradient or preconditioned"):
         step(model, opt, x * float("inf"), y)
     assert opt.preconditioner.steps == 1
+
+
+def test_unchecked_policy_does_the_same_steps_without_looking() -> None:
+    """``nonfinite_policy="unchecked"`` takes the same steps as ``skip`` on finite data,
+    and (by contract) lets a NaN gradient through instead of reading every gradient."""
+    model, x, y = model_and_batch()
+    twin = copy.deepcopy(model)
+    checked = tk.KFAC(model, lr=0.1, cov_interval=2)
+    unchecked = tk.KFAC(twin, lr=0.1, cov_interval=2, nonfinite_policy="unchecked")
+    for _ in range(4):
+        step(model, checked, x, y)
+        step(twin, unchecked, x, y)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    step(twin, unchecked, x * float("nan"), y)
+    assert unchecked.nonfinite_steps == 0
+    assert not all(torch.isfinite(p).all() for p in twin.parameters())

@@ -25,6 +25,7 @@ from twolevel_kfac.twolevel.coarse_matrix import (
     ema_coarse_matrix,
     exact_coarse_matrix,
     prolong,
+    prolong_add_into,
     restrict,
     tselepidis_coarse_matrix,
 )
@@ -190,6 +191,13 @@ def test_exact_coarse_matrix_matches_dense(p: Problem) -> None:
     assert rel_err(restrict(basis, v), r0 @ flat(v)) < 1e-12
     y = torch.randn(r0.shape[0], generator=p.gen, dtype=DT)
     assert rel_err(flat(prolong(basis, y)), r0.T @ y) < 1e-12
+    # the fused form, into contiguous targets and into non-contiguous ones (transposes)
+    target = p.randn_vector()
+    expected = flat(target) - 0.5 * (r0.T @ y)
+    assert rel_err(flat(prolong_add_into(basis, y, target, -0.5)), expected) < 1e-12
+    strided = [t.T.contiguous().T for t in p.randn_vector()]
+    expected = flat(strided) + 2.0 * (r0.T @ y)
+    assert rel_err(flat(prolong_add_into(basis, y, strided, 2.0)), expected) < 1e-12
 
 
 @pytest.mark.parametrize("ts", [[1, 1, 1], [4, 4, 4], [1, 4, 2], [3, 4, 1]])

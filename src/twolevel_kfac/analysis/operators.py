@@ -298,7 +298,7 @@ class MethodSet:
         result = get_combination(spec.combination)(
             self.layer_vector(v),
             pre.minv,
-            pre._operator.apply,
+            pre._operator,
             pre.fhat,
             coarse_scale=self.coarse_scale,
         )

@@ -5,7 +5,10 @@ Each peer is paired with our KFAC configured to do the same work
 
 * ``asdl:kfac`` (π-damping, Cholesky inverses, the empirical Fisher of the whole batch,
   no KL clip) beside ``ours:asdl`` = ``tk.KFAC(damping_mode="pi",
-  inverse_method="cholesky", fisher="empirical", fisher_batch=1.0, kl_clip=None)``;
+  inverse_method="cholesky", fisher="empirical", fisher_batch=1.0, kl_clip=None)``, and
+  ``ours:asdl:unchecked``, the same with ``nonfinite_policy="unchecked"``: ASDL reads no
+  gradient for NaN/Inf, ours reads every preconditioned direction once per step unless
+  told not to (the one piece of work the two do not share);
 * ``kfac_pytorch`` (eigen, damping added to the eigenvalue products, empirical Fisher, KL
   clip with lr²) beside ``ours:kfac_pytorch`` = ``tk.KFAC(damping_mode="eigen_sum",
   fisher="empirical", fisher_batch=1.0, kl_clip_form="lr_squared")``.
@@ -59,8 +62,10 @@ def peer_specs(checkout: str | None) -> tuple[list[MethodSpec], dict[str, str]]:
             "kl_clip": None,
         }
         asdl = {**SHARED, "inverse_method": "cholesky", "fisher": "empirical"}
+        unchecked = {**matched, "nonfinite_policy": "unchecked"}
         specs += [
             MethodSpec("ours:asdl", "kfac", tuple(matched.items())),
+            MethodSpec("ours:asdl:unchecked", "kfac", tuple(unchecked.items())),
             MethodSpec("asdl:kfac", "asdl", tuple(asdl.items())),
         ]
     else:

@@ -338,6 +338,20 @@ class KroneckerFactors:
         """The damped ``(A ⊗ G)⁻¹`` (divided by ``T``) applied to a ``(d_out, d_in')`` matrix."""
         return self.apply_inverse_split(grad, None, damping, mode, method)[0]
 
+    def apply_inverse_outer(
+        self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
+    ) -> Tensor:
+        """:meth:`apply_inverse` of the rank-one ``u vᵀ``: ``(G⁻¹u)(A⁻¹v)ᵀ/T`` for a factored
+        damping (``A⁻¹`` is symmetric), two mat-vecs instead of two GEMMs; the general
+        apply of ``outer(u, v)`` for ``eigen_sum``."""
+        cache = self._prepare(damping, mode, method)
+        if len(cache) == 3:
+            return self.apply_inverse(torch.outer(left, right), damping, mode, method)
+        inv_g, inv_a = cache
+        dtype = inv_g.dtype
+        out = torch.outer(inv_g @ left.to(dtype), inv_a @ right.to(dtype))
+        return out.to(left.dtype)
+
     def apply_inverse_split(
         self, weight: Tensor, bias: Tensor | None, damping: float, mode: str, method: str
     ) -> tuple[Tensor, Tensor | None]:

@@ -30,7 +30,7 @@ from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip", "raise", "unchecked")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -46,7 +46,12 @@ class KFAC(torch.optim.Optimizer):
         params: optional parameter groups (default: all trainable parameters of ``model``).
         nonfinite_policy: ``skip`` (default: a step whose gradient or preconditioned
             direction has a NaN/Inf is dropped, counted in ``nonfinite_steps`` and
-            ``consecutive_nonfinite``) or ``raise`` (``FloatingPointError``).
+            ``consecutive_nonfinite``), ``raise`` (``FloatingPointError``) or
+            ``unchecked`` (no check at all: the caller guarantees finite gradients, e.g.
+            ``torch.amp.GradScaler``, which skips ``step()`` on an inf, and accepts that an
+            overflowing direction reaches the parameters; saves one read of every gradient
+            per step, what ASDL and kfac-pytorch do). The statistics behind the factors are
+            checked under every policy.
         **curvature: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
             ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
             ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
@@ -130,13 +135,14 @@ class KFAC(torch.optim.Optimizer):
         pre = self.preconditioner
         adapt = damping.adaptive_damping and pre.steps % damping.damping_interval == 0
         needs_model = adapt or damping.qmodel_lr_momentum
+        checked = self.nonfinite_policy != "unchecked"
         deferred = not needs_model and pre.defers_gradient_check()
-        if not deferred and not self._finite_gradients():
+        if checked and not deferred and not self._finite_gradients():
             self._skip_nonfinite("gradient")
             return loss
         model = QuadraticModel(self.param_groups, pre) if needs_model else None
         pre.step(lr=float(self.param_groups[0]["lr"]))
-        if not self._finite_after_step(pre.directions_finite, deferred):
+        if checked and not self._finite_after_step(pre.directions_finite, deferred):
             if deferred:
                 pre.undo_step()
             self._skip_nonfinite(

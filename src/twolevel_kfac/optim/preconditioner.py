@@ -302,14 +302,27 @@ class KFACPreconditioner:
             weight, bias = matrix_to_parameter_shapes(self.layers[name], direction)
             self._write_layer(name, weight, bias, scale, assign=False)
 
+    def _plain_kfac_fine(self) -> bool:
+        """Whether :meth:`apply_fine` is the damped KFAC inverse of :attr:`factors` (no
+        subclass with another fine level overrides it)."""
+        return type(self).apply_fine is KFACPreconditioner.apply_fine
+
     def _plain_kfac_directions(self) -> bool:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
         gradient: a subclass that overrides :meth:`apply_fine` (another fine level) or
         :meth:`_precondition` (a coarse correction) gets the ``W̄`` path."""
-        cls = type(self)
         return (
-            cls.apply_fine is KFACPreconditioner.apply_fine
-            and cls._precondition is KFACPreconditioner._precondition
+            self._plain_kfac_fine() and type(self)._precondition is KFACPreconditioner._precondition
+        )
+
+    def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> Tensor:
+        """:meth:`apply_fine` of the rank-one matrix ``left rightᵀ`` (cheaper for KFAC:
+        :meth:`KroneckerFactors.apply_inverse_outer`)."""
+        if not self._plain_kfac_fine():
+            return self.apply_fine(name, torch.outer(left, right))
+        opts = self.options
+        return self.factors[name].apply_inverse_outer(
+            left, right, self.damping, opts.damping_mode, opts.inverse_method
         )
 
     def _apply_fine_split(

@@ -198,11 +198,19 @@ class TwoLevelPreconditioner(KFACPreconditioner):
     def _build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
         space = self.coarse.coarse_space
         param = layer_weight(self.layers[self.names[0]])
+        shapes = [layer_shape(self.layers[n]) for n in self.names]
+        minv_ones = None
+        if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product
+            minv_ones = [
+                self.apply_fine_outer(n, param.new_ones(d_out), param.new_ones(d_in))
+                for n, (d_out, d_in) in zip(self.names, shapes, strict=True)
+            ]
         return build_basis(
             space,
-            [layer_shape(self.layers[n]) for n in self.names],
+            shapes,
             minv=self.minv,
             minv_res=minv_res,
+            minv_ones=minv_ones,
             eigen=self._eigen() if space == "spectral" else None,
             which=self.coarse.spectral_which,
             dtype=param.dtype,
@@ -260,7 +268,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         result = get_combination(self.coarse.combination)(
             g,
             self.minv,
-            operator.apply,
+            operator,
             self.fhat,
             coarse_scale=self.coarse.coarse_scale,
             fine_weight=self.coarse.fine_weight,

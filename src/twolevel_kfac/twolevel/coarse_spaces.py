@@ -152,6 +152,7 @@ def krylov_nicolaides(
     shapes: Sequence[tuple[int, int]],
     minv: LinearMap,
     *,
+    minv_ones: LayerVector | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Basis:
@@ -160,6 +161,9 @@ def krylov_nicolaides(
     Args:
         shapes: ``(d_out_i, d_in'_i)`` per layer.
         minv: the block-diagonal fine preconditioner ``v ↦ M⁻¹v``.
+        minv_ones: ``M⁻¹1`` when the caller has it cheaper than ``minv`` (a factored KFAC
+            inverse maps the rank-one ``1 1ᵀ`` to ``(G⁻¹1)(A⁻¹1)ᵀ``: two mat-vecs
+            instead of two GEMMs).
         dtype: dtype of the basis (default: torch's default dtype).
         device: device of the basis.
 
@@ -168,7 +172,7 @@ def krylov_nicolaides(
     """
     dev = torch.device(device) if isinstance(device, str) else device
     ones = _ones(shapes, dtype, dev)
-    return _stack_normalized(ones, minv(ones))
+    return _stack_normalized(ones, minv(ones) if minv_ones is None else minv_ones)
 
 
 def krylov_residual(minv_res: LayerVector, minv: LinearMap) -> Basis:
@@ -190,6 +194,7 @@ def build_basis(
     *,
     minv: LinearMap | None = None,
     minv_res: LayerVector | None = None,
+    minv_ones: LayerVector | None = None,
     eigen: tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]]
     | None = None,
     which: str = "smallest",
@@ -206,6 +211,7 @@ def build_basis(
         shapes: ``(d_out_i, d_in'_i)`` per layer.
         minv: ``v ↦ M⁻¹v``; needed by the Krylov spaces.
         minv_res: ``M⁻¹(g − F̂M⁻¹g)``; needed by the residual spaces.
+        minv_ones: optional ``M⁻¹1`` for Krylov–Nicolaides (:func:`krylov_nicolaides`).
         eigen: ``(eigvecs_A, eigvals_A, eigvecs_G, eigvals_G)`` lists; needed by spectral.
         which: spectral only: ``"smallest"`` or ``"largest"``.
         dtype: dtype of the Nicolaides-type bases.
@@ -227,7 +233,7 @@ def build_basis(
         raise ValueError(f"coarse_space={name!r} needs minv")
     if name == "krylov_nicolaides":
         assert minv is not None
-        return krylov_nicolaides(shapes, minv, dtype=dtype, device=device)
+        return krylov_nicolaides(shapes, minv, minv_ones=minv_ones, dtype=dtype, device=device)
     if name in RESIDUAL_SPACES:
         if minv_res is None:
             raise ValueError(f"coarse_space={name!r} needs minv_res")

@@ -25,7 +25,7 @@ A-DEF1 1, balanced 2; each applies ``M⁻¹`` once (A-DEF2 and additive: none gi
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from twolevel_kfac.twolevel.vectors import (
     LayerVector,
@@ -67,6 +67,26 @@ class Combination(Protocol):
     ) -> CombinationResult: ...
 
 
+@runtime_checkable
+class FusedCoarse(Protocol):
+    """A coarse map that can also add ``α Qv`` into a vector in place
+    (:class:`~twolevel_kfac.twolevel.coarse_matrix.CoarseOperator`)."""
+
+    def __call__(self, v: LayerVector) -> LayerVector: ...
+
+    def add_into(self, alpha: float, v: LayerVector, target: LayerVector) -> LayerVector: ...
+
+
+def add_coarse_into(
+    alpha: float, coarse: LinearMap, v: LayerVector, target: LayerVector
+) -> LayerVector:
+    """``target ← target + α Qv`` (``target`` is overwritten and returned), fused into one
+    pass per layer when ``coarse`` offers it (:class:`FusedCoarse`)."""
+    if isinstance(coarse, FusedCoarse):
+        return coarse.add_into(alpha, v, target)
+    return axpy_into(alpha, coarse(v), target)
+
+
 def _fine_step(
     g: LayerVector, minv: LinearMap, minv_g: LayerVector | None, residual: LayerVector | None
 ) -> CombinationResult:
@@ -105,7 +125,7 @@ def additive(
         fine = scale(fine_weight, fine)
     if coarse_scale == 0.0:
         return CombinationResult(fine, residual)
-    return CombinationResult(axpy_into(coarse_scale, coarse(g), fine), residual)
+    return CombinationResult(add_coarse_into(coarse_scale, coarse, g, fine), residual)
 
 
 def adef2(
@@ -136,7 +156,7 @@ def adef2(
     if coarse_scale == 0.0:
         return CombinationResult(fine, residual)
     res = sub_into(g, fhat(fine)) if residual is None else residual
-    return CombinationResult(axpy_into(coarse_scale, coarse(res), fine), res)
+    return CombinationResult(add_coarse_into(coarse_scale, coarse, res, fine), res)
 
 
 def adef1(
@@ -196,7 +216,9 @@ def balanced(
         return _fine_step(g, minv, minv_g, residual)
     y = scale_into(coarse_scale, coarse(g))
     z = minv(sub_into(g, fhat(y)))
-    return CombinationResult(axpy_into(coarse_scale, coarse(sub_into(g, fhat(z))), z), residual)
+    return CombinationResult(
+        add_coarse_into(coarse_scale, coarse, sub_into(g, fhat(z)), z), residual
+    )
 
 
 COMBINATIONS: dict[str, Combination] = {
