@@ -284,16 +284,7 @@ class KFACPreconditioner:
         if self._plain_kfac_directions():
             parts = {name: gradient_parts(module) for name, module in self.layers.items()}
             directions = {name: self._apply_fine_split(name, *part) for name, part in parts.items()}
-            pairs = []
-            for name, (weight_grad, bias_grad) in parts.items():
-                weight, bias = directions[name]
-                layer = [(weight, weight_grad)]
-                if bias is not None and bias_grad is not None:
-                    layer.append((bias, bias_grad))
-                pairs.append(layer)
-            scale = self._kl_scale(pairs, lr)
-            for name, (weight, bias) in directions.items():
-                self._write_layer(name, weight, bias, scale, assign=True)
+            self._write_parts(directions, parts, lr)
             return
         grads = {name: gradient_matrix(module) for name, module in self.layers.items()}
         matrices = self._precondition(grads, stats)
@@ -301,6 +292,25 @@ class KFACPreconditioner:
         for name, direction in matrices.items():
             weight, bias = matrix_to_parameter_shapes(self.layers[name], direction)
             self._write_layer(name, weight, bias, scale, assign=False)
+
+    def _write_parts(
+        self,
+        directions: dict[str, tuple[Tensor, Tensor | None]],
+        grads: dict[str, tuple[Tensor, Tensor | None]],
+        lr: float,
+    ) -> None:
+        """KL-clip fresh contiguous directions given as (weight, bias) parts against the
+        gradients' parts and hand them to ``.grad``."""
+        pairs = []
+        for name, (weight_grad, bias_grad) in grads.items():
+            weight, bias = directions[name]
+            layer = [(weight, weight_grad)]
+            if bias is not None and bias_grad is not None:
+                layer.append((bias, bias_grad))
+            pairs.append(layer)
+        scale = self._kl_scale(pairs, lr)
+        for name, (weight, bias) in directions.items():
+            self._write_layer(name, weight, bias, scale, assign=True)
 
     def _plain_kfac_fine(self) -> bool:
         """Whether :meth:`apply_fine` is the damped KFAC inverse of :attr:`factors` (no

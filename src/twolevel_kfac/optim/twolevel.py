@@ -34,7 +34,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..curvature.blocks import LayerStats, layer_shape, layer_weight, weighted_gradient_sum
+from ..curvature.blocks import (
+    LayerStats,
+    gradient_parts,
+    layer_shape,
+    layer_weight,
+    weighted_gradient_sum,
+)
 from ..curvature.kronecker import ema_weight
 from ..distributed import (
     Communicator,
@@ -240,6 +246,44 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         return sizes.pop()
 
     # ------------------------------------------------------------------ step
+    def _precondition_grads(self, stats: dict[str, LayerStats], lr: float) -> None:
+        """The additive step with a kept coarse operator, the common step of the consistent
+        schedule, works on the gradients' weight and bias parts as plain KFAC does
+        (:meth:`KFACPreconditioner._precondition_grads`):
+        ``d = ω_f M⁻¹g + ω_c Qg`` with the coarse term added in place
+        (:meth:`CoarseOperator.add_into_parts`). Everything else uses ``W̄`` matrices."""
+        if not self._additive_on_parts(stats):
+            super()._precondition_grads(stats, lr)
+            return
+        assert self._operator is not None
+        grads = {name: gradient_parts(self.layers[name]) for name in self.names}
+        fine = {name: self._apply_fine_split(name, *grads[name]) for name in self.names}
+        weight = self.coarse.fine_weight
+        if weight != 1.0:
+            for parts in fine.values():
+                for part in parts:
+                    if part is not None:
+                        part.mul_(weight)
+        self._operator.add_into_parts(
+            self.coarse.coarse_scale,
+            [grads[n] for n in self.names],
+            [fine[n] for n in self.names],
+        )
+        self._write_parts(fine, grads, lr)
+
+    def _additive_on_parts(self, stats: dict[str, LayerStats]) -> bool:
+        """Whether this step is ``ω_f M⁻¹g + ω_c Qg`` with KFAC's own ``M⁻¹`` and the kept
+        ``Q`` (no statistics, no rebuilt basis, no residual for the diagnostics)."""
+        coarse = self.coarse
+        return (
+            not stats
+            and coarse.combination == "additive"
+            and coarse.coarse_scale != 0.0
+            and not coarse.diagnostics
+            and self._plain_kfac_fine()
+            and self._stateless_directions()
+        )
+
     def _precondition(
         self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
     ) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ correction is ``Q = R₀ᵀ F_c⁻¹ R₀`` (:class:`CoarseOperator`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -66,6 +66,48 @@ def prolong_add_into(basis: Basis, y: Tensor, target: LayerVector, alpha: float)
             t.view(-1).addmv_(b.flatten(1).T, coefficients, alpha=alpha)
         else:
             t.add_(torch.einsum("k,koi->oi", coefficients, b), alpha=alpha)
+    return target
+
+
+Parts = list[tuple[Tensor, Tensor | None]]
+"""A layer vector as its weight and bias parts: ``(V (d_out, d_in), b (d_out,) | None)``
+per layer, the ``W̄ = [V, b]`` matrices never formed (how autograd leaves gradients)."""
+
+
+def split_basis(basis: Basis, has_bias: Sequence[bool]) -> list[tuple[Tensor, Tensor | None]]:
+    """Each layer's basis as contiguous ``[k_i, d_out·d_in]`` weight and ``[k_i, d_out]``
+    bias parts (the bias is ``W̄``'s last column where ``has_bias``)."""
+    out: list[tuple[Tensor, Tensor | None]] = []
+    for b, bias in zip(basis, has_bias, strict=True):
+        if bias:
+            out.append((b[:, :, :-1].reshape(b.shape[0], -1), b[:, :, -1].contiguous()))
+        else:
+            out.append((b.flatten(1), None))
+    return out
+
+
+def restrict_parts(split: list[tuple[Tensor, Tensor | None]], v: Parts) -> Tensor:
+    """:func:`restrict` of a vector given as :data:`Parts` (``split`` from
+    :func:`split_basis`): ``⟨r_k, v⟩ = ⟨r_k^W, V⟩ + ⟨r_k^b, b⟩``."""
+    coefficients = []
+    for (bw, bb), (vw, vb) in zip(split, v, strict=True):
+        y = bw @ vw.reshape(-1)
+        if bb is not None and vb is not None:
+            y = y.addmv_(bb, vb)
+        coefficients.append(y)
+    return torch.cat(coefficients)
+
+
+def prolong_add_into_parts(
+    split: list[tuple[Tensor, Tensor | None]], y: Tensor, target: Parts, alpha: float
+) -> Parts:
+    """:func:`prolong_add_into` for a contiguous target given as :data:`Parts`."""
+    sizes = [int(bw.shape[0]) for bw, _ in split]
+    for (bw, bb), yi, (tw, tb) in zip(split, torch.split(y, sizes), target, strict=True):
+        coefficients = yi.to(tw.dtype)
+        tw.view(-1).addmv_(bw.T, coefficients, alpha=alpha)
+        if bb is not None and tb is not None:
+            tb.addmv_(bb.T, coefficients, alpha=alpha)
     return target
 
 
@@ -260,6 +302,9 @@ class CoarseOperator:
     eigvecs: Tensor | None
     inv_eigvals: Tensor | None
     rank: int
+    _split: dict[tuple[bool, ...], list[tuple[Tensor, Tensor | None]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def from_matrix(
@@ -330,6 +375,15 @@ class CoarseOperator:
     def add_into(self, alpha: float, v: LayerVector, target: LayerVector) -> LayerVector:
         """``target ← target + α Q v`` in place (:func:`prolong_add_into`), returning it."""
         return prolong_add_into(self.basis, self.solve(restrict(self.basis, v)), target, alpha)
+
+    def add_into_parts(self, alpha: float, v: Parts, target: Parts) -> Parts:
+        """:meth:`add_into` on vectors given as :data:`Parts` (``target``'s parts
+        contiguous), with the basis split once per operator and layer layout."""
+        has_bias = tuple(b is not None for _, b in v)
+        split = self._split.get(has_bias)
+        if split is None:
+            split = self._split[has_bias] = split_basis(self.basis, has_bias)
+        return prolong_add_into_parts(split, self.solve(restrict_parts(split, v)), target, alpha)
 
     def energy_gain(self, res: LayerVector) -> Tensor:
         """``−(R₀ res)ᵀ F_c⁻¹ (R₀ res)``: the authors' ``E(β*) − E(0)`` diagnostic.
