@@ -9,7 +9,9 @@ schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistic
 during this step's forward/backward), ``_refresh_decompositions`` (every
 ``inv_interval`` steps) and ``_precondition_grads``: ``_precondition`` (the damped
 block-diagonal inverse; subclasses add coarse corrections), the KL clip (``_kl_scale``) and
-the write into ``.grad``. Other fine levels hook in at
+the write into ``.grad``: plain KFAC (and the two-level additive step between refreshes)
+hands its fresh direction tensors to ``.grad`` instead of copying them into the old ones,
+so hold ``p.grad`` itself, not a reference taken before ``step()``. Other fine levels hook in at
 ``_store_batch`` (KPSVD fits other factors to the statistics), ``_refresh_decompositions``
 and ``_update_after_refresh`` (EKFAC's scalings in the eigenbasis) and ``apply_fine``.
 Under ``torch.distributed`` the factors and decompositions are reduced / shared by
