@@ -288,13 +288,21 @@ def test_bad_coarse_arguments_are_named(kwargs: dict[str, object], message: str)
 
 @pytest.mark.parametrize("net", list(NETS))
 @pytest.mark.parametrize("space", SPACES)
-@pytest.mark.parametrize(("kl_clip", "fine_weight"), [(None, 1.0), (1e-4, 0.7)])
-def test_additive_step_on_parts_equals_the_joined_path(
-    float64: None, net: str, space: str, kl_clip: float | None, fine_weight: float
+@pytest.mark.parametrize(
+    ("combination", "kl_clip", "fine_weight"),
+    [("additive", None, 1.0), ("additive", 1e-4, 0.7), ("adef2", None, 1.0), ("adef2", 1e-4, 1.0)],
+)
+def test_step_on_parts_equals_the_joined_path(
+    float64: None,
+    net: str,
+    space: str,
+    combination: str,
+    kl_clip: float | None,
+    fine_weight: float,
 ) -> None:
-    """Between refreshes the additive step works on the gradients' weight and bias parts
-    (no ``W̄`` concatenation); it takes the same steps as the ``W̄`` path, which the dense
-    tests above prove exact."""
+    """Between refreshes the additive and A-DEF2 steps work on the gradients' weight and
+    bias parts (no ``W̄`` concatenation); they take the same steps as the ``W̄`` path,
+    which the dense tests above prove exact."""
     build, shape, classes = NETS[net]
     model = prepare(build())
     twin = copy.deepcopy(model)
@@ -302,16 +310,17 @@ def test_additive_step_on_parts_equals_the_joined_path(
         **CONTRACT,
         "damping": 0.05,
         "coarse_space": space,
+        "combination": combination,
         "cov_interval": 3,
         "inv_interval": 3,
         "kl_clip": kl_clip,
         "fine_weight": fine_weight,
     }
     fast, joined = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
-    joined.preconditioner._additive_on_parts = lambda stats: False  # type: ignore[method-assign]
-    decide = fast.preconditioner._additive_on_parts
+    joined.preconditioner._steps_on_parts = lambda stats: False  # type: ignore[method-assign]
+    decide = fast.preconditioner._steps_on_parts
     used: list[bool] = []
-    fast.preconditioner._additive_on_parts = (  # type: ignore[method-assign]
+    fast.preconditioner._steps_on_parts = (  # type: ignore[method-assign]
         lambda stats: used.append(decide(stats)) or used[-1]
     )
     tol = 1e-8 if space == "krylov_residual" else 1e-10  # as above: its basis amplifies

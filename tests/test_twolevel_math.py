@@ -463,3 +463,24 @@ def test_vectors_helpers() -> None:
     assert torch.equal(axpy(2.0, u, u)[1], torch.full((1, 3), 6.0, dtype=DT))
     with pytest.raises(ValueError):
         dot(u, u[:1])
+
+
+@pytest.mark.parametrize("locations", [1, 3])
+def test_sample_coefficients_on_parts_equal_the_joined_ones(locations: int) -> None:
+    """``sample_coefficients_parts`` on ``(V, b)`` parts equals ``sample_coefficients`` on
+    ``W̄ = [V, b]`` when ``ā`` carries its homogeneous 1 (layers with and without a bias)."""
+    from twolevel_kfac.twolevel.fisher_products import sample_coefficients_parts
+
+    gen = torch.Generator().manual_seed(3)
+    n, layers = 6, [(4, 5, True), (3, 4, False), (2, 3, True)]
+    stats, joined, parts = [], [], []
+    for d_out, d_in, bias in layers:
+        a = torch.randn(n, locations, d_in, generator=gen, dtype=DT)
+        if bias:
+            a = torch.cat([a, torch.ones(n, locations, 1, dtype=DT)], -1)
+        stats.append(LayerStats(a, torch.randn(n, locations, d_out, generator=gen, dtype=DT)))
+        v = torch.randn(d_out, d_in + bias, generator=gen, dtype=DT)
+        joined.append(v)
+        parts.append((v[:, :-1].contiguous(), v[:, -1].clone()) if bias else (v.clone(), None))
+    expected = sample_coefficients(stats, joined)
+    assert rel_err(sample_coefficients_parts(stats, parts), expected) < 1e-12

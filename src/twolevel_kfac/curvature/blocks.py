@@ -217,3 +217,14 @@ def weighted_gradient_sum(stats: LayerStats, weights: Tensor) -> Tensor:
         scaled = stats.g * weights[:, None, None]
         return scaled.flatten(0, 1).T @ stats.a.flatten(0, 1)
     return torch.einsum("nk,nto,nti->koi", weights, stats.g, stats.a)
+
+
+def per_sample_dots_parts(stats: LayerStats, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`per_sample_dots` of one vector ``W̄ = [V, b]`` given as its parts:
+    ``⟨∇_W̄ ℓ_n, W̄⟩ = Σ_t δ_{n,t}ᵀ V a_{n,t} + δ_{n,t}ᵀ b`` (``a`` is ``ā`` without its
+    homogeneous coordinate). Returns ``[N]``."""
+    a = stats.a[..., :-1] if bias is not None else stats.a
+    dots = torch.einsum("nti,nti->n", stats.g @ weight, a)
+    if bias is not None:
+        dots = dots + (stats.g @ bias).sum(1)
+    return dots

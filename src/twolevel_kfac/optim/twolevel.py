@@ -55,14 +55,20 @@ from ..twolevel.coarse_matrix import (
     coarse_projections,
     ema_coarse_matrix,
     exact_coarse_matrix,
+    restrict_parts,
     tselepidis_coarse_matrix,
     tselepidis_from_sums,
     tselepidis_sums,
 )
 from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, build_basis
 from ..twolevel.combinations import COMBINATIONS, get_combination
-from ..twolevel.fisher_products import check_stats, damped_fvp, sample_coefficients
-from ..twolevel.vectors import LayerVector, dot, sub_into
+from ..twolevel.fisher_products import (
+    check_stats,
+    damped_fvp,
+    sample_coefficients,
+    sample_coefficients_parts,
+)
+from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
 from .kfac import CURVATURE_ARGUMENTS, KFAC
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner
@@ -174,6 +180,8 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         self.coarse_matrix: Tensor | None = None
         self.coarse_updates = 0
         self._operator: CoarseOperator | None = None
+        # P = J R₀ᵀ of the kept basis on the kept Fisher mini-batch, for A-DEF2 on parts
+        self._projections: tuple[CoarseOperator, Tensor] | None = None
 
     # ------------------------------------------------------------ operators
     def minv(self, v: LayerVector) -> LayerVector:
@@ -247,37 +255,57 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 
     # ------------------------------------------------------------------ step
     def _precondition_grads(self, stats: dict[str, LayerStats], lr: float) -> None:
-        """The additive step with a kept coarse operator, the common step of the consistent
-        schedule, works on the gradients' weight and bias parts as plain KFAC does
-        (:meth:`KFACPreconditioner._precondition_grads`):
-        ``d = ω_f M⁻¹g + ω_c Qg`` with the coarse term added in place
-        (:meth:`CoarseOperator.add_into_parts`). Everything else uses ``W̄`` matrices."""
-        if not self._additive_on_parts(stats):
+        """Between refreshes (kept ``Q``, KFAC's own ``M⁻¹``) the additive and A-DEF2 steps
+        work on the gradients' weight and bias parts as plain KFAC does
+        (:meth:`KFACPreconditioner._precondition_grads`), the ``W̄`` matrices never formed:
+        additive ``d = ω_f M⁻¹g + ω_c Qg``, A-DEF2 ``d = M⁻¹g + ω_c Q(g − F̂M⁻¹g)``, the
+        coarse term added in place (:meth:`CoarseOperator.add_into_parts`). Everything
+        else uses ``W̄`` matrices (:meth:`_precondition`)."""
+        if not self._steps_on_parts(stats):
             super()._precondition_grads(stats, lr)
             return
         assert self._operator is not None
         grads = {name: gradient_parts(self.layers[name]) for name in self.names}
         fine = {name: self._apply_fine_split(name, *grads[name]) for name in self.names}
-        weight = self.coarse.fine_weight
-        if weight != 1.0:
-            for parts in fine.values():
-                for part in parts:
-                    if part is not None:
-                        part.mul_(weight)
-        self._operator.add_into_parts(
-            self.coarse.coarse_scale,
-            [grads[n] for n in self.names],
-            [fine[n] for n in self.names],
-        )
+        grad_parts, fine_parts = [grads[n] for n in self.names], [fine[n] for n in self.names]
+        scale = self.coarse.coarse_scale
+        if self.coarse.combination == "adef2":
+            self._operator.add_restricted_into_parts(
+                scale, self._restricted_residual(grad_parts, fine_parts), fine_parts
+            )
+        else:
+            if self.coarse.fine_weight != 1.0:
+                for part in (t for pair in fine_parts for t in pair if t is not None):
+                    part.mul_(self.coarse.fine_weight)
+            self._operator.add_into_parts(scale, grad_parts, fine_parts)
         self._write_parts(fine, grads, lr)
 
-    def _additive_on_parts(self, stats: dict[str, LayerStats]) -> bool:
-        """Whether this step is ``ω_f M⁻¹g + ω_c Qg`` with KFAC's own ``M⁻¹`` and the kept
-        ``Q`` (no statistics, no rebuilt basis, no residual for the diagnostics)."""
+    def _restricted_residual(self, g: Parts, minv_g: Parts) -> Tensor:
+        """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
+        from the refresh, :func:`coarse_projections`) and ``c_n = ⟨∇ℓ_n, M⁻¹g⟩``: A-DEF2
+        needs the residual only through ``R₀``, so the Fisher product's second half (the
+        weighted sum of per-sample gradients, a full pass over the layers) is never done."""
+        operator, stats, samples = self._operator, self.fisher_stats, self.fisher_samples
+        assert operator is not None and stats is not None and samples is not None
+        if self._projections is None or self._projections[0] is not operator:
+            self._projections = (operator, coarse_projections(stats, operator.basis))
+        projections = self._projections[1]
+        split = operator.parts_basis(tuple(b is not None for _, b in g))
+        coefficients = sample_coefficients_parts(stats, minv_g)
+        restricted = restrict_parts(split, g) - projections.T @ coefficients / samples
+        return restricted.sub_(restrict_parts(split, minv_g), alpha=self.damping)
+
+    def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
+        """Whether this step is additive or A-DEF2 with KFAC's own ``M⁻¹`` and the kept
+        ``Q`` (no statistics, no rebuilt basis, no residual kept for the diagnostics;
+        A-DEF2's ``F̂`` product on one process)."""
         coarse = self.coarse
+        combination_ok = coarse.combination == "additive" or (
+            coarse.combination == "adef2" and not self.comm.distributed
+        )
         return (
             not stats
-            and coarse.combination == "additive"
+            and combination_ok
             and coarse.coarse_scale != 0.0
             and not coarse.diagnostics
             and self._plain_kfac_fine()

@@ -21,7 +21,7 @@ from torch import Tensor
 from twolevel_kfac.curvature.blocks import LayerStats, per_sample_dots
 from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.fisher_products import check_stats
-from twolevel_kfac.twolevel.vectors import LayerVector
+from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 
 def restrict(basis: Basis, v: LayerVector) -> Tensor:
@@ -67,11 +67,6 @@ def prolong_add_into(basis: Basis, y: Tensor, target: LayerVector, alpha: float)
         else:
             t.add_(torch.einsum("k,koi->oi", coefficients, b), alpha=alpha)
     return target
-
-
-Parts = list[tuple[Tensor, Tensor | None]]
-"""A layer vector as its weight and bias parts: ``(V (d_out, d_in), b (d_out,) | None)``
-per layer, the ``W̄ = [V, b]`` matrices never formed (how autograd leaves gradients)."""
 
 
 def split_basis(basis: Basis, has_bias: Sequence[bool]) -> list[tuple[Tensor, Tensor | None]]:
@@ -376,14 +371,24 @@ class CoarseOperator:
         """``target ← target + α Q v`` in place (:func:`prolong_add_into`), returning it."""
         return prolong_add_into(self.basis, self.solve(restrict(self.basis, v)), target, alpha)
 
-    def add_into_parts(self, alpha: float, v: Parts, target: Parts) -> Parts:
-        """:meth:`add_into` on vectors given as :data:`Parts` (``target``'s parts
-        contiguous), with the basis split once per operator and layer layout."""
-        has_bias = tuple(b is not None for _, b in v)
+    def parts_basis(self, has_bias: tuple[bool, ...]) -> list[tuple[Tensor, Tensor | None]]:
+        """The basis split into weight and bias parts (:func:`split_basis`), once per
+        operator and layer layout."""
         split = self._split.get(has_bias)
         if split is None:
             split = self._split[has_bias] = split_basis(self.basis, has_bias)
-        return prolong_add_into_parts(split, self.solve(restrict_parts(split, v)), target, alpha)
+        return split
+
+    def add_into_parts(self, alpha: float, v: Parts, target: Parts) -> Parts:
+        """:meth:`add_into` on vectors given as :data:`Parts` (``target``'s parts
+        contiguous)."""
+        split = self.parts_basis(tuple(b is not None for _, b in v))
+        return self.add_restricted_into_parts(alpha, restrict_parts(split, v), target)
+
+    def add_restricted_into_parts(self, alpha: float, restricted: Tensor, target: Parts) -> Parts:
+        """``target ← target + α R₀ᵀ F_c⁻¹ y`` for a given ``y = R₀v`` (``[K]``)."""
+        split = self.parts_basis(tuple(b is not None for _, b in target))
+        return prolong_add_into_parts(split, self.solve(restricted), target, alpha)
 
     def energy_gain(self, res: LayerVector) -> Tensor:
         """``−(R₀ res)ᵀ F_c⁻¹ (R₀ res)``: the authors' ``E(β*) − E(0)`` diagnostic.

@@ -19,8 +19,13 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from twolevel_kfac.curvature.blocks import LayerStats, per_sample_dots, weighted_gradient_sum
-from twolevel_kfac.twolevel.vectors import LayerVector
+from twolevel_kfac.curvature.blocks import (
+    LayerStats,
+    per_sample_dots,
+    per_sample_dots_parts,
+    weighted_gradient_sum,
+)
+from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 
 def check_stats(stats: Sequence[LayerStats], num_layers: int | None = None) -> int:
@@ -95,3 +100,12 @@ def damped_fvp(stats: Sequence[LayerStats], v: LayerVector, damping: float) -> L
     if damping == 0.0:
         return fv
     return [f.add_(vi, alpha=damping) for f, vi in zip(fv, v, strict=True)]
+
+
+def sample_coefficients_parts(stats: Sequence[LayerStats], v: Parts) -> Tensor:
+    """:func:`sample_coefficients` of a vector given as weight and bias parts."""
+    check_stats(stats, len(v))
+    coefficients = per_sample_dots_parts(stats[0], *v[0])
+    for layer, (weight, bias) in zip(stats[1:], v[1:], strict=True):
+        coefficients = coefficients + per_sample_dots_parts(layer, weight, bias)
+    return coefficients

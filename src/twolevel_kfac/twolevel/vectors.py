@@ -17,6 +17,9 @@ LayerVector = list[Tensor]
 """One ``(d_out_i, d_in'_i)`` matrix per layer."""
 
 LinearMap = Callable[[LayerVector], LayerVector]
+Parts = list[tuple[Tensor, Tensor | None]]
+"""A layer vector as its weight and bias parts: ``(V (d_out, d_in), b (d_out,) | None)``
+per layer, the ``W̄ = [V, b]`` matrices never formed (how autograd leaves gradients)."""
 """A linear operator on layer vectors, e.g. ``v ↦ M⁻¹v`` or ``v ↦ (F + λI)v``. It returns
 new tensors that the caller owns (the combinations overwrite some of them: a fresh
 full-size tensor costs about twice an in-place pass on CPU, from first-touch page faults)."""
