@@ -448,13 +448,18 @@ def test_coarse_space_bases() -> None:
 
 
 def test_zero_and_non_finite_vectors_are_zeroed() -> None:
-    v = torch.zeros(3, 2, 2, dtype=DT)
+    v = torch.zeros(4, 2, 2, dtype=DT)
     v[1, 0, 1] = -4.0
+    v[1, 1, 0] = 2.0
     v[2, 1, 1] = float("inf")
+    v[3, 0, 0], v[3, 1, 0] = float("nan"), 5.0
+    before = v.clone()
     out = cs.normalize_inf(v)
-    assert torch.equal(out[0], torch.zeros(2, 2, dtype=DT))
-    assert float(out[1, 0, 1]) == -1.0
-    assert torch.equal(out[2], torch.zeros(2, 2, dtype=DT))
+    assert torch.equal(v[:3], before[:3]) and bool(torch.isnan(v[3, 0, 0]))  # input kept
+    for k in (0, 2, 3):
+        assert torch.equal(out[k], torch.zeros(2, 2, dtype=DT))
+    assert float(out[1, 0, 1]) == -1.0 and float(out[1, 1, 0]) == 0.5
+    assert cs.normalize_inf_(v) is v and torch.equal(v, out)
 
 
 def test_vectors_helpers() -> None:

@@ -15,6 +15,7 @@ one call on a layer vector applies every ``M_i⁻¹`` to its own layer at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,15 +50,24 @@ def normalize_inf(vectors: Tensor) -> Tensor:
     Returns:
         The scaled vectors; zero vectors and vectors with a non-finite entry become zero.
     """
-    peak = vectors.abs().amax(dim=(1, 2), keepdim=True)
+    return normalize_inf_(vectors.clone())
+
+
+def normalize_inf_(vectors: Tensor) -> Tensor:
+    """:func:`normalize_inf` in place: one read for the peaks and one scaling pass (the
+    out-of-place form with ``abs``, ``where`` and ``zeros_like`` made six full-size passes,
+    6 ms per step of the faithful residual schedule on the MNIST autoencoder)."""
+    peak = torch.linalg.vector_norm(vectors, ord=math.inf, dim=(1, 2), keepdim=True)
     ok = torch.isfinite(peak) & (peak > 0)
-    safe = torch.where(ok, peak, torch.ones_like(peak))
-    return torch.where(ok, vectors / safe, torch.zeros_like(vectors))
+    vectors.mul_(torch.where(ok, peak, torch.ones_like(peak)).reciprocal())
+    if not bool(ok.all()):
+        vectors.masked_fill_(~ok.expand_as(vectors), 0.0)
+    return vectors
 
 
 def _stack_normalized(*per_layer: LayerVector) -> Basis:
     """Per layer, stack the ``i``-th matrix of each layer vector and normalise them."""
-    return [normalize_inf(torch.stack(mats)) for mats in zip(*per_layer, strict=True)]
+    return [normalize_inf_(torch.stack(mats)) for mats in zip(*per_layer, strict=True)]
 
 
 def _ones(
