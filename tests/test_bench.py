@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,23 @@ def test_external_checkout_is_imported(tmp_path: Path, monkeypatch: pytest.Monke
     (group,) = data["results"]
     _check_group(group)
     assert [r["method"] for r in group["rows"]] == ["sgd", "ours:kfac_pytorch", "kfac_pytorch"]
+
+
+def test_uninstalled_kfac_pytorch_checkout_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kfac-pytorch's ``__init__`` reads its version from package metadata, so a bare
+    checkout fails to import; the reason says to install it."""
+    checkout = tmp_path / "kfac-pytorch"
+    (checkout / "kfac").mkdir(parents=True)
+    (checkout / "kfac" / "__init__.py").write_text(
+        "import importlib.metadata\n__version__ = importlib.metadata.version('kfac-pytorch-x')\n"
+    )
+    for name in [m for m in sys.modules if m == "kfac" or m.startswith("kfac.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(checkout))
+    reason = external.kfac_pytorch_status(str(checkout))
+    assert reason is not None and "pip install --no-deps" in reason
 
 
 def test_time_to_target_quick(tmp_path: Path) -> None:

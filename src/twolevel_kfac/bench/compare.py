@@ -129,10 +129,24 @@ def compare(
     }
 
 
+PAIRED_REFERENCES = ("kfac:per_factor:eigen", "asdl:kfac")
+"""The rows a group's paired column compares against, the first present: KFAC for the
+step-time tables (the two-level targets are ratios to it), ASDL's KFAC for the peers."""
+
+
 def group_table(group: dict[str, Any]) -> list[str]:
-    """The markdown lines of one group: a heading, the table, a warning on skipped steps."""
+    """The markdown lines of one group: a heading, the table, a warning on skipped steps.
+
+    Besides the ratio to SGD, a group with a row of :data:`PAIRED_REFERENCES` gets the
+    median (IQR) over rounds of each method's block divided by that row's block of the same
+    round: drift of the machine's speed between rounds cancels in it, as in ``× SGD``.
+    """
     has_memory = any(r.get("peak_mib") is not None for r in group["rows"])
-    headers = ["method", "ms/step (IQR)", "× SGD (IQR)", "FLOP floor × SGD", "× floor"]
+    by_method = {r["method"]: r for r in group["rows"]}
+    reference = next((by_method[m] for m in PAIRED_REFERENCES if m in by_method), None)
+    headers = ["method", "ms/step (IQR)", "× SGD (IQR)"]
+    headers += [f"× {reference['method']} (IQR)"] if reference is not None else []
+    headers += ["FLOP floor × SGD", "× floor"]
     headers += ["extra peak MiB"] if has_memory else []
     rows = []
     for r in group["rows"]:
@@ -140,9 +154,11 @@ def group_table(group: dict[str, Any]) -> list[str]:
             r["method"],
             fmt_range(r["median_ms"], r["q1_ms"], r["q3_ms"], 1),
             fmt_range(r["ratio_sgd"], r["ratio_q1"], r["ratio_q3"]),
-            f"{r['floor_ratio']:.2f}",
-            f"{r['vs_floor']:.2f}",
         ]
+        if reference is not None:
+            low, ratio, high = ratio_stats(r["times_s"], reference["times_s"])
+            cells.append(fmt_range(ratio, low, high))
+        cells += [f"{r['floor_ratio']:.2f}", f"{r['vs_floor']:.2f}"]
         if has_memory:
             cells.append("–" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}")
         rows.append(cells)

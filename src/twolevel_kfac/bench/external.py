@@ -12,7 +12,9 @@
   backward hook" ``FutureWarning`` on every refresh and its import torch's
   ``torch.jit.script`` ``DeprecationWarning``; both are silenced.
 * **kfac-pytorch** (gpauloski/kfac-pytorch, not on PyPI): given ``--external PATH`` of a
-  local checkout, ``kfac.preconditioner.KFACPreconditioner`` with its defaults (eigen
+  local checkout (installed with ``pip install --no-deps PATH``: its ``__init__`` reads the
+  package's version from installed metadata), ``kfac.preconditioner.KFACPreconditioner``
+  with its defaults (eigen
   method, damping added to the eigenvalue products, the empirical Fisher of the loss's own
   backward pass), ``factor_update_steps = inv_update_steps = T``; the step is
   ``loss.backward(); preconditioner.step(); sgd.step()``.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import sys
 import types
 import warnings
@@ -74,6 +77,11 @@ def kfac_pytorch_status(path: str | None) -> str | None:
         sys.path.insert(0, root)
     try:
         importlib.import_module("kfac.preconditioner")
+    except importlib.metadata.PackageNotFoundError:
+        return (
+            f"kfac-pytorch at {root} reads its version from installed package metadata: "
+            f"install the checkout first, `pip install --no-deps {root}` (torch stays as is)"
+        )
     except Exception as error:
         return f"cannot import kfac.preconditioner from {root}: {error!r}"
     return None

@@ -138,6 +138,7 @@ def render(data: dict[str, Any]) -> str:
         "Each peer runs beside our KFAC configured to do the same work and SGD, interleaved "
         f"in one process ({s['repeats']} rounds of blocks of at least {s['min_block_steps']} "
         "steps, a multiple of T); see `src/twolevel_kfac/bench/peers.py` for the pairing. "
+        "× asdl:kfac: median (IQR) of the per-round ratios to ASDL's block of the same round. "
         "Extra peak MiB: " + s["memory"] + ".",
         "",
     ]

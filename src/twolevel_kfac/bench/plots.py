@@ -4,6 +4,7 @@ display is involved."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,23 +23,26 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def ratio_bars(groups: Sequence[dict[str, Any]], path: Path) -> Path:
     """Horizontal bars: ratio to SGD (IQR as error bars) per method, one bar per T, with
-    the FLOP-floor ratio as a black tick."""
-    methods = [r["method"] for r in groups[0]["rows"]]
+    the FLOP-floor ratio as a black tick; a method a group did not time has no bar there
+    (a document merged from runs with different ``--methods`` per T)."""
+    methods = list(dict.fromkeys(r["method"] for g in groups for r in g["rows"]))
+    missing = {"ratio_sgd": math.nan, "ratio_q1": math.nan, "ratio_q3": math.nan}
     height = 0.8 / len(groups)
     fig = Figure(figsize=(8, 0.32 * len(methods) * max(1, len(groups) / 2) + 1.5))
     ax = fig.subplots()
     for k, group in enumerate(groups):
-        rows = {r["method"]: r for r in group["rows"]}
+        timed = {r["method"]: r for r in group["rows"]}
+        rows = [timed.get(m, {**missing, "floor_ratio": math.nan}) for m in methods]
         ys = [i + k * height for i in range(len(methods))]
-        ratios = [rows[m]["ratio_sgd"] for m in methods]
+        ratios = [r["ratio_sgd"] for r in rows]
         errors = [
-            [rows[m]["ratio_sgd"] - rows[m]["ratio_q1"] for m in methods],
-            [rows[m]["ratio_q3"] - rows[m]["ratio_sgd"] for m in methods],
+            [0.0 if math.isnan(r["ratio_sgd"]) else r["ratio_sgd"] - r["ratio_q1"] for r in rows],
+            [0.0 if math.isnan(r["ratio_sgd"]) else r["ratio_q3"] - r["ratio_sgd"] for r in rows],
         ]
         ax.barh(
             ys, ratios, height=height, xerr=errors, ecolor="0.3", label=f"T = {group['interval']}"
         )
-        floors = [rows[m]["floor_ratio"] for m in methods]
+        floors = [r["floor_ratio"] for r in rows]
         ax.scatter(floors, ys, marker="|", color="red", s=80, zorder=3)
     ax.set_yticks([i + height * (len(groups) - 1) / 2 for i in range(len(methods))], methods)
     ax.invert_yaxis()
