@@ -182,6 +182,60 @@ def test_external_checkout_is_imported(tmp_path: Path, monkeypatch: pytest.Monke
     assert [r["method"] for r in group["rows"]] == ["sgd", "ours:kfac_pytorch", "kfac_pytorch"]
 
 
+FAKE_AUTHORS = '''
+CALLS = []
+
+
+class KFAC:
+    """Stand-in with the authors' constructor keywords and protocol: records its steps."""
+
+    def __init__(self, net, damping, T_cov, T_inv, alpha, constraint_norm, clipping,
+                 batch_size, **coarse):
+        self.update_stats = False
+        self._iteration_counter = 0
+        self.coarse = coarse
+
+    def step(self, update_params=True):
+        CALLS.append((self._iteration_counter, self.update_stats, update_params))
+        if update_params:
+            self._iteration_counter += 1
+
+
+TwolevelKFAC = KFAC
+'''
+
+
+def test_authors_checkout_is_driven_as_its_readme_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--authors PATH`` times the authors' KFAC, NICO and RESIDU beside ours, each
+    iteration as the authors' README has it: the sampled Fisher pass with
+    ``update_stats`` on and ``step(update_params=False)``, then the preconditioning step."""
+    checkout = tmp_path / "natural-gradients"
+    (checkout / "optimizers").mkdir(parents=True)
+    (checkout / "optimizers" / "__init__.py").write_text("")
+    (checkout / "optimizers" / "kfac.py").write_text(FAKE_AUTHORS)
+    (checkout / "optimizers" / "twolevel_kfac.py").write_text("from optimizers.kfac import *\n")
+    for name in [m for m in sys.modules if m == "optimizers" or m.startswith("optimizers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(external, "asdl_status", lambda: "not under test")
+    monkeypatch.syspath_prepend(str(checkout))
+    out = tmp_path / "out"
+    args = ["bench", "asdl", *QUICK, "--intervals", "2", "--out", str(out)]
+    assert main([*args, "--authors", str(checkout)]) == 0
+    data = json.loads((out / "asdl.json").read_text())
+    assert "authors" not in data["skipped"]
+    (group,) = data["results"]
+    _check_group(group)
+    labels = [r["method"] for r in group["rows"]]
+    assert labels == ["sgd"] + [
+        f"{who}authors:{m}" for m in ("kfac", "nicolaides", "residual") for who in ("ours:", "")
+    ]
+    calls = sys.modules["optimizers.kfac"].CALLS
+    assert calls and calls[0::2] == [(n, True, False) for n, _, _ in calls[0::2]]
+    assert calls[1::2] == [(n, False, True) for n, _, _ in calls[0::2]]
+
+
 def test_uninstalled_kfac_pytorch_checkout_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

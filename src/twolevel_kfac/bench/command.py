@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="output folder")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--external", default=None, help="path of a kfac-pytorch checkout")
+    parser.add_argument(
+        "--authors", default=None, help="path of a checkout of the authors' natural-gradients code"
+    )
     parser.add_argument("--problems", type=_names, default=None, help="comma-separated subset")
     parser.add_argument("--methods", type=_names, default=None, help="comma-separated subset")
     parser.add_argument("--intervals", type=_ints, default=None, help="refresh intervals T")
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         repeats=args.repeats,
         external=args.external,
+        authors=args.authors,
         problems=args.problems,
         methods=args.methods,
         intervals=args.intervals,

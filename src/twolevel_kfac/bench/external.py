@@ -19,6 +19,15 @@
   backward pass), ``factor_update_steps = inv_update_steps = T``; the step is
   ``loss.backward(); preconditioner.step(); sgd.step()``.
 
+* **The authors' code** (Koroko et al., GitHub ``Abdoulaye-Koroko/natural-gradients``):
+  given ``--authors PATH`` of a checkout, its ``optimizers.kfac.KFAC`` and
+  ``optimizers.twolevel_kfac.TwolevelKFAC`` preconditioners driven as its README does (a
+  forward pass of a Fisher mini-batch with targets sampled from the model, its backward,
+  ``step(update_params=False)``, then the loss's backward and ``step(update_params=True)``,
+  then ``torch.optim.SGD``), the sampled pass at every iteration as the README has it (its
+  ``KFAC`` counts iterations only inside that pass, so it cannot be skipped; the factors
+  and inverses are still refreshed every ``T_cov = T_inv = T`` iterations).
+
 Nothing here is imported unless a peer is asked for.
 """
 
@@ -39,7 +48,7 @@ from torch import Tensor, nn
 from twolevel_kfac.bench.methods import MethodSpec, Runner
 from twolevel_kfac.experiments.losses import LossFn
 
-__all__ = ["asdl_status", "build_runner", "kfac_pytorch_status"]
+__all__ = ["asdl_status", "authors_status", "build_runner", "kfac_pytorch_status"]
 
 ASDL_MISSING = (
     "ASDL is not installed: `pip install asdfghjkl torch==2.13.0` "
@@ -84,6 +93,25 @@ def kfac_pytorch_status(path: str | None) -> str | None:
         )
     except Exception as error:
         return f"cannot import kfac.preconditioner from {root}: {error!r}"
+    return None
+
+
+def authors_status(path: str | None) -> str | None:
+    """``None`` when the authors' ``optimizers`` package imports from the checkout at
+    ``path``, else why not."""
+    if not path:
+        return "the authors' code is not on PyPI; pass --authors PATH of a local checkout"
+    root = str(Path(path).expanduser().resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importlib.import_module("optimizers.kfac")
+            importlib.import_module("optimizers.twolevel_kfac")
+    except Exception as error:
+        return f"cannot import optimizers.kfac / optimizers.twolevel_kfac from {root}: {error!r}"
+    warnings.filterwarnings("ignore", "Using a non-full backward hook", FutureWarning)
     return None
 
 
@@ -167,18 +195,76 @@ def _kfac_pytorch_runner(
     return Runner(step, opt, model)
 
 
+def _authors_runner(
+    spec: MethodSpec,
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn,
+    interval: int,
+    likelihood: str,
+) -> Runner:
+    kw = spec.kwargs
+    reason = authors_status(kw.get("path"))
+    if reason is not None:
+        raise RuntimeError(reason)
+    from optimizers.kfac import KFAC as AuthorsKFAC
+    from optimizers.twolevel_kfac import TwolevelKFAC as AuthorsTwolevelKFAC
+
+    from twolevel_kfac.curvature.likelihoods import sample_targets
+
+    x, y = batch
+    fisher_rows = max(1, round(kw["fisher_batch"] * x.shape[0]))
+    common = {
+        "damping": kw["damping"],
+        "T_cov": interval,
+        "T_inv": interval,
+        "alpha": kw.get("ema_decay", 0.95),
+        "constraint_norm": kw["kl_clip"] is not None,
+        "clipping": kw["kl_clip"] or 0.0,
+        "batch_size": fisher_rows,
+    }
+    if kw["variant"] == "kfac":
+        preconditioner = AuthorsKFAC(model, **common)
+    else:
+        preconditioner = AuthorsTwolevelKFAC(
+            model, **common, coarse_space=kw["coarse_space"], krylov=kw.get("krylov", False)
+        )
+    opt = torch.optim.SGD(model.parameters(), lr=kw["lr"], momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        preconditioner.update_stats = True
+        rows = torch.randint(0, x.shape[0], (fisher_rows,), generator=generator)
+        output = model(x[rows])
+        sampled = sample_targets(output, likelihood, generator)
+        loss_fn(output, sampled).backward(retain_graph=True)
+        preconditioner.step(update_params=False)
+        opt.zero_grad(set_to_none=True)
+        preconditioner.update_stats = False
+        loss.backward()
+        preconditioner.step(update_params=True)
+        opt.step()
+
+    return Runner(step, opt, model)
+
+
 def build_runner(
     spec: MethodSpec,
     model: nn.Module,
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn,
     interval: int,
+    likelihood: str = "categorical",
 ) -> Runner:
-    """A peer's runner (``spec.kind`` ``asdl`` or ``kfac_pytorch``).
+    """A peer's runner (``spec.kind`` ``asdl``, ``kfac_pytorch`` or ``authors``).
 
     Raises:
         RuntimeError: The peer is not available (the message says why).
     """
     if spec.kind == "asdl":
         return _asdl_runner(spec, model, batch, loss_fn, interval)
+    if spec.kind == "authors":
+        return _authors_runner(spec, model, batch, loss_fn, interval, likelihood)
     return _kfac_pytorch_runner(spec, model, batch, loss_fn, interval)

@@ -10,7 +10,7 @@ Labels:
 | ``ekfac``, ``kpsvd`` | ``tk.EKFAC``, ``tk.KPSVD`` |
 | ``SPACE+COMBINATION`` | ``tk.TwoLevelKFAC``, ``coarse_refresh="consistent"`` |
 | ``residual+additive:faithful`` | the same with the authors' ``coarse_refresh="faithful"`` |
-| ``asdl:kfac``, ``kfac_pytorch`` | the peers (:mod:`twolevel_kfac.bench.external`) |
+| ``asdl:kfac``, ``kfac_pytorch``, ``authors:*`` | the peers (:mod:`twolevel_kfac.bench.external`) |
 
 with ``MODE`` one of ``per_factor``, ``pi``, ``eigen_sum`` and ``INVERSE`` one of
 ``eigen``, ``cholesky`` (``eigen_sum`` has no Cholesky form). The KFAC family shares
@@ -59,7 +59,7 @@ KFAC_VARIANTS = (
     ("pi", "cholesky"),
     ("eigen_sum", "eigen"),
 )
-KINDS = ("sgd", "adam", "kfac", "ekfac", "kpsvd", "twolevel", "asdl", "kfac_pytorch")
+KINDS = ("sgd", "adam", "kfac", "ekfac", "kpsvd", "twolevel", "asdl", "kfac_pytorch", "authors")
 
 
 @dataclass(frozen=True)
@@ -201,10 +201,10 @@ def build_runner(
     Returns:
         The runner.
     """
-    if spec.kind in ("asdl", "kfac_pytorch"):
+    if spec.kind in ("asdl", "kfac_pytorch", "authors"):
         from twolevel_kfac.bench import external
 
-        return external.build_runner(spec, model, batch, loss_fn, interval)
+        return external.build_runner(spec, model, batch, loss_fn, interval, likelihood)
     x, y = batch
     opt = _optimizer(spec, model, likelihood, interval)
     call = model if forward is None else forward

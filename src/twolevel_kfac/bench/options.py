@@ -19,6 +19,8 @@ class BenchOptions:
         out: Output directory of ``NAME.json`` / ``NAME.md`` / ``NAME*.png``.
         repeats: Interleaved rounds (``None``: the benchmark's default).
         external: Path of a kfac-pytorch checkout, or ``None``.
+        authors: Path of a checkout of the authors' code (Koroko et al.,
+            ``natural-gradients``), or ``None``.
         problems: Problem names to restrict to, or ``None``.
         methods: Method labels to restrict to, or ``None`` (SGD, the baseline, always runs).
         intervals: Refresh intervals T to restrict to, or ``None``.
@@ -29,6 +31,7 @@ class BenchOptions:
     out: Path = Path("docs/benchmarks")
     repeats: int | None = None
     external: str | None = None
+    authors: str | None = None
     problems: tuple[str, ...] | None = None
     methods: tuple[str, ...] | None = None
     intervals: tuple[int, ...] | None = None

@@ -46,6 +46,50 @@ SHARED = {"lr": 1e-3, "damping": 0.1, "ema_decay": 0.95}
 KL_CLIP = 1e-2
 
 
+AUTHORS_PAIRS = (  # the authors' preconditioner (their combination is additive) and ours
+    # their KFAC inverts A + √λI and G + √λI explicitly: our π-damping's form (π = 1 there)
+    (
+        "authors:kfac",
+        {"variant": "kfac"},
+        "kfac",
+        {"damping_mode": "pi", "inverse_method": "cholesky"},
+    ),
+    (
+        "authors:nicolaides",
+        {"variant": "twolevel", "coarse_space": "nicolaides"},
+        "twolevel",
+        {"coarse_space": "nicolaides", "combination": "additive"},
+    ),
+    (
+        "authors:residual",
+        {"variant": "twolevel", "coarse_space": "residual"},
+        "twolevel",
+        {"coarse_space": "residual", "combination": "additive", "coarse_refresh": "faithful"},
+    ),
+)
+
+
+def authors_specs(checkout: str | None) -> tuple[list[MethodSpec], dict[str, str]]:
+    """The authors' KFAC, NICO and RESIDU preconditioners, each after ours configured to
+    do its work: the MC Fisher on a quarter of the batch, KL clip without lr², factors and
+    inverses every T steps; their KFAC's explicit inverses of the √λ-damped factors (ours:
+    π-damped Cholesky inverses), their two-level eigendecompositions of ``A + λI`` and
+    ``G + λI`` (ours: ``per_factor``, ``eigen``) and per-step residual basis
+    (``coarse_refresh="faithful"``)."""
+    reason = external.authors_status(checkout)
+    if reason is not None:
+        return [], {"authors": reason}
+    shared = {**SHARED, "fisher_batch": 0.25, "kl_clip": KL_CLIP}
+    specs = []
+    for label, theirs, kind, ours in AUTHORS_PAIRS:
+        mine = {**shared, "fisher": "mc", "inverse_method": "eigen", **ours}
+        specs += [
+            MethodSpec(f"ours:{label}", kind, tuple(mine.items())),
+            MethodSpec(label, "authors", tuple({**shared, **theirs, "path": checkout}.items())),
+        ]
+    return specs, {}
+
+
 def peer_specs(checkout: str | None) -> tuple[list[MethodSpec], dict[str, str]]:
     """The available peers with their matched configurations of ours, and the reasons
     for the peers left out."""
@@ -94,6 +138,8 @@ def measure(options: BenchOptions) -> dict[str, Any]:
     """Run the side-by-side (module docstring) and return the JSON document."""
     env = environment(options.threads)
     specs, skipped = peer_specs(options.external)
+    more, also_skipped = authors_specs(options.authors)
+    specs, skipped = [*specs, *more], {**skipped, **also_skipped}
     for label, reason in skipped.items():
         options.log(f"[{NAME}] skipping {label}: {reason}")
     problems = select_problems(options.problems, QUICK_PROBLEMS if options.quick else PROBLEMS)
