@@ -164,21 +164,36 @@ class KFACPreconditioner:
 '''
 
 
-def test_external_checkout_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--external PATH`` imports ``kfac.preconditioner`` from PATH (a stand-in here)."""
-    checkout = tmp_path / "kfac-pytorch"
-    (checkout / "kfac").mkdir(parents=True)
-    (checkout / "kfac" / "__init__.py").write_text("")
-    (checkout / "kfac" / "preconditioner.py").write_text(FAKE_KFAC)
+def _checkout(root: Path, files: dict[str, str]) -> Path:
+    """A stand-in checkout at ``root`` with these files (relative path → text)."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def _peer_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, checkout: Path, peer: str
+) -> dict[str, Any]:
+    """``tlkfac bench asdl --quick FLAG CHECKOUT`` without ASDL: the one result group."""
     monkeypatch.setattr(external, "asdl_status", lambda: "not under test")
     monkeypatch.syspath_prepend(str(checkout))
     out = tmp_path / "out"
     args = ["bench", "asdl", *QUICK, "--intervals", "2", "--out", str(out)]
-    assert main([*args, "--external", str(checkout)]) == 0
+    assert main([*args, flag, str(checkout)]) == 0
     data = json.loads((out / "asdl.json").read_text())
-    assert "kfac_pytorch" not in data["skipped"]
+    assert peer not in data["skipped"]
     (group,) = data["results"]
     _check_group(group)
+    return group
+
+
+def test_external_checkout_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--external PATH`` imports ``kfac.preconditioner`` from PATH (a stand-in here)."""
+    checkout = _checkout(
+        tmp_path / "kfac-pytorch", {"kfac/__init__.py": "", "kfac/preconditioner.py": FAKE_KFAC}
+    )
+    group = _peer_group(tmp_path, monkeypatch, "--external", checkout, "kfac_pytorch")
     assert [r["method"] for r in group["rows"]] == ["sgd", "ours:kfac_pytorch", "kfac_pytorch"]
 
 
@@ -211,22 +226,17 @@ def test_authors_checkout_is_driven_as_its_readme_says(
     """``--authors PATH`` times the authors' KFAC, NICO and RESIDU beside ours, each
     iteration as the authors' README has it: the sampled Fisher pass with
     ``update_stats`` on and ``step(update_params=False)``, then the preconditioning step."""
-    checkout = tmp_path / "natural-gradients"
-    (checkout / "optimizers").mkdir(parents=True)
-    (checkout / "optimizers" / "__init__.py").write_text("")
-    (checkout / "optimizers" / "kfac.py").write_text(FAKE_AUTHORS)
-    (checkout / "optimizers" / "twolevel_kfac.py").write_text("from optimizers.kfac import *\n")
+    checkout = _checkout(
+        tmp_path / "natural-gradients",
+        {
+            "optimizers/__init__.py": "",
+            "optimizers/kfac.py": FAKE_AUTHORS,
+            "optimizers/twolevel_kfac.py": "from optimizers.kfac import *\n",
+        },
+    )
     for name in [m for m in sys.modules if m == "optimizers" or m.startswith("optimizers.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(external, "asdl_status", lambda: "not under test")
-    monkeypatch.syspath_prepend(str(checkout))
-    out = tmp_path / "out"
-    args = ["bench", "asdl", *QUICK, "--intervals", "2", "--out", str(out)]
-    assert main([*args, "--authors", str(checkout)]) == 0
-    data = json.loads((out / "asdl.json").read_text())
-    assert "authors" not in data["skipped"]
-    (group,) = data["results"]
-    _check_group(group)
+    group = _peer_group(tmp_path, monkeypatch, "--authors", checkout, "authors")
     labels = [r["method"] for r in group["rows"]]
     assert labels == ["sgd"] + [
         f"{who}authors:{m}" for m in ("kfac", "nicolaides", "residual") for who in ("ours:", "")
@@ -241,11 +251,8 @@ def test_uninstalled_kfac_pytorch_checkout_says_how_to_install(
 ) -> None:
     """kfac-pytorch's ``__init__`` reads its version from package metadata, so a bare
     checkout fails to import; the reason says to install it."""
-    checkout = tmp_path / "kfac-pytorch"
-    (checkout / "kfac").mkdir(parents=True)
-    (checkout / "kfac" / "__init__.py").write_text(
-        "import importlib.metadata\n__version__ = importlib.metadata.version('kfac-pytorch-x')\n"
-    )
+    version = "import importlib.metadata\n__version__ = importlib.metadata.version('kfac-x')\n"
+    checkout = _checkout(tmp_path / "kfac-pytorch", {"kfac/__init__.py": version})
     for name in [m for m in sys.modules if m == "kfac" or m.startswith("kfac.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(checkout))

@@ -77,13 +77,25 @@ def asdl_status() -> str | None:
     return None
 
 
+def _on_path(path: str) -> str:
+    """The checkout's resolved root, put first on ``sys.path`` (once)."""
+    root = str(Path(path).expanduser().resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return root
+
+
+def _require(reason: str | None) -> None:
+    """Raise ``RuntimeError(reason)`` for a peer that is not available."""
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
 def kfac_pytorch_status(path: str | None) -> str | None:
     """``None`` when ``kfac.preconditioner`` imports from the checkout at ``path``."""
     if not path:
         return "kfac-pytorch is not on PyPI; pass --external PATH of a local checkout"
-    root = str(Path(path).expanduser().resolve())
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    root = _on_path(path)
     try:
         importlib.import_module("kfac.preconditioner")
     except importlib.metadata.PackageNotFoundError:
@@ -101,9 +113,7 @@ def authors_status(path: str | None) -> str | None:
     ``path``, else why not."""
     if not path:
         return "the authors' code is not on PyPI; pass --authors PATH of a local checkout"
-    root = str(Path(path).expanduser().resolve())
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    root = _on_path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -132,9 +142,7 @@ def _asdl_runner(
     loss_fn: LossFn,
     interval: int,
 ) -> Runner:
-    reason = asdl_status()
-    if reason is not None:
-        raise RuntimeError(reason)
+    _require(asdl_status())
     from asdl import KfacGradientMaker, PreconditioningConfig
 
     kw = spec.kwargs
@@ -169,9 +177,7 @@ def _kfac_pytorch_runner(
     interval: int,
 ) -> Runner:
     kw = spec.kwargs
-    reason = kfac_pytorch_status(kw.get("path"))
-    if reason is not None:
-        raise RuntimeError(reason)
+    _require(kfac_pytorch_status(kw.get("path")))
     from kfac.preconditioner import KFACPreconditioner
 
     preconditioner = KFACPreconditioner(
@@ -204,9 +210,7 @@ def _authors_runner(
     likelihood: str,
 ) -> Runner:
     kw = spec.kwargs
-    reason = authors_status(kw.get("path"))
-    if reason is not None:
-        raise RuntimeError(reason)
+    _require(authors_status(kw.get("path")))
     from optimizers.kfac import KFAC as AuthorsKFAC
     from optimizers.twolevel_kfac import TwolevelKFAC as AuthorsTwolevelKFAC
 
