@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -257,16 +257,33 @@ def operator(p: Problem, basis: list[Tensor]) -> CoarseOperator:
     return CoarseOperator.from_matrix(basis, exact_coarse_matrix(p.stats, basis, p.damping))
 
 
+def rounding_tolerance(op: CoarseOperator) -> float:
+    """1e-9, widened by the conditioning of the Jacobi-scaled ``F̃`` that the operator
+    factorises (its rounding error grows as ``κ(F̃)·ε``)."""
+    if op.cholesky is not None:
+        kappa = float(torch.linalg.cond(op.cholesky @ op.cholesky.T))
+    elif op.inv_eigvals is not None and bool((op.inv_eigvals > 0).any()):
+        kept = op.inv_eigvals[op.inv_eigvals > 0]
+        kappa = float(kept.max() / kept.min())
+    else:
+        kappa = 1.0
+    return 1e-9 + 8 * torch.finfo(DT).eps * kappa
+
+
 @FAST
 @given(p=problems, scales=st.lists(st.sampled_from([1e-6, 1e-3, 1.0, 7.0, 1e6]), min_size=6))
+# κ(F̃) = 5.8e7 here: a 7e-9 rounding error (found by hypothesis on a fresh clone)
+@example(p=make_problem(seed=536, n=7, t=1, num_layers=2), scales=[1.0, 1.0] + [1e-6] * 4)
 def test_coarse_correction_invariant_to_basis_scaling(p: Problem, scales: list[float]) -> None:
     basis = p.random_basis()
     it = iter(scales)
     scaled = [b * torch.tensor([next(it) for _ in b], dtype=DT)[:, None, None] for b in basis]
     v = p.randn_vector()
-    ref = flat(operator(p, basis).apply(v))
-    assert rel_err(flat(operator(p, scaled).apply(v)), ref) < 1e-9
-    assert rel_err(ref, dense_q(p, basis) @ flat(v)) < 1e-9
+    op = operator(p, basis)
+    ref = flat(op.apply(v))
+    tol = rounding_tolerance(op)
+    assert rel_err(flat(operator(p, scaled).apply(v)), ref) < tol
+    assert rel_err(ref, dense_q(p, basis) @ flat(v)) < tol
 
 
 def test_degenerate_basis_uses_pseudo_inverse() -> None:
