@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_runner import TINY_PROBLEM
 from twolevel_kfac.curvature.likelihoods import sample_targets
 from twolevel_kfac.experiments.config import ExperimentConfig, parse_config
 from twolevel_kfac.experiments.metrics import read_metrics
@@ -29,15 +30,7 @@ def _config(method: str, device: str) -> ExperimentConfig:
         else {"lr": 0.1, "damping": 0.1, "fisher_batch": 0.5, "cov_interval": 2}
     )
     data = {
-        "problem": {
-            "model": {"name": "deep_linear", "kwargs": {"depth": 3, "width": 4, "in_features": 8}},
-            "dataset": {"name": "in-memory"},
-            "loss": "cross_entropy",
-            "batch_size": 16,
-            "epochs": 2,
-            "checkpoint_every": 3,
-            "device": device,
-        },
+        "problem": {**TINY_PROBLEM, "epochs": 2, "checkpoint_every": 3, "device": device},
         "methods": {method: entry},
     }
     return parse_config(data).for_run(method, 0)

@@ -38,6 +38,15 @@ def _data(n: int = 80) -> Data:
     )
 
 
+TINY_PROBLEM: dict[str, Any] = {
+    "model": {"name": "deep_linear", "kwargs": {"depth": 3, "width": 4, "in_features": 8}},
+    "dataset": {"name": "in-memory"},
+    "loss": "cross_entropy",
+    "batch_size": 16,
+}
+"""The runner tests' problem (8 inputs, 3 classes; ``Data`` supplies the examples)."""
+
+
 def _config(
     method: str = "kfac", epochs: int = 3, seed: int = 0, **problem: Any
 ) -> ExperimentConfig:
@@ -55,15 +64,7 @@ def _config(
         "adam": {"lr": 1e-2},
     }
     data = {
-        "problem": {
-            "model": {"name": "deep_linear", "kwargs": {"depth": 3, "width": 4, "in_features": 8}},
-            "dataset": {"name": "in-memory"},
-            "loss": "cross_entropy",
-            "batch_size": 16,
-            "epochs": epochs,
-            "seeds": [seed],
-            **problem,
-        },
+        "problem": {**TINY_PROBLEM, "epochs": epochs, "seeds": [seed], **problem},
         "defaults": {"weight_decay": 1e-3},
         "methods": {method: entries[method]},
     }
