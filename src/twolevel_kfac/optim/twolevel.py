@@ -55,7 +55,6 @@ from ..twolevel.coarse_matrix import (
     coarse_projections,
     ema_coarse_matrix,
     exact_coarse_matrix,
-    restrict_parts,
     tselepidis_coarse_matrix,
     tselepidis_from_sums,
     tselepidis_sums,
@@ -68,6 +67,7 @@ from ..twolevel.fisher_products import (
     sample_coefficients,
     sample_coefficients_parts,
 )
+from ..twolevel.parts import restrict_parts
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
 from .kfac import CURVATURE_ARGUMENTS, KFAC
 from .options import CurvatureOptions, check_choice, check_real

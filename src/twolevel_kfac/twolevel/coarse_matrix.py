@@ -21,6 +21,12 @@ from torch import Tensor
 from twolevel_kfac.curvature.blocks import LayerStats, per_sample_dots
 from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.fisher_products import check_stats
+from twolevel_kfac.twolevel.parts import (
+    SplitBasis,
+    prolong_add_into_parts,
+    restrict_parts,
+    split_basis,
+)
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 
@@ -66,43 +72,6 @@ def prolong_add_into(basis: Basis, y: Tensor, target: LayerVector, alpha: float)
             t.view(-1).addmv_(b.flatten(1).T, coefficients, alpha=alpha)
         else:
             t.add_(torch.einsum("k,koi->oi", coefficients, b), alpha=alpha)
-    return target
-
-
-def split_basis(basis: Basis, has_bias: Sequence[bool]) -> list[tuple[Tensor, Tensor | None]]:
-    """Each layer's basis as contiguous ``[k_i, d_out·d_in]`` weight and ``[k_i, d_out]``
-    bias parts (the bias is ``W̄``'s last column where ``has_bias``)."""
-    out: list[tuple[Tensor, Tensor | None]] = []
-    for b, bias in zip(basis, has_bias, strict=True):
-        if bias:
-            out.append((b[:, :, :-1].reshape(b.shape[0], -1), b[:, :, -1].contiguous()))
-        else:
-            out.append((b.flatten(1), None))
-    return out
-
-
-def restrict_parts(split: list[tuple[Tensor, Tensor | None]], v: Parts) -> Tensor:
-    """:func:`restrict` of a vector given as :data:`Parts` (``split`` from
-    :func:`split_basis`): ``⟨r_k, v⟩ = ⟨r_k^W, V⟩ + ⟨r_k^b, b⟩``."""
-    coefficients = []
-    for (bw, bb), (vw, vb) in zip(split, v, strict=True):
-        y = bw @ vw.reshape(-1)
-        if bb is not None and vb is not None:
-            y = y.addmv_(bb, vb)
-        coefficients.append(y)
-    return torch.cat(coefficients)
-
-
-def prolong_add_into_parts(
-    split: list[tuple[Tensor, Tensor | None]], y: Tensor, target: Parts, alpha: float
-) -> Parts:
-    """:func:`prolong_add_into` for a contiguous target given as :data:`Parts`."""
-    sizes = [int(bw.shape[0]) for bw, _ in split]
-    for (bw, bb), yi, (tw, tb) in zip(split, torch.split(y, sizes), target, strict=True):
-        coefficients = yi.to(tw.dtype)
-        tw.view(-1).addmv_(bw.T, coefficients, alpha=alpha)
-        if bb is not None and tb is not None:
-            tb.addmv_(bb.T, coefficients, alpha=alpha)
     return target
 
 
@@ -297,7 +266,7 @@ class CoarseOperator:
     eigvecs: Tensor | None
     inv_eigvals: Tensor | None
     rank: int
-    _split: dict[tuple[bool, ...], list[tuple[Tensor, Tensor | None]]] = field(
+    _split: dict[tuple[bool, ...], SplitBasis] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -371,7 +340,7 @@ class CoarseOperator:
         """``target ← target + α Q v`` in place (:func:`prolong_add_into`), returning it."""
         return prolong_add_into(self.basis, self.solve(restrict(self.basis, v)), target, alpha)
 
-    def parts_basis(self, has_bias: tuple[bool, ...]) -> list[tuple[Tensor, Tensor | None]]:
+    def parts_basis(self, has_bias: tuple[bool, ...]) -> SplitBasis:
         """The basis split into weight and bias parts (:func:`split_basis`), once per
         operator and layer layout."""
         split = self._split.get(has_bias)
