@@ -342,7 +342,7 @@ def test_mc_fisher_refuses_a_compiled_model() -> None:
 def test_sum_abs_layer_dots_matches_the_definition() -> None:
     """The KL clip's ``Σ_i |Σ_parts ⟨d, g⟩|``: weight and bias parts of a layer are summed
     before the absolute value, in one sync or (mixed dtypes) one per part."""
-    from twolevel_kfac.optim.preconditioner import sum_abs_layer_dots
+    from twolevel_kfac.optim.directions import sum_abs_layer_dots
 
     gen = torch.Generator().manual_seed(0)
 

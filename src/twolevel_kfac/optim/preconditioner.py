@@ -53,6 +53,7 @@ from ..distributed import (
 )
 from ..finite import all_finite
 from ..placement import CPU, move_tensors
+from .directions import assign_grad, set_grad, sum_abs_layer_dots
 from .options import CurvatureOptions
 
 T = TypeVar("T")
@@ -379,9 +380,9 @@ class KFACPreconditioner:
             if param is None or value is None:
                 continue
             if assign:
-                _assign_grad(param, value.mul_(scale) if scale != 1.0 else value)
+                assign_grad(param, value.mul_(scale) if scale != 1.0 else value)
             else:
-                _set_grad(param, value, scale)
+                set_grad(param, value, scale)
 
     # ------------------------------------------------------------ bookkeeping
     def preconditioned_parameters(self) -> set[int]:
@@ -455,45 +456,3 @@ class KFACPreconditioner:
         lines += [f"  {k}={v!r}," for k, v in vars(self.options).items()]
         lines.append(f"  preconditioned=[{', '.join(self.layers)}]")
         return "\n".join(lines) + "\n)"
-
-
-def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
-    """``Σ_i |Σ_parts ⟨d, g⟩|`` over the layers' (direction, gradient) part pairs, in
-    float64, with one host sync rather than one per part (a dot product reads both once;
-    ``(d * g).sum()`` would also write a full-size product)."""
-    dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for pairs in layers for d, g in pairs]
-    if not dots:
-        return 0.0
-    if len({(t.dtype, t.device) for t in dots}) > 1:  # mixed layers: one sync per part
-        parts = iter([float(t) for t in dots])
-        return sum(abs(sum(next(parts) for _ in pairs)) for pairs in layers)
-    values = torch.stack(dots).double()
-    if len(dots) > len(layers):  # weight and bias parts of one layer are summed first
-        owner = [i for i, pairs in enumerate(layers) for _ in pairs]
-        index = torch.tensor(owner, device=values.device)
-        values = values.new_zeros(len(layers)).index_add_(0, index, values)
-    return float(values.abs().sum())
-
-
-def _set_grad(param: Tensor, value: Tensor, scale: float) -> None:
-    """``param.grad ← scale · value`` as a copy (``value`` may be a view of something else)."""
-    grad = param.grad
-    if grad is None:
-        param.grad = (value * scale).to(param.dtype).reshape(param.shape)
-    elif scale == 1.0:
-        grad.copy_(value.reshape(grad.shape))
-    else:
-        torch.mul(value.reshape(grad.shape), scale, out=grad)
-
-
-def _assign_grad(param: Tensor, value: Tensor) -> None:
-    """``param.grad ← value`` without a copy (``value``: a fresh tensor of ``param``'s
-    dtype), except into a gradient that is a view: DDP's ``gradient_as_bucket_view`` keeps
-    its buckets' storage there."""
-    grad = param.grad
-    if value.shape != param.shape:  # a Conv2d weight from its (d_out, d_in) matrix
-        value = value.view(param.shape)
-    if grad is not None and grad._base is not None:
-        grad.copy_(value)
-    else:
-        param.grad = value

@@ -1,0 +1,56 @@
+"""Writing preconditioned directions into ``.grad``, and the KL clip's sum over them.
+
+A direction is a layer's weight and bias parts (fresh tensors of plain KFAC's own
+path, handed to ``.grad`` without a copy) or views of a ``W̄`` matrix (copied into
+``.grad``); the KL clip scales them all by ``min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (with
+``lr²`` inside the sum in Ba et al. 2017's form, ``kl_clip_form``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["assign_grad", "set_grad", "sum_abs_layer_dots"]
+
+
+def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
+    """``Σ_i |Σ_parts ⟨d, g⟩|`` over the layers' (direction, gradient) part pairs, in
+    float64, with one host sync rather than one per part (a dot product reads both once;
+    ``(d * g).sum()`` would also write a full-size product)."""
+    dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for pairs in layers for d, g in pairs]
+    if not dots:
+        return 0.0
+    if len({(t.dtype, t.device) for t in dots}) > 1:  # mixed layers: one sync per part
+        parts = iter([float(t) for t in dots])
+        return sum(abs(sum(next(parts) for _ in pairs)) for pairs in layers)
+    values = torch.stack(dots).double()
+    if len(dots) > len(layers):  # weight and bias parts of one layer are summed first
+        owner = [i for i, pairs in enumerate(layers) for _ in pairs]
+        index = torch.tensor(owner, device=values.device)
+        values = values.new_zeros(len(layers)).index_add_(0, index, values)
+    return float(values.abs().sum())
+
+
+def set_grad(param: Tensor, value: Tensor, scale: float) -> None:
+    """``param.grad ← scale · value`` as a copy (``value`` may be a view of something else)."""
+    grad = param.grad
+    if grad is None:
+        param.grad = (value * scale).to(param.dtype).reshape(param.shape)
+    elif scale == 1.0:
+        grad.copy_(value.reshape(grad.shape))
+    else:
+        torch.mul(value.reshape(grad.shape), scale, out=grad)
+
+
+def assign_grad(param: Tensor, value: Tensor) -> None:
+    """``param.grad ← value`` without a copy (``value``: a fresh tensor of ``param``'s
+    dtype), except into a gradient that is a view: DDP's ``gradient_as_bucket_view`` keeps
+    its buckets' storage there."""
+    grad = param.grad
+    if value.shape != param.shape:  # a Conv2d weight from its (d_out, d_in) matrix
+        value = value.view(param.shape)
+    if grad is not None and grad._base is not None:
+        grad.copy_(value)
+    else:
+        param.grad = value
