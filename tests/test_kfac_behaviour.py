@@ -361,3 +361,49 @@ def test_sum_abs_layer_dots_matches_the_definition() -> None:
     extra = abs(float((mixed[-1][0][0] * mixed[-1][0][1]).sum()))
     assert sum_abs_layer_dots(mixed) == pytest.approx(expected + extra, rel=1e-6)
     assert sum_abs_layer_dots([]) == 0.0
+
+
+def _bucket_gradients(model: nn.Module) -> torch.Tensor:
+    """Make every ``.grad`` a view of one flat bucket (DDP's ``gradient_as_bucket_view``)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    bucket = torch.cat([p.grad.reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.grad = bucket[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return bucket
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "bucket", "float64_factors"])
+def test_directions_written_over_the_gradients_without_kl_clip(layout: str) -> None:
+    """Without a KL clip plain KFAC writes each direction over the gradient autograd left
+    instead of into a fresh tensor: the same step as with a KL clip that never binds
+    (fresh directions handed to ``.grad``), in every gradient layout; a contiguous or
+    bucket-view ``.grad`` keeps its storage (the bucket holds the directions)."""
+    from oracles import tiny_convnet
+
+    x = torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (6,), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(4)
+    models = [tiny_convnet(bias=True), None]
+    if layout == "channels_last":
+        models[0] = models[0].to(memory_format=torch.channels_last)
+    models[1] = copy.deepcopy(models[0])
+    extra = {"factor_dtype": torch.float64} if layout == "float64_factors" else {}
+    directions, kept = [], []
+    for model, clip in zip(models, (None, 1e30), strict=True):
+        settings = {**CONTRACT, "kl_clip": clip, **extra}
+        opt = tk.KFAC(model, **settings)
+        for _ in range(2):  # the second step runs on kept decompositions
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            bucket = _bucket_gradients(model) if layout == "bucket" else None
+            pointers = [p.grad.data_ptr() for p in model.parameters()]
+            opt.step()
+        kept.append([p.grad.data_ptr() for p in model.parameters()] == pointers)
+        directions.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        if bucket is not None:
+            torch.testing.assert_close(bucket, directions[-1], rtol=0, atol=0)
+    torch.testing.assert_close(directions[0], directions[1], rtol=1e-6, atol=1e-9)
+    assert kept[0] == (layout != "channels_last")  # a reshaped channels-last grad is a copy
+    assert kept[1] == (layout == "bucket")  # fresh directions, copied only into a bucket

@@ -207,3 +207,29 @@ def test_split_and_rank_one_applies_equal_the_joined_one(
         joined[:, :-1].float(), joined[:, -1].float(), 0.1, mode, method
     )
     assert w32.dtype == torch.float32 and b32 is not None and b32.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("mode", "method"), [("pi", "cholesky"), ("per_factor", "eigen"), ("eigen_sum", "eigen")]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_split_apply_written_over_its_own_input(mode: str, method: str, with_bias: bool) -> None:
+    """``apply_inverse_split(..., out=(weight, bias))`` writes the direction over the
+    gradient it reads (plain KFAC without a KL clip does this with ``.grad``): the same
+    values as the fresh result, in the very tensors passed, also through the float32 cast
+    against float64 factors."""
+    factors = _random_factors(5, 7 if with_bias else 6, 2)
+    factors.decompose(method)
+    joined = torch.randn(5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        weight = joined[:, :6].to(dtype).clone()
+        bias = joined[:, 6].to(dtype).clone() if with_bias else None
+        fresh = factors.apply_inverse_split(weight, bias, 0.1, mode, method)
+        out_w, out_b = factors.apply_inverse_split(
+            weight, bias, 0.1, mode, method, out=(weight, bias)
+        )
+        assert out_w is weight and out_b is bias
+        torch.testing.assert_close(weight, fresh[0], rtol=rtol, atol=0)
+        if bias is not None:
+            assert fresh[1] is not None
+            torch.testing.assert_close(bias, fresh[1], rtol=rtol, atol=0)

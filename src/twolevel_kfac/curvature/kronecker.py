@@ -24,6 +24,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .kronecker_apply import LayerParts, apply_in_eigenbasis_split, multiply_joined, multiply_split
+
 DAMPING_MODES = ("per_factor", "pi", "eigen_sum")
 INVERSE_METHODS = ("eigen", "cholesky")
 _T = TypeVar("_T")
@@ -169,55 +171,6 @@ def eigen_inverse(values: Tensor, vectors: Tensor, shift: float) -> Tensor:
     return (vectors / (values + shift)) @ vectors.T
 
 
-def multiply_joined(left: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``L [V, b]``: ``left`` times the joined matrix ``W̄ = [V, b]`` without forming it.
-
-    One GEMM and one GEMV write straight into the two column blocks of the result, so the
-    layer's ``weight`` and ``bias`` gradients are read where autograd left them (forming
-    ``[V, b]`` first costs a full write and read of the gradient).
-    """
-    if bias is None:
-        return left @ weight
-    columns = weight.shape[1]
-    out = left.new_empty(left.shape[0], columns + 1)
-    torch.mm(left, weight, out=out[:, :columns])
-    torch.mv(left, bias, out=out[:, columns])
-    return out
-
-
-def multiply_split(matrix: Tensor, right: Tensor, with_bias: bool) -> tuple[Tensor, Tensor | None]:
-    """``X R`` as its weight and bias parts ``(X R[:, :-1], X R[:, -1])`` (the whole
-    product and ``None`` without a bias), each a fresh contiguous tensor: the inverse of
-    :func:`multiply_joined`, so a preconditioned ``W̄`` never needs splitting and copying."""
-    if not with_bias:
-        return matrix @ right, None
-    return matrix @ right[:, :-1], matrix @ right[:, -1]
-
-
-def apply_in_eigenbasis_split(
-    vectors_g: Tensor,
-    inverse_grid: Tensor,
-    vectors_a: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`apply_in_eigenbasis` on ``W̄ = [weight, bias]`` given as its parts, returning
-    the parts of the result (:func:`multiply_joined`, :func:`multiply_split`)."""
-    rotated = multiply_joined(vectors_g.T, weight, bias) @ vectors_a
-    return multiply_split(vectors_g @ rotated.mul_(inverse_grid), vectors_a.T, bias is not None)
-
-
-def apply_in_eigenbasis(
-    vectors_g: Tensor, inverse_grid: Tensor, vectors_a: Tensor, matrix: Tensor
-) -> Tensor:
-    """``Q_G [(Q_Gᵀ V Q_A) ⊙ D⁻¹] Q_Aᵀ``: a diagonal scaling in the Kronecker eigenbasis
-    (George et al. 2018, eq. 7), computed in the basis' dtype, returned in ``V``'s."""
-    v = matrix.to(inverse_grid.dtype)
-    return apply_in_eigenbasis_split(vectors_g, inverse_grid, vectors_a, v, None)[0].to(
-        matrix.dtype
-    )
-
-
 def eigen_denominator(
     values_g: Tensor, values_a: Tensor, damping: float, mode: str, pi: float
 ) -> Tensor:
@@ -353,21 +306,32 @@ class KroneckerFactors:
         return out.to(left.dtype)
 
     def apply_inverse_split(
-        self, weight: Tensor, bias: Tensor | None, damping: float, mode: str, method: str
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        damping: float,
+        mode: str,
+        method: str,
+        out: LayerParts | None = None,
+    ) -> LayerParts:
         """:meth:`apply_inverse` on ``W̄ = [weight, bias]`` given as its parts (``weight``
         ``(d_out, d_in)``, ``bias`` ``(d_out,)`` or ``None``), returning the parts of the
         result, computed in the factors' dtype and returned in ``weight``'s: the damped
-        inverse without concatenating the gradient or splitting the direction."""
+        inverse without concatenating the gradient or splitting the direction.
+
+        ``out``: tensors of the parts' shapes to write the result into, which may be
+        ``(weight, bias)`` themselves (the gradient is read before the direction is
+        written over it)."""
         cache = self._prepare(damping, mode, method)
         dtype = cache[0].dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         if len(cache) == 3:
-            out_w, out_b = apply_in_eigenbasis_split(*cache, w, b)
+            out_w, out_b = apply_in_eigenbasis_split(*cache, w, b, out)
         else:
             inv_g, inv_a = cache
-            out_w, out_b = multiply_split(multiply_joined(inv_g, w, b), inv_a, b is not None)
+            joined = multiply_joined(inv_g, w, b)
+            out_w, out_b = multiply_split(joined, inv_a, b is not None, out)
         return out_w.to(weight.dtype), None if out_b is None else out_b.to(weight.dtype)
 
     def state_dict(self) -> dict[str, object]:

@@ -45,12 +45,20 @@ def set_grad(param: Tensor, value: Tensor, scale: float) -> None:
 
 def assign_grad(param: Tensor, value: Tensor) -> None:
     """``param.grad ← value`` without a copy (``value``: a fresh tensor of ``param``'s
-    dtype), except into a gradient that is a view: DDP's ``gradient_as_bucket_view`` keeps
-    its buckets' storage there."""
+    dtype, or ``param.grad``'s own storage, written in place), except into a gradient
+    that is a view: DDP's ``gradient_as_bucket_view`` keeps its buckets' storage there.
+    (Copying a fresh direction into the old ``.grad`` instead was measured no faster.)"""
     grad = param.grad
     if value.shape != param.shape:  # a Conv2d weight from its (d_out, d_in) matrix
         value = value.view(param.shape)
+    if grad is not None and _same_storage(grad, value):
+        return
     if grad is not None and grad._base is not None:
         grad.copy_(value)
     else:
         param.grad = value
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same entries of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.blocks import LayerStats
-from ..curvature.kronecker import apply_in_eigenbasis, eigen_denominator, ema_weight
+from ..curvature.kronecker import eigen_denominator, ema_weight
+from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
 from ..distributed import all_reduce_sum
 from .kfac import KFAC

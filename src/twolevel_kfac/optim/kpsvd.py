@@ -52,7 +52,8 @@ from ..curvature.kpsvd import (
     nearest_kronecker,
     pencil_eigh,
 )
-from ..curvature.kronecker import apply_in_eigenbasis, ema_weight
+from ..curvature.kronecker import ema_weight
+from ..curvature.kronecker_apply import apply_in_eigenbasis
 from .kfac import KFAC
 from .options import CurvatureOptions, check_interval, check_real
 from .preconditioner import KFACPreconditioner

@@ -1,0 +1,103 @@
+"""The damped Kronecker-factored inverse applied to a layer's gradient matrix.
+
+``(A ⊗ G)⁻¹ vec(V) = vec(G⁻¹ V A⁻¹)`` with ``V = W̄ = [∇W, ∇b]`` (column-major ``vec``),
+either as two factor inverses or as a diagonal scaling in the Kronecker eigenbasis
+(George et al. 2018, eq. 7). ``V`` may be given whole or as its weight and bias parts
+(the gradients where autograd left them): the products then read and write the parts
+directly, never concatenating the gradient nor splitting the direction, and may write
+the direction over the gradient it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LayerParts",
+    "apply_in_eigenbasis",
+    "apply_in_eigenbasis_split",
+    "multiply_joined",
+    "multiply_split",
+]
+
+
+def multiply_joined(left: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``L [V, b]``: ``left`` times the joined matrix ``W̄ = [V, b]`` without forming it.
+
+    One GEMM and one GEMV write straight into the two column blocks of the result, so the
+    layer's ``weight`` and ``bias`` gradients are read where autograd left them (forming
+    ``[V, b]`` first costs a full write and read of the gradient).
+    """
+    if bias is None:
+        return left @ weight
+    columns = weight.shape[1]
+    out = left.new_empty(left.shape[0], columns + 1)
+    torch.mm(left, weight, out=out[:, :columns])
+    torch.mv(left, bias, out=out[:, columns])
+    return out
+
+
+LayerParts = tuple[Tensor, Tensor | None]  # a layer's (weight, bias) parts
+
+
+def multiply_split(
+    matrix: Tensor, right: Tensor, with_bias: bool, out: LayerParts | None = None
+) -> LayerParts:
+    """``X R`` as its weight and bias parts ``(X R[:, :-1], X R[:, -1])`` (the whole
+    product and ``None`` without a bias): the inverse of :func:`multiply_joined`, so a
+    preconditioned ``W̄`` never needs splitting and copying.
+
+    The parts are fresh contiguous tensors, or ``out``'s (``(d_out, d_in)`` and
+    ``(d_out,)``, any dtype) written in place: a product written over the gradient it
+    came from costs less than one written to fresh memory (measured 1.7 ms of the MNIST
+    autoencoder's 35 ms of applies).
+    """
+    columns = right[:, :-1] if with_bias else right
+    if out is None:
+        return matrix @ columns, (matrix @ right[:, -1] if with_bias else None)
+    out_weight, out_bias = out
+    _product_into(torch.mm, matrix, columns, out_weight)
+    if with_bias:
+        assert out_bias is not None
+        _product_into(torch.mv, matrix, right[:, -1], out_bias)
+    return out_weight, out_bias
+
+
+def _product_into(product: Callable[..., Tensor], left: Tensor, right: Tensor, out: Tensor) -> None:
+    """``out ← left·right`` (``torch.mm`` or ``torch.mv``), through a cast when ``out``
+    has another dtype than the operands."""
+    if out.dtype == left.dtype:
+        product(left, right, out=out)
+    else:
+        out.copy_(product(left, right))
+
+
+def apply_in_eigenbasis_split(
+    vectors_g: Tensor,
+    inverse_grid: Tensor,
+    vectors_a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: LayerParts | None = None,
+) -> LayerParts:
+    """:func:`apply_in_eigenbasis` on ``W̄ = [weight, bias]`` given as its parts, returning
+    the parts of the result (:func:`multiply_joined`, :func:`multiply_split`; ``out`` may
+    be the input parts: they are read before the result is written)."""
+    rotated = multiply_joined(vectors_g.T, weight, bias) @ vectors_a
+    return multiply_split(
+        vectors_g @ rotated.mul_(inverse_grid), vectors_a.T, bias is not None, out
+    )
+
+
+def apply_in_eigenbasis(
+    vectors_g: Tensor, inverse_grid: Tensor, vectors_a: Tensor, matrix: Tensor
+) -> Tensor:
+    """``Q_G [(Q_Gᵀ V Q_A) ⊙ D⁻¹] Q_Aᵀ``: a diagonal scaling in the Kronecker eigenbasis
+    (George et al. 2018, eq. 7), computed in the basis' dtype, returned in ``V``'s."""
+    v = matrix.to(inverse_grid.dtype)
+    return apply_in_eigenbasis_split(vectors_g, inverse_grid, vectors_a, v, None)[0].to(
+        matrix.dtype
+    )
