@@ -17,6 +17,7 @@ Conventions (``../shared/design.md`` §2, Martens & Grosse 2015 eq. (1); Grosse 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,31 @@ def unsupported_reason(module: nn.Module) -> str | None:
 def is_supported(module: nn.Module) -> bool:
     """True for the layer types KFAC preconditions (``Linear``, ``Conv2d`` with groups=1)."""
     return isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None
+
+
+def find_layers(model: nn.Module, unsupported: str) -> dict[str, nn.Module]:
+    """The trainable ``Linear`` / ``Conv2d`` (groups=1) layers of ``model``, by name.
+
+    Layers KFAC would precondition wrongly (grouped or transposed convolutions, …) are
+    reported as ``unsupported`` says and left to the plain momentum-SGD step.
+    """
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            message = (
+                f"module {name or '<root>'!r}: {reason}; its parameters get the "
+                "un-preconditioned momentum-SGD step"
+            )
+            if unsupported == "error":
+                raise ValueError(message + " (unsupported='error')")
+            if unsupported == "warn":
+                warnings.warn(message, stacklevel=4)
+        elif is_supported(module) and layer_weight(module).requires_grad:
+            layers[name] = module
+    return layers
 
 
 def has_bias(module: nn.Module) -> bool:

@@ -8,10 +8,12 @@ path, handed to ``.grad`` without a copy) or views of a ``W̄`` matrix (copied i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["assign_grad", "set_grad", "sum_abs_layer_dots"]
+__all__ = ["assign_grad", "kl_clip_scale", "set_grad", "sum_abs_layer_dots", "write_grad"]
 
 
 def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
@@ -30,6 +32,37 @@ def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
         index = torch.tensor(owner, device=values.device)
         values = values.new_zeros(len(layers)).index_add_(0, index, values)
     return float(values.abs().sum())
+
+
+def kl_clip_scale(
+    layers: list[list[tuple[Tensor, Tensor]]], clip: float, lr: float | None = None
+) -> tuple[float, bool]:
+    """The KL clip ``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (Martens & Grosse 2015 §6.4 in
+    the paper's form; ``lr``: Ba et al. 2017's form, ``lr²`` inside the sum) from each
+    layer's (direction, gradient) part pairs, and whether the sum is finite.
+
+    A NaN/Inf entry of any direction makes the sum NaN/Inf (``Inf·0`` is NaN), so a
+    finite sum proves every direction finite; a non-finite or non-positive sum gives
+    ``ν = 1``.
+    """
+    total = sum_abs_layer_dots(layers)
+    if lr is not None:
+        total *= lr * lr
+    finite = math.isfinite(total)
+    scale = 1.0 if total <= 0 or not finite else min(1.0, math.sqrt(clip / total))
+    return scale, finite
+
+
+def write_grad(param: Tensor | None, value: Tensor | None, scale: float, assign: bool) -> None:
+    """``param.grad ← scale · value`` (nothing when either is ``None``): ``assign``: a fresh
+    direction (or ``.grad``'s own storage), scaled in place and handed over
+    (:func:`assign_grad`); else copied (:func:`set_grad`: ``value`` may be a view)."""
+    if param is None or value is None:
+        return
+    if assign:
+        assign_grad(param, value.mul_(scale) if scale != 1.0 else value)
+    else:
+        set_grad(param, value, scale)
 
 
 def set_grad(param: Tensor, value: Tensor, scale: float) -> None:

@@ -22,8 +22,6 @@ Under ``torch.distributed`` the factors and decompositions are reduced / shared 
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -32,15 +30,14 @@ from torch import Tensor, nn
 
 from ..curvature.blocks import (
     LayerStats,
+    find_layers,
     gradient_matrix,
     gradient_parts,
-    is_supported,
     kronecker_factors,
     layer_bias,
     layer_shape,
     layer_weight,
     matrix_to_parameter_shapes,
-    unsupported_reason,
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.kronecker import KroneckerFactors
@@ -56,35 +53,10 @@ from ..distributed import (
 )
 from ..finite import all_finite
 from ..placement import CPU, move_tensors
-from .directions import assign_grad, set_grad, sum_abs_layer_dots
+from .directions import kl_clip_scale, write_grad
 from .options import CurvatureOptions
 
 T = TypeVar("T")
-
-
-def find_layers(model: nn.Module, unsupported: str) -> dict[str, nn.Module]:
-    """The trainable ``Linear`` / ``Conv2d`` (groups=1) layers of ``model``, by name.
-
-    Layers KFAC would precondition wrongly (grouped or transposed convolutions, …) are
-    reported as ``unsupported`` says and left to the plain momentum-SGD step.
-    """
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        reason = unsupported_reason(module)
-        if reason is not None:
-            message = (
-                f"module {name or '<root>'!r}: {reason}; its parameters get the "
-                "un-preconditioned momentum-SGD step"
-            )
-            if unsupported == "error":
-                raise ValueError(message + " (unsupported='error')")
-            if unsupported == "warn":
-                warnings.warn(message, stacklevel=4)
-        elif is_supported(module) and layer_weight(module).requires_grad:
-            layers[name] = module
-    return layers
 
 
 class KFACPreconditioner:
@@ -359,41 +331,27 @@ class KFACPreconditioner:
         )
 
     def _kl_scale(self, layers: list[list[tuple[Tensor, Tensor]]], lr: float) -> float:
-        """``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (``lr²`` inside the sum for Ba et al.)
-        from each layer's (direction, gradient) part pairs.
-
-        It also decides :attr:`directions_finite`: a NaN/Inf entry of any direction makes
-        the sum NaN/Inf (``Inf·0`` is NaN), so a finite sum proves the directions finite
-        and saves :class:`~twolevel_kfac.optim.kfac.KFAC` a pass over them (``None``
-        without a KL clip: not known).
-        """
+        """The KL clip's scale of the directions (:func:`kl_clip_scale`; 1 without a clip)
+        from each layer's (direction, gradient) part pairs. It also decides
+        :attr:`directions_finite`, which saves :class:`~twolevel_kfac.optim.kfac.KFAC` a
+        pass over the directions (``None`` without a KL clip: not known)."""
         clip = self.options.kl_clip
         self.directions_finite = None
         if clip is None:
             return 1.0
-        total = sum_abs_layer_dots(layers)
-        if self.options.kl_clip_form == "lr_squared":
-            total *= lr * lr
-        self.directions_finite = math.isfinite(total)
-        scale = 1.0 if total <= 0 or not math.isfinite(total) else min(1.0, math.sqrt(clip / total))
+        scale, self.directions_finite = kl_clip_scale(
+            layers, clip, lr if self.options.kl_clip_form == "lr_squared" else None
+        )
         self.last_stats["kl_scale"] = scale
         return scale
 
     def _write_layer(
         self, name: str, weight: Tensor, bias: Tensor | None, scale: float, assign: bool
     ) -> None:
-        """``.grad ← scale · direction`` for the layer's weight and bias. ``assign``: the
-        direction tensors are fresh and contiguous, so they become ``.grad`` (scaled in
-        place) unless the gradient they replace is a view (a DDP bucket) to be kept."""
+        """``.grad ← scale · direction`` for the layer's weight and bias (:func:`write_grad`)."""
         module = self.layers[name]
-        targets = [(layer_weight(module), weight), (layer_bias(module), bias)]
-        for param, value in targets:
-            if param is None or value is None:
-                continue
-            if assign:
-                assign_grad(param, value.mul_(scale) if scale != 1.0 else value)
-            else:
-                set_grad(param, value, scale)
+        write_grad(layer_weight(module), weight, scale, assign)
+        write_grad(layer_bias(module), bias, scale, assign)
 
     # ------------------------------------------------------------ bookkeeping
     def preconditioned_parameters(self) -> set[int]:
