@@ -28,7 +28,7 @@ is already the average over the ranks when ``step()`` runs. One step on ``W`` ra
    ``(1/N) Σ_n c_n∇ℓ_n`` (residual bases, A-DEF1/2, balanced: the local weighted gradient
    sums, one layer vector). The pure functions of :mod:`twolevel_kfac.twolevel` stay
    single-process; :mod:`twolevel_kfac.optim.twolevel` sums their per-sample terms with
-   :func:`all_reduce_sum` (``global_damped_fvp``, ``global_coarse_matrix``, …).
+   :func:`all_reduce_sum` (:mod:`twolevel_kfac.twolevel.global_fisher`).
 5. The rest (KL clipping, combinations, momentum) has the same inputs on every rank.
 
 Bytes per rank handed to collectives (``e`` = bytes per factor element; ``L`` layers;

@@ -76,7 +76,7 @@ def allowed_arguments(method: str) -> frozenset[str]:
     from twolevel_kfac.optim.damping import DAMPING_ARGUMENTS
     from twolevel_kfac.optim.kfac import CURVATURE_ARGUMENTS
     from twolevel_kfac.optim.kpsvd import KPSVDPreconditioner
-    from twolevel_kfac.optim.twolevel import COARSE_ARGUMENTS
+    from twolevel_kfac.optim.options import COARSE_ARGUMENTS
 
     if method == "sgd":
         return _SGD_ARGS

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ from ..curvature.capture import FISHER_TYPES
 from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS
 from ..curvature.likelihoods import LIKELIHOODS
 from ..distributed import INVERSE_PLACEMENTS
+from ..twolevel.coarse_spaces import COARSE_SPACES
+from ..twolevel.combinations import COMBINATIONS
 
 KL_CLIP_FORMS = ("paper", "lr_squared")
 UNSUPPORTED_POLICIES = ("warn", "error", "ignore")
@@ -144,3 +146,47 @@ class CurvatureOptions:
                 f"{type(self.process_group).__name__}"
             )
         check_choice("distributed_inverses", self.distributed_inverses, INVERSE_PLACEMENTS)
+
+
+COARSE_REFRESH = ("consistent", "faithful")
+SPECTRAL_WHICH = ("smallest", "largest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoarseOptions:
+    """The coarse level of :class:`~twolevel_kfac.optim.twolevel.TwoLevelKFAC`.
+
+    Attributes:
+        coarse_space: ``nicolaides`` | ``spectral`` | ``residual`` | ``krylov_nicolaides`` |
+            ``krylov_residual`` | ``tselepidis`` (:mod:`twolevel_kfac.twolevel.coarse_spaces`).
+        combination: ``additive`` | ``adef1`` | ``adef2`` | ``balanced``.
+        coarse_refresh: ``consistent`` | ``faithful`` (:mod:`twolevel_kfac.optim.twolevel`).
+        coarse_scale: ω_c, the weight of the coarse term (the authors' tuned factor).
+        fine_weight: ω_f, Tselepidis' weight of the fine term (additive only).
+        spectral_which: ``smallest`` (the paper) or ``largest`` eigenpair for ``spectral``.
+        diagnostics: put ``‖res‖`` and ``E(β*) − E(0)`` in ``last_stats`` every step (one
+            extra exact Fisher-vector product when the combination does not need the
+            residual; off by default: even with A-DEF2 they cost two passes over the
+            parameters, ≈ 2 % of a step).
+    """
+
+    coarse_space: str = "nicolaides"
+    combination: str = "additive"
+    coarse_refresh: str = "consistent"
+    coarse_scale: float = 1.0
+    fine_weight: float = 1.0
+    spectral_which: str = "smallest"
+    diagnostics: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("coarse_space", self.coarse_space, COARSE_SPACES)
+        check_choice("combination", self.combination, COMBINATIONS)
+        check_choice("coarse_refresh", self.coarse_refresh, COARSE_REFRESH)
+        check_real("coarse_scale", self.coarse_scale, low=0.0)
+        check_real("fine_weight", self.fine_weight, low=0.0)
+        if self.fine_weight != 1.0 and self.combination != "additive":
+            raise ValueError("fine_weight applies to combination='additive' only")
+        check_choice("spectral_which", self.spectral_which, SPECTRAL_WHICH)
+
+
+COARSE_ARGUMENTS = frozenset(f.name for f in fields(CoarseOptions))

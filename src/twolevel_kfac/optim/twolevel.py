@@ -22,14 +22,12 @@ mini-batch of the last refresh step.
 
 Under ``torch.distributed`` each rank keeps its own rows of the Fisher mini-batch, and the
 coarse matrices and ``F̂`` products sum their per-sample terms over the ranks
-(:func:`global_damped_fvp`, :func:`global_coarse_matrix`, :func:`global_tselepidis_matrix`;
-see :mod:`twolevel_kfac.distributed`), so the coarse level sees the global Fisher mini-batch.
+(:mod:`twolevel_kfac.twolevel.global_fisher`), so the coarse level sees the global Fisher
+mini-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,121 +37,35 @@ from ..curvature.blocks import (
     gradient_parts,
     layer_shape,
     layer_weight,
-    weighted_gradient_sum,
 )
 from ..curvature.kronecker import ema_weight
 from ..distributed import (
-    Communicator,
-    all_reduce_sum,
-    pack_symmetric,
     split_statistics,
-    unpack_symmetric,
 )
 from ..twolevel.coarse_matrix import (
     CoarseOperator,
-    basis_gram,
     coarse_projections,
     ema_coarse_matrix,
     exact_coarse_matrix,
     tselepidis_coarse_matrix,
-    tselepidis_from_sums,
-    tselepidis_sums,
 )
-from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, build_basis
-from ..twolevel.combinations import COMBINATIONS, get_combination
+from ..twolevel.coarse_spaces import RESIDUAL_SPACES, build_basis
+from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_products import (
     check_stats,
     damped_fvp,
-    sample_coefficients,
     sample_coefficients_parts,
+)
+from ..twolevel.global_fisher import (
+    global_coarse_matrix,
+    global_damped_fvp,
+    global_tselepidis_matrix,
 )
 from ..twolevel.parts import restrict_parts
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
 from .kfac import CURVATURE_ARGUMENTS, KFAC
-from .options import CurvatureOptions, check_choice, check_real
+from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions, check_choice
 from .preconditioner import KFACPreconditioner
-
-COARSE_REFRESH = ("consistent", "faithful")
-SPECTRAL_WHICH = ("smallest", "largest")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CoarseOptions:
-    """The coarse level of :class:`TwoLevelKFAC`.
-
-    Attributes:
-        coarse_space: ``nicolaides`` | ``spectral`` | ``residual`` | ``krylov_nicolaides`` |
-            ``krylov_residual`` | ``tselepidis`` (:mod:`twolevel_kfac.twolevel.coarse_spaces`).
-        combination: ``additive`` | ``adef1`` | ``adef2`` | ``balanced``.
-        coarse_refresh: ``consistent`` | ``faithful`` (see the module docstring).
-        coarse_scale: ω_c, the weight of the coarse term (the authors' tuned factor).
-        fine_weight: ω_f, Tselepidis' weight of the fine term (additive only).
-        spectral_which: ``smallest`` (the paper) or ``largest`` eigenpair for ``spectral``.
-        diagnostics: put ``‖res‖`` and ``E(β*) − E(0)`` in ``last_stats`` every step (one
-            extra exact Fisher-vector product when the combination does not need the
-            residual; off by default: even with A-DEF2 they cost two passes over the
-            parameters, ≈ 2 % of a step).
-    """
-
-    coarse_space: str = "nicolaides"
-    combination: str = "additive"
-    coarse_refresh: str = "consistent"
-    coarse_scale: float = 1.0
-    fine_weight: float = 1.0
-    spectral_which: str = "smallest"
-    diagnostics: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("coarse_space", self.coarse_space, COARSE_SPACES)
-        check_choice("combination", self.combination, COMBINATIONS)
-        check_choice("coarse_refresh", self.coarse_refresh, COARSE_REFRESH)
-        check_real("coarse_scale", self.coarse_scale, low=0.0)
-        check_real("fine_weight", self.fine_weight, low=0.0)
-        if self.fine_weight != 1.0 and self.combination != "additive":
-            raise ValueError("fine_weight applies to combination='additive' only")
-        check_choice("spectral_which", self.spectral_which, SPECTRAL_WHICH)
-
-
-COARSE_ARGUMENTS = frozenset(f.name for f in fields(CoarseOptions))
-
-
-# ----------------------------------------- the Fisher of the global Fisher mini-batch
-def global_damped_fvp(
-    comm: Communicator, stats: Sequence[LayerStats], v: LayerVector, damping: float, n: int
-) -> LayerVector:
-    """``(F + λI)v`` with the exact Fisher of the global Fisher mini-batch of ``n`` samples."""
-    coeffs = sample_coefficients(stats, v)
-    sums = all_reduce_sum(comm, [weighted_gradient_sum(s, coeffs) for s in stats])
-    return [s.div_(n).add_(vi, alpha=damping) for s, vi in zip(sums, v, strict=True)]
-
-
-def global_coarse_matrix(
-    comm: Communicator, stats: Sequence[LayerStats], basis: list[Tensor], damping: float, n: int
-) -> Tensor:
-    """``F_c = (1/n) Σ_r P_rᵀP_r + λR₀R₀ᵀ`` (``exact_coarse_matrix`` of the
-    global Fisher mini-batch)."""
-    p = coarse_projections(stats, basis)
-    (packed,) = all_reduce_sum(comm, [pack_symmetric(p.T @ p)])
-    fc = unpack_symmetric(packed, p.shape[1]) / n
-    return fc + damping * basis_gram(basis) if damping != 0.0 else fc
-
-
-def global_tselepidis_matrix(
-    comm: Communicator, stats: Sequence[LayerStats], damping: float, n: int
-) -> Tensor:
-    """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ij)`` and
-    ``sum(G_ij)`` are sums over samples: reduced separately, then multiplied)."""
-    sum_a, sum_g, locations = tselepidis_sums(stats)
-    num = len(stats)
-    packed_a, packed_g = all_reduce_sum(comm, [pack_symmetric(sum_a), pack_symmetric(sum_g)])
-    return tselepidis_from_sums(
-        unpack_symmetric(packed_a, num),
-        unpack_symmetric(packed_g, num),
-        locations,
-        n,
-        stats,
-        damping,
-    )
 
 
 class TwoLevelPreconditioner(KFACPreconditioner):

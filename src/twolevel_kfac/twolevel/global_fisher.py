@@ -1,0 +1,61 @@
+"""The exact Fisher of the *global* Fisher mini-batch under ``torch.distributed``.
+
+Each rank keeps its own rows ``(ā, δ)`` of the Fisher mini-batch; the coarse level of
+:class:`~twolevel_kfac.optim.twolevel.TwoLevelPreconditioner` needs products with the
+Fisher of all ranks' rows together, ``F = (1/n) Σ_ranks Σ_rows ∇ℓ ∇ℓᵀ``. Every product is
+a sum of per-sample terms, so each rank forms its own sums and one
+:func:`~twolevel_kfac.distributed.all_reduce_sum` adds them (symmetric matrices travel as
+their packed upper triangles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ..curvature.blocks import LayerStats, weighted_gradient_sum
+from ..distributed import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
+from .coarse_matrix import basis_gram, coarse_projections, tselepidis_from_sums, tselepidis_sums
+from .fisher_products import sample_coefficients
+from .vectors import LayerVector
+
+__all__ = ["global_coarse_matrix", "global_damped_fvp", "global_tselepidis_matrix"]
+
+
+def global_damped_fvp(
+    comm: Communicator, stats: Sequence[LayerStats], v: LayerVector, damping: float, n: int
+) -> LayerVector:
+    """``(F + λI)v`` with the exact Fisher of the global Fisher mini-batch of ``n`` samples."""
+    coeffs = sample_coefficients(stats, v)
+    sums = all_reduce_sum(comm, [weighted_gradient_sum(s, coeffs) for s in stats])
+    return [s.div_(n).add_(vi, alpha=damping) for s, vi in zip(sums, v, strict=True)]
+
+
+def global_coarse_matrix(
+    comm: Communicator, stats: Sequence[LayerStats], basis: list[Tensor], damping: float, n: int
+) -> Tensor:
+    """``F_c = (1/n) Σ_r P_rᵀP_r + λR₀R₀ᵀ`` (``exact_coarse_matrix`` of the
+    global Fisher mini-batch)."""
+    p = coarse_projections(stats, basis)
+    (packed,) = all_reduce_sum(comm, [pack_symmetric(p.T @ p)])
+    fc = unpack_symmetric(packed, p.shape[1]) / n
+    return fc + damping * basis_gram(basis) if damping != 0.0 else fc
+
+
+def global_tselepidis_matrix(
+    comm: Communicator, stats: Sequence[LayerStats], damping: float, n: int
+) -> Tensor:
+    """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ij)`` and
+    ``sum(G_ij)`` are sums over samples: reduced separately, then multiplied)."""
+    sum_a, sum_g, locations = tselepidis_sums(stats)
+    num = len(stats)
+    packed_a, packed_g = all_reduce_sum(comm, [pack_symmetric(sum_a), pack_symmetric(sum_g)])
+    return tselepidis_from_sums(
+        unpack_symmetric(packed_a, num),
+        unpack_symmetric(packed_g, num),
+        locations,
+        n,
+        stats,
+        damping,
+    )
