@@ -363,6 +363,22 @@ def test_sum_abs_layer_dots_matches_the_definition() -> None:
     assert sum_abs_layer_dots([]) == 0.0
 
 
+def test_kl_clip_scale_forms_and_finiteness() -> None:
+    """``ν = min(1, √(c / S))`` with ``S = Σ_i |⟨d_i, ∇_i⟩|`` (``lr²·S`` in Ba et al.'s
+    form); ``ν = 1`` for ``S = 0`` or a non-finite ``S``, which is reported."""
+    from twolevel_kfac.optim.directions import kl_clip_scale
+
+    d = torch.tensor([2.0, 0.0])
+    layers = [[(d, torch.tensor([3.0, 5.0]))]]  # S = 6
+    assert kl_clip_scale(layers, 1.5) == (pytest.approx(0.5), True)
+    assert kl_clip_scale(layers, 100.0) == (1.0, True)
+    assert kl_clip_scale(layers, 0.06, lr=0.1) == (pytest.approx(1.0), True)
+    assert kl_clip_scale(layers, 0.015, lr=0.1) == (pytest.approx(0.5), True)
+    assert kl_clip_scale([[(d, torch.zeros(2))]], 1.0) == (1.0, True)
+    poisoned = [[(torch.tensor([float("inf"), 0.0]), torch.tensor([0.0, 1.0]))]]  # Inf·0
+    assert kl_clip_scale(poisoned, 1.0) == (1.0, False)
+
+
 def _bucket_gradients(model: nn.Module) -> torch.Tensor:
     """Make every ``.grad`` a view of one flat bucket (DDP's ``gradient_as_bucket_view``)."""
     params = [p for p in model.parameters() if p.grad is not None]

@@ -37,7 +37,7 @@ def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
 def kl_clip_scale(
     layers: list[list[tuple[Tensor, Tensor]]], clip: float, lr: float | None = None
 ) -> tuple[float, bool]:
-    """The KL clip ``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (Martens & Grosse 2015 §6.4 in
+    """The KL clip ``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (``../shared/paper.md`` §1, in
     the paper's form; ``lr``: Ba et al. 2017's form, ``lr²`` inside the sum) from each
     layer's (direction, gradient) part pairs, and whether the sum is finite.
 
