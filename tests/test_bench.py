@@ -276,6 +276,11 @@ def test_eigh_dtype_quick(tmp_path: Path) -> None:
     data = _run(tmp_path, "eigh_dtype")
     assert [r["size"] for r in data["rows"]] == [64, 128]
     assert all(_positive(r["ratio"]) for r in data["rows"])
+    assert [(r["count"], r["size"]) for r in data["batched"]] == [(4, 16), (4, 64)]
+    for row in data["batched"]:
+        assert row["ratio"] == pytest.approx(row["batched_s"] / row["loop_s"])
+        assert _positive(row["loop_s"]) and _positive(row["batched_s"])
+    assert "batched / loop" in (tmp_path / "eigh_dtype.md").read_text()
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

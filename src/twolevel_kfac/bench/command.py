@@ -24,7 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scaling": ("twolevel_kfac.bench.scaling", "ratio to SGD vs batch size, width, depth"),
     "asdl": ("twolevel_kfac.bench.peers", "ASDL's KFAC (and kfac-pytorch) beside ours"),
     "time_to_target": ("twolevel_kfac.bench.time_to_target", "CURVES: wall time to a loss"),
-    "eigh_dtype": ("twolevel_kfac.bench.eigh_dtype", "eigh time, float32 vs float64"),
+    "eigh_dtype": ("twolevel_kfac.bench.eigh_dtype", "eigh: float32 vs float64, batched vs loop"),
     "distributed": ("twolevel_kfac.bench.distributed", "gloo data-parallel step time, bytes"),
     "compile": ("twolevel_kfac.bench.compile", "torch.compile vs eager: SGD, KFAC, apply"),
 }
