@@ -63,7 +63,8 @@ def _batched_rows(options: BenchOptions, repeats: int) -> list[dict[str, Any]]:
     for count, n in QUICK_BATCHES if options.quick else BATCHES:
         options.log(f"[{NAME}] {count} factors of size {n}: loop vs batched")
         factors = [_factor(n, seed) for seed in range(count)]
-        loop, batched = [], []
+        loop: list[float] = []
+        batched: list[float] = []
         for repeat in range(repeats):
             first, second = (loop, batched) if repeat % 2 == 0 else (batched, loop)
             for times in (first, second):
