@@ -506,3 +506,33 @@ def test_sample_coefficients_on_parts_equal_the_joined_ones(locations: int) -> N
         parts.append((v[:, :-1].contiguous(), v[:, -1].clone()) if bias else (v.clone(), None))
     expected = sample_coefficients(stats, joined)
     assert rel_err(sample_coefficients_parts(stats, parts), expected) < 1e-12
+
+
+def test_tselepidis_sums_equal_the_pairwise_definition() -> None:
+    """The Gram-per-location-count ``tselepidis_sums`` equals the pairwise definition
+    ``Σ_n Σ_t s_i[n, m_i(t)] s_j[n, m_j(t)]`` at ``T_ij = max(T_i, T_j)``, for layers with
+    mixed location counts (a convnet's conv and linear layers)."""
+    from twolevel_kfac.curvature.blocks import LayerStats
+    from twolevel_kfac.twolevel.coarse_matrix import tselepidis_sums
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(9, 4, 3), (4, 5, 2), (1, 6, 3), (9, 2, 2), (1, 3, 4), (3, 2, 5)]  # (T, d_in', d_out)
+    stats = [
+        LayerStats(
+            torch.randn(4, t, d_in, generator=gen, dtype=torch.float64),
+            torch.randn(4, t, d_out, generator=gen, dtype=torch.float64),
+        )
+        for t, d_in, d_out in shapes
+    ]
+
+    def resampled(sums: torch.Tensor, t: int) -> torch.Tensor:
+        return sums[:, [k * sums.shape[1] // t for k in range(t)]]
+
+    sum_a, sum_g, locations = tselepidis_sums(stats)
+    for i, si in enumerate(stats):
+        for j, sj in enumerate(stats):
+            t = max(si.num_locations, sj.num_locations)
+            assert locations[i, j] == t
+            for total, x, y in ((sum_a, si.a, sj.a), (sum_g, si.g, sj.g)):
+                expected = (resampled(x.sum(-1), t) * resampled(y.sum(-1), t)).sum()
+                torch.testing.assert_close(total[i, j], expected, rtol=1e-12, atol=1e-12)

@@ -161,18 +161,26 @@ def tselepidis_sums(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor, Tensor
     """The sample sums behind :func:`tselepidis_coarse_matrix`, ``[L, L]`` each:
     ``Σ_n Σ_t s^a_i[n, m_i(t)] s^a_j[n, m_j(t)]``, the same for ``s^δ``, and ``T_ij``.
 
-    They add over disjoint sample sets (what a distributed reduction needs)."""
-    num = len(stats)
+    One Gram matrix per distinct location count ``t`` instead of a loop over the ``L²/2``
+    layer pairs: the layers with ``T_i ≤ t``, resampled to ``t``, are the rows of
+    ``[L_t, N·t]`` matrices whose Gram gives every pair with ``T_ij = t`` (a 64-layer
+    network at ``T = 1`` spent 0.1 s a refresh in the loop). The sums add over disjoint
+    sample sets (what a distributed reduction needs)."""
     s_a = [s.a.sum(dim=-1) for s in stats]  # s^a[n, t] = 1ᵀā_{n,t}, [N, T_i]
     s_g = [s.g.sum(dim=-1) for s in stats]
-    sum_a, sum_g, locations = (stats[0].a.new_zeros(num, num) for _ in range(3))
-    for i in range(num):
-        for j in range(i, num):
-            t = max(stats[i].num_locations, stats[j].num_locations)
-            sum_a[i, j] = sum_a[j, i] = (_resample(s_a[i], t) * _resample(s_a[j], t)).sum()
-            sum_g[i, j] = sum_g[j, i] = (_resample(s_g[i], t) * _resample(s_g[j], t)).sum()
-            locations[i, j] = locations[j, i] = t
-    return sum_a, sum_g, locations
+    device = s_a[0].device
+    counts = torch.tensor([s.num_locations for s in stats], device=device)
+    pair_counts = torch.maximum(counts[:, None], counts[None, :])
+    num = len(stats)
+    sum_a, sum_g = (s_a[0].new_zeros(num, num) for _ in range(2))
+    for t in sorted({s.num_locations for s in stats}):
+        members = torch.nonzero(counts <= t).squeeze(1)
+        block = (members[:, None], members[None, :])
+        pairs = pair_counts[block] == t
+        for sums, total in ((s_a, sum_a), (s_g, sum_g)):
+            rows = torch.stack([_resample(sums[i], t).reshape(-1) for i in members.tolist()])
+            total[block] = torch.where(pairs, rows @ rows.T, total[block])
+    return sum_a, sum_g, pair_counts.to(sum_a.dtype)
 
 
 def tselepidis_from_sums(
