@@ -1,9 +1,10 @@
 """Writing preconditioned directions into ``.grad``, and the KL clip's sum over them.
 
-A direction is a layer's weight and bias parts (fresh tensors of plain KFAC's own
-path, handed to ``.grad`` without a copy) or views of a ``W̄`` matrix (copied into
-``.grad``); the KL clip scales them all by ``min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (with
-``lr²`` inside the sum in Ba et al. 2017's form, ``kl_clip_form``).
+A direction is a layer's weight and bias parts (plain KFAC's own path: fresh tensors
+handed to ``.grad`` without a copy, or ``.grad``'s own storage written over in place) or
+views of a ``W̄`` matrix (copied into ``.grad``); the KL clip scales them all by
+``min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (with ``lr²`` inside the sum in Ba et al. 2017's form,
+``kl_clip_form``).
 """
 
 from __future__ import annotations

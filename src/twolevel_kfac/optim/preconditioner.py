@@ -131,7 +131,7 @@ class KFACPreconditioner:
         if self.comm.distributed:
             self.last_stats["comm_bytes"] = float(self.comm.payload_bytes - sent)
         self.steps += 1
-        self.capture.active = self.steps % opts.cov_interval == 0
+        self._schedule_capture()
 
     def defers_gradient_check(self) -> bool:
         """Whether a caller may check this step's gradients only after :meth:`step`, through
@@ -158,6 +158,11 @@ class KFACPreconditioner:
         (only after :meth:`defers_gradient_check`, so no statistics were folded)."""
         self.steps -= 1
         self.capture.discard()
+        self._schedule_capture()
+
+    def _schedule_capture(self) -> None:
+        """Capture statistics in the coming forward pass iff the next step folds them
+        (every ``cov_interval`` steps)."""
         self.capture.active = self.steps % self.options.cov_interval == 0
 
     def _update_factors(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
@@ -280,8 +285,8 @@ class KFACPreconditioner:
 
     def _write_parts(
         self,
-        directions: dict[str, tuple[Tensor, Tensor | None]],
-        grads: dict[str, tuple[Tensor, Tensor | None]],
+        directions: dict[str, LayerParts],
+        grads: dict[str, LayerParts],
         lr: float,
     ) -> None:
         """KL-clip fresh contiguous directions given as (weight, bias) parts against the
@@ -406,7 +411,7 @@ class KFACPreconditioner:
         retained = state.get("retained") or {}
         self.retained_stats = {n: LayerStats(*self._placed(n, ag)) for n, ag in retained.items()}
         self.capture.discard()
-        self.capture.active = self.steps % self.options.cov_interval == 0
+        self._schedule_capture()
 
     def _placed(self, name: str, tree: T) -> T:
         """Saved state of layer ``name`` with its tensors on that layer's device (a state

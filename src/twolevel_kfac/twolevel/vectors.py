@@ -13,11 +13,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from twolevel_kfac.curvature.kronecker_apply import LayerParts
+
 LayerVector = list[Tensor]
 """One ``(d_out_i, d_in'_i)`` matrix per layer."""
 
 LinearMap = Callable[[LayerVector], LayerVector]
-Parts = list[tuple[Tensor, Tensor | None]]
+Parts = list[LayerParts]
 """A layer vector as its weight and bias parts: ``(V (d_out, d_in), b (d_out,) | None)``
 per layer, the ``W̄ = [V, b]`` matrices never formed (how autograd leaves gradients)."""
 """A linear operator on layer vectors, e.g. ``v ↦ M⁻¹v`` or ``v ↦ (F + λI)v``. It returns
