@@ -372,8 +372,8 @@ def test_kl_clip_scale_forms_and_finiteness() -> None:
     layers = [[(d, torch.tensor([3.0, 5.0]))]]  # S = 6
     assert kl_clip_scale(layers, 1.5) == (pytest.approx(0.5), True)
     assert kl_clip_scale(layers, 100.0) == (1.0, True)
-    assert kl_clip_scale(layers, 0.06, lr=0.1) == (pytest.approx(1.0), True)
-    assert kl_clip_scale(layers, 0.015, lr=0.1) == (pytest.approx(0.5), True)
+    assert kl_clip_scale(layers, 0.06, lrs=[0.1]) == (pytest.approx(1.0), True)
+    assert kl_clip_scale(layers, 0.015, lrs=[0.1]) == (pytest.approx(0.5), True)
     assert kl_clip_scale([[(d, torch.zeros(2))]], 1.0) == (1.0, True)
     poisoned = [[(torch.tensor([float("inf"), 0.0]), torch.tensor([0.0, 1.0]))]]  # Inf·0
     assert kl_clip_scale(poisoned, 1.0) == (1.0, False)

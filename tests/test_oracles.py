@@ -53,7 +53,7 @@ from oracles import (
     tselepidis_coarse_matrix,
     twolevel_direction,
 )
-from twolevel_kfac.curvature import blocks
+from twolevel_kfac.curvature import blocks, discovery
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -227,7 +227,7 @@ def test_blocks_formats_and_factors(key: str, batch: int) -> None:
         assert_close_report(A, A_ref, **TIGHT, name=f"{name} A")
         assert_close_report(G, G_ref, **TIGHT, name=f"{name} G")
         assert blocks.layer_shape(module) == layer_shape(module)
-        assert blocks.is_supported(module)
+        assert discovery.is_supported(module)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])

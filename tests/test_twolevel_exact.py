@@ -141,8 +141,10 @@ class FullRankPreconditioner(TwoLevelPreconditioner):
 class FullRankKFAC(tk.TwoLevelKFAC):
     preconditioner_class = FullRankPreconditioner
 
-    def _make_preconditioner(self, model: nn.Module, kwargs: dict) -> TwoLevelPreconditioner:
-        return FullRankPreconditioner(model, **kwargs)
+    def _make_preconditioner(
+        self, model: nn.Module, kwargs: dict, params: list
+    ) -> TwoLevelPreconditioner:
+        return FullRankPreconditioner(model, params=params, **kwargs)
 
 
 @pytest.mark.parametrize("combination", ("adef1", "adef2", "balanced"))

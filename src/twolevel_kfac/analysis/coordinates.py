@@ -1,7 +1,7 @@
 """The analysis vector: coordinates, loss and gradient.
 
 The analysis vector ``θ ∈ R^P`` holds the parameters of the layers the optimizer
-preconditions (:func:`~twolevel_kfac.curvature.blocks.find_layers`, in
+preconditions (:func:`~twolevel_kfac.curvature.discovery.find_layers`, in
 ``named_modules()`` order), each layer as the row-major flattening of
 ``W̄ = [W.reshape(d_out, -1), b]``: the layout of the optimizer's layer vectors. Other
 trainable parameters (BatchNorm affine parameters, unsupported layers) are held fixed and
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..curvature.blocks import find_layers, layer_bias, layer_weight
+from ..curvature.blocks import layer_bias, layer_weight
+from ..curvature.discovery import find_layers
 from ..curvature.likelihoods import summed_nll
 from ..twolevel.vectors import LayerVector
 

@@ -34,6 +34,7 @@ linear in ``g``), and ``P g`` is the step taken.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -176,7 +177,9 @@ class MethodSet:
         if spec.fine not in self._fine:
             options = _options(self.damping, spec.damping_mode)
             cls = FINE_LEVELS[spec.fine]
-            power = {k: v for k, v in ANALYSIS_POWER.items() if k in cls.extra_arguments}
+            power: dict[str, Any] = {
+                k: v for k, v in ANALYSIS_POWER.items() if k in cls.extra_arguments
+            }
             pre = cls(self.model, options, **power)
             self._fine[spec.fine] = self._fitted(pre)
         return self._fine[spec.fine]

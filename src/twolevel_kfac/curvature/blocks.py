@@ -17,14 +17,11 @@ Conventions (``../shared/design.md`` §2, Martens & Grosse 2015 eq. (1); Grosse 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @dataclass
@@ -50,55 +47,6 @@ class LayerStats:
     def subset(self, index: Tensor) -> LayerStats:
         """The statistics of the samples ``index`` (a 1-D index tensor)."""
         return LayerStats(self.a[index], self.g[index])
-
-
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why ``module`` has parameters KFAC would precondition wrongly, or ``None`` if fine.
-
-    Grouped convolutions and transposed convolutions have weights that do not factor as
-    ``A ⊗ G`` with the unfolded input; preconditioning them as dense convs would be wrong.
-    """
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
-        if module.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
-        return None
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return f"{type(module).__name__} is not supported"
-    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
-        return f"{type(module).__name__} is not supported (only Conv2d)"
-    return None
-
-
-def is_supported(module: nn.Module) -> bool:
-    """True for the layer types KFAC preconditions (``Linear``, ``Conv2d`` with groups=1)."""
-    return isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None
-
-
-def find_layers(model: nn.Module, unsupported: str) -> dict[str, nn.Module]:
-    """The trainable ``Linear`` / ``Conv2d`` (groups=1) layers of ``model``, by name.
-
-    Layers KFAC would precondition wrongly (grouped or transposed convolutions, …) are
-    reported as ``unsupported`` says and left to the plain momentum-SGD step.
-    """
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        reason = unsupported_reason(module)
-        if reason is not None:
-            message = (
-                f"module {name or '<root>'!r}: {reason}; its parameters get the "
-                "un-preconditioned momentum-SGD step"
-            )
-            if unsupported == "error":
-                raise ValueError(message + " (unsupported='error')")
-            if unsupported == "warn":
-                warnings.warn(message, stacklevel=4)
-        elif is_supported(module) and layer_weight(module).requires_grad:
-            layers[name] = module
-    return layers
 
 
 def has_bias(module: nn.Module) -> bool:
@@ -155,6 +103,12 @@ def output_gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
     raise TypeError(f"unsupported layer {type(module).__name__}")
+
+
+def has_gradient(module: nn.Module) -> bool:
+    """Whether autograd left a gradient in the layer's weight or bias this step."""
+    bias = layer_bias(module)
+    return layer_weight(module).grad is not None or (bias is not None and bias.grad is not None)
 
 
 def gradient_parts(module: nn.Module) -> tuple[Tensor, Tensor | None]:

@@ -36,13 +36,31 @@ def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator |
     return _draw(output.to(device), likelihood, generator).to(output.device)
 
 
+def check_output(output: Tensor, likelihood: str) -> None:
+    """Refuse an output the likelihood cannot describe (its Fisher would be silently wrong).
+
+    Raises:
+        ValueError: ``categorical`` on anything but ``[N, C]`` logits with ``C ≥ 2`` (one
+            logit has ``softmax = 1``: every sampled gradient, so every ``G``, is 0).
+    """
+    if likelihood != "categorical":
+        return
+    if output.dim() != 2:
+        raise ValueError(
+            f"likelihood='categorical' expects logits of shape [N, C], got {tuple(output.shape)}"
+        )
+    if output.shape[1] < 2:
+        raise ValueError(
+            f"likelihood='categorical' on a model output of shape {tuple(output.shape)}: one "
+            "logit per sample has softmax 1, so the Monte-Carlo Fisher (every G factor) would "
+            "be 0. Use likelihood='gaussian' for a regression output (MSE loss) or "
+            "likelihood='bernoulli' for a single binary logit (BCEWithLogits loss)"
+        )
+
+
 def _draw(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
+    check_output(output, likelihood)
     if likelihood == "categorical":
-        if output.dim() != 2:
-            raise ValueError(
-                "likelihood='categorical' expects logits of shape [N, C], got "
-                f"{tuple(output.shape)}"
-            )
         probs = torch.softmax(output.float(), dim=1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     if likelihood == "bernoulli":
@@ -79,6 +97,7 @@ def output_hessian(output: Tensor, likelihood: str) -> Tensor:
     exact true Fisher is ``(1/N) Σ_n J_nᵀ H_n J_n``.
     categorical: ``diag(p) − p pᵀ``; bernoulli: ``diag(p(1−p))``; gaussian: ``I``.
     """
+    check_output(output, likelihood)
     flat = output.detach().reshape(output.shape[0], -1)
     if likelihood == "categorical":
         p = torch.softmax(flat, dim=1)

@@ -3,8 +3,14 @@
 A direction is a layer's weight and bias parts (plain KFAC's own path: fresh tensors
 handed to ``.grad`` without a copy, or ``.grad``'s own storage written over in place) or
 views of a ``W̄`` matrix (copied into ``.grad``); the KL clip scales them all by
-``min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (with ``lr²`` inside the sum in Ba et al. 2017's form,
-``kl_clip_form``).
+``min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (with each layer's ``lr_i²`` inside the sum in Ba et
+al. 2017's form, ``kl_clip_form``).
+
+A direction is written over its gradient only where that gives the same numbers as a fresh
+tensor (:func:`writable_in_place`): a GEMM writing into memory that is not 64-byte aligned
+(a ``.grad`` that is a view into the middle of a DDP bucket) takes other kernel paths, and
+was measured to round differently (3e-7 relative, which the next steps' small damping
+amplifies to 5e-2).
 """
 
 from __future__ import annotations
@@ -12,46 +18,94 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["assign_grad", "kl_clip_scale", "set_grad", "sum_abs_layer_dots", "write_grad"]
+from ..curvature.blocks import layer_bias, layer_weight
+
+__all__ = [
+    "assign_grad",
+    "kl_clip_scale",
+    "part_pairs",
+    "set_grad",
+    "sum_abs_layer_dots",
+    "writable_in_place",
+    "write_grad",
+    "write_layer",
+]
+
+ALIGNMENT = 64
+"""Bytes: the alignment of fresh CPU / CUDA allocations, and the widest vector registers."""
 
 
-def sum_abs_layer_dots(layers: list[list[tuple[Tensor, Tensor]]]) -> float:
-    """``Σ_i |Σ_parts ⟨d, g⟩|`` over the layers' (direction, gradient) part pairs, in
-    float64, with one host sync rather than one per part (a dot product reads both once;
-    ``(d * g).sum()`` would also write a full-size product)."""
+def writable_in_place(parts: tuple[Tensor, Tensor | None]) -> bool:
+    """Whether a layer's gradient parts may receive its direction in place with results
+    bit-identical to a fresh tensor's: each contiguous and ``ALIGNMENT``-byte aligned."""
+    return all(t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0 for t in parts if t is not None)
+
+
+def sum_abs_layer_dots(
+    layers: list[list[tuple[Tensor, Tensor]]], weights: list[float] | None = None
+) -> float:
+    """``Σ_i w_i |Σ_parts ⟨d, g⟩|`` over the layers' (direction, gradient) part pairs
+    (``w_i = 1`` by default), in float64, with one host sync rather than one per part (a
+    dot product reads both once; ``(d * g).sum()`` would also write a full-size product)."""
     dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for pairs in layers for d, g in pairs]
     if not dots:
         return 0.0
+    w = weights if weights is not None else [1.0] * len(layers)
     if len({(t.dtype, t.device) for t in dots}) > 1:  # mixed layers: one sync per part
         parts = iter([float(t) for t in dots])
-        return sum(abs(sum(next(parts) for _ in pairs)) for pairs in layers)
+        layer_dots = [abs(sum(next(parts) for _ in pairs)) for pairs in layers]
+        return sum(wi * x for wi, x in zip(w, layer_dots, strict=True))
     values = torch.stack(dots).double()
     if len(dots) > len(layers):  # weight and bias parts of one layer are summed first
         owner = [i for i, pairs in enumerate(layers) for _ in pairs]
         index = torch.tensor(owner, device=values.device)
         values = values.new_zeros(len(layers)).index_add_(0, index, values)
-    return float(values.abs().sum())
+    if weights is None:
+        return float(values.abs().sum())
+    return float(values.abs() @ values.new_tensor(w))
 
 
 def kl_clip_scale(
-    layers: list[list[tuple[Tensor, Tensor]]], clip: float, lr: float | None = None
+    layers: list[list[tuple[Tensor, Tensor]]], clip: float, lrs: list[float] | None = None
 ) -> tuple[float, bool]:
-    """The KL clip ``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))`` (``../shared/paper.md`` §1, in
-    the paper's form; ``lr``: Ba et al. 2017's form, ``lr²`` inside the sum) from each
-    layer's (direction, gradient) part pairs, and whether the sum is finite.
+    """The KL clip from each layer's (direction, gradient) part pairs, and whether its sum
+    is finite: in the paper's form (Koroko et al. 2023, after Ba et al. 2017)
+    ``ν = min(1, √(c / Σ_i |⟨d_i, ∇_i⟩|))``; with ``lrs`` (Ba et al. 2017's form, each
+    layer's own learning rate ``η_i``) ``ν = min(1, √(c / Σ_i η_i² |⟨d_i, ∇_i⟩|))``.
 
     A NaN/Inf entry of any direction makes the sum NaN/Inf (``Inf·0`` is NaN), so a
     finite sum proves every direction finite; a non-finite or non-positive sum gives
     ``ν = 1``.
     """
-    total = sum_abs_layer_dots(layers)
-    if lr is not None:
-        total *= lr * lr
+    total = sum_abs_layer_dots(layers, None if lrs is None else [lr * lr for lr in lrs])
     finite = math.isfinite(total)
     scale = 1.0 if total <= 0 or not finite else min(1.0, math.sqrt(clip / total))
     return scale, finite
+
+
+def part_pairs(
+    directions: dict[str, tuple[Tensor, Tensor | None]],
+    grads: dict[str, tuple[Tensor, Tensor | None]],
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """Each layer's (direction, gradient) part pairs, in the order of ``grads``."""
+    pairs = []
+    for name, (weight_grad, bias_grad) in grads.items():
+        weight, bias = directions[name]
+        layer = [(weight, weight_grad)]
+        if bias is not None and bias_grad is not None:
+            layer.append((bias, bias_grad))
+        pairs.append(layer)
+    return pairs
+
+
+def write_layer(
+    module: nn.Module, weight: Tensor, bias: Tensor | None, scale: float, assign: bool
+) -> None:
+    """``.grad ← scale · direction`` for a layer's weight and bias (:func:`write_grad`)."""
+    write_grad(layer_weight(module), weight, scale, assign)
+    write_grad(layer_bias(module), bias, scale, assign)
 
 
 def write_grad(param: Tensor | None, value: Tensor | None, scale: float, assign: bool) -> None:

@@ -5,7 +5,16 @@ layer's gradient into the (KL-clipped) natural-gradient direction ``d``; then we
 is added *after* preconditioning, ``d ← d + wd·θ``, and the momentum-SGD step follows,
 ``buf ← μ·buf + d``, ``θ ← θ − lr·buf`` (Nesterov: ``θ ← θ − lr·(d + μ·buf)``).
 Parameters outside Linear/Conv2d layers (BatchNorm, embeddings, …) take the same step
-with their raw gradient.
+with their raw gradient. Only the layers whose parameters are in the optimizer's param
+groups are preconditioned, counted in the KL clip and stepped (``params=``: "KFAC for the
+body, Adam for the head"), each with its own group's learning rate.
+
+Gradient clipping: ``clip_grad_norm_`` before :meth:`KFAC.step` rescales the gradient, but
+with the KL clip on (the default) the preconditioned direction is rescaled to the KL
+bound anyway, so the clip has no effect on the preconditioned layers. To bound the step,
+lower ``kl_clip``; to clip the direction's norm, clip in a subclass after the
+preconditioner ran, or use ``KFACPreconditioner`` with your own optimizer and clip
+between ``precond.step()`` and ``opt.step()``.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.sgd import sgd as sgd_update
 
+from ..curvature.blocks import layer_weight
 from ..finite import all_finite
 from .damping import (
     DAMPING_ARGUMENTS,
@@ -43,7 +53,10 @@ class KFAC(torch.optim.Optimizer):
         momentum: heavy-ball momentum μ.
         weight_decay: added to the preconditioned direction (not preconditioned).
         nesterov: Nesterov momentum.
-        params: optional parameter groups (default: all trainable parameters of ``model``).
+        params: the parameters or parameter groups to optimize, as ``torch.optim`` takes
+            them (default: all trainable parameters of ``model``). Only layers whose weight
+            and bias are both in them are preconditioned; the others are left to whatever
+            else steps them.
         nonfinite_policy: ``skip`` (default: a step whose gradient or preconditioned
             direction has a NaN/Inf is dropped, counted in ``nonfinite_steps`` and
             ``consecutive_nonfinite``), ``raise`` (``FloatingPointError``) or
@@ -85,7 +98,10 @@ class KFAC(torch.optim.Optimizer):
         self.damping_options = DampingOptions(
             **{k: curvature.pop(k) for k in list(curvature) if k in DAMPING_ARGUMENTS}
         )
-        self.preconditioner = self._make_preconditioner(model, curvature)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        params = list(params)
+        self.preconditioner = self._make_preconditioner(model, curvature, params)
         if self.damping_options.needs_statistics:
             if self.preconditioner.comm.distributed:
                 raise NotImplementedError(
@@ -93,8 +109,6 @@ class KFAC(torch.optim.Optimizer):
                     "implemented under torch.distributed"
                 )
             self.preconditioner.retain_statistics = True
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -103,7 +117,9 @@ class KFAC(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
 
-    def _make_preconditioner(self, model: nn.Module, kwargs: dict[str, Any]) -> KFACPreconditioner:
+    def _make_preconditioner(
+        self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
+    ) -> KFACPreconditioner:
         allowed = CURVATURE_ARGUMENTS | self.preconditioner_class.extra_arguments
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
@@ -111,7 +127,7 @@ class KFAC(torch.optim.Optimizer):
                 f"{type(self).__name__} got unknown argument(s) {unknown}; "
                 f"allowed: {sorted(allowed)}"
             )
-        return self.preconditioner_class(model, **kwargs)
+        return self.preconditioner_class(model, params=params, **kwargs)
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -141,7 +157,8 @@ class KFAC(torch.optim.Optimizer):
             self._skip_nonfinite("gradient")
             return loss
         model = QuadraticModel(self.param_groups, pre) if needs_model else None
-        pre.step(lr=float(self.param_groups[0]["lr"]))
+        squared = pre.options.kl_clip_form == "lr_squared"  # the only reader of the lrs
+        pre.step(lr=self._layer_lrs() if squared else float(self.param_groups[0]["lr"]))
         if checked and not self._finite_after_step(pre.directions_finite, deferred):
             if deferred:
                 pre.undo_step()
@@ -159,6 +176,12 @@ class KFAC(torch.optim.Optimizer):
         if adapt and model is not None and closure is not None and loss is not None:
             self._adapt_damping(model, float(loss.detach()), closure)
         return loss
+
+    def _layer_lrs(self) -> dict[str, float]:
+        """Each preconditioned layer's learning rate: that of the group holding its weight."""
+        group_lr = {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
+        pre = self.preconditioner
+        return {name: group_lr[id(layer_weight(m))] for name, m in pre.layers.items()}
 
     def _adapt_damping(
         self, model: QuadraticModel, loss: float, closure: Callable[[], Tensor]

@@ -13,16 +13,14 @@ the write into ``.grad``: plain KFAC without a KL clip writes each direction ove
 gradient autograd left, with a KL clip (and in the two-level steps between refreshes) it
 hands its fresh direction tensors to ``.grad``; so read ``p.grad`` after ``step()``, not a
 reference taken before it (which holds the raw gradient or the direction, depending on the
-path). Other fine levels hook in at
-``_store_batch`` (KPSVD fits other factors to the statistics), ``_refresh_decompositions``
-and ``_update_after_refresh`` (EKFAC's scalings in the eigenbasis) and ``apply_fine``.
-Under ``torch.distributed`` the factors and decompositions are reduced / shared by
-:mod:`twolevel_kfac.distributed`.
+path). Other fine levels hook in at ``_store_batch`` (KPSVD), ``_refresh_decompositions``,
+``_update_after_refresh`` (EKFAC) and ``apply_fine``; :mod:`twolevel_kfac.distributed`
+reduces and shares the factors under ``torch.distributed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -30,16 +28,16 @@ from torch import Tensor, nn
 
 from ..curvature.blocks import (
     LayerStats,
-    find_layers,
     gradient_matrix,
     gradient_parts,
+    has_gradient,
     kronecker_factors,
-    layer_bias,
     layer_shape,
     layer_weight,
     matrix_to_parameter_shapes,
 )
 from ..curvature.capture import CurvatureCapture
+from ..curvature.discovery import find_layer_uses, find_layers
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..distributed import (
@@ -47,14 +45,14 @@ from ..distributed import (
     make_communicator,
     rank_seed,
     reduce_statistics,
-    select_rank_state,
     share_decompositions,
     unwrap_model,
 )
 from ..finite import all_finite
-from ..placement import CPU, move_tensors
-from .directions import kl_clip_scale, write_grad
+from ..placement import autocast_off, move_tensors
+from .directions import kl_clip_scale, part_pairs, writable_in_place, write_layer
 from .options import CurvatureOptions
+from .state import kfac_state, load_kfac_state
 
 T = TypeVar("T")
 
@@ -66,8 +64,15 @@ class KFACPreconditioner:
     extra_arguments: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
-        self, model: nn.Module, options: CurvatureOptions | None = None, **kwargs: Any
+        self,
+        model: nn.Module,
+        options: CurvatureOptions | None = None,
+        *,
+        params: Iterable[Any] | None = None,
+        **kwargs: Any,
     ) -> None:
+        """``options`` or its fields as keywords; ``params``: the parameters whose layers to
+        precondition (``torch.optim`` format; default: all, ``discovery.find_layers``)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if options is not None and kwargs:
@@ -75,10 +80,11 @@ class KFACPreconditioner:
         self.options = options if options is not None else CurvatureOptions(**kwargs)
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
-        self.layers = find_layers(model, self.options.unsupported)
+        self.layers = find_layers(model, self.options.unsupported, params)
         if not self.layers:
             raise ValueError(
                 f"{type(model).__name__} has no trainable Linear or Conv2d layer to precondition"
+                + ("" if params is None else " among the given params")
             )
         self.damping = self.options.damping
         self.steps = 0
@@ -93,6 +99,8 @@ class KFACPreconditioner:
             self.options.fisher_batch,
             self.generator,
             self.options.accumulation_steps,
+            uses=find_layer_uses(model, self.layers),
+            dtypes={name: layer_weight(m).dtype for name, m in self.layers.items()},
         )
         self.capture.active = True
         self.last_stats: dict[str, float] = {}
@@ -101,11 +109,21 @@ class KFACPreconditioner:
         # The last Fisher mini-batch, kept for exact Fisher products (adaptive damping).
         self.retain_statistics = False
         self.retained_stats: dict[str, LayerStats] = {}
+        # The layers with a gradient in the current step (the others are left alone)
+        self.active: list[str] = list(self.layers)
 
-    # ----------------------------------------------------------------- the step
-    @torch.no_grad()
-    def step(self, lr: float = 1.0) -> None:
-        """Precondition the gradients of the registered layers in place (``p.grad``)."""
+    def step(self, lr: float | Mapping[str, float] = 1.0) -> None:
+        """Precondition the layers' gradients (``p.grad``), outside any autocast region;
+        a layer without a gradient (unused this step) is left alone, its factors kept.
+        ``lr``: the learning rate, or each layer's (read by ``kl_clip_form="lr_squared"``).
+
+        Raises:
+            RuntimeError: if a layer has a gradient but never had curvature statistics.
+        """
+        with torch.no_grad(), autocast_off(layer_weight(next(iter(self.layers.values())))):
+            self._step(lr)
+
+    def _step(self, lr: float | Mapping[str, float]) -> None:
         opts = self.options
         active = self.capture.active
         stats = self.capture.collect() if active else {}
@@ -113,21 +131,27 @@ class KFACPreconditioner:
         sent = self.comm.payload_bytes
         if stats or (active and self.comm.distributed):  # every rank joins the reduction
             stats = self._update_factors(stats)
-        missing = [name for name, f in self.factors.items() if not f.ready]
+        self.active = [name for name, m in self.layers.items() if has_gradient(m)]
+        missing = [name for name in self.active if not self.factors[name].ready]
         if missing:
             raise RuntimeError(
-                f"no curvature statistics for layer(s) {missing}: run the model's forward "
-                "(in train mode, with gradients enabled) and loss.backward() before step()"
+                f"no curvature statistics for layer(s) {missing}, which have gradients: run "
+                "the model's forward (in train mode, with gradients enabled) and "
+                "loss.backward() before step(); a module whose parameters are used outside "
+                "its own forward (F.linear(x, layer.weight)) cannot be preconditioned"
             )
         if self.steps % opts.inv_interval == 0 or any(
-            f.decomp_a is None for f in self.factors.values()
+            f.ready and f.decomp_a is None for f in self.factors.values()
         ):
             self._refresh_decompositions()
         if stats:
             self._update_after_refresh(stats)
             if self.retain_statistics:
                 self.retained_stats = stats
-        self._precondition_grads(stats, lr)
+        if isinstance(lr, Mapping):
+            self._precondition_grads(stats, {n: float(lr[n]) for n in self.layers})
+        else:
+            self._precondition_grads(stats, dict.fromkeys(self.layers, float(lr)))
         if self.comm.distributed:
             self.last_stats["comm_bytes"] = float(self.comm.payload_bytes - sent)
         self.steps += 1
@@ -135,16 +159,10 @@ class KFACPreconditioner:
 
     def defers_gradient_check(self) -> bool:
         """Whether a caller may check this step's gradients only after :meth:`step`, through
-        its directions, and :meth:`undo_step` if they are not finite.
-
-        True on a step that folds no statistics when forming the directions keeps no state
-        (:meth:`_stateless_directions`): such a step changes only the schedule before its
-        directions exist, and a NaN/Inf gradient entry makes its layer's direction
-        non-finite (``NaN·x`` and ``Inf·0`` are NaN, and the damped inverses are finite
-        with a positive diagonal, so such products reach the direction). With the KL clip
-        the direction check is free (:meth:`_kl_scale`), so the step reads the gradients
-        once less.
-        """
+        its directions, and :meth:`undo_step` if they are not finite: on a step that folds
+        no statistics and keeps no state (:meth:`_stateless_directions`). A NaN/Inf gradient
+        entry reaches its layer's direction (``NaN·x``, ``Inf·0`` are NaN; the damped
+        inverses are finite), and the KL clip's sum checks the directions for free."""
         return not self.capture.active and self._stateless_directions()
 
     def _stateless_directions(self) -> bool:
@@ -232,12 +250,13 @@ class KFACPreconditioner:
 
     def _refresh_decompositions(self) -> None:
         opts = self.options
+        ready = {name: f for name, f in self.factors.items() if f.ready}
         if self.comm.distributed and opts.distributed_inverses == "split":
             share_decompositions(
-                self.comm, self.factors, opts.inverse_method, self.damping, opts.damping_mode
+                self.comm, ready, opts.inverse_method, self.damping, opts.damping_mode
             )
             return
-        for factors in self.factors.values():
+        for factors in ready.values():
             factors.decompose(opts.inverse_method)
 
     def factor_dtype(self, name: str) -> torch.dtype:
@@ -255,7 +274,7 @@ class KFACPreconditioner:
     ) -> dict[str, Tensor]:
         return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
 
-    def _precondition_grads(self, stats: dict[str, LayerStats], lr: float) -> None:
+    def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, float]) -> None:
         """Overwrite the layers' ``.grad`` with their KL-clipped directions.
 
         Plain KFAC (:meth:`_plain_kfac_directions`) works on ``∇W`` and ``∇b`` where
@@ -267,40 +286,35 @@ class KFACPreconditioner:
         else (coarse corrections, other fine levels) works on the ``W̄`` matrices.
         """
         if self._plain_kfac_directions():
-            parts = {name: gradient_parts(module) for name, module in self.layers.items()}
+            parts = {name: gradient_parts(self.layers[name]) for name in self.active}
             # without a KL clip nothing reads the gradient once its direction exists
             over = self.options.kl_clip is None
             directions = {
-                name: self._apply_fine_split(name, *part, out=part if over else None)
+                name: self._apply_fine_split(
+                    name, *part, out=part if over and writable_in_place(part) else None
+                )
                 for name, part in parts.items()
             }
-            self._write_parts(directions, parts, lr)
+            self._write_parts(directions, parts, lrs)
             return
-        grads = {name: gradient_matrix(module) for name, module in self.layers.items()}
+        grads = {name: gradient_matrix(self.layers[name]) for name in self.active}
         matrices = self._precondition(grads, stats)
-        scale = self._kl_scale([[(matrices[n], grads[n])] for n in matrices], lr)
+        scale = self._kl_scale([[(matrices[n], grads[n])] for n in matrices], lrs, list(matrices))
         for name, direction in matrices.items():
             weight, bias = matrix_to_parameter_shapes(self.layers[name], direction)
-            self._write_layer(name, weight, bias, scale, assign=False)
+            write_layer(self.layers[name], weight, bias, scale, assign=False)
 
     def _write_parts(
         self,
         directions: dict[str, LayerParts],
         grads: dict[str, LayerParts],
-        lr: float,
+        lrs: dict[str, float],
     ) -> None:
         """KL-clip fresh contiguous directions given as (weight, bias) parts against the
         gradients' parts and hand them to ``.grad``."""
-        pairs = []
-        for name, (weight_grad, bias_grad) in grads.items():
-            weight, bias = directions[name]
-            layer = [(weight, weight_grad)]
-            if bias is not None and bias_grad is not None:
-                layer.append((bias, bias_grad))
-            pairs.append(layer)
-        scale = self._kl_scale(pairs, lr)
+        scale = self._kl_scale(part_pairs(directions, grads), lrs, list(grads))
         for name, (weight, bias) in directions.items():
-            self._write_layer(name, weight, bias, scale, assign=True)
+            write_layer(self.layers[name], weight, bias, scale, assign=True)
 
     def _plain_kfac_fine(self) -> bool:
         """Whether :meth:`apply_fine` is the damped KFAC inverse of :attr:`factors` (no
@@ -335,92 +349,45 @@ class KFACPreconditioner:
             weight, bias, self.damping, opts.damping_mode, opts.inverse_method, out
         )
 
-    def _kl_scale(self, layers: list[list[tuple[Tensor, Tensor]]], lr: float) -> float:
+    def _kl_scale(
+        self, layers: list[list[tuple[Tensor, Tensor]]], lrs: dict[str, float], names: list[str]
+    ) -> float:
         """The KL clip's scale of the directions (:func:`kl_clip_scale`; 1 without a clip)
-        from each layer's (direction, gradient) part pairs. It also decides
+        from each layer's (direction, gradient) part pairs (of the layers ``names``, whose
+        learning rates ``lrs`` the ``lr_squared`` form reads). It also decides
         :attr:`directions_finite`, which saves :class:`~twolevel_kfac.optim.kfac.KFAC` a
         pass over the directions (``None`` without a KL clip: not known)."""
         clip = self.options.kl_clip
         self.directions_finite = None
         if clip is None:
             return 1.0
+        squared = self.options.kl_clip_form == "lr_squared"
         scale, self.directions_finite = kl_clip_scale(
-            layers, clip, lr if self.options.kl_clip_form == "lr_squared" else None
+            layers, clip, [lrs[n] for n in names] if squared else None
         )
         self.last_stats["kl_scale"] = scale
         return scale
 
-    def _write_layer(
-        self, name: str, weight: Tensor, bias: Tensor | None, scale: float, assign: bool
-    ) -> None:
-        """``.grad ← scale · direction`` for the layer's weight and bias (:func:`write_grad`)."""
-        module = self.layers[name]
-        write_grad(layer_weight(module), weight, scale, assign)
-        write_grad(layer_bias(module), bias, scale, assign)
-
-    # ------------------------------------------------------------ bookkeeping
     def preconditioned_parameters(self) -> set[int]:
+        """The ``id`` of every preconditioned parameter."""
         return {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Factors, cached decompositions, step counter and the sampler's RNG state.
-
-        Under ``torch.distributed`` this is a collective (call it on every rank): the
-        rank-local parts of every rank are gathered into ``"ranks"``, so the state of any
-        rank (save rank 0's) restores all of them.
-        """
-        state = {
-            "steps": self.steps,
-            "damping": self.damping,
-            "generator": self.generator.get_state(),
-            "factors": {name: f.state_dict() for name, f in self.factors.items()},
-            "layers": list(self.layers),
-        }
-        if self.retain_statistics:
-            state["retained"] = {n: (s.a, s.g) for n, s in self.retained_stats.items()}
-        if self.comm.distributed:  # on the CPU: rank 0 must not unpickle other GPUs' tensors
-            state["ranks"] = self.comm.all_gather_object(move_tensors(self._rank_state(), CPU))
-        return state
+        """Factors, cached decompositions, step counter and the sampler's RNG state
+        (:func:`~.state.kfac_state`; a collective under ``torch.distributed``)."""
+        return kfac_state(self)
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks (gathered by :meth:`state_dict`)."""
         return {"generator": self.generator.get_state()}
 
-    def _load_rank_states(self, state: dict[str, Any]) -> None:
-        """Restore this rank's part of ``state["ranks"]`` (or of a one-process state)."""
-        parts = state.get("ranks") or [{"generator": state["generator"]}]
-        part = select_rank_state(parts, self.comm.rank, self.comm.world_size)
-        if part is None:
-            self.generator.manual_seed(rank_seed(self.options.seed, self.comm.rank))
-        else:
-            self.generator.set_state(part["generator"])
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, its tensors on the devices of the layers."""
-        saved = list(state.get("layers", []))
-        if saved != list(self.layers):
-            raise ValueError(
-                f"preconditioner state is for layers {saved}, but this model has "
-                f"{list(self.layers)}"
-            )
-        self.steps = int(state["steps"])
-        self.damping = float(state["damping"])
-        self._load_rank_states(state)
-        for name, factor_state in state["factors"].items():
-            self.factors[name].load_state_dict(self._placed(name, factor_state))
-        retained = state.get("retained") or {}
-        self.retained_stats = {n: LayerStats(*self._placed(n, ag)) for n, ag in retained.items()}
-        self.capture.discard()
-        self._schedule_capture()
+        load_kfac_state(self, state)
 
     def _placed(self, name: str, tree: T) -> T:
-        """Saved state of layer ``name`` with its tensors on that layer's device (a state
-        saved on the CPU or another GPU resumes where the model now is)."""
+        """Saved state of layer ``name`` with its tensors on that layer's device."""
         return move_tensors(tree, layer_weight(self.layers[name]).device)
-
-    def _placed_layers(self, trees: Sequence[T]) -> list[T]:
-        """:meth:`_placed` for a per-layer list in the order of ``self.layers``."""
-        return [self._placed(name, tree) for name, tree in zip(self.layers, trees, strict=True)]
 
     def remove_hooks(self) -> None:
         self.capture.remove()

@@ -20,6 +20,11 @@ A-DEF2, balanced).
 Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the Fisher
 mini-batch of the last refresh step.
 
+The coarse level spans the layers of that Fisher mini-batch (:attr:`names`). A layer
+without a gradient in a step (unused in its forward) has ``g = 0`` there and its direction
+is dropped (its ``.grad`` stays ``None``); a layer with a gradient outside the coarse level
+(unused at the last refresh) gets its fine-level direction alone.
+
 Under ``torch.distributed`` each rank keeps its own rows of the Fisher mini-batch, and the
 coarse matrices and ``F̂`` products sum their per-sample terms over the ranks
 (:mod:`twolevel_kfac.twolevel.global_fisher`), so the coarse level sees the global Fisher
@@ -39,9 +44,6 @@ from ..curvature.blocks import (
     layer_weight,
 )
 from ..curvature.kronecker import ema_weight
-from ..distributed import (
-    split_statistics,
-)
 from ..twolevel.coarse_matrix import (
     CoarseOperator,
     coarse_projections,
@@ -60,6 +62,7 @@ from ..twolevel.global_fisher import (
     global_coarse_matrix,
     global_damped_fvp,
     global_tselepidis_matrix,
+    own_statistics,
 )
 from ..twolevel.parts import restrict_parts
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
@@ -166,15 +169,15 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         return sizes.pop()
 
     # ------------------------------------------------------------------ step
-    def _precondition_grads(self, stats: dict[str, LayerStats], lr: float) -> None:
+    def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, float]) -> None:
         """Between refreshes (kept ``Q``, KFAC's own ``M⁻¹``) the additive and A-DEF2 steps
         work on the gradients' weight and bias parts as plain KFAC does
         (:meth:`KFACPreconditioner._precondition_grads`), the ``W̄`` matrices never formed:
         additive ``d = ω_f M⁻¹g + ω_c Qg``, A-DEF2 ``d = M⁻¹g + ω_c Q(g − F̂M⁻¹g)``, the
         coarse term added in place (:meth:`CoarseOperator.add_into_parts`). Everything
         else uses ``W̄`` matrices (:meth:`_precondition`)."""
-        if not self._steps_on_parts(stats):
-            super()._precondition_grads(stats, lr)
+        if not self._steps_on_parts(stats) or self.active != self.names:
+            super()._precondition_grads(stats, lrs)
             return
         assert self._operator is not None
         grads = {name: gradient_parts(self.layers[name]) for name in self.names}
@@ -190,7 +193,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
                 for part in (t for pair in fine_parts for t in pair if t is not None):
                     part.mul_(self.coarse.fine_weight)
             self._operator.add_into_parts(scale, grad_parts, fine_parts)
-        self._write_parts(fine, grads, lr)
+        self._write_parts(fine, grads, lrs)
 
     def _restricted_residual(self, g: Parts, minv_g: Parts) -> Tensor:
         """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
@@ -229,15 +232,15 @@ class TwoLevelPreconditioner(KFACPreconditioner):
     ) -> dict[str, Tensor]:
         refreshed = bool(stats)
         if refreshed:
-            missing = [n for n in self.names if n not in stats]
-            if missing:
-                raise RuntimeError(f"no Fisher mini-batch statistics for layer(s) {missing}")
+            self._set_names([n for n in self.layers if n in stats])
             self.fisher_stats = [stats[n] for n in self.names]
             self.fisher_samples = self._global_samples()
-        g = [grads[n] for n in self.names]
+        zero = layer_weight(self.layers[self.names[0]]).new_zeros  # g of a layer unused now
+        g = [grads[n] if n in grads else zero(layer_shape(self.layers[n])) for n in self.names]
+        outside = {n: self.apply_fine(n, grads[n]) for n in grads if n not in self.names}
         minv_g = self.minv(g)
         if self.coarse.coarse_scale == 0.0:
-            return dict(zip(self.names, minv_g, strict=True))
+            return self._keep_active(minv_g, grads, outside)
         space = self.coarse.coarse_space
         # A residual basis needs res = g − F̂M⁻¹g only when it is rebuilt (every step in the
         # faithful schedule, on refresh steps in the consistent one).
@@ -262,7 +265,21 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         if residual is not None and self.coarse.diagnostics:
             self.last_stats["residual_norm"] = float(dot(residual, residual).sqrt())
             self.last_stats["energy_gain"] = float(operator.energy_gain(residual))
-        return dict(zip(self.names, result.direction, strict=True))
+        return self._keep_active(result.direction, grads, outside)
+
+    def _keep_active(
+        self, directions: LayerVector, grads: dict[str, Tensor], outside: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The directions of the layers with a gradient this step (``grads``)."""
+        kept = {n: d for n, d in zip(self.names, directions, strict=True) if n in grads}
+        return {n: kept[n] if n in kept else outside[n] for n in grads}
+
+    def _set_names(self, names: list[str]) -> None:
+        """The coarse level's layers; a new set drops the coarse state built for the old."""
+        if names != self.names:
+            self.names = names
+            self.basis, self.coarse_matrix, self._operator = None, None, None
+            self.coarse_updates, self._projections = 0, None
 
     @property
     def _per_step_basis(self) -> bool:
@@ -309,6 +326,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
             "fisher_samples": self.fisher_samples,
             "coarse_matrix": self.coarse_matrix,
             "coarse_updates": self.coarse_updates,
+            "names": self.names,
         }
         return state
 
@@ -320,29 +338,25 @@ class TwoLevelPreconditioner(KFACPreconditioner):
             raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
         super().load_state_dict(state)
         coarse = state["coarse"]
+        self.names = list(coarse.get("names", self.layers))
         saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
         per_rank = None
         if None not in saved:
-            per_rank = [[LayerStats(a, g) for a, g in self._placed_layers(p)] for p in saved]
-        self.fisher_stats = self._own_statistics(per_rank)
+            per_rank = [[LayerStats(a, g) for a, g in self._on_names(p)] for p in saved]
+        self.fisher_stats = own_statistics(per_rank, self.comm.rank, self.comm.world_size)
         self.fisher_samples = coarse.get("fisher_samples")
         if self.fisher_samples is None and per_rank is not None:  # a state from before it
             self.fisher_samples = sum(check_stats(stats) for stats in per_rank)
-        self.basis = None if coarse["basis"] is None else self._placed_layers(coarse["basis"])
+        self.basis = None if coarse["basis"] is None else self._on_names(coarse["basis"])
         self.coarse_matrix = self._placed(self.names[0], coarse["coarse_matrix"])
         self.coarse_updates = int(coarse["coarse_updates"])
         self._operator = None
         if self.basis is not None and self.coarse_matrix is not None:
             self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
 
-    def _own_statistics(self, per_rank: list[list[LayerStats]] | None) -> list[LayerStats] | None:
-        """This rank's Fisher mini-batch rows from the saved ones of every rank (re-split
-        contiguously when the world size changed)."""
-        if per_rank is None:
-            return None
-        if len(per_rank) == self.comm.world_size:
-            return per_rank[self.comm.rank]
-        return split_statistics(per_rank, self.comm.rank, self.comm.world_size)
+    def _on_names(self, trees: list[Any]) -> list[Any]:
+        """Saved per-layer state of the coarse level's layers, each on its layer's device."""
+        return [self._placed(n, t) for n, t in zip(self.names, trees, strict=True)]
 
     def __repr__(self) -> str:
         coarse = ", ".join(f"{k}={v!r}" for k, v in vars(self.coarse).items())
@@ -358,7 +372,9 @@ class TwoLevelKFAC(KFAC):
 
     preconditioner_class = TwoLevelPreconditioner
 
-    def _make_preconditioner(self, model: nn.Module, kwargs: dict[str, Any]) -> KFACPreconditioner:
+    def _make_preconditioner(
+        self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
+    ) -> KFACPreconditioner:
         from .fine import TWO_LEVEL_PRECONDITIONERS  # imports this module
 
         fine = kwargs.pop("fine", "kfac")
@@ -370,7 +386,7 @@ class TwoLevelKFAC(KFAC):
             raise TypeError(
                 f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
             )
-        return cls(model, **kwargs)
+        return cls(model, params=params, **kwargs)
 
 
 def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:

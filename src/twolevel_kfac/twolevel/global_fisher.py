@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats, weighted_gradient_sum
-from ..distributed import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
+from ..distributed import (
+    Communicator,
+    all_reduce_sum,
+    pack_symmetric,
+    split_statistics,
+    unpack_symmetric,
+)
 from .coarse_matrix import basis_gram, coarse_projections, tselepidis_from_sums, tselepidis_sums
 from .fisher_products import sample_coefficients
 from .vectors import LayerVector
@@ -59,3 +65,15 @@ def global_tselepidis_matrix(
         stats,
         damping,
     )
+
+
+def own_statistics(
+    per_rank: list[list[LayerStats]] | None, rank: int, world_size: int
+) -> list[LayerStats] | None:
+    """This rank's Fisher mini-batch rows from the saved ones of every rank (re-split
+    contiguously when the world size changed)."""
+    if per_rank is None:
+        return None
+    if len(per_rank) == world_size:
+        return per_rank[rank]
+    return split_statistics(per_rank, rank, world_size)

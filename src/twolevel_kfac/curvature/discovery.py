@@ -1,0 +1,213 @@
+"""Which modules of a model get a KFAC curvature block, and through which calls.
+
+:func:`find_layers` walks ``model.named_modules()`` and keeps the trainable ``Linear`` and
+``Conv2d`` (groups=1) layers whose parameters the optimizer owns. Three situations would
+make a block silently wrong, and are resolved here, before any step:
+
+* **Tied weights** (``b.weight = a.weight``): one parameter, several modules. The layers
+  form *one* block, registered under the first module's name, whose statistics sum over
+  every call of every module that uses the weight (the weight-sharing view of KFAC: each
+  call is one more location ``t``, as for a convolution; Eschenhagen et al. 2023's
+  *expand* approximation). Modules that share the weight but not the bias, or share a bias
+  but not the weight, have no ``A ⊗ G`` block: they are handled as ``unsupported`` says.
+* **Modules that call their children functionally** (``nn.MultiheadAttention`` runs
+  ``F.multi_head_attention_forward`` with ``in_proj_weight`` and ``out_proj.weight``): no
+  hook ever sees those calls, so their layers would have gradients without statistics.
+  Such modules and their children are handled as ``unsupported`` says.
+* **A subset of the model** (``params=``): a layer is preconditioned only when the
+  optimizer owns its parameters. Owning the weight but not the bias (or the reverse) is
+  refused: ``[W, b]`` is one block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from .blocks import layer_bias, layer_weight
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+FUNCTIONAL_CONTAINERS = (nn.MultiheadAttention,)
+"""Module types whose forward uses their children's parameters without calling them."""
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "find_layer_uses",
+    "find_layers",
+    "is_supported",
+    "parameter_ids",
+    "unsupported_reason",
+]
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` has parameters KFAC would precondition wrongly, or ``None`` if fine.
+
+    Grouped convolutions and transposed convolutions have weights that do not factor as
+    ``A ⊗ G`` with the unfolded input; preconditioning them as dense convs would be wrong.
+    """
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
+        return None
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"{type(module).__name__} is not supported"
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return f"{type(module).__name__} is not supported (only Conv2d)"
+    if isinstance(module, FUNCTIONAL_CONTAINERS):
+        return (
+            f"{type(module).__name__} uses its projections functionally (in_proj_weight, "
+            "out_proj.weight), so no hook sees their inputs and KFAC has no statistics "
+            "for them"
+        )
+    return None
+
+
+def is_supported(module: nn.Module) -> bool:
+    """True for the layer types KFAC preconditions (``Linear``, ``Conv2d`` with groups=1)."""
+    return isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None
+
+
+def parameter_ids(params: Iterable[object]) -> set[int]:
+    """The ``id`` of every tensor in ``params``, given as ``torch.optim`` takes them: tensors,
+    or parameter-group dicts whose ``"params"`` is a tensor or an iterable of tensors."""
+    ids: set[int] = set()
+    for item in params:
+        if isinstance(item, dict):
+            group = item.get("params", [])
+            ids |= parameter_ids([group] if isinstance(group, Tensor) else group)
+        elif isinstance(item, Tensor):
+            ids.add(id(item))
+        else:
+            raise TypeError(
+                "params must hold tensors or parameter-group dicts (torch.optim's format); "
+                f"got {type(item).__name__}"
+            )
+    return ids
+
+
+def _report(name: str, reason: str, unsupported: str) -> None:
+    message = (
+        f"module {name or '<root>'!r}: {reason}; its parameters get the un-preconditioned "
+        "momentum-SGD step"
+    )
+    if unsupported == "error":
+        raise ValueError(message + " (unsupported='error')")
+    if unsupported == "warn":
+        warnings.warn(message, stacklevel=5)
+
+
+def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
+    """Whether the optimizer owns the layer's parameters (all or none of them).
+
+    Raises:
+        ValueError: if it owns the weight but not the bias, or the bias but not the weight.
+    """
+    weight, bias = layer_weight(module), layer_bias(module)
+    has_weight = id(weight) in owned
+    if bias is None or (id(bias) in owned) == has_weight:
+        return has_weight
+    inside, outside = ("weight", "bias") if has_weight else ("bias", "weight")
+    raise ValueError(
+        f"layer {name!r}: its {inside} is in the optimizer's params but its {outside} is "
+        "not; KFAC preconditions [weight, bias] as one block: pass both or neither"
+    )
+
+
+def find_layers(
+    model: nn.Module, unsupported: str, params: Iterable[object] | None = None
+) -> dict[str, nn.Module]:
+    """The ``Linear`` / ``Conv2d`` (groups=1) layers of ``model`` that get a KFAC block, by
+    name (one entry per tied group, under its first module's name; see the module doc).
+
+    Args:
+        model: the model.
+        unsupported: ``warn`` | ``error`` | ``ignore``: what to do with modules KFAC would
+            precondition wrongly (their parameters get the plain momentum-SGD step).
+        params: the optimizer's parameters (``torch.optim`` format); ``None``: every
+            trainable parameter of ``model``.
+
+    Raises:
+        ValueError: with ``unsupported="error"`` for an unsupported module, or when the
+            optimizer owns a layer's weight but not its bias (or the reverse).
+    """
+    owned = None if params is None else parameter_ids(params)
+    layers: dict[str, nn.Module] = {}
+    refused: set[int] = set()  # ids of parameters of refused modules
+    skip: list[str] = []  # prefixes of the children of functional containers
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)) and not (
+            isinstance(module, FUNCTIONAL_CONTAINERS)
+        ):
+            continue
+        reason = unsupported_reason(module)
+        if isinstance(module, FUNCTIONAL_CONTAINERS):
+            skip.append(f"{name}." if name else "")
+            if owned is not None and not any(id(p) in owned for p in module.parameters()):
+                continue
+        if reason is not None:
+            _report(name, reason, unsupported)
+            refused |= {id(p) for p in module.parameters()}
+        elif is_supported(module) and layer_weight(module).requires_grad:
+            if owned is None or _check_ownership(name, module, owned):
+                layers[name] = module
+    return _resolve_ties(layers, refused, unsupported)
+
+
+def _resolve_ties(
+    layers: dict[str, nn.Module], refused: set[int], unsupported: str
+) -> dict[str, nn.Module]:
+    """One entry per weight: later modules tied to an earlier one's weight (and bias) are
+    dropped here (:func:`find_layer_uses` finds them again for the capture); modules tied
+    in a way that has no ``A ⊗ G`` block are reported and dropped."""
+    first: dict[int, str] = {}  # weight id -> name of the first layer using it
+    owner: dict[int, str] = {}  # parameter id -> the weight group it belongs to
+    bad: dict[str, str] = {}
+    for name, module in layers.items():
+        weight, bias = layer_weight(module), layer_bias(module)
+        if id(weight) in first:
+            lead = first[id(weight)]
+            if type(module) is not type(layers[lead]) or layer_bias(layers[lead]) is not bias:
+                bad[name] = bad[lead] = (
+                    f"modules {lead!r} and {name!r} share a weight but not its bias (or their "
+                    "layer type); KFAC has no [W, b] block for them: tie the biases too, or "
+                    "use bias=False"
+                )
+            continue
+        first[id(weight)] = name
+        for param in (weight, bias):
+            if param is None:
+                continue
+            if id(param) in owner and owner[id(param)] != name:
+                bad[name] = bad[owner[id(param)]] = (
+                    f"modules {owner[id(param)]!r} and {name!r} share a bias but not the "
+                    "weight; KFAC has no [W, b] block for them"
+                )
+            owner[id(param)] = name
+    kept = {}
+    for name, module in layers.items():
+        if name in bad:
+            _report(name, bad[name], unsupported)
+        elif first[id(layer_weight(module))] == name and id(layer_weight(module)) not in refused:
+            kept[name] = module
+    return kept
+
+
+def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
+    """Every module that computes with a block's weight, by block name (the block's own
+    module first, then the modules tied to it, in ``named_modules()`` order)."""
+    by_weight = {id(layer_weight(module)): name for name, module in layers.items()}
+    uses: dict[str, list[nn.Module]] = {name: [module] for name, module in layers.items()}
+    for module in model.modules():
+        if not isinstance(module, SUPPORTED_LAYERS):
+            continue
+        name = by_weight.get(id(module.weight))
+        if name is not None and module is not layers[name]:
+            uses[name].append(module)
+    return uses

@@ -1,0 +1,66 @@
+"""The checkpoint state of a KFAC preconditioner: what :meth:`state_dict` saves and
+:meth:`load_state_dict` restores (factors, decompositions, schedule, sampler).
+
+Under ``torch.distributed`` saving is a collective (call it on every rank): the rank-local
+parts of every rank (``pre._rank_state()``: the sampler, and a two-level level's rows of
+the Fisher mini-batch) are gathered into ``"ranks"``, so the state of any rank (save rank
+0's) restores all of them. Loading puts every tensor on the device of its layer, so a state
+saved on the CPU or another GPU resumes where the model now is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..curvature.blocks import LayerStats
+from ..distributed import rank_seed, select_rank_state
+from ..placement import CPU, move_tensors
+
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
+
+__all__ = ["kfac_state", "load_kfac_state"]
+
+
+def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
+    """Factors, cached decompositions, step counter and the sampler's RNG state."""
+    state = {
+        "steps": pre.steps,
+        "damping": pre.damping,
+        "generator": pre.generator.get_state(),
+        "factors": {name: f.state_dict() for name, f in pre.factors.items()},
+        "layers": list(pre.layers),
+    }
+    if pre.retain_statistics:
+        state["retained"] = {n: (s.a, s.g) for n, s in pre.retained_stats.items()}
+    if pre.comm.distributed:  # on the CPU: rank 0 must not unpickle other GPUs' tensors
+        state["ranks"] = pre.comm.all_gather_object(move_tensors(pre._rank_state(), CPU))
+    return state
+
+
+def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
+    """Restore :func:`kfac_state` into ``pre``.
+
+    Raises:
+        ValueError: if the state is for other layers.
+    """
+    saved = list(state.get("layers", []))
+    if saved != list(pre.layers):
+        raise ValueError(
+            f"preconditioner state is for layers {saved}, but this model has {list(pre.layers)}"
+        )
+    pre.steps = int(state["steps"])
+    pre.damping = float(state["damping"])
+    parts = state.get("ranks") or [{"generator": state["generator"]}]
+    part = select_rank_state(parts, pre.comm.rank, pre.comm.world_size)
+    if part is None:
+        pre.generator.manual_seed(rank_seed(pre.options.seed, pre.comm.rank))
+    else:
+        pre.generator.set_state(part["generator"])
+    for name, factor_state in state["factors"].items():
+        pre.factors[name].load_state_dict(pre._placed(name, factor_state))
+    retained = state.get("retained") or {}
+    pre.retained_stats = {n: LayerStats(*pre._placed(n, ag)) for n, ag in retained.items()}
+    pre.capture.discard()
+    pre.active = list(pre.layers)
+    pre._schedule_capture()
