@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench check-core clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,5 +30,12 @@ bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[bench]'
 	$(VENV)/bin/tlkfac bench $(BENCH_ARGS)
 
+# a venv with torch alone and the package without extras: the optimizers must work there
+check-core:
+	rm -rf $(VENV)-core && $(PYTHON) -m venv $(VENV)-core
+	$(VENV)-core/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VENV)-core/bin/python -m pip install -q --disable-pip-version-check .
+	cd tests && ../$(VENV)-core/bin/python core_smoke.py
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV)-core

@@ -423,3 +423,47 @@ def test_directions_written_over_the_gradients_without_kl_clip(layout: str) -> N
     torch.testing.assert_close(directions[0], directions[1], rtol=1e-6, atol=1e-9)
     assert kept[0] == (layout != "channels_last")  # a reshaped channels-last grad is a copy
     assert kept[1] == (layout == "bucket")  # fresh directions, copied only into a bucket
+
+
+def test_damping_schedule_gives_each_steps_own_damping(float64: None) -> None:
+    """``damping=callable``: step ``k`` uses ``λ_k = schedule(k)``: each step equals the
+    dense damped KFAC step with that λ; a schedule returning λ ≤ 0 is refused, naming the
+    step; combined with ``adaptive_damping`` it is refused."""
+    from test_training_setups import joined_grad, joined_params, kfac_direction, use_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    dampings = [0.3, 0.05, 0.01]
+    opt = tk.KFAC(model, **{**CONTRACT, "damping": lambda k: dampings[k]})
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+
+    def loss_fn(out: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y)
+
+    for damping in dampings:
+        layers = [model[0], model[2]]
+        stats = [use_statistics(model, [m], loss_fn, x) for m in layers]
+        opt.zero_grad()
+        loss_fn(model(x)).backward()
+        expected = [
+            joined_params(m) - kfac_direction(a, g, joined_grad(m), damping)
+            for m, (a, g) in zip(layers, stats, strict=True)
+        ]
+        opt.step()
+        assert opt.last_stats["damping"] == damping
+        for m, e in zip(layers, expected, strict=True):
+            torch.testing.assert_close(joined_params(m), e, rtol=1e-10, atol=1e-12)
+    opt.preconditioner.remove_hooks()
+    with pytest.raises(ValueError, match="damping schedule at step 0"):
+        tk.KFAC(model, damping=lambda k: 0.0)
+    bad = tk.KFAC(model, damping=lambda k: 0.1 if k == 0 else -1.0)
+    for _ in range(2):
+        bad.zero_grad()
+        loss_fn(model(x)).backward()
+        if bad.preconditioner.steps == 1:
+            with pytest.raises(ValueError, match="damping schedule at step 1"):
+                bad.step()
+        else:
+            bad.step()
+    with pytest.raises(ValueError, match="schedule cannot be combined"):
+        tk.KFAC(model, damping=lambda k: 0.1, adaptive_damping=True)

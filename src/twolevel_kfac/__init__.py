@@ -1,6 +1,6 @@
 """Two-level KFAC: Kronecker-factored natural-gradient training with coarse-space corrections.
 
-Public API (``../shared/design.md`` §2)::
+Public API::
 
     import twolevel_kfac as tk
     opt = tk.KFAC(model, lr=0.01, damping=1e-3, fisher="mc", likelihood="categorical")

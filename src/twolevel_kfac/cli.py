@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from .extras import missing_modules
+
 # name → (module, help). Modules are imported when the parser is built; keep their
 # top-level imports light (torch-heavy work inside ``run``).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +40,7 @@ def _load(module: str) -> ModuleType | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tlkfac`` argument parser with every available subcommand."""
     parser = argparse.ArgumentParser(
         prog="tlkfac",
         description="KFAC and two-level KFAC: experiments, analysis and benchmarks.",
@@ -55,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``tlkfac`` with ``argv``; returns the exit status (2: a user error, printed)."""
+    missing = missing_modules("experiments")
+    if missing:
+        print(
+            f"error: tlkfac needs the 'experiments' extra (missing: {', '.join(missing)}); "
+            "install it with: pip install 'twolevel-kfac[experiments]'",
+            file=sys.stderr,
+        )
+        return 2
     args = build_parser().parse_args(argv)
     try:
         status = args.handler(args)

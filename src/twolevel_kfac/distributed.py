@@ -69,7 +69,6 @@ from torch import Tensor, nn
 from .curvature.blocks import LayerStats
 from .curvature.kronecker import KroneckerFactors, damped_inverse, decompose_factor
 
-INVERSE_PLACEMENTS = ("split", "replicate")
 _MASK64 = (1 << 64) - 1
 
 
@@ -107,6 +106,7 @@ class Communicator:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world_size > 1
 
     def _count(self, tensor: Tensor, start: float) -> None:

@@ -34,6 +34,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from twolevel_kfac.extras import require_extra
+
+require_extra("experiments", "twolevel_kfac.analysis")
+
 # Lazy exports: ``tlkfac`` imports ``analysis.command`` to build its parser, which must not
 # pull in pydantic / torch.func before the command runs.
 _EXPORTS = {

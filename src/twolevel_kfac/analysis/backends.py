@@ -82,10 +82,12 @@ class DenseBackend:
 
     @property
     def fisher_op(self) -> metrics.Operator:
+        """The undamped Fisher ``F`` as an operator."""
         return self.curvature.dense()
 
     @property
     def fhat_op(self) -> metrics.Operator:
+        """The damped Fisher ``F̂ = F + λI`` as an operator."""
         return self.fhat_matrix()
 
     def solve(self, v: Tensor, record: str | None = None) -> Tensor:
@@ -143,10 +145,12 @@ class MatrixFreeBackend:
 
     @property
     def fisher_op(self) -> metrics.Operator:
+        """The undamped Fisher ``F`` as an operator."""
         return self.products
 
     @property
     def fhat_op(self) -> metrics.Operator:
+        """The damped Fisher ``F̂ = F + λI`` as an operator."""
         return self.fhat
 
     def fhat(self, v: Tensor) -> Tensor:

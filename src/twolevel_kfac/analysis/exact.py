@@ -250,14 +250,17 @@ class Curvature:
 
     @property
     def sizes(self) -> list[int]:
+        """The number of parameters of each layer, in layer order."""
         return [o * i for o, i in self.shapes]
 
     @property
     def num_params(self) -> int:
+        """The number of analysed parameters."""
         return sum(self.sizes)
 
     @property
     def flat_grad(self) -> Tensor:
+        """The batch gradient in analysis coordinates."""
         return flatten(self.grad)
 
     def dense(self) -> Tensor:
@@ -283,7 +286,8 @@ def compute_curvature(
 
     Args:
         model: the network (float64 recommended).
-        x: inputs; y: targets of the batch.
+        x: the batch's inputs.
+        y: the batch's targets.
         likelihood: the likelihood of the loss.
         fisher: ``true`` | ``empirical`` | ``mc`` (module docstring).
         mc_samples: ``M`` for ``mc``.

@@ -19,7 +19,7 @@ Methods (``d ≈ F̂⁻¹g`` with ``F̂ = F + λI``, ``F`` the exact Fisher of t
   iteration runs to ``ANALYSIS_POWER``). They use the configured damping mode, except
   ``kfac_corrected``, which has no ``eigen_sum`` form and uses ``per_factor`` then;
 * ``<space>+<combination>`` (e.g. ``nicolaides+adef2``): the direction returned by
-  :meth:`TwoLevelPreconditioner._precondition` — the optimizer's step path, with
+  :meth:`TwoLevelPreconditioner.direction` — the optimizer's step path, with
   ``fisher_stats`` set to the batch's statistics (consistent refresh, ``kl_clip=None``).
   The two-level methods use KFAC (``damping_mode``) as their fine level.
 
@@ -34,19 +34,19 @@ linear in ``g``), and ``P g`` is the step taken.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..curvature.kronecker import DAMPING_MODES
+from ..curvature.kronecker import DAMPING_MODES, DampingMode
 from ..optim.fine import FINE_LEVELS
-from ..optim.options import CurvatureOptions
+from ..optim.options import CurvatureOptions, SpectralWhich
 from ..optim.preconditioner import KFACPreconditioner
 from ..optim.twolevel import CoarseOptions, TwoLevelPreconditioner
 from ..twolevel.coarse_matrix import CoarseOperator
-from ..twolevel.coarse_spaces import COARSE_SPACES
-from ..twolevel.combinations import COMBINATIONS, get_combination
+from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
+from ..twolevel.combinations import COMBINATIONS, CombinationName, get_combination
 from ..twolevel.vectors import LayerVector
 from .backends import Backend, MatrixFreeOptions, make_backend
 from .coordinates import flatten, unflatten
@@ -116,7 +116,7 @@ def parse_method(name: str, damping_mode: str = "per_factor") -> MethodSpec:
 def _options(damping: float, damping_mode: str) -> CurvatureOptions:
     return CurvatureOptions(
         damping=damping,
-        damping_mode=damping_mode,
+        damping_mode=cast(DampingMode, damping_mode),  # checked by CurvatureOptions
         fisher="empirical",  # unused: the statistics are loaded, never captured
         ema_decay=0.0,
         kl_clip=None,
@@ -204,10 +204,10 @@ class MethodSet:
         key = (space, combination)
         if key not in self._twolevel:
             coarse = CoarseOptions(
-                coarse_space=space,
-                combination=combination,
+                coarse_space=cast(CoarseSpace, space),  # checked by CoarseOptions
+                combination=cast(CombinationName, combination),
                 coarse_scale=self.coarse_scale,
-                spectral_which=self.spectral_which,
+                spectral_which=cast(SpectralWhich, self.spectral_which),
                 diagnostics=True,
             )
             pre = TwoLevelPreconditioner(
@@ -218,7 +218,7 @@ class MethodSet:
             names = self.curvature.names
             grads = dict(zip(names, self.curvature.grad, strict=True))
             stats = dict(zip(names, self.curvature.stats, strict=True))
-            direction = pre._precondition(grads, stats)
+            direction = pre.direction(grads, stats)
             self._directions[twolevel_name(space, combination)] = flatten(
                 [direction[n] for n in names]
             )
@@ -227,9 +227,9 @@ class MethodSet:
 
     def operator(self, space: str) -> CoarseOperator:
         """The coarse operator ``Q`` the optimizer built for ``space`` on this gradient."""
-        pre = self.twolevel(space, "adef2")
-        assert pre._operator is not None
-        return pre._operator
+        operator = self.twolevel(space, "adef2").coarse_operator
+        assert operator is not None
+        return operator
 
     def energy_gain(self, space: str) -> float:
         """The optimizer's own ``E(β*) − E(0)`` diagnostic for ``space`` (``last_stats``)."""
@@ -297,11 +297,11 @@ class MethodSet:
             return self._apply_fine(self.preconditioner(spec), v)
         assert spec.space is not None and spec.combination is not None
         pre = self.twolevel(spec.space, spec.combination)
-        assert pre._operator is not None
+        assert pre.coarse_operator is not None
         result = get_combination(spec.combination)(
             self.layer_vector(v),
             pre.minv,
-            pre._operator,
+            pre.coarse_operator,
             pre.fhat,
             coarse_scale=self.coarse_scale,
         )

@@ -52,6 +52,7 @@ class RunResult:
     model: nn.Module | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict."""
         return {
             "method": self.method,
             "losses": self.losses,

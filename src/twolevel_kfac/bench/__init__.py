@@ -9,6 +9,10 @@ and writes ``NAME.json``, ``NAME.md`` and PNGs to ``--out`` (default ``docs/benc
 
 from __future__ import annotations
 
-from twolevel_kfac.bench.command import add_arguments, run
+from twolevel_kfac.extras import require_extra
+
+require_extra("experiments", "twolevel_kfac.bench")
+
+from twolevel_kfac.bench.command import add_arguments, run  # noqa: E402 (after the check)
 
 __all__ = ["add_arguments", "run"]

@@ -1,7 +1,7 @@
 """Layer curvature blocks: turn a layer's captured inputs and output-gradients into the
 weight-sharing format ``[N, T, features]`` and into the Kronecker factors of KFAC / KFC.
 
-Conventions (``../shared/design.md`` §2, Martens & Grosse 2015 eq. (1); Grosse & Martens
+Conventions (README: "Conventions"; Martens & Grosse 2015 eq. (1); Grosse & Martens
 2016 for convolutions):
 
 * A layer's parameters are viewed as one matrix ``W̄ = [W, b]`` of shape
@@ -38,10 +38,12 @@ class LayerStats:
 
     @property
     def num_samples(self) -> int:
+        """``N``: the number of samples."""
         return int(self.a.shape[0])
 
     @property
     def num_locations(self) -> int:
+        """``T``: the number of locations per sample."""
         return int(self.a.shape[1])
 
     def subset(self, index: Tensor) -> LayerStats:
@@ -50,6 +52,7 @@ class LayerStats:
 
 
 def has_bias(module: nn.Module) -> bool:
+    """Whether the layer has a bias parameter."""
     return getattr(module, "bias", None) is not None
 
 
@@ -161,6 +164,12 @@ def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:
     a = stats.a.reshape(-1, stats.a.shape[-1])
     g = stats.g.reshape(-1, stats.g.shape[-1])
     return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0])
+
+
+def kronecker_factors_as(stats: LayerStats, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """:func:`kronecker_factors` computed in ``dtype``, with the number of locations ``T``."""
+    cast = LayerStats(stats.a.to(dtype), stats.g.to(dtype))
+    return (*kronecker_factors(cast), stats.num_locations)
 
 
 def scaled_gram(rows: Tensor, scale: float) -> Tensor:

@@ -30,7 +30,7 @@ model's device (the subset's indices, then the targets, are moved to the data's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,8 @@ from torch.utils.hooks import RemovableHandle
 from .blocks import LayerStats, input_features, output_gradients
 from .likelihoods import sampled_nll
 
-FISHER_TYPES = ("mc", "empirical")
+FisherType = Literal["mc", "empirical"]
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 
 
 @dataclass
@@ -86,6 +87,7 @@ def _check_rows(what: str, tensor: Tensor, forward: _Forward) -> None:
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The first tensor among a call's positional and keyword arguments."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):
             return value
@@ -143,6 +145,7 @@ class CurvatureCapture:
                 self._handles.append(module.register_forward_hook(self._layer_hook(name)))
 
     def remove(self) -> None:
+        """Remove every hook (the capture then records nothing)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -227,6 +230,7 @@ class CurvatureCapture:
         forward.outputs.clear()
 
     def has_statistics(self) -> bool:
+        """Whether any forward of this step has its output gradients."""
         return any(r.grad is not None for records in self._records.values() for r in records)
 
     def collect(self) -> dict[str, LayerStats]:

@@ -2,7 +2,7 @@
 
 A layer's Fisher block is approximated by ``A ⊗ G`` (column-major ``vec`` of ``W̄``), so
 ``(A ⊗ G) vec(V) = vec(G V A)`` and every inverse acts on the gradient matrix from both
-sides. The three damping conventions (``../shared/paper.md`` §1):
+sides. The three damping conventions (Koroko et al. 2023; README: "Optimizers and options"):
 
 * ``per_factor``: ``[(A + λI) ⊗ (G + λI)]⁻¹``  → ``(G + λI)⁻¹ V (A + λI)⁻¹``
 * ``pi``: ``[(A + π√λ I) ⊗ (G + √λ/π I)]⁻¹`` with ``π² = (tr A / dim A) / (tr G / dim G)``
@@ -19,21 +19,19 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor
 
 from .kronecker_apply import LayerParts, apply_in_eigenbasis_split, multiply_joined, multiply_split
+from .running_average import ema_weight, running_average
 
-DAMPING_MODES = ("per_factor", "pi", "eigen_sum")
-INVERSE_METHODS = ("eigen", "cholesky")
+DampingMode = Literal["per_factor", "pi", "eigen_sum"]
+InverseMethod = Literal["eigen", "cholesky"]
+DAMPING_MODES: tuple[str, ...] = get_args(DampingMode)
+INVERSE_METHODS: tuple[str, ...] = get_args(InverseMethod)
 _T = TypeVar("_T")
-
-
-def ema_weight(num_updates: int, ema_decay: float) -> float:
-    """``ρ = min(1 − 1/k, ema_decay)`` for the ``k``-th update (so the first replaces)."""
-    return min(1.0 - 1.0 / num_updates, ema_decay)
 
 
 def pi_ratio(trace_a: float, dim_a: int, trace_g: float, dim_g: int) -> float:
@@ -214,14 +212,12 @@ class KroneckerFactors:
         self.num_updates += 1
         self.num_locations = num_locations
         rho = ema_weight(self.num_updates, ema_decay)
-        if self.A is None or self.G is None or rho == 0.0:
-            self.A, self.G = new_a.clone(), new_g.clone()
-        else:
-            self.A.mul_(rho).add_(new_a, alpha=1.0 - rho)
-            self.G.mul_(rho).add_(new_g, alpha=1.0 - rho)
+        self.A = running_average(self.A, new_a, rho)
+        self.G = running_average(self.G, new_g, rho)
 
     @property
     def ready(self) -> bool:
+        """Whether both factors hold an estimate."""
         return self.A is not None and self.G is not None
 
     def decompose(self, method: str) -> None:
@@ -335,6 +331,7 @@ class KroneckerFactors:
         return out_w.to(weight.dtype), None if out_b is None else out_b.to(weight.dtype)
 
     def state_dict(self) -> dict[str, object]:
+        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
         return {
             "A": self.A,
             "G": self.G,
@@ -346,6 +343,7 @@ class KroneckerFactors:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a :meth:`state_dict`."""
         for name in self.state_dict():
             if name not in state:
                 raise KeyError(f"Kronecker factor state is missing {name!r}")

@@ -21,11 +21,14 @@ and the samples are those a CPU run draws from the same probabilities.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+Likelihood = Literal["categorical", "bernoulli", "gaussian"]
+LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
 
 
 def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:

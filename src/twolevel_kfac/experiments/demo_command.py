@@ -19,6 +19,7 @@ from twolevel_kfac.experiments.commands import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's arguments to its parser."""
     parser.add_argument(
         "--out",
         default=None,
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.demo import main
 
     if args.threads is None:

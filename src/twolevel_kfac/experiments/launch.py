@@ -95,7 +95,10 @@ def train_parallel(
         config: A config with one method and one seed (``ExperimentConfig.for_run``).
         run_dir: Output directory; rank 0 alone writes it.
         nproc: Local processes to start; ``None``: one, or the launcher's world size.
-        resume, max_steps, progress, data_dir: As for ``train_run``.
+        resume: Continue from the run directory's checkpoint (as for ``train_run``).
+        max_steps: Stop after this many steps (as for ``train_run``).
+        progress: Show progress bars (as for ``train_run``).
+        data_dir: Where the data sets are (as for ``train_run``).
         threads: Intra-op threads per spawned worker (default: cores / ``nproc``).
 
     Returns:

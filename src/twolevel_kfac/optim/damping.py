@@ -91,6 +91,7 @@ class DampingOptions:
 
     @property
     def needs_statistics(self) -> bool:
+        """Whether the options need the last Fisher mini-batch kept."""
         return self.adaptive_damping or self.qmodel_lr_momentum
 
 

@@ -24,6 +24,7 @@ from ..curvature.blocks import layer_bias, layer_weight
 
 __all__ = [
     "assign_grad",
+    "clip_scale",
     "kl_clip_scale",
     "part_pairs",
     "set_grad",
@@ -108,6 +109,20 @@ def write_layer(
     write_grad(layer_bias(module), bias, scale, assign)
 
 
+def clip_scale(
+    clip: float | None,
+    form: str,
+    layers: list[list[tuple[Tensor, Tensor]]],
+    names: list[str],
+    lrs: dict[str, float],
+) -> tuple[float, bool | None]:
+    """:func:`kl_clip_scale` as configured: ``(1, None)`` without a clip (finiteness not
+    known); ``form="lr_squared"`` reads the learning rate of each layer of ``names``."""
+    if clip is None:
+        return 1.0, None
+    return kl_clip_scale(layers, clip, [lrs[n] for n in names] if form == "lr_squared" else None)
+
+
 def write_grad(param: Tensor | None, value: Tensor | None, scale: float, assign: bool) -> None:
     """``param.grad ← scale · value`` (nothing when either is ``None``): ``assign``: a fresh
     direction (or ``.grad``'s own storage), scaled in place and handed over
@@ -132,10 +147,12 @@ def set_grad(param: Tensor, value: Tensor, scale: float) -> None:
 
 
 def assign_grad(param: Tensor, value: Tensor) -> None:
-    """``param.grad ← value`` without a copy (``value``: a fresh tensor of ``param``'s
-    dtype, or ``param.grad``'s own storage, written in place), except into a gradient
-    that is a view: DDP's ``gradient_as_bucket_view`` keeps its buckets' storage there.
-    (Copying a fresh direction into the old ``.grad`` instead was measured no faster.)"""
+    """``param.grad ← value`` without a copy.
+
+    ``value`` is a fresh tensor of ``param``'s dtype, or ``param.grad``'s own storage
+    written in place; a gradient that is a view (DDP's ``gradient_as_bucket_view`` keeps
+    its buckets' storage there) is copied into instead. Copying a fresh direction into
+    the old ``.grad`` in every case was measured no faster (docs/benchmarks)."""
     grad = param.grad
     if value.shape != param.shape:  # a Conv2d weight from its (d_out, d_in) matrix
         value = value.view(param.shape)

@@ -39,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.blocks import LayerStats
-from ..curvature.kronecker import eigen_denominator, ema_weight
+from ..curvature.kronecker import eigen_denominator
 from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
+from ..curvature.running_average import ema_weight, running_average
 from ..distributed import all_reduce_sum
 from .kfac import KFAC
 from .options import CurvatureOptions
@@ -105,8 +106,7 @@ class EKFACPreconditioner(KFACPreconditioner):
             count = self.scaling_updates.get(name, 0) + 1
             self.scaling_updates[name] = count
             rho = ema_weight(count, self.options.ema_decay)
-            old = self.scalings.get(name)
-            self.scalings[name] = new if old is None or rho == 0 else rho * old + (1 - rho) * new
+            self.scalings[name] = running_average(self.scalings.get(name), new, rho)
             self._scaling_cache.pop(name, None)
         self.last_stats["nonfinite_scaling_updates"] = float(skipped)
 
@@ -132,11 +132,13 @@ class EKFACPreconditioner(KFACPreconditioner):
         return prepared
 
     def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
         state = super().state_dict()
         state["scalings"] = {"S": dict(self.scalings), "updates": dict(self.scaling_updates)}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
         if "scalings" not in state:
             raise ValueError(f"not a {type(self).__name__} state: no 'scalings' entry")
         super().load_state_dict(state)

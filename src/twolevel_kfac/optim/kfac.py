@@ -1,6 +1,6 @@
 """``KFAC``: a ``torch.optim.Optimizer`` = KFAC preconditioner + heavy-ball momentum SGD.
 
-Per step (the paper's recipe, ``../shared/paper.md`` §1): the preconditioner turns each
+Per step (the recipe of Koroko et al. 2023): the preconditioner turns each
 layer's gradient into the (KL-clipped) natural-gradient direction ``d``; then weight decay
 is added *after* preconditioning, ``d ← d + wd·θ``, and the momentum-SGD step follows,
 ``buf ← μ·buf + d``, ``θ ← θ − lr·buf`` (Nesterov: ``θ ← θ − lr·(d + μ·buf)``).
@@ -102,6 +102,11 @@ class KFAC(torch.optim.Optimizer):
             params = [p for p in model.parameters() if p.requires_grad]
         params = list(params)
         self.preconditioner = self._make_preconditioner(model, curvature, params)
+        if self.damping_options.adaptive_damping and callable(curvature.get("damping")):
+            raise ValueError(
+                f"{type(self).__name__}: adaptive_damping=True sets λ itself; a damping "
+                "schedule cannot be combined with it"
+            )
         if self.damping_options.needs_statistics:
             if self.preconditioner.comm.distributed:
                 raise NotImplementedError(
@@ -254,12 +259,14 @@ class KFAC(torch.optim.Optimizer):
                 self.state[param]["momentum_buffer"] = buffer
 
     def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
         state = super().state_dict()
         state["preconditioner"] = self.preconditioner.state_dict()
         state["nonfinite"] = [self.nonfinite_steps, self.consecutive_nonfinite]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
         if "preconditioner" not in state_dict:
             raise ValueError(f"not a {type(self).__name__} state dict: no 'preconditioner' entry")
         state = dict(state_dict)

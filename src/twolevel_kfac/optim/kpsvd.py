@@ -52,8 +52,8 @@ from ..curvature.kpsvd import (
     nearest_kronecker,
     pencil_eigh,
 )
-from ..curvature.kronecker import ema_weight
 from ..curvature.kronecker_apply import apply_in_eigenbasis
+from ..curvature.running_average import ema_weight, running_average
 from .kfac import KFAC
 from .options import CurvatureOptions, check_interval, check_real
 from .preconditioner import KFACPreconditioner
@@ -149,13 +149,10 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
         self.correction_updates[name] = k
         rho = ema_weight(k, self.options.ema_decay)
         old = self.corrections.get(name)
-        if old is None or rho == 0:
-            self.corrections[name] = (a_2, g_2)
-        else:
-            self.corrections[name] = (
-                rho * old[0] + (1 - rho) * a_2,
-                rho * old[1] + (1 - rho) * g_2,
-            )
+        self.corrections[name] = (
+            running_average(None if old is None else old[0], a_2, rho),
+            running_average(None if old is None else old[1], g_2, rho),
+        )
         return True
 
     def _refresh_decompositions(self) -> None:
@@ -192,6 +189,7 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
         return prepared
 
     def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
         state = super().state_dict()
         state["corrections"] = {
             "running": dict(self.corrections),
@@ -201,6 +199,7 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
         if "corrections" not in state:
             raise ValueError(f"not a {type(self).__name__} state: no 'corrections' entry")
         super().load_state_dict(state)

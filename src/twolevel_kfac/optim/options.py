@@ -7,25 +7,31 @@ so a typo in a config or a constructor call fails at once and says why.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 
-from ..curvature.capture import FISHER_TYPES
-from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS
-from ..curvature.likelihoods import LIKELIHOODS
-from ..distributed import INVERSE_PLACEMENTS
-from ..twolevel.coarse_spaces import COARSE_SPACES
-from ..twolevel.combinations import COMBINATIONS
+from ..curvature.capture import FISHER_TYPES, FisherType
+from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS, DampingMode, InverseMethod
+from ..curvature.likelihoods import LIKELIHOODS, Likelihood
+from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
+from ..twolevel.combinations import COMBINATIONS, CombinationName
 
-KL_CLIP_FORMS = ("paper", "lr_squared")
-UNSUPPORTED_POLICIES = ("warn", "error", "ignore")
+InversePlacement = Literal["split", "replicate"]
+KlClipForm = Literal["paper", "lr_squared"]
+UnsupportedPolicy = Literal["warn", "error", "ignore"]
+CoarseRefresh = Literal["consistent", "faithful"]
+SpectralWhich = Literal["smallest", "largest"]
+INVERSE_PLACEMENTS: tuple[str, ...] = get_args(InversePlacement)
+KL_CLIP_FORMS: tuple[str, ...] = get_args(KlClipForm)
+UNSUPPORTED_POLICIES: tuple[str, ...] = get_args(UnsupportedPolicy)
 
 
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -55,7 +61,14 @@ def check_real(
     return number
 
 
+def damping_at(damping: float | Callable[[int], float], step: int) -> float:
+    """λ at ``step``: the constant, or the schedule's value (checked)."""
+    value = damping(step) if callable(damping) else damping
+    return check_real(f"damping schedule at step {step}", value, low=0.0, low_open=True)
+
+
 def check_interval(name: str, value: object) -> int:
+    """``value`` if it is an integer ≥ 1, else ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     return value
@@ -63,10 +76,12 @@ def check_interval(name: str, value: object) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class CurvatureOptions:
-    """How the curvature statistics are gathered and inverted (``../shared/design.md`` §2).
+    """How the curvature statistics are gathered and inverted (README: "Optimizers and options").
 
     Attributes:
-        damping: λ, added as set by ``damping_mode``.
+        damping: λ, added as set by ``damping_mode``; or a schedule ``step → λ`` (called
+            with the step count before every step, e.g. ``lambda k: 1e-2 * 0.99**k``;
+            changing λ rebuilds the damped inverses, cheap with ``inverse_method="eigen"``).
         damping_mode: ``per_factor`` | ``pi`` | ``eigen_sum`` (see :mod:`..curvature.kronecker`).
         fisher: ``mc`` (sampled targets, the true Fisher) | ``empirical`` (the batch targets).
         likelihood: what ``mc`` samples from: ``categorical`` | ``bernoulli`` | ``gaussian``.
@@ -94,26 +109,27 @@ class CurvatureOptions:
             shared) | ``replicate`` (every rank decomposes every factor).
     """
 
-    damping: float = 1e-3
-    damping_mode: str = "per_factor"
-    fisher: str = "mc"
-    likelihood: str = "categorical"
+    damping: float | Callable[[int], float] = 1e-3
+    damping_mode: DampingMode = "per_factor"
+    fisher: FisherType = "mc"
+    likelihood: Likelihood = "categorical"
     fisher_batch: float = 1.0
     ema_decay: float = 0.95
     cov_interval: int = 1
     inv_interval: int = 1
     kl_clip: float | None = 1e-2
-    kl_clip_form: str = "paper"
-    inverse_method: str = "eigen"
+    kl_clip_form: KlClipForm = "paper"
+    inverse_method: InverseMethod = "eigen"
     factor_dtype: torch.dtype | None = None
-    unsupported: str = "warn"
+    unsupported: UnsupportedPolicy = "warn"
     seed: int = 0
     accumulation_steps: int = 1
     process_group: Any = None
-    distributed_inverses: str = "split"
+    distributed_inverses: InversePlacement = "split"
 
     def __post_init__(self) -> None:
-        check_real("damping", self.damping, low=0.0, low_open=True)
+        if not callable(self.damping):
+            check_real("damping", self.damping, low=0.0, low_open=True)
         check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
         check_choice("fisher", self.fisher, FISHER_TYPES)
         check_choice("likelihood", self.likelihood, LIKELIHOODS)
@@ -148,8 +164,8 @@ class CurvatureOptions:
         check_choice("distributed_inverses", self.distributed_inverses, INVERSE_PLACEMENTS)
 
 
-COARSE_REFRESH = ("consistent", "faithful")
-SPECTRAL_WHICH = ("smallest", "largest")
+COARSE_REFRESH: tuple[str, ...] = get_args(CoarseRefresh)
+SPECTRAL_WHICH: tuple[str, ...] = get_args(SpectralWhich)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,12 +186,12 @@ class CoarseOptions:
             parameters, ≈ 2 % of a step).
     """
 
-    coarse_space: str = "nicolaides"
-    combination: str = "additive"
-    coarse_refresh: str = "consistent"
+    coarse_space: CoarseSpace = "nicolaides"
+    combination: CombinationName = "additive"
+    coarse_refresh: CoarseRefresh = "consistent"
     coarse_scale: float = 1.0
     fine_weight: float = 1.0
-    spectral_which: str = "smallest"
+    spectral_which: SpectralWhich = "smallest"
     diagnostics: bool = False
 
     def __post_init__(self) -> None:

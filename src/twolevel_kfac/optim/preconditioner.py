@@ -9,11 +9,9 @@ schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistic
 during this step's forward/backward), ``_refresh_decompositions`` (every
 ``inv_interval`` steps) and ``_precondition_grads``: ``_precondition`` (the damped
 block-diagonal inverse; subclasses add coarse corrections), the KL clip (``_kl_scale``) and
-the write into ``.grad``: plain KFAC without a KL clip writes each direction over the
-gradient autograd left, with a KL clip (and in the two-level steps between refreshes) it
-hands its fresh direction tensors to ``.grad``; so read ``p.grad`` after ``step()``, not a
-reference taken before it (which holds the raw gradient or the direction, depending on the
-path). Other fine levels hook in at ``_store_batch`` (KPSVD), ``_refresh_decompositions``,
+the write into ``.grad`` (over the gradient autograd left, or as fresh tensors with a KL
+clip): read ``p.grad`` after ``step()``, not a reference taken before it. Other fine
+levels hook in at ``_store_batch`` (KPSVD), ``_refresh_decompositions``,
 ``_update_after_refresh`` (EKFAC) and ``apply_fine``; :mod:`twolevel_kfac.distributed`
 reduces and shares the factors under ``torch.distributed``.
 """
@@ -31,7 +29,7 @@ from ..curvature.blocks import (
     gradient_matrix,
     gradient_parts,
     has_gradient,
-    kronecker_factors,
+    kronecker_factors_as,
     layer_shape,
     layer_weight,
     matrix_to_parameter_shapes,
@@ -50,8 +48,8 @@ from ..distributed import (
 )
 from ..finite import all_finite
 from ..placement import autocast_off, move_tensors
-from .directions import kl_clip_scale, part_pairs, writable_in_place, write_layer
-from .options import CurvatureOptions
+from .directions import clip_scale, part_pairs, writable_in_place, write_layer
+from .options import CurvatureOptions, damping_at
 from .state import kfac_state, load_kfac_state
 
 T = TypeVar("T")
@@ -86,7 +84,7 @@ class KFACPreconditioner:
                 f"{type(model).__name__} has no trainable Linear or Conv2d layer to precondition"
                 + ("" if params is None else " among the given params")
             )
-        self.damping = self.options.damping
+        self.damping = damping_at(self.options.damping, 0)
         self.steps = 0
         self.generator = torch.Generator().manual_seed(rank_seed(self.options.seed, self.comm.rank))
         self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batch per layer
@@ -125,6 +123,8 @@ class KFACPreconditioner:
 
     def _step(self, lr: float | Mapping[str, float]) -> None:
         opts = self.options
+        if callable(opts.damping):
+            self.damping = damping_at(opts.damping, self.steps)
         active = self.capture.active
         stats = self.capture.collect() if active else {}
         self.last_stats = {"damping": self.damping}
@@ -196,11 +196,7 @@ class KFACPreconditioner:
             reduced = reduce_statistics(self.comm, stats, self._layer_specs())
             new, stats, self.sample_counts = reduced.factors, reduced.stats, reduced.samples
         else:
-            new = {}
-            for name, layer_stats in stats.items():
-                dtype = self.factor_dtype(name)
-                cast = LayerStats(layer_stats.a.to(dtype), layer_stats.g.to(dtype))
-                new[name] = (*kronecker_factors(cast), layer_stats.num_locations)
+            new = {n: kronecker_factors_as(s, self.factor_dtype(n)) for n, s in stats.items()}
         skipped = 0
         for name, (new_a, new_g, locations) in new.items():
             finite = all_finite((new_a, new_g))
@@ -241,8 +237,7 @@ class KFACPreconditioner:
     def _layer_specs(self) -> dict[str, LayerSpec]:
         specs = {}
         for name, module in self.layers.items():
-            weight = layer_weight(module)
-            d_out, d_in = layer_shape(module)
+            weight, (d_out, d_in) = layer_weight(module), layer_shape(module)
             specs[name] = LayerSpec(
                 d_in, d_out, self.factor_dtype(name), weight.dtype, weight.device
             )
@@ -260,6 +255,7 @@ class KFACPreconditioner:
             factors.decompose(opts.inverse_method)
 
     def factor_dtype(self, name: str) -> torch.dtype:
+        """The dtype of layer ``name``'s factors (``factor_dtype`` or its weight's)."""
         return self.options.factor_dtype or layer_weight(self.layers[name]).dtype
 
     def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
@@ -268,6 +264,13 @@ class KFACPreconditioner:
         return self.factors[name].apply_inverse(
             matrix, self.damping, opts.damping_mode, opts.inverse_method
         )
+
+    def direction(
+        self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
+    ) -> dict[str, Tensor]:
+        """The direction of each layer's ``∇W̄`` before the KL clip, as ``step()`` forms it
+        (``stats``: this step's Fisher mini-batch, for levels that use it)."""
+        return self._precondition(grads, stats)
 
     def _precondition(
         self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
@@ -352,20 +355,15 @@ class KFACPreconditioner:
     def _kl_scale(
         self, layers: list[list[tuple[Tensor, Tensor]]], lrs: dict[str, float], names: list[str]
     ) -> float:
-        """The KL clip's scale of the directions (:func:`kl_clip_scale`; 1 without a clip)
-        from each layer's (direction, gradient) part pairs (of the layers ``names``, whose
-        learning rates ``lrs`` the ``lr_squared`` form reads). It also decides
-        :attr:`directions_finite`, which saves :class:`~twolevel_kfac.optim.kfac.KFAC` a
-        pass over the directions (``None`` without a KL clip: not known)."""
-        clip = self.options.kl_clip
-        self.directions_finite = None
-        if clip is None:
-            return 1.0
-        squared = self.options.kl_clip_form == "lr_squared"
-        scale, self.directions_finite = kl_clip_scale(
-            layers, clip, [lrs[n] for n in names] if squared else None
+        """The KL clip's scale (:func:`clip_scale`) of the layers ``names``' (direction,
+        gradient) pairs; it decides :attr:`directions_finite` (``None``: not known), which
+        saves :class:`~twolevel_kfac.optim.kfac.KFAC` a pass over the directions."""
+        opts = self.options
+        scale, self.directions_finite = clip_scale(
+            opts.kl_clip, opts.kl_clip_form, layers, names, lrs
         )
-        self.last_stats["kl_scale"] = scale
+        if self.directions_finite is not None:
+            self.last_stats["kl_scale"] = scale
         return scale
 
     def preconditioned_parameters(self) -> set[int]:
@@ -390,6 +388,7 @@ class KFACPreconditioner:
         return move_tensors(tree, layer_weight(self.layers[name]).device)
 
     def remove_hooks(self) -> None:
+        """Remove the capture's hooks from the model."""
         self.capture.remove()
 
     def __repr__(self) -> str:

@@ -43,7 +43,7 @@ from ..curvature.blocks import (
     layer_shape,
     layer_weight,
 )
-from ..curvature.kronecker import ema_weight
+from ..curvature.running_average import ema_weight
 from ..twolevel.coarse_matrix import (
     CoarseOperator,
     coarse_projections,
@@ -282,6 +282,11 @@ class TwoLevelPreconditioner(KFACPreconditioner):
             self.coarse_updates, self._projections = 0, None
 
     @property
+    def coarse_operator(self) -> CoarseOperator | None:
+        """``Q = R₀ᵀ F_c⁻¹ R₀`` of the last step (``None`` before the first)."""
+        return self._operator
+
+    @property
     def _per_step_basis(self) -> bool:
         """The faithful schedule of a residual space rebuilds the basis at every step."""
         return (
@@ -318,6 +323,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 
     # ------------------------------------------------------------ bookkeeping
     def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
         state = super().state_dict()
         distributed = "ranks" in state  # then every rank's rows are in state["ranks"]
         state["coarse"] = {
@@ -334,6 +340,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         return {**super()._rank_state(), "fisher_stats": _stats_pairs(self.fisher_stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
         if "coarse" not in state:
             raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
         super().load_state_dict(state)

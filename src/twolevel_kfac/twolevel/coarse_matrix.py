@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats, per_sample_dots
+from twolevel_kfac.curvature.running_average import running_average
 from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.fisher_products import check_stats
 from twolevel_kfac.twolevel.parts import (
@@ -215,13 +216,12 @@ def ema_coarse_matrix(average: Tensor | None, new: Tensor, decay: float) -> Tens
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
-    if average is None or decay == 0.0:
-        return new.clone()
-    if average.shape != new.shape:
+    if average is not None and average.shape != new.shape:
         raise ValueError(
             f"coarse matrix shape changed: {tuple(average.shape)} → {tuple(new.shape)}"
         )
-    return torch.lerp(new, average, decay)
+    # a new tensor: the caller's average may be held elsewhere (F_c is tiny)
+    return running_average(None if average is None else average.clone(), new, decay)
 
 
 def default_rcond(dtype: torch.dtype) -> float:

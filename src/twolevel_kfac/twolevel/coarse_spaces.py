@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from twolevel_kfac.twolevel.vectors import LayerVector, LinearMap
 
-COARSE_SPACES = (
-    "nicolaides",
-    "spectral",
-    "residual",
-    "krylov_nicolaides",
-    "krylov_residual",
-    "tselepidis",
-)
-"""Names accepted by :func:`build_basis` (paper.md §2 table: NICO, SPECTRAL, RESIDU,
-KRY-NICO, KRY-RESIDU, PREVIOUS)."""
+CoarseSpace = Literal[
+    "nicolaides", "spectral", "residual", "krylov_nicolaides", "krylov_residual", "tselepidis"
+]
+COARSE_SPACES: tuple[str, ...] = get_args(CoarseSpace)
+"""Names accepted by :func:`build_basis` (Koroko et al. 2023's NICO, SPECTRAL, RESIDU,
+KRY-NICO, KRY-RESIDU and Tselepidis et al. 2020's space)."""
 
 RESIDUAL_SPACES = frozenset({"residual", "krylov_residual"})
 """Spaces whose basis depends on the current gradient (rebuilt every step)."""

@@ -25,7 +25,7 @@ A-DEF1 1, balanced 2; each applies ``M⁻¹`` once (A-DEF2 and additive: none gi
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 from twolevel_kfac.twolevel.vectors import (
     LayerVector,
@@ -64,7 +64,9 @@ class Combination(Protocol):
         fine_weight: float = 1.0,
         minv_g: LayerVector | None = None,
         residual: LayerVector | None = None,
-    ) -> CombinationResult: ...
+    ) -> CombinationResult:
+        """The direction (and residual) for gradient ``g`` (:data:`COMBINATIONS`)."""
+        ...
 
 
 @runtime_checkable
@@ -72,9 +74,13 @@ class FusedCoarse(Protocol):
     """A coarse map that can also add ``α Qv`` into a vector in place
     (:class:`~twolevel_kfac.twolevel.coarse_matrix.CoarseOperator`)."""
 
-    def __call__(self, v: LayerVector) -> LayerVector: ...
+    def __call__(self, v: LayerVector) -> LayerVector:
+        """``Qv``."""
+        ...
 
-    def add_into(self, alpha: float, v: LayerVector, target: LayerVector) -> LayerVector: ...
+    def add_into(self, alpha: float, v: LayerVector, target: LayerVector) -> LayerVector:
+        """``target ← target + α Qv``, returned."""
+        ...
 
 
 def add_coarse_into(
@@ -228,6 +234,7 @@ COMBINATIONS: dict[str, Combination] = {
     "balanced": balanced,
 }
 """The combinations by name (``TwoLevelKFAC(combination=...)``)."""
+CombinationName = Literal["additive", "adef1", "adef2", "balanced"]
 
 
 def get_combination(name: str) -> Combination:

@@ -1,6 +1,6 @@
 """Exact Fisher–vector products on the Fisher mini-batch, without per-sample gradients.
 
-The Fisher of a mini-batch of ``N`` samples (``../shared/design.md`` §2) is
+The Fisher of a mini-batch of ``N`` samples (README: "Conventions") is
 ``F = (1/N) Σ_n vec(∇ℓ_n) vec(∇ℓ_n)ᵀ`` over *all* preconditioned layers, including the
 inter-layer blocks that KFAC drops. With ``∇_iℓ_n = Σ_t δ_{i,n,t} ā_{i,n,t}ᵀ`` (layer ``i``,
 sample ``n``, location ``t``) its product with a layer vector ``v`` is (paper.md §2)

@@ -28,7 +28,7 @@ INTERRUPTED = 130  # exit status after Ctrl-C (the run was checkpointed)
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
+    """Argparse type: an integer ≥ 1."""
     try:
         value = int(text)
     except ValueError:
@@ -39,7 +39,7 @@ def positive_int(text: str) -> int:
 
 
 def device_spec(text: str) -> str:
-    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:K``."""
+    """Argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:K``."""
     from twolevel_kfac.experiments.device import check_device_spec
 
     try:

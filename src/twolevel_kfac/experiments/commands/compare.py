@@ -25,6 +25,7 @@ def _list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's arguments to its parser."""
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("--out", default=None, help="output directory (default: results/<config>)")
     parser.add_argument("--methods", type=_list, default=None, help="comma-separated subset")
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.comparison import run_comparison
     from twolevel_kfac.experiments.config import load_config
 

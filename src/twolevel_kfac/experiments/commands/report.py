@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's arguments to its parser."""
     parser.add_argument("dir", help="comparison directory (tlkfac compare --out)")
     parser.add_argument("--title", default=None, help="report title")
     parser.add_argument(
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.comparison import describe
     from twolevel_kfac.experiments.config import load_config
     from twolevel_kfac.experiments.report import load_runs, markdown_table, write_report

@@ -25,6 +25,7 @@ from twolevel_kfac.experiments.commands import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's arguments to its parser."""
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument(
         "--out", default=None, help="run directory (default: results/<config>/<method>/seed<k>)"
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.config import load_config
     from twolevel_kfac.experiments.launch import launcher_world_size, train_parallel
     from twolevel_kfac.experiments.report import epoch_records

@@ -14,6 +14,7 @@ from twolevel_kfac.experiments.commands import add_common, apply_common, progres
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's arguments to its parser."""
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument(
         "--out", default=None, help="output directory (default: results/tune-<config>)"
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.config import read_yaml
     from twolevel_kfac.experiments.tuning import run_tuning
 

@@ -94,7 +94,7 @@ CIFAR_DATASETS: dict[str, CifarDataset] = {
 
 
 def _numpy_reconstruct() -> Callable[..., Any]:
-    """numpy's array-unpickling helper, wherever this numpy version keeps it."""
+    """Numpy's array-unpickling helper, wherever this numpy version keeps it."""
     core = getattr(np, "_core", None) or np.core
     return core.multiarray._reconstruct
 

@@ -1,0 +1,35 @@
+"""The running average every curvature estimate uses: Kronecker factors, EKFAC's scalings,
+KFAC-corrected's second Kronecker term and the faithful schedule's coarse matrix.
+
+``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)`` for the ``k``-th estimate
+(Martens & Grosse 2015 §5: the first estimate replaces the average, the next ones average
+uniformly until the cap ``ema_decay`` is reached).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["ema_weight", "running_average"]
+
+
+def ema_weight(num_updates: int, ema_decay: float) -> float:
+    """``ρ = min(1 − 1/k, ema_decay)`` for the ``k``-th update (so the first replaces)."""
+    return min(1.0 - 1.0 / num_updates, ema_decay)
+
+
+def running_average(average: Tensor | None, new: Tensor, weight: float) -> Tensor:
+    """``ρ X + (1 − ρ) X_new`` with ``ρ = weight``, written into ``average`` in place (one
+    pass, no temporary), or a copy of ``new`` when there is no average yet or ``ρ = 0``.
+
+    Args:
+        average: the running average, or ``None`` before the first estimate.
+        new: this estimate (not modified, never aliased by the result).
+        weight: ``ρ`` (:func:`ema_weight`).
+
+    Returns:
+        The updated average: ``average`` itself, or a new tensor.
+    """
+    if average is None or weight == 0.0:
+        return new.clone()
+    return average.mul_(weight).add_(new, alpha=1.0 - weight)
