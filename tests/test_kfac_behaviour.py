@@ -329,14 +329,42 @@ def test_mc_fisher_refuses_layers_cut_from_the_graph() -> None:
     del opt
 
 
-def test_mc_fisher_refuses_a_compiled_model() -> None:
+def test_mc_fisher_on_a_compiled_model_trains_as_the_eager_model() -> None:
+    """``torch.compile`` (AOTAutograd) breaks its graphs at the capture's hooks, so the
+    layer outputs stay in autograd's graph: three MC steps equal the eager model's."""
     model = mlp()
-    opt = tk.KFAC(model, lr=0.1)
-    compiled = torch.compile(model, backend="aot_eager")  # AOTAutograd, no C++ compiler
+    twin = copy.deepcopy(model)
     x, y = batch()
-    with pytest.raises(RuntimeError, match="fisher='empirical' or an eager model"):
-        F.cross_entropy(compiled(x), y).backward()
-    del opt
+    results = []
+    for net, compiled in ((model, True), (twin, False)):
+        opt = tk.KFAC(net, lr=0.1)
+        forward = torch.compile(net, backend="aot_eager") if compiled else net
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_mc_fisher_refuses_a_layer_that_does_not_reach_the_output() -> None:
+    """A layer called in the forward whose output never reaches the model output has no
+    Monte-Carlo Fisher (a compiled graph hiding the layer outputs looks the same): a clear
+    error, not a silent zero."""
+
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.dead = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.dead(x)
+            return self.used(x)
+
+    model = Dead()
+    opt = tk.KFAC(model)  # noqa: F841 (its hooks live with it)
+    with pytest.raises(RuntimeError, match=r"layer\(s\) \['dead'\].*fisher='empirical'"):
+        model(torch.randn(5, 4))
 
 
 def test_sum_abs_layer_dots_matches_the_definition() -> None:

@@ -376,12 +376,12 @@ def test_token_logits_with_a_fisher_subset_are_refused() -> None:
     ``[N·T, C]`` would take them from the token rows (``G ≡ 0`` before): refused."""
     torch.manual_seed(0)
     model = TokenModel()
-    tk.KFAC(model, fisher_batch=0.5)
+    opt = tk.KFAC(model, fisher_batch=0.5)
     tokens = torch.randint(0, 7, (4, 6))
     with pytest.raises(RuntimeError, match=r"model output has shape \(24, 7\).*4 rows"):
         model(tokens)
     flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 3))
-    tk.KFAC(flat, fisher_batch=0.5, fisher="empirical")
+    kept = tk.KFAC(flat, fisher_batch=0.5, fisher="empirical")  # noqa: F841
     with pytest.raises(RuntimeError, match=r"input of layer '1' has shape \(12, 4\)"):
         flat(torch.randn(4, 3, 4))
     model = TokenModel()  # the whole batch: consistent rows, no factor is 0
@@ -532,7 +532,8 @@ def test_a_layer_unused_in_a_step_is_left_alone(
 
 def check_gradient_without_statistics_is_an_error() -> None:
     """A weight used outside its module's forward (``F.linear(x, layer.weight)``) has a
-    gradient but no statistics: a clear error, as before."""
+    gradient but no statistics: refused at the forward (its graph reads the weight once,
+    its module ran 0 times), or at the step when the capture is off (a clear error)."""
 
     class Functional(nn.Module):
         def __init__(self) -> None:
@@ -544,6 +545,9 @@ def check_gradient_without_statistics_is_an_error() -> None:
 
     model = Functional()
     opt = tk.KFAC(model)
+    with pytest.raises(ValueError, match=r"layer 'layer': its weight is read 1 times"):
+        model(torch.randn(5, 4))
+    opt.preconditioner.capture.active = False
     opt.zero_grad()
     F.cross_entropy(model(torch.randn(5, 4)), torch.zeros(5, dtype=torch.long)).backward()
     with pytest.raises(RuntimeError, match=r"no curvature statistics for layer\(s\) \['layer'\]"):
@@ -607,3 +611,305 @@ def test_a_transformer_trains_with_attention_on_the_plain_step(cls: type) -> Non
     for n, p in attention.items():
         assert torch.equal(p, reference[n]), n
     assert not torch.allclose(model.block.linear1.weight.grad, ff_grad)
+
+
+# ------------------------------------------------------------------ GradScaler
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
+def test_grad_scaler_steps_equal_unscaled_steps_and_drop_overflowed_batches(
+    cls: type, fisher: str
+) -> None:
+    """``scaler.step(opt)`` under ``torch.amp.GradScaler``: the optimizer unscales the
+    gradients and the empirical Fisher's output gradients (``G`` was ``S²`` too large), so
+    every step equals, bit for bit, the same step without a scaler (power-of-two scales are
+    exact); a step the scaler finds infinite is dropped with the statistics its forward
+    captured, so the next step's factors are those of its own batch alone."""
+    torch.manual_seed(0)
+    base = body_and_head()
+    x, y = batch(8)
+    runs = []
+    for scaled in (False, True):
+        model = copy.deepcopy(base)
+        opt = cls(model, fisher=fisher, damping=0.1, kl_clip=None)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
+        for poison in (False, True, False) if scaled else (False, False):
+            opt.zero_grad()
+            inputs = x * float("inf") if poison else x
+            scaler.scale(F.cross_entropy(model(inputs), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert opt.amp_skipped_steps == int(scaled)
+        factors = [(f.A, f.G) for f in opt.preconditioner.factors.values()]
+        runs.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), factors))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for (a0, g0), (a1, g1) in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a0, a1) and torch.equal(g0, g1)
+
+
+def test_grad_scaler_unscaled_before_the_step_is_refused_for_the_empirical_fisher() -> None:
+    """After ``scaler.unscale_(opt)`` the scale of the captured output gradients is unknown
+    to the optimizer: the empirical Fisher refuses, naming the fix; the MC Fisher (whose
+    sampled gradients carry no scale) steps as without a scaler."""
+    x, y = batch(8)
+    for fisher in ("empirical", "mc"):
+        model = body_and_head()
+        opt = tk.KFAC(model, fisher=fisher)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        if fisher == "empirical":
+            with pytest.raises(RuntimeError, match="without unscale_"):
+                scaler.step(opt)
+        else:
+            scaler.step(opt)
+            assert opt.preconditioner.steps == 1
+
+
+# ------------------------------------------------------------------ param groups, again
+def test_param_groups_given_as_generators_and_named_parameters_are_stepped() -> None:
+    """Groups whose ``"params"`` are generators (``layer.parameters()``), and
+    ``model.named_parameters()``, give the same steps as lists (generators were read empty
+    once and the layers were never stepped)."""
+    x, y = batch(8)
+    runs = []
+    for form in ("list", "generator", "named"):
+        model = body_and_head()
+        if form == "named":
+            params: object = model.named_parameters()
+        else:
+            make = list if form == "list" else iter
+            params = [
+                {"params": make(model[0].parameters()), "lr": 0.2},
+                {"params": make([*model[2].parameters(), *model[4].parameters()])},
+            ]
+        opt = tk.KFAC(model, params=params, lr=0.2)  # type: ignore[arg-type]
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert not torch.equal(
+        runs[0], torch.cat([p.reshape(-1) for p in body_and_head().parameters()])
+    )
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_add_param_group_with_a_layer_warns_that_it_is_not_preconditioned() -> None:
+    model = body_and_head()
+    opt = tk.KFAC(model, params=[*model[0].parameters(), *model[2].parameters()])
+    with pytest.warns(UserWarning, match=r"layer\(s\) \['4'\] added with add_param_group"):
+        opt.add_param_group({"params": list(model[4].parameters())})
+
+
+# ------------------------------------------------------------------ frozen parameters
+def test_a_frozen_bias_gives_the_block_of_the_weight_alone(float64: None) -> None:
+    """A bias with ``requires_grad=False``: the layer's block is ``W``'s alone (``A`` of
+    ``a`` without the homogeneous 1), the bias never moves; freezing or unfreezing a bias
+    (or freezing the weight alone) after the block was built is refused, naming the layer."""
+    model = body_and_head()
+    model[2].bias.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    x, y = batch(8)
+    opt = tk.KFAC(model, damping=DAMPING, **EXACT)
+
+    def loss_fn(out: Tensor) -> Tensor:
+        return F.cross_entropy(out, y)
+
+    twin.zero_grad()
+    loss_fn(twin(x)).backward()
+    a, g = use_statistics(twin, [twin[2]], loss_fn, x)
+    expected = twin[2].weight.detach() - kfac_direction(a[..., :-1], g, twin[2].weight.grad)
+    bias = model[2].bias.detach().clone()
+    opt.zero_grad()
+    loss_fn(model(x)).backward()
+    opt.step()
+    torch.testing.assert_close(model[2].weight.detach(), expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(model[2].bias, bias) and model[2].bias.grad is None
+    for change, match in (
+        (lambda: model[0].bias.requires_grad_(False), r"layer '0': its bias was frozen"),
+        (lambda: model[4].weight.requires_grad_(False), r"layer '4': its weight is frozen"),
+    ):
+        change()
+        opt.zero_grad()
+        loss_fn(model(x)).backward()
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        model.requires_grad_(True)
+        model[2].bias.requires_grad_(False)
+
+
+def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen() -> None:
+    """Progressive unfreezing: a layer frozen when the optimizer is built with every
+    parameter is left alone, then preconditioned once unfrozen (its hooks in place)."""
+    model = body_and_head()
+    model[0].requires_grad_(False)
+    opt = tk.KFAC(model, params=model.parameters())
+    assert "0" in opt.preconditioner.layers
+    x, y = batch(8)
+    before = model[0].weight.detach().clone()
+    for unfreeze in (False, True):
+        if unfreeze:
+            model[0].requires_grad_(True)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert torch.equal(model[0].weight, before) != unfreeze
+    assert opt.preconditioner.factors["0"].ready
+
+
+# ------------------------------------------------------------------ forwards that are not samples
+class Checkpointed(nn.Module):
+    """A block run under activation checkpointing (recomputed inside the backward)."""
+
+    def __init__(self, checkpoint: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+        self.checkpoint = checkpoint
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.checkpoint:
+            from torch.utils.checkpoint import checkpoint
+
+            return self.head(checkpoint(self.block, x, use_reentrant=False))
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_activation_checkpointing_gives_the_steps_of_the_plain_model(fisher: str) -> None:
+    """The recomputation of a checkpointed block inside the backward is not a second call
+    of its layers (it counted as more locations with δ = 0): the steps are bit-identical to
+    the same model without checkpointing."""
+    x, y = batch(8)
+    runs = []
+    for checkpoint in (False, True):
+        model = Checkpointed(checkpoint)
+        opt = tk.KFAC(model, fisher=fisher)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert all(f.num_locations == 1 for f in opt.preconditioner.factors.values())
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_forwards_without_a_backward_and_eval_submodules() -> None:
+    """A train-mode forward with gradients on but no backward (a validation loss computed
+    without ``no_grad``) adds no samples to the MC Fisher (``A`` is that of the training
+    batch alone), and a submodule put in ``eval()`` (the frozen-BatchNorm recipe) still has
+    its layers' statistics: its run equals the plain one bit for bit."""
+    x, y = batch(8)
+    x_val = batch(8, seed=5)[0]
+    runs, first_a = [], []
+    for variant in ("plain", "validation", "eval_submodule"):
+        model = body_and_head()
+        opt = tk.KFAC(model)
+        if variant == "eval_submodule":
+            model[0].eval()  # a Linear: eval() changes nothing in its forward
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if variant == "validation":
+                F.cross_entropy(model(x_val), y)  # no backward: not a sample
+            opt.step()
+            if step == 0:
+                first_a.append(opt.preconditioner.factors["0"].A.clone())
+        assert opt.preconditioner.factors["0"].num_updates == 3
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(first_a[0], first_a[1])
+    assert torch.equal(runs[0], runs[2])
+
+
+# ------------------------------------------------------------------ layouts and lifetimes
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=False),
+        lambda: nn.Sequential(nn.LSTM(4, 8), nn.Linear(8, 3)),
+    ],
+    ids=["transformer", "lstm"],
+)
+def test_sequence_first_modules_are_refused(make: Callable[[], nn.Module]) -> None:
+    """``batch_first=False`` makes every layer input ``[S, N, d]``: the sequence would be
+    taken as the samples. Refused when the optimizer is built, naming the module."""
+    with pytest.raises(ValueError, match=r"batch_first=False.*build it with batch_first=True"):
+        tk.KFAC(make())
+
+
+def test_a_dropped_optimizer_leaves_no_hooks_on_the_model() -> None:
+    """An optimizer built again on the same model (a notebook cell run twice): the dropped
+    one's hooks go with it, so it captures nothing and holds no memory."""
+    import gc
+
+    model = body_and_head()
+    opt = tk.KFAC(model)
+    opt = tk.KFAC(model)
+    gc.collect()
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == 2 + 3  # the root's two and one per layer, of the live optimizer only
+    opt.preconditioner.remove_hooks()
+    del opt
+    gc.collect()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_a_layer_first_used_between_refreshes_names_the_schedule() -> None:
+    model = AuxNet()
+    opt = tk.KFAC(model, cov_interval=3)
+    x, y = batch(8, classes=3)
+    for step in range(2):
+        model.use_aux = step == 1
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            with pytest.raises(RuntimeError, match=r"\['aux'\].*every cov_interval=3 steps"):
+                opt.step()
+        else:
+            opt.step()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_model_that_is_one_layer(float64: None, fisher: str) -> None:
+    """The root module is itself the layer (``nn.Linear`` as the model): its call is
+    recorded before the forward closes (with the MC Fisher the root's hook ran first and
+    the layer had no statistics); the empirical step equals the dense formula."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = batch(8)
+    opt = tk.KFAC(model, damping=DAMPING, **{**EXACT, "fisher": fisher})
+
+    def loss_fn(out: Tensor) -> Tensor:
+        return F.cross_entropy(out, y)
+
+    a, g = use_statistics(model, [model], loss_fn, x)
+    opt.zero_grad()
+    loss_fn(model(x)).backward()
+    expected = joined_params(model) - kfac_direction(a, g, joined_grad(model))
+    opt.step()
+    assert float(opt.preconditioner.factors[""].G.abs().sum()) > 0
+    if fisher == "empirical":
+        torch.testing.assert_close(joined_params(model), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_weight_also_used_functionally_is_refused(fisher: str) -> None:
+    """A tied autoencoder whose decoder is ``F.linear(h, encoder.weight.t())``: the
+    encoder's block would precondition a gradient with a contribution it never sees.
+    Refused at the first captured forward, naming the layer; a weight shared by modules
+    (``b.weight = a.weight``) or an embedding lookup is not (tests above)."""
+
+    class TiedAutoencoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(torch.tanh(self.encoder(x)), self.encoder.weight.t())
+
+    model = TiedAutoencoder()
+    opt = tk.KFAC(model, fisher=fisher, likelihood="gaussian")  # noqa: F841
+    with pytest.raises(ValueError, match=r"layer 'encoder': its weight is read 2 times.*ran 1"):
+        model(torch.randn(5, 6))

@@ -52,8 +52,8 @@ class LayerStats:
 
 
 def has_bias(module: nn.Module) -> bool:
-    """Whether the layer has a bias parameter."""
-    return getattr(module, "bias", None) is not None
+    """Whether the layer's block has a bias column: a bias that trains."""
+    return layer_bias(module) is not None
 
 
 def layer_weight(module: nn.Module) -> nn.Parameter:
@@ -65,9 +65,10 @@ def layer_weight(module: nn.Module) -> nn.Parameter:
 
 
 def layer_bias(module: nn.Module) -> nn.Parameter | None:
-    """The ``bias`` parameter of a layer, or ``None``."""
+    """The ``bias`` parameter of a layer, or ``None`` (no bias, or a frozen one: a layer
+    whose bias does not train has the block of ``W`` alone, ``ā = a`` without its 1)."""
     bias = getattr(module, "bias", None)
-    return bias if isinstance(bias, nn.Parameter) else None
+    return bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None
 
 
 def input_features(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ model's device (the subset's indices, then the targets, are moved to the data's 
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .blocks import LayerStats, input_features, output_gradients
+from .discovery import check_weight_uses
 from .likelihoods import sampled_nll
 
 FisherType = Literal["mc", "empirical"]
@@ -49,8 +52,12 @@ class _Record:
 
     module: nn.Module
     inputs: Tensor
-    forward: int  # which forward pass it belongs to
+    owner: _Forward  # the forward pass it belongs to
     grad: Tensor | None = None
+
+    @property
+    def forward(self) -> int:
+        return self.owner.number
 
 
 @dataclass
@@ -60,6 +67,7 @@ class _Forward:
     index: Tensor | None
     batch_size: int
     number: int
+    backward_done: bool = False  # the user's loss.backward() ran through this forward
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
     records: dict[str, list[_Record]] = field(default_factory=dict)
 
@@ -81,8 +89,9 @@ def _check_rows(what: str, tensor: Tensor, forward: _Forward) -> None:
             f"{what} has shape {tuple(tensor.shape)}, but the model's input has "
             f"{forward.batch_size} rows: fisher_batch < 1 picks the Fisher mini-batch on the "
             "first dimension of every layer's input and of the model output, so it must be "
-            "the batch there too (keep logits [N, ..., C] and flatten them in the loss, not "
-            "in forward), or use fisher_batch=1"
+            "the batch there too. Use fisher_batch=1 (every row), or keep the batch first in "
+            "forward and flatten in the loss (with fisher='empirical': likelihood="
+            "'categorical' needs [N, C] logits for fisher='mc')"
         )
 
 
@@ -133,25 +142,31 @@ class CurvatureCapture:
         self.active = False
         self._forward: _Forward | None = None
         self._forwards = 0
+        self._uses_checked = False
         self._records: dict[str, list[_Record]] = {name: [] for name in layers}
+        # The hooks hold the capture weakly, and are removed when it is collected: an
+        # optimizer that is dropped (a notebook cell run again) leaves nothing on the model.
+        this = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True),
+            model.register_forward_pre_hook(_weak(this, "_root_pre_hook"), with_kwargs=True),
         ]
-        if fisher == "mc":
-            self._handles.append(model.register_forward_hook(self._root_hook))
         uses = uses or {name: [module] for name, module in layers.items()}
         for name, modules in uses.items():
             for module in modules:
-                self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+                self._handles.append(module.register_forward_hook(_weak_layer(this, name)))
+        # after the layers' hooks: a root module that is itself a layer records first
+        self._handles.append(model.register_forward_hook(_weak(this, "_root_hook")))
+        weakref.finalize(self, _remove_all, self._handles)
 
     def remove(self) -> None:
         """Remove every hook (the capture then records nothing)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove_all(self._handles)
 
     def _capturing(self, module: nn.Module) -> bool:
-        return self.active and module.training and torch.is_grad_enabled()
+        """Whether the model's forward that starts now is captured: the capture is armed,
+        the model is in train mode with gradients enabled, and this is not a recomputation
+        inside a backward pass (activation checkpointing reruns the forward there)."""
+        return self.active and module.training and torch.is_grad_enabled() and not _in_backward()
 
     def _root_pre_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -171,30 +186,41 @@ class CurvatureCapture:
         self._forwards += 1
         self._forward = _Forward(index=index, batch_size=batch, number=self._forwards)
 
-    def _layer_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            forward = self._forward
-            if forward is None or not self._capturing(module):
-                return
-            _check_rows(f"the input of layer {name!r}", args[0], forward)
-            record = _Record(module, _rows(args[0].detach(), forward), forward.number)
-            forward.records.setdefault(name, []).append(record)
-            self._records[name].append(record)
-            if self.fisher == "mc":
-                forward.outputs.setdefault(name, []).append(output)
-            elif output.requires_grad:
-                scale = float(forward.batch_size * self.accumulation_steps)
+    def layer_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
+    ) -> None:
+        """Record one call of a block's module in the forward in flight (every layer of a
+        captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
+        backbone put in ``eval()`` still trains its Linear and Conv2d layers)."""
+        forward = self._forward
+        if forward is None or not output.requires_grad or _in_backward():
+            return  # (an output without a graph: a frozen layer, or gradients disabled)
+        _check_rows(f"the input of layer {name!r}", args[0], forward)
+        record = _Record(module, _rows(args[0].detach(), forward), forward)
+        forward.records.setdefault(name, []).append(record)
+        self._records[name].append(record)
+        if self.fisher == "mc":
+            forward.outputs.setdefault(name, []).append(output)
+        else:
+            scale = float(forward.batch_size * self.accumulation_steps)
 
-                def grad_hook(grad: Tensor) -> None:
-                    record.grad = _rows(grad.detach(), forward) * scale
+            def grad_hook(grad: Tensor) -> None:
+                record.grad = _rows(grad.detach(), forward) * scale
+                forward.backward_done = True
 
-                output.register_hook(grad_hook)
-
-        return hook
+            output.register_hook(grad_hook)
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        forward = self._forward
-        if forward is None or not forward.outputs:
+        """The model's forward returned: close it (calls of its layers after this are not
+        its samples) and, for ``fisher="mc"``, sample its targets' gradients."""
+        forward, self._forward = self._forward, None
+        if forward is None:
+            return
+        if not self._uses_checked and isinstance(output, Tensor) and output.grad_fn is not None:
+            calls = {name: len(records) for name, records in forward.records.items()}
+            check_weight_uses(output, self.layers, calls)
+            self._uses_checked = True  # once passed: the model's structure does not change
+        if not forward.outputs:
             return
         if not isinstance(output, Tensor):
             raise TypeError("fisher='mc' needs a model that returns one tensor of outputs")
@@ -229,27 +255,40 @@ class CurvatureCapture:
             forward.records[name][i].grad = _rows(grad.detach(), forward)
         forward.outputs.clear()
 
+        def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
+            forward.backward_done = True
+
+        output.register_hook(backward_hook)
+
     def has_statistics(self) -> bool:
         """Whether any forward of this step has its output gradients."""
-        return any(r.grad is not None for records in self._records.values() for r in records)
+        return any(
+            r.grad is not None and r.owner.backward_done
+            for records in self._records.values()
+            for r in records
+        )
 
-    def collect(self) -> dict[str, LayerStats]:
+    def collect(self, loss_scale: float = 1.0) -> dict[str, LayerStats]:
         """The statistics gathered since the last call (forwards whose backward has run), in
         ``[N, T, features]`` format; clears the buffers. The calls of one layer within one
-        forward are concatenated along ``T``, the forwards along ``N``."""
+        forward are concatenated along ``T``, the forwards along ``N``; the empirical
+        ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s scale)."""
         stats: dict[str, LayerStats] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []
             calls: dict[int, list[_Record]] = {}
             for record in records:
-                calls.setdefault(record.forward, []).append(record)
+                if record.owner.backward_done:  # a forward without backward is no sample
+                    calls.setdefault(record.forward, []).append(record)
             done = [c for c in calls.values() if any(r.grad is not None for r in c)]
             if not done:
                 continue
             pairs = [_forward_stats(name, c, self.dtypes.get(name)) for c in done]
             # torch.cat copies even one tensor: the statistics never alias a layer's input
-            a = torch.cat([a for a, _ in pairs])
-            stats[name] = LayerStats(a, torch.cat([g for _, g in pairs]))
+            a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
+            if loss_scale != 1.0 and self.fisher == "empirical":
+                g.div_(loss_scale)
+            stats[name] = LayerStats(a, g)
         self._forward = None
         return stats
 
@@ -292,3 +331,38 @@ def _forward_stats(
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (where
+    activation checkpointing recomputes forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _weak(capture: weakref.ref[CurvatureCapture], method: str) -> Callable[..., None]:
+    """A hook calling ``capture.method`` while the capture is alive."""
+
+    def hook(*args: Any) -> None:
+        target = capture()
+        if target is not None:
+            getattr(target, method)(*args)
+
+    return hook
+
+
+def _weak_layer(capture: weakref.ref[CurvatureCapture], name: str) -> Callable[..., None]:
+    """A layer's forward hook calling :meth:`CurvatureCapture.layer_hook` for ``name``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        target = capture()
+        if target is not None:
+            target.layer_hook(name, module, args, output)
+
+    return hook
+
+
+def _remove_all(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

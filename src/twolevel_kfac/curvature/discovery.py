@@ -14,6 +14,9 @@ make a block silently wrong, and are resolved here, before any step:
   ``F.multi_head_attention_forward`` with ``in_proj_weight`` and ``out_proj.weight``): no
   hook ever sees those calls, so their layers would have gradients without statistics.
   Such modules and their children are handled as ``unsupported`` says.
+* **Sequence-first modules** (``batch_first=False``: ``nn.MultiheadAttention``, the
+  ``Transformer*Layer`` around one, ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``) are refused: the
+  first dimension of every layer input is the Fisher's sample dimension.
 * **A subset of the model** (``params=``): a layer is preconditioned only when the
   optimizer owns its parameters. Owning the weight but not the bias (or the reverse) is
   refused: ``[W, b]`` is one block.
@@ -23,20 +26,29 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor, nn
 
-from .blocks import layer_bias, layer_weight
+from .blocks import layer_bias, layer_shape, layer_weight
+from .kronecker import KroneckerFactors
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 FUNCTIONAL_CONTAINERS = (nn.MultiheadAttention,)
 """Module types whose forward uses their children's parameters without calling them."""
+SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
+"""Module types with a ``batch_first`` flag (``TransformerEncoderLayer`` and friends hold a
+``MultiheadAttention`` that carries theirs)."""
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "check_blocks",
+    "check_statistics",
+    "check_weight_uses",
     "find_layer_uses",
     "find_layers",
     "is_supported",
+    "materialize_params",
     "parameter_ids",
     "unsupported_reason",
 ]
@@ -72,9 +84,22 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None
 
 
+def materialize_params(params: Iterable[Any]) -> list[Any]:
+    """``params`` as ``torch.optim`` takes them, with every iterable made a list (a
+    generator such as ``layer.parameters()`` would be empty once read)."""
+    out: list[Any] = []
+    for item in params:
+        if isinstance(item, dict) and not isinstance(item.get("params"), Tensor):
+            out.append({**item, "params": list(item.get("params", []))})
+        else:
+            out.append(item)
+    return out
+
+
 def parameter_ids(params: Iterable[object]) -> set[int]:
-    """The ``id`` of every tensor in ``params``, given as ``torch.optim`` takes them: tensors,
-    or parameter-group dicts whose ``"params"`` is a tensor or an iterable of tensors."""
+    """The ``id`` of every tensor in ``params``, given as ``torch.optim`` takes them:
+    tensors, ``(name, tensor)`` pairs (``named_parameters()``), or parameter-group dicts
+    whose ``"params"`` is one of those or a tensor."""
     ids: set[int] = set()
     for item in params:
         if isinstance(item, dict):
@@ -82,12 +107,31 @@ def parameter_ids(params: Iterable[object]) -> set[int]:
             ids |= parameter_ids([group] if isinstance(group, Tensor) else group)
         elif isinstance(item, Tensor):
             ids.add(id(item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
+            ids.add(id(item[1]))
         else:
             raise TypeError(
                 "params must hold tensors or parameter-group dicts (torch.optim's format); "
                 f"got {type(item).__name__}"
             )
     return ids
+
+
+def _check_batch_first(model: nn.Module) -> None:
+    """Refuse sequence-first modules: KFAC takes the first dimension of every layer input
+    as the batch, so ``[S, N, d]`` activations would make the sequence the samples.
+
+    Raises:
+        ValueError: naming the module and the fix.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, SEQUENCE_FIRST) and not getattr(module, "batch_first", True):
+            raise ValueError(
+                f"module {name or '<root>'!r} ({type(module).__name__}) has batch_first=False: "
+                "its activations are [sequence, batch, ...], but KFAC takes the first "
+                "dimension of every layer's input as the batch (the Fisher's samples); "
+                "build it with batch_first=True"
+            )
 
 
 def _report(name: str, reason: str, unsupported: str) -> None:
@@ -136,15 +180,18 @@ def find_layers(
             optimizer owns a layer's weight but not its bias (or the reverse).
     """
     owned = None if params is None else parameter_ids(params)
+    _check_batch_first(model)
     layers: dict[str, nn.Module] = {}
     refused: set[int] = set()  # ids of parameters of refused modules
     skip: list[str] = []  # prefixes of the children of functional containers
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in skip):
             continue
-        if not any(p.requires_grad for p in module.parameters(recurse=False)) and not (
-            isinstance(module, FUNCTIONAL_CONTAINERS)
-        ):
+        own = list(module.parameters(recurse=False))
+        trains = any(p.requires_grad for p in own)
+        if owned is not None:  # given params: frozen ones count too (unfrozen later)
+            trains = trains or any(id(p) in owned for p in own)
+        if not trains and not isinstance(module, FUNCTIONAL_CONTAINERS):
             continue
         reason = unsupported_reason(module)
         if isinstance(module, FUNCTIONAL_CONTAINERS):
@@ -154,8 +201,12 @@ def find_layers(
         if reason is not None:
             _report(name, reason, unsupported)
             refused |= {id(p) for p in module.parameters()}
-        elif is_supported(module) and layer_weight(module).requires_grad:
-            if owned is None or _check_ownership(name, module, owned):
+        elif is_supported(module):
+            # default: the trainable weights; given params: every weight in them (a frozen
+            # one is left alone until it is unfrozen, its hooks already in place)
+            if (owned is None and layer_weight(module).requires_grad) or (
+                owned is not None and _check_ownership(name, module, owned)
+            ):
                 layers[name] = module
     return _resolve_ties(layers, refused, unsupported)
 
@@ -197,6 +248,107 @@ def _resolve_ties(
         elif first[id(layer_weight(module))] == name and id(layer_weight(module)) not in refused:
             kept[name] = module
     return kept
+
+
+def check_blocks(
+    layers: dict[str, nn.Module], factors: dict[str, KroneckerFactors], names: list[str]
+) -> None:
+    """Refuse layers of ``names`` whose ``[W, b]`` block changed since it was built.
+
+    Raises:
+        ValueError: a layer's weight was frozen (``requires_grad=False``) while its bias
+            still trains, or its bias was frozen or unfrozen after its factors were first
+            estimated (the block's shape changed); the message names the layer and the fix.
+    """
+    for name in dict.fromkeys(names):
+        module = layers[name]
+        bias = getattr(module, "bias", None)
+        if not layer_weight(module).requires_grad and bias is not None and bias.requires_grad:
+            raise ValueError(
+                f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
+                "trains; KFAC preconditions [weight, bias] as one block: freeze both or "
+                "neither, or build the optimizer without this layer's parameters"
+            )
+        f = factors[name]
+        if (
+            f.A is not None
+            and f.G is not None
+            and layer_shape(module)
+            != (
+                f.G.shape[0],
+                f.A.shape[0],
+            )
+        ):
+            raise ValueError(
+                f"layer {name!r}: its bias was frozen or unfrozen (requires_grad) after its "
+                f"curvature was first estimated, so its block [W, b] changed from "
+                f"{(f.G.shape[0], f.A.shape[0])} to {layer_shape(module)}: build a new "
+                "optimizer after changing which parameters train"
+            )
+
+
+def check_statistics(
+    factors: dict[str, KroneckerFactors], active: list[str], cov_interval: int
+) -> None:
+    """Refuse a step on a layer that has a gradient but has never had statistics.
+
+    Raises:
+        RuntimeError: naming the layers, and why that happens.
+    """
+    missing = [name for name in active if not factors[name].ready]
+    if missing:
+        schedule = (
+            f" (statistics are captured every cov_interval={cov_interval} steps: a layer "
+            "first used on a step between them has none yet)"
+            if cov_interval > 1
+            else ""
+        )
+        raise RuntimeError(
+            f"no curvature statistics for layer(s) {missing}, which have gradients{schedule}: "
+            "run the model's forward (in train mode, with gradients enabled) and "
+            "loss.backward() before step(); a module whose parameters are used outside "
+            "its own forward (F.linear(x, layer.weight)) cannot be preconditioned"
+        )
+
+
+def check_weight_uses(output: Tensor, layers: dict[str, nn.Module], calls: dict[str, int]) -> None:
+    """Refuse a weight the forward also uses outside its modules' calls.
+
+    Walks autograd's graph from the model ``output`` and counts, for each block's weight,
+    the operations that read it; more than the calls its modules made (``calls``) means a
+    functional use, e.g. a tied decoder ``F.linear(h, encoder.weight.t())``, whose
+    curvature the block would not see while preconditioning its gradient. Embedding
+    lookups are allowed (a language model's head tied to its embedding keeps the head's
+    block). Under autocast a weight's cast is cached and shared, so uses there may go
+    unseen.
+
+    Raises:
+        ValueError: naming the layer, the counts and the fix.
+    """
+    weights = {id(layer_weight(m)): name for name, m in layers.items()}
+    reads: dict[str, int] = dict.fromkeys(layers, 0)
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for child, _ in node.next_functions:
+            variable = getattr(child, "variable", None)  # an AccumulateGrad node
+            name = weights.get(id(variable)) if variable is not None else None
+            if name is not None and "Embedding" not in type(node).__name__:
+                reads[name] += 1
+            stack.append(child)
+    for name, count in reads.items():
+        if count > calls.get(name, 0):
+            raise ValueError(
+                f"layer {name!r}: its weight is read {count} times in the forward but its "
+                f"module(s) ran {calls.get(name, 0)} times: a functional use (such as a tied "
+                "decoder F.linear(h, encoder.weight.t())) adds gradient that the layer's "
+                "block never sees. Untie it, make the other use a module sharing the weight "
+                "(b.weight = a.weight), or leave the layer out with params="
+            )
 
 
 def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:

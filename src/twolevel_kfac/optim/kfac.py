@@ -19,6 +19,7 @@ between ``precond.step()`` and ``opt.step()``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 from typing import Any
@@ -28,7 +29,9 @@ from torch import Tensor, nn
 from torch.optim.sgd import sgd as sgd_update
 
 from ..curvature.blocks import layer_weight
+from ..curvature.discovery import is_supported, materialize_params, parameter_ids
 from ..finite import all_finite
+from .amp import take_amp_state, unscale_gradients
 from .damping import (
     DAMPING_ARGUMENTS,
     DampingOptions,
@@ -76,6 +79,8 @@ class KFAC(torch.optim.Optimizer):
     """
 
     preconditioner_class: type[KFACPreconditioner] = KFACPreconditioner
+    # GradScaler.step hands the scale and found_inf to step() (:mod:`.amp`)
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -95,12 +100,13 @@ class KFAC(torch.optim.Optimizer):
         self.nonfinite_policy = nonfinite_policy
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
+        self.amp_skipped_steps = 0  # steps a GradScaler found infinite
         self.damping_options = DampingOptions(
             **{k: curvature.pop(k) for k in list(curvature) if k in DAMPING_ARGUMENTS}
         )
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        params = list(params)
+        params = materialize_params(params)
         self.preconditioner = self._make_preconditioner(model, curvature, params)
         if self.damping_options.adaptive_damping and callable(curvature.get("damping")):
             raise ValueError(
@@ -121,6 +127,7 @@ class KFAC(torch.optim.Optimizer):
             "nesterov": bool(nesterov),
         }
         super().__init__(params, defaults)
+        self._built = True
 
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
@@ -154,6 +161,12 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         pre = self.preconditioner
+        loss_scale = self._amp_loss_scale()
+        if loss_scale is None:  # GradScaler found an inf: its scale drops, nothing else moves
+            pre.capture.discard()
+            pre.last_stats = {"amp_skipped": 1.0}
+            self.amp_skipped_steps += 1
+            return loss
         adapt = damping.adaptive_damping and pre.steps % damping.damping_interval == 0
         needs_model = adapt or damping.qmodel_lr_momentum
         checked = self.nonfinite_policy != "unchecked"
@@ -163,7 +176,8 @@ class KFAC(torch.optim.Optimizer):
             return loss
         model = QuadraticModel(self.param_groups, pre) if needs_model else None
         squared = pre.options.kl_clip_form == "lr_squared"  # the only reader of the lrs
-        pre.step(lr=self._layer_lrs() if squared else float(self.param_groups[0]["lr"]))
+        lr = self._layer_lrs() if squared else float(self.param_groups[0]["lr"])
+        pre.step(lr=lr, loss_scale=loss_scale)
         if checked and not self._finite_after_step(pre.directions_finite, deferred):
             if deferred:
                 pre.undo_step()
@@ -181,6 +195,56 @@ class KFAC(torch.optim.Optimizer):
         if adapt and model is not None and closure is not None and loss is not None:
             self._adapt_damping(model, float(loss.detach()), closure)
         return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim``'s, warning when the group holds the weight of a ``Linear`` /
+        ``Conv2d`` layer that is not preconditioned: the layers are fixed when the optimizer
+        is built, so such a layer gets the plain momentum step."""
+        super().add_param_group(param_group)
+        pre = getattr(self, "preconditioner", None)
+        if pre is None or not getattr(self, "_built", False):  # the constructor's groups
+            return
+        ids = parameter_ids([param_group])
+        added = [
+            name
+            for name, module in pre.model.named_modules()
+            if is_supported(module)
+            and id(module.weight) in ids
+            and id(module.weight) not in pre.preconditioned_parameters()
+        ]
+        if added:
+            warnings.warn(
+                f"layer(s) {added} added with add_param_group after the optimizer was built "
+                "get the un-preconditioned momentum step; to precondition them, pass their "
+                "parameters when building it (frozen ones are left alone until unfrozen)",
+                stacklevel=2,
+            )
+
+    def _amp_loss_scale(self) -> float | None:
+        """The loss scale of this step's empirical statistics (1 outside a GradScaler),
+        with the gradients unscaled here; ``None`` when the scaler found an inf.
+
+        Raises:
+            RuntimeError: for ``fisher="empirical"`` after ``scaler.unscale_(opt)``, which
+                leaves the scale of the captured output gradients unknown.
+        """
+        state = take_amp_state(self)
+        if state is None:
+            return 1.0
+        scale, found_inf = state
+        if found_inf:
+            return None
+        if scale is not None:
+            unscale_gradients(self.param_groups, scale)
+            return scale
+        if self.preconditioner.options.fisher == "empirical":
+            raise RuntimeError(
+                f"{type(self).__name__}(fisher='empirical') under GradScaler after "
+                "scaler.unscale_(opt): the captured output gradients carry the loss scale, "
+                "which is then unknown here. Call scaler.step(opt) without unscale_ (with "
+                "the KL clip on, norm clipping has no effect anyway) or use fisher='mc'"
+            )
+        return 1.0
 
     def _layer_lrs(self) -> dict[str, float]:
         """Each preconditioned layer's learning rate: that of the group holding its weight."""

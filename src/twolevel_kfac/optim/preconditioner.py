@@ -35,7 +35,7 @@ from ..curvature.blocks import (
     matrix_to_parameter_shapes,
 )
 from ..curvature.capture import CurvatureCapture
-from ..curvature.discovery import find_layer_uses, find_layers
+from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..distributed import (
@@ -110,36 +110,31 @@ class KFACPreconditioner:
         # The layers with a gradient in the current step (the others are left alone)
         self.active: list[str] = list(self.layers)
 
-    def step(self, lr: float | Mapping[str, float] = 1.0) -> None:
+    def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
         a layer without a gradient (unused this step) is left alone, its factors kept.
-        ``lr``: the learning rate, or each layer's (read by ``kl_clip_form="lr_squared"``).
+        ``lr``: the learning rate, or each layer's (read by ``kl_clip_form="lr_squared"``);
+        ``loss_scale``: the ``GradScaler`` scale the captured empirical ``δ`` carry.
 
         Raises:
             RuntimeError: if a layer has a gradient but never had curvature statistics.
         """
         with torch.no_grad(), autocast_off(layer_weight(next(iter(self.layers.values())))):
-            self._step(lr)
+            self._step(lr, loss_scale)
 
-    def _step(self, lr: float | Mapping[str, float]) -> None:
+    def _step(self, lr: float | Mapping[str, float], loss_scale: float) -> None:
         opts = self.options
         if callable(opts.damping):
             self.damping = damping_at(opts.damping, self.steps)
         active = self.capture.active
-        stats = self.capture.collect() if active else {}
+        stats = self.capture.collect(loss_scale) if active else {}
         self.last_stats = {"damping": self.damping}
         sent = self.comm.payload_bytes
+        self.active = [name for name, m in self.layers.items() if has_gradient(m)]
+        check_blocks(self.layers, self.factors, [*stats, *self.active])
         if stats or (active and self.comm.distributed):  # every rank joins the reduction
             stats = self._update_factors(stats)
-        self.active = [name for name, m in self.layers.items() if has_gradient(m)]
-        missing = [name for name in self.active if not self.factors[name].ready]
-        if missing:
-            raise RuntimeError(
-                f"no curvature statistics for layer(s) {missing}, which have gradients: run "
-                "the model's forward (in train mode, with gradients enabled) and "
-                "loss.backward() before step(); a module whose parameters are used outside "
-                "its own forward (F.linear(x, layer.weight)) cannot be preconditioned"
-            )
+        check_statistics(self.factors, self.active, opts.cov_interval)
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and f.decomp_a is None for f in self.factors.values()
         ):

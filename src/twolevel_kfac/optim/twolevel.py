@@ -54,6 +54,7 @@ from ..twolevel.coarse_matrix import (
 from ..twolevel.coarse_spaces import RESIDUAL_SPACES, build_basis
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_products import (
+    DISAGREE_HINT,
     check_stats,
     damped_fvp,
     sample_coefficients_parts,
@@ -165,7 +166,9 @@ class TwoLevelPreconditioner(KFACPreconditioner):
             return check_stats(self.fisher_stats)
         sizes = {self.sample_counts[n] for n in self.names}
         if len(sizes) != 1:
-            raise RuntimeError(f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}")
+            raise RuntimeError(
+                f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
+            )
         return sizes.pop()
 
     # ------------------------------------------------------------------ step

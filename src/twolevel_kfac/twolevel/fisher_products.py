@@ -27,6 +27,12 @@ from twolevel_kfac.curvature.blocks import (
 )
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
+DISAGREE_HINT = (
+    " (the two-level coarse level couples the layers sample by sample, so every layer "
+    "must see every sample of the Fisher mini-batch: a layer applied to some rows only, "
+    "or to rows that are not samples, needs KFAC without a coarse level)"
+)
+
 
 def check_stats(stats: Sequence[LayerStats], num_layers: int | None = None) -> int:
     """Validate per-layer statistics of one Fisher mini-batch and return its size ``N``.
@@ -48,7 +54,9 @@ def check_stats(stats: Sequence[LayerStats], num_layers: int | None = None) -> i
         raise ValueError(f"stats has {len(stats)} layers but the vector has {num_layers}")
     sizes = {s.num_samples for s in stats}
     if len(sizes) != 1:
-        raise ValueError(f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}")
+        raise ValueError(
+            f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
+        )
     return sizes.pop()
 
 

@@ -1,0 +1,43 @@
+"""``torch.amp.GradScaler`` support: the optimizers unscale the gradients and the
+empirical Fisher themselves, and drop a step the scaler found infinite, statistics included.
+
+The optimizers set ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` hands them the
+scale (``opt.grad_scale``, ``None`` when ``scaler.unscale_(opt)`` already ran) and whether
+the scaled gradients overflowed (``opt.found_inf``) instead of unscaling behind their back.
+That matters because the hooks of ``fisher="empirical"`` record the *scaled* output
+gradients ``S·δ``: without the scale ``G`` would be ``S²`` too large. A step the scaler
+skips must also drop the statistics its forward captured (else the next step folds in
+the overflowed batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["AmpState", "take_amp_state", "unscale_gradients"]
+
+AmpState = tuple[float | None, bool]
+"""``(loss scale S or None when the gradients are already unscaled, found_inf)``."""
+
+
+def take_amp_state(optimizer: Any) -> AmpState | None:
+    """What ``GradScaler.step`` handed ``optimizer`` for this step (the scaler deletes
+    the attributes after it), or ``None`` outside a scaler."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is None:
+        return None
+    scale = getattr(optimizer, "grad_scale", None)
+    return (None if scale is None else float(scale)), bool(found_inf.sum() > 0)
+
+
+def unscale_gradients(groups: Iterable[dict[str, Any]], scale: float) -> None:
+    """``p.grad ← p.grad / S`` for every parameter of ``groups`` with a gradient, as the
+    scaler's own ``unscale_`` does (multiplied by the float32 ``1/S``)."""
+    grads: list[Tensor] = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    if grads:
+        inverse = float(torch.tensor(scale, dtype=torch.float64).reciprocal().float())
+        torch._foreach_mul_(grads, inverse)
