@@ -114,14 +114,14 @@ def test_scalings_are_the_exact_diagonal_and_follow_a_new_basis(float64: None) -
         ):
             factors = pre.factors[name]
             Q = torch.kron(factors.decomp_g[1], factors.decomp_a[1])
-            new = torch.diagonal(Q.T @ fisher[sl, sl] @ Q).reshape(pre.scalings[name].shape)
+            new = torch.diagonal(Q.T @ fisher[sl, sl] @ Q).reshape(pre.fine.scalings[name].shape)
             if step == 0:
-                first[name] = Q @ torch.diag(pre.scalings[name].reshape(-1)) @ Q.T
-                assert_close_report(pre.scalings[name], new, rtol=1e-10, atol=1e-14)
+                first[name] = Q @ torch.diag(pre.fine.scalings[name].reshape(-1)) @ Q.T
+                assert_close_report(pre.fine.scalings[name], new, rtol=1e-10, atol=1e-14)
             else:
                 carried = torch.diagonal(Q.T @ first[name] @ Q).reshape(new.shape)
                 expected = 0.5 * carried + 0.5 * new
-                assert_close_report(pre.scalings[name], expected, rtol=1e-10, atol=1e-14)
+                assert_close_report(pre.fine.scalings[name], expected, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("fine", ["ekfac", "kpsvd", "kfac_corrected"])
@@ -258,7 +258,7 @@ def test_ekfac_is_closer_to_the_exact_block_than_kfac(float64: None) -> None:
     for name, sl in zip(pre.layers, layer_slices(layer_sizes(model)), strict=True):
         factors = pre.factors[name]
         Q = torch.kron(factors.decomp_g[1], factors.decomp_a[1])
-        ekfac = Q @ torch.diag(pre.scalings[name].reshape(-1)) @ Q.T
+        ekfac = Q @ torch.diag(pre.fine.scalings[name].reshape(-1)) @ Q.T
         kfac = factors.num_locations * torch.kron(factors.G, factors.A)
         assert (fisher[sl, sl] - ekfac).norm() <= (fisher[sl, sl] - kfac).norm() + 1e-12
 

@@ -495,3 +495,31 @@ def test_damping_schedule_gives_each_steps_own_damping(float64: None) -> None:
             bad.step()
     with pytest.raises(ValueError, match="schedule cannot be combined"):
         tk.KFAC(model, damping=lambda k: 0.1, adaptive_damping=True)
+
+
+def test_options_objects_equal_their_keywords() -> None:
+    """``KFAC(model, curvature=CurvatureOptions(...))`` and ``TwoLevelKFAC(...,
+    coarse=CoarseOptions(...))`` take the same steps as the same fields given as keywords;
+    an object and its keywords together are refused."""
+    x, y = batch()
+    fields = {"damping": 0.1, "fisher": "empirical", "kl_clip": 1e-3}
+    coarse = {"coarse_space": "residual", "combination": "adef2"}
+    for cls, extra in ((tk.KFAC, {}), (tk.TwoLevelKFAC, coarse)):
+        runs = []
+        for as_object in (False, True):
+            model = mlp()
+            if as_object:
+                objects = {"curvature": tk.CurvatureOptions(**fields)}
+                if extra:
+                    objects["coarse"] = tk.CoarseOptions(**extra)
+                opt = cls(model, lr=0.1, **objects)
+            else:
+                opt = cls(model, lr=0.1, **fields, **extra)
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        assert torch.equal(runs[0], runs[1])
+    with pytest.raises(TypeError, match="not both"):
+        tk.KFAC(mlp(), curvature=tk.CurvatureOptions(), damping=0.1)

@@ -201,7 +201,7 @@ def test_frobenius_errors_never_exceed_kfac(float64: None, net: str) -> None:
         norm = float(F.norm())
         assert kpsvd_error**2 == pytest.approx(norm**2 - sigma**2, abs=1e-12 * norm**2)
         assert kpsvd_error <= kfac_error + 1e-12
-        a_2, g_2 = corrected.preconditioner.corrections[name]
+        a_2, g_2 = corrected.preconditioner.fine.corrections[name]
         kfac_part = corrected.preconditioner.factors[name]
         approx = T * (torch.kron(kfac_part.G, kfac_part.A) + torch.kron(g_2, a_2))
         assert float((F - approx).norm()) <= kfac_error + 1e-12

@@ -9,7 +9,7 @@ Methods (``d ≈ F̂⁻¹g`` with ``F̂ = F + λI``, ``F`` the exact Fisher of t
 * ``kfac`` (the configured damping mode), ``kfac_per_factor``, ``kfac_pi``,
   ``kfac_eigen_sum``: ``d = M⁻¹g`` from a :class:`KFACPreconditioner` whose factors are
   loaded from the batch's exact statistics (``ema_decay = 0``) through the optimizer's own
-  ``_update_factors`` / ``_refresh_decompositions``; ``M⁻¹`` is ``apply_fine``;
+  ``fit``; ``M⁻¹`` is ``apply_fine``;
 * ``ekfac``, ``kpsvd``, ``kfac_corrected``: ``d = M⁻¹g`` with the fine level of
   :class:`~twolevel_kfac.optim.ekfac.EKFACPreconditioner` /
   :class:`~twolevel_kfac.optim.kpsvd.KPSVDPreconditioner` /
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.kronecker import DAMPING_MODES, DampingMode
-from ..optim.fine import FINE_LEVELS
+from ..optim.levels import FINE_LEVELS
 from ..optim.options import CurvatureOptions, SpectralWhich
 from ..optim.preconditioner import KFACPreconditioner
 from ..optim.twolevel import CoarseOptions, TwoLevelPreconditioner
@@ -176,11 +176,9 @@ class MethodSet:
         assert spec.fine is not None and spec.damping_mode is not None
         if spec.fine not in self._fine:
             options = _options(self.damping, spec.damping_mode)
-            cls = FINE_LEVELS[spec.fine]
-            power: dict[str, Any] = {
-                k: v for k, v in ANALYSIS_POWER.items() if k in cls.extra_arguments
-            }
-            pre = cls(self.model, options, **power)
+            extra = FINE_LEVELS[spec.fine].extra_arguments
+            power: dict[str, Any] = {k: v for k, v in ANALYSIS_POWER.items() if k in extra}
+            pre = KFACPreconditioner(self.model, options, fine=spec.fine, **power)
             self._fine[spec.fine] = self._fitted(pre)
         return self._fine[spec.fine]
 

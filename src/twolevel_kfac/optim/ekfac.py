@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..curvature.blocks import LayerStats
 from ..curvature.kronecker import eigen_denominator
@@ -44,22 +44,26 @@ from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
 from ..curvature.running_average import ema_weight, running_average
 from ..distributed import all_reduce_sum
+from .fine import FineContext, FineLevel
 from .kfac import KFAC
-from .options import CurvatureOptions
 from .preconditioner import KFACPreconditioner
 
 
-class EKFACPreconditioner(KFACPreconditioner):
-    """Eigenvalue-corrected KFAC preconditioner (see the module docstring)."""
+class EKFACFine(FineLevel):
+    """EKFAC's fine level (see the module docstring).
 
-    def __init__(
-        self, model: nn.Module, options: CurvatureOptions | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(model, options, **kwargs)
-        if self.options.inverse_method != "eigen":
+    Raises:
+        ValueError: unless ``inverse_method="eigen"`` (it works in the factors' eigenbasis).
+    """
+
+    name = "ekfac"
+
+    def __init__(self, host: FineContext, **arguments: Any) -> None:
+        super().__init__(host, **arguments)
+        if host.options.inverse_method != "eigen":
             raise ValueError(
-                f"{type(self).__name__} needs inverse_method='eigen' (it works in the "
-                f"factors' eigenbasis); got {self.options.inverse_method!r}"
+                "EKFAC needs inverse_method='eigen' (it works in the factors' eigenbasis); "
+                f"got {host.options.inverse_method!r}"
             )
         self.scalings: dict[str, Tensor] = {}
         self.scaling_updates: dict[str, int] = {}
@@ -68,60 +72,62 @@ class EKFACPreconditioner(KFACPreconditioner):
     def _bases(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``(Q_A, Q_G)`` of every layer whose factors have been decomposed."""
         out = {}
-        for name, factors in self.factors.items():
+        for name, factors in self.host.factors.items():
             if factors.decomp_a is not None and factors.decomp_g is not None:
                 out[name] = (factors.decomp_a[1], factors.decomp_g[1])
         return out
 
-    def _refresh_decompositions(self) -> None:
+    def refresh(self, damping: float) -> None:
+        """KFAC's refresh, the running ``S`` carried into the new eigenbasis."""
         old = self._bases()
-        super()._refresh_decompositions()
+        super().refresh(damping)
         new = self._bases()
         for name, scalings in self.scalings.items():
             if name in old and name in new:
                 self.scalings[name] = eigenbasis_diagonal_transport(scalings, old[name], new[name])
         self._scaling_cache.clear()
 
-    def _stateless_directions(self) -> bool:
+    def stateless(self, steps: int) -> bool:
         """A decomposition refresh carries the scalings into the new eigenbasis (state)."""
-        return self.steps % self.options.inv_interval != 0
+        return steps % self.host.options.inv_interval != 0
 
-    def _update_after_refresh(self, stats: dict[str, LayerStats]) -> None:
+    def after_refresh(self, stats: dict[str, LayerStats]) -> None:
         """``S ← ρS + (1 − ρ)S_new`` with ``S_new`` of this mini-batch in the current basis."""
+        host = self.host
         bases = self._bases()
         names = [n for n in stats if n in bases]
         sums = []
         for name in names:
-            dtype = self.factor_dtype(name)
+            dtype = host.factor_dtype(name)
             layer = LayerStats(stats[name].a.to(dtype), stats[name].g.to(dtype))
             sums.append(rotated_second_moments(layer, *bases[name]))
-        if self.comm.distributed:
-            sums = all_reduce_sum(self.comm, sums)
+        if host.comm.distributed:
+            sums = all_reduce_sum(host.comm, sums)
         skipped = 0
         for name, total in zip(names, sums, strict=True):
-            new = total / self.sample_count(name, stats[name])
+            new = total / host.sample_count(name, stats[name])
             if not torch.isfinite(new).all():
                 skipped += 1
                 continue
             count = self.scaling_updates.get(name, 0) + 1
             self.scaling_updates[name] = count
-            rho = ema_weight(count, self.options.ema_decay)
+            rho = ema_weight(count, host.options.ema_decay)
             self.scalings[name] = running_average(self.scalings.get(name), new, rho)
             self._scaling_cache.pop(name, None)
-        self.last_stats["nonfinite_scaling_updates"] = float(skipped)
+        host.last_stats["nonfinite_scaling_updates"] = float(skipped)
 
-    def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
+    def apply(self, name: str, matrix: Tensor, damping: float) -> Tensor:
         """``Q_G [(Q_Gᵀ V Q_A) ⊘ D] Q_Aᵀ`` (module docstring); KFAC's until ``S`` exists."""
         if name not in self.scalings:
-            return super().apply_fine(name, matrix)
-        return apply_in_eigenbasis(*self._prepare_scalings(name), matrix)
+            return super().apply(name, matrix, damping)
+        return apply_in_eigenbasis(*self._prepare_scalings(name, damping), matrix)
 
-    def _prepare_scalings(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        key = (self.damping, self.options.damping_mode)
+    def _prepare_scalings(self, name: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        key = (damping, self.host.options.damping_mode)
         cached = self._scaling_cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        factors = self.factors[name]
+        factors = self.host.factors[name]
         assert factors.decomp_a is not None and factors.decomp_g is not None
         (values_a, vectors_a), (values_g, vectors_g) = factors.decomp_a, factors.decomp_g
         grid = eigen_denominator(values_g, values_a, *key, factors.decomp_pi)
@@ -132,19 +138,26 @@ class EKFACPreconditioner(KFACPreconditioner):
         return prepared
 
     def state_dict(self) -> dict[str, Any]:
-        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
-        state = super().state_dict()
-        state["scalings"] = {"S": dict(self.scalings), "updates": dict(self.scaling_updates)}
-        return state
+        """``{"scalings": {"S": …, "updates": …}}``."""
+        return {"scalings": {"S": dict(self.scalings), "updates": dict(self.scaling_updates)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore :meth:`state_dict`'s entry.
+
+        Raises:
+            ValueError: if the state has no ``"scalings"`` entry.
+        """
         if "scalings" not in state:
-            raise ValueError(f"not a {type(self).__name__} state: no 'scalings' entry")
-        super().load_state_dict(state)
-        self.scalings = {n: self._placed(n, s) for n, s in state["scalings"]["S"].items()}
+            raise ValueError("not an EKFAC state: no 'scalings' entry")
+        self.scalings = {n: self.host.placed(n, s) for n, s in state["scalings"]["S"].items()}
         self.scaling_updates = {k: int(v) for k, v in state["scalings"]["updates"].items()}
         self._scaling_cache.clear()
+
+
+class EKFACPreconditioner(KFACPreconditioner):
+    """The KFAC preconditioner with EKFAC's fine level (:class:`EKFACFine`)."""
+
+    fine_level = EKFACFine
 
 
 class EKFAC(KFAC):

@@ -1,42 +1,165 @@
-"""The fine levels a two-level preconditioner can use: ``M⁻¹`` = the block-diagonal inverse
-of KFAC, EKFAC, KPSVD or KFAC-corrected (``TwoLevelKFAC(..., fine=...)``).
+"""The fine level ``M⁻¹`` of a preconditioner: a block-diagonal inverse, one block per layer.
 
-Each two-level class combines :class:`~.twolevel.TwoLevelPreconditioner` (coarse level,
-combinations) with a fine-level preconditioner (factors, decompositions, ``apply_fine``) by
-cooperative inheritance: the coarse level only calls ``apply_fine``, so every coarse space
-and combination works with every fine level.
+A :class:`FineLevel` is held by a preconditioner (composition: ``KFACPreconditioner(model,
+fine="ekfac")``, and so ``TwoLevelKFAC(model, fine="ekfac")``); the coarse level only ever
+calls :meth:`FineLevel.apply`, so every coarse space and combination works with every fine
+level. Its life cycle, driven by the preconditioner's ``step()``:
+
+1. :meth:`FineLevel.store` folds one layer's Kronecker factors of the Fisher mini-batch
+   into the running ones (every ``cov_interval`` steps; KPSVD fits other factors there);
+2. :meth:`FineLevel.refresh` decomposes the factors (every ``inv_interval`` steps);
+3. :meth:`FineLevel.after_refresh` folds statistics that live in the new eigenbasis
+   (EKFAC's scalings);
+4. :meth:`FineLevel.apply` applies the damped inverse to a layer's ``W̄`` matrix, with λ
+   given at the call (it may follow a schedule).
+
+This class is KFAC's fine level, ``(damped A ⊗ G)⁻¹`` divided by ``T``
+(:mod:`twolevel_kfac.curvature.kronecker`); :mod:`.ekfac` and :mod:`.kpsvd` extend it.
+The factors themselves belong to the preconditioner (they are its curvature statistics);
+a fine level reads them, and what else it needs, through :class:`FineContext`.
 """
 
 from __future__ import annotations
 
-from .ekfac import EKFACPreconditioner
-from .kpsvd import KFACCorrectedPreconditioner, KPSVDPreconditioner
-from .preconditioner import KFACPreconditioner
-from .twolevel import TwoLevelPreconditioner
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-FINE_LEVELS: dict[str, type[KFACPreconditioner]] = {
-    "kfac": KFACPreconditioner,
-    "ekfac": EKFACPreconditioner,
-    "kpsvd": KPSVDPreconditioner,
-    "kfac_corrected": KFACCorrectedPreconditioner,
-}
+import torch
+from torch import Tensor
 
+from ..curvature.blocks import LayerStats
+from ..curvature.kronecker import KroneckerFactors
+from ..curvature.kronecker_apply import LayerParts
+from ..distributed import share_decompositions
 
-class TwoLevelEKFACPreconditioner(TwoLevelPreconditioner, EKFACPreconditioner):
-    """Two-level preconditioner whose fine level is EKFAC."""
+if TYPE_CHECKING:
+    from ..distributed import Communicator
+    from .options import CurvatureOptions
 
-
-class TwoLevelKPSVDPreconditioner(TwoLevelPreconditioner, KPSVDPreconditioner):
-    """Two-level preconditioner whose fine level is KPSVD."""
+__all__ = ["FineContext", "FineLevel"]
 
 
-class TwoLevelKFACCorrectedPreconditioner(TwoLevelPreconditioner, KFACCorrectedPreconditioner):
-    """Two-level preconditioner whose fine level is KFAC-corrected."""
+class FineContext(Protocol):
+    """What a fine level reads from the preconditioner that holds it."""
+
+    options: CurvatureOptions
+    comm: Communicator
+    factors: dict[str, KroneckerFactors]
+    last_stats: dict[str, float]
+    steps: int
+
+    def factor_dtype(self, name: str) -> torch.dtype:
+        """The dtype of layer ``name``'s factors."""
+        ...
+
+    def sample_count(self, name: str, stats: LayerStats) -> int:
+        """``N`` of this step's Fisher mini-batch for layer ``name`` (all ranks)."""
+        ...
+
+    def placed(self, name: str, tree: Any) -> Any:
+        """Saved state of layer ``name`` with its tensors on that layer's device."""
+        ...
 
 
-TWO_LEVEL_PRECONDITIONERS: dict[str, type[TwoLevelPreconditioner]] = {
-    "kfac": TwoLevelPreconditioner,
-    "ekfac": TwoLevelEKFACPreconditioner,
-    "kpsvd": TwoLevelKPSVDPreconditioner,
-    "kfac_corrected": TwoLevelKFACCorrectedPreconditioner,
-}
+class FineLevel:
+    """KFAC's fine level: the damped Kronecker-factored inverse of each layer's block.
+
+    Args:
+        host: the preconditioner holding it (:class:`FineContext`).
+        **arguments: the fine level's own arguments (:attr:`extra_arguments`; none here).
+    """
+
+    name: ClassVar[str] = "kfac"
+    extra_arguments: ClassVar[frozenset[str]] = frozenset()
+    """Constructor arguments beyond the curvature options (KPSVD's power iteration)."""
+
+    def __init__(self, host: FineContext, **arguments: Any) -> None:
+        if arguments:
+            raise TypeError(f"fine level {self.name!r} takes no arguments; got {sorted(arguments)}")
+        self.host = host
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is KFAC itself (the preconditioner's fast paths apply)."""
+        return type(self) is FineLevel
+
+    # ------------------------------------------------------------------ statistics
+    def store(
+        self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
+    ) -> bool:
+        """Fold one layer's (finite) factors of this Fisher mini-batch into the running ones.
+
+        Returns:
+            Whether the update was stored (``False``: it was not finite and was dropped).
+        """
+        self.host.factors[name].update(new_a, new_g, self.host.options.ema_decay, locations)
+        return True
+
+    def refresh(self, damping: float) -> None:
+        """Decompose every layer's running factors (shared across the ranks as configured)."""
+        host, opts = self.host, self.host.options
+        ready = {name: f for name, f in host.factors.items() if f.ready}
+        if host.comm.distributed and opts.distributed_inverses == "split":
+            share_decompositions(host.comm, ready, opts.inverse_method, damping, opts.damping_mode)
+            return
+        for factors in ready.values():
+            factors.decompose(opts.inverse_method)
+
+    def after_refresh(self, stats: dict[str, LayerStats]) -> None:
+        """Fold the statistics that live in the decompositions' eigenbasis (none for KFAC)."""
+
+    def stateless(self, steps: int) -> bool:
+        """Whether a step without statistics leaves no state behind (its inverses are
+        rebuilt the same way from the kept decompositions)."""
+        return True
+
+    # ------------------------------------------------------------------ the inverse
+    def apply(self, name: str, matrix: Tensor, damping: float) -> Tensor:
+        """``M_i⁻¹`` of layer ``name`` applied to a ``(d_out, d_in')`` matrix."""
+        opts = self.host.options
+        return self.host.factors[name].apply_inverse(
+            matrix, damping, opts.damping_mode, opts.inverse_method
+        )
+
+    def apply_split(
+        self,
+        name: str,
+        weight: Tensor,
+        bias: Tensor | None,
+        damping: float,
+        out: LayerParts | None = None,
+    ) -> LayerParts:
+        """:meth:`apply` on ``W̄ = [weight, bias]`` given as its parts, into fresh tensors or
+        ``out`` (which may be the parts themselves): KFAC's products read and write the
+        parts directly; other fine levels join the matrix and split the result."""
+        opts = self.host.options
+        if self.plain:
+            return self.host.factors[name].apply_inverse_split(
+                weight, bias, damping, opts.damping_mode, opts.inverse_method, out
+            )
+        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
+        result = self.apply(name, joined, damping)
+        parts = (result, None) if bias is None else (result[:, :-1], result[:, -1])
+        if out is None:
+            return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
+        for target, part in zip(out, parts, strict=True):
+            if target is not None and part is not None:
+                target.copy_(part)
+        return out
+
+    def apply_outer(self, name: str, left: Tensor, right: Tensor, damping: float) -> Tensor:
+        """:meth:`apply` of the rank-one matrix ``left rightᵀ`` (two mat-vecs for KFAC)."""
+        if not self.plain:
+            return self.apply(name, torch.outer(left, right), damping)
+        opts = self.host.options
+        return self.host.factors[name].apply_inverse_outer(
+            left, right, damping, opts.damping_mode, opts.inverse_method
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The fine level's own state, as extra top-level entries of the preconditioner's
+        (KFAC has none beyond the factors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s entries from the preconditioner's state."""

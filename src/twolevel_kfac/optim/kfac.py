@@ -68,7 +68,10 @@ class KFAC(torch.optim.Optimizer):
             overflowing direction reaches the parameters; saves one read of every gradient
             per step, what ASDL and kfac-pytorch do). The statistics behind the factors are
             checked under every policy.
-        **curvature: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
+        curvature: the curvature options as one
+            :class:`~twolevel_kfac.optim.options.CurvatureOptions` object (or its fields as
+            keywords, below; not both).
+        **options: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
             ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
             ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
             ``inverse_method``, ``factor_dtype``, ``unsupported``, ``seed``; and the
@@ -91,7 +94,8 @@ class KFAC(torch.optim.Optimizer):
         nesterov: bool = False,
         params: Iterable[Any] | None = None,
         nonfinite_policy: str = "skip",
-        **curvature: Any,
+        curvature: CurvatureOptions | None = None,
+        **options: Any,
     ) -> None:
         check_real("lr", lr, low=0.0, low_open=True)
         check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
@@ -102,13 +106,21 @@ class KFAC(torch.optim.Optimizer):
         self.consecutive_nonfinite = 0
         self.amp_skipped_steps = 0  # steps a GradScaler found infinite
         self.damping_options = DampingOptions(
-            **{k: curvature.pop(k) for k in list(curvature) if k in DAMPING_ARGUMENTS}
+            **{k: options.pop(k) for k in list(options) if k in DAMPING_ARGUMENTS}
         )
+        if curvature is not None:
+            given = sorted(set(options) & CURVATURE_ARGUMENTS)
+            if given:
+                raise TypeError(
+                    f"{type(self).__name__}: pass either curvature=CurvatureOptions(...) or "
+                    f"its fields as keywords, not both (got {given})"
+                )
+            options["options"] = curvature
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         params = materialize_params(params)
-        self.preconditioner = self._make_preconditioner(model, curvature, params)
-        if self.damping_options.adaptive_damping and callable(curvature.get("damping")):
+        self.preconditioner = self._make_preconditioner(model, options, params)
+        if self.damping_options.adaptive_damping and callable(self.preconditioner.options.damping):
             raise ValueError(
                 f"{type(self).__name__}: adaptive_damping=True sets λ itself; a damping "
                 "schedule cannot be combined with it"
@@ -132,7 +144,7 @@ class KFAC(torch.optim.Optimizer):
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
     ) -> KFACPreconditioner:
-        allowed = CURVATURE_ARGUMENTS | self.preconditioner_class.extra_arguments
+        allowed = CURVATURE_ARGUMENTS | self.preconditioner_class.extra_arguments | {"options"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(

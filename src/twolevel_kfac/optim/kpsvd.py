@@ -1,14 +1,14 @@
 """KPSVD and KFAC-corrected fine levels (Koroko et al., ESAIM: Proceedings and Surveys 73,
 2023): better Kronecker approximations of each layer's exact Fisher block ``F``.
 
-* :class:`KPSVDPreconditioner`: the factors of each Fisher mini-batch are the Kronecker-SVD
+* :class:`KPSVDFine`: the factors of each Fisher mini-batch are the Kronecker-SVD
   factors ``(A_k, G_k)``, ``T·(A_k ⊗ G_k)`` the Frobenius-nearest Kronecker product to the
   block (:func:`~twolevel_kfac.curvature.kpsvd.nearest_kronecker`, by power iteration on
   per-sample contractions, warm-started from the running ``G_k``; KFAC's ``G`` the first
   time). Everything after that is KFAC's code
   path: running averages, every ``damping_mode`` and ``inverse_method`` applied to
   ``(A_k, G_k)`` exactly as to KFAC's ``(A, G)``, the result divided by ``T``.
-* :class:`KFACCorrectedPreconditioner`: KFAC's factors plus the leading Kronecker term of
+* :class:`KFACCorrectedFine`: KFAC's factors plus the leading Kronecker term of
   the residual, ``T·(A₂ ⊗ G₂) ≈ F − T·(A ⊗ G)``
   (:func:`~twolevel_kfac.curvature.kpsvd.kronecker_correction`), running-averaged like the
   factors and frozen at each decomposition refresh. The damped matrix inverted is
@@ -42,7 +42,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..curvature.blocks import LayerStats
 from ..curvature.kpsvd import (
@@ -54,51 +54,57 @@ from ..curvature.kpsvd import (
 )
 from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.running_average import ema_weight, running_average
+from .fine import FineContext, FineLevel
 from .kfac import KFAC
-from .options import CurvatureOptions, check_interval, check_real
+from .options import check_interval, check_real
 from .preconditioner import KFACPreconditioner
 
 PENCIL_FLOOR = 1e-3
 
 
-class _PowerIterationMixin(KFACPreconditioner):
-    """The power-iteration arguments and the all-reduce of its products."""
+class PowerIterationFine(FineLevel):
+    """A fine level whose factors come from a power iteration on per-sample contractions,
+    all-reduced under ``torch.distributed`` (every rank iterates on the global block).
+
+    Args:
+        host: the preconditioner (:class:`~.fine.FineContext`).
+        power_iterations: the most sweeps of the power iteration.
+        power_tol: stop when both unit singular vectors move by less than this.
+    """
 
     extra_arguments: ClassVar[frozenset[str]] = frozenset({"power_iterations", "power_tol"})
 
     def __init__(
-        self,
-        model: nn.Module,
-        options: CurvatureOptions | None = None,
-        *,
-        power_iterations: int = 50,
-        power_tol: float = 1e-8,
-        **kwargs: Any,
+        self, host: FineContext, *, power_iterations: int = 50, power_tol: float = 1e-8
     ) -> None:
+        super().__init__(host)
         check_interval("power_iterations", power_iterations)
         check_real("power_tol", power_tol, low=0.0)
         self.power = PowerIteration(power_iterations, float(power_tol))
-        super().__init__(model, options, **kwargs)
 
     def _reduce(self, tensor: Tensor) -> Tensor:
-        return self.comm.all_reduce(tensor) if self.comm.distributed else tensor
+        comm = self.host.comm
+        return comm.all_reduce(tensor) if comm.distributed else tensor
 
     def _cast(self, name: str, stats: LayerStats) -> LayerStats:
-        dtype = self.factor_dtype(name)
+        dtype = self.host.factor_dtype(name)
         return LayerStats(stats.a.to(dtype), stats.g.to(dtype))
 
     def _record(self, name: str, term: KroneckerTerm) -> None:
-        self.last_stats[f"power_sweeps/{name}"] = float(term.sweeps)
+        self.host.last_stats[f"power_sweeps/{name}"] = float(term.sweeps)
 
 
-class KPSVDPreconditioner(_PowerIterationMixin):
+class KPSVDFine(PowerIterationFine):
     """Kronecker-SVD fine level (see the module docstring)."""
 
-    def _store_batch(
+    name = "kpsvd"
+
+    def store(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
     ) -> bool:
-        count = self.sample_count(name, stats)
-        running = self.factors[name].G  # warm start (KFAC's G on the first update)
+        """KFAC's running average of the Kronecker-SVD factors ``(A_k, G_k)`` of this batch."""
+        count = self.host.sample_count(name, stats)
+        running = self.host.factors[name].G  # warm start (KFAC's G on the first update)
         start = new_g if running is None else running
         a_k, g_k, term = nearest_kronecker(
             self._cast(name, stats), (new_a, new_g), count, self.power, self._reduce, start
@@ -106,33 +112,39 @@ class KPSVDPreconditioner(_PowerIterationMixin):
         self._record(name, term)
         if not (torch.isfinite(a_k).all() and torch.isfinite(g_k).all()):
             return False
-        return super()._store_batch(name, a_k, g_k, locations, stats)
+        return super().store(name, a_k, g_k, locations, stats)
 
 
-class KFACCorrectedPreconditioner(_PowerIterationMixin):
-    """KFAC plus its leading Kronecker correction (see the module docstring)."""
+class KFACCorrectedFine(PowerIterationFine):
+    """KFAC plus its leading Kronecker correction (see the module docstring).
 
-    def __init__(
-        self, model: nn.Module, options: CurvatureOptions | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(model, options, **kwargs)
-        if self.options.damping_mode == "eigen_sum" or self.options.inverse_method != "eigen":
+    Raises:
+        ValueError: for ``damping_mode="eigen_sum"`` or ``inverse_method="cholesky"``.
+    """
+
+    name = "kfac_corrected"
+
+    def __init__(self, host: FineContext, **arguments: Any) -> None:
+        super().__init__(host, **arguments)
+        opts = host.options
+        if opts.damping_mode == "eigen_sum" or opts.inverse_method != "eigen":
             raise ValueError(
-                f"{type(self).__name__} needs a factored damping_mode ('per_factor' or 'pi') "
+                "KFAC-corrected needs a factored damping_mode ('per_factor' or 'pi') "
                 "and inverse_method='eigen': A⊗G + A₂⊗G₂ + λI has no Kronecker-factored "
-                f"inverse; got damping_mode={self.options.damping_mode!r}, "
-                f"inverse_method={self.options.inverse_method!r}"
+                f"inverse; got damping_mode={opts.damping_mode!r}, "
+                f"inverse_method={opts.inverse_method!r}"
             )
         self.corrections: dict[str, tuple[Tensor, Tensor]] = {}
         self.correction_updates: dict[str, int] = {}
         self.frozen_corrections: dict[str, tuple[Tensor, Tensor]] = {}
         self._pencil_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, Tensor, Tensor]]] = {}
 
-    def _store_batch(
+    def store(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
     ) -> bool:
-        super()._store_batch(name, new_a, new_g, locations, stats)
-        count = self.sample_count(name, stats)
+        """KFAC's factors, then the running average of the correction ``(A₂, G₂)``."""
+        super().store(name, new_a, new_g, locations, stats)
+        count = self.host.sample_count(name, stats)
         running = self.corrections.get(name)  # warm start
         a_2, g_2, term = kronecker_correction(
             self._cast(name, stats),
@@ -147,7 +159,7 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
             return True  # KFAC's part is stored; the correction keeps its running value
         k = self.correction_updates.get(name, 0) + 1
         self.correction_updates[name] = k
-        rho = ema_weight(k, self.options.ema_decay)
+        rho = ema_weight(k, self.host.options.ema_decay)
         old = self.corrections.get(name)
         self.corrections[name] = (
             running_average(None if old is None else old[0], a_2, rho),
@@ -155,61 +167,78 @@ class KFACCorrectedPreconditioner(_PowerIterationMixin):
         )
         return True
 
-    def _refresh_decompositions(self) -> None:
-        super()._refresh_decompositions()
+    def refresh(self, damping: float) -> None:
+        """KFAC's refresh; the corrections are frozen with the decompositions."""
+        super().refresh(damping)
         self.frozen_corrections = {
             n: (a.clone(), g.clone()) for n, (a, g) in self.corrections.items()
         }
         self._pencil_cache.clear()
 
-    def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
+    def apply(self, name: str, matrix: Tensor, damping: float) -> Tensor:
         """``K⁻¹`` of the module docstring; KFAC's inverse until a correction exists."""
         if name not in self.frozen_corrections:
-            return super().apply_fine(name, matrix)
-        return apply_in_eigenbasis(*self._prepare_pencil(name), matrix)
+            return super().apply(name, matrix, damping)
+        return apply_in_eigenbasis(*self._prepare_pencil(name, damping), matrix)
 
-    def _prepare_pencil(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        key = (self.damping, self.options.damping_mode)
+    def _prepare_pencil(self, name: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        key = (damping, self.host.options.damping_mode)
         cached = self._pencil_cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        factors = self.factors[name]
+        factors = self.host.factors[name]
         assert factors.decomp_a is not None and factors.decomp_g is not None
         shift_a, shift_g = factors.factor_shifts(*key)
         a_2, g_2 = self.frozen_corrections[name]
         mu_a, vectors_a = pencil_eigh(factors.decomp_a, shift_a, a_2)
         mu_g, vectors_g = pencil_eigh(factors.decomp_g, shift_g, g_2)
         grid = 1.0 + torch.outer(mu_g, mu_a)
-        self.last_stats["corrected_floored"] = self.last_stats.get(
-            "corrected_floored", 0.0
-        ) + float((grid < PENCIL_FLOOR).sum())
+        stats = self.host.last_stats
+        stats["corrected_floored"] = stats.get("corrected_floored", 0.0) + float(
+            (grid < PENCIL_FLOOR).sum()
+        )
         inverse = grid.clamp_min(PENCIL_FLOOR).reciprocal() / factors.num_locations
         prepared = (vectors_g, inverse, vectors_a)
         self._pencil_cache[name] = (key, prepared)
         return prepared
 
     def state_dict(self) -> dict[str, Any]:
-        """The state to checkpoint (restored by :meth:`load_state_dict`)."""
-        state = super().state_dict()
-        state["corrections"] = {
-            "running": dict(self.corrections),
-            "frozen": dict(self.frozen_corrections),
-            "updates": dict(self.correction_updates),
+        """``{"corrections": {"running": …, "frozen": …, "updates": …}}``."""
+        return {
+            "corrections": {
+                "running": dict(self.corrections),
+                "frozen": dict(self.frozen_corrections),
+                "updates": dict(self.correction_updates),
+            }
         }
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore :meth:`state_dict`'s entry.
+
+        Raises:
+            ValueError: if the state has no ``"corrections"`` entry.
+        """
         if "corrections" not in state:
-            raise ValueError(f"not a {type(self).__name__} state: no 'corrections' entry")
-        super().load_state_dict(state)
-        saved = state["corrections"]
-        self.corrections = {n: self._placed(n, (a, g)) for n, (a, g) in saved["running"].items()}
-        self.frozen_corrections = {
-            n: self._placed(n, (a, g)) for n, (a, g) in saved["frozen"].items()
-        }
+            raise ValueError("not a KFAC-corrected state: no 'corrections' entry")
+        saved, placed = state["corrections"], self.host.placed
+        self.corrections = {n: placed(n, (a, g)) for n, (a, g) in saved["running"].items()}
+        self.frozen_corrections = {n: placed(n, (a, g)) for n, (a, g) in saved["frozen"].items()}
         self.correction_updates = {n: int(k) for n, k in saved["updates"].items()}
         self._pencil_cache.clear()
+
+
+class KPSVDPreconditioner(KFACPreconditioner):
+    """The KFAC preconditioner with the KPSVD fine level (:class:`KPSVDFine`)."""
+
+    fine_level = KPSVDFine
+    extra_arguments = KPSVDFine.extra_arguments
+
+
+class KFACCorrectedPreconditioner(KFACPreconditioner):
+    """The KFAC preconditioner with the KFAC-corrected fine level (:class:`KFACCorrectedFine`)."""
+
+    fine_level = KFACCorrectedFine
+    extra_arguments = KFACCorrectedFine.extra_arguments
 
 
 class KPSVD(KFAC):

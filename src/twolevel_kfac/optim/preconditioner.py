@@ -6,14 +6,14 @@ It is independent of the optimizer that then takes the step (the kfac-pytorch pa
 
 One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper's
 schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistics captured
-during this step's forward/backward), ``_refresh_decompositions`` (every
-``inv_interval`` steps) and ``_precondition_grads``: ``_precondition`` (the damped
-block-diagonal inverse; subclasses add coarse corrections), the KL clip (``_kl_scale``) and
+during this step's forward/backward), the fine level's refresh (every ``inv_interval``
+steps) and ``_precondition_grads``: ``_precondition`` (the fine level's block-diagonal
+inverse, :mod:`.fine`; the two-level class adds the coarse correction), the KL clip and
 the write into ``.grad`` (over the gradient autograd left, or as fresh tensors with a KL
-clip): read ``p.grad`` after ``step()``, not a reference taken before it. Other fine
-levels hook in at ``_store_batch`` (KPSVD), ``_refresh_decompositions``,
-``_update_after_refresh`` (EKFAC) and ``apply_fine``; :mod:`twolevel_kfac.distributed`
-reduces and shares the factors under ``torch.distributed``.
+clip): read ``p.grad`` after ``step()``, not a reference taken before it. The fine level
+(``fine="kfac" | "ekfac" | "kpsvd" | "kfac_corrected"``) is an object the preconditioner
+holds (:class:`~.fine.FineLevel`); :mod:`twolevel_kfac.distributed` reduces and shares
+the factors under ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -43,14 +43,23 @@ from ..distributed import (
     make_communicator,
     rank_seed,
     reduce_statistics,
-    share_decompositions,
     unwrap_model,
 )
 from ..finite import all_finite
 from ..placement import autocast_off, move_tensors
 from .directions import clip_scale, part_pairs, writable_in_place, write_layer
-from .options import CurvatureOptions, damping_at
+from .fine import FineLevel
+from .options import CurvatureOptions, check_choice, damping_at
 from .state import kfac_state, load_kfac_state
+
+
+def fine_level_type(name: str) -> type[FineLevel]:
+    """The fine level called ``name`` (:data:`~.levels.FINE_LEVELS`)."""
+    from .levels import FINE_LEVELS  # the registry imports the fine levels, which import this
+
+    check_choice("fine", name, FINE_LEVELS)
+    return FINE_LEVELS[name]
+
 
 T = TypeVar("T")
 
@@ -58,7 +67,9 @@ T = TypeVar("T")
 class KFACPreconditioner:
     """Block-diagonal KFAC preconditioner (see :class:`CurvatureOptions` for arguments)."""
 
-    # Constructor arguments beyond CurvatureOptions (fine levels such as KPSVD add some).
+    # The fine level of this class (presets such as EKFACPreconditioner name another), and
+    # the constructor arguments it takes beyond CurvatureOptions (KPSVD's power iteration).
+    fine_level: ClassVar[type[FineLevel]] = FineLevel
     extra_arguments: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
@@ -67,10 +78,14 @@ class KFACPreconditioner:
         options: CurvatureOptions | None = None,
         *,
         params: Iterable[Any] | None = None,
+        fine: str | None = None,
         **kwargs: Any,
     ) -> None:
         """``options`` or its fields as keywords; ``params``: the parameters whose layers to
-        precondition (``torch.optim`` format; default: all, ``discovery.find_layers``)."""
+        precondition (``torch.optim`` format; default: all, ``discovery.find_layers``);
+        ``fine``: the fine level by name (default: this class's), with its arguments."""
+        fine_type = self.fine_level if fine is None else fine_level_type(fine)
+        fine_arguments = {k: kwargs.pop(k) for k in list(kwargs) if k in fine_type.extra_arguments}
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if options is not None and kwargs:
@@ -89,6 +104,7 @@ class KFACPreconditioner:
         self.generator = torch.Generator().manual_seed(rank_seed(self.options.seed, self.comm.rank))
         self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batch per layer
         self.factors = {name: KroneckerFactors() for name in self.layers}
+        self.fine = fine_type(self, **fine_arguments)
         self.capture = CurvatureCapture(
             model,
             self.layers,
@@ -138,9 +154,9 @@ class KFACPreconditioner:
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and f.decomp_a is None for f in self.factors.values()
         ):
-            self._refresh_decompositions()
+            self.fine.refresh(self.damping)
         if stats:
-            self._update_after_refresh(stats)
+            self.fine.after_refresh(stats)
             if self.retain_statistics:
                 self.retained_stats = stats
         if isinstance(lr, Mapping):
@@ -162,9 +178,9 @@ class KFACPreconditioner:
 
     def _stateless_directions(self) -> bool:
         """Whether this step's directions, on a step without statistics, are a function
-        of the gradients that leaves no state behind (the fine levels' cached inverses
-        are rebuilt the same way); coarse levels that rebuild their basis say no."""
-        return True
+        of the gradients that leaves no state behind (:meth:`FineLevel.stateless`);
+        coarse levels that rebuild their basis say no."""
+        return self.fine.stateless(self.steps)
 
     def undo_step(self) -> None:
         """Rewind the schedule of the last :meth:`step` whose directions the caller dropped
@@ -196,26 +212,10 @@ class KFACPreconditioner:
         for name, (new_a, new_g, locations) in new.items():
             finite = all_finite((new_a, new_g))
             # a NaN/Inf batch never reaches the running factors
-            if not (finite and self._store_batch(name, new_a, new_g, locations, stats[name])):
+            if not (finite and self.fine.store(name, new_a, new_g, locations, stats[name])):
                 skipped += 1
         self.last_stats["nonfinite_factor_updates"] = float(skipped)
         return stats
-
-    def _store_batch(
-        self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
-    ) -> bool:
-        """Fold one layer's (finite) factors of this Fisher mini-batch into the running ones;
-        fine levels that fit other factors to ``stats`` override it (:mod:`.kpsvd`).
-
-        Returns:
-            Whether the update was stored (``False``: it was not finite and was dropped).
-        """
-        self.factors[name].update(new_a, new_g, self.options.ema_decay, locations)
-        return True
-
-    def _update_after_refresh(self, stats: dict[str, LayerStats]) -> None:
-        """Statistics that live in the decompositions' eigenbasis (EKFAC's scalings) are
-        folded in here, after any refresh of this step; KFAC has none."""
 
     def sample_count(self, name: str, stats: LayerStats) -> int:
         """``N`` of this step's Fisher mini-batch for layer ``name`` (all ranks together)."""
@@ -226,8 +226,8 @@ class KFACPreconditioner:
         decompositions: what a factor-refreshing ``step()`` does before preconditioning
         (the analysis uses it to build a method from a batch's exact statistics)."""
         stats = self._update_factors(stats)
-        self._refresh_decompositions()
-        self._update_after_refresh(stats)
+        self.fine.refresh(self.damping)
+        self.fine.after_refresh(stats)
 
     def _layer_specs(self) -> dict[str, LayerSpec]:
         specs = {}
@@ -238,27 +238,13 @@ class KFACPreconditioner:
             )
         return specs
 
-    def _refresh_decompositions(self) -> None:
-        opts = self.options
-        ready = {name: f for name, f in self.factors.items() if f.ready}
-        if self.comm.distributed and opts.distributed_inverses == "split":
-            share_decompositions(
-                self.comm, ready, opts.inverse_method, self.damping, opts.damping_mode
-            )
-            return
-        for factors in ready.values():
-            factors.decompose(opts.inverse_method)
-
     def factor_dtype(self, name: str) -> torch.dtype:
         """The dtype of layer ``name``'s factors (``factor_dtype`` or its weight's)."""
         return self.options.factor_dtype or layer_weight(self.layers[name]).dtype
 
     def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
-        """``M_i⁻¹``: the damped KFAC inverse of layer ``name`` applied to a ``W̄`` matrix."""
-        opts = self.options
-        return self.factors[name].apply_inverse(
-            matrix, self.damping, opts.damping_mode, opts.inverse_method
-        )
+        """``M_i⁻¹``: the fine level's damped inverse of layer ``name`` on a ``W̄`` matrix."""
+        return self.fine.apply(name, matrix, self.damping)
 
     def direction(
         self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
@@ -315,37 +301,27 @@ class KFACPreconditioner:
             write_layer(self.layers[name], weight, bias, scale, assign=True)
 
     def _plain_kfac_fine(self) -> bool:
-        """Whether :meth:`apply_fine` is the damped KFAC inverse of :attr:`factors` (no
-        subclass with another fine level overrides it)."""
-        return type(self).apply_fine is KFACPreconditioner.apply_fine
+        """Whether :meth:`apply_fine` is the damped KFAC inverse of :attr:`factors`."""
+        return self.fine.plain
 
     def _plain_kfac_directions(self) -> bool:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
-        gradient: a subclass that overrides :meth:`apply_fine` (another fine level) or
-        :meth:`_precondition` (a coarse correction) gets the ``W̄`` path."""
+        gradient: another fine level, or a subclass that overrides :meth:`_precondition`
+        (a coarse correction), gets the ``W̄`` path."""
         return (
             self._plain_kfac_fine() and type(self)._precondition is KFACPreconditioner._precondition
         )
 
     def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> Tensor:
-        """:meth:`apply_fine` of the rank-one matrix ``left rightᵀ`` (cheaper for KFAC:
-        :meth:`KroneckerFactors.apply_inverse_outer`)."""
-        if not self._plain_kfac_fine():
-            return self.apply_fine(name, torch.outer(left, right))
-        opts = self.options
-        return self.factors[name].apply_inverse_outer(
-            left, right, self.damping, opts.damping_mode, opts.inverse_method
-        )
+        """:meth:`apply_fine` of the rank-one matrix ``left rightᵀ``."""
+        return self.fine.apply_outer(name, left, right, self.damping)
 
     def _apply_fine_split(
         self, name: str, weight: Tensor, bias: Tensor | None, out: LayerParts | None = None
     ) -> LayerParts:
         """:meth:`apply_fine` on ``W̄ = [weight, bias]`` given as its parts, into fresh
         tensors or ``out`` (which may be the parts themselves)."""
-        opts = self.options
-        return self.factors[name].apply_inverse_split(
-            weight, bias, self.damping, opts.damping_mode, opts.inverse_method, out
-        )
+        return self.fine.apply_split(name, weight, bias, self.damping, out)
 
     def _kl_scale(
         self, layers: list[list[tuple[Tensor, Tensor]]], lrs: dict[str, float], names: list[str]
@@ -378,7 +354,7 @@ class KFACPreconditioner:
         """Restore a :meth:`state_dict`, its tensors on the devices of the layers."""
         load_kfac_state(self, state)
 
-    def _placed(self, name: str, tree: T) -> T:
+    def placed(self, name: str, tree: T) -> T:
         """Saved state of layer ``name`` with its tensors on that layer's device."""
         return move_tensors(tree, layer_weight(self.layers[name]).device)
 

@@ -30,6 +30,7 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
         "generator": pre.generator.get_state(),
         "factors": {name: f.state_dict() for name, f in pre.factors.items()},
         "layers": list(pre.layers),
+        **pre.fine.state_dict(),
     }
     if pre.retain_statistics:
         state["retained"] = {n: (s.a, s.g) for n, s in pre.retained_stats.items()}
@@ -58,9 +59,10 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     else:
         pre.generator.set_state(part["generator"])
     for name, factor_state in state["factors"].items():
-        pre.factors[name].load_state_dict(pre._placed(name, factor_state))
+        pre.factors[name].load_state_dict(pre.placed(name, factor_state))
     retained = state.get("retained") or {}
-    pre.retained_stats = {n: LayerStats(*pre._placed(n, ag)) for n, ag in retained.items()}
+    pre.retained_stats = {n: LayerStats(*pre.placed(n, ag)) for n, ag in retained.items()}
+    pre.fine.load_state_dict(state)
     pre.capture.discard()
     pre.active = list(pre.layers)
     pre._schedule_capture()

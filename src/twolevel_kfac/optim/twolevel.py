@@ -68,8 +68,8 @@ from ..twolevel.global_fisher import (
 from ..twolevel.parts import restrict_parts
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
 from .kfac import CURVATURE_ARGUMENTS, KFAC
-from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions, check_choice
-from .preconditioner import KFACPreconditioner
+from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions
+from .preconditioner import KFACPreconditioner, fine_level_type
 
 
 class TwoLevelPreconditioner(KFACPreconditioner):
@@ -358,7 +358,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         if self.fisher_samples is None and per_rank is not None:  # a state from before it
             self.fisher_samples = sum(check_stats(stats) for stats in per_rank)
         self.basis = None if coarse["basis"] is None else self._on_names(coarse["basis"])
-        self.coarse_matrix = self._placed(self.names[0], coarse["coarse_matrix"])
+        self.coarse_matrix = self.placed(self.names[0], coarse["coarse_matrix"])
         self.coarse_updates = int(coarse["coarse_updates"])
         self._operator = None
         if self.basis is not None and self.coarse_matrix is not None:
@@ -366,7 +366,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 
     def _on_names(self, trees: list[Any]) -> list[Any]:
         """Saved per-layer state of the coarse level's layers, each on its layer's device."""
-        return [self._placed(n, t) for n, t in zip(self.names, trees, strict=True)]
+        return [self.placed(n, t) for n, t in zip(self.names, trees, strict=True)]
 
     def __repr__(self) -> str:
         coarse = ", ".join(f"{k}={v!r}" for k, v in vars(self.coarse).items())
@@ -385,18 +385,15 @@ class TwoLevelKFAC(KFAC):
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
     ) -> KFACPreconditioner:
-        from .fine import TWO_LEVEL_PRECONDITIONERS  # imports this module
-
-        fine = kwargs.pop("fine", "kfac")
-        check_choice("fine", fine, TWO_LEVEL_PRECONDITIONERS)
-        cls = TWO_LEVEL_PRECONDITIONERS[fine]
-        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | cls.extra_arguments | {"fine"}
+        fine = kwargs.get("fine", "kfac")
+        extra = fine_level_type(fine).extra_arguments
+        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | {"options", "coarse", "fine"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(
                 f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
             )
-        return cls(model, params=params, **kwargs)
+        return TwoLevelPreconditioner(model, params=params, **kwargs)
 
 
 def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:
