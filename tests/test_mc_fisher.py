@@ -49,3 +49,43 @@ def test_mc_uses_sampled_not_true_targets(float64: None) -> None:
         pre.remove_hooks()
         factors[fisher] = pre.factors[list(pre.layers)[-1]].G
     assert not torch.allclose(factors["mc"], factors["empirical"])
+
+
+@pytest.mark.parametrize("damping_mode", ["pi", "eigen_sum"])
+def test_mean_reduction_is_the_sum_reduction_rescaled(float64: None, damping_mode: str) -> None:
+    """``loss_reduction="mean"`` (the loss averaged over the ``D`` output features as well,
+    torch's default ``MSELoss``): the MC Fisher's ``G`` is ``1/D²`` of ``sum``'s for the same
+    samples, and ``mean`` with ``λ/D²`` and ``lr/D`` takes ``sum``'s steps with ``λ`` and ``lr``
+    (gradient ``g/D``, direction ``D·d``: the KL clip's ``⟨d, g⟩`` is unchanged)."""
+    import copy
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 6))
+    x = torch.rand(10, 6)
+    d, lr, damping = 6, 0.2, 1e-2
+    runs = []
+    for reduction in ("sum", "mean"):
+        model = copy.deepcopy(base)
+        scale = d if reduction == "mean" else 1
+        opt = tk.KFAC(
+            model,
+            lr=lr / scale,
+            damping=damping / scale**2,
+            damping_mode=damping_mode,
+            likelihood="gaussian",
+            loss_reduction=reduction,
+            kl_clip=1e-3,
+        )
+        for _ in range(3):
+            opt.zero_grad()
+            per_feature = 0.5 * (model(x) - x).square()
+            loss = per_feature.mean() if reduction == "mean" else per_feature.sum(1).mean()
+            loss.backward()
+            opt.step()
+        runs.append((model, opt))
+    (sum_model, sum_opt), (mean_model, mean_opt) = runs
+    for name, f in sum_opt.preconditioner.factors.items():
+        g_mean = mean_opt.preconditioner.factors[name].G
+        torch.testing.assert_close(g_mean * d**2, f.G, rtol=1e-10, atol=1e-14)
+    for p, q in zip(sum_model.parameters(), mean_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)

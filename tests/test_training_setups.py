@@ -913,3 +913,25 @@ def test_a_weight_also_used_functionally_is_refused(fisher: str) -> None:
     opt = tk.KFAC(model, fisher=fisher, likelihood="gaussian")  # noqa: F841
     with pytest.raises(ValueError, match=r"layer 'encoder': its weight is read 2 times.*ran 1"):
         model(torch.randn(5, 6))
+
+
+def test_preconditioner_with_your_own_optimizer_under_grad_scaler() -> None:
+    """``KFACPreconditioner`` + ``torch.optim.SGD`` under ``GradScaler``, as the README
+    says: ``scaler.unscale_(sgd)``, ``precond.step(loss_scale=scaler.get_scale())``,
+    ``scaler.step(sgd)``: the same steps as without a scaler, bit for bit."""
+    x, y = batch(8)
+    runs = []
+    for scaled in (False, True):
+        model = body_and_head()
+        precond = tk.KFACPreconditioner(model, fisher="empirical", damping=0.1, kl_clip=None)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=scaled)
+        for _ in range(2):
+            sgd.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(sgd)
+            precond.step(loss_scale=scaler.get_scale() if scaled else 1.0)
+            scaler.step(sgd)
+            scaler.update()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])

@@ -117,6 +117,7 @@ class CurvatureCapture:
         uses: every module computing with each block's weight (tied weights); default: the
             block's own module.
         dtypes: the dtype of each block's statistics; default: as captured.
+        loss_reduction: how ``mc``'s per-sample loss reduces over output features.
     """
 
     def __init__(
@@ -130,11 +131,13 @@ class CurvatureCapture:
         accumulation_steps: int = 1,
         uses: dict[str, list[nn.Module]] | None = None,
         dtypes: dict[str, torch.dtype] | None = None,
+        loss_reduction: str = "sum",
     ) -> None:
         self.model = model
         self.layers = layers
         self.fisher = fisher
         self.likelihood = likelihood
+        self.loss_reduction = loss_reduction
         self.fisher_batch = fisher_batch
         self.generator = generator
         self.accumulation_steps = accumulation_steps
@@ -229,7 +232,8 @@ class CurvatureCapture:
             return
         try:
             _check_rows("the model output", output, forward)
-            loss = sampled_nll(_rows(output, forward), self.likelihood, self.generator)
+            rows = _rows(output, forward)
+            loss = sampled_nll(rows, self.likelihood, self.generator, self.loss_reduction)
         except (RuntimeError, ValueError):
             forward.outputs.clear()
             raise

@@ -88,9 +88,25 @@ def summed_nll(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
     raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
 
-def sampled_nll(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
-    """The summed negative log-likelihood of targets sampled from the model itself."""
-    return summed_nll(output, sample_targets(output, likelihood, generator), likelihood)
+LossReduction = Literal["sum", "mean"]
+LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
+
+
+def sampled_nll(
+    output: Tensor,
+    likelihood: str,
+    generator: torch.Generator | None,
+    reduction: str = "sum",
+) -> Tensor:
+    """The negative log-likelihood of targets sampled from the model itself, summed over
+    the samples; each sample's loss summed over its output features (``reduction="sum"``)
+    or averaged over them (``"mean"``: ``ℓ_n = (1/D) Σ_k ℓ_nk``, torch's default
+    ``MSELoss()`` / ``BCEWithLogitsLoss()`` per sample, whose Fisher is ``1/D²`` of the
+    sum's)."""
+    loss = summed_nll(output, sample_targets(output, likelihood, generator), likelihood)
+    if reduction == "mean" and likelihood != "categorical":
+        loss = loss / output[0].numel()
+    return loss
 
 
 def output_hessian(output: Tensor, likelihood: str) -> Tensor:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..curvature.capture import FISHER_TYPES, FisherType
 from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS, DampingMode, InverseMethod
-from ..curvature.likelihoods import LIKELIHOODS, Likelihood
+from ..curvature.likelihoods import LIKELIHOODS, LOSS_REDUCTIONS, Likelihood, LossReduction
 from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
 from ..twolevel.combinations import COMBINATIONS, CombinationName
 
@@ -85,6 +85,14 @@ class CurvatureOptions:
         damping_mode: ``per_factor`` | ``pi`` | ``eigen_sum`` (see :mod:`..curvature.kronecker`).
         fisher: ``mc`` (sampled targets, the true Fisher) | ``empirical`` (the batch targets).
         likelihood: what ``mc`` samples from: ``categorical`` | ``bernoulli`` | ``gaussian``.
+        loss_reduction: how the training loss reduces each sample's output features:
+            ``sum`` (``F.mse_loss(out, y, reduction="sum") / N``) | ``mean`` (torch's
+            default ``nn.MSELoss()``, ``nn.BCEWithLogitsLoss()``: a mean over features as
+            well as samples). The MC Fisher is that of the loss as written (``mean``: ``G``
+            is ``1/D²`` of ``sum``'s, ``D`` the features per sample); the empirical Fisher
+            reads the loss's own gradients either way. ``mean`` with ``λ/D²`` and ``lr/D``
+            takes the steps of ``sum`` with ``λ`` and ``lr`` (``pi`` and ``eigen_sum``
+            damping, the paper's KL clip).
         fisher_batch: fraction of the batch used for curvature statistics (paper: 0.25).
         ema_decay: cap of the running-average weight ρ = min(1 − 1/k, ema_decay).
         cov_interval: T_cov, refresh the factors every this many steps.
@@ -113,6 +121,7 @@ class CurvatureOptions:
     damping_mode: DampingMode = "per_factor"
     fisher: FisherType = "mc"
     likelihood: Likelihood = "categorical"
+    loss_reduction: LossReduction = "sum"
     fisher_batch: float = 1.0
     ema_decay: float = 0.95
     cov_interval: int = 1
@@ -133,6 +142,7 @@ class CurvatureOptions:
         check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
         check_choice("fisher", self.fisher, FISHER_TYPES)
         check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         check_real("fisher_batch", self.fisher_batch, low=0.0, high=1.0, low_open=True)
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         check_interval("cov_interval", self.cov_interval)

@@ -115,6 +115,7 @@ class KFACPreconditioner:
             self.options.accumulation_steps,
             uses=find_layer_uses(model, self.layers),
             dtypes={name: layer_weight(m).dtype for name, m in self.layers.items()},
+            loss_reduction=self.options.loss_reduction,
         )
         self.capture.active = True
         self.last_stats: dict[str, float] = {}
