@@ -523,3 +523,33 @@ def test_options_objects_equal_their_keywords() -> None:
         assert torch.equal(runs[0], runs[1])
     with pytest.raises(TypeError, match="not both"):
         tk.KFAC(mlp(), curvature=tk.CurvatureOptions(), damping=0.1)
+
+
+def test_one_optimizer_class_drives_every_level() -> None:
+    """``KFAC(model, fine=..., coarse=CoarseOptions(...))`` takes the steps of the presets
+    ``EKFAC``, ``KPSVD`` and ``TwoLevelKFAC(fine=...)``: the levels are objects the one
+    preconditioner holds, not subclasses."""
+    x, y = batch()
+    cases = [
+        (tk.EKFAC, {}, {"fine": "ekfac"}),
+        (tk.KPSVD, {"power_iterations": 7}, {"fine": "kpsvd", "power_iterations": 7}),
+        (
+            tk.TwoLevelKFAC,
+            {"fine": "ekfac", "coarse_space": "residual", "combination": "adef2"},
+            {
+                "fine": "ekfac",
+                "coarse": tk.CoarseOptions(coarse_space="residual", combination="adef2"),
+            },
+        ),
+    ]
+    for preset, preset_args, kfac_args in cases:
+        runs = []
+        for cls, args in ((preset, preset_args), (tk.KFAC, kfac_args)):
+            model = mlp()
+            opt = cls(model, lr=0.1, **args)
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        assert torch.equal(runs[0], runs[1]), preset.__name__

@@ -23,6 +23,8 @@ from oracles import (
     tiny_mlp,
 )
 from test_kfac_exact import CONTRACT, make_batch, mixed_net, one_step, prepare
+from twolevel_kfac.curvature.blocks import layer_shape
+from twolevel_kfac.optim.coarse import CoarseLevel
 from twolevel_kfac.optim.twolevel import TwoLevelPreconditioner
 
 SPACES = (
@@ -123,19 +125,23 @@ def test_coarse_scale_zero_is_kfac(float64: None, combination: str) -> None:
         assert_close_report(q, p, rtol=1e-12, atol=1e-14)
 
 
-class FullRankPreconditioner(TwoLevelPreconditioner):
+class FullRankCoarse(CoarseLevel):
     """Test-only coarse space: every coordinate is its own coarse vector (scaled)."""
 
     scale = 1.0
 
-    def _build_basis(self, minv_res: list[Tensor] | None) -> list[Tensor]:
+    def build_basis(self, minv_res: list[Tensor] | None) -> list[Tensor]:
         basis = []
         for name in self.names:
-            d_out, d_in = tk.optim.twolevel.layer_shape(self.layers[name])
+            d_out, d_in = layer_shape(self.host.layers[name])
             eye = torch.eye(d_out * d_in).reshape(-1, d_out, d_in)
             weights = torch.linspace(0.5, 2.0, d_out * d_in)[:, None, None] * self.scale
             basis.append(eye * weights)
         return basis
+
+
+class FullRankPreconditioner(TwoLevelPreconditioner):
+    coarse_level_type = FullRankCoarse
 
 
 class FullRankKFAC(tk.TwoLevelKFAC):
@@ -156,7 +162,7 @@ def test_full_rank_coarse_space_gives_exact_natural_gradient(
     x, y = make_batch((2, 5, 5), 2, 6)
     problem = build_dense_problem(model, LOSS, x, y, damping=0.05)
     exact = torch.linalg.solve(problem.fisher_damped, problem.grad)
-    FullRankPreconditioner.scale = scale
+    FullRankCoarse.scale = scale
     opt = FullRankKFAC(model, damping=0.05, combination=combination, **CONTRACT)
     before = layer_param_vector(model)
     one_step(model, opt, x, y)
@@ -167,9 +173,9 @@ def test_scaling_coarse_vectors_does_not_change_the_step(float64: None) -> None:
     model = prepare(tiny_mlp())
     twin = copy.deepcopy(model)
     x, y = make_batch((4,), 2, 8)
-    FullRankPreconditioner.scale = 1.0
+    FullRankCoarse.scale = 1.0
     one = one_step(model, FullRankKFAC(model, combination="additive", **CONTRACT), x, y)
-    FullRankPreconditioner.scale = 1e4
+    FullRankCoarse.scale = 1e4
     two = one_step(twin, FullRankKFAC(twin, combination="additive", **CONTRACT), x, y)
     for name in one:
         assert_close_report(two[name], one[name], rtol=1e-9, atol=1e-12, name=name)
@@ -319,10 +325,12 @@ def test_step_on_parts_equals_the_joined_path(
         "fine_weight": fine_weight,
     }
     fast, joined = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
-    joined.preconditioner._steps_on_parts = lambda stats: False  # type: ignore[method-assign]
-    decide = fast.preconditioner._steps_on_parts
+    joined_level = joined.preconditioner.coarse_level
+    joined_level._steps_on_parts = lambda stats: False  # type: ignore[method-assign]
+    fast_level = fast.preconditioner.coarse_level
+    decide = fast_level._steps_on_parts
     used: list[bool] = []
-    fast.preconditioner._steps_on_parts = (  # type: ignore[method-assign]
+    fast_level._steps_on_parts = (  # type: ignore[method-assign]
         lambda stats: used.append(decide(stats)) or used[-1]
     )
     tol = 1e-8 if space == "krylov_residual" else 1e-10  # as above: its basis amplifies

@@ -40,7 +40,7 @@ from .damping import (
     evaluate_without_capture,
 )
 from .options import CurvatureOptions, check_choice, check_real
-from .preconditioner import KFACPreconditioner
+from .preconditioner import KFACPreconditioner, fine_level_type
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
 NONFINITE_POLICIES = ("skip", "raise", "unchecked")
@@ -71,7 +71,10 @@ class KFAC(torch.optim.Optimizer):
         curvature: the curvature options as one
             :class:`~twolevel_kfac.optim.options.CurvatureOptions` object (or its fields as
             keywords, below; not both).
-        **options: the :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
+        **options: ``fine`` (``kfac`` | ``ekfac`` | ``kpsvd`` | ``kfac_corrected``: the fine
+            level, :mod:`.fine`), ``coarse`` (a :class:`~.options.CoarseOptions`: two-level
+            KFAC, as :class:`~.twolevel.TwoLevelKFAC`), and the
+            :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
             ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
             ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
             ``inverse_method``, ``factor_dtype``, ``unsupported``, ``seed``; and the
@@ -144,7 +147,9 @@ class KFAC(torch.optim.Optimizer):
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
     ) -> KFACPreconditioner:
-        allowed = CURVATURE_ARGUMENTS | self.preconditioner_class.extra_arguments | {"options"}
+        cls = self.preconditioner_class
+        fine = cls.fine_level if "fine" not in kwargs else fine_level_type(kwargs["fine"])
+        allowed = CURVATURE_ARGUMENTS | fine.extra_arguments | {"options", "coarse", "fine"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(

@@ -47,9 +47,10 @@ from ..distributed import (
 )
 from ..finite import all_finite
 from ..placement import autocast_off, move_tensors
+from .coarse import CoarseLevel
 from .directions import clip_scale, part_pairs, writable_in_place, write_layer
 from .fine import FineLevel
-from .options import CurvatureOptions, check_choice, damping_at
+from .options import CoarseOptions, CurvatureOptions, check_choice, damping_at
 from .state import kfac_state, load_kfac_state
 
 
@@ -70,6 +71,7 @@ class KFACPreconditioner:
     # The fine level of this class (presets such as EKFACPreconditioner name another), and
     # the constructor arguments it takes beyond CurvatureOptions (KPSVD's power iteration).
     fine_level: ClassVar[type[FineLevel]] = FineLevel
+    coarse_level_type: ClassVar[type[CoarseLevel]] = CoarseLevel  # its class, given coarse=
     extra_arguments: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
@@ -79,11 +81,13 @@ class KFACPreconditioner:
         *,
         params: Iterable[Any] | None = None,
         fine: str | None = None,
+        coarse: CoarseOptions | None = None,
         **kwargs: Any,
     ) -> None:
         """``options`` or its fields as keywords; ``params``: the parameters whose layers to
         precondition (``torch.optim`` format; default: all, ``discovery.find_layers``);
-        ``fine``: the fine level by name (default: this class's), with its arguments."""
+        ``fine``: the fine level by name (default: this class's), with its arguments;
+        ``coarse``: a coarse level's options (two-level KFAC), or ``None``."""
         fine_type = self.fine_level if fine is None else fine_level_type(fine)
         fine_arguments = {k: kwargs.pop(k) for k in list(kwargs) if k in fine_type.extra_arguments}
         if not isinstance(model, nn.Module):
@@ -105,6 +109,7 @@ class KFACPreconditioner:
         self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batch per layer
         self.factors = {name: KroneckerFactors() for name in self.layers}
         self.fine = fine_type(self, **fine_arguments)
+        self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
         self.capture = CurvatureCapture(
             model,
             self.layers,
@@ -181,7 +186,8 @@ class KFACPreconditioner:
         """Whether this step's directions, on a step without statistics, are a function
         of the gradients that leaves no state behind (:meth:`FineLevel.stateless`);
         coarse levels that rebuild their basis say no."""
-        return self.fine.stateless(self.steps)
+        coarse = self.coarse_level
+        return self.fine.stateless(self.steps) and (coarse is None or coarse.stateless())
 
     def undo_step(self) -> None:
         """Rewind the schedule of the last :meth:`step` whose directions the caller dropped
@@ -257,6 +263,8 @@ class KFACPreconditioner:
     def _precondition(
         self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
     ) -> dict[str, Tensor]:
+        if self.coarse_level is not None:
+            return self.coarse_level.precondition(grads, stats)
         return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
 
     def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, float]) -> None:
@@ -270,6 +278,11 @@ class KFACPreconditioner:
         still needs the gradients, hands its fresh directions to ``.grad``. Everything
         else (coarse corrections, other fine levels) works on the ``W̄`` matrices.
         """
+        if self.coarse_level is not None:
+            on_parts = self.coarse_level.precondition_parts(stats)
+            if on_parts is not None:
+                self._write_parts(*on_parts, lrs)
+                return
         if self._plain_kfac_directions():
             parts = {name: gradient_parts(self.layers[name]) for name in self.active}
             # without a KL clip nothing reads the gradient once its direction exists
@@ -309,9 +322,7 @@ class KFACPreconditioner:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
         gradient: another fine level, or a subclass that overrides :meth:`_precondition`
         (a coarse correction), gets the ``W̄`` path."""
-        return (
-            self._plain_kfac_fine() and type(self)._precondition is KFACPreconditioner._precondition
-        )
+        return self.fine.plain and self.coarse_level is None
 
     def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> Tensor:
         """:meth:`apply_fine` of the rank-one matrix ``left rightᵀ``."""
@@ -349,7 +360,8 @@ class KFACPreconditioner:
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks (gathered by :meth:`state_dict`)."""
-        return {"generator": self.generator.get_state()}
+        coarse = {} if self.coarse_level is None else self.coarse_level.rank_state()
+        return {"generator": self.generator.get_state(), **coarse}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, its tensors on the devices of the layers."""

@@ -32,6 +32,8 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
         "layers": list(pre.layers),
         **pre.fine.state_dict(),
     }
+    if pre.coarse_level is not None:
+        state["coarse"] = pre.coarse_level.state_dict(pre.comm.distributed)
     if pre.retain_statistics:
         state["retained"] = {n: (s.a, s.g) for n, s in pre.retained_stats.items()}
     if pre.comm.distributed:  # on the CPU: rank 0 must not unpickle other GPUs' tensors
@@ -63,6 +65,8 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     retained = state.get("retained") or {}
     pre.retained_stats = {n: LayerStats(*pre.placed(n, ag)) for n, ag in retained.items()}
     pre.fine.load_state_dict(state)
+    if pre.coarse_level is not None:
+        pre.coarse_level.load_state_dict(state)
     pre.capture.discard()
     pre.active = list(pre.layers)
     pre._schedule_capture()

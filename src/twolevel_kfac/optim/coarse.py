@@ -1,0 +1,359 @@
+"""The coarse level of a two-level preconditioner (Koroko et al. 2023), held by it.
+
+With ``M⁻¹`` the preconditioner's fine level, ``F̂ = F + λI`` the *exact* Fisher of the
+Fisher mini-batch (inter-layer blocks included, from the stored per-sample ``(ā, δ)``), a
+coarse basis ``R₀`` (a few vectors per layer) and ``Q = R₀ᵀ(R₀F̂R₀ᵀ)⁻¹R₀``, the direction
+is one of :mod:`twolevel_kfac.twolevel.combinations` (additive, A-DEF1, A-DEF2,
+balanced). The schedules (``coarse_refresh``), the layers it spans and the distributed
+sums are described in :mod:`.twolevel`; the math is in :mod:`twolevel_kfac.twolevel`.
+A :class:`CoarseLevel` reads the fine level, λ and the layers through the preconditioner
+that holds it (``KFACPreconditioner(model, coarse=CoarseOptions(...))``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..curvature.blocks import LayerStats, gradient_parts, layer_shape, layer_weight
+from ..curvature.kronecker_apply import LayerParts
+from ..curvature.running_average import ema_weight
+from ..twolevel.coarse_matrix import (
+    CoarseOperator,
+    coarse_projections,
+    ema_coarse_matrix,
+    exact_coarse_matrix,
+    tselepidis_coarse_matrix,
+)
+from ..twolevel.coarse_spaces import RESIDUAL_SPACES, build_basis
+from ..twolevel.combinations import get_combination
+from ..twolevel.fisher_products import (
+    DISAGREE_HINT,
+    check_stats,
+    damped_fvp,
+    sample_coefficients_parts,
+)
+from ..twolevel.global_fisher import (
+    global_coarse_matrix,
+    global_damped_fvp,
+    global_tselepidis_matrix,
+    own_statistics,
+)
+from ..twolevel.parts import restrict_parts
+from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
+from .options import CoarseOptions
+
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
+
+__all__ = ["CoarseLevel"]
+
+
+class CoarseLevel:
+    """The coarse correction of one preconditioner (see the module docstring).
+
+    Args:
+        host: the preconditioner holding it (its fine level, damping and layers).
+        options: the :class:`~.options.CoarseOptions`.
+
+    Raises:
+        ValueError: ``coarse_space="spectral"`` without ``inverse_method="eigen"``.
+    """
+
+    def __init__(self, host: KFACPreconditioner, options: CoarseOptions) -> None:
+        if options.coarse_space == "spectral" and host.options.inverse_method != "eigen":
+            raise ValueError("coarse_space='spectral' needs inverse_method='eigen'")
+        self.host = host
+        self.options = options
+        self.names = list(host.layers)
+        self.fisher_stats: list[LayerStats] | None = None  # this rank's rows
+        self.fisher_samples: int | None = None  # N of the global Fisher mini-batch
+        self.basis: list[Tensor] | None = None
+        self.coarse_matrix: Tensor | None = None
+        self.coarse_updates = 0
+        self._operator: CoarseOperator | None = None
+        # P = J R₀ᵀ of the kept basis on the kept Fisher mini-batch, for A-DEF2 on parts
+        self._projections: tuple[CoarseOperator, Tensor] | None = None
+
+    # ------------------------------------------------------------ operators
+    def minv(self, v: LayerVector) -> LayerVector:
+        """``M⁻¹v``: block-diagonal damped KFAC."""
+        return [self.host.apply_fine(n, x) for n, x in zip(self.names, v, strict=True)]
+
+    def fhat(self, v: LayerVector) -> LayerVector:
+        """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch."""
+        assert self.fisher_stats is not None and self.fisher_samples is not None
+        if self.host.comm.distributed:
+            return global_damped_fvp(
+                self.host.comm, self.fisher_stats, v, self.host.damping, self.fisher_samples
+            )
+        return damped_fvp(self.fisher_stats, v, self.host.damping)
+
+    def _eigen(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``(Q_A, d_A, Q_G, d_G)`` per layer from the factors' current decompositions."""
+        vecs_a, vals_a, vecs_g, vals_g = [], [], [], []
+        for name in self.names:
+            factors = self.host.factors[name]
+            assert factors.decomp_a is not None and factors.decomp_g is not None
+            vals_a.append(factors.decomp_a[0])
+            vecs_a.append(factors.decomp_a[1])
+            vals_g.append(factors.decomp_g[0])
+            vecs_g.append(factors.decomp_g[1])
+        return vecs_a, vals_a, vecs_g, vals_g
+
+    def build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
+        """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
+        layer of :attr:`names`; ``minv_res``: ``M⁻¹res`` for the residual spaces). A
+        subclass may define another space here (``coarse_level_type`` of a preconditioner)."""
+        space = self.options.coarse_space
+        param = layer_weight(self.host.layers[self.names[0]])
+        shapes = [layer_shape(self.host.layers[n]) for n in self.names]
+        minv_ones = None
+        if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product
+            minv_ones = [
+                self.host.apply_fine_outer(n, param.new_ones(d_out), param.new_ones(d_in))
+                for n, (d_out, d_in) in zip(self.names, shapes, strict=True)
+            ]
+        return build_basis(
+            space,
+            shapes,
+            minv=self.minv,
+            minv_res=minv_res,
+            minv_ones=minv_ones,
+            eigen=self._eigen() if space == "spectral" else None,
+            which=self.options.spectral_which,
+            dtype=param.dtype,
+            device=param.device,
+        )
+
+    def _new_coarse_matrix(self, basis: list[Tensor]) -> Tensor:
+        stats, n = self.fisher_stats, self.fisher_samples
+        assert stats is not None and n is not None
+        tselepidis = self.options.coarse_space == "tselepidis"
+        if self.host.comm.distributed and tselepidis:
+            return global_tselepidis_matrix(self.host.comm, stats, self.host.damping, n)
+        if self.host.comm.distributed:
+            return global_coarse_matrix(self.host.comm, stats, basis, self.host.damping, n)
+        if tselepidis:
+            return tselepidis_coarse_matrix(stats, self.host.damping)
+        return exact_coarse_matrix(stats, basis, self.host.damping)
+
+    def _global_samples(self) -> int:
+        """``N`` of the Fisher mini-batch just stored (summed over the ranks)."""
+        assert self.fisher_stats is not None
+        if not self.host.comm.distributed:
+            return check_stats(self.fisher_stats)
+        sizes = {self.host.sample_counts[n] for n in self.names}
+        if len(sizes) != 1:
+            raise RuntimeError(
+                f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
+            )
+        return sizes.pop()
+
+    # ------------------------------------------------------------------ step
+    def precondition_parts(
+        self, stats: dict[str, LayerStats]
+    ) -> tuple[dict[str, LayerParts], dict[str, LayerParts]] | None:
+        """The directions and gradients of this step as weight and bias parts, or ``None``
+        when the step needs the ``W̄`` matrices (:meth:`precondition`).
+
+        Between refreshes (kept ``Q``, KFAC's own ``M⁻¹``) the additive and A-DEF2 steps
+        work on the gradients' parts as plain KFAC does, the ``W̄`` matrices never formed:
+        additive ``d = ω_f M⁻¹g + ω_c Qg``, A-DEF2 ``d = M⁻¹g + ω_c Q(g − F̂M⁻¹g)``, the
+        coarse term added in place (:meth:`CoarseOperator.add_into_parts`)."""
+        if not self._steps_on_parts(stats) or self.host.active != self.names:
+            return None
+        assert self._operator is not None
+        grads = {name: gradient_parts(self.host.layers[name]) for name in self.names}
+        fine = {name: self.host._apply_fine_split(name, *grads[name]) for name in self.names}
+        grad_parts, fine_parts = [grads[n] for n in self.names], [fine[n] for n in self.names]
+        scale = self.options.coarse_scale
+        if self.options.combination == "adef2":
+            self._operator.add_restricted_into_parts(
+                scale, self._restricted_residual(grad_parts, fine_parts), fine_parts
+            )
+        else:
+            if self.options.fine_weight != 1.0:
+                for part in (t for pair in fine_parts for t in pair if t is not None):
+                    part.mul_(self.options.fine_weight)
+            self._operator.add_into_parts(scale, grad_parts, fine_parts)
+        return fine, grads
+
+    def _restricted_residual(self, g: Parts, minv_g: Parts) -> Tensor:
+        """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
+        from the refresh, :func:`coarse_projections`) and ``c_n = ⟨∇ℓ_n, M⁻¹g⟩``: A-DEF2
+        needs the residual only through ``R₀``, so the Fisher product's second half (the
+        weighted sum of per-sample gradients, a full pass over the layers) is never done."""
+        operator, stats, samples = self._operator, self.fisher_stats, self.fisher_samples
+        assert operator is not None and stats is not None and samples is not None
+        if self._projections is None or self._projections[0] is not operator:
+            self._projections = (operator, coarse_projections(stats, operator.basis))
+        projections = self._projections[1]
+        split = operator.parts_basis(tuple(b is not None for _, b in g))
+        coefficients = sample_coefficients_parts(stats, minv_g)
+        restricted = restrict_parts(split, g) - projections.T @ coefficients / samples
+        return restricted.sub_(restrict_parts(split, minv_g), alpha=self.host.damping)
+
+    def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
+        """Whether this step is additive or A-DEF2 with KFAC's own ``M⁻¹`` and the kept
+        ``Q`` (no statistics, no rebuilt basis, no residual kept for the diagnostics;
+        A-DEF2's ``F̂`` product on one process)."""
+        coarse = self.options
+        combination_ok = coarse.combination == "additive" or (
+            coarse.combination == "adef2" and not self.host.comm.distributed
+        )
+        return (
+            not stats
+            and combination_ok
+            and coarse.coarse_scale != 0.0
+            and not coarse.diagnostics
+            and self.host.fine.plain
+            and self.host._stateless_directions()
+        )
+
+    def precondition(
+        self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
+    ) -> dict[str, Tensor]:
+        """The two-level direction of each layer's ``∇W̄`` (``stats``: this step's Fisher
+        mini-batch, which refreshes the coarse level when not empty)."""
+        refreshed = bool(stats)
+        if refreshed:
+            self._set_names([n for n in self.host.layers if n in stats])
+            self.fisher_stats = [stats[n] for n in self.names]
+            self.fisher_samples = self._global_samples()
+        zero = layer_weight(self.host.layers[self.names[0]]).new_zeros  # g of a layer unused now
+        g = [grads[n] if n in grads else zero(layer_shape(self.host.layers[n])) for n in self.names]
+        outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
+        minv_g = self.minv(g)
+        if self.options.coarse_scale == 0.0:
+            return self._keep_active(minv_g, grads, outside)
+        space = self.options.coarse_space
+        # A residual basis needs res = g − F̂M⁻¹g only when it is rebuilt (every step in the
+        # faithful schedule, on refresh steps in the consistent one).
+        rebuilds_basis = space in RESIDUAL_SPACES and (
+            refreshed or self.options.coarse_refresh == "faithful" or self._operator is None
+        )
+        needs_residual = (
+            rebuilds_basis or self.options.combination == "adef2" or self.options.diagnostics
+        )
+        residual = sub_into(g, self.fhat(minv_g)) if needs_residual else None
+        operator = self._build_operator(refreshed, residual)
+        result = get_combination(self.options.combination)(
+            g,
+            self.minv,
+            operator,
+            self.fhat,
+            coarse_scale=self.options.coarse_scale,
+            fine_weight=self.options.fine_weight,
+            minv_g=minv_g,
+            residual=residual,
+        )
+        if residual is not None and self.options.diagnostics:
+            self.host.last_stats["residual_norm"] = float(dot(residual, residual).sqrt())
+            self.host.last_stats["energy_gain"] = float(operator.energy_gain(residual))
+        return self._keep_active(result.direction, grads, outside)
+
+    def _keep_active(
+        self, directions: LayerVector, grads: dict[str, Tensor], outside: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The directions of the layers with a gradient this step (``grads``)."""
+        kept = {n: d for n, d in zip(self.names, directions, strict=True) if n in grads}
+        return {n: kept[n] if n in kept else outside[n] for n in grads}
+
+    def _set_names(self, names: list[str]) -> None:
+        """The coarse level's layers; a new set drops the coarse state built for the old."""
+        if names != self.names:
+            self.names = names
+            self.basis, self.coarse_matrix, self._operator = None, None, None
+            self.coarse_updates, self._projections = 0, None
+
+    @property
+    def coarse_operator(self) -> CoarseOperator | None:
+        """``Q = R₀ᵀ F_c⁻¹ R₀`` of the last step (``None`` before the first)."""
+        return self._operator
+
+    @property
+    def _per_step_basis(self) -> bool:
+        """The faithful schedule of a residual space rebuilds the basis at every step."""
+        return (
+            self.options.coarse_space in RESIDUAL_SPACES
+            and self.options.coarse_refresh == "faithful"
+        )
+
+    def stateless(self) -> bool:
+        """No basis or ``F_c`` is rebuilt on a step without statistics, except in the
+        faithful schedule of the residual spaces (every step) and before the first one."""
+        return self._operator is not None and not self._per_step_basis
+
+    def _build_operator(self, refreshed: bool, residual: LayerVector | None) -> CoarseOperator:
+        """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled."""
+        space = self.options.coarse_space
+        per_step_basis = self._per_step_basis
+        if not (refreshed or per_step_basis or self._operator is None):
+            return self._operator
+        minv_res = (
+            self.minv(residual) if residual is not None and space in RESIDUAL_SPACES else None
+        )
+        if refreshed or per_step_basis or self.basis is None:
+            self.basis = self.build_basis(minv_res)
+        if refreshed or self.coarse_matrix is None:
+            new = self._new_coarse_matrix(self.basis)
+            if self.options.coarse_refresh == "faithful":
+                self.coarse_updates += 1
+                decay = ema_weight(self.coarse_updates, self.host.options.ema_decay)
+                self.coarse_matrix = ema_coarse_matrix(self.coarse_matrix, new, decay)
+            else:
+                self.coarse_matrix = new
+        self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
+        return self._operator
+
+    # ------------------------------------------------------------ bookkeeping
+    def state_dict(self, distributed: bool) -> dict[str, Any]:
+        """The ``"coarse"`` entry of the preconditioner's state (``distributed``: every
+        rank's rows of the Fisher mini-batch are in its ``"ranks"`` instead)."""
+        return {
+            "fisher_stats": None if distributed else _stats_pairs(self.fisher_stats),
+            "basis": self.basis,
+            "fisher_samples": self.fisher_samples,
+            "coarse_matrix": self.coarse_matrix,
+            "coarse_updates": self.coarse_updates,
+            "names": self.names,
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's part: its rows of the Fisher mini-batch."""
+        return {"fisher_stats": _stats_pairs(self.fisher_stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` from the preconditioner's ``state``.
+
+        Raises:
+            ValueError: if it has no ``"coarse"`` entry.
+        """
+        if "coarse" not in state:
+            raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
+        coarse = state["coarse"]
+        self.names = list(coarse.get("names", self.host.layers))
+        saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
+        per_rank = None
+        if None not in saved:
+            per_rank = [[LayerStats(a, g) for a, g in self._on_names(p)] for p in saved]
+        self.fisher_stats = own_statistics(per_rank, self.host.comm.rank, self.host.comm.world_size)
+        self.fisher_samples = coarse.get("fisher_samples")
+        if self.fisher_samples is None and per_rank is not None:  # a state from before it
+            self.fisher_samples = sum(check_stats(stats) for stats in per_rank)
+        self.basis = None if coarse["basis"] is None else self._on_names(coarse["basis"])
+        self.coarse_matrix = self.host.placed(self.names[0], coarse["coarse_matrix"])
+        self.coarse_updates = int(coarse["coarse_updates"])
+        self._operator = None
+        if self.basis is not None and self.coarse_matrix is not None:
+            self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
+
+    def _on_names(self, trees: list[Any]) -> list[Any]:
+        """Saved per-layer state of the coarse level's layers, each on its layer's device."""
+        return [self.host.placed(n, t) for n, t in zip(self.names, trees, strict=True)]
+
+
+def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:
+    return None if stats is None else [(s.a, s.g) for s in stats]
