@@ -13,6 +13,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -935,3 +936,134 @@ def test_preconditioner_with_your_own_optimizer_under_grad_scaler() -> None:
             scaler.update()
         runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------ second user trial
+def test_copies_and_pickles_of_the_model_do_not_feed_the_optimizer() -> None:
+    """``copy.deepcopy(model)`` after the optimizer was built: the copy's forwards add no
+    statistics to it (its hooks are inert), so training the original beside the copy equals
+    training it alone; ``torch.save(model)`` pickles; a dropped optimizer is freed at once
+    (no cycle between the preconditioner and its levels)."""
+    import io
+    import weakref
+
+    x, y = batch(8)
+    runs = []
+    for with_copy in (False, True):
+        model = body_and_head()
+        opt = tk.TwoLevelKFAC(model)
+        copy_ = copy.deepcopy(model) if with_copy else None
+        for _ in range(2):
+            opt.zero_grad()
+            if copy_ is not None:
+                F.cross_entropy(copy_(batch(8, seed=9)[0]), y).backward()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        torch.save(model, io.BytesIO())
+    assert torch.equal(runs[0], runs[1])
+    model = body_and_head()
+    dropped = tk.KFAC(model)
+    alive = weakref.ref(dropped.preconditioner.capture)
+    del dropped
+    assert alive() is None
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_functional_uses_are_refused_whatever_the_output_and_whenever_they_appear() -> None:
+    """The functional-use check walks every tensor of a tuple or dict output, on every
+    captured forward (a use that appears later is refused then)."""
+
+    class Tied(nn.Module):
+        def __init__(self, output: str) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(6, 3)
+            self.output, self.tied = output, output != "late"
+
+        def forward(self, x: Tensor) -> Any:
+            code = torch.tanh(self.encoder(x))
+            out = F.linear(code, self.encoder.weight.t()) if self.tied else code.repeat(1, 2)
+            return (
+                {"out": out}
+                if self.output == "dict"
+                else (out, code)
+                if self.output == "tuple"
+                else out
+            )
+
+    for output in ("tuple", "dict", "late"):
+        model = Tied(output)
+        opt = tk.KFAC(model, fisher="empirical")  # noqa: F841
+        if output == "late":
+            model(torch.randn(5, 6))  # untied: fine
+            model.tied = True
+        with pytest.raises(ValueError, match=r"layer 'encoder': its weight is read 2 times"):
+            model(torch.randn(5, 6))
+
+
+def test_a_first_argument_that_is_not_the_batch_is_refused() -> None:
+    """``model(t, x)`` with ``t`` of one row: the empirical Fisher would scale ``δ`` by 1
+    instead of the batch size. Refused, naming the rows; keyword inputs in either order
+    with the batch first work."""
+
+    class TimeConditioned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(5, 3)
+
+        def forward(self, t: Tensor, x: Tensor) -> Tensor:
+            return self.layer(x + t)
+
+    model = TimeConditioned()
+    opt = tk.KFAC(model, fisher="empirical")  # noqa: F841
+    with pytest.raises(RuntimeError, match=r"first tensor argument has 1 rows.*\[8\]"):
+        model(torch.zeros(1), torch.randn(8, 5))
+    model(torch.randn(8, 5).new_zeros(8, 1), torch.randn(8, 5))  # batch first: fine
+
+
+def test_two_forwards_per_step_under_the_empirical_fisher_warn() -> None:
+    """Two views of a batch, loss averaged over both, ``fisher='empirical'``: each ``δ`` is
+    half a per-sample gradient unless ``accumulation_steps=2``: a warning says so, and
+    with the setting the factors equal those of one forward on the concatenation."""
+    x, y = batch(8)
+    x2 = batch(8, seed=3)[0]
+    factors = []
+    for mode in ("one", "two", "two_declared"):
+        model = body_and_head()
+        opt = tk.KFAC(
+            model, fisher="empirical", accumulation_steps=2 if mode == "two_declared" else 1
+        )
+        opt.zero_grad()
+        if mode == "one":
+            F.cross_entropy(model(torch.cat([x, x2])), torch.cat([y, y])).backward()
+            opt.step()
+        else:
+            loss = (F.cross_entropy(model(x), y) + F.cross_entropy(model(x2), y)) / 2
+            loss.backward()
+            if mode == "two":
+                with pytest.warns(RuntimeWarning, match="accumulation_steps=k"):
+                    opt.step()
+            else:
+                opt.step()
+        factors.append(opt.preconditioner.factors["4"].G)
+    torch.testing.assert_close(factors[2], factors[0], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(factors[1], factors[0])
+
+
+def test_parametrized_weights_follow_unsupported() -> None:
+    """A ``weight_norm`` / ``spectral_norm`` / ``orthogonal`` parametrization computes the
+    weight: that layer has no KFAC block and follows ``unsupported`` (the optimizer builds;
+    'error' names it) instead of crashing."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = body_and_head()
+    weight_norm(model[2])
+    with pytest.warns(UserWarning, match=r"module '2'.*parametrization"):
+        opt = tk.KFAC(model)
+    assert list(opt.preconditioner.layers) == ["0", "4"]
+    x, y = batch(8)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"module '2'.*parametrization"):
+        tk.KFAC(model, unsupported="error")

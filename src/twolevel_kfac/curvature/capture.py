@@ -29,8 +29,8 @@ model's device (the subset's indices, then the targets, are moved to the data's 
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .blocks import LayerStats, input_features, output_gradients
-from .discovery import check_weight_uses
+from .forward_checks import check_batch_rows, check_weight_uses, output_tensors
 from .likelihoods import sampled_nll
 
 FisherType = Literal["mc", "empirical"]
@@ -145,20 +145,21 @@ class CurvatureCapture:
         self.active = False
         self._forward: _Forward | None = None
         self._forwards = 0
-        self._uses_checked = False
+        self._warned_forwards = False
         self._records: dict[str, list[_Record]] = {name: [] for name in layers}
         # The hooks hold the capture weakly, and are removed when it is collected: an
         # optimizer that is dropped (a notebook cell run again) leaves nothing on the model.
         this = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(_weak(this, "_root_pre_hook"), with_kwargs=True),
+            model.register_forward_pre_hook(_WeakHook(this, "_root_pre_hook"), with_kwargs=True),
         ]
         uses = uses or {name: [module] for name, module in layers.items()}
         for name, modules in uses.items():
             for module in modules:
-                self._handles.append(module.register_forward_hook(_weak_layer(this, name)))
+                hook = _WeakHook(this, "layer_hook", name)
+                self._handles.append(module.register_forward_hook(hook))
         # after the layers' hooks: a root module that is itself a layer records first
-        self._handles.append(model.register_forward_hook(_weak(this, "_root_hook")))
+        self._handles.append(model.register_forward_hook(_WeakHook(this, "_root_hook")))
         weakref.finalize(self, _remove_all, self._handles)
 
     def remove(self) -> None:
@@ -219,10 +220,12 @@ class CurvatureCapture:
         forward, self._forward = self._forward, None
         if forward is None:
             return
-        if not self._uses_checked and isinstance(output, Tensor) and output.grad_fn is not None:
-            calls = {name: len(records) for name, records in forward.records.items()}
-            check_weight_uses(output, self.layers, calls)
-            self._uses_checked = True  # once passed: the model's structure does not change
+        calls = {name: len(records) for name, records in forward.records.items()}
+        check_weight_uses(output, self.layers, calls)
+        if self.fisher == "empirical" and forward.index is None and forward.records:
+            seen = {int(r.inputs.shape[0]) for recs in forward.records.values() for r in recs}
+            seen |= {int(t.shape[0]) for t in output_tensors(output) if t.dim() > 0}
+            check_batch_rows(forward.batch_size, seen)
         if not forward.outputs:
             return
         if not isinstance(output, Tensor):
@@ -232,8 +235,8 @@ class CurvatureCapture:
             return
         try:
             _check_rows("the model output", output, forward)
-            rows = _rows(output, forward)
-            loss = sampled_nll(rows, self.likelihood, self.generator, self.loss_reduction)
+            fisher_rows = _rows(output, forward)
+            loss = sampled_nll(fisher_rows, self.likelihood, self.generator, self.loss_reduction)
         except (RuntimeError, ValueError):
             forward.outputs.clear()
             raise
@@ -287,6 +290,8 @@ class CurvatureCapture:
             done = [c for c in calls.values() if any(r.grad is not None for r in c)]
             if not done:
                 continue
+            if len(done) > self.accumulation_steps and self.fisher == "empirical":
+                self._warn_forwards(len(done))
             pairs = [_forward_stats(name, c, self.dtypes.get(name)) for c in done]
             # torch.cat copies even one tensor: the statistics never alias a layer's input
             a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
@@ -295,6 +300,22 @@ class CurvatureCapture:
             stats[name] = LayerStats(a, g)
         self._forward = None
         return stats
+
+    def _warn_forwards(self, forwards: int) -> None:
+        """Warn (once) that the empirical ``δ`` of several forwards per step are scaled
+        as if each were a whole batch (:data:`accumulation_steps` of them)."""
+        if self._warned_forwards:
+            return
+        self._warned_forwards = True
+        warnings.warn(
+            f"{forwards} forward passes ran before one step with accumulation_steps="
+            f"{self.accumulation_steps}: fisher='empirical' scales each output gradient by "
+            "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
+            "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
+            "needs nothing",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def discard(self) -> None:
         """Drop everything captured so far (e.g. on a skipped step)."""
@@ -344,26 +365,30 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _weak(capture: weakref.ref[CurvatureCapture], method: str) -> Callable[..., None]:
-    """A hook calling ``capture.method`` while the capture is alive."""
+class _WeakHook:
+    """A hook calling a method of the capture while the capture is alive (and its module
+    is the one hooked). A copy (``copy.deepcopy(model)``) or a pickle (``torch.save(model)``)
+    of the module carries an inert hook: the copy's forwards never feed this optimizer."""
 
-    def hook(*args: Any) -> None:
-        target = capture()
-        if target is not None:
-            getattr(target, method)(*args)
+    def __init__(
+        self, capture: weakref.ref[CurvatureCapture], method: str, name: str | None = None
+    ) -> None:
+        self.capture, self.method, self.name = capture, method, name
 
-    return hook
+    def __call__(self, *args: Any) -> None:
+        target = self.capture() if self.capture is not None else None
+        if target is None:
+            return
+        if self.name is None:
+            getattr(target, self.method)(*args)
+        else:
+            getattr(target, self.method)(self.name, *args)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WeakHook:
+        return _WeakHook(None, self.method, self.name)  # type: ignore[arg-type]
 
-def _weak_layer(capture: weakref.ref[CurvatureCapture], name: str) -> Callable[..., None]:
-    """A layer's forward hook calling :meth:`CurvatureCapture.layer_hook` for ``name``."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        target = capture()
-        if target is not None:
-            target.layer_hook(name, module, args, output)
-
-    return hook
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_WeakHook, (None, self.method, self.name))
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:

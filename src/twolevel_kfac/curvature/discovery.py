@@ -44,7 +44,6 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "check_blocks",
     "check_statistics",
-    "check_weight_uses",
     "find_layer_uses",
     "find_layers",
     "is_supported",
@@ -60,6 +59,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
     Grouped convolutions and transposed convolutions have weights that do not factor as
     ``A ⊗ G`` with the unfolded input; preconditioning them as dense convs would be wrong.
     """
+    if isinstance(module, SUPPORTED_LAYERS) and not isinstance(
+        module._parameters.get("weight"), nn.Parameter
+    ):
+        return (
+            f"{type(module).__name__}'s weight is not a parameter of its own (a "
+            "parametrization such as weight_norm, spectral_norm or orthogonal computes it): "
+            "KFAC's block is for the weight parameter itself"
+        )
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
@@ -306,49 +313,11 @@ def check_statistics(
         raise RuntimeError(
             f"no curvature statistics for layer(s) {missing}, which have gradients{schedule}: "
             "run the model's forward (in train mode, with gradients enabled) and "
-            "loss.backward() before step(); a module whose parameters are used outside "
-            "its own forward (F.linear(x, layer.weight)) cannot be preconditioned"
+            "loss.backward() before step(); layers that run under torch.no_grad() inside the "
+            "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
+            "False) or whose parameters are used outside their module cannot be "
+            "preconditioned"
         )
-
-
-def check_weight_uses(output: Tensor, layers: dict[str, nn.Module], calls: dict[str, int]) -> None:
-    """Refuse a weight the forward also uses outside its modules' calls.
-
-    Walks autograd's graph from the model ``output`` and counts, for each block's weight,
-    the operations that read it; more than the calls its modules made (``calls``) means a
-    functional use, e.g. a tied decoder ``F.linear(h, encoder.weight.t())``, whose
-    curvature the block would not see while preconditioning its gradient. Embedding
-    lookups are allowed (a language model's head tied to its embedding keeps the head's
-    block). Under autocast a weight's cast is cached and shared, so uses there may go
-    unseen.
-
-    Raises:
-        ValueError: naming the layer, the counts and the fix.
-    """
-    weights = {id(layer_weight(m)): name for name, m in layers.items()}
-    reads: dict[str, int] = dict.fromkeys(layers, 0)
-    seen: set[int] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        for child, _ in node.next_functions:
-            variable = getattr(child, "variable", None)  # an AccumulateGrad node
-            name = weights.get(id(variable)) if variable is not None else None
-            if name is not None and "Embedding" not in type(node).__name__:
-                reads[name] += 1
-            stack.append(child)
-    for name, count in reads.items():
-        if count > calls.get(name, 0):
-            raise ValueError(
-                f"layer {name!r}: its weight is read {count} times in the forward but its "
-                f"module(s) ran {calls.get(name, 0)} times: a functional use (such as a tied "
-                "decoder F.linear(h, encoder.weight.t())) adds gradient that the layer's "
-                "block never sees. Untie it, make the other use a module sharing the weight "
-                "(b.weight = a.weight), or leave the layer out with params="
-            )
 
 
 def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
@@ -359,7 +328,7 @@ def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str,
     for module in model.modules():
         if not isinstance(module, SUPPORTED_LAYERS):
             continue
-        name = by_weight.get(id(module.weight))
+        name = by_weight.get(id(module._parameters.get("weight")))
         if name is not None and module is not layers[name]:
             uses[name].append(module)
     return uses

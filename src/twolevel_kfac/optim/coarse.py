@@ -12,7 +12,8 @@ that holds it (``KFACPreconditioner(model, coarse=CoarseOptions(...))``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
@@ -64,7 +65,7 @@ class CoarseLevel:
     def __init__(self, host: KFACPreconditioner, options: CoarseOptions) -> None:
         if options.coarse_space == "spectral" and host.options.inverse_method != "eigen":
             raise ValueError("coarse_space='spectral' needs inverse_method='eigen'")
-        self.host = host
+        self.host: KFACPreconditioner = cast("KFACPreconditioner", weakref.proxy(host))  # weakly
         self.options = options
         self.names = list(host.layers)
         self.fisher_stats: list[LayerStats] | None = None  # this rank's rows

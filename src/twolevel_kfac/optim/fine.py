@@ -21,7 +21,8 @@ a fine level reads them, and what else it needs, through :class:`FineContext`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+import weakref
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -75,7 +76,9 @@ class FineLevel:
     def __init__(self, host: FineContext, **arguments: Any) -> None:
         if arguments:
             raise TypeError(f"fine level {self.name!r} takes no arguments; got {sorted(arguments)}")
-        self.host = host
+        # weakly: the preconditioner holds its levels, so a dropped optimizer is freed at
+        # once (with its hooks) instead of waiting for the cycle collector
+        self.host: FineContext = cast("FineContext", weakref.proxy(host))
 
     @property
     def plain(self) -> bool:

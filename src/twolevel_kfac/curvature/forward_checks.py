@@ -1,0 +1,89 @@
+"""Checks of one captured forward against what the curvature blocks assume, refusing the
+set-ups that would make a step silently wrong (:class:`~.capture.CurvatureCapture` runs
+them when the model's forward returns).
+
+* :func:`check_weight_uses`: a block's weight read outside its modules' calls.
+* :func:`check_batch_rows`: a first tensor argument whose rows are not the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from .blocks import layer_weight
+
+__all__ = ["check_batch_rows", "check_weight_uses", "output_tensors"]
+
+
+def output_tensors(output: Any) -> Iterator[Tensor]:
+    """The tensors of a model output: a tensor, or nested tuples, lists and dicts of them."""
+    if isinstance(output, Tensor):
+        yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from output_tensors(value)
+    elif isinstance(output, (tuple, list)):
+        for value in output:
+            yield from output_tensors(value)
+
+
+def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str, int]) -> None:
+    """Refuse a weight the forward also uses outside its modules' calls.
+
+    Walks autograd's graph from every tensor of the model ``output`` and counts, for each
+    block's weight, the operations that read it; more than the calls its modules made
+    (``calls``) means a functional use, e.g. a tied decoder
+    ``F.linear(h, encoder.weight.t())``, whose curvature the block would not see while
+    preconditioning its gradient. Embedding lookups are allowed (a language model's head
+    tied to its embedding keeps the head's block). Under autocast a weight's cast is cached
+    and shared, so uses there may go unseen.
+
+    Raises:
+        ValueError: naming the layer, the counts and the fix.
+    """
+    weights = {id(layer_weight(m)): name for name, m in layers.items()}
+    reads: dict[str, int] = dict.fromkeys(layers, 0)
+    seen: set[int] = set()
+    stack: list[Any] = [t.grad_fn for t in output_tensors(output) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for child, _ in node.next_functions:
+            variable = getattr(child, "variable", None)  # an AccumulateGrad node
+            name = weights.get(id(variable)) if variable is not None else None
+            if name is not None and "Embedding" not in type(node).__name__:
+                reads[name] += 1
+            stack.append(child)
+    for name, count in reads.items():
+        if count > calls.get(name, 0):
+            raise ValueError(
+                f"layer {name!r}: its weight is read {count} times in the forward but its "
+                f"module(s) ran {calls.get(name, 0)} times: a functional use (such as a tied "
+                "decoder F.linear(h, encoder.weight.t())) adds gradient that the layer's "
+                "block never sees. Untie it, make the other use a module sharing the weight "
+                "(b.weight = a.weight), or leave the layer out with params="
+            )
+
+
+def check_batch_rows(batch: int, rows: set[int]) -> None:
+    """Refuse a batch size (the rows of the model's first tensor argument) that no layer
+    input nor the output has: the empirical Fisher scales each ``δ`` by it.
+
+    ``rows``: the leading dimensions of the layer inputs and of the output tensors. A layer
+    may see a multiple of a batch of more than one sample (tokens flattened into rows).
+
+    Raises:
+        RuntimeError: naming the counts and the fix.
+    """
+    if batch in rows or (batch > 1 and any(r % batch == 0 for r in rows)):
+        return
+    raise RuntimeError(
+        f"the model's first tensor argument has {batch} rows, but its layers see "
+        f"{sorted(rows)}: KFAC takes the batch size (the empirical Fisher's scale) from the "
+        "first tensor argument of model(...); pass the batch first"
+    )
