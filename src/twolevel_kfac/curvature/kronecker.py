@@ -107,8 +107,8 @@ def _retry_with_damping(
 def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
 
-    Tries the factor's dtype (float32 measured ≈ 0.6× the time of float64 for
-    500–1000-dimensional factors, ``benchmarks/eigh_dtype.py``), then float64, then float64
+    Tries the factor's dtype (float32 is the faster, ``docs/benchmarks/eigh_dtype.md``),
+    then float64, then float64
     with growing extra damping ``M + εI`` (:data:`RETRY_DAMPINGS`). The first rung
     (ε = 1e-10·(tr M / n + 1)) is subtracted again, since the eigenvectors do not change
     under a shift; larger rungs are kept in the eigenvalues (the factor is damped more)

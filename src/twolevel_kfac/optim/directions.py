@@ -8,9 +8,8 @@ al. 2017's form, ``kl_clip_form``).
 
 A direction is written over its gradient only where that gives the same numbers as a fresh
 tensor (:func:`writable_in_place`): a GEMM writing into memory that is not 64-byte aligned
-(a ``.grad`` that is a view into the middle of a DDP bucket) takes other kernel paths, and
-was measured to round differently (3e-7 relative, which the next steps' small damping
-amplifies to 5e-2).
+(a ``.grad`` that is a view into the middle of a DDP bucket) takes other kernel paths and
+rounds differently (``docs/benchmarks/implementation_choices.md``).
 """
 
 from __future__ import annotations
@@ -151,8 +150,8 @@ def assign_grad(param: Tensor, value: Tensor) -> None:
 
     ``value`` is a fresh tensor of ``param``'s dtype, or ``param.grad``'s own storage
     written in place; a gradient that is a view (DDP's ``gradient_as_bucket_view`` keeps
-    its buckets' storage there) is copied into instead. Copying a fresh direction into
-    the old ``.grad`` in every case was measured no faster (docs/benchmarks)."""
+    its buckets' storage there) is copied into instead (copying in every case is no
+    faster: ``docs/benchmarks/implementation_choices.md``)."""
     grad = param.grad
     if value.shape != param.shape:  # a Conv2d weight from its (d_out, d_in) matrix
         value = value.view(param.shape)

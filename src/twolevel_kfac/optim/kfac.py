@@ -318,7 +318,7 @@ class KFAC(torch.optim.Optimizer):
     def _momentum_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.SGD``'s update on the preconditioned gradients: ``d = p.grad + wd·p``,
         ``b ← μb + d`` (``b = d`` at first), ``d ← d + μb`` (Nesterov) or ``b``, ``p ← p − lr·d``
-        (torch's multi-tensor ``foreach`` kernels: measured 1.1–1.3× faster than a loop)."""
+        (torch's multi-tensor ``foreach`` kernels)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return

@@ -31,8 +31,8 @@ vectors move by less than ``power_tol`` (at least 32 float eps). Stopped early, 
 still the Rayleigh-quotient-scaled ``σ X⊗Y`` of its current vectors, so the Frobenius
 errors ``‖F − T·A_k⊗G_k‖`` (≤ the best multiple of KFAC's, from KFAC's start) and
 ``‖F − T(A⊗G + A₂⊗G₂)‖`` (≤ KFAC's) keep their inequalities; the correction of the residual
-(σ₂ ≈ σ₁ is common there) converges much more slowly than KPSVD (measured: KPSVD 4–22
-sweeps, the correction often the full 50 on a 196-256-128-10 MLP). Under
+(σ₂ ≈ σ₁ is common there) converges much more slowly than KPSVD (sweep counts in
+``docs/benchmarks/implementation_choices.md``). Under
 ``torch.distributed`` every product of the power iteration is all-reduced (all ranks
 iterate in lockstep on the global block).
 """

@@ -272,11 +272,10 @@ class KFACPreconditioner:
 
         Plain KFAC (:meth:`_plain_kfac_directions`) works on ``∇W`` and ``∇b`` where
         autograd left them (:meth:`KroneckerFactors.apply_inverse_split`: no concatenated
-        ``∇W̄``, no split copy; measured 2–4 ms of a 52 ms MNIST-autoencoder step) and
-        writes the directions over them (measured 2.5 % of an MNIST-autoencoder step and
-        8 % of a CURVES one faster than writing to fresh memory), or, when the KL clip
+        ``∇W̄``, no split copy) and writes the directions over them, or, when the KL clip
         still needs the gradients, hands its fresh directions to ``.grad``. Everything
-        else (coarse corrections, other fine levels) works on the ``W̄`` matrices.
+        else (coarse corrections, other fine levels) works on the ``W̄`` matrices
+        (timings: ``docs/benchmarks/implementation_choices.md``).
         """
         if self.coarse_level is not None:
             on_parts = self.coarse_level.precondition_parts(stats)

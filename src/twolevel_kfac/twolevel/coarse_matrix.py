@@ -41,7 +41,7 @@ def restrict(basis: Basis, v: LayerVector) -> Tensor:
     Returns:
         ``R₀ v`` of shape ``[K]`` (layer-major order, as in the basis).
     """
-    # a flat matrix-vector product: 6–16× faster than the equivalent einsum (measured, CPU)
+    # a flat matrix-vector product (faster than the equivalent einsum)
     return torch.cat([b.flatten(1) @ vi.flatten() for b, vi in zip(basis, v, strict=True)])
 
 
@@ -62,9 +62,8 @@ def prolong(basis: Basis, y: Tensor) -> LayerVector:
 def prolong_add_into(basis: Basis, y: Tensor, target: LayerVector, alpha: float) -> LayerVector:
     """``target ← target + α R₀ᵀ y`` in place, returning ``target``.
 
-    One GEMV per layer accumulates straight into ``target`` (``addmv_``): measured 2.3×
-    (one vector per layer) to 3.5× (two) faster than :func:`prolong` followed by an axpy,
-    which writes and rereads a full-size temporary (MNIST autoencoder, 2 threads).
+    One GEMV per layer accumulates straight into ``target`` (``addmv_``), instead of
+    :func:`prolong` followed by an axpy, which writes and rereads a full-size temporary.
     """
     parts = torch.split(y, [int(b.shape[0]) for b in basis])
     for yi, b, t in zip(parts, basis, target, strict=True):
