@@ -10,9 +10,12 @@ import pytest
 import torch
 from hypothesis import settings
 
-_TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+# The tests mirror the package (tests/optim/, tests/twolevel/, …); the oracles and the
+# helpers some test modules share are imported by bare name from any of them.
+_TESTS = Path(__file__).resolve().parent
+for _folder in [_TESTS, *sorted(p for p in _TESTS.iterdir() if p.is_dir() and p.name[0] != "_")]:
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 # Hypothesis draws the same examples on every machine and every run (a property test that
 # fails on one clone's random draw and passes on another's is a flaky test); its example

@@ -11,7 +11,7 @@ from twolevel_kfac.experiments.config import ExperimentConfig, load_config, pars
 from twolevel_kfac.experiments.optimizers import METHODS, allowed_arguments
 from twolevel_kfac.experiments.yaml_io import config_diff, read_yaml
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_METHODS = {
     "kfac",
     "nico",

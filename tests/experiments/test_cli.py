@@ -13,7 +13,7 @@ import yaml
 from twolevel_kfac.cli import main
 from twolevel_kfac.experiments.metrics import read_metrics
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMOKE_RUN = str(CONFIGS / "smoke" / "run.yaml")
 SMOKE_COMPARE = str(CONFIGS / "smoke" / "compare.yaml")
 

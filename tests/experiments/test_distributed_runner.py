@@ -33,7 +33,7 @@ from twolevel_kfac.experiments.config import load_config
 from twolevel_kfac.experiments.parallel import Parallel
 from twolevel_kfac.experiments.problem import Data, load_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROBLEM: dict[str, Any] = {
     "name": "tiny distributed",
     "model": {"name": "curves_autoencoder"},

@@ -34,7 +34,7 @@ from twolevel_kfac.experiments.models import build_model
 from twolevel_kfac.experiments.problem import Data, load_data, pool_images
 from twolevel_kfac.experiments.runner import train_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [6, 5, 4, 3]
 METHODS = ["block_diagonal", "kfac", "nicolaides+adef2", "residual+adef2"]
 SPACES = ["nicolaides", "spectral", "residual", "krylov_residual"]

@@ -32,7 +32,7 @@ from twolevel_kfac.analysis.exact import compute_curvature, fisher_from_statisti
 from twolevel_kfac.analysis.operators import ALL_METHODS, MethodSet, parse_method
 from twolevel_kfac.analysis.training import train_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 GALERKIN = ("nicolaides", "spectral", "residual", "krylov_nicolaides", "krylov_residual")
 

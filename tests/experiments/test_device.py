@@ -170,7 +170,7 @@ def test_config_validates_the_device_and_leaves_it_out_of_the_fingerprint() -> N
 
 @CPU_ONLY
 def test_cli_device_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke" / "run.yaml")
+    smoke = str(Path(__file__).resolve().parents[2] / "configs" / "smoke" / "run.yaml")
     out = tmp_path / "run"
     argv = ["run", smoke, "--out", str(out), "--quiet", "--max-steps", "1"]
     assert main([*argv, "--device", "cuda"]) == 2

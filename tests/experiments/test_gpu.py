@@ -2,7 +2,7 @@
 GPU follows the CPU run, its checkpoint resumes on the CPU, and MC sampling draws the same
 targets from the same probabilities on both devices. Multi-process NCCL needs two GPUs.
 
-Run on a lent GPU machine with ``pytest tests/test_gpu.py -q``.
+Run on a lent GPU machine with ``pytest tests/experiments/test_gpu.py -q``.
 """
 
 from __future__ import annotations

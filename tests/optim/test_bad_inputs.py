@@ -15,7 +15,7 @@ import yaml
 
 from twolevel_kfac.cli import main
 
-SMOKE_RUN = Path(__file__).parents[1] / "configs" / "smoke" / "run.yaml"
+SMOKE_RUN = Path(__file__).parents[2] / "configs" / "smoke" / "run.yaml"
 
 Mutation = Callable[[dict[str, Any]], None]
 

@@ -30,7 +30,7 @@ from twolevel_kfac.analysis.structure import (
 )
 from twolevel_kfac.analysis.training import train_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spd(n: int, condition: float, seed: int) -> tuple[Tensor, Tensor]:
