@@ -181,7 +181,10 @@ def _worker(rank: int, job: _Job, world_size: int, rendezvous: Path) -> None:
         outcome = ("done", time.time(), _summary(result))
     except Exception as error:
         outcome = ("error", time.time(), _portable(error))
-    (rendezvous / f"rank{rank}.pickle").write_bytes(pickle.dumps(outcome))
+    # atomically: the parent may read the folder while another rank is still failing
+    partial = rendezvous / f"rank{rank}.pickle.partial"
+    partial.write_bytes(pickle.dumps(outcome))
+    partial.replace(rendezvous / f"rank{rank}.pickle")
     if outcome[0] == "error":
         raise SystemExit(1)  # the parent stops the other workers
 
