@@ -89,6 +89,20 @@ def test_split_rank_one_and_joined_applications_agree(pre: KFACPreconditioner) -
         )
 
 
+def test_the_dense_form_is_the_operator(pre: KFACPreconditioner) -> None:
+    """``FineLevel.dense_inverse`` (the oracles' dense form) equals the operator applied to
+    unit matrices here, and for KFAC the dense damped ``(T·kron(G + λI, A + λI))⁻¹``."""
+    from oracles import dense_kfac_matrix
+
+    for name in pre.layers:
+        dense = pre.fine.dense_inverse(name, pre.damping)
+        torch.testing.assert_close(dense, dense_inverse(pre, name).T, rtol=0, atol=0)
+        if pre.fine.plain:
+            f = pre.factors[name]
+            block = dense_kfac_matrix(f.A, f.G, pre.damping) * f.num_locations
+            torch.testing.assert_close(dense, torch.linalg.inv(block), rtol=1e-8, atol=1e-10)
+
+
 def test_damping_is_a_call_time_argument(pre: KFACPreconditioner) -> None:
     """The same fitted level applied with λ₁, λ₂, λ₁ gives each damping's own operator:
     the one a level fitted with that damping gives (no cached inverse leaks across)."""

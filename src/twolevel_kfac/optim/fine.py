@@ -11,7 +11,8 @@ level. Its life cycle, driven by the preconditioner's ``step()``:
 3. :meth:`FineLevel.after_refresh` folds statistics that live in the new eigenbasis
    (EKFAC's scalings);
 4. :meth:`FineLevel.apply` applies the damped inverse to a layer's ``W̄`` matrix, with λ
-   given at the call (it may follow a schedule).
+   given at the call (it may follow a schedule); :meth:`FineLevel.dense_inverse` is its
+   dense form, for oracles and the analysis.
 
 This class is KFAC's fine level, ``(damped A ⊗ G)⁻¹`` divided by ``T``
 (:mod:`twolevel_kfac.curvature.kronecker`); :mod:`.ekfac` and :mod:`.kpsvd` extend it.
@@ -157,6 +158,17 @@ class FineLevel:
         return self.host.factors[name].apply_inverse_outer(
             left, right, damping, opts.damping_mode, opts.inverse_method
         )
+
+    def dense_inverse(self, name: str, damping: float) -> Tensor:
+        """``M_i⁻¹`` of layer ``name`` as a dense ``(P_i, P_i)`` matrix in the row-major
+        coordinates of ``W̄`` (column ``k`` is ``M_i⁻¹`` of the ``k``-th unit matrix): for
+        oracles and the analysis on small layers (``P_i²`` numbers)."""
+        factors = self.host.factors[name]
+        assert factors.A is not None and factors.G is not None
+        d_out, d_in = factors.G.shape[0], factors.A.shape[0]
+        units = torch.eye(d_out * d_in, dtype=factors.A.dtype, device=factors.A.device)
+        columns = [self.apply(name, e.reshape(d_out, d_in), damping).reshape(-1) for e in units]
+        return torch.stack(columns, dim=1)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
