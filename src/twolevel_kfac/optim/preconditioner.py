@@ -8,7 +8,8 @@ One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper
 schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistics captured
 during this step's forward/backward), the fine level's refresh (every ``inv_interval``
 steps) and ``_precondition_grads``: ``_precondition`` (the fine level's block-diagonal
-inverse, :mod:`.fine`; the two-level class adds the coarse correction), the KL clip and
+inverse, :mod:`.fine`, plus the coarse level's correction when one is held,
+:mod:`.coarse`), the KL clip and
 the write into ``.grad`` (over the gradient autograd left, or as fresh tensors with a KL
 clip): read ``p.grad`` after ``step()``, not a reference taken before it. The fine level
 (``fine="kfac" | "ekfac" | "kpsvd" | "kfac_corrected"``) is an object the preconditioner
