@@ -17,6 +17,7 @@ Conventions (README: "Conventions"; Martens & Grosse 2015 eq. (1); Grosse & Mart
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -152,8 +153,8 @@ def matrix_to_parameter_shapes(module: nn.Module, mat: Tensor) -> tuple[Tensor, 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in')`` of the layer's ``W̄`` matrix."""
-    weight = layer_weight(module)
-    return int(weight.shape[0]), int(weight[0].numel()) + (1 if has_bias(module) else 0)
+    weight = layer_weight(module)  # read from the shape: indexing would create a view
+    return int(weight.shape[0]), math.prod(weight.shape[1:]) + (1 if has_bias(module) else 0)
 
 
 def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:

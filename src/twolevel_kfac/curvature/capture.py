@@ -55,10 +55,6 @@ class _Record:
     owner: _Forward  # the forward pass it belongs to
     grad: Tensor | None = None
 
-    @property
-    def forward(self) -> int:
-        return self.owner.number
-
 
 @dataclass
 class _Forward:
@@ -66,7 +62,6 @@ class _Forward:
 
     index: Tensor | None
     batch_size: int
-    number: int
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
     records: dict[str, list[_Record]] = field(default_factory=dict)
@@ -144,7 +139,6 @@ class CurvatureCapture:
         self.dtypes = dtypes or {}
         self.active = False
         self._forward: _Forward | None = None
-        self._forwards = 0
         self._warned_forwards = False
         self._records: dict[str, list[_Record]] = {name: [] for name in layers}
         # The hooks hold the capture weakly, and are removed when it is collected: an
@@ -187,8 +181,7 @@ class CurvatureCapture:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
-        self._forwards += 1
-        self._forward = _Forward(index=index, batch_size=batch, number=self._forwards)
+        self._forward = _Forward(index=index, batch_size=batch)
 
     def layer_hook(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
@@ -283,10 +276,10 @@ class CurvatureCapture:
         stats: dict[str, LayerStats] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []
-            calls: dict[int, list[_Record]] = {}
+            calls: dict[int, list[_Record]] = {}  # by forward pass
             for record in records:
                 if record.owner.backward_done:  # a forward without backward is no sample
-                    calls.setdefault(record.forward, []).append(record)
+                    calls.setdefault(id(record.owner), []).append(record)
             done = [c for c in calls.values() if any(r.grad is not None for r in c)]
             if not done:
                 continue
