@@ -76,6 +76,7 @@ RESUME = {
     "momentum": 0.9,
     "kl_clip": 1e-2,
 }
+KEEPS_BATCH = {"diagnostics": True}  # F̂v below needs the Fisher mini-batch kept
 RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
     "kfac": (tk.KFAC, {}),
     "residual_adef2_faithful": (
@@ -161,7 +162,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
             results[name] = {"delta": delta, "bytes": opt.last_stats["comm_bytes"]}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, opt = one_step(tk.TwoLevelKFAC, {}, (5, 3), rank)
+            _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, (5, 3), rank)
         results["unequal"] = {
             **curvature(opt),
             "warnings": [str(w.message) for w in caught],
@@ -255,7 +256,8 @@ def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
     factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (2 * 3 + 2)
     sizes = [d for pair in dims for d in pair]
     owners = assign_owners([float(d) ** 3 for d in sizes], WORLD)
-    split = 8 * max(sum(d * d + d for d, o in zip(sizes, owners, strict=True) if o == r)
+    # inverse_method="auto" is Cholesky here: each owner shares a packed damped inverse
+    split = 8 * max(sum(d * (d + 1) // 2 for d, o in zip(sizes, owners, strict=True) if o == r)
                     for r in range(WORLD))  # fmt: skip
     coarse, fvp = 8 * 3 * 4 // 2, 8 * sum(a * g for a, g in dims)  # K = 3; P numbers
     for rank in range(WORLD):
@@ -269,7 +271,7 @@ def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
 def test_unequal_local_batches_weight_the_curvature_by_counts(
     runs: list[dict[str, Any]], float64: None
 ) -> None:
-    _, opt = one_step(tk.TwoLevelKFAC, {}, None)
+    _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, None)
     expected = curvature(opt)
     for rank in range(WORLD):
         got = runs[rank]["unequal"]

@@ -246,36 +246,6 @@ def test_faithful_refresh_rebuilds_basis_every_step(space: str) -> None:
     assert opt.preconditioner.coarse_updates == 1
 
 
-def test_state_dict_round_trip_two_level() -> None:
-    def run(split: int | None) -> Tensor:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-        settings = {
-            "lr": 0.05,
-            "fisher_batch": 0.5,
-            "cov_interval": 2,
-            "inv_interval": 3,
-            "coarse_space": "krylov_residual",
-            "combination": "balanced",
-            "coarse_refresh": "faithful",
-        }
-        opt = tk.TwoLevelKFAC(model, **settings)
-        for step in range(6):
-            if step == split:
-                state = copy.deepcopy((model.state_dict(), opt.state_dict()))
-                torch.manual_seed(1)
-                model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-                opt = tk.TwoLevelKFAC(model, **settings)
-                model.load_state_dict(state[0])
-                opt.load_state_dict(state[1])
-            one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    reference = run(None)
-    assert torch.equal(run(3), reference)
-    assert torch.equal(run(4), reference)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

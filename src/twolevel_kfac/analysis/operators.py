@@ -120,6 +120,7 @@ def _options(damping: float, damping_mode: str) -> CurvatureOptions:
         fisher="empirical",  # unused: the statistics are loaded, never captured
         ema_decay=0.0,
         kl_clip=None,
+        inverse_method="eigen",  # one decomposition shared by every method (spectral too)
         unsupported="ignore",
     )
 

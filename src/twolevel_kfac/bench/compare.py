@@ -129,7 +129,7 @@ def compare(
     }
 
 
-PAIRED_REFERENCES = ("kfac:per_factor:eigen", "asdl:kfac")
+PAIRED_REFERENCES = ("kfac", "kfac:per_factor:eigen", "asdl:kfac")
 """The rows a group's paired column compares against, the first present: KFAC for the
 step-time tables (the two-level targets are ratios to it), ASDL's KFAC for the peers."""
 

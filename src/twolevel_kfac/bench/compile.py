@@ -7,7 +7,7 @@ the compiled / eager ratio per round):
 
 1. SGD with ``torch.compile(model)`` (MNIST autoencoder, batch 512; CURVES autoencoder,
    256);
-2. ``tk.KFAC`` (the benchmarks' settings, ``kfac:per_factor:eigen``, T = 20) on the same
+2. ``tk.KFAC`` (the benchmarks' settings at the defaults, ``kfac``, T = 20) on the same
    problems, with the paper's MC Fisher and with the empirical Fisher (the two capture
    paths: a root forward hook that calls ``torch.autograd.grad`` on the layer outputs, and
    tensor hooks on them), each compiled two ways: ``KFAC(torch.compile(model))`` (the
@@ -69,7 +69,7 @@ NAME = "compile"
 PROBLEMS = ("mnist_ae_512", "curves_ae_256")
 QUICK_PROBLEM = {"batch": 64, "width": 64, "depth": 2}
 INTERVAL = 20
-KFAC = "kfac:per_factor:eigen"
+KFAC = "kfac"
 FISHERS = ("mc", "empirical")
 PATTERNS = {
     "wrapped": "KFAC(torch.compile(model))",

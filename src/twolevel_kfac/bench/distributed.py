@@ -38,13 +38,13 @@ __all__ = ["NAME", "measure", "render"]
 NAME = "distributed"
 METHODS = (
     "sgd",
-    "kfac:per_factor:eigen",
+    "kfac",
     "nicolaides+additive",
     "residual+adef2",
     "tselepidis+additive",
     "spectral+balanced",
 )
-QUICK_METHODS = ("sgd", "kfac:per_factor:eigen")
+QUICK_METHODS = ("sgd", "kfac")
 
 
 @dataclass(frozen=True)

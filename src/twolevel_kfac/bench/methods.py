@@ -6,6 +6,7 @@ Labels:
 |---|---|
 | ``sgd`` | ``torch.optim.SGD``, lr 1e-3, Nesterov momentum 0.9 |
 | ``adam`` | ``torch.optim.Adam``, lr 1e-4 |
+| ``kfac`` | ``tk.KFAC`` at its defaults (``per_factor``, ``inverse_method="auto"``) |
 | ``kfac:MODE:INVERSE`` | ``tk.KFAC(damping_mode=MODE, inverse_method=INVERSE)`` |
 | ``ekfac``, ``kpsvd`` | ``tk.EKFAC``, ``tk.KPSVD`` |
 | ``SPACE+COMBINATION`` | ``tk.TwoLevelKFAC``, ``coarse_refresh="consistent"`` |
@@ -131,6 +132,7 @@ def step_time_methods() -> list[MethodSpec]:
         MethodSpec("sgd", "sgd", (("lr", 1e-3),)),
         MethodSpec("adam", "adam", (("lr", 1e-4),)),
     ]
+    methods.append(MethodSpec("kfac", "kfac", tuple(KFAC_SETTINGS.items())))  # the defaults
     methods += [_kfac(mode, inverse) for mode, inverse in KFAC_VARIANTS]
     methods += [MethodSpec(k, k, tuple(KFAC_SETTINGS.items())) for k in ("ekfac", "kpsvd")]
     methods += [_two_level(s, c) for s, c in itertools.product(COARSE_SPACES, COMBINATIONS)]
@@ -225,8 +227,23 @@ def runner_for(spec: MethodSpec, problem: Problem, interval: int, seed: int = 0)
 
 
 def inverse_method(spec: MethodSpec) -> str:
-    """How the method inverts its factors (for the FLOP floor): ``eigen`` or ``cholesky``."""
-    return str(spec.kwargs.get("inverse_method", "eigen"))
+    """How the method inverts its factors (for the FLOP floor): ``eigen`` or ``cholesky``,
+    as the optimizer resolves ``inverse_method="auto"``."""
+    from twolevel_kfac.optim.coarse import CoarseLevel
+    from twolevel_kfac.optim.options import CoarseOptions, resolve_inverse_method
+    from twolevel_kfac.optim.preconditioner import fine_level_type
+
+    kwargs = spec.kwargs
+    fine = spec.kind if spec.kind in ("ekfac", "kpsvd") else kwargs.get("fine", "kfac")
+    space = kwargs.get("coarse_space")
+    return resolve_inverse_method(
+        kwargs.get("inverse_method", "auto"),
+        damping_mode=kwargs.get("damping_mode", "per_factor"),
+        damping_varies=bool(kwargs.get("adaptive_damping")) or callable(kwargs.get("damping")),
+        fine_needs_eigenbasis=fine_level_type(fine).needs_eigenbasis,
+        coarse_needs_eigenbasis=space is not None
+        and CoarseLevel.needs_eigenbasis(CoarseOptions(coarse_space=space)),
+    )
 
 
 def fisher_batch(spec: MethodSpec) -> float:

@@ -31,8 +31,8 @@ from twolevel_kfac.bench.report import (
 __all__ = ["NAME", "measure", "plot", "render"]
 
 NAME = "scaling"
-METHODS = ("kfac:per_factor:eigen", "nicolaides+additive", "residual+adef2")
-QUICK_METHODS = ("kfac:per_factor:eigen", "nicolaides+additive")
+METHODS = ("kfac", "nicolaides+additive", "residual+adef2")
+QUICK_METHODS = ("kfac", "nicolaides+additive")
 BASE = {"batch": 256, "width": 512, "depth": 4}
 QUICK_BASE = {"batch": 64, "width": 128, "depth": 2}
 SWEEPS = {
@@ -54,7 +54,7 @@ def measure(options: BenchOptions) -> dict[str, Any]:
     interval = options.pick((20,), (4,))[0]
     repeats = options.rounds(5, 3)
     min_block = QUICK_MIN_BLOCK if options.quick else MIN_BLOCK
-    kfac = method_spec("kfac:per_factor:eigen")
+    kfac = method_spec("kfac")
     done: dict[str, dict[str, Any]] = {}  # the base point recurs in every sweep
     out = []
     for quantity, values in sweeps.items():

@@ -152,7 +152,11 @@ def _cholesky_inverse_or_none(matrix: Tensor) -> Tensor | None:
 
 def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
     """``(M + shift·I)⁻¹`` by Cholesky; retried in float64, then with growing extra
-    damping (:data:`RETRY_DAMPINGS`, warned about past the first rung)."""
+    damping (:data:`RETRY_DAMPINGS`, warned about past the first rung).
+
+    The result is exactly symmetric (its upper triangle mirrored), so an inverse shared as
+    a packed triangle (:mod:`twolevel_kfac.distributed`) equals the one computed locally,
+    and a resumed run (which recomputes it) steps as the uninterrupted one."""
     sym = matrix.clone()  # Cholesky reads the lower triangle only: no symmetrisation needed
     sym.diagonal().add_(shift)
     inverse = _cholesky_inverse_or_none(sym)
@@ -161,7 +165,8 @@ def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
     if inverse is None:
         retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
         inverse = retried
-    return inverse.to(matrix.dtype)
+    upper = inverse.triu()
+    return upper.add_(upper.triu(1).T).to(matrix.dtype)
 
 
 def eigen_inverse(values: Tensor, vectors: Tensor, shift: float) -> Tensor:

@@ -59,11 +59,17 @@ class CoarseLevel:
         options: the :class:`~.options.CoarseOptions`.
 
     Raises:
-        ValueError: ``coarse_space="spectral"`` without ``inverse_method="eigen"``.
+        ValueError: ``coarse_space="spectral"`` with ``inverse_method="cholesky"``.
     """
 
+    @staticmethod
+    def needs_eigenbasis(options: CoarseOptions) -> bool:
+        """Whether the coarse space is built from the factors' eigenvectors (``spectral``;
+        ``inverse_method="auto"`` then picks ``eigen``)."""
+        return options.coarse_space == "spectral"
+
     def __init__(self, host: KFACPreconditioner, options: CoarseOptions) -> None:
-        if options.coarse_space == "spectral" and host.options.inverse_method != "eigen":
+        if self.needs_eigenbasis(options) and host.options.inverse_method != "eigen":
             raise ValueError("coarse_space='spectral' needs inverse_method='eigen'")
         self.host: KFACPreconditioner = cast("KFACPreconditioner", weakref.proxy(host))  # weakly
         self.options = options
@@ -83,8 +89,19 @@ class CoarseLevel:
         return [self.host.apply_fine(n, x) for n, x in zip(self.names, v, strict=True)]
 
     def fhat(self, v: LayerVector) -> LayerVector:
-        """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch."""
-        assert self.fisher_stats is not None and self.fisher_samples is not None
+        """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch.
+
+        Raises:
+            RuntimeError: when no Fisher mini-batch is kept (before the first step, or
+                :attr:`reads_statistics` is false: ``diagnostics=True`` keeps it).
+        """
+        if self.fisher_stats is None or self.fisher_samples is None:
+            raise RuntimeError(
+                "F̂v needs the Fisher mini-batch, and none is kept: before the first step, "
+                f"or with combination={self.options.combination!r} and the consistent "
+                "refresh, which drop it once Q is built; CoarseOptions(diagnostics=True) "
+                "keeps it"
+            )
         if self.host.comm.distributed:
             return global_damped_fvp(
                 self.host.comm, self.fisher_stats, v, self.host.damping, self.fisher_samples
@@ -253,6 +270,8 @@ class CoarseLevel:
         if residual is not None and self.options.diagnostics:
             self.host.last_stats["residual_norm"] = float(dot(residual, residual).sqrt())
             self.host.last_stats["energy_gain"] = float(operator.energy_gain(residual))
+        if not self.reads_statistics:
+            self.fisher_stats = None
         return self._keep_active(result.direction, grads, outside)
 
     def _keep_active(
@@ -273,6 +292,15 @@ class CoarseLevel:
     def coarse_operator(self) -> CoarseOperator | None:
         """``Q = R₀ᵀ F_c⁻¹ R₀`` of the last step (``None`` before the first)."""
         return self._operator
+
+    @property
+    def reads_statistics(self) -> bool:
+        """Whether a step between refreshes reads the Fisher mini-batch (an ``F̂`` product):
+        every combination but ``additive``, the faithful residual schedule and the
+        diagnostics. Otherwise the mini-batch is dropped once the refresh has built ``Q``
+        (memory) and not saved (``state_dict`` the size of KFAC's)."""
+        coarse = self.options
+        return coarse.combination != "additive" or coarse.diagnostics or self._per_step_basis
 
     @property
     def _per_step_basis(self) -> bool:
@@ -350,6 +378,14 @@ class CoarseLevel:
         self._operator = None
         if self.basis is not None and self.coarse_matrix is not None:
             self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
+        if self._operator is not None and self.reads_statistics and self.fisher_stats is None:
+            raise ValueError(
+                f"this two-level state holds no Fisher mini-batch (it was saved with "
+                f"combination='additive' and the consistent refresh, which need none), but "
+                f"combination={self.options.combination!r}, coarse_refresh="
+                f"{self.options.coarse_refresh!r}, diagnostics={self.options.diagnostics} "
+                "reads it at every step: resume with the options it was saved with"
+            )
 
     def _on_names(self, trees: list[Any]) -> list[Any]:
         """Saved per-layer state of the coarse level's layers, each on its layer's device."""

@@ -53,10 +53,11 @@ class EKFACFine(FineLevel):
     """EKFAC's fine level (see the module docstring).
 
     Raises:
-        ValueError: unless ``inverse_method="eigen"`` (it works in the factors' eigenbasis).
+        ValueError: for ``inverse_method="cholesky"`` (it works in the factors' eigenbasis).
     """
 
     name = "ekfac"
+    needs_eigenbasis = True
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:
         super().__init__(host, **arguments)
@@ -161,7 +162,7 @@ class EKFACPreconditioner(KFACPreconditioner):
 
 
 class EKFAC(KFAC):
-    """EKFAC with momentum SGD: every :class:`KFAC` argument (``inverse_method`` must be
+    """EKFAC with momentum SGD: every :class:`KFAC` argument (``inverse_method`` ``auto`` or
     ``eigen``); the fine step is :class:`EKFACPreconditioner`'s."""
 
     preconditioner_class = EKFACPreconditioner

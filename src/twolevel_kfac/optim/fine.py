@@ -73,6 +73,9 @@ class FineLevel:
     name: ClassVar[str] = "kfac"
     extra_arguments: ClassVar[frozenset[str]] = frozenset()
     """Constructor arguments beyond the curvature options (KPSVD's power iteration)."""
+    needs_eigenbasis: ClassVar[bool] = False
+    """Whether it works in the factors' eigenbasis (``inverse_method="auto"`` then picks
+    ``eigen``)."""
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:
         if arguments:

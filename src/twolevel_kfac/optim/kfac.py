@@ -156,7 +156,9 @@ class KFAC(torch.optim.Optimizer):
                 f"{type(self).__name__} got unknown argument(s) {unknown}; "
                 f"allowed: {sorted(allowed)}"
             )
-        return self.preconditioner_class(model, params=params, **kwargs)
+        return self.preconditioner_class(
+            model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs
+        )
 
     @property
     def last_stats(self) -> dict[str, float]:

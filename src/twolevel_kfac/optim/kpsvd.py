@@ -123,6 +123,7 @@ class KFACCorrectedFine(PowerIterationFine):
     """
 
     name = "kfac_corrected"
+    needs_eigenbasis = True
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:
         super().__init__(host, **arguments)

@@ -9,23 +9,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
 
 from ..curvature.capture import FISHER_TYPES, FisherType
-from ..curvature.kronecker import DAMPING_MODES, INVERSE_METHODS, DampingMode, InverseMethod
+from ..curvature.kronecker import DAMPING_MODES, DampingMode, InverseMethod
 from ..curvature.likelihoods import LIKELIHOODS, LOSS_REDUCTIONS, Likelihood, LossReduction
 from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
 from ..twolevel.combinations import COMBINATIONS, CombinationName
 
 InversePlacement = Literal["split", "replicate"]
+InverseChoice = Literal["auto", "eigen", "cholesky"]
 KlClipForm = Literal["paper", "lr_squared"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
 CoarseRefresh = Literal["consistent", "faithful"]
 SpectralWhich = Literal["smallest", "largest"]
 INVERSE_PLACEMENTS: tuple[str, ...] = get_args(InversePlacement)
+INVERSE_CHOICES: tuple[str, ...] = get_args(InverseChoice)
 KL_CLIP_FORMS: tuple[str, ...] = get_args(KlClipForm)
 UNSUPPORTED_POLICIES: tuple[str, ...] = get_args(UnsupportedPolicy)
 
@@ -67,6 +69,41 @@ def damping_at(damping: float | Callable[[int], float], step: int) -> float:
     return check_real(f"damping schedule at step {step}", value, low=0.0, low_open=True)
 
 
+def resolve_inverse_method(
+    requested: str,
+    *,
+    damping_mode: str,
+    damping_varies: bool,
+    fine_needs_eigenbasis: bool,
+    coarse_needs_eigenbasis: bool,
+) -> InverseMethod:
+    """The inverse method a preconditioner uses: ``requested`` unless it is ``auto``.
+
+    ``auto`` picks eigendecompositions exactly where something needs them, else Cholesky
+    (factorising and inverting a damped factor takes a fifth of ``eigh`` and the inverse
+    built from it: ``docs/benchmarks/implementation_choices.md``, "Cholesky or eigen"):
+
+    * ``damping_mode="eigen_sum"``: ``(A ⊗ G + λI)⁻¹`` exists only in the eigenbasis;
+    * a fine level that works in the eigenbasis (EKFAC, KFAC-corrected; KPSVD does not);
+    * a coarse space built from the factors' eigenvectors (``spectral``);
+    * a damping that changes between refreshes (a schedule, adaptive damping): not for
+      speed (a new λ costs one GEMM per factor from the eigenpairs and about as much by a
+      new Cholesky factorisation) but because λ may then become small enough (adaptive
+      damping goes down to ``min_damping = 1e-8``) that a float32 Cholesky of a
+      rank-deficient factor fails and is redone in float64, while the eigenpairs take any
+      λ > 0.
+    """
+    if requested != "auto":
+        return cast("InverseMethod", requested)
+    needs_eigen = (
+        damping_mode == "eigen_sum"
+        or damping_varies
+        or fine_needs_eigenbasis
+        or coarse_needs_eigenbasis
+    )
+    return "eigen" if needs_eigen else "cholesky"
+
+
 def check_interval(name: str, value: object) -> int:
     """``value`` if it is an integer ≥ 1, else ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -81,7 +118,7 @@ class CurvatureOptions:
     Attributes:
         damping: λ, added as set by ``damping_mode``; or a schedule ``step → λ`` (called
             with the step count before every step, e.g. ``lambda k: 1e-2 * 0.99**k``;
-            changing λ rebuilds the damped inverses, cheap with ``inverse_method="eigen"``).
+            changing λ rebuilds the damped inverses; ``auto`` then keeps eigenpairs).
         damping_mode: ``per_factor`` | ``pi`` | ``eigen_sum`` (see :mod:`..curvature.kronecker`).
         fisher: ``mc`` (sampled targets, the true Fisher) | ``empirical`` (the batch targets).
         likelihood: what ``mc`` samples from: ``categorical`` | ``bernoulli`` | ``gaussian``.
@@ -100,7 +137,9 @@ class CurvatureOptions:
         kl_clip: c of the KL clipping, ``None`` to disable.
         kl_clip_form: ``paper`` ν = min(1, √(c/Σ|⟨d,g⟩|)) | ``lr_squared`` (Ba et al. 2017)
             ν = min(1, √(c/(lr² Σ|⟨d,g⟩|))).
-        inverse_method: ``eigen`` (default) | ``cholesky`` (not with ``eigen_sum``).
+        inverse_method: ``auto`` (default: :func:`resolve_inverse_method`, Cholesky unless
+            something needs the factors' eigenbasis) | ``eigen`` | ``cholesky`` (not with
+            ``eigen_sum``).
         factor_dtype: dtype of factors and decompositions; ``None`` = the parameters' dtype.
         accumulation_steps: micro-batches per optimizer step when gradients are accumulated
             (each micro-batch loss divided by it): the empirical ``δ`` is then scaled by
@@ -128,7 +167,7 @@ class CurvatureOptions:
     inv_interval: int = 1
     kl_clip: float | None = 1e-2
     kl_clip_form: KlClipForm = "paper"
-    inverse_method: InverseMethod = "eigen"
+    inverse_method: InverseChoice = "auto"
     factor_dtype: torch.dtype | None = None
     unsupported: UnsupportedPolicy = "warn"
     seed: int = 0
@@ -150,7 +189,7 @@ class CurvatureOptions:
         if self.kl_clip is not None:
             check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
         check_choice("kl_clip_form", self.kl_clip_form, KL_CLIP_FORMS)
-        check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        check_choice("inverse_method", self.inverse_method, INVERSE_CHOICES)
         if self.inverse_method == "cholesky" and self.damping_mode == "eigen_sum":
             raise ValueError(
                 "damping_mode='eigen_sum' needs inverse_method='eigen' "

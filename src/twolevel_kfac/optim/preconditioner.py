@@ -20,6 +20,7 @@ the factors under ``torch.distributed``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -51,7 +52,13 @@ from ..placement import autocast_off, move_tensors
 from .coarse import CoarseLevel
 from .directions import clip_scale, part_pairs, writable_in_place, write_layer
 from .fine import FineLevel
-from .options import CoarseOptions, CurvatureOptions, check_choice, damping_at
+from .options import (
+    CoarseOptions,
+    CurvatureOptions,
+    check_choice,
+    damping_at,
+    resolve_inverse_method,
+)
 from .state import kfac_state, load_kfac_state
 
 
@@ -83,19 +90,33 @@ class KFACPreconditioner:
         params: Iterable[Any] | None = None,
         fine: str | None = None,
         coarse: CoarseOptions | None = None,
+        damping_varies: bool = False,
         **kwargs: Any,
     ) -> None:
         """``options`` or its fields as keywords; ``params``: the parameters whose layers to
         precondition (``torch.optim`` format; default: all, ``discovery.find_layers``);
         ``fine``: the fine level by name (default: this class's), with its arguments;
-        ``coarse``: a coarse level's options (two-level KFAC), or ``None``."""
+        ``coarse``: a coarse level's options (two-level KFAC), or ``None``;
+        ``damping_varies``: the caller changes :attr:`damping` between refreshes (adaptive
+        damping; a schedule is seen in ``options``), read by ``inverse_method="auto"``.
+
+        :attr:`options` holds the resolved ``inverse_method`` (never ``auto``)."""
         fine_type = self.fine_level if fine is None else fine_level_type(fine)
         fine_arguments = {k: kwargs.pop(k) for k in list(kwargs) if k in fine_type.extra_arguments}
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if options is not None and kwargs:
             raise TypeError("pass either options=... or keyword arguments, not both")
-        self.options = options if options is not None else CurvatureOptions(**kwargs)
+        options = options if options is not None else CurvatureOptions(**kwargs)
+        coarse_type = self.coarse_level_type
+        method = resolve_inverse_method(
+            options.inverse_method,
+            damping_mode=options.damping_mode,
+            damping_varies=damping_varies or callable(options.damping),
+            fine_needs_eigenbasis=fine_type.needs_eigenbasis,
+            coarse_needs_eigenbasis=coarse is not None and coarse_type.needs_eigenbasis(coarse),
+        )
+        self.options = replace(options, inverse_method=method)
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
         self.layers = find_layers(model, self.options.unsupported, params)

@@ -145,4 +145,6 @@ class TwoLevelKFAC(KFAC):
             raise TypeError(
                 f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
             )
-        return TwoLevelPreconditioner(model, params=params, **kwargs)
+        return TwoLevelPreconditioner(
+            model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs
+        )

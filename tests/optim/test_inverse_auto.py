@@ -1,0 +1,147 @@
+"""``inverse_method="auto"`` (the default): eigendecompositions exactly where something
+needs the eigenbasis (or a damping that moves between refreshes), Cholesky everywhere else;
+and an ``auto`` step is the step of the method it picked, bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twolevel_kfac as tk
+from twolevel_kfac.optim.levels import FINE_LEVELS
+from twolevel_kfac.optim.options import CurvatureOptions, resolve_inverse_method
+from twolevel_kfac.twolevel.coarse_spaces import COARSE_SPACES
+
+EIGEN_FINE = {"ekfac", "kfac_corrected"}
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def build(**kwargs: Any) -> tk.KFAC:
+    cls = tk.TwoLevelKFAC if "coarse_space" in kwargs else tk.KFAC
+    return cls(mlp(), lr=0.1, damping=kwargs.pop("damping", 1e-2), **kwargs)
+
+
+def run(opt: tk.KFAC, steps: int = 3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    model = opt.preconditioner.model
+    for _ in range(steps):
+        x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def resolved(opt: tk.KFAC) -> str:
+    return opt.preconditioner.options.inverse_method
+
+
+def test_the_default_is_auto_and_plain_kfac_takes_cholesky() -> None:
+    assert CurvatureOptions().inverse_method == "auto"
+    assert resolved(build()) == "cholesky"
+    assert resolved(tk.KPSVD(mlp())) == "cholesky"  # its factors are KFAC-shaped
+    assert resolved(build(coarse_space="nicolaides")) == "cholesky"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"damping_mode": "eigen_sum"}, "A⊗G + λI"),
+        ({"damping": lambda k: 1e-2 * 0.9**k}, "schedule"),
+        ({"adaptive_damping": True}, "adaptive"),
+        ({"fine": "ekfac"}, "EKFAC"),
+        ({"fine": "kfac_corrected"}, "KFAC-corrected"),
+        ({"coarse_space": "spectral"}, "spectral basis"),
+    ],
+)
+def test_auto_takes_the_eigenbasis_where_it_is_needed(kwargs: dict[str, Any], why: str) -> None:
+    assert resolved(build(**kwargs)) == "eigen", why
+
+
+def test_an_explicit_method_is_kept() -> None:
+    assert resolved(build(inverse_method="eigen")) == "eigen"
+    assert resolved(build(inverse_method="cholesky", damping=lambda k: 0.1)) == "cholesky"
+    with pytest.raises(ValueError, match="inverse_method must be one of 'auto'"):
+        CurvatureOptions(inverse_method="lu")  # type: ignore[arg-type]
+
+
+CASES = [
+    (mode, schedule, adaptive, fine, space)
+    for mode, schedule, adaptive, fine, space in itertools.product(
+        ("per_factor", "pi", "eigen_sum"),  # damping_mode
+        (False, True),  # damping schedule
+        (False, True),  # adaptive damping
+        sorted(FINE_LEVELS),
+        (None, *COARSE_SPACES),
+    )
+    if not (schedule and adaptive)  # refused together under every method
+]
+
+
+@pytest.mark.parametrize(("mode", "schedule", "adaptive", "fine", "space"), CASES)
+def test_auto_picks_eigen_exactly_where_cholesky_is_refused_or_damping_moves(
+    mode: str, schedule: bool, adaptive: bool, fine: str, space: str | None
+) -> None:
+    """Wherever ``auto`` picks Cholesky, an explicit ``cholesky`` is accepted; wherever it
+    picks ``eigen``, an explicit ``cholesky`` is refused or λ moves between refreshes."""
+    kwargs: dict[str, Any] = {"damping_mode": mode, "fine": fine, "adaptive_damping": adaptive}
+    if schedule:
+        kwargs["damping"] = lambda k: 1e-2
+    if space is not None:
+        kwargs["coarse_space"] = space
+    try:
+        auto = build(**kwargs)
+    except ValueError:  # the combination itself is refused (KFAC-corrected with eigen_sum)
+        assert fine == "kfac_corrected" and mode == "eigen_sum"
+        with pytest.raises(ValueError, match="KFAC-corrected needs"):
+            build(inverse_method="eigen", **kwargs)
+        return
+    try:
+        build(inverse_method="cholesky", **kwargs)
+        cholesky_ok = True
+    except ValueError:
+        cholesky_ok = False
+    if resolved(auto) == "cholesky":
+        assert cholesky_ok
+    else:
+        assert not cholesky_ok or schedule or adaptive
+    direct = resolve_inverse_method(
+        "auto",
+        damping_mode=mode,
+        damping_varies=schedule or adaptive,
+        fine_needs_eigenbasis=fine in EIGEN_FINE,
+        coarse_needs_eigenbasis=space == "spectral",
+    )
+    assert resolved(auto) == direct
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"damping_mode": "pi"}, {"fine": "ekfac"}, {"coarse_space": "residual"}],
+    ids=["kfac", "pi", "ekfac", "residual"],
+)
+def test_an_auto_step_is_the_step_of_the_method_it_picked(kwargs: dict[str, Any]) -> None:
+    auto = build(**kwargs)
+    explicit = build(inverse_method=resolved(auto), **kwargs)
+    for a, b in zip(run(auto), run(explicit), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_preconditioner_alone_resolves_auto_too() -> None:
+    assert tk.KFACPreconditioner(mlp()).options.inverse_method == "cholesky"
+    pre = tk.KFACPreconditioner(mlp(), damping_varies=True)
+    assert pre.options.inverse_method == "eigen"

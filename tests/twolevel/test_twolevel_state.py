@@ -1,0 +1,139 @@
+"""The two-level state: resume is bit-identical for every coarse space and combination,
+and ``state_dict`` keeps the Fisher mini-batch only where a step between refreshes reads
+it (additive with the consistent refresh does not: its state is KFAC's plus the basis and
+``F_c``)."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from test_kfac_exact import make_batch, one_step
+
+ROUND_TRIPS: dict[str, dict[str, Any]] = {
+    "krylov_residual+balanced:faithful": {
+        "coarse_space": "krylov_residual",
+        "combination": "balanced",
+        "coarse_refresh": "faithful",
+    },
+    "residual+adef2": {"coarse_space": "residual", "combination": "adef2"},
+    "nicolaides+additive": {},
+    "residual+additive": {"coarse_space": "residual"},
+    "krylov_nicolaides+additive": {"coarse_space": "krylov_nicolaides"},
+    "spectral+additive": {"coarse_space": "spectral"},
+    "tselepidis+additive": {"coarse_space": "tselepidis"},
+    "nicolaides+adef1": {"combination": "adef1"},
+    "ekfac+nicolaides+additive": {"fine": "ekfac"},
+}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_resume_is_bit_identical(case: str) -> None:
+    settings = {
+        "lr": 0.05,
+        "fisher_batch": 0.5,
+        "cov_interval": 2,
+        "inv_interval": 3,
+        **ROUND_TRIPS[case],
+    }
+
+    def run(split: int | None) -> Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        opt = tk.TwoLevelKFAC(model, **settings)
+        for step in range(6):
+            if step == split:
+                state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                torch.manual_seed(1)
+                model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+                opt = tk.TwoLevelKFAC(model, **settings)
+                model.load_state_dict(state[0])
+                opt.load_state_dict(state[1])
+            one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    reference = run(None)
+    assert torch.equal(run(3), reference)  # between refreshes
+    assert torch.equal(run(4), reference)  # on a refresh step
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 10),
+    )
+
+
+def saved_bytes(cls: type[tk.KFAC], **kwargs: Any) -> int:
+    """Bytes of ``torch.save(opt.state_dict())`` after 3 steps at batch 128."""
+    model = small_cnn()
+    opt = cls(model, lr=0.01, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 1, 28, 28, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    return buffer.tell()
+
+
+@pytest.fixture(scope="module")
+def kfac_bytes() -> int:
+    return saved_bytes(tk.KFAC)
+
+
+@pytest.mark.parametrize(
+    "space", ["nicolaides", "spectral", "residual", "krylov_nicolaides", "tselepidis"]
+)
+def test_additive_state_is_within_1_2x_of_kfac(kfac_bytes: int, space: str) -> None:
+    """Small CNN, batch 128: the per-location Fisher rows (7.7× KFAC's state) are not kept."""
+    assert saved_bytes(tk.TwoLevelKFAC, coarse_space=space) <= 1.2 * kfac_bytes
+
+
+def test_combinations_reading_the_fisher_batch_keep_it(kfac_bytes: int) -> None:
+    """A-DEF2 reads ``F̂`` at every step, so its state holds the Fisher mini-batch."""
+    assert saved_bytes(tk.TwoLevelKFAC, combination="adef2") > 2 * kfac_bytes
+
+
+def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> None:
+    x, y = make_batch((6,), 3, 10, seed=0)
+    for kwargs, kept in [
+        ({}, False),
+        ({"combination": "adef2"}, True),
+        ({"diagnostics": True}, True),
+    ]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        opt = tk.TwoLevelKFAC(model, lr=0.05, **kwargs)
+        one_step(model, opt, x, y)
+        pre = opt.preconditioner
+        assert isinstance(pre, tk.TwoLevelPreconditioner)
+        assert (pre.fisher_stats is not None) is kept, kwargs
+        assert pre.coarse_operator is not None and pre.fisher_samples == 10
+
+
+def test_a_state_without_the_fisher_batch_is_refused_where_it_is_read() -> None:
+    x, y = make_batch((6,), 3, 10, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = tk.TwoLevelKFAC(model, lr=0.05)
+    one_step(model, opt, x, y)
+    other = tk.TwoLevelKFAC(model, lr=0.05, combination="adef2")
+    with pytest.raises(ValueError, match=r"holds no Fisher mini-batch.*combination='adef2'"):
+        other.load_state_dict(opt.state_dict())
