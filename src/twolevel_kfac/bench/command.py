@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "eigh_dtype": ("twolevel_kfac.bench.eigh_dtype", "eigh: float32 vs float64, batched vs loop"),
     "distributed": ("twolevel_kfac.bench.distributed", "gloo data-parallel step time, bytes"),
     "compile": ("twolevel_kfac.bench.compile", "torch.compile vs eager: SGD, KFAC, apply"),
+    "gpu": ("twolevel_kfac.bench.gpu", "CUDA step times vs SGD and ASDL, bf16 autocast"),
 }
 DEFAULT = ("step_time", "scaling", "asdl", "time_to_target")
 
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--problems", type=_names, default=None, help="comma-separated subset")
     parser.add_argument("--methods", type=_names, default=None, help="comma-separated subset")
     parser.add_argument("--intervals", type=_ints, default=None, help="refresh intervals T")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (the gpu benchmark)")
     parser.add_argument(
         "--render", action="store_true", help="re-render markdown and plots from OUT/NAME.json"
     )
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         problems=args.problems,
         methods=args.methods,
         intervals=args.intervals,
+        device=args.device,
     )
     for module in modules:
         name = module.NAME

@@ -91,6 +91,7 @@ def compare(
     min_block: int,
     log: Log,
     memory: dict[str, dict[str, Any]] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Time ``specs`` (SGD added first) on ``problem`` with refresh interval ``interval``.
 
@@ -102,6 +103,7 @@ def compare(
         min_block: Minimum steps per block (rounded up to a multiple of T).
         log: Progress sink.
         memory: ``memory_by_method`` results to merge into the rows, or ``None``.
+        device: Where the models and the batch live (CUDA blocks are synchronised).
 
     Returns:
         The group: problem, interval, block and one row per method.
@@ -110,7 +112,7 @@ def compare(
     shapes = layer_shapes(problem.build_model(), problem.input_shape)
     block = block_steps(interval, min_block)
     log(f"{problem.name}, T = {interval}: {len(specs)} methods × {repeats} blocks of {block} steps")
-    runners = {spec.label: runner_for(spec, problem, interval) for spec in specs}
+    runners = {spec.label: runner_for(spec, problem, interval, device=device) for spec in specs}
     times = interleave(runners, block, repeats, log)
     base = times[BASELINE]
     rows = []

@@ -219,10 +219,13 @@ def build_runner(
     return Runner(step, opt, model)
 
 
-def runner_for(spec: MethodSpec, problem: Problem, interval: int, seed: int = 0) -> Runner:
-    """``build_runner`` on a fresh model and the fixed batch of ``problem``."""
-    model = problem.build_model(seed)
-    batch = problem.batch_data(seed)
+def runner_for(
+    spec: MethodSpec, problem: Problem, interval: int, seed: int = 0, device: str = "cpu"
+) -> Runner:
+    """``build_runner`` on a fresh model and the fixed batch of ``problem``, on ``device``."""
+    model = problem.build_model(seed).to(device)
+    x, y = problem.batch_data(seed)
+    batch = (x.to(device), y.to(device))
     return build_runner(spec, model, batch, problem.loss_fn, problem.likelihood, interval)
 
 

@@ -24,6 +24,7 @@ class BenchOptions:
         problems: Problem names to restrict to, or ``None``.
         methods: Method labels to restrict to, or ``None`` (SGD, the baseline, always runs).
         intervals: Refresh intervals T to restrict to, or ``None``.
+        device: Where the benchmarks that take it (``gpu``) put models and data.
     """
 
     quick: bool = False
@@ -35,6 +36,7 @@ class BenchOptions:
     problems: tuple[str, ...] | None = None
     methods: tuple[str, ...] | None = None
     intervals: tuple[int, ...] | None = None
+    device: str = "cpu"
 
     def rounds(self, full: int, quick: int) -> int:
         """``repeats`` if given, else the default of the mode."""

@@ -7,6 +7,7 @@ a loss and one fixed synthetic batch.
 | ``curves_ae_256`` | CURVES autoencoder 784-400-…-6-…-784 | 256 | BCE |
 | ``deep_linear_512`` | DeepLinear, 64 Linear+BatchNorm layers of width 10 | 512 | CE |
 | ``cuda_convnet_256`` | cuda-convnet on 3×32×32 (CIFAR-10 shape) | 256 | CE |
+| ``resnet18_128`` | ResNet-18 on 3×32×32 (CIFAR-10 shape; BatchNorm left to SGD) | 128 | CE |
 
 Step times do not depend on the data values, so each problem trains on one fixed batch
 drawn from a seeded generator (uniform pixels for the autoencoders, Gaussian inputs and
@@ -108,6 +109,7 @@ def mlp_problem(batch: int, width: int, depth: int, in_features: int = 784) -> P
 
 
 _CONVNET = {"in_channels": 3, "height": 32, "width": 32, "num_classes": 10}
+_RESNET = {"in_channels": 3, "num_classes": 10}
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
@@ -118,6 +120,7 @@ PROBLEMS: dict[str, Problem] = {
         Problem(
             "cuda_convnet_256", "cuda_convnet", 256, (3, 32, 32), "cross_entropy", 10, _CONVNET
         ),
+        Problem("resnet18_128", "resnet18", 128, (3, 32, 32), "cross_entropy", 10, _RESNET),
     )
 }
 

@@ -32,6 +32,7 @@ __all__ = [
     "ratio_stats",
     "seconds",
     "set_threads",
+    "synchronize",
     "timed",
 ]
 
@@ -50,10 +51,20 @@ def block_steps(interval: int, minimum: int) -> int:
     return interval * max(1, math.ceil(minimum / interval))
 
 
+def synchronize() -> None:
+    """Wait for the CUDA device's queued work, when CUDA is in use (a no-op otherwise):
+    GPU kernels run asynchronously, so a timer must not stop before they finish."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds(runner: Runner, steps: int) -> float:
-    """Wall seconds of ``steps`` consecutive steps (all of them; 0 steps take 0 s)."""
+    """Wall seconds of ``steps`` consecutive steps (all of them; 0 steps take 0 s),
+    CUDA work included (:func:`synchronize` before and after)."""
+    synchronize()
     start = time.perf_counter()
     runner.run(steps)
+    synchronize()
     return time.perf_counter() - start
 
 
