@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "distributed": ("twolevel_kfac.bench.distributed", "gloo data-parallel step time, bytes"),
     "compile": ("twolevel_kfac.bench.compile", "torch.compile vs eager: SGD, KFAC, apply"),
     "gpu": ("twolevel_kfac.bench.gpu", "CUDA step times vs SGD and ASDL, bf16 autocast"),
+    "memory": ("twolevel_kfac.bench.footprints", "peak memory and state_dict size per method"),
 }
 DEFAULT = ("step_time", "scaling", "asdl", "time_to_target")
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twolevel_kfac.bench.flops import FlopFloor, flop_floor, layer_shapes
-from twolevel_kfac.bench.memory import peak_memory_mib
+from twolevel_kfac.bench.memory import footprint
 from twolevel_kfac.bench.methods import (
     MethodSpec,
     empirical,
@@ -46,13 +46,18 @@ def method_floor(spec: MethodSpec, problem: Problem, shapes: Any) -> FlopFloor:
 def memory_by_method(
     specs: Sequence[MethodSpec], problem: Problem, interval: int, threads: int, log: Log
 ) -> dict[str, dict[str, Any]]:
-    """Extra peak memory of each method (:mod:`twolevel_kfac.bench.memory`), by label."""
+    """Extra peak memory and saved-state size of each method
+    (:mod:`twolevel_kfac.bench.memory`), by label."""
     found: dict[str, dict[str, Any]] = {}
     for spec in specs:
-        mib, error = peak_memory_mib(spec, problem, interval, threads)
-        found[spec.label] = {"peak_mib": mib, "memory_error": error}
-        if error:
-            log(f"  memory of {spec.label}: {error}")
+        measured = footprint(spec, problem, interval, threads)
+        found[spec.label] = {
+            "peak_mib": measured.peak_mib,
+            "state_mib": measured.state_mib,
+            "memory_error": measured.error,
+        }
+        if measured.error:
+            log(f"  memory of {spec.label}: {measured.error}")
     return found
 
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import sys
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from twolevel_kfac.bench.methods import MethodSpec, build_runner, runner_for
 from twolevel_kfac.bench.problems import Problem
 
-__all__ = ["METHOD_NOTE", "peak_memory_mib"]
+__all__ = ["METHOD_NOTE", "Footprint", "footprint", "state_dict_mib"]
 
 METHOD_NOTE = (
     "extra peak resident memory (ru_maxrss delta, MiB) of a forkserver child over one plain "
@@ -78,22 +79,46 @@ def _child(
         before = _maxrss_mib()
         runner = build_runner(spec, model, batch, problem.loss_fn, problem.likelihood, interval)
         runner.run(steps)
-        conn.send(("ok", _maxrss_mib() - before))
+        peak = _maxrss_mib() - before
+        conn.send(("ok", (peak, state_dict_mib(runner.optimizer))))
     except Exception as error:  # reported to the parent, which records it
         conn.send(("error", repr(error)))
     finally:
         conn.close()
 
 
-def peak_memory_mib(
+def state_dict_mib(optimizer: Any) -> float | None:
+    """MiB of ``torch.save(optimizer.state_dict())`` (``None`` for a peer without one)."""
+    import io
+
+    import torch
+
+    if not hasattr(optimizer, "state_dict"):
+        return None
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return buffer.tell() / 2**20
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What :func:`footprint` measured: extra peak MiB, ``state_dict`` MiB, or the error."""
+
+    peak_mib: float | None
+    state_mib: float | None = None
+    error: str | None = None
+
+
+def footprint(
     spec: MethodSpec,
     problem: Problem,
     interval: int,
     threads: int,
     steps: int = 3,
     timeout_s: float = 600.0,
-) -> tuple[float | None, str | None]:
-    """Peak memory of ``spec`` on ``problem`` (module docstring).
+) -> Footprint:
+    """Peak memory of ``spec`` on ``problem`` (module docstring) and the size of its
+    optimizer's saved ``state_dict`` after those steps.
 
     Args:
         spec: The method.
@@ -104,7 +129,7 @@ def peak_memory_mib(
         timeout_s: Give up after this long.
 
     Returns:
-        ``(MiB, None)``, or ``(None, reason)`` when the child failed.
+        The measurements, or the reason the child failed.
     """
     ctx: Any = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -115,7 +140,7 @@ def peak_memory_mib(
     try:
         if not parent.poll(timeout_s):
             process.kill()
-            return None, f"no answer within {timeout_s:.0f} s"
+            return Footprint(None, error=f"no answer within {timeout_s:.0f} s")
         status, value = parent.recv()
     except EOFError:
         status, value = "error", f"child exited with status {process.exitcode}"
@@ -123,5 +148,6 @@ def peak_memory_mib(
         process.join()
         parent.close()
     if status == "ok":
-        return max(float(value), 0.0), None
-    return None, str(value)
+        peak, state = value
+        return Footprint(max(float(peak), 0.0), state)
+    return Footprint(None, error=str(value))
