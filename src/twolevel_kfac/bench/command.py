@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "compile": ("twolevel_kfac.bench.compile", "torch.compile vs eager: SGD, KFAC, apply"),
     "gpu": ("twolevel_kfac.bench.gpu", "CUDA step times vs SGD and ASDL, bf16 autocast"),
     "memory": ("twolevel_kfac.bench.footprints", "peak memory and state_dict size per method"),
+    "intervals": ("twolevel_kfac.bench.intervals", "default T_cov/T_inv: loss reached per second"),
 }
 DEFAULT = ("step_time", "scaling", "asdl", "time_to_target")
 
