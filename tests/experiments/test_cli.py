@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from twolevel_kfac.cli import main
+from twolevel_kfac.experiments import provenance
 from twolevel_kfac.experiments.metrics import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -32,13 +33,19 @@ def test_run_and_resume_equivalence(tmp_path: Path, capsys: pytest.CaptureFixtur
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["run", SMOKE_RUN, "--out", str(full), "--quiet"]) == 0
     assert "kfac seed 0: epochs after 8 steps" in capsys.readouterr().out
-    assert {p.name for p in full.iterdir()} == {"config.yaml", "metrics.jsonl", "checkpoint.pt"}
+    assert {p.name for p in full.iterdir()} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "provenance.jsonl",
+    }
     resolved = yaml.safe_load((full / "config.yaml").read_text())
     assert resolved["methods"]["kfac"]["likelihood"] == "bernoulli"
     assert main(["run", SMOKE_RUN, "--out", str(part), "--quiet", "--max-steps", "5"]) == 0
     assert read_metrics(part / "metrics.jsonl")[-1]["event"] == "partial"
     assert main(["run", SMOKE_RUN, "--out", str(part), "--quiet", "--resume"]) == 0
     assert _train_losses(part) == _train_losses(full)
+    assert [e["event"] for e in provenance.read(part)] == ["start", "resume"]
     a, b = _params(full), _params(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the resolved config.yaml of a run directory is itself a valid config
@@ -57,11 +64,20 @@ def test_compare_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             assert (out / method / f"seed{seed}" / "metrics.jsonl").is_file()
     report = (out / "report.md").read_text()
     assert report.startswith("# Smoke comparison") and "time vs KFAC" in report
+    assert "Provenance (8 starts and resumes): commit " in report  # 4 methods × 2 seeds
     for name in ("loss_vs_epoch.png", "loss_vs_time.png", "test_vs_epoch.png"):
         assert (out / name).stat().st_size > 5000
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == report
+    # a published curve beside the runs
+    curve = tmp_path / "authors.csv"
+    curve.write_text("epoch,train_loss\n1,500\n2,400\n")
+    assert main(["report", str(out), "--reference", f"authors KFAC={curve}"]) == 0
+    assert (
+        f"Reference curves (dashed, loss vs epoch): authors KFAC (`{curve}`)"
+        in (out / "report.md").read_text()
+    )
     # re-running continues: finished runs are kept as they are
     before = (out / "kfac" / "seed0" / "metrics.jsonl").read_text()
     assert main(["compare", SMOKE_COMPARE, "--out", str(out), "--quiet", "--methods", "kfac"]) == 0

@@ -154,7 +154,7 @@ def test_rank_zero_alone_writes(runs: dict[str, Path]) -> None:
         assert len(records) == len(lines(runs["one"])) == 4
         assert len({(r["event"], r["step"]) for r in records}) == len(records)
         files = sorted(p.name for p in runs[name].iterdir())
-        assert files == ["checkpoint.pt", "config.yaml", "metrics.jsonl"]
+        assert files == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "provenance.jsonl"]
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,7 @@ def test_records_and_files(tmp_path: Path) -> None:
         "config.yaml",
         "metrics.jsonl",
         "checkpoint.pt",
+        "provenance.jsonl",
     }
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == result.records
     with pytest.raises(ValueError, match="already holds a run"):

@@ -22,6 +22,8 @@ import yaml
 
 from twolevel_kfac.experiments.config import ExperimentConfig
 from twolevel_kfac.experiments.metrics import read_metrics
+from twolevel_kfac.experiments.provenance import describe_runs
+from twolevel_kfac.experiments.reference_curves import read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
 
@@ -151,6 +153,8 @@ def run_comparison(
         then covers the runs so far).
     """
     labels, seed_list = select(config, methods, seeds)
+    # read first: a missing reference file must not surface after hours of training
+    references = [read_reference(path, label) for label, path in config.report.references.items()]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump = config.model_dump(mode="json")
@@ -186,7 +190,15 @@ def run_comparison(
     title = config.report.title or config.problem.name
     notes = describe(config, labels, seed_list)
     outcome.results = results
-    outcome.report = write_report(results, out, title, notes, config.report.target_loss)
+    outcome.report = write_report(
+        results,
+        out,
+        title,
+        notes,
+        config.report.target_loss,
+        references=references,
+        provenance=describe_runs(out),
+    )
     outcome.table = markdown_table(results, config.report.target_loss)
     return outcome
 

@@ -193,6 +193,9 @@ class ReportSpec(_Strict):
     title: str | None = None
     target_loss: float | None = Field(default=None, gt=0.0)  # default: 1.1 × KFAC's final loss
     notes: str = ""
+    # label → CSV/JSON file of (epoch, loss), relative to the working directory, drawn
+    # beside the runs (experiments.reference_curves)
+    references: dict[str, str] = {}
 
 
 class ExperimentConfig(_Strict):

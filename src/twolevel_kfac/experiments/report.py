@@ -26,6 +26,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from twolevel_kfac.experiments.metrics import read_metrics
+from twolevel_kfac.experiments.reference_curves import ReferenceCurve
 
 __all__ = [
     "default_target",
@@ -221,9 +222,16 @@ def _band(runs: Sequence[Records], x_key: str, y_key: str) -> list[tuple[float, 
 
 
 def _plot(
-    results: Results, x_key: str, y_key: str, labels: tuple[str, str], path: Path, title: str
+    results: Results,
+    x_key: str,
+    y_key: str,
+    labels: tuple[str, str],
+    path: Path,
+    title: str,
+    references: Sequence[ReferenceCurve] = (),
 ) -> Path:
-    """Mean over seeds with a min–max band; log y for losses when all values are > 0.
+    """Mean over seeds with a min–max band; log y for losses when all values are > 0;
+    ``references`` as dashed black-and-grey lines.
 
     Loss axes stop at 3× the 95th percentile of the plotted means, so an early blow-up
     that a method recovers from does not flatten every other curve.
@@ -241,6 +249,11 @@ def _plot(
         if len(runs) > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         positive, means, low = positive and min(lo) > 0, means + mean, min([low, *lo])
+    for k, ref in enumerate(references):
+        style = ("--", ":", "-.")[k % 3]
+        ax.plot(ref.epochs, ref.losses, style, color="black", alpha=0.7, label=f"ref: {ref.label}")
+        positive = positive and min(ref.losses) > 0
+        means, low = means + list(ref.losses), min([low, *ref.losses])
     log = positive and "acc" not in y_key
     if log:
         ax.set_yscale("log")
@@ -258,13 +271,19 @@ def _plot(
     return path
 
 
-def plot_losses(results: Results, out_dir: str | Path, title: str = "") -> list[Path]:
+def plot_losses(
+    results: Results,
+    out_dir: str | Path,
+    title: str = "",
+    references: Sequence[ReferenceCurve] = (),
+) -> list[Path]:
     """Write ``loss_vs_epoch.png``, ``loss_vs_time.png`` and ``test_vs_epoch.png``.
 
     Args:
         results: ``method -> runs``.
         out_dir: Output directory (created if missing).
         title: Figure title.
+        references: Curves drawn beside the runs on the loss-vs-epoch plot.
 
     Returns:
         The PNG paths (no test plot without a held-out metric).
@@ -279,6 +298,7 @@ def plot_losses(results: Results, out_dir: str | Path, title: str = "") -> list[
             ("epoch", "training loss"),
             out / "loss_vs_epoch.png",
             title,
+            references,
         ),
         _plot(
             results,
@@ -304,6 +324,8 @@ def write_report(
     title: str = "Comparison",
     notes: str = "",
     target_loss: float | None = None,
+    references: Sequence[ReferenceCurve] = (),
+    provenance: str = "",
 ) -> Path:
     """Write ``report.md`` (table, notes, plots), the PNGs and ``summary.json``.
 
@@ -313,15 +335,22 @@ def write_report(
         title: Report heading and figure title.
         notes: Markdown placed under the table (set-up, hyper-parameters).
         target_loss: See ``summarize``.
+        references: Curves drawn beside the runs (loss vs epoch), listed with their files.
+        provenance: The runs' provenance paragraph (:func:`.provenance.describe`).
 
     Returns:
         Path of ``report.md``.
     """
     out = Path(out_dir)
-    pngs = plot_losses(results, out, title)
+    pngs = plot_losses(results, out, title, references)
     parts = [f"# {title}", "", markdown_table(results, target_loss), ""]
     if notes:
         parts += [notes.strip(), ""]
+    if references:
+        listed = ", ".join(f"{r.label} (`{r.source}`)" for r in references)
+        parts += [f"Reference curves (dashed, loss vs epoch): {listed}.", ""]
+    if provenance:
+        parts += [provenance, ""]
     parts += [f"![{p.stem}]({p.name})" for p in pngs]
     path = out / "report.md"
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")

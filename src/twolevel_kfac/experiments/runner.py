@@ -5,13 +5,14 @@
 
     opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); opt.step()
 
-and writes into ``run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` and
-``checkpoint.pt``. Determinism: the model is built after ``torch.manual_seed(seed)``, the
-data order of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``,
-KFAC's sampler has its own seeded generator, and a checkpoint holds everything else
-(model, optimizer state, global RNG states, the position in the epoch, the loss
-accumulators, the early-stopping state), so ``resume=True`` continues bit-identically
-on CPU.
+and writes into ``run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``checkpoint.pt`` and ``provenance.jsonl`` (commit, torch, threads, machine of every start
+and resume: :mod:`.provenance`). Determinism: the model is built after
+``torch.manual_seed(seed)``, the data order of epoch ``e`` is a permutation drawn from a
+generator seeded with ``(seed, e)``, KFAC's sampler has its own seeded generator, and a
+checkpoint holds everything else (model, optimizer state, global RNG states, the position
+in the epoch, the loss accumulators, the early-stopping state), so ``resume=True``
+continues bit-identically on CPU.
 
 Records (``metrics.jsonl``): ``event`` is ``"epoch"`` (end of an epoch: ``train_loss`` is
 the mean of its minibatch losses, held-out metrics, mean diagnostics), ``"step"`` (every
@@ -57,6 +58,7 @@ import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from twolevel_kfac.experiments import provenance
 from twolevel_kfac.experiments.checkpoint import (
     get_rng_state,
     keep_snapshot,
@@ -357,6 +359,7 @@ def train_run(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
         )
         keep_snapshot(config.problem, run_dir, loop.state.step, loop.model.state_dict())
+        provenance.record(run_dir, "resume" if resume else "start")
     if not resume:  # a good checkpoint from the start: a diverged run never saves NaN/Inf
         loop.save()
     writer_class = MetricsWriter if par.is_main else NullMetricsWriter

@@ -1,8 +1,9 @@
 """Re-render a comparison's report from its finished runs: ``tlkfac report DIR``.
 
 Reads ``DIR/<method>/seed<k>/metrics.jsonl`` (and ``DIR/compare.yaml`` for the method
-order, title, notes and target loss when present) and rewrites ``DIR/report.md``, the PNGs
-and ``DIR/summary.json``.
+order, title, notes, target loss and reference curves when present) and rewrites
+``DIR/report.md``, the PNGs and ``DIR/summary.json``, with the runs' provenance
+(``provenance.jsonl``) and any ``--reference [LABEL=]FILE`` curve drawn beside them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-loss", type=float, default=None, help="train loss for the time-to-target column"
     )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="[LABEL=]FILE",
+        help="a CSV or JSON (epoch, loss) curve drawn beside the runs (repeatable; "
+        "experiments/reference_curves.py lists the formats)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.comparison import describe
     from twolevel_kfac.experiments.config import load_config
+    from twolevel_kfac.experiments.provenance import describe_runs
+    from twolevel_kfac.experiments.reference_curves import parse_reference, read_reference
     from twolevel_kfac.experiments.report import load_runs, markdown_table, write_report
 
     root = Path(args.dir)
@@ -38,7 +49,13 @@ def run(args: argparse.Namespace) -> int:
         labels = [m for m in config.methods if m in results]
         notes = describe(config, labels, seeds or config.problem.seeds)
         target = target if target is not None else config.report.target_loss
-    path = write_report(results, root, title, notes, target)
+    references = [parse_reference(spec) for spec in args.reference]
+    if config is not None:
+        configured = config.report.references.items()
+        references = [read_reference(path, label) for label, path in configured] + references
+    path = write_report(
+        results, root, title, notes, target, references, provenance=describe_runs(root)
+    )
     print(markdown_table(results, target))
     print(f"report: {path}")
     return 0

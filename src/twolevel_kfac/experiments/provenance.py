@@ -1,0 +1,107 @@
+"""Where a result came from: the code's git commit (and whether the tree was dirty), the
+torch version, the thread count and the machine.
+
+Every start and every resume of a run appends one line to ``RUN_DIR/provenance.jsonl``
+(:func:`record`), so a run that several sessions or commits finished says so; a report
+sums up the lines of all its runs (:func:`describe`). The commit is that of the checkout
+the package is imported from (``git rev-parse HEAD`` there; ``unknown`` for an installed
+copy), and *dirty* means tracked files differed from it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FILE", "collect", "describe", "describe_runs", "read", "record"]
+
+FILE = "provenance.jsonl"
+_SOURCE = Path(__file__).resolve().parents[3]  # the checkout holding src/twolevel_kfac
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(_SOURCE), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def collect(event: str = "start") -> dict[str, Any]:
+    """The facts of this process that a result depends on."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "event": event,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit or "unknown",
+        "git_dirty": bool(status) if status is not None else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+    }
+
+
+def record(run_dir: str | Path, event: str) -> dict[str, Any]:
+    """Append :func:`collect` to ``run_dir/provenance.jsonl``; return it."""
+    entry = collect(event)
+    with (Path(run_dir) / FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def read(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The entries of ``run_dir/provenance.jsonl`` (none for runs made before it existed)."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _commit(entry: Mapping[str, Any]) -> str:
+    commit = str(entry.get("git_commit", "unknown"))
+    short = commit[:7] if commit != "unknown" else commit
+    return short + (" (dirty)" if entry.get("git_dirty") else "")
+
+
+def describe(entries: Iterable[Mapping[str, Any]], runs_without: int = 0) -> str:
+    """One markdown paragraph: the commits, torch versions, thread counts and machines the
+    entries name (each once, in order of appearance)."""
+    entries = list(entries)
+    if not entries:
+        return "Provenance: not recorded (runs made before provenance.jsonl existed)."
+
+    def distinct(key: Any) -> str:
+        return ", ".join(dict.fromkeys(str(key(e)) for e in entries))
+
+    text = (
+        f"Provenance ({len(entries)} starts and resumes): commit {distinct(_commit)}; "
+        f"torch {distinct(lambda e: e.get('torch'))}; "
+        f"{distinct(lambda e: e.get('threads'))} thread(s); "
+        f"machine {distinct(lambda e: e.get('machine'))}."
+    )
+    if runs_without:
+        text += f" {runs_without} run(s) have no provenance.jsonl (made before it existed)."
+    return text
+
+
+def describe_runs(root: str | Path) -> str:
+    """:func:`describe` of every run of a comparison directory (``<method>/seed<k>/``)."""
+    run_dirs = sorted(p.parent for p in Path(root).glob("*/seed*/metrics.jsonl"))
+    entries = [entry for run in run_dirs for entry in read(run)]
+    return describe(entries, runs_without=sum(1 for run in run_dirs if not read(run)))
