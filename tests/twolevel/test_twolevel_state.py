@@ -137,3 +137,22 @@ def test_a_state_without_the_fisher_batch_is_refused_where_it_is_read() -> None:
     other = tk.TwoLevelKFAC(model, lr=0.05, combination="adef2")
     with pytest.raises(ValueError, match=r"holds no Fisher mini-batch.*combination='adef2'"):
         other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "tselepidis"])
+def test_a_shape_only_basis_is_rebuilt_not_saved(space: str) -> None:
+    x, y = make_batch((6,), 3, 10, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = tk.TwoLevelKFAC(model, lr=0.05, coarse_space=space)
+    one_step(model, opt, x, y)
+    coarse = opt.state_dict()["preconditioner"]["coarse"]
+    assert coarse["basis"] is None and coarse["basis_rebuilt"] is True
+    other = tk.TwoLevelKFAC(model, lr=0.05, coarse_space=space)
+    other.load_state_dict(opt.state_dict())
+    pre, loaded = opt.preconditioner, other.preconditioner
+    assert isinstance(pre, tk.TwoLevelPreconditioner)
+    assert isinstance(loaded, tk.TwoLevelPreconditioner)
+    assert pre.basis is not None and loaded.basis is not None
+    for a, b in zip(pre.basis, loaded.basis, strict=True):
+        assert torch.equal(a, b)

@@ -39,10 +39,10 @@ from ..twolevel.global_fisher import (
     global_coarse_matrix,
     global_damped_fvp,
     global_tselepidis_matrix,
-    own_statistics,
 )
 from ..twolevel.parts import restrict_parts
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
+from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
 
 if TYPE_CHECKING:
@@ -288,6 +288,10 @@ class CoarseLevel:
             self.basis, self.coarse_matrix, self._operator = None, None, None
             self.coarse_updates, self._projections = 0, None
 
+    def install_operator(self, operator: CoarseOperator | None) -> None:
+        """Use ``operator`` as ``Q`` (a restored checkpoint's), dropping derived caches."""
+        self._operator, self._projections = operator, None
+
     @property
     def coarse_operator(self) -> CoarseOperator | None:
         """``Q = R₀ᵀ F_c⁻¹ R₀`` of the last step (``None`` before the first)."""
@@ -301,6 +305,12 @@ class CoarseLevel:
         (memory) and not saved (``state_dict`` the size of KFAC's)."""
         coarse = self.options
         return coarse.combination != "additive" or coarse.diagnostics or self._per_step_basis
+
+    @property
+    def structural_basis(self) -> bool:
+        """Whether the basis depends on the layer shapes alone (the Nicolaides vectors of
+        ``nicolaides`` and ``tselepidis``: all ones), so a checkpoint need not hold it."""
+        return self.options.coarse_space in ("nicolaides", "tselepidis")
 
     @property
     def _per_step_basis(self) -> bool:
@@ -339,58 +349,13 @@ class CoarseLevel:
 
     # ------------------------------------------------------------ bookkeeping
     def state_dict(self, distributed: bool) -> dict[str, Any]:
-        """The ``"coarse"`` entry of the preconditioner's state (``distributed``: every
-        rank's rows of the Fisher mini-batch are in its ``"ranks"`` instead)."""
-        return {
-            "fisher_stats": None if distributed else _stats_pairs(self.fisher_stats),
-            "basis": self.basis,
-            "fisher_samples": self.fisher_samples,
-            "coarse_matrix": self.coarse_matrix,
-            "coarse_updates": self.coarse_updates,
-            "names": self.names,
-        }
+        """The ``"coarse"`` entry of the preconditioner's state (:mod:`.coarse_state`)."""
+        return coarse_state(self, distributed)
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's part: its rows of the Fisher mini-batch."""
-        return {"fisher_stats": _stats_pairs(self.fisher_stats)}
+        return coarse_rank_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` from the preconditioner's ``state``.
-
-        Raises:
-            ValueError: if it has no ``"coarse"`` entry.
-        """
-        if "coarse" not in state:
-            raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
-        coarse = state["coarse"]
-        self.names = list(coarse.get("names", self.host.layers))
-        saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
-        per_rank = None
-        if None not in saved:
-            per_rank = [[LayerStats(a, g) for a, g in self._on_names(p)] for p in saved]
-        self.fisher_stats = own_statistics(per_rank, self.host.comm.rank, self.host.comm.world_size)
-        self.fisher_samples = coarse.get("fisher_samples")
-        if self.fisher_samples is None and per_rank is not None:  # a state from before it
-            self.fisher_samples = sum(check_stats(stats) for stats in per_rank)
-        self.basis = None if coarse["basis"] is None else self._on_names(coarse["basis"])
-        self.coarse_matrix = self.host.placed(self.names[0], coarse["coarse_matrix"])
-        self.coarse_updates = int(coarse["coarse_updates"])
-        self._operator = None
-        if self.basis is not None and self.coarse_matrix is not None:
-            self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
-        if self._operator is not None and self.reads_statistics and self.fisher_stats is None:
-            raise ValueError(
-                f"this two-level state holds no Fisher mini-batch (it was saved with "
-                f"combination='additive' and the consistent refresh, which need none), but "
-                f"combination={self.options.combination!r}, coarse_refresh="
-                f"{self.options.coarse_refresh!r}, diagnostics={self.options.diagnostics} "
-                "reads it at every step: resume with the options it was saved with"
-            )
-
-    def _on_names(self, trees: list[Any]) -> list[Any]:
-        """Saved per-layer state of the coarse level's layers, each on its layer's device."""
-        return [self.host.placed(n, t) for n, t in zip(self.names, trees, strict=True)]
-
-
-def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:
-    return None if stats is None else [(s.a, s.g) for s in stats]
+        """Restore :meth:`state_dict` from the preconditioner's ``state``."""
+        load_coarse_state(self, state)

@@ -1,0 +1,93 @@
+"""The checkpoint state of a two-level coarse level (:class:`~.coarse.CoarseLevel`): what
+its ``state_dict`` saves and ``load_state_dict`` restores.
+
+Saved: the layers it spans, ``F_c`` (and how many estimates the faithful schedule has
+averaged), the basis unless it depends on the layer shapes alone (Nicolaides vectors:
+rebuilt on load), ``N`` of the Fisher mini-batch, and that mini-batch's rows only where a
+step between refreshes reads them (:attr:`~.coarse.CoarseLevel.reads_statistics`; under
+``torch.distributed`` every rank's rows go into the preconditioner's ``"ranks"``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..curvature.blocks import LayerStats
+from ..twolevel.coarse_matrix import CoarseOperator
+from ..twolevel.fisher_products import check_stats
+from ..twolevel.global_fisher import own_statistics
+
+if TYPE_CHECKING:
+    from .coarse import CoarseLevel
+
+__all__ = ["coarse_rank_state", "coarse_state", "load_coarse_state"]
+
+
+def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:
+    return None if stats is None else [(s.a, s.g) for s in stats]
+
+
+def _on_names(level: CoarseLevel, trees: list[Any]) -> list[Any]:
+    """Saved per-layer state of the level's layers, each on its layer's device."""
+    return [level.host.placed(n, t) for n, t in zip(level.names, trees, strict=True)]
+
+
+def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
+    """The ``"coarse"`` entry of the preconditioner's state (``distributed``: every rank's
+    rows of the Fisher mini-batch are in its ``"ranks"`` instead)."""
+    structural = level.structural_basis
+    return {
+        "fisher_stats": None if distributed else _stats_pairs(level.fisher_stats),
+        "basis": None if structural else level.basis,
+        "basis_rebuilt": structural and level.basis is not None,
+        "fisher_samples": level.fisher_samples,
+        "coarse_matrix": level.coarse_matrix,
+        "coarse_updates": level.coarse_updates,
+        "names": level.names,
+    }
+
+
+def coarse_rank_state(level: CoarseLevel) -> dict[str, Any]:
+    """This rank's part: its rows of the Fisher mini-batch."""
+    return {"fisher_stats": _stats_pairs(level.fisher_stats)}
+
+
+def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
+    """Restore :func:`coarse_state` from the preconditioner's ``state``.
+
+    Raises:
+        ValueError: if it has no ``"coarse"`` entry, or holds no Fisher mini-batch where
+            the level's options read one between refreshes.
+    """
+    if "coarse" not in state:
+        raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
+    coarse, comm = state["coarse"], level.host.comm
+    level.names = list(coarse.get("names", level.host.layers))
+    saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
+    per_rank = None
+    if None not in saved:
+        per_rank = [[LayerStats(a, g) for a, g in _on_names(level, p)] for p in saved]
+    level.fisher_stats = own_statistics(per_rank, comm.rank, comm.world_size)
+    level.fisher_samples = coarse.get("fisher_samples")
+    if level.fisher_samples is None and per_rank is not None:  # a state from before it
+        level.fisher_samples = sum(check_stats(stats) for stats in per_rank)
+    level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
+    if coarse.get("basis_rebuilt"):
+        level.basis = level.build_basis(None)
+    level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])
+    level.coarse_updates = int(coarse["coarse_updates"])
+    operator = None
+    if level.basis is not None and level.coarse_matrix is not None:
+        operator = CoarseOperator.from_matrix(level.basis, level.coarse_matrix)
+    level.install_operator(operator)
+    if operator is not None and level.reads_statistics and level.fisher_stats is None:
+        options = level.options
+        raise ValueError(
+            f"this two-level state holds no Fisher mini-batch (it was saved with "
+            f"combination='additive' and the consistent refresh, which need none), but "
+            f"combination={options.combination!r}, coarse_refresh="
+            f"{options.coarse_refresh!r}, diagnostics={options.diagnostics} "
+            "reads it at every step: resume with the options it was saved with"
+        )
