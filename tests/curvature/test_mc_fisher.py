@@ -3,12 +3,16 @@ model's predictive distribution (statistical tolerances, fixed seeds; curvlinops
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import twolevel_kfac as tk
 from oracles import exact_kfac_factors, tiny_mlp
+from twolevel_kfac.curvature.likelihoods import mean_scale
 
 SAMPLES = 3000
 
@@ -51,41 +55,99 @@ def test_mc_uses_sampled_not_true_targets(float64: None) -> None:
     assert not torch.allclose(factors["mc"], factors["empirical"])
 
 
-@pytest.mark.parametrize("damping_mode", ["pi", "eigen_sum"])
-def test_mean_reduction_is_the_sum_reduction_rescaled(float64: None, damping_mode: str) -> None:
-    """``loss_reduction="mean"`` (the loss averaged over the ``D`` output features as well,
-    torch's default ``MSELoss``): the MC Fisher's ``G`` is ``1/D²`` of ``sum``'s for the same
-    samples, and ``mean`` with ``λ/D²`` and ``lr/D`` takes ``sum``'s steps with ``λ`` and ``lr``
-    (gradient ``g/D``, direction ``D·d``: the KL clip's ``⟨d, g⟩`` is unchanged)."""
-    import copy
+TORCH_MEAN = {  # torch's default (mean) loss of each likelihood, and the summed NLL
+    "gaussian": (F.mse_loss, lambda f, y: 0.5 * (f - y).square().sum(1).mean()),
+    "bernoulli": (
+        F.binary_cross_entropy_with_logits,
+        lambda f, y: F.binary_cross_entropy_with_logits(f, y, reduction="none").sum(1).mean(),
+    ),
+}
 
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize("damping_mode", ["pi", "eigen_sum"])
+def test_mean_reduction_is_the_sum_reduction_rescaled(
+    float64: None, damping_mode: str, likelihood: str
+) -> None:
+    """``loss_reduction="mean"`` with torch's default loss (``MSELoss()``,
+    ``BCEWithLogitsLoss()``: ``s`` times the summed NLL, ``s = 2/D``, ``1/D``): the MC
+    Fisher's ``G`` is ``s²`` times ``sum``'s for the same samples, and ``mean`` with
+    ``s²λ`` and ``s·lr`` takes ``sum``'s steps with ``λ`` and ``lr`` (gradient ``s·g``,
+    direction ``d/s``: the KL clip's ``⟨d, g⟩`` is unchanged)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 6))
     x = torch.rand(10, 6)
     d, lr, damping = 6, 0.2, 1e-2
+    s = mean_scale(likelihood, d)
+    assert s == (2 / d if likelihood == "gaussian" else 1 / d)
     runs = []
     for reduction in ("sum", "mean"):
         model = copy.deepcopy(base)
-        scale = d if reduction == "mean" else 1
+        scale = s if reduction == "mean" else 1.0
         opt = tk.KFAC(
             model,
-            lr=lr / scale,
-            damping=damping / scale**2,
+            lr=lr * scale,
+            damping=damping * scale**2,
             damping_mode=damping_mode,
-            likelihood="gaussian",
+            likelihood=likelihood,
             loss_reduction=reduction,
             kl_clip=1e-3,
         )
+        torch_mean, summed = TORCH_MEAN[likelihood]
         for _ in range(3):
             opt.zero_grad()
-            per_feature = 0.5 * (model(x) - x).square()
-            loss = per_feature.mean() if reduction == "mean" else per_feature.sum(1).mean()
+            out = model(x)
+            loss = torch_mean(out, x) if reduction == "mean" else summed(out, x)
             loss.backward()
             opt.step()
         runs.append((model, opt))
     (sum_model, sum_opt), (mean_model, mean_opt) = runs
     for name, f in sum_opt.preconditioner.factors.items():
         g_mean = mean_opt.preconditioner.factors[name].G
-        torch.testing.assert_close(g_mean * d**2, f.G, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g_mean / s**2, f.G, rtol=1e-10, atol=1e-14)
     for p, q in zip(sum_model.parameters(), mean_model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_mean_mc_fisher_is_the_fisher_of_torchs_default_loss(
+    float64: None, likelihood: str
+) -> None:
+    """The dense oracle: the exact Fisher of torch's default loss per sample,
+    ``(1/N) Σ_n J_nᵀ H_n J_n`` with ``H_n`` the expected outer product of its sampled
+    gradients (``s²`` times the NLL's), is what the MC ``G`` of ``mean`` converges to."""
+    model = tiny_mlp()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    pre = tk.KFACPreconditioner(
+        model, likelihood=likelihood, loss_reduction="mean", ema_decay=0.9999, seed=1
+    )
+    for _ in range(SAMPLES):
+        (model(x).sum() * 0).backward()
+        pre.step()
+        model.zero_grad()
+    name = list(pre.layers)[-1]
+    _, g_nll = exact_kfac_factors(model, x, name, likelihood)
+    features = model(x).shape[1]
+    g_exact = mean_scale(likelihood, features) ** 2 * g_nll
+    g_mc = pre.factors[name].G
+    assert g_mc is not None
+    scale = g_exact.abs().max()
+    torch.testing.assert_close(g_mc / scale, g_exact / scale, rtol=1e-1, atol=1.5e-2)
+
+
+def test_a_classifier_is_the_same_under_both_reductions(float64: None) -> None:
+    """``CrossEntropyLoss()`` has one term per sample: ``mean`` is ``sum``, bit for bit."""
+    params = []
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        model = tiny_mlp()
+        opt = tk.KFAC(model, lr=0.1, loss_reduction=reduction, seed=2)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        y = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params, strict=True):
+        assert torch.equal(a, b)

@@ -8,10 +8,12 @@ per-sample negative log-likelihood ``ℓ_n(y) = −log p(y | f_n)`` of the netwo
 * ``categorical``: ``f`` are logits ``[N, C]``; ``y ~ Cat(softmax(f))``; ``ℓ = CE(f, y)``.
 * ``bernoulli``: ``f`` are logits ``[N, ...]``; ``y ~ Bernoulli(σ(f))`` elementwise;
   ``ℓ = Σ_k BCE(σ(f_k), y_k)`` (summed over output features).
-* ``gaussian``: ``f`` are means ``[N, ...]``; ``y ~ N(f, I)``; ``ℓ = ½‖y − f‖²``.
+* ``gaussian``: ``f`` are means ``[N, ...]``; ``y ~ N(f, I)``; ``ℓ = ½‖y − f‖²`` (so
+  ``0.5 * F.mse_loss(f, y, reduction="sum") / N`` is the matching training loss).
 
 The matching training losses take the *mean over samples* of these per-sample losses
-(sum over output features): e.g. ``BCEWithLogits(reduction="sum") / N``.
+(sum over output features): e.g. ``BCEWithLogits(reduction="sum") / N``; with
+``loss_reduction="mean"`` they are torch's defaults instead (:func:`mean_scale`).
 
 Targets are drawn on the generator's device (the optimizers' sampler is a CPU generator,
 whose state a checkpoint restores on any machine) and then moved to the output's: for a
@@ -92,20 +94,37 @@ LossReduction = Literal["sum", "mean"]
 LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
 
 
+def mean_scale(likelihood: str, features: int) -> float:
+    """``s`` with ``ℓ_mean = s · ℓ_sum`` per sample, ``D = features`` output features:
+    torch's default reductions against the summed negative log-likelihood.
+
+    * ``bernoulli``: ``BCEWithLogitsLoss()`` averages ``Σ_k BCE_k`` over ``D``: ``s = 1/D``;
+    * ``gaussian``: ``MSELoss()`` is ``(1/D) Σ_k (y_k − f_k)²``, against ``½‖y − f‖²``:
+      ``s = 2/D``;
+    * ``categorical``: ``CrossEntropyLoss()`` has one term per sample: ``s = 1``.
+
+    The Fisher of the ``mean`` loss is ``s²`` times the ``sum`` loss's.
+    """
+    if likelihood == "bernoulli":
+        return 1.0 / features
+    if likelihood == "gaussian":
+        return 2.0 / features
+    return 1.0
+
+
 def sampled_nll(
     output: Tensor,
     likelihood: str,
     generator: torch.Generator | None,
     reduction: str = "sum",
 ) -> Tensor:
-    """The negative log-likelihood of targets sampled from the model itself, summed over
-    the samples; each sample's loss summed over its output features (``reduction="sum"``)
-    or averaged over them (``"mean"``: ``ℓ_n = (1/D) Σ_k ℓ_nk``, torch's default
-    ``MSELoss()`` / ``BCEWithLogitsLoss()`` per sample, whose Fisher is ``1/D²`` of the
-    sum's)."""
+    """The per-sample loss of targets sampled from the model itself, summed over the
+    samples: the negative log-likelihood (``reduction="sum"``), or torch's default loss of
+    the likelihood per sample (``"mean"``: ``MSELoss()``, ``BCEWithLogitsLoss()``,
+    ``CrossEntropyLoss()``; :func:`mean_scale` times the NLL)."""
     loss = summed_nll(output, sample_targets(output, likelihood, generator), likelihood)
-    if reduction == "mean" and likelihood != "categorical":
-        loss = loss / output[0].numel()
+    if reduction == "mean":
+        loss = loss * mean_scale(likelihood, output[0].numel())
     return loss
 
 

@@ -122,14 +122,17 @@ class CurvatureOptions:
         damping_mode: ``per_factor`` | ``pi`` | ``eigen_sum`` (see :mod:`..curvature.kronecker`).
         fisher: ``mc`` (sampled targets, the true Fisher) | ``empirical`` (the batch targets).
         likelihood: what ``mc`` samples from: ``categorical`` | ``bernoulli`` | ``gaussian``.
-        loss_reduction: how the training loss reduces each sample's output features:
-            ``sum`` (``F.mse_loss(out, y, reduction="sum") / N``) | ``mean`` (torch's
-            default ``nn.MSELoss()``, ``nn.BCEWithLogitsLoss()``: a mean over features as
-            well as samples). The MC Fisher is that of the loss as written (``mean``: ``G``
-            is ``1/D²`` of ``sum``'s, ``D`` the features per sample); the empirical Fisher
-            reads the loss's own gradients either way. ``mean`` with ``λ/D²`` and ``lr/D``
-            takes the steps of ``sum`` with ``λ`` and ``lr`` (``pi`` and ``eigen_sum``
-            damping, the paper's KL clip).
+        loss_reduction: the training loss per sample: ``sum``, the negative
+            log-likelihood summed over the output features (``BCEWithLogitsLoss(
+            reduction="sum") / N``, ``0.5 * F.mse_loss(out, y, reduction="sum") / N``) |
+            ``mean``, torch's defaults (``nn.BCEWithLogitsLoss()``, ``nn.MSELoss()``,
+            ``nn.CrossEntropyLoss()``): ``s`` times ``sum``'s, ``s = 1/D`` (Bernoulli),
+            ``2/D`` (Gaussian), ``1`` (categorical), ``D`` the features per sample
+            (:func:`~twolevel_kfac.curvature.likelihoods.mean_scale`). The MC Fisher is that
+            of the loss as written (``mean``: ``G`` is ``s²`` times ``sum``'s); the
+            empirical Fisher reads the loss's own gradients either way. ``mean`` with
+            ``s²λ`` and ``s·lr`` takes the steps of ``sum`` with ``λ`` and ``lr`` (``pi``
+            and ``eigen_sum`` damping, the paper's KL clip).
         fisher_batch: fraction of the batch used for curvature statistics (paper: 0.25).
         ema_decay: cap of the running-average weight ρ = min(1 − 1/k, ema_decay).
         cov_interval: T_cov, refresh the factors every this many steps.
