@@ -192,9 +192,10 @@ def test_resume_with_another_config_exit_2(
 ) -> None:
     out = tmp_path / "run"
     assert main(["run", SMOKE_RUN, "--out", str(out), "--quiet", "--max-steps", "1"]) == 0
-    other = _write(tmp_path, "o.yaml", Path(SMOKE_RUN).read_text().replace("lr: 0.1", "lr: 0.2"))
+    text = Path(SMOKE_RUN).read_text().replace("kl_clip: 1.0e-2", "kl_clip: 2.0e-2")
+    other = _write(tmp_path, "o.yaml", text)
     assert main(["run", other, "--out", str(out), "--quiet", "--resume"]) == 2
-    assert "methods.kfac.lr: 0.1 → 0.2" in capsys.readouterr().err
+    assert "methods.kfac.kl_clip: 0.01 → 0.02" in capsys.readouterr().err
     assert main(["run", SMOKE_RUN, "--out", str(out), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

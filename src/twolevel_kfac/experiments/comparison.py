@@ -106,7 +106,8 @@ def describe(config: ExperimentConfig, labels: Sequence[str], seeds: Sequence[in
         f"{p.name}: model `{p.model.name}`"
         + (f" {p.model.kwargs}" if p.model.kwargs else "")
         + f", data `{ds.name}` ({sizes}), "
-        f"loss `{p.loss}`, batch {p.batch_size}, {p.epochs} epochs, seeds {list(seeds)}"
+        f"loss `{p.loss}` ({REDUCTION_TEXT[p.loss_reduction]}), batch {p.batch_size}, "
+        f"{p.epochs} epochs, seeds {list(seeds)}"
         + (f", early stopping patience {p.early_stopping.patience}" if p.early_stopping else "")
         + ".",
         "",
@@ -121,6 +122,12 @@ def describe(config: ExperimentConfig, labels: Sequence[str], seeds: Sequence[in
     if config.report.notes:
         lines += ["", config.report.notes.strip()]
     return "\n".join(lines)
+
+
+REDUCTION_TEXT = {
+    "sum": "per sample summed over output features, batch mean",
+    "mean": "torch's default: mean over output features and batch, the authors' convention",
+}
 
 
 def run_comparison(

@@ -135,6 +135,10 @@ class ProblemSpec(_Strict):
     model: ModelSpec
     dataset: DatasetSpec
     loss: Literal["bce", "mse", "cross_entropy"]
+    # sum: the NLL summed over output features, batch mean (experiments.losses); mean:
+    # torch's defaults (BCEWithLogitsLoss(), MSELoss()), the authors' convention. KFAC-family
+    # methods get the same loss_reduction, so their MC Fisher is that of this loss.
+    loss_reduction: Literal["sum", "mean"] = "sum"
     batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
     eval_batch_size: int = Field(default=2048, gt=0)
@@ -284,6 +288,7 @@ class ExperimentConfig(_Strict):
         base: dict[str, Any] = {"weight_decay": d.weight_decay}
         if kind in KFAC_FAMILY:
             base |= {"momentum": d.momentum, "likelihood": LIKELIHOODS[self.problem.loss]}
+            base |= {"loss_reduction": self.problem.loss_reduction}
             base |= {"seed": seed, **d.kfac}
             if kind in TWO_LEVEL_METHODS:
                 base |= d.twolevel

@@ -23,7 +23,16 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LIKELIHOODS", "LOSSES", "LossFn", "bce_logits_loss", "cross_entropy", "mse_loss"]
+__all__ = [
+    "LIKELIHOODS",
+    "LOSSES",
+    "MEAN_LOSSES",
+    "LossFn",
+    "bce_logits_loss",
+    "cross_entropy",
+    "loss_function",
+    "mse_loss",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -73,6 +82,32 @@ LOSSES: dict[str, LossFn] = {
     "mse": mse_loss,
     "cross_entropy": cross_entropy,
 }
+
+MEAN_LOSSES: dict[str, LossFn] = {
+    "bce": F.binary_cross_entropy_with_logits,
+    "mse": F.mse_loss,
+    "cross_entropy": cross_entropy,
+}
+"""torch's default reductions (``problem.loss_reduction: mean``, the authors' convention):
+a mean over the output features as well as the batch, ``s`` times :data:`LOSSES`' per
+sample (``1/D`` for ``bce``, ``2/D`` for ``mse``: ``MSELoss`` has no ½; 1 for
+``cross_entropy``; :func:`twolevel_kfac.curvature.likelihoods.mean_scale`)."""
+
+
+def loss_function(name: str, reduction: str = "sum") -> LossFn:
+    """The loss ``name`` in the convention ``reduction`` (``sum`` | ``mean``).
+
+    Raises:
+        ValueError: An unknown loss or reduction.
+    """
+    table = {"sum": LOSSES, "mean": MEAN_LOSSES}.get(reduction)
+    if table is None or name not in table:
+        raise ValueError(
+            f"unknown loss {name!r} / reduction {reduction!r}; allowed: {list(LOSSES)} "
+            "with 'sum' or 'mean'"
+        )
+    return table[name]
+
 
 # Loss name -> the likelihood whose NLL it is (what KFAC's "mc" Fisher samples from).
 LIKELIHOODS: dict[str, str] = {

@@ -70,7 +70,7 @@ from twolevel_kfac.experiments.config import ExperimentConfig
 from twolevel_kfac.experiments.device import resolve_device
 from twolevel_kfac.experiments.guarded_step import guarded_step
 from twolevel_kfac.experiments.interrupt import interrupt_flag
-from twolevel_kfac.experiments.losses import LOSSES
+from twolevel_kfac.experiments.losses import loss_function
 from twolevel_kfac.experiments.metrics import MetricsWriter, NullMetricsWriter, read_metrics
 from twolevel_kfac.experiments.models import build_model
 from twolevel_kfac.experiments.optimizers import make_optimizer
@@ -111,7 +111,7 @@ class _Loop:
         self.net = self.par.wrap(self.model)  # what trains: DDP around the model, or itself
         kind, kwargs = config.method_kwargs(self.label, self.seed)
         self.optimizer = make_optimizer(kind, self.net, **kwargs)
-        self.loss_fn = LOSSES[self.problem.loss]
+        self.loss_fn = loss_function(self.problem.loss, self.problem.loss_reduction)
         self.state = LoopState()
         n = len(data.train[0])
         self.par.check_split(n, self.problem.batch_size)

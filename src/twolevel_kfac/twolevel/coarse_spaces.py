@@ -87,10 +87,11 @@ def nicolaides(
         device: device of the basis.
 
     Returns:
-        A basis with ``k_i = 1``.
+        A basis with ``k_i = 1`` (all ones: ``‖1‖_∞ = 1``, so already normalised; no
+        data-dependent operation, so it can be built on any device).
     """
     dev = torch.device(device) if isinstance(device, str) else device
-    return _stack_normalized(_ones(shapes, dtype, dev))
+    return [ones.unsqueeze(0) for ones in _ones(shapes, dtype, dev)]
 
 
 def _pick(eigvals: Tensor, which: str) -> int:
