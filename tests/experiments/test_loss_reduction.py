@@ -42,12 +42,14 @@ def test_the_kfac_family_gets_the_problems_reduction() -> None:
 
 
 def test_a_mean_run_takes_the_sum_runs_steps(tmp_path: Path) -> None:
-    """Smoke run (BCE, D = 784, pi damping, KL clip): ``mean`` with lr·s, λ·s² against
-    ``sum`` with lr, λ; losses differ by the factor ``s = 1/784``, parameters agree."""
+    """Smoke run (BCE, D = 784, pi damping, KL clip): ``mean`` with lr·s, λ·s², η against
+    ``sum`` with lr, λ, s·η; losses differ by the factor ``s = 1/784``, parameters agree."""
     mean = load_config(SMOKE_RUN)
     raw = copy.deepcopy(mean.model_dump(mode="json"))
     raw["problem"]["loss_reduction"] = "sum"
     raw["methods"]["kfac"].update(lr=0.1, damping=0.1)
+    # weight decay is added after preconditioning: lr_m·η_m = lr_s·η_s, so η_s = s·η_m
+    raw["defaults"]["weight_decay"] = mean.defaults.weight_decay / 784
     total = parse_config(raw)
     runs = {}
     for name, config in (("mean", mean), ("sum", total)):
@@ -60,5 +62,5 @@ def test_a_mean_run_takes_the_sum_runs_steps(tmp_path: Path) -> None:
         assert m * 784 == pytest.approx(s, rel=1e-4)
     params = {k: torch.load(tmp_path / k / "checkpoint.pt", weights_only=False)["model"]
               for k in runs}  # fmt: skip
-    for key, value in params["sum"].items():  # float32: the factors of mean are 784² smaller
-        torch.testing.assert_close(params["mean"][key], value, rtol=2e-3, atol=5e-5)
+    for key, value in params["sum"].items():
+        torch.testing.assert_close(params["mean"][key], value, rtol=1e-4, atol=1e-6)

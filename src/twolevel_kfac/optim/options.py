@@ -131,8 +131,9 @@ class CurvatureOptions:
             (:func:`~twolevel_kfac.curvature.likelihoods.mean_scale`). The MC Fisher is that
             of the loss as written (``mean``: ``G`` is ``s²`` times ``sum``'s); the
             empirical Fisher reads the loss's own gradients either way. ``mean`` with
-            ``s²λ`` and ``s·lr`` takes the steps of ``sum`` with ``λ`` and ``lr`` (``pi``
-            and ``eigen_sum`` damping, the paper's KL clip).
+            ``s²λ``, ``s·lr`` and weight decay ``η`` takes the steps of ``sum`` with ``λ``,
+            ``lr`` and ``s·η`` (``pi`` and ``eigen_sum`` damping, the paper's KL clip;
+            weight decay is added after preconditioning).
         fisher_batch: fraction of the batch used for curvature statistics (paper: 0.25).
         ema_decay: cap of the running-average weight ρ = min(1 − 1/k, ema_decay).
         cov_interval: T_cov, refresh the factors every this many steps.
