@@ -82,6 +82,7 @@ def test_paper_configs_follow_the_paper(name: str) -> None:
     assert config.problem.early_stopping is not None
     assert config.problem.early_stopping.patience == 10
     assert config.problem.dataset.val_fraction == 0.2
+    assert config.problem.loss_reduction == "mean"  # the authors' losses (torch's defaults)
     for label in config.methods:
         kind, kwargs = config.method_kwargs(label, 0)
         assert kwargs["weight_decay"] == 1e-3
@@ -98,7 +99,10 @@ def test_paper_curves_values() -> None:
     config = load_config(CONFIGS / "paper" / "curves.yaml")
     assert config.problem.batch_size == 256 and config.problem.epochs == 500
     kfac = config.method_kwargs("kfac", 0)[1]
-    assert (kfac["lr"], kfac["damping"], kfac["kl_clip"]) == (1e-3, 1e-3, 1e-2)
+    # the authors' KFAC adds √λ to each factor, their two-level fine step λ (config header)
+    assert (kfac["lr"], kfac["damping"], kfac["kl_clip"]) == (1e-3, 0.03162, 1e-2)
+    assert config.method_kwargs("nico", 0)[1]["damping"] == 1e-3
+    assert kfac["loss_reduction"] == "mean" and config.problem.loss_reduction == "mean"
     kry = config.method_kwargs("kry_nico", 0)[1]
     assert (kry["lr"], kry["damping"]) == (1e-2, 1e-2)
     assert config.method_kwargs("sgd", 0)[1]["lr"] == 1e-2
