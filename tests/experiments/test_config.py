@@ -69,6 +69,8 @@ def test_expected_config_files_exist() -> None:
         assert (CONFIGS / "cpu" / f"{name}.yaml").is_file()
     for path in ("demo.yaml", "smoke/run.yaml", "smoke/compare.yaml"):
         assert (CONFIGS / path).is_file()
+    for path in ("paper_cpu/mnist.yaml", "paper_cpu/curves.yaml"):
+        assert (CONFIGS / path).is_file()
 
 
 @pytest.mark.parametrize(
@@ -249,3 +251,28 @@ def test_allowed_arguments_cover_the_optimizers() -> None:
     data["defaults"] = {"kfac": {"lr": 0.5}}
     config = parse_config(data)
     assert isinstance(config, ExperimentConfig) and config.methods == {"kfac": {}}
+
+
+def test_a_method_can_run_fewer_seeds(tmp_path: Path) -> None:
+    """``methods.<label>.seeds``: a comparison runs that method with those seeds only."""
+    from twolevel_kfac.experiments.comparison import run_comparison
+
+    raw = _minimal(kfac={"lr": 0.1}, sgd={"lr": 0.1, "seeds": [1]})
+    raw["problem"] |= {
+        "seeds": [0, 1],
+        "model": {"name": "curves_autoencoder"},
+        "dataset": {"name": "curves", "n_train": 64, "n_test": 16},
+        "loss": "bce",
+        "epochs": 1,
+    }
+    config = parse_config(raw)
+    assert config.method_seeds("kfac") == [0, 1] and config.method_seeds("sgd") == [1]
+    assert "seeds" not in config.method_kwargs("sgd", 1)[1]
+    outcome = run_comparison(config, tmp_path, progress=False, log=lambda _: None)
+    done = sorted(str(p.relative_to(tmp_path).parent) for p in tmp_path.glob("*/*/metrics.jsonl"))
+    assert done == ["kfac/seed0", "kfac/seed1", "sgd/seed1"]
+    assert outcome.report is not None
+    for bad in ([5], [], "0"):
+        raw["methods"]["sgd"]["seeds"] = bad
+        with pytest.raises(ValueError, match=r"methods\.sgd\.seeds must be a non-empty list"):
+            parse_config(raw)

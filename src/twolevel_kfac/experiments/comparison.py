@@ -169,8 +169,9 @@ def run_comparison(
     (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
     data = load_data(config.problem, data_dir)
     outcome = ComparisonResult({}, None, "")
-    total = len(labels) * len(seed_list)
-    for i, (label, seed) in enumerate(((m, s) for m in labels for s in seed_list), 1):
+    pairs = [(m, s) for m in labels for s in seed_list if s in config.method_seeds(m)]
+    total = len(pairs)
+    for i, (label, seed) in enumerate(pairs, 1):
         run_dir = out / label / f"seed{seed}"
         log(f"[{i}/{total}] {label} seed {seed} → {run_dir}")
         result = run_one(

@@ -233,8 +233,9 @@ class ExperimentConfig(_Strict):
                     f"methods.{label}: unknown optimizer {kind!r}{_hint(str(kind), METHODS)}; "
                     f"allowed: {list(METHODS)} (or set 'optimizer:' in the entry)"
                 )
-            keys = allowed_arguments(kind) | {"optimizer"}
+            keys = allowed_arguments(kind) | {"optimizer", "seeds"}
             _check_keys(f"methods.{label}", entry, keys)
+            self._check_seeds(label)
             self._check_likelihood(label, kind)
             self._dry_build(label)
         for label in self.tune.methods or []:
@@ -255,6 +256,23 @@ class ExperimentConfig(_Strict):
                 f"{self.problem.loss!r} (its likelihood is {wanted!r}); drop the key or set "
                 f"likelihood: {wanted}"
             )
+
+    def _check_seeds(self, label: str) -> None:
+        """A method's own ``seeds`` must be a non-empty subset of ``problem.seeds``."""
+        seeds = self.methods[label].get("seeds")
+        if seeds is None:
+            return
+        ok = isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)
+        if not ok or not set(seeds) <= set(self.problem.seeds):
+            raise ValueError(
+                f"methods.{label}.seeds must be a non-empty list of problem.seeds "
+                f"{self.problem.seeds}; got {seeds!r}"
+            )
+
+    def method_seeds(self, label: str) -> list[int]:
+        """The seeds a comparison runs ``label`` with: its own ``seeds`` entry (e.g. one
+        seed for the variants of a long comparison), else ``problem.seeds``."""
+        return list(self.methods[label].get("seeds") or self.problem.seeds)
 
     def _dry_build(self, label: str) -> None:
         """Build the method's optimizer on a toy model: checks every argument value."""
@@ -284,6 +302,7 @@ class ExperimentConfig(_Strict):
         """
         entry = dict(self.methods[label])
         kind = str(entry.pop("optimizer", label))
+        entry.pop("seeds", None)
         d = self.defaults
         base: dict[str, Any] = {"weight_decay": d.weight_decay}
         if kind in KFAC_FAMILY:
