@@ -8,7 +8,9 @@ the layer shapes. Expected from the floor: the ratio falls with the batch (fixed
 preconditioner and decomposition work over a growing forward+backward), rises with the
 width (d³ decompositions against d² forward work) and stays flat with the depth.
 
-``--quick``: base batch 64, width 128, depth 2, two points per sweep, T = 4.
+Widths 256 … 4096 and depths 4 … 64 (the fast-defaults issue); points slower than
+:data:`SLOW_GFLOP` run one round. ``--quick``: base batch 64, width 128, depth 2, two points
+per sweep, T = 4.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ BASE = {"batch": 256, "width": 512, "depth": 4}
 QUICK_BASE = {"batch": 64, "width": 128, "depth": 2}
 SWEEPS = {
     "batch": (32, 64, 128, 256, 512, 1024),
-    "width": (128, 256, 512, 1024, 2048),
-    "depth": (2, 4, 8, 16),
+    "width": (256, 512, 1024, 2048, 4096),
+    "depth": (4, 8, 16, 32, 64),
 }
+SLOW_GFLOP = 100.0
+"""Points whose KFAC floor exceeds this many GFLOP per step (widths 2048 and 4096: 1.7 s and
+12 s per step on two cores) run one round of one block, not the others' repeats."""
 QUICK_SWEEPS = {"batch": (32, 64), "width": (64, 128), "depth": (1, 2)}
 MIN_BLOCK, QUICK_MIN_BLOCK = 20, 4
 
@@ -61,12 +66,12 @@ def measure(options: BenchOptions) -> dict[str, Any]:
         points = []
         for value in values:
             problem = mlp_problem(**{**base, quantity: value})
-            if problem.name not in done:
-                options.log(f"[{NAME}] {quantity} = {value}")
-                done[problem.name] = compare(
-                    problem, interval, specs, repeats, min_block, options.log
-                )
             shapes = layer_shapes(problem.build_model(), problem.input_shape)
+            if problem.name not in done:
+                slow = method_floor(kfac, problem, shapes).step(interval) / 1e9 > SLOW_GFLOP
+                rounds, block = (1, interval) if slow else (repeats, min_block)
+                options.log(f"[{NAME}] {quantity} = {value}" + (" (one round)" if slow else ""))
+                done[problem.name] = compare(problem, interval, specs, rounds, block, options.log)
             points.append(
                 {
                     "value": value,
