@@ -98,3 +98,22 @@ def test_bad_reference_files_are_named(tmp_path: Path, name: str, text: str, mes
 def test_a_missing_reference_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"reference curve .*nope\.csv does not exist"):
         read_reference(tmp_path / "nope.csv")
+
+
+def test_epoch_table_puts_references_beside_the_runs() -> None:
+    from twolevel_kfac.experiments.epoch_table import epoch_table, loss_at_epoch
+    from twolevel_kfac.experiments.reference_curves import ReferenceCurve
+
+    def run(*losses: float) -> list[dict[str, object]]:
+        return [{"event": "epoch", "epoch": k + 1, "train_loss": v} for k, v in enumerate(losses)]
+
+    results = {"kfac": [run(3.0, 2.0), run(5.0, 4.0)], "sgd": [run(9.0)]}
+    ref = ReferenceCurve("authors", (1.0, 2.0), (2.5, 1.5), "ref.csv")
+    assert (
+        loss_at_epoch(results["kfac"][0], 2) == 2.0 and loss_at_epoch(results["sgd"][0], 2) is None
+    )
+    table = epoch_table(results, [ref], [1, 2]).splitlines()
+    assert table[0] == "| epoch | kfac | sgd | ref: authors |"
+    assert table[2] == "| 1 | 4 ± 1.4 | 9 | 2.5 |"
+    assert table[3] == "| 2 | 3 ± 1.4 | – | 1.5 |"
+    assert epoch_table(results, [ref], []) == ""

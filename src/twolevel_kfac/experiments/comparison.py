@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.epoch_table import epoch_table
 from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.provenance import describe_runs
 from twolevel_kfac.experiments.reference_curves import read_reference
@@ -206,6 +207,7 @@ def run_comparison(
         config.report.target_loss,
         references=references,
         provenance=describe_runs(out),
+        epochs_table=epoch_table(results, references, config.report.epochs),
     )
     outcome.table = markdown_table(results, config.report.target_loss)
     return outcome

@@ -200,6 +200,8 @@ class ReportSpec(_Strict):
     # label → CSV/JSON file of (epoch, loss), relative to the working directory, drawn
     # beside the runs (experiments.reference_curves)
     references: dict[str, str] = {}
+    # epochs of a table of every method's train loss beside the references (epoch_table)
+    epochs: list[int] = []
 
 
 class ExperimentConfig(_Strict):

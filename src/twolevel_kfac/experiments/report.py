@@ -326,6 +326,7 @@ def write_report(
     target_loss: float | None = None,
     references: Sequence[ReferenceCurve] = (),
     provenance: str = "",
+    epochs_table: str = "",
 ) -> Path:
     """Write ``report.md`` (table, notes, plots), the PNGs and ``summary.json``.
 
@@ -337,6 +338,7 @@ def write_report(
         target_loss: See ``summarize``.
         references: Curves drawn beside the runs (loss vs epoch), listed with their files.
         provenance: The runs' provenance paragraph (:func:`.provenance.describe`).
+        epochs_table: The train loss at chosen epochs (:func:`.epoch_table.epoch_table`).
 
     Returns:
         Path of ``report.md``.
@@ -349,6 +351,8 @@ def write_report(
     if references:
         listed = ", ".join(f"{r.label} (`{r.source}`)" for r in references)
         parts += [f"Reference curves (dashed, loss vs epoch): {listed}.", ""]
+    if epochs_table:
+        parts += ["Train loss at these epochs (mean ± std over seeds):", "", epochs_table, ""]
     if provenance:
         parts += [provenance, ""]
     parts += [f"![{p.stem}]({p.name})" for p in pngs]

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
     from twolevel_kfac.experiments.comparison import describe
     from twolevel_kfac.experiments.config import load_config
+    from twolevel_kfac.experiments.epoch_table import epoch_table
     from twolevel_kfac.experiments.provenance import describe_runs
     from twolevel_kfac.experiments.reference_curves import parse_reference, read_reference
     from twolevel_kfac.experiments.report import load_runs, markdown_table, write_report
@@ -50,11 +51,20 @@ def run(args: argparse.Namespace) -> int:
         notes = describe(config, labels, seeds or config.problem.seeds)
         target = target if target is not None else config.report.target_loss
     references = [parse_reference(spec) for spec in args.reference]
+    epochs: list[int] = []
     if config is not None:
         configured = config.report.references.items()
         references = [read_reference(path, label) for label, path in configured] + references
+        epochs = config.report.epochs
     path = write_report(
-        results, root, title, notes, target, references, provenance=describe_runs(root)
+        results,
+        root,
+        title,
+        notes,
+        target,
+        references,
+        provenance=describe_runs(root),
+        epochs_table=epoch_table(results, references, epochs),
     )
     print(markdown_table(results, target))
     print(f"report: {path}")
