@@ -138,7 +138,7 @@ def test_asdl_quick(tmp_path: Path) -> None:
         return
     for group in data["results"]:
         _check_group(group)
-        labels = ["sgd", "ours:asdl", "ours:asdl:unchecked", "asdl:kfac"]
+        labels = ["sgd", "ours:asdl", "ours:asdl:unchecked", "ours:defaults", "asdl:kfac"]
         assert [r["method"] for r in group["rows"]] == labels
 
 

@@ -6,9 +6,11 @@ Each peer is paired with our KFAC configured to do the same work
 * ``asdl:kfac`` (π-damping, Cholesky inverses, the empirical Fisher of the whole batch,
   no KL clip) beside ``ours:asdl`` = ``tk.KFAC(damping_mode="pi",
   inverse_method="cholesky", fisher="empirical", fisher_batch=1.0, kl_clip=None)``, and
-  ``ours:asdl:unchecked``, the same with ``nonfinite_policy="unchecked"``: ASDL reads no
-  gradient for NaN/Inf, ours reads every preconditioned direction once per step unless
-  told not to (the one piece of work the two do not share);
+  ``ours:defaults`` = ``tk.KFAC(fisher="empirical", fisher_batch=1.0)``, everything else
+  at our defaults (``per_factor``, ``inverse_method="auto"``, KL clip 1e-2), and
+  ``ours:asdl:unchecked``, ``ours:asdl`` with ``nonfinite_policy="unchecked"``: ASDL
+  reads no gradient for NaN/Inf, ours reads every preconditioned direction once per step
+  unless told not to (the one piece of work the two do not share);
 * ``kfac_pytorch`` (eigen, damping added to the eigenvalue products, empirical Fisher, KL
   clip with lr²) beside ``ours:kfac_pytorch`` = ``tk.KFAC(damping_mode="eigen_sum",
   fisher="empirical", fisher_batch=1.0, kl_clip_form="lr_squared")``.
@@ -107,9 +109,13 @@ def peer_specs(checkout: str | None) -> tuple[list[MethodSpec], dict[str, str]]:
         }
         asdl = {**SHARED, "inverse_method": "cholesky", "fisher": "empirical"}
         unchecked = {**matched, "nonfinite_policy": "unchecked"}
+        # our defaults with ASDL's Fisher and intervals: per_factor damping, auto inverses
+        # (Cholesky here), the KL clip and the non-finite guard on
+        defaults = {**SHARED, "fisher": "empirical", "fisher_batch": 1.0}
         specs += [
             MethodSpec("ours:asdl", "kfac", tuple(matched.items())),
             MethodSpec("ours:asdl:unchecked", "kfac", tuple(unchecked.items())),
+            MethodSpec("ours:defaults", "kfac", tuple(defaults.items())),
             MethodSpec("asdl:kfac", "asdl", tuple(asdl.items())),
         ]
     else:
