@@ -4,6 +4,7 @@ and an ``auto`` step is the step of the method it picked, bit for bit."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
@@ -145,3 +146,22 @@ def test_the_preconditioner_alone_resolves_auto_too() -> None:
     assert tk.KFACPreconditioner(mlp()).options.inverse_method == "cholesky"
     pre = tk.KFACPreconditioner(mlp(), damping_varies=True)
     assert pre.options.inverse_method == "eigen"
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("eigen", "auto"), ("cholesky", "eigen")])
+def test_a_checkpoint_of_the_other_method_is_converted(
+    float64: None, saved: str, loaded: str
+) -> None:
+    """A state saved under the old default (eigen) resumes under ``auto`` (Cholesky), and
+    back: the decompositions are converted, with a warning, and the next steps agree with
+    the uninterrupted run to rounding."""
+    reference = build(inverse_method=saved, cov_interval=5, inv_interval=5)
+    run(reference, steps=3)
+    state = copy.deepcopy(reference.state_dict())  # the reference steps on afterwards
+    model_state = {k: v.clone() for k, v in reference.preconditioner.model.state_dict().items()}
+    resumed = build(inverse_method=loaded, cov_interval=5, inv_interval=5)
+    resumed.preconditioner.model.load_state_dict(model_state)
+    with pytest.warns(RuntimeWarning, match="made under another inverse_method; converted"):
+        resumed.load_state_dict(state)
+    for a, b in zip(run(reference, 1), run(resumed, 1), strict=True):  # no refresh: kept inverses
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

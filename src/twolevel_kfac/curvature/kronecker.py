@@ -244,6 +244,24 @@ class KroneckerFactors:
         self.decomp_a, self.decomp_g = decomp_a, decomp_g
         self._cache_key = None
 
+    def convert_decomposition(self, method: str) -> bool:
+        """Put the cached decompositions in ``method``'s form (a checkpoint saved under the
+        other ``inverse_method``): eigenpairs → the factor ``Q diag(d) Qᵀ``; a factor →
+        :func:`safe_eigh`. Returns whether anything was converted."""
+        changed = False
+        for side in ("decomp_a", "decomp_g"):
+            decomp = getattr(self, side)
+            if decomp is None or (decomp[0].dim() == 1) == (method == "eigen"):
+                continue
+            values, vectors = decomp
+            if method == "eigen":
+                setattr(self, side, safe_eigh(values))
+            else:
+                setattr(self, side, ((vectors * values) @ vectors.T, values.new_empty(0)))
+            changed = True
+        self._cache_key = None
+        return changed
+
     def factor_shifts(self, damping: float, mode: str) -> tuple[float, float]:
         """The multiples of ``I`` that a factored ``mode`` adds to ``(A, G)`` (π frozen at
         the last refresh)."""

@@ -10,6 +10,7 @@ saved on the CPU or another GPU resumes where the model now is.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..curvature.blocks import LayerStats
@@ -60,8 +61,20 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         pre.generator.manual_seed(rank_seed(pre.options.seed, pre.comm.rank))
     else:
         pre.generator.set_state(part["generator"])
+    converted = []
     for name, factor_state in state["factors"].items():
         pre.factors[name].load_state_dict(pre.placed(name, factor_state))
+        if pre.factors[name].convert_decomposition(pre.options.inverse_method):
+            converted.append(name)
+    if converted:
+        warnings.warn(
+            f"the checkpoint's decompositions of {len(converted)} layer(s) were made under "
+            f"another inverse_method; converted to {pre.options.inverse_method!r} (the same "
+            "inverses up to rounding: the run continues, but not bit-identically to one that "
+            "kept the old method; pass that inverse_method to resume exactly)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     retained = state.get("retained") or {}
     pre.retained_stats = {n: LayerStats(*pre.placed(n, ag)) for n, ag in retained.items()}
     pre.fine.load_state_dict(state)
