@@ -23,7 +23,9 @@ def test_mc_factor_g_converges_to_exact_expectation(float64: None, likelihood: s
     compare with G_exact = (1/N) Σ_n J_nᵀ H_n J_n of the likelihood."""
     model = tiny_mlp()
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-    pre = tk.KFACPreconditioner(model, fisher="mc", likelihood=likelihood, ema_decay=0.9999, seed=1)
+    pre = tk.KFACPreconditioner(
+        model, fisher="mc", likelihood=likelihood, ema_decay=0.9999, seed=1, cov_interval=1
+    )
     for _ in range(SAMPLES):
         out = model(x)
         (out.sum() * 0).backward()  # the user's loss is irrelevant to the MC statistics
@@ -119,7 +121,12 @@ def test_mean_mc_fisher_is_the_fisher_of_torchs_default_loss(
     model = tiny_mlp()
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     pre = tk.KFACPreconditioner(
-        model, likelihood=likelihood, loss_reduction="mean", ema_decay=0.9999, seed=1
+        model,
+        likelihood=likelihood,
+        loss_reduction="mean",
+        ema_decay=0.9999,
+        seed=1,
+        cov_interval=1,
     )
     for _ in range(SAMPLES):
         (model(x).sum() * 0).backward()

@@ -56,7 +56,7 @@ def test_factor_schedule_and_ema(float64: None) -> None:
 
 def test_ema_weights_first_update_replaces(float64: None) -> None:
     model = mlp()
-    pre = tk.KFACPreconditioner(model, fisher="empirical", ema_decay=0.5)
+    pre = tk.KFACPreconditioner(model, fisher="empirical", ema_decay=0.5, cov_interval=1)
     captured = []
     for step in range(3):
         x, y = batch(seed=step)

@@ -26,6 +26,7 @@ from test_kfac_exact import CONTRACT
 
 # one KFAC step is exactly -(damped A⊗G)⁻¹ vec(∇W̄) under these settings
 EXACT = CONTRACT
+EVERY_STEP = {"cov_interval": 1, "inv_interval": 1}  # statistics on every step
 DAMPING = 0.1
 
 
@@ -485,11 +486,16 @@ class MainNet(nn.Module):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: tk.KFAC(m, momentum=0.9, damping=DAMPING),
-        lambda m: tk.EKFAC(m, momentum=0.9, damping=DAMPING),
-        lambda m: tk.TwoLevelKFAC(m, momentum=0.9, damping=DAMPING),
+        lambda m: tk.KFAC(m, momentum=0.9, damping=DAMPING, **EVERY_STEP),
+        lambda m: tk.EKFAC(m, momentum=0.9, damping=DAMPING, **EVERY_STEP),
+        lambda m: tk.TwoLevelKFAC(m, momentum=0.9, damping=DAMPING, **EVERY_STEP),
         lambda m: tk.TwoLevelKFAC(
-            m, momentum=0.9, damping=DAMPING, coarse_space="residual", combination="adef2"
+            m,
+            momentum=0.9,
+            damping=DAMPING,
+            coarse_space="residual",
+            combination="adef2",
+            **EVERY_STEP,
         ),
     ],
     ids=["kfac", "ekfac", "twolevel", "twolevel_adef2"],
@@ -548,11 +554,14 @@ def check_gradient_without_statistics_is_an_error() -> None:
     opt = tk.KFAC(model)
     with pytest.raises(ValueError, match=r"layer 'layer': its weight is read 1 times"):
         model(torch.randn(5, 4))
-    opt.preconditioner.capture.active = False
+    opt.preconditioner.capture.active = False  # a step between two captures
     opt.zero_grad()
     F.cross_entropy(model(torch.randn(5, 4)), torch.zeros(5, dtype=torch.long)).backward()
-    with pytest.raises(RuntimeError, match=r"no curvature statistics for layer\(s\) \['layer'\]"):
-        opt.step()
+    with pytest.warns(RuntimeWarning, match=r"\['layer'\] have gradients but no curvature"):
+        opt.step()  # the plain step, and the next step captures ...
+    assert opt.preconditioner.capture.active
+    with pytest.raises(ValueError, match=r"layer 'layer': its weight is read 1 times"):
+        model(torch.randn(5, 4))  # ... where the forward refuses the functional use
 
 
 # ------------------------------------------------------------------ attention
@@ -745,7 +754,7 @@ def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen() -> Non
     parameter is left alone, then preconditioned once unfrozen (its hooks in place)."""
     model = body_and_head()
     model[0].requires_grad_(False)
-    opt = tk.KFAC(model, params=model.parameters())
+    opt = tk.KFAC(model, params=model.parameters(), **EVERY_STEP)
     assert "0" in opt.preconditioner.layers
     x, y = batch(8)
     before = model[0].weight.detach().clone()
@@ -807,7 +816,7 @@ def test_forwards_without_a_backward_and_eval_submodules() -> None:
     runs, first_a = [], []
     for variant in ("plain", "validation", "eval_submodule"):
         model = body_and_head()
-        opt = tk.KFAC(model)
+        opt = tk.KFAC(model, **EVERY_STEP)
         if variant == "eval_submodule":
             model[0].eval()  # a Linear: eval() changes nothing in its forward
         for step in range(3):
@@ -866,7 +875,7 @@ def test_a_layer_first_used_between_refreshes_names_the_schedule() -> None:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         if step == 1:
-            with pytest.raises(RuntimeError, match=r"\['aux'\].*every cov_interval=3 steps"):
+            with pytest.warns(RuntimeWarning, match=r"\['aux'\].*cov_interval=3\)"):
                 opt.step()
         else:
             opt.step()
@@ -1067,3 +1076,40 @@ def test_parametrized_weights_follow_unsupported() -> None:
     opt.step()
     with pytest.raises(ValueError, match=r"module '2'.*parametrization"):
         tk.KFAC(model, unsupported="error")
+
+
+def test_a_layer_first_used_between_captures_takes_the_plain_step_then_kfacs() -> None:
+    """At the default intervals (10), a layer unfrozen on a step that captures no statistics
+    takes the optimizer's plain momentum step (with one warning), the next step captures
+    its statistics, and from then on it is preconditioned; a checkpoint taken between the
+    two keeps the pending capture."""
+    model = body_and_head()
+    model[0].requires_grad_(False)
+    opt = tk.KFAC(model, params=model.parameters(), lr=0.1)
+    x, y = batch(8)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()  # step 0 captures, but layer 0 is frozen
+    model[0].requires_grad_(True)
+    before = model[0].weight.detach().clone()
+    grad = None
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['0'\] have gradients but no curvature"):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grad = model[0].weight.grad.detach().clone()
+        opt.step()
+    # the plain step: lr times the raw gradient (the momentum buffer starts with it)
+    torch.testing.assert_close(model[0].weight, before - 0.1 * grad)
+    assert not opt.preconditioner.factors["0"].ready and opt.preconditioner.capture.active
+    saved = copy.deepcopy(opt.state_dict())
+    other = tk.KFAC(model, params=model.parameters(), lr=0.1)
+    other.load_state_dict(saved)
+    assert other.preconditioner.capture.active  # the pending capture survives a resume
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        step()
+    assert opt.preconditioner.factors["0"].ready and "0" in opt.preconditioner.active

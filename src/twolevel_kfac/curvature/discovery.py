@@ -294,24 +294,18 @@ def check_blocks(
             )
 
 
-def check_statistics(
-    factors: dict[str, KroneckerFactors], active: list[str], cov_interval: int
-) -> None:
-    """Refuse a step on a layer that has a gradient but has never had statistics.
+def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) -> None:
+    """Refuse a step on a layer that has a gradient but no statistics although this step
+    captured them (a layer first used between two captures is deferred before this:
+    :mod:`twolevel_kfac.optim.schedule`).
 
     Raises:
         RuntimeError: naming the layers, and why that happens.
     """
     missing = [name for name in active if not factors[name].ready]
     if missing:
-        schedule = (
-            f" (statistics are captured every cov_interval={cov_interval} steps: a layer "
-            "first used on a step between them has none yet)"
-            if cov_interval > 1
-            else ""
-        )
         raise RuntimeError(
-            f"no curvature statistics for layer(s) {missing}, which have gradients{schedule}: "
+            f"no curvature statistics for layer(s) {missing}, which have gradients: "
             "run the model's forward (in train mode, with gradients enabled) and "
             "loss.backward() before step(); layers that run under torch.no_grad() inside the "
             "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="

@@ -73,6 +73,9 @@ UNFINGERPRINTED = (
 # Keys left out of the fingerprint while they hold their default (``None``): configs written
 # before the key existed keep their fingerprint, so their checkpoints stay resumable.
 FINGERPRINTED_WHEN_SET = ("problem.dataset.image_size",)
+FINGERPRINTED_UNLESS = {"problem.loss_reduction": "sum"}
+"""Keys added later whose default is the trajectory from before they existed: left out of
+the fingerprint at that value, so older runs still resume."""
 
 
 class _Strict(BaseModel):
@@ -309,7 +312,8 @@ class ExperimentConfig(_Strict):
         base: dict[str, Any] = {"weight_decay": d.weight_decay}
         if kind in KFAC_FAMILY:
             base |= {"momentum": d.momentum, "likelihood": LIKELIHOODS[self.problem.loss]}
-            base |= {"loss_reduction": self.problem.loss_reduction}
+            if self.problem.loss_reduction != "sum":  # the optimizers' default
+                base |= {"loss_reduction": self.problem.loss_reduction}
             base |= {"seed": seed, **d.kfac}
             if kind in TWO_LEVEL_METHODS:
                 base |= d.twolevel
@@ -331,15 +335,18 @@ class ExperimentConfig(_Strict):
         return ExperimentConfig.model_validate(data)
 
     def fingerprinted(self) -> dict[str, Any]:
-        """The dict the fingerprint covers (``UNFINGERPRINTED`` keys removed, and the
-        ``FINGERPRINTED_WHEN_SET`` keys while they are ``None``)."""
+        """The dict the fingerprint covers (``UNFINGERPRINTED`` keys removed, the
+        ``FINGERPRINTED_WHEN_SET`` keys while they are ``None`` and the
+        ``FINGERPRINTED_UNLESS`` keys at their default)."""
         data = self.model_dump(mode="json")
-        for dotted in (*UNFINGERPRINTED, *FINGERPRINTED_WHEN_SET):
+        for dotted in (*UNFINGERPRINTED, *FINGERPRINTED_WHEN_SET, *FINGERPRINTED_UNLESS):
             *parents, last = dotted.split(".")
             node = data
             for part in parents:
                 node = node[part]
-            if dotted in UNFINGERPRINTED or node.get(last) is None:
+            value = node.get(last)
+            default = FINGERPRINTED_UNLESS.get(dotted)
+            if dotted in UNFINGERPRINTED or value is None or value == default:
                 node.pop(last, None)
         return data
 

@@ -5,16 +5,13 @@ It is independent of the optimizer that then takes the step (the kfac-pytorch pa
 :class:`~twolevel_kfac.optim.kfac.KFAC` wraps it with momentum-SGD for the paper's recipe.
 
 One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper's
-schedule): ``_update_factors`` (every ``cov_interval`` steps, from the statistics captured
-during this step's forward/backward), the fine level's refresh (every ``inv_interval``
-steps) and ``_precondition_grads``: ``_precondition`` (the fine level's block-diagonal
-inverse, :mod:`.fine`, plus the coarse level's correction when one is held,
-:mod:`.coarse`), the KL clip and
-the write into ``.grad`` (over the gradient autograd left, or as fresh tensors with a KL
-clip): read ``p.grad`` after ``step()``, not a reference taken before it. The fine level
-(``fine="kfac" | "ekfac" | "kpsvd" | "kfac_corrected"``) is an object the preconditioner
-holds (:class:`~.fine.FineLevel`); :mod:`twolevel_kfac.distributed` reduces and shares
-the factors under ``torch.distributed``.
+schedule): ``_update_factors`` (on the capture schedule, :mod:`.schedule`), the fine
+level's refresh (every ``inv_interval`` steps) and ``_precondition_grads``: the fine level's
+block-diagonal inverse (:mod:`.fine`, an object held: ``fine="kfac" | "ekfac" | "kpsvd" |
+"kfac_corrected"``) plus the coarse level's correction when one is held (:mod:`.coarse`),
+the KL clip and the write into ``.grad`` (over the gradient autograd left, or as fresh
+tensors): read ``p.grad`` after ``step()``, not a reference taken before it.
+:mod:`twolevel_kfac.distributed` reduces and shares the factors under ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -59,6 +56,7 @@ from .options import (
     damping_at,
     resolve_inverse_method,
 )
+from .schedule import CaptureSchedule
 from .state import kfac_state, load_kfac_state
 
 
@@ -153,6 +151,7 @@ class KFACPreconditioner:
         self.retained_stats: dict[str, LayerStats] = {}
         # The layers with a gradient in the current step (the others are left alone)
         self.active: list[str] = list(self.layers)
+        self.schedule = CaptureSchedule(self.options.cov_interval)
 
     def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
@@ -178,7 +177,8 @@ class KFACPreconditioner:
         check_blocks(self.layers, self.factors, [*stats, *self.active])
         if stats or (active and self.comm.distributed):  # every rank joins the reduction
             stats = self._update_factors(stats)
-        check_statistics(self.factors, self.active, opts.cov_interval)
+        self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
+        check_statistics(self.factors, self.active)
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and f.decomp_a is None for f in self.factors.values()
         ):
@@ -220,8 +220,8 @@ class KFACPreconditioner:
 
     def _schedule_capture(self) -> None:
         """Capture statistics in the coming forward pass iff the next step folds them
-        (every ``cov_interval`` steps)."""
-        self.capture.active = self.steps % self.options.cov_interval == 0
+        (:class:`~.schedule.CaptureSchedule`)."""
+        self.capture.active = self.schedule.due(self.steps)
 
     def _update_factors(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """Fold this step's statistics into the running factors.
@@ -280,11 +280,6 @@ class KFACPreconditioner:
     ) -> dict[str, Tensor]:
         """The direction of each layer's ``∇W̄`` before the KL clip, as ``step()`` forms it
         (``stats``: this step's Fisher mini-batch, for levels that use it)."""
-        return self._precondition(grads, stats)
-
-    def _precondition(
-        self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
-    ) -> dict[str, Tensor]:
         if self.coarse_level is not None:
             return self.coarse_level.precondition(grads, stats)
         return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
@@ -317,7 +312,7 @@ class KFACPreconditioner:
             self._write_parts(directions, parts, lrs)
             return
         grads = {name: gradient_matrix(self.layers[name]) for name in self.active}
-        matrices = self._precondition(grads, stats)
+        matrices = self.direction(grads, stats)
         scale = self._kl_scale([[(matrices[n], grads[n])] for n in matrices], lrs, list(matrices))
         for name, direction in matrices.items():
             weight, bias = matrix_to_parameter_shapes(self.layers[name], direction)
@@ -341,7 +336,7 @@ class KFACPreconditioner:
 
     def _plain_kfac_directions(self) -> bool:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
-        gradient: another fine level, or a subclass that overrides :meth:`_precondition`
+        gradient: another fine level, or a subclass that overrides :meth:`direction`
         (a coarse correction), gets the ``W̄`` path."""
         return self.fine.plain and self.coarse_level is None
 

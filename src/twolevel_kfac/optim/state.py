@@ -33,6 +33,7 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
         "layers": list(pre.layers),
         **pre.fine.state_dict(),
     }
+    state["capture_next"] = pre.capture.active  # the coming step captures statistics
     if pre.coarse_level is not None:
         state["coarse"] = pre.coarse_level.state_dict(pre.comm.distributed)
     if pre.retain_statistics:
@@ -83,3 +84,4 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.capture.discard()
     pre.active = list(pre.layers)
     pre._schedule_capture()
+    pre.capture.active = bool(state.get("capture_next", pre.capture.active))
