@@ -1,26 +1,23 @@
 """``KFAC``: a ``torch.optim.Optimizer`` = KFAC preconditioner + heavy-ball momentum SGD.
 
-Per step (the recipe of Koroko et al. 2023): the preconditioner turns each
-layer's gradient into the (KL-clipped) natural-gradient direction ``d``; then weight decay
-is added *after* preconditioning, ``d ← d + wd·θ``, and the momentum-SGD step follows,
-``buf ← μ·buf + d``, ``θ ← θ − lr·buf`` (Nesterov: ``θ ← θ − lr·(d + μ·buf)``).
-Parameters outside Linear/Conv2d layers (BatchNorm, embeddings, …) take the same step
-with their raw gradient. Only the layers whose parameters are in the optimizer's param
-groups are preconditioned, counted in the KL clip and stepped (``params=``: "KFAC for the
-body, Adam for the head"), each with its own group's learning rate.
+Per step (the recipe of Koroko et al. 2023): the preconditioner turns each layer's gradient
+into the (KL-clipped) natural-gradient direction ``d``; weight decay is added *after*
+preconditioning, ``d ← d + wd·θ``, and the momentum-SGD step follows, ``buf ← μ·buf + d``,
+``θ ← θ − lr·buf`` (Nesterov: ``θ ← θ − lr·(d + μ·buf)``). Other parameters (BatchNorm,
+embeddings, …) take the same step with their raw gradient, or AdamW's (``fallback``). Only
+layers whose parameters are in the param groups are preconditioned, counted in the KL clip
+and stepped (``params=``), each with its own group's learning rate.
 
-Gradient clipping: ``clip_grad_norm_`` before :meth:`KFAC.step` rescales the gradient, but
-with the KL clip on (the default) the preconditioned direction is rescaled to the KL
-bound anyway, so the clip has no effect on the preconditioned layers. To bound the step,
-lower ``kl_clip``; to clip the direction's norm, clip in a subclass after the
-preconditioner ran, or use ``KFACPreconditioner`` with your own optimizer and clip
-between ``precond.step()`` and ``opt.step()``.
+Gradient clipping before :meth:`KFAC.step` has no effect on the preconditioned layers with
+the KL clip on (it rescales the direction anyway): lower ``kl_clip``, or clip between
+``precond.step()`` and ``opt.step()`` with ``KFACPreconditioner`` and your own optimizer.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -39,10 +36,12 @@ from .damping import (
     adjust_damping,
     evaluate_without_capture,
 )
+from .fallback import block_table, make_fallback
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner, fine_level_type
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
+logger = logging.getLogger("twolevel_kfac")
 NONFINITE_POLICIES = ("skip", "raise", "unchecked")
 
 
@@ -68,6 +67,11 @@ class KFAC(torch.optim.Optimizer):
             overflowing direction reaches the parameters; saves one read of every gradient
             per step, what ASDL and kfac-pytorch do). The statistics behind the factors are
             checked under every policy.
+        fallback: the step of the parameters no curvature block covers: ``sgd`` (this
+            optimizer's momentum step on the raw gradient) | ``adamw`` (``torch.optim.AdamW``
+            with ``fallback_options``, default lr 1e-3; :mod:`.fallback`).
+            :meth:`describe_blocks` lists which parameter got which.
+        fallback_options: ``torch.optim.AdamW`` arguments for ``fallback="adamw"``.
         curvature: the curvature options as one
             :class:`~twolevel_kfac.optim.options.CurvatureOptions` object (or its fields as
             keywords, below; not both).
@@ -98,6 +102,8 @@ class KFAC(torch.optim.Optimizer):
         params: Iterable[Any] | None = None,
         nonfinite_policy: str = "skip",
         curvature: CurvatureOptions | None = None,
+        fallback: str = "sgd",
+        fallback_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         check_real("lr", lr, low=0.0, low_open=True)
@@ -142,6 +148,13 @@ class KFAC(torch.optim.Optimizer):
             "nesterov": bool(nesterov),
         }
         super().__init__(params, defaults)
+        covered = self.preconditioner.preconditioned_parameters()
+        rest = [p for g in self.param_groups for p in g["params"] if id(p) not in covered]
+        self.fallback = make_fallback(fallback, rest, fallback_options)
+        if self.fallback is not None and self.damping_options.qmodel_lr_momentum:
+            raise ValueError("qmodel_lr_momentum steps every parameter: use fallback='sgd'")
+        self.fallback_kind = fallback
+        logger.info("%s blocks:\n%s", type(self).__name__, self.describe_blocks())
         self._built = True
 
     def _make_preconditioner(
@@ -211,6 +224,8 @@ class KFAC(torch.optim.Optimizer):
         else:
             for group in self.param_groups:
                 self._momentum_step(group)
+        if self.fallback is not None:
+            self.fallback.step()
         if adapt and model is not None and closure is not None and loss is not None:
             self._adapt_damping(model, float(loss.detach()), closure)
         return loss
@@ -321,7 +336,8 @@ class KFAC(torch.optim.Optimizer):
         """``torch.optim.SGD``'s update on the preconditioned gradients: ``d = p.grad + wd·p``,
         ``b ← μb + d`` (``b = d`` at first), ``d ← d + μb`` (Nesterov) or ``b``, ``p ← p − lr·d``
         (torch's multi-tensor ``foreach`` kernels)."""
-        params = [p for p in group["params"] if p.grad is not None]
+        skip = self.fallback.ids if self.fallback is not None else ()
+        params = [p for p in group["params"] if p.grad is not None and id(p) not in skip]
         if not params:
             return
         buffers = [self.state[p].get("momentum_buffer") for p in params]
@@ -346,6 +362,8 @@ class KFAC(torch.optim.Optimizer):
         state = super().state_dict()
         state["preconditioner"] = self.preconditioner.state_dict()
         state["nonfinite"] = [self.nonfinite_steps, self.consecutive_nonfinite]
+        if self.fallback is not None:
+            state["fallback"] = self.fallback.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -355,7 +373,23 @@ class KFAC(torch.optim.Optimizer):
         state = dict(state_dict)
         self.preconditioner.load_state_dict(state.pop("preconditioner"))
         self.nonfinite_steps, self.consecutive_nonfinite = state.pop("nonfinite", [0, 0])
+        fallback = state.pop("fallback", None)
+        if (fallback is None) != (self.fallback is None):
+            raise ValueError(
+                f"the state was saved with another fallback than {self.fallback_kind!r}"
+            )
+        if self.fallback is not None:
+            self.fallback.load_state_dict(fallback)
         super().load_state_dict(state)
+
+    def describe_blocks(self) -> str:
+        """One line per parameter: the curvature block that preconditions it, or the
+        fallback step it takes (also logged at construction, ``logging.INFO``)."""
+        pre = self.preconditioner
+        params = [p for g in self.param_groups for p in g["params"]]
+        rows = block_table(pre.model, pre.layers, params, self.fallback_kind)
+        width = max((len(name) for name, _ in rows), default=0)
+        return "\n".join(f"  {name:<{width}}  {what}" for name, what in rows)
 
     def __repr__(self) -> str:
         groups = ", ".join(

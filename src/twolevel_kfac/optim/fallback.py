@@ -1,0 +1,102 @@
+"""The step of the parameters no curvature block covers (``KFAC(..., fallback=...)``), and
+the table of which parameter got which block.
+
+* ``fallback="sgd"`` (default): the KFAC optimizer's own momentum-SGD step on the raw
+  gradient, with the parameter's group ``lr``, ``momentum``, ``weight_decay`` and
+  ``nesterov`` (torch's SGD update).
+* ``fallback="adamw"``: ``torch.optim.AdamW`` over those parameters, with its own
+  arguments (``fallback_options``; default ``lr=1e-3`` and torch's defaults otherwise):
+  the KFAC learning rate is an order of magnitude or more above what AdamW takes. Its
+  step is exactly torch's (it *is* torch's), on the same ``.grad`` the model left (or the
+  ``GradScaler`` unscaled), and its state goes into the KFAC ``state_dict`` under
+  ``"fallback"``. An LR scheduler attached to the KFAC optimizer does not change it.
+
+Which layers get a block: :mod:`twolevel_kfac.curvature.discovery`; everything else with
+``requires_grad`` falls back (biases of preconditioned layers are part of their block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from .options import check_choice
+
+__all__ = ["FALLBACKS", "AdamWFallback", "FallbackKind", "block_table"]
+
+FallbackKind = Literal["sgd", "adamw"]
+FALLBACKS: tuple[str, ...] = get_args(FallbackKind)
+
+
+class AdamWFallback:
+    """``torch.optim.AdamW`` over the parameters without a curvature block.
+
+    Args:
+        params: those parameters.
+        options: ``torch.optim.AdamW`` keyword arguments (``lr`` defaults to 1e-3).
+
+    Raises:
+        TypeError: an argument AdamW does not take (named by torch).
+    """
+
+    def __init__(self, params: list[nn.Parameter], options: Mapping[str, Any]) -> None:
+        self.ids = {id(p) for p in params}
+        self.optimizer = torch.optim.AdamW(params, **{"lr": 1e-3, **options}) if params else None
+
+    def step(self) -> None:
+        """AdamW's step on the current ``.grad`` of its parameters."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """AdamW's state (empty without parameters)."""
+        return {} if self.optimizer is None else self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if self.optimizer is not None and state:
+            self.optimizer.load_state_dict(state)
+
+
+def make_fallback(
+    kind: str, params: list[nn.Parameter], options: Mapping[str, Any] | None
+) -> AdamWFallback | None:
+    """The fallback of ``kind`` over ``params`` (``None`` for ``sgd``: KFAC's own step).
+
+    Raises:
+        ValueError: an unknown ``kind``, or ``options`` with ``sgd``.
+    """
+    check_choice("fallback", kind, FALLBACKS)
+    if kind == "sgd":
+        if options:
+            raise ValueError(
+                "fallback_options apply to fallback='adamw'; the 'sgd' fallback takes the "
+                "parameter group's lr, momentum and weight_decay"
+            )
+        return None
+    return AdamWFallback(params, options or {})
+
+
+def block_table(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    params: Iterable[Any],
+    fallback: str,
+) -> list[tuple[str, str]]:
+    """``(parameter name, what steps it)`` for every parameter the optimizer holds: the
+    curvature block of its layer (``KFAC Linear 'fc'``), or the fallback step."""
+    owner = {
+        id(p): f"KFAC {type(module).__name__} {name!r}"
+        for name, module in layers.items()
+        for p in module.parameters(recurse=False)
+    }
+    held = {id(p) for p in params}
+    step = "momentum SGD (no block)" if fallback == "sgd" else "AdamW (no block)"
+    return [
+        (name, owner.get(id(p), step))
+        for name, p in model.named_parameters()
+        if id(p) in held and p.requires_grad
+    ]

@@ -1,0 +1,121 @@
+"""``fallback=``: the parameters without a curvature block take torch's AdamW step exactly
+(or the default momentum-SGD step), their state is checkpointed with the optimizer's, and
+the optimizer lists which parameter got which block."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twolevel_kfac as tk
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+ADAMW = {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.05}
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
+def test_the_adamw_fallback_is_torchs_step(cls: type[tk.KFAC]) -> None:
+    model = net()
+    opt = cls(model, lr=0.1, fallback="adamw", fallback_options=ADAMW)
+    norm = list(model[1].parameters())
+    twins = [p.detach().clone().requires_grad_(True) for p in norm]
+    reference = torch.optim.AdamW(twins, **ADAMW)
+    for step in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
+        for twin, p in zip(twins, norm, strict=True):
+            twin.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+        for twin, p in zip(twins, norm, strict=True):
+            assert torch.equal(p, twin)
+    # the preconditioned layers did not take AdamW's step (their state is momentum SGD)
+    assert "momentum_buffer" in opt.state[model[0].weight]
+    assert "exp_avg" not in opt.state[model[0].weight]
+
+
+def test_the_default_fallback_is_the_momentum_step() -> None:
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, momentum=0.9)
+    norm = model[1].weight
+    before = norm.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+    grad = norm.grad.detach().clone()
+    opt.step()
+    torch.testing.assert_close(norm, before - 0.1 * grad, rtol=0, atol=0)
+    assert opt.fallback is None
+
+
+def test_blocks_are_listed_at_construction(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="twolevel_kfac"):
+        opt = tk.KFAC(net(), fallback="adamw")
+    table = opt.describe_blocks().splitlines()
+    assert [line.split()[0] for line in table] == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    ]
+    assert "KFAC Linear '0'" in table[0] and "AdamW (no block)" in table[2]
+    assert "KFAC blocks:" in caplog.text and "1.bias" in caplog.text
+
+
+def test_the_fallback_state_is_checkpointed() -> None:
+    def run(split: int | None) -> list[torch.Tensor]:
+        model = net()
+        opt = tk.KFAC(model, lr=0.1, fallback="adamw", cov_interval=2, inv_interval=2)
+        for step in range(5):
+            if step == split:
+                saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                model = net()
+                opt = tk.KFAC(model, lr=0.1, fallback="adamw", cov_interval=2, inv_interval=2)
+                model.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+            opt.zero_grad()
+            F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(None), run(3), strict=True):
+        assert torch.equal(a, b)
+    state = tk.KFAC(net(), fallback="adamw").state_dict()
+    with pytest.raises(ValueError, match="saved with another fallback than 'sgd'"):
+        tk.KFAC(net()).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"fallback": "adam"}, ValueError, "fallback must be one of 'sgd', 'adamw'"),
+        ({"fallback_options": {"lr": 1e-3}}, ValueError, "fallback_options apply to"),
+        ({"fallback": "adamw", "fallback_options": {"momentum": 0.9}}, TypeError, "momentum"),
+        (
+            {"fallback": "adamw", "qmodel_lr_momentum": True},
+            ValueError,
+            "qmodel_lr_momentum steps every parameter",
+        ),
+    ],
+)
+def test_bad_fallback_arguments_are_named(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        tk.KFAC(net(), **kwargs)
