@@ -359,3 +359,18 @@ def test_compile_pair_reports_differences_and_failures() -> None:
     failed = measure_pair(_pair(1.0, fail=True), repeats=2, log=lambda _: None)
     assert failed["error"] == "RuntimeError: no compiler / second line"
     assert verdict(failed) == "failed" and "ratio" not in failed
+
+
+def test_the_floor_assumes_the_inverse_method_each_method_uses() -> None:
+    """Ours resolve ``auto`` as the optimizers do; the peers keep their own (eigen unless
+    configured)."""
+    from twolevel_kfac.bench.methods import MethodSpec, inverse_method, method_spec
+
+    assert inverse_method(method_spec("kfac")) == "cholesky"
+    assert inverse_method(method_spec("kfac:pi:eigen")) == "eigen"
+    assert inverse_method(method_spec("spectral+additive")) == "eigen"
+    assert inverse_method(method_spec("ekfac")) == "eigen"
+    assert inverse_method(method_spec("kpsvd")) == "cholesky"
+    assert inverse_method(MethodSpec("kfac_pytorch", "kfac_pytorch")) == "eigen"
+    asdl = MethodSpec("asdl:kfac", "asdl", (("inverse_method", "cholesky"),))
+    assert inverse_method(asdl) == "cholesky"

@@ -237,6 +237,8 @@ def inverse_method(spec: MethodSpec) -> str:
     from twolevel_kfac.optim.preconditioner import fine_level_type
 
     kwargs = spec.kwargs
+    if spec.kind in ("asdl", "kfac_pytorch", "authors"):  # the peers: as configured, else eigen
+        return str(kwargs.get("inverse_method", "eigen"))
     fine = spec.kind if spec.kind in ("ekfac", "kpsvd") else kwargs.get("fine", "kfac")
     space = kwargs.get("coarse_space")
     return resolve_inverse_method(
