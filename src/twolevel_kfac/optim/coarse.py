@@ -245,6 +245,7 @@ class CoarseLevel:
         outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
         minv_g = self.minv(g)
         if self.options.coarse_scale == 0.0:
+            self.fisher_stats = self.fisher_stats if self.options.diagnostics else None
             return self._keep_active(minv_g, grads, outside)
         space = self.options.coarse_space
         # A residual basis needs res = g − F̂M⁻¹g only when it is rebuilt (every step in the
@@ -304,6 +305,8 @@ class CoarseLevel:
         diagnostics. Otherwise the mini-batch is dropped once the refresh has built ``Q``
         (memory) and not saved (``state_dict`` the size of KFAC's)."""
         coarse = self.options
+        if coarse.coarse_scale == 0.0:  # M⁻¹ alone: no coarse term reads it
+            return coarse.diagnostics
         return coarse.combination != "additive" or coarse.diagnostics or self._per_step_basis
 
     @property
