@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gpu": ("twolevel_kfac.bench.gpu", "CUDA step times vs SGD and ASDL, bf16 autocast"),
     "memory": ("twolevel_kfac.bench.footprints", "peak memory and state_dict size per method"),
     "intervals": ("twolevel_kfac.bench.intervals", "default T_cov/T_inv: loss reached per second"),
+    "asdl_target": ("twolevel_kfac.bench.asdl_target", "time to a target loss: ours vs ASDL"),
 }
 DEFAULT = ("step_time", "scaling", "asdl", "time_to_target")
 

@@ -8,7 +8,7 @@
   unconditionally, which raises on CPU-only torch builds ("NVTX functions not installed");
   :func:`asdl_status` replaces ASDL's ``nvtx`` handle with a no-op on such builds. ASDL
   calls the loss with ``reduction="sum"`` and divides by the batch size itself, so our
-  mean losses are wrapped (:func:`_reducible`). Its hooks trigger torch's "non-full
+  mean losses are wrapped (:func:`reducible`). Its hooks trigger torch's "non-full
   backward hook" ``FutureWarning`` on every refresh and its import torch's
   ``torch.jit.script`` ``DeprecationWarning``; both are silenced.
 * **kfac-pytorch** (gpauloski/kfac-pytorch, not on PyPI): given ``--external PATH`` of a
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from twolevel_kfac.bench.methods import MethodSpec, Runner
 from twolevel_kfac.experiments.losses import LossFn
 
-__all__ = ["asdl_status", "authors_status", "build_runner", "kfac_pytorch_status"]
+__all__ = ["asdl_status", "authors_status", "build_runner", "kfac_pytorch_status", "reducible"]
 
 ASDL_MISSING = (
     "ASDL is not installed: `pip install asdfghjkl torch==2.13.0` "
@@ -125,7 +125,7 @@ def authors_status(path: str | None) -> str | None:
     return None
 
 
-def _reducible(loss_fn: LossFn) -> Any:
+def reducible(loss_fn: LossFn) -> Any:
     """Our mean loss as ASDL wants it: a function with a ``reduction`` argument."""
 
     def loss(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -157,7 +157,7 @@ def _asdl_runner(
     )
     maker = KfacGradientMaker(model, config, fisher_type="fisher_emp", loss_type="mse")
     opt = torch.optim.SGD(model.parameters(), lr=kw["lr"], momentum=0.9)
-    loss = _reducible(loss_fn)
+    loss = reducible(loss_fn)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
