@@ -82,17 +82,21 @@ def deep_linear(widths: Sequence[int] = (6, 4, 3, 2), bias: bool = True) -> nn.S
 # --------------------------------------------------------------------------------------
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
 def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
-    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` in ``named_modules()`` order."""
+    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` in ``named_modules()``
+    order."""
     layers: list[tuple[str, nn.Linear | nn.Conv2d]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONVS):
             if module.groups != 1 or module.padding_mode != "zeros":
-                raise ValueError(f"oracle supports only plain Conv2d, got {module}")
+                raise ValueError(f"oracle supports only plain convolutions, got {module}")
             layers.append((name, module))
         elif isinstance(module, nn.Linear):
             layers.append((name, module))
@@ -206,30 +210,32 @@ def per_sample_vectors(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) 
     return layer_param_vector(model, per_sample_grads(model, loss_fn, x, y))
 
 
-def conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """im2col by explicit slicing: ``[N, T, C_in·k_h·k_w]``, locations row-major over the
-    output grid, columns ordered like ``weight.reshape(C_out, -1)`` (channel, row, col)."""
+def conv_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """im2col of an N-d convolution by explicit slicing: ``[N, T, C_in·∏k]``, locations
+    row-major over the output grid, columns ordered like ``weight.reshape(C_out, -1)``
+    (channel, then kernel offsets)."""
+    assert isinstance(module, CONVS)
     if isinstance(module.padding, str):
-        raise ValueError("oracle supports only numeric Conv2d padding")
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    ph, pw = module.padding
-    dh, dw = module.dilation
-    n, _, h, w = x.shape
-    xp = F.pad(x, (pw, pw, ph, ph))
-    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        raise ValueError("oracle supports only numeric convolution padding")
+    dims = x.dim() - 2
+    kernel, stride, pad, dil = module.kernel_size, module.stride, module.padding, module.dilation
+    xp = F.pad(x, [p for size in reversed(pad) for p in (size, size)])
+    grid = [
+        (x.shape[2 + i] + 2 * pad[i] - dil[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i in range(dims)
+    ]
     rows = []
-    for i in range(h_out):
-        for j in range(w_out):
-            r0, c0 = i * sh, j * sw
-            patch = xp[:, :, r0 : r0 + dh * (kh - 1) + 1 : dh, c0 : c0 + dw * (kw - 1) + 1 : dw]
-            rows.append(patch.reshape(n, -1))
+    for position in itertools.product(*(range(g) for g in grid)):
+        window = tuple(
+            slice(o * s, o * s + d * (k - 1) + 1, d)
+            for o, s, d, k in zip(position, stride, dil, kernel, strict=True)
+        )
+        rows.append(xp[(slice(None), slice(None), *window)].reshape(x.shape[0], -1))
     return torch.stack(rows, dim=1)
 
 
 def _homogeneous_inputs(module: nn.Module, inputs: Tensor) -> Tensor:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVS):
         a = conv_patches(module, inputs)
     else:
         a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
@@ -239,7 +245,7 @@ def _homogeneous_inputs(module: nn.Module, inputs: Tensor) -> Tensor:
 
 
 def _locations_last(module: nn.Module, out: Tensor) -> Tensor:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVS):
         return out.reshape(out.shape[0], out.shape[1], -1).permute(0, 2, 1)
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
@@ -347,7 +353,7 @@ def effective_kfac_block(
     """The layer's block ``M_i`` of the KFAC preconditioner: ``T · K`` for Conv2d (the
     preconditioned gradient ``K⁻¹∇`` divided by ``T``), ``K`` for Linear."""
     K = dense_kfac_block(a, g, damping, mode)
-    return K * a.shape[1] if isinstance(module, nn.Conv2d) else K
+    return K * a.shape[1] if isinstance(module, CONVS) else K
 
 
 def block_diag(blocks: Sequence[Tensor]) -> Tensor:

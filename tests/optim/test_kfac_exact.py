@@ -43,12 +43,38 @@ def mixed_net() -> nn.Module:
     return model
 
 
+def conv1d_net() -> nn.Module:
+    """``Conv1d(2,3,k=3,stride=2,padding=1,dilation=1) → tanh → Conv1d(3,2,k=2,dilation=2)``
+    → flatten → Linear: two 1-d convolutions (with a dilation) before a dense head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, kernel_size=3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv1d(3, 2, kernel_size=2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2 * 2, 3),
+    )
+
+
+def conv3d_net() -> nn.Module:
+    """``Conv3d(1,2,k=(2,3,2),stride=(1,2,1),padding=(0,1,1)) → tanh → flatten → Linear``."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv3d(1, 2, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=(0, 1, 1)),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2 * 4, 2),
+    )
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "mlp": (lambda: tiny_mlp(bias=True), (4,), 2),
     "mlp_nobias": (lambda: tiny_mlp(bias=False), (4,), 2),
     "conv": (lambda: tiny_convnet(bias=True), (2, 5, 5), 2),
     "conv_nobias": (lambda: tiny_convnet(bias=False), (2, 5, 5), 2),
     "mixed_bn": (mixed_net, (2, 6, 6), 3),
+    "conv1d": (conv1d_net, (2, 8), 3),
+    "conv3d": (conv3d_net, (1, 3, 4, 3), 2),
 }
 
 

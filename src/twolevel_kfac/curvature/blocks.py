@@ -21,8 +21,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layer_types import layer_type
 
 
 @dataclass
@@ -73,28 +74,13 @@ def layer_bias(module: nn.Module) -> nn.Parameter | None:
 
 
 def input_features(module: nn.Module, inputs: Tensor) -> Tensor:
-    """The homogeneous inputs ``ā`` of a layer in ``[N, T, d_in']`` format.
-
-    For ``Conv2d`` the patches are ``unfold(x)`` (im2col), one row per output location.
-    Extra leading dimensions of a ``Linear`` input (sequences) become locations ``T``.
-    """
-    if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        if isinstance(padding, str):  # 'same' may pad unevenly, which unfold cannot express
-            inputs = F.pad(inputs, module._reversed_padding_repeated_twice)
-            padding = (0, 0)
-        patches = F.unfold(
-            inputs,
-            kernel_size=module.kernel_size,
-            dilation=module.dilation,
-            padding=padding,
-            stride=module.stride,
-        )
-        a = patches.transpose(1, 2)
-    elif isinstance(module, nn.Linear):
-        a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
-    else:
+    """The homogeneous inputs ``ā`` of a layer in ``[N, T, d_in']`` format: its type's
+    features (:mod:`.layer_types`: a convolution's patches, a ``Linear``'s inputs with extra
+    leading dimensions as locations ``T``), with the 1 of the bias appended."""
+    entry = layer_type(module)
+    if entry is None:
         raise TypeError(f"unsupported layer {type(module).__name__}")
+    a = entry.features(module, inputs)
     if has_bias(module):
         a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
     return a
@@ -103,11 +89,10 @@ def input_features(module: nn.Module, inputs: Tensor) -> Tensor:
 def output_gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
     """Pre-activation gradients in ``[N, T, d_out]`` format (same location order as
     :func:`input_features`)."""
-    if isinstance(module, nn.Conv2d):
-        return grad_output.flatten(start_dim=2).transpose(1, 2)
-    if isinstance(module, nn.Linear):
-        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
-    raise TypeError(f"unsupported layer {type(module).__name__}")
+    entry = layer_type(module)
+    if entry is None:
+        raise TypeError(f"unsupported layer {type(module).__name__}")
+    return entry.gradients(module, grad_output)
 
 
 def has_gradient(module: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """Which modules of a model get a KFAC curvature block, and through which calls.
 
-:func:`find_layers` walks ``model.named_modules()`` and keeps the trainable ``Linear`` and
-``Conv2d`` (groups=1) layers whose parameters the optimizer owns. Three situations would
+:func:`find_layers` walks ``model.named_modules()`` and keeps the trainable layers of the
+types :mod:`.layer_types` registers (``Linear``, ``Conv1d/2d/3d`` with groups=1, a user's own)
+whose parameters the optimizer owns. Three situations would
 make a block silently wrong, and are resolved here, before any step:
 
 * **Tied weights** (``b.weight = a.weight``): one parameter, several modules. The layers
@@ -32,8 +33,14 @@ from torch import Tensor, nn
 
 from .blocks import layer_bias, layer_shape, layer_weight
 from .kronecker import KroneckerFactors
+from .layer_types import layer_type, registered_types
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+def supported_layers() -> tuple[type[nn.Module], ...]:
+    """The module types with a curvature block (:mod:`.layer_types`, users may add)."""
+    return registered_types()
+
+
 FUNCTIONAL_CONTAINERS = (nn.MultiheadAttention,)
 """Module types whose forward uses their children's parameters without calling them."""
 SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
@@ -41,7 +48,6 @@ SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
 ``MultiheadAttention`` that carries theirs)."""
 
 __all__ = [
-    "SUPPORTED_LAYERS",
     "check_blocks",
     "check_statistics",
     "find_layer_uses",
@@ -49,6 +55,7 @@ __all__ = [
     "is_supported",
     "materialize_params",
     "parameter_ids",
+    "supported_layers",
     "unsupported_reason",
 ]
 
@@ -59,24 +66,17 @@ def unsupported_reason(module: nn.Module) -> str | None:
     Grouped convolutions and transposed convolutions have weights that do not factor as
     ``A ⊗ G`` with the unfolded input; preconditioning them as dense convs would be wrong.
     """
-    if isinstance(module, SUPPORTED_LAYERS) and not isinstance(
-        module._parameters.get("weight"), nn.Parameter
-    ):
+    entry = layer_type(module)
+    if entry is not None and not isinstance(module._parameters.get("weight"), nn.Parameter):
         return (
             f"{type(module).__name__}'s weight is not a parameter of its own (a "
             "parametrization such as weight_norm, spectral_norm or orthogonal computes it): "
             "KFAC's block is for the weight parameter itself"
         )
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
-        if module.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
-        return None
+    if entry is not None:
+        return entry.reason(module)
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return f"{type(module).__name__} is not supported"
-    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
-        return f"{type(module).__name__} is not supported (only Conv2d)"
     if isinstance(module, FUNCTIONAL_CONTAINERS):
         return (
             f"{type(module).__name__} uses its projections functionally (in_proj_weight, "
@@ -88,7 +88,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def is_supported(module: nn.Module) -> bool:
     """True for the layer types KFAC preconditions (``Linear``, ``Conv2d`` with groups=1)."""
-    return isinstance(module, SUPPORTED_LAYERS) and unsupported_reason(module) is None
+    return layer_type(module) is not None and unsupported_reason(module) is None
 
 
 def materialize_params(params: Iterable[Any]) -> list[Any]:
@@ -320,7 +320,7 @@ def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str,
     by_weight = {id(layer_weight(module)): name for name, module in layers.items()}
     uses: dict[str, list[nn.Module]] = {name: [module] for name, module in layers.items()}
     for module in model.modules():
-        if not isinstance(module, SUPPORTED_LAYERS):
+        if layer_type(module) is None:
             continue
         name = by_weight.get(id(module._parameters.get("weight")))
         if name is not None and module is not layers[name]:

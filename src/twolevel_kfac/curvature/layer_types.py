@@ -1,0 +1,152 @@
+"""The layer types with a Kronecker-factored block ``A ⊗ G`` of ``W̄ = [W, b]``: one entry
+per module type saying how its inputs ``ā`` and pre-activation gradients ``δ`` look at each
+location ``t`` (``[N, T, d_in]`` and ``[N, T, d_out]``, columns in the order of
+``weight.reshape(d_out, -1)``). Everything else about the block (factors, damped inverses,
+coarse spaces) is shared. Adding a layer type is one :func:`register_layer_type` call; a
+user can register their own module (a weight ``[d_out, …]``, an optional bias ``[d_out]``).
+
+Built in: ``nn.Linear`` (extra leading input dimensions, e.g. a sequence, are locations:
+the *expand* view of weight sharing) and ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` with
+``groups=1`` and zero padding (KFC, Grosse & Martens 2016: the locations are the output
+positions, ``ā`` the input patch under the kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerType",
+    "conv_patches",
+    "layer_type",
+    "register_layer_type",
+    "registered_types",
+    "unregister_layer_type",
+]
+
+Features = Callable[[nn.Module, Tensor], Tensor]
+Reason = Callable[[nn.Module], "str | None"]
+
+
+def _no_reason(module: nn.Module) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """How one module type gives its block's statistics.
+
+    Attributes:
+        module_type: the ``nn.Module`` subclass (its subclasses match too).
+        features: ``(module, input) → ā`` without the homogeneous 1, ``[N, T, d_in]``.
+        gradients: ``(module, ∂L/∂output) → δ``, ``[N, T, d_out]``, locations as ``ā``.
+        reason: why an instance cannot be preconditioned (``None``: it can).
+    """
+
+    module_type: type[nn.Module]
+    features: Features
+    gradients: Features
+    reason: Reason = _no_reason
+
+
+_REGISTRY: dict[type[nn.Module], LayerType] = {}
+
+
+def register_layer_type(
+    module_type: type[nn.Module],
+    features: Features,
+    gradients: Features,
+    reason: Reason | None = None,
+) -> None:
+    """Give ``module_type`` (and its subclasses) a Kronecker block (module docstring).
+
+    Raises:
+        TypeError: ``module_type`` is not an ``nn.Module`` subclass.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass; got {module_type!r}")
+    _REGISTRY[module_type] = LayerType(module_type, features, gradients, reason or _no_reason)
+
+
+def unregister_layer_type(module_type: type[nn.Module]) -> None:
+    """Remove a registration (:func:`register_layer_type`); unknown types are ignored."""
+    _REGISTRY.pop(module_type, None)
+
+
+def registered_types() -> tuple[type[nn.Module], ...]:
+    """The module types with a block (for ``isinstance``)."""
+    return tuple(_REGISTRY)
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The entry of ``module``'s type (the nearest registered class in its MRO), if any."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+# ------------------------------------------------------------------ built-in types
+def _linear_features(module: nn.Module, inputs: Tensor) -> Tensor:
+    return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+
+
+def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
+    """The input patches of an N-d convolution, ``[N, T, C_in·∏k]`` (im2col; locations
+    row-major over the output grid, columns channel-major as the weight's)."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    dims = inputs.dim() - 2
+    padding = module.padding
+    if isinstance(padding, str):  # 'same' may pad unevenly: pad explicitly, then none
+        inputs = F.pad(inputs, module._reversed_padding_repeated_twice)
+        padding = (0,) * dims
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if dims == 2:
+        patches = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2)
+    if dims == 1:  # a 2-d unfold of height 1
+        patches = F.unfold(
+            inputs.unsqueeze(2),
+            (1, kernel[0]),
+            dilation=(1, dilation[0]),
+            padding=(0, padding[0]),
+            stride=(1, stride[0]),
+        )
+        return patches.transpose(1, 2)
+    pads = [p for size in reversed(padding) for p in (size, size)]
+    x = F.pad(inputs, pads)
+    for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation, strict=True)):
+        x = x.unfold(2 + axis, d * (k - 1) + 1, s)  # window span, then every d-th entry
+        x = x[..., ::d]
+    # [N, C, o_1, …, o_D, k_1, …, k_D] → [N, o_1 … o_D, C, k_1 … k_D]
+    n, channels = x.shape[:2]
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    x = x.permute(order)
+    return x.reshape(n, math.prod(x.shape[1 : 1 + dims]), channels * math.prod(kernel))
+
+
+def _conv_gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
+    return grad_output.flatten(start_dim=2).transpose(1, 2)
+
+
+def _conv_reason(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    name = type(module).__name__
+    if module.groups != 1:
+        return f"{name} with groups={module.groups} (only groups=1 is supported)"
+    if module.padding_mode != "zeros":
+        return f"{name} with padding_mode={module.padding_mode!r} (only 'zeros')"
+    return None
+
+
+register_layer_type(nn.Linear, _linear_features, _linear_features)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer_type(_conv, conv_patches, _conv_gradients, _conv_reason)
+# ConvTranspose*d subclass _ConvNd, not Conv*d: they stay unregistered.
+assert not any(issubclass(t, nn.modules.conv._ConvTransposeNd) for t in _REGISTRY)
+del _conv

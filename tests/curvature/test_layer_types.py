@@ -1,0 +1,102 @@
+"""The layer-type registry: N-d convolution patches equal explicit slicing, every
+registered type is preconditioned, and a user's own module type can be registered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from oracles import conv_patches as reference_patches
+from twolevel_kfac.curvature.discovery import is_supported, unsupported_reason
+from twolevel_kfac.curvature.layer_types import (
+    conv_patches,
+    layer_type,
+    register_layer_type,
+    unregister_layer_type,
+)
+
+CONVS = [
+    (nn.Conv1d(3, 2, 3), (2, 3, 9)),
+    (nn.Conv1d(3, 2, 4, stride=2, padding=2, dilation=2), (2, 3, 11)),
+    (nn.Conv1d(2, 2, 3, padding="same"), (2, 2, 7)),
+    (nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2)), (2, 2, 7, 6)),
+    (nn.Conv3d(2, 2, 2), (2, 2, 3, 4, 3)),
+    (nn.Conv3d(1, 2, (3, 2, 2), stride=(2, 1, 2), padding=(1, 0, 1), dilation=(1, 2, 1)),
+     (2, 1, 5, 5, 4)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"), CONVS, ids=lambda c: getattr(c, "__class__", c).__name__
+)
+def test_conv_patches_are_im2col(module: nn.Module, shape: tuple[int, ...]) -> None:
+    """The patches times the weight matrix give the convolution's output at every location,
+    and (numeric padding) equal the oracle's explicit slicing."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    patches = conv_patches(module, x)
+    out = module(x)
+    weight = module.weight.detach().reshape(module.out_channels, -1)
+    conv = patches @ weight.T + module.bias.detach()
+    torch.testing.assert_close(conv, out.detach().flatten(2).transpose(1, 2))
+    if not isinstance(module.padding, str):
+        torch.testing.assert_close(patches, reference_patches(module, x))
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        (nn.Conv1d(4, 4, 3, groups=2), "Conv1d with groups=2"),
+        (nn.Conv3d(2, 2, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
+        (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d is not supported"),
+    ],
+)
+def test_unsupported_convolutions_are_named(module: nn.Module, reason: str) -> None:
+    found = unsupported_reason(module)
+    assert found is not None and reason in found and not is_supported(module)
+
+
+class Scale(nn.Module):
+    """A user's layer: ``y = x ⊙ w`` per feature is not a Kronecker block, but
+    ``y = x Wᵀ`` written by hand is (a ``Linear`` under another name)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def test_a_users_module_type_can_be_registered(float64: None) -> None:
+    """Registered with the Linear features, a hand-written linear layer takes exactly the
+    steps of ``nn.Linear`` with the same weights."""
+    features = layer_type(nn.Linear(1, 1))
+    assert features is not None
+    register_layer_type(Scale, features.features, features.gradients)
+    try:
+        torch.manual_seed(0)
+        mine = nn.Sequential(Scale(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        plain.load_state_dict(mine.state_dict())
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        for model in (mine, plain):
+            opt = tk.KFAC(model, lr=0.1)
+            assert "0" in opt.preconditioner.layers
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        for a, b in zip(mine.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    finally:
+        unregister_layer_type(Scale)
+    assert layer_type(Scale(1, 1)) is None
+
+
+def test_register_refuses_a_non_module() -> None:
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
+        register_layer_type(int, lambda m, x: x, lambda m, g: g)  # type: ignore[arg-type]
