@@ -12,10 +12,9 @@ is already the average over the ranks when ``step()`` runs. One step on ``W`` ra
    so the global Fisher mini-batch is the union of the local ones (with ``fisher_batch < 1``
    each rank keeps ``round(fisher_batch·B_r)`` of its rows).
 2. **Factors.** Each rank packs the upper triangles of its sums ``Σ āāᵀ``, ``Σ δδᵀ`` of all
-   layers into one buffer; one all-reduce of it and one of the counts (samples ``N_r`` and
-   rows ``N_r·T`` per layer) give ``A = Σ_r Σ āāᵀ / Σ_r N_r T``: the factors of the whole
-   batch, exact for unequal local batches too (a warning says that DDP's gradient, an
-   unweighted mean of the ranks' mean gradients, is not the global mean gradient then).
+   layers into one buffer; one all-reduce of it and one of the counts give
+   ``A = Σ_r Σ āāᵀ / Σ_r N_r T``: the whole batch's factors, exact for unequal local
+   batches too (DDP's gradient is then not the global mean gradient: warned).
 3. **Decompositions.** ``distributed_inverses="split"``: each factor (``A`` or ``G`` of a
    layer) is owned by one rank, assigned greedily by cost ``d³`` (largest first, to the
    least-loaded rank); the owner computes its eigendecomposition (``d + d²`` numbers) or,
@@ -39,18 +38,15 @@ factor refresh ``e·Σ_l [d_A(d_A+1) + d_G(d_G+1)]/2 + 8·(2L+2)``; split decomp
 all-reduce puts ``2(W−1)/W`` times its payload on the wire, an all-gather ``W−1`` times.
 :attr:`Communicator.payload_bytes` counts them (``last_stats["comm_bytes"]`` per step).
 
-**Seeding.** Rank ``r`` samples its Fisher mini-batch subset and its MC targets with a
-generator seeded :func:`rank_seed` ``(seed, r)``: ``seed`` on rank 0 (a one-process run is
-rank 0 of a distributed one) and a splitmix64 mix of ``(seed, r)`` elsewhere. Each rank
-draws only for the rows it holds, so the randomness is that of sampling the global Fisher
-mini-batch, in independent per-rank streams. A run is reproducible for a fixed world size
-and data split; it is not invariant to the split.
+**Seeding.** Rank ``r`` samples its Fisher rows and MC targets with a generator seeded
+:func:`rank_seed` ``(seed, r)`` (``seed`` on rank 0, as a one-process run; a splitmix64 mix
+elsewhere), for the rows it holds only: reproducible for a fixed world size and data split,
+not invariant to the split.
 
 **Checkpoints.** Under ``W > 1`` ``state_dict()`` is a collective (call it on every rank,
-save rank 0's copy): it gathers the rank-local parts (each sampler's state and, for
-two-level, each rank's Fisher mini-batch statistics) into ``state["ranks"]``, so rank 0's
-state restores every rank. Loaded on another world size, the statistics are re-split and
-new ranks' samplers start from their seeds (with a warning).
+save rank 0's): it gathers the rank-local parts (samplers, two-level Fisher rows) into
+``state["ranks"]``, so rank 0's state restores every rank; on another world size the rows
+are re-split and new ranks' samplers start from their seeds (warned).
 """
 
 from __future__ import annotations
@@ -219,12 +215,14 @@ class ReducedStatistics:
 
 
 def reduce_statistics(
-    comm: Communicator, stats: Mapping[str, LayerStats], specs: Mapping[str, LayerSpec]
+    comm: Communicator,
+    stats: Mapping[str, LayerStats],
+    specs: Mapping[str, LayerSpec],
+    factor_view: Callable[[LayerStats], LayerStats] | None = None,
 ) -> ReducedStatistics:
-    """Kronecker factors of the union of every rank's statistics (step 2 of the module doc).
-
-    Every rank must call it with the same ``specs`` (missing local statistics count as zero
-    samples).
+    """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
+    formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
+    with the same ``specs`` (missing local statistics count as zero samples).
 
     Raises:
         RuntimeError: if the ranks disagree on a layer's number of locations ``T``.
@@ -239,8 +237,11 @@ def reduce_statistics(
             for dim in (spec.dim_a, spec.dim_g):
                 sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
             continue
-        a = s.a.reshape(-1, spec.dim_a).to(spec.dtype)
-        g = s.g.reshape(-1, spec.dim_g).to(spec.dtype)
+        f = factor_view(s) if factor_view is not None else s
+        a, g = (
+            f.a.reshape(-1, spec.dim_a).to(spec.dtype),
+            f.g.reshape(-1, spec.dim_g).to(spec.dtype),
+        )
         sums += [pack_symmetric(a.T @ a), pack_symmetric(g.T @ g)]
         counts[2 * i], counts[2 * i + 1] = s.num_samples, a.shape[0]
         local_n = max(local_n, s.num_samples)

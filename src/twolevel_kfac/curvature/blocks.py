@@ -153,6 +153,17 @@ def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:
     return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0])
 
 
+def reduce_locations(stats: LayerStats) -> LayerStats:
+    """KFAC-reduce's view of weight sharing (Eschenhagen et al. 2023): one row per sample,
+    ``ā_n = (1/T) Σ_t ā_nt`` and ``δ_n = Σ_t δ_nt``, so ``A = E_n[ā_n ā_nᵀ]``,
+    ``G = E_n[δ_n δ_nᵀ]`` and no division by ``T``; for ``T = 1`` the statistics themselves.
+    Only the factors are built from it: the exact Fisher products (coarse level, EKFAC)
+    keep every location."""
+    if stats.num_locations == 1:
+        return stats
+    return LayerStats(stats.a.mean(dim=1, keepdim=True), stats.g.sum(dim=1, keepdim=True))
+
+
 def kronecker_factors_as(stats: LayerStats, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
     """:func:`kronecker_factors` computed in ``dtype``, with the number of locations ``T``."""
     cast = LayerStats(stats.a.to(dtype), stats.g.to(dtype))

@@ -22,12 +22,14 @@ from ..twolevel.combinations import COMBINATIONS, CombinationName
 
 InversePlacement = Literal["split", "replicate"]
 InverseChoice = Literal["auto", "eigen", "cholesky"]
+WeightSharing = Literal["expand", "reduce"]
 KlClipForm = Literal["paper", "lr_squared"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
 CoarseRefresh = Literal["consistent", "faithful"]
 SpectralWhich = Literal["smallest", "largest"]
 INVERSE_PLACEMENTS: tuple[str, ...] = get_args(InversePlacement)
 INVERSE_CHOICES: tuple[str, ...] = get_args(InverseChoice)
+WEIGHT_SHARING: tuple[str, ...] = get_args(WeightSharing)
 KL_CLIP_FORMS: tuple[str, ...] = get_args(KlClipForm)
 UNSUPPORTED_POLICIES: tuple[str, ...] = get_args(UnsupportedPolicy)
 
@@ -147,6 +149,13 @@ class CurvatureOptions:
             something needs the factors' eigenbasis) | ``eigen`` | ``cholesky`` (not with
             ``eigen_sum``).
         factor_dtype: dtype of factors and decompositions; ``None`` = the parameters' dtype.
+        weight_sharing: how a block with ``T > 1`` locations (a ``Linear`` on ``[N, T, D]``
+            inputs, a convolution, tied weights) forms its factors (Eschenhagen et al.
+            2023): ``expand`` (default; every location a sample, ``A = E_{n,t}[āāᵀ]``,
+            ``G = E_{n,t}[δδᵀ]``, the direction divided by ``T``: KFC's convention, the
+            right one when the loss has a term per location, e.g. a language model) |
+            ``reduce`` (``ā_n`` the mean, ``δ_n`` the sum over locations, no division: the
+            one for a prediction per sample after pooling over locations).
         accumulation_steps: micro-batches per optimizer step when gradients are accumulated
             (each micro-batch loss divided by it): the empirical ``δ`` is then scaled by
             ``micro-batch size × accumulation_steps``, so the statistics equal those of the
@@ -175,6 +184,7 @@ class CurvatureOptions:
     kl_clip_form: KlClipForm = "paper"
     inverse_method: InverseChoice = "auto"
     factor_dtype: torch.dtype | None = None
+    weight_sharing: WeightSharing = "expand"
     unsupported: UnsupportedPolicy = "warn"
     seed: int = 0
     accumulation_steps: int = 1
@@ -205,6 +215,7 @@ class CurvatureOptions:
             raise TypeError(
                 f"factor_dtype must be a torch.dtype or None; got {self.factor_dtype!r}"
             )
+        check_choice("weight_sharing", self.weight_sharing, WEIGHT_SHARING)
         check_choice("unsupported", self.unsupported, UNSUPPORTED_POLICIES)
         check_interval("accumulation_steps", self.accumulation_steps)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -1,4 +1,4 @@
-"""The KFAC preconditioner: rewrites ``.grad`` of a model's Linear / Conv2d layers.
+"""The KFAC preconditioner: rewrites ``.grad`` of a model's layers with a curvature block.
 
 It is independent of the optimizer that then takes the step (the kfac-pytorch pattern):
 ``loss.backward(); precond.step(); sgd.step()`` preconditions any torch optimizer.
@@ -32,6 +32,7 @@ from ..curvature.blocks import (
     layer_shape,
     layer_weight,
     matrix_to_parameter_shapes,
+    reduce_locations,
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
@@ -232,11 +233,13 @@ class KFACPreconditioner:
             this rank's statistics of every layer some rank saw (empty where this one saw
             none); ``sample_counts`` holds the global sample counts.
         """
+        view = reduce_locations if self.options.weight_sharing == "reduce" else None
         if self.comm.distributed:
-            reduced = reduce_statistics(self.comm, stats, self._layer_specs())
+            reduced = reduce_statistics(self.comm, stats, self._layer_specs(), view)
             new, stats, self.sample_counts = reduced.factors, reduced.stats, reduced.samples
         else:
-            new = {n: kronecker_factors_as(s, self.factor_dtype(n)) for n, s in stats.items()}
+            shared = {n: view(s) for n, s in stats.items()} if view else stats
+            new = {n: kronecker_factors_as(s, self.factor_dtype(n)) for n, s in shared.items()}
         skipped = 0
         for name, (new_a, new_g, locations) in new.items():
             finite = all_finite((new_a, new_g))
@@ -251,9 +254,8 @@ class KFACPreconditioner:
         return self.sample_counts[name] if self.comm.distributed else stats.num_samples
 
     def fit(self, stats: dict[str, LayerStats]) -> None:
-        """Load the curvature of ``stats`` (running averages as configured) and refresh the
-        decompositions: what a factor-refreshing ``step()`` does before preconditioning
-        (the analysis uses it to build a method from a batch's exact statistics)."""
+        """Load the curvature of ``stats`` and refresh the decompositions, as a refreshing
+        ``step()`` does before preconditioning (for the analysis: a batch's statistics)."""
         stats = self._update_factors(stats)
         self.fine.refresh(self.damping)
         self.fine.after_refresh(stats)
