@@ -59,7 +59,7 @@ def has_bias(module: nn.Module) -> bool:
 
 
 def layer_weight(module: nn.Module) -> nn.Parameter:
-    """The ``weight`` parameter of a Linear / Conv2d layer."""
+    """The ``weight`` parameter of a layer with a curvature block."""
     weight = module.weight
     if not isinstance(weight, nn.Parameter):
         raise TypeError(f"{type(module).__name__} has no weight parameter")

@@ -188,7 +188,7 @@ class CurvatureCapture:
     ) -> None:
         """Record one call of a block's module in the forward in flight (every layer of a
         captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
-        backbone put in ``eval()`` still trains its Linear and Conv2d layers)."""
+        backbone put in ``eval()`` still trains its Linear and convolution layers)."""
         forward = self._forward
         if forward is None or not output.requires_grad or _in_backward():
             return  # (an output without a graph: a frozen layer, or gradients disabled)

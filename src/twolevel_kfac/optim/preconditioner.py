@@ -121,8 +121,8 @@ class KFACPreconditioner:
         self.layers = find_layers(model, self.options.unsupported, params)
         if not self.layers:
             raise ValueError(
-                f"{type(model).__name__} has no trainable Linear or Conv2d layer to precondition"
-                + ("" if params is None else " among the given params")
+                f"{type(model).__name__} has no trainable layer with a curvature block "
+                f"(Linear, Conv1d/2d/3d, a registered type){'' if params is None else ' in params'}"
             )
         self.damping = damping_at(self.options.damping, 0)
         self.steps = 0
