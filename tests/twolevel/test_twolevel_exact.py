@@ -22,7 +22,15 @@ from oracles import (
     tiny_convnet,
     tiny_mlp,
 )
-from test_kfac_exact import CONTRACT, make_batch, mixed_net, one_step, prepare
+from test_kfac_exact import (
+    CONTRACT,
+    conv1d_net,
+    conv3d_net,
+    make_batch,
+    mixed_net,
+    one_step,
+    prepare,
+)
 from twolevel_kfac.curvature.blocks import layer_shape
 from twolevel_kfac.optim.coarse import CoarseLevel
 from twolevel_kfac.optim.twolevel import TwoLevelPreconditioner
@@ -41,6 +49,8 @@ NETS = {
     "mlp": (lambda: tiny_mlp(), (4,), 2),
     "conv": (lambda: tiny_convnet(), (2, 5, 5), 2),
     "mixed_bn": (mixed_net, (2, 6, 6), 3),
+    "conv1d": (conv1d_net, (2, 8), 3),  # the registry's 1-d and 3-d convolutions
+    "conv3d": (conv3d_net, (1, 3, 4, 3), 2),
 }
 
 
