@@ -110,7 +110,12 @@ def test_the_fallback_state_is_checkpointed() -> None:
         (
             {"fallback": "adamw", "qmodel_lr_momentum": True},
             ValueError,
-            "qmodel_lr_momentum steps every parameter",
+            "model every parameter's step",
+        ),
+        (
+            {"fallback": "adamw", "adaptive_damping": True},
+            ValueError,
+            "model every parameter's step",
         ),
     ],
 )

@@ -151,8 +151,9 @@ class KFAC(torch.optim.Optimizer):
         covered = self.preconditioner.preconditioned_parameters()
         rest = [p for g in self.param_groups for p in g["params"] if id(p) not in covered]
         self.fallback = make_fallback(fallback, rest, fallback_options)
-        if self.fallback is not None and self.damping_options.qmodel_lr_momentum:
-            raise ValueError("qmodel_lr_momentum steps every parameter: use fallback='sgd'")
+        if self.fallback is not None and self.damping_options.needs_statistics:
+            raise ValueError("adaptive damping and qmodel_lr_momentum model every parameter's "
+                             "step: use fallback='sgd'")  # fmt: skip
         self.fallback_kind = fallback
         logger.info("%s blocks:\n%s", type(self).__name__, self.describe_blocks())
         self._built = True
