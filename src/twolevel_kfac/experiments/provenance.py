@@ -4,13 +4,15 @@ torch version, the thread count and the machine.
 Every start and every resume of a run appends one line to ``RUN_DIR/provenance.jsonl``
 (:func:`record`), so a run that several sessions or commits finished says so; a report
 sums up the lines of all its runs (:func:`describe`). The commit is that of the checkout
-the package is imported from (``git rev-parse HEAD`` there; ``unknown`` for an installed
-copy), and *dirty* means tracked files differed from it.
+the package is imported from (``git rev-parse HEAD`` there when this module is imported, so
+a long comparison records the code it runs; ``unknown`` for an installed copy), and *dirty*
+means tracked files differed from it.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -41,15 +43,27 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def collect(event: str = "start") -> dict[str, Any]:
-    """The facts of this process that a result depends on."""
+@functools.cache
+def code_state() -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the checkout as this process first saw it (when this module
+    was imported): the code a long comparison runs is what it imported at its start, even
+    if the checkout moves on while it runs."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return commit or "unknown", bool(status) if status is not None else None
+
+
+code_state()
+
+
+def collect(event: str = "start") -> dict[str, Any]:
+    """The facts of this process that a result depends on."""
+    commit, dirty = code_state()
     return {
         "event": event,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit or "unknown",
-        "git_dirty": bool(status) if status is not None else None,
+        "git_commit": commit,
+        "git_dirty": dirty,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
