@@ -31,17 +31,16 @@ keys are an error. Unknown keys are rejected with close matches suggested.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import json
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from twolevel_kfac.experiments.config_errors import check_keys, format_error, hint
 from twolevel_kfac.experiments.device import check_device_spec
 from twolevel_kfac.experiments.losses import LIKELIHOODS
 from twolevel_kfac.experiments.models import MODELS
@@ -92,9 +91,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in MODELS:
-            raise ValueError(
-                f"unknown model {name!r}{_hint(name, MODELS)}; allowed: {list(MODELS)}"
-            )
+            raise ValueError(f"unknown model {name!r}{hint(name, MODELS)}; allowed: {list(MODELS)}")
         return name
 
     @model_validator(mode="after")
@@ -226,20 +223,20 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_methods(self) -> ExperimentConfig:
-        _check_keys("defaults.kfac", self.defaults.kfac, allowed_arguments("kfac"))
+        check_keys("defaults.kfac", self.defaults.kfac, allowed_arguments("kfac"))
         coarse = allowed_arguments("nico") - allowed_arguments("kfac")
-        _check_keys("defaults.twolevel", self.defaults.twolevel, coarse)
+        check_keys("defaults.twolevel", self.defaults.twolevel, coarse)
         for label, entry in self.methods.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
                 raise ValueError(f"method label {label!r}: use letters, digits, '_', '-', '.'")
             kind = entry.get("optimizer", label)
             if kind not in METHODS:
                 raise ValueError(
-                    f"methods.{label}: unknown optimizer {kind!r}{_hint(str(kind), METHODS)}; "
+                    f"methods.{label}: unknown optimizer {kind!r}{hint(str(kind), METHODS)}; "
                     f"allowed: {list(METHODS)} (or set 'optimizer:' in the entry)"
                 )
             keys = allowed_arguments(kind) | {"optimizer", "seeds"}
-            _check_keys(f"methods.{label}", entry, keys)
+            check_keys(f"methods.{label}", entry, keys)
             self._check_seeds(label)
             self._check_likelihood(label, kind)
             self._dry_build(label)
@@ -325,7 +322,7 @@ class ExperimentConfig(_Strict):
         """The single-run config of ``(label, seed)`` with every default resolved."""
         if label not in self.methods:
             raise ValueError(
-                f"unknown method {label!r}{_hint(label, self.methods)}; "
+                f"unknown method {label!r}{hint(label, self.methods)}; "
                 f"this config has {list(self.methods)}"
             )
         kind, kwargs = self.method_kwargs(label, seed)
@@ -356,54 +353,12 @@ class ExperimentConfig(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _hint(key: str, allowed: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-
-
-def _check_keys(where: str, entry: dict[str, Any], allowed: typing.Iterable[str]) -> None:
-    allowed = sorted(allowed)
-    for key in entry:
-        if key not in allowed:
-            raise ValueError(
-                f"unknown key '{where}.{key}'{_hint(str(key), allowed)}; allowed here: {allowed}"
-            )
-
-
-def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates location ``loc`` below ``model``."""
-    for part in loc:
-        field = model.model_fields.get(str(part)) if model is not None else None
-        if field is None:
-            return None
-        candidates = [field.annotation, *typing.get_args(field.annotation)]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-    return model
-
-
-def _format_error(error: Any) -> str:
-    loc = tuple(error["loc"])
-    path = ".".join(map(str, loc))
-    if error["type"] == "extra_forbidden":
-        model = _model_at(ExperimentConfig, loc[:-1])
-        allowed = sorted(model.model_fields) if model else []
-        return f"unknown key '{path}'{_hint(str(loc[-1]), allowed)}; allowed here: {allowed}"
-    if error["type"] == "missing":
-        return f"missing required key '{path}'"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if not loc:
-        return message
-    return f"{path}: {message} (got {error.get('input')!r})"
-
-
 def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
     """Validate a config mapping; ``ValueError`` lists every problem, one per line."""
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        lines = [_format_error(e) for e in error.errors()]
+        lines = [format_error(e, ExperimentConfig) for e in error.errors()]
         raise ValueError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 
