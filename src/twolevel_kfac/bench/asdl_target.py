@@ -248,28 +248,14 @@ def render(data: dict[str, Any]) -> str:
 
 def plot(data: dict[str, Any], out: Path) -> list[Path]:
     """``asdl_target_<problem>.png``: train loss against wall time, both libraries."""
-    import matplotlib
+    from twolevel_kfac.bench.plots import target_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for r in data["results"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for k, library in enumerate(LIBRARIES):
-            for j, run in enumerate(x for x in r["runs"] if x["library"] == library):
-                curve = run["curve"]
-                ax.plot([p["wall_time_s"] for p in curve], [p["train_loss"] for p in curve],
-                        color=f"C{k}", label=library if j == 0 else None)  # fmt: skip
-        ax.axhline(r["target"], color="grey", ls=":", label="target")
-        ax.set_xlabel("training wall time (s)")
-        ax.set_ylabel("train loss")
-        ax.set_yscale("log")
-        ax.legend()
-        ax.set_title(f"{r['problem']}: ours vs ASDL at their defaults")
-        fig.tight_layout()
-        path = out / f"{NAME}_{r['problem']}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+    return [
+        target_curves(
+            r,
+            LIBRARIES,
+            f"{r['problem']}: ours vs ASDL at their defaults",
+            out / f"{NAME}_{r['problem']}.png",
+        )
+        for r in data["results"]
+    ]

@@ -213,31 +213,16 @@ def render(data: dict[str, Any]) -> str:
 
 def plot(data: dict[str, Any], out: Path) -> list[Path]:
     """``intervals_<problem>.png``: train loss against wall time and against steps."""
-    import matplotlib
+    from twolevel_kfac.bench.plots import interval_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for problem in dict.fromkeys(r["problem"] for r in data["runs"]):
-        fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4))
-        for k, label in enumerate(data["settings"]["settings"]):
-            mine = [r for r in data["runs"] if r["problem"] == problem and r["setting"] == label]
-            for j, run in enumerate(mine):
-                style = {"color": f"C{k}", "label": label if j == 0 else None, "lw": 1}
-                if label == OLD_DEFAULTS:
-                    style["ls"] = "--"
-                by_time.plot(run["wall_time_s"], run["train_loss"], **style)
-                by_step.plot(run["step"], run["train_loss"], **style)
-        for ax, xlabel in ((by_time, "training wall time (s)"), (by_step, "step")):
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("train loss")
-            ax.set_yscale("log")
-        by_time.legend(fontsize=7)
-        fig.suptitle(f"KFAC refresh intervals: {problem}")
-        fig.tight_layout()
-        path = out / f"{NAME}_{problem}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+    settings = list(data["settings"]["settings"])
+    return [
+        interval_curves(
+            [r for r in data["runs"] if r["problem"] == problem],
+            settings,
+            OLD_DEFAULTS,
+            f"KFAC refresh intervals: {problem}",
+            out / f"{NAME}_{problem}.png",
+        )
+        for problem in dict.fromkeys(r["problem"] for r in data["runs"])
+    ]

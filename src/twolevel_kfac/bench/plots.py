@@ -11,7 +11,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["loss_curves", "ratio_bars", "scaling_panels"]
+__all__ = ["interval_curves", "loss_curves", "ratio_bars", "scaling_panels", "target_curves"]
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -80,6 +80,12 @@ def scaling_panels(data: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _loss_axes(ax: Any, xlabel: str, ylabel: str = "train loss") -> None:
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def loss_curves(data: dict[str, Any], path: Path) -> Path:
     """Train loss (epoch mean) against training wall time, per method and seed, with the
     target losses as horizontal lines."""
@@ -96,10 +102,46 @@ def loss_curves(data: dict[str, Any], path: Path) -> Path:
         colours.setdefault(run["method"], line.get_color())
     for target in data["settings"]["targets"]:
         ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
-    ax.set_yscale("log")
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel("train loss (epoch mean)")
+    _loss_axes(ax, "training wall time (s)", "train loss (epoch mean)")
     ax.set_title(data["settings"]["title"], fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def interval_curves(
+    runs: Sequence[dict[str, Any]], settings: Sequence[str], dashed: str, title: str, path: Path
+) -> Path:
+    """Train loss against wall time and against steps, one colour per setting (one line
+    per seed; ``dashed`` drawn dashed): ``tlkfac bench intervals``."""
+    fig = Figure(figsize=(11, 4))
+    by_time, by_step = fig.subplots(1, 2)
+    for k, label in enumerate(settings):
+        for j, run in enumerate(r for r in runs if r["setting"] == label):
+            style = {"color": f"C{k}", "label": label if j == 0 else None, "lw": 1}
+            if label == dashed:
+                style["ls"] = "--"
+            by_time.plot(run["wall_time_s"], run["train_loss"], **style)
+            by_step.plot(run["step"], run["train_loss"], **style)
+    _loss_axes(by_time, "training wall time (s)")
+    _loss_axes(by_step, "step")
+    by_time.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def target_curves(result: dict[str, Any], groups: Sequence[str], title: str, path: Path) -> Path:
+    """Train loss against wall time, one colour per ``group`` (``run["library"]``, a line
+    per seed), and the target loss: ``tlkfac bench asdl_target``."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for k, group in enumerate(groups):
+        for j, run in enumerate(r for r in result["runs"] if r["library"] == group):
+            curve = run["curve"]
+            ax.plot([p["wall_time_s"] for p in curve], [p["train_loss"] for p in curve],
+                    color=f"C{k}", label=group if j == 0 else None)  # fmt: skip
+    ax.axhline(result["target"], color="grey", ls=":", label="target")
+    _loss_axes(ax, "training wall time (s)")
+    ax.legend()
+    ax.set_title(title)
     return _save(fig, path)
