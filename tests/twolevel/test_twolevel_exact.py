@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from oracles import (
+    COARSE_SPACES,
+    COMBINATIONS,
     assert_close_report,
     build_dense_problem,
     dense_twolevel_update,
@@ -35,15 +37,7 @@ from twolevel_kfac.curvature.blocks import layer_shape
 from twolevel_kfac.optim.coarse import CoarseLevel
 from twolevel_kfac.optim.twolevel import TwoLevelPreconditioner
 
-SPACES = (
-    "nicolaides",
-    "spectral",
-    "residual",
-    "krylov_nicolaides",
-    "krylov_residual",
-    "tselepidis",
-)
-COMBINATIONS = ("additive", "adef1", "adef2", "balanced")
+SPACES = COARSE_SPACES
 LOSS = nn.CrossEntropyLoss()
 NETS = {
     "mlp": (lambda: tiny_mlp(), (4,), 2),
