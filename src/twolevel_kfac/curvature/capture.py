@@ -39,8 +39,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .blocks import LayerStats, input_features, output_gradients
-from .forward_checks import check_batch_rows, check_weight_uses, output_tensors
-from .likelihoods import sampled_nll
+from .forward_checks import check_batch_rows, check_weight_uses, first_tensor, output_tensors
+from .hooks import WeakHook, in_backward, remove_all
+from .likelihoods import check_output, sampled_nll
+from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
 
 FisherType = Literal["mc", "empirical"]
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
@@ -62,6 +64,7 @@ class _Forward:
 
     index: Tensor | None
     batch_size: int
+    mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
     records: dict[str, list[_Record]] = field(default_factory=dict)
@@ -90,14 +93,6 @@ def _check_rows(what: str, tensor: Tensor, forward: _Forward) -> None:
         )
 
 
-def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-    """The first tensor among a call's positional and keyword arguments."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value
-    return None
-
-
 class CurvatureCapture:
     """Hooks that collect :class:`LayerStats` of the Fisher mini-batch for named layers.
 
@@ -113,6 +108,7 @@ class CurvatureCapture:
             block's own module.
         dtypes: the dtype of each block's statistics; default: as captured.
         loss_reduction: how ``mc``'s per-sample loss reduces over output features.
+        class_dim: the class dimension of categorical logits with positions.
     """
 
     def __init__(
@@ -127,8 +123,12 @@ class CurvatureCapture:
         uses: dict[str, list[nn.Module]] | None = None,
         dtypes: dict[str, torch.dtype] | None = None,
         loss_reduction: str = "sum",
+        class_dim: int | None = None,
     ) -> None:
         self.model = model
+        self.class_dim = class_dim
+        self._next_mask: Tensor | None = None
+        self._warned_mask = False
         self.layers = layers
         self.fisher = fisher
         self.likelihood = likelihood
@@ -145,31 +145,47 @@ class CurvatureCapture:
         # optimizer that is dropped (a notebook cell run again) leaves nothing on the model.
         this = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(_WeakHook(this, "_root_pre_hook"), with_kwargs=True),
+            model.register_forward_pre_hook(WeakHook(this, "_root_pre_hook"), with_kwargs=True),
         ]
         uses = uses or {name: [module] for name, module in layers.items()}
         for name, modules in uses.items():
             for module in modules:
-                hook = _WeakHook(this, "layer_hook", name)
+                hook = WeakHook(this, "layer_hook", name)
                 self._handles.append(module.register_forward_hook(hook))
         # after the layers' hooks: a root module that is itself a layer records first
-        self._handles.append(model.register_forward_hook(_WeakHook(this, "_root_hook")))
-        weakref.finalize(self, _remove_all, self._handles)
+        self._handles.append(model.register_forward_hook(WeakHook(this, "_root_hook")))
+        weakref.finalize(self, remove_all, self._handles)
 
     def remove(self) -> None:
         """Remove every hook (the capture then records nothing)."""
-        _remove_all(self._handles)
+        remove_all(self._handles)
 
     def _capturing(self, module: nn.Module) -> bool:
         """Whether the model's forward that starts now is captured: the capture is armed,
         the model is in train mode with gradients enabled, and this is not a recomputation
         inside a backward pass (activation checkpointing reruns the forward there)."""
-        return self.active and module.training and torch.is_grad_enabled() and not _in_backward()
+        return self.active and module.training and torch.is_grad_enabled() and not in_backward()
+
+    def set_loss_mask(self, mask: Tensor | None) -> None:
+        """The positions of the next forward's logits that its loss counts (``[N, T]`` for
+        ``[N, T, C]`` logits: ``targets != ignore_index``), for the MC Fisher's sampled
+        loss (:mod:`.loss_mask`); the next forward of the model uses it, captured or not.
+
+        Raises:
+            ValueError: for ``fisher="mc"`` with a likelihood other than ``categorical``.
+        """
+        if mask is not None and self.fisher == "mc" and self.likelihood != "categorical":
+            raise ValueError(
+                f"set_loss_mask marks the positions of categorical logits; fisher='mc' with "
+                f"likelihood={self.likelihood!r} has none"
+            )
+        self._next_mask = None if mask is None else mask.detach()
 
     def _root_pre_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         self._forward = None
+        mask, self._next_mask = self._next_mask, None
         if not self._capturing(module):
             return
         x = first_tensor(args, kwargs)
@@ -181,7 +197,7 @@ class CurvatureCapture:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
-        self._forward = _Forward(index=index, batch_size=batch)
+        self._forward = _Forward(index=index, batch_size=batch, mask=mask)
 
     def layer_hook(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
@@ -190,7 +206,7 @@ class CurvatureCapture:
         captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
         backbone put in ``eval()`` still trains its Linear and convolution layers)."""
         forward = self._forward
-        if forward is None or not output.requires_grad or _in_backward():
+        if forward is None or not output.requires_grad or in_backward():
             return  # (an output without a graph: a frozen layer, or gradients disabled)
         _check_rows(f"the input of layer {name!r}", args[0], forward)
         record = _Record(module, _rows(args[0].detach(), forward), forward)
@@ -227,9 +243,7 @@ class CurvatureCapture:
             forward.outputs.clear()  # a non-finite output gives no statistics this step
             return
         try:
-            _check_rows("the model output", output, forward)
-            fisher_rows = _rows(output, forward)
-            loss = sampled_nll(fisher_rows, self.likelihood, self.generator, self.loss_reduction)
+            loss = self._sampled_loss(output, forward)
         except (RuntimeError, ValueError):
             forward.outputs.clear()
             raise
@@ -255,10 +269,38 @@ class CurvatureCapture:
             forward.records[name][i].grad = _rows(grad.detach(), forward)
         forward.outputs.clear()
 
+        has_positions = self.likelihood == "categorical" and output.dim() > 2
+
         def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
             forward.backward_done = True
+            if has_positions and not self._warned_mask:
+                problem = mask_disagreement(grad, forward.mask, self.class_dim)
+                if problem is not None:
+                    self._warned_mask = True
+                    warnings.warn(problem, RuntimeWarning, stacklevel=2)
 
         output.register_hook(backward_hook)
+
+    def _sampled_loss(self, output: Tensor, forward: _Forward) -> Tensor:
+        """The MC Fisher's loss of the Fisher mini-batch rows, with targets sampled from the
+        model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
+        _check_rows("the model output", output, forward)
+        check_output(output, self.likelihood, self.class_dim)
+        mask, positions = forward.mask, 1.0
+        if self.likelihood == "categorical":
+            if mask is not None:
+                check_loss_mask(mask, output, self.class_dim)
+                mask = mask.to(output.device)
+            positions = counted_positions(mask, output, self.class_dim)
+        return sampled_nll(
+            _rows(output, forward),
+            self.likelihood,
+            self.generator,
+            self.loss_reduction,
+            self.class_dim,
+            None if mask is None else _rows(mask, forward),
+            positions,
+        )
 
     def has_statistics(self) -> bool:
         """Whether any forward of this step has its output gradients."""
@@ -349,42 +391,3 @@ def _forward_stats(
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None else tensor.to(dtype)
-
-
-def _in_backward() -> bool:
-    """Whether autograd's engine is running a backward pass on this thread (where
-    activation checkpointing recomputes forwards)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-class _WeakHook:
-    """A hook calling a method of the capture while the capture is alive (and its module
-    is the one hooked). A copy (``copy.deepcopy(model)``) or a pickle (``torch.save(model)``)
-    of the module carries an inert hook: the copy's forwards never feed this optimizer."""
-
-    def __init__(
-        self, capture: weakref.ref[CurvatureCapture], method: str, name: str | None = None
-    ) -> None:
-        self.capture, self.method, self.name = capture, method, name
-
-    def __call__(self, *args: Any) -> None:
-        target = self.capture() if self.capture is not None else None
-        if target is None:
-            return
-        if self.name is None:
-            getattr(target, self.method)(*args)
-        else:
-            getattr(target, self.method)(self.name, *args)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _WeakHook:
-        return _WeakHook(None, self.method, self.name)  # type: ignore[arg-type]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_WeakHook, (None, self.method, self.name))
-
-
-def _remove_all(handles: list[RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()

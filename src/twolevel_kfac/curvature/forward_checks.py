@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .blocks import layer_weight
 
-__all__ = ["check_batch_rows", "check_weight_uses", "output_tensors"]
+__all__ = ["check_batch_rows", "check_weight_uses", "first_tensor", "output_tensors"]
 
 
 def output_tensors(output: Any) -> Iterator[Tensor]:
@@ -87,3 +87,11 @@ def check_batch_rows(batch: int, rows: set[int]) -> None:
         f"{sorted(rows)}: KFAC takes the batch size (the empirical Fisher's scale) from the "
         "first tensor argument of model(...); pass the batch first"
     )
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The first tensor among a call's positional and keyword arguments."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None

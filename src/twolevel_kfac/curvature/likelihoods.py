@@ -6,14 +6,19 @@ per-sample negative log-likelihood ``ℓ_n(y) = −log p(y | f_n)`` of the netwo
 ``f_n``; its gradient with respect to the layer pre-activations is KFAC's ``δ``.
 
 * ``categorical``: ``f`` are logits ``[N, C]``; ``y ~ Cat(softmax(f))``; ``ℓ = CE(f, y)``.
+  Logits with positions (``class_dim``): ``[N, T, C]`` (``class_dim=-1``, a language
+  model) or ``[N, C, d₁, …]`` (``class_dim=1``, torch's ``CrossEntropyLoss`` layout); one
+  independent draw per position ``t`` and ``ℓ = Σ_t m_t CE(f_t, y_t)``, ``m`` the mask of
+  the positions the training loss counts (its targets not ``ignore_index``; all by default).
 * ``bernoulli``: ``f`` are logits ``[N, ...]``; ``y ~ Bernoulli(σ(f))`` elementwise;
   ``ℓ = Σ_k BCE(σ(f_k), y_k)`` (summed over output features).
 * ``gaussian``: ``f`` are means ``[N, ...]``; ``y ~ N(f, I)``; ``ℓ = ½‖y − f‖²`` (so
   ``0.5 * F.mse_loss(f, y, reduction="sum") / N`` is the matching training loss).
 
 The matching training losses take the *mean over samples* of these per-sample losses
-(sum over output features): e.g. ``BCEWithLogits(reduction="sum") / N``; with
-``loss_reduction="mean"`` they are torch's defaults instead (:func:`mean_scale`).
+(sum over output features and positions): e.g. ``BCEWithLogits(reduction="sum") / N``;
+with ``loss_reduction="mean"`` they are torch's defaults instead (:func:`mean_scale`: a
+mean over features, and over the counted positions of the whole batch).
 
 Targets are drawn on the generator's device (the optimizers' sampler is a CPU generator,
 whose state a checkpoint restores on any machine) and then moved to the output's: for a
@@ -33,28 +38,68 @@ Likelihood = Literal["categorical", "bernoulli", "gaussian"]
 LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
 
 
-def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
-    """Draw one target per sample from the model's predictive distribution (on the
-    generator's device, returned on ``output``'s)."""
+def sample_targets(
+    output: Tensor,
+    likelihood: str,
+    generator: torch.Generator | None,
+    class_dim: int | None = None,
+) -> Tensor:
+    """Draw one target per sample (per position, for categorical logits with ``class_dim``)
+    from the model's predictive distribution (on the generator's device, returned on
+    ``output``'s); categorical targets have the shape of :func:`positions_shape`."""
     output = output.detach()
     device = output.device if generator is None else generator.device
-    return _draw(output.to(device), likelihood, generator).to(output.device)
+    return _draw(output.to(device), likelihood, generator, class_dim).to(output.device)
 
 
-def check_output(output: Tensor, likelihood: str) -> None:
+def classes_last(output: Tensor, class_dim: int | None) -> Tensor:
+    """Categorical logits as ``[N, P, C]``: the class dimension last, the other non-batch
+    dimensions flattened to ``P`` positions (in ``output``'s order; ``P = 1`` for
+    ``[N, C]``)."""
+    if output.dim() == 2:
+        return output.unsqueeze(1)
+    assert class_dim is not None
+    moved = output.movedim(class_dim, -1)
+    return moved.reshape(output.shape[0], -1, moved.shape[-1])
+
+
+def positions_shape(output: Tensor, class_dim: int | None) -> tuple[int, ...]:
+    """The shape of categorical targets (and of a loss mask) for ``output``: without its
+    class dimension (``[N]`` for ``[N, C]``, ``[N, T]`` for ``[N, T, C]``)."""
+    if output.dim() == 2:
+        return (int(output.shape[0]),)
+    assert class_dim is not None
+    dim = class_dim % output.dim()
+    return tuple(int(n) for i, n in enumerate(output.shape) if i != dim)
+
+
+def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) -> None:
     """Refuse an output the likelihood cannot describe (its Fisher would be silently wrong).
 
     Raises:
-        ValueError: ``categorical`` on anything but ``[N, C]`` logits with ``C ≥ 2`` (one
-            logit has ``softmax = 1``: every sampled gradient, so every ``G``, is 0).
+        ValueError: ``categorical`` on logits with positions (more than 2 dimensions) and
+            no ``class_dim`` (``[N, T, C]`` and torch's ``[N, C, T]`` are both common), with
+            ``class_dim`` the batch dimension, or with fewer than 2 classes (one logit has
+            ``softmax = 1``: every sampled gradient, so every ``G``, is 0).
     """
     if likelihood != "categorical":
         return
-    if output.dim() != 2:
+    if output.dim() < 2:
         raise ValueError(
             f"likelihood='categorical' expects logits of shape [N, C], got {tuple(output.shape)}"
         )
-    if output.shape[1] < 2:
+    if output.dim() > 2 and class_dim is None:
+        raise ValueError(
+            f"likelihood='categorical' on logits of shape {tuple(output.shape)}: which "
+            "dimension holds the classes? Pass class_dim=-1 for [N, T, C] (a language "
+            "model's logits) or class_dim=1 for torch's CrossEntropyLoss layout [N, C, d1, "
+            "...]. Each position is then a categorical of its own (set_loss_mask for "
+            "ignore_index targets)"
+        )
+    if class_dim is not None and class_dim % output.dim() == 0:
+        raise ValueError(f"class_dim={class_dim} is the batch dimension of {tuple(output.shape)}")
+    classes = output.shape[1] if output.dim() == 2 else output.shape[class_dim]  # type: ignore[index]
+    if classes < 2:
         raise ValueError(
             f"likelihood='categorical' on a model output of shape {tuple(output.shape)}: one "
             "logit per sample has softmax 1, so the Monte-Carlo Fisher (every G factor) would "
@@ -63,11 +108,15 @@ def check_output(output: Tensor, likelihood: str) -> None:
         )
 
 
-def _draw(output: Tensor, likelihood: str, generator: torch.Generator | None) -> Tensor:
-    check_output(output, likelihood)
+def _draw(
+    output: Tensor, likelihood: str, generator: torch.Generator | None, class_dim: int | None
+) -> Tensor:
+    check_output(output, likelihood, class_dim)
     if likelihood == "categorical":
-        probs = torch.softmax(output.float(), dim=1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logits = classes_last(output, class_dim)
+        probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=1)
+        draws = torch.multinomial(probs, 1, generator=generator)
+        return draws.reshape(positions_shape(output, class_dim))
     if likelihood == "bernoulli":
         probs = torch.sigmoid(output)
         return torch.bernoulli(probs, generator=generator)
@@ -79,10 +128,24 @@ def _draw(output: Tensor, likelihood: str, generator: torch.Generator | None) ->
     raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
 
-def summed_nll(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
-    """``Σ_n ℓ_n(y_n)``: its gradient w.r.t. sample n's pre-activations is ``δ_n``."""
+def summed_nll(
+    output: Tensor,
+    target: Tensor,
+    likelihood: str,
+    class_dim: int | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """``Σ_n ℓ_n(y_n)``: its gradient w.r.t. sample n's pre-activations is ``δ_n``
+    (categorical: ``Σ_{n,t} m_{nt} CE(f_{nt}, y_{nt})``, ``mask`` ``m`` of the shape of
+    :func:`positions_shape`, all ones by default)."""
     if likelihood == "categorical":
-        return F.cross_entropy(output, target, reduction="sum")
+        logits = classes_last(output, class_dim)
+        terms = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        )
+        if mask is not None:
+            terms = terms * mask.reshape(-1).to(terms.dtype)
+        return terms.sum()
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
     if likelihood == "gaussian":
@@ -94,14 +157,16 @@ LossReduction = Literal["sum", "mean"]
 LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
 
 
-def mean_scale(likelihood: str, features: int) -> float:
+def mean_scale(likelihood: str, features: int, positions: float = 1.0) -> float:
     """``s`` with ``ℓ_mean = s · ℓ_sum`` per sample, ``D = features`` output features:
     torch's default reductions against the summed negative log-likelihood.
 
     * ``bernoulli``: ``BCEWithLogitsLoss()`` averages ``Σ_k BCE_k`` over ``D``: ``s = 1/D``;
     * ``gaussian``: ``MSELoss()`` is ``(1/D) Σ_k (y_k − f_k)²``, against ``½‖y − f‖²``:
       ``s = 2/D``;
-    * ``categorical``: ``CrossEntropyLoss()`` has one term per sample: ``s = 1``.
+    * ``categorical``: ``CrossEntropyLoss()`` averages over the counted positions of the
+      batch (``N_tok``, those whose target is not ``ignore_index``): with
+      ``positions = N_tok / N`` per sample, ``s = N / N_tok`` (``1`` for ``[N, C]``).
 
     The Fisher of the ``mean`` loss is ``s²`` times the ``sum`` loss's.
     """
@@ -109,7 +174,7 @@ def mean_scale(likelihood: str, features: int) -> float:
         return 1.0 / features
     if likelihood == "gaussian":
         return 2.0 / features
-    return 1.0
+    return 1.0 / positions
 
 
 def sampled_nll(
@@ -117,14 +182,19 @@ def sampled_nll(
     likelihood: str,
     generator: torch.Generator | None,
     reduction: str = "sum",
+    class_dim: int | None = None,
+    mask: Tensor | None = None,
+    positions: float = 1.0,
 ) -> Tensor:
     """The per-sample loss of targets sampled from the model itself, summed over the
     samples: the negative log-likelihood (``reduction="sum"``), or torch's default loss of
     the likelihood per sample (``"mean"``: ``MSELoss()``, ``BCEWithLogitsLoss()``,
-    ``CrossEntropyLoss()``; :func:`mean_scale` times the NLL)."""
-    loss = summed_nll(output, sample_targets(output, likelihood, generator), likelihood)
+    ``CrossEntropyLoss()``; :func:`mean_scale` times the NLL, ``positions`` the counted
+    positions per sample of the whole batch). ``class_dim``, ``mask``: :func:`summed_nll`."""
+    target = sample_targets(output, likelihood, generator, class_dim)
+    loss = summed_nll(output, target, likelihood, class_dim, mask)
     if reduction == "mean":
-        loss = loss * mean_scale(likelihood, output[0].numel())
+        loss = loss * mean_scale(likelihood, output[0].numel(), positions)
     return loss
 
 

@@ -41,3 +41,30 @@ def unscale_gradients(groups: Iterable[dict[str, Any]], scale: float) -> None:
     if grads:
         inverse = float(torch.tensor(scale, dtype=torch.float64).reciprocal().float())
         torch._foreach_mul_(grads, inverse)
+
+
+def amp_loss_scale(optimizer: Any, fisher: str) -> float | None:
+    """The loss scale of this step's empirical statistics (1 outside a GradScaler),
+    with the gradients unscaled here; ``None`` when the scaler found an inf.
+
+    Raises:
+        RuntimeError: for ``fisher="empirical"`` after ``scaler.unscale_(opt)``, which
+            leaves the scale of the captured output gradients unknown.
+    """
+    state = take_amp_state(optimizer)
+    if state is None:
+        return 1.0
+    scale, found_inf = state
+    if found_inf:
+        return None
+    if scale is not None:
+        unscale_gradients(optimizer.param_groups, scale)
+        return scale
+    if fisher == "empirical":
+        raise RuntimeError(
+            f"{type(optimizer).__name__}(fisher='empirical') under GradScaler after "
+            "scaler.unscale_(opt): the captured output gradients carry the loss scale, "
+            "which is then unknown here. Call scaler.step(opt) without unscale_ (with "
+            "the KL clip on, norm clipping has no effect anyway) or use fisher='mc'"
+        )
+    return 1.0

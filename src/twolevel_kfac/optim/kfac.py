@@ -28,7 +28,7 @@ from torch.optim.sgd import sgd as sgd_update
 from ..curvature.blocks import layer_weight
 from ..curvature.discovery import is_supported, materialize_params, parameter_ids
 from ..finite import all_finite
-from .amp import take_amp_state, unscale_gradients
+from .amp import amp_loss_scale
 from .damping import (
     DAMPING_ARGUMENTS,
     DampingOptions,
@@ -49,8 +49,9 @@ class KFAC(torch.optim.Optimizer):
     """KFAC with momentum SGD (Martens & Grosse 2015; KFC for convolutions).
 
     Args:
-        model: its ``Linear`` and ``Conv2d`` layers are preconditioned; every other trainable
-            parameter gets the plain momentum-SGD step.
+        model: its layers with a curvature block are preconditioned (``Linear``,
+            ``Conv1d/2d/3d``, registered types: :meth:`describe_blocks`); every other
+            trainable parameter gets the ``fallback`` step.
         lr: learning rate (``param_groups[i]["lr"]``, so LR schedulers act on it).
         momentum: heavy-ball momentum μ.
         weight_decay: added to the preconditioned direction (not preconditioned).
@@ -79,7 +80,8 @@ class KFAC(torch.optim.Optimizer):
             level, :mod:`.fine`), ``coarse`` (a :class:`~.options.CoarseOptions`: two-level
             KFAC, as :class:`~.twolevel.TwoLevelKFAC`), and the
             :class:`~twolevel_kfac.optim.options.CurvatureOptions` fields:
-            ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``fisher_batch``,
+            ``damping``, ``damping_mode``, ``fisher``, ``likelihood``, ``loss_reduction``,
+            ``class_dim`` (logits with positions), ``weight_sharing``, ``fisher_batch``,
             ``ema_decay``, ``cov_interval``, ``inv_interval``, ``kl_clip``, ``kl_clip_form``,
             ``inverse_method``, ``factor_dtype``, ``unsupported``, ``seed``; and the
             :class:`~twolevel_kfac.optim.damping.DampingOptions` fields (Martens & Grosse
@@ -194,7 +196,7 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         pre = self.preconditioner
-        loss_scale = self._amp_loss_scale()
+        loss_scale = amp_loss_scale(self, self.preconditioner.options.fisher)
         if loss_scale is None:  # GradScaler found an inf: its scale drops, nothing else moves
             pre.capture.discard()
             pre.last_stats = {"amp_skipped": 1.0}
@@ -254,32 +256,6 @@ class KFAC(torch.optim.Optimizer):
                 "parameters when building it (frozen ones are left alone until unfrozen)",
                 stacklevel=2,
             )
-
-    def _amp_loss_scale(self) -> float | None:
-        """The loss scale of this step's empirical statistics (1 outside a GradScaler),
-        with the gradients unscaled here; ``None`` when the scaler found an inf.
-
-        Raises:
-            RuntimeError: for ``fisher="empirical"`` after ``scaler.unscale_(opt)``, which
-                leaves the scale of the captured output gradients unknown.
-        """
-        state = take_amp_state(self)
-        if state is None:
-            return 1.0
-        scale, found_inf = state
-        if found_inf:
-            return None
-        if scale is not None:
-            unscale_gradients(self.param_groups, scale)
-            return scale
-        if self.preconditioner.options.fisher == "empirical":
-            raise RuntimeError(
-                f"{type(self).__name__}(fisher='empirical') under GradScaler after "
-                "scaler.unscale_(opt): the captured output gradients carry the loss scale, "
-                "which is then unknown here. Call scaler.step(opt) without unscale_ (with "
-                "the KL clip on, norm clipping has no effect anyway) or use fisher='mc'"
-            )
-        return 1.0
 
     def _layer_lrs(self) -> dict[str, float]:
         """Each preconditioned layer's learning rate: that of the group holding its weight."""
@@ -382,6 +358,13 @@ class KFAC(torch.optim.Optimizer):
         if self.fallback is not None:
             self.fallback.load_state_dict(fallback)
         super().load_state_dict(state)
+
+    def set_loss_mask(self, mask: Tensor | None) -> None:
+        """The positions of the logits that the next forward's loss counts, ``[N, T]`` for
+        ``[N, T, C]`` logits (``targets != ignore_index``): ``fisher="mc"`` samples its
+        targets there only (:mod:`~twolevel_kfac.curvature.loss_mask`). Call it before the
+        forward of every step whose loss ignores positions; ``None``: all count."""
+        self.preconditioner.set_loss_mask(mask)
 
     def describe_blocks(self) -> str:
         """One line per parameter: the curvature block that preconditions it, or the

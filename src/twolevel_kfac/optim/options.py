@@ -135,7 +135,15 @@ class CurvatureOptions:
             empirical Fisher reads the loss's own gradients either way. ``mean`` with
             ``s²λ``, ``s·lr`` and weight decay ``η`` takes the steps of ``sum`` with ``λ``,
             ``lr`` and ``s·η`` (``pi`` and ``eigen_sum`` damping, the paper's KL clip;
-            weight decay is added after preconditioning).
+            weight decay is added after preconditioning). For categorical logits with
+            positions, ``mean`` is ``CrossEntropyLoss()``'s mean over the batch's counted
+            positions, ``sum`` sums over positions (``reduction="sum"`` over the flattened
+            positions, divided by ``N``).
+        class_dim: for ``likelihood="categorical"`` logits with positions, the dimension
+            holding the classes: ``-1`` for ``[N, T, C]`` (a language model), ``1`` for
+            torch's ``CrossEntropyLoss`` layout ``[N, C, d₁, …]``; each position is then a
+            categorical of its own (``set_loss_mask`` for ``ignore_index`` targets).
+            ``None`` (default): logits must be ``[N, C]``; more dimensions are refused.
         fisher_batch: fraction of the batch used for curvature statistics (paper: 0.25).
         ema_decay: cap of the running-average weight ρ = min(1 − 1/k, ema_decay).
         cov_interval: T_cov, refresh the factors every this many steps (default 10: the
@@ -176,6 +184,7 @@ class CurvatureOptions:
     fisher: FisherType = "mc"
     likelihood: Likelihood = "categorical"
     loss_reduction: LossReduction = "sum"
+    class_dim: int | None = None
     fisher_batch: float = 1.0
     ema_decay: float = 0.95
     cov_interval: int = 10
@@ -198,6 +207,15 @@ class CurvatureOptions:
         check_choice("fisher", self.fisher, FISHER_TYPES)
         check_choice("likelihood", self.likelihood, LIKELIHOODS)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        if self.class_dim is not None and (
+            isinstance(self.class_dim, bool)
+            or not isinstance(self.class_dim, int)
+            or self.class_dim == 0
+        ):
+            raise ValueError(
+                f"class_dim must be None or a nonzero integer (-1: [N, T, C] logits, 1: "
+                f"[N, C, d1, ...]); got {self.class_dim!r}"
+            )
         check_real("fisher_batch", self.fisher_batch, low=0.0, high=1.0, low_open=True)
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         check_interval("cov_interval", self.cov_interval)

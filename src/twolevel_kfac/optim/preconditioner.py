@@ -142,6 +142,7 @@ class KFACPreconditioner:
             uses=find_layer_uses(model, self.layers),
             dtypes={name: layer_weight(m).dtype for name, m in self.layers.items()},
             loss_reduction=self.options.loss_reduction,
+            class_dim=self.options.class_dim,
         )
         self.capture.active = True
         self.last_stats: dict[str, float] = {}
@@ -213,8 +214,7 @@ class KFACPreconditioner:
         return self.fine.stateless(self.steps) and (coarse is None or coarse.stateless())
 
     def undo_step(self) -> None:
-        """Rewind the schedule of the last :meth:`step` whose directions the caller dropped
-        (only after :meth:`defers_gradient_check`, so no statistics were folded)."""
+        """Rewind a :meth:`step` whose directions were dropped (:meth:`defers_gradient_check`)."""
         self.steps -= 1
         self.capture.discard()
         self._schedule_capture()
@@ -254,8 +254,7 @@ class KFACPreconditioner:
         return self.sample_counts[name] if self.comm.distributed else stats.num_samples
 
     def fit(self, stats: dict[str, LayerStats]) -> None:
-        """Load the curvature of ``stats`` and refresh the decompositions, as a refreshing
-        ``step()`` does before preconditioning (for the analysis: a batch's statistics)."""
+        """Fold ``stats`` and refresh, as a refreshing ``step()`` does (for the analysis)."""
         stats = self._update_factors(stats)
         self.fine.refresh(self.damping)
         self.fine.after_refresh(stats)
@@ -332,10 +331,6 @@ class KFACPreconditioner:
         for name, (weight, bias) in directions.items():
             write_layer(self.layers[name], weight, bias, scale, assign=True)
 
-    def _plain_kfac_fine(self) -> bool:
-        """Whether :meth:`apply_fine` is the damped KFAC inverse of :attr:`factors`."""
-        return self.fine.plain
-
     def _plain_kfac_directions(self) -> bool:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
         gradient: another fine level, or a subclass that overrides :meth:`direction`
@@ -388,6 +383,11 @@ class KFACPreconditioner:
     def placed(self, name: str, tree: T) -> T:
         """Saved state of layer ``name`` with its tensors on that layer's device."""
         return move_tensors(tree, layer_weight(self.layers[name]).device)
+
+    def set_loss_mask(self, mask: Tensor | None) -> None:
+        """The logits' positions the next forward's loss counts (``targets != ignore_index``;
+        :meth:`~twolevel_kfac.curvature.capture.CurvatureCapture.set_loss_mask`)."""
+        self.capture.set_loss_mask(mask)
 
     def remove_hooks(self) -> None:
         """Remove the capture's hooks from the model."""

@@ -1,0 +1,51 @@
+"""Module hooks that do not keep their owner alive, and the test for a forward that runs
+inside a backward pass (activation checkpointing's recomputation)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["WeakHook", "in_backward", "remove_all"]
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (where
+    activation checkpointing recomputes forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class WeakHook:
+    """A hook calling a method of the capture while the capture is alive (and its module
+    is the one hooked). A copy (``copy.deepcopy(model)``) or a pickle (``torch.save(model)``)
+    of the module carries an inert hook: the copy's forwards never feed this optimizer."""
+
+    def __init__(self, capture: weakref.ref[Any], method: str, name: str | None = None) -> None:
+        self.capture, self.method, self.name = capture, method, name
+
+    def __call__(self, *args: Any) -> None:
+        """Forward the hook's arguments to the capture's method (nothing once it is gone)."""
+        target = self.capture() if self.capture is not None else None
+        if target is None:
+            return
+        if self.name is None:
+            getattr(target, self.method)(*args)
+        else:
+            getattr(target, self.method)(self.name, *args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WeakHook:
+        return WeakHook(None, self.method, self.name)  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WeakHook, (None, self.method, self.name))
+
+
+def remove_all(handles: list[RemovableHandle]) -> None:
+    """Remove every hook handle and empty the list."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()

@@ -1,0 +1,80 @@
+"""The positions of categorical logits with positions (``[N, T, C]``, a language model) that
+the training loss counts: those whose target is not ``ignore_index``.
+
+The MC Fisher samples its targets while the model's forward runs, before the loss and its
+targets exist, so the mask comes first: ``opt.set_loss_mask(y != ignore_index)`` before
+``model(x)`` (:meth:`~.capture.CurvatureCapture.set_loss_mask`). The sampled loss then
+counts the same positions as the training loss, ``ℓ_n = s Σ_t m_{nt} CE(f_{nt}, ŷ_{nt})``
+(:func:`~.likelihoods.sampled_nll`), and ``loss_reduction="mean"``'s ``s = N / N_tok``
+uses the whole batch's count ``N_tok = Σ m``, as ``F.cross_entropy(..., ignore_index=…)``.
+
+The user's loss gradient tells afterwards which positions it counted (an ignored position's
+logits get exactly zero gradient): :func:`mask_disagreement` compares, so a forgotten or
+wrong mask is reported instead of silently sampling the padding's Fisher.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .likelihoods import positions_shape
+
+__all__ = ["check_loss_mask", "counted_positions", "mask_disagreement"]
+
+
+def check_loss_mask(mask: Tensor, output: Tensor, class_dim: int | None) -> None:
+    """Refuse a mask that does not mark ``output``'s positions.
+
+    Raises:
+        ValueError: ``mask`` is not boolean or its shape is not ``output``'s without the
+            class dimension.
+    """
+    expected = positions_shape(output, class_dim)
+    if mask.dtype != torch.bool:
+        raise ValueError(
+            f"set_loss_mask expects a boolean mask (e.g. targets != ignore_index); got dtype "
+            f"{mask.dtype}"
+        )
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"set_loss_mask got a mask of shape {tuple(mask.shape)}, but the model output "
+            f"{tuple(output.shape)} (class_dim={class_dim}) has positions of shape {expected}: "
+            "the mask marks each target position of the next forward's whole batch"
+        )
+
+
+def counted_positions(mask: Tensor | None, output: Tensor, class_dim: int | None) -> float:
+    """``N_tok / N``: the counted positions per sample of the whole batch (at least one
+    position in all, so that a batch without any counted target gives zero statistics)."""
+    shape = positions_shape(output, class_dim)
+    total = 1
+    for size in shape[1:]:
+        total *= size
+    if mask is None:
+        return float(total)
+    return max(int(mask.sum()), 1) / shape[0]
+
+
+def mask_disagreement(grad: Tensor, mask: Tensor | None, class_dim: int | None) -> str | None:
+    """What is wrong, if anything, between the positions the user's loss counted (a
+    nonzero gradient at the logits ``grad``) and the mask the Fisher was sampled with."""
+    logits = grad.movedim(class_dim, -1) if class_dim is not None else grad
+    counted = (logits != 0).any(dim=-1)
+    if mask is None:
+        if bool(counted.all()):
+            return None
+        ignored = int((~counted).sum())
+        return (
+            f"the training loss ignores {ignored} of {counted.numel()} positions of the logits "
+            "(their gradient is zero: ignore_index or padding), but no loss mask was given, "
+            "so fisher='mc' sampled their Fisher too. Call opt.set_loss_mask(targets != "
+            "ignore_index) before the forward"
+        )
+    mask = mask.to(counted.device)
+    if bool((counted & ~mask).any()):
+        return (
+            "the training loss has a gradient at positions the loss mask leaves out: the mask "
+            "given to set_loss_mask does not match the loss's targets"
+        )
+    return None
