@@ -62,6 +62,13 @@ CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
         tk.TwoLevelKFAC,
         {"coarse_space": "krylov_residual", "combination": "adef1", "damping_mode": "pi"},
     ),
+    # MultiheadAttention and a TransformerEncoderLayer (its LayerNorms take the fallback)
+    "transformer_kfac": (tk.KFAC, {"net": "transformer"}),
+    "transformer_nicolaides_adef2": (
+        tk.TwoLevelKFAC,
+        {"net": "transformer", "combination": "adef2"},
+    ),
+    "transformer_adamw_fallback": (tk.KFAC, {"net": "transformer", "fallback": "adamw"}),
 }
 # Training settings of the resume runs: every moving part (MC sampling of a Fisher subset,
 # running averages, refreshes every 2 steps, momentum, KL clipping).
@@ -87,8 +94,29 @@ RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
 
 
 # ------------------------------------------------------------------ shared helpers
+class TransformerNet(nn.Module):
+    """``[B, 2, 6, 6]`` read as 12 tokens of width 6: ``Linear → MultiheadAttention (+
+    residual) → TransformerEncoderLayer → mean over tokens → Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed = nn.Linear(6, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.flatten(1, 2))
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(self.encoder(h).mean(dim=1))
+
+
 def build(cls: type[tk.KFAC], kwargs: dict[str, Any], wrap: bool) -> tuple[nn.Module, tk.KFAC]:
-    model: nn.Module = prepare(mixed_net())
+    kwargs = dict(kwargs)
+    model: nn.Module = (
+        TransformerNet() if kwargs.pop("net", None) == "transformer" else prepare(mixed_net())
+    )
     if wrap:
         model = nn.parallel.DistributedDataParallel(model)
     if kwargs.get("process_group") == "new_group":

@@ -583,16 +583,17 @@ def encoder(batch_first: bool = True) -> nn.Module:
     return Classifier()
 
 
-def test_attention_modules_are_detected_at_construction() -> None:
+def test_attention_modules_get_their_two_blocks() -> None:
     """``nn.MultiheadAttention`` (here inside ``TransformerEncoderLayer``) calls its
-    projections functionally: detected when the optimizer is built, warned about (the
-    default) naming the module, or refused with ``unsupported='error'``."""
-    with pytest.raises(ValueError, match=r"module 'block.self_attn': MultiheadAttention"):
-        tk.KFAC(encoder(), unsupported="error")
-    with pytest.warns(UserWarning, match=r"'block.self_attn'.*un-preconditioned"):
-        opt = tk.KFAC(encoder())
+    projections functionally: it gets the blocks ``in_proj`` and ``out_proj`` (exact
+    steps: ``tests/curvature/test_attention.py``), without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = tk.KFAC(encoder(), unsupported="error")
     assert list(opt.preconditioner.layers) == [
         "embed",
+        "block.self_attn.in_proj",
+        "block.self_attn.out_proj",
         "block.linear1",
         "block.linear2",
         "head",
@@ -600,27 +601,28 @@ def test_attention_modules_are_detected_at_construction() -> None:
 
 
 @pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
-def test_a_transformer_trains_with_attention_on_the_plain_step(cls: type) -> None:
-    """The attention parameters take torch's SGD step on their raw gradient (checked
-    against ``torch.optim.SGD`` on a copy), the feed-forward layers are preconditioned."""
+def test_a_transformer_preconditions_attention(cls: type) -> None:
+    """Both attention blocks' gradients are preconditioned (changed by ``step``); the
+    LayerNorms take torch's SGD step on their raw gradient (checked against
+    ``torch.optim.SGD`` on a copy)."""
     model = encoder()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = cls(model, momentum=0.0, lr=0.1)
-    attention = dict(model.block.self_attn.named_parameters())
+    opt = cls(model, momentum=0.0, lr=0.1)
+    norms = {n: p for n, p in model.named_parameters() if ".norm" in n}
     x = torch.randn(4, 5, 3)
     y = torch.randint(0, 2, (4,))
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    reference = {n: p.detach().clone().requires_grad_() for n, p in attention.items()}
+    reference = {n: p.detach().clone().requires_grad_() for n, p in norms.items()}
     for n, p in reference.items():
-        p.grad = attention[n].grad.clone()
+        p.grad = norms[n].grad.clone()
     torch.optim.SGD(list(reference.values()), lr=0.1).step()
-    ff_grad = model.block.linear1.weight.grad.clone()
+    attention = model.block.self_attn
+    raw = [attention.in_proj_weight.grad.clone(), attention.out_proj.weight.grad.clone()]
     opt.step()
-    for n, p in attention.items():
+    for n, p in norms.items():
         assert torch.equal(p, reference[n]), n
-    assert not torch.allclose(model.block.linear1.weight.grad, ff_grad)
+    assert not torch.allclose(attention.in_proj_weight.grad, raw[0])
+    assert not torch.allclose(attention.out_proj.weight.grad, raw[1])
 
 
 # ------------------------------------------------------------------ GradScaler

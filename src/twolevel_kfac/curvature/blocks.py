@@ -218,3 +218,39 @@ def per_sample_dots_parts(stats: LayerStats, weight: Tensor, bias: Tensor | None
     if bias is not None:
         dots += (stats.g @ bias).sum(1)
     return dots
+
+
+def calls_statistics(
+    name: str, calls: list[tuple[nn.Module, Tensor, Tensor | None]], dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """``ā`` and ``δ`` (``[N, T, d]``, in ``dtype``) of one forward's calls of a layer, given
+    as ``(module, its input, its output gradient)``: each call's locations side by side (a
+    call whose output did not reach the loss has ``δ = 0``).
+
+    Raises:
+        RuntimeError: if the calls saw different numbers of rows.
+    """
+    inputs = [_cast(input_features(module, x), dtype) for module, x, _ in calls]
+    grads = [
+        None if grad is None else _cast(output_gradients(module, grad), dtype)
+        for module, _, grad in calls
+    ]
+    d_out = next(g for g in grads if g is not None).shape[-1]
+    grads = [
+        g if g is not None else a.new_zeros(a.shape[0], a.shape[1], d_out)
+        for a, g in zip(inputs, grads, strict=True)
+    ]
+    rows = sorted({int(a.shape[0]) for a in inputs})
+    if len(rows) > 1:
+        raise RuntimeError(
+            f"layer {name!r} (or a module tied to it) ran {len(calls)} times in one forward "
+            f"with different numbers of rows {rows}: KFAC treats the calls of a shared "
+            "weight as more locations of the same samples"
+        )
+    if len(calls) == 1:
+        return inputs[0], grads[0]  # type: ignore[return-value]
+    return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)  # type: ignore[arg-type]
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return tensor if dtype is None else tensor.to(dtype)

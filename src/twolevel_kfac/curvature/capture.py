@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .blocks import LayerStats, input_features, output_gradients
+from .attention import attention_modules, recompute_attention
+from .blocks import LayerStats, calls_statistics
 from .forward_checks import check_batch_rows, check_weight_uses, first_tensor, output_tensors
 from .hooks import WeakHook, in_backward, remove_all
 from .likelihoods import check_output, sampled_nll
@@ -152,6 +153,9 @@ class CurvatureCapture:
             for module in modules:
                 hook = WeakHook(this, "layer_hook", name)
                 self._handles.append(module.register_forward_hook(hook))
+        for attention in attention_modules(model, layers):
+            hook = WeakHook(this, "_attention_hook")
+            self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
         # after the layers' hooks: a root module that is itself a layer records first
         self._handles.append(model.register_forward_hook(WeakHook(this, "_root_hook")))
         weakref.finalize(self, remove_all, self._handles)
@@ -222,6 +226,15 @@ class CurvatureCapture:
                 forward.backward_done = True
 
             output.register_hook(grad_hook)
+
+    def _attention_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        """In a captured forward, attention's output recomputed with its projections
+        called as modules (:mod:`.attention`); else ``None`` (the output stands)."""
+        if self._forward is None or in_backward():
+            return None
+        return recompute_attention(module, args, kwargs)  # type: ignore[arg-type]
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """The model's forward returned: close it (calls of its layers after this are not
@@ -327,7 +340,12 @@ class CurvatureCapture:
                 continue
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
                 self._warn_forwards(len(done))
-            pairs = [_forward_stats(name, c, self.dtypes.get(name)) for c in done]
+            pairs = [
+                calls_statistics(
+                    name, [(r.module, r.inputs, r.grad) for r in c], self.dtypes.get(name)
+                )
+                for c in done
+            ]
             # torch.cat copies even one tensor: the statistics never alias a layer's input
             a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
             if loss_scale != 1.0 and self.fisher == "empirical":
@@ -357,37 +375,3 @@ class CurvatureCapture:
         for name in self._records:
             self._records[name] = []
         self._forward = None
-
-
-def _forward_stats(
-    name: str, calls: list[_Record], dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor]:
-    """``ā`` and ``δ`` (``[N, T, d]``, in ``dtype``) of one forward's calls of a layer: each
-    call's locations side by side (a call whose output did not reach the loss has ``δ = 0``).
-
-    Raises:
-        RuntimeError: if the calls saw different numbers of rows.
-    """
-    inputs = [_cast(input_features(r.module, r.inputs), dtype) for r in calls]
-    grads = [
-        None if r.grad is None else _cast(output_gradients(r.module, r.grad), dtype) for r in calls
-    ]
-    d_out = next(g for g in grads if g is not None).shape[-1]
-    grads = [
-        g if g is not None else a.new_zeros(a.shape[0], a.shape[1], d_out)
-        for a, g in zip(inputs, grads, strict=True)
-    ]
-    rows = sorted({int(a.shape[0]) for a in inputs})
-    if len(rows) > 1:
-        raise RuntimeError(
-            f"layer {name!r} (or a module tied to it) ran {len(calls)} times in one forward "
-            f"with different numbers of rows {rows}: KFAC treats the calls of a shared "
-            "weight as more locations of the same samples"
-        )
-    if len(calls) == 1:
-        return inputs[0], grads[0]  # type: ignore[return-value]
-    return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)  # type: ignore[arg-type]
-
-
-def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return tensor if dtype is None else tensor.to(dtype)

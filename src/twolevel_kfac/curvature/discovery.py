@@ -13,8 +13,10 @@ make a block silently wrong, and are resolved here, before any step:
   but not the weight, have no ``A ⊗ G`` block: they are handled as ``unsupported`` says.
 * **Modules that call their children functionally** (``nn.MultiheadAttention`` runs
   ``F.multi_head_attention_forward`` with ``in_proj_weight`` and ``out_proj.weight``): no
-  hook ever sees those calls, so their layers would have gradients without statistics.
-  Such modules and their children are handled as ``unsupported`` says.
+  hook ever sees those calls. Attention gets its two blocks ``<name>.in_proj`` and
+  ``<name>.out_proj`` through :mod:`.attention` (the capture recomputes it with the
+  projections as modules); a variant it cannot handle (``kdim``/``vdim``), and its
+  children, are handled as ``unsupported`` says.
 * **Sequence-first modules** (``batch_first=False``: ``nn.MultiheadAttention``, the
   ``Transformer*Layer`` around one, ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``) are refused: the
   first dimension of every layer input is the Fisher's sample dimension.
@@ -31,6 +33,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .attention import attention_blocks, attention_reason
 from .blocks import layer_bias, layer_shape, layer_weight
 from .kronecker import KroneckerFactors
 from .layer_types import layer_type, registered_types
@@ -77,12 +80,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
         return entry.reason(module)
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return f"{type(module).__name__} is not supported"
-    if isinstance(module, FUNCTIONAL_CONTAINERS):
-        return (
-            f"{type(module).__name__} uses its projections functionally (in_proj_weight, "
-            "out_proj.weight), so no hook sees their inputs and KFAC has no statistics "
-            "for them"
-        )
+    if isinstance(module, nn.MultiheadAttention):
+        return attention_reason(module)
     return None
 
 
@@ -208,13 +207,17 @@ def find_layers(
         if reason is not None:
             _report(name, reason, unsupported)
             refused |= {id(p) for p in module.parameters()}
-        elif is_supported(module):
+            continue
+        blocks = [(name, module)] if is_supported(module) else []
+        if isinstance(module, nn.MultiheadAttention):
+            blocks = [(f"{name}.{suffix}", layer) for suffix, layer in attention_blocks(module)]
+        for block_name, layer in blocks:
             # default: the trainable weights; given params: every weight in them (a frozen
             # one is left alone until it is unfrozen, its hooks already in place)
-            if (owned is None and layer_weight(module).requires_grad) or (
-                owned is not None and _check_ownership(name, module, owned)
+            if (owned is None and layer_weight(layer).requires_grad) or (
+                owned is not None and _check_ownership(block_name, layer, owned)
             ):
-                layers[name] = module
+                layers[block_name] = layer
     return _resolve_ties(layers, refused, unsupported)
 
 

@@ -27,15 +27,15 @@ class WeakHook:
     def __init__(self, capture: weakref.ref[Any], method: str, name: str | None = None) -> None:
         self.capture, self.method, self.name = capture, method, name
 
-    def __call__(self, *args: Any) -> None:
-        """Forward the hook's arguments to the capture's method (nothing once it is gone)."""
+    def __call__(self, *args: Any) -> Any:
+        """Forward the hook's arguments to the capture's method, and its result (nothing
+        once the capture is gone)."""
         target = self.capture() if self.capture is not None else None
         if target is None:
-            return
+            return None
         if self.name is None:
-            getattr(target, self.method)(*args)
-        else:
-            getattr(target, self.method)(self.name, *args)
+            return getattr(target, self.method)(*args)
+        return getattr(target, self.method)(self.name, *args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> WeakHook:
         return WeakHook(None, self.method, self.name)  # type: ignore[arg-type]
