@@ -176,7 +176,7 @@ def test_tied_weights_get_one_block_summed_over_their_uses(float64: None, kind: 
     """Modules sharing a weight form one block whose statistics sum over every call (the
     calls are locations): the step equals ``(T·kron(G+λI, A+λI))⁻¹`` of the total gradient,
     with ``A, G`` from every call's inputs and output gradients (private hooks). An
-    ``Embedding`` tied to a ``Linear`` head keeps the head's own block
+    ``Embedding`` tied to a ``Linear`` head shares one block with it
     (:func:`check_embedding_tied_to_the_head`)."""
     check_embedding_tied_to_the_head()
     torch.manual_seed(0)
@@ -222,9 +222,10 @@ def test_tied_weights_with_separate_biases_are_refused_or_left_to_sgd() -> None:
 
 
 def check_embedding_tied_to_the_head() -> None:
-    """An ``Embedding`` tied to the ``Linear`` head (a language model's usual tying): the
-    head's block is built from the head's own calls and preconditions the total gradient
-    (embedding + head), and the shared weight takes one step."""
+    """An ``Embedding`` tied to the ``Linear`` head (a language model's usual tying): one
+    block for the table ``[V, D]``, its two calls as locations. The head's call has
+    ``ā = h``, ``δ = B ∂L/∂logits``; the embedding's, rows indexed by the tokens, has
+    ``ā = B ∂L/∂E[x]`` and ``δ = e_x`` (one-hot): ``∇E = Σ_t δ_t ā_tᵀ`` over both."""
     torch.manual_seed(0)
     emb = nn.Embedding(6, 4)
     head = nn.Linear(4, 6, bias=False)
@@ -232,16 +233,23 @@ def check_embedding_tied_to_the_head() -> None:
     model = nn.Sequential(emb, nn.Tanh(), head)
     tokens = torch.randint(0, 6, (7,))
     y = torch.randint(0, 6, (7,))
-
-    def loss_fn(out: Tensor) -> Tensor:
-        return F.cross_entropy(out, y)
-
-    a, g = use_statistics(model, [head], loss_fn, tokens)
+    store: dict[str, Tensor] = {}
+    handles = [
+        emb.register_forward_hook(lambda _m, _i, out: store.update(emb=out)),
+        head.register_forward_hook(lambda _m, inp, out: store.update(h=inp[0], logits=out)),
+    ]
+    loss = F.cross_entropy(model(tokens), y)
+    for handle in handles:
+        handle.remove()
+    d_emb, d_logits = torch.autograd.grad(loss, [store["emb"], store["logits"]])
+    n = len(tokens)
+    a = torch.stack([n * d_emb, store["h"].detach()], dim=1)  # [N, 2, D]
+    g = torch.stack([F.one_hot(tokens, 6).double(), n * d_logits], dim=1)  # [N, 2, V]
     opt = tk.KFAC(model, damping=DAMPING, **EXACT)
-    assert list(opt.preconditioner.layers) == ["2"]
+    assert list(opt.preconditioner.layers) == ["0"]
     before = emb.weight.detach().clone()
     opt.zero_grad()
-    loss_fn(model(tokens)).backward()
+    F.cross_entropy(model(tokens), y).backward()
     expected = before - kfac_direction(a, g, emb.weight.grad)
     opt.step()
     torch.testing.assert_close(emb.weight.detach(), expected, rtol=1e-10, atol=1e-12)

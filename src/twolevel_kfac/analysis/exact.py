@@ -40,9 +40,8 @@ from torch.func import functional_call, jacrev, vmap
 
 from ..curvature.blocks import (
     LayerStats,
-    input_features,
+    block_statistics,
     layer_shape,
-    output_gradients,
     per_sample_gradients,
 )
 from ..curvature.likelihoods import LIKELIHOODS, sample_targets, summed_nll
@@ -128,8 +127,7 @@ def fisher_statistics(
 
     Sample ``(n, k)`` (``n``-major) has ``ā_n`` and ``δ_{n,k} = √K · J_{s,n}ᵀ S_n[:, k]``,
     the pre-activation gradient of the output cotangent ``S_n[:, k]`` (one backward pass
-    per column ``k``), formatted by the optimizer's own ``input_features`` /
-    ``output_gradients``.
+    per column ``k``), formatted by the optimizer's own ``block_statistics``.
 
     Args:
         model: the network (outputs ``[B, ...]``).
@@ -156,9 +154,9 @@ def fisher_statistics(
     finally:
         for h in handles:
             h.remove()
-    batch, _, num = factor.shape
+    num = factor.shape[2]
     names = list(layers)
-    deltas: dict[str, list[Tensor]] = {n: [] for n in names}
+    pairs: dict[str, list[tuple[Tensor, Tensor | None]]] = {n: [] for n in names}
     for k in range(num):
         cotangent = factor[:, :, k].reshape(output.shape)
         grads = torch.autograd.grad(
@@ -166,13 +164,12 @@ def fisher_statistics(
         )
         for n, gr in zip(names, grads, strict=True):
             gr = torch.zeros_like(outputs[n]) if gr is None else gr
-            deltas[n].append(output_gradients(layers[n], gr.detach()))
+            pairs[n].append(block_statistics(layers[n], inputs[n], gr.detach()))
     stats = []
     for n in names:
-        a = input_features(layers[n], inputs[n])  # [B, T, d_in']
-        g = torch.stack(deltas[n], dim=1) * math.sqrt(num)  # [B, K, T, d_out]
-        a_virtual = a.unsqueeze(1).expand(-1, num, -1, -1)
-        stats.append(LayerStats(a_virtual.reshape(batch * num, *a.shape[1:]), g.flatten(0, 1)))
+        a = torch.stack([a for a, _ in pairs[n]], dim=1)  # [B, K, T, d_in']
+        g = torch.stack([g for _, g in pairs[n] if g is not None], dim=1) * math.sqrt(num)
+        stats.append(LayerStats(a.flatten(0, 1), g.flatten(0, 1)))
     return stats
 
 

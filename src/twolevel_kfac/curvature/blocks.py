@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layer_types import layer_type
+from .layer_types import LayerType, layer_type
 
 
 @dataclass
@@ -74,25 +74,41 @@ def layer_bias(module: nn.Module) -> nn.Parameter | None:
 
 
 def input_features(module: nn.Module, inputs: Tensor) -> Tensor:
-    """The homogeneous inputs ``ā`` of a layer in ``[N, T, d_in']`` format: its type's
-    features (:mod:`.layer_types`: a convolution's patches, a ``Linear``'s inputs with extra
-    leading dimensions as locations ``T``), with the 1 of the bias appended."""
-    entry = layer_type(module)
-    if entry is None:
-        raise TypeError(f"unsupported layer {type(module).__name__}")
-    a = entry.features(module, inputs)
-    if has_bias(module):
-        a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
-    return a
+    """The inputs of a layer's type in ``[N, T, d]`` format (:mod:`.layer_types`: a
+    convolution's patches, a ``Linear``'s inputs with extra leading dimensions as locations
+    ``T``, an embedding's one-hot tokens)."""
+    return _entry(module).features(module, inputs)
 
 
 def output_gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
-    """Pre-activation gradients in ``[N, T, d_out]`` format (same location order as
-    :func:`input_features`)."""
+    """The output gradients of a layer's type in ``[N, T, d]`` format (same location
+    order as :func:`input_features`)."""
+    return _entry(module).gradients(module, grad_output)
+
+
+def block_statistics(
+    module: nn.Module, inputs: Tensor, grad_output: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The block's ``(ā, δ)`` of one call: ``ā`` homogeneous (the 1 of the bias appended),
+    ``[N, T, d_in']`` and ``[N, T, d_out]`` (``δ``: ``None`` without an output gradient).
+    For an embedding table (rows indexed by the inputs) ``ā`` are the output gradients
+    (zeros without one) and ``δ`` the one-hot inputs (:mod:`.layer_types`)."""
+    features = input_features(module, inputs)
+    grads = None if grad_output is None else output_gradients(module, grad_output)
+    if _entry(module).rows_from_inputs:
+        if grads is None:
+            grads = features.new_zeros(*features.shape[:2], layer_shape(module)[1])
+        features, grads = grads, features
+    if has_bias(module):
+        features = torch.cat([features, features.new_ones((*features.shape[:-1], 1))], dim=-1)
+    return features, grads
+
+
+def _entry(module: nn.Module) -> LayerType:
     entry = layer_type(module)
     if entry is None:
         raise TypeError(f"unsupported layer {type(module).__name__}")
-    return entry.gradients(module, grad_output)
+    return entry
 
 
 def has_gradient(module: nn.Module) -> bool:
@@ -230,11 +246,9 @@ def calls_statistics(
     Raises:
         RuntimeError: if the calls saw different numbers of rows.
     """
-    inputs = [_cast(input_features(module, x), dtype) for module, x, _ in calls]
-    grads = [
-        None if grad is None else _cast(output_gradients(module, grad), dtype)
-        for module, _, grad in calls
-    ]
+    pairs = [block_statistics(module, x, grad) for module, x, grad in calls]
+    inputs = [_cast(a, dtype) for a, _ in pairs]
+    grads = [None if g is None else _cast(g, dtype) for _, g in pairs]
     d_out = next(g for g in grads if g is not None).shape[-1]
     grads = [
         g if g is not None else a.new_zeros(a.shape[0], a.shape[1], d_out)

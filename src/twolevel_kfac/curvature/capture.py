@@ -340,16 +340,18 @@ class CurvatureCapture:
                 continue
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
                 self._warn_forwards(len(done))
+            # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
+            scale = loss_scale if self.fisher == "empirical" else 1.0
             pairs = [
                 calls_statistics(
-                    name, [(r.module, r.inputs, r.grad) for r in c], self.dtypes.get(name)
+                    name,
+                    [(r.module, r.inputs, _unscaled(r.grad, scale)) for r in c],
+                    self.dtypes.get(name),
                 )
                 for c in done
             ]
             # torch.cat copies even one tensor: the statistics never alias a layer's input
             a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
-            if loss_scale != 1.0 and self.fisher == "empirical":
-                g.div_(loss_scale)
             stats[name] = LayerStats(a, g)
         self._forward = None
         return stats
@@ -375,3 +377,8 @@ class CurvatureCapture:
         for name in self._records:
             self._records[name] = []
         self._forward = None
+
+
+def _unscaled(grad: Tensor | None, loss_scale: float) -> Tensor | None:
+    """A captured output gradient without a ``GradScaler``'s scale."""
+    return grad if grad is None or loss_scale == 1.0 else grad / loss_scale

@@ -234,11 +234,14 @@ def _resolve_ties(
         weight, bias = layer_weight(module), layer_bias(module)
         if id(weight) in first:
             lead = first[id(weight)]
-            if type(module) is not type(layers[lead]) or layer_bias(layers[lead]) is not bias:
+            if (
+                layer_shape(module) != layer_shape(layers[lead])
+                or layer_bias(layers[lead]) is not bias
+            ):
                 bad[name] = bad[lead] = (
-                    f"modules {lead!r} and {name!r} share a weight but not its bias (or their "
-                    "layer type); KFAC has no [W, b] block for them: tie the biases too, or "
-                    "use bias=False"
+                    f"modules {lead!r} and {name!r} share a weight but not its bias (or not "
+                    "its block's shape); KFAC has no [W, b] block for them: tie the biases "
+                    "too, or use bias=False"
                 )
             continue
         first[id(weight)] = name

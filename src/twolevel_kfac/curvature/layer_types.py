@@ -6,9 +6,19 @@ coarse spaces) is shared. Adding a layer type is one :func:`register_layer_type`
 user can register their own module (a weight ``[d_out, …]``, an optional bias ``[d_out]``).
 
 Built in: ``nn.Linear`` (extra leading input dimensions, e.g. a sequence, are locations:
-the *expand* view of weight sharing) and ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` with
+the *expand* view of weight sharing), ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` with
 ``groups=1`` and zero padding (KFC, Grosse & Martens 2016: the locations are the output
-positions, ``ā`` the input patch under the kernel).
+positions, ``ā`` the input patch under the kernel), and ``nn.Embedding``.
+
+An embedding table ``E`` (``[V, D]``) is the weight of a ``Linear`` on one-hot inputs,
+transposed: ``E[x] = Eᵀ e_x``, ``∇E = Σ_t e_{x_t} δ_tᵀ``. Its rows index the inputs
+(``rows_from_inputs``), so in the ``[d_out, d_in]`` orientation of the table the block's
+``δ`` are the one-hot tokens and its ``ā`` the output gradients: ``G = E_{n,t}[e e ᵀ]`` is
+the diagonal of the token frequencies, ``A = E_{n,t}[δδᵀ]`` (the Kronecker factors of the
+embedding, rows and columns swapped), and a ``Linear`` head tied to the table has the same
+orientation (its calls are more locations of the same block). The frequencies are kept as
+a dense ``V × V`` matrix, so tables with more than :data:`EMBEDDING_MAX_ROWS` rows get no
+block.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "EMBEDDING_MAX_ROWS",
     "LayerType",
     "conv_patches",
     "layer_type",
@@ -46,12 +57,15 @@ class LayerType:
         features: ``(module, input) → ā`` without the homogeneous 1, ``[N, T, d_in]``.
         gradients: ``(module, ∂L/∂output) → δ``, ``[N, T, d_out]``, locations as ``ā``.
         reason: why an instance cannot be preconditioned (``None``: it can).
+        rows_from_inputs: the weight's rows index the inputs (an embedding table ``[V,
+            D]``): ``features`` then gives the block's ``δ`` and ``gradients`` its ``ā``.
     """
 
     module_type: type[nn.Module]
     features: Features
     gradients: Features
     reason: Reason = _no_reason
+    rows_from_inputs: bool = False
 
 
 _REGISTRY: dict[type[nn.Module], LayerType] = {}
@@ -62,6 +76,7 @@ def register_layer_type(
     features: Features,
     gradients: Features,
     reason: Reason | None = None,
+    rows_from_inputs: bool = False,
 ) -> None:
     """Give ``module_type`` (and its subclasses) a Kronecker block (module docstring).
 
@@ -70,7 +85,8 @@ def register_layer_type(
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass; got {module_type!r}")
-    _REGISTRY[module_type] = LayerType(module_type, features, gradients, reason or _no_reason)
+    entry = LayerType(module_type, features, gradients, reason or _no_reason, rows_from_inputs)
+    _REGISTRY[module_type] = entry
 
 
 def unregister_layer_type(module_type: type[nn.Module]) -> None:
@@ -144,7 +160,35 @@ def _conv_reason(module: nn.Module) -> str | None:
     return None
 
 
+EMBEDDING_MAX_ROWS = 4096
+"""The largest ``num_embeddings`` with a block (its ``V × V`` frequency factor is dense:
+64 MiB in float32 at this size, and a refresh factorises it)."""
+
+
+def _one_hot(module: nn.Module, tokens: Tensor) -> Tensor:
+    assert isinstance(module, nn.Embedding)
+    rows = F.one_hot(tokens.reshape(tokens.shape[0], -1), module.num_embeddings)
+    return rows.to(module.weight.dtype)
+
+
+def _embedding_reason(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.Embedding)
+    if module.sparse:
+        return "Embedding with sparse=True (its gradient is a sparse tensor)"
+    if module.max_norm is not None:
+        return "Embedding with max_norm (it rescales its rows in the forward)"
+    if module.scale_grad_by_freq:
+        return "Embedding with scale_grad_by_freq=True (its gradient is not Σ_t e δᵀ)"
+    if module.num_embeddings > EMBEDDING_MAX_ROWS:
+        return (
+            f"Embedding with num_embeddings={module.num_embeddings} > "
+            f"{EMBEDDING_MAX_ROWS} (its token-frequency factor is a dense V × V matrix)"
+        )
+    return None
+
+
 register_layer_type(nn.Linear, _linear_features, _linear_features)
+register_layer_type(nn.Embedding, _one_hot, _linear_features, _embedding_reason, True)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer_type(_conv, conv_patches, _conv_gradients, _conv_reason)
 # ConvTranspose*d subclass _ConvNd, not Conv*d: they stay unregistered.

@@ -1,0 +1,134 @@
+"""``nn.Embedding``: the Kronecker block of a table ``E [V, D]`` whose rows are indexed by the
+tokens: ``δ = e_x`` (one-hot), ``ā = B ∂L/∂E[x]``, so ``G`` is the diagonal of the token
+frequencies and ``A`` the second moment of the embedding's output gradients. One contract
+step equals the damped dense formula ``Δ = −(T · kron(G + λI, A + λI))⁻¹ vec(∇E)``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from oracles import dense_kfac_matrix, kfac_factors
+
+N, T, V, D, C = 4, 5, 7, 3, 4
+DAMPING = 0.1
+EXACT = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "inv_interval": 1,
+         "kl_clip": None, "momentum": 0.0, "lr": 1.0}  # fmt: skip
+
+
+class TokenNet(nn.Module):
+    def __init__(self, padding_idx: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def tokens_and_targets(pad: int | None = None) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, V, (N, T), generator=gen)
+    if pad is not None:
+        tokens[0, 3:] = pad
+    return tokens, torch.randint(0, C, (N, T), generator=gen)
+
+
+def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / len(y)
+
+
+def embedding_statistics(net: TokenNet, tokens: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``ā = B ∂L/∂E[x]`` and ``δ = e_x``, ``[N, T, ·]``, from a private hook."""
+    store: dict[str, Tensor] = {}
+    handle = net.emb.register_forward_hook(lambda _m, _i, out: store.update(out=out))
+    loss = loss_fn(net(tokens), y)
+    handle.remove()
+    (grad,) = torch.autograd.grad(loss, store["out"])
+    return len(tokens) * grad, F.one_hot(tokens, V).to(grad.dtype)
+
+
+@pytest.mark.parametrize("pad", [None, 2])
+def test_embedding_step_equals_the_dense_formula(float64: None, pad: int | None) -> None:
+    """With ``padding_idx`` the padding row has no gradient and takes no step."""
+    net = TokenNet(padding_idx=pad)
+    tokens, y = tokens_and_targets(pad)
+    a, g = embedding_statistics(net, tokens, y)
+    opt = tk.KFAC(net, damping=DAMPING, **EXACT)
+    assert list(opt.preconditioner.layers) == ["emb", "mix", "head"]
+    before = net.emb.weight.detach().clone()
+    loss_fn(net(tokens), y).backward()
+    grad = net.emb.weight.grad.clone()
+    opt.step()
+    A, G = kfac_factors(a, g)
+    torch.testing.assert_close(
+        G, torch.diag(torch.bincount(tokens.flatten(), minlength=V) / (N * T)).double()
+    )
+    block = dense_kfac_matrix(A, G, DAMPING) * T
+    expected = before - torch.linalg.solve(block, grad.reshape(-1)).view_as(grad)
+    torch.testing.assert_close(net.emb.weight.detach(), expected, rtol=1e-10, atol=1e-12)
+    factors = opt.preconditioner.factors["emb"]
+    torch.testing.assert_close(factors.G, G, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(factors.A, A, rtol=1e-12, atol=1e-15)
+    if pad is not None:
+        assert torch.equal(net.emb.weight[pad], before[pad])
+
+
+def test_the_loss_scale_of_a_grad_scaler_leaves_the_embedding_block(float64: None) -> None:
+    """The empirical statistics of a scaled loss, unscaled: an embedding's ``ā`` (its
+    output gradients) carry the scale, not its one-hot ``δ``."""
+    factors = []
+    for scale in (1.0, 1024.0):
+        net = TokenNet()
+        tokens, y = tokens_and_targets()
+        pre = tk.KFACPreconditioner(net, fisher="empirical", cov_interval=1)
+        (scale * loss_fn(net(tokens), y)).backward()
+        pre.step(loss_scale=scale)
+        factors.append(pre.factors["emb"])
+    torch.testing.assert_close(factors[1].A, factors[0].A, rtol=1e-12, atol=0)
+    torch.testing.assert_close(factors[1].G, factors[0].G, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"sparse": True}, "sparse"),
+        ({"max_norm": 1.0}, "max_norm"),
+        ({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+        ({"num_embeddings": 5000}, "num_embeddings=5000"),
+    ],
+)
+def test_embeddings_without_a_block(kwargs: dict, reason: str) -> None:
+    """Variants whose gradient is not ``Σ_t e δᵀ`` (or too large a table) get the fallback
+    step, with a warning naming why."""
+    net = TokenNet()
+    net.emb = nn.Embedding(**{"num_embeddings": V, "embedding_dim": D, **kwargs})
+    with pytest.warns(UserWarning, match=reason):
+        opt = tk.KFAC(net, fallback="adamw")
+    assert "emb" not in opt.preconditioner.layers
+    assert "emb.weight   AdamW (no block)" in opt.describe_blocks()
+
+
+def test_a_language_model_with_an_embedding_block_trains() -> None:
+    """MC Fisher over ``[N, T, C]`` logits and two-level KFAC over the embedding block."""
+    tokens, y = tokens_and_targets()
+    for cls in (tk.KFAC, tk.TwoLevelKFAC):
+        model = TokenNet()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = cls(model, lr=0.1, class_dim=-1, cov_interval=2)
+        losses = []
+        for _ in range(8):
+            opt.zero_grad()
+            loss = loss_fn(model(tokens), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0], cls.__name__
