@@ -89,16 +89,16 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
-    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` in ``named_modules()``
-    order."""
-    layers: list[tuple[str, nn.Linear | nn.Conv2d]] = []
+def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` in
+    ``named_modules()`` order."""
+    layers: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, CONVS):
             if module.groups != 1 or module.padding_mode != "zeros":
                 raise ValueError(f"oracle supports only plain convolutions, got {module}")
             layers.append((name, module))
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             layers.append((name, module))
     return layers
 
@@ -282,9 +282,12 @@ def capture_layer_stats(
     stats: dict[str, tuple[Tensor, Tensor]] = {}
     for (name, module), gr in zip(layers, grads, strict=True):
         gout = torch.zeros_like(outputs[name]) if gr is None else gr
-        a = _homogeneous_inputs(module, inputs[name])
         g = _locations_last(module, gout.detach() * batch)
-        stats[name] = (a, g)
+        if isinstance(module, nn.Embedding):  # W̄ = E [V, D]: δ = one-hot token, ā = B ∂L/∂E[x]
+            tokens = inputs[name].reshape(batch, -1)
+            stats[name] = (g, F.one_hot(tokens, module.num_embeddings).to(g.dtype))
+        else:
+            stats[name] = (_homogeneous_inputs(module, inputs[name]), g)
     return stats
 
 
@@ -350,10 +353,10 @@ def dense_kfac_block(a: Tensor, g: Tensor, damping: float, mode: str = "per_fact
 def effective_kfac_block(
     module: nn.Module, a: Tensor, g: Tensor, damping: float, mode: str = "per_factor"
 ) -> Tensor:
-    """The layer's block ``M_i`` of the KFAC preconditioner: ``T · K`` for Conv2d (the
-    preconditioned gradient ``K⁻¹∇`` divided by ``T``), ``K`` for Linear."""
-    K = dense_kfac_block(a, g, damping, mode)
-    return K * a.shape[1] if isinstance(module, CONVS) else K
+    """The layer's block ``M_i`` of the KFAC preconditioner: ``T · K`` (the preconditioned
+    gradient ``K⁻¹∇`` divided by the ``T`` locations: a convolution's output positions,
+    a sequence's; ``K`` for ``T = 1``)."""
+    return dense_kfac_block(a, g, damping, mode) * a.shape[1]
 
 
 def block_diag(blocks: Sequence[Tensor]) -> Tensor:

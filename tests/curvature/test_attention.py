@@ -9,6 +9,7 @@ must equal the damped block-diagonal formula ``Δ = −(T·K)⁻¹ vec(∇W̄)``
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -18,6 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
+from oracles import (
+    COARSE_SPACES,
+    COMBINATIONS,
+    DenseProblem,
+    coarse_basis,
+    kfac_factors,
+    twolevel_direction,
+)
 from twolevel_kfac.curvature.attention import recompute_attention
 
 CONTRACT = {
@@ -103,10 +112,14 @@ def hand_attention(
     return out, {"attention.in_proj": inputs, "attention.out_proj": [context]}
 
 
-def oracle_update(
+Block = tuple[Tensor, Tensor, str, str | None]  # ā [N, T, d_in'], δ [N, T, d_out], parameter names
+
+
+def hand_blocks(
     net: AttentionNet, x: Tensor, memory: Tensor, y: Tensor, key_padding: Tensor | None = None
-) -> dict[str, Tensor]:
-    """The expected parameter change of one contract step (module doc)."""
+) -> tuple[dict[str, Block], dict[str, Tensor]]:
+    """Every block's statistics (in the library's layer order) from the hand-written
+    forward, and the loss gradient of every parameter."""
     zeros = {
         "embed": torch.zeros(N, T, E),
         "memory": torch.zeros(N, S, E),
@@ -128,51 +141,65 @@ def oracle_update(
     grads = dict(zip(names, torch.autograd.grad(loss, [*shifts.values(), *params.values()],
                                                 allow_unused=True), strict=True))  # fmt: skip
     delta = {k: N * g for k in shifts if (g := grads[k]) is not None}  # samples independent
-    blocks: dict[str, tuple[list[Tensor], list[Tensor], nn.Module]] = {
-        "embed": ([x], [delta["embed"]], net.embed),
-        "head": ([z], [delta["head"]], net.head),
-        "attention.out_proj": (
-            inputs["attention.out_proj"],
-            [delta["out"]],
-            net.attention.out_proj,
-        ),
+    has_bias = net.attention.in_proj_bias is not None
+    in_bias = "attention.in_proj_bias" if has_bias else None
+    in_deltas = [delta["in_q"], delta["in_m"]] if net.cross else [delta["in_q"]]
+    out_bias = "attention.out_proj.bias" if has_bias else None
+    blocks: dict[str, Block] = {
+        "embed": (_homogeneous(x, True), delta["embed"], "embed.weight", "embed.bias")
     }
     if net.cross:
-        blocks["memory"] = ([memory], [delta["memory"]], net.memory)
-        blocks["attention.in_proj"] = (
-            inputs["attention.in_proj"],
-            [delta["in_q"], delta["in_m"]],
-            None,
+        blocks["memory"] = (
+            _homogeneous(memory, True),
+            delta["memory"],
+            "memory.weight",
+            "memory.bias",
         )
-    else:
-        blocks["attention.in_proj"] = (inputs["attention.in_proj"], [delta["in_q"]], None)
-    att = net.attention
+    blocks["attention.in_proj"] = (
+        torch.cat([_homogeneous(t, has_bias) for t in inputs["attention.in_proj"]], dim=1),
+        torch.cat(in_deltas, dim=1),
+        "attention.in_proj_weight",
+        in_bias,
+    )
+    blocks["attention.out_proj"] = (
+        _homogeneous(inputs["attention.out_proj"][0], has_bias),
+        delta["out"],
+        "attention.out_proj.weight",
+        out_bias,
+    )
+    blocks["head"] = (_homogeneous(z, True), delta["head"], "head.weight", "head.bias")
+    return blocks, {k: g for k, g in grads.items() if k in params and g is not None}
+
+
+def block_matrix(tensors: dict[str, Tensor], weight: str, bias: str | None) -> Tensor:
+    """``W̄ = [W, b]`` of a block from parameter-shaped tensors (leading dims kept)."""
+    w = tensors[weight]
+    return torch.cat([w, tensors[bias].unsqueeze(-1)], -1) if bias is not None else w
+
+
+def kfac_block(a: Tensor, g: Tensor) -> Tensor:
+    """``T · kron(G + λI, A + λI)`` (expand: factors over the ``N·T`` locations)."""
+    locations = a.shape[0] * a.shape[1]
+    big_a = torch.einsum("nti,ntj->ij", a, a) / locations
+    big_g = torch.einsum("nti,ntj->ij", g, g) / locations
+    eye_a, eye_g = torch.eye(big_a.shape[0]), torch.eye(big_g.shape[0])
+    return a.shape[1] * torch.kron(big_g + DAMPING * eye_g, big_a + DAMPING * eye_a)
+
+
+def oracle_update(
+    net: AttentionNet, x: Tensor, memory: Tensor, y: Tensor, key_padding: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The expected parameter change of one contract step (module doc)."""
+    blocks, grads = hand_blocks(net, x, memory, y, key_padding)
     update: dict[str, Tensor] = {}
-    for name, (ins, deltas, module) in blocks.items():
-        if module is None:
-            weight_name, bias_name = "attention.in_proj_weight", "attention.in_proj_bias"
-            has_bias = att.in_proj_bias is not None
-        else:
-            prefix = name
-            weight_name, bias_name = f"{prefix}.weight", f"{prefix}.bias"
-            has_bias = module.bias is not None
-        a = torch.cat([_homogeneous(t, has_bias) for t in ins], dim=1)  # locations side by side
-        g = torch.cat(deltas, dim=1)
-        locations = a.shape[0] * a.shape[1]
-        big_a = torch.einsum("nti,ntj->ij", a, a) / locations
-        big_g = torch.einsum("nti,ntj->ij", g, g) / locations
-        kron = torch.kron(
-            big_g + DAMPING * torch.eye(big_g.shape[0]), big_a + DAMPING * torch.eye(big_a.shape[0])
-        )
-        grad_w = grads[weight_name]
-        grad_bar = torch.cat([grad_w, grads[bias_name][:, None]], 1) if has_bias else grad_w
-        direction = torch.linalg.solve(a.shape[1] * kron, grad_bar.reshape(-1)).view_as(grad_bar)
-        update[weight_name] = -direction[:, : grad_w.shape[1]]
-        if has_bias:
+    for a, g, weight_name, bias_name in blocks.values():
+        grad_bar = block_matrix(grads, weight_name, bias_name)
+        direction = torch.linalg.solve(kfac_block(a, g), grad_bar.reshape(-1)).view_as(grad_bar)
+        update[weight_name] = -direction[:, : grads[weight_name].shape[1]]
+        if bias_name is not None:
             update[bias_name] = -direction[:, -1]
     for name, grad in grads.items():  # parameters without a block: the plain step
-        if name in params and name not in update and grad is not None:
-            update[name] = -grad
+        update.setdefault(name, -grad)
     return update
 
 
@@ -393,3 +420,76 @@ def test_unsupported_attention_variants() -> None:
         warnings.simplefilter("ignore")
         x = torch.randn(5, 6)
         att(x, x, x)
+
+
+def dense_twolevel_problem(
+    net: AttentionNet, x: Tensor, memory: Tensor, y: Tensor, key_padding: Tensor | None
+) -> tuple[DenseProblem, dict[str, Block]]:
+    """The dense problem of the attention net: KFAC blocks from the hand-written forward,
+    the exact empirical Fisher from per-sample gradients (one backward per sample)."""
+    blocks, grads = hand_blocks(net, x, memory, y, key_padding)
+    params = dict(net.named_parameters())
+    per_sample = []
+    for n in range(N):
+        rows = slice(n, n + 1)
+        kp = None if key_padding is None else key_padding[rows]
+        loss = position_sum_loss(net(x[rows], memory[rows], kp), y[rows])
+        sample = dict(zip(params, torch.autograd.grad(loss, list(params.values()),
+                                                      allow_unused=True), strict=True))  # fmt: skip
+        per_sample.append(
+            torch.cat([block_matrix(sample, w, b).reshape(-1) for _, _, w, b in blocks.values()])
+        )
+    vectors = torch.stack(per_sample)
+    fisher = vectors.T @ vectors / N
+    kfac = torch.block_diag(*[kfac_block(a, g) for a, g, _, _ in blocks.values()])
+    grad = torch.cat([block_matrix(grads, w, b).reshape(-1) for _, _, w, b in blocks.values()])
+    problem = DenseProblem(
+        damping=DAMPING,
+        names=list(blocks),
+        sizes=[a.shape[-1] * g.shape[-1] for a, g, _, _ in blocks.values()],
+        stats=[(a, g) for a, g, _, _ in blocks.values()],
+        factors=[kfac_factors(a, g) for a, g, _, _ in blocks.values()],
+        grad=grad,
+        grads=grads,
+        per_sample=vectors,
+        fisher=fisher,
+        fisher_damped=fisher + DAMPING * torch.eye(len(fisher)),
+        kfac=kfac,
+        kfac_inv=torch.linalg.inv(kfac),
+    )
+    return problem, blocks
+
+
+@pytest.mark.parametrize(
+    ("space", "combination"),
+    [(s, c) for s, c in itertools.product(COARSE_SPACES, COMBINATIONS) if s != "tselepidis"],
+)
+def test_two_level_step_over_attention_equals_the_dense_formula(
+    float64: None, space: str, combination: str
+) -> None:
+    """Cross-attention (the in_proj block over two inputs) under every coarse space and
+    combination: ``Δ = −P g`` with ``P`` built from the exact Fisher of the batch."""
+    x, memory, y = data()
+    key_padding = torch.zeros(N, S, dtype=torch.bool)
+    key_padding[1, 4:] = True
+    net = AttentionNet(cross=True)
+    problem, blocks = dense_twolevel_problem(net, x, memory, y, key_padding)
+    R0 = coarse_basis(problem, space)
+    d = twolevel_direction(problem.grad, problem.kfac_inv, problem.fisher_damped, R0, combination)
+    offsets = [0, *itertools.accumulate(problem.sizes)]
+    expected: dict[str, Tensor] = {}
+    for (a, g, w, b), lo, hi in zip(blocks.values(), offsets[:-1], offsets[1:], strict=True):
+        mat = -d[lo:hi].view(g.shape[-1], a.shape[-1])
+        expected[w] = mat[:, : dict(net.named_parameters())[w].shape[1]]
+        if b is not None:
+            expected[b] = mat[:, -1]
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    opt = tk.TwoLevelKFAC(
+        net, damping=DAMPING, coarse_space=space, combination=combination, **CONTRACT
+    )
+    position_sum_loss(net(x, memory, key_padding), y).backward()
+    opt.step()
+    got = torch.cat([(p.detach() - before[k]).reshape(-1) for k, p in net.named_parameters()])
+    want = torch.cat([expected[k].detach().reshape(-1) for k, _ in net.named_parameters()])
+    error = float((got - want).norm() / want.norm())
+    assert error <= (1e-8 if space == "krylov_residual" else 1e-9), f"{error:.2e}"

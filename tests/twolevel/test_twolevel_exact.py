@@ -74,6 +74,40 @@ def test_step_equals_dense_formula(float64: None, net: str, space: str, combinat
     assert_relative_error(one_step(model, opt, x, y), expected, tol)
 
 
+class TokenNet(nn.Module):
+    """``Embedding → Linear → tanh → mean over positions → Linear``: an embedding block
+    (``T`` = the positions) beside ``T = 1`` layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(6, 3)
+        self.mix = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(tokens))).mean(dim=1))
+
+
+@pytest.mark.parametrize(("space", "combination"), [
+    (s, c) for s, c in itertools.product(SPACES, COMBINATIONS) if s != "tselepidis"
+])  # fmt: skip
+def test_step_over_an_embedding_equals_dense_formula(
+    float64: None, space: str, combination: str
+) -> None:
+    model = TokenNet()
+    gen = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 6, (8, 4), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    expected = dense_twolevel_update(
+        model, LOSS, tokens, y, damping=0.05, coarse_space=space, combination=combination
+    )
+    opt = tk.TwoLevelKFAC(
+        model, damping=0.05, coarse_space=space, combination=combination, **CONTRACT
+    )
+    tol = 1e-8 if space == "krylov_residual" else 1e-9
+    assert_relative_error(one_step(model, opt, tokens, y), expected, tol)
+
+
 def assert_relative_error(
     actual: dict[str, Tensor], expected: dict[str, Tensor], tol: float = 1e-9
 ) -> None:
