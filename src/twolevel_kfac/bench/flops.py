@@ -60,7 +60,8 @@ class LayerShape:
 
 
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerShape]:
-    """The Linear / Conv2d layers of ``model``, read off one forward pass of one example.
+    """The Linear / Conv1d-3d / Embedding layers of ``model``, read off one forward pass of
+    one example (attention's projections run functionally there and are not counted).
 
     The pass runs in eval mode without gradients (BatchNorm uses its running statistics);
     the model's mode is restored.
@@ -77,10 +78,17 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSh
 
     def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         bias = getattr(module, "bias", None) is not None
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
             locations = math.prod(output.shape[2:])
             shapes.append(LayerShape(names[module], d_in, module.out_channels, locations, bias))
+        elif isinstance(module, nn.Embedding):  # the table [V, D]: d_out = V, d_in = D
+            locations = math.prod(output.shape[1:-1])
+            shapes.append(
+                LayerShape(
+                    names[module], module.embedding_dim, module.num_embeddings, locations, False
+                )
+            )
         elif isinstance(module, nn.Linear):
             locations = math.prod(output.shape[1:-1])
             shapes.append(
@@ -90,7 +98,7 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSh
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
     ]
     was_training = model.training
     try:
