@@ -18,7 +18,7 @@ Conventions (README: "Conventions"; Martens & Grosse 2015 eq. (1); Grosse & Mart
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,38 @@ class LayerStats:
     def subset(self, index: Tensor) -> LayerStats:
         """The statistics of the samples ``index`` (a 1-D index tensor)."""
         return LayerStats(self.a[index], self.g[index])
+
+
+@dataclass
+class ScaleShiftStats(LayerStats):
+    """Statistics of a scale-and-shift layer (:mod:`.scale_shift`): ``a`` the normalised
+    inputs ``x̂`` and ``g`` the output gradients ``δ``, both ``[N, T, D]``; ``shift``:
+    whether ``β`` trains (``W̄ = [γ, β]``, ``[D, 2]``; else ``[D, 1]``)."""
+
+    shift: bool = True
+
+    def subset(self, index: Tensor) -> ScaleShiftStats:
+        """The statistics of the samples ``index`` (a 1-D index tensor)."""
+        return ScaleShiftStats(self.a[index], self.g[index], self.shift)
+
+    def unit_gradients(self) -> Tensor:
+        """``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``: every sample's ``∇_W̄ ℓ_n``,
+        ``[N, D, k]``."""
+        scale = (self.g * self.a).sum(1)
+        return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
+
+
+def layer_stats(module: nn.Module, a: Tensor, g: Tensor) -> LayerStats:
+    """The statistics object of ``module``'s block type."""
+    if _entry(module).scale_shift:
+        return ScaleShiftStats(a, g, has_bias(module))
+    return LayerStats(a, g)
+
+
+def recorded_input(module: nn.Module, inputs: Tensor) -> Tensor:
+    """What a layer's forward hook keeps of its input (:class:`~.layer_types.LayerType`)."""
+    record = _entry(module).record
+    return inputs if record is None else record(module, inputs)
 
 
 def has_bias(module: nn.Module) -> bool:
@@ -95,6 +127,8 @@ def block_statistics(
     (zeros without one) and ``δ`` the one-hot inputs (:mod:`.layer_types`)."""
     features = input_features(module, inputs)
     grads = None if grad_output is None else output_gradients(module, grad_output)
+    if _entry(module).scale_shift:  # ā = x̂ (no homogeneous coordinate)
+        return features, grads
     if _entry(module).rows_from_inputs:
         if grads is None:
             grads = features.new_zeros(*features.shape[:2], layer_shape(module)[1])
@@ -162,8 +196,12 @@ def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:
     """KFAC / KFC factors ``A = Σ_{n,t} ā āᵀ/(N·T)`` and ``G = Σ_{n,t} δ δᵀ/(N·T)``.
 
     For ``T = 1`` these are Martens & Grosse (2015) eq. (1)'s ``E[ā āᵀ]`` and ``E[δ δᵀ]``;
-    for convolutions they are KFC's factors averaged over samples and locations.
+    for convolutions they are KFC's factors averaged over samples and locations. A
+    scale-and-shift layer gives its unit-wise Fisher ``F [D, k, k]`` and an empty tensor.
     """
+    if isinstance(stats, ScaleShiftStats):
+        u = stats.unit_gradients()
+        return torch.einsum("ndi,ndj->dij", u, u) / u.shape[0], u.new_zeros(0)
     a = stats.a.reshape(-1, stats.a.shape[-1])
     g = stats.g.reshape(-1, stats.g.shape[-1])
     return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0])
@@ -175,14 +213,14 @@ def reduce_locations(stats: LayerStats) -> LayerStats:
     ``G = E_n[δ_n δ_nᵀ]`` and no division by ``T``; for ``T = 1`` the statistics themselves.
     Only the factors are built from it: the exact Fisher products (coarse level, EKFAC)
     keep every location."""
-    if stats.num_locations == 1:
+    if stats.num_locations == 1 or isinstance(stats, ScaleShiftStats):  # exact per sample
         return stats
     return LayerStats(stats.a.mean(dim=1, keepdim=True), stats.g.sum(dim=1, keepdim=True))
 
 
 def kronecker_factors_as(stats: LayerStats, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
     """:func:`kronecker_factors` computed in ``dtype``, with the number of locations ``T``."""
-    cast = LayerStats(stats.a.to(dtype), stats.g.to(dtype))
+    cast = replace(stats, a=stats.a.to(dtype), g=stats.g.to(dtype))
     return (*kronecker_factors(cast), stats.num_locations)
 
 
@@ -198,6 +236,8 @@ def per_sample_gradients(stats: LayerStats) -> Tensor:
     Materialises ``N·d_out·d_in'`` numbers: for tests and the analysis only, never in the
     optimizer's hot path.
     """
+    if isinstance(stats, ScaleShiftStats):
+        return stats.unit_gradients()
     return torch.einsum("nto,nti->noi", stats.g, stats.a)
 
 
@@ -209,6 +249,8 @@ def per_sample_dots(stats: LayerStats, vectors: Tensor) -> Tensor:
     and summed over ``(t, i)``: costs ``O(N·T·K·d_out·d_in')`` and memory
     ``O(N·T·K·d_in')`` (faster than the same contraction as two ``einsum`` calls).
     """
+    if isinstance(stats, ScaleShiftStats):
+        return torch.einsum("ndi,kdi->nk", stats.unit_gradients(), vectors)
     n, locations, d_out = stats.g.shape
     k, _, d_in = vectors.shape
     columns = vectors.transpose(0, 1).reshape(d_out, k * d_in)
@@ -219,6 +261,9 @@ def per_sample_dots(stats: LayerStats, vectors: Tensor) -> Tensor:
 def weighted_gradient_sum(stats: LayerStats, weights: Tensor) -> Tensor:
     """``Σ_n w_n ∇_W̄ ℓ_n = Σ_{n,t} w_n δ_{n,t} ā_{n,t}ᵀ`` for ``weights`` of shape ``[N]``
     (or ``[N, K]``, giving ``[K, d_out, d_in']``), without per-sample gradients."""
+    if isinstance(stats, ScaleShiftStats):
+        pattern = "n,ndi->di" if weights.dim() == 1 else "nk,ndi->kdi"
+        return torch.einsum(pattern, weights, stats.unit_gradients())
     if weights.dim() == 1:
         scaled = stats.g * weights[:, None, None]
         return scaled.flatten(0, 1).T @ stats.a.flatten(0, 1)
@@ -229,6 +274,9 @@ def per_sample_dots_parts(stats: LayerStats, weight: Tensor, bias: Tensor | None
     """:func:`per_sample_dots` of one vector ``W̄ = [V, b]`` given as its parts:
     ``⟨∇_W̄ ℓ_n, W̄⟩ = Σ_t δ_{n,t}ᵀ V a_{n,t} + δ_{n,t}ᵀ b`` (``a`` is ``ā`` without its
     homogeneous coordinate, read in place: no copy of the slice). Returns ``[N]``."""
+    if isinstance(stats, ScaleShiftStats):
+        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
+        return per_sample_dots(stats, joined.unsqueeze(0))[:, 0]
     a = stats.a[..., :-1] if bias is not None else stats.a
     dots = (stats.g @ weight).mul_(a).sum((1, 2))
     if bias is not None:

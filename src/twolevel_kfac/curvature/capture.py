@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
-from .blocks import LayerStats, calls_statistics
+from .blocks import LayerStats, calls_statistics, layer_stats, recorded_input
 from .forward_checks import check_batch_rows, check_weight_uses, first_tensor, output_tensors
 from .hooks import WeakHook, in_backward, remove_all
 from .likelihoods import check_output, sampled_nll
@@ -213,7 +213,8 @@ class CurvatureCapture:
         if forward is None or not output.requires_grad or in_backward():
             return  # (an output without a graph: a frozen layer, or gradients disabled)
         _check_rows(f"the input of layer {name!r}", args[0], forward)
-        record = _Record(module, _rows(args[0].detach(), forward), forward)
+        kept = recorded_input(module, args[0].detach())
+        record = _Record(module, _rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
         if self.fisher == "mc":
@@ -352,7 +353,7 @@ class CurvatureCapture:
             ]
             # torch.cat copies even one tensor: the statistics never alias a layer's input
             a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
-            stats[name] = LayerStats(a, g)
+            stats[name] = layer_stats(self.layers[name], a, g)
         self._forward = None
         return stats
 

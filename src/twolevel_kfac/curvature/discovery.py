@@ -37,6 +37,7 @@ from .attention import attention_blocks, attention_reason
 from .blocks import layer_bias, layer_shape, layer_weight
 from .kronecker import KroneckerFactors
 from .layer_types import layer_type, registered_types
+from .scale_shift import is_scale_shift
 
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
@@ -169,7 +170,10 @@ def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
 
 
 def find_layers(
-    model: nn.Module, unsupported: str, params: Iterable[object] | None = None
+    model: nn.Module,
+    unsupported: str,
+    params: Iterable[object] | None = None,
+    norm_blocks: bool = False,
 ) -> dict[str, nn.Module]:
     """The ``Linear`` / ``Conv2d`` (groups=1) layers of ``model`` that get a KFAC block, by
     name (one entry per tied group, under its first module's name; see the module doc).
@@ -180,6 +184,8 @@ def find_layers(
             precondition wrongly (their parameters get the plain momentum-SGD step).
         params: the optimizer's parameters (``torch.optim`` format); ``None``: every
             trainable parameter of ``model``.
+        norm_blocks: give norm layers their scale-and-shift blocks (:mod:`.scale_shift`;
+            else they are left to the fallback step).
 
     Raises:
         ValueError: with ``unsupported="error"`` for an unsupported module, or when the
@@ -198,6 +204,8 @@ def find_layers(
         if owned is not None:  # given params: frozen ones count too (unfrozen later)
             trains = trains or any(id(p) in owned for p in own)
         if not trains and not isinstance(module, FUNCTIONAL_CONTAINERS):
+            continue
+        if is_scale_shift(module) and not norm_blocks:
             continue
         reason = unsupported_reason(module)
         if isinstance(module, FUNCTIONAL_CONTAINERS):

@@ -59,6 +59,11 @@ class LayerType:
         reason: why an instance cannot be preconditioned (``None``: it can).
         rows_from_inputs: the weight's rows index the inputs (an embedding table ``[V,
             D]``): ``features`` then gives the block's ``δ`` and ``gradients`` its ``ā``.
+        record: ``(module, input) → kept``: what the forward hook keeps of the input (on
+            the whole batch, before the Fisher mini-batch's rows are taken; default: the
+            input itself), which ``features`` then reads.
+        scale_shift: a norm's affine ``[γ, β]`` with a unit-wise block
+            (:mod:`.scale_shift`) instead of ``A ⊗ G``.
     """
 
     module_type: type[nn.Module]
@@ -66,6 +71,8 @@ class LayerType:
     gradients: Features
     reason: Reason = _no_reason
     rows_from_inputs: bool = False
+    record: Features | None = None
+    scale_shift: bool = False
 
 
 _REGISTRY: dict[type[nn.Module], LayerType] = {}
@@ -77,15 +84,21 @@ def register_layer_type(
     gradients: Features,
     reason: Reason | None = None,
     rows_from_inputs: bool = False,
+    record: Features | None = None,
+    scale_shift: bool = False,
 ) -> None:
-    """Give ``module_type`` (and its subclasses) a Kronecker block (module docstring).
+    """Give ``module_type`` (and its subclasses) a curvature block (module docstring;
+    :class:`LayerType` for the arguments).
 
     Raises:
         TypeError: ``module_type`` is not an ``nn.Module`` subclass.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass; got {module_type!r}")
-    entry = LayerType(module_type, features, gradients, reason or _no_reason, rows_from_inputs)
+    reason = reason or _no_reason
+    entry = LayerType(
+        module_type, features, gradients, reason, rows_from_inputs, record, scale_shift
+    )
     _REGISTRY[module_type] = entry
 
 

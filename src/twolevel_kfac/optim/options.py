@@ -168,6 +168,11 @@ class CurvatureOptions:
             (each micro-batch loss divided by it): the empirical ``δ`` is then scaled by
             ``micro-batch size × accumulation_steps``, so the statistics equal those of the
             whole accumulated batch. ``fisher="mc"`` needs no scaling.
+        norm_blocks: give the affine parameters of ``LayerNorm``, ``RMSNorm``,
+            ``BatchNorm`` and ``GroupNorm`` their unit-wise scale-and-shift blocks
+            (:mod:`~twolevel_kfac.curvature.scale_shift`; plain KFAC fine level, not the
+            ``spectral`` or ``tselepidis`` coarse spaces, one process); default: the
+            fallback step.
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).
         seed: seed of the sampler that picks the Fisher mini-batch and MC targets (rank
@@ -194,6 +199,7 @@ class CurvatureOptions:
     inverse_method: InverseChoice = "auto"
     factor_dtype: torch.dtype | None = None
     weight_sharing: WeightSharing = "expand"
+    norm_blocks: bool = False
     unsupported: UnsupportedPolicy = "warn"
     seed: int = 0
     accumulation_steps: int = 1
@@ -234,6 +240,8 @@ class CurvatureOptions:
                 f"factor_dtype must be a torch.dtype or None; got {self.factor_dtype!r}"
             )
         check_choice("weight_sharing", self.weight_sharing, WEIGHT_SHARING)
+        if not isinstance(self.norm_blocks, bool):
+            raise TypeError(f"norm_blocks must be True or False; got {self.norm_blocks!r}")
         check_choice("unsupported", self.unsupported, UNSUPPORTED_POLICIES)
         check_interval("accumulation_steps", self.accumulation_steps)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -36,8 +36,8 @@ from ..curvature.blocks import (
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
-from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
+from ..curvature.scale_shift import check_norm_blocks, new_factors
 from ..distributed import (
     LayerSpec,
     make_communicator,
@@ -115,22 +115,23 @@ class KFACPreconditioner:
             fine_needs_eigenbasis=fine_type.needs_eigenbasis,
             coarse_needs_eigenbasis=coarse is not None and coarse_type.needs_eigenbasis(coarse),
         )
-        self.options = replace(options, inverse_method=method)
+        self.options = opts = replace(options, inverse_method=method)
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
-        self.layers = find_layers(model, self.options.unsupported, params)
+        self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)
         if not self.layers:
             raise ValueError(
                 f"{type(model).__name__} has no trainable layer with a curvature block "
                 f"(Linear, Conv1d/2d/3d, a registered type){'' if params is None else ' in params'}"
             )
-        self.damping = damping_at(self.options.damping, 0)
-        self.steps = 0
+        self.damping, self.steps = damping_at(self.options.damping, 0), 0
         self.generator = torch.Generator().manual_seed(rank_seed(self.options.seed, self.comm.rank))
-        self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batch per layer
-        self.factors = {name: KroneckerFactors() for name in self.layers}
+        self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batches
+        self.factors = {name: new_factors(m) for name, m in self.layers.items()}
         self.fine = fine_type(self, **fine_arguments)
         self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
+        space = None if coarse is None else coarse.coarse_space
+        check_norm_blocks(self.layers, self.fine.plain, space, self.comm.distributed)
         self.capture = CurvatureCapture(
             model,
             self.layers,
@@ -207,9 +208,8 @@ class KFACPreconditioner:
         return not self.capture.active and self._stateless_directions()
 
     def _stateless_directions(self) -> bool:
-        """Whether this step's directions, on a step without statistics, are a function
-        of the gradients that leaves no state behind (:meth:`FineLevel.stateless`);
-        coarse levels that rebuild their basis say no."""
+        """Whether a step without statistics leaves no state behind
+        (:meth:`FineLevel.stateless`; coarse levels that rebuild their basis say no)."""
         coarse = self.coarse_level
         return self.fine.stateless(self.steps) and (coarse is None or coarse.stateless())
 

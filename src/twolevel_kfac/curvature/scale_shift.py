@@ -1,0 +1,236 @@
+"""Scale-and-shift blocks: the affine parameters of ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.BatchNorm1d/2d/3d`` and ``nn.GroupNorm`` (``norm_blocks=True``).
+
+Such a layer computes ``y_{t,i} = γ_i x̂_{t,i} + β_i`` from its normalised input ``x̂`` at
+every location ``t`` (a position, a pixel) and feature ``i``. Its ``W̄`` is ``[γ, β]`` seen as
+a ``[D, k]`` matrix (``k = 2``; ``k = 1`` without a trained shift), and sample ``n``'s
+gradient of unit ``i`` is ``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``. The block is the exact
+Fisher of each unit, ``F_i = (1/N) Σ_n u_{n,i} u_{n,i}ᵀ`` (``k × k``; the *unit-wise* Fisher of
+ASDL, Osawa et al. 2023; no Kronecker approximation and no ``T`` convention: it is exact per
+sample), damped as ``F_i + λI`` whatever ``damping_mode`` says, and frozen at each refresh
+like the Kronecker decompositions. The statistics are :class:`~.blocks.ScaleShiftStats`
+(``ā = x̂``, ``δ`` the output gradient, both ``[N, T, D]``); ``x̂`` is computed when the
+layer runs, on the whole batch (a training-mode BatchNorm normalises with the batch's
+statistics, which are then taken as constants, as every per-sample view of it does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kronecker import KroneckerFactors
+from .kronecker_apply import LayerParts
+from .layer_types import register_layer_type
+from .running_average import ema_weight, running_average
+
+__all__ = [
+    "NORM_TYPES",
+    "UnitWiseFactors",
+    "check_norm_blocks",
+    "is_scale_shift",
+    "new_factors",
+]
+
+
+class UnitWiseFactors:
+    """The running unit-wise Fisher ``F [D, k, k]`` of one scale-and-shift layer, with the
+    copy frozen at the last refresh that the damped inverse uses (the interface of
+    :class:`~.kronecker.KroneckerFactors` that the fine level and the coarse level use)."""
+
+    A: Tensor | None = None  # no Kronecker factors (check_blocks reads these)
+    G: Tensor | None = None
+    decomp_a: tuple[Tensor, Tensor] | None = None
+    decomp_g: tuple[Tensor, Tensor] | None = None
+
+    def __init__(self) -> None:
+        self.fisher: Tensor | None = None
+        self.frozen: Tensor | None = None
+        self.num_updates = 0
+        self.num_locations = 1
+
+    def update(self, new: Tensor, _unused: Tensor, ema_decay: float, num_locations: int) -> None:
+        """``F ← ρ F + (1 − ρ) F_new`` (:mod:`.running_average`)."""
+        self.num_updates += 1
+        self.num_locations = num_locations
+        self.fisher = running_average(self.fisher, new, ema_weight(self.num_updates, ema_decay))
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``F`` holds an estimate."""
+        return self.fisher is not None
+
+    def decompose(self, method: str) -> None:
+        """Freeze the current ``F`` for the inverses until the next refresh."""
+        assert self.fisher is not None
+        self.frozen = self.fisher.clone()
+
+    def convert_decomposition(self, method: str) -> bool:
+        """Nothing to convert (no decomposition is kept)."""
+        return False
+
+    def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
+        """``(F_i + λI)⁻¹ u_i`` for every unit ``i`` of a ``[D, k]`` matrix."""
+        assert self.frozen is not None, "scale-and-shift block used before its first refresh"
+        frozen = self.frozen
+        eye = torch.eye(frozen.shape[-1], dtype=frozen.dtype, device=frozen.device)
+        solved = torch.linalg.solve(frozen + damping * eye, grad.to(frozen.dtype).unsqueeze(-1))
+        return solved.squeeze(-1).to(grad.dtype)
+
+    def apply_inverse_outer(
+        self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
+    ) -> Tensor:
+        """:meth:`apply_inverse` of ``left rightᵀ``."""
+        return self.apply_inverse(torch.outer(left, right), damping, mode, method)
+
+    def apply_inverse_split(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        damping: float,
+        mode: str,
+        method: str,
+        out: LayerParts | None = None,
+    ) -> LayerParts:
+        """:meth:`apply_inverse` on ``W̄ = [γ, β]`` given as its parts (``[D, 1]``, ``[D]``)."""
+        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
+        result = self.apply_inverse(joined, damping, mode, method)
+        parts = (result[:, :1], None if bias is None else result[:, 1])
+        if out is None:
+            return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
+        for target, part in zip(out, parts, strict=True):
+            if target is not None and part is not None:
+                target.copy_(part)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint."""
+        return {
+            "fisher": self.fisher,
+            "frozen": self.frozen,
+            "num_updates": self.num_updates,
+            "num_locations": self.num_locations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        for key in ("fisher", "frozen", "num_updates", "num_locations"):
+            if key not in state:
+                raise KeyError(f"scale-and-shift block state is missing {key!r}")
+        self.fisher, self.frozen = state["fisher"], state["frozen"]
+        self.num_updates = int(state["num_updates"])
+        self.num_locations = int(state["num_locations"])
+
+
+# ------------------------------------------------------------------ layer types
+def _features_last(x: Tensor, channels_first: bool) -> Tensor:
+    """``[N, T, D]``: the features last, every other non-batch dimension a location."""
+    if channels_first and x.dim() > 2:
+        x = x.movedim(1, -1)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _layer_norm_input(module: nn.Module, x: Tensor) -> Tensor:
+    assert isinstance(module, nn.LayerNorm)
+    normalised = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    return normalised.reshape(x.shape[0], -1, _normalized_size(module))
+
+
+def _normalized_size(module: nn.Module) -> int:
+    shape: tuple[int, ...] = getattr(module, "normalized_shape")  # noqa: B009
+    return int(torch.Size(shape).numel())
+
+
+def _layer_norm_gradients(module: nn.Module, grad: Tensor) -> Tensor:
+    return grad.reshape(grad.shape[0], -1, _normalized_size(module))
+
+
+def _rms_norm_input(module: nn.Module, x: Tensor) -> Tensor:
+    shape: list[int] = list(getattr(module, "normalized_shape"))  # noqa: B009
+    normalised = F.rms_norm(x, shape, None, getattr(module, "eps"))  # noqa: B009
+    return normalised.reshape(x.shape[0], -1, _normalized_size(module))
+
+
+def _batch_norm_input(module: nn.Module, x: Tensor) -> Tensor:
+    assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+    batch_stats = module.training or module.running_mean is None
+    running = (None, None) if batch_stats else (module.running_mean, module.running_var)
+    normalised = F.batch_norm(x, *running, None, None, batch_stats, 0.0, module.eps)
+    return _features_last(normalised, channels_first=True)
+
+
+def _group_norm_input(module: nn.Module, x: Tensor) -> Tensor:
+    assert isinstance(module, nn.GroupNorm)
+    normalised = F.group_norm(x, module.num_groups, None, None, module.eps)
+    return _features_last(normalised, channels_first=True)
+
+
+def _channels_gradients(module: nn.Module, grad: Tensor) -> Tensor:
+    return _features_last(grad, channels_first=True)
+
+
+_RMS: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    *_RMS,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+)
+"""The module types with a scale-and-shift block (``nn.RMSNorm`` from torch 2.4)."""
+
+
+def is_scale_shift(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer with a scale-and-shift block."""
+    return isinstance(module, NORM_TYPES)
+
+
+def new_factors(module: nn.Module) -> KroneckerFactors:
+    """The running curvature of ``module``'s block: :class:`UnitWiseFactors` for a norm
+    layer (it offers the part of :class:`KroneckerFactors`' interface that the plain fine
+    level and the coarse level use), else :class:`KroneckerFactors`."""
+    if is_scale_shift(module):
+        return cast(KroneckerFactors, UnitWiseFactors())
+    return KroneckerFactors()
+
+
+def check_norm_blocks(
+    layers: dict[str, nn.Module], plain_fine: bool, coarse_space: str | None, distributed: bool
+) -> None:
+    """Refuse what scale-and-shift blocks do not support yet.
+
+    Raises:
+        ValueError: another fine level than KFAC's, or the ``spectral`` / ``tselepidis``
+            coarse space (both built from Kronecker factors), with a norm block.
+        NotImplementedError: norm blocks under ``torch.distributed``.
+    """
+    norms = [name for name, module in layers.items() if is_scale_shift(module)]
+    if not norms:
+        return
+    if not plain_fine:
+        raise ValueError(
+            f"norm_blocks=True with the layers {norms}: scale-and-shift blocks work with "
+            "the KFAC fine level only (fine='kfac'); use norm_blocks=False"
+        )
+    if coarse_space in ("spectral", "tselepidis"):
+        raise ValueError(
+            f"coarse_space={coarse_space!r} is built from Kronecker factors, which the norm "
+            f"layers {norms} do not have: use another coarse space or norm_blocks=False"
+        )
+    if distributed:
+        raise NotImplementedError("norm_blocks=True is not implemented under torch.distributed")
+
+
+def _identity(module: nn.Module, recorded: Tensor) -> Tensor:
+    return recorded
+
+
+for _type, _record, _gradients in (
+    (nn.LayerNorm, _layer_norm_input, _layer_norm_gradients),
+    *((rms, _rms_norm_input, _layer_norm_gradients) for rms in _RMS),
+    (nn.modules.batchnorm._BatchNorm, _batch_norm_input, _channels_gradients),
+    (nn.GroupNorm, _group_norm_input, _channels_gradients),
+):
+    register_layer_type(_type, _identity, _gradients, record=_record, scale_shift=True)
