@@ -210,3 +210,30 @@ def test_what_norm_blocks_do_not_support_yet() -> None:
         tk.TwoLevelKFAC(net, norm_blocks=True, coarse_space="spectral")
     opt = tk.KFAC(net)  # default: the fallback step
     assert "1" not in opt.preconditioner.layers
+
+
+def test_resume_with_norm_blocks_is_bit_identical() -> None:
+    """A checkpoint mid-run (refreshes every 2 steps) continues with the same steps."""
+    settings = {"lr": 0.05, "norm_blocks": True, "cov_interval": 2, "inv_interval": 2}
+    x = torch.randn(N, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(4))
+
+    def train(net: nn.Module, opt: tk.KFAC, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn(net(x), y).backward()
+            opt.step()
+
+    straight, _ = norm_net("layer")
+    train(straight, tk.KFAC(straight, **settings), 5)
+    first, _ = norm_net("layer")
+    opt = tk.KFAC(first, **settings)
+    train(first, opt, 3)
+    saved = {"model": first.state_dict(), "opt": opt.state_dict()}
+    resumed, _ = norm_net("layer")
+    resumed.load_state_dict(saved["model"])
+    opt2 = tk.KFAC(resumed, **settings)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, 2)
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
