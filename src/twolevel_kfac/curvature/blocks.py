@@ -18,7 +18,9 @@ Conventions (README: "Conventions"; Martens & Grosse 2015 eq. (1); Grosse & Mart
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,33 +52,41 @@ class LayerStats:
 
     def subset(self, index: Tensor) -> LayerStats:
         """The statistics of the samples ``index`` (a 1-D index tensor)."""
-        return LayerStats(self.a[index], self.g[index])
+        return replace(self, a=self.a[index], g=self.g[index])
 
 
-@dataclass
-class ScaleShiftStats(LayerStats):
-    """Statistics of a scale-and-shift layer (:mod:`.scale_shift`): ``a`` the normalised
-    inputs ``x̂`` and ``g`` the output gradients ``δ``, both ``[N, T, D]``; ``shift``:
-    whether ``β`` trains (``W̄ = [γ, β]``, ``[D, 2]``; else ``[D, 1]``)."""
+class BlockStats(LayerStats):
+    """Statistics of a block type of its own (not ``A ⊗ G``: a norm's unit-wise block, a
+    grouped convolution's blocks per group), registered as the ``statistics`` of its
+    layer type (:mod:`.layer_types`). It defines the per-sample gradients (``[N, d_out,
+    d_in']`` in the layout of the layer's ``W̄``), its running curvature
+    (:meth:`block_factors`, folded by ``factors_type``) and the view ``weight_sharing``
+    takes; the exact Fisher products of the coarse level follow from the gradients."""
 
-    shift: bool = True
+    factors_type: ClassVar[Callable[[], Any]]
 
-    def subset(self, index: Tensor) -> ScaleShiftStats:
-        """The statistics of the samples ``index`` (a 1-D index tensor)."""
-        return ScaleShiftStats(self.a[index], self.g[index], self.shift)
+    @classmethod
+    def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> BlockStats:
+        """The statistics of ``module`` from its ``ā`` and ``δ`` (:func:`block_statistics`)."""
+        raise NotImplementedError
 
-    def unit_gradients(self) -> Tensor:
-        """``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``: every sample's ``∇_W̄ ℓ_n``,
-        ``[N, D, k]``."""
-        scale = (self.g * self.a).sum(1)
-        return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
+    def sample_gradients(self) -> Tensor:
+        """``∇_W̄ ℓ_n`` of every sample, ``[N, d_out, d_in']``."""
+        raise NotImplementedError
+
+    def block_factors(self) -> tuple[Tensor, Tensor]:
+        """This Fisher mini-batch's curvature, as ``factors_type.update`` takes it."""
+        raise NotImplementedError
+
+    def reduced(self) -> LayerStats:
+        """The statistics ``weight_sharing="reduce"`` forms the curvature from."""
+        return self
 
 
 def layer_stats(module: nn.Module, a: Tensor, g: Tensor) -> LayerStats:
     """The statistics object of ``module``'s block type."""
-    if _entry(module).scale_shift:
-        return ScaleShiftStats(a, g, has_bias(module))
-    return LayerStats(a, g)
+    statistics = _entry(module).statistics
+    return LayerStats(a, g) if statistics is None else statistics.of(module, a, g)
 
 
 def recorded_input(module: nn.Module, inputs: Tensor) -> Tensor:
@@ -127,7 +137,7 @@ def block_statistics(
     (zeros without one) and ``δ`` the one-hot inputs (:mod:`.layer_types`)."""
     features = input_features(module, inputs)
     grads = None if grad_output is None else output_gradients(module, grad_output)
-    if _entry(module).scale_shift:  # ā = x̂ (no homogeneous coordinate)
+    if _entry(module).statistics is not None:  # a block type of its own: as its type gives
         return features, grads
     if _entry(module).rows_from_inputs:
         if grads is None:
@@ -197,11 +207,10 @@ def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:
 
     For ``T = 1`` these are Martens & Grosse (2015) eq. (1)'s ``E[ā āᵀ]`` and ``E[δ δᵀ]``;
     for convolutions they are KFC's factors averaged over samples and locations. A
-    scale-and-shift layer gives its unit-wise Fisher ``F [D, k, k]`` and an empty tensor.
+    block type of its own gives its :meth:`BlockStats.block_factors`.
     """
-    if isinstance(stats, ScaleShiftStats):
-        u = stats.unit_gradients()
-        return torch.einsum("ndi,ndj->dij", u, u) / u.shape[0], u.new_zeros(0)
+    if isinstance(stats, BlockStats):
+        return stats.block_factors()
     a = stats.a.reshape(-1, stats.a.shape[-1])
     g = stats.g.reshape(-1, stats.g.shape[-1])
     return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0])
@@ -213,7 +222,9 @@ def reduce_locations(stats: LayerStats) -> LayerStats:
     ``G = E_n[δ_n δ_nᵀ]`` and no division by ``T``; for ``T = 1`` the statistics themselves.
     Only the factors are built from it: the exact Fisher products (coarse level, EKFAC)
     keep every location."""
-    if stats.num_locations == 1 or isinstance(stats, ScaleShiftStats):  # exact per sample
+    if isinstance(stats, BlockStats):
+        return stats.reduced()
+    if stats.num_locations == 1:
         return stats
     return LayerStats(stats.a.mean(dim=1, keepdim=True), stats.g.sum(dim=1, keepdim=True))
 
@@ -236,8 +247,8 @@ def per_sample_gradients(stats: LayerStats) -> Tensor:
     Materialises ``N·d_out·d_in'`` numbers: for tests and the analysis only, never in the
     optimizer's hot path.
     """
-    if isinstance(stats, ScaleShiftStats):
-        return stats.unit_gradients()
+    if isinstance(stats, BlockStats):
+        return stats.sample_gradients()
     return torch.einsum("nto,nti->noi", stats.g, stats.a)
 
 
@@ -249,8 +260,8 @@ def per_sample_dots(stats: LayerStats, vectors: Tensor) -> Tensor:
     and summed over ``(t, i)``: costs ``O(N·T·K·d_out·d_in')`` and memory
     ``O(N·T·K·d_in')`` (faster than the same contraction as two ``einsum`` calls).
     """
-    if isinstance(stats, ScaleShiftStats):
-        return torch.einsum("ndi,kdi->nk", stats.unit_gradients(), vectors)
+    if isinstance(stats, BlockStats):
+        return torch.einsum("noi,koi->nk", stats.sample_gradients(), vectors)
     n, locations, d_out = stats.g.shape
     k, _, d_in = vectors.shape
     columns = vectors.transpose(0, 1).reshape(d_out, k * d_in)
@@ -261,9 +272,9 @@ def per_sample_dots(stats: LayerStats, vectors: Tensor) -> Tensor:
 def weighted_gradient_sum(stats: LayerStats, weights: Tensor) -> Tensor:
     """``Σ_n w_n ∇_W̄ ℓ_n = Σ_{n,t} w_n δ_{n,t} ā_{n,t}ᵀ`` for ``weights`` of shape ``[N]``
     (or ``[N, K]``, giving ``[K, d_out, d_in']``), without per-sample gradients."""
-    if isinstance(stats, ScaleShiftStats):
-        pattern = "n,ndi->di" if weights.dim() == 1 else "nk,ndi->kdi"
-        return torch.einsum(pattern, weights, stats.unit_gradients())
+    if isinstance(stats, BlockStats):
+        pattern = "n,noi->oi" if weights.dim() == 1 else "nk,noi->koi"
+        return torch.einsum(pattern, weights, stats.sample_gradients())
     if weights.dim() == 1:
         scaled = stats.g * weights[:, None, None]
         return scaled.flatten(0, 1).T @ stats.a.flatten(0, 1)
@@ -274,7 +285,7 @@ def per_sample_dots_parts(stats: LayerStats, weight: Tensor, bias: Tensor | None
     """:func:`per_sample_dots` of one vector ``W̄ = [V, b]`` given as its parts:
     ``⟨∇_W̄ ℓ_n, W̄⟩ = Σ_t δ_{n,t}ᵀ V a_{n,t} + δ_{n,t}ᵀ b`` (``a`` is ``ā`` without its
     homogeneous coordinate, read in place: no copy of the slice). Returns ``[N]``."""
-    if isinstance(stats, ScaleShiftStats):
+    if isinstance(stats, BlockStats):
         joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
         return per_sample_dots(stats, joined.unsqueeze(0))[:, 0]
     a = stats.a[..., :-1] if bias is not None else stats.a

@@ -26,9 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .blocks import BlockStats
 
 __all__ = [
     "EMBEDDING_MAX_ROWS",
@@ -62,8 +66,10 @@ class LayerType:
         record: ``(module, input) → kept``: what the forward hook keeps of the input (on
             the whole batch, before the Fisher mini-batch's rows are taken; default: the
             input itself), which ``features`` then reads.
-        scale_shift: a norm's affine ``[γ, β]`` with a unit-wise block
-            (:mod:`.scale_shift`) instead of ``A ⊗ G``.
+        statistics: a block type of its own instead of ``A ⊗ G`` (a
+            :class:`~.blocks.BlockStats` subclass: :mod:`.scale_shift`, :mod:`.grouped`);
+            its ``features`` and ``gradients`` are then used as they are (no homogeneous
+            coordinate appended).
     """
 
     module_type: type[nn.Module]
@@ -72,7 +78,7 @@ class LayerType:
     reason: Reason = _no_reason
     rows_from_inputs: bool = False
     record: Features | None = None
-    scale_shift: bool = False
+    statistics: type[BlockStats] | None = None
 
 
 _REGISTRY: dict[type[nn.Module], LayerType] = {}
@@ -85,7 +91,7 @@ def register_layer_type(
     reason: Reason | None = None,
     rows_from_inputs: bool = False,
     record: Features | None = None,
-    scale_shift: bool = False,
+    statistics: type[BlockStats] | None = None,
 ) -> None:
     """Give ``module_type`` (and its subclasses) a curvature block (module docstring;
     :class:`LayerType` for the arguments).
@@ -97,7 +103,7 @@ def register_layer_type(
         raise TypeError(f"module_type must be an nn.Module subclass; got {module_type!r}")
     reason = reason or _no_reason
     entry = LayerType(
-        module_type, features, gradients, reason, rows_from_inputs, record, scale_shift
+        module_type, features, gradients, reason, rows_from_inputs, record, statistics
     )
     _REGISTRY[module_type] = entry
 

@@ -16,21 +16,25 @@ statistics, which are then taken as constants, as every per-sample view of it do
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .blocks import BlockStats, has_bias
 from .kronecker import KroneckerFactors
 from .kronecker_apply import LayerParts
-from .layer_types import register_layer_type
+from .layer_types import layer_type, register_layer_type
 from .running_average import ema_weight, running_average
 
 __all__ = [
     "NORM_TYPES",
+    "ScaleShiftStats",
     "UnitWiseFactors",
-    "check_norm_blocks",
+    "check_own_blocks",
     "is_scale_shift",
     "new_factors",
 ]
@@ -125,6 +129,30 @@ class UnitWiseFactors:
         self.num_locations = int(state["num_locations"])
 
 
+@dataclass
+class ScaleShiftStats(BlockStats):
+    """``a = x̂``, ``g = δ`` (``[N, T, D]``) of a scale-and-shift layer; ``shift``: whether
+    ``β`` trains (``W̄ = [γ, β]``, ``[D, 2]``; else ``[D, 1]``)."""
+
+    factors_type: ClassVar[Callable[[], Any]] = UnitWiseFactors
+    shift: bool = True
+
+    @classmethod
+    def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> ScaleShiftStats:
+        """The statistics of ``module`` (a trained shift: ``k = 2``)."""
+        return cls(a, g, has_bias(module))
+
+    def sample_gradients(self) -> Tensor:
+        """``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``, ``[N, D, k]``."""
+        scale = (self.g * self.a).sum(1)
+        return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
+
+    def block_factors(self) -> tuple[Tensor, Tensor]:
+        """``F_i = (1/N) Σ_n u_{n,i} u_{n,i}ᵀ`` (``[D, k, k]``) and an empty tensor."""
+        u = self.sample_gradients()
+        return torch.einsum("ndi,ndj->dij", u, u) / u.shape[0], u.new_zeros(0)
+
+
 # ------------------------------------------------------------------ layer types
 def _features_last(x: Tensor, channels_first: bool) -> Tensor:
     """``[N, T, D]``: the features last, every other non-batch dimension a location."""
@@ -188,39 +216,49 @@ def is_scale_shift(module: nn.Module) -> bool:
 
 
 def new_factors(module: nn.Module) -> KroneckerFactors:
-    """The running curvature of ``module``'s block: :class:`UnitWiseFactors` for a norm
-    layer (it offers the part of :class:`KroneckerFactors`' interface that the plain fine
-    level and the coarse level use), else :class:`KroneckerFactors`."""
-    if is_scale_shift(module):
-        return cast(KroneckerFactors, UnitWiseFactors())
+    """The running curvature of ``module``'s block: its block type's ``factors_type``
+    (:class:`UnitWiseFactors` for a norm layer: the part of :class:`KroneckerFactors`'
+    interface that the plain fine level and the coarse level use), else
+    :class:`KroneckerFactors`."""
+    entry = layer_type(module)
+    if entry is not None and entry.statistics is not None:
+        return cast(KroneckerFactors, entry.statistics.factors_type())
     return KroneckerFactors()
 
 
-def check_norm_blocks(
+def check_own_blocks(
     layers: dict[str, nn.Module], plain_fine: bool, coarse_space: str | None, distributed: bool
 ) -> None:
-    """Refuse what scale-and-shift blocks do not support yet.
+    """Refuse what the block types of their own (norms, grouped convolutions) do not
+    support yet.
 
     Raises:
         ValueError: another fine level than KFAC's, or the ``spectral`` / ``tselepidis``
-            coarse space (both built from Kronecker factors), with a norm block.
-        NotImplementedError: norm blocks under ``torch.distributed``.
+            coarse space (both built from ``A ⊗ G``), with such a block.
+        NotImplementedError: such blocks under ``torch.distributed``.
     """
-    norms = [name for name, module in layers.items() if is_scale_shift(module)]
-    if not norms:
+    own = [
+        name
+        for name, module in layers.items()
+        if (entry := layer_type(module)) is not None and entry.statistics is not None
+    ]
+    if not own:
         return
+    fix = "norm_blocks=False for norm layers, params= or a fallback for grouped convolutions"
     if not plain_fine:
         raise ValueError(
-            f"norm_blocks=True with the layers {norms}: scale-and-shift blocks work with "
-            "the KFAC fine level only (fine='kfac'); use norm_blocks=False"
+            f"the layers {own} have blocks of their own (not A ⊗ G), which work with the "
+            f"KFAC fine level only (fine='kfac'); or leave them out ({fix})"
         )
     if coarse_space in ("spectral", "tselepidis"):
         raise ValueError(
-            f"coarse_space={coarse_space!r} is built from Kronecker factors, which the norm "
-            f"layers {norms} do not have: use another coarse space or norm_blocks=False"
+            f"coarse_space={coarse_space!r} is built from Kronecker factors, which the "
+            f"layers {own} do not have: use another coarse space, or leave them out ({fix})"
         )
     if distributed:
-        raise NotImplementedError("norm_blocks=True is not implemented under torch.distributed")
+        raise NotImplementedError(
+            f"the blocks of the layers {own} are not implemented under torch.distributed ({fix})"
+        )
 
 
 def _identity(module: nn.Module, recorded: Tensor) -> Tensor:
@@ -233,4 +271,4 @@ for _type, _record, _gradients in (
     (nn.modules.batchnorm._BatchNorm, _batch_norm_input, _channels_gradients),
     (nn.GroupNorm, _group_norm_input, _channels_gradients),
 ):
-    register_layer_type(_type, _identity, _gradients, record=_record, scale_shift=True)
+    register_layer_type(_type, _identity, _gradients, record=_record, statistics=ScaleShiftStats)

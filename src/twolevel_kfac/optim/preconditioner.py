@@ -37,7 +37,7 @@ from ..curvature.blocks import (
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
 from ..curvature.kronecker_apply import LayerParts
-from ..curvature.scale_shift import check_norm_blocks, new_factors
+from ..curvature.scale_shift import check_own_blocks, new_factors
 from ..distributed import (
     LayerSpec,
     make_communicator,
@@ -131,7 +131,7 @@ class KFACPreconditioner:
         self.fine = fine_type(self, **fine_arguments)
         self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
         space = None if coarse is None else coarse.coarse_space
-        check_norm_blocks(self.layers, self.fine.plain, space, self.comm.distributed)
+        check_own_blocks(self.layers, self.fine.plain, space, self.comm.distributed)
         self.capture = CurvatureCapture(
             model,
             self.layers,
