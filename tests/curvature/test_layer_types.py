@@ -48,7 +48,6 @@ def test_conv_patches_are_im2col(module: nn.Module, shape: tuple[int, ...]) -> N
 @pytest.mark.parametrize(
     ("module", "reason"),
     [
-        (nn.Conv1d(4, 4, 3, groups=2), "Conv1d with groups=2"),
         (nn.Conv3d(2, 2, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
         (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d is not supported"),
     ],

@@ -70,6 +70,11 @@ class BlockStats(LayerStats):
         """The statistics of ``module`` from its ``ā`` and ``δ`` (:func:`block_statistics`)."""
         raise NotImplementedError
 
+    @classmethod
+    def applies(cls, module: nn.Module) -> bool:
+        """Whether this instance of the layer type has this block (else ``A ⊗ G``)."""
+        return True
+
     def sample_gradients(self) -> Tensor:
         """``∇_W̄ ℓ_n`` of every sample, ``[N, d_out, d_in']``."""
         raise NotImplementedError
@@ -83,9 +88,16 @@ class BlockStats(LayerStats):
         return self
 
 
+def own_statistics(module: nn.Module) -> type[BlockStats] | None:
+    """The block type of its own of ``module`` (``None``: ``A ⊗ G``)."""
+    entry = layer_type(module)
+    statistics = None if entry is None else entry.statistics
+    return statistics if statistics is not None and statistics.applies(module) else None
+
+
 def layer_stats(module: nn.Module, a: Tensor, g: Tensor) -> LayerStats:
     """The statistics object of ``module``'s block type."""
-    statistics = _entry(module).statistics
+    statistics = own_statistics(module)
     return LayerStats(a, g) if statistics is None else statistics.of(module, a, g)
 
 
@@ -137,7 +149,7 @@ def block_statistics(
     (zeros without one) and ``δ`` the one-hot inputs (:mod:`.layer_types`)."""
     features = input_features(module, inputs)
     grads = None if grad_output is None else output_gradients(module, grad_output)
-    if _entry(module).statistics is not None:  # a block type of its own: as its type gives
+    if own_statistics(module) is not None:  # a block type of its own: as its type gives
         return features, grads
     if _entry(module).rows_from_inputs:
         if grads is None:
@@ -308,9 +320,9 @@ def calls_statistics(
     pairs = [block_statistics(module, x, grad) for module, x, grad in calls]
     inputs = [_cast(a, dtype) for a, _ in pairs]
     grads = [None if g is None else _cast(g, dtype) for _, g in pairs]
-    d_out = next(g for g in grads if g is not None).shape[-1]
+    d_out = next(g for g in grads if g is not None).shape[2:]  # [d_out], or [G, d_out/G]
     grads = [
-        g if g is not None else a.new_zeros(a.shape[0], a.shape[1], d_out)
+        g if g is not None else a.new_zeros(a.shape[0], a.shape[1], *d_out)
         for a, g in zip(inputs, grads, strict=True)
     ]
     rows = sorted({int(a.shape[0]) for a in inputs})

@@ -6,9 +6,10 @@ coarse spaces) is shared. Adding a layer type is one :func:`register_layer_type`
 user can register their own module (a weight ``[d_out, …]``, an optional bias ``[d_out]``).
 
 Built in: ``nn.Linear`` (extra leading input dimensions, e.g. a sequence, are locations:
-the *expand* view of weight sharing), ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` with
-``groups=1`` and zero padding (KFC, Grosse & Martens 2016: the locations are the output
-positions, ``ā`` the input patch under the kernel), and ``nn.Embedding``.
+the *expand* view of weight sharing) and ``nn.Embedding`` here; ``nn.Conv1d`` / ``Conv2d``
+/ ``Conv3d`` with zero padding (KFC, Grosse & Martens 2016: the locations are the output
+positions, ``ā`` the input patch under the kernel; one block per group) in
+:mod:`.convolutions`, the norm layers in :mod:`.scale_shift`.
 
 An embedding table ``E`` (``[V, D]``) is the weight of a ``Linear`` on one-hot inputs,
 transposed: ``E[x] = Eᵀ e_x``, ``∇E = Σ_t e_{x_t} δ_tᵀ``. Its rows index the inputs
@@ -165,20 +166,6 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     return x.reshape(n, math.prod(x.shape[1 : 1 + dims]), channels * math.prod(kernel))
 
 
-def _conv_gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
-    return grad_output.flatten(start_dim=2).transpose(1, 2)
-
-
-def _conv_reason(module: nn.Module) -> str | None:
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    name = type(module).__name__
-    if module.groups != 1:
-        return f"{name} with groups={module.groups} (only groups=1 is supported)"
-    if module.padding_mode != "zeros":
-        return f"{name} with padding_mode={module.padding_mode!r} (only 'zeros')"
-    return None
-
-
 EMBEDDING_MAX_ROWS = 4096
 """The largest ``num_embeddings`` with a block (its ``V × V`` frequency factor is dense:
 64 MiB in float32 at this size, and a refresh factorises it)."""
@@ -208,8 +195,4 @@ def _embedding_reason(module: nn.Module) -> str | None:
 
 register_layer_type(nn.Linear, _linear_features, _linear_features)
 register_layer_type(nn.Embedding, _one_hot, _linear_features, _embedding_reason, True)
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer_type(_conv, conv_patches, _conv_gradients, _conv_reason)
-# ConvTranspose*d subclass _ConvNd, not Conv*d: they stay unregistered.
-assert not any(issubclass(t, nn.modules.conv._ConvTransposeNd) for t in _REGISTRY)
-del _conv
+# Convolutions (KFC, one block per group) are registered by .convolutions.

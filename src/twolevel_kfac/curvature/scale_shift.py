@@ -24,19 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import BlockStats, has_bias
+from .blocks import BlockStats, has_bias, own_statistics
 from .kronecker import KroneckerFactors
 from .kronecker_apply import LayerParts
-from .layer_types import layer_type, register_layer_type
+from .layer_types import register_layer_type
 from .running_average import ema_weight, running_average
 
 __all__ = [
     "NORM_TYPES",
     "ScaleShiftStats",
     "UnitWiseFactors",
-    "check_own_blocks",
     "is_scale_shift",
     "new_factors",
+    "own_blocks_refused",
 ]
 
 
@@ -220,45 +220,24 @@ def new_factors(module: nn.Module) -> KroneckerFactors:
     (:class:`UnitWiseFactors` for a norm layer: the part of :class:`KroneckerFactors`'
     interface that the plain fine level and the coarse level use), else
     :class:`KroneckerFactors`."""
-    entry = layer_type(module)
-    if entry is not None and entry.statistics is not None:
-        return cast(KroneckerFactors, entry.statistics.factors_type())
+    statistics = own_statistics(module)
+    if statistics is not None:
+        return cast(KroneckerFactors, statistics.factors_type())
     return KroneckerFactors()
 
 
-def check_own_blocks(
-    layers: dict[str, nn.Module], plain_fine: bool, coarse_space: str | None, distributed: bool
-) -> None:
-    """Refuse what the block types of their own (norms, grouped convolutions) do not
-    support yet.
-
-    Raises:
-        ValueError: another fine level than KFAC's, or the ``spectral`` / ``tselepidis``
-            coarse space (both built from ``A ⊗ G``), with such a block.
-        NotImplementedError: such blocks under ``torch.distributed``.
-    """
-    own = [
-        name
-        for name, module in layers.items()
-        if (entry := layer_type(module)) is not None and entry.statistics is not None
-    ]
-    if not own:
-        return
-    fix = "norm_blocks=False for norm layers, params= or a fallback for grouped convolutions"
+def own_blocks_refused(plain_fine: bool, coarse_space: str | None, distributed: bool) -> str | None:
+    """Why the block types of their own (norms, grouped convolutions) cannot be used in
+    this configuration, or ``None`` when they can: they work with the KFAC fine level,
+    every coarse space but ``spectral`` and ``tselepidis`` (both built from ``A ⊗ G``),
+    in one process (:func:`~.discovery.find_layers` then leaves them to the fallback)."""
     if not plain_fine:
-        raise ValueError(
-            f"the layers {own} have blocks of their own (not A ⊗ G), which work with the "
-            f"KFAC fine level only (fine='kfac'); or leave them out ({fix})"
-        )
+        return "its block (not A ⊗ G) works with the KFAC fine level only (fine='kfac')"
     if coarse_space in ("spectral", "tselepidis"):
-        raise ValueError(
-            f"coarse_space={coarse_space!r} is built from Kronecker factors, which the "
-            f"layers {own} do not have: use another coarse space, or leave them out ({fix})"
-        )
+        return f"coarse_space={coarse_space!r} is built from A ⊗ G, which its block is not"
     if distributed:
-        raise NotImplementedError(
-            f"the blocks of the layers {own} are not implemented under torch.distributed ({fix})"
-        )
+        return "its block (not A ⊗ G) is not implemented under torch.distributed yet"
+    return None
 
 
 def _identity(module: nn.Module, recorded: Tensor) -> Tensor:

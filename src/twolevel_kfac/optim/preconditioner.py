@@ -37,7 +37,7 @@ from ..curvature.blocks import (
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
 from ..curvature.kronecker_apply import LayerParts
-from ..curvature.scale_shift import check_own_blocks, new_factors
+from ..curvature.scale_shift import new_factors, own_blocks_refused
 from ..distributed import (
     LayerSpec,
     make_communicator,
@@ -118,7 +118,9 @@ class KFACPreconditioner:
         self.options = opts = replace(options, inverse_method=method)
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
-        self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)
+        space = None if coarse is None else coarse.coarse_space
+        refused = own_blocks_refused(fine_type is FineLevel, space, self.comm.distributed)
+        self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks, refused)
         if not self.layers:
             raise ValueError(
                 f"{type(model).__name__} has no trainable layer with a curvature block "
@@ -130,8 +132,6 @@ class KFACPreconditioner:
         self.factors = {name: new_factors(m) for name, m in self.layers.items()}
         self.fine = fine_type(self, **fine_arguments)
         self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
-        space = None if coarse is None else coarse.coarse_space
-        check_own_blocks(self.layers, self.fine.plain, space, self.comm.distributed)
         self.capture = CurvatureCapture(
             model,
             self.layers,

@@ -1,0 +1,177 @@
+"""Convolutions: KFC (Grosse & Martens 2016), one Kronecker block per group.
+
+A convolution with ``groups = 1`` is a ``Linear`` on the input patches (:func:`~.layer_types.
+conv_patches`): its locations are the output positions. With ``G > 1`` groups, the output
+channels of group ``g`` see only the input channels of group ``g``: its weight rows
+``W_g`` (``C_out/G`` of them, ``[W.reshape(C_out, -1), b]`` stacked group after group) get
+a block of their own, ``A_g ⊗ G_g`` from group ``g``'s patches ``ā_g`` and output gradients
+``δ_g`` (a depthwise convolution has ``C_in`` blocks with ``G_g`` of size 1). The blocks
+are exact KFC blocks of each group, damped and inverted as every ``A ⊗ G``
+(:class:`GroupedFactors` holds one :class:`~.kronecker.KroneckerFactors` per group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import BlockStats, has_bias
+from .kronecker import KroneckerFactors
+from .kronecker_apply import LayerParts
+from .layer_types import conv_patches, register_layer_type
+
+__all__ = ["GroupedFactors", "GroupedStats"]
+
+
+class GroupedFactors:
+    """One :class:`KroneckerFactors` per group of a grouped convolution; the damped inverse
+    of each acts on its group's rows of ``W̄`` (the interface the plain fine level and the
+    coarse level use)."""
+
+    A: Tensor | None = None  # no single pair of factors (check_blocks reads these)
+    G: Tensor | None = None
+    decomp_a: tuple[Tensor, Tensor] | None = None
+    decomp_g: tuple[Tensor, Tensor] | None = None
+
+    def __init__(self) -> None:
+        self.groups: list[KroneckerFactors] = []
+
+    def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
+        """Fold each group's ``(A_g, G_g)`` (``[G, ·, ·]``) into its running factors."""
+        if not self.groups:
+            self.groups = [KroneckerFactors() for _ in range(new_a.shape[0])]
+        for factors, a, g in zip(self.groups, new_a, new_g, strict=True):
+            factors.update(a, g, ema_decay, num_locations)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every group holds an estimate."""
+        return bool(self.groups) and all(f.ready for f in self.groups)
+
+    def decompose(self, method: str) -> None:
+        """Decompose every group's factors."""
+        for factors in self.groups:
+            factors.decompose(method)
+
+    def convert_decomposition(self, method: str) -> bool:
+        """Convert every group's decompositions to ``method``; whether any changed."""
+        return any([f.convert_decomposition(method) for f in self.groups])
+
+    def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
+        """Each group's damped ``(A_g ⊗ G_g)⁻¹`` (divided by ``T``) on its rows."""
+        rows = grad.shape[0] // len(self.groups)
+        parts = [
+            f.apply_inverse(grad[i * rows : (i + 1) * rows], damping, mode, method)
+            for i, f in enumerate(self.groups)
+        ]
+        return torch.cat(parts)
+
+    def apply_inverse_outer(
+        self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
+    ) -> Tensor:
+        """:meth:`apply_inverse` of ``left rightᵀ``."""
+        return self.apply_inverse(torch.outer(left, right), damping, mode, method)
+
+    def apply_inverse_split(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        damping: float,
+        mode: str,
+        method: str,
+        out: LayerParts | None = None,
+    ) -> LayerParts:
+        """:meth:`apply_inverse` on ``W̄ = [weight, bias]`` given as its parts."""
+        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
+        result = self.apply_inverse(joined, damping, mode, method)
+        columns = weight.shape[1]
+        parts = (result[:, :columns], None if bias is None else result[:, columns])
+        if out is None:
+            return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
+        for target, part in zip(out, parts, strict=True):
+            if target is not None and part is not None:
+                target.copy_(part)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every group's state."""
+        return {"groups": [f.state_dict() for f in self.groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        if "groups" not in state:
+            raise KeyError("grouped convolution state is missing 'groups'")
+        self.groups = []
+        for saved in state["groups"]:
+            factors = KroneckerFactors()
+            factors.load_state_dict(saved)
+            self.groups.append(factors)
+
+
+@dataclass
+class GroupedStats(BlockStats):
+    """``ā_g`` ``[N, T, G, d_in']`` (each group's patches, with the bias' 1) and ``δ_g``
+    ``[N, T, G, C_out/G]`` of a grouped convolution."""
+
+    factors_type: ClassVar[Callable[[], Any]] = GroupedFactors
+
+    @classmethod
+    def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> GroupedStats:
+        """The statistics of a grouped convolution."""
+        return cls(a, g)
+
+    @classmethod
+    def applies(cls, module: nn.Module) -> bool:
+        """Only convolutions with ``groups > 1`` (the others are one ``A ⊗ G``)."""
+        return getattr(module, "groups", 1) > 1
+
+    def sample_gradients(self) -> Tensor:
+        """``∇_W̄ ℓ_n``: group ``g``'s rows are ``Σ_t δ_{n,t,g} ā_{n,t,g}ᵀ``."""
+        grads = torch.einsum("ntgo,ntgi->ngoi", self.g, self.a)
+        return grads.reshape(grads.shape[0], -1, grads.shape[-1])
+
+    def block_factors(self) -> tuple[Tensor, Tensor]:
+        """``A_g``, ``G_g`` (``[G, ·, ·]``) averaged over samples and locations."""
+        count = self.a.shape[0] * self.a.shape[1]
+        a = torch.einsum("ntgi,ntgj->gij", self.a, self.a) / count
+        g = torch.einsum("ntgo,ntgp->gop", self.g, self.g) / count
+        return a, g
+
+    def reduced(self) -> GroupedStats:
+        """``weight_sharing="reduce"``: mean patch and summed output gradient per sample."""
+        return GroupedStats(self.a.mean(1, keepdim=True), self.g.sum(1, keepdim=True))
+
+
+def _features(module: nn.Module, inputs: Tensor) -> Tensor:
+    """The patches (``groups = 1``); per group, each with the bias' 1 (``groups > 1``)."""
+    patches = conv_patches(module, inputs)
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return patches
+    grouped = patches.reshape(*patches.shape[:2], groups, -1)
+    if has_bias(module):
+        grouped = torch.cat([grouped, grouped.new_ones((*grouped.shape[:-1], 1))], dim=-1)
+    return grouped
+
+
+def _gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
+    """``δ`` at the output positions (``[N, T, C_out]``; per group ``[N, T, G, C_out/G]``)."""
+    grads = grad_output.flatten(start_dim=2).transpose(1, 2)
+    groups = getattr(module, "groups", 1)
+    return grads if groups == 1 else grads.reshape(*grads.shape[:2], groups, -1)
+
+
+def _reason(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    if module.padding_mode != "zeros":
+        return f"{type(module).__name__} with padding_mode={module.padding_mode!r} (only 'zeros')"
+    return None
+
+
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer_type(_conv, _features, _gradients, _reason, statistics=GroupedStats)
+# ConvTranspose*d subclass _ConvNd, not Conv*d: they stay unregistered.
