@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
@@ -493,3 +494,38 @@ def test_two_level_step_over_attention_equals_the_dense_formula(
     want = torch.cat([expected[k].detach().reshape(-1) for k, _ in net.named_parameters()])
     error = float((got - want).norm() / want.norm())
     assert error <= (1e-8 if space == "krylov_residual" else 1e-9), f"{error:.2e}"
+
+
+class CheckpointedEncoder(nn.Module):
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Linear(V, E)
+        self.layer = nn.TransformerEncoderLayer(E, H, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(E, C)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.layer, h, use_reentrant=False)
+        else:
+            h = self.layer(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_activation_checkpointing_around_attention_takes_the_same_steps(fisher: str) -> None:
+    """The recomputation inside the backward runs attention as the capturing forward did."""
+    x, _, y = (t.float() if t.is_floating_point() else t for t in data())
+    params = []
+    for checkpointed in (False, True):
+        net = CheckpointedEncoder(checkpointed)
+        opt = tk.KFAC(net, fisher=fisher, class_dim=-1, cov_interval=2, inv_interval=2)
+        for _ in range(4):
+            opt.zero_grad()
+            position_sum_loss(net(x), y).backward()
+            opt.step()
+        params.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

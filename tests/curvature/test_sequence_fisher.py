@@ -234,6 +234,28 @@ def test_a_forgotten_or_wrong_mask_is_reported() -> None:
     wrong[1, 0] = False
     (mismatch,) = _warnings_of_one_step(wrong, y)
     assert "does not match" in mismatch
+    (too_many,) = _warnings_of_one_step(torch.ones_like(mask), y)  # e.g. built from inputs
+    assert "counts 3 position(s) where the training loss has no gradient" in too_many
+
+
+def test_each_kind_of_mask_problem_warns_once() -> None:
+    """One optimizer: a forgotten mask, then a mask that drops counted positions, then
+    the forgotten one again: two warnings."""
+    _, y, mask = batch()
+    model = sequence_model().float()
+    opt = tk.KFAC(model, class_dim=-1, cov_interval=1)
+    x = batch()[0].float()
+    wrong = mask.clone()
+    wrong[1, 0] = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for given in (None, wrong, None, wrong):
+            opt.zero_grad()
+            opt.set_loss_mask(given)
+            token_mean_loss(model(x), y).backward()
+            opt.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 2 and "no loss mask" in messages[0] and "does not match" in messages[1]
 
 
 def test_bad_masks_are_refused() -> None:

@@ -124,3 +124,18 @@ def test_bad_fallback_arguments_are_named(
 ) -> None:
     with pytest.raises(error, match=message):
         tk.KFAC(net(), **kwargs)
+
+
+def test_adamw_fallback_refuses_a_sparse_embedding_when_built() -> None:
+    """AdamW cannot step sparse gradients: said when the optimizer is built, not at its
+    first step (``fallback='sgd'`` steps them)."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    with (
+        pytest.warns(UserWarning, match="sparse=True"),
+        pytest.raises(
+            ValueError, match=r"fallback='adamw' cannot step the sparse gradients of \['0'\]"
+        ),
+    ):
+        tk.KFAC(model, fallback="adamw")
+    with pytest.warns(UserWarning, match="sparse=True"):
+        tk.KFAC(model)

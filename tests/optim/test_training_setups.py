@@ -1123,3 +1123,42 @@ def test_a_layer_first_used_between_captures_takes_the_plain_step_then_kfacs() -
         warnings.simplefilter("error")  # warned once only
         step()
     assert opt.preconditioner.factors["0"].ready and "0" in opt.preconditioner.active
+
+
+class WithAuxiliary(nn.Module):
+    """A main path and an auxiliary layer whose output is logged (detached) or feeds a
+    loss of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.aux = nn.Linear(5, 2)
+        self.aux_out: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        self.aux_out = self.aux(h)
+        return self.head(h)
+
+
+def test_mc_leaves_a_detached_branch_alone_and_refuses_a_loss_of_its_own() -> None:
+    """``fisher="mc"`` differentiates the sampled loss of the model output: a layer whose
+    output is only logged gets no gradient and is left alone; one feeding an auxiliary
+    loss has a gradient but would get a zero Fisher: refused at the step, named."""
+    model = WithAuxiliary()
+    opt = tk.KFAC(model, cov_interval=1)
+    x, y = batch(8)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        assert model.aux_out is not None and model.aux.weight.grad is None
+        opt.step()
+    assert not opt.preconditioner.factors["aux"].ready
+    opt.zero_grad()
+    out = model(x)
+    assert model.aux_out is not None
+    (F.cross_entropy(out, y) + model.aux_out.square().mean()).backward()
+    with pytest.raises(RuntimeError, match=r"layer\(s\) \['aux'\], which have gradients"):
+        opt.step()

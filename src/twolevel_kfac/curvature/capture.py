@@ -40,7 +40,13 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
 from .blocks import LayerStats, calls_statistics, layer_stats, recorded_input
-from .forward_checks import check_batch_rows, check_weight_uses, first_tensor, output_tensors
+from .forward_checks import (
+    check_batch_rows,
+    check_unreached,
+    check_weight_uses,
+    first_tensor,
+    output_tensors,
+)
 from .hooks import WeakHook, in_backward, remove_all
 from .likelihoods import check_output, sampled_nll
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
@@ -129,7 +135,8 @@ class CurvatureCapture:
         self.model = model
         self.class_dim = class_dim
         self._next_mask: Tensor | None = None
-        self._warned_mask = False
+        self._warned_masks: set[str] = set()
+        self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
         self.fisher = fisher
         self.likelihood = likelihood
@@ -232,8 +239,13 @@ class CurvatureCapture:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
         """In a captured forward, attention's output recomputed with its projections
-        called as modules (:mod:`.attention`); else ``None`` (the output stands)."""
-        if self._forward is None or in_backward():
+        called as modules (:mod:`.attention`); else ``None`` (the output stands). Activation
+        checkpointing reruns a forward inside the backward: it must compute as the forward
+        did (the capture is still armed then), without recording."""
+        if in_backward():
+            if not (self.active and self.model.training and torch.is_grad_enabled()):
+                return None
+        elif self._forward is None:
             return None
         return recompute_attention(module, args, kwargs)  # type: ignore[arg-type]
 
@@ -269,29 +281,22 @@ class CurvatureCapture:
             allow_unused=True,
         )
         pairs = zip(keys, grads, strict=True)
-        unreached = sorted({name for (name, _), grad in pairs if grad is None})
-        if unreached:
-            forward.outputs.clear()
-            raise RuntimeError(
-                f"fisher='mc' cannot differentiate the sampled loss with respect to the "
-                f"output of layer(s) {unreached}: they do not reach the model output in "
-                "autograd's graph (a torch.compile'd model hides its layers' outputs this "
-                "way; its Fisher would silently be zero). Use fisher='empirical' or an "
-                "eager model"
-            )
+        reached = {name for (name, _), grad in pairs if grad is not None}
+        self._unreached |= set(forward.outputs) - reached  # judged at collect()
         for (name, i), grad in zip(keys, grads, strict=True):
-            forward.records[name][i].grad = _rows(grad.detach(), forward)
+            if grad is not None:  # a call whose output does not reach the output: δ = 0
+                forward.records[name][i].grad = _rows(grad.detach(), forward)
         forward.outputs.clear()
 
         has_positions = self.likelihood == "categorical" and output.dim() > 2
 
         def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
             forward.backward_done = True
-            if has_positions and not self._warned_mask:
+            if has_positions:
                 problem = mask_disagreement(grad, forward.mask, self.class_dim)
-                if problem is not None:
-                    self._warned_mask = True
-                    warnings.warn(problem, RuntimeWarning, stacklevel=2)
+                if problem is not None and problem[0] not in self._warned_masks:
+                    self._warned_masks.add(problem[0])  # once per kind of problem
+                    warnings.warn(problem[1], RuntimeWarning, stacklevel=2)
 
         output.register_hook(backward_hook)
 
@@ -329,6 +334,8 @@ class CurvatureCapture:
         ``[N, T, features]`` format; clears the buffers. The calls of one layer within one
         forward are concatenated along ``T``, the forwards along ``N``; the empirical
         ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s scale)."""
+        check_unreached(self._unreached, self.layers)
+        self._unreached = set()
         stats: dict[str, LayerStats] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []
@@ -375,6 +382,7 @@ class CurvatureCapture:
 
     def discard(self) -> None:
         """Drop everything captured so far (e.g. on a skipped step)."""
+        self._unreached = set()
         for name in self._records:
             self._records[name] = []
         self._forward = None

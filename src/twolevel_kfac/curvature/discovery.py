@@ -144,7 +144,7 @@ def _check_batch_first(model: nn.Module) -> None:
 def _report(name: str, reason: str, unsupported: str) -> None:
     message = (
         f"module {name or '<root>'!r}: {reason}; its parameters get the un-preconditioned "
-        "momentum-SGD step"
+        "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW)"
     )
     if unsupported == "error":
         raise ValueError(message + " (unsupported='error')")
@@ -182,7 +182,7 @@ def find_layers(
     Args:
         model: the model.
         unsupported: ``warn`` | ``error`` | ``ignore``: what to do with modules KFAC would
-            precondition wrongly (their parameters get the plain momentum-SGD step).
+            precondition wrongly (their parameters get the fallback step).
         params: the optimizer's parameters (``torch.optim`` format); ``None``: every
             trainable parameter of ``model``.
         norm_blocks: give norm layers their scale-and-shift blocks (:mod:`.scale_shift`;

@@ -13,9 +13,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .blocks import layer_weight
+from .blocks import has_gradient, layer_weight
 
-__all__ = ["check_batch_rows", "check_weight_uses", "first_tensor", "output_tensors"]
+__all__ = [
+    "check_batch_rows",
+    "check_unreached",
+    "check_weight_uses",
+    "first_tensor",
+    "output_tensors",
+]
 
 
 def output_tensors(output: Any) -> Iterator[Tensor]:
@@ -95,3 +101,24 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
         if isinstance(value, Tensor):
             return value
     return None
+
+
+def check_unreached(unreached: set[str], layers: dict[str, nn.Module]) -> None:
+    """Refuse, at the step, a layer whose outputs did not reach the model output in a
+    captured forward (``fisher="mc"`` differentiates the sampled loss of the output) but
+    that has a gradient: its Fisher would silently be zero. A layer without a gradient (a
+    detached branch, a logged value) is left alone, as every unused layer is.
+
+    Raises:
+        RuntimeError: naming the layers and the usual causes.
+    """
+    wrong = sorted(name for name in unreached if has_gradient(layers[name]))
+    if wrong:
+        raise RuntimeError(
+            f"fisher='mc' cannot differentiate the sampled loss with respect to the output "
+            f"of layer(s) {wrong}, which have gradients: their outputs do not reach the "
+            "model output in autograd's graph (they feed a loss of their own, such as an "
+            "auxiliary loss computed from a stored activation, or a torch.compile'd model "
+            "hides its layers' outputs); their Fisher would silently be zero. Use "
+            "fisher='empirical' or an eager model whose loss reads the model output"
+        )

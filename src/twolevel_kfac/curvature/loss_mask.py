@@ -56,16 +56,21 @@ def counted_positions(mask: Tensor | None, output: Tensor, class_dim: int | None
     return max(int(mask.sum()), 1) / shape[0]
 
 
-def mask_disagreement(grad: Tensor, mask: Tensor | None, class_dim: int | None) -> str | None:
+def mask_disagreement(
+    grad: Tensor, mask: Tensor | None, class_dim: int | None
+) -> tuple[str, str] | None:
     """What is wrong, if anything, between the positions the user's loss counted (a
-    nonzero gradient at the logits ``grad``) and the mask the Fisher was sampled with."""
+    nonzero gradient at the logits ``grad``: a counted position's cross-entropy gradient
+    ``p − e_y`` is never exactly zero) and the mask the Fisher was sampled with: none given
+    while the loss ignores positions, or a mask that leaves out counted positions, or one
+    that counts ignored positions: ``(kind, message)``, or ``None``."""
     logits = grad.movedim(class_dim, -1) if class_dim is not None else grad
     counted = (logits != 0).any(dim=-1)
     if mask is None:
         if bool(counted.all()):
             return None
         ignored = int((~counted).sum())
-        return (
+        return "forgotten", (
             f"the training loss ignores {ignored} of {counted.numel()} positions of the logits "
             "(their gradient is zero: ignore_index or padding), but no loss mask was given, "
             "so fisher='mc' sampled their Fisher too. Call opt.set_loss_mask(targets != "
@@ -73,8 +78,15 @@ def mask_disagreement(grad: Tensor, mask: Tensor | None, class_dim: int | None) 
         )
     mask = mask.to(counted.device)
     if bool((counted & ~mask).any()):
-        return (
+        return "too few", (
             "the training loss has a gradient at positions the loss mask leaves out: the mask "
             "given to set_loss_mask does not match the loss's targets"
+        )
+    if bool((mask & ~counted).any()):
+        extra = int((mask & ~counted).sum())
+        return "too many", (
+            f"the loss mask counts {extra} position(s) where the training loss has no "
+            "gradient (ignored targets, padding): fisher='mc' sampled their Fisher. Build "
+            "the mask from the targets (targets != ignore_index), not from the inputs"
         )
     return None

@@ -62,14 +62,30 @@ class AdamWFallback:
 
 
 def make_fallback(
-    kind: str, params: list[nn.Parameter], options: Mapping[str, Any] | None
+    kind: str,
+    params: list[nn.Parameter],
+    options: Mapping[str, Any] | None,
+    model: nn.Module | None = None,
 ) -> AdamWFallback | None:
     """The fallback of ``kind`` over ``params`` (``None`` for ``sgd``: KFAC's own step).
 
     Raises:
-        ValueError: an unknown ``kind``, or ``options`` with ``sgd``.
+        ValueError: an unknown ``kind``, ``options`` with ``sgd``, or ``adamw`` for the
+            sparse gradients of an ``Embedding(sparse=True)`` of ``model`` (AdamW refuses
+            them at its first step; said here, when the optimizer is built).
     """
     check_choice("fallback", kind, FALLBACKS)
+    held = {id(p) for p in params}
+    sparse = [
+        name
+        for name, m in (model.named_modules() if model is not None else ())
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in held
+    ]
+    if kind == "adamw" and sparse:
+        raise ValueError(
+            f"fallback='adamw' cannot step the sparse gradients of {sparse} (sparse=True): "
+            "use fallback='sgd', or sparse=False"
+        )
     if kind == "sgd":
         if options:
             raise ValueError(

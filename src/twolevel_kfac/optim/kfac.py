@@ -152,7 +152,7 @@ class KFAC(torch.optim.Optimizer):
         super().__init__(params, defaults)
         covered = self.preconditioner.preconditioned_parameters()
         rest = [p for g in self.param_groups for p in g["params"] if id(p) not in covered]
-        self.fallback = make_fallback(fallback, rest, fallback_options)
+        self.fallback = make_fallback(fallback, rest, fallback_options, model)
         if self.fallback is not None and self.damping_options.needs_statistics:
             raise ValueError("adaptive damping and qmodel_lr_momentum model every parameter's "
                              "step: use fallback='sgd'")  # fmt: skip
