@@ -95,19 +95,23 @@ RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
 
 # ------------------------------------------------------------------ shared helpers
 class TransformerNet(nn.Module):
-    """``[B, 2, 6, 6]`` read as 12 tokens of width 6: ``Linear → MultiheadAttention (+
-    residual) → TransformerEncoderLayer → mean over tokens → Linear``."""
+    """``[B, 2, 6, 6]`` read as 12 tokens of width 6 (plus an ``Embedding`` of a token id
+    derived from each): ``Linear → MultiheadAttention (+ residual) →
+    TransformerEncoderLayer → mean over tokens → Linear``."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(4)
         self.embed = nn.Linear(6, 8)
+        self.tokens = nn.Embedding(10, 8)  # a token id per position, from the input
         self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
         self.encoder = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
         self.head = nn.Linear(8, CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.embed(x.flatten(1, 2))
+        seq = x.flatten(1, 2)
+        ids = (2 * seq[..., 0]).floor().clamp(-5, 4).long() + 5
+        h = self.embed(seq) + self.tokens(ids)
         h = h + self.attention(h, h, h, need_weights=False)[0]
         return self.head(self.encoder(h).mean(dim=1))
 
