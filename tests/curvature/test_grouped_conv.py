@@ -70,17 +70,19 @@ def group_statistics(net: nn.Sequential, x: Tensor, y: Tensor) -> tuple[Tensor, 
     ("groups", "dims", "bias"),
     [(2, 2, True), (4, 2, True), (4, 2, False), (2, 1, True), (4, 3, True)],
 )
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC])
 def test_grouped_step_equals_the_per_group_formula(
-    float64: None, groups: int, dims: int, bias: bool
+    float64: None, groups: int, dims: int, bias: bool, cls: type
 ) -> None:
-    """``groups=4`` with 4 channels is depthwise (``G_g`` of size 1)."""
+    """``groups=4`` with 4 channels is depthwise (``G_g`` of size 1); under EKFAC the
+    grouped blocks keep their own inverse."""
     net, size = grouped_net(groups, dims=dims, bias=bias)
     x, y = data(dims, size)
     net(x)  # materialise the lazy head
     a, g = group_statistics(net, x, y)
     conv = net[0]
     before = [p.detach().clone() for p in conv.parameters()]
-    opt = tk.KFAC(net, damping=DAMPING, **CONTRACT)
+    opt = cls(net, damping=DAMPING, **CONTRACT)
     F.cross_entropy(net(x), y).backward()
     grad_w = conv.weight.grad.reshape(conv.out_channels, -1).clone()  # step writes .grad
     grad = torch.cat([grad_w, conv.bias.grad[:, None]], 1) if bias else grad_w
@@ -182,18 +184,15 @@ def test_grouped_resume_is_bit_identical() -> None:
 
 
 def test_where_grouped_blocks_are_not_supported_the_fallback_steps() -> None:
-    """Other fine levels and the spectral / Tselepidis coarse spaces leave a grouped
-    convolution to the fallback, with a warning naming it (an error on request)."""
-    for build in (
-        lambda net: tk.EKFAC(net),
-        lambda net: tk.TwoLevelKFAC(net, coarse_space="spectral"),
-    ):
-        net, size = grouped_net(2)
-        net(data(2, size)[0])
-        with pytest.warns(UserWarning, match="'0'.*groups>1"):
-            opt = build(net)
-        assert "0" not in opt.preconditioner.layers
+    """The spectral / Tselepidis coarse spaces leave a grouped convolution to the
+    fallback, with a warning naming it (an error on request); other fine levels keep its
+    per-group blocks."""
     net, size = grouped_net(2)
     net(data(2, size)[0])
+    with pytest.warns(UserWarning, match="'0'.*groups>1"):
+        opt = tk.TwoLevelKFAC(net, coarse_space="spectral")
+    assert "0" not in opt.preconditioner.layers
     with pytest.raises(ValueError, match="groups>1"):
-        tk.EKFAC(net, unsupported="error")
+        tk.TwoLevelKFAC(net, coarse_space="tselepidis", unsupported="error")
+    for cls in (tk.EKFAC, tk.KPSVD, tk.KFACCorrected):
+        assert "0" in cls(net).preconditioner.layers

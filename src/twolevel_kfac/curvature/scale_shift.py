@@ -1,5 +1,6 @@
 """Scale-and-shift blocks: the affine parameters of ``nn.LayerNorm``, ``nn.RMSNorm``,
-``nn.BatchNorm1d/2d/3d`` and ``nn.GroupNorm`` (``norm_blocks=True``).
+``nn.BatchNorm1d/2d/3d`` and ``nn.GroupNorm`` (``norm_blocks=True``; every fine level keeps this block: EKFAC, KPSVD and KFAC-corrected
+apply their own inverses to the Kronecker blocks only).
 
 Such a layer computes ``y_{t,i} = γ_i x̂_{t,i} + β_i`` from its normalised input ``x̂`` at
 every location ``t`` (a position, a pixel) and feature ``i``. Its ``W̄`` is ``[γ, β]`` seen as
@@ -226,13 +227,12 @@ def new_factors(module: nn.Module) -> KroneckerFactors:
     return KroneckerFactors()
 
 
-def own_blocks_refused(plain_fine: bool, coarse_space: str | None, distributed: bool) -> str | None:
+def own_blocks_refused(coarse_space: str | None, distributed: bool) -> str | None:
     """Why the block types of their own (norms, grouped convolutions) cannot be used in
-    this configuration, or ``None`` when they can: they work with the KFAC fine level,
-    every coarse space but ``spectral`` and ``tselepidis`` (both built from ``A ⊗ G``),
-    in one process (:func:`~.discovery.find_layers` then leaves them to the fallback)."""
-    if not plain_fine:
-        return "its block (not A ⊗ G) works with the KFAC fine level only (fine='kfac')"
+    this configuration, or ``None`` when they can: with every fine level (they keep their
+    own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but ``spectral``
+    and ``tselepidis`` (both built from ``A ⊗ G``), in one process
+    (:func:`~.discovery.find_layers` then leaves them to the fallback)."""
     if coarse_space in ("spectral", "tselepidis"):
         return f"coarse_space={coarse_space!r} is built from A ⊗ G, which its block is not"
     if distributed:

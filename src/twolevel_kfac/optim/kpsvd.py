@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats
+from ..curvature.blocks import BlockStats, LayerStats
 from ..curvature.kpsvd import (
     KroneckerTerm,
     PowerIteration,
@@ -102,7 +102,10 @@ class KPSVDFine(PowerIterationFine):
     def store(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
     ) -> bool:
-        """KFAC's running average of the Kronecker-SVD factors ``(A_k, G_k)`` of this batch."""
+        """KFAC's running average of the Kronecker-SVD factors ``(A_k, G_k)`` of this batch
+        (a block type of its own keeps its own curvature)."""
+        if isinstance(stats, BlockStats):
+            return FineLevel.store(self, name, new_a, new_g, locations, stats)
         count = self.host.sample_count(name, stats)
         running = self.host.factors[name].G  # warm start (KFAC's G on the first update)
         start = new_g if running is None else running
@@ -143,8 +146,11 @@ class KFACCorrectedFine(PowerIterationFine):
     def store(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
     ) -> bool:
-        """KFAC's factors, then the running average of the correction ``(A₂, G₂)``."""
+        """KFAC's factors, then the running average of the correction ``(A₂, G₂)`` (none for
+        a block type of its own)."""
         super().store(name, new_a, new_g, locations, stats)
+        if isinstance(stats, BlockStats):
+            return True
         count = self.host.sample_count(name, stats)
         running = self.corrections.get(name)  # warm start
         a_2, g_2, term = kronecker_correction(

@@ -170,8 +170,8 @@ class CurvatureOptions:
             whole accumulated batch. ``fisher="mc"`` needs no scaling.
         norm_blocks: give the affine parameters of ``LayerNorm``, ``RMSNorm``,
             ``BatchNorm`` and ``GroupNorm`` their unit-wise scale-and-shift blocks
-            (:mod:`~twolevel_kfac.curvature.scale_shift`; plain KFAC fine level, not the
-            ``spectral`` or ``tselepidis`` coarse spaces, one process); default: the
+            (:mod:`~twolevel_kfac.curvature.scale_shift`; kept under every fine level; not
+            the ``spectral`` or ``tselepidis`` coarse spaces, one process); default: the
             fallback step.
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).

@@ -119,7 +119,7 @@ class KFACPreconditioner:
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
         space = None if coarse is None else coarse.coarse_space
-        refused = own_blocks_refused(fine_type is FineLevel, space, self.comm.distributed)
+        refused = own_blocks_refused(space, self.comm.distributed)
         self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks, refused)
         if not self.layers:
             raise ValueError(
