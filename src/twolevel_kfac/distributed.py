@@ -55,7 +55,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -396,5 +396,5 @@ def split_statistics(
     for layer in zip(*per_rank, strict=True):
         a = torch.cat([s.a for s in layer]).tensor_split(world_size)[rank]
         g = torch.cat([s.g for s in layer]).tensor_split(world_size)[rank]
-        out.append(LayerStats(a, g))
+        out.append(replace(layer[0], a=a, g=g))  # the statistics' own type
     return out

@@ -237,3 +237,38 @@ def test_resume_with_norm_blocks_is_bit_identical() -> None:
     train(resumed, opt2, 2)
     for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("refresh", ["consistent", "faithful"])
+def test_two_level_resume_with_norm_and_grouped_blocks_is_bit_identical(refresh: str) -> None:
+    """The kept Fisher mini-batch (faithful schedule) is restored with each block's own
+    statistics type (a norm's per-sample gradients are not ``δ āᵀ``)."""
+    settings = {"lr": 0.05, "norm_blocks": True, "cov_interval": 2, "inv_interval": 2,
+                "coarse_space": "residual", "combination": "adef2", "coarse_refresh": refresh}  # fmt: skip
+    x = torch.randn(N, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(4))
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.GroupNorm(2, 4), nn.Tanh(),
+                             nn.Flatten(), nn.Linear(16, 3))  # fmt: skip
+
+    def train(net: nn.Module, opt: tk.KFAC, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+    straight = build()
+    train(straight, tk.TwoLevelKFAC(straight, **settings), 5)
+    first = build()
+    opt = tk.TwoLevelKFAC(first, **settings)
+    train(first, opt, 3)
+    saved = {"model": first.state_dict(), "opt": opt.state_dict()}
+    resumed = build()
+    resumed.load_state_dict(saved["model"])
+    opt2 = tk.TwoLevelKFAC(resumed, **settings)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, 2)
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)

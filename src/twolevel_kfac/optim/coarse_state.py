@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats
+from ..curvature.blocks import LayerStats, layer_stats
 from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.fisher_products import check_stats
 from ..twolevel.global_fisher import own_statistics
@@ -68,7 +68,11 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
     per_rank = None
     if None not in saved:
-        per_rank = [[LayerStats(a, g) for a, g in _on_names(level, p)] for p in saved]
+        layers = [level.host.layers[n] for n in level.names]
+        per_rank = [
+            [layer_stats(m, a, g) for m, (a, g) in zip(layers, _on_names(level, p), strict=True)]
+            for p in saved
+        ]
     level.fisher_stats = own_statistics(per_rank, comm.rank, comm.world_size)
     level.fisher_samples = coarse.get("fisher_samples")
     if level.fisher_samples is None and per_rank is not None:  # a state from before it

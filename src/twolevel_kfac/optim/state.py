@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from ..curvature.blocks import LayerStats
+from ..curvature.blocks import layer_stats
 from ..distributed import rank_seed, select_rank_state
 from ..placement import CPU, move_tensors
 
@@ -77,7 +77,9 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
             stacklevel=3,
         )
     retained = state.get("retained") or {}
-    pre.retained_stats = {n: LayerStats(*pre.placed(n, ag)) for n, ag in retained.items()}
+    pre.retained_stats = {
+        n: layer_stats(pre.layers[n], *pre.placed(n, ag)) for n, ag in retained.items()
+    }
     pre.fine.load_state_dict(state)
     if pre.coarse_level is not None:
         pre.coarse_level.load_state_dict(state)
