@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import twolevel_kfac as tk
 from oracles import capture_layer_stats
 from twolevel_kfac.curvature.blocks import LayerStats, reduce_locations
-from twolevel_kfac.distributed import make_communicator, reduce_statistics
+from twolevel_kfac.distributed import layer_specs, make_communicator, reduce_statistics
 
 N, T, D, H, C = 6, 5, 4, 3, 2
 
@@ -113,7 +113,7 @@ def test_the_distributed_reduction_takes_the_same_view(float64: None) -> None:
     model, (x, y) = Pooled(), data()
     a, g = capture_layer_stats(model, nn.CrossEntropyLoss(), x, y)["shared"]
     pre = tk.KFACPreconditioner(model, fisher="empirical")
-    specs = {"shared": pre._layer_specs()["shared"]}
+    specs = {"shared": layer_specs(pre.layers, pre.factor_dtype)["shared"]}
     stats = {"shared": LayerStats(a, g)}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

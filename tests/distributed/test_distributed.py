@@ -69,6 +69,14 @@ CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
         {"net": "transformer", "combination": "adef2"},
     ),
     "transformer_adamw_fallback": (tk.KFAC, {"net": "transformer", "fallback": "adamw"}),
+    # blocks of their own: the encoder's LayerNorms, a grouped convolution and GroupNorm
+    "transformer_norm_blocks": (tk.KFAC, {"net": "transformer", "norm_blocks": True}),
+    "grouped_norm_blocks": (tk.KFAC, {"net": "grouped", "norm_blocks": True}),
+    "grouped_residual_adef2": (
+        tk.TwoLevelKFAC,
+        {"net": "grouped", "norm_blocks": True, "coarse_space": "residual", "combination": "adef2"},
+    ),
+    "grouped_ekfac": (tk.EKFAC, {"net": "grouped", "norm_blocks": True}),
 }
 # Training settings of the resume runs: every moving part (MC sampling of a Fisher subset,
 # running averages, refreshes every 2 steps, momentum, KL clipping).
@@ -116,11 +124,19 @@ class TransformerNet(nn.Module):
         return self.head(self.encoder(h).mean(dim=1))
 
 
+def grouped_net() -> nn.Module:
+    """A grouped convolution (2 groups) and a GroupNorm before a Linear head."""
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
+        nn.Linear(64, CLASSES),
+    )  # fmt: skip
+
+
 def build(cls: type[tk.KFAC], kwargs: dict[str, Any], wrap: bool) -> tuple[nn.Module, tk.KFAC]:
     kwargs = dict(kwargs)
-    model: nn.Module = (
-        TransformerNet() if kwargs.pop("net", None) == "transformer" else prepare(mixed_net())
-    )
+    nets = {"transformer": TransformerNet, "grouped": grouped_net}
+    model: nn.Module = nets.get(kwargs.pop("net", None), lambda: prepare(mixed_net()))()
     if wrap:
         model = nn.parallel.DistributedDataParallel(model)
     if kwargs.get("process_group") == "new_group":

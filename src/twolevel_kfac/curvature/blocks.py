@@ -87,6 +87,17 @@ class BlockStats(LayerStats):
         """The statistics ``weight_sharing="reduce"`` forms the curvature from."""
         return self
 
+    @classmethod
+    def shapes(cls, module: nn.Module) -> tuple[tuple[int, ...], ...]:
+        """The trailing shapes (after ``[N, T]``) of ``a`` and ``g``, then those of the two
+        tensors of :meth:`block_factors` (distributed runs build empty ones)."""
+        raise NotImplementedError
+
+    def factor_count(self) -> int:
+        """What :meth:`block_factors` averages over (``N``, or ``N·T``): ranks combine
+        their factors weighted by it."""
+        return self.num_samples * self.num_locations
+
 
 def own_statistics(module: nn.Module) -> type[BlockStats] | None:
     """The block type of its own of ``module`` (``None``: ``A ⊗ G``)."""

@@ -129,6 +129,16 @@ class GroupedStats(BlockStats):
         """Only convolutions with ``groups > 1`` (the others are one ``A ⊗ G``)."""
         return getattr(module, "groups", 1) > 1
 
+    @classmethod
+    def shapes(cls, module: nn.Module) -> tuple[tuple[int, ...], ...]:
+        """``ā_g`` ``[G, d_in']``, ``δ_g`` ``[G, C_out/G]``, ``A`` ``[G, d_in', d_in']``,
+        ``G`` ``[G, C_out/G, C_out/G]``."""
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        groups = module.groups
+        d_in = module.weight[0].numel() + int(has_bias(module))
+        d_out = module.out_channels // groups
+        return (groups, d_in), (groups, d_out), (groups, d_in, d_in), (groups, d_out, d_out)
+
     def sample_gradients(self) -> Tensor:
         """``∇_W̄ ℓ_n``: group ``g``'s rows are ``Σ_t δ_{n,t,g} ā_{n,t,g}ᵀ``."""
         grads = torch.einsum("ntgo,ntgi->ngoi", self.g, self.a)

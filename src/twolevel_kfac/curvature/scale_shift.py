@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import BlockStats, has_bias, own_statistics
+from .blocks import BlockStats, has_bias, layer_weight, own_statistics
 from .kronecker import KroneckerFactors
 from .kronecker_apply import LayerParts
 from .layer_types import register_layer_type
@@ -148,6 +148,16 @@ class ScaleShiftStats(BlockStats):
         scale = (self.g * self.a).sum(1)
         return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
 
+    @classmethod
+    def shapes(cls, module: nn.Module) -> tuple[tuple[int, ...], ...]:
+        """``x̂`` and ``δ`` ``[D]``; ``F`` ``[D, k, k]`` and the empty tensor."""
+        features, k = int(layer_weight(module).numel()), 1 + int(has_bias(module))
+        return (features,), (features,), (features, k, k), (0,)
+
+    def factor_count(self) -> int:
+        """``F`` averages over the samples."""
+        return self.num_samples
+
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """``F_i = (1/N) Σ_n u_{n,i} u_{n,i}ᵀ`` (``[D, k, k]``) and an empty tensor."""
         u = self.sample_gradients()
@@ -227,16 +237,14 @@ def new_factors(module: nn.Module) -> KroneckerFactors:
     return KroneckerFactors()
 
 
-def own_blocks_refused(coarse_space: str | None, distributed: bool) -> str | None:
+def own_blocks_refused(coarse_space: str | None) -> str | None:
     """Why the block types of their own (norms, grouped convolutions) cannot be used in
     this configuration, or ``None`` when they can: with every fine level (they keep their
     own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but ``spectral``
-    and ``tselepidis`` (both built from ``A ⊗ G``), in one process
-    (:func:`~.discovery.find_layers` then leaves them to the fallback)."""
+    and ``tselepidis`` (both built from ``A ⊗ G``), in one process or distributed
+    (:func:`~.discovery.find_layers` leaves them to the fallback where they cannot)."""
     if coarse_space in ("spectral", "tselepidis"):
         return f"coarse_space={coarse_space!r} is built from A ⊗ G, which its block is not"
-    if distributed:
-        return "its block (not A ⊗ G) is not implemented under torch.distributed yet"
     return None
 
 

@@ -106,8 +106,12 @@ class FineLevel:
         host, opts = self.host, self.host.options
         ready = {name: f for name, f in host.factors.items() if f.ready}
         if host.comm.distributed and opts.distributed_inverses == "split":
-            share_decompositions(host.comm, ready, opts.inverse_method, damping, opts.damping_mode)
-            return
+            # blocks of their own (norms, grouped convolutions) are decomposed by every rank
+            kronecker = {n: f for n, f in ready.items() if type(f) is KroneckerFactors}
+            share_decompositions(
+                host.comm, kronecker, opts.inverse_method, damping, opts.damping_mode
+            )
+            ready = {n: f for n, f in ready.items() if n not in kronecker}
         for factors in ready.values():
             factors.decompose(opts.inverse_method)
 

@@ -29,7 +29,6 @@ from ..curvature.blocks import (
     gradient_parts,
     has_gradient,
     kronecker_factors_as,
-    layer_shape,
     layer_weight,
     matrix_to_parameter_shapes,
     reduce_locations,
@@ -39,7 +38,7 @@ from ..curvature.discovery import check_blocks, check_statistics, find_layer_use
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.scale_shift import new_factors, own_blocks_refused
 from ..distributed import (
-    LayerSpec,
+    layer_specs,
     make_communicator,
     rank_seed,
     reduce_statistics,
@@ -119,7 +118,7 @@ class KFACPreconditioner:
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
         space = None if coarse is None else coarse.coarse_space
-        refused = own_blocks_refused(space, self.comm.distributed)
+        refused = own_blocks_refused(space)
         self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks, refused)
         if not self.layers:
             raise ValueError(
@@ -235,7 +234,9 @@ class KFACPreconditioner:
         """
         view = reduce_locations if self.options.weight_sharing == "reduce" else None
         if self.comm.distributed:
-            reduced = reduce_statistics(self.comm, stats, self._layer_specs(), view)
+            reduced = reduce_statistics(
+                self.comm, stats, layer_specs(self.layers, self.factor_dtype), view
+            )
             new, stats, self.sample_counts = reduced.factors, reduced.stats, reduced.samples
         else:
             shared = {n: view(s) for n, s in stats.items()} if view else stats
@@ -258,15 +259,6 @@ class KFACPreconditioner:
         stats = self._update_factors(stats)
         self.fine.refresh(self.damping)
         self.fine.after_refresh(stats)
-
-    def _layer_specs(self) -> dict[str, LayerSpec]:
-        specs = {}
-        for name, module in self.layers.items():
-            weight, (d_out, d_in) = layer_weight(module), layer_shape(module)
-            specs[name] = LayerSpec(
-                d_in, d_out, self.factor_dtype(name), weight.dtype, weight.device
-            )
-        return specs
 
     def factor_dtype(self, name: str) -> torch.dtype:
         """The dtype of layer ``name``'s factors (``factor_dtype`` or its weight's)."""

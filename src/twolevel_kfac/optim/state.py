@@ -11,10 +11,11 @@ saved on the CPU or another GPU resumes where the model now is.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..curvature.blocks import layer_stats
-from ..distributed import rank_seed, select_rank_state
+from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
 
 if TYPE_CHECKING:
@@ -87,3 +88,17 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.active = list(pre.layers)
     pre._schedule_capture()
     pre.capture.active = bool(state.get("capture_next", pre.capture.active))
+
+
+def select_rank_state(parts: Sequence[Any], rank: int, world_size: int) -> Any | None:
+    """This rank's part of a gathered ``state["ranks"]``; on another world size, with a
+    warning, rank ``r``'s old part if there was one, else ``None`` (start from the seed)."""
+    if len(parts) == world_size:
+        return parts[rank]
+    warnings.warn(
+        f"the state was saved by {len(parts)} process(es) and is loaded by {world_size}: "
+        "the samplers of new ranks restart from their seeds, so the resumed run is not "
+        "bit-identical to an uninterrupted one",
+        stacklevel=3,
+    )
+    return parts[rank] if rank < len(parts) else None

@@ -11,7 +11,9 @@ their packed upper triangles).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
+import torch
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats, weighted_gradient_sum
@@ -19,7 +21,6 @@ from ..distributed import (
     Communicator,
     all_reduce_sum,
     pack_symmetric,
-    split_statistics,
     unpack_symmetric,
 )
 from .coarse_matrix import basis_gram, coarse_projections, tselepidis_from_sums, tselepidis_sums
@@ -77,3 +78,15 @@ def own_statistics(
     if len(per_rank) == world_size:
         return per_rank[rank]
     return split_statistics(per_rank, rank, world_size)
+
+
+def split_statistics(
+    per_rank: Sequence[Sequence[LayerStats]], rank: int, world_size: int
+) -> list[LayerStats]:
+    """Rank ``rank``'s contiguous share of the union of every saved rank's statistics."""
+    out = []
+    for layer in zip(*per_rank, strict=True):
+        a = torch.cat([s.a for s in layer]).tensor_split(world_size)[rank]
+        g = torch.cat([s.g for s in layer]).tensor_split(world_size)[rank]
+        out.append(replace(layer[0], a=a, g=g))  # the statistics' own type
+    return out

@@ -1,0 +1,133 @@
+"""The process group, its collectives and packed symmetric matrices; rank seeds."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+_MASK64 = (1 << 64) - 1
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The sampler seed of ``rank``: ``seed`` on rank 0, else splitmix64 of
+    ``seed + rank·0x9E3779B97F4A7C15`` (mod 2⁶⁴), reduced to ``[0, 2⁶³)``."""
+    if rank == 0:
+        return seed
+    z = (seed + rank * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (layer names, hooks and the
+    state dict are then those of the plain model)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+class Communicator:
+    """Sum collectives over one process group, counting the bytes handed to them.
+
+    With ``world_size == 1`` it is never asked to communicate: callers test
+    :attr:`distributed` and keep their single-process code path.
+    """
+
+    def __init__(self, group: Any = None, rank: int = 0, world_size: int = 1) -> None:
+        self.group, self.rank, self.world_size = group, rank, world_size
+        self.payload_bytes = 0  # bytes this rank handed to collectives
+        self.collectives = 0
+        self.seconds = 0.0  # wall time in them (transfer and waiting for the other ranks)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+    def _count(self, tensor: Tensor, start: float) -> None:
+        self.payload_bytes += tensor.numel() * tensor.element_size()
+        self.collectives += 1
+        self.seconds += time.perf_counter() - start
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the ranks, in place; returns it."""
+        start = time.perf_counter()
+        dist.all_reduce(tensor, group=self.group)
+        self._count(tensor, start)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (equal shapes), in rank order."""
+        start = time.perf_counter()
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor, group=self.group)
+        self._count(tensor, start)
+        return out
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (checkpoints, not the hot path)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def make_communicator(process_group: Any = None) -> Communicator:
+    """The :class:`Communicator` of ``process_group`` (``None``: the world group when
+    ``torch.distributed`` is initialised, else a single process).
+
+    Raises:
+        ValueError: if a group is given but ``torch.distributed`` is not initialised, or
+            this process is not a member of it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError(
+                "process_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group() before building the optimizer"
+            )
+        return Communicator()
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise ValueError("process_group: this process is not a member of the group")
+    return Communicator(process_group, rank, dist.get_world_size(process_group))
+
+
+def all_reduce_sum(comm: Communicator, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``Σ_r`` of each tensor, flattened into one collective per ``(dtype, device)``."""
+    out = list(tensors)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for index in groups.values():
+        flat = comm.all_reduce(torch.cat([tensors[i].reshape(-1) for i in index]))
+        parts = flat.split([tensors[i].numel() for i in index])
+        for i, part in zip(index, parts, strict=True):
+            out[i] = part.view_as(tensors[i])
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _triu(dim: int, device: torch.device) -> Tensor:
+    return torch.triu_indices(dim, dim, device=device)
+
+
+def pack_symmetric(matrix: Tensor) -> Tensor:
+    """The upper triangle (diagonal included) of a square matrix, row-major, ``d(d+1)/2``."""
+    rows, cols = _triu(matrix.shape[0], matrix.device)
+    return matrix[rows, cols]
+
+
+def unpack_symmetric(packed: Tensor, dim: int) -> Tensor:
+    """The symmetric ``dim × dim`` matrix of a :func:`pack_symmetric` triangle."""
+    rows, cols = _triu(dim, packed.device)
+    out = packed.new_zeros(dim, dim)
+    out[rows, cols] = packed
+    out[cols, rows] = packed
+    return out

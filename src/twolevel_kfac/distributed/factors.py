@@ -1,0 +1,148 @@
+"""Step 2 of :mod:`twolevel_kfac.distributed`: the factors of the union of every rank's
+statistics (Kronecker factors, and the factors of the block types of their own)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.blocks import (
+    LayerStats,
+    kronecker_factors,
+    layer_shape,
+    layer_stats,
+    layer_weight,
+    own_statistics,
+)
+from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
+
+
+# ----------------------------------------------------------------------- factors
+@dataclass(frozen=True)
+class LayerSpec:
+    """What every rank knows of a layer: factor sizes, factor and statistics dtypes."""
+
+    dim_a: int
+    dim_g: int
+    dtype: torch.dtype
+    stats_dtype: torch.dtype
+    device: torch.device
+    # a block type of its own: its statistics from (a, g), and BlockStats.shapes
+    own: Callable[[Tensor, Tensor], LayerStats] | None = None
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+
+def layer_specs(
+    layers: Mapping[str, nn.Module], factor_dtype: Callable[[str], torch.dtype]
+) -> dict[str, LayerSpec]:
+    """What every rank knows of each layer's block (:class:`LayerSpec`)."""
+    specs = {}
+    for name, module in layers.items():
+        weight, (d_out, d_in) = layer_weight(module), layer_shape(module)
+        own = own_statistics(module)
+        specs[name] = LayerSpec(
+            d_in,
+            d_out,
+            factor_dtype(name),
+            weight.dtype,
+            weight.device,
+            None if own is None else functools.partial(layer_stats, module),
+            () if own is None else own.shapes(module),
+        )
+    return specs
+
+
+@dataclass
+class ReducedStatistics:
+    """The global result of :func:`reduce_statistics`, for the layers some rank saw.
+
+    Attributes:
+        factors: ``(A, G, T)`` of the global Fisher mini-batch per layer.
+        stats: this rank's statistics of those layers (empty where it saw no sample).
+        samples: the global Fisher mini-batch size ``N = Σ_r N_r`` per layer.
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor, int]]
+    stats: dict[str, LayerStats]
+    samples: dict[str, int]
+
+
+def reduce_statistics(
+    comm: Communicator,
+    stats: Mapping[str, LayerStats],
+    specs: Mapping[str, LayerSpec],
+    factor_view: Callable[[LayerStats], LayerStats] | None = None,
+) -> ReducedStatistics:
+    """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
+    formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
+    with the same ``specs`` (missing local statistics count as zero samples).
+
+    Raises:
+        RuntimeError: if the ranks disagree on a layer's number of locations ``T``.
+    """
+    sums: list[Tensor] = []
+    device = next(iter(specs.values())).device
+    counts = torch.zeros(2 * len(specs) + 2, dtype=torch.int64, device=device)
+    local_n = 0
+    for i, (name, spec) in enumerate(specs.items()):
+        s = stats.get(name)
+        if spec.own is not None:  # the block's factors times their count
+            own = [torch.zeros(shape, dtype=spec.dtype, device=device) for shape in spec.shapes[2:]]
+            if s is not None:
+                f = factor_view(s) if factor_view is not None else s
+                count = f.factor_count()  # type: ignore[attr-defined]
+                own = [t.to(spec.dtype) * count for t in kronecker_factors(f)]
+                counts[2 * i], counts[2 * i + 1] = s.num_samples, count
+                local_n = max(local_n, s.num_samples)
+            sums += [t.reshape(-1) for t in own]
+            continue
+        if s is None:
+            for dim in (spec.dim_a, spec.dim_g):
+                sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
+            continue
+        f = factor_view(s) if factor_view is not None else s
+        a, g = (
+            f.a.reshape(-1, spec.dim_a).to(spec.dtype),
+            f.g.reshape(-1, spec.dim_g).to(spec.dtype),
+        )
+        sums += [pack_symmetric(a.T @ a), pack_symmetric(g.T @ g)]
+        counts[2 * i], counts[2 * i + 1] = s.num_samples, a.shape[0]
+        local_n = max(local_n, s.num_samples)
+    counts[-2], counts[-1] = local_n, local_n * local_n
+    *sums, counts = all_reduce_sum(comm, [*sums, counts])
+    totals = [int(c) for c in counts.tolist()]
+    if comm.world_size * totals[-1] != totals[-2] ** 2:
+        warnings.warn(
+            "ranks have different Fisher mini-batch sizes: the curvature is weighted by "
+            "the sample counts (exact), but DDP's gradient is the unweighted mean of the "
+            "ranks' mean gradients, not the global mean gradient",
+            stacklevel=4,
+        )
+    result = ReducedStatistics({}, {}, {})
+    for i, (name, spec) in enumerate(specs.items()):
+        samples, rows = totals[2 * i], totals[2 * i + 1]
+        if rows == 0:
+            continue
+        if rows % samples:
+            raise RuntimeError(f"ranks disagree on the number of locations of layer {name!r}")
+        locations = rows // samples
+        if spec.own is not None:
+            a_mat, g_mat = (sums[2 * i + k].view(spec.shapes[2 + k]) / rows for k in (0, 1))
+            locations = stats[name].num_locations if name in stats else rows // samples
+        else:
+            a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / rows
+            g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / rows
+        result.factors[name] = (a_mat, g_mat, locations)
+        result.samples[name] = samples
+        make = spec.own or LayerStats
+        a_shape, g_shape = spec.shapes[:2] if spec.own else ((spec.dim_a,), (spec.dim_g,))
+        result.stats[name] = stats.get(name) or make(
+            torch.zeros(0, locations, *a_shape, dtype=spec.stats_dtype, device=spec.device),
+            torch.zeros(0, locations, *g_shape, dtype=spec.stats_dtype, device=spec.device),
+        )
+    return result
