@@ -243,8 +243,15 @@ def test_resume_with_norm_blocks_is_bit_identical() -> None:
 def test_two_level_resume_with_norm_and_grouped_blocks_is_bit_identical(refresh: str) -> None:
     """The kept Fisher mini-batch (faithful schedule) is restored with each block's own
     statistics type (a norm's per-sample gradients are not ``δ āᵀ``)."""
-    settings = {"lr": 0.05, "norm_blocks": True, "cov_interval": 2, "inv_interval": 2,
-                "coarse_space": "residual", "combination": "adef2", "coarse_refresh": refresh}  # fmt: skip
+    settings = {
+        "lr": 0.05,
+        "norm_blocks": True,
+        "cov_interval": 2,
+        "inv_interval": 2,
+        "coarse_space": "residual",
+        "combination": "adef2",
+        "coarse_refresh": refresh,
+    }
     x = torch.randn(N, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(4))
 

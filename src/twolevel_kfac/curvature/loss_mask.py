@@ -72,9 +72,10 @@ def mask_disagreement(
         ignored = int((~counted).sum())
         return "forgotten", (
             f"the training loss ignores {ignored} of {counted.numel()} positions of the logits "
-            "(their gradient is zero: ignore_index or padding), but no loss mask was given, "
-            "so fisher='mc' sampled their Fisher too. Call opt.set_loss_mask(targets != "
-            "ignore_index) before the forward"
+            "(their gradient is exactly zero: ignore_index or padding, or a saturated "
+            "softmax that is exactly one-hot), but no loss mask was given, so fisher='mc' "
+            "sampled their Fisher too. If the loss ignores targets, call "
+            "opt.set_loss_mask(targets != ignore_index) before the forward"
         )
     mask = mask.to(counted.device)
     if bool((counted & ~mask).any()):

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twolevel_kfac.experiments.config_errors import check_keys, format_error, hint
 from twolevel_kfac.experiments.device import check_device_spec
-from twolevel_kfac.experiments.losses import LIKELIHOODS
+from twolevel_kfac.experiments.losses import CLASS_DIMS, LIKELIHOODS
 from twolevel_kfac.experiments.models import MODELS
 from twolevel_kfac.experiments.optimizers import (
     KFAC_FAMILY,
@@ -71,7 +71,7 @@ UNFINGERPRINTED = (
 )
 # Keys left out of the fingerprint while they hold their default (``None``): configs written
 # before the key existed keep their fingerprint, so their checkpoints stay resumable.
-FINGERPRINTED_WHEN_SET = ("problem.dataset.image_size",)
+FINGERPRINTED_WHEN_SET = ("problem.dataset.image_size", "problem.dataset.context")
 FINGERPRINTED_UNLESS = {"problem.loss_reduction": "sum"}
 """Keys added later whose default is the trajectory from before they existed: left out of
 the fingerprint at that value, so older runs still resume."""
@@ -118,6 +118,7 @@ class DatasetSpec(_Strict):
     # the inputs are flat; image-shaped real targets, i.e. autoencoders, too): problem.load_data
     image_size: int | None = Field(default=None, gt=0)
     autoencoder: bool | None = None  # targets = inputs (default: the loader's)
+    context: int | None = Field(default=None, gt=0)  # text sets: characters per window (128)
     seed: int = 0  # generator (CURVES) and train/validation split seed, fixed over runs
 
 
@@ -134,10 +135,11 @@ class ProblemSpec(_Strict):
     name: str = "experiment"
     model: ModelSpec
     dataset: DatasetSpec
-    loss: Literal["bce", "mse", "cross_entropy"]
+    loss: Literal["bce", "mse", "cross_entropy", "sequence_cross_entropy"]
     # sum: the NLL summed over output features, batch mean (experiments.losses); mean:
-    # torch's defaults (BCEWithLogitsLoss(), MSELoss()), the authors' convention. KFAC-family
-    # methods get the same loss_reduction, so their MC Fisher is that of this loss.
+    # torch's defaults (BCEWithLogitsLoss(), MSELoss(), the token mean), the authors'
+    # convention. KFAC-family methods get the same loss_reduction (and class_dim -1 for
+    # sequence_cross_entropy), so their MC Fisher is that of this loss.
     loss_reduction: Literal["sum", "mean"] = "sum"
     batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
@@ -292,8 +294,9 @@ class ExperimentConfig(_Strict):
     def method_kwargs(self, label: str, seed: int) -> tuple[str, dict[str, Any]]:
         """The optimizer name and its full keyword arguments for one run.
 
-        KFAC-family methods get the likelihood of the loss and the run seed as their
-        sampler seed unless set; defaults apply below the entry's own values.
+        KFAC-family methods get the likelihood of the loss (and its ``class_dim``: -1 for
+        ``sequence_cross_entropy``) and the run seed as their sampler seed unless set;
+        defaults apply below the entry's own values.
 
         Args:
             label: A key of ``methods``.
@@ -309,6 +312,8 @@ class ExperimentConfig(_Strict):
         base: dict[str, Any] = {"weight_decay": d.weight_decay}
         if kind in KFAC_FAMILY:
             base |= {"momentum": d.momentum, "likelihood": LIKELIHOODS[self.problem.loss]}
+            if self.problem.loss in CLASS_DIMS:  # logits with positions
+                base |= {"class_dim": CLASS_DIMS[self.problem.loss]}
             if self.problem.loss_reduction != "sum":  # the optimizers' default
                 base |= {"loss_reduction": self.problem.loss_reduction}
             base |= {"seed": seed, **d.kfac}

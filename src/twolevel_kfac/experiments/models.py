@@ -13,6 +13,8 @@ Layer sizes follow the authors' ``apps/mlp_cnn/models.py``:
 | ``resnet18`` / ``resnet34`` | He et al. 2016 basic-block ResNets, CIFAR stem |
 | ``mlp`` | any widths ``sizes``, activation by name (small networks, e.g. for the Fisher |
 | | analysis along a run: the same layers as ``tlkfac analyze``'s ``model: {kind: mlp}``) |
+| ``tiny_gpt`` / ``vit`` | pre-norm Transformer encoders (``sequence_models``): a causal |
+| | character-level GPT and a patch-embedding vision Transformer |
 
 Choices (where the paper's text is silent, we follow the authors' code):
 
@@ -35,9 +37,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from torch import Tensor, nn
+
+from twolevel_kfac.experiments.initialization import init_weights
+from twolevel_kfac.experiments.sequence_models import tiny_gpt, vit
 
 __all__ = [
     "MODELS",
@@ -52,34 +57,14 @@ __all__ = [
     "mnist_autoencoder",
     "resnet18",
     "resnet34",
+    "tiny_gpt",
+    "vit",
 ]
 
 CURVES_SIZES = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
 MNIST_AE_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 FACES_SIZES = (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625)
 D_MNIST_SIZES = (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10)
-
-M = TypeVar("M", bound=nn.Module)
-
-
-def init_weights(model: M) -> M:
-    """Xavier-uniform weights, zero biases for Linear/Conv2d; BN weight 1, bias 0.
-
-    Args:
-        model: Module to initialise in place.
-
-    Returns:
-        The same module.
-    """
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    return model
 
 
 def mlp(
@@ -364,6 +349,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "mlp": mlp_model,
+    "tiny_gpt": tiny_gpt,
+    "vit": vit,
 }
 
 

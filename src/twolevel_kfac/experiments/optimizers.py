@@ -8,6 +8,11 @@
 | ``kry_nico``, ``kry_residu``, ``previous`` | ``coarse_space`` of ``TWO_LEVEL_METHODS`` |
 | ``sgd`` | ``torch.optim.SGD``, momentum 0.9 and Nesterov unless overridden |
 | ``adam`` | ``torch.optim.Adam`` |
+| ``adamw`` | ``torch.optim.AdamW`` (``weight_decay``: the config's, default 0, not torch's 1e-2) |
+
+The KFAC family also takes ``fallback`` (``sgd`` | ``adamw``: the step of the parameters
+without a curvature block, e.g. LayerNorms and positional tables) and ``fallback_options``
+(the ``torch.optim.AdamW`` arguments of ``fallback: adamw``).
 
 ``allowed_arguments`` is what a config may set for a method (the config checks keys
 against it before anything is built); ``make_optimizer`` builds one.
@@ -46,9 +51,12 @@ FINE_METHODS: dict[str, str] = {
     "kfac_corrected": "KFACCorrected",
 }
 KFAC_FAMILY = ("kfac", *FINE_METHODS, *TWO_LEVEL_METHODS)
-METHODS = (*KFAC_FAMILY, "sgd", "adam")
+METHODS = (*KFAC_FAMILY, "sgd", "adam", "adamw")
 
-_KFAC_OWN = frozenset({"lr", "momentum", "weight_decay", "nesterov", "nonfinite_policy"})
+_KFAC_OWN = frozenset(
+    {"lr", "momentum", "weight_decay", "nesterov", "nonfinite_policy"}
+    | {"fallback", "fallback_options"}  # KFAC's step of the parameters without a block
+)
 _SGD_ARGS = frozenset({"lr", "momentum", "weight_decay", "nesterov", "dampening"})
 _ADAM_ARGS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad"})
 
@@ -80,7 +88,7 @@ def allowed_arguments(method: str) -> frozenset[str]:
 
     if method == "sgd":
         return _SGD_ARGS
-    if method == "adam":
+    if method in ("adam", "adamw"):
         return _ADAM_ARGS
     kfac_args = _KFAC_OWN | CURVATURE_ARGUMENTS | DAMPING_ARGUMENTS
     if method == "kfac" or method == "ekfac":
@@ -129,6 +137,8 @@ def make_optimizer(name: str, model: nn.Module, **hparams: Any) -> torch.optim.O
         return torch.optim.SGD(model.parameters(), **sgd_args)
     if key == "adam":
         return torch.optim.Adam(model.parameters(), **hparams)
+    if key == "adamw":
+        return torch.optim.AdamW(model.parameters(), **hparams)
     if "factor_dtype" in hparams:
         hparams = {**hparams, "factor_dtype": _dtype(hparams["factor_dtype"])}
     if key == "kfac":

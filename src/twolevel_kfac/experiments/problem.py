@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twolevel_kfac.experiments.config import ProblemSpec
-from twolevel_kfac.experiments.losses import LossFn
+from twolevel_kfac.experiments.losses import LIKELIHOODS, LossFn
 from twolevel_kfac.placement import module_device
 
 __all__ = ["Data", "denormals_flushed", "evaluate", "load_data", "pool_images"]
@@ -67,11 +67,14 @@ def load_data(problem: ProblemSpec, data_dir: str | Path | None = None) -> Data:
         n_train=ds.n_train,
         n_test=ds.n_test,
         seed=ds.seed,
+        context=ds.context,
     )
-    if problem.loss != "cross_entropy" and not torch.is_floating_point(train_y):
+    categorical = LIKELIHOODS[problem.loss] == "categorical"
+    if not categorical and not torch.is_floating_point(train_y):
         raise ValueError(
             f"loss {problem.loss!r} needs real-valued targets but {ds.name!r} gives labels; "
-            "set dataset.autoencoder: true or loss: cross_entropy"
+            "set dataset.autoencoder: true or loss: cross_entropy (sequence_cross_entropy "
+            "for [N, T] targets)"
         )
     if ds.image_size is not None:
         images = torch.is_floating_point(train_y) and train_y.shape == train_x.shape
@@ -160,6 +163,11 @@ def evaluate(
 ) -> tuple[float, float | None]:
     """Mean loss over a data set in eval mode, and accuracy for integer targets.
 
+    Accuracy is the share of targets equal to the argmax of the logits over their last
+    dimension: of the samples for ``[N, C]`` logits, of the tokens (every position of
+    every sequence) for ``[N, T, C]`` logits and ``[N, T]`` targets. The loss is the mean
+    over the rows of ``x`` of the loss of each chunk, weighted by its rows.
+
     Runs under ``torch.no_grad()`` in ``eval()`` mode, so KFAC's hooks capture nothing;
     the model's train/eval mode is restored afterwards. Each chunk of ``batch_size`` rows
     is copied to the model's device when it is used.
@@ -170,14 +178,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     classify = not torch.is_floating_point(y)
-    total, correct = 0.0, 0
+    total, correct, targets = 0.0, 0, 0
     device = module_device(model)
     for start in range(0, len(x), batch_size):
         xb, yb = (part[start : start + batch_size].to(device) for part in (x, y))
         out = model(xb)
         total += float(loss_fn(out, yb)) * len(xb)
         if classify:
-            correct += int((out.argmax(dim=1) == yb).sum())
+            correct += int((out.argmax(dim=-1) == yb).sum())
+            targets += yb.numel()
     model.train(was_training)
-    n = max(len(x), 1)
-    return total / n, (correct / n if classify else None)
+    return total / max(len(x), 1), (correct / max(targets, 1) if classify else None)

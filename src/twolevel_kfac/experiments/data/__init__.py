@@ -9,8 +9,10 @@
 | ``cifar10`` | pickles (``cifar.py``), 50k/10k | ``[N, 3, 32, 32]`` in [0, 1] | labels 0–9 |
 | ``cifar100`` | pickles (``cifar.py``), 50k/10k | ``[N, 3, 32, 32]`` in [0, 1] | labels 0–99 |
 | ``svhn`` | MAT files (``svhn.py``), 73,257/26,032 | ``[N, 3, 32, 32]`` in [0, 1] | labels 0–9 |
+| ``stdlib_chars`` | stdlib ``*.py`` text (``text.py``), 90/10 % | int64 ``[N, T]`` ids | next ids |
 
-``tlkfac data fetch|verify|info NAME`` (``command.py``) installs and checks them.
+``tlkfac data fetch|verify|info NAME`` (``command.py``) installs and checks them
+(``stdlib_chars`` needs no files: it is read from the interpreter's standard library).
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ from twolevel_kfac.experiments.data.curves import load_curves
 from twolevel_kfac.experiments.data.faces import load_faces
 from twolevel_kfac.experiments.data.idx import load_idx_dataset, resolve_data_dir
 from twolevel_kfac.experiments.data.svhn import load_svhn
+from twolevel_kfac.experiments.data.text import DEFAULT_CONTEXT, load_stdlib_chars
 
-__all__ = ["DATASET_NAMES", "GENERATED_NAMES", "load_dataset", "resolve_data_dir"]
+__all__ = ["DATASET_NAMES", "GENERATED_NAMES", "TEXT_NAMES", "load_dataset", "resolve_data_dir"]
 
-DATASET_NAMES = ("curves", "mnist", "fashion_mnist", "faces", "cifar10", "cifar100", "svhn")
+DATASET_NAMES = (
+    "curves",
+    "mnist",
+    "fashion_mnist",
+    "faces",
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "stdlib_chars",
+)
 GENERATED_NAMES = ("curves", "faces")  # autoencoder sets without labels
+TEXT_NAMES = ("stdlib_chars",)  # next-character windows; ``context`` sets their length
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -50,6 +63,7 @@ def load_dataset(
     n_test: int | None = None,
     seed: int = 0,
     verify: bool = True,
+    context: int | None = None,
 ) -> Split:
     """Load a data set by name.
 
@@ -63,16 +77,26 @@ def load_dataset(
         n_test: Keep only the first ``n_test`` test samples (``None``: all).
         seed: CURVES / FACES generator seed (ignored by the file-based sets).
         verify: Check the md5 of every file of a file-based set.
+        context: Characters per window of a text set (``TEXT_NAMES``; ``None``: 128).
 
     Returns:
         ``(train_x, train_y, test_x, test_y)``.
 
     Raises:
-        ValueError: Unknown name, or labels requested for CURVES / FACES.
+        ValueError: Unknown name, labels requested for CURVES / FACES, an autoencoder of a
+            text set, or a ``context`` for a set that is not text.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; allowed: {list(DATASET_NAMES)}")
-    if name in GENERATED_NAMES:
+    if context is not None and name not in TEXT_NAMES:
+        raise ValueError(f"dataset.context applies to the text data sets {list(TEXT_NAMES)}")
+    if name in TEXT_NAMES:
+        if autoencoder:
+            raise ValueError(f"autoencoder=True: {name} is a next-character task")
+        train_x, train_y, test_x, test_y = load_stdlib_chars(
+            DEFAULT_CONTEXT if context is None else context
+        )
+    elif name in GENERATED_NAMES:
         if autoencoder is False:
             raise ValueError(
                 f"autoencoder=False: {name.upper()} has no labels, it is an autoencoder task"

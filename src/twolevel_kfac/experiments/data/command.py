@@ -4,11 +4,13 @@
   tlkfac data verify NAME [--data-dir DIR]               check every file; exit 2 on problems
   tlkfac data info NAME [--data-dir DIR]                 sizes, shapes, location, checksums
 
-NAME is one of mnist, fashion_mnist, curves, faces, cifar10, cifar100, svhn. The data
-directory is --data-dir, else $TLKFAC_DATA, else (fetch) <repo>/data, or (verify/info)
-<repo>/data or <repo>/../shared/data, whichever holds the data set. `fetch` without
+NAME is one of mnist, fashion_mnist, curves, faces, cifar10, cifar100, svhn, stdlib_chars.
+The data directory is --data-dir, else $TLKFAC_DATA, else (fetch) <repo>/data, or
+(verify/info) <repo>/data or <repo>/../shared/data, whichever holds the data set. `fetch` without
 --from downloads the official files (the only network access of the package); with
 --from DIR it checks and copies local files. CURVES and FACES are generated and cached.
+stdlib_chars has no files: it is read from the running Python's standard library, so
+`fetch` and `verify` only read it and print its size and md5.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twolevel_kfac.experiments.data.registry import (
     FILE_DATASETS,
     GENERATED,
     KNOWN_NAMES,
+    TEXT,
     DatasetSpec,
     check_file,
     known_names_error,
@@ -77,7 +80,32 @@ def _fetch_target(data_dir: str | None) -> Path:
     return cache_dirs(data_dir)[0]
 
 
+def _corpus_lines() -> list[str]:
+    """What ``stdlib_chars`` is on this machine: folder, size, md5, window counts."""
+    from twolevel_kfac.experiments.data.text import DEFAULT_CONTEXT, corpus_stats
+
+    c = corpus_stats()
+    return [
+        f"  folder:    {c.folder} (Python {c.python})",
+        f"  corpus:    {c.files} files, {c.characters:,} characters ({c.non_ascii:,} non-ASCII "
+        f"→ id 0), md5 {c.md5} (of the text as UTF-8)",
+        f"  windows:   context {DEFAULT_CONTEXT}: {c.train_windows:,} train / "
+        f"{c.test_windows:,} test",
+    ]
+
+
+def _text(args: argparse.Namespace, name: str) -> int:
+    """``fetch`` / ``verify`` of a text set: nothing to install; read it and describe it."""
+    if getattr(args, "source", None) is not None:
+        raise ValueError(f"{name} is read from the Python standard library; --from does not apply")
+    print(f"{name}: nothing to download or cache; read from the running Python on every load")
+    print("\n".join(_corpus_lines()))
+    return 0
+
+
 def _fetch(args: argparse.Namespace, name: str) -> int:
+    if name in TEXT:
+        return _text(args, name)
     if name in GENERATED:
         if args.source is not None:
             raise ValueError(f"{name} is generated here; --from does not apply to it")
@@ -103,6 +131,8 @@ def _data_dir(args: argparse.Namespace, spec: DatasetSpec) -> Path:
 
 
 def _verify(args: argparse.Namespace, name: str) -> int:
+    if name in TEXT:
+        return _text(args, name)
     if name in GENERATED:
         from twolevel_kfac.experiments.data.generated import verify_generated
 
@@ -127,16 +157,20 @@ def _verify(args: argparse.Namespace, name: str) -> int:
     return 0
 
 
-def _info_generated(args: argparse.Namespace, name: str) -> None:
+def _info_described(args: argparse.Namespace, name: str) -> None:
+    """The lines of `info` for a generated or a text set (no files to list)."""
     from twolevel_kfac.experiments.data.generated import cache_file
 
-    info = GENERATED[name]
-    path = cache_file(name, args.data_dir, args.seed)
-    state = f"present, {path.stat().st_size:,} bytes" if path.is_file() else "not generated yet"
+    info = TEXT.get(name) or GENERATED[name]
     print(f"  returns:   {info.returns}")
     print(f"  procedure: {info.procedure}")
     print(f"  source:    {info.source}")
     print(f"  licence:   {info.licence}")
+    if name in TEXT:
+        print("\n".join(_corpus_lines()))
+        return
+    path = cache_file(name, args.data_dir, args.seed)
+    state = f"present, {path.stat().st_size:,} bytes" if path.is_file() else "not generated yet"
     print(f"  cache:     {path} (seed {args.seed}; {state})")
 
 
@@ -167,10 +201,11 @@ def _info_files(args: argparse.Namespace, spec: DatasetSpec) -> None:
 
 
 def _info(args: argparse.Namespace, name: str) -> int:
-    title = GENERATED[name].title if name in GENERATED else FILE_DATASETS[name].title
+    described = {**GENERATED, **TEXT}
+    title = described[name].title if name in described else FILE_DATASETS[name].title
     print(f"{name}: {title}")
-    if name in GENERATED:
-        _info_generated(args, name)
+    if name in described:
+        _info_described(args, name)
     else:
         _info_files(args, FILE_DATASETS[name])
     return 0

@@ -5,7 +5,8 @@ CIFAR-10/100, SVHN): their folder, files, accepted md5s, expected content, downl
 source and licence. ``check_file`` runs the checks of ``tlkfac data verify`` on one file:
 it exists, it is not empty, its magic number and structure are right, it holds the
 expected number of samples (the size check), and its md5 is an official one.
-The generated sets (CURVES, FACES) are described in ``GENERATED``.
+The generated sets (CURVES, FACES) are described in ``GENERATED``, the text sets read from
+the interpreter (``stdlib_chars``) in ``TEXT``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "FILE_DATASETS",
     "GENERATED",
     "KNOWN_NAMES",
+    "TEXT",
     "DatasetSpec",
     "FileReport",
     "FileSpec",
@@ -305,6 +307,22 @@ GENERATED: dict[str, GeneratedInfo] = {
     ),
 }
 
+TEXT: dict[str, GeneratedInfo] = {
+    "stdlib_chars": GeneratedInfo(
+        title="Python standard library source text, character level (next-character prediction)",
+        returns="x, y int64 [N, context] token ids 0–127, y = x shifted by one character "
+        "(context: dataset.context, default 128); the windows of the first 90 % of the "
+        "characters train, of the last 10 % test",
+        procedure="the *.py files directly inside sysconfig.get_paths()['stdlib'] (not its "
+        "subfolders), sorted by name, read as UTF-8 (errors='replace') and concatenated; a "
+        "code point below 128 is its own id, every other character id 0; non-overlapping "
+        "windows of context + 1 characters (see twolevel_kfac.experiments.data.text)",
+        source="the standard library of the running Python: another Python version gives "
+        "another corpus (compare the md5 below)",
+        licence="PSF License Version 2 (the CPython sources)",
+    ),
+}
+
 KNOWN_NAMES: tuple[str, ...] = (
     "mnist",
     "fashion_mnist",
@@ -313,6 +331,7 @@ KNOWN_NAMES: tuple[str, ...] = (
     "cifar10",
     "cifar100",
     "svhn",
+    "stdlib_chars",
 )
 
 
