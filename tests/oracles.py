@@ -781,3 +781,40 @@ def assert_close_report(
             f"  at {ix}: actual {float(a[ix]):.6e}, expected {float(e[ix]):.6e}, ratio {ratio:.6f}"
         )
     raise AssertionError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def assert_resume_is_bit_identical(
+    build: Callable[[], nn.Module],
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    loss: Callable[[nn.Module], Tensor],
+    before: int = 3,
+    after: int = 2,
+) -> None:
+    """``before + after`` uninterrupted steps equal ``before`` steps, a ``state_dict``
+    round trip of the model and the optimizer into fresh ones, and ``after`` steps, bit
+    for bit (``build`` must give the same model each time; ``loss(model)`` its loss)."""
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(model).backward()
+            opt.step()
+
+    straight = build()
+    train(straight, optimizer(straight), before + after)
+    first = build()
+    opt = optimizer(first)
+    train(first, opt, before)
+    saved = {"model": first.state_dict(), "opt": opt.state_dict()}
+    resumed = build()
+    resumed.load_state_dict(saved["model"])
+    opt = optimizer(resumed)
+    opt.load_state_dict(saved["opt"])
+    train(resumed, opt, after)
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name

@@ -28,18 +28,10 @@ from oracles import (
     kfac_factors,
     twolevel_direction,
 )
+from test_kfac_exact import CONTRACT as KFAC_CONTRACT
 from twolevel_kfac.curvature.attention import recompute_attention
 
-CONTRACT = {
-    "fisher": "empirical",
-    "ema_decay": 0.0,
-    "cov_interval": 1,
-    "inv_interval": 1,
-    "kl_clip": None,
-    "momentum": 0.0,
-    "lr": 1.0,
-    "class_dim": -1,
-}
+CONTRACT = {**KFAC_CONTRACT, "class_dim": -1}
 N, T, S, V, E, H, C = 3, 4, 5, 3, 6, 2, 4  # batch, positions, memory, inputs, width, heads, classes
 DAMPING = 0.1
 

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from oracles import dense_kfac_matrix, kfac_factors
+from test_kfac_exact import CONTRACT as KFAC_CONTRACT
 
 N, T, V, D, C = 4, 5, 7, 3, 4
 DAMPING = 0.1
-EXACT = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "inv_interval": 1,
-         "kl_clip": None, "momentum": 0.0, "lr": 1.0}  # fmt: skip
+EXACT = KFAC_CONTRACT
 
 
 class TokenNet(nn.Module):

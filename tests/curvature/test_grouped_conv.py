@@ -17,6 +17,7 @@ import twolevel_kfac as tk
 from oracles import (
     COMBINATIONS,
     DenseProblem,
+    assert_resume_is_bit_identical,
     coarse_basis,
     conv_patches,
     dense_kfac_matrix,
@@ -24,10 +25,10 @@ from oracles import (
     per_sample_grads,
     twolevel_direction,
 )
+from test_kfac_exact import CONTRACT as KFAC_CONTRACT
 
 DAMPING = 0.1
-CONTRACT = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "inv_interval": 1,
-            "kl_clip": None, "momentum": 0.0, "lr": 1.0}  # fmt: skip
+CONTRACT = KFAC_CONTRACT
 N = 5
 
 
@@ -154,33 +155,18 @@ def test_two_level_over_grouped_blocks_equals_the_dense_formula(
 
 
 def test_grouped_resume_is_bit_identical() -> None:
-    settings = {"lr": 0.05, "cov_interval": 2, "inv_interval": 2}
     x, y = data(2, 3)
 
-    def train(net: nn.Module, opt: tk.KFAC, steps: int) -> None:
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-
-    nets = []
-    for _ in range(2):
+    def build() -> nn.Module:
         net, _size = grouped_net(4)
-        net(x)
-        nets.append(net)
-    straight, first = nets
-    train(straight, tk.KFAC(straight, **settings), 5)
-    opt = tk.KFAC(first, **settings)
-    train(first, opt, 3)
-    saved = {"model": first.state_dict(), "opt": opt.state_dict()}
-    resumed, _size = grouped_net(4)
-    resumed(x)
-    resumed.load_state_dict(saved["model"])
-    opt2 = tk.KFAC(resumed, **settings)
-    opt2.load_state_dict(saved["opt"])
-    train(resumed, opt2, 2)
-    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+        net(x)  # materialise the lazy head
+        return net
+
+    assert_resume_is_bit_identical(
+        build,
+        lambda net: tk.KFAC(net, lr=0.05, cov_interval=2, inv_interval=2),
+        lambda net: F.cross_entropy(net(x), y),
+    )
 
 
 def test_where_grouped_blocks_are_not_supported_the_fallback_steps() -> None:

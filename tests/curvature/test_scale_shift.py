@@ -21,6 +21,7 @@ import twolevel_kfac as tk
 from oracles import (
     COMBINATIONS,
     DenseProblem,
+    assert_resume_is_bit_identical,
     capture_layer_stats,
     coarse_basis,
     effective_kfac_block,
@@ -28,10 +29,10 @@ from oracles import (
     per_sample_grads,
     twolevel_direction,
 )
+from test_kfac_exact import CONTRACT as KFAC_CONTRACT
 
 DAMPING = 0.1
-CONTRACT = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "inv_interval": 1,
-            "kl_clip": None, "momentum": 0.0, "lr": 1.0, "norm_blocks": True}  # fmt: skip
+CONTRACT = {**KFAC_CONTRACT, "norm_blocks": True}
 N = 6
 
 
@@ -217,26 +218,11 @@ def test_resume_with_norm_blocks_is_bit_identical() -> None:
     settings = {"lr": 0.05, "norm_blocks": True, "cov_interval": 2, "inv_interval": 2}
     x = torch.randn(N, 4, generator=torch.Generator().manual_seed(3))
     y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(4))
-
-    def train(net: nn.Module, opt: tk.KFAC, steps: int) -> None:
-        for _ in range(steps):
-            opt.zero_grad()
-            loss_fn(net(x), y).backward()
-            opt.step()
-
-    straight, _ = norm_net("layer")
-    train(straight, tk.KFAC(straight, **settings), 5)
-    first, _ = norm_net("layer")
-    opt = tk.KFAC(first, **settings)
-    train(first, opt, 3)
-    saved = {"model": first.state_dict(), "opt": opt.state_dict()}
-    resumed, _ = norm_net("layer")
-    resumed.load_state_dict(saved["model"])
-    opt2 = tk.KFAC(resumed, **settings)
-    opt2.load_state_dict(saved["opt"])
-    train(resumed, opt2, 2)
-    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_resume_is_bit_identical(
+        lambda: norm_net("layer")[0],
+        lambda net: tk.KFAC(net, **settings),
+        lambda net: loss_fn(net(x), y),
+    )
 
 
 @pytest.mark.parametrize("refresh", ["consistent", "faithful"])
@@ -260,22 +246,8 @@ def test_two_level_resume_with_norm_and_grouped_blocks_is_bit_identical(refresh:
         return nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.GroupNorm(2, 4), nn.Tanh(),
                              nn.Flatten(), nn.Linear(16, 3))  # fmt: skip
 
-    def train(net: nn.Module, opt: tk.KFAC, steps: int) -> None:
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-
-    straight = build()
-    train(straight, tk.TwoLevelKFAC(straight, **settings), 5)
-    first = build()
-    opt = tk.TwoLevelKFAC(first, **settings)
-    train(first, opt, 3)
-    saved = {"model": first.state_dict(), "opt": opt.state_dict()}
-    resumed = build()
-    resumed.load_state_dict(saved["model"])
-    opt2 = tk.TwoLevelKFAC(resumed, **settings)
-    opt2.load_state_dict(saved["opt"])
-    train(resumed, opt2, 2)
-    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_resume_is_bit_identical(
+        build,
+        lambda net: tk.TwoLevelKFAC(net, **settings),
+        lambda net: F.cross_entropy(net(x), y),
+    )

@@ -21,13 +21,13 @@ from torch import Tensor, nn
 
 from .blocks import BlockStats, has_bias
 from .kronecker import KroneckerFactors
-from .kronecker_apply import LayerParts
+from .kronecker_apply import InverseOnMatrices
 from .layer_types import conv_patches, register_layer_type
 
 __all__ = ["GroupedFactors", "GroupedStats"]
 
 
-class GroupedFactors:
+class GroupedFactors(InverseOnMatrices):
     """One :class:`KroneckerFactors` per group of a grouped convolution; the damped inverse
     of each acts on its group's rows of ``W̄`` (the interface the plain fine level and the
     coarse level use)."""
@@ -69,33 +69,6 @@ class GroupedFactors:
             for i, f in enumerate(self.groups)
         ]
         return torch.cat(parts)
-
-    def apply_inverse_outer(
-        self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
-    ) -> Tensor:
-        """:meth:`apply_inverse` of ``left rightᵀ``."""
-        return self.apply_inverse(torch.outer(left, right), damping, mode, method)
-
-    def apply_inverse_split(
-        self,
-        weight: Tensor,
-        bias: Tensor | None,
-        damping: float,
-        mode: str,
-        method: str,
-        out: LayerParts | None = None,
-    ) -> LayerParts:
-        """:meth:`apply_inverse` on ``W̄ = [weight, bias]`` given as its parts."""
-        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
-        result = self.apply_inverse(joined, damping, mode, method)
-        columns = weight.shape[1]
-        parts = (result[:, :columns], None if bias is None else result[:, columns])
-        if out is None:
-            return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
-        for target, part in zip(out, parts, strict=True):
-            if target is not None and part is not None:
-                target.copy_(part)
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Every group's state."""

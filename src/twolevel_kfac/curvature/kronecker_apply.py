@@ -19,6 +19,7 @@ __all__ = [
     "LayerParts",
     "apply_in_eigenbasis",
     "apply_in_eigenbasis_split",
+    "apply_on_parts",
     "multiply_joined",
     "multiply_split",
 ]
@@ -100,3 +101,54 @@ def apply_in_eigenbasis(
     return apply_in_eigenbasis_split(vectors_g, inverse_grid, vectors_a, v, None)[0].to(
         matrix.dtype
     )
+
+
+def apply_on_parts(
+    apply: Callable[[Tensor], Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    out: LayerParts | None = None,
+) -> LayerParts:
+    """``apply`` (a map of ``(d_out, d_in')`` matrices) on ``W̄ = [weight, bias]`` given as
+    its parts: the matrix joined, the result split into fresh tensors or into ``out``
+    (which may be the parts themselves: the result exists before it is written)."""
+    joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
+    result = apply(joined)
+    columns = weight.shape[1]
+    parts = (result[:, :columns], None if bias is None else result[:, columns])
+    if out is None:
+        return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
+    for target, part in zip(out, parts, strict=True):
+        if target is not None and part is not None:
+            target.copy_(part)
+    return out
+
+
+class InverseOnMatrices:
+    """The applications of a block's damped inverse derived from the one on ``W̄`` matrices
+    (``apply_inverse``), for the block types that only define that (a norm's unit-wise
+    blocks, a grouped convolution's blocks per group)."""
+
+    def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
+        """The damped inverse applied to a ``(d_out, d_in')`` matrix."""
+        raise NotImplementedError
+
+    def apply_inverse_outer(
+        self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
+    ) -> Tensor:
+        """:meth:`apply_inverse` of ``left rightᵀ``."""
+        return self.apply_inverse(torch.outer(left, right), damping, mode, method)
+
+    def apply_inverse_split(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        damping: float,
+        mode: str,
+        method: str,
+        out: LayerParts | None = None,
+    ) -> LayerParts:
+        """:meth:`apply_inverse` on ``W̄ = [weight, bias]`` given as its parts."""
+        return apply_on_parts(
+            lambda m: self.apply_inverse(m, damping, mode, method), weight, bias, out
+        )

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .blocks import BlockStats, has_bias, layer_weight, own_statistics
 from .kronecker import KroneckerFactors
-from .kronecker_apply import LayerParts
+from .kronecker_apply import InverseOnMatrices
 from .layer_types import register_layer_type
 from .running_average import ema_weight, running_average
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-class UnitWiseFactors:
+class UnitWiseFactors(InverseOnMatrices):
     """The running unit-wise Fisher ``F [D, k, k]`` of one scale-and-shift layer, with the
     copy frozen at the last refresh that the damped inverse uses (the interface of
     :class:`~.kronecker.KroneckerFactors` that the fine level and the coarse level use)."""
@@ -84,32 +84,6 @@ class UnitWiseFactors:
         eye = torch.eye(frozen.shape[-1], dtype=frozen.dtype, device=frozen.device)
         solved = torch.linalg.solve(frozen + damping * eye, grad.to(frozen.dtype).unsqueeze(-1))
         return solved.squeeze(-1).to(grad.dtype)
-
-    def apply_inverse_outer(
-        self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
-    ) -> Tensor:
-        """:meth:`apply_inverse` of ``left rightᵀ``."""
-        return self.apply_inverse(torch.outer(left, right), damping, mode, method)
-
-    def apply_inverse_split(
-        self,
-        weight: Tensor,
-        bias: Tensor | None,
-        damping: float,
-        mode: str,
-        method: str,
-        out: LayerParts | None = None,
-    ) -> LayerParts:
-        """:meth:`apply_inverse` on ``W̄ = [γ, β]`` given as its parts (``[D, 1]``, ``[D]``)."""
-        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
-        result = self.apply_inverse(joined, damping, mode, method)
-        parts = (result[:, :1], None if bias is None else result[:, 1])
-        if out is None:
-            return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
-        for target, part in zip(out, parts, strict=True):
-            if target is not None and part is not None:
-                target.copy_(part)
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The state to checkpoint."""

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..curvature.blocks import LayerStats
 from ..curvature.kronecker import KroneckerFactors
-from ..curvature.kronecker_apply import LayerParts
+from ..curvature.kronecker_apply import LayerParts, apply_on_parts
 from ..distributed import share_decompositions
 
 if TYPE_CHECKING:
@@ -147,15 +147,7 @@ class FineLevel:
             return self.host.factors[name].apply_inverse_split(
                 weight, bias, damping, opts.damping_mode, opts.inverse_method, out
             )
-        joined = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
-        result = self.apply(name, joined, damping)
-        parts = (result, None) if bias is None else (result[:, :-1], result[:, -1])
-        if out is None:
-            return parts[0].contiguous(), None if parts[1] is None else parts[1].contiguous()
-        for target, part in zip(out, parts, strict=True):
-            if target is not None and part is not None:
-                target.copy_(part)
-        return out
+        return apply_on_parts(lambda m: self.apply(name, m, damping), weight, bias, out)
 
     def apply_outer(self, name: str, left: Tensor, right: Tensor, damping: float) -> Tensor:
         """:meth:`apply` of the rank-one matrix ``left rightᵀ`` (two mat-vecs for KFAC)."""
