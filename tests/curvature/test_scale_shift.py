@@ -251,3 +251,33 @@ def test_two_level_resume_with_norm_and_grouped_blocks_is_bit_identical(refresh:
         lambda net: tk.TwoLevelKFAC(net, **settings),
         lambda net: F.cross_entropy(net(x), y),
     )
+
+
+def test_blocks_of_their_own_refresh_on_the_schedule() -> None:
+    """With ``inv_interval=3`` the frozen curvature of a norm block, a grouped convolution
+    and a Kronecker block changes on steps 0 and 3 only (a block of its own once made every
+    step refresh every layer)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.GroupNorm(2, 4), nn.Tanh(),
+                        nn.Flatten(), nn.Linear(16, 3))  # fmt: skip
+    x, y = torch.randn(N, 2, 4, 4), torch.randint(0, 3, (N,))
+    opt = tk.KFAC(net, norm_blocks=True, cov_interval=1, inv_interval=3)
+    pre = opt.preconditioner
+
+    def frozen() -> list[Tensor]:
+        return [
+            pre.factors["1"].frozen.clone(),  # type: ignore[attr-defined]
+            pre.factors["0"].groups[0].decomp_a[0].clone(),  # type: ignore[attr-defined]
+            pre.factors["4"].decomp_a[0].clone(),
+        ]
+
+    seen = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+        seen.append(frozen())
+    for step in (1, 2, 4):  # no refresh: the frozen curvature of the step before
+        for now, before in zip(seen[step], seen[step - 1], strict=True):
+            assert torch.equal(now, before), step
+    assert not any(torch.equal(a, b) for a, b in zip(seen[3], seen[2], strict=True))

@@ -39,6 +39,9 @@ class GroupedFactors(InverseOnMatrices):
 
     def __init__(self) -> None:
         self.groups: list[KroneckerFactors] = []
+        # every group's prepared inverse, stacked for batched products (per damping)
+        self._stack_key: tuple[float, str, str] | None = None
+        self._stack: tuple[Tensor, ...] = ()
 
     def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
         """Fold each group's ``(A_g, G_g)`` (``[G, ·, ·]``) into its running factors."""
@@ -52,23 +55,46 @@ class GroupedFactors(InverseOnMatrices):
         """Whether every group holds an estimate."""
         return bool(self.groups) and all(f.ready for f in self.groups)
 
+    @property
+    def decomposed(self) -> bool:
+        """Whether every group's decomposition is cached."""
+        return bool(self.groups) and all(f.decomposed for f in self.groups)
+
     def decompose(self, method: str) -> None:
         """Decompose every group's factors."""
         for factors in self.groups:
             factors.decompose(method)
+        self._stack_key = None
 
     def convert_decomposition(self, method: str) -> bool:
         """Convert every group's decompositions to ``method``; whether any changed."""
+        self._stack_key = None
         return any([f.convert_decomposition(method) for f in self.groups])
 
     def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
-        """Each group's damped ``(A_g ⊗ G_g)⁻¹`` (divided by ``T``) on its rows."""
-        rows = grad.shape[0] // len(self.groups)
-        parts = [
-            f.apply_inverse(grad[i * rows : (i + 1) * rows], damping, mode, method)
-            for i, f in enumerate(self.groups)
-        ]
-        return torch.cat(parts)
+        """Each group's damped ``(A_g ⊗ G_g)⁻¹`` (divided by ``T``) on its rows, as one
+        batched product over the groups: ``G_g⁻¹ V_g A_g⁻¹`` for a factored damping,
+        ``Q_G [(Q_Gᵀ V_g Q_A) ⊙ D⁻¹] Q_Aᵀ`` for ``eigen_sum``."""
+        stack = self._stacked(damping, mode, method)
+        v = grad.to(stack[0].dtype).reshape(len(self.groups), -1, grad.shape[1])
+        if len(stack) == 2:
+            inv_g, inv_a = stack
+            out = inv_g @ v @ inv_a
+        else:
+            vectors_g, inverse_grid, vectors_a = stack
+            rotated = vectors_g.transpose(1, 2) @ v @ vectors_a
+            out = vectors_g @ (rotated * inverse_grid) @ vectors_a.transpose(1, 2)
+        return out.reshape(grad.shape).to(grad.dtype)
+
+    def _stacked(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
+        """Every group's prepared inverse (:class:`KroneckerFactors`), stacked; rebuilt
+        after a refresh or for another damping."""
+        key = (damping, mode, method)
+        if self._stack_key != key:
+            prepared = [f.prepared_inverse(damping, mode, method) for f in self.groups]
+            self._stack = tuple(torch.stack(parts) for parts in zip(*prepared, strict=True))
+            self._stack_key = key
+        return self._stack
 
     def state_dict(self) -> dict[str, Any]:
         """Every group's state."""
@@ -78,7 +104,7 @@ class GroupedFactors(InverseOnMatrices):
         """Restore a :meth:`state_dict`."""
         if "groups" not in state:
             raise KeyError("grouped convolution state is missing 'groups'")
-        self.groups = []
+        self.groups, self._stack_key = [], None
         for saved in state["groups"]:
             factors = KroneckerFactors()
             factors.load_state_dict(saved)

@@ -225,6 +225,11 @@ class KroneckerFactors:
         """Whether both factors hold an estimate."""
         return self.A is not None and self.G is not None
 
+    @property
+    def decomposed(self) -> bool:
+        """Whether a decomposition is cached (a refresh has run since the first estimate)."""
+        return self.decomp_a is not None
+
     def decompose(self, method: str) -> None:
         """Refresh the cached decomposition (and π) from the current factors."""
         assert self.A is not None and self.G is not None
@@ -280,6 +285,11 @@ class KroneckerFactors:
             raise ValueError("damping_mode='eigen_sum' has no Kronecker-factored inverses")
         self._cache = (per_location(inv_g, self.num_locations), inv_a)
         self._cache_key = (damping, mode, method)
+
+    def prepared_inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
+        """What the damped inverse applies, cached per damping: ``((G + s_G I)⁻¹/T,
+        (A + s_A I)⁻¹)`` for a factored mode, ``(Q_G, D⁻¹/T, Q_A)`` for ``eigen_sum``."""
+        return self._prepare(damping, mode, method)
 
     def _prepare(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         key = (damping, mode, method)

@@ -68,6 +68,11 @@ class UnitWiseFactors(InverseOnMatrices):
         """Whether ``F`` holds an estimate."""
         return self.fisher is not None
 
+    @property
+    def decomposed(self) -> bool:
+        """Whether a frozen ``F`` is cached."""
+        return self.frozen is not None
+
     def decompose(self, method: str) -> None:
         """Freeze the current ``F`` for the inverses until the next refresh."""
         assert self.fisher is not None

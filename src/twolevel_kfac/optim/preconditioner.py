@@ -182,7 +182,7 @@ class KFACPreconditioner:
         self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
         check_statistics(self.factors, self.active)
         if self.steps % opts.inv_interval == 0 or any(
-            f.ready and f.decomp_a is None for f in self.factors.values()
+            f.ready and not f.decomposed for f in self.factors.values()
         ):
             self.fine.refresh(self.damping)
         if stats:
