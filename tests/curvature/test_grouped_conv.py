@@ -105,7 +105,30 @@ def test_grouped_step_equals_the_per_group_formula(
         )
 
 
-SPACES = ["nicolaides", "residual", "krylov_nicolaides", "krylov_residual"]
+SPACES = ["nicolaides", "residual", "krylov_nicolaides", "krylov_residual", "spectral"]
+
+
+def smallest_kron(A: Tensor, G: Tensor) -> tuple[float, Tensor]:
+    """The smallest eigenvalue of ``A ⊗ G`` and its eigenvector ``kron(q_G, q_A)``."""
+    (la, qa), (lg, qg) = torch.linalg.eigh(A), torch.linalg.eigh(G)
+    return float(la[0] * lg[0]), torch.kron(qg[:, 0], qa[:, 0])
+
+
+def grouped_spectral_rows(factors: list[tuple[Tensor, Tensor]], head: tuple[Tensor, Tensor],
+                          sizes: list[int]) -> Tensor:  # fmt: skip
+    """Spectral ``R₀``: the conv's row from the group with the smallest ``λ_min(A_g ⊗ G_g)``
+    (in its group's rows, zeros elsewhere), the head's ``kron(q_G, q_A)``."""
+    candidates = [smallest_kron(A, G) for A, G in factors]
+    best = min(range(len(candidates)), key=lambda i: candidates[i][0])
+    rows_per_group = factors[0][1].shape[0]
+    conv = torch.zeros(len(factors), rows_per_group, factors[0][0].shape[0])
+    conv[best] = candidates[best][1].view(rows_per_group, -1)
+    conv_row = conv.reshape(-1)
+    head_row = smallest_kron(*head)[1]
+    r0 = torch.zeros(2, sum(sizes))
+    r0[0, : sizes[0]] = conv_row / conv_row.abs().max()
+    r0[1, sizes[0] :] = head_row / head_row.abs().max()
+    return r0
 
 
 @pytest.mark.parametrize(("space", "combination"), list(itertools.product(SPACES, COMBINATIONS)))
@@ -138,7 +161,12 @@ def test_two_level_over_grouped_blocks_equals_the_dense_formula(
         fisher=fisher, fisher_damped=fisher + DAMPING * torch.eye(len(fisher)), kfac=kfac,
         kfac_inv=torch.linalg.inv(kfac),
     )  # fmt: skip
-    R0 = coarse_basis(problem, space)
+    if space == "spectral":
+        group_factors = [kfac_factors(a[:, :, i], g[:, :, i]) for i in range(2)]
+        head_factors = kfac_factors(ah, (N * gh)[:, None])
+        R0 = grouped_spectral_rows(group_factors, head_factors, problem.sizes)
+    else:
+        R0 = coarse_basis(problem, space)
     d = twolevel_direction(problem.grad, problem.kfac_inv, problem.fisher_damped, R0, combination)
 
     def flat() -> Tensor:
@@ -170,15 +198,16 @@ def test_grouped_resume_is_bit_identical() -> None:
 
 
 def test_where_grouped_blocks_are_not_supported_the_fallback_steps() -> None:
-    """The spectral / Tselepidis coarse spaces leave a grouped convolution to the
-    fallback, with a warning naming it (an error on request); other fine levels keep its
-    per-group blocks."""
+    """Tselepidis' coarse space leaves a grouped convolution to the fallback, with a
+    warning naming it (an error on request); the spectral space and the other fine levels
+    keep its per-group blocks."""
     net, size = grouped_net(2)
     net(data(2, size)[0])
     with pytest.warns(UserWarning, match="'0'.*groups>1"):
-        opt = tk.TwoLevelKFAC(net, coarse_space="spectral")
+        opt = tk.TwoLevelKFAC(net, coarse_space="tselepidis")
     assert "0" not in opt.preconditioner.layers
     with pytest.raises(ValueError, match="groups>1"):
         tk.TwoLevelKFAC(net, coarse_space="tselepidis", unsupported="error")
+    assert "0" in tk.TwoLevelKFAC(net, coarse_space="spectral").preconditioner.layers
     for cls in (tk.EKFAC, tk.KPSVD, tk.KFACCorrected):
         assert "0" in cls(net).preconditioner.layers

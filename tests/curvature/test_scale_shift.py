@@ -172,7 +172,30 @@ def dense_problem(net: nn.Sequential, x: Tensor, y: Tensor) -> DenseProblem:
     )
 
 
-SPACES = ["nicolaides", "residual", "krylov_nicolaides", "krylov_residual"]
+SPACES = ["nicolaides", "residual", "krylov_nicolaides", "krylov_residual", "spectral"]
+
+
+def spectral_rows(problem: DenseProblem, fisher_units: Tensor) -> Tensor:
+    """The spectral ``R₀`` of the dense problem: ``kron(q_G, q_A)`` of the smallest
+    eigenvalues for the Kronecker blocks, the norm's smallest unit-wise eigenvector in its
+    unit's row (each ``1/‖·‖_∞``-normalised)."""
+    rows = []
+    offsets = [0, *itertools.accumulate(problem.sizes)]
+    for i, (A, G) in enumerate(problem.factors):
+        if i == 1:
+            values, vectors = torch.linalg.eigh(fisher_units)
+            unit, column = divmod(int(values.argmin()), values.shape[1])
+            block = torch.zeros_like(values)
+            block[unit] = vectors[unit, :, column]
+            v = block.reshape(-1)
+        else:
+            v = torch.kron(
+                torch.linalg.eigh(G).eigenvectors[:, 0], torch.linalg.eigh(A).eigenvectors[:, 0]
+            )
+        row = torch.zeros(offsets[-1])
+        row[offsets[i] : offsets[i + 1]] = v / v.abs().max()
+        rows.append(row)
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize(("space", "combination"), list(itertools.product(SPACES, COMBINATIONS)))
@@ -184,7 +207,11 @@ def test_two_level_over_a_norm_block_equals_the_dense_formula(
     net, x = norm_net("layer")
     y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(2))
     problem = dense_problem(net, x, y)
-    R0 = coarse_basis(problem, space)
+    if space == "spectral":
+        u = unit_gradients(net, x, y, net[1])
+        R0 = spectral_rows(problem, torch.einsum("ndi,ndj->dij", u, u) / N)
+    else:
+        R0 = coarse_basis(problem, space)
     d = twolevel_direction(problem.grad, problem.kfac_inv, problem.fisher_damped, R0, combination)
     before = torch.cat([p.detach().reshape(-1) for p in _block_order(net)])
     opt = tk.TwoLevelKFAC(
@@ -207,8 +234,8 @@ def _block_order(net: nn.Sequential) -> list[Tensor]:
 
 def test_what_norm_blocks_do_not_support_yet() -> None:
     net, _ = norm_net("layer")
-    with pytest.raises(ValueError, match=r"norm_blocks=True, but .*spectral"):
-        tk.TwoLevelKFAC(net, norm_blocks=True, coarse_space="spectral")
+    with pytest.raises(ValueError, match=r"norm_blocks=True, but .*tselepidis"):
+        tk.TwoLevelKFAC(net, norm_blocks=True, coarse_space="tselepidis")
     opt = tk.KFAC(net)  # default: the fallback step
     assert "1" not in opt.preconditioner.layers
 

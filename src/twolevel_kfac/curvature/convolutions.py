@@ -86,6 +86,25 @@ class GroupedFactors(InverseOnMatrices):
             out = vectors_g @ (rotated * inverse_grid) @ vectors_a.transpose(1, 2)
         return out.reshape(grad.shape).to(grad.dtype)
 
+    def spectral_vector(self, which: str) -> Tensor:
+        """The eigenvector of the smallest (largest) eigenvalue of the block-diagonal
+        ``diag(A_g ⊗ G_g)``: ``q_G q_Aᵀ`` of the group whose product of extreme factor
+        eigenvalues is the smallest (largest), in its rows, zeros elsewhere (needs the
+        eigendecompositions: ``inverse_method="eigen"``, which ``auto`` picks for it)."""
+        pick = torch.argmin if which == "smallest" else torch.argmax
+        extremes, vectors = [], []
+        for factors in self.groups:
+            assert factors.decomp_a is not None and factors.decomp_g is not None
+            (vals_a, vecs_a), (vals_g, vecs_g) = factors.decomp_a, factors.decomp_g
+            i, j = int(pick(vals_a)), int(pick(vals_g))
+            extremes.append(float(vals_a[i] * vals_g[j]))
+            vectors.append(torch.outer(vecs_g[:, j], vecs_a[:, i]))
+        best = int(pick(torch.tensor(extremes)))
+        out = torch.zeros(len(self.groups), *vectors[0].shape, dtype=vectors[0].dtype,
+                          device=vectors[0].device)  # fmt: skip
+        out[best] = vectors[best]
+        return out.reshape(-1, vectors[0].shape[1])
+
     def _stacked(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         """Every group's prepared inverse (:class:`KroneckerFactors`), stacked; rebuilt
         after a refresh or for another damping."""

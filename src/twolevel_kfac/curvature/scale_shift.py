@@ -82,6 +82,18 @@ class UnitWiseFactors(InverseOnMatrices):
         """Nothing to convert (no decomposition is kept)."""
         return False
 
+    def spectral_vector(self, which: str) -> Tensor:
+        """The eigenvector of the smallest (largest) eigenvalue of the block-diagonal
+        ``F = diag(F_1, …, F_D)`` (the frozen one): unit ``i*``'s ``k``-vector in its row
+        of ``[D, k]``, zeros elsewhere (the spectral coarse space)."""
+        assert self.frozen is not None, "scale-and-shift block used before its first refresh"
+        values, vectors = torch.linalg.eigh(self.frozen)  # [D, k], [D, k, k]
+        flat = int(values.argmin() if which == "smallest" else values.argmax())
+        unit, column = divmod(flat, values.shape[1])
+        out = torch.zeros_like(values)
+        out[unit] = vectors[unit, :, column]
+        return out
+
     def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
         """``(F_i + λI)⁻¹ u_i`` for every unit ``i`` of a ``[D, k]`` matrix."""
         assert self.frozen is not None, "scale-and-shift block used before its first refresh"
@@ -219,11 +231,11 @@ def new_factors(module: nn.Module) -> KroneckerFactors:
 def own_blocks_refused(coarse_space: str | None) -> str | None:
     """Why the block types of their own (norms, grouped convolutions) cannot be used in
     this configuration, or ``None`` when they can: with every fine level (they keep their
-    own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but ``spectral``
-    and ``tselepidis`` (both built from ``A ⊗ G``), in one process or distributed
+    own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but
+    ``tselepidis`` (its coarse matrix is built from ``A ⊗ G``), in one process or distributed
     (:func:`~.discovery.find_layers` leaves them to the fallback where they cannot)."""
-    if coarse_space in ("spectral", "tselepidis"):
-        return f"coarse_space={coarse_space!r} is built from A ⊗ G, which its block is not"
+    if coarse_space == "tselepidis":
+        return "coarse_space='tselepidis' is built from A ⊗ G, which its block is not"
     return None
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats, gradient_parts, layer_shape, layer_weight
+from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..twolevel.coarse_matrix import (
@@ -27,7 +28,12 @@ from ..twolevel.coarse_matrix import (
     exact_coarse_matrix,
     tselepidis_coarse_matrix,
 )
-from ..twolevel.coarse_spaces import RESIDUAL_SPACES, build_basis
+from ..twolevel.coarse_spaces import (
+    RESIDUAL_SPACES,
+    build_basis,
+    kronecker_spectral_vector,
+    spectral_basis,
+)
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_products import (
     DISAGREE_HINT,
@@ -108,23 +114,28 @@ class CoarseLevel:
             )
         return damped_fvp(self.fisher_stats, v, self.host.damping)
 
-    def _eigen(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """``(Q_A, d_A, Q_G, d_G)`` per layer from the factors' current decompositions."""
-        vecs_a, vals_a, vecs_g, vals_g = [], [], [], []
+    def _spectral_vectors(self) -> list[Tensor]:
+        """Per block the eigenvector of its smallest (largest) eigenvalue, from the current
+        decompositions (``q_G q_Aᵀ`` of a Kronecker block; a block of its own gives its
+        own ``spectral_vector``)."""
+        which, vectors = self.options.spectral_which, []
         for name in self.names:
             factors = self.host.factors[name]
+            if type(factors) is not KroneckerFactors:
+                vectors.append(factors.spectral_vector(which))  # type: ignore[attr-defined]
+                continue
             assert factors.decomp_a is not None and factors.decomp_g is not None
-            vals_a.append(factors.decomp_a[0])
-            vecs_a.append(factors.decomp_a[1])
-            vals_g.append(factors.decomp_g[0])
-            vecs_g.append(factors.decomp_g[1])
-        return vecs_a, vals_a, vecs_g, vals_g
+            (vals_a, vecs_a), (vals_g, vecs_g) = factors.decomp_a, factors.decomp_g
+            vectors.append(kronecker_spectral_vector(vecs_a, vals_a, vecs_g, vals_g, which))
+        return vectors
 
     def build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
         """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
         layer of :attr:`names`; ``minv_res``: ``M⁻¹res`` for the residual spaces). A
         subclass may define another space here (``coarse_level_type`` of a preconditioner)."""
         space = self.options.coarse_space
+        if space == "spectral":
+            return spectral_basis(self._spectral_vectors())
         param = layer_weight(self.host.layers[self.names[0]])
         shapes = [layer_shape(self.host.layers[n]) for n in self.names]
         minv_ones = None
@@ -139,8 +150,6 @@ class CoarseLevel:
             minv=self.minv,
             minv_res=minv_res,
             minv_ones=minv_ones,
-            eigen=self._eigen() if space == "spectral" else None,
-            which=self.options.spectral_which,
             dtype=param.dtype,
             device=param.device,
         )

@@ -171,7 +171,7 @@ class CurvatureOptions:
         norm_blocks: give the affine parameters of ``LayerNorm``, ``RMSNorm``,
             ``BatchNorm`` and ``GroupNorm`` their unit-wise scale-and-shift blocks
             (:mod:`~twolevel_kfac.curvature.scale_shift`; kept under every fine level; not
-            the ``spectral`` or ``tselepidis`` coarse spaces); default: the fallback step.
+            the ``tselepidis`` coarse space); default: the fallback step.
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).
         seed: seed of the sampler that picks the Fisher mini-batch and MC targets (rank

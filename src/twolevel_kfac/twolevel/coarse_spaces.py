@@ -133,11 +133,25 @@ def spectral(
         raise ValueError(f"which must be 'smallest' or 'largest', got {which!r}")
     if not len(eigvecs_A) == len(eigvals_A) == len(eigvecs_G) == len(eigvals_G):
         raise ValueError("eigvecs_A, eigvals_A, eigvecs_G, eigvals_G differ in length")
-    vectors = []
-    for qa, la, qg, lg in zip(eigvecs_A, eigvals_A, eigvecs_G, eigvals_G, strict=True):
-        q_a = qa[:, _pick(la, which)]
-        q_g = qg[:, _pick(lg, which)]
-        vectors.append(torch.outer(q_g, q_a))
+    vectors = [
+        kronecker_spectral_vector(qa, la, qg, lg, which)
+        for qa, la, qg, lg in zip(eigvecs_A, eigvals_A, eigvecs_G, eigvals_G, strict=True)
+    ]
+    return spectral_basis(vectors)
+
+
+def kronecker_spectral_vector(
+    eigvecs_A: Tensor, eigvals_A: Tensor, eigvecs_G: Tensor, eigvals_G: Tensor, which: str
+) -> Tensor:
+    """``q_G q_Aᵀ``: the eigenvector of ``A ⊗ G`` for its smallest (largest) eigenvalue,
+    as a ``(d_out, d_in')`` matrix (:func:`spectral`)."""
+    return torch.outer(eigvecs_G[:, _pick(eigvals_G, which)], eigvecs_A[:, _pick(eigvals_A, which)])
+
+
+def spectral_basis(vectors: LayerVector) -> Basis:
+    """The spectral basis of one eigenvector per block (:func:`spectral`; blocks of their
+    own give theirs: the eigenvector of their block matrix's smallest or largest
+    eigenvalue), normalised."""
     return _stack_normalized(vectors)
 
 
