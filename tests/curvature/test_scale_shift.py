@@ -308,3 +308,32 @@ def test_blocks_of_their_own_refresh_on_the_schedule() -> None:
         for now, before in zip(seen[step], seen[step - 1], strict=True):
             assert torch.equal(now, before), step
     assert not any(torch.equal(a, b) for a, b in zip(seen[3], seen[2], strict=True))
+
+
+@pytest.mark.parametrize("norm_type", [nn.LayerNorm, *([nn.RMSNorm] if _rms() else [])])
+def test_a_norm_over_several_dimensions(float64: None, norm_type: type) -> None:
+    """``normalized_shape=(2, 3)``: ``γ``, ``β`` of shape ``[2, 3]`` are ``D = 6`` units."""
+    torch.manual_seed(0)
+    norm = norm_type([2, 3])
+    net = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), norm, nn.Flatten(),
+                        nn.Tanh(), nn.Linear(6, 3))  # fmt: skip
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(N, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(2))
+    grads = per_sample_grads(net, loss_fn, x, y)
+    parts = [grads["2.weight"].reshape(N, 6)]
+    if getattr(norm, "bias", None) is not None:
+        parts.append(grads["2.bias"].reshape(N, 6))
+    u = torch.stack(parts, -1)
+    fisher = torch.einsum("ndi,ndj->dij", u, u) / N
+    expected = -torch.linalg.solve(fisher + DAMPING * torch.eye(u.shape[-1]), u.mean(0)[..., None])
+    params = [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
+    before = [p.detach().clone() for p in params]
+    opt = tk.KFAC(net, damping=DAMPING, **CONTRACT)
+    loss_fn(net(x), y).backward()
+    opt.step()
+    got = torch.stack(
+        [(p.detach() - b).reshape(6) for p, b in zip(params, before, strict=True)], -1
+    )
+    torch.testing.assert_close(got, expected[..., 0], rtol=1e-10, atol=1e-12)

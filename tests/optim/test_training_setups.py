@@ -1162,3 +1162,53 @@ def test_mc_leaves_a_detached_branch_alone_and_refuses_a_loss_of_its_own() -> No
     (F.cross_entropy(out, y) + model.aux_out.square().mean()).backward()
     with pytest.raises(RuntimeError, match=r"layer\(s\) \['aux'\], which have gradients"):
         opt.step()
+
+
+def test_functional_calls_beside_the_optimizer_feed_it_nothing() -> None:
+    """``torch.func.functional_call`` (per-sample gradients with ``vmap(grad(...))``, an
+    evaluation with other weights) runs the model with swapped-in parameters: no crash, no
+    statistics; the optimizer's steps are those of a run without it."""
+    from torch.func import functional_call, grad, vmap
+
+    x, y = batch(6)
+    results = []
+    for with_calls in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        opt = tk.KFAC(model, cov_interval=1)
+        for _ in range(2):
+            if with_calls:
+                params = {k: v.detach() for k, v in model.named_parameters()}
+
+                def loss(
+                    p: dict[str, Tensor], xn: Tensor, yn: Tensor, net: nn.Module = model
+                ) -> Tensor:
+                    return F.cross_entropy(functional_call(net, p, (xn[None],)), yn[None])
+
+                per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+                assert per_sample["0.weight"].shape == (6, 5, 4)
+                assert functional_call(model, params, (x,)).shape == (6, 3)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_half_precision_parameters_keep_float32_curvature() -> None:
+    """A model in bfloat16 (no autocast): its factors and decompositions are float32 by
+    default (CPU has no bf16 Cholesky), for Kronecker and norm blocks; the parameters
+    stay bf16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+    model = model.to(torch.bfloat16)
+    opt = tk.KFAC(model, norm_blocks=True, cov_interval=1)
+    x, y = batch(8)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+        opt.step()
+    factors = opt.preconditioner.factors
+    assert factors["0"].A is not None and factors["0"].A.dtype == torch.float32
+    assert factors["1"].fisher.dtype == torch.float32  # type: ignore[attr-defined]
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())

@@ -17,7 +17,6 @@ Conventions (README: "Conventions"; Martens & Grosse 2015 eq. (1); Grosse & Mart
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -74,6 +73,11 @@ class BlockStats(LayerStats):
     def applies(cls, module: nn.Module) -> bool:
         """Whether this instance of the layer type has this block (else ``A ⊗ G``)."""
         return True
+
+    @classmethod
+    def rows(cls, module: nn.Module) -> int:
+        """The rows ``d_out`` of the layer's ``W̄`` (default: the weight's first dimension)."""
+        return int(layer_weight(module).shape[0])
 
     def sample_gradients(self) -> Tensor:
         """``∇_W̄ ℓ_n`` of every sample, ``[N, d_out, d_in']``."""
@@ -189,11 +193,13 @@ def gradient_parts(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     ``weight.grad``) and ``∇b`` (``None`` without a bias); zeros for a missing ``.grad``."""
     weight, bias = layer_weight(module), layer_bias(module)
     grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-    if grad.dim() != 2:  # Conv2d
-        grad = grad.reshape(grad.shape[0], -1)
+    rows = weight_rows(module)
+    if grad.dim() != 2 or grad.shape[0] != rows:  # a convolution, a norm over several dims
+        grad = grad.reshape(rows, -1)
     if bias is None:
         return grad, None
-    return grad, bias.grad if bias.grad is not None else torch.zeros_like(bias)
+    bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+    return grad, bias_grad.reshape(-1)  # a norm's β over several dimensions: [D]
 
 
 def gradient_matrix(module: nn.Module) -> Tensor:
@@ -205,7 +211,7 @@ def gradient_matrix(module: nn.Module) -> Tensor:
 def parameter_matrix(module: nn.Module) -> Tensor:
     """The layer's parameters as the matrix ``W̄ = [W, b]`` (a copy)."""
     weight, bias = layer_weight(module), layer_bias(module)
-    mat = weight.detach().reshape(weight.shape[0], -1)
+    mat = weight.detach().reshape(weight_rows(module), -1)
     if bias is not None:
         mat = torch.cat([mat, bias.detach().unsqueeze(1)], dim=1)
     return mat.clone()
@@ -222,7 +228,15 @@ def matrix_to_parameter_shapes(module: nn.Module, mat: Tensor) -> tuple[Tensor, 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in')`` of the layer's ``W̄`` matrix."""
     weight = layer_weight(module)  # read from the shape: indexing would create a view
-    return int(weight.shape[0]), math.prod(weight.shape[1:]) + (1 if has_bias(module) else 0)
+    rows = weight_rows(module)
+    return rows, weight.numel() // rows + (1 if has_bias(module) else 0)
+
+
+def weight_rows(module: nn.Module) -> int:
+    """``d_out``: the rows of the layer's ``W̄`` (the weight's first dimension; a block type
+    of its own says, e.g. a norm's ``γ`` of any shape is ``D = γ.numel()`` rows)."""
+    own = own_statistics(module)
+    return own.rows(module) if own is not None else int(layer_weight(module).shape[0])
 
 
 def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:

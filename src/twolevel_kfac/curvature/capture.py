@@ -138,6 +138,7 @@ class CurvatureCapture:
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
+        self._weights = [(m, m._parameters.get("weight")) for m in layers.values()]
         self.fisher = fisher
         self.likelihood = likelihood
         self.loss_reduction = loss_reduction
@@ -172,10 +173,16 @@ class CurvatureCapture:
         remove_all(self._handles)
 
     def _capturing(self, module: nn.Module) -> bool:
-        """Whether the model's forward that starts now is captured: the capture is armed,
-        the model is in train mode with gradients enabled, and this is not a recomputation
-        inside a backward pass (activation checkpointing reruns the forward there)."""
-        return self.active and module.training and torch.is_grad_enabled() and not in_backward()
+        """Whether the forward that starts now is captured: armed, in train mode with
+        gradients, not recomputed inside a backward (activation checkpointing), and with the
+        layers' own weights (``torch.func.functional_call`` swaps in others)."""
+        return (
+            self.active
+            and module.training
+            and torch.is_grad_enabled()
+            and not in_backward()
+            and all(m._parameters.get("weight") is w for m, w in self._weights)
+        )
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
         """The positions of the next forward's logits that its loss counts (``[N, T]`` for

@@ -55,6 +55,11 @@ class GroupedFactors(InverseOnMatrices):
         """Whether every group holds an estimate."""
         return bool(self.groups) and all(f.ready for f in self.groups)
 
+    def factor_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """``[G, ·, ·]`` of the groups' ``A`` and ``G`` (``None`` before an estimate)."""
+        first = self.groups[0].factor_shapes() if self.groups else None
+        return None if first is None else tuple((len(self.groups), *shape) for shape in first)
+
     @property
     def decomposed(self) -> bool:
         """Whether every group's decomposition is cached."""

@@ -225,6 +225,12 @@ class KroneckerFactors:
         """Whether both factors hold an estimate."""
         return self.A is not None and self.G is not None
 
+    def factor_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """The shapes of ``A`` and ``G`` (``None`` before the first estimate)."""
+        return (
+            None if self.A is None or self.G is None else (tuple(self.A.shape), tuple(self.G.shape))
+        )
+
     @property
     def decomposed(self) -> bool:
         """Whether a decomposition is cached (a refresh has run since the first estimate)."""

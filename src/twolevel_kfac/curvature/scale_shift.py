@@ -68,6 +68,10 @@ class UnitWiseFactors(InverseOnMatrices):
         """Whether ``F`` holds an estimate."""
         return self.fisher is not None
 
+    def factor_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """The shape of ``F`` and of the empty second tensor (:meth:`ScaleShiftStats.shapes`)."""
+        return None if self.fisher is None else (tuple(self.fisher.shape), (0,))
+
     @property
     def decomposed(self) -> bool:
         """Whether a frozen ``F`` is cached."""
@@ -138,6 +142,11 @@ class ScaleShiftStats(BlockStats):
         """``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``, ``[N, D, k]``."""
         scale = (self.g * self.a).sum(1)
         return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
+
+    @classmethod
+    def rows(cls, module: nn.Module) -> int:
+        """``D = γ.numel()``: one row per feature, whatever ``normalized_shape`` is."""
+        return int(layer_weight(module).numel())
 
     @classmethod
     def shapes(cls, module: nn.Module) -> tuple[tuple[int, ...], ...]:

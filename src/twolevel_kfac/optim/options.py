@@ -156,7 +156,8 @@ class CurvatureOptions:
         inverse_method: ``auto`` (default: :func:`resolve_inverse_method`, Cholesky unless
             something needs the factors' eigenbasis) | ``eigen`` | ``cholesky`` (not with
             ``eigen_sum``).
-        factor_dtype: dtype of factors and decompositions; ``None`` = the parameters' dtype.
+        factor_dtype: dtype of factors and decompositions; ``None`` = the parameters'
+            dtype (float32 for bfloat16 / float16 parameters).
         weight_sharing: how a block with ``T > 1`` locations (a ``Linear`` on ``[N, T, D]``
             inputs, a convolution, tied weights) forms its factors (Eschenhagen et al.
             2023): ``expand`` (default; every location a sample, ``A = E_{n,t}[āāᵀ]``,

@@ -261,8 +261,11 @@ class KFACPreconditioner:
         self.fine.after_refresh(stats)
 
     def factor_dtype(self, name: str) -> torch.dtype:
-        """The dtype of layer ``name``'s factors (``factor_dtype`` or its weight's)."""
-        return self.options.factor_dtype or layer_weight(self.layers[name]).dtype
+        """The dtype of layer ``name``'s factors: ``factor_dtype``, else its weight's, float32
+        for a half-precision weight (no decomposition runs in bf16 / fp16)."""
+        dtype = layer_weight(self.layers[name]).dtype
+        half = dtype in (torch.bfloat16, torch.float16)
+        return self.options.factor_dtype or (torch.float32 if half else dtype)
 
     def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
         """``M_i⁻¹``: the fine level's damped inverse of layer ``name`` on a ``W̄`` matrix."""

@@ -14,7 +14,8 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..curvature.blocks import layer_stats
+from ..curvature.blocks import layer_shape, layer_stats, own_statistics
+from ..curvature.scale_shift import new_factors
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
 
@@ -55,6 +56,9 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         raise ValueError(
             f"preconditioner state is for layers {saved}, but this model has {list(pre.layers)}"
         )
+    restored = {
+        name: _restored_factors(pre, name, saved) for name, saved in state["factors"].items()
+    }
     pre.steps = int(state["steps"])
     pre.damping = float(state["damping"])
     parts = state.get("ranks") or [{"generator": state["generator"]}]
@@ -64,9 +68,9 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     else:
         pre.generator.set_state(part["generator"])
     converted = []
-    for name, factor_state in state["factors"].items():
-        pre.factors[name].load_state_dict(pre.placed(name, factor_state))
-        if pre.factors[name].convert_decomposition(pre.options.inverse_method):
+    for name, factors in restored.items():
+        pre.factors[name] = factors
+        if factors.convert_decomposition(pre.options.inverse_method):
             converted.append(name)
     if converted:
         warnings.warn(
@@ -102,3 +106,33 @@ def select_rank_state(parts: Sequence[Any], rank: int, world_size: int) -> Any |
         stacklevel=3,
     )
     return parts[rank] if rank < len(parts) else None
+
+
+def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any]) -> Any:
+    """Layer ``name``'s saved curvature in a fresh object of its block type, checked against
+    the layer before anything of the preconditioner changes.
+
+    Raises:
+        ValueError: the state is of another block type, or its shapes are not the
+            layer's (the model changed since the checkpoint: another width, ``groups``,
+            bias, or a norm that now has a block).
+    """
+    module = pre.layers[name]
+    factors = new_factors(module)
+    try:
+        factors.load_state_dict(pre.placed(name, saved))
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(
+            f"layer {name!r}: the checkpoint's curvature is not of this layer's block "
+            f"({type(module).__name__}): the model changed since it was saved"
+        ) from None
+    own = own_statistics(module)
+    d_out, d_in = layer_shape(module)
+    expected = own.shapes(module)[2:] if own is not None else ((d_in, d_in), (d_out, d_out))
+    got = factors.factor_shapes()
+    if got is not None and tuple(got) != tuple(expected):
+        raise ValueError(
+            f"layer {name!r}: the checkpoint's curvature has shapes {list(got)}, this "
+            f"layer's block needs {list(expected)}: the model changed since it was saved"
+        )
+    return factors
