@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from ..curvature.blocks import own_statistics
 from .options import check_choice
 
 __all__ = ["FALLBACKS", "AdamWFallback", "FallbackKind", "block_table"]
@@ -105,7 +106,7 @@ def block_table(
     """``(parameter name, what steps it)`` for every parameter the optimizer holds: the
     curvature block of its layer (``KFAC Linear 'fc'``), or the fallback step."""
     owner = {
-        id(p): f"KFAC {type(module).__name__} {name!r}"
+        id(p): f"KFAC {type(module).__name__} {name!r}{_kind(module)}"
         for name, module in layers.items()
         for p in module.parameters(recurse=False)
     }
@@ -116,3 +117,11 @@ def block_table(
         for name, p in model.named_parameters()
         if id(p) in held and p.requires_grad
     ]
+
+
+def _kind(module: nn.Module) -> str:
+    """What kind of block a layer has, when it is not one ``A ⊗ G``."""
+    if own_statistics(module) is None:
+        return ""
+    groups = getattr(module, "groups", None)
+    return f" ({groups} groups: a block each)" if groups else " (unit-wise)"
