@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import twolevel_kfac as tk
 from test_runner import TINY_PROBLEM
 from twolevel_kfac.curvature.likelihoods import sample_targets
 from twolevel_kfac.experiments.config import ExperimentConfig, parse_config
@@ -81,3 +82,45 @@ def test_mc_targets_do_not_depend_on_the_device(likelihood: str) -> None:
         gen = torch.Generator().manual_seed(7)
         draws.append(sample_targets(outputs.to(device), likelihood, gen).cpu())
     torch.testing.assert_close(draws[1], draws[0])
+
+
+class _Modern(torch.nn.Module):
+    """Every block type: an embedding, attention, feed-forward, a grouped 1-d convolution,
+    norms (with ``norm_blocks``), over sequence logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = torch.nn.Embedding(12, 16)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.conv = torch.nn.Conv1d(16, 16, 3, padding=1, groups=4)
+        self.norm = torch.nn.GroupNorm(4, 16)
+        self.head = torch.nn.Linear(16, 12)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.layer(self.tokens(ids))
+        h = h + self.norm(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_every_block_type_steps_on_the_gpu_as_on_the_cpu(fisher: str) -> None:
+    """Four steps of KFAC and two-level KFAC with every block type on the GPU follow the
+    CPU's (MC draws come from the CPU generator on both), to float32 rounding."""
+    ids = torch.randint(0, 12, (6, 9), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 12, (6, 9), generator=torch.Generator().manual_seed(2))
+    for cls in (tk.KFAC, tk.TwoLevelKFAC):
+        params = []
+        for device in ("cpu", "cuda"):
+            model = _Modern().to(device)
+            opt = cls(model, lr=0.05, fisher=fisher, class_dim=-1, norm_blocks=True, cov_interval=2)
+            for _ in range(4):
+                opt.zero_grad()
+                logits = model(ids.to(device))
+                loss = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), y.to(device).flatten()
+                )
+                loss.backward()
+                opt.step()
+            params.append(torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()]))
+        torch.testing.assert_close(params[1], params[0], rtol=1e-3, atol=1e-4)
