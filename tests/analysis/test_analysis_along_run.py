@@ -260,3 +260,10 @@ def test_cli_end_to_end(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
     path.write_text(yaml.safe_dump(raw))
     assert main(["analyze", str(path), "--out", str(out), "--no-progress"]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_a_sequence_run_is_refused_by_name() -> None:
+    """A run over logits with positions has no exact-Fisher analysis: said by name."""
+    run = _run_config(loss="sequence_cross_entropy")
+    differences = problem_differences(_analysis(), run)
+    assert any("has logits with positions" in d for d in differences)

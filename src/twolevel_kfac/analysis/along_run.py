@@ -93,7 +93,12 @@ def problem_differences(config: AnalyzeConfig, run: ExperimentConfig) -> list[st
             if have.get(key) != want.get(key)
         ]
     likelihood = LIKELIHOODS[run.problem.loss]
-    if likelihood != config.likelihood:
+    if run.problem.loss.startswith("sequence"):
+        diffs.append(
+            f"loss: the run's {run.problem.loss!r} has logits with positions; the exact-Fisher "
+            "analysis takes one output vector per sample (its Fisher is dense in them)"
+        )
+    elif likelihood != config.likelihood:
         diffs.append(
             f"likelihood: the run's loss {run.problem.loss!r} is {likelihood!r}, the analysis "
             f"config has {config.likelihood!r}"
