@@ -227,9 +227,9 @@ class KroneckerFactors:
 
     def factor_shapes(self) -> tuple[tuple[int, ...], ...] | None:
         """The shapes of ``A`` and ``G`` (``None`` before the first estimate)."""
-        return (
-            None if self.A is None or self.G is None else (tuple(self.A.shape), tuple(self.G.shape))
-        )
+        if self.A is None or self.G is None:
+            return None
+        return tuple(self.A.shape), tuple(self.G.shape)
 
     @property
     def decomposed(self) -> bool:
@@ -274,8 +274,7 @@ class KroneckerFactors:
         return changed
 
     def factor_shifts(self, damping: float, mode: str) -> tuple[float, float]:
-        """The multiples of ``I`` that a factored ``mode`` adds to ``(A, G)`` (π frozen at
-        the last refresh)."""
+        """The multiples of ``I`` a factored ``mode`` adds to ``(A, G)`` (π of the refresh)."""
         return factor_dampings(damping, mode, self.decomp_pi)
 
     def install_inverses(
@@ -295,9 +294,6 @@ class KroneckerFactors:
     def prepared_inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         """What the damped inverse applies, cached per damping: ``((G + s_G I)⁻¹/T,
         (A + s_A I)⁻¹)`` for a factored mode, ``(Q_G, D⁻¹/T, Q_A)`` for ``eigen_sum``."""
-        return self._prepare(damping, mode, method)
-
-    def _prepare(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         key = (damping, mode, method)
         if self._cache_key == key:
             return self._cache
@@ -332,7 +328,7 @@ class KroneckerFactors:
         """:meth:`apply_inverse` of the rank-one ``u vᵀ``: ``(G⁻¹u)(A⁻¹v)ᵀ/T`` for a factored
         damping (``A⁻¹`` is symmetric), two mat-vecs instead of two GEMMs; the general
         apply of ``outer(u, v)`` for ``eigen_sum``."""
-        cache = self._prepare(damping, mode, method)
+        cache = self.prepared_inverse(damping, mode, method)
         if len(cache) == 3:
             return self.apply_inverse(torch.outer(left, right), damping, mode, method)
         inv_g, inv_a = cache
@@ -357,7 +353,7 @@ class KroneckerFactors:
         ``out``: tensors of the parts' shapes to write the result into, which may be
         ``(weight, bias)`` themselves (the gradient is read before the direction is
         written over it)."""
-        cache = self._prepare(damping, mode, method)
+        cache = self.prepared_inverse(damping, mode, method)
         dtype = cache[0].dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
