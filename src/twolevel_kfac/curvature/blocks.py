@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
+from .kronecker import KroneckerFactors
 from .layer_types import LayerType, layer_type
 
 
@@ -114,6 +115,28 @@ def layer_stats(module: nn.Module, a: Tensor, g: Tensor) -> LayerStats:
     """The statistics object of ``module``'s block type."""
     statistics = own_statistics(module)
     return LayerStats(a, g) if statistics is None else statistics.of(module, a, g)
+
+
+def new_factors(module: nn.Module) -> KroneckerFactors:
+    """The running curvature of ``module``'s block: its block type's ``factors_type``
+    (:class:`~.scale_shift.UnitWiseFactors` for a norm layer: the part of :class:`KroneckerFactors`'
+    interface that the plain fine level and the coarse level use), else
+    :class:`KroneckerFactors`."""
+    statistics = own_statistics(module)
+    if statistics is not None:
+        return cast(KroneckerFactors, statistics.factors_type())
+    return KroneckerFactors()
+
+
+def own_blocks_refused(coarse_space: str | None) -> str | None:
+    """Why the block types of their own (norms, grouped convolutions) cannot be used in
+    this configuration, or ``None`` when they can: with every fine level (they keep their
+    own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but
+    ``tselepidis`` (its coarse matrix is built from ``A ⊗ G``), in one process or distributed
+    (:func:`~.discovery.find_layers` leaves them to the fallback where they cannot)."""
+    if coarse_space == "tselepidis":
+        return "coarse_space='tselepidis' is built from A ⊗ G, which its block is not"
+    return None
 
 
 def recorded_input(module: nn.Module, inputs: Tensor) -> Tensor:

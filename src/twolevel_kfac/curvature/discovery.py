@@ -188,7 +188,7 @@ def find_layers(
         norm_blocks: give norm layers their scale-and-shift blocks (:mod:`.scale_shift`;
             else they are left to the fallback step).
         own_blocks_refused: why the block types of their own (norms, grouped
-            convolutions) cannot be used here (:func:`~.scale_shift.own_blocks_refused`):
+            convolutions) cannot be used here (:func:`~.blocks.own_blocks_refused`):
             a grouped convolution is then reported as ``unsupported`` says, norm layers
             asked for with ``norm_blocks`` are refused.
 

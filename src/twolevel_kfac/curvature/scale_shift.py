@@ -19,14 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import BlockStats, has_bias, layer_weight, own_statistics
-from .kronecker import KroneckerFactors
+from .blocks import BlockStats, has_bias, layer_weight
 from .kronecker_apply import InverseOnMatrices
 from .layer_types import register_layer_type
 from .running_average import ema_weight, running_average
@@ -36,8 +35,6 @@ __all__ = [
     "ScaleShiftStats",
     "UnitWiseFactors",
     "is_scale_shift",
-    "new_factors",
-    "own_blocks_refused",
 ]
 
 
@@ -224,28 +221,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 def is_scale_shift(module: nn.Module) -> bool:
     """Whether ``module`` is a norm layer with a scale-and-shift block."""
     return isinstance(module, NORM_TYPES)
-
-
-def new_factors(module: nn.Module) -> KroneckerFactors:
-    """The running curvature of ``module``'s block: its block type's ``factors_type``
-    (:class:`UnitWiseFactors` for a norm layer: the part of :class:`KroneckerFactors`'
-    interface that the plain fine level and the coarse level use), else
-    :class:`KroneckerFactors`."""
-    statistics = own_statistics(module)
-    if statistics is not None:
-        return cast(KroneckerFactors, statistics.factors_type())
-    return KroneckerFactors()
-
-
-def own_blocks_refused(coarse_space: str | None) -> str | None:
-    """Why the block types of their own (norms, grouped convolutions) cannot be used in
-    this configuration, or ``None`` when they can: with every fine level (they keep their
-    own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but
-    ``tselepidis`` (its coarse matrix is built from ``A ⊗ G``), in one process or distributed
-    (:func:`~.discovery.find_layers` leaves them to the fallback where they cannot)."""
-    if coarse_space == "tselepidis":
-        return "coarse_space='tselepidis' is built from A ⊗ G, which its block is not"
-    return None
 
 
 def _identity(module: nn.Module, recorded: Tensor) -> Tensor:

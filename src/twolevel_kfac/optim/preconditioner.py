@@ -31,12 +31,13 @@ from ..curvature.blocks import (
     kronecker_factors_as,
     layer_weight,
     matrix_to_parameter_shapes,
+    new_factors,
+    own_blocks_refused,
     reduce_locations,
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
 from ..curvature.kronecker_apply import LayerParts
-from ..curvature.scale_shift import new_factors, own_blocks_refused
 from ..distributed import (
     layer_specs,
     make_communicator,

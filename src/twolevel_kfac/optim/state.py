@@ -14,8 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..curvature.blocks import layer_shape, layer_stats, own_statistics
-from ..curvature.scale_shift import new_factors
+from ..curvature.blocks import layer_shape, layer_stats, new_factors, own_statistics
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
 
