@@ -213,19 +213,24 @@ def test_where_grouped_blocks_are_not_supported_the_fallback_steps() -> None:
         assert "0" in cls(net).preconditioner.layers
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_a_checkpoint_of_another_grouping_is_refused_clearly(groups: int) -> None:
-    """Saved with ``groups=4``, loaded where the convolution has another grouping: a
-    ValueError naming the layer, and the optimizer it was loaded into is left as it was."""
+def trained_once(groups: int) -> tuple[nn.Module, tk.KFAC]:
+    """A grouped net (its lazy head materialised) after one KFAC step on ``data``."""
     x, y = data(2, 3)
-    net, _size = grouped_net(4)
+    net, _size = grouped_net(groups)
     net(x)
     opt = tk.KFAC(net, cov_interval=1)
     F.cross_entropy(net(x), y).backward()
     opt.step()
-    saved = opt.state_dict()
+    return net, opt
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_checkpoint_of_another_grouping_is_refused_clearly(groups: int) -> None:
+    """Saved with ``groups=4``, loaded where the convolution has another grouping: a
+    ValueError naming the layer, and the optimizer it was loaded into is left as it was."""
+    saved = trained_once(4)[1].state_dict()
     other, _size = grouped_net(groups)
-    other(x)
+    other(data(2, 3)[0])
     target = tk.KFAC(other, cov_interval=1)
     with pytest.raises(ValueError, match=r"layer '0': the checkpoint's curvature"):
         target.load_state_dict(saved)
@@ -233,12 +238,7 @@ def test_a_checkpoint_of_another_grouping_is_refused_clearly(groups: int) -> Non
 
 
 def test_a_checkpoint_of_another_width_is_refused_clearly() -> None:
-    x, y = data(2, 3)
-    net, _size = grouped_net(2)
-    net(x)
-    opt = tk.KFAC(net, cov_interval=1)
-    F.cross_entropy(net(x), y).backward()
-    opt.step()
+    net, opt = trained_once(2)
     saved = opt.preconditioner.state_dict()
     wider = nn.Sequential(net[0], net[1], net[2], nn.Linear(net[3].in_features, 4))
     pre = tk.KFACPreconditioner(wider)
