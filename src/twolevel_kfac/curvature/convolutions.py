@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .blocks import BlockStats, has_bias
 from .kronecker import KroneckerFactors
 from .kronecker_apply import InverseOnMatrices
-from .layer_types import conv_patches, register_layer_type
+from .layer_types import channel_locations, conv_patches, register_layer_type
 
 __all__ = ["GroupedFactors", "GroupedStats"]
 
@@ -193,7 +193,7 @@ def _features(module: nn.Module, inputs: Tensor) -> Tensor:
 
 def _gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
     """``δ`` at the output positions (``[N, T, C_out]``; per group ``[N, T, G, C_out/G]``)."""
-    grads = grad_output.flatten(start_dim=2).transpose(1, 2)
+    grads = channel_locations(grad_output)
     groups = getattr(module, "groups", 1)
     return grads if groups == 1 else grads.reshape(*grads.shape[:2], groups, -1)
 

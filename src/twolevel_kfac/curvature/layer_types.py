@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDING_MAX_ROWS",
     "LayerType",
+    "channel_locations",
     "conv_patches",
     "layer_type",
     "register_layer_type",
@@ -130,6 +131,12 @@ def layer_type(module: nn.Module) -> LayerType | None:
 # ------------------------------------------------------------------ built-in types
 def _linear_features(module: nn.Module, inputs: Tensor) -> Tensor:
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+
+
+def channel_locations(x: Tensor) -> Tensor:
+    """``[N, C, d₁, …] → [N, T, C]``: the channels last, the positions ``d₁ … `` flattened to
+    locations (``[N, C]`` is one location)."""
+    return (x if x.dim() > 2 else x.unsqueeze(-1)).flatten(start_dim=2).transpose(1, 2)
 
 
 def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -15,6 +15,8 @@ wrong mask is reported instead of silently sampling the padding's Fisher.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -48,11 +50,8 @@ def counted_positions(mask: Tensor | None, output: Tensor, class_dim: int | None
     """``N_tok / N``: the counted positions per sample of the whole batch (at least one
     position in all, so that a batch without any counted target gives zero statistics)."""
     shape = positions_shape(output, class_dim)
-    total = 1
-    for size in shape[1:]:
-        total *= size
     if mask is None:
-        return float(total)
+        return float(math.prod(shape[1:]))
     return max(int(mask.sum()), 1) / shape[0]
 
 

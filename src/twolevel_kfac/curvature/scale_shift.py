@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .blocks import BlockStats, has_bias, layer_weight
 from .kronecker_apply import InverseOnMatrices
-from .layer_types import register_layer_type
+from .layer_types import channel_locations, register_layer_type
 from .running_average import ema_weight, running_average
 
 __all__ = [
@@ -162,13 +162,6 @@ class ScaleShiftStats(BlockStats):
 
 
 # ------------------------------------------------------------------ layer types
-def _features_last(x: Tensor, channels_first: bool) -> Tensor:
-    """``[N, T, D]``: the features last, every other non-batch dimension a location."""
-    if channels_first and x.dim() > 2:
-        x = x.movedim(1, -1)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
 def _layer_norm_input(module: nn.Module, x: Tensor) -> Tensor:
     assert isinstance(module, nn.LayerNorm)
     normalised = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -195,17 +188,17 @@ def _batch_norm_input(module: nn.Module, x: Tensor) -> Tensor:
     batch_stats = module.training or module.running_mean is None
     running = (None, None) if batch_stats else (module.running_mean, module.running_var)
     normalised = F.batch_norm(x, *running, None, None, batch_stats, 0.0, module.eps)
-    return _features_last(normalised, channels_first=True)
+    return channel_locations(normalised)
 
 
 def _group_norm_input(module: nn.Module, x: Tensor) -> Tensor:
     assert isinstance(module, nn.GroupNorm)
     normalised = F.group_norm(x, module.num_groups, None, None, module.eps)
-    return _features_last(normalised, channels_first=True)
+    return channel_locations(normalised)
 
 
 def _channels_gradients(module: nn.Module, grad: Tensor) -> Tensor:
-    return _features_last(grad, channels_first=True)
+    return channel_locations(grad)
 
 
 _RMS: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
