@@ -38,6 +38,7 @@ def test_run_and_resume_equivalence(tmp_path: Path, capsys: pytest.CaptureFixtur
         "metrics.jsonl",
         "checkpoint.pt",
         "provenance.jsonl",
+        "result.json",  # finished
     }
     resolved = yaml.safe_load((full / "config.yaml").read_text())
     assert resolved["methods"]["kfac"]["likelihood"] == "bernoulli"

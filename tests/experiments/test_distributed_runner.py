@@ -139,7 +139,7 @@ def test_two_processes_equal_one_process(runs: dict[str, Path]) -> None:
 def test_resumed_distributed_run_equals_uninterrupted(runs: dict[str, Path]) -> None:
     straight, resumed = parameters(runs["two"]), parameters(runs["resumed"])
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
-    drop = ("wall_time_s", "comm_bytes")  # timings; comm_bytes is averaged over steps
+    drop = ("wall_time_s", "cpu_time_s", "comm_bytes")  # timings; comm_bytes is averaged over steps
 
     def values(run_dir: Path) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.items() if k not in drop} for r in lines(run_dir)]
@@ -154,7 +154,13 @@ def test_rank_zero_alone_writes(runs: dict[str, Path]) -> None:
         assert len(records) == len(lines(runs["one"])) == 4
         assert len({(r["event"], r["step"]) for r in records}) == len(records)
         files = sorted(p.name for p in runs[name].iterdir())
-        assert files == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "provenance.jsonl"]
+        assert files == [
+            "checkpoint.pt",
+            "config.yaml",
+            "metrics.jsonl",
+            "provenance.jsonl",
+            "result.json",
+        ]
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,9 @@ from torch import nn
 from twolevel_kfac.experiments import losses, runner
 from twolevel_kfac.experiments.checkpoint import get_rng_state, set_rng_state
 from twolevel_kfac.experiments.config import ExperimentConfig, parse_config
-from twolevel_kfac.experiments.metrics import MetricsWriter, read_metrics
+from twolevel_kfac.experiments.metrics import MetricsWriter, load_runs, read_metrics
 from twolevel_kfac.experiments.optimizers import make_optimizer
 from twolevel_kfac.experiments.report import (
-    load_runs,
     markdown_table,
     summarize,
     write_report,
@@ -90,13 +89,15 @@ def test_records_and_files(tmp_path: Path) -> None:
         assert {"wall_time_s", "train_loss", "lr", "damping", "kl_scale"} <= set(r)
         assert {"val_loss", "val_acc", "test_loss", "test_acc"} <= set(r)
         assert 0.0 <= r["test_acc"] <= 1.0 and r["lr"] == 0.1
-    times = [r["wall_time_s"] for r in result.records]
-    assert times == sorted(times) and times[0] > 0
+    for key in ("wall_time_s", "cpu_time_s"):
+        times = [r[key] for r in result.records]
+        assert times == sorted(times) and times[0] > 0
     assert {p.name for p in (tmp_path / "run").iterdir()} == {
         "config.yaml",
         "metrics.jsonl",
         "checkpoint.pt",
         "provenance.jsonl",
+        "result.json",
     }
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == result.records
     with pytest.raises(ValueError, match="already holds a run"):

@@ -4,11 +4,14 @@ Layout of a comparison directory ``OUT``::
 
     OUT/compare.yaml              the validated config (methods in report order)
     OUT/<method>/seed<k>/         one run each: config.yaml, metrics.jsonl, checkpoint.pt
+                                  (result.json once finished: run_state)
     OUT/report.md, *.png          the report (``report.write_report``)
     OUT/summary.json              the table's numbers
 
 Re-running a comparison continues it: finished runs are kept, unfinished ones resume from
-their checkpoint (a checkpoint of another config is refused unless ``fresh``).
+their checkpoint (a checkpoint of another config is refused unless ``fresh``). A finished
+run is kept also without its checkpoint (its ``result.json``), so the small files of a
+long comparison can be committed and the comparison continued on a fresh clone.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.provenance import describe_runs
 from twolevel_kfac.experiments.reference_curves import read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
+from twolevel_kfac.experiments.run_state import RESULT_FILE, read_finished
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
 
 __all__ = ["ComparisonResult", "describe", "run_comparison", "run_one", "select"]
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", RESULT_FILE)
 
 
 @dataclass
@@ -73,13 +77,20 @@ def run_one(
     Raises:
         ValueError: ``run_dir`` holds a checkpoint of another config and not ``fresh``.
     """
-    if fresh or not (run_dir / "checkpoint.pt").exists():
-        for name in RUN_FILES:  # a run that never reached a checkpoint starts over
-            (run_dir / name).unlink(missing_ok=True)
-    resume = (run_dir / "checkpoint.pt").exists()
+    run_config = config.for_run(label, seed)
     try:
+        if not fresh and not (run_dir / "checkpoint.pt").exists():
+            metrics = run_dir / "metrics.jsonl"
+            records = read_metrics(metrics) if metrics.exists() else []
+            kept = read_finished(run_dir, run_config.fingerprint(), records)
+            if kept is not None:  # finished, its checkpoint not kept (run_state)
+                return kept
+        if fresh or not (run_dir / "checkpoint.pt").exists():
+            for name in RUN_FILES:  # a run that never reached a checkpoint starts over
+                (run_dir / name).unlink(missing_ok=True)
+        resume = (run_dir / "checkpoint.pt").exists()
         return train_run(
-            config.for_run(label, seed),
+            run_config,
             run_dir,
             resume=resume,
             max_steps=max_steps,
@@ -208,8 +219,9 @@ def run_comparison(
         references=references,
         provenance=describe_runs(out),
         epochs_table=epoch_table(results, references, config.report.epochs),
+        clock=config.problem.clock,
     )
-    outcome.table = markdown_table(results, config.report.target_loss)
+    outcome.table = markdown_table(results, config.report.target_loss, config.problem.clock)
     return outcome
 
 
@@ -228,4 +240,5 @@ def _run_line(result: RunResult) -> str:
     return (
         f"    {result.stop_reason} after {result.step} steps, epoch {last['epoch']:g}: "
         f"train loss {loss_text}{held}, {last['wall_time_s']:.1f} s"
+        + (f" ({last['cpu_time_s']:.1f} CPU s)" if "cpu_time_s" in last else "")
     )

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["MetricsWriter", "NullMetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "NullMetricsWriter", "load_runs", "read_metrics"]
 
 
 def _clean(value: Any) -> Any:
@@ -117,3 +118,30 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{number}: not JSON: {error}") from None
     return records
+
+
+def load_runs(
+    directory: str | Path, order: Sequence[str] = ()
+) -> dict[str, list[list[dict[str, Any]]]]:
+    """The runs of a comparison directory: ``DIR/<method>/seed<k>/metrics.jsonl``.
+
+    Args:
+        directory: The comparison directory.
+        order: Method order (e.g. the config's); others follow alphabetically.
+
+    Returns:
+        ``method -> runs`` (seeds in numeric order).
+
+    Raises:
+        FileNotFoundError: No run under ``directory``.
+    """
+    root = Path(directory)
+    found: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {}
+    for metrics in sorted(root.glob("*/seed*/metrics.jsonl")):
+        seed = metrics.parent.name.removeprefix("seed")
+        key = int(seed) if seed.lstrip("-").isdigit() else 0
+        found.setdefault(metrics.parent.parent.name, []).append((key, read_metrics(metrics)))
+    if not found:
+        raise FileNotFoundError(f"no runs (<method>/seed<k>/metrics.jsonl) under {root}")
+    names = [m for m in order if m in found] + sorted(set(found) - set(order))
+    return {m: [run for _, run in sorted(found[m], key=lambda t: t[0])] for m in names}

@@ -12,6 +12,9 @@ Table columns: seeds, epochs, final and best train loss (mean ± std over seeds)
 test metric (test accuracy for classification, else test loss; validation when there is
 no test set), seconds per epoch, time per epoch relative to KFAC, and the training time
 to reach a target train loss (default: 1.1 × KFAC's mean final train loss).
+
+Times are read on the config's ``problem.clock``: ``wall_time_s`` (``"wall"``) or
+``cpu_time_s`` (``"cpu"``, this process's CPU seconds in training steps) of the records.
 """
 
 from __future__ import annotations
@@ -25,14 +28,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.reference_curves import ReferenceCurve
 
 __all__ = [
     "default_target",
     "epoch_records",
     "held_out_metric",
-    "load_runs",
     "markdown_table",
     "plot_losses",
     "summarize",
@@ -42,15 +43,21 @@ __all__ = [
 Records = Sequence[Mapping[str, Any]]
 Results = Mapping[str, Sequence[Records]]
 
+# problem.clock -> (record key, axis label, unit in the table's headers)
+CLOCKS = {
+    "wall": ("wall_time_s", "training time (s)", "s"),
+    "cpu": ("cpu_time_s", "training CPU time (s)", "CPU s"),
+}
+
 _COLUMNS = (
     ("seeds", "seeds"),
     ("epochs", "epochs"),
     ("final_train_loss", "final train loss"),
     ("best_train_loss", "best train loss"),
     ("test_metric", "final {metric}"),
-    ("sec_per_epoch", "s / epoch"),
+    ("sec_per_epoch", "{unit} / epoch"),
     ("overhead_vs_kfac", "time vs KFAC"),
-    ("time_to_target", "s to loss ≤ {target}"),
+    ("time_to_target", "{unit} to loss ≤ {target}"),
     ("diverged", "diverged"),
 )
 
@@ -100,18 +107,21 @@ def default_target(results: Results) -> float | None:
     return 1.1 * base if base > 0 else None
 
 
-def _time_to(run: Records, target: float) -> float:
+def _time_to(run: Records, target: float, key: str) -> float:
     hit = next((r for r in run if _num(r.get("train_loss")) <= target), None)
-    return _num(hit["wall_time_s"]) if hit is not None else math.nan
+    return _num(hit[key]) if hit is not None else math.nan
 
 
-def summarize(results: Results, target_loss: float | None = None) -> list[dict[str, Any]]:
+def summarize(
+    results: Results, target_loss: float | None = None, clock: str = "wall"
+) -> list[dict[str, Any]]:
     """One summary row per method (numbers; ``None`` where a value does not apply).
 
     Args:
         results: ``method -> runs``.
         target_loss: Train loss for the time-to-target column (default:
             ``default_target``).
+        clock: ``problem.clock``: which time the time columns read (``CLOCKS``).
 
     Returns:
         Rows with ``method`` and the ``_COLUMNS`` keys; ``(mean, std)`` pairs for the
@@ -119,15 +129,14 @@ def summarize(results: Results, target_loss: float | None = None) -> list[dict[s
     """
     target = target_loss if target_loss is not None else default_target(results)
     metric = held_out_metric(results)
+    key = CLOCKS[clock][0]
     rows: list[dict[str, Any]] = []
     for method, all_runs in results.items():
         runs = [epoch_records(run) for run in all_runs]
         runs = [run for run in runs if run]
         epochs = [_num(run[-1]["epoch"]) for run in runs]
-        sec = [
-            _num(run[-1]["wall_time_s"]) / e for run, e in zip(runs, epochs, strict=True) if e > 0
-        ]
-        times = [_time_to(run, target) for run in runs] if target is not None else []
+        sec = [_num(run[-1][key]) / e for run, e in zip(runs, epochs, strict=True) if e > 0]
+        times = [_time_to(run, target, key) for run in runs] if target is not None else []
         reached = [t for t in times if math.isfinite(t)]
         rows.append(
             {
@@ -180,21 +189,23 @@ def _fmt(key: str, value: Any, metric: str | None) -> str:
     return str(value)
 
 
-def markdown_table(results: Results, target_loss: float | None = None) -> str:
+def markdown_table(results: Results, target_loss: float | None = None, clock: str = "wall") -> str:
     """Markdown table of ``summarize``; columns without any value are left out.
 
     Args:
         results: ``method -> runs``.
         target_loss: See ``summarize``.
+        clock: See ``summarize``.
 
     Returns:
         The table, one line per method after the header.
     """
-    rows = summarize(results, target_loss)
+    rows = summarize(results, target_loss, clock)
     metric = held_out_metric(results)
     target = target_loss if target_loss is not None else default_target(results)
+    names = {"metric": (metric or "").replace("_", " "), "unit": CLOCKS[clock][2]}
     cols = [
-        (k, h.format(metric=(metric or "").replace("_", " "), target=f"{target or 0:.4g}"))
+        (k, h.format(target=f"{target or 0:.4g}", **names))
         for k, h in _COLUMNS
         if any(r[k] for r in rows)
     ]
@@ -276,6 +287,7 @@ def plot_losses(
     out_dir: str | Path,
     title: str = "",
     references: Sequence[ReferenceCurve] = (),
+    clock: str = "wall",
 ) -> list[Path]:
     """Write ``loss_vs_epoch.png``, ``loss_vs_time.png`` and ``test_vs_epoch.png``.
 
@@ -284,6 +296,7 @@ def plot_losses(
         out_dir: Output directory (created if missing).
         title: Figure title.
         references: Curves drawn beside the runs on the loss-vs-epoch plot.
+        clock: The time axis (``CLOCKS``).
 
     Returns:
         The PNG paths (no test plot without a held-out metric).
@@ -302,9 +315,9 @@ def plot_losses(
         ),
         _plot(
             results,
-            "wall_time_s",
+            CLOCKS[clock][0],
             "train_loss",
-            ("training time (s)", "training loss"),
+            (CLOCKS[clock][1], "training loss"),
             out / "loss_vs_time.png",
             title,
         ),
@@ -327,6 +340,7 @@ def write_report(
     references: Sequence[ReferenceCurve] = (),
     provenance: str = "",
     epochs_table: str = "",
+    clock: str = "wall",
 ) -> Path:
     """Write ``report.md`` (table, notes, plots), the PNGs and ``summary.json``.
 
@@ -339,13 +353,14 @@ def write_report(
         references: Curves drawn beside the runs (loss vs epoch), listed with their files.
         provenance: The runs' provenance paragraph (:func:`.provenance.describe`).
         epochs_table: The train loss at chosen epochs (:func:`.epoch_table.epoch_table`).
+        clock: Which time the table and the time plot read (``CLOCKS``).
 
     Returns:
         Path of ``report.md``.
     """
     out = Path(out_dir)
-    pngs = plot_losses(results, out, title, references)
-    parts = [f"# {title}", "", markdown_table(results, target_loss), ""]
+    pngs = plot_losses(results, out, title, references, clock)
+    parts = [f"# {title}", "", markdown_table(results, target_loss, clock), ""]
     if notes:
         parts += [notes.strip(), ""]
     if references:
@@ -360,32 +375,8 @@ def write_report(
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     summary = {
         "target_loss": target_loss or default_target(results),
-        "rows": summarize(results, target_loss),
+        "clock": clock,
+        "rows": summarize(results, target_loss, clock),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return path
-
-
-def load_runs(directory: str | Path, order: Sequence[str] = ()) -> dict[str, list[Records]]:
-    """The runs of a comparison directory: ``DIR/<method>/seed<k>/metrics.jsonl``.
-
-    Args:
-        directory: The comparison directory.
-        order: Method order (e.g. the config's); others follow alphabetically.
-
-    Returns:
-        ``method -> runs`` (seeds in numeric order).
-
-    Raises:
-        FileNotFoundError: No run under ``directory``.
-    """
-    root = Path(directory)
-    found: dict[str, list[tuple[int, Records]]] = {}
-    for metrics in sorted(root.glob("*/seed*/metrics.jsonl")):
-        seed = metrics.parent.name.removeprefix("seed")
-        key = int(seed) if seed.lstrip("-").isdigit() else 0
-        found.setdefault(metrics.parent.parent.name, []).append((key, read_metrics(metrics)))
-    if not found:
-        raise FileNotFoundError(f"no runs (<method>/seed<k>/metrics.jsonl) under {root}")
-    names = [m for m in order if m in found] + sorted(set(found) - set(order))
-    return {m: [run for _, run in sorted(found[m], key=lambda t: t[0])] for m in names}

@@ -3,16 +3,32 @@
 :class:`LoopState` is the loop's position and accumulators: all of it goes into the
 checkpoint (``checkpoint.pt``'s ``loop``), so a resumed run continues from it exactly.
 :class:`RunResult` is what :func:`~twolevel_kfac.experiments.runner.train_run` returns.
+
+A finished run also writes ``result.json`` (:func:`write_result`: its config's fingerprint,
+stop reason and step count). With ``metrics.jsonl`` and ``config.yaml`` it is all a report
+needs, so a comparison's finished runs can be kept (committed, copied to another machine)
+without their checkpoints: :func:`read_finished` gives the run back, and a comparison that
+meets it does not train it again.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FINAL_REASONS", "LoopState", "RunResult"]
+__all__ = [
+    "FINAL_REASONS",
+    "RESULT_FILE",
+    "LoopState",
+    "RunResult",
+    "read_finished",
+    "write_result",
+]
+
+RESULT_FILE = "result.json"
 
 # stop reasons after which a run is finished (besides reaching problem.epochs)
 FINAL_REASONS = ("early_stopping", "diverged", "time_budget")
@@ -26,6 +42,7 @@ class LoopState:
     position: int = 0  # minibatches done in the current epoch
     step: int = 0
     wall_time_s: float = 0.0
+    cpu_time_s: float = 0.0  # this process's CPU time in training steps (problem.clock)
     loss_sum: float = 0.0  # current epoch
     loss_count: int = 0
     log_sum: float = 0.0  # since the last step record
@@ -50,3 +67,40 @@ class RunResult:
     interrupted: bool
     stop_reason: str
     step: int
+
+
+def write_result(result: RunResult, fingerprint: str) -> None:
+    """Write ``run_dir/result.json`` for a finished run."""
+    text = json.dumps(
+        {"fingerprint": fingerprint, "stop_reason": result.stop_reason, "step": result.step},
+        indent=1,
+    )
+    (result.run_dir / RESULT_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def read_finished(
+    run_dir: Path, fingerprint: str, records: list[dict[str, Any]]
+) -> RunResult | None:
+    """The finished run in ``run_dir`` (``None`` without ``result.json``).
+
+    Raises:
+        ValueError: ``result.json`` was written for another config, or it cannot be read.
+    """
+    path = run_dir / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved_fingerprint, stop_reason, step = (
+            saved["fingerprint"],
+            str(saved["stop_reason"]),
+            int(saved["step"]),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); delete it to rerun the run") from None
+    if saved_fingerprint != fingerprint:
+        raise ValueError(
+            f"{path} is the result of another config than this run's; rerun with another "
+            "output directory"
+        )
+    return RunResult(run_dir, records, True, False, stop_reason, step)

@@ -82,7 +82,7 @@ from twolevel_kfac.experiments.problem import (
     evaluate,
     load_data,
 )
-from twolevel_kfac.experiments.run_state import FINAL_REASONS, LoopState, RunResult
+from twolevel_kfac.experiments.run_state import FINAL_REASONS, LoopState, RunResult, write_result
 from twolevel_kfac.finite import all_finite
 from twolevel_kfac.placement import CPU, move_tensors
 
@@ -154,6 +154,11 @@ class _Loop:
                 "(final_checkpoint: model), so it cannot be continued; start a new run directory"
             )
 
+    def training_time(self) -> float:
+        """Seconds of training steps on ``problem.clock``: wall or this process's CPU time."""
+        s = self.state
+        return s.cpu_time_s if self.problem.clock == "cpu" else s.wall_time_s
+
     def finished(self) -> bool:
         return self.state.stop_reason in FINAL_REASONS or self.state.epoch >= self.problem.epochs
 
@@ -166,12 +171,13 @@ class _Loop:
             self._order = (s.epoch, order.split(self.problem.batch_size))
         idx = self.par.shard(self._order[1][s.position])
         self.model.train()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         x, y = (part[idx].to(self.device) for part in self.data.train)  # one batch at a time
         value, stepped = guarded_step(
             self.net, self.optimizer, lambda: self.loss_fn(self.net(x), y), self.par.global_loss
         )
         s.wall_time_s += time.perf_counter() - start
+        s.cpu_time_s += time.process_time() - cpu_start
         s.step, s.position = s.step + 1, s.position + 1
         if stepped:
             s.consecutive_nonfinite = 0
@@ -201,6 +207,7 @@ class _Loop:
             "epoch": epoch,
             "step": s.step,
             "wall_time_s": s.wall_time_s,
+            "cpu_time_s": s.cpu_time_s,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "nonfinite_steps": s.nonfinite_steps,
         }
@@ -293,7 +300,7 @@ def _run_loop(
                     file=sys.stderr,
                 )
             elif problem.time_budget_s is not None and loop.par.any(
-                s.wall_time_s >= problem.time_budget_s
+                loop.training_time() >= problem.time_budget_s
             ):
                 s.stop_reason = "time_budget"
             if problem.log_every and s.step % problem.log_every == 0:
@@ -371,7 +378,7 @@ def train_run(
         if partial:
             writer.write(loop.epoch_record("partial"))
     s = loop.state
-    return RunResult(
+    result = RunResult(
         run_dir,
         read_metrics(metrics) if par.is_main else [],
         loop.finished(),
@@ -379,3 +386,6 @@ def train_run(
         s.stop_reason or ("epochs" if loop.finished() else "stopped"),
         s.step,
     )
+    if result.finished and par.is_main:
+        write_result(result, config.fingerprint())
+    return result

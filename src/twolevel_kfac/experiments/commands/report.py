@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from twolevel_kfac.experiments.comparison import describe
     from twolevel_kfac.experiments.config import load_config
     from twolevel_kfac.experiments.epoch_table import epoch_table
+    from twolevel_kfac.experiments.metrics import load_runs
     from twolevel_kfac.experiments.provenance import describe_runs
     from twolevel_kfac.experiments.reference_curves import parse_reference, read_reference
-    from twolevel_kfac.experiments.report import load_runs, markdown_table, write_report
+    from twolevel_kfac.experiments.report import markdown_table, write_report
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(root / "compare.yaml") if (root / "compare.yaml").is_file() else None
     results = load_runs(root, order=list(config.methods) if config else ())
     title, notes, target = args.title or root.name, "", args.target_loss
+    clock = config.problem.clock if config is not None else "wall"
     if config is not None:
         title = args.title or config.report.title or config.problem.name
         seeds = sorted({int(p.name[4:]) for p in root.glob("*/seed*") if p.name[4:].isdigit()})
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         references,
         provenance=describe_runs(root),
         epochs_table=epoch_table(results, references, epochs),
+        clock=clock,
     )
-    print(markdown_table(results, target))
+    print(markdown_table(results, target, clock))
     print(f"report: {path}")
     return 0
