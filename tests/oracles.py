@@ -612,6 +612,33 @@ def tselepidis_coarse_matrix(stats: Sequence[tuple[Tensor, Tensor]], damping: fl
     return sum_a * sum_g + damping * torch.diag(numel)
 
 
+def tselepidis_subblock_matrix(
+    layers: Sequence[Sequence[tuple[Tensor, Tensor]]], numels: Sequence[int], damping: float
+) -> Tensor:
+    """Tselepidis' coarse matrix over layers made of Kronecker sub-blocks (a grouped
+    convolution's groups, a norm's units ``ā = [x̂_i, 1]``, ``δ_i``; one for a Linear):
+    ``F_c[i,j] = Σ_{s∈i,s'∈j} 1ᵀ(A_ss' ⊗ G_ss')1 + λ·numel_i·δ_ij`` with the explicit cross
+    factors ``A_ss' = Σ_{n,t} ā_s[n, m_s(t)] ā_s'[n, m_s'(t)]ᵀ / (N T)`` at ``T = max(T_s,
+    T_s')``, ``m_s(t) = ⌊t·T_s/T⌋`` (``G`` likewise). Sub-blocks ``(ā [N, T, d_in],
+    δ [N, T, d_out])``."""
+
+    def at(x: Tensor, t: int) -> Tensor:
+        return x[:, [k * x.shape[1] // t for k in range(t)]]
+
+    def cross(x: Tensor, y: Tensor) -> Tensor:
+        t = max(x.shape[1], y.shape[1])
+        return torch.einsum("nti,ntj->ij", at(x, t), at(y, t)) / (x.shape[0] * t)
+
+    fc = torch.zeros(len(layers), len(layers), dtype=layers[0][0][0].dtype)
+    for i, li in enumerate(layers):
+        for j, lj in enumerate(layers):
+            for a_s, g_s in li:
+                for a_r, g_r in lj:
+                    block = torch.kron(cross(a_s, a_r), cross(g_s, g_r))
+                    fc[i, j] += block.sum()  # 1ᵀ(A ⊗ G)1
+    return fc + damping * torch.diag(torch.tensor(numels, dtype=fc.dtype))
+
+
 def coarse_basis(problem: DenseProblem, coarse_space: str, which: str = "smallest") -> Tensor:
     """``R₀`` of a coarse space for a :class:`DenseProblem` (``tselepidis`` → nicolaides rows)."""
     sizes = problem.sizes

@@ -23,6 +23,7 @@ from oracles import (
     dense_kfac_matrix,
     kfac_factors,
     per_sample_grads,
+    tselepidis_subblock_matrix,
     twolevel_direction,
 )
 from test_kfac_exact import CONTRACT as KFAC_CONTRACT
@@ -131,7 +132,9 @@ def grouped_spectral_rows(factors: list[tuple[Tensor, Tensor]], head: tuple[Tens
     return r0
 
 
-@pytest.mark.parametrize(("space", "combination"), list(itertools.product(SPACES, COMBINATIONS)))
+@pytest.mark.parametrize(
+    ("space", "combination"), list(itertools.product([*SPACES, "tselepidis"], COMBINATIONS))
+)
 def test_two_level_over_grouped_blocks_equals_the_dense_formula(
     float64: None, space: str, combination: str
 ) -> None:
@@ -167,7 +170,13 @@ def test_two_level_over_grouped_blocks_equals_the_dense_formula(
         R0 = grouped_spectral_rows(group_factors, head_factors, problem.sizes)
     else:
         R0 = coarse_basis(problem, space)
-    d = twolevel_direction(problem.grad, problem.kfac_inv, problem.fisher_damped, R0, combination)
+    coarse = None
+    if space == "tselepidis":  # the groups as Kronecker sub-blocks of the conv's layer
+        layers = [[(a[:, :, i], g[:, :, i]) for i in range(2)], [(ah, (N * gh)[:, None])]]
+        coarse = tselepidis_subblock_matrix(layers, problem.sizes, DAMPING)
+    d = twolevel_direction(
+        problem.grad, problem.kfac_inv, problem.fisher_damped, R0, combination, coarse=coarse
+    )
 
     def flat() -> Tensor:
         w = torch.cat([conv.weight.reshape(4, -1), conv.bias[:, None]], 1).reshape(-1)
@@ -197,18 +206,11 @@ def test_grouped_resume_is_bit_identical() -> None:
     )
 
 
-def test_where_grouped_blocks_are_not_supported_the_fallback_steps() -> None:
-    """Tselepidis' coarse space leaves a grouped convolution to the fallback, with a
-    warning naming it (an error on request); the spectral space and the other fine levels
-    keep its per-group blocks."""
+def test_every_fine_level_and_coarse_space_keeps_the_grouped_blocks() -> None:
     net, size = grouped_net(2)
     net(data(2, size)[0])
-    with pytest.warns(UserWarning, match="'0'.*groups>1"):
-        opt = tk.TwoLevelKFAC(net, coarse_space="tselepidis")
-    assert "0" not in opt.preconditioner.layers
-    with pytest.raises(ValueError, match="groups>1"):
-        tk.TwoLevelKFAC(net, coarse_space="tselepidis", unsupported="error")
-    assert "0" in tk.TwoLevelKFAC(net, coarse_space="spectral").preconditioner.layers
+    for space in (*SPACES, "tselepidis"):
+        assert "0" in tk.TwoLevelKFAC(net, coarse_space=space).preconditioner.layers
     for cls in (tk.EKFAC, tk.KPSVD, tk.KFACCorrected):
         assert "0" in cls(net).preconditioner.layers
 

@@ -6,7 +6,7 @@ The oracle takes ``u`` from torch.func per-sample gradients (independent of the 
 hooks); for a training-mode BatchNorm, whose batch statistics couple the samples, from
 ``δ_n = N ∂L/∂y_n`` and the batch-normalised input (the statistics taken as constants),
 checked against autograd's gradient. Two-level KFAC over a norm block is checked against
-the dense formula for every coarse space it supports and every combination."""
+the dense formula for every coarse space and every combination."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from oracles import (
     effective_kfac_block,
     kfac_factors,
     per_sample_grads,
+    tselepidis_subblock_matrix,
     twolevel_direction,
 )
 from test_kfac_exact import CONTRACT as KFAC_CONTRACT
@@ -232,10 +233,56 @@ def _block_order(net: nn.Sequential) -> list[Tensor]:
     return out
 
 
-def test_what_norm_blocks_do_not_support_yet() -> None:
+def norm_subblocks(net: nn.Sequential, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The norm's units as Kronecker sub-blocks: ``ā = [x̂_i, 1]`` ``[N, T, 2]`` and
+    ``δ_i = N ∂L/∂y_i`` ``[N, T, 1]`` (from a hook on the norm's output)."""
+    norm, store = net[1], {}
+    handle = norm.register_forward_hook(lambda _m, i, o: store.update(x=i[0], y=o))
+    loss = loss_fn(net(x), y)
+    handle.remove()
+    (grad,) = torch.autograd.grad(loss, store["y"])
+    features = norm.normalized_shape[0]
+    delta = (len(x) * grad).reshape(len(x), -1, features)
+    xhat = F.layer_norm(store["x"].detach(), norm.normalized_shape, eps=norm.eps)
+    xhat = xhat.reshape(len(x), -1, features)
+    u = unit_gradients(net, x, y, norm)  # the sub-blocks' gradients are the unit-wise ones
+    torch.testing.assert_close(u[..., 0], (delta * xhat).sum(1), rtol=1e-10, atol=1e-12)
+    return [
+        (torch.stack([xhat[..., i], torch.ones_like(xhat[..., i])], -1), delta[..., i : i + 1])
+        for i in range(features)
+    ]
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@pytest.mark.parametrize("kind", ["layer", "layer_seq"])
+def test_tselepidis_over_a_norm_block_equals_the_dense_formula(
+    float64: None, kind: str, combination: str
+) -> None:
+    """Tselepidis' coarse matrix takes a norm layer as the direct sum of its units, each a
+    Kronecker sub-block ``[x̂_i, 1] ⊗ δ_i`` (oracle: the explicit cross factors)."""
+    net, x = norm_net(kind)
+    y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(2))
+    problem = dense_problem(net, x, y)
+    stats = capture_layer_stats(net, loss_fn, x, y)
+    layers = [[stats["0"]], norm_subblocks(net, x, y), [stats["3"]]]
+    coarse = tselepidis_subblock_matrix(layers, problem.sizes, DAMPING)
+    R0 = coarse_basis(problem, "nicolaides")
+    d = twolevel_direction(
+        problem.grad, problem.kfac_inv, problem.fisher_damped, R0, combination, coarse=coarse
+    )
+    before = torch.cat([p.detach().reshape(-1) for p in _block_order(net)])
+    opt = tk.TwoLevelKFAC(
+        net, damping=DAMPING, coarse_space="tselepidis", combination=combination, **CONTRACT
+    )
+    loss_fn(net(x), y).backward()
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in _block_order(net)])
+    error = float(((after - before) + d).norm() / d.norm())
+    assert error <= 1e-9, f"{error:.2e}"
+
+
+def test_norm_blocks_are_off_by_default() -> None:
     net, _ = norm_net("layer")
-    with pytest.raises(ValueError, match=r"norm_blocks=True, but .*tselepidis"):
-        tk.TwoLevelKFAC(net, norm_blocks=True, coarse_space="tselepidis")
     opt = tk.KFAC(net)  # default: the fallback step
     assert "1" not in opt.preconditioner.layers
 

@@ -77,6 +77,10 @@ CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
         {"net": "grouped", "norm_blocks": True, "coarse_space": "residual", "combination": "adef2"},
     ),
     "grouped_ekfac": (tk.EKFAC, {"net": "grouped", "norm_blocks": True}),
+    "grouped_tselepidis": (
+        tk.TwoLevelKFAC,
+        {"net": "grouped", "norm_blocks": True, "coarse_space": "tselepidis"},
+    ),
 }
 # Training settings of the resume runs: every moving part (MC sampling of a Fisher subset,
 # running averages, refreshes every 2 steps, momentum, KL clipping).

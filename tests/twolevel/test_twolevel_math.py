@@ -27,7 +27,6 @@ from twolevel_kfac.twolevel.coarse_matrix import (
     prolong,
     prolong_add_into,
     restrict,
-    tselepidis_coarse_matrix,
 )
 from twolevel_kfac.twolevel.combinations import COMBINATIONS, get_combination
 from twolevel_kfac.twolevel.fisher_products import (
@@ -35,6 +34,7 @@ from twolevel_kfac.twolevel.fisher_products import (
     fisher_vector_product,
     sample_coefficients,
 )
+from twolevel_kfac.twolevel.tselepidis import tselepidis_coarse_matrix
 from twolevel_kfac.twolevel.vectors import LayerVector, axpy, dot
 
 DT = torch.float64
@@ -517,7 +517,7 @@ def test_tselepidis_sums_equal_the_pairwise_definition() -> None:
     ``Σ_n Σ_t s_i[n, m_i(t)] s_j[n, m_j(t)]`` at ``T_ij = max(T_i, T_j)``, for layers with
     mixed location counts (a convnet's conv and linear layers)."""
     from twolevel_kfac.curvature.blocks import LayerStats
-    from twolevel_kfac.twolevel.coarse_matrix import tselepidis_sums
+    from twolevel_kfac.twolevel.tselepidis import tselepidis_sums
 
     gen = torch.Generator().manual_seed(5)
     shapes = [(9, 4, 3), (4, 5, 2), (1, 6, 3), (9, 2, 2), (1, 3, 4), (3, 2, 5)]  # (T, d_in', d_out)
@@ -532,7 +532,8 @@ def test_tselepidis_sums_equal_the_pairwise_definition() -> None:
     def resampled(sums: torch.Tensor, t: int) -> torch.Tensor:
         return sums[:, [k * sums.shape[1] // t for k in range(t)]]
 
-    sum_a, sum_g, locations = tselepidis_sums(stats)
+    sum_a, sum_g, locations, owner = tselepidis_sums(stats)
+    assert owner.tolist() == list(range(len(stats)))
     for i, si in enumerate(stats):
         for j, sj in enumerate(stats):
             t = max(si.num_locations, sj.num_locations)

@@ -50,6 +50,16 @@ class LayerStats:
         """``T``: the number of locations per sample."""
         return int(self.a.shape[1])
 
+    def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
+        """``1ᵀā`` and ``1ᵀδ`` per sample, location and Kronecker sub-block, ``[N, T, S]``
+        each, so that ``1ᵀ∇_W̄ ℓ_n = Σ_t Σ_s`` of their product: the sums Tselepidis' coarse
+        matrix factorises (``S = 1``: the layer is one ``A ⊗ G``)."""
+        return self.a.sum(-1, keepdim=True), self.g.sum(-1, keepdim=True)
+
+    def numel(self) -> int:
+        """The entries of the layer's ``W̄``."""
+        return int(self.a.shape[-1] * self.g.shape[-1])
+
     def subset(self, index: Tensor) -> LayerStats:
         """The statistics of the samples ``index`` (a 1-D index tensor)."""
         return replace(self, a=self.a[index], g=self.g[index])
@@ -126,17 +136,6 @@ def new_factors(module: nn.Module) -> KroneckerFactors:
     if statistics is not None:
         return cast(KroneckerFactors, statistics.factors_type())
     return KroneckerFactors()
-
-
-def own_blocks_refused(coarse_space: str | None) -> str | None:
-    """Why the block types of their own (norms, grouped convolutions) cannot be used in
-    this configuration, or ``None`` when they can: with every fine level (they keep their
-    own inverse under EKFAC, KPSVD, KFAC-corrected), every coarse space but
-    ``tselepidis`` (its coarse matrix is built from ``A ⊗ G``), in one process or distributed
-    (:func:`~.discovery.find_layers` leaves them to the fallback where they cannot)."""
-    if coarse_space == "tselepidis":
-        return "coarse_space='tselepidis' is built from A ⊗ G, which its block is not"
-    return None
 
 
 def recorded_input(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -162,6 +162,14 @@ class GroupedStats(BlockStats):
         d_out = module.out_channels // groups
         return (groups, d_in), (groups, d_out), (groups, d_in, d_in), (groups, d_out, d_out)
 
+    def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
+        """``1ᵀā_g``, ``1ᵀδ_g``: one Kronecker sub-block per group, ``[N, T, G]`` each."""
+        return self.a.sum(-1), self.g.sum(-1)
+
+    def numel(self) -> int:
+        """``G · d_in' · C_out/G``."""
+        return int(self.a.shape[-2] * self.a.shape[-1] * self.g.shape[-1])
+
     def sample_gradients(self) -> Tensor:
         """``∇_W̄ ℓ_n``: group ``g``'s rows are ``Σ_t δ_{n,t,g} ā_{n,t,g}ᵀ``."""
         grads = torch.einsum("ntgo,ntgi->ngoi", self.g, self.a)

@@ -34,7 +34,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .attention import attention_blocks, attention_reason
-from .blocks import layer_bias, layer_shape, layer_weight, own_statistics
+from .blocks import layer_bias, layer_shape, layer_weight
 from .kronecker import KroneckerFactors
 from .layer_types import layer_type, registered_types
 from .scale_shift import is_scale_shift
@@ -174,7 +174,6 @@ def find_layers(
     unsupported: str,
     params: Iterable[object] | None = None,
     norm_blocks: bool = False,
-    own_blocks_refused: str | None = None,
 ) -> dict[str, nn.Module]:
     """The ``Linear`` / ``Conv2d`` (groups=1) layers of ``model`` that get a KFAC block, by
     name (one entry per tied group, under its first module's name; see the module doc).
@@ -187,10 +186,6 @@ def find_layers(
             trainable parameter of ``model``.
         norm_blocks: give norm layers their scale-and-shift blocks (:mod:`.scale_shift`;
             else they are left to the fallback step).
-        own_blocks_refused: why the block types of their own (norms, grouped
-            convolutions) cannot be used here (:func:`~.blocks.own_blocks_refused`):
-            a grouped convolution is then reported as ``unsupported`` says, norm layers
-            asked for with ``norm_blocks`` are refused.
 
     Raises:
         ValueError: with ``unsupported="error"`` for an unsupported module, or when the
@@ -206,9 +201,7 @@ def find_layers(
             continue
         if not _trains(module, owned) and not isinstance(module, FUNCTIONAL_CONTAINERS):
             continue
-        if not _own_block_allowed(name, module, norm_blocks, own_blocks_refused, unsupported):
-            if not is_scale_shift(module):  # a grouped convolution: reported, left out
-                refused |= {id(p) for p in module.parameters()}
+        if is_scale_shift(module) and not norm_blocks:
             continue
         reason = unsupported_reason(module)
         if isinstance(module, FUNCTIONAL_CONTAINERS):
@@ -239,26 +232,6 @@ def _trains(module: nn.Module, owned: set[int] | None) -> bool:
     return any(p.requires_grad for p in own) or (
         owned is not None and any(id(p) in owned for p in own)
     )
-
-
-def _own_block_allowed(
-    name: str, module: nn.Module, norm_blocks: bool, refused: str | None, unsupported: str
-) -> bool:
-    """Whether ``module`` may have its block of its own (norms, grouped convolutions); a
-    module without one may.
-
-    Raises:
-        ValueError: norm layers asked for with ``norm_blocks`` where ``refused`` says they
-            cannot be (or what ``unsupported="error"`` raises for a grouped convolution).
-    """
-    if is_scale_shift(module) and not norm_blocks:
-        return False
-    if refused is None or own_statistics(module) is None:
-        return True
-    if is_scale_shift(module):
-        raise ValueError(f"norm_blocks=True, but {refused}")
-    _report(name, f"{type(module).__name__} with groups>1: {refused}", unsupported)
-    return False
 
 
 def _resolve_ties(

@@ -140,6 +140,15 @@ class ScaleShiftStats(BlockStats):
         scale = (self.g * self.a).sum(1)
         return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
 
+    def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
+        """Unit ``i`` as a sub-block with ``ā = [x̂_i, 1]`` and ``δ_i``: ``x̂ + 1`` (``x̂``
+        without a trained shift) and ``δ``, ``[N, T, D]`` each."""
+        return (self.a + 1.0 if self.shift else self.a), self.g
+
+    def numel(self) -> int:
+        """``D·k``."""
+        return int(self.a.shape[-1]) * (1 + int(self.shift))
+
     @classmethod
     def rows(cls, module: nn.Module) -> int:
         """``D = γ.numel()``: one row per feature, whatever ``normalized_shape`` is."""

@@ -26,7 +26,6 @@ from ..twolevel.coarse_matrix import (
     coarse_projections,
     ema_coarse_matrix,
     exact_coarse_matrix,
-    tselepidis_coarse_matrix,
 )
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
@@ -47,6 +46,7 @@ from ..twolevel.global_fisher import (
     global_tselepidis_matrix,
 )
 from ..twolevel.parts import restrict_parts
+from ..twolevel.tselepidis import tselepidis_coarse_matrix
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
 from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions

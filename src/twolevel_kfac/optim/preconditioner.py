@@ -32,7 +32,6 @@ from ..curvature.blocks import (
     layer_weight,
     matrix_to_parameter_shapes,
     new_factors,
-    own_blocks_refused,
     reduce_locations,
 )
 from ..curvature.capture import CurvatureCapture
@@ -118,9 +117,7 @@ class KFACPreconditioner:
         self.options = opts = replace(options, inverse_method=method)
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
-        space = None if coarse is None else coarse.coarse_space
-        refused = own_blocks_refused(space)
-        self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks, refused)
+        self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)
         if not self.layers:
             raise ValueError(
                 f"{type(model).__name__} has no trainable layer with a curvature block "

@@ -23,8 +23,9 @@ from ..distributed import (
     pack_symmetric,
     unpack_symmetric,
 )
-from .coarse_matrix import basis_gram, coarse_projections, tselepidis_from_sums, tselepidis_sums
+from .coarse_matrix import basis_gram, coarse_projections
 from .fisher_products import sample_coefficients
+from .tselepidis import tselepidis_from_sums, tselepidis_sums
 from .vectors import LayerVector
 
 __all__ = ["global_coarse_matrix", "global_damped_fvp", "global_tselepidis_matrix"]
@@ -53,15 +54,17 @@ def global_coarse_matrix(
 def global_tselepidis_matrix(
     comm: Communicator, stats: Sequence[LayerStats], damping: float, n: int
 ) -> Tensor:
-    """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ij)`` and
-    ``sum(G_ij)`` are sums over samples: reduced separately, then multiplied)."""
-    sum_a, sum_g, locations = tselepidis_sums(stats)
-    num = len(stats)
+    """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ss')`` and
+    ``sum(G_ss')`` over the sub-blocks are sums over samples: reduced separately, then
+    multiplied)."""
+    sum_a, sum_g, locations, owner = tselepidis_sums(stats)
+    num = len(owner)
     packed_a, packed_g = all_reduce_sum(comm, [pack_symmetric(sum_a), pack_symmetric(sum_g)])
     return tselepidis_from_sums(
         unpack_symmetric(packed_a, num),
         unpack_symmetric(packed_g, num),
         locations,
+        owner,
         n,
         stats,
         damping,
