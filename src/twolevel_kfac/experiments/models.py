@@ -284,22 +284,28 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet: 3×3 stem (stride 1, no max-pool), 4 stages, avg-pool, Linear."""
 
-    def __init__(self, blocks: Sequence[int], num_classes: int, in_channels: int) -> None:
+    def __init__(
+        self, blocks: Sequence[int], num_classes: int, in_channels: int, width: int = 64
+    ) -> None:
         """Build the network.
 
         Args:
             blocks: Basic blocks per stage (ResNet-18: 2,2,2,2; ResNet-34: 3,4,6,3).
             num_classes: Output classes.
             in_channels: Input channels.
+            width: Channels of the stem and the first stage (doubled per stage; 64 in
+                the ResNet papers).
         """
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
         )
         stages: list[nn.Module] = []
-        c_in = 64
+        c_in = width
         for i, n in enumerate(blocks):
-            c_out = 64 * 2**i
+            c_out = width * 2**i
             for j in range(n):
                 stages.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
                 c_in = c_out
@@ -313,17 +319,18 @@ class ResNet(nn.Module):
         return self.fc(self.pool(self.layers(self.stem(x))))
 
 
-def resnet18(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+def resnet18(num_classes: int = 100, in_channels: int = 3, width: int = 64) -> ResNet:
     """ResNet-18 (CIFAR stem).
 
     Args:
         num_classes: Output classes (paper: CIFAR-100).
         in_channels: Input channels.
+        width: First-stage channels (64: the paper's; smaller for CPU-sized runs).
 
     Returns:
         The model.
     """
-    return ResNet((2, 2, 2, 2), num_classes, in_channels)
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, width)
 
 
 def resnet34(num_classes: int = 10, in_channels: int = 3) -> ResNet:
