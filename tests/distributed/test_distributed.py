@@ -81,6 +81,12 @@ CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
         tk.TwoLevelKFAC,
         {"net": "grouped", "norm_blocks": True, "coarse_space": "tselepidis"},
     ),
+    # an embedding table over 4096 rows: its diagonal token-frequency factor
+    "big_table_kfac": (tk.KFAC, {"net": "big_table"}),
+    "big_table_residual_adef2": (
+        tk.TwoLevelKFAC,
+        {"net": "big_table", "coarse_space": "residual", "combination": "adef2"},
+    ),
 }
 # Training settings of the resume runs: every moving part (MC sampling of a Fisher subset,
 # running averages, refreshes every 2 steps, momentum, KL clipping).
@@ -128,6 +134,14 @@ class TransformerNet(nn.Module):
         return self.head(self.encoder(h).mean(dim=1))
 
 
+class BigTableNet(TransformerNet):
+    """:class:`TransformerNet` with a 5,000-row token table (ids 0 … 9 of it are used)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(5000, 8)
+
+
 def grouped_net() -> nn.Module:
     """A grouped convolution (2 groups) and a GroupNorm before a Linear head."""
     torch.manual_seed(5)
@@ -139,7 +153,7 @@ def grouped_net() -> nn.Module:
 
 def build(cls: type[tk.KFAC], kwargs: dict[str, Any], wrap: bool) -> tuple[nn.Module, tk.KFAC]:
     kwargs = dict(kwargs)
-    nets = {"transformer": TransformerNet, "grouped": grouped_net}
+    nets = {"transformer": TransformerNet, "grouped": grouped_net, "big_table": BigTableNet}
     model: nn.Module = nets.get(kwargs.pop("net", None), lambda: prepare(mixed_net()))()
     if wrap:
         model = nn.parallel.DistributedDataParallel(model)

@@ -1,8 +1,8 @@
 """twolevel_kfac.curvature: what a layer's curvature block is (``docs/architecture.md``).
 
 Importing the package registers the built-in layer types: ``Linear`` and ``Embedding``
-(:mod:`.layer_types`), the convolutions (:mod:`.convolutions`), the norm layers
-(:mod:`.scale_shift`).
+(:mod:`.layer_types`; tables over 4096 rows: :mod:`.tokens`), the convolutions
+(:mod:`.convolutions`), the norm layers (:mod:`.scale_shift`).
 """
 
-from . import convolutions, scale_shift  # noqa: F401  (they register their layer types)
+from . import convolutions, scale_shift, tokens  # noqa: F401  (they register their layer types)

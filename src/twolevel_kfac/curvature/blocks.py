@@ -98,6 +98,15 @@ class BlockStats(LayerStats):
         """This Fisher mini-batch's curvature, as ``factors_type.update`` takes it."""
         raise NotImplementedError
 
+    def sample_dots(self, vectors: Tensor) -> Tensor:
+        """``⟨r_k, ∇_W̄ ℓ_n⟩`` for ``vectors`` ``[K, d_out, d_in']``, ``[N, K]``."""
+        return torch.einsum("noi,koi->nk", self.sample_gradients(), vectors)
+
+    def weighted_sum(self, weights: Tensor) -> Tensor:
+        """``Σ_n w_n ∇_W̄ ℓ_n`` (``[N]`` weights; ``[N, K]`` give ``[K, d_out, d_in']``)."""
+        pattern = "n,noi->oi" if weights.dim() == 1 else "nk,noi->koi"
+        return torch.einsum(pattern, weights, self.sample_gradients())
+
     def reduced(self) -> LayerStats:
         """The statistics ``weight_sharing="reduce"`` forms the curvature from."""
         return self
@@ -320,7 +329,7 @@ def per_sample_dots(stats: LayerStats, vectors: Tensor) -> Tensor:
     ``O(N·T·K·d_in')`` (faster than the same contraction as two ``einsum`` calls).
     """
     if isinstance(stats, BlockStats):
-        return torch.einsum("noi,koi->nk", stats.sample_gradients(), vectors)
+        return stats.sample_dots(vectors)
     n, locations, d_out = stats.g.shape
     k, _, d_in = vectors.shape
     columns = vectors.transpose(0, 1).reshape(d_out, k * d_in)
@@ -332,8 +341,7 @@ def weighted_gradient_sum(stats: LayerStats, weights: Tensor) -> Tensor:
     """``Σ_n w_n ∇_W̄ ℓ_n = Σ_{n,t} w_n δ_{n,t} ā_{n,t}ᵀ`` for ``weights`` of shape ``[N]``
     (or ``[N, K]``, giving ``[K, d_out, d_in']``), without per-sample gradients."""
     if isinstance(stats, BlockStats):
-        pattern = "n,noi->oi" if weights.dim() == 1 else "nk,noi->koi"
-        return torch.einsum(pattern, weights, stats.sample_gradients())
+        return stats.weighted_sum(weights)
     if weights.dim() == 1:
         scaled = stats.g * weights[:, None, None]
         return scaled.flatten(0, 1).T @ stats.a.flatten(0, 1)

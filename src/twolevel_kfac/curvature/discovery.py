@@ -34,7 +34,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .attention import attention_blocks, attention_reason
-from .blocks import layer_bias, layer_shape, layer_weight
+from .blocks import layer_bias, layer_shape, layer_weight, own_statistics
 from .kronecker import KroneckerFactors
 from .layer_types import layer_type, registered_types
 from .scale_shift import is_scale_shift
@@ -247,7 +247,14 @@ def _resolve_ties(
         weight, bias = layer_weight(module), layer_bias(module)
         if id(weight) in first:
             lead = first[id(weight)]
-            if (
+            if own_statistics(module) is not own_statistics(layers[lead]):
+                bad[name] = bad[lead] = (
+                    f"modules {lead!r} and {name!r} share a weight, but their blocks differ "
+                    f"({type(layers[lead]).__name__}, {type(module).__name__}: e.g. an "
+                    "embedding table of more than 4096 rows keeps a diagonal token factor, "
+                    "a Linear head on it a dense V × V one)"
+                )
+            elif (
                 layer_shape(module) != layer_shape(layers[lead])
                 or layer_bias(layers[lead]) is not bias
             ):

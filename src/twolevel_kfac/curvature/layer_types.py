@@ -18,8 +18,8 @@ transposed: ``E[x] = Eᵀ e_x``, ``∇E = Σ_t e_{x_t} δ_tᵀ``. Its rows index
 the diagonal of the token frequencies, ``A = E_{n,t}[δδᵀ]`` (the Kronecker factors of the
 embedding, rows and columns swapped), and a ``Linear`` head tied to the table has the same
 orientation (its calls are more locations of the same block). The frequencies are kept as
-a dense ``V × V`` matrix, so tables with more than :data:`EMBEDDING_MAX_ROWS` rows get no
-block.
+a dense ``V × V`` matrix up to :data:`EMBEDDING_MAX_ROWS` rows, as its diagonal above
+(:mod:`.tokens`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ __all__ = [
     "LayerType",
     "channel_locations",
     "conv_patches",
+    "embedding_reason",
     "layer_type",
+    "linear_features",
+    "one_hot_rows",
     "register_layer_type",
     "registered_types",
     "unregister_layer_type",
@@ -129,7 +132,9 @@ def layer_type(module: nn.Module) -> LayerType | None:
 
 
 # ------------------------------------------------------------------ built-in types
-def _linear_features(module: nn.Module, inputs: Tensor) -> Tensor:
+def linear_features(module: nn.Module, inputs: Tensor) -> Tensor:
+    """A ``Linear``'s inputs (or output gradients) ``[N, T, d]``: the leading dimensions
+    after the batch are locations."""
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 
 
@@ -174,17 +179,20 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
 
 
 EMBEDDING_MAX_ROWS = 4096
-"""The largest ``num_embeddings`` with a block (its ``V × V`` frequency factor is dense:
-64 MiB in float32 at this size, and a refresh factorises it)."""
+"""The largest ``num_embeddings`` whose block keeps its frequency factor as a dense
+``V × V`` matrix (64 MiB in float32 at this size); larger tables keep its diagonal
+(:mod:`.tokens`)."""
 
 
-def _one_hot(module: nn.Module, tokens: Tensor) -> Tensor:
+def one_hot_rows(module: nn.Module, tokens: Tensor) -> Tensor:
+    """An embedding's tokens as one-hot rows ``[N, T, V]`` in the table's dtype."""
     assert isinstance(module, nn.Embedding)
     rows = F.one_hot(tokens.reshape(tokens.shape[0], -1), module.num_embeddings)
     return rows.to(module.weight.dtype)
 
 
-def _embedding_reason(module: nn.Module) -> str | None:
+def embedding_reason(module: nn.Module) -> str | None:
+    """Why an ``nn.Embedding`` has no block (``None``: it has one)."""
     assert isinstance(module, nn.Embedding)
     if module.sparse:
         return "Embedding with sparse=True (its gradient is a sparse tensor)"
@@ -192,14 +200,10 @@ def _embedding_reason(module: nn.Module) -> str | None:
         return "Embedding with max_norm (it rescales its rows in the forward)"
     if module.scale_grad_by_freq:
         return "Embedding with scale_grad_by_freq=True (its gradient is not Σ_t e δᵀ)"
-    if module.num_embeddings > EMBEDDING_MAX_ROWS:
-        return (
-            f"Embedding with num_embeddings={module.num_embeddings} > "
-            f"{EMBEDDING_MAX_ROWS} (its token-frequency factor is a dense V × V matrix)"
-        )
     return None
 
 
-register_layer_type(nn.Linear, _linear_features, _linear_features)
-register_layer_type(nn.Embedding, _one_hot, _linear_features, _embedding_reason, True)
-# Convolutions (KFC, one block per group) are registered by .convolutions.
+register_layer_type(nn.Linear, linear_features, linear_features)
+register_layer_type(nn.Embedding, one_hot_rows, linear_features, embedding_reason, True)
+# Larger embedding tables (.tokens), convolutions (KFC, one block per group, .convolutions)
+# and norm layers (.scale_shift) are registered by their modules.

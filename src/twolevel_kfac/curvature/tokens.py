@@ -1,0 +1,292 @@
+"""Embedding tables with more than :data:`~.layer_types.EMBEDDING_MAX_ROWS` rows: the
+Kronecker block of :mod:`.layer_types` with its token-frequency factor kept as a vector.
+
+A table ``E`` (``[V, D]``) is a ``Linear`` on one-hot tokens (:mod:`.layer_types`): sample
+``n``'s gradient is ``∇E = Σ_t e_{x_t} δ_tᵀ`` and its block is ``G ⊗ A`` in the table's
+orientation, ``G = E_{n,t}[e eᵀ] = diag(f)`` with ``f_v`` the frequency of token ``v``
+among the ``N·T`` positions, ``A = E_{n,t}[δ δᵀ]`` (``D × D``). One-hot vectors are
+orthogonal, so ``G`` is diagonal exactly: keeping ``f`` instead of the dense ``V × V``
+matrix, and the token ids instead of one-hot rows, is the same block at ``O(V + D²)``
+memory. The damped inverse on ``X`` (``[V, D]``) is, for a factored damping (``s_G``,
+``s_A`` of :func:`~.kronecker.factor_dampings`, ``π`` with ``tr G = Σ_v f_v``),
+
+    ((G + s_G I) ⊗ (A + s_A I))⁻¹ X = diag(1/(f + s_G)) X (A + s_A I)⁻¹ / T,
+
+and for ``eigen_sum`` (``A = Q diag(a) Qᵀ``): ``[(X Q) ⊘ (f aᵀ + λ)] Qᵀ / T``: the dense
+path's arithmetic with ``G``'s eigenbasis the identity (``T`` the positions per sample,
+KFC's division).
+
+The statistics (:class:`TokenStats`) keep the token ids as a float column (exact below
+2²⁴) and the output gradients ``δ``; the coarse level's products with per-sample gradients
+gather and scatter rows by token instead of forming ``[N, V, D]``. Limits: a table tied to
+a ``Linear`` head has a dense ``V × V`` factor from the head's logits (it takes the
+fallback step, :mod:`.discovery`), and ``weight_sharing="reduce"`` keeps the expand view
+for these tables (reduce's per-sample token counts have a dense ``G``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from . import layer_types
+from .blocks import BlockStats, layer_weight
+from .kronecker import (
+    damped_inverse,
+    decompose_factor,
+    eigen_inverse,
+    factor_dampings,
+    per_location,
+    pi_ratio,
+    safe_eigh,
+)
+from .kronecker_apply import InverseOnMatrices
+from .layer_types import (
+    embedding_reason,
+    linear_features,
+    one_hot_rows,
+    register_layer_type,
+)
+from .running_average import ema_weight, running_average
+
+__all__ = ["TokenFactors", "TokenStats"]
+
+
+class TokenFactors(InverseOnMatrices):
+    """Running ``A`` (``[D, D]``) and token frequencies ``f`` (``[V]``) of a large table,
+    with ``A``'s decomposition frozen at the last refresh (the interface of
+    :class:`~.kronecker.KroneckerFactors` that the fine and coarse levels use)."""
+
+    A: Tensor | None = None  # no pair of dense factors (check_blocks, EKFAC read these)
+    G: Tensor | None = None
+    decomp_a: tuple[Tensor, Tensor] | None = None
+    decomp_g: tuple[Tensor, Tensor] | None = None
+
+    def __init__(self) -> None:
+        self.a_factor: Tensor | None = None
+        self.frequencies: Tensor | None = None
+        self.num_updates = 0
+        self.num_locations = 1
+        self.a_decomposition: tuple[Tensor, Tensor] | None = None
+        self.frozen_frequencies: Tensor | None = None
+        self.decomp_pi = 1.0
+        self._key: tuple[float, str, str] | None = None
+        self._prepared: tuple[Tensor, ...] = ()
+
+    def update(self, new_a: Tensor, new_f: Tensor, ema_decay: float, num_locations: int) -> None:
+        """``X ← ρ X + (1 − ρ) X_new`` for ``A`` and ``f`` (:mod:`.running_average`)."""
+        self.num_updates += 1
+        self.num_locations = num_locations
+        rho = ema_weight(self.num_updates, ema_decay)
+        self.a_factor = running_average(self.a_factor, new_a, rho)
+        self.frequencies = running_average(self.frequencies, new_f, rho)
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``A`` and ``f`` hold an estimate."""
+        return self.a_factor is not None and self.frequencies is not None
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """The shapes of ``A`` and ``f`` (``None`` before an estimate)."""
+        if self.a_factor is None or self.frequencies is None:
+            return None
+        return tuple(self.a_factor.shape), tuple(self.frequencies.shape)
+
+    @property
+    def decomposed(self) -> bool:
+        """Whether a refresh has frozen the factors for the inverses."""
+        return self.a_decomposition is not None
+
+    def decompose(self, method: str) -> None:
+        """Freeze ``f`` and ``A``'s decomposition (and π) until the next refresh."""
+        assert self.a_factor is not None and self.frequencies is not None
+        a, f = self.a_factor, self.frequencies
+        self.a_decomposition = decompose_factor(a, method)
+        self.frozen_frequencies = f.clone()
+        self.decomp_pi = pi_ratio(float(a.trace()), a.shape[0], float(f.sum()), f.shape[0])
+        self._key = None
+
+    def convert_decomposition(self, method: str) -> bool:
+        """Put ``A``'s cached decomposition in ``method``'s form (a checkpoint of the other
+        ``inverse_method``); whether it changed."""
+        decomp = self.a_decomposition
+        if decomp is None or (decomp[0].dim() == 1) == (method == "eigen"):
+            return False
+        values, vectors = decomp
+        if method == "eigen":
+            self.a_decomposition = safe_eigh(values)
+        else:
+            self.a_decomposition = ((vectors * values) @ vectors.T, values.new_empty(0))
+        self._key = None
+        return True
+
+    def _inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
+        """``(1/(f + s_G)/T, (A + s_A I)⁻¹)`` for a factored damping, ``(Q, 1/(f aᵀ + λ)/T)``
+        for ``eigen_sum``; cached per damping."""
+        if self._key == (damping, mode, method):
+            return self._prepared
+        if self.a_decomposition is None or self.frozen_frequencies is None:
+            raise RuntimeError("TokenFactors.decompose() must run before apply_inverse()")
+        f, t = self.frozen_frequencies, self.num_locations
+        if mode == "eigen_sum":
+            values, vectors = self.a_decomposition
+            grid = torch.outer(f, values) + damping
+            self._prepared = (vectors, per_location(grid.reciprocal_(), t))
+        else:
+            shift_a, shift_g = factor_dampings(damping, mode, self.decomp_pi)
+            if method == "eigen":
+                inv_a = eigen_inverse(*self.a_decomposition, shift_a)
+            else:
+                inv_a = damped_inverse(self.a_decomposition[0], shift_a)
+            self._prepared = (per_location((f + shift_g).reciprocal(), t), inv_a)
+        self._key = (damping, mode, method)
+        return self._prepared
+
+    def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
+        """The damped ``(G ⊗ A)⁻¹`` (divided by ``T``) on a ``[V, D]`` matrix."""
+        prepared = self._inverse(damping, mode, method)
+        x = grad.to(prepared[0].dtype)
+        if mode == "eigen_sum":
+            vectors, grid = prepared
+            out = ((x @ vectors) * grid) @ vectors.T
+        else:
+            inv_f, inv_a = prepared
+            out = (x * inv_f[:, None]) @ inv_a
+        return out.to(grad.dtype)
+
+    def spectral_vector(self, which: str) -> Tensor:
+        """The eigenvector of the smallest (largest) eigenvalue ``f_v a_j`` of ``G ⊗ A``:
+        ``e_v q_jᵀ`` of the extreme frequency and the extreme eigenvalue of ``A`` (the
+        frequencies are non-negative; needs ``inverse_method="eigen"``)."""
+        assert self.a_decomposition is not None and self.frozen_frequencies is not None
+        values, vectors = self.a_decomposition
+        pick = torch.argmin if which == "smallest" else torch.argmax
+        out = vectors.new_zeros(self.frozen_frequencies.shape[0], vectors.shape[0])
+        out[int(pick(self.frozen_frequencies))] = vectors[:, int(pick(values))]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint."""
+        return {
+            "a_factor": self.a_factor,
+            "frequencies": self.frequencies,
+            "num_updates": self.num_updates,
+            "num_locations": self.num_locations,
+            "a_decomposition": self.a_decomposition,
+            "frozen_frequencies": self.frozen_frequencies,
+            "decomp_pi": self.decomp_pi,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise KeyError(f"embedding table block state is missing {missing}")
+        self.a_factor, self.frequencies = state["a_factor"], state["frequencies"]
+        self.num_updates = int(state["num_updates"])
+        self.num_locations = int(state["num_locations"])
+        decomp = state["a_decomposition"]
+        self.a_decomposition = None if decomp is None else (decomp[0], decomp[1])
+        self.frozen_frequencies = state["frozen_frequencies"]
+        self.decomp_pi = float(state["decomp_pi"])
+        self._key = None
+
+
+@dataclass
+class TokenStats(BlockStats):
+    """``a``: the token ids as a float column ``[N, T, 1]``; ``g``: the output gradients
+    ``δ`` ``[N, T, D]``; ``table_rows``: ``V`` (module docstring)."""
+
+    factors_type: ClassVar[Callable[[], Any]] = TokenFactors
+    table_rows: int = 0
+
+    @classmethod
+    def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> TokenStats:
+        """The statistics of a large table.
+
+        Raises:
+            ValueError: token ids in a floating type too narrow to hold them exactly
+                (``factor_dtype`` float16 / bfloat16).
+        """
+        rows = int(layer_weight(module).shape[0])
+        if a.dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"an embedding table of {rows} rows needs factor_dtype float32 or float64 "
+                f"(its token ids are kept in it), not {a.dtype}"
+            )
+        return cls(a, g, rows)
+
+    @classmethod
+    def applies(cls, module: nn.Module) -> bool:
+        """Tables with more than ``EMBEDDING_MAX_ROWS`` rows (smaller ones: dense ``G``)."""
+        return int(getattr(module, "num_embeddings", 0)) > layer_types.EMBEDDING_MAX_ROWS
+
+    @classmethod
+    def shapes(cls, module: nn.Module) -> tuple[tuple[int, ...], ...]:
+        """Token column ``[1]``, ``δ`` ``[D]``, ``A`` ``[D, D]``, ``f`` ``[V]``."""
+        rows, dim = layer_weight(module).shape
+        return (1,), (dim,), (dim, dim), (rows,)
+
+    @property
+    def tokens(self) -> Tensor:
+        """The token ids, ``[N, T]`` (int64)."""
+        return self.a[..., 0].long()
+
+    def block_factors(self) -> tuple[Tensor, Tensor]:
+        """``A = Σ_{n,t} δ δᵀ / (N T)`` and ``f_v``: the share of the ``N·T`` positions
+        holding token ``v``."""
+        count = self.g.shape[0] * self.g.shape[1]
+        rows = self.g.reshape(count, -1)
+        counts = torch.bincount(self.tokens.reshape(-1), minlength=self.table_rows)
+        return rows.T @ rows / count, counts.to(self.g.dtype) / count
+
+    def sample_gradients(self) -> Tensor:
+        """``∇E_n = Σ_t e_{x_t} δ_tᵀ``, ``[N, V, D]`` (materialised: tests and analysis)."""
+        n, _, dim = self.g.shape
+        out = self.g.new_zeros(n, self.table_rows, dim)
+        return out.scatter_add_(1, self.tokens[..., None].expand_as(self.g), self.g)
+
+    def sample_dots(self, vectors: Tensor) -> Tensor:
+        """``⟨r_k, ∇E_n⟩ = Σ_t ⟨r_k[x_t], δ_t⟩``: the rows of the tokens, ``[N, K]``."""
+        return torch.einsum("kntd,ntd->nk", vectors[:, self.tokens], self.g)
+
+    def weighted_sum(self, weights: Tensor) -> Tensor:
+        """``Σ_n w_n ∇E_n``: each position's ``w_n δ_t`` added to its token's row
+        (``[V, D]``; ``[K, V, D]`` for ``weights`` ``[N, K]``)."""
+        flat = self.tokens.reshape(-1)
+        if weights.dim() == 1:
+            scaled = (self.g * weights[:, None, None]).flatten(0, 1)
+            return self.g.new_zeros(self.table_rows, self.g.shape[-1]).index_add_(0, flat, scaled)
+        scaled = torch.einsum("nk,ntd->kntd", weights, self.g).flatten(1, 2)
+        out = self.g.new_zeros(weights.shape[1], self.table_rows, self.g.shape[-1])
+        return out.index_add_(1, flat, scaled)
+
+    def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
+        """``1ᵀδ`` (the ``A`` side) and ``1ᵀe = 1`` per position, ``[N, T, 1]`` each."""
+        return self.g.sum(-1, keepdim=True), torch.ones_like(self.a)
+
+    def numel(self) -> int:
+        """``V·D``."""
+        return self.table_rows * int(self.g.shape[-1])
+
+
+def _features(module: nn.Module, tokens: Tensor) -> Tensor:
+    """Token ids as a float column ``[N, T, 1]`` for a large table, else one-hot rows."""
+    assert isinstance(module, nn.Embedding)
+    if module.num_embeddings <= layer_types.EMBEDDING_MAX_ROWS:
+        return one_hot_rows(module, tokens)
+    return tokens.reshape(tokens.shape[0], -1, 1).to(torch.float64)
+
+
+register_layer_type(
+    nn.Embedding,
+    _features,
+    linear_features,
+    embedding_reason,
+    rows_from_inputs=True,
+    statistics=TokenStats,
+)

@@ -1,0 +1,181 @@
+"""Embedding tables over ``EMBEDDING_MAX_ROWS`` rows (:mod:`twolevel_kfac.curvature.tokens`):
+the same block as the dense path of ``test_embedding`` (proven against the dense formula
+there), with the token-frequency factor kept as its diagonal and the statistics as token
+ids. The threshold is lowered here so that one table takes either path: every fine level
+and coarse space steps as the dense path (EKFAC, KPSVD and KFAC-corrected keep KFAC's
+inverse on such a table, as on every block of its own)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from oracles import assert_resume_is_bit_identical
+from twolevel_kfac.curvature import layer_types
+from twolevel_kfac.curvature.tokens import TokenFactors, TokenStats
+
+N, T, V, D, C = 6, 5, 20, 4, 3
+SEQUENCE = {"class_dim": -1, "loss_reduction": "mean"}  # CrossEntropyLoss over [N, T, C]
+
+
+class TokenNet(nn.Module):
+    def __init__(self, vocabulary: int = V, tied: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocabulary, D)
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, vocabulary if tied else C, bias=not tied)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def data(vocabulary: int = V) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocabulary - 3, (N, T), generator=gen)  # some rows unseen
+    return tokens, torch.randint(0, C, (N, T), generator=gen)
+
+
+def loss_fn(net: nn.Module, tokens: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(net(tokens).flatten(0, 1), y.flatten())
+
+
+@pytest.fixture
+def small_threshold() -> Iterator[None]:
+    """Tables over 8 rows take the diagonal path while the fixture is active."""
+    saved = layer_types.EMBEDDING_MAX_ROWS
+    layer_types.EMBEDDING_MAX_ROWS = 8
+    yield
+    layer_types.EMBEDDING_MAX_ROWS = saved
+
+
+def trained(optimizer: type, steps: int = 3, **kwargs: object) -> tuple[Tensor, object]:
+    net = TokenNet()
+    settings = {"lr": 0.1, "damping": 0.05, "cov_interval": 1, "inv_interval": 1, **SEQUENCE}
+    settings |= kwargs
+    opt = optimizer(net, **settings)
+    tokens, y = data()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(net, tokens, y).backward()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    return flat, opt.preconditioner.factors["emb"]
+
+
+SETTINGS = [
+    (tk.KFAC, {}),
+    (tk.KFAC, {"damping_mode": "pi"}),
+    (tk.KFAC, {"damping_mode": "eigen_sum"}),
+    (tk.KFAC, {"inverse_method": "eigen", "fisher": "empirical"}),
+    (tk.KFAC, {"fisher_batch": 0.5}),
+    *[
+        (tk.TwoLevelKFAC, {"coarse_space": space, "combination": combination})
+        for space, combination in itertools.product(
+            ["nicolaides", "spectral", "residual", "krylov_residual", "tselepidis"],
+            ["additive", "adef1", "adef2", "balanced"],
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(("optimizer", "kwargs"), SETTINGS)
+def test_a_large_table_steps_as_the_dense_path(
+    float64: None, optimizer: type, kwargs: dict
+) -> None:
+    dense, dense_factors = trained(optimizer, **kwargs)
+    saved = layer_types.EMBEDDING_MAX_ROWS
+    layer_types.EMBEDDING_MAX_ROWS = 8
+    try:
+        diagonal, factors = trained(optimizer, **kwargs)
+    finally:
+        layer_types.EMBEDDING_MAX_ROWS = saved
+    assert isinstance(factors, TokenFactors) and not isinstance(dense_factors, TokenFactors)
+    start = torch.cat([p.detach().reshape(-1) for p in TokenNet().parameters()])
+    error = float((diagonal - dense).norm() / (dense - start).norm())
+    assert error < 1e-10, f"{error:.2e}"
+    assert factors.frequencies is not None and factors.frequencies.shape == (V,)
+    torch.testing.assert_close(torch.diag(factors.frequencies), dense_factors.G)
+
+
+def test_statistics_against_their_definitions(float64: None, small_threshold: None) -> None:
+    """``f``, ``A``, per-sample gradients and their products against one-hot formulas."""
+    tokens, _ = data()
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(N, T, D, generator=gen)
+    stats = TokenStats(tokens[..., None].double(), grads, V)
+    one_hot = F.one_hot(tokens, V).double()
+    a, f = stats.block_factors()
+    torch.testing.assert_close(a, torch.einsum("ntd,nte->de", grads, grads) / (N * T))
+    torch.testing.assert_close(f, one_hot.sum((0, 1)) / (N * T))
+    per_sample = torch.einsum("ntv,ntd->nvd", one_hot, grads)
+    torch.testing.assert_close(stats.sample_gradients(), per_sample)
+    vectors = torch.randn(3, V, D, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        stats.sample_dots(vectors), torch.einsum("nvd,kvd->nk", per_sample, vectors)
+    )
+    weights = torch.randn(N, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        stats.weighted_sum(weights), torch.einsum("nk,nvd->kvd", weights, per_sample)
+    )
+    torch.testing.assert_close(
+        stats.weighted_sum(weights[:, 0]), torch.einsum("n,nvd->vd", weights[:, 0], per_sample)
+    )
+
+
+def test_ekfac_keeps_kfacs_inverse_on_a_large_table(float64: None, small_threshold: None) -> None:
+    """The first step's table update is KFAC's (the other layers' are EKFAC's own)."""
+    kfac, _ = trained(tk.KFAC, steps=1, inverse_method="eigen", kl_clip=None)
+    for optimizer in (tk.EKFAC, tk.KPSVD, tk.KFACCorrected):
+        other, factors = trained(optimizer, steps=1, kl_clip=None)
+        assert isinstance(factors, TokenFactors)
+        torch.testing.assert_close(other[: V * D], kfac[: V * D], rtol=1e-12, atol=1e-14)
+
+
+def test_a_large_table_tied_to_its_head_takes_the_fallback() -> None:
+    net = TokenNet(vocabulary=5000, tied=True)
+    with pytest.warns(UserWarning, match=r"share a weight, but their blocks differ"):
+        opt = tk.KFAC(net, **SEQUENCE)
+    assert set(opt.preconditioner.layers) == {"mix"}
+    with pytest.raises(ValueError, match="blocks differ"):
+        tk.KFAC(net, unsupported="error", **SEQUENCE)
+
+
+def test_half_precision_token_ids_are_refused() -> None:
+    table = nn.Embedding(5000, D)
+    ids = torch.randint(0, 5000, (N, T, 1)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="5000 rows needs factor_dtype float32 or float64"):
+        TokenStats.of(table, ids, torch.zeros(N, T, D, dtype=torch.bfloat16))
+
+
+def test_a_gpt2_sized_vocabulary() -> None:
+    """50,257 rows: the factor is a vector, one step and a refresh take no ``V × V``."""
+    net = TokenNet(vocabulary=50257)
+    opt = tk.TwoLevelKFAC(net, lr=0.01, cov_interval=1, inv_interval=1, **SEQUENCE)
+    tokens, y = data(50257)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(net, tokens, y).backward()
+        opt.step()
+    factors = opt.preconditioner.factors["emb"]
+    assert isinstance(factors, TokenFactors)
+    assert factors.factor_shapes() == ((D, D), (50257,))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("optimizer", [tk.KFAC, tk.TwoLevelKFAC])
+def test_resume_is_bit_identical(small_threshold: None, optimizer: type) -> None:
+    tokens, y = data()
+    assert_resume_is_bit_identical(
+        TokenNet,
+        lambda net: optimizer(net, lr=0.05, cov_interval=2, inv_interval=2, **SEQUENCE),
+        lambda net: loss_fn(net, tokens, y),
+    )
