@@ -285,7 +285,10 @@ def capture_layer_stats(
         g = _locations_last(module, gout.detach() * batch)
         if isinstance(module, nn.Embedding):  # W̄ = E [V, D]: δ = one-hot token, ā = B ∂L/∂E[x]
             tokens = inputs[name].reshape(batch, -1)
-            stats[name] = (g, F.one_hot(tokens, module.num_embeddings).to(g.dtype))
+            delta = F.one_hot(tokens, module.num_embeddings).to(g.dtype)
+            if module.padding_idx is not None:  # torch gives the padding row no gradient
+                delta[..., module.padding_idx] = 0.0
+            stats[name] = (g, delta)
         else:
             stats[name] = (_homogeneous_inputs(module, inputs[name]), g)
     return stats

@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from oracles import dense_kfac_matrix, kfac_factors
+from oracles import (
+    build_dense_problem,
+    coarse_basis,
+    dense_kfac_matrix,
+    kfac_factors,
+    tselepidis_subblock_matrix,
+    twolevel_direction,
+)
 from test_kfac_exact import CONTRACT as KFAC_CONTRACT
+from twolevel_kfac.curvature import layer_types
 
 N, T, V, D, C = 4, 5, 7, 3, 4
 DAMPING = 0.1
@@ -46,13 +54,17 @@ def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def embedding_statistics(net: TokenNet, tokens: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``ā = B ∂L/∂E[x]`` and ``δ = e_x``, ``[N, T, ·]``, from a private hook."""
+    """``ā = B ∂L/∂E[x]`` and ``δ = e_x``, ``[N, T, ·]``, from a private hook; ``δ = 0`` at
+    a ``padding_idx`` token (torch gives its row no gradient)."""
     store: dict[str, Tensor] = {}
     handle = net.emb.register_forward_hook(lambda _m, _i, out: store.update(out=out))
     loss = loss_fn(net(tokens), y)
     handle.remove()
     (grad,) = torch.autograd.grad(loss, store["out"])
-    return len(tokens) * grad, F.one_hot(tokens, V).to(grad.dtype)
+    delta = F.one_hot(tokens, V).to(grad.dtype)
+    if net.emb.padding_idx is not None:
+        delta[..., net.emb.padding_idx] = 0.0
+    return len(tokens) * grad, delta
 
 
 @pytest.mark.parametrize("pad", [None, 2])
@@ -68,9 +80,10 @@ def test_embedding_step_equals_the_dense_formula(float64: None, pad: int | None)
     grad = net.emb.weight.grad.clone()
     opt.step()
     A, G = kfac_factors(a, g)
-    torch.testing.assert_close(
-        G, torch.diag(torch.bincount(tokens.flatten(), minlength=V) / (N * T)).double()
-    )
+    counts = torch.bincount(tokens.flatten(), minlength=V)
+    if pad is not None:
+        counts[pad] = 0
+    torch.testing.assert_close(G, torch.diag(counts / (N * T)).double())
     block = dense_kfac_matrix(A, G, DAMPING) * T
     expected = before - torch.linalg.solve(block, grad.reshape(-1)).view_as(grad)
     torch.testing.assert_close(net.emb.weight.detach(), expected, rtol=1e-10, atol=1e-12)
@@ -79,6 +92,74 @@ def test_embedding_step_equals_the_dense_formula(float64: None, pad: int | None)
     torch.testing.assert_close(factors.A, A, rtol=1e-12, atol=1e-15)
     if pad is not None:
         assert torch.equal(net.emb.weight[pad], before[pad])
+
+
+PADDED = [
+    ("nicolaides", "additive"),
+    ("nicolaides", "adef1"),
+    ("residual", "adef2"),
+    ("krylov_nicolaides", "balanced"),
+    ("krylov_residual", "adef1"),
+    ("tselepidis", "balanced"),
+]
+
+
+@pytest.mark.parametrize("rows_limit", [4096, 4], ids=["dense", "diagonal"])
+@pytest.mark.parametrize(("space", "combination"), PADDED)
+def test_two_level_leaves_the_padding_row_and_equals_the_reduced_formula(
+    float64: None, space: str, combination: str, rows_limit: int
+) -> None:
+    """The padding row of an untied table never gets a gradient: it is outside the
+    parameter space, and the coarse vectors leave it out. One step equals the dense
+    two-level formula on the other coordinates (dense and diagonal frequency factor)."""
+    pad = 2
+    net = TokenNet(padding_idx=pad)
+    tokens, y = tokens_and_targets(pad)
+    prob = build_dense_problem(net, loss_fn, tokens, y, DAMPING)
+    assert prob.names[0] == "emb"
+    keep = torch.tensor([i for i in range(len(prob.grad)) if not pad * D <= i < (pad + 1) * D])
+    sizes = [prob.sizes[0] - D, *prob.sizes[1:]]
+    g, fisher = prob.grad[keep], prob.fisher_damped[keep][:, keep]
+    kfac_inv = prob.kfac_inv[keep][:, keep]  # the table's block is row-wise (G diagonal)
+    R0 = coarse_basis(prob, space)[:, keep]
+    coarse = None
+    if space == "tselepidis":
+        layers = [[stats] for stats in prob.stats]
+        coarse = tselepidis_subblock_matrix(layers, sizes, DAMPING)
+    d = twolevel_direction(g, kfac_inv, fisher, R0, combination, coarse=coarse)
+
+    def flat() -> Tensor:
+        parts = [net.emb.weight.reshape(-1)]
+        for layer in (net.mix, net.head):
+            parts.append(torch.cat([layer.weight, layer.bias[:, None]], 1).reshape(-1))
+        return torch.cat(parts).detach().clone()
+
+    saved = layer_types.EMBEDDING_MAX_ROWS
+    layer_types.EMBEDDING_MAX_ROWS = rows_limit
+    try:
+        before = flat()
+        opt = tk.TwoLevelKFAC(
+            net, damping=DAMPING, coarse_space=space, combination=combination, **EXACT
+        )
+        loss_fn(net(tokens), y).backward()
+        opt.step()
+    finally:
+        layer_types.EMBEDDING_MAX_ROWS = saved
+    after = flat()
+    assert torch.equal(net.emb.weight[pad].detach(), before[pad * D : (pad + 1) * D])
+    error = float(((after - before)[keep] + d).norm() / d.norm())
+    assert error <= (1e-8 if space == "krylov_residual" else 1e-9), f"{error:.2e}"
+
+
+def test_a_tied_head_trains_the_padding_row() -> None:
+    """Tied to a head, the padding row gets the head's gradient, so it is a coordinate of
+    the coarse space like every other row."""
+    net = nn.Sequential(nn.Embedding(V, D, padding_idx=2), nn.Tanh(), nn.Linear(D, V, bias=False))
+    net[2].weight = net[0].weight
+    opt = tk.TwoLevelKFAC(net, lr=0.1, class_dim=-1, cov_interval=1, inv_interval=1)
+    assert opt.preconditioner.fixed_rows == {}
+    untied = tk.TwoLevelKFAC(TokenNet(padding_idx=2))
+    assert untied.preconditioner.fixed_rows == {"emb": [2]}
 
 
 def test_the_loss_scale_of_a_grad_scaler_leaves_the_embedding_block(float64: None) -> None:

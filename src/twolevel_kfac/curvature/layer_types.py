@@ -41,6 +41,7 @@ __all__ = [
     "channel_locations",
     "conv_patches",
     "embedding_reason",
+    "fixed_rows",
     "layer_type",
     "linear_features",
     "one_hot_rows",
@@ -185,10 +186,23 @@ EMBEDDING_MAX_ROWS = 4096
 
 
 def one_hot_rows(module: nn.Module, tokens: Tensor) -> Tensor:
-    """An embedding's tokens as one-hot rows ``[N, T, V]`` in the table's dtype."""
+    """An embedding's tokens as one-hot rows ``[N, T, V]`` in the table's dtype; a
+    ``padding_idx`` token's row is zero (torch gives its table row no gradient)."""
     assert isinstance(module, nn.Embedding)
     rows = F.one_hot(tokens.reshape(tokens.shape[0], -1), module.num_embeddings)
+    if module.padding_idx is not None:
+        rows[..., module.padding_idx] = 0
     return rows.to(module.weight.dtype)
+
+
+def fixed_rows(uses: list[nn.Module]) -> list[int]:
+    """The rows of a block's ``W̄`` that never get a gradient: the ``padding_idx`` row of
+    an ``nn.Embedding`` that no other module uses (a tied head trains that row). The
+    coarse spaces leave them out, so that no step moves them."""
+    if len(uses) != 1 or not isinstance(uses[0], nn.Embedding):
+        return []
+    padding = uses[0].padding_idx
+    return [] if padding is None else [int(padding)]
 
 
 def embedding_reason(module: nn.Module) -> str | None:

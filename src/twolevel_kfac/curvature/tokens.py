@@ -203,6 +203,7 @@ class TokenStats(BlockStats):
 
     factors_type: ClassVar[Callable[[], Any]] = TokenFactors
     table_rows: int = 0
+    padding: int = -1  # the table's padding_idx (-1: none): its positions give no gradient
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> TokenStats:
@@ -218,7 +219,8 @@ class TokenStats(BlockStats):
                 f"an embedding table of {rows} rows needs factor_dtype float32 or float64 "
                 f"(its token ids are kept in it), not {a.dtype}"
             )
-        return cls(a, g, rows)
+        padding = getattr(module, "padding_idx", None)
+        return cls(a, g, rows, -1 if padding is None else int(padding))
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
@@ -236,38 +238,49 @@ class TokenStats(BlockStats):
         """The token ids, ``[N, T]`` (int64)."""
         return self.a[..., 0].long()
 
+    def _gradients(self) -> Tensor:
+        """``δ`` of the positions that give the table a gradient (``padding`` ones zero)."""
+        if self.padding < 0:
+            return self.g
+        return self.g.masked_fill((self.tokens == self.padding).unsqueeze(-1), 0.0)
+
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """``A = Σ_{n,t} δ δᵀ / (N T)`` and ``f_v``: the share of the ``N·T`` positions
         holding token ``v``."""
         count = self.g.shape[0] * self.g.shape[1]
         rows = self.g.reshape(count, -1)
         counts = torch.bincount(self.tokens.reshape(-1), minlength=self.table_rows)
+        if self.padding >= 0:  # as the dense path's zero one-hot row of the padding token
+            counts[self.padding] = 0
         return rows.T @ rows / count, counts.to(self.g.dtype) / count
 
     def sample_gradients(self) -> Tensor:
         """``∇E_n = Σ_t e_{x_t} δ_tᵀ``, ``[N, V, D]`` (materialised: tests and analysis)."""
         n, _, dim = self.g.shape
         out = self.g.new_zeros(n, self.table_rows, dim)
-        return out.scatter_add_(1, self.tokens[..., None].expand_as(self.g), self.g)
+        return out.scatter_add_(1, self.tokens[..., None].expand_as(self.g), self._gradients())
 
     def sample_dots(self, vectors: Tensor) -> Tensor:
         """``⟨r_k, ∇E_n⟩ = Σ_t ⟨r_k[x_t], δ_t⟩``: the rows of the tokens, ``[N, K]``."""
-        return torch.einsum("kntd,ntd->nk", vectors[:, self.tokens], self.g)
+        return torch.einsum("kntd,ntd->nk", vectors[:, self.tokens], self._gradients())
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
         """``Σ_n w_n ∇E_n``: each position's ``w_n δ_t`` added to its token's row
         (``[V, D]``; ``[K, V, D]`` for ``weights`` ``[N, K]``)."""
-        flat = self.tokens.reshape(-1)
+        flat, grads = self.tokens.reshape(-1), self._gradients()
         if weights.dim() == 1:
-            scaled = (self.g * weights[:, None, None]).flatten(0, 1)
-            return self.g.new_zeros(self.table_rows, self.g.shape[-1]).index_add_(0, flat, scaled)
-        scaled = torch.einsum("nk,ntd->kntd", weights, self.g).flatten(1, 2)
+            scaled = (grads * weights[:, None, None]).flatten(0, 1)
+            return grads.new_zeros(self.table_rows, grads.shape[-1]).index_add_(0, flat, scaled)
+        scaled = torch.einsum("nk,ntd->kntd", weights, grads).flatten(1, 2)
         out = self.g.new_zeros(weights.shape[1], self.table_rows, self.g.shape[-1])
         return out.index_add_(1, flat, scaled)
 
     def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
         """``1ᵀδ`` (the ``A`` side) and ``1ᵀe = 1`` per position, ``[N, T, 1]`` each."""
-        return self.g.sum(-1, keepdim=True), torch.ones_like(self.a)
+        counted = torch.ones_like(self.a)
+        if self.padding >= 0:
+            counted[self.tokens == self.padding] = 0.0
+        return self.g.sum(-1, keepdim=True), counted
 
     def numel(self) -> int:
         """``V·D``."""

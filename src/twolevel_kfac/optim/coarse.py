@@ -129,6 +129,18 @@ class CoarseLevel:
             vectors.append(kronecker_spectral_vector(vecs_a, vals_a, vecs_g, vals_g, which))
         return vectors
 
+    def basis_of(self, minv_res: LayerVector | None) -> list[Tensor]:
+        """:meth:`build_basis` with the rows no step may move set to zero (an untied
+        embedding's ``padding_idx`` row: :func:`~twolevel_kfac.curvature.layer_types.
+        fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them."""
+        basis = self.build_basis(minv_res)
+        for i, name in enumerate(self.names):
+            rows = self.host.fixed_rows.get(name)
+            if rows:
+                basis[i] = basis[i].clone()
+                basis[i][:, rows] = 0.0
+        return basis
+
     def build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
         """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
         layer of :attr:`names`; ``minv_res``: ``M⁻¹res`` for the residual spaces). A
@@ -157,13 +169,17 @@ class CoarseLevel:
     def _new_coarse_matrix(self, basis: list[Tensor]) -> Tensor:
         stats, n = self.fisher_stats, self.fisher_samples
         assert stats is not None and n is not None
-        tselepidis = self.options.coarse_space == "tselepidis"
-        if self.host.comm.distributed and tselepidis:
-            return global_tselepidis_matrix(self.host.comm, stats, self.host.damping, n)
+        if self.options.coarse_space == "tselepidis":
+            # the Nicolaides vectors' coordinates (fixed rows left out: basis_of)
+            numels = [
+                s.numel() - len(self.host.fixed_rows.get(name, ())) * b.shape[-1]
+                for s, name, b in zip(stats, self.names, basis, strict=True)
+            ]
+            if self.host.comm.distributed:
+                return global_tselepidis_matrix(self.host.comm, stats, self.host.damping, n, numels)
+            return tselepidis_coarse_matrix(stats, self.host.damping, numels)
         if self.host.comm.distributed:
             return global_coarse_matrix(self.host.comm, stats, basis, self.host.damping, n)
-        if tselepidis:
-            return tselepidis_coarse_matrix(stats, self.host.damping)
         return exact_coarse_matrix(stats, basis, self.host.damping)
 
     def _global_samples(self) -> int:
@@ -347,7 +363,7 @@ class CoarseLevel:
             self.minv(residual) if residual is not None and space in RESIDUAL_SPACES else None
         )
         if refreshed or per_step_basis or self.basis is None:
-            self.basis = self.build_basis(minv_res)
+            self.basis = self.basis_of(minv_res)
         if refreshed or self.coarse_matrix is None:
             new = self._new_coarse_matrix(self.basis)
             if self.options.coarse_refresh == "faithful":

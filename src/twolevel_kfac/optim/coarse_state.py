@@ -79,7 +79,7 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
         level.fisher_samples = sum(check_stats(stats) for stats in per_rank)
     level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
     if coarse.get("basis_rebuilt"):
-        level.basis = level.build_basis(None)
+        level.basis = level.basis_of(None)
     level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])
     level.coarse_updates = int(coarse["coarse_updates"])
     operator = None

@@ -37,6 +37,7 @@ from ..curvature.blocks import (
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
 from ..curvature.kronecker_apply import LayerParts
+from ..curvature.layer_types import fixed_rows
 from ..distributed import (
     layer_specs,
     make_communicator,
@@ -129,6 +130,9 @@ class KFACPreconditioner:
         self.factors = {name: new_factors(m) for name, m in self.layers.items()}
         self.fine = fine_type(self, **fine_arguments)
         self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
+        uses = find_layer_uses(model, self.layers)
+        # rows no step may move (an untied embedding's padding row), by layer
+        self.fixed_rows = {name: rows for name in self.layers if (rows := fixed_rows(uses[name]))}
         self.capture = CurvatureCapture(
             model,
             self.layers,
@@ -137,7 +141,7 @@ class KFACPreconditioner:
             self.options.fisher_batch,
             self.generator,
             self.options.accumulation_steps,
-            uses=find_layer_uses(model, self.layers),
+            uses=uses,
             dtypes={name: layer_weight(m).dtype for name, m in self.layers.items()},
             loss_reduction=self.options.loss_reduction,
             class_dim=self.options.class_dim,

@@ -52,7 +52,11 @@ def global_coarse_matrix(
 
 
 def global_tselepidis_matrix(
-    comm: Communicator, stats: Sequence[LayerStats], damping: float, n: int
+    comm: Communicator,
+    stats: Sequence[LayerStats],
+    damping: float,
+    n: int,
+    numels: Sequence[int] | None = None,
 ) -> Tensor:
     """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ss')`` and
     ``sum(G_ss')`` over the sub-blocks are sums over samples: reduced separately, then
@@ -68,6 +72,7 @@ def global_tselepidis_matrix(
         n,
         stats,
         damping,
+        numels,
     )
 
 

@@ -27,7 +27,9 @@ def _resample(sums: Tensor, num: int) -> Tensor:
     return sums[:, torch.arange(num, device=sums.device) * t // num]
 
 
-def tselepidis_coarse_matrix(stats: Sequence[LayerStats], damping: float) -> Tensor:
+def tselepidis_coarse_matrix(
+    stats: Sequence[LayerStats], damping: float, numels: Sequence[int] | None = None
+) -> Tensor:
     """Tselepidis et al. (2020) coarse matrix for the Nicolaides basis, ``[L, L]``.
 
     ``F_c[i,j] = sum(A_ij)·sum(G_ij) + λ·numel_i·δ_ij`` with the cross-layer Kronecker
@@ -54,12 +56,14 @@ def tselepidis_coarse_matrix(stats: Sequence[LayerStats], damping: float) -> Ten
     Args:
         stats: one :class:`LayerStats` per layer (the Fisher mini-batch).
         damping: ``λ``.
+        numels: the coordinates of each layer's Nicolaides vector (``⟨1, λI 1⟩``; default:
+            its ``W̄``'s entries; fewer where rows are left out of the coarse space).
 
     Returns:
         ``F_c`` of shape ``[L, L]``.
     """
     sums = tselepidis_sums(stats)
-    return tselepidis_from_sums(*sums, check_stats(stats), stats, damping)
+    return tselepidis_from_sums(*sums, check_stats(stats), stats, damping, numels)
 
 
 def tselepidis_sums(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -103,12 +107,15 @@ def tselepidis_from_sums(
     num_samples: int,
     stats: Sequence[LayerStats],
     damping: float,
+    numels: Sequence[int] | None = None,
 ) -> Tensor:
     """``F_c = Σ_{s∈i,s'∈j} sum(A_ss')·sum(G_ss') + λ·numel_i·δ_ij`` (``[L, L]``) from
-    :func:`tselepidis_sums` of ``num_samples`` samples (``stats`` gives the layers)."""
+    :func:`tselepidis_sums` of ``num_samples`` samples (``stats`` gives the layers;
+    ``numels`` as :func:`tselepidis_coarse_matrix`)."""
     fc = sum_a * sum_g / (num_samples * locations) ** 2
     if len(stats) != len(owner):  # sub-blocks: sum each layer's rows and columns
         fold = torch.zeros(len(stats), len(owner), dtype=fc.dtype, device=fc.device)
         fold[owner, torch.arange(len(owner), device=fc.device)] = 1.0
         fc = fold @ fc @ fold.T
-    return fc + damping * torch.diag(fc.new_tensor([s.numel() for s in stats]))
+    counts = [s.numel() for s in stats] if numels is None else list(numels)
+    return fc + damping * torch.diag(fc.new_tensor(counts))
