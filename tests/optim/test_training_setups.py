@@ -759,6 +759,19 @@ def test_a_frozen_bias_gives_the_block_of_the_weight_alone(float64: None) -> Non
         model[2].bias.requires_grad_(False)
 
 
+def test_bias_only_training_is_refused_naming_the_fix() -> None:
+    """BitFit (weights frozen, biases trained) has no bias-only block: refused at
+    construction, naming the layer, the frozen weight and what to do instead."""
+    model = body_and_head()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '0': its weight is frozen .* another optimizer"):
+        tk.KFAC(model)
+    biases = [model[0].bias]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("0.")]
+    tk.KFAC(model, params=rest)  # the documented way out: the bias left to another optimizer
+    torch.optim.SGD(biases, lr=0.1)
+
+
 def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen() -> None:
     """Progressive unfreezing: a layer frozen when the optimizer is built with every
     parameter is left alone, then preconditioned once unfrozen (its hooks in place)."""

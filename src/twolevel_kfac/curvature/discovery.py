@@ -163,6 +163,13 @@ def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
     if bias is None or (id(bias) in owned) == has_weight:
         return has_weight
     inside, outside = ("weight", "bias") if has_weight else ("bias", "weight")
+    if not has_weight and not weight.requires_grad:  # bias-only training (BitFit)
+        raise ValueError(
+            f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
+            "trains; KFAC preconditions [weight, bias] as one block and has no bias-only "
+            "block: freeze the bias too, or leave this layer's bias out of the KFAC "
+            "optimizer's params and step it with another optimizer"
+        )
     raise ValueError(
         f"layer {name!r}: its {inside} is in the optimizer's params but its {outside} is "
         "not; KFAC preconditions [weight, bias] as one block: pass both or neither"
