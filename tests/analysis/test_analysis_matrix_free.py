@@ -29,6 +29,7 @@ from twolevel_kfac.analysis.structure import (
     hutchinson_block_norms,
 )
 from twolevel_kfac.analysis.training import train_run
+from vit_oracle import tiny_vit_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,12 +88,17 @@ def test_conjugate_gradient_reaches_its_tolerance(float64: None) -> None:
 
 # ------------------------------------------------------------------ Fisher products
 @pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
-@pytest.mark.parametrize("net", ["mlp", "conv"])
+@pytest.mark.parametrize("net", ["mlp", "conv", "vit"])
 def test_fisher_products_match_the_dense_fisher(float64: None, likelihood: str, net: str) -> None:
     """torch.func F v and F_ii v_i equal the dense Fisher's; the optimizer's statistics
-    give the same products."""
+    give the same products (the ViT: through nn.MultiheadAttention, :mod:`vit_oracle`)."""
     torch.manual_seed(0)
-    model, shape = (tiny_mlp(), (4,)) if net == "mlp" else (tiny_convnet(), (2, 5, 5))
+    nets = {
+        "mlp": lambda: (tiny_mlp(), (4,)),
+        "conv": lambda: (tiny_convnet(), (2, 5, 5)),
+        "vit": lambda: (build_model(tiny_vit_spec(outputs=2), seed=0), (1, 4, 4)),
+    }
+    model, shape = nets[net]()
     x, y = _batch(shape, 5, likelihood)
     curvature = compute_curvature(model, x, y, likelihood, "true")
     assert curvature.fisher is not None and curvature.products is not None

@@ -5,6 +5,10 @@ correction, and that the Fisher's off-diagonal (inter-layer) blocks can be disca
 networks of up to ~12k parameters with dense float64 matrices, and up to ~100k
 (``max_params``) matrix-free:
 
+* :mod:`.problems`: the networks (``mlp``, ``cnn``, and the tiny Vision Transformer of
+  :mod:`.vit`, whose attention gets the optimizer's two blocks ``in_proj`` / ``out_proj``)
+  and the data; parameters without a curvature block (norms, positional tables) are held
+  fixed and left out of ``θ`` (:mod:`.coordinates`);
 * :mod:`.exact`: the true Fisher (exact expectation over the likelihood), the empirical
   Fisher and Monte-Carlo estimates, from torch.func per-sample Jacobians, plus the same
   Fisher in the optimizer's per-sample statistics format (:func:`compute_curvature`);

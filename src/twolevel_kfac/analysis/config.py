@@ -5,6 +5,7 @@ Unknown keys are errors (``extra="forbid"``), and every error names the offendin
     name: curves_small
     seed: 0
     model: {kind: mlp, sizes: [49, 16, 8, 4, 8, 16, 49], activation: relu}
+    # or {kind: cnn, channels: [4, 8], image_size: 14}, {kind: vit, image_size: 28, patch: 7}
     data: {name: curves, image_size: 7, n_train: 2048}
     likelihood: bernoulli          # categorical | bernoulli | gaussian
     fisher: true                   # true (exact expectation) | empirical | mc (mc_samples)
@@ -55,12 +56,16 @@ def _check_spaces(names: list[str] | None) -> None:
 
 
 class ModelSpec(_Strict):
-    """A small network: ``mlp`` (Linear layers of ``sizes``) or ``cnn`` (Conv2d layers of
-    ``channels``, then one Linear head to ``num_outputs``)."""
+    """A small network: ``mlp`` (Linear layers of ``sizes``), ``cnn`` (Conv2d layers of
+    ``channels``, then one Linear head to ``num_outputs``) or ``vit`` (a tiny Vision
+    Transformer, :mod:`.vit`: ``patch``-sided patches of the ``image_size``² image by a
+    Conv2d, ``depth`` pre-norm encoder layers of width ``width`` with ``heads`` heads and a
+    feed-forward of ``ffn_ratio·width``, ``activation`` inside it, mean over the tokens,
+    LayerNorm, Linear head to ``num_outputs``)."""
 
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "vit"] = "mlp"
     sizes: list[int] = Field(default_factory=list, description="mlp widths, input first")
-    activation: Literal["relu", "tanh", "sigmoid", "none"] = "tanh"
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "none"] = "tanh"
     bias: bool = True
     in_channels: int = Field(default=1, ge=1)
     image_size: int = Field(default=14, ge=1)
@@ -68,6 +73,11 @@ class ModelSpec(_Strict):
     kernel_size: int = Field(default=3, ge=1)
     stride: int = Field(default=2, ge=1)
     num_outputs: int = Field(default=10, ge=1)
+    patch: int = Field(default=7, ge=1, description="vit: patch side")
+    width: int = Field(default=12, ge=1, description="vit: token width")
+    depth: int = Field(default=2, ge=1, description="vit: encoder layers")
+    heads: int = Field(default=2, ge=1, description="vit: attention heads")
+    ffn_ratio: int = Field(default=2, ge=1, description="vit: feed-forward width / width")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -75,6 +85,12 @@ class ModelSpec(_Strict):
             raise ValueError("model.sizes: an mlp needs at least two positive widths")
         if self.kind == "cnn" and (not self.channels or min(self.channels) < 1):
             raise ValueError("model.channels: a cnn needs at least one positive channel count")
+        if self.kind == "vit" and self.image_size % self.patch:
+            raise ValueError(
+                f"model.patch: {self.patch} does not divide model.image_size {self.image_size}"
+            )
+        if self.kind == "vit" and self.width % self.heads:
+            raise ValueError(f"model.heads: {self.heads} does not divide model.width {self.width}")
         return self
 
 

@@ -3,19 +3,28 @@
 The analysis vector ``θ ∈ R^P`` holds the parameters of the layers the optimizer
 preconditions (:func:`~twolevel_kfac.curvature.discovery.find_layers`, in
 ``named_modules()`` order), each layer as the row-major flattening of
-``W̄ = [W.reshape(d_out, -1), b]``: the layout of the optimizer's layer vectors. Other
-trainable parameters (BatchNorm affine parameters, unsupported layers) are held fixed and
-are not part of it.
+``W̄ = [W.reshape(d_out, -1), b]``: the layout of the optimizer's layer vectors. An
+``nn.MultiheadAttention`` ``<name>`` has two such layers, ``<name>.in_proj`` (its parameters
+``<name>.in_proj_weight`` and ``<name>.in_proj_bias``: ``W̄ = [W_q; W_k; W_v | b]``) and
+``<name>.out_proj``. Other trainable parameters — those the optimizer gives its fallback
+step: BatchNorm / LayerNorm affine parameters, a ViT's positional table, unsupported
+layers — are held fixed and are not part of it.
+
+The forwards of the analysis (:func:`loss_and_gradient`, :func:`loss_at`, and those of
+:mod:`.exact` and :mod:`.products`) run inside :func:`exact_attention`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..curvature.attention import AttentionInProjection
 from ..curvature.blocks import layer_bias, layer_weight
 from ..curvature.discovery import find_layers
 from ..curvature.likelihoods import summed_nll
@@ -26,6 +35,19 @@ from ..twolevel.vectors import LayerVector
 def analysis_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of the analysis vector: those the optimizer preconditions, by name."""
     return find_layers(model, "ignore")
+
+
+def exact_attention() -> AbstractContextManager[None]:
+    """Attention by the composite ("math") kernel of ``scaled_dot_product_attention``.
+
+    torch's fused CPU kernel has no forward-mode derivative (``torch.func.linearize`` /
+    ``jvp`` refuse it) and no vmap batching rule (a slow per-sample loop); the math kernel
+    is plain matrix products and a softmax, which every torch.func transform differentiates
+    and batches. Every forward of the analysis runs under it, so the hooks' statistics, the
+    dense Fisher and the Fisher–vector products evaluate attention with the same kernel.
+    Without attention in the model it changes nothing.
+    """
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def flatten(v: Sequence[Tensor]) -> Tensor:
@@ -60,11 +82,20 @@ def unflatten(flat: Tensor, shapes: Sequence[tuple[int, int]]) -> LayerVector:
     return [p.reshape(*p.shape[:-1], *s) for p, s in zip(parts, shapes, strict=True)]
 
 
+def _prefix(name: str, module: nn.Module) -> str:
+    """What precedes ``weight`` / ``bias`` in the names of a layer's parameters: ``<name>.``,
+    or ``<attention>.in_proj_`` for an attention's packed input projection (not a submodule:
+    its parameters are the attention's ``in_proj_weight`` and ``in_proj_bias``)."""
+    if isinstance(module, AttentionInProjection):
+        return f"{name}_"
+    return f"{name}." if name else ""
+
+
 def layer_param_names(layers: dict[str, nn.Module]) -> list[str]:
     """Names (as in ``named_parameters()``) of the parameters of the analysis vector."""
     names = []
     for name, module in layers.items():
-        prefix = f"{name}." if name else ""
+        prefix = _prefix(name, module)
         names.append(prefix + "weight")
         if layer_bias(module) is not None:
             names.append(prefix + "bias")
@@ -83,7 +114,7 @@ def to_layer_matrices(layers: dict[str, nn.Module], tensors: dict[str, Tensor]) 
     """
     out = []
     for name, module in layers.items():
-        prefix = f"{name}." if name else ""
+        prefix = _prefix(name, module)
         w = tensors[prefix + "weight"]
         lead = w.shape[: w.dim() - layer_weight(module).dim()]
         mat = w.reshape(*lead, int(layer_weight(module).shape[0]), -1)
@@ -97,7 +128,7 @@ def from_layer_matrices(layers: dict[str, nn.Module], v: Sequence[Tensor]) -> di
     """Inverse of :func:`to_layer_matrices` for one layer vector (no leading dimensions)."""
     out: dict[str, Tensor] = {}
     for (name, module), mat in zip(layers.items(), v, strict=True):
-        prefix = f"{name}." if name else ""
+        prefix = _prefix(name, module)
         weight = layer_weight(module)
         if layer_bias(module) is not None:
             out[prefix + "bias"] = mat[:, -1].contiguous()
@@ -138,7 +169,7 @@ def loss_and_gradient(
     names = layer_param_names(layers)
     by_name = dict(model.named_parameters())
     params = [by_name[n] for n in names]
-    with torch.enable_grad():
+    with torch.enable_grad(), exact_attention():
         loss = mean_loss(model(x), y, likelihood)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     named = {
@@ -158,9 +189,10 @@ def loss_at(
     displacement: Sequence[Tensor] | None = None,
 ) -> float:
     """``L(θ + Δ)`` on a batch without modifying the model (``Δ`` a layer vector)."""
-    if displacement is None:
-        return float(mean_loss(model(x), y, likelihood))
-    params = dict(model.named_parameters())
-    moved = {k: params[k] + v for k, v in from_layer_matrices(layers, displacement).items()}
-    output = functional_call(model, moved, (x,), strict=False)
-    return float(mean_loss(output, y, likelihood))
+    with exact_attention():
+        if displacement is None:
+            return float(mean_loss(model(x), y, likelihood))
+        params = dict(model.named_parameters())
+        moved = {k: params[k] + v for k, v in from_layer_matrices(layers, displacement).items()}
+        output = functional_call(model, moved, (x,), strict=False)
+        return float(mean_loss(output, y, likelihood))

@@ -33,11 +33,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from ..curvature.attention import attention_modules, recompute_attention
 from ..curvature.blocks import (
     LayerStats,
     block_statistics,
@@ -48,6 +50,7 @@ from ..curvature.likelihoods import LIKELIHOODS, sample_targets, summed_nll
 from ..twolevel.vectors import LayerVector
 from .coordinates import (
     analysis_layers,
+    exact_attention,
     flatten,
     functional_parts,
     loss_and_gradient,
@@ -127,7 +130,10 @@ def fisher_statistics(
 
     Sample ``(n, k)`` (``n``-major) has ``ā_n`` and ``δ_{n,k} = √K · J_{s,n}ᵀ S_n[:, k]``,
     the pre-activation gradient of the output cotangent ``S_n[:, k]`` (one backward pass
-    per column ``k``), formatted by the optimizer's own ``block_statistics``.
+    per column ``k``), formatted by the optimizer's own ``block_statistics``. An attention
+    with blocks is recomputed with its projections called as modules, as the optimizer's
+    capture does (:func:`~twolevel_kfac.curvature.attention.recompute_attention`), so that
+    the hooks of ``<name>.in_proj`` and ``<name>.out_proj`` see their inputs and outputs.
 
     Args:
         model: the network (outputs ``[B, ...]``).
@@ -147,9 +153,16 @@ def fisher_statistics(
 
         return record
 
+    def recompute(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _: Any) -> Any:
+        return recompute_attention(module, args, kwargs)  # type: ignore[arg-type]
+
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    handles += [
+        a.register_forward_hook(recompute, with_kwargs=True)
+        for a in attention_modules(model, layers)
+    ]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), exact_attention():
             output = model(x)
     finally:
         for h in handles:
@@ -191,7 +204,8 @@ def output_jacobians(model: nn.Module, layers: dict[str, nn.Module], x: Tensor) 
         out = functional_call(model, ({**params, **sub}, buffers), (xn.unsqueeze(0),))
         return out.reshape(-1)
 
-    jac = vmap(jacrev(one), in_dims=(None, 0))(free, x)
+    with exact_attention():
+        jac = vmap(jacrev(one), in_dims=(None, 0))(free, x)
     return flatten(to_layer_matrices(layers, jac))
 
 
@@ -297,7 +311,7 @@ def compute_curvature(
     """
     layers = analysis_layers(model)
     loss, grad = loss_and_gradient(model, layers, x, y, likelihood)
-    with torch.no_grad():
+    with torch.no_grad(), exact_attention():
         output = model(x)
     factor = output_factor(output, likelihood, fisher, y, mc_samples, generator)
     stats = fisher_statistics(model, layers, x, factor)

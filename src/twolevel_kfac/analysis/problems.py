@@ -3,8 +3,10 @@
 Networks (:func:`build_model`): ``mlp`` = ``Linear(sizes[i], sizes[i+1])`` with the
 activation between layers (none after the last, which outputs logits / means); ``cnn`` =
 ``Conv2d(c_i, c_{i+1}, kernel_size, stride, padding=kernel_size // 2)`` + activation per
-entry of ``channels``, then ``Flatten`` and one ``Linear`` head. Xavier-uniform weights and
-zero biases (the paper's initialisation).
+entry of ``channels``, then ``Flatten`` and one ``Linear`` head; ``vit`` = the tiny Vision
+Transformer of :mod:`.vit`. Xavier-uniform weights (the attention's packed ``in_proj``
+included) and zero biases (the paper's initialisation); a ViT's LayerNorms start at ``γ = 1``,
+``β = 0`` and its positional table at ``N(0, 0.02²)``, all drawn from the seed's generator.
 
 Data (:func:`load_data`): image data sets come from
 :func:`twolevel_kfac.experiments.data.load_dataset` (CURVES is generated and cached, MNIST /
@@ -24,8 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AnalyzeConfig, DataSpec, ModelSpec
+from .vit import POSITION_STD, PatchTokens, tiny_vit
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
 
 
 def _activation(name: str) -> list[nn.Module]:
@@ -55,6 +63,8 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Sequential:
         The network.
     """
     layers: list[nn.Module] = []
+    if spec.kind == "vit":
+        return _initialised(_vit(spec), seed)
     if spec.kind == "mlp":
         pairs = list(zip(spec.sizes[:-1], spec.sizes[1:], strict=True))
         for i, (d_in, d_out) in enumerate(pairs):
@@ -72,13 +82,42 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Sequential:
             side = (side + 2 * pad - spec.kernel_size) // spec.stride + 1
             c_in = c_out
         layers += [nn.Flatten(), nn.Linear(c_in * side * side, spec.num_outputs, bias=spec.bias)]
-    model = nn.Sequential(*layers).to(torch.float64)
+    return _initialised(nn.Sequential(*layers), seed)
+
+
+def _vit(spec: ModelSpec) -> nn.Sequential:
+    return tiny_vit(
+        in_channels=spec.in_channels,
+        image_size=spec.image_size,
+        patch=spec.patch,
+        width=spec.width,
+        depth=spec.depth,
+        heads=spec.heads,
+        ffn_ratio=spec.ffn_ratio,
+        activation=ACTIVATIONS.get(spec.activation, nn.Identity),
+        num_outputs=spec.num_outputs,
+        bias=spec.bias,
+    )
+
+
+@torch.no_grad()
+def _initialised(model: nn.Sequential, seed: int) -> nn.Sequential:
+    """``model`` in float64 with the analysis' initialisation (module docstring), drawn in
+    ``modules()`` order from a generator seeded with ``seed``."""
+    model = model.to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             _xavier_(module.weight, generator)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            _xavier_(module.in_proj_weight, generator)
+            if module.in_proj_bias is not None:
+                nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, PatchTokens):
+            noise = torch.randn(module.position.shape, generator=generator, dtype=torch.float64)
+            module.position.copy_(POSITION_STD * noise)
     return model
 
 

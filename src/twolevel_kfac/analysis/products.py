@@ -32,6 +32,7 @@ from torch.func import functional_call, linearize, vjp
 from ..curvature.blocks import LayerStats, layer_shape
 from ..twolevel.fisher_products import fisher_vector_product
 from .coordinates import (
+    exact_attention,
     flatten,
     from_layer_matrices,
     functional_parts,
@@ -70,15 +71,15 @@ class FisherProducts:
         self._outputs = outputs
         self._free = free
         self._jvp: Callable[[dict[str, Tensor]], Tensor] | None = None
-        with torch.enable_grad():
+        with torch.enable_grad(), exact_attention():
             self._vjp = vjp(outputs, free)[1]
 
     def _jv(self, tangent: dict[str, Tensor]) -> Tensor:
         """``J v``; the jvp is traced once (``torch.func.linearize``, ~5× less overhead per
         product than ``torch.func.jvp``) on the first product."""
         if self._jvp is None:
-            with warnings.catch_warnings():  # constant folding of the traced graph
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings(), exact_attention():
+                warnings.simplefilter("ignore", UserWarning)  # constant folding of the graph
                 _, self._jvp = linearize(self._outputs, self._free)
         return self._jvp(tangent)
 
