@@ -101,6 +101,8 @@ PADDED = [
     ("krylov_nicolaides", "balanced"),
     ("krylov_residual", "adef1"),
     ("tselepidis", "balanced"),
+    ("spectral", "additive"),
+    ("spectral", "adef2"),
 ]
 
 
@@ -121,7 +123,15 @@ def test_two_level_leaves_the_padding_row_and_equals_the_reduced_formula(
     sizes = [prob.sizes[0] - D, *prob.sizes[1:]]
     g, fisher = prob.grad[keep], prob.fisher_damped[keep][:, keep]
     kfac_inv = prob.kfac_inv[keep][:, keep]  # the table's block is row-wise (G diagonal)
-    R0 = coarse_basis(prob, space)[:, keep]
+    R0 = coarse_basis(prob, space)
+    if space == "spectral":  # the table's vector: among the seen tokens (not the padding)
+        A, G = kfac_factors(*prob.stats[0])
+        frequencies, (values, vectors) = torch.diagonal(G), torch.linalg.eigh(A)
+        seen = torch.nonzero(frequencies > 0).flatten()
+        block = torch.zeros(V, D, dtype=R0.dtype)
+        block[seen[frequencies[seen].argmin()]] = vectors[:, values.argmin()]
+        R0[0, : V * D] = block.reshape(-1)
+    R0 = R0[:, keep]
     coarse = None
     if space == "tselepidis":
         layers = [[stats] for stats in prob.stats]
@@ -151,15 +161,42 @@ def test_two_level_leaves_the_padding_row_and_equals_the_reduced_formula(
     assert error <= (1e-8 if space == "krylov_residual" else 1e-9), f"{error:.2e}"
 
 
-def test_a_tied_head_trains_the_padding_row() -> None:
-    """Tied to a head, the padding row gets the head's gradient, so it is a coordinate of
-    the coarse space like every other row."""
+class SharedTables(nn.Module):
+    """A source and a target embedding sharing one table (seq2seq), both padding with 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.source = nn.Embedding(V, D, padding_idx=2)
+        self.target = nn.Embedding(V, D, padding_idx=2)
+        self.target.weight = self.source.weight
+        self.head = nn.Linear(D, C)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.source(tokens) + self.target(tokens.flip(1))))
+
+
+def test_a_tied_head_trains_the_padding_row_shared_tables_do_not() -> None:
+    """Tied to a head, the padding row gets the head's gradient: a coordinate of the coarse
+    space like every other row, and it moves. Two embeddings sharing a table and its
+    padding row leave it fixed."""
+    tokens, y = tokens_and_targets(2)
     net = nn.Sequential(nn.Embedding(V, D, padding_idx=2), nn.Tanh(), nn.Linear(D, V, bias=False))
     net[2].weight = net[0].weight
     opt = tk.TwoLevelKFAC(net, lr=0.1, class_dim=-1, cov_interval=1, inv_interval=1)
     assert opt.preconditioner.fixed_rows == {}
-    untied = tk.TwoLevelKFAC(TokenNet(padding_idx=2))
-    assert untied.preconditioner.fixed_rows == {"emb": [2]}
+    before = net[0].weight[2].detach().clone()
+    F.cross_entropy(net(tokens).flatten(0, 1), tokens.flatten()).backward()
+    opt.step()
+    assert not torch.equal(net[0].weight[2], before)
+    assert tk.TwoLevelKFAC(TokenNet(padding_idx=2)).preconditioner.fixed_rows == {"emb": [2]}
+    shared = SharedTables()
+    opt = tk.TwoLevelKFAC(shared, lr=0.1, class_dim=-1, cov_interval=1, inv_interval=1)
+    assert opt.preconditioner.fixed_rows == {"source": [2]}
+    before = shared.source.weight[2].detach().clone()
+    loss_fn(shared(tokens), y).backward()
+    opt.step()
+    assert torch.equal(shared.source.weight[2], before)
 
 
 def test_the_loss_scale_of_a_grad_scaler_leaves_the_embedding_block(float64: None) -> None:

@@ -149,11 +149,23 @@ def test_a_large_table_tied_to_its_head_takes_the_fallback() -> None:
         tk.KFAC(net, unsupported="error", **SEQUENCE)
 
 
-def test_half_precision_token_ids_are_refused() -> None:
+def test_a_bfloat16_language_model_keeps_exact_token_ids() -> None:
+    """The ids are not rounded to the model's dtype (bf16 holds integers up to 256
+    exactly); a factor dtype that cannot hold them is refused, naming the fix."""
+    torch.manual_seed(0)
+    net = TokenNet(vocabulary=5000).to(torch.bfloat16)
+    tokens = torch.arange(4900, 4900 + N * T).reshape(N, T)  # not representable in bf16
+    y = torch.randint(0, C, (N, T))
+    opt = tk.KFAC(net, lr=0.01, cov_interval=1, inv_interval=1, **SEQUENCE)
+    loss_fn(net, tokens, y).backward()
+    opt.step()
+    factors = opt.preconditioner.factors["emb"]
+    assert factors.frequencies is not None and factors.frequencies.dtype == torch.float32
+    seen = torch.nonzero(factors.frequencies).flatten()
+    assert torch.equal(seen, tokens.flatten().sort().values)
     table = nn.Embedding(5000, D)
-    ids = torch.randint(0, 5000, (N, T, 1)).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="5000 rows needs factor_dtype float32 or float64"):
-        TokenStats.of(table, ids, torch.zeros(N, T, D, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="cannot hold them exactly: pass factor_dtype"):
+        TokenStats.of(table, tokens[..., None].to(torch.bfloat16), torch.zeros(N, T, D))
 
 
 def test_a_gpt2_sized_vocabulary() -> None:

@@ -37,6 +37,9 @@ def test_finished_run_is_kept_without_its_checkpoint(tmp_path: Path) -> None:
         "fingerprint": _comparison().for_run("sgd", 0).fingerprint(),
         "stop_reason": "epochs",
         "step": 10,
+        "epochs": 2,
+        "time_budget_s": None,
+        "clock": "wall",
     }
     (run_dir / "checkpoint.pt").unlink()  # what a commit of the small files keeps
     kept = run_one(_comparison(), "sgd", 0, run_dir, data=_data(), progress=False)
@@ -50,6 +53,36 @@ def test_finished_run_is_kept_without_its_checkpoint(tmp_path: Path) -> None:
     )
     assert again.finished and (run_dir / "checkpoint.pt").exists()
     assert again.records != first.records
+
+
+def test_a_kept_run_answers_only_its_own_limits(tmp_path: Path) -> None:
+    """More epochs than a kept run (no checkpoint) finished with are refused, naming
+    --fresh; a run continued from its checkpoint drops its old result until it finishes
+    again; missing or cut metrics are refused."""
+    run_dir = tmp_path / "run"
+    run_one(_comparison(), "sgd", 0, run_dir, data=_data(), progress=False)
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").unlink()
+    more = _comparison(epochs=5)
+    with pytest.raises(
+        ValueError, match=r"other limits \(epochs: \[2\] then, \[5\] now\).*--fresh"
+    ):
+        run_one(more, "sgd", 0, run_dir, data=_data(), progress=False)
+    (run_dir / "checkpoint.pt").write_bytes(checkpoint)  # with it, the run continues
+    stopped = run_one(more, "sgd", 0, run_dir, data=_data(), progress=False, max_steps=13)
+    assert not stopped.finished and not (run_dir / RESULT_FILE).exists()
+    done = run_one(more, "sgd", 0, run_dir, data=_data(), progress=False)
+    assert done.finished and done.step == 25 and (run_dir / RESULT_FILE).exists()
+    (run_dir / "checkpoint.pt").unlink()
+    (run_dir / "metrics.jsonl").write_text(metrics)  # the records of the 2-epoch run
+    with pytest.raises(
+        ValueError, match=r"finished at step 25, but its metrics.jsonl ends at step 10"
+    ):
+        run_one(more, "sgd", 0, run_dir, data=_data(), progress=False)
+    (run_dir / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match="ends at no record"):
+        run_one(more, "sgd", 0, run_dir, data=_data(), progress=False)
 
 
 def test_unreadable_result_is_named(tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ class BlockStats(LayerStats):
     takes; the exact Fisher products of the coarse level follow from the gradients."""
 
     factors_type: ClassVar[Callable[[], Any]]
+    # ``a`` holds ids that a cast to the layer's (half) dtype would round: captured as given
+    exact_inputs: ClassVar[bool] = False
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> BlockStats:
@@ -373,7 +375,8 @@ def calls_statistics(
         RuntimeError: if the calls saw different numbers of rows.
     """
     pairs = [block_statistics(module, x, grad) for module, x, grad in calls]
-    inputs = [_cast(a, dtype) for a, _ in pairs]
+    own = own_statistics(calls[0][0])
+    inputs = [a if own is not None and own.exact_inputs else _cast(a, dtype) for a, _ in pairs]
     grads = [None if g is None else _cast(g, dtype) for _, g in pairs]
     d_out = next(g for g in grads if g is not None).shape[2:]  # [d_out], or [G, d_out/G]
     grads = [

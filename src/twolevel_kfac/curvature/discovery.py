@@ -1,7 +1,8 @@
 """Which modules of a model get a KFAC curvature block, and through which calls.
 
 :func:`find_layers` walks ``model.named_modules()`` and keeps the trainable layers of the
-types :mod:`.layer_types` registers (``Linear``, ``Conv1d/2d/3d`` with groups=1, a user's own)
+types :mod:`.layer_types` registers (``Linear``, ``Embedding``, ``Conv1d/2d/3d``, norms with
+``norm_blocks``, ``MultiheadAttention``'s projections, a user's own)
 whose parameters the optimizer owns. Three situations would
 make a block silently wrong, and are resolved here, before any step:
 
@@ -182,7 +183,7 @@ def find_layers(
     params: Iterable[object] | None = None,
     norm_blocks: bool = False,
 ) -> dict[str, nn.Module]:
-    """The ``Linear`` / ``Conv2d`` (groups=1) layers of ``model`` that get a KFAC block, by
+    """The layers of ``model`` that get a curvature block (module doc), by
     name (one entry per tied group, under its first module's name; see the module doc).
 
     Args:

@@ -42,6 +42,7 @@ __all__ = [
     "conv_patches",
     "embedding_reason",
     "fixed_rows",
+    "is_token_table",
     "layer_type",
     "linear_features",
     "one_hot_rows",
@@ -195,13 +196,20 @@ def one_hot_rows(module: nn.Module, tokens: Tensor) -> Tensor:
     return rows.to(module.weight.dtype)
 
 
+def is_token_table(uses: list[nn.Module]) -> bool:
+    """Whether a block's weight is used by embeddings alone (its ``G`` is diagonal: the
+    frequencies of the tokens; a tied ``Linear`` head adds its logits' dense ``δδᵀ``)."""
+    return bool(uses) and all(isinstance(m, nn.Embedding) for m in uses)
+
+
 def fixed_rows(uses: list[nn.Module]) -> list[int]:
-    """The rows of a block's ``W̄`` that never get a gradient: the ``padding_idx`` row of
-    an ``nn.Embedding`` that no other module uses (a tied head trains that row). The
-    coarse spaces leave them out, so that no step moves them."""
-    if len(uses) != 1 or not isinstance(uses[0], nn.Embedding):
+    """The rows of a block's ``W̄`` that never get a gradient: the ``padding_idx`` row of an
+    ``nn.Embedding`` (the row every embedding sharing the table pads with; a tied ``Linear``
+    head trains every row). The coarse spaces leave them out, so that no step moves them."""
+    if not is_token_table(uses):
         return []
-    padding = uses[0].padding_idx
+    paddings = {getattr(m, "padding_idx", None) for m in uses}
+    padding = paddings.pop() if len(paddings) == 1 else None
     return [] if padding is None else [int(padding)]
 
 
@@ -219,5 +227,6 @@ def embedding_reason(module: nn.Module) -> str | None:
 
 register_layer_type(nn.Linear, linear_features, linear_features)
 register_layer_type(nn.Embedding, one_hot_rows, linear_features, embedding_reason, True)
-# Larger embedding tables (.tokens), convolutions (KFC, one block per group, .convolutions)
-# and norm layers (.scale_shift) are registered by their modules.
+# Registered again by their modules: nn.Embedding with the statistics of tables over
+# EMBEDDING_MAX_ROWS rows (.tokens), the convolutions (KFC, one block per group,
+# .convolutions), the norm layers (.scale_shift).

@@ -53,7 +53,25 @@ from .layer_types import (
 )
 from .running_average import ema_weight, running_average
 
-__all__ = ["TokenFactors", "TokenStats"]
+__all__ = ["TokenFactors", "TokenStats", "table_spectral_vector"]
+
+
+def table_spectral_vector(
+    frequencies: Tensor, values_a: Tensor, vectors_a: Tensor, which: str
+) -> Tensor:
+    """The spectral coarse vector of a table's block ``diag(f) ⊗ A`` (``[V, D]``): ``e_v
+    q_jᵀ`` of its smallest (largest) eigenvalue ``f_v a_j`` *among the tokens seen*
+    (``f_v > 0``). An unseen (or padding) token's row gets no gradient, so its eigenvector,
+    which the plain rule would pick for ``"smallest"``, would add nothing to the coarse
+    space. Zeros when no token was seen."""
+    out = vectors_a.new_zeros(frequencies.shape[0], vectors_a.shape[0])
+    seen = torch.nonzero(frequencies > 0).flatten()
+    if len(seen) == 0:
+        return out
+    pick = torch.argmin if which == "smallest" else torch.argmax
+    row = int(seen[pick(frequencies[seen])])
+    out[row] = vectors_a[:, int(pick(values_a))]
+    return out
 
 
 class TokenFactors(InverseOnMatrices):
@@ -159,15 +177,9 @@ class TokenFactors(InverseOnMatrices):
         return out.to(grad.dtype)
 
     def spectral_vector(self, which: str) -> Tensor:
-        """The eigenvector of the smallest (largest) eigenvalue ``f_v a_j`` of ``G ⊗ A``:
-        ``e_v q_jᵀ`` of the extreme frequency and the extreme eigenvalue of ``A`` (the
-        frequencies are non-negative; needs ``inverse_method="eigen"``)."""
+        """:func:`table_spectral_vector` of the frozen factors (``inverse_method="eigen"``)."""
         assert self.a_decomposition is not None and self.frozen_frequencies is not None
-        values, vectors = self.a_decomposition
-        pick = torch.argmin if which == "smallest" else torch.argmax
-        out = vectors.new_zeros(self.frozen_frequencies.shape[0], vectors.shape[0])
-        out[int(pick(self.frozen_frequencies))] = vectors[:, int(pick(values))]
-        return out
+        return table_spectral_vector(self.frozen_frequencies, *self.a_decomposition, which)
 
     def state_dict(self) -> dict[str, Any]:
         """The state to checkpoint."""
@@ -202,6 +214,7 @@ class TokenStats(BlockStats):
     ``δ`` ``[N, T, D]``; ``table_rows``: ``V`` (module docstring)."""
 
     factors_type: ClassVar[Callable[[], Any]] = TokenFactors
+    exact_inputs: ClassVar[bool] = True  # the ids stay float64 in a half-precision model
     table_rows: int = 0
     padding: int = -1  # the table's padding_idx (-1: none): its positions give no gradient
 
@@ -214,10 +227,12 @@ class TokenStats(BlockStats):
                 (``factor_dtype`` float16 / bfloat16).
         """
         rows = int(layer_weight(module).shape[0])
-        if a.dtype in (torch.float16, torch.bfloat16):
+        exact = {torch.float32: 2**24, torch.float64: 2**53}.get(a.dtype, 0)
+        if rows > exact:
             raise ValueError(
-                f"an embedding table of {rows} rows needs factor_dtype float32 or float64 "
-                f"(its token ids are kept in it), not {a.dtype}"
+                f"an embedding table of {rows} rows keeps its token ids in the factors' "
+                f"dtype, and {a.dtype} cannot hold them exactly: pass factor_dtype="
+                f"{'torch.float64' if rows > 2**24 else 'torch.float32'}"
             )
         padding = getattr(module, "padding_idx", None)
         return cls(a, g, rows, -1 if padding is None else int(padding))

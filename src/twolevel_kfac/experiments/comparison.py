@@ -29,7 +29,7 @@ from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.provenance import describe_runs
 from twolevel_kfac.experiments.reference_curves import read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
-from twolevel_kfac.experiments.run_state import RESULT_FILE, read_finished
+from twolevel_kfac.experiments.run_state import RESULT_FILE, read_finished, run_limits
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
 
 __all__ = ["ComparisonResult", "describe", "run_comparison", "run_one", "select"]
@@ -75,14 +75,18 @@ def run_one(
     """Start, resume or (if finished) just re-read the run of ``(label, seed)``.
 
     Raises:
-        ValueError: ``run_dir`` holds a checkpoint of another config and not ``fresh``.
+        ValueError: ``run_dir`` holds a checkpoint of another config and not ``fresh``,
+            or a ``result.json`` (a finished run kept without its checkpoint) that does not
+            answer this config (:func:`.run_state.read_finished`).
     """
     run_config = config.for_run(label, seed)
     try:
         if not fresh and not (run_dir / "checkpoint.pt").exists():
             metrics = run_dir / "metrics.jsonl"
             records = read_metrics(metrics) if metrics.exists() else []
-            kept = read_finished(run_dir, run_config.fingerprint(), records)
+            kept = read_finished(
+                run_dir, run_config.fingerprint(), records, run_limits(run_config.problem)
+            )
             if kept is not None:  # finished, its checkpoint not kept (run_state)
                 return kept
         if fresh or not (run_dir / "checkpoint.pt").exists():
@@ -98,8 +102,8 @@ def run_one(
             data=data,
         )
     except ValueError as error:
-        if "another config" in str(error):
-            raise ValueError(f"{error} (or pass --fresh to discard it)") from None
+        if "another config" in str(error) or "result.json" in str(error):
+            raise ValueError(f"{error} (pass --fresh to discard it)") from None
         raise
 
 

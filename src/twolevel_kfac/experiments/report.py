@@ -109,7 +109,7 @@ def default_target(results: Results) -> float | None:
 
 def _time_to(run: Records, target: float, key: str) -> float:
     hit = next((r for r in run if _num(r.get("train_loss")) <= target), None)
-    return _num(hit[key]) if hit is not None else math.nan
+    return _num(hit.get(key)) if hit is not None else math.nan
 
 
 def summarize(
@@ -135,7 +135,7 @@ def summarize(
         runs = [epoch_records(run) for run in all_runs]
         runs = [run for run in runs if run]
         epochs = [_num(run[-1]["epoch"]) for run in runs]
-        sec = [_num(run[-1][key]) / e for run, e in zip(runs, epochs, strict=True) if e > 0]
+        sec = [_num(run[-1].get(key)) / e for run, e in zip(runs, epochs, strict=True) if e > 0]
         times = [_time_to(run, target, key) for run in runs] if target is not None else []
         reached = [t for t in times if math.isfinite(t)]
         rows.append(
@@ -227,7 +227,7 @@ def _band(runs: Sequence[Records], x_key: str, y_key: str) -> list[tuple[float, 
         rows = [run[i] for run in runs if i < len(run) and math.isfinite(_num(run[i].get(y_key)))]
         if rows:
             ys = [_num(r[y_key]) for r in rows]
-            x = statistics.fmean(_num(r[x_key]) for r in rows)
+            x = statistics.fmean(_num(r.get(x_key)) for r in rows)
             points.append((x, statistics.fmean(ys), min(ys), max(ys)))
     return points
 

@@ -17,7 +17,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twolevel_kfac.experiments.config import ProblemSpec
 
 __all__ = [
     "FINAL_REASONS",
@@ -25,6 +28,7 @@ __all__ = [
     "LoopState",
     "RunResult",
     "read_finished",
+    "run_limits",
     "write_result",
 ]
 
@@ -69,22 +73,47 @@ class RunResult:
     step: int
 
 
-def write_result(result: RunResult, fingerprint: str) -> None:
-    """Write ``run_dir/result.json`` for a finished run."""
-    text = json.dumps(
-        {"fingerprint": fingerprint, "stop_reason": result.stop_reason, "step": result.step},
-        indent=1,
-    )
+def run_limits(problem: ProblemSpec) -> dict[str, Any]:
+    """A config's ``problem`` limits on where a run ends (kept in ``result.json``)."""
+    return {
+        "epochs": problem.epochs,
+        "time_budget_s": problem.time_budget_s,
+        "clock": problem.clock,
+    }
+
+
+def write_result(result: RunResult, fingerprint: str, limits: dict[str, Any]) -> None:
+    """Write ``run_dir/result.json`` for a finished run.
+
+    Args:
+        result: The finished run.
+        fingerprint: Its config's fingerprint.
+        limits: What ended it besides the trajectory (``epochs``, ``time_budget_s``,
+            ``clock``), so that a later config asking for more is not answered by it.
+    """
+    saved = {"fingerprint": fingerprint, "stop_reason": result.stop_reason, "step": result.step}
+    text = json.dumps(saved | limits, indent=1)
     (result.run_dir / RESULT_FILE).write_text(text + "\n", encoding="utf-8")
 
 
 def read_finished(
-    run_dir: Path, fingerprint: str, records: list[dict[str, Any]]
+    run_dir: Path, fingerprint: str, records: list[dict[str, Any]], limits: dict[str, Any]
 ) -> RunResult | None:
     """The finished run in ``run_dir`` (``None`` without ``result.json``).
 
+    Args:
+        run_dir: The run directory.
+        fingerprint: The fingerprint of the config asking for the run.
+        records: Its ``metrics.jsonl`` records.
+        limits: That config's ``epochs``, ``time_budget_s`` and ``clock``.
+
+    Returns:
+        The run, finished, when ``result.json`` answers that config.
+
     Raises:
-        ValueError: ``result.json`` was written for another config, or it cannot be read.
+        ValueError: ``result.json`` cannot be read, was written for another config, asks
+            for less than ``limits`` (more epochs, a larger time budget: only its checkpoint
+            could continue it), or disagrees with the records (missing or cut short).
     """
     path = run_dir / RESULT_FILE
     if not path.exists():
@@ -99,8 +128,29 @@ def read_finished(
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} cannot be read ({error}); delete it to rerun the run") from None
     if saved_fingerprint != fingerprint:
+        raise ValueError(f"{path} is the result of another config than this run's")
+    changed = [
+        key
+        for key in ("epochs", "time_budget_s", "clock")
+        if key in saved and saved[key] != limits.get(key) and _binding(key, stop_reason)
+    ]
+    if changed:
         raise ValueError(
-            f"{path} is the result of another config than this run's; rerun with another "
-            "output directory"
+            f"{path} finished under other limits ({', '.join(changed)}: "
+            f"{[saved[k] for k in changed]} then, {[limits.get(k) for k in changed]} now) and "
+            "its checkpoint is not here to continue it"
+        )
+    last = records[-1].get("step") if records else None
+    if last != step:
+        raise ValueError(
+            f"{path} says the run finished at step {step}, but its metrics.jsonl ends at "
+            f"{'no record' if last is None else f'step {last}'}"
         )
     return RunResult(run_dir, records, True, False, stop_reason, step)
+
+
+def _binding(key: str, stop_reason: str) -> bool:
+    """Whether limit ``key`` decided where a run that stopped for ``stop_reason`` ended."""
+    if key == "epochs":
+        return stop_reason == "epochs"
+    return stop_reason == "time_budget"

@@ -82,7 +82,14 @@ from twolevel_kfac.experiments.problem import (
     evaluate,
     load_data,
 )
-from twolevel_kfac.experiments.run_state import FINAL_REASONS, LoopState, RunResult, write_result
+from twolevel_kfac.experiments.run_state import (
+    FINAL_REASONS,
+    RESULT_FILE,
+    LoopState,
+    RunResult,
+    run_limits,
+    write_result,
+)
 from twolevel_kfac.finite import all_finite
 from twolevel_kfac.placement import CPU, move_tensors
 
@@ -360,6 +367,8 @@ def train_run(
     loop = _Loop(config, run_dir, data, par)
     if resume:
         loop.restore()
+        if not loop.finished() and par.is_main:  # continued: no longer the result of before
+            (run_dir / RESULT_FILE).unlink(missing_ok=True)
     if par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(
@@ -387,5 +396,5 @@ def train_run(
         s.step,
     )
     if result.finished and par.is_main:
-        write_result(result, config.fingerprint())
+        write_result(result, config.fingerprint(), run_limits(config.problem))
     return result

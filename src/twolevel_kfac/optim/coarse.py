@@ -21,6 +21,7 @@ from ..curvature.blocks import LayerStats, gradient_parts, layer_shape, layer_we
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
+from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_matrix import (
     CoarseOperator,
     coarse_projections,
@@ -116,8 +117,8 @@ class CoarseLevel:
 
     def _spectral_vectors(self) -> list[Tensor]:
         """Per block the eigenvector of its smallest (largest) eigenvalue, from the current
-        decompositions (``q_G q_Aᵀ`` of a Kronecker block; a block of its own gives its
-        own ``spectral_vector``)."""
+        decompositions (``q_G q_Aᵀ`` of a Kronecker block; among the seen tokens for an
+        embedding table; a block of its own gives its own ``spectral_vector``)."""
         which, vectors = self.options.spectral_which, []
         for name in self.names:
             factors = self.host.factors[name]
@@ -126,6 +127,10 @@ class CoarseLevel:
                 continue
             assert factors.decomp_a is not None and factors.decomp_g is not None
             (vals_a, vecs_a), (vals_g, vecs_g) = factors.decomp_a, factors.decomp_g
+            if name in self.host.token_tables:  # G = diag(f): its eigenvectors are e_v
+                frequencies = (vecs_g * vecs_g) @ vals_g
+                vectors.append(table_spectral_vector(frequencies, vals_a, vecs_a, which))
+                continue
             vectors.append(kronecker_spectral_vector(vecs_a, vals_a, vecs_g, vals_g, which))
         return vectors
 

@@ -171,8 +171,8 @@ class CurvatureOptions:
             whole accumulated batch. ``fisher="mc"`` needs no scaling.
         norm_blocks: give the affine parameters of ``LayerNorm``, ``RMSNorm``,
             ``BatchNorm`` and ``GroupNorm`` their unit-wise scale-and-shift blocks
-            (:mod:`~twolevel_kfac.curvature.scale_shift`; kept under every fine level; not
-            the ``tselepidis`` coarse space); default: the fallback step.
+            (:mod:`~twolevel_kfac.curvature.scale_shift`; kept under every fine level and
+            coarse space); default: the fallback step.
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).
         seed: seed of the sampler that picks the Fisher mini-batch and MC targets (rank

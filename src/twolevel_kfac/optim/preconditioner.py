@@ -37,7 +37,7 @@ from ..curvature.blocks import (
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
 from ..curvature.kronecker_apply import LayerParts
-from ..curvature.layer_types import fixed_rows
+from ..curvature.layer_types import fixed_rows, is_token_table
 from ..distributed import (
     layer_specs,
     make_communicator,
@@ -133,6 +133,7 @@ class KFACPreconditioner:
         uses = find_layer_uses(model, self.layers)
         # rows no step may move (an untied embedding's padding row), by layer
         self.fixed_rows = {name: rows for name in self.layers if (rows := fixed_rows(uses[name]))}
+        self.token_tables = {name for name in self.layers if is_token_table(uses[name])}
         self.capture = CurvatureCapture(
             model,
             self.layers,

@@ -226,7 +226,7 @@ def build_basis(
     """Dispatch to the coarse space ``name`` (one of :data:`COARSE_SPACES`).
 
     ``"tselepidis"`` returns the Nicolaides basis: that space differs only in its coarse
-    matrix (:func:`~twolevel_kfac.twolevel.coarse_matrix.tselepidis_coarse_matrix`).
+    matrix (:func:`~twolevel_kfac.twolevel.tselepidis.tselepidis_coarse_matrix`).
 
     Args:
         name: the coarse space.

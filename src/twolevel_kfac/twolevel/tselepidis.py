@@ -42,8 +42,12 @@ def tselepidis_coarse_matrix(
 
     (``G_ij`` likewise). Our choice (Tselepidis' code resamples conv locations too): it
     makes the diagonal ``1ᵀ(A_i ⊗ G_i)1`` with the KFAC/KFC factors
-    ``A_i = Σ_{n,t} ā āᵀ/(NT)``, so ``F_c`` agrees with KFAC on each layer. (Tselepidis'
-    gkfac re-adds a mirrored triangle at every inverse update; we build it symmetric.)
+    ``A_i = Σ_{n,t} ā āᵀ/(NT)``, so ``F_c`` agrees with KFAC on each layer with ``T = 1``.
+    A layer with ``T > 1`` locations (a convolution, a sequence) is preconditioned as
+    ``T·(A ⊗ G)`` (KFC's convention), and its diagonal entry here is ``1/T`` of that block's
+    ``1ᵀ(T·A ⊗ G)1``: the cross-layer formula has no such factor, and none is added.
+    (Tselepidis' gkfac re-adds a mirrored triangle at every inverse update; we build it
+    symmetric.)
 
     Blocks of their own are direct sums of Kronecker sub-blocks
     (:meth:`~twolevel_kfac.curvature.blocks.LayerStats.nicolaides_sums`): a grouped
