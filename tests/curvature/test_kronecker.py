@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from twolevel_kfac.curvature import kronecker
+from twolevel_kfac.curvature.factor_inverse import damped_inverse, safe_eigh
 from twolevel_kfac.curvature.kronecker import (
     KroneckerFactors,
-    damped_inverse,
     ema_weight,
     factor_dampings,
     pi_ratio,
-    safe_eigh,
 )
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .blocks import LayerStats
-from .kronecker import _eigh_or_none
+from .factor_inverse import eigh_or_none
 from .persample import rearranged_adjoint_product, rearranged_product
 
 Reduce = Callable[[Tensor], Tensor]
@@ -213,7 +213,7 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     if not torch.isfinite(matrix).all():
         raise RuntimeError("cannot decompose a matrix with NaN/Inf entries")
     sym = 0.5 * (matrix + matrix.T)
-    result = _eigh_or_none(sym) or _eigh_or_none(sym.double())
+    result = eigh_or_none(sym) or eigh_or_none(sym.double())
     if result is None:
         raise RuntimeError(f"eigendecomposition of a {tuple(sym.shape)} matrix failed")
     return result[0].to(matrix.dtype), result[1].to(matrix.dtype)

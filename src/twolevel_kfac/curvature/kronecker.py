@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor
 
+from .factor_inverse import (
+    converted_decomposition,
+    damped_inverse,
+    decompose_factor,
+    eigen_inverse,
+)
 from .kronecker_apply import LayerParts, apply_in_eigenbasis_split, multiply_joined, multiply_split
 from .running_average import ema_weight, running_average
 
@@ -53,125 +58,6 @@ def factor_dampings(damping: float, mode: str, pi: float) -> tuple[float, float]
         root = math.sqrt(damping)
         return pi * root, root / pi
     raise ValueError(f"damping_mode {mode!r} is not factored; use one of {DAMPING_MODES}")
-
-
-def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``torch.linalg.eigh``, or ``None`` when it raises or returns non-finite values (MKL's
-    float32 ``syevd`` was seen to return NaN silently for rank-deficient 785×785 factors)."""
-    try:
-        values, vectors = torch.linalg.eigh(matrix)
-    except RuntimeError:  # torch's LinAlgError is a RuntimeError
-        return None
-    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
-        return None
-    return values, vectors
-
-
-RETRY_DAMPINGS = (1e-10, 1e-7, 1e-4, 1e-2)
-"""Extra damping tried, in order, when a decomposition fails in the factor's dtype and in
-float64: multiples of ``mean(diag M) + 1`` (so the ladder is scale-aware and never zero)."""
-
-
-def _retry_with_damping(
-    matrix64: Tensor, attempt: Callable[[Tensor], _T | None], what: str
-) -> tuple[_T, float, bool]:
-    """Run ``attempt(M + εI)`` for ε on :data:`RETRY_DAMPINGS` until it succeeds.
-
-    Returns the result, the ε used and whether it was the first (negligible) rung; warns
-    when ε had to grow past it (the factor is then damped more than asked, which is what
-    keeps a run alive).
-
-    Raises:
-        RuntimeError: if every rung fails.
-    """
-    scale = float(matrix64.diagonal().mean()) + 1.0
-    eye = torch.eye(matrix64.shape[0], dtype=matrix64.dtype, device=matrix64.device)
-    for rung, relative in enumerate(RETRY_DAMPINGS):
-        shift = relative * scale
-        result = attempt(matrix64 + shift * eye)
-        if result is not None:
-            if rung > 0:
-                warnings.warn(
-                    f"{what} of a {tuple(matrix64.shape)} Kronecker factor failed in float64; "
-                    f"it succeeded with extra damping {shift:.3g}",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return result, shift, rung == 0
-    raise RuntimeError(
-        f"{what} of a {tuple(matrix64.shape)} factor failed in its dtype, in float64 and "
-        f"with extra damping up to {RETRY_DAMPINGS[-1] * scale:.3g}"
-    )
-
-
-def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
-
-    Tries the factor's dtype (float32 is the faster, ``docs/benchmarks/eigh_dtype.md``),
-    then float64, then float64
-    with growing extra damping ``M + εI`` (:data:`RETRY_DAMPINGS`). The first rung
-    (ε = 1e-10·(tr M / n + 1)) is subtracted again, since the eigenvectors do not change
-    under a shift; larger rungs are kept in the eigenvalues (the factor is damped more)
-    and warned about. Returns ``(eigenvalues, eigenvectors)`` in the input's dtype.
-
-    Raises:
-        RuntimeError: if the factor has non-finite entries or every attempt fails.
-    """
-    if not torch.isfinite(matrix).all():
-        raise RuntimeError("cannot decompose a Kronecker factor with NaN/Inf entries")
-    sym = 0.5 * (matrix + matrix.T)
-    result = _eigh_or_none(sym)
-    if result is None:
-        sym64 = sym.double()
-        result = _eigh_or_none(sym64)
-        if result is None:
-            (values, vectors), shift, negligible = _retry_with_damping(
-                sym64, _eigh_or_none, "eigendecomposition"
-            )
-            result = (values - shift if negligible else values, vectors)
-    values, vectors = result
-    return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
-
-
-def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
-    """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh`;
-    ``cholesky`` → ``(copy of the factor, empty)`` (its damped inverse is formed per damping)."""
-    if method == "eigen":
-        return safe_eigh(matrix)
-    return matrix.clone(), matrix.new_empty(0)
-
-
-def _cholesky_inverse_or_none(matrix: Tensor) -> Tensor | None:
-    """``M⁻¹`` by Cholesky, or ``None`` when ``M`` is not numerically positive definite."""
-    chol, info = torch.linalg.cholesky_ex(matrix)
-    # a finite factor with a positive diagonal has a finite inverse (cheaper to check)
-    if int(info) != 0 or not bool(torch.isfinite(chol.diagonal()).all()):
-        return None
-    return torch.cholesky_inverse(chol)
-
-
-def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
-    """``(M + shift·I)⁻¹`` by Cholesky; retried in float64, then with growing extra
-    damping (:data:`RETRY_DAMPINGS`, warned about past the first rung).
-
-    The result is exactly symmetric (its upper triangle mirrored), so an inverse shared as
-    a packed triangle (:mod:`twolevel_kfac.distributed`) equals the one computed locally,
-    and a resumed run (which recomputes it) steps as the uninterrupted one."""
-    sym = matrix.clone()  # Cholesky reads the lower triangle only: no symmetrisation needed
-    sym.diagonal().add_(shift)
-    inverse = _cholesky_inverse_or_none(sym)
-    if inverse is None:
-        inverse = _cholesky_inverse_or_none(sym.double())
-    if inverse is None:
-        retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
-        inverse = retried
-    upper = inverse.triu()
-    return upper.add_(upper.triu(1).T).to(matrix.dtype)
-
-
-def eigen_inverse(values: Tensor, vectors: Tensor, shift: float) -> Tensor:
-    """``(M + shift·I)⁻¹ = Q diag(1/(d + shift)) Qᵀ`` from the eigenpairs of ``M``."""
-    return (vectors / (values + shift)) @ vectors.T
 
 
 def eigen_denominator(
@@ -261,15 +147,10 @@ class KroneckerFactors:
         :func:`safe_eigh`. Returns whether anything was converted."""
         changed = False
         for side in ("decomp_a", "decomp_g"):
-            decomp = getattr(self, side)
-            if decomp is None or (decomp[0].dim() == 1) == (method == "eigen"):
-                continue
-            values, vectors = decomp
-            if method == "eigen":
-                setattr(self, side, safe_eigh(values))
-            else:
-                setattr(self, side, ((vectors * values) @ vectors.T, values.new_empty(0)))
-            changed = True
+            converted = converted_decomposition(getattr(self, side), method)
+            if converted is not None:
+                setattr(self, side, converted)
+                changed = True
         self._cache_key = None
         return changed
 

@@ -35,15 +35,8 @@ from torch import Tensor, nn
 
 from . import layer_types
 from .blocks import BlockStats, layer_weight
-from .kronecker import (
-    damped_inverse,
-    decompose_factor,
-    eigen_inverse,
-    factor_dampings,
-    per_location,
-    pi_ratio,
-    safe_eigh,
-)
+from .factor_inverse import converted_decomposition, damped_inverse, decompose_factor, eigen_inverse
+from .kronecker import factor_dampings, per_location, pi_ratio
 from .kronecker_apply import InverseOnMatrices
 from .layer_types import (
     embedding_reason,
@@ -131,15 +124,10 @@ class TokenFactors(InverseOnMatrices):
     def convert_decomposition(self, method: str) -> bool:
         """Put ``A``'s cached decomposition in ``method``'s form (a checkpoint of the other
         ``inverse_method``); whether it changed."""
-        decomp = self.a_decomposition
-        if decomp is None or (decomp[0].dim() == 1) == (method == "eigen"):
+        converted = converted_decomposition(self.a_decomposition, method)
+        if converted is None:
             return False
-        values, vectors = decomp
-        if method == "eigen":
-            self.a_decomposition = safe_eigh(values)
-        else:
-            self.a_decomposition = ((vectors * values) @ vectors.T, values.new_empty(0))
-        self._key = None
+        self.a_decomposition, self._key = converted, None
         return True
 
     def _inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:

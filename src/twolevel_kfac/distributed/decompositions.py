@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..curvature.kronecker import KroneckerFactors, damped_inverse, decompose_factor
+from ..curvature.factor_inverse import damped_inverse, decompose_factor
+from ..curvature.kronecker import KroneckerFactors
 from .communicator import Communicator, pack_symmetric, unpack_symmetric
 
 
