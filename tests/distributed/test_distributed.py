@@ -83,6 +83,11 @@ CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
     ),
     # an embedding table over 4096 rows: its diagonal token-frequency factor
     "big_table_kfac": (tk.KFAC, {"net": "big_table"}),
+    # an embedding's padding row: outside the coarse space on every rank
+    "padded_nicolaides_adef1": (
+        tk.TwoLevelKFAC,
+        {"net": "padded", "combination": "adef1"},
+    ),
     "big_table_residual_adef2": (
         tk.TwoLevelKFAC,
         {"net": "big_table", "coarse_space": "residual", "combination": "adef2"},
@@ -142,6 +147,14 @@ class BigTableNet(TransformerNet):
         self.tokens = nn.Embedding(5000, 8)
 
 
+class PaddedNet(TransformerNet):
+    """:class:`TransformerNet` whose token table pads with id 5 (the inputs' middle id)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(10, 8, padding_idx=5)
+
+
 def grouped_net() -> nn.Module:
     """A grouped convolution (2 groups) and a GroupNorm before a Linear head."""
     torch.manual_seed(5)
@@ -153,7 +166,12 @@ def grouped_net() -> nn.Module:
 
 def build(cls: type[tk.KFAC], kwargs: dict[str, Any], wrap: bool) -> tuple[nn.Module, tk.KFAC]:
     kwargs = dict(kwargs)
-    nets = {"transformer": TransformerNet, "grouped": grouped_net, "big_table": BigTableNet}
+    nets = {
+        "transformer": TransformerNet,
+        "grouped": grouped_net,
+        "big_table": BigTableNet,
+        "padded": PaddedNet,
+    }
     model: nn.Module = nets.get(kwargs.pop("net", None), lambda: prepare(mixed_net()))()
     if wrap:
         model = nn.parallel.DistributedDataParallel(model)

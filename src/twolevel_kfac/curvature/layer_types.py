@@ -198,14 +198,25 @@ def one_hot_rows(module: nn.Module, tokens: Tensor) -> Tensor:
 
 def is_token_table(uses: list[nn.Module]) -> bool:
     """Whether a block's weight is used by embeddings alone (its ``G`` is diagonal: the
-    frequencies of the tokens; a tied ``Linear`` head adds its logits' dense ``δδᵀ``)."""
+    frequencies of the tokens; a tied ``Linear`` head adds its logits' dense ``δδᵀ``).
+
+    Args:
+        uses: every module computing with the block's weight (``find_layer_uses``).
+    """
     return bool(uses) and all(isinstance(m, nn.Embedding) for m in uses)
 
 
 def fixed_rows(uses: list[nn.Module]) -> list[int]:
     """The rows of a block's ``W̄`` that never get a gradient: the ``padding_idx`` row of an
     ``nn.Embedding`` (the row every embedding sharing the table pads with; a tied ``Linear``
-    head trains every row). The coarse spaces leave them out, so that no step moves them."""
+    head trains every row). The coarse spaces leave them out, so that no step moves them.
+
+    Args:
+        uses: every module computing with the block's weight (``find_layer_uses``).
+
+    Returns:
+        The row indices (empty: none).
+    """
     if not is_token_table(uses):
         return []
     paddings = {getattr(m, "padding_idx", None) for m in uses}

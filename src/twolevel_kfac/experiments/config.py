@@ -150,10 +150,13 @@ class ProblemSpec(_Strict):
     checkpoint_every: int | None = Field(default=None, gt=0, description="steps; also at the end")
     early_stopping: EarlyStopping | None = None
     time_budget_s: float | None = Field(default=None, gt=0, description="training seconds per run")
-    # the clock of time_budget_s and of the reports' time axis: "wall" (perf_counter), or
-    # "cpu": this process's CPU time, which other jobs on other cores hardly change (a
-    # 1-thread run's CPU seconds equal its wall seconds on an idle machine)
-    clock: Literal["wall", "cpu"] = "wall"
+    clock: Literal["wall", "cpu"] = Field(
+        default="wall",
+        description="the clock of time_budget_s and of the reports' time axis: wall "
+        "(perf_counter) or cpu (this process's CPU time, which other jobs on other cores "
+        "hardly change; a 1-thread run's CPU seconds equal its wall seconds on an idle "
+        "machine)",
+    )
     # "model": a finished run's last checkpoint drops the optimizer state (KFAC factors
     # take 100s of MB for the big autoencoders); such a run cannot be extended
     final_checkpoint: Literal["full", "model"] = "full"

@@ -80,8 +80,16 @@ def tselepidis_sums(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor, Tensor
     the sub-blocks with ``T ≤ t``, resampled to ``t``, are the rows of ``[S_t, N·t]``
     matrices whose Gram gives every pair with ``T_ss' = t`` (a 64-layer network at
     ``T = 1`` spent 0.1 s a refresh in the loop). Cost ``O(S_t² N t)``: a norm layer
-    brings one row per unit. The sums add over disjoint sample sets (what a distributed
-    reduction needs)."""
+    brings one row per unit, and memory ``O(S_t N t)``. The sums add over disjoint
+    sample sets (what a distributed reduction needs).
+
+    Args:
+        stats: one :class:`LayerStats` per layer (the Fisher mini-batch).
+
+    Returns:
+        ``(sum_a, sum_g, locations, owner)``: the two ``[S, S]`` sums, ``T_ss'`` and the
+        layer index of each sub-block.
+    """
     sums = [s.nicolaides_sums() for s in stats]  # ([N, T_i, S_i], [N, T_i, S_i])
     device = sums[0][0].device
     sizes = torch.tensor([a.shape[-1] for a, _ in sums], device=device)
