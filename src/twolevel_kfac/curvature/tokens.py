@@ -16,8 +16,9 @@ and for ``eigen_sum`` (``A = Q diag(a) Qᵀ``): ``[(X Q) ⊘ (f aᵀ + λ)] Qᵀ
 path's arithmetic with ``G``'s eigenbasis the identity (``T`` the positions per sample,
 KFC's division).
 
-The statistics (:class:`TokenStats`) keep the token ids as a float column (exact below
-2²⁴) and the output gradients ``δ``; the coarse level's products with per-sample gradients
+The statistics (:class:`TokenStats`) keep the token ids as a float column (float64 as
+captured, whatever the model's dtype; a float32 factor dtype holds them up to 2²⁴ rows) and
+the output gradients ``δ``; the coarse level's products with per-sample gradients
 gather and scatter rows by token instead of forming ``[N, V, D]``. Limits: a table tied to
 a ``Linear`` head has a dense ``V × V`` factor from the head's logits (it takes the
 fallback step, :mod:`.discovery`), and ``weight_sharing="reduce"`` keeps the expand view
@@ -215,13 +216,7 @@ class TokenStats(BlockStats):
                 (``factor_dtype`` float16 / bfloat16).
         """
         rows = int(layer_weight(module).shape[0])
-        exact = {torch.float32: 2**24, torch.float64: 2**53}.get(a.dtype, 0)
-        if rows > exact:
-            raise ValueError(
-                f"an embedding table of {rows} rows keeps its token ids in the factors' "
-                f"dtype, and {a.dtype} cannot hold them exactly: pass factor_dtype="
-                f"{'torch.float64' if rows > 2**24 else 'torch.float32'}"
-            )
+        _check_ids(a.dtype, rows)
         padding = getattr(module, "padding_idx", None)
         return cls(a, g, rows, -1 if padding is None else int(padding))
 
@@ -239,6 +234,7 @@ class TokenStats(BlockStats):
     @property
     def tokens(self) -> Tensor:
         """The token ids, ``[N, T]`` (int64)."""
+        _check_ids(self.a.dtype, self.table_rows)
         return self.a[..., 0].long()
 
     def _gradients(self) -> Tensor:
@@ -288,6 +284,20 @@ class TokenStats(BlockStats):
     def numel(self) -> int:
         """``V·D``."""
         return self.table_rows * int(self.g.shape[-1])
+
+
+def _check_ids(dtype: torch.dtype, rows: int) -> None:
+    """Refuse a float dtype that cannot hold the ids of a ``rows``-row table exactly.
+
+    Raises:
+        ValueError: naming the factor dtype that would.
+    """
+    if rows > {torch.float32: 2**24, torch.float64: 2**53}.get(dtype, 0):
+        raise ValueError(
+            f"an embedding table of {rows} rows keeps its token ids in the factors' dtype, "
+            f"and {dtype} cannot hold them exactly: pass factor_dtype="
+            f"{'torch.float64' if rows > 2**24 else 'torch.float32'}"
+        )
 
 
 def _features(module: nn.Module, tokens: Tensor) -> Tensor:
