@@ -167,7 +167,7 @@ def test_a_bfloat16_language_model_keeps_exact_token_ids() -> None:
     with pytest.raises(ValueError, match="cannot hold them exactly: pass factor_dtype"):
         TokenStats.of(table, tokens[..., None].to(torch.bfloat16), torch.zeros(N, T, D))
     huge = TokenStats(tokens[..., None].float(), torch.zeros(N, T, D), 2**24 + 1)
-    with pytest.raises(ValueError, match="float32 cannot hold .*factor_dtype=torch.float64"):
+    with pytest.raises(ValueError, match=r"float32 cannot hold .*factor_dtype=torch.float64"):
         huge.block_factors()  # the factors' float32 would round ids above 2²⁴
 
 
