@@ -1225,3 +1225,18 @@ def test_half_precision_parameters_keep_float32_curvature() -> None:
     assert factors["0"].A is not None and factors["0"].A.dtype == torch.float32
     assert factors["1"].fisher.dtype == torch.float32  # type: ignore[attr-defined]
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_checkpoint_of_other_layers_names_them_and_the_likely_causes() -> None:
+    """A model with one more block (here: a norm given its block) refuses the state of one
+    without, naming the layer and what commonly causes it, before anything changes."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    trained = tk.KFAC(model, lr=0.01)
+    model(torch.randn(8, 4)).sum().backward()
+    trained.step()
+    state = trained.state_dict()
+    other = tk.KFAC(model, norm_blocks=True)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"new here: \['1'\]; gone: \[\]\).*norm_blocks"):
+        other.load_state_dict(state)
+    assert str(other.state_dict()) == str(before)  # nothing loaded

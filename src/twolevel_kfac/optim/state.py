@@ -52,8 +52,14 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     """
     saved = list(state.get("layers", []))
     if saved != list(pre.layers):
+        extra = [n for n in pre.layers if n not in saved]
+        missing = [n for n in saved if n not in pre.layers]
         raise ValueError(
             f"preconditioner state is for layers {saved}, but this model has {list(pre.layers)}"
+            f" (new here: {extra}; gone: {missing}). Another model, other params= or "
+            "norm_blocks, or a checkpoint from a version that gave fewer module types a block "
+            "(embedding tables over 4096 rows, grouped convolutions under "
+            "coarse_space='tselepidis' have one since 2026-12-02)"
         )
     restored = {
         name: _restored_factors(pre, name, saved) for name, saved in state["factors"].items()
