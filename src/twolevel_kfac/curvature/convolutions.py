@@ -32,11 +32,6 @@ class GroupedFactors(InverseOnMatrices):
     of each acts on its group's rows of ``W̄`` (the interface the plain fine level and the
     coarse level use)."""
 
-    A: Tensor | None = None  # no single pair of factors (check_blocks reads these)
-    G: Tensor | None = None
-    decomp_a: tuple[Tensor, Tensor] | None = None
-    decomp_g: tuple[Tensor, Tensor] | None = None
-
     def __init__(self) -> None:
         self.groups: list[KroneckerFactors] = []
         # every group's prepared inverse, stacked for batched products (per damping)

@@ -127,7 +127,16 @@ def apply_on_parts(
 class InverseOnMatrices:
     """The applications of a block's damped inverse derived from the one on ``W̄`` matrices
     (``apply_inverse``), for the block types that only define that (a norm's unit-wise
-    blocks, a grouped convolution's blocks per group)."""
+    blocks, a grouped convolution's blocks per group, a large embedding table's).
+
+    Such a block has no single pair of dense Kronecker factors: the attributes of
+    :class:`~.kronecker.KroneckerFactors` that callers read to tell a Kronecker block
+    (``check_blocks``, EKFAC's bases, the coarse level) are ``None`` here."""
+
+    A: Tensor | None = None
+    G: Tensor | None = None
+    decomp_a: tuple[Tensor, Tensor] | None = None
+    decomp_g: tuple[Tensor, Tensor] | None = None
 
     def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
         """The damped inverse applied to a ``(d_out, d_in')`` matrix."""

@@ -43,11 +43,6 @@ class UnitWiseFactors(InverseOnMatrices):
     copy frozen at the last refresh that the damped inverse uses (the interface of
     :class:`~.kronecker.KroneckerFactors` that the fine level and the coarse level use)."""
 
-    A: Tensor | None = None  # no Kronecker factors (check_blocks reads these)
-    G: Tensor | None = None
-    decomp_a: tuple[Tensor, Tensor] | None = None
-    decomp_g: tuple[Tensor, Tensor] | None = None
-
     def __init__(self) -> None:
         self.fisher: Tensor | None = None
         self.frozen: Tensor | None = None

@@ -73,11 +73,6 @@ class TokenFactors(InverseOnMatrices):
     with ``A``'s decomposition frozen at the last refresh (the interface of
     :class:`~.kronecker.KroneckerFactors` that the fine and coarse levels use)."""
 
-    A: Tensor | None = None  # no pair of dense factors (check_blocks, EKFAC read these)
-    G: Tensor | None = None
-    decomp_a: tuple[Tensor, Tensor] | None = None
-    decomp_g: tuple[Tensor, Tensor] | None = None
-
     def __init__(self) -> None:
         self.a_factor: Tensor | None = None
         self.frequencies: Tensor | None = None
