@@ -106,6 +106,17 @@ RESUME = {
     "momentum": 0.9,
     "kl_clip": 1e-2,
 }
+# Two steps, the second between refreshes: A-DEF1/A-DEF2/balanced read W = F̂R₀ᵀ there,
+# the same on every rank (no collective), or the rows (one collective per product).
+BETWEEN = {"cov_interval": 2, "inv_interval": 2, "lr": 0.5}
+BETWEEN_CASES: dict[str, dict[str, Any]] = {
+    "columns_adef2": {"combination": "adef2", "kept_fisher": "columns"},
+    "columns_balanced": {"coarse_space": "residual", "combination": "balanced",
+                         "kept_fisher": "columns"},
+    "rows_adef1": {"combination": "adef1", "kept_fisher": "rows"},
+    "transformer_columns_adef1": {"net": "transformer", "combination": "adef1",
+                                  "kept_fisher": "columns"},
+}  # fmt: skip
 KEEPS_BATCH = {"diagnostics": True}  # F̂v below needs the Fisher mini-batch kept
 RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
     "kfac": (tk.KFAC, {}),
@@ -113,6 +124,7 @@ RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
         tk.TwoLevelKFAC,
         {"coarse_space": "residual", "combination": "adef2", "coarse_refresh": "faithful"},
     ),
+    "columns_balanced": (tk.TwoLevelKFAC, {"combination": "balanced", "kept_fisher": "columns"}),
 }
 
 
@@ -210,6 +222,25 @@ def one_step(
     return {k: v - before[k] for k, v in params(model).items()}, opt
 
 
+def two_steps(
+    kwargs: dict[str, Any], sizes: tuple[int, ...] | None, rank: int = 0
+) -> tuple[dict[str, Tensor], bool]:
+    """The parameter change of a refresh step and a step between refreshes (:data:`BETWEEN`)
+    and whether ``W`` was kept."""
+    model, opt = build(
+        tk.TwoLevelKFAC, {**CONTRACT, "damping": 0.05, **BETWEEN, **kwargs}, sizes is not None
+    )
+    before = params(model)
+    for seed in range(2):
+        x, y = make_batch(SHAPE, CLASSES, BATCH, seed=seed)
+        if sizes is not None:
+            x, y = x[rows(rank, sizes)], y[rows(rank, sizes)]
+        step(model, opt, x, y)
+    pre = opt.preconditioner
+    assert isinstance(pre, tk.TwoLevelPreconditioner)
+    return {k: v - before[k] for k, v in params(model).items()}, pre.fisher_columns is not None
+
+
 def train(model_opt: tuple[nn.Module, tk.KFAC], steps: range, rank: int) -> None:
     model, opt = model_opt
     for k in steps:
@@ -244,6 +275,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
         for name, (cls, kwargs) in CASES.items():
             delta, opt = one_step(cls, kwargs, half, rank)
             results[name] = {"delta": delta, "bytes": opt.last_stats["comm_bytes"]}
+        for name, kwargs in BETWEEN_CASES.items():
+            results[f"between_{name}"] = two_steps(kwargs, half, rank)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, (5, 3), rank)
@@ -331,6 +364,22 @@ def test_step_equals_single_process_on_whole_batch(
         assert torch.equal(delta, runs[1][case]["delta"][name]), name
 
 
+@pytest.mark.parametrize("case", list(BETWEEN_CASES))
+def test_steps_between_refreshes_equal_single_process(
+    runs: list[dict[str, Any]], float64: None, case: str
+) -> None:
+    kwargs = BETWEEN_CASES[case]
+    expected, columns = two_steps(kwargs, None)
+    assert columns is (kwargs["kept_fisher"] == "columns")
+    for rank in range(WORLD):
+        delta, kept = runs[rank][f"between_{case}"]
+        assert kept is columns
+        error = relative_error(delta, expected)
+        assert error <= 1e-9, f"rank {rank}: relative error {error:.3e}"
+        for name, value in runs[0][f"between_{case}"][0].items():  # replicas stay identical
+            assert torch.equal(delta[name], value), name
+
+
 def _factor_dims() -> list[tuple[int, int]]:
     return [(19, 3), (27, 4), (5, 3)]  # mixed_net: (d_in', d_out) of conv, linear, linear
 
@@ -349,7 +398,9 @@ def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
         assert got["kfac_replicate"] == factors
         assert got["kfac_per_factor"] == factors + split
         assert got["nicolaides_additive"] == factors + split + coarse
-        assert got["residual_adef2"] == factors + split + coarse + fvp
+        # the residual's F̂ product, then W = F̂R₀ᵀ (K = 3 columns of P numbers) for the
+        # steps until the next refresh (kept_fisher="auto": smaller than these rows)
+        assert got["residual_adef2"] == factors + split + coarse + fvp + 3 * fvp
 
 
 def test_unequal_local_batches_weight_the_curvature_by_counts(

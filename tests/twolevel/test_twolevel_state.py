@@ -1,7 +1,7 @@
 """The two-level state: resume is bit-identical for every coarse space and combination,
-and ``state_dict`` keeps the Fisher mini-batch only where a step between refreshes reads
-it (additive with the consistent refresh does not: its state is KFAC's plus the basis and
-``F_c``)."""
+and ``state_dict`` keeps of the Fisher mini-batch only what a step between refreshes reads
+(additive with the consistent refresh: nothing, its state is KFAC's plus the basis and
+``F_c``; A-DEF1, A-DEF2, balanced: its rows or ``W = F̂R₀ᵀ``, whichever is smaller)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,17 @@ ROUND_TRIPS: dict[str, dict[str, Any]] = {
     "tselepidis+additive": {"coarse_space": "tselepidis"},
     "nicolaides+adef1": {"combination": "adef1"},
     "ekfac+nicolaides+additive": {"fine": "ekfac"},
+    "nicolaides+adef2:columns": {"combination": "adef2", "kept_fisher": "columns"},
+    "residual+balanced:columns": {
+        "coarse_space": "residual",
+        "combination": "balanced",
+        "kept_fisher": "columns",
+    },
+    "spectral+adef1:columns": {
+        "coarse_space": "spectral",
+        "combination": "adef1",
+        "kept_fisher": "columns",
+    },
 }
 
 
@@ -106,17 +117,25 @@ def test_additive_state_is_within_1_2x_of_kfac(kfac_bytes: int, space: str) -> N
     assert saved_bytes(tk.TwoLevelKFAC, coarse_space=space) <= 1.2 * kfac_bytes
 
 
-def test_combinations_reading_the_fisher_batch_keep_it(kfac_bytes: int) -> None:
-    """A-DEF2 reads ``F̂`` at every step, so its state holds the Fisher mini-batch."""
-    assert saved_bytes(tk.TwoLevelKFAC, combination="adef2") > 2 * kfac_bytes
+@pytest.mark.parametrize("combination", ["adef1", "adef2", "balanced"])
+def test_combinations_reading_the_fisher_batch_keep_w_within_1_2x_of_kfac(
+    kfac_bytes: int, combination: str
+) -> None:
+    """A-DEF1, A-DEF2 and balanced read ``F̂`` at every step. On a CNN ``W = F̂R₀ᵀ`` (``K``
+    numbers per parameter) is far smaller than the per-location rows, and is what the
+    state keeps by default; with ``kept_fisher="rows"`` it holds the rows."""
+    assert saved_bytes(tk.TwoLevelKFAC, combination=combination) <= 1.2 * kfac_bytes
+    rows = saved_bytes(tk.TwoLevelKFAC, combination=combination, kept_fisher="rows")
+    assert rows > 2 * kfac_bytes
 
 
 def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> None:
     x, y = make_batch((6,), 3, 10, seed=0)
-    for kwargs, kept in [
-        ({}, False),
-        ({"combination": "adef2"}, True),
-        ({"diagnostics": True}, True),
+    for kwargs, kept, columns in [
+        ({}, False, False),
+        ({"combination": "adef2", "kept_fisher": "rows"}, True, False),
+        ({"combination": "adef2"}, False, True),  # K·P = 106 < the rows' 10·21 numbers
+        ({"diagnostics": True}, True, False),
     ]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -125,6 +144,7 @@ def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> Non
         pre = opt.preconditioner
         assert isinstance(pre, tk.TwoLevelPreconditioner)
         assert (pre.fisher_stats is not None) is kept, kwargs
+        assert (pre.fisher_columns is not None) is columns, kwargs
         assert pre.coarse_operator is not None and pre.fisher_samples == 10
 
 

@@ -22,33 +22,26 @@ from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..curvature.tokens import table_spectral_vector
-from ..twolevel.coarse_matrix import (
-    CoarseOperator,
-    coarse_projections,
-    ema_coarse_matrix,
-    exact_coarse_matrix,
-)
+from ..twolevel.coarse_matrix import CoarseOperator, coarse_projections, ema_coarse_matrix
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
     build_basis,
     kronecker_spectral_vector,
     spectral_basis,
 )
+from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
-from ..twolevel.fisher_products import (
-    DISAGREE_HINT,
-    check_stats,
-    damped_fvp,
-    sample_coefficients_parts,
-)
-from ..twolevel.global_fisher import (
-    global_coarse_matrix,
-    global_damped_fvp,
-    global_tselepidis_matrix,
-)
+from ..twolevel.fisher_columns import FisherColumns
+from ..twolevel.fisher_products import sample_coefficients_parts
 from ..twolevel.parts import restrict_parts
-from ..twolevel.tselepidis import tselepidis_coarse_matrix
 from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
+from .coarse_fisher import (
+    damped_product,
+    global_samples,
+    keeps_columns,
+    new_coarse_matrix,
+    new_columns,
+)
 from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
 
@@ -83,6 +76,7 @@ class CoarseLevel:
         self.names = list(host.layers)
         self.fisher_stats: list[LayerStats] | None = None  # this rank's rows
         self.fisher_samples: int | None = None  # N of the global Fisher mini-batch
+        self.fisher_columns: FisherColumns | None = None  # W = F̂R₀ᵀ instead of the rows
         self.basis: list[Tensor] | None = None
         self.coarse_matrix: Tensor | None = None
         self.coarse_updates = 0
@@ -100,20 +94,10 @@ class CoarseLevel:
 
         Raises:
             RuntimeError: when no Fisher mini-batch is kept (before the first step, or
-                :attr:`reads_statistics` is false: ``diagnostics=True`` keeps it).
+                :attr:`reads_statistics` is false: ``diagnostics=True`` keeps it; or only
+                ``W = F̂R₀ᵀ`` is kept: ``kept_fisher="rows"`` keeps it).
         """
-        if self.fisher_stats is None or self.fisher_samples is None:
-            raise RuntimeError(
-                "F̂v needs the Fisher mini-batch, and none is kept: before the first step, "
-                f"or with combination={self.options.combination!r} and the consistent "
-                "refresh, which drop it once Q is built; CoarseOptions(diagnostics=True) "
-                "keeps it"
-            )
-        if self.host.comm.distributed:
-            return global_damped_fvp(
-                self.host.comm, self.fisher_stats, v, self.host.damping, self.fisher_samples
-            )
-        return damped_fvp(self.fisher_stats, v, self.host.damping)
+        return damped_product(self, v)
 
     def _spectral_vectors(self) -> list[Tensor]:
         """Per block the eigenvector of its smallest (largest) eigenvalue, from the current
@@ -171,34 +155,6 @@ class CoarseLevel:
             device=param.device,
         )
 
-    def _new_coarse_matrix(self, basis: list[Tensor]) -> Tensor:
-        stats, n = self.fisher_stats, self.fisher_samples
-        assert stats is not None and n is not None
-        if self.options.coarse_space == "tselepidis":
-            # the Nicolaides vectors' coordinates (fixed rows left out: basis_of)
-            numels = [
-                s.numel() - len(self.host.fixed_rows.get(name, ())) * b.shape[-1]
-                for s, name, b in zip(stats, self.names, basis, strict=True)
-            ]
-            if self.host.comm.distributed:
-                return global_tselepidis_matrix(self.host.comm, stats, self.host.damping, n, numels)
-            return tselepidis_coarse_matrix(stats, self.host.damping, numels)
-        if self.host.comm.distributed:
-            return global_coarse_matrix(self.host.comm, stats, basis, self.host.damping, n)
-        return exact_coarse_matrix(stats, basis, self.host.damping)
-
-    def _global_samples(self) -> int:
-        """``N`` of the Fisher mini-batch just stored (summed over the ranks)."""
-        assert self.fisher_stats is not None
-        if not self.host.comm.distributed:
-            return check_stats(self.fisher_stats)
-        sizes = {self.host.sample_counts[n] for n in self.names}
-        if len(sizes) != 1:
-            raise RuntimeError(
-                f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
-            )
-        return sizes.pop()
-
     # ------------------------------------------------------------------ step
     def precondition_parts(
         self, stats: dict[str, LayerStats]
@@ -234,11 +190,14 @@ class CoarseLevel:
         needs the residual only through ``R₀``, so the Fisher product's second half (the
         weighted sum of per-sample gradients, a full pass over the layers) is never done."""
         operator, stats, samples = self._operator, self.fisher_stats, self.fisher_samples
-        assert operator is not None and stats is not None and samples is not None
+        assert operator is not None
+        split = operator.parts_basis(tuple(b is not None for _, b in g))
+        if self.fisher_columns is not None:  # R₀F̂M⁻¹g = WᵀM⁻¹g
+            return restrict_parts(split, g).sub_(self.fisher_columns.restrict_parts(minv_g))
+        assert stats is not None and samples is not None
         if self._projections is None or self._projections[0] is not operator:
             self._projections = (operator, coarse_projections(stats, operator.basis))
         projections = self._projections[1]
-        split = operator.parts_basis(tuple(b is not None for _, b in g))
         coefficients = sample_coefficients_parts(stats, minv_g)
         restricted = restrict_parts(split, g) - projections.T @ coefficients / samples
         return restricted.sub_(restrict_parts(split, minv_g), alpha=self.host.damping)
@@ -246,10 +205,11 @@ class CoarseLevel:
     def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
         """Whether this step is additive or A-DEF2 with KFAC's own ``M⁻¹`` and the kept
         ``Q`` (no statistics, no rebuilt basis, no residual kept for the diagnostics;
-        A-DEF2's ``F̂`` product on one process)."""
+        A-DEF2's ``F̂`` product through ``W`` or on one process)."""
         coarse = self.options
         combination_ok = coarse.combination == "additive" or (
-            coarse.combination == "adef2" and not self.host.comm.distributed
+            coarse.combination == "adef2"
+            and (self.fisher_columns is not None or not self.host.comm.distributed)
         )
         return (
             not stats
@@ -269,41 +229,57 @@ class CoarseLevel:
         if refreshed:
             self._set_names([n for n in self.host.layers if n in stats])
             self.fisher_stats = [stats[n] for n in self.names]
-            self.fisher_samples = self._global_samples()
+            self.fisher_samples = global_samples(self)
+            self.fisher_columns = None
         zero = layer_weight(self.host.layers[self.names[0]]).new_zeros  # g of a layer unused now
         g = [grads[n] if n in grads else zero(layer_shape(self.host.layers[n])) for n in self.names]
         outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
-        minv_g = self.minv(g)
-        if self.options.coarse_scale == 0.0:
-            self.fisher_stats = self.fisher_stats if self.options.diagnostics else None
-            return self._keep_active(minv_g, grads, outside)
-        space = self.options.coarse_space
+        options, columns = self.options, self.fisher_columns
+        if not refreshed and columns is not None and self.columns_suffice:
+            assert self._operator is not None  # W is kept with the operator it belongs to
+            combine = COLUMN_COMBINATIONS[options.combination]
+            direction = combine(g, self.minv, self._operator, columns, options.coarse_scale)
+            return self._keep_active(direction, grads, outside)
+        if options.coarse_scale == 0.0:
+            self.fisher_stats = self.fisher_stats if options.diagnostics else None
+            return self._keep_active(self.minv(g), grads, outside)
+        space = options.coarse_space
         # A residual basis needs res = g − F̂M⁻¹g only when it is rebuilt (every step in the
         # faithful schedule, on refresh steps in the consistent one).
         rebuilds_basis = space in RESIDUAL_SPACES and (
-            refreshed or self.options.coarse_refresh == "faithful" or self._operator is None
+            refreshed or options.coarse_refresh == "faithful" or self._operator is None
         )
-        needs_residual = (
-            rebuilds_basis or self.options.combination == "adef2" or self.options.diagnostics
-        )
-        residual = sub_into(g, self.fhat(minv_g)) if needs_residual else None
+        needs_residual = rebuilds_basis or options.combination == "adef2" or options.diagnostics
+        # A-DEF1 and balanced apply M⁻¹ to other vectors than g
+        reads_minv_g = needs_residual or options.combination == "additive"
+        minv_g = self.minv(g) if reads_minv_g else None
+        residual = sub_into(g, self.fhat(minv_g)) if minv_g is not None and needs_residual else None
         operator = self._build_operator(refreshed, residual)
-        result = get_combination(self.options.combination)(
+        result = get_combination(options.combination)(
             g,
             self.minv,
             operator,
             self.fhat,
-            coarse_scale=self.options.coarse_scale,
-            fine_weight=self.options.fine_weight,
+            coarse_scale=options.coarse_scale,
+            fine_weight=options.fine_weight,
             minv_g=minv_g,
             residual=residual,
         )
-        if residual is not None and self.options.diagnostics:
+        if residual is not None and options.diagnostics:
             self.host.last_stats["residual_norm"] = float(dot(residual, residual).sqrt())
             self.host.last_stats["energy_gain"] = float(operator.energy_gain(residual))
+        self._keep_fisher(refreshed, operator)
+        return self._keep_active(result.direction, grads, outside)
+
+    def _keep_fisher(self, refreshed: bool, operator: CoarseOperator) -> None:
+        """Keep of the Fisher mini-batch what the steps until the next refresh read: nothing
+        (additive), ``W = F̂R₀ᵀ`` of ``operator``'s basis (:func:`.coarse_fisher.
+        keeps_columns`) or its rows."""
         if not self.reads_statistics:
             self.fisher_stats = None
-        return self._keep_active(result.direction, grads, outside)
+        elif refreshed and keeps_columns(self, operator.basis):
+            self.fisher_columns = new_columns(self, operator.basis)
+            self.fisher_stats = None
 
     def _keep_active(
         self, directions: LayerVector, grads: dict[str, Tensor], outside: dict[str, Tensor]
@@ -317,7 +293,7 @@ class CoarseLevel:
         if names != self.names:
             self.names = names
             self.basis, self.coarse_matrix, self._operator = None, None, None
-            self.coarse_updates, self._projections = 0, None
+            self.coarse_updates, self._projections, self.fisher_columns = 0, None, None
 
     def install_operator(self, operator: CoarseOperator | None) -> None:
         """Use ``operator`` as ``Q`` (a restored checkpoint's), dropping derived caches."""
@@ -333,11 +309,27 @@ class CoarseLevel:
         """Whether a step between refreshes reads the Fisher mini-batch (an ``F̂`` product):
         every combination but ``additive``, the faithful residual schedule and the
         diagnostics. Otherwise the mini-batch is dropped once the refresh has built ``Q``
-        (memory) and not saved (``state_dict`` the size of KFAC's)."""
+        (memory) and not saved (``state_dict`` the size of KFAC's). Where ``W = F̂R₀ᵀ``
+        suffices (:attr:`columns_suffice`) the level may keep ``W`` in its place
+        (``kept_fisher``)."""
         coarse = self.options
         if coarse.coarse_scale == 0.0:  # M⁻¹ alone: no coarse term reads it
             return coarse.diagnostics
         return coarse.combination != "additive" or coarse.diagnostics or self._per_step_basis
+
+    @property
+    def columns_suffice(self) -> bool:
+        """Whether the steps between refreshes read ``F̂`` only through ``W = F̂R₀ᵀ``
+        (:mod:`twolevel_kfac.twolevel.column_combinations`): A-DEF1, A-DEF2 or balanced
+        with a basis fixed until the next refresh and no diagnostics (which need the
+        residual itself)."""
+        coarse = self.options
+        return (
+            coarse.combination in COLUMN_COMBINATIONS
+            and coarse.coarse_scale != 0.0
+            and not coarse.diagnostics
+            and not self._per_step_basis
+        )
 
     @property
     def structural_basis(self) -> bool:
@@ -370,7 +362,7 @@ class CoarseLevel:
         if refreshed or per_step_basis or self.basis is None:
             self.basis = self.basis_of(minv_res)
         if refreshed or self.coarse_matrix is None:
-            new = self._new_coarse_matrix(self.basis)
+            new = new_coarse_matrix(self, self.basis)
             if self.options.coarse_refresh == "faithful":
                 self.coarse_updates += 1
                 decay = ema_weight(self.coarse_updates, self.host.options.ema_decay)

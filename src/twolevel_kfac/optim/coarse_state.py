@@ -3,9 +3,10 @@ its ``state_dict`` saves and ``load_state_dict`` restores.
 
 Saved: the layers it spans, ``F_c`` (and how many estimates the faithful schedule has
 averaged), the basis unless it depends on the layer shapes alone (Nicolaides vectors:
-rebuilt on load), ``N`` of the Fisher mini-batch, and that mini-batch's rows only where a
-step between refreshes reads them (:attr:`~.coarse.CoarseLevel.reads_statistics`; under
-``torch.distributed`` every rank's rows go into the preconditioner's ``"ranks"``).
+rebuilt on load), ``N`` of the Fisher mini-batch, and what a step between refreshes reads
+of that mini-batch (:attr:`~.coarse.CoarseLevel.reads_statistics`): either ``W = F̂R₀ᵀ``
+(the same on every rank) or its rows (under ``torch.distributed`` every rank's rows go
+into the preconditioner's ``"ranks"``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..curvature.blocks import LayerStats, layer_stats
 from ..twolevel.coarse_matrix import CoarseOperator
+from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.fisher_products import check_stats
 from ..twolevel.global_fisher import own_statistics
 
@@ -43,6 +45,7 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "basis": None if structural else level.basis,
         "basis_rebuilt": structural and level.basis is not None,
         "fisher_samples": level.fisher_samples,
+        "fisher_columns": None if level.fisher_columns is None else level.fisher_columns.columns,
         "coarse_matrix": level.coarse_matrix,
         "coarse_updates": level.coarse_updates,
         "names": level.names,
@@ -80,18 +83,29 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
     if coarse.get("basis_rebuilt"):
         level.basis = level.basis_of(None)
+    columns = coarse.get("fisher_columns")
+    level.fisher_columns = None if columns is None else FisherColumns(_on_names(level, columns))
     level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])
     level.coarse_updates = int(coarse["coarse_updates"])
     operator = None
     if level.basis is not None and level.coarse_matrix is not None:
         operator = CoarseOperator.from_matrix(level.basis, level.coarse_matrix)
     level.install_operator(operator)
-    if operator is not None and level.reads_statistics and level.fisher_stats is None:
-        options = level.options
+    if operator is None or not level.reads_statistics or level.fisher_stats is not None:
+        return
+    options = level.options
+    wanted = (
+        f"combination={options.combination!r}, coarse_refresh={options.coarse_refresh!r}, "
+        f"diagnostics={options.diagnostics}"
+    )
+    if level.fisher_columns is None:
         raise ValueError(
-            f"this two-level state holds no Fisher mini-batch (it was saved with "
-            f"combination='additive' and the consistent refresh, which need none), but "
-            f"combination={options.combination!r}, coarse_refresh="
-            f"{options.coarse_refresh!r}, diagnostics={options.diagnostics} "
+            "this two-level state holds no Fisher mini-batch (it was saved with "
+            f"combination='additive' and the consistent refresh, which need none), but {wanted} "
             "reads it at every step: resume with the options it was saved with"
+        )
+    if not level.columns_suffice:
+        raise ValueError(
+            "this two-level state holds only W = F̂R₀ᵀ of its Fisher mini-batch, not the rows "
+            f"that {wanted} reads at every step: resume with the options it was saved with"
         )

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..curvature.capture import FISHER_TYPES, FisherType
 from ..curvature.kronecker import DAMPING_MODES, DampingMode, InverseMethod
 from ..curvature.likelihoods import LIKELIHOODS, LOSS_REDUCTIONS, Likelihood, LossReduction
-from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
+from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, CoarseSpace
 from ..twolevel.combinations import COMBINATIONS, CombinationName
 
 InversePlacement = Literal["split", "replicate"]
@@ -27,6 +27,7 @@ KlClipForm = Literal["paper", "lr_squared"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
 CoarseRefresh = Literal["consistent", "faithful"]
 SpectralWhich = Literal["smallest", "largest"]
+KeptFisher = Literal["auto", "rows", "columns"]
 INVERSE_PLACEMENTS: tuple[str, ...] = get_args(InversePlacement)
 INVERSE_CHOICES: tuple[str, ...] = get_args(InverseChoice)
 WEIGHT_SHARING: tuple[str, ...] = get_args(WeightSharing)
@@ -258,6 +259,7 @@ class CurvatureOptions:
 
 COARSE_REFRESH: tuple[str, ...] = get_args(CoarseRefresh)
 SPECTRAL_WHICH: tuple[str, ...] = get_args(SpectralWhich)
+KEPT_FISHER: tuple[str, ...] = get_args(KeptFisher)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,6 +278,13 @@ class CoarseOptions:
             extra exact Fisher-vector product when the combination does not need the
             residual; off by default: even with A-DEF2 they cost two passes over the
             parameters, ≈ 2 % of a step).
+        kept_fisher: what A-DEF1, A-DEF2 and balanced keep of the Fisher mini-batch between
+            refreshes: ``rows`` (its per-sample ``(ā, δ)``, ``N·T·(d_in' + d_out)`` numbers
+            per layer), ``columns`` (``W = F̂R₀ᵀ``, ``K`` numbers per parameter; not with
+            the diagnostics or the faithful schedule of a residual space, whose steps need
+            the rows), or ``auto`` (default): the smaller where ``columns`` is possible.
+            Both give the same step in exact arithmetic
+            (:mod:`twolevel_kfac.twolevel.fisher_columns`).
     """
 
     coarse_space: CoarseSpace = "nicolaides"
@@ -285,6 +294,7 @@ class CoarseOptions:
     fine_weight: float = 1.0
     spectral_which: SpectralWhich = "smallest"
     diagnostics: bool = False
+    kept_fisher: KeptFisher = "auto"
 
     def __post_init__(self) -> None:
         check_choice("coarse_space", self.coarse_space, COARSE_SPACES)
@@ -295,6 +305,19 @@ class CoarseOptions:
         if self.fine_weight != 1.0 and self.combination != "additive":
             raise ValueError("fine_weight applies to combination='additive' only")
         check_choice("spectral_which", self.spectral_which, SPECTRAL_WHICH)
+        check_choice("kept_fisher", self.kept_fisher, KEPT_FISHER)
+        if self.kept_fisher == "columns":
+            if self.diagnostics:
+                raise ValueError(
+                    "kept_fisher='columns' cannot serve diagnostics=True: ‖res‖ needs F̂ "
+                    "itself, so keep the rows (kept_fisher='rows' or 'auto')"
+                )
+            if self.coarse_refresh == "faithful" and self.coarse_space in RESIDUAL_SPACES:
+                raise ValueError(
+                    f"kept_fisher='columns' cannot serve coarse_space={self.coarse_space!r} "
+                    "with coarse_refresh='faithful': its basis changes at every step, and "
+                    "W = F̂R₀ᵀ belongs to one basis (kept_fisher='rows' or 'auto')"
+                )
 
 
 COARSE_ARGUMENTS = frozenset(f.name for f in fields(CoarseOptions))

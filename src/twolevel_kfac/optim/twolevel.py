@@ -18,7 +18,10 @@ A-DEF2, balanced).
   refresh — so between refreshes ``F_c`` belongs to an older basis.
 
 Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the Fisher
-mini-batch of the last refresh step.
+mini-batch of the last refresh step: its rows, or only ``W = F̂R₀ᵀ`` where every product a
+step needs is one with ``W`` (``kept_fisher``,
+:mod:`twolevel_kfac.twolevel.fisher_columns`; for convolutions, whose rows are per
+location, ``W`` is the far smaller).
 
 The coarse level spans the layers of that Fisher mini-batch (:attr:`names`). A layer
 without a gradient in a step (unused in its forward) has ``g = 0`` there and its direction
@@ -103,6 +106,13 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         return self.level.fisher_stats
 
     @property
+    def fisher_columns(self) -> list[Tensor] | None:
+        """``W = F̂R₀ᵀ`` of the kept Fisher mini-batch, one ``[K, d_out, d_in']`` block per
+        layer, where it is kept instead of the rows (``kept_fisher``)."""
+        columns = self.level.fisher_columns
+        return None if columns is None else columns.columns
+
+    @property
     def fisher_samples(self) -> int | None:
         """``N`` of the kept Fisher mini-batch (all ranks)."""
         return self.level.fisher_samples
@@ -128,9 +138,9 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 class TwoLevelKFAC(KFAC):
     """Two-level KFAC: every :class:`KFAC` argument plus the :class:`CoarseOptions` fields
     (``coarse_space``, ``combination``, ``coarse_refresh``, ``coarse_scale``, ``fine_weight``,
-    ``spectral_which``, ``diagnostics``) and ``fine``: the fine level ``M⁻¹``, ``kfac``
-    (default) | ``ekfac`` | ``kpsvd`` | ``kfac_corrected`` (:mod:`.fine`; the last two also
-    take ``power_iterations``, ``power_tol``)."""
+    ``spectral_which``, ``diagnostics``, ``kept_fisher``) and ``fine``: the fine level
+    ``M⁻¹``, ``kfac`` (default) | ``ekfac`` | ``kpsvd`` | ``kfac_corrected`` (:mod:`.fine`;
+    the last two also take ``power_iterations``, ``power_tol``)."""
 
     preconditioner_class = TwoLevelPreconditioner
 
