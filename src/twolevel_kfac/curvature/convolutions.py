@@ -173,25 +173,47 @@ class GroupedStats(BlockStats):
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """``A_g``, ``G_g`` (``[G, ·, ·]``) averaged over samples and locations."""
         count = self.a.shape[0] * self.a.shape[1]
-        a = torch.einsum("ntgi,ntgj->gij", self.a, self.a) / count
-        g = torch.einsum("ntgo,ntgp->gop", self.g, self.g) / count
-        return a, g
+        return group_moments(self.a, count), group_moments(self.g, count)
 
     def reduced(self) -> GroupedStats:
         """``weight_sharing="reduce"``: mean patch and summed output gradient per sample."""
         return GroupedStats(self.a.mean(1, keepdim=True), self.g.sum(1, keepdim=True))
 
 
+def group_moments(x: Tensor, count: int) -> Tensor:
+    """``Σ_{n,t} x_{n,t,g} x_{n,t,g}ᵀ / count`` per group ``g`` of ``x`` ``[N, T, G, d]``.
+
+    Where ``x`` lies in im2col's order (``[N, G, d, T]`` in memory, as :func:`_features`
+    and :func:`_gradients` leave it for ``d ≤ T``), one batched product per ``(n, g)``
+    reads it in place (``N·G·d²`` numbers of partial sums, at most ``x``'s size);
+    otherwise ``einsum`` contracts ``(n, t)`` at once.
+    """
+    n, locations, groups, d = x.shape
+    native = x.permute(0, 2, 3, 1)
+    if d <= locations and native.is_contiguous():
+        flat = native.reshape(n * groups, d, locations)
+        return (flat @ flat.transpose(1, 2)).view(n, groups, d, d).sum(0) / count
+    return torch.einsum("ntgi,ntgj->gij", x, x) / count
+
+
 def _features(module: nn.Module, inputs: Tensor) -> Tensor:
-    """The patches (``groups = 1``); per group, each with the bias' 1 (``groups > 1``)."""
+    """The patches (``groups = 1``); per group, each with the bias' 1 (``groups > 1``),
+    ``[N, T, G, d_in']``: for ``d_in' ≤ T`` (a depthwise convolution) a view of one copy
+    in im2col's order ``[N, G, d_in', T]``, which :func:`group_moments` reads in place."""
     patches = conv_patches(module, inputs)
     groups = getattr(module, "groups", 1)
     if groups == 1:
         return patches
-    grouped = patches.reshape(*patches.shape[:2], groups, -1)
-    if has_bias(module):
-        grouped = torch.cat([grouped, grouped.new_ones((*grouped.shape[:-1], 1))], dim=-1)
-    return grouped
+    n, locations, width = patches.shape
+    grouped = patches.unflatten(2, (groups, width // groups))
+    if not has_bias(module):
+        return grouped
+    if width // groups + 1 > locations:
+        return torch.cat([grouped, grouped.new_ones((*grouped.shape[:-1], 1))], dim=-1)
+    out = patches.new_empty(n, groups, width // groups + 1, locations)
+    out[:, :, :-1].copy_(grouped.permute(0, 2, 3, 1))
+    out[:, :, -1] = 1.0
+    return out.permute(0, 3, 1, 2)
 
 
 def _gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
