@@ -9,8 +9,9 @@ methods are the step-time benchmark's (:func:`~.methods.step_time_methods`), T =
 Targets (the fast-defaults issue): ``TwoLevelKFAC``'s state and peak ≤ 1.2× KFAC's. The
 default two-level configuration (additive, consistent refresh) keeps no Fisher mini-batch
 between refreshes; the other combinations, the faithful residual schedule and the
-diagnostics read it at every step and keep it (:attr:`~twolevel_kfac.optim.coarse.
-CoarseLevel.reads_statistics`).
+diagnostics read it at every step (:attr:`~twolevel_kfac.optim.coarse.
+CoarseLevel.reads_statistics`) and keep its rows or, for the combinations with a basis
+fixed between refreshes, ``W = F̂R₀ᵀ`` where that is smaller (``kept_fisher="auto"``).
 
 ``--quick``: one small MLP, four methods.
 """
@@ -119,10 +120,13 @@ def render(data: dict[str, Any]) -> str:
         f"{len(above)} (problem, two-level method, state or peak) pairs are above {TARGET}× "
         "KFAC's (bold below). The default two-level configuration (additive, consistent "
         "refresh) keeps no Fisher mini-batch between refreshes, and a Nicolaides basis is "
-        "rebuilt on load rather than saved; A-DEF1, A-DEF2, BALANCED and the faithful "
-        "residual schedule read the mini-batch at every step and keep it, so their state "
-        "and peak grow with the Fisher batch (most for convolutions, whose rows are per "
-        "location), and the Krylov spaces keep two basis vectors per layer.",
+        "rebuilt on load rather than saved. A-DEF1, A-DEF2 and BALANCED read the "
+        "mini-batch at every step: they keep its rows or `W = F̂R₀ᵀ` (`K` numbers per "
+        'parameter), whichever is smaller (`kept_fisher="auto"`; `W` for the '
+        "convolutions, whose rows are per location, the rows for the MLPs); the faithful "
+        "residual schedule keeps the rows (its basis changes at every step). The "
+        "residual and spectral spaces save their basis (one vector per layer: `P` "
+        "numbers), the Krylov spaces two.",
         "",
         *summary_table(data),
         "",
