@@ -68,23 +68,39 @@ def group_statistics(net: nn.Sequential, x: Tensor, y: Tensor) -> tuple[Tensor, 
     return a, g.reshape(*g.shape[:2], groups, -1)
 
 
+def ekfac_block(a: Tensor, g: Tensor, mode: str) -> Tensor:
+    """George et al.'s dense EKFAC block of one group: ``Q diag(S + T(K − d_G⊗d_A)) Qᵀ``
+    with ``Q = kron(Q_G, Q_A)`` of the group's ``A_g``, ``G_g``, ``S = diag(QᵀF_gQ)`` of its
+    exact Fisher block (per-sample gradients ``ψ_n = Σ_t δ_t ā_tᵀ``) and ``K`` KFAC's."""
+    big_a, big_g = kfac_factors(a, g)
+    (d_a, q_a), (d_g, q_g) = torch.linalg.eigh(big_a), torch.linalg.eigh(big_g)
+    q = torch.kron(q_g, q_a)
+    psi = torch.einsum("nto,nti->noi", g, a).reshape(a.shape[0], -1)
+    fisher = psi.T @ psi / a.shape[0]
+    s = torch.diagonal(q.T @ fisher @ q)
+    k = torch.diagonal(q.T @ dense_kfac_matrix(big_a, big_g, DAMPING, mode) @ q)
+    return q @ torch.diag(s + a.shape[1] * (k - torch.kron(d_g, d_a))) @ q.T
+
+
 @pytest.mark.parametrize(
     ("groups", "dims", "bias"),
     [(2, 2, True), (4, 2, True), (4, 2, False), (2, 1, True), (4, 3, True)],
 )
-@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC])
+@pytest.mark.parametrize(("cls", "mode"), [
+    (tk.KFAC, "per_factor"), (tk.EKFAC, "per_factor"), (tk.EKFAC, "pi"), (tk.EKFAC, "eigen_sum")
+])  # fmt: skip
 def test_grouped_step_equals_the_per_group_formula(
-    float64: None, groups: int, dims: int, bias: bool, cls: type
+    float64: None, groups: int, dims: int, bias: bool, cls: type, mode: str
 ) -> None:
-    """``groups=4`` with 4 channels is depthwise (``G_g`` of size 1); under EKFAC the
-    grouped blocks keep their own inverse."""
+    """``groups=4`` with 4 channels is depthwise (``G_g`` of size 1). KFAC: each group's
+    damped KFC block; EKFAC: each group's EKFAC block in its own eigenbasis."""
     net, size = grouped_net(groups, dims=dims, bias=bias)
     x, y = data(dims, size)
     net(x)  # materialise the lazy head
     a, g = group_statistics(net, x, y)
     conv = net[0]
     before = [p.detach().clone() for p in conv.parameters()]
-    opt = cls(net, damping=DAMPING, **CONTRACT)
+    opt = cls(net, damping=DAMPING, damping_mode=mode, **CONTRACT)
     F.cross_entropy(net(x), y).backward()
     grad_w = conv.weight.grad.reshape(conv.out_channels, -1).clone()  # step writes .grad
     grad = torch.cat([grad_w, conv.bias.grad[:, None]], 1) if bias else grad_w
@@ -92,8 +108,11 @@ def test_grouped_step_equals_the_per_group_formula(
     rows = conv.out_channels // groups
     expected = []
     for i in range(groups):
-        big_a, big_g = kfac_factors(a[:, :, i], g[:, :, i])
-        block = dense_kfac_matrix(big_a, big_g, DAMPING) * a.shape[1]
+        if cls is tk.EKFAC:
+            block = ekfac_block(a[:, :, i], g[:, :, i], mode)
+        else:
+            big_a, big_g = kfac_factors(a[:, :, i], g[:, :, i])
+            block = dense_kfac_matrix(big_a, big_g, DAMPING) * a.shape[1]
         part = grad[i * rows : (i + 1) * rows]
         expected.append(-torch.linalg.solve(block, part.reshape(-1)).view_as(part))
     want = torch.cat(expected)
@@ -104,6 +123,40 @@ def test_grouped_step_equals_the_per_group_formula(
         torch.testing.assert_close(
             conv.bias.detach() - before[1], want[:, -1], rtol=1e-10, atol=1e-12
         )
+
+
+def test_ekfac_scalings_of_a_grouped_block_follow_a_new_basis(float64: None) -> None:
+    """At the second refresh every group's running ``S`` is carried into the group's new
+    eigenbasis, ``(P_G∘P_G) S (P_A∘P_A)ᵀ`` with ``P = Q_newᵀQ_old``, and averaged with the
+    new mini-batch's second moments there (ρ = 1/2 at the second update)."""
+    net, size = grouped_net(2)
+    x, y = data(2, size)
+    batches = [(x, y), (1.7 * x.flip(0), y.flip(0))]
+    net(x)
+    opt = tk.EKFAC(net, damping=DAMPING, **{**CONTRACT, "ema_decay": 0.5})
+    fine = opt.preconditioner.fine
+    kept = []
+    for step, (xb, yb) in enumerate(batches):
+        if step == 1:  # at the parameters of this step, on a twin without the hooks
+            twin, _ = grouped_net(2)
+            twin(xb)
+            twin.load_state_dict(net.state_dict())
+            a, g = group_statistics(twin, xb, yb)
+        opt.zero_grad()
+        F.cross_entropy(net(xb), yb).backward()
+        opt.step()
+        kept.append((fine._bases()["0"], fine.scalings["0"].clone()))
+    ((q_a0, q_g0), s0), ((q_a1, q_g1), s1) = kept
+    assert s1.shape == (2, 2, q_a1.shape[-1])  # [G, C_out/G, d_in']
+    expected = []
+    for i in range(2):
+        p_a, p_g = (q_a1[i].T @ q_a0[i]).square(), (q_g1[i].T @ q_g0[i]).square()
+        carried = p_g @ s0[i] @ p_a.T
+        psi = torch.einsum("nto,nti->noi", g[:, :, i], a[:, :, i])
+        new = (q_g1[i].T @ psi @ q_a1[i]).square().mean(0)
+        expected.append(0.5 * carried + 0.5 * new)
+    torch.testing.assert_close(s1, torch.stack(expected), rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(q_a0, q_a1)  # the basis did move
 
 
 SPACES = ["nicolaides", "residual", "krylov_nicolaides", "krylov_residual", "spectral"]
@@ -191,17 +244,18 @@ def test_two_level_over_grouped_blocks_equals_the_dense_formula(
     assert error <= (1e-8 if space == "krylov_residual" else 1e-9), f"{error:.2e}"
 
 
-def test_grouped_resume_is_bit_identical() -> None:
+@pytest.mark.parametrize(("cls", "groups"), [(tk.KFAC, 4), (tk.EKFAC, 4), (tk.EKFAC, 2)])
+def test_grouped_resume_is_bit_identical(cls: type[tk.KFAC], groups: int) -> None:
     x, y = data(2, 3)
 
     def build() -> nn.Module:
-        net, _size = grouped_net(4)
+        net, _size = grouped_net(groups)
         net(x)  # materialise the lazy head
         return net
 
     assert_resume_is_bit_identical(
         build,
-        lambda net: tk.KFAC(net, lr=0.05, cov_interval=2, inv_interval=2),
+        lambda net: cls(net, lr=0.05, cov_interval=2, inv_interval=2),
         lambda net: F.cross_entropy(net(x), y),
     )
 

@@ -96,6 +96,11 @@ class BlockStats(LayerStats):
         """``∇_W̄ ℓ_n`` of every sample, ``[N, d_out, d_in']``."""
         raise NotImplementedError
 
+    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor) -> Tensor:
+        """EKFAC's ``Σ_n (Q_Gᵀ ψ_n Q_A)²`` in the block's own eigenbases (for blocks whose
+        factors give them: a grouped convolution's groups)."""
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker eigenbasis")
+
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """This Fisher mini-batch's curvature, as ``factors_type.update`` takes it."""
         raise NotImplementedError

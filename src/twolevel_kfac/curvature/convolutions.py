@@ -7,7 +7,8 @@ channels of group ``g`` see only the input channels of group ``g``: its weight r
 a block of their own, ``A_g ⊗ G_g`` from group ``g``'s patches ``ā_g`` and output gradients
 ``δ_g`` (a depthwise convolution has ``C_in`` blocks with ``G_g`` of size 1). The blocks
 are exact KFC blocks of each group, damped and inverted as every ``A ⊗ G``
-(:class:`GroupedFactors` holds one :class:`~.kronecker.KroneckerFactors` per group).
+(:class:`GroupedFactors` holds one :class:`~.kronecker.KroneckerFactors` per group, and
+gives EKFAC their eigenbases stacked).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BlockStats, has_bias
-from .kronecker import KroneckerFactors
+from .kronecker import KroneckerFactors, eigen_denominator
 from .kronecker_apply import InverseOnMatrices
 from .layer_types import channel_locations, conv_patches, register_layer_type
 
@@ -85,6 +86,31 @@ class GroupedFactors(InverseOnMatrices):
             rotated = vectors_g.transpose(1, 2) @ v @ vectors_a
             out = vectors_g @ (rotated * inverse_grid) @ vectors_a.transpose(1, 2)
         return out.reshape(grad.shape).to(grad.dtype)
+
+    @property
+    def num_locations(self) -> int:
+        """``T`` of the last statistics (the same for every group)."""
+        return self.groups[0].num_locations if self.groups else 1
+
+    def stacked_eigenbasis(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Every group's ``(d_A, Q_A, d_G, Q_G)`` stacked (``[G, ·]``, ``[G, ·, ·]``), or
+        ``None`` without eigendecompositions (EKFAC's basis, :mod:`twolevel_kfac.optim.
+        ekfac`)."""
+        if not self.groups or any(f.decomp_a is None or f.decomp_g is None for f in self.groups):
+            return None
+        pairs = [(*f.decomp_a, *f.decomp_g) for f in self.groups]  # type: ignore[misc]
+        vals_a, vecs_a, vals_g, vecs_g = (torch.stack(parts) for parts in zip(*pairs, strict=True))
+        return vals_a, vecs_a, vals_g, vecs_g
+
+    def stacked_denominator(self, damping: float, mode: str) -> Tensor:
+        """Every group's damped eigenvalue grid (:func:`~.kronecker.eigen_denominator`, its
+        own ``π``), ``[G, C_out/G, d_in']``."""
+        grids = []
+        for f in self.groups:
+            assert f.decomp_a is not None and f.decomp_g is not None
+            values_a, values_g = f.decomp_a[0], f.decomp_g[0]
+            grids.append(eigen_denominator(values_g, values_a, damping, mode, f.decomp_pi))
+        return torch.stack(grids)
 
     def spectral_vector(self, which: str) -> Tensor:
         """The eigenvector of the smallest (largest) eigenvalue of the block-diagonal
@@ -169,6 +195,20 @@ class GroupedStats(BlockStats):
         """``∇_W̄ ℓ_n``: group ``g``'s rows are ``Σ_t δ_{n,t,g} ā_{n,t,g}ᵀ``."""
         grads = torch.einsum("ntgo,ntgi->ngoi", self.g, self.a)
         return grads.reshape(grads.shape[0], -1, grads.shape[-1])
+
+    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor) -> Tensor:
+        """``Σ_n (Q_Gᵀ ψ_{n,g} Q_A)²`` per group (``[G, C_out/G, d_in']``; ``Q`` stacked
+        ``[G, ·, ·]``): EKFAC's scalings of each group's block, summed over these samples
+        (:func:`~.persample.rotated_second_moments` of every group at once)."""
+        rotated_a = torch.einsum("ntgi,gij->ntgj", self.a, vectors_a)
+        rotated_g = torch.einsum("ntgo,gop->ntgp", self.g, vectors_g)
+        total = rotated_a.new_zeros(vectors_g.shape[0], vectors_g.shape[1], vectors_a.shape[1])
+        step = max(1, (1 << 22) // max(1, total.numel()))  # samples per chunk of ψ
+        for start in range(0, rotated_a.shape[0], step):
+            chunk = slice(start, start + step)
+            psi = torch.einsum("ntgp,ntgj->ngpj", rotated_g[chunk], rotated_a[chunk])
+            total += psi.square().sum(0)
+        return total
 
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """``A_g``, ``G_g`` (``[G, ·, ·]``) averaged over samples and locations."""

@@ -91,10 +91,11 @@ def eigenbasis_diagonal_transport(
     given in an old one: ``(P_G∘P_G) S (P_A∘P_A)ᵀ`` with ``P = Q_newᵀ Q_old``.
 
     Args:
-        scalings: ``S`` in the old basis, ``(d_out, d_in')``.
+        scalings: ``S`` in the old basis, ``(d_out, d_in')`` (or stacked ``[G, ·, ·]``
+            with the bases, one per group of a block).
         old: ``(Q_A, Q_G)`` of the old basis.
         new: ``(Q_A, Q_G)`` of the new basis.
     """
-    p_a = (new[0].T @ old[0]).square()
-    p_g = (new[1].T @ old[1]).square()
-    return p_g @ scalings @ p_a.T
+    p_a = (new[0].mT @ old[0]).square()
+    p_g = (new[1].mT @ old[1]).square()
+    return p_g @ scalings @ p_a.mT

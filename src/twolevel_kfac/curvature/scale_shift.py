@@ -1,6 +1,7 @@
 """Scale-and-shift blocks: the affine parameters of ``nn.LayerNorm``, ``nn.RMSNorm``,
 ``nn.BatchNorm1d/2d/3d`` and ``nn.GroupNorm`` (``norm_blocks=True``; every fine level
-keeps this block: EKFAC, KPSVD and KFAC-corrected apply theirs to the Kronecker blocks).
+keeps this block: it is already exact per unit, so EKFAC's rescaling in its eigenbasis
+would change nothing; KPSVD and KFAC-corrected apply theirs to the Kronecker blocks).
 
 Such a layer computes ``y_{t,i} = γ_i x̂_{t,i} + β_i`` from its normalised input ``x̂`` at
 every location ``t`` (a position, a pixel) and feature ``i``. Its ``W̄`` is ``[γ, β]`` seen as

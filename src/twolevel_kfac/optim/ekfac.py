@@ -29,16 +29,22 @@ mini-batch's ``S_new`` is computed in the new basis.
 
 Under ``torch.distributed`` the sums ``Σ_n (…)²`` are all-reduced and divided by the global
 ``N``, like the factors.
+
+A block that is a direct sum of Kronecker blocks (a grouped convolution: one ``A_g ⊗ G_g``
+per group, :class:`StackedEigenbasis`) gets the same per group, its bases, ``S`` and grids
+stacked ``[G, ·, ·]``. The other blocks of their own (a norm's exact unit-wise block, a
+large embedding table's diagonal frequency factor) keep their own inverse.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats
+from ..curvature.blocks import BlockStats, LayerStats
 from ..curvature.kronecker import eigen_denominator
 from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
@@ -47,6 +53,25 @@ from ..distributed import all_reduce_sum
 from .fine import FineContext, FineLevel
 from .kfac import KFAC
 from .preconditioner import KFACPreconditioner
+
+
+@runtime_checkable
+class StackedEigenbasis(Protocol):
+    """Factors of a direct sum of Kronecker blocks that give their eigenbases stacked
+    (:class:`~twolevel_kfac.curvature.convolutions.GroupedFactors`)."""
+
+    @property
+    def num_locations(self) -> int:
+        """``T`` of the last statistics."""
+        ...
+
+    def stacked_eigenbasis(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """``(d_A, Q_A, d_G, Q_G)`` of every block, stacked (``None``: not decomposed)."""
+        ...
+
+    def stacked_denominator(self, damping: float, mode: str) -> Tensor:
+        """KFAC's damped eigenvalue grid of every block, stacked."""
+        ...
 
 
 class EKFACFine(FineLevel):
@@ -74,7 +99,11 @@ class EKFACFine(FineLevel):
         """``(Q_A, Q_G)`` of every layer whose factors have been decomposed."""
         out = {}
         for name, factors in self.host.factors.items():
-            if factors.decomp_a is not None and factors.decomp_g is not None:
+            if isinstance(factors, StackedEigenbasis):  # [G, ·, ·] each
+                stacked = factors.stacked_eigenbasis()
+                if stacked is not None:
+                    out[name] = (stacked[1], stacked[3])
+            elif factors.decomp_a is not None and factors.decomp_g is not None:
                 out[name] = (factors.decomp_a[1], factors.decomp_g[1])
         return out
 
@@ -99,9 +128,13 @@ class EKFACFine(FineLevel):
         names = [n for n in stats if n in bases]
         sums = []
         for name in names:
-            dtype = host.factor_dtype(name)
-            layer = LayerStats(stats[name].a.to(dtype), stats[name].g.to(dtype))
-            sums.append(rotated_second_moments(layer, *bases[name]))
+            dtype, layer = host.factor_dtype(name), stats[name]
+            if isinstance(layer, BlockStats):  # stacked bases: the block's own moments
+                own = replace(layer, a=layer.a.to(dtype), g=layer.g.to(dtype))
+                sums.append(own.rotated_second_moments(*bases[name]))
+                continue
+            cast = LayerStats(layer.a.to(dtype), layer.g.to(dtype))
+            sums.append(rotated_second_moments(cast, *bases[name]))
         if host.comm.distributed:
             sums = all_reduce_sum(host.comm, sums)
         skipped = 0
@@ -121,7 +154,13 @@ class EKFACFine(FineLevel):
         """``Q_G [(Q_Gᵀ V Q_A) ⊘ D] Q_Aᵀ`` (module docstring); KFAC's until ``S`` exists."""
         if name not in self.scalings:
             return super().apply(name, matrix, damping)
-        return apply_in_eigenbasis(*self._prepare_scalings(name, damping), matrix)
+        vectors_g, inverse, vectors_a = self._prepare_scalings(name, damping)
+        if vectors_g.dim() == 2:
+            return apply_in_eigenbasis(vectors_g, inverse, vectors_a, matrix)
+        # one block per group: its rows of W̄, the same product batched over the groups
+        v = matrix.to(inverse.dtype).reshape(vectors_g.shape[0], -1, matrix.shape[1])
+        rotated = (vectors_g.mT @ v @ vectors_a).mul_(inverse)
+        return (vectors_g @ rotated @ vectors_a.mT).reshape(matrix.shape).to(matrix.dtype)
 
     def _prepare_scalings(self, name: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
         key = (damping, self.host.options.damping_mode)
@@ -129,10 +168,17 @@ class EKFACFine(FineLevel):
         if cached is not None and cached[0] == key:
             return cached[1]
         factors = self.host.factors[name]
-        assert factors.decomp_a is not None and factors.decomp_g is not None
-        (values_a, vectors_a), (values_g, vectors_g) = factors.decomp_a, factors.decomp_g
-        grid = eigen_denominator(values_g, values_a, *key, factors.decomp_pi)
-        increment = grid - torch.outer(values_g, values_a)
+        if isinstance(factors, StackedEigenbasis):
+            stacked = factors.stacked_eigenbasis()
+            assert stacked is not None
+            values_a, vectors_a, values_g, vectors_g = stacked
+            grid = factors.stacked_denominator(*key)
+            increment = grid - values_g.unsqueeze(-1) * values_a.unsqueeze(-2)
+        else:
+            assert factors.decomp_a is not None and factors.decomp_g is not None
+            (values_a, vectors_a), (values_g, vectors_g) = factors.decomp_a, factors.decomp_g
+            grid = eigen_denominator(values_g, values_a, *key, factors.decomp_pi)
+            increment = grid - torch.outer(values_g, values_a)
         denominator = self.scalings[name] + factors.num_locations * increment
         prepared = (vectors_g, denominator.reciprocal(), vectors_a)
         self._scaling_cache[name] = (key, prepared)
