@@ -17,9 +17,18 @@ from oracles import COARSE_SPACES, dense_twolevel_update
 from test_kfac_exact import CONTRACT, make_batch, one_step, prepare
 from test_twolevel_exact import NETS, TokenNet, assert_relative_error
 from twolevel_kfac.twolevel.coarse_matrix import coarse_projections, prolong, restrict
-from twolevel_kfac.twolevel.column_combinations import COLUMN_COMBINATIONS
+from twolevel_kfac.twolevel.column_combinations import (
+    COLUMN_COMBINATIONS,
+    fisher_prolong,
+    fisher_restrict,
+)
 from twolevel_kfac.twolevel.combinations import get_combination
-from twolevel_kfac.twolevel.fisher_columns import columns_are_smaller, fisher_columns
+from twolevel_kfac.twolevel.fisher_columns import (
+    FisherColumns,
+    columns_are_smaller,
+    fisher_columns,
+    gradient_sums,
+)
 from twolevel_kfac.twolevel.parts import split_basis
 
 LOSS = nn.CrossEntropyLoss()
@@ -37,6 +46,13 @@ def refreshed_level(space: str, kept: str = "rows") -> tuple[Any, Any]:
     return opt.preconditioner, opt.preconditioner.coarse_level
 
 
+def undamped_columns(level: Any) -> FisherColumns:
+    """``W₀ = FR₀ᵀ`` of the level's kept rows and operator basis."""
+    stats, basis = level.fisher_stats, level.coarse_operator.basis
+    sums = gradient_sums(stats, coarse_projections(stats, basis))
+    return fisher_columns(sums, basis, level.fisher_samples)
+
+
 def random_vector(level: Any, seed: int) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     assert level.basis is not None
@@ -46,14 +62,21 @@ def random_vector(level: Any, seed: int) -> list[Tensor]:
 @pytest.mark.parametrize("space", ["nicolaides", "spectral", "krylov_residual"])
 def test_columns_are_the_fisher_products_of_the_basis(float64: None, space: str) -> None:
     _, level = refreshed_level(space)
-    stats, basis = level.fisher_stats, level.coarse_operator.basis
-    w = fisher_columns(stats, basis, 0.05, coarse_projections(stats, basis))
+    operator = level.coarse_operator
+    basis = operator.basis
+    w = undamped_columns(level)
     k = sum(int(b.shape[0]) for b in basis)
     u = torch.linspace(-1.0, 2.0, k)
-    for got, want in zip(w.apply(u), level.fhat(prolong(basis, u)), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
-    v = random_vector(level, 1)
-    torch.testing.assert_close(w.restrict(v), restrict(basis, level.fhat(v)), rtol=1e-12, atol=0)
+    for damping in (0.05, 0.3):  # the damping of the step, whatever the refresh's was
+        level.host.damping = damping
+        got = fisher_prolong(operator, w, damping, u)
+        for a, b in zip(got, level.fhat(prolong(basis, u)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        v = random_vector(level, 1)
+        want = restrict(basis, level.fhat(v))
+        torch.testing.assert_close(
+            fisher_restrict(operator, w, damping, v), want, rtol=1e-12, atol=0
+        )
     parts = [(x[:, :-1], x[:, -1]) for x in v]  # every layer here has a bias
     torch.testing.assert_close(w.restrict_parts(parts), w.restrict(v), rtol=1e-13, atol=0)
     assert w.numel() == k * sum(int(b[0].numel()) for b in basis)
@@ -67,13 +90,12 @@ def test_column_combinations_equal_the_fhat_forms(
     float64: None, combination: str, scale: float, space: str
 ) -> None:
     _, level = refreshed_level(space)
-    operator, stats = level.coarse_operator, level.fisher_stats
-    w = fisher_columns(stats, operator.basis, 0.05, coarse_projections(stats, operator.basis))
+    operator, w = level.coarse_operator, undamped_columns(level)
     g = random_vector(level, 2)
     want = get_combination(combination)(
         [x.clone() for x in g], level.minv, operator, level.fhat, coarse_scale=scale
     ).direction
-    got = COLUMN_COMBINATIONS[combination](g, level.minv, operator, w, scale)
+    got = COLUMN_COMBINATIONS[combination](g, level.minv, operator, w, 0.05, scale)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
 
@@ -117,13 +139,21 @@ def test_a_step_reading_only_the_columns_equals_dense_formula(
     assert_relative_error(delta, expected, tol)
 
 
+def damping_schedule(step: int) -> float:
+    return 0.05 * (1 + step)
+
+
 @pytest.mark.parametrize("combination", READING)
-@pytest.mark.parametrize("norm_blocks", [False, True])
+@pytest.mark.parametrize(
+    ("norm_blocks", "damping"), [(False, 0.05), (True, 0.05), (False, damping_schedule)]
+)
 def test_rows_and_columns_take_the_same_steps(
-    float64: None, combination: str, norm_blocks: bool
+    float64: None, combination: str, norm_blocks: bool, damping: Any
 ) -> None:
     """Six steps, refreshes every second, on a net of convolutions, a BatchNorm (a block of
-    its own with ``norm_blocks``) and Linear layers: the two kept forms agree to rounding."""
+    its own with ``norm_blocks``) and Linear layers: the two kept forms agree to rounding,
+    also when the damping changes between refreshes (a schedule: both read the current
+    one)."""
     build, shape, classes = NETS["mixed_bn"]
     runs = []
     for kept in ("rows", "columns"):
@@ -131,7 +161,7 @@ def test_rows_and_columns_take_the_same_steps(
         opt = tk.TwoLevelKFAC(
             model,
             **{**CONTRACT, "lr": 0.1, "cov_interval": 2, "inv_interval": 2, "momentum": 0.5},
-            damping=0.05,
+            damping=damping,
             combination=combination,
             norm_blocks=norm_blocks,
             kept_fisher=kept,

@@ -188,18 +188,20 @@ class CoarseLevel:
         """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
         from the refresh, :func:`coarse_projections`) and ``c_n = ⟨∇ℓ_n, M⁻¹g⟩``: A-DEF2
         needs the residual only through ``R₀``, so the Fisher product's second half (the
-        weighted sum of per-sample gradients, a full pass over the layers) is never done."""
+        weighted sum of per-sample gradients, a full pass over the layers) is never done.
+        With ``W₀ = FR₀ᵀ`` kept instead of the rows, ``Pᵀc/N = W₀ᵀM⁻¹g``."""
         operator, stats, samples = self._operator, self.fisher_stats, self.fisher_samples
         assert operator is not None
         split = operator.parts_basis(tuple(b is not None for _, b in g))
-        if self.fisher_columns is not None:  # R₀F̂M⁻¹g = WᵀM⁻¹g
-            return restrict_parts(split, g).sub_(self.fisher_columns.restrict_parts(minv_g))
-        assert stats is not None and samples is not None
-        if self._projections is None or self._projections[0] is not operator:
-            self._projections = (operator, coarse_projections(stats, operator.basis))
-        projections = self._projections[1]
-        coefficients = sample_coefficients_parts(stats, minv_g)
-        restricted = restrict_parts(split, g) - projections.T @ coefficients / samples
+        if self.fisher_columns is not None:  # R₀FM⁻¹g = W₀ᵀM⁻¹g
+            restricted = restrict_parts(split, g) - self.fisher_columns.restrict_parts(minv_g)
+        else:
+            assert stats is not None and samples is not None
+            if self._projections is None or self._projections[0] is not operator:
+                self._projections = (operator, coarse_projections(stats, operator.basis))
+            coefficients = sample_coefficients_parts(stats, minv_g)
+            fisher = self._projections[1].T @ coefficients / samples
+            restricted = restrict_parts(split, g) - fisher
         return restricted.sub_(restrict_parts(split, minv_g), alpha=self.host.damping)
 
     def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
@@ -238,7 +240,9 @@ class CoarseLevel:
         if not refreshed and columns is not None and self.columns_suffice:
             assert self._operator is not None  # W is kept with the operator it belongs to
             combine = COLUMN_COMBINATIONS[options.combination]
-            direction = combine(g, self.minv, self._operator, columns, options.coarse_scale)
+            direction = combine(
+                g, self.minv, self._operator, columns, self.host.damping, options.coarse_scale
+            )
             return self._keep_active(direction, grads, outside)
         if options.coarse_scale == 0.0:
             self.fisher_stats = self.fisher_stats if options.diagnostics else None

@@ -17,7 +17,6 @@ from ..twolevel.fisher_columns import (
     columns_are_smaller,
     fisher_columns,
     gradient_sums,
-    with_damping,
 )
 from ..twolevel.fisher_products import DISAGREE_HINT, check_stats, damped_fvp
 from ..twolevel.global_fisher import (
@@ -93,14 +92,14 @@ def new_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor:
 
 
 def new_columns(level: CoarseLevel, basis: list[Tensor]) -> FisherColumns:
-    """``W = F̂R₀ᵀ`` of ``basis`` on the kept Fisher mini-batch (every rank's rows)."""
+    """``W₀ = FR₀ᵀ`` of ``basis`` on the kept Fisher mini-batch (every rank's rows; the
+    damping is added where it is used)."""
     stats, n, host = level.fisher_stats, level.fisher_samples, level.host
     assert stats is not None and n is not None
-    projections = coarse_projections(stats, basis)
-    if not host.comm.distributed:
-        return fisher_columns(stats, basis, host.damping, projections)
-    sums = all_reduce_sum(host.comm, gradient_sums(stats, projections))
-    return with_damping(sums, basis, host.damping, n)
+    sums = gradient_sums(stats, coarse_projections(stats, basis))
+    if host.comm.distributed:
+        sums = all_reduce_sum(host.comm, sums)
+    return fisher_columns(sums, basis, n)
 
 
 def keeps_columns(level: CoarseLevel, basis: list[Tensor]) -> bool:

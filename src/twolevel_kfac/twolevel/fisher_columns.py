@@ -4,13 +4,15 @@ Every combination of :mod:`twolevel_kfac.twolevel.combinations` meets ``F̂ = F 
 only as ``F̂y`` with ``y = R₀ᵀu`` in the coarse range (A-DEF1, balanced) or as ``R₀F̂v``
 inside ``Q = R₀ᵀF_c⁻¹R₀`` (A-DEF2, balanced). Both are products with the ``K`` columns of
 
-    W = F̂R₀ᵀ,   W[:, k] = (1/N) Σ_n p_{n,k} ∇ℓ_n + λ r_k,   p_{n,k} = ⟨r_k, ∇ℓ_n⟩
+    W = F̂R₀ᵀ = W₀ + λR₀ᵀ,   W₀[:, k] = FR₀ᵀ[:, k] = (1/N) Σ_n p_{n,k} ∇ℓ_n,
+    p_{n,k} = ⟨r_k, ∇ℓ_n⟩
 
 (paper.md §2; ``p = J R₀ᵀ`` of :func:`~twolevel_kfac.twolevel.coarse_matrix.
-coarse_projections`), so ``F̂R₀ᵀu = Wu`` and ``R₀F̂v = Wᵀv`` exactly. A coarse level
-whose basis is fixed between refreshes can keep ``W`` (``K`` numbers per parameter)
-instead of the mini-batch's per-sample rows (``N·T·(d_in' + d_out)`` numbers per layer):
-far smaller for convolutions, whose rows are per location, and ``K`` instead of
+coarse_projections`), so ``F̂R₀ᵀu = W₀u + λR₀ᵀu`` and ``R₀F̂v = W₀ᵀv + λR₀v`` exactly.
+A coarse level whose basis is fixed between refreshes can keep ``W₀`` (``K`` numbers per
+parameter; the damping is added at each use, so ``λ`` is the current one, as with the
+rows) instead of the mini-batch's per-sample rows (``N·T·(d_in' + d_out)`` numbers per
+layer): far smaller for convolutions, whose rows are per location, and ``K`` instead of
 ``N·T`` passes over a layer per product. :func:`columns_are_smaller` picks the smaller.
 """
 
@@ -27,23 +29,23 @@ from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.parts import split_basis
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
-__all__ = ["FisherColumns", "columns_are_smaller", "fisher_columns", "with_damping"]
+__all__ = ["FisherColumns", "columns_are_smaller", "fisher_columns", "gradient_sums"]
 
 
 @dataclass(frozen=True)
 class FisherColumns:
-    """``W = F̂R₀ᵀ`` held per layer: ``columns[i]`` of shape ``[K, d_out_i, d_in'_i]`` is
-    layer ``i``'s part of the ``K`` columns (every coarse vector's, not only layer ``i``'s:
-    ``F̂`` couples the layers)."""
+    """``W₀ = FR₀ᵀ`` (the undamped Fisher) held per layer: ``columns[i]`` of shape
+    ``[K, d_out_i, d_in'_i]`` is layer ``i``'s part of the ``K`` columns (every coarse
+    vector's, not only layer ``i``'s: ``F`` couples the layers)."""
 
     columns: list[Tensor]
 
     def apply(self, u: Tensor) -> LayerVector:
-        """``F̂R₀ᵀu = Wu`` (``u`` of shape ``[K]``), a new layer vector."""
+        """``FR₀ᵀu = W₀u`` (``u`` of shape ``[K]``), a new layer vector."""
         return [(u.to(w.dtype) @ w.flatten(1)).view(w.shape[1:]) for w in self.columns]
 
     def restrict(self, v: LayerVector) -> Tensor:
-        """``R₀F̂v = Wᵀv``, shape ``[K]``: the inner products summed over the layers."""
+        """``R₀Fv = W₀ᵀv``, shape ``[K]``: the inner products summed over the layers."""
         total = self.columns[0].flatten(1) @ v[0].flatten()
         for w, vi in zip(self.columns[1:], v[1:], strict=True):
             total = total.addmv_(w.flatten(1), vi.flatten())
@@ -62,44 +64,20 @@ class FisherColumns:
         return total
 
     def numel(self) -> int:
-        """How many numbers ``W`` holds (``K`` per parameter)."""
+        """How many numbers ``W₀`` holds (``K`` per parameter)."""
         return sum(w.numel() for w in self.columns)
 
 
 def gradient_sums(stats: Sequence[LayerStats], projections: Tensor) -> list[Tensor]:
     """``Σ_n p_{n,k} ∇_iℓ_n`` per layer ``i`` (``[K, d_out_i, d_in'_i]``) for the rows held
-    here: the undamped, unnormalised ``W`` (summed over the ranks by the caller)."""
+    here: ``N·W₀`` (summed over the ranks by the caller)."""
     return [weighted_gradient_sum(s, projections) for s in stats]
 
 
-def with_damping(sums: list[Tensor], basis: Basis, damping: float, n: int) -> FisherColumns:
-    """``W = sums/N + λR₀ᵀ``: layer ``i``'s rows of the columns of its own coarse vectors
-    (``offset … offset + k_i``) gain ``λ r_k``; the others' are not touched."""
-    columns, offset = [], 0
-    for s, b in zip(sums, basis, strict=True):
-        w = s.div(n).to(b.dtype)
-        if damping != 0.0:
-            w[offset : offset + b.shape[0]].add_(b, alpha=damping)
-        columns.append(w)
-        offset += int(b.shape[0])
-    return FisherColumns(columns)
-
-
-def fisher_columns(
-    stats: Sequence[LayerStats], basis: Basis, damping: float, projections: Tensor
-) -> FisherColumns:
-    """``W = F̂R₀ᵀ`` of one process's Fisher mini-batch.
-
-    Args:
-        stats: one :class:`LayerStats` per layer (``N`` samples).
-        basis: ``R₀``, one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
-        damping: ``λ``.
-        projections: ``p = J R₀ᵀ`` of shape ``[N, K]``.
-
-    Returns:
-        The columns.
-    """
-    return with_damping(gradient_sums(stats, projections), basis, damping, projections.shape[0])
+def fisher_columns(sums: list[Tensor], basis: Basis, n: int) -> FisherColumns:
+    """``W₀ = sums / N`` in the basis' dtype (``sums`` from :func:`gradient_sums` of the
+    whole Fisher mini-batch of ``N`` samples)."""
+    return FisherColumns([s.div(n).to(b.dtype) for s, b in zip(sums, basis, strict=True)])
 
 
 def rows_numel(stats: Sequence[LayerStats], samples: int) -> int:
