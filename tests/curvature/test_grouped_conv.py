@@ -33,10 +33,14 @@ CONTRACT = KFAC_CONTRACT
 N = 5
 
 
-def grouped_net(groups: int, channels: int = 4, dims: int = 2, bias: bool = True) -> nn.Sequential:
+def grouped_net(
+    groups: int, channels: int = 4, dims: int = 2, bias: bool = True, size: int | None = None
+) -> tuple[nn.Sequential, int]:
+    """A grouped convolution and a Linear head, with the input size (``size=6`` in 2-d:
+    ``d_in' ≤ T``, the features in im2col's order)."""
     torch.manual_seed(0)
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    size = {1: 6, 2: 3, 3: 2}[dims]
+    size = size or {1: 6, 2: 3, 3: 2}[dims]
     return nn.Sequential(
         conv(channels, channels, 2, groups=groups, bias=bias, padding=1 if dims == 3 else 0),
         nn.Tanh(),
@@ -83,18 +87,19 @@ def ekfac_block(a: Tensor, g: Tensor, mode: str) -> Tensor:
 
 
 @pytest.mark.parametrize(
-    ("groups", "dims", "bias"),
-    [(2, 2, True), (4, 2, True), (4, 2, False), (2, 1, True), (4, 3, True)],
-)
+    ("groups", "dims", "bias", "size"),
+    [(2, 2, True, None), (4, 2, True, None), (4, 2, False, None), (2, 1, True, None),
+     (4, 3, True, None), (4, 2, True, 6), (2, 2, True, 6)],
+)  # fmt: skip
 @pytest.mark.parametrize(("cls", "mode"), [
     (tk.KFAC, "per_factor"), (tk.EKFAC, "per_factor"), (tk.EKFAC, "pi"), (tk.EKFAC, "eigen_sum")
 ])  # fmt: skip
 def test_grouped_step_equals_the_per_group_formula(
-    float64: None, groups: int, dims: int, bias: bool, cls: type, mode: str
+    float64: None, groups: int, dims: int, bias: bool, size: int | None, cls: type, mode: str
 ) -> None:
     """``groups=4`` with 4 channels is depthwise (``G_g`` of size 1). KFAC: each group's
     damped KFC block; EKFAC: each group's EKFAC block in its own eigenbasis."""
-    net, size = grouped_net(groups, dims=dims, bias=bias)
+    net, size = grouped_net(groups, dims=dims, bias=bias, size=size)
     x, y = data(dims, size)
     net(x)  # materialise the lazy head
     a, g = group_statistics(net, x, y)
@@ -129,7 +134,7 @@ def test_ekfac_scalings_of_a_grouped_block_follow_a_new_basis(float64: None) -> 
     """At the second refresh every group's running ``S`` is carried into the group's new
     eigenbasis, ``(P_G∘P_G) S (P_A∘P_A)ᵀ`` with ``P = Q_newᵀQ_old``, and averaged with the
     new mini-batch's second moments there (ρ = 1/2 at the second update)."""
-    net, size = grouped_net(2)
+    net, size = grouped_net(2, size=6)  # d_in' = 5 ≤ T = 25: im2col's order
     x, y = data(2, size)
     batches = [(x, y), (1.7 * x.flip(0), y.flip(0))]
     net(x)
@@ -138,7 +143,7 @@ def test_ekfac_scalings_of_a_grouped_block_follow_a_new_basis(float64: None) -> 
     kept = []
     for step, (xb, yb) in enumerate(batches):
         if step == 1:  # at the parameters of this step, on a twin without the hooks
-            twin, _ = grouped_net(2)
+            twin, _ = grouped_net(2, size=6)
             twin(xb)
             twin.load_state_dict(net.state_dict())
             a, g = group_statistics(twin, xb, yb)
@@ -246,10 +251,10 @@ def test_two_level_over_grouped_blocks_equals_the_dense_formula(
 
 @pytest.mark.parametrize(("cls", "groups"), [(tk.KFAC, 4), (tk.EKFAC, 4), (tk.EKFAC, 2)])
 def test_grouped_resume_is_bit_identical(cls: type[tk.KFAC], groups: int) -> None:
-    x, y = data(2, 3)
+    x, y = data(2, 6)  # d_in' ≤ T: the features in im2col's order
 
     def build() -> nn.Module:
-        net, _size = grouped_net(groups)
+        net, _size = grouped_net(groups, size=6)
         net(x)  # materialise the lazy head
         return net
 

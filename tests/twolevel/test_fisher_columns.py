@@ -25,9 +25,10 @@ from twolevel_kfac.twolevel.column_combinations import (
 from twolevel_kfac.twolevel.combinations import get_combination
 from twolevel_kfac.twolevel.fisher_columns import (
     FisherColumns,
-    columns_are_smaller,
+    coarse_size,
     fisher_columns,
     gradient_sums,
+    rows_size,
 )
 from twolevel_kfac.twolevel.parts import split_basis
 
@@ -208,15 +209,28 @@ def test_auto_keeps_the_smaller_form() -> None:
         assert (pre.fisher_stats is None) is columns
 
 
-def test_columns_are_smaller_counts_numbers() -> None:
-    basis = [torch.zeros(1, 4, 10), torch.zeros(1, 3, 5)]  # K = 2, P = 55: W holds 110
+def test_the_sizes_compared_count_numbers() -> None:
+    basis = [torch.zeros(1, 4, 10), torch.zeros(1, 3, 5)]  # K = 2, P = 55: W₀ holds 110
     stats = [
         type("S", (), {"a": torch.zeros(3, 2, 10), "g": torch.zeros(3, 2, 4)})(),
         type("S", (), {"a": torch.zeros(3, 1, 5), "g": torch.zeros(3, 1, 3)})(),
     ]  # per sample 2·14 + 8 = 36 numbers
-    assert columns_are_smaller(stats, basis, samples=4)  # 144 rows' numbers > 110
-    assert not columns_are_smaller(stats, basis, samples=3)  # 108 < 110
-    assert not columns_are_smaller(stats, basis, samples=4, world_size=2)  # 72 per rank
+    assert coarse_size(basis) == 110
+    assert rows_size(stats) == 108  # type: ignore[arg-type]
+
+
+def test_cov_interval_one_never_builds_the_columns() -> None:
+    """Every step refreshes: no step between refreshes reads ``W₀``, so none is built,
+    whatever ``kept_fisher`` says."""
+    build, shape, classes = NETS["conv"]
+    model = prepare(build())
+    opt = tk.TwoLevelKFAC(
+        model, lr=0.01, combination="adef1", kept_fisher="columns", cov_interval=1
+    )
+    for seed in range(3):
+        one_step(model, opt, *make_batch(shape, classes, 8, seed=seed))
+        assert opt.preconditioner.fisher_columns is None
+        assert opt.preconditioner.fisher_stats is not None
 
 
 @pytest.mark.parametrize(
@@ -241,10 +255,12 @@ def test_a_columns_state_is_refused_where_the_rows_are_read() -> None:
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = tk.TwoLevelKFAC(model, lr=0.05, combination="adef2", kept_fisher="columns")
     one_step(model, opt, x, y)
+    assert opt.preconditioner.fisher_stats is not None  # W₀ is built by the next step
+    one_step(model, opt, x, y)
     other = tk.TwoLevelKFAC(model, lr=0.05, combination="adef2", diagnostics=True)
-    with pytest.raises(ValueError, match=r"only W = F̂R₀ᵀ.*diagnostics=True"):
+    with pytest.raises(ValueError, match=r"only W₀ = FR₀ᵀ.*diagnostics=True"):
         other.load_state_dict(opt.state_dict())
-    with pytest.raises(RuntimeError, match="only F̂R₀ᵀ is kept"):
+    with pytest.raises(RuntimeError, match="only W₀ = FR₀ᵀ is kept"):
         opt.preconditioner.fhat([torch.zeros(5, 7), torch.zeros(3, 6)])
     third = tk.TwoLevelKFAC(model, lr=0.05, combination="balanced")  # W serves any of them
     third.load_state_dict(opt.state_dict())

@@ -135,12 +135,17 @@ def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> Non
         ({}, False, False),
         ({"combination": "adef2", "kept_fisher": "rows"}, True, False),
         ({"combination": "adef2"}, False, True),  # K·P = 106 < the rows' 10·21 numbers
+        ({"combination": "adef2", "cov_interval": 1}, True, False),  # no step reads W₀
         ({"diagnostics": True}, True, False),
     ]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-        opt = tk.TwoLevelKFAC(model, lr=0.05, **kwargs)
+        opt = tk.TwoLevelKFAC(model, lr=0.05, **{"cov_interval": 2, **kwargs})
         one_step(model, opt, x, y)
+        pre = opt.preconditioner
+        assert isinstance(pre, tk.TwoLevelPreconditioner)
+        assert pre.fisher_stats is not None or not pre.level.reads_statistics, kwargs
+        one_step(model, opt, x, y)  # between refreshes (with cov_interval=2)
         pre = opt.preconditioner
         assert isinstance(pre, tk.TwoLevelPreconditioner)
         assert (pre.fisher_stats is not None) is kept, kwargs

@@ -11,7 +11,7 @@ default two-level configuration (additive, consistent refresh) keeps no Fisher m
 between refreshes; the other combinations, the faithful residual schedule and the
 diagnostics read it at every step (:attr:`~twolevel_kfac.optim.coarse.
 CoarseLevel.reads_statistics`) and keep its rows or, for the combinations with a basis
-fixed between refreshes, ``W = F̂R₀ᵀ`` where that is smaller (``kept_fisher="auto"``).
+fixed between refreshes, ``W₀ = FR₀ᵀ`` where that is smaller (``kept_fisher="auto"``).
 
 ``--quick``: one small MLP, four methods.
 """
@@ -121,7 +121,7 @@ def render(data: dict[str, Any]) -> str:
         "KFAC's (bold below). The default two-level configuration (additive, consistent "
         "refresh) keeps no Fisher mini-batch between refreshes, and a Nicolaides basis is "
         "rebuilt on load rather than saved. A-DEF1, A-DEF2 and BALANCED read the "
-        "mini-batch at every step: they keep its rows or `W = F̂R₀ᵀ` (`K` numbers per "
+        "mini-batch at every step: they keep its rows or `W₀ = FR₀ᵀ` (`K` numbers per "
         'parameter), whichever is smaller (`kept_fisher="auto"`; `W` for the '
         "convolutions, whose rows are per location, the rows for the MLPs); the faithful "
         "residual schedule keeps the rows (its basis changes at every step). The "

@@ -352,7 +352,11 @@ def weighted_gradient_sum(stats: LayerStats, weights: Tensor) -> Tensor:
     if weights.dim() == 1:
         scaled = stats.g * weights[:, None, None]
         return scaled.flatten(0, 1).T @ stats.a.flatten(0, 1)
-    return torch.einsum("nk,nto,nti->koi", weights, stats.g, stats.a)
+    # one GEMM per column: a δ-sized temporary at a time (an einsum of the three operands
+    # forms an [N, K, T, d_out] intermediate and a copy of it)
+    if weights.shape[1] == 0:
+        return stats.g.new_zeros(0, stats.g.shape[-1], stats.a.shape[-1])
+    return torch.stack([weighted_gradient_sum(stats, w) for w in weights.T])
 
 
 def per_sample_dots_parts(stats: LayerStats, weight: Tensor, bias: Tensor | None) -> Tensor:

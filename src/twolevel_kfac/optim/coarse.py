@@ -22,7 +22,7 @@ from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..curvature.tokens import table_spectral_vector
-from ..twolevel.coarse_matrix import CoarseOperator, coarse_projections, ema_coarse_matrix
+from ..twolevel.coarse_matrix import CoarseOperator, ema_coarse_matrix
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
     build_basis,
@@ -32,15 +32,14 @@ from ..twolevel.coarse_spaces import (
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
-from ..twolevel.fisher_products import sample_coefficients_parts
-from ..twolevel.parts import restrict_parts
-from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
+from ..twolevel.vectors import LayerVector, dot, sub_into
 from .coarse_fisher import (
     damped_product,
     global_samples,
     keeps_columns,
     new_coarse_matrix,
     new_columns,
+    restricted_residual,
 )
 from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
@@ -76,13 +75,14 @@ class CoarseLevel:
         self.names = list(host.layers)
         self.fisher_stats: list[LayerStats] | None = None  # this rank's rows
         self.fisher_samples: int | None = None  # N of the global Fisher mini-batch
-        self.fisher_columns: FisherColumns | None = None  # W = F̂R₀ᵀ instead of the rows
+        self.fisher_columns: FisherColumns | None = None  # W₀ = FR₀ᵀ instead of the rows
+        self._rows_chosen = False  # kept_fisher="auto" chose the rows at this refresh
         self.basis: list[Tensor] | None = None
         self.coarse_matrix: Tensor | None = None
         self.coarse_updates = 0
         self._operator: CoarseOperator | None = None
-        # P = J R₀ᵀ of the kept basis on the kept Fisher mini-batch, for A-DEF2 on parts
-        self._projections: tuple[CoarseOperator, Tensor] | None = None
+        # P = J R₀ᵀ of the kept basis on the kept rows (A-DEF2 on parts), with its operator
+        self.projections: tuple[CoarseOperator, Tensor] | None = None
 
     # ------------------------------------------------------------ operators
     def minv(self, v: LayerVector) -> LayerVector:
@@ -95,7 +95,7 @@ class CoarseLevel:
         Raises:
             RuntimeError: when no Fisher mini-batch is kept (before the first step, or
                 :attr:`reads_statistics` is false: ``diagnostics=True`` keeps it; or only
-                ``W = F̂R₀ᵀ`` is kept: ``kept_fisher="rows"`` keeps it).
+                ``W₀ = FR₀ᵀ`` is kept: ``kept_fisher="rows"`` keeps it).
         """
         return damped_product(self, v)
 
@@ -166,6 +166,8 @@ class CoarseLevel:
         work on the gradients' parts as plain KFAC does, the ``W̄`` matrices never formed:
         additive ``d = ω_f M⁻¹g + ω_c Qg``, A-DEF2 ``d = M⁻¹g + ω_c Q(g − F̂M⁻¹g)``, the
         coarse term added in place (:meth:`CoarseOperator.add_into_parts`)."""
+        if not stats:
+            self._columns_from_rows()
         if not self._steps_on_parts(stats) or self.host.active != self.names:
             return None
         assert self._operator is not None
@@ -175,7 +177,7 @@ class CoarseLevel:
         scale = self.options.coarse_scale
         if self.options.combination == "adef2":
             self._operator.add_restricted_into_parts(
-                scale, self._restricted_residual(grad_parts, fine_parts), fine_parts
+                scale, restricted_residual(self, grad_parts, fine_parts), fine_parts
             )
         else:
             if self.options.fine_weight != 1.0:
@@ -183,26 +185,6 @@ class CoarseLevel:
                     part.mul_(self.options.fine_weight)
             self._operator.add_into_parts(scale, grad_parts, fine_parts)
         return fine, grads
-
-    def _restricted_residual(self, g: Parts, minv_g: Parts) -> Tensor:
-        """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
-        from the refresh, :func:`coarse_projections`) and ``c_n = ⟨∇ℓ_n, M⁻¹g⟩``: A-DEF2
-        needs the residual only through ``R₀``, so the Fisher product's second half (the
-        weighted sum of per-sample gradients, a full pass over the layers) is never done.
-        With ``W₀ = FR₀ᵀ`` kept instead of the rows, ``Pᵀc/N = W₀ᵀM⁻¹g``."""
-        operator, stats, samples = self._operator, self.fisher_stats, self.fisher_samples
-        assert operator is not None
-        split = operator.parts_basis(tuple(b is not None for _, b in g))
-        if self.fisher_columns is not None:  # R₀FM⁻¹g = W₀ᵀM⁻¹g
-            restricted = restrict_parts(split, g) - self.fisher_columns.restrict_parts(minv_g)
-        else:
-            assert stats is not None and samples is not None
-            if self._projections is None or self._projections[0] is not operator:
-                self._projections = (operator, coarse_projections(stats, operator.basis))
-            coefficients = sample_coefficients_parts(stats, minv_g)
-            fisher = self._projections[1].T @ coefficients / samples
-            restricted = restrict_parts(split, g) - fisher
-        return restricted.sub_(restrict_parts(split, minv_g), alpha=self.host.damping)
 
     def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
         """Whether this step is additive or A-DEF2 with KFAC's own ``M⁻¹`` and the kept
@@ -232,7 +214,9 @@ class CoarseLevel:
             self._set_names([n for n in self.host.layers if n in stats])
             self.fisher_stats = [stats[n] for n in self.names]
             self.fisher_samples = global_samples(self)
-            self.fisher_columns = None
+            self.fisher_columns, self._rows_chosen = None, False
+        else:
+            self._columns_from_rows()
         zero = layer_weight(self.host.layers[self.names[0]]).new_zeros  # g of a layer unused now
         g = [grads[n] if n in grads else zero(layer_shape(self.host.layers[n])) for n in self.names]
         outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
@@ -272,18 +256,32 @@ class CoarseLevel:
         if residual is not None and options.diagnostics:
             self.host.last_stats["residual_norm"] = float(dot(residual, residual).sqrt())
             self.host.last_stats["energy_gain"] = float(operator.energy_gain(residual))
-        self._keep_fisher(refreshed, operator)
+        self._keep_fisher()
         return self._keep_active(result.direction, grads, outside)
 
-    def _keep_fisher(self, refreshed: bool, operator: CoarseOperator) -> None:
+    def _keep_fisher(self) -> None:
         """Keep of the Fisher mini-batch what the steps until the next refresh read: nothing
-        (additive), ``W = F̂R₀ᵀ`` of ``operator``'s basis (:func:`.coarse_fisher.
-        keeps_columns`) or its rows."""
+        (additive) or its rows (traded for ``W₀`` by :meth:`_columns_from_rows`)."""
         if not self.reads_statistics:
             self.fisher_stats = None
-        elif refreshed and keeps_columns(self, operator.basis):
-            self.fisher_columns = new_columns(self, operator.basis)
+
+    def _columns_from_rows(self) -> None:
+        """On the first step after a refresh, trade the kept rows for ``W₀ = FR₀ᵀ`` where
+        :func:`~.coarse_fisher.keeps_columns` says so (built here, not at the refresh,
+        so that ``cov_interval=1`` never builds it; decided once per refresh)."""
+        if (
+            self.fisher_stats is None
+            or self.fisher_columns is not None
+            or self._rows_chosen
+            or self._operator is None
+            or not self.columns_suffice
+        ):
+            return
+        if keeps_columns(self, self._operator.basis):
+            self.fisher_columns = new_columns(self, self._operator.basis)
             self.fisher_stats = None
+        else:
+            self._rows_chosen = True
 
     def _keep_active(
         self, directions: LayerVector, grads: dict[str, Tensor], outside: dict[str, Tensor]
@@ -297,11 +295,12 @@ class CoarseLevel:
         if names != self.names:
             self.names = names
             self.basis, self.coarse_matrix, self._operator = None, None, None
-            self.coarse_updates, self._projections, self.fisher_columns = 0, None, None
+            self.coarse_updates, self.projections, self.fisher_columns = 0, None, None
+            self._rows_chosen = False
 
     def install_operator(self, operator: CoarseOperator | None) -> None:
         """Use ``operator`` as ``Q`` (a restored checkpoint's), dropping derived caches."""
-        self._operator, self._projections = operator, None
+        self._operator, self.projections, self._rows_chosen = operator, None, False
 
     @property
     def coarse_operator(self) -> CoarseOperator | None:
@@ -313,7 +312,7 @@ class CoarseLevel:
         """Whether a step between refreshes reads the Fisher mini-batch (an ``F̂`` product):
         every combination but ``additive``, the faithful residual schedule and the
         diagnostics. Otherwise the mini-batch is dropped once the refresh has built ``Q``
-        (memory) and not saved (``state_dict`` the size of KFAC's). Where ``W = F̂R₀ᵀ``
+        (memory) and not saved (``state_dict`` the size of KFAC's). Where ``W₀ = FR₀ᵀ``
         suffices (:attr:`columns_suffice`) the level may keep ``W`` in its place
         (``kept_fisher``)."""
         coarse = self.options
@@ -323,7 +322,7 @@ class CoarseLevel:
 
     @property
     def columns_suffice(self) -> bool:
-        """Whether the steps between refreshes read ``F̂`` only through ``W = F̂R₀ᵀ``
+        """Whether the steps between refreshes read ``F̂`` only through ``F̂R₀ᵀ = W₀ + λR₀ᵀ``
         (:mod:`twolevel_kfac.twolevel.column_combinations`): A-DEF1, A-DEF2 or balanced
         with a basis fixed until the next refresh and no diagnostics (which need the
         residual itself)."""

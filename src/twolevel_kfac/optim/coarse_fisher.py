@@ -1,6 +1,6 @@
 """What a coarse level (:class:`~.coarse.CoarseLevel`) computes from the exact Fisher of its
 kept Fisher mini-batch, on one process or summed over the ranks: ``N``, ``F_c``, ``F̂v``
-and ``W = F̂R₀ᵀ``, and which of the mini-batch's rows or ``W`` it keeps between refreshes
+and ``W₀ = FR₀ᵀ``, and which of the mini-batch's rows or ``W₀`` it keeps between refreshes
 (``CoarseOptions.kept_fisher``, :mod:`twolevel_kfac.twolevel.fisher_columns`).
 """
 
@@ -8,29 +8,44 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from ..distributed import all_reduce_sum
 from ..twolevel.coarse_matrix import coarse_projections, exact_coarse_matrix
 from ..twolevel.fisher_columns import (
     FisherColumns,
-    columns_are_smaller,
+    coarse_size,
     fisher_columns,
     gradient_sums,
+    rows_size,
 )
-from ..twolevel.fisher_products import DISAGREE_HINT, check_stats, damped_fvp
+from ..twolevel.fisher_products import (
+    DISAGREE_HINT,
+    check_stats,
+    damped_fvp,
+    sample_coefficients_parts,
+)
 from ..twolevel.global_fisher import (
     global_coarse_matrix,
     global_damped_fvp,
     global_tselepidis_matrix,
 )
+from ..twolevel.parts import restrict_parts
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
-from ..twolevel.vectors import LayerVector
+from ..twolevel.vectors import LayerVector, Parts
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
-__all__ = ["damped_product", "global_samples", "keeps_columns", "new_coarse_matrix", "new_columns"]
+__all__ = [
+    "damped_product",
+    "global_samples",
+    "keeps_columns",
+    "new_coarse_matrix",
+    "new_columns",
+    "restricted_residual",
+]
 
 
 def global_samples(level: CoarseLevel) -> int:
@@ -59,7 +74,7 @@ def damped_product(level: CoarseLevel, v: LayerVector) -> LayerVector:
     stats, n, comm = level.fisher_stats, level.fisher_samples, level.host.comm
     if stats is None or n is None:
         kept = (
-            "only F̂R₀ᵀ is kept (kept_fisher='rows' keeps the rows)"
+            "only W₀ = FR₀ᵀ is kept (kept_fisher='rows' keeps the rows)"
             if level.fisher_columns is not None
             else f"with combination={level.options.combination!r} and the consistent refresh "
             "it is dropped once Q is built"
@@ -91,6 +106,28 @@ def new_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor:
     return exact_coarse_matrix(stats, basis, host.damping)
 
 
+def restricted_residual(level: CoarseLevel, g: Parts, minv_g: Parts) -> Tensor:
+    """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
+    from the refresh in ``level.projections``) and ``c_n = ⟨∇ℓ_n, M⁻¹g⟩``: A-DEF2 needs
+    the residual only through ``R₀``, so the Fisher product's second half (the weighted sum
+    of per-sample gradients, a full pass over the layers) is never done. With
+    ``W₀ = FR₀ᵀ`` kept instead of the rows, ``Pᵀc/N = W₀ᵀM⁻¹g``. ``g``, ``M⁻¹g``: weight
+    and bias parts."""
+    operator, stats, samples = level.coarse_operator, level.fisher_stats, level.fisher_samples
+    assert operator is not None
+    split = operator.parts_basis(tuple(b is not None for _, b in g))
+    if level.fisher_columns is not None:
+        fisher = level.fisher_columns.restrict_parts(minv_g)
+    else:
+        assert stats is not None and samples is not None
+        if level.projections is None or level.projections[0] is not operator:
+            level.projections = (operator, coarse_projections(stats, operator.basis))
+        coefficients = sample_coefficients_parts(stats, minv_g)
+        fisher = level.projections[1].T @ coefficients / samples
+    restricted = restrict_parts(split, g) - fisher
+    return restricted.sub_(restrict_parts(split, minv_g), alpha=level.host.damping)
+
+
 def new_columns(level: CoarseLevel, basis: list[Tensor]) -> FisherColumns:
     """``W₀ = FR₀ᵀ`` of ``basis`` on the kept Fisher mini-batch (every rank's rows; the
     damping is added where it is used)."""
@@ -103,15 +140,32 @@ def new_columns(level: CoarseLevel, basis: list[Tensor]) -> FisherColumns:
 
 
 def keeps_columns(level: CoarseLevel, basis: list[Tensor]) -> bool:
-    """Whether the level keeps ``W`` instead of the rows after a refresh: its steps between
-    refreshes read ``F̂`` only through ``W`` (A-DEF1, A-DEF2 or balanced with a basis fixed
-    until the next refresh, no diagnostics), and ``kept_fisher`` says ``columns``, or
-    ``auto`` and ``W`` is the smaller."""
-    options = level.options
+    """Whether the level trades its rows for ``W₀ = FR₀ᵀ`` after a refresh.
+
+    ``W₀`` holds ``K·P`` numbers, the same on every rank; the steps between refreshes
+    must read ``F̂`` only through it (:attr:`~.coarse.CoarseLevel.columns_suffice`). Then
+    ``kept_fisher="columns"`` keeps it, and ``"auto"`` where
+
+    * ``K·P`` is smaller than a rank's share of the rows (all ranks' sizes summed: one
+      tiny collective, so every rank decides alike even when their ``T`` differ), and
+    * under ``torch.distributed``, building ``W₀`` (one all-reduce of ``K·P`` numbers per
+      refresh) sends no more than the rows' products would until the next refresh
+      (``P`` numbers per ``F̂`` product: one per step, two for balanced).
+    """
+    options, host = level.options, level.host
     if options.kept_fisher == "rows" or not level.columns_suffice:
         return False
     if options.kept_fisher == "columns":
         return True
-    assert level.fisher_stats is not None and level.fisher_samples is not None
-    world = level.host.comm.world_size
-    return columns_are_smaller(level.fisher_stats, basis, level.fisher_samples, world)
+    assert level.fisher_stats is not None
+    rows = float(rows_size(level.fisher_stats))
+    world = host.comm.world_size
+    if host.comm.distributed:
+        device = level.fisher_stats[0].g.device
+        count = torch.tensor([rows], dtype=torch.float64, device=device)
+        (total,) = all_reduce_sum(host.comm, [count])
+        rows = float(total) / world
+        products = (2 if options.combination == "balanced" else 1) * (host.options.cov_interval - 1)
+        if sum(int(b.shape[0]) for b in basis) > products:
+            return False
+    return coarse_size(basis) < rows

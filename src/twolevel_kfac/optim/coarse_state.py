@@ -4,7 +4,7 @@ its ``state_dict`` saves and ``load_state_dict`` restores.
 Saved: the layers it spans, ``F_c`` (and how many estimates the faithful schedule has
 averaged), the basis unless it depends on the layer shapes alone (Nicolaides vectors:
 rebuilt on load), ``N`` of the Fisher mini-batch, and what a step between refreshes reads
-of that mini-batch (:attr:`~.coarse.CoarseLevel.reads_statistics`): either ``W = F̂R₀ᵀ``
+of that mini-batch (:attr:`~.coarse.CoarseLevel.reads_statistics`): either ``W₀ = FR₀ᵀ``
 (the same on every rank) or its rows (under ``torch.distributed`` every rank's rows go
 into the preconditioner's ``"ranks"``).
 """
@@ -45,7 +45,9 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "basis": None if structural else level.basis,
         "basis_rebuilt": structural and level.basis is not None,
         "fisher_samples": level.fisher_samples,
-        "fisher_columns": None if level.fisher_columns is None else level.fisher_columns.columns,
+        "fisher_undamped_columns": (
+            None if level.fisher_columns is None else level.fisher_columns.columns
+        ),
         "coarse_matrix": level.coarse_matrix,
         "coarse_updates": level.coarse_updates,
         "names": level.names,
@@ -83,7 +85,7 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
     if coarse.get("basis_rebuilt"):
         level.basis = level.basis_of(None)
-    columns = coarse.get("fisher_columns")
+    columns = coarse.get("fisher_undamped_columns")
     level.fisher_columns = None if columns is None else FisherColumns(_on_names(level, columns))
     level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])
     level.coarse_updates = int(coarse["coarse_updates"])
@@ -106,6 +108,6 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
         )
     if not level.columns_suffice:
         raise ValueError(
-            "this two-level state holds only W = F̂R₀ᵀ of its Fisher mini-batch, not the rows "
+            "this two-level state holds only W₀ = FR₀ᵀ of its Fisher mini-batch, not the rows "
             f"that {wanted} reads at every step: resume with the options it was saved with"
         )

@@ -280,7 +280,7 @@ class CoarseOptions:
             parameters, ≈ 2 % of a step).
         kept_fisher: what A-DEF1, A-DEF2 and balanced keep of the Fisher mini-batch between
             refreshes: ``rows`` (its per-sample ``(ā, δ)``, ``N·T·(d_in' + d_out)`` numbers
-            per layer), ``columns`` (``W = F̂R₀ᵀ``, ``K`` numbers per parameter; not with
+            per layer), ``columns`` (``W₀ = FR₀ᵀ``, ``K`` numbers per parameter; not with
             the diagnostics or the faithful schedule of a residual space, whose steps need
             the rows), or ``auto`` (default): the smaller where ``columns`` is possible.
             Both give the same step in exact arithmetic
@@ -316,7 +316,7 @@ class CoarseOptions:
                 raise ValueError(
                     f"kept_fisher='columns' cannot serve coarse_space={self.coarse_space!r} "
                     "with coarse_refresh='faithful': its basis changes at every step, and "
-                    "W = F̂R₀ᵀ belongs to one basis (kept_fisher='rows' or 'auto')"
+                    "W₀ = FR₀ᵀ belongs to one basis (kept_fisher='rows' or 'auto')"
                 )
 
 

@@ -18,7 +18,7 @@ A-DEF2, balanced).
   refresh — so between refreshes ``F_c`` belongs to an older basis.
 
 Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the Fisher
-mini-batch of the last refresh step: its rows, or only ``W = F̂R₀ᵀ`` where every product a
+mini-batch of the last refresh step: its rows, or only ``W₀ = FR₀ᵀ`` where every product a
 step needs is one with ``W`` (``kept_fisher``,
 :mod:`twolevel_kfac.twolevel.fisher_columns`; for convolutions, whose rows are per
 location, ``W`` is the far smaller).
@@ -107,8 +107,9 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 
     @property
     def fisher_columns(self) -> list[Tensor] | None:
-        """``W = F̂R₀ᵀ`` of the kept Fisher mini-batch, one ``[K, d_out, d_in']`` block per
-        layer, where it is kept instead of the rows (``kept_fisher``)."""
+        """``W₀ = FR₀ᵀ`` of the kept Fisher mini-batch (undamped: ``F̂R₀ᵀ = W₀ + λR₀ᵀ``),
+        one ``[K, d_out, d_in']`` block per layer, where it is kept instead of the rows
+        (``kept_fisher``)."""
         columns = self.level.fisher_columns
         return None if columns is None else columns.columns
 

@@ -1,4 +1,4 @@
-"""``W = F̂R₀ᵀ``: what the coarse level needs of the Fisher mini-batch between refreshes.
+"""``F̂R₀ᵀ = W₀ + λR₀ᵀ``: what the coarse level needs of the Fisher mini-batch between refreshes.
 
 Every combination of :mod:`twolevel_kfac.twolevel.combinations` meets ``F̂ = F + λI``
 only as ``F̂y`` with ``y = R₀ᵀu`` in the coarse range (A-DEF1, balanced) or as ``R₀F̂v``
@@ -13,7 +13,7 @@ A coarse level whose basis is fixed between refreshes can keep ``W₀`` (``K`` n
 parameter; the damping is added at each use, so ``λ`` is the current one, as with the
 rows) instead of the mini-batch's per-sample rows (``N·T·(d_in' + d_out)`` numbers per
 layer): far smaller for convolutions, whose rows are per location, and ``K`` instead of
-``N·T`` passes over a layer per product. :func:`columns_are_smaller` picks the smaller.
+``N·T`` passes over a layer per product (:func:`coarse_size`, :func:`rows_size`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats, weighted_gradient_sum
@@ -29,7 +28,7 @@ from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.parts import split_basis
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
-__all__ = ["FisherColumns", "columns_are_smaller", "fisher_columns", "gradient_sums"]
+__all__ = ["FisherColumns", "coarse_size", "fisher_columns", "gradient_sums", "rows_size"]
 
 
 @dataclass(frozen=True)
@@ -80,19 +79,12 @@ def fisher_columns(sums: list[Tensor], basis: Basis, n: int) -> FisherColumns:
     return FisherColumns([s.div(n).to(b.dtype) for s, b in zip(sums, basis, strict=True)])
 
 
-def rows_numel(stats: Sequence[LayerStats], samples: int) -> int:
-    """How many numbers the per-sample rows ``(ā, δ)`` of ``samples`` samples hold, from
-    the trailing shapes of ``stats`` (the same on every rank)."""
-    return samples * sum(
-        int(torch.Size(s.a.shape[1:]).numel() + torch.Size(s.g.shape[1:]).numel()) for s in stats
-    )
-
-
-def columns_are_smaller(
-    stats: Sequence[LayerStats], basis: Basis, samples: int, world_size: int = 1
-) -> bool:
-    """Whether ``W`` (``K·P`` numbers on every rank) is smaller than a rank's share of the
-    Fisher mini-batch's rows (``samples`` in all, split over ``world_size`` ranks)."""
+def coarse_size(basis: Basis) -> int:
+    """``K·P``: how many numbers ``W₀`` of ``basis`` holds."""
     k = sum(int(b.shape[0]) for b in basis)
-    params = sum(int(b.shape[1:].numel()) for b in basis)
-    return k * params < rows_numel(stats, samples) / world_size
+    return k * sum(int(b.shape[1:].numel()) for b in basis)
+
+
+def rows_size(stats: Sequence[LayerStats]) -> int:
+    """How many numbers the per-sample rows ``(ā, δ)`` held here take."""
+    return sum(int(s.a.numel() + s.g.numel()) for s in stats)
