@@ -83,6 +83,11 @@ def test_compare_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     before = (out / "kfac" / "seed0" / "metrics.jsonl").read_text()
     assert main(["compare", SMOKE_COMPARE, "--out", str(out), "--quiet", "--methods", "kfac"]) == 0
     assert (out / "kfac" / "seed0" / "metrics.jsonl").read_text() == before
+    # … and a subset's report and saved config keep every method
+    saved = yaml.safe_load((out / "compare.yaml").read_text())
+    assert list(saved["methods"]) == ["kfac", "nico", "sgd", "adam"]
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} | 2 |" in report for m in ("kfac", "nico", "sgd", "adam"))
 
 
 def test_compare_max_steps_then_continue(tmp_path: Path) -> None:

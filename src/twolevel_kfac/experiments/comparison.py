@@ -2,7 +2,7 @@
 
 Layout of a comparison directory ``OUT``::
 
-    OUT/compare.yaml              the validated config (methods in report order)
+    OUT/compare.yaml              the validated config, every method (in report order)
     OUT/<method>/seed<k>/         one run each: config.yaml, metrics.jsonl, checkpoint.pt
                                   (result.json once finished: run_state)
     OUT/report.md, *.png          the report (``report.write_report``)
@@ -180,8 +180,8 @@ def run_comparison(
     references = [read_reference(path, label) for label, path in config.report.references.items()]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # every method of the config: a later `--methods` subset adds runs to the same report
     dump = config.model_dump(mode="json")
-    dump["methods"] = {m: config.methods[m] for m in labels}
     (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
     data = load_data(config.problem, data_dir)
     outcome = ComparisonResult({}, None, "")
@@ -206,13 +206,14 @@ def run_comparison(
             outcome.interrupted = True
             break
     results: dict[str, list[Records]] = {}
-    for label in labels:
-        metric_files = [out / label / f"seed{s}" / "metrics.jsonl" for s in seed_list]
+    report_seeds = sorted(set(seed_list) | set(config.problem.seeds))
+    for label in config.methods:  # the runs of this call and those already there
+        metric_files = [out / label / f"seed{s}" / "metrics.jsonl" for s in report_seeds]
         runs: list[Records] = [read_metrics(f) for f in metric_files if f.exists()]
         if runs:
             results[label] = runs
     title = config.report.title or config.problem.name
-    notes = describe(config, labels, seed_list)
+    notes = describe(config, list(results), report_seeds)
     outcome.results = results
     outcome.report = write_report(
         results,
