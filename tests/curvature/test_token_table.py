@@ -2,8 +2,8 @@
 the same block as the dense path of ``test_embedding`` (proven against the dense formula
 there), with the token-frequency factor kept as its diagonal and the statistics as token
 ids. The threshold is lowered here so that one table takes either path: every fine level
-and coarse space steps as the dense path (EKFAC, KPSVD and KFAC-corrected keep KFAC's
-inverse on such a table, as on every block of its own)."""
+and coarse space steps as the dense path (EKFAC in the table's eigenbasis ``I ⊗ Q_A``;
+KPSVD and KFAC-corrected keep KFAC's inverse on such a table)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,11 @@ SETTINGS = [
     (tk.KFAC, {"damping_mode": "eigen_sum"}),
     (tk.KFAC, {"inverse_method": "eigen", "fisher": "empirical"}),
     (tk.KFAC, {"fisher_batch": 0.5}),
+    # EKFAC: S = diag(Q_Aᵀ ∇E_n² Q_A) with Q_G = I, as the dense path's eigh of diag(f)
+    (tk.EKFAC, {}),
+    (tk.EKFAC, {"damping_mode": "pi", "ema_decay": 0.5, "inv_interval": 2}),
+    (tk.EKFAC, {"damping_mode": "eigen_sum", "fisher_batch": 0.5}),
+    (tk.TwoLevelKFAC, {"fine": "ekfac", "combination": "adef2"}),
     *[
         (tk.TwoLevelKFAC, {"coarse_space": space, "combination": combination})
         for space, combination in itertools.product(
@@ -131,13 +136,30 @@ def test_statistics_against_their_definitions(float64: None, small_threshold: No
     )
 
 
-def test_ekfac_keeps_kfacs_inverse_on_a_large_table(float64: None, small_threshold: None) -> None:
-    """The first step's table update is KFAC's (the other layers' are EKFAC's own)."""
+def test_kpsvd_and_corrected_keep_kfacs_inverse_on_a_large_table(
+    float64: None, small_threshold: None
+) -> None:
+    """The first step's table update is KFAC's (the other layers' are their own)."""
     kfac, _ = trained(tk.KFAC, steps=1, inverse_method="eigen", kl_clip=None)
-    for optimizer in (tk.EKFAC, tk.KPSVD, tk.KFACCorrected):
+    for optimizer in (tk.KPSVD, tk.KFACCorrected):
         other, factors = trained(optimizer, steps=1, kl_clip=None)
         assert isinstance(factors, TokenFactors)
         torch.testing.assert_close(other[: V * D], kfac[: V * D], rtol=1e-12, atol=1e-14)
+
+
+def test_ekfac_scalings_of_a_table_are_the_diagonal_of_its_fisher_block(
+    float64: None, small_threshold: None
+) -> None:
+    """``S[v, j] = (1/N) Σ_n (∇E_n Q_A)²[v, j]`` from one-hot per-sample gradients."""
+    _, factors = trained(tk.EKFAC, steps=1, kl_clip=None, ema_decay=0.0)
+    assert isinstance(factors, TokenFactors)
+    tokens, grads = data()[0], torch.randn(N, T, D, generator=torch.Generator().manual_seed(5))
+    stats = TokenStats(tokens[..., None].double(), grads, V)
+    basis = factors.table_eigenbasis()
+    assert basis is not None
+    per_sample = torch.einsum("ntv,ntd->nvd", F.one_hot(tokens, V).double(), grads)
+    expected = (per_sample @ basis[2]).square().sum(0)
+    torch.testing.assert_close(stats.rotated_second_moments(basis[2]), expected)
 
 
 def test_a_large_table_tied_to_its_head_takes_the_fallback() -> None:
@@ -186,7 +208,7 @@ def test_a_gpt2_sized_vocabulary() -> None:
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-@pytest.mark.parametrize("optimizer", [tk.KFAC, tk.TwoLevelKFAC])
+@pytest.mark.parametrize("optimizer", [tk.KFAC, tk.TwoLevelKFAC, tk.EKFAC])
 def test_resume_is_bit_identical(small_threshold: None, optimizer: type) -> None:
     tokens, y = data()
     assert_resume_is_bit_identical(

@@ -96,9 +96,10 @@ class BlockStats(LayerStats):
         """``∇_W̄ ℓ_n`` of every sample, ``[N, d_out, d_in']``."""
         raise NotImplementedError
 
-    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor) -> Tensor:
+    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor | None) -> Tensor:
         """EKFAC's ``Σ_n (Q_Gᵀ ψ_n Q_A)²`` in the block's own eigenbases (for blocks whose
-        factors give them: a grouped convolution's groups)."""
+        factors give them: a grouped convolution's groups; ``Q_G = None`` for the identity
+        of a large embedding table's diagonal ``G``)."""
         raise NotImplementedError(f"{type(self).__name__} has no Kronecker eigenbasis")
 
     def block_factors(self) -> tuple[Tensor, Tensor]:

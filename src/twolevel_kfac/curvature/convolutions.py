@@ -196,10 +196,11 @@ class GroupedStats(BlockStats):
         grads = torch.einsum("ntgo,ntgi->ngoi", self.g, self.a)
         return grads.reshape(grads.shape[0], -1, grads.shape[-1])
 
-    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor) -> Tensor:
+    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor | None) -> Tensor:
         """``Σ_n (Q_Gᵀ ψ_{n,g} Q_A)²`` per group (``[G, C_out/G, d_in']``; ``Q`` stacked
         ``[G, ·, ·]``): EKFAC's scalings of each group's block, summed over these samples
         (:func:`~.persample.rotated_second_moments` of every group at once)."""
+        assert vectors_g is not None
         rotated_a = torch.einsum("ntgi,gij->ntgj", self.a, vectors_a)
         rotated_g = torch.einsum("ntgo,gop->ntgp", self.g, vectors_g)
         total = rotated_a.new_zeros(vectors_g.shape[0], vectors_g.shape[1], vectors_a.shape[1])

@@ -160,6 +160,17 @@ class TokenFactors(InverseOnMatrices):
             out = (x * inv_f[:, None]) @ inv_a
         return out.to(grad.dtype)
 
+    def table_eigenbasis(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(f, d_A, Q_A)`` of the frozen factors (``G = diag(f)``: its eigenbasis is the
+        identity), or ``None`` without an eigendecomposition of ``A`` (EKFAC's basis,
+        :mod:`twolevel_kfac.optim.ekfac`)."""
+        if self.a_decomposition is None or self.frozen_frequencies is None:
+            return None
+        values, vectors = self.a_decomposition
+        if vectors.numel() == 0:  # a Cholesky factor
+            return None
+        return self.frozen_frequencies, values, vectors
+
     def spectral_vector(self, which: str) -> Tensor:
         """:func:`table_spectral_vector` of the frozen factors (``inverse_method="eigen"``)."""
         assert self.a_decomposition is not None and self.frozen_frequencies is not None
@@ -253,6 +264,19 @@ class TokenStats(BlockStats):
         n, _, dim = self.g.shape
         out = self.g.new_zeros(n, self.table_rows, dim)
         return out.scatter_add_(1, self.tokens[..., None].expand_as(self.g), self._gradients())
+
+    def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor | None = None) -> Tensor:
+        """EKFAC's ``Σ_n (∇E_n Q_A)²`` (``[V, D]``; ``Q_G = I``): each sample's positions
+        of one token summed before the square (``∇E_n``'s row ``v`` is
+        ``Σ_{t: x_t = v} δ_tᵀ``), then added into the token's row."""
+        del vectors_g  # G = diag(f): its eigenbasis is the identity
+        rotated = self._gradients() @ vectors_a
+        n, _, dim = rotated.shape
+        sample = torch.arange(n, device=rotated.device)[:, None] * self.table_rows
+        keys, inverse = torch.unique((sample + self.tokens).reshape(-1), return_inverse=True)
+        per_row = rotated.new_zeros(len(keys), dim).index_add_(0, inverse, rotated.reshape(-1, dim))
+        out = rotated.new_zeros(self.table_rows, dim)
+        return out.index_add_(0, keys % self.table_rows, per_row.square())
 
     def sample_dots(self, vectors: Tensor) -> Tensor:
         """``⟨r_k, ∇E_n⟩ = Σ_t ⟨r_k[x_t], δ_t⟩``: the rows of the tokens, ``[N, K]``."""

@@ -32,8 +32,9 @@ Under ``torch.distributed`` the sums ``Σ_n (…)²`` are all-reduced and divide
 
 A block that is a direct sum of Kronecker blocks (a grouped convolution: one ``A_g ⊗ G_g``
 per group, :class:`StackedEigenbasis`) gets the same per group, its bases, ``S`` and grids
-stacked ``[G, ·, ·]``. The other blocks of their own (a norm's exact unit-wise block, a
-large embedding table's diagonal frequency factor) keep their own inverse.
+stacked ``[G, ·, ·]``. A large embedding table (``G = diag(f)``, :class:`TableEigenbasis`)
+has ``Q_G = I``: ``S`` is ``[V, D]``, carried into a new basis by ``S (P_A∘P_A)ᵀ``. A norm's
+unit-wise block is exact already and keeps its own inverse.
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ class StackedEigenbasis(Protocol):
         ...
 
 
+@runtime_checkable
+class TableEigenbasis(Protocol):
+    """Factors ``diag(f) ⊗ A`` of a large embedding table that give ``(f, d_A, Q_A)``
+    (:class:`~twolevel_kfac.curvature.tokens.TokenFactors`)."""
+
+    num_locations: int
+    decomp_pi: float
+
+    def table_eigenbasis(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(f, d_A, Q_A)`` (``None``: ``A`` not eigendecomposed)."""
+        ...
+
+
+Bases = tuple[Tensor, Tensor | None]
+"""``(Q_A, Q_G)`` of a layer (``Q_G = None``: the identity of a table's diagonal ``G``)."""
+
+
+Prepared = tuple[Tensor | None, Tensor, Tensor]
+"""``(Q_G, 1/D, Q_A)`` of a layer (``Q_G = None``: the identity)."""
+
+
 class EKFACFine(FineLevel):
     """EKFAC's fine level (see the module docstring).
 
@@ -93,16 +115,20 @@ class EKFACFine(FineLevel):
             )
         self.scalings: dict[str, Tensor] = {}
         self.scaling_updates: dict[str, int] = {}
-        self._scaling_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, Tensor, Tensor]]] = {}
+        self._scaling_cache: dict[str, tuple[tuple[float, str], Prepared]] = {}
 
-    def _bases(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def _bases(self) -> dict[str, Bases]:
         """``(Q_A, Q_G)`` of every layer whose factors have been decomposed."""
-        out = {}
+        out: dict[str, Bases] = {}
         for name, factors in self.host.factors.items():
             if isinstance(factors, StackedEigenbasis):  # [G, ·, ·] each
                 stacked = factors.stacked_eigenbasis()
                 if stacked is not None:
                     out[name] = (stacked[1], stacked[3])
+            elif isinstance(factors, TableEigenbasis):
+                table = factors.table_eigenbasis()
+                if table is not None:
+                    out[name] = (table[2], None)
             elif factors.decomp_a is not None and factors.decomp_g is not None:
                 out[name] = (factors.decomp_a[1], factors.decomp_g[1])
         return out
@@ -114,7 +140,13 @@ class EKFACFine(FineLevel):
         new = self._bases()
         for name, scalings in self.scalings.items():
             if name in old and name in new:
-                self.scalings[name] = eigenbasis_diagonal_transport(scalings, old[name], new[name])
+                (old_a, old_g), (new_a, new_g) = old[name], new[name]
+                if old_g is None or new_g is None:  # Q_G = I: the A side alone
+                    self.scalings[name] = scalings @ (new_a.mT @ old_a).square().mT
+                    continue
+                self.scalings[name] = eigenbasis_diagonal_transport(
+                    scalings, (old_a, old_g), (new_a, new_g)
+                )
         self._scaling_cache.clear()
 
     def stateless(self, steps: int) -> bool:
@@ -129,12 +161,16 @@ class EKFACFine(FineLevel):
         sums = []
         for name in names:
             dtype, layer = host.factor_dtype(name), stats[name]
-            if isinstance(layer, BlockStats):  # stacked bases: the block's own moments
-                own = replace(layer, a=layer.a.to(dtype), g=layer.g.to(dtype))
-                sums.append(own.rotated_second_moments(*bases[name]))
+            vectors_a, vectors_g = bases[name]
+            if isinstance(layer, BlockStats):  # a block of its own: its own moments
+                exact = type(layer).exact_inputs  # a table's token ids stay as captured
+                a = layer.a if exact else layer.a.to(dtype)
+                own = replace(layer, a=a, g=layer.g.to(dtype))
+                sums.append(own.rotated_second_moments(vectors_a, vectors_g))
                 continue
+            assert vectors_g is not None
             cast = LayerStats(layer.a.to(dtype), layer.g.to(dtype))
-            sums.append(rotated_second_moments(cast, *bases[name]))
+            sums.append(rotated_second_moments(cast, vectors_a, vectors_g))
         if host.comm.distributed:
             sums = all_reduce_sum(host.comm, sums)
         skipped = 0
@@ -155,6 +191,9 @@ class EKFACFine(FineLevel):
         if name not in self.scalings:
             return super().apply(name, matrix, damping)
         vectors_g, inverse, vectors_a = self._prepare_scalings(name, damping)
+        if vectors_g is None:  # a table: Q_G = I
+            x = matrix.to(inverse.dtype)
+            return (((x @ vectors_a) * inverse) @ vectors_a.mT).to(matrix.dtype)
         if vectors_g.dim() == 2:
             return apply_in_eigenbasis(vectors_g, inverse, vectors_a, matrix)
         # one block per group: its rows of W̄, the same product batched over the groups
@@ -162,13 +201,21 @@ class EKFACFine(FineLevel):
         rotated = (vectors_g.mT @ v @ vectors_a).mul_(inverse)
         return (vectors_g @ rotated @ vectors_a.mT).reshape(matrix.shape).to(matrix.dtype)
 
-    def _prepare_scalings(self, name: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _prepare_scalings(self, name: str, damping: float) -> Prepared:
         key = (damping, self.host.options.damping_mode)
         cached = self._scaling_cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
         factors = self.host.factors[name]
-        if isinstance(factors, StackedEigenbasis):
+        vectors_g: Tensor | None
+        if isinstance(factors, TableEigenbasis):
+            table = factors.table_eigenbasis()
+            assert table is not None
+            values_g, values_a, vectors_a = table  # values_g: the frequencies f
+            vectors_g = None
+            grid = eigen_denominator(values_g, values_a, *key, factors.decomp_pi)
+            increment = grid - torch.outer(values_g, values_a)
+        elif isinstance(factors, StackedEigenbasis):
             stacked = factors.stacked_eigenbasis()
             assert stacked is not None
             values_a, vectors_a, values_g, vectors_g = stacked
