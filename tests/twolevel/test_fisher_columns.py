@@ -114,7 +114,7 @@ def between_refreshes(
     """A refresh step with ``lr = 0`` on ``(x, y)``, then the step between refreshes on
     the same batch at the same parameters: it reads the kept ``F̂`` and factors of
     ``(x, y)``, so it must equal the dense formula of ``(x, y)``."""
-    opt = tk.TwoLevelKFAC(model, damping=0.05, **{**CONTRACT, **kwargs})
+    opt = tk.TwoLevelKFAC(model, **{**CONTRACT, "damping": 0.05, **kwargs})
     opt.param_groups[0]["lr"] = 0.0
     one_step(model, opt, x, y)
     opt.param_groups[0]["lr"] = 1.0
@@ -138,6 +138,48 @@ def test_a_step_reading_only_the_columns_equals_dense_formula(
     assert pre.fisher_columns is not None and pre.fisher_stats is None
     tol = 1e-8 if space == "krylov_residual" else 1e-9
     assert_relative_error(delta, expected, tol)
+
+
+def two_dampings(step: int) -> float:
+    return 0.05 if step == 0 else 0.2
+
+
+@pytest.mark.parametrize("kept", ["rows", "columns"])
+@pytest.mark.parametrize(
+    ("net", "space", "combination"),
+    [
+        ("conv", "nicolaides", "adef2"),
+        ("conv", "spectral", "balanced"),
+        ("mlp", "tselepidis", "adef1"),
+        ("mixed_bn", "nicolaides", "balanced"),
+    ],
+)
+def test_a_step_after_the_damping_changed_equals_dense_formula_at_the_new_damping(
+    float64: None, kept: str, net: str, space: str, combination: str
+) -> None:
+    """A refresh at λ = 0.05, then a step at λ = 0.2 (a schedule): ``M⁻¹``, ``F̂`` and
+    ``F_c = R₀F̂R₀ᵀ`` all take the new λ (``F_c`` shifted by ``0.15·R₀R₀ᵀ``), so the step
+    equals the dense formula at λ = 0.2. The bases here do not depend on λ (the residual
+    and Krylov ones are built at the refresh's)."""
+    build, shape, classes = NETS[net]
+    model = prepare(build())
+    x, y = make_batch(shape, classes, 8)
+    expected = dense_twolevel_update(
+        copy.deepcopy(model), LOSS, x, y, damping=0.2, coarse_space=space, combination=combination
+    )
+    delta, pre = between_refreshes(
+        model,
+        x,
+        y,
+        damping=two_dampings,
+        coarse_space=space,
+        combination=combination,
+        cov_interval=2,
+        inv_interval=2,
+        kept_fisher=kept,
+    )
+    assert pre.damping == 0.2 and pre.level.coarse_damping == 0.2
+    assert_relative_error(delta, expected, 1e-9)
 
 
 def damping_schedule(step: int) -> float:

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 import twolevel_kfac as tk
 from test_kfac_exact import make_batch, one_step
 
+def rising_damping(step: int) -> float:
+    return 1e-3 * (1 + step)
+
+
 ROUND_TRIPS: dict[str, dict[str, Any]] = {
+    # F_c follows λ between refreshes (its shift is state: coarse_damping)
+    "nicolaides+adef2:schedule": {"combination": "adef2", "damping": rising_damping},
     "krylov_residual+balanced:faithful": {
         "coarse_space": "krylov_residual",
         "combination": "balanced",

@@ -40,6 +40,7 @@ from .coarse_fisher import (
     new_coarse_matrix,
     new_columns,
     restricted_residual,
+    shifted_coarse_matrix,
 )
 from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
@@ -79,6 +80,7 @@ class CoarseLevel:
         self._rows_chosen = False  # kept_fisher="auto" chose the rows at this refresh
         self.basis: list[Tensor] | None = None
         self.coarse_matrix: Tensor | None = None
+        self.coarse_damping: float | None = None  # the λ F_c was formed at
         self.coarse_updates = 0
         self._operator: CoarseOperator | None = None
         # P = J R₀ᵀ of the kept basis on the kept rows (A-DEF2 on parts), with its operator
@@ -167,7 +169,7 @@ class CoarseLevel:
         additive ``d = ω_f M⁻¹g + ω_c Qg``, A-DEF2 ``d = M⁻¹g + ω_c Q(g − F̂M⁻¹g)``, the
         coarse term added in place (:meth:`CoarseOperator.add_into_parts`)."""
         if not stats:
-            self._columns_from_rows()
+            self._between_refreshes()
         if not self._steps_on_parts(stats) or self.host.active != self.names:
             return None
         assert self._operator is not None
@@ -216,7 +218,7 @@ class CoarseLevel:
             self.fisher_samples = global_samples(self)
             self.fisher_columns, self._rows_chosen = None, False
         else:
-            self._columns_from_rows()
+            self._between_refreshes()
         zero = layer_weight(self.host.layers[self.names[0]]).new_zeros  # g of a layer unused now
         g = [grads[n] if n in grads else zero(layer_shape(self.host.layers[n])) for n in self.names]
         outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
@@ -265,21 +267,27 @@ class CoarseLevel:
         if not self.reads_statistics:
             self.fisher_stats = None
 
+    def _between_refreshes(self) -> None:
+        """Before a step between refreshes: ``F_c`` follows the current ``λ``
+        (:func:`.coarse_fisher.shifted_coarse_matrix`), and the rows may become ``W₀``."""
+        shifted = shifted_coarse_matrix(self)
+        if shifted is not None:
+            assert self._operator is not None
+            self.coarse_matrix, self.coarse_damping = shifted, self.host.damping
+            self._operator = CoarseOperator.from_matrix(self._operator.basis, shifted)
+        self._columns_from_rows()
+
     def _columns_from_rows(self) -> None:
         """On the first step after a refresh, trade the kept rows for ``W₀ = FR₀ᵀ`` where
-        :func:`~.coarse_fisher.keeps_columns` says so (built here, not at the refresh,
-        so that ``cov_interval=1`` never builds it; decided once per refresh)."""
-        if (
-            self.fisher_stats is None
-            or self.fisher_columns is not None
-            or self._rows_chosen
-            or self._operator is None
-            or not self.columns_suffice
-        ):
+        :func:`~.coarse_fisher.keeps_columns` says so (once per refresh; never with
+        ``cov_interval=1``, where no step reads it)."""
+        rows, operator = self.fisher_stats, self._operator
+        if rows is None or operator is None or self.fisher_columns is not None:
             return
-        if keeps_columns(self, self._operator.basis):
-            self.fisher_columns = new_columns(self, self._operator.basis)
-            self.fisher_stats = None
+        if self._rows_chosen or not self.columns_suffice:
+            return
+        if keeps_columns(self, operator.basis):
+            self.fisher_columns, self.fisher_stats = new_columns(self, operator.basis), None
         else:
             self._rows_chosen = True
 
@@ -372,6 +380,7 @@ class CoarseLevel:
                 self.coarse_matrix = ema_coarse_matrix(self.coarse_matrix, new, decay)
             else:
                 self.coarse_matrix = new
+            self.coarse_damping = self.host.damping
         self._operator = CoarseOperator.from_matrix(self.basis, self.coarse_matrix)
         return self._operator
 

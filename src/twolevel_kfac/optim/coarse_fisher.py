@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import all_reduce_sum
-from ..twolevel.coarse_matrix import coarse_projections, exact_coarse_matrix
+from ..twolevel.coarse_matrix import basis_gram, coarse_projections, exact_coarse_matrix
 from ..twolevel.fisher_columns import (
     FisherColumns,
     coarse_size,
@@ -45,6 +45,7 @@ __all__ = [
     "new_coarse_matrix",
     "new_columns",
     "restricted_residual",
+    "shifted_coarse_matrix",
 ]
 
 
@@ -104,6 +105,24 @@ def new_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor:
     if host.comm.distributed:
         return global_coarse_matrix(host.comm, stats, basis, host.damping, n)
     return exact_coarse_matrix(stats, basis, host.damping)
+
+
+def shifted_coarse_matrix(level: CoarseLevel) -> Tensor | None:
+    """``F_c`` at the current damping: ``F_c + (λ − λ_c)R₀R₀ᵀ`` for ``F_c`` formed at
+    ``λ_c`` (``coarse_damping``; the damping term of the exact ``F_c`` and of Tselepidis'
+    is ``λR₀R₀ᵀ``), or ``None`` when ``λ`` has not changed, nothing is built, or the basis
+    changes at every step (the faithful residual schedule keeps the refresh's ``F_c``)."""
+    operator, damping = level.coarse_operator, level.host.damping
+    if (
+        operator is None
+        or level.coarse_matrix is None
+        or level.coarse_damping is None
+        or damping == level.coarse_damping
+        or not level.stateless()
+    ):
+        return None
+    gram = basis_gram(operator.basis).to(level.coarse_matrix)
+    return level.coarse_matrix + (damping - level.coarse_damping) * gram
 
 
 def restricted_residual(level: CoarseLevel, g: Parts, minv_g: Parts) -> Tensor:

@@ -49,6 +49,7 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
             None if level.fisher_columns is None else level.fisher_columns.columns
         ),
         "coarse_matrix": level.coarse_matrix,
+        "coarse_damping": level.coarse_damping,
         "coarse_updates": level.coarse_updates,
         "names": level.names,
     }
@@ -88,6 +89,7 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     columns = coarse.get("fisher_undamped_columns")
     level.fisher_columns = None if columns is None else FisherColumns(_on_names(level, columns))
     level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])
+    level.coarse_damping = coarse.get("coarse_damping")  # None: a state from before it
     level.coarse_updates = int(coarse["coarse_updates"])
     operator = None
     if level.basis is not None and level.coarse_matrix is not None:

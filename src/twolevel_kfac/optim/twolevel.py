@@ -17,8 +17,11 @@ A-DEF2, balanced).
   running-averaged like the factors (ρ = min(1 − 1/k, ema_decay)) and reused until the next
   refresh — so between refreshes ``F_c`` belongs to an older basis.
 
-Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the Fisher
-mini-batch of the last refresh step: its rows, or only ``W₀ = FR₀ᵀ`` where every product a
+A damping that changes between refreshes (a schedule, adaptive damping) reaches every
+part of the step: ``M⁻¹`` and ``F̂`` read the current ``λ``, and ``F_c`` is shifted to it,
+``F_c + (λ − λ_c)R₀R₀ᵀ`` (its damping term), except in the faithful schedule of a residual
+space. Between refreshes ``F̂`` products (residuals, A-DEF/balanced combinations) use the
+Fisher mini-batch of the last refresh step: its rows, or only ``W₀ = FR₀ᵀ`` where every product a
 step needs is one with ``W`` (``kept_fisher``,
 :mod:`twolevel_kfac.twolevel.fisher_columns`; for convolutions, whose rows are per
 location, ``W`` is the far smaller).
