@@ -1,7 +1,7 @@
 """The two-level state: resume is bit-identical for every coarse space and combination,
 and ``state_dict`` keeps of the Fisher mini-batch only what a step between refreshes reads
 (additive with the consistent refresh: nothing, its state is KFAC's plus the basis and
-``F_c``; A-DEF1, A-DEF2, balanced: its rows or ``W = F̂R₀ᵀ``, whichever is smaller)."""
+``F_c``; A-DEF1, A-DEF2, balanced: its rows or ``W₀ = FR₀ᵀ``, whichever is smaller)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from test_kfac_exact import make_batch, one_step
+
 
 def rising_damping(step: int) -> float:
     return 1e-3 * (1 + step)
