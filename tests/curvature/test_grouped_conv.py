@@ -305,3 +305,27 @@ def test_a_checkpoint_of_another_width_is_refused_clearly() -> None:
     pre = tk.KFACPreconditioner(wider)
     with pytest.raises(ValueError, match=r"layer '3': the checkpoint's curvature has shapes"):
         pre.load_state_dict(saved)
+
+
+def test_batched_eigendecompositions_equal_each_groups(float64: None) -> None:
+    """``decompose("eigen")`` takes one batched ``eigh`` per side: every group's pairs
+    rebuild its factor, with the eigenvalues of that factor alone, and π per group."""
+    from twolevel_kfac.curvature.convolutions import GroupedFactors
+    from twolevel_kfac.curvature.factor_inverse import safe_eigh
+    from twolevel_kfac.curvature.kronecker import pi_ratio
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 3, generator=gen)
+    a = x @ x.mT / 3  # rank 3 of 5: zero eigenvalues, clipped at 0
+    g = torch.rand(6, 2, 2, generator=gen) + 2 * torch.eye(2)
+    factors = GroupedFactors()
+    factors.update(a, g @ g.mT, 0.9, 4)
+    factors.decompose("eigen")
+    for i, group in enumerate(factors.groups):
+        assert group.decomp_a is not None and group.decomp_g is not None
+        for (values, vectors), matrix in ((group.decomp_a, a[i]), (group.decomp_g, g[i] @ g[i].T)):
+            torch.testing.assert_close((vectors * values) @ vectors.T, matrix, atol=1e-12, rtol=0)
+            torch.testing.assert_close(values, safe_eigh(matrix)[0], atol=1e-12, rtol=0)
+            assert bool((values >= 0).all())
+        want = pi_ratio(float(a[i].trace()), 5, float((g[i] @ g[i].T).trace()), 2)
+        assert group.decomp_pi == pytest.approx(want, rel=1e-12)

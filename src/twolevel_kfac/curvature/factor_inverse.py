@@ -106,6 +106,16 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
+def batched_eigh(matrices: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`safe_eigh` of a stack of factors ``[B, n, n]`` in one call (eigenvalues
+    clipped at 0), or ``None`` when any of them would need its retries (decompose those
+    one by one)."""
+    if not bool(torch.isfinite(matrices).all()):
+        return None
+    result = eigh_or_none(0.5 * (matrices + matrices.mT))
+    return None if result is None else (result[0].clamp_min(0.0), result[1])
+
+
 def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
     """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh`;
     ``cholesky`` → ``(copy of the factor, empty)`` (its damped inverse is formed per damping)."""
