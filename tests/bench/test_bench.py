@@ -374,3 +374,37 @@ def test_the_floor_assumes_the_inverse_method_each_method_uses() -> None:
     assert inverse_method(MethodSpec("kfac_pytorch", "kfac_pytorch")) == "eigen"
     asdl = MethodSpec("asdl:kfac", "asdl", (("inverse_method", "cholesky"),))
     assert inverse_method(asdl) == "cholesky"
+
+
+def test_a_problem_subset_is_merged_into_the_existing_document() -> None:
+    """``--problems X``: X's groups replace the old ones (per problem and T), the others
+    stay in their order, per-problem dicts merge, settings are the new run's."""
+    from twolevel_kfac.bench.report import merge_documents
+
+    old = {
+        "benchmark": "step_time",
+        "settings": {"repeats": 5},
+        "floors": {"a": 1.0, "b": 2.0},
+        "results": [
+            {"problem": "a", "interval": 20, "rows": "old a"},
+            {"problem": "b", "interval": 20, "rows": "old b"},
+            {"problem": "b", "interval": 1, "rows": "old b1"},
+        ],
+    }
+    new = {
+        "benchmark": "step_time",
+        "settings": {"repeats": 2},
+        "floors": {"b": 3.0, "c": 4.0},
+        "results": [
+            {"problem": "b", "interval": 20, "rows": "new b"},
+            {"problem": "c", "interval": 20, "rows": "new c"},
+        ],
+    }
+    merged = merge_documents(old, new)
+    assert [g["rows"] for g in merged["results"]] == ["old a", "new b", "old b1", "new c"]
+    assert merged["floors"] == {"a": 1.0, "b": 3.0, "c": 4.0}
+    assert merged["settings"] == {"repeats": 2}
+    assert merge_documents({**old, "benchmark": "memory"}, new) is new
+    assert merge_documents({"benchmark": "x", "results": [[1]]}, {"benchmark": "x"}) == {
+        "benchmark": "x"
+    }

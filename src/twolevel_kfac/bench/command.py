@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from twolevel_kfac.bench.options import BenchOptions
-from twolevel_kfac.bench.report import read_json, write_json, write_markdown
+from twolevel_kfac.bench.report import merge_documents, read_json, write_json, write_markdown
 
 __all__ = ["BENCHMARKS", "DEFAULT", "add_arguments", "run"]
 
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     for module in modules:
         name = module.NAME
         data = read_json(options.out, name) if args.render else module.measure(options)
+        if args.problems and not args.render and (options.out / f"{name}.json").is_file():
+            data = merge_documents(read_json(options.out, name), data)  # keep the others
         written = [] if args.render else [write_json(options.out, name, data)]
         written.append(write_markdown(options.out, name, module.render(data)))
         if hasattr(module, "plot"):

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "fmt_range", "read_json", "table", "write_json", "write_markdown"]
+__all__ = [
+    "environment",
+    "fmt_range",
+    "merge_documents",
+    "read_json",
+    "table",
+    "write_json",
+    "write_markdown",
+]
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -68,6 +76,35 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+def merge_documents(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` measured on some problems (``--problems``) merged into ``old``: its result
+    groups replace ``old``'s of the same ``(problem, interval)``, the other groups stay
+    (in their order; new ones are appended), and per-problem dicts (``floors``) are
+    merged; ``settings`` and ``environment`` are ``new``'s. Documents whose groups are
+    not per problem, or of another benchmark, are not merged (``new`` is returned)."""
+    groups = [*old.get("results", []), *new.get("results", [])]
+    if old.get("benchmark") != new.get("benchmark") or not all(
+        isinstance(g, dict) and "problem" in g for g in groups
+    ):
+        return new
+
+    def key(group: dict[str, Any]) -> tuple[Any, Any]:
+        return group["problem"], group.get("interval")
+
+    fresh = {key(g): g for g in new.get("results", [])}
+    results = [fresh.pop(key(g), g) for g in old.get("results", [])] + list(fresh.values())
+    merged = {
+        k: {**old[k], **v}
+        if isinstance(v, dict)
+        and isinstance(old.get(k), dict)
+        and k not in ("settings", "environment")
+        else v
+        for k, v in new.items()
+    }
+    merged["results"] = results
+    return merged
 
 
 def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
