@@ -405,6 +405,9 @@ def test_a_problem_subset_is_merged_into_the_existing_document() -> None:
     assert merged["floors"] == {"a": 1.0, "b": 3.0, "c": 4.0}
     assert merged["settings"] == {"repeats": 2}
     assert merge_documents({**old, "benchmark": "memory"}, new) is new
+    assert merge_documents({**old, "settings": {"quick": True}}, new) is new
+    assert merge_documents({"benchmark": "step_time", "results": []}, new) is new
+    assert merge_documents({"benchmark": "step_time", "rows": [1]}, new) is new
     assert merge_documents({"benchmark": "x", "results": [[1]]}, {"benchmark": "x"}) == {
         "benchmark": "x"
     }

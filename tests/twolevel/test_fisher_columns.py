@@ -37,11 +37,13 @@ READING = ("adef1", "adef2", "balanced")  # the combinations that read F̂
 
 
 def refreshed_level(space: str, kept: str = "rows") -> tuple[Any, Any]:
-    """A two-level preconditioner after one refresh step on the conv net, rows kept."""
+    """A two-level preconditioner after one refresh step on the conv net, rows kept (the
+    next step would read them)."""
     build, shape, classes = NETS["conv"]
     model = prepare(build())
+    settings = {**CONTRACT, "cov_interval": 2}  # rows kept for the steps until the next
     opt = tk.TwoLevelKFAC(
-        model, damping=0.05, coarse_space=space, combination="adef2", kept_fisher=kept, **CONTRACT
+        model, damping=0.05, coarse_space=space, combination="adef2", kept_fisher=kept, **settings
     )
     one_step(model, opt, *make_batch(shape, classes, 8))
     return opt.preconditioner, opt.preconditioner.coarse_level
@@ -261,9 +263,9 @@ def test_the_sizes_compared_count_numbers() -> None:
     assert rows_size(stats) == 108  # type: ignore[arg-type]
 
 
-def test_cov_interval_one_never_builds_the_columns() -> None:
-    """Every step refreshes: no step between refreshes reads ``W₀``, so none is built,
-    whatever ``kept_fisher`` says."""
+def test_cov_interval_one_keeps_neither_rows_nor_columns() -> None:
+    """Every step refreshes: no step between refreshes reads the Fisher mini-batch, so
+    neither ``W₀`` nor the rows outlive the step (and a state without them resumes)."""
     build, shape, classes = NETS["conv"]
     model = prepare(build())
     opt = tk.TwoLevelKFAC(
@@ -272,7 +274,13 @@ def test_cov_interval_one_never_builds_the_columns() -> None:
     for seed in range(3):
         one_step(model, opt, *make_batch(shape, classes, 8, seed=seed))
         assert opt.preconditioner.fisher_columns is None
-        assert opt.preconditioner.fisher_stats is not None
+        assert opt.preconditioner.fisher_stats is None  # no step before the next refresh
+    saved = opt.state_dict()  # KFAC's state, plus basis and F_c
+    other = tk.TwoLevelKFAC(
+        model, lr=0.01, combination="adef1", kept_fisher="columns", cov_interval=1
+    )
+    other.load_state_dict(saved)
+    one_step(model, other, *make_batch(shape, classes, 8, seed=4))
 
 
 @pytest.mark.parametrize(
@@ -307,3 +315,65 @@ def test_a_columns_state_is_refused_where_the_rows_are_read() -> None:
     third = tk.TwoLevelKFAC(model, lr=0.05, combination="balanced")  # W serves any of them
     third.load_state_dict(opt.state_dict())
     assert third.preconditioner.fisher_columns is not None
+
+
+def stepped_schedule(step: int) -> float:
+    return {0: 0.05, 1: 0.05, 2: 0.1, 3: 0.1}.get(step, 0.4)
+
+
+def test_the_faithful_average_of_f_c_holds_the_current_damping(float64: None) -> None:
+    """The faithful schedule averages ``F_c`` over refreshes; with ``lr = 0`` (the same
+    curvature at every refresh) a damping that moved at the refreshes (0.05 → 0.1 → 0.4)
+    must leave the same ``F_c`` as 0.4 throughout: the old average is shifted to the
+    current λ before it is averaged with the new estimate."""
+    build, shape, classes = NETS["mlp"]
+    x, y = make_batch(shape, classes, 8)
+    start, matrices = prepare(build()), []
+    for damping in (0.4, stepped_schedule):
+        model = copy.deepcopy(start)
+        settings = {**CONTRACT, "cov_interval": 2, "ema_decay": 0.9}
+        opt = tk.TwoLevelKFAC(
+            model, damping=damping, combination="adef2", coarse_refresh="faithful", **settings
+        )
+        opt.param_groups[0]["lr"] = 0.0
+        for _ in range(6):
+            one_step(model, opt, x, y)
+        assert opt.preconditioner.damping == 0.4
+        matrices.append(opt.preconditioner.coarse_matrix)
+    torch.testing.assert_close(matrices[1], matrices[0], rtol=1e-12, atol=1e-14)
+
+
+def test_a_damping_change_keeps_the_projections_of_the_basis(
+    float64: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A-DEF2 on parts with the rows: ``P = JR₀ᵀ`` is formed once per refresh, also when
+    ``λ`` (and so ``F_c``'s operator) changes at every step."""
+    import twolevel_kfac.optim.coarse_fisher as coarse_fisher
+
+    calls: list[int] = []
+    original = coarse_fisher.coarse_projections
+
+    def counted(*args: Any) -> Tensor:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(coarse_fisher, "coarse_projections", counted)
+    build, shape, classes = NETS["mlp"]
+    model = prepare(build())
+    settings = {**CONTRACT, "lr": 0.1, "cov_interval": 5, "inv_interval": 5}
+    opt = tk.TwoLevelKFAC(
+        model, damping=damping_schedule, combination="adef2", kept_fisher="rows", **settings
+    )
+    for seed in range(5):
+        one_step(model, opt, *make_batch(shape, classes, 8, seed=seed))
+    assert len(calls) == 1
+
+
+def test_a_state_of_the_old_damped_columns_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = tk.TwoLevelKFAC(model, lr=0.05, combination="adef2")
+    one_step(model, opt, *make_batch((6,), 3, 10))
+    state = opt.state_dict()
+    state["preconditioner"]["coarse"]["fisher_columns"] = None
+    with pytest.raises(ValueError, match="development version"):
+        tk.TwoLevelKFAC(model, lr=0.05, combination="adef2").load_state_dict(state)

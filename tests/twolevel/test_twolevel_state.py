@@ -142,8 +142,9 @@ def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> Non
         ({}, False, False),
         ({"combination": "adef2", "kept_fisher": "rows"}, True, False),
         ({"combination": "adef2"}, False, True),  # K·P = 106 < the rows' 10·21 numbers
-        ({"combination": "adef2", "cov_interval": 1}, True, False),  # no step reads W₀
+        ({"combination": "adef2", "cov_interval": 1}, False, False),  # every step refreshes
         ({"diagnostics": True}, True, False),
+        ({"diagnostics": True, "cov_interval": 1}, True, False),  # kept for fhat
     ]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -151,7 +152,8 @@ def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> Non
         one_step(model, opt, x, y)
         pre = opt.preconditioner
         assert isinstance(pre, tk.TwoLevelPreconditioner)
-        assert pre.fisher_stats is not None or not pre.level.reads_statistics, kwargs
+        reads = pre.level.reads_statistics and kwargs.get("cov_interval") != 1
+        assert (pre.fisher_stats is not None) is (reads or "diagnostics" in kwargs), kwargs
         one_step(model, opt, x, y)  # between refreshes (with cov_interval=2)
         pre = opt.preconditioner
         assert isinstance(pre, tk.TwoLevelPreconditioner)

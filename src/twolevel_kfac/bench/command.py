@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     for module in modules:
         name = module.NAME
         data = read_json(options.out, name) if args.render else module.measure(options)
-        if args.problems and not args.render and (options.out / f"{name}.json").is_file():
+        merges = args.problems and not args.methods and not args.render  # whole groups only
+        if merges and (options.out / f"{name}.json").is_file():
             data = merge_documents(read_json(options.out, name), data)  # keep the others
         written = [] if args.render else [write_json(options.out, name, data)]
         written.append(write_markdown(options.out, name, module.render(data)))

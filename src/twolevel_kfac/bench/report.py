@@ -82,11 +82,18 @@ def merge_documents(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``new`` measured on some problems (``--problems``) merged into ``old``: its result
     groups replace ``old``'s of the same ``(problem, interval)``, the other groups stay
     (in their order; new ones are appended), and per-problem dicts (``floors``) are
-    merged; ``settings`` and ``environment`` are ``new``'s. Documents whose groups are
-    not per problem, or of another benchmark, are not merged (``new`` is returned)."""
-    groups = [*old.get("results", []), *new.get("results", [])]
-    if old.get("benchmark") != new.get("benchmark") or not all(
-        isinstance(g, dict) and "problem" in g for g in groups
+    merged; ``settings`` and ``environment`` are ``new``'s. Documents of another
+    benchmark, without result groups per problem, or of another mode (``--quick``) are
+    not merged (``new`` is returned)."""
+    old_groups, new_groups = old.get("results"), new.get("results")
+    if not (isinstance(old_groups, list) and isinstance(new_groups, list)):
+        return new
+    groups = [*old_groups, *new_groups]
+    if (
+        old.get("benchmark") != new.get("benchmark")
+        or not old_groups
+        or not all(isinstance(g, dict) and "problem" in g for g in groups)
+        or old.get("settings", {}).get("quick") != new.get("settings", {}).get("quick")
     ):
         return new
 

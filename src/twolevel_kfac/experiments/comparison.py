@@ -207,9 +207,13 @@ def run_comparison(
             break
     results: dict[str, list[Records]] = {}
     report_seeds = sorted(set(seed_list) | set(config.problem.seeds))
-    for label in config.methods:  # the runs of this call and those already there
-        metric_files = [out / label / f"seed{s}" / "metrics.jsonl" for s in report_seeds]
-        runs: list[Records] = [read_metrics(f) for f in metric_files if f.exists()]
+    ran = set(pairs)
+    for label in config.methods:  # the runs of this call and the finished ones already there
+        runs = [
+            records
+            for s in report_seeds
+            if (records := _report_records(config, label, s, out, (label, s) in ran))
+        ]
         if runs:
             results[label] = runs
     title = config.report.title or config.problem.name
@@ -228,6 +232,28 @@ def run_comparison(
     )
     outcome.table = markdown_table(results, config.report.target_loss, config.problem.clock)
     return outcome
+
+
+def _report_records(
+    config: ExperimentConfig, label: str, seed: int, out: Path, ran: bool
+) -> Records | None:
+    """The metrics of ``(label, seed)`` for the report: a run of this call as it stands, a
+    run of an earlier call only when finished under this config (its ``result.json``)."""
+    run_dir = out / label / f"seed{seed}"
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    records = read_metrics(metrics)
+    if ran:
+        return records
+    run_config = config.for_run(label, seed)
+    try:
+        kept = read_finished(
+            run_dir, run_config.fingerprint(), records, run_limits(run_config.problem)
+        )
+    except ValueError:  # another config's, or cut short: not this comparison's
+        return None
+    return None if kept is None else records
 
 
 def _run_line(result: RunResult) -> str:

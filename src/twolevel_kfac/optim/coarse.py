@@ -18,21 +18,17 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats, gradient_parts, layer_shape, layer_weight
-from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
-from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_matrix import CoarseOperator, ema_coarse_matrix
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
-    build_basis,
-    kronecker_spectral_vector,
-    spectral_basis,
 )
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.vectors import LayerVector, dot, sub_into
+from .coarse_basis import space_basis
 from .coarse_fisher import (
     damped_product,
     global_samples,
@@ -101,25 +97,6 @@ class CoarseLevel:
         """
         return damped_product(self, v)
 
-    def _spectral_vectors(self) -> list[Tensor]:
-        """Per block the eigenvector of its smallest (largest) eigenvalue, from the current
-        decompositions (``q_G q_Aᵀ`` of a Kronecker block; among the seen tokens for an
-        embedding table; a block of its own gives its own ``spectral_vector``)."""
-        which, vectors = self.options.spectral_which, []
-        for name in self.names:
-            factors = self.host.factors[name]
-            if type(factors) is not KroneckerFactors:
-                vectors.append(factors.spectral_vector(which))  # type: ignore[attr-defined]
-                continue
-            assert factors.decomp_a is not None and factors.decomp_g is not None
-            (vals_a, vecs_a), (vals_g, vecs_g) = factors.decomp_a, factors.decomp_g
-            if name in self.host.token_tables:  # G = diag(f): its eigenvectors are e_v
-                frequencies = (vecs_g * vecs_g) @ vals_g
-                vectors.append(table_spectral_vector(frequencies, vals_a, vecs_a, which))
-                continue
-            vectors.append(kronecker_spectral_vector(vecs_a, vals_a, vecs_g, vals_g, which))
-        return vectors
-
     def basis_of(self, minv_res: LayerVector | None) -> list[Tensor]:
         """:meth:`build_basis` with the rows no step may move set to zero (an untied
         embedding's ``padding_idx`` row: :func:`~twolevel_kfac.curvature.layer_types.
@@ -134,28 +111,10 @@ class CoarseLevel:
 
     def build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
         """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
-        layer of :attr:`names`; ``minv_res``: ``M⁻¹res`` for the residual spaces). A
-        subclass may define another space here (``coarse_level_type`` of a preconditioner)."""
-        space = self.options.coarse_space
-        if space == "spectral":
-            return spectral_basis(self._spectral_vectors())
-        param = layer_weight(self.host.layers[self.names[0]])
-        shapes = [layer_shape(self.host.layers[n]) for n in self.names]
-        minv_ones = None
-        if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product
-            minv_ones = [
-                self.host.apply_fine_outer(n, param.new_ones(d_out), param.new_ones(d_in))
-                for n, (d_out, d_in) in zip(self.names, shapes, strict=True)
-            ]
-        return build_basis(
-            space,
-            shapes,
-            minv=self.minv,
-            minv_res=minv_res,
-            minv_ones=minv_ones,
-            dtype=param.dtype,
-            device=param.device,
-        )
+        layer of :attr:`names`; ``minv_res``: ``M⁻¹res`` for the residual spaces;
+        :func:`.coarse_basis.space_basis`). A subclass may define another space here
+        (``coarse_level_type`` of a preconditioner)."""
+        return space_basis(self, minv_res)
 
     # ------------------------------------------------------------------ step
     def precondition_parts(
@@ -263,19 +222,32 @@ class CoarseLevel:
 
     def _keep_fisher(self) -> None:
         """Keep of the Fisher mini-batch what the steps until the next refresh read: nothing
-        (additive) or its rows (traded for ``W₀`` by :meth:`_columns_from_rows`)."""
-        if not self.reads_statistics:
+        (additive; every step refreshes with ``cov_interval=1``, unless the diagnostics
+        keep it for ``fhat``) or its rows (traded for ``W₀`` by :meth:`_columns_from_rows`)."""
+        every_step = self.host.options.cov_interval == 1 and not self.options.diagnostics
+        if not self.reads_statistics or every_step:
             self.fisher_stats = None
 
     def _between_refreshes(self) -> None:
-        """Before a step between refreshes: ``F_c`` follows the current ``λ``
-        (:func:`.coarse_fisher.shifted_coarse_matrix`), and the rows may become ``W₀``."""
-        shifted = shifted_coarse_matrix(self)
-        if shifted is not None:
-            assert self._operator is not None
-            self.coarse_matrix, self.coarse_damping = shifted, self.host.damping
-            self._operator = CoarseOperator.from_matrix(self._operator.basis, shifted)
+        """Before a step between refreshes: ``F_c`` follows the current ``λ`` (not in the
+        faithful residual schedule, which keeps its refresh's), and the rows may become
+        ``W₀``."""
+        operator = self._operator
+        if operator is not None and self.stateless() and self._follow_damping(operator.basis):
+            assert self.coarse_matrix is not None
+            self._operator = operator.with_matrix(self.coarse_matrix)
+            if self.projections is not None and self.projections[0] is operator:
+                self.projections = (self._operator, self.projections[1])  # the same basis
         self._columns_from_rows()
+
+    def _follow_damping(self, basis: list[Tensor]) -> bool:
+        """Shift ``F_c`` to the current ``λ`` (:func:`.coarse_fisher.shifted_coarse_matrix`
+        with ``basis``); whether it moved."""
+        shifted = shifted_coarse_matrix(self, basis)
+        if shifted is None:
+            return False
+        self.coarse_matrix, self.coarse_damping = shifted, self.host.damping
+        return True
 
     def _columns_from_rows(self) -> None:
         """On the first step after a refresh, trade the kept rows for ``W₀ = FR₀ᵀ`` where
@@ -358,7 +330,9 @@ class CoarseLevel:
 
     def stateless(self) -> bool:
         """No basis or ``F_c`` is rebuilt on a step without statistics, except in the
-        faithful schedule of the residual spaces (every step) and before the first one."""
+        faithful schedule of the residual spaces (every step) and before the first one
+        (a step may still shift ``F_c`` to a new ``λ`` and trade the rows for ``W₀``: both
+        are redone alike when the step is undone and retried)."""
         return self._operator is not None and not self._per_step_basis
 
     def _build_operator(self, refreshed: bool, residual: LayerVector | None) -> CoarseOperator:
@@ -375,6 +349,7 @@ class CoarseLevel:
         if refreshed or self.coarse_matrix is None:
             new = new_coarse_matrix(self, self.basis)
             if self.options.coarse_refresh == "faithful":
+                self._follow_damping(self.basis)  # the average at this λ, then the new one
                 self.coarse_updates += 1
                 decay = ema_weight(self.coarse_updates, self.host.options.ema_decay)
                 self.coarse_matrix = ema_coarse_matrix(self.coarse_matrix, new, decay)

@@ -107,22 +107,15 @@ def new_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor:
     return exact_coarse_matrix(stats, basis, host.damping)
 
 
-def shifted_coarse_matrix(level: CoarseLevel) -> Tensor | None:
+def shifted_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor | None:
     """``F_c`` at the current damping: ``F_c + (λ − λ_c)R₀R₀ᵀ`` for ``F_c`` formed at
     ``λ_c`` (``coarse_damping``; the damping term of the exact ``F_c`` and of Tselepidis'
-    is ``λR₀R₀ᵀ``), or ``None`` when ``λ`` has not changed, nothing is built, or the basis
-    changes at every step (the faithful residual schedule keeps the refresh's ``F_c``)."""
-    operator, damping = level.coarse_operator, level.host.damping
-    if (
-        operator is None
-        or level.coarse_matrix is None
-        or level.coarse_damping is None
-        or damping == level.coarse_damping
-        or not level.stateless()
-    ):
+    is ``λR₀R₀ᵀ``, ``R₀`` = ``basis``), or ``None`` when ``λ`` has not changed or no
+    ``F_c`` is built."""
+    damping, matrix, formed = level.host.damping, level.coarse_matrix, level.coarse_damping
+    if matrix is None or formed is None or damping == formed:
         return None
-    gram = basis_gram(operator.basis).to(level.coarse_matrix)
-    return level.coarse_matrix + (damping - level.coarse_damping) * gram
+    return matrix + (damping - formed) * basis_gram(basis).to(matrix)
 
 
 def restricted_residual(level: CoarseLevel, g: Parts, minv_g: Parts) -> Tensor:

@@ -70,6 +70,12 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     if "coarse" not in state:
         raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
     coarse, comm = state["coarse"], level.host.comm
+    if "fisher_columns" in coarse:  # W = F̂R₀ᵀ with the damping of its refresh in it
+        raise ValueError(
+            "this two-level state was saved by a development version that kept F̂R₀ᵀ under "
+            "'fisher_columns' (now the undamped W₀ under 'fisher_undamped_columns'): "
+            "resume from a state saved by this version, or with a fresh optimizer"
+        )
     level.names = list(coarse.get("names", level.host.layers))
     saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
     per_rank = None
@@ -95,7 +101,10 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     if level.basis is not None and level.coarse_matrix is not None:
         operator = CoarseOperator.from_matrix(level.basis, level.coarse_matrix)
     level.install_operator(operator)
+    every_step = level.host.options.cov_interval == 1  # nothing outlives a step's refresh
     if operator is None or not level.reads_statistics or level.fisher_stats is not None:
+        return
+    if every_step and not level.options.diagnostics:
         return
     options = level.options
     wanted = (
@@ -105,8 +114,9 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     if level.fisher_columns is None:
         raise ValueError(
             "this two-level state holds no Fisher mini-batch (it was saved with "
-            f"combination='additive' and the consistent refresh, which need none), but {wanted} "
-            "reads it at every step: resume with the options it was saved with"
+            "combination='additive' and the consistent refresh, or with cov_interval=1, which "
+            f"keep none), but {wanted} reads it at every step: resume with the options it was "
+            "saved with"
         )
     if not level.columns_suffice:
         raise ValueError(

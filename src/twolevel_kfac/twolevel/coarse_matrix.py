@@ -236,6 +236,13 @@ class CoarseOperator:
         inv = torch.where(keep, 1.0 / torch.where(keep, vals, 1.0), 0.0)
         return cls(basis, scale, None, vecs, inv, int(keep.sum()))
 
+    def with_matrix(self, matrix: Tensor) -> CoarseOperator:
+        """The operator of the same basis with another ``F_c`` (e.g. at a new damping),
+        keeping the split basis already formed (:meth:`parts_basis`)."""
+        operator = CoarseOperator.from_matrix(self.basis, matrix)
+        operator._split.update(self._split)
+        return operator
+
     def solve(self, y: Tensor) -> Tensor:
         """``F_c⁻¹ y`` (the pseudo-inverse in the fallback), same dtype as ``y``.
 
