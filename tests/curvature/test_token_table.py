@@ -216,3 +216,21 @@ def test_resume_is_bit_identical(small_threshold: None, optimizer: type) -> None
         lambda net: optimizer(net, lr=0.05, cov_interval=2, inv_interval=2, **SEQUENCE),
         lambda net: loss_fn(net, tokens, y),
     )
+
+
+def test_a_rank_without_rows_of_a_bf16_table_builds_empty_statistics() -> None:
+    """Under ``torch.distributed`` a rank that saw no sample of a large table makes empty
+    statistics for it (``reduce_statistics``): their token column must be float64, as
+    captured ids are (a bf16 column cannot hold the ids of a 5,000-row table, and the
+    rank would raise alone while the others wait in the next collective)."""
+    from twolevel_kfac.distributed.factors import layer_specs
+
+    net = TokenNet(vocabulary=5000).to(torch.bfloat16)
+    pre = tk.KFAC(net, lr=0.1).preconditioner
+    spec = layer_specs(pre.layers, pre.factor_dtype)["emb"]
+    assert spec.exact_inputs and spec.own is not None and spec.stats_dtype == torch.bfloat16
+    empty = torch.zeros(0, T, 1, dtype=torch.float64), torch.zeros(0, T, D, dtype=torch.bfloat16)
+    stats = spec.own(*empty)
+    assert isinstance(stats, TokenStats) and stats.table_rows == 5000
+    with pytest.raises(ValueError, match="cannot hold them exactly"):
+        spec.own(empty[0].to(torch.bfloat16), empty[1])

@@ -35,6 +35,7 @@ class LayerSpec:
     # a block type of its own: its statistics from (a, g), and BlockStats.shapes
     own: Callable[[Tensor, Tensor], LayerStats] | None = None
     shapes: tuple[tuple[int, ...], ...] = ()
+    exact_inputs: bool = False  # ``ā`` holds ids kept in float64 (a large embedding table)
 
 
 def layer_specs(
@@ -53,6 +54,7 @@ def layer_specs(
             weight.device,
             None if own is None else functools.partial(layer_stats, module),
             () if own is None else own.shapes(module),
+            own is not None and own.exact_inputs,
         )
     return specs
 
@@ -141,8 +143,9 @@ def reduce_statistics(
         result.samples[name] = samples
         make = spec.own or LayerStats
         a_shape, g_shape = spec.shapes[:2] if spec.own else ((spec.dim_a,), (spec.dim_g,))
+        a_dtype = torch.float64 if spec.exact_inputs else spec.stats_dtype  # ids stay exact
         result.stats[name] = stats.get(name) or make(
-            torch.zeros(0, locations, *a_shape, dtype=spec.stats_dtype, device=spec.device),
+            torch.zeros(0, locations, *a_shape, dtype=a_dtype, device=spec.device),
             torch.zeros(0, locations, *g_shape, dtype=spec.stats_dtype, device=spec.device),
         )
     return result
