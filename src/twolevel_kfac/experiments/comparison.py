@@ -206,18 +206,18 @@ def run_comparison(
             outcome.interrupted = True
             break
     results: dict[str, list[Records]] = {}
-    report_seeds = sorted(set(seed_list) | set(config.problem.seeds))
     ran = set(pairs)
     for label in config.methods:  # the runs of this call and the finished ones already there
         runs = [
             records
-            for s in report_seeds
+            for s in sorted(_seeds(out / label) | set(seed_list))
             if (records := _report_records(config, label, s, out, (label, s) in ran))
         ]
         if runs:
             results[label] = runs
     title = config.report.title or config.problem.name
-    notes = describe(config, list(results), report_seeds)
+    seeds_seen = sorted({s for label in results for s in _seeds(out / label)} | set(seed_list))
+    notes = describe(config, list(results), seeds_seen)
     outcome.results = results
     outcome.report = write_report(
         results,
@@ -232,6 +232,11 @@ def run_comparison(
     )
     outcome.table = markdown_table(results, config.report.target_loss, config.problem.clock)
     return outcome
+
+
+def _seeds(method_dir: Path) -> set[int]:
+    """The seeds of a method's run folders (``seed<k>``)."""
+    return {int(p.name[4:]) for p in method_dir.glob("seed*") if p.name[4:].isdigit()}
 
 
 def _report_records(
