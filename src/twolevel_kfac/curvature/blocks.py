@@ -372,38 +372,3 @@ def per_sample_dots_parts(stats: LayerStats, weight: Tensor, bias: Tensor | None
     if bias is not None:
         dots += (stats.g @ bias).sum(1)
     return dots
-
-
-def calls_statistics(
-    name: str, calls: list[tuple[nn.Module, Tensor, Tensor | None]], dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor]:
-    """``ā`` and ``δ`` (``[N, T, d]``, in ``dtype``) of one forward's calls of a layer, given
-    as ``(module, its input, its output gradient)``: each call's locations side by side (a
-    call whose output did not reach the loss has ``δ = 0``).
-
-    Raises:
-        RuntimeError: if the calls saw different numbers of rows.
-    """
-    pairs = [block_statistics(module, x, grad) for module, x, grad in calls]
-    own = own_statistics(calls[0][0])
-    inputs = [a if own is not None and own.exact_inputs else _cast(a, dtype) for a, _ in pairs]
-    grads = [None if g is None else _cast(g, dtype) for _, g in pairs]
-    d_out = next(g for g in grads if g is not None).shape[2:]  # [d_out], or [G, d_out/G]
-    grads = [
-        g if g is not None else a.new_zeros(a.shape[0], a.shape[1], *d_out)
-        for a, g in zip(inputs, grads, strict=True)
-    ]
-    rows = sorted({int(a.shape[0]) for a in inputs})
-    if len(rows) > 1:
-        raise RuntimeError(
-            f"layer {name!r} (or a module tied to it) ran {len(calls)} times in one forward "
-            f"with different numbers of rows {rows}: KFAC treats the calls of a shared "
-            "weight as more locations of the same samples"
-        )
-    if len(calls) == 1:
-        return inputs[0], grads[0]  # type: ignore[return-value]
-    return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)  # type: ignore[arg-type]
-
-
-def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return tensor if dtype is None else tensor.to(dtype)

@@ -17,9 +17,8 @@ step where the factors are refreshed (``capture.active``), during ``model(x)``:
 Several forwards before one ``step()`` (gradient accumulation) append their samples; with
 ``k`` micro-batches whose losses are divided by ``k``, ``accumulation_steps=k`` scales the
 empirical ``δ`` by ``B·k`` so the statistics equal those of the whole batch.
-A layer whose weight several modules share (tied weights), or that runs several times in
-one forward, records each call; the calls of one forward are its locations ``t`` (they are
-concatenated along ``T``, the weight-sharing view of :mod:`.discovery`).
+A layer whose weight several modules share, or that runs several times in one forward,
+records each call; the calls are its locations ``t`` (:mod:`.calls`, :mod:`.discovery`).
 The statistics are returned in the dtype given per layer (float32 for a float32 model
 under ``torch.autocast``, whose layers see and emit bfloat16 / float16 tensors).
 Nothing is captured in ``eval()`` mode, under ``torch.no_grad()``, or when inactive.
@@ -39,7 +38,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
-from .blocks import LayerStats, calls_statistics, layer_stats, recorded_input
+from .blocks import LayerStats, layer_stats, recorded_input
+from .calls import calls_statistics
 from .forward_checks import (
     check_batch_rows,
     check_unreached,
