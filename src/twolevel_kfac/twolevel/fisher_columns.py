@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats, weighted_gradient_sum
 from twolevel_kfac.twolevel.coarse_spaces import Basis
-from twolevel_kfac.twolevel.parts import split_basis
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 __all__ = ["FisherColumns", "coarse_size", "fisher_columns", "gradient_sums", "rows_size"]
@@ -51,16 +51,11 @@ class FisherColumns:
         return total
 
     def restrict_parts(self, v: Parts) -> Tensor:
-        """:meth:`restrict` of a vector given as weight and bias parts."""
-        split = split_basis(self.columns, [b is not None for _, b in v])
-        total: Tensor | None = None
-        for (ww, wb), (vw, vb) in zip(split, v, strict=True):
-            y = ww @ vw.reshape(-1)
-            if wb is not None and vb is not None:
-                y = y.addmv_(wb, vb)
-            total = y if total is None else total.add_(y)
-        assert total is not None
-        return total
+        """:meth:`restrict` of a vector given as weight and bias parts, joined into
+        ``W̄ = [V, b]`` (a copy of ``v``, ``P`` numbers, not of ``W₀``'s ``K·P``)."""
+        return self.restrict(
+            [vw if vb is None else torch.cat([vw, vb.unsqueeze(1)], dim=1) for vw, vb in v]
+        )
 
     def numel(self) -> int:
         """How many numbers ``W₀`` holds (``K`` per parameter)."""
