@@ -103,10 +103,21 @@ def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in')`` of ``W̄ = [W.reshape(d_out, -1), b]``."""
+def bias_alone(module: nn.Module) -> bool:
+    """Whether only the layer's bias trains (BitFit): its ``W̄`` is ``b`` as a ``[d_out,
+    1]`` column with ``ā = 1`` (the bias column of the ``[W, b]`` block)."""
+    bias = getattr(module, "bias", None)
     weight = module.weight
     assert isinstance(weight, Tensor)
+    return bias is not None and bias.requires_grad and not weight.requires_grad
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in')`` of ``W̄ = [W.reshape(d_out, -1), b]`` (``b`` alone: ``(d_out, 1)``)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    if bias_alone(module):
+        return int(weight.shape[0]), 1
     bias = getattr(module, "bias", None)
     return int(weight.shape[0]), int(weight[0].numel()) + (0 if bias is None else 1)
 
@@ -133,6 +144,9 @@ def layer_param_vector(model: nn.Module, tensors: Mapping[str, Tensor] | None = 
         tensors = {k: v.detach() for k, v in model.named_parameters()}
     blocks = []
     for name, module in preconditioned_layers(model):
+        if bias_alone(module):
+            blocks.append(tensors[_prefix(name) + "bias"])
+            continue
         w = tensors[_prefix(name) + "weight"]
         lead = w.shape[: w.dim() - module.weight.dim()]
         d_out, _ = layer_shape(module)
@@ -153,6 +167,9 @@ def layer_vector_to_params(model: nn.Module, vec: Tensor) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for (name, module), sl in zip(layers, slices, strict=True):
         mat = vec[..., sl].reshape(*lead, *layer_shape(module))
+        if bias_alone(module):
+            out[_prefix(name) + "bias"] = mat[..., 0].contiguous()
+            continue
         if getattr(module, "bias", None) is not None:
             out[_prefix(name) + "bias"] = mat[..., -1].contiguous()
             mat = mat[..., :-1]
@@ -235,6 +252,10 @@ def conv_patches(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _homogeneous_inputs(module: nn.Module, inputs: Tensor) -> Tensor:
+    if bias_alone(module):  # ā = 1 at every location
+        locations = conv_patches(module, inputs).shape[1] if isinstance(module, CONVS) else None
+        shape = (inputs.shape[0], locations or inputs[0].numel() // inputs.shape[-1], 1)
+        return torch.ones(shape, dtype=inputs.dtype)
     if isinstance(module, CONVS):
         a = conv_patches(module, inputs)
     else:

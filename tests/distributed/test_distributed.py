@@ -92,6 +92,11 @@ CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
         tk.TwoLevelKFAC,
         {"net": "big_table", "coarse_space": "residual", "combination": "adef2"},
     ),
+    # BitFit: every weight frozen but the head's; biases and the norms' shifts alone
+    "bitfit_adef2": (
+        tk.TwoLevelKFAC,
+        {"net": "bitfit", "norm_blocks": True, "combination": "adef2"},
+    ),
 }
 # Training settings of the resume runs: every moving part (MC sampling of a Fisher subset,
 # running averages, refreshes every 2 steps, momentum, KL clipping).
@@ -170,6 +175,15 @@ class PaddedNet(TransformerNet):
         self.tokens = nn.Embedding(10, 8, padding_idx=5)
 
 
+def bitfit_net() -> nn.Module:
+    """:class:`TransformerNet` with every weight frozen but the head's (BitFit)."""
+    model = TransformerNet()
+    for name, param in model.named_parameters():
+        if "weight" in name and not name.startswith("head."):
+            param.requires_grad_(False)
+    return model
+
+
 def grouped_net() -> nn.Module:
     """A grouped convolution (2 groups) and a GroupNorm before a Linear head."""
     torch.manual_seed(5)
@@ -186,6 +200,7 @@ def build(cls: type[tk.KFAC], kwargs: dict[str, Any], wrap: bool) -> tuple[nn.Mo
         "grouped": grouped_net,
         "big_table": BigTableNet,
         "padded": PaddedNet,
+        "bitfit": bitfit_net,
     }
     model: nn.Module = nets.get(kwargs.pop("net", None), lambda: prepare(mixed_net()))()
     if wrap:

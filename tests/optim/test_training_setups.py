@@ -747,8 +747,8 @@ def test_a_frozen_bias_gives_the_block_of_the_weight_alone(float64: None) -> Non
     torch.testing.assert_close(model[2].weight.detach(), expected, rtol=1e-10, atol=1e-12)
     assert torch.equal(model[2].bias, bias) and model[2].bias.grad is None
     for change, match in (
-        (lambda: model[0].bias.requires_grad_(False), r"layer '0': its bias was frozen"),
-        (lambda: model[4].weight.requires_grad_(False), r"layer '4': its weight is frozen"),
+        (lambda: model[0].bias.requires_grad_(False), r"layer '0': its bias or weight was"),
+        (lambda: model[4].weight.requires_grad_(False), r"layer '4': its bias or weight was"),
     ):
         change()
         opt.zero_grad()
@@ -759,17 +759,24 @@ def test_a_frozen_bias_gives_the_block_of_the_weight_alone(float64: None) -> Non
         model[2].bias.requires_grad_(False)
 
 
-def test_bias_only_training_is_refused_naming_the_fix() -> None:
-    """BitFit (weights frozen, biases trained) has no bias-only block: refused at
-    construction, naming the layer, the frozen weight and what to do instead."""
-    model = body_and_head()
-    model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"layer '0': its weight is frozen .* another optimizer"):
-        tk.KFAC(model)
-    biases = [model[0].bias]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("0.")]
-    tk.KFAC(model, params=rest)  # the documented way out: the bias left to another optimizer
-    torch.optim.SGD(biases, lr=0.1)
+def test_bias_only_training_steps_the_biases_alone() -> None:
+    """BitFit (weights frozen, biases trained), built with the model or with only the
+    trained parameters: each layer's block is its bias column (oracles:
+    ``tests/optim/test_bias_only.py``), and the frozen weights never move."""
+    for params in ("model", "trained"):
+        model = body_and_head()
+        for layer in (model[0], model[2]):
+            layer.weight.requires_grad_(False)
+        held = [p for p in model.parameters() if p.requires_grad] if params == "trained" else None
+        opt = tk.KFAC(model, params=held, **EVERY_STEP)
+        assert set(opt.preconditioner.layers) == {"0", "2", "4"}
+        frozen = model[0].weight.detach().clone()
+        x, y = batch(8)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
+        assert opt.preconditioner.factors["0"].factor_shapes() == ((1, 1), (5, 5))
 
 
 def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen() -> None:

@@ -25,7 +25,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..curvature.attention import AttentionInProjection
-from ..curvature.blocks import layer_bias, layer_weight
+from ..curvature.blocks import bias_only, layer_bias, layer_weight
 from ..curvature.discovery import find_layers
 from ..curvature.likelihoods import summed_nll
 from ..twolevel.vectors import LayerVector
@@ -33,8 +33,20 @@ from ..twolevel.vectors import LayerVector
 
 # ----------------------------------------------------------------- coordinates
 def analysis_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers of the analysis vector: those the optimizer preconditions, by name."""
-    return find_layers(model, "ignore")
+    """The layers of the analysis vector: those the optimizer preconditions, by name.
+
+    Raises:
+        ValueError: a layer trains its bias alone (its weight frozen): the analysis vector
+            holds every layer's ``[W, b]``.
+    """
+    layers = find_layers(model, "ignore")
+    alone = [name for name, module in layers.items() if bias_only(module)]
+    if alone:
+        raise ValueError(
+            f"layers {alone} train their bias alone (weight frozen); the analysis covers "
+            "layers whose weight trains: unfreeze their weights, or freeze their biases too"
+        )
+    return layers
 
 
 def exact_attention() -> AbstractContextManager[None]:

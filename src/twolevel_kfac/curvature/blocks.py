@@ -76,6 +76,8 @@ class BlockStats(LayerStats):
     factors_type: ClassVar[Callable[[], Any]]
     # ``a`` holds ids that a cast to the layer's (half) dtype would round: captured as given
     exact_inputs: ClassVar[bool] = False
+    # it has a block for a trained bias (shift) beside a frozen weight (scale): ``W̄ = b``
+    bias_only: ClassVar[bool] = False
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> BlockStats:
@@ -162,8 +164,27 @@ def recorded_input(module: nn.Module, inputs: Tensor) -> Tensor:
 
 
 def has_bias(module: nn.Module) -> bool:
-    """Whether the layer's block has a bias column: a bias that trains."""
-    return layer_bias(module) is not None
+    """Whether the layer's block has a bias column beside its weight: a bias that trains
+    with its weight (a bias alone is the block's only column: :func:`bias_only`)."""
+    return block_parameters(module)[1] is not None
+
+
+def bias_only(module: nn.Module) -> bool:
+    """Whether only the layer's bias trains, its weight frozen (BitFit, Ben Zaken et al.
+    2022). Its block is the bias column of the ``[W, b]`` block: ``W̄ = b`` as a
+    ``[d_out, 1]`` matrix with ``ā = 1``, so ``A = E[1·1] = 1`` and the block is ``1 ⊗ G``
+    (a norm layer's ``β`` alone: the unit-wise Fisher of ``β``)."""
+    return not layer_weight(module).requires_grad and layer_bias(module) is not None
+
+
+def block_parameters(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The parameters of the layer's ``W̄``: ``(weight, bias)`` (``bias``: ``None`` when it
+    does not train), or ``(bias, None)`` when only the bias trains (:func:`bias_only`):
+    the first one's gradient, reshaped to ``[d_out, -1]``, gives ``W̄``'s leading columns."""
+    weight, bias = layer_weight(module), layer_bias(module)
+    if bias is not None and not weight.requires_grad:
+        return bias, None
+    return weight, bias
 
 
 def layer_weight(module: nn.Module) -> nn.Parameter:
@@ -209,6 +230,8 @@ def block_statistics(
         if grads is None:
             grads = features.new_zeros(*features.shape[:2], layer_shape(module)[1])
         features, grads = grads, features
+    if bias_only(module):  # W̄ = b: ā = 1 alone
+        return features.new_ones((*features.shape[:-1], 1)), grads
     if has_bias(module):
         features = torch.cat([features, features.new_ones((*features.shape[:-1], 1))], dim=-1)
     return features, grads
@@ -223,14 +246,14 @@ def _entry(module: nn.Module) -> LayerType:
 
 def has_gradient(module: nn.Module) -> bool:
     """Whether autograd left a gradient in the layer's weight or bias this step."""
-    bias = layer_bias(module)
-    return layer_weight(module).grad is not None or (bias is not None and bias.grad is not None)
+    main, bias = block_parameters(module)
+    return main.grad is not None or (bias is not None and bias.grad is not None)
 
 
 def gradient_parts(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The two parts of ``∇W̄ = [∇W, ∇b]``: ``∇W`` as a ``(d_out, d_in)`` matrix (a view of
     ``weight.grad``) and ``∇b`` (``None`` without a bias); zeros for a missing ``.grad``."""
-    weight, bias = layer_weight(module), layer_bias(module)
+    weight, bias = block_parameters(module)
     grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
     rows = weight_rows(module)
     if grad.dim() != 2 or grad.shape[0] != rows:  # a convolution, a norm over several dims
@@ -249,7 +272,7 @@ def gradient_matrix(module: nn.Module) -> Tensor:
 
 def parameter_matrix(module: nn.Module) -> Tensor:
     """The layer's parameters as the matrix ``W̄ = [W, b]`` (a copy)."""
-    weight, bias = layer_weight(module), layer_bias(module)
+    weight, bias = block_parameters(module)
     mat = weight.detach().reshape(weight_rows(module), -1)
     if bias is not None:
         mat = torch.cat([mat, bias.detach().unsqueeze(1)], dim=1)
@@ -257,18 +280,30 @@ def parameter_matrix(module: nn.Module) -> Tensor:
 
 
 def matrix_to_parameter_shapes(module: nn.Module, mat: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Split a ``(d_out, d_in')`` matrix back into tensors shaped like ``weight`` and ``bias``."""
-    shape = layer_weight(module).shape
-    if has_bias(module):
-        return mat[:, :-1].reshape(shape), mat[:, -1].contiguous()
-    return mat.reshape(shape), None
+    """Split a ``(d_out, d_in')`` matrix back into tensors shaped like the
+    :func:`block_parameters` (``weight`` and ``bias``; the bias alone when only it trains)."""
+    main, bias = block_parameters(module)
+    if bias is not None:
+        return mat[:, :-1].reshape(main.shape), mat[:, -1].contiguous()
+    return mat.reshape(main.shape), None
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in')`` of the layer's ``W̄`` matrix."""
-    weight = layer_weight(module)  # read from the shape: indexing would create a view
+    weight = block_parameters(module)[0]  # read from the shape: indexing would make a view
     rows = weight_rows(module)
     return rows, weight.numel() // rows + (1 if has_bias(module) else 0)
+
+
+def factor_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the layer's running curvature as its block is now (``A`` and ``G``;
+    a block type of its own says): they change when its bias or weight is frozen or
+    unfrozen."""
+    own = own_statistics(module)
+    if own is not None:
+        return own.shapes(module)[2:]
+    d_out, d_in = layer_shape(module)
+    return (d_in, d_in), (d_out, d_out)
 
 
 def weight_rows(module: nn.Module) -> int:

@@ -35,7 +35,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from .attention import attention_blocks, attention_reason
-from .blocks import layer_bias, layer_shape, layer_weight, own_statistics
+from .blocks import (
+    bias_only,
+    block_parameters,
+    factor_shapes,
+    layer_bias,
+    layer_shape,
+    layer_weight,
+    own_statistics,
+)
 from .kronecker import KroneckerFactors
 from .layer_types import layer_type, registered_types
 from .scale_shift import is_scale_shift
@@ -165,16 +173,29 @@ def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
         return has_weight
     inside, outside = ("weight", "bias") if has_weight else ("bias", "weight")
     if not has_weight and not weight.requires_grad:  # bias-only training (BitFit)
-        raise ValueError(
-            f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
-            "trains; KFAC preconditions [weight, bias] as one block and has no bias-only "
-            "block: freeze the bias too, or leave this layer's bias out of the KFAC "
-            "optimizer's params and step it with another optimizer"
-        )
+        check_bias_only(name, module)
+        return True
     raise ValueError(
         f"layer {name!r}: its {inside} is in the optimizer's params but its {outside} is "
         "not; KFAC preconditions [weight, bias] as one block: pass both or neither"
     )
+
+
+def check_bias_only(name: str, module: nn.Module) -> None:
+    """Refuse a layer whose bias trains beside a frozen weight when its block type has no
+    block for the bias alone (:func:`~.blocks.bias_only`; a grouped convolution's).
+
+    Raises:
+        ValueError: naming the layer and the fix.
+    """
+    own = own_statistics(module)
+    if bias_only(module) and own is not None and not own.bias_only:
+        raise ValueError(
+            f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
+            f"trains, and its block ({type(module).__name__}, {own.__name__}) has no "
+            "bias-only form: freeze the bias too, or leave it out of the KFAC optimizer's "
+            "params and step it with another optimizer"
+        )
 
 
 def find_layers(
@@ -226,7 +247,10 @@ def find_layers(
         for block_name, layer in blocks:
             # default: the trainable weights; given params: every weight in them (a frozen
             # one is left alone until it is unfrozen, its hooks already in place)
-            if (owned is None and layer_weight(layer).requires_grad) or (
+            if owned is None and bias_only(layer):
+                check_bias_only(block_name, layer)
+            trains = any(p is not None and p.requires_grad for p in block_parameters(layer))
+            if (owned is None and trains) or (
                 owned is not None and _check_ownership(block_name, layer, owned)
             ):
                 layers[block_name] = layer
@@ -303,28 +327,14 @@ def check_blocks(
     """
     for name in dict.fromkeys(names):
         module = layers[name]
-        bias = getattr(module, "bias", None)
-        if not layer_weight(module).requires_grad and bias is not None and bias.requires_grad:
+        check_bias_only(name, module)
+        got, now = factors[name].factor_shapes(), factor_shapes(module)
+        if got is not None and tuple(got) != tuple(now):
             raise ValueError(
-                f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
-                "trains; KFAC preconditions [weight, bias] as one block: freeze both or "
-                "neither, or build the optimizer without this layer's parameters"
-            )
-        f = factors[name]
-        if (
-            f.A is not None
-            and f.G is not None
-            and layer_shape(module)
-            != (
-                f.G.shape[0],
-                f.A.shape[0],
-            )
-        ):
-            raise ValueError(
-                f"layer {name!r}: its bias was frozen or unfrozen (requires_grad) after its "
-                f"curvature was first estimated, so its block [W, b] changed from "
-                f"{(f.G.shape[0], f.A.shape[0])} to {layer_shape(module)}: build a new "
-                "optimizer after changing which parameters train"
+                f"layer {name!r}: its bias or weight was frozen or unfrozen (requires_grad) "
+                f"after its curvature was first estimated, so its block [W, b] changed "
+                f"(curvature {list(got)}, now {list(now)}): build a new optimizer after "
+                "changing which parameters train"
             )
 
 

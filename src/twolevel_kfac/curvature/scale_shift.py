@@ -4,16 +4,17 @@ keeps this block: it is already exact per unit, so EKFAC's rescaling in its eige
 would change nothing; KPSVD and KFAC-corrected apply theirs to the Kronecker blocks).
 
 Such a layer computes ``y_{t,i} = γ_i x̂_{t,i} + β_i`` from its normalised input ``x̂`` at
-every location ``t`` (a position, a pixel) and feature ``i``. Its ``W̄`` is ``[γ, β]`` seen as
-a ``[D, k]`` matrix (``k = 2``; ``k = 1`` without a trained shift), and sample ``n``'s
-gradient of unit ``i`` is ``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``. The block is the exact
-Fisher of each unit, ``F_i = (1/N) Σ_n u_{n,i} u_{n,i}ᵀ`` (``k × k``; the *unit-wise* Fisher of
-ASDL, Osawa et al. 2023; no Kronecker approximation and no ``T`` convention: it is exact per
-sample), damped as ``F_i + λI`` whatever ``damping_mode`` says, and frozen at each refresh
-like the Kronecker decompositions. The statistics are :class:`~.blocks.ScaleShiftStats`
-(``ā = x̂``, ``δ`` the output gradient, both ``[N, T, D]``); ``x̂`` is computed when the
-layer runs, on the whole batch (a training-mode BatchNorm normalises with the batch's
-statistics, which are then taken as constants, as every per-sample view of it does).
+every location ``t`` (a position, a pixel) and feature ``i``. Its ``W̄`` is ``[γ, β]`` seen
+as a ``[D, k]`` matrix (``k = 2``; ``k = 1`` without a trained shift, or for ``β`` alone),
+and sample ``n``'s gradient of unit ``i`` is ``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``.
+The block is the exact Fisher of each unit, ``F_i = (1/N) Σ_n u_{n,i} u_{n,i}ᵀ`` (``k × k``;
+the *unit-wise* Fisher of ASDL, Osawa et al. 2023; no Kronecker approximation and no ``T``
+convention: it is exact per sample), damped as ``F_i + λI`` whatever ``damping_mode`` says,
+and frozen at each refresh like the Kronecker decompositions. The statistics are
+:class:`~.blocks.ScaleShiftStats` (``ā = x̂``, ``δ`` the output gradient, both ``[N, T,
+D]``); ``x̂`` is computed when the layer runs, on the whole batch (a training-mode BatchNorm
+normalises with the batch's statistics, which are then taken as constants, as every
+per-sample view of it does).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import BlockStats, has_bias, layer_weight
+from .blocks import BlockStats, bias_only, has_bias, layer_weight
 from .kronecker_apply import InverseOnMatrices
 from .layer_types import channel_locations, register_layer_type
 from .running_average import ema_weight, running_average
@@ -121,29 +122,35 @@ class UnitWiseFactors(InverseOnMatrices):
 @dataclass
 class ScaleShiftStats(BlockStats):
     """``a = x̂``, ``g = δ`` (``[N, T, D]``) of a scale-and-shift layer; ``shift``: whether
-    ``β`` trains (``W̄ = [γ, β]``, ``[D, 2]``; else ``[D, 1]``)."""
+    ``β`` trains (``W̄ = [γ, β]``, ``[D, 2]``; else ``[D, 1]``); ``scale``: whether ``γ``
+    trains (``W̄ = β`` alone when it does not: BitFit)."""
 
     factors_type: ClassVar[Callable[[], Any]] = UnitWiseFactors
+    bias_only: ClassVar[bool] = True
     shift: bool = True
+    scale: bool = True
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> ScaleShiftStats:
-        """The statistics of ``module`` (a trained shift: ``k = 2``)."""
-        return cls(a, g, has_bias(module))
+        """The statistics of ``module`` (a trained shift: ``k = 2``; ``β`` alone: ``k = 1``)."""
+        alone = bias_only(module)
+        return cls(a, g, has_bias(module) or alone, not alone)
 
     def sample_gradients(self) -> Tensor:
-        """``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]``, ``[N, D, k]``."""
-        scale = (self.g * self.a).sum(1)
-        return torch.stack([scale, self.g.sum(1)], -1) if self.shift else scale.unsqueeze(-1)
+        """``u_{n,i} = Σ_t δ_{n,t,i} [x̂_{n,t,i}, 1]`` (the entries that train), ``[N, D, k]``."""
+        parts = [(self.g * self.a).sum(1)] if self.scale else []
+        return torch.stack(parts + ([self.g.sum(1)] if self.shift else []), -1)
 
     def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
         """Unit ``i`` as a sub-block with ``ā = [x̂_i, 1]`` and ``δ_i``: ``x̂ + 1`` (``x̂``
-        without a trained shift) and ``δ``, ``[N, T, D]`` each."""
+        without a trained shift, ``1`` for ``β`` alone) and ``δ``, ``[N, T, D]`` each."""
+        if not self.scale:
+            return torch.ones_like(self.a), self.g
         return (self.a + 1.0 if self.shift else self.a), self.g
 
     def numel(self) -> int:
         """``D·k``."""
-        return int(self.a.shape[-1]) * (1 + int(self.shift))
+        return int(self.a.shape[-1]) * (int(self.scale) + int(self.shift))
 
     @classmethod
     def rows(cls, module: nn.Module) -> int:

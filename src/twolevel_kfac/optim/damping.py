@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import layer_bias, layer_weight
+from ..curvature.blocks import block_parameters, weight_rows
 from ..twolevel.fisher_products import sample_coefficients
 from .options import check_real
 from .preconditioner import KFACPreconditioner
@@ -162,8 +162,8 @@ class QuadraticModel:
         by_id = {id(e.param): v for e, v in zip(self.entries, values, strict=True)}
         stats, matrices = [], []
         for name, module in pre.layers.items():
-            weight, bias = layer_weight(module), layer_bias(module)
-            mat = by_id.get(id(weight), torch.zeros_like(weight)).reshape(weight.shape[0], -1)
+            weight, bias = block_parameters(module)
+            mat = by_id.get(id(weight), torch.zeros_like(weight)).reshape(weight_rows(module), -1)
             if bias is not None:
                 mat = torch.cat([mat, by_id.get(id(bias), torch.zeros_like(bias))[:, None]], 1)
             stats.append(pre.retained_stats[name])

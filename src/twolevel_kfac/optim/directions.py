@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..curvature.blocks import layer_bias, layer_weight
+from ..curvature.blocks import block_parameters
 
 __all__ = [
     "assign_grad",
@@ -103,9 +103,11 @@ def part_pairs(
 def write_layer(
     module: nn.Module, weight: Tensor, bias: Tensor | None, scale: float, assign: bool
 ) -> None:
-    """``.grad ← scale · direction`` for a layer's weight and bias (:func:`write_grad`)."""
-    write_grad(layer_weight(module), weight, scale, assign)
-    write_grad(layer_bias(module), bias, scale, assign)
+    """``.grad ← scale · direction`` for a layer's weight and bias (:func:`write_grad`; its
+    :func:`~..curvature.blocks.block_parameters`: the bias alone when only it trains)."""
+    main, extra = block_parameters(module)
+    write_grad(main, weight, scale, assign)
+    write_grad(extra, bias, scale, assign)
 
 
 def clip_scale(

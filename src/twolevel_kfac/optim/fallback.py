@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from ..curvature.blocks import own_statistics
+from ..curvature.blocks import bias_only, own_statistics
 from .options import check_choice
 
 __all__ = ["FALLBACKS", "AdamWFallback", "FallbackKind", "block_table"]
@@ -120,7 +120,9 @@ def block_table(
 
 
 def _kind(module: nn.Module) -> str:
-    """What kind of block a layer has, when it is not one ``A ⊗ G``."""
+    """What kind of block a layer has, when it is not one ``A ⊗ G`` of ``[W, b]``."""
+    if bias_only(module):
+        return " (bias alone)"
     if own_statistics(module) is None:
         return ""
     groups = getattr(module, "groups", None)

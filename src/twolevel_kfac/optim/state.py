@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..curvature.blocks import layer_shape, layer_stats, new_factors, own_statistics
+from ..curvature.blocks import factor_shapes, layer_stats, new_factors
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
 
@@ -131,9 +131,7 @@ def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any])
             f"layer {name!r}: the checkpoint's curvature is not of this layer's block "
             f"({type(module).__name__}): the model changed since it was saved"
         ) from None
-    own = own_statistics(module)
-    d_out, d_in = layer_shape(module)
-    expected = own.shapes(module)[2:] if own is not None else ((d_in, d_in), (d_out, d_out))
+    expected = factor_shapes(module)
     got = factors.factor_shapes()
     if got is not None and tuple(got) != tuple(expected):
         raise ValueError(

@@ -1,0 +1,212 @@
+"""Bias-only training (BitFit: weights frozen, biases trained). A layer whose weight is
+frozen while its bias trains has the bias column of its ``[W, b]`` block: ``W̄ = b`` with
+``ā = 1``, so ``A = 1`` and the block is ``1 ⊗ G``; a norm layer's ``β`` alone has its
+unit-wise Fisher. Each step equals the dense formula (the oracles' own ``W̄ = b``), under
+KFAC and under every coarse space and combination of TwoLevelKFAC."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from oracles import (
+    COARSE_SPACES,
+    COMBINATIONS,
+    assert_close_report,
+    assert_resume_is_bit_identical,
+    dense_kfac_update,
+    dense_twolevel_update,
+    tiny_convnet,
+    tiny_mlp,
+)
+from test_kfac_exact import CONTRACT, MODES, conv1d_net, make_batch, one_step
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def bitfit(model: nn.Module, keep: tuple[str, ...] = ()) -> nn.Module:
+    """Freeze every weight but those of the layers named in ``keep``."""
+    for name, param in model.named_parameters():
+        if name.endswith("weight") and name.rsplit(".", 1)[0] not in keep:
+            param.requires_grad_(False)
+    return model
+
+
+class Sequence(nn.Module):
+    """``Linear`` on ``[N, T, D]`` (its locations: the expand view) → tanh → mean → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.mix = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
+NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "mlp": (lambda: bitfit(tiny_mlp()), (4,), 2),
+    "mlp_mixed": (lambda: bitfit(tiny_mlp(), keep=("2",)), (4,), 2),  # one full block
+    "conv": (lambda: bitfit(tiny_convnet()), (2, 5, 5), 2),
+    "conv_head": (lambda: bitfit(tiny_convnet(), keep=("3",)), (2, 5, 5), 2),  # BitFit's
+    "conv1d": (lambda: bitfit(conv1d_net(), keep=("2",)), (2, 8), 3),  # a weight-only beside
+    "sequence": (lambda: bitfit(Sequence()), (5, 3), 2),
+}
+
+
+@pytest.mark.parametrize("net", list(NETS))
+@pytest.mark.parametrize("mode", MODES)
+def test_kfac_step_on_biases_alone_equals_the_dense_formula(
+    float64: None, net: str, mode: str
+) -> None:
+    build, shape, classes = NETS[net]
+    model = build()
+    x, y = make_batch(shape, classes, 6)
+    expected = dense_kfac_update(model, LOSS, x, y, damping=0.05, mode=mode)
+    opt = tk.KFAC(model, damping=0.05, damping_mode=mode, **CONTRACT)
+    actual = one_step(model, opt, x, y)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(actual[name], torch.zeros_like(param)), name
+            assert param.grad is None, name
+    assert expected.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, delta in expected.items():
+        assert_close_report(actual[name], delta, rtol=1e-9, atol=1e-12, name=name)
+
+
+CASES = [
+    (net, space, comb)
+    for net, space, comb in itertools.product(
+        ("mlp_mixed", "conv_head"), COARSE_SPACES, COMBINATIONS
+    )
+    if space != "tselepidis" or net == "mlp_mixed"  # its dense oracle covers T = 1 only
+]
+
+
+@pytest.mark.parametrize(("net", "space", "combination"), CASES)
+def test_two_level_step_on_biases_alone_equals_the_dense_formula(
+    float64: None, net: str, space: str, combination: str
+) -> None:
+    """The coarse vectors live on ``b`` (Nicolaides: ones over it). The head trains whole,
+    as in BitFit: a bias alone on softmax outputs has its Nicolaides vector in the null
+    space of ``G`` (the outputs' gradients sum to zero), so Krylov vectors repeat it and
+    ``F_c`` is singular (the library's pseudo-inverse takes it; the dense oracle's solve
+    does not)."""
+    build, shape, classes = NETS[net]
+    model = build()
+    x, y = make_batch(shape, classes, 8)
+    expected = dense_twolevel_update(
+        model, LOSS, x, y, damping=0.05, coarse_space=space, combination=combination
+    )
+    opt = tk.TwoLevelKFAC(
+        model, damping=0.05, coarse_space=space, combination=combination, **CONTRACT
+    )
+    actual = one_step(model, opt, x, y)
+    num = sum(float((actual[k] - v).norm() ** 2) for k, v in expected.items()) ** 0.5
+    den = sum(float(v.norm() ** 2) for v in expected.values()) ** 0.5
+    assert num / den <= (1e-8 if space == "krylov_residual" else 1e-9), f"{num / den:.2e}"
+
+
+@pytest.mark.parametrize("norm_type", [nn.LayerNorm, nn.BatchNorm1d])
+def test_a_norm_shift_alone_has_its_unit_wise_fisher(float64: None, norm_type: type) -> None:
+    """``γ`` frozen, ``β`` trains: ``F_i = (1/N) Σ_n u_{n,i}²`` with ``u_{n,i} = Σ_t δ``
+    (the ``β`` entry of the unit-wise block), damped by ``λ``: ``Δβ_i = −∇β_i/(F_i + λ)``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), norm_type(5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+    net[1].weight.requires_grad_(False)
+    x, y = make_batch((4,), 3, 6)
+    if norm_type is nn.BatchNorm1d:
+        net[1].eval()  # per-sample gradients need the running statistics
+        net[1].running_mean.uniform_(-0.3, 0.3)
+    from oracles import per_sample_grads
+
+    u = per_sample_grads(net, F.cross_entropy, x, y)["1.bias"]  # [N, D]
+    grad = u.mean(0)
+    expected = -grad / ((u**2).mean(0) + 0.1)
+    opt = tk.KFAC(net, damping=0.1, norm_blocks=True, **CONTRACT)
+    assert opt.preconditioner.factors["1"] is not None
+    actual = one_step(net, opt, x, y)
+    torch.testing.assert_close(actual["1.bias"], expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(actual["1.weight"], torch.zeros(5))
+
+
+def test_bias_only_layers_are_listed_and_every_optimizer_steps() -> None:
+    """Built with the model (the frozen weights skipped) or with only the trained biases
+    (the usual BitFit call); every fine level and the two-level class take finite steps
+    that leave the frozen weights alone."""
+    torch.manual_seed(0)
+    x, y = make_batch((2, 5, 5), 2, 8)
+    for cls, params in itertools.product(
+        (tk.KFAC, tk.EKFAC, tk.KPSVD, tk.KFACCorrected, tk.TwoLevelKFAC), ("model", "biases")
+    ):
+        model = bitfit(tiny_convnet())
+        held = [p for p in model.parameters() if p.requires_grad] if params == "biases" else None
+        opt = cls(model, params=held, lr=0.1, cov_interval=1, inv_interval=1)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "weight" in n}
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        assert losses[-1] < losses[0], (cls.__name__, params, losses)
+
+
+def test_describe_blocks_names_the_bias_alone() -> None:
+    model = bitfit(tiny_mlp(), keep=("2",))
+    text = tk.KFAC(model).describe_blocks()
+    assert "(bias alone)" in text.splitlines()[0] and "0.bias" in text.splitlines()[0]
+    assert "bias alone" not in "".join(line for line in text.splitlines() if "2." in line)
+
+
+def test_a_grouped_convolution_bias_alone_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 2))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '0': its weight is frozen .* no bias-only form"):
+        tk.KFAC(model)
+    rest = [p for n, p in model.named_parameters() if not n.startswith("0.")]
+    tk.KFAC(model, params=rest)  # the way out the message names
+
+
+@pytest.mark.parametrize("change", ["freeze_weight", "unfreeze_weight"])
+def test_changing_which_part_trains_after_the_first_estimate_is_refused(change: str) -> None:
+    """The block's shape changes (``[W, b]`` ↔ ``b``): a new optimizer is needed."""
+    model = tiny_mlp() if change == "freeze_weight" else bitfit(tiny_mlp())
+    opt = tk.KFAC(model, params=model.parameters(), cov_interval=1, inv_interval=1)
+    x, y = make_batch((4,), 2, 4)
+    one_step(model, opt, x, y)
+    model[0].weight.requires_grad_(change == "unfreeze_weight")
+    with pytest.raises(ValueError, match=r"layer '0': its bias or weight was frozen or unfrozen"):
+        one_step(model, opt, x, y)
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
+def test_resume_on_biases_alone_is_bit_identical(cls: type) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return bitfit(tiny_convnet())
+
+    x, y = make_batch((2, 5, 5), 2, 8)
+    assert_resume_is_bit_identical(
+        build,
+        lambda m: cls(m, lr=0.1, cov_interval=2, inv_interval=2),
+        lambda m: F.cross_entropy(m(x), y),
+    )
+
+
+def test_the_analysis_refuses_a_bias_alone() -> None:
+    from twolevel_kfac.analysis.coordinates import analysis_layers
+
+    with pytest.raises(ValueError, match=r"layers \['0'\] train their bias alone"):
+        analysis_layers(bitfit(tiny_mlp(), keep=("2",)))
