@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats, kronecker_factors, per_sample_gradients
+from twolevel_kfac.curvature.scale_shift import ScaleShiftStats
 from twolevel_kfac.twolevel import coarse_spaces as cs
 from twolevel_kfac.twolevel.coarse_matrix import (
     CoarseOperator,
@@ -34,7 +35,12 @@ from twolevel_kfac.twolevel.fisher_products import (
     fisher_vector_product,
     sample_coefficients,
 )
-from twolevel_kfac.twolevel.tselepidis import tselepidis_coarse_matrix
+from twolevel_kfac.twolevel.tselepidis import (
+    sub_block_products,
+    tselepidis_coarse_matrix,
+    tselepidis_from_sums,
+    tselepidis_sums,
+)
 from twolevel_kfac.twolevel.vectors import LayerVector, axpy, dot
 
 DT = torch.float64
@@ -211,6 +217,21 @@ def test_tselepidis_diagonal_is_kfac_block_sum(ts: list[int]) -> None:
         expected = torch.kron(a, g).sum() + p.damping * a.shape[0] * g.shape[0]
         assert float(fc[i, i]) == pytest.approx(float(expected), rel=1e-12)
     assert torch.equal(fc, fc.T)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_tselepidis_products_in_chunks_equal_the_reduced_sums(chunk: int) -> None:
+    """One process forms ``F_c`` chunk by chunk of sub-blocks; a distributed run reduces
+    the ``[S, S]`` sums first: the same matrix (norm units beside Kronecker layers, three
+    location counts)."""
+    p = make_problem(4, 5, [1, 4, 2], 3)
+    gen = torch.Generator().manual_seed(9)
+    norm = ScaleShiftStats(*(torch.randn(5, 4, 6, generator=gen, dtype=DT) for _ in range(2)))
+    stats = [p.stats[0], norm, p.stats[1], p.stats[2]]
+    reduced = tselepidis_from_sums(*tselepidis_sums(stats), 5, stats, 0.0)
+    chunked = sub_block_products(stats, chunk=chunk) / 5**2
+    assert rel_err(chunked, reduced) < 1e-12
+    assert rel_err(tselepidis_coarse_matrix(stats, 0.0), reduced) < 1e-12
 
 
 def test_tselepidis_off_diagonal_dense() -> None:

@@ -8,7 +8,7 @@ own as sums of Kronecker sub-blocks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +16,12 @@ from torch import Tensor
 from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.twolevel.fisher_products import check_stats
 
-__all__ = ["tselepidis_coarse_matrix", "tselepidis_from_sums", "tselepidis_sums"]
+__all__ = [
+    "sub_block_products",
+    "tselepidis_coarse_matrix",
+    "tselepidis_from_sums",
+    "tselepidis_sums",
+]
 
 
 def _resample(sums: Tensor, num: int) -> Tensor:
@@ -56,6 +61,10 @@ def tselepidis_coarse_matrix(
     over the sub-blocks ``s``, summed over those of each layer:
     ``F_c[i,j] = Σ_{s∈i, s'∈j} sum(A_ss')·sum(G_ss') + λ·numel_i·δ_ij`` (for such a layer
     the diagonal also holds its sub-blocks' cross terms, which its fine block leaves out).
+    The products are formed for a chunk of sub-blocks at a time and summed into ``[L, L]``
+    at once (memory ``O(chunk·S)``, not ``O(S²)``: a norm layer brings one sub-block per
+    unit); under ``torch.distributed`` the ``[S, S]`` sums are reduced instead
+    (:func:`tselepidis_sums`).
 
     Args:
         stats: one :class:`LayerStats` per layer (the Fisher mini-batch).
@@ -66,22 +75,70 @@ def tselepidis_coarse_matrix(
     Returns:
         ``F_c`` of shape ``[L, L]``.
     """
-    sums = tselepidis_sums(stats)
-    return tselepidis_from_sums(*sums, check_stats(stats), stats, damping, numels)
+    num_samples = check_stats(stats)
+    fc = sub_block_products(stats) / num_samples**2
+    return _damped(fc, stats, damping, numels)
+
+
+def _groups(
+    stats: Sequence[LayerStats],
+) -> tuple[Tensor, Tensor, Tensor, Iterator[tuple[int, Tensor, Tensor, Tensor]]]:
+    """A tensor of the sums' dtype and device, the sub-blocks' layer (``owner``) and
+    location count (``T_s``), ``[S]`` each, and per
+    distinct location count ``t`` (one at a time): the sub-blocks with ``T ≤ t`` (``rows``)
+    and their sums resampled to ``t`` as rows ``[S_t, N·t]`` (``s^a``, ``s^δ``)."""
+    sums = [s.nicolaides_sums() for s in stats]  # ([N, T_i, S_i], [N, T_i, S_i])
+    device = sums[0][0].device
+    sizes = torch.tensor([a.shape[-1] for a, _ in sums], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(stats), device=device), sizes)
+    counts = torch.tensor([s.num_locations for s in stats], device=device)[owner]
+
+    def groups() -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for t in sorted({s.num_locations for s in stats}):
+            members = [i for i, s in enumerate(stats) if s.num_locations <= t]
+            rows = torch.nonzero(counts <= t).squeeze(1)
+            # [N, T, S_i] → resampled [N, t, S_i] → rows [S_i, N·t]
+            a, g = (
+                torch.cat([_resample(sums[i][side], t).flatten(0, 1).T for i in members])
+                for side in (0, 1)
+            )
+            yield t, rows, a, g
+
+    return sums[0][0], owner, counts, groups()
+
+
+def sub_block_products(stats: Sequence[LayerStats], chunk: int = 1024) -> Tensor:
+    """``Σ_{s∈i, s'∈j} sum_a[s,s']·sum_g[s,s'] / T_ss'²`` (``[L, L]``; the sums of
+    :func:`tselepidis_sums`): ``N²`` times the cross-layer term of ``F_c``, without the
+    ``[S, S]`` sums (``chunk`` sub-blocks at a time)."""
+    like, owner, counts, groups = _groups(stats)
+    fc = like.new_zeros(len(stats), len(stats))
+    for t, rows, a, g in groups:
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            pairs = torch.maximum(counts[part][:, None], counts[rows][None, :]) == t
+            a_part, g_part = a[start : start + chunk], g[start : start + chunk]
+            products = torch.where(pairs, (a_part @ a.T) * (g_part @ g.T), 0.0) / t**2
+            index = (
+                owner[part][:, None].expand_as(products),
+                owner[rows][None, :].expand_as(products),
+            )
+            fc.index_put_(index, products, accumulate=True)
+    return fc
 
 
 def tselepidis_sums(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The sample sums behind :func:`tselepidis_coarse_matrix`, ``[S, S]`` each over the
     ``S = Σ_i S_i`` sub-blocks (one per Kronecker layer): ``Σ_n Σ_t s^a_s[n, m_s(t)]
     s^a_s'[n, m_s'(t)]``, the same for ``s^δ``, ``T_ss'``, and the layer of each sub-block
-    (``[S]``).
+    (``[S]``). They add over disjoint sample sets: what a distributed reduction needs
+    (one process forms the products directly: :func:`sub_block_products`).
 
     One Gram matrix per distinct location count ``t`` instead of a loop over the pairs:
     the sub-blocks with ``T ≤ t``, resampled to ``t``, are the rows of ``[S_t, N·t]``
     matrices whose Gram gives every pair with ``T_ss' = t`` (a 64-layer network at
-    ``T = 1`` spent 0.1 s a refresh in the loop). Cost ``O(S_t² N t)``: a norm layer
-    brings one row per unit, and memory ``O(S_t N t)``. The sums add over disjoint
-    sample sets (what a distributed reduction needs).
+    ``T = 1`` spent 0.1 s a refresh in the loop). Cost ``O(S_t² N t)`` and memory
+    ``O(S²)``: a norm layer brings one row per unit.
 
     Args:
         stats: one :class:`LayerStats` per layer (the Fisher mini-batch).
@@ -90,23 +147,13 @@ def tselepidis_sums(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor, Tensor
         ``(sum_a, sum_g, locations, owner)``: the two ``[S, S]`` sums, ``T_ss'`` and the
         layer index of each sub-block.
     """
-    sums = [s.nicolaides_sums() for s in stats]  # ([N, T_i, S_i], [N, T_i, S_i])
-    device = sums[0][0].device
-    sizes = torch.tensor([a.shape[-1] for a, _ in sums], device=device)
-    owner = torch.repeat_interleave(torch.arange(len(stats), device=device), sizes)
-    counts = torch.tensor([s.num_locations for s in stats], device=device)[owner]
+    like, owner, counts, groups = _groups(stats)
     pair_counts = torch.maximum(counts[:, None], counts[None, :])
-    num = len(counts)
-    sum_a, sum_g = (sums[0][0].new_zeros(num, num) for _ in range(2))
-    for t in sorted({s.num_locations for s in stats}):
-        members = [i for i, s in enumerate(stats) if s.num_locations <= t]
-        rows = torch.nonzero(counts <= t).squeeze(1)
+    sum_a, sum_g = (like.new_zeros(len(owner), len(owner)) for _ in range(2))
+    for t, rows, a, g in groups:
         block = (rows[:, None], rows[None, :])
         pairs = pair_counts[block] == t
-        for side, total in ((0, sum_a), (1, sum_g)):
-            # [N, T, S_i] → resampled [N, t, S_i] → rows [S_i, N·t]
-            parts = [_resample(sums[i][side], t).flatten(0, 1).T for i in members]
-            x = torch.cat(parts)
+        for x, total in ((a, sum_a), (g, sum_g)):
             total[block] = torch.where(pairs, x @ x.T, total[block])
     return sum_a, sum_g, pair_counts.to(sum_a.dtype), owner
 
@@ -129,5 +176,12 @@ def tselepidis_from_sums(
         fold = torch.zeros(len(stats), len(owner), dtype=fc.dtype, device=fc.device)
         fold[owner, torch.arange(len(owner), device=fc.device)] = 1.0
         fc = fold @ fc @ fold.T
+    return _damped(fc, stats, damping, numels)
+
+
+def _damped(
+    fc: Tensor, stats: Sequence[LayerStats], damping: float, numels: Sequence[int] | None
+) -> Tensor:
+    """``fc + λ·numel_i·δ_ij``."""
     counts = [s.numel() for s in stats] if numels is None else list(numels)
     return fc + damping * torch.diag(fc.new_tensor(counts))
