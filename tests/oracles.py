@@ -91,9 +91,11 @@ def _prefix(name: str) -> str:
 
 def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` in
-    ``named_modules()`` order."""
+    ``named_modules()`` order with a parameter that trains."""
     layers: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue  # frozen whole: no block
         if isinstance(module, CONVS):
             if module.groups != 1 or module.padding_mode != "zeros":
                 raise ValueError(f"oracle supports only plain convolutions, got {module}")

@@ -7,6 +7,7 @@ KFAC and under every coarse space and combination of TwoLevelKFAC."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -210,3 +211,147 @@ def test_the_analysis_refuses_a_bias_alone() -> None:
 
     with pytest.raises(ValueError, match=r"layers \['0'\] train their bias alone"):
         analysis_layers(bitfit(tiny_mlp(), keep=("2",)))
+
+
+# ------------------------------------------------------------------ the setups around BitFit
+def test_lr_squared_kl_clip_reads_the_bias_group() -> None:
+    """``kl_clip_form="lr_squared"`` takes each layer's lr from the group of its block's
+    parameter: the bias, when only it trains (the weights' group does not count)."""
+    x, y = make_batch((4,), 2, 8)
+    scales = []
+    for weight_lr in (None, 1.0, 100.0):
+        torch.manual_seed(0)
+        model = bitfit(tiny_mlp())
+        biases = [p for p in model.parameters() if p.requires_grad]
+        weights = [p for p in model.parameters() if not p.requires_grad]
+        params: list = (
+            biases
+            if weight_lr is None
+            else [{"params": weights, "lr": weight_lr}, {"params": biases, "lr": 0.1}]
+        )
+        opt = tk.KFAC(model, params=params, lr=0.1, kl_clip=1e-4, kl_clip_form="lr_squared")
+        one_step(model, opt, x, y)
+        scales.append(opt.last_stats["kl_scale"])
+    assert scales[0] < 1.0 and scales[0] == scales[1] == scales[2]
+
+
+def test_a_functional_use_of_a_trained_bias_alone_is_refused() -> None:
+    """A second, functional use of the bias (its block would not see it) is refused, as it
+    is for a weight."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.a(x))
+            return self.head(F.linear(h, self.a.weight, self.a.bias))
+
+    model = bitfit(Twice(), keep=("head",))
+    opt = tk.KFAC(model)
+    x, y = make_batch((3,), 2, 4)
+    with pytest.raises(ValueError, match=r"layer 'a': its bias is read 2 times .* ran 1"):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_functional_calls_with_swapped_biases_feed_the_optimizer_nothing() -> None:
+    """``functional_call`` with other biases (a SAM-style probe) is no training forward:
+    the steps equal those of a run without it, with no warning."""
+    from torch.func import functional_call
+
+    x, y = make_batch((4,), 2, 6)
+    results = []
+    for probe in (False, True):
+        torch.manual_seed(0)
+        model = bitfit(tiny_mlp())
+        opt = tk.KFAC(model, cov_interval=1)
+        for _ in range(2):
+            if probe:
+                swapped = {k: v.detach() + 0.1 for k, v in model.named_parameters() if "bias" in k}
+                functional_call(model, swapped, (x,))
+            one_step(model, opt, x, y)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+class SharedWeight(nn.Module):
+    """Two Linears sharing one frozen weight, then a head."""
+
+    def __init__(self, second_bias_trains: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.b.weight = self.a.weight
+        self.a.weight.requires_grad_(False)
+        self.b.bias.requires_grad_(second_bias_trains)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("second_bias_trains", [False, True])
+def test_a_frozen_shared_weight_ties_nothing(float64: None, second_bias_trains: bool) -> None:
+    """Each trained bias is its own block, with the statistics of its own module's calls:
+    the step equals the dense formula, built with the model or with the trained params."""
+    x, y = make_batch((3,), 2, 6)
+    for params in ("model", "trained"):
+        model = SharedWeight(second_bias_trains)
+        expected = dense_kfac_update(model, LOSS, x, y, damping=0.05)
+        held = [p for p in model.parameters() if p.requires_grad] if params == "trained" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = tk.KFAC(model, params=held, damping=0.05, **CONTRACT)
+            actual = one_step(model, opt, x, y)
+        trained = {"a", "head"} | ({"b"} if second_bias_trains else set())
+        assert set(opt.preconditioner.layers) == trained, opt.preconditioner.layers
+        for name, delta in expected.items():
+            assert_close_report(actual[name], delta, rtol=1e-9, atol=1e-12, name=name)
+
+
+def test_a_head_tied_to_a_frozen_embedding_trains_its_bias() -> None:
+    """A language model's head tied to its frozen token table, its bias trained: the bias's
+    own block, whichever way the params are passed, with no warning."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+            self.head.weight = self.emb.weight
+            self.emb.weight.requires_grad_(False)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.emb(tokens)).mean(1))
+
+    tokens, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (6,))
+    results = []
+    for params in ("model", "trained"):
+        model = Tied()
+        held = list(model.parameters()) if params == "model" else [model.head.bias]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = tk.KFAC(model, params=held, cov_interval=1)
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(tokens), y).backward()
+                opt.step()
+        assert "head" in opt.preconditioner.layers
+        assert opt.preconditioner.factors["head"].factor_shapes() == ((1, 1), (7, 7))
+        results.append(model.head.bias.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_add_param_group_with_a_bias_alone_warns() -> None:
+    model = bitfit(tiny_mlp(), keep=("2",))
+    opt = tk.KFAC(model, params=[*model[2].parameters()])
+    with pytest.warns(UserWarning, match=r"layer\(s\) \['0'\] added with add_param_group"):
+        opt.add_param_group({"params": [model[0].bias]})
+
+
+def test_a_grouped_bias_alone_is_refused_at_construction_with_every_parameter() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 2))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '0': its weight is frozen .* no bias-only form"):
+        tk.KFAC(model, params=model.parameters())

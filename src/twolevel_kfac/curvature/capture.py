@@ -138,7 +138,9 @@ class CurvatureCapture:
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
-        self._weights = [(m, m._parameters.get("weight")) for m in layers.values()]
+        self._weights = [
+            (m, key, m._parameters.get(key)) for m in layers.values() for key in ("weight", "bias")
+        ]
         self.fisher = fisher
         self.likelihood = likelihood
         self.loss_reduction = loss_reduction
@@ -175,13 +177,13 @@ class CurvatureCapture:
     def _capturing(self, module: nn.Module) -> bool:
         """Whether the forward that starts now is captured: armed, in train mode with
         gradients, not recomputed inside a backward (activation checkpointing), and with the
-        layers' own weights (``torch.func.functional_call`` swaps in others)."""
+        layers' own weights and biases (``torch.func.functional_call`` swaps in others)."""
         return (
             self.active
             and module.training
             and torch.is_grad_enabled()
             and not in_backward()
-            and all(m._parameters.get("weight") is w for m, w in self._weights)
+            and all(m._parameters.get(key) is p for m, key, p in self._weights)
         )
 
     def set_loss_mask(self, mask: Tensor | None) -> None:

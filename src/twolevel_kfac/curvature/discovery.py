@@ -23,7 +23,9 @@ make a block silently wrong, and are resolved here, before any step:
   first dimension of every layer input is the Fisher's sample dimension.
 * **A subset of the model** (``params=``): a layer is preconditioned only when the
   optimizer owns its parameters. Owning the weight but not the bias (or the reverse) is
-  refused: ``[W, b]`` is one block.
+  refused: ``[W, b]`` is one block. A bias that trains beside a frozen weight (BitFit) is
+  its layer's block alone (:func:`~.blocks.bias_only`), owned with or without the weight;
+  such a block is keyed by its bias, so a frozen weight shared by two layers ties nothing.
 """
 
 from __future__ import annotations
@@ -162,14 +164,19 @@ def _report(name: str, reason: str, unsupported: str) -> None:
 
 
 def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
-    """Whether the optimizer owns the layer's parameters (all or none of them).
+    """Whether the optimizer owns the layer's parameters (all or none of them; or its
+    trained bias, the weight frozen: BitFit).
 
     Raises:
-        ValueError: if it owns the weight but not the bias, or the bias but not the weight.
+        ValueError: if it owns the weight but not the trained bias, or the bias but not the
+            weight while the weight trains, or a bias trained alone where the layer's block
+            type has no bias-only form (:func:`check_bias_only`).
     """
     weight, bias = layer_weight(module), layer_bias(module)
     has_weight = id(weight) in owned
     if bias is None or (id(bias) in owned) == has_weight:
+        if has_weight:
+            check_bias_only(name, module)
         return has_weight
     inside, outside = ("weight", "bias") if has_weight else ("bias", "weight")
     if not has_weight and not weight.requires_grad:  # bias-only training (BitFit)
@@ -217,8 +224,9 @@ def find_layers(
             else they are left to the fallback step).
 
     Raises:
-        ValueError: with ``unsupported="error"`` for an unsupported module, or when the
-            optimizer owns a layer's weight but not its bias (or the reverse).
+        ValueError: with ``unsupported="error"`` for an unsupported module, when the
+            optimizer owns a layer's weight but not its bias (or the bias but not the
+            trained weight), or a bias trained alone has no block (:func:`check_bias_only`).
     """
     owned = None if params is None else parameter_ids(params)
     _check_batch_first(model)
@@ -276,7 +284,8 @@ def _resolve_ties(
     owner: dict[int, str] = {}  # parameter id -> the weight group it belongs to
     bad: dict[str, str] = {}
     for name, module in layers.items():
-        weight, bias = layer_weight(module), layer_bias(module)
+        # a bias trained alone is its block's weight: a frozen weight ties nothing
+        weight, bias = block_parameters(module)
         if id(weight) in first:
             lead = first[id(weight)]
             if own_statistics(module) is not own_statistics(layers[lead]):
@@ -288,7 +297,7 @@ def _resolve_ties(
                 )
             elif (
                 layer_shape(module) != layer_shape(layers[lead])
-                or layer_bias(layers[lead]) is not bias
+                or block_parameters(layers[lead])[1] is not bias
             ):
                 bad[name] = bad[lead] = (
                     f"modules {lead!r} and {name!r} share a weight but not its bias (or not "
@@ -310,7 +319,7 @@ def _resolve_ties(
     for name, module in layers.items():
         if name in bad:
             _report(name, bad[name], unsupported)
-        elif first[id(layer_weight(module))] == name and id(layer_weight(module)) not in refused:
+        elif first[id(main := block_parameters(module)[0])] == name and id(main) not in refused:
             kept[name] = module
     return kept
 
@@ -321,9 +330,10 @@ def check_blocks(
     """Refuse layers of ``names`` whose ``[W, b]`` block changed since it was built.
 
     Raises:
-        ValueError: a layer's weight was frozen (``requires_grad=False``) while its bias
-            still trains, or its bias was frozen or unfrozen after its factors were first
-            estimated (the block's shape changed); the message names the layer and the fix.
+        ValueError: a layer's bias trains alone where its block type has no bias-only form
+            (:func:`check_bias_only`), or its bias or weight was frozen or unfrozen after
+            its factors were first estimated (the block's shape changed); the message
+            names the layer and the fix.
     """
     for name in dict.fromkeys(names):
         module = layers[name]
@@ -361,12 +371,22 @@ def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) ->
 def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
     """Every module that computes with a block's weight, by block name (the block's own
     module first, then the modules tied to it, in ``named_modules()`` order)."""
-    by_weight = {id(layer_weight(module)): name for name, module in layers.items()}
+    by_weight = {id(block_parameters(module)[0]): name for name, module in layers.items()}
     uses: dict[str, list[nn.Module]] = {name: [module] for name, module in layers.items()}
     for module in model.modules():
         if layer_type(module) is None:
             continue
-        name = by_weight.get(id(module._parameters.get("weight")))
+        key = _block_key(module)
+        name = None if key is None else by_weight.get(key)
         if name is not None and module is not layers[name]:
             uses[name].append(module)
     return uses
+
+
+def _block_key(module: nn.Module) -> int | None:
+    """The ``id`` of the parameter a module's block is keyed by: its weight, or its bias
+    when only the bias trains (:func:`~.blocks.block_parameters`; ``None``: no weight)."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    if weight is not None and not weight.requires_grad and bias is not None and bias.requires_grad:
+        return id(bias)
+    return None if weight is None else id(weight)

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .blocks import has_gradient, layer_weight
+from .blocks import bias_only, block_parameters, has_gradient
 
 __all__ = [
     "check_batch_rows",
@@ -50,7 +50,8 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
     Raises:
         ValueError: naming the layer, the counts and the fix.
     """
-    weights = {id(layer_weight(m)): name for name, m in layers.items()}
+    # a layer that trains its bias alone: the bias (its frozen weight has no AccumulateGrad)
+    weights = {id(block_parameters(m)[0]): name for name, m in layers.items()}
     reads: dict[str, int] = dict.fromkeys(layers, 0)
     seen: set[int] = set()
     stack: list[Any] = [t.grad_fn for t in output_tensors(output) if t.grad_fn is not None]
@@ -67,8 +68,9 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
             stack.append(child)
     for name, count in reads.items():
         if count > calls.get(name, 0):
+            what = "bias" if bias_only(layers[name]) else "weight"  # a bias alone: its key
             raise ValueError(
-                f"layer {name!r}: its weight is read {count} times in the forward but its "
+                f"layer {name!r}: its {what} is read {count} times in the forward but its "
                 f"module(s) ran {calls.get(name, 0)} times: a functional use (such as a tied "
                 "decoder F.linear(h, encoder.weight.t())) adds gradient that the layer's "
                 "block never sees. Untie it, make the other use a module sharing the weight "

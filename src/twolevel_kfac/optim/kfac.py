@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.sgd import sgd as sgd_update
 
-from ..curvature.blocks import layer_weight
+from ..curvature.blocks import block_parameters
 from ..curvature.discovery import is_supported, materialize_params, parameter_ids
 from ..finite import all_finite
 from .amp import amp_loss_scale
@@ -58,8 +58,8 @@ class KFAC(torch.optim.Optimizer):
         nesterov: Nesterov momentum.
         params: the parameters or parameter groups to optimize, as ``torch.optim`` takes
             them (default: all trainable parameters of ``model``). Only layers whose weight
-            and bias are both in them are preconditioned; the others are left to whatever
-            else steps them.
+            and bias are both in them are preconditioned (or whose trained bias is, beside a
+            frozen weight: BitFit); the others are left to whatever else steps them.
         nonfinite_policy: ``skip`` (default: a step whose gradient or preconditioned
             direction has a NaN/Inf is dropped, counted in ``nonfinite_steps`` and
             ``consecutive_nonfinite``), ``raise`` (``FloatingPointError``) or
@@ -241,13 +241,16 @@ class KFAC(torch.optim.Optimizer):
         pre = getattr(self, "preconditioner", None)
         if pre is None or not getattr(self, "_built", False):  # the constructor's groups
             return
-        ids = parameter_ids([param_group])
-        added = [
+        ids, done = parameter_ids([param_group]), pre.preconditioned_parameters()
+        added = [  # a layer whose block's parameters (its bias alone, in BitFit) came now
             name
             for name, module in pre.model.named_modules()
             if is_supported(module)
-            and id(module.weight) in ids
-            and id(module.weight) not in pre.preconditioned_parameters()
+            and any(
+                id(p) in ids and id(p) not in done
+                for p in block_parameters(module)
+                if p is not None
+            )
         ]
         if added:
             warnings.warn(
@@ -258,10 +261,11 @@ class KFAC(torch.optim.Optimizer):
             )
 
     def _layer_lrs(self) -> dict[str, float]:
-        """Each preconditioned layer's learning rate: that of the group holding its weight."""
+        """Each preconditioned layer's learning rate: that of the group holding its weight
+        (its bias when only the bias trains: :func:`~..curvature.blocks.block_parameters`)."""
         group_lr = {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
         pre = self.preconditioner
-        return {name: group_lr[id(layer_weight(m))] for name, m in pre.layers.items()}
+        return {name: group_lr[id(block_parameters(m)[0])] for name, m in pre.layers.items()}
 
     def _adapt_damping(
         self, model: QuadraticModel, loss: float, closure: Callable[[], Tensor]
