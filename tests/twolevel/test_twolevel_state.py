@@ -190,3 +190,45 @@ def test_a_shape_only_basis_is_rebuilt_not_saved(space: str) -> None:
     assert pre.basis is not None and loaded.basis is not None
     for a, b in zip(pre.basis, loaded.basis, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("space", "settings", "rebuilt"),
+    [
+        ("spectral", {}, True),  # built at the refresh the state holds
+        ("krylov_nicolaides", {}, True),
+        ("krylov_nicolaides", {"damping": rising_damping}, False),  # λ moved since
+        ("spectral", {"damping": rising_damping}, True),  # eigenvectors only
+        # step 3 folds statistics without a refresh; step 4's refresh decomposes them
+        ("spectral", {"inv_interval": 2}, False),
+        ("residual", {}, False),  # from the refresh step's gradient
+    ],
+)
+def test_a_basis_the_state_rebuilds_is_not_saved(
+    space: str, settings: dict[str, Any], rebuilt: bool
+) -> None:
+    """A spectral or Krylov-Nicolaides basis is rebuilt on load, bit for bit, from the saved
+    fine level (and ``λ``) it was built from; one that the state no longer rebuilds is
+    saved. Either way the next steps equal an uninterrupted run's."""
+    kwargs = {"lr": 0.05, "cov_interval": 3, "inv_interval": 3, "coarse_space": space, **settings}
+
+    def build() -> tuple[nn.Module, tk.TwoLevelKFAC]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        return model, tk.TwoLevelKFAC(model, **kwargs)
+
+    model, opt = build()
+    for step in range(5):  # statistics at steps 0 and 3; step 5 is between refreshes
+        one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    coarse = state[1]["preconditioner"]["coarse"]
+    assert (coarse["basis"] is None) is rebuilt and coarse["basis_rebuilt"] is rebuilt
+    other_model, other = build()
+    other_model.load_state_dict(state[0])
+    other.load_state_dict(state[1])
+    for step in range(5, 8):
+        batch = make_batch((6,), 3, 10, seed=step)
+        one_step(model, opt, *batch)
+        one_step(other_model, other, *batch)
+    for p, q in zip(model.parameters(), other_model.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -75,6 +75,8 @@ class CoarseLevel:
         self.fisher_columns: FisherColumns | None = None  # W₀ = FR₀ᵀ instead of the rows
         self._rows_chosen = False  # kept_fisher="auto" chose the rows at this refresh
         self.basis: list[Tensor] | None = None
+        # (fine version, λ) the basis was built at (None: loaded as saved)
+        self.basis_source: tuple[int, float] | None = None
         self.coarse_matrix: Tensor | None = None
         self.coarse_damping: float | None = None  # the λ F_c was formed at
         self.coarse_updates = 0
@@ -275,6 +277,7 @@ class CoarseLevel:
         if names != self.names:
             self.names = names
             self.basis, self.coarse_matrix, self._operator = None, None, None
+            self.basis_source = None
             self.coarse_updates, self.projections, self.fisher_columns = 0, None, None
             self._rows_chosen = False
 
@@ -321,6 +324,23 @@ class CoarseLevel:
         return self.options.coarse_space in ("nicolaides", "tselepidis")
 
     @property
+    def basis_rebuilds(self) -> bool:
+        """Whether :meth:`basis_of` on the current state gives the kept basis again, bit for
+        bit, so a checkpoint need not hold it: the Nicolaides vectors (the layer shapes
+        alone), or a spectral or Krylov-Nicolaides basis built from the fine level as it
+        is now (no refresh or folded statistics since: the host's ``fine_version`` counts
+        them; Krylov: at the current ``λ``)."""
+        if self.structural_basis:
+            return True
+        space, source = self.options.coarse_space, self.basis_source
+        if source is None or space not in ("spectral", "krylov_nicolaides"):
+            return False
+        version, damping = source
+        return version == self.host.fine_version and (
+            space == "spectral" or damping == self.host.damping
+        )
+
+    @property
     def _per_step_basis(self) -> bool:
         """The faithful schedule of a residual space rebuilds the basis at every step."""
         return (
@@ -346,6 +366,7 @@ class CoarseLevel:
         )
         if refreshed or per_step_basis or self.basis is None:
             self.basis = self.basis_of(minv_res)
+            self.basis_source = (self.host.fine_version, self.host.damping)
         if refreshed or self.coarse_matrix is None:
             new = new_coarse_matrix(self, self.basis)
             if self.options.coarse_refresh == "faithful":

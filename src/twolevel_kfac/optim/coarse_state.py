@@ -2,8 +2,10 @@
 its ``state_dict`` saves and ``load_state_dict`` restores.
 
 Saved: the layers it spans, ``F_c`` (and how many estimates the faithful schedule has
-averaged), the basis unless it depends on the layer shapes alone (Nicolaides vectors:
-rebuilt on load), ``N`` of the Fisher mini-batch, and what a step between refreshes reads
+averaged), the basis unless the state rebuilds it bit for bit on load
+(:attr:`~.coarse.CoarseLevel.basis_rebuilds`: Nicolaides vectors, which depend on the
+layer shapes alone; a spectral or Krylov-Nicolaides basis built from the saved fine level
+and ``λ``), ``N`` of the Fisher mini-batch, and what a step between refreshes reads
 of that mini-batch (:attr:`~.coarse.CoarseLevel.reads_statistics`): either ``W₀ = FR₀ᵀ``
 (the same on every rank) or its rows (under ``torch.distributed`` every rank's rows go
 into the preconditioner's ``"ranks"``).
@@ -39,11 +41,11 @@ def _on_names(level: CoarseLevel, trees: list[Any]) -> list[Any]:
 def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
     """The ``"coarse"`` entry of the preconditioner's state (``distributed``: every rank's
     rows of the Fisher mini-batch are in its ``"ranks"`` instead)."""
-    structural = level.structural_basis
+    rebuilt = level.basis_rebuilds
     return {
         "fisher_stats": None if distributed else _stats_pairs(level.fisher_stats),
-        "basis": None if structural else level.basis,
-        "basis_rebuilt": structural and level.basis is not None,
+        "basis": None if rebuilt else level.basis,
+        "basis_rebuilt": rebuilt and level.basis is not None,
         "fisher_samples": level.fisher_samples,
         "fisher_undamped_columns": (
             None if level.fisher_columns is None else level.fisher_columns.columns
@@ -90,8 +92,10 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     if level.fisher_samples is None and per_rank is not None:  # a state from before it
         level.fisher_samples = sum(check_stats(stats) for stats in per_rank)
     level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
+    level.basis_source = None
     if coarse.get("basis_rebuilt"):
         level.basis = level.basis_of(None)
+        level.basis_source = (level.host.fine_version, level.host.damping)
     columns = coarse.get("fisher_undamped_columns")
     level.fisher_columns = None if columns is None else FisherColumns(_on_names(level, columns))
     level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])

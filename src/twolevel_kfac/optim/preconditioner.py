@@ -124,7 +124,7 @@ class KFACPreconditioner:
                 f"{type(model).__name__} has no trainable layer with a curvature block "
                 f"(Linear, Conv1d/2d/3d, a registered type){'' if params is None else ' in params'}"
             )
-        self.damping, self.steps = damping_at(self.options.damping, 0), 0
+        self.damping, self.steps, self.fine_version = damping_at(self.options.damping, 0), 0, 0
         self.generator = torch.Generator().manual_seed(rank_seed(self.options.seed, self.comm.rank))
         self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batches
         self.factors = {name: new_factors(m) for name, m in self.layers.items()}
@@ -188,8 +188,10 @@ class KFACPreconditioner:
             f.ready and not f.decomposed for f in self.factors.values()
         ):
             self.fine.refresh(self.damping)
+            self.fine_version += 1
         if stats:
             self.fine.after_refresh(stats)
+            self.fine_version += 1
             if self.retain_statistics:
                 self.retained_stats = stats
         if isinstance(lr, Mapping):
