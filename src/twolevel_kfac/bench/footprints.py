@@ -125,8 +125,10 @@ def render(data: dict[str, Any]) -> str:
         'parameter), whichever is smaller (`kept_fisher="auto"`; `W` for the '
         "convolutions, whose rows are per location, the rows for the MLPs); the faithful "
         "residual schedule keeps the rows (its basis changes at every step). The "
-        "residual and spectral spaces save their basis (one vector per layer: `P` "
-        "numbers), the Krylov spaces two.",
+        "residual spaces save their basis (one vector per layer: `P` numbers; "
+        "Krylov-residual two); a spectral or Krylov-Nicolaides basis is rebuilt on load "
+        "when the saved fine level built it (no refresh since: the case here), else "
+        "saved.",
         "",
         *summary_table(data),
         "",
