@@ -50,6 +50,8 @@ def autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager[object]:
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         enabled = True
+    except RuntimeError:  # a device type without autocast (meta): nothing to leave
+        enabled = False
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)

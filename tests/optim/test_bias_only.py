@@ -355,3 +355,52 @@ def test_a_grouped_bias_alone_is_refused_at_construction_with_every_parameter() 
     model[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"layer '0': its weight is frozen .* no bias-only form"):
         tk.KFAC(model, params=model.parameters())
+
+
+def test_modules_tied_through_a_frozen_weight_whose_biases_unfreeze_are_refused() -> None:
+    """Tied (one block) when everything was frozen at construction; once their separate
+    biases train alone they are two blocks, which the capture's tie cannot give."""
+    model = SharedWeight(second_bias_trains=False)
+    model.a.bias.requires_grad_(False)
+    opt = tk.KFAC(model, params=model.parameters(), cov_interval=1)
+    model.a.bias.requires_grad_(True)
+    model.b.bias.requires_grad_(True)
+    x, y = make_batch((3,), 2, 6)
+    with pytest.raises(ValueError, match=r"layer 'a': its modules were tied through their"):
+        one_step(model, opt, x, y)
+
+
+def test_the_lr_squared_clip_names_a_block_outside_the_groups() -> None:
+    """BitFit built with the trained biases, then a weight unfrozen: its block is ``[W,
+    b]`` again, whose weight no group holds: refused by name, not a ``KeyError``."""
+    model = bitfit(tiny_mlp(), keep=("2",))
+    held = [p for p in model.parameters() if p.requires_grad]
+    opt = tk.KFAC(model, params=held, cov_interval=1, kl_clip_form="lr_squared")
+    x, y = make_batch((4,), 2, 4)
+    one_step(model, opt, x, y)
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"layer '0': (no parameter|its bias or weight was)"):
+        one_step(model, opt, x, y)
+
+
+def test_a_frozen_bias_passed_without_its_weight_is_warned_about() -> None:
+    model = tiny_mlp()
+    model[0].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"layer '0': its bias is in the optimizer's params"):
+        tk.KFAC(model, params=[model[0].bias, *model[2].parameters()])
+
+
+def test_a_rebuilt_basis_refuses_other_options_on_load() -> None:
+    """A Krylov-Nicolaides basis is rebuilt from the saved fine level: under another
+    damping mode it would not be the one ``F_c`` was formed with."""
+    x, y = make_batch((4,), 2, 8)
+    model = tiny_mlp()
+    opt = tk.TwoLevelKFAC(model, coarse_space="krylov_nicolaides", cov_interval=3)
+    one_step(model, opt, x, y)
+    state = opt.state_dict()
+    assert state["preconditioner"]["coarse"]["basis_rebuilt"] is True
+    other = tk.TwoLevelKFAC(
+        model, coarse_space="krylov_nicolaides", cov_interval=3, damping_mode="eigen_sum"
+    )
+    with pytest.raises(ValueError, match=r"rebuilds its coarse basis on load.*'eigen_sum'"):
+        other.load_state_dict(state)

@@ -561,3 +561,51 @@ def test_one_optimizer_class_drives_every_level() -> None:
                 opt.step()
             runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
         assert torch.equal(runs[0], runs[1]), preset.__name__
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (tk.KFAC, {}),
+        (tk.KFACCorrected, {}),
+        (tk.TwoLevelKFAC, {"coarse_space": "krylov_nicolaides"}),
+    ],
+)
+def test_a_fold_with_another_sequence_length_rescales_the_inverse(cls: type, kwargs: dict) -> None:
+    """A fold whose ``T`` differs from the last one's, between two refreshes: the next
+    steps divide by the new ``T`` (the cached inverse is keyed by it), so a run resumed
+    after that fold (which rebuilds its inverses) steps as the uninterrupted one."""
+    lengths = [3, 5, 5, 5, 2, 2]  # folds at steps 0, 2, 4; refreshes at 0 and 4
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(step)
+        return torch.randn(6, lengths[step], 4, generator=gen), torch.randint(
+            0, 3, (6,), generator=gen
+        )
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Mean(), nn.Linear(5, 3))
+        opt = cls(model, lr=0.1, cov_interval=2, inv_interval=4, **kwargs)
+        return model, opt
+
+    def run(split: int | None) -> torch.Tensor:
+        model, opt = build()
+        for step in range(6):
+            if step == split:
+                state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                model, opt = build()
+                model.load_state_dict(state[0])
+                opt.load_state_dict(state[1])
+            x, y = batch(step)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(run(3), run(None))
+
+
+class Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)

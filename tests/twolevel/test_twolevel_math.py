@@ -9,7 +9,7 @@ a random block-diagonal SPD matrix.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -232,6 +232,16 @@ def test_tselepidis_products_in_chunks_equal_the_reduced_sums(chunk: int) -> Non
     chunked = sub_block_products(stats, chunk=chunk) / 5**2
     assert rel_err(chunked, reduced) < 1e-12
     assert rel_err(tselepidis_coarse_matrix(stats, 0.0), reduced) < 1e-12
+
+
+def test_tselepidis_takes_sub_block_sums_of_mixed_dtypes() -> None:
+    """A large token table's sums are float64 beside float32 layers: both forms promote."""
+    p = make_problem(5, 5, [1, 3], 2)
+    first = replace(p.stats[0], a=p.stats[0].a.float(), g=p.stats[0].g.float())
+    stats = [first, p.stats[1]]  # float32 and float64
+    reduced = tselepidis_from_sums(*tselepidis_sums(stats), 5, stats, 0.0)
+    assert reduced.dtype == torch.float64
+    assert rel_err(sub_block_products(stats) / 5**2, reduced) < 1e-6
 
 
 def test_tselepidis_off_diagonal_dense() -> None:

@@ -37,16 +37,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from .attention import attention_blocks, attention_reason
+from .block_checks import block_key, check_bias_only
 from .blocks import (
     bias_only,
     block_parameters,
-    factor_shapes,
     layer_bias,
     layer_shape,
     layer_weight,
     own_statistics,
 )
-from .kronecker import KroneckerFactors
 from .layer_types import layer_type, registered_types
 from .scale_shift import is_scale_shift
 
@@ -63,8 +62,6 @@ SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
 ``MultiheadAttention`` that carries theirs)."""
 
 __all__ = [
-    "check_blocks",
-    "check_statistics",
     "find_layer_uses",
     "find_layers",
     "is_supported",
@@ -174,35 +171,27 @@ def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
     """
     weight, bias = layer_weight(module), layer_bias(module)
     has_weight = id(weight) in owned
+    frozen_bias = getattr(module, "bias", None)
+    if not has_weight and bias is None and frozen_bias is not None and id(frozen_bias) in owned:
+        warnings.warn(  # its block would be decided by flags that change later: say so
+            f"layer {name!r}: its bias is in the optimizer's params but frozen, and its "
+            "weight is not in them: the layer gets no curvature block (the bias, once "
+            "unfrozen, takes the plain step); build the optimizer after unfreezing the bias "
+            "to give it its bias-only block",
+            stacklevel=5,
+        )
+    if not has_weight and not weight.requires_grad and bias is not None and id(bias) in owned:
+        check_bias_only(name, module)  # bias-only training (BitFit)
+        return True
     if bias is None or (id(bias) in owned) == has_weight:
         if has_weight:
             check_bias_only(name, module)
         return has_weight
     inside, outside = ("weight", "bias") if has_weight else ("bias", "weight")
-    if not has_weight and not weight.requires_grad:  # bias-only training (BitFit)
-        check_bias_only(name, module)
-        return True
     raise ValueError(
         f"layer {name!r}: its {inside} is in the optimizer's params but its {outside} is "
         "not; KFAC preconditions [weight, bias] as one block: pass both or neither"
     )
-
-
-def check_bias_only(name: str, module: nn.Module) -> None:
-    """Refuse a layer whose bias trains beside a frozen weight when its block type has no
-    block for the bias alone (:func:`~.blocks.bias_only`; a grouped convolution's).
-
-    Raises:
-        ValueError: naming the layer and the fix.
-    """
-    own = own_statistics(module)
-    if bias_only(module) and own is not None and not own.bias_only:
-        raise ValueError(
-            f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
-            f"trains, and its block ({type(module).__name__}, {own.__name__}) has no "
-            "bias-only form: freeze the bias too, or leave it out of the KFAC optimizer's "
-            "params and step it with another optimizer"
-        )
 
 
 def find_layers(
@@ -324,50 +313,6 @@ def _resolve_ties(
     return kept
 
 
-def check_blocks(
-    layers: dict[str, nn.Module], factors: dict[str, KroneckerFactors], names: list[str]
-) -> None:
-    """Refuse layers of ``names`` whose ``[W, b]`` block changed since it was built.
-
-    Raises:
-        ValueError: a layer's bias trains alone where its block type has no bias-only form
-            (:func:`check_bias_only`), or its bias or weight was frozen or unfrozen after
-            its factors were first estimated (the block's shape changed); the message
-            names the layer and the fix.
-    """
-    for name in dict.fromkeys(names):
-        module = layers[name]
-        check_bias_only(name, module)
-        got, now = factors[name].factor_shapes(), factor_shapes(module)
-        if got is not None and tuple(got) != tuple(now):
-            raise ValueError(
-                f"layer {name!r}: its bias or weight was frozen or unfrozen (requires_grad) "
-                f"after its curvature was first estimated, so its block [W, b] changed "
-                f"(curvature {list(got)}, now {list(now)}): build a new optimizer after "
-                "changing which parameters train"
-            )
-
-
-def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) -> None:
-    """Refuse a step on a layer that has a gradient but no statistics although this step
-    captured them (a layer first used between two captures is deferred before this:
-    :mod:`twolevel_kfac.optim.schedule`).
-
-    Raises:
-        RuntimeError: naming the layers, and why that happens.
-    """
-    missing = [name for name in active if not factors[name].ready]
-    if missing:
-        raise RuntimeError(
-            f"no curvature statistics for layer(s) {missing}, which have gradients: "
-            "run the model's forward (in train mode, with gradients enabled) and "
-            "loss.backward() before step(); layers that run under torch.no_grad() inside the "
-            "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
-            "False) or whose parameters are used outside their module cannot be "
-            "preconditioned"
-        )
-
-
 def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
     """Every module that computes with a block's weight, by block name (the block's own
     module first, then the modules tied to it, in ``named_modules()`` order)."""
@@ -376,17 +321,8 @@ def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str,
     for module in model.modules():
         if layer_type(module) is None:
             continue
-        key = _block_key(module)
+        key = block_key(module)
         name = None if key is None else by_weight.get(key)
         if name is not None and module is not layers[name]:
             uses[name].append(module)
     return uses
-
-
-def _block_key(module: nn.Module) -> int | None:
-    """The ``id`` of the parameter a module's block is keyed by: its weight, or its bias
-    when only the bias trains (:func:`~.blocks.block_parameters`; ``None``: no weight)."""
-    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
-    if weight is not None and not weight.requires_grad and bias is not None and bias.requires_grad:
-        return id(bias)
-    return None if weight is None else id(weight)

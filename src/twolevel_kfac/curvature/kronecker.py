@@ -95,7 +95,8 @@ class KroneckerFactors:
     decomp_a: tuple[Tensor, Tensor] | None = None
     decomp_g: tuple[Tensor, Tensor] | None = None
     decomp_pi: float = 1.0
-    _cache_key: tuple[float, str, str] | None = field(default=None, repr=False)
+    # (λ, mode, method, T): a fold with another T between refreshes rescales the inverse
+    _cache_key: tuple[float, str, str, int] | None = field(default=None, repr=False)
     _cache: tuple[Tensor, ...] = field(default=(), repr=False)
 
     def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
@@ -170,12 +171,12 @@ class KroneckerFactors:
         if mode == "eigen_sum":
             raise ValueError("damping_mode='eigen_sum' has no Kronecker-factored inverses")
         self._cache = (per_location(inv_g, self.num_locations), inv_a)
-        self._cache_key = (damping, mode, method)
+        self._cache_key = (damping, mode, method, self.num_locations)
 
     def prepared_inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         """What the damped inverse applies, cached per damping: ``((G + s_G I)⁻¹/T,
         (A + s_A I)⁻¹)`` for a factored mode, ``(Q_G, D⁻¹/T, Q_A)`` for ``eigen_sum``."""
-        key = (damping, mode, method)
+        key = (damping, mode, method, self.num_locations)
         if self._cache_key == key:
             return self._cache
         if self.decomp_a is None or self.decomp_g is None:

@@ -81,7 +81,7 @@ class TokenFactors(InverseOnMatrices):
         self.a_decomposition: tuple[Tensor, Tensor] | None = None
         self.frozen_frequencies: Tensor | None = None
         self.decomp_pi = 1.0
-        self._key: tuple[float, str, str] | None = None
+        self._key: tuple[float, str, str, int] | None = None  # (λ, mode, method, T)
         self._prepared: tuple[Tensor, ...] = ()
 
     def update(self, new_a: Tensor, new_f: Tensor, ema_decay: float, num_locations: int) -> None:
@@ -129,7 +129,7 @@ class TokenFactors(InverseOnMatrices):
     def _inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
         """``(1/(f + s_G)/T, (A + s_A I)⁻¹)`` for a factored damping, ``(Q, 1/(f aᵀ + λ)/T)``
         for ``eigen_sum``; cached per damping."""
-        if self._key == (damping, mode, method):
+        if self._key == (damping, mode, method, self.num_locations):
             return self._prepared
         if self.a_decomposition is None or self.frozen_frequencies is None:
             raise RuntimeError("TokenFactors.decompose() must run before apply_inverse()")
@@ -145,7 +145,7 @@ class TokenFactors(InverseOnMatrices):
             else:
                 inv_a = damped_inverse(self.a_decomposition[0], shift_a)
             self._prepared = (per_location((f + shift_g).reciprocal(), t), inv_a)
-        self._key = (damping, mode, method)
+        self._key = (damping, mode, method, self.num_locations)
         return self._prepared
 
     def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from ..curvature.blocks import (
     LayerStats,
+    block_parameters,
     kronecker_factors,
     layer_shape,
     layer_stats,
-    layer_weight,
     own_statistics,
 )
 from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
@@ -44,7 +44,7 @@ def layer_specs(
     """What every rank knows of each layer's block (:class:`LayerSpec`)."""
     specs = {}
     for name, module in layers.items():
-        weight, (d_out, d_in) = layer_weight(module), layer_shape(module)
+        weight, (d_out, d_in) = block_parameters(module)[0], layer_shape(module)
         own = own_statistics(module)
         specs[name] = LayerSpec(
             d_in,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, gradient_parts, layer_shape, layer_weight
+from ..curvature.blocks import LayerStats, block_parameters, gradient_parts, layer_shape
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..twolevel.coarse_matrix import CoarseOperator, ema_coarse_matrix
@@ -180,7 +180,7 @@ class CoarseLevel:
             self.fisher_columns, self._rows_chosen = None, False
         else:
             self._between_refreshes()
-        zero = layer_weight(self.host.layers[self.names[0]]).new_zeros  # g of a layer unused now
+        zero = block_parameters(self.host.layers[self.names[0]])[0].new_zeros  # g of unused
         g = [grads[n] if n in grads else zero(layer_shape(self.host.layers[n])) for n in self.names]
         outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
         options, columns = self.options, self.fisher_columns

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ..curvature.blocks import layer_shape, layer_weight
+from ..curvature.blocks import block_parameters, layer_shape
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_spaces import build_basis, kronecker_spectral_vector, spectral_basis
@@ -47,7 +47,7 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> list[Tensor
     space, host = level.options.coarse_space, level.host
     if space == "spectral":
         return spectral_basis(spectral_vectors(level))
-    param = layer_weight(host.layers[level.names[0]])
+    param = block_parameters(host.layers[level.names[0]])[0]  # its dtype and device
     shapes = [layer_shape(host.layers[n]) for n in level.names]
     minv_ones = None
     if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, layer_stats
+from ..curvature.blocks import LayerStats, block_parameters, layer_stats
+from ..placement import autocast_off
 from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.fisher_products import check_stats
@@ -46,6 +48,7 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "fisher_stats": None if distributed else _stats_pairs(level.fisher_stats),
         "basis": None if rebuilt else level.basis,
         "basis_rebuilt": rebuilt and level.basis is not None,
+        "basis_built_by": None if level.structural_basis else _built_by(level),
         "fisher_samples": level.fisher_samples,
         "fisher_undamped_columns": (
             None if level.fisher_columns is None else level.fisher_columns.columns
@@ -54,6 +57,18 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "coarse_damping": level.coarse_damping,
         "coarse_updates": level.coarse_updates,
         "names": level.names,
+    }
+
+
+def _built_by(level: CoarseLevel) -> dict[str, str]:
+    """What a rebuilt spectral or Krylov-Nicolaides basis depends on besides the saved
+    fine level and ``λ``: the options a resumed run must share to rebuild the same one."""
+    host = level.host
+    return {
+        "coarse_space": level.options.coarse_space,
+        "spectral_which": level.options.spectral_which,
+        "fine": type(host.fine).__name__,
+        "damping_mode": host.options.damping_mode,
     }
 
 
@@ -94,7 +109,16 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
     level.basis_source = None
     if coarse.get("basis_rebuilt"):
-        level.basis = level.basis_of(None)
+        saved_by = coarse.get("basis_built_by")
+        if saved_by is not None and saved_by != _built_by(level):
+            raise ValueError(
+                f"this two-level state rebuilds its coarse basis on load, as built with "
+                f"{saved_by}, but this optimizer has {_built_by(level)}: resume with the "
+                "options it was saved with"
+            )
+        param = block_parameters(level.host.layers[level.names[0]])[0]
+        with torch.no_grad(), autocast_off(param):  # as in step()
+            level.basis = level.basis_of(None)
         level.basis_source = (level.host.fine_version, level.host.damping)
     columns = coarse.get("fisher_undamped_columns")
     level.fisher_columns = None if columns is None else FisherColumns(_on_names(level, columns))

@@ -264,8 +264,17 @@ class KFAC(torch.optim.Optimizer):
         """Each preconditioned layer's learning rate: that of the group holding its weight
         (its bias when only the bias trains: :func:`~..curvature.blocks.block_parameters`)."""
         group_lr = {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
-        pre = self.preconditioner
-        return {name: group_lr[id(block_parameters(m)[0])] for name, m in pre.layers.items()}
+        lrs = {}
+        for name, module in self.preconditioner.layers.items():
+            held = [id(p) for p in block_parameters(module) if p is not None and id(p) in group_lr]
+            if not held:
+                raise ValueError(
+                    f"layer {name!r}: no parameter of its block is in the optimizer's groups "
+                    "(its weight or bias was frozen or unfrozen since the optimizer was "
+                    "built): build a new optimizer after changing which parameters train"
+                )
+            lrs[name] = group_lr[held[0]]
+        return lrs
 
     def _adapt_damping(
         self, model: QuadraticModel, loss: float, closure: Callable[[], Tensor]

@@ -141,7 +141,10 @@ class KFACCorrectedFine(PowerIterationFine):
         self.corrections: dict[str, tuple[Tensor, Tensor]] = {}
         self.correction_updates: dict[str, int] = {}
         self.frozen_corrections: dict[str, tuple[Tensor, Tensor]] = {}
-        self._pencil_cache: dict[str, tuple[tuple[float, str], tuple[Tensor, Tensor, Tensor]]] = {}
+        # per layer: ((λ, mode, T), the pencil's prepared inverse)
+        self._pencil_cache: dict[
+            str, tuple[tuple[float, str, int], tuple[Tensor, Tensor, Tensor]]
+        ] = {}
 
     def store(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
@@ -189,13 +192,13 @@ class KFACCorrectedFine(PowerIterationFine):
         return apply_in_eigenbasis(*self._prepare_pencil(name, damping), matrix)
 
     def _prepare_pencil(self, name: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
-        key = (damping, self.host.options.damping_mode)
+        factors = self.host.factors[name]
+        key = (damping, self.host.options.damping_mode, factors.num_locations)
         cached = self._pencil_cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        factors = self.host.factors[name]
         assert factors.decomp_a is not None and factors.decomp_g is not None
-        shift_a, shift_g = factors.factor_shifts(*key)
+        shift_a, shift_g = factors.factor_shifts(damping, self.host.options.damping_mode)
         a_2, g_2 = self.frozen_corrections[name]
         mu_a, vectors_a = pencil_eigh(factors.decomp_a, shift_a, a_2)
         mu_g, vectors_g = pencil_eigh(factors.decomp_g, shift_g, g_2)

@@ -23,8 +23,10 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..curvature.block_checks import check_blocks, check_statistics
 from ..curvature.blocks import (
     LayerStats,
+    block_parameters,
     gradient_matrix,
     gradient_parts,
     has_gradient,
@@ -35,16 +37,10 @@ from ..curvature.blocks import (
     reduce_locations,
 )
 from ..curvature.capture import CurvatureCapture
-from ..curvature.discovery import check_blocks, check_statistics, find_layer_uses, find_layers
+from ..curvature.discovery import find_layer_uses, find_layers
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
-from ..distributed import (
-    layer_specs,
-    make_communicator,
-    rank_seed,
-    reduce_statistics,
-    unwrap_model,
-)
+from ..distributed import layer_specs, make_communicator, rank_seed, reduce_statistics, unwrap_model
 from ..finite import all_finite
 from ..placement import autocast_off, move_tensors
 from .coarse import CoarseLevel
@@ -130,7 +126,7 @@ class KFACPreconditioner:
         self.factors = {name: new_factors(m) for name, m in self.layers.items()}
         self.fine = fine_type(self, **fine_arguments)
         self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
-        uses = find_layer_uses(model, self.layers)
+        self.uses = uses = find_layer_uses(model, self.layers)
         # rows no step may move (an untied embedding's padding row), by layer
         self.fixed_rows = {name: rows for name in self.layers if (rows := fixed_rows(uses[name]))}
         self.token_tables = {name for name in self.layers if is_token_table(uses[name])}
@@ -143,7 +139,7 @@ class KFACPreconditioner:
             self.generator,
             self.options.accumulation_steps,
             uses=uses,
-            dtypes={name: layer_weight(m).dtype for name, m in self.layers.items()},
+            dtypes={name: block_parameters(m)[0].dtype for name, m in self.layers.items()},
             loss_reduction=self.options.loss_reduction,
             class_dim=self.options.class_dim,
         )
@@ -179,7 +175,7 @@ class KFACPreconditioner:
         self.last_stats = {"damping": self.damping}
         sent = self.comm.payload_bytes
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
-        check_blocks(self.layers, self.factors, [*stats, *self.active])
+        check_blocks(self.layers, self.factors, [*stats, *self.active], self.uses)
         if stats or (active and self.comm.distributed):  # every rank joins the reduction
             stats = self._update_factors(stats)
         self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
@@ -264,11 +260,12 @@ class KFACPreconditioner:
         stats = self._update_factors(stats)
         self.fine.refresh(self.damping)
         self.fine.after_refresh(stats)
+        self.fine_version += 2
 
     def factor_dtype(self, name: str) -> torch.dtype:
         """The dtype of layer ``name``'s factors: ``factor_dtype``, else its weight's, float32
         for a half-precision weight (no decomposition runs in bf16 / fp16)."""
-        dtype = layer_weight(self.layers[name]).dtype
+        dtype = block_parameters(self.layers[name])[0].dtype  # the bias's alone in BitFit
         half = dtype in (torch.bfloat16, torch.float16)
         return self.options.factor_dtype or (torch.float32 if half else dtype)
 

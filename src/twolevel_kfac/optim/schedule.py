@@ -6,7 +6,7 @@ gradient. Rather than refuse the step, the preconditioner leaves that layer's gr
 it is (the optimizer takes its plain step for it, outside the KL clip), warns once, and
 captures statistics on the next step; from then on the layer is preconditioned. On a step
 that did capture, a layer with a gradient and no statistics is still an error
-(:func:`~twolevel_kfac.curvature.discovery.check_statistics`: its forward ran under
+(:func:`~twolevel_kfac.curvature.block_checks.check_statistics`: its forward ran under
 ``no_grad``, or its weight was used outside the module).
 """
 

@@ -8,6 +8,7 @@ own as sums of Kronecker sub-blocks).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -83,15 +84,17 @@ def tselepidis_coarse_matrix(
 def _groups(
     stats: Sequence[LayerStats],
 ) -> tuple[Tensor, Tensor, Tensor, Iterator[tuple[int, Tensor, Tensor, Tensor]]]:
-    """A tensor of the sums' dtype and device, the sub-blocks' layer (``owner``) and
-    location count (``T_s``), ``[S]`` each, and per
-    distinct location count ``t`` (one at a time): the sub-blocks with ``T ≤ t`` (``rows``)
-    and their sums resampled to ``t`` as rows ``[S_t, N·t]`` (``s^a``, ``s^δ``)."""
+    """An empty tensor of the sums' (promoted) dtype and device, the sub-blocks' layer
+    (``owner``) and location count (``T_s``), ``[S]`` each, and per distinct location count
+    ``t`` (one at a time): the sub-blocks with ``T ≤ t`` (``rows``) and their sums
+    resampled to ``t`` as rows ``[S_t, N·t]`` (``s^a``, ``s^δ``; every layer's in the
+    promoted dtype: a large token table's sums are float64 beside float32 layers)."""
     sums = [s.nicolaides_sums() for s in stats]  # ([N, T_i, S_i], [N, T_i, S_i])
     device = sums[0][0].device
     sizes = torch.tensor([a.shape[-1] for a, _ in sums], device=device)
     owner = torch.repeat_interleave(torch.arange(len(stats), device=device), sizes)
     counts = torch.tensor([s.num_locations for s in stats], device=device)[owner]
+    dtype = functools.reduce(torch.promote_types, (a.dtype for a, _ in sums))
 
     def groups() -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
         for t in sorted({s.num_locations for s in stats}):
@@ -99,31 +102,30 @@ def _groups(
             rows = torch.nonzero(counts <= t).squeeze(1)
             # [N, T, S_i] → resampled [N, t, S_i] → rows [S_i, N·t]
             a, g = (
-                torch.cat([_resample(sums[i][side], t).flatten(0, 1).T for i in members])
+                torch.cat([_resample(sums[i][side], t).flatten(0, 1).T.to(dtype) for i in members])
                 for side in (0, 1)
             )
             yield t, rows, a, g
 
-    return sums[0][0], owner, counts, groups()
+    return sums[0][0].new_empty(0, dtype=dtype), owner, counts, groups()
 
 
 def sub_block_products(stats: Sequence[LayerStats], chunk: int = 1024) -> Tensor:
     """``Σ_{s∈i, s'∈j} sum_a[s,s']·sum_g[s,s'] / T_ss'²`` (``[L, L]``; the sums of
     :func:`tselepidis_sums`): ``N²`` times the cross-layer term of ``F_c``, without the
-    ``[S, S]`` sums (``chunk`` sub-blocks at a time)."""
+    ``[S, S]`` sums (``chunk`` sub-blocks at a time, folded onto the layers by products
+    with their one-hot owner matrices: deterministic, unlike an accumulating scatter)."""
     like, owner, counts, groups = _groups(stats)
+    layers = torch.arange(len(stats), device=owner.device)
     fc = like.new_zeros(len(stats), len(stats))
     for t, rows, a, g in groups:
+        fold_rows = (owner[rows][None, :] == layers[:, None]).to(a.dtype)  # [L, S_t]
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             pairs = torch.maximum(counts[part][:, None], counts[rows][None, :]) == t
             a_part, g_part = a[start : start + chunk], g[start : start + chunk]
             products = torch.where(pairs, (a_part @ a.T) * (g_part @ g.T), 0.0) / t**2
-            index = (
-                owner[part][:, None].expand_as(products),
-                owner[rows][None, :].expand_as(products),
-            )
-            fc.index_put_(index, products, accumulate=True)
+            fc += fold_rows[:, start : start + chunk] @ products @ fold_rows.T
     return fc
 
 

@@ -1,0 +1,98 @@
+"""The checks, at every step, that each layer's curvature block is still the one it was
+built as: which of its parameters train decides the block (``[W, b]``, ``W`` alone, or the
+bias alone: :func:`~.blocks.block_parameters`), and the flags may change after the
+optimizer was built (progressive unfreezing, BitFit stages); a block that changed shape,
+a tie that no longer holds, or a layer with a gradient but no statistics is refused by
+name instead of stepped wrongly.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .blocks import bias_only, factor_shapes, own_statistics
+from .kronecker import KroneckerFactors
+
+__all__ = ["block_key", "check_bias_only", "check_blocks", "check_statistics"]
+
+
+def block_key(module: nn.Module) -> int | None:
+    """The ``id`` of the parameter a module's block is keyed by: its weight, or its bias
+    when only the bias trains (:func:`~.blocks.block_parameters`; ``None``: no weight)."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    if weight is not None and not weight.requires_grad and bias is not None and bias.requires_grad:
+        return id(bias)
+    return None if weight is None else id(weight)
+
+
+def check_bias_only(name: str, module: nn.Module) -> None:
+    """Refuse a layer whose bias trains beside a frozen weight when its block type has no
+    block for the bias alone (:func:`~.blocks.bias_only`; a grouped convolution's).
+
+    Raises:
+        ValueError: naming the layer and the fix.
+    """
+    own = own_statistics(module)
+    if bias_only(module) and own is not None and not own.bias_only:
+        raise ValueError(
+            f"layer {name!r}: its weight is frozen (requires_grad=False) but its bias "
+            f"trains, and its block ({type(module).__name__}, {own.__name__}) has no "
+            "bias-only form: freeze the bias too, or leave it out of the KFAC optimizer's "
+            "params and step it with another optimizer"
+        )
+
+
+def check_blocks(
+    layers: dict[str, nn.Module],
+    factors: dict[str, KroneckerFactors],
+    names: list[str],
+    uses: dict[str, list[nn.Module]] | None = None,
+) -> None:
+    """Refuse layers of ``names`` whose ``[W, b]`` block changed since it was built
+    (``uses``: :func:`find_layer_uses`, whose tied modules must still share one block).
+
+    Raises:
+        ValueError: a layer's bias trains alone where its block type has no bias-only form
+            (:func:`check_bias_only`), or its bias or weight was frozen or unfrozen after
+            its factors were first estimated (the block's shape changed), or modules tied
+            through a frozen weight now train their own biases alone (separate blocks);
+            the message names the layer and the fix.
+    """
+    for name in dict.fromkeys(names):
+        module = layers[name]
+        tied = (uses or {}).get(name, [])
+        if len({block_key(m) for m in tied}) > 1:
+            raise ValueError(
+                f"layer {name!r}: its modules were tied through their weight when the "
+                "optimizer was built, but now train their biases alone (each bias its own "
+                "block): build a new optimizer after changing which parameters train"
+            )
+        check_bias_only(name, module)
+        got, now = factors[name].factor_shapes(), factor_shapes(module)
+        if got is not None and tuple(got) != tuple(now):
+            raise ValueError(
+                f"layer {name!r}: its bias or weight was frozen or unfrozen (requires_grad) "
+                f"after its curvature was first estimated, so its block [W, b] changed "
+                f"(curvature {list(got)}, now {list(now)}): build a new optimizer after "
+                "changing which parameters train"
+            )
+
+
+def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) -> None:
+    """Refuse a step on a layer that has a gradient but no statistics although this step
+    captured them (a layer first used between two captures is deferred before this:
+    :mod:`twolevel_kfac.optim.schedule`).
+
+    Raises:
+        RuntimeError: naming the layers, and why that happens.
+    """
+    missing = [name for name in active if not factors[name].ready]
+    if missing:
+        raise RuntimeError(
+            f"no curvature statistics for layer(s) {missing}, which have gradients: "
+            "run the model's forward (in train mode, with gradients enabled) and "
+            "loss.backward() before step(); layers that run under torch.no_grad() inside the "
+            "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
+            "False) or whose parameters are used outside their module cannot be "
+            "preconditioned"
+        )
