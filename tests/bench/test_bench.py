@@ -25,7 +25,7 @@ from twolevel_kfac.bench.compiled import (
 from twolevel_kfac.bench.flops import flop_floor, layer_shapes
 from twolevel_kfac.bench.methods import Runner
 from twolevel_kfac.bench.problems import PROBLEMS
-from twolevel_kfac.bench.timing import block_steps, quartiles, ratio_stats
+from twolevel_kfac.bench.timing import block_steps, interleave, quartiles, ratio_stats
 from twolevel_kfac.cli import main
 
 QUICK = ["--quick", "--threads", "1"]
@@ -97,6 +97,30 @@ def test_timing_statistics() -> None:
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
     # paired per-round ratios: a slow round for both methods cancels
     assert ratio_stats([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_interleave_flushes_denormals_while_timing_only() -> None:
+    """Inside the blocks a denormal input reads as zero (FTZ/DAZ); after them torch's
+    default (denormals kept) is back, also when a runner raises."""
+    from twolevel_kfac.bench.timing import denormals_flushed
+
+    denormal = torch.tensor([1e-40])  # below float32's smallest normal, 1.2e-38
+    seen: list[float] = []
+
+    class Probe:
+        def run(self, steps: int) -> None:
+            seen.append(float(denormal * 1.0))
+
+    with denormals_flushed() as supported:
+        inside = float(denormal * 1.0)
+    if not supported:
+        pytest.skip("this CPU cannot flush denormals")
+    assert inside == 0.0 and float(denormal * 1.0) > 0.0
+    interleave({"probe": Probe()}, block=1, repeats=1, log=lambda _: None)  # type: ignore[dict-item]
+    assert seen and all(v == 0.0 for v in seen) and float(denormal * 1.0) > 0.0
+    with pytest.raises(RuntimeError), denormals_flushed():
+        raise RuntimeError("a failing block")
+    assert float(denormal * 1.0) > 0.0
 
 
 def test_step_time_quick(tmp_path: Path) -> None:

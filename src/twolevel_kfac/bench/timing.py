@@ -7,6 +7,14 @@ runs right after the same other one. With refresh interval T a block is a multip
 steps, and any T consecutive steps hold exactly one refresh step, so each block carries
 its share of the factor and decomposition work whatever step it starts on.
 
+Denormal floats are flushed to zero while the blocks run (x86 FTZ/DAZ,
+``torch.set_flush_denormal``; restored after). Each method trains its own model on one
+fixed batch for hundreds of steps, and a method that fits it faster reaches confident
+outputs whose tiny output gradients make denormal products first: on the scaling MLP at
+batch 32 they slowed KFAC's steps from 16 to 41–52 ms (its matrix products 3.3×, and the
+model's own backward). That is an artifact of the benchmark's one batch, which flushing
+removes for every method alike.
+
 Statistics: the per-step time of a method is the median over its blocks (with the
 interquartile range); its ratio to a baseline is the median over rounds of the ratio of
 the two blocks of the same round (paired, so a load change between rounds cancels), with
@@ -19,7 +27,8 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +36,7 @@ from twolevel_kfac.bench.methods import Runner
 
 __all__ = [
     "block_steps",
+    "denormals_flushed",
     "interleave",
     "quartiles",
     "ratio_stats",
@@ -92,16 +102,28 @@ def interleave(
     """
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     labels = list(runners)
-    for label in labels:
-        runners[label].run(WARMUP_STEPS)
     times: dict[str, list[float]] = {label: [] for label in labels}
-    for round_index in range(repeats):
-        shift = round_index % len(labels)
-        start = time.perf_counter()
-        for label in labels[shift:] + labels[:shift]:
-            times[label].append(timed(runners[label], block))
-        say(f"  round {round_index + 1}/{repeats}: {time.perf_counter() - start:.1f} s")
+    with denormals_flushed():
+        for label in labels:
+            runners[label].run(WARMUP_STEPS)
+        for round_index in range(repeats):
+            shift = round_index % len(labels)
+            start = time.perf_counter()
+            for label in labels[shift:] + labels[:shift]:
+                times[label].append(timed(runners[label], block))
+            say(f"  round {round_index + 1}/{repeats}: {time.perf_counter() - start:.1f} s")
     return times
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[bool]:
+    """Denormal floats flushed to zero inside (module doc); whether the CPU supports it.
+    Flushing is off again afterwards (torch's default)."""
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield supported
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
