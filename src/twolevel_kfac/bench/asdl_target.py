@@ -107,7 +107,9 @@ def make_step(library: str, model: nn.Module, problem: Any, lr: float, damping: 
 def train(
     library: str, problem: Any, data: Any, lr: float, damping: float, seed: int, epochs: int
 ) -> dict[str, Any]:
-    """Train ``epochs`` epochs; per epoch the mean train loss and the training wall time."""
+    """Train ``epochs`` epochs; per epoch the mean train loss and the training wall time.
+    A step that raises (ASDL's Cholesky of a factor that is not positive definite) ends the
+    run as diverged: a last epoch of loss NaN, the error kept under ``"error"``."""
     from twolevel_kfac.experiments.models import build_model
 
     torch.manual_seed(seed)
@@ -115,7 +117,7 @@ def train(
     step = make_step(library, model, problem, lr, damping)
     x_all, y_all = data.train
     batch = problem.batch_size
-    seconds, curve = 0.0, []
+    seconds, curve, error = 0.0, [], None
     for epoch in range(epochs):
         order = torch.randperm(
             len(x_all), generator=torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -124,13 +126,18 @@ def train(
         start = time.perf_counter()
         for i in range(0, len(order) - batch + 1, batch):
             index = order[i : i + batch]
-            loss = float(step(x_all[index], y_all[index]))
+            try:
+                loss = float(step(x_all[index], y_all[index]))
+            except RuntimeError as failure:  # torch's LinAlgError included
+                error, total, count = str(failure).splitlines()[0][:200], float("nan"), 1
+                break
             total, count = total + loss, count + 1
         seconds += time.perf_counter() - start
         curve.append({"epoch": epoch + 1, "wall_time_s": seconds, "train_loss": total / count})
-        if not torch.isfinite(torch.tensor(total)):
+        if error is not None or not torch.isfinite(torch.tensor(total)):
             break
-    return {"library": library, "lr": lr, "damping": damping, "seed": seed, "curve": curve}
+    run = {"library": library, "lr": lr, "damping": damping, "seed": seed, "curve": curve}
+    return run if error is None else {**run, "error": error}
 
 
 def _final(run: dict[str, Any]) -> float:
@@ -243,7 +250,15 @@ def render(data: dict[str, Any]) -> str:
         )
     headers = ["problem", "best settings", "final loss ours / ASDL", "target", "ours s",
                "ASDL s", "ours / ASDL"]  # fmt: skip
-    return "\n".join([*lines, *table(headers, rows)]) + "\n"
+    failed = [
+        f"* {r['problem']}, {run['library']} lr {run['lr']:g} λ {run['damping']:g} seed "
+        f"{run['seed']}: {run['error']}"
+        for r in data["results"]
+        for run in (*r["tuning"], *r["runs"])
+        if "error" in run
+    ]
+    notes = ["", "Runs that raised (counted as diverged):", "", *failed] if failed else []
+    return "\n".join([*lines, *table(headers, rows), *notes]) + "\n"
 
 
 def plot(data: dict[str, Any], out: Path) -> list[Path]:
