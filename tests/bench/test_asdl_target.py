@@ -21,7 +21,7 @@ def test_time_to_is_the_end_of_the_first_epoch_at_the_target() -> None:
 
 
 def test_a_run_that_raises_counts_as_diverged_and_is_listed(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """ASDL's Cholesky raises on a factor that is not positive definite: that grid point is
     a diverged run (final loss NaN, never the best), and the report names it."""
@@ -57,6 +57,15 @@ def test_a_run_that_raises_counts_as_diverged_and_is_listed(
     }
     text = asdl_target.render(data_doc)
     assert "* p, asdl lr 0.1 λ 0.0001 seed 0: linalg.cholesky: not positive-definite" in text
+    # strict JSON has no NaN: the diverged loss is written as null and read back as such
+    from twolevel_kfac.bench.report import read_json, write_json
+
+    write_json(tmp_path, "asdl_target", data_doc)
+    assert "NaN" not in (tmp_path / "asdl_target.json").read_text()
+    again = read_json(tmp_path, "asdl_target")
+    assert again["results"][0]["tuning"][0]["curve"][0]["train_loss"] is None
+    assert asdl_target.render(again) == text
+    assert time_to(again["results"][0]["tuning"][0], 10.0) is None
 
 
 @pytest.mark.skipif(external.asdl_status() is not None, reason="ASDL (bench extra) not installed")

@@ -26,6 +26,7 @@ seeds. Runs alternate between the libraries.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -141,13 +142,18 @@ def train(
 
 
 def _final(run: dict[str, Any]) -> float:
-    value = run["curve"][-1]["train_loss"]
-    return value if value == value else float("inf")  # NaN → never the best
+    return _loss(run["curve"][-1]["train_loss"])
 
 
 def time_to(run: dict[str, Any], target: float) -> float | None:
-    """The wall time at the end of the first epoch at or below ``target``."""
-    return next((p["wall_time_s"] for p in run["curve"] if p["train_loss"] <= target), None)
+    """The wall time at the end of the first epoch at or below ``target`` (a diverged
+    epoch's loss is NaN, or ``null`` in the JSON)."""
+    return next((p["wall_time_s"] for p in run["curve"] if _loss(p["train_loss"]) <= target), None)
+
+
+def _loss(value: float | None) -> float:
+    """A loss as a number: a NaN or missing one (diverged) is infinite, never the best."""
+    return math.inf if value is None or value != value else value
 
 
 def measure(options: BenchOptions) -> dict[str, Any]:
@@ -195,7 +201,8 @@ def measure(options: BenchOptions) -> dict[str, Any]:
             lib: statistics.median(_final(r) for r in runs if r["library"] == lib)
             for lib in LIBRARIES
         }
-        target = 1.05 * max(finals.values())
+        reached = [value for value in finals.values() if math.isfinite(value)]
+        target = 1.05 * max(reached) if reached else math.inf
         times = {}
         for library in LIBRARIES:
             hit = [time_to(r, target) for r in runs if r["library"] == library]
@@ -241,8 +248,8 @@ def render(data: dict[str, Any]) -> str:
             [
                 r["problem"],
                 ", ".join(f"{k}: lr {v['lr']:g}, λ {v['damping']:g}" for k, v in r["best"].items()),
-                f"{r['finals']['ours']:.4g} / {r['finals']['asdl']:.4g}",
-                f"{r['target']:.4g}",
+                f"{_loss(r['finals']['ours']):.4g} / {_loss(r['finals']['asdl']):.4g}",
+                f"{_loss(r['target']):.4g}",
                 "–" if ours is None else f"{ours:.1f}",
                 "–" if asdl is None else f"{asdl:.1f}",
                 ratio,

@@ -138,9 +138,11 @@ def target_curves(result: dict[str, Any], groups: Sequence[str], title: str, pat
     for k, group in enumerate(groups):
         for j, run in enumerate(r for r in result["runs"] if r["library"] == group):
             curve = run["curve"]
-            ax.plot([p["wall_time_s"] for p in curve], [p["train_loss"] for p in curve],
+            losses = [math.nan if p["train_loss"] is None else p["train_loss"] for p in curve]
+            ax.plot([p["wall_time_s"] for p in curve], losses,
                     color=f"C{k}", label=group if j == 0 else None)  # fmt: skip
-    ax.axhline(result["target"], color="grey", ls=":", label="target")
+    if result["target"] is not None and math.isfinite(result["target"]):
+        ax.axhline(result["target"], color="grey", ls=":", label="target")
     _loss_axes(ax, "training wall time (s)")
     ax.legend()
     ax.set_title(title)

@@ -8,6 +8,7 @@ it (and the plots) from an existing ``NAME.json`` without measuring again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Sequence
@@ -115,11 +116,24 @@ def merge_documents(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
-    """Write ``out/NAME.json``."""
+    """Write ``out/NAME.json``, a NaN or infinite number (a diverged run's loss) as
+    ``null`` (strict JSON has neither)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(finite_or_null(data), indent=1, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def finite_or_null(tree: Any) -> Any:
+    """``tree`` with every non-finite float replaced by ``None``."""
+    if isinstance(tree, float):
+        return tree if math.isfinite(tree) else None
+    if isinstance(tree, dict):
+        return {key: finite_or_null(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite_or_null(value) for value in tree]
+    return tree
 
 
 def write_markdown(out: Path, name: str, text: str) -> Path:
