@@ -232,3 +232,16 @@ def test_a_basis_the_state_rebuilds_is_not_saved(
         one_step(other_model, other, *batch)
     for p, q in zip(model.parameters(), other_model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_nicolaides_state_refuses_another_space_on_load() -> None:
+    """Its basis is rebuilt from the shapes; under another space it would not be the basis
+    ``F_c`` was formed with."""
+    x, y = make_batch((6,), 3, 10, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = tk.TwoLevelKFAC(model, lr=0.05)
+    one_step(model, opt, x, y)
+    other = tk.TwoLevelKFAC(model, lr=0.05, coarse_space="spectral")
+    with pytest.raises(ValueError, match=r"rebuilds its coarse basis on load.*'spectral'"):
+        other.load_state_dict(opt.state_dict())

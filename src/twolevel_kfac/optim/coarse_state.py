@@ -48,7 +48,7 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "fisher_stats": None if distributed else _stats_pairs(level.fisher_stats),
         "basis": None if rebuilt else level.basis,
         "basis_rebuilt": rebuilt and level.basis is not None,
-        "basis_built_by": None if level.structural_basis else _built_by(level),
+        "basis_built_by": _built_by(level),
         "fisher_samples": level.fisher_samples,
         "fisher_undamped_columns": (
             None if level.fisher_columns is None else level.fisher_columns.columns
@@ -61,9 +61,12 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
 
 
 def _built_by(level: CoarseLevel) -> dict[str, str]:
-    """What a rebuilt spectral or Krylov-Nicolaides basis depends on besides the saved
-    fine level and ``λ``: the options a resumed run must share to rebuild the same one."""
+    """What a rebuilt basis depends on besides the saved fine level and ``λ``: the options a
+    resumed run must share to rebuild the same one (the space alone for Nicolaides vectors,
+    which the layer shapes give)."""
     host = level.host
+    if level.structural_basis:
+        return {"coarse_space": level.options.coarse_space}
     return {
         "coarse_space": level.options.coarse_space,
         "spectral_which": level.options.spectral_which,
