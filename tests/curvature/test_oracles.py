@@ -53,7 +53,7 @@ from oracles import (
     tselepidis_coarse_matrix,
     twolevel_direction,
 )
-from twolevel_kfac.curvature import blocks, discovery
+from twolevel_kfac.curvature import blocks, discovery, sample_products
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -241,20 +241,22 @@ def test_blocks_per_sample_contractions(key: str, batch: int) -> None:
     gen = torch.Generator().manual_seed(1)
     for (name, module), psg in zip(preconditioned_layers(model), mats, strict=True):
         ls = blocks.LayerStats(*stats[name])
-        assert_close_report(blocks.per_sample_gradients(ls), psg, **TIGHT, name=name)
+        assert_close_report(sample_products.per_sample_gradients(ls), psg, **TIGHT, name=name)
         r = torch.randn(3, *layer_shape(module), generator=gen)
         dots = torch.einsum("noi,koi->nk", psg, r)
-        assert_close_report(blocks.per_sample_dots(ls, r), dots, **TIGHT, name=f"{name} dots")
+        assert_close_report(
+            sample_products.per_sample_dots(ls, r), dots, **TIGHT, name=f"{name} dots"
+        )
         w1 = torch.randn(batch, generator=gen)
         assert_close_report(
-            blocks.weighted_gradient_sum(ls, w1),
+            sample_products.weighted_gradient_sum(ls, w1),
             torch.einsum("n,noi->oi", w1, psg),
             **TIGHT,
             name=f"{name} wsum",
         )
         wk = torch.randn(batch, 4, generator=gen)
         assert_close_report(
-            blocks.weighted_gradient_sum(ls, wk),
+            sample_products.weighted_gradient_sum(ls, wk),
             torch.einsum("nk,noi->koi", wk, psg),
             **TIGHT,
             name=f"{name} wsum K",

@@ -1,6 +1,6 @@
 """Exact tests of the two-level math (``twolevel_kfac.twolevel``) against dense oracles.
 
-Float64 throughout. The dense reference is built here from ``blocks.per_sample_gradients``:
+Float64 throughout. The dense reference is built here from ``sample_products.per_sample_gradients``:
 per-sample gradients flattened row-major per layer and concatenated give ``J`` (``[N, D]``)
 and ``F = JᵀJ/N``; ``R₀`` is the ``[K, D]`` matrix of the flattened basis vectors; ``M⁻¹`` is
 a random block-diagonal SPD matrix.
@@ -17,7 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from twolevel_kfac.curvature.blocks import LayerStats, kronecker_factors, per_sample_gradients
+from twolevel_kfac.curvature.blocks import LayerStats, kronecker_factors
+from twolevel_kfac.curvature.sample_products import per_sample_gradients
 from twolevel_kfac.curvature.scale_shift import ScaleShiftStats
 from twolevel_kfac.twolevel import coarse_spaces as cs
 from twolevel_kfac.twolevel.coarse_matrix import (

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import Tensor
 
-from ..curvature.blocks import per_sample_gradients
+from ..curvature.sample_products import per_sample_gradients
 from . import metrics
 from .exact import Curvature
 from .krylov import CGResult, MatVec, conjugate_gradient

@@ -40,13 +40,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from ..curvature.attention import attention_modules, recompute_attention
-from ..curvature.blocks import (
-    LayerStats,
-    block_statistics,
-    layer_shape,
-    per_sample_gradients,
-)
+from ..curvature.blocks import LayerStats, block_statistics, layer_shape
 from ..curvature.likelihoods import LIKELIHOODS, sample_targets, summed_nll
+from ..curvature.sample_products import per_sample_gradients
 from ..twolevel.vectors import LayerVector
 from .coordinates import (
     analysis_layers,

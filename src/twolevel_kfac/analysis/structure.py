@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, per_sample_gradients
+from ..curvature.blocks import LayerStats
+from ..curvature.sample_products import per_sample_gradients
 from . import metrics
 from .products import statistics_mismatch
 

@@ -47,7 +47,7 @@ from .forward_checks import (
     first_tensor,
     output_tensors,
 )
-from .hooks import WeakHook, in_backward, remove_all
+from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import check_output, sampled_nll
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
 
@@ -138,9 +138,7 @@ class CurvatureCapture:
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
-        self._weights = [
-            (m, key, m._parameters.get(key)) for m in layers.values() for key in ("weight", "bias")
-        ]
+        self._weights = registered_parameters(layers)
         self.fisher = fisher
         self.likelihood = likelihood
         self.loss_reduction = loss_reduction
@@ -183,7 +181,7 @@ class CurvatureCapture:
             and module.training
             and torch.is_grad_enabled()
             and not in_backward()
-            and all(m._parameters.get(key) is p for m, key, p in self._weights)
+            and not parameters_swapped(self._weights)
         )
 
     def set_loss_mask(self, mask: Tensor | None) -> None:

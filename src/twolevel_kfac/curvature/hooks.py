@@ -1,5 +1,6 @@
-"""Module hooks that do not keep their owner alive, and the test for a forward that runs
-inside a backward pass (activation checkpointing's recomputation)."""
+"""Module hooks that do not keep their owner alive, and the tests for a forward that is not
+a training forward of the model's own: one inside a backward pass (activation
+checkpointing's recomputation), one with swapped-in parameters (``functional_call``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,23 @@ import weakref
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["WeakHook", "in_backward", "remove_all"]
+__all__ = ["WeakHook", "in_backward", "parameters_swapped", "registered_parameters", "remove_all"]
+
+Registered = list[tuple[nn.Module, str, "Tensor | None"]]
+
+
+def registered_parameters(layers: dict[str, nn.Module]) -> Registered:
+    """Each layer's ``weight`` and ``bias`` as registered now (``None``: none)."""
+    return [(m, key, m._parameters.get(key)) for m in layers.values() for key in ("weight", "bias")]
+
+
+def parameters_swapped(registered: Registered) -> bool:
+    """Whether a layer runs with other parameters than :func:`registered_parameters` saw
+    (``torch.func.functional_call`` swaps them in for its forward)."""
+    return any(m._parameters.get(key) is not p for m, key, p in registered)
 
 
 def in_backward() -> bool:

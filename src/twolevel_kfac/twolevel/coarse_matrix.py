@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from twolevel_kfac.curvature.blocks import LayerStats, per_sample_dots
+from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.curvature.running_average import running_average
+from twolevel_kfac.curvature.sample_products import per_sample_dots
 from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.fisher_products import check_stats
 from twolevel_kfac.twolevel.parts import (

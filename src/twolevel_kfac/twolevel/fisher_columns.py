@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from twolevel_kfac.curvature.blocks import LayerStats, weighted_gradient_sum
+from twolevel_kfac.curvature.blocks import LayerStats
+from twolevel_kfac.curvature.sample_products import weighted_gradient_sum
 from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 

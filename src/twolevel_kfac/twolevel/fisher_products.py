@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from twolevel_kfac.curvature.blocks import (
-    LayerStats,
+from twolevel_kfac.curvature.blocks import LayerStats
+from twolevel_kfac.curvature.sample_products import (
     per_sample_dots,
     per_sample_dots_parts,
     weighted_gradient_sum,

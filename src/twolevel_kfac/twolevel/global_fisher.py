@@ -16,7 +16,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, weighted_gradient_sum
+from ..curvature.blocks import LayerStats
+from ..curvature.sample_products import weighted_gradient_sum
 from ..distributed import (
     Communicator,
     all_reduce_sum,
