@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .blocks import bias_only, factor_shapes, own_statistics
+from .blocks import bias_only, block_parameters, factor_shapes, own_statistics
 from .kronecker import KroneckerFactors
 
 __all__ = ["block_key", "check_bias_only", "check_blocks", "check_statistics"]
@@ -19,10 +19,9 @@ __all__ = ["block_key", "check_bias_only", "check_blocks", "check_statistics"]
 def block_key(module: nn.Module) -> int | None:
     """The ``id`` of the parameter a module's block is keyed by: its weight, or its bias
     when only the bias trains (:func:`~.blocks.block_parameters`; ``None``: no weight)."""
-    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
-    if weight is not None and not weight.requires_grad and bias is not None and bias.requires_grad:
-        return id(bias)
-    return None if weight is None else id(weight)
+    if module._parameters.get("weight") is None:
+        return None
+    return id(block_parameters(module)[0])
 
 
 def check_bias_only(name: str, module: nn.Module) -> None:
@@ -61,7 +60,7 @@ def check_blocks(
     for name in dict.fromkeys(names):
         module = layers[name]
         tied = (uses or {}).get(name, [])
-        if len({block_key(m) for m in tied}) > 1:
+        if len(tied) > 1 and len({block_key(m) for m in tied}) > 1:
             raise ValueError(
                 f"layer {name!r}: its modules were tied through their weight when the "
                 "optimizer was built, but now train their biases alone (each bias its own "
