@@ -162,15 +162,25 @@ def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> Non
         assert pre.coarse_operator is not None and pre.fisher_samples == 10
 
 
-def test_a_state_without_the_fisher_batch_is_refused_where_it_is_read() -> None:
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        # additive keeps no Fisher mini-batch; A-DEF2 reads it at every step
+        ({"combination": "adef2"}, r"holds no Fisher mini-batch.*combination='adef2'"),
+        # the Nicolaides basis is rebuilt from the shapes: F_c belongs to it, not to another
+        ({"coarse_space": "spectral"}, r"rebuilds its coarse basis on load.*'spectral'"),
+    ],
+)
+def test_a_state_is_refused_under_options_it_cannot_serve(
+    other: dict[str, Any], match: str
+) -> None:
     x, y = make_batch((6,), 3, 10, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = tk.TwoLevelKFAC(model, lr=0.05)
     one_step(model, opt, x, y)
-    other = tk.TwoLevelKFAC(model, lr=0.05, combination="adef2")
-    with pytest.raises(ValueError, match=r"holds no Fisher mini-batch.*combination='adef2'"):
-        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        tk.TwoLevelKFAC(model, lr=0.05, **other).load_state_dict(opt.state_dict())
 
 
 @pytest.mark.parametrize("space", ["nicolaides", "tselepidis"])
@@ -232,16 +242,3 @@ def test_a_basis_the_state_rebuilds_is_not_saved(
         one_step(other_model, other, *batch)
     for p, q in zip(model.parameters(), other_model.parameters(), strict=True):
         assert torch.equal(p, q)
-
-
-def test_a_nicolaides_state_refuses_another_space_on_load() -> None:
-    """Its basis is rebuilt from the shapes; under another space it would not be the basis
-    ``F_c`` was formed with."""
-    x, y = make_batch((6,), 3, 10, seed=0)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    opt = tk.TwoLevelKFAC(model, lr=0.05)
-    one_step(model, opt, x, y)
-    other = tk.TwoLevelKFAC(model, lr=0.05, coarse_space="spectral")
-    with pytest.raises(ValueError, match=r"rebuilds its coarse basis on load.*'spectral'"):
-        other.load_state_dict(opt.state_dict())
