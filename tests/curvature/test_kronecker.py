@@ -81,10 +81,11 @@ def test_safe_eigh_refuses_nonfinite_factor() -> None:
         ("pi", "cholesky"),
     ],
 )
-def test_apply_inverse_matches_dense(float64: None, mode: str, method: str) -> None:
+@pytest.mark.parametrize("bordered", [False, True])
+def test_apply_inverse_matches_dense(float64: None, mode: str, method: str, bordered: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     a, g = torch.randn(6, 4, generator=gen), torch.randn(6, 3, generator=gen)
-    factors = KroneckerFactors()
+    factors = KroneckerFactors(bordered=bordered)
     factors.update(a.T @ a / 6, g.T @ g / 6, ema_decay=0.0, num_locations=2)
     factors.decompose(method)
     v = torch.randn(3, 4, generator=gen)
@@ -100,6 +101,25 @@ def test_apply_inverse_matches_dense(float64: None, mode: str, method: str) -> N
     expected = torch.linalg.solve(dense, v.reshape(-1)).reshape(3, 4) / 2
     torch.testing.assert_close(
         factors.apply_inverse(v, lam, mode, method), expected, rtol=1e-10, atol=1e-12
+    )
+    # the same as its weight and bias parts, into fresh tensors and over the input
+    weight, bias = v[:, :-1].clone(), v[:, -1].clone()
+    for out in (None, (weight, bias)):
+        parts = factors.apply_inverse_split(weight, bias, lam, mode, method, out=out)
+        assert parts[1] is not None
+        joined = torch.cat([parts[0], parts[1][:, None]], 1)
+        torch.testing.assert_close(joined, expected, rtol=1e-10, atol=1e-12)
+    # a stack of matrices (the analysis applies M⁻¹ to every unit vector at once)
+    stack = torch.randn(5, 3, 4, generator=gen)
+    rows = torch.linalg.solve(dense, stack.reshape(5, -1).T).T.reshape(5, 3, 4) / 2
+    torch.testing.assert_close(
+        factors.apply_inverse(stack, lam, mode, method), rows, rtol=1e-10, atol=1e-12
+    )
+    # rank one: u vᵀ
+    u, w = torch.randn(3, generator=gen), torch.randn(4, generator=gen)
+    outer = torch.linalg.solve(dense, torch.outer(u, w).reshape(-1)).reshape(3, 4) / 2
+    torch.testing.assert_close(
+        factors.apply_inverse_outer(u, w, lam, mode, method), outer, rtol=1e-10, atol=1e-12
     )
 
 
@@ -160,11 +180,36 @@ def test_damped_inverse_retries_with_growing_damping() -> None:
         damped_inverse(torch.diag(torch.tensor([-1.0, 1.0])), 0.0)
 
 
-def _random_factors(d_out: int, d_in: int, locations: int) -> KroneckerFactors:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 7, 200, 785])
+def test_damped_inverse_is_exactly_symmetric(dtype: torch.dtype, size: int) -> None:
+    """``damped_inverse`` relies on torch's CPU ``cholesky_inverse`` mirroring the triangle
+    LAPACK writes (it no longer mirrors it itself on the CPU): the inverse must equal its
+    transpose bit for bit, also after the float64 retry of a rank-deficient float32 factor
+    (a distributed run shares it as a packed triangle; a resumed run recomputes it), and
+    be row-major like the unpacked triangle (a column-major operand rounds differently in
+    a GEMM: the distributed resume test caught it)."""
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(size, max(1, size // 3), generator=gen, dtype=dtype)
+    factor = x @ x.T / size  # rank-deficient: float32 Cholesky may need the float64 retry
+    for shift in (1e-1, 1e-7):
+        with warnings.catch_warnings():  # 1e-7 may take the extra-damping rung: also checked
+            warnings.simplefilter("ignore", RuntimeWarning)
+            inverse = damped_inverse(factor, shift)
+        assert inverse.dtype == dtype and torch.equal(inverse, inverse.T)
+        assert inverse.is_contiguous()  # row-major, as every GEMM and unpacked copy
+        dense = torch.linalg.inv((factor + shift * torch.eye(size, dtype=dtype)).double())
+        if shift == 1e-1:
+            torch.testing.assert_close(inverse.double(), dense, rtol=1e-4, atol=1e-4)
+
+
+def _random_factors(
+    d_out: int, d_in: int, locations: int, bordered: bool = False
+) -> KroneckerFactors:
     gen = torch.Generator().manual_seed(d_out * 100 + d_in)
     a = torch.randn(3 * d_in, d_in, generator=gen, dtype=torch.float64)
     g = torch.randn(2 * d_out, d_out, generator=gen, dtype=torch.float64)
-    factors = KroneckerFactors()
+    factors = KroneckerFactors(bordered=bordered)
     factors.update(a.T @ a / len(a), g.T @ g / len(g), 0.95, locations)
     return factors
 
@@ -179,16 +224,23 @@ def _random_factors(d_out: int, d_in: int, locations: int) -> KroneckerFactors:
     ],
 )
 @pytest.mark.parametrize("locations", [1, 3])
+@pytest.mark.parametrize("bordered", [False, True])
 def test_split_and_rank_one_applies_equal_the_joined_one(
-    mode: str, method: str, locations: int
+    mode: str, method: str, locations: int, bordered: bool
 ) -> None:
     """``apply_inverse_split`` on ``[W, b]`` given as parts and ``apply_inverse_outer`` on
-    ``u vᵀ`` equal ``apply_inverse`` of the joined matrix (to rounding)."""
-    factors = _random_factors(5, 7, locations)
+    ``u vᵀ`` equal ``apply_inverse`` of the joined matrix (to rounding); a ``bordered``
+    factor pair (``A⁻¹`` in blocks) equals the plain one."""
+    factors = _random_factors(5, 7, locations, bordered)
     factors.decompose(method)
     gen = torch.Generator().manual_seed(1)
     joined = torch.randn(5, 7, generator=gen, dtype=torch.float64)
     expected = factors.apply_inverse(joined, 0.1, mode, method)
+    plain = _random_factors(5, 7, locations)
+    plain.decompose(method)
+    torch.testing.assert_close(
+        expected, plain.apply_inverse(joined, 0.1, mode, method), rtol=1e-12, atol=1e-15
+    )
     weight, bias = factors.apply_inverse_split(joined[:, :-1], joined[:, -1], 0.1, mode, method)
     assert bias is not None
     torch.testing.assert_close(torch.cat([weight, bias[:, None]], 1), expected, rtol=1e-12, atol=0)
@@ -211,13 +263,15 @@ def test_split_and_rank_one_applies_equal_the_joined_one(
 @pytest.mark.parametrize(
     ("mode", "method"), [("pi", "cholesky"), ("per_factor", "eigen"), ("eigen_sum", "eigen")]
 )
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_split_apply_written_over_its_own_input(mode: str, method: str, with_bias: bool) -> None:
+@pytest.mark.parametrize(("with_bias", "bordered"), [(True, False), (True, True), (False, False)])
+def test_split_apply_written_over_its_own_input(
+    mode: str, method: str, with_bias: bool, bordered: bool
+) -> None:
     """``apply_inverse_split(..., out=(weight, bias))`` writes the direction over the
     gradient it reads (plain KFAC without a KL clip does this with ``.grad``): the same
     values as the fresh result, in the very tensors passed, also through the float32 cast
     against float64 factors."""
-    factors = _random_factors(5, 7 if with_bias else 6, 2)
+    factors = _random_factors(5, 7 if with_bias else 6, 2, bordered)
     factors.decompose(method)
     joined = torch.randn(5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):

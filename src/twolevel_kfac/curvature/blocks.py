@@ -150,11 +150,11 @@ def new_factors(module: nn.Module) -> KroneckerFactors:
     """The running curvature of ``module``'s block: its block type's ``factors_type``
     (:class:`~.scale_shift.UnitWiseFactors` for a norm layer: the part of :class:`KroneckerFactors`'
     interface that the plain fine level and the coarse level use), else
-    :class:`KroneckerFactors`."""
+    :class:`KroneckerFactors`, ``bordered`` when the bias trains with the weight."""
     statistics = own_statistics(module)
     if statistics is not None:
         return cast(KroneckerFactors, statistics.factors_type())
-    return KroneckerFactors()
+    return KroneckerFactors(bordered=has_bias(module))
 
 
 def recorded_input(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -29,7 +29,13 @@ from .factor_inverse import (
     decompose_factor,
     eigen_inverse,
 )
-from .kronecker_apply import LayerParts, apply_in_eigenbasis_split, multiply_joined, multiply_split
+from .kronecker_apply import (
+    BorderedInverse,
+    LayerParts,
+    apply_in_eigenbasis_split,
+    multiply_joined,
+    multiply_split,
+)
 from .running_average import ema_weight, running_average
 
 DampingMode = Literal["per_factor", "pi", "eigen_sum"]
@@ -95,9 +101,10 @@ class KroneckerFactors:
     decomp_a: tuple[Tensor, Tensor] | None = None
     decomp_g: tuple[Tensor, Tensor] | None = None
     decomp_pi: float = 1.0
+    bordered: bool = False
     # (λ, mode, method, T): a fold with another T between refreshes rescales the inverse
     _cache_key: tuple[float, str, str, int] | None = field(default=None, repr=False)
-    _cache: tuple[Tensor, ...] = field(default=(), repr=False)
+    _cache: tuple[Tensor | BorderedInverse, ...] = field(default=(), repr=False)
 
     def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
         """``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)``."""
@@ -170,12 +177,19 @@ class KroneckerFactors:
         """
         if mode == "eigen_sum":
             raise ValueError("damping_mode='eigen_sum' has no Kronecker-factored inverses")
-        self._cache = (per_location(inv_g, self.num_locations), inv_a)
+        self._cache = (per_location(inv_g, self.num_locations), self._activation_inverse(inv_a))
         self._cache_key = (damping, mode, method, self.num_locations)
 
-    def prepared_inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
+    def _activation_inverse(self, inv_a: Tensor) -> Tensor | BorderedInverse:
+        """The damped ``A⁻¹`` as the apply keeps it: its blocks when ``bordered``."""
+        return BorderedInverse.of(inv_a) if self.bordered else inv_a
+
+    def prepared_inverse(
+        self, damping: float, mode: str, method: str
+    ) -> tuple[Tensor | BorderedInverse, ...]:
         """What the damped inverse applies, cached per damping: ``((G + s_G I)⁻¹/T,
-        (A + s_A I)⁻¹)`` for a factored mode, ``(Q_G, D⁻¹/T, Q_A)`` for ``eigen_sum``."""
+        (A + s_A I)⁻¹)`` for a factored mode (``A``'s as :class:`BorderedInverse` when
+        ``bordered``), ``(Q_G, D⁻¹/T, Q_A)`` for ``eigen_sum``."""
         key = (damping, mode, method, self.num_locations)
         if self._cache_key == key:
             return self._cache
@@ -196,7 +210,7 @@ class KroneckerFactors:
             else:
                 inv_g = damped_inverse(self.decomp_g[0], shift_g)
                 inv_a = damped_inverse(self.decomp_a[0], shift_a)
-            self._cache = (per_location(inv_g, num_locations), inv_a)
+            self._cache = (per_location(inv_g, num_locations), self._activation_inverse(inv_a))
         self._cache_key = key
         return self._cache
 
@@ -214,9 +228,11 @@ class KroneckerFactors:
         if len(cache) == 3:
             return self.apply_inverse(torch.outer(left, right), damping, mode, method)
         inv_g, inv_a = cache
+        assert isinstance(inv_g, Tensor)
         dtype = inv_g.dtype
-        out = torch.outer(inv_g @ left.to(dtype), inv_a @ right.to(dtype))
-        return out.to(left.dtype)
+        right = right.to(dtype)
+        product = inv_a.matvec(right) if isinstance(inv_a, BorderedInverse) else inv_a @ right
+        return torch.outer(inv_g @ left.to(dtype), product).to(left.dtype)
 
     def apply_inverse_split(
         self,
@@ -236,15 +252,20 @@ class KroneckerFactors:
         ``(weight, bias)`` themselves (the gradient is read before the direction is
         written over it)."""
         cache = self.prepared_inverse(damping, mode, method)
-        dtype = cache[0].dtype
+        first = cache[0]
+        assert isinstance(first, Tensor)
+        dtype = first.dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         if len(cache) == 3:
-            out_w, out_b = apply_in_eigenbasis_split(*cache, w, b, out)
+            out_w, out_b = apply_in_eigenbasis_split(*cache, w, b, out)  # type: ignore[arg-type]
         else:
-            inv_g, inv_a = cache
-            joined = multiply_joined(inv_g, w, b)
-            out_w, out_b = multiply_split(joined, inv_a, b is not None, out)
+            inv_a = cache[1]
+            if isinstance(inv_a, BorderedInverse):
+                out_w, out_b = _right_bordered(first, inv_a, w, b, out)
+            else:
+                joined = multiply_joined(first, w, b)
+                out_w, out_b = multiply_split(joined, inv_a, b is not None, out)
         return out_w.to(weight.dtype), None if out_b is None else out_b.to(weight.dtype)
 
     def state_dict(self) -> dict[str, object]:
@@ -271,6 +292,21 @@ class KroneckerFactors:
         self.decomp_g = _as_pair(state["decomp_g"])
         self.decomp_pi = float(state["decomp_pi"])  # type: ignore[arg-type]
         self._cache_key = None
+
+
+def _right_bordered(
+    inv_g: Tensor, inv_a: BorderedInverse, w: Tensor, b: Tensor | None, out: LayerParts | None
+) -> LayerParts:
+    """``G⁻¹ [w, b] A⁻¹`` with ``A⁻¹`` in blocks: the left products to contiguous tensors,
+    the right one by :meth:`BorderedInverse.right_parts`; ``b = None``: ``w`` is a whole
+    ``W̄`` (its last column the bias')."""
+    if b is not None:
+        return inv_a.right_parts(inv_g @ w, inv_g @ b, out)
+    result = inv_a.right(inv_g @ w)
+    if out is None:
+        return result, None
+    out[0].copy_(result)
+    return out
 
 
 def _as_pair(value: object) -> tuple[Tensor, Tensor] | None:
