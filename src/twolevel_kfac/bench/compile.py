@@ -124,11 +124,12 @@ def model_pairs(problem: Problem, patterns: tuple[str, ...], block: int) -> list
     return pairs
 
 
-def _factors(d_in: int, d_out: int, seed: int) -> KroneckerFactors:
-    """Factor-like SPD ``A``, ``G`` (``X Xᵀ / 2n``), decomposed for the eigen method."""
+def _factors(d_in: int, d_out: int, seed: int, bordered: bool) -> KroneckerFactors:
+    """Factor-like SPD ``A``, ``G`` (``X Xᵀ / 2n``), decomposed for the eigen method
+    (``bordered``: ``A``'s last coordinate a bias', as the optimizer keeps it)."""
     gen = torch.Generator().manual_seed(seed)
     a, g = torch.randn(d_in, 2 * d_in, generator=gen), torch.randn(d_out, 2 * d_out, generator=gen)
-    factors = KroneckerFactors()
+    factors = KroneckerFactors(bordered=bordered)
     factors.update(a @ a.T / (2 * d_in), g @ g.T / (2 * d_out), ema_decay=0.95, num_locations=1)
     factors.decompose("eigen")
     return factors
@@ -137,7 +138,7 @@ def _factors(d_in: int, d_out: int, seed: int) -> KroneckerFactors:
 def apply_pair(shape: LayerShape, mode: str, block_seconds: float) -> CompilePair:
     """``apply_inverse`` of one layer shape in damping ``mode``, eager vs compiled."""
     d_in = shape.d_in + int(shape.bias)
-    factors = _factors(d_in, shape.d_out, seed=0)
+    factors = _factors(d_in, shape.d_out, seed=0, bordered=shape.bias)
     grad = torch.randn(shape.d_out, d_in, generator=torch.Generator().manual_seed(1))
     damping = float(KFAC_SETTINGS["damping"])
 

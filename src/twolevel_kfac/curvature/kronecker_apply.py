@@ -135,12 +135,14 @@ class BorderedInverse(NamedTuple):
 
     def right(self, matrix: Tensor) -> Tensor:
         """``M S`` of a ``(rows, d+1)`` matrix ``M = [X, x]`` (a stack of them: through
-        ``full()``)."""
+        ``full()``), a fresh tensor built without ``out=`` writes, so it can be
+        differentiated and ``vmap``-ed like the plain product."""
         if matrix.dim() != 2:
             return matrix @ self.full()
-        out = matrix.new_empty(matrix.shape)
-        self.right_parts(matrix[:, :-1], matrix[:, -1], (out[:, :-1], out[:, -1]))
-        return out
+        weight, bias = matrix[:, :-1], matrix[:, -1:]
+        head = weight @ self.head + bias * self.edge  # out-of-place: every op has a
+        tail = weight @ self.edge[:, None] + bias * self.corner  # batching rule
+        return torch.cat([head, tail], dim=1)
 
 
 def _product_into(product: Callable[..., Tensor], left: Tensor, right: Tensor, out: Tensor) -> None:
