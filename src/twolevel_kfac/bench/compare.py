@@ -8,9 +8,10 @@ intervals. SGD is the baseline of every group and always runs (first in the list
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
-from twolevel_kfac.bench.flops import FlopFloor, flop_floor, layer_shapes
+from twolevel_kfac.bench.flops import FlopFloor, coarse_floor, flop_floor, layer_shapes
 from twolevel_kfac.bench.memory import footprint
 from twolevel_kfac.bench.methods import (
     MethodSpec,
@@ -38,9 +39,21 @@ def with_baseline(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
 
 
 def method_floor(spec: MethodSpec, problem: Problem, shapes: Any) -> FlopFloor:
-    """The FLOP floor of ``spec`` on ``problem`` (its inverse method, Fisher batch and type)."""
+    """The FLOP floor of ``spec`` on ``problem`` (its inverse method, Fisher batch and type;
+    a two-level method's coarse work, :func:`~.flops.coarse_floor`)."""
     n_fisher = max(1, round(fisher_batch(spec) * problem.batch))
-    return flop_floor(shapes, problem.batch, n_fisher, inverse_method(spec), not empirical(spec))
+    floor = flop_floor(shapes, problem.batch, n_fisher, inverse_method(spec), not empirical(spec))
+    if spec.kind != "twolevel":
+        return floor
+    options = spec.kwargs
+    step, refresh = coarse_floor(
+        shapes,
+        n_fisher,
+        options.get("coarse_space", "nicolaides"),
+        options.get("combination", "additive"),
+        options.get("coarse_refresh", "consistent"),
+    )
+    return replace(floor, coarse_step=step, coarse_refresh=refresh)
 
 
 def memory_by_method(

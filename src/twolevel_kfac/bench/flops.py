@@ -19,10 +19,11 @@ extra ``6 n_F Σ L d_in d_out`` is dropped. For the MNIST autoencoder at B = 512
 n_F = 128 this gives 8.7, 9.0, 3.8/T and 50/T GFLOP(-equivalents). The floor of SGD and
 Adam is the forward + backward (their element-wise updates are not counted), so the
 *floor ratio* of a KFAC-family method is ``(fwd+bwd + apply + (refresh + decomp)/T) /
-fwd+bwd``. Two-level and EKFAC/KPSVD work beyond KFAC's is not counted: for them the floor
-is KFAC's, a lower bound. ``9 n³`` is the symmetric QR count; LAPACK's divide-and-conquer
-``syevd`` behind ``torch.linalg.eigh`` needs fewer, so where decompositions dominate a
-measured ratio can fall below this floor.
+fwd+bwd``. A two-level method adds its coarse level's work (:func:`coarse_floor`); EKFAC's
+and KPSVD's work beyond KFAC's is not counted (their floor is KFAC's, a lower bound).
+``9 n³`` is the symmetric QR count; LAPACK's divide-and-conquer ``syevd`` behind
+``torch.linalg.eigh`` needs fewer, so where decompositions dominate a measured ratio can
+fall below this floor.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FlopFloor", "LayerShape", "flop_floor", "layer_shapes"]
+__all__ = ["FlopFloor", "LayerShape", "coarse_floor", "flop_floor", "layer_shapes"]
 
 DECOMPOSITION_COST = {"eigen": 9.0, "cholesky": 1.0}  # FLOPs per n³
 
@@ -120,13 +121,15 @@ class FlopFloor:
     precondition: float
     refresh: float
     decomposition: float
+    coarse_step: float = 0.0  # a two-level method's coarse work at every step
+    coarse_refresh: float = 0.0  # and at every refresh (:func:`coarse_floor`)
 
     def step(self, interval: int, preconditioned: bool = True) -> float:
         """FLOPs of an average step with refresh interval ``interval``."""
         if not preconditioned:
             return self.forward_backward
-        amortised = (self.refresh + self.decomposition) / interval
-        return self.forward_backward + self.precondition + amortised
+        amortised = (self.refresh + self.decomposition + self.coarse_refresh) / interval
+        return self.forward_backward + self.precondition + self.coarse_step + amortised
 
     def ratio(self, interval: int, preconditioned: bool = True) -> float:
         """``step / forward_backward``: the floor of the step-time ratio to SGD."""
@@ -139,6 +142,8 @@ class FlopFloor:
             "precondition": self.precondition / 1e9,
             "refresh_per_T": self.refresh / 1e9,
             "decomposition_per_T": self.decomposition / 1e9,
+            "coarse_step": self.coarse_step / 1e9,
+            "coarse_per_T": self.coarse_refresh / 1e9,
         }
 
 
@@ -179,3 +184,51 @@ def flop_floor(
         refresh=float(factors) + (6.0 * fisher_batch * macs if extra_pass else 0.0),
         decomposition=DECOMPOSITION_COST[inverse_method] * cubes,
     )
+
+
+# per step, multiples of K·P (restrictions R₀v and prolongations R₀ᵀy: 2KP each; an F̂
+# product through the kept columns W₀ = FR₀ᵀ: 2KP more), by combination
+_COARSE_STEP_KP = {"additive": 4, "adef2": 8, "adef1": 8, "balanced": 12}
+_BASIS_VECTORS = {"krylov_nicolaides": 2, "krylov_residual": 2}  # K per layer; else 1
+_BASIS_APPLIES = {"residual": 1, "krylov_residual": 2}  # M⁻¹ applies to build the basis
+
+
+def coarse_floor(
+    shapes: list[LayerShape],
+    fisher_batch: int,
+    space: str,
+    combination: str,
+    refresh: str = "consistent",
+) -> tuple[float, float]:
+    """The FLOPs a two-level method adds to KFAC's, ``(per step, per refresh)``.
+
+    With ``P = Σ d_out d̄_in`` (parameters), ``K`` basis vectors per layer, ``A`` one
+    application of ``M⁻¹`` (``2 Σ d_out d̄_in (d_out + d̄_in)``) and ``S = 2 n_F Σ L d_out
+    d̄_in`` one pass over the Fisher mini-batch's per-sample gradients (``⟨∇ℓ_n, v⟩`` for all
+    ``n``, or ``Σ_n c_n ∇ℓ_n``):
+
+    * every step: the restrictions and prolongations of the combination, ``4KP``
+      (additive), ``8KP`` (A-DEF1, A-DEF2: ``F̂`` through the kept ``W₀``), ``12KP``
+      (balanced);
+    * every refresh: ``F_c = R₀F̂R₀ᵀ`` (or ``W₀``), ``K·S``; a residual basis
+      ``M⁻¹(g − F̂M⁻¹g)`` adds ``2S + A`` (Krylov-residual ``2S + 2A``); the spectral basis
+      needs the eigendecompositions (``inverse_method="eigen"`` in :func:`flop_floor`);
+    * ``refresh="faithful"``: a residual basis and ``F_c`` at every step.
+
+    Args:
+        shapes: ``layer_shapes`` of the model.
+        fisher_batch: n_F.
+        space: The coarse space.
+        combination: The combination.
+        refresh: ``consistent`` or ``faithful``.
+    """
+    params = sum(s.d_out * s.d_in_bias for s in shapes)
+    apply = sum(2 * s.d_out * s.d_in_bias * (s.d_out + s.d_in_bias) for s in shapes)
+    sweep = sum(2 * fisher_batch * s.locations * s.d_out * s.d_in_bias for s in shapes)
+    k = _BASIS_VECTORS.get(space, 1)
+    applies = _BASIS_APPLIES.get(space, 0)
+    rebuild = (2 * sweep + applies * apply if applies else 0) + k * sweep
+    step = float(_COARSE_STEP_KP[combination] * k * params)
+    if refresh == "faithful" and applies:
+        return step + rebuild, 0.0
+    return step, float(rebuild)

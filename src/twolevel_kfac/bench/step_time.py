@@ -107,8 +107,11 @@ def render(data: dict[str, Any]) -> str:
         "the same pairing against KFAC's block (the two-level targets are ratios to KFAC). "
         "FLOP floor × SGD: "
         "the issue's floor model (forward+backward, preconditioner application, factor "
-        "refresh/T, eigen- or Cholesky decompositions/T) from the layer shapes; for two-level "
-        "methods, EKFAC and KPSVD it is KFAC's (a lower bound). × floor: measured ratio / "
+        "refresh/T, eigen- or Cholesky decompositions/T) from the layer shapes; two-level "
+        "methods add their coarse level's work (restrictions and prolongations per step; "
+        "F_c, a residual basis's M⁻¹ applies and Fisher products per refresh, or per step "
+        "in the faithful schedule); for EKFAC and KPSVD it is KFAC's (a lower bound). "
+        "× floor: measured ratio / "
         "floor ratio. Extra peak MiB: " + s["memory"] + ", once per problem and method.",
         "",
         f"KFAC family: {s['kfac_settings']}, cov_interval = inv_interval = T.",
