@@ -343,26 +343,27 @@ def test_the_faithful_average_of_f_c_holds_the_current_damping(float64: None) ->
     torch.testing.assert_close(matrices[1], matrices[0], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("combination", ["adef2", "adef1", "balanced"])
 def test_a_damping_change_keeps_the_projections_of_the_basis(
-    float64: None, monkeypatch: pytest.MonkeyPatch
+    float64: None, monkeypatch: pytest.MonkeyPatch, combination: str
 ) -> None:
-    """A-DEF2 on parts with the rows: ``P = JR₀ᵀ`` is formed once per refresh, also when
-    ``λ`` (and so ``F_c``'s operator) changes at every step."""
-    import twolevel_kfac.optim.coarse_fisher as coarse_fisher
+    """A-DEF2, A-DEF1 and balanced on parts with the rows: ``P = JR₀ᵀ`` is formed once per
+    refresh, also when ``λ`` (and so ``F_c``'s operator) changes at every step."""
+    import twolevel_kfac.optim.coarse_parts as coarse_parts
 
     calls: list[int] = []
-    original = coarse_fisher.coarse_projections
+    original = coarse_parts.coarse_projections
 
     def counted(*args: Any) -> Tensor:
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(coarse_fisher, "coarse_projections", counted)
+    monkeypatch.setattr(coarse_parts, "coarse_projections", counted)
     build, shape, classes = NETS["mlp"]
     model = prepare(build())
     settings = {**CONTRACT, "lr": 0.1, "cov_interval": 5, "inv_interval": 5}
     opt = tk.TwoLevelKFAC(
-        model, damping=damping_schedule, combination="adef2", kept_fisher="rows", **settings
+        model, damping=damping_schedule, combination=combination, kept_fisher="rows", **settings
     )
     for seed in range(5):
         one_step(model, opt, *make_batch(shape, classes, 8, seed=seed))
@@ -377,3 +378,30 @@ def test_a_state_of_the_old_damped_columns_is_refused() -> None:
     state["preconditioner"]["coarse"]["fisher_columns"] = None
     with pytest.raises(ValueError, match="development version"):
         tk.TwoLevelKFAC(model, lr=0.05, combination="adef2").load_state_dict(state)
+
+
+@pytest.mark.parametrize("kept", ["rows", "columns"])
+@pytest.mark.parametrize("combination", ["additive", "adef2", "adef1", "balanced"])
+def test_steps_between_refreshes_run_on_parts(
+    monkeypatch: pytest.MonkeyPatch, combination: str, kept: str
+) -> None:
+    """Between refreshes every combination works on the gradients' parts
+    (:mod:`twolevel_kfac.optim.coarse_parts`): the ``W̄`` path runs on refresh steps only
+    (here 2 of 6 steps), with the rows or with ``W₀`` kept."""
+    from twolevel_kfac.optim.coarse import CoarseLevel
+
+    calls: list[int] = []
+    original = CoarseLevel.precondition
+
+    def counted(self: CoarseLevel, *args: Any) -> Any:
+        calls.append(self.host.steps)
+        return original(self, *args)
+
+    monkeypatch.setattr(CoarseLevel, "precondition", counted)
+    build, shape, classes = NETS["mlp"]
+    model = prepare(build())
+    settings = {**CONTRACT, "lr": 0.1, "cov_interval": 3, "inv_interval": 3}
+    opt = tk.TwoLevelKFAC(model, combination=combination, kept_fisher=kept, **settings)
+    for seed in range(6):
+        one_step(model, opt, *make_batch(shape, classes, 8, seed=seed))
+    assert calls == [0, 3]

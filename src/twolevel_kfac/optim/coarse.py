@@ -27,7 +27,7 @@ from ..twolevel.coarse_spaces import (
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
-from ..twolevel.vectors import LayerVector, dot, sub_into
+from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
 from .coarse_basis import space_basis
 from .coarse_fisher import (
     damped_product,
@@ -35,9 +35,9 @@ from .coarse_fisher import (
     keeps_columns,
     new_coarse_matrix,
     new_columns,
-    restricted_residual,
     shifted_coarse_matrix,
 )
+from .coarse_parts import combine_on_parts
 from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
 
@@ -125,38 +125,31 @@ class CoarseLevel:
         """The directions and gradients of this step as weight and bias parts, or ``None``
         when the step needs the ``W̄`` matrices (:meth:`precondition`).
 
-        Between refreshes (kept ``Q``, KFAC's own ``M⁻¹``) the additive and A-DEF2 steps
-        work on the gradients' parts as plain KFAC does, the ``W̄`` matrices never formed:
-        additive ``d = ω_f M⁻¹g + ω_c Qg``, A-DEF2 ``d = M⁻¹g + ω_c Q(g − F̂M⁻¹g)``, the
-        coarse term added in place (:meth:`CoarseOperator.add_into_parts`)."""
+        Between refreshes (kept ``Q``, KFAC's own ``M⁻¹``) every combination works on the
+        gradients' parts as plain KFAC does, the ``W̄`` matrices never formed, ``M⁻¹``
+        applied once and the coarse terms added in place (:mod:`.coarse_parts`)."""
         if not stats:
             self._between_refreshes()
         if not self._steps_on_parts(stats) or self.host.active != self.names:
             return None
-        assert self._operator is not None
         grads = {name: gradient_parts(self.host.layers[name]) for name in self.names}
-        fine = {name: self.host._apply_fine_split(name, *grads[name]) for name in self.names}
-        grad_parts, fine_parts = [grads[n] for n in self.names], [fine[n] for n in self.names]
-        scale = self.options.coarse_scale
-        if self.options.combination == "adef2":
-            self._operator.add_restricted_into_parts(
-                scale, restricted_residual(self, grad_parts, fine_parts), fine_parts
-            )
-        else:
-            if self.options.fine_weight != 1.0:
-                for part in (t for pair in fine_parts for t in pair if t is not None):
-                    part.mul_(self.options.fine_weight)
-            self._operator.add_into_parts(scale, grad_parts, fine_parts)
-        return fine, grads
+
+        def minv(parts: Parts) -> Parts:
+            return [
+                self.host._apply_fine_split(name, *part)
+                for name, part in zip(self.names, parts, strict=True)
+            ]
+
+        directions = combine_on_parts(self, [grads[n] for n in self.names], minv)
+        return dict(zip(self.names, directions, strict=True)), grads
 
     def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
-        """Whether this step is additive or A-DEF2 with KFAC's own ``M⁻¹`` and the kept
-        ``Q`` (no statistics, no rebuilt basis, no residual kept for the diagnostics;
-        A-DEF2's ``F̂`` product through ``W`` or on one process)."""
+        """Whether this step runs on parts (:mod:`.coarse_parts`): KFAC's own ``M⁻¹``, the
+        kept ``Q`` (no statistics, no rebuilt basis, no residual kept for the diagnostics)
+        and ``F̂`` read through ``W₀`` or on one process (additive reads none)."""
         coarse = self.options
         combination_ok = coarse.combination == "additive" or (
-            coarse.combination == "adef2"
-            and (self.fisher_columns is not None or not self.host.comm.distributed)
+            self.fisher_columns is not None or not self.host.comm.distributed
         )
         return (
             not stats

@@ -24,16 +24,14 @@ from ..twolevel.fisher_products import (
     DISAGREE_HINT,
     check_stats,
     damped_fvp,
-    sample_coefficients_parts,
 )
 from ..twolevel.global_fisher import (
     global_coarse_matrix,
     global_damped_fvp,
     global_tselepidis_matrix,
 )
-from ..twolevel.parts import restrict_parts
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
-from ..twolevel.vectors import LayerVector, Parts
+from ..twolevel.vectors import LayerVector
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -44,7 +42,6 @@ __all__ = [
     "keeps_columns",
     "new_coarse_matrix",
     "new_columns",
-    "restricted_residual",
     "shifted_coarse_matrix",
 ]
 
@@ -116,28 +113,6 @@ def shifted_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor | N
     if matrix is None or formed is None or damping == formed:
         return None
     return matrix + (damping - formed) * basis_gram(basis).to(matrix)
-
-
-def restricted_residual(level: CoarseLevel, g: Parts, minv_g: Parts) -> Tensor:
-    """``R₀(g − F̂M⁻¹g) = R₀g − Pᵀc/N − λR₀M⁻¹g`` with ``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (kept
-    from the refresh in ``level.projections``) and ``c_n = ⟨∇ℓ_n, M⁻¹g⟩``: A-DEF2 needs
-    the residual only through ``R₀``, so the Fisher product's second half (the weighted sum
-    of per-sample gradients, a full pass over the layers) is never done. With
-    ``W₀ = FR₀ᵀ`` kept instead of the rows, ``Pᵀc/N = W₀ᵀM⁻¹g``. ``g``, ``M⁻¹g``: weight
-    and bias parts."""
-    operator, stats, samples = level.coarse_operator, level.fisher_stats, level.fisher_samples
-    assert operator is not None
-    split = operator.parts_basis(tuple(b is not None for _, b in g))
-    if level.fisher_columns is not None:
-        fisher = level.fisher_columns.restrict_parts(minv_g)
-    else:
-        assert stats is not None and samples is not None
-        if level.projections is None or level.projections[0] is not operator:
-            level.projections = (operator, coarse_projections(stats, operator.basis))
-        coefficients = sample_coefficients_parts(stats, minv_g)
-        fisher = level.projections[1].T @ coefficients / samples
-    restricted = restrict_parts(split, g) - fisher
-    return restricted.sub_(restrict_parts(split, minv_g), alpha=level.host.damping)
 
 
 def new_columns(level: CoarseLevel, basis: list[Tensor]) -> FisherColumns:
