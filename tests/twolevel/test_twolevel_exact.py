@@ -306,7 +306,14 @@ def test_bad_coarse_arguments_are_named(kwargs: dict[str, object], message: str)
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize(
     ("combination", "kl_clip", "fine_weight"),
-    [("additive", None, 1.0), ("additive", 1e-4, 0.7), ("adef2", None, 1.0), ("adef2", 1e-4, 1.0)],
+    [
+        ("additive", None, 1.0),
+        ("additive", 1e-4, 0.7),
+        ("adef2", None, 1.0),
+        ("adef2", 1e-4, 1.0),
+        ("adef1", 1e-4, 1.0),
+        ("balanced", None, 1.0),
+    ],
 )
 def test_step_on_parts_equals_the_joined_path(
     float64: None,
@@ -316,9 +323,10 @@ def test_step_on_parts_equals_the_joined_path(
     kl_clip: float | None,
     fine_weight: float,
 ) -> None:
-    """Between refreshes the additive and A-DEF2 steps work on the gradients' weight and
-    bias parts (no ``W̄`` concatenation); they take the same steps as the ``W̄`` path,
-    which the dense tests above prove exact."""
+    """Between refreshes every combination works on the gradients' weight and bias parts
+    (no ``W̄`` concatenation), and so do the refresh steps of the spaces built without the
+    residual; they take the same steps as the ``W̄`` path, which the dense tests above
+    prove exact."""
     build, shape, classes = NETS[net]
     model = prepare(build())
     twin = copy.deepcopy(model)
@@ -334,16 +342,21 @@ def test_step_on_parts_equals_the_joined_path(
     }
     fast, joined = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
     joined_level = joined.preconditioner.coarse_level
-    joined_level._steps_on_parts = lambda stats: False  # type: ignore[method-assign]
+    joined_level._steps_on_parts = lambda: False  # type: ignore[method-assign]
+    joined_level._refreshes_on_parts = lambda stats: False  # type: ignore[method-assign]
     fast_level = fast.preconditioner.coarse_level
-    decide = fast_level._steps_on_parts
+    decide, decide_refresh = fast_level._steps_on_parts, fast_level._refreshes_on_parts
     used: list[bool] = []
     fast_level._steps_on_parts = (  # type: ignore[method-assign]
-        lambda stats: used.append(decide(stats)) or used[-1]
+        lambda: used.append(decide()) or used[-1]
+    )
+    fast_level._refreshes_on_parts = (  # type: ignore[method-assign]
+        lambda stats: used.append(decide_refresh(stats)) or used[-1]
     )
     tol = 1e-8 if space == "krylov_residual" else 1e-10  # as above: its basis amplifies
     for seed in range(4):
         x, y = make_batch(shape, classes, 8, seed=seed)
         a, b = one_step(model, fast, x, y), one_step(twin, joined, x, y)
         assert_relative_error(a, b, tol)
-    assert used == [False, True, True, False]
+    on_refresh = space not in ("residual", "krylov_residual")
+    assert used == [on_refresh, True, True, on_refresh]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, block_parameters, gradient_parts, layer_shape
+from ..curvature.blocks import LayerStats, block_parameters, layer_shape
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..twolevel.coarse_matrix import CoarseOperator, ema_coarse_matrix
@@ -27,7 +27,7 @@ from ..twolevel.coarse_spaces import (
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
-from ..twolevel.vectors import LayerVector, Parts, dot, sub_into
+from ..twolevel.vectors import LayerVector, dot, sub_into
 from .coarse_basis import space_basis
 from .coarse_fisher import (
     damped_product,
@@ -37,7 +37,7 @@ from .coarse_fisher import (
     new_columns,
     shifted_coarse_matrix,
 )
-from .coarse_parts import combine_on_parts
+from .coarse_parts import parts_step, refreshes_on_parts, steps_on_parts
 from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
 
@@ -123,42 +123,26 @@ class CoarseLevel:
         self, stats: dict[str, LayerStats]
     ) -> tuple[dict[str, LayerParts], dict[str, LayerParts]] | None:
         """The directions and gradients of this step as weight and bias parts, or ``None``
-        when the step needs the ``W̄`` matrices (:meth:`precondition`).
+        when the step needs the ``W̄`` matrices (:meth:`precondition`): every step between
+        refreshes, and a refresh step whose basis does not need the residual
+        (:func:`.coarse_parts.parts_step`)."""
+        return parts_step(self, stats)
 
-        Between refreshes (kept ``Q``, KFAC's own ``M⁻¹``) every combination works on the
-        gradients' parts as plain KFAC does, the ``W̄`` matrices never formed, ``M⁻¹``
-        applied once and the coarse terms added in place (:mod:`.coarse_parts`)."""
-        if not stats:
-            self._between_refreshes()
-        if not self._steps_on_parts(stats) or self.host.active != self.names:
-            return None
-        grads = {name: gradient_parts(self.host.layers[name]) for name in self.names}
+    def _steps_on_parts(self) -> bool:
+        """Whether a step between refreshes runs on parts (:func:`.coarse_parts.
+        steps_on_parts`)."""
+        return steps_on_parts(self)
 
-        def minv(parts: Parts) -> Parts:
-            return [
-                self.host._apply_fine_split(name, *part)
-                for name, part in zip(self.names, parts, strict=True)
-            ]
+    def _refreshes_on_parts(self, stats: dict[str, LayerStats]) -> bool:
+        """Whether a refresh step runs on parts (:func:`.coarse_parts.refreshes_on_parts`)."""
+        return refreshes_on_parts(self, stats)
 
-        directions = combine_on_parts(self, [grads[n] for n in self.names], minv)
-        return dict(zip(self.names, directions, strict=True)), grads
-
-    def _steps_on_parts(self, stats: dict[str, LayerStats]) -> bool:
-        """Whether this step runs on parts (:mod:`.coarse_parts`): KFAC's own ``M⁻¹``, the
-        kept ``Q`` (no statistics, no rebuilt basis, no residual kept for the diagnostics)
-        and ``F̂`` read through ``W₀`` or on one process (additive reads none)."""
-        coarse = self.options
-        combination_ok = coarse.combination == "additive" or (
-            self.fisher_columns is not None or not self.host.comm.distributed
-        )
-        return (
-            not stats
-            and combination_ok
-            and coarse.coarse_scale != 0.0
-            and not coarse.diagnostics
-            and self.host.fine.plain
-            and self.host._stateless_directions()
-        )
+    def _start_refresh(self, stats: dict[str, LayerStats]) -> None:
+        """Keep this step's Fisher mini-batch (rows) for the layers it covers."""
+        self._set_names([n for n in self.host.layers if n in stats])
+        self.fisher_stats = [stats[n] for n in self.names]
+        self.fisher_samples = global_samples(self)
+        self.fisher_columns, self._rows_chosen = None, False
 
     def precondition(
         self, grads: dict[str, Tensor], stats: dict[str, LayerStats]
@@ -167,10 +151,7 @@ class CoarseLevel:
         mini-batch, which refreshes the coarse level when not empty)."""
         refreshed = bool(stats)
         if refreshed:
-            self._set_names([n for n in self.host.layers if n in stats])
-            self.fisher_stats = [stats[n] for n in self.names]
-            self.fisher_samples = global_samples(self)
-            self.fisher_columns, self._rows_chosen = None, False
+            self._start_refresh(stats)
         else:
             self._between_refreshes()
         zero = block_parameters(self.host.layers[self.names[0]])[0].new_zeros  # g of unused

@@ -22,10 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
+from ..curvature.blocks import LayerStats, gradient_parts
+from ..curvature.kronecker_apply import LayerParts
 from ..curvature.sample_products import weighted_gradient_sum
 from ..twolevel.coarse_matrix import CoarseOperator, coarse_projections
+from ..twolevel.coarse_spaces import RESIDUAL_SPACES
 from ..twolevel.fisher_products import sample_coefficients_parts
 from ..twolevel.parts import prolong_add_into_parts, restrict_parts
 from ..twolevel.vectors import Parts
@@ -33,7 +37,13 @@ from ..twolevel.vectors import Parts
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
-__all__ = ["combine_on_parts", "fisher_restrict_parts"]
+__all__ = [
+    "combine_on_parts",
+    "fisher_restrict_parts",
+    "parts_step",
+    "refreshes_on_parts",
+    "steps_on_parts",
+]
 
 FineApply = Callable[[Parts], Parts]  # M⁻¹ on parts, into fresh tensors
 
@@ -85,7 +95,8 @@ def _minus_fisher_range(level: CoarseLevel, g: Parts, u: Tensor) -> Parts:
     """``g − F̂R₀ᵀu = g − FR₀ᵀu − λR₀ᵀu`` as fresh parts (``g`` is left as it is: the KL
     clip reads it)."""
     operator = _operator(level)
-    out = [(w.clone(), None if b is None else b.clone()) for w, b in g]
+    contiguous = torch.contiguous_format  # the prolongation views the weight part flat
+    out = [(w.clone(memory_format=contiguous), None if b is None else b.clone()) for w, b in g]
     _fisher_prolong_into(level, u, out, -1.0)
     split = operator.parts_basis(tuple(b is not None for _, b in g))
     return prolong_add_into_parts(split, u, out, -level.host.damping)
@@ -116,3 +127,60 @@ def combine_on_parts(level: CoarseLevel, g: Parts, minv: FineApply) -> Parts:
     restricted = restricted_g - fisher_restrict_parts(level, z)
     restricted.sub_(restrict_parts(split, z), alpha=level.host.damping)
     return operator.add_restricted_into_parts(scale, restricted, z)
+
+
+def _parts_allowed(level: CoarseLevel, reads_columns: bool) -> bool:
+    """KFAC's own ``M⁻¹``, a coarse term, no diagnostics (they need the residual), and
+    ``F̂`` read through ``W₀`` (``reads_columns``) or on one process (additive reads none)."""
+    coarse, host = level.options, level.host
+    return (
+        (coarse.combination == "additive" or reads_columns or not host.comm.distributed)
+        and coarse.coarse_scale != 0.0
+        and not coarse.diagnostics
+        and host.fine.plain
+    )
+
+
+def steps_on_parts(level: CoarseLevel) -> bool:
+    """Whether a step between refreshes runs on parts: the kept ``Q`` (no basis rebuilt
+    at every step) and :func:`_parts_allowed`."""
+    allowed = _parts_allowed(level, level.fisher_columns is not None)
+    return allowed and level.host._stateless_directions()
+
+
+def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool:
+    """Whether a refresh step runs on parts: a basis built without the residual, every
+    layer with statistics and a gradient, and :func:`_parts_allowed` (the rows just kept,
+    no ``W₀`` yet)."""
+    names = [n for n in level.host.layers if n in stats]
+    return (
+        level.options.coarse_space not in RESIDUAL_SPACES
+        and level.host.active == names
+        and _parts_allowed(level, False)
+    )
+
+
+def parts_step(
+    level: CoarseLevel, stats: dict[str, LayerStats]
+) -> tuple[dict[str, LayerParts], dict[str, LayerParts]] | None:
+    """This step's directions and gradients as weight and bias parts (a refresh step first
+    keeps the mini-batch and rebuilds ``Q``), or ``None`` when it needs the ``W̄`` path."""
+    if stats:
+        if not level._refreshes_on_parts(stats):
+            return None
+        level._start_refresh(stats)
+        level._build_operator(True, None)
+    else:
+        level._between_refreshes()
+        if not level._steps_on_parts() or level.host.active != level.names:
+            return None
+    host, names = level.host, level.names
+    grads = {name: gradient_parts(host.layers[name]) for name in names}
+
+    def minv(parts: Parts) -> Parts:
+        return [host._apply_fine_split(n, *part) for n, part in zip(names, parts, strict=True)]
+
+    directions = combine_on_parts(level, [grads[n] for n in names], minv)
+    if stats:
+        level._keep_fisher()
+    return dict(zip(names, directions, strict=True)), grads
