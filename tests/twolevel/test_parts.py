@@ -66,3 +66,68 @@ def test_parts_equal_the_joined_matrices(kind: str) -> None:
     assert prolong_add_into_parts(split, restricted, parts, -0.7) is parts
     for got, want in zip(_joined(parts), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def _strided_mlp() -> torch.nn.Module:
+    """An MLP whose last weight (hence its ``.grad``) has transposed strides."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    last = model[2]
+    last.weight = torch.nn.Parameter(last.weight.detach().t().contiguous().t())
+    assert not last.weight.is_contiguous()
+    return model
+
+
+@pytest.mark.parametrize("space", ["residual", "krylov_nicolaides"])
+@pytest.mark.parametrize("combination", ["adef1", "balanced"])
+def test_a_non_contiguous_gradient_steps_on_parts(space: str, combination: str) -> None:
+    """A-DEF1 and balanced copy the gradient before subtracting ``F̂R₀ᵀu``: the copy is
+    contiguous (the prolongation views it flat), so a transposed weight's gradient trains,
+    with the steps of the ``W̄`` path."""
+    import copy
+
+    import twolevel_kfac as tk
+
+    model = _strided_mlp()
+    twin = copy.deepcopy(model)
+    settings = {"lr": 0.1, "damping": 0.05, "coarse_space": space, "combination": combination}
+    settings |= {"cov_interval": 3, "inv_interval": 3}
+    fast, joined = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
+    level = joined.preconditioner.coarse_level
+    assert level is not None
+    level._steps_on_parts = lambda: False  # type: ignore[method-assign]
+    level._refreshes_on_parts = lambda stats: False  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        for net, opt in ((model, fast), (twin, joined)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_spectral_basis_in_the_parameters_dtype() -> None:
+    """The spectral basis comes from the factors' eigenvectors: with float64 factors and
+    float32 parameters it is cast to the parameters' dtype (the per-sample products with
+    the float32 statistics raised a dtype error at the first refresh)."""
+    import twolevel_kfac as tk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = tk.TwoLevelKFAC(
+        model, lr=0.1, coarse_space="spectral", combination="adef2", factor_dtype=torch.float64
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    level = opt.preconditioner.coarse_level
+    assert level is not None and level.basis is not None
+    assert all(b.dtype == torch.float32 for b in level.basis)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -45,9 +45,9 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> list[Tensor
     """``R₀`` of ``level.options.coarse_space`` on ``level.names`` (``minv_res``: ``M⁻¹res``
     for the residual spaces)."""
     space, host = level.options.coarse_space, level.host
-    if space == "spectral":
-        return spectral_basis(spectral_vectors(level))
     param = block_parameters(host.layers[level.names[0]])[0]  # its dtype and device
+    if space == "spectral":  # the eigenvectors are in the factors' dtype
+        return spectral_basis([v.to(param.dtype) for v in spectral_vectors(level)])
     shapes = [layer_shape(host.layers[n]) for n in level.names]
     minv_ones = None
     if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product
