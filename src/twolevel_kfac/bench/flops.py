@@ -186,11 +186,17 @@ def flop_floor(
     )
 
 
-# per step, multiples of K·P (restrictions R₀v and prolongations R₀ᵀy: 2KP each; an F̂
-# product through the kept columns W₀ = FR₀ᵀ: 2KP more), by combination
-_COARSE_STEP_KP = {"additive": 4, "adef2": 8, "adef1": 8, "balanced": 12}
+# per step on parts (optim/coarse_parts.py): (restrictions R₀v, prolongations R₀ᵀy, F̂
+# products) of each combination
+_COARSE_STEP = {
+    "additive": (1, 1, 0),
+    "adef2": (2, 1, 1),
+    "adef1": (1, 2, 1),
+    "balanced": (2, 2, 2),
+}
 _BASIS_VECTORS = {"krylov_nicolaides": 2, "krylov_residual": 2}  # K per layer; else 1
 _BASIS_APPLIES = {"residual": 1, "krylov_residual": 2}  # M⁻¹ applies to build the basis
+_CONSTANT_BASIS = ("nicolaides", "tselepidis")  # restricted by a sum, prolonged by a shift
 
 
 def coarse_floor(
@@ -200,20 +206,27 @@ def coarse_floor(
     combination: str,
     refresh: str = "consistent",
 ) -> tuple[float, float]:
-    """The FLOPs a two-level method adds to KFAC's, ``(per step, per refresh)``.
+    """The FLOPs a two-level method adds to KFAC's, ``(per step, per refresh)``, a lower
+    bound of what :mod:`twolevel_kfac.optim.coarse_parts` and the refresh do.
 
-    With ``P = Σ d_out d̄_in`` (parameters), ``K`` basis vectors per layer, ``A`` one
-    application of ``M⁻¹`` (``2 Σ d_out d̄_in (d_out + d̄_in)``) and ``S = 2 n_F Σ L d_out
-    d̄_in`` one pass over the Fisher mini-batch's per-sample gradients (``⟨∇ℓ_n, v⟩`` for all
-    ``n``, or ``Σ_n c_n ∇ℓ_n``):
+    With ``P = Σ d_out d̄_in`` (parameters), ``k`` basis vectors per layer (``K = kL`` in
+    all), ``A`` one application of ``M⁻¹`` (``2 Σ d_out d̄_in (d_out + d̄_in)``) and
+    ``S = 2 n_F Σ L d_out d̄_in`` one pass over the Fisher mini-batch's per-sample gradients
+    (``⟨∇ℓ_n, v⟩`` for all ``n``, or ``Σ_n c_n ∇ℓ_n``):
 
-    * every step: the restrictions and prolongations of the combination, ``4KP``
-      (additive), ``8KP`` (A-DEF1, A-DEF2: ``F̂`` through the kept ``W₀``), ``12KP``
-      (balanced);
-    * every refresh: ``F_c = R₀F̂R₀ᵀ`` (or ``W₀``), ``K·S``; a residual basis
-      ``M⁻¹(g − F̂M⁻¹g)`` adds ``2S + A`` (Krylov-residual ``2S + 2A``); the spectral basis
-      needs the eigendecompositions (``inverse_method="eigen"`` in :func:`flop_floor`);
-    * ``refresh="faithful"``: a residual basis and ``F_c`` at every step.
+    * every step: a restriction or prolongation costs ``2kP`` (``P`` for the Nicolaides
+      vector: a sum or a shift), an ``F̂`` product ``min(S, 2KP)`` (the kept rows, or
+      ``W₀``: ``K`` columns of ``P``): additive 1 + 1 + 0, A-DEF2 2 + 1 + 1, A-DEF1
+      1 + 2 + 1, balanced 2 + 2 + 2 (restrictions + prolongations + products);
+    * every refresh: ``F_c = R₀F̂R₀ᵀ``, ``k·S`` (Tselepidis' from per-sample sums,
+      ``2 n_F Σ L (d̄_in + d_out)``); a residual basis ``M⁻¹(g − F̂M⁻¹g)`` adds ``2S`` and
+      its ``M⁻¹`` applies (1, Krylov-residual 2; one more for ``M⁻¹g`` under A-DEF1 and
+      balanced, which apply ``M⁻¹`` to another vector); the spectral basis needs the
+      eigendecompositions (``inverse_method="eigen"`` in :func:`flop_floor`);
+    * ``refresh="faithful"``: the residual basis at every step (``F_c`` at refreshes).
+
+    Not counted: ``W₀``'s build when it is kept (the floor takes each product at its
+    cheaper form), the solves with the ``K × K`` ``F_c``.
 
     Args:
         shapes: ``layer_shapes`` of the model.
@@ -226,9 +239,21 @@ def coarse_floor(
     apply = sum(2 * s.d_out * s.d_in_bias * (s.d_out + s.d_in_bias) for s in shapes)
     sweep = sum(2 * fisher_batch * s.locations * s.d_out * s.d_in_bias for s in shapes)
     k = _BASIS_VECTORS.get(space, 1)
+    restrictions, prolongations, products = _COARSE_STEP[combination]
+    transfer = params if space in _CONSTANT_BASIS else 2 * k * params
+    product = min(sweep, 2 * k * len(shapes) * params)
+    step = float((restrictions + prolongations) * transfer + products * product)
+    if space == "tselepidis":
+        coarse_matrix = sum(
+            2 * fisher_batch * s.locations * (s.d_in_bias + s.d_out) for s in shapes
+        )
+    else:
+        coarse_matrix = k * sweep
     applies = _BASIS_APPLIES.get(space, 0)
-    rebuild = (2 * sweep + applies * apply if applies else 0) + k * sweep
-    step = float(_COARSE_STEP_KP[combination] * k * params)
-    if refresh == "faithful" and applies:
-        return step + rebuild, 0.0
-    return step, float(rebuild)
+    if not applies:
+        return step, float(coarse_matrix)
+    applies += combination in ("adef1", "balanced")
+    basis = 2 * sweep + applies * apply
+    if refresh == "faithful":
+        return step + basis, float(coarse_matrix)
+    return step, float(basis + coarse_matrix)

@@ -108,9 +108,10 @@ def render(data: dict[str, Any]) -> str:
         "FLOP floor × SGD: "
         "the issue's floor model (forward+backward, preconditioner application, factor "
         "refresh/T, eigen- or Cholesky decompositions/T) from the layer shapes; two-level "
-        "methods add their coarse level's work (restrictions and prolongations per step; "
-        "F_c, a residual basis's M⁻¹ applies and Fisher products per refresh, or per step "
-        "in the faithful schedule); for EKFAC and KPSVD it is KFAC's (a lower bound). "
+        "methods add their coarse level's work (restrictions, prolongations and F̂ products "
+        "per step; F_c and a residual basis's M⁻¹ applies and Fisher products per refresh, "
+        "the basis at every step in the faithful schedule); for EKFAC and KPSVD it is "
+        "KFAC's (a lower bound). "
         "× floor: measured ratio / "
         "floor ratio. Extra peak MiB: " + s["memory"] + ", once per problem and method.",
         "",
