@@ -404,3 +404,33 @@ def test_a_rebuilt_basis_refuses_other_options_on_load() -> None:
     )
     with pytest.raises(ValueError, match=r"rebuilds its coarse basis on load.*'eigen_sum'"):
         other.load_state_dict(state)
+
+
+def test_unchanged_blocks_are_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-step block checks run for a layer only when its weight, bias, their
+    ``requires_grad`` or its factors' shapes changed since its last check; freezing a bias
+    afterwards is still refused (checked again, not remembered as fine)."""
+    from twolevel_kfac.curvature import block_checks
+
+    seen: list[str] = []
+    original = block_checks.check_bias_only
+
+    def counted(name: str, module: nn.Module) -> None:
+        seen.append(name)
+        original(name, module)
+
+    monkeypatch.setattr(block_checks, "check_bias_only", counted)
+    model = tiny_mlp()
+    opt = tk.KFAC(model, params=model.parameters(), cov_interval=2, inv_interval=2)
+    x, y = make_batch((4,), 2, 4)
+    for _ in range(2):  # the second step sees the factors estimated by the first
+        one_step(model, opt, x, y)
+    first = len(seen)
+    assert first > 0
+    for _ in range(3):
+        one_step(model, opt, x, y)
+    assert len(seen) == first  # nothing changed: no check ran
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '0': its bias or weight was frozen or unfrozen"):
+        one_step(model, opt, x, y)
+    assert seen[first:] == ["0"]

@@ -187,9 +187,16 @@ def block_parameters(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | No
     return weight, bias
 
 
+def _attribute(module: nn.Module, name: str) -> object:
+    """``module.<name>``, read from its registered parameters first (``nn.Module``'s
+    ``__getattr__`` is a slow path, taken several times per layer and step)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
+
+
 def layer_weight(module: nn.Module) -> nn.Parameter:
     """The ``weight`` parameter of a layer with a curvature block."""
-    weight = module.weight
+    weight = _attribute(module, "weight")
     if not isinstance(weight, nn.Parameter):
         raise TypeError(f"{type(module).__name__} has no weight parameter")
     return weight
@@ -198,7 +205,7 @@ def layer_weight(module: nn.Module) -> nn.Parameter:
 def layer_bias(module: nn.Module) -> nn.Parameter | None:
     """The ``bias`` parameter of a layer, or ``None`` (no bias, or a frozen one: a layer
     whose bias does not train has the block of ``W`` alone, ``ā = a`` without its 1)."""
-    bias = getattr(module, "bias", None)
+    bias = _attribute(module, "bias")
     return bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None
 
 

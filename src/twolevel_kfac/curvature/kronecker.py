@@ -255,8 +255,8 @@ class KroneckerFactors:
         first = cache[0]
         assert isinstance(first, Tensor)
         dtype = first.dtype
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
+        w = weight if weight.dtype == dtype else weight.to(dtype)  # `.to` costs a call
+        b = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
         if len(cache) == 3:
             out_w, out_b = apply_in_eigenbasis_split(*cache, w, b, out)  # type: ignore[arg-type]
         else:
@@ -266,6 +266,8 @@ class KroneckerFactors:
             else:
                 joined = multiply_joined(first, w, b)
                 out_w, out_b = multiply_split(joined, inv_a, b is not None, out)
+        if out_w.dtype == weight.dtype and (out_b is None or out_b.dtype == weight.dtype):
+            return out_w, out_b
         return out_w.to(weight.dtype), None if out_b is None else out_b.to(weight.dtype)
 
     def state_dict(self) -> dict[str, object]:

@@ -153,6 +153,7 @@ class KFACPreconditioner:
         # The layers with a gradient in the current step (the others are left alone)
         self.active: list[str] = list(self.layers)
         self.schedule = CaptureSchedule(self.options.cov_interval)
+        self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
 
     def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
@@ -175,7 +176,8 @@ class KFACPreconditioner:
         self.last_stats = {"damping": self.damping}
         sent = self.comm.payload_bytes
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
-        check_blocks(self.layers, self.factors, [*stats, *self.active], self.uses)
+        names = [*stats, *self.active]
+        check_blocks(self.layers, self.factors, names, self.uses, self._checked_blocks)
         if stats or (active and self.comm.distributed):  # every rank joins the reduction
             stats = self._update_factors(stats)
         self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
