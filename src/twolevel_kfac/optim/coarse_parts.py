@@ -1,6 +1,8 @@
-"""The two-level steps between refreshes on the gradients' weight and bias parts.
+"""The two-level steps on the gradients' weight and bias parts: every step between
+refreshes, and the refresh steps of the spaces whose basis needs no residual (the others
+build it on the ``W̄`` matrices, :meth:`~.coarse.CoarseLevel.precondition`).
 
-Between refreshes (kept ``Q = R₀ᵀF_c⁻¹R₀``, KFAC's own ``M⁻¹``) every combination of
+With ``Q = R₀ᵀF_c⁻¹R₀`` built and KFAC's own ``M⁻¹``, every combination of
 :mod:`twolevel_kfac.twolevel.combinations` meets ``F̂ = F + λI`` only as ``F̂R₀ᵀu`` or
 ``R₀F̂v`` (:mod:`twolevel_kfac.twolevel.fisher_columns`), so it can work on ``∇W`` and ``∇b``
 where autograd left them, as plain KFAC does: the ``W̄`` matrices are never formed, ``M⁻¹``
