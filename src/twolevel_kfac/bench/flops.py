@@ -147,6 +147,11 @@ class FlopFloor:
         }
 
 
+def apply_flops(shapes: list[LayerShape]) -> int:
+    """One application of ``M⁻¹``: ``2 Σ d_out d̄_in (d_out + d̄_in)`` (``G⁻¹ V A⁻¹``)."""
+    return sum(2 * s.d_out * s.d_in_bias * (s.d_out + s.d_in_bias) for s in shapes)
+
+
 def flop_floor(
     shapes: list[LayerShape],
     batch: int,
@@ -175,7 +180,7 @@ def flop_floor(
             f"inverse_method must be one of {list(DECOMPOSITION_COST)}; got {inverse_method!r}"
         )
     macs = sum(s.macs for s in shapes)
-    apply = sum(2 * s.d_out * s.d_in_bias * (s.d_out + s.d_in_bias) for s in shapes)
+    apply = apply_flops(shapes)
     factors = sum(2 * fisher_batch * s.locations * (s.d_in_bias**2 + s.d_out**2) for s in shapes)
     cubes = sum(s.d_in_bias**3 + s.d_out**3 for s in shapes)
     return FlopFloor(
@@ -236,7 +241,7 @@ def coarse_floor(
         refresh: ``consistent`` or ``faithful``.
     """
     params = sum(s.d_out * s.d_in_bias for s in shapes)
-    apply = sum(2 * s.d_out * s.d_in_bias * (s.d_out + s.d_in_bias) for s in shapes)
+    apply = apply_flops(shapes)
     sweep = sum(2 * fisher_batch * s.locations * s.d_out * s.d_in_bias for s in shapes)
     k = _BASIS_VECTORS.get(space, 1)
     restrictions, prolongations, products = _COARSE_STEP[combination]

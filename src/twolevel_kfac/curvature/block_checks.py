@@ -81,14 +81,14 @@ def check_blocks(
                 "optimizer was built, but now train their biases alone (each bias its own "
                 "block): build a new optimizer after changing which parameters train"
             )
-        key = None
+        got, key = factors[name].factor_shapes(), None
         if checked is not None and len(tied) <= 1:
             signature = block_signature(module)
-            key = None if signature is None else (signature, factors[name].factor_shapes())
+            key = None if signature is None else (signature, got)
             if key is not None and checked.get(name) == key:
                 continue
         check_bias_only(name, module)
-        got, now = factors[name].factor_shapes(), factor_shapes(module)
+        now = factor_shapes(module)
         if got is not None and tuple(got) != tuple(now):
             raise ValueError(
                 f"layer {name!r}: its bias or weight was frozen or unfrozen (requires_grad) "
