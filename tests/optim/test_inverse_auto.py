@@ -56,6 +56,8 @@ def test_the_default_is_auto_and_plain_kfac_takes_cholesky() -> None:
     assert resolved(build()) == "cholesky"
     assert resolved(tk.KPSVD(mlp())) == "cholesky"  # its factors are KFAC-shaped
     assert resolved(build(coarse_space="nicolaides")) == "cholesky"
+    # the spectral space reads one extreme eigenpair per factor (curvature.extreme_eigen)
+    assert resolved(build(coarse_space="spectral")) == "cholesky"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +68,6 @@ def test_the_default_is_auto_and_plain_kfac_takes_cholesky() -> None:
         ({"adaptive_damping": True}, "adaptive"),
         ({"fine": "ekfac"}, "EKFAC"),
         ({"fine": "kfac_corrected"}, "KFAC-corrected"),
-        ({"coarse_space": "spectral"}, "spectral basis"),
     ],
 )
 def test_auto_takes_the_eigenbasis_where_it_is_needed(kwargs: dict[str, Any], why: str) -> None:
@@ -125,7 +126,7 @@ def test_auto_picks_eigen_exactly_where_cholesky_is_refused_or_damping_moves(
         damping_mode=mode,
         damping_varies=schedule or adaptive,
         fine_needs_eigenbasis=fine in EIGEN_FINE,
-        coarse_needs_eigenbasis=space == "spectral",
+        coarse_needs_eigenbasis=False,  # no coarse space needs the full eigenpairs
     )
     assert resolved(auto) == direct
 

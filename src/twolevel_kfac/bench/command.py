@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "asdl": ("twolevel_kfac.bench.peers", "ASDL's KFAC (and kfac-pytorch) beside ours"),
     "time_to_target": ("twolevel_kfac.bench.time_to_target", "CURVES: wall time to a loss"),
     "eigh_dtype": ("twolevel_kfac.bench.eigh_dtype", "eigh: float32 vs float64, batched vs loop"),
+    "extreme_pair": ("twolevel_kfac.bench.extreme_pair", "spectral space: eigh vs one pair"),
     "distributed": ("twolevel_kfac.bench.distributed", "gloo data-parallel step time, bytes"),
     "compile": ("twolevel_kfac.bench.compile", "torch.compile vs eager: SGD, KFAC, apply"),
     "gpu": ("twolevel_kfac.bench.gpu", "CUDA step times vs SGD and ASDL, bf16 autocast"),

@@ -52,6 +52,7 @@ def method_floor(spec: MethodSpec, problem: Problem, shapes: Any) -> FlopFloor:
         options.get("coarse_space", "nicolaides"),
         options.get("combination", "additive"),
         options.get("coarse_refresh", "consistent"),
+        inverse_method(spec),
     )
     return replace(floor, coarse_step=step, coarse_refresh=refresh)
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..curvature.extreme_eigen import SMALL
+
 __all__ = ["FlopFloor", "LayerShape", "coarse_floor", "flop_floor", "layer_shapes"]
 
 DECOMPOSITION_COST = {"eigen": 9.0, "cholesky": 1.0}  # FLOPs per n³
@@ -210,6 +212,7 @@ def coarse_floor(
     space: str,
     combination: str,
     refresh: str = "consistent",
+    inverse_method: str = "eigen",
 ) -> tuple[float, float]:
     """The FLOPs a two-level method adds to KFAC's, ``(per step, per refresh)``, a lower
     bound of what :mod:`twolevel_kfac.optim.coarse_parts` and the refresh do.
@@ -226,8 +229,11 @@ def coarse_floor(
     * every refresh: ``F_c = R₀F̂R₀ᵀ``, ``k·S`` (Tselepidis' from per-sample sums,
       ``2 n_F Σ L (d̄_in + d_out)``); a residual basis ``M⁻¹(g − F̂M⁻¹g)`` adds ``2S`` and
       its ``M⁻¹`` applies (1, Krylov-residual 2; one more for ``M⁻¹g`` under A-DEF1 and
-      balanced, which apply ``M⁻¹`` to another vector); the spectral basis needs the
-      eigendecompositions (``inverse_method="eigen"`` in :func:`flop_floor`);
+      balanced, which apply ``M⁻¹`` to another vector); the spectral basis reads the
+      eigendecompositions under ``inverse_method="eigen"`` (counted in :func:`flop_floor`)
+      and else one extreme pair per factor (:mod:`twolevel_kfac.curvature.extreme_eigen`):
+      a Cholesky factorisation, ``n³/3``, of a factor of side ``n`` > ``SMALL``, and a full
+      ``eigh``, ``9n³``, of a smaller one (its ``O(n²)`` iterations not counted);
     * ``refresh="faithful"``: the residual basis at every step (``F_c`` at refreshes).
 
     Not counted: ``W₀``'s build when it is kept (the floor takes each product at its
@@ -239,6 +245,7 @@ def coarse_floor(
         space: The coarse space.
         combination: The combination.
         refresh: ``consistent`` or ``faithful``.
+        inverse_method: the fine level's (``eigen`` or ``cholesky``).
     """
     params = sum(s.d_out * s.d_in_bias for s in shapes)
     apply = apply_flops(shapes)
@@ -254,11 +261,15 @@ def coarse_floor(
         )
     else:
         coarse_matrix = k * sweep
+    coarse_refresh = float(coarse_matrix)
+    if space == "spectral" and inverse_method != "eigen":
+        sides = [side for s in shapes for side in (s.d_in_bias, s.d_out)]
+        coarse_refresh += sum(side**3 / 3 if side > SMALL else 9.0 * side**3 for side in sides)
     applies = _BASIS_APPLIES.get(space, 0)
     if not applies:
-        return step, float(coarse_matrix)
+        return step, coarse_refresh
     applies += combination in ("adef1", "balanced")
     basis = 2 * sweep + applies * apply
     if refresh == "faithful":
-        return step + basis, float(coarse_matrix)
-    return step, float(basis + coarse_matrix)
+        return step + basis, coarse_refresh
+    return step, basis + coarse_refresh

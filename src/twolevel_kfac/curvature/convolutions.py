@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BlockStats, has_bias
+from .extreme_eigen import frozen_eigenpairs
 from .factor_inverse import batched_eigh
 from .kronecker import KroneckerFactors, eigen_denominator
 from .kronecker_apply import InverseOnMatrices
@@ -126,13 +127,15 @@ class GroupedFactors(InverseOnMatrices):
     def spectral_vector(self, which: str) -> Tensor:
         """The eigenvector of the smallest (largest) eigenvalue of the block-diagonal
         ``diag(A_g ⊗ G_g)``: ``q_G q_Aᵀ`` of the group whose product of extreme factor
-        eigenvalues is the smallest (largest), in its rows, zeros elsewhere (needs the
-        eigendecompositions: ``inverse_method="eigen"``, which ``auto`` picks for it)."""
+        eigenvalues is the smallest (largest), in its rows, zeros elsewhere (from the
+        groups' eigenpairs, or each factor's one extreme pair under Cholesky:
+        :func:`~.extreme_eigen.frozen_eigenpairs`)."""
         pick = torch.argmin if which == "smallest" else torch.argmax
         extremes, vectors = [], []
         for factors in self.groups:
             assert factors.decomp_a is not None and factors.decomp_g is not None
-            (vals_a, vecs_a), (vals_g, vecs_g) = factors.decomp_a, factors.decomp_g
+            vals_a, vecs_a = frozen_eigenpairs(factors.decomp_a, which)
+            vals_g, vecs_g = frozen_eigenpairs(factors.decomp_g, which)
             i, j = int(pick(vals_a)), int(pick(vals_g))
             extremes.append(float(vals_a[i] * vals_g[j]))
             vectors.append(torch.outer(vecs_g[:, j], vecs_a[:, i]))

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from . import layer_types
 from .blocks import BlockStats, layer_weight
+from .extreme_eigen import frozen_eigenpairs
 from .factor_inverse import converted_decomposition, damped_inverse, decompose_factor, eigen_inverse
 from .kronecker import factor_dampings, per_location, pi_ratio
 from .kronecker_apply import InverseOnMatrices
@@ -172,9 +173,11 @@ class TokenFactors(InverseOnMatrices):
         return self.frozen_frequencies, values, vectors
 
     def spectral_vector(self, which: str) -> Tensor:
-        """:func:`table_spectral_vector` of the frozen factors (``inverse_method="eigen"``)."""
+        """:func:`table_spectral_vector` of the frozen factors (``A``'s eigenpairs, or its
+        one extreme pair under Cholesky: :func:`~.extreme_eigen.frozen_eigenpairs`)."""
         assert self.a_decomposition is not None and self.frozen_frequencies is not None
-        return table_spectral_vector(self.frozen_frequencies, *self.a_decomposition, which)
+        pairs = frozen_eigenpairs(self.a_decomposition, which)
+        return table_spectral_vector(self.frozen_frequencies, *pairs, which)
 
     def state_dict(self) -> dict[str, Any]:
         """The state to checkpoint."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ..curvature.blocks import block_parameters, layer_shape
+from ..curvature.extreme_eigen import frozen_eigenpairs
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_spaces import build_basis, kronecker_spectral_vector, spectral_basis
@@ -22,9 +23,11 @@ __all__ = ["space_basis", "spectral_vectors"]
 
 
 def spectral_vectors(level: CoarseLevel) -> list[Tensor]:
-    """Per block the eigenvector of its smallest (largest) eigenvalue, from the current
-    decompositions (``q_G q_Aᵀ`` of a Kronecker block; among the seen tokens for an
-    embedding table; a block of its own gives its own ``spectral_vector``)."""
+    """Per block the eigenvector of its smallest (largest) eigenvalue, from the factors
+    frozen at the last refresh (``q_G q_Aᵀ`` of a Kronecker block; among the seen tokens
+    for an embedding table; a block of its own gives its own ``spectral_vector``): the
+    cached eigenpairs under ``inverse_method="eigen"``, else the one certified extreme pair
+    of each factor (:func:`~twolevel_kfac.curvature.extreme_eigen.frozen_eigenpairs`)."""
     which, vectors, host = level.options.spectral_which, [], level.host
     for name in level.names:
         factors = host.factors[name]
@@ -32,11 +35,14 @@ def spectral_vectors(level: CoarseLevel) -> list[Tensor]:
             vectors.append(factors.spectral_vector(which))  # type: ignore[attr-defined]
             continue
         assert factors.decomp_a is not None and factors.decomp_g is not None
-        (vals_a, vecs_a), (vals_g, vecs_g) = factors.decomp_a, factors.decomp_g
+        vals_a, vecs_a = frozen_eigenpairs(factors.decomp_a, which)
         if name in host.token_tables:  # G = diag(f): its eigenvectors are e_v
-            frequencies = (vecs_g * vecs_g) @ vals_g
+            values_g, vectors_g = factors.decomp_g
+            cholesky = vectors_g.numel() == 0  # the frozen G itself
+            frequencies = values_g.diagonal() if cholesky else (vectors_g**2) @ values_g
             vectors.append(table_spectral_vector(frequencies, vals_a, vecs_a, which))
             continue
+        vals_g, vecs_g = frozen_eigenpairs(factors.decomp_g, which)
         vectors.append(kronecker_spectral_vector(vecs_a, vals_a, vecs_g, vals_g, which))
     return vectors
 

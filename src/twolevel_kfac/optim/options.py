@@ -88,7 +88,8 @@ def resolve_inverse_method(
 
     * ``damping_mode="eigen_sum"``: ``(A ⊗ G + λI)⁻¹`` exists only in the eigenbasis;
     * a fine level that works in the eigenbasis (EKFAC, KFAC-corrected; KPSVD does not);
-    * a coarse space built from the factors' eigenvectors (``spectral``);
+    * a coarse level whose space needs them (none of ours: the spectral space reads one
+      extreme eigenpair per factor, :mod:`twolevel_kfac.curvature.extreme_eigen`);
     * a damping that changes between refreshes (a schedule, adaptive damping): not for
       speed (a new λ costs one GEMM per factor from the eigenpairs and about as much by a
       new Cholesky factorisation) but because λ may then become small enough (adaptive

@@ -1,0 +1,212 @@
+"""One extreme eigenpair of a Kronecker factor without its full eigendecomposition.
+
+The spectral coarse space reads only the eigenvector of each factor's smallest (or
+largest) eigenvalue (``r_i = q_G q_Aᵀ``, :func:`twolevel_kfac.twolevel.coarse_spaces.
+spectral`). A full ``eigh`` costs about five Cholesky factorisations and inverses
+(``docs/benchmarks/implementation_choices.md``), so the fine level inverts by Cholesky
+and this module finds the one pair by block subspace iteration with a Rayleigh–Ritz
+step, *certified* to the accuracy of ``eigh`` itself or replaced by ``eigh``:
+
+* tolerance ``τ = c · ε · √n · ‖M‖_F`` (``c =`` :data:`TOLERANCE`, ``ε`` the dtype's
+  machine epsilon): the size of the backward error of a symmetric eigensolver in that
+  dtype, so no answer ``eigh`` would give is more exact than one this module accepts;
+* the first phase: for the smallest, inverse iteration ``X ← (M + τI)⁻¹X`` (a Cholesky
+  factor in ``M``'s dtype, float64 when that fails); for the largest, block power
+  iteration ``X ← MX``; orthonormalised, with every :data:`CHECK_EVERY` iterations the
+  Ritz pair ``(θ, q)`` of ``XᵀMX`` at the extreme (in float64). A smallest pair with
+  ``‖Mq − θq‖ ≤ τ`` and ``θ ≤ τ`` is accepted at once (``M`` is positive semi-definite, so
+  ``λ_min ∈ [0, θ]``): the near-null factors of real networks end here;
+* otherwise, for factors of side at least :data:`REFINE_MIN` (below it ``eigh`` costs
+  less than the refinement's Python), a refinement on ``N = M`` (smallest) or ``N = −M``
+  (largest): inverse iteration with a float64 Cholesky factor of ``N − σI``, ``σ`` just
+  below ``N``'s smallest eigenvalue by the Kato–Temple bound of the first phase's pair
+  (the factor proves ``λ_min(N) > σ``), until ``‖Nq − θq‖ ≤ τ``;
+* accepted when ``θ`` is certified within ``τ`` of the extreme: ``σ ≥ θ − τ``, or a
+  float64 Cholesky factor of ``N − (θ − τ)I`` exists (so ``λ_min(N) > θ − τ``);
+* otherwise, and for factors of side at most :data:`SMALL` (where ``eigh`` is as cheap),
+  the pair of :func:`~.factor_inverse.safe_eigh`.
+
+Where the smallest eigenvalue is repeated or clustered within ``τ`` (the rank-deficient
+factors of real data: dead pixels, fewer samples than features), any unit vector of that
+cluster is such a pair and the one returned depends on the start, as ``eigh``'s depends on
+rounding. The start is a fixed pseudo-random block, so the result is a deterministic
+function of the factor (a resumed run rebuilds the same basis). On the factors of the
+MNIST and CURVES autoencoders two iterations sufficed for every factor, at a seventh of
+the time of ``eigh`` (``docs/benchmarks/implementation_choices.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .factor_inverse import safe_eigh
+
+__all__ = [
+    "BLOCK",
+    "SMALL",
+    "TOLERANCE",
+    "certified_pair",
+    "extreme_eigenpair",
+    "frozen_eigenpairs",
+    "tolerance",
+]
+
+SMALL = 64  # factors up to this side take the full eigh
+BLOCK = 4  # columns of the iterated block
+CHECK_EVERY = 2  # iterations between Rayleigh–Ritz checks
+FIRST_ITERATIONS = 6  # of the first phase (shift τ, or powers of M)
+REFINE_MIN = 384  # the refinement only for factors of at least this side (else eigh)
+SECOND_ITERATIONS = 24  # of the refinement near the extreme (each ~1/20 of a factorisation)
+TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F
+_SEED = 0x5EC7
+
+
+def extreme_eigenpair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
+    """The eigenpair of the smallest (largest) eigenvalue of a symmetric PSD ``matrix``
+    (module docstring), as a one-pair decomposition ``(values [1], vectors [n, 1])`` in
+    ``matrix``'s dtype.
+
+    Raises:
+        ValueError: ``which`` is not ``"smallest"`` or ``"largest"``.
+    """
+    if which not in ("smallest", "largest"):
+        raise ValueError(f"which must be 'smallest' or 'largest', got {which!r}")
+    pair = None if matrix.shape[-1] <= SMALL else certified_pair(matrix, which)
+    if pair is None:
+        values, vectors = safe_eigh(matrix)
+        index = int(values.argmin() if which == "smallest" else values.argmax())
+        pair = values[index : index + 1], vectors[:, index : index + 1]
+    return pair[0].to(matrix.dtype), pair[1].to(matrix.dtype)
+
+
+def frozen_eigenpairs(decomposition: tuple[Tensor, Tensor], which: str) -> tuple[Tensor, Tensor]:
+    """The eigenpairs a factor's cached decomposition offers for its ``which`` extreme:
+    all of them for ``inverse_method="eigen"`` (``(values, vectors)``), else the one
+    pair of the frozen factor (``(factor, empty)``: :func:`extreme_eigenpair`)."""
+    first, second = decomposition
+    if second.numel() > 0:
+        return first, second
+    return extreme_eigenpair(first, which)
+
+
+def tolerance(matrix64: Tensor, dtype: torch.dtype) -> float:
+    """``τ = c · ε · √n · ‖M‖_F`` with ``ε`` of ``dtype`` (module docstring)."""
+    norm = float(torch.linalg.matrix_norm(matrix64))
+    return TOLERANCE * torch.finfo(dtype).eps * math.sqrt(matrix64.shape[-1]) * norm
+
+
+@dataclass(frozen=True)
+class _Ritz:
+    """The Rayleigh–Ritz pair of a block for the smallest eigenvalue of ``N``."""
+
+    theta: float  # the smallest Ritz value
+    following: float  # the next one (an estimate of the gap)
+    residual: float  # ‖Nq − θq‖
+    vector: Tensor  # q, float64
+
+
+def _ritz(signed: Tensor, block: Tensor) -> _Ritz:
+    """Rayleigh–Ritz of ``signed`` on the orthonormal ``block``."""
+    image = signed @ block
+    values, vectors = torch.linalg.eigh(block.T @ image)
+    theta, coords = values[0], vectors[:, 0]
+    vector = block @ coords
+    residual = float(torch.linalg.vector_norm(image @ coords - theta * vector))
+    return _Ritz(float(theta), float(values[1]), residual, vector)
+
+
+def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
+    """The pair of the subspace iteration when it is certified, else ``None`` (module
+    docstring; :func:`extreme_eigenpair` then takes ``eigh``'s). Works on ``N = M`` (smallest)
+    or ``N = −M`` (largest), whose smallest eigenpair it finds."""
+    matrix64 = matrix.double()
+    tau = tolerance(matrix64, matrix.dtype)
+    if not math.isfinite(tau) or tau == 0.0:
+        return None
+    smallest = which == "smallest"
+    signed = matrix64 if smallest else matrix64.neg()
+    first = _shifted_solver(matrix, tau) if smallest else matrix64.__matmul__
+    if first is None:
+        return None
+    generator = torch.Generator().manual_seed(_SEED)
+    block = torch.randn(matrix.shape[-1], BLOCK, generator=generator, dtype=torch.float64)
+    block = block.to(matrix.device)
+    for iteration in range(1, FIRST_ITERATIONS + 1):
+        block = torch.linalg.qr(first(block))[0]
+        if iteration % CHECK_EVERY:
+            continue
+        ritz = _ritz(signed, block)
+        if smallest and ritz.residual <= tau and ritz.theta <= tau:
+            return _pair(ritz, 1.0)  # within τ of 0 ≤ λ_min
+        if ritz.residual <= tau:
+            break
+        if smallest and ritz.theta > tau and matrix.shape[-1] < REFINE_MIN:
+            return None  # not near-null: slow here, and eigh is cheap at this size
+    if ritz.residual > tau and matrix.shape[-1] < REFINE_MIN:
+        return None
+    found = _refine(signed, block, ritz, tau) if ritz.residual > tau else (ritz, -math.inf)
+    if found is None or not _certified(signed, found[0].theta, tau, found[1]):
+        return None
+    return _pair(found[0], 1.0 if smallest else -1.0)
+
+
+def _refine(signed: Tensor, block: Tensor, ritz: _Ritz, tau: float) -> tuple[_Ritz, float] | None:
+    """Inverse iteration with a shift ``σ`` just below the smallest eigenvalue of ``N``:
+    ``σ = θ − min(‖r‖, 2‖r‖²/(θ₂ − θ)) − τ`` (Kato–Temple's bound ``λ₁ ≥ θ − ‖r‖²/(λ₂ − θ)``
+    with the next Ritz value ``θ₂`` for ``λ₂``, doubled), checked by the Cholesky factor of
+    ``N − σI`` it then solves with (so ``λ₁ > σ``); the converged pair and ``σ``, or
+    ``None`` (the factor does not exist, or no convergence in :data:`SECOND_ITERATIONS`)."""
+    gap = ritz.following - ritz.theta
+    margin = min(ritz.residual, 2 * ritz.residual**2 / gap) if gap > 0 else ritz.residual
+    sigma = ritz.theta - margin - tau
+    factor, info = torch.linalg.cholesky_ex(_shifted(signed, -sigma))
+    if int(info) != 0:
+        return None
+    for _ in range(SECOND_ITERATIONS):
+        block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
+        ritz = _ritz(signed, block)
+        if ritz.residual <= tau:
+            return ritz, sigma
+    return None
+
+
+def _pair(ritz: _Ritz, sign: float) -> tuple[Tensor, Tensor]:
+    """``(values [1], vectors [n, 1])`` of ``M = sign·N``."""
+    value = ritz.vector.new_tensor([sign * ritz.theta])
+    return value, ritz.vector.unsqueeze(1)
+
+
+def _shifted(matrix: Tensor, shift: float) -> Tensor:
+    """``matrix + shift·I``, a new tensor."""
+    out = matrix.clone()
+    out.diagonal().add_(shift)
+    return out
+
+
+def _shifted_solver(matrix: Tensor, tau: float) -> Callable[[Tensor], Tensor] | None:
+    """``X ↦ (M + τI)⁻¹X`` by a Cholesky factor in ``matrix``'s dtype (float64 when that
+    fails), the result in float64; ``None`` when neither exists."""
+    for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
+        factor, info = torch.linalg.cholesky_ex(_shifted(matrix.to(dtype), tau))
+        if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
+            return _solver(factor)
+    return None
+
+
+def _solver(factor: Tensor) -> Callable[[Tensor], Tensor]:
+    """``X ↦ (LLᵀ)⁻¹X`` in ``L``'s dtype, returned in float64."""
+    return lambda block: torch.cholesky_solve(block.to(factor.dtype), factor).double()
+
+
+def _certified(signed: Tensor, theta: float, tau: float, below: float) -> bool:
+    """Whether the smallest eigenvalue of ``N`` exceeds ``θ − τ`` (so ``θ`` is within
+    ``τ`` of it): known when a factorisation at ``below ≥ θ − τ`` already succeeded, else a
+    float64 Cholesky factor of ``N − (θ − τ)I`` exists."""
+    if below >= theta - tau:
+        return True
+    return int(torch.linalg.cholesky_ex(_shifted(signed, tau - theta))[1]) == 0

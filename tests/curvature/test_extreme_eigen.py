@@ -1,0 +1,212 @@
+"""The certified extreme eigenpair of a factor (:mod:`twolevel_kfac.curvature.extreme_eigen`)
+against ``torch.linalg.eigh``, its certificate, its fallback, and the spectral step it
+gives against the one built from the full eigendecompositions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from test_kfac_exact import CONTRACT, one_step
+from twolevel_kfac.curvature import extreme_eigen
+from twolevel_kfac.curvature.extreme_eigen import (
+    BLOCK,
+    REFINE_MIN,
+    SMALL,
+    certified_pair,
+    extreme_eigenpair,
+    frozen_eigenpairs,
+    tolerance,
+)
+from twolevel_kfac.curvature.factor_inverse import safe_eigh
+
+WHICH = ("smallest", "largest")
+
+
+def spectrum_matrix(values: Tensor, first: Tensor | None = None, seed: int = 0) -> Tensor:
+    """``Q diag(values) Qᵀ`` with a random orthogonal ``Q`` (its first column ``first``)."""
+    n = values.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    if first is not None:
+        start[:, 0] = first
+    q = torch.linalg.qr(start)[0]
+    return (q * values) @ q.T
+
+
+def wishart(n: int, samples: int, dtype: torch.dtype, seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, n, generator=gen, dtype=torch.float64)
+    return (x.T @ x / samples).to(dtype)
+
+
+def assert_certified_pair(matrix: Tensor, which: str) -> None:
+    """Within ``τ`` of eigh's extreme eigenvalue, a residual below ``τ``, unit norm."""
+    values, vectors = extreme_eigenpair(matrix, which)
+    assert values.shape == (1,) and vectors.shape == (matrix.shape[0], 1)
+    assert values.dtype == vectors.dtype == matrix.dtype
+    m64, q, theta = matrix.double(), vectors[:, 0].double(), float(values[0])
+    tau = tolerance(m64, matrix.dtype)
+    exact = torch.linalg.eigvalsh(m64)
+    extreme = float(exact[0] if which == "smallest" else exact[-1])
+    slack = 4 * torch.finfo(matrix.dtype).eps * float(exact.abs().max())  # the cast back
+    assert abs(theta - extreme) <= tau + slack
+    assert float(torch.linalg.vector_norm(m64 @ q - theta * q)) <= tau + slack
+    assert float(q.norm()) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", WHICH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [SMALL + 1, 100, 257, REFINE_MIN])
+def test_the_pair_is_certified_against_eigh(n: int, dtype: torch.dtype, which: str) -> None:
+    assert_certified_pair(wishart(n, 4 * n, dtype), which)
+
+
+@pytest.mark.parametrize("which", WHICH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_refinement_certifies_a_well_conditioned_factor(dtype: torch.dtype, which: str) -> None:
+    """A Wishart factor (λ_min a quarter of the mean, dense near both edges): the first
+    phase leaves a residual above ``τ``; the shifted refinement certifies the pair."""
+    matrix = wishart(REFINE_MIN, 4 * REFINE_MIN, dtype)
+    assert certified_pair(matrix, which) is not None
+    assert_certified_pair(matrix, which)
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_a_separated_extreme_gives_eighs_eigenvector(which: str) -> None:
+    """With the extreme eigenvalue 0.1 apart from the rest, the vector is eigh's (up to
+    its sign) to ``τ/gap``."""
+    values = torch.linspace(1.0, 2.0, 120, dtype=torch.float64)
+    values[0 if which == "smallest" else -1] = 0.5 if which == "smallest" else 2.5
+    matrix = spectrum_matrix(values, seed=3)
+    _, vector = extreme_eigenpair(matrix, which)
+    column = 0 if which == "smallest" else -1
+    reference = torch.linalg.eigh(matrix).eigenvectors[:, column]
+    sign = torch.sign(reference @ vector[:, 0])
+    assert torch.allclose(sign * vector[:, 0], reference, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_rank_deficient_factor_gives_a_null_vector(dtype: torch.dtype) -> None:
+    """Fewer samples than features (the dead pixels of MNIST): the smallest eigenvalue 0 is
+    repeated and any null vector is the pair; the one returned has ``‖Mq‖ ≤ τ``."""
+    matrix = wishart(150, 90, dtype)
+    values, vectors = extreme_eigenpair(matrix, "smallest")
+    m64 = matrix.double()
+    assert float(values[0]) <= tolerance(m64, dtype)
+    assert float((m64 @ vectors[:, 0].double()).norm()) <= tolerance(m64, dtype)
+
+
+def test_the_result_is_a_deterministic_function_of_the_factor() -> None:
+    """A resumed run rebuilds the basis from the saved factors: bit for bit."""
+    matrix = wishart(120, 200, torch.float32)
+    first, second = (
+        extreme_eigenpair(matrix, "smallest"),
+        extreme_eigenpair(matrix.clone(), "smallest"),
+    )
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def start_block(n: int) -> Tensor:
+    gen = torch.Generator().manual_seed(extreme_eigen._SEED)
+    return torch.randn(n, BLOCK, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_a_start_blind_to_the_extreme_is_caught_by_the_certificate(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The extreme eigenvector orthogonal to the fixed start block and every other
+    eigenvalue equal: the iteration stays in the other eigenspace with a zero residual, and
+    only the certificate (a Cholesky factorisation past the extreme) sees that ``θ`` is not
+    the extreme; the answer is then eigh's. Without the certificate it would be wrong."""
+    n = 100
+    block = start_block(n)
+    blind = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    blind -= block @ torch.linalg.lstsq(block, blind).solution
+    values = torch.ones(n, dtype=torch.float64)
+    values[0] = 0.5 if which == "smallest" else 2.0
+    matrix = spectrum_matrix(values, first=blind)
+    found, _ = extreme_eigenpair(matrix, which)
+    assert float(found[0]) == pytest.approx(float(values[0]), abs=1e-12)
+    monkeypatch.setattr(extreme_eigen, "_certified", lambda *args: True)
+    uncertified, _ = extreme_eigenpair(matrix, which)
+    assert float(uncertified[0]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_an_unconverged_iteration_falls_back_to_eigh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eight largest eigenvalues 1e-11 apart (``τ`` is 4e-14), more than the block
+    holds: neither phase separates them in its iterations (the refinement is let run at
+    this size), and the pair is eigh's, bit for bit."""
+    monkeypatch.setattr(extreme_eigen, "REFINE_MIN", SMALL)
+    values = torch.linspace(0.0, 0.5, 90, dtype=torch.float64)
+    values[-8:] = 1.0 - 1e-11 * torch.arange(7, -1, -1, dtype=torch.float64)
+    matrix = spectrum_matrix(values, seed=4)
+    assert certified_pair(matrix, "largest") is None
+    eig_values, eig_vectors = safe_eigh(matrix)
+    found_values, found_vectors = extreme_eigenpair(matrix, "largest")
+    top = int(eig_values.argmax())
+    assert torch.equal(found_values, eig_values[top : top + 1])
+    assert torch.equal(found_vectors, eig_vectors[:, top : top + 1])
+
+
+def test_small_factors_and_eigen_decompositions_are_read_as_they_are() -> None:
+    small = wishart(SMALL, 200, torch.float64)
+    values, vectors = safe_eigh(small)
+    assert torch.equal(extreme_eigenpair(small, "smallest")[1], vectors[:, :1])
+    assert frozen_eigenpairs((values, vectors), "smallest") == (values, vectors)
+    with pytest.raises(ValueError, match="which must be 'smallest' or 'largest'"):
+        extreme_eigenpair(small, "middle")
+
+
+class WideNet(nn.Module):
+    """Factors of sides 71, 80, 81 and 66 (all above ``SMALL``): the iteration runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(70, 80), nn.Linear(80, 66)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("combination", ["additive", "adef2"])
+@pytest.mark.parametrize("which", WHICH)
+def test_a_spectral_step_under_cholesky_equals_the_step_from_eigh(
+    float64: None, which: str, combination: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` now inverts by Cholesky for the spectral space and reads one certified pair
+    per factor; its step equals the one under ``inverse_method="eigen"`` (full eigenpairs,
+    oracle-tested in ``test_twolevel_exact``) to 1e-9, with every pair from the iteration."""
+    accepted = []
+    iterate = extreme_eigen.certified_pair
+
+    def spy(matrix: Tensor, side: str) -> tuple[Tensor, Tensor] | None:
+        pair = iterate(matrix, side)
+        accepted.append(pair is not None)
+        return pair
+
+    monkeypatch.setattr(extreme_eigen, "certified_pair", spy)
+    monkeypatch.setattr(extreme_eigen, "REFINE_MIN", SMALL)  # refine at these sizes too
+    model = WideNet()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 70, generator=gen), torch.randint(66, (256,), generator=gen)
+    steps = {}
+    for method in ("auto", "eigen"):
+        net = copy.deepcopy(model)
+        opt = tk.TwoLevelKFAC(
+            net, damping=0.05, coarse_space="spectral", spectral_which=which,
+            combination=combination, inverse_method=method, **CONTRACT,
+        )  # fmt: skip
+        steps[method] = one_step(net, opt, x, y)
+        expected = "cholesky" if method == "auto" else "eigen"
+        assert opt.preconditioner.options.inverse_method == expected
+    assert accepted == [True] * 4  # A and G of both layers, under auto only
+    for name, step in steps["auto"].items():
+        reference = steps["eigen"][name]
+        assert float((step - reference).norm()) <= 1e-9 * float(reference.norm()), name
