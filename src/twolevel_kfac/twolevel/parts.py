@@ -4,6 +4,13 @@ Autograd leaves a layer's gradient as ``∇W`` and ``∇b``; between refreshes t
 steps restrict from and prolong into those parts directly, with each layer's basis
 ``[k_i, d_out_i, d_in'_i]`` split once into its ``W`` and ``b`` columns, so the
 ``W̄ = [V, b]`` matrices are never formed.
+
+The ``W`` columns are a contiguous copy, as large as the basis (a GEMV needs a flat
+``[k_i, d_out·d_in]`` matrix; on the strided view of ``W̄`` the restriction is 1.7× and
+the prolongation 1.4× slower, MNIST autoencoder, and rounds differently): the coarse level
+holds the basis twice between refreshes, and a refresh drops the old split before it
+builds the new basis (:meth:`~twolevel_kfac.twolevel.coarse_matrix.CoarseOperator.
+release_parts_basis`).
 """
 
 from __future__ import annotations
