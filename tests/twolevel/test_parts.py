@@ -187,3 +187,48 @@ def test_a_refresh_builds_its_basis_without_the_old_split_basis(
     assert not any(held for _, held in builds)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("space", ["krylov_nicolaides", "residual", "spectral"])
+def test_a_refresh_builds_its_basis_without_the_old_basis(space: str) -> None:
+    """The coarse level drops its old basis (and ``Q`` and ``P`` built on it) before it
+    builds the new one, so no tensor of the old basis is alive during the build: the
+    refresh's peak holds one basis, not two (``bench memory``, T + 2 steps). The list is
+    rebound, not cleared: a state dict taken before keeps the basis it saved."""
+    import weakref
+
+    import twolevel_kfac as tk
+
+    for hold in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        settings = {"lr": 0.1, "damping": 0.05, "coarse_space": space, "combination": "adef2"}
+        opt = tk.TwoLevelKFAC(model, cov_interval=2, inv_interval=2, **settings)
+        level = opt.preconditioner.coarse_level
+        assert level is not None
+        old: list[weakref.ref[torch.Tensor]] = []
+        alive_at_builds: list[bool] = []
+        build = level.build_basis
+
+        def watched(minv_res: list[torch.Tensor] | None) -> list[torch.Tensor]:
+            alive_at_builds.append(any(ref() is not None for ref in old))  # noqa: B023
+            return build(minv_res)  # noqa: B023
+
+        level.build_basis = watched  # type: ignore[method-assign]
+        gen = torch.Generator().manual_seed(1)
+        saved, copies = None, None
+        for step in range(5):  # refreshes (basis builds) at steps 0, 2 and 4
+            x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            assert level.basis is not None
+            old[:] = [weakref.ref(t) for t in level.basis]
+            if hold and step == 1:
+                saved = opt.state_dict()["preconditioner"]["coarse"]["basis"]
+                copies = None if saved is None else [t.clone() for t in saved]
+        if not hold:
+            assert alive_at_builds == [False, False, False]
+        elif saved is not None:  # a saved basis (residual) is the one of step 1, intact
+            assert copies is not None
+            assert all(torch.equal(t, c) for t, c in zip(saved, copies, strict=True))

@@ -2,9 +2,10 @@
 of the step-time matrix, against KFAC at its defaults.
 
 Each (problem, method) runs in a fresh ``forkserver`` child (:mod:`.memory`): the extra
-peak resident memory of a few steps (a refresh step first) over one plain forward and
-backward pass, and the size of ``torch.save(optimizer.state_dict())`` after them. The
-methods are the step-time benchmark's (:func:`~.methods.step_time_methods`), T = 20.
+peak resident memory of ``T + 2`` steps (two refreshes, the second building its basis while
+the first's is held) over one plain forward and backward pass, and the size of
+``torch.save(optimizer.state_dict())`` after them. The methods are the step-time
+benchmark's (:func:`~.methods.step_time_methods`), T = 20.
 
 Targets (the fast-defaults issue): ``TwoLevelKFAC``'s state and peak ≤ 1.2× KFAC's. The
 default two-level configuration (additive, consistent refresh) keeps no Fisher mini-batch

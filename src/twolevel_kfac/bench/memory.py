@@ -8,13 +8,15 @@ OpenMP): the child builds the model and the batch, reads ``resource.getrusage(..
 after one plain forward and backward pass (which loads the kernels, starts autograd's
 threads and touches the activations and gradients once) and after the method's first steps
 on a tiny stand-in network (which imports what the method imports lazily: PyTorch loads
-``torch._dynamo`` when the first optimizer is built, some 60 MiB), then builds the optimizer, takes
-a few steps (a refresh step included) and reads it again. The reported figure is the
-difference in MiB: the peak memory a method needs *beyond a plain forward and backward
-pass* (its state: momentum, factors, decompositions, stored Fisher statistics; and its
-transients), as resident memory, so allocator slack counts too. A child that ``spawn``
-started would inherit the parent's peak through ``exec`` and report nothing; a
-``forkserver`` child starts at the server's small peak.
+``torch._dynamo`` when the first optimizer is built, some 60 MiB), then builds the
+optimizer, takes ``T + 2`` steps (two refresh steps, the second of which builds its
+curvature and coarse basis while the first's are still held, and the step after it) and
+reads it again. The reported figure is the difference in MiB: the peak memory a method
+needs *beyond a plain forward and backward pass* (its state: momentum, factors,
+decompositions, stored Fisher statistics; and its transients), as resident memory, so
+allocator slack counts too. A child that ``spawn`` started would inherit the parent's peak
+through ``exec`` and report nothing; a ``forkserver`` child starts at the server's small
+peak.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ __all__ = ["METHOD_NOTE", "Footprint", "footprint", "state_dict_mib"]
 
 METHOD_NOTE = (
     "extra peak resident memory (ru_maxrss delta, MiB) of a forkserver child over one plain "
-    "forward+backward pass: the optimizer's state and transients"
+    "forward+backward pass, through T + 2 steps (two refreshes): the optimizer's state and "
+    "transients"
 )
 _PRELOAD = ["torch", "twolevel_kfac.bench.methods"]
 
@@ -114,7 +117,7 @@ def footprint(
     problem: Problem,
     interval: int,
     threads: int,
-    steps: int = 3,
+    steps: int | None = None,
     timeout_s: float = 600.0,
 ) -> Footprint:
     """Peak memory of ``spec`` on ``problem`` (module docstring) and the size of its
@@ -125,7 +128,8 @@ def footprint(
         problem: The problem (its model and batch are built in the child).
         interval: Refresh interval T of the method.
         threads: torch threads of the child.
-        steps: Training steps taken (the first is a refresh step).
+        steps: Training steps taken (the first is a refresh step); ``interval + 2`` when
+            ``None``, so that the peak includes a second refresh (module docstring).
         timeout_s: Give up after this long.
 
     Returns:
@@ -134,6 +138,7 @@ def footprint(
     ctx: Any = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     parent, child = ctx.Pipe(duplex=False)
+    steps = interval + 2 if steps is None else steps
     process = ctx.Process(target=_child, args=(child, spec, problem, interval, steps, threads))
     process.start()
     child.close()

@@ -336,6 +336,9 @@ class CoarseLevel:
             self.minv(residual) if residual is not None and space in RESIDUAL_SPACES else None
         )
         if refreshed or per_step_basis or self.basis is None:
+            # the old basis (and Q, P built on it) is not held while the new one is built:
+            # rebound, not cleared, since a saved state dict may share the list
+            self.basis, self._operator, self.projections = None, None, None
             self.basis = self.basis_of(minv_res)
             self.basis_source = (self.host.fine_version, self.host.damping)
         if refreshed or self.coarse_matrix is None:

@@ -56,11 +56,11 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> list[Tensor
         return spectral_basis([v.to(param.dtype) for v in spectral_vectors(level)])
     shapes = [layer_shape(host.layers[n]) for n in level.names]
     minv_ones = None
-    if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product
-        minv_ones = [
+    if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product, layer by layer
+        minv_ones = (
             host.apply_fine_outer(n, param.new_ones(d_out), param.new_ones(d_in))
             for n, (d_out, d_in) in zip(level.names, shapes, strict=True)
-        ]
+        )
     return build_basis(
         space,
         shapes,

@@ -16,7 +16,7 @@ one call on a layer vector applies every ``M_i⁻¹`` to its own layer at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -174,27 +174,40 @@ def krylov_nicolaides(
     shapes: Sequence[tuple[int, int]],
     minv: LinearMap,
     *,
-    minv_ones: LayerVector | None = None,
+    minv_ones: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Basis:
     """Krylov–Nicolaides coarse space ``{1, M_i⁻¹ 1}`` per layer (label KRY-NICO).
 
+    Each layer's pair is written into one new ``[2, d_out, d_in']`` tensor as its
+    ``M⁻¹1`` arrives, so no list of ones is formed and a lazy ``minv_ones`` is never held
+    whole beside the basis.
+
     Args:
         shapes: ``(d_out_i, d_in'_i)`` per layer.
         minv: the block-diagonal fine preconditioner ``v ↦ M⁻¹v``.
-        minv_ones: ``M⁻¹1`` when the caller has it cheaper than ``minv`` (a factored KFAC
-            inverse maps the rank-one ``1 1ᵀ`` to ``(G⁻¹1)(A⁻¹1)ᵀ``: two mat-vecs
-            instead of two GEMMs).
-        dtype: dtype of the basis (default: torch's default dtype).
+        minv_ones: ``M⁻¹1`` per layer (any iterable, read once) when the caller has it
+            cheaper than ``minv`` (a factored KFAC inverse maps the rank-one ``1 1ᵀ`` to
+            ``(G⁻¹1)(A⁻¹1)ᵀ``: two mat-vecs instead of two GEMMs).
+        dtype: dtype of the ones (default: torch's default dtype); the pair takes the
+            promoted dtype of the ones and ``M⁻¹1``.
         device: device of the basis.
 
     Returns:
         A basis with ``k_i = 2``.
     """
     dev = torch.device(device) if isinstance(device, str) else device
-    ones = _ones(shapes, dtype, dev)
-    return _stack_normalized(ones, minv(ones) if minv_ones is None else minv_ones)
+    if minv_ones is None:
+        minv_ones = minv(_ones(shapes, dtype, dev))
+    ones_dtype = torch.get_default_dtype() if dtype is None else dtype
+    basis = []
+    for shape, second in zip(shapes, minv_ones, strict=True):
+        pair = second.new_empty((2, *shape), dtype=torch.promote_types(ones_dtype, second.dtype))
+        pair[0].fill_(1.0)
+        pair[1].copy_(second)
+        basis.append(normalize_inf_(pair))
+    return basis
 
 
 def krylov_residual(minv_res: LayerVector, minv: LinearMap) -> Basis:
@@ -216,7 +229,7 @@ def build_basis(
     *,
     minv: LinearMap | None = None,
     minv_res: LayerVector | None = None,
-    minv_ones: LayerVector | None = None,
+    minv_ones: Iterable[Tensor] | None = None,
     eigen: tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]]
     | None = None,
     which: str = "smallest",
