@@ -23,9 +23,11 @@ from ..curvature.blocks import block_parameters
 
 __all__ = [
     "assign_grad",
+    "assign_layers",
     "clip_scale",
     "kl_clip_scale",
     "part_pairs",
+    "scale_in_place",
     "set_grad",
     "sum_abs_layer_dots",
     "writable_in_place",
@@ -49,7 +51,7 @@ def sum_abs_layer_dots(
     """``Σ_i w_i |Σ_parts ⟨d, g⟩|`` over the layers' (direction, gradient) part pairs
     (``w_i = 1`` by default), in float64, with one host sync rather than one per part (a
     dot product reads both once; ``(d * g).sum()`` would also write a full-size product)."""
-    dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for pairs in layers for d, g in pairs]
+    dots = [torch.dot(_flat(d), _flat(g)) for pairs in layers for d, g in pairs]
     if not dots:
         return 0.0
     w = weights if weights is not None else [1.0] * len(layers)
@@ -57,7 +59,10 @@ def sum_abs_layer_dots(
         parts = iter([float(t) for t in dots])
         layer_dots = [abs(sum(next(parts) for _ in pairs)) for pairs in layers]
         return sum(wi * x for wi, x in zip(w, layer_dots, strict=True))
-    values = torch.stack(dots).double()
+    stacked = torch.stack(dots)
+    if stacked.device.type == "cpu" and all(len(pairs) in (1, 2) for pairs in layers):
+        return _host_layer_sum(stacked, layers, weights)
+    values = stacked.double()
     if len(dots) > len(layers):  # weight and bias parts of one layer are summed first
         owner = [i for i, pairs in enumerate(layers) for _ in pairs]
         index = torch.tensor(owner, device=values.device)
@@ -65,6 +70,26 @@ def sum_abs_layer_dots(
     if weights is None:
         return float(values.abs().sum())
     return float(values.abs() @ values.new_tensor(w))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as the vector ``torch.dot`` takes (a bias part already is one)."""
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def _host_layer_sum(
+    stacked: Tensor, layers: list[list[tuple[Tensor, Tensor]]], weights: list[float] | None
+) -> float:
+    """The float64 tail of :func:`sum_abs_layer_dots` for CPU dots of at most two parts a
+    layer, bit for bit: each layer's ``|w + b|`` is one float64 addition whatever the order
+    (``index_add_`` onto zeros adds the same two numbers), and the sum over the layers runs
+    on a tensor of the same float64 values, as before: 4 tensor ops instead of 8."""
+    values = iter(stacked.tolist())  # float32 → float64 is exact
+    per_layer = [abs(sum(next(values) for _ in pairs)) for pairs in layers]
+    totals = torch.tensor(per_layer, dtype=torch.float64)
+    if weights is None:
+        return float(totals.sum())
+    return float(totals @ torch.tensor(weights, dtype=torch.float64))
 
 
 def kl_clip_scale(
@@ -108,6 +133,42 @@ def write_layer(
     main, extra = block_parameters(module)
     write_grad(main, weight, scale, assign)
     write_grad(extra, bias, scale, assign)
+
+
+def assign_layers(
+    modules: list[nn.Module], directions: list[tuple[Tensor, Tensor | None]], scale: float
+) -> None:
+    """:func:`write_layer` with ``assign=True`` for many layers: fresh directions (or
+    ``.grad``'s own storage) scaled in place (:func:`scale_in_place`) and handed to
+    ``.grad`` (:func:`assign_grad`)."""
+    params, values = [], []
+    for module, (weight, bias) in zip(modules, directions, strict=True):
+        main, extra = block_parameters(module)
+        for param, value in ((main, weight), (extra, bias)):
+            if param is not None and value is not None:
+                params.append(param)
+                values.append(value)
+    if scale != 1.0:
+        scale_in_place(values, scale)
+    for param, value in zip(params, values, strict=True):
+        assign_grad(param, value)
+
+
+def scale_in_place(tensors: list[Tensor], scale: float) -> None:
+    """``t.mul_(scale)`` for each tensor, bit for bit, in one ``torch._foreach_mul_`` on
+    the CPU (24 small tensors: 19 µs, the loop 73). Its factor is a 0-dim tensor in the
+    precision ``mul_`` rounds ``scale`` to: float32 (the op math of float32, bf16 and
+    fp16 tensors), float64 when a tensor is float64. A Python float would not do: foreach
+    rounds it to a bf16 / fp16 tensor's own dtype first, which ``mul_`` does not (and a
+    float64 factor for float32 tensors costs a cast per tensor). Other devices keep the
+    loop."""
+    if not tensors or not all(t.is_cpu for t in tensors):
+        for t in tensors:
+            t.mul_(scale)
+        return
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    factor = torch.tensor(scale, dtype=torch.float64 if wide else torch.float32)
+    torch._foreach_mul_(tensors, factor)
 
 
 def clip_scale(

@@ -44,7 +44,7 @@ from ..distributed import layer_specs, make_communicator, rank_seed, reduce_stat
 from ..finite import all_finite
 from ..placement import autocast_off, move_tensors
 from .coarse import CoarseLevel
-from .directions import clip_scale, part_pairs, writable_in_place, write_layer
+from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
 from .fine import FineLevel
 from .options import (
     CoarseOptions,
@@ -327,8 +327,7 @@ class KFACPreconditioner:
         """KL-clip fresh contiguous directions given as (weight, bias) parts against the
         gradients' parts and hand them to ``.grad``."""
         scale = self._kl_scale(part_pairs(directions, grads), lrs, list(grads))
-        for name, (weight, bias) in directions.items():
-            write_layer(self.layers[name], weight, bias, scale, assign=True)
+        assign_layers([self.layers[n] for n in directions], list(directions.values()), scale)
 
     def _plain_kfac_directions(self) -> bool:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
@@ -363,7 +362,8 @@ class KFACPreconditioner:
 
     def preconditioned_parameters(self) -> set[int]:
         """The ``id`` of every preconditioned parameter."""
-        return {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
+        layers = self.layers.values()  # registered: parameters(recurse=False), faster
+        return {id(p) for m in layers for p in m._parameters.values() if p is not None}
 
     def state_dict(self) -> dict[str, Any]:
         """Factors, cached decompositions, step counter and the sampler's RNG state
