@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from test_kfac_exact import CONTRACT, one_step
-from twolevel_kfac.curvature import extreme_eigen
+from twolevel_kfac.curvature import extreme_eigen, layer_types
 from twolevel_kfac.curvature.extreme_eigen import (
     BLOCK,
     REFINE_MIN,
@@ -22,7 +23,7 @@ from twolevel_kfac.curvature.extreme_eigen import (
     frozen_eigenpairs,
     tolerance,
 )
-from twolevel_kfac.curvature.factor_inverse import safe_eigh
+from twolevel_kfac.curvature.factor_inverse import damped_inverse, safe_eigh
 
 WHICH = ("smallest", "largest")
 
@@ -61,9 +62,19 @@ def assert_certified_pair(matrix: Tensor, which: str) -> None:
 
 @pytest.mark.parametrize("which", WHICH)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [SMALL + 1, 100, 257, REFINE_MIN])
-def test_the_pair_is_certified_against_eigh(n: int, dtype: torch.dtype, which: str) -> None:
-    assert_certified_pair(wishart(n, 4 * n, dtype), which)
+@pytest.mark.parametrize("n", [SMALL + 1, 200, 300, REFINE_MIN])
+@pytest.mark.parametrize("kind", ["well-conditioned", "rank-deficient"])
+def test_the_pair_is_certified_against_eigh(
+    n: int, dtype: torch.dtype, which: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every path of the iteration (the near-null shortcut, the refinement, the power
+    iteration) run at these sizes (``REFINE_MIN`` lowered), and the pair it certifies
+    checked against ``eigvalsh``: all but one of these 32 factors certify."""
+    monkeypatch.setattr(extreme_eigen, "REFINE_MIN", SMALL + 1)
+    matrix = wishart(n, 4 * n if kind == "well-conditioned" else n // 2, dtype)
+    hard = (n, dtype, which, kind) == (200, torch.float64, "largest", "well-conditioned")
+    assert (certified_pair(matrix, which) is None) == hard  # that one falls back to eigh
+    assert_certified_pair(matrix, which)
 
 
 @pytest.mark.parametrize("which", WHICH)
@@ -101,14 +112,58 @@ def test_a_rank_deficient_factor_gives_a_null_vector(dtype: torch.dtype) -> None
     assert float((m64 @ vectors[:, 0].double()).norm()) <= tolerance(m64, dtype)
 
 
-def test_the_result_is_a_deterministic_function_of_the_factor() -> None:
-    """A resumed run rebuilds the basis from the saved factors: bit for bit."""
-    matrix = wishart(120, 200, torch.float32)
+@pytest.mark.parametrize("samples", [100, 800])
+def test_the_result_is_a_deterministic_function_of_the_factor(samples: int) -> None:
+    """A resumed run rebuilds the basis from the saved factors: bit for bit (a null vector
+    of a rank-deficient factor, chosen by the start, and a refined one)."""
+    matrix = wishart(REFINE_MIN, samples, torch.float32)
+    assert certified_pair(matrix, "smallest") is not None
     first, second = (
         extreme_eigenpair(matrix, "smallest"),
         extreme_eigenpair(matrix.clone(), "smallest"),
     )
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_a_frozen_factor_is_decomposed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``frozen_eigenpairs`` computes a frozen factor's pair once per ``which`` (a basis
+    rebuilt at every statistics step reads it again), again once the factor is written
+    to, and forgets it with the factor."""
+    calls: list[str] = []
+    real = extreme_eigen.extreme_eigenpair
+
+    def spy(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
+        calls.append(which)
+        return real(matrix, which)
+
+    monkeypatch.setattr(extreme_eigen, "extreme_eigenpair", spy)
+    frozen = (wishart(SMALL + 10, 1000, torch.float32), torch.empty(0))
+    first = frozen_eigenpairs(frozen, "smallest")
+    assert frozen_eigenpairs(frozen, "smallest") is first
+    frozen_eigenpairs(frozen, "largest")
+    assert calls == ["smallest", "largest"]
+    frozen[0].mul_(2.0)
+    torch.testing.assert_close(frozen_eigenpairs(frozen, "smallest")[0], 2 * first[0])
+    assert len(calls) == 3
+    held = len(extreme_eigen._FROZEN_PAIRS)
+    del frozen
+    assert len(extreme_eigen._FROZEN_PAIRS) == held - 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_factor_is_decomposed_in_float32(dtype: torch.dtype) -> None:
+    """``factor_dtype=torch.bfloat16``: no LAPACK kernel takes it, so the pair (and the
+    Cholesky inverse) are those of the factor in float32, returned in its dtype."""
+    matrix = wishart(SMALL + 20, 400, torch.float32).to(dtype)
+    values, vectors = extreme_eigenpair(matrix, "smallest")
+    wide_values, wide_vectors = extreme_eigenpair(matrix.float(), "smallest")
+    assert values.dtype == vectors.dtype == dtype
+    assert torch.equal(values, wide_values.to(dtype)) and torch.equal(
+        vectors, wide_vectors.to(dtype)
+    )
+    inverse = damped_inverse(matrix, 0.1)
+    assert inverse.dtype == dtype
+    torch.testing.assert_close(inverse, damped_inverse(matrix.float(), 0.1).to(dtype))
 
 
 def start_block(n: int) -> Tensor:
@@ -124,7 +179,7 @@ def test_a_start_blind_to_the_extreme_is_caught_by_the_certificate(
     eigenvalue equal: the iteration stays in the other eigenspace with a zero residual, and
     only the certificate (a Cholesky factorisation past the extreme) sees that ``θ`` is not
     the extreme; the answer is then eigh's. Without the certificate it would be wrong."""
-    n = 100
+    n = 200
     block = start_block(n)
     blind = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     blind -= block @ torch.linalg.lstsq(block, blind).solution
@@ -154,6 +209,51 @@ def test_an_unconverged_iteration_falls_back_to_eigh(monkeypatch: pytest.MonkeyP
     assert torch.equal(found_vectors, eig_vectors[:, top : top + 1])
 
 
+def test_an_unconverged_refinement_is_not_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One refinement step leaves the residual of a well-conditioned factor above ``τ``:
+    the iteration gives up and the pair is eigh's (an unconverged pair returned anyway is
+    caught by the float64 ``largest`` case of the check against eigh above)."""
+    matrix = wishart(REFINE_MIN, 4 * REFINE_MIN, torch.float64)
+    assert certified_pair(matrix, "smallest") is not None
+    monkeypatch.setattr(extreme_eigen, "SECOND_ITERATIONS", 1)
+    assert certified_pair(matrix, "smallest") is None
+    assert_certified_pair(matrix, "smallest")
+
+
+def test_the_near_null_shortcut_needs_a_small_residual() -> None:
+    """The null vector and one of eigenvalue ``3τ`` seen by the start block along one
+    direction only: after the first phase's two iterations the Ritz value is below ``τ``
+    but its vector still mixes the two (residual ``~17τ``); it is not taken until the
+    residual is below ``τ`` too."""
+    n = 100
+    block, gen = start_block(n), torch.Generator().manual_seed(5)
+    seen = block @ torch.randn(BLOCK, generator=gen, dtype=torch.float64)
+    unseen = torch.randn(n, generator=gen, dtype=torch.float64)
+    unseen -= block @ torch.linalg.lstsq(block, unseen).solution
+    null = seen + unseen
+    near = seen - (seen @ seen) / (unseen @ unseen) * unseen  # ⊥ null, the same view
+    start = torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    start[:, 0], start[:, 1] = null, near
+    q = torch.linalg.qr(start)[0]
+    values = torch.ones(n, dtype=torch.float64)
+    values[0] = 0.0
+    values[1] = 3 * tolerance(torch.diag(values), torch.float64)
+    matrix = (q * values) @ q.T
+    matrix = 0.5 * (matrix + matrix.T)
+    tau = tolerance(matrix, torch.float64)
+    solve = extreme_eigen._shifted_solver(matrix, tau)
+    assert solve is not None
+    first = block
+    for _ in range(extreme_eigen.CHECK_EVERY):
+        first = torch.linalg.qr(solve(first))[0]
+    ritz = extreme_eigen._ritz(matrix, first)
+    assert ritz.theta <= tau < ritz.residual  # the trap
+    pair = certified_pair(matrix, "smallest")  # (side 100 ≤ SMALL: called directly)
+    assert pair is not None
+    vector = pair[1][:, 0]
+    assert float((matrix @ vector - pair[0] * vector).norm()) <= tau
+
+
 def test_small_factors_and_eigen_decompositions_are_read_as_they_are() -> None:
     small = wishart(SMALL, 200, torch.float64)
     values, vectors = safe_eigh(small)
@@ -164,7 +264,7 @@ def test_small_factors_and_eigen_decompositions_are_read_as_they_are() -> None:
 
 
 class WideNet(nn.Module):
-    """Factors of sides 71, 80, 81 and 66 (all above ``SMALL``): the iteration runs."""
+    """Factors of sides 71, 80, 81 and 66 (above a ``SMALL`` of 64): the iteration runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -192,7 +292,8 @@ def test_a_spectral_step_under_cholesky_equals_the_step_from_eigh(
         return pair
 
     monkeypatch.setattr(extreme_eigen, "certified_pair", spy)
-    monkeypatch.setattr(extreme_eigen, "REFINE_MIN", SMALL)  # refine at these sizes too
+    monkeypatch.setattr(extreme_eigen, "SMALL", 64)  # iterate at these sizes
+    monkeypatch.setattr(extreme_eigen, "REFINE_MIN", 64)  # and refine
     model = WideNet()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(256, 70, generator=gen), torch.randint(66, (256,), generator=gen)
@@ -210,3 +311,37 @@ def test_a_spectral_step_under_cholesky_equals_the_step_from_eigh(
     for name, step in steps["auto"].items():
         reference = steps["eigen"][name]
         assert float((step - reference).norm()) <= 1e-9 * float(reference.norm()), name
+
+
+@pytest.mark.parametrize("which", WHICH)
+@pytest.mark.parametrize("module", ["grouped convolution", "token table"])
+def test_grouped_and_token_blocks_read_the_asked_extreme(
+    float64: None, module: str, which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocks that build their own spectral vector (a grouped convolution's groups, a
+    token table's seen rows) read each factor's ``which`` pair under Cholesky as under the
+    full eigendecompositions: the steps agree (``SMALL`` lowered so that every factor past
+    three rows iterates)."""
+    from test_grouped_conv import data as image_data
+    from test_grouped_conv import grouped_net
+    from test_token_table import trained
+
+    monkeypatch.setattr(extreme_eigen, "SMALL", 3)
+    monkeypatch.setattr(extreme_eigen, "REFINE_MIN", 3)
+    settings = {"coarse_space": "spectral", "spectral_which": which, "combination": "adef2"}
+    steps = {}
+    for method in ("auto", "eigen"):
+        if module == "token table":
+            monkeypatch.setattr(layer_types, "EMBEDDING_MAX_ROWS", 8)
+            steps[method] = trained(tk.TwoLevelKFAC, inverse_method=method, **settings)[0]
+            continue
+        net, size = grouped_net(2)
+        x, y = image_data(2, size)
+        net(x)
+        opt = tk.TwoLevelKFAC(net, lr=0.1, damping=0.05, inverse_method=method, **settings)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        steps[method] = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    torch.testing.assert_close(steps["auto"], steps["eigen"], rtol=1e-9, atol=1e-12)

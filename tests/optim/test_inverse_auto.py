@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from typing import Any
 
 import pytest
@@ -166,3 +167,77 @@ def test_a_checkpoint_of_the_other_method_is_converted(
         resumed.load_state_dict(state)
     for a, b in zip(run(reference, 1), run(resumed, 1), strict=True):  # no refresh: kept inverses
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _wide_spectral(method: str) -> tk.TwoLevelKFAC:
+    """A spectral two-level optimizer on factors past ``extreme_eigen.SMALL`` (101 and 120
+    wide) that 16 samples leave rank-deficient: their smallest eigenvalue is a cluster at 0,
+    whose eigenvector depends on how it is computed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 120), nn.Tanh(), nn.Linear(120, 70))
+    return tk.TwoLevelKFAC(
+        model, lr=0.05, inverse_method=method, coarse_space="spectral", combination="adef1",
+        cov_interval=3, inv_interval=3, kept_fisher="rows",
+    )  # fmt: skip
+
+
+def _wide_steps(opt: tk.TwoLevelKFAC, first: int, count: int) -> None:
+    model = opt.preconditioner.model
+    for step in range(first, first + count):
+        gen = torch.Generator().manual_seed(100 + step)
+        x, y = torch.randn(16, 100, generator=gen), torch.randint(70, (16,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _resumed(opt: tk.TwoLevelKFAC, method: str) -> tk.TwoLevelKFAC:
+    state = copy.deepcopy(opt.state_dict())
+    other = _wide_spectral(method)
+    other.preconditioner.model.load_state_dict(opt.preconditioner.model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the conversion's
+        other.load_state_dict(state)
+    return other
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("eigen", "auto"), ("auto", "eigen")])
+def test_a_converted_spectral_checkpoint_keeps_its_basis(
+    float64: None, saved: str, loaded: str
+) -> None:
+    """The spectral basis is not saved but rebuilt on load, from the decompositions as
+    saved (before they are converted: the converted factor's null eigenvector is another
+    one), so it matches the saved ``F_c`` and rows; saved again after the conversion, the
+    basis is kept in the state (it no longer rebuilds) and the next load has it too."""
+    reference = _wide_spectral(saved)
+    _wide_steps(reference, 0, 4)  # a refresh at the third
+    assert reference.state_dict()["preconditioner"]["coarse"]["basis"] is None  # rebuilt
+    resumed = _resumed(reference, loaded)
+    again = _resumed(resumed, "auto")
+    expected = reference.preconditioner.coarse_level.basis
+    assert expected is not None
+    for opt in (resumed, again):
+        basis = opt.preconditioner.coarse_level.basis
+        assert basis is not None
+        for got, want in zip(basis, expected, strict=True):
+            assert torch.equal(got, want)
+    _wide_steps(reference, 4, 1)  # a step between refreshes: the saved F_c and rows
+    _wide_steps(resumed, 4, 1)
+    for a, b in zip(reference.param_groups[0]["params"], resumed.param_groups[0]["params"],
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"coarse_space": "spectral"}])
+def test_half_factors_step_under_cholesky(kwargs: dict[str, Any]) -> None:
+    """``factor_dtype=torch.bfloat16`` under ``auto`` (Cholesky): the factors are inverted in
+    float32 (no LAPACK kernel takes bfloat16), and the steps are those of float32 factors
+    rounded once to bfloat16."""
+    params = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        opt = build(factor_dtype=dtype, **kwargs)
+        assert resolved(opt) == "cholesky"
+        params[dtype] = run(opt, steps=2)
+    for half, wide in zip(params[torch.bfloat16], params[torch.float32], strict=True):
+        assert bool(torch.isfinite(half).all())
+        torch.testing.assert_close(half, wide, rtol=0.05, atol=0.02)

@@ -7,44 +7,47 @@ spectral`). A full ``eigh`` costs about five Cholesky factorisations and inverse
 and this module finds the one pair by block subspace iteration with a Rayleigh–Ritz
 step, *certified* to the accuracy of ``eigh`` itself or replaced by ``eigh``:
 
-* tolerance ``τ = c · ε · √n · ‖M‖_F`` (``c =`` :data:`TOLERANCE`, ``ε`` the dtype's
-  machine epsilon): the size of the backward error of a symmetric eigensolver in that
-  dtype, so no answer ``eigh`` would give is more exact than one this module accepts;
+* tolerance ``τ = c · ε · √n · ‖M‖_F`` (``c =`` :data:`TOLERANCE`, ``ε`` the machine
+  epsilon of the dtype it works in, float32 for a half ``factor_dtype``): the order of the
+  backward error of a symmetric eigensolver in that dtype;
 * the first phase: for the smallest, inverse iteration ``X ← (M + τI)⁻¹X`` (a Cholesky
   factor in ``M``'s dtype, float64 when that fails); for the largest, block power
   iteration ``X ← MX``; orthonormalised, with every :data:`CHECK_EVERY` iterations the
   Ritz pair ``(θ, q)`` of ``XᵀMX`` at the extreme (in float64). A smallest pair with
-  ``‖Mq − θq‖ ≤ τ`` and ``θ ≤ τ`` is accepted at once (``M`` is positive semi-definite, so
-  ``λ_min ∈ [0, θ]``): the near-null factors of real networks end here;
-* otherwise, for factors of side at least :data:`REFINE_MIN` (below it ``eigh`` costs
-  less than the refinement's Python), a refinement on ``N = M`` (smallest) or ``N = −M``
+  ``‖Mq − θq‖ ≤ τ`` and ``θ ≤ τ`` is accepted at once (for a positive semi-definite ``M``,
+  ``λ_min ∈ [0, θ]``; a factor indefinite by rounding has ``λ_min ≥ −τ``, so ``θ`` is within
+  ``2τ``): the near-null factors of real networks end here;
+* otherwise, for factors of side at least :data:`REFINE_MIN` (below it a failed
+  refinement costs more than ``eigh`` saves), a refinement on ``N = M`` (smallest) or ``N = −M``
   (largest): inverse iteration with a float64 Cholesky factor of ``N − σI``, ``σ`` just
   below ``N``'s smallest eigenvalue by the Kato–Temple bound of the first phase's pair
   (the factor proves ``λ_min(N) > σ``), until ``‖Nq − θq‖ ≤ τ``;
 * accepted when ``θ`` is certified within ``τ`` of the extreme: ``σ ≥ θ − τ``, or a
   float64 Cholesky factor of ``N − (θ − τ)I`` exists (so ``λ_min(N) > θ − τ``);
-* otherwise, and for factors of side at most :data:`SMALL` (where ``eigh`` is as cheap),
-  the pair of :func:`~.factor_inverse.safe_eigh`.
+* otherwise, and for factors of side at most :data:`SMALL` (where a failed attempt
+  costs half of ``eigh`` or more on top of it), the pair of
+  :func:`~.factor_inverse.safe_eigh`.
 
 Where the smallest eigenvalue is repeated or clustered within ``τ`` (the rank-deficient
 factors of real data: dead pixels, fewer samples than features), any unit vector of that
 cluster is such a pair and the one returned depends on the start, as ``eigh``'s depends on
 rounding. The start is a fixed pseudo-random block, so the result is a deterministic
-function of the factor (a resumed run rebuilds the same basis). On the factors of the
-MNIST and CURVES autoencoders two iterations sufficed for every factor, at a seventh of
-the time of ``eigh`` (``docs/benchmarks/implementation_choices.md``).
+function of the factor (a resumed run rebuilds the same basis). Measured times against
+``eigh``, on the autoencoders' factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac
+bench extreme_pair`` (``docs/benchmarks/extreme_pair.md``).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .factor_inverse import safe_eigh
+from .factor_inverse import safe_eigh, solver_dtype
 
 __all__ = [
     "BLOCK",
@@ -56,7 +59,7 @@ __all__ = [
     "tolerance",
 ]
 
-SMALL = 64  # factors up to this side take the full eigh
+SMALL = 128  # factors up to this side take the full eigh
 BLOCK = 4  # columns of the iterated block
 CHECK_EVERY = 2  # iterations between Rayleigh–Ritz checks
 FIRST_ITERATIONS = 6  # of the first phase (shift τ, or powers of M)
@@ -87,11 +90,26 @@ def extreme_eigenpair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
 def frozen_eigenpairs(decomposition: tuple[Tensor, Tensor], which: str) -> tuple[Tensor, Tensor]:
     """The eigenpairs a factor's cached decomposition offers for its ``which`` extreme:
     all of them for ``inverse_method="eigen"`` (``(values, vectors)``), else the one
-    pair of the frozen factor (``(factor, empty)``: :func:`extreme_eigenpair`)."""
+    pair of the frozen factor (``(factor, empty)``: :func:`extreme_eigenpair`), computed
+    once per frozen factor: a basis rebuilt between refreshes (``cov_interval <
+    inv_interval``, a resumed run) reads it again, and the factor is frozen until the next
+    refresh replaces it (kept while the factor tensor lives and is not written to)."""
     first, second = decomposition
     if second.numel() > 0:
         return first, second
-    return extreme_eigenpair(first, which)
+    key = (id(first), which)
+    held = _FROZEN_PAIRS.get(key)
+    if held is not None and held[0]() is first and held[1] == first._version:
+        return held[2]
+    pair = extreme_eigenpair(first, which)
+    forget = weakref.ref(first, lambda _, key=key: _FROZEN_PAIRS.pop(key, None))  # type: ignore[misc]
+    _FROZEN_PAIRS[key] = (forget, first._version, pair)
+    return pair
+
+
+_FROZEN_PAIRS: dict[tuple[int, str], tuple[weakref.ref[Tensor], int, tuple[Tensor, Tensor]]] = {}
+""":func:`frozen_eigenpairs`'s pairs by (factor tensor, which); an entry leaves with its
+tensor."""
 
 
 def tolerance(matrix64: Tensor, dtype: torch.dtype) -> float:
@@ -124,6 +142,7 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
     """The pair of the subspace iteration when it is certified, else ``None`` (module
     docstring; :func:`extreme_eigenpair` then takes ``eigh``'s). Works on ``N = M`` (smallest)
     or ``N = −M`` (largest), whose smallest eigenpair it finds."""
+    matrix = matrix.to(solver_dtype(matrix.dtype))  # a half dtype's in float32
     matrix64 = matrix.double()
     tau = tolerance(matrix64, matrix.dtype)
     if not math.isfinite(tau) or tau == 0.0:

@@ -23,9 +23,17 @@ __all__ = [
     "eigen_inverse",
     "eigh_or_none",
     "safe_eigh",
+    "solver_dtype",
 ]
 
 _T = TypeVar("_T")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a factor is decomposed in: float32 for the half dtypes (``factor_dtype=
+    torch.bfloat16``: LAPACK and cuSOLVER take neither), else its own."""
+    return torch.float32 if dtype in _HALF else dtype
 
 
 def eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -80,8 +88,8 @@ def _retry_with_damping(
 def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
 
-    Tries the factor's dtype (float32 is the faster, ``docs/benchmarks/eigh_dtype.md``),
-    then float64, then float64
+    Tries the factor's dtype (float32 is the faster, ``docs/benchmarks/eigh_dtype.md``;
+    float32 for a half dtype: :func:`solver_dtype`), then float64, then float64
     with growing extra damping ``M + εI`` (:data:`RETRY_DAMPINGS`). The first rung
     (ε = 1e-10·(tr M / n + 1)) is subtracted again, since the eigenvectors do not change
     under a shift; larger rungs are kept in the eigenvalues (the factor is damped more)
@@ -92,7 +100,8 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not torch.isfinite(matrix).all():
         raise RuntimeError("cannot decompose a Kronecker factor with NaN/Inf entries")
-    sym = 0.5 * (matrix + matrix.T)
+    work = matrix.to(solver_dtype(matrix.dtype))
+    sym = 0.5 * (work + work.T)
     result = eigh_or_none(sym)
     if result is None:
         sym64 = sym.double()
@@ -157,7 +166,8 @@ def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
     column-major result is returned as the row-major view of its transpose; on other
     devices the upper triangle is mirrored here (three passes over the matrix: 7 ms of a
     54 ms CURVES refresh when done on the CPU as well)."""
-    sym = matrix.clone()  # Cholesky reads the lower triangle only: no symmetrisation needed
+    # a copy (Cholesky reads the lower triangle only: no symmetrisation needed)
+    sym = matrix.to(solver_dtype(matrix.dtype), copy=True)
     sym.diagonal().add_(shift)
     inverse = _cholesky_inverse_or_none(sym)
     if inverse is None:

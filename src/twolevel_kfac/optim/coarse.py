@@ -60,7 +60,7 @@ class CoarseLevel:
         """Whether the coarse space needs the factors' full eigendecompositions
         (``inverse_method="auto"`` then picks ``eigen``): none does. The spectral space
         reads one extreme eigenpair per factor, which :mod:`twolevel_kfac.curvature.
-        extreme_eigen` finds beside a Cholesky inverse at a seventh of ``eigh``'s time."""
+        extreme_eigen` finds beside a Cholesky inverse for less than ``eigh`` costs."""
         return False
 
     def __init__(self, host: KFACPreconditioner, options: CoarseOptions) -> None:
@@ -293,6 +293,15 @@ class CoarseLevel:
         """Whether the basis depends on the layer shapes alone (the Nicolaides vectors of
         ``nicolaides`` and ``tselepidis``: all ones), so a checkpoint need not hold it."""
         return self.options.coarse_space in ("nicolaides", "tselepidis")
+
+    @property
+    def basis_reads_decompositions(self) -> bool:
+        """Whether a basis rebuilt on load reads the fine level's cached decompositions as
+        saved (the spectral space's extreme eigenpairs, from either form): it is then
+        rebuilt before they are converted to another ``inverse_method``, since where an
+        extreme eigenvalue is repeated (a rank-deficient factor) the eigenvector of the
+        converted factor need not be the saved one."""
+        return self.options.coarse_space == "spectral"
 
     @property
     def basis_rebuilds(self) -> bool:

@@ -72,12 +72,15 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         pre.generator.manual_seed(rank_seed(pre.options.seed, pre.comm.rank))
     else:
         pre.generator.set_state(part["generator"])
-    converted = []
-    for name, factors in restored.items():
-        pre.factors[name] = factors
-        if factors.convert_decomposition(pre.options.inverse_method):
-            converted.append(name)
+    pre.factors.update(restored)
+    coarse = pre.coarse_level
+    early = coarse is not None and coarse.basis_reads_decompositions
+    if coarse is not None and early:  # its basis from the decompositions as saved
+        coarse.load_state_dict(state)
+    method = pre.options.inverse_method
+    converted = [n for n, f in restored.items() if f.convert_decomposition(method)]
     if converted:
+        pre.fine_version += 1  # a basis built before this no longer rebuilds: it is saved
         warnings.warn(
             f"the checkpoint's decompositions of {len(converted)} layer(s) were made under "
             f"another inverse_method; converted to {pre.options.inverse_method!r} (the same "
@@ -91,8 +94,8 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         n: layer_stats(pre.layers[n], *pre.placed(n, ag)) for n, ag in retained.items()
     }
     pre.fine.load_state_dict(state)
-    if pre.coarse_level is not None:
-        pre.coarse_level.load_state_dict(state)
+    if coarse is not None and not early:
+        coarse.load_state_dict(state)
     pre.capture.discard()
     pre.active = list(pre.layers)
     pre._schedule_capture()
