@@ -121,12 +121,16 @@ def test_coarse_floor_of_the_spectral_space_counts_its_extreme_pairs() -> None:
     from twolevel_kfac.bench.flops import LayerShape, coarse_floor
     from twolevel_kfac.curvature.extreme_eigen import SMALL
 
-    shapes = [LayerShape("big", d_in=99, d_out=SMALL + 6), LayerShape("small", d_in=3, d_out=2)]
-    sweep = 2 * 5 * (100 * (SMALL + 6) + 4 * 2)  # S with n_F = 5
+    big = SMALL + 2  # A's side, with the bias column
+    shapes = [
+        LayerShape("big", d_in=big - 1, d_out=SMALL + 6),
+        LayerShape("small", d_in=3, d_out=2),
+    ]
+    sweep = 2 * 5 * (big * (SMALL + 6) + 4 * 2)  # S with n_F = 5
     _, eigen = coarse_floor(shapes, 5, "spectral", "additive", inverse_method="eigen")
     assert eigen == sweep
     _, cholesky = coarse_floor(shapes, 5, "spectral", "additive", inverse_method="cholesky")
-    assert cholesky == pytest.approx(sweep + (100**3 + (SMALL + 6) ** 3) / 3 + 9 * (4**3 + 2**3))
+    assert cholesky == pytest.approx(sweep + (big**3 + (SMALL + 6) ** 3) / 3 + 9 * (4**3 + 2**3))
 
 
 def test_the_two_level_floors_of_the_step_time_problems() -> None:
@@ -383,10 +387,10 @@ def test_extreme_pair_quick(tmp_path: Path) -> None:
     problems = [(r["problem"], r["which"]) for r in data["rows"]]
     assert problems == [
         (name, which)
-        for name in ("curves_ae_256", "conditioned n=96", "conditioned n=128")
+        for name in ("curves_ae_256", "conditioned n=144", "conditioned n=160")
         for which in ("smallest", "largest")
     ]
-    assert data["rows"][0]["certified"] == data["rows"][0]["large"] == 14
+    assert data["rows"][0]["certified"] == data["rows"][0]["large"] == 10  # sides 200-785
     for row in data["rows"]:
         assert 0 <= row["certified"] <= row["large"], row
         assert _positive(row["eigh_s"]) and _positive(row["pair_s"])
