@@ -345,3 +345,22 @@ def test_grouped_and_token_blocks_read_the_asked_extreme(
             opt.step()
         steps[method] = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     torch.testing.assert_close(steps["auto"], steps["eigen"], rtol=1e-9, atol=1e-12)
+
+
+def test_a_kept_pair_holds_no_eigenbasis() -> None:
+    """``eigh``'s pair is a copy of one column: the pair ``frozen_eigenpairs`` keeps between
+    refreshes holds ``n + 1`` numbers, not the ``n × n`` eigenvectors."""
+    frozen = (wishart(SMALL, 400, torch.float32), torch.empty(0))
+    values, vectors = frozen_eigenpairs(frozen, "largest")
+    assert vectors.untyped_storage().nbytes() == 4 * SMALL
+    assert values.untyped_storage().nbytes() == 4
+
+
+def test_an_inference_factor_is_not_kept() -> None:
+    """A factor made under ``torch.inference_mode`` (a state loaded there) has no version
+    counter: its pair is computed, not kept."""
+    with torch.inference_mode():
+        frozen = (wishart(SMALL + 10, 60, torch.float32), torch.empty(0))
+    held = len(extreme_eigen._FROZEN_PAIRS)
+    values, _ = frozen_eigenpairs(frozen, "smallest")
+    assert len(extreme_eigen._FROZEN_PAIRS) == held and values.shape == (1,)

@@ -69,6 +69,8 @@ def test_the_default_is_auto_and_plain_kfac_takes_cholesky() -> None:
         ({"adaptive_damping": True}, "adaptive"),
         ({"fine": "ekfac"}, "EKFAC"),
         ({"fine": "kfac_corrected"}, "KFAC-corrected"),
+        ({"factor_dtype": torch.bfloat16}, "bfloat16 factors"),
+        ({"factor_dtype": torch.float16, "coarse_space": "spectral"}, "float16 factors"),
     ],
 )
 def test_auto_takes_the_eigenbasis_where_it_is_needed(kwargs: dict[str, Any], why: str) -> None:
@@ -228,16 +230,68 @@ def test_a_converted_spectral_checkpoint_keeps_its_basis(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def _shifted_steps(opt: tk.KFAC, steps: int = 6) -> None:
+    """Steps on 16 inputs of 140 features with a mean of 3 (pixels): a rank-deficient
+    ``A`` that bfloat16 rounding leaves indefinite (its smallest eigenvalue about −0.5,
+    the largest 1.3e3)."""
+    model = opt.preconditioner.model
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(16, 140, generator=gen) + 3.0
+        y = torch.randint(10, (16,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _shifted_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(140, 150), nn.Tanh(), nn.Linear(150, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kwargs", [{}, {"coarse_space": "spectral"}])
-def test_half_factors_step_under_cholesky(kwargs: dict[str, Any]) -> None:
-    """``factor_dtype=torch.bfloat16`` under ``auto`` (Cholesky): the factors are inverted in
-    float32 (no LAPACK kernel takes bfloat16), and the steps are those of float32 factors
-    rounded once to bfloat16."""
-    params = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        opt = build(factor_dtype=dtype, **kwargs)
-        assert resolved(opt) == "cholesky"
-        params[dtype] = run(opt, steps=2)
-    for half, wide in zip(params[torch.bfloat16], params[torch.float32], strict=True):
-        assert bool(torch.isfinite(half).all())
-        torch.testing.assert_close(half, wide, rtol=0.05, atol=0.02)
+def test_half_factors_take_the_eigenbasis(dtype: torch.dtype, kwargs: dict[str, Any]) -> None:
+    """Half factors (``factor_dtype``) resolve ``auto`` to ``eigen``: their
+    rounding leaves a rank-deficient factor indefinite by more than the damping, which the
+    eigendecomposition clips at 0 and a Cholesky factorisation cannot take."""
+    cls = tk.TwoLevelKFAC if kwargs else tk.KFAC
+    opt = cls(_shifted_net(), lr=0.05, factor_dtype=dtype, cov_interval=2, inv_interval=3, **kwargs)
+    assert resolved(opt) == "eigen"
+    _shifted_steps(opt)
+    for param in opt.preconditioner.model.parameters():
+        assert bool(torch.isfinite(param).all())
+    factor = opt.preconditioner.factors["0"].A
+    assert factor is not None and float(torch.linalg.eigvalsh(factor.double())[0]) < -0.01
+    half_model = _shifted_net().to(dtype)  # its factors are float32 (factor_dtype=None)
+    assert resolved(tk.KFAC(half_model, lr=0.05)) == "cholesky"
+
+
+def test_explicit_cholesky_on_half_factors_fails_clearly() -> None:
+    opt = tk.KFAC(_shifted_net(), lr=0.05, factor_dtype=torch.bfloat16, inverse_method="cholesky")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the ladder's rungs
+        with pytest.raises(RuntimeError, match=r"factor failed in its dtype, in float64"):
+            _shifted_steps(opt, steps=1)
+
+
+def test_a_refused_load_leaves_a_working_optimizer() -> None:
+    """A load refused by the coarse level's option check (``spectral_which`` differs)
+    raises before the preconditioner changes: the optimizer steps on as before."""
+    saved = _wide_spectral("eigen")
+    _wide_steps(saved, 0, 4)
+    state = copy.deepcopy(saved.state_dict())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 120), nn.Tanh(), nn.Linear(120, 70))
+    other = tk.TwoLevelKFAC(model, lr=0.05, coarse_space="spectral", spectral_which="largest")
+    _wide_steps(other, 0, 1)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="rebuilds its coarse basis on load"):
+        other.load_state_dict(state)
+    after = other.state_dict()
+    assert after["preconditioner"]["steps"] == before["preconditioner"]["steps"]
+    for name, factors in before["preconditioner"]["factors"].items():
+        torch.testing.assert_close(
+            after["preconditioner"]["factors"][name], factors, rtol=0, atol=0
+        )
+    _wide_steps(other, 1, 2)

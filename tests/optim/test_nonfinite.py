@@ -212,3 +212,15 @@ def test_unchecked_policy_does_the_same_steps_without_looking() -> None:
     step(twin, unchecked, x * float("nan"), y)
     assert unchecked.nonfinite_steps == 0
     assert not all(torch.isfinite(p).all() for p in twin.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_large_finite_half_tensor_is_finite(dtype: torch.dtype) -> None:
+    """A float16 factor of 141² entries of 10 sums past float16's 65504: summed in float32,
+    it is finite (it was dropped as a non-finite factor update); a NaN still is not."""
+    from twolevel_kfac.finite import all_finite
+
+    big = torch.full((141, 141), 10.0, dtype=dtype)
+    assert all_finite([big, torch.ones(3)])
+    big[3, 4] = math.nan
+    assert not all_finite([big])

@@ -15,8 +15,8 @@ step, *certified* to the accuracy of ``eigh`` itself or replaced by ``eigh``:
   iteration ``X ← MX``; orthonormalised, with every :data:`CHECK_EVERY` iterations the
   Ritz pair ``(θ, q)`` of ``XᵀMX`` at the extreme (in float64). A smallest pair with
   ``‖Mq − θq‖ ≤ τ`` and ``θ ≤ τ`` is accepted at once (for a positive semi-definite ``M``,
-  ``λ_min ∈ [0, θ]``; a factor indefinite by rounding has ``λ_min ≥ −τ``, so ``θ`` is within
-  ``2τ``): the near-null factors of real networks end here;
+  ``λ_min ∈ [0, θ]``; a float32 or float64 factor indefinite by rounding has ``λ_min ≥
+  −τ``, so ``θ`` is within ``2τ``): the near-null factors of real networks end here;
 * otherwise, for factors of side at least :data:`REFINE_MIN` (below it a failed
   refinement costs more than ``eigh`` saves), a refinement on ``N = M`` (smallest) or ``N = −M``
   (largest): inverse iteration with a float64 Cholesky factor of ``N − σI``, ``σ`` just
@@ -83,7 +83,8 @@ def extreme_eigenpair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
     if pair is None:
         values, vectors = safe_eigh(matrix)
         index = int(values.argmin() if which == "smallest" else values.argmax())
-        pair = values[index : index + 1], vectors[:, index : index + 1]
+        # copies: a view would keep the whole eigenbasis alive (frozen_eigenpairs keeps it)
+        pair = values[index : index + 1].clone(), vectors[:, index : index + 1].clone()
     return pair[0].to(matrix.dtype), pair[1].to(matrix.dtype)
 
 
@@ -93,10 +94,15 @@ def frozen_eigenpairs(decomposition: tuple[Tensor, Tensor], which: str) -> tuple
     pair of the frozen factor (``(factor, empty)``: :func:`extreme_eigenpair`), computed
     once per frozen factor: a basis rebuilt between refreshes (``cov_interval <
     inv_interval``, a resumed run) reads it again, and the factor is frozen until the next
-    refresh replaces it (kept while the factor tensor lives and is not written to)."""
+    refresh replaces it. Kept while the factor tensor lives and its version counter stands
+    (a write through ``.data`` or a NumPy view does not move it: the library never writes
+    a frozen factor, and nothing else should); an inference-mode tensor has no version
+    counter and is not kept."""
     first, second = decomposition
     if second.numel() > 0:
         return first, second
+    if first.is_inference():
+        return extreme_eigenpair(first, which)
     key = (id(first), which)
     held = _FROZEN_PAIRS.get(key)
     if held is not None and held[0]() is first and held[1] == first._version:

@@ -38,7 +38,7 @@ from .coarse_fisher import (
     shifted_coarse_matrix,
 )
 from .coarse_parts import parts_step, refreshes_on_parts, steps_on_parts
-from .coarse_state import coarse_rank_state, coarse_state, load_coarse_state
+from .coarse_state import check_coarse_state, coarse_rank_state, coarse_state, load_coarse_state
 from .options import CoarseOptions
 
 if TYPE_CHECKING:
@@ -371,6 +371,11 @@ class CoarseLevel:
     def rank_state(self) -> dict[str, Any]:
         """This rank's part: its rows of the Fisher mini-batch."""
         return coarse_rank_state(self)
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise if :meth:`load_state_dict` cannot restore ``state`` (before the preconditioner
+        changes anything: :func:`.coarse_state.check_coarse_state`)."""
+        check_coarse_state(self, state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` from the preconditioner's ``state``."""

@@ -28,7 +28,7 @@ from ..twolevel.global_fisher import own_statistics
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
-__all__ = ["coarse_rank_state", "coarse_state", "load_coarse_state"]
+__all__ = ["check_coarse_state", "coarse_rank_state", "coarse_state", "load_coarse_state"]
 
 
 def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] | None:
@@ -80,22 +80,67 @@ def coarse_rank_state(level: CoarseLevel) -> dict[str, Any]:
     return {"fisher_stats": _stats_pairs(level.fisher_stats)}
 
 
-def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
-    """Restore :func:`coarse_state` from the preconditioner's ``state``.
+def check_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
+    """Raise if :func:`load_coarse_state` cannot restore ``state`` into ``level``, before
+    anything of the preconditioner changes (a caller who catches the error keeps a working
+    optimizer).
 
     Raises:
-        ValueError: if it has no ``"coarse"`` entry, or holds no Fisher mini-batch where
-            the level's options read one between refreshes.
+        ValueError: if it has no ``"coarse"`` entry, comes from a development version, rebuilds
+            its basis under other options, or holds no Fisher mini-batch where the level's
+            options read one between refreshes.
     """
     if "coarse" not in state:
         raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
-    coarse, comm = state["coarse"], level.host.comm
+    coarse = state["coarse"]
     if "fisher_columns" in coarse:  # W = F̂R₀ᵀ with the damping of its refresh in it
         raise ValueError(
             "this two-level state was saved by a development version that kept F̂R₀ᵀ under "
             "'fisher_columns' (now the undamped W₀ under 'fisher_undamped_columns'): "
             "resume from a state saved by this version, or with a fresh optimizer"
         )
+    saved_by = coarse.get("basis_built_by")
+    if coarse.get("basis_rebuilt") and saved_by is not None and saved_by != _built_by(level):
+        raise ValueError(
+            f"this two-level state rebuilds its coarse basis on load, as built with "
+            f"{saved_by}, but this optimizer has {_built_by(level)}: resume with the "
+            "options it was saved with"
+        )
+    has_operator = (coarse["basis"] is not None or bool(coarse.get("basis_rebuilt"))) and (
+        coarse["coarse_matrix"] is not None
+    )
+    has_rows = None not in [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
+    if not has_operator or not level.reads_statistics or has_rows:
+        return
+    if level.host.options.cov_interval == 1 and not level.options.diagnostics:
+        return  # nothing outlives a step's refresh
+    options = level.options
+    wanted = (
+        f"combination={options.combination!r}, coarse_refresh={options.coarse_refresh!r}, "
+        f"diagnostics={options.diagnostics}"
+    )
+    if coarse.get("fisher_undamped_columns") is None:
+        raise ValueError(
+            "this two-level state holds no Fisher mini-batch (it was saved with "
+            "combination='additive' and the consistent refresh, or with cov_interval=1, which "
+            f"keep none), but {wanted} reads it at every step: resume with the options it was "
+            "saved with"
+        )
+    if not level.columns_suffice:
+        raise ValueError(
+            "this two-level state holds only W₀ = FR₀ᵀ of its Fisher mini-batch, not the rows "
+            f"that {wanted} reads at every step: resume with the options it was saved with"
+        )
+
+
+def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
+    """Restore :func:`coarse_state` from the preconditioner's ``state``.
+
+    Raises:
+        ValueError: as :func:`check_coarse_state` (run first).
+    """
+    check_coarse_state(level, state)
+    coarse = state["coarse"]
     level.names = list(coarse.get("names", level.host.layers))
     saved = [p["fisher_stats"] for p in state.get("ranks") or [coarse]]
     per_rank = None
@@ -105,20 +150,13 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
             [layer_stats(m, a, g) for m, (a, g) in zip(layers, _on_names(level, p), strict=True)]
             for p in saved
         ]
-    level.fisher_stats = own_statistics(per_rank, comm.rank, comm.world_size)
+    level.fisher_stats = own_statistics(per_rank, level.host.comm.rank, level.host.comm.world_size)
     level.fisher_samples = coarse.get("fisher_samples")
     if level.fisher_samples is None and per_rank is not None:  # a state from before it
         level.fisher_samples = sum(check_stats(stats) for stats in per_rank)
     level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
     level.basis_source = None
     if coarse.get("basis_rebuilt"):
-        saved_by = coarse.get("basis_built_by")
-        if saved_by is not None and saved_by != _built_by(level):
-            raise ValueError(
-                f"this two-level state rebuilds its coarse basis on load, as built with "
-                f"{saved_by}, but this optimizer has {_built_by(level)}: resume with the "
-                "options it was saved with"
-            )
         param = block_parameters(level.host.layers[level.names[0]])[0]
         with torch.no_grad(), autocast_off(param):  # as in step()
             level.basis = level.basis_of(None)
@@ -132,25 +170,3 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     if level.basis is not None and level.coarse_matrix is not None:
         operator = CoarseOperator.from_matrix(level.basis, level.coarse_matrix)
     level.install_operator(operator)
-    every_step = level.host.options.cov_interval == 1  # nothing outlives a step's refresh
-    if operator is None or not level.reads_statistics or level.fisher_stats is not None:
-        return
-    if every_step and not level.options.diagnostics:
-        return
-    options = level.options
-    wanted = (
-        f"combination={options.combination!r}, coarse_refresh={options.coarse_refresh!r}, "
-        f"diagnostics={options.diagnostics}"
-    )
-    if level.fisher_columns is None:
-        raise ValueError(
-            "this two-level state holds no Fisher mini-batch (it was saved with "
-            "combination='additive' and the consistent refresh, or with cov_interval=1, which "
-            f"keep none), but {wanted} reads it at every step: resume with the options it was "
-            "saved with"
-        )
-    if not level.columns_suffice:
-        raise ValueError(
-            "this two-level state holds only W₀ = FR₀ᵀ of its Fisher mini-batch, not the rows "
-            f"that {wanted} reads at every step: resume with the options it was saved with"
-        )

@@ -79,6 +79,7 @@ def resolve_inverse_method(
     damping_varies: bool,
     fine_needs_eigenbasis: bool,
     coarse_needs_eigenbasis: bool,
+    half_factors: bool = False,
 ) -> InverseMethod:
     """The inverse method a preconditioner uses: ``requested`` unless it is ``auto``.
 
@@ -95,7 +96,12 @@ def resolve_inverse_method(
       new Cholesky factorisation) but because λ may then become small enough (adaptive
       damping goes down to ``min_damping = 1e-8``) that a float32 Cholesky of a
       rank-deficient factor fails and is redone in float64, while the eigenpairs take any
-      λ > 0.
+      λ > 0;
+    * factors kept in a half dtype (``factor_dtype=torch.bfloat16`` or ``float16``; a half
+      model's factors are float32 without it): rounding a rank-deficient factor to
+      bfloat16 leaves it indefinite by about ``ε·‖M‖`` (``ε = 2⁻⁸``), more than a damping
+      shift of ``π√λ`` covers, so its Cholesky factorisation fails; the eigendecomposition
+      clips those eigenvalues at 0.
     """
     if requested != "auto":
         return cast("InverseMethod", requested)
@@ -104,6 +110,7 @@ def resolve_inverse_method(
         or damping_varies
         or fine_needs_eigenbasis
         or coarse_needs_eigenbasis
+        or half_factors
     )
     return "eigen" if needs_eigen else "cholesky"
 

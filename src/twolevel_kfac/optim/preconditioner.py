@@ -4,13 +4,12 @@ It is independent of the optimizer that then takes the step (the kfac-pytorch pa
 ``loss.backward(); precond.step(); sgd.step()`` preconditions any torch optimizer.
 :class:`~twolevel_kfac.optim.kfac.KFAC` wraps it with momentum-SGD for the paper's recipe.
 
-One ``step()`` runs, in order (Martens & Grosse 2015, Algorithm 1 with the paper's
-schedule): ``_update_factors`` (on the capture schedule, :mod:`.schedule`), the fine
-level's refresh (every ``inv_interval`` steps) and ``_precondition_grads``: the fine level's
-block-diagonal inverse (:mod:`.fine`, an object held: ``fine="kfac" | "ekfac" | "kpsvd" |
-"kfac_corrected"``) plus the coarse level's correction when one is held (:mod:`.coarse`),
-the KL clip and the write into ``.grad`` (over the gradient autograd left, or as fresh
-tensors): read ``p.grad`` after ``step()``, not a reference taken before it.
+One ``step()`` runs (Martens & Grosse 2015, Algorithm 1, the paper's schedule):
+``_update_factors`` (on the capture schedule, :mod:`.schedule`), the fine level's refresh
+(every ``inv_interval`` steps), ``_precondition_grads``: the fine level's inverse
+(:mod:`.fine`: ``fine="kfac" | "ekfac" | "kpsvd" | "kfac_corrected"``), the coarse level's
+correction when one is held (:mod:`.coarse`), the KL clip and the write into ``.grad``
+(over autograd's gradient, or fresh): read ``p.grad`` after ``step()``, not before.
 :mod:`twolevel_kfac.distributed` reduces and shares the factors under ``torch.distributed``.
 """
 
@@ -110,6 +109,7 @@ class KFACPreconditioner:
             damping_varies=damping_varies or callable(options.damping),
             fine_needs_eigenbasis=fine_type.needs_eigenbasis,
             coarse_needs_eigenbasis=coarse is not None and coarse_type.needs_eigenbasis(coarse),
+            half_factors=options.factor_dtype in (torch.float16, torch.bfloat16),
         )
         self.options = opts = replace(options, inverse_method=method)
         self.model = model = unwrap_model(model)

@@ -64,6 +64,9 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     restored = {
         name: _restored_factors(pre, name, saved) for name, saved in state["factors"].items()
     }
+    coarse = pre.coarse_level
+    if coarse is not None:  # its option checks too, before anything here changes
+        coarse.check_state(state)
     pre.steps = int(state["steps"])
     pre.damping = float(state["damping"])
     parts = state.get("ranks") or [{"generator": state["generator"]}]
@@ -73,7 +76,6 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     else:
         pre.generator.set_state(part["generator"])
     pre.factors.update(restored)
-    coarse = pre.coarse_level
     early = coarse is not None and coarse.basis_reads_decompositions
     if coarse is not None and early:  # its basis from the decompositions as saved
         coarse.load_state_dict(state)
