@@ -19,9 +19,9 @@ step, *certified* to the accuracy of ``eigh`` itself or replaced by ``eigh``:
   −τ``, so ``θ`` is within ``2τ``): the near-null factors of real networks end here;
 * otherwise, for factors of side at least :data:`REFINE_MIN` (below it a failed
   refinement costs more than ``eigh`` saves), a refinement on ``N = M`` (smallest) or ``N = −M``
-  (largest): inverse iteration with a float64 Cholesky factor of ``N − σI``, ``σ`` just
-  below ``N``'s smallest eigenvalue by the Kato–Temple bound of the first phase's pair
-  (the factor proves ``λ_min(N) > σ``), until ``‖Nq − θq‖ ≤ τ``;
+  (largest): inverse iteration with a Cholesky factor of ``N − σI`` in ``M``'s dtype,
+  ``σ`` just below ``N``'s smallest eigenvalue by the Kato–Temple bound of the first
+  phase's pair (a float64 factor proves ``λ_min(N) > σ``), until ``‖Nq − θq‖ ≤ τ``;
 * accepted when ``θ`` is certified within ``τ`` of the extreme: ``σ ≥ θ − τ``, or a
   float64 Cholesky factor of ``N − (θ − τ)I`` exists (so ``λ_min(N) > θ − τ``);
 * otherwise, and for factors of side at most :data:`SMALL` (where a failed attempt
@@ -174,29 +174,37 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
             return None  # not near-null: slow here, and eigh is cheap at this size
     if ritz.residual > tau and matrix.shape[-1] < REFINE_MIN:
         return None
-    found = _refine(signed, block, ritz, tau) if ritz.residual > tau else (ritz, -math.inf)
+    found: tuple[_Ritz, float] | None = (ritz, -math.inf)
+    if ritz.residual > tau:
+        found = _refine(signed, block, ritz, tau, matrix.dtype)
     if found is None or not _certified(signed, found[0].theta, tau, found[1]):
         return None
     return _pair(found[0], 1.0 if smallest else -1.0)
 
 
-def _refine(signed: Tensor, block: Tensor, ritz: _Ritz, tau: float) -> tuple[_Ritz, float] | None:
+def _refine(
+    signed: Tensor, block: Tensor, ritz: _Ritz, tau: float, dtype: torch.dtype
+) -> tuple[_Ritz, float] | None:
     """Inverse iteration with a shift ``σ`` just below the smallest eigenvalue of ``N``:
     ``σ = θ − min(‖r‖, 2‖r‖²/(θ₂ − θ)) − τ`` (Kato–Temple's bound ``λ₁ ≥ θ − ‖r‖²/(λ₂ − θ)``
-    with the next Ritz value ``θ₂`` for ``λ₂``, doubled), checked by the Cholesky factor of
-    ``N − σI`` it then solves with (so ``λ₁ > σ``); the converged pair and ``σ``, or
-    ``None`` (the factor does not exist, or no convergence in :data:`SECOND_ITERATIONS`)."""
+    with the next Ritz value ``θ₂`` for ``λ₂``, doubled), solving with a Cholesky factor of
+    ``N − σI`` in the factor's ``dtype`` (half the cost of float64 for float32: the
+    iteration converges to the eigenvector whatever the solves' rounding, and the Ritz
+    residual is taken in float64). Returns the converged pair and the ``σ`` it proves
+    below ``λ₁`` (``−∞`` unless the factorisation was in float64), or ``None``: no factor
+    (``σ`` was not below ``λ₁``, or nearly), or no convergence in
+    :data:`SECOND_ITERATIONS`."""
     gap = ritz.following - ritz.theta
     margin = min(ritz.residual, 2 * ritz.residual**2 / gap) if gap > 0 else ritz.residual
     sigma = ritz.theta - margin - tau
-    factor, info = torch.linalg.cholesky_ex(_shifted(signed, -sigma))
+    factor, info = torch.linalg.cholesky_ex(_shifted(signed, -sigma).to(dtype))
     if int(info) != 0:
         return None
     for _ in range(SECOND_ITERATIONS):
-        block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
+        block = torch.linalg.qr(torch.cholesky_solve(block.to(dtype), factor).double())[0]
         ritz = _ritz(signed, block)
         if ritz.residual <= tau:
-            return ritz, sigma
+            return ritz, sigma if dtype == torch.float64 else -math.inf
     return None
 
 
