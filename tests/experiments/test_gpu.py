@@ -124,3 +124,18 @@ def test_every_block_type_steps_on_the_gpu_as_on_the_cpu(fisher: str) -> None:
                 opt.step()
             params.append(torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()]))
         torch.testing.assert_close(params[1], params[0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("samples", [100, 1600], ids=["near-null", "refined"])
+@pytest.mark.parametrize("which", ["smallest", "largest"])
+def test_the_extreme_pair_is_certified_on_the_gpu(samples: int, which: str) -> None:
+    """The spectral space's one eigenpair per factor (``curvature/extreme_eigen.py``) on a
+    CUDA factor: within ``τ`` of ``eigvalsh``'s extreme, a residual below ``τ``, on the
+    factor's device (a null vector of a rank-deficient factor, and a refined pair)."""
+    from test_extreme_eigen import assert_certified_pair, wishart
+    from twolevel_kfac.curvature.extreme_eigen import extreme_eigenpair
+
+    matrix = wishart(400, samples, torch.float32).cuda()
+    assert_certified_pair(matrix, which)
+    values, vectors = extreme_eigenpair(matrix, which)
+    assert values.device == vectors.device == matrix.device
