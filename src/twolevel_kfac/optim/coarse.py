@@ -308,8 +308,9 @@ class CoarseLevel:
         """Whether :meth:`basis_of` on the current state gives the kept basis again, bit for
         bit, so a checkpoint need not hold it: the Nicolaides vectors (the layer shapes
         alone), or a spectral or Krylov-Nicolaides basis built from the fine level as it
-        is now (no refresh or folded statistics since: the host's ``fine_version`` counts
-        them; Krylov: at the current ``λ``)."""
+        is now (no refresh, folded statistics or conversion of a loaded state's
+        decompositions since: the host's ``fine_version`` counts them; Krylov: at the
+        current ``λ``)."""
         if self.structural_basis:
             return True
         space, source = self.options.coarse_space, self.basis_source
