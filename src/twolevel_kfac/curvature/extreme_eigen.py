@@ -5,23 +5,31 @@ largest) eigenvalue (``r_i = q_G q_Aᵀ``, :func:`twolevel_kfac.twolevel.coarse_
 spectral`). A full ``eigh`` costs about five Cholesky factorisations and inverses
 (``docs/benchmarks/implementation_choices.md``), so the fine level inverts by Cholesky
 and this module finds the one pair by block subspace iteration with a Rayleigh–Ritz
-step, *certified* to the accuracy of ``eigh`` itself or replaced by ``eigh``:
+step, *certified* or replaced by ``eigh``:
 
-* tolerance ``τ = c · ε · √n · ‖M‖_F`` (``c =`` :data:`TOLERANCE`, ``ε`` the machine
-  epsilon of the dtype it works in, float32 for a half ``factor_dtype``): the order of the
-  backward error of a symmetric eigensolver in that dtype;
+* tolerances, ``ε`` the machine epsilon of the dtype it works in (float32 for a half
+  ``factor_dtype``), ``c =`` :data:`TOLERANCE`: the eigenvalue's ``τ = c · ε · √n ·
+  ‖M‖_F`` (the order of a symmetric eigensolver's backward error in that dtype), and the
+  vector's residual ``τ/√n = c · ε · ‖M‖_F``. A vector with ``‖Mq − θq‖ ≤ τ/√n`` is within
+  an angle of ``τ/(√n·gap)`` of the eigenvector, ``gap`` the distance to the next
+  eigenvalue: 2.5e-3 at a gap of 1e-3·‖M‖ in float32, where float32 ``eigh`` is within
+  about 1e-5 (a test pins the bound). Where eigenvalues are closer than that, any vector
+  of their span is as good an answer;
 * the first phase: for the smallest, inverse iteration ``X ← (M + τI)⁻¹X`` (a Cholesky
   factor in ``M``'s dtype, float64 when that fails); for the largest, block power
   iteration ``X ← MX``; orthonormalised, with every :data:`CHECK_EVERY` iterations the
   Ritz pair ``(θ, q)`` of ``XᵀMX`` at the extreme (in float64). A smallest pair with
-  ``‖Mq − θq‖ ≤ τ`` and ``θ ≤ τ`` is accepted at once (for a positive semi-definite ``M``,
-  ``λ_min ∈ [0, θ]``; a float32 or float64 factor indefinite by rounding has ``λ_min ≥
-  −τ``, so ``θ`` is within ``2τ``): the near-null factors of real networks end here;
+  ``‖Mq − θq‖ ≤ τ/√n`` and ``θ ≤ τ`` is accepted at once (for a positive semi-definite
+  ``M``, ``λ_min ∈ [0, θ]``; a float32 or float64 factor indefinite by rounding has
+  ``λ_min ≥ −τ``, so ``θ`` is within ``2τ``): the near-null factors of real networks end
+  here;
 * otherwise, for factors of side at least :data:`REFINE_MIN` (below it a failed
-  refinement costs more than ``eigh`` saves), a refinement on ``N = M`` (smallest) or ``N = −M``
-  (largest): inverse iteration with a Cholesky factor of ``N − σI`` in ``M``'s dtype,
-  ``σ`` just below ``N``'s smallest eigenvalue by the Kato–Temple bound of the first
-  phase's pair (a float64 factor proves ``λ_min(N) > σ``), until ``‖Nq − θq‖ ≤ τ``;
+  refinement costs more than ``eigh`` saves; a largest pair :data:`HOPELESS` times the
+  residual away at the first check gives up there), a refinement on ``N = M``
+  (smallest) or ``N = −M`` (largest): inverse iteration with a Cholesky factor of
+  ``N − σI`` in ``M``'s dtype, ``σ`` just below ``N``'s smallest eigenvalue by the
+  Kato–Temple bound of the first phase's pair (a float64 factor proves ``λ_min(N) > σ``),
+  until ``‖Nq − θq‖ ≤ τ/√n``;
 * accepted when ``θ`` is certified within ``τ`` of the extreme: ``σ ≥ θ − τ``, or a
   float64 Cholesky factor of ``N − (θ − τ)I`` exists (so ``λ_min(N) > θ − τ``);
 * otherwise, and for factors of side at most :data:`SMALL` (where a failed attempt
@@ -66,6 +74,7 @@ FIRST_ITERATIONS = 6  # of the first phase (shift τ, or powers of M)
 REFINE_MIN = 384  # the refinement only for factors of at least this side (else eigh)
 SECOND_ITERATIONS = 24  # of the refinement near the extreme (each ~1/20 of a factorisation)
 TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F
+HOPELESS = 100.0  # a largest pair under REFINE_MIN this far from τ/√n at the first check
 _SEED = 0x5EC7
 
 
@@ -153,6 +162,7 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
     tau = tolerance(matrix64, matrix.dtype)
     if not math.isfinite(tau) or tau == 0.0:
         return None
+    close = tau / math.sqrt(matrix.shape[-1])  # the residual a vector must reach
     smallest = which == "smallest"
     signed = matrix64 if smallest else matrix64.neg()
     first = _shifted_solver(matrix, tau) if smallest else matrix64.__matmul__
@@ -166,24 +176,26 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         if iteration % CHECK_EVERY:
             continue
         ritz = _ritz(signed, block)
-        if smallest and ritz.residual <= tau and ritz.theta <= tau:
+        if smallest and ritz.residual <= close and ritz.theta <= tau:
             return _pair(ritz, 1.0)  # within τ of 0 ≤ λ_min
-        if ritz.residual <= tau:
+        if ritz.residual <= close:
             break
-        if smallest and ritz.theta > tau and matrix.shape[-1] < REFINE_MIN:
-            return None  # not near-null: slow here, and eigh is cheap at this size
-    if ritz.residual > tau and matrix.shape[-1] < REFINE_MIN:
+        if matrix.shape[-1] < REFINE_MIN and (
+            ritz.theta > tau if smallest else ritz.residual > HOPELESS * close
+        ):
+            return None  # not near-null, or far from converged: eigh is cheap at this size
+    if ritz.residual > close and matrix.shape[-1] < REFINE_MIN:
         return None
     found: tuple[_Ritz, float] | None = (ritz, -math.inf)
-    if ritz.residual > tau:
-        found = _refine(signed, block, ritz, tau, matrix.dtype)
+    if ritz.residual > close:
+        found = _refine(signed, block, ritz, tau, close, matrix.dtype)
     if found is None or not _certified(signed, found[0].theta, tau, found[1]):
         return None
     return _pair(found[0], 1.0 if smallest else -1.0)
 
 
 def _refine(
-    signed: Tensor, block: Tensor, ritz: _Ritz, tau: float, dtype: torch.dtype
+    signed: Tensor, block: Tensor, ritz: _Ritz, tau: float, close: float, dtype: torch.dtype
 ) -> tuple[_Ritz, float] | None:
     """Inverse iteration with a shift ``σ`` just below the smallest eigenvalue of ``N``:
     ``σ = θ − min(‖r‖, 2‖r‖²/(θ₂ − θ)) − τ`` (Kato–Temple's bound ``λ₁ ≥ θ − ‖r‖²/(λ₂ − θ)``
@@ -203,7 +215,7 @@ def _refine(
     for _ in range(SECOND_ITERATIONS):
         block = torch.linalg.qr(torch.cholesky_solve(block.to(dtype), factor).double())[0]
         ritz = _ritz(signed, block)
-        if ritz.residual <= tau:
+        if ritz.residual <= close:
             return ritz, sigma if dtype == torch.float64 else -math.inf
     return None
 
