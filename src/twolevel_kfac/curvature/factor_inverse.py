@@ -173,7 +173,17 @@ def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
     if inverse is None:
         inverse = _cholesky_inverse_or_none(sym.double())
     if inverse is None:
-        retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
+        try:
+            retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
+        except RuntimeError as error:
+            if matrix.dtype not in _HALF:
+                raise
+            raise RuntimeError(
+                f"{error}: a {matrix.dtype} factor is rounded into an indefinite matrix that "
+                "no Cholesky factorisation takes; use inverse_method='auto' or 'eigen' with "
+                "half factors (the eigendecomposition clips the rounding's negative "
+                "eigenvalues at 0), or factor_dtype=torch.float32"
+            ) from error
         inverse = retried
     if inverse.device.type == "cpu":
         # LAPACK's result is column-major: its transpose, equal bit for bit, is row-major
