@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 from typing import Any
 
@@ -295,3 +296,17 @@ def test_a_refused_load_leaves_a_working_optimizer() -> None:
             after["preconditioner"]["factors"][name], factors, rtol=0, atol=0
         )
     _wide_steps(other, 1, 2)
+
+
+def test_a_nonfinite_half_factor_keeps_the_plain_error() -> None:
+    """The half-factor advice is for rounding only: an infinite entry keeps the ladder's
+    own message."""
+    from twolevel_kfac.curvature.factor_inverse import damped_inverse
+
+    factor = torch.eye(4, dtype=torch.bfloat16)
+    factor[1, 1] = math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(RuntimeError, match="failed in its dtype") as raised:
+            damped_inverse(factor, 0.1)
+    assert "half factors" not in str(raised.value)

@@ -12,9 +12,10 @@ step, *certified* or replaced by ``eigh``:
   ‖M‖_F`` (the order of a symmetric eigensolver's backward error in that dtype), and the
   vector's residual ``τ/√n = c · ε · ‖M‖_F``. A vector with ``‖Mq − θq‖ ≤ τ/√n`` is within
   an angle of ``τ/(√n·gap)`` of the eigenvector, ``gap`` the distance to the next
-  eigenvalue: 2.5e-3 at a gap of 1e-3·‖M‖ in float32, where float32 ``eigh`` is within
-  about 1e-5 (a test pins the bound). Where eigenvalues are closer than that, any vector
-  of their span is as good an answer;
+  eigenvalue (a test pins it for the smallest pair: on its float32 factor of side 512,
+  1.3e-3 rad at a gap of 2.4e-3·‖M‖₂, where float32 ``eigh`` is within about 1e-5).
+  Where eigenvalues are closer than that, any vector of their span is as good an
+  answer;
 * the first phase: for the smallest, inverse iteration ``X ← (M + τI)⁻¹X`` (a Cholesky
   factor in ``M``'s dtype, float64 when that fails); for the largest, block power
   iteration ``X ← MX``; orthonormalised, with every :data:`CHECK_EVERY` iterations the
@@ -24,9 +25,8 @@ step, *certified* or replaced by ``eigh``:
   ``λ_min ≥ −τ``, so ``θ`` is within ``2τ``): the near-null factors of real networks end
   here;
 * otherwise, for factors of side at least :data:`REFINE_MIN` (below it a failed
-  refinement costs more than ``eigh`` saves; a largest pair :data:`HOPELESS` times the
-  residual away at the first check gives up there), a refinement on ``N = M``
-  (smallest) or ``N = −M`` (largest): inverse iteration with a Cholesky factor of
+  refinement costs more than ``eigh`` saves), a refinement on ``N = M`` (smallest) or
+  ``N = −M`` (largest): inverse iteration with a Cholesky factor of
   ``N − σI`` in ``M``'s dtype, ``σ`` just below ``N``'s smallest eigenvalue by the
   Kato–Temple bound of the first phase's pair (a float64 factor proves ``λ_min(N) > σ``),
   until ``‖Nq − θq‖ ≤ τ/√n``;
@@ -36,13 +36,14 @@ step, *certified* or replaced by ``eigh``:
   costs half of ``eigh`` or more on top of it), the pair of
   :func:`~.factor_inverse.safe_eigh`.
 
-Where the smallest eigenvalue is repeated or clustered within ``τ`` (the rank-deficient
-factors of real data: dead pixels, fewer samples than features), any unit vector of that
-cluster is such a pair and the one returned depends on the start, as ``eigh``'s depends on
-rounding. The start is a fixed pseudo-random block, so the result is a deterministic
-function of the factor (a resumed run rebuilds the same basis). Measured times against
-``eigh``, on the autoencoders' factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac
-bench extreme_pair`` (``docs/benchmarks/extreme_pair.md``).
+Where the smallest eigenvalue is repeated (the rank-deficient factors of real data: dead
+pixels, fewer samples than features), any unit vector of that null space is such a pair
+and the one returned depends on the start, as ``eigh``'s depends on rounding; a cluster
+wider than about ``τ/√n`` does not take the near-null shortcut. The start is a fixed
+pseudo-random block, so the result is a deterministic function of the factor (a resumed
+run rebuilds the same basis). Measured times against ``eigh``, on the autoencoders'
+factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac bench extreme_pair``
+(``docs/benchmarks/extreme_pair.md``).
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ FIRST_ITERATIONS = 6  # of the first phase (shift τ, or powers of M)
 REFINE_MIN = 384  # the refinement only for factors of at least this side (else eigh)
 SECOND_ITERATIONS = 24  # of the refinement near the extreme (each ~1/20 of a factorisation)
 TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F
-HOPELESS = 100.0  # a largest pair under REFINE_MIN this far from τ/√n at the first check
 _SEED = 0x5EC7
 
 
@@ -180,10 +180,8 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
             return _pair(ritz, 1.0)  # within τ of 0 ≤ λ_min
         if ritz.residual <= close:
             break
-        if matrix.shape[-1] < REFINE_MIN and (
-            ritz.theta > tau if smallest else ritz.residual > HOPELESS * close
-        ):
-            return None  # not near-null, or far from converged: eigh is cheap at this size
+        if smallest and ritz.theta > tau and matrix.shape[-1] < REFINE_MIN:
+            return None  # not near-null: slow here, and eigh is cheap at this size
     if ritz.residual > close and matrix.shape[-1] < REFINE_MIN:
         return None
     found: tuple[_Ritz, float] | None = (ritz, -math.inf)

@@ -176,7 +176,7 @@ def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
         try:
             retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
         except RuntimeError as error:
-            if matrix.dtype not in _HALF:
+            if matrix.dtype not in _HALF or not bool(torch.isfinite(matrix).all()):
                 raise
             raise RuntimeError(
                 f"{error}: a {matrix.dtype} factor is rounded into an indefinite matrix that "
