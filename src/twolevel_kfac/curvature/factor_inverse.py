@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HALF_DTYPES",
     "RETRY_DAMPINGS",
     "converted_decomposition",
     "damped_inverse",
@@ -27,13 +28,14 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-_HALF = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The dtypes no decomposition runs in (:func:`solver_dtype`)."""
 
 
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a factor is decomposed in: float32 for the half dtypes (``factor_dtype=
     torch.bfloat16``: LAPACK and cuSOLVER take neither), else its own."""
-    return torch.float32 if dtype in _HALF else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -176,7 +178,7 @@ def damped_inverse(matrix: Tensor, shift: float) -> Tensor:
         try:
             retried, _, _ = _retry_with_damping(sym.double(), _cholesky_inverse_or_none, "Cholesky")
         except RuntimeError as error:
-            if matrix.dtype not in _HALF or not bool(torch.isfinite(matrix).all()):
+            if matrix.dtype not in HALF_DTYPES or not bool(torch.isfinite(matrix).all()):
                 raise
             raise RuntimeError(
                 f"{error}: a {matrix.dtype} factor is rounded into an indefinite matrix that "

@@ -37,6 +37,7 @@ from ..curvature.blocks import (
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import find_layer_uses, find_layers
+from ..curvature.factor_inverse import HALF_DTYPES, solver_dtype
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
 from ..distributed import layer_specs, make_communicator, rank_seed, reduce_statistics, unwrap_model
@@ -109,7 +110,7 @@ class KFACPreconditioner:
             damping_varies=damping_varies or callable(options.damping),
             fine_needs_eigenbasis=fine_type.needs_eigenbasis,
             coarse_needs_eigenbasis=coarse is not None and coarse_type.needs_eigenbasis(coarse),
-            half_factors=options.factor_dtype in (torch.float16, torch.bfloat16),
+            half_factors=options.factor_dtype in HALF_DTYPES,
         )
         self.options = opts = replace(options, inverse_method=method)
         self.model = model = unwrap_model(model)
@@ -268,8 +269,7 @@ class KFACPreconditioner:
         """The dtype of layer ``name``'s factors: ``factor_dtype``, else its weight's, float32
         for a half-precision weight (no decomposition runs in bf16 / fp16)."""
         dtype = block_parameters(self.layers[name])[0].dtype  # the bias's alone in BitFit
-        half = dtype in (torch.bfloat16, torch.float16)
-        return self.options.factor_dtype or (torch.float32 if half else dtype)
+        return self.options.factor_dtype or solver_dtype(dtype)
 
     def apply_fine(self, name: str, matrix: Tensor) -> Tensor:
         """``M_i⁻¹``: the fine level's damped inverse of layer ``name`` on a ``W̄`` matrix."""
