@@ -322,6 +322,12 @@ def capture_layer_stats(
 # --------------------------------------------------------------------------------------
 
 
+def outer_matrix(applied: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """``M⁻¹(u vᵀ)`` as a matrix, from either form the library returns (the matrix, or the
+    pair of vectors whose outer product it is)."""
+    return torch.outer(*applied) if isinstance(applied, tuple) else applied
+
+
 def dense_fisher(vectors: Tensor) -> Tensor:
     """``F = (1/B) Σ_n v_n v_nᵀ`` for per-sample vectors ``[B, P]``."""
     return vectors.T @ vectors / vectors.shape[0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oracles import capture_layer_stats
+from oracles import capture_layer_stats, outer_matrix
 from twolevel_kfac.curvature.blocks import LayerStats, layer_shape
 from twolevel_kfac.optim.levels import FINE_LEVELS
 from twolevel_kfac.optim.preconditioner import KFACPreconditioner
@@ -82,7 +82,7 @@ def test_split_rank_one_and_joined_applications_agree(pre: KFACPreconditioner) -
             torch.randn(d_in, dtype=torch.float64),
         )
         torch.testing.assert_close(
-            pre.apply_fine_outer(name, left, right),
+            outer_matrix(pre.apply_fine_outer(name, left, right)),
             pre.apply_fine(name, torch.outer(left, right)),
             rtol=1e-10,
             atol=1e-12,

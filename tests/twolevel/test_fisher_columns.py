@@ -30,6 +30,7 @@ from twolevel_kfac.twolevel.fisher_columns import (
     gradient_sums,
     rows_size,
 )
+from twolevel_kfac.twolevel.outer import dense_layer, layer_count
 from twolevel_kfac.twolevel.parts import split_basis
 
 LOSS = nn.CrossEntropyLoss()
@@ -59,7 +60,7 @@ def undamped_columns(level: Any) -> FisherColumns:
 def random_vector(level: Any, seed: int) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     assert level.basis is not None
-    return [torch.randn(b.shape[1:], generator=gen) for b in level.basis]
+    return [torch.randn(dense_layer(b).shape[1:], generator=gen) for b in level.basis]
 
 
 @pytest.mark.parametrize("space", ["nicolaides", "spectral", "krylov_residual"])
@@ -68,7 +69,7 @@ def test_columns_are_the_fisher_products_of_the_basis(float64: None, space: str)
     operator = level.coarse_operator
     basis = operator.basis
     w = undamped_columns(level)
-    k = sum(int(b.shape[0]) for b in basis)
+    k = sum(layer_count(b) for b in basis)
     u = torch.linspace(-1.0, 2.0, k)
     for damping in (0.05, 0.3):  # the damping of the step, whatever the refresh's was
         level.host.damping = damping
@@ -82,7 +83,7 @@ def test_columns_are_the_fisher_products_of_the_basis(float64: None, space: str)
         )
     parts = [(x[:, :-1], x[:, -1]) for x in v]  # every layer here has a bias
     torch.testing.assert_close(w.restrict_parts(parts), w.restrict(v), rtol=1e-13, atol=0)
-    assert w.numel() == k * sum(int(b[0].numel()) for b in basis)
+    assert w.numel() == k * sum(int(dense_layer(b)[0].numel()) for b in basis)
     assert len(split_basis(w.columns, [True] * len(basis))) == len(basis)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..optim.preconditioner import KFACPreconditioner
 from ..twolevel.combinations import get_combination
+from ..twolevel.outer import layer_count
 from ..twolevel.vectors import LayerVector
 from .backends import DenseBackend
 
@@ -66,7 +67,7 @@ def minv_blocks(ms: MethodSet, pre: KFACPreconditioner) -> list[Tensor]:
 def coarse_inverse(ms: MethodSet, space: str) -> Tensor:
     """``F_c⁻¹`` (``[K, K]``) from the optimizer's :class:`CoarseOperator`."""
     op = ms.operator(space)
-    k = sum(int(b.shape[0]) for b in op.basis)
+    k = sum(layer_count(b) for b in op.basis)
     eye = torch.eye(k, dtype=ms.curvature.grad[0].dtype)
     return torch.stack([op.solve(e) for e in eye], dim=1)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..twolevel.outer import dense_basis
 from . import metrics
 from .backends import MatrixFreeBackend, MatrixFreeOptions
 from .coordinates import analysis_layers, loss_at
@@ -84,7 +85,9 @@ def _off_diagonal_captured(methods: MethodSet, space: str, basis: Tensor) -> flo
         seed=opts.seed,
     ).norms
     return captured_off_diagonal(
-        backend.products, methods.operator(space).basis, metrics.off_diagonal_mass(norms)
+        backend.products,
+        dense_basis(methods.operator(space).basis),
+        metrics.off_diagonal_mass(norms),
     )
 
 

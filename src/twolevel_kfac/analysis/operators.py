@@ -47,6 +47,7 @@ from ..optim.twolevel import CoarseOptions, TwoLevelPreconditioner
 from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
 from ..twolevel.combinations import COMBINATIONS, CombinationName, get_combination
+from ..twolevel.outer import dense_basis
 from ..twolevel.vectors import LayerVector
 from .backends import Backend, MatrixFreeOptions, make_backend
 from .coordinates import flatten, unflatten
@@ -319,7 +320,7 @@ class MethodSet:
     def dense_basis(self, space: str) -> Tensor:
         """``R₀`` of the optimizer's basis for ``space`` as a ``[K, P]`` matrix (``K`` is
         small: one or two vectors per layer, so this is cheap for either backend)."""
-        basis = self.operator(space).basis
+        basis = dense_basis(self.operator(space).basis)
         rows = []
         for i, vectors in enumerate(basis):
             for v in vectors:

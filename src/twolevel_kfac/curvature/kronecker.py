@@ -220,10 +220,10 @@ class KroneckerFactors:
 
     def apply_inverse_outer(
         self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
-    ) -> Tensor:
-        """:meth:`apply_inverse` of the rank-one ``u vᵀ``: ``(G⁻¹u)(A⁻¹v)ᵀ/T`` for a factored
-        damping (``A⁻¹`` is symmetric), two mat-vecs instead of two GEMMs; the general
-        apply of ``outer(u, v)`` for ``eigen_sum``."""
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """:meth:`apply_inverse` of the rank-one ``u vᵀ``: for a factored damping the pair
+        ``(G⁻¹u/T, A⁻¹v)`` whose outer product it is (``A⁻¹`` is symmetric), two mat-vecs
+        instead of two GEMMs, in ``left``'s dtype; for ``eigen_sum`` the matrix."""
         cache = self.prepared_inverse(damping, mode, method)
         if len(cache) == 3:
             return self.apply_inverse(torch.outer(left, right), damping, mode, method)
@@ -232,7 +232,7 @@ class KroneckerFactors:
         dtype = inv_g.dtype
         right = right.to(dtype)
         product = inv_a.matvec(right) if isinstance(inv_a, BorderedInverse) else inv_a @ right
-        return torch.outer(inv_g @ left.to(dtype), product).to(left.dtype)
+        return (inv_g @ left.to(dtype)).to(left.dtype), product.to(left.dtype)
 
     def apply_inverse_split(
         self,

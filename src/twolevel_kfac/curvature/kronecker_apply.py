@@ -223,8 +223,9 @@ class InverseOnMatrices:
 
     def apply_inverse_outer(
         self, left: Tensor, right: Tensor, damping: float, mode: str, method: str
-    ) -> Tensor:
-        """:meth:`apply_inverse` of ``left rightᵀ``."""
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """:meth:`apply_inverse` of ``left rightᵀ``: the matrix, or the pair of vectors
+        whose outer product it is (where the block's inverse is a Kronecker product)."""
         return self.apply_inverse(torch.outer(left, right), damping, mode, method)
 
     def apply_inverse_split(

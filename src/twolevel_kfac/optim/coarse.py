@@ -13,6 +13,7 @@ that holds it (``KFACPreconditioner(model, coarse=CoarseOptions(...))``).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
@@ -27,6 +28,7 @@ from ..twolevel.coarse_spaces import (
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
+from ..twolevel.outer import CoarseBasis, LayerBasis, OuterVectors
 from ..twolevel.vectors import LayerVector, dot, sub_into
 from .coarse_basis import space_basis
 from .coarse_fisher import (
@@ -71,7 +73,7 @@ class CoarseLevel:
         self.fisher_samples: int | None = None  # N of the global Fisher mini-batch
         self.fisher_columns: FisherColumns | None = None  # W₀ = FR₀ᵀ instead of the rows
         self._rows_chosen = False  # kept_fisher="auto" chose the rows at this refresh
-        self.basis: list[Tensor] | None = None
+        self.basis: CoarseBasis | None = None
         # (fine version, λ) the basis was built at (None: loaded as saved)
         self.basis_source: tuple[int, float] | None = None
         self.coarse_matrix: Tensor | None = None
@@ -96,23 +98,31 @@ class CoarseLevel:
         """
         return damped_product(self, v)
 
-    def basis_of(self, minv_res: LayerVector | None) -> list[Tensor]:
+    def basis_of(self, minv_res: LayerVector | None) -> CoarseBasis:
         """:meth:`build_basis` with the rows no step may move set to zero (an untied
         embedding's ``padding_idx`` row: :func:`~twolevel_kfac.curvature.layer_types.
-        fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them."""
-        basis = self.build_basis(minv_res)
+        fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them (the rows of ``l`` for
+        outer products ``l r̃ᵀ``)."""
+        basis = list(self.build_basis(minv_res))
         for i, name in enumerate(self.names):
             rows = self.host.fixed_rows.get(name)
             if rows:
-                basis[i] = basis[i].clone()
-                basis[i][:, rows] = 0.0
+                b = basis[i]
+                if isinstance(b, OuterVectors):
+                    left = b.left.clone()
+                    left[:, rows] = 0.0
+                    basis[i] = OuterVectors(left, b.right)
+                else:
+                    basis[i] = b.clone()
+                    basis[i][:, rows] = 0.0  # type: ignore[index]
         return basis
 
-    def build_basis(self, minv_res: LayerVector | None) -> list[Tensor]:
+    def build_basis(self, minv_res: LayerVector | None) -> Sequence[LayerBasis]:
         """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
-        layer of :attr:`names`; ``minv_res``: ``M⁻¹res`` for the residual spaces;
-        :func:`.coarse_basis.space_basis`). A subclass may define another space here
-        (``coarse_level_type`` of a preconditioner)."""
+        layer of :attr:`names`, or its :class:`~twolevel_kfac.twolevel.outer.OuterVectors`;
+        ``minv_res``: ``M⁻¹res`` for the residual spaces; :func:`.coarse_basis.space_basis`).
+        A subclass may define another space here (``coarse_level_type`` of a
+        preconditioner)."""
         return space_basis(self, minv_res)
 
     # ------------------------------------------------------------------ step
@@ -213,7 +223,7 @@ class CoarseLevel:
                 self.projections = (self._operator, self.projections[1])  # the same basis
         self._columns_from_rows()
 
-    def _follow_damping(self, basis: list[Tensor]) -> bool:
+    def _follow_damping(self, basis: CoarseBasis) -> bool:
         """Shift ``F_c`` to the current ``λ`` (:func:`.coarse_fisher.shifted_coarse_matrix`
         with ``basis``); whether it moved."""
         shifted = shifted_coarse_matrix(self, basis)

@@ -1,19 +1,27 @@
 """The coarse basis ``R₀`` of a coarse level's ``coarse_space`` (:class:`~.coarse.CoarseLevel`
 ``build_basis``): the spaces of :mod:`twolevel_kfac.twolevel.coarse_spaces` on the level's
-layers, with the spectral vectors read from the fine level's current decompositions.
+layers, with the spectral vectors read from the fine level's current decompositions (a
+Kronecker block's ``q_G q_Aᵀ`` kept as its two factors: :mod:`twolevel_kfac.twolevel.outer`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from ..curvature.blocks import block_parameters, layer_shape
 from ..curvature.extreme_eigen import frozen_eigenpairs
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
-from ..twolevel.coarse_spaces import build_basis, kronecker_spectral_vector, spectral_basis
+from ..twolevel.coarse_spaces import (
+    build_basis,
+    extreme_index,
+    krylov_nicolaides,
+    normalize_inf_,
+)
+from ..twolevel.outer import CoarseBasis, LayerBasis, OuterVectors, normalized_outer
 from ..twolevel.vectors import LayerVector
 
 if TYPE_CHECKING:
@@ -22,13 +30,15 @@ if TYPE_CHECKING:
 __all__ = ["space_basis", "spectral_vectors"]
 
 
-def spectral_vectors(level: CoarseLevel) -> list[Tensor]:
+def spectral_vectors(level: CoarseLevel) -> list[Tensor | OuterVectors]:
     """Per block the eigenvector of its smallest (largest) eigenvalue, from the factors
-    frozen at the last refresh (``q_G q_Aᵀ`` of a Kronecker block; among the seen tokens
-    for an embedding table; a block of its own gives its own ``spectral_vector``): the
-    cached eigenpairs under ``inverse_method="eigen"``, else the one certified extreme pair
-    of each factor (:func:`~twolevel_kfac.curvature.extreme_eigen.frozen_eigenpairs`)."""
-    which, vectors, host = level.options.spectral_which, [], level.host
+    frozen at the last refresh (``q_G q_Aᵀ`` of a Kronecker block, as its two factors; among
+    the seen tokens for an embedding table; a block of its own gives its own
+    ``spectral_vector``): the cached eigenpairs under ``inverse_method="eigen"``, else the
+    one certified extreme pair of each factor (:func:`~twolevel_kfac.curvature.
+    extreme_eigen.frozen_eigenpairs`). Not normalised."""
+    which, host = level.options.spectral_which, level.host
+    vectors: list[Tensor | OuterVectors] = []
     for name in level.names:
         factors = host.factors[name]
         if type(factors) is not KroneckerFactors:
@@ -43,30 +53,51 @@ def spectral_vectors(level: CoarseLevel) -> list[Tensor]:
             vectors.append(table_spectral_vector(frequencies, vals_a, vecs_a, which))
             continue
         vals_g, vecs_g = frozen_eigenpairs(factors.decomp_g, which)
-        vectors.append(kronecker_spectral_vector(vecs_a, vals_a, vecs_g, vals_g, which))
+        q_g = vecs_g[:, extreme_index(vals_g, which)]
+        q_a = vecs_a[:, extreme_index(vals_a, which)]
+        vectors.append(OuterVectors(q_g.unsqueeze(0), q_a.unsqueeze(0)))
     return vectors
 
 
-def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> list[Tensor]:
+def _normalized(vector: Tensor | OuterVectors, dtype: torch.dtype) -> LayerBasis:
+    """One spectral vector as a normalised ``k = 1`` layer basis in ``dtype`` (the
+    eigenvectors are in the factors' dtype)."""
+    if isinstance(vector, OuterVectors):
+        return normalized_outer(vector.left.to(dtype), vector.right.to(dtype))
+    return normalize_inf_(vector.to(dtype).unsqueeze(0).clone())
+
+
+def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis:
     """``R₀`` of ``level.options.coarse_space`` on ``level.names`` (``minv_res``: ``M⁻¹res``
     for the residual spaces)."""
     space, host = level.options.coarse_space, level.host
     param = block_parameters(host.layers[level.names[0]])[0]  # its dtype and device
-    if space == "spectral":  # the eigenvectors are in the factors' dtype
-        return spectral_basis([v.to(param.dtype) for v in spectral_vectors(level)])
+    if space == "spectral":
+        return [_normalized(v, param.dtype) for v in spectral_vectors(level)]
     shapes = [layer_shape(host.layers[n]) for n in level.names]
-    minv_ones = None
-    if space == "krylov_nicolaides":  # M⁻¹(1 1ᵀ) as a rank-one product, layer by layer
-        minv_ones = (
-            host.apply_fine_outer(n, param.new_ones(d_out), param.new_ones(d_in))
-            for n, (d_out, d_in) in zip(level.names, shapes, strict=True)
-        )
-    return build_basis(
-        space,
-        shapes,
-        minv=level.minv,
-        minv_res=minv_res,
-        minv_ones=minv_ones,
-        dtype=param.dtype,
-        device=param.device,
+    if space == "krylov_nicolaides":
+        return [
+            _krylov_nicolaides_layer(level, n, shape, param)
+            for n, shape in zip(level.names, shapes, strict=True)
+        ]
+    return build_basis(  # type: ignore[return-value]  # list[Tensor] is a CoarseBasis
+        space, shapes, minv=level.minv, minv_res=minv_res, dtype=param.dtype, device=param.device
     )
+
+
+def _krylov_nicolaides_layer(
+    level: CoarseLevel, name: str, shape: tuple[int, int], param: Tensor
+) -> LayerBasis:
+    """Layer ``name``'s ``{1, M⁻¹1}`` (:func:`~twolevel_kfac.twolevel.coarse_spaces.
+    krylov_nicolaides`) from ``M⁻¹(1 1ᵀ)`` as a rank-one product: where the block's inverse
+    is a Kronecker product, ``M⁻¹1 = (G⁻¹1)(A⁻¹1)ᵀ`` and the pair is kept as outer products
+    ``{1·1ᵀ, (G⁻¹1)(A⁻¹1)ᵀ}`` (:class:`~twolevel_kfac.twolevel.outer.OuterVectors`)."""
+    d_out, d_in = shape
+    ones_out, ones_in = param.new_ones(d_out), param.new_ones(d_in)
+    applied = level.host.apply_fine_outer(name, ones_out, ones_in)
+    if isinstance(applied, tuple):
+        left, right = applied
+        return normalized_outer(torch.stack([ones_out, left]), torch.stack([ones_in, right]))
+    return krylov_nicolaides(
+        [shape], level.minv, minv_ones=[applied], dtype=param.dtype, device=param.device
+    )[0]

@@ -30,6 +30,7 @@ from ..twolevel.global_fisher import (
     global_damped_fvp,
     global_tselepidis_matrix,
 )
+from ..twolevel.outer import CoarseBasis, dense_layer, layer_count
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
 from ..twolevel.vectors import LayerVector
 
@@ -86,14 +87,14 @@ def damped_product(level: CoarseLevel, v: LayerVector) -> LayerVector:
     return damped_fvp(stats, v, level.host.damping)
 
 
-def new_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor:
+def new_coarse_matrix(level: CoarseLevel, basis: CoarseBasis) -> Tensor:
     """``F_c`` of ``basis`` on the kept Fisher mini-batch (Tselepidis' Kronecker sums for
     ``coarse_space="tselepidis"``, the rows no step may move left out of its damping)."""
     stats, n, host = level.fisher_stats, level.fisher_samples, level.host
     assert stats is not None and n is not None
     if level.options.coarse_space == "tselepidis":
         numels = [
-            s.numel() - len(host.fixed_rows.get(name, ())) * b.shape[-1]
+            s.numel() - len(host.fixed_rows.get(name, ())) * dense_layer(b).shape[-1]
             for s, name, b in zip(stats, level.names, basis, strict=True)
         ]
         if host.comm.distributed:
@@ -104,7 +105,7 @@ def new_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor:
     return exact_coarse_matrix(stats, basis, host.damping)
 
 
-def shifted_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor | None:
+def shifted_coarse_matrix(level: CoarseLevel, basis: CoarseBasis) -> Tensor | None:
     """``F_c`` at the current damping: ``F_c + (λ − λ_c)R₀R₀ᵀ`` for ``F_c`` formed at
     ``λ_c`` (``coarse_damping``; the damping term of the exact ``F_c`` and of Tselepidis'
     is ``λR₀R₀ᵀ``, ``R₀`` = ``basis``), or ``None`` when ``λ`` has not changed or no
@@ -115,7 +116,7 @@ def shifted_coarse_matrix(level: CoarseLevel, basis: list[Tensor]) -> Tensor | N
     return matrix + (damping - formed) * basis_gram(basis).to(matrix)
 
 
-def new_columns(level: CoarseLevel, basis: list[Tensor]) -> FisherColumns:
+def new_columns(level: CoarseLevel, basis: CoarseBasis) -> FisherColumns:
     """``W₀ = FR₀ᵀ`` of ``basis`` on the kept Fisher mini-batch (every rank's rows; the
     damping is added where it is used)."""
     stats, n, host = level.fisher_stats, level.fisher_samples, level.host
@@ -126,7 +127,7 @@ def new_columns(level: CoarseLevel, basis: list[Tensor]) -> FisherColumns:
     return fisher_columns(sums, basis, n)
 
 
-def keeps_columns(level: CoarseLevel, basis: list[Tensor]) -> bool:
+def keeps_columns(level: CoarseLevel, basis: CoarseBasis) -> bool:
     """Whether the level trades its rows for ``W₀ = FR₀ᵀ`` after a refresh.
 
     ``W₀`` holds ``K·P`` numbers, the same on every rank; the steps between refreshes
@@ -153,6 +154,6 @@ def keeps_columns(level: CoarseLevel, basis: list[Tensor]) -> bool:
         (total,) = all_reduce_sum(host.comm, [count])
         rows = float(total) / world
         products = (2 if options.combination == "balanced" else 1) * (host.options.cov_interval - 1)
-        if sum(int(b.shape[0]) for b in basis) > products:
+        if sum(layer_count(b) for b in basis) > products:
             return False
     return coarse_size(basis) < rows

@@ -5,7 +5,8 @@ Saved: the layers it spans, ``F_c`` (and how many estimates the faithful schedul
 averaged), the basis unless the state rebuilds it bit for bit on load
 (:attr:`~.coarse.CoarseLevel.basis_rebuilds`: Nicolaides vectors, which depend on the
 layer shapes alone; a spectral or Krylov-Nicolaides basis built from the saved fine level
-and ``λ``), ``N`` of the Fisher mini-batch, and what a step between refreshes reads
+and ``λ``; a layer's outer products ``l r̃ᵀ`` are saved as ``{"left": l, "right": r̃}``),
+``N`` of the Fisher mini-batch, and what a step between refreshes reads
 of that mini-batch (:attr:`~.coarse.CoarseLevel.reads_statistics`): either ``W₀ = FR₀ᵀ``
 (the same on every rank) or its rows (under ``torch.distributed`` every rank's rows go
 into the preconditioner's ``"ranks"``).
@@ -24,6 +25,7 @@ from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.fisher_products import check_stats
 from ..twolevel.global_fisher import own_statistics
+from ..twolevel.outer import CoarseBasis, OuterVectors
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -46,7 +48,7 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
     rebuilt = level.basis_rebuilds
     return {
         "fisher_stats": None if distributed else _stats_pairs(level.fisher_stats),
-        "basis": None if rebuilt else level.basis,
+        "basis": None if rebuilt or level.basis is None else _saved_basis(level.basis),
         "basis_rebuilt": rebuilt and level.basis is not None,
         "basis_built_by": _built_by(level),
         "fisher_samples": level.fisher_samples,
@@ -58,6 +60,18 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "coarse_updates": level.coarse_updates,
         "names": level.names,
     }
+
+
+def _saved_basis(basis: CoarseBasis) -> list[Tensor | dict[str, Tensor]]:
+    """The basis as plain tensors: outer products as their two factors."""
+    return [
+        {"left": b.left, "right": b.right} if isinstance(b, OuterVectors) else b for b in basis
+    ]
+
+
+def _loaded_basis(saved: list[Tensor | dict[str, Tensor]]) -> CoarseBasis:
+    """:func:`_saved_basis` read back."""
+    return [OuterVectors(b["left"], b["right"]) if isinstance(b, dict) else b for b in saved]
 
 
 def _built_by(level: CoarseLevel) -> dict[str, str]:
@@ -154,7 +168,8 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     level.fisher_samples = coarse.get("fisher_samples")
     if level.fisher_samples is None and per_rank is not None:  # a state from before it
         level.fisher_samples = sum(check_stats(stats) for stats in per_rank)
-    level.basis = None if coarse["basis"] is None else _on_names(level, coarse["basis"])
+    saved_basis = coarse["basis"]
+    level.basis = None if saved_basis is None else _loaded_basis(_on_names(level, saved_basis))
     level.basis_source = None
     if coarse.get("basis_rebuilt"):
         param = block_parameters(level.host.layers[level.names[0]])[0]

@@ -37,7 +37,11 @@ if TYPE_CHECKING:
     from ..distributed import Communicator
     from .options import CurvatureOptions
 
-__all__ = ["FineContext", "FineLevel"]
+__all__ = ["FineContext", "FineLevel", "OuterApplied"]
+
+OuterApplied = Tensor | tuple[Tensor, Tensor]
+"""``M_i⁻¹(u vᵀ)``: the matrix, or for a Kronecker inverse ``(G⁻¹u, A⁻¹v)``, the pair of
+vectors whose outer product it is."""
 
 
 class FineContext(Protocol):
@@ -149,8 +153,9 @@ class FineLevel:
             )
         return apply_on_parts(lambda m: self.apply(name, m, damping), weight, bias, out)
 
-    def apply_outer(self, name: str, left: Tensor, right: Tensor, damping: float) -> Tensor:
-        """:meth:`apply` of the rank-one matrix ``left rightᵀ`` (two mat-vecs for KFAC)."""
+    def apply_outer(self, name: str, left: Tensor, right: Tensor, damping: float) -> OuterApplied:
+        """:meth:`apply` of the rank-one matrix ``left rightᵀ``: the matrix, or for a
+        Kronecker inverse the pair of vectors whose outer product it is (two mat-vecs)."""
         if not self.plain:
             return self.apply(name, torch.outer(left, right), damping)
         opts = self.host.options

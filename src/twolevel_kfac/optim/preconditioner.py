@@ -45,7 +45,7 @@ from ..finite import all_finite
 from ..placement import autocast_off, move_tensors
 from .coarse import CoarseLevel
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
-from .fine import FineLevel
+from .fine import FineLevel, OuterApplied
 from .options import (
     CoarseOptions,
     CurvatureOptions,
@@ -335,8 +335,8 @@ class KFACPreconditioner:
         (a coarse correction), gets the ``W̄`` path."""
         return self.fine.plain and self.coarse_level is None
 
-    def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> Tensor:
-        """:meth:`apply_fine` of the rank-one matrix ``left rightᵀ``."""
+    def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> OuterApplied:
+        """:meth:`apply_fine` of ``left rightᵀ`` (:meth:`.fine.FineLevel.apply_outer`)."""
         return self.fine.apply_outer(name, left, right, self.damping)
 
     def _apply_fine_split(

@@ -20,9 +20,17 @@ from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.curvature.running_average import running_average
-from twolevel_kfac.curvature.sample_products import per_sample_dots
-from twolevel_kfac.twolevel.coarse_spaces import Basis
 from twolevel_kfac.twolevel.fisher_products import check_stats
+from twolevel_kfac.twolevel.outer import (
+    CoarseBasis,
+    LayerBasis,
+    dense_layer,
+    gram_layer,
+    layer_count,
+    prolong_add_layer,
+    restrict_layer,
+    sample_dots_layer,
+)
 from twolevel_kfac.twolevel.parts import (
     SplitBasis,
     prolong_add_into_parts,
@@ -32,84 +40,92 @@ from twolevel_kfac.twolevel.parts import (
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 
-def restrict(basis: Basis, v: LayerVector) -> Tensor:
+def restrict(basis: Sequence[LayerBasis], v: LayerVector) -> Tensor:
     """``R₀ v``: the inner products ``⟨r_k, v_{layer(k)}⟩``, shape ``[K]``.
 
     Args:
-        basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
+        basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+            :class:`~.outer.OuterVectors`.
         v: a layer vector.
 
     Returns:
         ``R₀ v`` of shape ``[K]`` (layer-major order, as in the basis).
     """
     # a flat matrix-vector product (faster than the equivalent einsum)
-    return torch.cat([b.flatten(1) @ vi.flatten() for b, vi in zip(basis, v, strict=True)])
+    return torch.cat([restrict_layer(b, vi) for b, vi in zip(basis, v, strict=True)])
 
 
-def prolong(basis: Basis, y: Tensor) -> LayerVector:
+def prolong(basis: Sequence[LayerBasis], y: Tensor) -> LayerVector:
     """``R₀ᵀ y = Σ_k y_k r_k``, one matrix per layer.
 
     Args:
-        basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
+        basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+            :class:`~.outer.OuterVectors`.
         y: coefficients of shape ``[K]``.
 
     Returns:
         ``R₀ᵀ y`` as a layer vector.
     """
-    parts = torch.split(y, [int(b.shape[0]) for b in basis])
-    return [torch.einsum("k,koi->oi", yi, b) for yi, b in zip(parts, basis, strict=True)]
+    parts = torch.split(y, [layer_count(b) for b in basis])
+    return [
+        torch.einsum("k,koi->oi", yi, dense_layer(b)) for yi, b in zip(parts, basis, strict=True)
+    ]
 
 
-def prolong_add_into(basis: Basis, y: Tensor, target: LayerVector, alpha: float) -> LayerVector:
+def prolong_add_into(
+    basis: Sequence[LayerBasis], y: Tensor, target: LayerVector, alpha: float
+) -> LayerVector:
     """``target ← target + α R₀ᵀ y`` in place, returning ``target``.
 
-    One GEMV per layer accumulates straight into ``target`` (``addmv_``), instead of
-    :func:`prolong` followed by an axpy, which writes and rereads a full-size temporary.
+    One GEMV (a rank-``k`` update for :class:`~.outer.OuterVectors`) per layer accumulates
+    straight into ``target``, instead of :func:`prolong` followed by an axpy, which writes
+    and rereads a full-size temporary.
     """
-    parts = torch.split(y, [int(b.shape[0]) for b in basis])
+    parts = torch.split(y, [layer_count(b) for b in basis])
     for yi, b, t in zip(parts, basis, target, strict=True):
-        coefficients = yi.to(t.dtype)
-        if t.is_contiguous():
-            t.view(-1).addmv_(b.flatten(1).T, coefficients, alpha=alpha)
-        else:
-            t.add_(torch.einsum("k,koi->oi", coefficients, b), alpha=alpha)
+        prolong_add_layer(b, yi.to(t.dtype), t, alpha)
     return target
 
 
-def coarse_projections(stats: Sequence[LayerStats], basis: Basis) -> Tensor:
-    """``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (via :func:`per_sample_dots`), shape ``[N, K]``.
+def coarse_projections(stats: Sequence[LayerStats], basis: Sequence[LayerBasis]) -> Tensor:
+    """``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (via :func:`~.outer.sample_dots_layer`), shape ``[N, K]``.
 
     Args:
         stats: one :class:`LayerStats` per layer.
-        basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
+        basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+            :class:`~.outer.OuterVectors`.
 
     Returns:
         The per-sample projected gradients ``P = J R₀ᵀ``.
     """
     check_stats(stats, len(basis))
-    return torch.cat([per_sample_dots(s, b) for s, b in zip(stats, basis, strict=True)], dim=1)
+    return torch.cat([sample_dots_layer(s, b) for s, b in zip(stats, basis, strict=True)], dim=1)
 
 
-def basis_gram(basis: Basis) -> Tensor:
+def basis_gram(basis: Sequence[LayerBasis]) -> Tensor:
     """``R₀ R₀ᵀ``: block-diagonal, ``⟨r_k, r_l⟩`` for vectors of the same layer, ``[K, K]``.
 
     Args:
-        basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
+        basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+            :class:`~.outer.OuterVectors`.
 
     Returns:
         The Gram matrix of the basis.
     """
-    return torch.block_diag(*[b.flatten(1) @ b.flatten(1).T for b in basis])
+    return torch.block_diag(*[gram_layer(b) for b in basis])
 
 
-def exact_coarse_matrix(stats: Sequence[LayerStats], basis: Basis, damping: float) -> Tensor:
+def exact_coarse_matrix(
+    stats: Sequence[LayerStats], basis: Sequence[LayerBasis], damping: float
+) -> Tensor:
     """``F_c = R₀ (F + λI) R₀ᵀ = (1/N) PᵀP + λ R₀R₀ᵀ`` with the exact Fisher (paper.md §2).
 
     For the Nicolaides basis ``λ R₀R₀ᵀ = λ·diag(numel_i)``, the authors' damping term.
 
     Args:
         stats: one :class:`LayerStats` per layer (the Fisher mini-batch).
-        basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
+        basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+            :class:`~.outer.OuterVectors`.
         damping: ``λ``.
 
     Returns:
@@ -184,7 +200,8 @@ class CoarseOperator:
     the span of the basis: the F̂-orthogonal projector ``QF̂`` onto it.
 
     Attributes:
-        basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer.
+        basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+            :class:`~.outer.OuterVectors`.
         scale: ``s`` (float64, ``[K]``), zero on dropped coordinates.
         cholesky: lower Cholesky factor of ``F̃`` (float64), or ``None``.
         eigvecs: eigenvectors of ``F̃`` kept by the pseudo-inverse, or ``None``.
@@ -192,7 +209,7 @@ class CoarseOperator:
         rank: the rank of the factorised ``F_c``.
     """
 
-    basis: Basis
+    basis: CoarseBasis
     scale: Tensor
     cholesky: Tensor | None
     eigvecs: Tensor | None
@@ -204,12 +221,13 @@ class CoarseOperator:
 
     @classmethod
     def from_matrix(
-        cls, basis: Basis, matrix: Tensor, rcond: float | None = None
+        cls, basis: Sequence[LayerBasis], matrix: Tensor, rcond: float | None = None
     ) -> CoarseOperator:
         """Factorise ``F_c`` (``[K, K]``) for the coarse basis ``basis``.
 
         Args:
-            basis: one ``[k_i, d_out_i, d_in'_i]`` tensor per layer, ``K = Σ k_i``.
+            basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
+                :class:`~.outer.OuterVectors`, ``K = Σ k_i``.
             matrix: ``F_c``, e.g. :func:`exact_coarse_matrix` or its running average.
             rcond: relative eigenvalue cutoff; default :func:`default_rcond` of
                 ``matrix.dtype`` (``1e-12`` in float64).
@@ -220,7 +238,8 @@ class CoarseOperator:
         Raises:
             ValueError: if ``matrix`` is not ``[K, K]``.
         """
-        k = sum(int(b.shape[0]) for b in basis)
+        basis = list(basis)
+        k = sum(layer_count(b) for b in basis)
         if matrix.shape != (k, k):
             raise ValueError(f"matrix has shape {tuple(matrix.shape)}, basis needs ({k}, {k})")
         cut = default_rcond(matrix.dtype) if rcond is None else rcond

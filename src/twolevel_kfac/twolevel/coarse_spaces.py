@@ -94,7 +94,8 @@ def nicolaides(
     return [ones.unsqueeze(0) for ones in _ones(shapes, dtype, dev)]
 
 
-def _pick(eigvals: Tensor, which: str) -> int:
+def extreme_index(eigvals: Tensor, which: str) -> int:
+    """The index of the smallest (``which="smallest"``) or largest eigenvalue."""
     return int(torch.argmin(eigvals) if which == "smallest" else torch.argmax(eigvals))
 
 
@@ -145,7 +146,9 @@ def kronecker_spectral_vector(
 ) -> Tensor:
     """``q_G q_Aᵀ``: the eigenvector of ``A ⊗ G`` for its smallest (largest) eigenvalue,
     as a ``(d_out, d_in')`` matrix (:func:`spectral`)."""
-    return torch.outer(eigvecs_G[:, _pick(eigvals_G, which)], eigvecs_A[:, _pick(eigvals_A, which)])
+    return torch.outer(
+        eigvecs_G[:, extreme_index(eigvals_G, which)], eigvecs_A[:, extreme_index(eigvals_A, which)]
+    )
 
 
 def spectral_basis(vectors: LayerVector) -> Basis:

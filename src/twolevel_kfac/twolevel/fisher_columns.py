@@ -26,7 +26,7 @@ from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.curvature.sample_products import weighted_gradient_sum
-from twolevel_kfac.twolevel.coarse_spaces import Basis
+from twolevel_kfac.twolevel.outer import LayerBasis, layer_count, layer_dtype, layer_numel
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 __all__ = ["FisherColumns", "coarse_size", "fisher_columns", "gradient_sums", "rows_size"]
@@ -69,16 +69,16 @@ def gradient_sums(stats: Sequence[LayerStats], projections: Tensor) -> list[Tens
     return [weighted_gradient_sum(s, projections) for s in stats]
 
 
-def fisher_columns(sums: list[Tensor], basis: Basis, n: int) -> FisherColumns:
+def fisher_columns(sums: list[Tensor], basis: Sequence[LayerBasis], n: int) -> FisherColumns:
     """``W₀ = sums / N`` in the basis' dtype (``sums`` from :func:`gradient_sums` of the
     whole Fisher mini-batch of ``N`` samples)."""
-    return FisherColumns([s.div(n).to(b.dtype) for s, b in zip(sums, basis, strict=True)])
+    return FisherColumns([s.div(n).to(layer_dtype(b)) for s, b in zip(sums, basis, strict=True)])
 
 
-def coarse_size(basis: Basis) -> int:
+def coarse_size(basis: Sequence[LayerBasis]) -> int:
     """``K·P``: how many numbers ``W₀`` of ``basis`` holds."""
-    k = sum(int(b.shape[0]) for b in basis)
-    return k * sum(int(b.shape[1:].numel()) for b in basis)
+    k = sum(layer_count(b) for b in basis)
+    return k * sum(layer_numel(b) for b in basis)
 
 
 def rows_size(stats: Sequence[LayerStats]) -> int:

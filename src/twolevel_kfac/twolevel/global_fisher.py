@@ -26,6 +26,7 @@ from ..distributed import (
 )
 from .coarse_matrix import basis_gram, coarse_projections
 from .fisher_products import sample_coefficients
+from .outer import LayerBasis
 from .tselepidis import tselepidis_from_sums, tselepidis_sums
 from .vectors import LayerVector
 
@@ -42,7 +43,11 @@ def global_damped_fvp(
 
 
 def global_coarse_matrix(
-    comm: Communicator, stats: Sequence[LayerStats], basis: list[Tensor], damping: float, n: int
+    comm: Communicator,
+    stats: Sequence[LayerStats],
+    basis: Sequence[LayerBasis],
+    damping: float,
+    n: int,
 ) -> Tensor:
     """``F_c = (1/n) Σ_r P_rᵀP_r + λR₀R₀ᵀ`` (``exact_coarse_matrix`` of the
     global Fisher mini-batch)."""

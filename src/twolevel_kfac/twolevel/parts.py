@@ -5,12 +5,14 @@ steps restrict from and prolong into those parts directly, with each layer's bas
 ``[k_i, d_out_i, d_in'_i]`` split once into its ``W`` and ``b`` columns, so the
 ``W̄ = [V, b]`` matrices are never formed.
 
-The ``W`` columns are a contiguous copy, as large as the basis (a GEMV needs a flat
-``[k_i, d_out·d_in]`` matrix; on the strided view of ``W̄`` the restriction is 1.7× and
-the prolongation 1.4× slower, MNIST autoencoder, and rounds differently): the coarse level
-holds the basis twice between refreshes, and a refresh drops the old split before it
-builds the new basis (:meth:`~twolevel_kfac.twolevel.coarse_matrix.CoarseOperator.
-release_parts_basis`).
+The ``W`` columns of a dense basis are a contiguous copy, as large as the basis (a GEMV
+needs a flat ``[k_i, d_out·d_in]`` matrix; on the strided view of ``W̄`` the restriction
+is 1.7× and the prolongation 1.4× slower, MNIST autoencoder, and rounds differently): the
+coarse level holds such a basis twice between refreshes, and a refresh drops the old split
+before it builds the new basis (:meth:`~twolevel_kfac.twolevel.coarse_matrix.
+CoarseOperator.release_parts_basis`). A basis kept as outer products
+(:class:`~twolevel_kfac.twolevel.outer.OuterVectors`, the spectral space's) splits its
+right factor only (:class:`OuterPart`): no copy, and one pass over the parts each way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from twolevel_kfac.twolevel.coarse_spaces import Basis
+from twolevel_kfac.twolevel.outer import LayerBasis, OuterVectors
 from twolevel_kfac.twolevel.vectors import Parts
 
 
@@ -35,18 +37,34 @@ class ConstantPart(NamedTuple):
     value: Tensor
 
 
-LayerSplit = tuple[Tensor, Tensor | None] | ConstantPart
+class OuterPart(NamedTuple):
+    """A layer's basis of outer products ``r_j = l_j r̃_jᵀ`` (:class:`~twolevel_kfac.
+    twolevel.outer.OuterVectors`) with ``r̃`` split at the bias column: ``⟨r_j, (V, b)⟩ =
+    l_jᵀV r̃_j^W + (l_jᵀb) r̃_j^b`` and ``V += α (lᵀdiag(y)) r̃^W``, ``b += α lᵀ(y ∘ r̃^b)``.
+    ``right_weight`` is a view of ``r̃`` and ``right_bias`` a ``[k]`` copy (or ``None``)."""
+
+    left: Tensor
+    right_weight: Tensor
+    right_bias: Tensor | None
+
+
+LayerSplit = tuple[Tensor, Tensor | None] | ConstantPart | OuterPart
 SplitBasis = list[LayerSplit]
-"""Per layer, the basis as ``([k_i, d_out·d_in], [k_i, d_out] or None)``, or a
-:class:`ConstantPart`."""
+"""Per layer, the basis as ``([k_i, d_out·d_in], [k_i, d_out] or None)``, a
+:class:`ConstantPart` or an :class:`OuterPart`."""
 
 
-def split_basis(basis: Basis, has_bias: Sequence[bool]) -> SplitBasis:
+def split_basis(basis: Sequence[LayerBasis], has_bias: Sequence[bool]) -> SplitBasis:
     """Each layer's basis as contiguous ``[k_i, d_out·d_in]`` weight and ``[k_i, d_out]``
-    bias parts (the bias is ``W̄``'s last column where ``has_bias``), or as its one value
-    when it is one vector of equal entries (:class:`ConstantPart`)."""
+    bias parts (the bias is ``W̄``'s last column where ``has_bias``), as its one value
+    when it is one vector of equal entries (:class:`ConstantPart`), or as its split outer
+    factors when it is kept as outer products (:class:`OuterPart`)."""
     out: SplitBasis = []
     for b, bias in zip(basis, has_bias, strict=True):
+        if isinstance(b, OuterVectors):
+            right = b.right[:, :-1] if bias else b.right
+            out.append(OuterPart(b.left, right, b.right[:, -1].clone() if bias else None))
+            continue
         first = b.reshape(-1)[0]
         if b.shape[0] == 1 and bool((b == first).all()):
             out.append(ConstantPart(first.clone()))
@@ -67,6 +85,12 @@ def restrict_parts(split: SplitBasis, v: Parts) -> Tensor:
             total = vw.sum() if vb is None else vw.sum() + vb.sum()
             coefficients.append((total.to(entry.value.dtype) * entry.value).reshape(1))
             continue
+        if isinstance(entry, OuterPart):
+            y = ((entry.left @ vw.reshape(vw.shape[0], -1)) * entry.right_weight).sum(1)
+            if entry.right_bias is not None and vb is not None:
+                y = y.addcmul_(entry.left @ vb, entry.right_bias)
+            coefficients.append(y)
+            continue
         bw, bb = entry
         y = bw @ vw.reshape(-1)
         if bb is not None and vb is not None:
@@ -86,6 +110,12 @@ def prolong_add_into_parts(split: SplitBasis, y: Tensor, target: Parts, alpha: f
             tw.add_(shift)
             if tb is not None:
                 tb.add_(shift)
+            continue
+        if isinstance(entry, OuterPart):
+            scaled = entry.left.T * yi.to(tw.dtype)  # [d_out, k]: lᵀ diag(y)
+            tw.view(tw.shape[0], -1).addmm_(scaled, entry.right_weight, alpha=alpha)
+            if entry.right_bias is not None and tb is not None:
+                tb.addmv_(scaled, entry.right_bias, alpha=alpha)
             continue
         bw, bb = entry
         coefficients = yi.to(tw.dtype)

@@ -1,0 +1,193 @@
+"""Coarse vectors kept as outer products (:mod:`twolevel_kfac.twolevel.outer`): every
+product equals the one on the dense vectors, the spectral and Krylov-Nicolaides spaces keep
+their bases so (no copy of the basis as large as the parameters), and a two-level step
+with them equals the step with the same basis formed densely."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import twolevel_kfac as tk
+from test_kfac_exact import make_batch, one_step
+from twolevel_kfac.curvature.blocks import LayerStats
+from twolevel_kfac.curvature.sample_products import per_sample_dots
+from twolevel_kfac.twolevel.coarse_spaces import normalize_inf
+from twolevel_kfac.twolevel.outer import (
+    OuterVectors,
+    dense_basis,
+    gram_layer,
+    normalized_outer,
+    prolong_add_layer,
+    restrict_layer,
+    sample_dots_layer,
+)
+from twolevel_kfac.twolevel.parts import OuterPart
+
+COMBINATIONS = ["additive", "adef1", "adef2", "balanced"]
+
+
+def _outer(k: int, d_out: int, d_in: int, seed: int) -> OuterVectors:
+    gen = torch.Generator().manual_seed(seed)
+    return OuterVectors(
+        torch.randn(k, d_out, generator=gen, dtype=torch.float64),
+        torch.randn(k, d_in, generator=gen, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_outer_products_equal_the_dense_vectors(k: int) -> None:
+    b = _outer(k, 5, 7, 0)
+    dense = b.dense()
+    assert dense.shape == (k, 5, 7)
+    torch.testing.assert_close(dense[k - 1], torch.outer(b.left[k - 1], b.right[k - 1]))
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(restrict_layer(b, v), restrict_layer(dense, v), rtol=1e-13, atol=0)
+    y = torch.randn(k, generator=gen, dtype=torch.float64)
+    got = prolong_add_layer(b, y, v.clone(), -0.3)
+    want = prolong_add_layer(dense, y, v.clone(), -0.3)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(gram_layer(b), gram_layer(dense), rtol=1e-13, atol=0)
+    # per-sample products over several locations (a convolution's rows)
+    stats = LayerStats(
+        a=torch.randn(4, 3, 7, generator=gen, dtype=torch.float64),
+        g=torch.randn(4, 3, 5, generator=gen, dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        sample_dots_layer(stats, b), per_sample_dots(stats, dense), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_normalised_outer_products_are_the_normalised_dense_vectors() -> None:
+    b = _outer(2, 4, 6, 2)
+    left = b.left.clone()
+    left[1] = 0.0  # a zero vector stays zero
+    right = b.right.clone()
+    right[0, 3] = float("nan")  # so does one with a non-finite entry
+    got = normalized_outer(left, right)
+    want = normalize_inf(OuterVectors(left, right).dense())
+    torch.testing.assert_close(got.dense(), want, rtol=1e-14, atol=0)
+    assert not bool(got.dense().isnan().any())
+    assert torch.equal(got.dense()[0], torch.zeros(4, 6, dtype=torch.float64))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize(
+    ("space", "settings", "outer"),
+    [
+        ("spectral", {}, True),
+        ("spectral", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, True),
+        ("krylov_nicolaides", {}, True),
+        ("krylov_nicolaides", {"damping_mode": "pi"}, True),
+        # (A ⊗ G + λI)⁻¹ is no Kronecker product: M⁻¹1 is a full matrix
+        ("krylov_nicolaides", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, False),
+        ("residual", {}, False),
+    ],
+)
+def test_which_bases_are_kept_as_outer_products(
+    space: str, settings: dict[str, Any], outer: bool
+) -> None:
+    """The spectral ``q_G q_Aᵀ`` and, under a factored damping, the Krylov-Nicolaides
+    ``{1, (G⁻¹1)(A⁻¹1)ᵀ}`` are held as their factors, and the steps on parts read the
+    factors in place: no split copy of the basis."""
+    model = _model()
+    opt = tk.TwoLevelKFAC(
+        model, lr=0.05, coarse_space=space, cov_interval=2, inv_interval=2, **settings
+    )
+    for step in range(2):  # a refresh, then a step on parts
+        one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
+    level = opt.preconditioner.coarse_level
+    assert level is not None and level.basis is not None
+    assert [isinstance(b, OuterVectors) for b in level.basis] == [outer] * 3
+    operator = level.coarse_operator
+    assert operator is not None
+    if outer:
+        (split,) = operator._split.values()
+        for entry, b in zip(split, level.basis, strict=True):
+            assert isinstance(entry, OuterPart) and isinstance(b, OuterVectors)
+            assert entry.left is b.left
+            assert entry.right_weight.untyped_storage().data_ptr() == (
+                b.right.untyped_storage().data_ptr()
+            )
+    # the public attribute is the dense basis either way
+    public = opt.preconditioner.basis
+    assert public is not None
+    for got, b in zip(public, level.basis, strict=True):
+        assert torch.equal(got, b.dense() if isinstance(b, OuterVectors) else b)
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@pytest.mark.parametrize("space", ["spectral", "krylov_nicolaides"])
+def test_steps_equal_those_of_the_same_basis_formed_densely(space: str, combination: str) -> None:
+    """Against an independent reference: a twin whose level forms the same basis densely
+    (so it takes the dense restriction, prolongation, ``F_c`` and ``W₀``), in float64, on
+    refresh steps and on the steps between them."""
+    settings = {
+        "lr": 0.05,
+        "coarse_space": space,
+        "combination": combination,
+        "cov_interval": 2,
+        "inv_interval": 2,
+        "damping": 0.05,
+    }
+    model = _model().double()
+    twin, initial = copy.deepcopy(model), copy.deepcopy(model)
+    opt, dense = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
+    level = dense.preconditioner.coarse_level
+    assert level is not None
+    build = level.build_basis
+    level.build_basis = lambda minv_res: dense_basis(build(minv_res))  # type: ignore[method-assign]
+    for step in range(5):
+        x, y = make_batch((6,), 3, 10, seed=step)
+        one_step(model, opt, x.double(), y)
+        one_step(twin, dense, x.double(), y)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-13)
+    params = zip(model.parameters(), initial.parameters(), strict=True)
+    assert all(not torch.equal(p, q) for p, q in params)
+
+
+def test_a_saved_outer_basis_is_two_plain_tensors_per_layer() -> None:
+    """A spectral basis the state no longer rebuilds (statistics folded since its refresh)
+    is saved as ``{"left", "right"}`` (``d_out + d_in'`` numbers per layer), loads with
+    ``torch.load(weights_only=True)``, and the resumed steps are bit for bit the run's."""
+    kwargs = {"lr": 0.05, "cov_interval": 3, "inv_interval": 2, "coarse_space": "spectral"}
+
+    def build() -> tuple[nn.Module, tk.TwoLevelKFAC]:
+        model = _model()
+        return model, tk.TwoLevelKFAC(model, **kwargs)
+
+    model, opt = build()
+    for step in range(5):
+        one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
+    buffer = io.BytesIO()
+    torch.save((model.state_dict(), opt.state_dict()), buffer)
+    buffer.seek(0)
+    weights, state = torch.load(buffer, weights_only=True)
+    saved = state["preconditioner"]["coarse"]["basis"]
+    assert saved is not None
+    assert [sorted(b) for b in saved] == [["left", "right"]] * 3
+    assert [tuple(b["left"].shape) + tuple(b["right"].shape) for b in saved] == [
+        (1, 5, 1, 7),
+        (1, 4, 1, 6),
+        (1, 3, 1, 5),
+    ]
+    other_model, other = build()
+    other_model.load_state_dict(weights)
+    other.load_state_dict(state)
+    for step in range(5, 8):
+        batch = make_batch((6,), 3, 10, seed=step)
+        one_step(model, opt, *batch)
+        one_step(other_model, other, *batch)
+    for p, q in zip(model.parameters(), other_model.parameters(), strict=True):
+        assert torch.equal(p, q)
