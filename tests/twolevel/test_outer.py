@@ -27,7 +27,7 @@ from twolevel_kfac.twolevel.outer import (
     restrict_layer,
     sample_dots_layer,
 )
-from twolevel_kfac.twolevel.parts import OuterPart
+from twolevel_kfac.twolevel.parts import ConstantPart, OuterPart
 
 COMBINATIONS = ["additive", "adef1", "adef2", "balanced"]
 
@@ -85,6 +85,8 @@ def _model() -> nn.Module:
 @pytest.mark.parametrize(
     ("space", "settings", "outer"),
     [
+        ("nicolaides", {}, True),  # 1·1ᵀ, split as its one value
+        ("tselepidis", {}, True),
         ("spectral", {}, True),
         ("spectral", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, True),
         ("krylov_nicolaides", {}, True),
@@ -97,9 +99,10 @@ def _model() -> nn.Module:
 def test_which_bases_are_kept_as_outer_products(
     space: str, settings: dict[str, Any], outer: bool
 ) -> None:
-    """The spectral ``q_G q_Aᵀ`` and, under a factored damping, the Krylov-Nicolaides
-    ``{1, (G⁻¹1)(A⁻¹1)ᵀ}`` are held as their factors, and the steps on parts read the
-    factors in place: no split copy of the basis."""
+    """The Nicolaides ``1·1ᵀ``, the spectral ``q_G q_Aᵀ`` and, under a factored damping,
+    the Krylov-Nicolaides ``{1, (G⁻¹1)(A⁻¹1)ᵀ}`` are held as their factors, and the steps
+    on parts read the factors in place (or the one value of ``1·1ᵀ``): no split copy of
+    the basis."""
     model = _model()
     opt = tk.TwoLevelKFAC(
         model, lr=0.05, coarse_space=space, cov_interval=2, inv_interval=2, **settings
@@ -114,6 +117,9 @@ def test_which_bases_are_kept_as_outer_products(
     if outer:
         (split,) = operator._split.values()
         for entry, b in zip(split, level.basis, strict=True):
+            if space in ("nicolaides", "tselepidis"):
+                assert isinstance(entry, ConstantPart) and float(entry.value) == 1.0
+                continue
             assert isinstance(entry, OuterPart) and isinstance(b, OuterVectors)
             assert entry.left is b.left
             assert entry.right_weight.untyped_storage().data_ptr() == (

@@ -28,6 +28,15 @@ def _bases() -> dict[str, list[LayerBasis]]:
     ones = nicolaides(SHAPES, dtype=torch.float64)
     padded = [b.clone() for b in ones]
     padded[0][:, 1] = 0.0  # a zeroed row (an embedding's padding_idx): no longer constant
+    ones_outer = [  # 1·1ᵀ as outer products (the optimizer's Nicolaides basis)
+        OuterVectors(
+            torch.ones(1, d_out, dtype=torch.float64), torch.ones(1, d_in, dtype=torch.float64)
+        )
+        for d_out, d_in in SHAPES
+    ]
+    left = ones_outer[0].left.clone()
+    left[:, 1] = 0.0
+    padded_outer = OuterVectors(left, ones_outer[0].right)
     return {
         "nicolaides": ones,
         "nicolaides_padded": padded,
@@ -35,6 +44,8 @@ def _bases() -> dict[str, list[LayerBasis]]:
             SHAPES, lambda v: [x * x.sum() for x in v], dtype=torch.float64
         ),
         "random": [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in SHAPES],
+        "ones": ones_outer,
+        "ones_padded": [padded_outer, *ones_outer[1:]],
         "outer": [  # two outer products per layer, the spectral space's form
             OuterVectors(
                 torch.randn(2, d_out, generator=gen, dtype=torch.float64),
@@ -56,7 +67,9 @@ def _joined(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch
     return [w if b is None else torch.cat([w, b[:, None]], 1) for w, b in parts]
 
 
-@pytest.mark.parametrize("kind", ["nicolaides", "nicolaides_padded", "krylov", "random", "outer"])
+@pytest.mark.parametrize(
+    "kind", ["nicolaides", "nicolaides_padded", "krylov", "random", "outer", "ones", "ones_padded"]
+)
 @pytest.mark.parametrize("dense", [False, True])
 def test_parts_equal_the_joined_matrices(kind: str, dense: bool) -> None:
     """On parts and on ``W̄`` matrices, and with outer products kept as their factors or
@@ -64,12 +77,15 @@ def test_parts_equal_the_joined_matrices(kind: str, dense: bool) -> None:
     basis = _bases()[kind]
     joined_basis: list[LayerBasis] = list(dense_basis(basis)) if dense else basis
     split = split_basis(basis, HAS_BIAS)
-    assert [isinstance(e, OuterPart) for e in split] == [kind == "outer"] * len(SHAPES)
+    outer = {"outer": [True] * 3, "ones_padded": [True, False, False]}.get(kind, [False] * 3)
+    assert [isinstance(e, OuterPart) for e in split] == outer
     constant = [isinstance(entry, ConstantPart) for entry in split]
     # only the Nicolaides layers whose vector kept all its entries equal skip the basis
     expected_constant = {
         "nicolaides": [True, True, True],
         "nicolaides_padded": [False, True, True],
+        "ones": [True, True, True],
+        "ones_padded": [False, True, True],
     }.get(kind, [False, False, False])
     assert constant == expected_constant
     gen = torch.Generator().manual_seed(1)

@@ -75,6 +75,11 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis
     if space == "spectral":
         return [_normalized(v, param.dtype) for v in spectral_vectors(level)]
     shapes = [layer_shape(host.layers[n]) for n in level.names]
+    if space in ("nicolaides", "tselepidis"):  # 1·1ᵀ: already normalised
+        return [
+            OuterVectors(param.new_ones(1, d_out), param.new_ones(1, d_in))
+            for d_out, d_in in shapes
+        ]
     if space == "krylov_nicolaides":
         return [
             _krylov_nicolaides_layer(level, n, shape, param)

@@ -30,7 +30,7 @@ from ..twolevel.global_fisher import (
     global_damped_fvp,
     global_tselepidis_matrix,
 )
-from ..twolevel.outer import CoarseBasis, dense_layer, layer_count
+from ..twolevel.outer import CoarseBasis, layer_count, layer_width
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
 from ..twolevel.vectors import LayerVector
 
@@ -94,7 +94,7 @@ def new_coarse_matrix(level: CoarseLevel, basis: CoarseBasis) -> Tensor:
     assert stats is not None and n is not None
     if level.options.coarse_space == "tselepidis":
         numels = [
-            s.numel() - len(host.fixed_rows.get(name, ())) * dense_layer(b).shape[-1]
+            s.numel() - len(host.fixed_rows.get(name, ())) * layer_width(b)
             for s, name, b in zip(stats, level.names, basis, strict=True)
         ]
         if host.comm.distributed:

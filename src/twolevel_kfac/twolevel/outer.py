@@ -41,6 +41,8 @@ __all__ = [
     "gram_layer",
     "layer_count",
     "layer_dtype",
+    "layer_numel",
+    "layer_width",
     "normalized_outer",
     "prolong_add_layer",
     "restrict_layer",
@@ -75,6 +77,11 @@ def layer_count(b: LayerBasis) -> int:
 def layer_dtype(b: LayerBasis) -> torch.dtype:
     """The dtype of the layer's vectors."""
     return b.left.dtype if isinstance(b, OuterVectors) else b.dtype
+
+
+def layer_width(b: LayerBasis) -> int:
+    """``d_in'``: the columns of the layer's vectors."""
+    return int(b.right.shape[1] if isinstance(b, OuterVectors) else b.shape[-1])
 
 
 def layer_numel(b: LayerBasis) -> int:

@@ -54,6 +54,11 @@ SplitBasis = list[LayerSplit]
 :class:`ConstantPart` or an :class:`OuterPart`."""
 
 
+def _constant(t: Tensor) -> bool:
+    """Whether every entry of ``t`` equals its first."""
+    return bool((t == t.reshape(-1)[0]).all())
+
+
 def split_basis(basis: Sequence[LayerBasis], has_bias: Sequence[bool]) -> SplitBasis:
     """Each layer's basis as contiguous ``[k_i, d_out·d_in]`` weight and ``[k_i, d_out]``
     bias parts (the bias is ``W̄``'s last column where ``has_bias``), as its one value
@@ -62,12 +67,14 @@ def split_basis(basis: Sequence[LayerBasis], has_bias: Sequence[bool]) -> SplitB
     out: SplitBasis = []
     for b, bias in zip(basis, has_bias, strict=True):
         if isinstance(b, OuterVectors):
+            if b.left.shape[0] == 1 and _constant(b.left) and _constant(b.right):
+                out.append(ConstantPart(b.left[0, 0] * b.right[0, 0]))
+                continue
             right = b.right[:, :-1] if bias else b.right
             out.append(OuterPart(b.left, right, b.right[:, -1].clone() if bias else None))
             continue
-        first = b.reshape(-1)[0]
-        if b.shape[0] == 1 and bool((b == first).all()):
-            out.append(ConstantPart(first.clone()))
+        if b.shape[0] == 1 and _constant(b):
+            out.append(ConstantPart(b.reshape(-1)[0].clone()))
         elif bias:
             out.append((b[:, :, :-1].reshape(b.shape[0], -1), b[:, :, -1].contiguous()))
         else:
