@@ -267,3 +267,30 @@ def test_a_refresh_builds_its_basis_without_the_old_basis(space: str) -> None:
         elif saved is not None:  # a saved basis (residual) is the one of step 1, intact
             assert copies is not None
             assert all(torch.equal(t, c) for t, c in zip(saved, copies, strict=True))
+
+
+@pytest.mark.parametrize("fine", ["kfac", "ekfac"])
+def test_minv_into_writes_over_its_input(fine: str) -> None:
+    """``M⁻¹v`` over ``v`` (the residual spaces' ``M⁻¹res``, which the new basis then takes
+    over): the same values as ``M⁻¹v`` into fresh tensors, in ``v``'s storage."""
+    import twolevel_kfac as tk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    opt = tk.TwoLevelKFAC(model, lr=0.1, coarse_space="residual", fine=fine)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    level = opt.preconditioner.coarse_level
+    assert level is not None
+    v = [torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)]
+    want = level.minv([t.clone() for t in v])
+    pointers = [t.data_ptr() for t in v]
+    got = level.minv_into(v)
+    assert [t.data_ptr() for t in got] == pointers
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert not torch.equal(want[0], torch.zeros_like(want[0]))

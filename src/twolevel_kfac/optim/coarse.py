@@ -88,6 +88,15 @@ class CoarseLevel:
         """``M⁻¹v``: block-diagonal damped KFAC."""
         return [self.host.apply_fine(n, x) for n, x in zip(self.names, v, strict=True)]
 
+    def minv_into(self, v: LayerVector) -> LayerVector:
+        """``M⁻¹v`` written over ``v`` (a temporary the caller gives up), so no second
+        full-size vector is held beside it."""
+        host = self.host
+        return [
+            host._apply_fine_split(n, x, None, (x, None))[0]
+            for n, x in zip(self.names, v, strict=True)
+        ]
+
     def fhat(self, v: LayerVector) -> LayerVector:
         """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch.
 
@@ -181,12 +190,21 @@ class CoarseLevel:
         rebuilds_basis = space in RESIDUAL_SPACES and (
             refreshed or options.coarse_refresh == "faithful" or self._operator is None
         )
+        if refreshed or self._per_step_basis:  # the basis is rebuilt below: drop the old
+            self.basis, self._operator, self.projections = None, None, None  # (rebound)
         needs_residual = rebuilds_basis or options.combination == "adef2" or options.diagnostics
         # A-DEF1 and balanced apply M⁻¹ to other vectors than g
         reads_minv_g = needs_residual or options.combination == "additive"
         minv_g = self.minv(g) if reads_minv_g else None
         residual = sub_into(g, self.fhat(minv_g)) if minv_g is not None and needs_residual else None
-        operator = self._build_operator(refreshed, residual)
+        minv_res = None
+        if rebuilds_basis and residual is not None:
+            if options.combination != "adef2" and not options.diagnostics:
+                # read by nothing else: M⁻¹res over it, which the new basis then takes over
+                minv_res, residual = self.minv_into(residual), None
+            else:
+                minv_res = self.minv(residual)
+        operator = self._build_operator(refreshed, minv_res)
         result = get_combination(options.combination)(
             g,
             self.minv,
@@ -346,15 +364,13 @@ class CoarseLevel:
         are redone alike when the step is undone and retried)."""
         return self._operator is not None and not self._per_step_basis
 
-    def _build_operator(self, refreshed: bool, residual: LayerVector | None) -> CoarseOperator:
-        """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled."""
-        space = self.options.coarse_space
+    def _build_operator(self, refreshed: bool, minv_res: LayerVector | None) -> CoarseOperator:
+        """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled
+        (``minv_res``: ``M⁻¹res`` where a residual space rebuilds its basis: a temporary
+        the basis may take over)."""
         per_step_basis = self._per_step_basis
         if not (refreshed or per_step_basis or self._operator is None):
             return self._operator
-        minv_res = (
-            self.minv(residual) if residual is not None and space in RESIDUAL_SPACES else None
-        )
         if refreshed or per_step_basis or self.basis is None:
             # the old basis (and Q, P built on it) is not held while the new one is built:
             # rebound, not cleared, since a saved state dict may share the list

@@ -16,6 +16,7 @@ from ..curvature.extreme_eigen import frozen_eigenpairs
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_spaces import (
+    RESIDUAL_SPACES,
     build_basis,
     extreme_index,
     krylov_nicolaides,
@@ -74,6 +75,8 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis
     param = block_parameters(host.layers[level.names[0]])[0]  # its dtype and device
     if space == "spectral":
         return [_normalized(v, param.dtype) for v in spectral_vectors(level)]
+    if space in RESIDUAL_SPACES and minv_res is not None:
+        return _residual_basis(level, minv_res)
     shapes = [layer_shape(host.layers[n]) for n in level.names]
     if space in ("nicolaides", "tselepidis"):  # 1·1ᵀ: already normalised
         return [
@@ -88,6 +91,30 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis
     return build_basis(  # type: ignore[return-value]  # list[Tensor] is a CoarseBasis
         space, shapes, minv=level.minv, minv_res=minv_res, dtype=param.dtype, device=param.device
     )
+
+
+def _residual_basis(level: CoarseLevel, minv_res: LayerVector) -> CoarseBasis:
+    """``{M⁻¹res}`` (residual) or ``{M⁻¹res, M⁻¹M⁻¹res}`` (Krylov-residual) per layer,
+    normalised (:func:`~twolevel_kfac.twolevel.coarse_spaces.residual`,
+    :func:`~twolevel_kfac.twolevel.coarse_spaces.krylov_residual`), taking over the
+    level's temporary ``minv_res`` (the list is emptied): a residual vector is normalised
+    in place, and a Krylov pair is written layer by layer, each ``M⁻¹res`` freed once its
+    pair holds it, so the refresh holds no second copy of the basis."""
+    krylov = level.options.coarse_space == "krylov_residual"
+    layers = list(minv_res)
+    minv_res.clear()
+    basis: CoarseBasis = []
+    for name in level.names:
+        vector = layers.pop(0)
+        if krylov:
+            pair = vector.new_empty((2, *vector.shape))
+            pair[0].copy_(vector)
+            pair[1].copy_(level.host.apply_fine(name, vector))
+        else:
+            pair = vector.unsqueeze(0)
+        del vector
+        basis.append(normalize_inf_(pair))
+    return basis
 
 
 def _krylov_nicolaides_layer(
