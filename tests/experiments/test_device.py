@@ -276,8 +276,10 @@ def test_loaded_state_lives_on_the_parameters_device(
     optimizer = _trained(method, target, steps=0)
     coarse: list[Tensor] = []  # the two-level operator is built on load; meta has no values
 
-    def from_matrix(basis: list[Tensor], matrix: Tensor) -> None:
-        coarse.extend([*basis, matrix])
+    def from_matrix(basis: list[Tensor | tuple[Tensor, ...]], matrix: Tensor) -> None:
+        for b in basis:  # a dense tensor, or the tensors of outer products / split parts
+            coarse.extend([b] if isinstance(b, Tensor) else b)
+        coarse.append(matrix)
 
     monkeypatch.setattr(CoarseOperator, "from_matrix", staticmethod(from_matrix))
     optimizer.load_state_dict(state)

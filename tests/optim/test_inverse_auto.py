@@ -19,7 +19,7 @@ import twolevel_kfac as tk
 from twolevel_kfac.optim.levels import FINE_LEVELS
 from twolevel_kfac.optim.options import CurvatureOptions, resolve_inverse_method
 from twolevel_kfac.twolevel.coarse_spaces import COARSE_SPACES
-from twolevel_kfac.twolevel.outer import dense_basis
+from twolevel_kfac.twolevel.layer_basis import dense_basis
 
 EIGEN_FINE = {"ekfac", "kfac_corrected"}
 

@@ -30,7 +30,7 @@ from twolevel_kfac.twolevel.fisher_columns import (
     gradient_sums,
     rows_size,
 )
-from twolevel_kfac.twolevel.outer import dense_layer, layer_count
+from twolevel_kfac.twolevel.layer_basis import dense_layer, layer_count
 from twolevel_kfac.twolevel.parts import split_basis
 
 LOSS = nn.CrossEntropyLoss()

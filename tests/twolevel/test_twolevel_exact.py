@@ -276,8 +276,8 @@ def test_faithful_refresh_rebuilds_basis_every_step(space: str) -> None:
         x, y = make_batch((6,), 3, 10, seed=step)
         one_step(model, opt, x, y)
         one_step(consistent.preconditioner.model, consistent, x, y)
-        bases.append(opt.preconditioner.basis)
-        kept.append(consistent.preconditioner.basis)
+        bases.append(opt.preconditioner.coarse_level.basis)
+        kept.append(consistent.preconditioner.coarse_level.basis)
     assert bases[0] is not bases[1] and bases[1] is not bases[2]
     assert kept[0] is kept[1] is kept[2]
     # faithful keeps F_c of the refresh step; consistent recomputes it with its basis

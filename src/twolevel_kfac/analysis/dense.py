@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..optim.preconditioner import KFACPreconditioner
 from ..twolevel.combinations import get_combination
-from ..twolevel.outer import layer_count
+from ..twolevel.layer_basis import layer_count
 from ..twolevel.vectors import LayerVector
 from .backends import DenseBackend
 

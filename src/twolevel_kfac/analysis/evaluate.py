@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..twolevel.outer import dense_basis
+from ..twolevel.layer_basis import dense_basis
 from . import metrics
 from .backends import MatrixFreeBackend, MatrixFreeOptions
 from .coordinates import analysis_layers, loss_at

@@ -47,7 +47,7 @@ from ..optim.twolevel import CoarseOptions, TwoLevelPreconditioner
 from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.coarse_spaces import COARSE_SPACES, CoarseSpace
 from ..twolevel.combinations import COMBINATIONS, CombinationName, get_combination
-from ..twolevel.outer import dense_basis
+from ..twolevel.layer_basis import dense_basis
 from ..twolevel.vectors import LayerVector
 from .backends import Backend, MatrixFreeOptions, make_backend
 from .coordinates import flatten, unflatten

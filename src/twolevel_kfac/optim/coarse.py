@@ -28,7 +28,7 @@ from ..twolevel.coarse_spaces import (
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
-from ..twolevel.outer import CoarseBasis, LayerBasis, OuterVectors
+from ..twolevel.layer_basis import CoarseBasis, LayerBasis, zero_rows
 from ..twolevel.vectors import LayerVector, dot, sub_into
 from .coarse_basis import space_basis
 from .coarse_fisher import (
@@ -116,19 +116,12 @@ class CoarseLevel:
         for i, name in enumerate(self.names):
             rows = self.host.fixed_rows.get(name)
             if rows:
-                b = basis[i]
-                if isinstance(b, OuterVectors):
-                    left = b.left.clone()
-                    left[:, rows] = 0.0
-                    basis[i] = OuterVectors(left, b.right)
-                else:
-                    basis[i] = b.clone()
-                    basis[i][:, rows] = 0.0  # type: ignore[index]
+                basis[i] = zero_rows(basis[i], rows)
         return basis
 
     def build_basis(self, minv_res: LayerVector | None) -> Sequence[LayerBasis]:
         """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
-        layer of :attr:`names`, or its :class:`~twolevel_kfac.twolevel.outer.OuterVectors`;
+        layer of :attr:`names`, or its :class:`~twolevel_kfac.twolevel.layer_basis.OuterVectors`;
         ``minv_res``: ``M⁻¹res`` for the residual spaces; :func:`.coarse_basis.space_basis`).
         A subclass may define another space here (``coarse_level_type`` of a
         preconditioner)."""

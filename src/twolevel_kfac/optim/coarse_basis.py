@@ -1,7 +1,7 @@
 """The coarse basis ``R₀`` of a coarse level's ``coarse_space`` (:class:`~.coarse.CoarseLevel`
 ``build_basis``): the spaces of :mod:`twolevel_kfac.twolevel.coarse_spaces` on the level's
 layers, with the spectral vectors read from the fine level's current decompositions (a
-Kronecker block's ``q_G q_Aᵀ`` kept as its two factors: :mod:`twolevel_kfac.twolevel.outer`).
+Kronecker block's ``q_G q_Aᵀ`` kept as its two factors: :mod:`twolevel_kfac.twolevel.layer_basis`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import block_parameters, layer_shape
+from ..curvature.blocks import block_parameters, has_bias, layer_shape
 from ..curvature.extreme_eigen import frozen_eigenpairs
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
@@ -22,7 +22,13 @@ from ..twolevel.coarse_spaces import (
     krylov_nicolaides,
     normalize_inf_,
 )
-from ..twolevel.outer import CoarseBasis, LayerBasis, OuterVectors, normalized_outer
+from ..twolevel.layer_basis import (
+    CoarseBasis,
+    LayerBasis,
+    OuterVectors,
+    normalized_outer,
+    split_vectors,
+)
 from ..twolevel.vectors import LayerVector
 
 if TYPE_CHECKING:
@@ -99,8 +105,12 @@ def _residual_basis(level: CoarseLevel, minv_res: LayerVector) -> CoarseBasis:
     :func:`~twolevel_kfac.twolevel.coarse_spaces.krylov_residual`), taking over the
     level's temporary ``minv_res`` (the list is emptied): a residual vector is normalised
     in place, and a Krylov pair is written layer by layer, each ``M⁻¹res`` freed once its
-    pair holds it, so the refresh holds no second copy of the basis."""
+    pair holds it, so the refresh holds no second copy of the basis. Where the basis stays
+    until the next refresh (not the faithful schedule's, rebuilt at every step on ``W̄``),
+    a layer with a bias keeps its vectors as :class:`~twolevel_kfac.twolevel.layer_basis.
+    SplitVectors`: the steps on parts read them without a copy of their weight columns."""
     krylov = level.options.coarse_space == "krylov_residual"
+    split = not level._per_step_basis
     layers = list(minv_res)
     minv_res.clear()
     basis: CoarseBasis = []
@@ -113,7 +123,8 @@ def _residual_basis(level: CoarseLevel, minv_res: LayerVector) -> CoarseBasis:
         else:
             pair = vector.unsqueeze(0)
         del vector
-        basis.append(normalize_inf_(pair))
+        normalize_inf_(pair)
+        basis.append(split_vectors(pair) if split and has_bias(level.host.layers[name]) else pair)
     return basis
 
 
@@ -123,7 +134,7 @@ def _krylov_nicolaides_layer(
     """Layer ``name``'s ``{1, M⁻¹1}`` (:func:`~twolevel_kfac.twolevel.coarse_spaces.
     krylov_nicolaides`) from ``M⁻¹(1 1ᵀ)`` as a rank-one product: where the block's inverse
     is a Kronecker product, ``M⁻¹1 = (G⁻¹1)(A⁻¹1)ᵀ`` and the pair is kept as outer products
-    ``{1·1ᵀ, (G⁻¹1)(A⁻¹1)ᵀ}`` (:class:`~twolevel_kfac.twolevel.outer.OuterVectors`)."""
+    ``{1·1ᵀ, (G⁻¹1)(A⁻¹1)ᵀ}`` (:class:`~twolevel_kfac.twolevel.layer_basis.OuterVectors`)."""
     d_out, d_in = shape
     ones_out, ones_in = param.new_ones(d_out), param.new_ones(d_in)
     applied = level.host.apply_fine_outer(name, ones_out, ones_in)

@@ -30,7 +30,7 @@ from ..twolevel.global_fisher import (
     global_damped_fvp,
     global_tselepidis_matrix,
 )
-from ..twolevel.outer import CoarseBasis, layer_count, layer_width
+from ..twolevel.layer_basis import CoarseBasis, layer_count, layer_width
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
 from ..twolevel.vectors import LayerVector
 

@@ -25,7 +25,7 @@ from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.fisher_products import check_stats
 from ..twolevel.global_fisher import own_statistics
-from ..twolevel.outer import CoarseBasis, OuterVectors
+from ..twolevel.layer_basis import CoarseBasis, layer_from_state, layer_state
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -63,15 +63,14 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
 
 
 def _saved_basis(basis: CoarseBasis) -> list[Tensor | dict[str, Tensor]]:
-    """The basis as plain tensors: outer products as their two factors."""
-    return [
-        {"left": b.left, "right": b.right} if isinstance(b, OuterVectors) else b for b in basis
-    ]
+    """The basis as plain tensors (:func:`~twolevel_kfac.twolevel.layer_basis.layer_state`:
+    outer products as ``{"left", "right"}``, split vectors as ``{"weight", "bias"}``)."""
+    return [layer_state(b) for b in basis]
 
 
 def _loaded_basis(saved: list[Tensor | dict[str, Tensor]]) -> CoarseBasis:
     """:func:`_saved_basis` read back."""
-    return [OuterVectors(b["left"], b["right"]) if isinstance(b, dict) else b for b in saved]
+    return [layer_from_state(b) for b in saved]
 
 
 def _built_by(level: CoarseLevel) -> dict[str, str]:

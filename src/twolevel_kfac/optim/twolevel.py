@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..curvature.blocks import LayerStats
 from ..twolevel.coarse_matrix import CoarseOperator
-from ..twolevel.outer import dense_basis
+from ..twolevel.layer_basis import dense_basis
 from ..twolevel.vectors import LayerVector
 from .coarse import CoarseLevel
 from .kfac import CURVATURE_ARGUMENTS, KFAC
@@ -92,7 +92,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
     @property
     def basis(self) -> list[Tensor] | None:
         """``R₀``, one ``[K_i, d_out, d_in']`` block per layer (a spectral vector ``q_G q_Aᵀ``,
-        kept as its two factors, is formed here: :mod:`twolevel_kfac.twolevel.outer`)."""
+        kept as its two factors, is formed here: :mod:`twolevel_kfac.twolevel.layer_basis`)."""
         basis = self.level.basis
         return None if basis is None else dense_basis(basis)
 

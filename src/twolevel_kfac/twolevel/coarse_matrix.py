@@ -21,7 +21,7 @@ from torch import Tensor
 from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.curvature.running_average import running_average
 from twolevel_kfac.twolevel.fisher_products import check_stats
-from twolevel_kfac.twolevel.outer import (
+from twolevel_kfac.twolevel.layer_basis import (
     CoarseBasis,
     LayerBasis,
     dense_layer,
@@ -45,7 +45,7 @@ def restrict(basis: Sequence[LayerBasis], v: LayerVector) -> Tensor:
 
     Args:
         basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-            :class:`~.outer.OuterVectors`.
+            :class:`~.layer_basis.OuterVectors`.
         v: a layer vector.
 
     Returns:
@@ -60,7 +60,7 @@ def prolong(basis: Sequence[LayerBasis], y: Tensor) -> LayerVector:
 
     Args:
         basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-            :class:`~.outer.OuterVectors`.
+            :class:`~.layer_basis.OuterVectors`.
         y: coefficients of shape ``[K]``.
 
     Returns:
@@ -77,7 +77,7 @@ def prolong_add_into(
 ) -> LayerVector:
     """``target ← target + α R₀ᵀ y`` in place, returning ``target``.
 
-    One GEMV (a rank-``k`` update for :class:`~.outer.OuterVectors`) per layer accumulates
+    One GEMV (a rank-``k`` update for :class:`~.layer_basis.OuterVectors`) per layer accumulates
     straight into ``target``, instead of :func:`prolong` followed by an axpy, which writes
     and rereads a full-size temporary.
     """
@@ -88,12 +88,12 @@ def prolong_add_into(
 
 
 def coarse_projections(stats: Sequence[LayerStats], basis: Sequence[LayerBasis]) -> Tensor:
-    """``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (via :func:`~.outer.sample_dots_layer`), shape ``[N, K]``.
+    """``P[n, k] = ⟨r_k, ∇ℓ_n⟩`` (via :func:`~.layer_basis.sample_dots_layer`), shape ``[N, K]``.
 
     Args:
         stats: one :class:`LayerStats` per layer.
         basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-            :class:`~.outer.OuterVectors`.
+            :class:`~.layer_basis.OuterVectors`.
 
     Returns:
         The per-sample projected gradients ``P = J R₀ᵀ``.
@@ -107,7 +107,7 @@ def basis_gram(basis: Sequence[LayerBasis]) -> Tensor:
 
     Args:
         basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-            :class:`~.outer.OuterVectors`.
+            :class:`~.layer_basis.OuterVectors`.
 
     Returns:
         The Gram matrix of the basis.
@@ -125,7 +125,7 @@ def exact_coarse_matrix(
     Args:
         stats: one :class:`LayerStats` per layer (the Fisher mini-batch).
         basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-            :class:`~.outer.OuterVectors`.
+            :class:`~.layer_basis.OuterVectors`.
         damping: ``λ``.
 
     Returns:
@@ -201,7 +201,7 @@ class CoarseOperator:
 
     Attributes:
         basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-            :class:`~.outer.OuterVectors`.
+            :class:`~.layer_basis.OuterVectors`.
         scale: ``s`` (float64, ``[K]``), zero on dropped coordinates.
         cholesky: lower Cholesky factor of ``F̃`` (float64), or ``None``.
         eigvecs: eigenvectors of ``F̃`` kept by the pseudo-inverse, or ``None``.
@@ -227,7 +227,7 @@ class CoarseOperator:
 
         Args:
             basis: per layer a ``[k_i, d_out_i, d_in'_i]`` tensor or its
-                :class:`~.outer.OuterVectors`, ``K = Σ k_i``.
+                :class:`~.layer_basis.OuterVectors`, ``K = Σ k_i``.
             matrix: ``F_c``, e.g. :func:`exact_coarse_matrix` or its running average.
             rcond: relative eigenvalue cutoff; default :func:`default_rcond` of
                 ``matrix.dtype`` (``1e-12`` in float64).

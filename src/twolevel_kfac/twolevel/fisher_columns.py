@@ -26,7 +26,7 @@ from torch import Tensor
 
 from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.curvature.sample_products import weighted_gradient_sum
-from twolevel_kfac.twolevel.outer import LayerBasis, layer_count, layer_dtype, layer_numel
+from twolevel_kfac.twolevel.layer_basis import LayerBasis, layer_count, layer_dtype, layer_numel
 from twolevel_kfac.twolevel.vectors import LayerVector, Parts
 
 __all__ = ["FisherColumns", "coarse_size", "fisher_columns", "gradient_sums", "rows_size"]

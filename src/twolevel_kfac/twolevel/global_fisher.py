@@ -26,7 +26,7 @@ from ..distributed import (
 )
 from .coarse_matrix import basis_gram, coarse_projections
 from .fisher_products import sample_coefficients
-from .outer import LayerBasis
+from .layer_basis import LayerBasis
 from .tselepidis import tselepidis_from_sums, tselepidis_sums
 from .vectors import LayerVector
 

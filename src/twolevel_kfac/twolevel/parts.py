@@ -11,7 +11,7 @@ is 1.7× and the prolongation 1.4× slower, MNIST autoencoder, and rounds differ
 coarse level holds such a basis twice between refreshes, and a refresh drops the old split
 before it builds the new basis (:meth:`~twolevel_kfac.twolevel.coarse_matrix.
 CoarseOperator.release_parts_basis`). A basis kept as outer products
-(:class:`~twolevel_kfac.twolevel.outer.OuterVectors`, the spectral space's) splits its
+(:class:`~twolevel_kfac.twolevel.layer_basis.OuterVectors`, the spectral space's) splits its
 right factor only (:class:`OuterPart`): no copy, and one pass over the parts each way.
 """
 
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from twolevel_kfac.twolevel.outer import LayerBasis, OuterVectors
+from twolevel_kfac.twolevel.layer_basis import LayerBasis, OuterVectors, SplitVectors
 from twolevel_kfac.twolevel.vectors import Parts
 
 
@@ -39,7 +39,7 @@ class ConstantPart(NamedTuple):
 
 class OuterPart(NamedTuple):
     """A layer's basis of outer products ``r_j = l_j r̃_jᵀ`` (:class:`~twolevel_kfac.
-    twolevel.outer.OuterVectors`) with ``r̃`` split at the bias column: ``⟨r_j, (V, b)⟩ =
+    twolevel.layer_basis.OuterVectors`) with ``r̃`` split at the bias column: ``⟨r_j, (V, b)⟩ =
     l_jᵀV r̃_j^W + (l_jᵀb) r̃_j^b`` and ``V += α (lᵀdiag(y)) r̃^W``, ``b += α lᵀ(y ∘ r̃^b)``.
     ``right_weight`` is a view of ``r̃`` and ``right_bias`` a ``[k]`` copy (or ``None``)."""
 
@@ -72,6 +72,9 @@ def split_basis(basis: Sequence[LayerBasis], has_bias: Sequence[bool]) -> SplitB
                 continue
             right = b.right[:, :-1] if bias else b.right
             out.append(OuterPart(b.left, right, b.right[:, -1].clone() if bias else None))
+            continue
+        if isinstance(b, SplitVectors):  # already the parts: views, no copy
+            out.append((b.weight.flatten(1), b.bias) if bias else (b.dense().flatten(1), None))
             continue
         if b.shape[0] == 1 and _constant(b):
             out.append(ConstantPart(b.reshape(-1)[0].clone()))

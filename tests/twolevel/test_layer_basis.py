@@ -1,7 +1,8 @@
-"""Coarse vectors kept as outer products (:mod:`twolevel_kfac.twolevel.outer`): every
-product equals the one on the dense vectors, the spectral and Krylov-Nicolaides spaces keep
-their bases so (no copy of the basis as large as the parameters), and a two-level step
-with them equals the step with the same basis formed densely."""
+"""Coarse vectors kept as outer products or split parts (:mod:`twolevel_kfac.twolevel.
+layer_basis`): every product equals the one on the dense vectors, each space keeps its
+basis in the form expected (no second copy of a basis, none as large as the parameters
+for the outer-product spaces), and a two-level step with them equals the step with the
+same basis formed densely."""
 
 from __future__ import annotations
 
@@ -18,14 +19,21 @@ from test_kfac_exact import make_batch, one_step
 from twolevel_kfac.curvature.blocks import LayerStats
 from twolevel_kfac.curvature.sample_products import per_sample_dots
 from twolevel_kfac.twolevel.coarse_spaces import normalize_inf
-from twolevel_kfac.twolevel.outer import (
+from twolevel_kfac.twolevel.layer_basis import (
+    LayerBasis,
     OuterVectors,
+    SplitVectors,
     dense_basis,
+    dense_layer,
     gram_layer,
+    layer_from_state,
+    layer_state,
     normalized_outer,
     prolong_add_layer,
     restrict_layer,
     sample_dots_layer,
+    split_vectors,
+    zero_rows,
 )
 from twolevel_kfac.twolevel.parts import ConstantPart, OuterPart
 
@@ -40,12 +48,20 @@ def _outer(k: int, d_out: int, d_in: int, seed: int) -> OuterVectors:
     )
 
 
+@pytest.mark.parametrize("form", ["outer", "split"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_outer_products_equal_the_dense_vectors(k: int) -> None:
-    b = _outer(k, 5, 7, 0)
+def test_the_forms_equal_the_dense_vectors(k: int, form: str) -> None:
+    b: LayerBasis = _outer(k, 5, 7, 0)
     dense = b.dense()
     assert dense.shape == (k, 5, 7)
     torch.testing.assert_close(dense[k - 1], torch.outer(b.left[k - 1], b.right[k - 1]))
+    if form == "split":
+        b = split_vectors(dense)
+        assert b.weight.shape == (k, 5, 6) and b.bias.shape == (k, 5)
+        assert b.weight.is_contiguous() and torch.equal(b.dense(), dense)
+    assert torch.equal(dense_layer(layer_from_state(layer_state(b))), dense)
+    rows = zero_rows(b, [1, 3])
+    assert torch.equal(dense_layer(rows), dense.index_fill(1, torch.tensor([1, 3]), 0.0))
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(5, 7, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(restrict_layer(b, v), restrict_layer(dense, v), rtol=1e-13, atol=0)
@@ -83,26 +99,29 @@ def _model() -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("space", "settings", "outer"),
+    ("space", "settings", "form"),
     [
-        ("nicolaides", {}, True),  # 1·1ᵀ, split as its one value
-        ("tselepidis", {}, True),
-        ("spectral", {}, True),
-        ("spectral", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, True),
-        ("krylov_nicolaides", {}, True),
-        ("krylov_nicolaides", {"damping_mode": "pi"}, True),
+        ("nicolaides", {}, "outer"),  # 1·1ᵀ, split as its one value
+        ("tselepidis", {}, "outer"),
+        ("spectral", {}, "outer"),
+        ("spectral", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, "outer"),
+        ("krylov_nicolaides", {}, "outer"),
+        ("krylov_nicolaides", {"damping_mode": "pi"}, "outer"),
         # (A ⊗ G + λI)⁻¹ is no Kronecker product: M⁻¹1 is a full matrix
-        ("krylov_nicolaides", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, False),
-        ("residual", {}, False),
+        ("krylov_nicolaides", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, "dense"),
+        ("residual", {}, "split"),
+        ("krylov_residual", {}, "split"),
+        # rebuilt at every step on W̄ matrices, never split for parts
+        ("residual", {"coarse_refresh": "faithful"}, "dense"),
     ],
 )
-def test_which_bases_are_kept_as_outer_products(
-    space: str, settings: dict[str, Any], outer: bool
+def test_each_space_keeps_its_basis_in_its_form(
+    space: str, settings: dict[str, Any], form: str
 ) -> None:
     """The Nicolaides ``1·1ᵀ``, the spectral ``q_G q_Aᵀ`` and, under a factored damping,
-    the Krylov-Nicolaides ``{1, (G⁻¹1)(A⁻¹1)ᵀ}`` are held as their factors, and the steps
-    on parts read the factors in place (or the one value of ``1·1ᵀ``): no split copy of
-    the basis."""
+    the Krylov-Nicolaides ``{1, (G⁻¹1)(A⁻¹1)ᵀ}`` are held as their factors, the residual
+    spaces' vectors as split parts; the steps on parts read them in place (or the one
+    value of ``1·1ᵀ``): no split copy of the basis."""
     model = _model()
     opt = tk.TwoLevelKFAC(
         model, lr=0.05, coarse_space=space, cov_interval=2, inv_interval=2, **settings
@@ -111,10 +130,16 @@ def test_which_bases_are_kept_as_outer_products(
         one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
     level = opt.preconditioner.coarse_level
     assert level is not None and level.basis is not None
-    assert [isinstance(b, OuterVectors) for b in level.basis] == [outer] * 3
+    kinds = {"outer": OuterVectors, "split": SplitVectors, "dense": torch.Tensor}
+    assert all(type(b) is kinds[form] or isinstance(b, kinds[form]) for b in level.basis)
     operator = level.coarse_operator
     assert operator is not None
-    if outer:
+    if form == "split" and "coarse_refresh" not in settings:
+        (split,) = operator._split.values()
+        for entry, b in zip(split, level.basis, strict=True):
+            assert isinstance(b, SplitVectors) and isinstance(entry, tuple)
+            assert entry[0].data_ptr() == b.weight.data_ptr() and entry[1] is b.bias
+    if form == "outer":
         (split,) = operator._split.values()
         for entry, b in zip(split, level.basis, strict=True):
             if space in ("nicolaides", "tselepidis"):
@@ -129,11 +154,11 @@ def test_which_bases_are_kept_as_outer_products(
     public = opt.preconditioner.basis
     assert public is not None
     for got, b in zip(public, level.basis, strict=True):
-        assert torch.equal(got, b.dense() if isinstance(b, OuterVectors) else b)
+        assert torch.equal(got, dense_layer(b))
 
 
 @pytest.mark.parametrize("combination", COMBINATIONS)
-@pytest.mark.parametrize("space", ["spectral", "krylov_nicolaides"])
+@pytest.mark.parametrize("space", ["spectral", "krylov_nicolaides", "residual", "krylov_residual"])
 def test_steps_equal_those_of_the_same_basis_formed_densely(space: str, combination: str) -> None:
     """Against an independent reference: a twin whose level forms the same basis densely
     (so it takes the dense restriction, prolongation, ``F_c`` and ``W₀``), in float64, on
