@@ -7,7 +7,6 @@ same basis formed densely."""
 from __future__ import annotations
 
 import copy
-import io
 from typing import Any
 
 import pytest
@@ -186,39 +185,3 @@ def test_steps_equal_those_of_the_same_basis_formed_densely(space: str, combinat
             torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-13)
     params = zip(model.parameters(), initial.parameters(), strict=True)
     assert all(not torch.equal(p, q) for p, q in params)
-
-
-def test_a_saved_outer_basis_is_two_plain_tensors_per_layer() -> None:
-    """A spectral basis the state no longer rebuilds (statistics folded since its refresh)
-    is saved as ``{"left", "right"}`` (``d_out + d_in'`` numbers per layer), loads with
-    ``torch.load(weights_only=True)``, and the resumed steps are bit for bit the run's."""
-    kwargs = {"lr": 0.05, "cov_interval": 3, "inv_interval": 2, "coarse_space": "spectral"}
-
-    def build() -> tuple[nn.Module, tk.TwoLevelKFAC]:
-        model = _model()
-        return model, tk.TwoLevelKFAC(model, **kwargs)
-
-    model, opt = build()
-    for step in range(5):
-        one_step(model, opt, *make_batch((6,), 3, 10, seed=step))
-    buffer = io.BytesIO()
-    torch.save((model.state_dict(), opt.state_dict()), buffer)
-    buffer.seek(0)
-    weights, state = torch.load(buffer, weights_only=True)
-    saved = state["preconditioner"]["coarse"]["basis"]
-    assert saved is not None
-    assert [sorted(b) for b in saved] == [["left", "right"]] * 3
-    assert [tuple(b["left"].shape) + tuple(b["right"].shape) for b in saved] == [
-        (1, 5, 1, 7),
-        (1, 4, 1, 6),
-        (1, 3, 1, 5),
-    ]
-    other_model, other = build()
-    other_model.load_state_dict(weights)
-    other.load_state_dict(state)
-    for step in range(5, 8):
-        batch = make_batch((6,), 3, 10, seed=step)
-        one_step(model, opt, *batch)
-        one_step(other_model, other, *batch)
-    for p, q in zip(model.parameters(), other_model.parameters(), strict=True):
-        assert torch.equal(p, q)

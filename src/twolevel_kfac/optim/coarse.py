@@ -190,6 +190,8 @@ class CoarseLevel:
         reads_minv_g = needs_residual or options.combination == "additive"
         minv_g = self.minv(g) if reads_minv_g else None
         residual = sub_into(g, self.fhat(minv_g)) if minv_g is not None and needs_residual else None
+        if options.combination in ("adef1", "balanced"):
+            minv_g = None  # formed for the residual alone: not held beside the new basis
         minv_res = None
         if rebuilds_basis and residual is not None:
             if options.combination != "adef2" and not options.diagnostics:
