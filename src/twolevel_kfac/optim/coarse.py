@@ -89,8 +89,7 @@ class CoarseLevel:
         return [self.host.apply_fine(n, x) for n, x in zip(self.names, v, strict=True)]
 
     def minv_into(self, v: LayerVector) -> LayerVector:
-        """``M⁻¹v`` written over ``v`` (a temporary the caller gives up), so no second
-        full-size vector is held beside it."""
+        """``M⁻¹v`` written over ``v`` (a temporary the caller gives up)."""
         host = self.host
         return [
             host._apply_fine_split(n, x, None, (x, None))[0]
@@ -110,21 +109,18 @@ class CoarseLevel:
     def basis_of(self, minv_res: LayerVector | None) -> CoarseBasis:
         """:meth:`build_basis` with the rows no step may move set to zero (an untied
         embedding's ``padding_idx`` row: :func:`~twolevel_kfac.curvature.layer_types.
-        fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them (the rows of ``l`` for
-        outer products ``l r̃ᵀ``)."""
-        basis = list(self.build_basis(minv_res))
-        for i, name in enumerate(self.names):
-            rows = self.host.fixed_rows.get(name)
-            if rows:
-                basis[i] = zero_rows(basis[i], rows)
-        return basis
+        fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them."""
+        rows = [self.host.fixed_rows.get(name) for name in self.names]
+        return [
+            zero_rows(b, r) if r else b
+            for b, r in zip(self.build_basis(minv_res), rows, strict=True)
+        ]
 
     def build_basis(self, minv_res: LayerVector | None) -> Sequence[LayerBasis]:
-        """The coarse basis ``R₀`` of ``coarse_space`` (one ``[K_i, d_out, d_in']`` block per
-        layer of :attr:`names`, or its :class:`~twolevel_kfac.twolevel.layer_basis.OuterVectors`;
-        ``minv_res``: ``M⁻¹res`` for the residual spaces; :func:`.coarse_basis.space_basis`).
-        A subclass may define another space here (``coarse_level_type`` of a
-        preconditioner)."""
+        """The coarse basis ``R₀`` of ``coarse_space``: per layer of :attr:`names` its ``k_i``
+        vectors in one of the forms of :mod:`twolevel_kfac.twolevel.layer_basis` (``minv_res``:
+        ``M⁻¹res`` for the residual spaces; :func:`.coarse_basis.space_basis`). A subclass
+        may define another space here (``coarse_level_type`` of a preconditioner)."""
         return space_basis(self, minv_res)
 
     # ------------------------------------------------------------------ step
@@ -185,7 +181,8 @@ class CoarseLevel:
         )
         if refreshed or self._per_step_basis:  # the basis is rebuilt below: drop the old
             self.basis, self._operator, self.projections = None, None, None  # (rebound)
-        needs_residual = rebuilds_basis or options.combination == "adef2" or options.diagnostics
+        reads_residual = options.combination == "adef2" or options.diagnostics
+        needs_residual = rebuilds_basis or reads_residual
         # A-DEF1 and balanced apply M⁻¹ to other vectors than g
         reads_minv_g = needs_residual or options.combination == "additive"
         minv_g = self.minv(g) if reads_minv_g else None
@@ -193,12 +190,9 @@ class CoarseLevel:
         if options.combination in ("adef1", "balanced"):
             minv_g = None  # formed for the residual alone: not held beside the new basis
         minv_res = None
-        if rebuilds_basis and residual is not None:
-            if options.combination != "adef2" and not options.diagnostics:
-                # read by nothing else: M⁻¹res over it, which the new basis then takes over
-                minv_res, residual = self.minv_into(residual), None
-            else:
-                minv_res = self.minv(residual)
+        if rebuilds_basis and residual is not None:  # over res where nothing else reads it
+            minv_res = self.minv(residual) if reads_residual else self.minv_into(residual)
+            residual = residual if reads_residual else None
         operator = self._build_operator(refreshed, minv_res)
         result = get_combination(options.combination)(
             g,
