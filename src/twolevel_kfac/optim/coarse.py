@@ -29,8 +29,8 @@ from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.layer_basis import CoarseBasis, LayerBasis, zero_rows
-from ..twolevel.vectors import LayerVector, dot, sub_into
-from .coarse_basis import space_basis
+from ..twolevel.vectors import LayerVector, dot
+from .coarse_basis import residual_terms, space_basis
 from .coarse_fisher import (
     damped_product,
     global_samples,
@@ -173,26 +173,9 @@ class CoarseLevel:
         if options.coarse_scale == 0.0:
             self.fisher_stats = self.fisher_stats if options.diagnostics else None
             return self._keep_active(self.minv(g), grads, outside)
-        space = options.coarse_space
-        # A residual basis needs res = g − F̂M⁻¹g only when it is rebuilt (every step in the
-        # faithful schedule, on refresh steps in the consistent one).
-        rebuilds_basis = space in RESIDUAL_SPACES and (
-            refreshed or options.coarse_refresh == "faithful" or self._operator is None
-        )
-        if refreshed or self._per_step_basis:  # the basis is rebuilt below: drop the old
-            self.basis, self._operator, self.projections = None, None, None  # (rebound)
-        reads_residual = options.combination == "adef2" or options.diagnostics
-        needs_residual = rebuilds_basis or reads_residual
-        # A-DEF1 and balanced apply M⁻¹ to other vectors than g
-        reads_minv_g = needs_residual or options.combination == "additive"
-        minv_g = self.minv(g) if reads_minv_g else None
-        residual = sub_into(g, self.fhat(minv_g)) if minv_g is not None and needs_residual else None
-        if options.combination in ("adef1", "balanced"):
-            minv_g = None  # formed for the residual alone: not held beside the new basis
-        minv_res = None
-        if rebuilds_basis and residual is not None:  # over res where nothing else reads it
-            minv_res = self.minv(residual) if reads_residual else self.minv_into(residual)
-            residual = residual if reads_residual else None
+        if refreshed or self._per_step_basis:  # rebuilt below: not held beside the new one
+            self._drop_basis()
+        minv_g, residual, minv_res = residual_terms(self, g, refreshed)
         operator = self._build_operator(refreshed, minv_res)
         result = get_combination(options.combination)(
             g,
@@ -353,6 +336,15 @@ class CoarseLevel:
         are redone alike when the step is undone and retried)."""
         return self._operator is not None and not self._per_step_basis
 
+    def _drop_basis(self) -> None:
+        """Before a rebuild: the old basis, and ``Q``, ``P`` and (but for the faithful
+        schedule's running average) ``F_c`` built on it, are not held beside the new ones,
+        nor paired with them by a step after an interrupted one. Rebound, not cleared: a
+        saved state dict may share them."""
+        self.basis, self._operator, self.projections = None, None, None
+        if self.options.coarse_refresh != "faithful":
+            self.coarse_matrix, self.coarse_damping = None, None
+
     def _build_operator(self, refreshed: bool, minv_res: LayerVector | None) -> CoarseOperator:
         """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled
         (``minv_res``: ``M⁻¹res`` where a residual space rebuilds its basis: a temporary
@@ -361,9 +353,7 @@ class CoarseLevel:
         if not (refreshed or per_step_basis or self._operator is None):
             return self._operator
         if refreshed or per_step_basis or self.basis is None:
-            # the old basis (and Q, P built on it) is not held while the new one is built:
-            # rebound, not cleared, since a saved state dict may share the list
-            self.basis, self._operator, self.projections = None, None, None
+            self._drop_basis()
             self.basis = self.basis_of(minv_res)
             self.basis_source = (self.host.fine_version, self.host.damping)
         if refreshed or self.coarse_matrix is None:

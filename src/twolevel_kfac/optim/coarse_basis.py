@@ -29,12 +29,14 @@ from ..twolevel.layer_basis import (
     normalized_outer,
     split_vectors,
 )
-from ..twolevel.vectors import LayerVector
+from ..twolevel.vectors import LayerVector, sub_into
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
-__all__ = ["space_basis", "spectral_vectors"]
+__all__ = ["residual_terms", "space_basis", "spectral_vectors"]
+
+Terms = tuple[LayerVector | None, LayerVector | None, LayerVector | None]
 
 
 def spectral_vectors(level: CoarseLevel) -> list[Tensor | OuterVectors]:
@@ -97,6 +99,33 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis
     return build_basis(  # type: ignore[return-value]  # list[Tensor] is a CoarseBasis
         space, shapes, minv=level.minv, minv_res=minv_res, dtype=param.dtype, device=param.device
     )
+
+
+def residual_terms(level: CoarseLevel, g: LayerVector, refreshed: bool) -> Terms:
+    """What a step on the ``W̄`` matrices forms before its coarse operator: ``M⁻¹g`` (where
+    its combination reads it, or to form the residual), ``res = g − F̂M⁻¹g`` (where a residual
+    basis is rebuilt: every step in the faithful schedule, on refresh steps in the
+    consistent one; or A-DEF2 or the diagnostics read it) and ``M⁻¹res`` for a rebuilt
+    residual basis. Each is held only while something reads it: A-DEF1 and balanced drop
+    ``M⁻¹g`` once ``res`` is formed (they apply ``M⁻¹`` to other vectors), and where nothing
+    else reads ``res``, ``M⁻¹res`` is written over it (the new basis then takes it over)."""
+    options = level.options
+    rebuilds_basis = options.coarse_space in RESIDUAL_SPACES and (
+        refreshed or options.coarse_refresh == "faithful" or level.coarse_operator is None
+    )
+    reads_residual = options.combination == "adef2" or options.diagnostics
+    needs_residual = rebuilds_basis or reads_residual
+    minv_g = level.minv(g) if needs_residual or options.combination == "additive" else None
+    residual = None
+    if minv_g is not None and needs_residual:
+        residual = sub_into(g, level.fhat(minv_g))
+    if options.combination in ("adef1", "balanced"):
+        minv_g = None
+    minv_res = None
+    if rebuilds_basis and residual is not None:
+        minv_res = level.minv(residual) if reads_residual else level.minv_into(residual)
+        residual = residual if reads_residual else None
+    return minv_g, residual, minv_res
 
 
 def _residual_basis(level: CoarseLevel, minv_res: LayerVector) -> CoarseBasis:

@@ -91,7 +91,12 @@ def new_coarse_matrix(level: CoarseLevel, basis: CoarseBasis) -> Tensor:
     """``F_c`` of ``basis`` on the kept Fisher mini-batch (Tselepidis' Kronecker sums for
     ``coarse_space="tselepidis"``, the rows no step may move left out of its damping)."""
     stats, n, host = level.fisher_stats, level.fisher_samples, level.host
-    assert stats is not None and n is not None
+    if stats is None or n is None:
+        raise RuntimeError(
+            "the coarse level has no F_c and no Fisher mini-batch to form it from: a step "
+            "was interrupted before its refresh completed; resume from a state saved "
+            "after a completed step"
+        )
     if level.options.coarse_space == "tselepidis":
         numels = [
             s.numel() - len(host.fixed_rows.get(name, ())) * layer_width(b)

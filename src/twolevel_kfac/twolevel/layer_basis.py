@@ -20,8 +20,8 @@ coarse space gives, and every product reads that form (:data:`LayerBasis`):
 * :class:`SplitVectors` (``weight [k, d_out, d_in]`` contiguous, ``bias [k, d_out]``):
   a dense vector of a layer with a bias (the residual spaces' ``M⁻¹res``) held as the
   parts the steps on parts read (:mod:`.parts`), so no contiguous copy of its weight
-  columns is made beside it; the ``W̄``-matrix products (at a refresh) read the
-  gradient's weight columns strided instead.
+  columns is made beside it; a ``W̄``-matrix product (at a refresh) copies the other
+  operand's weight columns instead, one layer at a time.
 
 So the coarse level holds at most one copy of a basis, and none as large as the parameters
 for the outer-product spaces; the dense form (:func:`dense_layer`) is formed only for the
