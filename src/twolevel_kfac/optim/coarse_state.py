@@ -5,7 +5,8 @@ Saved: the layers it spans, ``F_c`` (and how many estimates the faithful schedul
 averaged), the basis unless the state rebuilds it bit for bit on load
 (:attr:`~.coarse.CoarseLevel.basis_rebuilds`: Nicolaides vectors, which depend on the
 layer shapes alone; a spectral or Krylov-Nicolaides basis built from the saved fine level
-and ``λ``; a layer's outer products ``l r̃ᵀ`` are saved as ``{"left": l, "right": r̃}``),
+and ``λ``; a layer's outer products ``l r̃ᵀ`` are saved as ``{"left": l, "right": r̃}``,
+its split vectors as ``{"weight", "bias"}``),
 ``N`` of the Fisher mini-batch, and what a step between refreshes reads
 of that mini-batch (:attr:`~.coarse.CoarseLevel.reads_statistics`): either ``W₀ = FR₀ᵀ``
 (the same on every rank) or its rows (under ``torch.distributed`` every rank's rows go

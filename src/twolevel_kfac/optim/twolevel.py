@@ -91,8 +91,8 @@ class TwoLevelPreconditioner(KFACPreconditioner):
 
     @property
     def basis(self) -> list[Tensor] | None:
-        """``R₀``, one ``[K_i, d_out, d_in']`` block per layer (a spectral vector ``q_G q_Aᵀ``,
-        kept as its two factors, is formed here: :mod:`twolevel_kfac.twolevel.layer_basis`)."""
+        """``R₀``, one ``[K_i, d_out, d_in']`` block per layer (formed here from a layer held
+        as outer products or split parts: :mod:`twolevel_kfac.twolevel.layer_basis`)."""
         basis = self.level.basis
         return None if basis is None else dense_basis(basis)
 
