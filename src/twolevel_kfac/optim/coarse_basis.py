@@ -18,7 +18,7 @@ from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
     build_basis,
-    extreme_index,
+    kronecker_spectral_pair,
     krylov_nicolaides,
     normalize_inf_,
 )
@@ -62,8 +62,7 @@ def spectral_vectors(level: CoarseLevel) -> list[Tensor | OuterVectors]:
             vectors.append(table_spectral_vector(frequencies, vals_a, vecs_a, which))
             continue
         vals_g, vecs_g = frozen_eigenpairs(factors.decomp_g, which)
-        q_g = vecs_g[:, extreme_index(vals_g, which)]
-        q_a = vecs_a[:, extreme_index(vals_a, which)]
+        q_g, q_a = kronecker_spectral_pair(vecs_a, vals_a, vecs_g, vals_g, which)
         vectors.append(OuterVectors(q_g.unsqueeze(0), q_a.unsqueeze(0)))
     return vectors
 

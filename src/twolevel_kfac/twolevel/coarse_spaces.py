@@ -94,8 +94,7 @@ def nicolaides(
     return [ones.unsqueeze(0) for ones in _ones(shapes, dtype, dev)]
 
 
-def extreme_index(eigvals: Tensor, which: str) -> int:
-    """The index of the smallest (``which="smallest"``) or largest eigenvalue."""
+def _pick(eigvals: Tensor, which: str) -> int:
     return int(torch.argmin(eigvals) if which == "smallest" else torch.argmax(eigvals))
 
 
@@ -146,9 +145,15 @@ def kronecker_spectral_vector(
 ) -> Tensor:
     """``q_G q_Aᵀ``: the eigenvector of ``A ⊗ G`` for its smallest (largest) eigenvalue,
     as a ``(d_out, d_in')`` matrix (:func:`spectral`)."""
-    return torch.outer(
-        eigvecs_G[:, extreme_index(eigvals_G, which)], eigvecs_A[:, extreme_index(eigvals_A, which)]
-    )
+    return torch.outer(*kronecker_spectral_pair(eigvecs_A, eigvals_A, eigvecs_G, eigvals_G, which))
+
+
+def kronecker_spectral_pair(
+    eigvecs_A: Tensor, eigvals_A: Tensor, eigvecs_G: Tensor, eigvals_G: Tensor, which: str
+) -> tuple[Tensor, Tensor]:
+    """``(q_G, q_A)``: the factors' eigenvectors of their smallest (largest) eigenvalues,
+    whose outer product is :func:`kronecker_spectral_vector`."""
+    return eigvecs_G[:, _pick(eigvals_G, which)], eigvecs_A[:, _pick(eigvals_A, which)]
 
 
 def spectral_basis(vectors: LayerVector) -> Basis:

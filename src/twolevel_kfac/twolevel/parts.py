@@ -23,7 +23,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from twolevel_kfac.twolevel.layer_basis import LayerBasis, OuterVectors, SplitVectors
+from twolevel_kfac.twolevel.layer_basis import (
+    LayerBasis,
+    OuterVectors,
+    SplitVectors,
+    prolong_add_layer,
+    restrict_layer,
+)
 from twolevel_kfac.twolevel.vectors import Parts
 
 
@@ -96,7 +102,8 @@ def restrict_parts(split: SplitBasis, v: Parts) -> Tensor:
             coefficients.append((total.to(entry.value.dtype) * entry.value).reshape(1))
             continue
         if isinstance(entry, OuterPart):
-            y = ((entry.left @ vw.reshape(vw.shape[0], -1)) * entry.right_weight).sum(1)
+            weight = OuterVectors(entry.left, entry.right_weight)
+            y = restrict_layer(weight, vw.reshape(vw.shape[0], -1))
             if entry.right_bias is not None and vb is not None:
                 y = y.addcmul_(entry.left @ vb, entry.right_bias)
             coefficients.append(y)
@@ -122,10 +129,11 @@ def prolong_add_into_parts(split: SplitBasis, y: Tensor, target: Parts, alpha: f
                 tb.add_(shift)
             continue
         if isinstance(entry, OuterPart):
-            scaled = entry.left.T * yi.to(tw.dtype)  # [d_out, k]: lᵀ diag(y)
-            tw.view(tw.shape[0], -1).addmm_(scaled, entry.right_weight, alpha=alpha)
-            if entry.right_bias is not None and tb is not None:
-                tb.addmv_(scaled, entry.right_bias, alpha=alpha)
+            coefficients = yi.to(tw.dtype)
+            weight = OuterVectors(entry.left, entry.right_weight)
+            prolong_add_layer(weight, coefficients, tw.view(tw.shape[0], -1), alpha)
+            if entry.right_bias is not None and tb is not None:  # α lᵀ(y ∘ r̃^b)
+                tb.addmv_(entry.left.T, coefficients * entry.right_bias, alpha=alpha)
             continue
         bw, bb = entry
         coefficients = yi.to(tw.dtype)
