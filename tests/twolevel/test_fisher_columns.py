@@ -389,8 +389,8 @@ def test_steps_between_refreshes_run_on_parts(
 ) -> None:
     """Every combination works on the gradients' parts
     (:mod:`twolevel_kfac.optim.coarse_parts`) between refreshes, with the rows or with
-    ``W₀`` kept, and on refresh steps too unless the basis needs the residual (the ``W̄``
-    path then runs on the 2 refresh steps of 6)."""
+    ``W₀`` kept, and on refresh steps too, the residual spaces' included: the ``W̄`` path
+    never runs."""
     from twolevel_kfac.optim.coarse import CoarseLevel
 
     calls: list[int] = []
@@ -409,4 +409,4 @@ def test_steps_between_refreshes_run_on_parts(
     )
     for seed in range(6):
         one_step(model, opt, *make_batch(shape, classes, 8, seed=seed))
-    assert calls == ([0, 3] if space == "residual" else [])
+    assert calls == []

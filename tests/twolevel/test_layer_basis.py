@@ -110,8 +110,9 @@ def _model() -> nn.Module:
         ("krylov_nicolaides", {"inverse_method": "eigen", "damping_mode": "eigen_sum"}, "dense"),
         ("residual", {}, "split"),
         ("krylov_residual", {}, "split"),
-        # rebuilt at every step on W̄ matrices, never split for parts
-        ("residual", {"coarse_refresh": "faithful"}, "dense"),
+        # rebuilt at every step, on parts too
+        ("residual", {"coarse_refresh": "faithful"}, "split"),
+        ("krylov_residual", {"coarse_refresh": "faithful"}, "split"),
     ],
 )
 def test_each_space_keeps_its_basis_in_its_form(
@@ -133,7 +134,7 @@ def test_each_space_keeps_its_basis_in_its_form(
     assert all(type(b) is kinds[form] or isinstance(b, kinds[form]) for b in level.basis)
     operator = level.coarse_operator
     assert operator is not None
-    if form == "split" and "coarse_refresh" not in settings:
+    if form == "split":
         (split,) = operator._split.values()
         for entry, b in zip(split, level.basis, strict=True):
             assert isinstance(b, SplitVectors) and isinstance(entry, tuple)

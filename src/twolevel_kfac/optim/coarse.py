@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, block_parameters, layer_shape
+from ..curvature.blocks import LayerStats, block_parameters, has_bias, layer_shape
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..twolevel.coarse_matrix import CoarseOperator, ema_coarse_matrix
@@ -90,11 +90,20 @@ class CoarseLevel:
 
     def minv_into(self, v: LayerVector) -> LayerVector:
         """``M⁻¹v`` written over ``v`` (a temporary the caller gives up)."""
+        return [self.minv_layer_into(n, x, x) for n, x in zip(self.names, v, strict=True)]
+
+    def minv_layer_into(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        """``M_i⁻¹x`` of layer ``name``'s ``W̄`` matrix ``x`` written into ``out`` (which may
+        be ``x``), a layer with a bias as its weight and bias columns (the bordered
+        ``A⁻¹``'s products write into them: no joined temporaries; other fine levels apply
+        to the joined matrix)."""
         host = self.host
-        return [
-            host._apply_fine_split(n, x, None, (x, None))[0]
-            for n, x in zip(self.names, v, strict=True)
-        ]
+        if host.fine.plain and has_bias(host.layers[name]):
+            parts = (out[:, :-1], out[:, -1])
+            host._apply_fine_split(name, x[:, :-1], x[:, -1], out=parts)
+        else:
+            host._apply_fine_split(name, x, None, out=(out, None))
+        return out
 
     def fhat(self, v: LayerVector) -> LayerVector:
         """``F̂v = (F + λI)v`` with the exact Fisher of the stored Fisher mini-batch.

@@ -133,12 +133,11 @@ def _residual_basis(level: CoarseLevel, minv_res: LayerVector) -> CoarseBasis:
     :func:`~twolevel_kfac.twolevel.coarse_spaces.krylov_residual`), taking over the
     level's temporary ``minv_res`` (the list is emptied): a residual vector is normalised
     in place, and a Krylov pair is written layer by layer, each ``M⁻¹res`` freed once its
-    pair holds it, so the refresh holds no second copy of the basis. Where the basis stays
-    until the next refresh (not the faithful schedule's, rebuilt at every step on ``W̄``),
-    a layer with a bias keeps its vectors as :class:`~twolevel_kfac.twolevel.layer_basis.
-    SplitVectors`: the steps on parts read them without a copy of their weight columns."""
+    pair holds it, so the refresh holds no second copy of the basis. A layer with a bias
+    keeps its vectors as :class:`~twolevel_kfac.twolevel.layer_basis.SplitVectors`: the
+    steps on parts read them without a copy of their weight columns (a step on the ``W̄``
+    path copies a layer's weight columns to restrict)."""
     krylov = level.options.coarse_space == "krylov_residual"
-    split = not level._per_step_basis
     layers = list(minv_res)
     minv_res.clear()
     basis: CoarseBasis = []
@@ -146,13 +145,12 @@ def _residual_basis(level: CoarseLevel, minv_res: LayerVector) -> CoarseBasis:
         vector = layers.pop(0)
         if krylov:
             pair = vector.new_empty((2, *vector.shape))
-            pair[0].copy_(vector)
-            pair[1].copy_(level.host.apply_fine(name, vector))
+            level.minv_layer_into(name, pair[0].copy_(vector), pair[1])
         else:
             pair = vector.unsqueeze(0)
         del vector
         normalize_inf_(pair)
-        basis.append(split_vectors(pair) if split and has_bias(level.host.layers[name]) else pair)
+        basis.append(split_vectors(pair) if has_bias(level.host.layers[name]) else pair)
     return basis
 
 

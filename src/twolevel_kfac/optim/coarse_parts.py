@@ -34,7 +34,7 @@ from ..twolevel.coarse_matrix import CoarseOperator, coarse_projections
 from ..twolevel.coarse_spaces import RESIDUAL_SPACES
 from ..twolevel.fisher_products import sample_coefficients_parts
 from ..twolevel.parts import prolong_add_into_parts, restrict_parts
-from ..twolevel.vectors import Parts
+from ..twolevel.vectors import LayerVector, Parts
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -104,14 +104,18 @@ def _minus_fisher_range(level: CoarseLevel, g: Parts, u: Tensor) -> Parts:
     return prolong_add_into_parts(split, u, out, -level.host.damping)
 
 
-def combine_on_parts(level: CoarseLevel, g: Parts, minv: FineApply) -> Parts:
+def combine_on_parts(
+    level: CoarseLevel, g: Parts, minv: FineApply, fine: Parts | None = None
+) -> Parts:
     """The direction of this step's combination (module docstring) from the gradients'
-    parts ``g``, as fresh parts; ``minv``: ``M⁻¹`` on parts."""
+    parts ``g``, as fresh parts; ``minv``: ``M⁻¹`` on parts; ``fine``: ``M⁻¹g`` where the
+    step formed it already (a residual refresh), which additive and A-DEF2 then write
+    their direction into."""
     options, operator = level.options, _operator(level)
     scale, combination = options.coarse_scale, options.combination
     split = operator.parts_basis(tuple(b is not None for _, b in g))
     if combination in ("additive", "adef2"):
-        fine = minv(g)
+        fine = minv(g) if fine is None else fine
         if combination == "adef2":
             restricted = restrict_parts(split, g) - fisher_restrict_parts(level, fine)
             restricted.sub_(restrict_parts(split, fine), alpha=level.host.damping)
@@ -143,23 +147,66 @@ def _parts_allowed(level: CoarseLevel, reads_columns: bool) -> bool:
     )
 
 
+def _residual_on_parts(level: CoarseLevel) -> bool:
+    """Whether a residual space may build its basis on parts: on one process (the Fisher
+    product of the residual reads this process's rows) and :func:`_parts_allowed`."""
+    return not level.host.comm.distributed and _parts_allowed(level, False)
+
+
 def steps_on_parts(level: CoarseLevel) -> bool:
-    """Whether a step between refreshes runs on parts: the kept ``Q`` (no basis rebuilt
-    at every step) and :func:`_parts_allowed`."""
+    """Whether a step between refreshes runs on parts: the kept ``Q`` and
+    :func:`_parts_allowed`, or, in the faithful residual schedule (a basis rebuilt at
+    every step from the kept rows), :func:`_residual_on_parts`."""
+    if level._per_step_basis:
+        return level.fisher_stats is not None and _residual_on_parts(level)
     allowed = _parts_allowed(level, level.fisher_columns is not None)
     return allowed and level.host._stateless_directions()
 
 
 def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool:
-    """Whether a refresh step runs on parts: a basis built without the residual, every
-    layer with statistics and a gradient, and :func:`_parts_allowed` (the rows just kept,
-    no ``W₀`` yet)."""
+    """Whether a refresh step runs on parts: every layer with statistics and a gradient,
+    and :func:`_parts_allowed` (the rows just kept, no ``W₀`` yet), or
+    :func:`_residual_on_parts` for a basis built from the residual."""
     names = [n for n in level.host.layers if n in stats]
-    return (
-        level.options.coarse_space not in RESIDUAL_SPACES
-        and level.host.active == names
-        and _parts_allowed(level, False)
-    )
+    if level.options.coarse_space in RESIDUAL_SPACES:
+        allowed = _residual_on_parts(level)
+    else:
+        allowed = _parts_allowed(level, False)
+    return allowed and level.host.active == names
+
+
+def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector:
+    """``res = g − F̂M⁻¹g = g − F·fine − λ·fine`` (``fine = M⁻¹g``) as ``W̄`` matrices, in the
+    fresh tensors of the Fisher products ``Σ_n c_n ∇ℓ_n / N`` (``c_n = ⟨∇ℓ_n, fine⟩``, from
+    the kept rows); ``g`` and ``fine`` are left as they are."""
+    stats, samples = level.fisher_stats, level.fisher_samples
+    assert stats is not None and samples is not None
+    weights = sample_coefficients_parts(stats, fine) / samples
+    damping, residual = level.host.damping, []
+    for layer, (weight, bias), (fine_weight, fine_bias) in zip(stats, g, fine, strict=True):
+        matrix = weighted_gradient_sum(layer, weights)
+        columns = matrix[:, :-1] if bias is not None else matrix
+        pairs = [(columns, weight, fine_weight)]
+        if bias is not None and fine_bias is not None:
+            pairs.append((matrix[:, -1], bias, fine_bias))
+        for out, grad, direction in pairs:  # out ← grad − (out + λ·direction)
+            out.add_(direction.reshape(out.shape), alpha=damping)
+            torch.sub(grad.reshape(out.shape), out, out=out)
+        residual.append(matrix)
+    return residual
+
+
+def _residual_refresh(level: CoarseLevel, g: Parts, minv: FineApply, refreshed: bool) -> Parts:
+    """A residual space's basis built on parts (:func:`~.coarse_basis.residual_terms` on the
+    ``W̄`` path; at a refresh, or at every step in the faithful schedule): ``fine = M⁻¹g``,
+    then, with the old basis dropped, ``res = g − F̂·fine`` as ``W̄`` matrices, ``M⁻¹res``
+    written over it and taken over by the new basis, and ``Q`` (with a new ``F_c`` at a
+    refresh). Returns ``fine`` for the combination. Only the residual is ever joined: the
+    gradient is read where autograd left it and the direction is written as parts."""
+    fine = minv(g)
+    level._drop_basis()
+    level._build_operator(refreshed, level.minv_into(_residual_matrices(level, g, fine)))
+    return fine
 
 
 def parts_step(
@@ -175,18 +222,25 @@ def parts_step(
         if not level._refreshes_on_parts(stats):
             return None
         level._start_refresh(stats)
-        level._build_operator(True, None)
     else:
         level._between_refreshes()
         if not level._steps_on_parts() or level.host.active != level.names:
             return None
     host, names = level.host, level.names
     grads = {name: gradient_parts(host.layers[name]) for name in names}
+    g = [grads[n] for n in names]
 
     def minv(parts: Parts) -> Parts:
         return [host._apply_fine_split(n, *part) for n, part in zip(names, parts, strict=True)]
 
-    directions = combine_on_parts(level, [grads[n] for n in names], minv)
+    fine = None
+    if level.options.coarse_space in RESIDUAL_SPACES and (stats or level._per_step_basis):
+        fine = _residual_refresh(level, g, minv, bool(stats))
+        if level.options.combination not in ("additive", "adef2"):
+            fine = None  # A-DEF1 and balanced apply M⁻¹ to other vectors
+    elif stats:
+        level._build_operator(True, None)
+    directions = combine_on_parts(level, g, minv, fine)
     if stats:
         level._keep_fisher()
     return dict(zip(names, directions, strict=True)), grads
