@@ -124,6 +124,11 @@ BETWEEN_CASES: dict[str, dict[str, Any]] = {
     # "auto" decides on the ranks' summed row counts (a collective: every rank alike)
     "auto_adef2": {"combination": "adef2", "kept_fisher": "auto"},
     "auto_balanced_long": {"combination": "balanced", "kept_fisher": "auto", "cov_interval": 5},
+    # a residual basis rebuilt at every step on parts, its F̂ product summed over the ranks
+    "faithful_additive": {"coarse_space": "residual", "coarse_refresh": "faithful",
+                          "kept_fisher": "auto"},
+    "faithful_krylov_additive": {"coarse_space": "krylov_residual", "coarse_refresh": "faithful",
+                                 "kept_fisher": "auto"},
 }  # fmt: skip
 KEEPS_BATCH = {"diagnostics": True}  # F̂v below needs the Fisher mini-batch kept
 RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
@@ -131,6 +136,10 @@ RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
     "residual_adef2_faithful": (
         tk.TwoLevelKFAC,
         {"coarse_space": "residual", "combination": "adef2", "coarse_refresh": "faithful"},
+    ),
+    "residual_additive_faithful": (
+        tk.TwoLevelKFAC,
+        {"coarse_space": "residual", "coarse_refresh": "faithful"},
     ),
     "columns_balanced": (tk.TwoLevelKFAC, {"combination": "balanced", "kept_fisher": "columns"}),
 }
@@ -287,12 +296,15 @@ def _worker(rank: int, port: int, out: Path) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
+    joined = _count_joined_steps()
     try:
         results: dict[str, Any] = {}
         half = (BATCH // 2,) * WORLD
         for name, (cls, kwargs) in CASES.items():
+            joined.clear()
             delta, opt = one_step(cls, kwargs, half, rank)
             results[name] = {"delta": delta, "bytes": opt.last_stats["comm_bytes"]}
+            results[name]["joined"] = len(joined)
         for name, kwargs in BETWEEN_CASES.items():
             results[f"between_{name}"] = two_steps(kwargs, half, rank)
         with warnings.catch_warnings(record=True) as caught:
@@ -308,6 +320,22 @@ def _worker(rank: int, port: int, out: Path) -> None:
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _count_joined_steps() -> list[None]:
+    """In this worker process: a list that grows by one at each two-level step on the
+    ``W̄`` matrices (``CoarseLevel.precondition``; the steps on parts do not call it)."""
+    from twolevel_kfac.optim.coarse import CoarseLevel
+
+    calls: list[None] = []
+    original = CoarseLevel.precondition
+
+    def counted(self: CoarseLevel, *args: Any) -> Any:
+        calls.append(None)
+        return original(self, *args)
+
+    CoarseLevel.precondition = counted  # type: ignore[method-assign]
+    return calls
 
 
 def _resume(cls: type[tk.KFAC], kwargs: dict[str, Any], rank: int, path: Path) -> Any:
@@ -421,6 +449,17 @@ def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
         assert got["nicolaides_additive"] == factors + split + coarse
         # the residual's F̂ product (no W₀ = FR₀ᵀ with cov_interval=1: no step reads it)
         assert got["residual_adef2"] == factors + split + coarse + fvp
+        assert got["residual_additive"] == factors + split + coarse + fvp
+
+
+def test_distributed_steps_join_only_where_parts_cannot(runs: list[dict[str, Any]]) -> None:
+    """Under ``torch.distributed`` the ``additive`` refresh of a residual space runs on
+    parts (its ``F̂`` product all-reduced); A-DEF2 reads the rows of every rank, so its
+    refresh takes the ``W̄`` path."""
+    for rank in range(WORLD):
+        assert runs[rank]["residual_additive"]["joined"] == 0
+        assert runs[rank]["nicolaides_additive"]["joined"] == 0
+        assert runs[rank]["residual_adef2"]["joined"] == 1
 
 
 def test_unequal_local_batches_weight_the_curvature_by_counts(

@@ -137,9 +137,8 @@ class CoarseLevel:
         self, stats: dict[str, LayerStats]
     ) -> tuple[dict[str, LayerParts], dict[str, LayerParts]] | None:
         """The directions and gradients of this step as weight and bias parts, or ``None``
-        when the step needs the ``W̄`` matrices (:meth:`precondition`): every step between
-        refreshes, and a refresh step whose basis does not need the residual
-        (:func:`.coarse_parts.parts_step`)."""
+        when the step needs the ``W̄`` matrices (:meth:`precondition`;
+        :func:`.coarse_parts.parts_step` says when)."""
         return parts_step(self, stats)
 
     def _steps_on_parts(self) -> bool:

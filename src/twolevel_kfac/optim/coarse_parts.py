@@ -1,6 +1,10 @@
 """The two-level steps on the gradients' weight and bias parts: every step between
-refreshes, and the refresh steps of the spaces whose basis needs no residual (the others
-build it on the ``W̄`` matrices, :meth:`~.coarse.CoarseLevel.precondition`).
+refreshes and every refresh step, unless the step needs the ``W̄`` matrices
+(:meth:`~.coarse.CoarseLevel.precondition`: another fine level, the diagnostics, a layer
+without a gradient, a residual space under ``torch.distributed``). A residual space
+builds its basis here too (at a refresh, or at every step in the faithful schedule):
+``M⁻¹g`` on parts, the residual ``g − F̂M⁻¹g`` as the one joined vector, ``M⁻¹res``
+written into its weight and bias columns and kept as the split basis.
 
 With ``Q = R₀ᵀF_c⁻¹R₀`` built and KFAC's own ``M⁻¹``, every combination of
 :mod:`twolevel_kfac.twolevel.combinations` meets ``F̂ = F + λI`` only as ``F̂R₀ᵀu`` or
@@ -30,6 +34,7 @@ from torch import Tensor
 from ..curvature.blocks import LayerStats, gradient_parts
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.sample_products import weighted_gradient_sum
+from ..distributed import all_reduce_sum
 from ..twolevel.coarse_matrix import CoarseOperator, coarse_projections
 from ..twolevel.coarse_spaces import RESIDUAL_SPACES
 from ..twolevel.fisher_products import sample_coefficients_parts
@@ -148,9 +153,10 @@ def _parts_allowed(level: CoarseLevel, reads_columns: bool) -> bool:
 
 
 def _residual_on_parts(level: CoarseLevel) -> bool:
-    """Whether a residual space may build its basis on parts: on one process (the Fisher
-    product of the residual reads this process's rows) and :func:`_parts_allowed`."""
-    return not level.host.comm.distributed and _parts_allowed(level, False)
+    """Whether a residual space may build its basis on parts: :func:`_parts_allowed` (on
+    several processes, for ``additive`` alone, whose steps read no rows; the residual's
+    Fisher product is summed over the ranks)."""
+    return _parts_allowed(level, False)
 
 
 def steps_on_parts(level: CoarseLevel) -> bool:
@@ -178,13 +184,19 @@ def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool
 def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector:
     """``res = g − F̂M⁻¹g = g − F·fine − λ·fine`` (``fine = M⁻¹g``) as ``W̄`` matrices, in the
     fresh tensors of the Fisher products ``Σ_n c_n ∇ℓ_n / N`` (``c_n = ⟨∇ℓ_n, fine⟩``, from
-    the kept rows); ``g`` and ``fine`` are left as they are."""
-    stats, samples = level.fisher_stats, level.fisher_samples
+    the kept rows; under ``torch.distributed`` every rank's sums, all-reduced); ``g`` and
+    ``fine`` are left as they are."""
+    stats, samples, comm = level.fisher_stats, level.fisher_samples, level.host.comm
     assert stats is not None and samples is not None
-    weights = sample_coefficients_parts(stats, fine) / samples
-    damping, residual = level.host.damping, []
-    for layer, (weight, bias), (fine_weight, fine_bias) in zip(stats, g, fine, strict=True):
-        matrix = weighted_gradient_sum(layer, weights)
+    coefficients = sample_coefficients_parts(stats, fine)
+    if comm.distributed:
+        sums = [weighted_gradient_sum(layer, coefficients) for layer in stats]
+        products = [total.div_(samples) for total in all_reduce_sum(comm, sums)]
+    else:
+        weights = coefficients / samples
+        products = [weighted_gradient_sum(layer, weights) for layer in stats]
+    damping = level.host.damping
+    for matrix, (weight, bias), (fine_weight, fine_bias) in zip(products, g, fine, strict=True):
         columns = matrix[:, :-1] if bias is not None else matrix
         pairs = [(columns, weight, fine_weight)]
         if bias is not None and fine_bias is not None:
@@ -192,8 +204,7 @@ def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector
         for out, grad, direction in pairs:  # out ← grad − (out + λ·direction)
             out.add_(direction.reshape(out.shape), alpha=damping)
             torch.sub(grad.reshape(out.shape), out, out=out)
-        residual.append(matrix)
-    return residual
+    return products
 
 
 def _residual_refresh(level: CoarseLevel, g: Parts, minv: FineApply, refreshed: bool) -> Parts:
