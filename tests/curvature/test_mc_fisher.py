@@ -158,3 +158,16 @@ def test_a_classifier_is_the_same_under_both_reductions(float64: None) -> None:
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params, strict=True):
         assert torch.equal(a, b)
+
+
+def test_float64_logits_beyond_float32_range_draw_from_their_softmax() -> None:
+    """Finite float64 logits beyond float32's range (a run that diverged, or a model scaled
+    that way) sample from their own softmax: a cast to float32 made them ±inf and the
+    probabilities NaN (``torch.multinomial``'s unclear error at the forward)."""
+    from twolevel_kfac.curvature.likelihoods import sample_targets
+
+    logits = torch.tensor([[1e39, 0.0, -1e39], [0.0, 2e39, 1.0]], dtype=torch.float64)
+    draws = sample_targets(logits, "categorical", torch.Generator().manual_seed(0))
+    assert draws.tolist() == [0, 1]
+    small = torch.tensor([[0.0, 1.0]], dtype=torch.float16)  # a half dtype: in float32
+    assert sample_targets(small, "categorical", torch.Generator()).dtype == torch.int64

@@ -224,3 +224,56 @@ def test_a_large_finite_half_tensor_is_finite(dtype: torch.dtype) -> None:
     assert all_finite([big, torch.ones(3)])
     big[3, 4] = math.nan
     assert not all_finite([big])
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "settings"),
+    [
+        (tk.KFAC, {"fisher": "mc"}),
+        (tk.KFAC, {"fisher": "empirical", "fisher_batch": 0.5}),
+        (tk.KFAC, {"fisher": "mc", "fisher_batch": 0.5, "accumulation_steps": 2}),
+        (tk.TwoLevelKFAC, {"fisher": "mc", "coarse_space": "residual"}),
+        (tk.TwoLevelKFAC, {"fisher": "mc", "coarse_refresh": "faithful"}),
+    ],
+)
+def test_a_skipped_refresh_step_leaves_the_later_draws_alone(
+    optimizer: type[tk.KFAC], settings: dict[str, object]
+) -> None:
+    """A NaN gradient skipped on a step that captures statistics: the step had drawn its MC
+    targets (and its Fisher rows) from the optimizer's generator, and the skip rewinds it,
+    so the run goes on bit for bit as one that never saw the bad step (the draws of later
+    steps included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    batches += [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+                for _ in range(5)]  # fmt: skip
+    micro = int(settings.get("accumulation_steps", 1))  # type: ignore[call-overload]
+    common = {"lr": 0.1, "damping": 0.1, "cov_interval": 2, "inv_interval": 2, **settings}
+    opt, clean = optimizer(model, **common), optimizer(twin, **common)
+
+    def run(net: nn.Module, o: tk.KFAC, x: torch.Tensor, y: torch.Tensor, bad: bool) -> None:
+        o.zero_grad()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            F.cross_entropy(net(xs), ys).backward()
+        if bad:
+            grad = net[2].weight.grad
+            assert grad is not None
+            grad[0, 0] = float("nan")
+        o.step()
+
+    for x, y in batches[:2]:
+        run(model, opt, x, y, False)
+        run(twin, clean, x, y, False)
+    assert opt.preconditioner.capture.active  # step 2 captures and refreshes
+    run(model, opt, *batches[2], True)
+    assert opt.nonfinite_steps == 1
+    for x, y in batches[2:]:
+        run(model, opt, x, y, False)
+        run(twin, clean, x, y, False)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    state, want = opt.preconditioner.generator.get_state(), clean.preconditioner.generator
+    assert torch.equal(state, want.get_state())

@@ -42,6 +42,7 @@ from .blocks import LayerStats, layer_stats, recorded_input
 from .calls import calls_statistics
 from .forward_checks import (
     check_batch_rows,
+    check_subset_rows,
     check_unreached,
     check_weight_uses,
     first_tensor,
@@ -80,24 +81,6 @@ class _Forward:
 def _rows(tensor: Tensor, forward: _Forward) -> Tensor:
     """The Fisher mini-batch's rows of a batched tensor."""
     return tensor if forward.index is None else tensor.index_select(0, forward.index)
-
-
-def _check_rows(what: str, tensor: Tensor, forward: _Forward) -> None:
-    """Refuse a Fisher subset whose rows would be taken from a tensor whose first dimension
-    is not the batch (e.g. logits flattened to ``[N·T, C]`` inside ``forward``).
-
-    Raises:
-        RuntimeError: naming ``what`` and the shapes.
-    """
-    if forward.index is not None and (tensor.dim() == 0 or tensor.shape[0] != forward.batch_size):
-        raise RuntimeError(
-            f"{what} has shape {tuple(tensor.shape)}, but the model's input has "
-            f"{forward.batch_size} rows: fisher_batch < 1 picks the Fisher mini-batch on the "
-            "first dimension of every layer's input and of the model output, so it must be "
-            "the batch there too. Use fisher_batch=1 (every row), or keep the batch first in "
-            "forward and flatten in the loss (with fisher='empirical': likelihood="
-            "'categorical' needs [N, C] logits for fisher='mc')"
-        )
 
 
 class CurvatureCapture:
@@ -144,6 +127,7 @@ class CurvatureCapture:
         self.loss_reduction = loss_reduction
         self.fisher_batch = fisher_batch
         self.generator = generator
+        self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps = accumulation_steps
         self.dtypes = dtypes or {}
         self.active = False
@@ -211,6 +195,8 @@ class CurvatureCapture:
             raise RuntimeError("KFAC capture: the model's first argument must be a batched tensor")
         batch = int(x.shape[0])
         index = None
+        if self._drawn_from is None and (self.fisher == "mc" or self.fisher_batch < 1.0):
+            self._drawn_from = self.generator.get_state()
         if self.fisher_batch < 1.0:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
@@ -226,7 +212,9 @@ class CurvatureCapture:
         forward = self._forward
         if forward is None or not output.requires_grad or in_backward():
             return  # (an output without a graph: a frozen layer, or gradients disabled)
-        _check_rows(f"the input of layer {name!r}", args[0], forward)
+        check_subset_rows(
+            f"the input of layer {name!r}", args[0], forward.index, forward.batch_size
+        )
         kept = recorded_input(module, args[0].detach())
         record = _Record(module, _rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)
@@ -310,7 +298,7 @@ class CurvatureCapture:
     def _sampled_loss(self, output: Tensor, forward: _Forward) -> Tensor:
         """The MC Fisher's loss of the Fisher mini-batch rows, with targets sampled from the
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
-        _check_rows("the model output", output, forward)
+        check_subset_rows("the model output", output, forward.index, forward.batch_size)
         check_output(output, self.likelihood, self.class_dim)
         mask, positions = forward.mask, 1.0
         if self.likelihood == "categorical":
@@ -368,12 +356,11 @@ class CurvatureCapture:
             # torch.cat copies even one tensor: the statistics never alias a layer's input
             a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
             stats[name] = layer_stats(self.layers[name], a, g)
-        self._forward = None
+        self._forward, self._drawn_from = None, None
         return stats
 
     def _warn_forwards(self, forwards: int) -> None:
-        """Warn (once) that the empirical ``δ`` of several forwards per step are scaled
-        as if each were a whole batch (:data:`accumulation_steps` of them)."""
+        """Warn (once): several forwards' empirical ``δ``, each scaled as a whole batch."""
         if self._warned_forwards:
             return
         self._warned_forwards = True
@@ -388,11 +375,15 @@ class CurvatureCapture:
         )
 
     def discard(self) -> None:
-        """Drop everything captured so far (e.g. on a skipped step)."""
+        """Drop everything captured so far (e.g. on a skipped step), and rewind the generator
+        to before the draws made for it (the rows, the MC targets): a skipped step leaves
+        the draws of the steps after it as they would have been without it."""
         self._unreached = set()
         for name in self._records:
             self._records[name] = []
-        self._forward = None
+        if self._drawn_from is not None:
+            self.generator.set_state(self._drawn_from)
+        self._forward, self._drawn_from = None, None
 
 
 def _unscaled(grad: Tensor | None, loss_scale: float) -> Tensor | None:

@@ -4,6 +4,7 @@ them when the model's forward returns).
 
 * :func:`check_weight_uses`: a block's weight read outside its modules' calls.
 * :func:`check_batch_rows`: a first tensor argument whose rows are not the batch.
+* :func:`check_subset_rows`: a Fisher subset taken from a tensor whose rows are not the batch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .blocks import bias_only, block_parameters, has_gradient
 
 __all__ = [
     "check_batch_rows",
+    "check_subset_rows",
     "check_unreached",
     "check_weight_uses",
     "first_tensor",
@@ -123,4 +125,23 @@ def check_unreached(unreached: set[str], layers: dict[str, nn.Module]) -> None:
             "auxiliary loss computed from a stored activation, or a torch.compile'd model "
             "hides its layers' outputs); their Fisher would silently be zero. Use "
             "fisher='empirical' or an eager model whose loss reads the model output"
+        )
+
+
+def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_size: int) -> None:
+    """Refuse a Fisher subset (``index``: its rows of the batch, ``None`` without one) whose
+    rows would be taken from a tensor whose first dimension is not the batch (e.g. logits
+    flattened to ``[N·T, C]`` inside ``forward``).
+
+    Raises:
+        RuntimeError: naming ``what`` and the shapes.
+    """
+    if index is not None and (tensor.dim() == 0 or tensor.shape[0] != batch_size):
+        raise RuntimeError(
+            f"{what} has shape {tuple(tensor.shape)}, but the model's input has "
+            f"{batch_size} rows: fisher_batch < 1 picks the Fisher mini-batch on the "
+            "first dimension of every layer's input and of the model output, so it must be "
+            "the batch there too. Use fisher_batch=1 (every row), or keep the batch first in "
+            "forward and flatten in the loss (with fisher='empirical': likelihood="
+            "'categorical' needs [N, C] logits for fisher='mc')"
         )

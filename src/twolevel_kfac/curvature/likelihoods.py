@@ -114,7 +114,10 @@ def _draw(
     check_output(output, likelihood, class_dim)
     if likelihood == "categorical":
         logits = classes_last(output, class_dim)
-        probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=1)
+        # at least float32 (a half dtype's softmax), never narrower: float64 logits beyond
+        # float32's range would become ±inf and the probabilities NaN
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        probs = torch.softmax(wide.reshape(-1, logits.shape[-1]), dim=1)
         draws = torch.multinomial(probs, 1, generator=generator)
         return draws.reshape(positions_shape(output, class_dim))
     if likelihood == "bernoulli":
