@@ -209,13 +209,13 @@ def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector
 
 def _residual_refresh(level: CoarseLevel, g: Parts, minv: FineApply, refreshed: bool) -> Parts:
     """A residual space's basis built on parts (:func:`~.coarse_basis.residual_terms` on the
-    ``W̄`` path; at a refresh, or at every step in the faithful schedule): ``fine = M⁻¹g``,
-    then, with the old basis dropped, ``res = g − F̂·fine`` as ``W̄`` matrices, ``M⁻¹res``
+    ``W̄`` path; at a refresh, or at every step in the faithful schedule): the old basis
+    dropped, ``fine = M⁻¹g``, then ``res = g − F̂·fine`` as ``W̄`` matrices, ``M⁻¹res``
     written over it and taken over by the new basis, and ``Q`` (with a new ``F_c`` at a
     refresh). Returns ``fine`` for the combination. Only the residual is ever joined: the
     gradient is read where autograd left it and the direction is written as parts."""
-    fine = minv(g)
     level._drop_basis()
+    fine = minv(g)
     level._build_operator(refreshed, level.minv_into(_residual_matrices(level, g, fine)))
     return fine
 
