@@ -1,7 +1,8 @@
 """The two-level steps on the gradients' weight and bias parts: every step between
 refreshes and every refresh step, unless the step needs the ``W̄`` matrices
 (:meth:`~.coarse.CoarseLevel.precondition`: another fine level, the diagnostics, a layer
-without a gradient, a residual space under ``torch.distributed``). A residual space
+without a gradient, or, under ``torch.distributed``, a combination that reads the Fisher
+rows of every rank: :func:`_parts_allowed`). A residual space
 builds its basis here too (at a refresh, or at every step in the faithful schedule):
 ``M⁻¹g`` on parts, the residual ``g − F̂M⁻¹g`` as the one joined vector, ``M⁻¹res``
 written into its weight and bias columns and kept as the split basis.
@@ -142,7 +143,8 @@ def combine_on_parts(
 
 def _parts_allowed(level: CoarseLevel, reads_columns: bool) -> bool:
     """KFAC's own ``M⁻¹``, a coarse term, no diagnostics (they need the residual), and
-    ``F̂`` read through ``W₀`` (``reads_columns``) or on one process (additive reads none)."""
+    ``F̂`` read through ``W₀`` (``reads_columns``) or on one process (additive reads the
+    rows only for a residual basis, whose ``F̂`` product is all-reduced)."""
     coarse, host = level.options, level.host
     return (
         (coarse.combination == "additive" or reads_columns or not host.comm.distributed)
@@ -152,33 +154,21 @@ def _parts_allowed(level: CoarseLevel, reads_columns: bool) -> bool:
     )
 
 
-def _residual_on_parts(level: CoarseLevel) -> bool:
-    """Whether a residual space may build its basis on parts: :func:`_parts_allowed` (on
-    several processes, for ``additive`` alone, whose steps read no rows; the residual's
-    Fisher product is summed over the ranks)."""
-    return _parts_allowed(level, False)
-
-
 def steps_on_parts(level: CoarseLevel) -> bool:
-    """Whether a step between refreshes runs on parts: the kept ``Q`` and
-    :func:`_parts_allowed`, or, in the faithful residual schedule (a basis rebuilt at
-    every step from the kept rows), :func:`_residual_on_parts`."""
+    """Whether a step between refreshes runs on parts: :func:`_parts_allowed` with the kept
+    ``Q``, or, in the faithful residual schedule (a basis rebuilt at every step from the
+    kept rows, its ``F̂`` product summed over the ranks), with the rows."""
     if level._per_step_basis:
-        return level.fisher_stats is not None and _residual_on_parts(level)
+        return level.fisher_stats is not None and _parts_allowed(level, False)
     allowed = _parts_allowed(level, level.fisher_columns is not None)
     return allowed and level.host._stateless_directions()
 
 
 def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool:
     """Whether a refresh step runs on parts: every layer with statistics and a gradient,
-    and :func:`_parts_allowed` (the rows just kept, no ``W₀`` yet), or
-    :func:`_residual_on_parts` for a basis built from the residual."""
+    and :func:`_parts_allowed` (the rows just kept, no ``W₀`` yet)."""
     names = [n for n in level.host.layers if n in stats]
-    if level.options.coarse_space in RESIDUAL_SPACES:
-        allowed = _residual_on_parts(level)
-    else:
-        allowed = _parts_allowed(level, False)
-    return allowed and level.host.active == names
+    return level.host.active == names and _parts_allowed(level, False)
 
 
 def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector:
