@@ -171,3 +171,28 @@ def test_float64_logits_beyond_float32_range_draw_from_their_softmax() -> None:
     assert draws.tolist() == [0, 1]
     small = torch.tensor([[0.0, 1.0]], dtype=torch.float16)  # a half dtype: in float32
     assert sample_targets(small, "categorical", torch.Generator()).dtype == torch.int64
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_captured_rows_are_freed_at_the_step_without_the_cyclic_collector(fisher: str) -> None:
+    """A captured forward lets go of its records when it returns (each record names its
+    forward): the step frees the captured rows by reference counting alone, instead of
+    holding them until Python's cyclic collector runs (measured: 12 MiB more at a refresh
+    of cuda-convnet)."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = tk.KFAC(model, lr=0.1, fisher=fisher, cov_interval=1)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    gc.disable()
+    try:
+        F.cross_entropy(model(x), y).backward()
+        records = opt.preconditioner.capture._records.values()
+        rows = [weakref.ref(r.inputs) for layer in records for r in layer]
+        del records
+        assert len(rows) == 2 and all(ref() is not None for ref in rows)
+        opt.step()
+        assert all(ref() is None for ref in rows)
+    finally:
+        gc.enable()
