@@ -277,3 +277,29 @@ def test_a_skipped_refresh_step_leaves_the_later_draws_alone(
         assert torch.equal(p, q)
     state, want = opt.preconditioner.generator.get_state(), clean.preconditioner.generator
     assert torch.equal(state, want.get_state())
+
+
+def test_a_load_after_a_captured_forward_keeps_the_saved_generator() -> None:
+    """``load_state_dict`` drops what a forward captured before it, and restores the saved
+    generator after that: the drop's rewind (of the draws the forward made) does not undo
+    the restore, so the resumed run draws what the saved one would have."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    twin = copy.deepcopy(model)  # before any optimizer hooks into model
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(4)]  # fmt: skip
+    opt = tk.KFAC(model, lr=0.1, fisher="mc", cov_interval=1)
+    step(model, opt, *batches[0])
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    resumed = tk.KFAC(twin, lr=0.1, fisher="mc", cov_interval=1, seed=7)
+    twin(batches[3][0])  # a captured forward (its MC draws) before the load
+    twin.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[1])
+    state = resumed.preconditioner.generator.get_state()
+    assert torch.equal(state, opt.preconditioner.generator.get_state())
+    for x, y in batches[1:]:
+        step(model, opt, x, y)
+        step(twin, resumed, x, y)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -67,6 +67,7 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     coarse = pre.coarse_level
     if coarse is not None:  # its option checks too, before anything here changes
         coarse.check_state(state)
+    pre.capture.discard()  # before the generator is restored: a discard may rewind it
     pre.steps = int(state["steps"])
     pre.damping = float(state["damping"])
     parts = state.get("ranks") or [{"generator": state["generator"]}]
@@ -98,7 +99,6 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.fine.load_state_dict(state)
     if coarse is not None and not early:
         coarse.load_state_dict(state)
-    pre.capture.discard()
     pre.active = list(pre.layers)
     pre._schedule_capture()
     pre.capture.active = bool(state.get("capture_next", pre.capture.active))
