@@ -195,7 +195,7 @@ class CurvatureCapture:
             raise RuntimeError("KFAC capture: the model's first argument must be a batched tensor")
         batch = int(x.shape[0])
         index = None
-        if self._drawn_from is None and (self.fisher == "mc" or self.fisher_batch < 1.0):
+        if self._drawn_from is None:
             self._drawn_from = self.generator.get_state()
         if self.fisher_batch < 1.0:
             size = max(1, round(self.fisher_batch * batch))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..curvature.sample_products import weighted_gradient_sum
 from ..distributed import all_reduce_sum
 from ..twolevel.coarse_matrix import basis_gram, coarse_projections, exact_coarse_matrix
 from ..twolevel.fisher_columns import (
@@ -24,6 +25,7 @@ from ..twolevel.fisher_products import (
     DISAGREE_HINT,
     check_stats,
     damped_fvp,
+    sample_coefficients_parts,
 )
 from ..twolevel.global_fisher import (
     global_coarse_matrix,
@@ -32,13 +34,14 @@ from ..twolevel.global_fisher import (
 )
 from ..twolevel.layer_basis import CoarseBasis, layer_count, layer_width
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
-from ..twolevel.vectors import LayerVector
+from ..twolevel.vectors import LayerVector, Parts
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
 __all__ = [
     "damped_product",
+    "fisher_product_parts",
     "global_samples",
     "keeps_columns",
     "new_coarse_matrix",
@@ -85,6 +88,20 @@ def damped_product(level: CoarseLevel, v: LayerVector) -> LayerVector:
     if comm.distributed:
         return global_damped_fvp(comm, stats, v, level.host.damping, n)
     return damped_fvp(stats, v, level.host.damping)
+
+
+def fisher_product_parts(level: CoarseLevel, v: Parts) -> LayerVector:
+    """``Fv`` (undamped) of a vector given as weight and bias parts, as ``W̄`` matrices in
+    fresh tensors: ``Σ_n c_n ∇ℓ_n / N`` with ``c_n = ⟨∇ℓ_n, v⟩`` from the kept rows (every
+    rank's sums, all-reduced, under ``torch.distributed``)."""
+    stats, n, comm = level.fisher_stats, level.fisher_samples, level.host.comm
+    assert stats is not None and n is not None
+    coefficients = sample_coefficients_parts(stats, v)
+    if comm.distributed:
+        sums = all_reduce_sum(comm, [weighted_gradient_sum(s, coefficients) for s in stats])
+        return [total.div_(n) for total in sums]
+    weights = coefficients / n
+    return [weighted_gradient_sum(s, weights) for s in stats]
 
 
 def new_coarse_matrix(level: CoarseLevel, basis: CoarseBasis) -> Tensor:

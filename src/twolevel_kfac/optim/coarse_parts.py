@@ -35,12 +35,12 @@ from torch import Tensor
 from ..curvature.blocks import LayerStats, gradient_parts
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.sample_products import weighted_gradient_sum
-from ..distributed import all_reduce_sum
 from ..twolevel.coarse_matrix import CoarseOperator, coarse_projections
 from ..twolevel.coarse_spaces import RESIDUAL_SPACES
 from ..twolevel.fisher_products import sample_coefficients_parts
 from ..twolevel.parts import prolong_add_into_parts, restrict_parts
 from ..twolevel.vectors import LayerVector, Parts
+from .coarse_fisher import fisher_product_parts
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -173,18 +173,9 @@ def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool
 
 def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector:
     """``res = g − F̂M⁻¹g = g − F·fine − λ·fine`` (``fine = M⁻¹g``) as ``W̄`` matrices, in the
-    fresh tensors of the Fisher products ``Σ_n c_n ∇ℓ_n / N`` (``c_n = ⟨∇ℓ_n, fine⟩``, from
-    the kept rows; under ``torch.distributed`` every rank's sums, all-reduced); ``g`` and
-    ``fine`` are left as they are."""
-    stats, samples, comm = level.fisher_stats, level.fisher_samples, level.host.comm
-    assert stats is not None and samples is not None
-    coefficients = sample_coefficients_parts(stats, fine)
-    if comm.distributed:
-        sums = [weighted_gradient_sum(layer, coefficients) for layer in stats]
-        products = [total.div_(samples) for total in all_reduce_sum(comm, sums)]
-    else:
-        weights = coefficients / samples
-        products = [weighted_gradient_sum(layer, weights) for layer in stats]
+    fresh tensors of the Fisher products (:func:`~.coarse_fisher.fisher_product_parts`);
+    ``g`` and ``fine`` are left as they are."""
+    products = fisher_product_parts(level, fine)
     damping = level.host.damping
     for matrix, (weight, bias), (fine_weight, fine_bias) in zip(products, g, fine, strict=True):
         columns = matrix[:, :-1] if bias is not None else matrix
