@@ -388,3 +388,60 @@ def test_a_simple_extreme_gives_its_eigenvector(gap: float, which: str) -> None:
     angle = float((1 - (q @ exact) ** 2 / (q @ q)).clamp_min(0).sqrt())
     true_gap = float(torch.linalg.eigvalsh(m64).diff().abs()[0 if which == "smallest" else -1])
     assert angle <= tolerance(m64, torch.float32) / n**0.5 / true_gap
+
+
+@pytest.mark.parametrize("which", WHICH)
+@pytest.mark.parametrize("power", [-50, -12, 12, 50])
+def test_the_pair_scales_with_the_factor_by_powers_of_four(which: str, power: int) -> None:
+    """The iteration works on the factor scaled to a norm near 1 by a power of two with an
+    even exponent: a factor times ``4^k`` gives the same vector and ``4^k`` times the value,
+    bit for bit, down to a float32 factor near 1e-30 (before, ``(M + τI)⁻¹X`` overflowed
+    there: a saturated softmax's factor, entries near 1e-37, raised in ``eigh``)."""
+    for kind, matrix in (("near-null", wishart(400, 150, torch.float32)),
+                         ("full-rank", wishart(400, 1200, torch.float32, seed=1))):  # fmt: skip
+        pair = certified_pair(matrix, which)
+        assert pair is not None, kind
+        factor = 4.0**power
+        scaled = certified_pair(matrix * factor, which)
+        assert scaled is not None, kind
+        assert torch.equal(scaled[1], pair[1]), kind
+        assert torch.equal(scaled[0], pair[0] * factor), kind
+        assert_certified_pair(matrix * factor, which)
+
+
+def test_a_linalg_error_of_the_iteration_falls_back_to_eigh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``LinAlgError`` inside the iteration (its small Rayleigh–Ritz ``eigh`` failed on a
+    pathological factor) gives eigh's pair of the factor, not the error."""
+
+    def failing(signed: Tensor, block: Tensor) -> None:
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(extreme_eigen, "_ritz", failing)
+    matrix = wishart(200, 80, torch.float32)
+    eig_values, eig_vectors = safe_eigh(matrix)
+    found_values, found_vectors = extreme_eigenpair(matrix, "smallest")
+    low = int(eig_values.argmin())
+    assert torch.equal(found_values, eig_values[low : low + 1])
+    assert torch.equal(found_vectors, eig_vectors[:, low : low + 1])
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1e-37])
+def test_a_vanishing_float32_factor_gets_its_pair(scale: float) -> None:
+    """A float32 factor near 1e-36 (a saturated softmax's output gradients; its square
+    norm underflows float32): the pair is found and certified, where the iteration on the
+    unscaled factor raised ``LinAlgError`` in its Rayleigh–Ritz ``eigh``."""
+    matrix = (wishart(512, 200, torch.float64) * scale).float()
+    for which in WHICH:
+        assert certified_pair(matrix, which) is not None
+        assert_certified_pair(matrix, which)
+
+
+def test_a_factor_whose_norm_is_below_float32s_range_is_scaled_in_float64() -> None:
+    """Entries near 1e-40 (norm below 2^-127): the scale, 2^128 or more, overflows float32,
+    so it is applied in float64 before the cast; both pairs are certified."""
+    matrix = (wishart(512, 200, torch.float64) * 1e-40).float()
+    for which in WHICH:
+        assert certified_pair(matrix, which) is not None
+        assert_certified_pair(matrix, which)

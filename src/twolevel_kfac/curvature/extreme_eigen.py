@@ -88,7 +88,12 @@ def extreme_eigenpair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
     """
     if which not in ("smallest", "largest"):
         raise ValueError(f"which must be 'smallest' or 'largest', got {which!r}")
-    pair = None if matrix.shape[-1] <= SMALL else certified_pair(matrix, which)
+    pair = None
+    if matrix.shape[-1] > SMALL:
+        try:
+            pair = certified_pair(matrix, which)
+        except torch.linalg.LinAlgError:  # a Ritz eigh of a pathological factor: eigh's own
+            pair = None
     if pair is None:
         values, vectors = safe_eigh(matrix)
         index = int(values.argmin() if which == "smallest" else values.argmax())
@@ -157,11 +162,14 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
     """The pair of the subspace iteration when it is certified, else ``None`` (module
     docstring; :func:`extreme_eigenpair` then takes ``eigh``'s). Works on ``N = M`` (smallest)
     or ``N = −M`` (largest), whose smallest eigenpair it finds."""
-    matrix = matrix.to(solver_dtype(matrix.dtype))  # a half dtype's in float32
+    wide = matrix.double()  # the factor itself when float64: not written
+    scale = _unit_scale(wide)
+    if scale is None:
+        return None
+    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32
+    matrix = (wide * scale).to(solver_dtype(matrix.dtype))
     matrix64 = matrix.double()
     tau = tolerance(matrix64, matrix.dtype)
-    if not math.isfinite(tau) or tau == 0.0:
-        return None
     close = tau / math.sqrt(matrix.shape[-1])  # the residual a vector must reach
     smallest = which == "smallest"
     signed = matrix64 if smallest else matrix64.neg()
@@ -176,8 +184,10 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         if iteration % CHECK_EVERY:
             continue
         ritz = _ritz(signed, block)
+        if not math.isfinite(ritz.residual):
+            return None
         if smallest and ritz.residual <= close and ritz.theta <= tau:
-            return _pair(ritz, 1.0)  # within τ of 0 ≤ λ_min
+            return _pair(ritz, 1.0 / scale)  # within τ of 0 ≤ λ_min
         if ritz.residual <= close:
             break
         if smallest and ritz.theta > tau and matrix.shape[-1] < REFINE_MIN:
@@ -189,7 +199,21 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         found = _refine(signed, block, ritz, tau, close, matrix.dtype)
     if found is None or not _certified(signed, found[0].theta, tau, found[1]):
         return None
-    return _pair(found[0], 1.0 if smallest else -1.0)
+    return _pair(found[0], (1.0 if smallest else -1.0) / scale)
+
+
+def _unit_scale(matrix64: Tensor) -> float | None:
+    """``2^(−e)`` with ``e`` even and ``‖M‖_F = m·2^e``, ``m ∈ [½, 2)``: ``M`` times it has a
+    norm near 1, so the iteration neither underflows nor overflows (a factor of a saturated
+    softmax, entries near 1e-37 in float32, made ``(M + τI)⁻¹X`` overflow). A power of two
+    scales exactly, and its even exponent keeps the Cholesky factors' scale a power of two
+    too: on a factor of moderate size every operation rounds as unscaled. ``None`` for a
+    zero or non-finite ``M`` (given in float64)."""
+    norm = float(torch.linalg.matrix_norm(matrix64))
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    exponent = math.frexp(norm)[1]
+    return math.ldexp(1.0, -(exponent - exponent % 2))
 
 
 def _refine(
@@ -219,7 +243,7 @@ def _refine(
 
 
 def _pair(ritz: _Ritz, sign: float) -> tuple[Tensor, Tensor]:
-    """``(values [1], vectors [n, 1])`` of ``M = sign·N``."""
+    """``(values [1], vectors [n, 1])`` of ``M = sign·N`` (``sign`` also undoes the scale)."""
     value = ritz.vector.new_tensor([sign * ritz.theta])
     return value, ritz.vector.unsqueeze(1)
 
