@@ -136,12 +136,25 @@ def test_combinations_reading_the_fisher_batch_keep_w_within_1_2x_of_kfac(
     assert rows > 2 * kfac_bytes
 
 
+def test_a_cnn_keeps_w_even_where_building_it_costs_more_passes_than_the_rows(
+    kfac_bytes: int,
+) -> None:
+    """With ``cov_interval=3`` two ``F̂`` products run between refreshes while ``W``
+    takes ``K = 3`` passes over the rows to build, but the per-location rows are more than
+    four times ``W``: memory decides, and ``W`` is kept."""
+    assert saved_bytes(tk.TwoLevelKFAC, combination="adef2", cov_interval=3) <= 1.2 * kfac_bytes
+
+
 def test_the_fisher_batch_is_dropped_after_the_refresh_only_when_unread() -> None:
     x, y = make_batch((6,), 3, 10, seed=0)
     for kwargs, kept, columns in [
         ({}, False, False),
         ({"combination": "adef2", "kept_fisher": "rows"}, True, False),
-        ({"combination": "adef2"}, False, True),  # K·P = 106 < the rows' 10·21 numbers
+        # K·P = 106 < the rows' 10·21 numbers, and building W (K = 2 passes over the rows)
+        # costs no more than the rows' products until the next refresh (2 with T_cov = 3) …
+        ({"combination": "adef2", "cov_interval": 3}, False, True),
+        # … but not with T_cov = 2 (one product), and W is more than a quarter of the rows
+        ({"combination": "adef2"}, True, False),
         ({"combination": "adef2", "cov_interval": 1}, False, False),  # every step refreshes
         ({"diagnostics": True}, True, False),
         ({"diagnostics": True, "cov_interval": 1}, True, False),  # kept for fhat
