@@ -288,6 +288,18 @@ def curvature(opt: tk.KFAC) -> dict[str, Any]:
     }
 
 
+def assert_same_curvature(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    """:func:`curvature`'s results agree (factors to 1e-12, ``F_c`` and ``F̂v`` to 1e-10)."""
+    for name, (a, g) in expected["factors"].items():
+        torch.testing.assert_close(got["factors"][name][0], a, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["factors"][name][1], g, rtol=1e-12, atol=1e-14)
+    fc = expected["coarse_matrix"]
+    scale = float(fc.abs().max())
+    torch.testing.assert_close(got["coarse_matrix"], fc, rtol=1e-10, atol=1e-12 * scale)
+    for fv, ref in zip(got["fvp"], expected["fvp"], strict=True):
+        torch.testing.assert_close(fv, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
 # ------------------------------------------------------------------ worker processes
 def _worker(rank: int, port: int, out: Path) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # this child's environment only
@@ -314,6 +326,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
             **curvature(opt),
             "warnings": [str(w.message) for w in caught],
         }
+        _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, (BATCH, 0), rank)
+        results["empty"] = curvature(opt)
         for name, (cls, kwargs) in RESUME_CASES.items():
             results[f"resume_{name}"] = _resume(cls, {**RESUME, **kwargs}, rank, out / name)
         results["checkpoints"] = out
@@ -469,15 +483,20 @@ def test_unequal_local_batches_weight_the_curvature_by_counts(
     expected = curvature(opt)
     for rank in range(WORLD):
         got = runs[rank]["unequal"]
-        for name, (a, g) in expected["factors"].items():
-            torch.testing.assert_close(got["factors"][name][0], a, rtol=1e-12, atol=1e-14)
-            torch.testing.assert_close(got["factors"][name][1], g, rtol=1e-12, atol=1e-14)
-        fc = expected["coarse_matrix"]
-        scale = float(fc.abs().max())
-        torch.testing.assert_close(got["coarse_matrix"], fc, rtol=1e-10, atol=1e-12 * scale)
-        for fv, ref in zip(got["fvp"], expected["fvp"], strict=True):
-            torch.testing.assert_close(fv, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+        assert_same_curvature(got, expected)
         assert any("different Fisher mini-batch sizes" in w for w in got["warnings"])
+
+
+def test_a_rank_with_an_empty_local_batch_adds_no_samples(
+    runs: list[dict[str, Any]], float64: None
+) -> None:
+    """Rank 1 holds none of the batch's rows (a refresh step over an empty local batch):
+    factors, coarse matrix and ``F̂v`` are those of rank 0's rows alone, on both ranks."""
+    _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, None)
+    expected = curvature(opt)
+    for rank in range(WORLD):
+        got = runs[rank]["empty"]
+        assert_same_curvature(got, expected)
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))

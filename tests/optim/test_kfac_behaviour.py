@@ -254,6 +254,45 @@ def test_step_without_statistics_is_a_clear_error() -> None:
         opt.step()
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (tk.KFAC, {}),
+        (tk.EKFAC, {}),
+        (tk.TwoLevelKFAC, {"combination": "adef2"}),
+        (tk.TwoLevelKFAC, {"coarse_space": "residual", "coarse_refresh": "faithful"}),
+    ],
+)
+def test_an_empty_batch_is_a_no_op_after_the_first_step(
+    float64: None, cls: type[tk.KFAC], kwargs: dict[str, object], fisher: str
+) -> None:
+    """A batch of 0 rows (the last, uneven batch of a loader; a DDP rank's empty share) has
+    no statistics: as the first step it is refused by name; later it changes nothing (its
+    gradient is 0), and the next step equals a twin's that never saw it."""
+    settings = {**CONTRACT, "lr": 0.1, "fisher": fisher, "ema_decay": 0.9, **kwargs}
+    empty = (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+    model = mlp()
+    opt = cls(model, **settings)
+    with pytest.raises(RuntimeError, match=r"empty batch \(0 rows\)"):
+        train_step(model, opt, *empty)
+    model, twin = mlp(), mlp()
+    opt, twin_opt = cls(model, **settings), cls(twin, **settings)
+    for seed in range(2):
+        train_step(model, opt, *batch(seed=seed))
+        train_step(twin, twin_opt, *batch(seed=seed))
+    before = [p.detach().clone() for p in model.parameters()]
+    factors = {n: (f.A.clone(), f.G.clone()) for n, f in opt.preconditioner.factors.items()}
+    train_step(model, opt, *empty)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    for name, f in opt.preconditioner.factors.items():
+        assert torch.equal(f.A, factors[name][0]) and torch.equal(f.G, factors[name][1])
+    train_step(model, opt, *batch(seed=2))
+    train_step(twin, twin_opt, *batch(seed=2))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_preconditioner_drives_any_torch_optimizer(float64: None) -> None:
     model = mlp()
     reference = copy.deepcopy(model)

@@ -176,61 +176,6 @@ def test_spectral_basis_in_the_parameters_dtype() -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_a_refresh_builds_its_basis_without_the_old_split_basis(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The split basis of the steps on parts copies a dense basis's weight columns (as
-    large as the basis; here Krylov-Nicolaides under eigenvalue-sum damping): a refresh
-    drops the old operator's before it builds the new basis beside the old one, so the
-    refresh's peak holds one old basis, not two. The steps are bit for bit those of a
-    twin that keeps it."""
-    import weakref
-
-    import twolevel_kfac as tk
-    from twolevel_kfac.twolevel.coarse_matrix import CoarseOperator
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    twin = copy.deepcopy(model)
-    settings = {"lr": 0.1, "damping": 0.05, "coarse_space": "krylov_nicolaides"}
-    settings |= {"cov_interval": 2, "inv_interval": 2}
-    settings |= {"inverse_method": "eigen", "damping_mode": "eigen_sum"}  # M⁻¹1 dense
-    opt, kept = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
-    level = opt.preconditioner.coarse_level
-    assert level is not None
-    split: list[weakref.ref[torch.Tensor]] = []  # the last step's split basis
-    builds: list[tuple[int, bool]] = []  # per basis build: its size, whether a tensor lives
-    build = level.build_basis
-
-    def watched(minv_res: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        builds.append((len(split), any(ref() is not None for ref in split)))
-        return build(minv_res)
-
-    level.build_basis = watched  # type: ignore[method-assign]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):  # refreshes at steps 0, 2 and 4; steps 1 and 3 run on parts
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-        for net, optimizer in ((model, opt), (twin, kept)):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            with monkeypatch.context() as patch:
-                if optimizer is kept:
-                    patch.setattr(
-                        CoarseOperator, "release_parts_basis", lambda self: None, raising=False
-                    )
-                optimizer.step()
-        operator = level.coarse_operator
-        assert operator is not None
-        parts = [t for s in operator._split.values() for e in s if isinstance(e, tuple) for t in e]
-        split[:] = [weakref.ref(t) for t in parts if t is not None]
-        del parts
-    # steps 1 and 3 split the basis
-    assert [size > 0 for size, _ in builds] == [False, True, True]
-    assert not any(held for _, held in builds)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p, q)
-
-
 @pytest.mark.parametrize("space", ["krylov_nicolaides", "residual", "spectral"])
 def test_a_refresh_builds_its_basis_without_the_old_basis(space: str) -> None:
     """The coarse level drops its old basis (and ``Q`` and ``P`` built on it) before it

@@ -123,8 +123,9 @@ def render(data: dict[str, Any]) -> str:
         "refresh) keeps no Fisher mini-batch between refreshes, and a Nicolaides basis is "
         "rebuilt on load rather than saved. A-DEF1, A-DEF2 and BALANCED read the "
         "mini-batch at every step: they keep its rows or `W₀ = FR₀ᵀ` (`K` numbers per "
-        'parameter), whichever is smaller (`kept_fisher="auto"`; `W` for the '
-        "convolutions, whose rows are per location, the rows for the MLPs); the faithful "
+        'parameter), as `kept_fisher="auto"` weighs their size and the build of `W₀` '
+        "(`W₀` for the convolutions, whose rows are per location, the rows for the MLPs); "
+        "the faithful "
         "residual schedule keeps the rows (its basis changes at every step). The "
         "residual spaces save their basis (one vector per layer: `P` numbers; "
         "Krylov-residual two); a spectral or Krylov-Nicolaides basis is rebuilt on load "

@@ -116,5 +116,5 @@ def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) ->
             "loss.backward() before step(); layers that run under torch.no_grad() inside the "
             "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
             "False) or whose parameters are used outside their module cannot be "
-            "preconditioned"
+            "preconditioned; an empty batch (0 rows) has no statistics either"
         )

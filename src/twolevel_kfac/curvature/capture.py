@@ -131,6 +131,7 @@ class CurvatureCapture:
         self.accumulation_steps = accumulation_steps
         self.dtypes = dtypes or {}
         self.active = False
+        self.empty_batch = False  # the last collect's forwards had 0 rows
         self._forward: _Forward | None = None
         self._warned_forwards = False
         self._records: dict[str, list[_Record]] = {name: [] for name in layers}
@@ -321,22 +322,16 @@ class CurvatureCapture:
             positions,
         )
 
-    def has_statistics(self) -> bool:
-        """Whether any forward of this step has its output gradients."""
-        return any(
-            r.grad is not None and r.owner.backward_done
-            for records in self._records.values()
-            for r in records
-        )
-
     def collect(self, loss_scale: float = 1.0) -> dict[str, LayerStats]:
         """The statistics gathered since the last call (forwards whose backward has run), in
         ``[N, T, features]`` format; clears the buffers. The calls of one layer within one
         forward are concatenated along ``T``, the forwards along ``N``; the empirical
-        ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s scale)."""
+        ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s scale). Sets
+        :attr:`empty_batch`: whether the backward reached only forwards over 0 rows."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
         stats: dict[str, LayerStats] = {}
+        empty = 0
         for name in self.layers:
             records, self._records[name] = self._records[name], []
             calls: dict[int, list[_Record]] = {}  # by forward pass
@@ -344,6 +339,9 @@ class CurvatureCapture:
                 if record.owner.backward_done:  # a forward without backward is no sample
                     calls.setdefault(id(record.owner), []).append(record)
             done = [c for c in calls.values() if any(r.grad is not None for r in c)]
+            # a forward over no rows (an empty batch, a DDP rank's empty share) has no sample
+            empty += bool(done)
+            done = [c for c in done if c[0].inputs.numel() > 0]
             if not done:
                 continue
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
@@ -361,6 +359,7 @@ class CurvatureCapture:
             # torch.cat copies even one tensor: the statistics never alias a layer's input
             a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
             stats[name] = layer_stats(self.layers[name], a, g)
+        self.empty_batch = bool(empty) and not stats
         self._forward, self._drawn_from = None, None
         return stats
 

@@ -22,9 +22,7 @@ from ..curvature.blocks import LayerStats, block_parameters, has_bias, layer_sha
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.running_average import ema_weight
 from ..twolevel.coarse_matrix import CoarseOperator, ema_coarse_matrix
-from ..twolevel.coarse_spaces import (
-    RESIDUAL_SPACES,
-)
+from ..twolevel.coarse_spaces import RESIDUAL_SPACES
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
@@ -142,8 +140,7 @@ class CoarseLevel:
         return parts_step(self, stats)
 
     def _steps_on_parts(self) -> bool:
-        """Whether a step between refreshes runs on parts (:func:`.coarse_parts.
-        steps_on_parts`)."""
+        """Whether a step between refreshes runs on parts (:func:`.coarse_parts.steps_on_parts`)."""
         return steps_on_parts(self)
 
     def _refreshes_on_parts(self, stats: dict[str, LayerStats]) -> bool:
@@ -352,6 +349,13 @@ class CoarseLevel:
         self.basis, self._operator, self.projections = None, None, None
         if self.options.coarse_refresh != "faithful":
             self.coarse_matrix, self.coarse_damping = None, None
+
+    def release_replaced(self) -> None:
+        """At a refresh step, before it folds its statistics (KFAC's peak), drop what the
+        refresh replaces (:meth:`_drop_basis`, the kept rows or ``W₀``): nothing reads it
+        before the rebuild. A step that raises in between leaves no basis: its retry rebuilds."""
+        self._drop_basis()
+        self.fisher_stats, self.fisher_columns, self._rows_chosen = None, None, False
 
     def _build_operator(self, refreshed: bool, minv_res: LayerVector | None) -> CoarseOperator:
         """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled

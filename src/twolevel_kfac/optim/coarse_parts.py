@@ -206,11 +206,9 @@ def parts_step(
 ) -> tuple[dict[str, LayerParts], dict[str, LayerParts]] | None:
     """This step's directions and gradients as weight and bias parts (a refresh step first
     keeps the mini-batch and rebuilds ``Q``), or ``None`` when it needs the ``W̄`` path.
-    A refresh step, on parts or not, first drops the split basis of the ``Q`` it replaces,
-    so that the new basis is built beside one old copy of the basis, not two."""
+    The ``Q`` a refresh replaces, with its split basis, is gone by then
+    (:meth:`~.coarse.CoarseLevel.release_replaced`)."""
     if stats:
-        if level.coarse_operator is not None:  # this refresh replaces it
-            level.coarse_operator.release_parts_basis()
         if not level._refreshes_on_parts(stats):
             return None
         level._start_refresh(stats)

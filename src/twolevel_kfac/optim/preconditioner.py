@@ -175,8 +175,13 @@ class KFACPreconditioner:
         active = self.capture.active
         stats = self.capture.collect(loss_scale) if active else {}
         self.last_stats = {"damping": self.damping}
-        sent = self.comm.payload_bytes
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
+        if self.schedule.skips_empty(self.capture, self.factors, self.active, self.comm):
+            self.last_stats["empty_batch"] = 1.0
+            return
+        if stats and self.coarse_level is not None:  # before the factors' peak, not beside it
+            self.coarse_level.release_replaced()
+        sent = self.comm.payload_bytes
         names = [*stats, *self.active]
         check_blocks(self.layers, self.factors, names, self.uses, self._checked_blocks)
         if stats or (active and self.comm.distributed):  # every rank joins the reduction
@@ -193,10 +198,8 @@ class KFACPreconditioner:
             self.fine_version += 1
             if self.retain_statistics:
                 self.retained_stats = stats
-        if isinstance(lr, Mapping):
-            self._precondition_grads(stats, {n: float(lr[n]) for n in self.layers})
-        else:
-            self._precondition_grads(stats, dict.fromkeys(self.layers, float(lr)))
+        lrs = lr if isinstance(lr, Mapping) else dict.fromkeys(self.layers, lr)
+        self._precondition_grads(stats, {n: float(lrs[n]) for n in self.layers})
         if self.comm.distributed:
             self.last_stats["comm_bytes"] = float(self.comm.payload_bytes - sent)
         self.steps += 1
@@ -331,8 +334,7 @@ class KFACPreconditioner:
 
     def _plain_kfac_directions(self) -> bool:
         """Whether the directions are this class's own damped KFAC inverse of each layer's
-        gradient: another fine level, or a subclass that overrides :meth:`direction`
-        (a coarse correction), gets the ``W̄`` path."""
+        gradient: another fine level, or a coarse correction, gets the ``W̄`` path."""
         return self.fine.plain and self.coarse_level is None
 
     def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> OuterApplied:
@@ -350,8 +352,7 @@ class KFACPreconditioner:
         self, layers: list[list[tuple[Tensor, Tensor]]], lrs: dict[str, float], names: list[str]
     ) -> float:
         """The KL clip's scale (:func:`clip_scale`) of the layers ``names``' (direction,
-        gradient) pairs; it decides :attr:`directions_finite` (``None``: not known), which
-        saves :class:`~twolevel_kfac.optim.kfac.KFAC` a pass over the directions."""
+        gradient) pairs; it decides :attr:`directions_finite` (``None``: not known)."""
         opts = self.options
         scale, self.directions_finite = clip_scale(
             opts.kl_clip, opts.kl_clip_form, layers, names, lrs

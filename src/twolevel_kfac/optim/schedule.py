@@ -8,14 +8,23 @@ captures statistics on the next step; from then on the layer is preconditioned. 
 that did capture, a layer with a gradient and no statistics is still an error
 (:func:`~twolevel_kfac.curvature.block_checks.check_statistics`: its forward ran under
 ``no_grad``, or its weight was used outside the module).
+
+A capturing step whose backward reached only forwards over 0 rows (an empty batch) is
+skipped in one process (:meth:`CaptureSchedule.skips_empty`); under ``torch.distributed``
+such a rank joins the step's collectives with no sample.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..curvature.kronecker import KroneckerFactors
+
+if TYPE_CHECKING:
+    from ..curvature.capture import CurvatureCapture
+    from ..distributed import Communicator
 
 __all__ = ["CaptureSchedule"]
 
@@ -59,3 +68,19 @@ class CaptureSchedule:
             self._warned.update(new)
         self.capture_next = True
         return [name for name in active if name not in unseen]
+
+    @staticmethod
+    def skips_empty(
+        capture: CurvatureCapture,
+        factors: Mapping[str, KroneckerFactors],
+        active: list[str],
+        comm: Communicator,
+    ) -> bool:
+        """Whether a capturing step over an empty batch (:attr:`~twolevel_kfac.curvature.
+        capture.CurvatureCapture.empty_batch`) is skipped: in one process, once every
+        layer with a gradient (``active``) has its factors. Its gradient, a sum over no
+        rows, is 0, and so is its direction: the step folds, refreshes, counts and writes
+        nothing, and the next forward captures. The first step has nothing to precondition
+        with: ``check_statistics`` refuses it."""
+        empty = capture.active and capture.empty_batch and not comm.distributed
+        return empty and all(factors[name].ready for name in active)

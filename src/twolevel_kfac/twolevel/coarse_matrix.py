@@ -306,11 +306,6 @@ class CoarseOperator:
             split = self._split[has_bias] = split_basis(self.basis, has_bias)
         return split
 
-    def release_parts_basis(self) -> None:
-        """Drop the split basis of :meth:`parts_basis` (a copy of the weight columns, as
-        large as the basis): at a refresh, before the new basis is built beside the old."""
-        self._split.clear()
-
     def add_into_parts(self, alpha: float, v: Parts, target: Parts) -> Parts:
         """:meth:`add_into` on vectors given as :data:`Parts` (``target``'s parts
         contiguous)."""

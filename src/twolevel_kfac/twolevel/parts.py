@@ -8,9 +8,9 @@ steps restrict from and prolong into those parts directly, with each layer's bas
 The ``W`` columns of a dense basis are a contiguous copy, as large as the basis (a GEMV
 needs a flat ``[k_i, d_out·d_in]`` matrix; on the strided view of ``W̄`` the restriction
 is 1.7× and the prolongation 1.4× slower, MNIST autoencoder, and rounds differently): the
-coarse level holds such a basis twice between refreshes, and a refresh drops the old split
-before it builds the new basis (:meth:`~twolevel_kfac.twolevel.coarse_matrix.
-CoarseOperator.release_parts_basis`). A basis kept as outer products
+coarse level holds such a basis twice between refreshes (a refresh step drops the old
+operator, and its split, before anything else: :meth:`~twolevel_kfac.optim.coarse.
+CoarseLevel.release_replaced`). A basis kept as outer products
 (:class:`~twolevel_kfac.twolevel.layer_basis.OuterVectors`, the spectral space's) splits its
 right factor only (:class:`OuterPart`): no copy, and one pass over the parts each way.
 """
