@@ -129,10 +129,11 @@ def batched_eigh(matrices: Tensor) -> tuple[Tensor, Tensor] | None:
 
 def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
     """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh`;
-    ``cholesky`` → ``(copy of the factor, empty)`` (its damped inverse is formed per damping)."""
+    ``cholesky`` → ``(the factor itself, empty)`` (its damped inverse is formed per damping;
+    the factor's next update is then out of place: :mod:`.running_average`)."""
     if method == "eigen":
         return safe_eigh(matrix)
-    return matrix.clone(), matrix.new_empty(0)
+    return matrix, matrix.new_empty(0)
 
 
 def converted_decomposition(

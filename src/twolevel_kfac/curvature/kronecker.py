@@ -36,7 +36,7 @@ from .kronecker_apply import (
     multiply_joined,
     multiply_split,
 )
-from .running_average import ema_weight, running_average
+from .running_average import ema_weight, running_average, shares_memory
 
 DampingMode = Literal["per_factor", "pi", "eigen_sum"]
 InverseMethod = Literal["eigen", "cholesky"]
@@ -107,12 +107,14 @@ class KroneckerFactors:
     _cache: tuple[Tensor | BorderedInverse, ...] = field(default=(), repr=False)
 
     def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
-        """``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)``."""
+        """``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)`` (out of place
+        where the frozen decomposition is the factor itself)."""
         self.num_updates += 1
         self.num_locations = num_locations
         rho = ema_weight(self.num_updates, ema_decay)
-        self.A = running_average(self.A, new_a, rho)
-        self.G = running_average(self.G, new_g, rho)
+        frozen = [d[0] for d in (self.decomp_a, self.decomp_g) if d is not None]
+        self.A = running_average(self.A, new_a, rho, not shares_memory(self.A, *frozen))
+        self.G = running_average(self.G, new_g, rho, not shares_memory(self.G, *frozen))
 
     @property
     def ready(self) -> bool:

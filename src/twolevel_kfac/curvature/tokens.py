@@ -46,7 +46,7 @@ from .layer_types import (
     one_hot_rows,
     register_layer_type,
 )
-from .running_average import ema_weight, running_average
+from .running_average import ema_weight, running_average, shares_memory
 
 __all__ = ["TokenFactors", "TokenStats", "table_spectral_vector"]
 
@@ -90,8 +90,10 @@ class TokenFactors(InverseOnMatrices):
         self.num_updates += 1
         self.num_locations = num_locations
         rho = ema_weight(self.num_updates, ema_decay)
-        self.a_factor = running_average(self.a_factor, new_a, rho)
-        self.frequencies = running_average(self.frequencies, new_f, rho)
+        frozen = self.frozen_frequencies, *(self.a_decomposition or ())
+        a, f = self.a_factor, self.frequencies
+        self.a_factor = running_average(a, new_a, rho, not shares_memory(a, *frozen))
+        self.frequencies = running_average(f, new_f, rho, not shares_memory(f, *frozen))
 
     @property
     def ready(self) -> bool:
@@ -114,7 +116,7 @@ class TokenFactors(InverseOnMatrices):
         assert self.a_factor is not None and self.frequencies is not None
         a, f = self.a_factor, self.frequencies
         self.a_decomposition = decompose_factor(a, method)
-        self.frozen_frequencies = f.clone()
+        self.frozen_frequencies = f  # the next update is out of place (.running_average)
         self.decomp_pi = pi_ratio(float(a.trace()), a.shape[0], float(f.sum()), f.shape[0])
         self._key = None
 
