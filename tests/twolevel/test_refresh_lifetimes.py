@@ -144,6 +144,8 @@ def test_a_refresh_step_that_raises_after_the_drop_is_retried_as_if_it_had_kept_
                     optimizer.step()
     level = opt.preconditioner.coarse_level
     assert level is not None and level.basis is None and level.fisher_stats is None
+    with pytest.raises(RuntimeError, match="run a new forward and backward"):
+        opt.step()  # a retry without a new forward has nothing to rebuild from
     saved = copy.deepcopy(opt.state_dict())
     resumed_model = copy.deepcopy(model)
     resumed = _optimizer(resumed_model, CASES[label])

@@ -82,7 +82,8 @@ def damped_product(level: CoarseLevel, v: LayerVector) -> LayerVector:
             "it is dropped once Q is built"
         )
         raise RuntimeError(
-            "F̂v needs the Fisher mini-batch, and none is kept: before the first step, or "
+            "F̂v needs the Fisher mini-batch, and none is kept: before the first step, after "
+            "a refresh step that raised (run a new forward and backward before step()), or "
             f"{kept}; CoarseOptions(diagnostics=True) keeps it"
         )
     if comm.distributed:

@@ -244,14 +244,14 @@ class KFACPreconditioner:
             reduced = reduce_statistics(
                 self.comm, stats, layer_specs(self.layers, self.factor_dtype), view
             )
-            new, stats, self.sample_counts = reduced.factors, reduced.stats, reduced.samples
-        else:
-            shared = {n: view(s) for n, s in stats.items()} if view else stats
-            new = {n: kronecker_factors_as(s, self.factor_dtype(n)) for n, s in shared.items()}
+            new: Iterable[tuple[str, tuple[Tensor, Tensor, int]]] = reduced.factors.items()
+            stats, self.sample_counts = reduced.stats, reduced.samples
+        else:  # lazily: one layer's batch factors at a time, not all beside the running ones
+            new = ((n, kronecker_factors_as(view(s) if view else s, self.factor_dtype(n)))
+                   for n, s in stats.items())  # fmt: skip
         skipped = 0
-        for name, (new_a, new_g, locations) in new.items():
-            finite = all_finite((new_a, new_g))
-            # a NaN/Inf batch never reaches the running factors
+        for name, (new_a, new_g, locations) in new:
+            finite = all_finite((new_a, new_g))  # a NaN/Inf batch never reaches the factors
             if not (finite and self.fine.store(name, new_a, new_g, locations, stats[name])):
                 skipped += 1
         self.last_stats["nonfinite_factor_updates"] = float(skipped)
