@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from test_embedding import C, D, N, T, V, TokenNet
+from test_embedding import C, D, N, T, TokenNet, V
 from twolevel_kfac.curvature.kronecker import KroneckerFactors
 from twolevel_kfac.curvature.running_average import running_average, shares_memory
 from twolevel_kfac.curvature.tokens import TokenFactors

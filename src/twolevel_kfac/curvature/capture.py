@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
-from .blocks import LayerStats, layer_stats, recorded_input
-from .calls import calls_statistics
+from .blocks import LayerStats, recorded_input
+from .captured_batch import Call, CapturedBatch
 from .forward_checks import (
     check_batch_rows,
     check_subset_rows,
@@ -324,13 +324,18 @@ class CurvatureCapture:
 
     def collect(self, loss_scale: float = 1.0) -> dict[str, LayerStats]:
         """The statistics gathered since the last call (forwards whose backward has run), in
-        ``[N, T, features]`` format; clears the buffers. The calls of one layer within one
-        forward are concatenated along ``T``, the forwards along ``N``; the empirical
-        ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s scale). Sets
-        :attr:`empty_batch`: whether the backward reached only forwards over 0 rows."""
+        ``[N, T, features]`` format: :meth:`take`'s, all formed at once."""
+        return dict(self.take(loss_scale))
+
+    def take(self, loss_scale: float = 1.0) -> CapturedBatch:
+        """The records gathered since the last call (forwards whose backward has run), each
+        layer's statistics formed when read (:class:`CapturedBatch`); clears the buffers and
+        sets :attr:`empty_batch`: whether the backward reached only forwards over 0 rows.
+        The calls of one layer within one forward are concatenated along ``T``, the forwards
+        along ``N``; the empirical ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s)."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
-        stats: dict[str, LayerStats] = {}
+        taken: dict[str, list[list[Call]]] = {}
         empty = 0
         for name in self.layers:
             records, self._records[name] = self._records[name], []
@@ -342,26 +347,15 @@ class CurvatureCapture:
             # a forward over no rows (an empty batch, a DDP rank's empty share) has no sample
             empty += bool(done)
             done = [c for c in done if c[0].inputs.numel() > 0]
-            if not done:
-                continue
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
                 self._warn_forwards(len(done))
-            # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
-            scale = loss_scale if self.fisher == "empirical" else 1.0
-            pairs = [
-                calls_statistics(
-                    name,
-                    [(r.module, r.inputs, _unscaled(r.grad, scale)) for r in c],
-                    self.dtypes.get(name),
-                )
-                for c in done
-            ]
-            # torch.cat copies even one tensor: the statistics never alias a layer's input
-            a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
-            stats[name] = layer_stats(self.layers[name], a, g)
-        self.empty_batch = bool(empty) and not stats
+            if done:
+                taken[name] = [[(r.module, r.inputs, r.grad) for r in c] for c in done]
+        self.empty_batch = bool(empty) and not taken
         self._forward, self._drawn_from = None, None
-        return stats
+        # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
+        scale = loss_scale if self.fisher == "empirical" else 1.0
+        return CapturedBatch(self.layers, taken, self.dtypes, scale)
 
     def _warn_forwards(self, forwards: int) -> None:
         """Warn (once): several forwards' empirical ``δ``, each scaled as a whole batch."""
@@ -388,8 +382,3 @@ class CurvatureCapture:
         if self._drawn_from is not None:
             self.generator.set_state(self._drawn_from)
         self._forward, self._drawn_from = None, None
-
-
-def _unscaled(grad: Tensor | None, loss_scale: float) -> Tensor | None:
-    """A captured output gradient without a ``GradScaler``'s scale."""
-    return grad if grad is None or loss_scale == 1.0 else grad / loss_scale

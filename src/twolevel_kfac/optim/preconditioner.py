@@ -29,23 +29,21 @@ from ..curvature.blocks import (
     gradient_matrix,
     gradient_parts,
     has_gradient,
-    kronecker_factors_as,
     layer_weight,
     matrix_to_parameter_shapes,
     new_factors,
-    reduce_locations,
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import find_layer_uses, find_layers
 from ..curvature.factor_inverse import HALF_DTYPES, solver_dtype
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
-from ..distributed import layer_specs, make_communicator, rank_seed, reduce_statistics, unwrap_model
-from ..finite import all_finite
+from ..distributed import make_communicator, rank_seed, unwrap_model
 from ..placement import autocast_off, move_tensors
 from .coarse import CoarseLevel
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
 from .fine import FineLevel, OuterApplied
+from .folding import fold_statistics, keeps_statistics
 from .options import (
     CoarseOptions,
     CurvatureOptions,
@@ -173,19 +171,21 @@ class KFACPreconditioner:
         if callable(opts.damping):
             self.damping = damping_at(opts.damping, self.steps)
         active = self.capture.active
-        stats = self.capture.collect(loss_scale) if active else {}
+        batch = self.capture.take(loss_scale) if active else None
         self.last_stats = {"damping": self.damping}
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
         if self.schedule.skips_empty(self.capture, self.factors, self.active, self.comm):
             self.last_stats["empty_batch"] = 1.0
             return
-        if stats and self.coarse_level is not None:  # before the factors' peak, not beside it
+        captured = [] if batch is None else batch.names
+        if captured and self.coarse_level is not None:  # before the factors' peak, not beside
             self.coarse_level.release_replaced()
         sent = self.comm.payload_bytes
-        names = [*stats, *self.active]
+        names = [*captured, *self.active]
         check_blocks(self.layers, self.factors, names, self.uses, self._checked_blocks)
-        if stats or (active and self.comm.distributed):  # every rank joins the reduction
-            stats = self._update_factors(stats)
+        stats: dict[str, LayerStats] = {}
+        if batch is not None and (captured or self.comm.distributed):  # every rank joins
+            stats = self._update_factors(batch)
         self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
         check_statistics(self.factors, self.active)
         if self.steps % opts.inv_interval == 0 or any(
@@ -193,7 +193,7 @@ class KFACPreconditioner:
         ):
             self.fine.refresh(self.damping)
             self.fine_version += 1
-        if stats:
+        if stats or captured:
             self.fine.after_refresh(stats)
             self.fine_version += 1
             if self.retain_statistics:
@@ -230,32 +230,11 @@ class KFACPreconditioner:
         (:class:`~.schedule.CaptureSchedule`)."""
         self.capture.active = self.schedule.due(self.steps)
 
-    def _update_factors(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
-        """Fold this step's statistics into the running factors.
-
-        Returns:
-            The statistics of this step's Fisher mini-batch. Under ``torch.distributed``
-            the factors are those of every rank's statistics together, and the result has
-            this rank's statistics of every layer some rank saw (empty where this one saw
-            none); ``sample_counts`` holds the global sample counts.
-        """
-        view = reduce_locations if self.options.weight_sharing == "reduce" else None
-        if self.comm.distributed:
-            reduced = reduce_statistics(
-                self.comm, stats, layer_specs(self.layers, self.factor_dtype), view
-            )
-            new: Iterable[tuple[str, tuple[Tensor, Tensor, int]]] = reduced.factors.items()
-            stats, self.sample_counts = reduced.stats, reduced.samples
-        else:  # lazily: one layer's batch factors at a time, not all beside the running ones
-            new = ((n, kronecker_factors_as(view(s) if view else s, self.factor_dtype(n)))
-                   for n, s in stats.items())  # fmt: skip
-        skipped = 0
-        for name, (new_a, new_g, locations) in new:
-            finite = all_finite((new_a, new_g))  # a NaN/Inf batch never reaches the factors
-            if not (finite and self.fine.store(name, new_a, new_g, locations, stats[name])):
-                skipped += 1
-        self.last_stats["nonfinite_factor_updates"] = float(skipped)
-        return stats
+    def _update_factors(self, stats: Iterable[tuple[str, LayerStats]]) -> dict[str, LayerStats]:
+        """Fold this step's statistics into the running factors (:func:`.folding.
+        fold_statistics`; each layer's dropped once folded where nothing reads them after:
+        :func:`.folding.keeps_statistics`). Returns the statistics kept."""
+        return fold_statistics(self, stats, keep=keeps_statistics(self))
 
     def sample_count(self, name: str, stats: LayerStats) -> int:
         """``N`` of this step's Fisher mini-batch for layer ``name`` (all ranks together)."""
@@ -263,7 +242,7 @@ class KFACPreconditioner:
 
     def fit(self, stats: dict[str, LayerStats]) -> None:
         """Fold ``stats`` and refresh, as a refreshing ``step()`` does (for the analysis)."""
-        stats = self._update_factors(stats)
+        stats = fold_statistics(self, stats.items())
         self.fine.refresh(self.damping)
         self.fine.after_refresh(stats)
         self.fine_version += 2

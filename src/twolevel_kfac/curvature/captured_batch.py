@@ -1,0 +1,80 @@
+"""One step's captured records, each layer's statistics formed only when read.
+
+A layer's statistics (``ā`` and ``δ`` in ``[N, T, features]`` format: a convolution's
+unfolded rows, cast to the factors' dtype, the forwards concatenated) are the largest
+tensors of a refresh step; formed for every layer at once they are a multiple of the
+largest (a ResNet-18 of width 16 on CIFAR-shaped batches of 64: 300 MiB for its 21 layers,
+40 MiB for the largest). :class:`CapturedBatch` forms them in layer order as it is
+iterated and drops each layer's records when it does, so a caller that folds and drops
+each layer's statistics (:func:`twolevel_kfac.optim.folding.fold_statistics`) holds one
+layer's at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import LayerStats, layer_stats
+from .calls import calls_statistics
+
+__all__ = ["Call", "CapturedBatch", "forward_statistics"]
+
+Call = tuple[nn.Module, Tensor, Tensor | None]
+"""One call of a layer in one forward: ``(module, its recorded input, its output
+gradient)`` (``None``: the call's output did not reach the loss)."""
+
+
+class CapturedBatch:
+    """The records of one step by layer (``forwards[name]``: each forward's calls),
+    iterable once as ``(name, statistics)`` in layer order.
+
+    Args:
+        layers: the blocks, by name.
+        forwards: each layer's calls, by forward, for the layers with statistics.
+        dtypes: the dtype of each block's statistics (default: as captured).
+        loss_scale: what the captured ``δ`` are divided by (a ``GradScaler``'s scale).
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        forwards: dict[str, list[list[Call]]],
+        dtypes: dict[str, torch.dtype],
+        loss_scale: float = 1.0,
+    ) -> None:
+        self.names = list(forwards)
+        self._layers, self._forwards, self._dtypes = layers, forwards, dtypes
+        self._scale = loss_scale
+
+    def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
+        while self._forwards:
+            name = next(iter(self._forwards))
+            forwards = self._forwards.pop(name)  # its records go with its statistics
+            module, dtype = self._layers[name], self._dtypes.get(name)
+            yield name, forward_statistics(name, module, forwards, dtype, self._scale)
+
+
+def forward_statistics(
+    name: str,
+    module: nn.Module,
+    forwards: list[list[Call]],
+    dtype: torch.dtype | None,
+    loss_scale: float = 1.0,
+) -> LayerStats:
+    """Layer ``name``'s statistics of its forwards' calls (:func:`~.calls.calls_statistics`
+    per forward, concatenated along ``N``), the ``δ`` divided by ``loss_scale``."""
+    pairs = [
+        calls_statistics(name, [(m, x, _unscaled(g, loss_scale)) for m, x, g in calls], dtype)
+        for calls in forwards
+    ]
+    # torch.cat copies even one tensor: the statistics never alias a layer's input
+    a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
+    return layer_stats(module, a, g)
+
+
+def _unscaled(grad: Tensor | None, loss_scale: float) -> Tensor | None:
+    """A captured output gradient without a ``GradScaler``'s scale."""
+    return grad if grad is None or loss_scale == 1.0 else grad / loss_scale
