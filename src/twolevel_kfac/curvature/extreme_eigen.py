@@ -162,12 +162,14 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
     """The pair of the subspace iteration when it is certified, else ``None`` (module
     docstring; :func:`extreme_eigenpair` then takes ``eigh``'s). Works on ``N = M`` (smallest)
     or ``N = −M`` (largest), whose smallest eigenpair it finds."""
-    wide = matrix.double()  # the factor itself when float64: not written
+    wide = matrix.to(torch.float64, copy=True)  # scaled in place: never the factor itself
     scale = _unit_scale(wide)
     if scale is None:
         return None
-    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32
-    matrix = (wide * scale).to(solver_dtype(matrix.dtype))
+    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32;
+    # one float64 copy alive at a time (the spectral refresh's peak on a wide factor)
+    matrix = wide.mul_(scale).to(solver_dtype(matrix.dtype))
+    del wide
     matrix64 = matrix.double()
     tau = tolerance(matrix64, matrix.dtype)
     close = tau / math.sqrt(matrix.shape[-1])  # the residual a vector must reach
