@@ -131,6 +131,14 @@ BETWEEN_CASES: dict[str, dict[str, Any]] = {
                                  "kept_fisher": "auto"},
 }  # fmt: skip
 KEEPS_BATCH = {"diagnostics": True}  # F̂v below needs the Fisher mini-batch kept
+# a rank with an empty local batch: MC targets; grouped convolution and GroupNorm blocks;
+# attention and LayerNorm blocks
+EMPTY_CASES: dict[str, dict[str, Any]] = {
+    "mixed": {},
+    "mixed_mc": {"fisher": "mc"},
+    "grouped": {"net": "grouped", "norm_blocks": True},
+    "transformer": {"net": "transformer", "norm_blocks": True, "combination": "adef2"},
+}
 RESUME_CASES: dict[str, tuple[type[tk.KFAC], dict[str, Any]]] = {
     "kfac": (tk.KFAC, {}),
     "residual_adef2_faithful": (
@@ -326,8 +334,9 @@ def _worker(rank: int, port: int, out: Path) -> None:
             **curvature(opt),
             "warnings": [str(w.message) for w in caught],
         }
-        _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, (BATCH, 0), rank)
-        results["empty"] = curvature(opt)
+        for name, kwargs in EMPTY_CASES.items():
+            _, opt = one_step(tk.TwoLevelKFAC, {**KEEPS_BATCH, **kwargs}, (BATCH, 0), rank)
+            results[f"empty_{name}"] = curvature(opt)
         for name, (cls, kwargs) in RESUME_CASES.items():
             results[f"resume_{name}"] = _resume(cls, {**RESUME, **kwargs}, rank, out / name)
         results["checkpoints"] = out
@@ -487,15 +496,16 @@ def test_unequal_local_batches_weight_the_curvature_by_counts(
         assert any("different Fisher mini-batch sizes" in w for w in got["warnings"])
 
 
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
 def test_a_rank_with_an_empty_local_batch_adds_no_samples(
-    runs: list[dict[str, Any]], float64: None
+    runs: list[dict[str, Any]], float64: None, case: str
 ) -> None:
     """Rank 1 holds none of the batch's rows (a refresh step over an empty local batch):
     factors, coarse matrix and ``F̂v`` are those of rank 0's rows alone, on both ranks."""
-    _, opt = one_step(tk.TwoLevelKFAC, KEEPS_BATCH, None)
+    _, opt = one_step(tk.TwoLevelKFAC, {**KEEPS_BATCH, **EMPTY_CASES[case]}, None)
     expected = curvature(opt)
     for rank in range(WORLD):
-        got = runs[rank]["empty"]
+        got = runs[rank][f"empty_{case}"]
         assert_same_curvature(got, expected)
 
 

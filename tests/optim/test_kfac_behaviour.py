@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -274,7 +275,7 @@ def test_an_empty_batch_is_a_no_op_after_the_first_step(
     empty = (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
     model = mlp()
     opt = cls(model, **settings)
-    with pytest.raises(RuntimeError, match=r"empty batch \(0 rows\)"):
+    with pytest.raises(RuntimeError, match=r"batch was empty \(0 rows\), and the first step"):
         train_step(model, opt, *empty)
     model, twin = mlp(), mlp()
     opt, twin_opt = cls(model, **settings), cls(twin, **settings)
@@ -291,6 +292,38 @@ def test_an_empty_batch_is_a_no_op_after_the_first_step(
     train_step(twin, twin_opt, *batch(seed=2))
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "loss", "kwargs"),
+    [
+        (lambda: nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)), (5,),
+         lambda o, y: F.cross_entropy(o, y), {"norm_blocks": True}),
+        (lambda: nn.Linear(5, 3), (2, 5), lambda o, y: F.cross_entropy(o.flatten(0, 1),
+         y.repeat_interleave(2)), {"class_dim": -1}),
+        (lambda: nn.Linear(5, 1), (5,), lambda o, y: F.binary_cross_entropy_with_logits(
+         o, (y[:, None] > 0).float()), {"likelihood": "bernoulli", "loss_reduction": "mean"}),
+        (lambda: nn.Linear(5, 1), (5,), lambda o, y: F.mse_loss(o, y[:, None].float()),
+         {"likelihood": "gaussian", "loss_reduction": "mean"}),
+    ],
+    ids=["layer_norm_block", "class_dim", "bernoulli_mean", "gaussian_mean"],
+)  # fmt: skip
+def test_an_empty_batch_reaches_no_hook(model: Any, shape: tuple[int, ...], loss: Any,
+                                        kwargs: dict[str, object]) -> None:  # fmt: skip
+    """The forward of an empty batch records and draws nothing (the Monte-Carlo targets of
+    a positions' or a mean-reduced likelihood, a LayerNorm block's input): the step after
+    a normal one is skipped, the parameters unchanged."""
+    torch.manual_seed(0)
+    net = model()
+    opt = tk.KFAC(net, lr=0.1, momentum=0.0, cov_interval=1, inv_interval=1, **kwargs)
+    for n in (4, 0):
+        x, y = torch.randn(n, *shape), torch.randint(0, 3, (n,))
+        before = [p.detach().clone() for p in net.parameters()]
+        opt.zero_grad()
+        loss(net(x), y).backward()
+        opt.step()
+    assert opt.last_stats.get("empty_batch") == 1.0
+    assert all(torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
 
 
 def test_preconditioner_drives_any_torch_optimizer(float64: None) -> None:

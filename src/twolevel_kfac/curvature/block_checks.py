@@ -100,7 +100,9 @@ def check_blocks(
             checked[name] = key
 
 
-def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) -> None:
+def check_statistics(
+    factors: dict[str, KroneckerFactors], active: list[str], empty_batch: bool = False
+) -> None:
     """Refuse a step on a layer that has a gradient but no statistics although this step
     captured them (a layer first used between two captures is deferred before this:
     :mod:`twolevel_kfac.optim.schedule`).
@@ -109,6 +111,11 @@ def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) ->
         RuntimeError: naming the layers, and why that happens.
     """
     missing = [name for name in active if not factors[name].ready]
+    if missing and empty_batch:
+        raise RuntimeError(
+            f"no curvature statistics for layer(s) {missing}: this step's batch was empty "
+            "(0 rows), and the first step needs a batch with rows"
+        )
     if missing:
         raise RuntimeError(
             f"no curvature statistics for layer(s) {missing}, which have gradients: "
@@ -116,5 +123,5 @@ def check_statistics(factors: dict[str, KroneckerFactors], active: list[str]) ->
             "loss.backward() before step(); layers that run under torch.no_grad() inside the "
             "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
             "False) or whose parameters are used outside their module cannot be "
-            "preconditioned; an empty batch (0 rows) has no statistics either"
+            "preconditioned"
         )

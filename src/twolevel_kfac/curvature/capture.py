@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
-from .blocks import LayerStats, recorded_input
+from .blocks import recorded_input
 from .captured_batch import Call, CapturedBatch
 from .forward_checks import (
     check_batch_rows,
@@ -131,7 +131,8 @@ class CurvatureCapture:
         self.accumulation_steps = accumulation_steps
         self.dtypes = dtypes or {}
         self.active = False
-        self.empty_batch = False  # the last collect's forwards had 0 rows
+        self.empty_batch = False  # the last take's forwards had 0 rows
+        self._empty_forward = False  # a forward over 0 rows since the last take
         self._forward: _Forward | None = None
         self._warned_forwards = False
         self._records: dict[str, list[_Record]] = {name: [] for name in layers}
@@ -195,6 +196,9 @@ class CurvatureCapture:
         if x is None or x.dim() == 0:
             raise RuntimeError("KFAC capture: the model's first argument must be a batched tensor")
         batch = int(x.shape[0])
+        if batch == 0:  # no sample: nothing recorded or drawn (an empty batch or DDP share)
+            self._empty_forward = True
+            return
         index = None
         if self._drawn_from is None:
             self._drawn_from = self.generator.get_state()
@@ -284,7 +288,7 @@ class CurvatureCapture:
         )
         pairs = zip(keys, grads, strict=True)
         reached = {name for (name, _), grad in pairs if grad is not None}
-        self._unreached |= set(forward.outputs) - reached  # judged at collect()
+        self._unreached |= set(forward.outputs) - reached  # judged at take()
         for (name, i), grad in zip(keys, grads, strict=True):
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = _rows(grad.detach(), forward)
@@ -322,11 +326,6 @@ class CurvatureCapture:
             positions,
         )
 
-    def collect(self, loss_scale: float = 1.0) -> dict[str, LayerStats]:
-        """The statistics gathered since the last call (forwards whose backward has run), in
-        ``[N, T, features]`` format: :meth:`take`'s, all formed at once."""
-        return dict(self.take(loss_scale))
-
     def take(self, loss_scale: float = 1.0) -> CapturedBatch:
         """The records gathered since the last call (forwards whose backward has run), each
         layer's statistics formed when read (:class:`CapturedBatch`); clears the buffers and
@@ -351,7 +350,8 @@ class CurvatureCapture:
                 self._warn_forwards(len(done))
             if done:
                 taken[name] = [[(r.module, r.inputs, r.grad) for r in c] for c in done]
-        self.empty_batch = bool(empty) and not taken
+        self.empty_batch = (bool(empty) or self._empty_forward) and not taken
+        self._empty_forward = False
         self._forward, self._drawn_from = None, None
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0
@@ -376,7 +376,7 @@ class CurvatureCapture:
         """Drop everything captured so far (e.g. on a skipped step), and rewind the generator
         to before the draws made for it (the rows, the MC targets): a skipped step leaves
         the draws of the steps after it as they would have been without it."""
-        self._unreached = set()
+        self._unreached, self._empty_forward = set(), False
         for name in self._records:
             self._records[name] = []
         if self._drawn_from is not None:

@@ -208,7 +208,7 @@ class GroupedStats(BlockStats):
     def sample_gradients(self) -> Tensor:
         """``∇_W̄ ℓ_n``: group ``g``'s rows are ``Σ_t δ_{n,t,g} ā_{n,t,g}ᵀ``."""
         grads = torch.einsum("ntgo,ntgi->ngoi", self.g, self.a)
-        return grads.reshape(grads.shape[0], -1, grads.shape[-1])
+        return grads.flatten(1, 2)  # [N, G·C_out/G, d_in'] (also for N = 0)
 
     def rotated_second_moments(self, vectors_a: Tensor, vectors_g: Tensor | None) -> Tensor:
         """``Σ_n (Q_Gᵀ ψ_{n,g} Q_A)²`` per group (``[G, C_out/G, d_in']``; ``Q`` stacked

@@ -137,7 +137,7 @@ def layer_type(module: nn.Module) -> LayerType | None:
 def linear_features(module: nn.Module, inputs: Tensor) -> Tensor:
     """A ``Linear``'s inputs (or output gradients) ``[N, T, d]``: the leading dimensions
     after the batch are locations."""
-    return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    return inputs.flatten(1, -2) if inputs.dim() > 2 else inputs.unsqueeze(1)
 
 
 def channel_locations(x: Tensor) -> Tensor:
@@ -190,7 +190,9 @@ def one_hot_rows(module: nn.Module, tokens: Tensor) -> Tensor:
     """An embedding's tokens as one-hot rows ``[N, T, V]`` in the table's dtype; a
     ``padding_idx`` token's row is zero (torch gives its table row no gradient)."""
     assert isinstance(module, nn.Embedding)
-    rows = F.one_hot(tokens.reshape(tokens.shape[0], -1), module.num_embeddings)
+    rows = F.one_hot(
+        tokens.reshape(tokens.shape[0], tokens.shape[1:].numel()), module.num_embeddings
+    )
     if module.padding_idx is not None:
         rows[..., module.padding_idx] = 0
     return rows.to(module.weight.dtype)

@@ -60,7 +60,7 @@ def classes_last(output: Tensor, class_dim: int | None) -> Tensor:
         return output.unsqueeze(1)
     assert class_dim is not None
     moved = output.movedim(class_dim, -1)
-    return moved.reshape(output.shape[0], -1, moved.shape[-1])
+    return moved.flatten(1, -2) if moved.dim() > 2 else moved.unsqueeze(1)
 
 
 def positions_shape(output: Tensor, class_dim: int | None) -> tuple[int, ...]:
@@ -197,7 +197,7 @@ def sampled_nll(
     target = sample_targets(output, likelihood, generator, class_dim)
     loss = summed_nll(output, target, likelihood, class_dim, mask)
     if reduction == "mean":
-        loss = loss * mean_scale(likelihood, output[0].numel(), positions)
+        loss = loss * mean_scale(likelihood, output.shape[1:].numel(), positions)
     return loss
 
 
@@ -209,7 +209,7 @@ def output_hessian(output: Tensor, likelihood: str) -> Tensor:
     categorical: ``diag(p) − p pᵀ``; bernoulli: ``diag(p(1−p))``; gaussian: ``I``.
     """
     check_output(output, likelihood)
-    flat = output.detach().reshape(output.shape[0], -1)
+    flat = output.detach().reshape(output.shape[0], output.shape[1:].numel())
     if likelihood == "categorical":
         p = torch.softmax(flat, dim=1)
         return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)

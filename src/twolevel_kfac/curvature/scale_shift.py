@@ -177,7 +177,7 @@ class ScaleShiftStats(BlockStats):
 def _layer_norm_input(module: nn.Module, x: Tensor) -> Tensor:
     assert isinstance(module, nn.LayerNorm)
     normalised = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    return normalised.reshape(x.shape[0], -1, _normalized_size(module))
+    return _locations(normalised, _normalized_size(module))
 
 
 def _normalized_size(module: nn.Module) -> int:
@@ -186,13 +186,13 @@ def _normalized_size(module: nn.Module) -> int:
 
 
 def _layer_norm_gradients(module: nn.Module, grad: Tensor) -> Tensor:
-    return grad.reshape(grad.shape[0], -1, _normalized_size(module))
+    return _locations(grad, _normalized_size(module))
 
 
 def _rms_norm_input(module: nn.Module, x: Tensor) -> Tensor:
     shape: list[int] = list(getattr(module, "normalized_shape"))  # noqa: B009
     normalised = F.rms_norm(x, shape, None, getattr(module, "eps"))  # noqa: B009
-    return normalised.reshape(x.shape[0], -1, _normalized_size(module))
+    return _locations(normalised, _normalized_size(module))
 
 
 def _batch_norm_input(module: nn.Module, x: Tensor) -> Tensor:
@@ -239,3 +239,8 @@ for _type, _record, _gradients in (
     (nn.GroupNorm, _group_norm_input, _channels_gradients),
 ):
     register_layer_type(_type, _identity, _gradients, record=_record, statistics=ScaleShiftStats)
+
+
+def _locations(tensor: Tensor, size: int) -> Tensor:
+    """``[N, T, size]``: the trailing ``size`` numbers of each location (also for ``N = 0``)."""
+    return tensor.reshape(tensor.shape[0], tensor.shape[1:].numel() // size, size)

@@ -329,7 +329,7 @@ def _features(module: nn.Module, tokens: Tensor) -> Tensor:
     assert isinstance(module, nn.Embedding)
     if module.num_embeddings <= layer_types.EMBEDDING_MAX_ROWS:
         return one_hot_rows(module, tokens)
-    return tokens.reshape(tokens.shape[0], -1, 1).to(torch.float64)
+    return tokens.reshape(tokens.shape[0], tokens.shape[1:].numel(), 1).to(torch.float64)
 
 
 register_layer_type(

@@ -83,7 +83,8 @@ def damped_product(level: CoarseLevel, v: LayerVector) -> LayerVector:
         )
         raise RuntimeError(
             "F̂v needs the Fisher mini-batch, and none is kept: before the first step, after "
-            "a refresh step that raised (run a new forward and backward before step()), or "
+            "a refresh step that raised (run a new forward and backward before step()), at "
+            "a refresh step whose batch was empty on every rank, or "
             f"{kept}; CoarseOptions(diagnostics=True) keeps it"
         )
     if comm.distributed:

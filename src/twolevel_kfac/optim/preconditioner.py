@@ -187,7 +187,7 @@ class KFACPreconditioner:
         if batch is not None and (captured or self.comm.distributed):  # every rank joins
             stats = self._update_factors(batch)
         self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
-        check_statistics(self.factors, self.active)
+        check_statistics(self.factors, self.active, self.capture.empty_batch and active)
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and not f.decomposed for f in self.factors.values()
         ):
