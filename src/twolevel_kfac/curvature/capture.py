@@ -329,28 +329,29 @@ class CurvatureCapture:
     def take(self, loss_scale: float = 1.0) -> CapturedBatch:
         """The records gathered since the last call (forwards whose backward has run), each
         layer's statistics formed when read (:class:`CapturedBatch`); clears the buffers and
-        sets :attr:`empty_batch`: whether the backward reached only forwards over 0 rows.
+        sets :attr:`empty_batch`: whether only forwards over 0 rows ran (:meth:`_root_pre_hook`).
         The calls of one layer within one forward are concatenated along ``T``, the forwards
         along ``N``; the empirical ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s)."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
         taken: dict[str, list[list[Call]]] = {}
-        empty = 0
         for name in self.layers:
             records, self._records[name] = self._records[name], []
             calls: dict[int, list[_Record]] = {}  # by forward pass
             for record in records:
                 if record.owner.backward_done:  # a forward without backward is no sample
                     calls.setdefault(id(record.owner), []).append(record)
-            done = [c for c in calls.values() if any(r.grad is not None for r in c)]
-            # a forward over no rows (an empty batch, a DDP rank's empty share) has no sample
-            empty += bool(done)
-            done = [c for c in done if c[0].inputs.numel() > 0]
+            # a call over no rows (a layer the forward sent none of its rows) has no sample
+            done = [
+                c
+                for c in calls.values()
+                if any(r.grad is not None for r in c) and c[0].inputs.numel() > 0
+            ]
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
                 self._warn_forwards(len(done))
             if done:
                 taken[name] = [[(r.module, r.inputs, r.grad) for r in c] for c in done]
-        self.empty_batch = (bool(empty) or self._empty_forward) and not taken
+        self.empty_batch = self._empty_forward and not taken
         self._empty_forward = False
         self._forward, self._drawn_from = None, None
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)

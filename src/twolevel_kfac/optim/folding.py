@@ -5,7 +5,7 @@ One layer at a time: its batch factors are formed when its turn comes and droppe
 folded, never every layer's beside the running factors. Where nothing reads the Fisher
 mini-batch's statistics after they are folded (:func:`keeps_statistics`: KFAC alone, in
 one process), the statistics themselves are formed one layer at a time too
-(:class:`~twolevel_kfac.curvature.capture.CapturedBatch`) and dropped once folded: a
+(:class:`~twolevel_kfac.curvature.captured_batch.CapturedBatch`) and dropped once folded: a
 convolution's unfolded rows are the largest tensors of a step (a ResNet-18 of width 16 on
 CIFAR-shaped batches of 64: 300 MiB for all layers, 40 MiB for the largest). Under
 ``torch.distributed`` the ranks' factor sums travel together
