@@ -243,7 +243,7 @@ def test_the_near_null_shortcut_needs_a_small_residual() -> None:
     matrix = (q * values) @ q.T
     matrix = 0.5 * (matrix + matrix.T)
     tau = tolerance(matrix, torch.float64)
-    solve = extreme_eigen._shifted_solver(matrix, tau)
+    solve = extreme_eigen._shifted_solver(extreme_eigen._shifted(matrix, tau), matrix, tau)
     assert solve is not None
     first = block
     for _ in range(extreme_eigen.CHECK_EVERY):

@@ -148,7 +148,7 @@ class _Ritz:
     vector: Tensor  # q, float64
 
 
-def _ritz(signed: Tensor, block: Tensor) -> _Ritz:
+def _ritz(signed: Tensor | _Signed, block: Tensor) -> _Ritz:
     """Rayleigh–Ritz of ``signed`` on the orthonormal ``block``."""
     image = signed @ block
     values, vectors = torch.linalg.eigh(block.T @ image)
@@ -162,25 +162,15 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
     """The pair of the subspace iteration when it is certified, else ``None`` (module
     docstring; :func:`extreme_eigenpair` then takes ``eigh``'s). Works on ``N = M`` (smallest)
     or ``N = −M`` (largest), whose smallest eigenpair it finds."""
-    wide = matrix.to(torch.float64, copy=True)  # scaled in place: never the factor itself
-    scale = _unit_scale(wide)
-    if scale is None:
+    start = _start(matrix, which == "smallest")
+    if start is None:
         return None
-    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32;
-    # one float64 copy alive at a time (the spectral refresh's peak on a wide factor)
-    matrix = wide.mul_(scale).to(solver_dtype(matrix.dtype))
-    del wide
-    matrix64 = matrix.double()
-    tau = tolerance(matrix64, matrix.dtype)
-    close = tau / math.sqrt(matrix.shape[-1])  # the residual a vector must reach
-    smallest = which == "smallest"
-    signed = matrix64 if smallest else matrix64.neg()
-    first = _shifted_solver(matrix, tau) if smallest else matrix64.__matmul__
-    if first is None:
-        return None
+    signed, scale, tau, first = start
+    dtype, side, smallest = solver_dtype(matrix.dtype), matrix.shape[-1], which == "smallest"
+    close = tau / math.sqrt(side)  # the residual a vector must reach
     generator = torch.Generator().manual_seed(_SEED)
-    block = torch.randn(matrix.shape[-1], BLOCK, generator=generator, dtype=torch.float64)
-    block = block.to(matrix.device)
+    block = torch.randn(side, BLOCK, generator=generator, dtype=torch.float64)
+    block = block.to(signed.matrix.device)
     for iteration in range(1, FIRST_ITERATIONS + 1):
         block = torch.linalg.qr(first(block))[0]
         if iteration % CHECK_EVERY:
@@ -192,16 +182,62 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
             return _pair(ritz, 1.0 / scale)  # within τ of 0 ≤ λ_min
         if ritz.residual <= close:
             break
-        if smallest and ritz.theta > tau and matrix.shape[-1] < REFINE_MIN:
+        if smallest and ritz.theta > tau and side < REFINE_MIN:
             return None  # not near-null: slow here, and eigh is cheap at this size
-    if ritz.residual > close and matrix.shape[-1] < REFINE_MIN:
+    if ritz.residual > close and side < REFINE_MIN:
         return None
     found: tuple[_Ritz, float] | None = (ritz, -math.inf)
     if ritz.residual > close:
-        found = _refine(signed, block, ritz, tau, close, matrix.dtype)
+        found = _refine(signed, block, ritz, tau, close, dtype)
     if found is None or not _certified(signed, found[0].theta, tau, found[1]):
         return None
     return _pair(found[0], (1.0 if smallest else -1.0) / scale)
+
+
+@dataclass(frozen=True)
+class _Signed:
+    """``N = ±M`` of a float64 ``M`` without a copy for the sign: negation is exact, so
+    ``N X`` and ``N + sI`` equal those of a negated copy bit for bit (the largest pair's
+    ``N = −M`` held ``M`` twice: the spectral refresh's peak on a wide factor)."""
+
+    matrix: Tensor  # M, float64
+    negated: bool
+
+    def __matmul__(self, block: Tensor) -> Tensor:
+        image = self.matrix @ block
+        return image.neg_() if self.negated else image
+
+    def shifted(self, shift: float) -> Tensor:
+        """``N + shift·I``, a new tensor."""
+        return _shift_(self.matrix.neg() if self.negated else self.matrix.clone(), shift)
+
+
+def _start(
+    matrix: Tensor, smallest: bool
+) -> tuple[_Signed, float, float, Callable[[Tensor], Tensor]] | None:
+    """What the iteration starts from: ``N = ±M`` scaled (:func:`_unit_scale`) in float64,
+    the scale, ``τ`` and the first phase's map (``(M + τI)⁻¹`` or ``M``), or ``None`` (a
+    zero or non-finite factor, or no Cholesky factor of ``M + τI``). One float64 copy alive
+    at a time, the float32 one shifted in place for its factor (the spectral refresh's
+    peak on a wide factor)."""
+    wide = matrix.to(torch.float64, copy=True)  # scaled in place: never the factor itself
+    scale = _unit_scale(wide)
+    if scale is None:
+        return None
+    dtype = solver_dtype(matrix.dtype)
+    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32
+    scaled = wide.mul_(scale).to(dtype)
+    del wide
+    matrix64 = scaled.double()  # ``scaled`` itself for a float64 factor
+    tau = tolerance(matrix64, dtype)
+    first: Callable[[Tensor], Tensor] | None = matrix64.__matmul__
+    if smallest:  # M + τI over the dtype's copy itself, unless that is the float64 one
+        shifted = _shifted(scaled, tau) if scaled is matrix64 else _shift_(scaled, tau)
+        del scaled
+        first = _shifted_solver(shifted, matrix64, tau)
+    if first is None:
+        return None
+    return _Signed(matrix64, negated=not smallest), scale, tau, first
 
 
 def _unit_scale(matrix64: Tensor) -> float | None:
@@ -219,7 +255,7 @@ def _unit_scale(matrix64: Tensor) -> float | None:
 
 
 def _refine(
-    signed: Tensor, block: Tensor, ritz: _Ritz, tau: float, close: float, dtype: torch.dtype
+    signed: _Signed, block: Tensor, ritz: _Ritz, tau: float, close: float, dtype: torch.dtype
 ) -> tuple[_Ritz, float] | None:
     """Inverse iteration with a shift ``σ`` just below the smallest eigenvalue of ``N``:
     ``σ = θ − min(‖r‖, 2‖r‖²/(θ₂ − θ)) − τ`` (Kato–Temple's bound ``λ₁ ≥ θ − ‖r‖²/(λ₂ − θ)``
@@ -233,7 +269,7 @@ def _refine(
     gap = ritz.following - ritz.theta
     margin = min(ritz.residual, 2 * ritz.residual**2 / gap) if gap > 0 else ritz.residual
     sigma = ritz.theta - margin - tau
-    factor, info = torch.linalg.cholesky_ex(_shifted(signed, -sigma).to(dtype))
+    factor, info = torch.linalg.cholesky_ex(signed.shifted(-sigma).to(dtype))
     if int(info) != 0:
         return None
     for _ in range(SECOND_ITERATIONS):
@@ -252,16 +288,24 @@ def _pair(ritz: _Ritz, sign: float) -> tuple[Tensor, Tensor]:
 
 def _shifted(matrix: Tensor, shift: float) -> Tensor:
     """``matrix + shift·I``, a new tensor."""
-    out = matrix.clone()
-    out.diagonal().add_(shift)
-    return out
+    return _shift_(matrix.clone(), shift)
 
 
-def _shifted_solver(matrix: Tensor, tau: float) -> Callable[[Tensor], Tensor] | None:
-    """``X ↦ (M + τI)⁻¹X`` by a Cholesky factor in ``matrix``'s dtype (float64 when that
-    fails), the result in float64; ``None`` when neither exists."""
-    for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
-        factor, info = torch.linalg.cholesky_ex(_shifted(matrix.to(dtype), tau))
+def _shift_(matrix: Tensor, shift: float) -> Tensor:
+    """``matrix + shift·I`` written over ``matrix``."""
+    matrix.diagonal().add_(shift)
+    return matrix
+
+
+def _shifted_solver(
+    shifted: Tensor, matrix64: Tensor, tau: float
+) -> Callable[[Tensor], Tensor] | None:
+    """``X ↦ (M + τI)⁻¹X`` by a Cholesky factor of ``shifted = M + τI`` in its dtype, else
+    of the float64 ``matrix64 + τI`` (when ``shifted`` is not float64 already), the result
+    in float64; ``None`` when neither exists."""
+    for dtype in dict.fromkeys((shifted.dtype, torch.float64)):
+        matrix = shifted if dtype == shifted.dtype else _shifted(matrix64, tau)
+        factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
             return _solver(factor)
     return None
@@ -272,10 +316,10 @@ def _solver(factor: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda block: torch.cholesky_solve(block.to(factor.dtype), factor).double()
 
 
-def _certified(signed: Tensor, theta: float, tau: float, below: float) -> bool:
+def _certified(signed: _Signed, theta: float, tau: float, below: float) -> bool:
     """Whether the smallest eigenvalue of ``N`` exceeds ``θ − τ`` (so ``θ`` is within
     ``τ`` of it): known when a factorisation at ``below ≥ θ − τ`` already succeeded, else a
     float64 Cholesky factor of ``N − (θ − τ)I`` exists."""
     if below >= theta - tau:
         return True
-    return int(torch.linalg.cholesky_ex(_shifted(signed, tau - theta))[1]) == 0
+    return int(torch.linalg.cholesky_ex(signed.shifted(tau - theta))[1]) == 0

@@ -149,7 +149,7 @@ class KroneckerFactors:
             float(self.A.trace()), self.A.shape[0], float(self.G.trace()), self.G.shape[0]
         )
         self.decomp_a, self.decomp_g = decomp_a, decomp_g
-        self._cache_key = None
+        self._forget_inverses()
 
     def convert_decomposition(self, method: str) -> bool:
         """Put the cached decompositions in ``method``'s form (a checkpoint saved under the
@@ -161,8 +161,14 @@ class KroneckerFactors:
             if converted is not None:
                 setattr(self, side, converted)
                 changed = True
-        self._cache_key = None
+        self._forget_inverses()
         return changed
+
+    def _forget_inverses(self) -> None:
+        """Drop the cached damped inverses (a refresh or another damping replaces them):
+        freed at once, they are never held beside their successors, so a refresh's peak
+        holds one set of inverses, not the old and the new of the layer being inverted."""
+        self._cache, self._cache_key = (), None
 
     def factor_shifts(self, damping: float, mode: str) -> tuple[float, float]:
         """The multiples of ``I`` a factored ``mode`` adds to ``(A, G)`` (π of the refresh)."""
@@ -197,6 +203,7 @@ class KroneckerFactors:
             return self._cache
         if self.decomp_a is None or self.decomp_g is None:
             raise RuntimeError("KroneckerFactors.decompose() must run before apply_inverse()")
+        self._forget_inverses()  # not held beside the new ones
         num_locations = self.num_locations
         if method == "eigen" and mode == "eigen_sum":
             (values_a, vectors_a), (values_g, vectors_g) = self.decomp_a, self.decomp_g
@@ -295,7 +302,7 @@ class KroneckerFactors:
         self.decomp_a = _as_pair(state["decomp_a"])
         self.decomp_g = _as_pair(state["decomp_g"])
         self.decomp_pi = float(state["decomp_pi"])  # type: ignore[arg-type]
-        self._cache_key = None
+        self._forget_inverses()
 
 
 def _right_bordered(
