@@ -1,6 +1,7 @@
 """Folding a refresh step's statistics: KFAC alone forms each layer's statistics when it
-folds them and drops them then (one layer's unfolded rows alive at a time); EKFAC, a coarse
-level and adaptive damping read them after the fold and keep them."""
+folds them and drops them then (one layer's unfolded rows alive at a time), and so does
+the default coarse level (``tests/optim/test_coarse_absorb.py``); EKFAC, the other coarse
+levels and adaptive damping read them after the fold and keep them."""
 
 from __future__ import annotations
 
@@ -58,7 +59,11 @@ def test_kfac_holds_one_layer_statistics_at_a_time() -> None:
 
 @pytest.mark.parametrize(
     ("cls", "kwargs"),
-    [(tk.EKFAC, {}), (tk.TwoLevelKFAC, {}), (tk.KFAC, {"adaptive_damping": True})],
+    [
+        (tk.EKFAC, {}),
+        (tk.TwoLevelKFAC, {"combination": "adef2"}),
+        (tk.KFAC, {"adaptive_damping": True}),
+    ],
 )
 def test_the_levels_that_read_statistics_after_the_fold_keep_them(
     cls: type[tk.KFAC], kwargs: dict[str, Any]

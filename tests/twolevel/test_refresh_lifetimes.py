@@ -95,9 +95,9 @@ def test_a_refresh_step_drops_what_it_replaces_before_it_folds_its_statistics(
     alive_when_folding: list[bool] = []
     fold = opt.preconditioner._update_factors
 
-    def watched(stats: Any) -> Any:
+    def watched(stats: Any, captured: Any) -> Any:
         alive_when_folding.append(any(ref() is not None for ref in old))
-        return fold(stats)
+        return fold(stats, captured)
 
     opt.preconditioner._update_factors = watched  # type: ignore[method-assign]
     for step, (x, y) in enumerate(_batches(5)):
@@ -127,7 +127,7 @@ def test_a_refresh_step_that_raises_after_the_drop_is_retried_as_if_it_had_kept_
     opt, kept = _optimizer(model, CASES[label]), _optimizer(twin, CASES[label])
     batches = _batches(6)
 
-    def fail(stats: Any) -> Any:
+    def fail(stats: Any, captured: Any) -> Any:
         raise RuntimeError("injected")
 
     for x, y in batches[:3]:  # steps 0 and 1, then the refresh step 2 raises

@@ -28,13 +28,13 @@ from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.layer_basis import CoarseBasis, LayerBasis, zero_rows
 from ..twolevel.vectors import LayerVector, dot
+from .coarse_absorb import AbsorbedBatch
 from .coarse_basis import residual_terms, space_basis
 from .coarse_fisher import (
+    columns_from_rows,
     damped_product,
     global_samples,
-    keeps_columns,
     new_coarse_matrix,
-    new_columns,
     shifted_coarse_matrix,
 )
 from .coarse_parts import parts_step, refreshes_on_parts, steps_on_parts
@@ -80,6 +80,7 @@ class CoarseLevel:
         self._operator: CoarseOperator | None = None
         # P = J R₀ᵀ of the kept basis on the kept rows (A-DEF2 on parts), with its operator
         self.projections: tuple[CoarseOperator, Tensor] | None = None
+        self.absorbed: AbsorbedBatch | None = None  # P's columns, taken at this refresh's fold
 
     # ------------------------------------------------------------ operators
     def minv(self, v: LayerVector) -> LayerVector:
@@ -147,11 +148,21 @@ class CoarseLevel:
         """Whether a refresh step runs on parts (:func:`.coarse_parts.refreshes_on_parts`)."""
         return refreshes_on_parts(self, stats)
 
+    def refreshing(self, stats: dict[str, LayerStats]) -> bool:
+        """Whether this step refreshes the level: its statistics are given, or their
+        products were taken as they were folded (:mod:`.coarse_absorb`)."""
+        return bool(stats) or self.absorbed is not None
+
     def _start_refresh(self, stats: dict[str, LayerStats]) -> None:
-        """Keep this step's Fisher mini-batch (rows) for the layers it covers."""
-        self._set_names([n for n in self.host.layers if n in stats])
-        self.fisher_stats = [stats[n] for n in self.names]
-        self.fisher_samples = global_samples(self)
+        """Keep this step's Fisher mini-batch (rows) for the layers it covers (or its
+        ``N`` alone, where its products were taken as it was folded)."""
+        absorbed = self.absorbed
+        if absorbed is not None:
+            self.fisher_stats, self.fisher_samples = None, absorbed.samples()
+        else:
+            self._set_names([n for n in self.host.layers if n in stats])
+            self.fisher_stats = [stats[n] for n in self.names]
+            self.fisher_samples = global_samples(self)
         self.fisher_columns, self._rows_chosen = None, False
 
     def precondition(
@@ -159,7 +170,7 @@ class CoarseLevel:
     ) -> dict[str, Tensor]:
         """The two-level direction of each layer's ``∇W̄`` (``stats``: this step's Fisher
         mini-batch, which refreshes the coarse level when not empty)."""
-        refreshed = bool(stats)
+        refreshed = self.refreshing(stats)
         if refreshed:
             self._start_refresh(stats)
         else:
@@ -201,10 +212,12 @@ class CoarseLevel:
     def _keep_fisher(self) -> None:
         """Keep of the Fisher mini-batch what the steps until the next refresh read: nothing
         (additive; every step refreshes with ``cov_interval=1``, unless the diagnostics
-        keep it for ``fhat``) or its rows (traded for ``W₀`` by :meth:`_columns_from_rows`)."""
+        keep it for ``fhat``) or its rows (traded for ``W₀``:
+        :func:`.coarse_fisher.columns_from_rows`)."""
         every_step = self.host.options.cov_interval == 1 and not self.options.diagnostics
         if not self.reads_statistics or every_step:
             self.fisher_stats = None
+        self.absorbed = None  # F_c is formed
 
     def _between_refreshes(self) -> None:
         """Before a step between refreshes: ``F_c`` follows the current ``λ`` (not in the
@@ -216,7 +229,7 @@ class CoarseLevel:
             self._operator = operator.with_matrix(self.coarse_matrix)
             if self.projections is not None and self.projections[0] is operator:
                 self.projections = (self._operator, self.projections[1])  # the same basis
-        self._columns_from_rows()
+        columns_from_rows(self)
 
     def _follow_damping(self, basis: CoarseBasis) -> bool:
         """Shift ``F_c`` to the current ``λ`` (:func:`.coarse_fisher.shifted_coarse_matrix`
@@ -226,20 +239,6 @@ class CoarseLevel:
             return False
         self.coarse_matrix, self.coarse_damping = shifted, self.host.damping
         return True
-
-    def _columns_from_rows(self) -> None:
-        """On the first step after a refresh, trade the kept rows for ``W₀ = FR₀ᵀ`` where
-        :func:`~.coarse_fisher.keeps_columns` says so (once per refresh; never with
-        ``cov_interval=1``, where no step reads it)."""
-        rows, operator = self.fisher_stats, self._operator
-        if rows is None or operator is None or self.fisher_columns is not None:
-            return
-        if self._rows_chosen or not self.columns_suffice:
-            return
-        if keeps_columns(self, operator.basis):
-            self.fisher_columns, self.fisher_stats = new_columns(self, operator.basis), None
-        else:
-            self._rows_chosen = True
 
     def _keep_active(
         self, directions: LayerVector, grads: dict[str, Tensor], outside: dict[str, Tensor]
@@ -356,6 +355,7 @@ class CoarseLevel:
         before the rebuild. A step that raises in between leaves no basis: its retry rebuilds."""
         self._drop_basis()
         self.fisher_stats, self.fisher_columns, self._rows_chosen = None, None, False
+        self.absorbed = None
 
     def _build_operator(self, refreshed: bool, minv_res: LayerVector | None) -> CoarseOperator:
         """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled

@@ -35,11 +35,13 @@ from ..twolevel.global_fisher import (
 from ..twolevel.layer_basis import CoarseBasis, layer_count, layer_width
 from ..twolevel.tselepidis import tselepidis_coarse_matrix
 from ..twolevel.vectors import LayerVector, Parts
+from .coarse_absorb import absorbed_coarse_matrix
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
 __all__ = [
+    "columns_from_rows",
     "damped_product",
     "fisher_product_parts",
     "global_samples",
@@ -107,9 +109,12 @@ def fisher_product_parts(level: CoarseLevel, v: Parts) -> LayerVector:
 
 
 def new_coarse_matrix(level: CoarseLevel, basis: CoarseBasis) -> Tensor:
-    """``F_c`` of ``basis`` on the kept Fisher mini-batch (Tselepidis' Kronecker sums for
+    """``F_c`` of ``basis`` on the kept Fisher mini-batch, or on the columns of ``P = JR₀ᵀ``
+    taken as it was folded (:mod:`.coarse_absorb`; Tselepidis' Kronecker sums for
     ``coarse_space="tselepidis"``, the rows no step may move left out of its damping)."""
     stats, n, host = level.fisher_stats, level.fisher_samples, level.host
+    if level.absorbed is not None:  # the columns of P taken as the statistics were folded
+        return absorbed_coarse_matrix(level.absorbed, basis, host.damping)
     if stats is None or n is None:
         raise RuntimeError(
             "the coarse level has no F_c and no Fisher mini-batch to form it from: a step "
@@ -188,3 +193,18 @@ def keeps_columns(level: CoarseLevel, basis: CoarseBasis) -> bool:
             return False
     size = coarse_size(basis)
     return size < rows and (columns <= products or 4 * size <= rows)
+
+
+def columns_from_rows(level: CoarseLevel) -> None:
+    """On the first step after a refresh, trade the kept rows for ``W₀ = FR₀ᵀ`` where
+    :func:`keeps_columns` says so (once per refresh; never with
+    ``cov_interval=1``, where no step reads it)."""
+    rows, operator = level.fisher_stats, level.coarse_operator
+    if rows is None or operator is None or level.fisher_columns is not None:
+        return
+    if level._rows_chosen or not level.columns_suffice:
+        return
+    if keeps_columns(level, operator.basis):
+        level.fisher_columns, level.fisher_stats = new_columns(level, operator.basis), None
+    else:
+        level._rows_chosen = True

@@ -167,7 +167,8 @@ def steps_on_parts(level: CoarseLevel) -> bool:
 def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool:
     """Whether a refresh step runs on parts: every layer with statistics and a gradient,
     and :func:`_parts_allowed` (the rows just kept, no ``W₀`` yet)."""
-    names = [n for n in level.host.layers if n in stats]
+    absorbed = level.absorbed  # (its layers, where their products were taken at the fold)
+    names = absorbed.names if absorbed else [n for n in level.host.layers if n in stats]
     return level.host.active == names and _parts_allowed(level, False)
 
 
@@ -208,7 +209,8 @@ def parts_step(
     keeps the mini-batch and rebuilds ``Q``), or ``None`` when it needs the ``W̄`` path.
     The ``Q`` a refresh replaces, with its split basis, is gone by then
     (:meth:`~.coarse.CoarseLevel.release_replaced`)."""
-    if stats:
+    refreshed = level.refreshing(stats)
+    if refreshed:
         if not level._refreshes_on_parts(stats):
             return None
         level._start_refresh(stats)
@@ -224,13 +226,13 @@ def parts_step(
         return [host._apply_fine_split(n, *part) for n, part in zip(names, parts, strict=True)]
 
     fine = None
-    if level.options.coarse_space in RESIDUAL_SPACES and (stats or level._per_step_basis):
-        fine = _residual_refresh(level, g, minv, bool(stats))
+    if level.options.coarse_space in RESIDUAL_SPACES and (refreshed or level._per_step_basis):
+        fine = _residual_refresh(level, g, minv, refreshed)
         if level.options.combination not in ("additive", "adef2"):
             fine = None  # A-DEF1 and balanced apply M⁻¹ to other vectors
-    elif stats:
+    elif refreshed:
         level._build_operator(True, None)
     directions = combine_on_parts(level, g, minv, fine)
-    if stats:
+    if refreshed:
         level._keep_fisher()
     return dict(zip(names, directions, strict=True)), grads

@@ -14,7 +14,7 @@ CIFAR-shaped batches of 64: 300 MiB for all layers, 40 MiB for the largest). Und
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch import Tensor
 from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
 from ..distributed import layer_specs, reduce_statistics
 from ..finite import all_finite
+from .coarse_absorb import absorbs_statistics
 
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
@@ -33,12 +34,17 @@ def keeps_statistics(pre: KFACPreconditioner) -> bool:
     """Whether something reads a step's statistics after they are folded: a coarse level
     (its Fisher products), a fine level other than KFAC's (EKFAC's scalings), exact Fisher
     products of adaptive damping (``retain_statistics``), or the other ranks."""
-    plain = pre.fine.plain and pre.coarse_level is None and not pre.retain_statistics
+    coarse = pre.coarse_level
+    absorbed = coarse is None or absorbs_statistics(coarse)
+    plain = pre.fine.plain and absorbed and not pre.retain_statistics
     return not plain or pre.comm.distributed
 
 
 def fold_statistics(
-    pre: KFACPreconditioner, layers: Iterable[tuple[str, LayerStats]], keep: bool = True
+    pre: KFACPreconditioner,
+    layers: Iterable[tuple[str, LayerStats]],
+    keep: bool = True,
+    consume: Callable[[str, LayerStats], None] | None = None,
 ) -> dict[str, LayerStats]:
     """Fold each layer's statistics into ``pre``'s running factors (a NaN/Inf batch never
     reaches them: counted in ``last_stats["nonfinite_factor_updates"]``).
@@ -48,6 +54,8 @@ def fold_statistics(
         layers: ``(name, statistics)`` of this step's Fisher mini-batch, in layer order;
             read once, so a lazy source forms each layer's only when it is folded.
         keep: whether to return the statistics (``False``: each is dropped once folded).
+        consume: called with each layer's name and statistics once they are folded (a
+            coarse level's products: :func:`.coarse_absorb.absorber`).
 
     Returns:
         The statistics kept (``{}`` when not ``keep``). Under ``torch.distributed`` (which
@@ -76,5 +84,7 @@ def fold_statistics(
             skipped += 1
         if keep and not pre.comm.distributed:
             kept[name] = stats
+        if consume is not None:
+            consume(name, stats)
     pre.last_stats["nonfinite_factor_updates"] = float(skipped)
     return kept

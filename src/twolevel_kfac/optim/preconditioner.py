@@ -15,7 +15,7 @@ correction when one is held (:mod:`.coarse`), the KL clip and the write into ``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
@@ -41,6 +41,7 @@ from ..curvature.layer_types import fixed_rows, is_token_table
 from ..distributed import make_communicator, rank_seed, unwrap_model
 from ..placement import autocast_off, move_tensors
 from .coarse import CoarseLevel
+from .coarse_absorb import absorber
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
 from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
@@ -185,7 +186,7 @@ class KFACPreconditioner:
         check_blocks(self.layers, self.factors, names, self.uses, self._checked_blocks)
         stats: dict[str, LayerStats] = {}
         if batch is not None and (captured or self.comm.distributed):  # every rank joins
-            stats = self._update_factors(batch)
+            stats = self._update_factors(batch, captured)
         self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
         check_statistics(self.factors, self.active, self.capture.empty_batch and active)
         if self.steps % opts.inv_interval == 0 or any(
@@ -230,11 +231,17 @@ class KFACPreconditioner:
         (:class:`~.schedule.CaptureSchedule`)."""
         self.capture.active = self.schedule.due(self.steps)
 
-    def _update_factors(self, stats: Iterable[tuple[str, LayerStats]]) -> dict[str, LayerStats]:
-        """Fold this step's statistics into the running factors (:func:`.folding.
-        fold_statistics`; each layer's dropped once folded where nothing reads them after:
-        :func:`.folding.keeps_statistics`). Returns the statistics kept."""
-        return fold_statistics(self, stats, keep=keeps_statistics(self))
+    def _update_factors(
+        self, stats: Iterable[tuple[str, LayerStats]], captured: Collection[str] = ()
+    ) -> dict[str, LayerStats]:
+        """Fold this step's statistics (of the layers ``captured``) into the running factors
+        (:func:`.folding.fold_statistics`; each layer's dropped once folded where nothing
+        reads them after: :func:`.folding.keeps_statistics`, a coarse level's products
+        taken first: :mod:`.coarse_absorb`). Returns the statistics kept."""
+        keep, coarse = keeps_statistics(self), self.coarse_level
+        # a coarse level that keeps none takes its products as they are folded
+        consume = None if keep or coarse is None else absorber(coarse, captured)
+        return fold_statistics(self, stats, keep=keep, consume=consume)
 
     def sample_count(self, name: str, stats: LayerStats) -> int:
         """``N`` of this step's Fisher mini-batch for layer ``name`` (all ranks together)."""

@@ -132,8 +132,15 @@ def exact_coarse_matrix(
         ``F_c`` of shape ``[K, K]``.
     """
     n = check_stats(stats, len(basis))
-    p = coarse_projections(stats, basis)
-    fc = p.T @ p / n
+    return projected_coarse_matrix(coarse_projections(stats, basis), n, basis, damping)
+
+
+def projected_coarse_matrix(
+    projections: Tensor, samples: int, basis: Sequence[LayerBasis], damping: float
+) -> Tensor:
+    """``F_c = (1/N) PᵀP + λ R₀R₀ᵀ`` from ``P = JR₀ᵀ`` (:func:`coarse_projections`, ``[N, K]``)
+    and ``N = samples``: :func:`exact_coarse_matrix` once ``P`` is formed."""
+    fc = projections.T @ projections / samples
     if damping != 0.0:
         fc = fc + damping * basis_gram(basis)
     return fc
