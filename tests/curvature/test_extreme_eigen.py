@@ -5,11 +5,13 @@ gives against the one built from the full eigendecompositions."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import twolevel_kfac as tk
 from test_kfac_exact import CONTRACT, one_step
@@ -445,3 +447,31 @@ def test_a_factor_whose_norm_is_below_float32s_range_is_scaled_in_float64() -> N
     for which in WHICH:
         assert certified_pair(matrix, which) is not None
         assert_certified_pair(matrix, which)
+
+
+class LargestOutputs(TorchDispatchMode):
+    """The largest float64 and float32 outputs of the ops run under it, in elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+        return out
+
+
+def test_a_near_null_float32_factor_is_never_copied_to_float64() -> None:
+    """The spectral refresh's peak: the iteration holds the factor once in float32 (its
+    scaled copy, the shifted one and its Cholesky factor), its float64 norms and products
+    taken a slice of rows at a time."""
+    n = 600  # a factor of 600 inputs from 200 samples: near-null, the shortcut path
+    matrix = wishart(n, 200, torch.float32)
+    with LargestOutputs() as seen:
+        pair = certified_pair(matrix, "smallest")
+    assert pair is not None
+    assert seen.largest[torch.float64] <= extreme_eigen.ROWS64 * n < n * n
+    assert seen.largest[torch.float32] == n * n

@@ -48,6 +48,7 @@ factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac bench extreme_pai
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -75,6 +76,7 @@ FIRST_ITERATIONS = 6  # of the first phase (shift τ, or powers of M)
 REFINE_MIN = 384  # the refinement only for factors of at least this side (else eigh)
 SECOND_ITERATIONS = 24  # of the refinement near the extreme (each ~1/20 of a factorisation)
 TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F
+ROWS64 = 256  # rows of a slice taken to float64 (norms and products without a float64 copy)
 _SEED = 0x5EC7
 
 
@@ -132,10 +134,30 @@ _FROZEN_PAIRS: dict[tuple[int, str], tuple[weakref.ref[Tensor], int, tuple[Tenso
 tensor."""
 
 
-def tolerance(matrix64: Tensor, dtype: torch.dtype) -> float:
-    """``τ = c · ε · √n · ‖M‖_F`` with ``ε`` of ``dtype`` (module docstring)."""
-    norm = float(torch.linalg.matrix_norm(matrix64))
-    return TOLERANCE * torch.finfo(dtype).eps * math.sqrt(matrix64.shape[-1]) * norm
+def tolerance(matrix: Tensor, dtype: torch.dtype) -> float:
+    """``τ = c · ε · √n · ‖M‖_F`` with ``ε`` of ``dtype`` (module docstring; the norm in
+    float64)."""
+    return TOLERANCE * torch.finfo(dtype).eps * math.sqrt(matrix.shape[-1]) * _norm64(matrix)
+
+
+def _slices(matrix: Tensor) -> list[Tensor]:
+    """``matrix``'s rows in slices of :data:`ROWS64`."""
+    return list(torch.split(matrix, ROWS64))
+
+
+def _norm64(matrix: Tensor) -> float:
+    """``‖M‖_F`` computed in float64, a slice of rows at a time (no float64 copy of ``M``)."""
+    if matrix.dtype == torch.float64:
+        return float(torch.linalg.matrix_norm(matrix))
+    squares = sum(float(torch.linalg.vector_norm(rows.double())) ** 2 for rows in _slices(matrix))
+    return math.sqrt(squares)
+
+
+def _matmul64(matrix: Tensor, block: Tensor) -> Tensor:
+    """``M X`` in float64 for a float64 ``X``, a slice of ``M``'s rows at a time."""
+    if matrix.dtype == torch.float64:
+        return matrix @ block
+    return torch.cat([rows.double() @ block for rows in _slices(matrix)])
 
 
 @dataclass(frozen=True)
@@ -196,58 +218,56 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
 
 @dataclass(frozen=True)
 class _Signed:
-    """``N = ±M`` of a float64 ``M`` without a copy for the sign: negation is exact, so
-    ``N X`` and ``N + sI`` equal those of a negated copy bit for bit (the largest pair's
-    ``N = −M`` held ``M`` twice: the spectral refresh's peak on a wide factor)."""
+    """``N = ±M`` without a copy for the sign or for float64: negation is exact, and the
+    products are formed in float64 a slice of rows at a time (:func:`_matmul64`), so the
+    iteration holds ``M`` once, in its solver dtype (the spectral refresh's peak on a wide
+    factor)."""
 
-    matrix: Tensor  # M, float64
+    matrix: Tensor  # M, in the factor's solver dtype
     negated: bool
 
     def __matmul__(self, block: Tensor) -> Tensor:
-        image = self.matrix @ block
+        image = _matmul64(self.matrix, block)
         return image.neg_() if self.negated else image
 
     def shifted(self, shift: float) -> Tensor:
-        """``N + shift·I``, a new tensor."""
-        return _shift_(self.matrix.neg() if self.negated else self.matrix.clone(), shift)
+        """``N + shift·I`` in float64, a new tensor."""
+        wide = self.matrix.to(torch.float64, copy=True)
+        return _shift_(wide.neg_() if self.negated else wide, shift)
 
 
 def _start(
     matrix: Tensor, smallest: bool
 ) -> tuple[_Signed, float, float, Callable[[Tensor], Tensor]] | None:
-    """What the iteration starts from: ``N = ±M`` scaled (:func:`_unit_scale`) in float64,
-    the scale, ``τ`` and the first phase's map (``(M + τI)⁻¹`` or ``M``), or ``None`` (a
-    zero or non-finite factor, or no Cholesky factor of ``M + τI``). One float64 copy alive
-    at a time, the float32 one shifted in place for its factor (the spectral refresh's
-    peak on a wide factor)."""
-    wide = matrix.to(torch.float64, copy=True)  # scaled in place: never the factor itself
-    scale = _unit_scale(wide)
+    """What the iteration starts from: ``N = ±M`` scaled (:func:`_unit_scale`), the scale,
+    ``τ`` and the first phase's map (``(M + τI)⁻¹`` or ``M``, in float64), or ``None`` (a
+    zero or non-finite factor, or no Cholesky factor of ``M + τI``)."""
+    scale = _unit_scale(matrix)
     if scale is None:
         return None
     dtype = solver_dtype(matrix.dtype)
-    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32
-    scaled = wide.mul_(scale).to(dtype)
-    del wide
-    matrix64 = scaled.double()  # ``scaled`` itself for a float64 factor
-    tau = tolerance(matrix64, dtype)
-    first: Callable[[Tensor], Tensor] | None = matrix64.__matmul__
-    if smallest:  # M + τI over the dtype's copy itself, unless that is the float64 one
-        shifted = _shifted(scaled, tau) if scaled is matrix64 else _shift_(scaled, tau)
-        del scaled
-        first = _shifted_solver(shifted, matrix64, tau)
+    # scaled in float64 (2^128 and up overflow float32), then a half dtype's in float32,
+    # a slice of rows at a time into the one copy
+    scaled = torch.empty(matrix.shape, dtype=dtype, device=matrix.device)
+    for rows, out in zip(_slices(matrix), _slices(scaled), strict=True):
+        out.copy_(rows.double() * scale)
+    tau = tolerance(scaled, dtype)
+    first: Callable[[Tensor], Tensor] | None = functools.partial(_matmul64, scaled)
+    if smallest:
+        first = _shifted_solver(_shifted(scaled, tau), scaled, tau)
     if first is None:
         return None
-    return _Signed(matrix64, negated=not smallest), scale, tau, first
+    return _Signed(scaled, negated=not smallest), scale, tau, first
 
 
-def _unit_scale(matrix64: Tensor) -> float | None:
+def _unit_scale(matrix: Tensor) -> float | None:
     """``2^(−e)`` with ``e`` even and ``‖M‖_F = m·2^e``, ``m ∈ [½, 2)``: ``M`` times it has a
     norm near 1, so the iteration neither underflows nor overflows (a factor of a saturated
     softmax, entries near 1e-37 in float32, made ``(M + τI)⁻¹X`` overflow). A power of two
     scales exactly, and its even exponent keeps the Cholesky factors' scale a power of two
     too: on a factor of moderate size every operation rounds as unscaled. ``None`` for a
-    zero or non-finite ``M`` (given in float64)."""
-    norm = float(torch.linalg.matrix_norm(matrix64))
+    zero or non-finite ``M`` (its norm taken in float64)."""
+    norm = _norm64(matrix)
     if norm == 0.0 or not math.isfinite(norm):
         return None
     exponent = math.frexp(norm)[1]
@@ -298,14 +318,15 @@ def _shift_(matrix: Tensor, shift: float) -> Tensor:
 
 
 def _shifted_solver(
-    shifted: Tensor, matrix64: Tensor, tau: float
+    shifted: Tensor, matrix: Tensor, tau: float
 ) -> Callable[[Tensor], Tensor] | None:
     """``X ↦ (M + τI)⁻¹X`` by a Cholesky factor of ``shifted = M + τI`` in its dtype, else
-    of the float64 ``matrix64 + τI`` (when ``shifted`` is not float64 already), the result
-    in float64; ``None`` when neither exists."""
+    of ``M + τI`` in float64 (``matrix = M``; when ``shifted`` is not float64 already), the
+    result in float64; ``None`` when neither exists."""
     for dtype in dict.fromkeys((shifted.dtype, torch.float64)):
-        matrix = shifted if dtype == shifted.dtype else _shifted(matrix64, tau)
-        factor, info = torch.linalg.cholesky_ex(matrix)
+        if dtype != shifted.dtype:
+            shifted = _shift_(matrix.to(dtype, copy=True), tau)
+        factor, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
             return _solver(factor)
     return None
