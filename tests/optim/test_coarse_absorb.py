@@ -6,7 +6,9 @@ statistics are kept until ``F_c`` is formed."""
 from __future__ import annotations
 
 import copy
+import io
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 import torch
@@ -174,3 +176,74 @@ def test_layers_that_disagree_on_the_batch_are_refused_by_name() -> None:
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(ValueError, match="disagree on the Fisher mini-batch size: \\[4, 8\\]"):
         opt.step()
+
+
+class Branchy(nn.Module):
+    """A layer used on some steps only, or on half of the batch (refused at the step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.side = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.mode = "plain"
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.mode == "half":
+            return self.b(h[: len(h) // 2])
+        return self.b(h) + (self.side(h) if self.mode == "side" else 0)
+
+
+def step(model: Branchy, opt: tk.KFAC, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    opt.zero_grad()
+    logits = model(x)
+    F.cross_entropy(logits, y[: len(logits)]).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("failure", ["disagree", "interrupted"])
+@pytest.mark.parametrize("refresh", ["consistent", "faithful"])
+def test_a_refresh_that_raises_leaves_nothing_behind(failure: str, refresh: str) -> None:
+    """A refresh step that raises after (or in) its fold: the level's layers and the faithful
+    schedule's running ``F_c`` are as before it, and a run restored in place from the last
+    checkpoint goes on as if the step had never been tried (the failed batch's products are
+    not taken for a refresh by a later step)."""
+    settings = {"lr": 0.1, "cov_interval": 2, "inv_interval": 2, "coarse_refresh": refresh}
+    model = Branchy()
+    opt = tk.TwoLevelKFAC(model, **settings)
+    for seed in range(4):  # refreshes at 0 and 2
+        step(model, opt, seed)
+    saved = io.BytesIO()
+    torch.save((model.state_dict(), opt.state_dict()), saved)
+    twin = copy.deepcopy(model)
+    twin_opt = tk.TwoLevelKFAC(twin, **settings)
+    twin_opt.load_state_dict(opt.state_dict())
+    level = opt.preconditioner.coarse_level
+    assert level is not None and level.coarse_matrix is not None
+    before = (list(level.names), level.coarse_updates, level.coarse_matrix.clone())
+    if failure == "disagree":  # a layer saw half of the batch: refused after the fold
+        model.mode = "half"
+        with pytest.raises(ValueError, match="disagree"):
+            step(model, opt, 4)
+    else:  # another layer set, interrupted in the fine level's refresh
+        model.mode = "side"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(opt.preconditioner.fine, "refresh", Mock(side_effect=KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                step(model, opt, 4)
+    assert (level.names, level.coarse_updates) == before[:2]
+    if refresh == "faithful":  # its running average survives (a consistent refresh drops
+        # what it replaces when the step begins: CoarseLevel.release_replaced)
+        assert level.coarse_matrix is not None and torch.equal(level.coarse_matrix, before[2])
+    model.mode = "plain"
+    saved.seek(0)
+    model_state, opt_state = torch.load(saved, weights_only=False)
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    for seed in range(4, 9):
+        step(model, opt, seed)
+        step(twin, twin_opt, seed)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -26,10 +26,10 @@ from ..twolevel.coarse_spaces import RESIDUAL_SPACES
 from ..twolevel.column_combinations import COLUMN_COMBINATIONS
 from ..twolevel.combinations import get_combination
 from ..twolevel.fisher_columns import FisherColumns
-from ..twolevel.layer_basis import CoarseBasis, LayerBasis, zero_rows
+from ..twolevel.layer_basis import CoarseBasis, LayerBasis
 from ..twolevel.vectors import LayerVector, dot
 from .coarse_absorb import AbsorbedBatch
-from .coarse_basis import residual_terms, space_basis
+from .coarse_basis import residual_terms, space_basis, with_fixed_rows
 from .coarse_fisher import (
     columns_from_rows,
     damped_product,
@@ -115,14 +115,9 @@ class CoarseLevel:
         return damped_product(self, v)
 
     def basis_of(self, minv_res: LayerVector | None) -> CoarseBasis:
-        """:meth:`build_basis` with the rows no step may move set to zero (an untied
-        embedding's ``padding_idx`` row: :func:`~twolevel_kfac.curvature.layer_types.
-        fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them."""
-        rows = [self.host.fixed_rows.get(name) for name in self.names]
-        return [
-            zero_rows(b, r) if r else b
-            for b, r in zip(self.build_basis(minv_res), rows, strict=True)
-        ]
+        """:meth:`build_basis` with the rows no step may move set to zero
+        (:func:`.coarse_basis.with_fixed_rows`)."""
+        return with_fixed_rows(self, self.names, self.build_basis(minv_res))
 
     def build_basis(self, minv_res: LayerVector | None) -> Sequence[LayerBasis]:
         """The coarse basis ``R₀`` of ``coarse_space``: per layer of :attr:`names` its ``k_i``
@@ -157,10 +152,10 @@ class CoarseLevel:
         """Keep this step's Fisher mini-batch (rows) for the layers it covers (or its
         ``N`` alone, where its products were taken as it was folded)."""
         absorbed = self.absorbed
+        self._set_names(absorbed.names if absorbed else [n for n in self.host.layers if n in stats])
         if absorbed is not None:
             self.fisher_stats, self.fisher_samples = None, absorbed.samples()
         else:
-            self._set_names([n for n in self.host.layers if n in stats])
             self.fisher_stats = [stats[n] for n in self.names]
             self.fisher_samples = global_samples(self)
         self.fisher_columns, self._rows_chosen = None, False

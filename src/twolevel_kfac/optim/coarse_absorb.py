@@ -30,6 +30,7 @@ from ..curvature.blocks import LayerStats
 from ..twolevel.coarse_matrix import projected_coarse_matrix
 from ..twolevel.fisher_products import DISAGREE_HINT
 from ..twolevel.layer_basis import CoarseBasis, sample_dots_layer
+from .coarse_basis import nicolaides_basis, with_fixed_rows
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -93,12 +94,15 @@ def absorbs_statistics(level: CoarseLevel) -> bool:
 
 
 def absorber(level: CoarseLevel, captured: Collection[str]) -> Callable[[str, LayerStats], None]:
-    """Start a refresh on the layers ``captured``: the level's layers and basis are set
-    (:meth:`~.coarse.CoarseLevel.basis_of`), and the consumer returned takes a folded
-    layer's columns ``P[:, i] = ⟨r_i, ∇ℓ_n⟩`` into :attr:`~.coarse.CoarseLevel.absorbed`."""
-    level._set_names([n for n in level.host.layers if n in captured])
-    absorbed = AbsorbedBatch(list(level.names), level.basis_of(None))
-    level.absorbed = absorbed
+    """Start a refresh on the layers ``captured``: their basis is formed (the one
+    :meth:`~.coarse.CoarseLevel.basis_of` builds after the fold; the level itself is left as
+    it is until then, so a step that raises in the fold changes none of its state), and
+    the consumer returned takes a folded layer's columns ``P[:, i] = ⟨r_i, ∇ℓ_n⟩`` into
+    :attr:`~.coarse.CoarseLevel.absorbed`."""
+    names = [n for n in level.host.layers if n in captured]
+    basis = with_fixed_rows(level, names, nicolaides_basis(level, names))
+    absorbed = AbsorbedBatch(names, basis)
+    level.absorbed = absorbed  # until F_c is formed, or the next step begins
     index = {name: i for i, name in enumerate(absorbed.names)}
 
     def consume(name: str, stats: LayerStats) -> None:

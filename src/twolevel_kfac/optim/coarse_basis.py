@@ -6,6 +6,7 @@ Kronecker block's ``q_G q_Aᵀ`` kept as its two factors: :mod:`twolevel_kfac.tw
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,13 +29,20 @@ from ..twolevel.layer_basis import (
     OuterVectors,
     normalized_outer,
     split_vectors,
+    zero_rows,
 )
 from ..twolevel.vectors import LayerVector, sub_into
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
-__all__ = ["residual_terms", "space_basis", "spectral_vectors"]
+__all__ = [
+    "nicolaides_basis",
+    "residual_terms",
+    "space_basis",
+    "spectral_vectors",
+    "with_fixed_rows",
+]
 
 Terms = tuple[LayerVector | None, LayerVector | None, LayerVector | None]
 
@@ -75,6 +83,27 @@ def _normalized(vector: Tensor | OuterVectors, dtype: torch.dtype) -> LayerBasis
     return normalize_inf_(vector.to(dtype).unsqueeze(0).clone())
 
 
+def nicolaides_basis(level: CoarseLevel, names: Sequence[str]) -> CoarseBasis:
+    """The Nicolaides vectors ``1·1ᵀ`` of the layers ``names`` (already normalised), in the
+    dtype and on the device of the first one's parameters: the layer shapes alone."""
+    layers = level.host.layers
+    param = block_parameters(layers[names[0]])[0]
+    shapes = [layer_shape(layers[n]) for n in names]
+    return [
+        OuterVectors(param.new_ones(1, d_out), param.new_ones(1, d_in)) for d_out, d_in in shapes
+    ]
+
+
+def with_fixed_rows(
+    level: CoarseLevel, names: Sequence[str], basis: Sequence[LayerBasis]
+) -> CoarseBasis:
+    """``basis`` of the layers ``names`` with the rows no step may move set to zero (an
+    untied embedding's ``padding_idx`` row: :func:`~twolevel_kfac.curvature.layer_types.
+    fixed_rows`), so that ``Q = R₀ᵀF_c⁻¹R₀`` never touches them."""
+    rows = [level.host.fixed_rows.get(name) for name in names]
+    return [zero_rows(b, r) if r else b for b, r in zip(basis, rows, strict=True)]
+
+
 def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis:
     """``R₀`` of ``level.options.coarse_space`` on ``level.names`` (``minv_res``: ``M⁻¹res``
     for the residual spaces)."""
@@ -85,11 +114,8 @@ def space_basis(level: CoarseLevel, minv_res: LayerVector | None) -> CoarseBasis
     if space in RESIDUAL_SPACES and minv_res is not None:
         return _residual_basis(level, minv_res)
     shapes = [layer_shape(host.layers[n]) for n in level.names]
-    if space in ("nicolaides", "tselepidis"):  # 1·1ᵀ: already normalised
-        return [
-            OuterVectors(param.new_ones(1, d_out), param.new_ones(1, d_in))
-            for d_out, d_in in shapes
-        ]
+    if space in ("nicolaides", "tselepidis"):
+        return nicolaides_basis(level, level.names)
     if space == "krylov_nicolaides":
         return [
             _krylov_nicolaides_layer(level, n, shape, param)

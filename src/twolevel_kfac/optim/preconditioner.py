@@ -172,6 +172,8 @@ class KFACPreconditioner:
         if callable(opts.damping):
             self.damping = damping_at(opts.damping, self.steps)
         active = self.capture.active
+        if self.coarse_level is not None:  # a raised step's products (this fold sets its own)
+            self.coarse_level.absorbed = None
         batch = self.capture.take(loss_scale) if active else None
         self.last_stats = {"damping": self.damping}
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
