@@ -4,7 +4,7 @@ With the Nicolaides basis, the additive combination and KFAC's own fine level in
 process (the default two-level configuration, :func:`absorbs_statistics`), a refresh reads
 the Fisher mini-batch only to form
 
-``F_c = (1/N) PᵀP + λR₀R₀ᵀ``, ``P = JR₀ᵀ`` (``[N, K]``, paper.md §2),
+``F_c = (1/N) PᵀP + λR₀R₀ᵀ``, ``P = JR₀ᵀ`` (``[N, K]``, Koroko et al. 2023, §2),
 
 and the columns of ``P`` that belong to layer ``i``, ``P[n, i] = ⟨r_i, ∇ℓ_n⟩``, read layer
 ``i``'s statistics and basis vector alone; the basis (all ones, rows no step may move set

@@ -184,7 +184,8 @@ class KFACPreconditioner:
         if captured and self.coarse_level is not None:  # before the factors' peak, not beside
             self.coarse_level.release_replaced()
         sent = self.comm.payload_bytes
-        spanned = [] if self.coarse_level is None else self.coarse_level.names  # zero g there
+        # the coarse level's layers too: it gives one without a gradient a zero one
+        spanned = [] if self.coarse_level is None else self.coarse_level.names
         names = [*captured, *self.active, *spanned]
         check_blocks(self.layers, self.factors, names, self.uses, self._checked_blocks)
         stats: dict[str, LayerStats] = {}

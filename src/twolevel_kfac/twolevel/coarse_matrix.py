@@ -118,7 +118,8 @@ def basis_gram(basis: Sequence[LayerBasis]) -> Tensor:
 def exact_coarse_matrix(
     stats: Sequence[LayerStats], basis: Sequence[LayerBasis], damping: float
 ) -> Tensor:
-    """``F_c = R₀ (F + λI) R₀ᵀ = (1/N) PᵀP + λ R₀R₀ᵀ`` with the exact Fisher (paper.md §2).
+    """``F_c = R₀ (F + λI) R₀ᵀ = (1/N) PᵀP + λ R₀R₀ᵀ`` with the exact Fisher
+    (Koroko et al. 2023, §2).
 
     For the Nicolaides basis ``λ R₀R₀ᵀ = λ·diag(numel_i)``, the authors' damping term.
 
@@ -192,7 +193,7 @@ def _jacobi_scaling(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class CoarseOperator:
-    """``Q = R₀ᵀ F_c⁻¹ R₀`` with a robust factorisation of ``F_c`` (paper.md §2).
+    """``Q = R₀ᵀ F_c⁻¹ R₀`` with a robust factorisation of ``F_c`` (Koroko et al. 2023, §2).
 
     Build it with :meth:`from_matrix`. ``F_c`` is symmetrised, upcast to float64 and
     Jacobi-scaled, ``F̃ = S F_c S`` with ``S = diag(F_c)^{-1/2}``, which makes ``Q``

@@ -1,4 +1,4 @@
-"""Coarse spaces of two-level KFAC: the rows of the restriction ``R₀`` (paper.md §2).
+"""Coarse spaces of two-level KFAC: the rows of the restriction ``R₀`` (Koroko et al. 2023, §2).
 
 The layers are the "subdomains". A coarse basis is a ``list[Tensor]`` with one
 ``[k_i, d_out_i, d_in'_i]`` tensor per layer: ``k_i`` (1 or 2) vectors supported on layer

@@ -4,7 +4,7 @@ Notation of Tang, Nabben, Vuik & Erlangga (2009), "Comparison of two-level
 preconditioners derived from deflation, domain decomposition and multigrid methods":
 ``F̂ = F + λI`` (the exact damped Fisher of the Fisher mini-batch), ``M⁻¹`` the
 block-diagonal damped KFAC inverse, ``Q = R₀ᵀ F_c⁻¹ R₀`` with ``F_c = R₀ F̂ R₀ᵀ``
-(paper.md §2). Every function takes
+(Koroko et al. 2023, §2). Every function takes
 
 * ``g``: the gradient (a layer vector),
 * ``minv``: ``v ↦ M⁻¹v``; ``coarse``: ``v ↦ Qv``; ``fhat``: ``v ↦ F̂v``,

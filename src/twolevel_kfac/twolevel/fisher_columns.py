@@ -7,7 +7,7 @@ inside ``Q = R₀ᵀF_c⁻¹R₀`` (A-DEF2, balanced). Both are products with th
     W = F̂R₀ᵀ = W₀ + λR₀ᵀ,   W₀[:, k] = FR₀ᵀ[:, k] = (1/N) Σ_n p_{n,k} ∇ℓ_n,
     p_{n,k} = ⟨r_k, ∇ℓ_n⟩
 
-(paper.md §2; ``p = J R₀ᵀ`` of :func:`~twolevel_kfac.twolevel.coarse_matrix.
+(Koroko et al. 2023, §2; ``p = J R₀ᵀ`` of :func:`~twolevel_kfac.twolevel.coarse_matrix.
 coarse_projections`), so ``F̂R₀ᵀu = W₀u + λR₀ᵀu`` and ``R₀F̂v = W₀ᵀv + λR₀v`` exactly.
 A coarse level whose basis is fixed between refreshes can keep ``W₀`` (``K`` numbers per
 parameter; the damping is added at each use, so ``λ`` is the current one, as with the

@@ -3,7 +3,7 @@
 The Fisher of a mini-batch of ``N`` samples (README: "Conventions") is
 ``F = (1/N) Σ_n vec(∇ℓ_n) vec(∇ℓ_n)ᵀ`` over *all* preconditioned layers, including the
 inter-layer blocks that KFAC drops. With ``∇_iℓ_n = Σ_t δ_{i,n,t} ā_{i,n,t}ᵀ`` (layer ``i``,
-sample ``n``, location ``t``) its product with a layer vector ``v`` is (paper.md §2)
+sample ``n``, location ``t``) its product with a layer vector ``v`` is (Koroko et al. 2023, §2)
 
     c_n = Σ_j ⟨∇_jℓ_n, v_j⟩ = Σ_j Σ_t δ_{j,n,t}ᵀ v_j ā_{j,n,t},
     (F v)_i = (1/N) Σ_n c_n ∇_iℓ_n = (1/N) Σ_{n,t} c_n δ_{i,n,t} ā_{i,n,t}ᵀ,
@@ -61,7 +61,7 @@ def check_stats(stats: Sequence[LayerStats], num_layers: int | None = None) -> i
 
 
 def sample_coefficients(stats: Sequence[LayerStats], v: LayerVector) -> Tensor:
-    """Per-sample inner products ``c_n = Σ_j ⟨∇_jℓ_n, v_j⟩`` (paper.md §2).
+    """Per-sample inner products ``c_n = Σ_j ⟨∇_jℓ_n, v_j⟩`` (Koroko et al. 2023, §2).
 
     Args:
         stats: one :class:`LayerStats` per layer (``ā`` ``[N,T,d_in']``, ``δ`` ``[N,T,d_out]``).
@@ -79,7 +79,7 @@ def sample_coefficients(stats: Sequence[LayerStats], v: LayerVector) -> Tensor:
 
 
 def fisher_vector_product(stats: Sequence[LayerStats], v: LayerVector) -> LayerVector:
-    """The exact Fisher–vector product ``(F v)_i = (1/N) Σ_n ∇_iℓ_n c_n`` (paper.md §2).
+    """The exact Fisher–vector product ``(F v)_i = (1/N) Σ_n ∇_iℓ_n c_n`` (Koroko et al. 2023, §2).
 
     Args:
         stats: one :class:`LayerStats` per layer, all with the same ``N``.
