@@ -148,11 +148,16 @@ class CoarseLevel:
         products were taken as they were folded (:mod:`.coarse_absorb`)."""
         return bool(stats) or self.absorbed is not None
 
+    def refresh_names(self, stats: dict[str, LayerStats]) -> list[str]:
+        """The layers this refresh covers, in the preconditioner's order."""
+        absorbed = self.absorbed
+        return absorbed.names if absorbed else [n for n in self.host.layers if n in stats]
+
     def _start_refresh(self, stats: dict[str, LayerStats]) -> None:
         """Keep this step's Fisher mini-batch (rows) for the layers it covers (or its
         ``N`` alone, where its products were taken as it was folded)."""
         absorbed = self.absorbed
-        self._set_names(absorbed.names if absorbed else [n for n in self.host.layers if n in stats])
+        self._set_names(self.refresh_names(stats))
         if absorbed is not None:
             self.fisher_stats, self.fisher_samples = None, absorbed.samples()
         else:
@@ -350,7 +355,6 @@ class CoarseLevel:
         before the rebuild. A step that raises in between leaves no basis: its retry rebuilds."""
         self._drop_basis()
         self.fisher_stats, self.fisher_columns, self._rows_chosen = None, None, False
-        self.absorbed = None
 
     def _build_operator(self, refreshed: bool, minv_res: LayerVector | None) -> CoarseOperator:
         """The coarse operator ``Q`` of this step, rebuilding basis / ``F_c`` as scheduled

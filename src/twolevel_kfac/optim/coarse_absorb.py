@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..curvature.blocks import LayerStats
 from ..twolevel.coarse_matrix import projected_coarse_matrix
-from ..twolevel.fisher_products import DISAGREE_HINT
+from ..twolevel.fisher_products import shared_size
 from ..twolevel.layer_basis import CoarseBasis, sample_dots_layer
 from .coarse_basis import nicolaides_basis, with_fixed_rows
 
@@ -65,12 +65,7 @@ class AbsorbedBatch:
         missing = [n for n in self.names if n not in self.columns]
         if missing:
             raise ValueError(f"layer(s) {missing} were captured but never folded")
-        sizes = set(self.sizes.values())
-        if len(sizes) != 1:
-            raise ValueError(
-                f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
-            )
-        return sizes.pop()
+        return shared_size(self.sizes.values())
 
 
 def absorbs_statistics(level: CoarseLevel) -> bool:

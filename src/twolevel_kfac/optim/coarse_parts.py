@@ -167,9 +167,7 @@ def steps_on_parts(level: CoarseLevel) -> bool:
 def refreshes_on_parts(level: CoarseLevel, stats: dict[str, LayerStats]) -> bool:
     """Whether a refresh step runs on parts: every layer with statistics and a gradient,
     and :func:`_parts_allowed` (the rows just kept, no ``W₀`` yet)."""
-    absorbed = level.absorbed  # (its layers, where their products were taken at the fold)
-    names = absorbed.names if absorbed else [n for n in level.host.layers if n in stats]
-    return level.host.active == names and _parts_allowed(level, False)
+    return level.host.active == level.refresh_names(stats) and _parts_allowed(level, False)
 
 
 def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector:

@@ -35,8 +35,8 @@ def keeps_statistics(pre: KFACPreconditioner) -> bool:
     (its Fisher products), a fine level other than KFAC's (EKFAC's scalings), exact Fisher
     products of adaptive damping (``retain_statistics``), or the other ranks."""
     coarse = pre.coarse_level
-    absorbed = coarse is None or absorbs_statistics(coarse)
-    plain = pre.fine.plain and absorbed and not pre.retain_statistics
+    coarse_keeps_none = coarse is None or absorbs_statistics(coarse)
+    plain = pre.fine.plain and coarse_keeps_none and not pre.retain_statistics
     return not plain or pre.comm.distributed
 
 

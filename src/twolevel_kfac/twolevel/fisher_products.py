@@ -15,7 +15,7 @@ of ``repeat_interleave`` — a defect we do not reproduce.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
@@ -52,12 +52,21 @@ def check_stats(stats: Sequence[LayerStats], num_layers: int | None = None) -> i
         raise ValueError("stats must hold at least one layer")
     if num_layers is not None and len(stats) != num_layers:
         raise ValueError(f"stats has {len(stats)} layers but the vector has {num_layers}")
-    sizes = {s.num_samples for s in stats}
-    if len(sizes) != 1:
+    return shared_size(s.num_samples for s in stats)
+
+
+def shared_size(sizes: Iterable[int]) -> int:
+    """The one Fisher mini-batch size ``N`` the layers report.
+
+    Raises:
+        ValueError: they disagree (:data:`DISAGREE_HINT` says why that is refused).
+    """
+    distinct = set(sizes)
+    if len(distinct) != 1:
         raise ValueError(
-            f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
+            f"layers disagree on the Fisher mini-batch size: {sorted(distinct)}" + DISAGREE_HINT
         )
-    return sizes.pop()
+    return distinct.pop()
 
 
 def sample_coefficients(stats: Sequence[LayerStats], v: LayerVector) -> Tensor:
