@@ -24,8 +24,9 @@ from twolevel_kfac.optim.folding import keeps_statistics
 from twolevel_kfac.twolevel.coarse_matrix import exact_coarse_matrix
 
 
-def test_the_default_two_level_level_holds_one_layer_statistics_at_a_time() -> None:
-    alive, opt = alive_at_each_fold(tk.TwoLevelKFAC)
+@pytest.mark.parametrize("space", ["nicolaides", "spectral"])
+def test_the_default_two_level_level_holds_one_layer_statistics_at_a_time(space: str) -> None:
+    alive, opt = alive_at_each_fold(tk.TwoLevelKFAC, coarse_space=space)
     assert alive == [0, 0, 0]
     pre = opt.preconditioner
     assert pre.coarse_level is not None and absorbs_statistics(pre.coarse_level)
@@ -53,7 +54,7 @@ class OwnBasisKFAC(tk.TwoLevelKFAC):
 @pytest.mark.parametrize(
     ("cls", "kwargs"),
     [
-        (tk.TwoLevelKFAC, {"coarse_space": "spectral"}),
+        (tk.TwoLevelKFAC, {"coarse_space": "spectral", "inverse_method": "eigen"}),
         (tk.TwoLevelKFAC, {"coarse_space": "residual"}),
         (tk.TwoLevelKFAC, {"coarse_space": "tselepidis"}),
         (tk.TwoLevelKFAC, {"combination": "adef2"}),
@@ -104,6 +105,7 @@ def run(model: nn.Module, opt: tk.KFAC, tokens: bool, steps: int) -> list[Tensor
     return matrices
 
 
+@pytest.mark.parametrize("space", ["nicolaides", "spectral"])
 @pytest.mark.parametrize("tokens", [False, True])
 @pytest.mark.parametrize(
     "settings",
@@ -115,9 +117,11 @@ def run(model: nn.Module, opt: tk.KFAC, tokens: bool, steps: int) -> list[Tensor
     ],
 )
 def test_absorbed_products_give_the_steps_of_the_kept_statistics(
-    monkeypatch: pytest.MonkeyPatch, tokens: bool, settings: dict[str, Any]
+    monkeypatch: pytest.MonkeyPatch, space: str, tokens: bool, settings: dict[str, Any]
 ) -> None:
-    extra = {"class_dim": -1} if tokens else {}
+    """Also the spectral space's, whose folds between refreshes keep the statistics
+    (``inv_interval=3``)."""
+    extra = {"class_dim": -1, "coarse_space": space} if tokens else {"coarse_space": space}
     model = padded_tokens() if tokens else conv_net()
     twin = copy.deepcopy(model)
     absorbing = tk.TwoLevelKFAC(model, lr=0.05, **settings, **extra)

@@ -1,20 +1,32 @@
 """A refresh's coarse matrix formed as its statistics are folded, layer by layer.
 
-With the Nicolaides basis, the additive combination and KFAC's own fine level in one
-process (the default two-level configuration, :func:`absorbs_statistics`), a refresh reads
-the Fisher mini-batch only to form
+With the additive combination and KFAC's own fine level in one process (the default
+two-level configuration among them, :func:`absorbs_statistics`), a refresh reads the
+Fisher mini-batch only to form
 
 ``F_c = (1/N) PᵀP + λR₀R₀ᵀ``, ``P = JR₀ᵀ`` (``[N, K]``, Koroko et al. 2023, §2),
 
 and the columns of ``P`` that belong to layer ``i``, ``P[n, i] = ⟨r_i, ∇ℓ_n⟩``, read layer
-``i``'s statistics and basis vector alone; the basis (all ones, rows no step may move set
-to zero) depends on the layer shapes alone, so it exists before the fold. The level
-therefore takes each layer's columns when :func:`~.folding.fold_statistics` folds the
-layer (:func:`absorber`), and the statistics are dropped with the layer's batch factors,
-as KFAC alone drops them: a refresh never holds every layer's statistics (their
-unfolded rows are a convolution network's largest tensors). ``F_c`` is then formed from
-the columns (:func:`absorbed_coarse_matrix`), the same numbers as from the kept
-statistics (:func:`~twolevel_kfac.twolevel.coarse_matrix.exact_coarse_matrix`), bit for bit.
+``i``'s statistics and basis vector alone. Where that vector is known once layer ``i`` is
+folded, the level takes the layer's columns when :func:`~.folding.fold_statistics` folds
+it (:func:`absorber`), and the statistics are dropped with the layer's batch factors, as
+KFAC alone drops them: a refresh never holds every layer's statistics (their unfolded
+rows are a convolution network's largest tensors). That is so for
+
+* the Nicolaides basis (all ones, rows no step may move set to zero): the layer shapes
+  alone;
+* the spectral basis at a step that refreshes the fine level with Cholesky inverses (the
+  defaults: ``cov_interval = inv_interval``, ``inverse_method="auto"``): ``q_G q_Aᵀ`` of
+  the factors the refresh freezes, which are the running ones as the layer's fold leaves
+  them (:func:`~.coarse_basis.layer_spectral_vector`); its extreme pairs are found then,
+  and the refresh's basis reads them again. Under eigendecompositions the refresh's
+  ``eigh`` would run twice, and at a fold between two refreshes the basis is the last
+  refresh's, from factors other layers' folds leave alone (a step may also refresh
+  because a layer is folded for the first time): those keep the statistics.
+
+``F_c`` is then formed from the columns (:func:`absorbed_coarse_matrix`), the same numbers
+as from the kept statistics (:func:`~twolevel_kfac.twolevel.coarse_matrix.
+exact_coarse_matrix`), bit for bit.
 """
 
 from __future__ import annotations
@@ -27,10 +39,11 @@ import torch
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats
+from ..curvature.kronecker import KroneckerFactors
 from ..twolevel.coarse_matrix import projected_coarse_matrix
 from ..twolevel.fisher_products import shared_size
 from ..twolevel.layer_basis import CoarseBasis, sample_dots_layer
-from .coarse_basis import nicolaides_basis, with_fixed_rows
+from .coarse_basis import refresh_layer_basis
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -45,13 +58,11 @@ class AbsorbedBatch:
 
     Attributes:
         names: the layers of the refresh, in the preconditioner's order.
-        basis: the basis the columns were taken with.
         columns: ``[N, k_i]`` per layer folded so far.
         sizes: ``N`` as each layer's statistics gave it.
     """
 
     names: list[str]
-    basis: CoarseBasis
     columns: dict[str, Tensor] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
 
@@ -69,15 +80,17 @@ class AbsorbedBatch:
 
 
 def absorbs_statistics(level: CoarseLevel) -> bool:
-    """Whether ``level`` takes its refresh's Fisher products as the statistics are folded
-    (module docstring): the Nicolaides basis (of :class:`~.coarse.CoarseLevel` itself, not a
-    subclass's), the additive combination with a coarse term, no diagnostics, KFAC's own
-    fine level, no exact Fisher products kept for adaptive damping, one process."""
+    """Whether ``level`` takes this step's Fisher products as the statistics are folded
+    (module docstring): the Nicolaides basis, or the spectral one where this step
+    refreshes the fine level with Cholesky inverses and every block is Kronecker-factored
+    (of :class:`~.coarse.CoarseLevel` itself, not a subclass's); the additive combination
+    with a coarse term, no diagnostics, KFAC's own fine level, no exact Fisher products
+    kept for adaptive damping, one process."""
     from .coarse import CoarseLevel
 
     options, host = level.options, level.host
     return (
-        options.coarse_space == "nicolaides"
+        _basis_known_at_fold(level)
         and type(level).build_basis is CoarseLevel.build_basis
         and options.combination == "additive"
         and options.coarse_scale != 0.0
@@ -88,20 +101,35 @@ def absorbs_statistics(level: CoarseLevel) -> bool:
     )
 
 
+def _basis_known_at_fold(level: CoarseLevel) -> bool:
+    """Whether each layer's basis vector of this step's refresh is known once the layer is
+    folded (:func:`~.coarse_basis.refresh_layer_basis`; module docstring)."""
+    space, host = level.options.coarse_space, level.host
+    if space == "nicolaides":
+        return True
+    return (
+        space == "spectral"
+        and host.options.inverse_method == "cholesky"
+        and host.steps % host.options.inv_interval == 0  # the fine level refreshes after the fold
+        and all(type(f) is KroneckerFactors for f in host.factors.values())
+    )
+
+
 def absorber(level: CoarseLevel, captured: Collection[str]) -> Callable[[str, LayerStats], None]:
-    """Start a refresh on the layers ``captured``: their basis is formed (the one
-    :meth:`~.coarse.CoarseLevel.basis_of` builds after the fold; the level itself is left as
-    it is until then, so a step that raises in the fold changes none of its state), and
-    the consumer returned takes a folded layer's columns ``P[:, i] = ⟨r_i, ∇ℓ_n⟩`` into
-    :attr:`~.coarse.CoarseLevel.absorbed`."""
+    """Start a refresh on the layers ``captured`` (the level itself is left as it is until
+    ``F_c`` is formed, so a step that raises in the fold changes none of its state): the
+    consumer returned forms a folded layer's basis vector (the one :meth:`~.coarse.
+    CoarseLevel.basis_of` builds after the fold, :func:`~.coarse_basis.refresh_layer_basis`)
+    and takes its columns ``P[:, i] = ⟨r_i, ∇ℓ_n⟩`` into :attr:`~.coarse.CoarseLevel.absorbed`."""
     names = [n for n in level.host.layers if n in captured]
-    basis = with_fixed_rows(level, names, nicolaides_basis(level, names))
-    absorbed = AbsorbedBatch(names, basis)
+    absorbed = AbsorbedBatch(names)
     level.absorbed = absorbed  # until F_c is formed, or the next step begins
-    index = {name: i for i, name in enumerate(absorbed.names)}
 
     def consume(name: str, stats: LayerStats) -> None:
-        absorbed.columns[name] = sample_dots_layer(stats, absorbed.basis[index[name]])
+        if not level.host.factors[name].ready:  # a first fold dropped as non-finite: no
+            return  # basis vector (check_statistics refuses the step if the layer moves)
+        vector = refresh_layer_basis(level, names, name)
+        absorbed.columns[name] = sample_dots_layer(stats, vector)
         absorbed.sizes[name] = stats.num_samples
 
     return consume

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..curvature.blocks import block_parameters, has_bias, layer_shape
 from ..curvature.extreme_eigen import frozen_eigenpairs
+from ..curvature.factor_inverse import decompose_factor
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_spaces import (
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
 __all__ = [
+    "layer_spectral_vector",
     "nicolaides_basis",
+    "refresh_layer_basis",
     "residual_terms",
     "space_basis",
     "spectral_vectors",
@@ -48,31 +51,59 @@ Terms = tuple[LayerVector | None, LayerVector | None, LayerVector | None]
 
 
 def spectral_vectors(level: CoarseLevel) -> list[Tensor | OuterVectors]:
-    """Per block the eigenvector of its smallest (largest) eigenvalue, from the factors
-    frozen at the last refresh (``q_G q_Aᵀ`` of a Kronecker block, as its two factors; among
-    the seen tokens for an embedding table; a block of its own gives its own
-    ``spectral_vector``): the cached eigenpairs under ``inverse_method="eigen"``, else the
-    one certified extreme pair of each factor (:func:`~twolevel_kfac.curvature.
-    extreme_eigen.frozen_eigenpairs`). Not normalised."""
+    """Per block of the level the eigenvector of its smallest (largest) eigenvalue, from
+    the factors frozen at the last refresh (:func:`layer_spectral_vector`). Not normalised."""
+    return [layer_spectral_vector(level, name) for name in level.names]
+
+
+def layer_spectral_vector(
+    level: CoarseLevel, name: str, refreshing: bool = False
+) -> Tensor | OuterVectors:
+    """Layer ``name``'s eigenvector of its block's smallest (largest) eigenvalue: ``q_G q_Aᵀ``
+    of a Kronecker block, as its two factors; among the seen tokens for an embedding table;
+    a block of its own gives its own ``spectral_vector``. From the factors frozen at the
+    last refresh: the cached eigenpairs under ``inverse_method="eigen"``, else the one
+    certified extreme pair of each factor (:func:`~twolevel_kfac.curvature.extreme_eigen.
+    frozen_eigenpairs`). ``refreshing``: of the running factors, as this step's refresh
+    under Cholesky inverses is about to freeze them (the frozen factor is the running one
+    itself, :func:`~twolevel_kfac.curvature.factor_inverse.decompose_factor`; the pair is
+    then kept for that refresh's basis). Not normalised."""
     which, host = level.options.spectral_which, level.host
-    vectors: list[Tensor | OuterVectors] = []
-    for name in level.names:
-        factors = host.factors[name]
-        if type(factors) is not KroneckerFactors:
-            vectors.append(factors.spectral_vector(which))  # type: ignore[attr-defined]
-            continue
-        assert factors.decomp_a is not None and factors.decomp_g is not None
-        vals_a, vecs_a = frozen_eigenpairs(factors.decomp_a, which)
-        if name in host.token_tables:  # G = diag(f): its eigenvectors are e_v
-            values_g, vectors_g = factors.decomp_g
-            cholesky = vectors_g.numel() == 0  # the frozen G itself
-            frequencies = values_g.diagonal() if cholesky else (vectors_g**2) @ values_g
-            vectors.append(table_spectral_vector(frequencies, vals_a, vecs_a, which))
-            continue
-        vals_g, vecs_g = frozen_eigenpairs(factors.decomp_g, which)
-        q_g, q_a = kronecker_spectral_pair(vecs_a, vals_a, vecs_g, vals_g, which)
-        vectors.append(OuterVectors(q_g.unsqueeze(0), q_a.unsqueeze(0)))
-    return vectors
+    factors = host.factors[name]
+    if type(factors) is not KroneckerFactors:
+        return factors.spectral_vector(which)  # type: ignore[attr-defined]
+    decomp_a, decomp_g = factors.decomp_a, factors.decomp_g
+    if refreshing:
+        assert factors.A is not None and factors.G is not None
+        decomp_a, decomp_g = (
+            decompose_factor(factors.A, "cholesky"),
+            decompose_factor(factors.G, "cholesky"),
+        )
+    assert decomp_a is not None and decomp_g is not None
+    vals_a, vecs_a = frozen_eigenpairs(decomp_a, which)
+    if name in host.token_tables:  # G = diag(f): its eigenvectors are e_v
+        values_g, vectors_g = decomp_g
+        cholesky = vectors_g.numel() == 0  # the frozen G itself
+        frequencies = values_g.diagonal() if cholesky else (vectors_g**2) @ values_g
+        return table_spectral_vector(frequencies, vals_a, vecs_a, which)
+    vals_g, vecs_g = frozen_eigenpairs(decomp_g, which)
+    q_g, q_a = kronecker_spectral_pair(vecs_a, vals_a, vecs_g, vals_g, which)
+    return OuterVectors(q_g.unsqueeze(0), q_a.unsqueeze(0))
+
+
+def refresh_layer_basis(level: CoarseLevel, names: Sequence[str], name: str) -> LayerBasis:
+    """Layer ``name``'s vectors of the basis a refresh on the layers ``names`` builds
+    (:func:`space_basis` with :func:`with_fixed_rows`, in the first layer's dtype and on
+    its device), formed once the layer's statistics are folded and before the fine level
+    refreshes: the Nicolaides vectors, or the spectral vector of the running factors that
+    the refresh freezes as they are (Cholesky inverses; :func:`layer_spectral_vector`)."""
+    param = block_parameters(level.host.layers[names[0]])[0]  # space_basis' dtype
+    vector: LayerBasis
+    if level.options.coarse_space == "spectral":
+        vector = _normalized(layer_spectral_vector(level, name, refreshing=True), param.dtype)
+    else:
+        vector = _ones(param, layer_shape(level.host.layers[name]))
+    return with_fixed_rows(level, [name], [vector])[0]
 
 
 def _normalized(vector: Tensor | OuterVectors, dtype: torch.dtype) -> LayerBasis:
@@ -88,10 +119,13 @@ def nicolaides_basis(level: CoarseLevel, names: Sequence[str]) -> CoarseBasis:
     dtype and on the device of the first one's parameters: the layer shapes alone."""
     layers = level.host.layers
     param = block_parameters(layers[names[0]])[0]
-    shapes = [layer_shape(layers[n]) for n in names]
-    return [
-        OuterVectors(param.new_ones(1, d_out), param.new_ones(1, d_in)) for d_out, d_in in shapes
-    ]
+    return [_ones(param, layer_shape(layers[n])) for n in names]
+
+
+def _ones(param: Tensor, shape: tuple[int, int]) -> OuterVectors:
+    """The Nicolaides vector ``1·1ᵀ`` of a ``(d_out, d_in)`` block, like ``param``."""
+    d_out, d_in = shape
+    return OuterVectors(param.new_ones(1, d_out), param.new_ones(1, d_in))
 
 
 def with_fixed_rows(
