@@ -513,6 +513,20 @@ def test_zero_and_non_finite_vectors_are_zeroed() -> None:
         assert torch.equal(out[k], torch.zeros(2, 2, dtype=DT))
     assert float(out[1, 0, 1]) == -1.0 and float(out[1, 1, 0]) == 0.5
     assert cs.normalize_inf_(v) is v and torch.equal(v, out)
+    w = torch.zeros(1, 2, 3, dtype=DT)
+    w[0, 1, 2], w[0, 0, 0] = -float("inf"), 1.0
+    assert torch.equal(cs.normalize_inf(w), torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_normalize_inf_divides_by_the_inf_norm_bit_for_bit(seed: int) -> None:
+    """The peaks from ``amax``/``amin`` are ``vector_norm(ord=inf)``'s, the negative
+    entries' included (the result is the division by them, not an approximation)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(3, 5, 7, generator=gen, dtype=DT)
+    v[1] -= 10.0  # its peak is a negative entry
+    peak = torch.linalg.vector_norm(v, ord=float("inf"), dim=(1, 2), keepdim=True)
+    assert torch.equal(cs.normalize_inf(v), v * peak.reciprocal())
 
 
 def test_vectors_helpers() -> None:

@@ -15,7 +15,6 @@ one call on a layer vector applies every ``M_i⁻¹`` to its own layer at once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Literal, get_args
 
@@ -51,10 +50,15 @@ def normalize_inf(vectors: Tensor) -> Tensor:
 
 
 def normalize_inf_(vectors: Tensor) -> Tensor:
-    """:func:`normalize_inf` in place: one read for the peaks and one scaling pass (the
-    out-of-place form with ``abs``, ``where`` and ``zeros_like`` made six full-size passes,
-    6 ms per step of the faithful residual schedule on the MNIST autoencoder)."""
-    peak = torch.linalg.vector_norm(vectors, ord=math.inf, dim=(1, 2), keepdim=True)
+    """:func:`normalize_inf` in place: the peaks from ``max(amax, −amin)`` (two reads, no
+    temporary; the same numbers as ``vector_norm(ord=inf)``, which took 13× as long: 1.0
+    against 0.08 ms on a 1000 × 785 layer, 3.6 ms per step of the faithful residual schedule
+    on the MNIST autoencoder) and one scaling pass (the out-of-place form with ``abs``,
+    ``where`` and ``zeros_like`` made six full-size passes)."""
+    dims = (1, 2)
+    peak = torch.maximum(
+        vectors.amax(dim=dims, keepdim=True), vectors.amin(dim=dims, keepdim=True).neg_()
+    )  # NaN where an entry is NaN (both propagate it)
     ok = torch.isfinite(peak) & (peak > 0)
     vectors.mul_(torch.where(ok, peak, torch.ones_like(peak)).reciprocal())
     if not bool(ok.all()):
