@@ -184,14 +184,23 @@ def step(model: Branchy, opt: tk.KFAC, seed: int) -> None:
     opt.step()
 
 
+@pytest.mark.parametrize("space", ["nicolaides", "spectral"])
 @pytest.mark.parametrize("failure", ["disagree", "interrupted"])
 @pytest.mark.parametrize("refresh", ["consistent", "faithful"])
-def test_a_refresh_that_raises_leaves_nothing_behind(failure: str, refresh: str) -> None:
+def test_a_refresh_that_raises_leaves_nothing_behind(
+    failure: str, refresh: str, space: str
+) -> None:
     """A refresh step that raises after (or in) its fold: the level's layers and the faithful
     schedule's running ``F_c`` are as before it, and a run restored in place from the last
     checkpoint goes on as if the step had never been tried (the failed batch's products are
     not taken for a refresh by a later step)."""
-    settings = {"lr": 0.1, "cov_interval": 2, "inv_interval": 2, "coarse_refresh": refresh}
+    settings = {
+        "lr": 0.1,
+        "cov_interval": 2,
+        "inv_interval": 2,
+        "coarse_refresh": refresh,
+        "coarse_space": space,
+    }
     model = Branchy()
     opt = tk.TwoLevelKFAC(model, **settings)
     for seed in range(4):  # refreshes at 0 and 2
@@ -236,3 +245,26 @@ def test_layers_that_disagree_on_the_batch_are_refused_by_name() -> None:
     model.mode = "half"  # its second layer sees half of the batch
     with pytest.raises(ValueError, match="disagree on the Fisher mini-batch size: \\[4, 8\\]"):
         step(model, opt, 0)
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "spectral"])
+def test_a_layer_used_on_some_steps_gets_the_steps_of_the_kept_statistics(
+    monkeypatch: pytest.MonkeyPatch, space: str
+) -> None:
+    """A side layer that joins and leaves (the refresh's layers change with it): the
+    absorbed refreshes step as the kept statistics do, bit for bit."""
+    settings = {"lr": 0.1, "cov_interval": 2, "inv_interval": 2, "coarse_space": space}
+    model = Branchy()
+    twin = copy.deepcopy(model)
+    absorbing, kept = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
+    modes = ["plain", "plain", "side", "side", "side", "plain", "plain", "side", "side"]
+    for seed, mode in enumerate(modes):
+        model.mode = twin.mode = mode
+        step(model, absorbing, seed)
+        with monkeypatch.context() as patch:
+            patch.setattr(folding, "absorbs_statistics", lambda level: False)
+            step(twin, kept, seed)
+    level = absorbing.preconditioner.coarse_level
+    assert level is not None and level.names == ["a", "b", "side"]
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
