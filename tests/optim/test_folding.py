@@ -75,3 +75,62 @@ def test_the_levels_that_read_statistics_after_the_fold_keep_them(
     alive, opt = alive_at_each_fold(cls, **kwargs)
     assert alive == [0, 1, 2]
     assert keeps_statistics(opt.preconditioner)
+
+
+def train(model: nn.Module, opt: tk.KFAC, steps: int) -> None:
+    for seed in range(steps):
+        x, y = batch(seed)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("inverse_method", ["cholesky", "eigen"])
+def test_a_refresh_step_decomposes_each_layer_as_it_is_folded(inverse_method: str) -> None:
+    """At a refresh step each layer is decomposed right after its fold, so its old frozen
+    factor is freed before the next layer is folded, and the refresh decomposes nothing
+    again (one decomposition per factor and refresh)."""
+    model = conv_net()
+    opt = tk.KFAC(model, cov_interval=2, inv_interval=2, inverse_method=inverse_method)
+    train(model, opt, 2)  # refreshed at step 0
+    pre = opt.preconditioner
+    fine, names = pre.fine, list(pre.layers)
+    assert fine.decomposes_at_fold()  # step 2 refreshes
+    old = [weakref.ref(pre.factors[n].decomp_a[0]) for n in names]
+    store, freed = fine.store, []
+
+    def watched(name: str, *args: Any) -> bool:
+        stored = store(name, *args)
+        freed.append([ref() is None for ref in old])
+        return stored
+
+    calls: list[str] = []
+    for name, factors in pre.factors.items():
+        decompose = factors.decompose
+        factors.decompose = lambda method, n=name, d=decompose: (calls.append(n), d(method))[1]  # type: ignore[method-assign]
+    fine.store = watched  # type: ignore[method-assign]
+    train(model, opt, 1)
+    assert freed == [[True, False, False], [True, True, False], [True, True, True]]
+    assert calls == names  # once each, at the fold: the refresh left them alone
+    assert not fine.decomposes_at_fold()  # step 3 folds nothing
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"cov_interval": 2, "inv_interval": 2},
+        {"cov_interval": 1, "inv_interval": 3},
+        {"inverse_method": "eigen", "cov_interval": 2, "inv_interval": 2},
+    ],
+)
+def test_decomposing_at_the_fold_gives_the_steps_of_the_refresh(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any]
+) -> None:
+    model = conv_net()
+    twin = conv_net()
+    opt, other = tk.KFAC(model, **settings), tk.KFAC(twin, **settings)
+    train(model, opt, 7)
+    monkeypatch.setattr(type(other.preconditioner.fine), "decomposes_at_fold", lambda self: False)
+    train(twin, other, 7)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -15,14 +15,12 @@ rows are a convolution network's largest tensors). That is so for
 
 * the Nicolaides basis (all ones, rows no step may move set to zero): the layer shapes
   alone;
-* the spectral basis at a step that refreshes the fine level with Cholesky inverses (the
-  defaults: ``cov_interval = inv_interval``, ``inverse_method="auto"``): ``q_G q_Aᵀ`` of
-  the factors the refresh freezes, which are the running ones as the layer's fold leaves
-  them (:func:`~.coarse_basis.layer_spectral_vector`); its extreme pairs are found then,
-  and the refresh's basis reads them again. Under eigendecompositions the refresh's
-  ``eigh`` would run twice, and at a fold between two refreshes the basis is the last
-  refresh's, from factors other layers' folds leave alone (a step may also refresh
-  because a layer is folded for the first time): those keep the statistics.
+* the spectral basis at a step that refreshes the fine level, which then decomposes each
+  layer as soon as it is folded (:meth:`~.fine.FineLevel.decomposes_at_fold`; every
+  refresh step at the defaults, ``cov_interval = inv_interval``): ``q_G q_Aᵀ`` of that
+  decomposition (:func:`~.coarse_basis.layer_spectral_vector`; its extreme pairs under
+  Cholesky inverses are found then, and the refresh's basis reads them again). At a fold
+  between two refreshes (``cov_interval < inv_interval``) the statistics are kept.
 
 ``F_c`` is then formed from the columns (:func:`absorbed_coarse_matrix`), the same numbers
 as from the kept statistics (:func:`~twolevel_kfac.twolevel.coarse_matrix.
@@ -82,7 +80,7 @@ class AbsorbedBatch:
 def absorbs_statistics(level: CoarseLevel) -> bool:
     """Whether ``level`` takes this step's Fisher products as the statistics are folded
     (module docstring): the Nicolaides basis, or the spectral one where this step
-    refreshes the fine level with Cholesky inverses and every block is Kronecker-factored
+    decomposes at the fold and every block is Kronecker-factored
     (of :class:`~.coarse.CoarseLevel` itself, not a subclass's); the additive combination
     with a coarse term, no diagnostics, KFAC's own fine level, no exact Fisher products
     kept for adaptive damping, one process."""
@@ -109,8 +107,7 @@ def _basis_known_at_fold(level: CoarseLevel) -> bool:
         return True
     return (
         space == "spectral"
-        and host.options.inverse_method == "cholesky"
-        and host.steps % host.options.inv_interval == 0  # the fine level refreshes after the fold
+        and host.fine.decomposes_at_fold()
         and all(type(f) is KroneckerFactors for f in host.factors.values())
     )
 

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from ..curvature.blocks import block_parameters, has_bias, layer_shape
 from ..curvature.extreme_eigen import frozen_eigenpairs
-from ..curvature.factor_inverse import decompose_factor
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.tokens import table_spectral_vector
 from ..twolevel.coarse_spaces import (
@@ -56,29 +55,18 @@ def spectral_vectors(level: CoarseLevel) -> list[Tensor | OuterVectors]:
     return [layer_spectral_vector(level, name) for name in level.names]
 
 
-def layer_spectral_vector(
-    level: CoarseLevel, name: str, refreshing: bool = False
-) -> Tensor | OuterVectors:
+def layer_spectral_vector(level: CoarseLevel, name: str) -> Tensor | OuterVectors:
     """Layer ``name``'s eigenvector of its block's smallest (largest) eigenvalue: ``q_G q_Aᵀ``
     of a Kronecker block, as its two factors; among the seen tokens for an embedding table;
     a block of its own gives its own ``spectral_vector``. From the factors frozen at the
     last refresh: the cached eigenpairs under ``inverse_method="eigen"``, else the one
     certified extreme pair of each factor (:func:`~twolevel_kfac.curvature.extreme_eigen.
-    frozen_eigenpairs`). ``refreshing``: of the running factors, as this step's refresh
-    under Cholesky inverses is about to freeze them (the frozen factor is the running one
-    itself, :func:`~twolevel_kfac.curvature.factor_inverse.decompose_factor`; the pair is
-    then kept for that refresh's basis). Not normalised."""
+    frozen_eigenpairs`, kept for the refresh's basis). Not normalised."""
     which, host = level.options.spectral_which, level.host
     factors = host.factors[name]
     if type(factors) is not KroneckerFactors:
         return factors.spectral_vector(which)  # type: ignore[attr-defined]
     decomp_a, decomp_g = factors.decomp_a, factors.decomp_g
-    if refreshing:
-        assert factors.A is not None and factors.G is not None
-        decomp_a, decomp_g = (
-            decompose_factor(factors.A, "cholesky"),
-            decompose_factor(factors.G, "cholesky"),
-        )
     assert decomp_a is not None and decomp_g is not None
     vals_a, vecs_a = frozen_eigenpairs(decomp_a, which)
     if name in host.token_tables:  # G = diag(f): its eigenvectors are e_v
@@ -95,12 +83,15 @@ def refresh_layer_basis(level: CoarseLevel, names: Sequence[str], name: str) -> 
     """Layer ``name``'s vectors of the basis a refresh on the layers ``names`` builds
     (:func:`space_basis` with :func:`with_fixed_rows`, in the first layer's dtype and on
     its device), formed once the layer's statistics are folded and before the fine level
-    refreshes: the Nicolaides vectors, or the spectral vector of the running factors that
-    the refresh freezes as they are (Cholesky inverses; :func:`layer_spectral_vector`)."""
+    refreshes: the Nicolaides vectors, or the spectral vector of the decomposition the
+    refresh installs, installed now (:meth:`~.fine.FineLevel.refresh_layer`: where this
+    step decomposes at the fold, the layer's fold did; also where it was dropped as
+    non-finite, so the factors folded since the last refresh count)."""
     param = block_parameters(level.host.layers[names[0]])[0]  # space_basis' dtype
     vector: LayerBasis
     if level.options.coarse_space == "spectral":
-        vector = _normalized(layer_spectral_vector(level, name, refreshing=True), param.dtype)
+        level.host.fine.refresh_layer(name)
+        vector = _normalized(layer_spectral_vector(level, name), param.dtype)
     else:
         vector = _ones(param, layer_shape(level.host.layers[name]))
     return with_fixed_rows(level, [name], [vector])[0]

@@ -87,6 +87,9 @@ class FineLevel:
         # weakly: the preconditioner holds its levels, so a dropped optimizer is freed at
         # once (with its hooks) instead of waiting for the cycle collector
         self.host: FineContext = cast("FineContext", weakref.proxy(host))
+        # the factors (A, its version, G, its version) each layer was decomposed of at
+        # this step's fold (refresh_layer), which the refresh then leaves alone
+        self._at_fold: dict[str, tuple[Tensor, int, Tensor, int]] = {}
 
     @property
     def plain(self) -> bool:
@@ -102,13 +105,57 @@ class FineLevel:
         Returns:
             Whether the update was stored (``False``: it was not finite and was dropped).
         """
-        self.host.factors[name].update(new_a, new_g, self.host.options.ema_decay, locations)
+        factors = self.host.factors[name]
+        factors.update(new_a, new_g, self.host.options.ema_decay, locations)
+        if type(factors) is KroneckerFactors and self.decomposes_at_fold():
+            self.refresh_layer(name)
         return True
 
+    def decomposes_at_fold(self) -> bool:
+        """Whether this step decomposes each Kronecker layer's factors as soon as its fold
+        has updated them (:meth:`refresh_layer`) instead of all at the refresh: KFAC's own
+        fine level in one process, at a step that refreshes (``steps % inv_interval ==
+        0``). The same decompositions; a layer's old frozen factors and their damped
+        inverses are then dropped at once, not held beside every other layer's new
+        factors until the fold ends (the peak of a refresh step)."""
+        host = self.host
+        return (
+            self.plain and not host.comm.distributed and host.steps % host.options.inv_interval == 0
+        )
+
+    def refresh_layer(self, name: str) -> None:
+        """Decompose layer ``name``'s (ready, Kronecker) factors now, as this step's
+        :meth:`refresh` would; it leaves them alone then (nothing is done twice while the
+        factors stay the tensors decomposed, unwritten)."""
+        factors = self.host.factors[name]
+        if self._decomposed_at_fold(name, factors):
+            return
+        factors.decompose(self.host.options.inverse_method)
+        assert factors.A is not None and factors.G is not None
+        self._at_fold[name] = (factors.A, factors.A._version, factors.G, factors.G._version)
+
+    def _decomposed_at_fold(self, name: str, factors: KroneckerFactors) -> bool:
+        """Whether :meth:`refresh_layer` decomposed these very factors (same tensors and
+        versions: a later fold, or a loaded state, replaces or writes them)."""
+        held = self._at_fold.get(name)
+        return (
+            held is not None
+            and held[0] is factors.A
+            and held[1] == held[0]._version
+            and held[2] is factors.G
+            and held[3] == held[2]._version
+        )
+
     def refresh(self, damping: float) -> None:
-        """Decompose every layer's running factors (shared across the ranks as configured)."""
+        """Decompose every layer's running factors (shared across the ranks as configured),
+        but those :meth:`refresh_layer` decomposed at this step's fold."""
         host, opts = self.host, self.host.options
-        ready = {name: f for name, f in host.factors.items() if f.ready}
+        ready = {
+            name: f
+            for name, f in host.factors.items()
+            if f.ready and not self._decomposed_at_fold(name, f)
+        }
+        self._at_fold.clear()
         if host.comm.distributed and opts.distributed_inverses == "split":
             # blocks of their own (norms, grouped convolutions) are decomposed by every rank
             kronecker = {n: f for n, f in ready.items() if type(f) is KroneckerFactors}

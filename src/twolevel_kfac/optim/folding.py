@@ -82,6 +82,7 @@ def fold_statistics(
         finite = all_finite((new_a, new_g))
         if not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
             skipped += 1
+        del new_a, new_g  # folded: not held beside what ``consume`` forms
         if keep and not pre.comm.distributed:
             kept[name] = stats
         if consume is not None:
