@@ -221,7 +221,9 @@ def test_a_refresh_that_raises_leaves_nothing_behind(
     torch.save((model.state_dict(), opt.state_dict()), saved)
     twin = copy.deepcopy(model)
     twin_opt = tk.TwoLevelKFAC(twin, **settings)
-    twin_opt.load_state_dict(opt.state_dict())
+    # a copy: like torch.optim's, a state dict holds the optimizer's own tensors, which
+    # a step may write in place (the momentum, and a refresh's factors)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     level = opt.preconditioner.coarse_level
     assert level is not None and level.coarse_matrix is not None
     before = (list(level.names), level.coarse_updates, level.coarse_matrix.clone())

@@ -87,21 +87,32 @@ def train(model: nn.Module, opt: tk.KFAC, steps: int) -> None:
 
 @pytest.mark.parametrize("inverse_method", ["cholesky", "eigen"])
 def test_a_refresh_step_decomposes_each_layer_as_it_is_folded(inverse_method: str) -> None:
-    """At a refresh step each layer is decomposed right after its fold, so its old frozen
-    factor is freed before the next layer is folded, and the refresh decomposes nothing
-    again (one decomposition per factor and refresh)."""
+    """At a refresh step each layer is decomposed right after its fold, so its old
+    decomposition is gone before the next layer is folded (eigenpairs freed; a Cholesky
+    step's frozen factor, the factor itself, updated in place: no second copy), and the
+    refresh decomposes nothing again (one decomposition per factor and refresh)."""
     model = conv_net()
     opt = tk.KFAC(model, cov_interval=2, inv_interval=2, inverse_method=inverse_method)
     train(model, opt, 2)  # refreshed at step 0
     pre = opt.preconditioner
     fine, names = pre.fine, list(pre.layers)
     assert fine.decomposes_at_fold()  # step 2 refreshes
-    old = [weakref.ref(pre.factors[n].decomp_a[0]) for n in names]
-    store, freed = fine.store, []
+    old = [pre.factors[n].decomp_a[0] for n in names]
+    versions = [t._version for t in old]
+    refs = [weakref.ref(t) for t in old]
+    del old
+    store, replaced = fine.store, []
+
+    def gone(i: int, name: str) -> bool:
+        if inverse_method == "eigen":
+            return refs[i]() is None
+        factors = pre.factors[name]  # the same tensor, written: frozen again at once
+        a = refs[i]()
+        return a is factors.A and factors.decomp_a[0] is a and a._version > versions[i]
 
     def watched(name: str, *args: Any) -> bool:
         stored = store(name, *args)
-        freed.append([ref() is None for ref in old])
+        replaced.append([gone(i, n) for i, n in enumerate(names)])
         return stored
 
     calls: list[str] = []
@@ -110,7 +121,7 @@ def test_a_refresh_step_decomposes_each_layer_as_it_is_folded(inverse_method: st
         factors.decompose = lambda method, n=name, d=decompose: (calls.append(n), d(method))[1]  # type: ignore[method-assign]
     fine.store = watched  # type: ignore[method-assign]
     train(model, opt, 1)
-    assert freed == [[True, False, False], [True, True, False], [True, True, True]]
+    assert replaced == [[True, False, False], [True, True, False], [True, True, True]]
     assert calls == names  # once each, at the fold: the refresh left them alone
     assert not fine.decomposes_at_fold()  # step 3 folds nothing
 

@@ -106,13 +106,23 @@ class KroneckerFactors:
     _cache_key: tuple[float, str, str, int] | None = field(default=None, repr=False)
     _cache: tuple[Tensor | BorderedInverse, ...] = field(default=(), repr=False)
 
-    def update(self, new_a: Tensor, new_g: Tensor, ema_decay: float, num_locations: int) -> None:
+    def update(
+        self,
+        new_a: Tensor,
+        new_g: Tensor,
+        ema_decay: float,
+        num_locations: int,
+        replacing: bool = False,
+    ) -> None:
         """``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)`` (out of place
-        where the frozen decomposition is the factor itself)."""
+        where the frozen decomposition is the factor itself, unless ``replacing``: the
+        caller decomposes these factors right after, before anything reads the frozen one,
+        so the update writes it in place and no second copy is formed)."""
         self.num_updates += 1
         self.num_locations = num_locations
         rho = ema_weight(self.num_updates, ema_decay)
-        frozen = [d[0] for d in (self.decomp_a, self.decomp_g) if d is not None]
+        decomps = () if replacing else (self.decomp_a, self.decomp_g)
+        frozen = [d[0] for d in decomps if d is not None]
         self.A = running_average(self.A, new_a, rho, not shares_memory(self.A, *frozen))
         self.G = running_average(self.G, new_g, rho, not shares_memory(self.G, *frozen))
 

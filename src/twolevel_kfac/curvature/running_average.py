@@ -7,8 +7,11 @@ uniformly until the cap ``ema_decay`` is reached).
 
 A refresh with Cholesky inverses freezes a factor by keeping the factor itself, not a copy
 (:func:`~.factor_inverse.decompose_factor`): the next update of such a factor writes a new
-tensor (``in_place=False``, :func:`shares_memory`), the same arithmetic as in place. With
-``cov_interval = inv_interval`` the factors then live once between refreshes, not twice.
+tensor (``in_place=False``, :func:`shares_memory`), the same arithmetic as in place, except
+at a step that decomposes each layer as soon as it is folded
+(:meth:`~twolevel_kfac.optim.fine.FineLevel.decomposes_at_fold`), which replaces the frozen
+factor right after and so updates it in place. With ``cov_interval = inv_interval`` the
+factors then live once between refreshes, not twice, and a refresh forms no second copy.
 """
 
 from __future__ import annotations

@@ -105,10 +105,12 @@ class FineLevel:
         Returns:
             Whether the update was stored (``False``: it was not finite and was dropped).
         """
-        factors = self.host.factors[name]
-        factors.update(new_a, new_g, self.host.options.ema_decay, locations)
+        factors, decay = self.host.factors[name], self.host.options.ema_decay
         if type(factors) is KroneckerFactors and self.decomposes_at_fold():
-            self.refresh_layer(name)
+            factors.update(new_a, new_g, decay, locations, replacing=True)
+            self.refresh_layer(name)  # replaces the frozen factors the update wrote over
+        else:
+            factors.update(new_a, new_g, decay, locations)
         return True
 
     def decomposes_at_fold(self) -> bool:
