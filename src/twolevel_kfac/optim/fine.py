@@ -100,7 +100,8 @@ class FineLevel:
     def store(
         self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
     ) -> bool:
-        """Fold one layer's (finite) factors of this Fisher mini-batch into the running ones.
+        """Fold one layer's (finite) factors of this Fisher mini-batch into the running ones
+        (and decompose them at once where :meth:`decomposes_at_fold`).
 
         Returns:
             Whether the update was stored (``False``: it was not finite and was dropped).
