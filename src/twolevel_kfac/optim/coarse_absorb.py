@@ -18,7 +18,7 @@ rows are a convolution network's largest tensors). That is so for
 * the spectral basis at a step that refreshes the fine level, which then decomposes each
   layer as soon as it is folded (:meth:`~.fine.FineLevel.decomposes_at_fold`; every
   refresh step at the defaults, ``cov_interval = inv_interval``): ``q_G q_Aᵀ`` of that
-  decomposition (:func:`~.coarse_basis.layer_spectral_vector`; its extreme pairs under
+  decomposition (:func:`~.coarse_basis.refresh_layer_basis`; its extreme pairs under
   Cholesky inverses are found then, and the refresh's basis reads them again). At a fold
   between two refreshes (``cov_interval < inv_interval``) the statistics are kept.
 

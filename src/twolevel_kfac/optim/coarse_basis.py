@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from .coarse import CoarseLevel
 
 __all__ = [
-    "layer_spectral_vector",
     "nicolaides_basis",
     "refresh_layer_basis",
     "residual_terms",
@@ -51,11 +50,11 @@ Terms = tuple[LayerVector | None, LayerVector | None, LayerVector | None]
 
 def spectral_vectors(level: CoarseLevel) -> list[Tensor | OuterVectors]:
     """Per block of the level the eigenvector of its smallest (largest) eigenvalue, from
-    the factors frozen at the last refresh (:func:`layer_spectral_vector`). Not normalised."""
-    return [layer_spectral_vector(level, name) for name in level.names]
+    the factors frozen at the last refresh (:func:`_layer_spectral_vector`). Not normalised."""
+    return [_layer_spectral_vector(level, name) for name in level.names]
 
 
-def layer_spectral_vector(level: CoarseLevel, name: str) -> Tensor | OuterVectors:
+def _layer_spectral_vector(level: CoarseLevel, name: str) -> Tensor | OuterVectors:
     """Layer ``name``'s eigenvector of its block's smallest (largest) eigenvalue: ``q_G q_Aᵀ``
     of a Kronecker block, as its two factors; among the seen tokens for an embedding table;
     a block of its own gives its own ``spectral_vector``. From the factors frozen at the
@@ -91,7 +90,7 @@ def refresh_layer_basis(level: CoarseLevel, names: Sequence[str], name: str) -> 
     vector: LayerBasis
     if level.options.coarse_space == "spectral":
         level.host.fine.refresh_layer(name)
-        vector = _normalized(layer_spectral_vector(level, name), param.dtype)
+        vector = _normalized(_layer_spectral_vector(level, name), param.dtype)
     else:
         vector = _ones(param, layer_shape(level.host.layers[name]))
     return with_fixed_rows(level, [name], [vector])[0]
