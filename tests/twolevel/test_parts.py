@@ -249,3 +249,47 @@ def test_minv_into_writes_over_its_input(fine: str) -> None:
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     assert not torch.equal(want[0], torch.zeros_like(want[0]))
+
+
+def _one_at_a_time(
+    split: list[ConstantPart], v: list[tuple[torch.Tensor, torch.Tensor | None]]
+) -> torch.Tensor:
+    """``R₀v`` of a Nicolaides basis, one layer at a time: ``value·(Σv_W + Σv_b)``."""
+    totals = [w.sum() if b is None else w.sum() + b.sum() for w, b in v]
+    return torch.cat(
+        [(t.to(e.value.dtype) * e.value).reshape(1) for t, e in zip(totals, split, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("has_bias", [[True, False, True], [True] * 3, [False] * 3])
+def test_constant_parts_at_once_equal_one_at_a_time(
+    dtype: torch.dtype, has_bias: list[bool]
+) -> None:
+    """Every layer's Nicolaides value at once (one stack of sums, one ``_foreach_add_``)
+    gives the coefficients and the prolongation of one layer at a time bit for bit; with
+    parts of two dtypes it takes the loop, with the same numbers."""
+    gen = torch.Generator().manual_seed(2)
+    values = [torch.rand((), generator=gen, dtype=torch.float64) + 0.1 for _ in SHAPES]
+    split = [ConstantPart(x) for x in values]
+    for mixed in (False, True):
+        v = [
+            (
+                torch.randn(d_out, d_in - 1 if b else d_in, generator=gen).to(dtype),
+                torch.randn(d_out, generator=gen).to(dtype) if b else None,
+            )
+            for (d_out, d_in), b in zip(SHAPES, has_bias, strict=True)
+        ]
+        if mixed:  # the first layer in float64: not one dtype, the loop
+            v[0] = (v[0][0].double(), None if v[0][1] is None else v[0][1].double())
+        restricted = restrict_parts(split, v)
+        assert torch.equal(restricted, _one_at_a_time(split, v))
+        y, alpha = restricted * 3.0 - 1.0, -0.7
+        target = [(w.clone(), None if b is None else b.clone()) for w, b in v]
+        assert prolong_add_into_parts(split, y, target, alpha) is target
+        for (w, b), (tw, tb), yi, x in zip(v, target, y, values, strict=True):
+            shift = (yi * (alpha * x)).to(w.dtype)
+            assert torch.equal(tw, w + shift)
+            assert (tb is None) == (b is None)
+            if b is not None:
+                assert torch.equal(tb, b + shift)

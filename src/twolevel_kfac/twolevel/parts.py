@@ -94,7 +94,17 @@ def split_basis(basis: Sequence[LayerBasis], has_bias: Sequence[bool]) -> SplitB
 def restrict_parts(split: SplitBasis, v: Parts) -> Tensor:
     """``R₀v`` (:func:`~twolevel_kfac.twolevel.coarse_matrix.restrict`) of a vector given
     as :data:`Parts` (``split`` from :func:`split_basis`):
-    ``⟨r_k, v⟩ = ⟨r_k^W, V⟩ + ⟨r_k^b, b⟩``."""
+    ``⟨r_k, v⟩ = ⟨r_k^W, V⟩ + ⟨r_k^b, b⟩`` (every layer's one value at once where
+    :func:`_constant_batch` allows)."""
+    values = _constant_batch(split, v)
+    if values is not None:
+        totals = torch.stack([vw.sum() for vw, _ in v])
+        biased = [i for i, (_, vb) in enumerate(v) if vb is not None]
+        if biased:  # Σv_W + Σv_b, one addition per layer as below
+            sums = torch.stack([vb.sum() for _, vb in v if vb is not None])
+            index = torch.tensor(biased, device=totals.device)
+            totals = totals.index_add_(0, index, sums)
+        return totals.to(values.dtype) * values
     coefficients = []
     for entry, (vw, vb) in zip(split, v, strict=True):
         if isinstance(entry, ConstantPart):
@@ -119,7 +129,18 @@ def restrict_parts(split: SplitBasis, v: Parts) -> Tensor:
 def prolong_add_into_parts(split: SplitBasis, y: Tensor, target: Parts, alpha: float) -> Parts:
     """``target ← target + α R₀ᵀy`` in place
     (:func:`~twolevel_kfac.twolevel.coarse_matrix.prolong_add_into`) for a contiguous
-    target given as :data:`Parts`."""
+    target given as :data:`Parts` (every layer's shift at once where
+    :func:`_constant_batch` allows)."""
+    values = _constant_batch(split, target)
+    if values is not None:
+        shifts = (y * (alpha * values)).to(target[0][0].dtype).tolist()
+        tensors, scalars = [], []
+        for pair, shift in zip(target, shifts, strict=True):
+            present = [t for t in pair if t is not None]
+            tensors += present
+            scalars += [shift] * len(present)
+        torch._foreach_add_(tensors, scalars)
+        return target
     sizes = [1 if isinstance(e, ConstantPart) else int(e[0].shape[0]) for e in split]
     for entry, yi, (tw, tb) in zip(split, torch.split(y, sizes), target, strict=True):
         if isinstance(entry, ConstantPart):
@@ -141,3 +162,21 @@ def prolong_add_into_parts(split: SplitBasis, y: Tensor, target: Parts, alpha: f
         if bb is not None and tb is not None:
             tb.addmv_(bb.T, coefficients, alpha=alpha)
     return target
+
+
+def _constant_batch(split: SplitBasis, v: Parts) -> Tensor | None:
+    """The layers' values as one ``[L]`` tensor when every layer's basis is a
+    :class:`ConstantPart` (Nicolaides, Tselepidis) and the restriction and prolongation
+    can treat all layers at once, bit for bit as one at a time: the parts on the CPU (the
+    prolongation reads the shifts as Python numbers) in one dtype, the values in one
+    dtype. ``None`` otherwise. On CURVES' twelve layers this saves ~100 small operations
+    per step (``restrict_parts`` and ``prolong_add_into_parts``)."""
+    if not split or len(split) != len(v) or not all(isinstance(e, ConstantPart) for e in split):
+        return None  # (a length mismatch raises in the loop's zip)
+    tensors = [t for pair in v for t in pair if t is not None]
+    if not all(t.is_cpu and t.dtype == tensors[0].dtype for t in tensors):
+        return None
+    values = [e.value for e in split if isinstance(e, ConstantPart)]
+    if any(x.dtype != values[0].dtype or not x.is_cpu for x in values):
+        return None
+    return torch.stack(values)
