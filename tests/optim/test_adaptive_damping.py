@@ -6,6 +6,8 @@ formula with the exact empirical Fisher elsewhere, λ moving the right way on sc
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -198,3 +200,77 @@ def test_arguments_and_missing_closure_are_clear_errors() -> None:
     mse(model(torch.randn(4, 3)), torch.zeros(4, 1)).backward()
     with pytest.raises(ValueError, match="closure"):
         opt.step()
+
+
+def _one_step(model: nn.Module, opt: tk.KFAC, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+    opt.step(closure_of(model, opt, x, y, nn.functional.cross_entropy))
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
+def test_a_constant_damping_given_at_resume_is_the_one_used(cls: type) -> None:
+    """A constant ``damping`` is this optimizer's option (raised after a divergence, it
+    takes effect): loaded from a checkpoint that ran another one, the steps are those of
+    an optimizer built with the new ``λ`` around the same factors, with a warning; the
+    same ``λ`` loads silently and bit-identically."""
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    opt = cls(model, damping=1e-3, cov_interval=2, inv_interval=2)
+    for seed in range(3):
+        _one_step(model, opt, seed)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    runs = {}
+    for damping in (1e-3, 0.1):
+        resumed = tiny_mlp()
+        resumed.load_state_dict(saved[0])
+        resumed_opt = cls(resumed, damping=damping, cov_interval=2, inv_interval=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed_opt.load_state_dict(copy.deepcopy(saved[1]))
+        messages = [str(w.message) for w in caught]
+        if damping == 1e-3:
+            assert messages == []
+        else:
+            assert any("damping=0.001" in m and "damping=0.1" in m for m in messages)
+        assert resumed_opt.preconditioner.damping == damping
+        for seed in range(3, 6):
+            _one_step(resumed, resumed_opt, seed)
+        assert resumed_opt.last_stats["damping"] == damping
+        runs[damping] = [p.detach().clone() for p in resumed.parameters()]
+    for seed in range(3, 6):
+        _one_step(model, opt, seed)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1e-3], model.parameters(), strict=True))
+    # the raised λ: a twin of the saved optimizer whose λ was changed in memory
+    twin = tiny_mlp()
+    twin.load_state_dict(saved[0])
+    twin_opt = cls(twin, damping=1e-3, cov_interval=2, inv_interval=2)
+    twin_opt.load_state_dict(copy.deepcopy(saved[1]))
+    twin_opt.preconditioner.options = dataclasses.replace(
+        twin_opt.preconditioner.options, damping=0.1
+    )
+    twin_opt.preconditioner.damping = 0.1
+    for seed in range(3, 6):
+        _one_step(twin, twin_opt, seed)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0.1], twin.parameters(), strict=True))
+    assert not torch.equal(runs[0.1][0], runs[1e-3][0])
+
+
+def test_adaptive_damping_resumes_its_own_lambda_and_says_so() -> None:
+    """Under adaptive damping ``λ`` is state: the checkpoint's continues, and an optimizer
+    built with another starting ``damping`` is told it is not used."""
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    settings = {"cov_interval": 2, "adaptive_damping": True, "damping_interval": 1}
+    opt = tk.KFAC(model, damping=0.05, **settings)
+    for seed in range(3):
+        _one_step(model, opt, seed)
+    current = opt.preconditioner.damping
+    assert current != 0.05
+    for start, warned in ((0.05, False), (0.5, True)):
+        resumed_opt = tk.KFAC(tiny_mlp(), damping=start, **settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        assert resumed_opt.preconditioner.damping == current
+        assert any("adaptive damping continues" in str(w.message) for w in caught) == warned

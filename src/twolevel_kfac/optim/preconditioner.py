@@ -112,6 +112,7 @@ class KFACPreconditioner:
             half_factors=options.factor_dtype in HALF_DTYPES,
         )
         self.options = opts = replace(options, inverse_method=method)
+        self.damping_varies = damping_varies  # λ is state (adaptive), not an option
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
         self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)

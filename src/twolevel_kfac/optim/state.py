@@ -29,6 +29,7 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     state = {
         "steps": pre.steps,
         "damping": pre.damping,
+        "damping_option": None if callable(pre.options.damping) else pre.options.damping,
         "generator": pre.generator.get_state(),
         "factors": {name: f.state_dict() for name, f in pre.factors.items()},
         "layers": list(pre.layers),
@@ -69,7 +70,7 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         coarse.check_state(state)
     pre.capture.discard()  # before the generator is restored: a discard may rewind it
     pre.steps = int(state["steps"])
-    pre.damping = float(state["damping"])
+    pre.damping = resumed_damping(pre, float(state["damping"]), state.get("damping_option"))
     parts = state.get("ranks") or [{"generator": state["generator"]}]
     part = select_rank_state(parts, pre.comm.rank, pre.comm.world_size)
     if part is None:
@@ -102,6 +103,38 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.active = list(pre.layers)
     pre._schedule_capture()
     pre.capture.active = bool(state.get("capture_next", pre.capture.active))
+
+
+def resumed_damping(pre: KFACPreconditioner, saved: float, saved_option: Any) -> float:
+    """The ``λ`` a loaded preconditioner continues with. A constant ``damping`` is an option
+    like ``inverse_method``: this optimizer's own, with a warning when the checkpoint ran
+    another (raising it after a divergence takes effect; the saved inverses are rebuilt
+    from the frozen factors at the new ``λ``). Under adaptive damping ``λ`` is state: the
+    checkpoint's, with a warning when it was started from another value than this
+    optimizer's ``damping`` (which is then not used). A schedule sets ``λ`` at every step."""
+    option = pre.options.damping
+    if callable(option):
+        return saved
+    if pre.damping_varies:
+        if saved_option is not None and float(saved_option) != float(option):
+            warnings.warn(
+                f"adaptive damping continues from the checkpoint's λ = {saved:g} (its run "
+                f"started from damping={saved_option:g}); this optimizer's damping={option:g} "
+                "is not used. To restart the adaptation from it, set "
+                "optimizer.preconditioner.damping after loading",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return saved
+    if saved != float(option):
+        warnings.warn(
+            f"the checkpoint ran damping={saved:g}; this optimizer continues with its own "
+            f"damping={option:g} (the run is not bit-identical to one that kept the old value; "
+            "pass the checkpoint's damping to resume exactly)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return float(option)
 
 
 def select_rank_state(parts: Sequence[Any], rank: int, world_size: int) -> Any | None:
