@@ -192,17 +192,17 @@ def test_changing_which_part_trains_after_the_first_estimate_is_refused(change: 
         one_step(model, opt, x, y)
 
 
-def test_a_layer_frozen_between_refreshes_is_refused_by_the_coarse_level() -> None:
-    """A layer the coarse level spans, frozen whole between two refreshes: it has no gradient
-    (KFAC leaves it alone until its next capture, which refuses it), but the coarse level
-    still spans it, with a block of another shape now; refused by name, not by a shape
-    error in a product."""
+def test_a_layer_frozen_between_refreshes_leaves_the_coarse_term_until_the_refresh() -> None:
+    """A layer the coarse level spans, frozen whole between two refreshes: its block is no
+    longer the one the coarse vectors were built for, so the steps until the next refresh
+    take the fine level's direction (a warning names the layer), not a shape error in a
+    product (``tests/optim/test_frozen_whole.py`` checks those steps)."""
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
     opt = tk.TwoLevelKFAC(model, cov_interval=3, inv_interval=3)
     x, y = make_batch((4,), 2, 8)
     one_step(model, opt, x, y)
     model[2].requires_grad_(False)
-    with pytest.raises(ValueError, match=r"layer '2': its bias or weight was frozen or unfrozen"):
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['2'\] were frozen whole"):
         one_step(model, opt, x, y)
 
 

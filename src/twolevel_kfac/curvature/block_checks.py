@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .blocks import bias_only, block_parameters, factor_shapes, own_statistics
+from .blocks import bias_only, block_parameters, factor_shapes, own_statistics, trains
 from .kronecker import KroneckerFactors
 
 __all__ = ["block_key", "block_signature", "check_bias_only", "check_blocks", "check_statistics"]
@@ -74,6 +74,8 @@ def check_blocks(
     """
     for name in dict.fromkeys(names):
         module = layers[name]
+        if not trains(module):  # frozen whole: its block is not used, its factors are kept
+            continue
         tied = (uses or {}).get(name, [])
         if len(tied) > 1 and len({block_key(m) for m in tied}) > 1:
             raise ValueError(

@@ -255,9 +255,20 @@ def _entry(module: nn.Module) -> LayerType:
     return entry
 
 
+def trains(module: nn.Module) -> bool:
+    """Whether a parameter of the layer's block trains (``requires_grad``): ``False`` for a
+    layer frozen whole, which nothing captures, steps or checks; its factors stay as they
+    were, and unfrozen it continues from them."""
+    return block_parameters(module)[0].requires_grad
+
+
 def has_gradient(module: nn.Module) -> bool:
-    """Whether autograd left a gradient in the layer's weight or bias this step."""
+    """Whether autograd left a gradient in the layer's weight or bias this step (a layer
+    frozen whole has none: a ``.grad`` it kept through ``zero_grad(set_to_none=False)`` is
+    no gradient of this step)."""
     main, bias = block_parameters(module)
+    if not main.requires_grad:
+        return False
     return main.grad is not None or (bias is not None and bias.grad is not None)
 
 

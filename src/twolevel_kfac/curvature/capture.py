@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
-from .blocks import recorded_input
+from .blocks import recorded_input, trains
 from .captured_batch import Call, CapturedBatch
 from .forward_checks import (
     check_batch_rows,
@@ -215,8 +215,8 @@ class CurvatureCapture:
         captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
         backbone put in ``eval()`` still trains its Linear and convolution layers)."""
         forward = self._forward
-        if forward is None or not output.requires_grad or in_backward():
-            return  # (an output without a graph: a frozen layer, or gradients disabled)
+        if forward is None or not output.requires_grad or in_backward() or not trains(module):
+            return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         check_subset_rows(
             f"the input of layer {name!r}", args[0], forward.index, forward.batch_size
         )

@@ -325,9 +325,15 @@ class KFAC(torch.optim.Optimizer):
     def _momentum_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.SGD``'s update on the preconditioned gradients: ``d = p.grad + wd·p``,
         ``b ← μb + d`` (``b = d`` at first), ``d ← d + μb`` (Nesterov) or ``b``, ``p ← p − lr·d``
-        (torch's multi-tensor ``foreach`` kernels)."""
+        (torch's multi-tensor ``foreach`` kernels). A frozen parameter is not stepped, even
+        with a ``.grad`` left by ``zero_grad(set_to_none=False)`` (torch's SGD would move it
+        by its momentum): freezing a layer leaves it alone."""
         skip = self.fallback.ids if self.fallback is not None else ()
-        params = [p for p in group["params"] if p.grad is not None and id(p) not in skip]
+        params = [
+            p
+            for p in group["params"]
+            if p.grad is not None and p.requires_grad and id(p) not in skip
+        ]
         if not params:
             return
         buffers = [self.state[p].get("momentum_buffer") for p in params]

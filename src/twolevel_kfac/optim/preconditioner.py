@@ -45,6 +45,7 @@ from .coarse_absorb import absorber
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
 from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
+from .frozen import coarse_term
 from .options import (
     CoarseOptions,
     CurvatureOptions,
@@ -155,6 +156,7 @@ class KFACPreconditioner:
         self.active: list[str] = list(self.layers)
         self.schedule = CaptureSchedule(self.options.cov_interval)
         self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
+        self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
 
     def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
@@ -274,26 +276,28 @@ class KFACPreconditioner:
     ) -> dict[str, Tensor]:
         """The direction of each layer's ``∇W̄`` before the KL clip, as ``step()`` forms it
         (``stats``: this step's Fisher mini-batch, for levels that use it)."""
-        if self.coarse_level is not None:
-            return self.coarse_level.precondition(grads, stats)
+        coarse = coarse_term(self, stats)
+        if coarse is not None:
+            return coarse.precondition(grads, stats)
         return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
 
     def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, float]) -> None:
         """Overwrite the layers' ``.grad`` with their KL-clipped directions.
 
-        Plain KFAC (:meth:`_plain_kfac_directions`) works on ``∇W`` and ``∇b`` where
+        Plain KFAC (its own damped inverse, no coarse term) works on ``∇W`` and ``∇b`` where
         autograd left them (:meth:`KroneckerFactors.apply_inverse_split`: no concatenated
         ``∇W̄``, no split copy) and writes the directions over them, or, when the KL clip
         still needs the gradients, hands its fresh directions to ``.grad``. Everything
         else (coarse corrections, other fine levels) works on the ``W̄`` matrices
         (timings: ``docs/benchmarks/implementation_choices.md``).
         """
-        if self.coarse_level is not None:
-            on_parts = self.coarse_level.precondition_parts(stats)
+        coarse = coarse_term(self, stats)
+        if coarse is not None:
+            on_parts = coarse.precondition_parts(stats)
             if on_parts is not None:
                 self._write_parts(*on_parts, lrs)
                 return
-        if self._plain_kfac_directions():
+        if self.fine.plain and coarse is None:
             parts = {name: gradient_parts(self.layers[name]) for name in self.active}
             # without a KL clip nothing reads the gradient once its direction exists
             over = self.options.kl_clip is None
@@ -322,11 +326,6 @@ class KFACPreconditioner:
         gradients' parts and hand them to ``.grad``."""
         scale = self._kl_scale(part_pairs(directions, grads), lrs, list(grads))
         assign_layers([self.layers[n] for n in directions], list(directions.values()), scale)
-
-    def _plain_kfac_directions(self) -> bool:
-        """Whether the directions are this class's own damped KFAC inverse of each layer's
-        gradient: another fine level, or a coarse correction, gets the ``W̄`` path."""
-        return self.fine.plain and self.coarse_level is None
 
     def apply_fine_outer(self, name: str, left: Tensor, right: Tensor) -> OuterApplied:
         """:meth:`apply_fine` of ``left rightᵀ`` (:meth:`.fine.FineLevel.apply_outer`)."""

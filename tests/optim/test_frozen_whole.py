@@ -1,0 +1,142 @@
+"""A layer frozen whole during training (``requires_grad_(False)`` on all its parameters)
+is left alone: not captured, stepped or checked, its factors kept for when it is unfrozen;
+a coarse level that spans it takes no coarse term until its next refresh, which leaves the
+layer out (:mod:`twolevel_kfac.optim.frozen`)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twolevel_kfac as tk
+
+SETTINGS = {"cov_interval": 3, "inv_interval": 3, "kl_clip": None, "momentum": 0.9}
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+
+
+def _batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(16, 6, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (16,), generator=gen),
+        )
+        for _ in range(count)
+    ]
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, batch, set_to_none: bool = True) -> None:  # type: ignore[no-untyped-def]
+    opt.zero_grad(set_to_none=set_to_none)
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    opt.step()
+
+
+def _groups(model: nn.Module, index: int) -> list[dict]:  # type: ignore[type-arg]
+    frozen = list(model[index].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in frozen)]
+    return [{"params": frozen, "lr": 0.1}, {"params": rest, "lr": 0.1}]
+
+
+@pytest.mark.parametrize("index", [0, 2, 4])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_kfac_leaves_a_layer_frozen_whole_alone(index: int, set_to_none: bool) -> None:
+    """Frozen at step 4 (between refreshes), the layer never moves again (with
+    ``zero_grad(set_to_none=False)`` too: its stale zero ``.grad`` is no gradient), and the
+    other layers take, bit for bit, the steps of a twin that keeps the layer trainable at a
+    learning rate of 0 (block-diagonal KFAC without a KL clip: no layer's step reads
+    another's block). Unfrozen at step 11, it is preconditioned again from its old
+    factors."""
+    model, twin = _net(), _net()
+    opt = tk.KFAC(model, params=_groups(model, index), **SETTINGS)
+    twin_opt = tk.KFAC(twin, params=_groups(twin, index), **SETTINGS)
+    batches = _batches(14)
+    for step, batch in enumerate(batches):
+        if step == 4:
+            model[index].requires_grad_(False)
+            twin_opt.param_groups[0]["lr"] = 0.0
+            frozen = [p.detach().clone() for p in model[index].parameters()]
+            factors = copy.deepcopy(opt.preconditioner.factors[str(index)].state_dict())
+        if step == 11:
+            model[index].requires_grad_(True)
+            assert all(
+                torch.equal(p, q) for p, q in zip(model[index].parameters(), frozen, strict=True)
+            )
+            kept = opt.preconditioner.factors[str(index)].state_dict()
+            assert torch.equal(kept["A"], factors["A"]) and torch.equal(kept["G"], factors["G"])
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                if all(p is not r for r in model[index].parameters()):
+                    assert torch.equal(p, q)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to warn about under KFAC
+            _step(model, opt, batch, set_to_none)
+        if step < 11:
+            _step(twin, twin_opt, batch, set_to_none)
+    moved = [not torch.equal(p, q) for p, q in zip(model[index].parameters(), frozen, strict=True)]
+    assert all(moved) and opt.preconditioner.factors[str(index)].ready
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "residual", "spectral"])
+@pytest.mark.parametrize("combination", ["additive", "adef2"])
+def test_a_coarse_level_drops_a_layer_frozen_whole_at_its_next_refresh(
+    space: str, combination: str
+) -> None:
+    """Frozen between two refreshes, a layer the coarse level spans: the steps until the
+    next refresh take the fine level's direction alone (one warning); from the refresh on
+    the coarse level spans the other layers only. The layer never moves."""
+    model = _net()
+    opt = tk.TwoLevelKFAC(model, coarse_space=space, combination=combination, **SETTINGS)
+    level = opt.preconditioner.coarse_level
+    assert level is not None
+    batches = _batches(10)
+    for step, batch in enumerate(batches):
+        if step == 4:
+            model[2].requires_grad_(False)
+            frozen = [p.detach().clone() for p in model[2].parameters()]
+        if step == 4:
+            with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['2'\] were frozen whole"):
+                _step(model, opt, batch)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                _step(model, opt, batch)
+        expected = ["0", "2", "4"] if step < 6 else ["0", "4"]
+        assert level.names == expected, step
+    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), frozen, strict=True))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_between_the_freeze_and_the_refresh_the_steps_are_the_fine_levels() -> None:
+    """The fallback is KFAC's own step: a KFAC loaded with the two-level optimizer's state
+    at the freeze (factors, decompositions, momentum; the coarse state dropped) takes the
+    same steps, bit for bit, until the coarse level's next refresh (step 6), and another
+    one there (the coarse term is back, over the layers that train)."""
+    model = _net()
+    opt = tk.TwoLevelKFAC(model, **SETTINGS)
+    batches = _batches(7)
+    for batch in batches[:4]:
+        _step(model, opt, batch)
+    twin = copy.deepcopy(model)
+    twin_opt = tk.KFAC(twin, **SETTINGS)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    model[2].requires_grad_(False)
+    twin[2].requires_grad_(False)
+    for step, batch in enumerate(batches[4:], start=4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _step(model, opt, batch)
+        _step(twin, twin_opt, batch)
+        same = all(
+            torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True)
+        )
+        assert same == (step < 6), step
