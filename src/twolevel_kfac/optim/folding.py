@@ -23,6 +23,7 @@ from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_location
 from ..distributed import layer_specs, reduce_statistics
 from ..finite import all_finite
 from .coarse_absorb import absorbs_statistics
+from .interrupted import partial_step
 
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
@@ -80,6 +81,7 @@ def fold_statistics(
     skipped = 0
     for name, stats, (new_a, new_g, locations) in new:
         finite = all_finite((new_a, new_g))
+        pre.interrupted = pre.interrupted or partial_step(pre, folds=True)  # until the step ends
         if not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
             skipped += 1
         del new_a, new_g  # folded: not held beside what ``consume`` forms

@@ -46,6 +46,7 @@ from .directions import assign_layers, clip_scale, part_pairs, writable_in_place
 from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term
+from .interrupted import check_not_interrupted, partial_step
 from .options import (
     CoarseOptions,
     CurvatureOptions,
@@ -157,6 +158,7 @@ class KFACPreconditioner:
         self.schedule = CaptureSchedule(self.options.cov_interval)
         self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
+        self.interrupted: str | None = None  # a step interrupted part-way (.interrupted)
 
     def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
@@ -167,6 +169,7 @@ class KFACPreconditioner:
         Raises:
             RuntimeError: if a layer has a gradient but never had curvature statistics.
         """
+        check_not_interrupted(self, "another step")
         with torch.no_grad(), autocast_off(layer_weight(next(iter(self.layers.values())))):
             self._step(lr, loss_scale)
 
@@ -199,8 +202,9 @@ class KFACPreconditioner:
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and not f.decomposed for f in self.factors.values()
         ):
+            self.fine_version += 1  # first: an interrupted refresh changed some already
+            self.interrupted = self.interrupted or partial_step(self, folds=False)  # until done
             self.fine.refresh(self.damping)
-            self.fine_version += 1
         if stats or captured:
             self.fine.after_refresh(stats)
             self.fine_version += 1
@@ -210,7 +214,7 @@ class KFACPreconditioner:
         self._precondition_grads(stats, {n: float(lrs[n]) for n in self.layers})
         if self.comm.distributed:
             self.last_stats["comm_bytes"] = float(self.comm.payload_bytes - sent)
-        self.steps += 1
+        self.steps, self.interrupted = self.steps + 1, None
         self._schedule_capture()
 
     def defers_gradient_check(self) -> bool:
@@ -259,7 +263,7 @@ class KFACPreconditioner:
         stats = fold_statistics(self, stats.items())
         self.fine.refresh(self.damping)
         self.fine.after_refresh(stats)
-        self.fine_version += 2
+        self.fine_version, self.interrupted = self.fine_version + 2, None
 
     def factor_dtype(self, name: str) -> torch.dtype:
         """The dtype of layer ``name``'s factors: ``factor_dtype``, else its weight's, float32

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..curvature.blocks import factor_shapes, layer_stats, new_factors
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
+from .interrupted import check_not_interrupted
 
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
@@ -25,7 +26,9 @@ __all__ = ["kfac_state", "load_kfac_state"]
 
 
 def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
-    """Factors, cached decompositions, step counter and the sampler's RNG state."""
+    """Factors, cached decompositions, step counter and the sampler's RNG state (refused
+    after a step interrupted part-way: :mod:`.interrupted`)."""
+    check_not_interrupted(pre, "saving this state")
     state = {
         "steps": pre.steps,
         "damping": pre.damping,
@@ -100,7 +103,7 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.fine.load_state_dict(state)
     if coarse is not None and not early:
         coarse.load_state_dict(state)
-    pre.active = list(pre.layers)
+    pre.active, pre.interrupted = list(pre.layers), None
     pre._schedule_capture()
     pre.capture.active = bool(state.get("capture_next", pre.capture.active))
 

@@ -1,0 +1,55 @@
+"""A ``step()`` interrupted part-way (an exception, ``KeyboardInterrupt``) after it began
+to change the optimizer's state.
+
+A step that folds statistics writes each layer's running factors in turn (in place at a
+refresh), and a refresh that carries state (EKFAC's scalings into the new eigenbases)
+would carry them again from what it already replaced; the step counter moves only once
+all of it is done. Interrupted in between, the state mixes this step's batch into
+some layers and not others: the next step, and a checkpoint saved now, would go on
+silently from it. So such a step marks the preconditioner until it completes, and while
+marked :meth:`step` and ``state_dict()`` refuse, naming the step, until a state saved
+before it is loaded (``load_state_dict``). A step that changes no state (no statistics
+folded, a refresh that only recomputes decompositions from the factors) is not marked: it
+can simply be taken again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
+
+__all__ = ["check_not_interrupted", "partial_step"]
+
+
+def partial_step(pre: KFACPreconditioner, folds: bool) -> str | None:
+    """What an interruption of this step from now on would leave partial (``folds``: it
+    folds statistics; else it refreshes the decompositions), or ``None`` when nothing
+    (module docstring)."""
+    if folds:
+        return (
+            f"step {pre.steps} was interrupted while it folded its statistics into the running "
+            "factors (some layers hold them, others do not)"
+        )
+    if not pre.fine.stateless(pre.steps):
+        return (
+            f"step {pre.steps} was interrupted while its refresh carried the fine level's "
+            "state into the new decompositions (EKFAC's scalings; some layers' are carried, "
+            "others not)"
+        )
+    return None
+
+
+def check_not_interrupted(pre: KFACPreconditioner, action: str) -> None:
+    """Refuse ``action`` on a preconditioner whose last step was interrupted part-way.
+
+    Raises:
+        RuntimeError: naming the step and the way back.
+    """
+    if pre.interrupted is not None:
+        raise RuntimeError(
+            f"{pre.interrupted}: {action} would go on silently from that partial state. Load "
+            "a state_dict saved before that step (optimizer.load_state_dict), or build a new "
+            "optimizer"
+        )
