@@ -99,3 +99,49 @@ def test_a_users_module_type_can_be_registered(float64: None) -> None:
 def test_register_refuses_a_non_module() -> None:
     with pytest.raises(TypeError, match=r"nn\.Module subclass"):
         register_layer_type(int, lambda m, x: x, lambda m, g: g)  # type: ignore[arg-type]
+
+
+def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
+    """nanoGPT's ``pos(torch.arange(T))`` broadcast over a batch of ``B``: every output row
+    holds the gradient summed over the samples, so KFAC refuses it, naming the layer and
+    the batched call (``pos(arange(T).expand(B, T))``), which trains; flattened tokens
+    (``B·T`` indices) are rows of samples and train too."""
+    import twolevel_kfac as tk
+
+    class Net(torch.nn.Module):
+        def __init__(self, batched: str) -> None:
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(10, 4), torch.nn.Embedding(6, 4)
+            self.head, self.batched = torch.nn.Linear(4, 10), batched
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            b, t = idx.shape
+            positions = torch.arange(t)
+            if self.batched == "expand":
+                pos = self.pos(positions.expand(b, t))
+            elif self.batched == "flat":
+                pos = self.pos(positions.repeat(b)).view(b, t, -1)
+            else:
+                pos = self.pos(positions)
+            return self.head(self.tok(idx) + pos)
+
+    idx = torch.randint(0, 10, (3, 5))
+    for batched in ("none", "expand", "flat"):
+        torch.manual_seed(0)
+        model = Net(batched)
+        opt = tk.KFAC(model, lr=0.1, class_dim=-1)
+        loss = (
+            torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+            if batched != "none"
+            else None
+        )
+        if batched == "none":
+            with pytest.raises(
+                RuntimeError, match=r"layer 'pos' \(an embedding\) was called with 5"
+            ):
+                model(idx)
+            continue
+        assert loss is not None
+        loss.backward()
+        opt.step()
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

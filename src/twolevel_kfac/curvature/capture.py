@@ -43,6 +43,7 @@ from .captured_batch import Call, CapturedBatch
 from .forward_checks import (
     check_batch_rows,
     check_subset_rows,
+    check_unbatched_embedding,
     check_unreached,
     check_weight_uses,
     first_tensor,
@@ -220,6 +221,7 @@ class CurvatureCapture:
         check_subset_rows(
             f"the input of layer {name!r}", args[0], forward.index, forward.batch_size
         )
+        check_unbatched_embedding(name, module, args[0], forward.batch_size)
         kept = recorded_input(module, args[0].detach())
         record = _Record(module, _rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)

@@ -145,3 +145,25 @@ def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_siz
             "forward and flatten in the loss (with fisher='empirical': likelihood="
             "'categorical' needs [N, C] logits for fisher='mc')"
         )
+
+
+def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batch: int) -> None:
+    """Refuse an embedding table called with a 1-D index tensor whose length is not a
+    multiple of the batch (nanoGPT's ``pos(torch.arange(T))``, broadcast over the batch):
+    each output row then gets the gradient summed over the samples, and KFAC's ``G`` would
+    be formed from those sums as if they were ``T`` samples, a silently wrong step. With
+    ``T`` a multiple of the batch the call cannot be told from flattened tokens.
+
+    Raises:
+        RuntimeError: naming the layer and the batched call that fixes it.
+    """
+    if not isinstance(module, nn.Embedding) or inputs.dim() != 1 or batch <= 1:
+        return
+    if inputs.shape[0] % batch:  # (B·T flattened tokens are rows of samples)
+        raise RuntimeError(
+            f"layer {name!r} (an embedding) was called with {inputs.shape[0]} indices, not a "
+            f"multiple of the batch of {batch}: its output rows are shared by every "
+            "sample (broadcast over the batch), and KFAC needs one row per sample. Call it "
+            "with the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position "
+            "table (the same function and gradients)"
+        )
