@@ -155,7 +155,7 @@ class KFACPreconditioner:
         self.retained_stats: dict[str, LayerStats] = {}
         # The layers with a gradient in the current step (the others are left alone)
         self.active: list[str] = list(self.layers)
-        self.schedule = CaptureSchedule(self.options.cov_interval)
+        self.schedule = CaptureSchedule(self.options.cov_interval, self.comm.distributed)
         self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
         self.interrupted: str | None = None  # a step interrupted part-way (.interrupted)
@@ -197,7 +197,9 @@ class KFACPreconditioner:
         stats: dict[str, LayerStats] = {}
         if batch is not None and (captured or self.comm.distributed):  # every rank joins
             stats = self._update_factors(batch, captured)
-        self.active = self.schedule.defer_unseen(self.factors, self.active, captured=active)
+        self.active = self.schedule.defer_unseen(
+            self.factors, self.active, captured=active, folded=captured, steps=self.steps
+        )
         check_statistics(self.factors, self.active, self.capture.empty_batch and active)
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and not f.decomposed for f in self.factors.values()

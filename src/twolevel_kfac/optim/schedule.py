@@ -1,13 +1,20 @@
 """When a preconditioner captures curvature statistics: every ``cov_interval`` steps, and
-on the step after one that met a layer with a gradient but no statistics yet.
+on the steps after one that met a layer with a gradient but no fresh statistics.
 
 A layer first used (or unfrozen) between two captures has no factors when it first has a
 gradient. Rather than refuse the step, the preconditioner leaves that layer's gradient as
 it is (the optimizer takes its plain step for it, outside the KL clip), warns once, and
-captures statistics on the next step; from then on the layer is preconditioned. On a step
-that did capture, a layer with a gradient and no statistics is still an error
+captures statistics on the following steps until a captured forward uses the layer (for
+at most ``cov_interval`` steps after it was last met: a layer used once is not chased
+forever); from then on the layer is preconditioned. A layer that has factors but missed
+the regular captures (used on other steps than they fall on: two task heads taking turns)
+is chased the same way once its statistics are ``cov_interval`` steps old, so it is
+refreshed about as often as the others instead of never. On a step that did capture, a
+layer with a gradient and no statistics is still an error
 (:func:`~twolevel_kfac.curvature.block_checks.check_statistics`: its forward ran under
-``no_grad``, or its weight was used outside the module).
+``no_grad``, or its weight was used outside the module). Under ``torch.distributed``
+every rank must capture on the same steps, so only the step right after is captured, as
+every rank decides alike only for layers all of them use.
 
 A capturing step whose backward reached only forwards over 0 rows (an empty batch) is
 skipped in one process (:meth:`CaptureSchedule.skips_empty`); under ``torch.distributed``
@@ -17,7 +24,7 @@ such a rank joins the step's collectives with no sample.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from ..curvature.kronecker import KroneckerFactors
@@ -34,25 +41,45 @@ class CaptureSchedule:
 
     Args:
         cov_interval: ``T_cov``.
+        distributed: under ``torch.distributed`` (a layer is chased one step only).
     """
 
-    def __init__(self, cov_interval: int) -> None:
+    def __init__(self, cov_interval: int, distributed: bool = False) -> None:
         self.cov_interval = cov_interval
-        self.capture_next = False
+        self.distributed = distributed
+        self.pending: dict[str, int] = {}  # layer -> the step it was met without fresh stats
+        self.folded: dict[str, int] = {}  # layer -> the step its statistics were last folded
         self._warned: set[str] = set()
 
     def due(self, steps: int) -> bool:
-        """Whether the step after ``steps`` completed steps captures statistics."""
-        due = steps % self.cov_interval == 0 or self.capture_next
-        self.capture_next = False
-        return due
+        """Whether the step after ``steps`` completed steps captures statistics: on the
+        interval, or while a layer met without fresh statistics is chased (module
+        docstring)."""
+        horizon = 1 if self.distributed else self.cov_interval
+        self.pending = {n: met for n, met in self.pending.items() if steps - met <= horizon}
+        return steps % self.cov_interval == 0 or bool(self.pending)
 
     def defer_unseen(
-        self, factors: Mapping[str, KroneckerFactors], active: list[str], captured: bool
+        self,
+        factors: Mapping[str, KroneckerFactors],
+        active: list[str],
+        captured: bool,
+        folded: Collection[str] = (),
+        steps: int = 0,
     ) -> list[str]:
         """``active`` without the layers that have no statistics yet, on a step that
-        captured none (they take the plain step, and the next step captures); unchanged
-        on a capturing step."""
+        captured none (they take the plain step, and the coming steps capture); unchanged
+        on a capturing step. ``folded``: the layers whose statistics this step (``steps``
+        completed before it) folds; an active layer whose last ones are ``cov_interval``
+        steps old is chased too (module docstring)."""
+        for name in folded:
+            self.folded[name] = steps
+            self.pending.pop(name, None)
+        if not self.distributed:
+            for name in active:
+                last = self.folded.setdefault(name, steps)  # (a first sight, a loaded state)
+                if name not in folded and steps - last >= self.cov_interval:
+                    self.pending[name] = steps
         unseen = [name for name in active if not factors[name].ready]
         if captured or not unseen:
             return active
@@ -61,13 +88,24 @@ class CaptureSchedule:
             warnings.warn(
                 f"layer(s) {new} have gradients but no curvature statistics yet (first used "
                 f"between two captures, cov_interval={self.cov_interval}): they take the "
-                "optimizer's plain step now, and the next step captures their statistics",
+                "optimizer's plain step now, and the coming steps capture statistics until a "
+                "forward uses them",
                 RuntimeWarning,
                 stacklevel=5,
             )
             self._warned.update(new)
-        self.capture_next = True
+        self.pending.update(dict.fromkeys(unseen, steps))
         return [name for name in active if name not in unseen]
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        """The chased layers and each layer's last fold (a resumed run captures alike)."""
+        return {"pending": dict(self.pending), "folded": dict(self.folded)}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, int]] | None) -> None:
+        """Restore :meth:`state_dict` (``None``: a checkpoint from before it was saved)."""
+        state = state or {}
+        self.pending = dict(state.get("pending", {}))
+        self.folded = dict(state.get("folded", {}))
 
     @staticmethod
     def skips_empty(

@@ -39,6 +39,7 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
         **pre.fine.state_dict(),
     }
     state["capture_next"] = pre.capture.active  # the coming step captures statistics
+    state["schedule"] = pre.schedule.state_dict()
     if pre.coarse_level is not None:
         state["coarse"] = pre.coarse_level.state_dict(pre.comm.distributed)
     if pre.retain_statistics:
@@ -104,6 +105,7 @@ def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     if coarse is not None and not early:
         coarse.load_state_dict(state)
     pre.active, pre.interrupted = list(pre.layers), None
+    pre.schedule.load_state_dict(state.get("schedule"))
     pre._schedule_capture()
     pre.capture.active = bool(state.get("capture_next", pre.capture.active))
 

@@ -1,0 +1,101 @@
+"""Layers used on other steps than the regular captures (:mod:`twolevel_kfac.optim.
+schedule`): two task heads taking turns are both preconditioned and both refreshed; a
+layer used once is chased for ``cov_interval`` steps at most; a model whose layers all
+run every step captures on the interval alone; a resume mid-chase is bit-identical."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+
+
+class TwoHeads(nn.Module):
+    """A shared body and two heads; ``task`` picks the head of a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.h1, self.h2 = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        return (self.h1 if task == 0 else self.h2)(self.body(x))
+
+
+def _run(model: TwoHeads, opt: tk.KFAC, tasks: list[int], seed: int = 1) -> list[bool]:
+    """Steps on ``tasks``; returns whether each step captured statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    captured = []
+    for task in tasks:
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        captured.append(opt.preconditioner.capture.active)
+        opt.zero_grad()
+        F.cross_entropy(model(x, task), y).backward()
+        opt.step()
+    return captured
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
+def test_heads_taking_turns_are_both_preconditioned_and_refreshed(cls: type) -> None:
+    """At the default ``cov_interval=10`` the regular captures fall on ``h1``'s steps
+    (even); ``h2`` gets its statistics on the step after it is first met (one warning),
+    and is refreshed about every 10 of its steps after, at two extra captures per interval
+    (the regular one sees ``h1``, then the chase one ``h1`` and one ``h2``)."""
+    model = TwoHeads()
+    opt = cls(model, lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        captured = _run(model, opt, [step % 2 for step in range(100)])
+    assert sum("no curvature statistics yet" in str(w.message) for w in caught) == 1
+    factors = opt.preconditioner.factors
+    assert factors["h2"].ready and factors["h2"].num_updates >= 9
+    assert factors["h1"].num_updates >= 10
+    assert sum(captured) <= 30  # 10 regular, and two chasing h2 per interval (h1, then h2)
+
+
+def test_every_layer_every_step_captures_on_the_interval_alone() -> None:
+    model = TwoHeads()
+    opt = tk.KFAC(model, lr=0.05, cov_interval=5, inv_interval=5)
+    captured = _run(model, opt, [0] * 23)
+    assert [i for i, c in enumerate(captured) if c] == [0, 5, 10, 15, 20]
+
+
+def test_a_layer_used_once_is_chased_for_one_interval() -> None:
+    """``h2`` used once, at step 3 (no capture): the next 5 steps capture looking for it,
+    then the schedule is the interval's again; ``h2`` keeps no statistics."""
+    model = TwoHeads()
+    opt = tk.KFAC(model, lr=0.05, cov_interval=5, inv_interval=5)
+    tasks = [0] * 23
+    tasks[3] = 1
+    with pytest.warns(RuntimeWarning, match=r"\['h2'\] have gradients but no curvature"):
+        captured = _run(model, opt, tasks)
+    assert [i for i, c in enumerate(captured) if c] == [0, 4, 5, 6, 7, 8, 10, 15, 20]
+    assert not opt.preconditioner.factors["h2"].ready
+
+
+def test_a_resume_while_a_layer_is_chased_is_bit_identical() -> None:
+    """Saved while ``h2`` is chased (stale after the regular captures saw only ``h1``),
+    the resumed run captures on the same steps and takes the same steps."""
+    tasks = [step % 2 for step in range(30)]
+    model = TwoHeads()
+    opt = tk.KFAC(model, lr=0.05, cov_interval=4, inv_interval=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run(model, opt, tasks[:14])
+    assert opt.preconditioner.schedule.pending  # h2 is chased at the save
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    rest = _run(model, opt, tasks[14:], seed=2)
+    resumed = TwoHeads()
+    resumed.load_state_dict(saved[0])
+    resumed_opt = tk.KFAC(resumed, lr=0.05, cov_interval=4, inv_interval=4)
+    resumed_opt.load_state_dict(saved[1])
+    assert _run(resumed, resumed_opt, tasks[14:], seed=2) == rest
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
