@@ -130,3 +130,32 @@ def test_a_refresh_that_only_decomposes_is_taken_again(
     for net in (twin, resumed):
         for p, q in zip(model.parameters(), net.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fisher_batch", [1.0, 0.5])
+def test_a_step_interrupted_before_any_change_is_retried_with_the_same_draws(
+    fisher_batch: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fisher="mc"`` (and a Fisher subset) draws in the forward and backward: a step that
+    raises before it folds anything drops its capture and rewinds the sampler, so the step
+    retried after a new forward equals, bit for bit, a run that was never interrupted."""
+    settings = {**SETTINGS, "fisher": "mc", "fisher_batch": fisher_batch}
+    batches = _batches()
+    model, twin = _net(), _net()
+    opt, twin_opt = tk.KFAC(model, **settings), tk.KFAC(twin, **settings)
+    for batch in batches[:4]:
+        _step(model, opt, batch)
+        _step(twin, twin_opt, batch)
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(opt.preconditioner, "_update_factors", fail)
+        with pytest.raises(KeyboardInterrupt):
+            _step(model, opt, batches[4])
+    for batch in batches[4:]:
+        _step(model, opt, batch)
+        _step(twin, twin_opt, batch)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -375,13 +375,21 @@ class CurvatureCapture:
             stacklevel=4,
         )
 
-    def discard(self) -> None:
+    def discard(self, drawn_from: Tensor | None = None) -> None:
         """Drop everything captured so far (e.g. on a skipped step), and rewind the generator
-        to before the draws made for it (the rows, the MC targets): a skipped step leaves
-        the draws of the steps after it as they would have been without it."""
+        to before the draws made for it (the rows, the MC targets; ``drawn_from``: the
+        state :attr:`drawn_from` had before a :meth:`take` that cleared it): a skipped
+        step leaves the draws of the steps after it as they would have been without it."""
         self._unreached, self._empty_forward = set(), False
         for name in self._records:
             self._records[name] = []
-        if self._drawn_from is not None:
-            self.generator.set_state(self._drawn_from)
+        drawn_from = self._drawn_from if self._drawn_from is not None else drawn_from
+        if drawn_from is not None:
+            self.generator.set_state(drawn_from)
         self._forward, self._drawn_from = None, None
+
+    @property
+    def drawn_from(self) -> Tensor | None:
+        """The generator's state before the draws of what is captured now (``None``: no
+        draw since the last :meth:`take` or :meth:`discard`)."""
+        return self._drawn_from

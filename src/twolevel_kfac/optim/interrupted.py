@@ -10,17 +10,21 @@ silently from it. So such a step marks the preconditioner until it completes, an
 marked :meth:`step` and ``state_dict()`` refuse, naming the step, until a state saved
 before it is loaded (``load_state_dict``). A step that changes no state (no statistics
 folded, a refresh that only recomputes decompositions from the factors) is not marked: it
-can simply be taken again.
+can simply be taken again, after a new forward and backward (:func:`step_guard` drops
+what it captured and rewinds the sampler, so its draws are those of a run that never
+saw the interruption).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
 
-__all__ = ["check_not_interrupted", "partial_step"]
+__all__ = ["check_not_interrupted", "partial_step", "step_guard"]
 
 
 def partial_step(pre: KFACPreconditioner, folds: bool) -> str | None:
@@ -53,3 +57,19 @@ def check_not_interrupted(pre: KFACPreconditioner, action: str) -> None:
             "a state_dict saved before that step (optimizer.load_state_dict), or build a new "
             "optimizer"
         )
+
+
+@contextmanager
+def step_guard(pre: KFACPreconditioner) -> Iterator[None]:
+    """Around a step: refuse it after an interrupted one (:func:`check_not_interrupted`);
+    if it raises before changing any state, drop what it captured and rewind the sampler
+    to before its draws (the rows, the MC targets), so the step taken again after a new
+    forward draws as a run that never saw the interruption."""
+    check_not_interrupted(pre, "another step")
+    drawn_from = pre.capture.drawn_from
+    try:
+        yield
+    except BaseException:
+        if pre.interrupted is None:
+            pre.capture.discard(drawn_from)
+        raise

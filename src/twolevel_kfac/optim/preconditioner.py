@@ -46,7 +46,7 @@ from .directions import assign_layers, clip_scale, part_pairs, writable_in_place
 from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term
-from .interrupted import check_not_interrupted, partial_step
+from .interrupted import partial_step, step_guard
 from .options import (
     CoarseOptions,
     CurvatureOptions,
@@ -169,8 +169,8 @@ class KFACPreconditioner:
         Raises:
             RuntimeError: if a layer has a gradient but never had curvature statistics.
         """
-        check_not_interrupted(self, "another step")
-        with torch.no_grad(), autocast_off(layer_weight(next(iter(self.layers.values())))):
+        weight = layer_weight(next(iter(self.layers.values())))
+        with step_guard(self), torch.no_grad(), autocast_off(weight):
             self._step(lr, loss_scale)
 
     def _step(self, lr: float | Mapping[str, float], loss_scale: float) -> None:
