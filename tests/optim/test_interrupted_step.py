@@ -52,6 +52,29 @@ def _raise_on_call(patch: pytest.MonkeyPatch, owner: type, name: str, call: int)
     patch.setattr(owner, name, wrapped)
 
 
+def _twins(
+    cls: type, settings: dict[str, Any], steps: int
+) -> tuple[nn.Module, Any, nn.Module, Any]:
+    """A model and optimizer and their twin, both after ``steps`` equal steps."""
+    model, twin = _net(), _net()
+    opt, twin_opt = cls(model, **settings), cls(twin, **settings)
+    for batch in _batches()[:steps]:
+        _step(model, opt, batch)
+        _step(twin, twin_opt, batch)
+    return model, opt, twin, twin_opt
+
+
+def _interrupted_step(
+    patch: pytest.MonkeyPatch, method: str, model: nn.Module, opt: Any, batch: Any
+) -> None:
+    """One step whose ``KroneckerFactors.<method>`` raises ``KeyboardInterrupt`` at its
+    second call (the second layer's)."""
+    with patch.context() as inner:
+        _raise_on_call(inner, KroneckerFactors, method, 2)
+        with pytest.raises(KeyboardInterrupt):
+            _step(model, opt, batch)
+
+
 @pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC, tk.EKFAC])
 def test_an_interrupted_fold_is_refused_until_a_saved_state_is_loaded(
     cls: type, monkeypatch: pytest.MonkeyPatch
@@ -60,16 +83,9 @@ def test_an_interrupted_fold_is_refused_until_a_saved_state_is_loaded(
     layer's running factors already hold the batch, so the next step and saving refuse;
     the state saved before step 4 loads and the run then equals an uninterrupted one."""
     batches = _batches()
-    model, twin = _net(), _net()
-    opt, twin_opt = cls(model, **SETTINGS), cls(twin, **SETTINGS)
-    for batch in batches[:4]:
-        _step(model, opt, batch)
-        _step(twin, twin_opt, batch)
+    model, opt, twin, twin_opt = _twins(cls, SETTINGS, 4)
     saved = copy.deepcopy(opt.state_dict())
-    with monkeypatch.context() as patch:
-        _raise_on_call(patch, KroneckerFactors, "update", 2)
-        with pytest.raises(KeyboardInterrupt):
-            _step(model, opt, batches[4])
+    _interrupted_step(monkeypatch, "update", model, opt, batches[4])
     with pytest.raises(RuntimeError, match=r"step 4 was interrupted while it folded"):
         _step(model, opt, batches[4])
     with pytest.raises(RuntimeError, match=r"step 4 was interrupted.*saving this state"):
@@ -91,10 +107,7 @@ def test_an_interrupted_refresh_of_ekfac_is_refused(monkeypatch: pytest.MonkeyPa
     batches = _batches()
     for batch in batches[:2]:
         _step(model, opt, batch)
-    with monkeypatch.context() as patch:
-        _raise_on_call(patch, KroneckerFactors, "decompose", 2)
-        with pytest.raises(KeyboardInterrupt):
-            _step(model, opt, batches[2])
+    _interrupted_step(monkeypatch, "decompose", model, opt, batches[2])
     with pytest.raises(RuntimeError, match=r"step 2 was interrupted while its refresh"):
         _step(model, opt, batches[2])
 
@@ -110,15 +123,8 @@ def test_a_refresh_that_only_decomposes_is_taken_again(
     decompositions), both equal to a run never interrupted."""
     settings = {"cov_interval": 2, "inv_interval": 3, "lr": 0.1, "coarse_space": space}
     batches = _batches()
-    model, twin = _net(), _net()
-    opt, twin_opt = tk.TwoLevelKFAC(model, **settings), tk.TwoLevelKFAC(twin, **settings)
-    for batch in batches[:3]:
-        _step(model, opt, batch)
-        _step(twin, twin_opt, batch)
-    with monkeypatch.context() as patch:
-        _raise_on_call(patch, KroneckerFactors, "decompose", 2)
-        with pytest.raises(KeyboardInterrupt):
-            _step(model, opt, batches[3])
+    model, opt, twin, twin_opt = _twins(tk.TwoLevelKFAC, settings, 3)
+    _interrupted_step(monkeypatch, "decompose", model, opt, batches[3])
     saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
     resumed = _net()
     resumed.load_state_dict(saved[0])
@@ -141,11 +147,7 @@ def test_a_step_interrupted_before_any_change_is_retried_with_the_same_draws(
     retried after a new forward equals, bit for bit, a run that was never interrupted."""
     settings = {**SETTINGS, "fisher": "mc", "fisher_batch": fisher_batch}
     batches = _batches()
-    model, twin = _net(), _net()
-    opt, twin_opt = tk.KFAC(model, **settings), tk.KFAC(twin, **settings)
-    for batch in batches[:4]:
-        _step(model, opt, batch)
-        _step(twin, twin_opt, batch)
+    model, opt, twin, twin_opt = _twins(tk.KFAC, settings, 4)
 
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
