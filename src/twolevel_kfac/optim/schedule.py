@@ -5,12 +5,14 @@ A layer first used (or unfrozen) between two captures has no factors when it fir
 gradient. Rather than refuse the step, the preconditioner leaves that layer's gradient as
 it is (the optimizer takes its plain step for it, outside the KL clip), warns once, and
 captures statistics on the following steps until a captured forward uses the layer (for
-at most ``cov_interval`` steps after it was last met: a layer used once is not chased
-forever); from then on the layer is preconditioned. A layer that has factors but missed
+at most ``cov_interval`` steps after it was last met, and at most :data:`CHASES` captures
+per interval beyond the regular one: a layer used once, or rarely, is not chased at every
+step); from then on the layer is preconditioned. A layer that has factors but missed
 the regular captures (used on other steps than they fall on: two task heads taking turns)
-is chased the same way once its statistics are ``cov_interval`` steps old, so it is
-refreshed about as often as the others instead of never. On a step that did capture, a
-layer with a gradient and no statistics is still an error
+is chased the same way once its statistics are ``cov_interval`` steps old (if it was
+used within the last ``cov_interval`` steps too: a chase cannot find a layer used more
+rarely), so it is refreshed about as often as the others instead of never. On a step
+that did capture, a layer with a gradient and no statistics is still an error
 (:func:`~twolevel_kfac.curvature.block_checks.check_statistics`: its forward ran under
 ``no_grad``, or its weight was used outside the module). Under ``torch.distributed``
 every rank must capture on the same steps, so only the step right after is captured, as
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..curvature.kronecker import KroneckerFactors
 
@@ -33,7 +35,12 @@ if TYPE_CHECKING:
     from ..curvature.capture import CurvatureCapture
     from ..distributed import Communicator
 
-__all__ = ["CaptureSchedule"]
+__all__ = ["CHASES", "CaptureSchedule"]
+
+CHASES = 2
+"""Captures per ``cov_interval`` steps beyond the regular one, at most, to chase layers
+the regular captures missed: two find a layer used every other step (the first may fall
+on a step without it); a layer used more rarely is found when a chase meets its step."""
 
 
 class CaptureSchedule:
@@ -49,15 +56,26 @@ class CaptureSchedule:
         self.distributed = distributed
         self.pending: dict[str, int] = {}  # layer -> the step it was met without fresh stats
         self.folded: dict[str, int] = {}  # layer -> the step its statistics were last folded
+        self.chased: list[int] = []  # the chasing captures of this interval (by step)
+        self.met: dict[str, int] = {}  # layer -> the last step it had a gradient
         self._warned: set[str] = set()
 
     def due(self, steps: int) -> bool:
         """Whether the step after ``steps`` completed steps captures statistics: on the
-        interval, or while a layer met without fresh statistics is chased (module
-        docstring)."""
+        interval, or while a layer met without fresh statistics is chased, at most
+        :data:`CHASES` times per interval (module docstring)."""
         horizon = 1 if self.distributed else self.cov_interval
         self.pending = {n: met for n, met in self.pending.items() if steps - met <= horizon}
-        return steps % self.cov_interval == 0 or bool(self.pending)
+        if steps % self.cov_interval == 0:
+            return True
+        window = steps // self.cov_interval
+        self.chased = [s for s in self.chased if s // self.cov_interval == window]
+        if steps in self.chased:  # asked again for the same step (a resume, an undo)
+            return True
+        if not self.pending or len(self.chased) >= CHASES:
+            return False
+        self.chased.append(steps)
+        return True
 
     def defer_unseen(
         self,
@@ -78,8 +96,10 @@ class CaptureSchedule:
         if not self.distributed:
             for name in active:
                 last = self.folded.setdefault(name, steps)  # (a first sight, a loaded state)
-                if name not in folded and steps - last >= self.cov_interval:
-                    self.pending[name] = steps
+                recent = steps - self.met.get(name, steps) <= self.cov_interval
+                if name not in folded and steps - last >= self.cov_interval and recent:
+                    self.pending[name] = steps  # (a layer used more rarely: no chase finds it)
+                self.met[name] = steps
         unseen = [name for name in active if not factors[name].ready]
         if captured or not unseen:
             return active
@@ -97,15 +117,23 @@ class CaptureSchedule:
         self.pending.update(dict.fromkeys(unseen, steps))
         return [name for name in active if name not in unseen]
 
-    def state_dict(self) -> dict[str, dict[str, int]]:
-        """The chased layers and each layer's last fold (a resumed run captures alike)."""
-        return {"pending": dict(self.pending), "folded": dict(self.folded)}
+    def state_dict(self) -> dict[str, Any]:
+        """The chased layers, each layer's last fold and this interval's chasing captures
+        (a resumed run captures alike)."""
+        return {
+            "pending": dict(self.pending),
+            "folded": dict(self.folded),
+            "chased": list(self.chased),
+            "met": dict(self.met),
+        }
 
-    def load_state_dict(self, state: Mapping[str, Mapping[str, int]] | None) -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Restore :meth:`state_dict` (``None``: a checkpoint from before it was saved)."""
         state = state or {}
         self.pending = dict(state.get("pending", {}))
         self.folded = dict(state.get("folded", {}))
+        self.chased = list(state.get("chased", []))
+        self.met = dict(state.get("met", {}))
 
     @staticmethod
     def skips_empty(
