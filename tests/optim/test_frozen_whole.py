@@ -140,3 +140,47 @@ def test_between_the_freeze_and_the_refresh_the_steps_are_the_fine_levels() -> N
             torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True)
         )
         assert same == (step < 6), step
+
+
+@pytest.mark.parametrize(
+    "damping", [{"adaptive_damping": True, "damping_interval": 1}, {"qmodel_lr_momentum": True}]
+)
+def test_the_quadratic_model_leaves_a_layer_frozen_whole_out(damping: dict) -> None:  # type: ignore[type-arg]
+    """Adaptive damping's ``ρ`` and the quadratic-model step read the kept mini-batch's
+    Fisher over the layers that train: a layer frozen mid-run (its retained rows of the
+    old block) is left out instead of failing on a shape, and never moves."""
+    model = _net()
+    opt = tk.KFAC(model, lr=0.1, cov_interval=2, inv_interval=2, **damping)
+    for step, (x, y) in enumerate(_batches(8)):
+        if step == 3:
+            model[2].requires_grad_(False)
+            frozen = [p.detach().clone() for p in model[2].parameters()]
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(model(x), y)  # noqa: B023
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), frozen, strict=True))
+    assert torch.isfinite(torch.tensor(opt.preconditioner.damping))
+
+
+@pytest.mark.parametrize("fallback", ["sgd", "adamw"])
+def test_a_frozen_fallback_parameter_is_not_moved(fallback: str) -> None:
+    """A parameter without a block (a LayerNorm: the fallback's step) frozen mid-run keeps
+    its value under ``zero_grad(set_to_none=False)`` with either fallback (torch's AdamW
+    would move it by its moments), while the others train."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = tk.KFAC(model, lr=0.05, fallback=fallback, weight_decay=0.1)
+    for step, batch in enumerate(_batches(6)):
+        if step == 2:
+            model[1].requires_grad_(False)
+            frozen = [p.detach().clone() for p in model[1].parameters()]
+            before = model[3].weight.detach().clone()
+        _step(model, opt, batch, set_to_none=False)
+    assert all(torch.equal(p, q) for p, q in zip(model[1].parameters(), frozen, strict=True))
+    assert not torch.equal(model[3].weight, before)

@@ -147,23 +147,28 @@ def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_siz
         )
 
 
-def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batch: int) -> None:
-    """Refuse an embedding table called with a 1-D index tensor whose length is not a
-    multiple of the batch (nanoGPT's ``pos(torch.arange(T))``, broadcast over the batch):
-    each output row then gets the gradient summed over the samples, and KFAC's ``G`` would
-    be formed from those sums as if they were ``T`` samples, a silently wrong step. With
-    ``T`` a multiple of the batch the call cannot be told from flattened tokens.
+def check_unbatched_embedding(
+    name: str, module: nn.Module, inputs: Tensor, shape: tuple[int, ...]
+) -> None:
+    """Refuse an embedding table called with a 1-D index tensor as long as the second
+    dimension ``T`` of the model's input ``[B, T, …]`` (nanoGPT's ``pos(torch.arange(T))``,
+    broadcast over the batch): each output row then gets the gradient summed over the
+    samples, and KFAC's ``G`` would be formed from those sums as if they were ``T``
+    samples, a silently wrong step. Indices of another length (flattened or packed tokens,
+    one label per sample) are rows of samples; with ``T = B`` the two cannot be told apart.
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
     """
-    if not isinstance(module, nn.Embedding) or inputs.dim() != 1 or batch <= 1:
+    if not isinstance(module, nn.Embedding) or inputs.dim() != 1 or len(shape) < 2:
         return
-    if inputs.shape[0] % batch:  # (B·T flattened tokens are rows of samples)
+    batch, length = shape[0], shape[1]
+    if batch > 1 and inputs.shape[0] == length != batch:
         raise RuntimeError(
-            f"layer {name!r} (an embedding) was called with {inputs.shape[0]} indices, not a "
-            f"multiple of the batch of {batch}: its output rows are shared by every "
-            "sample (broadcast over the batch), and KFAC needs one row per sample. Call it "
-            "with the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position "
-            "table (the same function and gradients)"
+            f"layer {name!r} (an embedding) was called with {length} indices, one per "
+            f"position of the model's input {tuple(shape)}, without its batch dimension: its "
+            "output rows are shared by every sample (broadcast over the batch), and KFAC "
+            "needs one row per sample. Call it with the batch first: e.g. "
+            "pos(torch.arange(T).expand(B, T)) for a position table (the same function and "
+            "gradients)"
         )

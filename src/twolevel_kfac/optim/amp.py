@@ -12,13 +12,22 @@ the overflowed batch).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["AmpState", "take_amp_state", "unscale_gradients"]
+__all__ = [
+    "AmpState",
+    "forget_amp_state",
+    "forgets_amp_state_on_error",
+    "take_amp_state",
+    "unscale_gradients",
+]
+
+T = TypeVar("T")
 
 AmpState = tuple[float | None, bool]
 """``(loss scale S or None when the gradients are already unscaled, found_inf)``."""
@@ -32,6 +41,29 @@ def take_amp_state(optimizer: Any) -> AmpState | None:
         return None
     scale = getattr(optimizer, "grad_scale", None)
     return (None if scale is None else float(scale)), bool(found_inf.sum() > 0)
+
+
+def forget_amp_state(optimizer: Any) -> None:
+    """Remove what ``GradScaler.step`` handed ``optimizer``: the scaler deletes it only when
+    ``step`` returns, and multiplies a ``grad_scale`` it finds into the next one (so after
+    a step that raised, the next step would unscale by ``S²``)."""
+    for name in ("grad_scale", "found_inf"):
+        optimizer.__dict__.pop(name, None)
+
+
+def forgets_amp_state_on_error(step: Callable[..., T]) -> Callable[..., T]:
+    """``step`` that removes the scaler's attributes (:func:`forget_amp_state`) when it
+    raises."""
+
+    @functools.wraps(step)
+    def guarded(optimizer: Any, *args: Any, **kwargs: Any) -> T:
+        try:
+            return step(optimizer, *args, **kwargs)
+        except BaseException:
+            forget_amp_state(optimizer)
+            raise
+
+    return guarded
 
 
 def unscale_gradients(groups: Iterable[dict[str, Any]], scale: float) -> None:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import block_parameters, weight_rows
+from ..curvature.blocks import block_parameters, trains, weight_rows
 from ..twolevel.fisher_products import sample_coefficients
 from .options import check_real
 from .preconditioner import KFACPreconditioner
@@ -152,16 +152,20 @@ class QuadraticModel:
         for group in groups:
             decay = float(group["weight_decay"])
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and p.requires_grad:  # (a frozen one's kept .grad: no)
                     theta = p.detach().clone()
                     self.entries.append(_Entry(p, decay, theta, p.grad + decay * theta))
 
     def _coefficients(self, values: list[Tensor]) -> Tensor:
-        """``c_n = Σ_i ⟨∇_iℓ_n, v_i⟩`` of a parameter-aligned vector over the layers."""
+        """``c_n = Σ_i ⟨∇_iℓ_n, v_i⟩`` of a parameter-aligned vector over the layers that
+        train and that the kept mini-batch used (a layer frozen whole, or unused in that
+        forward, has no part in the model's Fisher)."""
         pre = self.preconditioner
         by_id = {id(e.param): v for e, v in zip(self.entries, values, strict=True)}
         stats, matrices = [], []
         for name, module in pre.layers.items():
+            if not trains(module) or name not in pre.retained_stats:
+                continue
             weight, bias = block_parameters(module)
             mat = by_id.get(id(weight), torch.zeros_like(weight)).reshape(weight_rows(module), -1)
             if bias is not None:

@@ -48,9 +48,20 @@ class AdamWFallback:
         self.optimizer = torch.optim.AdamW(params, **{"lr": 1e-3, **options}) if params else None
 
     def step(self) -> None:
-        """AdamW's step on the current ``.grad`` of its parameters."""
-        if self.optimizer is not None:
+        """AdamW's step on the current ``.grad`` of its parameters that train: a frozen one's
+        ``.grad`` kept by ``zero_grad(set_to_none=False)`` is hidden from it for the step
+        (torch's AdamW would move the parameter by its moments and weight decay)."""
+        if self.optimizer is None:
+            return
+        params = (p for group in self.optimizer.param_groups for p in group["params"])
+        hidden = [(p, p.grad) for p in params if p.grad is not None and not p.requires_grad]
+        for p, _ in hidden:
+            p.grad = None
+        try:
             self.optimizer.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
 
     def state_dict(self) -> dict[str, Any]:
         """AdamW's state (empty without parameters)."""

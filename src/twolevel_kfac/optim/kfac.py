@@ -28,7 +28,7 @@ from torch.optim.sgd import sgd as sgd_update
 from ..curvature.blocks import block_parameters
 from ..curvature.discovery import is_supported, materialize_params, parameter_ids
 from ..finite import all_finite
-from .amp import amp_loss_scale
+from .amp import amp_loss_scale, forget_amp_state, forgets_amp_state_on_error
 from .damping import (
     DAMPING_ARGUMENTS,
     DampingOptions,
@@ -181,6 +181,7 @@ class KFAC(torch.optim.Optimizer):
         """Diagnostics of the last step (KL scale, damping, two-level residual/energy …)."""
         return self.preconditioner.last_stats
 
+    @forgets_amp_state_on_error
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One step; ``closure`` (re-evaluates the mean loss, calling ``backward``) is
@@ -325,15 +326,11 @@ class KFAC(torch.optim.Optimizer):
     def _momentum_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.SGD``'s update on the preconditioned gradients: ``d = p.grad + wd·p``,
         ``b ← μb + d`` (``b = d`` at first), ``d ← d + μb`` (Nesterov) or ``b``, ``p ← p − lr·d``
-        (torch's multi-tensor ``foreach`` kernels). A frozen parameter is not stepped, even
-        with a ``.grad`` left by ``zero_grad(set_to_none=False)`` (torch's SGD would move it
-        by its momentum): freezing a layer leaves it alone."""
+        (torch's ``foreach`` kernels); a frozen parameter with a ``.grad`` kept by
+        ``zero_grad(set_to_none=False)`` is not moved by its momentum (torch's SGD moves it)."""
         skip = self.fallback.ids if self.fallback is not None else ()
-        params = [
-            p
-            for p in group["params"]
-            if p.grad is not None and p.requires_grad and id(p) not in skip
-        ]
+        stepped = (p for p in group["params"] if p.grad is not None and p.requires_grad)
+        params = [p for p in stepped if id(p) not in skip]
         if not params:
             return
         buffers = [self.state[p].get("momentum_buffer") for p in params]
@@ -366,6 +363,7 @@ class KFAC(torch.optim.Optimizer):
         """Restore a :meth:`state_dict`."""
         if "preconditioner" not in state_dict:
             raise ValueError(f"not a {type(self).__name__} state dict: no 'preconditioner' entry")
+        forget_amp_state(self)  # a raised step's, if any
         state = dict(state_dict)
         self.preconditioner.load_state_dict(state.pop("preconditioner"))
         self.nonfinite_steps, self.consecutive_nonfinite = state.pop("nonfinite", [0, 0])
