@@ -74,21 +74,21 @@ def check_blocks(
     """
     for name in dict.fromkeys(names):
         module = layers[name]
-        if not trains(module):  # frozen whole: its block is not used, its factors are kept
-            continue
         tied = (uses or {}).get(name, [])
-        if len(tied) > 1 and len({block_key(m) for m in tied}) > 1:
-            raise ValueError(
-                f"layer {name!r}: its modules were tied through their weight when the "
-                "optimizer was built, but now train their biases alone (each bias its own "
-                "block): build a new optimizer after changing which parameters train"
-            )
         got, key = factors[name].factor_shapes(), None
         if checked is not None and len(tied) <= 1:
             signature = block_signature(module)
             key = None if signature is None else (signature, got)
             if key is not None and checked.get(name) == key:
                 continue
+        if not trains(module):  # frozen whole: its block is not used, its factors are kept
+            continue
+        if len(tied) > 1 and len({block_key(m) for m in tied}) > 1:
+            raise ValueError(
+                f"layer {name!r}: its modules were tied through their weight when the "
+                "optimizer was built, but now train their biases alone (each bias its own "
+                "block): build a new optimizer after changing which parameters train"
+            )
         check_bias_only(name, module)
         now = factor_shapes(module)
         if got is not None and tuple(got) != tuple(now):
