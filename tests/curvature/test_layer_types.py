@@ -106,14 +106,16 @@ def test_register_refuses_a_non_module() -> None:
 def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
     """nanoGPT's ``pos(torch.arange(T))`` broadcast over a batch of ``B``: every output row
     holds the gradient summed over the samples, so KFAC refuses it, naming the layer and
-    the batched call (``pos(arange(T).expand(B, T))``), which trains; flattened tokens
-    (``B·T`` indices) are rows of samples and train too."""
+    the batched call (``pos(arange(T).expand(B, T))``), which trains; so is GPT-2's
+    ``pos(arange(T)[None])``, whatever ``T`` is; flattened tokens (``B·T`` indices) and
+    ``T`` packed tokens are rows of samples and train."""
     import twolevel_kfac as tk
 
     class Net(torch.nn.Module):
         def __init__(self, batched: str) -> None:
             super().__init__()
             self.tok, self.pos = torch.nn.Embedding(10, 4), torch.nn.Embedding(6, 4)
+            self.bag = torch.nn.Embedding(10, 4)
             self.head, self.batched = torch.nn.Linear(4, 10), batched
 
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -121,6 +123,12 @@ def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
             positions = torch.arange(t)
             if self.batched == "expand":
                 pos = self.pos(positions.expand(b, t))
+            elif self.batched == "row":  # GPT-2's position_ids [1, T]: shared too
+                pos = self.pos(positions[None])
+            elif self.batched == "packed":  # the first T tokens of the batch: rows of samples
+                packed = torch.zeros(b * t, 4)
+                packed[:t] = self.bag(idx.flatten()[:t])  # each row one sample's token
+                pos = packed.view(b, t, 4)
             elif self.batched == "flat":
                 pos = self.pos(positions.repeat(b)).view(b, t, -1)
             else:
@@ -128,17 +136,18 @@ def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
             return self.head(self.tok(idx) + pos)
 
     for idx, batched in itertools.product(
-        (torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (2, 6))), ("none", "expand", "flat")
+        (torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (2, 6))),
+        ("none", "row", "expand", "flat", "packed"),
     ):  # T = 6 a multiple of B = 2 is refused too (it reads the model input's T)
         torch.manual_seed(0)
         model = Net(batched)
         opt = tk.KFAC(model, lr=0.1, class_dim=-1)
         loss = (
             torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
-            if batched != "none"
+            if batched not in ("none", "row")
             else None
         )
-        if batched == "none":
+        if batched in ("none", "row"):
             with pytest.raises(RuntimeError, match=r"layer 'pos' \(an embedding\) was called with"):
                 model(idx)
             continue

@@ -6,6 +6,7 @@ layer out (:mod:`twolevel_kfac.optim.frozen`)."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -184,3 +185,37 @@ def test_a_frozen_fallback_parameter_is_not_moved(fallback: str) -> None:
         _step(model, opt, batch, set_to_none=False)
     assert all(torch.equal(p, q) for p, q in zip(model[1].parameters(), frozen, strict=True))
     assert not torch.equal(model[3].weight, before)
+
+
+def test_adaptive_damping_with_no_layer_of_the_kept_batch_training() -> None:
+    """The kept mini-batch used only a layer frozen since, and this step trains another:
+    the quadratic model has no Fisher term (its ``ρ`` from the slope and the damping),
+    instead of failing on an empty list of layers."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(6, 3).double(), nn.Linear(6, 3).double()
+
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            return self.b(x) if use_b else self.a(x)
+
+    model = Two()
+    settings = {"cov_interval": 3, "inv_interval": 3, "damping_interval": 1}
+    opt = tk.KFAC(model, lr=0.1, adaptive_damping=True, **settings)
+    for step, (x, y) in enumerate(_batches(6)):
+        use_b = step >= 4
+        if step == 4:  # the batch kept at step 3 used only a
+            model.a.requires_grad_(False)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x, use_b), y)  # noqa: B023
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure)
+        assert math.isfinite(opt.last_stats["rho"]), step

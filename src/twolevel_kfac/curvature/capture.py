@@ -74,7 +74,6 @@ class _Forward:
     index: Tensor | None
     batch_size: int
     mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
-    shape: tuple[int, ...] = ()  # of the model's first tensor argument
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
     records: dict[str, list[_Record]] = field(default_factory=dict)
@@ -208,7 +207,7 @@ class CurvatureCapture:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
-        self._forward = _Forward(index=index, batch_size=batch, mask=mask, shape=x.shape)
+        self._forward = _Forward(index=index, batch_size=batch, mask=mask)
 
     def layer_hook(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
@@ -222,7 +221,7 @@ class CurvatureCapture:
         check_subset_rows(
             f"the input of layer {name!r}", args[0], forward.index, forward.batch_size
         )
-        check_unbatched_embedding(name, module, args[0], forward.shape)
+        check_unbatched_embedding(name, module, args[0], forward.batch_size)
         kept = recorded_input(module, args[0].detach())
         record = _Record(module, _rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .blocks import bias_only, block_parameters, has_gradient
@@ -147,28 +148,31 @@ def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_siz
         )
 
 
-def check_unbatched_embedding(
-    name: str, module: nn.Module, inputs: Tensor, shape: tuple[int, ...]
-) -> None:
-    """Refuse an embedding table called with a 1-D index tensor as long as the second
-    dimension ``T`` of the model's input ``[B, T, …]`` (nanoGPT's ``pos(torch.arange(T))``,
-    broadcast over the batch): each output row then gets the gradient summed over the
-    samples, and KFAC's ``G`` would be formed from those sums as if they were ``T``
-    samples, a silently wrong step. Indices of another length (flattened or packed tokens,
-    one label per sample) are rows of samples; with ``T = B`` the two cannot be told apart.
+def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batch: int) -> None:
+    """Refuse an embedding table called on positions shared by the whole batch (nanoGPT's
+    ``pos(torch.arange(T))``, GPT-2's ``pos(torch.arange(T)[None])``, broadcast over a batch
+    of ``B > 1``): each output row then gets the gradient summed over the samples, and KFAC's
+    ``G`` would be formed from those sums as if they were samples, a silently wrong step.
+    Recognised by the indices themselves, whatever the lengths: a leading dimension of 1,
+    or a 1-D ``0, 1, …, n − 1`` with ``n ≠ B`` (flattened or packed tokens and one label per
+    sample are not such a range but by a chance no real batch has).
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
     """
-    if not isinstance(module, nn.Embedding) or inputs.dim() != 1 or len(shape) < 2:
+    if not isinstance(module, nn.Embedding) or batch <= 1 or inputs.dim() == 0:
         return
-    batch, length = shape[0], shape[1]
-    if batch > 1 and inputs.shape[0] == length != batch:
+    count = inputs.shape[-1]
+    shared = inputs.dim() > 1 and inputs.shape[0] == 1
+    if inputs.dim() == 1 and count != batch and count > 1:
+        positions = torch.arange(count, device=inputs.device, dtype=inputs.dtype)
+        shared = bool(torch.equal(inputs, positions))
+    if shared:
         raise RuntimeError(
-            f"layer {name!r} (an embedding) was called with {length} indices, one per "
-            f"position of the model's input {tuple(shape)}, without its batch dimension: its "
-            "output rows are shared by every sample (broadcast over the batch), and KFAC "
-            "needs one row per sample. Call it with the batch first: e.g. "
+            f"layer {name!r} (an embedding) was called with indices of shape "
+            f"{tuple(inputs.shape)} shared by the whole batch of {batch} (positions "
+            "broadcast over the batch): its output rows get the gradients summed over the "
+            "samples, and KFAC needs one row per sample. Call it with the batch first: e.g. "
             "pos(torch.arange(T).expand(B, T)) for a position table (the same function and "
             "gradients)"
         )
