@@ -4,19 +4,18 @@ on the steps after one that met a layer with a gradient but no fresh statistics.
 A layer first used (or unfrozen) between two captures has no factors when it first has a
 gradient. Rather than refuse the step, the preconditioner leaves that layer's gradient as
 it is (the optimizer takes its plain step for it, outside the KL clip), warns once, and
-captures statistics on the following steps until a captured forward uses the layer (for
-at most ``cov_interval`` steps after it was last met, and at most :data:`CHASES` captures
-per interval beyond the regular one: a layer used once, or rarely, is not chased at every
-step); from then on the layer is preconditioned. A layer that has factors but missed
-the regular captures (used on other steps than they fall on: two task heads taking turns)
-is chased the same way once its statistics are ``cov_interval`` steps old (if it was
-used within the last ``cov_interval`` steps too: a chase cannot find a layer used more
-rarely), so it is refreshed about as often as the others instead of never. On a step
-that did capture, a layer with a gradient and no statistics is still an error
+chases it: captures the step where its last gap says it is used next (two heads taking
+turns: two steps after), or the steps right after it was met while no gap is known (for
+at most ``cov_interval`` steps), at most :data:`CHASES` captures per interval beyond the
+regular one, until a captured forward uses it; from then on the layer is preconditioned.
+A layer that has factors but missed the regular captures (used on other steps than they
+fall on) is chased the same way once its statistics are ``cov_interval`` steps old, so it
+is refreshed about as often as the others instead of never. On a step that did capture,
+a layer with a gradient and no statistics is still an error
 (:func:`~twolevel_kfac.curvature.block_checks.check_statistics`: its forward ran under
 ``no_grad``, or its weight was used outside the module). Under ``torch.distributed``
-every rank must capture on the same steps, so only the step right after is captured, as
-every rank decides alike only for layers all of them use.
+every rank must capture on the same steps, so only a layer without statistics is chased,
+on the step right after (every rank decides alike for layers all of them use).
 
 A capturing step whose backward reached only forwards over 0 rows (an empty batch) is
 skipped in one process (:meth:`CaptureSchedule.skips_empty`); under ``torch.distributed``
@@ -39,8 +38,9 @@ __all__ = ["CHASES", "CaptureSchedule"]
 
 CHASES = 2
 """Captures per ``cov_interval`` steps beyond the regular one, at most, to chase layers
-the regular captures missed: two find a layer used every other step (the first may fall
-on a step without it); a layer used more rarely is found when a chase meets its step."""
+the regular captures missed. A layer's chase captures the step its last gap predicts
+(a layer used every ``k`` steps: ``k`` steps after it was met), or, with no gap known
+yet, the steps right after it was met."""
 
 
 class CaptureSchedule:
@@ -54,7 +54,8 @@ class CaptureSchedule:
     def __init__(self, cov_interval: int, distributed: bool = False) -> None:
         self.cov_interval = cov_interval
         self.distributed = distributed
-        self.pending: dict[str, int] = {}  # layer -> the step it was met without fresh stats
+        # layer -> [first, last]: the steps a capture is wanted at to meet it
+        self.pending: dict[str, list[int]] = {}
         self.folded: dict[str, int] = {}  # layer -> the step its statistics were last folded
         self.chased: list[int] = []  # the chasing captures of this interval (by step)
         self.met: dict[str, int] = {}  # layer -> the last step it had a gradient
@@ -62,20 +63,30 @@ class CaptureSchedule:
 
     def due(self, steps: int) -> bool:
         """Whether the step after ``steps`` completed steps captures statistics: on the
-        interval, or while a layer met without fresh statistics is chased, at most
-        :data:`CHASES` times per interval (module docstring)."""
-        horizon = 1 if self.distributed else self.cov_interval
-        self.pending = {n: met for n, met in self.pending.items() if steps - met <= horizon}
+        interval, or where a chased layer is expected, at most :data:`CHASES` times per
+        interval (module docstring)."""
+        self.pending = {n: span for n, span in self.pending.items() if span[1] >= steps}
         if steps % self.cov_interval == 0:
             return True
         window = steps // self.cov_interval
         self.chased = [s for s in self.chased if s // self.cov_interval == window]
         if steps in self.chased:  # asked again for the same step (a resume, an undo)
             return True
-        if not self.pending or len(self.chased) >= CHASES:
+        wanted = any(first <= steps for first, _ in self.pending.values())
+        if not wanted or len(self.chased) >= CHASES:
             return False
         self.chased.append(steps)
         return True
+
+    def _chase(self, name: str, steps: int) -> None:
+        """Want a capture where layer ``name``, met at step ``steps``, is expected next: its
+        last gap later, else (no gap known, or ``torch.distributed``) the steps after."""
+        previous = self.met.get(name)
+        if previous is None or previous >= steps or self.distributed:
+            horizon = 1 if self.distributed else self.cov_interval
+            self.pending[name] = [steps + 1, steps + horizon]
+        else:
+            self.pending[name] = [2 * steps - previous] * 2
 
     def defer_unseen(
         self,
@@ -86,21 +97,20 @@ class CaptureSchedule:
         steps: int = 0,
     ) -> list[str]:
         """``active`` without the layers that have no statistics yet, on a step that
-        captured none (they take the plain step, and the coming steps capture); unchanged
+        captured none (they take the plain step, and a coming step captures); unchanged
         on a capturing step. ``folded``: the layers whose statistics this step (``steps``
         completed before it) folds; an active layer whose last ones are ``cov_interval``
         steps old is chased too (module docstring)."""
         for name in folded:
             self.folded[name] = steps
             self.pending.pop(name, None)
-        if not self.distributed:
-            for name in active:
-                last = self.folded.setdefault(name, steps)  # (a first sight, a loaded state)
-                recent = steps - self.met.get(name, steps) <= self.cov_interval
-                if name not in folded and steps - last >= self.cov_interval and recent:
-                    self.pending[name] = steps  # (a layer used more rarely: no chase finds it)
-                self.met[name] = steps
         unseen = [name for name in active if not factors[name].ready]
+        for name in active:
+            last = self.folded.setdefault(name, steps)  # (a first sight, a loaded state)
+            stale = name not in folded and steps - last >= self.cov_interval
+            if (stale and not self.distributed) or (name in unseen and not captured):
+                self._chase(name, steps)
+            self.met[name] = steps
         if captured or not unseen:
             return active
         new = [name for name in unseen if name not in self._warned]
@@ -108,20 +118,18 @@ class CaptureSchedule:
             warnings.warn(
                 f"layer(s) {new} have gradients but no curvature statistics yet (first used "
                 f"between two captures, cov_interval={self.cov_interval}): they take the "
-                "optimizer's plain step now, and the coming steps capture statistics until a "
-                "forward uses them",
+                "optimizer's plain step now, and coming steps capture statistics to meet them",
                 RuntimeWarning,
                 stacklevel=5,
             )
             self._warned.update(new)
-        self.pending.update(dict.fromkeys(unseen, steps))
         return [name for name in active if name not in unseen]
 
     def state_dict(self) -> dict[str, Any]:
-        """The chased layers, each layer's last fold and this interval's chasing captures
-        (a resumed run captures alike)."""
+        """The chased layers, each layer's last fold and use, and this interval's chasing
+        captures (a resumed run captures alike)."""
         return {
-            "pending": dict(self.pending),
+            "pending": {n: list(span) for n, span in self.pending.items()},
             "folded": dict(self.folded),
             "chased": list(self.chased),
             "met": dict(self.met),
@@ -130,7 +138,10 @@ class CaptureSchedule:
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Restore :meth:`state_dict` (``None``: a checkpoint from before it was saved)."""
         state = state or {}
-        self.pending = dict(state.get("pending", {}))
+        self.pending = {
+            n: [span + 1, span + self.cov_interval] if isinstance(span, int) else list(span)
+            for n, span in state.get("pending", {}).items()
+        }
         self.folded = dict(state.get("folded", {}))
         self.chased = list(state.get("chased", []))
         self.met = dict(state.get("met", {}))
