@@ -158,7 +158,7 @@ class KFACPreconditioner:
         self.schedule = CaptureSchedule(self.options.cov_interval, self.comm.distributed)
         self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
-        self.interrupted: str | None = None  # a step interrupted part-way (.interrupted)
+        self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
 
     def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
