@@ -125,6 +125,8 @@ def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
                 pos = self.pos(positions.expand(b, t))
             elif self.batched == "row":  # GPT-2's position_ids [1, T]: shared too
                 pos = self.pos(positions[None])
+            elif self.batched == "offset":  # positions after a cached prefix: shared too
+                pos = torch.nn.functional.pad(self.pos(positions[: t - 1] + 1), (0, 0, 1, 0))
             elif self.batched == "packed":  # the first T tokens of the batch: rows of samples
                 packed = torch.zeros(b * t, 4)
                 packed[:t] = self.bag(idx.flatten()[:t])  # each row one sample's token
@@ -137,17 +139,17 @@ def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
 
     for idx, batched in itertools.product(
         (torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (2, 6))),
-        ("none", "row", "expand", "flat", "packed"),
+        ("none", "row", "offset", "expand", "flat", "packed"),
     ):  # T = 6 a multiple of B = 2 is refused too (it reads the model input's T)
         torch.manual_seed(0)
         model = Net(batched)
         opt = tk.KFAC(model, lr=0.1, class_dim=-1)
         loss = (
             torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
-            if batched not in ("none", "row")
+            if batched not in ("none", "row", "offset")
             else None
         )
-        if batched in ("none", "row"):
+        if batched in ("none", "row", "offset"):
             with pytest.raises(RuntimeError, match=r"layer 'pos' \(an embedding\) was called with"):
                 model(idx)
             continue

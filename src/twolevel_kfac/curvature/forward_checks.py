@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .blocks import bias_only, block_parameters, has_gradient
@@ -20,6 +19,7 @@ from .blocks import bias_only, block_parameters, has_gradient
 __all__ = [
     "check_batch_rows",
     "check_subset_rows",
+    "check_unbatched_embedding",
     "check_unreached",
     "check_weight_uses",
     "first_tensor",
@@ -154,8 +154,10 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
     of ``B > 1``): each output row then gets the gradient summed over the samples, and KFAC's
     ``G`` would be formed from those sums as if they were samples, a silently wrong step.
     Recognised by the indices themselves, whatever the lengths: a leading dimension of 1,
-    or a 1-D ``0, 1, …, n − 1`` with ``n ≠ B`` (flattened or packed tokens and one label per
-    sample are not such a range but by a chance no real batch has).
+    or a 1-D run ``a, a + 1, …, a + n − 1`` with ``n ≠ B`` (flattened or packed tokens and
+    one label per sample are not such a run but by a chance no real batch has). Shared
+    indices of other forms (a constant token type, a ``[T, T]`` relative-position table,
+    ``n = B``) are not recognised: the README says so.
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
@@ -165,14 +167,13 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
     count = inputs.shape[-1]
     shared = inputs.dim() > 1 and inputs.shape[0] == 1
     if inputs.dim() == 1 and count != batch and count > 1:
-        positions = torch.arange(count, device=inputs.device, dtype=inputs.dtype)
-        shared = bool(torch.equal(inputs, positions))
+        shared = bool((inputs[1:] - inputs[:-1] == 1).all())
     if shared:
         raise RuntimeError(
             f"layer {name!r} (an embedding) was called with indices of shape "
-            f"{tuple(inputs.shape)} shared by the whole batch of {batch} (positions "
-            "broadcast over the batch): its output rows get the gradients summed over the "
-            "samples, and KFAC needs one row per sample. Call it with the batch first: e.g. "
-            "pos(torch.arange(T).expand(B, T)) for a position table (the same function and "
-            "gradients)"
+            f"{tuple(inputs.shape)} that are not one row per sample of the batch of {batch}: "
+            "positions shared by the whole batch (broadcast over it) give rows with the "
+            "gradients summed over the samples, and one call per sample (a loop in forward) "
+            "is not a batch either; KFAC needs one call with a row per sample. Call it with "
+            "the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position table"
         )
