@@ -134,3 +134,25 @@ def test_chasing_costs_at_most_two_captures_per_interval(pattern: str) -> None:
     if pattern == "every_11th":  # once its gap is known, its chases meet the head
         met = [s for s in steps if s % 10 and tasks[s] == 1]
         assert len(met) >= 5 and opt.preconditioner.factors["heads.1"].num_updates >= 8
+
+
+def test_a_resumed_run_does_not_warn_again_about_a_layer_it_warned_about() -> None:
+    """``h2`` is first used between captures (a warning), saved before it has statistics,
+    and used again between captures after the resume: the resumed run stays silent, as
+    the uninterrupted one does."""
+    tasks = [0] * 12
+    tasks[2] = tasks[8] = 1
+    model = TwoHeads()
+    opt = tk.KFAC(model, lr=0.05, cov_interval=5, inv_interval=5)
+    with pytest.warns(RuntimeWarning, match=r"\['h2'\] have gradients but no curvature"):
+        _run(model, opt, tasks[:7])
+    assert not opt.preconditioner.factors["h2"].ready
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    resumed = TwoHeads()
+    resumed.load_state_dict(saved[0])
+    resumed_opt = tk.KFAC(resumed, lr=0.05, cov_interval=5, inv_interval=5)
+    resumed_opt.load_state_dict(saved[1])
+    for run_model, run_opt in ((model, opt), (resumed, resumed_opt)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _run(run_model, run_opt, tasks[7:], seed=2)

@@ -126,13 +126,15 @@ class CaptureSchedule:
         return [name for name in active if name not in unseen]
 
     def state_dict(self) -> dict[str, Any]:
-        """The chased layers, each layer's last fold and use, and this interval's chasing
-        captures (a resumed run captures alike)."""
+        """The chased layers, each layer's last fold and use, this interval's chasing
+        captures (a resumed run captures alike) and the layers already warned about (a
+        resumed run does not warn again)."""
         return {
             "pending": {n: list(span) for n, span in self.pending.items()},
             "folded": dict(self.folded),
             "chased": list(self.chased),
             "met": dict(self.met),
+            "warned": sorted(self._warned),
         }
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -145,6 +147,7 @@ class CaptureSchedule:
         self.folded = dict(state.get("folded", {}))
         self.chased = list(state.get("chased", []))
         self.met = dict(state.get("met", {}))
+        self._warned = set(state.get("warned", []))
 
     @staticmethod
     def skips_empty(
