@@ -4,6 +4,7 @@ the one on the joined ``W̄ = [V, b]`` matrices, for every kind of basis."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -293,3 +294,49 @@ def test_constant_parts_at_once_equal_one_at_a_time(
             assert (tb is None) == (b is None)
             if b is not None:
                 assert torch.equal(tb, b + shift)
+
+
+@pytest.mark.parametrize("space", ["spectral", "residual", "krylov_residual"])
+@pytest.mark.parametrize("fine_weight", [1.0, 0.5])
+def test_additive_one_layer_at_a_time_equals_the_whole_fine_step_first(
+    space: str, fine_weight: float
+) -> None:
+    """Between refreshes the additive direction is formed one layer at a time (``M⁻¹g``
+    of a layer, then at once its coarse term): bit for bit the whole ``M⁻¹g`` followed by
+    :meth:`~twolevel_kfac.twolevel.coarse_matrix.CoarseOperator.add_into_parts`."""
+    import twolevel_kfac as tk
+    from twolevel_kfac.curvature.blocks import gradient_parts
+    from twolevel_kfac.optim.coarse_parts import combine_on_parts
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5, bias=False),
+        torch.nn.Tanh(), torch.nn.Linear(5, 3),
+    )  # fmt: skip
+    settings = {"coarse_space": space, "combination": "additive", "fine_weight": fine_weight}
+    opt = tk.TwoLevelKFAC(model, lr=0.1, cov_interval=3, inv_interval=3, **settings)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):  # two refreshes, then a plain step's gradients
+        opt.zero_grad()
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if _ < 4:
+            opt.step()
+    pre, level = opt.preconditioner, opt.preconditioner.coarse_level
+    assert level is not None and level.coarse_operator is not None
+    names = level.names
+    g = [gradient_parts(pre.layers[n]) for n in names]
+
+    def minv_layer(i: int, part: tuple[torch.Tensor, torch.Tensor | None]) -> Any:
+        return pre._apply_fine_split(names[i], *part)
+
+    by_layer = combine_on_parts(level, g, minv_layer)
+    whole = [minv_layer(i, part) for i, part in enumerate(g)]
+    for w, b in whole:
+        w.mul_(fine_weight)
+        if b is not None:
+            b.mul_(fine_weight)
+    whole = level.coarse_operator.add_into_parts(level.options.coarse_scale, g, whole)
+    for (w1, b1), (w2, b2) in zip(by_layer, whole, strict=True):
+        assert torch.equal(w1, w2) and (b1 is None) == (b2 is None)
+        assert b1 is None or torch.equal(b1, b2)
