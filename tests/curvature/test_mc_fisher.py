@@ -196,3 +196,51 @@ def test_captured_rows_are_freed_at_the_step_without_the_cyclic_collector(fisher
         assert all(ref() is None for ref in rows)
     finally:
         gc.enable()
+
+
+class _Transformed(nn.Module):
+    """``l2(tanh(t(l1(x))))`` with ``t(h) = 2h + 0.5`` written in the forward
+    (``how="explicit"``) or as a forward hook on ``l1`` that a user registered before
+    building the optimizer (``"hook"``), or ``t(h) = relu(2h + 0.5)`` out of place
+    (``"explicit_relu"``) or in place on ``l1``'s output (``"inplace"``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.l1, self.l2, self.how = nn.Linear(5, 6), nn.Linear(6, 3), how
+        if how == "hook":
+            self.l1.register_forward_hook(lambda module, args, out: 2.0 * out + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        if self.how == "explicit":
+            h = 2.0 * h + 0.5
+        elif self.how == "explicit_relu":
+            h = F.relu(2.0 * h + 0.5)
+        elif self.how == "inplace":
+            h = F.relu(h.mul_(2.0).add_(0.5), inplace=True)
+        return self.l2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+@pytest.mark.parametrize(("how", "reference"), [("inplace", "explicit_relu"), ("hook", "explicit")])
+def test_the_gradient_is_taken_at_the_layer_output_as_returned(
+    float64: None, fisher: str, how: str, reference: str
+) -> None:
+    """``δ`` is the gradient at the layer's output as the layer returned it: an in-place op
+    after it (``ReLU(inplace=True)``, ``mul_``) or a user's forward hook that replaces it
+    (registered before the optimizer) does not move it. With ``fisher="mc"`` both used to
+    give the gradient at the modified output (``mul_(3)``: ``G`` 9× too small)."""
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    steps = {}
+    for variant in (how, reference):
+        model = _Transformed(variant)
+        opt = tk.KFAC(model, lr=0.1, fisher=fisher, cov_interval=1, ema_decay=0.0, seed=3)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        steps[variant] = [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]
+    for a, b in zip(steps[how], steps[reference], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -35,6 +35,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
@@ -75,7 +76,9 @@ class _Forward:
     batch_size: int
     mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
-    outputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    # fisher="mc": each call's output as the layer returned it (its gradient edge: an
+    # in-place op after the layer, ReLU(inplace=True), does not move it)
+    outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[_Record]] = field(default_factory=dict)
 
 
@@ -147,7 +150,9 @@ class CurvatureCapture:
         for name, modules in uses.items():
             for module in modules:
                 hook = WeakHook(this, "layer_hook", name)
-                self._handles.append(module.register_forward_hook(hook))
+                # first: the layer's output as it returned it, before a user's hook on
+                # the module replaces it (the optimizer may be built after the hook)
+                self._handles.append(module.register_forward_hook(hook, prepend=True))
         for attention in attention_modules(model, layers):
             hook = WeakHook(this, "_attention_hook")
             self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
@@ -227,7 +232,7 @@ class CurvatureCapture:
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
         if self.fisher == "mc":
-            forward.outputs.setdefault(name, []).append(output)
+            forward.outputs.setdefault(name, []).append(get_gradient_edge(output))
         else:
             scale = float(forward.batch_size * self.accumulation_steps)
 
