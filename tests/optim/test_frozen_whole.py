@@ -219,3 +219,43 @@ def test_adaptive_damping_with_no_layer_of_the_kept_batch_training() -> None:
             warnings.simplefilter("ignore")
             opt.step(closure)
         assert math.isfinite(opt.last_stats["rho"]), step
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra"),
+    [(tk.KFAC, {}), (tk.TwoLevelKFAC, {"coarse_space": "nicolaides"}), (tk.EKFAC, {})],
+)
+@pytest.mark.parametrize("save_at", [5, 7])
+def test_a_state_saved_while_a_layer_is_frozen_loads_while_it_is_frozen(
+    cls: type,
+    extra: dict,
+    save_at: int,  # type: ignore[type-arg]
+) -> None:
+    """Saved while layer 2 is frozen whole (before and after the refresh that drops it from
+    the coarse level), loaded by an optimizer whose model has it frozen the same way: the
+    resumed run, unfrozen later, steps bit for bit as the uninterrupted one (the load
+    checked the frozen layer's factors against a block it has no longer: "the model
+    changed since it was saved")."""
+    batches = _batches(14)
+    model = _net()
+    opt = cls(model, lr=0.1, **SETTINGS, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, batch in enumerate(batches):
+            if k == 4:
+                model[2].requires_grad_(False)
+            if k == save_at:
+                saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                resumed = _net()
+                resumed.load_state_dict(saved[0])
+                resumed_opt = cls(resumed, lr=0.1, **SETTINGS, **extra)
+                resumed[2].requires_grad_(False)
+                resumed_opt.load_state_dict(saved[1])
+            if k == 10:
+                model[2].requires_grad_(True)
+                resumed[2].requires_grad_(True)
+            _step(model, opt, batch)
+            if k >= save_at:
+                _step(resumed, resumed_opt, batch)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -14,12 +14,14 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..curvature.blocks import factor_shapes, layer_stats, new_factors
+from ..curvature.blocks import factor_shapes, layer_stats, new_factors, trains
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
 from .interrupted import check_not_interrupted
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .preconditioner import KFACPreconditioner
 
 __all__ = ["kfac_state", "load_kfac_state"]
@@ -174,11 +176,38 @@ def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any])
             f"layer {name!r}: the checkpoint's curvature is not of this layer's block "
             f"({type(module).__name__}): the model changed since it was saved"
         ) from None
-    expected = factor_shapes(module)
     got = factors.factor_shapes()
-    if got is not None and tuple(got) != tuple(expected):
+    if got is None:
+        return factors
+    if not trains(module):  # frozen whole: the block it had when it trained
+        frozen = _frozen_block_factors(module, tuple(got))
+        if frozen is not None:
+            frozen.load_state_dict(pre.placed(name, saved))
+            return frozen
+    expected = factor_shapes(module)
+    if tuple(got) != tuple(expected):
         raise ValueError(
             f"layer {name!r}: the checkpoint's curvature has shapes {list(got)}, this "
             f"layer's block needs {list(expected)}: the model changed since it was saved"
         )
     return factors
+
+
+def _frozen_block_factors(module: nn.Module, shapes: tuple[Any, ...]) -> Any:
+    """A fresh curvature object for a layer frozen whole, of the block it had when its
+    saved ``shapes`` were estimated (weight and bias, the weight alone, or the bias alone
+    training), or ``None`` when none of them has those shapes."""
+    params = [module._parameters.get(key) for key in ("weight", "bias")]
+    present = [p for p in params if p is not None]
+    flags = [p.requires_grad for p in present]
+    try:
+        for trained in ((True, True), (True, False), (False, True)):
+            for p, on in zip(params, trained, strict=True):
+                if p is not None:
+                    p.requires_grad_(on)
+            if trains(module) and tuple(factor_shapes(module)) == shapes:
+                return new_factors(module)
+        return None
+    finally:
+        for p, flag in zip(present, flags, strict=True):
+            p.requires_grad_(flag)
