@@ -244,3 +244,30 @@ def test_the_gradient_is_taken_at_the_layer_output_as_returned(
         steps[variant] = [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]
     for a, b in zip(steps[how], steps[reference], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+class _Keywords(nn.Module):
+    def __init__(self, keywords: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.l1, self.l2, self.keywords = nn.Linear(5, 6), nn.Linear(6, 3), keywords
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keywords:
+            return self.l2(input=torch.tanh(self.l1(input=x)))
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_layer_called_with_its_input_as_a_keyword(float64: None, fisher: str) -> None:
+    """``layer(input=x)`` is captured as ``layer(x)`` (it raised a bare ``IndexError``)."""
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    models = [_Keywords(keywords) for keywords in (False, True)]
+    for model in models:
+        opt = tk.KFAC(model, lr=0.1, fisher=fisher, cov_interval=1, seed=3)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)

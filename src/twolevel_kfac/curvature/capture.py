@@ -14,16 +14,13 @@ step where the factors are refreshed (``capture.active``), during ``model(x)``:
      ``torch.autograd.grad(Σ_n ℓ_n(ŷ_n), layer_outputs, retain_graph=True)`` before the
      forward returns. The user's backward later reuses the retained graph untouched.
 
-Several forwards before one ``step()`` (gradient accumulation) append their samples; with
-``k`` micro-batches whose losses are divided by ``k``, ``accumulation_steps=k`` scales the
-empirical ``δ`` by ``B·k`` so the statistics equal those of the whole batch.
-A layer whose weight several modules share, or that runs several times in one forward,
-records each call; the calls are its locations ``t`` (:mod:`.calls`, :mod:`.discovery`).
-The statistics are returned in the dtype given per layer (float32 for a float32 model
-under ``torch.autocast``, whose layers see and emit bfloat16 / float16 tensors).
-Nothing is captured in ``eval()`` mode, under ``torch.no_grad()``, or when inactive.
-The random draws (the subset, the MC targets) use the optimizer's CPU generator whatever the
-model's device (the subset's indices, then the targets, are moved to the data's device).
+Several forwards before one ``step()`` (gradient accumulation) append their samples
+(``accumulation_steps=k`` scales the empirical ``δ`` by ``B·k`` for losses divided by
+``k``). A layer whose weight several modules share, or that runs several times in one
+forward, records each call as a location ``t`` (:mod:`.calls`, :mod:`.discovery`). The
+statistics come in the dtype given per layer (float32 under ``torch.autocast``). Nothing is
+captured in ``eval()`` mode, under ``torch.no_grad()``, or when inactive. The random draws
+(the subset, the MC targets) use the optimizer's CPU generator whatever the device.
 """
 
 from __future__ import annotations
@@ -76,8 +73,7 @@ class _Forward:
     batch_size: int
     mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
-    # fisher="mc": each call's output as the layer returned it (its gradient edge: an
-    # in-place op after the layer, ReLU(inplace=True), does not move it)
+    # fisher="mc": each call's output edge (an in-place op after it does not move it)
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[_Record]] = field(default_factory=dict)
 
@@ -150,9 +146,9 @@ class CurvatureCapture:
         for name, modules in uses.items():
             for module in modules:
                 hook = WeakHook(this, "layer_hook", name)
-                # first: the layer's output as it returned it, before a user's hook on
-                # the module replaces it (the optimizer may be built after the hook)
-                self._handles.append(module.register_forward_hook(hook, prepend=True))
+                # first: the output as the layer returned it, before a user's hook
+                handle = module.register_forward_hook(hook, prepend=True, with_kwargs=True)
+                self._handles.append(handle)
         for attention in attention_modules(model, layers):
             hook = WeakHook(this, "_attention_hook")
             self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
@@ -215,7 +211,12 @@ class CurvatureCapture:
         self._forward = _Forward(index=index, batch_size=batch, mask=mask)
 
     def layer_hook(
-        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Tensor,
     ) -> None:
         """Record one call of a block's module in the forward in flight (every layer of a
         captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
@@ -223,11 +224,10 @@ class CurvatureCapture:
         forward = self._forward
         if forward is None or not output.requires_grad or in_backward() or not trains(module):
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
-        check_subset_rows(
-            f"the input of layer {name!r}", args[0], forward.index, forward.batch_size
-        )
-        check_unbatched_embedding(name, module, args[0], forward.batch_size)
-        kept = recorded_input(module, args[0].detach())
+        x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
+        check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
+        check_unbatched_embedding(name, module, x, forward.batch_size)
+        kept = recorded_input(module, x.detach())
         record = _Record(module, _rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
