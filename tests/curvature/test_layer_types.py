@@ -157,3 +157,35 @@ def test_an_embedding_called_without_the_batch_is_refused_by_name() -> None:
         loss.backward()
         opt.step()
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class _ScaledLinear(nn.Linear):
+    """``F.linear(x, 3W, b)``: its weight's curvature is ``9·G``, not ``Linear``'s ``G``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, 3.0 * self.weight, self.bias)
+
+
+class _LoggedConv(nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("module", [_ScaledLinear(4, 3), _LoggedConv(2, 3, 3)])
+def test_a_subclass_that_overrides_forward_falls_back_until_registered(module: nn.Module) -> None:
+    """A subclass of a layer type that overrides ``forward`` (weight standardisation, fake
+    quantisation, a scale) is not given its base's block (``_ScaledLinear`` got ``Linear``'s
+    block: a step 2.6 off on a step of 1.4); registered with its base's entry, it is."""
+    reason = unsupported_reason(module)
+    assert reason is not None and "overrides" in reason and type(module).__name__ in reason
+    model = nn.ModuleDict({"odd": module, "plain": nn.Linear(2, 2)})
+    with pytest.warns(UserWarning, match="overrides"):
+        opt = tk.KFAC(model)
+    assert list(opt.preconditioner.layers) == ["plain"]
+    base = layer_type(module)
+    assert base is not None
+    register_layer_type(type(module), base.features, base.gradients, base.reason)
+    try:
+        assert is_supported(module)
+    finally:
+        unregister_layer_type(type(module))

@@ -85,6 +85,15 @@ def unsupported_reason(module: nn.Module) -> str | None:
             "parametrization such as weight_norm, spectral_norm or orthogonal computes it): "
             "KFAC's block is for the weight parameter itself"
         )
+    if entry is not None and type(module).forward is not entry.module_type.forward:
+        base = entry.module_type.__name__
+        return (
+            f"{type(module).__name__} overrides {base}.forward, which may change its weight, "
+            "input or output (weight standardisation, fake quantisation, a scale) where "
+            f"{base}'s block would not see it; if it computes what {base}.forward does, "
+            f"register it: tk.register_layer_type({type(module).__name__}, "
+            f"*layer_type({base})'s features and gradients)"
+        )
     if entry is not None:
         return entry.reason(module)
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
