@@ -199,3 +199,36 @@ def test_a_raised_step_under_a_grad_scaler_leaves_no_scale_behind(
         scaled_step(twin, twin_opt, twin_scaler, batch)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class _OtherRanks:
+    """The preconditioner's communicator as seen under ``torch.distributed`` (nothing here
+    reaches a collective: the step raises before any)."""
+
+    def __init__(self, comm: Any) -> None:
+        self._comm = comm
+        self.distributed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
+def test_under_distributed_any_raised_step_is_refused_after(
+    cls: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``torch.distributed`` a step that raised on one rank before changing anything
+    is marked too: the other ranks may have taken it (a two-rank run went on a step apart,
+    3.6e-2 after one step, until a collective mismatched), so the next step and
+    ``state_dict()`` refuse, naming every rank's way back."""
+    model, opt, _, _ = _twins(cls, SETTINGS, 1)  # step 1 does not capture
+    pre = opt.preconditioner
+    pre.comm = _OtherRanks(pre.comm)
+    with monkeypatch.context() as inner:
+        _raise_on_call(inner, type(pre), "_precondition_grads", 1)
+        with pytest.raises(KeyboardInterrupt):
+            _step(model, opt, _batches()[1])
+    with pytest.raises(RuntimeError, match="every rank must load the same state"):
+        _step(model, opt, _batches()[2])
+    with pytest.raises(RuntimeError, match="step 1 raised on this rank"):
+        opt.state_dict()

@@ -12,7 +12,9 @@ before it is loaded (``load_state_dict``). A step that changes no state (no stat
 folded, a refresh that only recomputes decompositions from the factors) is not marked: it
 can simply be taken again, after a new forward and backward (:func:`step_guard` drops
 what it captured and rewinds the sampler, so its draws are those of a run that never
-saw the interruption).
+saw the interruption). Under ``torch.distributed`` any exception marks the step: the
+other ranks may have completed it (their factors, counters and parameters are then a step
+ahead), so every rank must load the state saved before it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def step_guard(pre: KFACPreconditioner) -> Iterator[None]:
     try:
         yield
     except BaseException:
+        if pre.interrupted is None and pre.comm.distributed:
+            pre.interrupted = (
+                f"step {pre.steps} raised on this rank under torch.distributed, where the "
+                "other ranks may have completed it (every rank must load the same state)"
+            )
         if pre.interrupted is None:
             pre.capture.discard(drawn_from)
         raise
