@@ -155,7 +155,7 @@ class KFACPreconditioner:
         self.retained_stats: dict[str, LayerStats] = {}
         # The layers with a gradient in the current step (the others are left alone)
         self.active: list[str] = list(self.layers)
-        self.schedule = CaptureSchedule(self.options.cov_interval, self.comm.distributed)
+        self.schedule = CaptureSchedule(self.options.cov_interval)
         self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
         self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
@@ -197,8 +197,9 @@ class KFACPreconditioner:
         stats: dict[str, LayerStats] = {}
         if batch is not None and (captured or self.comm.distributed):  # every rank joins
             stats = self._update_factors(batch, captured)
+        folded = list(stats) if self.comm.distributed else captured  # every rank's alike
         self.active = self.schedule.defer_unseen(
-            self.factors, self.active, captured=active, folded=captured, steps=self.steps
+            self.factors, self.active, captured=active, folded=folded, steps=self.steps
         )
         check_statistics(self.factors, self.active, self.capture.empty_batch and active)
         if self.steps % opts.inv_interval == 0 or any(

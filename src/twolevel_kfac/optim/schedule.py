@@ -14,8 +14,9 @@ is refreshed about as often as the others instead of never. On a step that did c
 a layer with a gradient and no statistics is still an error
 (:func:`~twolevel_kfac.curvature.block_checks.check_statistics`: its forward ran under
 ``no_grad``, or its weight was used outside the module). Under ``torch.distributed``
-every rank must capture on the same steps, so only a layer without statistics is chased,
-on the step right after (every rank decides alike for layers all of them use).
+every rank must capture on the same steps: every rank decides from what all of them share,
+the layers with a gradient (``DistributedDataParallel`` gives every rank a gradient of a
+layer any rank used) and the layers whose statistics some rank folded.
 
 A capturing step whose backward reached only forwards over 0 rows (an empty batch) is
 skipped in one process (:meth:`CaptureSchedule.skips_empty`); under ``torch.distributed``
@@ -48,12 +49,10 @@ class CaptureSchedule:
 
     Args:
         cov_interval: ``T_cov``.
-        distributed: under ``torch.distributed`` (a layer is chased one step only).
     """
 
-    def __init__(self, cov_interval: int, distributed: bool = False) -> None:
+    def __init__(self, cov_interval: int) -> None:
         self.cov_interval = cov_interval
-        self.distributed = distributed
         # layer -> [first, last]: the steps a capture is wanted at to meet it
         self.pending: dict[str, list[int]] = {}
         self.folded: dict[str, int] = {}  # layer -> the step its statistics were last folded
@@ -80,11 +79,10 @@ class CaptureSchedule:
 
     def _chase(self, name: str, steps: int) -> None:
         """Want a capture where layer ``name``, met at step ``steps``, is expected next: its
-        last gap later, else (no gap known, or ``torch.distributed``) the steps after."""
+        last gap later, else (no gap known) the steps after."""
         previous = self.met.get(name)
-        if previous is None or previous >= steps or self.distributed:
-            horizon = 1 if self.distributed else self.cov_interval
-            self.pending[name] = [steps + 1, steps + horizon]
+        if previous is None or previous >= steps:
+            self.pending[name] = [steps + 1, steps + self.cov_interval]
         else:
             self.pending[name] = [2 * steps - previous] * 2
 
@@ -108,7 +106,7 @@ class CaptureSchedule:
         for name in active:
             last = self.folded.setdefault(name, steps)  # (a first sight, a loaded state)
             stale = name not in folded and steps - last >= self.cov_interval
-            if (stale and not self.distributed) or (name in unseen and not captured):
+            if stale or (name in unseen and not captured):
                 self._chase(name, steps)
             self.met[name] = steps
         if captured or not unseen:

@@ -1,0 +1,134 @@
+"""The capture schedule under ``torch.distributed`` (two gloo processes, DDP with
+``find_unused_parameters``): heads used on some steps only are chased as in one process
+(the same capturing steps, decided alike on every rank from what the ranks share), and a
+resume mid-chase is bit-identical."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+
+WORLD, BATCH, STEPS, SAVE = 2, 8, 30, 13
+SETTINGS = {"lr": 0.1, "damping": 0.05, "cov_interval": 5, "inv_interval": 5, "kl_clip": None}
+SETTINGS |= {"fisher": "empirical", "fisher_batch": 1.0}  # no draws: one process is the oracle
+
+
+class Heads(nn.Module):
+    """A body and three heads: ``a`` on even steps, ``b`` and ``c`` taking turns on odd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(7, 3) for _ in range(3))
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        return self.heads[task](self.body(x))
+
+
+def _task(step: int) -> int:
+    return 0 if step % 2 == 0 else (1 if step % 4 == 1 else 2)
+
+
+def _run(net: nn.Module, opt: Any, steps: range, part: slice) -> list[bool]:
+    """Steps on the batches of ``steps`` (this rank's rows ``part``); whether each captured."""
+    captured = []
+    for k in steps:
+        gen = torch.Generator().manual_seed(100 + k)
+        x = torch.randn(BATCH, 5, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (BATCH,), generator=gen)
+        captured.append(bool(opt.preconditioner.capture.active))
+        opt.zero_grad()
+        F.cross_entropy(net(x[part], _task(k)), y[part]).backward()
+        opt.step()
+    return captured
+
+
+def _build(cls: type, wrap: bool) -> tuple[nn.Module, nn.Module, Any]:
+    model = Heads().double()
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if wrap else model
+    return model, net, cls(model, **SETTINGS)
+
+
+def _params(model: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    warnings.simplefilter("ignore")
+    part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    try:
+        results = {}
+        for cls in (tk.KFAC, tk.TwoLevelKFAC):
+            model, net, opt = _build(cls, wrap=True)
+            captured = _run(net, opt, range(SAVE), part)
+            saved = copy.deepcopy((model.state_dict(), opt.state_dict()))  # a collective
+            captured += _run(net, opt, range(SAVE, STEPS), part)
+            resumed, resumed_net, resumed_opt = _build(cls, wrap=True)
+            resumed.load_state_dict(saved[0])
+            resumed_opt.load_state_dict(saved[1])
+            again = _run(resumed_net, resumed_opt, range(SAVE, STEPS), part)
+            results[cls.__name__] = (captured, _params(model), again, _params(resumed))
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the workers are forked (spawning re-imports torch: too slow)")
+    import torch._dynamo  # DDP imports it: once here instead of in each child
+
+    out = tmp_path_factory.mktemp("schedule")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
+def test_heads_are_chased_as_in_one_process(runs: list[dict[str, Any]], cls: type) -> None:
+    """Both ranks capture on the steps one process on the whole batch captures (the chase
+    of heads ``b`` and ``c``, used every 4th step, included: under ``torch.distributed``
+    it used to be one step after a head's first use, so they kept their first statistics,
+    or none), and take its steps (1e-9); a resume mid-chase continues bit for bit."""
+    model, net, opt = _build(cls, wrap=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = _run(net, opt, range(STEPS), slice(None))
+    assert [i for i, c in enumerate(single) if c] != list(range(0, STEPS, 5))  # chases
+    for rank in runs:
+        captured, final, again, resumed = rank[cls.__name__]
+        assert captured == single and again == captured[SAVE:]
+        for p, q, r in zip(final, resumed, _params(model), strict=True):
+            assert torch.equal(p, q)
+            torch.testing.assert_close(p, r, rtol=1e-9, atol=1e-12)
