@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import socket
 import warnings
 from pathlib import Path
@@ -67,6 +68,7 @@ def _params(model: nn.Module) -> list[Tensor]:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # this child's environment only
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
@@ -88,21 +90,18 @@ def _worker(rank: int, port: int, out: Path) -> None:
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # saved: a gloo thread may abort or hang the interpreter's exit
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("the workers are forked (spawning re-imports torch: too slow)")
-    import torch._dynamo  # DDP imports it: once here instead of in each child
-
     out = tmp_path_factory.mktemp("schedule")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -40,8 +40,8 @@ from .blocks import recorded_input, trains
 from .captured_batch import Call, CapturedBatch
 from .forward_checks import (
     check_batch_rows,
+    check_batched_input,
     check_subset_rows,
-    check_unbatched_embedding,
     check_unreached,
     check_weight_uses,
     first_tensor,
@@ -226,7 +226,7 @@ class CurvatureCapture:
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
-        check_unbatched_embedding(name, module, x, forward.batch_size)
+        check_batched_input(name, module, x, forward.batch_size)
         kept = recorded_input(module, x.detach())
         record = _Record(module, _rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)

@@ -18,6 +18,7 @@ from .blocks import bias_only, block_parameters, has_gradient
 
 __all__ = [
     "check_batch_rows",
+    "check_batched_input",
     "check_subset_rows",
     "check_unbatched_embedding",
     "check_unreached",
@@ -176,4 +177,29 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
             "gradients summed over the samples, and one call per sample (a loop in forward) "
             "is not a batch either; KFAC needs one call with a row per sample. Call it with "
             "the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position table"
+        )
+
+
+def check_batched_input(name: str, module: nn.Module, inputs: Tensor, batch: int) -> None:
+    """Refuse a layer called on one row shared by the batch of ``B > 1`` (learned latents
+    or queries ``[1, L, D]``, a CLS token, broadcast to the samples after the layer; or one
+    call per sample): its rows hold the gradients summed over the samples, which KFAC would
+    take as one sample's (a step 0.42 off on one of 0.76), a layer called on a parameter
+    (``to_q(self.latents)``, ``[L, D]``: no row of it is a sample's), and an embedding's
+    shared positions (:func:`check_unbatched_embedding`). Other inputs shared without a
+    batch dimension (``to_q(norm(self.latents))``) are not recognised: ``L`` rows of a
+    computed tensor could be any rows (gathered tokens are).
+
+    Raises:
+        RuntimeError: naming the layer and the batched call that fixes it.
+    """
+    check_unbatched_embedding(name, module, inputs, batch)
+    if isinstance(inputs, nn.Parameter) or (batch > 1 and inputs.dim() > 1 and len(inputs) == 1):
+        raise RuntimeError(
+            f"layer {name!r} was called on an input of shape {tuple(inputs.shape)} shared "
+            f"by the batch of {batch} (a parameter, or one row broadcast to the samples after "
+            "the layer), or one call per sample (a loop in forward). Its rows hold the "
+            "gradients summed "
+            "over the samples, which KFAC would take as one sample's; call it once with a "
+            "row per sample, e.g. on latents.expand(B, *latents.shape[1:])"
         )
