@@ -216,3 +216,21 @@ def test_bad_checkpoint_on_resume(
 def test_number_of_cases() -> None:
     """The issue asks for at least 30 distinct bad inputs."""
     assert len(CONFIG_CASES) + len(FILE_CASES) + 1 + 3 + 2 + 1 + 2 >= 30
+
+
+def test_training_through_functional_call_with_swapped_parameters_is_named() -> None:
+    """A loss computed by ``torch.func.functional_call`` with tensors swapped in for the
+    parameters (``{k: p * 1.0}``) reaches the parameters' gradients but is not captured:
+    the refusal names ``functional_call`` among the causes."""
+    from torch.func import functional_call
+
+    import twolevel_kfac as tk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = tk.KFAC(model)
+    swapped = {k: p * 1.0 for k, p in model.named_parameters()}
+    out = functional_call(model, swapped, (torch.randn(8, 4),))
+    torch.nn.functional.cross_entropy(out, torch.arange(8) % 3).backward()
+    with pytest.raises(RuntimeError, match="functional_call"):
+        opt.step()

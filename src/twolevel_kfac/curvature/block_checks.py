@@ -124,6 +124,7 @@ def check_statistics(
             "run the model's forward (in train mode, with gradients enabled) and "
             "loss.backward() before step(); layers that run under torch.no_grad() inside the "
             "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
-            "False) or whose parameters are used outside their module cannot be "
-            "preconditioned"
+            "False), whose parameters are used outside their module, or that ran under "
+            "torch.func.functional_call with other tensors swapped in for their parameters "
+            "(not captured) cannot be preconditioned"
         )
