@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from twolevel_kfac.distributed import (
     rank_seed,
     unpack_symmetric,
 )
+from worker_pair import run_ranks
 
 WORLD = 2
 BATCH = 8
@@ -380,12 +380,6 @@ def _resume(cls: type[tk.KFAC], kwargs: dict[str, Any], rank: int, path: Path) -
     return {"straight": params(straight[0]), "resumed": params(resumed[0])}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Every rank's results of all distributed runs (one pair of processes)."""
@@ -393,22 +387,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         pytest.skip("torch.distributed with gloo is not available")
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("the workers are forked (spawning re-imports torch: too slow)")
-    import torch._dynamo  # DDP imports it: once here instead of in each child
 
-    out = tmp_path_factory.mktemp("distributed")
-    ctx = multiprocessing.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"worker exit codes {codes}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("distributed"), "fork", WORLD)
 
 
 def relative_error(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:

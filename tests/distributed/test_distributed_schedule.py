@@ -6,9 +6,7 @@ resume mid-chase is bit-identical."""
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
+from worker_pair import run_ranks
 
 WORLD, BATCH, STEPS, SAVE = 2, 8, 30, 13
 SETTINGS = {"lr": 0.1, "damping": 0.05, "cov_interval": 5, "inv_interval": 5, "kl_clip": None}
@@ -97,21 +96,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("schedule")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("schedule"), "spawn", WORLD)
 
 
 @pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
