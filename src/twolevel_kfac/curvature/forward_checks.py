@@ -199,7 +199,6 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, batch: int
             f"layer {name!r} was called on an input of shape {tuple(inputs.shape)} shared "
             f"by the batch of {batch} (a parameter, or one row broadcast to the samples after "
             "the layer), or one call per sample (a loop in forward). Its rows hold the "
-            "gradients summed "
-            "over the samples, which KFAC would take as one sample's; call it once with a "
-            "row per sample, e.g. on latents.expand(B, *latents.shape[1:])"
+            "gradients summed over the samples, which KFAC would take as one sample's; "
+            "call it once with a row per sample, e.g. on latents.expand(B, *latents.shape[1:])"
         )
