@@ -231,3 +231,19 @@ def test_a_layer_called_on_an_input_shared_by_the_batch_is_refused(form: str) ->
         else:
             F.cross_entropy(model(x), y).backward()
             opt.step()
+
+
+def test_a_parametrized_bias_is_said_to_take_the_fallback_step() -> None:
+    """A ``Linear`` whose bias is parametrized keeps its weight's block; its bias (whose
+    original is a parameter of no block) takes the fallback step, now with a warning."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b: Tensor) -> Tensor:
+            return 2.0 * b
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    parametrize.register_parametrization(model[0], "bias", Double())
+    with pytest.warns(UserWarning, match="layer '0': its bias is parametrized"):
+        opt = tk.KFAC(model)
+    assert list(opt.preconditioner.layers) == ["0"]

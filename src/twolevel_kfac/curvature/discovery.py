@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from .attention import attention_blocks, attention_reason
 from .block_checks import block_key, check_bias_only
@@ -260,7 +261,20 @@ def find_layers(
                 owned is not None and _check_ownership(block_name, layer, owned)
             ):
                 layers[block_name] = layer
+    _warn_parametrized_biases(layers, unsupported)
     return _resolve_ties(layers, refused, unsupported)
+
+
+def _warn_parametrized_biases(layers: dict[str, nn.Module], unsupported: str) -> None:
+    """A layer whose bias is parametrized has its weight's block alone: its bias (whose
+    original is a parameter of no block) takes the fallback step; say so."""
+    for name, layer in layers.items():
+        if is_parametrized(layer, "bias") and unsupported != "ignore":
+            warnings.warn(
+                f"layer {name!r}: its bias is parametrized: the layer's block is its "
+                "weight's alone, and the bias takes the fallback step",
+                stacklevel=5,
+            )
 
 
 def _trains(module: nn.Module, owned: set[int] | None) -> bool:
