@@ -53,8 +53,12 @@ __all__ = [
     "steps_on_parts",
 ]
 
-FineApply = Callable[[Parts], Parts]  # M⁻¹ on parts, into fresh tensors
 LayerApply = Callable[[int, LayerParts], LayerParts]  # M⁻¹ on the i-th layer's parts
+
+
+def _every_layer(minv_layer: LayerApply, parts: Parts) -> Parts:
+    """``M⁻¹`` on every layer's parts, into fresh tensors."""
+    return [minv_layer(i, part) for i, part in enumerate(parts)]
 
 
 def _operator(level: CoarseLevel) -> CoarseOperator:
@@ -142,15 +146,11 @@ def combine_on_parts(
     options, operator = level.options, _operator(level)
     scale, combination = options.coarse_scale, options.combination
     split = operator.parts_basis(tuple(b is not None for _, b in g))
-
-    def minv(parts: Parts) -> Parts:
-        return [minv_layer(i, part) for i, part in enumerate(parts)]
-
     constant = all(isinstance(e, ConstantPart) for e in split)  # one batched Qg is faster
     if combination == "additive" and fine is None and not constant:
         return _additive_by_layer(level, g, split, minv_layer)
     if combination in ("additive", "adef2"):
-        fine = minv(g) if fine is None else fine
+        fine = _every_layer(minv_layer, g) if fine is None else fine
         if combination == "adef2":
             restricted = restrict_parts(split, g) - fisher_restrict_parts(level, fine)
             restricted.sub_(restrict_parts(split, fine), alpha=level.host.damping)
@@ -161,7 +161,7 @@ def combine_on_parts(
         return operator.add_into_parts(scale, g, fine)
     restricted_g = restrict_parts(split, g)
     u = operator.solve(restricted_g).mul_(scale)
-    z = minv(_minus_fisher_range(level, g, u))
+    z = _every_layer(minv_layer, _minus_fisher_range(level, g, u))
     if combination == "adef1":
         return prolong_add_into_parts(split, u, z, 1.0)
     # balanced: the second coarse solve on R₀g − R₀F̂z
@@ -216,7 +216,9 @@ def _residual_matrices(level: CoarseLevel, g: Parts, fine: Parts) -> LayerVector
     return products
 
 
-def _residual_refresh(level: CoarseLevel, g: Parts, minv: FineApply, refreshed: bool) -> Parts:
+def _residual_refresh(
+    level: CoarseLevel, g: Parts, minv_layer: LayerApply, refreshed: bool
+) -> Parts:
     """A residual space's basis built on parts (:func:`~.coarse_basis.residual_terms` on the
     ``W̄`` path; at a refresh, or at every step in the faithful schedule): the old basis
     dropped, ``fine = M⁻¹g``, then ``res = g − F̂·fine`` as ``W̄`` matrices, ``M⁻¹res``
@@ -224,7 +226,7 @@ def _residual_refresh(level: CoarseLevel, g: Parts, minv: FineApply, refreshed: 
     refresh). Returns ``fine`` for the combination. Only the residual is ever joined: the
     gradient is read where autograd left it and the direction is written as parts."""
     level._drop_basis()
-    fine = minv(g)
+    fine = _every_layer(minv_layer, g)
     level._build_operator(refreshed, level.minv_into(_residual_matrices(level, g, fine)))
     return fine
 
@@ -252,12 +254,9 @@ def parts_step(
     def minv_layer(i: int, part: LayerParts) -> LayerParts:
         return host._apply_fine_split(names[i], *part)
 
-    def minv(parts: Parts) -> Parts:
-        return [minv_layer(i, part) for i, part in enumerate(parts)]
-
     fine = None
     if level.options.coarse_space in RESIDUAL_SPACES and (refreshed or level._per_step_basis):
-        fine = _residual_refresh(level, g, minv, refreshed)
+        fine = _residual_refresh(level, g, minv_layer, refreshed)
         if level.options.combination not in ("additive", "adef2"):
             fine = None  # A-DEF1 and balanced apply M⁻¹ to other vectors
     elif refreshed:
