@@ -250,7 +250,7 @@ def test_step_without_statistics_is_a_clear_error() -> None:
     with torch.no_grad():
         model(x)
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.ones_like(p)  # a zero .grad is no gradient (zero_grad(set_to_none=False))
     with pytest.raises(RuntimeError, match="no curvature statistics"):
         opt.step()
 

@@ -8,9 +8,18 @@ name instead of stepped wrongly.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch import nn
 
-from .blocks import bias_only, block_parameters, factor_shapes, own_statistics, trains
+from .blocks import (
+    bias_only,
+    block_parameters,
+    factor_shapes,
+    own_statistics,
+    trains,
+    zero_gradient,
+)
 from .kronecker import KroneckerFactors
 
 __all__ = ["block_key", "block_signature", "check_bias_only", "check_blocks", "check_statistics"]
@@ -100,6 +109,30 @@ def check_blocks(
             )
         if key is not None and checked is not None:
             checked[name] = key
+
+
+def used_layers(
+    layers: dict[str, nn.Module],
+    factors: dict[str, KroneckerFactors],
+    active: list[str],
+    captured: Collection[str],
+    capturing: bool,
+) -> list[str]:
+    """The layers of ``active`` (a ``.grad`` exists) that this step used: not one whose
+    gradient is exactly zero (:func:`~.blocks.zero_gradient`: unused under
+    ``zero_grad(set_to_none=False)``, which keeps a zeroed ``.grad``) where that matters,
+    as if its ``.grad`` were ``None``: a layer without curvature yet, or one a capturing
+    step did not capture (its capture is not chased then). A zero gradient has a zero
+    direction whatever the curvature, so a layer with curvature keeps stepping otherwise
+    (no pass over every gradient at every step)."""
+    return [
+        name
+        for name in active
+        if not (
+            (not factors[name].ready or (capturing and name not in captured))
+            and zero_gradient(layers[name])
+        )
+    ]
 
 
 def check_statistics(

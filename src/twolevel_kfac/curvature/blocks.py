@@ -272,6 +272,16 @@ def has_gradient(module: nn.Module) -> bool:
     return main.grad is not None or (bias is not None and bias.grad is not None)
 
 
+def zero_gradient(module: nn.Module) -> bool:
+    """Whether every gradient the layer's block holds is exactly zero (or ``None``): a layer
+    unused this step under ``zero_grad(set_to_none=False)`` keeps a zeroed ``.grad``, and its
+    direction is zero whatever its curvature (a full pass over the gradient: for the few
+    layers that have no curvature yet, not for every layer at every step)."""
+    return all(
+        p.grad is None or not bool(p.grad.any()) for p in block_parameters(module) if p is not None
+    )
+
+
 def gradient_parts(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The two parts of ``∇W̄ = [∇W, ∇b]``: ``∇W`` as a ``(d_out, d_in)`` matrix (a view of
     ``weight.grad``) and ``∇b`` (``None`` without a bias); zeros for a missing ``.grad``."""

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
-from .captured_batch import Call, CapturedBatch
+from .captured_batch import Call, CapturedBatch, scaled_gradient
 from .forward_checks import (
     check_batch_rows,
     check_batched_input,
@@ -237,7 +237,7 @@ class CurvatureCapture:
             scale = float(forward.batch_size * self.accumulation_steps)
 
             def grad_hook(grad: Tensor) -> None:
-                record.grad = _rows(grad.detach(), forward) * scale
+                record.grad = scaled_gradient(_rows(grad.detach(), forward), scale)
                 forward.backward_done = True
 
             output.register_hook(grad_hook)

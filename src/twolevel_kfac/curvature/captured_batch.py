@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .blocks import LayerStats, layer_stats
 from .calls import calls_statistics
 
-__all__ = ["Call", "CapturedBatch", "forward_statistics"]
+__all__ = ["Call", "CapturedBatch", "forward_statistics", "scaled_gradient"]
 
 Call = tuple[nn.Module, Tensor, Tensor | None]
 """One call of a layer in one forward: ``(module, its recorded input, its output
@@ -78,3 +78,14 @@ def forward_statistics(
 def _unscaled(grad: Tensor | None, loss_scale: float) -> Tensor | None:
     """A captured output gradient without a ``GradScaler``'s scale."""
     return grad if grad is None or loss_scale == 1.0 else grad / loss_scale
+
+
+def scaled_gradient(grad: Tensor, scale: float) -> Tensor:
+    """The empirical ``δ = scale · grad`` (``scale = B·k``), a half-precision ``grad`` in
+    float32 first: under fp16 autocast with a ``GradScaler`` the captured gradient carries
+    the loss scale ``S`` as well, and ``S·B·∂loss/∂s_n`` passes fp16's 65504 while the
+    parameters' gradients (``S·∂loss/∂θ``) stay finite, so the scaler skips nothing and the
+    layer's factor update was dropped as non-finite (the statistics are float32 anyway)."""
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        grad = grad.float()
+    return grad * scale

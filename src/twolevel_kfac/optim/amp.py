@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
 
+from ..curvature.blocks import block_parameters
+from ..finite import all_finite
+
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
+
 __all__ = [
     "AmpState",
+    "drops_overflow",
     "forget_amp_state",
     "forgets_amp_state_on_error",
     "take_amp_state",
@@ -100,3 +107,22 @@ def amp_loss_scale(optimizer: Any, fisher: str) -> float | None:
             "the KL clip on, norm clipping has no effect anyway) or use fisher='mc'"
         )
     return 1.0
+
+
+def drops_overflow(pre: KFACPreconditioner, loss_scale: float) -> bool:
+    """``KFACPreconditioner.step(loss_scale=S)`` beside your own optimizer and a
+    ``GradScaler`` (``S ≠ 1``, the gradients unscaled by ``scaler.unscale_``): whether a
+    layer's gradient overflowed. Then the step is dropped as the optimizers drop one the
+    scaler skips: its captured statistics discarded (the next forward captures again),
+    nothing counted, the gradients left for ``scaler.step`` to find and skip
+    (``last_stats["amp_skipped"]``). An overflowed first step has no statistics to
+    report missing. One pass over the gradients, only under a scaler."""
+    if loss_scale == 1.0:
+        return False
+    layers = pre.layers.values()
+    grads = [p.grad for m in layers for p in block_parameters(m) if p is not None]
+    if all_finite(g for g in grads if g is not None):
+        return False
+    pre.capture.discard()
+    pre.last_stats = {"amp_skipped": 1.0}
+    return True

@@ -14,6 +14,7 @@ CIFAR-shaped batches of 64: 300 MiB for all layers, 40 MiB for the largest). Und
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -78,16 +79,31 @@ def fold_statistics(
             (n, s, kronecker_factors_as(view(s) if view else s, pre.factor_dtype(n)))
             for n, s in layers
         )
-    skipped = 0
+    skipped: list[str] = []
     for name, stats, (new_a, new_g, locations) in new:
         finite = all_finite((new_a, new_g))
         pre.interrupted = pre.interrupted or partial_step(pre, folds=True)  # until the step ends
         if not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
-            skipped += 1
+            skipped.append(name)
         del new_a, new_g  # folded: not held beside what ``consume`` forms
         if keep and not pre.comm.distributed:
             kept[name] = stats
         if consume is not None:
             consume(name, stats)
-    pre.last_stats["nonfinite_factor_updates"] = float(skipped)
+    pre.last_stats["nonfinite_factor_updates"] = float(len(skipped))
+    if skipped:
+        _warn_skipped(skipped)
     return kept
+
+
+def _warn_skipped(names: list[str]) -> None:
+    """Say that layers' factor updates were dropped for non-finite statistics while the
+    step itself went on (its gradients were finite): their factors keep their last values."""
+    warnings.warn(
+        f"the curvature statistics of layer(s) {names} were not finite, while the gradients "
+        "were: their factor updates were skipped and their factors keep their last values "
+        "(counted in last_stats['nonfinite_factor_updates']). An activation or output "
+        "gradient overflowing a half-precision dtype is the usual cause",
+        RuntimeWarning,
+        stacklevel=5,
+    )

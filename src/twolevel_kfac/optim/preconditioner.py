@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..curvature.block_checks import check_blocks, check_statistics
+from ..curvature.block_checks import check_blocks, check_statistics, used_layers
 from ..curvature.blocks import (
     LayerStats,
     block_parameters,
@@ -40,6 +40,7 @@ from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
 from ..distributed import make_communicator, rank_seed, unwrap_model
 from ..placement import autocast_off, move_tensors
+from .amp import drops_overflow
 from .coarse import CoarseLevel
 from .coarse_absorb import absorber
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
@@ -148,13 +149,11 @@ class KFACPreconditioner:
         )
         self.capture.active = True
         self.last_stats: dict[str, float] = {}
-        # Whether the last step's directions are finite, when the KL clip proved it
-        self.directions_finite: bool | None = None
+        self.directions_finite: bool | None = None  # last step's, when the KL clip proved it
         # The last Fisher mini-batch, kept for exact Fisher products (adaptive damping).
         self.retain_statistics = False
         self.retained_stats: dict[str, LayerStats] = {}
-        # The layers with a gradient in the current step (the others are left alone)
-        self.active: list[str] = list(self.layers)
+        self.active: list[str] = list(self.layers)  # with a gradient this step (others: left)
         self.schedule = CaptureSchedule(self.options.cov_interval)
         self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
@@ -164,14 +163,16 @@ class KFACPreconditioner:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region;
         a layer without a gradient (unused this step) is left alone, its factors kept.
         ``lr``: the learning rate, or each layer's (read by ``kl_clip_form="lr_squared"``);
-        ``loss_scale``: the ``GradScaler`` scale the captured empirical ``δ`` carry.
+        ``loss_scale``: a ``GradScaler``'s scale, which the captured empirical ``δ`` carry
+        (``≠ 1``: a step whose gradients overflowed is dropped, :func:`.amp.drops_overflow`).
 
         Raises:
             RuntimeError: if a layer has a gradient but never had curvature statistics.
         """
         weight = layer_weight(next(iter(self.layers.values())))
         with step_guard(self), torch.no_grad(), autocast_off(weight):
-            self._step(lr, loss_scale)
+            if not drops_overflow(self, loss_scale):  # beside a GradScaler
+                self._step(lr, loss_scale)
 
     def _step(self, lr: float | Mapping[str, float], loss_scale: float) -> None:
         opts = self.options
@@ -198,6 +199,8 @@ class KFACPreconditioner:
         if batch is not None and (captured or self.comm.distributed):  # every rank joins
             stats = self._update_factors(batch, captured)
         folded = list(stats) if self.comm.distributed else captured  # every rank's alike
+        if not (active and self.capture.empty_batch):  # an empty first batch: refused below
+            self.active = used_layers(self.layers, self.factors, self.active, captured, active)
         self.active = self.schedule.defer_unseen(
             self.factors, self.active, captured=active, folded=folded, steps=self.steps
         )
