@@ -32,7 +32,7 @@ def _params(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_run_and_resume_equivalence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["run", SMOKE_RUN, "--out", str(full), "--quiet"]) == 0
-    assert "kfac seed 0: epochs after 8 steps" in capsys.readouterr().out
+    assert "kfac seed 0: finished its epochs after 8 steps" in capsys.readouterr().out
     assert {p.name for p in full.iterdir()} == {
         "config.yaml",
         "metrics.jsonl",

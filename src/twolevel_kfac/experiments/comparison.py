@@ -29,7 +29,7 @@ from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.provenance import describe_runs
 from twolevel_kfac.experiments.reference_curves import read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
-from twolevel_kfac.experiments.run_state import RESULT_FILE, read_finished, run_limits
+from twolevel_kfac.experiments.run_state import RESULT_FILE, outcome, read_finished, run_limits
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
 
 __all__ = ["ComparisonResult", "describe", "run_comparison", "run_one", "select"]
@@ -264,7 +264,7 @@ def _report_records(
 def _run_line(result: RunResult) -> str:
     epochs = epoch_records(result.records)
     if not epochs:
-        return f"    {result.stop_reason} after {result.step} steps"
+        return f"    {outcome(result.stop_reason)} after {result.step} steps"
     last = epochs[-1]
     held = "".join(
         f", {k} {last[k]:.4g}"
@@ -274,7 +274,7 @@ def _run_line(result: RunResult) -> str:
     loss = last.get("train_loss")
     loss_text = f"{loss:.4g}" if isinstance(loss, float) else "nan"
     return (
-        f"    {result.stop_reason} after {result.step} steps, epoch {last['epoch']:g}: "
+        f"    {outcome(result.stop_reason)} after {result.step} steps, epoch {last['epoch']:g}: "
         f"train loss {loss_text}{held}, {last['wall_time_s']:.1f} s"
         + (f" ({last['cpu_time_s']:.1f} CPU s)" if "cpu_time_s" in last else "")
     )

@@ -19,8 +19,7 @@ checkpoint fingerprints. Example::
     defaults:
       weight_decay: 1.0e-3
       kfac: {lr: 0.1, damping: 0.1, kl_clip: 1.0e-2, fisher_batch: 0.25}
-
-Methods:
+    methods:
       kfac: {}
       nico: {}
       sgd: {lr: 1.0e-2}

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep finished runs in --out and continue unfinished ones",
     )
-    add_common(parser, max_steps=False)
+    add_common(parser, max_steps=False, threads="1")
 
 
 def run(args: argparse.Namespace) -> int:

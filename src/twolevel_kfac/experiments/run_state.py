@@ -27,6 +27,7 @@ __all__ = [
     "RESULT_FILE",
     "LoopState",
     "RunResult",
+    "outcome",
     "read_finished",
     "run_limits",
     "write_result",
@@ -154,3 +155,17 @@ def _binding(key: str, stop_reason: str) -> bool:
     if key == "epochs":
         return stop_reason == "epochs"
     return stop_reason == "time_budget"
+
+
+_OUTCOMES = {
+    "epochs": "finished its epochs",
+    "early_stopping": "stopped early",
+    "diverged": "diverged",
+    "time_budget": "reached its time budget",
+}
+
+
+def outcome(stop_reason: str) -> str:
+    """A run's ``stop_reason`` in words (``"epochs"``: finished its epochs), for the lines a
+    run or comparison prints; the reason itself as it is saved otherwise."""
+    return _OUTCOMES.get(stop_reason, stop_reason)

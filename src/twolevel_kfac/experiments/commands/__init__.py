@@ -48,14 +48,16 @@ def device_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_device(parser: argparse.ArgumentParser) -> None:
-    """``--device``, which overrides the config's ``problem.device``."""
+def add_device(parser: argparse.ArgumentParser, nproc: bool = False) -> None:
+    """``--device``, which overrides the config's ``problem.device`` (``nproc``: the
+    command also has ``--nproc``)."""
+    multi = " With --nproc N and a GPU: one GPU per process, NCCL" if nproc else ""
     parser.add_argument(
         "--device",
         type=device_spec,
         default=None,
         help="auto | cpu | cuda | cuda:K, overriding problem.device (default: the config's; "
-        "auto: a GPU when torch sees one). With --nproc N and a GPU: one GPU per process, NCCL",
+        f"auto: a GPU when torch sees one).{multi}",
     )
 
 
@@ -68,8 +70,11 @@ def with_device(config: ExperimentConfig, args: argparse.Namespace) -> Experimen
     return config.model_copy(update={"problem": problem})
 
 
-def add_common(parser: argparse.ArgumentParser, max_steps: bool = True) -> None:
-    """Options shared by the training commands."""
+def add_common(
+    parser: argparse.ArgumentParser, max_steps: bool = True, threads: str = "torch's choice"
+) -> None:
+    """Options shared by the training commands (``threads``: what ``--threads`` defaults
+    to, in words)."""
     if max_steps:
         parser.add_argument(
             "--max-steps",
@@ -84,7 +89,7 @@ def add_common(parser: argparse.ArgumentParser, max_steps: bool = True) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="torch intra-op threads (default: torch's choice)",
+        help=f"torch intra-op threads (default: {threads})",
     )
 
 

@@ -22,6 +22,7 @@ from twolevel_kfac.experiments.commands import (
     progress_enabled,
     with_device,
 )
+from twolevel_kfac.experiments.run_state import outcome
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data-parallel: N local processes share every batch (gloo on the CPU, NCCL on "
         "GPUs; default: 1, or the world size of torchrun)",
     )
-    add_device(parser)
+    add_device(parser, nproc=True)
     add_common(parser)
 
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     last = epochs[-1] if epochs else {}
     loss = last.get("train_loss")
     print(
-        f"{label} seed {seed}: {result.stop_reason} after {result.step} steps"
+        f"{label} seed {seed}: {outcome(result.stop_reason)} after {result.step} steps"
         + (f", train loss {loss:.4g}" if isinstance(loss, float) else "")
         + f" → {out}"
     )
