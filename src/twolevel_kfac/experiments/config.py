@@ -26,7 +26,7 @@ checkpoint fingerprints. Example::
 
 YAML quirks handled here: ``1e-3`` (no dot) is read as a float, not a string; duplicate
 keys are an error. Unknown keys are rejected with close matches suggested.
-"""
+"""  # noqa: D214, D405, D411 (the example's "methods:" key is no docstring section)
 
 from __future__ import annotations
 
