@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
@@ -47,40 +46,13 @@ from .forward_checks import (
     first_tensor,
     output_tensors,
 )
+from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import check_output, sampled_nll
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
 
 FisherType = Literal["mc", "empirical"]
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
-
-
-@dataclass
-class _Record:
-    """One call's captured rows of one layer (one module use)."""
-
-    module: nn.Module
-    inputs: Tensor
-    owner: _Forward  # the forward pass it belongs to
-    grad: Tensor | None = None
-
-
-@dataclass
-class _Forward:
-    """State of the forward pass in flight."""
-
-    index: Tensor | None
-    batch_size: int
-    mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
-    backward_done: bool = False  # the user's loss.backward() ran through this forward
-    # fisher="mc": each call's output edge (an in-place op after it does not move it)
-    outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
-    records: dict[str, list[_Record]] = field(default_factory=dict)
-
-
-def _rows(tensor: Tensor, forward: _Forward) -> Tensor:
-    """The Fisher mini-batch's rows of a batched tensor."""
-    return tensor if forward.index is None else tensor.index_select(0, forward.index)
 
 
 class CurvatureCapture:
@@ -133,9 +105,9 @@ class CurvatureCapture:
         self.active = False
         self.empty_batch = False  # the last take's forwards had 0 rows
         self._empty_forward = False  # a forward over 0 rows since the last take
-        self._forward: _Forward | None = None
+        self._forward: ForwardPass | None = None
         self._warned_forwards = False
-        self._records: dict[str, list[_Record]] = {name: [] for name in layers}
+        self._records: dict[str, list[Record]] = {name: [] for name in layers}
         # The hooks hold the capture weakly, and are removed when it is collected: an
         # optimizer that is dropped (a notebook cell run again) leaves nothing on the model.
         this = weakref.ref(self)
@@ -208,7 +180,7 @@ class CurvatureCapture:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
-        self._forward = _Forward(index=index, batch_size=batch, mask=mask)
+        self._forward = ForwardPass(index=index, batch_size=batch, mask=mask)
 
     def layer_hook(
         self,
@@ -228,7 +200,7 @@ class CurvatureCapture:
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
         check_batched_input(name, module, x, forward.batch_size)
         kept = recorded_input(module, x.detach())
-        record = _Record(module, _rows(kept, forward), forward)
+        record = Record(module, fisher_rows(kept, forward), forward)
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
         if self.fisher == "mc":
@@ -237,7 +209,7 @@ class CurvatureCapture:
             scale = float(forward.batch_size * self.accumulation_steps)
 
             def grad_hook(grad: Tensor) -> None:
-                record.grad = scaled_gradient(_rows(grad.detach(), forward), scale)
+                record.grad = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
                 forward.backward_done = True
 
             output.register_hook(grad_hook)
@@ -271,7 +243,7 @@ class CurvatureCapture:
             forward.records.clear()
             forward.outputs.clear()
 
-    def _close(self, forward: _Forward, output: Any) -> None:
+    def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
@@ -298,7 +270,7 @@ class CurvatureCapture:
         self._unreached |= set(forward.outputs) - reached  # judged at take()
         for (name, i), grad in zip(keys, grads, strict=True):
             if grad is not None:  # a call whose output does not reach the output: δ = 0
-                forward.records[name][i].grad = _rows(grad.detach(), forward)
+                forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
 
         has_positions = self.likelihood == "categorical" and output.dim() > 2
 
@@ -312,7 +284,7 @@ class CurvatureCapture:
 
         output.register_hook(backward_hook)
 
-    def _sampled_loss(self, output: Tensor, forward: _Forward) -> Tensor:
+    def _sampled_loss(self, output: Tensor, forward: ForwardPass) -> Tensor:
         """The MC Fisher's loss of the Fisher mini-batch rows, with targets sampled from the
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
         check_subset_rows("the model output", output, forward.index, forward.batch_size)
@@ -324,12 +296,12 @@ class CurvatureCapture:
                 mask = mask.to(output.device)
             positions = counted_positions(mask, output, self.class_dim)
         return sampled_nll(
-            _rows(output, forward),
+            fisher_rows(output, forward),
             self.likelihood,
             self.generator,
             self.loss_reduction,
             self.class_dim,
-            None if mask is None else _rows(mask, forward),
+            None if mask is None else fisher_rows(mask, forward),
             positions,
         )
 
@@ -344,7 +316,7 @@ class CurvatureCapture:
         taken: dict[str, list[list[Call]]] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []
-            calls: dict[int, list[_Record]] = {}  # by forward pass
+            calls: dict[int, list[Record]] = {}  # by forward pass
             for record in records:
                 if record.owner.backward_done:  # a forward without backward is no sample
                     calls.setdefault(id(record.owner), []).append(record)

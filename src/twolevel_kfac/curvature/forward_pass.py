@@ -1,0 +1,44 @@
+"""The forward pass in flight while :class:`~.capture.CurvatureCapture` records it: its
+Fisher mini-batch, and each layer call's captured rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+
+__all__ = ["ForwardPass", "Record", "fisher_rows"]
+
+
+@dataclass
+class Record:
+    """One call's captured rows of one layer (one module use)."""
+
+    module: nn.Module
+    inputs: Tensor
+    owner: ForwardPass  # the forward pass it belongs to
+    grad: Tensor | None = None
+
+
+@dataclass
+class ForwardPass:
+    """State of the forward pass in flight."""
+
+    index: Tensor | None  # the Fisher mini-batch's rows of the batch (None: all of them)
+    batch_size: int
+    mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
+    backward_done: bool = False  # the user's loss.backward() ran through this forward
+    # fisher="mc": each call's output edge (an in-place op after it does not move it)
+    outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
+    records: dict[str, list[Record]] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        """``N``: the samples of its Fisher mini-batch."""
+        return self.batch_size if self.index is None else int(self.index.numel())
+
+
+def fisher_rows(tensor: Tensor, forward: ForwardPass) -> Tensor:
+    """The Fisher mini-batch's rows of a batched tensor."""
+    return tensor if forward.index is None else tensor.index_select(0, forward.index)
