@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
-from .captured_batch import Call, CapturedBatch, scaled_gradient
+from .captured_batch import CapturedBatch, Forward, scaled_gradient
 from .forward_checks import (
     check_batch_rows,
     check_batched_input,
@@ -313,7 +313,7 @@ class CurvatureCapture:
         along ``N``; the empirical ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s)."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
-        taken: dict[str, list[list[Call]]] = {}
+        taken: dict[str, list[Forward]] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []
             calls: dict[int, list[Record]] = {}  # by forward pass
@@ -329,7 +329,9 @@ class CurvatureCapture:
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
                 self._warn_forwards(len(done))
             if done:
-                taken[name] = [[(r.module, r.inputs, r.grad) for r in c] for c in done]
+                taken[name] = [
+                    (c[0].owner.samples, [(r.module, r.inputs, r.grad) for r in c]) for c in done
+                ]
         self.empty_batch = self._empty_forward and not taken
         self._empty_forward = False
         self._forward, self._drawn_from = None, None

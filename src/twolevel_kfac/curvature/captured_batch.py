@@ -20,11 +20,14 @@ from torch import Tensor, nn
 from .blocks import LayerStats, layer_stats
 from .calls import calls_statistics
 
-__all__ = ["Call", "CapturedBatch", "forward_statistics", "scaled_gradient"]
+__all__ = ["Call", "CapturedBatch", "Forward", "forward_statistics", "scaled_gradient"]
 
 Call = tuple[nn.Module, Tensor, Tensor | None]
 """One call of a layer in one forward: ``(module, its recorded input, its output
 gradient)`` (``None``: the call's output did not reach the loss)."""
+
+Forward = tuple[int, list[Call]]
+"""One forward's calls of a layer, with ``N``: the samples of its Fisher mini-batch."""
 
 
 class CapturedBatch:
@@ -33,7 +36,8 @@ class CapturedBatch:
 
     Args:
         layers: the blocks, by name.
-        forwards: each layer's calls, by forward, for the layers with statistics.
+        forwards: each layer's calls, by forward (with its samples), for the layers with
+            statistics.
         dtypes: the dtype of each block's statistics (default: as captured).
         loss_scale: what the captured ``δ`` are divided by (a ``GradScaler``'s scale).
     """
@@ -41,7 +45,7 @@ class CapturedBatch:
     def __init__(
         self,
         layers: dict[str, nn.Module],
-        forwards: dict[str, list[list[Call]]],
+        forwards: dict[str, list[Forward]],
         dtypes: dict[str, torch.dtype],
         loss_scale: float = 1.0,
     ) -> None:
@@ -60,15 +64,17 @@ class CapturedBatch:
 def forward_statistics(
     name: str,
     module: nn.Module,
-    forwards: list[list[Call]],
+    forwards: list[Forward],
     dtype: torch.dtype | None,
     loss_scale: float = 1.0,
 ) -> LayerStats:
     """Layer ``name``'s statistics of its forwards' calls (:func:`~.calls.calls_statistics`
     per forward, concatenated along ``N``), the ``δ`` divided by ``loss_scale``."""
     pairs = [
-        calls_statistics(name, [(m, x, _unscaled(g, loss_scale)) for m, x, g in calls], dtype)
-        for calls in forwards
+        calls_statistics(
+            name, [(m, x, _unscaled(g, loss_scale)) for m, x, g in calls], dtype, samples
+        )
+        for samples, calls in forwards
     ]
     # torch.cat copies even one tensor: the statistics never alias a layer's input
     a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])

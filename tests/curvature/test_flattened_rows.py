@@ -1,0 +1,94 @@
+"""Tokens flattened batch-first inside ``forward`` (``x.reshape(B * T, D)`` before a layer, as
+a router or a hand-written block does) take the steps of the model that keeps ``[B, T, D]``:
+a layer on ``k·B`` rows reads them as ``k`` locations of each sample (its factors, location
+count and per-sample gradients), not as ``k·B`` samples (a block ``T`` times smaller, and
+the coarse level refused the layers' different sample counts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from twolevel_kfac.curvature.calls import per_sample
+
+B, T, V, D, C = 6, 4, 9, 5, 3
+
+
+class TokenNet(nn.Module):
+    """Embedding → Linear → LayerNorm → Linear on tokens, each layer on ``[B, T, ·]`` or, for
+    the layers in ``flat``, on the tokens flattened to ``[B·T, ·]`` and back."""
+
+    def __init__(self, flat: frozenset[str]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.hidden = nn.Embedding(V, D), nn.Linear(D, 7)
+        self.norm, self.head = nn.LayerNorm(7), nn.Linear(7, C)
+        self.flat = flat
+
+    def call(self, name: str, x: Tensor) -> Tensor:
+        layer = getattr(self, name)
+        if name not in self.flat:
+            return layer(x)
+        out = layer(x.reshape(B * T, *x.shape[2:]))
+        return out.reshape(B, T, *out.shape[1:])
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = torch.tanh(self.call("hidden", self.call("embed", tokens)))
+        return self.call("head", self.call("norm", h))
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "kfac": tk.KFAC,
+    "ekfac": tk.EKFAC,
+    "nicolaides": tk.TwoLevelKFAC,
+    "residual_adef2": lambda m, **k: tk.TwoLevelKFAC(
+        m, coarse_space="residual", combination="adef2", **k
+    ),
+}
+
+
+def train(flat: frozenset[str], make: Callable[..., torch.optim.Optimizer], fisher: str) -> Tensor:
+    model = TokenNet(flat).double()
+    opt = make(
+        model, lr=0.1, damping=1e-2, fisher=fisher, class_dim=-1, norm_blocks=True, cov_interval=2
+    )
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        tokens, y = (
+            torch.randint(0, V, (B, T), generator=gen),
+            torch.randint(0, C, (B, T), generator=gen),
+        )
+        opt.zero_grad()
+        F.cross_entropy(model(tokens).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("fisher", ("empirical", "mc"))
+@pytest.mark.parametrize(
+    "flat",
+    (frozenset({"hidden"}), frozenset({"embed", "hidden", "norm", "head"})),
+    ids=("one", "all"),
+)
+def test_flattened_tokens_take_the_steps_of_the_batched_model(
+    float64: None, name: str, fisher: str, flat: frozenset[str]
+) -> None:
+    reference = train(frozenset(), OPTIMIZERS[name], fisher)
+    initial = torch.cat([p.detach().flatten() for p in TokenNet(frozenset()).double().parameters()])
+    assert (reference - initial).abs().max() > 1e-2  # the steps moved the parameters
+    torch.testing.assert_close(train(flat, OPTIMIZERS[name], fisher), reference, rtol=0, atol=1e-13)
+
+
+def test_only_whole_multiples_of_several_samples_are_regrouped() -> None:
+    a, g = torch.arange(24.0).reshape(6, 1, 4), torch.ones(6, 1, 2)
+    regrouped, grads = per_sample((a, g), 2)
+    assert regrouped.shape == (2, 3, 4) and grads is not None and grads.shape == (2, 3, 2)
+    assert torch.equal(regrouped[1, 0], a[3, 0])  # sample-major: rows 3, 4, 5 are sample 1's
+    for samples in (None, 1, 6, 4):  # unknown, one sample, one row each, 6 rows of 4: kept
+        assert per_sample((a, g), samples)[0] is a
