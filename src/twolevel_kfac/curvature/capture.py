@@ -48,7 +48,7 @@ from .forward_checks import (
 )
 from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
-from .likelihoods import check_output, sampled_nll
+from .likelihoods import check_output, per_sample_output, sampled_nll
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
 
 FisherType = Literal["mc", "empirical"]
@@ -257,7 +257,8 @@ class CurvatureCapture:
             raise TypeError("fisher='mc' needs a model that returns one tensor of outputs")
         if not output.requires_grad or not bool(torch.isfinite(output.detach()).all()):
             return  # a non-finite output gives no statistics this step
-        loss = self._sampled_loss(output, forward)
+        samples, class_dim = self._per_sample(output, forward)
+        loss = self._sampled_loss(samples, forward, class_dim)
         keys = [(name, i) for name, outs in forward.outputs.items() for i in range(len(outs))]
         grads = torch.autograd.grad(
             loss,
@@ -272,35 +273,51 @@ class CurvatureCapture:
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
 
-        has_positions = self.likelihood == "categorical" and output.dim() > 2
+        has_positions = self.likelihood == "categorical" and samples.dim() > 2
+        view = samples.shape
 
         def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
             forward.backward_done = True
             if has_positions:
-                problem = mask_disagreement(grad, forward.mask, self.class_dim)
+                problem = mask_disagreement(grad.reshape(view), forward.mask, class_dim)
                 if problem is not None and problem[0] not in self._warned_masks:
                     self._warned_masks.add(problem[0])  # once per kind of problem
                     warnings.warn(problem[1], RuntimeWarning, stacklevel=2)
 
         output.register_hook(backward_hook)
 
-    def _sampled_loss(self, output: Tensor, forward: ForwardPass) -> Tensor:
+    def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
+        """The model output as ``[N, …]`` per sample of the forward, with its class dimension
+        (:func:`~.likelihoods.per_sample_output`: logits flattened inside ``forward``), and
+        the forward's loss mask given for the flattened rows (``[N·T]``) shaped as its
+        positions."""
+        if forward.index is not None:  # a Fisher subset: the rows are the batch (checked)
+            return output, self.class_dim
+        view, class_dim = per_sample_output(
+            output, forward.samples, self.likelihood, self.class_dim
+        )
+        mask = forward.mask
+        if view is not output and mask is not None and mask.numel() == view.shape[:2].numel():
+            forward.mask = mask.reshape(view.shape[:2]) if view.dim() == 3 else mask
+        return view, class_dim
+
+    def _sampled_loss(self, output: Tensor, forward: ForwardPass, class_dim: int | None) -> Tensor:
         """The MC Fisher's loss of the Fisher mini-batch rows, with targets sampled from the
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
         check_subset_rows("the model output", output, forward.index, forward.batch_size)
-        check_output(output, self.likelihood, self.class_dim)
+        check_output(output, self.likelihood, class_dim)
         mask, positions = forward.mask, 1.0
         if self.likelihood == "categorical":
             if mask is not None:
-                check_loss_mask(mask, output, self.class_dim)
+                check_loss_mask(mask, output, class_dim)
                 mask = mask.to(output.device)
-            positions = counted_positions(mask, output, self.class_dim)
+            positions = counted_positions(mask, output, class_dim)
         return sampled_nll(
             fisher_rows(output, forward),
             self.likelihood,
             self.generator,
             self.loss_reduction,
-            self.class_dim,
+            class_dim,
             None if mask is None else fisher_rows(mask, forward),
             positions,
         )
