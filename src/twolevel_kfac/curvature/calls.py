@@ -4,17 +4,24 @@ block_statistics`, their locations side by side."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .blocks import block_statistics, own_statistics
 
-__all__ = ["calls_statistics", "per_sample"]
+if TYPE_CHECKING:
+    from .captured_batch import Call
+
+__all__ = ["calls_statistics", "per_sample", "sample_major"]
 
 
 def calls_statistics(
     name: str,
-    calls: list[tuple[nn.Module, Tensor, Tensor | None]],
+    calls: Sequence[Call],
     dtype: torch.dtype | None,
     samples: int | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -26,8 +33,11 @@ def calls_statistics(
     Raises:
         RuntimeError: if the calls saw different numbers of rows.
     """
-    pairs = [per_sample(block_statistics(module, x, grad), samples) for module, x, grad in calls]
-    own = own_statistics(calls[0][0])
+    pairs = [
+        per_sample(block_statistics(call.module, call.inputs, call.grad), samples, call.reshaped)
+        for call in calls
+    ]
+    own = own_statistics(calls[0].module)
     inputs = [a if own is not None and own.exact_inputs else _cast(a, dtype) for a, _ in pairs]
     grads = [None if g is None else _cast(g, dtype) for _, g in pairs]
     d_out = next(g for g in grads if g is not None).shape[2:]  # [d_out], or [G, d_out/G]
@@ -52,21 +62,84 @@ def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def per_sample(
-    pair: tuple[Tensor, Tensor | None], samples: int | None
+    pair: tuple[Tensor, Tensor | None], samples: int | None, reshaped: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """A call's ``(ā, δ)`` (``[R, T, …]``) on ``R = k·N`` rows, ``k > 1``, of a forward over
-    ``N = samples > 1`` samples as ``[N, k·T, …]``: tokens flattened batch-first inside
-    ``forward`` (``x.reshape(B * T, D)`` before a ``Linear``, a router's
-    ``x.view(-1, D)``) are ``T`` locations of each sample, as the layer on ``[B, T, D]``
-    would see them (the rows sample-major), not ``B·T`` samples: KFAC's factors and
-    location count, and the per-sample gradients of the coarse level and EKFAC, are then
-    those of the unflattened model. Other row counts (a layer on some samples' rows,
-    gathered tokens) stay as they are: ``N = R``, as before."""
+    """A call's ``(ā, δ)`` (``[R, T, …]``) read per sample of a forward over ``N = samples``.
+
+    * ``R = k·N`` rows in the batch's order (``reshaped``: :func:`sample_major`):
+      ``[N, k·T, …]``. Tokens flattened batch-first inside
+      ``forward`` (``x.reshape(B * T, D)`` before a ``Linear``, a router's
+      ``x.view(-1, D)``) are ``T`` locations of each sample, as the layer on ``[B, T, D]``
+      would see them (the rows sample-major), not ``B·T`` samples: KFAC's factors and
+      location count, and the per-sample gradients of the coarse level and EKFAC, are
+      those of the unflattened model.
+    * Other ``R ≠ N`` rows (``N > 1``; made by indexing: a branch on some samples,
+      ``x[keep]``, tokens gathered for a mixture-of-experts expert; a concatenation), which cannot
+      be told apart by sample: ``R`` rows of one location, with ``δ`` times ``√(R/N)``, so
+      that the block ``A ⊗ G`` is that of the batch's Fisher ``(1/N) Σ_n``:
+      ``Σ āāᵀ/R ⊗ Σ δδᵀ/N``, whatever ``R`` and the rows' order (KFAC's expand view of
+      ``R`` locations spread over ``N`` samples; exact for a branch on whole samples). Taken
+      as ``R`` samples, the block was ``N/R`` times that (an expert of a top-2-of-8 router
+      on ``T`` tokens per sample: ``4/T``).
+
+    A forward over one sample whose rows are not sample-major keeps them as they are (a
+    first tensor argument that is not the batch would make every layer's rows look
+    gathered)."""
     a, g = pair
     rows = int(a.shape[0])
-    if samples is None or samples <= 1 or rows == samples or rows % samples:
+    if samples is None or samples < 1 or rows in (0, samples):
         return pair
-    return _locations(a, samples), None if g is None else _locations(g, samples)
+    if reshaped and rows % samples == 0:
+        return _locations(a, samples), None if g is None else _locations(g, samples)
+    if samples == 1:
+        return pair
+    return a, None if g is None else g * math.sqrt(rows / samples)
+
+
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_REORDERS = frozenset(
+    {
+        "IndexBackward0",
+        "IndexSelectBackward0",
+        "GatherBackward0",
+        "MaskedSelectBackward0",
+        "CatBackward0",
+        "StackBackward0",
+        "RepeatBackward0",
+        "RepeatInterleaveBackward0",
+        "ExpandBackward0",
+        "IndexPutBackward0",
+    }
+)
+_WALK = 256  # autograd nodes looked at, at most
+
+
+def sample_major(inputs: Tensor, samples: int) -> bool:
+    """Whether a layer input of ``R ≠ N = samples`` rows keeps its rows in the batch's
+    order, sample-major (tokens flattened batch-first): no autograd node between it and
+    the last reshape on each path back (``view``, ``reshape``, ``flatten``) makes rows by
+    indexing, gathering, concatenating, stacking or repeating (a mixture-of-experts
+    expert's gathered tokens, ``torch.cat`` of two views). An input without autograd
+    history (the data) counts when it is a view (a micro-batch ``x.split(m)`` reshaped).
+    ``False`` for ``R = N`` (nothing to regroup)."""
+    if int(inputs.shape[0]) == samples:
+        return False
+    node = inputs.grad_fn
+    if node is None:
+        return inputs._base is not None
+    stack, seen = [node], {node}
+    while stack and len(seen) <= _WALK:
+        node = stack.pop()
+        name = type(node).__name__
+        if name in _REORDERS:
+            return False
+        if name in _RESHAPES:
+            continue  # the rows before a reshape are another tensor's
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return True
 
 
 def _locations(tensor: Tensor, samples: int) -> Tensor:

@@ -36,7 +36,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
-from .captured_batch import CapturedBatch, Forward, scaled_gradient
+from .calls import sample_major
+from .captured_batch import Call, CapturedBatch, Forward, scaled_gradient
 from .forward_checks import (
     check_batch_rows,
     check_batched_input,
@@ -200,7 +201,9 @@ class CurvatureCapture:
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
         check_batched_input(name, module, x, forward.batch_size)
         kept = recorded_input(module, x.detach())
-        record = Record(module, fisher_rows(kept, forward), forward)
+        record = Record(
+            module, fisher_rows(kept, forward), forward, reshaped=sample_major(x, forward.samples)
+        )
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
         if self.fisher == "mc":
@@ -347,7 +350,8 @@ class CurvatureCapture:
                 self._warn_forwards(len(done))
             if done:
                 taken[name] = [
-                    (c[0].owner.samples, [(r.module, r.inputs, r.grad) for r in c]) for c in done
+                    (c[0].owner.samples, [Call(r.module, r.inputs, r.grad, r.reshaped) for r in c])
+                    for c in done
                 ]
         self.empty_batch = self._empty_forward and not taken
         self._empty_forward = False

@@ -13,6 +13,7 @@ layer's at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,15 @@ from .calls import calls_statistics
 
 __all__ = ["Call", "CapturedBatch", "Forward", "forward_statistics", "scaled_gradient"]
 
-Call = tuple[nn.Module, Tensor, Tensor | None]
-"""One call of a layer in one forward: ``(module, its recorded input, its output
-gradient)`` (``None``: the call's output did not reach the loss)."""
+
+class Call(NamedTuple):
+    """One call of a layer in one forward."""
+
+    module: nn.Module
+    inputs: Tensor  # its recorded input
+    grad: Tensor | None  # its output gradient (None: the output did not reach the loss)
+    reshaped: bool = False  # its rows in the batch's order (calls.sample_major)
+
 
 Forward = tuple[int, list[Call]]
 """One forward's calls of a layer, with ``N``: the samples of its Fisher mini-batch."""
@@ -72,7 +79,10 @@ def forward_statistics(
     per forward, concatenated along ``N``), the ``δ`` divided by ``loss_scale``."""
     pairs = [
         calls_statistics(
-            name, [(m, x, _unscaled(g, loss_scale)) for m, x, g in calls], dtype, samples
+            name,
+            [call._replace(grad=_unscaled(call.grad, loss_scale)) for call in calls],
+            dtype,
+            samples,
         )
         for samples, calls in forwards
     ]

@@ -19,6 +19,7 @@ class Record:
     inputs: Tensor
     owner: ForwardPass  # the forward pass it belongs to
     grad: Tensor | None = None
+    reshaped: bool = False  # its rows in the batch's order (calls.sample_major)
 
 
 @dataclass

@@ -74,7 +74,7 @@ class AbsorbedBatch:
         missing = [n for n in self.names if n not in self.columns]
         if missing:
             raise ValueError(f"layer(s) {missing} were captured but never folded")
-        return shared_size(self.sizes.values())
+        return shared_size(self.sizes)
 
 
 def absorbs_statistics(level: CoarseLevel) -> bool:

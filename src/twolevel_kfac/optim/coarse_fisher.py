@@ -22,10 +22,10 @@ from ..twolevel.fisher_columns import (
     rows_size,
 )
 from ..twolevel.fisher_products import (
-    DISAGREE_HINT,
     check_stats,
     damped_fvp,
     sample_coefficients_parts,
+    shared_size,
 )
 from ..twolevel.global_fisher import (
     global_coarse_matrix,
@@ -60,13 +60,10 @@ def global_samples(level: CoarseLevel) -> int:
     """
     assert level.fisher_stats is not None
     if not level.host.comm.distributed:
-        return check_stats(level.fisher_stats)
-    sizes = {level.host.sample_counts[n] for n in level.names}
-    if len(sizes) != 1:
-        raise RuntimeError(
-            f"layers disagree on the Fisher mini-batch size: {sorted(sizes)}" + DISAGREE_HINT
-        )
-    return sizes.pop()
+        stats = level.fisher_stats
+        shared_size({n: s.num_samples for n, s in zip(level.names, stats, strict=True)})
+        return check_stats(stats)
+    return shared_size({n: level.host.sample_counts[n] for n in level.names})
 
 
 def damped_product(level: CoarseLevel, v: LayerVector) -> LayerVector:

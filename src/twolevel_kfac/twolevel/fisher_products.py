@@ -15,7 +15,7 @@ of ``repeat_interleave`` — a defect we do not reproduce.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor
 
@@ -55,17 +55,19 @@ def check_stats(stats: Sequence[LayerStats], num_layers: int | None = None) -> i
     return shared_size(s.num_samples for s in stats)
 
 
-def shared_size(sizes: Iterable[int]) -> int:
-    """The one Fisher mini-batch size ``N`` the layers report.
+def shared_size(sizes: Iterable[int] | Mapping[str, int]) -> int:
+    """The one Fisher mini-batch size ``N`` the layers report (by name, for the message).
 
     Raises:
         ValueError: they disagree (:data:`DISAGREE_HINT` says why that is refused).
     """
-    distinct = set(sizes)
+    values = list(sizes.values() if isinstance(sizes, Mapping) else sizes)
+    distinct = set(values)
     if len(distinct) != 1:
-        raise ValueError(
-            f"layers disagree on the Fisher mini-batch size: {sorted(distinct)}" + DISAGREE_HINT
-        )
+        found: object = sorted(distinct)
+        if isinstance(sizes, Mapping):  # each size with the layers that have it
+            found = {n: sorted(k for k, v in sizes.items() if v == n) for n in sorted(distinct)}
+        raise ValueError(f"layers disagree on the Fisher mini-batch size: {found}" + DISAGREE_HINT)
     return distinct.pop()
 
 
