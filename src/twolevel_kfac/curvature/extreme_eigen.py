@@ -37,11 +37,15 @@ step, *certified* or replaced by ``eigh``:
   :func:`~.factor_inverse.safe_eigh`.
 
 Where the smallest eigenvalue is repeated (the rank-deficient factors of real data: dead
-pixels, fewer samples than features), any unit vector of that null space is such a pair
-and the one returned depends on the start, as ``eigh``'s depends on rounding; a cluster
-wider than about ``τ/√n`` does not take the near-null shortcut. The start is a fixed
-pseudo-random block, so the result is a deterministic function of the factor (a resumed
-run rebuilds the same basis). Measured times against ``eigh``, on the autoencoders'
+pixels, fewer samples than features), any unit vector of that null space is such a pair;
+the one returned is the unit vector of the converged Ritz pairs within ``τ`` of it (of
+``eigh``'s eigenvectors, on that path) closest to a fixed reference
+(:func:`~.eigen_cluster.canonical_vector`), so that the same factor summed in another
+order gives the same vector (it was whichever the rounding picked: the ranks of
+``torch.distributed`` and one process took other spectral spaces); a cluster wider than
+about ``τ/√n`` does not take the near-null shortcut. The start is a fixed pseudo-random
+block, so the result is a deterministic function of the factor (a resumed run rebuilds
+the same basis). Measured times against ``eigh``, on the autoencoders'
 factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac bench extreme_pair``
 (``docs/benchmarks/extreme_pair.md``).
 """
@@ -57,6 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .eigen_cluster import TOLERANCE, canonical_vector, cluster_tolerance
 from .factor_inverse import safe_eigh, solver_dtype
 
 __all__ = [
@@ -75,7 +80,6 @@ CHECK_EVERY = 2  # iterations between Rayleigh–Ritz checks
 FIRST_ITERATIONS = 6  # of the first phase (shift τ, or powers of M)
 REFINE_MIN = 384  # the refinement only for factors of at least this side (else eigh)
 SECOND_ITERATIONS = 24  # of the refinement near the extreme (each ~1/20 of a factorisation)
-TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F
 ROWS64 = 256  # rows of a slice taken to float64 (norms and products without a float64 copy)
 _SEED = 0x5EC7
 
@@ -99,8 +103,10 @@ def extreme_eigenpair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
     if pair is None:
         values, vectors = safe_eigh(matrix)
         index = int(values.argmin() if which == "smallest" else values.argmax())
+        tau = cluster_tolerance(values, solver_dtype(matrix.dtype))
+        vector = canonical_vector(vectors, values, which, tau)  # of a repeated eigenvalue
         # copies: a view would keep the whole eigenbasis alive (frozen_eigenpairs keeps it)
-        pair = values[index : index + 1].clone(), vectors[:, index : index + 1].clone()
+        pair = values[index : index + 1].clone(), vector.unsqueeze(1).clone()
     return pair[0].to(matrix.dtype), pair[1].to(matrix.dtype)
 
 
@@ -167,22 +173,26 @@ def _matmul64(matrix: Tensor, block: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class _Ritz:
-    """The Rayleigh–Ritz pair of a block for the smallest eigenvalue of ``N``."""
+    """The Rayleigh–Ritz pairs of a block, the one of the smallest eigenvalue of ``N``
+    first."""
 
     theta: float  # the smallest Ritz value
     following: float  # the next one (an estimate of the gap)
     residual: float  # ‖Nq − θq‖
     vector: Tensor  # q, float64
+    values: Tensor  # every Ritz value, ascending
+    vectors: Tensor  # their Ritz vectors, [n, BLOCK]
+    residuals: Tensor  # and residuals
 
 
 def _ritz(signed: Tensor | _Signed, block: Tensor) -> _Ritz:
     """Rayleigh–Ritz of ``signed`` on the orthonormal ``block``."""
     image = signed @ block
-    values, vectors = torch.linalg.eigh(block.T @ image)
-    theta, coords = values[0], vectors[:, 0]
-    vector = block @ coords
-    residual = float(torch.linalg.vector_norm(image @ coords - theta * vector))
-    return _Ritz(float(theta), float(values[1]), residual, vector)
+    values, coords = torch.linalg.eigh(block.T @ image)
+    vectors = block @ coords
+    residuals = torch.linalg.vector_norm(image @ coords - vectors * values, dim=0)
+    theta, residual = float(values[0]), float(residuals[0])
+    return _Ritz(theta, float(values[1]), residual, vectors[:, 0], values, vectors, residuals)
 
 
 def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
@@ -206,7 +216,7 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         if not math.isfinite(ritz.residual):
             return None
         if smallest and ritz.residual <= close and ritz.theta <= tau:
-            return _pair(ritz, 1.0 / scale)  # within τ of 0 ≤ λ_min
+            return _pair(ritz, 1.0 / scale, tau, close)  # within τ of 0 ≤ λ_min
         if ritz.residual <= close:
             break
         if smallest and ritz.theta > tau and side < REFINE_MIN:
@@ -218,7 +228,7 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         found = _refine(signed, block, ritz, tau, close, dtype)
     if found is None or not _certified(signed, found[0].theta, tau, found[1]):
         return None
-    return _pair(found[0], (1.0 if smallest else -1.0) / scale)
+    return _pair(found[0], (1.0 if smallest else -1.0) / scale, tau, close)
 
 
 @dataclass(frozen=True)
@@ -305,10 +315,15 @@ def _refine(
     return None
 
 
-def _pair(ritz: _Ritz, sign: float) -> tuple[Tensor, Tensor]:
-    """``(values [1], vectors [n, 1])`` of ``M = sign·N`` (``sign`` also undoes the scale)."""
+def _pair(ritz: _Ritz, sign: float, tau: float, close: float) -> tuple[Tensor, Tensor]:
+    """``(values [1], vectors [n, 1])`` of ``M = sign·N`` (``sign`` also undoes the scale);
+    the vector the one of the converged Ritz pairs within ``τ`` of ``θ`` closest to the
+    reference (:func:`~.eigen_cluster.canonical_vector`: a repeated eigenvalue's vector
+    is the same wherever the factor was summed)."""
     value = ritz.vector.new_tensor([sign * ritz.theta])
-    return value, ritz.vector.unsqueeze(1)
+    converged = ritz.residuals <= close
+    vector = canonical_vector(ritz.vectors, ritz.values, "smallest", tau, converged)
+    return value, vector.unsqueeze(1)
 
 
 def _shifted(matrix: Tensor, shift: float) -> Tensor:

@@ -21,6 +21,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from twolevel_kfac.curvature.eigen_cluster import canonical_vector, cluster_tolerance
+from twolevel_kfac.curvature.factor_inverse import solver_dtype
 from twolevel_kfac.twolevel.vectors import LayerVector, LinearMap
 
 CoarseSpace = Literal[
@@ -98,10 +100,6 @@ def nicolaides(
     return [ones.unsqueeze(0) for ones in _ones(shapes, dtype, dev)]
 
 
-def _pick(eigvals: Tensor, which: str) -> int:
-    return int(torch.argmin(eigvals) if which == "smallest" else torch.argmax(eigvals))
-
-
 def spectral(
     eigvecs_A: Sequence[Tensor],
     eigvals_A: Sequence[Tensor],
@@ -156,8 +154,15 @@ def kronecker_spectral_pair(
     eigvecs_A: Tensor, eigvals_A: Tensor, eigvecs_G: Tensor, eigvals_G: Tensor, which: str
 ) -> tuple[Tensor, Tensor]:
     """``(q_G, q_A)``: the factors' eigenvectors of their smallest (largest) eigenvalues,
-    whose outer product is :func:`kronecker_spectral_vector`."""
-    return eigvecs_G[:, _pick(eigvals_G, which)], eigvecs_A[:, _pick(eigvals_A, which)]
+    whose outer product is :func:`kronecker_spectral_vector`; of a repeated one, the
+    vector of its eigenspace closest to a fixed reference (:func:`~twolevel_kfac.
+    curvature.eigen_cluster.canonical_vector`), the same wherever the factor was summed."""
+    return _extreme(eigvecs_G, eigvals_G, which), _extreme(eigvecs_A, eigvals_A, which)
+
+
+def _extreme(vectors: Tensor, values: Tensor, which: str) -> Tensor:
+    tau = cluster_tolerance(values, solver_dtype(values.dtype))
+    return canonical_vector(vectors, values, which, tau)
 
 
 def spectral_basis(vectors: LayerVector) -> Basis:

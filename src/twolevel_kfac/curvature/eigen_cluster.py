@@ -1,0 +1,63 @@
+"""One eigenvector of an extreme eigenvalue that is the same wherever the factor is formed.
+
+Where a factor's extreme eigenvalue is repeated (the rank-deficient factors of real data:
+dead pixels, fewer distinct tokens than features), every unit vector of its eigenspace is
+such an eigenvector, and the one ``eigh`` or a subspace iteration returns depends on the
+rounding: the same factor summed in another order (the ranks of ``torch.distributed``
+against one process, the samples of a batch permuted) gave another vector, so another
+spectral coarse space and another step. :func:`canonical_vector` returns instead the
+projection of a fixed reference vector onto the cluster's eigenspace, normalised: a
+function of the eigenspace alone, as far as its eigenvalues are apart from the others
+(``Q = R₀ᵀ(R₀F̂R₀ᵀ)⁻¹R₀`` does not see the vector's sign or scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["TOLERANCE", "canonical_vector", "cluster_tolerance", "reference_vector"]
+
+TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F (here and in curvature.extreme_eigen)
+_SEED = 0x5EC7
+
+
+def cluster_tolerance(values: Tensor, dtype: torch.dtype) -> float:
+    """``τ = c · ε · √n · ‖M‖_F`` of a symmetric matrix from its eigenvalues
+    (``‖M‖_F = ‖λ‖₂``), ``ε`` of ``dtype``: eigenvalues closer than ``τ`` are one cluster."""
+    norm = float(torch.linalg.vector_norm(values.double()))
+    return TOLERANCE * torch.finfo(dtype).eps * math.sqrt(values.numel()) * norm
+
+
+def reference_vector(size: int, like: Tensor) -> Tensor:
+    """The fixed pseudo-random unit vector of length ``size`` (float64 draws, then
+    ``like``'s dtype and device) that :func:`canonical_vector` projects."""
+    generator = torch.Generator().manual_seed(_SEED)
+    vector = torch.randn(size, generator=generator, dtype=torch.float64)
+    return (vector / vector.norm()).to(dtype=like.dtype, device=like.device)
+
+
+def canonical_vector(
+    vectors: Tensor, values: Tensor, which: str, tau: float, members: Tensor | None = None
+) -> Tensor:
+    """The eigenvector (a column of ``vectors``) of the smallest (``which``) or largest
+    eigenvalue of ``values``, or, where other eigenvalues lie within ``tau`` of it (and
+    are ``members``, default all), the unit vector of their span closest to
+    :func:`reference_vector`: ``P r / ‖P r‖`` with ``P = V_c V_cᵀ`` (module docstring).
+    A single eigenvector is returned as it is (bit for bit)."""
+    index = int(values.argmin() if which == "smallest" else values.argmax())
+    close = (values - values[index]).abs() <= tau
+    if members is not None:
+        close &= members
+    close[index] = True
+    if int(close.sum()) == 1:
+        return vectors[:, index]
+    basis = vectors[:, close]
+    reference = reference_vector(vectors.shape[0], basis)
+    projected = basis @ (basis.T @ reference)
+    norm = float(projected.norm())
+    if not math.isfinite(norm) or norm <= 1e-3:  # the reference (nearly) orthogonal to it
+        return vectors[:, index]
+    return projected / norm
