@@ -271,3 +271,18 @@ def test_a_layer_called_with_its_input_as_a_keyword(float64: None, fisher: str) 
             opt.step()
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_compiled_models_donated_buffers_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor's backward forbids ``retain_graph=True`` on a graph with donated buffers;
+    torch's error named neither the optimizer nor the way out."""
+    import twolevel_kfac.curvature.capture as capture
+
+    def donated(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("This backward function was compiled with non-empty donated buffers")
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = tk.KFAC(model)
+    monkeypatch.setattr(capture.torch.autograd, "grad", donated)
+    with pytest.raises(RuntimeError, match="donated_buffer = False before compiling"):
+        model(torch.randn(5, 4))

@@ -263,12 +263,18 @@ class CurvatureCapture:
         samples, class_dim = self._per_sample(output, forward)
         loss = self._sampled_loss(samples, forward, class_dim)
         keys = [(name, i) for name, outs in forward.outputs.items() for i in range(len(outs))]
-        grads = torch.autograd.grad(
-            loss,
-            [forward.outputs[n][i] for n, i in keys],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        edges = [forward.outputs[n][i] for n, i in keys]
+        try:
+            grads = torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
+        except RuntimeError as error:
+            if "donated buffer" not in str(error):
+                raise
+            raise RuntimeError(
+                "fisher='mc' differentiates its sampled loss through the forward's graph "
+                "before your backward does (retain_graph=True), which the donated buffers of "
+                "a torch.compile'd model's backward forbid: use fisher='empirical', or set "
+                "torch._functorch.config.donated_buffer = False before compiling"
+            ) from error
         pairs = zip(keys, grads, strict=True)
         reached = {name for (name, _), grad in pairs if grad is not None}
         self._unreached |= set(forward.outputs) - reached  # judged at take()
@@ -276,8 +282,7 @@ class CurvatureCapture:
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
 
-        has_positions = self.likelihood == "categorical" and samples.dim() > 2
-        view = samples.shape
+        has_positions, view = self.likelihood == "categorical" and samples.dim() > 2, samples.shape
 
         def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
             forward.backward_done = True
