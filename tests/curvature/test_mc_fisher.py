@@ -286,3 +286,4 @@ def test_a_compiled_models_donated_buffers_are_named(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(capture.torch.autograd, "grad", donated)
     with pytest.raises(RuntimeError, match="donated_buffer = False before compiling"):
         model(torch.randn(5, 4))
+    assert opt.preconditioner.capture.active  # (the optimizer holds the hooks)
