@@ -37,6 +37,7 @@ def test_any_basis_of_the_cluster_gives_the_same_vector() -> None:
 
 @pytest.mark.parametrize("side", (40, 300))  # eigh, and the certified iteration
 def test_the_extreme_pair_does_not_depend_on_the_summation_order(side: int) -> None:
+    """A 200-dimensional null space: inverse iteration from the reference."""
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(side // 3, side, generator=gen)
     one = rows.T @ rows / len(rows)
@@ -44,7 +45,7 @@ def test_the_extreme_pair_does_not_depend_on_the_summation_order(side: int) -> N
     assert not torch.equal(one, other)
     q_one, q_other = extreme_eigenpair(one, "smallest")[1], extreme_eigenpair(other, "smallest")[1]
     cosine = float((q_one.double().T @ q_other.double()).abs())
-    assert cosine > 1 - 1e-5  # float32 solves near the null space; any two vectors: ~0.1
+    assert cosine > 1 - 1e-4  # float32 solves near the null space; any two vectors: ~0.1
 
 
 class Tokens(nn.Module):
@@ -81,3 +82,25 @@ def test_spectral_steps_do_not_depend_on_the_samples_order(float64: None, combin
             opt.step()
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", (400, 785))
+@pytest.mark.parametrize("which", ("smallest", "largest"))
+@pytest.mark.parametrize("multiplicity", (2, 3, 6))
+def test_a_repeated_eigenvalue_of_a_full_rank_factor_is_canonical(
+    side: int, which: str, multiplicity: int
+) -> None:
+    """Not near-null: the iteration's block need not span the cluster, so ``eigh``'s
+    eigenspace gives the vector (a reviewer's scan: |cos| 0.28 between two orders)."""
+    gen = torch.Generator().manual_seed(side + multiplicity)
+    basis = torch.linalg.qr(torch.randn(side, side, generator=gen, dtype=torch.float64))[0]
+    values = torch.linspace(1.0, 2.0, side, dtype=torch.float64)
+    if which == "smallest":
+        values[:multiplicity] = 0.5
+    else:
+        values[-multiplicity:] = 3.0
+    rows = values.sqrt()[:, None] * basis.T
+    order = torch.randperm(side, generator=gen)
+    one, other = rows.T @ rows, rows[order].T @ rows[order]
+    q_one, q_other = extreme_eigenpair(one, which)[1], extreme_eigenpair(other, which)[1]
+    assert float((q_one.T @ q_other).abs()) > 1 - 1e-9

@@ -180,22 +180,30 @@ def start_block(n: int) -> Tensor:
 def test_a_start_blind_to_the_extreme_is_caught_by_the_certificate(
     which: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The extreme eigenvector orthogonal to the fixed start block and every other
-    eigenvalue equal: the iteration stays in the other eigenspace with a zero residual, and
-    only the certificate (a Cholesky factorisation past the extreme) sees that ``θ`` is not
-    the extreme; the answer is then eigh's. Without the certificate it would be wrong."""
+    """The fixed start block spans an invariant subspace of distinct eigenvalues that
+    misses the extreme: the iteration stays there with a zero residual, and only the
+    certificate (a Cholesky factorisation past the extreme) sees that ``θ`` is not the
+    extreme; the answer is then eigh's. Without the certificate it would be wrong. (With
+    the block's eigenvalues equal, their cluster goes to eigh as well.)"""
     n = 200
-    block = start_block(n)
-    blind = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    blind -= block @ torch.linalg.lstsq(block, blind).solution
-    values = torch.ones(n, dtype=torch.float64)
-    values[0] = 0.5 if which == "smallest" else 2.0
-    matrix = spectrum_matrix(values, first=blind)
+    block = torch.linalg.qr(start_block(n))[0]
+    rest = torch.randn(
+        n, n - BLOCK, generator=torch.Generator().manual_seed(9), dtype=torch.float64
+    )
+    basis = torch.linalg.qr(torch.cat([block, rest], dim=1))[0]  # the block's span first
+    inside = torch.tensor([1.0, 1.5, 2.0, 2.5], dtype=torch.float64)
+    others = torch.full((n - BLOCK,), 5.0 if which == "smallest" else 0.2, dtype=torch.float64)
+    if which == "largest":
+        inside = inside.flip(0)  # the block's largest is 2.5, the extreme another's
+    extreme = 0.5 if which == "smallest" else 7.0
+    others[0] = extreme
+    values = torch.cat([inside, others])
+    matrix = (basis * values) @ basis.T
     found, _ = extreme_eigenpair(matrix, which)
-    assert float(found[0]) == pytest.approx(float(values[0]), abs=1e-12)
+    assert float(found[0]) == pytest.approx(extreme, abs=1e-12)
     monkeypatch.setattr(extreme_eigen, "_certified", lambda *args: True)
     uncertified, _ = extreme_eigenpair(matrix, which)
-    assert float(uncertified[0]) == pytest.approx(1.0, abs=1e-9)
+    assert float(uncertified[0]) == pytest.approx(1.0 if which == "smallest" else 2.5, abs=1e-9)
 
 
 def test_an_unconverged_iteration_falls_back_to_eigh(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -438,7 +446,7 @@ def test_a_vanishing_float32_factor_gets_its_pair(scale: float) -> None:
     """A float32 factor near 1e-36 (a saturated softmax's output gradients; its square
     norm underflows float32): the pair is found and certified, where the iteration on the
     unscaled factor raised ``LinAlgError`` in its Rayleigh–Ritz ``eigh``."""
-    matrix = (wishart(512, 200, torch.float64) * scale).float()
+    matrix = (wishart(512, 1200, torch.float64) * scale).float()  # full rank: one pair
     for which in WHICH:
         assert certified_pair(matrix, which) is not None
         assert_certified_pair(matrix, which)
@@ -447,7 +455,7 @@ def test_a_vanishing_float32_factor_gets_its_pair(scale: float) -> None:
 def test_a_factor_whose_norm_is_below_float32s_range_is_scaled_in_float64() -> None:
     """Entries near 1e-40 (norm below 2^-127): the scale, 2^128 or more, overflows float32,
     so it is applied in float64 before the cast; both pairs are certified."""
-    matrix = (wishart(512, 200, torch.float64) * 1e-40).float()
+    matrix = (wishart(512, 1200, torch.float64) * 1e-40).float()  # full rank: one pair
     for which in WHICH:
         assert certified_pair(matrix, which) is not None
         assert_certified_pair(matrix, which)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from twolevel_kfac.curvature.calls import per_sample, sample_major
+from twolevel_kfac.curvature.forward_pass import ForwardPass
 
 B, T, V, D, C = 6, 4, 9, 5, 3
 
@@ -98,17 +99,27 @@ def test_rows_are_regrouped_only_in_the_batchs_order() -> None:
     assert per_sample((a, g), 1, reshaped=False)[0] is a  # one sample, not a reshape: kept
 
 
-def test_the_batchs_order_is_told_from_indexing() -> None:
-    h = torch.randn(B, T, D, requires_grad=True) * 2
-    flat = h.reshape(B * T, D)
-    assert sample_major(flat, B) and sample_major(torch.tanh(flat) + 1, B)
-    assert not sample_major(flat[torch.randperm(B * T)], B)  # gathered (an expert's tokens)
-    assert not sample_major(torch.cat([h[:, 0], h[:, 1]]), B)  # view-major
-    assert not sample_major(torch.tanh(flat[: 2 * B].index_select(0, torch.arange(B))), B)
-    assert not sample_major(h[:, 0], B)  # one row per sample: nothing to regroup
+def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     data = torch.randn(B, T, D)
-    assert sample_major(data.split(2)[0].reshape(-1, D), 2)  # a micro-batch of the data
-    assert not sample_major(data.reshape(-1, D)[torch.arange(8)], B)
+    forward = ForwardPass(index=None, batch_size=B, first=data)
+    h = torch.tanh(data.requires_grad_() * 2)
+    flat = h.reshape(B * T, D)
+    assert sample_major(flat, forward) and sample_major(torch.tanh(flat) + 1, forward)
+    assert sample_major(data.detach().view(-1, D), forward)  # the data flattened
+    refused = {
+        "gathered": flat[torch.randperm(B * T)],  # a mixture-of-experts expert's tokens
+        "view-major": torch.cat([h[:, 0], h[:, 1]]),
+        "time-major": h.transpose(0, 1).reshape(T * B, D),
+        "stacked": torch.stack([h[:, 0], h[:, 1]]).flatten(0, 1),
+        "sliced": flat[: 2 * B],
+        "after a slice": h[: B // 2].reshape(-1, D),
+        "data gathered": data.detach().reshape(-1, D)[torch.arange(2 * B)],
+        "one row each": h[:, 0],  # nothing to regroup
+    }
+    for name, rows in refused.items():
+        assert not sample_major(rows, forward), name
+    one = ForwardPass(index=None, batch_size=1, first=torch.randn(1, 1))  # model(t, x), t [1, 1]
+    assert not sample_major(torch.tanh(torch.randn(B, D, requires_grad=True)), one)
 
 
 class Head(nn.Module):

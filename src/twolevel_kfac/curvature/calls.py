@@ -14,7 +14,10 @@ from torch import Tensor
 from .blocks import block_statistics, own_statistics
 
 if TYPE_CHECKING:
+    from torch.autograd.graph import Node
+
     from .captured_batch import Call
+    from .forward_pass import ForwardPass
 
 __all__ = ["calls_statistics", "per_sample", "sample_major"]
 
@@ -109,36 +112,82 @@ _REORDERS = frozenset(
         "RepeatInterleaveBackward0",
         "ExpandBackward0",
         "IndexPutBackward0",
+        "SliceBackward0",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnbindBackward0",
+        "SelectBackward0",
     }
 )
 _WALK = 256  # autograd nodes looked at, at most
 
 
-def sample_major(inputs: Tensor, samples: int) -> bool:
-    """Whether a layer input of ``R ≠ N = samples`` rows keeps its rows in the batch's
-    order, sample-major (tokens flattened batch-first): no autograd node between it and
-    the last reshape on each path back (``view``, ``reshape``, ``flatten``) makes rows by
-    indexing, gathering, concatenating, stacking or repeating (a mixture-of-experts
-    expert's gathered tokens, ``torch.cat`` of two views). An input without autograd
-    history (the data) counts when it is a view (a micro-batch ``x.split(m)`` reshaped).
-    ``False`` for ``R = N`` (nothing to regroup)."""
-    if int(inputs.shape[0]) == samples:
+def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
+    """Whether a layer input (or a model output) of ``R = k·N`` rows, ``N`` the forward's
+    samples, has them ``k`` per sample in the batch's order, as proved from how it was made.
+
+    * a reshape (``view``, ``reshape``, ``flatten``) of a tensor whose first dimension is
+      the ``N`` samples, not a transpose or permute of one that moved its first dimension
+      (:func:`_batch_first_reshape`);
+    * or row-wise operations on such a reshape or on a layer output proved so
+      (``forward.ordered``): every path back through autograd's graph reaches one before
+      an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
+      repeating, expanding) or a reshape of something else; paths to parameters aside;
+    * or, without autograd history, a contiguous view of all of the model's first tensor
+      argument (the data flattened).
+
+    Otherwise (a mixture-of-experts expert's gathered tokens, a time-major flatten, a walk
+    longer than :data:`_WALK` nodes) ``False``: the rows are not regrouped."""
+    samples, rows = forward.samples, int(inputs.shape[0]) if inputs.dim() else 0
+    if rows in (0, samples) or rows % samples:
         return False
     node = inputs.grad_fn
     if node is None:
-        return inputs._base is not None
-    stack, seen = [node], {node}
-    while stack and len(seen) <= _WALK:
+        first = forward.first
+        return (
+            first is not None
+            and inputs._base is not None
+            and inputs.is_contiguous()
+            and first.is_contiguous()
+            and inputs.data_ptr() == first.data_ptr()
+            and inputs.numel() == first.numel()
+        )
+    stack, seen, proved = [node], {node}, False
+    while stack:
         node = stack.pop()
         name = type(node).__name__
-        if name in _REORDERS:
+        if node in forward.ordered or (name in _RESHAPES and _batch_first_reshape(node, samples)):
+            proved = True
+            continue
+        if name in _RESHAPES or name in _REORDERS or len(seen) > _WALK:
             return False
-        if name in _RESHAPES:
-            continue  # the rows before a reshape are another tensor's
         for parent, _ in node.next_functions:
-            if parent is not None and parent not in seen:
+            if (
+                parent is not None
+                and parent not in seen
+                and type(parent).__name__ != "AccumulateGrad"
+            ):
                 seen.add(parent)
                 stack.append(parent)
+    return proved
+
+
+def _batch_first_reshape(node: Node, samples: int) -> bool:
+    """A reshape node whose input had the ``samples`` first (its saved sizes) and was not
+    a copy of a transpose or permute that moved the first dimension (``reshape`` of a
+    non-contiguous tensor copies it first)."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    if not sizes or int(sizes[0]) != samples:
+        return False
+    parent = node.next_functions[0][0] if node.next_functions else None
+    if parent is not None and type(parent).__name__ == "CloneBackward0":
+        source = parent.next_functions[0][0] if parent.next_functions else None
+        kind, rank = type(source).__name__, len(sizes)
+        if kind == "TransposeBackward0":
+            dims = {int(getattr(source, f"_saved_dim{i}")) % rank for i in (0, 1)}
+            return 0 not in dims or dims == {0}
+        if kind == "PermuteBackward0":
+            return int(getattr(source, "_saved_dims")[0]) % rank == 0  # noqa: B009
     return True
 
 

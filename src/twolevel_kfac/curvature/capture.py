@@ -181,7 +181,7 @@ class CurvatureCapture:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
-        self._forward = ForwardPass(index=index, batch_size=batch, mask=mask)
+        self._forward = ForwardPass(index=index, batch_size=batch, mask=mask, first=x)
 
     def layer_hook(
         self,
@@ -201,9 +201,9 @@ class CurvatureCapture:
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
         check_batched_input(name, module, x, forward.batch_size)
         kept = recorded_input(module, x.detach())
-        record = Record(
-            module, fisher_rows(kept, forward), forward, reshaped=sample_major(x, forward.samples)
-        )
+        record = Record(module, fisher_rows(kept, forward), forward, None, sample_major(x, forward))
+        if record.reshaped and output.grad_fn is not None:  # its rows as ordered as its input's
+            forward.ordered.add(output.grad_fn)
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
         if self.fisher == "mc":
@@ -245,6 +245,7 @@ class CurvatureCapture:
         finally:
             forward.records.clear()
             forward.outputs.clear()
+            forward.ordered.clear()
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
@@ -295,11 +296,9 @@ class CurvatureCapture:
         output.register_hook(backward_hook)
 
     def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
-        """The model output as ``[N, …]`` per sample of the forward, with its class dimension
-        (:func:`~.likelihoods.per_sample_output`: logits flattened inside ``forward``), and
-        the forward's loss mask given for the flattened rows (``[N·T]``) shaped as its
-        positions."""
-        if forward.index is not None:  # a Fisher subset: the rows are the batch (checked)
+        """The model output as ``[N, …]`` with its class dimension (logits flattened inside
+        ``forward``: :func:`~.likelihoods.per_sample_output`), the loss mask as its positions."""
+        if forward.index is not None or not sample_major(output, forward):  # (subset: checked)
             return output, self.class_dim
         view, class_dim = per_sample_output(
             output, forward.samples, self.likelihood, self.class_dim

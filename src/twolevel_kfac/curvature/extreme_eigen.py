@@ -36,18 +36,19 @@ step, *certified* or replaced by ``eigh``:
   costs half of ``eigh`` or more on top of it), the pair of
   :func:`~.factor_inverse.safe_eigh`.
 
-Where the smallest eigenvalue is repeated (the rank-deficient factors of real data: dead
-pixels, fewer samples than features), any unit vector of that null space is such a pair;
-the one returned is the unit vector of the converged Ritz pairs within ``τ`` of it (of
-``eigh``'s eigenvectors, on that path) closest to a fixed reference
-(:func:`~.eigen_cluster.canonical_vector`), so that the same factor summed in another
-order gives the same vector (it was whichever the rounding picked: the ranks of
-``torch.distributed`` and one process took other spectral spaces); a cluster wider than
-about ``τ/√n`` does not take the near-null shortcut. The start is a fixed pseudo-random
-block, so the result is a deterministic function of the factor (a resumed run rebuilds
-the same basis). Measured times against ``eigh``, on the autoencoders'
-factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac bench extreme_pair``
-(``docs/benchmarks/extreme_pair.md``).
+Where the extreme eigenvalue is repeated (the rank-deficient factors of real data: dead
+pixels, fewer samples than features), any unit vector of its eigenspace is such a pair;
+the one returned does not depend on the rounding (it was whichever the rounding picked:
+the ranks of ``torch.distributed`` and one process took other spectral spaces). Where the
+block holds more than one Ritz value within ``τ``, a near-null cluster takes inverse
+iteration from a fixed reference vector (its projection on the null space, in the
+limit), certified by its residual, and any other cluster ``eigh``'s eigenvectors, of
+which :func:`~.eigen_cluster.canonical_vector` takes the unit vector closest to that
+reference. A cluster wider than about ``τ/√n`` does not take the near-null shortcut. The
+start is a fixed pseudo-random block, so the result is a deterministic function of the
+factor (a resumed run rebuilds the same basis). Measured times against ``eigh``, on the
+autoencoders' factors and on adversarial (Marchenko–Pastur) ones: ``tlkfac bench
+extreme_pair`` (``docs/benchmarks/extreme_pair.md``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .eigen_cluster import TOLERANCE, canonical_vector, cluster_tolerance
+from .eigen_cluster import TOLERANCE, canonical_vector, cluster_tolerance, reference_vector
 from .factor_inverse import safe_eigh, solver_dtype
 
 __all__ = [
@@ -216,7 +217,7 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         if not math.isfinite(ritz.residual):
             return None
         if smallest and ritz.residual <= close and ritz.theta <= tau:
-            return _pair(ritz, 1.0 / scale, tau, close)  # within τ of 0 ≤ λ_min
+            return _pair(ritz, 1.0 / scale, tau, close, (signed, first))  # within τ of λ_min ≥ 0
         if ritz.residual <= close:
             break
         if smallest and ritz.theta > tau and side < REFINE_MIN:
@@ -228,7 +229,8 @@ def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:
         found = _refine(signed, block, ritz, tau, close, dtype)
     if found is None or not _certified(signed, found[0].theta, tau, found[1]):
         return None
-    return _pair(found[0], (1.0 if smallest else -1.0) / scale, tau, close)
+    near_null = (signed, first) if smallest and found[0].theta <= tau else None
+    return _pair(found[0], (1.0 if smallest else -1.0) / scale, tau, close, near_null)
 
 
 @dataclass(frozen=True)
@@ -315,15 +317,35 @@ def _refine(
     return None
 
 
-def _pair(ritz: _Ritz, sign: float, tau: float, close: float) -> tuple[Tensor, Tensor]:
-    """``(values [1], vectors [n, 1])`` of ``M = sign·N`` (``sign`` also undoes the scale);
-    the vector the one of the converged Ritz pairs within ``τ`` of ``θ`` closest to the
-    reference (:func:`~.eigen_cluster.canonical_vector`: a repeated eigenvalue's vector
-    is the same wherever the factor was summed)."""
+def _pair(
+    ritz: _Ritz,
+    sign: float,
+    tau: float,
+    close: float,
+    near_null: tuple[_Signed, Callable[[Tensor], Tensor]] | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """``(values [1], vectors [n, 1])`` of ``M = sign·N`` (``sign`` also undoes the scale).
+    Where another Ritz value of the block lies within ``τ`` of ``θ`` (a repeated eigenvalue,
+    whose eigenspace the block need not span), the vector must not depend on the block:
+    for a near-null cluster (``near_null``: ``N`` and ``(N + τI)⁻¹``) inverse iteration
+    from the fixed reference (:func:`~.eigen_cluster.reference_vector`), which tends to its
+    projection on the cluster, certified by its residual; else ``None`` (``eigh``'s
+    cluster then gives :func:`~.eigen_cluster.canonical_vector`)."""
     value = ritz.vector.new_tensor([sign * ritz.theta])
-    converged = ritz.residuals <= close
-    vector = canonical_vector(ritz.vectors, ritz.values, "smallest", tau, converged)
-    return value, vector.unsqueeze(1)
+    cluster = (ritz.values - ritz.theta).abs() <= tau  # converged or not: the block's
+    if int(cluster.sum()) <= 1:
+        return value, ritz.vector.unsqueeze(1)
+    if near_null is None:
+        return None
+    signed, solve = near_null
+    vector = reference_vector(ritz.vector.shape[0], ritz.vector).unsqueeze(1)
+    for _ in range(FIRST_ITERATIONS):
+        vector = solve(vector)
+        vector = vector / torch.linalg.vector_norm(vector)
+    image = signed @ vector
+    theta = float(vector.T @ image)
+    residual = float(torch.linalg.vector_norm(image - theta * vector))
+    return (value, vector) if residual <= close and theta <= tau else None
 
 
 def _shifted(matrix: Tensor, shift: float) -> Tensor:

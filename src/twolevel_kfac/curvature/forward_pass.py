@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, Node
 
 __all__ = ["ForwardPass", "Record", "fisher_rows"]
 
@@ -29,6 +29,9 @@ class ForwardPass:
     index: Tensor | None  # the Fisher mini-batch's rows of the batch (None: all of them)
     batch_size: int
     mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
+    first: Tensor | None = None  # the model's first tensor argument (the batch)
+    # autograd nodes of layer outputs whose rows are k per sample in the batch's order
+    ordered: set[Node] = field(default_factory=set)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     # fisher="mc": each call's output edge (an in-place op after it does not move it)
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)

@@ -225,15 +225,16 @@ def output_hessian(output: Tensor, likelihood: str) -> Tensor:
 def per_sample_output(
     output: Tensor, samples: int, likelihood: str, class_dim: int | None
 ) -> tuple[Tensor, int | None]:
-    """A model output of ``R = k·N`` rows (``k > 1``, ``N = samples > 1`` the forward's
-    samples) as ``[N, k, …]``, with the class dimension that view has: logits or predictions
+    """A model output of ``R = k·N`` rows (``k > 1``, ``N = samples`` the forward's
+    samples; the caller proved them in the batch's order: :func:`~.calls.sample_major`)
+    as ``[N, k, …]``, with the class dimension that view has: logits or predictions
     flattened batch-first inside ``forward`` (``[N·T, C]``) are ``T`` positions of each
     sample, as the layers' rows are (:func:`~.calls.per_sample`), so the sampled loss
     scales as the unflattened model's (``mean``: ``s`` per sample, not per row) and a loss
     mask applies to them. Categorical ``[N·T, C]`` logits get ``class_dim = −1``; a
     non-negative ``class_dim`` moves one dimension on. Other outputs: as they are."""
     rows = int(output.shape[0]) if output.dim() else 0
-    if samples <= 1 or rows == samples or rows % samples:
+    if samples < 1 or rows == samples or rows % samples:
         return output, class_dim
     view = output.reshape(samples, rows // samples, *output.shape[1:])
     if likelihood == "categorical" and class_dim is None and output.dim() == 2:
