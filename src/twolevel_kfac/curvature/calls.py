@@ -77,8 +77,9 @@ def per_sample(
       location count, and the per-sample gradients of the coarse level and EKFAC, are
       those of the unflattened model.
     * Other ``R ≠ N`` rows (``N > 1``; made by indexing: a branch on some samples,
-      ``x[keep]``, tokens gathered for a mixture-of-experts expert; a concatenation), which cannot
-      be told apart by sample: ``R`` rows of one location, with ``δ`` times ``√(R/N)``, so
+      ``x[keep]``, tokens gathered for a mixture-of-experts expert; a concatenation; or
+      rows whose order is not proved), which cannot be told apart by sample: ``R`` rows
+      of one location, with ``δ`` times ``√(R/N)``, so
       that the block ``A ⊗ G`` is that of the batch's Fisher ``(1/N) Σ_n``:
       ``Σ āāᵀ/R ⊗ Σ δδᵀ/N``, whatever ``R`` and the rows' order (KFAC's expand view of
       ``R`` locations spread over ``N`` samples; exact for a branch on whole samples). Taken
