@@ -213,7 +213,7 @@ class KFAC(torch.optim.Optimizer):
         model = QuadraticModel(self.param_groups, pre) if needs_model else None
         squared = pre.options.kl_clip_form == "lr_squared"  # the only reader of the lrs
         lr = self._layer_lrs() if squared else float(self.param_groups[0]["lr"])
-        pre.step(lr=lr, loss_scale=loss_scale)
+        pre.step(lr=lr, loss_scale=loss_scale, checked=True)  # (the scaler found no inf)
         if checked and not self._finite_after_step(pre.directions_finite, deferred):
             if deferred:
                 pre.undo_step()

@@ -159,19 +159,19 @@ class KFACPreconditioner:
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
         self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
 
-    def step(self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0) -> None:
-        """Precondition the layers' gradients (``p.grad``), outside any autocast region;
-        a layer without a gradient (unused this step) is left alone, its factors kept.
-        ``lr``: the learning rate, or each layer's (read by ``kl_clip_form="lr_squared"``);
+    def step(
+        self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0, checked: bool = False
+    ) -> None:
+        """Precondition the layers' gradients (``p.grad``), outside any autocast region; a
+        layer without a gradient (unused this step) is left alone, its factors kept. ``lr``:
+        the learning rate, or each layer's (read by ``kl_clip_form="lr_squared"``);
         ``loss_scale``: a ``GradScaler``'s scale, which the captured empirical ``δ`` carry
-        (``≠ 1``: a step whose gradients overflowed is dropped, :func:`.amp.drops_overflow`).
-
-        Raises:
-            RuntimeError: if a layer has a gradient but never had curvature statistics.
-        """
+        (``≠ 1``: a step whose gradients overflowed is dropped, :func:`.amp.drops_overflow`,
+        unless the caller ``checked`` them finite). Raises ``RuntimeError`` if a layer has a
+        gradient but never had curvature statistics."""
         weight = layer_weight(next(iter(self.layers.values())))
         with step_guard(self), torch.no_grad(), autocast_off(weight):
-            if not drops_overflow(self, loss_scale):  # beside a GradScaler
+            if checked or not drops_overflow(self, loss_scale):  # beside a GradScaler
                 self._step(lr, loss_scale)
 
     def _step(self, lr: float | Mapping[str, float], loss_scale: float) -> None:
