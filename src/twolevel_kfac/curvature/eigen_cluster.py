@@ -18,7 +18,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCE", "canonical_vector", "cluster_tolerance", "reference_vector"]
+__all__ = [
+    "TOLERANCE",
+    "canonical_vector",
+    "cluster_tolerance",
+    "extreme_vector",
+    "reference_vector",
+]
 
 TOLERANCE = 8.0  # c of τ = c·ε·√n·‖M‖_F (here and in curvature.extreme_eigen)
 _SEED = 0x5EC7
@@ -39,18 +45,20 @@ def reference_vector(size: int, like: Tensor) -> Tensor:
     return (vector / vector.norm()).to(dtype=like.dtype, device=like.device)
 
 
-def canonical_vector(
-    vectors: Tensor, values: Tensor, which: str, tau: float, members: Tensor | None = None
-) -> Tensor:
+def extreme_vector(vectors: Tensor, values: Tensor, which: str, dtype: torch.dtype) -> Tensor:
+    """:func:`canonical_vector` of a decomposition with its clusters' :func:`cluster_tolerance`
+    in ``dtype`` (the dtype the decomposition was computed in)."""
+    return canonical_vector(vectors, values, which, cluster_tolerance(values, dtype))
+
+
+def canonical_vector(vectors: Tensor, values: Tensor, which: str, tau: float) -> Tensor:
     """The eigenvector (a column of ``vectors``) of the smallest (``which``) or largest
-    eigenvalue of ``values``, or, where other eigenvalues lie within ``tau`` of it (and
-    are ``members``, default all), the unit vector of their span closest to
-    :func:`reference_vector`: ``P r / ‖P r‖`` with ``P = V_c V_cᵀ`` (module docstring).
-    A single eigenvector is returned as it is (bit for bit)."""
+    eigenvalue of ``values``, or, where other eigenvalues lie within ``tau`` of it, the
+    unit vector of their span closest to :func:`reference_vector`: ``P r / ‖P r‖`` with
+    ``P = V_c V_cᵀ`` (module docstring). A single eigenvector is returned as it is (bit
+    for bit)."""
     index = int(values.argmin() if which == "smallest" else values.argmax())
     close = (values - values[index]).abs() <= tau
-    if members is not None:
-        close &= members
     close[index] = True
     if int(close.sum()) == 1:
         return vectors[:, index]

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .eigen_cluster import TOLERANCE, canonical_vector, cluster_tolerance, reference_vector
+from .eigen_cluster import TOLERANCE, extreme_vector, reference_vector
 from .factor_inverse import safe_eigh, solver_dtype
 
 __all__ = [
@@ -104,8 +104,7 @@ def extreme_eigenpair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor]:
     if pair is None:
         values, vectors = safe_eigh(matrix)
         index = int(values.argmin() if which == "smallest" else values.argmax())
-        tau = cluster_tolerance(values, solver_dtype(matrix.dtype))
-        vector = canonical_vector(vectors, values, which, tau)  # of a repeated eigenvalue
+        vector = extreme_vector(vectors, values, which, solver_dtype(matrix.dtype))
         # copies: a view would keep the whole eigenbasis alive (frozen_eigenpairs keeps it)
         pair = values[index : index + 1].clone(), vector.unsqueeze(1).clone()
     return pair[0].to(matrix.dtype), pair[1].to(matrix.dtype)
@@ -174,26 +173,24 @@ def _matmul64(matrix: Tensor, block: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class _Ritz:
-    """The Rayleigh–Ritz pairs of a block, the one of the smallest eigenvalue of ``N``
-    first."""
+    """The Rayleigh–Ritz pair of a block for the smallest eigenvalue of ``N``, with every
+    Ritz value of the block."""
 
     theta: float  # the smallest Ritz value
     following: float  # the next one (an estimate of the gap)
     residual: float  # ‖Nq − θq‖
     vector: Tensor  # q, float64
     values: Tensor  # every Ritz value, ascending
-    vectors: Tensor  # their Ritz vectors, [n, BLOCK]
-    residuals: Tensor  # and residuals
 
 
 def _ritz(signed: Tensor | _Signed, block: Tensor) -> _Ritz:
     """Rayleigh–Ritz of ``signed`` on the orthonormal ``block``."""
     image = signed @ block
-    values, coords = torch.linalg.eigh(block.T @ image)
-    vectors = block @ coords
-    residuals = torch.linalg.vector_norm(image @ coords - vectors * values, dim=0)
-    theta, residual = float(values[0]), float(residuals[0])
-    return _Ritz(theta, float(values[1]), residual, vectors[:, 0], values, vectors, residuals)
+    values, vectors = torch.linalg.eigh(block.T @ image)
+    theta, coords = values[0], vectors[:, 0]
+    vector = block @ coords
+    residual = float(torch.linalg.vector_norm(image @ coords - theta * vector))
+    return _Ritz(float(theta), float(values[1]), residual, vector, values)
 
 
 def certified_pair(matrix: Tensor, which: str) -> tuple[Tensor, Tensor] | None:

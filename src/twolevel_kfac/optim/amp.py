@@ -119,9 +119,8 @@ def drops_overflow(pre: KFACPreconditioner, loss_scale: float) -> bool:
     report missing. One pass over the gradients, only under a scaler."""
     if loss_scale == 1.0:
         return False
-    layers = pre.layers.values()
-    grads = [p.grad for m in layers for p in block_parameters(m) if p is not None]
-    if all_finite(g for g in grads if g is not None):
+    parameters = (p for m in pre.layers.values() for p in block_parameters(m) if p is not None)
+    if all_finite(p.grad for p in parameters if p.grad is not None):
         return False
     pre.capture.discard()
     pre.last_stats = {"amp_skipped": 1.0}

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from twolevel_kfac.curvature.eigen_cluster import canonical_vector, cluster_tolerance
+from twolevel_kfac.curvature.eigen_cluster import extreme_vector
 from twolevel_kfac.curvature.factor_inverse import solver_dtype
 from twolevel_kfac.twolevel.vectors import LayerVector, LinearMap
 
@@ -157,12 +157,8 @@ def kronecker_spectral_pair(
     whose outer product is :func:`kronecker_spectral_vector`; of a repeated one, the
     vector of its eigenspace closest to a fixed reference (:func:`~twolevel_kfac.
     curvature.eigen_cluster.canonical_vector`), the same wherever the factor was summed."""
-    return _extreme(eigvecs_G, eigvals_G, which), _extreme(eigvecs_A, eigvals_A, which)
-
-
-def _extreme(vectors: Tensor, values: Tensor, which: str) -> Tensor:
-    tau = cluster_tolerance(values, solver_dtype(values.dtype))
-    return canonical_vector(vectors, values, which, tau)
+    q_g = extreme_vector(eigvecs_G, eigvals_G, which, solver_dtype(eigvals_G.dtype))
+    return q_g, extreme_vector(eigvecs_A, eigvals_A, which, solver_dtype(eigvals_A.dtype))
 
 
 def spectral_basis(vectors: LayerVector) -> Basis:
