@@ -70,8 +70,11 @@ def balanced_kpsvd(block: Tensor, A: Tensor, G: Tensor, locations: int) -> tuple
     return split * a1, scale / split * g1
 
 
-def exact_blocks(model: nn.Module, x: Tensor, y: Tensor) -> list[dict[str, Tensor | int]]:
-    """Per layer: the exact (empirical) Fisher block, KFAC's ``A, G``, ``T`` and ``∇``."""
+def exact_blocks(
+    model: nn.Module, x: Tensor, y: Tensor, reduce: bool = False
+) -> list[dict[str, Tensor | int]]:
+    """Per layer: the exact (empirical) Fisher block, KFAC's ``A, G``, ``T`` and ``∇``
+    (``reduce``: KFAC-reduce's ``A``, ``G`` of ``ā_n = mean_t ā``, ``δ_n = Σ_t δ``, ``T = 1``)."""
     captured = capture_layer_stats(model, LOSS, x, y)
     fisher = dense_fisher(per_sample_vectors(model, LOSS, x, y))
     grad = layer_param_vector(model, loss_gradient(model, LOSS, x, y))
@@ -80,6 +83,8 @@ def exact_blocks(model: nn.Module, x: Tensor, y: Tensor) -> list[dict[str, Tenso
         preconditioned_layers(model), layer_slices(layer_sizes(model)), strict=True
     ):
         a, g = captured[name]
+        if reduce:
+            a, g = a.mean(1, keepdim=True), g.sum(1, keepdim=True)
         A, G = kfac_factors(a, g)
         out.append(
             {"F": fisher[sl, sl], "A": A, "G": G, "T": a.shape[1], "grad": grad[sl], "name": name}
@@ -210,13 +215,19 @@ def test_frobenius_errors_never_exceed_kfac(float64: None, net: str) -> None:
 
 
 def dense_fine_update(
-    model: nn.Module, x: Tensor, y: Tensor, damping: float, mode: str, corrected: bool
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    damping: float,
+    mode: str,
+    corrected: bool,
+    reduce: bool = False,
 ) -> dict[str, Tensor]:
     """Expected change of one contract step: per layer ``−K⁻¹∇`` with
     KPSVD ``K = T·damped(A_k, G_k)``, corrected ``K = T·damped(A, G) + leading(F − T·A⊗G)``."""
     grads = loss_gradient(model, LOSS, x, y)
     pieces = []
-    for block in exact_blocks(model, x, y):
+    for block in exact_blocks(model, x, y, reduce):
         F, A, G, T = block["F"], block["A"], block["G"], int(block["T"])
         if corrected:
             residual = F - T * torch.kron(G, A)
@@ -252,6 +263,34 @@ def test_one_step_equals_dense_inverse(float64: None, method: str, net: str, mod
     cls = tk.KFACCorrected if corrected else tk.KPSVD
     opt = cls(
         model, damping=0.05, damping_mode=mode, power_tol=1e-13, power_iterations=1000, **CONTRACT
+    )
+    actual = one_step(model, opt, x, y)
+    if corrected:
+        assert opt.last_stats["corrected_floored"] == 0
+    for name, delta in expected.items():
+        assert_close_report(actual[name], delta, rtol=1e-8, atol=1e-11, name=name)
+
+
+@pytest.mark.parametrize("method", ["kpsvd", "kfac_corrected"])
+@pytest.mark.parametrize("mode", ["per_factor", "pi"])
+def test_one_step_under_reduce_equals_dense_inverse(float64: None, method: str, mode: str) -> None:
+    """``weight_sharing="reduce"`` on the conv (``T = 9``): the fit is to the exact block with
+    the reduce view's ``T = 1``, the inverse not divided by ``T`` (it split ``σ₁`` by the
+    statistics' ``T = 9`` and KFAC-corrected fitted ``F − 9·A⊗G``: 0.2 off)."""
+    torch.manual_seed(1)
+    model = prepare(tiny_convnet())
+    x, y = make_batch((2, 5, 5), 2, 6, seed=2)
+    corrected = method == "kfac_corrected"
+    expected = dense_fine_update(model, x, y, 0.5, mode, corrected, reduce=True)
+    cls = tk.KFACCorrected if corrected else tk.KPSVD
+    opt = cls(
+        model,
+        damping=0.5,  # 0.05 makes the corrected matrix indefinite here (floored)
+        damping_mode=mode,
+        weight_sharing="reduce",
+        power_tol=1e-13,
+        power_iterations=1000,
+        **CONTRACT,
     )
     actual = one_step(model, opt, x, y)
     if corrected:

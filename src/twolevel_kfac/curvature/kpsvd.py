@@ -140,6 +140,7 @@ def nearest_kronecker(
     rule: PowerIteration,
     reduce: Reduce = lambda t: t,
     start: Tensor | None = None,
+    locations: int | None = None,
 ) -> tuple[Tensor, Tensor, KroneckerTerm]:
     """KPSVD factors ``(A_k, G_k)`` of the block of ``stats`` (see the module docstring).
 
@@ -154,13 +155,16 @@ def nearest_kronecker(
         rule: the power iteration's stopping rule.
         reduce: sums a partial result over the ranks.
         start: the initial ``Y`` (e.g. the running ``G_k``: a warm start).
+        locations: ``T`` of KFAC's factors (default: the statistics'; ``1`` for
+            ``weight_sharing="reduce"``'s view, which divides nothing by ``T``).
 
     Returns:
         ``(A_k, G_k, term)`` with ``T·(A_k ⊗ G_k)`` the nearest Kronecker product to ``F``.
     """
     product, adjoint = _operators(stats, count, reduce)
     term = leading_term(product, adjoint, factors[1] if start is None else start, rule)
-    return (*balanced_factors(term, stats.num_locations, factors), term)
+    count_t = stats.num_locations if locations is None else locations
+    return (*balanced_factors(term, count_t, factors), term)
 
 
 def kronecker_correction(
@@ -170,6 +174,7 @@ def kronecker_correction(
     rule: PowerIteration,
     reduce: Reduce = lambda t: t,
     start: Tensor | None = None,
+    locations: int | None = None,
 ) -> tuple[Tensor, Tensor, KroneckerTerm]:
     """``(A₂, G₂)``: ``T·(A₂ ⊗ G₂)`` is the leading Kronecker term of ``F − T·(A ⊗ G)``.
 
@@ -182,12 +187,13 @@ def kronecker_correction(
         rule: the power iteration's stopping rule.
         reduce: sums a partial result over the ranks.
         start: the initial ``Y`` (default: a fixed pseudo-random symmetric matrix).
+        locations: ``T`` of KFAC's factors (default: the statistics').
 
     Returns:
         ``(A₂, G₂, term)``; zeros when KFAC is exact (``F = T·A⊗G``).
     """
     a, g = factors
-    locations = stats.num_locations
+    locations = stats.num_locations if locations is None else locations
     product, adjoint = _operators(stats, count, reduce)
 
     def residual(y: Tensor) -> Tensor:

@@ -110,7 +110,13 @@ class KPSVDFine(PowerIterationFine):
         running = self.host.factors[name].G  # warm start (KFAC's G on the first update)
         start = new_g if running is None else running
         a_k, g_k, term = nearest_kronecker(
-            self._cast(name, stats), (new_a, new_g), count, self.power, self._reduce, start
+            self._cast(name, stats),
+            (new_a, new_g),
+            count,
+            self.power,
+            self._reduce,
+            start,
+            locations,
         )
         self._record(name, term)
         if not (torch.isfinite(a_k).all() and torch.isfinite(g_k).all()):
@@ -163,6 +169,7 @@ class KFACCorrectedFine(PowerIterationFine):
             self.power,
             self._reduce,
             None if running is None else running[1],
+            locations,
         )
         self._record(name, term)
         if not (torch.isfinite(a_2).all() and torch.isfinite(g_2).all()):
