@@ -47,9 +47,10 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
     block's weight, the operations that read it; more than the calls its modules made
     (``calls``) means a functional use, e.g. a tied decoder
     ``F.linear(h, encoder.weight.t())``, whose curvature the block would not see while
-    preconditioning its gradient. Embedding lookups are allowed (a language model's head
-    tied to its embedding keeps the head's block). Under autocast a weight's cast is cached
-    and shared, so uses there may go unseen.
+    preconditioning its gradient; an embedding's lookup counts as a read like any other (a
+    head ``F.linear(h, wte.weight)`` tied to it is refused, a tied ``nn.Linear`` head that
+    is a call of the shared block is not). Under autocast a weight's cast is cached and
+    shared, so uses there may go unseen.
 
     Raises:
         ValueError: naming the layer, the counts and the fix.
@@ -67,7 +68,7 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
         for child, _ in node.next_functions:
             variable = getattr(child, "variable", None)  # an AccumulateGrad node
             name = weights.get(id(variable)) if variable is not None else None
-            if name is not None and "Embedding" not in type(node).__name__:
+            if name is not None:
                 reads[name] += 1
             stack.append(child)
     for name, count in reads.items():
