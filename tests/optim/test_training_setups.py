@@ -982,6 +982,17 @@ def test_an_embedding_read_outside_its_call_is_refused(head: str) -> None:
         model(torch.randint(0, 7, (3, 5)))
 
 
+def test_a_cache_carrying_an_earlier_forwards_graph_names_the_fix() -> None:
+    """A decode step that reuses a cache built with gradients on (generation under grad
+    mode) reads the weights again through the earlier forward's graph: the refusal says
+    to run such forwards under ``torch.no_grad()`` or detach the cache."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
+    cache = model[0](torch.randn(4, 3))  # an earlier forward's activations, graph attached
+    with pytest.raises(ValueError, match=r"under torch\.no_grad\(\) or detach the cache"):
+        model(torch.randn(4, 3) + cache)
+
+
 def test_preconditioner_with_your_own_optimizer_under_grad_scaler() -> None:
     """``KFACPreconditioner`` + ``torch.optim.SGD`` under ``GradScaler``, as the README
     says: ``scaler.unscale_(sgd)``, ``precond.step(loss_scale=scaler.get_scale())``,

@@ -79,7 +79,10 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
                 f"module(s) ran {calls.get(name, 0)} times: a functional use (such as a tied "
                 "decoder F.linear(h, encoder.weight.t())) adds gradient that the layer's "
                 "block never sees. Untie it, make the other use a module sharing the weight "
-                "(b.weight = a.weight), or leave the layer out with params="
+                "(b.weight = a.weight), or leave the layer out with params=. If the forward "
+                "reuses a tensor from an earlier forward that still carries its graph (a "
+                "KV cache built with gradients on, during generation), run those forwards "
+                "under torch.no_grad() or detach the cache"
             )
 
 
