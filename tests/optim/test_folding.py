@@ -5,6 +5,7 @@ levels and adaptive damping read them after the fold and keep them."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -145,3 +146,33 @@ def test_decomposing_at_the_fold_gives_the_steps_of_the_refresh(
     train(twin, other, 7)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("cov_interval", "weight_sharing", "warns"),
+    [(2, "expand", True), (1, "expand", False), (2, "reduce", False)],
+)
+def test_a_changed_number_of_locations_is_told(
+    cov_interval: int, weight_sharing: str, warns: bool
+) -> None:
+    """Inputs of another size at a later capture (multi-scale training): the steps between
+    captures divide by the last capture's ``T``, which a warning says once per layer; not
+    when every step captures, nor under ``reduce`` (no division by ``T``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(3, 2))  # fmt: skip
+    opt = tk.KFAC(
+        model, fisher="empirical", cov_interval=cov_interval, inv_interval=cov_interval,
+        weight_sharing=weight_sharing,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for side in (6, 6, 9, 9, 6, 6, 9, 9):
+            opt.zero_grad()
+            x, y = torch.randn(4, 2, side, side), torch.randint(0, 2, (4,))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    told = [str(w.message) for w in caught if "number of locations T" in str(w.message)]
+    assert len(told) == (1 if warns else 0)
+    if warns:
+        assert "layer '0'" in told[0] and "(16 → 49)" in told[0]

@@ -15,6 +15,7 @@ CIFAR-shaped batches of 64: 300 MiB for all layers, 40 MiB for the largest). Und
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
 
 __all__ = ["fold_statistics", "keeps_statistics"]
+
+# the layers each preconditioner has warned of a changed number of locations
+_WARNED_LOCATIONS: weakref.WeakKeyDictionary[KFACPreconditioner, set[str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def keeps_statistics(pre: KFACPreconditioner) -> bool:
@@ -81,6 +87,7 @@ def fold_statistics(
         )
     skipped: list[str] = []
     for name, stats, (new_a, new_g, locations) in new:
+        _check_locations(pre, name, locations)
         finite = all_finite((new_a, new_g))
         pre.interrupted = pre.interrupted or partial_step(pre, folds=True)  # until the step ends
         if not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
@@ -94,6 +101,33 @@ def fold_statistics(
     if skipped:
         _warn_skipped(skipped)
     return kept
+
+
+def _check_locations(pre: KFACPreconditioner, name: str, locations: int) -> None:
+    """Warn (once per layer) where a layer's number of locations ``T`` changed since its
+    last capture while steps between captures reuse it: the inverse is divided by the last
+    capture's ``T``, so a step on inputs of another size is scaled by their ratio."""
+    factors = pre.factors.get(name)
+    if factors is None or not factors.ready or pre.options.cov_interval == 1:
+        return
+    previous = getattr(factors, "num_locations", locations)
+    if previous == locations:
+        return
+    warned = _WARNED_LOCATIONS.setdefault(pre, set())
+    if name in warned:
+        return
+    warned.add(name)
+    warnings.warn(
+        f"layer {name!r}: its number of locations T (a convolution's output positions, a "
+        f"sequence's) changed between two captures ({previous} → {locations}). The steps "
+        f"between captures (cov_interval={pre.options.cov_interval}) divide its inverse by "
+        "the last capture's T, so inputs whose size changes from step to step (multi-scale "
+        "training, batches padded to their longest sequence) take steps scaled by the ratio "
+        "of the two T; cov_interval=1, or weight_sharing='reduce' (no division by T), "
+        "avoids it",
+        RuntimeWarning,
+        stacklevel=5,
+    )
 
 
 def _warn_skipped(names: list[str]) -> None:
