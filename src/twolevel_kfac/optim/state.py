@@ -40,11 +40,15 @@ def all_or_nothing(load: _Loader) -> _Loader:
 
     @functools.wraps(load)
     def guarded(self: Any, state_dict: dict[str, Any]) -> None:
-        before = copy.deepcopy(self.state_dict())
+        try:
+            before = copy.deepcopy(self.state_dict())
+        except RuntimeError:  # an interrupted step's state, which a load may replace
+            before = None
         try:
             load(self, state_dict)
         except Exception:
-            load(self, before)
+            if before is not None:
+                load(self, before)
             raise
 
     return guarded  # type: ignore[return-value]
