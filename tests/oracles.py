@@ -347,6 +347,22 @@ def kfac_factors(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
+def position_factors(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, float]:
+    """``(A, G, T)`` of a layer whose locations are positions (a ``Linear`` on ``[N, T, D]``),
+    as the README states the rule: with ``T > 1``, dead positions are left out of ``A``, ``G``
+    and ``T``, which is then ``M/N`` for the ``M`` positions kept (all of them when none or
+    every one is dead). Dead is ``δ = 0`` in every position-wise layer of the layout; here,
+    the layer's own zero rows, which is the same where its zeros are padding (as in the nets
+    of the tests that use it: key padding, ignored positions under a causal mean)."""
+    n, t = a.shape[0], a.shape[1]
+    rows_a, rows_g = a.reshape(n * t, -1), g.reshape(n * t, -1)
+    locations: float = t
+    keep = (rows_g != 0).any(dim=1)
+    if t > 1 and 0 < int(keep.sum()) < n * t:
+        rows_a, rows_g, locations = rows_a[keep], rows_g[keep], int(keep.sum()) / n
+    return rows_a.T @ rows_a / len(rows_a), rows_g.T @ rows_g / len(rows_g), locations
+
+
 def pi_factor(A: Tensor, G: Tensor) -> float:
     """``π = sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015 §6.3)."""
     return math.sqrt(float((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])))

@@ -25,7 +25,7 @@ from oracles import (
     COMBINATIONS,
     DenseProblem,
     coarse_basis,
-    kfac_factors,
+    position_factors,
     twolevel_direction,
 )
 from test_kfac_exact import CONTRACT as KFAC_CONTRACT
@@ -171,12 +171,11 @@ def block_matrix(tensors: dict[str, Tensor], weight: str, bias: str | None) -> T
 
 
 def kfac_block(a: Tensor, g: Tensor) -> Tensor:
-    """``T · kron(G + λI, A + λI)`` (expand: factors over the ``N·T`` locations)."""
-    locations = a.shape[0] * a.shape[1]
-    big_a = torch.einsum("nti,ntj->ij", a, a) / locations
-    big_g = torch.einsum("nti,ntj->ij", g, g) / locations
+    """``T · kron(G + λI, A + λI)`` (expand: factors over the locations that reach the loss,
+    :func:`oracles.position_factors`: key padding's memory positions do not)."""
+    big_a, big_g, locations = position_factors(a, g)
     eye_a, eye_g = torch.eye(big_a.shape[0]), torch.eye(big_g.shape[0])
-    return a.shape[1] * torch.kron(big_g + DAMPING * eye_g, big_a + DAMPING * eye_a)
+    return locations * torch.kron(big_g + DAMPING * eye_g, big_a + DAMPING * eye_a)
 
 
 def oracle_update(
@@ -441,7 +440,7 @@ def dense_twolevel_problem(
         names=list(blocks),
         sizes=[a.shape[-1] * g.shape[-1] for a, g, _, _ in blocks.values()],
         stats=[(a, g) for a, g, _, _ in blocks.values()],
-        factors=[kfac_factors(a, g) for a, g, _, _ in blocks.values()],
+        factors=[position_factors(a, g)[:2] for a, g, _, _ in blocks.values()],
         grad=grad,
         grads=grads,
         per_sample=vectors,

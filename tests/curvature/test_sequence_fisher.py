@@ -64,9 +64,11 @@ def position_sum_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def exact_g(model: nn.Module, x: Tensor, layer: nn.Module, mask: Tensor, s: float) -> Tensor:
-    """``E[G] = (1/(N T')) Σ_n Σ_{t'} Σ_t m_{nt} s² J_{n,t,t'}ᵀ H_{nt} J_{n,t,t'}``: one
+    """``E[G] = (1/M) Σ_n Σ_{t'} Σ_t m_{nt} s² J_{n,t,t'}ᵀ H_{nt} J_{n,t,t'}``: one
     independent categorical per position, ``J_{n,t,t'} = ∂f_{nt}/∂s_{nt'}`` the Jacobian of
-    position ``t``'s logits with respect to the layer's output at ``t'``."""
+    position ``t``'s logits with respect to the layer's output at ``t'``, and ``M`` the
+    layer positions ``(n, t')`` that reach a counted position's loss (the others have
+    ``δ = 0`` and are left out of the factors)."""
     store: dict[str, Tensor] = {}
     handle = layer.register_forward_hook(lambda _m, _i, out: store.update(s=out.detach()))
     with torch.no_grad():
@@ -86,7 +88,8 @@ def exact_g(model: nn.Module, x: Tensor, layer: nn.Module, mask: Tensor, s: floa
     hess = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # [N, T, C, C]
     weights = mask.to(hess.dtype) * s**2
     g = torch.einsum("nt,ntcsd,ntce,ntesf->df", weights, jac, hess, jac)
-    return g / (x.shape[0] * store["s"].shape[1])
+    reach = torch.einsum("nt,ntcsd->ns", mask.to(jac.dtype), jac.abs()) > 0  # [N, T']
+    return g / int(reach.sum())
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -115,9 +118,11 @@ def test_mc_g_converges_to_the_exact_fisher_of_the_masked_loss(
         assert got is not None
         scale = expected.abs().max()
         torch.testing.assert_close(got / scale, expected / scale, rtol=0.1, atol=0.03)
-    # the masked positions matter: without the mask the expectation is another matrix
-    unmasked = exact_g(model, x, model.get_submodule("3"), torch.ones_like(mask), s)
-    assert not torch.allclose(pre.factors["3"].G / scale, unmasked / scale, atol=0.05)
+    # the masked positions matter: without the mask the sum over positions is another
+    # matrix (the head's positions are the logits': G sums over the counted ones)
+    unmasked = exact_g(model, x, model.get_submodule("3"), torch.ones_like(mask), s) * N * T
+    counted = pre.factors["3"].G * int(mask.sum())
+    assert not torch.allclose(counted / scale, unmasked / scale, atol=0.05)
 
 
 @pytest.mark.parametrize("fisher_batch", [1.0, 0.5])
@@ -191,8 +196,8 @@ def test_empirical_g_is_that_of_the_token_mean_loss(float64: None) -> None:
     handle.remove()
     (grad,) = torch.autograd.grad(token_mean_loss(out, y), store["s"])
     delta = N * grad  # [N, T, C]
-    assert bool((delta[~mask] == 0).all())
-    expected = torch.einsum("ntc,nte->ce", delta, delta) / (N * T)
+    assert bool((delta[~mask] == 0).all())  # left out of G: it averages over the counted
+    expected = torch.einsum("ntc,nte->ce", delta, delta) / int(mask.sum())
     got = pre.factors["3"].G
     assert got is not None
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)

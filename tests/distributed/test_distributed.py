@@ -438,7 +438,8 @@ def _factor_dims() -> list[tuple[int, int]]:
 
 def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
     dims = _factor_dims()
-    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (2 * 3 + 2)
+    # packed factors, then per layer 3 counts (samples, rows, rows kept) and 2 batch counts
+    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (3 * 3 + 2)
     sizes = [d for pair in dims for d in pair]
     owners = assign_owners([float(d) ** 3 for d in sizes], WORLD)
     # inverse_method="auto" is Cholesky here: each owner shares a packed damped inverse

@@ -18,7 +18,7 @@ Conventions (README: "Conventions"; Martens & Grosse 2015 eq. (1); Grosse & Mart
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, cast
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .kronecker import KroneckerFactors
 from .layer_types import LayerType, layer_type
+from .live_positions import live_rows, position_mean
 
 
 @dataclass
@@ -35,10 +36,13 @@ class LayerStats:
     Attributes:
         a: homogeneous inputs ``ā``, shape ``[N, T, d_in']``.
         g: pre-activation gradients ``δ`` of the per-sample losses, shape ``[N, T, d_out]``.
+        dead: ``[N, T]``, the positions the Kronecker factors leave out (no loss term
+            depends on them: :mod:`.live_positions`), or ``None``.
     """
 
     a: Tensor
     g: Tensor
+    dead: Tensor | None = field(default=None, kw_only=True)
 
     @property
     def num_samples(self) -> int:
@@ -62,7 +66,8 @@ class LayerStats:
 
     def subset(self, index: Tensor) -> LayerStats:
         """The statistics of the samples ``index`` (a 1-D index tensor)."""
-        return replace(self, a=self.a[index], g=self.g[index])
+        dead = None if self.dead is None else self.dead[index]
+        return replace(self, a=self.a[index], g=self.g[index], dead=dead)
 
 
 class BlockStats(LayerStats):
@@ -349,33 +354,41 @@ def kronecker_factors(stats: LayerStats) -> tuple[Tensor, Tensor]:
     """KFAC / KFC factors ``A = Σ_{n,t} ā āᵀ/(N·T)`` and ``G = Σ_{n,t} δ δᵀ/(N·T)``.
 
     For ``T = 1`` these are Martens & Grosse (2015) eq. (1)'s ``E[ā āᵀ]`` and ``E[δ δᵀ]``;
-    for convolutions they are KFC's factors averaged over samples and locations. A
-    block type of its own gives its :meth:`BlockStats.block_factors`.
+    for convolutions they are KFC's factors averaged over samples and locations; a
+    ``Linear``'s positions that do not reach the loss are left out (:mod:`.live_positions`).
+    A block type of its own gives its :meth:`BlockStats.block_factors`.
     """
+    return kronecker_factors_at(stats)[:2]
+
+
+def kronecker_factors_at(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:
+    """:func:`kronecker_factors` with the number of locations ``T`` per sample they stand
+    for (``M/N`` when positions are left out: :func:`~.live_positions.live_rows`)."""
     if isinstance(stats, BlockStats):
-        return stats.block_factors()
-    a = stats.a.reshape(-1, stats.a.shape[-1])
-    g = stats.g.reshape(-1, stats.g.shape[-1])
-    return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0])
+        return (*stats.block_factors(), stats.num_locations)
+    a, g, locations = live_rows(stats)
+    return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0]), locations
 
 
 def reduce_locations(stats: LayerStats) -> LayerStats:
     """KFAC-reduce's view of weight sharing (Eschenhagen et al. 2023): one row per sample,
     ``ā_n = (1/T) Σ_t ā_nt`` and ``δ_n = Σ_t δ_nt``, so ``A = E_n[ā_n ā_nᵀ]``,
-    ``G = E_n[δ_n δ_nᵀ]`` and no division by ``T``; for ``T = 1`` the statistics themselves.
+    ``G = E_n[δ_n δ_nᵀ]``, no division by ``T``, and for ``T = 1`` the statistics themselves
+    (a ``Linear``'s mean is over its positions that reach the loss: :mod:`.live_positions`).
     Only the factors are built from it: the exact Fisher products (coarse level, EKFAC)
     keep every location."""
     if isinstance(stats, BlockStats):
         return stats.reduced()
     if stats.num_locations == 1:
         return stats
-    return LayerStats(stats.a.mean(dim=1, keepdim=True), stats.g.sum(dim=1, keepdim=True))
+    return LayerStats(position_mean(stats), stats.g.sum(dim=1, keepdim=True))
 
 
-def kronecker_factors_as(stats: LayerStats, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
-    """:func:`kronecker_factors` computed in ``dtype``, with the number of locations ``T``."""
-    cast = replace(stats, a=stats.a.to(dtype), g=stats.g.to(dtype))
-    return (*kronecker_factors(cast), stats.num_locations)
+def kronecker_factors_as(
+    stats: LayerStats, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, int | float]:
+    """:func:`kronecker_factors_at` computed in ``dtype``."""
+    return kronecker_factors_at(replace(stats, a=stats.a.to(dtype), g=stats.g.to(dtype)))
 
 
 def scaled_gram(rows: Tensor, scale: float) -> Tensor:

@@ -353,10 +353,7 @@ class CurvatureCapture:
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
                 self._warn_forwards(len(done))
             if done:
-                taken[name] = [
-                    (c[0].owner.samples, [Call(r.module, r.inputs, r.grad, r.reshaped) for r in c])
-                    for c in done
-                ]
+                taken[name] = [(c[0].owner.samples, [Call.of(r) for r in c]) for c in done]
         self.empty_batch = self._empty_forward and not taken
         self._empty_forward = False
         self._forward, self._drawn_from = None, None

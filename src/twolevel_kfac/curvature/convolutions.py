@@ -100,7 +100,7 @@ class GroupedFactors(InverseOnMatrices):
         return out.reshape(grad.shape).to(grad.dtype)
 
     @property
-    def num_locations(self) -> int:
+    def num_locations(self) -> float:
         """``T`` of the last statistics (the same for every group)."""
         return self.groups[0].num_locations if self.groups else 1
 

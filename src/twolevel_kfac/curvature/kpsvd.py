@@ -106,7 +106,7 @@ def leading_term(
 
 
 def balanced_factors(
-    term: KroneckerTerm, locations: int, reference: tuple[Tensor, Tensor]
+    term: KroneckerTerm, locations: float, reference: tuple[Tensor, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """``(A', G')`` with ``T·(A' ⊗ G') = σ X ⊗ Y`` and ``‖A'‖/‖G'‖ = ‖A_ref‖/‖G_ref‖``."""
     scale = term.sigma / locations
@@ -140,7 +140,7 @@ def nearest_kronecker(
     rule: PowerIteration,
     reduce: Reduce = lambda t: t,
     start: Tensor | None = None,
-    locations: int | None = None,
+    locations: float | None = None,
 ) -> tuple[Tensor, Tensor, KroneckerTerm]:
     """KPSVD factors ``(A_k, G_k)`` of the block of ``stats`` (see the module docstring).
 
@@ -156,7 +156,8 @@ def nearest_kronecker(
         reduce: sums a partial result over the ranks.
         start: the initial ``Y`` (e.g. the running ``G_k``: a warm start).
         locations: ``T`` of KFAC's factors (default: the statistics'; ``1`` for
-            ``weight_sharing="reduce"``'s view, which divides nothing by ``T``).
+            ``weight_sharing="reduce"``'s view, which divides nothing by ``T``; ``M/N`` where
+            positions that do not reach the loss are left out, ``live_rows``).
 
     Returns:
         ``(A_k, G_k, term)`` with ``T·(A_k ⊗ G_k)`` the nearest Kronecker product to ``F``.
@@ -174,7 +175,7 @@ def kronecker_correction(
     rule: PowerIteration,
     reduce: Reduce = lambda t: t,
     start: Tensor | None = None,
-    locations: int | None = None,
+    locations: float | None = None,
 ) -> tuple[Tensor, Tensor, KroneckerTerm]:
     """``(A₂, G₂)``: ``T·(A₂ ⊗ G₂)`` is the leading Kronecker term of ``F − T·(A ⊗ G)``.
 

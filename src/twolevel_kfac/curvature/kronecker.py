@@ -76,10 +76,17 @@ def eigen_denominator(
     return torch.outer(values_g + shift_g, values_a + shift_a)
 
 
-def per_location(inverse: Tensor, num_locations: int) -> Tensor:
+def per_location(inverse: Tensor, num_locations: float) -> Tensor:
     """``inverse / T`` (KFC's division by the number of locations); no copy for ``T = 1``
     (every ``Linear`` layer)."""
     return inverse if num_locations == 1 else inverse / num_locations
+
+
+def location_count(value: object) -> float:
+    """A saved number of locations ``T``: an ``int``, or a float where positions were left
+    out (:func:`~.live_positions.live_rows`)."""
+    count = float(value)  # type: ignore[arg-type]
+    return int(count) if count.is_integer() else count
 
 
 @dataclass
@@ -95,7 +102,7 @@ class KroneckerFactors:
     A: Tensor | None = None
     G: Tensor | None = None
     num_updates: int = 0
-    num_locations: int = 1
+    num_locations: float = 1  # T, an int but where positions are left out (live_rows)
     # The decomposition the inverse uses, frozen at the last refresh (factors keep moving
     # between refreshes): eigen → (eigenvalues, eigenvectors); cholesky → (factor, empty).
     decomp_a: tuple[Tensor, Tensor] | None = None
@@ -103,7 +110,7 @@ class KroneckerFactors:
     decomp_pi: float = 1.0
     bordered: bool = False
     # (λ, mode, method, T): a fold with another T between refreshes rescales the inverse
-    _cache_key: tuple[float, str, str, int] | None = field(default=None, repr=False)
+    _cache_key: tuple[float, str, str, float] | None = field(default=None, repr=False)
     _cache: tuple[Tensor | BorderedInverse, ...] = field(default=(), repr=False)
 
     def update(
@@ -111,7 +118,7 @@ class KroneckerFactors:
         new_a: Tensor,
         new_g: Tensor,
         ema_decay: float,
-        num_locations: int,
+        num_locations: float,
         replacing: bool = False,
     ) -> None:
         """``X ← ρ X + (1 − ρ) X_new`` with ``ρ = min(1 − 1/k, ema_decay)`` (out of place
@@ -308,7 +315,7 @@ class KroneckerFactors:
                 raise KeyError(f"Kronecker factor state is missing {name!r}")
         self.A, self.G = state["A"], state["G"]  # type: ignore[assignment]
         self.num_updates = int(state["num_updates"])  # type: ignore[call-overload]
-        self.num_locations = int(state["num_locations"])  # type: ignore[call-overload]
+        self.num_locations = location_count(state["num_locations"])
         self.decomp_a = _as_pair(state["decomp_a"])
         self.decomp_g = _as_pair(state["decomp_g"])
         self.decomp_pi = float(state["decomp_pi"])  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from ..curvature.blocks import (
     layer_stats,
     own_statistics,
 )
+from ..curvature.live_positions import live_rows
 from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
 
 
@@ -69,7 +70,7 @@ class ReducedStatistics:
         samples: the global Fisher mini-batch size ``N = Σ_r N_r`` per layer.
     """
 
-    factors: dict[str, tuple[Tensor, Tensor, int]]
+    factors: dict[str, tuple[Tensor, Tensor, float]]
     stats: dict[str, LayerStats]
     samples: dict[str, int]
 
@@ -87,35 +88,7 @@ def reduce_statistics(
     Raises:
         RuntimeError: if the ranks disagree on a layer's number of locations ``T``.
     """
-    sums: list[Tensor] = []
-    device = next(iter(specs.values())).device
-    counts = torch.zeros(2 * len(specs) + 2, dtype=torch.int64, device=device)
-    local_n = 0
-    for i, (name, spec) in enumerate(specs.items()):
-        s = stats.get(name)
-        if spec.own is not None:  # the block's factors times their count
-            own = [torch.zeros(shape, dtype=spec.dtype, device=device) for shape in spec.shapes[2:]]
-            if s is not None:
-                f = factor_view(s) if factor_view is not None else s
-                count = f.factor_count()  # type: ignore[attr-defined]
-                own = [t.to(spec.dtype) * count for t in kronecker_factors(f)]
-                counts[2 * i], counts[2 * i + 1] = s.num_samples, count
-                local_n = max(local_n, s.num_samples)
-            sums += [t.reshape(-1) for t in own]
-            continue
-        if s is None:
-            for dim in (spec.dim_a, spec.dim_g):
-                sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
-            continue
-        f = factor_view(s) if factor_view is not None else s
-        a, g = (
-            f.a.reshape(-1, spec.dim_a).to(spec.dtype),
-            f.g.reshape(-1, spec.dim_g).to(spec.dtype),
-        )
-        sums += [pack_symmetric(a.T @ a), pack_symmetric(g.T @ g)]
-        counts[2 * i], counts[2 * i + 1] = s.num_samples, a.shape[0]
-        local_n = max(local_n, s.num_samples)
-    counts[-2], counts[-1] = local_n, local_n * local_n
+    sums, counts = _local_sums(stats, specs, factor_view)
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
     totals = [int(c) for c in counts.tolist()]
     if comm.world_size * totals[-1] != totals[-2] ** 2:
@@ -127,7 +100,7 @@ def reduce_statistics(
         )
     result = ReducedStatistics({}, {}, {})
     for i, (name, spec) in enumerate(specs.items()):
-        samples, rows = totals[2 * i], totals[2 * i + 1]
+        samples, rows, live = totals[3 * i : 3 * i + 3]
         if rows == 0:
             continue
         if rows % samples:
@@ -135,11 +108,12 @@ def reduce_statistics(
         locations = rows // samples
         if spec.own is not None:
             a_mat, g_mat = (sums[2 * i + k].view(spec.shapes[2 + k]) / rows for k in (0, 1))
-            locations = stats[name].num_locations if name in stats else rows // samples
+            count: float = stats[name].num_locations if name in stats else locations
         else:
-            a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / rows
-            g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / rows
-        result.factors[name] = (a_mat, g_mat, locations)
+            a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / live
+            g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / live
+            count = locations if live == rows else live / samples
+        result.factors[name] = (a_mat, g_mat, count)
         result.samples[name] = samples
         make = spec.own or LayerStats
         a_shape, g_shape = spec.shapes[:2] if spec.own else ((spec.dim_a,), (spec.dim_g,))
@@ -149,3 +123,44 @@ def reduce_statistics(
             torch.zeros(0, locations, *g_shape, dtype=spec.stats_dtype, device=spec.device),
         )
     return result
+
+
+def _local_sums(
+    stats: Mapping[str, LayerStats],
+    specs: Mapping[str, LayerSpec],
+    factor_view: Callable[[LayerStats], LayerStats] | None,
+) -> tuple[list[Tensor], Tensor]:
+    """This rank's part of :func:`reduce_statistics`: each layer's factor sums (packed
+    ``āᵀā``, ``δᵀδ`` of the rows the factors average over, or a block type's factors times
+    their count) and the counts, per layer the samples, the rows ``N·T`` and the rows
+    averaged over (:func:`~..curvature.live_positions.live_rows`), then ``N_r`` and
+    ``N_r²`` (unequal batches are told)."""
+    sums: list[Tensor] = []
+    device = next(iter(specs.values())).device
+    counts = torch.zeros(3 * len(specs) + 2, dtype=torch.int64, device=device)
+    local_n = 0
+    for i, (name, spec) in enumerate(specs.items()):
+        s = stats.get(name)
+        if spec.own is not None:  # the block's factors times their count
+            own = [torch.zeros(shape, dtype=spec.dtype, device=device) for shape in spec.shapes[2:]]
+            if s is not None:
+                f = factor_view(s) if factor_view is not None else s
+                count = f.factor_count()  # type: ignore[attr-defined]
+                own = [t.to(spec.dtype) * count for t in kronecker_factors(f)]
+                counts[3 * i], counts[3 * i + 1], counts[3 * i + 2] = s.num_samples, count, count
+                local_n = max(local_n, s.num_samples)
+            sums += [t.reshape(-1) for t in own]
+            continue
+        if s is None:
+            for dim in (spec.dim_a, spec.dim_g):
+                sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
+            continue
+        f = factor_view(s) if factor_view is not None else s
+        a, g, _ = live_rows(f)
+        a, g = a.to(spec.dtype), g.to(spec.dtype)
+        sums += [pack_symmetric(a.T @ a), pack_symmetric(g.T @ g)]
+        counts[3 * i], counts[3 * i + 1] = s.num_samples, f.a.shape[0] * f.a.shape[1]
+        counts[3 * i + 2] = a.shape[0]
+        local_n = max(local_n, s.num_samples)
+    counts[-2], counts[-1] = local_n, local_n * local_n
+    return sums, counts

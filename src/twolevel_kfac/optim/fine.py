@@ -98,7 +98,7 @@ class FineLevel:
 
     # ------------------------------------------------------------------ statistics
     def store(
-        self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
+        self, name: str, new_a: Tensor, new_g: Tensor, locations: float, stats: LayerStats
     ) -> bool:
         """Fold one layer's (finite) factors of this Fisher mini-batch into the running ones
         (and decompose them at once where :meth:`decomposes_at_fold`).

@@ -32,10 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["fold_statistics", "keeps_statistics"]
 
-# the layers each preconditioner has warned of a changed number of locations
-_WARNED_LOCATIONS: weakref.WeakKeyDictionary[KFACPreconditioner, set[str]] = (
-    weakref.WeakKeyDictionary()
-)
+# the preconditioners that have warned of a changed number of locations
+_WARNED_LOCATIONS: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
 
 
 def keeps_statistics(pre: KFACPreconditioner) -> bool:
@@ -72,7 +70,7 @@ def fold_statistics(
         one saw none); ``pre.sample_counts`` holds the global sample counts.
     """
     view = reduce_locations if pre.options.weight_sharing == "reduce" else None
-    new: Iterable[tuple[str, LayerStats, tuple[Tensor, Tensor, int]]]
+    new: Iterable[tuple[str, LayerStats, tuple[Tensor, Tensor, float]]]
     kept: dict[str, LayerStats] = {}
     if pre.comm.distributed:
         reduced = reduce_statistics(
@@ -103,28 +101,26 @@ def fold_statistics(
     return kept
 
 
-def _check_locations(pre: KFACPreconditioner, name: str, locations: int) -> None:
-    """Warn (once per layer) where a layer's number of locations ``T`` changed since its
-    last capture while steps between captures reuse it: the inverse is divided by the last
-    capture's ``T``, so a step on inputs of another size is scaled by their ratio."""
+def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> None:
+    """Warn (once per preconditioner) where a layer's number of locations ``T`` moved by
+    more than 10 % since its last capture while steps between captures reuse it: the inverse
+    is divided by the last capture's ``T``, so a step on inputs of another size (or with
+    another share of padding) is scaled by their ratio."""
     factors = pre.factors.get(name)
     if factors is None or not factors.ready or pre.options.cov_interval == 1:
         return
-    previous = getattr(factors, "num_locations", locations)
-    if previous == locations:
+    previous = float(getattr(factors, "num_locations", locations))
+    if abs(locations - previous) <= 0.1 * previous or pre in _WARNED_LOCATIONS:
         return
-    warned = _WARNED_LOCATIONS.setdefault(pre, set())
-    if name in warned:
-        return
-    warned.add(name)
+    _WARNED_LOCATIONS.add(pre)
     warnings.warn(
         f"layer {name!r}: its number of locations T (a convolution's output positions, a "
-        f"sequence's) changed between two captures ({previous} → {locations}). The steps "
-        f"between captures (cov_interval={pre.options.cov_interval}) divide its inverse by "
-        "the last capture's T, so inputs whose size changes from step to step (multi-scale "
-        "training, batches padded to their longest sequence) take steps scaled by the ratio "
-        "of the two T; cov_interval=1, or weight_sharing='reduce' (no division by T), "
-        "avoids it",
+        f"sequence's real positions) changed between two captures ({previous:g} → "
+        f"{locations:g}). The steps between captures (cov_interval="
+        f"{pre.options.cov_interval}) divide its inverse by the last capture's T, so inputs "
+        "whose size changes from step to step (multi-scale training, batches padded to "
+        "their longest sequence) take steps scaled by the ratio of the two T; "
+        "cov_interval=1, or weight_sharing='reduce' (no division by T), avoids it",
         RuntimeWarning,
         stacklevel=5,
     )

@@ -100,7 +100,7 @@ class KPSVDFine(PowerIterationFine):
     name = "kpsvd"
 
     def store(
-        self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
+        self, name: str, new_a: Tensor, new_g: Tensor, locations: float, stats: LayerStats
     ) -> bool:
         """KFAC's running average of the Kronecker-SVD factors ``(A_k, G_k)`` of this batch
         (a block type of its own keeps its own curvature)."""
@@ -149,11 +149,11 @@ class KFACCorrectedFine(PowerIterationFine):
         self.frozen_corrections: dict[str, tuple[Tensor, Tensor]] = {}
         # per layer: ((λ, mode, T), the pencil's prepared inverse)
         self._pencil_cache: dict[
-            str, tuple[tuple[float, str, int], tuple[Tensor, Tensor, Tensor]]
+            str, tuple[tuple[float, str, float], tuple[Tensor, Tensor, Tensor]]
         ] = {}
 
     def store(
-        self, name: str, new_a: Tensor, new_g: Tensor, locations: int, stats: LayerStats
+        self, name: str, new_a: Tensor, new_g: Tensor, locations: float, stats: LayerStats
     ) -> bool:
         """KFAC's factors, then the running average of the correction ``(A₂, G₂)`` (none for
         a block type of its own)."""

@@ -1,0 +1,87 @@
+"""The positions of a position-wise layer that reach the loss.
+
+A ``Linear`` applied at every position of a sequence (``[N, T, D]`` inputs) sees the
+padding too. A position ``(n, t)`` that no loss term depends on (padding that the loss and
+the attention's ``key_padding_mask`` leave out, or that comes after the last real token
+under a causal mask) has output gradient ``δ_nt = 0`` in every layer, so it adds nothing to
+the per-sample gradients ``∇ℓ_n = Σ_t δ_nt ā_ntᵀ`` nor to the Fisher. KFAC's expand view
+over the positions (``F ≈ T·A ⊗ G``, ``A = Σ āāᵀ/(N·T)``) would still count its ``ā`` in
+``A`` and in ``T``, so the step changed with the padding's length and content. Here such
+positions are left out: ``A`` and ``G`` average over the ``M`` positions that remain, and
+``T = M/N`` is their mean count per sample (not an integer): the factors of the same
+samples without the padding.
+
+A position is left out only where it is *dead*: ``δ = 0`` exactly at it in every
+position-wise layer of the forward with the same ``[N, T]`` layout (:func:`dead_positions`).
+A single layer's zero is not enough: a causal query at position 0 has a structural zero
+gradient (its softmax is over one key) that one attention implementation computes as 0 and
+another as 1e-18, while the keys, values and the layers after it do reach the loss there.
+
+Only for layers whose locations are positions (``Linear``-type features, ``T > 1``): a
+convolution's location whose channels all have zero gradient is still one of KFC's
+locations, and for ``T = 1`` a row is a sample (KFAC's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from .layer_types import layer_type, linear_features
+
+if TYPE_CHECKING:
+    from .blocks import LayerStats
+
+__all__ = ["dead_positions", "live_rows", "position_mean", "position_wise"]
+
+
+def position_wise(module: nn.Module) -> bool:
+    """Whether the layer's locations are positions of its input (a ``Linear``'s leading
+    dimensions), whose dead ones its factors leave out."""
+    entry = layer_type(module)
+    return entry is not None and entry.features is linear_features and not entry.rows_from_inputs
+
+
+def dead_positions(grads: Iterable[tuple[object, Tensor]]) -> dict[tuple[object, int, int], Tensor]:
+    """Per forward and layout ``(key, N, T)``: the positions ``[N, T]`` (bool) whose ``δ`` is
+    zero in every one of the position-wise layers' output gradients ``[N, T, d]`` given
+    with their forward's key (``T > 1`` only)."""
+    live: dict[tuple[object, int, int], Tensor] = {}
+    for key, grad in grads:
+        if grad.shape[1] < 2:
+            continue
+        layout = (key, int(grad.shape[0]), int(grad.shape[1]))
+        reached = grad.ne(0).flatten(2).any(dim=-1)
+        live[layout] = reached if layout not in live else live[layout] | reached
+    return {layout: ~reached for layout, reached in live.items()}
+
+
+def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:
+    """``(ā, δ, T)``: the rows ``[M, d_in']``, ``[M, d_out]`` the Kronecker factors average
+    over and the number of locations per sample they stand for: every row and ``T`` (an
+    ``int``), or where ``stats.dead`` marks some, not all, positions, the others and
+    ``T = M/N``."""
+    samples, locations = int(stats.a.shape[0]), int(stats.a.shape[1])
+    a = stats.a.reshape(samples * locations, -1)
+    g = stats.g.reshape(samples * locations, -1)
+    if stats.dead is None or locations == 1 or samples == 0:
+        return a, g, locations
+    keep = ~stats.dead.reshape(-1)
+    count = int(keep.sum())
+    if count in (0, samples * locations):
+        return a, g, locations
+    return a[keep], g[keep], count / samples
+
+
+def position_mean(stats: LayerStats) -> Tensor:
+    """``ā_n = (1/T_n) Σ_t ā_nt`` (``[N, 1, d_in']``, ``weight_sharing="reduce"``) over the
+    ``T_n`` positions of sample ``n`` that are not dead (all ``T`` for a sample whose every
+    position is)."""
+    if stats.dead is None:
+        return stats.a.mean(dim=1, keepdim=True)
+    keep = ~stats.dead.unsqueeze(-1)  # [N, T, 1]
+    keep = keep | ~keep.any(dim=1, keepdim=True)
+    weights = keep.to(stats.a.dtype)
+    return (stats.a * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)
