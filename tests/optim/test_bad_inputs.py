@@ -194,10 +194,11 @@ def test_data_verify_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        (b"not a checkpoint at all", ["is not a readable checkpoint"]),
+        (b"not a checkpoint at all", ["is not a readable checkpoint", "UnpicklingError"]),
+        (b"", ["is empty (0 bytes)"]),  # it said "not a readable checkpoint: " and no reason
         (None, ["is not a twolevel_kfac run checkpoint"]),
     ],
-    ids=["corrupt", "foreign"],
+    ids=["corrupt", "empty", "foreign"],
 )
 def test_bad_checkpoint_on_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, words: list[str]

@@ -4,6 +4,7 @@ where its basis was saved."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -59,3 +60,46 @@ def test_a_refused_checkpoint_leaves_the_optimizer_as_it_was(case: str) -> None:
             opt.step()
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
+def test_a_checkpoint_in_another_dtype_is_refused(cls: Any) -> None:
+    """Factors saved in float32 loaded by a float64 model: refused, naming both dtypes and
+    the fix (KFAC kept float32 factors for the rest of the run; EKFAC and two-level raised a
+    bare dtype mismatch steps later)."""
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = cls(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    wide = cls(model.double())
+    with pytest.raises(
+        ValueError, match=r"factors are torch.float32, this optimizer's are torch.float64"
+    ):
+        wide.load_state_dict(opt.state_dict())
+
+
+def test_a_checkpoint_of_another_method_is_told() -> None:
+    """EKFAC's or a two-level optimizer's checkpoint loaded by KFAC: a warning names both
+    methods (what the other keeps beyond the factors is not used); the same method: none."""
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def stepped(cls: Any) -> torch.optim.Optimizer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        opt = cls(model, inverse_method="eigen")
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return opt
+
+    told = {
+        "fine level 'ekfac' with no coarse level": stepped(tk.EKFAC),
+        "fine level 'kfac' with coarse space nicolaides": stepped(tk.TwoLevelKFAC),
+    }
+    for saved_by, opt in told.items():
+        with pytest.warns(RuntimeWarning, match=f"saved by {saved_by} and is loaded by fine"):
+            stepped(tk.KFAC).load_state_dict(opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stepped(tk.KFAC).load_state_dict(stepped(tk.KFAC).state_dict())

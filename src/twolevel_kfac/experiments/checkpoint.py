@@ -157,10 +157,20 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path} to resume from")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
-        raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
+        # torch's first line only: its advice to load with weights_only=False (which
+        # would run code from the file) does not apply to a corrupt or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if "weights_only" in reason:
+            reason = "its contents are not tensors and plain values, as a checkpoint's are"
+        raise ValueError(
+            f"{path} is not a readable checkpoint (corrupt, truncated or not written by "
+            f"tlkfac): {type(error).__name__}{': ' + reason if reason else ''}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a twolevel_kfac run checkpoint (format {FORMAT})")
     if state["fingerprint"] != fingerprint:

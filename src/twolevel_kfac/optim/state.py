@@ -65,6 +65,7 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
         "generator": pre.generator.get_state(),
         "factors": {name: f.state_dict() for name, f in pre.factors.items()},
         "layers": list(pre.layers),
+        "saved_by": _method(pre),
         **pre.fine.state_dict(),
     }
     state["capture_next"] = pre.capture.active  # the coming step captures statistics
@@ -98,6 +99,15 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     restored = {
         name: _restored_factors(pre, name, saved) for name, saved in state["factors"].items()
     }
+    saved_by = state.get("saved_by")  # (absent before 2026-12-04)
+    if saved_by is not None and saved_by != _method(pre):
+        warnings.warn(
+            f"the checkpoint was saved by {saved_by} and is loaded by {_method(pre)}: what "
+            "the other method keeps beyond the Kronecker factors (a coarse level, EKFAC's "
+            "scalings, a Kronecker correction) is not used, or starts afresh",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     coarse = pre.coarse_level
     if coarse is not None:  # its option checks too, before anything here changes
         coarse.check_state(state)
@@ -185,14 +195,21 @@ def select_rank_state(parts: Sequence[Any], rank: int, world_size: int) -> Any |
     return parts[rank] if rank < len(parts) else None
 
 
+def _method(pre: KFACPreconditioner) -> str:
+    """The method a state belongs to: its fine level and coarse space."""
+    coarse = pre.coarse_level
+    space = "no coarse level" if coarse is None else f"coarse space {coarse.options.coarse_space}"
+    return f"fine level {pre.fine.name!r} with {space}"
+
+
 def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any]) -> Any:
     """Layer ``name``'s saved curvature in a fresh object of its block type, checked against
     the layer before anything of the preconditioner changes.
 
     Raises:
-        ValueError: the state is of another block type, or its shapes are not the
-            layer's (the model changed since the checkpoint: another width, ``groups``,
-            bias, or a norm that now has a block).
+        ValueError: the state is of another block type, its shapes are not the layer's
+            (the model changed since the checkpoint: another width, ``groups``, bias, or a
+            norm that now has a block), or its factors are in another dtype.
     """
     module = pre.layers[name]
     factors = new_factors(module)
@@ -206,6 +223,13 @@ def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any])
     got = factors.factor_shapes()
     if got is None:
         return factors
+    saved_dtype, dtype = getattr(factors.A, "dtype", None), pre.factor_dtype(name)
+    if saved_dtype is not None and saved_dtype != dtype:
+        raise ValueError(
+            f"layer {name!r}: the checkpoint's factors are {saved_dtype}, this optimizer's "
+            f"are {dtype} (factor_dtype, else the weights' dtype): load the model in the "
+            "dtype it was saved in, or pass the checkpoint's dtype as factor_dtype"
+        )
     if not trains(module):  # frozen whole: the block it had when it trained
         frozen = _frozen_block_factors(module, tuple(got))
         if frozen is not None:
