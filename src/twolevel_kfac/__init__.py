@@ -13,7 +13,7 @@ all of them.
 
 from __future__ import annotations
 
-from .curvature.layer_types import register_layer_type
+from .curvature.layer_types import layer_type, register_layer_type, unregister_layer_type
 from .optim.damping import DampingOptions
 from .optim.ekfac import EKFAC, EKFACPreconditioner
 from .optim.kfac import KFAC
@@ -36,6 +36,8 @@ __all__ = [
     "KPSVDPreconditioner",
     "TwoLevelKFAC",
     "TwoLevelPreconditioner",
+    "layer_type",
     "register_layer_type",
+    "unregister_layer_type",
 ]
 __version__ = "0.1.0"

@@ -499,8 +499,9 @@ def test_distributed_resume_equals_uninterrupted_run(runs: list[dict[str, Any]],
             assert torch.equal(runs[0][f"resume_{case}"]["straight"][name], value), name
 
 
-def test_distributed_state_loads_in_one_process(runs: list[dict[str, Any]]) -> None:
-    """One process resuming a 2-process two-level run holds both ranks' Fisher rows."""
+def test_distributed_state_loads_in_one_process(runs: list[dict[str, Any]], float64: None) -> None:
+    """One process resuming a 2-process two-level run holds both ranks' Fisher rows (in the
+    workers' float64: a checkpoint in another dtype is refused)."""
     saved = torch.load(runs[0]["checkpoints"] / "residual_adef2_faithful", weights_only=False)
     cls, kwargs = RESUME_CASES["residual_adef2_faithful"]
     model, opt = build(cls, {**RESUME, **kwargs}, wrap=False)

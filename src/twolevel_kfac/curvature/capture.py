@@ -51,6 +51,7 @@ from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import check_output, per_sample_output, sampled_nll
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
+from .registration_check import check_registration
 
 FisherType = Literal["mc", "empirical"]
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
@@ -200,6 +201,7 @@ class CurvatureCapture:
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
         check_batched_input(name, module, x, forward.batch_size)
+        check_registration(name, module, x, output)
         kept = recorded_input(module, x.detach())
         record = Record(module, fisher_rows(kept, forward), forward, None, sample_major(x, forward))
         if record.reshaped and output.grad_fn is not None:  # its rows as ordered as its input's

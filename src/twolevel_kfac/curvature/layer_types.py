@@ -125,9 +125,10 @@ def registered_types() -> tuple[type[nn.Module], ...]:
     return tuple(_REGISTRY)
 
 
-def layer_type(module: nn.Module) -> LayerType | None:
-    """The entry of ``module``'s type (the nearest registered class in its MRO), if any."""
-    for cls in type(module).__mro__:
+def layer_type(module: nn.Module | type[nn.Module]) -> LayerType | None:
+    """The entry of ``module``'s type, or of a module class (the nearest registered class
+    in its MRO), if any: ``tk.layer_type(nn.Linear).features``."""
+    for cls in (module if isinstance(module, type) else type(module)).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
     return None

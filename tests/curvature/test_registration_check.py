@@ -1,0 +1,100 @@
+"""A registered module type is probed at its first captured forward
+(``curvature/registration_check.py``): ``features`` and ``gradients`` that do not give its
+weight's gradient are refused, naming the layer (they took wrong steps silently, or failed
+with a bare shape error); a registration that does runs, and a new registration of a type is
+probed again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+
+LINEAR = tk.layer_type(nn.Linear)
+assert LINEAR is not None
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 ``Conv1D``: the weight stored ``[in, out]``."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.n_out = n_out
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return flat.view(*x.shape[:-1], self.n_out)
+
+
+class Scaled(nn.Module):
+    """``c · (W x + b)``, a weight stored ``[out, in]``."""
+
+    def __init__(self, n_out: int, n_in: int, scale: float = 3.0) -> None:
+        super().__init__()
+        self.linear, self.scale = nn.Linear(n_in, n_out), scale
+        self.weight, self.bias = self.linear.weight, self.linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.linear(x)
+
+
+@pytest.fixture
+def registered() -> Iterator[Callable[..., None]]:
+    """Register types for one test and remove them afterwards (the registry is global)."""
+    types: list[type[nn.Module]] = []
+
+    def register(kind: type[nn.Module], gradients: Callable[..., Tensor]) -> None:
+        tk.register_layer_type(kind, LINEAR.features, gradients)
+        types.append(kind)
+
+    yield register
+    for kind in types:
+        tk.unregister_layer_type(kind)
+
+
+def one_step(layer: Callable[[int, int], nn.Module], widths: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(layer(widths[1], widths[0]), nn.Tanh(), layer(widths[2], widths[1]))
+    opt = tk.KFAC(model, fisher="empirical", class_dim=-1)
+    x, y = torch.randn(6, 3, widths[0]), torch.randint(0, widths[2], (6, 3))
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("widths", [(4, 4, 4), (4, 5, 3)], ids=["square", "non-square"])
+def test_a_weight_stored_in_out_is_refused(registered: Callable[..., None], widths: tuple) -> None:
+    """``Conv1D`` with ``Linear``'s functions: square layers took steps 55 off on a step of
+    19 without a word, others failed in ``step()`` with a bare shape error."""
+    registered(Conv1D, LINEAR.gradients)
+    with pytest.raises(ValueError, match=r"layer '0'.*registered for Conv1D do not reproduce"):
+        one_step(Conv1D, widths)
+
+
+def test_a_scaled_output_needs_a_scaled_gradient(registered: Callable[..., None]) -> None:
+    """``c · Linear`` registered with ``Linear``'s ``δ`` is refused (214 off on 119); with
+    ``δ = c · ∂L/∂output`` it runs, and the new registration is probed again."""
+    registered(Scaled, LINEAR.gradients)
+    with pytest.raises(ValueError, match="registered for Scaled do not reproduce"):
+        one_step(Scaled, (4, 5, 3))
+    registered(Scaled, lambda m, grad: m.scale * LINEAR.gradients(m, grad))
+    one_step(Scaled, (4, 5, 3))
+
+
+def test_the_fallback_warning_names_a_working_registration() -> None:
+    """A ``Linear`` subclass overriding ``forward`` is warned about with a registration call
+    that runs as written (``tk.layer_type(Linear).features``; it said
+    ``*layer_type(Linear)'s features``)."""
+
+    class Custom(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x)
+
+    with pytest.warns(UserWarning, match=r"tk\.layer_type\(Linear\)\.features"):
+        tk.KFAC(nn.Sequential(Custom(2, 2), nn.Linear(2, 2)))
