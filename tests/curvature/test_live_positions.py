@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
+from twolevel_kfac.curvature import layer_types
 from twolevel_kfac.curvature.blocks import LayerStats, kronecker_factors_at
 from twolevel_kfac.curvature.live_positions import dead_positions, live_rows, position_wise
 
@@ -180,8 +181,10 @@ def test_dead_positions_and_the_rows_kept() -> None:
     g[2, 0] = 0
     other = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
     other[0, 2:] = 0  # ... and in the other: dead
-    dead = dead_positions([("fwd", g), ("fwd", other), ("fwd", g[:, :1]), ("other", other)])
-    assert set(dead) == {("fwd", 3, 4), ("other", 3, 4)}  # T = 1 layouts are not marked
+    dead = dead_positions(
+        [("fwd", "a", g), ("fwd", "b", other), ("fwd", "a", g[:, :1]), ("other", "b", other)]
+    )
+    assert set(dead) == {("fwd", 3, 4)}  # T = 1, and one layer's layout, are not marked
     expected = torch.zeros(3, 4, dtype=torch.bool)
     expected[0, 2:] = True  # (2, 0) is zero in one layer only: not dead
     assert torch.equal(dead[("fwd", 3, 4)], expected)
@@ -193,16 +196,17 @@ def test_dead_positions_and_the_rows_kept() -> None:
     torch.testing.assert_close(big_a, a[kept].T @ a[kept] / 10)
     torch.testing.assert_close(big_g, g[kept].T @ g[kept] / 10)
     assert count == 10 / 3
+    none = live_rows(LayerStats(a, g, dead=torch.ones(3, 4, dtype=torch.bool)))
+    assert none[0].shape == (0, 5) and none[2] == 0  # all dead: no curvature to fold
     for keeps_all in (
         LayerStats(a, g),  # no mask
-        LayerStats(a, g, dead=torch.ones(3, 4, dtype=torch.bool)),  # all dead
-        LayerStats(a[:, :1], g[:, :1], dead=expected[:, :1]),  # T = 1: a row is a sample
+        LayerStats(a[:, :1], g[:, :1], dead=torch.zeros(3, 1, dtype=torch.bool)),  # T = 1
     ):
         rows_a, _, locations = live_rows(keeps_all)
         assert rows_a.shape[0] == keeps_all.a.shape[0] * keeps_all.a.shape[1]
         assert locations == keeps_all.a.shape[1] and isinstance(locations, int)
-    assert position_wise(nn.Linear(2, 2)) and not position_wise(nn.Conv1d(2, 2, 1))
-    assert not position_wise(nn.Embedding(3, 2))
+    assert position_wise(nn.Linear(2, 2)) and position_wise(nn.Embedding(3, 2))
+    assert not position_wise(nn.Conv1d(2, 2, 1))
 
 
 def test_a_fractional_location_count_resumes_bit_identically(float64: None) -> None:
@@ -232,3 +236,125 @@ def test_a_fractional_location_count_resumes_bit_identically(float64: None) -> N
         step(resumed, opt2)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class LanguageModel(nn.Module):
+    """Token embedding (``padding_idx=0``) → causal self-attention → head tied to the table
+    or not: a language model's layers, the padding token in the batch."""
+
+    def __init__(self, vocab: int, tied: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, E, padding_idx=0)
+        self.attention = nn.MultiheadAttention(E, 2, batch_first=True)
+        self.head = nn.Linear(E, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)
+        return self.head(torch.tanh(h + self.attention(h, h, h, attn_mask=causal)[0]))
+
+
+def lm_steps(vocab: int, tied: bool, length: int, build: Any = tk.KFAC) -> Tensor:
+    """The parameters after two steps on the same token sequences right-padded (token 0,
+    target ignored) to ``length``."""
+    gen = torch.Generator().manual_seed(3)
+    longest = max(LENGTHS)
+    tokens = torch.randint(1, vocab, (N, longest), generator=gen)
+    real = torch.arange(longest).expand(N, -1) < torch.tensor(LENGTHS).unsqueeze(1)
+    tokens = torch.cat([tokens.masked_fill(~real, 0), tokens.new_zeros(N, length - longest)], 1)
+    following = torch.roll(tokens, -1, 1)
+    following[:, -1] = 0
+    targets = following.masked_fill(following == 0, IGNORE)
+    torch.manual_seed(0)
+    model = LanguageModel(vocab, tied).double()
+    opt = build(model, **SETTINGS)
+    for _ in range(2):
+        opt.zero_grad()
+        token_loss(model(tokens), targets).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize(("vocab", "tied"), [(11, False), (11, True), (12, False)])
+def test_a_language_models_embedding_leaves_the_padding_out(
+    float64: None, vocab: int, tied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token table (dense, tied to the head, or a large table's diagonal path, here
+    forced by a lower row limit) leaves the padding out too: it kept it (31 % of its step
+    apart between paddings; tied 0.15 on 0.63)."""
+    if vocab == 12:
+        monkeypatch.setattr(layer_types, "EMBEDDING_MAX_ROWS", 8)
+    for build in (tk.KFAC, tk.EKFAC):
+        short, long = (lm_steps(vocab, tied, length, build) for length in (5, 9))
+        torch.testing.assert_close(short, long, rtol=1e-10, atol=1e-12)
+
+
+def summed_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """The tokens' losses summed over the whole batch's ``N`` samples (the same loss for a
+    micro-batch and for the batch, whatever each is padded to)."""
+    flat = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+    return flat / N
+
+
+def test_micro_batches_padded_to_different_lengths(float64: None) -> None:
+    """Two accumulated micro-batches, each padded to its own longest sequence: the step of
+    the whole batch padded to one length (it raised a bare ``torch.cat`` size error)."""
+    x, y, padding = padded(7)
+    steps = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = Tagger().double()
+        opt = tk.KFAC(model, **{**SETTINGS, "accumulation_steps": 2 if split else 1})
+        if split:  # the first two samples have lengths 4 and 2; the others 3 and 1
+            for rows, length in ((slice(0, 2), 4), (slice(2, 4), 3)):
+                part = x[rows, :length], y[rows, :length], padding[rows, :length]
+                summed_loss(model(part[0], part[2]), part[1]).backward()
+        else:
+            summed_loss(model(x, padding), y).backward()
+        opt.step()
+        steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_step_without_a_loss_term_folds_nothing(float64: None) -> None:
+    """A capture where every target is ignored (every position dead) adds no curvature:
+    the runs padded to 4 and 7 stay equal after it (it folded every row, padding included:
+    19–27 % apart)."""
+
+    def run_with_empty_step(length: int) -> Tensor:
+        torch.manual_seed(0)
+        model = Tagger().double()
+        opt = tk.KFAC(model, **{**SETTINGS, "ema_decay": 0.9})
+        x, y, padding = padded(length)
+        for targets in (y, torch.full_like(y, IGNORE), y):
+            opt.zero_grad()
+            loss = token_loss(model(x, padding), targets)
+            (
+                loss if targets is y else loss.nan_to_num() * 0 + (model(x, padding) * 0).sum()
+            ).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    torch.testing.assert_close(
+        run_with_empty_step(4), run_with_empty_step(7), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_one_layers_zeros_alone_mark_nothing(float64: None) -> None:
+    """Only the query projection trains: its structural zero at position 0 is the only
+    evidence of that layout, so no position is dead there (fused and written-out attention
+    were 11 % apart)."""
+    x = torch.randn(3, 6, V, dtype=torch.float64)
+    y = torch.randint(0, C, (3, 6))
+    steps = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = CausalSelfAttention(fused).double()
+        opt = tk.KFAC(model, params=list(model.q.parameters()), **SETTINGS)
+        token_loss(model(x), y).backward()
+        opt.step()
+        assert opt.preconditioner.factors["q"].num_locations == 6
+        steps.append(model.q.weight.detach().clone())
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-12, atol=1e-13)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .kronecker import KroneckerFactors
 from .layer_types import LayerType, layer_type
-from .live_positions import live_rows, position_mean
+from .live_positions import kept_locations, live_rows, position_mean
 
 
 @dataclass
@@ -365,9 +365,10 @@ def kronecker_factors_at(stats: LayerStats) -> tuple[Tensor, Tensor, int | float
     """:func:`kronecker_factors` with the number of locations ``T`` per sample they stand
     for (``M/N`` when positions are left out: :func:`~.live_positions.live_rows`)."""
     if isinstance(stats, BlockStats):
-        return (*stats.block_factors(), stats.num_locations)
+        return (*stats.block_factors(), kept_locations(stats))
     a, g, locations = live_rows(stats)
-    return scaled_gram(a, 1.0 / a.shape[0]), scaled_gram(g, 1.0 / g.shape[0]), locations
+    rows = max(int(a.shape[0]), 1)  # none (T = 0): zeros, which the fold does not take
+    return scaled_gram(a, 1.0 / rows), scaled_gram(g, 1.0 / rows), locations
 
 
 def reduce_locations(stats: LayerStats) -> LayerStats:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .blocks import LayerStats, input_features, layer_stats, output_gradients
+from .blocks import LayerStats, input_features, layer_stats, output_gradients, own_statistics
 from .calls import calls_statistics, per_sample
 from .live_positions import dead_positions, position_wise
 
@@ -76,12 +76,11 @@ class CapturedBatch:
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
         if self._dead is None:  # before any layer's records are dropped
             self._dead = dead_positions(
-                (call.forward, call_rows(self._layers[name], call, samples))
+                (call.forward, name, call_rows(call, samples))
                 for name, forwards in self._forwards.items()
-                if position_wise(self._layers[name])
                 for samples, calls in forwards
                 for call in calls
-                if call.grad is not None
+                if call.grad is not None and position_wise(call.module)
             )
         while self._forwards:
             name = next(iter(self._forwards))
@@ -101,7 +100,13 @@ def forward_statistics(
     """Layer ``name``'s statistics of its forwards' calls (:func:`~.calls.calls_statistics`
     per forward, concatenated along ``N``), the ``δ`` divided by ``loss_scale``; a
     position-wise layer's positions marked in ``dead`` (per forward and layout:
-    :func:`~.live_positions.dead_positions`) are its statistics' ``dead``."""
+    :func:`~.live_positions.dead_positions`) are its statistics' ``dead``, and forwards
+    of different lengths (micro-batches padded each to its longest sequence) are padded
+    to the longest with dead positions.
+
+    Raises:
+        RuntimeError: forwards of different numbers of locations of another layer type.
+    """
     pairs = [
         calls_statistics(
             name,
@@ -111,30 +116,62 @@ def forward_statistics(
         )
         for samples, calls in forwards
     ]
+    lengths = sorted({int(a.shape[1]) for a, _ in pairs})
+    own = own_statistics(module)
+    wise = (own is None or getattr(own, "dead_rows", False)) and all(
+        position_wise(call.module) for _, calls in forwards for call in calls
+    )
+    if len(lengths) > 1 and not wise:
+        raise RuntimeError(
+            f"layer {name!r}: the forwards of one step have {lengths} locations per sample; "
+            "its block needs one number (a convolution on inputs of other sizes, or a "
+            "layer type of its own): give the step's forwards inputs of one size"
+        )
+    masks = None
+    if wise and (dead or len(lengths) > 1):
+        masks = [_dead_of(calls, samples, dead or {}) for samples, calls in forwards]
+        pairs, masks = _padded(pairs, masks, lengths[-1])
     # torch.cat copies even one tensor: the statistics never alias a layer's input
     a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
     stats = layer_stats(module, a, g)
-    if dead and type(stats) is LayerStats and position_wise(module):
-        mask = torch.cat([_dead_of(module, calls, samples, dead) for samples, calls in forwards])
-        stats.dead = mask.to(a.device) if bool(mask.any()) else None
+    if masks is not None:
+        mask = torch.cat(masks).to(a.device)
+        stats.dead = mask if bool(mask.any()) else None
     return stats
 
 
-def call_rows(module: nn.Module, call: Call, samples: int | None) -> Tensor:
+def _padded(
+    pairs: list[tuple[Tensor, Tensor]], masks: list[Tensor], length: int
+) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
+    """Each forward's ``(ā, δ)`` and dead positions padded to ``length`` locations with zero
+    rows that are dead."""
+    out_pairs, out_masks = [], []
+    for (a, g), mask in zip(pairs, masks, strict=True):
+        extra = length - int(a.shape[1])
+        if extra:
+            a = torch.cat([a, a.new_zeros(a.shape[0], extra, *a.shape[2:])], dim=1)
+            g = torch.cat([g, g.new_zeros(g.shape[0], extra, *g.shape[2:])], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1)
+        out_pairs.append((a, g))
+        out_masks.append(mask)
+    return out_pairs, out_masks
+
+
+def call_rows(call: Call, samples: int | None) -> Tensor:
     """A call's output gradients ``[N', T', d]`` as its statistics read them per sample
     (:func:`~.calls.per_sample`; its input features where it has none)."""
     if call.grad is None:
-        rows = input_features(module, call.inputs)
+        rows = input_features(call.module, call.inputs)
     else:
-        rows = output_gradients(module, call.grad)
+        rows = output_gradients(call.module, call.grad)
     return per_sample((rows, rows), samples, call.reshaped)[0]
 
 
-def _dead_of(module: nn.Module, calls: list[Call], samples: int, dead: Dead) -> Tensor:
+def _dead_of(calls: list[Call], samples: int, dead: Dead) -> Tensor:
     """The dead positions ``[N', ΣT']`` of one forward's calls of a layer, side by side."""
     masks = []
     for call in calls:
-        rows = call_rows(module, call, samples)
+        rows = call_rows(call, samples)
         layout = (call.forward, int(rows.shape[0]), int(rows.shape[1]))
         default = torch.zeros(rows.shape[:2], dtype=torch.bool, device=rows.device)
         masks.append(dead.get(layout, default).to(rows.device))

@@ -12,14 +12,17 @@ positions are left out: ``A`` and ``G`` average over the ``M`` positions that re
 samples without the padding.
 
 A position is left out only where it is *dead*: ``δ = 0`` exactly at it in every
-position-wise layer of the forward with the same ``[N, T]`` layout (:func:`dead_positions`).
-A single layer's zero is not enough: a causal query at position 0 has a structural zero
-gradient (its softmax is over one key) that one attention implementation computes as 0 and
-another as 1e-18, while the keys, values and the layers after it do reach the loss there.
+position-wise layer of the forward with the same ``[N, T]`` layout, at least two layers
+seeing it (:func:`dead_positions`). A single layer's zero is not enough: a causal query at
+position 0 has a structural zero gradient (its softmax is over one key) that one attention
+implementation computes as 0 and another as 1e-18, while the keys, values and the layers
+after it do reach the loss there. A capture where every position is dead folds nothing.
 
-Only for layers whose locations are positions (``Linear``-type features, ``T > 1``): a
-convolution's location whose channels all have zero gradient is still one of KFC's
-locations, and for ``T = 1`` a row is a sample (KFAC's).
+Only for layers whose locations are positions (``Linear``-type features and embedding
+tables, a large table's diagonal block too; ``T > 1``): a convolution's location whose
+channels all have zero gradient is still one of KFC's locations, and for ``T = 1`` a row is
+a sample (KFAC's). Forwards of one step padded to different lengths are padded to the
+longest with dead positions (:func:`~.captured_batch.forward_statistics`).
 """
 
 from __future__ import annotations
@@ -34,45 +37,59 @@ from .layer_types import layer_type, linear_features
 if TYPE_CHECKING:
     from .blocks import LayerStats
 
-__all__ = ["dead_positions", "live_rows", "position_mean", "position_wise"]
+__all__ = ["dead_positions", "kept_locations", "live_rows", "position_mean", "position_wise"]
 
 
 def position_wise(module: nn.Module) -> bool:
     """Whether the layer's locations are positions of its input (a ``Linear``'s leading
-    dimensions), whose dead ones its factors leave out."""
+    dimensions, an embedding's tokens), whose dead ones its factors leave out."""
     entry = layer_type(module)
-    return entry is not None and entry.features is linear_features and not entry.rows_from_inputs
+    return entry is not None and (entry.features is linear_features or entry.rows_from_inputs)
 
 
-def dead_positions(grads: Iterable[tuple[object, Tensor]]) -> dict[tuple[object, int, int], Tensor]:
+def dead_positions(
+    grads: Iterable[tuple[object, str, Tensor]],
+) -> dict[tuple[object, int, int], Tensor]:
     """Per forward and layout ``(key, N, T)``: the positions ``[N, T]`` (bool) whose ``δ`` is
     zero in every one of the position-wise layers' output gradients ``[N, T, d]`` given
-    with their forward's key (``T > 1`` only)."""
+    with their forward's key and their layer's name (``T > 1`` only). A layout that fewer
+    than two layers see marks none: one layer's zeros may be structural (a causal query at
+    position 0) where no other layer tells."""
     live: dict[tuple[object, int, int], Tensor] = {}
-    for key, grad in grads:
+    seen: dict[tuple[object, int, int], set[str]] = {}
+    for key, name, grad in grads:
         if grad.shape[1] < 2:
             continue
         layout = (key, int(grad.shape[0]), int(grad.shape[1]))
         reached = grad.ne(0).flatten(2).any(dim=-1)
         live[layout] = reached if layout not in live else live[layout] | reached
-    return {layout: ~reached for layout, reached in live.items()}
+        seen.setdefault(layout, set()).add(name)
+    return {layout: ~reached for layout, reached in live.items() if len(seen[layout]) > 1}
 
 
 def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:
     """``(ā, δ, T)``: the rows ``[M, d_in']``, ``[M, d_out]`` the Kronecker factors average
     over and the number of locations per sample they stand for: every row and ``T`` (an
-    ``int``), or where ``stats.dead`` marks some, not all, positions, the others and
-    ``T = M/N``."""
+    ``int``), or where ``stats.dead`` marks positions, the others and ``T = M/N`` (no row
+    and ``T = 0`` where every position is dead: no loss term, no curvature to fold)."""
     samples, locations = int(stats.a.shape[0]), int(stats.a.shape[1])
     a = stats.a.reshape(samples * locations, -1)
     g = stats.g.reshape(samples * locations, -1)
-    if stats.dead is None or locations == 1 or samples == 0:
+    if stats.dead is None or samples == 0:
         return a, g, locations
     keep = ~stats.dead.reshape(-1)
     count = int(keep.sum())
-    if count in (0, samples * locations):
+    if count == samples * locations:
         return a, g, locations
     return a[keep], g[keep], count / samples
+
+
+def kept_locations(stats: LayerStats) -> int | float:
+    """``T`` of the positions that are not dead, per sample (``M/N``; the statistics' ``T``
+    without dead ones)."""
+    if stats.dead is None or stats.num_samples == 0:
+        return stats.num_locations
+    return int((~stats.dead).sum()) / stats.num_samples
 
 
 def position_mean(stats: LayerStats) -> Tensor:

@@ -215,6 +215,7 @@ class TokenStats(BlockStats):
 
     factors_type: ClassVar[Callable[[], Any]] = TokenFactors
     exact_inputs: ClassVar[bool] = True  # the ids stay float64 in a half-precision model
+    dead_rows: ClassVar[bool] = True  # its factors leave dead positions out (live_positions)
     table_rows: int = 0
     padding: int = -1  # the table's padding_idx (-1: none): its positions give no gradient
 
@@ -256,13 +257,22 @@ class TokenStats(BlockStats):
 
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """``A = Σ_{n,t} δ δᵀ / (N T)`` and ``f_v``: the share of the ``N·T`` positions
-        holding token ``v``."""
-        count = self.g.shape[0] * self.g.shape[1]
-        rows = self.g.reshape(count, -1)
-        counts = torch.bincount(self.tokens.reshape(-1), minlength=self.table_rows)
+        holding token ``v`` (the positions that are not ``dead``: :mod:`.live_positions`)."""
+        rows, tokens = self.g.flatten(0, 1), self.tokens.reshape(-1)
+        if self.dead is not None:
+            keep = ~self.dead.reshape(-1)
+            rows, tokens = rows[keep], tokens[keep]
+        count = max(int(rows.shape[0]), 1)
+        counts = torch.bincount(tokens, minlength=self.table_rows)
         if self.padding >= 0:  # as the dense path's zero one-hot row of the padding token
             counts[self.padding] = 0
         return rows.T @ rows / count, counts.to(self.g.dtype) / count
+
+    def factor_count(self) -> int:
+        """The positions :meth:`block_factors` averages over (ranks weight by it)."""
+        if self.dead is None:
+            return super().factor_count()
+        return int((~self.dead).sum())
 
     def sample_gradients(self) -> Tensor:
         """``∇E_n = Σ_t e_{x_t} δ_tᵀ``, ``[N, V, D]`` (materialised: tests and analysis)."""

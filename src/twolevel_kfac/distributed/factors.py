@@ -19,7 +19,7 @@ from ..curvature.blocks import (
     layer_stats,
     own_statistics,
 )
-from ..curvature.live_positions import live_rows
+from ..curvature.live_positions import kept_locations, live_rows
 from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
 
 
@@ -85,8 +85,8 @@ def reduce_statistics(
     formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
     with the same ``specs`` (missing local statistics count as zero samples).
 
-    Raises:
-        RuntimeError: if the ranks disagree on a layer's number of locations ``T``.
+    Each layer's ``T`` is the rows its factors average over per sample, whatever each
+    rank's own ``T`` (sequences padded to other lengths, dead positions left out).
     """
     sums, counts = _local_sums(stats, specs, factor_view)
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
@@ -103,16 +103,14 @@ def reduce_statistics(
         samples, rows, live = totals[3 * i : 3 * i + 3]
         if rows == 0:
             continue
-        if rows % samples:
-            raise RuntimeError(f"ranks disagree on the number of locations of layer {name!r}")
         locations = rows // samples
-        if spec.own is not None:
+        if spec.own is not None:  # its factors weighted by their counts (rows kept)
             a_mat, g_mat = (sums[2 * i + k].view(spec.shapes[2 + k]) / rows for k in (0, 1))
-            count: float = stats[name].num_locations if name in stats else locations
-        else:
-            a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / live
-            g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / live
-            count = locations if live == rows else live / samples
+            count: float = kept_locations(stats[name]) if name in stats else locations
+        else:  # ranks' padded lengths may differ: T is the rows kept per sample
+            a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / max(live, 1)
+            g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / max(live, 1)
+            count = locations if live == rows and not rows % samples else live / samples
         result.factors[name] = (a_mat, g_mat, count)
         result.samples[name] = samples
         make = spec.own or LayerStats

@@ -88,7 +88,9 @@ def fold_statistics(
         _check_locations(pre, name, locations)
         finite = all_finite((new_a, new_g))
         pre.interrupted = pre.interrupted or partial_step(pre, folds=True)  # until the step ends
-        if not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
+        if locations == 0:  # every position dead (no loss term): nothing to fold
+            pass
+        elif not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
             skipped.append(name)
         del new_a, new_g  # folded: not held beside what ``consume`` forms
         if keep and not pre.comm.distributed:
@@ -107,7 +109,7 @@ def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> No
     is divided by the last capture's ``T``, so a step on inputs of another size (or with
     another share of padding) is scaled by their ratio."""
     factors = pre.factors.get(name)
-    if factors is None or not factors.ready or pre.options.cov_interval == 1:
+    if factors is None or not factors.ready or pre.options.cov_interval == 1 or not locations:
         return
     previous = float(getattr(factors, "num_locations", locations))
     if abs(locations - previous) <= 0.1 * previous or pre in _WARNED_LOCATIONS:
