@@ -343,3 +343,49 @@ def test_a_step_without_a_loss_term_folds_nothing(float64: None) -> None:
     torch.testing.assert_close(
         run_with_empty_step(4), run_with_empty_step(7), rtol=1e-10, atol=1e-12
     )
+
+
+def test_a_model_without_output_positions_marks_nothing(float64: None) -> None:
+    """A point-cloud classifier (per-point ``Linear`` layers, max over the points, ``[N, C]``
+    output): points that no channel's maximum picks have ``δ = 0`` in every layer, but they
+    are not padding, so the factors keep them (``T`` 12, not the 3–5 points picked; one
+    layer's step went from 0.58 to 1.62)."""
+
+    class PointNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2, self.head = nn.Linear(V, E), nn.Linear(E, 3), nn.Linear(3, C)
+
+        def forward(self, points: Tensor) -> Tensor:
+            return self.head(self.l2(torch.relu(self.l1(points))).amax(dim=1))
+
+    torch.manual_seed(0)
+    model = PointNet().double()
+    opt = tk.KFAC(model, **SETTINGS)
+    F.cross_entropy(model(torch.randn(N, 12, V)), torch.randint(0, C, (N,))).backward()
+    opt.step()
+    assert opt.preconditioner.factors["l2"].num_locations == 12
+
+
+def test_a_large_tables_fractional_count_resumes(
+    float64: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large table's ``T = M/N`` (2.5) is loaded as saved (it was cut to an int: 0.12 off
+    on an embedding step of 0.48 after resuming)."""
+    monkeypatch.setattr(layer_types, "EMBEDDING_MAX_ROWS", 8)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, 12, (N, 4), generator=gen)
+    tokens[torch.arange(4).expand(N, -1) >= torch.tensor(LENGTHS).unsqueeze(1)] = 0
+    following = torch.roll(tokens, -1, 1)
+    following[:, -1] = 0
+    targets = following.masked_fill(following == 0, IGNORE)
+    torch.manual_seed(0)
+    model = LanguageModel(12, tied=False).double()
+    opt = tk.KFAC(model, **SETTINGS)
+    token_loss(model(tokens), targets).backward()
+    opt.step()
+    saved = opt.preconditioner.factors["embed"].num_locations
+    assert saved not in (1, 4) and saved != int(saved)
+    resumed = tk.KFAC(model, **SETTINGS)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.preconditioner.factors["embed"].num_locations == saved

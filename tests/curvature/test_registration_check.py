@@ -98,3 +98,44 @@ def test_the_fallback_warning_names_a_working_registration() -> None:
 
     with pytest.warns(UserWarning, match=r"tk\.layer_type\(Linear\)\.features"):
         tk.KFAC(nn.Sequential(Custom(2, 2), nn.Linear(2, 2)))
+
+
+class Plain(nn.Module):
+    """``F.linear`` with a weight stored ``[out, in]``: ``Linear``'s functions are right."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_a_correct_registration_runs_where_the_probe_is_loose(
+    registered: Callable[..., None],
+) -> None:
+    """A correct registration under bf16 autocast with a hook on its weight: not refused
+    (the probe took the weight's dtype's tolerance, below bf16's rounding), and the user's
+    hook fires once per backward (the probe's gradient fired it too)."""
+    registered(Plain, LINEAR.gradients)
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(7, 4), Plain(7, 4)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.embed(tokens)))
+
+    torch.manual_seed(0)
+    model = Tagger()
+    fired: list[int] = []
+    model.head.weight.register_hook(lambda grad: fired.append(1))
+    opt = tk.KFAC(model, fisher="empirical", class_dim=-1)
+    tokens = torch.randint(0, 7, (4, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+    opt.step()
+    assert fired == [1]

@@ -103,3 +103,21 @@ def test_a_checkpoint_of_another_method_is_told() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stepped(tk.KFAC).load_state_dict(stepped(tk.KFAC).state_dict())
+
+
+def test_spectral_which_matters_to_the_spectral_space_alone() -> None:
+    """A residual space's checkpoint loads whatever ``spectral_which`` (only the spectral
+    space reads it: it was refused); a spectral one of the other ``which`` is refused."""
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def stepped(space: str, which: str) -> torch.optim.Optimizer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        opt = tk.TwoLevelKFAC(model, coarse_space=space, spectral_which=which)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return opt
+
+    stepped("residual", "largest").load_state_dict(stepped("residual", "smallest").state_dict())
+    with pytest.raises(ValueError, match="spectral_which"):
+        stepped("spectral", "largest").load_state_dict(stepped("spectral", "smallest").state_dict())

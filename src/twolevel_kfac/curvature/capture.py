@@ -50,6 +50,7 @@ from .forward_checks import (
 from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import check_output, per_sample_output, sampled_nll
+from .live_positions import output_positions
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
 from .registration_check import check_registration
 
@@ -253,6 +254,7 @@ class CurvatureCapture:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
+        forward.positions = output_positions(output, self.class_dim, forward.batch_size)
         if self.fisher == "empirical" and forward.index is None and forward.records:
             seen = {int(r.inputs.shape[0]) for recs in forward.records.values() for r in recs}
             seen |= {int(t.shape[0]) for t in output_tensors(output) if t.dim() > 0}

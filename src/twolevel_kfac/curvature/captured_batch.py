@@ -38,11 +38,14 @@ class Call(NamedTuple):
     grad: Tensor | None  # its output gradient (None: the output did not reach the loss)
     reshaped: bool = False  # its rows in the batch's order (calls.sample_major)
     forward: object = None  # which forward pass it belongs to (its key)
+    positions: int | None = None  # that forward's output positions per sample
 
     @classmethod
     def of(cls, record: Record) -> Call:
         """The call of a captured record."""
-        return cls(record.module, record.inputs, record.grad, record.reshaped, id(record.owner))
+        owner = record.owner
+        return cls(record.module, record.inputs, record.grad, record.reshaped, id(owner),
+                   owner.positions)  # fmt: skip
 
 
 Forward = tuple[int, list[Call]]
@@ -75,12 +78,12 @@ class CapturedBatch:
 
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
         if self._dead is None:  # before any layer's records are dropped
-            self._dead = dead_positions(
+            self._dead = dead_positions(  # of forwards whose output has positions
                 (call.forward, name, call_rows(call, samples))
                 for name, forwards in self._forwards.items()
                 for samples, calls in forwards
                 for call in calls
-                if call.grad is not None and position_wise(call.module)
+                if call.grad is not None and position_wise(call.module) and call.positions
             )
         while self._forwards:
             name = next(iter(self._forwards))

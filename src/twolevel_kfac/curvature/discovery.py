@@ -93,7 +93,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
             "input or output (weight standardisation, fake quantisation, a scale) where "
             f"{base}'s block would not see it; if it computes what {base}.forward does, "
             f"register it: tk.register_layer_type({type(module).__name__}, "
-            f"tk.layer_type({base}).features, tk.layer_type({base}).gradients); if not, "
+            f"tk.layer_type({base}).features, tk.layer_type({base}).gradients"
+            f"{', rows_from_inputs=True' if entry.rows_from_inputs else ''}); if not, "
             "register functions that give its input and its pre-activation gradient (a "
             "scaled output scales the gradient: checked at the first captured forward)"
         )

@@ -36,6 +36,7 @@ class ForwardPass:
     # fisher="mc": each call's output edge (an in-place op after it does not move it)
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
+    positions: int | None = None  # the output's positions per sample (live_positions)
 
     @property
     def samples(self) -> int:

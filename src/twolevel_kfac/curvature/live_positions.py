@@ -37,7 +37,14 @@ from .layer_types import layer_type, linear_features
 if TYPE_CHECKING:
     from .blocks import LayerStats
 
-__all__ = ["dead_positions", "kept_locations", "live_rows", "position_mean", "position_wise"]
+__all__ = [
+    "dead_positions",
+    "kept_locations",
+    "live_rows",
+    "output_positions",
+    "position_mean",
+    "position_wise",
+]
 
 
 def position_wise(module: nn.Module) -> bool:
@@ -45,6 +52,21 @@ def position_wise(module: nn.Module) -> bool:
     dimensions, an embedding's tokens), whose dead ones its factors leave out."""
     entry = layer_type(module)
     return entry is not None and (entry.features is linear_features or entry.rows_from_inputs)
+
+
+def output_positions(output: object, class_dim: int | None, batch: int) -> int | None:
+    """``T``: the positions per sample of a model output ``[N, T…, C]`` (``[N, C, T…]`` for
+    ``class_dim=1``; ``[N·T, C]`` flattened). Only a forward whose output has positions (a
+    sequence model's) may have dead positions: ``None`` for an output without (a
+    classifier's ``[N, C]``, whose pooled or max-over-points zeros are not padding)."""
+    if not isinstance(output, Tensor) or output.dim() < 2 or batch < 1:
+        return None
+    if output.dim() == 2:
+        rows = int(output.shape[0])
+        return rows // batch if rows > batch and rows % batch == 0 else None
+    classes = int(output.shape[class_dim if class_dim is not None else -1])
+    count = output.numel() // max(int(output.shape[0]) * classes, 1)
+    return count if count > 1 else None
 
 
 def dead_positions(

@@ -38,7 +38,7 @@ from . import layer_types
 from .blocks import BlockStats, layer_weight
 from .extreme_eigen import frozen_eigenpairs
 from .factor_inverse import converted_decomposition, damped_inverse, decompose_factor, eigen_inverse
-from .kronecker import factor_dampings, per_location, pi_ratio
+from .kronecker import factor_dampings, location_count, per_location, pi_ratio
 from .kronecker_apply import InverseOnMatrices
 from .layer_types import (
     embedding_reason,
@@ -78,14 +78,14 @@ class TokenFactors(InverseOnMatrices):
         self.a_factor: Tensor | None = None
         self.frequencies: Tensor | None = None
         self.num_updates = 0
-        self.num_locations = 1
+        self.num_locations: float = 1
         self.a_decomposition: tuple[Tensor, Tensor] | None = None
         self.frozen_frequencies: Tensor | None = None
         self.decomp_pi = 1.0
-        self._key: tuple[float, str, str, int] | None = None  # (λ, mode, method, T)
+        self._key: tuple[float, str, str, float] | None = None  # (λ, mode, method, T)
         self._prepared: tuple[Tensor, ...] = ()
 
-    def update(self, new_a: Tensor, new_f: Tensor, ema_decay: float, num_locations: int) -> None:
+    def update(self, new_a: Tensor, new_f: Tensor, ema_decay: float, num_locations: float) -> None:
         """``X ← ρ X + (1 − ρ) X_new`` for ``A`` and ``f`` (:mod:`.running_average`)."""
         self.num_updates += 1
         self.num_locations = num_locations
@@ -200,7 +200,7 @@ class TokenFactors(InverseOnMatrices):
             raise KeyError(f"embedding table block state is missing {missing}")
         self.a_factor, self.frequencies = state["a_factor"], state["frequencies"]
         self.num_updates = int(state["num_updates"])
-        self.num_locations = int(state["num_locations"])
+        self.num_locations = location_count(state["num_locations"])
         decomp = state["a_decomposition"]
         self.a_decomposition = None if decomp is None else (decomp[0], decomp[1])
         self.frozen_frequencies = state["frozen_frequencies"]

@@ -37,6 +37,7 @@ class LayerSpec:
     own: Callable[[Tensor, Tensor], LayerStats] | None = None
     shapes: tuple[tuple[int, ...], ...] = ()
     exact_inputs: bool = False  # ``ā`` holds ids kept in float64 (a large embedding table)
+    pooled: bool = False  # a block type whose count is its rows kept (dead positions left out)
 
 
 def layer_specs(
@@ -56,6 +57,7 @@ def layer_specs(
             None if own is None else functools.partial(layer_stats, module),
             () if own is None else own.shapes(module),
             own is not None and own.exact_inputs,
+            own is not None and getattr(own, "dead_rows", False),
         )
     return specs
 
@@ -106,7 +108,11 @@ def reduce_statistics(
         locations = rows // samples
         if spec.own is not None:  # its factors weighted by their counts (rows kept)
             a_mat, g_mat = (sums[2 * i + k].view(spec.shapes[2 + k]) / rows for k in (0, 1))
-            count: float = kept_locations(stats[name]) if name in stats else locations
+            count: float = locations
+            if spec.pooled:  # every rank's rows kept per sample (ranks' padding differs)
+                count = rows / samples
+            elif name in stats:
+                count = kept_locations(stats[name])
         else:  # ranks' padded lengths may differ: T is the rows kept per sample
             a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / max(live, 1)
             g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / max(live, 1)

@@ -116,7 +116,9 @@ def check_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
         )
     saved_by, built_by = coarse.get("basis_built_by"), _built_by(level)
     if saved_by is not None and not coarse.get("basis_rebuilt"):  # a saved basis: its space
-        saved_by = {k: v for k, v in saved_by.items() if k in ("coarse_space", "spectral_which")}
+        spectral = level.options.coarse_space == "spectral"  # the only space reading `which`
+        read = ("coarse_space", "spectral_which") if spectral else ("coarse_space",)
+        saved_by = {k: v for k, v in saved_by.items() if k in read}
         built_by = {k: v for k, v in built_by.items() if k in saved_by}
     if saved_by is not None and saved_by != built_by:
         rebuilds = "rebuilds its coarse basis on load, as" if coarse.get("basis_rebuilt") else "was"
