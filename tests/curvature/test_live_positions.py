@@ -389,3 +389,29 @@ def test_a_large_tables_fractional_count_resumes(
     resumed = tk.KFAC(model, **SETTINGS)
     resumed.load_state_dict(opt.state_dict())
     assert resumed.preconditioner.factors["embed"].num_locations == saved
+
+
+@pytest.mark.parametrize("container", ["dict", "tuple_after_loss", "list"])
+def test_padding_is_left_out_whatever_holds_the_logits(float64: None, container: str) -> None:
+    """Logits returned in a dict (as an HF ``ModelOutput``), after a scalar loss in a tuple,
+    or in a list: the same steps for both paddings (they counted the padding again)."""
+
+    class Wrapped(Tagger):
+        def forward(self, x: Tensor, padding: Tensor) -> Any:  # type: ignore[override]
+            logits = super().forward(x, padding)
+            if container == "dict":
+                return {"logits": logits}
+            return (logits.new_zeros(()), logits) if container == "tuple_after_loss" else [logits]
+
+    def steps(length: int) -> Tensor:
+        torch.manual_seed(0)
+        model = Wrapped().double()
+        opt = tk.KFAC(model, **SETTINGS)
+        x, y, padding = padded(length)
+        out = model(x, padding)
+        logits = out["logits"] if container == "dict" else out[-1]
+        token_loss(logits, y).backward()
+        opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    torch.testing.assert_close(steps(4), steps(7), rtol=1e-10, atol=1e-12)

@@ -139,3 +139,46 @@ def test_a_correct_registration_runs_where_the_probe_is_loose(
     F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
     opt.step()
     assert fired == [1]
+
+
+class ScaledByArgument(nn.Module):
+    """``scale · (W x + b)``, the scale given with each call (``layer(x, scale=c)``)."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.dropout = nn.Dropout(0.5)  # draws from torch's stream in the forward
+
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        return scale * F.linear(self.dropout(x) * 0 + x, self.weight, self.bias)
+
+
+def test_the_probe_reruns_the_call_and_leaves_the_random_stream(
+    registered: Callable[..., None],
+) -> None:
+    """A module called with an extra argument is probed with it (the rerun on the input
+    alone failed and the probe was skipped: a step 4× too large went through), and the
+    probe's rerun draws nothing from torch's random stream (its dropout did)."""
+    registered(ScaledByArgument, LINEAR.gradients)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), ScaledByArgument(3, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(x)), scale=2.0)
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match="registered for ScaledByArgument do not reproduce"):
+        model(torch.randn(6, 4))
+    after_probe = torch.rand(())
+    torch.manual_seed(5)
+    model.eval()  # no capture below: the stream as a plain forward leaves it
+    with torch.no_grad():
+        model.train()(torch.randn(6, 4))
+    assert torch.equal(after_probe, torch.rand(()))

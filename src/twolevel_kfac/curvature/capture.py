@@ -45,7 +45,6 @@ from .forward_checks import (
     check_unreached,
     check_weight_uses,
     first_tensor,
-    output_tensors,
 )
 from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
@@ -120,10 +119,10 @@ class CurvatureCapture:
         uses = uses or {name: [module] for name, module in layers.items()}
         for name, modules in uses.items():
             for module in modules:
-                hook = WeakHook(this, "layer_hook", name)
-                # first: the output as the layer returned it, before a user's hook
-                handle = module.register_forward_hook(hook, prepend=True, with_kwargs=True)
-                self._handles.append(handle)
+                hook = WeakHook(this, "layer_hook", name)  # first: before a user's hook
+                self._handles.append(
+                    module.register_forward_hook(hook, prepend=True, with_kwargs=True)
+                )
         for attention in attention_modules(model, layers):
             hook = WeakHook(this, "_attention_hook")
             self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
@@ -202,7 +201,7 @@ class CurvatureCapture:
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
         check_batched_input(name, module, x, forward.batch_size)
-        check_registration(name, module, x, output)
+        check_registration(name, module, (args, kwargs), output)
         kept = recorded_input(module, x.detach())
         record = Record(module, fisher_rows(kept, forward), forward, None, sample_major(x, forward))
         if record.reshaped and output.grad_fn is not None:  # its rows as ordered as its input's
@@ -254,11 +253,11 @@ class CurvatureCapture:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
-        forward.positions = output_positions(output, self.class_dim, forward.batch_size)
+        forward.positions = output_positions(
+            output, self.class_dim, forward.batch_size, self.likelihood == "categorical"
+        )
         if self.fisher == "empirical" and forward.index is None and forward.records:
-            seen = {int(r.inputs.shape[0]) for recs in forward.records.values() for r in recs}
-            seen |= {int(t.shape[0]) for t in output_tensors(output) if t.dim() > 0}
-            check_batch_rows(forward.batch_size, seen)
+            check_batch_rows(forward.batch_size, forward.records, output)
         if not forward.outputs:
             return
         if not isinstance(output, Tensor):

@@ -86,16 +86,19 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
             )
 
 
-def check_batch_rows(batch: int, rows: set[int]) -> None:
+def check_batch_rows(batch: int, records: Any, output: Any) -> None:
     """Refuse a batch size (the rows of the model's first tensor argument) that no layer
     input nor the output has: the empirical Fisher scales each ``δ`` by it.
 
-    ``rows``: the leading dimensions of the layer inputs and of the output tensors. A layer
-    may see a multiple of a batch of more than one sample (tokens flattened into rows).
+    ``records``: the forward's records by layer (their inputs' leading dimensions), beside
+    those of the output tensors. A layer may see a multiple of a batch of more than one
+    sample (tokens flattened into rows).
 
     Raises:
         RuntimeError: naming the counts and the fix.
     """
+    rows = {int(r.inputs.shape[0]) for recs in records.values() for r in recs}
+    rows |= {int(t.shape[0]) for t in output_tensors(output) if t.dim() > 0}
     if batch in rows or (batch > 1 and any(r % batch == 0 for r in rows)):
         return
     raise RuntimeError(

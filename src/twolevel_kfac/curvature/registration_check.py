@@ -13,6 +13,9 @@ Types of torch and of this package are not probed (their blocks are tested)."""
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -25,8 +28,14 @@ _CHECKED: set[LayerType] = set()  # registrations probed (a new one of a type is
 _OWN = ("torch.", "twolevel_kfac.")
 
 
-def check_registration(name: str, module: nn.Module, inputs: Tensor, output: Tensor) -> None:
-    """Probe ``module``'s registered type once (module docstring).
+def check_registration(
+    name: str,
+    module: nn.Module,
+    call: tuple[tuple[Any, ...], dict[str, Any]],
+    output: Tensor,
+) -> None:
+    """Probe ``module``'s registered type once (module docstring), rerunning it on its
+    call's ``(args, kwargs)``.
 
     Raises:
         ValueError: naming the layer, the type, the error and the contract.
@@ -36,13 +45,19 @@ def check_registration(name: str, module: nn.Module, inputs: Tensor, output: Ten
         return
     if torch.compiler.is_compiling():  # a probe is no graph to trace: an eager capture's
         return
+    _CHECKED.add(entry)
     if entry.statistics is not None or entry.rows_from_inputs or not output.requires_grad:
-        _CHECKED.add(entry)  # a block type of its own, or a table: its own contract
-        return
+        return  # a block type of its own, or a table: its own contract
     weight, bias = layer_weight(module), layer_bias(module)
-    rerun, copies = _own_use(module, inputs)
-    if rerun is None or not isinstance(rerun, Tensor):
-        _CHECKED.add(entry)  # a forward that cannot run alone: not probed
+    rerun, copies = _own_use(module, call, output.device)
+    if not isinstance(rerun, Tensor):
+        warnings.warn(
+            f"layer {name!r}: the registration of {kind.__name__} could not be checked (its "
+            "forward, run again on copies of its parameters, failed or returned no tensor): "
+            "make sure its features and gradients give Σ_t δ_t ā_tᵀ = its weight's gradient",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return
     generator = torch.Generator().manual_seed(20261204)  # not torch's stream nor seed 0's
     probe = torch.randn(rerun.shape, generator=generator).to(rerun)
@@ -50,11 +65,13 @@ def check_registration(name: str, module: nn.Module, inputs: Tensor, output: Ten
     trained = [c for c in wanted if c is not None and c.requires_grad]
     grads = iter(torch.autograd.grad(rerun, trained, probe, allow_unused=True))
     expected = tuple(next(grads) if c is not None and c.requires_grad else None for c in wanted)
+    inputs = call[0][0] if call[0] else next(iter(call[1].values()))
     with torch.no_grad():
         a = input_features(module, inputs.detach()).double()
         g = output_gradients(module, probe).double()
         problem = _mismatch(weight, bias, a, g, expected, rerun.dtype)
     if problem is not None:
+        _CHECKED.discard(entry)
         raise ValueError(
             f"layer {name!r}: the features and gradients registered for {kind.__name__} do "
             f"not reproduce its weight's gradient ({problem}). They must give the input "
@@ -63,29 +80,36 @@ def check_registration(name: str, module: nn.Module, inputs: Tensor, output: Ten
             "stored [in, out] (transformers' Conv1D) is not supported: convert such modules "
             "to nn.Linear (weight.T); a module that rescales its output must scale δ too"
         )
-    _CHECKED.add(entry)
 
 
-def _own_use(module: nn.Module, inputs: Tensor) -> tuple[Tensor | None, dict[int, Tensor]]:
-    """``module.forward`` run again on a detached input with detached copies of its (and
-    its submodules') parameters (by the originals' ids) and without its submodules' hooks:
-    autograd's gradient of its own use, which neither a tied use, nor the user's graph, nor
-    hooks see (``None`` where that forward fails)."""
+def _own_use(
+    module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]], device: torch.device
+) -> tuple[Any, dict[int, Tensor]]:
+    """``module.forward`` run again on its call's detached arguments with detached copies of
+    its (and its submodules') floating parameters (by the originals' ids), without its
+    submodules' hooks, its buffers and torch's random state restored afterwards: autograd's
+    gradient of its own use, which neither a tied use, nor the user's graph, nor hooks, nor
+    the run's random stream see (``None`` where that forward fails)."""
     copies: dict[int, Tensor] = {}
-    swapped, hooks = [], []
-    for owner in module.modules():
-        for key, param in list(owner._parameters.items()):
-            if param is not None:
-                copy = copies.setdefault(id(param), param.detach().requires_grad_(True))
-                swapped.append((owner, key, param))
-                owner._parameters[key] = copy  # type: ignore[assignment]
-        hooks.append((owner, dict(owner._forward_hooks), dict(owner._forward_pre_hooks)))
-        owner._forward_hooks.clear()
-        owner._forward_pre_hooks.clear()
+    swapped: list[tuple[nn.Module, str, Any]] = []
+    hooks: list[tuple[nn.Module, dict[int, Any], dict[int, Any]]] = []
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call[0])
+    kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in call[1].items()}
+    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.enable_grad():
-            return module.forward(inputs.detach()), copies
-    except Exception:  # any failure: the probe is skipped, not the step
+        for owner in module.modules():
+            hooks.append((owner, dict(owner._forward_hooks), dict(owner._forward_pre_hooks)))
+            owner._forward_hooks.clear()
+            owner._forward_pre_hooks.clear()
+            for key, param in list(owner._parameters.items()):
+                if param is not None and param.is_floating_point():
+                    copy = copies.setdefault(id(param), param.detach().requires_grad_(True))
+                    swapped.append((owner, key, param))
+                    owner._parameters[key] = copy  # type: ignore[assignment]
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            return module.forward(*args, **kwargs), copies
+    except Exception:  # any failure: the probe is skipped (with a warning), not the step
         return None, copies
     finally:
         for owner, key, param in swapped:
@@ -93,6 +117,9 @@ def _own_use(module: nn.Module, inputs: Tensor) -> tuple[Tensor | None, dict[int
         for owner, post, pre in hooks:
             owner._forward_hooks.update(post)
             owner._forward_pre_hooks.update(pre)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 def _mismatch(
@@ -104,6 +131,8 @@ def _mismatch(
     dtype: torch.dtype,
 ) -> str | None:
     """Why ``Σ δ āᵀ`` (and ``Σ δ`` for the bias) is not the autograd gradient, or ``None``."""
+    if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
+        return f"ā has shape {tuple(a.shape)} and δ {tuple(g.shape)}, not [N, T, d] alike"
     rows = int(g.shape[-1])
     if weight.numel() % rows or a.shape[-1] * rows != weight.numel():
         return (

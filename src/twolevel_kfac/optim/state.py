@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,14 +44,16 @@ def all_or_nothing(load: _Loader) -> _Loader:
     @functools.wraps(load)
     def guarded(self: Any, state_dict: dict[str, Any]) -> None:
         comm = getattr(getattr(self, "preconditioner", self), "comm", None)
-        if _GUARDED or (comm is not None and comm.distributed):
+        stack = _GUARDED.__dict__.setdefault("loads", [])  # this thread's guarded loads
+        covered = any(self is g or getattr(g, "preconditioner", None) is self for g in stack)
+        if covered or (comm is not None and comm.distributed):
             load(self, state_dict)
             return
         try:
             before = copy.deepcopy(self.state_dict())
         except RuntimeError:  # an interrupted step's state, which a load may replace
             before = None
-        _GUARDED.append(self)
+        stack.append(self)
         try:
             load(self, state_dict)
         except Exception:
@@ -58,12 +61,14 @@ def all_or_nothing(load: _Loader) -> _Loader:
                 load(self, before)
             raise
         finally:
-            _GUARDED.pop()
+            stack.pop()
 
     return guarded  # type: ignore[return-value]
 
 
-_GUARDED: list[Any] = []  # the guarded load in progress (nested loads are not copied again)
+# per thread, the guarded loads in progress (a nested load of the same optimizer or of its
+# preconditioner is not copied again)
+_GUARDED = threading.local()
 
 
 def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
