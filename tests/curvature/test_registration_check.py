@@ -182,3 +182,27 @@ def test_the_probe_reruns_the_call_and_leaves_the_random_stream(
     with torch.no_grad():
         model.train()(torch.randn(6, 4))
     assert torch.equal(after_probe, torch.rand(()))
+
+
+class RectifiedInPlace(nn.Module):
+    """``F.linear(relu_(x))``: an in-place op on the module's input."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.relu_(), self.weight, self.bias)
+
+
+def test_the_probe_leaves_the_inputs_alone(registered: Callable[..., None]) -> None:
+    """A registered module that modifies its input in place: the probe reruns it on a copy
+    (on an alias, its in-place op bumped the version counter of a tensor your backward
+    saved, and the backward failed)."""
+    registered(RectifiedInPlace, LINEAR.gradients)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), RectifiedInPlace(3, 5))
+    opt = tk.KFAC(model, fisher="empirical")
+    F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+    opt.step()

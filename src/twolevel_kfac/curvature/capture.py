@@ -253,9 +253,7 @@ class CurvatureCapture:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
-        forward.positions = output_positions(
-            output, self.class_dim, forward.batch_size, self.likelihood == "categorical"
-        )
+        forward.positions = output_positions(output, self.class_dim, forward.batch_size)
         if self.fisher == "empirical" and forward.index is None and forward.records:
             check_batch_rows(forward.batch_size, forward.records, output)
         if not forward.outputs:

@@ -54,30 +54,23 @@ def position_wise(module: nn.Module) -> bool:
     return entry is not None and (entry.features is linear_features or entry.rows_from_inputs)
 
 
-def output_positions(
-    output: object, class_dim: int | None, batch: int, categorical: bool = True
-) -> int | None:
-    """``T``: the positions per sample of a model output's first batched tensor (a tuple's,
-    a dict's or an HF ``ModelOutput``'s: the logits after a scalar loss) ``[N, T…, C]``
-    (``[N, C, T…]`` for ``class_dim=1``; ``[N·T, C]`` flattened; ``[N, T]`` of one value
-    per position where the likelihood is not categorical). Only a forward whose output has
-    positions (a sequence model's) may have dead positions: ``None`` for an output without
-    (a classifier's ``[N, C]``, whose pooled or max-over-points zeros are not padding)."""
-    from .forward_checks import output_tensors  # (it imports the blocks, which import this)
-
-    tensors = (
-        t for t in output_tensors(output) if t.dim() >= 2 and t.shape[0] % max(batch, 1) == 0
-    )
-    tensor = next(tensors, None)
-    if tensor is None or batch < 1:
+def output_positions(output: object, class_dim: int | None, batch: int) -> int | None:
+    """``T``: the positions per sample of a model output that is a tensor (or a dict's, an
+    HF ``ModelOutput``'s, ``"logits"``) ``[N, T…, C]`` (``[N, C, T…]`` for ``class_dim=1``;
+    ``[N·T, C]`` flattened). Only a forward whose output has positions (a sequence model's)
+    may have dead positions: ``None`` for an output without (a classifier's or a regression's
+    ``[N, C]``, whose pooled or max-over-points zeros are not padding), and for the forms
+    that do not say which tensor is the logits (a tuple, a dict without ``"logits"``) or
+    whether a 2-D output is ``[N, T]`` (one value per position)."""
+    if isinstance(output, dict):
+        output = output.get("logits")
+    if not isinstance(output, Tensor) or output.dim() < 2 or batch < 1:
         return None
-    if tensor.dim() == 2:
-        rows, width = int(tensor.shape[0]), int(tensor.shape[1])
-        if rows > batch:  # logits flattened inside forward
-            return rows // batch
-        return width if not categorical and width > 1 else None
-    classes = int(tensor.shape[class_dim if class_dim is not None else -1])
-    count = tensor.numel() // max(int(tensor.shape[0]) * classes, 1)
+    if output.dim() == 2:  # logits flattened inside forward, k rows per sample
+        rows = int(output.shape[0])
+        return rows // batch if rows > batch and rows % batch == 0 else None
+    classes = int(output.shape[class_dim if class_dim is not None else -1])
+    count = output.numel() // max(int(output.shape[0]) * classes, 1)
     return count if count > 1 else None
 
 

@@ -94,8 +94,9 @@ def _own_use(
     swapped: list[tuple[nn.Module, str, Any]] = []
     hooks: list[tuple[nn.Module, dict[int, Any], dict[int, Any]]] = []
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call[0])
-    kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in call[1].items()}
+    # copies: an in-place op of the rerun on an alias would bump the user's version counter
+    args = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in call[0])
+    kwargs = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in call[1].items()}
     devices = [device] if device.type == "cuda" else []
     try:
         for owner in module.modules():
