@@ -16,7 +16,9 @@ position-wise layer of the forward with the same ``[N, T]`` layout, at least two
 seeing it (:func:`dead_positions`). A single layer's zero is not enough: a causal query at
 position 0 has a structural zero gradient (its softmax is over one key) that one attention
 implementation computes as 0 and another as 1e-18, while the keys, values and the layers
-after it do reach the loss there. A capture where every position is dead folds nothing.
+after it do reach the loss there. Only a forward whose output has positions (a sequence
+model's logits: :func:`output_positions`) has dead positions: a classifier's pooled or
+max-over-points zeros are not padding. A capture where every position is dead folds nothing.
 
 Only for layers whose locations are positions (``Linear``-type features and embedding
 tables, a large table's diagonal block too; ``T > 1``): a convolution's location whose
