@@ -65,9 +65,10 @@ def check_registration(
     trained = [c for c in wanted if c is not None and c.requires_grad]
     grads = iter(torch.autograd.grad(rerun, trained, probe, allow_unused=True))
     expected = tuple(next(grads) if c is not None and c.requires_grad else None for c in wanted)
-    inputs = call[0][0] if call[0] else next(iter(call[1].values()))
+    inputs = (call[0][0] if call[0] else next(iter(call[1].values()))).detach()
     with torch.no_grad():
-        a = input_features(module, inputs.detach()).double()
+        kept = inputs if entry.record is None else entry.record(module, inputs)  # as captured
+        a = input_features(module, kept).double()
         g = output_gradients(module, probe).double()
         problem = _mismatch(weight, bias, a, g, expected, rerun.dtype)
     if problem is not None:
