@@ -141,13 +141,11 @@ def test_a_correct_registration_runs_where_the_probe_is_loose(
     assert fired == [1]
 
 
-class ScaledByArgument(nn.Module):
+class ScaledByArgument(Plain):
     """``scale · (W x + b)``, the scale given with each call (``layer(x, scale=c)``)."""
 
     def __init__(self, n_out: int, n_in: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.5)
-        self.bias = nn.Parameter(torch.zeros(n_out))
+        super().__init__(n_out, n_in)
         self.dropout = nn.Dropout(0.5)  # draws from torch's stream in the forward
 
     def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
@@ -184,13 +182,8 @@ def test_the_probe_reruns_the_call_and_leaves_the_random_stream(
     assert torch.equal(after_probe, torch.rand(()))
 
 
-class RectifiedInPlace(nn.Module):
+class RectifiedInPlace(Plain):
     """``F.linear(relu_(x))``: an in-place op on the module's input."""
-
-    def __init__(self, n_out: int, n_in: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.5)
-        self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.relu_(), self.weight, self.bias)

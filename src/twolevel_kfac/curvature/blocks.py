@@ -83,6 +83,7 @@ class BlockStats(LayerStats):
     exact_inputs: ClassVar[bool] = False
     # it has a block for a trained bias (shift) beside a frozen weight (scale): ``W̄ = b``
     bias_only: ClassVar[bool] = False
+    dead_rows: ClassVar[bool] = False  # its factors leave dead positions out (live_positions)
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> BlockStats:

@@ -121,7 +121,7 @@ def forward_statistics(
     ]
     lengths = sorted({int(a.shape[1]) for a, _ in pairs})
     own = own_statistics(module)
-    wise = (own is None or getattr(own, "dead_rows", False)) and all(
+    wise = (own is None or own.dead_rows) and all(
         position_wise(call.module) for _, calls in forwards for call in calls
     )
     if len(lengths) > 1 and not wise:

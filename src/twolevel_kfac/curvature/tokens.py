@@ -215,7 +215,7 @@ class TokenStats(BlockStats):
 
     factors_type: ClassVar[Callable[[], Any]] = TokenFactors
     exact_inputs: ClassVar[bool] = True  # the ids stay float64 in a half-precision model
-    dead_rows: ClassVar[bool] = True  # its factors leave dead positions out (live_positions)
+    dead_rows: ClassVar[bool] = True
     table_rows: int = 0
     padding: int = -1  # the table's padding_idx (-1: none): its positions give no gradient
 

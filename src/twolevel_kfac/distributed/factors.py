@@ -57,7 +57,7 @@ def layer_specs(
             None if own is None else functools.partial(layer_stats, module),
             () if own is None else own.shapes(module),
             own is not None and own.exact_inputs,
-            own is not None and getattr(own, "dead_rows", False),
+            own is not None and own.dead_rows,
         )
     return specs
 
