@@ -45,6 +45,7 @@ from .forward_checks import (
     check_unreached,
     check_weight_uses,
     first_tensor,
+    warn_forwards,
 )
 from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
@@ -89,18 +90,14 @@ class CurvatureCapture:
         loss_reduction: str = "sum",
         class_dim: int | None = None,
     ) -> None:
-        self.model = model
-        self.class_dim = class_dim
+        self.model, self.class_dim = model, class_dim
         self._next_mask: Tensor | None = None
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
         self._weights = registered_parameters(layers)
-        self.fisher = fisher
-        self.likelihood = likelihood
-        self.loss_reduction = loss_reduction
-        self.fisher_batch = fisher_batch
-        self.generator = generator
+        self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
+        self.fisher_batch, self.generator = fisher_batch, generator
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps = accumulation_steps
         self.dtypes = dtypes or {}
@@ -352,7 +349,9 @@ class CurvatureCapture:
                 if any(r.grad is not None for r in c) and c[0].inputs.numel() > 0
             ]
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
-                self._warn_forwards(len(done))
+                if not self._warned_forwards:  # once
+                    self._warned_forwards = True
+                    warn_forwards(len(done), self.accumulation_steps)
             if done:
                 taken[name] = [(c[0].owner.samples, [Call.of(r) for r in c]) for c in done]
         self.empty_batch = self._empty_forward and not taken
@@ -361,21 +360,6 @@ class CurvatureCapture:
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0
         return CapturedBatch(self.layers, taken, self.dtypes, scale)
-
-    def _warn_forwards(self, forwards: int) -> None:
-        """Warn (once): several forwards' empirical ``δ``, each scaled as a whole batch."""
-        if self._warned_forwards:
-            return
-        self._warned_forwards = True
-        warnings.warn(
-            f"{forwards} forward passes ran before one step with accumulation_steps="
-            f"{self.accumulation_steps}: fisher='empirical' scales each output gradient by "
-            "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
-            "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
-            "needs nothing",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
     def discard(self, drawn_from: Tensor | None = None) -> None:
         """Drop everything captured so far (e.g. on a skipped step), and rewind the generator
@@ -390,8 +374,25 @@ class CurvatureCapture:
             self.generator.set_state(drawn_from)
         self._forward, self._drawn_from = None, None
 
+    def pending(self) -> dict[str, Any]:
+        """What is captured and not yet taken, with the generator's state: :meth:`restore`
+        puts it back (a refused ``load_state_dict`` between ``backward()`` and ``step()``)."""
+        state = {key: getattr(self, key) for key in _PENDING.split()}
+        state["_records"] = {name: list(r) for name, r in self._records.items()}
+        return {**state, "generator": self.generator.get_state()}
+
+    def restore(self, pending: dict[str, Any]) -> None:
+        """Put back what :meth:`pending` returned."""
+        for key in _PENDING.split():
+            setattr(self, key, pending[key])
+        self.generator.set_state(pending["generator"])
+
     @property
     def drawn_from(self) -> Tensor | None:
         """The generator's state before the draws of what is captured now (``None``: no
         draw since the last :meth:`take` or :meth:`discard`)."""
         return self._drawn_from
+
+
+# the attributes of what a capture holds between a forward and the step that takes it
+_PENDING = "_records _unreached _empty_forward _forward _drawn_from active _next_mask empty_batch"

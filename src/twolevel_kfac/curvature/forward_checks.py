@@ -9,6 +9,7 @@ them when the model's forward returns).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "check_weight_uses",
     "first_tensor",
     "output_tensors",
+    "warn_forwards",
 ]
 
 
@@ -209,3 +211,16 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, batch: int
             "gradients summed over the samples, which KFAC would take as one sample's; "
             "call it once with a row per sample, e.g. on latents.expand(B, *latents.shape[1:])"
         )
+
+
+def warn_forwards(forwards: int, accumulation_steps: int) -> None:
+    """Warn that several forwards' empirical ``δ`` were each scaled as a whole batch."""
+    warnings.warn(
+        f"{forwards} forward passes ran before one step with accumulation_steps="
+        f"{accumulation_steps}: fisher='empirical' scales each output gradient by "
+        "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
+        "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
+        "needs nothing",
+        RuntimeWarning,
+        stacklevel=4,
+    )

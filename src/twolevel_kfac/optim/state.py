@@ -39,7 +39,8 @@ def all_or_nothing(load: _Loader) -> _Loader:
     the error keeps training (0.04–1.96 off the untouched optimizer six steps on). The
     state before is copied and loaded back, once for nested guarded loads (the optimizer's
     and its preconditioner's). Not under ``torch.distributed``, where ``state_dict()`` is a
-    collective that a rank recovering from an interrupted step must not wait on."""
+    collective that a rank recovering from an interrupted step must not wait on. What was
+    captured for the coming step (a load between ``backward()`` and ``step()``) stays."""
 
     @functools.wraps(load)
     def guarded(self: Any, state_dict: dict[str, Any]) -> None:
@@ -53,12 +54,15 @@ def all_or_nothing(load: _Loader) -> _Loader:
             before = copy.deepcopy(self.state_dict())
         except RuntimeError:  # an interrupted step's state, which a load may replace
             before = None
+        capture = getattr(self, "preconditioner", self).capture
+        pending = capture.pending()  # this step's statistics, which a load discards
         stack.append(self)
         try:
             load(self, state_dict)
         except Exception:
             if before is not None:
                 load(self, before)
+                capture.restore(pending)
             raise
         finally:
             stack.pop()
