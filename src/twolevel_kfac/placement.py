@@ -23,15 +23,17 @@ CPU = torch.device("cpu")
 T = TypeVar("T")
 
 
-def move_tensors(tree: T, device: torch.device) -> T:
-    """``tree`` with every tensor in its dicts, lists and tuples on ``device`` (a new
-    container where something inside moved; other leaves as they are)."""
+def move_tensors(tree: T, device: torch.device, dtype: torch.dtype | None = None) -> T:
+    """``tree`` with every tensor in its dicts, lists and tuples on ``device``, floating
+    ones in ``dtype`` when given (a new container where something inside moved; other
+    leaves as they are)."""
     if isinstance(tree, Tensor):
-        return cast(T, tree.to(device))
+        floating = dtype is not None and tree.is_floating_point()
+        return cast(T, tree.to(device, dtype) if floating else tree.to(device))
     if isinstance(tree, dict):
-        return cast(T, {key: move_tensors(value, device) for key, value in tree.items()})
+        return cast(T, {key: move_tensors(value, device, dtype) for key, value in tree.items()})
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):  # not a namedtuple
-        return cast(T, type(tree)(move_tensors(value, device) for value in tree))
+        return cast(T, type(tree)(move_tensors(value, device, dtype) for value in tree))
     return tree
 
 

@@ -197,12 +197,14 @@ class CurvatureCapture:
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
-        check_batched_input(name, module, x, forward.batch_size)
+        check_batched_input(name, module, x, forward.batch_size, forward.per_sample)
         check_registration(name, module, (args, kwargs), output)
         kept = recorded_input(module, x.detach())
         record = Record(module, fisher_rows(kept, forward), forward, None, sample_major(x, forward))
-        if record.reshaped and output.grad_fn is not None:  # its rows as ordered as its input's
-            forward.ordered.add(output.grad_fn)
+        if output.grad_fn is not None:
+            forward.per_sample.add(output.grad_fn)
+            if record.reshaped:  # its rows as ordered as its input's
+                forward.ordered.add(output.grad_fn)
         forward.records.setdefault(name, []).append(record)
         self._records[name].append(record)
         if self.fisher == "mc":
@@ -242,9 +244,7 @@ class CurvatureCapture:
         try:
             self._close(forward, output)
         finally:
-            forward.records.clear()
-            forward.outputs.clear()
-            forward.ordered.clear()
+            forward.release()
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""

@@ -63,6 +63,7 @@ SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
 ``MultiheadAttention`` that carries theirs)."""
 
 __all__ = [
+    "added_layers",
     "find_layer_uses",
     "find_layers",
     "is_supported",
@@ -122,6 +123,21 @@ def materialize_params(params: Iterable[Any]) -> list[Any]:
         else:
             out.append(item)
     return out
+
+
+def added_layers(model: nn.Module, param_group: dict[str, Any], done: set[int]) -> list[str]:
+    """The layers of ``model`` with a block whose parameters (its bias alone, in BitFit)
+    come with ``param_group`` (``add_param_group``) and are not among those preconditioned
+    (``done``: their ``id``)."""
+    ids = parameter_ids([param_group])
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_supported(module)
+        and any(
+            id(p) in ids and id(p) not in done for p in block_parameters(module) if p is not None
+        )
+    ]
 
 
 def parameter_ids(params: Iterable[object]) -> set[int]:

@@ -32,11 +32,20 @@ class ForwardPass:
     first: Tensor | None = None  # the model's first tensor argument (the batch)
     # autograd nodes of layer outputs whose rows are k per sample in the batch's order
     ordered: set[Node] = field(default_factory=set)
+    # autograd nodes of layer outputs not computed from parameters alone (their inputs'
+    # walks stopped without a proof: forward_checks.check_batched_input)
+    per_sample: set[Node] = field(default_factory=set)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     # fisher="mc": each call's output edge (an in-place op after it does not move it)
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
+
+    def release(self) -> None:
+        """Let go of the records and autograd nodes once the forward has returned (the
+        nodes hold hooks that name this forward: a cycle only Python's collector frees)."""
+        for held in (self.records, self.outputs, self.ordered, self.per_sample):
+            held.clear()
 
     @property
     def samples(self) -> int:

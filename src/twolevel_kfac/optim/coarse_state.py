@@ -39,8 +39,11 @@ def _stats_pairs(stats: list[LayerStats] | None) -> list[tuple[Tensor, Tensor]] 
 
 
 def _on_names(level: CoarseLevel, trees: list[Any]) -> list[Any]:
-    """Saved per-layer state of the level's layers, each on its layer's device."""
-    return [level.host.placed(n, t) for n, t in zip(level.names, trees, strict=True)]
+    """Saved per-layer state of the level's layers, each on its layer's device and in the
+    dtype of its statistics (a state saved by a run in another dtype, loaded with
+    ``factor_dtype`` set to its factors': its floating tensors converted)."""
+    dtypes = level.host.capture.dtypes
+    return [level.host.placed(n, t, dtypes.get(n)) for n, t in zip(level.names, trees, strict=True)]
 
 
 def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:

@@ -61,8 +61,9 @@ class FineContext(Protocol):
         """``N`` of this step's Fisher mini-batch for layer ``name`` (all ranks)."""
         ...
 
-    def placed(self, name: str, tree: Any) -> Any:
-        """Saved state of layer ``name`` with its tensors on that layer's device."""
+    def placed(self, name: str, tree: Any, dtype: torch.dtype | None = None) -> Any:
+        """Saved state of layer ``name`` on that layer's device (floating tensors in
+        ``dtype``)."""
         ...
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from .stale_gradients import check_new_gradients, mark_directions
+
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
 
@@ -63,12 +65,15 @@ def check_not_interrupted(pre: KFACPreconditioner, action: str) -> None:
 
 @contextmanager
 def step_guard(pre: KFACPreconditioner) -> Iterator[None]:
-    """Around a step: refuse it after an interrupted one (:func:`check_not_interrupted`);
+    """Around a step: refuse it after an interrupted one (:func:`check_not_interrupted`),
+    or on the directions the last step wrote (:mod:`.stale_gradients`, which marks this
+    step's when it completes);
     if it raises before changing any state, drop what it captured and rewind the sampler
     to before its draws (the rows, the MC targets), so the step taken again after a new
     forward draws as a run that never saw the interruption."""
     check_not_interrupted(pre, "another step")
-    drawn_from = pre.capture.drawn_from
+    check_new_gradients(pre)
+    drawn_from, steps = pre.capture.drawn_from, pre.steps
     try:
         yield
     except BaseException:
@@ -80,3 +85,5 @@ def step_guard(pre: KFACPreconditioner) -> Iterator[None]:
         if pre.interrupted is None:
             pre.capture.discard(drawn_from)
         raise
+    if pre.steps != steps:  # a step taken: its directions are in the layers' .grad
+        mark_directions(pre, pre.active)

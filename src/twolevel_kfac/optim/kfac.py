@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim.sgd import sgd as sgd_update
 
 from ..curvature.blocks import block_parameters
-from ..curvature.discovery import is_supported, materialize_params, parameter_ids
+from ..curvature.discovery import added_layers, materialize_params
 from ..finite import all_finite
 from .amp import amp_loss_scale, forget_amp_state, forgets_amp_state_on_error
 from .damping import (
@@ -243,17 +243,7 @@ class KFAC(torch.optim.Optimizer):
         pre = getattr(self, "preconditioner", None)
         if pre is None or not getattr(self, "_built", False):  # the constructor's groups
             return
-        ids, done = parameter_ids([param_group]), pre.preconditioned_parameters()
-        added = [  # a layer whose block's parameters (its bias alone, in BitFit) came now
-            name
-            for name, module in pre.model.named_modules()
-            if is_supported(module)
-            and any(
-                id(p) in ids and id(p) not in done
-                for p in block_parameters(module)
-                if p is not None
-            )
-        ]
+        added = added_layers(pre.model, param_group, pre.preconditioned_parameters())
         if added:
             warnings.warn(
                 f"layer(s) {added} added with add_param_group after the optimizer was built "
@@ -261,6 +251,16 @@ class KFAC(torch.optim.Optimizer):
                 "parameters when building it (frozen ones are left alone until unfrozen)",
                 stacklevel=2,
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: ``copy.deepcopy(opt)`` and ``torch.save(opt)`` would keep torch's part
+        alone (defaults, state, param groups), a copy without its preconditioner."""
+        raise TypeError(
+            f"{type(self).__name__} cannot be copied or pickled: it holds hooks on its model "
+            "and curvature state tied to it, which a copy would lose. Save its state_dict() "
+            "(torch.save(opt.state_dict(), path)) and load it into an optimizer built on the "
+            "model (or its copy)"
+        )
 
     def _layer_lrs(self) -> dict[str, float]:
         """Each preconditioned layer's learning rate: that of the group holding its weight

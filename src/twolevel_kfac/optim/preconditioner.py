@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..curvature.block_checks import check_blocks, check_statistics, used_layers
+from ..curvature.block_checks import BlockMemory, check_blocks, check_statistics, used_layers
 from ..curvature.blocks import (
     LayerStats,
     block_parameters,
@@ -155,7 +155,7 @@ class KFACPreconditioner:
         self.retained_stats: dict[str, LayerStats] = {}
         self.active: list[str] = list(self.layers)  # with a gradient this step (others: left)
         self.schedule = CaptureSchedule(self.options.cov_interval)
-        self._checked_blocks: dict[str, object] = {}  # check_blocks' memory
+        self._checked_blocks = BlockMemory(self.capture.dtypes)  # check_blocks' memory
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
         self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
 
@@ -184,8 +184,8 @@ class KFACPreconditioner:
         batch = self.capture.take(loss_scale) if active else None
         self.last_stats = {"damping": self.damping}
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
-        if self.schedule.skips_empty(self.capture, self.factors, self.active, self.comm):
-            self.last_stats["empty_batch"] = 1.0
+        if skipped := self.schedule.skipped(self, batch):
+            self.last_stats[skipped] = 1.0
             return
         captured = [] if batch is None else batch.names
         if captured and self.coarse_level is not None:  # before the factors' peak, not beside
@@ -380,9 +380,9 @@ class KFACPreconditioner:
         """Restore a :meth:`state_dict`, its tensors on the devices of the layers."""
         load_kfac_state(self, state)
 
-    def placed(self, name: str, tree: T) -> T:
-        """Saved state of layer ``name`` with its tensors on that layer's device."""
-        return move_tensors(tree, layer_weight(self.layers[name]).device)
+    def placed(self, name: str, tree: T, dtype: torch.dtype | None = None) -> T:
+        """Saved state of layer ``name`` on that layer's device (floating tensors in ``dtype``)."""
+        return move_tensors(tree, layer_weight(self.layers[name]).device, dtype)
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
         """The logits' positions the next forward's loss counts (``targets != ignore_index``;

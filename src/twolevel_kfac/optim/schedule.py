@@ -19,7 +19,7 @@ the layers with a gradient (``DistributedDataParallel`` gives every rank a gradi
 layer any rank used) and the layers whose statistics some rank folded.
 
 A capturing step whose backward reached only forwards over 0 rows (an empty batch) is
-skipped in one process (:meth:`CaptureSchedule.skips_empty`); under ``torch.distributed``
+skipped in one process (:meth:`CaptureSchedule.skipped`); under ``torch.distributed``
 such a rank joins the step's collectives with no sample.
 """
 
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from ..curvature.kronecker import KroneckerFactors
 
 if TYPE_CHECKING:
-    from ..curvature.capture import CurvatureCapture
-    from ..distributed import Communicator
+    from ..curvature.captured_batch import CapturedBatch
+    from .preconditioner import KFACPreconditioner
 
 __all__ = ["CHASES", "CaptureSchedule"]
 
@@ -148,17 +148,24 @@ class CaptureSchedule:
         self._warned = set(state.get("warned", []))
 
     @staticmethod
-    def skips_empty(
-        capture: CurvatureCapture,
-        factors: Mapping[str, KroneckerFactors],
-        active: list[str],
-        comm: Communicator,
-    ) -> bool:
-        """Whether a capturing step over an empty batch (:attr:`~twolevel_kfac.curvature.
-        capture.CurvatureCapture.empty_batch`) is skipped: in one process, once every
-        layer with a gradient (``active``) has its factors. Its gradient, a sum over no
-        rows, is 0, and so is its direction: the step folds, refreshes, counts and writes
-        nothing, and the next forward captures. The first step has nothing to precondition
-        with: ``check_statistics`` refuses it."""
-        empty = capture.active and capture.empty_batch and not comm.distributed
-        return empty and all(factors[name].ready for name in active)
+    def skipped(pre: KFACPreconditioner, batch: CapturedBatch | None) -> str | None:
+        """Why this step of ``pre`` is skipped (``None``: it is not).
+
+        ``batch``: what it took of the capture. In one process:
+
+        * ``"empty_batch"``: a capturing step over an empty batch (:attr:`~twolevel_kfac.
+          curvature.capture.CurvatureCapture.empty_batch`) once every layer with a gradient
+          (``active``) has its factors. Its gradient, a sum over no rows, is 0, and so is its
+          direction: the step folds, refreshes, counts and writes nothing, and the next
+          forward captures. The first step has nothing to precondition with:
+          ``check_statistics`` refuses it.
+        * ``"no_gradient"``: no layer has a gradient and ``batch`` holds no statistics (a
+          ``step()`` before any backward): as a torch optimizer, nothing changes, and the
+          capture stays armed for the coming forward."""
+        if pre.comm.distributed:
+            return None
+        if not pre.active and (batch is None or not batch.names):
+            return "no_gradient"
+        empty = pre.capture.active and pre.capture.empty_batch
+        ready = all(pre.factors[name].ready for name in pre.active)
+        return "empty_batch" if empty and ready else None

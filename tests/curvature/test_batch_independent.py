@@ -1,0 +1,94 @@
+"""A layer input computed from parameters alone is the same for every sample: the walk of
+``curvature/batch_independent.py`` proves it, and a ``Linear`` called on it is refused (a
+Perceiver's ``to_q(norm(latents))`` took steps 0.32 apart from the batched call's 0.14)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from twolevel_kfac.curvature.batch_independent import from_parameters_alone
+
+torch.manual_seed(0)
+LATENTS = nn.Parameter(torch.randn(3, 4))
+DATA = torch.randn(8, 3, 4)
+NORM, RMS = nn.LayerNorm(4), nn.RMSNorm(4)
+
+PROVED: dict[str, Callable[[], Tensor]] = {
+    "layer norm": lambda: NORM(LATENTS),
+    "rms norm": lambda: RMS(LATENTS),
+    "numbers": lambda: (LATENTS * 2 + 1).tanh() / 3,
+    "dropout": lambda: F.dropout(LATENTS, 0.1),
+    "slices and cat": lambda: torch.cat([LATENTS[:1], LATENTS[1:].t().t()]),
+    "a batch statistic": lambda: LATENTS + DATA.mean(0),
+}
+NOT_PROVED: dict[str, Callable[[], Tensor]] = {
+    "the data": lambda: NORM(DATA),
+    "expanded to the batch": lambda: NORM(LATENTS.expand(8, 3, 4)),
+    "times the data": lambda: LATENTS * DATA,
+    "plus the data": lambda: LATENTS + DATA,
+    "an input with a gradient": lambda: DATA.clone().requires_grad_() * 2,
+    "a leaf": lambda: LATENTS.detach(),
+    "an embedding": lambda: nn.Embedding(5, 4)(torch.tensor([0, 1, 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(PROVED))
+def test_computed_from_parameters_alone_is_proved(case: str) -> None:
+    assert from_parameters_alone(PROVED[case](), set())
+
+
+@pytest.mark.parametrize("case", list(NOT_PROVED))
+def test_what_may_hold_samples_is_not(case: str) -> None:
+    assert not from_parameters_alone(NOT_PROVED[case](), set())
+
+
+def test_the_walk_stops_at_a_layer_output_already_passed() -> None:
+    """A node of ``stop`` (a layer output whose input held samples) ends the walk: a deep
+    network's layers do not each walk back to its first."""
+    inner = NORM(LATENTS)
+    assert not from_parameters_alone(inner.tanh(), {inner.grad_fn})
+
+
+class _Perceiver(nn.Module):
+    """Learned latents normalised, projected by ``to_q`` and attending over the input:
+    ``computed`` normalises the ``[L, D]`` latents and broadcasts the projection, ``batched``
+    expands the latents to the batch first (the same forward)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.latents = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.norm = nn.LayerNorm(4, dtype=torch.float64)
+        self.to_q = nn.Linear(4, 4, dtype=torch.float64)
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+        self.form = form
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = len(x)
+        latents = self.latents.expand(n, 3, 4) if self.form == "batched" else self.latents
+        q = self.to_q(self.norm(latents)).expand(n, 3, 4)
+        return self.head(torch.softmax(q @ x.transpose(1, 2), -1) @ x).mean(1)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_layer_on_computed_latents_is_refused(fisher: str) -> None:
+    """``to_q(norm(latents))`` is refused by name at the first captured forward, with the
+    fix; the latents expanded to the batch before the norm train, and match the forward."""
+    x, y = torch.randn(8, 5, 4, dtype=torch.float64), torch.arange(8) % 3
+    computed, batched = _Perceiver("computed"), _Perceiver("batched")
+    torch.testing.assert_close(computed(x), batched(x), rtol=0, atol=1e-14)
+    opt = tk.KFAC(computed, fisher=fisher)
+    with pytest.raises(RuntimeError, match=r"'to_q'.*computed from parameters alone"):
+        F.cross_entropy(computed(x), y).backward()
+    opt = tk.KFAC(batched, fisher=fisher)
+    before = batched.to_q.weight.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(batched(x), y).backward()
+    opt.step()
+    assert not torch.equal(batched.to_q.weight, before)
