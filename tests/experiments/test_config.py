@@ -283,3 +283,20 @@ def test_a_method_can_run_fewer_seeds(tmp_path: Path) -> None:
         raw["methods"]["sgd"]["seeds"] = bad
         with pytest.raises(ValueError, match=r"methods\.sgd\.seeds must be a non-empty list"):
             parse_config(raw)
+
+
+def test_compare_refuses_seeds_the_config_does_not_run() -> None:
+    """``tlkfac compare --seeds 7`` with ``problem.seeds: [0, 1]`` ran nothing and exited 0
+    with an empty report (``--seeds 0,7`` ran seed 0 under a report saying ``[0, 7]``):
+    refused, naming the seeds the selected methods run, as unknown methods are."""
+    from twolevel_kfac.experiments.comparison import select
+
+    raw = _minimal(kfac={"lr": 0.1}, sgd={"lr": 0.1, "seeds": [1]})
+    raw["problem"] |= {"seeds": [0, 1]}
+    config = parse_config(raw)
+    assert select(config, None, [1, 0]) == (["kfac", "sgd"], [1, 0])
+    assert select(config, None, None) == (["kfac", "sgd"], [0, 1])
+    with pytest.raises(ValueError, match=r"seed\(s\) \[7\] are not in the config.*\[0, 1\]"):
+        select(config, None, [0, 7])
+    with pytest.raises(ValueError, match=r"methods \['sgd'\] run seeds \[1\]"):
+        select(config, ["sgd"], [0])

@@ -244,3 +244,25 @@ def test_ctrl_c_stops_every_rank_with_one_checkpoint(tmp_path: Path) -> None:
     assert records[-1]["event"] == "partial"
     step = torch.load(out / "checkpoint.pt", weights_only=True)["loop"]["step"]
     assert step == records[-1]["step"] < 200 * 6  # 6 steps per epoch
+
+
+def test_more_cpu_processes_than_cores_are_warned_of_and_a_kill_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--nproc 64`` on 2 cores ran without a word and died with a bare "process 57
+    terminated with signal SIGKILL" (the system out of memory): a warning before the
+    start, and the likely cause beside the signal."""
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    from twolevel_kfac.experiments import launch
+
+    config = load_config(write_config(tmp_path / "tiny.yaml"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.warns(RuntimeWarning, match=r"--nproc 3 on 2 CPU core\(s\)"):
+        launch._check_distributed(config, 3)
+    killed = ProcessExitedException(
+        "process 57 terminated with signal SIGKILL", 57, 0, 137, "SIGKILL"
+    )
+    assert "out of memory" in launch._told(killed)
+    failed = ProcessExitedException("process 1 terminated with exit code 3", 1, 0, 3)
+    assert launch._told(failed) == "process 1 terminated with exit code 3"

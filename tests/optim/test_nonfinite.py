@@ -303,3 +303,31 @@ def test_a_load_after_a_captured_forward_keeps_the_saved_generator() -> None:
         step(twin, resumed, x, y)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["sgd", "kfac"])
+def test_a_run_stuck_for_an_epoch_is_diverged(tmp_path: Path, method: str) -> None:
+    """Every batch NaN for a whole epoch, the epoch shorter than
+    ``max_consecutive_nonfinite`` (20): the run is stopped as diverged after that epoch's
+    worth of skipped steps. It ran to its last epoch as ``"epochs"`` with null losses, so
+    ``tlkfac tune`` scored it by an earlier epoch and picked it, and the report counted it
+    among the finished runs."""
+    from twolevel_kfac.experiments.config import parse_config
+    from twolevel_kfac.experiments.runner import Data, train_run
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 5, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    entry = {"lr": 0.05} if method != "kfac" else {"lr": 0.05, "damping": 0.1}
+    problem = {
+        "model": {"name": "deep_linear", "kwargs": {"depth": 2, "width": 4, "in_features": 5}},
+        "dataset": {"name": "in-memory"},
+        "loss": "cross_entropy",
+        "batch_size": 8,
+        "epochs": 4,
+    }
+    config = parse_config({"problem": problem, "methods": {method: entry}}).for_run(method, 0)
+    result = train_run(
+        config, tmp_path / "a", data=Data((x * float("nan"), y), None, None), progress=False
+    )
+    assert result.stop_reason == "diverged" and result.step == 6  # 48 / 8 batches
+    assert result.records[-1]["diverged"] is True

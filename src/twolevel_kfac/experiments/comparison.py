@@ -58,7 +58,16 @@ def select(
         raise ValueError(
             f"method(s) {unknown} are not in the config; it has {list(config.methods)}"
         )
-    return labels, list(seeds) if seeds else list(config.problem.seeds)
+    if not seeds:
+        return labels, list(config.problem.seeds)
+    known = sorted({s for label in labels for s in config.method_seeds(label)})
+    missing = [s for s in seeds if s not in known]
+    if missing:
+        raise ValueError(
+            f"seed(s) {missing} are not in the config: its methods {labels} run seeds {known} "
+            "(problem.seeds, or a method's own seeds); add them there to run them"
+        )
+    return labels, list(seeds)
 
 
 def run_one(

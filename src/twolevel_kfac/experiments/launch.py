@@ -37,6 +37,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,8 +139,17 @@ def train_parallel(
 
 def _check_distributed(config: ExperimentConfig, nproc: int) -> None:
     """Refuse a device that cannot serve ``nproc`` local processes, or a torch without the
-    backend(s) for it."""
-    backend = backend_for(resolve_device(config.problem.device, 0, nproc))
+    backend(s) for it; warn of more CPU processes than cores."""
+    device = resolve_device(config.problem.device, 0, nproc)
+    backend = backend_for(device)
+    cores = os.cpu_count() or 1
+    if nproc > cores and device.type == "cpu":
+        warnings.warn(
+            f"--nproc {nproc} on {cores} CPU core(s): the processes share them (one thread "
+            "each), so the run is slower than on fewer processes; the results are the same",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     available = dist.is_available() and dist.is_gloo_available()
     if "nccl" in backend:
         available = available and dist.is_nccl_available()
@@ -248,7 +258,7 @@ def _spawn(job: _Job, nproc: int) -> RunResult:
                 while not context.join():
                     pass
         except ProcessException as failure:
-            raise _first_error(rendezvous) or RuntimeError(str(failure).strip()) from None
+            raise _first_error(rendezvous) or RuntimeError(_told(failure)) from None
         except KeyboardInterrupt:
             for process in context.processes:
                 process.terminate()
@@ -261,6 +271,18 @@ def _spawn(job: _Job, nproc: int) -> RunResult:
     finished, interrupted, stop_reason, step = outcome[2]
     records = read_metrics(job.run_dir / "metrics.jsonl")
     return RunResult(job.run_dir, records, finished, interrupted, stop_reason, step)
+
+
+def _told(failure: ProcessException) -> str:
+    """What a worker's death without a reported error says, with the likely cause of a
+    SIGKILL: the system out of memory (each worker holds the model and the data)."""
+    text = str(failure).strip()
+    if getattr(failure, "signal_name", None) == "SIGKILL":
+        text += (
+            ": most likely the system, out of memory (each of the --nproc processes holds its "
+            "own model, optimizer and data set); run fewer processes"
+        )
+    return text
 
 
 def _read_outcome(path: Path) -> tuple[str, float, Any] | None:
