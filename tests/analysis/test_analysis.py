@@ -400,3 +400,15 @@ def test_analyze_command_writes_outputs(tmp_path: Path) -> None:
     details = json.loads((tmp_path / "details.json").read_text())
     assert details["fisher"]["statistics_vs_dense"] < 1e-12
     assert set(details["damping_sweep"]) == {repr(v) for v in (1e-4, 1e-3, 1e-2, 0.1, 1.0)}
+
+
+def test_an_analysis_config_with_a_typo_names_the_key_and_its_closest_match(
+    tmp_path: Path,
+) -> None:
+    """A misspelt key is named with the closest allowed one (pydantic's raw text before),
+    as the run configs' are."""
+    path = tmp_path / "bad.yaml"
+    raw = (ROOT / "configs" / "analysis" / "toy_cnn.yaml").read_text()
+    path.write_text(raw.replace("batch_size:", "bacth_size:"))
+    with pytest.raises(ValueError, match=r"unknown key 'bacth_size' \(did you mean 'batch_size'"):
+        load_config(path)

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from ..experiments.config_errors import format_error as problem_line
 from ..twolevel.coarse_spaces import COARSE_SPACES
 from .backends import MatrixFreeOptions
 from .exact import Curvature
@@ -323,11 +324,10 @@ class AnalyzeConfig(_Strict):
 
 
 def format_error(error: ValidationError, source: str) -> str:
-    """A one-line-per-problem message naming each offending key."""
+    """A one-line-per-problem message naming each offending key (an unknown one with its
+    closest allowed keys, as the run configs' messages do)."""
     lines = [f"invalid analysis config {source}:"]
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {key}: {item['msg']}")
+    lines += [f"  {problem_line(item, AnalyzeConfig)}" for item in error.errors()]
     return "\n".join(lines)
 
 

@@ -370,7 +370,15 @@ def write_report(
         parts += ["Train loss at these epochs (mean ± std over seeds):", "", epochs_table, ""]
     if provenance:
         parts += [provenance, ""]
-    parts += [f"![{p.stem}]({p.name})" for p in pngs]
+    how = "1.1 × KFAC's (else the best method's) mean final train loss"
+    if target_loss is not None:
+        how = "the target given"
+    parts += [
+        f"Time to target: the first epoch whose train loss is at most {how}. Plots: the mean "
+        "over seeds, shaded from the lowest to the highest seed.",
+        "",
+        *(f"![{p.stem}]({p.name})" for p in pngs),
+    ]
     path = out / "report.md"
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     summary = {
