@@ -57,3 +57,21 @@ def test_a_model_whose_dtype_changed_is_refused_then_resumes(name: str, dtype: A
     _run(model, again, 3)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("build", [tk.KFAC, tk.TwoLevelKFAC, tk.KFACPreconditioner])
+def test_copies_of_the_optimizer_are_refused_and_its_state_dict_is_the_way(build: Any) -> None:
+    """``copy.deepcopy``, ``copy.copy`` and ``torch.save`` of an optimizer or a
+    preconditioner raise, naming ``state_dict()`` (the optimizer's copy had no
+    preconditioner and failed at its first step; the preconditioner's did nothing while a
+    torch optimizer beside it took a plain step); the model still copies and pickles."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    opt = build(model)
+    for copier in (copy.deepcopy, copy.copy, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*state_dict\(\)"):
+            copier(opt)
+    torch.save(copy.deepcopy(model), io.BytesIO())

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .batch_independent import from_parameters_alone
+from .batch_independent import from_parameters_alone, gathered
 from .blocks import bias_only, block_parameters, has_gradient
 
 if TYPE_CHECKING:
@@ -198,10 +198,12 @@ def check_batched_input(
 ) -> None:
     """Refuse a layer called on rows shared by the batch of ``B > 1``: one row (learned
     latents or queries ``[1, L, D]``, a CLS token, broadcast to the samples after the
-    layer; or one call per sample), a parameter (``to_q(self.latents)``, ``[L, D]``: no row
-    of it is a sample's), a tensor computed from parameters alone
-    (``to_q(norm(self.latents))``: :func:`~.batch_independent.from_parameters_alone`, its
-    walk stopped at the nodes ``stop`` of layer outputs already passed), and an
+    layer; or one call per sample; not one gathered token, which a mixture-of-experts
+    expert may get: :func:`~.batch_independent.gathered`), a parameter
+    (``to_q(self.latents)``, ``[L, D]``: no row of it is a sample's), a tensor computed from
+    parameters alone none of which has ``B`` rows (``to_q(norm(self.latents))``:
+    :func:`~.batch_independent.from_parameters_alone`, its walk stopped at the nodes
+    ``stop`` of layer outputs already passed; latents as many as the samples pass), and an
     embedding's shared positions (:func:`check_unbatched_embedding`). Their rows hold the
     gradients summed over the samples, which KFAC would take as one sample's (a step 0.42
     off on one of 0.76; computed latents taken as gathered rows: 0.18 to 2.2 off). Other
@@ -212,11 +214,11 @@ def check_batched_input(
         RuntimeError: naming the layer and the batched call that fixes it.
     """
     check_unbatched_embedding(name, module, inputs, batch)
-    shared = batch > 1 and inputs.dim() > 1 and len(inputs) == 1
-    if isinstance(inputs, nn.Parameter) or shared:
+    one_row = batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and not gathered(inputs)
+    if isinstance(inputs, nn.Parameter) or one_row:
         what = "a parameter, or one row broadcast to the samples after the layer; or one "
         what += "call per sample, a loop in forward"
-    elif batch > 1 and from_parameters_alone(inputs, stop if stop is not None else set()):
+    elif batch > 1 and _shared(inputs, batch, stop if stop is not None else set()):
         what = "computed from parameters alone, as norm(latents) is"
     else:
         return
@@ -228,6 +230,14 @@ def check_batched_input(
         "latents.expand(B, L, D) for [1, L, D] or [L, D] latents, before the layer (and any "
         "norm on the way)"
     )
+
+
+def _shared(inputs: Tensor, batch: int, stop: set[Node]) -> bool:
+    """Computed from parameters alone, none of which has the ``batch`` rows (a parameter
+    per sample, ``x + delta`` or full-batch embeddings ``[B, D]``, keeps each row its
+    sample's)."""
+    params = from_parameters_alone(inputs, stop)
+    return params is not None and not any(p.dim() > 0 and len(p) == batch for p in params)
 
 
 def warn_forwards(forwards: int, accumulation_steps: int) -> None:

@@ -37,6 +37,7 @@ from .damping import (
     evaluate_without_capture,
 )
 from .fallback import block_table, make_fallback
+from .not_copyable import NotCopyable
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner, fine_level_type
 from .state import all_or_nothing
@@ -46,7 +47,7 @@ logger = logging.getLogger("twolevel_kfac")
 NONFINITE_POLICIES = ("skip", "raise", "unchecked")
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(NotCopyable, torch.optim.Optimizer):
     """KFAC with momentum SGD (Martens & Grosse 2015; KFC for convolutions).
 
     Args:
@@ -251,16 +252,6 @@ class KFAC(torch.optim.Optimizer):
                 "parameters when building it (frozen ones are left alone until unfrozen)",
                 stacklevel=2,
             )
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Refused: ``copy.deepcopy(opt)`` and ``torch.save(opt)`` would keep torch's part
-        alone (defaults, state, param groups), a copy without its preconditioner."""
-        raise TypeError(
-            f"{type(self).__name__} cannot be copied or pickled: it holds hooks on its model "
-            "and curvature state tied to it, which a copy would lose. Save its state_dict() "
-            "(torch.save(opt.state_dict(), path)) and load it into an optimizer built on the "
-            "model (or its copy)"
-        )
 
     def _layer_lrs(self) -> dict[str, float]:
         """Each preconditioned layer's learning rate: that of the group holding its weight

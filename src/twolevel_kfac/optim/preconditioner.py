@@ -48,6 +48,7 @@ from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term
 from .interrupted import partial_step, step_guard
+from .not_copyable import NotCopyable
 from .options import (
     CoarseOptions,
     CurvatureOptions,
@@ -70,7 +71,7 @@ def fine_level_type(name: str) -> type[FineLevel]:
 T = TypeVar("T")
 
 
-class KFACPreconditioner:
+class KFACPreconditioner(NotCopyable):
     """Block-diagonal KFAC preconditioner (see :class:`CurvatureOptions` for arguments)."""
 
     # The fine level of this class (presets such as EKFACPreconditioner name another), and
@@ -394,7 +395,6 @@ class KFACPreconditioner:
         self.capture.remove()
 
     def __repr__(self) -> str:
-        lines = [f"{type(self).__name__}("]
-        lines += [f"  {k}={v!r}," for k, v in vars(self.options).items()]
-        lines.append(f"  preconditioned=[{', '.join(self.layers)}]")
+        fields = [f"  {k}={v!r}," for k, v in vars(self.options).items()]
+        lines = [f"{type(self).__name__}(", *fields, f"  preconditioned=[{', '.join(self.layers)}]"]
         return "\n".join(lines) + "\n)"

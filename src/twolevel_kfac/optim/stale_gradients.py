@@ -5,9 +5,9 @@ without a backward in between, it would read that direction as a gradient and ap
 curvature's inverse to it a second time (``M⁻²g``: a step 1.37e4 against 7.9 in a trial),
 where a torch optimizer repeats its step. Each direction written is marked with the
 version counter of its tensor (autograd's accumulation, ``zero_grad`` and any in-place
-write move it; a new backward after ``zero_grad(set_to_none=True)`` makes a new tensor),
-and a step whose layers' ``.grad`` still carry their mark is refused before it changes
-anything.
+write move it, a write through ``.data`` does not; a new backward after
+``zero_grad(set_to_none=True)`` makes a new tensor), and a step whose layers' ``.grad``
+still carry their mark is refused before it changes anything.
 """
 
 from __future__ import annotations
@@ -48,5 +48,8 @@ def check_new_gradients(pre: KFACPreconditioner) -> None:
             f"step() was called again on layer(s) {stale[:5]}{' …' if len(stale) > 5 else ''} "
             "with no backward since the last step: their .grad holds the direction that "
             "step wrote, which a second step would precondition again. Run the forward and "
-            "backward before every step (zero_grad(), loss.backward(), step())"
+            "backward before every step (zero_grad(), loss.backward(), step()); zero the "
+            ".grad of layers a step should leave alone (another optimizer's turn); a "
+            "gradient written through .data (p.grad.data.copy_(g)) is not seen as new: "
+            "write p.grad.copy_(g) or assign p.grad = g"
         )
