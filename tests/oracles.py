@@ -665,10 +665,10 @@ def tselepidis_subblock_matrix(
 ) -> Tensor:
     """Tselepidis' coarse matrix over layers made of Kronecker sub-blocks (a grouped
     convolution's groups, a norm's units ``ā = [x̂_i, 1]``, ``δ_i``; one for a Linear):
-    ``F_c[i,j] = Σ_{s∈i,s'∈j} 1ᵀ(A_ss' ⊗ G_ss')1 + λ·numel_i·δ_ij`` with the explicit cross
-    factors ``A_ss' = Σ_{n,t} ā_s[n, m_s(t)] ā_s'[n, m_s'(t)]ᵀ / (N T)`` at ``T = max(T_s,
-    T_s')``, ``m_s(t) = ⌊t·T_s/T⌋`` (``G`` likewise). Sub-blocks ``(ā [N, T, d_in],
-    δ [N, T, d_out])``."""
+    ``F_c[i,j] = Σ_{s∈i,s'∈j} T·1ᵀ(A_ss' ⊗ G_ss')1 + λ·numel_i·δ_ij`` with the explicit
+    cross factors ``A_ss' = Σ_{n,t} ā_s[n, m_s(t)] ā_s'[n, m_s'(t)]ᵀ / (N T)`` at
+    ``T = max(T_s, T_s')``, ``m_s(t) = ⌊t·T_s/T⌋`` (``G`` likewise): KFC's ``T·A ⊗ G`` on
+    the diagonal. Sub-blocks ``(ā [N, T, d_in], δ [N, T, d_out])``."""
 
     def at(x: Tensor, t: int) -> Tensor:
         return x[:, [k * x.shape[1] // t for k in range(t)]]
@@ -683,7 +683,7 @@ def tselepidis_subblock_matrix(
             for a_s, g_s in li:
                 for a_r, g_r in lj:
                     block = torch.kron(cross(a_s, a_r), cross(g_s, g_r))
-                    fc[i, j] += block.sum()  # 1ᵀ(A ⊗ G)1
+                    fc[i, j] += max(a_s.shape[1], a_r.shape[1]) * block.sum()  # T·1ᵀ(A ⊗ G)1
     return fc + damping * torch.diag(torch.tensor(numels, dtype=fc.dtype))
 
 

@@ -249,7 +249,8 @@ def test_adef2_energy_error_never_exceeds_kfac(float64: None, space: str) -> Non
 
 
 def test_tselepidis_diagonal_is_kronecker_sum(float64: None) -> None:
-    """F_c[i,i] = 1ᵀ(A_i⊗G_i)1 + λ·numel_i = sum(A_i)·sum(G_i) + λ·numel_i, conv included."""
+    """F_c[i,i] = 1ᵀ(T_i·A_i⊗G_i)1 + λ·numel_i = T_i·sum(A_i)·sum(G_i) + λ·numel_i: KFC's
+    block of the fine level, conv included (without ``T_i`` before 2026-12-04)."""
     model = prepare(mixed_net())
     x, y = make_batch((2, 6, 6), 3, 5)
     opt = tk.TwoLevelKFAC(model, damping=0.05, coarse_space="tselepidis", **CONTRACT)
@@ -260,7 +261,8 @@ def test_tselepidis_diagonal_is_kronecker_sum(float64: None) -> None:
         factors = pre.factors[name]
         assert factors.A is not None and factors.G is not None
         numel = factors.A.shape[0] * factors.G.shape[0]
-        expected = factors.A.sum() * factors.G.sum() + 0.05 * numel
+        assert name != "0" or factors.num_locations > 1  # the conv
+        expected = factors.num_locations * factors.A.sum() * factors.G.sum() + 0.05 * numel
         assert float(pre.coarse_matrix[i, i]) == pytest.approx(float(expected), rel=1e-10)
 
 

@@ -211,11 +211,15 @@ def test_exact_coarse_matrix_matches_dense(p: Problem) -> None:
 
 @pytest.mark.parametrize("ts", [[1, 1, 1], [4, 4, 4], [1, 4, 2], [3, 4, 1]])
 def test_tselepidis_diagonal_is_kfac_block_sum(ts: list[int]) -> None:
+    """``F_c[i,i] = 1ᵀ(T_i·A_i ⊗ G_i)1 + λ·numel_i``: the KFC block the fine level
+    preconditions a layer of ``T_i`` locations with (``T_i`` was left out before
+    2026-12-04: ``1/T_i`` of it)."""
     p = make_problem(1, 5, ts, 3)
     fc = tselepidis_coarse_matrix(p.stats, p.damping)
     for i, s in enumerate(p.stats):
         a, g = kronecker_factors(s)
-        expected = torch.kron(a, g).sum() + p.damping * a.shape[0] * g.shape[0]
+        block = s.num_locations * torch.kron(a, g)
+        expected = block.sum() + p.damping * a.shape[0] * g.shape[0]
         assert float(fc[i, i]) == pytest.approx(float(expected), rel=1e-12)
     assert torch.equal(fc, fc.T)
 
@@ -265,7 +269,7 @@ def test_tselepidis_resamples_locations_by_nearest_index() -> None:
     pairs = [(n, t) for n in range(2) for t in range(4)]
     a_01 = torch.stack([torch.outer(s0.a[n, idx0[t]], s1.a[n, t]) for n, t in pairs]).sum(0)
     g_01 = torch.stack([torch.outer(s0.g[n, idx0[t]], s1.g[n, t]) for n, t in pairs]).sum(0)
-    expected = (a_01 / 8).sum() * (g_01 / 8).sum()
+    expected = 4 * (a_01 / 8).sum() * (g_01 / 8).sum()  # T_01 = 4 matched locations
     assert float(fc[0, 1]) == pytest.approx(float(expected), rel=1e-12)
 
 

@@ -1,7 +1,7 @@
 """Tselepidis et al. (2020)'s coarse matrix (coarse space ``tselepidis``, label PREVIOUS).
 
 The Nicolaides basis (``r_i = 1`` on layer ``i``) with ``F_c`` built from cross-layer
-Kronecker factors instead of the exact Fisher: ``F_c[i,j] = ⟨1, (A_ij ⊗ G_ij) 1⟩ +
+Kronecker factors instead of the exact Fisher: ``F_c[i,j] = T_ij·⟨1, (A_ij ⊗ G_ij) 1⟩ +
 λ·numel_i·δ_ij`` (:func:`tselepidis_coarse_matrix`), for every block type (blocks of their
 own as sums of Kronecker sub-blocks).
 """
@@ -38,22 +38,24 @@ def tselepidis_coarse_matrix(
 ) -> Tensor:
     """Tselepidis et al. (2020) coarse matrix for the Nicolaides basis, ``[L, L]``.
 
-    ``F_c[i,j] = sum(A_ij)·sum(G_ij) + λ·numel_i·δ_ij`` with the cross-layer Kronecker
-    factors ``A_ij = E[ā_i ā_jᵀ]``, ``G_ij = E[δ_i δ_jᵀ]``, i.e. ``⟨1, (A_ij ⊗ G_ij) 1⟩``.
-    ``sum(A_ij)`` is computed from the per-(sample, location) sums ``s^a = 1ᵀā`` without
-    forming ``A_ij``. Layers with different numbers of locations ``T_i ≠ T_j`` are matched
-    by nearest-index resampling to ``T_ij = max(T_i, T_j)``, ``m_i(t) = ⌊t·T_i/T_ij⌋``:
+    ``F_c[i,j] = T_ij·sum(A_ij)·sum(G_ij) + λ·numel_i·δ_ij`` with the cross-layer
+    Kronecker factors ``A_ij = E[ā_i ā_jᵀ]``, ``G_ij = E[δ_i δ_jᵀ]``, i.e.
+    ``T_ij·⟨1, (A_ij ⊗ G_ij) 1⟩``. ``sum(A_ij)`` is computed from the per-(sample,
+    location) sums ``s^a = 1ᵀā`` without forming ``A_ij``. Layers with different numbers of
+    locations ``T_i ≠ T_j`` are matched by nearest-index resampling to
+    ``T_ij = max(T_i, T_j)``, ``m_i(t) = ⌊t·T_i/T_ij⌋``:
 
         sum(A_ij) = (1/(N T_ij)) Σ_n Σ_t s^a_i[n, m_i(t)] s^a_j[n, m_j(t)]
 
-    (``G_ij`` likewise). Our choice (Tselepidis' code resamples conv locations too): it
-    makes the diagonal ``1ᵀ(A_i ⊗ G_i)1`` with the KFAC/KFC factors
-    ``A_i = Σ_{n,t} ā āᵀ/(NT)``, so ``F_c`` agrees with KFAC on each layer with ``T = 1``.
-    A layer with ``T > 1`` locations (a convolution, a sequence) is preconditioned as
-    ``T·(A ⊗ G)`` (KFC's convention), and its diagonal entry here is ``1/T`` of that block's
-    ``1ᵀ(T·A ⊗ G)1``: the cross-layer formula has no such factor, and none is added.
-    (Tselepidis' gkfac re-adds a mirrored triangle at every inverse update; we build it
-    symmetric.)
+    (``G_ij`` likewise; Tselepidis' code resamples conv locations too). The factor
+    ``T_ij`` makes each entry KFC's expand view of ``1ᵀF_ij1`` (a sum over the matched
+    locations, each pair independent): on the diagonal ``1ᵀ(T_i·A_i ⊗ G_i)1``, the block
+    the fine level preconditions a layer of ``T_i`` locations with (a convolution, a
+    sequence), as Tselepidis' code has it (kfac-pytorch's ``G`` of a convolution carries
+    its spatial size). ``T = 1`` layers (an MLP) are unchanged. Before 2026-12-04 the
+    factor was left out, so a layer of ``T`` locations entered ``F_c`` ``T`` times too
+    small (a tiny conv net's steps 28 against KFAC's 7.6; 9.2 with it). (Tselepidis' gkfac
+    re-adds a mirrored triangle at every inverse update; we build it symmetric.)
 
     Blocks of their own are direct sums of Kronecker sub-blocks
     (:meth:`~twolevel_kfac.curvature.blocks.LayerStats.nicolaides_sums`): a grouped
@@ -111,7 +113,7 @@ def _groups(
 
 
 def sub_block_products(stats: Sequence[LayerStats], chunk: int = 1024) -> Tensor:
-    """``Σ_{s∈i, s'∈j} sum_a[s,s']·sum_g[s,s'] / T_ss'²`` (``[L, L]``; the sums of
+    """``Σ_{s∈i, s'∈j} sum_a[s,s']·sum_g[s,s'] / T_ss'`` (``[L, L]``; the sums of
     :func:`tselepidis_sums`): ``N²`` times the cross-layer term of ``F_c``, without the
     ``[S, S]`` sums (``chunk`` sub-blocks at a time, folded onto the layers by products
     with their one-hot owner matrices: deterministic, unlike an accumulating scatter)."""
@@ -124,7 +126,7 @@ def sub_block_products(stats: Sequence[LayerStats], chunk: int = 1024) -> Tensor
             part = rows[start : start + chunk]
             pairs = torch.maximum(counts[part][:, None], counts[rows][None, :]) == t
             a_part, g_part = a[start : start + chunk], g[start : start + chunk]
-            products = torch.where(pairs, (a_part @ a.T) * (g_part @ g.T), 0.0) / t**2
+            products = torch.where(pairs, (a_part @ a.T) * (g_part @ g.T), 0.0) / t
             fc += fold_rows[:, start : start + chunk] @ products @ fold_rows.T
     return fc
 
@@ -170,10 +172,10 @@ def tselepidis_from_sums(
     damping: float,
     numels: Sequence[int] | None = None,
 ) -> Tensor:
-    """``F_c = Σ_{s∈i,s'∈j} sum(A_ss')·sum(G_ss') + λ·numel_i·δ_ij`` (``[L, L]``) from
-    :func:`tselepidis_sums` of ``num_samples`` samples (``stats`` gives the layers;
+    """``F_c = Σ_{s∈i,s'∈j} T_ss'·sum(A_ss')·sum(G_ss') + λ·numel_i·δ_ij`` (``[L, L]``)
+    from :func:`tselepidis_sums` of ``num_samples`` samples (``stats`` gives the layers;
     ``numels`` as :func:`tselepidis_coarse_matrix`)."""
-    fc = sum_a * sum_g / (num_samples * locations) ** 2
+    fc = sum_a * sum_g / (num_samples**2 * locations)
     if len(stats) != len(owner):  # sub-blocks: sum each layer's rows and columns
         fold = torch.zeros(len(stats), len(owner), dtype=fc.dtype, device=fc.device)
         fold[owner, torch.arange(len(owner), device=fc.device)] = 1.0
