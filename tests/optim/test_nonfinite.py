@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,25 +67,32 @@ def test_nonfinite_policy_raise() -> None:
         tk.KFAC(model, nonfinite_policy="ignore")
 
 
-@pytest.mark.parametrize("method", ("kfac", "sgd", "adam"))
-def test_runner_skips_counts_and_stops(tmp_path: Path, method: str) -> None:
-    """A poisoned example skips its step (counted); all-poisoned data stops the run."""
+def _tiny_run(method: str, **problem: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A 2-layer deep-linear run's config on 48 in-memory examples (6 batches of 8), and
+    the examples."""
     from twolevel_kfac.experiments.config import parse_config
-    from twolevel_kfac.experiments.runner import Data, train_run
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 5, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-    x[7, 1] = float("nan")  # one bad example: one skipped step per epoch
     entry = {"lr": 0.05} if method != "kfac" else {"lr": 0.05, "damping": 0.1}
     problem = {
         "model": {"name": "deep_linear", "kwargs": {"depth": 2, "width": 4, "in_features": 5}},
         "dataset": {"name": "in-memory"},
         "loss": "cross_entropy",
         "batch_size": 8,
-        "epochs": 2,
-        "max_consecutive_nonfinite": 3,
+        **problem,
     }
     config = parse_config({"problem": problem, "methods": {method: entry}}).for_run(method, 0)
+    return config, x, y
+
+
+@pytest.mark.parametrize("method", ("kfac", "sgd", "adam"))
+def test_runner_skips_counts_and_stops(tmp_path: Path, method: str) -> None:
+    """A poisoned example skips its step (counted); all-poisoned data stops the run."""
+    from twolevel_kfac.experiments.runner import Data, train_run
+
+    config, x, y = _tiny_run(method, epochs=2, max_consecutive_nonfinite=3)
+    x[7, 1] = float("nan")  # one bad example: one skipped step per epoch
     result = train_run(config, tmp_path / "a", data=Data((x, y), None, None), progress=False)
     assert result.stop_reason == "epochs"
     assert [r["nonfinite_steps"] for r in result.records] == [1, 2]
@@ -312,20 +320,9 @@ def test_a_run_stuck_for_an_epoch_is_diverged(tmp_path: Path, method: str) -> No
     worth of skipped steps. It ran to its last epoch as ``"epochs"`` with null losses, so
     ``tlkfac tune`` scored it by an earlier epoch and picked it, and the report counted it
     among the finished runs."""
-    from twolevel_kfac.experiments.config import parse_config
     from twolevel_kfac.experiments.runner import Data, train_run
 
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(48, 5, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-    entry = {"lr": 0.05} if method != "kfac" else {"lr": 0.05, "damping": 0.1}
-    problem = {
-        "model": {"name": "deep_linear", "kwargs": {"depth": 2, "width": 4, "in_features": 5}},
-        "dataset": {"name": "in-memory"},
-        "loss": "cross_entropy",
-        "batch_size": 8,
-        "epochs": 4,
-    }
-    config = parse_config({"problem": problem, "methods": {method: entry}}).for_run(method, 0)
+    config, x, y = _tiny_run(method, epochs=4)
     result = train_run(
         config, tmp_path / "a", data=Data((x * float("nan"), y), None, None), progress=False
     )
