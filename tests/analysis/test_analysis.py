@@ -412,3 +412,6 @@ def test_an_analysis_config_with_a_typo_names_the_key_and_its_closest_match(
     path.write_text(raw.replace("batch_size:", "bacth_size:"))
     with pytest.raises(ValueError, match=r"unknown key 'bacth_size' \(did you mean 'batch_size'"):
         load_config(path)
+    path.write_text(raw + "matrix_free: {cg_tl: 1.0e-6}\n")  # a pydantic dataclass below
+    with pytest.raises(ValueError, match=r"unknown key 'matrix_free.cg_tl' \(did you mean"):
+        load_config(path)

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from twolevel_kfac.curvature.batch_independent import from_parameters_alone
+from twolevel_kfac.curvature.batch_independent import shared_rows
 
 torch.manual_seed(0)
 LATENTS = nn.Parameter(torch.randn(3, 4))
 DATA = torch.randn(8, 3, 4)
 NORM, RMS = nn.LayerNorm(4), nn.RMSNorm(4)
+PROMPTS = nn.Parameter(torch.randn(3, 2, 4))
 
 PROVED: dict[str, Callable[[], Tensor]] = {
     "layer norm": lambda: NORM(LATENTS),
@@ -28,6 +29,8 @@ PROVED: dict[str, Callable[[], Tensor]] = {
     "dropout": lambda: F.dropout(LATENTS, 0.1),
     "slices and cat": lambda: torch.cat([LATENTS[:1], LATENTS[1:].t().t()]),
     "a batch statistic": lambda: LATENTS + DATA.mean(0),
+    "one looked-up prompt": lambda: PROMPTS[torch.tensor([1])],
+    "as many latents as samples": lambda: NORM(nn.Parameter(torch.randn(8, 4))),
 }
 NOT_PROVED: dict[str, Callable[[], Tensor]] = {
     "the data": lambda: NORM(DATA),
@@ -37,24 +40,26 @@ NOT_PROVED: dict[str, Callable[[], Tensor]] = {
     "an input with a gradient": lambda: DATA.clone().requires_grad_() * 2,
     "a leaf": lambda: LATENTS.detach(),
     "an embedding": lambda: nn.Embedding(5, 4)(torch.tensor([0, 1, 2])),
+    "a prompt per sample": lambda: PROMPTS[torch.arange(8) % 3],
+    "a perturbation beside the data": lambda: DATA + nn.Parameter(torch.randn(8, 3, 4)),
 }
 
 
 @pytest.mark.parametrize("case", list(PROVED))
 def test_computed_from_parameters_alone_is_proved(case: str) -> None:
-    assert from_parameters_alone(PROVED[case](), set()) is not None
+    assert shared_rows(PROVED[case](), set(), batch=8)
 
 
 @pytest.mark.parametrize("case", list(NOT_PROVED))
 def test_what_may_hold_samples_is_not(case: str) -> None:
-    assert from_parameters_alone(NOT_PROVED[case](), set()) is None
+    assert not shared_rows(NOT_PROVED[case](), set(), batch=8)
 
 
 def test_the_walk_stops_at_a_layer_output_already_passed() -> None:
     """A node of ``stop`` (a layer output whose input held samples) ends the walk: a deep
     network's layers do not each walk back to its first."""
     inner = NORM(LATENTS)
-    assert from_parameters_alone(inner.tanh(), {inner.grad_fn}) is None
+    assert not shared_rows(inner.tanh(), {inner.grad_fn}, batch=8)
 
 
 class _Perceiver(nn.Module):
@@ -97,43 +102,62 @@ def test_a_layer_on_computed_latents_is_refused(fisher: str) -> None:
 
 
 class _PerSample(nn.Module):
-    """Layers whose inputs hold a row per sample made with parameters: ``a(x + delta)``
-    (a perturbation ``[B, T, F]`` held as a parameter), ``a(tanh(emb))`` (full-batch
-    embeddings ``[B, D]``), an expert routed one token ``e(h[idx])``; and the loop
-    ``a(h[i:i + 1])`` over the samples, which is refused."""
+    """Layers whose inputs hold a row per sample: ``a(x + delta)`` (a perturbation
+    ``[B, T, F]`` held as a parameter), ``a(tanh(codes))`` (per-sample codes ``[B, D]``
+    passed as a tensor with ``requires_grad``), an expert ``Linear → GELU → Linear`` routed
+    one token; and shared ones: the same codes as an ``nn.Parameter`` (which cannot be told
+    from latents), a prompt looked up for the whole batch, and the loop ``a(h[[i]])``."""
 
     def __init__(self, form: str) -> None:
         super().__init__()
         torch.manual_seed(2)
         self.form = form
         self.delta = nn.Parameter(0.1 * torch.randn(8, 3, 4, dtype=torch.float64))
-        self.emb = nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+        codes = torch.randn(8, 4, dtype=torch.float64)
+        self.codes = nn.Parameter(codes) if form == "parameter codes" else codes.requires_grad_()
+        self.prompts = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
         self.a = nn.Linear(4, 4, dtype=torch.float64)
-        self.e = nn.Linear(4, 4, dtype=torch.float64)
+        self.e = nn.Sequential(
+            nn.Linear(4, 6, dtype=torch.float64), nn.GELU(), nn.Linear(6, 4, dtype=torch.float64)
+        )
         self.head = nn.Linear(4, 3, dtype=torch.float64)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.form == "perturbation":
             return self.head(self.a(x + self.delta).tanh()).mean(1)
-        if self.form == "embeddings":
-            return self.head(self.a(torch.tanh(self.emb)) + x.mean(1))
+        if self.form in ("codes", "parameter codes"):
+            return self.head(self.a(torch.tanh(self.codes)) + x.mean(1))
+        if self.form == "prompt":
+            return self.head(self.a(self.prompts[torch.tensor([1])]) + x.mean(1))
         h = self.a(x.mean(1))
         if self.form == "loop":
-            return self.head(torch.cat([self.a(h[i : i + 1]) for i in range(len(h))]))
+            return self.head(torch.cat([self.a(h[[i]]) for i in range(len(h))]))
         idx = torch.tensor([5])
         return self.head(h.index_add(0, idx, self.e(h[idx])))
 
 
-@pytest.mark.parametrize("form", ["perturbation", "embeddings", "expert", "loop"])
-def test_rows_of_their_own_sample_train_and_a_loop_is_refused(form: str) -> None:
-    """Parameters with a row per sample beside the data, and one gathered token, are not
-    shared rows: they train (refused by the first version of this check, the expert long
-    before it); a layer called on one sample at a time still is refused."""
+@pytest.mark.parametrize(
+    ("form", "refused"),
+    [
+        ("perturbation", None),
+        ("codes", None),
+        ("expert", None),
+        ("parameter codes", "computed from parameters alone"),
+        ("prompt", "looked-up prompt"),
+        ("loop", "one call per sample"),
+    ],
+)
+def test_rows_of_their_own_sample_train_and_shared_ones_are_refused(
+    form: str, refused: str | None
+) -> None:
+    """Rows each sample's own train (an expert routed one token was refused, and crashed
+    runs at random); shared rows are refused by name, also where they are looked up by a
+    tensor index or come one call per sample (``h[[i]]``)."""
     x, y = torch.randn(8, 3, 4, dtype=torch.float64), torch.arange(8) % 3
     model = _PerSample(form)
     opt = tk.KFAC(model, fisher="empirical")
-    if form == "loop":
-        with pytest.raises(RuntimeError, match="one call per sample"):
+    if refused is not None:
+        with pytest.raises(RuntimeError, match=refused):
             F.cross_entropy(model(x), y)
         return
     for _ in range(2):

@@ -316,10 +316,11 @@ def test_a_load_after_a_captured_forward_keeps_the_saved_generator() -> None:
 @pytest.mark.parametrize("method", ["sgd", "kfac"])
 def test_a_run_stuck_for_an_epoch_is_diverged(tmp_path: Path, method: str) -> None:
     """Every batch NaN for a whole epoch, the epoch shorter than
-    ``max_consecutive_nonfinite`` (20): the run is stopped as diverged after that epoch's
-    worth of skipped steps. It ran to its last epoch as ``"epochs"`` with null losses, so
-    ``tlkfac tune`` scored it by an earlier epoch and picked it, and the report counted it
-    among the finished runs."""
+    ``max_consecutive_nonfinite`` (20): the run is stopped as diverged at that epoch's end.
+    It ran to its last epoch as ``"epochs"`` with null losses, so ``tlkfac tune`` scored it
+    by an earlier epoch and picked it, and the report counted it among the finished runs.
+    One bad example (one skipped step an epoch, shuffled across the epoch boundary) still
+    trains to the end."""
     from twolevel_kfac.experiments.runner import Data, train_run
 
     config, x, y = _tiny_run(method, epochs=4)
@@ -328,3 +329,8 @@ def test_a_run_stuck_for_an_epoch_is_diverged(tmp_path: Path, method: str) -> No
     )
     assert result.stop_reason == "diverged" and result.step == 6  # 48 / 8 batches
     assert result.records[-1]["diverged"] is True
+    config, x, y = _tiny_run(method, epochs=4, batch_size=24)  # 2 batches an epoch
+    x[7, 1] = float("nan")
+    result = train_run(config, tmp_path / "b", data=Data((x, y), None, None), progress=False)
+    assert result.stop_reason == "epochs" and result.step == 8
+    assert all(math.isfinite(r["train_loss"]) for r in result.records)

@@ -160,3 +160,26 @@ def test_a_load_refused_between_backward_and_step_keeps_the_steps_statistics(
             opt.step()
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_tselepidis_checkpoint_from_before_the_location_counts_is_told() -> None:
+    """A ``coarse_space="tselepidis"`` state saved before its coarse matrix counted each
+    layer's locations (no ``tselepidis_locations`` entry) loads with a warning: its saved
+    ``F_c`` is used until the next refresh. Today's loads without one."""
+    x, y = torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))
+
+    def stepped() -> torch.optim.Optimizer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3))
+        opt = tk.TwoLevelKFAC(model, coarse_space="tselepidis", cov_interval=2)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return opt
+
+    state = stepped().state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stepped().load_state_dict(state)
+    del state["preconditioner"]["coarse"]["tselepidis_locations"]
+    with pytest.warns(RuntimeWarning, match="predates 2026-12-04"):
+        stepped().load_state_dict(state)

@@ -197,7 +197,7 @@ class CurvatureCapture:
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
-        check_batched_input(name, module, x, forward.batch_size, forward.per_sample)
+        check_batched_input(name, module, x, forward)
         check_registration(name, module, (args, kwargs), output)
         kept = recorded_input(module, x.detach())
         record = Record(module, fisher_rows(kept, forward), forward, None, sample_major(x, forward))

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .batch_independent import from_parameters_alone, gathered
+from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
 
 if TYPE_CHECKING:
-    from torch.autograd.graph import Node
+    from .forward_pass import ForwardPass
 
 __all__ = [
     "check_batch_rows",
@@ -193,51 +193,42 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
         )
 
 
-def check_batched_input(
-    name: str, module: nn.Module, inputs: Tensor, batch: int, stop: set[Node] | None = None
-) -> None:
-    """Refuse a layer called on rows shared by the batch of ``B > 1``: one row (learned
-    latents or queries ``[1, L, D]``, a CLS token, broadcast to the samples after the
-    layer; or one call per sample; not one gathered token, which a mixture-of-experts
-    expert may get: :func:`~.batch_independent.gathered`), a parameter
-    (``to_q(self.latents)``, ``[L, D]``: no row of it is a sample's), a tensor computed from
-    parameters alone none of which has ``B`` rows (``to_q(norm(self.latents))``:
-    :func:`~.batch_independent.from_parameters_alone`, its walk stopped at the nodes
-    ``stop`` of layer outputs already passed; latents as many as the samples pass), and an
-    embedding's shared positions (:func:`check_unbatched_embedding`). Their rows hold the
-    gradients summed over the samples, which KFAC would take as one sample's (a step 0.42
-    off on one of 0.76; computed latents taken as gathered rows: 0.18 to 2.2 off). Other
-    shared inputs (through an embedding's lookup of positions, an index) are not
-    recognised: ``L`` rows of a computed tensor could be any rows (gathered tokens are).
+def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: ForwardPass) -> None:
+    """Refuse a layer called on rows shared by the forward's batch of ``B > 1``: a
+    parameter (``to_q(self.latents)``: no row of it is a sample's), rows computed from
+    parameters alone or one row looked up from them (``to_q(norm(self.latents))``, latents
+    or queries ``[1, L, D]`` or a CLS token broadcast to the samples after the layer, a
+    prompt ``prompts[i]``: :func:`~.batch_independent.shared_rows`, its walk stopped at the
+    nodes of layer outputs already passed, ``forward.per_sample``), one call per sample (a
+    loop in ``forward``: a second call of one row in the forward), and an embedding's shared
+    positions (:func:`check_unbatched_embedding`). Their rows hold the gradients summed
+    over the samples, which KFAC would take as one sample's (a step 0.42 off on one of
+    0.76; computed latents taken as gathered rows: 0.18 to 2.2 off). One row alone passes:
+    a mixture-of-experts expert may be routed one token. Other shared inputs (positions
+    looked up for the whole batch, a compiled graph) are not recognised.
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
     """
+    batch = forward.batch_size
     check_unbatched_embedding(name, module, inputs, batch)
-    one_row = batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and not gathered(inputs)
-    if isinstance(inputs, nn.Parameter) or one_row:
-        what = "a parameter, or one row broadcast to the samples after the layer; or one "
-        what += "call per sample, a loop in forward"
-    elif batch > 1 and _shared(inputs, batch, stop if stop is not None else set()):
-        what = "computed from parameters alone, as norm(latents) is"
+    one_row = batch > 1 and inputs.dim() > 1 and len(inputs) == 1
+    if one_row and any(len(r.inputs) == 1 for r in forward.records.get(name, ())):
+        what = "one call per sample, a loop in forward"
+    elif isinstance(inputs, nn.Parameter):
+        what = "a parameter"
+    elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
+        what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
     else:
         return
     raise RuntimeError(
         f"layer {name!r} was called on an input of shape {tuple(inputs.shape)} shared "
-        f"by the batch of {batch} ({what}). "
-        "Its rows hold the gradients summed over the samples, which KFAC would take as one "
-        "sample's; call it once with a row per sample, e.g. on "
-        "latents.expand(B, L, D) for [1, L, D] or [L, D] latents, before the layer (and any "
-        "norm on the way)"
+        f"by the batch of {batch} ({what}). Its rows hold the gradients summed over the "
+        "samples, which KFAC would take as one sample's; call it once with a row per "
+        "sample, e.g. on latents.expand(B, L, D) for [1, L, D] or [L, D] latents, before "
+        "the layer (and any norm on the way). A parameter that holds one row per sample "
+        "(per-sample codes): pass it as a tensor with requires_grad=True instead"
     )
-
-
-def _shared(inputs: Tensor, batch: int, stop: set[Node]) -> bool:
-    """Computed from parameters alone, none of which has the ``batch`` rows (a parameter
-    per sample, ``x + delta`` or full-batch embeddings ``[B, D]``, keeps each row its
-    sample's)."""
-    params = from_parameters_alone(inputs, stop)
-    return params is not None and not any(p.dim() > 0 and len(p) == batch for p in params)
 
 
 def warn_forwards(forwards: int, accumulation_steps: int) -> None:

@@ -64,8 +64,8 @@ def select(
     missing = [s for s in seeds if s not in known]
     if missing:
         raise ValueError(
-            f"seed(s) {missing} are not in the config: its methods {labels} run seeds {known} "
-            "(problem.seeds, or a method's own seeds); add them there to run them"
+            f"seed(s) {missing} are run by none of the methods {labels}: they run seeds "
+            f"{known} (problem.seeds, or a method's own seeds); add them there to run them"
         )
     return labels, list(seeds)
 

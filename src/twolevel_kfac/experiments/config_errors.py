@@ -35,16 +35,20 @@ def check_keys(where: str, entry: dict[str, Any], allowed: typing.Iterable[str])
             raise ValueError(unknown_key(f"{where}.{key}", str(key), allowed))
 
 
-def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates location ``loc`` below ``model``."""
+def _fields(model: Any) -> dict[str, Any]:
+    """The fields of a pydantic model or pydantic dataclass (``{}`` for anything else)."""
+    return dict(getattr(model, "model_fields", None) or getattr(model, "__pydantic_fields__", {}))
+
+
+def _model_at(model: Any, loc: tuple[Any, ...]) -> Any:
+    """The pydantic model (or pydantic dataclass) that validates location ``loc`` below
+    ``model``."""
     for part in loc:
-        field = model.model_fields.get(str(part)) if model is not None else None
+        field = _fields(model).get(str(part)) if model is not None else None
         if field is None:
             return None
         candidates = [field.annotation, *typing.get_args(field.annotation)]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
+        model = next((c for c in candidates if isinstance(c, type) and _fields(c)), None)
     return model
 
 
@@ -52,9 +56,9 @@ def format_error(error: Any, root: type[BaseModel]) -> str:
     """One line for one pydantic validation error below the model ``root``."""
     loc = tuple(error["loc"])
     path = ".".join(map(str, loc))
-    if error["type"] == "extra_forbidden":
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # (a dataclass)
         model = _model_at(root, loc[:-1])
-        allowed = sorted(model.model_fields) if model else []
+        allowed = sorted(_fields(model))
         return unknown_key(path, str(loc[-1]), allowed)
     if error["type"] == "missing":
         return f"missing required key '{path}'"

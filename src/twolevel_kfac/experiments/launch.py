@@ -146,7 +146,7 @@ def _check_distributed(config: ExperimentConfig, nproc: int) -> None:
     if nproc > cores and device.type == "cpu":
         warnings.warn(
             f"--nproc {nproc} on {cores} CPU core(s): the processes share them (one thread "
-            "each), so the run is slower than on fewer processes; the results are the same",
+            "each), so the run is slower than on fewer processes",
             RuntimeWarning,
             stacklevel=3,
         )

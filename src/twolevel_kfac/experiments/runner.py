@@ -34,12 +34,11 @@ the host-held data set when it is used) and the evaluation; checkpoints hold CPU
 Non-finite values: a step whose loss or gradient is NaN/Inf is skipped (nothing reaches
 the parameters, the optimizer state or KFAC's running factors; the KFAC family does this
 itself and counts it in ``opt.nonfinite_steps``, SGD/Adam are checked here) and counted:
-every record carries ``nonfinite_steps`` (the total so far), and an epoch's
-``train_loss`` is the mean of its finite minibatch losses (NaN when there were none).
-``problem.max_consecutive_nonfinite`` skipped steps in a row, or an epoch's worth (stuck:
-every batch's loss NaN), stop the run with ``stop_reason == "diverged"`` and a message on
-stderr; since skipped steps change nothing, the final checkpoint holds the last good
-parameters (a checkpoint is never overwritten by non-finite parameters).
+every record carries ``nonfinite_steps`` (the total so far), and an epoch's ``train_loss``
+is the mean of its finite minibatch losses (NaN when there were none: such an epoch, or
+``problem.max_consecutive_nonfinite`` skipped steps in a row, stop the run with
+``stop_reason == "diverged"`` and a message on stderr); since skipped steps change nothing,
+the final checkpoint holds the last good parameters (never overwritten by non-finite ones).
 """
 
 from __future__ import annotations
@@ -297,12 +296,13 @@ def _run_loop(
                 return interrupted, "partial" if s.position else ""
             loop.step()
             bar.update(1)
-            if s.consecutive_nonfinite >= min(problem.max_consecutive_nonfinite, loop.n_batches):
+            stuck = s.position == loop.n_batches and s.loss_count == 0  # no finite step
+            if s.consecutive_nonfinite >= problem.max_consecutive_nonfinite or stuck:
                 s.stop_reason = "diverged"
                 print(
                     f"{loop.label} seed {loop.seed}: stopped after {s.consecutive_nonfinite} "
                     f"non-finite (NaN/Inf) steps in a row at step {s.step} "
-                    "(problem.max_consecutive_nonfinite, or an epoch's worth); the checkpoint "
+                    "(problem.max_consecutive_nonfinite, or a whole epoch); the checkpoint "
                     "keeps the last good parameters",
                     file=sys.stderr,
                 )

@@ -15,6 +15,7 @@ into the preconditioner's ``"ranks"``).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +64,7 @@ def coarse_state(level: CoarseLevel, distributed: bool) -> dict[str, Any]:
         "coarse_damping": level.coarse_damping,
         "coarse_updates": level.coarse_updates,
         "names": level.names,
+        "tselepidis_locations": True,  # F_c counts locations (since 2026-12-04)
     }
 
 
@@ -188,9 +190,25 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     columns = coarse.get("fisher_undamped_columns")
     level.fisher_columns = None if columns is None else FisherColumns(_on_names(level, columns))
     level.coarse_matrix = level.host.placed(level.names[0], coarse["coarse_matrix"])
+    _warn_old_tselepidis(level, coarse)
     level.coarse_damping = coarse.get("coarse_damping")  # None: a state from before it
     level.coarse_updates = int(coarse["coarse_updates"])
     operator = None
     if level.basis is not None and level.coarse_matrix is not None:
         operator = CoarseOperator.from_matrix(level.basis, level.coarse_matrix)
     level.install_operator(operator)
+
+
+def _warn_old_tselepidis(level: CoarseLevel, coarse: dict[str, Any]) -> None:
+    """Warn of a Tselepidis coarse matrix saved before it counted the layers' locations:
+    a convolution's or sequence layer's entries ``1/T`` of today's until the next refresh."""
+    if level.options.coarse_space != "tselepidis" or coarse.get("tselepidis_locations"):
+        return
+    if coarse.get("coarse_matrix") is not None:
+        warnings.warn(
+            "this coarse_space='tselepidis' checkpoint predates 2026-12-04, when its coarse "
+            "matrix began counting each layer's locations T: its saved F_c (1/T of today's "
+            "on convolutions and sequence layers) is used until the next refresh rebuilds it",
+            RuntimeWarning,
+            stacklevel=5,
+        )

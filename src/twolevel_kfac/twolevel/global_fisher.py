@@ -66,10 +66,25 @@ def global_tselepidis_matrix(
 ) -> Tensor:
     """``tselepidis_coarse_matrix`` of the global Fisher mini-batch (``sum(A_ss')`` and
     ``sum(G_ss')`` over the sub-blocks are sums over samples: reduced separately, then
-    multiplied)."""
+    multiplied). The ranks' locations are reduced with them: ranks whose layers have other
+    numbers of locations (sequences padded to other lengths) would resample differently and
+    build different matrices (the replicas drifted apart: steps 0.11 off on 2.39).
+
+    Raises:
+        RuntimeError: on every rank, when their numbers of locations differ.
+    """
     sum_a, sum_g, locations, owner = tselepidis_sums(stats)
     num = len(owner)
-    packed_a, packed_g = all_reduce_sum(comm, [pack_symmetric(sum_a), pack_symmetric(sum_g)])
+    packed_a, packed_g, total = all_reduce_sum(
+        comm, [pack_symmetric(sum_a), pack_symmetric(sum_g), locations.diagonal().clone()]
+    )
+    if not torch.equal(total, comm.world_size * locations.diagonal()):
+        raise RuntimeError(
+            "coarse_space='tselepidis' under torch.distributed needs the same number of "
+            "locations per layer on every rank (the ranks' sequences were padded to "
+            "different lengths, or their images have other sizes): pad every rank's batch "
+            "to one length, or use another coarse space"
+        )
     return tselepidis_from_sums(
         unpack_symmetric(packed_a, num),
         unpack_symmetric(packed_g, num),
