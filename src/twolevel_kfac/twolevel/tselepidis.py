@@ -62,7 +62,7 @@ def tselepidis_coarse_matrix(
     convolution's groups (``ā_g``, ``δ_g``), a norm's units (``ā = [x̂_i, 1]``, ``δ_i``). Their
     Nicolaides vector is the sum of their sub-blocks' ones, so the matrix is the one above
     over the sub-blocks ``s``, summed over those of each layer:
-    ``F_c[i,j] = Σ_{s∈i, s'∈j} sum(A_ss')·sum(G_ss') + λ·numel_i·δ_ij`` (for such a layer
+    ``F_c[i,j] = Σ_{s∈i, s'∈j} T_ss'·sum(A_ss')·sum(G_ss') + λ·numel_i·δ_ij`` (for such a layer
     the diagonal also holds its sub-blocks' cross terms, which its fine block leaves out).
     The products are formed for a chunk of sub-blocks at a time and summed into ``[L, L]``
     at once (memory ``O(chunk·S)``, not ``O(S²)``: a norm layer brings one sub-block per
