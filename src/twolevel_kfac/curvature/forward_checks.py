@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_batch_rows",
     "check_batched_input",
+    "check_calls_on_parts",
     "check_subset_rows",
     "check_unbatched_embedding",
     "check_unreached",
@@ -167,7 +168,8 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
     ``pos(torch.arange(T))``, GPT-2's ``pos(torch.arange(T)[None])``, broadcast over a batch
     of ``B > 1``): each output row then gets the gradient summed over the samples, and KFAC's
     ``G`` would be formed from those sums as if they were samples, a silently wrong step.
-    Recognised by the indices themselves, whatever the lengths: a leading dimension of 1,
+    Recognised by the indices themselves, whatever the lengths: one index (a task's code
+    looked up for the whole batch, ``task(torch.tensor([t]))``), a leading dimension of 1,
     or a 1-D run ``a, a + 1, …, a + n − 1`` with ``n ≠ B`` (flattened or packed tokens and
     one label per sample are not such a run but by a chance no real batch has). Shared
     indices of other forms (a constant token type, a ``[T, T]`` relative-position table,
@@ -176,10 +178,10 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
     """
-    if not isinstance(module, nn.Embedding) or batch <= 1 or inputs.dim() == 0:
+    if not isinstance(module, nn.Embedding) or batch <= 1:
         return
-    count = inputs.shape[-1]
-    shared = inputs.dim() > 1 and inputs.shape[0] == 1
+    count = inputs.shape[-1] if inputs.dim() else 1
+    shared = inputs.dim() == 0 or inputs.numel() == 1 or (inputs.dim() > 1 and len(inputs) == 1)
     if inputs.dim() == 1 and count != batch and count > 1:
         shared = bool((inputs[1:] - inputs[:-1] == 1).all())
     if shared:
@@ -199,9 +201,9 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
     parameters alone or one row looked up from them (``to_q(norm(self.latents))``, latents
     or queries ``[1, L, D]`` or a CLS token broadcast to the samples after the layer, a
     prompt ``prompts[i]``: :func:`~.batch_independent.shared_rows`, its walk stopped at the
-    nodes of layer outputs already passed, ``forward.per_sample``), one call per sample (a
-    loop in ``forward``: a second call of one row in the forward), and an embedding's shared
-    positions (:func:`check_unbatched_embedding`). Their rows hold the gradients summed
+    nodes of layer outputs already passed, ``forward.per_sample``), calls on parts of the
+    batch (:func:`check_calls_on_parts`), and an embedding's shared positions or one row
+    (:func:`check_unbatched_embedding`). Their rows hold the gradients summed
     over the samples, which KFAC would take as one sample's (a step 0.42 off on one of
     0.76; computed latents taken as gathered rows: 0.18 to 2.2 off). One row alone passes:
     a mixture-of-experts expert may be routed one token. Other shared inputs (positions
@@ -212,10 +214,8 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
     """
     batch = forward.batch_size
     check_unbatched_embedding(name, module, inputs, batch)
-    one_row = batch > 1 and inputs.dim() > 1 and len(inputs) == 1
-    if one_row and any(len(r.inputs) == 1 for r in forward.records.get(name, ())):
-        what = "one call per sample, a loop in forward"
-    elif isinstance(inputs, nn.Parameter):
+    check_calls_on_parts(name, inputs, forward)
+    if isinstance(inputs, nn.Parameter):
         what = "a parameter"
     elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
         what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
@@ -228,6 +228,34 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
         "sample, e.g. on latents.expand(B, L, D) for [1, L, D] or [L, D] latents, before "
         "the layer (and any norm on the way). A parameter that holds one row per sample "
         "(per-sample codes): pass it as a tensor with requires_grad=True instead"
+    )
+
+
+def check_calls_on_parts(name: str, inputs: Tensor, forward: ForwardPass) -> None:
+    """Refuse a layer called more than once in a forward where a call has fewer rows than
+    the batch of ``B > 1``: parts of the batch (chunks ``layer(h[i:i + c])``, one sample
+    at a time, a mixture-of-experts expert called once per routing slot, a recurrent cell
+    on the ``h[:n]`` still running), whose calls KFAC would take as more locations of the
+    same samples (chunks of 2 and 4 of a batch of 8: steps 0.88 and 0.54 off one of 1.34).
+    Without a Fisher subset only (with one, every input has the batch's rows).
+
+    Raises:
+        RuntimeError: naming the layer and the fix.
+    """
+    earlier = forward.records.get(name, ())
+    batch = forward.batch_size
+    if not earlier or batch <= 1 or forward.index is not None or inputs.dim() == 0:
+        return
+    rows = [len(r.inputs) for r in earlier] + [len(inputs)]
+    if min(rows) >= batch:
+        return
+    raise RuntimeError(
+        f"layer {name!r} was called {len(rows)} times in one forward on parts of the batch "
+        f"of {batch} (rows {rows}): KFAC takes the calls of one layer as more locations of "
+        "the same samples, which these are not. Call it once on every row (concatenate the "
+        "parts first: one call per expert for all its tokens, the batch at once instead of "
+        "a loop over samples or chunks, a recurrent cell on every sample with the finished "
+        "ones masked)"
     )
 
 
