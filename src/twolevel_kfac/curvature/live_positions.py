@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "dead_positions",
     "kept_locations",
+    "live_count",
     "live_rows",
     "output_positions",
     "position_mean",
@@ -113,12 +114,19 @@ def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:
     return a[keep], g[keep], count / samples
 
 
+def live_count(stats: LayerStats) -> int:
+    """``M``: the positions that are not dead (``N·T`` where none is)."""
+    if stats.dead is None:
+        return stats.num_samples * stats.num_locations
+    return int((~stats.dead).sum())
+
+
 def kept_locations(stats: LayerStats) -> int | float:
     """``T`` of the positions that are not dead, per sample (``M/N``; the statistics' ``T``
     without dead ones)."""
     if stats.dead is None or stats.num_samples == 0:
         return stats.num_locations
-    return int((~stats.dead).sum()) / stats.num_samples
+    return live_count(stats) / stats.num_samples
 
 
 def position_mean(stats: LayerStats) -> Tensor:

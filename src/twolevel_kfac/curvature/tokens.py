@@ -46,6 +46,7 @@ from .layer_types import (
     one_hot_rows,
     register_layer_type,
 )
+from .live_positions import live_count
 from .running_average import ema_weight, running_average, shares_memory
 
 __all__ = ["TokenFactors", "TokenStats", "table_spectral_vector"]
@@ -270,9 +271,7 @@ class TokenStats(BlockStats):
 
     def factor_count(self) -> int:
         """The positions :meth:`block_factors` averages over (ranks weight by it)."""
-        if self.dead is None:
-            return super().factor_count()
-        return int((~self.dead).sum())
+        return live_count(self)
 
     def sample_gradients(self) -> Tensor:
         """``∇E_n = Σ_t e_{x_t} δ_tᵀ``, ``[N, V, D]`` (materialised: tests and analysis)."""

@@ -44,17 +44,17 @@ def all_or_nothing(load: _Loader) -> _Loader:
 
     @functools.wraps(load)
     def guarded(self: Any, state_dict: dict[str, Any]) -> None:
-        comm = getattr(getattr(self, "preconditioner", self), "comm", None)
+        pre = getattr(self, "preconditioner", self)
         stack = _GUARDED.__dict__.setdefault("loads", [])  # this thread's guarded loads
         covered = any(self is g or getattr(g, "preconditioner", None) is self for g in stack)
-        if covered or (comm is not None and comm.distributed):
+        if covered or pre.comm.distributed:
             load(self, state_dict)
             return
         try:
             before = copy.deepcopy(self.state_dict())
         except RuntimeError:  # an interrupted step's state, which a load may replace
             before = None
-        capture = getattr(self, "preconditioner", self).capture
+        capture = pre.capture
         pending = capture.pending()  # this step's statistics, which a load discards
         stack.append(self)
         try:
