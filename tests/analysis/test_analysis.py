@@ -399,6 +399,9 @@ def test_analyze_command_writes_outputs(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0, name
     details = json.loads((tmp_path / "details.json").read_text())
     assert details["fisher"]["statistics_vs_dense"] < 1e-12
+    report = (tmp_path / "report.md").read_text()
+    assert "| nicolaides+additive |" in report  # the tables' names; the legends' are short
+    assert "`nico` is `nicolaides`" in report.split("## Figures")[1]
     assert set(details["damping_sweep"]) == {repr(v) for v in (1e-4, 1e-3, 1e-2, 0.1, 1.0)}
 
 

@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also analyse the model snapshots of this `tlkfac run` directory "
         "(problem.keep_checkpoints: true); overrides along_run.run_dir",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (or lines, off a terminal)"
+    )
     parser.add_argument(
         "--render-only",
         action="store_true",

@@ -38,6 +38,11 @@ def save_figure(
     return path
 
 
+LEGEND_NOTE = (
+    "The legends shorten the names of the tables: `nico` is `nicolaides`, `kry_` is `krylov_`."
+)
+
+
 def short_name(name: str) -> str:
     """A method or coarse-space name shortened for legends (``nicolaides`` → ``nico``)."""
     return name.replace("krylov_", "kry_").replace("nicolaides", "nico").replace("+", " + ")

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from ..experiments.progress import progress_bar
 from .along_run import along_run, open_run
 from .config import AnalyzeConfig
 from .coordinates import analysis_layers, num_parameters
@@ -48,10 +47,6 @@ class AnalysisOutput:
     details: dict[str, Any]
     spectra: dict[str, list[float]]
     along_run: dict[str, Any] | None = None
-
-
-def _bar(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
 def run_analysis(
@@ -97,7 +92,7 @@ def run_analysis(
         "backend": backend,
         "options": opts,
     }
-    with _bar(len(names), "methods", progress) as bar:
+    with progress_bar(len(names), "methods", progress) as bar:
         state = evaluate_state(
             model, curvature, batch, config.likelihood, names, damping=config.damping,
             spectra=config.spectrum_methods, step_size=config.step_size,
@@ -117,7 +112,7 @@ def run_analysis(
     clock.lap("training_s")
     along = None
     if run is not None:
-        with _bar(len(run.snapshots), "snapshots", progress) as bar:
+        with progress_bar(len(run.snapshots), "snapshots", progress) as bar:
             along = along_run(config, run, bar.update)
     clock.lap("along_run_s")
     details = {
@@ -199,7 +194,7 @@ def _train(
     if spec.steps == 0:
         return {}
     runs: dict[str, Any] = {}
-    with _bar(spec.steps * len(spec.methods), "training", progress) as bar:
+    with progress_bar(spec.steps * len(spec.methods), "training", progress) as bar:
         for method in spec.methods:
             runs[method] = train_run(model, data, config, method, bar.update).to_dict()
     return {

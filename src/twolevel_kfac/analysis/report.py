@@ -20,7 +20,7 @@ import numpy as np
 
 from .along_run_report import along_run_markdown, plot_along_run
 from .config import AnalyzeConfig
-from .formatting import clean, fmt, md_table, save_figure, short_name
+from .formatting import LEGEND_NOTE, clean, fmt, md_table, save_figure, short_name
 from .pipeline import AnalysisOutput
 
 
@@ -347,5 +347,5 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
         )
     if output.along_run is not None and output.along_run["snapshots"]:
         lines += ["", *along_run_markdown(output.along_run)]
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    lines += ["", "## Figures", "", LEGEND_NOTE, ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

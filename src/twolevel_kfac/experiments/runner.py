@@ -55,7 +55,6 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from twolevel_kfac.experiments import provenance
 from twolevel_kfac.experiments.checkpoint import (
@@ -81,6 +80,7 @@ from twolevel_kfac.experiments.problem import (
     evaluate,
     load_data,
 )
+from twolevel_kfac.experiments.progress import progress_bar
 from twolevel_kfac.experiments.run_state import (
     FINAL_REASONS,
     RESULT_FILE,
@@ -281,21 +281,14 @@ def _run_loop(
         ``(interrupted, why a partial record is due or "")``.
     """
     s, problem = loop.state, loop.problem
-    bar = tqdm(
-        total=problem.epochs * loop.n_batches,
-        initial=s.step,
-        leave=False,
-        desc=f"{loop.label} seed {loop.seed}",
-        dynamic_ncols=True,
-        disable=not (progress and sys.stderr.isatty() and loop.par.is_main),
-    )
+    desc, total = f"{loop.label} seed {loop.seed}", problem.epochs * loop.n_batches
+    bar = progress_bar(total, desc, progress and loop.par.is_main, initial=s.step)
     with interrupt_flag(announce=loop.par.is_main) as flag, bar:
         while not loop.finished():
             interrupted = loop.par.any(flag.is_set())
             if interrupted or (max_steps is not None and s.step >= max_steps):
                 return interrupted, "partial" if s.position else ""
             loop.step()
-            bar.update(1)
             stuck = s.position == loop.n_batches and s.loss_count == 0  # no finite step
             if s.consecutive_nonfinite >= problem.max_consecutive_nonfinite or stuck:
                 s.stop_reason = "diverged"
@@ -315,6 +308,7 @@ def _run_loop(
             if s.position == loop.n_batches or s.stop_reason:
                 record = loop.end_epoch(writer)
                 bar.set_postfix(epoch=s.epoch, loss=f"{record['train_loss']:.4g}")
+            bar.update(1)
             if problem.checkpoint_every and s.step % problem.checkpoint_every == 0:
                 s.records = writer.count
                 if loop.params_finite():
@@ -342,7 +336,7 @@ def train_run(
             another config). Without it, a directory that already holds a run is refused.
         max_steps: Stop (checkpointed, not finished) once this many steps were taken in
             total; ``None`` for no limit.
-        progress: tqdm progress bar (only when stderr is a terminal).
+        progress: a tqdm bar on a terminal, a line a minute elsewhere.
         data: Pre-loaded data (``load_data``), e.g. shared by a comparison's runs.
         data_dir: Data directory for ``load_data`` when ``data`` is not given.
 

@@ -3,7 +3,9 @@
 Each grid point is a run (``tune.seed``, ``tune.epochs``) in
 ``OUT/<method>/lr<lr>_damping<damping>/``; its score is the lowest epoch train loss it
 reached (a diverged run scores +inf). The lowest score wins, as in Koroko et al. (2023):
-lr ∈ {1e-1 … 1e-4}, damping ∈ {1e-1 … 1e-4} unless ``tune:`` says otherwise.
+lr ∈ {1e-1 … 1e-4}, damping ∈ {1e-1 … 1e-4} unless ``tune:`` says otherwise. A run that
+blew up without a NaN (its last epoch's loss above its first's: a finite 2.5e10 after a
+best of 861) ranks after every run that did not, whatever its best.
 ``OUT/tune.md`` holds the score grids and ``OUT/tuned.yaml`` the input config with the
 chosen values written into the method entries. Re-running continues unfinished runs.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +29,42 @@ from twolevel_kfac.experiments.runner import load_data
 
 __all__ = ["run_tuning"]
 
-Grid = dict[tuple[float, float | None], float]
+
+@dataclass(frozen=True)
+class Score:
+    """A grid point's epoch train losses: the lowest (``inf``: diverged or none finite),
+    the first and the last."""
+
+    best: float
+    first: float = math.nan
+    last: float = math.nan
+
+    @property
+    def blew_up(self) -> bool:
+        """Finite throughout but ended above where its first epoch was."""
+        return math.isfinite(self.best) and not self.last <= self.first
+
+    def rank(self) -> tuple[bool, bool, float]:
+        """Finite runs that did not blow up, by ``best``; then those that did; diverged last."""
+        return math.isinf(self.best), self.blew_up, self.best
+
+    def text(self) -> str:
+        """A table cell: ``diverged``, the best loss, and how a blown-up run ended."""
+        if math.isinf(self.best):
+            return "diverged"
+        return f"{self.best:.4g}" + (f" (blew up: {self.last:.3g})" if self.blew_up else "")
 
 
-def _score(records: Sequence[dict[str, Any]]) -> float:
+Grid = dict[tuple[float, float | None], Score]
+
+
+def _score(records: Sequence[dict[str, Any]]) -> Score:
     losses = [r.get("train_loss") for r in epoch_records(records)]
-    finite = [float(v) for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
-    diverged = any(r.get("diverged") for r in records)
-    return math.inf if diverged or not finite else min(finite)
+    values = [float(v) if isinstance(v, (int, float)) else math.nan for v in losses]
+    finite = [v for v in values if math.isfinite(v)]
+    if any(r.get("diverged") for r in records) or not finite:
+        return Score(math.inf)
+    return Score(min(finite), values[0], values[-1])
 
 
 def _grid_table(
@@ -49,8 +80,7 @@ def _grid_table(
     for lr in lrs:
         cells = []
         for d in dampings:
-            score = grid[(lr, d)]
-            text = "diverged" if math.isinf(score) else f"{score:.4g}"
+            text = grid[(lr, d)].text()
             cells.append(f"**{text}**" if (lr, d) == best else text)
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -99,7 +129,8 @@ def run_tuning(
     sections = [
         f"# Grid search: {config.problem.name}",
         "",
-        f"Seed {seed}, {base.problem.epochs} epochs; score = lowest epoch train loss.",
+        f"Seed {seed}, {base.problem.epochs} epochs; score = lowest epoch train loss. A run "
+        "that blew up (last epoch above its first) ranks after the others.",
     ]
     for label in labels:
         kind = str(config.methods[label].get("optimizer", label))
@@ -110,8 +141,8 @@ def run_tuning(
                 grid[(lr, damping)] = _grid_point(
                     base, label, seed, lr, damping, out, data, max_steps, progress, log
                 )
-        best = min(grid, key=lambda k: grid[k])
-        chosen[label] = (*best, grid[best])
+        best = min(grid, key=lambda k: grid[k].rank())
+        chosen[label] = (*best, grid[best].best)
         sections += ["", _grid_table(label, grid, spec.lr, dampings, best)]
     (out / "tune.md").write_text("\n".join(sections) + "\n", encoding="utf-8")
     tuned = copy.deepcopy(raw)
@@ -138,7 +169,7 @@ def _grid_point(
     max_steps: int | None,
     progress: bool,
     log: Callable[[str], None],
-) -> float:
+) -> Score:
     """Run one grid point (resuming / reusing an existing run) and return its score."""
     config = base.model_copy(deep=True)
     entry = {**config.methods[label], "lr": lr}
@@ -152,5 +183,5 @@ def _grid_point(
         config, label, seed, run_dir, data=data, max_steps=max_steps, progress=progress
     )
     score = _score(result.records)
-    log(f"{label} {name}: {'diverged' if math.isinf(score) else f'{score:.4g}'}")
+    log(f"{label} {name}: {score.text()}")
     return score

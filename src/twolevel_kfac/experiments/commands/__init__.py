@@ -8,7 +8,6 @@ with a clear message; the CLI prints it as ``error: …`` and exits with status 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,7 +82,9 @@ def add_common(
             metavar="N",
             help="stop each run after N steps (checkpointed, resumable)",
         )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (or lines, off a terminal)"
+    )
     parser.add_argument("--data-dir", default=None, help="data directory (else $TLKFAC_DATA)")
     parser.add_argument(
         "--threads",
@@ -102,5 +103,6 @@ def apply_common(args: argparse.Namespace) -> None:
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
-    """Progress bars unless ``--quiet`` (the runner also needs a terminal)."""
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+    """Progress unless ``--quiet``: a bar on a terminal, occasional lines elsewhere
+    (:mod:`twolevel_kfac.experiments.progress`)."""
+    return not getattr(args, "quiet", False)
