@@ -233,8 +233,8 @@ def inverse_method(spec: MethodSpec) -> str:
     """How the method inverts its factors (for the FLOP floor): ``eigen`` or ``cholesky``,
     as the optimizer resolves ``inverse_method="auto"``."""
     from twolevel_kfac.optim.coarse import CoarseLevel
+    from twolevel_kfac.optim.levels import fine_level_type
     from twolevel_kfac.optim.options import CoarseOptions, resolve_inverse_method
-    from twolevel_kfac.optim.preconditioner import fine_level_type
 
     kwargs = spec.kwargs
     if spec.kind in ("asdl", "kfac_pytorch", "authors"):  # the peers: as configured, else eigen

@@ -49,9 +49,10 @@ from .forward_checks import (
 )
 from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
-from .likelihoods import check_output, per_sample_output, sampled_nll
+from .likelihoods import check_output, per_sample_output, sampled_gradients, sampled_nll
 from .live_positions import output_positions
 from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
+from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
 
 FisherType = Literal["mc", "empirical"]
@@ -92,6 +93,7 @@ class CurvatureCapture:
     ) -> None:
         self.model, self.class_dim = model, class_dim
         self._next_mask: Tensor | None = None
+        self._next_padding: Tensor | None = None
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
@@ -158,11 +160,17 @@ class CurvatureCapture:
             )
         self._next_mask = None if mask is None else mask.detach()
 
+    def set_padding_mask(self, mask: Tensor | None) -> None:
+        """The real positions ``[N, T]`` of the next forward's inputs (``True`` where a token
+        is real), whose padding the position-wise layers leave out (:mod:`.padding_mask`)."""
+        self._next_padding = real_positions(mask)
+
     def _root_pre_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         self._forward = None
-        mask, self._next_mask = self._next_mask, None
+        mask, padding = self._next_mask, self._next_padding
+        self._next_mask = self._next_padding = None
         if not self._capturing(module):
             return
         x = first_tensor(args, kwargs)
@@ -180,6 +188,7 @@ class CurvatureCapture:
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
         self._forward = ForwardPass(index=index, batch_size=batch, mask=mask, first=x)
+        self._forward.padding = padding_rows(padding, batch, index)
 
     def layer_hook(
         self,
@@ -251,6 +260,7 @@ class CurvatureCapture:
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
         forward.positions = output_positions(output, self.class_dim, forward.batch_size)
+        check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
         if self.fisher == "empirical" and forward.index is None and forward.records:
             check_batch_rows(forward.batch_size, forward.records, output)
         if not forward.outputs:
@@ -263,17 +273,7 @@ class CurvatureCapture:
         loss = self._sampled_loss(samples, forward, class_dim)
         keys = [(name, i) for name, outs in forward.outputs.items() for i in range(len(outs))]
         edges = [forward.outputs[n][i] for n, i in keys]
-        try:
-            grads = torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
-        except RuntimeError as error:
-            if "donated buffer" not in str(error):
-                raise
-            raise RuntimeError(
-                "fisher='mc' differentiates its sampled loss through the forward's graph "
-                "before your backward does (retain_graph=True), which the donated buffers of "
-                "a torch.compile'd model's backward forbid: use fisher='empirical', or set "
-                "torch._functorch.config.donated_buffer = False before compiling"
-            ) from error
+        grads = sampled_gradients(loss, edges)
         pairs = zip(keys, grads, strict=True)
         reached = {name for (name, _), grad in pairs if grad is not None}
         self._unreached |= set(forward.outputs) - reached  # judged at take()
@@ -395,4 +395,5 @@ class CurvatureCapture:
 
 
 # the attributes of what a capture holds between a forward and the step that takes it
-_PENDING = "_records _unreached _empty_forward _forward _drawn_from active _next_mask empty_batch"
+_PENDING = "_records _unreached _empty_forward _forward _drawn_from active _next_mask _next_padding"
+_PENDING += " empty_batch"

@@ -39,13 +39,14 @@ class Call(NamedTuple):
     reshaped: bool = False  # its rows in the batch's order (calls.sample_major)
     forward: object = None  # which forward pass it belongs to (its key)
     positions: int | None = None  # that forward's output positions per sample
+    padding: Tensor | None = None  # that forward's real positions (set_padding_mask)
 
     @classmethod
     def of(cls, record: Record) -> Call:
         """The call of a captured record."""
         owner = record.owner
         return cls(record.module, record.inputs, record.grad, record.reshaped, id(owner),
-                   owner.positions)  # fmt: skip
+                   owner.positions, owner.padding)  # fmt: skip
 
 
 Forward = tuple[int, list[Call]]
@@ -78,12 +79,14 @@ class CapturedBatch:
 
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
         if self._dead is None:  # before any layer's records are dropped
-            self._dead = dead_positions(  # of forwards whose output has positions
-                (call.forward, name, call_rows(call, samples))
+            self._dead = dead_positions(  # of forwards with output positions or padding
+                (call.forward, name, call_rows(call, samples), bool(call.positions), call.padding)
                 for name, forwards in self._forwards.items()
                 for samples, calls in forwards
                 for call in calls
-                if call.grad is not None and position_wise(call.module) and call.positions
+                if call.grad is not None
+                and position_wise(call.module)
+                and (call.positions or call.padding is not None)
             )
         while self._forwards:
             name = next(iter(self._forwards))

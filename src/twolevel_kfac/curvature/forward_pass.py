@@ -40,6 +40,7 @@ class ForwardPass:
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
+    padding: Tensor | None = None  # the real positions [N, T] (padding_mask)
 
     def release(self) -> None:
         """Let go of the records and autograd nodes once the forward has returned (the

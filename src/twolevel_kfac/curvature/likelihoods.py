@@ -33,6 +33,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 Likelihood = Literal["categorical", "bernoulli", "gaussian"]
 LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
@@ -242,3 +243,23 @@ def per_sample_output(
     if class_dim is not None and class_dim >= 0:
         return view, class_dim + 1
     return view, class_dim
+
+
+def sampled_gradients(loss: Tensor, edges: list[GradientEdge]) -> tuple[Tensor | None, ...]:
+    """The MC Fisher's ``δ``: the sampled loss's gradients at the layer outputs (``None``
+    for one the loss does not reach), the graph kept for the user's backward.
+
+    Raises:
+        RuntimeError: a ``torch.compile``'d model's donated buffers forbid it, with the fix.
+    """
+    try:
+        return torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
+    except RuntimeError as error:
+        if "donated buffer" not in str(error):
+            raise
+        raise RuntimeError(
+            "fisher='mc' differentiates its sampled loss through the forward's graph "
+            "before your backward does (retain_graph=True), which the donated buffers of "
+            "a torch.compile'd model's backward forbid: use fisher='empirical', or set "
+            "torch._functorch.config.donated_buffer = False before compiling"
+        ) from error

@@ -30,16 +30,18 @@ longest with dead positions (:func:`~.captured_batch.forward_statistics`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor, nn
 
 from .layer_types import layer_type, linear_features
+from .padding_mask import check_padding_unreached
 
 if TYPE_CHECKING:
     from .blocks import LayerStats
 
 __all__ = [
+    "PositionGrads",
     "dead_positions",
     "kept_locations",
     "live_count",
@@ -77,24 +79,44 @@ def output_positions(output: object, class_dim: int | None, batch: int) -> int |
     return count if count > 1 else None
 
 
-def dead_positions(
-    grads: Iterable[tuple[object, str, Tensor]],
-) -> dict[tuple[object, int, int], Tensor]:
+class PositionGrads(NamedTuple):
+    """A position-wise layer call's output gradients ``[N, T, d]`` in its forward."""
+
+    forward: object  # the forward's key
+    layer: str
+    grad: Tensor
+    automatic: bool = True  # the forward's output has positions: zeros mark dead ones
+    padding: Tensor | None = None  # the forward's real positions (set_padding_mask)
+
+
+def dead_positions(grads: Iterable[tuple[Any, ...]]) -> dict[tuple[object, int, int], Tensor]:
     """Per forward and layout ``(key, N, T)``: the positions ``[N, T]`` (bool) whose ``δ`` is
-    zero in every one of the position-wise layers' output gradients ``[N, T, d]`` given
-    with their forward's key and their layer's name (``T > 1`` only). A layout that fewer
+    zero in every one of the position-wise layers' output gradients (``T > 1`` only;
+    :class:`PositionGrads`) of a forward whose output has positions. A layout that fewer
     than two layers see marks none: one layer's zeros may be structural (a causal query at
-    position 0) where no other layer tells."""
+    position 0) where no other layer tells. Where the forward was given its padding
+    (:mod:`.padding_mask`), the positions it marks in the layouts of its shape are dead too.
+
+    Raises:
+        ValueError: a layer's ``δ`` is not zero at a position marked as padding.
+    """
     live: dict[tuple[object, int, int], Tensor] = {}
     seen: dict[tuple[object, int, int], set[str]] = {}
-    for key, name, grad in grads:
-        if grad.shape[1] < 2:
+    declared: dict[tuple[object, int, int], Tensor] = {}
+    for item in (PositionGrads(*given) for given in grads):
+        if item.grad.shape[1] < 2:
             continue
-        layout = (key, int(grad.shape[0]), int(grad.shape[1]))
-        reached = grad.ne(0).flatten(2).any(dim=-1)
-        live[layout] = reached if layout not in live else live[layout] | reached
-        seen.setdefault(layout, set()).add(name)
-    return {layout: ~reached for layout, reached in live.items() if len(seen[layout]) > 1}
+        layout = (item.forward, int(item.grad.shape[0]), int(item.grad.shape[1]))
+        reached = item.grad.ne(0).flatten(2).any(dim=-1)
+        if item.padding is not None and item.padding.shape == reached.shape:
+            declared[layout] = ~check_padding_unreached(item.layer, reached, item.padding)
+        if item.automatic:
+            live[layout] = reached if layout not in live else live[layout] | reached
+            seen.setdefault(layout, set()).add(item.layer)
+    dead = {layout: ~reached for layout, reached in live.items() if len(seen[layout]) > 1}
+    for layout, padding in declared.items():
+        dead[layout] = padding | dead[layout] if layout in dead else padding
+    return dead
 
 
 def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:

@@ -39,7 +39,7 @@ from .damping import (
 from .fallback import block_table, make_fallback
 from .not_copyable import NotCopyable
 from .options import CurvatureOptions, check_choice, check_real
-from .preconditioner import KFACPreconditioner, fine_level_type
+from .preconditioner import KFACPreconditioner
 from .state import all_or_nothing
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
@@ -165,6 +165,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
     ) -> KFACPreconditioner:
+        from .levels import fine_level_type  # the fine levels import this module
+
         cls = self.preconditioner_class
         fine = cls.fine_level if "fine" not in kwargs else fine_level_type(kwargs["fine"])
         allowed = CURVATURE_ARGUMENTS | fine.extra_arguments | {"options", "coarse", "fine"}
@@ -372,6 +374,12 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         targets there only (:mod:`~twolevel_kfac.curvature.loss_mask`). Call it before the
         forward of every step whose loss ignores positions; ``None``: all count."""
         self.preconditioner.set_loss_mask(mask)
+
+    def set_padding_mask(self, mask: Tensor | None) -> None:
+        """The real positions ``[N, T]`` of the next forward's inputs (``attention_mask``): a
+        classifier's padding left out of the factors of the layers whose inputs have that
+        layout (:mod:`~twolevel_kfac.curvature.padding_mask`). ``None``: nothing marked."""
+        self.preconditioner.set_padding_mask(mask)
 
     def describe_blocks(self) -> str:
         """One line per parameter: the curvature block that preconditions it, or the

@@ -52,21 +52,11 @@ from .not_copyable import NotCopyable
 from .options import (
     CoarseOptions,
     CurvatureOptions,
-    check_choice,
     damping_at,
     resolve_inverse_method,
 )
 from .schedule import CaptureSchedule
 from .state import kfac_state, load_kfac_state
-
-
-def fine_level_type(name: str) -> type[FineLevel]:
-    """The fine level called ``name`` (:data:`~.levels.FINE_LEVELS`)."""
-    from .levels import FINE_LEVELS  # the registry imports the fine levels, which import this
-
-    check_choice("fine", name, FINE_LEVELS)
-    return FINE_LEVELS[name]
-
 
 T = TypeVar("T")
 
@@ -99,6 +89,8 @@ class KFACPreconditioner(NotCopyable):
         damping; a schedule is seen in ``options``), read by ``inverse_method="auto"``.
 
         :attr:`options` holds the resolved ``inverse_method`` (never ``auto``)."""
+        from .levels import fine_level_type  # the registry imports the fine levels, and they this
+
         fine_type = self.fine_level if fine is None else fine_level_type(fine)
         fine_arguments = {k: kwargs.pop(k) for k in list(kwargs) if k in fine_type.extra_arguments}
         if not isinstance(model, nn.Module):
@@ -389,6 +381,11 @@ class KFACPreconditioner(NotCopyable):
         """The logits' positions the next forward's loss counts (``targets != ignore_index``;
         :meth:`~twolevel_kfac.curvature.capture.CurvatureCapture.set_loss_mask`)."""
         self.capture.set_loss_mask(mask)
+
+    def set_padding_mask(self, mask: Tensor | None) -> None:
+        """The real positions ``[N, T]`` of the next forward's inputs (``attention_mask``;
+        :meth:`~twolevel_kfac.curvature.capture.CurvatureCapture.set_padding_mask`)."""
+        self.capture.set_padding_mask(mask)
 
     def remove_hooks(self) -> None:
         """Remove the capture's hooks from the model."""

@@ -50,7 +50,7 @@ from ..twolevel.vectors import LayerVector
 from .coarse import CoarseLevel
 from .kfac import CURVATURE_ARGUMENTS, KFAC
 from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions
-from .preconditioner import KFACPreconditioner, fine_level_type
+from .preconditioner import KFACPreconditioner
 
 __all__ = ["CoarseOptions", "TwoLevelKFAC", "TwoLevelPreconditioner"]
 
@@ -154,6 +154,8 @@ class TwoLevelKFAC(KFAC):
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
     ) -> KFACPreconditioner:
+        from .levels import fine_level_type  # the fine levels import KFAC
+
         fine = kwargs.get("fine", "kfac")
         extra = fine_level_type(fine).extra_arguments
         allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | {"options", "coarse", "fine"}

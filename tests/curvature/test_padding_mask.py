@@ -1,0 +1,145 @@
+"""A padded classifier's declared padding (``opt.set_padding_mask(real)``) is left out of
+the position-wise layers' factors and location count (``curvature/padding_mask.py``): its
+steps do not depend on the padding's length or content, the factors are those of the real
+positions, and a mask that would drop positions reaching the loss is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.curvature.test_live_positions import LENGTHS, OPTIMIZERS, SETTINGS, C, E, N, V, padded
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+
+CLASSIFIER = {**SETTINGS, "class_dim": None}
+
+
+class TextClassifier(nn.Module):
+    """``Linear`` per token → self-attention over the real tokens → ``Linear`` → the mean
+    over the real tokens → head: one ``[N, C]`` output, no positions in it."""
+
+    def __init__(self, attend_padding: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(V, E)
+        self.attention = nn.MultiheadAttention(E, 2, batch_first=True)
+        self.mlp = nn.Linear(E, E)
+        self.head = nn.Linear(E, C)
+        self.attend_padding = attend_padding
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x))
+        keys = None if self.attend_padding else padding
+        h = h + self.attention(h, h, h, key_padding_mask=keys, need_weights=False)[0]
+        h = torch.tanh(self.mlp(h))
+        real = (~padding).unsqueeze(-1).to(h.dtype)
+        return self.head((h * real).sum(1) / real.sum(1))
+
+
+def labels() -> Tensor:
+    return torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(3))
+
+
+def run(
+    build: Callable[..., torch.optim.Optimizer], length: int, masked: bool = True, **options: object
+) -> list[Tensor]:
+    """The parameters after each of three steps on the batch padded to ``length``."""
+    torch.manual_seed(0)
+    model = TextClassifier().double()
+    opt = build(model, **{**CLASSIFIER, **options})
+    x, _, padding = padded(length)
+    out = []
+    for _ in range(3):
+        opt.zero_grad()
+        if masked:
+            opt.set_padding_mask(~padding)  # type: ignore[attr-defined]
+        F.cross_entropy(model(x, padding), labels()).backward()
+        opt.step()
+        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("method", list(OPTIMIZERS))
+def test_steps_do_not_depend_on_the_padding(float64: None, method: str) -> None:
+    """Padded to 4 or 7 positions of random content: the same steps for every optimizer
+    class (without the mask, the padding enters ``A`` and ``T``: KFAC's first steps are
+    apart by a fifth of a step)."""
+    short, long = run(OPTIMIZERS[method], 4), run(OPTIMIZERS[method], 7)
+    for k, (a, b) in enumerate(zip(short, long, strict=True)):
+        assert float((a - b).norm()) <= 1e-10 * float(a.norm()), f"step {k}"
+    if method == "kfac":
+        apart = run(tk.KFAC, 4, masked=False)[0] - run(tk.KFAC, 7, masked=False)[0]
+        torch.manual_seed(0)
+        moved = short[0] - torch.cat(
+            [p.detach().reshape(-1) for p in TextClassifier().parameters()]
+        )
+        assert float(apart.norm()) > 0.05 * float(moved.norm())
+
+
+def test_the_monte_carlo_fisher_on_a_fisher_subset(float64: None) -> None:
+    """``fisher="mc"`` on half the batch: the mask's rows follow the Fisher mini-batch."""
+    settings = {"fisher": "mc", "fisher_batch": 0.5}
+    short, long = run(tk.KFAC, 4, **settings), run(tk.KFAC, 7, **settings)
+    torch.testing.assert_close(short, long, rtol=1e-10, atol=1e-12)
+
+
+def test_the_factors_are_those_of_the_real_positions(float64: None) -> None:
+    """``A = Σ_real āāᵀ / M`` and ``T = M/N`` (2.5, not 7) for every position-wise layer;
+    the head (one row per sample) keeps its ``T = 1``."""
+    torch.manual_seed(0)
+    model = TextClassifier().double()
+    opt = tk.KFAC(model, **CLASSIFIER)
+    x, _, padding = padded(7)
+    inputs: list[Tensor] = []
+    model.mlp.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    opt.set_padding_mask(~padding)
+    F.cross_entropy(model(x, padding), labels()).backward()
+    opt.step()
+    factors = opt.preconditioner.factors
+    for name in ("embed", "attention.in_proj", "attention.out_proj", "mlp"):
+        assert factors[name].num_locations == sum(LENGTHS) / N, name
+    assert factors["head"].num_locations == 1
+    rows = torch.cat([inputs[0], torch.ones(*inputs[0].shape[:2], 1)], -1)[~padding]
+    torch.testing.assert_close(factors["mlp"].A, rows.T @ rows / sum(LENGTHS))
+
+
+def test_a_mask_is_for_one_forward(float64: None) -> None:
+    """The mask goes with the next forward only: a second forward without one keeps every
+    position (``T`` 7)."""
+    torch.manual_seed(0)
+    model = TextClassifier().double()
+    opt = tk.KFAC(model, **CLASSIFIER)
+    x, _, padding = padded(7)
+    opt.set_padding_mask(~padding)
+    with torch.no_grad():
+        model(x, padding)  # uncaptured, but it takes the mask
+    F.cross_entropy(model(x, padding), labels()).backward()
+    opt.step()
+    assert opt.preconditioner.factors["mlp"].num_locations == 7
+
+
+def test_refusals(float64: None) -> None:
+    """Padding that reaches the loss (the attention reads it), a mask of another dtype,
+    shape, batch or length: each refused with what to do."""
+    torch.manual_seed(0)
+    x, _, padding = padded(7)
+    model = TextClassifier(attend_padding=True).double()
+    opt = tk.KFAC(model, **CLASSIFIER)
+    opt.set_padding_mask(~padding)
+    with pytest.raises(ValueError, match=r"reaches the loss at \d+ position\(s\) marked as pad"):
+        F.cross_entropy(model(x, padding), labels()).backward()
+        opt.step()
+    model = TextClassifier().double()
+    opt = tk.KFAC(model, **CLASSIFIER)
+    for bad, match in [
+        ((~padding).long(), "boolean"),
+        (~padding[0], r"\[N, T\]"),
+        (~padding[:2], "the mask has 2 rows, the model's batch 4"),
+        (~padding[:, :5], r"inputs of the mask's layout \[N, T\] = \[4, 5\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            opt.set_padding_mask(bad)
+            model(x, padding)
