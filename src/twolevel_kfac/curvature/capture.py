@@ -49,9 +49,15 @@ from .forward_checks import (
 )
 from .forward_pass import ForwardPass, Record, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
-from .likelihoods import check_output, per_sample_output, sampled_gradients, sampled_nll
+from .likelihoods import (
+    check_output,
+    per_sample_output,
+    sampled_gradients,
+    sampled_nll,
+    sampled_output,
+)
 from .live_positions import output_positions
-from .loss_mask import check_loss_mask, counted_positions, mask_disagreement
+from .loss_mask import counted_mask, mask_disagreement
 from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
 
@@ -265,8 +271,7 @@ class CurvatureCapture:
             check_batch_rows(forward.batch_size, forward.records, output)
         if not forward.outputs:
             return
-        if not isinstance(output, Tensor):
-            raise TypeError("fisher='mc' needs a model that returns one tensor of outputs")
+        output = sampled_output(output)  # the tensor, or a dict's (ModelOutput's) "logits"
         if not output.requires_grad or not bool(torch.isfinite(output.detach()).all()):
             return  # a non-finite output gives no statistics this step
         samples, class_dim = self._per_sample(output, forward)
@@ -311,12 +316,7 @@ class CurvatureCapture:
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
         check_subset_rows("the model output", output, forward.index, forward.batch_size)
         check_output(output, self.likelihood, class_dim)
-        mask, positions = forward.mask, 1.0
-        if self.likelihood == "categorical":
-            if mask is not None:
-                check_loss_mask(mask, output, class_dim)
-                mask = mask.to(output.device)
-            positions = counted_positions(mask, output, class_dim)
+        mask, positions = counted_mask(forward.mask, output, class_dim, self.likelihood)
         return sampled_nll(
             fisher_rows(output, forward),
             self.likelihood,

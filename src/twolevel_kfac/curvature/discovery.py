@@ -179,12 +179,16 @@ def _check_batch_first(model: nn.Module) -> None:
 
 
 def _report(name: str, reason: str, unsupported: str) -> None:
+    if unsupported == "error":
+        raise ValueError(
+            f"module {name or '<root>'!r}: {reason}; unsupported='error' refuses it. Leave "
+            "its parameters out of params= (another optimizer for them), or pass "
+            "unsupported='warn' or 'ignore' to give them the un-preconditioned fallback step"
+        )
     message = (
         f"module {name or '<root>'!r}: {reason}; its parameters get the un-preconditioned "
         "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW)"
     )
-    if unsupported == "error":
-        raise ValueError(message + " (unsupported='error')")
     if unsupported == "warn":
         warnings.warn(message, stacklevel=5)
 

@@ -263,3 +263,22 @@ def sampled_gradients(loss: Tensor, edges: list[GradientEdge]) -> tuple[Tensor |
             "a torch.compile'd model's backward forbid: use fisher='empirical', or set "
             "torch._functorch.config.donated_buffer = False before compiling"
         ) from error
+
+
+def sampled_output(output: object) -> Tensor:
+    """What ``fisher="mc"`` samples its targets from: the model output, or a dict's (an HF
+    ``ModelOutput``'s) ``"logits"``.
+
+    Raises:
+        TypeError: another form (a tuple, a dict without ``"logits"``), with the ways out.
+    """
+    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(output, Tensor):
+        return output
+    raise TypeError(
+        "fisher='mc' samples its targets from the model's output, which must be one tensor or "
+        f"a dict with a 'logits' tensor (an HF ModelOutput); got {type(output).__name__}. "
+        "Return the tensor the loss reads from forward, or use fisher='empirical', which "
+        "reads the loss's own gradients whatever the output"
+    )

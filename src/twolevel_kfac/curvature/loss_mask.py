@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .likelihoods import positions_shape
 
-__all__ = ["check_loss_mask", "counted_positions", "mask_disagreement"]
+__all__ = ["check_loss_mask", "counted_mask", "counted_positions", "mask_disagreement"]
 
 
 def check_loss_mask(mask: Tensor, output: Tensor, class_dim: int | None) -> None:
@@ -53,6 +53,19 @@ def counted_positions(mask: Tensor | None, output: Tensor, class_dim: int | None
     if mask is None:
         return float(math.prod(shape[1:]))
     return max(int(mask.sum()), 1) / shape[0]
+
+
+def counted_mask(
+    mask: Tensor | None, output: Tensor, class_dim: int | None, likelihood: str
+) -> tuple[Tensor | None, float]:
+    """The loss mask checked and on ``output``'s device, with :func:`counted_positions`, for
+    the sampled loss of categorical logits (``(None, 1.0)`` for the other likelihoods)."""
+    if likelihood != "categorical":
+        return None, 1.0
+    if mask is not None:
+        check_loss_mask(mask, output, class_dim)
+        mask = mask.to(output.device)
+    return mask, counted_positions(mask, output, class_dim)
 
 
 def mask_disagreement(

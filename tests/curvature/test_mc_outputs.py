@@ -1,0 +1,49 @@
+"""What ``fisher="mc"`` samples from: the model's output tensor, or a dict's (an HF
+``ModelOutput``'s) ``"logits"``; other forms are refused with the ways out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+
+
+class Net(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.body, self.head, self.form = nn.Linear(5, 8), nn.Linear(8, 3), form
+
+    def forward(self, x: Tensor) -> object:
+        logits = self.head(torch.tanh(self.body(x)))
+        if self.form == "dict":
+            return {"loss_free": x.sum(), "logits": logits}
+        return (logits, x) if self.form == "tuple" else logits
+
+
+def logits_of(out: object) -> Tensor:
+    return out["logits"] if isinstance(out, dict) else out  # type: ignore[return-value]
+
+
+def steps(form: str) -> Tensor:
+    torch.manual_seed(0)
+    model = Net(form).double()
+    opt = tk.KFAC(model, lr=0.3, cov_interval=1, inv_interval=1, seed=3)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(logits_of(model(x)), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_a_dict_with_logits_samples_from_them() -> None:
+    """The same steps as the model returning the logits tensor (bit for bit)."""
+    assert torch.equal(steps("dict"), steps("tensor"))
+
+
+def test_a_tuple_is_refused_with_the_ways_out() -> None:
+    with pytest.raises(TypeError, match=r"got tuple\. Return the tensor .* fisher='empirical'"):
+        steps("tuple")
