@@ -100,6 +100,7 @@ class CurvatureCapture:
         self.model, self.class_dim = model, class_dim
         self._next_mask: Tensor | None = None
         self._next_padding: Tensor | None = None
+        self.aligned = False  # rows checked to be the samples in order (row_order)
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers = layers
@@ -193,8 +194,8 @@ class CurvatureCapture:
             size = max(1, round(self.fisher_batch * batch))
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
-        self._forward = ForwardPass(index=index, batch_size=batch, mask=mask, first=x)
-        self._forward.padding = padding_rows(padding, batch, index)
+        padding = padding_rows(padding, batch, index)
+        self._forward = ForwardPass(index, batch, mask, x, padding=padding, aligned=self.aligned)
 
     def layer_hook(
         self,

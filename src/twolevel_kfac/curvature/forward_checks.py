@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
+from .calls import sample_major
+from .row_order import moved_rows
 
 if TYPE_CHECKING:
     from .forward_pass import ForwardPass
@@ -220,6 +222,8 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
     elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
         what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
     else:
+        if forward.aligned:
+            check_row_order(name, inputs, forward)
         return
     raise RuntimeError(
         f"layer {name!r} was called on an input of shape {tuple(inputs.shape)} shared "
@@ -228,6 +232,35 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
         "sample, e.g. on latents.expand(B, L, D) for [1, L, D] or [L, D] latents, before "
         "the layer (and any norm on the way). A parameter that holds one row per sample "
         "(per-sample codes): pass it as a tensor with requires_grad=True instead"
+    )
+
+
+def check_row_order(name: str, inputs: Tensor, forward: ForwardPass) -> None:
+    """Where the layers' per-sample gradients are paired row by row (a coarse level,
+    adaptive damping's exact Fisher products: ``forward.aligned``), refuse a layer whose
+    rows are not the samples in the order of the layers before it (:mod:`.row_order`):
+    rows of another count not proved ``k`` per sample in order (:func:`~.calls.sample_major`),
+    or rows moved along the batch dimension since an earlier layer's output.
+
+    Raises:
+        RuntimeError: naming the layer, what its rows are, and the ways out.
+    """
+    batch, rows = forward.batch_size, int(inputs.shape[0]) if inputs.dim() else 0
+    if batch < 2:
+        return
+    if rows != batch and not sample_major(inputs, forward):
+        why = f"{rows} rows for the batch of {batch}, not proved k per sample in its order"
+    elif (moved := moved_rows(inputs, forward.per_sample, batch)) is not None:
+        why = f"rows moved along the batch dimension ({moved}) since an earlier layer"
+    else:
+        return
+    raise RuntimeError(
+        f"layer {name!r}: {why}. Two-level KFAC's coarse level and adaptive damping's exact "
+        "Fisher products pair the layers' per-sample gradients row by row, which would pair "
+        "these rows with other samples' (views concatenated inside forward, gathered tokens, "
+        "a graph's edges, rows permuted and put back). Use KFAC without them (its blocks "
+        "read such rows as locations of the batch), or keep one row per sample in the "
+        "batch's order from layer to layer"
     )
 
 

@@ -41,6 +41,7 @@ class ForwardPass:
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
     padding: Tensor | None = None  # the real positions [N, T] (padding_mask)
+    aligned: bool = False  # the layers' rows must be the samples in order (row_order)
 
     def release(self) -> None:
         """Let go of the records and autograd nodes once the forward has returned (the

@@ -144,7 +144,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
                     f"{type(self).__name__}: adaptive_damping / qmodel_lr_momentum are not "
                     "implemented under torch.distributed"
                 )
-            self.preconditioner.retain_statistics = True
+            self.preconditioner.retain_statistics = self.preconditioner.capture.aligned = True
         defaults = {
             "lr": lr,
             "momentum": momentum,

@@ -141,6 +141,7 @@ class KFACPreconditioner(NotCopyable):
             class_dim=self.options.class_dim,
         )
         self.capture.active = True
+        self.capture.aligned = coarse is not None  # it pairs the layers' rows as samples
         self.last_stats: dict[str, float] = {}
         self.directions_finite: bool | None = None  # last step's, when the KL clip proved it
         # The last Fisher mini-batch, kept for exact Fisher products (adaptive damping).

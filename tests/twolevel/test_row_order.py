@@ -1,0 +1,165 @@
+"""The coarse level (and adaptive damping's exact Fisher products) pair the layers'
+per-sample gradients row by row: a layer whose rows are not the samples in the order of
+the layers before it is refused when the forward runs (``curvature/row_order.py``), where
+it took a coarse term 4e-2 off a step of 0.5 silently. Row moves on parameters alone, on
+other dimensions, or before the first layer are not refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+from twolevel_kfac.curvature.row_order import moved_rows
+
+N = 4
+
+
+class Pair(nn.Module):
+    """Two layers, with what ``how`` does to the rows between them (or before ``a``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(3, 4), nn.Linear(4, 2), how
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.how == "views":  # two views of the batch concatenated inside forward
+            h = torch.tanh(self.a(torch.cat([x, x.flip(-1)])))
+            return self.b(h).reshape(2, N, 2).sum(0)
+        h = torch.tanh(self.a(x))
+        if self.how == "permuted":  # a permutation put back after the next layer
+            p = torch.tensor([2, 0, 3, 1])
+            return self.b(h[p])[torch.argsort(p)]
+        if self.how == "graph":  # messages summed over a ring's edges (as many as nodes)
+            src, dst = torch.arange(N), torch.arange(N).roll(1)
+            return self.b(torch.zeros_like(h).index_add(0, dst, h[src]))
+        if self.how == "flipped":
+            return self.b(h.flip(0)).flip(0)
+        return self.b(h)
+
+
+def two_level(model: nn.Module) -> torch.optim.Optimizer:
+    return tk.TwoLevelKFAC(model, lr=0.1, coarse_space="nicolaides", fisher="empirical")
+
+
+def adaptive(model: nn.Module) -> torch.optim.Optimizer:
+    return tk.KFAC(model, lr=0.1, adaptive_damping=True, fisher="empirical")
+
+
+def one_step(model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+    opt = build(model)
+    x, y = torch.randn(N, 3), torch.randn(N, 2)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+@pytest.mark.parametrize("build", [two_level, adaptive], ids=["two_level", "adaptive_damping"])
+@pytest.mark.parametrize(
+    ("how", "layer", "why"),
+    [
+        ("views", "a", "8 rows for the batch of 4"),
+        ("permuted", "b", r"moved along the batch dimension \(IndexBackward0\)"),
+        ("graph", "b", r"\(IndexAddBackward0\)"),
+        ("flipped", "b", r"\(FlipBackward0\)"),
+    ],
+)
+def test_rows_that_are_not_the_samples_in_order_are_refused(
+    build: Callable[[nn.Module], torch.optim.Optimizer], how: str, layer: str, why: str
+) -> None:
+    with pytest.raises(RuntimeError, match=rf"layer '{layer}': .*{why}.*Use KFAC without them"):
+        one_step(Pair(how), build)
+
+
+@pytest.mark.parametrize("how", ["views", "permuted", "graph", "flipped"])
+def test_kfac_alone_takes_them(how: str) -> None:
+    """KFAC's blocks average over the rows: no refusal."""
+    one_step(Pair(how), lambda m: tk.KFAC(m, lr=0.1, fisher="empirical"))
+
+
+class Tokens(nn.Module):
+    """What transformers do to rows that is not a move of samples: a class token
+    concatenated on the positions, a position table sliced on its rows (parameters alone),
+    heads split by view and transpose of dimensions 1 and 2, tokens flattened batch-first
+    for a Linear, the class token's row selected on dimension 1, full slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.qkv, self.mlp, self.head = (nn.Linear(3, 8), nn.Linear(8, 24),
+                                                     nn.Linear(8, 8), nn.Linear(8, 2))  # fmt: skip
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.positions = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, _ = x.shape
+        h = torch.cat([self.cls.expand(n, -1, -1), self.embed(x)], dim=1)
+        h = h + self.positions[: t + 1]
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q, k, v = (z.view(n, t + 1, 2, 4).transpose(1, 2) for z in (q, k, v))
+        h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t + 1, 8)
+        h = h + self.mlp(h[:, :].reshape(n * (t + 1), 8)).view(n, t + 1, 8)
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("build", [two_level, adaptive], ids=["two_level", "adaptive_damping"])
+def test_what_transformers_do_is_not_refused(
+    build: Callable[[nn.Module], torch.optim.Optimizer],
+) -> None:
+    model = Tokens()
+    opt = build(model)
+    x, y = torch.randn(N, 5, 3), torch.randn(N, 2)
+    for _ in range(2):
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def test_moved_rows_of_each_operation() -> None:
+    """The operations that move rows along the first dimension, after a stop (an earlier
+    layer's output), and those that do not."""
+    layer = nn.Linear(3, 5)
+    out = layer(torch.randn(4, 3)).view(4, 1, 5)
+    stops = {out.grad_fn}
+    idx = torch.tensor([1, 0, 3, 2])
+    moved = {
+        "IndexBackward0": out[idx],
+        "IndexSelectBackward0": out.index_select(0, idx),
+        "CatBackward0": torch.cat([out, out]),
+        "SliceBackward0": out[1:],
+        "RollBackward0": out.roll(1, 0),
+        "RepeatBackward0": out.repeat(2, 1, 1),
+        "ScatterAddBackward0": torch.zeros(4, 1, 5).scatter_add(
+            0, idx.view(4, 1, 1).expand(4, 1, 5), out
+        ),
+        "IndexPutBackward0": torch.zeros(4, 1, 5).index_put((idx,), out),
+    }
+    for name, tensor in moved.items():
+        assert moved_rows(torch.tanh(tensor), stops, 4) == name, name
+    kept = [
+        out[:, :, idx[:2]],
+        out[:],
+        torch.cat([out, out], dim=-1),
+        out.index_select(2, idx[:2]),
+        out.transpose(1, 2),
+        out.transpose(0, 1).transpose(0, 1),  # attention's sequence-first internals
+        out.permute(1, 0, 2).permute(1, 0, 2),
+        torch.stack([out, out])[1],  # a stack selected again (as a packed q, k, v)
+        out.flip(-1),
+        out * nn.Parameter(torch.randn(8, 5))[:4].view(4, 1, 5),  # a table's rows, sliced
+    ]
+    for tensor in kept:
+        assert moved_rows(torch.tanh(tensor), stops, 4) is None
