@@ -200,6 +200,25 @@ def test_block_norms_without_the_dense_fisher(
 
 
 # ------------------------------------------------------------- selection and CLI
+def test_a_forced_dense_backend_that_does_not_fit_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """48k parameters: 17.2 GiB per matrix on a 23 GiB machine (the process was killed by
+    the system before, nothing printed)."""
+    from twolevel_kfac.analysis import config as config_module
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 23 * 2**30 // 4096}
+    monkeypatch.setattr(config_module.os, "sysconf", pages.__getitem__)
+    dense = AnalyzeConfig.model_validate(
+        {"model": {"kind": "mlp", "sizes": [3, 2]}, "backend": "dense"}
+    )
+    with pytest.raises(
+        ValueError, match=r"48050 .*17\.2 GiB each.*23\.0 GiB: use backend: matrix_free"
+    ):
+        dense.resolve_backend(48050)
+    assert dense.resolve_backend(20_000) == "dense"
+
+
 def test_backend_selection_by_parameter_count() -> None:
     base = {"model": {"kind": "mlp", "sizes": [3, 2]}}
     config = AnalyzeConfig.model_validate(base)
@@ -207,9 +226,8 @@ def test_backend_selection_by_parameter_count() -> None:
     assert config.resolve_backend(12001) == "matrix_free"
     forced = AnalyzeConfig.model_validate({**base, "backend": "matrix_free"})
     assert forced.resolve_backend(10) == "matrix_free"
-    assert AnalyzeConfig.model_validate({**base, "backend": "dense"}).resolve_backend(50_000) == (
-        "dense"
-    )
+    dense = AnalyzeConfig.model_validate({**base, "backend": "dense"})
+    assert dense.resolve_backend(20_000) == "dense"  # 3 × 3.0 GiB, forced past 12000
     with pytest.raises(ValueError, match="max_params"):
         config.resolve_backend(100_001)
     with pytest.raises(ValueError, match="cg_tol"):

@@ -22,6 +22,7 @@ Unknown keys are errors (``extra="forbid"``), and every error names the offendin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -279,13 +280,16 @@ class AnalyzeConfig(_Strict):
         """The backend for a network of ``num_params`` analysed parameters.
 
         Raises:
-            ValueError: if ``num_params`` exceeds ``max_params``.
+            ValueError: if ``num_params`` exceeds ``max_params``, or a forced ``dense``
+                backend's matrices would not fit in memory (:func:`check_dense_fits`).
         """
         if num_params > self.max_params:
             raise ValueError(
                 f"the network has {num_params} analysed parameters, more than max_params="
                 f"{self.max_params}"
             )
+        if self.backend == "dense":
+            check_dense_fits(num_params)
         if self.backend != "auto":
             return self.backend
         return "dense" if num_params <= self.dense_max_params else "matrix_free"
@@ -358,3 +362,29 @@ def load_config(path: str | Path) -> AnalyzeConfig:
         return AnalyzeConfig.model_validate(raw)
     except ValidationError as error:
         raise ValueError(format_error(error, str(path))) from None
+
+
+DENSE_MATRICES = 3
+"""The ``P × P`` float64 matrices the dense backend holds at once (``F``, ``F̂`` and a
+preconditioner or its product), for :func:`check_dense_fits`."""
+
+
+def check_dense_fits(num_params: int) -> None:
+    """Refuse ``backend: dense`` where its matrices would take more than this machine's
+    memory (the process was killed by the system, nothing printed and nothing saved).
+
+    Raises:
+        ValueError: the size of one matrix, the machine's memory and the way out.
+    """
+    each = num_params**2 * 8
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+        return
+    if DENSE_MATRICES * each > memory:
+        raise ValueError(
+            f"backend: dense holds {DENSE_MATRICES} float64 matrices of {num_params} × "
+            f"{num_params} ({each / 2**30:.1f} GiB each), more than this machine's "
+            f"{memory / 2**30:.1f} GiB: use backend: matrix_free (or auto, which picks it "
+            "above dense_max_params)"
+        )

@@ -43,6 +43,17 @@ LEGEND_NOTE = (
 )
 
 
+FLOOR = 1e-16
+"""Where a log-scale plot draws values at or below it (zero to rounding, or negative)."""
+FLOOR_NOTE = "values ≤ 1e-16 (zero to rounding) drawn at 1e-16"
+
+
+def line_style(index: int) -> str:
+    """The line style of the ``index``-th line of a plot: solid for matplotlib's first ten
+    colours, then dashed, then dotted, so that no two lines look alike."""
+    return ("-", "--", ":", "-.")[(index // 10) % 4]
+
+
 def short_name(name: str) -> str:
     """A method or coarse-space name shortened for legends (``nicolaides`` → ``nico``)."""
     return name.replace("krylov_", "kry_").replace("nicolaides", "nico").replace("+", " + ")

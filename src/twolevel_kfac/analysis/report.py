@@ -20,7 +20,17 @@ import numpy as np
 
 from .along_run_report import along_run_markdown, plot_along_run
 from .config import AnalyzeConfig
-from .formatting import LEGEND_NOTE, clean, fmt, md_table, save_figure, short_name
+from .formatting import (
+    FLOOR,
+    FLOOR_NOTE,
+    LEGEND_NOTE,
+    clean,
+    fmt,
+    line_style,
+    md_table,
+    save_figure,
+    short_name,
+)
 from .pipeline import AnalysisOutput
 
 
@@ -92,7 +102,7 @@ def plot_methods(methods: dict[str, dict[str, Any]], path: Path) -> Path:
     """Horizontal bars: ``cos_to_exact_ng`` and ``energy_error_relative`` per method."""
     names = [n for n in methods if n != "exact"]
     cos = [methods[n]["cos_to_exact_ng"] for n in names]
-    energy = [max(methods[n]["energy_error_relative"], 1e-16) for n in names]
+    energy = [max(methods[n]["energy_error_relative"], FLOOR) for n in names]
     colors = ["tab:green" if "+" not in n else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.25 * len(names) + 1.5), sharey=True)
     ypos = np.arange(len(names))
@@ -166,18 +176,19 @@ def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Pat
     methods = [n for n in methods if "+" not in n or n.endswith("+adef2")]
     spaces = [n for n in first if n.startswith("space:")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in methods:
-        ys = [max(sweep[lam][name]["energy_error_relative"], 1e-16) for lam in lams]
-        axes[0].plot(x, ys, marker="o", ms=3, label=short_name(name))
-    for name in spaces:
-        ys = [max(-sweep[lam][name]["coarse_gain_relative"], 1e-16) for lam in lams]
-        axes[1].plot(x, ys, marker="o", ms=3, label=short_name(name[6:]))
+    for i, name in enumerate(methods):
+        ys = [max(sweep[lam][name]["energy_error_relative"], FLOOR) for lam in lams]
+        axes[0].plot(x, ys, marker="o", ms=3, label=short_name(name), ls=line_style(i))
+    for i, name in enumerate(spaces):
+        ys = [max(-sweep[lam][name]["coarse_gain_relative"], FLOOR) for lam in lams]
+        axes[1].plot(x, ys, marker="o", ms=3, label=short_name(name[6:]), ls=line_style(i))
     axes[0].set_ylabel("E(d)/E(0)")
     axes[1].set_ylabel("−(E(β*) − E(0)) / E(M⁻¹g)")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("damping λ")
+        ax.set_title(FLOOR_NOTE, fontsize=7)
         ax.legend(fontsize=6)
     return save_figure(fig, path)
 
@@ -202,31 +213,28 @@ def plot_training(training: dict[str, Any], out: Path) -> list[Path]:
     run = runs[training["gain_run"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for space, gains in run["coarse_gain_per_step"].items():
-        axes[0].plot([max(-g, 1e-16) for g in gains], label=short_name(space), lw=1)
+        axes[0].plot([max(-g, FLOOR) for g in gains], label=short_name(space), lw=1)
         steps = [c["step"] for c in run["checkpoints"]]
-        rel = [max(-c["spaces"][space]["coarse_gain_relative"], 1e-16) for c in run["checkpoints"]]
+        rel = [max(-c["spaces"][space]["coarse_gain_relative"], FLOOR) for c in run["checkpoints"]]
         axes[1].plot(steps, rel, marker="o", ms=3, label=short_name(space))
     axes[0].set_ylabel("−(E(β*) − E(0))")
-    axes[1].set_ylabel("−(E(β*) − E(0)) / E(0)")
+    axes[1].set_ylabel("−(E(β*) − E(0)) / E(M⁻¹g)")
     for ax in axes:
         ax.set_yscale("log")
+        ax.set_title(FLOOR_NOTE, fontsize=7)
         ax.set_xlabel(f"iteration ({short_name(training['gain_run'])} run)")
         ax.legend(fontsize=7)
     paths.append(save_figure(fig, out / "coarse_gain.png"))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     names = list(run["checkpoints"][0]["methods"]) if run["checkpoints"] else []
-    for name in names:
+    for i, name in enumerate(names):
         steps = [c["step"] for c in run["checkpoints"]]
-        ax.plot(
-            steps,
-            [c["methods"][name]["cos_to_exact_ng"] for c in run["checkpoints"]],
-            marker="o",
-            ms=3,
-            label=short_name(name),
-        )
+        values = [c["methods"][name]["cos_to_exact_ng"] for c in run["checkpoints"]]
+        ax.plot(steps, values, marker="o", ms=3, label=short_name(name), ls=line_style(i))
     ax.set_xlabel(f"iteration ({short_name(training['gain_run'])} run)")
     ax.set_ylabel("cosine to exact natural gradient")
-    ax.legend(fontsize=7)
+    ax.set_title(f"directions at the run's snapshots, λ {training['damping']}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines
     paths.append(save_figure(fig, out / "training_metrics.png"))
     return paths
 
