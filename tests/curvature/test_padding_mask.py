@@ -79,6 +79,30 @@ def test_steps_do_not_depend_on_the_padding(float64: None, method: str) -> None:
         assert float(apart.norm()) > 0.05 * float(moved.norm())
 
 
+class Tagged(TextClassifier):
+    """The classifier returning a tuple (logits and the pooled features): no output
+    positions to find padding by, and no tensor for the MC Fisher."""
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        return super().forward(x, padding), x  # type: ignore[return-value]
+
+
+def test_a_tuple_output_under_the_empirical_fisher(float64: None) -> None:
+    """The declared padding is left out whatever the output's form."""
+    x, _, padding = padded(4)
+    x7, _, padding7 = padded(7)
+    steps = []
+    for inputs, pads in ((x, padding), (x7, padding7)):
+        torch.manual_seed(0)
+        model = Tagged().double()
+        opt = tk.KFAC(model, **CLASSIFIER)
+        opt.set_padding_mask(~pads)
+        F.cross_entropy(model(inputs, pads)[0], labels()).backward()
+        opt.step()
+        steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)
+
+
 def test_the_monte_carlo_fisher_on_a_fisher_subset(float64: None) -> None:
     """``fisher="mc"`` on half the batch: the mask's rows follow the Fisher mini-batch."""
     settings = {"fisher": "mc", "fisher_batch": 0.5}
