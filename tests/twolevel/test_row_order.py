@@ -50,9 +50,14 @@ def adaptive(model: nn.Module) -> torch.optim.Optimizer:
     return tk.KFAC(model, lr=0.1, adaptive_damping=True, fisher="empirical")
 
 
-def one_step(model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
-    opt = build(model)
-    x, y = torch.randn(N, 3), torch.randn(N, 2)
+def steps(
+    model: nn.Module,
+    build: Callable[[nn.Module], torch.optim.Optimizer],
+    x: Tensor,
+    count: int = 1,
+) -> None:
+    """``count`` steps (with a closure: adaptive damping calls it again) on ``x``."""
+    opt, y = build(model), torch.randn(N, 2)
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -60,7 +65,12 @@ def one_step(model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimize
         loss.backward()
         return loss
 
-    opt.step(closure)
+    for _ in range(count):
+        opt.step(closure)
+
+
+def one_step(model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+    steps(model, build, torch.randn(N, 3))
 
 
 @pytest.mark.parametrize("build", [two_level, adaptive], ids=["two_level", "adaptive_damping"])
@@ -114,18 +124,7 @@ class Tokens(nn.Module):
 def test_what_transformers_do_is_not_refused(
     build: Callable[[nn.Module], torch.optim.Optimizer],
 ) -> None:
-    model = Tokens()
-    opt = build(model)
-    x, y = torch.randn(N, 5, 3), torch.randn(N, 2)
-    for _ in range(2):
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    steps(Tokens(), build, torch.randn(N, 5, 3), count=2)
 
 
 def test_moved_rows_of_each_operation() -> None:
