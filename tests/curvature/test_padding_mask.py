@@ -163,7 +163,48 @@ def test_refusals(float64: None) -> None:
         (~padding[0], r"\[N, T\]"),
         (~padding[:2], "the mask has 2 rows, the model's batch 4"),
         (~padding[:, :5], r"inputs of the mask's layout \[N, T\] = \[4, 5\]"),
+        (~padding[:, :E], rf"\[N, T\] = \[4, {E}\]"),  # not the head's [N, E] input
     ]:
         with pytest.raises(ValueError, match=match):
             opt.set_padding_mask(bad)
             model(x, padding)
+
+
+class TokenClassifier(nn.Module):
+    """Token ids → ``nn.Embedding`` → a per-token ``Linear`` → the mean over the real
+    tokens → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mlp, self.head = nn.Embedding(9, E), nn.Linear(E, E), nn.Linear(E, C)
+
+    def forward(self, tokens: Tensor, padding: Tensor) -> Tensor:
+        h = torch.tanh(self.mlp(self.embed(tokens)))
+        real = (~padding).unsqueeze(-1).to(h.dtype)
+        return self.head((h * real).sum(1) / real.sum(1))
+
+
+@pytest.mark.parametrize("sharing", ["expand", "reduce"])
+def test_an_embeddings_padding_tokens_are_left_out(float64: None, sharing: str) -> None:
+    """``weight_sharing="reduce"`` sums an embedding's one-hot tokens (its block's ``δ``
+    side): the padding's tokens were summed too, 1.0 off a step of 1.2 between padding to
+    5 and to 8 positions."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 9, (N, max(LENGTHS)), generator=gen)
+    steps = []
+    for length in (5, 8):
+        padded_tokens = torch.cat(
+            [tokens, torch.zeros(N, length - tokens.shape[1], dtype=torch.long)], 1
+        )
+        padding = torch.arange(length).expand(N, -1) >= torch.tensor(LENGTHS).unsqueeze(1)
+        padded_tokens = padded_tokens.masked_fill(padding, 0)
+        torch.manual_seed(0)
+        model = TokenClassifier().double()
+        opt = tk.KFAC(model, weight_sharing=sharing, **CLASSIFIER)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.set_padding_mask(~padding)
+            F.cross_entropy(model(padded_tokens, padding), labels()).backward()
+            opt.step()
+        steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)

@@ -78,7 +78,7 @@ def one_step(model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimize
     ("how", "layer", "why"),
     [
         ("views", "a", "8 rows for the batch of 4"),
-        ("permuted", "b", r"moved along the batch dimension \(IndexBackward0\)"),
+        ("permuted", "b", r"moved along the batch dimension \(rows permuted by indexing\)"),
         ("graph", "b", r"\(IndexAddBackward0\)"),
         ("flipped", "b", r"\(FlipBackward0\)"),
     ],
@@ -135,8 +135,9 @@ def test_moved_rows_of_each_operation() -> None:
     stops = {out.grad_fn}
     idx = torch.tensor([1, 0, 3, 2])
     moved = {
-        "IndexBackward0": out[idx],
-        "IndexSelectBackward0": out.index_select(0, idx),
+        "rows permuted by indexing": out[idx],
+        "IndexBackward0": out[idx[:2]],  # a gather of fewer rows
+        "IndexSelectBackward0": out.index_select(0, idx[:3]),
         "CatBackward0": torch.cat([out, out]),
         "SliceBackward0": out[1:],
         "RollBackward0": out.roll(1, 0),
@@ -148,7 +149,10 @@ def test_moved_rows_of_each_operation() -> None:
     }
     for name, tensor in moved.items():
         assert moved_rows(torch.tanh(tensor), stops, 4) == name, name
+    assert moved_rows(torch.tanh(out.flip(0)[:3]), stops, 3) is None  # 4 rows are not a batch of 3
     kept = [
+        out.index_select(0, idx)[torch.argsort(idx)],  # a permutation put back before the layer
+        out[torch.arange(4), torch.zeros(4, dtype=torch.long)],  # last-token pooling's pick
         out[:, :, idx[:2]],
         out[:],
         torch.cat([out, out], dim=-1),
@@ -162,3 +166,36 @@ def test_moved_rows_of_each_operation() -> None:
     ]
     for tensor in kept:
         assert moved_rows(torch.tanh(tensor), stops, 4) is None
+
+
+class Sequences(nn.Module):
+    """What sequence classifiers do that keeps the samples in order: an LSTM over packed
+    unsorted sequences (torch sorts the batch and puts it back), the last real token's
+    state picked by ``h[torch.arange(B), last]`` (Hugging Face's classifiers), attention
+    with ``add_bias_kv`` (torch concatenates the bias on the sequence-first keys)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 6), nn.Linear(6, 2)
+        self.lstm = nn.LSTM(6, 6, batch_first=True)
+        self.attention = nn.MultiheadAttention(6, 2, add_bias_kv=True, batch_first=True)
+        self.mlp = nn.Linear(6, 6)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        lengths = torch.tensor([3, 5, 2, 4])[: len(tokens)]
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
+        h = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0]
+        h = self.mlp(h)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(h[torch.arange(len(h)), lengths - 1])
+
+
+@pytest.mark.parametrize("build", [two_level, adaptive], ids=["two_level", "adaptive_damping"])
+def test_sequence_classifiers_are_not_refused(
+    build: Callable[[nn.Module], torch.optim.Optimizer],
+) -> None:
+    """(Refused at first: the sort put back, the identity pick and the bias on a sequence of
+    as many keys as samples looked like moves of the samples.)"""
+    steps(Sequences(), build, torch.randint(0, 7, (N, 5)), count=2)

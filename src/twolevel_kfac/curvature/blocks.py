@@ -376,14 +376,15 @@ def reduce_locations(stats: LayerStats) -> LayerStats:
     """KFAC-reduce's view of weight sharing (Eschenhagen et al. 2023): one row per sample,
     ``ā_n = (1/T) Σ_t ā_nt`` and ``δ_n = Σ_t δ_nt``, so ``A = E_n[ā_n ā_nᵀ]``,
     ``G = E_n[δ_n δ_nᵀ]``, no division by ``T``, and for ``T = 1`` the statistics themselves
-    (a ``Linear``'s mean is over its positions that reach the loss: :mod:`.live_positions`).
+    (over the positions that reach the loss, an embedding's tokens too: :mod:`.live_positions`).
     Only the factors are built from it: the exact Fisher products (coarse level, EKFAC)
     keep every location."""
     if isinstance(stats, BlockStats):
         return stats.reduced()
     if stats.num_locations == 1:
         return stats
-    return LayerStats(position_mean(stats), stats.g.sum(dim=1, keepdim=True))
+    g = stats.g if stats.dead is None else stats.g.masked_fill(stats.dead.unsqueeze(-1), 0)
+    return LayerStats(position_mean(stats), g.sum(dim=1, keepdim=True))
 
 
 def kronecker_factors_as(

@@ -129,7 +129,8 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
 
     * a reshape (``view``, ``reshape``, ``flatten``) of a tensor whose first dimension is
       the ``N`` samples, not a transpose or permute of one that moved its first dimension
-      (:func:`_batch_first_reshape`);
+      (:func:`_batch_first_reshape`), possibly regrouped again by reshapes between ``k·N``
+      rows (Swin's windows, heads split and merged on the windows' rows);
     * or row-wise operations on such a reshape or on a layer output proved so
       (``forward.ordered``): every path back through autograd's graph reaches one before
       an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
@@ -160,7 +161,8 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if node in forward.ordered or (name in _RESHAPES and _batch_first_reshape(node, samples)):
             proved = True
             continue
-        if name in _RESHAPES or name in _REORDERS or len(seen) > _WALK:
+        regroup = name in _RESHAPES and _batch_first_reshape(node, samples, regroup=True)
+        if (name in _RESHAPES and not regroup) or name in _REORDERS or len(seen) > _WALK:
             return False
         for parent, _ in node.next_functions:
             if (
@@ -173,12 +175,15 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
     return proved
 
 
-def _batch_first_reshape(node: Node, samples: int) -> bool:
-    """A reshape node whose input had the ``samples`` first (its saved sizes) and was not
-    a copy of a transpose or permute that moved the first dimension (``reshape`` of a
-    non-contiguous tensor copies it first)."""
-    sizes = getattr(node, "_saved_self_sym_sizes", None)
-    if not sizes or int(sizes[0]) != samples:
+def _batch_first_reshape(node: Node, samples: int, regroup: bool = False) -> bool:
+    """A reshape node whose input had the ``samples`` first (its saved sizes; ``regroup``:
+    ``k·N`` rows, ``k > 1``, whose order its input's walk must prove: a reshape between
+    two sample-major forms keeps each sample's contiguous block) and was not a copy of a
+    transpose or permute that moved the first dimension (``reshape`` of a non-contiguous
+    tensor copies it first)."""
+    sizes = list(getattr(node, "_saved_self_sym_sizes", None) or [])
+    rows = int(sizes[0]) if sizes else 0
+    if not rows or (rows % samples or rows == samples if regroup else rows != samples):
         return False
     parent = node.next_functions[0][0] if node.next_functions else None
     if parent is not None and type(parent).__name__ == "CloneBackward0":

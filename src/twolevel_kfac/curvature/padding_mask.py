@@ -75,13 +75,16 @@ def check_padding_matched(padding: Tensor | None, records: Iterable[Record]) -> 
     """
     if padding is None:
         return
+    from .layer_types import layer_type
     from .live_positions import position_wise
 
     n, t = padding.shape
     for record in records:
-        shape = record.inputs.shape
+        shape, entry = record.inputs.shape, layer_type(record.module)
+        features = 2 if entry is not None and entry.rows_from_inputs else 3  # token ids: [N, T]
         if position_wise(record.module) and (
-            tuple(shape[:2]) == (n, t) or (record.reshaped and int(shape[0]) == n * t)
+            (tuple(shape[:2]) == (n, t) and len(shape) >= features)
+            or (record.reshaped and int(shape[0]) == n * t)
         ):
             return
     raise ValueError(
