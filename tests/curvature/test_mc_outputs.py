@@ -47,3 +47,25 @@ def test_a_dict_with_logits_samples_from_them() -> None:
 def test_a_tuple_is_refused_with_the_ways_out() -> None:
     with pytest.raises(TypeError, match=r"got tuple\. Return the tensor .* fisher='empirical'"):
         steps("tuple")
+
+
+def test_a_dict_of_inputs_is_refused_with_the_way_out() -> None:
+    """``model(batch)`` with a dict: the capture cannot tell the batch; ``model(**batch)``."""
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(5, 3)
+
+        def forward(
+            self, batch: dict[str, Tensor] | None = None, x: Tensor | None = None
+        ) -> Tensor:
+            return self.body(batch["x"] if batch is not None else x)  # type: ignore[index]
+
+    model = Keyed()
+    opt = tk.KFAC(model, lr=0.1)
+    with pytest.raises(RuntimeError, match=r"got dict\)\. .*call model\(\*\*batch\)"):
+        model({"x": torch.randn(4, 5)})
+    opt.zero_grad()
+    F.cross_entropy(model(x=torch.randn(4, 5)), torch.randint(0, 3, (4,))).backward()
+    opt.step()

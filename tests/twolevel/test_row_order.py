@@ -78,7 +78,11 @@ def one_step(model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimize
     ("how", "layer", "why"),
     [
         ("views", "a", "8 rows for the batch of 4"),
-        ("permuted", "b", r"moved along the batch dimension \(rows permuted by indexing\)"),
+        (
+            "permuted",
+            "b",
+            r"moved along the batch dimension \(rows moved by indexing, slicing or concatenating\)",
+        ),
         ("graph", "b", r"\(IndexAddBackward0\)"),
         ("flipped", "b", r"\(FlipBackward0\)"),
     ],
@@ -134,23 +138,32 @@ def test_moved_rows_of_each_operation() -> None:
     out = layer(torch.randn(4, 3)).view(4, 1, 5)
     stops = {out.grad_fn}
     idx = torch.tensor([1, 0, 3, 2])
-    moved = {
-        "rows permuted by indexing": out[idx],
-        "IndexBackward0": out[idx[:2]],  # a gather of fewer rows
-        "IndexSelectBackward0": out.index_select(0, idx[:3]),
-        "CatBackward0": torch.cat([out, out]),
-        "SliceBackward0": out[1:],
-        "RollBackward0": out.roll(1, 0),
-        "RepeatBackward0": out.repeat(2, 1, 1),
-        "ScatterAddBackward0": torch.zeros(4, 1, 5).scatter_add(
-            0, idx.view(4, 1, 1).expand(4, 1, 5), out
+    followed = "rows moved by indexing, slicing or concatenating"  # rows carried along
+    moved = [
+        (followed, out[idx]),
+        (followed, out[idx[:2]]),  # fewer rows
+        (followed, out.index_select(0, idx[:3])),
+        (followed, torch.cat([out, out])),
+        (followed, torch.cat([out[2:], out[:2]])),  # halves swapped
+        (followed, torch.cat(out.chunk(2)[::-1])),
+        (followed, out[1:]),
+        ("FlipBackward0", out.flip(0)),
+        ("RollBackward0", out.roll(1, 0)),
+        ("RepeatBackward0", out.repeat(2, 1, 1)),
+        ("GatherBackward0", out.gather(0, idx.view(4, 1, 1).expand(4, 1, 5))),
+        (
+            "ScatterAddBackward0",
+            torch.zeros(4, 1, 5).scatter_add(0, idx.view(4, 1, 1).expand(4, 1, 5), out),
         ),
-        "IndexPutBackward0": torch.zeros(4, 1, 5).index_put((idx,), out),
-    }
-    for name, tensor in moved.items():
+        ("IndexPutBackward0", torch.zeros(4, 1, 5).index_put((idx,), out)),
+        ("MmBackward0", torch.eye(4)[idx] @ out.view(4, 5)),
+    ]
+    for name, tensor in moved:
         assert moved_rows(torch.tanh(tensor), stops, 4) == name, name
     assert moved_rows(torch.tanh(out.flip(0)[:3]), stops, 3) is None  # 4 rows are not a batch of 3
     kept = [
+        torch.cat(out.chunk(2)),  # pieces put back in order
+        torch.cat([out[:1], out[1:3], out[3:]]),
         out.index_select(0, idx)[torch.argsort(idx)],  # a permutation put back before the layer
         out[torch.arange(4), torch.zeros(4, dtype=torch.long)],  # last-token pooling's pick
         out[:, :, idx[:2]],

@@ -39,12 +39,12 @@ from .blocks import recorded_input, trains
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward, scaled_gradient
 from .forward_checks import (
+    batch_argument,
     check_batch_rows,
     check_batched_input,
     check_subset_rows,
     check_unreached,
     check_weight_uses,
-    first_tensor,
     warn_forwards,
 )
 from .forward_pass import ForwardPass, Record, fisher_rows
@@ -180,9 +180,7 @@ class CurvatureCapture:
         self._next_mask = self._next_padding = None
         if not self._capturing(module):
             return
-        x = first_tensor(args, kwargs)
-        if x is None or x.dim() == 0:
-            raise RuntimeError("KFAC capture: the model's first argument must be a batched tensor")
+        x = batch_argument(args, kwargs)
         batch = int(x.shape[0])
         if batch == 0:  # no sample: nothing recorded or drawn (an empty batch or DDP share)
             self._empty_forward = True

@@ -125,6 +125,24 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
     return None
 
 
+def batch_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The model call's batch: its first tensor argument, with at least one dimension.
+
+    Raises:
+        RuntimeError: none (the batch inside a dict or a list), or a 0-d tensor.
+    """
+    x = first_tensor(args, kwargs)
+    if x is not None and x.dim() > 0:
+        return x
+    first = next(iter((*args, *kwargs.values())), None)
+    raise RuntimeError(
+        "KFAC capture: the model's first tensor argument must be the batch, its first "
+        f"dimension the samples (got {type(first).__name__ if x is None else '0-d tensor'}). "
+        "A dict or list of tensors is not read: call model(**batch) or model(x, ...) with "
+        "the batch's tensor first"
+    )
+
+
 def check_unreached(unreached: set[str], layers: dict[str, nn.Module]) -> None:
     """Refuse, at the step, a layer whose outputs did not reach the model output in a
     captured forward (``fisher="mc"`` differentiates the sampled loss of the output) but

@@ -17,19 +17,22 @@ product ``P @ h``) between an earlier layer's output (``forward.per_sample``) an
 layer's input, the dimension followed back through transposes, permutes and reshapes
 (attention's sequence-first internals keep it). One on parameters alone (a position table
 sliced to the length), on another dimension, or before the first layer (the data) moves
-nothing: every layer sees the data's order; indexes that take ``N`` rows of ``N`` are
-composed, and a path on which they make the identity moved nothing (a sort undone).
+nothing: every layer sees the data's order. Indexes, slices and the pieces of
+concatenations and splits are carried along the path, and a path on which the rows end
+where they started moved nothing (a sort undone).
 
 Not seen: the samples split over several dimensions and moved there
-(``h.view(2, N // 2, D).flip(0)``), pieces of the batch put back together in another order
-(``chunk`` / ``split`` / ``unbind`` then ``cat`` / ``stack``), a time-major tensor with as
-many positions as samples.
+(``h.view(2, N // 2, D).flip(0)``), ``unbind`` then ``stack`` in another order, matrix
+products other than a 2-D ``P @ h`` (``einsum``, ``bmm``, sparse), a flattened tensor
+indexed, a time-major tensor with as many positions as samples (a dimension followed by a
+coincidence of sizes is let go at the earlier layer: the walk never refuses on a guess).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -63,6 +66,16 @@ _ON_DIM = frozenset(  # operations along a ``dim`` that move, take or put rows
 Moved = str  # the name of what moved the rows
 
 
+class Context(NamedTuple):
+    """What an operation's rule needs beyond its node: the batch, which input (``edge``)
+    the walk goes to and the shapes of all of them, and which output it came from."""
+
+    batch: int
+    edge: int
+    inputs: list[list[int]]
+    output_nr: int
+
+
 def _signed(value: int) -> int:
     """A saved ``int64`` as autograd returns it (``-1`` comes back as ``2⁶⁴ − 1``)."""
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -91,25 +104,38 @@ def _reshaped(out: list[int], dim: int, inp: list[int], batch: int) -> int | Non
     return None
 
 
-def _row_map(node: Node, where: int, inp: list[int], batch: int) -> Tensor | None:
-    """``map`` of an index on the samples' dimension ``where`` of a parent of ``batch`` of
-    them that takes ``batch`` again (``out[r] = in[map[r]]``: a permutation, or the identity
-    of ``h[torch.arange(B), last]``); ``None`` otherwise."""
-    if type(node).__name__ == "IndexSelectBackward0":
-        index = node._saved_index  # type: ignore[attr-defined]
-    else:
-        index = node._saved_indices[where]  # type: ignore[attr-defined]
-    if inp[where] != batch or index.dtype == torch.bool or index.numel() != batch:
+Rows = Callable[[Tensor], tuple["Tensor | None", Tensor]]
+"""What an operation on the samples' dimension does to the rows followed: from the rows
+``C`` of its output, ``(which of them come from this parent or None for all, their rows
+in the parent)``."""
+Step = tuple["int | None", "Rows | None", "Moved | None"]
+"""Where the samples' dimension is in a parent's output (``None``: not followed), what
+the operation did to its rows, and what moved them (a gather, a scatter, a flip)."""
+
+
+def _index_rows(index: Tensor) -> Rows | None:
+    """``out[r] = in[index[r]]`` for a 1-D integer index (or one column), else ``None``."""
+    if index.dtype == torch.bool or (index.dim() > 1 and index.shape[1:].numel() != 1):
         return None
-    return index.reshape(-1).cpu() if index.shape[0] == batch else None
+    taken = index.reshape(-1).cpu()
+    return lambda rows: (None, taken[rows])
 
 
-Step = tuple[int | None, Tensor | None, Moved | None]
-"""Where the samples' dimension is in a parent's output (``None``: not followed), the
-rows an index took from it, and what moved them."""
+def _shifted(start: int, step: int = 1) -> Rows:
+    return lambda rows: (None, start + step * rows)
 
 
-def _transposed(node: Node, dim: int, inp: list[int], batch: int) -> Step:
+def _piece(offset: int, size: int) -> Rows:
+    """The rows of one input of a concatenation (``offset`` to ``offset + size``)."""
+
+    def rows_of(rows: Tensor) -> tuple[Tensor | None, Tensor]:
+        keep = (rows >= offset) & (rows < offset + size)
+        return keep, rows[keep] - offset
+
+    return rows_of
+
+
+def _transposed(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     rank = len(inp)
     if type(node).__name__ == "TBackward0":  # ``.t()`` of a matrix
         return (1 - dim if rank == 2 else dim), None, None
@@ -117,59 +143,71 @@ def _transposed(node: Node, dim: int, inp: list[int], batch: int) -> Step:
     return (b if dim == a else a if dim == b else dim), None, None
 
 
-def _permuted(node: Node, dim: int, inp: list[int], batch: int) -> Step:
+def _permuted(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     return _signed(int(node._saved_dims[dim])) % len(inp), None, None  # type: ignore[attr-defined]
 
 
-def _dropped(node: Node, dim: int, inp: list[int], batch: int) -> Step:
+def _dropped(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     """``select`` / ``unbind`` removed a dimension (the output's samples are after it or
     before it); ``stack`` added one (the samples' own: not followed)."""
     if type(node).__name__ == "StackBackward0":
-        at = _dim(node, len(inp) + 1)
-        return (None if at == dim else dim - (at < dim)), None, None
+        where = _dim(node, len(inp) + 1)
+        return (None if where == dim else dim - (where < dim)), None, None
     return dim + (_dim(node, len(inp)) <= dim), None, None
 
 
-def _indexed(node: Node, dim: int, inp: list[int], batch: int) -> Step:
+def _indexed(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     name = type(node).__name__
-    indexed = [i for i, ix in enumerate(node._saved_indices) if ix is not None]  # type: ignore[attr-defined]
+    indices = node._saved_indices  # type: ignore[attr-defined]
+    indexed = [i for i, ix in enumerate(indices) if ix is not None]
     if not indexed or min(indexed) > dim:
         return dim, None, None
     if name == "IndexBackward0" and indexed[0] == dim:
-        rows = _row_map(node, dim, inp, batch)
+        rows = _index_rows(indices[dim])
         return (dim, rows, None) if rows is not None else (None, None, name)
     return None, None, (name if dim in indexed else None)
 
 
-def _on_dim(node: Node, dim: int, inp: list[int], batch: int) -> Step:
-    """An operation along one dimension: it moves the samples' rows when it is theirs."""
+def _on_dim(node: Node, dim: int, inp: list[int], at: Context) -> Step:
+    """An operation along one dimension: on the samples' one it takes rows (an index, a
+    slice, a piece of a concatenation or of a split, followed) or moves them."""
     name = type(node).__name__
     if _dim(node, len(inp)) != dim:
         return dim, None, None
     if name == "IndexSelectBackward0":
-        rows = _row_map(node, dim, inp, batch)
+        rows = _index_rows(node._saved_index)  # type: ignore[attr-defined]
         return (dim, rows, None) if rows is not None else (None, None, name)
     if name == "SliceBackward0":
         start, step = int(node._saved_start), int(node._saved_step)  # type: ignore[attr-defined]
-        if start == 0 and step == 1 and _signed(int(node._saved_end)) >= inp[dim]:  # type: ignore[attr-defined]
-            return dim, None, None
+        return dim, _shifted(start, step), None
+    if name in ("SplitBackward0", "SplitWithSizesBackward0"):
+        sizes = (
+            [int(node._saved_split_size)] * (at.output_nr + 1)  # type: ignore[attr-defined]
+            if name == "SplitBackward0"
+            else [int(n) for n in node._saved_split_sizes]  # type: ignore[attr-defined]
+        )
+        return dim, _shifted(sum(sizes[: at.output_nr])), None
+    if name == "CatBackward0":
+        sizes = [shape[dim] if len(shape) > dim else -1 for shape in at.inputs]
+        if min(sizes) >= 0:  # every piece's rows known
+            return dim, _piece(sum(sizes[: at.edge]), sizes[at.edge]), None
     return None, None, name
 
 
-def _along(node: Node, dim: int, inp: list[int], batch: int) -> Step:
+def _along(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     """``flip`` / ``roll`` (all dimensions when none is given), ``repeat``, ``masked_select``."""
     name = type(node).__name__
     if name == "RepeatBackward0":
         repeats = [int(r) for r in node._saved_repeats]  # type: ignore[attr-defined]
-        at = dim + len(repeats) - len(inp)  # its repeats may add leading dimensions
-        return (dim, None, None) if repeats[at] == 1 else (None, None, name)
+        where = dim + len(repeats) - len(inp)  # its repeats may add leading dimensions
+        return (dim, None, None) if repeats[where] == 1 else (None, None, name)
     if name == "MaskedSelectBackward0":
         return None, None, name
     dims = [_signed(int(d)) % len(inp) for d in node._saved_dims]  # type: ignore[attr-defined]
     return (dim, None, None) if dims and dim not in dims else (None, None, name)
 
 
-_RULES = {
+_RULES: dict[str, Callable[[Node, int, list[int], Context], Step]] = {
     "TransposeBackward0": _transposed,
     "TBackward0": _transposed,
     "PermuteBackward0": _permuted,
@@ -180,17 +218,17 @@ _RULES = {
     "IndexPutBackward0": _indexed,
     "IndexSelectBackward0": _on_dim,
     "SliceBackward0": _on_dim,
+    "SplitBackward0": _on_dim,
+    "SplitWithSizesBackward0": _on_dim,
     **dict.fromkeys(_ON_DIM, _on_dim),
     **dict.fromkeys(("FlipBackward0", "RollBackward0", "RepeatBackward0"), _along),
     "MaskedSelectBackward0": _along,
 }
 
 
-def _parent_dim(
-    node: Node, out: list[int], dim: int, edge: int, inp: list[int], batch: int
-) -> Step:
+def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Context) -> Step:
     """Where the samples' dimension ``dim`` of ``node``'s output (shape ``out``) is in its
-    parent ``edge``'s output (shape ``inp``), by the rules of the operations that move
+    parent ``at.edge``'s output (shape ``inp``), by the rules of the operations that move
     dimensions or rows; a reshape keeps it after the same leading elements; an
     element-wise operation (anything else) where the shapes, aligned from the right,
     agree. A move counts only on a parent dimension that holds the samples."""
@@ -198,15 +236,15 @@ def _parent_dim(
     if not inp:
         return None, None, None
     if name in _RESHAPES:
-        return _reshaped(out, dim, inp, batch), None, None
-    if name == "MmBackward0" and edge == 1 and dim == 0:  # P @ h: h's rows mixed
-        return None, None, (name if inp[0] % batch == 0 else None)
+        return _reshaped(out, dim, inp, at.batch), None, None
+    if name == "MmBackward0" and at.edge == 1 and dim == 0:  # P @ h: h's rows mixed
+        return None, None, (name if inp[0] % at.batch == 0 else None)
     rule = _RULES.get(name)
     if rule is not None:
-        at, rows, moved = rule(node, dim, inp, batch)
-        if moved is not None and dim < len(inp) and inp[dim] % batch:
+        where, rows, moved = rule(node, dim, inp, at)
+        if moved is not None and dim < len(inp) and inp[dim] % at.batch:
             return None, None, None  # not the samples' rows that moved
-        return at, rows, moved
+        return where, rows, moved
     shift = len(out) - len(inp)  # broadcast from the right
     if 0 <= dim - shift < len(inp) and inp[dim - shift] == out[dim]:
         return dim - shift, None, None
@@ -240,35 +278,50 @@ def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | Non
     dimension back through the graph (a transpose or permute moves it to another
     dimension, a reshape keeps it where the leading elements match, an element-wise
     operation where the shapes do) and stops following a path where it cannot tell (a
-    walk longer than :data:`_WALK` nodes stops without a finding). Indexes that take
-    ``batch`` rows of ``batch`` are composed along the path: one that ends at an earlier
-    layer as the identity moved nothing (a sort undone, as
-    ``pack_padded_sequence(enforce_sorted=False)``'s; ``h[torch.arange(B), last]``)."""
+    walk longer than :data:`_WALK` nodes stops without a finding). Along a path it carries
+    which rows of the input come from which rows of the tensor it is at (indexes, slices,
+    pieces of concatenations and splits): a path that reaches an earlier layer's output
+    with every row where it was moved nothing (a sort undone, as
+    ``pack_padded_sequence(enforce_sorted=False)``'s; ``h[torch.arange(B), last]``; a
+    recurrent state gathered from its time steps)."""
     node = inputs.grad_fn
     if node is None or node in stops:
         return None
-    State = tuple[Node, int, int, "Tensor | None"]
-    stack: list[State] = [(node, inputs.output_nr, 0, None)]  # None: no row moved yet
-    seen: set[tuple[Node, int, int, tuple[int, ...] | None]] = set()
+    # (node, its output followed, samples' dimension, input rows, their rows here)
+    stack: list[tuple[Node, int, int, Tensor | None, Tensor | None]] = [
+        (node, inputs.output_nr, 0, None, None)  # None, None: every row, in place
+    ]
+    seen: set[tuple[object, ...]] = set()
     while stack and len(seen) <= _WALK:
-        node, nr, dim, rows = stack.pop()
+        node, nr, dim, layer, rows = stack.pop()
         out = _shape(node, nr) or list(inputs.shape)
+        shapes = [_shape(parent, n) for parent, n in node.next_functions]
         for edge, parent, parent_nr in _parents(node):
-            inp = _shape(parent, parent_nr)
-            at, taken, moved = _parent_dim(node, out, dim, edge, inp, batch)
+            inp = shapes[edge]
+            at, taken, moved = _parent_dim(node, out, dim, inp, Context(batch, edge, shapes, nr))
             if moved is not None and _reaches(node, stops):
                 return moved
-            if at is None:
-                continue
-            path = rows  # out[r] = in[map[r]], read from the layer back:
-            if taken is not None:
-                path = taken if rows is None else taken[rows]
+            if at is None or (rows is not None and inp[at] != out[dim] and taken is None):
+                continue  # (rows followed through a reshape that regroups them: let go)
+            here, there = layer, rows
+            if taken is not None:  # out[r] = in[f(r)], read from the layer back
+                if there is None:
+                    here = there = torch.arange(out[dim])
+                keep, there = taken(there)
+                here = here if keep is None else here[keep]  # type: ignore[index]
+                if not len(there):
+                    continue
             if parent in stops:
-                if path is not None and not torch.equal(path, torch.arange(batch)):
-                    return "rows permuted by indexing"
-                continue
-            key = (parent, parent_nr, at, None if path is None else tuple(path.tolist()))
+                if at == 0 and there is not None and not torch.equal(here, there):  # type: ignore[arg-type]
+                    return "rows moved by indexing, slicing or concatenating"
+                continue  # (another dimension: a size that happened to match, let go)
+            key = (
+                parent,
+                parent_nr,
+                at,
+                *(None if t is None else tuple(t.tolist()) for t in (here, there)),
+            )
             if key not in seen:
                 seen.add(key)
-                stack.append((parent, parent_nr, at, path))
+                stack.append((parent, parent_nr, at, here, there))
     return None
