@@ -147,6 +147,7 @@ def test_moved_rows_of_each_operation() -> None:
         (followed, torch.cat([out[2:], out[:2]])),  # halves swapped
         (followed, torch.cat(out.chunk(2)[::-1])),
         (followed, out[1:]),
+        (followed, torch.cat([out[-1:], out[:-1]])),
         ("FlipBackward0", out.flip(0)),
         ("RollBackward0", out.roll(1, 0)),
         ("RepeatBackward0", out.repeat(2, 1, 1)),
@@ -164,6 +165,7 @@ def test_moved_rows_of_each_operation() -> None:
     kept = [
         torch.cat(out.chunk(2)),  # pieces put back in order
         torch.cat([out[:1], out[1:3], out[3:]]),
+        torch.cat([out[:-2], out[-2:]]),  # negative starts
         out.index_select(0, idx)[torch.argsort(idx)],  # a permutation put back before the layer
         out[torch.arange(4), torch.zeros(4, dtype=torch.long)],  # last-token pooling's pick
         out[:, :, idx[:2]],

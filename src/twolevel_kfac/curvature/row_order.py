@@ -178,8 +178,8 @@ def _on_dim(node: Node, dim: int, inp: list[int], at: Context) -> Step:
         rows = _index_rows(node._saved_index)  # type: ignore[attr-defined]
         return (dim, rows, None) if rows is not None else (None, None, name)
     if name == "SliceBackward0":
-        start, step = int(node._saved_start), int(node._saved_step)  # type: ignore[attr-defined]
-        return dim, _shifted(start, step), None
+        start, step = _signed(int(node._saved_start)), int(node._saved_step)  # type: ignore[attr-defined]
+        return dim, _shifted(start % inp[dim] if start < 0 else start, step), None
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
         sizes = (
             [int(node._saved_split_size)] * (at.output_nr + 1)  # type: ignore[attr-defined]
