@@ -166,6 +166,7 @@ def test_moved_rows_of_each_operation() -> None:
         torch.cat(out.chunk(2)),  # pieces put back in order
         torch.cat([out[:1], out[1:3], out[3:]]),
         torch.cat([out[:-2], out[-2:]]),  # negative starts
+        out[torch.tensor([-4, -3, -2, -1])],  # and indices
         out.index_select(0, idx)[torch.argsort(idx)],  # a permutation put back before the layer
         out[torch.arange(4), torch.zeros(4, dtype=torch.long)],  # last-token pooling's pick
         out[:, :, idx[:2]],

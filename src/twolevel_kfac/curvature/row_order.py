@@ -113,11 +113,13 @@ Step = tuple["int | None", "Rows | None", "Moved | None"]
 the operation did to its rows, and what moved them (a gather, a scatter, a flip)."""
 
 
-def _index_rows(index: Tensor) -> Rows | None:
-    """``out[r] = in[index[r]]`` for a 1-D integer index (or one column), else ``None``."""
+def _index_rows(index: Tensor, size: int) -> Rows | None:
+    """``out[r] = in[index[r]]`` for a 1-D integer index (or one column) into ``size`` rows,
+    else ``None``."""
     if index.dtype == torch.bool or (index.dim() > 1 and index.shape[1:].numel() != 1):
         return None
     taken = index.reshape(-1).cpu()
+    taken = torch.where(taken < 0, taken + size, taken)  # rows counted from the end
     return lambda rows: (None, taken[rows])
 
 
@@ -163,7 +165,7 @@ def _indexed(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     if not indexed or min(indexed) > dim:
         return dim, None, None
     if name == "IndexBackward0" and indexed[0] == dim:
-        rows = _index_rows(indices[dim])
+        rows = _index_rows(indices[dim], inp[dim])
         return (dim, rows, None) if rows is not None else (None, None, name)
     return None, None, (name if dim in indexed else None)
 
@@ -175,7 +177,7 @@ def _on_dim(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     if _dim(node, len(inp)) != dim:
         return dim, None, None
     if name == "IndexSelectBackward0":
-        rows = _index_rows(node._saved_index)  # type: ignore[attr-defined]
+        rows = _index_rows(node._saved_index, inp[dim])  # type: ignore[attr-defined]
         return (dim, rows, None) if rows is not None else (None, None, name)
     if name == "SliceBackward0":
         start, step = _signed(int(node._saved_start)), int(node._saved_step)  # type: ignore[attr-defined]
