@@ -215,3 +215,17 @@ def test_sequence_classifiers_are_not_refused(
     """(Refused at first: the sort put back, the identity pick and the bias on a sequence of
     as many keys as samples looked like moves of the samples.)"""
     steps(Sequences(), build, torch.randint(0, 7, (N, 5)), count=2)
+
+
+def test_reductions_over_tokens_keep_the_samples() -> None:
+    """A reduction without ``keepdim`` drops a dimension: the samples' dimension is mapped
+    past it, not onto the tokens by shape (with as many tokens as samples, pooling a flip
+    over the tokens was refused, and samples moved then pooled passed)."""
+    layer = nn.Linear(3, 5)
+    out = layer(torch.randn(4, 4, 3))  # [B, T, D] with T == B
+    stops = {out.grad_fn}
+    for pooled in (out.flip(1).mean(1), out.amax(1), out.std(1), out.max(1).values):
+        assert moved_rows(torch.tanh(pooled), stops, 4) is None
+    for pooled in (out[torch.tensor([1, 0, 3, 2])].mean(1), out.roll(1, 0).logsumexp(1)):
+        assert moved_rows(torch.tanh(pooled), stops, 4) is not None
+    assert moved_rows(torch.tanh(out.topk(4, dim=0).values), stops, 4) == "TopkBackward0"

@@ -25,7 +25,8 @@ Not seen: the samples split over several dimensions and moved there
 (``h.view(2, N // 2, D).flip(0)``), ``unbind`` then ``stack`` in another order, matrix
 products other than a 2-D ``P @ h`` (``einsum``, ``bmm``, sparse), a flattened tensor
 indexed, a time-major tensor with as many positions as samples (a dimension followed by a
-coincidence of sizes is let go at the earlier layer: the walk never refuses on a guess).
+coincidence of sizes is let go at the earlier layer: the walk never refuses on a guess), a
+``torch.compile``d graph.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ _ON_DIM = frozenset(  # operations along a ``dim`` that move, take or put rows
         "ScatterBackward0",
         "ScatterAddBackward0",
         "ScatterReduceBackward0",
+        "TopkBackward0",
+        "SortBackward0",
     }
 )
 Moved = str  # the name of what moved the rows
@@ -247,10 +250,23 @@ def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Contex
         if moved is not None and dim < len(inp) and inp[dim] % at.batch:
             return None, None, None  # not the samples' rows that moved
         return where, rows, moved
-    shift = len(out) - len(inp)  # broadcast from the right
-    if 0 <= dim - shift < len(inp) and inp[dim - shift] == out[dim]:
+    if hasattr(node, "_saved_keepdim"):  # a reduction (sum, mean, amax, std, norm, …)
+        return _reduced(node, dim, inp), None, None
+    shift = len(out) - len(inp)  # broadcast from the right (not a reduction: fewer dims)
+    if 0 <= shift and 0 <= dim - shift < len(inp) and inp[dim - shift] == out[dim]:
         return dim - shift, None, None
     return None, None, None
+
+
+def _reduced(node: Node, dim: int, inp: list[int]) -> int | None:
+    """The input dimension of a reduction's output dimension ``dim`` (``keepdim`` or not);
+    ``None`` where the samples' own dimension was reduced."""
+    saved = getattr(node, "_saved_dim", ())
+    dims = {_signed(int(d)) % len(inp) for d in (saved if isinstance(saved, tuple) else (saved,))}
+    if node._saved_keepdim:  # type: ignore[attr-defined]
+        return None if dim in dims else dim
+    kept = [d for d in range(len(inp)) if d not in dims]
+    return kept[dim] if dim < len(kept) else None
 
 
 def _parents(node: Node) -> list[tuple[int, Node, int]]:
