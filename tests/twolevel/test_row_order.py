@@ -229,3 +229,21 @@ def test_reductions_over_tokens_keep_the_samples() -> None:
     for pooled in (out[torch.tensor([1, 0, 3, 2])].mean(1), out.roll(1, 0).logsumexp(1)):
         assert moved_rows(torch.tanh(pooled), stops, 4) is not None
     assert moved_rows(torch.tanh(out.topk(4, dim=0).values), stops, 4) == "TopkBackward0"
+
+
+def test_moves_seen_through_rank_changes_and_not_parameters() -> None:
+    """A move before an operation that changes the rank (``unfold``, ``diag_embed``, complex
+    views) is seen: the samples' dimension stays first; ``addmm(b, P, h)`` mixes rows; a
+    weight's transpose in a recurrent cell's ``addmm`` moves no sample (3 = 6 / 2 rows)."""
+    layer = nn.Linear(3, 6)
+    out = layer(torch.randn(4, 3))
+    stops = {out.grad_fn}
+    flipped = out.flip(0)
+    for hidden in (flipped.unfold(1, 2, 1).sum(-1), torch.diag_embed(flipped).sum(-1)):
+        assert moved_rows(torch.tanh(hidden), stops, 4) == "FlipBackward0"
+    mixed = torch.addmm(torch.zeros(4, 6), torch.eye(4).flip(0), out)
+    assert moved_rows(torch.tanh(mixed), stops, 4) == "AddmmBackward0"
+    out3 = layer(torch.randn(3, 3))  # a batch of 3, and a [6, 6] weight: 6 % 3 == 0
+    weight = nn.Parameter(torch.randn(6, 6))
+    cell = torch.addmm(torch.zeros(3, 6), out3, weight.t())
+    assert moved_rows(torch.tanh(cell), {out3.grad_fn}, 3) is None

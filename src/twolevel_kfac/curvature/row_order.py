@@ -21,9 +21,10 @@ nothing: every layer sees the data's order. Indexes, slices and the pieces of
 concatenations and splits are carried along the path, and a path on which the rows end
 where they started moved nothing (a sort undone).
 
-Not seen: the samples split over several dimensions and moved there
-(``h.view(2, N // 2, D).flip(0)``), ``unbind`` then ``stack`` in another order, matrix
-products other than a 2-D ``P @ h`` (``einsum``, ``bmm``, sparse), a flattened tensor
+Not seen (the README lists them): the samples split over several dimensions and moved
+there (``h.view(2, N // 2, D).flip(0)``), samples stacked one at a time in another order,
+in-place copies into slices of a buffer, linear algebra other than a 2-D ``P @ h``
+(``einsum``, ``bmm``, ``solve``, sparse), windows over the samples, a flattened tensor
 indexed, a time-major tensor with as many positions as samples (a dimension followed by a
 coincidence of sizes is let go at the earlier layer: the walk never refuses on a guess), a
 ``torch.compile``d graph.
@@ -64,6 +65,7 @@ _ON_DIM = frozenset(  # operations along a ``dim`` that move, take or put rows
         "ScatterReduceBackward0",
         "TopkBackward0",
         "SortBackward0",
+        "IndexReduceBackward0",
     }
 )
 Moved = str  # the name of what moved the rows
@@ -226,7 +228,9 @@ _RULES: dict[str, Callable[[Node, int, list[int], Context], Step]] = {
     "SplitBackward0": _on_dim,
     "SplitWithSizesBackward0": _on_dim,
     **dict.fromkeys(_ON_DIM, _on_dim),
-    **dict.fromkeys(("FlipBackward0", "RollBackward0", "RepeatBackward0"), _along),
+    **dict.fromkeys(
+        ("FlipBackward0", "RollBackward0", "Rot90Backward0", "RepeatBackward0"), _along
+    ),
     "MaskedSelectBackward0": _along,
 }
 
@@ -242,8 +246,8 @@ def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Contex
         return None, None, None
     if name in _RESHAPES:
         return _reshaped(out, dim, inp, at.batch), None, None
-    if name == "MmBackward0" and at.edge == 1 and dim == 0:  # P @ h: h's rows mixed
-        return None, None, (name if inp[0] % at.batch == 0 else None)
+    if dim == 0 and (name, at.edge) in (("MmBackward0", 1), ("AddmmBackward0", 2)):
+        return None, None, (name if inp[0] % at.batch == 0 else None)  # P @ h: rows mixed
     rule = _RULES.get(name)
     if rule is not None:
         where, rows, moved = rule(node, dim, inp, at)
@@ -255,6 +259,8 @@ def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Contex
     shift = len(out) - len(inp)  # broadcast from the right (not a reduction: fewer dims)
     if 0 <= shift and 0 <= dim - shift < len(inp) and inp[dim - shift] == out[dim]:
         return dim - shift, None, None
+    if shift and dim == 0 and inp[0] == out[0]:  # unfold, im2col, diag_embed, complex views
+        return 0, None, None
     return None, None, None
 
 
@@ -317,8 +323,8 @@ def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | Non
         for edge, parent, parent_nr in _parents(node):
             inp = shapes[edge]
             at, taken, moved = _parent_dim(node, out, dim, inp, Context(batch, edge, shapes, nr))
-            if moved is not None and _reaches(node, stops):
-                return moved
+            if moved is not None and (parent in stops or _reaches(parent, stops)):
+                return moved  # (rows of data, not of parameters alone, were moved)
             if at is None or (rows is not None and inp[at] != out[dim] and taken is None):
                 continue  # (rows followed through a reshape that regroups them: let go)
             here, there = layer, rows
