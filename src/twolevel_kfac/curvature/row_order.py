@@ -121,7 +121,7 @@ the operation did to its rows, and what moved them (a gather, a scatter, a flip)
 def _index_rows(index: Tensor, size: int) -> Rows | None:
     """``out[r] = in[index[r]]`` for a 1-D integer index (or one column) into ``size`` rows,
     else ``None``."""
-    if index.dtype == torch.bool or (index.dim() > 1 and index.shape[1:].numel() != 1):
+    if index.dtype == torch.bool or index.dim() == 0 or index.shape[1:].numel() != 1:
         return None
     taken = index.reshape(-1).cpu()
     taken = torch.where(taken < 0, taken + size, taken)  # rows counted from the end
