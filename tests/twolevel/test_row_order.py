@@ -247,3 +247,22 @@ def test_moves_seen_through_rank_changes_and_not_parameters() -> None:
     weight = nn.Parameter(torch.randn(6, 6))
     cell = torch.addmm(torch.zeros(3, 6), out3, weight.t())
     assert moved_rows(torch.tanh(cell), {out3.grad_fn}, 3) is None
+
+
+@pytest.mark.parametrize(("samples", "tokens"), [(2, 8), (4, 8), (3, 9)])
+def test_time_major_rows_are_not_proved_sample_major(samples: int, tokens: int) -> None:
+    """Tokens as many as a multiple of the samples, made time-major by a transpose after a
+    ``Linear`` on ``[N, T, D]``: the ``Linear``'s own reshapes were taken as a proof that
+    the ``[T, N, D]`` rows are ``k`` per sample (KFAC-reduce 1.0–12.5 off, two-level
+    accepted 0.13 off); a negative-dimension transpose too."""
+    from twolevel_kfac.curvature.calls import sample_major
+    from twolevel_kfac.curvature.forward_pass import ForwardPass
+
+    embed, proj = nn.Embedding(7, 3), nn.Linear(3, 5)
+    x = torch.randint(0, 7, (samples, tokens))
+    forward = ForwardPass(None, samples, first=x)
+    h = proj(embed(x))  # its input's view [N, T, 3] -> [N·T, 3] is batch-first
+    for time_major in (h.transpose(0, 1), h.transpose(-3, -2) * 1, h.permute(1, 0, 2).clone()):
+        assert not sample_major(time_major.reshape(tokens * samples, 5), forward)
+        assert not sample_major(time_major, forward)
+    assert sample_major(h.reshape(samples * tokens, 5), forward)  # batch-first: proved

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .blocks import block_statistics, own_statistics
+from .row_order import signed
 
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
@@ -164,6 +165,8 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         regroup = name in _RESHAPES and _batch_first_reshape(node, samples, regroup=True)
         if (name in _RESHAPES and not regroup) or name in _REORDERS or len(seen) > _WALK:
             return False
+        if _moves_first_dim(node):  # a time-major transpose, a roll of the rows
+            return False
         for parent, _ in node.next_functions:
             if (
                 parent is not None
@@ -190,11 +193,33 @@ def _batch_first_reshape(node: Node, samples: int, regroup: bool = False) -> boo
         source = parent.next_functions[0][0] if parent.next_functions else None
         kind, rank = type(source).__name__, len(sizes)
         if kind == "TransposeBackward0":
-            dims = {int(getattr(source, f"_saved_dim{i}")) % rank for i in (0, 1)}
+            dims = {signed(int(getattr(source, f"_saved_dim{i}"))) % rank for i in (0, 1)}
             return 0 not in dims or dims == {0}
         if kind == "PermuteBackward0":
-            return int(getattr(source, "_saved_dims")[0]) % rank == 0  # noqa: B009
+            return signed(int(getattr(source, "_saved_dims")[0])) % rank == 0  # noqa: B009
     return True
+
+
+def _moves_first_dim(node: Node) -> bool:
+    """Whether a transpose, permute, flip or roll moves the first dimension (its rows):
+    past it, rows that were ``k`` per sample may be time-major."""
+    name = type(node).__name__
+    meta = getattr(node, "_input_metadata", None)
+    rank = max(len(meta[0].shape) if meta else 0, 1)
+    inputs = [type(p).__name__ for p, _ in node.next_functions if p is not None]
+    if inputs == ["AccumulateGrad"]:  # a parameter's transpose (a Linear's weight)
+        return False
+    if name == "TBackward0":
+        return rank == 2
+    if name == "TransposeBackward0":
+        dims = {signed(int(getattr(node, f"_saved_dim{i}"))) % rank for i in (0, 1)}
+        return 0 in dims and dims != {0}
+    if name == "PermuteBackward0":
+        return signed(int(getattr(node, "_saved_dims")[0])) % rank != 0  # noqa: B009
+    if name in ("FlipBackward0", "RollBackward0"):
+        moved = [signed(int(d)) % rank for d in getattr(node, "_saved_dims")]  # noqa: B009
+        return not moved or 0 in moved
+    return False
 
 
 def _locations(tensor: Tensor, samples: int) -> Tensor:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["moved_rows"]
+__all__ = ["moved_rows", "signed"]
 
 _WALK = 512  # autograd nodes looked at, at most
 _RESHAPES = frozenset(
@@ -81,7 +81,7 @@ class Context(NamedTuple):
     output_nr: int
 
 
-def _signed(value: int) -> int:
+def signed(value: int) -> int:
     """A saved ``int64`` as autograd returns it (``-1`` comes back as ``2⁶⁴ − 1``)."""
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -95,7 +95,7 @@ def _shape(node: Node | None, output_nr: int) -> list[int]:
 
 
 def _dim(node: Node, rank: int, attribute: str = "_saved_dim") -> int:
-    return _signed(int(getattr(node, attribute))) % max(rank, 1)
+    return signed(int(getattr(node, attribute))) % max(rank, 1)
 
 
 def _reshaped(out: list[int], dim: int, inp: list[int], batch: int) -> int | None:
@@ -151,7 +151,7 @@ def _transposed(node: Node, dim: int, inp: list[int], at: Context) -> Step:
 
 
 def _permuted(node: Node, dim: int, inp: list[int], at: Context) -> Step:
-    return _signed(int(node._saved_dims[dim])) % len(inp), None, None  # type: ignore[attr-defined]
+    return signed(int(node._saved_dims[dim])) % len(inp), None, None  # type: ignore[attr-defined]
 
 
 def _dropped(node: Node, dim: int, inp: list[int], at: Context) -> Step:
@@ -185,7 +185,7 @@ def _on_dim(node: Node, dim: int, inp: list[int], at: Context) -> Step:
         rows = _index_rows(node._saved_index, inp[dim])  # type: ignore[attr-defined]
         return (dim, rows, None) if rows is not None else (None, None, name)
     if name == "SliceBackward0":
-        start, step = _signed(int(node._saved_start)), int(node._saved_step)  # type: ignore[attr-defined]
+        start, step = signed(int(node._saved_start)), int(node._saved_step)  # type: ignore[attr-defined]
         return dim, _shifted(start % inp[dim] if start < 0 else start, step), None
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
         sizes = (
@@ -210,7 +210,7 @@ def _along(node: Node, dim: int, inp: list[int], at: Context) -> Step:
         return (dim, None, None) if repeats[where] == 1 else (None, None, name)
     if name == "MaskedSelectBackward0":
         return None, None, name
-    dims = [_signed(int(d)) % len(inp) for d in node._saved_dims]  # type: ignore[attr-defined]
+    dims = [signed(int(d)) % len(inp) for d in node._saved_dims]  # type: ignore[attr-defined]
     return (dim, None, None) if dims and dim not in dims else (None, None, name)
 
 
@@ -268,7 +268,7 @@ def _reduced(node: Node, dim: int, inp: list[int]) -> int | None:
     """The input dimension of a reduction's output dimension ``dim`` (``keepdim`` or not);
     ``None`` where the samples' own dimension was reduced."""
     saved = getattr(node, "_saved_dim", ())
-    dims = {_signed(int(d)) % len(inp) for d in (saved if isinstance(saved, tuple) else (saved,))}
+    dims = {signed(int(d)) % len(inp) for d in (saved if isinstance(saved, tuple) else (saved,))}
     if node._saved_keepdim:  # type: ignore[attr-defined]
         return None if dim in dims else dim
     kept = [d for d in range(len(inp)) if d not in dims]
