@@ -130,8 +130,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
 
     * a reshape (``view``, ``reshape``, ``flatten``) of a tensor whose first dimension is
       the ``N`` samples, not a transpose or permute of one that moved its first dimension
-      (:func:`_batch_first_reshape`), possibly regrouped again by reshapes between ``k·N``
-      rows (Swin's windows, heads split and merged on the windows' rows);
+      (:func:`_batch_first_reshape`);
     * or row-wise operations on such a reshape or on a layer output proved so
       (``forward.ordered``): every path back through autograd's graph reaches one before
       an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
@@ -162,10 +161,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if node in forward.ordered or (name in _RESHAPES and _batch_first_reshape(node, samples)):
             proved = True
             continue
-        regroup = name in _RESHAPES and _batch_first_reshape(node, samples, regroup=True)
-        if (name in _RESHAPES and not regroup) or name in _REORDERS or len(seen) > _WALK:
-            return False
-        if _moves_first_dim(node):  # a time-major transpose, a roll of the rows
+        if name in _RESHAPES or name in _REORDERS or len(seen) > _WALK:
             return False
         for parent, _ in node.next_functions:
             if (
@@ -178,48 +174,23 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
     return proved
 
 
-def _batch_first_reshape(node: Node, samples: int, regroup: bool = False) -> bool:
-    """A reshape node whose input had the ``samples`` first (its saved sizes; ``regroup``:
-    ``k·N`` rows, ``k > 1``, whose order its input's walk must prove: a reshape between
-    two sample-major forms keeps each sample's contiguous block) and was not a copy of a
-    transpose or permute that moved the first dimension (``reshape`` of a non-contiguous
-    tensor copies it first)."""
-    sizes = list(getattr(node, "_saved_self_sym_sizes", None) or [])
-    rows = int(sizes[0]) if sizes else 0
-    if not rows or (rows % samples or rows == samples if regroup else rows != samples):
+def _batch_first_reshape(node: Node, samples: int) -> bool:
+    """A reshape node whose input had the ``samples`` first (its saved sizes) and was not
+    a copy of a transpose or permute that moved the first dimension (``reshape`` of a
+    non-contiguous tensor copies it first)."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    if not sizes or int(sizes[0]) != samples:
         return False
     parent = node.next_functions[0][0] if node.next_functions else None
     if parent is not None and type(parent).__name__ == "CloneBackward0":
         source = parent.next_functions[0][0] if parent.next_functions else None
         kind, rank = type(source).__name__, len(sizes)
-        if kind == "TransposeBackward0":
+        if kind == "TransposeBackward0":  # (saved dims are unsigned: -1 is 2⁶⁴ − 1)
             dims = {signed(int(getattr(source, f"_saved_dim{i}"))) % rank for i in (0, 1)}
             return 0 not in dims or dims == {0}
         if kind == "PermuteBackward0":
             return signed(int(getattr(source, "_saved_dims")[0])) % rank == 0  # noqa: B009
     return True
-
-
-def _moves_first_dim(node: Node) -> bool:
-    """Whether a transpose, permute, flip or roll moves the first dimension (its rows):
-    past it, rows that were ``k`` per sample may be time-major."""
-    name = type(node).__name__
-    meta = getattr(node, "_input_metadata", None)
-    rank = max(len(meta[0].shape) if meta else 0, 1)
-    inputs = [type(p).__name__ for p, _ in node.next_functions if p is not None]
-    if inputs == ["AccumulateGrad"]:  # a parameter's transpose (a Linear's weight)
-        return False
-    if name == "TBackward0":
-        return rank == 2
-    if name == "TransposeBackward0":
-        dims = {signed(int(getattr(node, f"_saved_dim{i}"))) % rank for i in (0, 1)}
-        return 0 in dims and dims != {0}
-    if name == "PermuteBackward0":
-        return signed(int(getattr(node, "_saved_dims")[0])) % rank != 0  # noqa: B009
-    if name in ("FlipBackward0", "RollBackward0"):
-        moved = [signed(int(d)) % rank for d in getattr(node, "_saved_dims")]  # noqa: B009
-        return not moved or 0 in moved
-    return False
 
 
 def _locations(tensor: Tensor, samples: int) -> Tensor:
