@@ -211,10 +211,11 @@ class CurvatureCapture:
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
         check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
-        check_batched_input(name, module, x, forward)
+        reshaped = sample_major(x, forward)  # its rows k per sample, in the batch's order
+        check_batched_input(name, module, x, forward, reshaped)
         check_registration(name, module, (args, kwargs), output)
         kept = recorded_input(module, x.detach())
-        record = Record(module, fisher_rows(kept, forward), forward, None, sample_major(x, forward))
+        record = Record(module, fisher_rows(kept, forward), forward, None, reshaped)
         if output.grad_fn is not None:
             forward.per_sample.add(output.grad_fn)
             if record.reshaped:  # its rows as ordered as its input's

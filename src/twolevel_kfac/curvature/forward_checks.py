@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
-from .calls import sample_major
 from .row_order import moved_rows
 
 if TYPE_CHECKING:
@@ -215,7 +214,9 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
         )
 
 
-def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: ForwardPass) -> None:
+def check_batched_input(
+    name: str, module: nn.Module, inputs: Tensor, forward: ForwardPass, reshaped: bool
+) -> None:
     """Refuse a layer called on rows shared by the forward's batch of ``B > 1``: a
     parameter (``to_q(self.latents)``: no row of it is a sample's), rows computed from
     parameters alone or one row looked up from them (``to_q(norm(self.latents))``, latents
@@ -241,7 +242,7 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
         what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
     else:
         if forward.aligned:
-            check_row_order(name, inputs, forward)
+            check_row_order(name, inputs, forward, reshaped)
         return
     raise RuntimeError(
         f"layer {name!r} was called on an input of shape {tuple(inputs.shape)} shared "
@@ -253,11 +254,12 @@ def check_batched_input(name: str, module: nn.Module, inputs: Tensor, forward: F
     )
 
 
-def check_row_order(name: str, inputs: Tensor, forward: ForwardPass) -> None:
+def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: bool) -> None:
     """Where the layers' per-sample gradients are paired row by row (a coarse level,
     adaptive damping's exact Fisher products: ``forward.aligned``), refuse a layer whose
     rows are not the samples in the order of the layers before it (:mod:`.row_order`):
-    rows of another count not proved ``k`` per sample in order (:func:`~.calls.sample_major`),
+    rows of another count not proved ``k`` per sample in order (``reshaped``:
+    :func:`~.calls.sample_major`),
     or rows moved along the batch dimension since an earlier layer's output.
 
     Raises:
@@ -266,7 +268,7 @@ def check_row_order(name: str, inputs: Tensor, forward: ForwardPass) -> None:
     batch, rows = forward.batch_size, int(inputs.shape[0]) if inputs.dim() else 0
     if batch < 2:
         return
-    if rows != batch and not sample_major(inputs, forward):
+    if rows != batch and not reshaped:
         why = f"{rows} rows for the batch of {batch}, not proved k per sample in its order"
     elif (moved := moved_rows(inputs, forward.per_sample, batch)) is not None:
         why = f"rows moved along the batch dimension ({moved}) since an earlier layer"

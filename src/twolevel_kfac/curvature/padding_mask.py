@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .layer_types import layer_type
+
 if TYPE_CHECKING:
     from .forward_pass import Record
 
@@ -75,8 +77,7 @@ def check_padding_matched(padding: Tensor | None, records: Iterable[Record]) -> 
     """
     if padding is None:
         return
-    from .layer_types import layer_type
-    from .live_positions import position_wise
+    from .live_positions import position_wise  # (it imports this module)
 
     n, t = padding.shape
     for record in records:
