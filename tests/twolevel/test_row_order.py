@@ -161,6 +161,11 @@ def test_moved_rows_of_each_operation() -> None:
     ]
     for name, tensor in moved:
         assert moved_rows(torch.tanh(tensor), stops, 4) == name, name
+    folded = layer(torch.randn(8, 3))  # two rows per sample, moved, then one row each
+    for tensor in (folded.flip(0).view(4, 10), folded.flip(0).view(4, 10)[:]):
+        # a full slice takes no rows: the walk goes on through the regrouping reshape
+        assert moved_rows(torch.tanh(tensor), {folded.grad_fn}, 4) == "FlipBackward0"
+    assert moved_rows(torch.tanh(folded.flip(0).view(4, 10)[-9:]), {folded.grad_fn}, 4)
     assert moved_rows(torch.tanh(out.flip(0)[:3]), stops, 3) is None  # 4 rows are not a batch of 3
     kept = [
         torch.cat(out.chunk(2)),  # pieces put back in order
@@ -171,6 +176,7 @@ def test_moved_rows_of_each_operation() -> None:
         out[torch.arange(4), torch.zeros(4, dtype=torch.long)],  # last-token pooling's pick
         out[:, :, idx[:2]],
         out[:],
+        out[-9:],  # a start before the first row is the first row
         torch.cat([out, out], dim=-1),
         out.index_select(2, idx[:2]),
         out.transpose(1, 2),

@@ -184,9 +184,10 @@ def _on_dim(node: Node, dim: int, inp: list[int], at: Context) -> Step:
     if name == "IndexSelectBackward0":
         rows = _index_rows(node._saved_index, inp[dim])  # type: ignore[attr-defined]
         return (dim, rows, None) if rows is not None else (None, None, name)
-    if name == "SliceBackward0":
-        start, step = signed(int(node._saved_start)), int(node._saved_step)  # type: ignore[attr-defined]
-        return dim, _shifted(start % inp[dim] if start < 0 else start, step), None
+    if name == "SliceBackward0":  # (every row, in order: nothing taken)
+        bounds = (node._saved_start, node._saved_end, node._saved_step)  # type: ignore[attr-defined]
+        taken = range(*slice(*(signed(int(b)) for b in bounds)).indices(inp[dim]))
+        return dim, (None if taken == range(inp[dim]) else _shifted(taken.start, taken.step)), None
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
         sizes = (
             [int(node._saved_split_size)] * (at.output_nr + 1)  # type: ignore[attr-defined]
