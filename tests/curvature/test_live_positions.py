@@ -18,7 +18,12 @@ from torch import Tensor, nn
 import twolevel_kfac as tk
 from twolevel_kfac.curvature import layer_types
 from twolevel_kfac.curvature.blocks import LayerStats, kronecker_factors_at
-from twolevel_kfac.curvature.live_positions import dead_positions, live_rows, position_wise
+from twolevel_kfac.curvature.live_positions import (
+    PositionGrads,
+    dead_positions,
+    live_rows,
+    position_wise,
+)
 
 N, V, E, C = 4, 3, 6, 5  # batch, input features, width, classes
 LENGTHS = (4, 2, 3, 1)
@@ -187,7 +192,13 @@ def test_dead_positions_and_the_rows_kept() -> None:
     other = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
     other[0, 2:] = 0  # ... and in the other: dead
     dead = dead_positions(
-        [("fwd", "a", g), ("fwd", "b", other), ("fwd", "a", g[:, :1]), ("other", "b", other)]
+        PositionGrads(*given)
+        for given in [
+            ("fwd", "a", g),
+            ("fwd", "b", other),
+            ("fwd", "a", g[:, :1]),
+            ("other", "b", other),
+        ]
     )
     assert set(dead) == {("fwd", 3, 4)}  # T = 1, and one layer's layout, are not marked
     expected = torch.zeros(3, 4, dtype=torch.bool)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .blocks import LayerStats, input_features, layer_stats, output_gradients, own_statistics
 from .calls import calls_statistics, per_sample
-from .live_positions import dead_positions, position_wise
+from .live_positions import PositionGrads, dead_positions, position_wise
 
 if TYPE_CHECKING:
     from .forward_pass import Record
@@ -80,7 +80,9 @@ class CapturedBatch:
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
         if self._dead is None:  # before any layer's records are dropped
             self._dead = dead_positions(  # of forwards with output positions or padding
-                (call.forward, name, call_rows(call, samples), bool(call.positions), call.padding)
+                PositionGrads(
+                    call.forward, name, call_rows(call, samples), bool(call.positions), call.padding
+                )
                 for name, forwards in self._forwards.items()
                 for samples, calls in forwards
                 for call in calls

@@ -30,7 +30,7 @@ longest with dead positions (:func:`~.captured_batch.forward_statistics`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor, nn
 
@@ -89,7 +89,7 @@ class PositionGrads(NamedTuple):
     padding: Tensor | None = None  # the forward's real positions (set_padding_mask)
 
 
-def dead_positions(grads: Iterable[tuple[Any, ...]]) -> dict[tuple[object, int, int], Tensor]:
+def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, int], Tensor]:
     """Per forward and layout ``(key, N, T)``: the positions ``[N, T]`` (bool) whose ``δ`` is
     zero in every one of the position-wise layers' output gradients (``T > 1`` only;
     :class:`PositionGrads`) of a forward whose output has positions. A layout that fewer
@@ -103,7 +103,7 @@ def dead_positions(grads: Iterable[tuple[Any, ...]]) -> dict[tuple[object, int, 
     live: dict[tuple[object, int, int], Tensor] = {}
     seen: dict[tuple[object, int, int], set[str]] = {}
     declared: dict[tuple[object, int, int], Tensor] = {}
-    for item in (PositionGrads(*given) for given in grads):
+    for item in grads:
         if item.grad.shape[1] < 2:
             continue
         layout = (item.forward, int(item.grad.shape[0]), int(item.grad.shape[1]))
