@@ -259,3 +259,64 @@ def test_a_state_saved_while_a_layer_is_frozen_loads_while_it_is_frozen(
                 _step(resumed, resumed_opt, batch)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra"),
+    [
+        (tk.KFAC, {}),
+        (tk.KFAC, {"inverse_method": "eigen"}),
+        (tk.KFAC, {"damping_mode": "pi"}),
+        (tk.EKFAC, {}),
+        (tk.KPSVD, {}),
+        *(
+            (tk.TwoLevelKFAC, {"coarse_space": space, "combination": combination})
+            for space in ("nicolaides", "krylov_nicolaides", "spectral", "residual")
+            for combination in ("additive", "adef2")
+        ),
+    ],
+)
+@pytest.mark.parametrize("unfreeze_first", [True, False], ids=["unfrozen", "frozen"])
+def test_a_layer_frozen_when_built_resumes_bit_identically_after_it_was_unfrozen(
+    cls: type,
+    extra: dict,  # type: ignore[type-arg]
+    unfreeze_first: bool,
+) -> None:
+    """The backbone frozen when the optimizer is built and unfrozen at step 2, the state
+    saved at step 5 and loaded by a run built as at the start (its layers frozen), which
+    unfreezes them before or after the load: the resumed steps are the uninterrupted ones,
+    bit for bit. Before 2026-12-04 (late) the uninterrupted run applied its unfrozen layers'
+    ``A⁻¹`` unbordered (1.6e-14 off after four steps), and a Nicolaides or Krylov basis
+    rebuilt on load while they were frozen had the weight's shape alone: the next step
+    raised a size mismatch."""
+    batches = _batches(9)
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _net()
+        for index in (0, 2):
+            model[index].requires_grad_(False)
+        return model, cls(model, params=model.parameters(), lr=0.1, **SETTINGS, **extra)
+
+    def unfreeze(model: nn.Module) -> None:
+        for index in (0, 2):
+            model[index].requires_grad_(True)
+
+    (model, opt), runs = build(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, batch in enumerate(batches):
+            if k == 2:
+                unfreeze(model)
+            if k == 5:
+                saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                resumed, resumed_opt = build()
+                if unfreeze_first:
+                    unfreeze(resumed)
+                resumed.load_state_dict(saved[0])
+                resumed_opt.load_state_dict(saved[1])
+                unfreeze(resumed)
+            _step(model, opt, batch)
+            if k >= 5:
+                _step(resumed, resumed_opt, batch)
+    runs = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (model, resumed)]
+    assert torch.equal(runs[0], runs[1])

@@ -3,7 +3,8 @@ built as: which of its parameters train decides the block (``[W, b]``, ``W`` alo
 bias alone: :func:`~.blocks.block_parameters`), and the flags may change after the
 optimizer was built (progressive unfreezing, BitFit stages); a block that changed shape,
 a tie that no longer holds, or a layer with a gradient but no statistics is refused by
-name instead of stepped wrongly.
+name instead of stepped wrongly. A layer that has no curvature yet takes the block it
+trains with now.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .blocks import (
     bias_only,
     block_parameters,
     factor_shapes,
+    has_bias,
     own_statistics,
     trains,
     zero_gradient,
@@ -88,7 +90,9 @@ def check_blocks(
     checked: BlockMemory | None = None,
 ) -> None:
     """Refuse layers of ``names`` whose ``[W, b]`` block changed since it was built
-    (``uses``: :func:`find_layer_uses`, whose tied modules must still share one block).
+    (``uses``: :func:`find_layer_uses`, whose tied modules must still share one block); a
+    layer without curvature yet takes the ``[W, b]`` border of its block now (one frozen
+    when the optimizer was built and unfrozen since: a bordered ``A⁻¹`` rounds otherwise).
     ``checked`` remembers each untied layer's :func:`block_signature` and factor shapes at
     its last check: a layer with neither changed is not checked again (the checks cost
     0.3 ms of a 12-layer step); and each layer's weight dtype when the optimizer was built,
@@ -121,6 +125,8 @@ def check_blocks(
                 "block): build a new optimizer after changing which parameters train"
             )
         check_bias_only(name, module)
+        if got is None and type(factors[name]) is KroneckerFactors:  # (frozen when built)
+            factors[name].bordered = has_bias(module)  # as new_factors would build it now
         now = factor_shapes(module)
         if got is not None and tuple(got) != tuple(now):
             raise ValueError(

@@ -16,18 +16,20 @@ into the preconditioner's ``"ranks"``).
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, block_parameters, layer_stats
+from ..curvature.blocks import LayerStats, block_parameters, layer_stats, trains
 from ..placement import autocast_off
 from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.fisher_products import check_stats
 from ..twolevel.global_fisher import own_statistics
 from ..twolevel.layer_basis import CoarseBasis, layer_from_state, layer_state
+from .frozen import trained_as
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -184,7 +186,11 @@ def load_coarse_state(level: CoarseLevel, state: dict[str, Any]) -> None:
     level.basis_source = None
     if coarse.get("basis_rebuilt"):
         param = block_parameters(level.host.layers[level.names[0]])[0]
-        with torch.no_grad(), autocast_off(param):  # as in step()
+        with torch.no_grad(), autocast_off(param), ExitStack() as blocks:  # as in step()
+            for name in level.names:  # a layer frozen since: the block of its vectors
+                shapes = level.host.factors[name].factor_shapes()
+                if not trains(level.host.layers[name]) and shapes is not None:
+                    blocks.enter_context(trained_as(level.host.layers[name], tuple(shapes)))
             level.basis = level.basis_of(None)
         level.basis_source = (level.host.fine_version, level.host.damping)
     columns = coarse.get("fisher_undamped_columns")

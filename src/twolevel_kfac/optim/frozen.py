@@ -7,21 +7,54 @@ block, and its factors stay as they were, so unfrozen it continues from them
 last refresh covered; until its next refresh (which covers only layers that train) the
 layer frozen since still holds coarse vectors of its old block, so those steps take the
 fine level's direction alone, with one warning per layer, rather than a coarse term
-formed for another parameter space.
+formed for another parameter space. A checkpoint loaded while such a layer is frozen
+restores its factors and coarse vectors of the block it had when they were estimated
+(:func:`trained_as`), so that unfrozen again it continues as the saved run would.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from ..curvature.blocks import LayerStats, trains
+from ..curvature.blocks import LayerStats, factor_shapes, trains
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .coarse import CoarseLevel
     from .preconditioner import KFACPreconditioner
 
-__all__ = ["coarse_term"]
+__all__ = ["coarse_term", "trained_as"]
+
+
+@contextmanager
+def trained_as(module: nn.Module, shapes: tuple[Any, ...]) -> Iterator[bool]:
+    """Within the block, ``module``'s weight and bias train as in the block whose factor
+    ``shapes`` are given (weight and bias, the weight alone, or the bias alone: the first
+    that has them), and whether one has them; afterwards their ``requires_grad`` is as it
+    was. A layer frozen whole is read as it trained when its saved state was estimated."""
+    params = [module._parameters.get(key) for key in ("weight", "bias")]
+    present = [p for p in params if p is not None]
+    flags = [p.requires_grad for p in present]
+    found = False
+    try:
+        for trained in ((True, True), (True, False), (False, True)):
+            for p, on in zip(params, trained, strict=True):
+                if p is not None:
+                    p.requires_grad_(on)
+            found = trains(module) and tuple(factor_shapes(module)) == tuple(shapes)
+            if found:
+                break
+        else:
+            for p, flag in zip(present, flags, strict=True):
+                p.requires_grad_(flag)
+        yield found
+    finally:
+        for p, flag in zip(present, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def coarse_term(pre: KFACPreconditioner, stats: dict[str, LayerStats]) -> CoarseLevel | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..curvature.blocks import factor_shapes, layer_stats, new_factors, trains
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
+from .frozen import trained_as
 from .interrupted import check_not_interrupted
 
 if TYPE_CHECKING:
@@ -267,22 +268,10 @@ def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any])
 
 def _frozen_block_factors(module: nn.Module, shapes: tuple[Any, ...]) -> Any:
     """A fresh curvature object for a layer frozen whole, of the block it had when its
-    saved ``shapes`` were estimated (weight and bias, the weight alone, or the bias alone
-    training), or ``None`` when none of them has those shapes."""
-    params = [module._parameters.get(key) for key in ("weight", "bias")]
-    present = [p for p in params if p is not None]
-    flags = [p.requires_grad for p in present]
-    try:
-        for trained in ((True, True), (True, False), (False, True)):
-            for p, on in zip(params, trained, strict=True):
-                if p is not None:
-                    p.requires_grad_(on)
-            if trains(module) and tuple(factor_shapes(module)) == shapes:
-                return new_factors(module)
-        return None
-    finally:
-        for p, flag in zip(present, flags, strict=True):
-            p.requires_grad_(flag)
+    saved ``shapes`` were estimated (:func:`.frozen.trained_as`), or ``None`` when none of
+    its blocks has those shapes."""
+    with trained_as(module, shapes) as found:
+        return new_factors(module) if found else None
 
 
 load_kfac_state = all_or_nothing(_load_kfac_state)
