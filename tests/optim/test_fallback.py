@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -139,3 +140,53 @@ def test_adamw_fallback_refuses_a_sparse_embedding_when_built() -> None:
         tk.KFAC(model, fallback="adamw")
     with pytest.warns(UserWarning, match="sparse=True"):
         tk.KFAC(model)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(batch(seed)[0]), batch(seed)[1]).backward()
+    opt.step()
+
+
+def test_parameters_added_later_are_listed_with_the_step_they_take() -> None:
+    """Under ``fallback="adamw"`` a norm added with ``add_param_group`` takes KFAC's plain
+    momentum step (AdamW's parameters are fixed when it is built): ``describe_blocks``
+    says so (it said AdamW), and so does the warning, naming its parameters."""
+    model = net()
+    model[1].requires_grad_(False)
+    opt = tk.KFAC(model, lr=0.1, momentum=0.0, fallback="adamw")
+    model[1].requires_grad_(True)
+    match = r"parameter\(s\) \['1.weight', '1.bias'\] added with add_param_group .* plain momentum"
+    with pytest.warns(UserWarning, match=match):
+        opt.add_param_group({"params": list(model[1].parameters()), "lr": 0.01})
+    assert "1.weight  momentum SGD (no block)" in opt.describe_blocks()
+    weight = model[1].weight.detach().clone()
+    _step(model, opt, 0)
+    assert model[1].weight.grad is not None
+    torch.testing.assert_close(model[1].weight.detach(), weight - 0.01 * model[1].weight.grad)
+
+
+def test_a_layer_unfrozen_outside_the_default_params_is_warned_of_once() -> None:
+    """``KFAC(model)`` takes the parameters that train when it is built: a layer unfrozen
+    later has gradients but no step moves it, which a warning says (once), naming it and
+    the fix; built with ``params=model.parameters()`` it is preconditioned, no warning."""
+    model = net()
+    model[0].requires_grad_(False)
+    opt = tk.KFAC(model, lr=0.1)
+    _step(model, opt, 0)
+    model[0].requires_grad_(True)
+    weight = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"\['0.weight', '0.bias'\] were frozen .* params=model"):
+        _step(model, opt, 1)
+    assert torch.equal(model[0].weight, weight)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step(model, opt, 2)
+        model = net()
+        model[0].requires_grad_(False)
+        opt = tk.KFAC(model, params=model.parameters(), lr=0.1)
+        _step(model, opt, 0)
+        model[0].requires_grad_(True)
+        _step(model, opt, 1)
+    assert not [w for w in caught if "were frozen" in str(w.message)]
+    assert not torch.equal(model[0].weight, weight)

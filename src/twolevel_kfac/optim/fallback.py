@@ -17,16 +17,25 @@ Which layers get a block: :mod:`twolevel_kfac.curvature.discovery`; everything e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from ..curvature.blocks import bias_only, own_statistics
+from ..curvature.discovery import added_layers, parameter_ids
 from .options import check_choice
 
-__all__ = ["FALLBACKS", "AdamWFallback", "FallbackKind", "block_table"]
+__all__ = [
+    "FALLBACKS",
+    "AdamWFallback",
+    "FallbackKind",
+    "block_table",
+    "warn_added",
+    "warn_unfrozen",
+]
 
 FallbackKind = Literal["sgd", "adamw"]
 FALLBACKS: tuple[str, ...] = get_args(FallbackKind)
@@ -112,19 +121,23 @@ def block_table(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     params: Iterable[Any],
-    fallback: str,
+    adamw: Collection[int],
 ) -> list[tuple[str, str]]:
     """``(parameter name, what steps it)`` for every parameter the optimizer holds: the
-    curvature block of its layer (``KFAC Linear 'fc'``), or the fallback step."""
+    curvature block of its layer (``KFAC Linear 'fc'``), or the fallback step: AdamW for
+    the parameters ``adamw`` holds (their ``id``), else KFAC's momentum SGD
+    (``fallback="sgd"``, and parameters added with ``add_param_group`` after it was built)."""
     owner = {
         id(p): f"KFAC {type(module).__name__} {name!r}{_kind(module)}"
         for name, module in layers.items()
         for p in module.parameters(recurse=False)
     }
     held = {id(p) for p in params}
-    step = "momentum SGD (no block)" if fallback == "sgd" else "AdamW (no block)"
     return [
-        (name, owner.get(id(p), step))
+        (
+            name,
+            owner.get(id(p), "AdamW (no block)" if id(p) in adamw else "momentum SGD (no block)"),
+        )
         for name, p in model.named_parameters()
         if id(p) in held and p.requires_grad
     ]
@@ -138,3 +151,46 @@ def _kind(module: nn.Module) -> str:
         return ""
     groups = getattr(module, "groups", None)
     return f" ({groups} groups: a block each)" if groups else " (unit-wise)"
+
+
+def warn_added(
+    model: nn.Module, group: dict[str, Any], preconditioned: set[int], adamw: bool
+) -> None:
+    """Warn of what ``add_param_group`` gave the optimizer after it was built: KFAC's plain
+    momentum step for every parameter of ``group`` (blocks and the fallback's parameters
+    are fixed when it is built), where a layer of a block type would have been
+    preconditioned (``preconditioned``: the ``id`` of those that are), and any parameter
+    stepped by ``fallback="adamw"`` (``adamw``)."""
+    what, added = "layer(s)", added_layers(model, group, preconditioned)
+    if adamw:
+        ids = parameter_ids([group]) - preconditioned
+        what, added = "parameter(s)", [n for n, p in model.named_parameters() if id(p) in ids]
+    if added:
+        warnings.warn(
+            f"{what} {added} added with add_param_group after the optimizer was built get "
+            "KFAC's plain momentum step on their gradient (no block, no fallback step); pass "
+            "their parameters when building it to have the step describe_blocks() lists for "
+            "them then (frozen ones are left alone until unfrozen)",
+            stacklevel=3,
+        )
+
+
+def warn_unfrozen(
+    watched: Sequence[nn.Parameter], model: nn.Module, groups: Iterable[dict[str, Any]]
+) -> list[nn.Parameter]:
+    """Warn of the parameters of ``watched`` (frozen when ``KFAC(model)`` took its default
+    ``params``: the parameters that trained then) that train now but are in no param
+    group, which no step moves; the ones still frozen, to watch at the next step."""
+    if all(not p.requires_grad for p in watched):
+        return list(watched)
+    held = parameter_ids(list(groups))
+    unfrozen = {id(p) for p in watched if p.requires_grad} - held
+    names = [n for n, p in model.named_parameters() if id(p) in unfrozen]
+    if names:
+        warnings.warn(
+            f"parameter(s) {names} were frozen when the optimizer was built with its default "
+            "params (the parameters that trained then) and train now: no step moves them. "
+            "Build it with params=model.parameters() to precondition layers unfrozen later",
+            stacklevel=3,
+        )
+    return [p for p in watched if not p.requires_grad]

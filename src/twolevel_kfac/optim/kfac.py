@@ -16,7 +16,6 @@ the KL clip on (it rescales the direction anyway): lower ``kl_clip``, or clip be
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim.sgd import sgd as sgd_update
 
 from ..curvature.blocks import block_parameters
-from ..curvature.discovery import added_layers, materialize_params
+from ..curvature.discovery import materialize_params
 from ..finite import all_finite
 from .amp import amp_loss_scale, forget_amp_state, forgets_amp_state_on_error
 from .damping import (
@@ -36,7 +35,7 @@ from .damping import (
     adjust_damping,
     evaluate_without_capture,
 )
-from .fallback import block_table, make_fallback
+from .fallback import block_table, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
 from .options import CurvatureOptions, check_choice, check_real
 from .preconditioner import KFACPreconditioner
@@ -129,8 +128,10 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
                     f"its fields as keywords, not both (got {given})"
                 )
             options["options"] = curvature
+        self._watched: list[nn.Parameter] = []  # frozen, when params are the default's
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+            self._watched = [p for p in model.parameters() if not p.requires_grad]
         params = materialize_params(params)
         self.preconditioner = self._make_preconditioner(model, options, params)
         if self.damping_options.adaptive_damping and callable(self.preconditioner.options.damping):
@@ -201,6 +202,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         pre = self.preconditioner
+        if self._watched:  # (parameters frozen when built: warned of once unfrozen)
+            self._watched = warn_unfrozen(self._watched, pre.model, self.param_groups)
         loss_scale = amp_loss_scale(self, self.preconditioner.options.fisher)
         if loss_scale is None:  # GradScaler found an inf: its scale drops, nothing else moves
             pre.capture.discard()
@@ -239,21 +242,13 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``torch.optim``'s, warning when the group holds the weight of a ``Linear`` /
-        ``Conv2d`` layer that is not preconditioned: the layers are fixed when the optimizer
-        is built, so such a layer gets the plain momentum step."""
+        """``torch.optim``'s, warning that the group's parameters get the plain momentum
+        step where they would have had a block or AdamW (:func:`.fallback.warn_added`)."""
         super().add_param_group(param_group)
         pre = getattr(self, "preconditioner", None)
-        if pre is None or not getattr(self, "_built", False):  # the constructor's groups
-            return
-        added = added_layers(pre.model, param_group, pre.preconditioned_parameters())
-        if added:
-            warnings.warn(
-                f"layer(s) {added} added with add_param_group after the optimizer was built "
-                "get the un-preconditioned momentum step; to precondition them, pass their "
-                "parameters when building it (frozen ones are left alone until unfrozen)",
-                stacklevel=2,
-            )
+        if pre is not None and getattr(self, "_built", False):  # not the constructor's groups
+            adamw = self.fallback is not None
+            warn_added(pre.model, param_group, pre.preconditioned_parameters(), adamw)
 
     def _layer_lrs(self) -> dict[str, float]:
         """Each preconditioned layer's learning rate: that of the group holding its weight
@@ -386,7 +381,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         fallback step it takes (also logged at construction, ``logging.INFO``)."""
         pre = self.preconditioner
         params = [p for g in self.param_groups for p in g["params"]]
-        rows = block_table(pre.model, pre.layers, params, self.fallback_kind)
+        adamw = set() if self.fallback is None else self.fallback.ids
+        rows = block_table(pre.model, pre.layers, params, adamw)
         width = max((len(name) for name, _ in rows), default=0)
         return "\n".join(f"  {name:<{width}}  {what}" for name, what in rows)
 
