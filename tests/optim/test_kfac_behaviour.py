@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from test_kfac_exact import CONTRACT
@@ -241,6 +241,45 @@ def test_unsupported_layers_warn_or_raise() -> None:
             nn.Sequential(nn.ConvTranspose2d(2, 2, 3), nn.Flatten(), nn.Linear(2, 2)),
             unsupported="ignore",
         )
+
+
+class LinearInOut(nn.Module):
+    """transformers' ``Conv1D``: ``x @ W + b`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def test_modules_with_a_weight_matrix_but_no_block_type_are_reported_once_per_type() -> None:
+    """Leaves of a type without a block whose own weight is a matrix (GPT-2's ``Conv1D``, a
+    bilinear layer) take the fallback step: reported as ``unsupported`` says, once per type
+    (they fell back without a word); a position table or a norm's 1-D weight is not."""
+    model = nn.Sequential(
+        LinearInOut(4, 6), nn.Tanh(), LinearInOut(6, 6), nn.LayerNorm(6), LinearInOut(6, 5),
+        LinearInOut(5, 5), nn.Tanh(), nn.Linear(5, 3),
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = tk.KFAC(model)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("module '0, 2, 4 and 1 more': LinearInOut has a weight matrix")
+    assert "convert it to nn.Linear" in messages[0] and "fallback step" in messages[0]
+    assert list(opt.preconditioner.layers) == ["7"]
+    assert "0.weight  momentum SGD (no block)" in opt.describe_blocks()
+    with pytest.raises(ValueError, match=r"module '0, 2, 4 and 1 more': LinearInOut has"):
+        tk.KFAC(model, unsupported="error")
+    with pytest.raises(ValueError, match=r"module '0': Bilinear has a weight matrix"):
+        tk.KFAC(nn.Sequential(nn.Bilinear(3, 3, 2)), unsupported="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.KFAC(model, unsupported="ignore")
+        tk.KFAC(model, params=model[7].parameters())  # (the reported ones are not in it)
 
 
 def test_step_without_statistics_is_a_clear_error() -> None:

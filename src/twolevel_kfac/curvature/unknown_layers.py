@@ -1,0 +1,51 @@
+"""Modules of a type without a curvature block that hold a weight matrix of their own
+(transformers' ``Conv1D``, ``nn.Bilinear``, ``nn.EmbeddingBag``, a custom linear layer):
+their parameters take the fallback step, where a linear map would have a block. They are
+reported as ``unsupported`` says, once per type (a GPT-2 has four ``Conv1D`` per block),
+rather than left to ``describe_blocks()`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .layer_types import layer_type
+
+__all__ = ["no_block_reason", "unknown_layers"]
+
+
+def no_block_reason(module: nn.Module) -> str | None:
+    """Why ``module`` is reported: a leaf of a type without a block whose own ``weight``
+    has two dimensions or more; ``None`` for every other module."""
+    weight = module._parameters.get("weight")
+    if layer_type(module) is not None or weight is None or weight.dim() < 2:
+        return None
+    if next(module.children(), None) is not None:
+        return None
+    return (
+        f"{type(module).__name__} has a weight matrix but no block type: if it is a linear "
+        "map of its input, convert it to nn.Linear (transformers' Conv1D computes x @ W + b "
+        "with W stored [in, out]: an nn.Linear with weight W.T) or register its type "
+        "(tk.register_layer_type)"
+    )
+
+
+def unknown_layers(
+    model: nn.Module, trains: Callable[[nn.Module], bool], report: Callable[[str, str], None]
+) -> set[int]:
+    """Report the modules of ``model`` that train (``trains``) and have a
+    :func:`no_block_reason`, once per reason (``report(names, reason)``: the first three
+    names and how many more); the ``id`` of their parameters."""
+    found: dict[str, list[str]] = {}
+    ids: set[int] = set()
+    for name, module in model.named_modules():
+        reason = no_block_reason(module) if trains(module) else None
+        if reason is not None:
+            found.setdefault(reason, []).append(name)
+            ids |= {id(p) for p in module.parameters()}
+    for reason, names in found.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        report(", ".join(names[:3]) + more, reason)
+    return ids
