@@ -160,6 +160,11 @@ def test_parameters_added_later_are_listed_with_the_step_they_take() -> None:
     with pytest.warns(UserWarning, match=match):
         opt.add_param_group({"params": list(model[1].parameters()), "lr": 0.01})
     assert "1.weight  momentum SGD (no block)" in opt.describe_blocks()
+    plain = net()
+    sgd = tk.KFAC(plain, params=[*plain[0].parameters(), *plain[3].parameters()], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback step is the plain step: nothing to say
+        sgd.add_param_group({"params": list(plain[1].parameters())})
     weight = model[1].weight.detach().clone()
     _step(model, opt, 0)
     assert model[1].weight.grad is not None

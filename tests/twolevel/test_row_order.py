@@ -177,6 +177,7 @@ def test_moved_rows_of_each_operation() -> None:
         out[:, :, idx[:2]],
         out[:],
         out[-9:],  # a start before the first row is the first row
+        torch.cat([out[:1], torch.ops.aten.slice(out, 0, 1, None)]),  # an end saved as None
         torch.cat([out, out], dim=-1),
         out.index_select(2, idx[:2]),
         out.transpose(1, 2),

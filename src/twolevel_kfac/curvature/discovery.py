@@ -49,7 +49,7 @@ from .blocks import (
 )
 from .layer_types import layer_type, registered_types
 from .scale_shift import is_scale_shift
-from .unknown_layers import unknown_layers
+from .unknown_layers import warn_unknown_layers
 
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
@@ -285,14 +285,14 @@ def find_layers(
                 owned is not None and _check_ownership(block_name, layer, owned)
             ):
                 layers[block_name] = layer
-    refused |= unknown_layers(
+    warn_unknown_layers(
         model,
         lambda m: (
             _trains(m, owned)
             and (owned is None or any(id(p) in owned for p in m.parameters()))
             and unsupported_reason(m) is None
         ),
-        lambda names, why: _report(names, why, unsupported),
+        unsupported,
     )
     _warn_parametrized_biases(layers, unsupported)
     return _resolve_ties(layers, refused, unsupported)

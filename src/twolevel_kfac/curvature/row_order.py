@@ -186,7 +186,9 @@ def _on_dim(node: Node, dim: int, inp: list[int], at: Context) -> Step:
         return (dim, rows, None) if rows is not None else (None, None, name)
     if name == "SliceBackward0":  # (every row, in order: nothing taken)
         bounds = (node._saved_start, node._saved_end, node._saved_step)  # type: ignore[attr-defined]
-        taken = range(*slice(*(signed(int(b)) for b in bounds)).indices(inp[dim]))
+        taken = range(
+            *slice(*(None if b is None else signed(int(b)) for b in bounds)).indices(inp[dim])
+        )
         return dim, (None if taken == range(inp[dim]) else _shifted(taken.start, taken.step)), None
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
         sizes = (

@@ -1,19 +1,21 @@
 """Modules of a type without a curvature block that hold a weight matrix of their own
 (transformers' ``Conv1D``, ``nn.Bilinear``, ``nn.EmbeddingBag``, a custom linear layer):
-their parameters take the fallback step, where a linear map would have a block. They are
-reported as ``unsupported`` says, once per type (a GPT-2 has four ``Conv1D`` per block),
-rather than left to ``describe_blocks()`` alone.
+their parameters take the fallback step, where a linear map would have a block. A
+warning says so, once per type (a GPT-2 has four ``Conv1D`` per block), rather than
+``describe_blocks()`` alone; nothing is refused, since such a module may be no linear map
+at all (a position table, a codebook), and ``unsupported="ignore"`` silences it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import nn
 
 from .layer_types import layer_type
 
-__all__ = ["no_block_reason", "unknown_layers"]
+__all__ = ["no_block_reason", "warn_unknown_layers"]
 
 
 def no_block_reason(module: nn.Module) -> str | None:
@@ -32,20 +34,22 @@ def no_block_reason(module: nn.Module) -> str | None:
     )
 
 
-def unknown_layers(
-    model: nn.Module, trains: Callable[[nn.Module], bool], report: Callable[[str, str], None]
-) -> set[int]:
-    """Report the modules of ``model`` that train (``trains``) and have a
-    :func:`no_block_reason`, once per reason (``report(names, reason)``: the first three
-    names and how many more); the ``id`` of their parameters."""
+def warn_unknown_layers(
+    model: nn.Module, trains: Callable[[nn.Module], bool], unsupported: str
+) -> None:
+    """Warn of the modules of ``model`` that train (``trains``) and have a
+    :func:`no_block_reason`, once per reason (the first three names and how many more),
+    unless ``unsupported="ignore"``."""
     found: dict[str, list[str]] = {}
-    ids: set[int] = set()
     for name, module in model.named_modules():
         reason = no_block_reason(module) if trains(module) else None
         if reason is not None:
-            found.setdefault(reason, []).append(name)
-            ids |= {id(p) for p in module.parameters()}
-    for reason, names in found.items():
+            found.setdefault(reason, []).append(repr(name))
+    for reason, names in found.items() if unsupported != "ignore" else ():
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        report(", ".join(names[:3]) + more, reason)
-    return ids
+        warnings.warn(
+            f"module{'s' if len(names) > 1 else ''} {', '.join(names[:3])}{more}: {reason}; "
+            "its parameters get the un-preconditioned fallback step (fallback='sgd': "
+            "momentum SGD; 'adamw': AdamW; unsupported='ignore' silences this)",
+            stacklevel=5,
+        )

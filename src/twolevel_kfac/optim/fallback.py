@@ -26,6 +26,7 @@ from torch import nn
 
 from ..curvature.blocks import bias_only, own_statistics
 from ..curvature.discovery import added_layers, parameter_ids
+from ..curvature.scale_shift import is_scale_shift
 from .options import check_choice
 
 __all__ = [
@@ -154,14 +155,17 @@ def _kind(module: nn.Module) -> str:
 
 
 def warn_added(
-    model: nn.Module, group: dict[str, Any], preconditioned: set[int], adamw: bool
+    model: nn.Module, group: dict[str, Any], preconditioned: set[int], adamw: bool, norms: bool
 ) -> None:
     """Warn of what ``add_param_group`` gave the optimizer after it was built: KFAC's plain
     momentum step for every parameter of ``group`` (blocks and the fallback's parameters
     are fixed when it is built), where a layer of a block type would have been
-    preconditioned (``preconditioned``: the ``id`` of those that are), and any parameter
-    stepped by ``fallback="adamw"`` (``adamw``)."""
-    what, added = "layer(s)", added_layers(model, group, preconditioned)
+    preconditioned (``preconditioned``: the ``id`` of those that are; a norm only with
+    ``norm_blocks``: ``norms``), and any parameter stepped by ``fallback="adamw"``
+    (``adamw``)."""
+    layers = added_layers(model, group, preconditioned)
+    what = "layer(s)"
+    added = [n for n in layers if norms or not is_scale_shift(model.get_submodule(n))]
     if adamw:
         ids = parameter_ids([group]) - preconditioned
         what, added = "parameter(s)", [n for n, p in model.named_parameters() if id(p) in ids]
@@ -189,8 +193,9 @@ def warn_unfrozen(
     if names:
         warnings.warn(
             f"parameter(s) {names} were frozen when the optimizer was built with its default "
-            "params (the parameters that trained then) and train now: no step moves them. "
-            "Build it with params=model.parameters() to precondition layers unfrozen later",
+            "params (the parameters that trained then) and train now: it does not step them "
+            "(another optimizer may). Build it with params=model.parameters() to precondition "
+            "layers unfrozen later, or add them with add_param_group",
             stacklevel=3,
         )
     return [p for p in watched if not p.requires_grad]

@@ -8,9 +8,10 @@ embeddings, …) take the same step with their raw gradient, or AdamW's (``fallb
 layers whose parameters are in the param groups are preconditioned, counted in the KL clip
 and stepped (``params=``), each with its own group's learning rate.
 
-Gradient clipping before :meth:`KFAC.step` has no effect on the preconditioned layers with
-the KL clip on (it rescales the direction anyway): lower ``kl_clip``, or clip between
-``precond.step()`` and ``opt.step()`` with ``KFACPreconditioner`` and your own optimizer.
+Gradient clipping before :meth:`KFAC.step` has no effect on the preconditioned layers where
+the KL clip still binds (it rescales the direction anyway), but the fallback parameters
+take the clipped gradient: lower ``kl_clip``, or clip between ``precond.step()`` and
+``opt.step()`` with ``KFACPreconditioner`` and your own optimizer.
 """
 
 from __future__ import annotations
@@ -247,8 +248,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         super().add_param_group(param_group)
         pre = getattr(self, "preconditioner", None)
         if pre is not None and getattr(self, "_built", False):  # not the constructor's groups
-            adamw = self.fallback is not None
-            warn_added(pre.model, param_group, pre.preconditioned_parameters(), adamw)
+            done, norms = pre.preconditioned_parameters(), pre.options.norm_blocks
+            warn_added(pre.model, param_group, done, self.fallback is not None, norms)
 
     def _layer_lrs(self) -> dict[str, float]:
         """Each preconditioned layer's learning rate: that of the group holding its weight

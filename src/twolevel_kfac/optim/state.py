@@ -261,7 +261,9 @@ def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any])
     if tuple(got) != tuple(expected):
         raise ValueError(
             f"layer {name!r}: the checkpoint's curvature has shapes {list(got)}, this "
-            f"layer's block needs {list(expected)}: the model changed since it was saved"
+            f"layer's block needs {list(expected)}: the model changed since it was saved, "
+            "or which of its weight and bias train (requires_grad): set them as they were "
+            "when it was saved before loading"
         )
     return factors
 
