@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from twolevel_kfac.curvature.eigen_cluster import canonical_vector, cluster_tolerance
+from twolevel_kfac.curvature.eigen_cluster import (
+    canonical_vector,
+    cluster_mean,
+    cluster_tolerance,
+)
 from twolevel_kfac.curvature.extreme_eigen import extreme_eigenpair
 
 
@@ -104,3 +108,36 @@ def test_a_repeated_eigenvalue_of_a_full_rank_factor_is_canonical(
     one, other = rows.T @ rows, rows[order].T @ rows[order]
     q_one, q_other = extreme_eigenpair(one, which)[1], extreme_eigenpair(other, which)[1]
     assert float((q_one.T @ q_other).abs()) > 1 - 1e-9
+
+
+def test_cluster_mean_makes_the_scaled_matrix_the_same_for_every_basis_of_a_cluster() -> None:
+    """``Q diag(cluster_mean(s)) Qᵀ`` is the same for two eigenbases of one matrix with a
+    repeated eigenvalue (rotated within its eigenspace), where ``Q diag(s) Qᵀ`` is not;
+    stacked decompositions each by their own clusters; a standard basis (a diagonal
+    factor) and distinct eigenvalues keep ``s`` as it is."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.tensor([0.0, 1e-17, 2e-17, 0.5, 2.0], dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))
+    spin, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    other = basis.clone()
+    other[:, :3] = basis[:, :3] @ spin  # another eigenbasis of the same matrix
+    grads = torch.randn(7, 2, 5, generator=gen, dtype=torch.float64)  # per-sample [2, 5]
+
+    def scaled(q: Tensor, average: bool) -> Tensor:
+        s = (grads @ q).square().mean(0)  # [2, 5]: S in the basis q (the A side)
+        s = cluster_mean(s, values, q, -1, torch.float64) if average else s
+        return torch.stack([q @ torch.diag(row) @ q.T for row in s])
+
+    assert (scaled(basis, False) - scaled(other, False)).abs().max() > 1e-3
+    torch.testing.assert_close(scaled(basis, True), scaled(other, True), rtol=0, atol=1e-14)
+    s = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    stacked = cluster_mean(
+        torch.stack([s, s]), torch.stack([values, torch.arange(5.0, dtype=torch.float64)]),
+        torch.stack([basis, basis]), -1, torch.float64,
+    )  # fmt: skip
+    assert torch.equal(stacked[1], s) and not torch.equal(stacked[0], s)
+    torch.testing.assert_close(stacked[0, :, :3], s[:, :3].mean(-1, keepdim=True).expand(2, 3))
+    torch.testing.assert_close(cluster_mean(s.T, values, basis, -2, torch.float64), stacked[0].T)
+    assert (
+        cluster_mean(s, values, torch.eye(5, dtype=torch.float64).flip(0), -1, torch.float64) is s
+    )

@@ -8,7 +8,9 @@ against one process, the samples of a batch permuted) gave another vector, so an
 spectral coarse space and another step. :func:`canonical_vector` returns instead the
 projection of a fixed reference vector onto the cluster's eigenspace, normalised: a
 function of the eigenspace alone, as far as its eigenvalues are apart from the others
-(``Q = R₀ᵀ(R₀F̂R₀ᵀ)⁻¹R₀`` does not see the vector's sign or scale).
+(``Q = R₀ᵀ(R₀F̂R₀ᵀ)⁻¹R₀`` does not see the vector's sign or scale). Likewise
+:func:`cluster_mean` makes EKFAC's scalings in such an eigenbasis a function of its
+eigenspaces: the mean of each repeated eigenvalue's entries.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "TOLERANCE",
     "canonical_vector",
+    "cluster_mean",
     "cluster_tolerance",
     "extreme_vector",
     "reference_vector",
@@ -69,3 +72,33 @@ def canonical_vector(vectors: Tensor, values: Tensor, which: str, tau: float) ->
     if not math.isfinite(norm) or norm <= 1e-3:  # the reference (nearly) orthogonal to it
         return vectors[:, index]
     return projected / norm
+
+
+def cluster_mean(
+    matrix: Tensor, values: Tensor, vectors: Tensor, dim: int, dtype: torch.dtype
+) -> Tensor:
+    """``matrix`` with its entries along ``dim`` (``-1`` or ``-2``, one per eigenpair of
+    ``values``, ascending, and ``vectors``, stacked ``[..., n]`` and ``[..., n, n]`` like
+    ``matrix``'s leading dimensions) replaced by their mean over each cluster of
+    eigenvalues closer than :func:`cluster_tolerance` in ``dtype``: the diagonal of
+    ``Q diag(·) Qᵀ`` in a basis ``eigh`` chose by the rounding within a repeated
+    eigenvalue's eigenspace, made the same for every such choice. A decomposition whose
+    eigenvectors are the standard basis (signed, in any order: an exactly diagonal factor,
+    an embedding's token counts) is no such choice and keeps its entries, as does every
+    cluster of one eigenvalue (``matrix`` itself, not a copy, where nothing changes)."""
+    n = values.shape[-1]
+    norms = torch.linalg.vector_norm(values.double(), dim=-1, keepdim=True)
+    tau = TOLERANCE * torch.finfo(dtype).eps * math.sqrt(n) * norms
+    starts = values.double().diff(dim=-1) > tau
+    standard = (vectors != 0).sum(dim=(-2, -1), keepdim=True).squeeze(-1) == n
+    starts = starts | standard  # (a permutation's columns: no pick)
+    if n < 2 or bool(starts.all()):
+        return matrix
+    labels = torch.cat([starts.new_zeros((*starts.shape[:-1], 1)), starts], -1).cumsum(-1)
+    x = matrix if dim == -1 else matrix.mT
+    index = labels.unsqueeze(-2).expand(x.shape)
+    sums = torch.zeros_like(x).scatter_add_(-1, index, x)
+    ones = torch.ones_like(x[..., :1, :])
+    counts = torch.zeros_like(ones).scatter_add_(-1, labels.unsqueeze(-2), ones)
+    mean = (sums / counts).gather(-1, index)
+    return mean if dim == -1 else mean.mT

@@ -25,7 +25,10 @@ eigenbasis is refreshed, the running ``S`` is first carried into the new basis a
 diagonal of the previous EKFAC matrix there,
 ``S ← (P_G∘P_G) S (P_A∘P_A)ᵀ``, ``P = Q_newᵀQ_old``
 (:func:`~twolevel_kfac.curvature.persample.eigenbasis_diagonal_transport`); the new
-mini-batch's ``S_new`` is computed in the new basis.
+mini-batch's ``S_new`` is computed in the new basis. Both are averaged over the
+coordinates of each repeated eigenvalue of ``A`` or ``G``
+(:func:`~twolevel_kfac.curvature.eigen_cluster.cluster_mean`): ``eigh``'s basis of such
+an eigenspace is a pick of the rounding, which the mean does not see.
 
 Under ``torch.distributed`` the sums ``Σ_n (…)²`` are all-reduced and divided by the global
 ``N``, like the factors.
@@ -46,6 +49,8 @@ import torch
 from torch import Tensor
 
 from ..curvature.blocks import BlockStats, LayerStats
+from ..curvature.eigen_cluster import cluster_mean
+from ..curvature.factor_inverse import solver_dtype
 from ..curvature.kronecker import eigen_denominator
 from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
@@ -88,8 +93,9 @@ class TableEigenbasis(Protocol):
         ...
 
 
-Bases = tuple[Tensor, Tensor | None]
-"""``(Q_A, Q_G)`` of a layer (``Q_G = None``: the identity of a table's diagonal ``G``)."""
+Bases = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+"""``(d_A, Q_A, d_G, Q_G)`` of a layer (``d_G, Q_G = None``: the identity basis of a
+table's diagonal ``G``)."""
 
 
 Prepared = tuple[Tensor | None, Tensor, Tensor]
@@ -118,20 +124,35 @@ class EKFACFine(FineLevel):
         self._scaling_cache: dict[str, tuple[tuple[float, str], Prepared]] = {}
 
     def _bases(self) -> dict[str, Bases]:
-        """``(Q_A, Q_G)`` of every layer whose factors have been decomposed."""
+        """``(d_A, Q_A, d_G, Q_G)`` of every layer whose factors have been decomposed."""
         out: dict[str, Bases] = {}
         for name, factors in self.host.factors.items():
             if isinstance(factors, StackedEigenbasis):  # [G, ·, ·] each
                 stacked = factors.stacked_eigenbasis()
                 if stacked is not None:
-                    out[name] = (stacked[1], stacked[3])
+                    out[name] = stacked
             elif isinstance(factors, TableEigenbasis):
                 table = factors.table_eigenbasis()
                 if table is not None:
-                    out[name] = (table[2], None)
+                    out[name] = (table[1], table[2], None, None)
             elif factors.decomp_a is not None and factors.decomp_g is not None:
-                out[name] = (factors.decomp_a[1], factors.decomp_g[1])
+                out[name] = (*factors.decomp_a, *factors.decomp_g)
         return out
+
+    @staticmethod
+    def _invariant(scalings: Tensor, bases: Bases) -> Tensor:
+        """``S`` with its entries of each repeated eigenvalue of ``A`` or ``G`` replaced by
+        their mean (:func:`~twolevel_kfac.curvature.eigen_cluster.cluster_mean`): ``eigh``
+        picks the basis of such an eigenspace (a rank-deficient factor's null space) by
+        the rounding, and ``S`` re-estimated in it between refreshes, or carried into it,
+        would depend on that pick (the same batches in another sample order: steps 0.9
+        apart on a move of 2.4); the mean is the same for every pick."""
+        values_a, vectors_a, values_g, vectors_g = bases
+        dtype = solver_dtype(values_a.dtype)
+        scalings = cluster_mean(scalings, values_a, vectors_a, -1, dtype)
+        if values_g is None or vectors_g is None:  # a table's G = diag(f): Q_G = I, no pick
+            return scalings
+        return cluster_mean(scalings, values_g, vectors_g, -2, dtype)
 
     def refresh(self, damping: float) -> None:
         """KFAC's refresh, the running ``S`` carried into the new eigenbasis."""
@@ -140,13 +161,14 @@ class EKFACFine(FineLevel):
         new = self._bases()
         for name, scalings in self.scalings.items():
             if name in old and name in new:
-                (old_a, old_g), (new_a, new_g) = old[name], new[name]
+                (_, old_a, _, old_g), (_, new_a, _, new_g) = old[name], new[name]
                 if old_g is None or new_g is None:  # Q_G = I: the A side alone
-                    self.scalings[name] = scalings @ (new_a.mT @ old_a).square().mT
-                    continue
-                self.scalings[name] = eigenbasis_diagonal_transport(
-                    scalings, (old_a, old_g), (new_a, new_g)
-                )
+                    carried = scalings @ (new_a.mT @ old_a).square().mT
+                else:
+                    carried = eigenbasis_diagonal_transport(
+                        scalings, (old_a, old_g), (new_a, new_g)
+                    )
+                self.scalings[name] = self._invariant(carried, new[name])
         self._scaling_cache.clear()
 
     def stateless(self, steps: int) -> bool:
@@ -161,7 +183,7 @@ class EKFACFine(FineLevel):
         sums = []
         for name in names:
             dtype, layer = host.factor_dtype(name), stats[name]
-            vectors_a, vectors_g = bases[name]
+            _, vectors_a, _, vectors_g = bases[name]
             if isinstance(layer, BlockStats):  # a block of its own: its own moments
                 exact = type(layer).exact_inputs  # a table's token ids stay as captured
                 a = layer.a if exact else layer.a.to(dtype)
@@ -175,7 +197,7 @@ class EKFACFine(FineLevel):
             sums = all_reduce_sum(host.comm, sums)
         skipped = 0
         for name, total in zip(names, sums, strict=True):
-            new = total / host.sample_count(name, stats[name])
+            new = self._invariant(total / host.sample_count(name, stats[name]), bases[name])
             if not torch.isfinite(new).all():
                 skipped += 1
                 continue
