@@ -210,7 +210,9 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
             "positions shared by the whole batch (broadcast over it) give rows with the "
             "gradients summed over the samples, and one call per sample (a loop in forward) "
             "is not a batch either; KFAC needs one call with a row per sample. Call it with "
-            "the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position table"
+            "the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position table "
+            "(Hugging Face models that take position_ids: model(..., position_ids="
+            "torch.arange(T).expand(B, T))), or leave the table out of the optimizer's params"
         )
 
 
