@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from twolevel_kfac.curvature.eigen_cluster import (
+    _capped_runs,
     canonical_vector,
     cluster_mean,
     cluster_tolerance,
@@ -141,3 +142,18 @@ def test_cluster_mean_makes_the_scaled_matrix_the_same_for_every_basis_of_a_clus
     assert (
         cluster_mean(s, values, torch.eye(5, dtype=torch.float64).flip(0), -1, torch.float64) is s
     )
+
+
+def test_clusters_do_not_chain_past_the_tolerance() -> None:
+    """Close neighbours do not chain into one wide cluster: each cluster spans at most τ
+    from its smallest eigenvalue (chained, a float32 factor's decaying spectrum merged 951
+    eigenvalues from 2e-7 to 4e-4, and EKFAC's step moved 0.11 from float64's); a float32
+    spectrum that ``eigh`` resolves is left alone."""
+    tau = 1.0
+    assert _capped_runs([0.0, 0.6, 1.2, 1.8, 5.0], tau) == [(0, 2), (2, 4)]
+    assert _capped_runs([0.0, 2.0, 4.0], tau) == []
+    n = 50
+    values = (0.8 ** torch.arange(n, dtype=torch.float64)).flip(0).float()  # 1.4e-5 … 1
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0)))
+    s = torch.rand(4, n, generator=torch.Generator().manual_seed(1))
+    assert cluster_mean(s, values, basis, -1, torch.float32) is s

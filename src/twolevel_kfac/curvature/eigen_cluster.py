@@ -74,31 +74,49 @@ def canonical_vector(vectors: Tensor, values: Tensor, which: str, tau: float) ->
     return projected / norm
 
 
+def _capped_runs(values: list[float], tau: float) -> list[tuple[int, int]]:
+    """The clusters of more than one of ascending ``values``, as index ranges: a cluster
+    starts at its smallest eigenvalue and takes the next ones while they are within
+    ``tau`` of it (no chain of close neighbours grows wider than ``tau``)."""
+    runs, start = [], 0
+    for index, value in enumerate(values):
+        if value - values[start] > tau:
+            if index - start > 1:
+                runs.append((start, index))
+            start = index
+    if len(values) - start > 1:
+        runs.append((start, len(values)))
+    return runs
+
+
 def cluster_mean(
     matrix: Tensor, values: Tensor, vectors: Tensor, dim: int, dtype: torch.dtype
 ) -> Tensor:
     """``matrix`` with its entries along ``dim`` (``-1`` or ``-2``, one per eigenpair of
     ``values``, ascending, and ``vectors``, stacked ``[..., n]`` and ``[..., n, n]`` like
     ``matrix``'s leading dimensions) replaced by their mean over each cluster of
-    eigenvalues closer than :func:`cluster_tolerance` in ``dtype``: the diagonal of
-    ``Q diag(·) Qᵀ`` in a basis ``eigh`` chose by the rounding within a repeated
-    eigenvalue's eigenspace, made the same for every such choice. A decomposition whose
-    eigenvectors are the standard basis (signed, in any order: an exactly diagonal factor,
-    an embedding's token counts) is no such choice and keeps its entries, as does every
-    cluster of one eigenvalue (``matrix`` itself, not a copy, where nothing changes)."""
+    eigenvalues that ``eigh`` cannot tell apart: within ``τ = c·ε·‖λ‖₂`` (``ε`` of
+    ``dtype``, the factor's: about the rounding of the factor and of ``eigh``, so that a
+    rank-deficient factor's null space is one cluster) of the cluster's smallest. There
+    ``eigh`` picks the basis by the rounding, and the mean is the diagonal of
+    ``Q diag(·) Qᵀ`` for every such pick. A decomposition whose eigenvectors are the
+    standard basis (signed, in any order: an exactly diagonal factor, an embedding's
+    token counts) is no such pick and keeps its entries, as does every cluster of one
+    eigenvalue (``matrix`` itself, not a copy, where nothing changes)."""
     n = values.shape[-1]
-    norms = torch.linalg.vector_norm(values.double(), dim=-1, keepdim=True)
-    tau = TOLERANCE * torch.finfo(dtype).eps * math.sqrt(n) * norms
-    starts = values.double().diff(dim=-1) > tau
-    standard = (vectors != 0).sum(dim=(-2, -1), keepdim=True).squeeze(-1) == n
-    starts = starts | standard  # (a permutation's columns: no pick)
-    if n < 2 or bool(starts.all()):
+    flat, vectors = values.double().reshape(-1, n), vectors.reshape(-1, n, n)
+    taus = TOLERANCE * torch.finfo(dtype).eps * torch.linalg.vector_norm(flat, dim=-1)
+    close = (flat.diff(dim=-1) <= taus[:, None]).any(dim=-1)
+    if not bool(close.any()):
         return matrix
-    labels = torch.cat([starts.new_zeros((*starts.shape[:-1], 1)), starts], -1).cumsum(-1)
-    x = matrix if dim == -1 else matrix.mT
-    index = labels.unsqueeze(-2).expand(x.shape)
-    sums = torch.zeros_like(x).scatter_add_(-1, index, x)
-    ones = torch.ones_like(x[..., :1, :])
-    counts = torch.zeros_like(ones).scatter_add_(-1, labels.unsqueeze(-2), ones)
-    mean = (sums / counts).gather(-1, index)
-    return mean if dim == -1 else mean.mT
+    standard = (vectors != 0).sum(dim=(-2, -1)) == n  # (a permutation's columns: no pick)
+    picked = (close & ~standard).tolist()
+    if not any(picked):
+        return matrix
+    out = matrix.clone()
+    rows = out.reshape(-1, *out.shape[-2:])  # (a view of the clone)
+    rows = rows if dim == -1 else rows.mT
+    for row, (v, t, p) in enumerate(zip(flat.tolist(), taus.tolist(), picked, strict=True)):
+        for start, end in _capped_runs(v, t) if p else ():
+            rows[row, :, start:end] = rows[row, :, start:end].mean(-1, keepdim=True)
+    return out
