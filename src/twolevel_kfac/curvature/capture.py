@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
 from .calls import sample_major
-from .captured_batch import Call, CapturedBatch, Forward, scaled_gradient
+from .captured_batch import Call, CapturedBatch, Forward
 from .forward_checks import (
     batch_argument,
     check_batch_rows,
@@ -47,7 +47,7 @@ from .forward_checks import (
     check_weight_uses,
     warn_forwards,
 )
-from .forward_pass import ForwardPass, Record, fisher_rows
+from .forward_pass import ForwardPass, Record, check_first_order, empirical_hook, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import (
     check_output,
@@ -226,12 +226,7 @@ class CurvatureCapture:
             forward.outputs.setdefault(name, []).append(get_gradient_edge(output))
         else:
             scale = float(forward.batch_size * self.accumulation_steps)
-
-            def grad_hook(grad: Tensor) -> None:
-                record.grad = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
-                forward.backward_done = True
-
-            output.register_hook(grad_hook)
+            output.register_hook(empirical_hook(name, record, forward, scale))
 
     def _attention_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -289,6 +284,7 @@ class CurvatureCapture:
         has_positions, view = self.likelihood == "categorical" and samples.dim() > 2, samples.shape
 
         def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
+            check_first_order("the model output")
             forward.backward_done = True
             if has_positions:
                 problem = mask_disagreement(grad.reshape(view), forward.mask, class_dim)

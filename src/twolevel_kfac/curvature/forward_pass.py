@@ -1,14 +1,18 @@
 """The forward pass in flight while :class:`~.capture.CurvatureCapture` records it: its
-Fisher mini-batch, and each layer call's captured rows."""
+Fisher mini-batch, each layer call's captured rows, and the hooks its backward fires."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
-__all__ = ["ForwardPass", "Record", "fisher_rows"]
+from .captured_batch import scaled_gradient
+
+__all__ = ["ForwardPass", "Record", "check_first_order", "empirical_hook", "fisher_rows"]
 
 
 @dataclass
@@ -58,3 +62,38 @@ class ForwardPass:
 def fisher_rows(tensor: Tensor, forward: ForwardPass) -> Tensor:
     """The Fisher mini-batch's rows of a batched tensor."""
     return tensor if forward.index is None else tensor.index_select(0, forward.index)
+
+
+def check_first_order(where: str) -> None:
+    """Refuse a backward that builds a graph of its own (``create_graph=True``: grad mode
+    is on inside it) through a captured forward, seen by the hook at ``where``: a
+    physics-informed loss's ``torch.autograd.grad(u, x, create_graph=True)``, a gradient
+    penalty. The hooks would take that backward's output gradients (``∂u/∂s``) for the
+    loss's, and the weight gradient of such a loss is not ``Σ δ āᵀ``.
+
+    Raises:
+        RuntimeError: naming where, and what is and is not supported.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"a backward with create_graph=True reached {where} in a forward the optimizer "
+            "captures (torch.autograd.grad of the model's outputs for a physics-informed "
+            "residual or a gradient penalty, or loss.backward(create_graph=True)): KFAC "
+            "takes a loss of the model's outputs, and its statistics would hold this "
+            "backward's gradients as the loss's. Losses with derivatives of the model are "
+            "not supported (KFAC for them: Dangel et al. 2024, arXiv 2405.15603)"
+        )
+
+
+def empirical_hook(
+    name: str, record: Record, forward: ForwardPass, scale: float
+) -> Callable[[Tensor], None]:
+    """The tensor hook on layer ``name``'s output that keeps the user's backward's
+    ``δ = scale · ∂loss/∂s`` (``scale = B·k``) of the Fisher mini-batch rows."""
+
+    def grad_hook(grad: Tensor) -> None:
+        check_first_order(f"layer {name!r}")
+        record.grad = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
+        forward.backward_done = True
+
+    return grad_hook

@@ -81,8 +81,10 @@ def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) 
         ValueError: ``categorical`` on logits with positions (more than 2 dimensions) and
             no ``class_dim`` (``[N, T, C]`` and torch's ``[N, C, T]`` are both common), with
             ``class_dim`` the batch dimension, or with fewer than 2 classes (one logit has
-            ``softmax = 1``: every sampled gradient, so every ``G``, is 0).
+            ``softmax = 1``: every sampled gradient, so every ``G``, is 0); probabilities
+            for logits (:func:`check_logits`).
     """
+    check_logits(output, likelihood)
     if likelihood != "categorical":
         return
     if output.dim() < 2:
@@ -106,6 +108,38 @@ def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) 
             "logit per sample has softmax 1, so the Monte-Carlo Fisher (every G factor) would "
             "be 0. Use likelihood='gaussian' for a regression output (MSE loss) or "
             "likelihood='bernoulli' for a single binary logit (BCEWithLogits loss)"
+        )
+
+
+_PROBABILITIES = {"categorical": "SoftmaxBackward0", "bernoulli": "SigmoidBackward0"}
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                    "TransposeBackward0", "PermuteBackward0", "SqueezeBackward0",
+                    "SqueezeBackward1", "SqueezeBackward2"})  # fmt: skip
+
+
+def check_logits(output: Tensor, likelihood: str) -> None:
+    """Refuse a model output made by a softmax (``categorical``) or a sigmoid
+    (``bernoulli``): probabilities, which the likelihood would read as logits (a trial:
+    ``G`` 0.94 off the exact Fisher's, its trace 0.06 of it). ``log_softmax`` outputs are
+    logits of the same distribution, and pass.
+
+    Raises:
+        ValueError: naming the output's last operation and the fix.
+    """
+    node = output.grad_fn
+    while node is not None and type(node).__name__ in _VIEWS:  # (flattened, reshaped)
+        node = node.next_functions[0][0]
+    if node is not None and type(node).__name__ == _PROBABILITIES.get(likelihood):
+        which, logits, loss = (
+            ("softmax", "logits (or log_softmax)", "F.cross_entropy")
+            if likelihood == "categorical"
+            else ("sigmoid", "logits", "BCEWithLogitsLoss")
+        )
+        raise ValueError(
+            f"the model output is a {which} (probabilities), but fisher='mc' with "
+            f"likelihood={likelihood!r} samples from logits: return the {logits} from "
+            f"forward and take the {which} in the loss ({loss}), or use fisher='empirical', "
+            "which reads the loss's own gradients"
         )
 
 
@@ -279,6 +313,7 @@ def sampled_output(output: object) -> Tensor:
     raise TypeError(
         "fisher='mc' samples its targets from the model's output, which must be one tensor or "
         f"a dict with a 'logits' tensor (an HF ModelOutput); got {type(output).__name__}. "
-        "Return the tensor the loss reads from forward, or use fisher='empirical', which "
-        "reads the loss's own gradients whatever the output"
+        "Return the tensor the loss reads from forward (the mean, for a model that also "
+        "predicts a variance: likelihood='gaussian' has unit variance), or use "
+        "fisher='empirical', which reads the loss's own gradients whatever the output"
     )

@@ -1,0 +1,72 @@
+"""Losses the KFAC family cannot describe are refused where they would take wrong steps
+without a word: derivatives of the model in the loss (a physics-informed residual, a
+gradient penalty), and probabilities where ``fisher="mc"`` samples from logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twolevel_kfac as tk
+
+
+def regression() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_loss_with_derivatives_of_the_model_is_refused(fisher: str) -> None:
+    """A physics-informed loss's ``autograd.grad(u, x, create_graph=True)`` fired the
+    capture's hooks, which kept ``∂u/∂s`` as the loss's ``δ`` (``G`` 116× too large, the
+    step 0.78 off under the empirical Fisher); refused at that call, naming it. A plain
+    loss of the same forward steps as before."""
+    model = regression()
+    opt = tk.KFAC(model, fisher=fisher, likelihood="gaussian")
+    x = torch.randn(6, 1, dtype=torch.float64, requires_grad=True)
+    u = model(x)
+    where = "layer '2'" if fisher == "empirical" else "the model output"
+    with pytest.raises(RuntimeError, match=rf"create_graph=True reached {where}.*Dangel"):
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        (0.5 * ((du - torch.cos(x)) ** 2).sum() / 6).backward()
+    opt.zero_grad()
+    (0.5 * (model(x) - torch.sin(x)).square().sum() / 6).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "head", "loss"),
+    [
+        ("categorical", nn.Softmax(-1), lambda p, y: F.nll_loss(p.log(), y)),
+        ("bernoulli", nn.Sigmoid(), lambda p, y: F.binary_cross_entropy(p, y.double()[:, None])),
+    ],
+)
+def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, loss) -> None:  # type: ignore[no-untyped-def]
+    """A softmax or sigmoid output read as logits gave a ``G`` 0.94 off (trace 0.06×);
+    refused, naming the fix. ``log_softmax``, a flattened softmax's logits, the
+    empirical Fisher and a Gaussian on a sigmoid (a regression to [0, 1]) pass."""
+    torch.manual_seed(0)
+    classes = 3 if likelihood == "categorical" else 1
+    model = nn.Sequential(nn.Linear(4, classes), head).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    opt = tk.KFAC(model, likelihood=likelihood)
+    with pytest.raises(ValueError, match=r"is a (softmax|sigmoid) \(probabilities\).*logits"):
+        model(x)
+    for other in ({"fisher": "empirical"}, {"likelihood": "gaussian"}):
+        opt = tk.KFAC(model, **{"likelihood": likelihood, **other})
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    flat = nn.Sequential(
+        nn.Linear(4, 6), nn.Unflatten(-1, (2, 3)), nn.Softmax(-1), nn.Flatten(0, 1)
+    )
+    kept = tk.KFAC(flat.double(), class_dim=-1)  # noqa: F841  (its hooks live with it)
+    with pytest.raises(ValueError, match=r"is a softmax"):
+        flat(x)
+    logs = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1)).double()
+    opt = tk.KFAC(logs)
+    opt.zero_grad()
+    F.nll_loss(logs(x), y).backward()
+    opt.step()
