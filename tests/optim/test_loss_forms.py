@@ -4,6 +4,8 @@ gradient penalty), and probabilities where ``fisher="mc"`` samples from logits."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,3 +72,31 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
     opt.zero_grad()
     F.nll_loss(logs(x), y).backward()
     opt.step()
+
+
+@pytest.mark.parametrize(
+    ("fisher", "likelihood"),
+    [("empirical", "categorical"), ("mc", "gaussian"), ("mc", "categorical")],
+)
+def test_one_unbatched_sample_is_refused_by_name(fisher: str, likelihood: str) -> None:
+    """A policy called on one state ``[D]`` (torch's ``Linear`` takes it): its features were
+    read as samples and the step raised a bare shape error (or, under the MC Fisher, an
+    error about logits); refused at the layer, naming the batched call. Unbatched forwards
+    under ``no_grad`` pass, and the next batched step is a fresh run's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    twin = copy.deepcopy(model)
+    opt = tk.KFAC(model, fisher=fisher, likelihood=likelihood, lr=0.1)
+    with pytest.raises(RuntimeError, match=r"layer '0' \(Linear\) was called on one unbatched"):
+        model(torch.randn(5, dtype=torch.float64))
+    with torch.no_grad():
+        model(torch.randn(5, dtype=torch.float64))
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 2, (4,))
+    fresh = tk.KFAC(twin, fisher=fisher, likelihood=likelihood, lr=0.1)
+    for net, optimizer in ((model, opt), (twin, fresh)):
+        torch.manual_seed(1)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

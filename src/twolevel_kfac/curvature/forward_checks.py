@@ -156,10 +156,12 @@ def check_unreached(unreached: set[str], layers: dict[str, nn.Module]) -> None:
         raise RuntimeError(
             f"fisher='mc' cannot differentiate the sampled loss with respect to the output "
             f"of layer(s) {wrong}, which have gradients: their outputs do not reach the "
-            "model output in autograd's graph (they feed a loss of their own, such as an "
-            "auxiliary loss computed from a stored activation, or a torch.compile'd model "
-            "hides its layers' outputs); their Fisher would silently be zero. Use "
-            "fisher='empirical' or an eager model whose loss reads the model output"
+            "model output fisher='mc' samples from (they feed a loss of their own: a value "
+            "head beside a dict's 'logits', an auxiliary loss computed from a stored "
+            "activation; or a torch.compile'd model hides its layers' outputs); their Fisher "
+            "would silently be zero. Step them with another optimizer (leave them out of "
+            "params=), or use fisher='empirical', or an eager model whose loss reads the "
+            "sampled output"
         )
 
 
@@ -216,6 +218,28 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
         )
 
 
+_SAMPLE_RANKS = {nn.Linear: 1, nn.Conv1d: 2, nn.Conv2d: 3, nn.Conv3d: 4}
+
+
+def check_unbatched_sample(name: str, module: nn.Module, inputs: Tensor) -> None:
+    """Refuse a ``Linear`` or convolution called on one unbatched sample (``[D]``,
+    ``[C, L]``, ``[C, H, W]``, ``[C, D, H, W]``, which torch accepts): KFAC takes the first
+    dimension of a layer input as the batch (the rows of a policy's single state were read
+    as samples, and the step raised a bare shape error).
+
+    Raises:
+        RuntimeError: naming the layer and the batched call.
+    """
+    rank = next((r for t, r in _SAMPLE_RANKS.items() if isinstance(module, t)), None)
+    if rank is not None and inputs.dim() == rank:
+        raise RuntimeError(
+            f"layer {name!r} ({type(module).__name__}) was called on one unbatched sample "
+            f"of shape {tuple(inputs.shape)} in a forward the optimizer captures: KFAC takes "
+            "the first dimension of a layer input as the batch. Call the model on a batch "
+            "(x[None] for one sample), or run such forwards under torch.no_grad() or eval()"
+        )
+
+
 def check_batched_input(
     name: str, module: nn.Module, inputs: Tensor, forward: ForwardPass, reshaped: bool
 ) -> None:
@@ -236,6 +260,7 @@ def check_batched_input(
         RuntimeError: naming the layer and the batched call that fixes it.
     """
     batch = forward.batch_size
+    check_unbatched_sample(name, module, inputs)
     check_unbatched_embedding(name, module, inputs, batch)
     check_calls_on_parts(name, inputs, forward)
     if isinstance(inputs, nn.Parameter):

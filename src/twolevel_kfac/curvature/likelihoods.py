@@ -89,7 +89,9 @@ def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) 
         return
     if output.dim() < 2:
         raise ValueError(
-            f"likelihood='categorical' expects logits of shape [N, C], got {tuple(output.shape)}"
+            f"likelihood='categorical' expects logits of shape [N, C], got "
+            f"{tuple(output.shape)}: one unbatched sample? Call the model on a batch "
+            "(x[None] for one sample)"
         )
     if output.dim() > 2 and class_dim is None:
         raise ValueError(
