@@ -14,6 +14,15 @@ from torch import nn
 import twolevel_kfac as tk
 
 
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)  # type: ignore[no-any-return]
+
+
 def regression() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
@@ -36,6 +45,27 @@ def test_a_loss_with_derivatives_of_the_model_is_refused(fisher: str) -> None:
     opt.zero_grad()
     (0.5 * (model(x) - torch.sin(x)).square().sum() / 6).backward()
     opt.step()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_penalty_on_the_model_output_alone_passes(fisher: str) -> None:
+    """A critic's gradient penalty with respect to the model output,
+    ``autograd.grad(D(out), out, create_graph=True)``, goes through nothing of the model:
+    not refused, and the steps are those of the same loss written through ``out + 0``."""
+    runs = []
+    for alias in (False, True):
+        model = regression()
+        opt = tk.KFAC(model, fisher=fisher, likelihood="gaussian", cov_interval=1)
+        x = torch.randn(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        opt.zero_grad()
+        out = model(x)
+        seen = out + 0 if alias else out
+        (grad,) = torch.autograd.grad((seen**3).sum(), seen, create_graph=True)
+        (0.5 * (out - torch.sin(x)).square().sum() / 6 + 1e-2 * grad.square().mean()).backward()
+        opt.step()
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize(
@@ -61,6 +91,15 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
         opt.zero_grad()
         loss(model(x), y).backward()
         opt.step()
+    for view in (
+        lambda p: p.float().double(),
+        lambda p: p.unsqueeze(-1).flatten(1),
+        lambda p: p.T.contiguous().T,
+    ):
+        wrapped = nn.Sequential(model, Lambda(view))
+        kept = tk.KFAC(wrapped, likelihood=likelihood)  # (its hooks live with it)
+        with pytest.raises(ValueError, match=r"is a (softmax|sigmoid) \(probabilities\)"):
+            wrapped(x)
     flat = nn.Sequential(
         nn.Linear(4, 6), nn.Unflatten(-1, (2, 3)), nn.Softmax(-1), nn.Flatten(0, 1)
     )

@@ -3,24 +3,22 @@
 The training loop stays ``loss = loss_fn(model(x), y); loss.backward(); opt.step()``. On a
 step where the factors are refreshed (``capture.active``), during ``model(x)``:
 
-1. a forward *pre*-hook on the root module picks the Fisher mini-batch: a random subset of
-   ``round(fisher_batch · B)`` rows of the batch (all rows when ``fisher_batch = 1``);
-2. a forward hook on every preconditioned layer keeps the subset's layer input (detached);
+1. a forward *pre*-hook on the root picks the Fisher mini-batch: ``round(fisher_batch · B)``
+   random rows of the batch (all of them when ``fisher_batch = 1``);
+2. a forward hook on every preconditioned layer keeps those rows of its input (detached);
 3. the gradients ``δ`` come from either
    * ``fisher="empirical"``: a tensor hook on the layer output, fired by the user's own
      ``loss.backward()``; ``δ_n = B · ∂loss/∂s_n`` because the loss is a mean over the batch;
-   * ``fisher="mc"``: a forward hook on the root module samples targets from the model's
-     predictive distribution (:mod:`.likelihoods`) for the subset rows and runs
-     ``torch.autograd.grad(Σ_n ℓ_n(ŷ_n), layer_outputs, retain_graph=True)`` before the
-     forward returns. The user's backward later reuses the retained graph untouched.
+   * ``fisher="mc"``: a forward hook on the root samples targets from the model's predictive
+     distribution (:mod:`.likelihoods`) for those rows and runs ``torch.autograd.grad(Σ_n
+     ℓ_n(ŷ_n), layer_outputs, retain_graph=True)``; the user's backward reuses the graph.
 
-Several forwards before one ``step()`` (gradient accumulation) append their samples
-(``accumulation_steps=k`` scales the empirical ``δ`` by ``B·k`` for losses divided by
-``k``). A layer whose weight several modules share, or that runs several times in one
-forward, records each call as a location ``t`` (:mod:`.calls`, :mod:`.discovery`). The
-statistics come in the dtype given per layer (float32 under ``torch.autocast``). Nothing is
-captured in ``eval()`` mode, under ``torch.no_grad()``, or when inactive. The random draws
-(the subset, the MC targets) use the optimizer's CPU generator whatever the device.
+Several forwards before one ``step()`` append their samples (``accumulation_steps=k``
+scales the empirical ``δ`` by ``B·k``). A layer whose weight several modules share, or that
+runs several times in one forward, records each call as a location ``t`` (:mod:`.calls`).
+Statistics come in the dtype given per layer (float32 under ``torch.autocast``). Nothing
+is captured in ``eval()``, under ``torch.no_grad()``, or when inactive. The draws (the
+subset, the MC targets) use the optimizer's CPU generator whatever the device.
 """
 
 from __future__ import annotations
@@ -47,7 +45,14 @@ from .forward_checks import (
     check_weight_uses,
     warn_forwards,
 )
-from .forward_pass import ForwardPass, Record, check_first_order, empirical_hook, fisher_rows
+from .forward_pass import (
+    ForwardPass,
+    Record,
+    check_first_order,
+    empirical_hook,
+    fisher_rows,
+    inputs_of,
+)
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import (
     check_output,
@@ -103,8 +108,7 @@ class CurvatureCapture:
         self.aligned = False  # rows checked to be the samples in order (row_order)
         self._warned_masks: set[str] = set()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
-        self.layers = layers
-        self._weights = registered_parameters(layers)
+        self.layers, self._weights = layers, registered_parameters(layers)
         self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
         self.fisher_batch, self.generator = fisher_batch, generator
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
@@ -226,7 +230,7 @@ class CurvatureCapture:
             forward.outputs.setdefault(name, []).append(get_gradient_edge(output))
         else:
             scale = float(forward.batch_size * self.accumulation_steps)
-            output.register_hook(empirical_hook(name, record, forward, scale))
+            output.register_hook(empirical_hook(name, record, forward, scale, output))
 
     def _attention_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -282,9 +286,10 @@ class CurvatureCapture:
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
 
         has_positions, view = self.likelihood == "categorical" and samples.dim() > 2, samples.shape
+        nodes = inputs_of(output)
 
         def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
-            check_first_order("the model output")
+            check_first_order("the model output", nodes)
             forward.backward_done = True
             if has_positions:
                 problem = mask_disagreement(grad.reshape(view), forward.mask, class_dim)

@@ -89,24 +89,39 @@ def _capped_runs(values: list[float], tau: float) -> list[tuple[int, int]]:
     return runs
 
 
+def _clusters(values: list[float], null: float, repeat: float) -> list[tuple[int, int]]:
+    """The index ranges of ascending ``values`` to average: the eigenvalues at most
+    ``null`` (a rank-deficient factor's null space, with its rounding), then runs of
+    repeated ones (:func:`_capped_runs` with ``repeat``)."""
+    count = sum(1 for value in values if value <= null)
+    runs = [(0, count)] if count > 1 else []
+    start = count if count > 1 else 0
+    return runs + [(a + start, b + start) for a, b in _capped_runs(values[start:], repeat)]
+
+
 def cluster_mean(
     matrix: Tensor, values: Tensor, vectors: Tensor, dim: int, dtype: torch.dtype
 ) -> Tensor:
     """``matrix`` with its entries along ``dim`` (``-1`` or ``-2``, one per eigenpair of
     ``values``, ascending, and ``vectors``, stacked ``[..., n]`` and ``[..., n, n]`` like
     ``matrix``'s leading dimensions) replaced by their mean over each cluster of
-    eigenvalues that ``eigh`` cannot tell apart: within ``τ = c·ε·‖λ‖₂`` (``ε`` of
-    ``dtype``, the factor's: about the rounding of the factor and of ``eigh``, so that a
-    rank-deficient factor's null space is one cluster) of the cluster's smallest. There
-    ``eigh`` picks the basis by the rounding, and the mean is the diagonal of
-    ``Q diag(·) Qᵀ`` for every such pick. A decomposition whose eigenvectors are the
-    standard basis (signed, in any order: an exactly diagonal factor, an embedding's
-    token counts) is no such pick and keeps its entries, as does every cluster of one
-    eigenvalue (``matrix`` itself, not a copy, where nothing changes)."""
+    eigenvalues that ``eigh`` in ``dtype`` cannot tell apart, whose basis it picks by the
+    rounding: the null space of a rank-deficient factor (eigenvalues at most
+    ``8ε‖λ‖₂``, its rounding), and eigenvalues repeated to ``2ε·max|λ|`` elsewhere (a
+    cluster spans at most that from its smallest; distinct eigenvalues closer than a
+    float32 factor resolves stay apart). The mean is the diagonal of ``Q diag(·) Qᵀ`` for
+    every pick. A decomposition whose eigenvectors are the standard basis (signed, in any
+    order: an exactly diagonal factor, an embedding's token counts) is no pick and keeps
+    its entries, as does every cluster of one eigenvalue (``matrix`` itself, not a copy,
+    where nothing changes)."""
     n = values.shape[-1]
     flat, vectors = values.double().reshape(-1, n), vectors.reshape(-1, n, n)
-    taus = TOLERANCE * torch.finfo(dtype).eps * torch.linalg.vector_norm(flat, dim=-1)
-    close = (flat.diff(dim=-1) <= taus[:, None]).any(dim=-1)
+    eps = torch.finfo(dtype).eps
+    nulls = TOLERANCE * eps * torch.linalg.vector_norm(flat, dim=-1)
+    repeats = 2 * eps * flat.abs().amax(dim=-1)
+    if n < 2:
+        return matrix
+    close = (flat.diff(dim=-1) <= repeats[:, None]).any(dim=-1) | (flat[:, 1] <= nulls)
     if not bool(close.any()):
         return matrix
     standard = (vectors != 0).sum(dim=(-2, -1)) == n  # (a permutation's columns: no pick)
@@ -116,7 +131,8 @@ def cluster_mean(
     out = matrix.clone()
     rows = out.reshape(-1, *out.shape[-2:])  # (a view of the clone)
     rows = rows if dim == -1 else rows.mT
-    for row, (v, t, p) in enumerate(zip(flat.tolist(), taus.tolist(), picked, strict=True)):
-        for start, end in _capped_runs(v, t) if p else ():
+    bounds = zip(flat.tolist(), nulls.tolist(), repeats.tolist(), picked, strict=True)
+    for row, (v, null, repeat, p) in enumerate(bounds):
+        for start, end in _clusters(v, null, repeat) if p else ():
             rows[row, :, start:end] = rows[row, :, start:end].mean(-1, keepdim=True)
     return out

@@ -12,7 +12,14 @@ from torch.autograd.graph import GradientEdge, Node
 
 from .captured_batch import scaled_gradient
 
-__all__ = ["ForwardPass", "Record", "check_first_order", "empirical_hook", "fisher_rows"]
+__all__ = [
+    "ForwardPass",
+    "Record",
+    "check_first_order",
+    "empirical_hook",
+    "fisher_rows",
+    "inputs_of",
+]
 
 
 @dataclass
@@ -64,21 +71,42 @@ def fisher_rows(tensor: Tensor, forward: ForwardPass) -> Tensor:
     return tensor if forward.index is None else tensor.index_select(0, forward.index)
 
 
-def check_first_order(where: str) -> None:
+def inputs_of(tensor: Tensor) -> tuple[Node, ...]:
+    """The nodes a backward reaches after ``tensor``'s producer (held instead of the
+    producer by a hook on the tensor, which the producer holds: no reference cycle)."""
+    node = tensor.grad_fn
+    return () if node is None else tuple(n for n, _ in node.next_functions if n is not None)
+
+
+def _goes_on(nodes: tuple[Node, ...]) -> bool:
+    """Whether the backward running now goes on past a tensor into what made it (``nodes``:
+    :func:`inputs_of`): not for ``autograd.grad(…, inputs=tensor)``, which stops there."""
+    try:
+        will_run = torch._C._will_engine_execute_node
+        return any(will_run(n) for n in nodes)
+    except (AttributeError, RuntimeError):  # (another torch: taken as going on)
+        return True
+
+
+def check_first_order(where: str, nodes: tuple[Node, ...]) -> None:
     """Refuse a backward that builds a graph of its own (``create_graph=True``: grad mode
-    is on inside it) through a captured forward, seen by the hook at ``where``: a
-    physics-informed loss's ``torch.autograd.grad(u, x, create_graph=True)``, a gradient
-    penalty. The hooks would take that backward's output gradients (``∂u/∂s``) for the
-    loss's, and the weight gradient of such a loss is not ``Σ δ āᵀ``.
+    is on inside it) through a captured forward, seen by the hook at ``where`` on a tensor
+    (``nodes``: :func:`inputs_of`): a physics-informed loss's ``torch.autograd.grad(u, x,
+    create_graph=True)``, a gradient penalty through the model. The hooks would take that
+    backward's output gradients (``∂u/∂s``) for the loss's, and the weight gradient of
+    such a loss is not ``Σ δ āᵀ``. A backward that stops at the tensor (a critic's penalty
+    ``autograd.grad(D(out), out, create_graph=True)`` on the model output) goes through
+    nothing of the model, and passes.
 
     Raises:
         RuntimeError: naming where, and what is and is not supported.
     """
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _goes_on(nodes):
         raise RuntimeError(
             f"a backward with create_graph=True reached {where} in a forward the optimizer "
             "captures (torch.autograd.grad of the model's outputs for a physics-informed "
-            "residual or a gradient penalty, or loss.backward(create_graph=True)): KFAC "
+            "residual or a gradient penalty, loss.backward(create_graph=True), or a torch.func "
+            "transform through the model): KFAC "
             "takes a loss of the model's outputs, and its statistics would hold this "
             "backward's gradients as the loss's. Losses with derivatives of the model are "
             "not supported (KFAC for them: Dangel et al. 2024, arXiv 2405.15603)"
@@ -86,13 +114,14 @@ def check_first_order(where: str) -> None:
 
 
 def empirical_hook(
-    name: str, record: Record, forward: ForwardPass, scale: float
+    name: str, record: Record, forward: ForwardPass, scale: float, output: Tensor
 ) -> Callable[[Tensor], None]:
-    """The tensor hook on layer ``name``'s output that keeps the user's backward's
+    """The tensor hook on layer ``name``'s ``output`` that keeps the user's backward's
     ``δ = scale · ∂loss/∂s`` (``scale = B·k``) of the Fisher mini-batch rows."""
+    nodes = inputs_of(output)
 
     def grad_hook(grad: Tensor) -> None:
-        check_first_order(f"layer {name!r}")
+        check_first_order(f"layer {name!r}", nodes)
         record.grad = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
         forward.backward_done = True
 

@@ -114,9 +114,26 @@ def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) 
 
 
 _PROBABILITIES = {"categorical": "SoftmaxBackward0", "bernoulli": "SigmoidBackward0"}
-_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
-                    "TransposeBackward0", "PermuteBackward0", "SqueezeBackward0",
-                    "SqueezeBackward1", "SqueezeBackward2"})  # fmt: skip
+# operations that move or copy probabilities without changing them
+_VIEWS = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "AliasBackward0",
+        "TransposeBackward0",
+        "TBackward0",
+        "PermuteBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "SliceBackward0",
+        "ToCopyBackward0",
+        "CloneBackward0",
+        "ExpandBackward0",
+    }
+)
 
 
 def check_logits(output: Tensor, likelihood: str) -> None:
