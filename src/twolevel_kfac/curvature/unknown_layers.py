@@ -49,7 +49,8 @@ def warn_unknown_layers(
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         warnings.warn(
             f"module{'s' if len(names) > 1 else ''} {', '.join(names[:3])}{more}: {reason}; "
-            "its parameters get the un-preconditioned fallback step (fallback='sgd': "
-            "momentum SGD; 'adamw': AdamW; unsupported='ignore' silences this)",
+            f"{'their' if len(names) > 1 else 'its'} parameters get the un-preconditioned "
+            "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW; "
+            "unsupported='ignore' silences this)",
             stacklevel=5,
         )
