@@ -149,9 +149,14 @@ def test_clusters_do_not_chain_past_the_tolerance() -> None:
     from its smallest eigenvalue (chained, a float32 factor's decaying spectrum merged 951
     eigenvalues from 2e-7 to 4e-4, and EKFAC's step moved 0.11 from float64's); a float32
     spectrum that ``eigh`` resolves is left alone."""
-    tau = 1.0
-    assert _capped_runs([0.0, 0.6, 1.2, 1.8, 5.0], tau) == [(0, 2), (2, 4)]
+    tau = 1.0  # a cluster of k spans at most τ·√k
+    assert _capped_runs([0.0, 0.6, 1.2, 1.8, 2.4, 3.0, 5.0], tau) == [(0, 4), (4, 6)]
     assert _capped_runs([0.0, 2.0, 4.0], tau) == []
+    # an eigenvalue repeated 299 times, spread by the rounding over 6ε·max|λ| (3 pairs'
+    # widths): one cluster (split into pieces, each still the rounding's pick)
+    eps = torch.finfo(torch.float64).eps
+    repeated = [1 / 300 + 6 * eps * k / 298 for k in range(299)] + [1.0]
+    assert _capped_runs(repeated, 2 * eps) == [(0, 299)]
     n = 50
     values = (0.8 ** torch.arange(n, dtype=torch.float64)).flip(0).float()  # 1.4e-5 … 1
     basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0)))

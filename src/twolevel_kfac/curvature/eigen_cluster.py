@@ -77,10 +77,12 @@ def canonical_vector(vectors: Tensor, values: Tensor, which: str, tau: float) ->
 def _capped_runs(values: list[float], tau: float) -> list[tuple[int, int]]:
     """The clusters of more than one of ascending ``values``, as index ranges: a cluster
     starts at its smallest eigenvalue and takes the next ones while they are within
-    ``tau`` of it (no chain of close neighbours grows wider than ``tau``)."""
+    ``tau·√k`` of it, ``k`` the cluster's count with them (the rounding spreads an
+    eigenvalue repeated ``k`` times over about ``√k`` times a pair's gap; no chain of
+    close neighbours grows wider)."""
     runs, start = [], 0
     for index, value in enumerate(values):
-        if value - values[start] > tau:
+        if value - values[start] > tau * math.sqrt(index - start + 1):
             if index - start > 1:
                 runs.append((start, index))
             start = index
@@ -107,8 +109,8 @@ def cluster_mean(
     ``matrix``'s leading dimensions) replaced by their mean over each cluster of
     eigenvalues that ``eigh`` in ``dtype`` cannot tell apart, whose basis it picks by the
     rounding: the null space of a rank-deficient factor (eigenvalues at most
-    ``8ε‖λ‖₂``, its rounding), and eigenvalues repeated to ``2ε·max|λ|`` elsewhere (a
-    cluster spans at most that from its smallest; distinct eigenvalues closer than a
+    ``8ε‖λ‖₂``, its rounding), and eigenvalues repeated to ``2ε·max|λ|·√k`` elsewhere (a
+    cluster of ``k`` spans at most that from its smallest; distinct eigenvalues that a
     float32 factor resolves stay apart). The mean is the diagonal of ``Q diag(·) Qᵀ`` for
     every pick. A decomposition whose eigenvectors are the standard basis (signed, in any
     order: an exactly diagonal factor, an embedding's token counts) is no pick and keeps
