@@ -285,7 +285,7 @@ def test_a_layer_frozen_when_built_resumes_bit_identically_after_it_was_unfrozen
     """The backbone frozen when the optimizer is built and unfrozen at step 2, the state
     saved at step 5 and loaded by a run built as at the start (its layers frozen), which
     unfreezes them before or after the load: the resumed steps are the uninterrupted ones,
-    bit for bit. Before 2026-12-04 (late) the uninterrupted run applied its unfrozen layers'
+    bit for bit. Before 2026-12-05 the uninterrupted run applied its unfrozen layers'
     ``A⁻¹`` unbordered (1.6e-14 off after four steps), and a Nicolaides or Krylov basis
     rebuilt on load while they were frozen had the weight's shape alone: the next step
     raised a size mismatch."""
