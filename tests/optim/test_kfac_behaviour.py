@@ -282,6 +282,27 @@ def test_modules_with_a_weight_matrix_but_no_block_type_are_warned_of_once_per_t
         tk.KFAC(model, params=model[7].parameters())  # (the reported ones are not in it)
 
 
+def test_warnings_point_at_the_users_line() -> None:
+    """A warning raised while building the optimizer (any class), inside ``model(x)``'s
+    hooks or inside ``loss.backward()`` names the training loop's line, not a line of the
+    library or of torch (they named ``kfac.py``, ``twolevel.py`` or torch's ``graph.py``)."""
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ConvTranspose1d(4, 4, 1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    for cls in (tk.KFAC, tk.TwoLevelKFAC, tk.KFACPreconditioner):
+        with pytest.warns(UserWarning, match="ConvTranspose1d is not supported") as caught:
+            cls(model)
+        assert {w.filename for w in caught} == {__file__}
+    lm = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
+    opt = tk.KFAC(lm, class_dim=-1)
+    tokens, targets = torch.randint(0, 7, (4, 5)), torch.randint(0, 7, (4, 5))
+    targets[:, -1] = -100  # ignored by the loss, not by a mask: reported at the backward
+    with pytest.warns(RuntimeWarning, match="set_loss_mask") as caught:
+        F.cross_entropy(lm(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+    assert {w.filename for w in caught} == {__file__}
+    opt.step()
+
+
 def test_step_without_statistics_is_a_clear_error() -> None:
     model = mlp()
     opt = tk.KFAC(model)

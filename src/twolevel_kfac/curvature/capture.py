@@ -23,7 +23,6 @@ subset, the MC targets) use the optimizer's CPU generator whatever the device.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Any, Literal, get_args
 
@@ -62,7 +61,7 @@ from .likelihoods import (
     sampled_output,
 )
 from .live_positions import output_positions
-from .loss_mask import counted_mask, mask_disagreement
+from .loss_mask import counted_mask, warn_disagreement
 from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
 
@@ -292,10 +291,7 @@ class CurvatureCapture:
             check_first_order("the model output", nodes)
             forward.backward_done = True
             if has_positions:
-                problem = mask_disagreement(grad.reshape(view), forward.mask, class_dim)
-                if problem is not None and problem[0] not in self._warned_masks:
-                    self._warned_masks.add(problem[0])  # once per kind of problem
-                    warnings.warn(problem[1], RuntimeWarning, stacklevel=2)
+                warn_disagreement(grad.reshape(view), forward.mask, class_dim, self._warned_masks)
 
         output.register_hook(backward_hook)
 

@@ -37,6 +37,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
+from ..warning_level import caller_level
 from .attention import attention_blocks, attention_reason
 from .block_checks import block_key, check_bias_only
 from .blocks import (
@@ -191,7 +192,7 @@ def _report(name: str, reason: str, unsupported: str) -> None:
         "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW)"
     )
     if unsupported == "warn":
-        warnings.warn(message, stacklevel=5)
+        warnings.warn(message, stacklevel=caller_level())
 
 
 def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
@@ -212,7 +213,7 @@ def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
             "weight is not in them: the layer gets no curvature block (the bias, once "
             "unfrozen, takes the plain step); build the optimizer after unfreezing the bias "
             "to give it its bias-only block",
-            stacklevel=5,
+            stacklevel=caller_level(),
         )
     if not has_weight and not weight.requires_grad and bias is not None and id(bias) in owned:
         check_bias_only(name, module)  # bias-only training (BitFit)
@@ -306,7 +307,7 @@ def _warn_parametrized_biases(layers: dict[str, nn.Module], unsupported: str) ->
             warnings.warn(
                 f"layer {name!r}: its bias is parametrized: the layer's block is its "
                 "weight's alone, and the bias takes the fallback step",
-                stacklevel=5,
+                stacklevel=caller_level(),
             )
 
 

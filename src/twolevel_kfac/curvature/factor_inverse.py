@@ -15,6 +15,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from ..warning_level import caller_level
+
 __all__ = [
     "HALF_DTYPES",
     "RETRY_DAMPINGS",
@@ -78,7 +80,7 @@ def _retry_with_damping(
                     f"{what} of a {tuple(matrix64.shape)} Kronecker factor failed in float64; "
                     f"it succeeded with extra damping {shift:.3g}",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=caller_level(),
                 )
             return result, shift, rung == 0
     raise RuntimeError(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from ..warning_level import caller_level
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
 from .row_order import moved_rows
@@ -348,5 +349,5 @@ def warn_forwards(forwards: int, accumulation_steps: int) -> None:
         "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
         "needs nothing",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=caller_level(),
     )

@@ -23,6 +23,7 @@ from typing import Literal, TypeVar, get_args
 import torch
 from torch import Tensor
 
+from ..warning_level import caller_level
 from .factor_inverse import (
     converted_decomposition,
     damped_inverse,
@@ -342,5 +343,7 @@ def _as_pair(value: object) -> tuple[Tensor, Tensor] | None:
         return None
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return (value[0], value[1])
-    warnings.warn("ignoring a malformed cached decomposition in the state dict", stacklevel=3)
+    warnings.warn(
+        "ignoring a malformed cached decomposition in the state dict", stacklevel=caller_level()
+    )
     return None

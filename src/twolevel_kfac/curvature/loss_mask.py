@@ -16,13 +16,21 @@ wrong mask is reported instead of silently sampling the padding's Fisher.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
+from ..warning_level import caller_level
 from .likelihoods import positions_shape
 
-__all__ = ["check_loss_mask", "counted_mask", "counted_positions", "mask_disagreement"]
+__all__ = [
+    "check_loss_mask",
+    "counted_mask",
+    "counted_positions",
+    "mask_disagreement",
+    "warn_disagreement",
+]
 
 
 def check_loss_mask(mask: Tensor, output: Tensor, class_dim: int | None) -> None:
@@ -103,3 +111,14 @@ def mask_disagreement(
             "the mask from the targets (targets != ignore_index), not from the inputs"
         )
     return None
+
+
+def warn_disagreement(
+    grad: Tensor, mask: Tensor | None, class_dim: int | None, warned: set[str]
+) -> None:
+    """Warn of :func:`mask_disagreement`, once per kind of problem (``warned``: the kinds
+    already said)."""
+    problem = mask_disagreement(grad, mask, class_dim)
+    if problem is not None and problem[0] not in warned:
+        warned.add(problem[0])
+        warnings.warn(problem[1], RuntimeWarning, stacklevel=caller_level())

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..warning_level import caller_level
 from .blocks import input_features, layer_bias, layer_weight, output_gradients
 from .layer_types import LayerType, layer_type
 
@@ -56,7 +57,7 @@ def check_registration(
             "forward, run again on copies of its parameters, failed or returned no tensor): "
             "make sure its features and gradients give Σ_t δ_t ā_tᵀ = its weight's gradient",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=caller_level(),
         )
         return
     generator = torch.Generator().manual_seed(20261204)  # not torch's stream nor seed 0's

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..warning_level import caller_level
 from .layer_types import layer_type
 
 __all__ = ["no_block_reason", "warn_unknown_layers"]
@@ -52,5 +53,5 @@ def warn_unknown_layers(
             f"{'their' if len(names) > 1 else 'its'} parameters get the un-preconditioned "
             "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW; "
             "unsupported='ignore' silences this)",
-            stacklevel=5,
+            stacklevel=caller_level(),
         )

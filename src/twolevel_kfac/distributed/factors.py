@@ -20,6 +20,7 @@ from ..curvature.blocks import (
     own_statistics,
 )
 from ..curvature.live_positions import kept_locations, live_rows
+from ..warning_level import caller_level
 from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
 
 
@@ -98,7 +99,7 @@ def reduce_statistics(
             "ranks have different Fisher mini-batch sizes: the curvature is weighted by "
             "the sample counts (exact), but DDP's gradient is the unweighted mean of the "
             "ranks' mean gradients, not the global mean gradient",
-            stacklevel=4,
+            stacklevel=caller_level(),
         )
     result = ReducedStatistics({}, {}, {})
     for i, (name, spec) in enumerate(specs.items()):

@@ -29,6 +29,7 @@ from ..twolevel.fisher_columns import FisherColumns
 from ..twolevel.fisher_products import check_stats
 from ..twolevel.global_fisher import own_statistics
 from ..twolevel.layer_basis import CoarseBasis, layer_from_state, layer_state
+from ..warning_level import caller_level
 from .frozen import trained_as
 
 if TYPE_CHECKING:
@@ -216,5 +217,5 @@ def _warn_old_tselepidis(level: CoarseLevel, coarse: dict[str, Any]) -> None:
             "matrix began counting each layer's locations T: its saved F_c (1/T of today's "
             "on convolutions and sequence layers) is used until the next refresh rebuilds it",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=caller_level(),
         )

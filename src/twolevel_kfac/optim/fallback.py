@@ -27,6 +27,7 @@ from torch import nn
 from ..curvature.blocks import bias_only, own_statistics
 from ..curvature.discovery import added_layers, parameter_ids
 from ..curvature.scale_shift import is_scale_shift
+from ..warning_level import caller_level
 from .options import check_choice
 
 __all__ = [
@@ -175,7 +176,7 @@ def warn_added(
             "KFAC's plain momentum step on their gradient (no block, no fallback step); pass "
             "their parameters when building it to have the step describe_blocks() lists for "
             "them then (frozen ones are left alone until unfrozen)",
-            stacklevel=3,
+            stacklevel=caller_level(),
         )
 
 
@@ -196,6 +197,6 @@ def warn_unfrozen(
             "params (the parameters that trained then) and train now: it does not step them "
             "(another optimizer may). Build it with params=model.parameters() to precondition "
             "layers unfrozen later, or add them with add_param_group",
-            stacklevel=3,
+            stacklevel=caller_level(),
         )
     return [p for p in watched if not p.requires_grad]

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
 from ..distributed import layer_specs, reduce_statistics
 from ..finite import all_finite
+from ..warning_level import caller_level
 from .coarse_absorb import absorbs_statistics
 from .interrupted import partial_step
 
@@ -124,7 +125,7 @@ def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> No
         "their longest sequence) take steps scaled by the ratio of the two T; "
         "cov_interval=1, or weight_sharing='reduce' (no division by T), avoids it",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=caller_level(),
     )
 
 
@@ -137,5 +138,5 @@ def _warn_skipped(names: list[str]) -> None:
         "(counted in last_stats['nonfinite_factor_updates']). An activation or output "
         "gradient overflowing a half-precision dtype is the usual cause",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=caller_level(),
     )

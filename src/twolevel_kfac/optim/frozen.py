@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..curvature.blocks import LayerStats, factor_shapes, trains
+from ..warning_level import caller_level
 
 if TYPE_CHECKING:
     from torch import nn
@@ -75,6 +76,6 @@ def coarse_term(pre: KFACPreconditioner, stats: dict[str, LayerStats]) -> Coarse
             "spans them: until its next refresh (which leaves them out) the steps are the "
             "fine level's alone, without the coarse term",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=caller_level(),
         )
     return None

@@ -30,6 +30,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..curvature.kronecker import KroneckerFactors
+from ..warning_level import caller_level
 
 if TYPE_CHECKING:
     from ..curvature.captured_batch import CapturedBatch
@@ -118,7 +119,7 @@ class CaptureSchedule:
                 f"between two captures, cov_interval={self.cov_interval}): they take the "
                 "optimizer's plain step now, and coming steps capture statistics to meet them",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=caller_level(),
             )
             self._warned.update(new)
         return [name for name in active if name not in unseen]

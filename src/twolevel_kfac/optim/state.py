@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..curvature.blocks import factor_shapes, layer_stats, new_factors, trains
 from ..distributed import rank_seed
 from ..placement import CPU, move_tensors
+from ..warning_level import caller_level
 from .frozen import trained_as
 from .interrupted import check_not_interrupted
 
@@ -128,7 +129,7 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
             "the other method keeps beyond the Kronecker factors (a coarse level, EKFAC's "
             "scalings, a Kronecker correction) is not used, or starts afresh",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=caller_level(),
         )
     coarse = pre.coarse_level
     if coarse is not None:  # its option checks too, before anything here changes
@@ -156,7 +157,7 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
             "inverses up to rounding: the run continues, but not bit-identically to one that "
             "kept the old method; pass that inverse_method to resume exactly)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller_level(),
         )
     retained = state.get("retained") or {}
     pre.retained_stats = {
@@ -189,7 +190,7 @@ def resumed_damping(pre: KFACPreconditioner, saved: float, saved_option: Any) ->
                 "is not used. To restart the adaptation from it, set "
                 "optimizer.preconditioner.damping after loading",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=caller_level(),
             )
         return saved
     if saved != float(option):
@@ -198,7 +199,7 @@ def resumed_damping(pre: KFACPreconditioner, saved: float, saved_option: Any) ->
             f"damping={option:g} (the run is not bit-identical to one that kept the old value; "
             "pass the checkpoint's damping to resume exactly)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=caller_level(),
         )
     return float(option)
 
@@ -212,7 +213,7 @@ def select_rank_state(parts: Sequence[Any], rank: int, world_size: int) -> Any |
         f"the state was saved by {len(parts)} process(es) and is loaded by {world_size}: "
         "the samplers of new ranks restart from their seeds, so the resumed run is not "
         "bit-identical to an uninterrupted one",
-        stacklevel=3,
+        stacklevel=caller_level(),
     )
     return parts[rank] if rank < len(parts) else None
 
