@@ -77,7 +77,8 @@ def test_a_penalty_on_the_model_output_alone_passes(fisher: str) -> None:
 )
 def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, loss) -> None:  # type: ignore[no-untyped-def]
     """A softmax or sigmoid output read as logits gave a ``G`` 0.94 off (trace 0.06×);
-    refused, naming the fix. ``log_softmax``, a flattened softmax's logits, the
+    refused, naming the fix, also through views, casts, clamps, flips, concatenations and
+    indexing. ``log_softmax``, ``log(p.clamp(min=ε))``, a flattened softmax's logits, the
     empirical Fisher and a Gaussian on a sigmoid (a regression to [0, 1]) pass."""
     torch.manual_seed(0)
     classes = 3 if likelihood == "categorical" else 1
@@ -95,6 +96,11 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
         lambda p: p.float().double(),
         lambda p: p.unsqueeze(-1).flatten(1),
         lambda p: p.T.contiguous().T,
+        lambda p: p.clamp(min=1e-7),
+        lambda p: p.flip(0),
+        lambda p: torch.cat([p[:4], p[4:]]),
+        lambda p: p[torch.arange(8)],
+        lambda p: torch.where(p > 0.5, p, p.clamp(max=0.5)),
     ):
         wrapped = nn.Sequential(model, Lambda(view))
         kept = tk.KFAC(wrapped, likelihood=likelihood)  # (its hooks live with it)
@@ -106,11 +112,12 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
     kept = tk.KFAC(flat.double(), class_dim=-1)  # noqa: F841  (its hooks live with it)
     with pytest.raises(ValueError, match=r"is a softmax"):
         flat(x)
-    logs = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1)).double()
-    opt = tk.KFAC(logs)
-    opt.zero_grad()
-    F.nll_loss(logs(x), y).backward()
-    opt.step()
+    for head in (nn.LogSoftmax(-1), Lambda(lambda z: z.softmax(-1).clamp(min=1e-12).log())):
+        logs = nn.Sequential(nn.Linear(4, 3), head).double()
+        opt = tk.KFAC(logs)
+        opt.zero_grad()
+        F.nll_loss(logs(x), y).backward()
+        opt.step()
 
 
 @pytest.mark.parametrize(

@@ -114,8 +114,9 @@ def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) 
 
 
 _PROBABILITIES = {"categorical": "SoftmaxBackward0", "bernoulli": "SigmoidBackward0"}
-# operations that move or copy probabilities without changing them
-_VIEWS = frozenset(
+# operations whose output is (some of) their inputs' values, moved, copied, clamped or
+# picked: probabilities stay probabilities through them
+_PASSING = frozenset(
     {
         "ViewBackward0",
         "UnsafeViewBackward0",
@@ -129,26 +130,60 @@ _VIEWS = frozenset(
         "SqueezeBackward2",
         "UnsqueezeBackward0",
         "SliceBackward0",
+        "SelectBackward0",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnbindBackward0",
         "ToCopyBackward0",
         "CloneBackward0",
         "ExpandBackward0",
+        "ClampBackward0",
+        "ClampBackward1",
+        "ClampMinBackward0",
+        "ClampMaxBackward0",
+        "NanToNumBackward0",
+        "FlipBackward0",
+        "RollBackward0",
+        "CatBackward0",
+        "StackBackward0",
+        "IndexBackward0",
+        "IndexSelectBackward0",
+        "GatherBackward0",
+        "WhereBackward0",
     }
 )
+
+
+def _probability_source(output: Tensor, likelihood: str) -> bool:
+    """Whether a softmax (``categorical``) or sigmoid (``bernoulli``) reaches ``output``
+    through operations that keep values (:data:`_PASSING`: views, copies, casts, clamps,
+    flips, concatenations, indexing; every input of a ``cat`` or ``where``)."""
+    target = _PROBABILITIES.get(likelihood)
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if name == target:
+            return True
+        if name in _PASSING:
+            stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def check_logits(output: Tensor, likelihood: str) -> None:
     """Refuse a model output made by a softmax (``categorical``) or a sigmoid
     (``bernoulli``): probabilities, which the likelihood would read as logits (a trial:
-    ``G`` 0.94 off the exact Fisher's, its trace 0.06 of it). ``log_softmax`` outputs are
-    logits of the same distribution, and pass.
+    ``G`` 0.94 off the exact Fisher's, its trace 0.06 of it), also where views, casts,
+    clamps, flips, concatenations or indexing lie between (:func:`_probability_source`).
+    ``log_softmax`` outputs are logits of the same distribution, and pass.
 
     Raises:
         ValueError: naming the output's last operation and the fix.
     """
-    node = output.grad_fn
-    while node is not None and type(node).__name__ in _VIEWS:  # (flattened, reshaped)
-        node = node.next_functions[0][0]
-    if node is not None and type(node).__name__ == _PROBABILITIES.get(likelihood):
+    if _probability_source(output, likelihood):
         which, logits, loss = (
             ("softmax", "logits (or log_softmax)", "F.cross_entropy")
             if likelihood == "categorical"
