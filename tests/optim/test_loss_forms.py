@@ -5,6 +5,7 @@ gradient penalty), and probabilities where ``fisher="mc"`` samples from logits."
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -115,9 +116,11 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
     for head in (nn.LogSoftmax(-1), Lambda(lambda z: z.softmax(-1).clamp(min=1e-12).log())):
         logs = nn.Sequential(nn.Linear(4, 3), head).double()
         opt = tk.KFAC(logs)
-        opt.zero_grad()
-        F.nll_loss(logs(x), y).backward()
-        opt.step()
+        with warnings.catch_warnings():  # NLL's −e_y/N at log-probabilities: not judged
+            warnings.simplefilter("error")
+            opt.zero_grad()
+            F.nll_loss(logs(x), y).backward()
+            opt.step()
 
 
 @pytest.mark.parametrize(
@@ -146,3 +149,62 @@ def test_one_unbatched_sample_is_refused_by_name(fisher: str, likelihood: str) -
         optimizer.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def _nt_xent(z: torch.Tensor) -> torch.Tensor:
+    z = F.normalize(z, dim=1)
+    sim = (z @ z.T / 0.5).fill_diagonal_(-1e9)
+    n = z.shape[0] // 2
+    return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+SOFTMAX_LOSSES = {
+    "cross_entropy": lambda f, y: F.cross_entropy(f, y),
+    "label_smoothing": lambda f, y: F.cross_entropy(f, y, label_smoothing=0.1),
+    "class_weights": lambda f, y: F.cross_entropy(f, y, weight=torch.rand(4).double()),
+    "focal": lambda f, y: (
+        -((1 - f.softmax(1)) ** 2 * f.log_softmax(1)).gather(1, y[:, None]).mean()
+    ),
+    "distillation": lambda f, y: F.kl_div(
+        (f / 2).log_softmax(1), torch.randn_like(f).softmax(1), reduction="batchmean"
+    ),
+    "z_loss": lambda f, y: F.cross_entropy(f, y) + 1e-4 * f.logsumexp(1).square().mean(),
+}
+OTHER_LOSSES = {
+    "mse": lambda f, y: F.mse_loss(f, torch.randn_like(f)),
+    "multi_label_bce": lambda f, y: F.binary_cross_entropy_with_logits(
+        f, (f.detach() > 0).double()
+    ),
+    "nt_xent": lambda f, y: _nt_xent(f),
+    "logit_matching": lambda f, y: F.cross_entropy(f, y) + F.mse_loss(f, torch.randn_like(f)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOFTMAX_LOSSES) + sorted(OTHER_LOSSES))
+def test_an_output_that_is_not_softmax_logits_is_reported_under_mc(name: str) -> None:
+    """Under the default ``fisher="mc"``, ``likelihood="categorical"`` an embedding trained
+    by NT-Xent, an MSE or multi-label BCE output took steps along the all-ones direction,
+    where the sampled ``G`` has no curvature (``G·1 = 0``): one NT-Xent step raised the
+    loss 2.71 → 3.32. Every loss of ``log_softmax`` has a gradient that sums to zero over
+    the classes and passes without a word; the others are reported once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    opt = tk.KFAC(model)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
+    loss_fn = {**SOFTMAX_LOSSES, **OTHER_LOSSES}[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    said = [str(w.message) for w in caught if "all-ones direction" in str(w.message)]
+    assert len(said) == (name in OTHER_LOSSES), said
+    if said:
+        assert "fisher='empirical'" in said[0] and "likelihood='gaussian'" in said[0]
+    opt = tk.KFAC(model, fisher="empirical")  # reads the loss's own gradients: nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()

@@ -154,11 +154,10 @@ _PASSING = frozenset(
 )
 
 
-def _probability_source(output: Tensor, likelihood: str) -> bool:
-    """Whether a softmax (``categorical``) or sigmoid (``bernoulli``) reaches ``output``
-    through operations that keep values (:data:`_PASSING`: views, copies, casts, clamps,
-    flips, concatenations, indexing; every input of a ``cat`` or ``where``)."""
-    target = _PROBABILITIES.get(likelihood)
+def made_by(output: Tensor, *targets: str) -> bool:
+    """Whether an autograd node named in ``targets`` (``"SoftmaxBackward0"``) reaches
+    ``output`` through operations that keep values (:data:`_PASSING`: views, copies, casts,
+    clamps, flips, concatenations, indexing; every input of a ``cat`` or ``where``)."""
     stack, seen = [output.grad_fn], set()
     while stack:
         node = stack.pop()
@@ -166,7 +165,7 @@ def _probability_source(output: Tensor, likelihood: str) -> bool:
             continue
         seen.add(node)
         name = type(node).__name__
-        if name == target:
+        if name in targets:
             return True
         if name in _PASSING:
             stack.extend(fn for fn, _ in node.next_functions)
@@ -177,13 +176,13 @@ def check_logits(output: Tensor, likelihood: str) -> None:
     """Refuse a model output made by a softmax (``categorical``) or a sigmoid
     (``bernoulli``): probabilities, which the likelihood would read as logits (a trial:
     ``G`` 0.94 off the exact Fisher's, its trace 0.06 of it), also where views, casts,
-    clamps, flips, concatenations or indexing lie between (:func:`_probability_source`).
+    clamps, flips, concatenations or indexing lie between (:func:`made_by`).
     ``log_softmax`` outputs are logits of the same distribution, and pass.
 
     Raises:
         ValueError: naming the output's last operation and the fix.
     """
-    if _probability_source(output, likelihood):
+    if likelihood in _PROBABILITIES and made_by(output, _PROBABILITIES[likelihood]):
         which, logits, loss = (
             ("softmax", "logits (or log_softmax)", "F.cross_entropy")
             if likelihood == "categorical"

@@ -10,7 +10,9 @@ uses the whole batch's count ``N_tok = Σ m``, as ``F.cross_entropy(..., ignore_
 
 The user's loss gradient tells afterwards which positions it counted (an ignored position's
 logits get exactly zero gradient): :func:`mask_disagreement` compares, so a forgotten or
-wrong mask is reported instead of silently sampling the padding's Fisher.
+wrong mask is reported instead of silently sampling the padding's Fisher; and a gradient
+that does not sum to zero over the classes tells that the output is not the logits of a
+softmax loss (:func:`off_simplex_share`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ __all__ = [
     "counted_mask",
     "counted_positions",
     "mask_disagreement",
-    "warn_disagreement",
+    "off_simplex_share",
+    "warn_loss_gradient",
 ]
 
 
@@ -113,12 +116,56 @@ def mask_disagreement(
     return None
 
 
-def warn_disagreement(
-    grad: Tensor, mask: Tensor | None, class_dim: int | None, warned: set[str]
+def off_simplex_share(grad: Tensor, class_dim: int | None) -> float:
+    """The share of the training loss's gradient at the logits that lies along the all-ones
+    direction of the classes, ``‖Σ_c g_{·c}‖₂ / (√C ‖g‖₂)`` (0 when ``g = 0``).
+
+    Every loss of ``log_softmax(f)`` (cross-entropy, label smoothing, class weights, focal,
+    KL distillation) is unchanged by ``f + s·1``, so its gradient sums to zero over the
+    classes: the share is rounding. The categorical Fisher has no curvature along ``1``
+    either (each sampled ``δ = softmax(f) − e_ŷ`` sums to zero), so a gradient with a share
+    there (an embedding under a contrastive or triplet loss, an MSE or multi-label BCE
+    output) is multiplied by about ``1/λ`` along it."""
+    logits = grad.movedim(class_dim, -1) if class_dim is not None else grad
+    total = float(torch.linalg.vector_norm(logits))
+    if total == 0.0 or not math.isfinite(total):
+        return 0.0
+    along = float(torch.linalg.vector_norm(logits.sum(dim=-1)))
+    return along / (math.sqrt(logits.shape[-1]) * total)
+
+
+def warn_loss_gradient(
+    grad: Tensor,
+    mask: Tensor | None,
+    class_dim: int | None,
+    positions: bool,
+    warned: set[str],
+    log_probabilities: bool = False,
 ) -> None:
-    """Warn of :func:`mask_disagreement`, once per kind of problem (``warned``: the kinds
-    already said)."""
-    problem = mask_disagreement(grad, mask, class_dim)
+    """Warn, once per kind of problem (``warned``: the kinds already said), of
+    :func:`mask_disagreement` (logits with positions) and of a gradient at the categorical
+    logits with more than ``max(1 %, 4ε)`` of it along the all-ones direction
+    (:func:`off_simplex_share`: the output is not the logits of a softmax loss). An output
+    of ``log_softmax`` (``log_probabilities``: ``NLLLoss``'s gradient ``−e_y/N`` there does
+    not sum to zero, its logits' does) is not judged."""
+    problem = mask_disagreement(grad, mask, class_dim) if positions else None
+    classes = grad.shape[-1 if class_dim is None else class_dim]
+    if "not logits" not in warned and classes > 1 and not log_probabilities:
+        share = off_simplex_share(grad, class_dim)
+        if share > max(0.01, 4 * torch.finfo(grad.dtype).eps):
+            problem = (
+                "not logits",
+                (
+                    f"the training loss's gradient at the model output does not sum to zero over "
+                    f"the classes ({share:.2g} of it lies along the all-ones direction), as a "
+                    "loss of log_softmax(logits) does (cross-entropy, label smoothing, KL "
+                    "distillation, focal): fisher='mc' with likelihood='categorical' samples a "
+                    "softmax over the output, whose Fisher has no curvature along that direction, "
+                    "so the step goes about 1/damping times too far along it. For an embedding "
+                    "(a contrastive or triplet loss) use fisher='empirical'; for an MSE or "
+                    "multi-label BCE output, likelihood='gaussian' or 'bernoulli'"
+                ),
+            )
     if problem is not None and problem[0] not in warned:
         warned.add(problem[0])
         warnings.warn(problem[1], RuntimeWarning, stacklevel=caller_level())
