@@ -68,6 +68,15 @@ _ON_DIM = frozenset(  # operations along a ``dim`` that move, take or put rows
         "IndexReduceBackward0",
     }
 )
+_SUMMING = frozenset(  # operations that add rows into others (a graph's message passing)
+    {
+        "IndexAddBackward0",
+        "ScatterAddBackward0",
+        "ScatterReduceBackward0",
+        "IndexReduceBackward0",
+        "IndexPutBackward0",
+    }
+)
 Moved = str  # the name of what moved the rows
 
 
@@ -255,7 +264,9 @@ def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Contex
     if rule is not None:
         where, rows, moved = rule(node, dim, inp, at)
         if moved is not None and dim < len(inp) and inp[dim] % at.batch:
-            return None, None, None  # not the samples' rows that moved
+            if name not in _SUMMING or out[dim] % at.batch:
+                return None, None, None  # not the samples' rows that moved
+            # rows of another count summed into the samples' rows: a graph's E messages
         return where, rows, moved
     if hasattr(node, "_saved_keepdim"):  # a reduction (sum, mean, amax, std, norm, …)
         return _reduced(node, dim, inp), None, None
