@@ -183,8 +183,8 @@ class Branchy(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.a(x))
-        if self.mode == "half":
-            return self.b(h[: len(h) // 2])
+        if self.mode == "half":  # (the output keeps a row per sample)
+            return self.b(h[: len(h) // 2]).repeat(2, 1)
         return self.b(h) + (self.side(h) if self.mode == "side" else 0)
 
 

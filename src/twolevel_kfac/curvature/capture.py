@@ -266,8 +266,8 @@ class CurvatureCapture:
         check_weight_uses(output, self.layers, calls)
         forward.positions = output_positions(output, self.class_dim, forward.batch_size)
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
-        if self.fisher == "empirical" and forward.index is None and forward.records:
-            check_batch_rows(forward.batch_size, forward.records, output)
+        empirical = self.fisher == "empirical" and forward.index is None
+        check_batch_rows(forward.batch_size, forward.records, output, empirical)
         if not forward.outputs:
             return
         output = sampled_output(output)  # the tensor, or a dict's (ModelOutput's) "logits"

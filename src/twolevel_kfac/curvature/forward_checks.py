@@ -95,17 +95,32 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
             )
 
 
-def check_batch_rows(batch: int, records: Any, output: Any) -> None:
-    """Refuse a batch size (the rows of the model's first tensor argument) that no layer
-    input nor the output has: the empirical Fisher scales each ``δ`` by it.
-
-    ``records``: the forward's records by layer (their inputs' leading dimensions), beside
-    those of the output tensors. A layer may see a multiple of a batch of more than one
-    sample (tokens flattened into rows).
+def check_batch_rows(batch: int, records: Any, output: Any, empirical: bool) -> None:
+    """Refuse a batch size (the rows of the model's first tensor argument) that the model
+    output (a tensor, or a dict's ``"logits"``) does not have, nor ``k`` rows per sample:
+    a graph-level model called as ``model(x, edge_index, batch)`` pools its ``N`` node
+    rows into ``G`` graph rows, and its nodes were taken as the samples (the empirical
+    Fisher ``N/G`` times the per-graph one, the MC Fisher ``G/N`` times). Under the
+    ``empirical`` Fisher of the whole batch, also one that no layer input has (it scales
+    each ``δ``); ``records``: the forward's records by layer (their inputs' leading
+    dimensions). A layer may see a multiple of a batch of more than one sample (tokens
+    flattened into rows).
 
     Raises:
         RuntimeError: naming the counts and the fix.
     """
+    logits = output.get("logits") if isinstance(output, dict) else output
+    if isinstance(logits, Tensor) and logits.dim() and batch > 1 and len(logits) % batch:
+        raise RuntimeError(
+            f"the model output has {len(logits)} rows, but the first tensor argument of "
+            f"model(...), which KFAC takes as the batch of samples, has {batch}: the "
+            "output must have a row per sample (or k rows per sample). A graph-level model "
+            "called as model(x, edge_index, batch) pools its nodes into graphs: pass a "
+            "tensor with one row per graph first (model(graph_ids, x, edge_index, batch)), "
+            "so that the graphs are the samples"
+        )
+    if not empirical or not records:
+        return
     rows = {int(r.inputs.shape[0]) for recs in records.values() for r in recs}
     rows |= {int(t.shape[0]) for t in output_tensors(output) if t.dim() > 0}
     if batch in rows or (batch > 1 and any(r % batch == 0 for r in rows)):
@@ -250,11 +265,14 @@ def check_batched_input(
     or queries ``[1, L, D]`` or a CLS token broadcast to the samples after the layer, a
     prompt ``prompts[i]``: :func:`~.batch_independent.shared_rows`, its walk stopped at the
     nodes of layer outputs already passed, ``forward.per_sample``), calls on parts of the
-    batch (:func:`check_calls_on_parts`), and an embedding's shared positions or one row
-    (:func:`check_unbatched_embedding`). Their rows hold the gradients summed
-    over the samples, which KFAC would take as one sample's (a step 0.42 off on one of
-    0.76; computed latents taken as gathered rows: 0.18 to 2.2 off). One row alone passes:
-    a mixture-of-experts expert may be routed one token. Other shared inputs (positions
+    batch (:func:`check_calls_on_parts`), an embedding's shared positions or one row
+    (:func:`check_unbatched_embedding`), and one row of data without a graph (a diffusion
+    time step drawn once for the batch, put through a UNet's time MLP; a task code: a
+    step 3.8 off on one of 3.94). Their rows hold the gradients summed over the samples,
+    which KFAC would take as one sample's (a step 0.42 off on one of 0.76; computed
+    latents taken as gathered rows: 0.18 to 2.2 off). One computed row
+    passes: a mixture-of-experts expert may be routed one token (one raw input row routed
+    to an expert in the model's first layer is refused). Other shared inputs (positions
     looked up for the whole batch, a compiled graph) are not recognised.
 
     Raises:
@@ -266,6 +284,8 @@ def check_batched_input(
     check_calls_on_parts(name, inputs, forward)
     if isinstance(inputs, nn.Parameter):
         what = "a parameter"
+    elif batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and inputs.grad_fn is None:
+        what = "one row of data, as a diffusion time step or a task code drawn for the batch"
     elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
         what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
     else:
@@ -276,8 +296,9 @@ def check_batched_input(
         f"layer {name!r} was called on an input of shape {tuple(inputs.shape)} shared "
         f"by the batch of {batch} ({what}). Its rows hold the gradients summed over the "
         "samples, which KFAC would take as one sample's; call it once with a row per "
-        "sample, e.g. on latents.expand(B, L, D) for [1, L, D] or [L, D] latents, before "
-        "the layer (and any norm on the way). A parameter that holds one row per sample "
+        "sample, e.g. on latents.expand(B, L, D) for [1, L, D] or [L, D] latents, or "
+        "t.expand(B) for one time step, before the layer (and any norm on the way). A "
+        "parameter that holds one row per sample "
         "(per-sample codes): pass it as a tensor with requires_grad=True instead"
     )
 
