@@ -208,3 +208,37 @@ def test_an_output_that_is_not_softmax_logits_is_reported_under_mc(name: str) ->
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
+
+
+class LossInside(nn.Module):
+    """An HF-style model computing its loss in ``forward``; ``copied``: it returns a float32
+    copy of its logits, as accelerate's mixed precision wraps ``forward`` to do."""
+
+    def __init__(self, copied: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head, self.copied = nn.Embedding(20, 8), nn.Linear(8, 20), copied
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(self.emb(x))
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits.float().clone() if self.copied else logits}
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_copy_of_the_logits_returned_beside_a_loss_made_inside(fisher: str) -> None:
+    """Under ``fisher="mc"`` a forward counted only once the backward reached the returned
+    logits: a copy of them (accelerate's ``bf16`` / ``Trainer(bf16=True)``) was never
+    reached, and the first step raised "no curvature statistics". The hook sits on the
+    tensor the copy was made from: the steps are those of the model returning its logits."""
+    x = torch.randint(0, 20, (4, 6))
+    runs = []
+    for copied in (False, True):
+        model = LossInside(copied)
+        opt = tk.KFAC(model, lr=0.1, fisher=fisher, class_dim=-1, loss_reduction="mean")
+        for _ in range(3):
+            opt.zero_grad()
+            model(x, x)["loss"].backward()
+            opt.step()
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])

@@ -47,22 +47,19 @@ from .forward_checks import (
 from .forward_pass import (
     ForwardPass,
     Record,
-    check_first_order,
     empirical_hook,
     fisher_rows,
-    inputs_of,
 )
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import (
     check_output,
-    made_by,
     per_sample_output,
     sampled_gradients,
     sampled_nll,
     sampled_output,
 )
 from .live_positions import output_positions
-from .loss_mask import counted_mask, warn_loss_gradient
+from .loss_mask import counted_mask, watch_loss_gradient
 from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
 
@@ -285,18 +282,9 @@ class CurvatureCapture:
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
 
-        categorical, view = self.likelihood == "categorical", samples.shape
-        nodes, positions = inputs_of(output), samples.dim() > 2
-        log_probabilities = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
-
-        def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
-            check_first_order("the model output", nodes)
-            forward.backward_done = True
-            if categorical:
-                grad, mask, warned = grad.reshape(view), forward.mask, self._warned_masks
-                warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
-
-        output.register_hook(backward_hook)
+        watch_loss_gradient(
+            output, samples.shape, forward, class_dim, self.likelihood, self._warned_masks
+        )
 
     def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
         """The model output as ``[N, …]`` with its class dimension (logits flattened inside

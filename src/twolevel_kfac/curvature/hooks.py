@@ -1,17 +1,28 @@
 """Module hooks that do not keep their owner alive, and the tests for a forward that is not
 a training forward of the model's own: one inside a backward pass (activation
-checkpointing's recomputation), one with swapped-in parameters (``functional_call``)."""
+checkpointing's recomputation), one with swapped-in parameters (``functional_call``); a
+hook on the gradient a backward hands the model output (:func:`on_gradient`)."""
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["WeakHook", "in_backward", "parameters_swapped", "registered_parameters", "remove_all"]
+__all__ = [
+    "WeakHook",
+    "in_backward",
+    "on_gradient",
+    "parameters_swapped",
+    "registered_parameters",
+    "remove_all",
+]
+
+_COPIES = frozenset({"ToCopyBackward0", "CloneBackward0", "AliasBackward0"})
 
 Registered = list[tuple[nn.Module, str, "Tensor | None"]]
 
@@ -64,3 +75,23 @@ def remove_all(handles: list[RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
     handles.clear()
+
+
+def on_gradient(output: Tensor, hook: Callable[[Tensor], None]) -> None:
+    """Call ``hook`` with the gradient of ``output`` when a backward reaches it, or reaches
+    the tensor ``output`` was cast or copied from: a model that computes its loss inside
+    ``forward`` and returns a float32 copy of its logits (accelerate's mixed precision
+    wraps ``forward`` so) has a backward that never reaches the copy. A hook on the
+    autograd node that made the tensor, through casts and clones."""
+    node, nr = output.grad_fn, output.output_nr
+    while node is not None and type(node).__name__ in _COPIES:
+        node, nr = node.next_functions[0]
+    if node is None:  # (a leaf: its own gradient)
+        output.register_hook(hook)
+        return
+
+    def prehook(grads: tuple[Tensor | None, ...]) -> None:
+        if grads[nr] is not None:
+            hook(grads[nr])  # type: ignore[arg-type]
+
+    node.register_prehook(prehook)

@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from ..warning_level import caller_level
-from .likelihoods import positions_shape
+from .forward_pass import ForwardPass, check_first_order, inputs_of
+from .hooks import on_gradient
+from .likelihoods import made_by, positions_shape
 
 __all__ = [
     "check_loss_mask",
@@ -33,6 +35,7 @@ __all__ = [
     "mask_disagreement",
     "off_simplex_share",
     "warn_loss_gradient",
+    "watch_loss_gradient",
 ]
 
 
@@ -169,3 +172,28 @@ def warn_loss_gradient(
     if problem is not None and problem[0] not in warned:
         warned.add(problem[0])
         warnings.warn(problem[1], RuntimeWarning, stacklevel=caller_level())
+
+
+def watch_loss_gradient(
+    output: Tensor,
+    view: torch.Size,
+    forward: ForwardPass,
+    class_dim: int | None,
+    likelihood: str,
+    warned: set[str],
+) -> None:
+    """Hook the gradient the user's backward hands the model ``output`` (or the tensor it
+    was cast from: :func:`~.hooks.on_gradient`): it marks the forward's backward done,
+    refuses a second-order backward through it, and (``categorical``, as ``view``: the
+    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems."""
+    categorical, nodes, positions = likelihood == "categorical", inputs_of(output), len(view) > 2
+    log_probabilities = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
+
+    def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
+        check_first_order("the model output", nodes)
+        forward.backward_done = True
+        if categorical:
+            grad, mask = grad.reshape(view), forward.mask
+            warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
+
+    on_gradient(output, backward_hook)
