@@ -1285,3 +1285,13 @@ def test_a_checkpoint_of_other_layers_names_them_and_the_likely_causes() -> None
     with pytest.raises(ValueError, match=r"new here: \['1'\]; gone: \[\]\).*norm_blocks"):
         other.load_state_dict(state)
     assert str(other.state_dict()) == str(before)  # nothing loaded
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC, tk.EKFAC])
+def test_parameters_in_the_models_place_are_refused_by_name(cls: type) -> None:
+    """torch's way (``Optimizer(params)``, what HF's ``optimizer_cls_and_kwargs`` calls)
+    raised a bare ``AttributeError`` inside the constructor."""
+    model = nn.Linear(2, 2)
+    for given in (model.parameters(), [{"params": list(model.parameters())}]):
+        with pytest.raises(TypeError, match=r"takes the model first.*params=\.\.\."):
+            cls(given)

@@ -82,6 +82,12 @@ def counted_mask(
     return mask, counted_positions(mask, output, class_dim)
 
 
+_SHIFTED = (
+    " (labels that the model shifts inside forward, as a Hugging Face *ForCausalLM does: "
+    "mask = torch.zeros_like(labels, dtype=torch.bool); mask[:, :-1] = labels[:, 1:] != -100)"
+)
+
+
 def mask_disagreement(
     grad: Tensor, mask: Tensor | None, class_dim: int | None
 ) -> tuple[str, str] | None:
@@ -101,7 +107,7 @@ def mask_disagreement(
             "(their gradient is exactly zero: ignore_index or padding, or a saturated "
             "softmax that is exactly one-hot), but no loss mask was given, so fisher='mc' "
             "sampled their Fisher too. If the loss ignores targets, call "
-            "opt.set_loss_mask(targets != ignore_index) before the forward"
+            "opt.set_loss_mask(targets != ignore_index) before the forward" + _SHIFTED
         )
     mask = mask.to(counted.device)
     if bool((counted & ~mask).any()):
@@ -114,7 +120,7 @@ def mask_disagreement(
         return "too many", (
             f"the loss mask counts {extra} position(s) where the training loss has no "
             "gradient (ignored targets, padding): fisher='mc' sampled their Fisher. Build "
-            "the mask from the targets (targets != ignore_index), not from the inputs"
+            "the mask from the targets (targets != ignore_index), not from the inputs" + _SHIFTED
         )
     return None
 

@@ -110,6 +110,9 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         fallback_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
+        if not isinstance(model, nn.Module):  # (torch's way: the params first; HF's Trainer)
+            first = f"{type(self).__name__}(model, ...) takes the model first, not {type(model)}"
+            raise TypeError(first + ": params=... takes parameters or param groups")
         check_real("lr", lr, low=0.0, low_open=True)
         check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_real("weight_decay", weight_decay, low=0.0)
