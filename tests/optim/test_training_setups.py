@@ -1295,3 +1295,33 @@ def test_parameters_in_the_models_place_are_refused_by_name(cls: type) -> None:
     for given in (model.parameters(), [{"params": list(model.parameters())}]):
         with pytest.raises(TypeError, match=r"takes the model first.*params=\.\.\."):
             cls(given)
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
+def test_a_first_step_on_zeroed_gradients_changes_nothing(cls: type) -> None:
+    """``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` creates a fresh
+    optimizer's state by a step on zeroed ``.grad`` (with ``lr = 0``). That step was
+    counted, the captures fell out of step (0.59 off a move of 0.62 after 6 steps), and
+    two-level KFAC raised an internal error, leaving torch's ``lr = 0`` behind. Now it is
+    a step before any backward: the run is a twin's, bit for bit."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        return model, cls(model, lr=0.05, fisher="empirical", cov_interval=3, inv_interval=3)
+
+    (model, opt), (twin, twin_opt) = build(), build()
+    saved = get_optimizer_state_dict(model, opt)
+    assert "preconditioner" not in saved  # (torch's part only: the README says so)
+    with pytest.raises(ValueError, match=r"no 'preconditioner' entry.*opt\.state_dict\(\)"):
+        opt.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x, y = torch.randn(8, 4, generator=gen).double(), torch.randint(0, 3, (8,), generator=gen)
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

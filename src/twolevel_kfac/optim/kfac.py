@@ -38,7 +38,7 @@ from .damping import (
 )
 from .fallback import block_table, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
-from .options import CurvatureOptions, check_choice, check_real
+from .options import CurvatureOptions, check_choice, check_model, check_real
 from .preconditioner import KFACPreconditioner
 from .state import all_or_nothing
 
@@ -110,9 +110,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         fallback_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):  # (torch's way: the params first; HF's Trainer)
-            first = f"{type(self).__name__}(model, ...) takes the model first, not {type(model)}"
-            raise TypeError(first + ": params=... takes parameters or param groups")
+        check_model(type(self).__name__, model)
         check_real("lr", lr, low=0.0, low_open=True)
         check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_real("weight_decay", weight_decay, low=0.0)
@@ -356,7 +354,10 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (one refused leaves the optimizer as it was)."""
         if "preconditioner" not in state_dict:
-            raise ValueError(f"not a {type(self).__name__} state dict: no 'preconditioner' entry")
+            raise ValueError(  # (torch.distributed.checkpoint's helpers keep torch's alone)
+                f"not a {type(self).__name__} state dict: no 'preconditioner' entry (save and "
+                "load opt.state_dict(), not get_optimizer_state_dict's torch part)"
+            )
         forget_amp_state(self)  # a raised step's, if any
         state = dict(state_dict)
         if (state.get("fallback") is None) != (self.fallback is None):

@@ -13,6 +13,7 @@ from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..curvature.capture import FISHER_TYPES, FisherType
 from ..curvature.kronecker import DAMPING_MODES, DampingMode, InverseMethod
@@ -40,6 +41,20 @@ def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_model(owner: str, model: object) -> None:
+    """Refuse parameters given in the model's place (torch's ``Optimizer(params)``, which
+    HF's ``optimizer_cls_and_kwargs`` calls): the hooks need the model.
+
+    Raises:
+        TypeError: naming ``params=...`` for the parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{owner}(model, ...) takes the model first, not {type(model)}: params=... "
+            "takes parameters or param groups"
+        )
 
 
 def check_real(

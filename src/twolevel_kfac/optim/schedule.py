@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..curvature.block_checks import used_layers
 from ..curvature.kronecker import KroneckerFactors
 from ..warning_level import caller_level
 
@@ -162,11 +163,15 @@ class CaptureSchedule:
           ``check_statistics`` refuses it.
         * ``"no_gradient"``: no layer has a gradient and ``batch`` holds no statistics (a
           ``step()`` before any backward): as a torch optimizer, nothing changes, and the
-          capture stays armed for the coming forward."""
+          capture stays armed for the coming forward. A zeroed ``.grad`` of a layer without
+          curvature yet is none (:func:`~..curvature.block_checks.used_layers`): torch's
+          ``distributed.checkpoint`` helpers step a fresh optimizer on zeroed gradients to
+          create its state (that step was counted, and the captures fell out of step)."""
         if pre.comm.distributed:
             return None
-        if not pre.active and (batch is None or not batch.names):
-            return "no_gradient"
         empty = pre.capture.active and pre.capture.empty_batch
+        if (batch is None or not batch.names) and not empty:
+            if not used_layers(pre.layers, pre.factors, pre.active, (), capturing=False):
+                return "no_gradient"
         ready = all(pre.factors[name].ready for name in pre.active)
         return "empty_batch" if empty and ready else None
