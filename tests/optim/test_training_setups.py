@@ -1325,3 +1325,32 @@ def test_a_first_step_on_zeroed_gradients_changes_nothing(cls: type) -> None:
             o.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_training_forwards_left_in_eval_mode_are_reported() -> None:
+    """A validation pass that leaves the model in ``eval()``: every later capture took
+    nothing and the factors froze without a word (29 steps: 1.31 off a twin kept in train
+    mode on a move of 1.0). Reported at the first capture step that took nothing; a
+    validation forward beside a training one, or under ``no_grad``, is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = tk.KFAC(model, lr=0.05, fisher="empirical", cov_interval=2, inv_interval=2)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def train_step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            train_step()
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            F.cross_entropy(model(x), y)  # (a validation loss with gradients, no backward)
+            model.train()
+    model.eval()  # (step 4 captures)
+    with pytest.warns(RuntimeWarning, match=r"eval\(\) mode .* nothing was captured"):
+        train_step()

@@ -42,6 +42,7 @@ from .forward_checks import (
     check_subset_rows,
     check_unreached,
     check_weight_uses,
+    warn_eval_forwards,
     warn_forwards,
 )
 from .forward_pass import (
@@ -114,6 +115,7 @@ class CurvatureCapture:
         self.active = False
         self.empty_batch = False  # the last take's forwards had 0 rows
         self._empty_forward = False  # a forward over 0 rows since the last take
+        self._eval_forward = False  # a forward in eval() with gradients since the last take
         self._forward: ForwardPass | None = None
         self._warned_forwards = False
         self._records: dict[str, list[Record]] = {name: [] for name in layers}
@@ -179,7 +181,8 @@ class CurvatureCapture:
         self._forward = None
         mask, padding = self._next_mask, self._next_padding
         self._next_mask = self._next_padding = None
-        if not self._capturing(module):
+        if not self._capturing(module):  # (a training forward left in eval(): told at take)
+            self._eval_forward |= self.active and not module.training and torch.is_grad_enabled()
             return
         x = batch_argument(args, kwargs)
         batch = int(x.shape[0])
@@ -343,7 +346,9 @@ class CurvatureCapture:
             if done:
                 taken[name] = [(c[0].owner.samples, [Call.of(r) for r in c]) for c in done]
         self.empty_batch = self._empty_forward and not taken
-        self._empty_forward = False
+        if self._eval_forward and not taken and not self._empty_forward:
+            warn_eval_forwards()
+        self._empty_forward = self._eval_forward = False
         self._forward, self._drawn_from = None, None
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0

@@ -33,6 +33,7 @@ __all__ = [
     "check_weight_uses",
     "first_tensor",
     "output_tensors",
+    "warn_eval_forwards",
     "warn_forwards",
 ]
 
@@ -369,6 +370,19 @@ def warn_forwards(forwards: int, accumulation_steps: int) -> None:
         "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
         "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
         "needs nothing",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
+def warn_eval_forwards() -> None:
+    """Warn that a step due to capture saw forwards in ``eval()`` mode only (a validation
+    pass that left the model there): the factors stay those of the last capture."""
+    warnings.warn(
+        "the model ran in eval() mode (with gradients) at a step that captures curvature, "
+        "and no forward ran in train mode: nothing was captured, and the factors stay those "
+        "of the last capture for as long as the model stays in eval(). Call model.train() "
+        "after a validation pass (and run it under torch.no_grad())",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
