@@ -1354,3 +1354,33 @@ def test_training_forwards_left_in_eval_mode_are_reported() -> None:
     model.eval()  # (step 4 captures)
     with pytest.warns(RuntimeWarning, match=r"eval\(\) mode .* nothing was captured"):
         train_step()
+
+
+def test_pruning_or_quantization_after_building_is_refused_by_name() -> None:
+    """``prune.l1_unstructured`` mid-run raised a bare "Linear has no weight parameter";
+    ``prepare_qat`` (which swaps modules and copies their hooks without ``with_kwargs``)
+    raised a ``TypeError`` about ``layer_hook``'s arguments. Both now say what happened
+    and the way out; after ``prune.remove`` the run goes on."""
+    import torch.ao.quantization as quantization
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = tk.KFAC(model, lr=0.05, cov_interval=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def train_step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    train_step()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(TypeError, match=r"not a parameter of its own \(pruned or parametrized"):
+        train_step()
+    prune.remove(model[0], "weight")
+    train_step()
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    quantization.prepare_qat(model, inplace=True)
+    with pytest.raises(RuntimeError, match=r"layer '0' was replaced by a torch\.ao\..*Build the"):
+        model(x)

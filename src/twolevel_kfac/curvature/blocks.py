@@ -194,8 +194,7 @@ def block_parameters(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | No
 
 
 def _attribute(module: nn.Module, name: str) -> object:
-    """``module.<name>``, read from its registered parameters first (``nn.Module``'s
-    ``__getattr__`` is a slow path, taken several times per layer and step)."""
+    """``module.<name>``, its registered parameters first (``__getattr__`` is a slow path)."""
     params = module._parameters
     return params[name] if name in params else getattr(module, name, None)
 
@@ -204,7 +203,8 @@ def layer_weight(module: nn.Module) -> nn.Parameter:
     """The ``weight`` parameter of a layer with a curvature block."""
     weight = _attribute(module, "weight")
     if not isinstance(weight, nn.Parameter):
-        raise TypeError(f"{type(module).__name__} has no weight parameter")
+        why = "pruned or parametrized after the optimizer was built? prune.remove undoes it"
+        raise TypeError(f"{type(module).__name__}'s weight is not a parameter of its own ({why})")
     return weight
 
 

@@ -42,9 +42,8 @@ from .forward_checks import (
     check_subset_rows,
     check_unreached,
     check_weight_uses,
-    warn_eval_forwards,
-    warn_forwards,
 )
+from .forward_misuse import replaced_layer, warn_eval_forwards, warn_forwards
 from .forward_pass import (
     ForwardPass,
     Record,
@@ -205,11 +204,13 @@ class CurvatureCapture:
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        output: Tensor,
+        output: Tensor | None = None,
     ) -> None:
         """Record one call of a block's module in the forward in flight (every layer of a
         captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
         backbone put in ``eval()`` still trains its Linear and convolution layers)."""
+        if output is None:  # copied without ``with_kwargs`` onto a module that replaced it
+            raise RuntimeError(replaced_layer(name, module))
         forward = self._forward
         if forward is None or not output.requires_grad or in_backward() or not trains(module):
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)

@@ -90,16 +90,18 @@ def unsupported_reason(module: nn.Module) -> str | None:
             "KFAC's block is for the weight parameter itself"
         )
     if entry is not None and type(module).forward is not entry.module_type.forward:
-        base = entry.module_type.__name__
+        base, kind = entry.module_type.__name__, type(module)
+        name = kind.__name__ if kind.__name__ != base else f"{kind.__module__}.{kind.__name__}"
         return (
-            f"{type(module).__name__} overrides {base}.forward, which may change its weight, "
+            f"{name} overrides {base}.forward, which may change its weight, "
             "input or output (weight standardisation, fake quantisation, a scale) where "
             f"{base}'s block would not see it; if it computes what {base}.forward does, "
-            f"register it: tk.register_layer_type({type(module).__name__}, "
+            f"register it: tk.register_layer_type({name}, "
             f"tk.layer_type({base}).features, tk.layer_type({base}).gradients"
             f"{', rows_from_inputs=True' if entry.rows_from_inputs else ''}); if not, "
             "register functions that give its input and its pre-activation gradient (a "
-            "scaled output scales the gradient: checked at the first captured forward)"
+            "scaled output scales the gradient: checked at the first captured forward for "
+            "types outside torch)"
         )
     if entry is not None:
         return entry.reason(module)

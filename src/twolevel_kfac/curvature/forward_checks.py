@@ -9,13 +9,11 @@ them when the model's forward returns).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ..warning_level import caller_level
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
 from .row_order import moved_rows
@@ -33,8 +31,6 @@ __all__ = [
     "check_weight_uses",
     "first_tensor",
     "output_tensors",
-    "warn_eval_forwards",
-    "warn_forwards",
 ]
 
 
@@ -359,30 +355,4 @@ def check_calls_on_parts(name: str, inputs: Tensor, forward: ForwardPass) -> Non
         "parts first: one call per expert for all its tokens, the batch at once instead of "
         "a loop over samples or chunks, a recurrent cell on every sample with the finished "
         "ones masked)"
-    )
-
-
-def warn_forwards(forwards: int, accumulation_steps: int) -> None:
-    """Warn that several forwards' empirical ``δ`` were each scaled as a whole batch."""
-    warnings.warn(
-        f"{forwards} forward passes ran before one step with accumulation_steps="
-        f"{accumulation_steps}: fisher='empirical' scales each output gradient by "
-        "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
-        "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
-        "needs nothing",
-        RuntimeWarning,
-        stacklevel=caller_level(),
-    )
-
-
-def warn_eval_forwards() -> None:
-    """Warn that a step due to capture saw forwards in ``eval()`` mode only (a validation
-    pass that left the model there): the factors stay those of the last capture."""
-    warnings.warn(
-        "the model ran in eval() mode (with gradients) at a step that captures curvature, "
-        "and no forward ran in train mode: nothing was captured, and the factors stay those "
-        "of the last capture for as long as the model stays in eval(). Call model.train() "
-        "after a validation pass (and run it under torch.no_grad())",
-        RuntimeWarning,
-        stacklevel=caller_level(),
     )
