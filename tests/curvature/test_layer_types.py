@@ -247,3 +247,27 @@ def test_a_parametrized_bias_is_said_to_take_the_fallback_step() -> None:
     with pytest.warns(UserWarning, match="layer '0': its bias is parametrized"):
         opt = tk.KFAC(model)
     assert list(opt.preconditioner.layers) == ["0"]
+
+
+def test_a_torch_type_registered_by_the_user_is_probed() -> None:
+    """The probe skipped every type from a ``torch.`` module, also one the user registered
+    (``nn.Bilinear`` with Linear's functions: a bare shape error at the step, where a
+    subclass of the user's own was refused by name)."""
+    tk.register_layer_type(nn.Bilinear, tk.layer_type(nn.Linear).features,
+                           tk.layer_type(nn.Linear).gradients)  # fmt: skip
+    try:
+
+        class Two(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.b = nn.Bilinear(4, 4, 6)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.b(x, x)
+
+        model = Two()
+        opt = tk.KFAC(model, fisher="empirical")  # noqa: F841  (its hooks live with it)
+        with pytest.raises(ValueError, match=r"layer 'b': the features and gradients registered"):
+            model(torch.randn(5, 4))
+    finally:
+        tk.unregister_layer_type(nn.Bilinear)

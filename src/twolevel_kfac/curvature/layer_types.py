@@ -25,6 +25,7 @@ a dense ``V × V`` matrix up to :data:`EMBEDDING_MAX_ROWS` rows, as its diagonal
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ __all__ = [
     "fixed_rows",
     "is_token_table",
     "layer_type",
+    "library_registered",
     "linear_features",
     "one_hot_rows",
     "register_layer_type",
@@ -89,6 +91,7 @@ class LayerType:
 
 
 _REGISTRY: dict[type[nn.Module], LayerType] = {}
+_LIBRARY: set[type[nn.Module]] = set()  # registered by this package's own modules
 
 
 def register_layer_type(
@@ -113,11 +116,19 @@ def register_layer_type(
         module_type, features, gradients, reason, rows_from_inputs, record, statistics
     )
     _REGISTRY[module_type] = entry
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    (_LIBRARY.add if caller.startswith("twolevel_kfac.") else _LIBRARY.discard)(module_type)
+
+
+def library_registered(module_type: type[nn.Module]) -> bool:
+    """Whether ``module_type``'s registration is this package's own (not a user's)."""
+    return module_type in _LIBRARY
 
 
 def unregister_layer_type(module_type: type[nn.Module]) -> None:
     """Remove a registration (:func:`register_layer_type`); unknown types are ignored."""
     _REGISTRY.pop(module_type, None)
+    _LIBRARY.discard(module_type)
 
 
 def registered_types() -> tuple[type[nn.Module], ...]:

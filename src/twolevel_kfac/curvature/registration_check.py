@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..warning_level import caller_level
 from .blocks import input_features, layer_bias, layer_weight, output_gradients
-from .layer_types import LayerType, layer_type
+from .layer_types import LayerType, layer_type, library_registered
 
 __all__ = ["check_registration"]
 
@@ -42,8 +42,10 @@ def check_registration(
         ValueError: naming the layer, the type, the error and the contract.
     """
     entry, kind = layer_type(module), type(module)
-    if entry is None or entry in _CHECKED or kind.__module__.startswith(_OWN):
+    if entry is None or entry in _CHECKED:
         return
+    if kind.__module__.startswith(_OWN) and library_registered(entry.module_type):
+        return  # (the library's own registrations: a torch type a user registers is probed)
     if torch.compiler.is_compiling():  # a probe is no graph to trace: an eager capture's
         return
     _CHECKED.add(entry)
