@@ -105,6 +105,34 @@ def test_a_checkpoint_of_another_method_is_told() -> None:
         stepped(tk.KFAC).load_state_dict(stepped(tk.KFAC).state_dict())
 
 
+@pytest.mark.parametrize(
+    ("target", "entry"),
+    [(tk.EKFAC, "scalings"), (tk.TwoLevelKFAC, "coarse"), (tk.KFACCorrected, "corrections")],
+)
+def test_a_checkpoint_missing_the_methods_state_is_refused_without_a_warning(
+    target: Any, entry: str
+) -> None:
+    """KFAC's checkpoint loaded into EKFAC, a two-level or a KFAC-corrected optimizer: one
+    error naming the method that saved it and the missing entry, and no warning before it
+    (a warning said the extra state 'starts afresh', then a bare 'not an EKFAC state')."""
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def stepped(cls: Any) -> torch.optim.Optimizer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        opt = cls(model, inverse_method="eigen")
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return opt
+
+    checkpoint = stepped(tk.KFAC).state_dict()
+    told = f"saved by fine level 'kfac' with no coarse level and has no '{entry}'"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=told):
+            stepped(target).load_state_dict(checkpoint)
+
+
 def test_spectral_which_matters_to_the_spectral_space_alone() -> None:
     """A residual space's checkpoint loads whatever ``spectral_which`` (only the spectral
     space reads it: it was refused); a spectral one of the other ``which`` is refused."""

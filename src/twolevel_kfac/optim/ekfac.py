@@ -110,6 +110,7 @@ class EKFACFine(FineLevel):
     """
 
     name = "ekfac"
+    state_entry = "scalings"
     needs_eigenbasis = True
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:

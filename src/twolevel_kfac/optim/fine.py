@@ -81,6 +81,9 @@ class FineLevel:
     needs_eigenbasis: ClassVar[bool] = False
     """Whether it works in the factors' eigenbasis (``inverse_method="auto"`` then picks
     ``eigen``)."""
+    state_entry: ClassVar[str | None] = None
+    """The top-level entry of the preconditioner's state that :meth:`state_dict` adds and
+    :meth:`load_state_dict` needs (KFAC adds none)."""
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:
         if arguments:

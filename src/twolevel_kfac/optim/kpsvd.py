@@ -132,6 +132,7 @@ class KFACCorrectedFine(PowerIterationFine):
     """
 
     name = "kfac_corrected"
+    state_entry = "corrections"
     needs_eigenbasis = True
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:

@@ -122,18 +122,19 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     restored = {
         name: _restored_factors(pre, name, saved) for name, saved in state["factors"].items()
     }
+    _check_method(pre, state)
+    coarse = pre.coarse_level
+    if coarse is not None:  # its option checks too, before anything here changes
+        coarse.check_state(state)
     saved_by = state.get("saved_by")  # (absent before 2026-12-04)
     if saved_by is not None and saved_by != _method(pre):
         warnings.warn(
             f"the checkpoint was saved by {saved_by} and is loaded by {_method(pre)}: what "
             "the other method keeps beyond the Kronecker factors (a coarse level, EKFAC's "
-            "scalings, a Kronecker correction) is not used, or starts afresh",
+            "scalings, a Kronecker correction) is not used",
             RuntimeWarning,
             stacklevel=caller_level(),
         )
-    coarse = pre.coarse_level
-    if coarse is not None:  # its option checks too, before anything here changes
-        coarse.check_state(state)
     pre.capture.discard()  # before the generator is restored: a discard may rewind it
     pre.steps = int(state["steps"])
     pre.damping = resumed_damping(pre, float(state["damping"]), state.get("damping_option"))
@@ -223,6 +224,26 @@ def _method(pre: KFACPreconditioner) -> str:
     coarse = pre.coarse_level
     space = "no coarse level" if coarse is None else f"coarse space {coarse.options.coarse_space}"
     return f"fine level {pre.fine.name!r} with {space}"
+
+
+def _check_method(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
+    """Raise, before anything changes, if ``state`` lacks what this method needs beyond the
+    Kronecker factors: EKFAC's scalings, KFAC-corrected's corrections, a coarse level's
+    state (a KFAC checkpoint loaded into EKFAC or ``TwoLevelKFAC``).
+
+    Raises:
+        ValueError: naming the method that saved the state and the missing entry.
+    """
+    entry = pre.fine.state_entry
+    if entry is None or entry in state:
+        entry = "coarse" if pre.coarse_level is not None and "coarse" not in state else None
+    if entry is not None:
+        saved_by = state.get("saved_by", "another method")
+        raise ValueError(
+            f"the checkpoint was saved by {saved_by} and has no {entry!r} entry, which "
+            f"{_method(pre)} needs: load it into an optimizer of the method that saved it, or "
+            "start this one afresh"
+        )
 
 
 def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any]) -> Any:
