@@ -8,6 +8,7 @@ exact steps of a hand-written KFAC block."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -110,12 +111,102 @@ def test_a_batch_of_graphs_pooled_per_graph_is_refused_with_nodes_first(fisher: 
     opt = tk.KFAC(model, fisher=fisher)
     with pytest.raises(
         RuntimeError,
-        match=r"output has 3 rows, but the first tensor .* has 10.*one row per graph first",
+        match=r"rows pool the 10 rows of its first tensor.*IndexAddBackward0 into 3 rows.*one "
+        "row per graph first",
     ):
         model(x, graph, 3)
     first = GraphsFirst().double()
     opt = tk.KFAC(first, fisher=fisher)
     opt.zero_grad()
     F.cross_entropy(first(torch.arange(3), x, graph), torch.tensor([0, 1, 1])).backward()
+    opt.step()
+    assert opt.preconditioner.factors["head"].ready
+
+
+def test_a_graph_level_tuple_output_is_refused_too() -> None:
+    """The check walks every output tensor: ``(logits, embedding)`` of a graph-level model
+    with its nodes first took the nodes as samples (a head step 0.46 off the graphs-first
+    one in a trial)."""
+
+    class WithEmbedding(GraphLevel):
+        def forward(self, x: Tensor, graph: Tensor, graphs: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+            return super().forward(x, graph, graphs), x
+
+    x, graph = torch.randn(10, 3, dtype=torch.float64), torch.tensor([0] * 4 + [1] * 3 + [2] * 3)
+    model = WithEmbedding().double()
+    opt = tk.KFAC(model, fisher="empirical")
+    with pytest.raises(RuntimeError, match=r"IndexAddBackward0 into 3 rows"):
+        model(x, graph, 3)
+    assert opt.preconditioner.steps == 0
+
+
+V, D, T = 5, 6, 4
+MASK = torch.zeros(B, T, dtype=torch.bool)
+MASK[:, 1] = True
+MASK[::2, 3] = True  # 9 masked positions of a batch of 6
+
+
+class MaskedLM(nn.Module):
+    """A masked-LM head on every position, or on rows taken from them (``h[mask]``)."""
+
+    def __init__(self, form: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head, self.form = nn.Embedding(V + 1, D), nn.Linear(D, V), form
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.emb(x))
+        return self.head(h if self.form is None else self.form(h))
+
+
+def mean_head_block(gathered: bool, steps: int = 300) -> Tensor:
+    """The head's block ``T·(A ⊗ G)`` averaged over ``steps`` MC draws (no step taken)."""
+    model = MaskedLM(lambda h: h[MASK] if gathered else h).double()
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    dense = {} if gathered else {"class_dim": -1}
+    opt = tk.KFAC(model, lr=1e-300, ema_decay=0.0, loss_reduction="mean", **dense)
+    total = torch.zeros(D * V + V, D * V + V, dtype=torch.float64)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.set_loss_mask(None if gathered else MASK)
+        out = model(x)
+        F.cross_entropy(out if gathered else out[MASK], x[MASK]).backward()
+        opt.step()
+        f = opt.preconditioner.factors["head"]
+        assert f.A is not None and f.G is not None
+        total += f.num_locations * torch.kron(f.A, f.G) / steps
+    return total
+
+
+def test_a_head_on_the_masked_positions_alone_has_the_dense_heads_mc_fisher() -> None:
+    """A masked-LM head on ``h[mask]`` (``M = 9`` rows for 6 samples) is not refused, and
+    under ``loss_reduction="mean"`` its MC block is the dense head's with the loss mask, in
+    expectation: the mean's scale counts the ``M`` rows (``N/N_tok``). It took the ``M``
+    rows for the samples before, a block ``(M/N)² = 2.25`` times too large (measured 2.24;
+    a refusal on 2026-12-05 stopped such heads, time-major outputs and ``PackedSequence``
+    heads altogether)."""
+    dense, gathered = mean_head_block(False), mean_head_block(True)
+    assert float(gathered.trace() / dense.trace()) == pytest.approx(1.0, abs=0.1)
+    assert float((gathered - dense).norm() / dense.norm()) < 0.3
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("form", ["time_major", "masked", "packed"])
+def test_outputs_of_rows_taken_from_the_samples_are_not_refused(fisher: str, form: str) -> None:
+    """Rows taken one for one from the samples' pass under either Fisher (they were
+    refused on 2026-12-05 as the rows of a graph-level model): a time-major ``[T, N, …]``
+    (CTC's layout), the real tokens ``h[mask]``, a ``PackedSequence``'s rows."""
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    lengths = [4, 4, 3, 2, 2, 1]
+    forms: dict[str, Callable[[Tensor], Tensor]] = {
+        "time_major": lambda h: h.transpose(0, 1),
+        "masked": lambda h: h[MASK],
+        "packed": lambda h: nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True).data,
+    }
+    model = MaskedLM(forms[form]).double()
+    opt = tk.KFAC(model, fisher=fisher, class_dim=-1 if form == "time_major" else None)
+    opt.zero_grad()
+    out = model(x)
+    F.cross_entropy(out.reshape(-1, V), torch.randint(0, V, out.shape[:-1]).reshape(-1)).backward()
     opt.step()
     assert opt.preconditioner.factors["head"].ready

@@ -205,7 +205,7 @@ def test_arguments_are_checked() -> None:
         tk.TwoLevelKFAC(tiny_mlp(), fine="shampoo")
     with pytest.raises(TypeError, match="power_iterations"):
         tk.TwoLevelKFAC(tiny_mlp(), fine="ekfac", power_iterations=3)
-    with pytest.raises(ValueError, match="state"):
+    with pytest.raises(ValueError, match="has no 'scalings' entry"):
         tk.EKFAC(tiny_mlp()).preconditioner.load_state_dict(
             tk.KFAC(tiny_mlp()).preconditioner.state_dict()
         )

@@ -268,7 +268,7 @@ class CurvatureCapture:
         forward.positions = output_positions(output, self.class_dim, forward.batch_size)
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
         empirical = self.fisher == "empirical" and forward.index is None
-        check_batch_rows(forward.batch_size, forward.records, output, empirical)
+        check_batch_rows(forward, output, empirical)
         if not forward.outputs:
             return
         output = sampled_output(output)  # the tensor, or a dict's (ModelOutput's) "logits"
@@ -308,7 +308,8 @@ class CurvatureCapture:
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
         check_subset_rows("the model output", output, forward.index, forward.batch_size)
         check_output(output, self.likelihood, class_dim)
-        mask, positions = counted_mask(forward.mask, output, class_dim, self.likelihood)
+        batch = forward.batch_size  # (the output's rows need not be the samples)
+        mask, positions = counted_mask(forward.mask, output, class_dim, self.likelihood, batch)
         return sampled_nll(
             fisher_rows(output, forward),
             self.likelihood,
@@ -317,6 +318,7 @@ class CurvatureCapture:
             class_dim,
             None if mask is None else fisher_rows(mask, forward),
             positions,
+            forward.samples,
         )
 
     def take(self, loss_scale: float = 1.0) -> CapturedBatch:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
+from .pooled_rows import pooled_by
 from .row_order import moved_rows
 
 if TYPE_CHECKING:
@@ -92,29 +93,29 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
             )
 
 
-def check_batch_rows(batch: int, records: Any, output: Any, empirical: bool) -> None:
-    """Refuse a batch size (the rows of the model's first tensor argument) that the model
-    output (a tensor, or a dict's ``"logits"``) does not have, nor ``k`` rows per sample:
-    a graph-level model called as ``model(x, edge_index, batch)`` pools its ``N`` node
-    rows into ``G`` graph rows, and its nodes were taken as the samples (the empirical
-    Fisher ``N/G`` times the per-graph one, the MC Fisher ``G/N`` times). Under the
-    ``empirical`` Fisher of the whole batch, also one that no layer input has (it scales
-    each ``δ``); ``records``: the forward's records by layer (their inputs' leading
-    dimensions). A layer may see a multiple of a batch of more than one sample (tokens
-    flattened into rows).
+def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None:
+    """Refuse a model output whose rows pool the batch's (the rows of the model's first
+    tensor argument: :func:`~.pooled_rows.pooled_by`): a graph-level model called as
+    ``model(x, edge_index, batch)`` pools its ``N`` node rows into ``G`` graph rows, and
+    its nodes were taken as the samples (the empirical Fisher ``N/G`` times the per-graph
+    one). Output rows taken one for one from the samples' (``head(h[mask])``) pass. Under
+    the ``empirical`` Fisher of the whole batch, also a batch size that no layer input
+    has (it scales each ``δ``; the forward's records say which its layers have). A layer
+    may see a multiple of a batch of more than one sample
+    (tokens flattened into rows).
 
     Raises:
         RuntimeError: naming the counts and the fix.
     """
-    logits = output.get("logits") if isinstance(output, dict) else output
-    if isinstance(logits, Tensor) and logits.dim() and batch > 1 and len(logits) % batch:
+    batch, records = forward.batch_size, forward.records
+    pooled = pooled_by(output_tensors(output), batch, forward.per_sample)
+    if pooled is not None:
         raise RuntimeError(
-            f"the model output has {len(logits)} rows, but the first tensor argument of "
-            f"model(...), which KFAC takes as the batch of samples, has {batch}: the "
-            "output must have a row per sample (or k rows per sample). A graph-level model "
-            "called as model(x, edge_index, batch) pools its nodes into graphs: pass a "
-            "tensor with one row per graph first (model(graph_ids, x, edge_index, batch)), "
-            "so that the graphs are the samples"
+            f"the model output's rows pool the {batch} rows of its first tensor argument, "
+            f"which KFAC takes as the batch of samples ({pooled}): a graph-level model called "
+            "as model(x, edge_index, batch) pools its nodes into graphs, whose losses the "
+            "samples' are not. Pass a tensor with one row per graph first (model(graph_ids, "
+            "x, edge_index, batch)), so that the graphs are the samples"
         )
     if not empirical or not records:
         return

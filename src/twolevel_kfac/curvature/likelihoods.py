@@ -248,7 +248,7 @@ LossReduction = Literal["sum", "mean"]
 LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
 
 
-def mean_scale(likelihood: str, features: int, positions: float = 1.0) -> float:
+def mean_scale(likelihood: str, features: float, positions: float = 1.0) -> float:
     """``s`` with ``ℓ_mean = s · ℓ_sum`` per sample, ``D = features`` output features:
     torch's default reductions against the summed negative log-likelihood.
 
@@ -276,16 +276,20 @@ def sampled_nll(
     class_dim: int | None = None,
     mask: Tensor | None = None,
     positions: float = 1.0,
+    samples: int | None = None,
 ) -> Tensor:
     """The per-sample loss of targets sampled from the model itself, summed over the
     samples: the negative log-likelihood (``reduction="sum"``), or torch's default loss of
     the likelihood per sample (``"mean"``: ``MSELoss()``, ``BCEWithLogitsLoss()``,
     ``CrossEntropyLoss()``; :func:`mean_scale` times the NLL, ``positions`` the counted
-    positions per sample of the whole batch). ``class_dim``, ``mask``: :func:`summed_nll`."""
+    positions per sample of the whole batch, of ``samples`` samples (default: the output's
+    rows; an output of other rows, ``[M, D]`` of a batch of ``N``, has ``M·D/N`` features
+    per sample). ``class_dim``, ``mask``: :func:`summed_nll`."""
     target = sample_targets(output, likelihood, generator, class_dim)
     loss = summed_nll(output, target, likelihood, class_dim, mask)
     if reduction == "mean":
-        loss = loss * mean_scale(likelihood, output.shape[1:].numel(), positions)
+        features = output.numel() / (len(output) if samples is None else samples)
+        loss = loss * mean_scale(likelihood, features, positions)
     return loss
 
 

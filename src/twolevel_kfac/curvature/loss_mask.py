@@ -60,26 +60,32 @@ def check_loss_mask(mask: Tensor, output: Tensor, class_dim: int | None) -> None
         )
 
 
-def counted_positions(mask: Tensor | None, output: Tensor, class_dim: int | None) -> float:
-    """``N_tok / N``: the counted positions per sample of the whole batch (at least one
-    position in all, so that a batch without any counted target gives zero statistics)."""
+def counted_positions(
+    mask: Tensor | None, output: Tensor, class_dim: int | None, samples: int | None = None
+) -> float:
+    """``N_tok / N``: the counted positions per sample of the whole batch of ``N = samples``
+    (default: the output's rows; at least one position in all, so that a batch without any
+    counted target gives zero statistics). An output whose rows are not the samples (a
+    masked-LM head on the masked positions ``[M, C]``, a time-major ``[T, N, C]``) counts
+    its positions all the same: ``M / N`` (``CrossEntropyLoss()``'s mean is over ``M``)."""
     shape = positions_shape(output, class_dim)
-    if mask is None:
-        return float(math.prod(shape[1:]))
-    return max(int(mask.sum()), 1) / shape[0]
+    samples = shape[0] if samples is None else samples
+    counted = math.prod(shape) if mask is None else max(int(mask.sum()), 1)
+    return counted / samples
 
 
 def counted_mask(
-    mask: Tensor | None, output: Tensor, class_dim: int | None, likelihood: str
+    mask: Tensor | None, output: Tensor, class_dim: int | None, likelihood: str, samples: int
 ) -> tuple[Tensor | None, float]:
-    """The loss mask checked and on ``output``'s device, with :func:`counted_positions`, for
-    the sampled loss of categorical logits (``(None, 1.0)`` for the other likelihoods)."""
+    """The loss mask checked and on ``output``'s device, with :func:`counted_positions` of
+    the batch of ``samples``, for the sampled loss of categorical logits (``(None, 1.0)``
+    for the other likelihoods)."""
     if likelihood != "categorical":
         return None, 1.0
     if mask is not None:
         check_loss_mask(mask, output, class_dim)
         mask = mask.to(output.device)
-    return mask, counted_positions(mask, output, class_dim)
+    return mask, counted_positions(mask, output, class_dim, samples)
 
 
 _SHIFTED = (

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["moved_rows", "signed"]
+__all__ = ["moved_rows", "node_shape", "reaches", "signed"]
 
 _WALK = 512  # autograd nodes looked at, at most
 _RESHAPES = frozenset(
@@ -95,7 +95,7 @@ def signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _shape(node: Node | None, output_nr: int) -> list[int]:
+def node_shape(node: Node | None, output_nr: int) -> list[int]:
     """The shape of a node's forward output ``output_nr``, from autograd's metadata."""
     meta = getattr(node, "_input_metadata", None) if node is not None else None
     if not meta or output_nr >= len(meta):
@@ -297,7 +297,7 @@ def _parents(node: Node) -> list[tuple[int, Node, int]]:
     ]
 
 
-def _reaches(node: Node, stops: Collection[Node]) -> bool:
+def reaches(node: Node, stops: Collection[Node]) -> bool:
     """Whether an earlier layer's output (``stops``) is among ``node``'s inputs' history."""
     stack, seen = [node], {node}
     while stack and len(seen) <= _WALK:
@@ -332,12 +332,12 @@ def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | Non
     seen: set[tuple[object, ...]] = set()
     while stack and len(seen) <= _WALK:
         node, nr, dim, layer, rows = stack.pop()
-        out = _shape(node, nr) or list(inputs.shape)
-        shapes = [_shape(parent, n) for parent, n in node.next_functions]
+        out = node_shape(node, nr) or list(inputs.shape)
+        shapes = [node_shape(parent, n) for parent, n in node.next_functions]
         for edge, parent, parent_nr in _parents(node):
             inp = shapes[edge]
             at, taken, moved = _parent_dim(node, out, dim, inp, Context(batch, edge, shapes, nr))
-            if moved is not None and (parent in stops or _reaches(parent, stops)):
+            if moved is not None and (parent in stops or reaches(parent, stops)):
                 return moved  # (rows of data, not of parameters alone, were moved)
             if at is None or (rows is not None and inp[at] != out[dim] and taken is None):
                 continue  # (rows followed through a reshape that regroups them: let go)
