@@ -5,6 +5,7 @@ gradient penalty), and probabilities where ``fisher="mc"`` samples from logits."
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -113,7 +114,18 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
     kept = tk.KFAC(flat.double(), class_dim=-1)  # noqa: F841  (its hooks live with it)
     with pytest.raises(ValueError, match=r"is a softmax"):
         flat(x)
-    for head in (nn.LogSoftmax(-1), Lambda(lambda z: z.softmax(-1).clamp(min=1e-12).log())):
+    mixture = Lambda(  # a mixture of two softmaxes: log(½p₁ + ½p₂)
+        lambda z: (
+            torch.logsumexp(torch.stack([z.log_softmax(-1), (2 * z).log_softmax(-1)]), 0)
+            - math.log(2)
+        )
+    )
+    for head in (
+        nn.LogSoftmax(-1),
+        Lambda(lambda z: z.softmax(-1).clamp(min=1e-12).log()),
+        Lambda(lambda z: z - z.logsumexp(-1, keepdim=True)),  # written out (compiled: alike)
+        mixture,
+    ):
         logs = nn.Sequential(nn.Linear(4, 3), head).double()
         opt = tk.KFAC(logs)
         with warnings.catch_warnings():  # NLL's −e_y/N at log-probabilities: not judged

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -149,25 +150,34 @@ def off_simplex_share(grad: Tensor, class_dim: int | None) -> float:
     return along / (math.sqrt(logits.shape[-1]) * total)
 
 
+def normalized(output: Tensor, class_dim: int) -> bool:
+    """Whether ``output`` holds log-probabilities: ``logsumexp`` over the classes within
+    ``max(10⁻³, 16ε)`` of zero everywhere (``log_softmax`` written out, ``z −
+    z.logsumexp(-1)``; a mixture of softmaxes; a compiled ``log_softmax``)."""
+    tolerance = max(1e-3, 16 * torch.finfo(output.dtype).eps)
+    return bool((output.float().logsumexp(class_dim).abs() <= tolerance).all())
+
+
 def warn_loss_gradient(
     grad: Tensor,
     mask: Tensor | None,
     class_dim: int | None,
     positions: bool,
     warned: set[str],
-    log_probabilities: bool = False,
+    log_probabilities: Callable[[], bool] = lambda: False,
 ) -> None:
     """Warn, once per kind of problem (``warned``: the kinds already said), of
     :func:`mask_disagreement` (logits with positions) and of a gradient at the categorical
     logits with more than ``max(1 %, 4ε)`` of it along the all-ones direction
     (:func:`off_simplex_share`: the output is not the logits of a softmax loss). An output
-    of ``log_softmax`` (``log_probabilities``: ``NLLLoss``'s gradient ``−e_y/N`` there does
-    not sum to zero, its logits' does) is not judged."""
+    of log-probabilities (``log_probabilities()``, asked only then: ``NLLLoss``'s gradient
+    ``−e_y/N`` there does not sum to zero, its logits' does, and the parameters' gradient
+    is the same) is not judged."""
     problem = mask_disagreement(grad, mask, class_dim) if positions else None
     classes = grad.shape[-1 if class_dim is None else class_dim]
-    if "not logits" not in warned and classes > 1 and not log_probabilities:
+    if "not logits" not in warned and classes > 1:
         share = off_simplex_share(grad, class_dim)
-        if share > max(0.01, 4 * torch.finfo(grad.dtype).eps):
+        if share > max(0.01, 4 * torch.finfo(grad.dtype).eps) and not log_probabilities():
             problem = (
                 "not logits",
                 (
@@ -199,7 +209,11 @@ def watch_loss_gradient(
     refuses a second-order backward through it, and (``categorical``, as ``view``: the
     per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems."""
     categorical, nodes, positions = likelihood == "categorical", inputs_of(output), len(view) > 2
-    log_probabilities = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
+    made = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
+    values = output.detach()  # (no copy, no graph)
+
+    def log_probabilities() -> bool:
+        return made or normalized(values.reshape(view), -1 if class_dim is None else class_dim)
 
     def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
         check_first_order("the model output", nodes)
