@@ -53,6 +53,38 @@ def test_one_time_step_for_the_batch_is_refused(fisher: str, cls: type) -> None:
     opt.step()
 
 
+class Routed(nn.Module):
+    """Two encoders, each on the raw rows of the samples of its kind (a modality)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor, kind: Tensor) -> Tensor:
+        h = torch.zeros(len(x), 5, dtype=x.dtype)
+        h = h.index_put((kind == 0,), self.a(x[kind == 0])).index_put(
+            (kind == 1,), self.b(x[kind == 1])
+        )
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_one_samples_own_row_routed_to_a_layer_is_not_refused(fisher: str) -> None:
+    """A batch where one sample alone is of a kind gives its encoder one row of data: a
+    row of the first argument, that sample's, not a row shared by the batch (refused as
+    one on 2026-12-05)."""
+    model = Routed().double()
+    opt = tk.KFAC(model, fisher=fisher)
+    x = torch.randn(B, 3, dtype=torch.float64)
+    opt.zero_grad()
+    F.cross_entropy(
+        model(x, torch.tensor([0, 1, 1, 1, 1, 1])), torch.zeros(B, dtype=torch.long)
+    ).backward()
+    opt.step()
+    assert opt.preconditioner.factors["a"].ready
+
+
 def test_one_time_step_expanded_takes_the_per_sample_kfac_step() -> None:
     """The expanded time rows are the samples': the ``time`` block is ``A ⊗ G`` of its
     ``B`` rows, written by hand here (empirical Fisher, per-factor damping)."""

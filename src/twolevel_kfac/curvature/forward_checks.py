@@ -266,12 +266,13 @@ def check_batched_input(
     batch (:func:`check_calls_on_parts`), an embedding's shared positions or one row
     (:func:`check_unbatched_embedding`), and one row of data without a graph (a diffusion
     time step drawn once for the batch, put through a UNet's time MLP; a task code: a
-    step 3.8 off on one of 3.94). Their rows hold the gradients summed over the samples,
+    step 3.8 off on one of 3.94; a row of the model's first argument, one sample's routed
+    to this layer, passes). Their rows hold the gradients summed over the samples,
     which KFAC would take as one sample's (a step 0.42 off on one of 0.76; computed
     latents taken as gathered rows: 0.18 to 2.2 off). One computed row
-    passes: a mixture-of-experts expert may be routed one token (one raw input row routed
-    to an expert in the model's first layer is refused). Other shared inputs (positions
-    looked up for the whole batch, a compiled graph) are not recognised.
+    passes: a mixture-of-experts expert may be routed one token. Other shared inputs
+    (positions looked up for the whole batch, one row of data put through a trained
+    projection before the layer, ``sin(t·W)``, a compiled graph) are not recognised.
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
@@ -283,6 +284,8 @@ def check_batched_input(
     if isinstance(inputs, nn.Parameter):
         what = "a parameter"
     elif batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and inputs.grad_fn is None:
+        if _row_of(inputs, forward.first):  # one sample's own row, routed to this layer
+            return
         what = "one row of data, as a diffusion time step or a task code drawn for the batch"
     elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
         what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
@@ -299,6 +302,14 @@ def check_batched_input(
         "parameter that holds one row per sample "
         "(per-sample codes): pass it as a tensor with requires_grad=True instead"
     )
+
+
+def _row_of(row: Tensor, first: Tensor | None) -> bool:
+    """Whether ``row`` (``[1, …]``) equals a row of the model's first argument."""
+    if first is None or first.shape[1:] != row.shape[1:] or first.dtype != row.dtype:
+        return False
+    same = (first == row.to(first.device)).reshape(len(first), -1)
+    return bool(same.all(dim=1).any())
 
 
 def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: bool) -> None:
