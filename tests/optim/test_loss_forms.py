@@ -103,6 +103,9 @@ def test_probabilities_are_refused_under_the_mc_fisher(likelihood: str, head, lo
         lambda p: torch.cat([p[:4], p[4:]]),
         lambda p: p[torch.arange(8)],
         lambda p: torch.where(p > 0.5, p, p.clamp(max=0.5)),
+        lambda p: p.masked_fill(torch.arange(p.shape[-1]) == 0, 0.0),  # a class ruled out
+        lambda p: F.pad(p, (0, 1)),
+        lambda p: p.repeat(1, 1),
     ):
         wrapped = nn.Sequential(model, Lambda(view))
         kept = tk.KFAC(wrapped, likelihood=likelihood)  # (its hooks live with it)

@@ -150,6 +150,11 @@ _PASSING = frozenset(
         "IndexSelectBackward0",
         "GatherBackward0",
         "WhereBackward0",
+        "MaskedFillBackward0",
+        "MaskedFillBackward1",
+        "MaskedSelectBackward0",
+        "ConstantPadNdBackward0",
+        "RepeatBackward0",
     }
 )
 
@@ -157,7 +162,8 @@ _PASSING = frozenset(
 def made_by(output: Tensor, *targets: str) -> bool:
     """Whether an autograd node named in ``targets`` (``"SoftmaxBackward0"``) reaches
     ``output`` through operations that keep values (:data:`_PASSING`: views, copies, casts,
-    clamps, flips, concatenations, indexing; every input of a ``cat`` or ``where``)."""
+    clamps, flips, concatenations, indexing, masked fills, padding, repeats; every input of
+    a ``cat`` or ``where``)."""
     stack, seen = [output.grad_fn], set()
     while stack:
         node = stack.pop()
