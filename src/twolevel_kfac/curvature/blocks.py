@@ -203,7 +203,7 @@ def layer_weight(module: nn.Module) -> nn.Parameter:
     """The ``weight`` parameter of a layer with a curvature block."""
     weight = _attribute(module, "weight")
     if not isinstance(weight, nn.Parameter):
-        why = "pruned or parametrized after the optimizer was built? prune.remove undoes it"
+        why = "pruned or parametrized after the optimizer was built? Build it after that"
         raise TypeError(f"{type(module).__name__}'s weight is not a parameter of its own ({why})")
     return weight
 

@@ -362,7 +362,7 @@ class CurvatureCapture:
         to before the draws made for it (the rows, the MC targets; ``drawn_from``: the
         state :attr:`drawn_from` had before a :meth:`take` that cleared it): a skipped
         step leaves the draws of the steps after it as they would have been without it."""
-        self._unreached, self._empty_forward = set(), False
+        self._unreached, self._empty_forward, self._eval_forward = set(), False, False
         for name in self._records:
             self._records[name] = []
         drawn_from = self._drawn_from if self._drawn_from is not None else drawn_from

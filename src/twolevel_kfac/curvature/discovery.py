@@ -101,7 +101,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
             f"{', rows_from_inputs=True' if entry.rows_from_inputs else ''}); if not, "
             "register functions that give its input and its pre-activation gradient (a "
             "scaled output scales the gradient: checked at the first captured forward for "
-            "types outside torch)"
+            "the types you register)"
         )
     if entry is not None:
         return entry.reason(module)

@@ -29,12 +29,13 @@ def warn_forwards(forwards: int, accumulation_steps: int) -> None:
 
 def warn_eval_forwards() -> None:
     """Warn that a step due to capture saw forwards in ``eval()`` mode only (a validation
-    pass that left the model there): the factors stay those of the last capture."""
+    pass that left the model there): the factors stay as they are."""
     warnings.warn(
         "the model ran in eval() mode (with gradients) at a step that captures curvature, "
-        "and no forward ran in train mode: nothing was captured, and the factors stay those "
-        "of the last capture for as long as the model stays in eval(). Call model.train() "
-        "after a validation pass (and run it under torch.no_grad())",
+        "and no forward ran in train mode: nothing was captured, and the factors stay as "
+        "they are (none before the first capture) for as long as the model stays in "
+        "eval(). Call model.train() after a validation pass (and run it under "
+        "torch.no_grad())",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
