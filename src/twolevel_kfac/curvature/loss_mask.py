@@ -105,6 +105,7 @@ def mask_disagreement(
     that counts ignored positions: ``(kind, message)``, or ``None``."""
     logits = grad.movedim(class_dim, -1) if class_dim is not None else grad
     counted = (logits != 0).any(dim=-1)
+    shifted = _SHIFTED if counted.dim() == 2 else ""  # (a sequence's [N, T] positions)
     if mask is None:
         if bool(counted.all()):
             return None
@@ -114,7 +115,7 @@ def mask_disagreement(
             "(their gradient is exactly zero: ignore_index or padding, or a saturated "
             "softmax that is exactly one-hot), but no loss mask was given, so fisher='mc' "
             "sampled their Fisher too. If the loss ignores targets, call "
-            "opt.set_loss_mask(targets != ignore_index) before the forward" + _SHIFTED
+            "opt.set_loss_mask(targets != ignore_index) before the forward" + shifted
         )
     mask = mask.to(counted.device)
     if bool((counted & ~mask).any()):
@@ -127,7 +128,7 @@ def mask_disagreement(
         return "too many", (
             f"the loss mask counts {extra} position(s) where the training loss has no "
             "gradient (ignored targets, padding): fisher='mc' sampled their Fisher. Build "
-            "the mask from the targets (targets != ignore_index), not from the inputs" + _SHIFTED
+            "the mask from the targets (targets != ignore_index), not from the inputs" + shifted
         )
     return None
 
