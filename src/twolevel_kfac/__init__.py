@@ -13,6 +13,7 @@ all of them.
 
 from __future__ import annotations
 
+from .conversion import conv1d_from_linear, linear_from_conv1d
 from .curvature.layer_types import layer_type, register_layer_type, unregister_layer_type
 from .optim.damping import DampingOptions
 from .optim.ekfac import EKFAC, EKFACPreconditioner
@@ -36,7 +37,9 @@ __all__ = [
     "KPSVDPreconditioner",
     "TwoLevelKFAC",
     "TwoLevelPreconditioner",
+    "conv1d_from_linear",
     "layer_type",
+    "linear_from_conv1d",
     "register_layer_type",
     "unregister_layer_type",
 ]

@@ -30,7 +30,8 @@ def no_block_reason(module: nn.Module) -> str | None:
     return (
         f"{type(module).__name__} has a weight matrix but no block type: if it is a linear "
         "map of its input, convert it to nn.Linear (transformers' Conv1D computes x @ W + b "
-        "with W stored [in, out]: an nn.Linear with weight W.T) or register its type "
+        "with W stored [in, out]: tk.linear_from_conv1d(model) swaps each for the "
+        "nn.Linear with weight W.T before the optimizer is built) or register its type "
         "(tk.register_layer_type)"
     )
 
