@@ -53,6 +53,34 @@ def test_one_time_step_for_the_batch_is_refused(fisher: str, cls: type) -> None:
     opt.step()
 
 
+class FourierTime(TimeConditioned):
+    """Learned Fourier features of the time step, ``sin(t·W)`` and ``cos(t·W)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freqs = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        angles = t.double()[:, None] * self.freqs[None]
+        features = torch.cat([angles.sin(), angles.cos()], dim=1)
+        return self.head(torch.tanh(self.body(x) + self.time(features)))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_one_time_step_through_learned_fourier_features_is_refused(fisher: str) -> None:
+    """``sin(t·W)`` of one ``t`` for the batch is rows shared by it (a step 0.75 off the
+    ``t.expand(B)`` one passed before); expanded first, it passes."""
+    model = FourierTime().double()
+    opt = tk.KFAC(model, fisher=fisher, likelihood="gaussian")
+    x = torch.randn(B, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"layer 'time'.*\(1, 4\) shared by the batch"):
+        model(x, torch.tensor([3]))
+    opt.zero_grad()
+    F.mse_loss(model(x, torch.tensor([3]).expand(B)), torch.randn(B, 3).double()).backward()
+    opt.step()
+    assert opt.preconditioner.factors["time"].ready
+
+
 class Routed(nn.Module):
     """Two encoders, each on the raw rows of the samples of its kind (a modality)."""
 

@@ -42,7 +42,9 @@ _PURE = frozenset(
         *(f"{op}Backward0" for op in ("NativeLayerNorm", "Tanh", "Relu", "Gelu", "Sigmoid")),
         *(f"{op}Backward0" for op in ("Silu", "Softmax", "LogSoftmax", "Clone", "ToCopy")),
         *(f"{op}Backward0" for op in ("Pow", "Sqrt", "Rsqrt", "Exp", "Unsqueeze", "Slice")),
-        *(f"{op}Backward0" for op in ("Select", "Cat", "NativeDropout")),
+        *(f"{op}Backward0" for op in ("Select", "Cat", "NativeDropout", "Sin", "Cos")),
+        *(f"{op}Backward0" for op in ("Log", "Log1p", "Expm1", "Abs", "Erf", "Reciprocal")),
+        *(f"{op}Backward0" for op in ("Softplus", "Elu", "LeakyRelu", "Mish", "Hardtanh")),
         *(f"{op}Backward{i}" for op in ("Mean", "Sum", "Squeeze") for i in (0, 1, 2)),
     }
 )

@@ -271,8 +271,7 @@ def check_batched_input(
     which KFAC would take as one sample's (a step 0.42 off on one of 0.76; computed
     latents taken as gathered rows: 0.18 to 2.2 off). One computed row
     passes: a mixture-of-experts expert may be routed one token. Other shared inputs
-    (positions looked up for the whole batch, one row of data put through a trained
-    projection before the layer, ``sin(t·W)``, a compiled graph) are not recognised.
+    (positions looked up for the whole batch, a compiled graph) are not recognised.
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
@@ -288,7 +287,7 @@ def check_batched_input(
             return
         what = "one row of data, as a diffusion time step or a task code drawn for the batch"
     elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
-        what = "computed from parameters alone, as norm(latents) or a looked-up prompt is"
+        what = "computed from parameters and shared rows alone: norm(latents), a prompt, sin(t·W)"
     else:
         if forward.aligned:
             check_row_order(name, inputs, forward, reshaped)
