@@ -35,6 +35,7 @@ from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward
+from .dropped_gradients import backward_started
 from .forward_checks import (
     batch_argument,
     check_batch_rows,
@@ -44,12 +45,7 @@ from .forward_checks import (
     check_weight_uses,
 )
 from .forward_misuse import replaced_layer, warn_eval_forwards, warn_forwards
-from .forward_pass import (
-    ForwardPass,
-    Record,
-    empirical_hook,
-    fisher_rows,
-)
+from .forward_pass import ForwardPass, Record, empirical_hook, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import (
     check_output,
@@ -118,6 +114,7 @@ class CurvatureCapture:
         self._forward: ForwardPass | None = None
         self._warned_forwards = False
         self._records: dict[str, list[Record]] = {name: [] for name in layers}
+        self._done: list[ForwardPass] = []  # forwards the user's backward reached, by then
         # The hooks hold the capture weakly, and are removed when it is collected: an
         # optimizer that is dropped (a notebook cell run again) leaves nothing on the model.
         this = weakref.ref(self)
@@ -197,6 +194,7 @@ class CurvatureCapture:
             index = perm[:size].sort().values.to(x.device)
         padding = padding_rows(padding, batch, index)
         self._forward = ForwardPass(index, batch, mask, x, padding=padding, aligned=self.aligned)
+        self._forward.on_backward = weakref.WeakMethod(self._backward_started)
 
     def layer_hook(
         self,
@@ -260,6 +258,10 @@ class CurvatureCapture:
             self._close(forward, output)
         finally:
             forward.release()
+
+    def _backward_started(self, forward: ForwardPass) -> None:
+        """The user's backward reached ``forward``: :func:`~.dropped_gradients.backward_started`."""
+        self._done = backward_started(forward, self._done, self._records, self.layers)
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
@@ -352,7 +354,7 @@ class CurvatureCapture:
         if self._eval_forward and not taken and not self._empty_forward:
             warn_eval_forwards()
         self._empty_forward = self._eval_forward = False
-        self._forward, self._drawn_from = None, None
+        self._forward, self._drawn_from, self._done = None, None, []
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0
         return CapturedBatch(self.layers, taken, self.dtypes, scale)
@@ -368,7 +370,7 @@ class CurvatureCapture:
         drawn_from = self._drawn_from if self._drawn_from is not None else drawn_from
         if drawn_from is not None:
             self.generator.set_state(drawn_from)
-        self._forward, self._drawn_from = None, None
+        self._forward, self._drawn_from, self._done = None, None, []
 
     def pending(self) -> dict[str, Any]:
         """What is captured and not yet taken, with the generator's state: :meth:`restore`
@@ -392,4 +394,4 @@ class CurvatureCapture:
 
 # the attributes of what a capture holds between a forward and the step that takes it
 _PENDING = "_records _unreached _empty_forward _forward _drawn_from active _next_mask _next_padding"
-_PENDING += " empty_batch"
+_PENDING += " empty_batch _done"

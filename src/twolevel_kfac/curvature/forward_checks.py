@@ -287,7 +287,8 @@ def check_batched_input(
             return
         what = "one row of data, as a diffusion time step or a task code drawn for the batch"
     elif batch > 1 and shared_rows(inputs, forward.per_sample, batch):
-        what = "computed from parameters and shared rows alone: norm(latents), a prompt, sin(t·W)"
+        what = "computed from parameters alone, as norm(latents) or a looked-up prompt is, or "
+        what += "from them and one row of data: sin(t·W)"
     else:
         if forward.aligned:
             check_row_order(name, inputs, forward, reshaped)

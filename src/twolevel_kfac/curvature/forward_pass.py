@@ -47,12 +47,22 @@ class ForwardPass:
     # walks stopped without a proof: forward_checks.check_batched_input)
     per_sample: set[Node] = field(default_factory=set)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
+    backward_task: int | None = None  # the id of that backward (dropped_gradients)
+    # called (held weakly) as the user's backward first reaches this forward
+    on_backward: Callable[[], Callable[[ForwardPass], None] | None] | None = None
     # fisher="mc": each call's output edge (an in-place op after it does not move it)
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
     padding: Tensor | None = None  # the real positions [N, T] (padding_mask)
     aligned: bool = False  # the layers' rows must be the samples in order (row_order)
+
+    def mark_backward(self) -> None:
+        """The user's backward reached this forward (:attr:`on_backward` at the first)."""
+        started = None if self.backward_done or self.on_backward is None else self.on_backward()
+        if started is not None:
+            started(self)
+        self.backward_done = True
 
     def release(self) -> None:
         """Let go of the records and autograd nodes once the forward has returned (the
@@ -122,7 +132,7 @@ def empirical_hook(
 
     def grad_hook(grad: Tensor) -> None:
         check_first_order(f"layer {name!r}", nodes)
+        forward.mark_backward()
         record.grad = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
-        forward.backward_done = True
 
     return grad_hook

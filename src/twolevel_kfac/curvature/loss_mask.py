@@ -218,7 +218,7 @@ def watch_loss_gradient(
 
     def backward_hook(grad: Tensor) -> None:  # the user's backward reached the output
         check_first_order("the model output", nodes)
-        forward.backward_done = True
+        forward.mark_backward()
         if categorical:
             grad, mask = grad.reshape(view), forward.mask
             warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)

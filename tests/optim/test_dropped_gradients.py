@@ -1,0 +1,121 @@
+"""Captured forwards whose gradients the user drops before the step are not the step's
+samples (``curvature/dropped_gradients.py``): a GAN's discriminator reached by the
+generator step's backward, an adversarial attack's ``autograd.grad`` with respect to the
+input. Forwards of one backward, and of backwards accumulated without a ``zero_grad``
+between them, all stay."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import twolevel_kfac as tk
+
+OPTIONS: dict[str, Any] = {"lr": 0.1, "damping": 0.01, "ema_decay": 0.0, "kl_clip": None}
+OPTIONS.update(cov_interval=1, inv_interval=1)
+
+
+def gan_run(
+    freeze_d: bool, fisher: str, steps: int = 3
+) -> tuple[nn.Module, torch.optim.Optimizer, Tensor]:
+    """A DCGAN-style loop (``D.zero_grad()`` at its step); ``freeze_d``: the generator's step
+    runs with ``D``'s parameters frozen, so that its backward never reaches ``D``'s layers.
+    Returns ``D``, its optimizer and the rows of its last step (real, then fake)."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    disc = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    opt_g = tk.KFAC(gen, fisher="empirical", likelihood="gaussian", **OPTIONS)
+    opt_d = tk.KFAC(disc, fisher=fisher, likelihood="bernoulli", **OPTIONS)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        real = torch.randn(8, 3, generator=data, dtype=torch.float64)
+        fake = gen(torch.randn(8, 2, generator=data, dtype=torch.float64))
+        rows = torch.cat([real, fake.detach()])
+        disc.zero_grad()
+        ones, zeros = torch.ones(8, 1, dtype=torch.float64), torch.zeros(8, 1, dtype=torch.float64)
+        F.binary_cross_entropy_with_logits(disc(real), ones).backward()
+        F.binary_cross_entropy_with_logits(disc(fake.detach()), zeros).backward()
+        opt_d.step()
+        gen.zero_grad()
+        disc.requires_grad_(not freeze_d)
+        F.binary_cross_entropy_with_logits(disc(fake), ones).backward()
+        disc.requires_grad_(True)
+        opt_g.step()
+    return disc, opt_d, rows
+
+
+@pytest.mark.filterwarnings("ignore:2 forward passes ran before one step")
+def test_the_generator_steps_backward_through_d_is_not_ds_sample() -> None:
+    """``D``'s steps are those of a twin whose generator step never reaches ``D`` (its
+    first layer's step was 0.79 off, its factors holding the fakes' forward of the
+    generator step), bit for bit under the empirical Fisher."""
+    plain = gan_run(freeze_d=False, fisher="empirical")[0]
+    frozen = gan_run(freeze_d=True, fisher="empirical")[0]
+    for p, q in zip(plain.parameters(), frozen.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_under_mc_d_s_factors_hold_its_own_forwards_alone() -> None:
+    """Under ``fisher="mc"`` the draws differ from the twin's (the generator step's forward
+    of ``D`` drew its targets), so the check is ``A`` of ``D``'s first layer at its second
+    step: that of the 16 rows of that step (the generator step's 8 fakes were in it)."""
+    _, opt, rows = gan_run(freeze_d=False, fisher="mc", steps=2)
+    rows = torch.cat([rows, torch.ones(16, 1, dtype=torch.float64)], dim=1)
+    factor = opt.preconditioner.factors["0"].A
+    torch.testing.assert_close(factor, rows.T @ rows / 16, rtol=1e-12, atol=1e-14)
+
+
+def attack_run(in_train_mode: bool, fisher: str) -> nn.Module:
+    """Adversarial training: three steps of an input-gradient attack, then the step; the
+    attack's forwards are captured (``in_train_mode``) or run by an inert copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = tk.KFAC(model, fisher=fisher, **OPTIONS)
+    data = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        x = torch.randn(8, 4, generator=data, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=data)
+        attacked = model if in_train_mode else copy.deepcopy(model)  # (a copy's hooks are inert)
+        delta = torch.zeros_like(x, requires_grad=True)
+        for _ in range(3):
+            (grad,) = torch.autograd.grad(F.cross_entropy(attacked(x + delta), y), delta)
+            delta = (delta + 0.1 * grad.sign()).detach().requires_grad_(True)
+        opt.zero_grad()
+        F.cross_entropy(model(x + delta.detach()), y).backward()
+        opt.step()
+    return model
+
+
+def test_an_attacks_input_gradients_are_not_samples() -> None:
+    """The attack's forwards, reached by ``autograd.grad`` of the input alone, were samples
+    (a step 0.29 to 0.70 off); now the steps are those of a loop whose attack runs on an
+    inert copy, bit for bit."""
+    for p, q in zip(
+        attack_run(True, "empirical").parameters(),
+        attack_run(False, "empirical").parameters(),
+        strict=True,
+    ):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_forwards_of_one_backward_and_of_accumulated_backwards_stay(fisher: str) -> None:
+    """Two views under one loss (one backward, before any gradient exists) and a second
+    micro-batch accumulated without ``zero_grad``: every forward's rows are in ``A``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    opt = tk.KFAC(model, fisher=fisher, accumulation_steps=3, **OPTIONS)
+    xs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    y = torch.randint(0, 2, (4,))
+    opt.zero_grad()
+    (F.cross_entropy(model(xs[0]), y) + F.cross_entropy(model(xs[1]), y)).backward()
+    F.cross_entropy(model(xs[2]), y).backward()
+    opt.step()
+    rows = torch.cat([torch.cat(xs), torch.ones(12, 1, dtype=torch.float64)], dim=1)
+    factor: Tensor = opt.preconditioner.factors["0"].A
+    torch.testing.assert_close(factor, rows.T @ rows / 12, rtol=1e-12, atol=1e-14)
