@@ -54,7 +54,7 @@ CONFIG_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("unknown problem key", _problem(batchsize=3), ["'problem.batchsize'", "'batch_size'"]),
     ("unknown kfac key", _kfac(dampng=0.1), ["'methods.kfac.dampng'", "'damping'"]),
     ("unknown defaults key", _set("defaults.kfac", {"ema": 0.9}), ["'defaults.kfac.ema'"]),
-    ("lr zero", _kfac(lr=0), ["lr must be a finite number in (0.0, inf)", "got 0"]),
+    ("lr negative", _kfac(lr=-0.1), ["lr must be a finite number in [0.0, inf)", "got -0.1"]),
     ("lr string", _kfac(lr="fast"), ["lr must be a real number", "'fast'"]),
     ("ema_decay 1", _kfac(ema_decay=1.0), ["ema_decay", "[0.0, 1.0)", "got 1.0"]),
     ("ema_decay < 0", _kfac(ema_decay=-0.1), ["ema_decay", "got -0.1"]),

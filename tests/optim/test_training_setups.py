@@ -1384,3 +1384,19 @@ def test_pruning_or_quantization_after_building_is_refused_by_name() -> None:
     quantization.prepare_qat(model, inplace=True)
     with pytest.raises(RuntimeError, match=r"layer '0' was replaced by a torch\.ao\..*Build the"):
         model(x)
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
+def test_a_learning_rate_of_zero_is_accepted_and_moves_nothing(cls: Any) -> None:
+    """``lr=0`` (a warm-up from zero; ``torch.optim.SGD`` takes it) was refused at
+    construction, though a param group or a scheduler at ``lr=0`` worked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = cls(model, lr=0.0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

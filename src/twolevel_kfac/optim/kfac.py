@@ -111,7 +111,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         **options: Any,
     ) -> None:
         check_model(type(self).__name__, model)
-        check_real("lr", lr, low=0.0, low_open=True)
+        check_real("lr", lr, low=0.0)
         check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_real("weight_decay", weight_decay, low=0.0)
         check_choice("nonfinite_policy", nonfinite_policy, NONFINITE_POLICIES)
