@@ -45,11 +45,13 @@ def check_new_gradients(pre: KFACPreconditioner) -> None:
             stale.append(name)
     if stale:
         raise RuntimeError(
-            f"step() was called again on layer(s) {stale[:5]}{' …' if len(stale) > 5 else ''} "
-            "with no backward since the last step: their .grad holds the direction that "
-            "step wrote, which a second step would precondition again. Run the forward and "
-            "backward before every step (zero_grad(), loss.backward(), step()); zero the "
-            ".grad of layers a step should leave alone (another optimizer's turn); a "
+            f"step() was called on layer(s) {stale[:5]}{' …' if len(stale) > 5 else ''} "
+            "with no backward since a step wrote their .grad (this optimizer's last step, or "
+            "another optimizer's over the same layers: a module shared by two models with an "
+            "optimizer each, after one joint backward): it holds that step's direction, which "
+            "this step would precondition again. Run the forward and backward before every "
+            "step (zero_grad(), loss.backward(), step()), for a shared module one model's loss "
+            "at a time; zero the .grad of layers a step should leave alone; a "
             "gradient written through .data (p.grad.data.copy_(g)) is not seen as new: "
             "write p.grad.copy_(g) or assign p.grad = g"
         )
