@@ -7,6 +7,7 @@ between them, all stay."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -119,3 +120,20 @@ def test_forwards_of_one_backward_and_of_accumulated_backwards_stay(fisher: str)
     rows = torch.cat([torch.cat(xs), torch.ones(12, 1, dtype=torch.float64)], dim=1)
     factor: Tensor = opt.preconditioner.factors["0"].A
     torch.testing.assert_close(factor, rows.T @ rows / 12, rtol=1e-12, atol=1e-14)
+
+
+def test_forwards_piling_up_without_a_step_are_said_once() -> None:
+    """A discriminator not stepped while the generator trains through it, its gradients
+    never dropped, keeps every forward until its step (0.4 MB each in a trial, without a
+    word): at 256 waiting forwards a warning says so, once."""
+    torch.manual_seed(0)
+    disc = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = tk.KFAC(disc, fisher="empirical", likelihood="bernoulli", cov_interval=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(300):
+            disc(torch.randn(2, 3)).sum().backward()
+    said = [w for w in caught if "wait for this optimizer's next step()" in str(w.message)]
+    assert len(said) == 1
+    opt.step()
+    assert opt.preconditioner.factors["0"].ready

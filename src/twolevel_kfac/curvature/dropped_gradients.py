@@ -22,6 +22,7 @@ assigned later: those forwards are dropped at the next backward, as if zeroed).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .forward_pass import ForwardPass, Record
 
 __all__ = ["backward_started"]
+
+_MANY = 256  # forwards waiting for a step, said once
 
 
 def _graph_task() -> int | None:
@@ -55,7 +58,7 @@ def backward_started(
     """The user's backward reached ``forward``: drop the forwards of earlier backwards
     (``done``, waiting for the step) whose gradients are gone (module docstring), and their
     ``records`` (by layer, in place); returns the forwards now waiting, ``forward`` among
-    them."""
+    them, and warns when they come to :data:`_MANY`."""
     task = _graph_task()
     if task is None:  # (a torch that does not say: nothing is dropped)
         return done
@@ -68,4 +71,14 @@ def backward_started(
         for kept in records.values():
             kept[:] = [r for r in kept if id(r.owner) not in gone]
         done = [f for f in done if id(f) not in gone]
+    if len(done) + 1 == _MANY:
+        warnings.warn(
+            f"{_MANY} forwards reached by a backward wait for this optimizer's next step(), "
+            "their inputs held until then (the memory grows): a network not stepped while "
+            "another trains through it (a GAN's discriminator during generator steps) keeps "
+            "each such forward. Freeze it meanwhile (requires_grad_(False)) or drop its "
+            "gradients (zero_grad())",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return [*done, forward]
