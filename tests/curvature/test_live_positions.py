@@ -22,6 +22,7 @@ from twolevel_kfac.curvature.live_positions import (
     PositionGrads,
     dead_positions,
     live_rows,
+    output_positions,
     position_wise,
 )
 
@@ -438,3 +439,14 @@ def test_logits_in_a_dict_leave_the_padding_out_a_tuple_keeps_it(
         assert t_short == t_long == sum(LENGTHS) / N
     else:
         assert (t_short, t_long) == (4, 7)
+
+
+def test_flattened_logits_have_positions_only_where_proved_sample_major() -> None:
+    """``[k·N, C]`` logits are ``k`` positions per sample only where their rows are proved
+    sample-major: a head on gathered rows (``h[mask]``, 8 of a batch of 4) has none, as
+    with 7 rows (its trunk's dead positions were dropped at 8 and kept at 7: blocks 0.35
+    apart)."""
+    logits = torch.zeros(8, 3)
+    assert output_positions(logits, None, 4, lambda t: True) == 2
+    assert output_positions(logits, None, 4, lambda t: False) is None
+    assert output_positions(torch.zeros(7, 3), None, 4, lambda t: True) is None

@@ -77,7 +77,7 @@ def per_sample(
       would see them (the rows sample-major), not ``B·T`` samples: KFAC's factors and
       location count, and the per-sample gradients of the coarse level and EKFAC, are
       those of the unflattened model.
-    * Other ``R ≠ N`` rows (``N > 1``; made by indexing: a branch on some samples,
+    * Other ``R ≠ N`` rows (made by indexing: a branch on some samples,
       ``x[keep]``, tokens gathered for a mixture-of-experts expert; a concatenation; or
       rows whose order is not proved), which cannot be told apart by sample: ``R`` rows
       of one location, with ``δ`` times ``√(R/N)``, so
@@ -85,19 +85,14 @@ def per_sample(
       ``Σ āāᵀ/R ⊗ Σ δδᵀ/N``, whatever ``R`` and the rows' order (KFAC's expand view of
       ``R`` locations spread over ``N`` samples; exact for a branch on whole samples). Taken
       as ``R`` samples, the block was ``N/R`` times that (an expert of a top-2-of-8 router
-      on ``T`` tokens per sample: ``4/T``).
-
-    A forward over one sample whose rows are not sample-major keeps them as they are (a
-    first tensor argument that is not the batch would make every layer's rows look
-    gathered)."""
+      on ``T`` tokens per sample: ``4/T``; in a forward of one sample, ``1/R``: a last
+      batch of one, micro-batches of one)."""
     a, g = pair
     rows = int(a.shape[0])
     if samples is None or samples < 1 or rows in (0, samples):
         return pair
     if reshaped and rows % samples == 0:
         return _locations(a, samples), None if g is None else _locations(g, samples)
-    if samples == 1:
-        return pair
     return a, None if g is None else g * math.sqrt(rows / samples)
 
 

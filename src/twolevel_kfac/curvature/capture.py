@@ -267,7 +267,8 @@ class CurvatureCapture:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
-        forward.positions = output_positions(output, self.class_dim, forward.batch_size)
+        in_order = lambda t: sample_major(t, forward)  # noqa: E731  (flattened logits)
+        forward.positions = output_positions(output, self.class_dim, forward.batch_size, in_order)
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
         empirical = self.fisher == "empirical" and forward.index is None
         check_batch_rows(forward, output, empirical)

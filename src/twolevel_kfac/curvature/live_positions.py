@@ -29,7 +29,7 @@ longest with dead positions (:func:`~.captured_batch.forward_statistics`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor, nn
@@ -59,10 +59,14 @@ def position_wise(module: nn.Module) -> bool:
     return entry is not None and (entry.features is linear_features or entry.rows_from_inputs)
 
 
-def output_positions(output: object, class_dim: int | None, batch: int) -> int | None:
+def output_positions(
+    output: object, class_dim: int | None, batch: int, in_order: Callable[[Tensor], bool]
+) -> int | None:
     """``T``: the positions per sample of a model output that is a tensor (or a dict's, an
     HF ``ModelOutput``'s, ``"logits"``) ``[N, T…, C]`` (``[N, C, T…]`` for ``class_dim=1``;
-    ``[N·T, C]`` flattened). Only a forward whose output has positions (a sequence model's)
+    ``[N·T, C]`` flattened, its rows proved ``T`` per sample in order by ``in_order``:
+    :func:`~.calls.sample_major`; a head on gathered rows ``h[mask]`` has none, whatever
+    their count). Only a forward whose output has positions (a sequence model's)
     may have dead positions: ``None`` for an output without (a classifier's or a regression's
     ``[N, C]``, whose pooled or max-over-points zeros are not padding), and for the forms
     that do not say which tensor is the logits (a tuple, a dict without ``"logits"``) or
@@ -73,7 +77,8 @@ def output_positions(output: object, class_dim: int | None, batch: int) -> int |
         return None
     if output.dim() == 2:  # logits flattened inside forward, k rows per sample
         rows = int(output.shape[0])
-        return rows // batch if rows > batch and rows % batch == 0 else None
+        flattened = rows > batch and rows % batch == 0 and in_order(output)
+        return rows // batch if flattened else None
     classes = int(output.shape[class_dim if class_dim is not None else -1])
     count = output.numel() // max(int(output.shape[0]) * classes, 1)
     return count if count > 1 else None
