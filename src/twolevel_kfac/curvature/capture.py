@@ -162,7 +162,9 @@ class CurvatureCapture:
         if mask is not None and self.fisher == "mc" and self.likelihood != "categorical":
             raise ValueError(
                 f"set_loss_mask marks the positions of categorical logits; fisher='mc' with "
-                f"likelihood={self.likelihood!r} has none"
+                f"likelihood={self.likelihood!r} samples every output element at the scale "
+                "of the mean over all of them: a loss over some positions (a masked "
+                "regression) needs fisher='empirical'"
             )
         self._next_mask = None if mask is None else mask.detach()
 
