@@ -300,3 +300,25 @@ def test_gathered_rows_of_one_sample_have_the_block_of_that_sample_twice(fisher:
     one, two = block(1), block(2)
     tolerance = 0.15 if fisher == "mc" else 1e-12
     assert float(one.trace() / two.trace()) == pytest.approx(1.0, abs=tolerance)
+
+
+def test_a_batch_of_one_with_tokens_flattened_first_is_not_refused_under_empirical() -> None:
+    """``x.reshape(-1, D)`` at the start of ``forward``: a batch of one's rows are proved
+    ``T`` per sample (a view of the first argument), as a batch of two's; it was refused
+    ("pass the batch first": a last micro-batch of one)."""
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(x.reshape(-1, 4))))
+
+    model = Flat().double()
+    opt = tk.KFAC(model, fisher="empirical")
+    x, y = torch.randn(1, 3, 4, dtype=torch.float64), torch.randint(0, 5, (1, 3))
+    F.cross_entropy(model(x), y.flatten()).backward()
+    opt.step()
+    assert opt.preconditioner.factors["a"].num_locations == 3

@@ -123,6 +123,8 @@ def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None
     rows |= {int(t.shape[0]) for t in output_tensors(output) if t.dim() > 0}
     if batch in rows or (batch > 1 and any(r % batch == 0 for r in rows)):
         return
+    if any(r.reshaped for recs in records.values() for r in recs):
+        return  # (rows proved k per sample of the batch, a batch of one's flattened tokens)
     raise RuntimeError(
         f"the model's first tensor argument has {batch} rows, but its layers see "
         f"{sorted(rows)}: KFAC takes the batch size (the empirical Fisher's scale) from the "
