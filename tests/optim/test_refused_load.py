@@ -80,19 +80,20 @@ def test_a_checkpoint_in_another_dtype_is_refused(cls: Any) -> None:
         wide.load_state_dict(opt.state_dict())
 
 
+def stepped(cls: Any) -> torch.optim.Optimizer:
+    """An optimizer of ``cls`` (``inverse_method="eigen"``) after one step of a small MLP."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = cls(model, inverse_method="eigen")
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return opt
+
+
 def test_a_checkpoint_of_another_method_is_told() -> None:
     """EKFAC's or a two-level optimizer's checkpoint loaded by KFAC: a warning names both
     methods (what the other keeps beyond the factors is not used); the same method: none."""
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-
-    def stepped(cls: Any) -> torch.optim.Optimizer:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        opt = cls(model, inverse_method="eigen")
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        return opt
-
     told = {
         "fine level 'ekfac' with no coarse level": stepped(tk.EKFAC),
         "fine level 'kfac' with coarse space nicolaides": stepped(tk.TwoLevelKFAC),
@@ -115,16 +116,6 @@ def test_a_checkpoint_missing_the_methods_state_is_refused_without_a_warning(
     """KFAC's checkpoint loaded into EKFAC, a two-level or a KFAC-corrected optimizer: one
     error naming the method that saved it and the missing entry, and no warning before it
     (a warning said the extra state 'starts afresh', then a bare 'not an EKFAC state')."""
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-
-    def stepped(cls: Any) -> torch.optim.Optimizer:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        opt = cls(model, inverse_method="eigen")
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        return opt
-
     checkpoint = stepped(tk.KFAC).state_dict()
     told = f"saved by fine level 'kfac' with no coarse level and has no '{entry}'"
     with warnings.catch_warnings():
