@@ -137,3 +137,24 @@ def test_forwards_piling_up_without_a_step_are_said_once() -> None:
     assert len(said) == 1
     opt.step()
     assert opt.preconditioner.factors["0"].ready
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_an_attack_between_two_training_backwards_is_not_a_sample(fisher: str) -> None:
+    """A clean loss's backward, then an attack's input gradient, then the adversarial
+    loss's backward: ``A`` holds the clean and the adversarial rows alone (the attack's
+    rows were in it: its backward wrote no gradient, judged at the next backward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    opt = tk.KFAC(model, fisher=fisher, accumulation_steps=2, **OPTIONS)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).div(2).backward()
+    probe = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(probe), y), probe)
+    adversarial = (x + 0.5 * grad.sign()).detach()
+    F.cross_entropy(model(adversarial), y).div(2).backward()
+    opt.step()
+    rows = torch.cat([torch.cat([x, adversarial]), torch.ones(12, 1, dtype=torch.float64)], 1)
+    factor = opt.preconditioner.factors["0"].A
+    torch.testing.assert_close(factor, rows.T @ rows / 12, rtol=1e-12, atol=1e-14)

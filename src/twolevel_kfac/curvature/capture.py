@@ -14,11 +14,11 @@ step where the factors are refreshed (``capture.active``), during ``model(x)``:
      ℓ_n(ŷ_n), layer_outputs, retain_graph=True)``; the user's backward reuses the graph.
 
 Several forwards before one ``step()`` append their samples (``accumulation_steps=k``
-scales the empirical ``δ`` by ``B·k``). A layer whose weight several modules share, or that
-runs several times in one forward, records each call as a location ``t`` (:mod:`.calls`).
-Statistics come in the dtype given per layer (float32 under ``torch.autocast``). Nothing
-is captured in ``eval()``, under ``torch.no_grad()``, or when inactive. The draws (the
-subset, the MC targets) use the optimizer's CPU generator whatever the device.
+scales the empirical ``δ`` by ``B·k``). A layer that several modules share, or that runs
+several times in one forward, records each call as a location ``t`` (:mod:`.calls`).
+Statistics come in each layer's dtype (float32 under ``torch.autocast``). Nothing is
+captured in ``eval()``, under ``no_grad()``, or when inactive. The draws (the subset,
+the MC targets) use the optimizer's CPU generator.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward
-from .dropped_gradients import backward_started
+from .dropped_gradients import backward_started, without_gradient
 from .forward_checks import (
     batch_argument,
     check_batch_rows,
@@ -161,10 +161,9 @@ class CurvatureCapture:
         """
         if mask is not None and self.fisher == "mc" and self.likelihood != "categorical":
             raise ValueError(
-                f"set_loss_mask marks the positions of categorical logits; fisher='mc' with "
-                f"likelihood={self.likelihood!r} samples every output element at the scale "
-                "of the mean over all of them: a loss over some positions (a masked "
-                "regression) needs fisher='empirical'"
+                f"set_loss_mask marks categorical logits' positions; fisher='mc' with likelihood"
+                f"={self.likelihood!r} samples every output element at the scale of the mean "
+                "over all: a loss over some positions (masked regression) needs 'empirical'"
             )
         self._next_mask = None if mask is None else mask.detach()
 
@@ -334,6 +333,7 @@ class CurvatureCapture:
         along ``N``; the empirical ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s)."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
+        without_gradient(self._done, self.layers)  # (an attack's input gradients)
         taken: dict[str, list[Forward]] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ class ForwardPass:
     per_sample: set[Node] = field(default_factory=set)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     backward_task: int | None = None  # the id of that backward (dropped_gradients)
+    grads_seen: tuple[Any, ...] | None = None  # the layers' .grad as that backward found them
     # called (held weakly) as the user's backward first reaches this forward
     on_backward: Callable[[], Callable[[ForwardPass], None] | None] | None = None
     # fisher="mc": each call's output edge (an in-place op after it does not move it)
