@@ -322,3 +322,51 @@ def test_a_batch_of_one_with_tokens_flattened_first_is_not_refused_under_empiric
     F.cross_entropy(model(x), y.flatten()).backward()
     opt.step()
     assert opt.preconditioner.factors["a"].num_locations == 3
+
+
+class MeanPooled(nn.Module):
+    """One graph's readout: the nodes' mean (``global_mean_pool(x, batch=None)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.node, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.node(x)).mean(0, keepdim=True))
+
+
+class Dispatched(nn.Module):
+    """Tokens dispatched into an expert's capacity slots (``index_put(accumulate=True)``,
+    fewer slots than tokens), a head on the masked tokens, and the expert load beside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.expert, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.emb(x)).flatten(0, 1)  # [B·T, 4]
+        slots = torch.arange(len(h)) % 5
+        buffer = torch.zeros(5, 4, dtype=h.dtype).index_put((slots,), h, accumulate=True)
+        h = h + self.expert(buffer)[slots]
+        load = torch.zeros(5, dtype=h.dtype).scatter_add(0, slots, h.sum(1))
+        return self.head(h[torch.arange(len(h)) % 3 == 0]), load
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_mean_over_the_batch_is_a_pool_and_a_dispatch_is_not(fisher: str) -> None:
+    """``h.mean(0)`` of the nodes is a pool of the samples (it passed since the check
+    looked at summing operations alone); an expert's capacity slots (fewer than the
+    tokens) and its load beside the logits are not pools (refused at some batches)."""
+    pooled = MeanPooled().double()
+    opt = tk.KFAC(pooled, fisher=fisher)
+    with pytest.raises(RuntimeError, match=r"MeanBackward1 into 1 rows"):
+        pooled(torch.randn(10, 3, dtype=torch.float64))
+    model = Dispatched().double()
+    opt = tk.KFAC(model, fisher="empirical")
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    logits, load = model(x)
+    (F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)) + load.sum()).backward()
+    opt.step()
+    assert opt.preconditioner.factors["expert"].ready

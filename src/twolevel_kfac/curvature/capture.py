@@ -35,7 +35,7 @@ from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward
-from .dropped_gradients import backward_started, without_gradient
+from .dropped_gradients import backward_started, mark_accumulation, settle
 from .forward_checks import (
     batch_argument,
     check_batch_rows,
@@ -105,9 +105,7 @@ class CurvatureCapture:
         self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
         self.fisher_batch, self.generator = fisher_batch, generator
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
-        self.accumulation_steps = accumulation_steps
-        self.dtypes = dtypes or {}
-        self.active = False
+        self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
         self.empty_batch = False  # the last take's forwards had 0 rows
         self._empty_forward = False  # a forward over 0 rows since the last take
         self._eval_forward = False  # a forward in eval() with gradients since the last take
@@ -133,6 +131,7 @@ class CurvatureCapture:
             self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
         # after the layers' hooks: a root module that is itself a layer records first
         self._handles.append(model.register_forward_hook(WeakHook(this, "_root_hook")))
+        self._handles += mark_accumulation(layers)  # (a .grad the user composes: unmarked)
         weakref.finalize(self, remove_all, self._handles)
 
     def remove(self) -> None:
@@ -262,7 +261,7 @@ class CurvatureCapture:
 
     def _backward_started(self, forward: ForwardPass) -> None:
         """The user's backward reached ``forward``: :func:`~.dropped_gradients.backward_started`."""
-        self._done = backward_started(forward, self._done, self._records, self.layers)
+        self._done = backward_started(forward, self._done, self.layers)
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
@@ -333,7 +332,7 @@ class CurvatureCapture:
         along ``N``; the empirical ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s)."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
-        without_gradient(self._done, self.layers)  # (an attack's input gradients)
+        settle(self._done, self.layers)  # (dropped gradients: dropped_gradients)
         taken: dict[str, list[Forward]] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []

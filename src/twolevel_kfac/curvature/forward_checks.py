@@ -108,7 +108,7 @@ def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None
         RuntimeError: naming the counts and the fix.
     """
     batch, records = forward.batch_size, forward.records
-    pooled = pooled_by(output_tensors(output), batch, forward.per_sample)
+    pooled = pooled_by(output, batch, forward.per_sample)
     if pooled is not None:
         raise RuntimeError(
             f"the model output's rows pool the {batch} rows of its first tensor argument, "

@@ -50,6 +50,7 @@ class ForwardPass:
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     backward_task: int | None = None  # the id of that backward (dropped_gradients)
     grads_seen: tuple[Any, ...] | None = None  # the layers' .grad as that backward found them
+    reset: bool = False  # its gradients were dropped since (it counts if the user composes)
     # called (held weakly) as the user's backward first reaches this forward
     on_backward: Callable[[], Callable[[ForwardPass], None] | None] | None = None
     # fisher="mc": each call's output edge (an in-place op after it does not move it)

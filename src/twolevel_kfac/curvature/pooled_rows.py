@@ -6,18 +6,24 @@ head on ``h[mask]``, the real tokens ``out[attention_mask]``, a ``PackedSequence
 ``data``, a time-major ``[T, N, C]``) are each one sample's and pass: under the MC Fisher
 their count sets the mean's scale (:func:`~.loss_mask.counted_positions`).
 
-The walk goes back from each output tensor whose rows are not a multiple of the batch
-through at most :data:`_WALK` autograd nodes and names the first that reduces rows of a
-multiple of the batch into rows that are not: ``index_add``, ``scatter_add``,
-``scatter_reduce``, ``index_reduce`` or ``index_put(accumulate=True)`` along dimension 0,
-``segment_reduce`` along it, or a matrix product ``P @ h``. Not seen: pools written as a
-loop over the graphs (``torch.stack([h[batch == g].mean(0) for g in …])``) or a reshape
-and a reduction (``h.view(G, n, D).sum(1)``), a compiled graph.
+The walk goes back from the model's main output (:func:`main_output`) where its rows are
+not a multiple of the batch, through at most :data:`_WALK` autograd nodes, and names the
+first that pools rows of a multiple of the batch, computed from a layer's output: a
+reduction of dimension 0 (``h.mean(0)``, ``(a * h).sum(0)``, ``amax``), or into fewer
+rows than the samples ``index_add``, ``scatter_add``, ``scatter_reduce``,
+``index_reduce``, ``segment_reduce`` or ``index_put(accumulate=True)`` along dimension 0,
+or a matrix product ``P @ h``. A mixture of experts' dispatch into capacity slots and
+its combine back into the tokens keep more rows than the samples, and its load beside the
+logits is not the main output: they pass. Not seen: pools into as many rows as the
+samples or more, a loop over the graphs (``torch.stack([h[batch == g].sum(0) …])``: each
+sum is of a part of the rows), a reshape and a reduction (``h.view(G, n, D).sum(1)``), a
+compiled graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
+from typing import Any
 
 from torch import Tensor
 from torch.autograd.graph import Node
@@ -37,43 +43,82 @@ _ALONG_DIM = frozenset(  # (their dimension is saved as ``dim``, segment_reduce'
     }
 )
 _PRODUCTS = {"MmBackward0": 1, "AddmmBackward0": 2}  # the edge of ``h`` in ``P @ h``
+_FULL = frozenset({"SumBackward0", "MeanBackward0", "MaxBackward1", "MinBackward1"})
+
+
+def _reduced_dims(node: Node, rank: int) -> set[int] | None:
+    """The input dimensions a reduction (``sum``, ``mean``, ``amax``, …; all of them for a
+    full one) reduced, or ``None`` for another operation."""
+    if type(node).__name__ in _FULL:
+        return set(range(rank))
+    if not hasattr(node, "_saved_keepdim"):
+        return None
+    saved = getattr(node, "_saved_dim", ())
+    dims = saved if isinstance(saved, tuple) else (saved,)
+    return {signed(int(d)) % max(rank, 1) for d in dims}
+
+
+def _summing(node: Node, out: list[int]) -> bool:
+    """Whether ``node`` adds rows into the rows of its output (shape ``out``): ``P @ h``,
+    ``index_add``, ``scatter_add``/``scatter_reduce``, ``index_reduce``, ``segment_reduce``
+    along dimension 0, ``index_put(accumulate=True)``."""
+    name = type(node).__name__
+    if name in _PRODUCTS:
+        return True
+    if name == "IndexPutBackward0":
+        return bool(getattr(node, "_saved_accumulate", False))
+    dim = getattr(node, "_saved_dim", getattr(node, "_saved_axis", None))
+    return name in _ALONG_DIM and dim is not None and signed(int(dim)) % len(out) == 0
 
 
 def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> bool:
-    """Whether ``node``, whose output (shape ``out``) has rows that are not a multiple of
-    ``batch``, made them by reducing rows of a multiple of it computed from a layer's
-    output (``stops``: their nodes; a ``Linear``'s ``x @ W.t()`` reduces no rows)."""
-    name = type(node).__name__
-    edges = list(enumerate(node.next_functions))
-    if name in _PRODUCTS:
-        edges = [e for e in edges if e[0] == _PRODUCTS[name]]
-    elif name == "IndexPutBackward0":
-        edges = edges if getattr(node, "_saved_accumulate", False) else []
-    elif name in _ALONG_DIM:
-        dim = getattr(node, "_saved_dim", getattr(node, "_saved_axis", None))
-        edges = edges if dim is not None and signed(int(dim)) % len(out) == 0 else []
+    """Whether ``node`` (output shape ``out``) pooled rows of a multiple of ``batch``
+    computed from a layer's output (``stops``: their nodes) into fewer rows: a reduction
+    of dimension 0 (``h.mean(0)``, attention-MIL's ``(a * h).sum(0)``), or a summing
+    operation (:func:`_summing`) into fewer rows than the samples (``G`` graphs of ``N``
+    nodes; a mixture-of-experts dispatch into capacity slots or its combine into the
+    tokens has more: not a pool; a ``Linear``'s ``x @ W.t()`` reduces no rows)."""
+    edges = [(p, n) for p, n in node.next_functions if p is not None]
+    dims = _reduced_dims(node, max((len(node_shape(p, n)) for p, n in edges), default=0))
+    if dims is not None:
+        if 0 not in dims:
+            return False
+        rows = 1
+    elif out and out[0] < batch and _summing(node, out):
+        name, rows = type(node).__name__, out[0]
+        if name in _PRODUCTS:
+            parent, nr = node.next_functions[_PRODUCTS[name]]
+            edges = [] if parent is None else [(parent, nr)]
     else:
         return False
-    for _, (parent, nr) in edges:
+    for parent, nr in edges:
         shape = node_shape(parent, nr)
-        if parent is None or not shape or shape[0] % batch:
+        if parent is None or not shape or shape[0] % batch or shape[0] <= rows:
             continue
         if parent in stops or reaches(parent, stops):
             return True
     return False
 
 
-def pooled_by(outputs: Iterable[Tensor], batch: int, stops: Collection[Node]) -> str | None:
+def main_output(output: Any) -> Tensor | None:
+    """The model's main output: a tensor, a dict's (an HF ``ModelOutput``'s) ``"logits"``,
+    a tuple's or list's first item (``(logits, aux)``: a mixture of experts' load, summed
+    over the tokens, is not a pool of the samples' losses)."""
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if isinstance(output, dict):
+        output = output.get("logits")
+    return output if isinstance(output, Tensor) else None
+
+
+def pooled_by(output: Any, batch: int, stops: Collection[Node]) -> str | None:
     """The autograd node that pooled the batch's rows, computed from the layers' outputs
-    (``stops``: their nodes), into the rows of one of the model's ``outputs`` (module
+    (``stops``: their nodes), into the rows of the model's :func:`main_output` (module
     docstring), as ``"<its name> into <R> rows"``, or ``None``."""
-    if batch < 2:
+    main = main_output(output)
+    if batch < 2 or main is None or main.grad_fn is None or (main.dim() and len(main) % batch == 0):
         return None
-    stack: list[tuple[Node, int]] = [
-        (t.grad_fn, t.output_nr)
-        for t in outputs
-        if t.grad_fn is not None and t.dim() and len(t) % batch
-    ]
+    stack: list[tuple[Node, int]] = [(main.grad_fn, main.output_nr)]
     seen: set[Node] = set()
     while stack and len(seen) <= _WALK:
         node, nr = stack.pop()
@@ -81,7 +126,7 @@ def pooled_by(outputs: Iterable[Tensor], batch: int, stops: Collection[Node]) ->
             continue
         seen.add(node)
         out = node_shape(node, nr)
-        if out and out[0] % batch and _pools(node, out, batch, stops):
+        if _pools(node, out, batch, stops):
             return f"{type(node).__name__} into {out[0]} rows"
         stack.extend((p, n) for p, n in node.next_functions if p is not None)
     return None
