@@ -101,8 +101,8 @@ def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None
     one). Output rows taken one for one from the samples' (``head(h[mask])``) pass. Under
     the ``empirical`` Fisher of the whole batch, also a batch size that no layer input
     has (it scales each ``δ``; the forward's records say which its layers have). A layer
-    may see a multiple of a batch of more than one sample
-    (tokens flattened into rows).
+    may see a multiple of a batch of more than one sample (tokens flattened into rows), and
+    a batch of one's rows proved ``k`` per sample.
 
     Raises:
         RuntimeError: naming the counts and the fix.
@@ -113,9 +113,9 @@ def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None
         raise RuntimeError(
             f"the model output's rows pool the {batch} rows of its first tensor argument, "
             f"which KFAC takes as the batch of samples ({pooled}): a graph-level model called "
-            "as model(x, edge_index, batch) pools its nodes into graphs, whose losses the "
-            "samples' are not. Pass a tensor with one row per graph first (model(graph_ids, "
-            "x, edge_index, batch)), so that the graphs are the samples"
+            "as model(x, edge_index, batch) pools its nodes into graphs, and the losses are "
+            "the graphs', not the nodes'. Pass a tensor with one row per graph first "
+            "(model(graph_ids, x, edge_index, batch)), so that the graphs are the samples"
         )
     if not empirical or not records:
         return
