@@ -164,3 +164,67 @@ def test_an_attack_between_two_training_backwards_is_not_a_sample(fisher: str) -
     rows = torch.cat([torch.cat([x, adversarial]), torch.ones(12, 1, dtype=torch.float64)], 1)
     factor = opt.preconditioner.factors["0"].A
     torch.testing.assert_close(factor, rows.T @ rows / 12, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("touch", ["clip", "clone"])
+def test_an_attack_after_the_backward_stays_out_whatever_touches_the_gradient(
+    touch: str,
+) -> None:
+    """The training backward, an attack's input gradient, then the gradient clipped (or
+    reassigned) before the step: ``A`` holds the training rows alone (a write was judged
+    by the ``.grad`` tensors, which clipping changes: the attack was back, ``A`` 1.58 off;
+    the writes are counted per parameter now)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    opt = tk.KFAC(model, fisher="empirical", **OPTIONS)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    probe = (x + 0.3).requires_grad_(True)
+    torch.autograd.grad(F.cross_entropy(model(probe), y), probe)
+    if touch == "clip":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    else:
+        for p in model.parameters():
+            p.grad = p.grad.clone()
+    opt.step()
+    rows = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    factor = opt.preconditioner.factors["0"].A
+    torch.testing.assert_close(factor, rows.T @ rows / 6, rtol=1e-12, atol=1e-14)
+
+
+def test_a_discriminator_layer_unfrozen_after_construction_is_watched_too() -> None:
+    """A layer frozen when ``D``'s optimizer was built and unfrozen later: its gradient
+    writes are counted from its first backward on (it had no hook, every step looked
+    composed, and the generator step's forward was back in ``D``'s factors: 0.81 off)."""
+
+    def run(freeze_d: bool) -> nn.Module:
+        torch.manual_seed(0)
+        gen, disc = (
+            nn.Linear(2, 3).double(),
+            nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)),
+        )
+        disc = disc.double()
+        disc[0].requires_grad_(False)
+        opt_d = tk.KFAC(
+            disc, params=disc.parameters(), fisher="empirical", likelihood="bernoulli", **OPTIONS
+        )
+        disc[0].requires_grad_(True)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            real = torch.randn(8, 3, generator=data, dtype=torch.float64)
+            fake = gen(torch.randn(8, 2, generator=data, dtype=torch.float64))
+            disc.zero_grad()
+            ones = torch.ones(8, 1, dtype=torch.float64)
+            loss = F.binary_cross_entropy_with_logits(
+                disc(torch.cat([real, fake.detach()])), torch.cat([ones, 0 * ones])
+            )
+            loss.backward()
+            opt_d.step()
+            disc.requires_grad_(not freeze_d)
+            F.binary_cross_entropy_with_logits(disc(fake), ones).backward()
+            disc.requires_grad_(True)
+        return disc
+
+    for p, q in zip(run(False).parameters(), run(True).parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -35,7 +35,7 @@ from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward
-from .dropped_gradients import backward_started, mark_accumulation, settle
+from .dropped_gradients import Marks, backward_started, settle
 from .forward_checks import (
     batch_argument,
     check_batch_rows,
@@ -131,7 +131,7 @@ class CurvatureCapture:
             self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
         # after the layers' hooks: a root module that is itself a layer records first
         self._handles.append(model.register_forward_hook(WeakHook(this, "_root_hook")))
-        self._handles += mark_accumulation(layers)  # (a .grad the user composes: unmarked)
+        self._marks = Marks(self._handles)  # (what backwards write: dropped_gradients)
         weakref.finalize(self, remove_all, self._handles)
 
     def remove(self) -> None:
@@ -261,7 +261,7 @@ class CurvatureCapture:
 
     def _backward_started(self, forward: ForwardPass) -> None:
         """The user's backward reached ``forward``: :func:`~.dropped_gradients.backward_started`."""
-        self._done = backward_started(forward, self._done, self.layers)
+        self._done = backward_started(forward, self._done, self.layers, self._marks)
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""

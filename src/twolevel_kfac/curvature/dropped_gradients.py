@@ -12,22 +12,23 @@ for the next ``step()``. A gradient dropped in between (``zero_grad()``, which s
   model's output and writes no gradient: its forwards were samples (0.29 to 0.70 off).
 
 Recognised at the start of each backward through a captured forward (:func:`backward_started`):
-where earlier backwards (other graph tasks) reached captured forwards and every layer's
-gradient is ``None`` now, their gradients are gone (``reset``); and a forward whose backward
-left every layer's ``.grad`` as it found it (the same tensor, unwritten), judged at the
-next backward or at the step (:func:`settle`), wrote none (an attack before or after the
-training backward). Forwards of one backward (two views, one loss) are never dropped by
-each other. A gradient the user composes and assigns before the step (``p.grad = g``:
-PCGrad over separate forwards, micro-batches clipped one by one and summed) holds forwards
-whose ``.grad`` was reset: at a step whose layer gradients were not written by a backward
-(:func:`mark_accumulation`), the reset forwards count again. Not recognised: gradients
-zeroed in place (``zero_grad(set_to_none=False)``, torch's default before 2.0), a composed
-gradient written into the backward's tensor (``p.grad.copy_(g)``, ``p.grad.data = g``).
+a forward of an earlier backward (another graph task) that wrote no layer gradient (an
+attack before or after the training backward; the writes are counted by a hook on each
+parameter, :class:`Marks`, which clipping, a ``GradScaler`` or an assigned ``.grad`` leave
+alone), judged at the next backward or at the step (:func:`settle`), is no sample; and
+where every layer's gradient is ``None`` now, the earlier backwards' gradients are gone
+(``reset``). Forwards of one backward (two views, one loss) are never dropped by each
+other. A gradient the user composes and assigns before the step (``p.grad = g``: PCGrad
+over separate forwards, micro-batches clipped one by one and summed) holds the reset
+forwards: at a step whose layer gradients are not the tensors a backward wrote, they
+count again (and so does a GAN discriminator's ``p.grad = p.grad.clone()``, which cannot
+be told from it). Not recognised: gradients zeroed in place
+(``zero_grad(set_to_none=False)``, torch's default before 2.0), a composed gradient
+written into the backward's tensor (``p.grad.copy_(g)``, ``p.grad.data = g``).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,7 +40,7 @@ from .blocks import block_parameters
 if TYPE_CHECKING:
     from .forward_pass import ForwardPass
 
-__all__ = ["backward_started", "mark_accumulation", "settle"]
+__all__ = ["Marks", "backward_started", "settle", "writes"]
 
 _WRITTEN = "_tlkfac_written_by_backward"  # set on a .grad that autograd accumulated into
 
@@ -50,42 +51,41 @@ def _graph_task() -> int | None:
     return None if current is None else int(current())
 
 
-GradState = tuple["tuple[weakref.ref[Tensor], int] | None", ...]
-"""Each layer's ``.grad`` (its first trained parameter's): the tensor, held weakly, and its
-version (an accumulation writes it), or ``None``."""
+_WRITES = "_tlkfac_gradient_writes"  # on a parameter: the backwards that wrote its .grad
 
 
-def grad_state(layers: dict[str, nn.Module]) -> GradState:
-    """The layers' gradients as they are now (:data:`GradState`)."""
-    grads = (block_parameters(module)[0].grad for module in layers.values())
-    return tuple(None if g is None else (weakref.ref(g), g._version) for g in grads)
+def writes(layers: dict[str, nn.Module]) -> tuple[int, ...]:
+    """How many times a backward wrote each layer's gradients (:class:`Marks`): a count
+    that clipping, a ``GradScaler`` or a ``.grad`` the user assigns leave alone."""
+    return tuple(
+        sum(getattr(p, _WRITES, 0) for p in module.parameters(recurse=False))
+        for module in layers.values()
+    )
 
 
-def _unchanged(before: GradState, now: GradState) -> bool:
-    """Whether no layer's gradient was written, set or dropped between two states."""
-    for a, b in zip(before, now, strict=True):
-        if (a is None) != (b is None):
-            return False
-        if a is not None and b is not None and (a[0]() is None or a[0]() is not b[0]()):
-            return False
-        if a is not None and b is not None and a[1] != b[1]:
-            return False
-    return True
-
-
-def _mark(param: Tensor) -> None:
+def _written(param: Tensor) -> None:
+    """After autograd accumulated into ``param.grad``: count it, and mark the tensor."""
+    setattr(param, _WRITES, getattr(param, _WRITES, 0) + 1)
     if param.grad is not None:
         setattr(param.grad, _WRITTEN, True)
 
 
-def mark_accumulation(layers: dict[str, nn.Module]) -> list[RemovableHandle]:
-    """Mark each ``.grad`` that autograd accumulates into, for the layers' trained
-    parameters (a post-accumulate-grad hook each: a parameter frozen now has none, and its
-    ``.grad`` once unfrozen counts as composed); the handles remove them."""
-    params = {
-        id(p): p for m in layers.values() for p in m.parameters(recurse=False) if p.requires_grad
-    }
-    return [p.register_post_accumulate_grad_hook(_mark) for p in params.values()]
+class Marks:
+    """The post-accumulate-grad hooks that count and mark what a backward writes
+    (:func:`_written`), on every layer parameter that trains by the time a backward starts
+    (one frozen when the optimizer was built gets one once it trains); their handles go
+    to ``handles``, which remove them."""
+
+    def __init__(self, handles: list[RemovableHandle]) -> None:
+        self.handles, self.hooked = handles, set[int]()
+
+    def cover(self, layers: dict[str, nn.Module]) -> None:
+        """Hook the layers' trained parameters that have no hook yet."""
+        for module in layers.values():
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and id(param) not in self.hooked:
+                    self.hooked.add(id(param))
+                    self.handles.append(param.register_post_accumulate_grad_hook(_written))
 
 
 def _composed(layers: dict[str, nn.Module]) -> bool:
@@ -95,39 +95,37 @@ def _composed(layers: dict[str, nn.Module]) -> bool:
 
 
 def backward_started(
-    forward: ForwardPass, done: list[ForwardPass], layers: dict[str, nn.Module]
+    forward: ForwardPass, done: list[ForwardPass], layers: dict[str, nn.Module], marks: Marks
 ) -> list[ForwardPass]:
     """The user's backward reached ``forward``: the forwards of earlier backwards
-    (``done``, waiting for the step) whose gradients are gone or were never written are
-    no samples (``backward_done`` cleared; module docstring); returns the forwards now
+    (``done``, waiting for the step) that wrote no gradient, or whose gradients are gone,
+    are no samples (``backward_done`` cleared; module docstring); returns the forwards now
     waiting, ``forward`` among them."""
     task = _graph_task()
     if task is None:  # (a torch that does not say: nothing is dropped)
         return done
-    now = grad_state(layers)
-    forward.backward_task, forward.grads_seen = task, now
-    earlier = [f for f in done if f.backward_task != task]
-    reset = all(g is None for g in now)  # every gradient dropped: none of theirs is left
-    for f in earlier:
-        if reset and f.backward_done:
-            f.backward_done, f.reset = False, True
-        elif f.grads_seen is not None and _unchanged(f.grads_seen, now):
+    marks.cover(layers)  # (before this backward writes anything)
+    now = writes(layers)
+    forward.backward_task, forward.writes_seen = task, now
+    reset = all(block_parameters(m)[0].grad is None for m in layers.values())
+    for f in (f for f in done if f.backward_task != task):
+        if f.writes_seen is not None and f.writes_seen == now:
             f.backward_done = False  # (an attack's backward, of the input: nothing written)
-        f.grads_seen = None  # (judged: later backwards write the gradients, not theirs)
+        elif reset and f.backward_done:  # every gradient dropped: none of theirs is left
+            f.backward_done, f.reset = False, True
+        f.writes_seen = None  # (judged: later backwards write the gradients, not theirs)
     return [*done, forward]
 
 
 def settle(done: list[ForwardPass], layers: dict[str, nn.Module]) -> None:
     """At the step: the last backward's forwards that wrote no gradient are no samples, and
     where the user composed the layers' gradients (assigned, not written by a backward)
-    the reset forwards are samples again (module docstring)."""
-    if not done:
-        return
-    now = grad_state(layers)
+    the reset forwards, whose backwards wrote, are samples again (module docstring)."""
+    now = writes(layers) if done else ()
     for forward in done:
-        if forward.grads_seen is not None and _unchanged(forward.grads_seen, now):
+        if forward.writes_seen is not None and forward.writes_seen == now:
             forward.backward_done = False
-    if _composed(layers):
+    if done and _composed(layers):
         for forward in done:
             if forward.reset:
                 forward.backward_done = True

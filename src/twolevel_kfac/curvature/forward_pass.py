@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +48,7 @@ class ForwardPass:
     per_sample: set[Node] = field(default_factory=set)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     backward_task: int | None = None  # the id of that backward (dropped_gradients)
-    grads_seen: tuple[Any, ...] | None = None  # the layers' .grad as that backward found them
+    writes_seen: tuple[int, ...] | None = None  # the layers' gradient writes by then
     reset: bool = False  # its gradients were dropped since (it counts if the user composes)
     # called (held weakly) as the user's backward first reaches this forward
     on_backward: Callable[[], Callable[[ForwardPass], None] | None] | None = None
