@@ -370,3 +370,23 @@ def test_a_mean_over_the_batch_is_a_pool_and_a_dispatch_is_not(fisher: str) -> N
     (F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)) + load.sum()).backward()
     opt.step()
     assert opt.preconditioner.factors["expert"].ready
+
+
+def test_a_model_returning_a_sum_over_its_samples_is_not_judged() -> None:
+    """A 0-dim output (an energy or a loss summed in ``forward``) has no rows to judge: it
+    passes as before 2026-12-05 (the pool check raised an ``IndexError`` on it)."""
+
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(x))).sum()
+
+    model = Summed().double()
+    opt = tk.KFAC(model, fisher="empirical")
+    model(torch.randn(6, 3, dtype=torch.float64)).backward()
+    opt.step()
+    assert opt.preconditioner.factors["a"].ready

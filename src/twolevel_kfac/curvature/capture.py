@@ -24,6 +24,7 @@ the MC targets) use the optimizer's CPU generator.
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Any, Literal, get_args
 
 import torch
@@ -267,7 +268,7 @@ class CurvatureCapture:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
-        in_order = lambda t: sample_major(t, forward)  # noqa: E731  (flattened logits)
+        in_order = partial(sample_major, forward=forward)  # (logits flattened in forward)
         forward.positions = output_positions(output, self.class_dim, forward.batch_size, in_order)
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
         empirical = self.fisher == "empirical" and forward.index is None

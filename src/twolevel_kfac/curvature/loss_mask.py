@@ -62,15 +62,14 @@ def check_loss_mask(mask: Tensor, output: Tensor, class_dim: int | None) -> None
 
 
 def counted_positions(
-    mask: Tensor | None, output: Tensor, class_dim: int | None, samples: int | None = None
+    mask: Tensor | None, output: Tensor, class_dim: int | None, samples: int
 ) -> float:
     """``N_tok / N``: the counted positions per sample of the whole batch of ``N = samples``
-    (default: the output's rows; at least one position in all, so that a batch without any
-    counted target gives zero statistics). An output whose rows are not the samples (a
+    (at least one position in all, so that a batch without any counted target gives zero
+    statistics). An output whose rows are not the samples (a
     masked-LM head on the masked positions ``[M, C]``, a time-major ``[T, N, C]``) counts
     its positions all the same: ``M / N`` (``CrossEntropyLoss()``'s mean is over ``M``)."""
     shape = positions_shape(output, class_dim)
-    samples = shape[0] if samples is None else samples
     counted = math.prod(shape) if mask is None else max(int(mask.sum()), 1)
     return counted / samples
 

@@ -71,9 +71,9 @@ def _summing(node: Node, out: list[int]) -> bool:
     return name in _ALONG_DIM and dim is not None and signed(int(dim)) % len(out) == 0
 
 
-def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> bool:
-    """Whether ``node`` (output shape ``out``) pooled rows of a multiple of ``batch``
-    computed from a layer's output (``stops``: their nodes) into fewer rows: a reduction
+def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> int | None:
+    """The rows ``node`` (output shape ``out``) pooled rows of a multiple of ``batch``,
+    computed from a layer's output (``stops``: their nodes), into, or ``None``: a reduction
     of dimension 0 (``h.mean(0)``, attention-MIL's ``(a * h).sum(0)``), or a summing
     operation (:func:`_summing`) into fewer rows than the samples (``G`` graphs of ``N``
     nodes; a mixture-of-experts dispatch into capacity slots or its combine into the
@@ -82,7 +82,7 @@ def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> b
     dims = _reduced_dims(node, max((len(node_shape(p, n)) for p, n in edges), default=0))
     if dims is not None:
         if 0 not in dims:
-            return False
+            return None
         rows = 1
     elif out and out[0] < batch and _summing(node, out):
         name, rows = type(node).__name__, out[0]
@@ -90,14 +90,14 @@ def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> b
             parent, nr = node.next_functions[_PRODUCTS[name]]
             edges = [] if parent is None else [(parent, nr)]
     else:
-        return False
+        return None
     for parent, nr in edges:
         shape = node_shape(parent, nr)
         if parent is None or not shape or shape[0] % batch or shape[0] <= rows:
             continue
         if parent in stops or reaches(parent, stops):
-            return True
-    return False
+            return rows
+    return None
 
 
 def main_output(output: Any) -> Tensor | None:
@@ -116,7 +116,9 @@ def pooled_by(output: Any, batch: int, stops: Collection[Node]) -> str | None:
     (``stops``: their nodes), into the rows of the model's :func:`main_output` (module
     docstring), as ``"<its name> into <R> rows"``, or ``None``."""
     main = main_output(output)
-    if batch < 2 or main is None or main.grad_fn is None or (main.dim() and len(main) % batch == 0):
+    if batch < 2 or main is None or main.grad_fn is None or not main.dim():
+        return None  # (a 0-dim output, a model returning its loss: no rows to judge)
+    if len(main) % batch == 0:
         return None
     stack: list[tuple[Node, int]] = [(main.grad_fn, main.output_nr)]
     seen: set[Node] = set()
@@ -125,8 +127,8 @@ def pooled_by(output: Any, batch: int, stops: Collection[Node]) -> str | None:
         if node in seen:
             continue
         seen.add(node)
-        out = node_shape(node, nr)
-        if _pools(node, out, batch, stops):
-            return f"{type(node).__name__} into {out[0]} rows"
+        rows = _pools(node, node_shape(node, nr), batch, stops)
+        if rows is not None:
+            return f"{type(node).__name__} into {rows} rows"
         stack.extend((p, n) for p, n in node.next_functions if p is not None)
     return None
