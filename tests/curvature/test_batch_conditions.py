@@ -374,7 +374,9 @@ def test_a_mean_over_the_batch_is_a_pool_and_a_dispatch_is_not(fisher: str) -> N
 
 def test_a_model_returning_a_sum_over_its_samples_is_not_judged() -> None:
     """A 0-dim output (an energy or a loss summed in ``forward``) has no rows to judge: it
-    passes as before 2026-12-05 (the pool check raised an ``IndexError`` on it)."""
+    passes as before 2026-12-05 (the pool check raised an ``IndexError`` on it) under the
+    empirical Fisher, and is refused under MC, which would draw a Gaussian target for the
+    loss itself (it did); one sample's 0-dim prediction is drawn from."""
 
     class Summed(nn.Module):
         def __init__(self) -> None:
@@ -390,3 +392,9 @@ def test_a_model_returning_a_sum_over_its_samples_is_not_judged() -> None:
     model(torch.randn(6, 3, dtype=torch.float64)).backward()
     opt.step()
     assert opt.preconditioner.factors["a"].ready
+    mc = tk.KFAC(model, fisher="mc", likelihood="gaussian", fisher_batch=1)
+    with pytest.raises(ValueError, match=r"0-dim tensor for a batch of 6 samples \(its loss\?\)"):
+        model(torch.randn(6, 3, dtype=torch.float64))
+    model(torch.randn(1, 3, dtype=torch.float64)).backward()
+    mc.step()
+    assert mc.preconditioner.factors["a"].ready

@@ -311,7 +311,7 @@ class CurvatureCapture:
         """The MC Fisher's loss of the Fisher mini-batch rows, with targets sampled from the
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
         check_subset_rows("the model output", output, forward.index, forward.batch_size)
-        check_output(output, self.likelihood, class_dim)
+        check_output(output, self.likelihood, class_dim, forward.batch_size)
         batch = forward.batch_size  # (the output's rows need not be the samples)
         mask, positions = counted_mask(forward.mask, output, class_dim, self.likelihood, batch)
         return sampled_nll(

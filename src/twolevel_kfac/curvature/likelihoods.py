@@ -74,16 +74,27 @@ def positions_shape(output: Tensor, class_dim: int | None) -> tuple[int, ...]:
     return tuple(int(n) for i, n in enumerate(output.shape) if i != dim)
 
 
-def check_output(output: Tensor, likelihood: str, class_dim: int | None = None) -> None:
+def check_output(
+    output: Tensor, likelihood: str, class_dim: int | None = None, samples: int = 1
+) -> None:
     """Refuse an output the likelihood cannot describe (its Fisher would be silently wrong).
 
     Raises:
+        ValueError: a 0-dim output of a forward of ``samples > 1`` (a model that returns
+            its loss: no prediction per sample to draw from);
         ValueError: ``categorical`` on logits with positions (more than 2 dimensions) and
             no ``class_dim`` (``[N, T, C]`` and torch's ``[N, C, T]`` are both common), with
             ``class_dim`` the batch dimension, or with fewer than 2 classes (one logit has
             ``softmax = 1``: every sampled gradient, so every ``G``, is 0); probabilities
             for logits (:func:`check_logits`).
     """
+    if not output.dim() and samples > 1:
+        raise ValueError(
+            f"fisher='mc' draws each sample's targets from the model's prediction for it, but "
+            f"the model returned a 0-dim tensor for a batch of {samples} samples (its loss?): "
+            "return the predictions from forward and compute the loss outside it, or use "
+            "fisher='empirical', which reads the loss's own gradients"
+        )
     check_logits(output, likelihood)
     if likelihood != "categorical":
         return
