@@ -181,6 +181,42 @@ def test_a_batch_of_graphs_pooled_per_graph_is_refused_with_nodes_first(fisher: 
     F.cross_entropy(first(torch.arange(3), x, graph), torch.tensor([0, 1, 1])).backward()
     opt.step()
     assert opt.preconditioner.factors["head"].ready
+    opt.zero_grad()  # one graph: its one row first, its nodes after (not model(code, x))
+    one = torch.zeros(4, dtype=torch.long)
+    F.cross_entropy(first(torch.arange(1), x[:4], one), torch.tensor([1])).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_task_code_passed_before_the_batch_is_refused(fisher: str) -> None:
+    """``model(code, x)``, a code ``[1, D]`` drawn for the batch and put through a layer:
+    the batch was taken as one sample, so the code's layer passed the shared-row check
+    (the MC step 0.91 off the batch-first one). Refused; ``model(x, code)`` refuses the
+    code's layer by name, and the code expanded to the batch trains."""
+
+    class Coded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.code, self.a, self.b = nn.Linear(2, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, code: Tensor, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(x) * self.code(code)))
+
+    model = Coded().double()
+    opt = tk.KFAC(model, fisher=fisher, fisher_batch=1)
+    x, code = torch.randn(8, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"first tensor argument has one row, but another has 8"):
+        model(code, x)
+    with pytest.raises(
+        RuntimeError, match=r"layer 'code' was called on an input of shape \(1, 2\)"
+    ):
+        model.forward = lambda x, code: Coded.forward(model, code, x)  # type: ignore[method-assign]
+        model(x, code)
+    del model.forward
+    F.cross_entropy(model(code.expand(8, -1), x), torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
+    assert opt.preconditioner.factors["code"].ready
 
 
 def test_a_graph_level_tuple_output_is_refused_too() -> None:

@@ -44,6 +44,7 @@ from .forward_checks import (
     check_subset_rows,
     check_unreached,
     check_weight_uses,
+    other_rows,
 )
 from .forward_misuse import replaced_layer, warn_eval_forwards, warn_forwards
 from .forward_pass import ForwardPass, Record, empirical_hook, fisher_rows
@@ -108,10 +109,9 @@ class CurvatureCapture:
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
         self.empty_batch = False  # the last take's forwards had 0 rows
-        self._empty_forward = False  # a forward over 0 rows since the last take
-        self._eval_forward = False  # a forward in eval() with gradients since the last take
+        # a forward over 0 rows, one in eval() with gradients (since the last take), a warning
+        self._empty_forward = self._eval_forward = self._warned_forwards = False
         self._forward: ForwardPass | None = None
-        self._warned_forwards = False
         self._records: dict[str, list[Record]] = {name: [] for name in layers}
         self._done: list[ForwardPass] = []  # forwards the user's backward reached, by then
         # The hooks hold the capture weakly, and are removed when it is collected: an
@@ -143,13 +143,8 @@ class CurvatureCapture:
         """Whether the forward that starts now is captured: armed, in train mode with
         gradients, not recomputed inside a backward (activation checkpointing), and with the
         layers' own weights and biases (``torch.func.functional_call`` swaps in others)."""
-        return (
-            self.active
-            and module.training
-            and torch.is_grad_enabled()
-            and not in_backward()
-            and not parameters_swapped(self._weights)
-        )
+        armed = self.active and module.training and torch.is_grad_enabled()
+        return armed and not in_backward() and not parameters_swapped(self._weights)
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
         """The positions of the next forward's logits that its loss counts (``[N, T]`` for
@@ -194,7 +189,8 @@ class CurvatureCapture:
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
         padding = padding_rows(padding, batch, index)
-        self._forward = ForwardPass(index, batch, mask, x, padding=padding, aligned=self.aligned)
+        others = other_rows(args, kwargs, x) if batch == 1 else ()  # (model(code, x))
+        self._forward = ForwardPass(index, batch, mask, x, others, padding, self.aligned)
         self._forward.on_backward = weakref.WeakMethod(self._backward_started)
 
     def layer_hook(

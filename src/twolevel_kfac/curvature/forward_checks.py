@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
+from .forward_misuse import batch_not_first
 from .pooled_rows import pooled_by
 from .row_order import moved_rows
 
@@ -108,6 +109,8 @@ def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None
         RuntimeError: naming the counts and the fix.
     """
     batch, records = forward.batch_size, forward.records
+    if forward.other_rows and (why := batch_not_first(forward, output)) is not None:
+        raise RuntimeError(why)
     pooled = pooled_by(output, batch, forward.per_sample)
     if pooled is not None:
         raise RuntimeError(
@@ -138,6 +141,14 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
         if isinstance(value, Tensor):
             return value
     return None
+
+
+def other_rows(args: tuple[Any, ...], kwargs: dict[str, Any], first: Tensor) -> tuple[int, ...]:
+    """The first dimensions of a call's tensor arguments other than ``first``."""
+    values = (*args, *kwargs.values())
+    return tuple(
+        int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim() and v is not first
+    )
 
 
 def batch_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:

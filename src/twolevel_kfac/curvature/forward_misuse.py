@@ -1,17 +1,23 @@
 """What a forward tells about the training loop that is likely a mistake, said as it is
 found (:class:`~.capture.CurvatureCapture` calls these): more forwards than
 ``accumulation_steps`` under the empirical Fisher, training forwards left in ``eval()``,
-and a layer replaced after the optimizer was built (its hooks copied onto the new one)."""
+a layer replaced after the optimizer was built (its hooks copied onto the new one), and
+a batch that is not the first tensor argument (``model(code, x)``)."""
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ..warning_level import caller_level
+from .pooled_rows import main_output
 
-__all__ = ["replaced_layer", "warn_eval_forwards", "warn_forwards"]
+if TYPE_CHECKING:
+    from .forward_pass import ForwardPass
+
+__all__ = ["batch_not_first", "replaced_layer", "warn_eval_forwards", "warn_forwards"]
 
 
 def warn_forwards(forwards: int, accumulation_steps: int) -> None:
@@ -51,4 +57,29 @@ def replaced_layer(name: str, module: nn.Module) -> str:
         "torch.ao.quantization's prepare_qat or convert swaps modules, copying their hooks): "
         "the optimizer's curvature block belongs to the module it replaced. Build the "
         "optimizer after converting the model"
+    )
+
+
+def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
+    """Why the forward's first tensor argument, of one row, is not its batch, or ``None``:
+    another argument has ``M > 1`` rows, the model's main output a multiple of ``M``, and
+    no layer's rows were proved ``k`` per row of the first argument (a batch of one's
+    tokens flattened). ``model(code, x)`` with a task code ``[1, D]`` first: KFAC took a
+    batch of one sample, so the code's layer was not refused as shared (its rows hold the
+    gradients summed over the samples) and each ``δ`` was scaled for one sample. A
+    graph-level model called on one graph, ``model(graph_ids, x, edge_index, batch)``,
+    returns one row: it passes."""
+    main = main_output(output)
+    rows = int(main.shape[0]) if main is not None and main.dim() else 0
+    matched = [m for m in forward.other_rows if 1 < m and rows % m == 0]
+    reshaped = any(r.reshaped for recs in forward.records.values() for r in recs)
+    if rows < 2 or not matched or reshaped:
+        return None
+    return (
+        f"the model's first tensor argument has one row, but another has {matched[0]} and "
+        f"the output {rows}: KFAC takes the batch of samples from the first tensor argument "
+        "of model(...), so it would take one sample here (a task code or a time step drawn "
+        "for the batch, passed first: its layer's rows hold the gradients summed over the "
+        "samples). Pass the batch first, model(x, code), and expand a shared row to the "
+        "batch (code.expand(len(x), -1)) before its layer"
     )

@@ -41,6 +41,9 @@ class ForwardPass:
     batch_size: int
     mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
     first: Tensor | None = None  # the model's first tensor argument (the batch)
+    other_rows: tuple[int, ...] = ()  # a batch of one: its other tensor arguments' rows
+    padding: Tensor | None = None  # the real positions [N, T] (padding_mask)
+    aligned: bool = False  # the layers' rows must be the samples in order (row_order)
     # autograd nodes of layer outputs whose rows are k per sample in the batch's order
     ordered: set[Node] = field(default_factory=set)
     # autograd nodes of layer outputs not computed from parameters alone (their inputs'
@@ -56,8 +59,6 @@ class ForwardPass:
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
-    padding: Tensor | None = None  # the real positions [N, T] (padding_mask)
-    aligned: bool = False  # the layers' rows must be the samples in order (row_order)
 
     def mark_backward(self) -> None:
         """The user's backward reached this forward (:attr:`on_backward` at the first)."""
