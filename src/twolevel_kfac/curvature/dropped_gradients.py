@@ -3,7 +3,8 @@ are not the step's.
 
 A forward counts as a sample once the user's backward reaches it, and its statistics wait
 for the next ``step()``. A gradient dropped in between (``zero_grad()``, which sets it to
-``None``) takes that forward out of the step, and its statistics must go too:
+``None`` or, with ``set_to_none=False``, zeroes it in place) takes that forward out of the
+step, and its statistics must go too:
 
 * a GAN's generator step backpropagates through the discriminator ``D`` (its forward of
   the fakes), whose gradients ``D.zero_grad()`` drops before ``D``'s own step: ``D``'s
@@ -16,15 +17,14 @@ a forward of an earlier backward (another graph task) that wrote no layer gradie
 attack before or after the training backward; the writes are counted by a hook on each
 parameter, :class:`Marks`, which clipping, a ``GradScaler`` or an assigned ``.grad`` leave
 alone), judged at the next backward or at the step (:func:`settle`), is no sample; and
-where every layer's gradient is ``None`` now, the earlier backwards' gradients are gone
-(``reset``). Forwards of one backward (two views, one loss) are never dropped by each
+where every layer's gradient is ``None`` now, or zero after a change since a backward wrote
+it (:func:`_dropped`), the earlier backwards' gradients are gone (``reset``). Forwards of one backward (two views, one loss) are never dropped by each
 other. A gradient the user composes and assigns before the step (``p.grad = g``: PCGrad
 over separate forwards, micro-batches clipped one by one and summed) holds the reset
 forwards: at a step whose layer gradients are not the tensors a backward wrote, they
 count again (and so does a GAN discriminator's ``p.grad = p.grad.clone()``, which cannot
-be told from it). Not recognised: gradients zeroed in place
-(``zero_grad(set_to_none=False)``, torch's default before 2.0), a composed gradient
-written into the backward's tensor (``p.grad.copy_(g)``, ``p.grad.data = g``).
+be told from it). Not recognised: a composed gradient written into the backward's tensor
+(``p.grad.copy_(g)``, ``p.grad.data = g``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Marks", "backward_started", "settle", "writes"]
 
-_WRITTEN = "_tlkfac_written_by_backward"  # set on a .grad that autograd accumulated into
+_WRITTEN = "_tlkfac_written_by_backward"  # on a .grad autograd accumulated into: its version
 
 
 def _graph_task() -> int | None:
@@ -64,10 +64,11 @@ def writes(layers: dict[str, nn.Module]) -> tuple[int, ...]:
 
 
 def _written(param: Tensor) -> None:
-    """After autograd accumulated into ``param.grad``: count it, and mark the tensor."""
+    """After autograd accumulated into ``param.grad``: count it, and mark the tensor with
+    its version (an in-place change after it, ``zero_()``, moves the version on)."""
     setattr(param, _WRITES, getattr(param, _WRITES, 0) + 1)
     if param.grad is not None:
-        setattr(param.grad, _WRITTEN, True)
+        setattr(param.grad, _WRITTEN, param.grad._version)
 
 
 class Marks:
@@ -91,7 +92,19 @@ class Marks:
 def _composed(layers: dict[str, nn.Module]) -> bool:
     """Whether a layer's gradient was assigned by the user, not written by a backward."""
     grads = (block_parameters(module)[0].grad for module in layers.values())
-    return any(g is not None and not getattr(g, _WRITTEN, False) for g in grads)
+    return any(g is not None and getattr(g, _WRITTEN, None) is None for g in grads)
+
+
+def _dropped(grad: Tensor | None) -> bool:
+    """Whether a layer's gradient is gone: ``None``, or changed in place since a backward
+    wrote it and zero now (``zero_grad(set_to_none=False)``; a clipped or unscaled one is
+    changed but not zero). One unchanged since its write is read no further."""
+    if grad is None:
+        return True
+    written = getattr(grad, _WRITTEN, None)
+    if written is None or grad._version == written or grad.layout != torch.strided:
+        return False
+    return not bool(grad.any())
 
 
 def backward_started(
@@ -107,8 +120,9 @@ def backward_started(
     marks.cover(layers)  # (before this backward writes anything)
     now = writes(layers)
     forward.backward_task, forward.writes_seen = task, now
-    reset = all(block_parameters(m)[0].grad is None for m in layers.values())
-    for f in (f for f in done if f.backward_task != task):
+    earlier = [f for f in done if f.backward_task != task]
+    reset = bool(earlier) and all(_dropped(block_parameters(m)[0].grad) for m in layers.values())
+    for f in earlier:
         if f.writes_seen is not None and f.writes_seen == now:
             f.backward_done = False  # (an attack's backward, of the input: nothing written)
         elif reset and f.backward_done:  # every gradient dropped: none of theirs is left
