@@ -58,6 +58,7 @@ from .likelihoods import (
 )
 from .live_positions import output_positions
 from .loss_mask import counted_mask, watch_loss_gradient
+from .loss_scale import SummedLoss
 from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
 
@@ -101,7 +102,7 @@ class CurvatureCapture:
         self._next_mask: Tensor | None = None
         self._next_padding: Tensor | None = None
         self.aligned = False  # rows checked to be the samples in order (row_order)
-        self._warned_masks: set[str] = set()
+        self._warned_masks, self._summed = set[str](), SummedLoss()
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers, self._weights = layers, registered_parameters(layers)
         self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
@@ -255,6 +256,8 @@ class CurvatureCapture:
             self._close(forward, output)
         finally:
             forward.release()
+        if self.fisher == "empirical":  # (a loss summed over the samples: loss_scale)
+            self._summed.watch(output, forward, self.class_dim)
 
     def _backward_started(self, forward: ForwardPass) -> None:
         """The user's backward reached ``forward``: :func:`~.dropped_gradients.backward_started`."""
@@ -285,10 +288,8 @@ class CurvatureCapture:
         for (name, i), grad in zip(keys, grads, strict=True):
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
-
-        watch_loss_gradient(
-            output, samples.shape, forward, class_dim, self.likelihood, self._warned_masks
-        )
+        warned, shape = self._warned_masks, samples.shape
+        watch_loss_gradient(output, shape, forward, class_dim, self.likelihood, warned)
 
     def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
         """The model output as ``[N, …]`` with its class dimension (logits flattened inside
@@ -356,6 +357,7 @@ class CurvatureCapture:
         self._forward, self._drawn_from, self._done = None, None, []
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0
+        self._summed.judge(scale)
         return CapturedBatch(self.layers, taken, self.dtypes, scale)
 
     def discard(self, drawn_from: Tensor | None = None) -> None:
@@ -364,6 +366,7 @@ class CurvatureCapture:
         state :attr:`drawn_from` had before a :meth:`take` that cleared it): a skipped
         step leaves the draws of the steps after it as they would have been without it."""
         self._unreached, self._empty_forward, self._eval_forward = set(), False, False
+        self._summed.share = 0.0
         for name in self._records:
             self._records[name] = []
         drawn_from = self._drawn_from if self._drawn_from is not None else drawn_from

@@ -12,19 +12,20 @@ step, and its statistics must go too:
 * an adversarial attack's ``torch.autograd.grad`` with respect to the input reaches the
   model's output and writes no gradient: its forwards were samples (0.29 to 0.70 off).
 
-Recognised at the start of each backward through a captured forward (:func:`backward_started`):
-a forward of an earlier backward (another graph task) that wrote no layer gradient (an
-attack before or after the training backward; the writes are counted by a hook on each
-parameter, :class:`Marks`, which clipping, a ``GradScaler`` or an assigned ``.grad`` leave
-alone), judged at the next backward or at the step (:func:`settle`), is no sample; and
-where every layer's gradient is ``None`` now, or zero after a change since a backward wrote
-it (:func:`_dropped`), the earlier backwards' gradients are gone (``reset``). Forwards of one backward (two views, one loss) are never dropped by each
-other. A gradient the user composes and assigns before the step (``p.grad = g``: PCGrad
-over separate forwards, micro-batches clipped one by one and summed) holds the reset
-forwards: at a step whose layer gradients are not the tensors a backward wrote, they
-count again (and so does a GAN discriminator's ``p.grad = p.grad.clone()``, which cannot
-be told from it). Not recognised: a composed gradient written into the backward's tensor
-(``p.grad.copy_(g)``, ``p.grad.data = g``).
+Recognised at the start of each backward through a captured forward
+(:func:`backward_started`): a forward of an earlier backward (another graph task) that
+wrote no layer gradient (an attack before or after the training backward; the writes are
+counted by a hook on each parameter, :class:`Marks`, which clipping, a ``GradScaler`` or
+an assigned ``.grad`` leave alone), judged at the next backward or at the step
+(:func:`settle`), is no sample; and where every layer's gradient is ``None`` now, or zero
+after a change since a backward wrote it (:func:`_dropped`), the earlier backwards'
+gradients are gone (``reset``). Forwards of one backward (two views, one loss) are never
+dropped by each other. A gradient the user composes and assigns before the step
+(``p.grad = g``: PCGrad over separate forwards, micro-batches clipped one by one and summed) holds
+the reset forwards: at a step whose layer gradients are not the tensors a backward wrote,
+they count again (and so does a GAN discriminator's ``p.grad = p.grad.clone()``, which
+cannot be told from it). Not recognised: a composed gradient written into the backward's
+tensor (``p.grad.copy_(g)``, ``p.grad.data = g``).
 """
 
 from __future__ import annotations
