@@ -50,6 +50,72 @@ def test_the_adamw_fallback_is_torchs_step(cls: type[tk.KFAC]) -> None:
     assert "exp_avg" not in opt.state[model[0].weight]
 
 
+def grouped(model: nn.Module) -> list[dict[str, object]]:
+    """Decay / no-decay groups with layer-wise rates: the norm at a tenth of the rate,
+    without decay; the first layer in a group that names no decay."""
+    return [
+        {"params": list(model[0].parameters())},
+        {"params": list(model[1].parameters()), "lr": 0.01, "weight_decay": 0.0},
+        {"params": list(model[3].parameters()), "weight_decay": 0.1},
+    ]
+
+
+def test_the_adamw_fallback_keeps_the_groups_rates_and_decay() -> None:
+    """The norm in a group at a tenth of the rate, without decay, takes torch's AdamW step
+    at a tenth of AdamW's rate and without decay (it took AdamW's default decay 0.01 and
+    full rate: 1.0e-3 moved where 1e-5 was asked, before 2026-12-05 (night))."""
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, weight_decay=0.01, params=grouped(model), fallback="adamw")
+    norm = list(model[1].parameters())
+    twins = [p.detach().clone().requires_grad_(True) for p in norm]
+    reference = torch.optim.AdamW(twins, lr=1e-4, weight_decay=0.0)
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
+        for twin, p in zip(twins, norm, strict=True):
+            twin.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+        for twin, p in zip(twins, norm, strict=True):
+            assert torch.equal(p, twin)
+    assert opt.fallback is not None
+    assert [(g["lr"], g["weight_decay"]) for g in opt.fallback.optimizer.param_groups] == [
+        (pytest.approx(1e-4), 0.0)
+    ]
+
+
+def test_a_single_group_adamw_checkpoint_loads_into_the_groups() -> None:
+    """A checkpoint saved when the fallback was one AdamW group over every parameter
+    (before 2026-12-05 (night)) loads into the mirrored groups: each parameter's moments,
+    this optimizer's rates."""
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3), nn.LayerNorm(3)
+    )
+    twin = copy.deepcopy(model)
+
+    def build(net: nn.Module) -> tk.KFAC:
+        groups = [{"params": list(net[i].parameters()), "lr": 0.1 * (i + 1)} for i in (0, 1, 3, 4)]
+        return tk.KFAC(net, lr=0.1, params=groups, fallback="adamw")
+
+    opt, loaded = build(model), build(twin)
+    opt.zero_grad()
+    F.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+    opt.step()
+    state = opt.state_dict()
+    saved = state["fallback"]
+    assert len(saved["param_groups"]) == 2
+    flat = [i for group in saved["param_groups"] for i in group["params"]]
+    one = {**saved["param_groups"][0], "params": flat, "lr": 1e-3}
+    state["fallback"] = {**saved, "param_groups": [one]}  # (as saved before)
+    loaded.load_state_dict(state)
+    assert opt.fallback is not None and loaded.fallback is not None
+    adamw = loaded.fallback.optimizer
+    assert [g["lr"] for g in adamw.param_groups] == [pytest.approx(2e-3), pytest.approx(5e-3)]
+    for mine, theirs in zip(model[4].parameters(), twin[4].parameters(), strict=True):
+        before = opt.fallback.optimizer.state[mine]["exp_avg"]
+        torch.testing.assert_close(adamw.state[theirs]["exp_avg"], before)
+
+
 def test_the_default_fallback_is_the_momentum_step() -> None:
     model = net()
     opt = tk.KFAC(model, lr=0.1, momentum=0.9)

@@ -6,10 +6,13 @@ the table of which parameter got which block.
   ``nesterov`` (torch's SGD update).
 * ``fallback="adamw"``: ``torch.optim.AdamW`` over those parameters, with its own
   arguments (``fallback_options``; default ``lr=1e-3`` and torch's defaults otherwise):
-  the KFAC learning rate is an order of magnitude or more above what AdamW takes. Its
-  step is exactly torch's (it *is* torch's), on the same ``.grad`` the model left (or the
-  ``GradScaler`` unscaled), and its state goes into the KFAC ``state_dict`` under
-  ``"fallback"``. An LR scheduler attached to the KFAC optimizer does not change it.
+  the KFAC learning rate is an order of magnitude or more above what AdamW takes. One
+  AdamW group per KFAC param group (:func:`fallback_groups`): its ``lr`` is AdamW's times
+  the group's ``lr`` over the optimizer's (layer-wise rates), and a group that names its
+  ``weight_decay`` (a no-decay group of norms and biases) has it. Its step is exactly
+  torch's (it *is* torch's), on the same ``.grad`` the model left (or the ``GradScaler``
+  unscaled), and its state goes into the KFAC ``state_dict`` under ``"fallback"``. An LR
+  scheduler attached to the KFAC optimizer does not change it.
 
 Which layers get a block: :mod:`twolevel_kfac.curvature.discovery`; everything else with
 ``requires_grad`` falls back (biases of preconditioned layers are part of their block).
@@ -54,9 +57,11 @@ class AdamWFallback:
         TypeError: an argument AdamW does not take (named by torch).
     """
 
-    def __init__(self, params: list[nn.Parameter], options: Mapping[str, Any]) -> None:
-        self.ids = {id(p) for p in params}
-        self.optimizer = torch.optim.AdamW(params, **{"lr": 1e-3, **options}) if params else None
+    def __init__(self, groups: list[dict[str, Any]], options: Mapping[str, Any]) -> None:
+        self.ids = {id(p) for group in groups for p in group["params"]}
+        lr = options.get("lr", 1e-3)
+        scaled = [{**group, "lr": lr * group.pop("lr_factor", 1.0)} for group in groups]
+        self.optimizer = torch.optim.AdamW(scaled, **{"lr": lr, **options}) if groups else None
 
     def step(self) -> None:
         """AdamW's step on the current ``.grad`` of its parameters that train: a frozen one's
@@ -79,18 +84,50 @@ class AdamWFallback:
         return {} if self.optimizer is None else self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        if self.optimizer is not None and state:
-            self.optimizer.load_state_dict(state)
+        """Restore :meth:`state_dict`; one saved before the groups were mirrored (one AdamW
+        group over every parameter, before 2026-12-05 (night)) has its moments put in this
+        one's groups, parameter by parameter, with this one's hyperparameters."""
+        if self.optimizer is None or not state:
+            return
+        ours = self.optimizer.state_dict()["param_groups"]
+        saved = state["param_groups"]
+        sizes = [len(group["params"]) for group in ours]
+        if [len(g["params"]) for g in saved] != sizes and sum(sizes) == sum(
+            len(g["params"]) for g in saved
+        ):
+            flat = iter([i for group in saved for i in group["params"]])
+            regrouped = [{**g, "params": [next(flat) for _ in g["params"]]} for g in ours]
+            state = {**state, "param_groups": regrouped}
+        self.optimizer.load_state_dict(state)
+
+
+def fallback_groups(
+    groups: Sequence[dict[str, Any]], covered: Collection[int], given: Sequence[Any], lr: float
+) -> list[dict[str, Any]]:
+    """The parameters of each param group that no block covers (``covered``: their ids),
+    as AdamW groups: ``lr_factor``, the group's ``lr`` over the optimizer's ``lr`` (1 where
+    that is 0 and the group's is not), and the group's ``weight_decay`` where the group the
+    user gave (``given``) names it."""
+    out = []
+    for i, group in enumerate(groups):
+        params = [p for p in group["params"] if id(p) not in covered]
+        if not params:
+            continue
+        factor = group["lr"] / lr if lr > 0 else float(group["lr"] > 0)
+        named = i < len(given) and isinstance(given[i], dict) and "weight_decay" in given[i]
+        decay = {"weight_decay": group["weight_decay"]} if named else {}
+        out.append({"params": params, "lr_factor": factor, **decay})
+    return out
 
 
 def make_fallback(
     kind: str,
-    params: list[nn.Parameter],
+    groups: list[dict[str, Any]],
     options: Mapping[str, Any] | None,
     model: nn.Module | None = None,
 ) -> AdamWFallback | None:
-    """The fallback of ``kind`` over ``params`` (``None`` for ``sgd``: KFAC's own step).
+    """The fallback of ``kind`` over ``groups`` (:func:`fallback_groups`; ``None`` for
+    ``sgd``: KFAC's own step).
 
     Raises:
         ValueError: an unknown ``kind``, ``options`` with ``sgd``, or ``adamw`` for the
@@ -98,7 +135,7 @@ def make_fallback(
             them at its first step; said here, when the optimizer is built).
     """
     check_choice("fallback", kind, FALLBACKS)
-    held = {id(p) for p in params}
+    held = {id(p) for group in groups for p in group["params"]}
     sparse = [
         name
         for name, m in (model.named_modules() if model is not None else ())
@@ -116,7 +153,7 @@ def make_fallback(
                 "parameter group's lr, momentum and weight_decay"
             )
         return None
-    return AdamWFallback(params, options or {})
+    return AdamWFallback(groups, options or {})
 
 
 def block_table(

@@ -36,7 +36,7 @@ from .damping import (
     adjust_damping,
     evaluate_without_capture,
 )
-from .fallback import block_table, make_fallback, warn_added, warn_unfrozen
+from .fallback import block_table, fallback_groups, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
 from .options import CurvatureOptions, check_choice, check_model, check_real
 from .preconditioner import KFACPreconditioner
@@ -156,7 +156,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         covered = self.preconditioner.preconditioned_parameters()
-        rest = [p for g in self.param_groups for p in g["params"] if id(p) not in covered]
+        rest = fallback_groups(self.param_groups, covered, params, lr)
         self.fallback = make_fallback(fallback, rest, fallback_options, model)
         if self.fallback is not None and self.damping_options.needs_statistics:
             raise ValueError("adaptive damping and qmodel_lr_momentum model every parameter's "
