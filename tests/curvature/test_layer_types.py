@@ -28,6 +28,10 @@ CONVS = [
     (nn.Conv3d(2, 2, 2), (2, 2, 3, 4, 3)),
     (nn.Conv3d(1, 2, (3, 2, 2), stride=(2, 1, 2), padding=(1, 0, 1), dilation=(1, 2, 1)),
      (2, 1, 5, 5, 4)),
+    (nn.Conv1d(2, 2, 3, padding=2, padding_mode="reflect"), (2, 2, 7)),
+    (nn.Conv2d(2, 3, 3, padding=(1, 2), stride=2, padding_mode="circular"), (2, 2, 6, 7)),
+    (nn.Conv2d(2, 2, 4, padding="same", padding_mode="replicate"), (2, 2, 5, 6)),
+    (nn.Conv3d(2, 2, 3, padding=1, padding_mode="circular"), (2, 2, 4, 3, 4)),
 ]  # fmt: skip
 
 
@@ -43,14 +47,13 @@ def test_conv_patches_are_im2col(module: nn.Module, shape: tuple[int, ...]) -> N
     weight = module.weight.detach().reshape(module.out_channels, -1)
     conv = patches @ weight.T + module.bias.detach()
     torch.testing.assert_close(conv, out.detach().flatten(2).transpose(1, 2))
-    if not isinstance(module.padding, str):
+    if not isinstance(module.padding, str) and module.padding_mode == "zeros":
         torch.testing.assert_close(patches, reference_patches(module, x))
 
 
 @pytest.mark.parametrize(
     ("module", "reason"),
     [
-        (nn.Conv3d(2, 2, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
         (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d is not supported"),
     ],
 )
@@ -271,3 +274,24 @@ def test_a_torch_type_registered_by_the_user_is_probed() -> None:
             model(torch.randn(5, 4))
     finally:
         tk.unregister_layer_type(nn.Bilinear)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_convolution_padded_by_another_mode_has_its_block(mode: str) -> None:
+    """``padding_mode`` other than zeros (a fallback step with a warning before 2026-12-05
+    (night)): the block's patches are the input padded as torch's forward pads it, so
+    ``Σ δ āᵀ`` is autograd's weight gradient (the registration probe checks it at the first
+    capture) and ``A`` is the mean of those patches' outer products."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    opt = tk.KFAC(model, fisher="empirical", ema_decay=0.0, cov_interval=1)
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 1, 0, 1])).backward()
+    opt.step()
+    padded = F.pad(x, (1, 1, 1, 1), mode=mode)
+    rows = F.unfold(padded, 3).transpose(1, 2).reshape(-1, 18)
+    rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], dim=1)
+    factor = opt.preconditioner.factors["0"]
+    assert factor.A is not None
+    torch.testing.assert_close(factor.A, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-14)

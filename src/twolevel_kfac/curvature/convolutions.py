@@ -278,13 +278,6 @@ def _gradients(module: nn.Module, grad_output: Tensor) -> Tensor:
     return grads if groups == 1 else grads.reshape(*grads.shape[:2], groups, -1)
 
 
-def _reason(module: nn.Module) -> str | None:
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    if module.padding_mode != "zeros":
-        return f"{type(module).__name__} with padding_mode={module.padding_mode!r} (only 'zeros')"
-    return None
-
-
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer_type(_conv, _features, _gradients, _reason, statistics=GroupedStats)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # (any padding_mode: conv_patches pads so)
+    register_layer_type(_conv, _features, _gradients, statistics=GroupedStats)
 # ConvTranspose*d subclass _ConvNd, not Conv*d: they stay unregistered.

@@ -163,9 +163,10 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     row-major over the output grid, columns channel-major as the weight's)."""
     assert isinstance(module, nn.modules.conv._ConvNd)
     dims = inputs.dim() - 2
-    padding = module.padding
-    if isinstance(padding, str):  # 'same' may pad unevenly: pad explicitly, then none
-        inputs = F.pad(inputs, module._reversed_padding_repeated_twice)
+    padding, mode = module.padding, module.padding_mode
+    if isinstance(padding, str) or mode != "zeros":  # (as torch's forward pads: explicitly)
+        pad = module._reversed_padding_repeated_twice  # ('same' may pad unevenly)
+        inputs = F.pad(inputs, pad) if mode == "zeros" else F.pad(inputs, pad, mode=mode)
         padding = (0,) * dims
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     if dims == 2:
