@@ -1358,6 +1358,32 @@ def test_training_forwards_left_in_eval_mode_are_reported() -> None:
         train_step()
 
 
+def test_an_optimizer_no_longer_stepped_that_keeps_capturing_is_reported() -> None:
+    """A first phase's optimizer, still referenced (by its LR scheduler), stopped at a step
+    due to capture: it recorded every training forward of the second phase without a word
+    (913 MiB after 300 steps of an MLP in a trial). Warned of once past ``HELD + 4·k``
+    forwards; the second optimizer's accumulation of ``k = 16`` micro-batches, under its
+    limit, is not."""
+    from twolevel_kfac.curvature.forward_misuse import HELD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    first = tk.KFAC(model, cov_interval=1, inv_interval=1)
+    F.cross_entropy(model(x), y).backward()
+    first.step()
+    second = tk.KFAC(model, cov_interval=1, inv_interval=1, accumulation_steps=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(HELD // 16 + 1):
+            second.zero_grad()
+            for _ in range(16):
+                F.cross_entropy(model(x), y).div(16).backward()
+            second.step()
+    said = [str(w.message) for w in caught if "captured forwards wait" in str(w.message)]
+    assert len(said) == 1 and "remove_hooks()" in said[0] and "accumulation_steps=1)" in said[0]
+
+
 def test_pruning_or_quantization_after_building_is_refused_by_name() -> None:
     """``prune.l1_unstructured`` mid-run raised a bare "Linear has no weight parameter";
     ``prepare_qat`` (which swaps modules and copies their hooks without ``with_kwargs``)

@@ -46,7 +46,7 @@ from .forward_checks import (
     check_weight_uses,
     other_rows,
 )
-from .forward_misuse import replaced_layer, warn_eval_forwards, warn_forwards
+from .forward_misuse import replaced_layer, warn_eval_forwards, warn_forwards, warn_held
 from .forward_pass import ForwardPass, Record, empirical_hook, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import (
@@ -102,7 +102,7 @@ class CurvatureCapture:
         self._next_mask: Tensor | None = None
         self._next_padding: Tensor | None = None
         self.aligned = False  # rows checked to be the samples in order (row_order)
-        self._warned_masks, self._summed = set[str](), SummedLoss()
+        self._warned, self._summed = set[str](), SummedLoss()  # (the kinds warned of, once)
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers, self._weights = layers, registered_parameters(layers)
         self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
@@ -110,8 +110,8 @@ class CurvatureCapture:
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
         self.empty_batch = False  # the last take's forwards had 0 rows
-        # a forward over 0 rows, one in eval() with gradients (since the last take), a warning
-        self._empty_forward = self._eval_forward = self._warned_forwards = False
+        # since the last take: a forward over 0 rows, one in eval() with gradients
+        self._empty_forward = self._eval_forward = False
         self._forward: ForwardPass | None = None
         self._records: dict[str, list[Record]] = {name: [] for name in layers}
         self._done: list[ForwardPass] = []  # forwards the user's backward reached, by then
@@ -262,6 +262,7 @@ class CurvatureCapture:
     def _backward_started(self, forward: ForwardPass) -> None:
         """The user's backward reached ``forward``: :func:`~.dropped_gradients.backward_started`."""
         self._done = backward_started(forward, self._done, self.layers, self._marks)
+        warn_held(len(self._done), self.accumulation_steps, self._warned)
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
@@ -288,7 +289,7 @@ class CurvatureCapture:
         for (name, i), grad in zip(keys, grads, strict=True):
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
-        warned, shape = self._warned_masks, samples.shape
+        warned, shape = self._warned, samples.shape
         watch_loss_gradient(output, shape, forward, class_dim, self.likelihood, warned)
 
     def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
@@ -345,9 +346,7 @@ class CurvatureCapture:
                 if any(r.grad is not None for r in c) and c[0].inputs.numel() > 0
             ]
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
-                if not self._warned_forwards:  # once
-                    self._warned_forwards = True
-                    warn_forwards(len(done), self.accumulation_steps)
+                warn_forwards(len(done), self.accumulation_steps, self._warned)
             if done:
                 taken[name] = [(c[0].owner.samples, [Call.of(r) for r in c]) for c in done]
         self.empty_batch = self._empty_forward and not taken

@@ -1,8 +1,9 @@
 """What a forward tells about the training loop that is likely a mistake, said as it is
 found (:class:`~.capture.CurvatureCapture` calls these): more forwards than
-``accumulation_steps`` under the empirical Fisher, training forwards left in ``eval()``,
-a layer replaced after the optimizer was built (its hooks copied onto the new one), and
-a batch that is not the first tensor argument (``model(code, x)``)."""
+``accumulation_steps`` under the empirical Fisher, forwards piling up without a step,
+training forwards left in ``eval()``, a layer replaced after the optimizer was built (its
+hooks copied onto the new one), and a batch that is not the first tensor argument
+(``model(code, x)``)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,53 @@ from .pooled_rows import main_output
 if TYPE_CHECKING:
     from .forward_pass import ForwardPass
 
-__all__ = ["batch_not_first", "replaced_layer", "warn_eval_forwards", "warn_forwards"]
+__all__ = [
+    "HELD",
+    "batch_not_first",
+    "replaced_layer",
+    "warn_eval_forwards",
+    "warn_forwards",
+    "warn_held",
+]
 
 
-def warn_forwards(forwards: int, accumulation_steps: int) -> None:
-    """Warn that several forwards' empirical ``δ`` were each scaled as a whole batch."""
+def warn_forwards(forwards: int, accumulation_steps: int, warned: set[str]) -> None:
+    """Warn, once (``warned``: the kinds said), that several forwards' empirical ``δ`` were
+    each scaled as a whole batch."""
+    if "forwards" in warned:
+        return
+    warned.add("forwards")
     warnings.warn(
         f"{forwards} forward passes ran before one step with accumulation_steps="
         f"{accumulation_steps}: fisher='empirical' scales each output gradient by "
         "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
         "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
         "needs nothing",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
+HELD = 64
+"""Forwards waiting for a step, beyond ``4·accumulation_steps``, that :func:`warn_held`
+tells of."""
+
+
+def warn_held(forwards: int, accumulation_steps: int, warned: set[str]) -> None:
+    """Warn, once (``warned``), that more than ``HELD + 4·accumulation_steps`` captured
+    forwards wait for a step: an optimizer no longer stepped (a first phase's, still held by
+    its LR scheduler) that stopped at a step due to capture records every training forward
+    of the model (a trial: 913 MiB after 300 steps of an MLP)."""
+    if forwards <= HELD + 4 * accumulation_steps or "held" in warned:
+        return
+    warned.add("held")
+    warnings.warn(
+        f"{forwards} captured forwards wait for this optimizer's next step() (with "
+        f"accumulation_steps={accumulation_steps}), and their layer inputs are kept until "
+        "then: an optimizer no longer stepped (a first phase's, still referenced by its LR "
+        "scheduler) records every training forward of the model. Call "
+        "old_optimizer.preconditioner.remove_hooks() or drop every reference to it. A network "
+        "stepped rarely (a discriminator) keeps its forwards until its step",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
