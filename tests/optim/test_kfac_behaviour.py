@@ -313,6 +313,31 @@ def test_step_without_statistics_is_a_clear_error() -> None:
         opt.step()
 
 
+def test_layers_called_outside_the_optimizers_module_are_named_so() -> None:
+    """A Lightning-style wrapper holds the optimizer while the loop calls ``self.net(x)``:
+    the refusal says that the layers ran outside a call of the module it was built on
+    (it said "run the model's forward"); calling the wrapper itself trains."""
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    wrapper = Wrapper()
+    opt = tk.KFAC(wrapper)
+    x, y = batch()
+    F.cross_entropy(wrapper.net(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"ran outside a call of the module the optimizer"):
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(wrapper(x), y).backward()
+    opt.step()
+    assert all(f.ready for f in opt.preconditioner.factors.values())
+
+
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 @pytest.mark.parametrize(
     ("cls", "kwargs"),

@@ -185,11 +185,15 @@ def used_layers(
 
 
 def check_statistics(
-    factors: dict[str, KroneckerFactors], active: list[str], empty_batch: bool = False
+    factors: dict[str, KroneckerFactors],
+    active: list[str],
+    empty_batch: bool = False,
+    outside: bool = False,
 ) -> None:
     """Refuse a step on a layer that has a gradient but no statistics although this step
     captured them (a layer first used between two captures is deferred before this:
-    :mod:`twolevel_kfac.optim.schedule`).
+    :mod:`twolevel_kfac.optim.schedule`); ``outside``: layers ran outside a call of the
+    module the optimizer was built on (a Lightning module's ``self.net(x)``).
 
     Raises:
         RuntimeError: naming the layers, and why that happens.
@@ -199,6 +203,14 @@ def check_statistics(
         raise RuntimeError(
             f"no curvature statistics for layer(s) {missing}: this step's batch was empty "
             "(0 rows), and the first step needs a batch with rows"
+        )
+    if missing and outside:
+        raise RuntimeError(
+            f"no curvature statistics for layer(s) {missing}: they ran outside a call of the "
+            "module the optimizer was built on, whose forward is what the optimizer captures "
+            "(a wrapper's submodule called directly, self.net(x), or a method other than "
+            "forward, model.logits(x)). Call the module itself, model(x), or build the "
+            "optimizer on the module you call (tk.KFAC(self.net))"
         )
     if missing:
         raise RuntimeError(

@@ -109,7 +109,7 @@ class CurvatureCapture:
         self.fisher_batch, self.generator = fisher_batch, generator
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
-        self.empty_batch = False  # the last take's forwards had 0 rows
+        self.empty_batch = self.outside = False  # 0 rows at the last take; layers run alone
         # since the last take: a forward over 0 rows, one in eval() with gradients
         self._empty_forward = self._eval_forward = False
         self._forward: ForwardPass | None = None
@@ -174,11 +174,11 @@ class CurvatureCapture:
         self._forward = None
         mask, padding = self._next_mask, self._next_padding
         self._next_mask = self._next_padding = None
+        self.outside = False  # (layers run outside the root since its last forward)
         if not self._capturing(module):  # (a training forward left in eval(): told at take)
             self._eval_forward |= self.active and not module.training and torch.is_grad_enabled()
             return
-        x = batch_argument(args, kwargs)
-        batch = int(x.shape[0])
+        batch = int((x := batch_argument(args, kwargs)).shape[0])
         if batch == 0:  # no sample: nothing recorded or drawn (an empty batch or DDP share)
             self._empty_forward = True
             return
@@ -208,6 +208,7 @@ class CurvatureCapture:
         if output is None:  # copied without ``with_kwargs`` onto a module that replaced it
             raise RuntimeError(replaced_layer(name, module))
         forward = self._forward
+        self.outside |= forward is None and self.active and self.model.training
         if forward is None or not output.requires_grad or in_backward() or not trains(module):
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too

@@ -38,8 +38,8 @@ def warn_forwards(forwards: int, accumulation_steps: int, warned: set[str]) -> N
         f"{forwards} forward passes ran before one step with accumulation_steps="
         f"{accumulation_steps}: fisher='empirical' scales each output gradient by "
         "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
-        "of a batch, micro-batches) needs accumulation_steps=k; a loss summing them "
-        "needs nothing",
+        "of a batch, micro-batches, a contrastive or triplet loss over k separate forwards) "
+        "needs accumulation_steps=k; a loss summing the forwards' means needs nothing",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
