@@ -230,3 +230,33 @@ def test_a_discriminator_layer_unfrozen_after_construction_is_watched_too() -> N
 
     for p, q in zip(run(False).parameters(), run(True).parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_gradients_of_autograd_grad_assigned_by_the_user_keep_their_forward(fisher: str) -> None:
+    """``grads = torch.autograd.grad(loss, params)`` assigned to ``.grad`` before the step
+    (a functional loop): the backward computed the layers' gradients without writing them,
+    so its forward is the step's sample (it was taken for an attack's and the step refused
+    for want of statistics, since 2026-12-05 (evening)); bit for bit ``loss.backward()``."""
+
+    def run(functional: bool) -> list[Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        opt = tk.KFAC(model, fisher=fisher, **OPTIONS)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(8, 4, generator=data, dtype=torch.float64)
+            y = torch.randint(0, 3, (8,), generator=data)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            if functional:
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                for p, grad in zip(model.parameters(), grads, strict=True):
+                    p.grad = grad
+            else:
+                loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(run(True), run(False), strict=True):
+        assert torch.equal(p, q)

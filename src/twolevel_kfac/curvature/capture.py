@@ -109,7 +109,7 @@ class CurvatureCapture:
         self.fisher_batch, self.generator = fisher_batch, generator
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
-        self.empty_batch = self.outside = False  # 0 rows at the last take; layers run alone
+        self.empty_batch = self.outside = self._root_called = False  # (0 rows at the last take)
         # since the last take: a forward over 0 rows, one in eval() with gradients
         self._empty_forward = self._eval_forward = False
         self._forward: ForwardPass | None = None
@@ -174,7 +174,7 @@ class CurvatureCapture:
         self._forward = None
         mask, padding = self._next_mask, self._next_padding
         self._next_mask = self._next_padding = None
-        self.outside = False  # (layers run outside the root since its last forward)
+        self.outside, self._root_called = False, True  # (layers run alone: since the take)
         if not self._capturing(module):  # (a training forward left in eval(): told at take)
             self._eval_forward |= self.active and not module.training and torch.is_grad_enabled()
             return
@@ -208,7 +208,7 @@ class CurvatureCapture:
         if output is None:  # copied without ``with_kwargs`` onto a module that replaced it
             raise RuntimeError(replaced_layer(name, module))
         forward = self._forward
-        self.outside |= forward is None and self.active and self.model.training
+        self.outside |= forward is None and self.active and not self._root_called
         if forward is None or not output.requires_grad or in_backward() or not trains(module):
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
@@ -353,7 +353,7 @@ class CurvatureCapture:
         self.empty_batch = self._empty_forward and not taken
         if self._eval_forward and not taken and not self._empty_forward:
             warn_eval_forwards()
-        self._empty_forward = self._eval_forward = False
+        self._empty_forward = self._eval_forward = self._root_called = False
         self._forward, self._drawn_from, self._done = None, None, []
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0

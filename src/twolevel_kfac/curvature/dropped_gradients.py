@@ -14,22 +14,25 @@ step, and its statistics must go too:
 
 Recognised at the start of each backward through a captured forward
 (:func:`backward_started`): a forward of an earlier backward (another graph task) that
-wrote no layer gradient (an attack before or after the training backward; the writes are
+computed no layer gradient (an attack's gradient of the input, before or after the
+training backward; a ``torch.autograd.grad`` of the parameters computes them: they are
 counted by a hook on each parameter, :class:`Marks`, which clipping, a ``GradScaler`` or
 an assigned ``.grad`` leave alone), judged at the next backward or at the step
 (:func:`settle`), is no sample; and where every layer's gradient is ``None`` now, or zero
 after a change since a backward wrote it (:func:`_dropped`), the earlier backwards'
 gradients are gone (``reset``). Forwards of one backward (two views, one loss) are never
 dropped by each other. A gradient the user composes and assigns before the step
-(``p.grad = g``: PCGrad over separate forwards, micro-batches clipped one by one and summed) holds
-the reset forwards: at a step whose layer gradients are not the tensors a backward wrote,
-they count again (and so does a GAN discriminator's ``p.grad = p.grad.clone()``, which
-cannot be told from it). Not recognised: a composed gradient written into the backward's
-tensor (``p.grad.copy_(g)``, ``p.grad.data = g``).
+(``p.grad = g``: PCGrad over separate forwards, micro-batches clipped one by one and
+summed) holds the reset forwards: at a step whose layer gradients are not the tensors a
+backward wrote, they count again (and so does a GAN discriminator's
+``p.grad = p.grad.clone()``, which cannot be told from it). Not recognised: a composed
+gradient written into the backward's tensor (``p.grad.copy_(g)``, ``p.grad.data = g``).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,11 +55,11 @@ def _graph_task() -> int | None:
     return None if current is None else int(current())
 
 
-_WRITES = "_tlkfac_gradient_writes"  # on a parameter: the backwards that wrote its .grad
+_WRITES = "_tlkfac_gradient_writes"  # on a parameter: the gradients backwards computed
 
 
 def writes(layers: dict[str, nn.Module]) -> tuple[int, ...]:
-    """How many times a backward wrote each layer's gradients (:class:`Marks`): a count
+    """How many gradients backwards computed for each layer (:class:`Marks`): a count
     that clipping, a ``GradScaler`` or a ``.grad`` the user assigns leave alone."""
     return tuple(
         sum(getattr(p, _WRITES, 0) for p in module.parameters(recurse=False))
@@ -64,19 +67,33 @@ def writes(layers: dict[str, nn.Module]) -> tuple[int, ...]:
     )
 
 
+def _counting(param: Tensor) -> Callable[[Tensor], None]:
+    """A tensor hook on ``param`` that counts each gradient a backward computes for it,
+    accumulated (``loss.backward()``) or handed back (``torch.autograd.grad(loss,
+    params)``, the user assigning it after); an attack's gradient of the input alone
+    computes none."""
+    ref = weakref.ref(param)
+
+    def count(grad: Tensor) -> None:
+        held = ref()
+        if held is not None:
+            setattr(held, _WRITES, getattr(held, _WRITES, 0) + 1)
+
+    return count
+
+
 def _written(param: Tensor) -> None:
-    """After autograd accumulated into ``param.grad``: count it, and mark the tensor with
-    its version (an in-place change after it, ``zero_()``, moves the version on)."""
-    setattr(param, _WRITES, getattr(param, _WRITES, 0) + 1)
+    """After autograd accumulated into ``param.grad``: mark the tensor with its version (an
+    in-place change after it, ``zero_()``, moves the version on)."""
     if param.grad is not None:
         setattr(param.grad, _WRITTEN, param.grad._version)
 
 
 class Marks:
-    """The post-accumulate-grad hooks that count and mark what a backward writes
-    (:func:`_written`), on every layer parameter that trains by the time a backward starts
-    (one frozen when the optimizer was built gets one once it trains); their handles go
-    to ``handles``, which remove them."""
+    """The hooks that count the gradients a backward computes (:func:`_counting`) and mark
+    what it accumulates (:func:`_written`), on every layer parameter that trains by the
+    time a backward starts (one frozen when the optimizer was built gets them once it
+    trains); their handles go to ``handles``, which remove them."""
 
     def __init__(self, handles: list[RemovableHandle]) -> None:
         self.handles, self.hooked = handles, set[int]()
@@ -87,6 +104,7 @@ class Marks:
             for param in module.parameters(recurse=False):
                 if param.requires_grad and id(param) not in self.hooked:
                     self.hooked.add(id(param))
+                    self.handles.append(param.register_hook(_counting(param)))
                     self.handles.append(param.register_post_accumulate_grad_hook(_written))
 
 
