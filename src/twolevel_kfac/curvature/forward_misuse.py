@@ -118,5 +118,7 @@ def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
         "of model(...), so it would take one sample here (a task code or a time step drawn "
         "for the batch, passed first: its layer's rows hold the gradients summed over the "
         "samples). Pass the batch first, model(x, code), and expand a shared row to the "
-        "batch (code.expand(len(x), -1)) before its layer"
+        "batch (code.expand(len(x), -1)) before its layer; if that argument's rows are the "
+        "one sample's (a query scored against its documents), give it a batch dimension of "
+        "one (docs[None])"
     )
