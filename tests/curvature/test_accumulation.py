@@ -50,3 +50,45 @@ def test_accumulated_micro_batches_equal_one_batch(
 def test_accumulation_steps_is_validated() -> None:
     with pytest.raises(ValueError, match="accumulation_steps must be"):
         tk.KFAC(tiny_convnet(), accumulation_steps=0)
+
+
+class Branched(nn.Module):
+    """A trunk, a head on the samples of a flagged micro-batch only (an expert or a task
+    head that some micro-batches do not call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.head, self.out = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        if rows is not None:  # the head on the first ``rows`` rows
+            h = torch.cat([h[:rows] + self.head(h[:rows]), h[rows:]])
+        return self.out(h)
+
+
+def test_a_head_some_micro_batches_skip_has_the_batch_fisher_block() -> None:
+    """The head runs on the 4 samples of the first of two micro-batches: its block is
+    that of the head on those 4 rows of one forward of the 8, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` (it
+    was taken over the 4 samples of its own forward: ``G`` 2×, a step 38 % off under DDP
+    in a trial, as with micro-batches). The scaling is the Fisher's own: under MC too."""
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    options = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "kl_clip": None}
+    factors = []
+    for micro in (False, True):
+        model = Branched().double()
+        opt = tk.KFAC(model, fisher_batch=1, accumulation_steps=2 if micro else 1, **options)
+        opt.zero_grad()
+        if micro:
+            for part, rows in ((slice(0, 4), 4), (slice(4, 8), None)):
+                nn.functional.cross_entropy(model(x[part], rows), y[part]).div(2).backward()
+        else:
+            nn.functional.cross_entropy(model(x, 4), y).backward()
+        opt.step()
+        head = opt.preconditioner.factors["head"]
+        assert head.A is not None and head.G is not None
+        factors.append((head.A.clone(), head.G.clone()))
+    for one, two in zip(*factors, strict=True):
+        torch.testing.assert_close(two, one, rtol=1e-12, atol=1e-14)

@@ -62,6 +62,31 @@ def _build(cls: type, wrap: bool) -> tuple[nn.Module, nn.Module, Any]:
     return model, net, cls(model, **SETTINGS)
 
 
+class RankHeads(Heads):
+    """Each rank's rows through its own head (a branch a rank's forward skips); in one
+    process the two halves of the batch through the two heads, in one forward."""
+
+    def forward(self, x: Tensor, task: int) -> Tensor:  # task: the rank, or -1 for both
+        h = self.body(x)
+        if task >= 0:
+            return self.heads[task](h)
+        half = len(x) // 2
+        return torch.cat([self.heads[0](h[:half]), self.heads[1](h[half:])])
+
+
+def _split_run(net: nn.Module, model: nn.Module, task: int, part: slice) -> list[Tensor]:
+    """Three capturing KFAC steps of :class:`RankHeads` (this rank's rows ``part``)."""
+    opt = tk.KFAC(model, **(SETTINGS | {"cov_interval": 1, "inv_interval": 1}))
+    for k in range(3):
+        gen = torch.Generator().manual_seed(200 + k)
+        x = torch.randn(BATCH, 5, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (BATCH,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(net(x[part], task), y[part]).backward()
+        opt.step()
+    return _params(model)
+
+
 def _params(model: nn.Module) -> list[Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -86,6 +111,9 @@ def _worker(rank: int, port: int, out: Path) -> None:
             resumed_opt.load_state_dict(saved[1])
             again = _run(resumed_net, resumed_opt, range(SAVE, STEPS), part)
             results[cls.__name__] = (captured, _params(model), again, _params(resumed))
+        split = RankHeads().double()
+        wrapped = nn.parallel.DistributedDataParallel(split, find_unused_parameters=True)
+        results["split"] = _split_run(wrapped, split, rank, part)
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -116,3 +144,15 @@ def test_heads_are_chased_as_in_one_process(runs: list[dict[str, Any]], cls: typ
         for p, q, r in zip(final, resumed, _params(model), strict=True):
             assert torch.equal(p, q)
             torch.testing.assert_close(p, r, rtol=1e-9, atol=1e-12)
+
+
+def test_a_head_one_rank_skips_has_the_one_process_block(runs: list[dict[str, Any]]) -> None:
+    """Each rank's rows through its own head (DDP with ``find_unused_parameters``): each
+    head's block is that of one process sending the halves of the batch through the two
+    heads (its ``G`` was over the samples of the rank that ran it: 2×, a step 38 % off
+    before 2026-12-05 (night)); the steps equal one process's."""
+    model = RankHeads().double()
+    single = _split_run(model, model, -1, slice(None))
+    for rank in runs:
+        for p, q in zip(rank["split"], single, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)

@@ -12,6 +12,7 @@ layer's at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -76,6 +77,9 @@ class CapturedBatch:
         self._layers, self._forwards, self._dtypes = layers, forwards, dtypes
         self._scale = loss_scale
         self._dead: Dead | None = None
+        self._shares = step_shares(forwards)
+        self.samples = sum(step_samples(forwards).values())  # the step's, every forward's
+        self.spread = True  # (off under torch.distributed: the ranks' reduce weighs them)
 
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
         if self._dead is None:  # before any layer's records are dropped
@@ -94,7 +98,32 @@ class CapturedBatch:
             name = next(iter(self._forwards))
             forwards = self._forwards.pop(name)  # its records go with its statistics
             module, dtype = self._layers[name], self._dtypes.get(name)
-            yield name, forward_statistics(name, module, forwards, dtype, self._scale, self._dead)
+            share = self._shares.get(name, 1.0) if self.spread else 1.0
+            scale = self._scale / math.sqrt(share)
+            yield name, forward_statistics(name, module, forwards, dtype, scale, self._dead)
+
+
+def step_samples(forwards: Mapping[str, list[Forward]]) -> dict[object, int]:
+    """Each forward of the step (its key) with the samples of its Fisher mini-batch."""
+    return {call.forward: n for fs in forwards.values() for n, calls in fs for call in calls}
+
+
+def step_shares(forwards: Mapping[str, list[Forward]]) -> dict[str, float]:
+    """The share of the step's samples whose forwards ran each layer, where it is below
+    one: a branch, a head or an expert that some forwards of the step (micro-batches, the
+    views of a batch) did not call. Its ``δ`` are then read times the share's square root,
+    so that its block is the step's batch Fisher ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over the ``N``
+    samples of every forward, as for a branch on some rows of one forward
+    (:func:`~.calls.per_sample`); taken over the samples of its own forwards, the block
+    was ``N`` over their samples times that (2× for a head of one of two micro-batches)."""
+    samples = step_samples(forwards)
+    total = sum(samples.values())
+    shares = {}
+    for name, fs in forwards.items():
+        ran = sum(samples[key] for key in {call.forward for _, calls in fs for call in calls})
+        if 0 < ran < total:
+            shares[name] = ran / total
+    return shares
 
 
 def forward_statistics(

@@ -83,6 +83,7 @@ def reduce_statistics(
     stats: Mapping[str, LayerStats],
     specs: Mapping[str, LayerSpec],
     factor_view: Callable[[LayerStats], LayerStats] | None = None,
+    samples: int = 0,
 ) -> ReducedStatistics:
     """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
     formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
@@ -90,8 +91,13 @@ def reduce_statistics(
 
     Each layer's ``T`` is the rows its factors average over per sample, whatever each
     rank's own ``T`` (sequences padded to other lengths, dead positions left out).
+    ``samples``: this rank's samples of the step (every forward's; default: the most any
+    layer has): a Kronecker layer that the forwards of some samples skipped (a branch one
+    rank or micro-batch does not run) has ``G`` times the share of the samples that ran
+    it, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over all ``N`` (as :mod:`~..curvature.captured_batch` does
+    in one process).
     """
-    sums, counts = _local_sums(stats, specs, factor_view)
+    sums, counts = _local_sums(stats, specs, factor_view, samples)
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
     totals = [int(c) for c in counts.tolist()]
     if comm.world_size * totals[-1] != totals[-2] ** 2:
@@ -102,6 +108,7 @@ def reduce_statistics(
             stacklevel=caller_level(),
         )
     result = ReducedStatistics({}, {}, {})
+    every = totals[-2]  # Σ_r N_r
     for i, (name, spec) in enumerate(specs.items()):
         samples, rows, live = totals[3 * i : 3 * i + 3]
         if rows == 0:
@@ -117,6 +124,8 @@ def reduce_statistics(
         else:  # ranks' padded lengths may differ: T is the rows kept per sample
             a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / max(live, 1)
             g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / max(live, 1)
+            if 0 < samples < every:  # (some samples' forwards skipped it)
+                g_mat = g_mat * (samples / every)
             count = locations if live == rows and not rows % samples else live / samples
         result.factors[name] = (a_mat, g_mat, count)
         result.samples[name] = samples
@@ -134,12 +143,13 @@ def _local_sums(
     stats: Mapping[str, LayerStats],
     specs: Mapping[str, LayerSpec],
     factor_view: Callable[[LayerStats], LayerStats] | None,
+    samples: int = 0,
 ) -> tuple[list[Tensor], Tensor]:
     """This rank's part of :func:`reduce_statistics`: each layer's factor sums (packed
     ``āᵀā``, ``δᵀδ`` of the rows the factors average over, or a block type's factors times
     their count) and the counts, per layer the samples, the rows ``N·T`` and the rows
-    averaged over (:func:`~..curvature.live_positions.live_rows`), then ``N_r`` and
-    ``N_r²`` (unequal batches are told)."""
+    averaged over (:func:`~..curvature.live_positions.live_rows`), then ``N_r`` (``samples``,
+    at least the most any layer has) and ``N_r²`` (unequal batches are told)."""
     sums: list[Tensor] = []
     device = next(iter(specs.values())).device
     counts = torch.zeros(3 * len(specs) + 2, dtype=torch.int64, device=device)
@@ -167,5 +177,6 @@ def _local_sums(
         counts[3 * i], counts[3 * i + 1] = s.num_samples, f.a.shape[0] * f.a.shape[1]
         counts[3 * i + 2] = a.shape[0]
         local_n = max(local_n, s.num_samples)
+    local_n = max(local_n, samples)
     counts[-2], counts[-1] = local_n, local_n * local_n
     return sums, counts

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
+from ..curvature.captured_batch import CapturedBatch
 from ..distributed import layer_specs, reduce_statistics
 from ..finite import all_finite
 from ..warning_level import caller_level
@@ -74,9 +75,11 @@ def fold_statistics(
     new: Iterable[tuple[str, LayerStats, tuple[Tensor, Tensor, float]]]
     kept: dict[str, LayerStats] = {}
     if pre.comm.distributed:
-        reduced = reduce_statistics(
-            pre.comm, dict(layers), layer_specs(pre.layers, pre.factor_dtype), view
-        )
+        total = 0  # the step's samples on this rank (a layer some forwards skip: its share)
+        if isinstance(layers, CapturedBatch):
+            layers.spread, total = False, layers.samples
+        specs = layer_specs(pre.layers, pre.factor_dtype)
+        reduced = reduce_statistics(pre.comm, dict(layers), specs, view, total)
         kept, pre.sample_counts = reduced.stats, reduced.samples
         new = ((n, kept[n], f) for n, f in reduced.factors.items())
     else:
