@@ -219,6 +219,32 @@ def test_a_task_code_passed_before_the_batch_is_refused(fisher: str) -> None:
     assert opt.preconditioner.factors["code"].ready
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_one_sequence_with_a_mask_of_its_positions_is_not_refused(fisher: str) -> None:
+    """A batch of one sequence ``[1, T, D]`` beside a ``[T, T]`` attention mask (or a
+    recurrent state ``[L, 1, H]``), the logits flattened to ``[T, V]`` after the head: the
+    layers see the one sample's row, so the first argument is the batch (refused before
+    the check read the layers' rows)."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+            h = torch.tanh(self.mix(x))  # [1, T, 4]
+            h = torch.softmax(h @ h.transpose(1, 2) + mask, -1) @ h
+            return self.head(h).reshape(-1, 3)  # [T, 3]
+
+    model = Masked().double()
+    opt = tk.KFAC(model, fisher=fisher, class_dim=-1)
+    x, mask = torch.randn(1, 6, 4, dtype=torch.float64), torch.zeros(6, 6, dtype=torch.float64)
+    F.cross_entropy(model(x, mask), torch.zeros(6, dtype=torch.long)).backward()
+    opt.step()
+    assert opt.preconditioner.factors["head"].ready
+
+
 def test_a_graph_level_tuple_output_is_refused_too() -> None:
     """The check walks every output tensor: ``(logits, embedding)`` of a graph-level model
     with its nodes first took the nodes as samples (a head step 0.46 off the graphs-first

@@ -79,9 +79,15 @@ def test_the_adamw_fallback_keeps_the_groups_rates_and_decay() -> None:
         for twin, p in zip(twins, norm, strict=True):
             assert torch.equal(p, twin)
     assert opt.fallback is not None
-    assert [(g["lr"], g["weight_decay"]) for g in opt.fallback.optimizer.param_groups] == [
-        (pytest.approx(1e-4), 0.0)
-    ]
+    groups = opt.fallback.optimizer.param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(pytest.approx(1e-4), 0.0)]
+    assert all("lr_factor" not in g for g in groups)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    decayed = [{"params": list(model[1].parameters()), "weight_decay": 1e-4}]
+    decayed.append({"params": [*model[0].parameters(), *model[3].parameters()]})
+    opt = tk.KFAC(model, params=decayed, fallback="adamw", fallback_options={"weight_decay": 0.05})
+    assert opt.fallback is not None  # (a group decaying at KFAC's rate takes AdamW's decay)
+    assert [g["weight_decay"] for g in opt.fallback.optimizer.param_groups] == [0.05]
 
 
 def test_a_single_group_adamw_checkpoint_loads_into_the_groups() -> None:

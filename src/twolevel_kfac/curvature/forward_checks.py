@@ -95,8 +95,10 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
 
 
 def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None:
-    """Refuse a model output whose rows pool the batch's (the rows of the model's first
-    tensor argument: :func:`~.pooled_rows.pooled_by`): a graph-level model called as
+    """Refuse a forward whose one-row first argument is not its batch (``model(code, x)``:
+    :func:`~.forward_misuse.batch_not_first`), and a model output whose rows pool the
+    batch's (the rows of the model's first tensor argument:
+    :func:`~.pooled_rows.pooled_by`): a graph-level model called as
     ``model(x, edge_index, batch)`` pools its ``N`` node rows into ``G`` graph rows, and
     its nodes were taken as the samples (the empirical Fisher ``N/G`` times the per-graph
     one). Output rows taken one for one from the samples' (``head(h[mask])``) pass. Under

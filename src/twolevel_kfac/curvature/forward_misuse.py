@@ -61,10 +61,12 @@ def warn_held(forwards: int, accumulation_steps: int, warned: set[str]) -> None:
     warnings.warn(
         f"{forwards} captured forwards wait for this optimizer's next step() (with "
         f"accumulation_steps={accumulation_steps}), and their layer inputs are kept until "
-        "then: an optimizer no longer stepped (a first phase's, still referenced by its LR "
-        "scheduler) records every training forward of the model. Call "
-        "old_optimizer.preconditioner.remove_hooks() or drop every reference to it. A network "
-        "stepped rarely (a discriminator) keeps its forwards until its step",
+        "then. An optimizer no longer stepped (a first phase's, still referenced by its LR "
+        "scheduler) records every training forward of the model: call "
+        "old_optimizer.preconditioner.remove_hooks() or drop every reference to it. A step "
+        "after many micro-batches: set accumulation_steps to their number (the limit grows "
+        "with it). A network stepped rarely (a discriminator) keeps its forwards until its "
+        "step",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
@@ -99,18 +101,29 @@ def replaced_layer(name: str, module: nn.Module) -> str:
 
 def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
     """Why the forward's first tensor argument, of one row, is not its batch, or ``None``:
-    another argument has ``M > 1`` rows, the model's main output a multiple of ``M``, and
-    no layer's rows were proved ``k`` per row of the first argument (a batch of one's
-    tokens flattened). ``model(code, x)`` with a task code ``[1, D]`` first: KFAC took a
-    batch of one sample, so the code's layer was not refused as shared (its rows hold the
-    gradients summed over the samples) and each ``δ`` was scaled for one sample. A
-    graph-level model called on one graph, ``model(graph_ids, x, edge_index, batch)``,
-    returns one row: it passes."""
+    another argument has ``M > 1`` rows, and the model's main output and a layer's input
+    (its rows not proved ``k`` per row of the first argument: a batch of one's tokens
+    flattened) have a multiple of ``M``. ``model(code, x)`` with a task code ``[1, D]``
+    first: KFAC took a batch of one sample, so the code's layer was not refused as shared
+    (its rows hold the gradients summed over the samples) and each ``δ`` was scaled for one
+    sample. Pass: a graph-level model on one graph, ``model(graph_ids, x, edge_index,
+    batch)`` (one output row); a sequence of one sample whose layers see its one row (a
+    recurrent state ``[L, 1, H]`` or a ``[T, T]`` mask beside it, the logits flattened
+    after the head) or its rows proved from it."""
     main = main_output(output)
     rows = int(main.shape[0]) if main is not None and main.dim() else 0
-    matched = [m for m in forward.other_rows if 1 < m and rows % m == 0]
-    reshaped = any(r.reshaped for recs in forward.records.values() for r in recs)
-    if rows < 2 or not matched or reshaped:
+    layer_rows = {
+        int(r.inputs.shape[0])
+        for recs in forward.records.values()
+        for r in recs
+        if r.inputs.dim() and not r.reshaped
+    }
+    matched = [
+        m
+        for m in forward.other_rows
+        if 1 < m and rows % m == 0 and any(n > 1 and n % m == 0 for n in layer_rows)
+    ]
+    if rows < 2 or not matched:
         return None
     return (
         f"the model's first tensor argument has one row, but another has {matched[0]} and "

@@ -8,8 +8,8 @@ the table of which parameter got which block.
   arguments (``fallback_options``; default ``lr=1e-3`` and torch's defaults otherwise):
   the KFAC learning rate is an order of magnitude or more above what AdamW takes. One
   AdamW group per KFAC param group (:func:`fallback_groups`): its ``lr`` is AdamW's times
-  the group's ``lr`` over the optimizer's (layer-wise rates), and a group that names its
-  ``weight_decay`` (a no-decay group of norms and biases) has it. Its step is exactly
+  the group's ``lr`` over the optimizer's (layer-wise rates), and a group that names
+  ``weight_decay=0`` (a no-decay group of norms and biases) has no decay. Its step is exactly
   torch's (it *is* torch's), on the same ``.grad`` the model left (or the ``GradScaler``
   unscaled), and its state goes into the KFAC ``state_dict`` under ``"fallback"``. An LR
   scheduler attached to the KFAC optimizer does not change it.
@@ -60,7 +60,10 @@ class AdamWFallback:
     def __init__(self, groups: list[dict[str, Any]], options: Mapping[str, Any]) -> None:
         self.ids = {id(p) for group in groups for p in group["params"]}
         lr = options.get("lr", 1e-3)
-        scaled = [{**group, "lr": lr * group.pop("lr_factor", 1.0)} for group in groups]
+        scaled = [
+            {**{k: v for k, v in group.items() if k != "lr_factor"}, "lr": lr * group["lr_factor"]}
+            for group in groups
+        ]
         self.optimizer = torch.optim.AdamW(scaled, **{"lr": lr, **options}) if groups else None
 
     def step(self) -> None:
@@ -92,9 +95,7 @@ class AdamWFallback:
         ours = self.optimizer.state_dict()["param_groups"]
         saved = state["param_groups"]
         sizes = [len(group["params"]) for group in ours]
-        if [len(g["params"]) for g in saved] != sizes and sum(sizes) == sum(
-            len(g["params"]) for g in saved
-        ):
+        if len(saved) == 1 < len(ours) and sum(sizes) == len(saved[0]["params"]):
             flat = iter([i for group in saved for i in group["params"]])
             regrouped = [{**g, "params": [next(flat) for _ in g["params"]]} for g in ours]
             state = {**state, "param_groups": regrouped}
@@ -106,8 +107,9 @@ def fallback_groups(
 ) -> list[dict[str, Any]]:
     """The parameters of each param group that no block covers (``covered``: their ids),
     as AdamW groups: ``lr_factor``, the group's ``lr`` over the optimizer's ``lr`` (1 where
-    that is 0 and the group's is not), and the group's ``weight_decay`` where the group the
-    user gave (``given``) names it."""
+    that is 0 and the group's is not), and no weight decay where the group the user gave
+    (``given``) names ``weight_decay=0`` (a no-decay group of norms and biases); the other
+    groups take AdamW's (``fallback_options``)."""
     out = []
     for i, group in enumerate(groups):
         params = [p for p in group["params"] if id(p) not in covered]
@@ -115,7 +117,7 @@ def fallback_groups(
             continue
         factor = group["lr"] / lr if lr > 0 else float(group["lr"] > 0)
         named = i < len(given) and isinstance(given[i], dict) and "weight_decay" in given[i]
-        decay = {"weight_decay": group["weight_decay"]} if named else {}
+        decay = {"weight_decay": 0.0} if named and group["weight_decay"] == 0 else {}
         out.append({"params": params, "lr_factor": factor, **decay})
     return out
 
