@@ -97,3 +97,25 @@ def test_a_grad_scalers_scale_is_taken_off() -> None:
             scaler.update()
         said = [w for w in caught if "per position" in str(w.message)]
         assert bool(said) == warned, reduction
+
+
+def test_an_attacks_summed_loss_is_not_the_training_losss() -> None:
+    """A PGD attack in train mode sums its loss (advertorch's default) for the gradient of
+    the input: its forwards are no samples, and their gradients are not judged (warned of
+    before the shares were read per forward); the training loss is a mean."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, C)).double()
+    opt = tk.KFAC(model, fisher="empirical")
+    x, y = torch.randn(N, 5, dtype=torch.float64), torch.randint(0, C, (N,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            delta = torch.zeros_like(x, requires_grad=True)
+            for _ in range(2):
+                loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = (delta + 0.01 * grad.sign()).detach().requires_grad_(True)
+            opt.zero_grad()
+            F.cross_entropy(model(x + delta.detach()), y).backward()
+            opt.step()
+    assert not [w for w in caught if "per position" in str(w.message)]

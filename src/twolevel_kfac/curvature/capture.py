@@ -366,7 +366,7 @@ class CurvatureCapture:
         state :attr:`drawn_from` had before a :meth:`take` that cleared it): a skipped
         step leaves the draws of the steps after it as they would have been without it."""
         self._unreached, self._empty_forward, self._eval_forward = set(), False, False
-        self._summed.share = 0.0
+        self._summed.seen = []
         for name in self._records:
             self._records[name] = []
         drawn_from = self._drawn_from if self._drawn_from is not None else drawn_from

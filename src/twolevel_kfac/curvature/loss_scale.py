@@ -57,31 +57,36 @@ def summed_share(grad: Tensor, samples: int, class_dim: int | None) -> float | N
 
 
 class SummedLoss:
-    """Under ``fisher="empirical"``, the largest :func:`summed_share` of the gradients the
-    user's backwards handed the model's main output since the last :meth:`judge`, which
-    warns, once, of a loss summed over the samples (module docstring)."""
+    """Under ``fisher="empirical"``, the :func:`summed_share` of the gradient each user's
+    backward handed a captured forward's main output since the last :meth:`judge`, which
+    warns, once, of a loss summed over the samples (module docstring), reading the shares
+    of the step's samples alone (an attack's forwards, whose gradients are dropped, may
+    sum their losses)."""
 
     def __init__(self) -> None:
-        self.share, self.samples, self.warned = 0.0, 0, False
+        self.seen: list[tuple[ForwardPass, float]] = []
+        self.warned = False
 
     def watch(self, output: Any, forward: ForwardPass, class_dim: int | None) -> None:
         """Hook the gradient of the main output of ``forward``, where it may be logits."""
         main = main_output(output)
         if self.warned or main is None or main.dim() < 2 or not main.requires_grad:
             return
-        samples = forward.batch_size
 
         def seen(grad: Tensor) -> None:
-            share = summed_share(grad.detach(), samples, class_dim) or 0.0
-            if share > self.share:
-                self.share, self.samples = share, samples
+            share = summed_share(grad.detach(), forward.batch_size, class_dim)
+            if share is not None:
+                self.seen.append((forward, share))
 
         on_gradient(main, seen)
 
     def judge(self, loss_scale: float = 1.0) -> None:
         """At the step, the gradients unscaled by ``loss_scale`` (a ``GradScaler``'s): warn
-        where a share passed :data:`LIMIT`; forget the shares."""
-        share, samples, self.share = self.share / loss_scale, self.samples, 0.0
+        where a share of a forward that is a sample (its gradient not dropped) passed
+        :data:`LIMIT`; forget the shares."""
+        shares = [(s / loss_scale, f.batch_size) for f, s in self.seen if f.backward_done]
+        self.seen = []
+        share, samples = max(shares, default=(0.0, 0))
         if self.warned or share <= LIMIT:
             return
         self.warned = True
@@ -89,10 +94,12 @@ class SummedLoss:
             f"the training loss's gradient at the logits has an L1 norm of {share:.3g} per "
             f"position over a batch of {samples} samples, more than a mean over the samples "
             "of softmax cross-entropies can have (2): is the loss summed over the batch "
-            "(reduction='sum'), or scaled? fisher='empirical' takes it as a mean over the "
-            "samples and scales each row's gradient by the batch size, so G would be "
-            f"{samples}² times too large for a sum. Use reduction='mean' (a sum over each "
-            "sample's positions divided by the batch size is a mean over the samples)",
+            "(reduction='sum')? fisher='empirical' takes it as a mean over the samples and "
+            "scales each row's gradient by the batch size, so G would be "
+            f"{samples}² times too large for a sum: use reduction='mean' (a sum over each "
+            "sample's positions divided by the batch size is a mean over the samples). A "
+            "mean scaled on purpose (a loss weight, a temperature or CosFace's scale inside "
+            "the loss) is not wrong: the empirical Fisher is that of the scaled losses",
             RuntimeWarning,
             stacklevel=caller_level(),
         )
