@@ -21,7 +21,7 @@ OPTIONS.update(cov_interval=1, inv_interval=1)
 
 
 def gan_run(
-    freeze_d: bool, fisher: str, steps: int = 3, set_to_none: bool = True
+    freeze_d: bool, fisher: str, steps: int = 3, set_to_none: bool = True, clip: bool = False
 ) -> tuple[nn.Module, torch.optim.Optimizer, Tensor]:
     """A DCGAN-style loop (``D.zero_grad()`` at its step); ``freeze_d``: the generator's step
     runs with ``D``'s parameters frozen, so that its backward never reaches ``D``'s layers.
@@ -40,6 +40,8 @@ def gan_run(
         ones, zeros = torch.ones(8, 1, dtype=torch.float64), torch.zeros(8, 1, dtype=torch.float64)
         F.binary_cross_entropy_with_logits(disc(real), ones).backward()
         F.binary_cross_entropy_with_logits(disc(fake.detach()), zeros).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), 0.05)
         opt_d.step()
         gen.zero_grad()
         disc.requires_grad_(not freeze_d)
@@ -259,4 +261,48 @@ def test_gradients_of_autograd_grad_assigned_by_the_user_keep_their_forward(fish
         return [p.detach().clone() for p in model.parameters()]
 
     for p, q in zip(run(True), run(False), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("write", ["copy_", "assign"])
+def test_micro_batches_clipped_and_written_back_in_place_keep_every_forward(write: str) -> None:
+    """Each micro-batch's gradient clipped and summed by hand, ``zero_grad(set_to_none=
+    False)`` between them, the sum written back with ``p.grad.copy_`` (or assigned): every
+    micro-batch is a sample (under ``copy_`` the zeroed gradients looked dropped and only
+    the last micro-batch's rows were in ``A``); a clipped gradient of one backward is no
+    composition (the GAN test above, with its ``D`` clipped, stays bit for bit)."""
+    k = 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    opt = tk.KFAC(model, fisher="empirical", accumulation_steps=k, **OPTIONS)
+    xs = torch.randn(k, 8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ys = torch.randint(0, 3, (k, 8), generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    acc = [torch.zeros_like(p) for p in params]
+    opt.zero_grad(set_to_none=False)
+    for i in range(k):
+        (F.cross_entropy(model(xs[i]), ys[i]) / k).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        for a, p in zip(acc, params, strict=True):
+            a += p.grad
+        opt.zero_grad(set_to_none=False)
+    for a, p in zip(acc, params, strict=True):
+        if write == "copy_":
+            p.grad.copy_(a)
+        else:
+            p.grad = a.clone()
+    opt.step()
+    rows = torch.cat([xs.reshape(-1, 5), torch.ones(k * 8, 1, dtype=torch.float64)], dim=1)
+    factor: Tensor = opt.preconditioner.factors["0"].A
+    torch.testing.assert_close(factor, rows.T @ rows / (k * 8), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:2 forward passes ran before one step")
+def test_a_clipped_discriminator_zeroed_in_place_is_still_its_own() -> None:
+    """``D.zero_grad(set_to_none=False)`` and ``D``'s gradient clipped before its step: the
+    clip is a multiple of what its backwards wrote, so the generator step's forward stays
+    out (bit for bit the twin that freezes ``D``)."""
+    plain = gan_run(freeze_d=False, fisher="empirical", set_to_none=False, clip=True)[0]
+    frozen = gan_run(freeze_d=True, fisher="empirical", set_to_none=False, clip=True)[0]
+    for p, q in zip(plain.parameters(), frozen.parameters(), strict=True):
         assert torch.equal(p, q)
