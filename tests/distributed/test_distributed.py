@@ -334,6 +334,10 @@ def _worker(rank: int, port: int, out: Path) -> None:
             **curvature(opt),
             "warnings": [str(w.message) for w in caught],
         }
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # (5 · 0.5 and 3 · 0.5 both round to 2 rows)
+            one_step(tk.KFAC, {"fisher_batch": 0.5}, (5, 3), rank)
+        results["unequal_subsets"] = [str(w.message) for w in caught]
         for name, kwargs in EMPTY_CASES.items():
             _, opt = one_step(tk.TwoLevelKFAC, {**KEEPS_BATCH, **kwargs}, (BATCH, 0), rank)
             results[f"empty_{name}"] = curvature(opt)
@@ -438,8 +442,9 @@ def _factor_dims() -> list[tuple[int, int]]:
 
 def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
     dims = _factor_dims()
-    # packed factors, then per layer 3 counts (samples, rows, rows kept) and 2 batch counts
-    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (3 * 3 + 2)
+    # packed factors, then per layer 3 counts (samples, rows, rows kept) and 3 step counts
+    # (samples, batch rows and their square)
+    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (3 * 3 + 3)
     sizes = [d for pair in dims for d in pair]
     owners = assign_owners([float(d) ** 3 for d in sizes], WORLD)
     # inverse_method="auto" is Cholesky here: each owner shares a packed damped inverse
@@ -474,7 +479,9 @@ def test_unequal_local_batches_weight_the_curvature_by_counts(
     for rank in range(WORLD):
         got = runs[rank]["unequal"]
         assert_same_curvature(got, expected)
-        assert any("different Fisher mini-batch sizes" in w for w in got["warnings"])
+        assert any("different local batch sizes" in w for w in got["warnings"])
+        said = [w for w in runs[rank]["unequal_subsets"] if "different local batch sizes" in w]
+        assert said, "Fisher subsets of one size hid local batches of 5 and 3"
 
 
 @pytest.mark.parametrize("case", list(EMPTY_CASES))

@@ -41,13 +41,14 @@ class Call(NamedTuple):
     forward: object = None  # which forward pass it belongs to (its key)
     positions: int | None = None  # that forward's output positions per sample
     padding: Tensor | None = None  # that forward's real positions (set_padding_mask)
+    batch: int = 0  # that forward's batch size (its Fisher mini-batch may be fewer)
 
     @classmethod
     def of(cls, record: Record) -> Call:
         """The call of a captured record."""
         owner = record.owner
         return cls(record.module, record.inputs, record.grad, record.reshaped, id(owner),
-                   owner.positions, owner.padding)  # fmt: skip
+                   owner.positions, owner.padding, owner.batch_size)  # fmt: skip
 
 
 Forward = tuple[int, list[Call]]
@@ -79,6 +80,8 @@ class CapturedBatch:
         self._dead: Dead | None = None
         self._shares = step_shares(forwards)
         self.samples = sum(step_samples(forwards).values())  # the step's, every forward's
+        batches = {c.forward: c.batch for fs in forwards.values() for _, cs in fs for c in cs}
+        self.batch = sum(batches.values())  # the step's batch rows (its samples: a subset)
         self.spread = True  # (off under torch.distributed: the ranks' reduce weighs them)
 
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:

@@ -84,6 +84,7 @@ def reduce_statistics(
     specs: Mapping[str, LayerSpec],
     factor_view: Callable[[LayerStats], LayerStats] | None = None,
     samples: int = 0,
+    batch: int = 0,
 ) -> ReducedStatistics:
     """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
     formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
@@ -95,20 +96,23 @@ def reduce_statistics(
     layer has): a Kronecker layer that the forwards of some samples skipped (a branch one
     rank or micro-batch does not run) has ``G`` times the share of the samples that ran
     it, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over all ``N`` (as :mod:`~..curvature.captured_batch` does
-    in one process).
+    in one process). ``batch``: this rank's batch rows of the step (default ``samples``),
+    whose inequality across ranks is warned of.
     """
-    sums, counts = _local_sums(stats, specs, factor_view, samples)
+    sums, counts = _local_sums(stats, specs, factor_view, samples, batch)
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
     totals = [int(c) for c in counts.tolist()]
     if comm.world_size * totals[-1] != totals[-2] ** 2:
         warnings.warn(
-            "ranks have different Fisher mini-batch sizes: the curvature is weighted by "
-            "the sample counts (exact), but DDP's gradient is the unweighted mean of the "
-            "ranks' mean gradients, not the global mean gradient",
+            "ranks have different local batch sizes: the curvature is weighted by the "
+            "sample counts (exact), but DDP's gradient is the unweighted mean of the ranks' "
+            "mean gradients, not the global mean gradient. Weight each rank's gradient by "
+            "its share of the batch (a DDP comm hook, as tlkfac run installs: README, "
+            "Distributed), after which this warning can be ignored",
             stacklevel=caller_level(),
         )
     result = ReducedStatistics({}, {}, {})
-    every = totals[-2]  # Σ_r N_r
+    every = totals[-3]  # Σ_r N_r
     for i, (name, spec) in enumerate(specs.items()):
         samples, rows, live = totals[3 * i : 3 * i + 3]
         if rows == 0:
@@ -144,15 +148,17 @@ def _local_sums(
     specs: Mapping[str, LayerSpec],
     factor_view: Callable[[LayerStats], LayerStats] | None,
     samples: int = 0,
+    batch: int = 0,
 ) -> tuple[list[Tensor], Tensor]:
     """This rank's part of :func:`reduce_statistics`: each layer's factor sums (packed
     ``āᵀā``, ``δᵀδ`` of the rows the factors average over, or a block type's factors times
     their count) and the counts, per layer the samples, the rows ``N·T`` and the rows
     averaged over (:func:`~..curvature.live_positions.live_rows`), then ``N_r`` (``samples``,
-    at least the most any layer has) and ``N_r²`` (unequal batches are told)."""
+    at least the most any layer has), ``B_r`` (``batch``, default ``N_r``) and ``B_r²``
+    (unequal batches are told)."""
     sums: list[Tensor] = []
     device = next(iter(specs.values())).device
-    counts = torch.zeros(3 * len(specs) + 2, dtype=torch.int64, device=device)
+    counts = torch.zeros(3 * len(specs) + 3, dtype=torch.int64, device=device)
     local_n = 0
     for i, (name, spec) in enumerate(specs.items()):
         s = stats.get(name)
@@ -178,5 +184,6 @@ def _local_sums(
         counts[3 * i + 2] = a.shape[0]
         local_n = max(local_n, s.num_samples)
     local_n = max(local_n, samples)
-    counts[-2], counts[-1] = local_n, local_n * local_n
+    rows = batch or local_n
+    counts[-3], counts[-2], counts[-1] = local_n, rows, rows * rows
     return sums, counts

@@ -111,7 +111,7 @@ class Parallel:
         (the model itself in a one-process run)."""
         if not self.distributed:
             return model
-        warnings.filterwarnings("ignore", message="ranks have different Fisher mini-batch sizes")
+        warnings.filterwarnings("ignore", message="ranks have different local batch sizes")
         ddp = nn.parallel.DistributedDataParallel(model)
         ddp.register_comm_hook(self, _weighted_mean_hook)
         return ddp

@@ -75,11 +75,11 @@ def fold_statistics(
     new: Iterable[tuple[str, LayerStats, tuple[Tensor, Tensor, float]]]
     kept: dict[str, LayerStats] = {}
     if pre.comm.distributed:
-        total = 0  # the step's samples on this rank (a layer some forwards skip: its share)
-        if isinstance(layers, CapturedBatch):
-            layers.spread, total = False, layers.samples
+        total = batch = 0  # this rank's samples and batch rows of the step
+        if isinstance(layers, CapturedBatch):  # (a layer some forwards skip: its share)
+            layers.spread, total, batch = False, layers.samples, layers.batch
         specs = layer_specs(pre.layers, pre.factor_dtype)
-        reduced = reduce_statistics(pre.comm, dict(layers), specs, view, total)
+        reduced = reduce_statistics(pre.comm, dict(layers), specs, view, total, batch)
         kept, pre.sample_counts = reduced.stats, reduced.samples
         new = ((n, kept[n], f) for n, f in reduced.factors.items())
     else:
