@@ -442,9 +442,9 @@ def _factor_dims() -> list[tuple[int, int]]:
 
 def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
     dims = _factor_dims()
-    # packed factors, then per layer 3 counts (samples, rows, rows kept) and 3 step counts
-    # (samples, batch rows and their square)
-    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (3 * 3 + 3)
+    # packed factors, then per layer 3 counts (samples, rows, rows kept), 3 step counts
+    # (samples, batch rows and their square) and the gradient checksum and its square
+    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (3 * 3 + 5)
     sizes = [d for pair in dims for d in pair]
     owners = assign_owners([float(d) ** 3 for d in sizes], WORLD)
     # inverse_method="auto" is Cholesky here: each owner shares a packed damped inverse

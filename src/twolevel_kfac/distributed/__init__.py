@@ -66,6 +66,7 @@ from .decompositions import (
 from .factors import (
     LayerSpec,
     ReducedStatistics,
+    gradient_checksum,
     layer_specs,
     reduce_statistics,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "ReducedStatistics",
     "all_reduce_sum",
     "assign_owners",
+    "gradient_checksum",
     "layer_specs",
     "make_communicator",
     "pack_symmetric",

@@ -85,6 +85,7 @@ def reduce_statistics(
     factor_view: Callable[[LayerStats], LayerStats] | None = None,
     samples: int = 0,
     batch: int = 0,
+    checksum: int = 0,
 ) -> ReducedStatistics:
     """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
     formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
@@ -97,11 +98,22 @@ def reduce_statistics(
     rank or micro-batch does not run) has ``G`` times the share of the samples that ran
     it, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over all ``N`` (as :mod:`~..curvature.captured_batch` does
     in one process). ``batch``: this rank's batch rows of the step (default ``samples``),
-    whose inequality across ranks is warned of.
+    whose inequality across ranks is warned of; ``checksum``: this rank's
+    :func:`gradient_checksum`, whose inequality is warned of too.
     """
     sums, counts = _local_sums(stats, specs, factor_view, samples, batch)
+    counts = torch.cat([counts, counts.new_tensor([checksum, checksum * checksum])])
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
     totals = [int(c) for c in counts.tolist()]
+    checks, totals = totals[-2:], totals[:-2]
+    if comm.world_size * checks[1] != checks[0] ** 2:
+        warnings.warn(
+            "the ranks' gradients differ at this step (a checksum of the preconditioned "
+            "layers' .grad): each rank steps on its own gradient, with the curvature of all "
+            "ranks' samples, and the replicas drift apart. Wrap the model in "
+            "DistributedDataParallel, or all-reduce the gradients (averaged) before step()",
+            stacklevel=caller_level(),
+        )
     if comm.world_size * totals[-1] != totals[-2] ** 2:
         warnings.warn(
             "ranks have different local batch sizes: the curvature is weighted by the "
@@ -141,6 +153,22 @@ def reduce_statistics(
             torch.zeros(0, locations, *g_shape, dtype=spec.stats_dtype, device=spec.device),
         )
     return result
+
+
+def gradient_checksum(layers: Mapping[str, nn.Module]) -> int:
+    """The bytes of the layers' ``.grad`` summed as 32-bit words, modulo a prime below
+    2²⁰ (so that ``W·Σ c²`` fits 64 bits): equal on every rank whose gradients are equal
+    bit for bit (what ``DistributedDataParallel`` leaves), almost surely not otherwise."""
+    total = 0
+    for module in layers.values():
+        for param in module.parameters(recurse=False):
+            grad = param.grad
+            if grad is None or grad.layout != torch.strided:
+                continue
+            raw = grad.detach().contiguous().reshape(-1).view(torch.uint8)
+            words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+            total += int(words.sum(dtype=torch.int64)) % 1_048_573
+    return total % 1_048_573
 
 
 def _local_sums(

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
 from ..curvature.captured_batch import CapturedBatch
-from ..distributed import layer_specs, reduce_statistics
+from ..distributed import gradient_checksum, layer_specs, reduce_statistics
 from ..finite import all_finite
 from ..warning_level import caller_level
 from .coarse_absorb import absorbs_statistics
@@ -79,7 +79,8 @@ def fold_statistics(
         if isinstance(layers, CapturedBatch):  # (a layer some forwards skip: its share)
             layers.spread, total, batch = False, layers.samples, layers.batch
         specs = layer_specs(pre.layers, pre.factor_dtype)
-        reduced = reduce_statistics(pre.comm, dict(layers), specs, view, total, batch)
+        check = gradient_checksum(pre.layers)  # (the ranks' gradients: one, DDP's)
+        reduced = reduce_statistics(pre.comm, dict(layers), specs, view, total, batch, check)
         kept, pre.sample_counts = reduced.stats, reduced.samples
         new = ((n, kept[n], f) for n, f in reduced.factors.items())
     else:
