@@ -191,8 +191,9 @@ def test_a_batch_of_graphs_pooled_per_graph_is_refused_with_nodes_first(fisher: 
 def test_a_task_code_passed_before_the_batch_is_refused(fisher: str) -> None:
     """``model(code, x)``, a code ``[1, D]`` drawn for the batch and put through a layer:
     the batch was taken as one sample, so the code's layer passed the shared-row check
-    (the MC step 0.91 off the batch-first one). Refused; ``model(x, code)`` refuses the
-    code's layer by name, and the code expanded to the batch trains."""
+    (the MC step 0.91 off the batch-first one). Refused, with the batch in a dict too;
+    ``model(x, code)`` refuses the code's layer by name, and the code expanded to the batch
+    trains."""
 
     class Coded(nn.Module):
         def __init__(self) -> None:
@@ -213,6 +214,9 @@ def test_a_task_code_passed_before_the_batch_is_refused(fisher: str) -> None:
     ):
         model.forward = lambda x, code: Coded.forward(model, code, x)  # type: ignore[method-assign]
         model(x, code)
+    model.forward = lambda code, batch: Coded.forward(model, code, batch["x"])  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"first tensor argument has one row, but another has 8"):
+        model(code, {"x": x})  # (the batch inside a dict)
     del model.forward
     F.cross_entropy(model(code.expand(8, -1), x), torch.zeros(8, dtype=torch.long)).backward()
     opt.step()

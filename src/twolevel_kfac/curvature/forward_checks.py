@@ -146,11 +146,17 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
 
 
 def other_rows(args: tuple[Any, ...], kwargs: dict[str, Any], first: Tensor) -> tuple[int, ...]:
-    """The first dimensions of a call's tensor arguments other than ``first``."""
-    values = (*args, *kwargs.values())
+    """The first dimensions of a call's tensor arguments other than ``first``, and of the
+    tensors in its dict, list and tuple arguments (``model(code, {"x": x})``)."""
+    values = [*args, *kwargs.values()]
+    values += [v for c in values if isinstance(c, (dict, list, tuple)) for v in _items(c)]
     return tuple(
         int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim() and v is not first
     )
+
+
+def _items(container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> list[Any]:
+    return list(container.values() if isinstance(container, dict) else container)
 
 
 def batch_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
