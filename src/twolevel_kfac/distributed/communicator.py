@@ -71,6 +71,25 @@ class Communicator:
         self._count(tensor, start)
         return out
 
+    def rendezvous(self, what: str) -> None:
+        """Wait for every rank to reach ``what`` (a collective of a checkpoint): under gloo a
+        monitored barrier, whose timeout (the group's) names the ranks that did not come,
+        instead of a bare send/recv timeout in the collective after it.
+
+        Raises:
+            RuntimeError: naming ``what``, the likely cause and the ranks missing.
+        """
+        if dist.get_backend(self.group) != "gloo":
+            return
+        try:
+            dist.monitored_barrier(group=self.group, wait_all_ranks=True)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{what} is a collective under torch.distributed: every rank must call it "
+                "(under `if rank == 0:` the other ranks never come; call it on every rank and "
+                f"save rank 0's result). {error}"
+            ) from error
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (checkpoints, not the hot path)."""
         out: list[Any] = [None] * self.world_size

@@ -81,6 +81,8 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     """Factors, cached decompositions, step counter and the sampler's RNG state (refused
     after a step interrupted part-way: :mod:`.interrupted`)."""
     check_not_interrupted(pre, "saving this state")
+    if pre.comm.distributed:
+        pre.comm.rendezvous("optimizer.state_dict()")
     state = {
         "steps": pre.steps,
         "damping": pre.damping,
