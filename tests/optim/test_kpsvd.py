@@ -336,3 +336,23 @@ def test_unconverged_power_iteration_keeps_the_inequalities() -> None:
     a_2, g_2, _ = kronecker_correction(stats, (A, G), 7, one)
     corrected = 3 * (torch.kron(G, A) + torch.kron(g_2, a_2))
     assert float((F - corrected).norm()) < kfac_error
+
+
+def test_the_floored_count_is_said_at_every_step_that_uses_the_pencil(float64: None) -> None:
+    """KFAC-corrected at its defaults, an indefinite corrected block: the floored inverse is
+    used at every step, and ``last_stats["corrected_floored"]`` says so at every step
+    (only at the step that prepared the pencil before 2026-12-05 (night))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)
+    )
+    opt = tk.KFACCorrected(model, lr=1.0)
+    counts = []
+    for k in range(4):
+        x, y = make_batch((4,), 3, 16, seed=100 + k)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        counts.append(opt.preconditioner.last_stats.get("corrected_floored"))
+    assert counts[0] is not None and counts[0] > 0
+    assert counts == [counts[0]] * 4

@@ -148,9 +148,9 @@ class KFACCorrectedFine(PowerIterationFine):
         self.corrections: dict[str, tuple[Tensor, Tensor]] = {}
         self.correction_updates: dict[str, int] = {}
         self.frozen_corrections: dict[str, tuple[Tensor, Tensor]] = {}
-        # per layer: ((λ, mode, T), the pencil's prepared inverse)
+        # per layer: ((λ, mode, T), the pencil's prepared inverse, its entries floored)
         self._pencil_cache: dict[
-            str, tuple[tuple[float, str, float], tuple[Tensor, Tensor, Tensor]]
+            str, tuple[tuple[float, str, float], tuple[Tensor, Tensor, Tensor], float]
         ] = {}
 
     def store(
@@ -203,7 +203,9 @@ class KFACCorrectedFine(PowerIterationFine):
         factors = self.host.factors[name]
         key = (damping, self.host.options.damping_mode, factors.num_locations)
         cached = self._pencil_cache.get(name)
+        stats = self.host.last_stats  # (the floored count said at every step that uses it)
         if cached is not None and cached[0] == key:
+            stats["corrected_floored"] = stats.get("corrected_floored", 0.0) + cached[2]
             return cached[1]
         assert factors.decomp_a is not None and factors.decomp_g is not None
         shift_a, shift_g = factors.factor_shifts(damping, self.host.options.damping_mode)
@@ -211,13 +213,11 @@ class KFACCorrectedFine(PowerIterationFine):
         mu_a, vectors_a = pencil_eigh(factors.decomp_a, shift_a, a_2)
         mu_g, vectors_g = pencil_eigh(factors.decomp_g, shift_g, g_2)
         grid = 1.0 + torch.outer(mu_g, mu_a)
-        stats = self.host.last_stats
-        stats["corrected_floored"] = stats.get("corrected_floored", 0.0) + float(
-            (grid < PENCIL_FLOOR).sum()
-        )
+        floored = float((grid < PENCIL_FLOOR).sum())
+        stats["corrected_floored"] = stats.get("corrected_floored", 0.0) + floored
         inverse = grid.clamp_min(PENCIL_FLOOR).reciprocal() / factors.num_locations
         prepared = (vectors_g, inverse, vectors_a)
-        self._pencil_cache[name] = (key, prepared)
+        self._pencil_cache[name] = (key, prepared, floored)
         return prepared
 
     def state_dict(self) -> dict[str, Any]:
