@@ -164,7 +164,7 @@ def test_a_head_one_rank_skips_has_the_one_process_block(runs: list[dict[str, An
     """Each rank's rows through its own head (DDP with ``find_unused_parameters``): each
     head's block is that of one process sending the halves of the batch through the two
     heads (its ``G`` was over the samples of the rank that ran it: 2×, a step 38 % off
-    before 2026-12-05 (night)); the steps equal one process's."""
+    before 2026-12-06); the steps equal one process's."""
     model = RankHeads().double()
     single = _split_run(model, model, -1, slice(None))
     for rank in runs:

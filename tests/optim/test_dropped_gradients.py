@@ -57,7 +57,7 @@ def test_the_generator_steps_backward_through_d_is_not_ds_sample(set_to_none: bo
     """``D``'s steps are those of a twin whose generator step never reaches ``D`` (its
     first layer's step was 0.79 off, its factors holding the fakes' forward of the
     generator step), bit for bit under the empirical Fisher, also where ``D.zero_grad``
-    zeroes in place (kept before 2026-12-05 (night))."""
+    zeroes in place (kept before 2026-12-06)."""
     plain = gan_run(freeze_d=False, fisher="empirical", set_to_none=set_to_none)[0]
     frozen = gan_run(freeze_d=True, fisher="empirical", set_to_none=set_to_none)[0]
     for p, q in zip(plain.parameters(), frozen.parameters(), strict=True):

@@ -63,7 +63,7 @@ def grouped(model: nn.Module) -> list[dict[str, object]]:
 def test_the_adamw_fallback_keeps_the_groups_rates_and_decay() -> None:
     """The norm in a group at a tenth of the rate, without decay, takes torch's AdamW step
     at a tenth of AdamW's rate and without decay (it took AdamW's default decay 0.01 and
-    full rate: 1.0e-3 moved where 1e-5 was asked, before 2026-12-05 (night))."""
+    full rate: 1.0e-3 moved where 1e-5 was asked, before 2026-12-06)."""
     model = net()
     opt = tk.KFAC(model, lr=0.1, weight_decay=0.01, params=grouped(model), fallback="adamw")
     norm = list(model[1].parameters())
@@ -92,7 +92,7 @@ def test_the_adamw_fallback_keeps_the_groups_rates_and_decay() -> None:
 
 def test_a_single_group_adamw_checkpoint_loads_into_the_groups() -> None:
     """A checkpoint saved when the fallback was one AdamW group over every parameter
-    (before 2026-12-05 (night)) loads into the mirrored groups: each parameter's moments,
+    (before 2026-12-06) loads into the mirrored groups: each parameter's moments,
     this optimizer's rates."""
     model = nn.Sequential(
         nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3), nn.LayerNorm(3)

@@ -341,7 +341,7 @@ def test_unconverged_power_iteration_keeps_the_inequalities() -> None:
 def test_the_floored_count_is_said_at_every_step_that_uses_the_pencil(float64: None) -> None:
     """KFAC-corrected at its defaults, an indefinite corrected block: the floored inverse is
     used at every step, and ``last_stats["corrected_floored"]`` says so at every step
-    (only at the step that prepared the pencil before 2026-12-05 (night))."""
+    (only at the step that prepared the pencil before 2026-12-06)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)

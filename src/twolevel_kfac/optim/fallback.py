@@ -88,7 +88,7 @@ class AdamWFallback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; one saved before the groups were mirrored (one AdamW
-        group over every parameter, before 2026-12-05 (night)) has its moments put in this
+        group over every parameter, before 2026-12-06) has its moments put in this
         one's groups, parameter by parameter, with this one's hyperparameters."""
         if self.optimizer is None or not state:
             return
