@@ -527,3 +527,14 @@ def test_a_problem_subset_is_merged_into_the_existing_document() -> None:
     assert merge_documents({"benchmark": "x", "results": [[1]]}, {"benchmark": "x"}) == {
         "benchmark": "x"
     }
+
+
+def test_a_quick_check_never_writes_the_published_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tlkfac bench --quick`` without ``--out`` (the README's check) wrote its numbers over
+    ``docs/benchmarks``; it writes ``results/bench-quick`` now."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "eigh_dtype", *QUICK]) == 0
+    assert (tmp_path / "results" / "bench-quick" / "eigh_dtype.json").is_file()
+    assert not (tmp_path / "docs").exists()

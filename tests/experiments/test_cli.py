@@ -79,10 +79,14 @@ def test_compare_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         f"Reference curves (dashed, loss vs epoch): authors KFAC (`{curve}`)"
         in (out / "report.md").read_text()
     )
-    # re-running continues: finished runs are kept as they are
+    # re-running continues: finished runs are kept as they are (no resume recorded, the
+    # checkpoint not rewritten)
     before = (out / "kfac" / "seed0" / "metrics.jsonl").read_text()
+    saved_at = (out / "kfac" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
     assert main(["compare", SMOKE_COMPARE, "--out", str(out), "--quiet", "--methods", "kfac"]) == 0
     assert (out / "kfac" / "seed0" / "metrics.jsonl").read_text() == before
+    assert [e["event"] for e in provenance.read(out / "kfac" / "seed0")] == ["start"]
+    assert (out / "kfac" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == saved_at
     # … and a subset's report and saved config keep every method
     saved = yaml.safe_load((out / "compare.yaml").read_text())
     assert list(saved["methods"]) == ["kfac", "nico", "sgd", "adam"]
@@ -153,6 +157,13 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for method in ("kfac", "nico", "residu", "previous", "sgd", "adam"):
         assert f"| {method} |" in printed
     assert (out / "report.md").is_file() and (out / "loss_vs_epoch.png").is_file()
+    # --resume over another config's runs: the demo's way to start over (it has no --fresh)
+    other = _write(
+        tmp_path, "d.yaml", (CONFIGS / "demo.yaml").read_text().replace("lr: 0.3", "lr: 0.2")
+    )
+    argv = ["demo", "--quick", "--resume", "--config", other, "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "run `tlkfac demo` without --resume to start over" in capsys.readouterr().err
 
 
 def _write(tmp_path: Path, name: str, text: str) -> str:
@@ -184,6 +195,17 @@ def test_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
             ["compare", SMOKE_COMPARE, "--methods", "kfac,sdg", "--out", str(tmp_path / "z")],
             "['sdg'] are not in the config",
         ),
+        (
+            [
+                "run",
+                _write(
+                    tmp_path,
+                    "l.yaml",
+                    Path(SMOKE_RUN).read_text().replace("lr: 1.2755102040816327e-04", "lr: fast"),
+                ),
+            ],
+            "methods.kfac.lr: a number, got 'fast'",
+        ),
         (["report", str(tmp_path)], "no runs"),
         (["report", str(tmp_path / "missing")], "does not exist"),
     ]
@@ -202,8 +224,71 @@ def test_resume_with_another_config_exit_2(
     other = _write(tmp_path, "o.yaml", text)
     assert main(["run", other, "--out", str(out), "--quiet", "--resume"]) == 2
     assert "methods.kfac.kl_clip: 0.01 → 0.02" in capsys.readouterr().err
+    # a comparison refused for another config keeps the folder's compare.yaml (it was
+    # written first, so that `tlkfac report` named the refused config's settings)
+    cmp = tmp_path / "cmp"
+    assert main(["compare", SMOKE_COMPARE, "--out", str(cmp), "--quiet", "--methods", "kfac"]) == 0
+    kept = (cmp / "compare.yaml").read_text()
+    changed = _write(
+        tmp_path,
+        "c.yaml",
+        Path(SMOKE_COMPARE).read_text().replace("kl_clip: 1.0e-2", "kl_clip: 3.0e-2"),
+    )
+    assert Path(changed).read_text() != Path(SMOKE_COMPARE).read_text()
+    assert main(["compare", changed, "--out", str(cmp), "--quiet", "--methods", "kfac"]) == 2
+    assert (cmp / "compare.yaml").read_text() == kept
     assert main(["run", SMOKE_RUN, "--out", str(out), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["run", SMOKE_RUN, "--max-steps", "0"])
     assert exit_info.value.code == 2
+
+
+def test_a_resume_with_other_threads_is_warned_of(tmp_path: Path) -> None:
+    """A run resumed with another thread count does not continue bit for bit: warned of,
+    and the interrupted runs' hint repeats ``--threads`` and ``--data-dir``."""
+    import argparse
+
+    from twolevel_kfac.experiments.commands import continue_flags
+
+    out = tmp_path / "run"
+    args = ["run", SMOKE_RUN, "--out", str(out), "--quiet"]
+    assert main([*args, "--max-steps", "2", "--threads", "1"]) == 0
+    before = torch.get_num_threads()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"ran with 1 torch thread\(s\) and resumes with 2"):
+            assert main([*args, "--resume", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    hint = continue_flags(argparse.Namespace(threads=1, data_dir="/my data"))
+    assert hint == " --threads 1 --data-dir '/my data'"
+
+
+def test_an_interrupted_comparison_reports_no_other_configs_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the first run of a comparison with another ``sgd`` setting: the ``sgd``
+    runs it never reached are the earlier config's, and are not reported under this one
+    (they were, with this config's settings beside them)."""
+    import dataclasses
+
+    from twolevel_kfac.experiments import comparison
+
+    out = tmp_path / "cmp"
+    base = ["--out", str(out), "--quiet", "--methods", "kfac,sgd", "--seeds", "0"]
+    assert main(["compare", SMOKE_COMPARE, *base]) == 0
+    assert "| sgd | 1 |" in (out / "report.md").read_text()
+    changed = _write(
+        tmp_path,
+        "c.yaml",
+        Path(SMOKE_COMPARE).read_text().replace("sgd: {lr: 1.0e-2}", "sgd: {lr: 2.0e-2}"),
+    )
+    real = comparison.run_one
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        return dataclasses.replace(real(*args, **kwargs), interrupted=True)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(comparison, "run_one", interrupted)
+    assert main(["compare", changed, *base]) == 130
+    report = (out / "report.md").read_text()
+    assert "| kfac | 1 |" in report and "| sgd |" not in report

@@ -52,6 +52,9 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+PUBLISHED, QUICK_OUT = Path("docs/benchmarks"), Path("results/bench-quick")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tlkfac bench``."""
     listing = "; ".join(f"{name}: {text}" for name, (_, text) in BENCHMARKS.items())
@@ -63,7 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small and fast: checks, not numbers")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default: {PUBLISHED}; with --quick: {QUICK_OUT}, so that a check "
+        "never overwrites the published numbers)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--external", default=None, help="path of a kfac-pytorch checkout")
     parser.add_argument(
@@ -94,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(
         quick=args.quick,
         threads=set_threads(args.threads),
-        out=args.out,
+        out=args.out or (QUICK_OUT if args.quick else PUBLISHED),
         repeats=args.repeats,
         external=args.external,
         authors=args.authors,

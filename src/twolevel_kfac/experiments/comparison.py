@@ -189,16 +189,15 @@ def run_comparison(
     references = [read_reference(path, label) for label, path in config.report.references.items()]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # every method of the config: a later `--methods` subset adds runs to the same report
-    dump = config.model_dump(mode="json")
-    (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
     data = load_data(config.problem, data_dir)
     outcome = ComparisonResult({}, None, "")
     pairs = [(m, s) for m in labels for s in seed_list if s in config.method_seeds(m)]
     total = len(pairs)
+    ran: set[tuple[str, int]] = set()  # the runs this call trained (under this config)
     for i, (label, seed) in enumerate(pairs, 1):
         run_dir = out / label / f"seed{seed}"
         log(f"[{i}/{total}] {label} seed {seed} → {run_dir}")
+        ran.add((label, seed))
         result = run_one(
             config,
             label,
@@ -214,8 +213,11 @@ def run_comparison(
         if result.interrupted:
             outcome.interrupted = True
             break
+    # every method of the config (a later `--methods` subset adds runs to the same report),
+    # written once a run was taken under it (a refused one leaves the folder's as it was)
+    dump = config.model_dump(mode="json")
+    (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
     results: dict[str, list[Records]] = {}
-    ran = set(pairs)
     for label in config.methods:  # the runs of this call and the finished ones already there
         runs = [
             records

@@ -213,6 +213,9 @@ class ReportSpec(_Strict):
     epochs: list[int] = []
 
 
+_NUMBERS = frozenset({"lr", "momentum", "weight_decay", "damping", "kl_clip", "fisher_batch"})
+
+
 class ExperimentConfig(_Strict):
     """A problem, shared optimizer defaults and the methods to compare."""
 
@@ -293,6 +296,9 @@ class ExperimentConfig(_Strict):
         if "lr" not in kwargs:
             where = "defaults.kfac" if kind in KFAC_FAMILY else "the method entry"
             raise ValueError(f"methods.{label}: no lr given (set it in {where})")
+        for key in _NUMBERS & set(kwargs):
+            if isinstance(kwargs[key], str):  # (`lr: fast`, a quoted '0.1')
+                raise ValueError(f"methods.{label}.{key}: a number, got {kwargs[key]!r}")
         try:
             make_optimizer(kind, nn.Linear(2, 2), **kwargs)
         except (ValueError, TypeError) as error:

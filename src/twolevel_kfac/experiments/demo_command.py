@@ -14,6 +14,7 @@ from twolevel_kfac.experiments.commands import (
     INTERRUPTED,
     add_common,
     apply_common,
+    continue_flags,
     progress_enabled,
 )
 
@@ -42,12 +43,25 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is None:
         args.threads = 1  # small matrices; robust on a shared machine (see demo.py)
     apply_common(args)
-    outcome = main(
-        args.out,
-        args.config,
-        quick=args.quick,
-        resume=args.resume,
-        data_dir=args.data_dir,
-        progress=progress_enabled(args),
+    try:
+        outcome = main(
+            args.out,
+            args.config,
+            quick=args.quick,
+            resume=args.resume,
+            data_dir=args.data_dir,
+            progress=progress_enabled(args),
+        )
+    except ValueError as error:  # (the demo starts over without --resume: it has no --fresh)
+        fresh = "run `tlkfac demo` without --resume to start over"
+        raise ValueError(str(error).replace("pass --fresh to discard it", fresh)) from None
+    if not outcome.interrupted:
+        return 0
+    again = "tlkfac demo --resume" + "".join(
+        f" {flag} {value}"
+        for flag, value in (("--config", args.config), ("--out", args.out))
+        if value is not None
     )
-    return INTERRUPTED if outcome.interrupted else 0
+    again += (" --quick" if args.quick else "") + continue_flags(args)
+    print(f"interrupted: run `{again}` to continue (without --resume it starts over)")
+    return INTERRUPTED

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,20 @@ def collect(event: str = "start") -> dict[str, Any]:
 
 
 def record(run_dir: str | Path, event: str) -> dict[str, Any]:
-    """Append :func:`collect` to ``run_dir/provenance.jsonl``; return it."""
+    """Append :func:`collect` to ``run_dir/provenance.jsonl``; return it. A resume with
+    another thread count than the run's last start or resume is warned of: the sums run in
+    another order, so it does not continue bit for bit."""
     entry = collect(event)
+    before = read(run_dir) if event == "resume" else []
+    if before and before[-1].get("threads") not in (None, entry["threads"]):
+        warnings.warn(
+            f"this run ran with {before[-1]['threads']} torch thread(s) and resumes with "
+            f"{entry['threads']}: its floating-point sums run in another order, so it will "
+            "not continue bit for bit the run it would have been; resume with --threads "
+            f"{before[-1]['threads']}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     with (Path(run_dir) / FILE).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
     return entry

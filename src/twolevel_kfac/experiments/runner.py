@@ -363,7 +363,8 @@ def train_run(
         loop.restore()
         if not loop.finished() and par.is_main:  # continued: no longer the result of before
             (run_dir / RESULT_FILE).unlink(missing_ok=True)
-    if par.is_main:
+    done = resume and loop.finished()  # (nothing to train: nothing recorded or rewritten)
+    if par.is_main and not done:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
@@ -376,7 +377,7 @@ def train_run(
     with writer_class(metrics, loop.state.records if resume else None) as writer:
         interrupted, partial = _run_loop(loop, writer, max_steps, progress)
         loop.state.records = writer.count
-        if loop.params_finite() or not par.from_main(checkpoint.exists):
+        if not done and (loop.params_finite() or not par.from_main(checkpoint.exists)):
             loop.save(full=not (loop.finished() and config.problem.final_checkpoint == "model"))
         if partial:
             writer.write(loop.epoch_record("partial"))

@@ -8,6 +8,7 @@ with a clear message; the CLI prints it as ``error: …`` and exits with status 
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -100,6 +101,17 @@ def apply_common(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def continue_flags(args: argparse.Namespace) -> str:
+    """The options of the command line that a resume must repeat to continue bit for bit
+    (``--threads``: the sums' order; ``--data-dir``: the same data), as command text."""
+    flags = ""
+    if getattr(args, "threads", None):
+        flags += f" --threads {args.threads}"
+    if getattr(args, "data_dir", None):
+        flags += f" --data-dir {shlex.quote(str(args.data_dir))}"
+    return flags
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:

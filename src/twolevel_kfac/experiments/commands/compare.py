@@ -15,6 +15,7 @@ from twolevel_kfac.experiments.commands import (
     add_common,
     add_device,
     apply_common,
+    continue_flags,
     progress_enabled,
     with_device,
 )
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.table)
     print(f"report: {outcome.report}")
     if outcome.interrupted:
-        print(f"interrupted: run `tlkfac compare {args.config} --out {out}` to continue")
+        again = f"tlkfac compare {args.config} --out {out}{continue_flags(args)}"
+        print(f"interrupted: run `{again}` to continue")
         return INTERRUPTED
     return 0

@@ -18,6 +18,7 @@ from twolevel_kfac.experiments.commands import (
     add_common,
     add_device,
     apply_common,
+    continue_flags,
     positive_int,
     progress_enabled,
     with_device,
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         launcher = " under the same launcher" if launcher_world_size() else ""
         print(
             f"interrupted: checkpoint saved; continue with `tlkfac run {args.config} "
-            f"--method {label} --seed {seed} --out {out}{nproc} --resume`{launcher}"
+            f"--method {label} --seed {seed} --out {out}{nproc}{continue_flags(args)} "
+            f"--resume`{launcher}"
         )
         return INTERRUPTED
     return 0

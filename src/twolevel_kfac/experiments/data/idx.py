@@ -226,7 +226,10 @@ def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
 def _read_bytes(path: Path) -> tuple[bytes, bytes | None]:
     """Decompressed content and, for ``.gz`` files, the compressed bytes."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing data file {path}")
+        raise FileNotFoundError(
+            f"missing data file {path} (another folder: --data-dir or ${ENV_VAR}; "
+            "`tlkfac data fetch NAME` downloads it)"
+        )
     blob = path.read_bytes()
     if path.suffix != ".gz":
         return blob, None
