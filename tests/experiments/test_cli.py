@@ -292,3 +292,14 @@ def test_an_interrupted_comparison_reports_no_other_configs_runs(
     assert main(["compare", changed, *base]) == 130
     report = (out / "report.md").read_text()
     assert "| kfac | 1 |" in report and "| sgd |" not in report
+
+
+def test_a_tuned_point_far_above_every_other_methods_is_flagged() -> None:
+    """A one-epoch grid cannot see a blow-up: SGD's chosen point ended at 6e16 in a trial,
+    without a word. A point 100× above the lowest loss any method reached is flagged."""
+    from twolevel_kfac.experiments.tuning import _implausible
+
+    with pytest.warns(RuntimeWarning, match=r"sgd: its chosen point \(lr 0.01\) ended at"):
+        notes = _implausible({"kfac": (0.1, 0.1, 30.0), "sgd": (0.01, None, 6e16)})
+    assert len(notes) == 2 and "sgd" in notes[1]
+    assert _implausible({"kfac": (0.1, 0.1, 30.0), "sgd": (0.01, None, 45.0)}) == []

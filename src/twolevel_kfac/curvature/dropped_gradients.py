@@ -25,11 +25,11 @@ dropped by each other. A gradient the user composes and assigns before the step
 (``p.grad = g``: PCGrad over separate forwards, micro-batches clipped one by one and
 summed) holds the reset forwards: at a step whose layer gradients are not the tensors a
 backward wrote, they count again (and so does a GAN discriminator's
-``p.grad = p.grad.clone()``, which cannot be told from it); so does one written into the
-backward's tensor (``p.grad.copy_(acc)``) that is not a positive multiple of what the
-last backward left there (clipped or unscaled: :func:`_rescaled`, read in steps that
-dropped gradients). Not recognised: ``p.grad.data = g``; a step's gradients all exactly
-zero when clipped (every target ignored) look dropped.
+``p.grad = p.grad.clone()``, which cannot be told from it). Not recognised: a composed
+gradient written into the backward's tensor (``p.grad.copy_(acc)`` after
+``zero_grad(set_to_none=False)``, ``p.grad.data = g``): it cannot be told from the
+backward's gradient clipped (``clip_grad_value_``), or averaged by DDP, in place; the
+forwards whose gradients were zeroed stay out (assign ``p.grad = acc`` instead).
 """
 
 from __future__ import annotations
@@ -85,36 +85,11 @@ def _counting(param: Tensor) -> Callable[[Tensor], None]:
     return count
 
 
-_PRINTING = "_tlkfac_fingerprinting"  # on a layer's weight: since a reset, until the step
-_PRINT = "_tlkfac_fingerprint"  # on its .grad: what the last backward left there
-
-
-def _fingerprint(grad: Tensor) -> tuple[float, float, float]:
-    """``‖g‖``, ``Σ g`` and the sum of every 7th entry: a multiple ``αg`` has ``α`` times
-    each; a sum of other gradients, almost surely not."""
-    flat = grad.detach().reshape(-1)
-    return float(flat.norm()), float(flat.sum()), float(flat[::7].sum())
-
-
-def _rescaled(grad: Tensor, printed: tuple[float, float, float]) -> bool:
-    """Whether ``grad`` is a positive multiple of the gradient ``printed`` was taken of
-    (clipped, unscaled by a ``GradScaler``), to ``1e-4`` of its size."""
-    norm, total, strided = _fingerprint(grad)
-    if printed[0] == 0.0:
-        return norm == 0.0
-    alpha = norm / printed[0]
-    scale = 1e-4 * (norm + abs(total) + abs(strided)) + 1e-30
-    return abs(total - alpha * printed[1]) <= scale and abs(strided - alpha * printed[2]) <= scale
-
-
 def _written(param: Tensor) -> None:
     """After autograd accumulated into ``param.grad``: mark the tensor with its version (an
-    in-place change after it, ``zero_()``, moves the version on) and, in a step where
-    gradients were dropped, its :func:`_fingerprint`."""
+    in-place change after it, ``zero_()``, moves the version on)."""
     if param.grad is not None:
         setattr(param.grad, _WRITTEN, param.grad._version)
-        if getattr(param, _PRINTING, False):
-            setattr(param.grad, _PRINT, _fingerprint(param.grad))
 
 
 class Marks:
@@ -137,28 +112,9 @@ class Marks:
 
 
 def _composed(layers: dict[str, nn.Module]) -> bool:
-    """Whether a layer's gradient was assigned by the user, not written by a backward, or
-    written over in place since (``p.grad.copy_(g)`` of micro-batches clipped one by one:
-    not a multiple of what the last backward left, :func:`_rescaled`)."""
-    for module in layers.values():
-        grad = block_parameters(module)[0].grad
-        if grad is None:
-            continue
-        written, printed = getattr(grad, _WRITTEN, None), getattr(grad, _PRINT, None)
-        if written is None:
-            return True
-        if grad._version != written and printed is not None and not _rescaled(grad, printed):
-            return True
-    return False
-
-
-def _fingerprinting(layers: dict[str, nn.Module], on: bool) -> None:
-    """Start (a reset was seen) or stop (the step) taking the layers' gradient prints."""
-    for module in layers.values():
-        weight = block_parameters(module)[0]
-        setattr(weight, _PRINTING, on)
-        if not on and weight.grad is not None:
-            weight.grad.__dict__.pop(_PRINT, None)
+    """Whether a layer's gradient was assigned by the user, not written by a backward."""
+    grads = (block_parameters(module)[0].grad for module in layers.values())
+    return any(g is not None and getattr(g, _WRITTEN, None) is None for g in grads)
 
 
 def _dropped(grad: Tensor | None) -> bool:
@@ -193,7 +149,6 @@ def backward_started(
             f.backward_done = False  # (an attack's backward, of the input: nothing written)
         elif reset and f.backward_done:  # every gradient dropped: none of theirs is left
             f.backward_done, f.reset = False, True
-            _fingerprinting(layers, True)  # (is what the step reads a backward's?)
         f.writes_seen = None  # (judged: later backwards write the gradients, not theirs)
     return [*done, forward]
 
@@ -210,5 +165,3 @@ def settle(done: list[ForwardPass], layers: dict[str, nn.Module]) -> None:
         for forward in done:
             if forward.reset:
                 forward.backward_done = True
-    if any(forward.reset for forward in done):
-        _fingerprinting(layers, False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ def run_tuning(
         best = min(grid, key=lambda k: grid[k].rank())
         chosen[label] = (*best, grid[best].best)
         sections += ["", _grid_table(label, grid, spec.lr, dampings, best)]
+    sections += _implausible(chosen)
     (out / "tune.md").write_text("\n".join(sections) + "\n", encoding="utf-8")
     tuned = copy.deepcopy(raw)
     for label, (lr, damping, _) in chosen.items():
@@ -156,6 +158,25 @@ def run_tuning(
     header = "# Written by `tlkfac tune` (see tune.md): lr/damping of the grid search.\n"
     path.write_text(header + yaml.safe_dump(tuned, sort_keys=False), encoding="utf-8")
     return chosen, path
+
+
+def _implausible(chosen: dict[str, tuple[float, float | None, float]]) -> list[str]:
+    """Warn (and say in tune.md) where a method's chosen point ended 100× above the lowest
+    loss any method reached: every point of its grid diverged or blew up in a way one epoch
+    cannot tell (a loss of 6e16 was chosen for SGD in a trial)."""
+    finite = [best for *_, best in chosen.values() if math.isfinite(best)]
+    lowest = min(finite, default=math.inf)
+    notes = []
+    for label, (lr, _, best) in chosen.items():
+        if math.isfinite(lowest) and not best <= 100 * abs(lowest) + 1e-12:
+            note = (
+                f"{label}: its chosen point (lr {lr:g}) ended at a train loss of {best:.3g}, "
+                f"over 100× the lowest any method reached ({lowest:.3g}): its grid may hold no "
+                "working setting (extend the grid, or run more epochs)"
+            )
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+            notes += ["", f"**Warning.** {note}."]
+    return notes
 
 
 def _grid_point(
