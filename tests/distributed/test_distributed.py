@@ -442,9 +442,10 @@ def _factor_dims() -> list[tuple[int, int]]:
 
 def test_bytes_per_step_match_the_formula(runs: list[dict[str, Any]]) -> None:
     dims = _factor_dims()
-    # packed factors, then per layer 3 counts (samples, rows, rows kept), 3 step counts
-    # (samples, batch rows and their square) and the gradient checksum and its square
-    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (3 * 3 + 5)
+    # packed factors, then per layer 4 counts (samples, rows, rows kept, samples of the
+    # forwards that ran it), 3 step counts (samples, batch rows and their square) and the
+    # gradient checksum and its square
+    factors = 8 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims) + 8 * (4 * 3 + 5)
     sizes = [d for pair in dims for d in pair]
     owners = assign_owners([float(d) ** 3 for d in sizes], WORLD)
     # inverse_method="auto" is Cholesky here: each owner shares a packed damped inverse
@@ -567,3 +568,20 @@ def test_single_process_is_unchanged_by_the_communicator() -> None:
     assert comm.payload_bytes == 0 and "comm_bytes" not in opt.last_stats
     state = opt.state_dict()
     assert "ranks" not in state["preconditioner"]
+
+
+def test_the_gradient_checksum_reads_any_dtype_and_offset() -> None:
+    """A bf16 gradient at an odd offset of a bucket (DDP's ``gradient_as_bucket_view``)
+    failed ("storage_offset() must be divisible by 4"); equal gradients give equal sums,
+    another gradient almost surely another."""
+    from twolevel_kfac.distributed import gradient_checksum
+
+    layers = {"a": nn.Linear(3, 1).bfloat16(), "b": nn.Linear(2, 2).double()}
+    bucket = torch.randn(20, generator=torch.Generator().manual_seed(0)).bfloat16()
+    layers["a"].weight.grad = bucket[1:4].view(1, 3)  # offset 1, 2-byte elements
+    layers["a"].bias.grad = bucket[5:6]
+    layers["b"].weight.grad = torch.randn(2, 2, dtype=torch.float64)
+    first = gradient_checksum(layers)
+    assert first == gradient_checksum(layers) and 0 <= first < 1_048_573
+    layers["b"].weight.grad[0, 0] += 1e-12
+    assert gradient_checksum(layers) != first

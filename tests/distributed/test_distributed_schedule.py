@@ -74,6 +74,15 @@ class RankHeads(Heads):
         return torch.cat([self.heads[0](h[:half]), self.heads[1](h[half:])])
 
 
+class Views(Heads):
+    """Two views of each sample concatenated inside ``forward``: the body sees twice the
+    samples' rows (gathered rows, not samples)."""
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        h = self.body(torch.cat([x, 2 * x]))
+        return self.heads[0](h[: len(x)] + h[len(x) :])
+
+
 def _split_run(net: nn.Module, model: nn.Module, task: int, part: slice) -> list[Tensor]:
     """Three capturing KFAC steps of :class:`RankHeads` (this rank's rows ``part``)."""
     opt = tk.KFAC(model, **(SETTINGS | {"cov_interval": 1, "inv_interval": 1}))
@@ -114,6 +123,9 @@ def _worker(rank: int, port: int, out: Path) -> None:
         split = RankHeads().double()
         wrapped = nn.parallel.DistributedDataParallel(split, find_unused_parameters=True)
         results["split"] = _split_run(wrapped, split, rank, part)
+        views = Views().double()
+        wrapped = nn.parallel.DistributedDataParallel(views, find_unused_parameters=True)
+        results["views"] = _split_run(wrapped, views, 0, part)
         for reduced in (False, True):  # (no DDP: the gradients reduced by hand, or not)
             bare = Heads().double()
             with warnings.catch_warnings(record=True) as caught:
@@ -158,6 +170,20 @@ def test_heads_are_chased_as_in_one_process(runs: list[dict[str, Any]], cls: typ
         for p, q, r in zip(final, resumed, _params(model), strict=True):
             assert torch.equal(p, q)
             torch.testing.assert_close(p, r, rtol=1e-9, atol=1e-12)
+
+
+def test_rows_gathered_inside_forward_leave_the_other_layers_alone(
+    runs: list[dict[str, Any]],
+) -> None:
+    """Two views concatenated inside ``forward`` under DDP: the body's rows outnumber the
+    samples, which made every layer's ``G`` half its one-process value (the step's samples
+    were counted from the largest layer's rows) for a while on 2026-12-06; the steps
+    equal one process's."""
+    model = Views().double()
+    single = _split_run(model, model, 0, slice(None))
+    for rank in runs:
+        for p, q in zip(rank["views"], single, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
 def test_a_head_one_rank_skips_has_the_one_process_block(runs: list[dict[str, Any]]) -> None:

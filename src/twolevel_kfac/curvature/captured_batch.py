@@ -79,7 +79,12 @@ class CapturedBatch:
         self._scale = loss_scale
         self._dead: Dead | None = None
         self._shares = step_shares(forwards)
-        self.samples = sum(step_samples(forwards).values())  # the step's, every forward's
+        samples = step_samples(forwards)
+        self.samples = sum(samples.values())  # the step's, every forward's
+        self.covered = {  # per layer: the samples of the forwards that ran it
+            name: sum(samples[key] for key in {c.forward for _, cs in fs for c in cs})
+            for name, fs in forwards.items()
+        }
         batches = {c.forward: c.batch for fs in forwards.values() for _, cs in fs for c in cs}
         self.batch = sum(batches.values())  # the step's batch rows (its samples: a subset)
         self.spread = True  # (off under torch.distributed: the ranks' reduce weighs them)

@@ -81,8 +81,13 @@ class Communicator:
         """
         if dist.get_backend(self.group) != "gloo":
             return
+        group = self.group if self.group is not None else dist.group.WORLD
+        try:  # (the group's timeout: monitored_barrier's own default is 30 minutes)
+            timeout = group._get_backend(torch.device("cpu")).options._timeout  # type: ignore[union-attr]
+        except (AttributeError, RuntimeError):
+            timeout = None
         try:
-            dist.monitored_barrier(group=self.group, wait_all_ranks=True)
+            dist.monitored_barrier(group=self.group, timeout=timeout, wait_all_ranks=True)
         except RuntimeError as error:
             raise RuntimeError(
                 f"{what} is a collective under torch.distributed: every rank must call it "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -71,11 +71,14 @@ class ReducedStatistics:
         factors: ``(A, G, T)`` of the global Fisher mini-batch per layer.
         stats: this rank's statistics of those layers (empty where it saw no sample).
         samples: the global Fisher mini-batch size ``N = Σ_r N_r`` per layer.
+        partial: the layers that the forwards of some samples skipped (some ranks' or
+            micro-batches'): their ``G`` is weighed by the share that ran them.
     """
 
     factors: dict[str, tuple[Tensor, Tensor, float]]
     stats: dict[str, LayerStats]
     samples: dict[str, int]
+    partial: list[str] = field(default_factory=list)
 
 
 def reduce_statistics(
@@ -86,6 +89,7 @@ def reduce_statistics(
     samples: int = 0,
     batch: int = 0,
     checksum: int = 0,
+    covered: Mapping[str, int] | None = None,
 ) -> ReducedStatistics:
     """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
     formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
@@ -94,14 +98,16 @@ def reduce_statistics(
     Each layer's ``T`` is the rows its factors average over per sample, whatever each
     rank's own ``T`` (sequences padded to other lengths, dead positions left out).
     ``samples``: this rank's samples of the step (every forward's; default: the most any
-    layer has): a Kronecker layer that the forwards of some samples skipped (a branch one
-    rank or micro-batch does not run) has ``G`` times the share of the samples that ran
-    it, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over all ``N`` (as :mod:`~..curvature.captured_batch` does
-    in one process). ``batch``: this rank's batch rows of the step (default ``samples``),
-    whose inequality across ranks is warned of; ``checksum``: this rank's
-    :func:`gradient_checksum`, whose inequality is warned of too.
+    layer has); ``covered``: per layer, the samples of this rank's forwards that ran it
+    (:attr:`~..curvature.captured_batch.CapturedBatch.covered`): a Kronecker layer that
+    the forwards of some samples skipped (a branch one rank or micro-batch does not run)
+    has ``G`` times the share of the samples that ran it, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over all
+    ``N`` (as :mod:`~..curvature.captured_batch` does in one process; rows gathered inside
+    a forward are scaled there, by rows, not here). ``batch``: this rank's batch rows of
+    the step (default ``samples``), whose inequality across ranks is warned of;
+    ``checksum``: this rank's :func:`gradient_checksum`, whose inequality is warned of too.
     """
-    sums, counts = _local_sums(stats, specs, factor_view, samples, batch)
+    sums, counts = _local_sums(stats, specs, factor_view, samples, batch, covered)
     counts = torch.cat([counts, counts.new_tensor([checksum, checksum * checksum])])
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
     totals = [int(c) for c in counts.tolist()]
@@ -124,7 +130,7 @@ def reduce_statistics(
             stacklevel=caller_level(),
         )
     result = ReducedStatistics({}, {}, {})
-    every = totals[-3]  # Σ_r N_r
+    every, ran = totals[-3], totals[3 * len(specs) : 4 * len(specs)]  # Σ_r N_r; per layer
     for i, (name, spec) in enumerate(specs.items()):
         samples, rows, live = totals[3 * i : 3 * i + 3]
         if rows == 0:
@@ -140,8 +146,9 @@ def reduce_statistics(
         else:  # ranks' padded lengths may differ: T is the rows kept per sample
             a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / max(live, 1)
             g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / max(live, 1)
-            if 0 < samples < every:  # (some samples' forwards skipped it)
-                g_mat = g_mat * (samples / every)
+            if 0 < ran[i] < every:  # (some samples' forwards skipped it)
+                g_mat = g_mat * (ran[i] / every)
+                result.partial.append(name)
             count = locations if live == rows and not rows % samples else live / samples
         result.factors[name] = (a_mat, g_mat, count)
         result.samples[name] = samples
@@ -155,20 +162,22 @@ def reduce_statistics(
     return result
 
 
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # by element size
+
+
 def gradient_checksum(layers: Mapping[str, nn.Module]) -> int:
-    """The bytes of the layers' ``.grad`` summed as 32-bit words, modulo a prime below
+    """The bits of the layers' ``.grad`` summed as integers of their element size (a view:
+    no copy, whatever the storage offset of DDP's bucket views), modulo a prime below
     2²⁰ (so that ``W·Σ c²`` fits 64 bits): equal on every rank whose gradients are equal
     bit for bit (what ``DistributedDataParallel`` leaves), almost surely not otherwise."""
-    total = 0
-    for module in layers.values():
-        for param in module.parameters(recurse=False):
-            grad = param.grad
-            if grad is None or grad.layout != torch.strided:
-                continue
-            raw = grad.detach().contiguous().reshape(-1).view(torch.uint8)
-            words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-            total += int(words.sum(dtype=torch.int64)) % 1_048_573
-    return total % 1_048_573
+    parts = [  # (summed on the device, one host sync)
+        grad.detach().reshape(-1).view(_WORDS[grad.element_size()]).sum(dtype=torch.int64)
+        % 1_048_573
+        for module in layers.values()
+        for param in module.parameters(recurse=False)
+        if (grad := param.grad) is not None and grad.layout == torch.strided
+    ]
+    return int(torch.stack(parts).cpu().sum()) % 1_048_573 if parts else 0
 
 
 def _local_sums(
@@ -177,16 +186,19 @@ def _local_sums(
     factor_view: Callable[[LayerStats], LayerStats] | None,
     samples: int = 0,
     batch: int = 0,
+    covered: Mapping[str, int] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """This rank's part of :func:`reduce_statistics`: each layer's factor sums (packed
     ``āᵀā``, ``δᵀδ`` of the rows the factors average over, or a block type's factors times
     their count) and the counts, per layer the samples, the rows ``N·T`` and the rows
-    averaged over (:func:`~..curvature.live_positions.live_rows`), then ``N_r`` (``samples``,
-    at least the most any layer has), ``B_r`` (``batch``, default ``N_r``) and ``B_r²``
-    (unequal batches are told)."""
+    averaged over (:func:`~..curvature.live_positions.live_rows`), then per layer the
+    samples of the forwards that ran it (``covered``; without it ``N_r``: none skipped),
+    then ``N_r`` (``samples``, else the most any layer has), ``B_r`` (``batch``, default
+    ``N_r``) and ``B_r²`` (unequal batches are told)."""
     sums: list[Tensor] = []
     device = next(iter(specs.values())).device
-    counts = torch.zeros(3 * len(specs) + 3, dtype=torch.int64, device=device)
+    n = len(specs)
+    counts = torch.zeros(4 * n + 3, dtype=torch.int64, device=device)
     local_n = 0
     for i, (name, spec) in enumerate(specs.items()):
         s = stats.get(name)
@@ -211,7 +223,9 @@ def _local_sums(
         counts[3 * i], counts[3 * i + 1] = s.num_samples, f.a.shape[0] * f.a.shape[1]
         counts[3 * i + 2] = a.shape[0]
         local_n = max(local_n, s.num_samples)
-    local_n = max(local_n, samples)
+    local_n = samples or local_n  # (a layer's gathered rows may outnumber the samples)
+    for i, name in enumerate(specs):
+        counts[3 * n + i] = local_n if covered is None else covered.get(name, 0)
     rows = batch or local_n
     counts[-3], counts[-2], counts[-1] = local_n, rows, rows * rows
     return sums, counts

@@ -148,6 +148,7 @@ class KFACCorrectedFine(PowerIterationFine):
         self.corrections: dict[str, tuple[Tensor, Tensor]] = {}
         self.correction_updates: dict[str, int] = {}
         self.frozen_corrections: dict[str, tuple[Tensor, Tensor]] = {}
+        self._floored: dict[str, float] = {}  # per layer: its pencil's floored entries
         # per layer: ((λ, mode, T), the pencil's prepared inverse, its entries floored)
         self._pencil_cache: dict[
             str, tuple[tuple[float, str, float], tuple[Tensor, Tensor, Tensor], float]
@@ -192,6 +193,7 @@ class KFACCorrectedFine(PowerIterationFine):
             n: (a.clone(), g.clone()) for n, (a, g) in self.corrections.items()
         }
         self._pencil_cache.clear()
+        self._floored.clear()
 
     def apply(self, name: str, matrix: Tensor, damping: float) -> Tensor:
         """``K⁻¹`` of the module docstring; KFAC's inverse until a correction exists."""
@@ -203,9 +205,8 @@ class KFACCorrectedFine(PowerIterationFine):
         factors = self.host.factors[name]
         key = (damping, self.host.options.damping_mode, factors.num_locations)
         cached = self._pencil_cache.get(name)
-        stats = self.host.last_stats  # (the floored count said at every step that uses it)
         if cached is not None and cached[0] == key:
-            stats["corrected_floored"] = stats.get("corrected_floored", 0.0) + cached[2]
+            self._say_floored(name, cached[2])
             return cached[1]
         assert factors.decomp_a is not None and factors.decomp_g is not None
         shift_a, shift_g = factors.factor_shifts(damping, self.host.options.damping_mode)
@@ -214,11 +215,17 @@ class KFACCorrectedFine(PowerIterationFine):
         mu_g, vectors_g = pencil_eigh(factors.decomp_g, shift_g, g_2)
         grid = 1.0 + torch.outer(mu_g, mu_a)
         floored = float((grid < PENCIL_FLOOR).sum())
-        stats["corrected_floored"] = stats.get("corrected_floored", 0.0) + floored
+        self._say_floored(name, floored)
         inverse = grid.clamp_min(PENCIL_FLOOR).reciprocal() / factors.num_locations
         prepared = (vectors_g, inverse, vectors_a)
         self._pencil_cache[name] = (key, prepared, floored)
         return prepared
+
+    def _say_floored(self, name: str, floored: float) -> None:
+        """``last_stats["corrected_floored"]``: the floored entries of every layer's pencil
+        in use, at every step that uses it (once per layer, however many applies)."""
+        self._floored[name] = floored
+        self.host.last_stats["corrected_floored"] = sum(self._floored.values())
 
     def state_dict(self) -> dict[str, Any]:
         """``{"corrections": {"running": …, "frozen": …, "updates": …}}``."""
@@ -243,6 +250,7 @@ class KFACCorrectedFine(PowerIterationFine):
         self.frozen_corrections = {n: placed(n, (a, g)) for n, (a, g) in saved["frozen"].items()}
         self.correction_updates = {n: int(k) for n, k in saved["updates"].items()}
         self._pencil_cache.clear()
+        self._floored.clear()
 
 
 class KPSVDPreconditioner(KFACPreconditioner):
