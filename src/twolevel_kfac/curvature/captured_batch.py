@@ -78,13 +78,9 @@ class CapturedBatch:
         self._layers, self._forwards, self._dtypes = layers, forwards, dtypes
         self._scale = loss_scale
         self._dead: Dead | None = None
-        self._shares = step_shares(forwards)
-        samples = step_samples(forwards)
-        self.samples = sum(samples.values())  # the step's, every forward's
-        self.covered = {  # per layer: the samples of the forwards that ran it
-            name: sum(samples[key] for key in {c.forward for _, cs in fs for c in cs})
-            for name, fs in forwards.items()
-        }
+        self.samples = sum(step_samples(forwards).values())  # the step's, every forward's
+        self.covered = covered_samples(forwards)  # per layer: of the forwards that ran it
+        self._shares = step_shares(self.covered, self.samples)
         batches = {c.forward: c.batch for fs in forwards.values() for _, cs in fs for c in cs}
         self.batch = sum(batches.values())  # the step's batch rows (its samples: a subset)
         self.spread = True  # (off under torch.distributed: the ranks' reduce weighs them)
@@ -116,22 +112,25 @@ def step_samples(forwards: Mapping[str, list[Forward]]) -> dict[object, int]:
     return {call.forward: n for fs in forwards.values() for n, calls in fs for call in calls}
 
 
-def step_shares(forwards: Mapping[str, list[Forward]]) -> dict[str, float]:
-    """The share of the step's samples whose forwards ran each layer, where it is below
-    one: a branch, a head or an expert that some forwards of the step (micro-batches, the
-    views of a batch) did not call. Its ``δ`` are then read times the share's square root,
-    so that its block is the step's batch Fisher ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over the ``N``
-    samples of every forward, as for a branch on some rows of one forward
-    (:func:`~.calls.per_sample`); taken over the samples of its own forwards, the block
-    was ``N`` over their samples times that (2× for a head of one of two micro-batches)."""
+def covered_samples(forwards: Mapping[str, list[Forward]]) -> dict[str, int]:
+    """Each layer's samples of the forwards of the step that ran it."""
     samples = step_samples(forwards)
-    total = sum(samples.values())
-    shares = {}
-    for name, fs in forwards.items():
-        ran = sum(samples[key] for key in {call.forward for _, calls in fs for call in calls})
-        if 0 < ran < total:
-            shares[name] = ran / total
-    return shares
+    return {
+        name: sum(samples[key] for key in {call.forward for _, calls in fs for call in calls})
+        for name, fs in forwards.items()
+    }
+
+
+def step_shares(covered: Mapping[str, int], total: int) -> dict[str, float]:
+    """The share of the step's ``total`` samples whose forwards ran each layer
+    (``covered``), where it is below one: a branch, a head or an expert that some forwards
+    of the step (micro-batches, the views of a batch) did not call. Its ``δ`` are then read
+    times the share's square root, so that its block is the step's batch Fisher
+    ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over the ``N`` samples of every forward, as for a branch on some
+    rows of one forward (:func:`~.calls.per_sample`); taken over the samples of its own
+    forwards, the block was ``N`` over their samples times that (2× for a head of one of
+    two micro-batches)."""
+    return {name: ran / total for name, ran in covered.items() if 0 < ran < total}
 
 
 def forward_statistics(
