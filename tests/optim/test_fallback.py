@@ -29,14 +29,15 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 ADAMW = {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.05}
 
 
-@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
-def test_the_adamw_fallback_is_torchs_step(cls: type[tk.KFAC]) -> None:
-    model = net()
-    opt = cls(model, lr=0.1, fallback="adamw", fallback_options=ADAMW)
+def assert_steps_of_adamw(
+    model: nn.Module, opt: torch.optim.Optimizer, adamw: dict[str, object], steps: int
+) -> None:
+    """The norm's (``model[1]``) steps are those of ``torch.optim.AdamW(**adamw)``, bit for
+    bit, on the same gradients."""
     norm = list(model[1].parameters())
     twins = [p.detach().clone().requires_grad_(True) for p in norm]
-    reference = torch.optim.AdamW(twins, **ADAMW)
-    for step in range(4):
+    reference = torch.optim.AdamW(twins, **adamw)  # type: ignore[arg-type]
+    for step in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
         for twin, p in zip(twins, norm, strict=True):
@@ -45,6 +46,13 @@ def test_the_adamw_fallback_is_torchs_step(cls: type[tk.KFAC]) -> None:
         reference.step()
         for twin, p in zip(twins, norm, strict=True):
             assert torch.equal(p, twin)
+
+
+@pytest.mark.parametrize("cls", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
+def test_the_adamw_fallback_is_torchs_step(cls: type[tk.KFAC]) -> None:
+    model = net()
+    opt = cls(model, lr=0.1, fallback="adamw", fallback_options=ADAMW)
+    assert_steps_of_adamw(model, opt, ADAMW, steps=4)
     # the preconditioned layers did not take AdamW's step (their state is momentum SGD)
     assert "momentum_buffer" in opt.state[model[0].weight]
     assert "exp_avg" not in opt.state[model[0].weight]
@@ -66,18 +74,7 @@ def test_the_adamw_fallback_keeps_the_groups_rates_and_decay() -> None:
     full rate: 1.0e-3 moved where 1e-5 was asked, before 2026-12-06)."""
     model = net()
     opt = tk.KFAC(model, lr=0.1, weight_decay=0.01, params=grouped(model), fallback="adamw")
-    norm = list(model[1].parameters())
-    twins = [p.detach().clone().requires_grad_(True) for p in norm]
-    reference = torch.optim.AdamW(twins, lr=1e-4, weight_decay=0.0)
-    for step in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
-        for twin, p in zip(twins, norm, strict=True):
-            twin.grad = p.grad.clone()
-        opt.step()
-        reference.step()
-        for twin, p in zip(twins, norm, strict=True):
-            assert torch.equal(p, twin)
+    assert_steps_of_adamw(model, opt, {"lr": 1e-4, "weight_decay": 0.0}, steps=3)
     assert opt.fallback is not None
     groups = opt.fallback.optimizer.param_groups
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(pytest.approx(1e-4), 0.0)]
