@@ -330,7 +330,10 @@ def test_layers_called_outside_the_optimizers_module_are_named_so() -> None:
     opt = tk.KFAC(wrapper)
     x, y = batch()
     F.cross_entropy(wrapper.net(x), y).backward()
-    with pytest.raises(RuntimeError, match=r"ran outside a call of the module the optimizer"):
+    with (
+        pytest.raises(RuntimeError, match=r"ran outside a call of the module the optimizer"),
+        pytest.warns(RuntimeWarning, match=r"ran outside a call of the optimizer's module"),
+    ):
         opt.step()
     opt.zero_grad()
     F.cross_entropy(wrapper(x), y).backward()
@@ -764,3 +767,33 @@ def test_a_fold_with_another_sequence_length_rescales_the_inverse(cls: type, kwa
 class Mean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(1)
+
+
+def test_a_second_view_through_a_submodule_is_warned_of() -> None:
+    """``model(x)`` and ``model.body(x2)`` under one loss: the optimizer captures the
+    model's own forwards, so the body's block leaves the second call out (silently before
+    2026-12-06); warned of once, naming the layers. A validation call of a submodule whose
+    output no backward reaches is not."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = tk.KFAC(model, cov_interval=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.body(x).sum()  # (no backward reaches it)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y) + model.body(2 * x).pow(2).mean()
+    loss.backward()
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['body'\] ran outside a call"):
+        opt.step()

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
+from . import forward_misuse as misuse
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
 from .calls import sample_major
@@ -46,7 +47,6 @@ from .forward_checks import (
     check_weight_uses,
     other_rows,
 )
-from .forward_misuse import replaced_layer, warn_eval_forwards, warn_forwards, warn_held
 from .forward_pass import ForwardPass, Record, empirical_hook, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all
 from .likelihoods import (
@@ -77,8 +77,7 @@ class CurvatureCapture:
         fisher_batch: the fraction of the batch's rows in the Fisher mini-batch.
         generator: the sampler of the rows and the MC targets.
         accumulation_steps: micro-batches per step (scales the empirical ``δ``).
-        uses: every module computing with each block's weight (tied weights); default: the
-            block's own module.
+        uses: every module computing with each block's weight (tied weights; default: its own).
         dtypes: the dtype of each block's statistics; default: as captured.
         loss_reduction: how ``mc``'s per-sample loss reduces over output features.
         class_dim: the class dimension of categorical logits with positions.
@@ -99,7 +98,7 @@ class CurvatureCapture:
         class_dim: int | None = None,
     ) -> None:
         self.model, self.class_dim = model, class_dim
-        self._next_mask: Tensor | None = None
+        self._next_mask: Tensor | None = None  # (set_loss_mask, set_padding_mask)
         self._next_padding: Tensor | None = None
         self.aligned = False  # rows checked to be the samples in order (row_order)
         self._warned, self._summed = set[str](), SummedLoss()  # (the kinds warned of, once)
@@ -109,7 +108,7 @@ class CurvatureCapture:
         self.fisher_batch, self.generator = fisher_batch, generator
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
-        self.empty_batch = self.outside = self._root_called = False  # (0 rows at the last take)
+        self.empty_batch, self.alone = False, misuse.OutsideCalls()  # (0 rows at the last take)
         # since the last take: a forward over 0 rows, one in eval() with gradients
         self._empty_forward = self._eval_forward = False
         self._forward: ForwardPass | None = None
@@ -174,7 +173,7 @@ class CurvatureCapture:
         self._forward = None
         mask, padding = self._next_mask, self._next_padding
         self._next_mask = self._next_padding = None
-        self.outside, self._root_called = False, True  # (layers run alone: since the take)
+        self.alone.root()
         if not self._capturing(module):  # (a training forward left in eval(): told at take)
             self._eval_forward |= self.active and not module.training and torch.is_grad_enabled()
             return
@@ -206,9 +205,10 @@ class CurvatureCapture:
         captured forward counts, whatever its own train/eval flag: a frozen-BatchNorm
         backbone put in ``eval()`` still trains its Linear and convolution layers)."""
         if output is None:  # copied without ``with_kwargs`` onto a module that replaced it
-            raise RuntimeError(replaced_layer(name, module))
+            raise RuntimeError(misuse.replaced_layer(name, module))
         forward = self._forward
-        self.outside |= forward is None and self.active and not self._root_called
+        if forward is None and self.active and not self.alone.inside:
+            self.alone.note(name, output, in_backward())
         if forward is None or not output.requires_grad or in_backward() or not trains(module):
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
@@ -233,10 +233,9 @@ class CurvatureCapture:
     def _attention_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
-        """In a captured forward, attention's output recomputed with its projections
-        called as modules (:mod:`.attention`); else ``None`` (the output stands). Activation
-        checkpointing reruns a forward inside the backward: it must compute as the forward
-        did (the capture is still armed then), without recording."""
+        """In a captured forward, attention's output recomputed with its projections called
+        as modules (:mod:`.attention`), also when activation checkpointing reruns it inside
+        the backward (armed, without recording); else ``None`` (the output stands)."""
         if in_backward():
             if not (self.active and self.model.training and torch.is_grad_enabled()):
                 return None
@@ -245,12 +244,10 @@ class CurvatureCapture:
         return recompute_attention(module, args, kwargs)  # type: ignore[arg-type]
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """The model's forward returned: close it (calls of its layers after this are not
-        its samples) and, for ``fisher="mc"``, sample its targets' gradients. The forward
-        then lets go of its records (each record names its forward: a reference cycle
-        would keep the captured rows until Python's cyclic collector ran, measured 12 MiB
-        more at a refresh of cuda-convnet)."""
-        forward, self._forward = self._forward, None
+        """The model's forward returned: close it (later layer calls are not its samples)
+        and, for ``fisher="mc"``, sample its targets' gradients; then let go of its records
+        (a reference cycle kept them until Python's collector ran: 12 MiB at a refresh)."""
+        forward, self._forward, self.alone.inside = self._forward, None, False
         if forward is None:
             return
         try:
@@ -263,7 +260,7 @@ class CurvatureCapture:
     def _backward_started(self, forward: ForwardPass) -> None:
         """The user's backward reached ``forward``: :func:`~.dropped_gradients.backward_started`."""
         self._done = backward_started(forward, self._done, self.layers, self._marks)
-        warn_held(len(self._done), self.accumulation_steps, self._warned)
+        misuse.warn_held(len(self._done), self.accumulation_steps, self._warned)
 
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
@@ -347,13 +344,14 @@ class CurvatureCapture:
                 if any(r.grad is not None for r in c) and c[0].inputs.numel() > 0
             ]
             if len(done) > self.accumulation_steps and self.fisher == "empirical":
-                warn_forwards(len(done), self.accumulation_steps, self._warned)
+                misuse.warn_forwards(len(done), self.accumulation_steps, self._warned)
             if done:
                 taken[name] = [(c[0].owner.samples, [Call.of(r) for r in c]) for c in done]
         self.empty_batch = self._empty_forward and not taken
         if self._eval_forward and not taken and not self._empty_forward:
-            warn_eval_forwards()
-        self._empty_forward = self._eval_forward = self._root_called = False
+            misuse.warn_eval_forwards()
+        self._empty_forward = self._eval_forward = False
+        self.alone.judge()
         self._forward, self._drawn_from, self._done = None, None, []
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0

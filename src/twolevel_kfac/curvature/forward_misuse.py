@@ -10,9 +10,10 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..warning_level import caller_level
+from .hooks import on_gradient
 from .pooled_rows import main_output
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HELD",
+    "OutsideCalls",
     "batch_not_first",
     "replaced_layer",
     "warn_eval_forwards",
@@ -135,3 +137,43 @@ def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
         "one sample's (a query scored against its documents), give it a batch dimension of "
         "one (docs[None])"
     )
+
+
+class OutsideCalls:
+    """Layer calls outside a call of the optimizer's module at a step that captures (a
+    submodule or a method called directly: a Lightning wrapper's ``self.net(x)``, a second
+    view through ``model.encoder(x2)``). ``before_root``: such calls before any forward of
+    the module since the last step (the refusal for want of statistics names it); layers
+    whose outside calls reached a backward are warned of at the step, once: their blocks
+    leave those calls out."""
+
+    def __init__(self) -> None:
+        self.before_root, self.root_called, self.warned = False, False, False
+        self.inside = False  # a forward of the module in flight (functional_call's too)
+        self.names: set[str] = set()
+
+    def note(self, name: str, output: Tensor, backward: bool) -> None:
+        """Layer ``name`` ran outside the module (``backward``: inside a backward)."""
+        self.before_root |= not self.root_called
+        if output.requires_grad and not backward and not self.warned:
+            on_gradient(output, lambda _: self.names.add(name))
+
+    def root(self) -> None:
+        """The optimizer's module was called (its forward runs until its root hook)."""
+        self.before_root, self.root_called, self.inside = False, True, True
+
+    def judge(self) -> None:
+        """At the step: warn of the layers whose outside calls reached a backward."""
+        names, self.names, self.root_called = sorted(self.names), set(), False
+        if not names or self.warned:
+            return
+        self.warned = True
+        warnings.warn(
+            f"layer(s) {names} ran outside a call of the optimizer's module at a step that "
+            "captures curvature (a submodule or a method called directly: model.encoder(x2)), "
+            "and the loss reached them: the optimizer captures the forwards of the module "
+            "itself, so their blocks leave those calls out. Call the module for them (a "
+            "forward that takes every input), or build the optimizer on the module you call",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )

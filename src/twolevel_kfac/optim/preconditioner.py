@@ -198,7 +198,7 @@ class KFACPreconditioner(NotCopyable):
         self.active = self.schedule.defer_unseen(
             self.factors, self.active, captured=active, folded=folded, steps=self.steps
         )
-        empty, outside = self.capture.empty_batch and active, self.capture.outside
+        empty, outside = self.capture.empty_batch and active, self.capture.alone.before_root
         check_statistics(self.factors, self.active, empty, outside)
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and not f.decomposed for f in self.factors.values()
