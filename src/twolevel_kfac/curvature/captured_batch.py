@@ -78,8 +78,9 @@ class CapturedBatch:
         self._layers, self._forwards, self._dtypes = layers, forwards, dtypes
         self._scale = loss_scale
         self._dead: Dead | None = None
-        self.samples = sum(step_samples(forwards).values())  # the step's, every forward's
-        self.covered = covered_samples(forwards)  # per layer: of the forwards that ran it
+        samples = step_samples(forwards)
+        self.samples = sum(samples.values())  # the step's, every forward's
+        self.covered = covered_samples(forwards, samples)  # per layer: the forwards that ran it
         self._shares = step_shares(self.covered, self.samples)
         batches = {c.forward: c.batch for fs in forwards.values() for _, cs in fs for c in cs}
         self.batch = sum(batches.values())  # the step's batch rows (its samples: a subset)
@@ -112,9 +113,11 @@ def step_samples(forwards: Mapping[str, list[Forward]]) -> dict[object, int]:
     return {call.forward: n for fs in forwards.values() for n, calls in fs for call in calls}
 
 
-def covered_samples(forwards: Mapping[str, list[Forward]]) -> dict[str, int]:
-    """Each layer's samples of the forwards of the step that ran it."""
-    samples = step_samples(forwards)
+def covered_samples(
+    forwards: Mapping[str, list[Forward]], samples: Mapping[object, int]
+) -> dict[str, int]:
+    """Each layer's samples of the forwards of the step that ran it (``samples``: each
+    forward's, :func:`step_samples`)."""
     return {
         name: sum(samples[key] for key in {call.forward for _, calls in fs for call in calls})
         for name, fs in forwards.items()
