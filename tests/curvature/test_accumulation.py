@@ -92,3 +92,61 @@ def test_a_head_some_micro_batches_skip_has_the_batch_fisher_block() -> None:
         factors.append((head.A.clone(), head.G.clone()))
     for one, two in zip(*factors, strict=True):
         torch.testing.assert_close(two, one, rtol=1e-12, atol=1e-14)
+
+
+class Routed(nn.Module):
+    """Tokens routed top-1 to one of two experts by the sign of their first feature: each
+    expert's rows are gathered from the batch's ``B·T`` tokens, in another share of each
+    micro-batch's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.experts = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = torch.tanh(self.embed(x)).reshape(-1, 6)
+        route, mixed = flat[:, 0] > 0, flat.clone()
+        for expert, chosen in zip(self.experts, (route, ~route), strict=True):
+            index = chosen.nonzero().squeeze(1)
+            mixed = mixed.index_add(0, index, expert(flat[index]))
+        return self.head(mixed.view(x.shape[0], x.shape[1], 6).mean(dim=1))
+
+
+def test_experts_routed_other_shares_of_each_micro_batch_have_the_batch_fisher_block() -> None:
+    """An expert given other shares of two micro-batches' tokens has the block of the
+    whole batch, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over its ``R`` rows of the step and its ``N``
+    samples (``δ = N·∂L/∂s``, read off autograd here), and so does the whole batch in
+    one forward. Before 2026-12-06 (day) each micro-batch's ``δ`` were scaled by its own
+    ``√(R_f/N_f)``: ``G`` off by the spread of the shares."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    options = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "kl_clip": None}
+    factors = []
+    for micro in (1, 2):
+        model = Routed().double()
+        opt = tk.KFAC(model, fisher_batch=1, accumulation_steps=micro, **options)
+        opt.zero_grad()
+        rows: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        hooks = [
+            model.experts[0].register_forward_hook(lambda m, i, o, r=rows: r.append(i[0])),
+            model.experts[0].register_full_backward_hook(lambda m, i, o, g=grads: g.append(o[0])),
+        ]
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            nn.functional.cross_entropy(model(xs), ys).div(micro).backward()
+        for hook in hooks:
+            hook.remove()
+        opt.step()
+        expert = opt.preconditioner.factors["experts.0"]
+        assert expert.A is not None and expert.G is not None
+        factors.append((expert.A.clone(), expert.G.clone()))
+        shares = [len(r) / len(xs) for r in rows]
+        a = torch.cat([torch.cat(rows), torch.ones(sum(map(len, rows)), 1)], dim=1).detach()
+        delta = torch.cat(grads) * len(x)  # N·∂L/∂s of the whole batch's mean loss
+        want = (a.T @ a / len(a), delta.T @ delta / len(x))
+        assert micro == 1 or shares[0] != shares[1]  # (the premise)
+        for got, expected in zip(factors[-1], want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from twolevel_kfac.curvature.calls import per_sample, sample_major
+from twolevel_kfac.curvature.calls import per_sample, sample_major, sample_rows
+from twolevel_kfac.curvature.captured_batch import fisher_scale
 from twolevel_kfac.curvature.forward_pass import ForwardPass
 
 B, T, V, D, C = 6, 4, 9, 5, 3
@@ -94,8 +95,9 @@ def test_rows_are_regrouped_only_in_the_batchs_order() -> None:
     assert per_sample((a, g), 1, reshaped=True)[0].shape == (1, 6, 4)  # one sample's rows
     for samples in (None, 6):  # unknown, one row per sample: kept
         assert per_sample((a, g), samples, reshaped=True)[0] is a
-    kept, scaled = per_sample((a, g), 4, reshaped=False)  # gathered rows: δ·√(R/N)
-    assert kept is a and scaled is not None and torch.allclose(scaled, g * 1.5**0.5)
+    kept, same = per_sample((a, g), 4, reshaped=False)  # gathered rows: R of one location
+    assert kept is a and same is g and sample_rows(6, 4) == 6 and sample_rows(6, 2, True) == 2
+    assert fisher_scale(6, 4) == 1.5**0.5  # their δ scaled once per step: √(M/N)
     assert per_sample((a, g), 1, reshaped=False)[0] is a  # one sample, not a reshape: kept
 
 

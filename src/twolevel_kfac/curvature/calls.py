@@ -4,7 +4,6 @@ block_statistics`, their locations side by side."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from .captured_batch import Call
     from .forward_pass import ForwardPass
 
-__all__ = ["calls_statistics", "per_sample", "sample_major"]
+__all__ = ["calls_statistics", "per_sample", "sample_major", "sample_rows"]
 
 
 def calls_statistics(
@@ -80,20 +79,26 @@ def per_sample(
     * Other ``R ≠ N`` rows (made by indexing: a branch on some samples,
       ``x[keep]``, tokens gathered for a mixture-of-experts expert; a concatenation; or
       rows whose order is not proved), which cannot be told apart by sample: ``R`` rows
-      of one location, with ``δ`` times ``√(R/N)``, so
-      that the block ``A ⊗ G`` is that of the batch's Fisher ``(1/N) Σ_n``:
-      ``Σ āāᵀ/R ⊗ Σ δδᵀ/N``, whatever ``R`` and the rows' order (KFAC's expand view of
-      ``R`` locations spread over ``N`` samples; exact for a branch on whole samples). Taken
-      as ``R`` samples, the block was ``N/R`` times that (an expert of a top-2-of-8 router
-      on ``T`` tokens per sample: ``4/T``; in a forward of one sample, ``1/R``: a last
-      batch of one, micro-batches of one)."""
+      of one location, as they are (:func:`sample_rows`). Their ``δ`` are scaled once per
+      step and layer, by :func:`~.captured_batch.fisher_scales`, so that the block is
+      that of the step's batch Fisher ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` however the rows are spread
+      over the forwards of the step (taken as ``R`` samples, the block was ``N/R`` times
+      that: an expert of a top-2-of-8 router on ``T`` tokens per sample, ``4/T``)."""
     a, g = pair
     rows = int(a.shape[0])
-    if samples is None or samples < 1 or rows in (0, samples):
+    if sample_rows(rows, samples, reshaped) == rows:
         return pair
-    if reshaped and rows % samples == 0:
-        return _locations(a, samples), None if g is None else _locations(g, samples)
-    return a, None if g is None else g * math.sqrt(rows / samples)
+    assert samples is not None  # (sample_rows regroups only by a positive ``samples``)
+    return _locations(a, samples), None if g is None else _locations(g, samples)
+
+
+def sample_rows(rows: int, samples: int | None, reshaped: bool = False) -> int:
+    """The rows ``N'`` of a call's statistics (:func:`per_sample`) of ``rows`` input rows
+    in a forward over ``samples``: ``samples`` where the rows are ``k·N`` in the batch's
+    order (``reshaped``), else ``rows``."""
+    if samples is None or samples < 1 or rows in (0, samples):
+        return rows
+    return samples if reshaped and rows % samples == 0 else rows
 
 
 _RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})

@@ -10,7 +10,11 @@ is already the average over the ranks when ``step()`` runs. One step on ``W`` ra
    ``δ_n = ∂ℓ_n/∂s_n`` is per sample (empirical: ``B_r·∂L_r/∂s_n`` with ``L_r`` the mean
    loss over the *local* batch, which DDP does not rescale; mc: the sampled per-sample NLL),
    so the global Fisher mini-batch is the union of the local ones (with ``fisher_batch < 1``
-   each rank keeps ``round(fisher_batch·B_r)`` of its rows).
+   each rank keeps ``round(fisher_batch·B_r)`` of its rows). A layer that some ranks'
+   forwards skip, or whose rows are gathered from the batch's (an expert's tokens), has
+   its ``δ`` scaled by ``√(M/N)`` (``M`` its rows, ``N`` the samples, both summed over the
+   ranks by a first all-reduce of ``L + 1`` integers: :func:`step_totals`), so the ranks'
+   statistics together are one process's of the whole batch.
 2. **Factors.** Each rank packs the upper triangles of its sums ``Σ āāᵀ``, ``Σ δδᵀ`` of all
    layers into one buffer; one all-reduce of it and one of the counts give
    ``A = Σ_r Σ āāᵀ / Σ_r N_r T``: the whole batch's factors, exact for unequal local
@@ -32,7 +36,8 @@ is already the average over the ranks when ``step()`` runs. One step on ``W`` ra
 
 Bytes per rank handed to collectives (``e`` = bytes per factor element; ``L`` layers;
 ``d_A, d_G`` factor sizes; ``K`` coarse vectors; ``P`` preconditioned parameters):
-factor refresh ``e·Σ_l [d_A(d_A+1) + d_G(d_G+1)]/2 + 8·(2L+2)``; split decomposition
+factor refresh ``e·Σ_l [d_A(d_A+1) + d_G(d_G+1)]/2 + 8·(4L+5)`` (the counts, the rows of
+each layer's statistics and the gradients' checksum); split decomposition
 ``e·max_r Σ_{f owned by r} (d_f² + d_f)`` (cholesky: ``d_f(d_f+1)/2``); coarse matrix
 ``e·K(K+1)/2`` (Tselepidis ``e·L(L+1)``); ``e·P`` per Fisher–vector product. A ring
 all-reduce puts ``2(W−1)/W`` times its payload on the wire, an all-gather ``W−1`` times.
@@ -69,6 +74,7 @@ from .factors import (
     gradient_checksum,
     layer_specs,
     reduce_statistics,
+    step_totals,
 )
 
 __all__ = [
@@ -85,6 +91,7 @@ __all__ = [
     "reduce_statistics",
     "share_decompositions",
     "share_owned",
+    "step_totals",
     "unpack_symmetric",
     "unwrap_model",
 ]

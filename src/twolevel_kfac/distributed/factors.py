@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -71,14 +71,11 @@ class ReducedStatistics:
         factors: ``(A, G, T)`` of the global Fisher mini-batch per layer.
         stats: this rank's statistics of those layers (empty where it saw no sample).
         samples: the global Fisher mini-batch size ``N = Σ_r N_r`` per layer.
-        partial: the layers that the forwards of some samples skipped (some ranks' or
-            micro-batches'): their ``G`` is weighed by the share that ran them.
     """
 
     factors: dict[str, tuple[Tensor, Tensor, float]]
     stats: dict[str, LayerStats]
     samples: dict[str, int]
-    partial: list[str] = field(default_factory=list)
 
 
 def reduce_statistics(
@@ -89,7 +86,6 @@ def reduce_statistics(
     samples: int = 0,
     batch: int = 0,
     checksum: int = 0,
-    covered: Mapping[str, int] | None = None,
 ) -> ReducedStatistics:
     """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
     formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
@@ -98,16 +94,14 @@ def reduce_statistics(
     Each layer's ``T`` is the rows its factors average over per sample, whatever each
     rank's own ``T`` (sequences padded to other lengths, dead positions left out).
     ``samples``: this rank's samples of the step (every forward's; default: the most any
-    layer has); ``covered``: per layer, the samples of this rank's forwards that ran it
-    (:attr:`~..curvature.captured_batch.CapturedBatch.covered`): a Kronecker layer that
-    the forwards of some samples skipped (a branch one rank or micro-batch does not run)
-    has ``G`` times the share of the samples that ran it, ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` over all
-    ``N`` (as :mod:`~..curvature.captured_batch` does in one process; rows gathered inside
-    a forward are scaled there, by rows, not here). ``batch``: this rank's batch rows of
-    the step (default ``samples``), whose inequality across ranks is warned of;
-    ``checksum``: this rank's :func:`gradient_checksum`, whose inequality is warned of too.
+    layer has). A layer that the forwards of some samples skipped (a branch one rank or
+    micro-batch does not run), or whose rows are gathered from the batch's, has its ``δ``
+    scaled to the step of every rank before (:func:`step_totals`). ``batch``: this rank's
+    batch rows of the step (default ``samples``), whose inequality across ranks is warned
+    of; ``checksum``: this rank's :func:`gradient_checksum`, whose inequality is warned of
+    too.
     """
-    sums, counts = _local_sums(stats, specs, factor_view, samples, batch, covered)
+    sums, counts = _local_sums(stats, specs, factor_view, samples, batch)
     counts = torch.cat([counts, counts.new_tensor([checksum, checksum * checksum])])
     *sums, counts = all_reduce_sum(comm, [*sums, counts])
     totals = [int(c) for c in counts.tolist()]
@@ -130,7 +124,6 @@ def reduce_statistics(
             stacklevel=caller_level(),
         )
     result = ReducedStatistics({}, {}, {})
-    every, ran = totals[-3], totals[3 * len(specs) : 4 * len(specs)]  # Σ_r N_r; per layer
     for i, (name, spec) in enumerate(specs.items()):
         samples, rows, live = totals[3 * i : 3 * i + 3]
         if rows == 0:
@@ -146,9 +139,6 @@ def reduce_statistics(
         else:  # ranks' padded lengths may differ: T is the rows kept per sample
             a_mat = unpack_symmetric(sums[2 * i], spec.dim_a) / max(live, 1)
             g_mat = unpack_symmetric(sums[2 * i + 1], spec.dim_g) / max(live, 1)
-            if 0 < ran[i] < every:  # (some samples' forwards skipped it)
-                g_mat = g_mat * (ran[i] / every)
-                result.partial.append(name)
             count = locations if live == rows and not rows % samples else live / samples
         result.factors[name] = (a_mat, g_mat, count)
         result.samples[name] = samples
@@ -180,25 +170,44 @@ def gradient_checksum(layers: Mapping[str, nn.Module]) -> int:
     return int(torch.stack(parts).cpu().sum()) % 1_048_573 if parts else 0
 
 
+def step_totals(
+    comm: Communicator,
+    rows: Mapping[str, int],
+    samples: int,
+    specs: Mapping[str, LayerSpec],
+) -> tuple[dict[str, int], int]:
+    """Each layer's rows of its statistics (``rows``: this rank's,
+    :attr:`~..curvature.captured_batch.CapturedBatch.rows`) and the step's ``samples``,
+    summed over the ranks (one all-reduce of ``L + 1`` integers, every rank calling with
+    the same ``specs``): what a layer's ``δ`` are scaled by
+    (:func:`~..curvature.captured_batch.fisher_scale`) before any rank forms its
+    statistics, so that a layer some ranks skip (a head, an expert given no token) or whose
+    rows are gathered in different numbers on each rank is the whole batch's, for the
+    factors and for every statistic read after them (EKFAC's scalings, KPSVD's fits, the
+    coarse level's Fisher products) alike."""
+    device = next(iter(specs.values())).device
+    local = torch.tensor([*(rows.get(name, 0) for name in specs), samples], device=device)
+    (total,) = all_reduce_sum(comm, [local])
+    values = [int(v) for v in total.tolist()]
+    return dict(zip(specs, values[:-1], strict=True)), values[-1]
+
+
 def _local_sums(
     stats: Mapping[str, LayerStats],
     specs: Mapping[str, LayerSpec],
     factor_view: Callable[[LayerStats], LayerStats] | None,
     samples: int = 0,
     batch: int = 0,
-    covered: Mapping[str, int] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """This rank's part of :func:`reduce_statistics`: each layer's factor sums (packed
     ``āᵀā``, ``δᵀδ`` of the rows the factors average over, or a block type's factors times
     their count) and the counts, per layer the samples, the rows ``N·T`` and the rows
-    averaged over (:func:`~..curvature.live_positions.live_rows`), then per layer the
-    samples of the forwards that ran it (``covered``; without it ``N_r``: none skipped),
-    then ``N_r`` (``samples``, else the most any layer has), ``B_r`` (``batch``, default
-    ``N_r``) and ``B_r²`` (unequal batches are told)."""
+    averaged over (:func:`~..curvature.live_positions.live_rows`), then ``B_r`` (``batch``,
+    default ``samples``, else the most samples any layer has) and ``B_r²`` (unequal
+    batches are told)."""
     sums: list[Tensor] = []
     device = next(iter(specs.values())).device
-    n = len(specs)
-    counts = torch.zeros(4 * n + 3, dtype=torch.int64, device=device)
+    counts = torch.zeros(3 * len(specs) + 2, dtype=torch.int64, device=device)
     local_n = 0
     for i, (name, spec) in enumerate(specs.items()):
         s = stats.get(name)
@@ -223,9 +232,6 @@ def _local_sums(
         counts[3 * i], counts[3 * i + 1] = s.num_samples, f.a.shape[0] * f.a.shape[1]
         counts[3 * i + 2] = a.shape[0]
         local_n = max(local_n, s.num_samples)
-    local_n = samples or local_n  # (a layer's gathered rows may outnumber the samples)
-    for i, name in enumerate(specs):
-        counts[3 * n + i] = local_n if covered is None else covered.get(name, 0)
-    rows = batch or local_n
-    counts[-3], counts[-2], counts[-1] = local_n, rows, rows * rows
+    rows = batch or samples or local_n  # (a layer's gathered rows may outnumber the samples)
+    counts[-2], counts[-1] = rows, rows * rows
     return sums, counts

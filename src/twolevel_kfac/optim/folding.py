@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
 from ..curvature.captured_batch import CapturedBatch
-from ..distributed import gradient_checksum, layer_specs, reduce_statistics
+from ..distributed import gradient_checksum, layer_specs, reduce_statistics, step_totals
 from ..finite import all_finite
 from ..warning_level import caller_level
 from .coarse_absorb import absorbs_statistics
@@ -76,22 +76,14 @@ def fold_statistics(
     kept: dict[str, LayerStats] = {}
     if pre.comm.distributed:
         total = batch = 0  # this rank's samples and batch rows of the step
-        covered = None  # (a layer some forwards skip: its share, weighed over the ranks)
-        if isinstance(layers, CapturedBatch):
-            layers.spread, total, batch, covered = (
-                False,
-                layers.samples,
-                layers.batch,
-                layers.covered,
-            )
         specs = layer_specs(pre.layers, pre.factor_dtype)
+        if isinstance(layers, CapturedBatch):  # each layer's δ scaled to every rank's step
+            rows, samples = step_totals(pre.comm, layers.rows, layers.samples, specs)
+            layers.spread_over(rows, samples)
+            total, batch = layers.samples, layers.batch
         check = gradient_checksum(pre.layers)  # (the ranks' gradients: one, DDP's)
-        reduced = reduce_statistics(
-            pre.comm, dict(layers), specs, view, total, batch, check, covered
-        )
+        reduced = reduce_statistics(pre.comm, dict(layers), specs, view, total, batch, check)
         kept, pre.sample_counts = reduced.stats, reduced.samples
-        if reduced.partial and not pre.fine.plain:
-            _warn_partial(reduced.partial, type(pre.fine).__name__)
         new = ((n, kept[n], f) for n, f in reduced.factors.items())
     else:
         new = (
@@ -138,22 +130,6 @@ def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> No
         "whose size changes from step to step (multi-scale training, batches padded to "
         "their longest sequence) take steps scaled by the ratio of the two T; "
         "cov_interval=1, or weight_sharing='reduce' (no division by T), avoids it",
-        RuntimeWarning,
-        stacklevel=caller_level(),
-    )
-
-
-def _warn_partial(names: list[str], fine: str) -> None:
-    """Say that layers some ranks' forwards skipped have KFAC's factors of the step's
-    batch Fisher under ``torch.distributed``, but not yet this fine level's own
-    statistics (EKFAC's scalings, KPSVD's and KFAC-corrected's fits average over the
-    samples that ran them: steps 21-49 % off one process's in a trial)."""
-    warnings.warn(
-        f"layer(s) {names} were skipped by the forwards of some ranks (or micro-batches) "
-        f"under torch.distributed: their Kronecker factors are the step's batch Fisher's, "
-        f"but {fine}'s own statistics of them average over the samples that ran them "
-        "alone, so their steps differ from one process's on the whole batch (not yet "
-        "implemented; KFAC's fine level is exact here)",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
