@@ -1,13 +1,17 @@
 """``opt.state_dict()`` called on rank 0 alone (``if rank == 0: torch.save(opt.state_dict(),
-…)``): a collective the other ranks never join. It waited for the group's timeout (30
-minutes by default) and failed in a bare gloo send/recv; now a monitored barrier fails it
-at that timeout saying what happened (a 3-second group timeout here)."""
+…)``, what Hugging Face's Trainer and most DDP scripts do). Each rank's sampler is seeded per
+step, so the state holds nothing rank-local and saving is no collective: rank 0's state
+resumes both ranks bit for bit. Before 2026-12-06 (day) it was a collective the other ranks
+never joined, and rank 0 waited for the group's timeout (30 minutes by default). Only a
+two-level level that keeps its rank's rows of the Fisher mini-batch still needs every rank:
+a monitored barrier fails it at the group's timeout saying so (3 seconds here)."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,54 @@ from torch import nn
 import twolevel_kfac as tk
 from worker_pair import run_ranks
 
+MAKERS: dict[str, Callable[[nn.Module], Any]] = {  # each drawing from its sampler every step
+    "KFAC": lambda m: tk.KFAC(m, cov_interval=1, inv_interval=1, fisher_batch=0.5),
+    "TwoLevelKFAC": lambda m: tk.TwoLevelKFAC(m, cov_interval=2, inv_interval=2),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def _train(net: nn.Module, opt: Any, steps: range, rank: int) -> None:
+    for k in steps:
+        gen = torch.Generator().manual_seed(50 + k)
+        x, y = torch.randn(8, 3, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+        part = slice(4 * rank, 4 * rank + 4)
+        opt.zero_grad()
+        F.cross_entropy(net(x[part]), y[part]).backward()
+        opt.step()
+
+
+def _resumed_alike(name: str, rank: int, out: Path) -> tuple[bool, float]:
+    """Three steps, rank 0 alone saving the model and the optimizer, three more; then
+    both ranks resumed from rank 0's file for the same three: whether they end bit for bit
+    where the straight run did, and how long rank 0's ``state_dict()`` took."""
+    model = _model()
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = MAKERS[name](model)
+    _train(net, opt, range(3), rank)
+    took = 0.0
+    if rank == 0:
+        start = time.perf_counter()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out / f"{name}.pt")
+        took = time.perf_counter() - start
+    dist.barrier()
+    _train(net, opt, range(3, 6), rank)
+    resumed = _model()
+    resumed_net = nn.parallel.DistributedDataParallel(resumed)
+    resumed_opt = MAKERS[name](resumed)
+    saved = torch.load(out / f"{name}.pt", weights_only=False)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    _train(resumed_net, resumed_opt, range(3, 6), rank)
+    alike = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters(), strict=True)
+    )
+    return alike, took
+
 
 def _worker(rank: int, port: int, out: Path) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # this child's environment only
@@ -31,11 +83,11 @@ def _worker(rank: int, port: int, out: Path) -> None:
         world_size=2,
         timeout=datetime.timedelta(seconds=3),
     )
-    torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
-    opt = tk.KFAC(model)
-    F.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 1, 0])).backward()
-    opt.step()
+    results: dict[str, Any] = {name: _resumed_alike(name, rank, out) for name in MAKERS}
+    model = _model()
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = tk.TwoLevelKFAC(model, combination="adef2", kept_fisher="rows", cov_interval=5)
+    _train(net, opt, range(1), rank)  # (its rows kept until the next refresh)
     said, waited = "", 0.0
     if rank == 0:
         start = time.perf_counter()
@@ -46,15 +98,38 @@ def _worker(rank: int, port: int, out: Path) -> None:
         waited = time.perf_counter() - start
     else:
         time.sleep(9)  # (past rank 0's timeout, without joining)
-    torch.save({"said": said, "waited": waited}, out / f"rank{rank}.pt")
+    results |= {"said": said, "waited": waited}
+    torch.save(results, out / f"rank{rank}.pt")
     os._exit(0)  # (a gloo thread may abort the interpreter's exit after a timeout)
 
 
-def test_a_rank_zero_only_state_dict_says_it_is_a_collective(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    runs: list[dict[str, Any]] = run_ranks(_worker, tmp_path, "spawn", 2)
+    return run_ranks(_worker, tmp_path_factory.mktemp("save"), "spawn", 2)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_rank_zeros_state_alone_resumes_every_rank_bit_for_bit(
+    runs: list[dict[str, Any]], name: str
+) -> None:
+    """KFAC drawing an MC Fisher of half the rows at every step, and the default two-level
+    KFAC: rank 0's ``state_dict()`` alone takes no wait, and both ranks resumed from it
+    take the straight run's steps exactly (their samplers seeded per step alike)."""
+    for rank in runs:
+        alike, took = rank[name]
+        assert alike
+        assert took < 2.0  # (the group's timeout is 3 s)
+
+
+def test_a_rank_zero_only_save_of_kept_rows_says_it_is_a_collective(
+    runs: list[dict[str, Any]],
+) -> None:
+    """A-DEF2 keeping its rank's rows of the Fisher mini-batch: every rank must call
+    ``state_dict()``; rank 0 alone is told so at the group's timeout, not at
+    ``monitored_barrier``'s own 30 minutes, nor in a bare send/recv error."""
     said = runs[0]["said"]
-    assert "state_dict() is a collective under torch.distributed" in said
+    assert "keeps its rows is a collective under torch.distributed" in said
     assert "if rank == 0" in said
     assert runs[0]["waited"] < 8  # the group's 3 s, not monitored_barrier's 30 minutes

@@ -43,10 +43,13 @@ each layer's statistics and the gradients' checksum); split decomposition
 all-reduce puts ``2(W−1)/W`` times its payload on the wire, an all-gather ``W−1`` times.
 :attr:`Communicator.payload_bytes` counts them (``last_stats["comm_bytes"]`` per step).
 
-**Seeding**: rank ``r``'s sampler is seeded :func:`rank_seed` ``(seed, r)`` (reproducible
-for a fixed world size and data split). **Checkpoints**: ``state_dict()`` is a collective
-gathering the rank-local parts into ``state["ranks"]`` (rank 0's state restores every rank;
-another world size re-splits the rows, new samplers start from their seeds, warned).
+**Seeding**: rank ``r``'s sampler is seeded :func:`step_seed` ``(seed, r, k)`` before the
+draws of step ``k`` (reproducible for a fixed world size and data split), so it holds no
+state to save. **Checkpoints**: ``state_dict()`` is no collective (save on rank 0 alone: its
+state restores every rank) unless a two-level level keeps its rank's rows of the Fisher
+mini-batch between refreshes (A-DEF1/2 and BALANCED with ``kept_fisher="rows"``, the
+faithful schedule): then every rank must call it, and it gathers the rows into
+``state["ranks"]``. Another world size re-splits the rows (warned).
 **Blocks of their own** (norms, grouped convolutions: :class:`~twolevel_kfac.
 curvature.blocks.BlockStats`) reduce their factors weighted by their counts, and are
 decomposed by every rank (they are small).
@@ -60,6 +63,7 @@ from .communicator import (
     make_communicator,
     pack_symmetric,
     rank_seed,
+    step_seed,
     unpack_symmetric,
     unwrap_model,
 )
@@ -91,6 +95,7 @@ __all__ = [
     "reduce_statistics",
     "share_decompositions",
     "share_owned",
+    "step_seed",
     "step_totals",
     "unpack_symmetric",
     "unwrap_model",

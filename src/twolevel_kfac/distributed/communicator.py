@@ -1,4 +1,4 @@
-"""The process group, its collectives and packed symmetric matrices; rank seeds."""
+"""The process group, its collectives and packed symmetric matrices; rank and step seeds."""
 
 from __future__ import annotations
 
@@ -17,9 +17,20 @@ _MASK64 = (1 << 64) - 1
 def rank_seed(seed: int, rank: int) -> int:
     """The sampler seed of ``rank``: ``seed`` on rank 0, else splitmix64 of
     ``seed + rank·0x9E3779B97F4A7C15`` (mod 2⁶⁴), reduced to ``[0, 2⁶³)``."""
-    if rank == 0:
-        return seed
-    z = (seed + rank * 0x9E3779B97F4A7C15) & _MASK64
+    return seed if rank == 0 else _splitmix(seed + rank * 0x9E3779B97F4A7C15)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The sampler seed of ``rank`` for the draws of step ``step`` under
+    ``torch.distributed``: :func:`rank_seed` at step 0, else splitmix64 of it plus
+    ``step·0xD1B54A32D192ED03``. Seeded at every step, no rank's sampler has state to
+    save, so ``state_dict()`` needs no collective (``if rank == 0: torch.save(…)``)."""
+    base = rank_seed(seed, rank)
+    return base if step == 0 else _splitmix(base + step * 0xD1B54A32D192ED03)
+
+
+def _splitmix(value: int) -> int:
+    z = value & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1

@@ -38,7 +38,7 @@ from ..curvature.discovery import find_layer_uses, find_layers
 from ..curvature.factor_inverse import HALF_DTYPES, solver_dtype
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
-from ..distributed import make_communicator, rank_seed, unwrap_model
+from ..distributed import make_communicator, step_seed, unwrap_model
 from ..placement import autocast_off, move_tensors
 from .amp import drops_overflow
 from .coarse import CoarseLevel
@@ -49,12 +49,7 @@ from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term
 from .interrupted import partial_step, step_guard
 from .not_copyable import NotCopyable
-from .options import (
-    CoarseOptions,
-    CurvatureOptions,
-    damping_at,
-    resolve_inverse_method,
-)
+from .options import CoarseOptions, CurvatureOptions, damping_at, resolve_inverse_method
 from .schedule import CaptureSchedule
 from .state import kfac_state, load_kfac_state
 
@@ -118,7 +113,7 @@ class KFACPreconditioner(NotCopyable):
                 f"(Linear, Conv1d/2d/3d, a registered type){'' if params is None else ' in params'}"
             )
         self.damping, self.steps, self.fine_version = damping_at(self.options.damping, 0), 0, 0
-        self.generator = torch.Generator().manual_seed(rank_seed(self.options.seed, self.comm.rank))
+        self.generator = torch.Generator().manual_seed(step_seed(opts.seed, self.comm.rank, 0))
         self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batches
         self.factors = {name: new_factors(m) for name, m in self.layers.items()}
         self.fine = fine_type(self, **fine_arguments)
@@ -240,8 +235,11 @@ class KFACPreconditioner(NotCopyable):
 
     def _schedule_capture(self) -> None:
         """Capture statistics in the coming forward pass iff the next step folds them
-        (:class:`~.schedule.CaptureSchedule`)."""
+        (:class:`~.schedule.CaptureSchedule`); under ``torch.distributed`` seed the sampler
+        for the coming step (:func:`~..distributed.step_seed`: no state to save)."""
         self.capture.active = self.schedule.due(self.steps)
+        if self.comm.distributed:
+            self.generator.manual_seed(step_seed(self.options.seed, self.comm.rank, self.steps))
 
     def _update_factors(
         self, stats: Iterable[tuple[str, LayerStats]], captured: Collection[str] = ()

@@ -1,10 +1,12 @@
 """The checkpoint state of a KFAC preconditioner: what :meth:`state_dict` saves and
 :meth:`load_state_dict` restores (factors, decompositions, schedule, sampler).
 
-Under ``torch.distributed`` saving is a collective (call it on every rank): the rank-local
-parts of every rank (``pre._rank_state()``: the sampler, and a two-level level's rows of
-the Fisher mini-batch) are gathered into ``"ranks"``, so the state of any rank (save rank
-0's) restores all of them. Loading puts every tensor on the device of its layer, so a state
+Under ``torch.distributed`` each rank's sampler is seeded per step
+(:func:`~..distributed.step_seed`), so the state of any rank restores all of them and saving
+is no collective (``if rank == 0: torch.save(opt.state_dict(), …)`` works), unless a
+two-level level keeps its rank's rows of the Fisher mini-batch between refreshes: then every
+rank must call it, and the rank-local parts (``pre._rank_state()``) are gathered into
+``"ranks"``. Loading puts every tensor on the device of its layer, so a state
 saved on the CPU or another GPU resumes where the model now is.
 """
 
@@ -40,8 +42,8 @@ def all_or_nothing(load: _Loader) -> _Loader:
     part of the state was restored would leave a mix of the two, which a caller who catches
     the error keeps training (0.04–1.96 off the untouched optimizer six steps on). The
     state before is copied and loaded back, once for nested guarded loads (the optimizer's
-    and its preconditioner's). Not under ``torch.distributed``, where ``state_dict()`` is a
-    collective that a rank recovering from an interrupted step must not wait on. What was
+    and its preconditioner's). Not under ``torch.distributed``, where ``state_dict()`` may be
+    a collective that a rank recovering from an interrupted step must not wait on. What was
     captured for the coming step (a load between ``backward()`` and ``step()``) stays."""
 
     @functools.wraps(load)
@@ -81,8 +83,10 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     """Factors, cached decompositions, step counter and the sampler's RNG state (refused
     after a step interrupted part-way: :mod:`.interrupted`)."""
     check_not_interrupted(pre, "saving this state")
-    if pre.comm.distributed:
-        pre.comm.rendezvous("optimizer.state_dict()")
+    coarse = pre.coarse_level
+    gathered = pre.comm.distributed and coarse is not None and coarse.fisher_stats is not None
+    if gathered:  # (the same on every rank: the options and the schedule decide it)
+        pre.comm.rendezvous("optimizer.state_dict() of a two-level level that keeps its rows")
     state = {
         "steps": pre.steps,
         "damping": pre.damping,
@@ -95,12 +99,14 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     }
     state["capture_next"] = pre.capture.active  # the coming step captures statistics
     state["schedule"] = pre.schedule.state_dict()
-    if pre.coarse_level is not None:
-        state["coarse"] = pre.coarse_level.state_dict(pre.comm.distributed)
+    if coarse is not None:
+        state["coarse"] = coarse.state_dict(pre.comm.distributed)
     if pre.retain_statistics:
         state["retained"] = {n: (s.a, s.g) for n, s in pre.retained_stats.items()}
-    if pre.comm.distributed:  # on the CPU: rank 0 must not unpickle other GPUs' tensors
+    if gathered:  # on the CPU: rank 0 must not unpickle other GPUs' tensors
         state["ranks"] = pre.comm.all_gather_object(move_tensors(pre._rank_state(), CPU))
+    if pre.comm.distributed:  # (each rank's sampler is seeded per step: no state of its own)
+        state["world_size"] = pre.comm.world_size
     return state
 
 
@@ -140,7 +146,7 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.capture.discard()  # before the generator is restored: a discard may rewind it
     pre.steps = int(state["steps"])
     pre.damping = resumed_damping(pre, float(state["damping"]), state.get("damping_option"))
-    parts = state.get("ranks") or [{"generator": state["generator"]}]
+    parts = state.get("ranks") or [{"generator": state["generator"]}] * state.get("world_size", 1)
     part = select_rank_state(parts, pre.comm.rank, pre.comm.world_size)
     if part is None:
         pre.generator.manual_seed(rank_seed(pre.options.seed, pre.comm.rank))
