@@ -119,8 +119,11 @@ _REORDERS = frozenset(
         "SplitWithSizesBackward0",
         "UnbindBackward0",
         "SelectBackward0",
+        "EmbeddingBackward0",  # (F.embedding(index, h): rows of h picked)
     }
 )
+_MIXED = frozenset({("MmBackward0", 1), ("AddmmBackward0", 2)})  # P @ h: h's rows mixed
+_ALONG = frozenset({"FlipBackward0", "RollBackward0", "Rot90Backward0", "CumsumBackward0"})
 _WALK = 256  # autograd nodes looked at, at most
 
 
@@ -134,7 +137,9 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
     * or row-wise operations on such a reshape or on a layer output proved so
       (``forward.ordered``): every path back through autograd's graph reaches one before
       an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
-      repeating, expanding) or a reshape of something else; paths to parameters aside;
+      repeating, expanding), moves or mixes them (:func:`_moves_rows`; the right operand
+      of a product ``P @ h`` is not followed), or a reshape of something else; paths to
+      parameters aside;
     * or, without autograd history, a contiguous view of all of the model's first tensor
       argument (the data flattened).
 
@@ -161,17 +166,46 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if node in forward.ordered or (name in _RESHAPES and _batch_first_reshape(node, samples)):
             proved = True
             continue
-        if name in _RESHAPES or name in _REORDERS or len(seen) > _WALK:
+        if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
             return False
-        for parent, _ in node.next_functions:
+        for edge, (parent, _) in enumerate(node.next_functions):
             if (
                 parent is not None
                 and parent not in seen
                 and type(parent).__name__ != "AccumulateGrad"
+                and (name, edge) not in _MIXED  # (a product's right operand: rows mixed)
             ):
                 seen.add(parent)
                 stack.append(parent)
     return proved
+
+
+def _moves_rows(node: Node) -> bool:
+    """Whether ``node`` moves or mixes the rows of its output's first dimension: a flip,
+    roll, rotation or cumulative sum along it (a roll of the flattened tensor too), a 2-D
+    transpose, or a transpose or permute that moves it (``P = gates.T`` for ``P @ h``).
+    Without the output's rank (before torch's ``_input_metadata``) a dimension saved
+    negative counts as the first for the former, and the latter are taken as row-wise."""
+    name = type(node).__name__
+    if name == "TBackward0":
+        return True
+    metadata = getattr(node, "_input_metadata", None)
+    rank = len(metadata[0].shape) if metadata else None
+    if name == "PermuteBackward0":
+        first = signed(int(node._saved_dims[0]))  # type: ignore[attr-defined]
+        return rank is not None and first % rank != 0
+    if name == "TransposeBackward0":
+        dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
+        return rank is not None and 0 in {d % rank for d in dims}
+    if name not in _ALONG:
+        return False
+    saved = getattr(node, "_saved_dims", None)
+    if saved is None:  # (a cumulative sum's one dimension)
+        saved = (node._saved_dim,)  # type: ignore[attr-defined]
+    dims = [signed(int(d)) for d in saved]
+    if not dims:  # (a roll of the flattened tensor)
+        return True
+    return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
 
 
 def _batch_first_reshape(node: Node, samples: int) -> bool:

@@ -213,9 +213,10 @@ def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_siz
             f"{what} has shape {tuple(tensor.shape)}, but the model's input has "
             f"{batch_size} rows: fisher_batch < 1 picks the Fisher mini-batch on the "
             "first dimension of every layer's input and of the model output, so it must be "
-            "the batch there too. Use fisher_batch=1 (every row), or keep the batch first in "
-            "forward and flatten in the loss (with fisher='empirical': likelihood="
-            "'categorical' needs [N, C] logits for fisher='mc')"
+            "the batch there too. Use fisher_batch=1 (every row): rows gathered from the "
+            "batch's (an expert's tokens, h[mask]) cannot be picked by sample; or, for "
+            "outputs flattened to [N·T, C], keep the batch first in forward and flatten in "
+            "the loss (fisher='mc' with likelihood='categorical' needs [N, C] logits)"
         )
 
 
@@ -300,7 +301,7 @@ def check_batched_input(
     batch = forward.batch_size
     check_unbatched_sample(name, module, inputs)
     check_unbatched_embedding(name, module, inputs, batch)
-    check_calls_on_parts(name, inputs, forward)
+    check_calls_on_parts(name, inputs, forward, reshaped)
     if isinstance(inputs, nn.Parameter):
         what = "a parameter"
     elif batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and inputs.grad_fn is None:
@@ -363,12 +364,17 @@ def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: b
     )
 
 
-def check_calls_on_parts(name: str, inputs: Tensor, forward: ForwardPass) -> None:
+def check_calls_on_parts(
+    name: str, inputs: Tensor, forward: ForwardPass, reshaped: bool = False
+) -> None:
     """Refuse a layer called more than once in a forward where a call has fewer rows than
-    the batch of ``B > 1``: parts of the batch (chunks ``layer(h[i:i + c])``, one sample
-    at a time, a mixture-of-experts expert called once per routing slot, a recurrent cell
-    on the ``h[:n]`` still running), whose calls KFAC would take as more locations of the
-    same samples (chunks of 2 and 4 of a batch of 8: steps 0.88 and 0.54 off one of 1.34).
+    the batch of ``B > 1``, or other rows than ``B`` not proved ``k`` per sample in its
+    order (``reshaped``: :func:`~.calls.sample_major`): parts of the batch (chunks
+    ``layer(h[i:i + c])``, one sample at a time, a recurrent cell on the ``h[:n]`` still
+    running) or rows gathered from it (a mixture-of-experts expert called once per routing
+    slot, on ``B`` or more tokens each), whose calls KFAC would take as more locations of
+    the same samples, pairing row ``i`` of each (chunks of 2 and 4 of a batch of 8: steps
+    0.88 and 0.54 off one of 1.34; an expert's two slots: EKFAC 49 % off, KFAC 21 %).
     Without a Fisher subset only (with one, every input has the batch's rows).
 
     Raises:
@@ -379,13 +385,15 @@ def check_calls_on_parts(name: str, inputs: Tensor, forward: ForwardPass) -> Non
     if not earlier or batch <= 1 or forward.index is not None or inputs.dim() == 0:
         return
     rows = [len(r.inputs) for r in earlier] + [len(inputs)]
-    if min(rows) >= batch:
+    proved = [r.reshaped for r in earlier] + [reshaped]
+    gathered = any(n != batch and not ok for n, ok in zip(rows, proved, strict=True))
+    if min(rows) >= batch and not gathered:
         return
     raise RuntimeError(
         f"layer {name!r} was called {len(rows)} times in one forward on parts of the batch "
-        f"of {batch} (rows {rows}): KFAC takes the calls of one layer as more locations of "
-        "the same samples, which these are not. Call it once on every row (concatenate the "
-        "parts first: one call per expert for all its tokens, the batch at once instead of "
-        "a loop over samples or chunks, a recurrent cell on every sample with the finished "
-        "ones masked)"
+        f"of {batch} or rows gathered from it (rows {rows}): KFAC takes the calls of one "
+        "layer as more locations of the same samples, which these are not. Call it once on "
+        "every row (concatenate the parts first: one call per expert for all its tokens, the "
+        "batch at once instead of a loop over samples or chunks, a recurrent cell on every "
+        "sample with the finished ones masked)"
     )
