@@ -30,6 +30,7 @@ from twolevel_kfac.analysis.config import AnalyzeConfig, load_config
 from twolevel_kfac.analysis.evaluate import evaluate_state
 from twolevel_kfac.analysis.exact import compute_curvature, fisher_from_statistics
 from twolevel_kfac.analysis.operators import ALL_METHODS, MethodSet, parse_method
+from twolevel_kfac.analysis.problems import analysis_batch
 from twolevel_kfac.analysis.training import train_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -370,6 +371,23 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(path)
     path.write_text("model: {kind: mlp, sizes: [3, 2]}\nfisher: true\n")
     assert load_config(path).fisher == "true"  # YAML's boolean `true` is the true Fisher
+
+
+def test_a_batch_larger_than_the_pool_is_refused(tmp_path: Path) -> None:
+    """batch_size over data.n_train (or over the samples a dataset has): the analysis ran
+    on the whole pool and reported the batch_size asked for before 2026-12-06 (day)."""
+    path = tmp_path / "big.yaml"
+    path.write_text(
+        "model: {kind: mlp, sizes: [6, 3]}\ndata: {name: synthetic, n_train: 64}\n"
+        "batch_size: 1000\n"
+    )
+    with pytest.raises(ValueError, match="batch_size 1000 is more than the 64 samples"):
+        load_config(path)
+    path.write_text("model: {kind: mlp, sizes: [6, 3]}\ndata: {name: synthetic, n_train: 64}\n")
+    config = load_config(path).model_copy(update={"batch_size": 100})  # (unvalidated)
+    pool = (torch.zeros(64, 6), torch.zeros(64, dtype=torch.int64))
+    with pytest.raises(ValueError, match="batch_size 100 is more than the 64 samples"):
+        analysis_batch(config, pool)
 
 
 def test_analyze_command_writes_outputs(tmp_path: Path) -> None:

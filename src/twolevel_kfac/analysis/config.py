@@ -268,6 +268,11 @@ class AnalyzeConfig(_Strict):
             raise ValueError("likelihood 'categorical' needs labels, not data.autoencoder")
         if self.data.name == "curves" and self.likelihood == "categorical":
             raise ValueError("data 'curves' has no labels: use likelihood bernoulli/gaussian")
+        if self.batch_size > self.data.n_train:
+            raise ValueError(
+                f"batch_size {self.batch_size} is more than the {self.data.n_train} samples of "
+                "the pool (data.n_train): lower batch_size or raise data.n_train"
+            )
         return self
 
     @property

@@ -176,8 +176,17 @@ def analysis_batch(config: AnalyzeConfig, data: tuple[Tensor, Tensor]) -> tuple[
 
     Returns:
         ``(x, y)`` of the batch.
+
+    Raises:
+        ValueError: if the pool has fewer samples than ``batch_size`` (the analysis ran on
+            the pool and reported ``batch_size`` before 2026-12-06 (day)).
     """
     x_all, y_all = data
+    if config.batch_size > len(x_all):  # (a dataset with fewer samples than data.n_train)
+        raise ValueError(
+            f"batch_size {config.batch_size} is more than the {len(x_all)} samples of the "
+            f"data pool ({config.data.name!r}): lower batch_size"
+        )
     perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(config.seed))
     index = perm[: config.batch_size]
     return x_all[index], y_all[index]

@@ -17,6 +17,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from .along_run_report import along_run_markdown, plot_along_run
 from .config import AnalyzeConfig
@@ -115,6 +116,10 @@ def plot_methods(methods: dict[str, dict[str, Any]], path: Path) -> Path:
     axes[1].set_xlabel("E(d)/E(0) = ‖d − F̂⁻¹g‖²_F̂ / gᵀF̂⁻¹g  (1 = no better than d = 0)")
     axes[0].set_yticks(ypos, [short_name(n) for n in names], fontsize=7)
     axes[0].invert_yaxis()
+    kinds = [
+        Patch(color=c, label=k) for c, k in (("tab:green", "one level"), ("tab:blue", "two-level"))
+    ]
+    axes[0].legend(handles=kinds, fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 
@@ -152,12 +157,12 @@ def plot_spectra(spectra: dict[str, list[float]], path: Path) -> Path:
     listed in the title instead."""
     fig, ax = plt.subplots(figsize=(6, 4))
     skipped = []
-    for name in [n for n in SPECTRUM_PLOT if n in spectra]:
+    for i, name in enumerate(n for n in SPECTRUM_PLOT if n in spectra):
         vals = np.asarray(spectra[name])
         if vals.min() <= 0:
             skipped.append(short_name(name))
             continue
-        ax.plot(np.linspace(0, 1, len(vals)), vals, label=short_name(name), lw=1)
+        ax.plot(np.linspace(0, 1, len(vals)), vals, label=short_name(name), lw=1, ls="-:"[i % 2])
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index (normalised)")
     ax.set_ylabel("eigenvalue of P F̂")
@@ -181,7 +186,8 @@ def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Pat
         axes[0].plot(x, ys, marker="o", ms=3, label=short_name(name), ls=line_style(i))
     for i, name in enumerate(spaces):
         ys = [max(-sweep[lam][name]["coarse_gain_relative"], FLOOR) for lam in lams]
-        axes[1].plot(x, ys, marker="o", ms=3, label=short_name(name[6:]), ls=line_style(i))
+        label = short_name(name[6:]) + (" (NICO's vectors)" if name == "space:tselepidis" else "")
+        axes[1].plot(x, ys, marker="osd^v<>"[i % 7], ms=3, label=label, ls=line_style(i))
     axes[0].set_ylabel("E(d)/E(0)")
     axes[1].set_ylabel("−(E(β*) − E(0)) / E(M⁻¹g)")
     for ax in axes:
@@ -351,7 +357,8 @@ def markdown(output: AnalysisOutput, figures: list[str]) -> str:
             for n, r in d["training"]["runs"].items()
         ]
         lines += md_table(
-            ["method", "first batch loss", "last batch loss", "final eval loss", "diverged"], rows
+            ["method", "first batch loss", "last batch loss", "final eval loss", "non-finite loss"],
+            rows,
         )
     if output.along_run is not None and output.along_run["snapshots"]:
         lines += ["", *along_run_markdown(output.along_run)]
