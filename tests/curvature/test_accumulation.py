@@ -150,3 +150,53 @@ def test_experts_routed_other_shares_of_each_micro_batch_have_the_batch_fisher_b
         assert micro == 1 or shares[0] != shares[1]  # (the premise)
         for got, expected in zip(factors[-1], want, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+class TiedLM(nn.Module):
+    """An embedding table tied to the LM head (one block, two calls: the table's output
+    gradients are its ``ā`` and its one-hot ids its ``δ``, the head the other way round),
+    and a classifier that skips them (``task=1``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.body = nn.Embedding(7, 5), nn.Linear(5, 5)
+        self.head = nn.Linear(5, 7, bias=False)
+        self.head.weight = self.emb.weight
+        self.other, self.cls = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        if task == 0:
+            return self.head(torch.tanh(self.body(self.emb(x))))
+        return self.cls(torch.tanh(self.body(self.other(x))).mean(1))
+
+
+def test_a_tied_table_and_head_one_micro_batch_skips_have_half_the_block() -> None:
+    """The tied block of a step whose second micro-batch skips it is half that of the
+    same step with the first micro-batch twice, ``½ A ⊗ G`` in every entry: the step's
+    share scales the block's own ``δ`` (the table's one-hot rows, the head's output
+    gradients). Before 2026-12-06 (day) it scaled the captured output gradients, which
+    are the table's ``ā`` and the head's ``δ``: the Kronecker product 0.03-1.08 of the
+    expected instead of 0.5 (a step 24 % off under DDP)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 7, (4, 3), generator=gen)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 2, (4,), generator=gen)
+    options = {"fisher": "empirical", "ema_decay": 0.0, "cov_interval": 1, "kl_clip": None}
+    blocks = []
+    for skip in (False, True):
+        model = TiedLM().double()
+        opt = tk.KFAC(model, accumulation_steps=2, **options)
+        opt.zero_grad()
+        lm = model(ids, 0).reshape(-1, 7)
+        nn.functional.cross_entropy(lm, ids.reshape(-1)).div(2).backward()
+        if skip:
+            nn.functional.cross_entropy(model(x, 1), y).div(2).backward()
+        else:
+            lm = model(ids, 0).reshape(-1, 7)
+            nn.functional.cross_entropy(lm, ids.reshape(-1)).div(2).backward()
+        opt.step()
+        factors = opt.preconditioner.factors["emb"]
+        assert factors.A is not None and factors.G is not None
+        blocks.append(torch.kron(factors.A, factors.G))
+    torch.testing.assert_close(blocks[1], blocks[0] / 2, rtol=1e-12, atol=1e-15)

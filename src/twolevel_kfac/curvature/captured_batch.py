@@ -118,8 +118,11 @@ class CapturedBatch:
             forwards = self._forwards.pop(name)  # its records go with its statistics
             module, dtype = self._layers[name], self._dtypes.get(name)
             rows, samples = self._totals or (self.rows, self.samples)
-            scale = self._scale / fisher_scale(rows.get(name, 0), samples)
-            yield name, forward_statistics(name, module, forwards, dtype, scale, self._dead)
+            factor = fisher_scale(rows.get(name, 0), samples)
+            yield (
+                name,
+                forward_statistics(name, module, forwards, dtype, self._scale, self._dead, factor),
+            )
 
 
 def step_samples(forwards: Mapping[str, list[Forward]]) -> dict[object, int]:
@@ -167,9 +170,15 @@ def forward_statistics(
     dtype: torch.dtype | None,
     loss_scale: float = 1.0,
     dead: Dead | None = None,
+    factor: float = 1.0,
 ) -> LayerStats:
     """Layer ``name``'s statistics of its forwards' calls (:func:`~.calls.calls_statistics`
-    per forward, concatenated along ``N``), the ``δ`` divided by ``loss_scale``; a
+    per forward, concatenated along ``N``), the captured output gradients divided by
+    ``loss_scale``, the block's ``δ`` times ``factor`` (:func:`fisher_scale`: the block's
+    own ``δ``, after :func:`~.blocks.block_statistics`, which for an embedding table are
+    the one-hot rows, its output gradients being its ``ā``; scaled in the output gradients,
+    a table tied to a head had its factors scaled in the table's locations and not in the
+    head's, a step 24 % off under DDP in a trial); a
     position-wise layer's positions marked in ``dead`` (per forward and layout:
     :func:`~.live_positions.dead_positions`) are its statistics' ``dead``, and forwards
     of different lengths (micro-batches padded each to its longest sequence) are padded
@@ -204,6 +213,8 @@ def forward_statistics(
         pairs, masks = _padded(pairs, masks, lengths[-1])
     # torch.cat copies even one tensor: the statistics never alias a layer's input
     a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
+    if factor != 1.0:
+        g.mul_(factor)  # (its own copy)
     stats = layer_stats(module, a, g)
     if masks is not None:
         mask = torch.cat(masks).to(a.device)
