@@ -108,7 +108,8 @@ class _PerSample(nn.Module):
     one token; and shared ones: the same codes as an ``nn.Parameter`` (which cannot be told
     from latents), a prompt or an embedding's task code looked up for the whole batch; and
     calls on parts of the batch: the loop ``a(h[[i]])``, two chunks of 4; an expert called
-    once per routing slot on more tokens than samples."""
+    once per routing slot on more tokens than samples; and a layer called again on its own
+    gathered rows, ``h + a(h)``, which is no part."""
 
     def __init__(self, form: str) -> None:
         super().__init__()
@@ -134,6 +135,11 @@ class _PerSample(nn.Module):
             return self.head(self.a(self.prompts[torch.tensor([1])]) + x.mean(1))
         if self.form == "task code":  # one row of an embedding for the whole batch
             return self.head(self.task(torch.tensor([1])) + x.mean(1))
+        if self.form == "recurrence":  # a layer called again on its own rows: h + a(h)
+            rows = x.reshape(-1, 4)[torch.arange(0, 24, 2)]  # 12 tokens gathered
+            for _ in range(2):
+                rows = rows + torch.tanh(self.a(rows))
+            return self.head(rows.view(4, 3, 4).mean(1).repeat(2, 1))
         if self.form == "slots":  # an expert called once per routing slot, on 12 tokens each
             flat, out = x.reshape(-1, 4), x.reshape(-1, 4).clone()
             for idx in torch.arange(24).view(2, 12).flip(1):  # (slot k's tokens)
@@ -159,6 +165,7 @@ class _PerSample(nn.Module):
         ("loop", "on parts of the batch"),
         ("chunks", "on parts of the batch"),
         ("slots", "or rows gathered from it"),
+        ("recurrence", None),
         ("task code", "not one row per sample"),
     ],
 )

@@ -120,15 +120,18 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "one row each": h[:, 0],  # nothing to regroup
     }
     # rows mixed or moved by operations that are not indexing (2026-12-06 (day): proved
-    # before, an expert fed by a one-hot dispatch P @ flat took EKFAC steps 41 % off)
+    # before, an expert fed by a one-hot dispatch P @ flat took EKFAC steps 41 % off; with
+    # the gates broadcast into P, 50 %: a product whose right operand is of the batch)
     pick = torch.zeros(2 * B, B * T)
     pick[torch.arange(2 * B), torch.randperm(B * T)[: 2 * B]] = 1.0
     gates = torch.softmax(flat @ torch.randn(D, 2 * B), dim=0)  # [B·T, 2B], rows in order
+    forward.per_sample.add(h.grad_fn)  # (a layer output, as the capture records it)
     refused |= {
         "dispatch P @ flat": pick @ flat,
         "torch.mm(P, flat)": torch.mm(pick, flat),
         "addmm": torch.addmm(torch.zeros(D), pick, flat),
         "gates.T @ flat": gates.T @ flat,  # soft dispatch: [2B, B·T] @ [B·T, D]
+        "(onehot · gate) @ flat": (pick * torch.sigmoid(flat @ torch.randn(D))) @ flat,
         "flip(0)": flat.flip(0),
         "roll along the rows": flat.roll(3, 0),
         "roll of the flattened": flat.roll(3),

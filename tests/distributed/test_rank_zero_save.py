@@ -3,7 +3,7 @@
 step, so the state holds nothing rank-local and saving is no collective: rank 0's state
 resumes both ranks bit for bit. Before 2026-12-06 (day) it was a collective the other ranks
 never joined, and rank 0 waited for the group's timeout (30 minutes by default). Only a
-two-level level that keeps its rank's rows of the Fisher mini-batch still needs every rank:
+two-level optimizer whose steps read the Fisher mini-batch (A-DEF1/2, BALANCED) needs every rank:
 a monitored barrier fails it at the group's timeout saying so (3 seconds here)."""
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
     results: dict[str, Any] = {name: _resumed_alike(name, rank, out) for name in MAKERS}
     model = _model()
     net = nn.parallel.DistributedDataParallel(model)
-    opt = tk.TwoLevelKFAC(model, combination="adef2", kept_fisher="rows", cov_interval=5)
-    _train(net, opt, range(1), rank)  # (its rows kept until the next refresh)
+    opt = tk.TwoLevelKFAC(model, combination="adef2", cov_interval=5)
+    _train(net, opt, range(2), rank)  # (W₀ built from its rows at the second step)
     said, waited = "", 0.0
     if rank == 0:
         start = time.perf_counter()
@@ -123,13 +123,17 @@ def test_rank_zeros_state_alone_resumes_every_rank_bit_for_bit(
         assert took < 2.0  # (the group's timeout is 3 s)
 
 
-def test_a_rank_zero_only_save_of_kept_rows_says_it_is_a_collective(
+def test_a_rank_zero_only_save_of_a_combination_reading_the_fisher_says_it_is_a_collective(
     runs: list[dict[str, Any]],
 ) -> None:
-    """A-DEF2 keeping its rank's rows of the Fisher mini-batch: every rank must call
-    ``state_dict()``; rank 0 alone is told so at the group's timeout, not at
-    ``monitored_barrier``'s own 30 minutes, nor in a bare send/recv error."""
+    """A-DEF2 (its steps read the Fisher mini-batch: each rank's rows, or ``W₀`` built from
+    them at the step after a refresh, here after it): every rank must call
+    ``state_dict()`` at every step, whatever it holds then (it was a collective only while
+    rows were held for a while on 2026-12-06 (day)); rank 0 alone is told so at the group's
+    timeout, not at ``monitored_barrier``'s own 30 minutes, nor in a bare send/recv
+    error."""
     said = runs[0]["said"]
-    assert "keeps its rows is a collective under torch.distributed" in said
+    assert "read the Fisher mini-batch" in said
+    assert "is a collective under torch.distributed" in said
     assert "if rank == 0" in said
     assert runs[0]["waited"] < 8  # the group's 3 s, not monitored_barrier's 30 minutes

@@ -4,7 +4,7 @@ block_statistics`, their locations side by side."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .captured_batch import Call
     from .forward_pass import ForwardPass
 
-__all__ = ["calls_statistics", "per_sample", "sample_major", "sample_rows"]
+__all__ = ["calls_statistics", "follows", "per_sample", "sample_major", "sample_rows"]
 
 
 def calls_statistics(
@@ -80,7 +80,7 @@ def per_sample(
       ``x[keep]``, tokens gathered for a mixture-of-experts expert; a concatenation; or
       rows whose order is not proved), which cannot be told apart by sample: ``R`` rows
       of one location, as they are (:func:`sample_rows`). Their ``δ`` are scaled once per
-      step and layer, by :func:`~.captured_batch.fisher_scales`, so that the block is
+      step and layer, by :func:`~.captured_batch.fisher_scale`, so that the block is
       that of the step's batch Fisher ``Σ āāᵀ/R ⊗ Σ δδᵀ/N`` however the rows are spread
       over the forwards of the step (taken as ``R`` samples, the block was ``N/R`` times
       that: an expert of a top-2-of-8 router on ``T`` tokens per sample, ``4/T``)."""
@@ -169,15 +169,52 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
             return False
         for edge, (parent, _) in enumerate(node.next_functions):
-            if (
-                parent is not None
-                and parent not in seen
-                and type(parent).__name__ != "AccumulateGrad"
-                and (name, edge) not in _MIXED  # (a product's right operand: rows mixed)
-            ):
+            if parent is None or parent in seen or type(parent).__name__ == "AccumulateGrad":
+                continue
+            if (name, edge) in _MIXED:  # a product's right operand: P @ h mixes h's rows
+                if _reaches(parent, forward.per_sample | forward.ordered):
+                    return False
+                continue  # (a weight, h @ Wᵀ: the rows are the left operand's)
+            seen.add(parent)
+            stack.append(parent)
+    return proved
+
+
+def follows(inputs: Tensor, outputs: Collection[Node]) -> bool:
+    """Whether ``inputs`` are computed row for row from one of ``outputs`` (a walk back
+    through autograd's graph that meets no operation making, moving or regrouping rows:
+    a recurrence ``h = h + f(h)`` of a layer ``f`` called again on its rows)."""
+    stack, seen = [inputs.grad_fn], {inputs.grad_fn}
+    while stack:
+        node = stack.pop()
+        if node is None or len(seen) > _WALK:
+            continue
+        if node in outputs:
+            return True
+        name = type(node).__name__
+        if name in _RESHAPES or name in _REORDERS or _moves_rows(node):
+            continue
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
                 seen.add(parent)
                 stack.append(parent)
-    return proved
+    return False
+
+
+def _reaches(node: Node, targets: set[Node]) -> bool:
+    """Whether a walk back from ``node`` (at most :data:`_WALK` nodes) reaches one of
+    ``targets`` (the forward's layer outputs: a tensor of the batch, not a weight), or is
+    cut short (taken as reaching them)."""
+    stack, seen = [node], {node}
+    while stack:
+        node = stack.pop()
+        if node in targets or len(seen) > _WALK:
+            return True
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return False
 
 
 def _moves_rows(node: Node) -> bool:

@@ -46,10 +46,10 @@ all-reduce puts ``2(Wâˆ’1)/W`` times its payload on the wire, an all-gather ``Wâ
 **Seeding**: rank ``r``'s sampler is seeded :func:`step_seed` ``(seed, r, k)`` before the
 draws of step ``k`` (reproducible for a fixed world size and data split), so it holds no
 state to save. **Checkpoints**: ``state_dict()`` is no collective (save on rank 0 alone: its
-state restores every rank) unless a two-level level keeps its rank's rows of the Fisher
-mini-batch between refreshes (A-DEF1/2 and BALANCED with ``kept_fisher="rows"``, the
-faithful schedule): then every rank must call it, and it gathers the rows into
-``state["ranks"]``. Another world size re-splits the rows (warned).
+state restores every rank) unless a two-level level's steps read the Fisher mini-batch
+between refreshes (A-DEF1/2, BALANCED, the faithful schedule, diagnostics): each rank holds
+its own rows, so every rank must call it, and it gathers them into ``state["ranks"]``.
+Another world size re-splits the rows (warned).
 **Blocks of their own** (norms, grouped convolutions: :class:`~twolevel_kfac.
 curvature.blocks.BlockStats`) reduce their factors weighted by their counts, and are
 decomposed by every rank (they are small).

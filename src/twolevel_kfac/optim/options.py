@@ -200,7 +200,8 @@ class CurvatureOptions:
         unsupported: what to do with layers KFAC would get wrong: ``warn`` | ``error`` |
             ``ignore`` (they then get the plain momentum-SGD step).
         seed: seed of the sampler that picks the Fisher mini-batch and MC targets (rank
-            ``r`` of a distributed run uses :func:`~twolevel_kfac.distributed.rank_seed`).
+            ``r`` of a distributed run reseeds it at every step ``k`` with
+            :func:`~twolevel_kfac.distributed.step_seed` ``(seed, r, k)``).
         process_group: the ``torch.distributed`` group the curvature is reduced over;
             ``None`` = the world group when ``torch.distributed`` is initialised, else one
             process (:mod:`twolevel_kfac.distributed`).

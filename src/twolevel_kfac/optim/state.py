@@ -4,9 +4,10 @@
 Under ``torch.distributed`` each rank's sampler is seeded per step
 (:func:`~..distributed.step_seed`), so the state of any rank restores all of them and saving
 is no collective (``if rank == 0: torch.save(opt.state_dict(), …)`` works), unless a
-two-level level keeps its rank's rows of the Fisher mini-batch between refreshes: then every
-rank must call it, and the rank-local parts (``pre._rank_state()``) are gathered into
-``"ranks"``. Loading puts every tensor on the device of its layer, so a state
+two-level level's steps read the Fisher mini-batch between refreshes (its rows, each rank
+its own, or ``W₀`` built from them at the step after a refresh: ``reads_statistics``):
+then every rank must call it, and the rank-local parts (``pre._rank_state()``) are
+gathered into ``"ranks"``. Loading puts every tensor on the device of its layer, so a state
 saved on the CPU or another GPU resumes where the model now is.
 """
 
@@ -84,9 +85,14 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     after a step interrupted part-way: :mod:`.interrupted`)."""
     check_not_interrupted(pre, "saving this state")
     coarse = pre.coarse_level
-    gathered = pre.comm.distributed and coarse is not None and coarse.fisher_stats is not None
-    if gathered:  # (the same on every rank: the options and the schedule decide it)
-        pre.comm.rendezvous("optimizer.state_dict() of a two-level level that keeps its rows")
+    # (by the options alone, the same at every step: rows held or W₀ built from them)
+    gathered = pre.comm.distributed and coarse is not None and coarse.reads_statistics
+    if gathered:
+        pre.comm.rendezvous(
+            "optimizer.state_dict() of a two-level optimizer whose steps read the Fisher "
+            "mini-batch (a combination other than 'additive', the faithful schedule or "
+            "diagnostics: each rank's rows are gathered)"
+        )
     state = {
         "steps": pre.steps,
         "damping": pre.damping,
@@ -220,8 +226,9 @@ def select_rank_state(parts: Sequence[Any], rank: int, world_size: int) -> Any |
         return parts[rank]
     warnings.warn(
         f"the state was saved by {len(parts)} process(es) and is loaded by {world_size}: "
-        "the samplers of new ranks restart from their seeds, so the resumed run is not "
-        "bit-identical to an uninterrupted one",
+        "the batch is split otherwise and the samplers draw otherwise (a rank new to the "
+        "run starts from its seed), so the resumed run is not bit-identical to an "
+        "uninterrupted one",
         stacklevel=caller_level(),
     )
     return parts[rank] if rank < len(parts) else None
