@@ -295,3 +295,40 @@ def test_a_convolution_padded_by_another_mode_has_its_block(mode: str) -> None:
     factor = opt.preconditioner.factors["0"]
     assert factor.A is not None
     torch.testing.assert_close(factor.A, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-14)
+
+
+def test_relative_position_buckets_shared_by_the_batch_are_refused() -> None:
+    """T5's ``relative_attention_bias(buckets)`` on ``[T, T]`` buckets of ``j − i``,
+    broadcast over the batch: its rows hold the gradients summed over the samples (a step
+    15× too large in a trial, before 2026-12-06 (day)). Refused by name; the buckets
+    expanded per sample (``[B, T, T]``) and token types of zeros ``[B, T]`` train."""
+
+    class RelBias(nn.Module):
+        def __init__(self, form: str) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.rel, self.types = nn.Linear(4, 8), nn.Embedding(9, 2), nn.Embedding(2, 8)
+            self.out, self.form = nn.Linear(8, 3), form
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            h = self.emb(x) + self.types(torch.zeros(b, t, dtype=torch.long))
+            pos = torch.arange(t)
+            buckets = (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4  # [T, T], by j − i
+            if self.form == "per sample":
+                bias = self.rel(buckets.expand(b, t, t)).permute(0, 3, 1, 2)  # [B, H, T, T]
+            else:
+                bias = self.rel(buckets).permute(2, 0, 1)[None]  # [1, H, T, T]
+            scores = torch.einsum("btd,bsd->bts", h, h)[:, None] + bias
+            return self.out((scores.softmax(-1).mean(1) @ h).mean(1))
+
+    x, y = torch.randn(5, 6, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match=r"layer 'rel' \(an embedding\).*relative_attention"):
+        _step(RelBias("shared"), x, y)
+    _step(RelBias("per sample"), x, y)
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt = tk.KFAC(model, fisher="empirical")
+    F.cross_entropy(model(x), y).backward()
+    opt.step()

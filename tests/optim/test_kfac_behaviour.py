@@ -280,6 +280,34 @@ def test_modules_with_a_weight_matrix_but_no_block_type_are_warned_of_once_per_t
         tk.KFAC(model, params=model[7].parameters())  # (the reported ones are not in it)
 
 
+class StackedExperts(nn.Module):
+    """Experts as transformers 5 stores Mixtral's: ``[E, 2I, H]`` and ``[E, H, I]``
+    parameters of one module (with its activation as a child), applied by index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 6, 5))
+        self.down_proj = nn.Parameter(torch.randn(4, 5, 3))
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = (h @ self.gate_up_proj[0].T).chunk(2, dim=-1)
+        return h + self.act(gate) * up @ self.down_proj[0].T
+
+
+def test_stacked_expert_matrices_are_warned_of_with_their_share() -> None:
+    """Experts held as 3-D parameters (74 % of a tiny Mixtral's parameters in a trial) took
+    the fallback step with a warning that named only the routers (before 2026-12-06 (day)):
+    the module is named now, with the share of the parameters it holds."""
+    model = nn.Sequential(nn.Linear(5, 5), StackedExperts(), nn.Linear(5, 3))
+    with pytest.warns(
+        UserWarning, match=r"module '1': StackedExperts holds parameters of"
+    ) as caught:
+        tk.KFAC(model)
+    (message,) = [str(w.message) for w in caught if "StackedExperts" in str(w.message)]
+    assert "gate_up_proj, down_proj" in message and "(79% of the model's trainable" in message
+
+
 def test_warnings_point_at_the_users_line() -> None:
     """A warning raised while building the optimizer (any class), inside ``model(x)``'s
     hooks or inside ``loss.backward()`` names the training loop's line, not a line of the

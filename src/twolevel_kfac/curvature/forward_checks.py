@@ -19,6 +19,7 @@ from .calls import follows
 from .forward_misuse import batch_not_first
 from .pooled_rows import pooled_by
 from .row_order import moved_rows
+from .shared_indices import check_unbatched_embedding
 
 if TYPE_CHECKING:
     from .forward_pass import ForwardPass
@@ -28,7 +29,6 @@ __all__ = [
     "check_batched_input",
     "check_calls_on_parts",
     "check_subset_rows",
-    "check_unbatched_embedding",
     "check_unreached",
     "check_weight_uses",
     "first_tensor",
@@ -220,40 +220,6 @@ def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_siz
         )
 
 
-def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batch: int) -> None:
-    """Refuse an embedding table called on positions shared by the whole batch (nanoGPT's
-    ``pos(torch.arange(T))``, GPT-2's ``pos(torch.arange(T)[None])``, broadcast over a batch
-    of ``B > 1``): each output row then gets the gradient summed over the samples, and KFAC's
-    ``G`` would be formed from those sums as if they were samples, a silently wrong step.
-    Recognised by the indices themselves, whatever the lengths: one index (a task's code
-    looked up for the whole batch, ``task(torch.tensor([t]))``), a leading dimension of 1,
-    or a 1-D run ``a, a + 1, …, a + n − 1`` with ``n ≠ B`` (flattened or packed tokens and
-    one label per sample are not such a run but by a chance no real batch has). Shared
-    indices of other forms (a constant token type, a ``[T, T]`` relative-position table,
-    ``n = B``) are not recognised: the README says so.
-
-    Raises:
-        RuntimeError: naming the layer and the batched call that fixes it.
-    """
-    if not isinstance(module, nn.Embedding) or batch <= 1:
-        return
-    count = inputs.shape[-1] if inputs.dim() else 1
-    shared = inputs.dim() == 0 or inputs.numel() == 1 or (inputs.dim() > 1 and len(inputs) == 1)
-    if inputs.dim() == 1 and count != batch and count > 1:
-        shared = bool((inputs[1:] - inputs[:-1] == 1).all())
-    if shared:
-        raise RuntimeError(
-            f"layer {name!r} (an embedding) was called with indices of shape "
-            f"{tuple(inputs.shape)} that are not one row per sample of the batch of {batch}: "
-            "positions shared by the whole batch (broadcast over it) give rows with the "
-            "gradients summed over the samples, and one call per sample (a loop in forward) "
-            "is not a batch either; KFAC needs one call with a row per sample. Call it with "
-            "the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position table "
-            "(Hugging Face models that take position_ids: model(..., position_ids="
-            "torch.arange(T).expand(B, T))), or leave the table out of the optimizer's params"
-        )
-
-
 _SAMPLE_RANKS = {nn.Linear: 1, nn.Conv1d: 2, nn.Conv2d: 3, nn.Conv3d: 4}
 
 
@@ -286,12 +252,12 @@ def check_batched_input(
     prompt ``prompts[i]``: :func:`~.batch_independent.shared_rows`, its walk stopped at the
     nodes of layer outputs already passed, ``forward.per_sample``), calls on parts of the
     batch (:func:`check_calls_on_parts`), an embedding's shared positions or one row
-    (:func:`check_unbatched_embedding`), and one row of data without a graph (a diffusion
-    time step drawn once for the batch, put through a UNet's time MLP; a task code: a
-    step 3.8 off on one of 3.94; a row of the model's first argument, one sample's routed
-    to this layer, passes). Their rows hold the gradients summed over the samples,
-    which KFAC would take as one sample's (a step 0.42 off on one of 0.76; computed
-    latents taken as gathered rows: 0.18 to 2.2 off). One computed row
+    (:func:`~.shared_indices.check_unbatched_embedding`), and one row of data without a
+    graph (a diffusion time step drawn once for the batch, put through a UNet's time
+    MLP; a task code: a step 3.8 off on one of 3.94; a row of the model's first
+    argument, one sample's routed to this layer, passes). Their rows hold the gradients
+    summed over the samples, which KFAC would take as one sample's (a step 0.42 off on one
+    of 0.76; computed latents taken as gathered rows: 0.18 to 2.2 off). One computed row
     passes: a mixture-of-experts expert may be routed one token. Other shared inputs
     (positions looked up for the whole batch, a compiled graph) are not recognised.
 

@@ -165,6 +165,7 @@ class KFACPreconditioner(NotCopyable):
 
     def _step(self, lr: float | Mapping[str, float], loss_scale: float) -> None:
         opts = self.options
+        self.comm.check_world()  # (a group initialised after the optimizer was built)
         if callable(opts.damping):
             self.damping = damping_at(opts.damping, self.steps)
         active = self.capture.active
