@@ -140,7 +140,14 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     }
     for name, rows in refused.items():
         assert not sample_major(rows, forward), name
+    square = torch.tanh(torch.randn(B, B, D, requires_grad=True))  # [B, T = B, D]
+    refused_square = square.transpose(0, 1).reshape(B * B, D)  # time-major: T = B, unproved
+    assert not sample_major(refused_square, forward)
+    lstm = nn.LSTM(D, 7, batch_first=True)  # [T, B, H] inside, transposed back to [B, T, H]
+    gru = nn.GRU(D, 7, batch_first=True)
     kept = {  # row-wise: proved as before
+        "batch_first LSTM flattened": lstm(h)[0].reshape(-1, 7),  # (unproved before 2026-12-06)
+        "batch_first GRU flattened": gru(h)[0].reshape(-1, 7),
         "a Linear's product": flat @ torch.randn(D, D),
         "flip(1)": flat.flip(1),
         "cumsum(1)": flat.cumsum(1),

@@ -231,7 +231,7 @@ def _moves_rows(node: Node) -> bool:
     if name == "PermuteBackward0":
         first = signed(int(node._saved_dims[0]))  # type: ignore[attr-defined]
         return rank is not None and first % rank != 0
-    if name == "TransposeBackward0":
+    if name in ("TransposeBackward0", "TransposeBackward1"):
         dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
         return rank is not None and 0 in {d % rank for d in dims}
     if name not in _ALONG:
@@ -246,9 +246,12 @@ def _moves_rows(node: Node) -> bool:
 
 
 def _batch_first_reshape(node: Node, samples: int) -> bool:
-    """A reshape node whose input had the ``samples`` first (its saved sizes) and was not
-    a copy of a transpose or permute that moved the first dimension (``reshape`` of a
-    non-contiguous tensor copies it first)."""
+    """A reshape node whose input had the ``samples`` first (its saved sizes), unless it is
+    a copy (``reshape`` of a non-contiguous tensor copies it first) of a transpose or
+    permute that may have moved the batch away from the first dimension: one that brought
+    another dimension there while the dimension it sent the first one to has ``samples``
+    entries too (``h.transpose(0, 1)`` of ``[B, B, D]``). A transpose that brought the
+    batch first (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``) proves it."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     if not sizes or int(sizes[0]) != samples:
         return False
@@ -256,11 +259,14 @@ def _batch_first_reshape(node: Node, samples: int) -> bool:
     if parent is not None and type(parent).__name__ == "CloneBackward0":
         source = parent.next_functions[0][0] if parent.next_functions else None
         kind, rank = type(source).__name__, len(sizes)
-        if kind == "TransposeBackward0":  # (saved dims are unsigned: -1 is 2⁶⁴ − 1)
-            dims = {signed(int(getattr(source, f"_saved_dim{i}"))) % rank for i in (0, 1)}
-            return 0 not in dims or dims == {0}
-        if kind == "PermuteBackward0":
-            return signed(int(getattr(source, "_saved_dims")[0])) % rank == 0  # noqa: B009
+        moved = None  # where the first dimension went
+        if kind in ("TransposeBackward0", "TransposeBackward1"):  # (unsigned: -1 is 2⁶⁴ − 1)
+            dims = [signed(int(getattr(source, f"_saved_dim{i}"))) % rank for i in (0, 1)]
+            moved = dims[1] if dims[0] == 0 else dims[0] if dims[1] == 0 else None
+        elif kind == "PermuteBackward0":
+            order = [signed(int(d)) % rank for d in getattr(source, "_saved_dims")]  # noqa: B009
+            moved = order.index(0) if order[0] != 0 else None
+        return moved is None or moved == 0 or int(sizes[moved]) != samples
     return True
 
 
