@@ -108,8 +108,8 @@ class _PerSample(nn.Module):
     one token; and shared ones: the same codes as an ``nn.Parameter`` (which cannot be told
     from latents), a prompt or an embedding's task code looked up for the whole batch; and
     calls on parts of the batch: the loop ``a(h[[i]])``, two chunks of 4; an expert called
-    once per routing slot on more tokens than samples; and a layer called again on its own
-    gathered rows, ``h + a(h)``, which is no part."""
+    once per routing slot on more tokens than samples; a layer called again on its own
+    gathered rows, ``r + a(r)``, which the graph cannot tell from routing slots."""
 
     def __init__(self, form: str) -> None:
         super().__init__()
@@ -135,7 +135,7 @@ class _PerSample(nn.Module):
             return self.head(self.a(self.prompts[torch.tensor([1])]) + x.mean(1))
         if self.form == "task code":  # one row of an embedding for the whole batch
             return self.head(self.task(torch.tensor([1])) + x.mean(1))
-        if self.form == "recurrence":  # a layer called again on its own rows: h + a(h)
+        if self.form == "recurrence":  # a layer called again on its own rows: r + a(r)
             rows = x.reshape(-1, 4)[torch.arange(0, 24, 2)]  # 12 tokens gathered
             for _ in range(2):
                 rows = rows + torch.tanh(self.a(rows))
@@ -165,7 +165,7 @@ class _PerSample(nn.Module):
         ("loop", "on parts of the batch"),
         ("chunks", "on parts of the batch"),
         ("slots", "or rows gathered from it"),
-        ("recurrence", None),
+        ("recurrence", "or rows gathered from it"),
         ("task code", "not one row per sample"),
     ],
 )

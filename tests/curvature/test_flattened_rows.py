@@ -137,6 +137,12 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "roll of the flattened": flat.roll(3),
         "cumsum(0)": flat.cumsum(0),
         "F.embedding(index, flat)": F.embedding(torch.randperm(B * T), flat),
+        "P @ the data": (pick * torch.sigmoid(flat @ torch.randn(D))) @ data.detach().view(-1, D),
+        "P @ norm(the data)": (pick * torch.sigmoid(flat @ torch.randn(D)))
+        @ F.layer_norm(data.detach().view(-1, D), (D,), torch.ones(D, requires_grad=True)),
+        "index_copy": flat.index_copy(0, torch.randperm(B * T), flat),
+        "scatter": flat.scatter(0, torch.randperm(B * T)[:, None].expand(-1, D), flat),
+        "sort(dim=0)": flat.sort(dim=0).values,
     }
     for name, rows in refused.items():
         assert not sample_major(rows, forward), name
@@ -148,7 +154,8 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     kept = {  # row-wise: proved as before
         "batch_first LSTM flattened": lstm(h)[0].reshape(-1, 7),  # (unproved before 2026-12-06)
         "batch_first GRU flattened": gru(h)[0].reshape(-1, 7),
-        "a Linear's product": flat @ torch.randn(D, D),
+        "a Linear's product": flat @ nn.Parameter(torch.randn(D, D)),
+        "a frozen Linear's": F.linear(flat, nn.Parameter(torch.randn(D, D), requires_grad=False)),
         "flip(1)": flat.flip(1),
         "cumsum(1)": flat.cumsum(1),
         "attention's transposes": h.view(B, T, 1, D).transpose(1, 2).transpose(1, 2).reshape(-1, D),

@@ -19,6 +19,7 @@ from twolevel_kfac.curvature.layer_types import (
     register_layer_type,
     unregister_layer_type,
 )
+from twolevel_kfac.curvature.shared_indices import check_unbatched_embedding
 
 CONVS = [
     (nn.Conv1d(3, 2, 3), (2, 3, 9)),
@@ -326,6 +327,23 @@ def test_relative_position_buckets_shared_by_the_batch_are_refused() -> None:
     with pytest.raises(RuntimeError, match=r"layer 'rel' \(an embedding\).*relative_attention"):
         _step(RelBias("shared"), x, y)
     _step(RelBias("per sample"), x, y)
+
+
+def test_constant_or_windowed_indices_of_other_rows_than_the_batch_pass() -> None:
+    """Token types of zeros flattened with a multiple-choice model's choices (``[B·k, T]``)
+    are Toeplitz too, but constant: they pass (refused for a while on 2026-12-06 (day)), as
+    do sliding windows of a sequence (Hankel) and positions expanded per row."""
+    table = nn.Embedding(9, 2)
+    stream = torch.randint(0, 9, (12,))
+    for ids in (
+        torch.zeros(6, 5, dtype=torch.long),
+        torch.stack([stream[i : i + 4] for i in range(7)]),
+        torch.arange(6).expand(6, 6),
+    ):
+        check_unbatched_embedding("types", table, ids, 2)
+    buckets = torch.arange(6)[None, :] - torch.arange(6)[:, None] + 5
+    with pytest.raises(RuntimeError, match="not one row per sample"):
+        check_unbatched_embedding("rel", table, buckets.clamp(0, 8), 2)
 
 
 def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

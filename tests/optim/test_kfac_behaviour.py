@@ -305,7 +305,17 @@ def test_stacked_expert_matrices_are_warned_of_with_their_share() -> None:
     ) as caught:
         tk.KFAC(model)
     (message,) = [str(w.message) for w in caught if "StackedExperts" in str(w.message)]
-    assert "gate_up_proj, down_proj" in message and "(79% of the model's trainable" in message
+    assert "gate_up_proj, down_proj" in message and "(79% of the model's trained" in message
+    shared = StackedExperts()
+    twice = nn.Sequential(nn.Linear(5, 5), shared, shared, nn.Linear(5, 3))
+    with pytest.warns(UserWarning, match="holds parameters of") as caught:
+        tk.KFAC(twice)  # (a module used twice: its parameters counted once)
+    assert any("(79% of" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # left out of params=, or frozen: not reported
+        tk.KFAC(model, params=[*model[0].parameters(), *model[2].parameters()])
+        model[1].requires_grad_(False)
+        tk.KFAC(model)
 
 
 def test_warnings_point_at_the_users_line() -> None:

@@ -4,11 +4,11 @@ block_statistics`, their locations side by side."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .blocks import block_statistics, own_statistics
 from .row_order import signed
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .captured_batch import Call
     from .forward_pass import ForwardPass
 
-__all__ = ["calls_statistics", "follows", "per_sample", "sample_major", "sample_rows"]
+__all__ = ["calls_statistics", "per_sample", "sample_major", "sample_rows"]
 
 
 def calls_statistics(
@@ -120,6 +120,16 @@ _REORDERS = frozenset(
         "UnbindBackward0",
         "SelectBackward0",
         "EmbeddingBackward0",  # (F.embedding(index, h): rows of h picked)
+        "IndexCopyBackward0",
+        "IndexAddBackward0",
+        "IndexReduceBackward0",
+        "ScatterBackward0",
+        "ScatterAddBackward0",
+        "ScatterReduceBackward0",
+        "MaskedScatterBackward0",
+        "SortBackward0",
+        "TopkBackward0",
+        "TakeBackward0",
     }
 )
 _MIXED = frozenset({("MmBackward0", 1), ("AddmmBackward0", 2)})  # P @ h: h's rows mixed
@@ -169,10 +179,12 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
             return False
         for edge, (parent, _) in enumerate(node.next_functions):
+            if (name, edge) in _MIXED and parent is None and not _frozen_weight(node):
+                return False  # (P @ x: a right operand without a graph, not a weight)
             if parent is None or parent in seen or type(parent).__name__ == "AccumulateGrad":
                 continue
             if (name, edge) in _MIXED:  # a product's right operand: P @ h mixes h's rows
-                if _reaches(parent, forward.per_sample | forward.ordered):
+                if not _parameters_alone(parent):
                     return False
                 continue  # (a weight, h @ Wᵀ: the rows are the left operand's)
             seen.add(parent)
@@ -180,41 +192,32 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
     return proved
 
 
-def follows(inputs: Tensor, outputs: Collection[Node]) -> bool:
-    """Whether ``inputs`` are computed row for row from one of ``outputs`` (a walk back
-    through autograd's graph that meets no operation making, moving or regrouping rows:
-    a recurrence ``h = h + f(h)`` of a layer ``f`` called again on its rows)."""
-    stack, seen = [inputs.grad_fn], {inputs.grad_fn}
-    while stack:
-        node = stack.pop()
-        if node is None or len(seen) > _WALK:
-            continue
-        if node in outputs:
-            return True
-        name = type(node).__name__
-        if name in _RESHAPES or name in _REORDERS or _moves_rows(node):
-            continue
-        for parent, _ in node.next_functions:
-            if parent is not None and parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return False
-
-
-def _reaches(node: Node, targets: set[Node]) -> bool:
-    """Whether a walk back from ``node`` (at most :data:`_WALK` nodes) reaches one of
-    ``targets`` (the forward's layer outputs: a tensor of the batch, not a weight), or is
-    cut short (taken as reaching them)."""
+def _parameters_alone(node: Node) -> bool:
+    """Whether the tensor of ``node`` is computed from parameters alone (every path back
+    ends at a parameter's ``AccumulateGrad``; none at a tensor without a graph, such as
+    the data, nor past :data:`_WALK` nodes): a weight ``Wᵀ``, weight-normed or LoRA's, not
+    a tensor of the batch (a layer's output, a ``LayerNorm`` of the data)."""
     stack, seen = [node], {node}
     while stack:
         node = stack.pop()
-        if node in targets or len(seen) > _WALK:
-            return True
+        if type(node).__name__ == "AccumulateGrad":
+            continue
         for parent, _ in node.next_functions:
-            if parent is not None and parent not in seen:
+            if parent is None or len(seen) > _WALK:
+                return False
+            if parent not in seen:
                 seen.add(parent)
                 stack.append(parent)
-    return False
+    return True
+
+
+def _frozen_weight(node: Node) -> bool:
+    """Whether a product's right operand without a graph is a frozen parameter (or a view
+    of one, ``Wᵀ``): a frozen ``Linear``'s, not the data's."""
+    saved = getattr(node, "_saved_mat2", None)
+    return isinstance(saved, nn.Parameter) or isinstance(
+        getattr(saved, "_base", None), nn.Parameter
+    )
 
 
 def _moves_rows(node: Node) -> bool:

@@ -220,7 +220,6 @@ class CurvatureCapture:
         record = Record(module, fisher_rows(kept, forward), forward, None, reshaped)
         if output.grad_fn is not None:
             forward.per_sample.add(output.grad_fn)
-            forward.calls_out.setdefault(name, []).append(output.grad_fn)
             if record.reshaped:  # its rows as ordered as its input's
                 forward.ordered.add(output.grad_fn)
         forward.records.setdefault(name, []).append(record)

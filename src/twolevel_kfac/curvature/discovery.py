@@ -296,6 +296,7 @@ def find_layers(
             and unsupported_reason(m) is None
         ),
         unsupported,
+        lambda p: p.requires_grad and (owned is None or id(p) in owned),
     )
     _warn_parametrized_biases(layers, unsupported)
     return _resolve_ties(layers, refused, unsupported)

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
-from .calls import follows
 from .forward_misuse import batch_not_first
 from .pooled_rows import pooled_by
 from .row_order import moved_rows
@@ -335,13 +334,15 @@ def check_calls_on_parts(
 ) -> None:
     """Refuse a layer called more than once in a forward where a call has fewer rows than
     the batch of ``B > 1``, or other rows than ``B`` not proved ``k`` per sample in its
-    order (``reshaped``: :func:`~.calls.sample_major`) and not the earlier calls' rows
-    again (:func:`~.calls.follows`: ``h + f(h)``): parts of the batch (chunks, one sample
-    at a time, a recurrent cell on the ``h[:n]`` still running) or rows gathered from it
-    (an expert called once per routing slot on ``B`` or more tokens), whose calls KFAC
-    would take as more locations of the same samples, pairing row ``i`` of each (chunks of
-    2 and 4 of 8: steps 0.88 and 0.54 off one of 1.34; an expert's two slots: EKFAC 49 %
-    off). Without a Fisher subset only (with one, every input has the batch's rows).
+    order (``reshaped``: :func:`~.calls.sample_major`): parts of the batch (chunks, one
+    sample at a time, a recurrent cell on the ``h[:n]`` still running) or rows gathered
+    from it (an expert called once per routing slot on ``B`` or more tokens), whose calls
+    KFAC would take as more locations of the same samples, pairing row ``i`` of each
+    (chunks of 2 and 4 of 8: steps 0.88 and 0.54 off one of 1.34; an expert's two slots:
+    EKFAC 49 % off). A layer called again on its own gathered rows (``r + f(r)`` for
+    ``r = h[mask]``) is refused too: its calls cannot be told from routing slots by the
+    graph (a walk that let them pass let slots through, 4-92 % off). Without a Fisher
+    subset only (with one, every input has the batch's rows).
 
     Raises:
         RuntimeError: naming the layer and the fix.
@@ -353,8 +354,7 @@ def check_calls_on_parts(
     rows = [len(r.inputs) for r in earlier] + [len(inputs)]
     proved = [r.reshaped for r in earlier] + [reshaped]
     gathered = any(n != batch and not ok for n, ok in zip(rows, proved, strict=True))
-    again = len(set(rows)) == 1 and follows(inputs, forward.calls_out.get(name, ()))
-    if min(rows) >= batch and (not gathered or again):  # (again: the same rows, h + f(h))
+    if min(rows) >= batch and not gathered:
         return
     raise RuntimeError(
         f"layer {name!r} was called {len(rows)} times in one forward on parts of the batch "

@@ -58,7 +58,6 @@ class ForwardPass:
     # fisher="mc": each call's output edge (an in-place op after it does not move it)
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
-    calls_out: dict[str, list[Node]] = field(default_factory=dict)  # each call's output node
     positions: int | None = None  # the output's positions per sample (live_positions)
 
     def mark_backward(self) -> None:
@@ -71,7 +70,7 @@ class ForwardPass:
     def release(self) -> None:
         """Let go of the records and autograd nodes once the forward has returned (the
         nodes hold hooks that name this forward: a cycle only Python's collector frees)."""
-        for held in (self.records, self.outputs, self.ordered, self.per_sample, self.calls_out):
+        for held in (self.records, self.outputs, self.ordered, self.per_sample):
             held.clear()
 
     @property

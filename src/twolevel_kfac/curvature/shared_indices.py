@@ -17,9 +17,11 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
     Recognised by the indices themselves: one index (a task's code looked up for the whole
     batch, ``task(torch.tensor([t]))``), a leading dimension of 1, a 1-D run ``a, a + 1,
     …, a + n − 1`` with ``n ≠ B`` (flattened tokens are no such run but by a chance no real
-    batch has), or an ``[n, m]`` Toeplitz matrix with ``n ≠ B`` and ``n, m > 2`` (T5's
-    relative-position buckets ``[T, T]``, broadcast over the batch: a step 15× too large in
-    a trial). Other forms (a constant token type, ``n = B``) are not recognised (README).
+    batch has), or an ``[n, m]`` Toeplitz matrix, not constant, with ``n ≠ B`` and
+    ``n, m > 2`` (T5's relative-position buckets ``[T, T]``, broadcast over the batch: a
+    step 15× too large in a trial; a constant one is token types of zeros, flattened
+    choices ``[B·k, T]`` of a multiple-choice model). Other forms (a constant token type
+    shared by the batch, ``n = B``) are not recognised (README).
 
     Raises:
         RuntimeError: naming the layer and the batched call that fixes it.
@@ -31,7 +33,8 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
     if inputs.dim() == 1 and count != batch and count > 1:
         shared = bool((inputs[1:] - inputs[:-1] == 1).all())
     elif inputs.dim() == 2 and len(inputs) != batch and min(inputs.shape) > 2:
-        shared = bool((inputs[1:, 1:] == inputs[:-1, :-1]).all())  # (i, j) by j − i
+        toeplitz = bool((inputs[1:, 1:] == inputs[:-1, :-1]).all())  # (i, j) by j − i
+        shared = toeplitz and bool((inputs != inputs[0, 0]).any())  # (not constant)
     if shared:
         raise RuntimeError(
             f"layer {name!r} (an embedding) was called with indices of shape "

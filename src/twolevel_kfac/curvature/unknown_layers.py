@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..warning_level import caller_level
 from .layer_types import layer_type
@@ -19,12 +20,15 @@ from .layer_types import layer_type
 __all__ = ["no_block_reason", "warn_unknown_layers"]
 
 
-def no_block_reason(module: nn.Module) -> str | None:
+def no_block_reason(
+    module: nn.Module, counts: Callable[[nn.Parameter], bool] = lambda p: p.requires_grad
+) -> str | None:
     """Why ``module`` is reported: a leaf of a type without a block whose own ``weight``
     has two dimensions or more, or a module of such a type holding an own parameter
-    ``[E, …]`` of three dimensions or more, ``E > 1`` (stacked matrices: a mixture of
-    experts' experts; a per-sample perturbation or prompts too); ``None`` for every other
-    module."""
+    ``[E, …]`` that ``counts`` (trained, in the optimizer's ``params``) of three dimensions
+    or more, ``E > 1`` (stacked matrices: a mixture of experts' experts; a per-sample
+    perturbation or prompts too; a parametrization's originals aside, warned of apart);
+    ``None`` for every other module."""
     if layer_type(module) is not None:
         return None
     weight = module._parameters.get("weight")
@@ -36,7 +40,9 @@ def no_block_reason(module: nn.Module) -> str | None:
             "the nn.Linear with weight W.T before the optimizer is built) or register its "
             "type (tk.register_layer_type)"
         )
-    stacked = [n for n, p in module._parameters.items() if _stacked(p)]
+    if isinstance(module, ParametrizationList):
+        return None
+    stacked = [n for n, p in module._parameters.items() if p is not None and _stacked(p, counts)]
     if not stacked:
         return None
     return (
@@ -47,32 +53,40 @@ def no_block_reason(module: nn.Module) -> str | None:
     )
 
 
-def _stacked(param: nn.Parameter | None) -> bool:
-    return param is not None and param.dim() >= 3 and param.shape[0] > 1
+def _stacked(param: nn.Parameter, counts: Callable[[nn.Parameter], bool]) -> bool:
+    return param.dim() >= 3 and param.shape[0] > 1 and counts(param)
 
 
 def warn_unknown_layers(
-    model: nn.Module, trains: Callable[[nn.Module], bool], unsupported: str
+    model: nn.Module,
+    trains: Callable[[nn.Module], bool],
+    unsupported: str,
+    counts: Callable[[nn.Parameter], bool] = lambda p: p.requires_grad,
 ) -> None:
     """Warn of the modules of ``model`` that train (``trains``) and have a
     :func:`no_block_reason`, once per reason (the first three names and how many more, and
-    their share of the model's trainable parameters), unless ``unsupported="ignore"``."""
+    the share of the trainable parameters, those that ``counts``, in them), unless
+    ``unsupported="ignore"``."""
     found: dict[str, list[str]] = {}
-    sizes: dict[str, int] = {}
+    held: dict[str, dict[int, int]] = {}  # by reason: each parameter's size, once
     for name, module in model.named_modules():
-        reason = no_block_reason(module) if trains(module) else None
+        reason = no_block_reason(module, counts) if trains(module) else None
         if reason is not None:
             found.setdefault(reason, []).append(repr(name))
-            own = (p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-            sizes[reason] = sizes.get(reason, 0) + sum(own)
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad) or 1
+            own = (p for p in module.parameters(recurse=False) if counts(p))
+            held.setdefault(reason, {}).update((id(p), p.numel()) for p in own)
+    total = sum({id(p): p.numel() for p in model.parameters() if counts(p)}.values()) or 1
     for reason, names in found.items() if unsupported != "ignore" else ():
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        share = sum(held[reason].values()) / total
         warnings.warn(
             f"module{'s' if len(names) > 1 else ''} {', '.join(names[:3])}{more}: {reason}; "
-            f"{'their' if len(names) > 1 else 'its'} parameters ({sizes[reason] / total:.0%} "
-            "of the model's trainable ones) get the un-preconditioned fallback step "
-            "(fallback='sgd': momentum SGD; 'adamw': AdamW; unsupported='ignore' silences "
-            "this)",
+            f"{'their' if len(names) > 1 else 'its'} parameters ({_percent(share)} of the "
+            "model's trained ones) get the un-preconditioned fallback step (fallback='sgd': "
+            "momentum SGD; 'adamw': AdamW; unsupported='ignore' silences this)",
             stacklevel=caller_level(),
         )
+
+
+def _percent(share: float) -> str:
+    return f"{share:.0%}" if share >= 0.01 else "under 1%"

@@ -79,8 +79,9 @@ class Communicator:
                 f"torch.distributed was initialised ({world} processes) after this optimizer "
                 "was built, so it reduces its curvature over none of them and each replica "
                 "would step on its own: build the optimizer after init_process_group (with "
-                "Hugging Face's Trainer, after TrainingArguments(...), which initialises it), "
-                "or pass process_group= (a group of this rank alone for independent runs)"
+                "Hugging Face's Trainer, after TrainingArguments(...), which initialises it); "
+                "for a run of its own on each rank, build it after the group too, with "
+                "process_group= a group of that rank alone (torch.distributed.new_group)"
             )
 
     def _count(self, tensor: Tensor, start: float) -> None:
