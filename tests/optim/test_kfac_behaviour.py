@@ -225,6 +225,18 @@ def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> Non
         tk.KFAC(mlp(), **kwargs)
 
 
+def test_param_groups_passed_as_lr_are_named() -> None:
+    """``functools.partial(tk.KFAC, model)`` as a wrapper's base optimizer (SAM's) passes
+    the param groups where ``lr`` is: the error said "lr must be a real number" and dumped
+    every parameter (9.5 kB); it names params= now, in a line."""
+    model = mlp()
+    with pytest.raises(
+        TypeError, match=r"go in params= \(KFAC\(model, params=groups\)\)"
+    ) as caught:
+        tk.KFAC(model, [{"params": list(model.parameters())}])  # type: ignore[arg-type]
+    assert len(str(caught.value)) < 300
+
+
 def test_unsupported_layers_warn_or_raise() -> None:
     model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 4, 5, 5))

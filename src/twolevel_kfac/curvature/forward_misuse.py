@@ -82,7 +82,8 @@ def warn_eval_forwards() -> None:
         "and no forward ran in train mode: nothing was captured, and the factors stay as "
         "they are (none before the first capture) for as long as the model stays in "
         "eval(). Call model.train() after a validation pass (and run it under "
-        "torch.no_grad())",
+        "torch.no_grad()); to fine-tune with frozen BatchNorm statistics, put only the "
+        "BatchNorm modules in eval(), not the whole model",
         RuntimeWarning,
         stacklevel=caller_level(),
     )

@@ -188,7 +188,10 @@ def warn_loss_gradient(
                     "softmax over the output, whose Fisher has no curvature along that direction, "
                     "so the step goes about 1/damping times too far along it. For an embedding "
                     "(a contrastive or triplet loss) use fisher='empirical'; for an MSE or "
-                    "multi-label BCE output, likelihood='gaussian' or 'bernoulli'"
+                    "multi-label BCE output, likelihood='gaussian' or 'bernoulli'; for a module "
+                    "whose output is not the model's logits (an optimizer built on a backbone "
+                    "whose head runs outside it), build it on the whole model with params= the "
+                    "layers it preconditions"
                 ),
             )
     if problem is not None and problem[0] not in warned:

@@ -68,7 +68,14 @@ def check_real(
 ) -> float:
     """Check ``value`` is a finite real in the given (half-)open or closed range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        hint = ""
+        if isinstance(value, (list, tuple, dict)) or hasattr(value, "__next__"):
+            hint = (  # (functools.partial(tk.KFAC, model)(param_groups) as a base optimizer)
+                ": parameters or param groups go in params= (KFAC(model, params=groups)); "
+                "the argument after the model is lr"
+            )
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {shown}{hint}")
     number = float(value)
     lo_ok = low is None or (number > low if low_open else number >= low)
     hi_ok = high is None or (number < high if high_open else number <= high)
