@@ -157,13 +157,13 @@ class TiedLM(nn.Module):
     gradients are its ``ā`` and its one-hot ids its ``δ``, the head the other way round),
     and a classifier that skips them (``task=1``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, features: int = 3, classes: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.emb, self.body = nn.Embedding(7, 5), nn.Linear(5, 5)
         self.head = nn.Linear(5, 7, bias=False)
         self.head.weight = self.emb.weight
-        self.other, self.cls = nn.Linear(3, 5), nn.Linear(5, 2)
+        self.other, self.cls = nn.Linear(features, 5), nn.Linear(5, classes)
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         if task == 0:

@@ -15,7 +15,6 @@ the tests compare their saved results.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import warnings
 from pathlib import Path
@@ -387,11 +386,6 @@ def _resume(cls: type[tk.KFAC], kwargs: dict[str, Any], rank: int, path: Path) -
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Every rank's results of all distributed runs (one pair of processes)."""
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("the workers are forked (spawning re-imports torch: too slow)")
-
     return run_ranks(_worker, tmp_path_factory.mktemp("distributed"), "fork", WORLD)
 
 

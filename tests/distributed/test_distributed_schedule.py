@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from worker_pair import run_ranks
+from worker_pair import gloo_group, run_ranks
 
 WORLD, BATCH, STEPS, SAVE = 2, 8, 30, 13
 SETTINGS = {"lr": 0.1, "damping": 0.05, "cov_interval": 5, "inv_interval": 5, "kl_clip": None}
@@ -101,14 +101,9 @@ def _params(model: nn.Module) -> list[Tensor]:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # this child's environment only
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
     warnings.simplefilter("ignore")
     part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         results = {}
         for cls in (tk.KFAC, tk.TwoLevelKFAC):
             model, net, opt = _build(cls, wrap=True)
@@ -141,15 +136,11 @@ def _worker(rank: int, port: int, out: Path) -> None:
                 opt.step()
             results[f"bare_{reduced}"] = [str(w.message) for w in caught]
         torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
     os._exit(0)  # saved: a gloo thread may abort or hang the interpreter's exit
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
     return run_ranks(_worker, tmp_path_factory.mktemp("schedule"), "spawn", WORLD)
 
 

@@ -112,8 +112,6 @@ def _worker(rank: int, port: int, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
     return run_ranks(_worker, tmp_path_factory.mktemp("save"), "spawn", 2)
 
 

@@ -5,7 +5,6 @@ on each rank. Every optimizer class takes one process's steps on the whole batch
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import warnings
 from pathlib import Path
@@ -13,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from worker_pair import run_ranks
+from test_accumulation import TiedLM
+from worker_pair import gloo_group, run_ranks
 
 WORLD, BATCH, TOKENS, STEPS = 2, 8, 3, 3
 SETTINGS = {"lr": 0.1, "damping": 0.05, "cov_interval": 1, "inv_interval": 1, "kl_clip": None}
@@ -115,32 +114,26 @@ def run(model_type: type[nn.Module], name: str, rank: int | None) -> list[Tensor
     return [p.detach().clone() for p in model.parameters()]
 
 
-class TiedLM(nn.Module):
-    """An embedding table tied to an LM head (one block; the table's output gradients are
-    its ``ā``, the head's its ``δ``) on rank 0's rows, a classifier that skips them on
-    rank 1's (``task``: 0 or 1)."""
+class RankTiedLM(TiedLM):
+    """:class:`TiedLM` on rank 0's rows (token ids made from them), its classifier on
+    rank 1's."""
 
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb, self.body = nn.Embedding(7, 5), nn.Linear(5, 5)
-        self.head = nn.Linear(5, 7, bias=False)
-        self.head.weight = self.emb.weight
-        self.other, self.cls = nn.Linear(4, 5), nn.Linear(5, 3)
+        super().__init__(features=4, classes=3)
 
     def forward(self, x: Tensor, task: int) -> Tensor:
         if task == 0:
             ids = (x[..., 0].abs() * 3).long().clamp(max=6)
-            return self.head(torch.tanh(self.body(self.emb(ids)))).flatten(0, 1)
-        return self.cls(torch.tanh(self.body(self.other(x))).mean(1))
+            return super().forward(ids, 0).flatten(0, 1)
+        return super().forward(x, 1)
 
 
 def run_tied(name: str, rank: int | None) -> list[Tensor]:
-    """:data:`STEPS` steps of ``name``'s optimizer on :class:`TiedLM`: rank ``r``'s half
+    """:data:`STEPS` steps of ``name``'s optimizer on :class:`RankTiedLM`: rank ``r``'s half
     of each batch through task ``r`` under DDP, or in one process the two halves as two
     micro-batches (``None``)."""
     cls, extra = CLASSES[name]
-    model = TiedLM().double()
+    model = RankTiedLM().double()
     net: nn.Module = model
     if rank is not None:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -161,12 +154,7 @@ def run_tied(name: str, rank: int | None) -> list[Tensor]:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # this child's environment only
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with gloo_group(rank, port, WORLD):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results: dict[str, Any] = {
@@ -175,17 +163,11 @@ def _worker(rank: int, port: int, out: Path) -> None:
             results |= {f"TiedLM/{name}": run_tied(name, rank) for name in ("KFAC", "EKFAC")}
         results["warnings"] = [str(w.message) for w in caught]
         torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
     os._exit(0)  # saved: a gloo thread may abort or hang the interpreter's exit
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("the workers are forked (spawning re-imports torch: too slow)")
     return run_ranks(_worker, tmp_path_factory.mktemp("skipped"), "fork", WORLD)
 
 
