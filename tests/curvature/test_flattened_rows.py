@@ -143,6 +143,17 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "index_copy": flat.index_copy(0, torch.randperm(B * T), flat),
         "scatter": flat.scatter(0, torch.randperm(B * T)[:, None].expand(-1, D), flat),
         "sort(dim=0)": flat.sort(dim=0).values,
+        "bmm(P[None], flat[None])": torch.bmm((pick * flat[:, 1].sigmoid())[None], flat[None])[0],
+        "flat[None].roll(3, 1)": flat[None].roll(3, 1)[0],
+        "F.pad shifting the rows": F.pad(flat, (0, 0, 2, -2)),
+        "cumprod(0)": flat.cumprod(0),
+        "time-major gathered, back": (
+            h.transpose(0, 1)
+            .reshape(T * B, D)[torch.randperm(T * B)]
+            .view(T, B, D)
+            .transpose(0, 1)
+            .reshape(B * T, D)
+        ),
     }
     for name, rows in refused.items():
         assert not sample_major(rows, forward), name
@@ -154,6 +165,7 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     kept = {  # row-wise: proved as before
         "batch_first LSTM flattened": lstm(h)[0].reshape(-1, 7),  # (unproved before 2026-12-06)
         "batch_first GRU flattened": gru(h)[0].reshape(-1, 7),
+        "a frozen Linear under autocast": _autocast_linear(flat),
         "a Linear's product": flat @ nn.Parameter(torch.randn(D, D)),
         "a frozen Linear's": F.linear(flat, nn.Parameter(torch.randn(D, D), requires_grad=False)),
         "flip(1)": flat.flip(1),
@@ -164,6 +176,13 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         assert sample_major(rows, forward), name
     one = ForwardPass(index=None, batch_size=1, first=torch.randn(1, 1))  # model(t, x), t [1, 1]
     assert not sample_major(torch.tanh(torch.randn(B, D, requires_grad=True)), one)
+
+
+def _autocast_linear(rows: Tensor) -> Tensor:
+    """A frozen ``Linear`` on ``rows`` under bf16 autocast (its weight a cast copy)."""
+    frozen = nn.Linear(D, D).requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return frozen(rows)
 
 
 class Head(nn.Module):

@@ -133,7 +133,19 @@ _REORDERS = frozenset(
     }
 )
 _MIXED = frozenset({("MmBackward0", 1), ("AddmmBackward0", 2)})  # P @ h: h's rows mixed
-_ALONG = frozenset({"FlipBackward0", "RollBackward0", "Rot90Backward0", "CumsumBackward0"})
+_ALONG = frozenset(  # (along the dimensions they saved)
+    {
+        "FlipBackward0",
+        "RollBackward0",
+        "Rot90Backward0",
+        "CumsumBackward0",
+        "CumprodBackward0",
+        "CummaxBackward0",
+        "CumminBackward0",
+        "LogcumsumexpBackward0",
+        "UnfoldBackward0",
+    }
+)
 _WALK = 256  # autograd nodes looked at, at most
 
 
@@ -179,11 +191,12 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
             return False
         for edge, (parent, _) in enumerate(node.next_functions):
-            if (name, edge) in _MIXED and parent is None and not _frozen_weight(node):
+            mixed = (name, edge) in _MIXED or _flat_batched(node, name, edge)
+            if mixed and parent is None and not _frozen_weight(node):
                 return False  # (P @ x: a right operand without a graph, not a weight)
             if parent is None or parent in seen or type(parent).__name__ == "AccumulateGrad":
                 continue
-            if (name, edge) in _MIXED:  # a product's right operand: P @ h mixes h's rows
+            if (name, edge) in _MIXED or _flat_batched(node, name, edge):  # P @ h: rows mixed
                 if not _parameters_alone(parent):
                     return False
                 continue  # (a weight, h @ Wᵀ: the rows are the left operand's)
@@ -212,18 +225,39 @@ def _parameters_alone(node: Node) -> bool:
 
 
 def _frozen_weight(node: Node) -> bool:
-    """Whether a product's right operand without a graph is a frozen parameter (or a view
-    of one, ``Wᵀ``): a frozen ``Linear``'s, not the data's."""
+    """Whether a product's right operand without a graph is a frozen weight: a parameter,
+    a view of one, or the transposed view ``Wᵀ`` that ``F.linear`` multiplies by (of a
+    weight cast under autocast, or held in a buffer), not the data's rows (``P @ x``)."""
     saved = getattr(node, "_saved_mat2", None)
-    return isinstance(saved, nn.Parameter) or isinstance(
-        getattr(saved, "_base", None), nn.Parameter
+    if saved is None:
+        saved = getattr(node, "_saved_batch2", None)
+    if any(isinstance(t, nn.Parameter) for t in (saved, getattr(saved, "_base", None))):
+        return True
+    return (
+        isinstance(saved, Tensor)
+        and saved.dim() == 2
+        and saved._base is not None
+        and saved.stride() == (1, saved.shape[0])
     )
+
+
+def _flat_batched(node: Node, name: str, edge: int) -> bool:
+    """A batched product of one matrix pair (``bmm(P[None], h[None])``): the right
+    operand's rows mixed as by ``P @ h``."""
+    if (name, edge) not in (("BmmBackward0", 1), ("BaddbmmBackward0", 2)):
+        return False
+    left = getattr(node, "_saved_self", None)
+    if left is None:
+        left = getattr(node, "_saved_batch1", None)
+    return left is None or int(left.shape[0]) == 1
 
 
 def _moves_rows(node: Node) -> bool:
     """Whether ``node`` moves or mixes the rows of its output's first dimension: a flip,
-    roll, rotation or cumulative sum along it (a roll of the flattened tensor too), a 2-D
-    transpose, or a transpose or permute that moves it (``P = gates.T`` for ``P @ h``).
+    roll, rotation, cumulative op, unfold or padding along it (a roll of the flattened
+    tensor too), a 2-D transpose, a transpose or permute that moves it (``P = gates.T``
+    for ``P @ h``), an unsqueeze before it (``h[None]``, after which ops along the rows
+    are not seen).
     Without the output's rank (before torch's ``_input_metadata``) a dimension saved
     negative counts as the first for the former, and the latter are taken as row-wise."""
     name = type(node).__name__
@@ -234,14 +268,20 @@ def _moves_rows(node: Node) -> bool:
     if name == "PermuteBackward0":
         first = signed(int(node._saved_dims[0]))  # type: ignore[attr-defined]
         return rank is not None and first % rank != 0
+    if name == "UnsqueezeBackward0":  # (x[None]: the rows leave the first dimension)
+        return rank is None or signed(int(node._saved_dim)) % rank == 0  # type: ignore[attr-defined]
+    if name == "ConstantPadNdBackward0":  # (F.pad of the rows: shifted, cropped)
+        pad = [signed(int(p)) for p in node._saved_pad]  # type: ignore[attr-defined]
+        return rank is None or (len(pad) >= 2 * rank and pad[2 * rank - 2 : 2 * rank] != [0, 0])
     if name in ("TransposeBackward0", "TransposeBackward1"):
         dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
         return rank is not None and 0 in {d % rank for d in dims}
     if name not in _ALONG:
         return False
     saved = getattr(node, "_saved_dims", None)
-    if saved is None:  # (a cumulative sum's one dimension)
-        saved = (node._saved_dim,)  # type: ignore[attr-defined]
+    if saved is None:  # (a cumulative op's one dimension, an unfold's)
+        one = getattr(node, "_saved_dim", None)
+        saved = (getattr(node, "_saved_dimension", 0) if one is None else one,)
     dims = [signed(int(d)) for d in saved]
     if not dims:  # (a roll of the flattened tensor)
         return True
@@ -251,10 +291,11 @@ def _moves_rows(node: Node) -> bool:
 def _batch_first_reshape(node: Node, samples: int) -> bool:
     """A reshape node whose input had the ``samples`` first (its saved sizes), unless it is
     a copy (``reshape`` of a non-contiguous tensor copies it first) of a transpose or
-    permute that may have moved the batch away from the first dimension: one that brought
-    another dimension there while the dimension it sent the first one to has ``samples``
-    entries too (``h.transpose(0, 1)`` of ``[B, B, D]``). A transpose that brought the
-    batch first (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``) proves it."""
+    permute that moved the first dimension: what was done in the other layout is not
+    walked (rows gathered time-major, put back). Only a recurrent layer's time-major output
+    brought batch-first proves it (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``,
+    a recurrent op's or its time steps stacked: ``nn.GRU``'s), where the dimension sent
+    away has another size than ``samples``."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     if not sizes or int(sizes[0]) != samples:
         return False
@@ -269,7 +310,13 @@ def _batch_first_reshape(node: Node, samples: int) -> bool:
         elif kind == "PermuteBackward0":
             order = [signed(int(d)) % rank for d in getattr(source, "_saved_dims")]  # noqa: B009
             moved = order.index(0) if order[0] != 0 else None
-        return moved is None or moved == 0 or int(sizes[moved]) != samples
+        if moved is None or moved == 0:
+            return True
+        origin = source.next_functions[0][0] if source and source.next_functions else None
+        recurrent = type(origin).__name__
+        return int(sizes[moved]) != samples and (
+            "Rnn" in recurrent or recurrent == "StackBackward0"
+        )
     return True
 
 
