@@ -147,6 +147,11 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "flat[None].roll(3, 1)": flat[None].roll(3, 1)[0],
         "F.pad shifting the rows": F.pad(flat, (0, 0, 2, -2)),
         "cumprod(0)": flat.cumprod(0),
+        "P @ x.T (x graph-less [D, rows])": (pick * flat[:, 1].sigmoid()) @ data.view(-1, D).T.T,
+        "a frozen Linear under autocast": _autocast_linear(flat),  # (a cast copy: not told)
+        "steps stacked from rows picked": torch.stack([h[torch.randperm(B), t] for t in range(T)])
+        .transpose(0, 1)
+        .reshape(B * T, D),
         "time-major gathered, back": (
             h.transpose(0, 1)
             .reshape(T * B, D)[torch.randperm(T * B)]
@@ -165,7 +170,6 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     kept = {  # row-wise: proved as before
         "batch_first LSTM flattened": lstm(h)[0].reshape(-1, 7),  # (unproved before 2026-12-06)
         "batch_first GRU flattened": gru(h)[0].reshape(-1, 7),
-        "a frozen Linear under autocast": _autocast_linear(flat),
         "a Linear's product": flat @ nn.Parameter(torch.randn(D, D)),
         "a frozen Linear's": F.linear(flat, nn.Parameter(torch.randn(D, D), requires_grad=False)),
         "flip(1)": flat.flip(1),

@@ -225,20 +225,14 @@ def _parameters_alone(node: Node) -> bool:
 
 
 def _frozen_weight(node: Node) -> bool:
-    """Whether a product's right operand without a graph is a frozen weight: a parameter,
-    a view of one, or the transposed view ``Wᵀ`` that ``F.linear`` multiplies by (of a
-    weight cast under autocast, or held in a buffer), not the data's rows (``P @ x``)."""
+    """Whether a product's right operand without a graph is a frozen weight: a parameter
+    or a view of one (``Wᵀ``), not the data's rows (``P @ x``, ``P @ x.T``). A frozen
+    weight cast under autocast, or held in a buffer, cannot be told from the data's rows
+    (a transposed view of a tensor without a graph): not proved."""
     saved = getattr(node, "_saved_mat2", None)
     if saved is None:
         saved = getattr(node, "_saved_batch2", None)
-    if any(isinstance(t, nn.Parameter) for t in (saved, getattr(saved, "_base", None))):
-        return True
-    return (
-        isinstance(saved, Tensor)
-        and saved.dim() == 2
-        and saved._base is not None
-        and saved.stride() == (1, saved.shape[0])
-    )
+    return any(isinstance(t, nn.Parameter) for t in (saved, getattr(saved, "_base", None)))
 
 
 def _flat_batched(node: Node, name: str, edge: int) -> bool:
@@ -314,10 +308,22 @@ def _batch_first_reshape(node: Node, samples: int) -> bool:
             return True
         origin = source.next_functions[0][0] if source and source.next_functions else None
         recurrent = type(origin).__name__
-        return int(sizes[moved]) != samples and (
-            "Rnn" in recurrent or recurrent == "StackBackward0"
-        )
+        if "Rnn" in recurrent:  # (a recurrent op's time-major output)
+            return int(sizes[moved]) != samples
+        stacked = recurrent == "StackBackward0" and origin is not None and _steps(origin)
+        return stacked and int(sizes[moved]) != samples
     return True
+
+
+def _steps(stack: Node) -> bool:
+    """Whether a stack's tensors are time steps computed in place (a native ``nn.GRU``'s
+    cells), none picked, moved or unbound from rows (``h[perm, t]``, ``x.unbind(0)``)."""
+    return all(
+        parent is not None
+        and type(parent).__name__ not in _REORDERS | _RESHAPES
+        and not _moves_rows(parent)
+        for parent, _ in stack.next_functions
+    )
 
 
 def _locations(tensor: Tensor, samples: int) -> Tensor:
