@@ -147,6 +147,10 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "flat[None].roll(3, 1)": flat[None].roll(3, 1)[0],
         "F.pad shifting the rows": F.pad(flat, (0, 0, 2, -2)),
         "cumprod(0)": flat.cumprod(0),
+        "S @ S, S row-wise [B·T, B·T]": (
+            s := torch.tanh(flat @ nn.Parameter(torch.randn(D, B * T)))
+        )
+        @ s,
         "P @ x.T (x graph-less [D, rows])": (pick * flat[:, 1].sigmoid()) @ data.view(-1, D).T.T,
         "a frozen Linear under autocast": _autocast_linear(flat),  # (a cast copy: not told)
         "steps stacked from rows picked": torch.stack([h[torch.randperm(B), t] for t in range(T)])

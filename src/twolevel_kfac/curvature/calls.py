@@ -191,15 +191,12 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
             return False
         for edge, (parent, _) in enumerate(node.next_functions):
-            mixed = (name, edge) in _MIXED or _flat_batched(node, name, edge)
-            if mixed and parent is None and not _frozen_weight(node):
-                return False  # (P @ x: a right operand without a graph, not a weight)
+            if (name, edge) in _MIXED or _flat_batched(node, name, edge):  # P @ h: rows mixed
+                if not (_frozen_weight(node) if parent is None else _parameters_alone(parent)):
+                    return False  # (P @ x, P @ h: the right operand is no weight)
+                continue  # (a weight, h @ Wᵀ: the rows are the left operand's)
             if parent is None or parent in seen or type(parent).__name__ == "AccumulateGrad":
                 continue
-            if (name, edge) in _MIXED or _flat_batched(node, name, edge):  # P @ h: rows mixed
-                if not _parameters_alone(parent):
-                    return False
-                continue  # (a weight, h @ Wᵀ: the rows are the left operand's)
             seen.add(parent)
             stack.append(parent)
     return proved
