@@ -146,6 +146,13 @@ _ALONG = frozenset(  # (along the dimensions they saved)
         "UnfoldBackward0",
     }
 )
+_RANKED = _ALONG | {  # (what _moves_rows reads an output's rank for)
+    "PermuteBackward0",
+    "UnsqueezeBackward0",
+    "ConstantPadNdBackward0",
+    "TransposeBackward0",
+    "TransposeBackward1",
+}
 _WALK = 256  # autograd nodes looked at, at most
 
 
@@ -254,6 +261,8 @@ def _moves_rows(node: Node) -> bool:
     name = type(node).__name__
     if name == "TBackward0":
         return True
+    if name not in _RANKED:  # (the rest move no rows: no metadata read for them)
+        return False
     metadata = getattr(node, "_input_metadata", None)
     rank = len(metadata[0].shape) if metadata else None
     if name == "PermuteBackward0":
@@ -267,9 +276,7 @@ def _moves_rows(node: Node) -> bool:
     if name in ("TransposeBackward0", "TransposeBackward1"):
         dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
         return rank is not None and 0 in {d % rank for d in dims}
-    if name not in _ALONG:
-        return False
-    saved = getattr(node, "_saved_dims", None)
+    saved = getattr(node, "_saved_dims", None)  # (one of _ALONG from here)
     if saved is None:  # (a cumulative op's one dimension, an unfold's)
         one = getattr(node, "_saved_dim", None)
         saved = (getattr(node, "_saved_dimension", 0) if one is None else one,)

@@ -20,8 +20,12 @@ from .layer_types import layer_type
 __all__ = ["no_block_reason", "warn_unknown_layers"]
 
 
+def _trained(param: nn.Parameter) -> bool:
+    return param.requires_grad
+
+
 def no_block_reason(
-    module: nn.Module, counts: Callable[[nn.Parameter], bool] = lambda p: p.requires_grad
+    module: nn.Module, counts: Callable[[nn.Parameter], bool] = _trained
 ) -> str | None:
     """Why ``module`` is reported: a leaf of a type without a block whose own ``weight``
     has two dimensions or more, or a module of such a type holding an own parameter
@@ -61,7 +65,7 @@ def warn_unknown_layers(
     model: nn.Module,
     trains: Callable[[nn.Module], bool],
     unsupported: str,
-    counts: Callable[[nn.Parameter], bool] = lambda p: p.requires_grad,
+    counts: Callable[[nn.Parameter], bool] = _trained,
 ) -> None:
     """Warn of the modules of ``model`` that train (``trains``) and have a
     :func:`no_block_reason`, once per reason (the first three names and how many more, and
