@@ -293,3 +293,65 @@ def test_time_major_rows_are_not_proved_sample_major(samples: int, tokens: int) 
         assert not sample_major(time_major.reshape(tokens * samples, 5), forward)
         assert not sample_major(time_major, forward)
     assert sample_major(h.reshape(samples * tokens, 5), forward)  # batch-first: proved
+
+
+def test_rows_picked_from_flattened_tokens_are_followed_to_their_samples() -> None:
+    """Rows picked from tokens flattened batch-first (``[B, T, D] → [B·T, D]``) are followed
+    through the reshape to their samples (``r // T``): let go before 2026-12-06 (evening),
+    so an expert routed ``B`` tokens of several samples passed as one row per sample. A
+    token picked per sample in order (the last real one) is its sample's row."""
+    layer = nn.Linear(3, 5)
+    out = layer(torch.randn(4, 2, 3))  # B = 4, T = 2
+    stops, flat = {out.grad_fn}, out.reshape(8, 5)
+    followed = "rows moved by indexing, slicing or concatenating"
+    for idx in ([0, 1, 2, 3], [6, 4, 2, 0], [0, 2, 3, 5], [1, 0, 3, 2]):
+        assert moved_rows(torch.tanh(flat[torch.tensor(idx)]), stops, 4) == followed, idx
+    for idx in ([0, 2, 4, 6], [1, 3, 5, 7], [1, 2, 5, 6]):  # one token of each sample
+        assert moved_rows(torch.tanh(flat[torch.tensor(idx)]), stops, 4) is None, idx
+    tokens = layer(torch.randn(8, 3))  # an earlier layer on the flattened tokens (k = 2)
+    picked = tokens.view(4, 2, 5)[:, 1]  # the second token of each sample
+    assert moved_rows(torch.tanh(picked), {tokens.grad_fn}, 4) is None
+    assert moved_rows(torch.tanh(tokens[torch.tensor([1, 3, 5, 7])]), {tokens.grad_fn}, 4) is None
+    assert moved_rows(torch.tanh(tokens[torch.tensor([7, 5, 3, 1])]), {tokens.grad_fn}, 4)
+
+
+class Expert(nn.Module):
+    """An expert routed ``B`` of the ``B·T`` tokens: capacity equal to the batch size."""
+
+    def __init__(self, idx: list[int] | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.expert, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.idx = None if idx is None else torch.tensor(idx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))  # [B, T, 4]
+        rows = h[:, 0] if self.idx is None else h.reshape(-1, 4)[self.idx]
+        return self.head(h.mean(1) + self.expert(rows))
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_fisher_subset_of_rows_that_are_not_the_samples_is_refused(fisher: str) -> None:
+    """``fisher_batch < 1`` takes the same rows of every layer: an expert's tokens of other
+    samples (under ``mc`` their ``δ`` are 0 unless their sample was drawn) and rows
+    permuted between layers were taken as the subset's samples, silently, before
+    2026-12-06 (evening). One token per sample, in order, passes."""
+    x = torch.randn(N, 2, 3)
+
+    def subset(model: nn.Module) -> torch.optim.Optimizer:
+        likelihood = {"likelihood": "gaussian"} if fisher == "mc" else {}
+        return tk.KFAC(model, lr=0.1, fisher=fisher, fisher_batch=0.5, **likelihood)
+
+    for refused in (Expert([6, 4, 2, 0]), Expert([0, 1, 2, 3])):
+        with pytest.raises(RuntimeError, match=r"layer 'expert': .*fisher_batch=1"):
+            steps(refused, subset, x)
+    for how, layer in (("permuted", "b"), ("flipped", "b")):
+        with pytest.raises(RuntimeError, match=rf"layer '{layer}': .*fisher_batch < 1"):
+            one_step(Pair(how), subset)
+    routed, first = Expert([0, 2, 4, 6]), Expert(None)  # the first token of each sample
+    for model in (routed, first):
+        torch.manual_seed(1)
+        steps(model, subset, x, count=2)
+    for a, b in zip(routed.parameters(), first.parameters(), strict=True):
+        assert torch.equal(a, b)
+    steps(Sequences(), subset, torch.randint(0, 7, (N, 5)), count=2)  # sorted, put back

@@ -190,7 +190,8 @@ class CurvatureCapture:
             index = perm[:size].sort().values.to(x.device)
         padding = padding_rows(padding, batch, index)
         others = other_rows(args, kwargs, x) if batch == 1 else ()  # (model(code, x))
-        self._forward = ForwardPass(index, batch, mask, x, others, padding, self.aligned)
+        aligned = self.aligned or index is not None  # a Fisher subset picks row i of every layer
+        self._forward = ForwardPass(index, batch, mask, x, others, padding, aligned)
         self._forward.on_backward = weakref.WeakMethod(self._backward_started)
 
     def layer_hook(

@@ -301,7 +301,9 @@ def _row_of(row: Tensor, first: Tensor | None) -> bool:
 
 def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: bool) -> None:
     """Where the layers' per-sample gradients are paired row by row (a coarse level,
-    adaptive damping's exact Fisher products: ``forward.aligned``), refuse a layer whose
+    adaptive damping's exact Fisher products) or the same rows of every layer are taken for
+    the Fisher mini-batch (``fisher_batch < 1``: under ``mc`` the others' ``δ`` are 0):
+    ``forward.aligned``, refuse a layer whose
     rows are not the samples in the order of the layers before it (:mod:`.row_order`):
     rows of another count not proved ``k`` per sample in order (``reshaped``:
     :func:`~.calls.sample_major`),
@@ -319,13 +321,19 @@ def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: b
         why = f"rows moved along the batch dimension ({moved}) since an earlier layer"
     else:
         return
+    if forward.index is not None:
+        needs = "With fisher_batch < 1 the Fisher mini-batch is the same rows of every layer"
+        way = "Use fisher_batch=1"
+    else:
+        needs = "Two-level KFAC's coarse level and adaptive damping's exact Fisher products "
+        needs += "pair the layers' per-sample gradients row by row"
+        way = "Use KFAC without them"
     raise RuntimeError(
-        f"layer {name!r}: {why}. Two-level KFAC's coarse level and adaptive damping's exact "
-        "Fisher products pair the layers' per-sample gradients row by row, which would pair "
-        "these rows with other samples' (views concatenated inside forward, gathered tokens, "
-        "a graph's edges, rows permuted and put back). Use KFAC without them (its blocks "
-        "read such rows as locations of the batch), or keep one row per sample in the "
-        "batch's order from layer to layer"
+        f"layer {name!r}: {why}. {needs}, which would take these rows for other samples' "
+        "(views concatenated inside forward, gathered tokens, a graph's edges, an expert's "
+        f"routed tokens, rows permuted and put back). {way} (KFAC's blocks read such rows "
+        "as locations of the batch), or keep one row per sample in the batch's order from "
+        "layer to layer"
     )
 
 

@@ -18,16 +18,17 @@ layer's input, the dimension followed back through transposes, permutes and resh
 (attention's sequence-first internals keep it). One on parameters alone (a position table
 sliced to the length), on another dimension, or before the first layer (the data) moves
 nothing: every layer sees the data's order. Indexes, slices and the pieces of
-concatenations and splits are carried along the path, and a path on which the rows end
-where they started moved nothing (a sort undone).
+concatenations and splits are carried along the path, through reshapes that regroup the
+rows too (``r // k`` where ``k`` rows were merged: a token picked from ``[B·T]`` rows is
+its sample's row), and a path on which the rows end at their samples moved nothing (a
+sort undone, the last token of each sample picked).
 
 Not seen (the README lists them): the samples split over several dimensions and moved
 there (``h.view(2, N // 2, D).flip(0)``), samples stacked one at a time in another order,
 in-place copies into slices of a buffer, linear algebra other than a 2-D ``P @ h``
-(``einsum``, ``bmm``, ``solve``, sparse), windows over the samples, a flattened tensor
-indexed, a time-major tensor with as many positions as samples (a dimension followed by a
-coincidence of sizes is let go at the earlier layer: the walk never refuses on a guess), a
-``torch.compile``d graph.
+(``einsum``, ``bmm``, ``solve``, sparse), windows over the samples, a time-major tensor
+with as many positions as samples (a dimension followed by a coincidence of sizes is let
+go at the earlier layer: the walk never refuses on a guess), a ``torch.compile``d graph.
 """
 
 from __future__ import annotations
@@ -310,6 +311,42 @@ def reaches(node: Node, stops: Collection[Node]) -> bool:
     return len(seen) > _WALK  # not proved apart from the layers: counted as reaching one
 
 
+def _moved(here: Tensor, of: int, there: Tensor, rows: int, batch: int) -> bool:
+    """Whether the rows ``here`` of a tensor of ``of`` rows, found at rows ``there`` of an
+    earlier layer's output of ``rows``, moved: compared as samples where both counts are
+    ``k`` per sample (a token picked per sample from ``[B·T]`` rows is its sample's row),
+    else row for row."""
+    if of % batch == 0 and rows % batch == 0 and of and rows:
+        return not torch.equal(here // (of // batch), there // (rows // batch))
+    return not torch.equal(here, there)
+
+
+Carried = tuple["Tensor | None", "Tensor | None", int]
+"""The input rows followed, their rows in the tensor the walk is at, and the rows of the
+tensor the input rows count (where they were first followed)."""
+
+
+def _carried(
+    here: Tensor | None, there: Tensor | None, of: int, taken: Rows | None, size: int, parent: int
+) -> Carried | None:
+    """The rows followed from a node's output (``size`` rows) to its parent's (``parent``),
+    ``None`` where the path is let go (none left). A reshape that regroups the rows maps
+    row ``r`` to ``r // k`` where ``k`` rows were merged (``[B, T, D] → [B·T, D]``), to the
+    first ``r·k`` of the ``k`` it was split into; by a count that divides neither, let go."""
+    if there is not None and parent != size and taken is None:
+        if size % parent and parent % size:
+            return None
+        there = there // (size // parent) if size % parent == 0 else there * (parent // size)
+    if taken is not None:  # out[r] = in[f(r)], read from the layer back
+        if there is None:
+            here, there, of = torch.arange(size), torch.arange(size), size
+        keep, there = taken(there)
+        here = here if keep is None else here[keep]  # type: ignore[index]
+        if not len(there):
+            return None
+    return here, there, of
+
+
 def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | None:
     """What moved the ``batch`` samples' rows between an earlier layer's output (``stops``:
     their nodes) and ``inputs`` (samples first), or ``None``. The walk follows the samples'
@@ -325,13 +362,14 @@ def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | Non
     node = inputs.grad_fn
     if node is None or node in stops:
         return None
-    # (node, its output followed, samples' dimension, input rows, their rows here)
-    stack: list[tuple[Node, int, int, Tensor | None, Tensor | None]] = [
-        (node, inputs.output_nr, 0, None, None)  # None, None: every row, in place
+    # (node, its output followed, samples' dimension, input rows, their rows here, and the
+    # rows of the tensor the input rows count: where the rows were first followed)
+    stack: list[tuple[Node, int, int, Tensor | None, Tensor | None, int]] = [
+        (node, inputs.output_nr, 0, None, None, 0)  # None, None: every row, in place
     ]
     seen: set[tuple[object, ...]] = set()
     while stack and len(seen) <= _WALK:
-        node, nr, dim, layer, rows = stack.pop()
+        node, nr, dim, layer, rows, counted = stack.pop()
         out = node_shape(node, nr) or list(inputs.shape)
         shapes = [node_shape(parent, n) for parent, n in node.next_functions]
         for edge, parent, parent_nr in _parents(node):
@@ -339,18 +377,13 @@ def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | Non
             at, taken, moved = _parent_dim(node, out, dim, inp, Context(batch, edge, shapes, nr))
             if moved is not None and (parent in stops or reaches(parent, stops)):
                 return moved  # (rows of data, not of parameters alone, were moved)
-            if at is None or (rows is not None and inp[at] != out[dim] and taken is None):
-                continue  # (rows followed through a reshape that regroups them: let go)
-            here, there = layer, rows
-            if taken is not None:  # out[r] = in[f(r)], read from the layer back
-                if there is None:
-                    here = there = torch.arange(out[dim])
-                keep, there = taken(there)
-                here = here if keep is None else here[keep]  # type: ignore[index]
-                if not len(there):
-                    continue
+            if at is None:
+                continue
+            if (carried := _carried(layer, rows, counted, taken, out[dim], inp[at])) is None:
+                continue
+            here, there, of = carried
             if parent in stops:
-                if at == 0 and there is not None and not torch.equal(here, there):  # type: ignore[arg-type]
+                if at == 0 and there is not None and _moved(here, of, there, inp[0], batch):  # type: ignore[arg-type]
                     return "rows moved by indexing, slicing or concatenating"
                 continue  # (another dimension: a size that happened to match, let go)
             key = (
@@ -361,5 +394,5 @@ def moved_rows(inputs: Tensor, stops: Collection[Node], batch: int) -> str | Non
             )
             if key not in seen:
                 seen.add(key)
-                stack.append((parent, parent_nr, at, here, there))
+                stack.append((parent, parent_nr, at, here, there, of))
     return None
