@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 import twolevel_kfac as tk
 
@@ -264,3 +265,96 @@ def test_a_layer_unfrozen_outside_the_default_params_is_warned_of_once() -> None
         _step(model, opt, 1)
     assert not [w for w in caught if "were frozen" in str(w.message)]
     assert not torch.equal(model[0].weight, weight)
+
+
+def scheduled_run(steps: int, on_fallback: bool = False) -> tuple[nn.Module, list[float]]:
+    """:func:`scheduled` run for ``steps``: the fallback group's ``lr`` at each step."""
+    model, opt, schedulers = scheduled(on_fallback)
+    assert opt.fallback is not None and opt.fallback.optimizer is not None
+    rates = []
+    for step in range(steps):
+        run(model, opt, [], range(step, step + 1))
+        rates.append(opt.fallback.optimizer.param_groups[0]["lr"])
+        for scheduler in schedulers:
+            scheduler.step()
+    return model, rates
+
+
+def test_an_lr_scheduler_on_the_optimizer_reaches_the_adamw_fallback() -> None:
+    """The fallback's rate follows its group's: a scheduler on the KFAC optimizer (Hugging
+    Face's Trainer builds its schedule on it) halves AdamW's too; the steps are torch's
+    AdamW's under the same schedule, bit for bit (AdamW stayed at its first rate before
+    2026-12-06 (evening))."""
+    _, rates = scheduled_run(5)
+    assert rates == [3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4]
+    model, opt, schedulers = scheduled(on_fallback=False)
+    norm = list(model[1].parameters())
+    twins = [p.detach().clone().requires_grad_(True) for p in norm]
+    reference = torch.optim.AdamW(twins, **ADAMW)  # type: ignore[arg-type]
+    schedulers.append(torch.optim.lr_scheduler.StepLR(reference, 2, gamma=0.5))
+    for step in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
+        for twin, p in zip(twins, norm, strict=True):
+            twin.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        for twin, p in zip(twins, norm, strict=True):
+            assert torch.equal(p, twin)
+
+
+def test_a_scheduler_on_the_fallback_itself_keeps_it_with_a_warning() -> None:
+    """A scheduler on ``opt.fallback.optimizer`` takes the group over: from its first change
+    (0.1× the rate followed until then, at step 3) AdamW's rate is the one it sets, no
+    longer halved with the KFAC group's, and a warning says so once."""
+    with pytest.warns(RuntimeWarning, match="changed outside the KFAC optimizer") as caught:
+        _, rates = scheduled_run(7, on_fallback=True)
+    assert sum("changed outside" in str(w.message) for w in caught) == 1
+    assert rates == pytest.approx([3e-3, 3e-3, 1.5e-3, 1.5e-4, 1.5e-4, 1.5e-4, 1.5e-5])
+
+
+def scheduled(on_fallback: bool) -> tuple[nn.Module, tk.KFAC, list[LRScheduler]]:
+    """The model, optimizer and schedulers of :func:`scheduled_run`."""
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, fallback="adamw", fallback_options=ADAMW)
+    assert opt.fallback is not None and opt.fallback.optimizer is not None
+    schedulers: list[LRScheduler] = [torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)]
+    if on_fallback:
+        schedulers.append(torch.optim.lr_scheduler.StepLR(opt.fallback.optimizer, 3, gamma=0.1))
+    return model, opt, schedulers
+
+
+def run(model: nn.Module, opt: tk.KFAC, schedulers: list[LRScheduler], steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
+        opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+
+
+@pytest.mark.parametrize(("on_fallback", "old"), [(False, False), (True, False), (False, True)])
+def test_a_followed_or_left_fallback_resumes_bit_for_bit(on_fallback: bool, old: bool) -> None:
+    """A checkpoint mid-schedule resumes with the same rates and steps, whether the group
+    followed the KFAC group's rate or was left to its own scheduler; one saved before the
+    groups followed (``old``: no ``source``) follows from the load."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model, opt, schedulers = scheduled(on_fallback)
+        run(model, opt, schedulers, range(7))
+        first, opt, schedulers = scheduled(on_fallback)
+        run(first, opt, schedulers, range(3))
+        state = copy.deepcopy(opt.state_dict())
+        if old:
+            for group in state["fallback"]["param_groups"]:
+                del group["source"], group["lr_set"]
+        resumed, again, later = scheduled(on_fallback)
+        resumed.load_state_dict(first.state_dict())
+        again.load_state_dict(state)
+        for scheduler, saved in zip(later, schedulers, strict=True):
+            scheduler.load_state_dict(saved.state_dict())
+        run(resumed, again, later, range(3, 7))
+    for mine, theirs in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(mine, theirs)

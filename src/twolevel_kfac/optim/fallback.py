@@ -11,8 +11,11 @@ the table of which parameter got which block.
   the group's ``lr`` over the optimizer's (layer-wise rates), and a group that names
   ``weight_decay=0`` (a no-decay group of norms and biases) has no decay. Its step is exactly
   torch's (it *is* torch's), on the same ``.grad`` the model left (or the ``GradScaler``
-  unscaled), and its state goes into the KFAC ``state_dict`` under ``"fallback"``. An LR
-  scheduler attached to the KFAC optimizer does not change it.
+  unscaled), and its state goes into the KFAC ``state_dict`` under ``"fallback"``. Its
+  ``lr`` follows the group's at every step (an LR scheduler on the KFAC optimizer, Hugging
+  Face's ``Trainer``'s, reaches it) until something else changes it (a scheduler on
+  ``opt.fallback.optimizer``, as the README advised before 2026-12-06 (evening)): that
+  group then keeps what it is given, with a warning.
 
 Which layers get a block: :mod:`twolevel_kfac.curvature.discovery`; everything else with
 ``requires_grad`` falls back (biases of preconditioned layers are part of their block).
@@ -59,19 +62,44 @@ class AdamWFallback:
 
     def __init__(self, groups: list[dict[str, Any]], options: Mapping[str, Any]) -> None:
         self.ids = {id(p) for group in groups for p in group["params"]}
-        lr = options.get("lr", 1e-3)
+        self.lr = lr = options.get("lr", 1e-3)
         scaled = [
             {**{k: v for k, v in group.items() if k != "lr_factor"}, "lr": lr * group["lr_factor"]}
             for group in groups
         ]
+        for group in scaled:
+            group["lr_set"] = group["lr"]  # what this class set last (``follow``)
         self.optimizer = torch.optim.AdamW(scaled, **{"lr": lr, **options}) if groups else None
 
-    def step(self) -> None:
-        """AdamW's step on the current ``.grad`` of its parameters that train: a frozen one's
+    def follow(self, groups: Sequence[dict[str, Any]], lr: float) -> None:
+        """Each AdamW group's ``lr``: AdamW's times its KFAC group's current ``lr`` over the
+        optimizer's ``lr`` (1 where that is 0 and the group's is not), so that an LR
+        scheduler on the KFAC optimizer reaches the fallback. A group whose ``lr`` something
+        else changed since (its own scheduler) keeps it from then on, with a warning."""
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            if "source" not in group or group.get("lr_set") is None:
+                continue  # (left to its own scheduler; or saved before groups followed)
+            if group["lr"] != group["lr_set"]:
+                group["lr_set"] = None
+                warnings.warn(
+                    f"the fallback AdamW group {group['source']}'s lr was changed outside the "
+                    "KFAC optimizer (a scheduler on opt.fallback.optimizer): it keeps what it "
+                    "is given from now on, and no longer follows the KFAC group's lr",
+                    RuntimeWarning,
+                    stacklevel=caller_level(),
+                )
+                continue
+            now = groups[group["source"]]["lr"]
+            group["lr"] = group["lr_set"] = self.lr * (now / lr if lr > 0 else float(now > 0))
+
+    def step(self, groups: Sequence[dict[str, Any]], lr: float) -> None:
+        """AdamW's step on the current ``.grad`` of its parameters that train, at the rates
+        :meth:`follow` sets from the KFAC optimizer's ``groups`` and ``lr``: a frozen one's
         ``.grad`` kept by ``zero_grad(set_to_none=False)`` is hidden from it for the step
         (torch's AdamW would move the parameter by its moments and weight decay)."""
         if self.optimizer is None:
             return
+        self.follow(groups, lr)
         params = (p for group in self.optimizer.param_groups for p in group["params"])
         hidden = [(p, p.grad) for p in params if p.grad is not None and not p.requires_grad]
         for p, _ in hidden:
@@ -100,6 +128,9 @@ class AdamWFallback:
             regrouped = [{**g, "params": [next(flat) for _ in g["params"]]} for g in ours]
             state = {**state, "param_groups": regrouped}
         self.optimizer.load_state_dict(state)
+        for group, built in zip(self.optimizer.param_groups, ours, strict=True):
+            if "source" not in group:  # saved before the groups followed the KFAC lr
+                group.update(source=built["source"], lr_set=group["lr"])
 
 
 def fallback_groups(
@@ -118,7 +149,7 @@ def fallback_groups(
         factor = group["lr"] / lr if lr > 0 else float(group["lr"] > 0)
         named = i < len(given) and isinstance(given[i], dict) and "weight_decay" in given[i]
         decay = {"weight_decay": 0.0} if named and group["weight_decay"] == 0 else {}
-        out.append({"params": params, "lr_factor": factor, **decay})
+        out.append({"params": params, "lr_factor": factor, "source": i, **decay})
     return out
 
 

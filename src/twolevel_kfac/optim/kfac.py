@@ -238,7 +238,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
             for group in self.param_groups:
                 self._momentum_step(group)
         if self.fallback is not None:
-            self.fallback.step()
+            self.fallback.step(self.param_groups, self.defaults["lr"])
         if adapt and model is not None and closure is not None and loss is not None:
             self._adapt_damping(model, float(loss.detach()), closure)
         return loss
