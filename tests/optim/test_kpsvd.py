@@ -356,3 +356,34 @@ def test_the_floored_count_is_said_at_every_step_that_uses_the_pencil(float64: N
         counts.append(opt.preconditioner.last_stats.get("corrected_floored"))
     assert counts[0] is not None and counts[0] > 0
     assert counts == [counts[0]] * 4
+
+
+def test_a_layer_whose_first_g_is_zero_recovers(float64: None) -> None:
+    """A layer behind a zero-initialised one (LoRA's ``lora_A`` behind ``lora_B = 0``) has
+    ``G = 0`` at its first capture; its power iteration was warm-started from that running
+    ``G_k = 0`` and stayed at 0 for good (a step of ``g/λ²``: 8.0 where 1.06 was due, the KL
+    clip shrinking every other layer's step), before 2026-12-06 (evening). With
+    ``ema_decay=0`` its factors at the next steps are those of a fresh KPSVD on the same
+    model and batch."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    options = {"lr": 0.1, "momentum": 0.0, "fisher": "empirical", "cov_interval": 1}
+    opt = tk.KPSVD(model, inv_interval=1, ema_decay=0.0, **options)
+    for step in range(3):
+        before = copy.deepcopy(model)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        fresh = tk.KPSVD(before, inv_interval=1, ema_decay=0.0, **options)
+        F.cross_entropy(before(x), y).backward()
+        fresh.step()
+        mine, theirs = opt.preconditioner.factors["0"], fresh.preconditioner.factors["0"]
+        assert (float(mine.G.norm()) == 0.0) == (step == 0)
+        torch.testing.assert_close(mine.G, theirs.G, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(mine.A, theirs.A, rtol=1e-6, atol=1e-12)

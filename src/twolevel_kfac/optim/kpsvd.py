@@ -108,7 +108,9 @@ class KPSVDFine(PowerIterationFine):
             return FineLevel.store(self, name, new_a, new_g, locations, stats)
         count = self.host.sample_count(name, stats)
         running = self.host.factors[name].G  # warm start (KFAC's G on the first update)
-        start = new_g if running is None else running
+        # (and where the running G_k is 0, whose power iteration would stay at 0: a layer
+        # behind a zero-initialised one, LoRA's lora_A behind lora_B = 0, at its first batch)
+        start = new_g if running is None or not bool(running.any()) else running
         a_k, g_k, term = nearest_kronecker(
             self._cast(name, stats),
             (new_a, new_g),
