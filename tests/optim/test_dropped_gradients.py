@@ -309,3 +309,48 @@ def test_a_clipped_discriminator_zeroed_in_place_is_still_its_own(clip: str) -> 
     frozen = gan_run(freeze_d=True, fisher="empirical", set_to_none=False, clip=clip)[0]
     for p, q in zip(plain.parameters(), frozen.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def one_forward_run(how: str, fisher: str = "empirical") -> nn.Module:
+    """One step of an MLP after one forward and the backwards ``how`` says: ``sum`` one
+    backward of ``l1 + l2``; ``two`` ``l1.backward(retain_graph=True)`` then ``l2``'s; ``last``
+    ``l2``'s alone; ``dropped`` ``l1``'s, ``zero_grad()``, then ``l2``'s; ``attack`` an
+    ``autograd.grad`` of ``l1`` with respect to the input, then ``l2``'s."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    opt = tk.KFAC(model, fisher=fisher, **OPTIONS)
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=how == "attack")
+    y = torch.randint(0, 4, (8,))
+    opt.zero_grad()
+    out = model(x)
+    l1, l2 = F.cross_entropy(out, y), 0.3 * F.cross_entropy(out, (y + 1) % 4)
+    if how == "sum":
+        (l1 + l2).backward()
+    elif how == "last":
+        l2.backward()
+    elif how == "attack":
+        torch.autograd.grad(l1, x, retain_graph=True)
+        l2.backward()
+    else:
+        l1.backward(retain_graph=True)
+        if how == "dropped":
+            opt.zero_grad()
+        l2.backward()
+    opt.step()
+    return model
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_two_backwards_through_one_forward_take_the_step_of_their_sum(fisher: str) -> None:
+    """``l1.backward(retain_graph=True); l2.backward()`` leaves the gradient of ``l1 + l2``
+    in ``.grad``: its ``δ`` are the sums of both backwards' (the last backward's alone were
+    kept before 2026-12-06 (evening): steps 0.9–2.0 off in a trial). A first backward whose
+    gradient was dropped, or that computed none (an attack's of the input), adds nothing."""
+    pairs = [("two", "sum"), ("dropped", "last"), ("attack", "last")]
+    for how, same in pairs:
+        for a, b in zip(
+            one_forward_run(how, fisher).parameters(),
+            one_forward_run(same, fisher).parameters(),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -29,7 +29,9 @@ backward wrote, they count again (and so does a GAN discriminator's
 gradient written into the backward's tensor (``p.grad.copy_(acc)`` after
 ``zero_grad(set_to_none=False)``, ``p.grad.data = g``): it cannot be told from the
 backward's gradient clipped (``clip_grad_value_``), or averaged by DDP, in place; the
-forwards whose gradients were zeroed stay out (assign ``p.grad = acc`` instead).
+forwards whose gradients were zeroed stay out (assign ``p.grad = acc`` instead). A second
+backward through the same forward adds its ``δ`` to the first's where that one's
+gradient is still held (:func:`still_held`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .blocks import block_parameters
 if TYPE_CHECKING:
     from .forward_pass import ForwardPass
 
-__all__ = ["Marks", "backward_started", "settle", "writes"]
+__all__ = ["Marks", "backward_started", "layer_writes", "settle", "still_held", "writes"]
 
 _WRITTEN = "_tlkfac_written_by_backward"  # on a .grad autograd accumulated into: its version
 
@@ -64,10 +66,7 @@ _WRITES = "_tlkfac_gradient_writes"  # on a parameter: the gradients backwards c
 def writes(layers: dict[str, nn.Module]) -> tuple[int, ...]:
     """How many gradients backwards computed for each layer (:class:`Marks`): a count
     that clipping, a ``GradScaler`` or a ``.grad`` the user assigns leave alone."""
-    return tuple(
-        sum(getattr(p, _WRITES, 0) for p in module.parameters(recurse=False))
-        for module in layers.values()
-    )
+    return tuple(layer_writes(module) for module in layers.values())
 
 
 def _counting(param: Tensor) -> Callable[[Tensor], None]:
@@ -151,6 +150,20 @@ def backward_started(
             f.backward_done, f.reset = False, True
         f.writes_seen = None  # (judged: later backwards write the gradients, not theirs)
     return [*done, forward]
+
+
+def layer_writes(module: nn.Module) -> int:
+    """How many gradients backwards computed for ``module``'s parameters (:class:`Marks`)."""
+    return sum(getattr(p, _WRITES, 0) for p in module.parameters(recurse=False))
+
+
+def still_held(module: nn.Module, seen: int) -> bool:
+    """Whether the gradient of a backward through a layer call, ``seen`` its
+    :func:`layer_writes` when that backward reached the call, is still in ``.grad``: the
+    backward computed the layer's gradient (not an attack's of the input alone) and it
+    was not dropped since (:func:`_dropped`). A second backward through the same forward
+    (``l1.backward(retain_graph=True); l2.backward()``) adds to it."""
+    return layer_writes(module) > seen and not _dropped(block_parameters(module)[0].grad)
 
 
 def settle(done: list[ForwardPass], layers: dict[str, nn.Module]) -> None:

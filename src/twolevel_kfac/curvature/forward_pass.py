@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
 from .captured_batch import scaled_gradient
+from .dropped_gradients import layer_writes, still_held
 
 __all__ = [
     "ForwardPass",
@@ -31,6 +32,7 @@ class Record:
     owner: ForwardPass  # the forward pass it belongs to
     grad: Tensor | None = None
     reshaped: bool = False  # its rows in the batch's order (calls.sample_major)
+    writes: int = 0  # the layer's gradient writes when a backward last reached it
 
 
 @dataclass
@@ -130,12 +132,19 @@ def empirical_hook(
     name: str, record: Record, forward: ForwardPass, scale: float, output: Tensor
 ) -> Callable[[Tensor], None]:
     """The tensor hook on layer ``name``'s ``output`` that keeps the user's backward's
-    ``δ = scale · ∂loss/∂s`` (``scale = B·k``) of the Fisher mini-batch rows."""
+    ``δ = scale · ∂loss/∂s`` (``scale = B·k``) of the Fisher mini-batch rows; a second
+    backward through the same forward whose first's gradient is still in ``.grad``
+    (``l1.backward(retain_graph=True); l2.backward()``) adds its ``δ``: the per-sample
+    gradients of ``l1 + l2`` (the last alone was kept before 2026-12-06 (evening): steps
+    0.9–2.0 off in a trial)."""
     nodes = inputs_of(output)
 
     def grad_hook(grad: Tensor) -> None:
         check_first_order(f"layer {name!r}", nodes)
         forward.mark_backward()
-        record.grad = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
+        delta = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
+        if record.grad is not None and still_held(record.module, record.writes):
+            delta = record.grad + delta
+        record.grad, record.writes = delta, layer_writes(record.module)
 
     return grad_hook
