@@ -181,6 +181,50 @@ def test_a_structural_zero_of_one_layer_is_not_a_dead_position(
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-12, atol=1e-13)
 
 
+class LoraQuery(CausalSelfAttention):
+    """A low-rank adapter on the query alone: two layers behind the same softmax."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__(fused)
+        self.qa, self.qb = nn.Linear(V, 2, bias=False), nn.Linear(2, E, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, _ = x.shape
+        q, k, v = (z.view(n, t, 2, E // 2).transpose(1, 2)  # two heads
+                   for z in (self.q(x) + self.qb(self.qa(x)), self.k(x), self.v(x)))  # fmt: skip
+        if self.fused:
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = q @ k.transpose(-1, -2) / (E // 2) ** 0.5
+            causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+            h = scores.masked_fill(causal, float("-inf")).softmax(-1) @ v
+        return self.head(torch.tanh(h.transpose(1, 2).reshape(n, t, E)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_structural_zero_seen_by_two_layers_is_dead_to_rounding(dtype: torch.dtype) -> None:
+    """LoRA on the query alone: both adapter layers see position 0's structural zero, exact
+    in the written-out attention and a residue of a few eps in torch's fused kernel. It is
+    dead in both (below 128 eps of the largest ``|δ|``), for every sample: the steps agree
+    (whether each sample's position 0 counted followed the kernel's rounding before
+    2026-12-06 (evening): ``T`` 5.75 or 6 against 5, a step 0.26 off)."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 6, V, dtype=dtype)
+    y = torch.randint(0, C, (8, 6))
+    steps = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = LoraQuery(fused).to(dtype)
+        params = [*model.qa.parameters(), *model.qb.parameters()]
+        opt = tk.KFAC(model, params=params, **SETTINGS)
+        token_loss(model(x), y).backward()
+        opt.step()
+        assert [opt.preconditioner.factors[n].num_locations for n in ("qa", "qb")] == [5, 5]
+        steps.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(steps[0], steps[1], rtol=tol, atol=tol)
+
+
 def test_dead_positions_and_the_rows_kept() -> None:
     """A position is dead where every position-wise layer of its forward and layout has
     ``δ = 0`` there; the factors then average over the other rows, ``T = M/N``, as the

@@ -11,14 +11,15 @@ positions are left out: ``A`` and ``G`` average over the ``M`` positions that re
 ``T = M/N`` is their mean count per sample (not an integer): the factors of the same
 samples without the padding.
 
-A position is left out only where it is *dead*: ``δ = 0`` exactly at it in every
-position-wise layer of the forward with the same ``[N, T]`` layout, at least two layers
-seeing it (:func:`dead_positions`). A single layer's zero is not enough: a causal query at
-position 0 has a structural zero gradient (its softmax is over one key) that one attention
-implementation computes as 0 and another as 1e-18, while the keys, values and the layers
-after it do reach the loss there. Only a forward whose output has positions (a sequence
-model's logits: :func:`output_positions`) has dead positions: a classifier's pooled or
-max-over-points zeros are not padding. A capture where every position is dead folds nothing.
+A position is left out only where it is *dead*: ``δ = 0`` at it (to rounding: below 128
+eps of the call's largest ``|δ|``) in every position-wise layer of the forward with the
+same ``[N, T]`` layout, at least two layers seeing it (:func:`dead_positions`). A single
+layer's zero is not enough: a causal query at position 0 has a structural zero gradient
+(its softmax is over one key) that one attention implementation computes as 0 and another
+as 1e-18, while the keys, values and the layers after it do reach the loss there. Only a
+forward whose output has positions (a sequence model's logits: :func:`output_positions`)
+has dead positions: a classifier's pooled or max-over-points zeros are not padding. A
+capture where every position is dead folds nothing.
 
 Only for layers whose locations are positions (``Linear``-type features and embedding
 tables, a large table's diagonal block too; ``T > 1``): a convolution's location whose
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .layer_types import layer_type, linear_features
@@ -112,7 +114,7 @@ def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, in
         if item.grad.shape[1] < 2:
             continue
         layout = (item.forward, int(item.grad.shape[0]), int(item.grad.shape[1]))
-        reached = item.grad.ne(0).flatten(2).any(dim=-1)
+        reached = _reached(item.grad)
         if item.padding is not None and item.padding.shape == reached.shape:
             declared[layout] = ~check_padding_unreached(item.layer, reached, item.padding)
         if item.automatic:
@@ -122,6 +124,21 @@ def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, in
     for layout, padding in declared.items():
         dead[layout] = padding | dead[layout] if layout in dead else padding
     return dead
+
+
+_ROUNDING = 128  # (times the dtype's eps: SDPA's structural zeros were 3 eps of the largest)
+
+
+def _reached(grad: Tensor) -> Tensor:
+    """The positions ``[N, T]`` whose ``δ`` is not zero: above ``_ROUNDING`` units of
+    rounding of the call's largest ``|δ|`` (a causal query's gradient at position 0 is 0
+    in torch's math attention and up to 3 eps of the largest in its default CPU kernel:
+    LoRA's two query layers behind one softmax dropped position 0 for some samples and
+    not others, a step 0.26 off, before 2026-12-06 (evening)). In 16-bit dtypes, whose
+    rounding is as large as real gradients' spread, exactly 0."""
+    size = grad.abs().flatten(2).amax(dim=-1)
+    wide = grad.dtype in (torch.float32, torch.float64)
+    return size > _ROUNDING * torch.finfo(grad.dtype).eps * size.max() if wide else size > 0
 
 
 def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:
