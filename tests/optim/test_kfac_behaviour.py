@@ -462,6 +462,33 @@ def test_an_empty_batch_reaches_no_hook(model: Any, shape: tuple[int, ...], loss
     assert all(torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
 
 
+def test_an_empty_batch_with_a_noise_gradient_is_preconditioned(float64: None) -> None:
+    """DP-SGD's empty Poisson batch: its gradient is the privacy noise alone, not 0. At a
+    capturing step it folds nothing and takes the step of the factors there are, as a step
+    without a forward does (it was stepped raw before 2026-12-06 (evening): 0.98 off)."""
+    settings = {**CONTRACT, "lr": 0.1, "momentum": 0.0, "ema_decay": 0.9}
+    noise = torch.Generator().manual_seed(5)
+    runs = []
+    for with_forward in (True, False):
+        model = mlp()
+        opt = tk.KFAC(model, **settings)
+        for seed in range(2):
+            train_step(model, opt, *batch(seed=seed))
+        opt.zero_grad()
+        if with_forward:
+            F.cross_entropy(model(torch.zeros(0, 5)), torch.zeros(0, dtype=torch.long)).backward()
+        noise.manual_seed(5)
+        for p in model.parameters():
+            p.grad = 0.3 * torch.randn(p.shape, generator=noise, dtype=p.dtype)
+        raw = [p.detach() - 0.1 * p.grad for p in model.parameters()]
+        opt.step()
+        assert "empty_batch" not in opt.last_stats
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert not all(torch.allclose(p, q) for p, q in zip(runs[-1], raw, strict=True))
+    for p, q in zip(*runs, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_preconditioner_drives_any_torch_optimizer(float64: None) -> None:
     model = mlp()
     reference = copy.deepcopy(model)

@@ -1255,6 +1255,38 @@ def test_functional_calls_beside_the_optimizer_feed_it_nothing() -> None:
     assert torch.equal(results[0], results[1])
 
 
+def test_a_swapped_forward_whose_gradient_is_stepped_is_warned_of() -> None:
+    """First-order MAML: the query loss runs under ``functional_call`` at the fast weights
+    (not captured) and its gradient reaches ``.grad``, while the support forward was
+    captured: the step preconditions the query gradient with the support set's curvature
+    (1.4 off in a trial), now said once. The model's own parameters passed to
+    ``functional_call`` are captured as a plain forward, without a warning."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = tk.KFAC(model, cov_interval=1)
+    (xs, ys), (xq, yq) = batch(6), batch(6)
+    with pytest.warns(RuntimeWarning, match="functional_call with other tensors") as caught:
+        for _ in range(2):
+            opt.zero_grad()
+            params = dict(model.named_parameters())
+            inner = torch.autograd.grad(F.cross_entropy(model(xs), ys), list(params.values()))
+            fast = {k: v - 0.1 * g for (k, v), g in zip(params.items(), inner, strict=True)}
+            F.cross_entropy(functional_call(model, fast, (xq,)), yq).backward()
+            opt.step()
+    assert sum("functional_call" in str(w.message) for w in caught) == 1
+    other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    plain = tk.KFAC(other, cov_interval=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(
+            functional_call(other, dict(other.named_parameters()), (xq,)), yq
+        ).backward()
+        plain.step()
+    assert plain.preconditioner.factors["0"].A is not None
+
+
 def test_half_precision_parameters_keep_float32_curvature() -> None:
     """A model in bfloat16 (no autocast): its factors and decompositions are float32 by
     default (CPU has no bf16 Cholesky), for Kronecker and norm blocks; the parameters

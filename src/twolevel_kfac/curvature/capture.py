@@ -143,8 +143,9 @@ class CurvatureCapture:
         """Whether the forward that starts now is captured: armed, in train mode with
         gradients, not recomputed inside a backward (activation checkpointing), and with the
         layers' own weights and biases (``torch.func.functional_call`` swaps in others)."""
-        armed = self.active and module.training and torch.is_grad_enabled()
-        return armed and not in_backward() and not parameters_swapped(self._weights)
+        armed = self.active and module.training and torch.is_grad_enabled() and not in_backward()
+        self.alone.swapped = armed and parameters_swapped(self._weights)
+        return armed and not self.alone.swapped
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
         """The positions of the next forward's logits that its loss counts (``[N, T]`` for
@@ -248,7 +249,8 @@ class CurvatureCapture:
         """The model's forward returned: close it (later layer calls are not its samples)
         and, for ``fisher="mc"``, sample its targets' gradients; then let go of its records
         (a reference cycle kept them until Python's collector ran: 12 MiB at a refresh)."""
-        forward, self._forward, self.alone.inside = self._forward, None, False
+        forward, self._forward = self._forward, None
+        self.alone.close(output)
         if forward is None:
             return
         try:
@@ -352,7 +354,7 @@ class CurvatureCapture:
         if self._eval_forward and not taken and not self._empty_forward:
             misuse.warn_eval_forwards()
         self._empty_forward = self._eval_forward = False
-        self.alone.judge()
+        self.alone.judge(bool(taken))
         self._forward, self._drawn_from, self._done = None, None, []
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0

@@ -152,6 +152,8 @@ class OutsideCalls:
         self.before_root, self.root_called, self.warned = False, False, False
         self.inside = False  # a forward of the module in flight (functional_call's too)
         self.names: set[str] = set()
+        self.swapped = False  # the forward in flight runs on other tensors than its weights
+        self.swapped_reached = self.swapped_warned = False
 
     def note(self, name: str, output: Tensor, backward: bool) -> None:
         """Layer ``name`` ran outside the module (``backward``: inside a backward)."""
@@ -163,8 +165,31 @@ class OutsideCalls:
         """The optimizer's module was called (its forward runs until its root hook)."""
         self.before_root, self.root_called, self.inside = False, True, True
 
-    def judge(self) -> None:
-        """At the step: warn of the layers whose outside calls reached a backward."""
+    def close(self, output: Any) -> None:
+        """The module's forward returned; one that ran on other tensors than the layers'
+        weights (``torch.func.functional_call``: not captured) is watched for a backward."""
+        self.inside, main = False, main_output(output)
+        if self.swapped and main is not None and main.requires_grad:
+            on_gradient(main, lambda _: setattr(self, "swapped_reached", True))
+        self.swapped = False
+
+    def judge(self, captured: bool) -> None:
+        """At the step: warn of the layers whose outside calls reached a backward, and of a
+        forward on swapped parameters that did where others were ``captured``."""
+        if self.swapped_reached and captured and not self.swapped_warned:
+            self.swapped_warned = True
+            warnings.warn(
+                "a forward of the model under torch.func.functional_call with other tensors "
+                "swapped in for its layers' parameters (fast weights, perturbed weights) "
+                "reached a backward at a step that captures curvature: such forwards are not "
+                "captured, so the step preconditions their gradient with the curvature of "
+                "the model's other forwards (first-order MAML's query loss at the fast "
+                "weights took the support set's: a step 1.4 off in a trial). Run the "
+                "forward whose gradient is stepped on the model's own parameters",
+                RuntimeWarning,
+                stacklevel=caller_level(),
+            )
+        self.swapped_reached = False
         names, self.names, self.root_called = sorted(self.names), set(), False
         if not names or self.warned:
             return

@@ -30,6 +30,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..curvature.block_checks import used_layers
+from ..curvature.blocks import zero_gradient
 from ..curvature.kronecker import KroneckerFactors
 from ..warning_level import caller_level
 
@@ -159,8 +160,10 @@ class CaptureSchedule:
           curvature.capture.CurvatureCapture.empty_batch`) once every layer with a gradient
           (``active``) has its factors. Its gradient, a sum over no rows, is 0, and so is its
           direction: the step folds, refreshes, counts and writes nothing, and the next
-          forward captures. The first step has nothing to precondition with:
-          ``check_statistics`` refuses it.
+          forward captures. A gradient that is not 0 (DP-SGD's noise on an empty Poisson
+          batch) is preconditioned with the factors there are, folding nothing: it was
+          stepped raw before 2026-12-06 (evening). The first step has nothing to
+          precondition with: ``check_statistics`` refuses it.
         * ``"no_gradient"``: no layer has a gradient and ``batch`` holds no statistics (a
           ``step()`` before any backward): as a torch optimizer, nothing changes, and the
           capture stays armed for the coming forward. A zeroed ``.grad`` of a layer without
@@ -174,4 +177,5 @@ class CaptureSchedule:
             if not used_layers(pre.layers, pre.factors, pre.active, (), capturing=False):
                 return "no_gradient"
         ready = all(pre.factors[name].ready for name in pre.active)
-        return "empty_batch" if empty and ready else None
+        zero = empty and all(zero_gradient(pre.layers[name]) for name in pre.active)
+        return "empty_batch" if empty and ready and zero else None
