@@ -1287,6 +1287,31 @@ def test_a_swapped_forward_whose_gradient_is_stepped_is_warned_of() -> None:
     assert plain.preconditioner.factors["0"].A is not None
 
 
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_module_backward_hooks_under_mc_are_warned_of(fisher: str) -> None:
+    """Under ``mc`` the sampled targets' gradients are taken inside ``model(x)``, and torch
+    runs a layer's module backward hooks there (Opacus's per-sample hooks then fail with a
+    bare ``IndexError`` in ``loss.backward()``): said once, naming the layer and
+    ``fisher='empirical'``. The empirical Fisher runs them once, in the user's backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = tk.KFAC(model, fisher=fisher, cov_interval=1)
+    seen: list[float] = []
+    model[2].register_full_backward_hook(lambda m, gi, go: seen.append(float(go[0].norm())))
+    x, y = batch(6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    said = [w for w in caught if "module backward hooks" in str(w.message)]
+    assert len(said) == (1 if fisher == "mc" else 0)
+    assert len(seen) == (4 if fisher == "mc" else 2)  # (the sampled gradient's calls too)
+    if said:
+        assert "['2']" in str(said[0].message) and "fisher='empirical'" in str(said[0].message)
+
+
 def test_half_precision_parameters_keep_float32_curvature() -> None:
     """A model in bfloat16 (no autocast): its factors and decompositions are float32 by
     default (CPU has no bf16 Cholesky), for Kronecker and norm blocks; the parameters

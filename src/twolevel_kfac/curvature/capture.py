@@ -283,9 +283,9 @@ class CurvatureCapture:
         loss = self._sampled_loss(samples, forward, class_dim)
         keys = [(name, i) for name, outs in forward.outputs.items() for i in range(len(outs))]
         edges = [forward.outputs[n][i] for n, i in keys]
+        misuse.warn_backward_hooks(self.layers, self._warned)  # (Opacus: run by the MC pass)
         grads = sampled_gradients(loss, edges)
-        pairs = zip(keys, grads, strict=True)
-        reached = {name for (name, _), grad in pairs if grad is not None}
+        reached = {n for (n, _), grad in zip(keys, grads, strict=True) if grad is not None}
         self._unreached |= set(forward.outputs) - reached  # judged at take()
         for (name, i), grad in zip(keys, grads, strict=True):
             if grad is not None:  # a call whose output does not reach the output: δ = 0

@@ -8,6 +8,7 @@ hooks copied onto the new one), and a batch that is not the first tensor argumen
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ __all__ = [
     "OutsideCalls",
     "batch_not_first",
     "replaced_layer",
+    "warn_backward_hooks",
     "warn_eval_forwards",
     "warn_forwards",
     "warn_held",
@@ -137,6 +139,27 @@ def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
         "batch (code.expand(len(x), -1)) before its layer; if that argument's rows are the "
         "one sample's (a query scored against its documents), give it a batch dimension of "
         "one (docs[None])"
+    )
+
+
+def warn_backward_hooks(layers: Mapping[str, nn.Module], warned: set[str]) -> None:
+    """Warn, once, of layers with module backward hooks at a forward whose Monte-Carlo
+    targets are drawn (``fisher="mc"``): their gradients are taken inside ``model(x)``, and
+    torch runs the hooks there with the sampled gradient. Opacus's per-sample hooks then
+    fail in the user's backward (``IndexError: pop from empty list``)."""
+    hooked = [name for name, m in layers.items() if m._backward_hooks or m._backward_pre_hooks]
+    if not hooked or "backward_hooks" in warned:
+        return
+    warned.add("backward_hooks")
+    warnings.warn(
+        f"layer(s) {hooked[:5]}{' …' if len(hooked) > 5 else ''} have module backward hooks "
+        "(register_full_backward_hook; Opacus's per-sample gradients): under fisher='mc' the "
+        "sampled targets' gradients are taken inside model(x), and torch runs these hooks "
+        "there with them, before the loss's backward. Opacus then fails in loss.backward() "
+        "(IndexError: pop from empty list): use fisher='empirical' with Opacus, and expect "
+        "your own hooks to see the sampled gradient first",
+        RuntimeWarning,
+        stacklevel=caller_level(),
     )
 
 
