@@ -346,6 +346,54 @@ def test_lr_squared_kl_clip_reads_each_layers_own_group_lr(float64: None, swap: 
         torch.testing.assert_close(joined_params(model[i]), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_lr_squared_kl_clip_reads_a_bias_group_of_another_rate(float64: None) -> None:
+    """Biases in a group of their own rate (a no-decay group at 10× the rate): each part's
+    term is ``η_p² ⟨d_p, ∇_p⟩``, summed per layer (``ν`` 0.91 where 0.45 was due in a trial
+    before 2026-12-06 (evening), which read the weight's rate for the bias too); the ``W̄``
+    path (other fine levels) sums the same terms from the matrix's columns."""
+    from twolevel_kfac.optim.directions import clip_scale
+
+    model = body_and_head()
+    twin = copy.deepcopy(model)
+    layers = (0, 2, 4)
+    weights = [model[i].weight for i in layers]
+    biases = [model[i].bias for i in layers]
+    groups = [{"params": weights, "lr": 0.05}, {"params": biases, "lr": 0.5}]
+    clip = 1e-4
+    settings = {**EXACT, "kl_clip": clip, "kl_clip_form": "lr_squared"}
+    opt = tk.KFAC(model, params=groups, damping=DAMPING, **settings)
+    x, y = batch(8)
+
+    def loss_fn(out: Tensor) -> Tensor:
+        return F.cross_entropy(out, y)
+
+    twin.zero_grad()
+    loss_fn(twin(x)).backward()
+    stats = [use_statistics(twin, [twin[i]], loss_fn, x) for i in layers]
+    grads = [joined_grad(twin[i]) for i in layers]
+    directions = [kfac_direction(a, g, gr) for (a, g), gr in zip(stats, grads, strict=True)]
+    total = sum(
+        abs(0.05**2 * float((d[:, :-1] * gr[:, :-1]).sum()) + 0.5**2 * float(d[:, -1] @ gr[:, -1]))
+        for d, gr in zip(directions, grads, strict=True)
+    )
+    nu = min(1.0, math.sqrt(clip / total))
+    assert nu < 1.0
+    opt.zero_grad()
+    loss_fn(model(x)).backward()
+    opt.step()
+    for i, d in zip(layers, directions, strict=True):
+        rates = torch.full_like(d, 0.05)
+        rates[:, -1] = 0.5
+        expected = joined_params(twin[i]) - rates * nu * d
+        torch.testing.assert_close(joined_params(model[i]), expected, rtol=1e-10, atol=1e-12)
+    names, rated = [str(i) for i in layers], dict.fromkeys((str(i) for i in layers), (0.05, 0.5))
+    matrices = [[(d, gr)] for d, gr in zip(directions, grads, strict=True)]
+    parts = [[(d[:, :-1], gr[:, :-1]), (d[:, -1], gr[:, -1])] for ((d, gr),) in matrices]
+    on_matrices = clip_scale(clip, "lr_squared", matrices, names, rated)[0]
+    assert on_matrices == pytest.approx(clip_scale(clip, "lr_squared", parts, names, rated)[0])
+    assert on_matrices == pytest.approx(nu, rel=1e-12)
+
+
 # ------------------------------------------------------------------ likelihoods and rows
 @pytest.mark.parametrize("cls", [tk.KFAC, tk.TwoLevelKFAC])
 def test_one_output_with_the_categorical_likelihood_is_refused(cls: type) -> None:

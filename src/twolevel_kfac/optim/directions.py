@@ -15,11 +15,13 @@ rounds differently (``docs/benchmarks/implementation_choices.md``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..curvature.blocks import block_parameters
+from .options import Rate
 
 __all__ = [
     "assign_grad",
@@ -176,13 +178,41 @@ def clip_scale(
     form: str,
     layers: list[list[tuple[Tensor, Tensor]]],
     names: list[str],
-    lrs: dict[str, float],
+    lrs: Mapping[str, Rate],
 ) -> tuple[float, bool | None]:
     """:func:`kl_clip_scale` as configured: ``(1, None)`` without a clip (finiteness not
-    known); ``form="lr_squared"`` reads the learning rate of each layer of ``names``."""
+    known); ``form="lr_squared"`` reads the learning rate of each layer of ``names``, and
+    where a layer's weight and bias have rates of their own, its term is
+    ``η_W²⟨d_W, ∇_W⟩ + η_b²⟨d_b, ∇_b⟩`` (:func:`_rated`; the weight's rate for both before
+    2026-12-06 (evening): ``ν`` 0.91 where 0.45 was due in a trial)."""
     if clip is None:
         return 1.0, None
-    return kl_clip_scale(layers, clip, [lrs[n] for n in names] if form == "lr_squared" else None)
+    if form != "lr_squared":
+        return kl_clip_scale(layers, clip)
+    rates = [_rate(lrs[n]) for n in names]
+    rated = [
+        _rated(pairs, rate) if isinstance(rate, tuple) else pairs
+        for pairs, rate in zip(layers, rates, strict=True)
+    ]
+    return kl_clip_scale(rated, clip, [1.0 if isinstance(r, tuple) else r for r in rates])
+
+
+def _rate(value: Rate) -> Rate:
+    return value if isinstance(value, tuple) else float(value)
+
+
+def _rated(
+    pairs: list[tuple[Tensor, Tensor]], rates: tuple[float, float]
+) -> list[tuple[Tensor, Tensor]]:
+    """A layer's (direction, gradient) pairs with each part's gradient times its rate²
+    (``rates``: the weight's, the bias's): its weight and bias parts, or one ``W̄`` matrix
+    pair, whose last column is the bias (a layer whose parts have rates of their own has
+    both, and their gradients)."""
+    weight, bias = rates[0] ** 2, rates[1] ** 2
+    if len(pairs) == 1:
+        ((d, g),) = pairs
+        return [(d[:, :-1], g[:, :-1] * weight), (d[:, -1], g[:, -1] * bias)]
+    return [(d, g * r) for (d, g), r in zip(pairs, (weight, bias), strict=True)]
 
 
 def write_grad(param: Tensor | None, value: Tensor | None, scale: float, assign: bool) -> None:

@@ -38,7 +38,7 @@ from .damping import (
 )
 from .fallback import block_table, fallback_groups, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
-from .options import CurvatureOptions, check_choice, check_model, check_real
+from .options import CurvatureOptions, Rate, check_choice, check_model, check_real
 from .preconditioner import KFACPreconditioner
 from .state import all_or_nothing
 
@@ -252,11 +252,11 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
             done, norms = pre.preconditioned_parameters(), pre.options.norm_blocks
             warn_added(pre.model, param_group, done, self.fallback is not None, norms)
 
-    def _layer_lrs(self) -> dict[str, float]:
-        """Each preconditioned layer's learning rate: that of the group holding its weight
-        (its bias when only the bias trains: :func:`~..curvature.blocks.block_parameters`)."""
+    def _layer_lrs(self) -> dict[str, Rate]:
+        """Each preconditioned layer's learning rate (its weight's group's, or its bias's when
+        only the bias trains), or its weight's and its bias's where those groups differ."""
         group_lr = {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
-        lrs = {}
+        lrs: dict[str, Rate] = {}
         for name, module in self.preconditioner.layers.items():
             held = [id(p) for p in block_parameters(module) if p is not None and id(p) in group_lr]
             if not held:
@@ -265,7 +265,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
                     "(its weight or bias was frozen or unfrozen since the optimizer was "
                     "built): build a new optimizer after changing which parameters train"
                 )
-            lrs[name] = group_lr[held[0]]
+            rates = [group_lr[i] for i in held]
+            lrs[name] = (rates[0], rates[1]) if len(set(rates)) > 1 else rates[0]
         return lrs
 
     def _adapt_damping(

@@ -25,6 +25,9 @@ InversePlacement = Literal["split", "replicate"]
 InverseChoice = Literal["auto", "eigen", "cholesky"]
 WeightSharing = Literal["expand", "reduce"]
 KlClipForm = Literal["paper", "lr_squared"]
+Rate = float | tuple[float, float]
+"""A layer's learning rate, or its weight's and its bias's where their groups differ
+(read by ``kl_clip_form="lr_squared"``)."""
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
 CoarseRefresh = Literal["consistent", "faithful"]
 SpectralWhich = Literal["smallest", "largest"]

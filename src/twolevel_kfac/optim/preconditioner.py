@@ -49,7 +49,7 @@ from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term
 from .interrupted import partial_step, step_guard
 from .not_copyable import NotCopyable
-from .options import CoarseOptions, CurvatureOptions, damping_at, resolve_inverse_method
+from .options import CoarseOptions, CurvatureOptions, Rate, damping_at, resolve_inverse_method
 from .schedule import CaptureSchedule
 from .state import kfac_state, load_kfac_state
 
@@ -149,7 +149,7 @@ class KFACPreconditioner(NotCopyable):
         self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
 
     def step(
-        self, lr: float | Mapping[str, float] = 1.0, loss_scale: float = 1.0, checked: bool = False
+        self, lr: float | Mapping[str, Rate] = 1.0, loss_scale: float = 1.0, checked: bool = False
     ) -> None:
         """Precondition the layers' gradients (``p.grad``), outside any autocast region; a
         layer without a gradient (unused this step) is left alone, its factors kept. ``lr``:
@@ -163,7 +163,7 @@ class KFACPreconditioner(NotCopyable):
             if checked or not drops_overflow(self, loss_scale):  # beside a GradScaler
                 self._step(lr, loss_scale)
 
-    def _step(self, lr: float | Mapping[str, float], loss_scale: float) -> None:
+    def _step(self, lr: float | Mapping[str, Rate], loss_scale: float) -> None:
         opts = self.options
         self.comm.check_world()  # (a group initialised after the optimizer was built)
         if callable(opts.damping):
@@ -208,7 +208,7 @@ class KFACPreconditioner(NotCopyable):
             if self.retain_statistics:
                 self.retained_stats = stats
         lrs = lr if isinstance(lr, Mapping) else dict.fromkeys(self.layers, lr)
-        self._precondition_grads(stats, {n: float(lrs[n]) for n in self.layers})
+        self._precondition_grads(stats, {n: lrs[n] for n in self.layers})
         if self.comm.distributed:
             self.last_stats["comm_bytes"] = float(self.comm.payload_bytes - sent)
         self.steps, self.interrupted = self.steps + 1, None
@@ -285,7 +285,7 @@ class KFACPreconditioner(NotCopyable):
             return coarse.precondition(grads, stats)
         return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
 
-    def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, float]) -> None:
+    def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, Rate]) -> None:
         """Overwrite the layers' ``.grad`` with their KL-clipped directions.
 
         Plain KFAC (its own damped inverse, no coarse term) works on ``∇W`` and ``∇b`` where
@@ -324,7 +324,7 @@ class KFACPreconditioner(NotCopyable):
         self,
         directions: dict[str, LayerParts],
         grads: dict[str, LayerParts],
-        lrs: dict[str, float],
+        lrs: dict[str, Rate],
     ) -> None:
         """KL-clip fresh contiguous directions given as (weight, bias) parts against the
         gradients' parts and hand them to ``.grad``."""
@@ -343,7 +343,7 @@ class KFACPreconditioner(NotCopyable):
         return self.fine.apply_split(name, weight, bias, self.damping, out)
 
     def _kl_scale(
-        self, layers: list[list[tuple[Tensor, Tensor]]], lrs: dict[str, float], names: list[str]
+        self, layers: list[list[tuple[Tensor, Tensor]]], lrs: dict[str, Rate], names: list[str]
     ) -> float:
         """The KL clip's scale (:func:`clip_scale`) of the layers ``names``' (direction,
         gradient) pairs; it decides :attr:`directions_finite` (``None``: not known)."""
