@@ -55,10 +55,22 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def train(flat: frozenset[str], make: Callable[..., torch.optim.Optimizer], fisher: str) -> Tensor:
+def train(
+    flat: frozenset[str],
+    make: Callable[..., torch.optim.Optimizer],
+    fisher: str,
+    fisher_batch: float = 1.0,
+) -> Tensor:
     model = TokenNet(flat).double()
     opt = make(
-        model, lr=0.1, damping=1e-2, fisher=fisher, class_dim=-1, norm_blocks=True, cov_interval=2
+        model,
+        lr=0.1,
+        damping=1e-2,
+        fisher=fisher,
+        class_dim=-1,
+        norm_blocks=True,
+        cov_interval=2,
+        fisher_batch=fisher_batch,
     )
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):
@@ -79,13 +91,17 @@ def train(flat: frozenset[str], make: Callable[..., torch.optim.Optimizer], fish
     (frozenset({"hidden"}), frozenset({"embed", "hidden", "norm", "head"})),
     ids=("one", "all"),
 )
+@pytest.mark.parametrize("fisher_batch", (1.0, 0.5))
 def test_flattened_tokens_take_the_steps_of_the_batched_model(
-    float64: None, name: str, fisher: str, flat: frozenset[str]
+    float64: None, name: str, fisher: str, flat: frozenset[str], fisher_batch: float
 ) -> None:
-    reference = train(frozenset(), OPTIMIZERS[name], fisher)
+    """Also with a Fisher subset: the ``k`` rows of each of its samples (refused before
+    2026-12-06 (evening))."""
+    reference = train(frozenset(), OPTIMIZERS[name], fisher, fisher_batch)
     initial = torch.cat([p.detach().flatten() for p in TokenNet(frozenset()).double().parameters()])
     assert (reference - initial).abs().max() > 1e-2  # the steps moved the parameters
-    torch.testing.assert_close(train(flat, OPTIMIZERS[name], fisher), reference, rtol=0, atol=1e-13)
+    flattened = train(flat, OPTIMIZERS[name], fisher, fisher_batch)
+    torch.testing.assert_close(flattened, reference, rtol=0, atol=1e-13)
 
 
 def test_rows_are_regrouped_only_in_the_batchs_order() -> None:

@@ -438,10 +438,19 @@ def test_token_logits_with_a_fisher_subset_are_refused() -> None:
     tokens = torch.randint(0, 7, (4, 6))
     with pytest.raises(RuntimeError, match=r"model output has shape \(24, 7\).*4 rows"):
         model(tokens)
-    flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 3))
-    kept = tk.KFAC(flat, fisher_batch=0.5, fisher="empirical")  # noqa: F841
-    with pytest.raises(RuntimeError, match=r"input of layer '1' has shape \(12, 4\)"):
-        flat(torch.randn(4, 3, 4))
+    # a layer input flattened batch-first under the empirical Fisher: the k rows of each
+    # sample of the subset (refused before 2026-12-06 (evening)), the steps of [N, T, D]
+    x, targets = torch.randn(4, 3, 4), torch.randint(0, 3, (12,))
+    moved = []
+    for flatten in (True, False):
+        torch.manual_seed(1)
+        head = nn.Linear(4, 3)
+        net = nn.Sequential(nn.Flatten(0, 1), head) if flatten else head
+        sub = tk.KFAC(net, fisher_batch=0.5, fisher="empirical", lr=0.1)
+        F.cross_entropy(net(x).reshape(12, 3), targets).backward()
+        sub.step()
+        moved.append(head.weight.detach().clone())
+    torch.testing.assert_close(moved[0], moved[1], rtol=1e-6, atol=1e-7)
     model = TokenModel()  # the whole batch: consistent rows, no factor is 0
     opt = tk.KFAC(model)
     opt.zero_grad()

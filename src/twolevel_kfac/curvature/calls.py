@@ -174,7 +174,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
 
     Otherwise (a mixture-of-experts expert's gathered tokens, a time-major flatten, a walk
     longer than :data:`_WALK` nodes) ``False``: the rows are not regrouped."""
-    samples, rows = forward.samples, int(inputs.shape[0]) if inputs.dim() else 0
+    samples, rows = forward.batch_size, int(inputs.shape[0]) if inputs.dim() else 0  # (all)
     if rows in (0, samples) or rows % samples:
         return False
     node = inputs.grad_fn

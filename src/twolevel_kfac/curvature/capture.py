@@ -214,8 +214,8 @@ class CurvatureCapture:
         if forward is None or not output.requires_grad or in_backward() or not trains(module):
             return  # (an output without a graph, or gradients disabled; a layer frozen whole)
         x = args[0] if args else next(iter(kwargs.values()))  # layer(input=x) too
-        check_subset_rows(f"the input of layer {name!r}", x, forward.index, forward.batch_size)
         reshaped = sample_major(x, forward)  # its rows k per sample, in the batch's order
+        check_subset_rows(f"the input of layer {name!r}", x, forward, reshaped)
         check_batched_input(name, module, x, forward, reshaped)
         check_registration(name, module, (args, kwargs), output)
         kept = recorded_input(module, x.detach())
@@ -309,7 +309,7 @@ class CurvatureCapture:
     def _sampled_loss(self, output: Tensor, forward: ForwardPass, class_dim: int | None) -> Tensor:
         """The MC Fisher's loss of the Fisher mini-batch rows, with targets sampled from the
         model (:func:`~.likelihoods.sampled_nll`) at the positions the loss mask counts."""
-        check_subset_rows("the model output", output, forward.index, forward.batch_size)
+        check_subset_rows("the model output", output, forward)
         check_output(output, self.likelihood, class_dim, forward.batch_size)
         batch = forward.batch_size  # (the output's rows need not be the samples)
         mask, positions = counted_mask(forward.mask, output, class_dim, self.likelihood, batch)

@@ -199,20 +199,24 @@ def check_unreached(unreached: set[str], layers: dict[str, nn.Module]) -> None:
         )
 
 
-def check_subset_rows(what: str, tensor: Tensor, index: Tensor | None, batch_size: int) -> None:
-    """Refuse a Fisher subset (``index``: its rows of the batch, ``None`` without one) whose
-    rows would be taken from a tensor whose first dimension is not the batch (e.g. logits
-    flattened to ``[N·T, C]`` inside ``forward``).
+def check_subset_rows(what: str, tensor: Tensor, forward: ForwardPass, k: bool = False) -> None:
+    """Refuse a Fisher subset (``forward.index``: its rows of the batch, ``None`` without
+    one) whose rows would be taken from a tensor whose first dimension is not the batch
+    (e.g. logits flattened to ``[N·T, C]`` inside ``forward``), unless they are proved
+    ``k`` per sample in its order (``k``: a layer's input, :func:`~.calls.sample_major`;
+    refused before 2026-12-06 (evening)), whose subset is the ``k`` rows of its samples.
 
     Raises:
         RuntimeError: naming ``what`` and the shapes.
     """
-    if index is not None and (tensor.dim() == 0 or tensor.shape[0] != batch_size):
+    index, batch_size = forward.index, forward.batch_size
+    if index is not None and not k and (tensor.dim() == 0 or tensor.shape[0] != batch_size):
         raise RuntimeError(
             f"{what} has shape {tuple(tensor.shape)}, but the model's input has "
             f"{batch_size} rows: fisher_batch < 1 picks the Fisher mini-batch on the "
             "first dimension of every layer's input and of the model output, so it must be "
-            "the batch there too. Use fisher_batch=1 (every row): rows gathered from the "
+            "the batch there too (or proved k rows per sample: x.reshape(B * T, D) of a "
+            "batch-first tensor). Use fisher_batch=1 (every row): rows gathered from the "
             "batch's (an expert's tokens, h[mask]) cannot be picked by sample; or, for "
             "outputs flattened to [N·T, C], keep the batch first in forward and flatten in "
             "the loss (fisher='mc' with likelihood='categorical' needs [N, C] logits)"

@@ -82,8 +82,16 @@ class ForwardPass:
 
 
 def fisher_rows(tensor: Tensor, forward: ForwardPass) -> Tensor:
-    """The Fisher mini-batch's rows of a batched tensor."""
-    return tensor if forward.index is None else tensor.index_select(0, forward.index)
+    """The Fisher mini-batch's rows of a batched tensor: of ``k·B`` rows (a layer's input
+    proved ``k`` per sample in the batch's order, ``calls.sample_major``: others are
+    refused before), the ``k`` of each of its samples."""
+    index, batch = forward.index, forward.batch_size
+    if index is None:
+        return tensor
+    if (rows := int(tensor.shape[0])) != batch and rows % batch == 0:
+        k = rows // batch
+        index = (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
+    return tensor.index_select(0, index)
 
 
 def inputs_of(tensor: Tensor) -> tuple[Node, ...]:
