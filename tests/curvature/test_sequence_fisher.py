@@ -205,10 +205,11 @@ def test_empirical_g_is_that_of_the_token_mean_loss(float64: None) -> None:
 
 def test_sequence_logits_need_a_class_dim() -> None:
     """``[N, T, C]`` and ``[N, C, T]`` are both common: without ``class_dim`` the MC Fisher
-    refuses instead of guessing."""
+    refuses instead of guessing, and names the likelihoods of outputs that are not logits (a
+    denoiser's image under the default ``categorical``: named since 2026-12-06 (evening))."""
     model = sequence_model().float()
     opt = tk.KFAC(model)
-    with pytest.raises(ValueError, match="class_dim=-1 for \\[N, T, C\\]"):
+    with pytest.raises(ValueError, match=r"class_dim=-1 for \[N, T, C\].*'gaussian'"):
         model(torch.randn(N, T, V))
     assert opt.preconditioner.steps == 0
     for bad in (0, True, 1.0):

@@ -106,7 +106,11 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if entry is not None:
         return entry.reason(module)
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return f"{type(module).__name__} is not supported"
+        return (
+            f"{type(module).__name__} is not supported (a transposed convolution has no block "
+            "here: nn.Upsample then nn.Conv2d has one; its fallback step is outside the KL "
+            "clip)"
+        )
     if isinstance(module, nn.MultiheadAttention):
         return attention_reason(module)
     return None

@@ -106,11 +106,13 @@ def check_output(
         )
     if output.dim() > 2 and class_dim is None:
         raise ValueError(
-            f"likelihood='categorical' on logits of shape {tuple(output.shape)}: which "
-            "dimension holds the classes? Pass class_dim=-1 for [N, T, C] (a language "
-            "model's logits) or class_dim=1 for torch's CrossEntropyLoss layout [N, C, d1, "
-            "...]. Each position is then a categorical of its own (set_loss_mask for "
-            "ignore_index targets)"
+            f"likelihood='categorical' (fisher='mc''s default) on a model output of shape "
+            f"{tuple(output.shape)}: which dimension holds the classes? Pass class_dim=-1 "
+            "for [N, T, C] (a language model's logits) or class_dim=1 for torch's "
+            "CrossEntropyLoss layout [N, C, d1, ...]. Each position is then a categorical "
+            "of its own (set_loss_mask for ignore_index targets). An output that is not "
+            "logits takes another likelihood: likelihood='gaussian' for a regression or a "
+            "denoiser's MSE (an image, predicted noise), 'bernoulli' for BCE-with-logits"
         )
     if class_dim is not None and class_dim % output.dim() == 0:
         raise ValueError(f"class_dim={class_dim} is the batch dimension of {tuple(output.shape)}")

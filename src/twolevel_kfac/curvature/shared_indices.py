@@ -45,5 +45,8 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
             "the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position table "
             "(Hugging Face models that take position_ids: model(..., position_ids="
             "torch.arange(T).expand(B, T))), or leave the table out of the optimizer's params "
-            "(T5's relative_attention_bias: it then takes the fallback step)"
+            "(T5's relative_attention_bias: it then takes the fallback step). A soft "
+            "prompt looked up once for the batch (peft's prompt tuning) has no block here: "
+            "leave it out of params and give it a torch optimizer, or write it as an "
+            "nn.Embedding called on torch.arange(P).expand(B, P)"
         )

@@ -111,6 +111,7 @@ class KFACPreconditioner(NotCopyable):
             raise ValueError(
                 f"{type(model).__name__} has no trainable layer with a curvature block "
                 f"(Linear, Conv1d/2d/3d, a registered type){'' if params is None else ' in params'}"
+                ": its parameters would take the plain fallback step; use a torch optimizer"
             )
         self.damping, self.steps, self.fine_version = damping_at(self.options.damping, 0), 0, 0
         self.generator = torch.Generator().manual_seed(step_seed(opts.seed, self.comm.rank, 0))
