@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +71,26 @@ def test_a_dict_of_inputs_is_refused_with_the_way_out() -> None:
     opt.zero_grad()
     F.cross_entropy(model(x=torch.randn(4, 5)), torch.randint(0, 3, (4,))).backward()
     opt.step()
+
+
+def test_gaussian_outputs_the_loss_ignores_are_warned_of() -> None:
+    """A denoiser that also predicts a variance (``[ε̂, v]`` on 6 channels, the MSE on the
+    first 3): ``likelihood="gaussian"`` samples all 6 at unit variance, a ``G`` the loss's
+    Fisher is not; the loss's gradient is exactly 0 on the others for every sample, which
+    is said once (since 2026-12-06 (evening)). The loss on every output says nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+    x, noise = torch.randn(8, 4), torch.randn(8, 3)
+    for reads, warns in ((3, True), (6, False)):
+        opt = tk.KFAC(model, likelihood="gaussian", loss_reduction="mean", cov_interval=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                opt.zero_grad()
+                out = model(x)
+                F.mse_loss(out[:, :reads], torch.cat([noise, noise], 1)[:, :reads]).backward()
+                opt.step()
+        said = [w for w in caught if "exactly 0 at" in str(w.message)]
+        assert len(said) == int(warns)
+        if warns:
+            assert "3 of the 6 output elements" in str(said[0].message)

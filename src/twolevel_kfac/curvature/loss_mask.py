@@ -35,6 +35,7 @@ __all__ = [
     "counted_positions",
     "mask_disagreement",
     "off_simplex_share",
+    "warn_ignored_features",
     "warn_loss_gradient",
     "watch_loss_gradient",
 ]
@@ -199,6 +200,30 @@ def warn_loss_gradient(
         warnings.warn(problem[1], RuntimeWarning, stacklevel=caller_level())
 
 
+def warn_ignored_features(grad: Tensor, warned: set[str]) -> None:
+    """Warn, once, where the loss's gradient at a ``gaussian`` output ``[N, …]`` is exactly 0
+    at some of its elements for every sample: the Monte-Carlo Fisher samples every element
+    at unit variance, so its ``G`` counts outputs the loss never reads (a diffusion model's
+    learned-variance channels beside the predicted noise: ``G`` 0.25 on every channel where
+    the loss's Fisher is 1 on the three it reads, 0 on the others, in a trial)."""
+    if "ignored_features" in warned or grad.dim() < 2 or len(grad) < 2:
+        return
+    ignored = (grad.reshape(len(grad), -1) == 0).all(dim=0)
+    count, total = int(ignored.sum()), ignored.numel()
+    if count == 0 or count == total:
+        return
+    warned.add("ignored_features")
+    warnings.warn(
+        f"the loss's gradient is exactly 0 at {count} of the {total} output elements of "
+        "each sample, for every sample of the batch, while likelihood='gaussian' draws a "
+        "target for each: the Monte-Carlo Fisher counts outputs the loss does not read (a "
+        "learned-variance half, an output left out of the loss). Return only the outputs "
+        "the loss reads, or use fisher='empirical'",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
 def watch_loss_gradient(
     output: Tensor,
     view: torch.Size,
@@ -210,7 +235,8 @@ def watch_loss_gradient(
     """Hook the gradient the user's backward hands the model ``output`` (or the tensor it
     was cast from: :func:`~.hooks.on_gradient`): it marks the forward's backward done,
     refuses a second-order backward through it, and (``categorical``, as ``view``: the
-    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems."""
+    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems, (``gaussian``)
+    of :func:`warn_ignored_features`'."""
     categorical, nodes, positions = likelihood == "categorical", inputs_of(output), len(view) > 2
     made = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
     values = output.detach()  # (no copy, no graph)
@@ -224,5 +250,7 @@ def watch_loss_gradient(
         if categorical:
             grad, mask = grad.reshape(view), forward.mask
             warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
+        elif likelihood == "gaussian":
+            warn_ignored_features(grad.reshape(view), warned)
 
     on_gradient(output, backward_hook)
