@@ -220,5 +220,6 @@ def check_statistics(
             "forward (torch.utils.checkpoint with use_reentrant=True: use use_reentrant="
             "False), whose parameters are used outside their module, or that ran under "
             "torch.func.functional_call with other tensors swapped in for their parameters "
-            "(not captured) cannot be preconditioned"
+            "or under torch.func.vmap (Opacus's grad_sample_mode='ew': use 'hooks') (not "
+            "captured) cannot be preconditioned"
         )
