@@ -429,17 +429,35 @@ class TokenModel(nn.Module):
         return self.head(h).reshape(-1, 7)
 
 
-def test_token_logits_with_a_fisher_subset_are_refused() -> None:
-    """``fisher_batch < 1`` picks rows on the input's batch dimension; logits flattened to
-    ``[N·T, C]`` would take them from the token rows (``G ≡ 0`` before): refused."""
-    torch.manual_seed(0)
+def test_token_logits_with_a_fisher_subset_take_the_steps_of_the_batched_model() -> None:
+    """``fisher_batch < 1`` picks samples on the input's batch dimension: logits flattened
+    batch-first to ``[N·T, C]`` inside ``forward`` (proved ``T`` rows per sample) sample
+    the positions of the subset's samples, as the model returning ``[N, T, C]`` does
+    (refused since ``G ≡ 0`` was found, and until 2026-12-06 (evening)); flattened
+    time-major they are not the samples' and are refused. So is a layer input of other
+    rows; a layer input flattened batch-first takes the ``k`` rows of each sample."""
+    tokens = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(0))
+    moved = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        model = TokenModel()
+        if not flat:
+            flat_forward = model.forward
+            model.forward = lambda t, f=flat_forward: f(t).reshape(4, 6, 7)  # type: ignore[method-assign]
+        opt = tk.KFAC(model, fisher_batch=0.5, class_dim=-1, lr=0.1, cov_interval=1)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(tokens).reshape(24, 7), tokens.reshape(-1)).backward()
+            opt.step()
+        assert all(float(f.G.abs().sum()) > 0 for f in opt.preconditioner.factors.values())
+        moved.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(moved[0], moved[1], rtol=1e-5, atol=1e-6)
     model = TokenModel()
-    opt = tk.KFAC(model, fisher_batch=0.5)
-    tokens = torch.randint(0, 7, (4, 6))
+    time_major = model.forward
+    model.forward = lambda t: time_major(t).reshape(4, 6, 7).transpose(0, 1).reshape(24, 7)  # type: ignore[method-assign]
+    kept = tk.KFAC(model, fisher_batch=0.5)
     with pytest.raises(RuntimeError, match=r"model output has shape \(24, 7\).*4 rows"):
         model(tokens)
-    # a layer input flattened batch-first under the empirical Fisher: the k rows of each
-    # sample of the subset (refused before 2026-12-06 (evening)), the steps of [N, T, D]
     x, targets = torch.randn(4, 3, 4), torch.randint(0, 3, (12,))
     moved = []
     for flatten in (True, False):
@@ -451,12 +469,10 @@ def test_token_logits_with_a_fisher_subset_are_refused() -> None:
         sub.step()
         moved.append(head.weight.detach().clone())
     torch.testing.assert_close(moved[0], moved[1], rtol=1e-6, atol=1e-7)
-    model = TokenModel()  # the whole batch: consistent rows, no factor is 0
-    opt = tk.KFAC(model)
-    opt.zero_grad()
-    F.cross_entropy(model(tokens), tokens.reshape(-1)).backward()
-    opt.step()
-    assert all(float(f.G.abs().sum()) > 0 for f in opt.preconditioner.factors.values())
+    gathered = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 3))
+    kept = tk.KFAC(gathered, fisher_batch=0.5, fisher="empirical")  # noqa: F841
+    with pytest.raises(RuntimeError, match=r"input of layer '1' has shape \(8, 4\).* 2 rows"):
+        gathered(x[:, :2].transpose(0, 1))  # (a transposed copy: its rows not proved)
 
 
 # ------------------------------------------------------------------ autocast

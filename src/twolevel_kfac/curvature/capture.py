@@ -296,10 +296,10 @@ class CurvatureCapture:
     def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
         """The model output as ``[N, …]`` with its class dimension (logits flattened inside
         ``forward``: :func:`~.likelihoods.per_sample_output`), the loss mask as its positions."""
-        if forward.index is not None or not sample_major(output, forward):  # (subset: checked)
+        if not sample_major(output, forward):  # (other rows under a Fisher subset: refused)
             return output, self.class_dim
         view, class_dim = per_sample_output(
-            output, forward.samples, self.likelihood, self.class_dim
+            output, forward.batch_size, self.likelihood, self.class_dim
         )
         mask = forward.mask
         if view is not output and mask is not None and mask.numel() == view.shape[:2].numel():
