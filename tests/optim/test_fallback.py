@@ -31,13 +31,22 @@ ADAMW = {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.05}
 
 
 def assert_steps_of_adamw(
-    model: nn.Module, opt: torch.optim.Optimizer, adamw: dict[str, object], steps: int
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    adamw: dict[str, object],
+    steps: int,
+    halve_every: int | None = None,
 ) -> None:
     """The norm's (``model[1]``) steps are those of ``torch.optim.AdamW(**adamw)``, bit for
-    bit, on the same gradients."""
+    bit, on the same gradients (``halve_every``: both under a ``StepLR`` halving the rate)."""
     norm = list(model[1].parameters())
     twins = [p.detach().clone().requires_grad_(True) for p in norm]
     reference = torch.optim.AdamW(twins, **adamw)  # type: ignore[arg-type]
+    schedulers = (
+        [torch.optim.lr_scheduler.StepLR(o, halve_every, gamma=0.5) for o in (opt, reference)]
+        if halve_every
+        else []
+    )
     for step in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
@@ -45,6 +54,8 @@ def assert_steps_of_adamw(
             twin.grad = p.grad.clone()
         opt.step()
         reference.step()
+        for scheduler in schedulers:
+            scheduler.step()
         for twin, p in zip(twins, norm, strict=True):
             assert torch.equal(p, twin)
 
@@ -287,22 +298,9 @@ def test_an_lr_scheduler_on_the_optimizer_reaches_the_adamw_fallback() -> None:
     2026-12-06 (evening))."""
     _, rates = scheduled_run(5)
     assert rates == [3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4]
-    model, opt, schedulers = scheduled(on_fallback=False)
-    norm = list(model[1].parameters())
-    twins = [p.detach().clone().requires_grad_(True) for p in norm]
-    reference = torch.optim.AdamW(twins, **ADAMW)  # type: ignore[arg-type]
-    schedulers.append(torch.optim.lr_scheduler.StepLR(reference, 2, gamma=0.5))
-    for step in range(5):
-        opt.zero_grad()
-        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
-        for twin, p in zip(twins, norm, strict=True):
-            twin.grad = p.grad.clone()
-        opt.step()
-        reference.step()
-        for scheduler in schedulers:
-            scheduler.step()
-        for twin, p in zip(twins, norm, strict=True):
-            assert torch.equal(p, twin)
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, fallback="adamw", fallback_options=ADAMW)
+    assert_steps_of_adamw(model, opt, ADAMW, steps=5, halve_every=2)
 
 
 def test_a_scheduler_on_the_fallback_itself_keeps_it_with_a_warning() -> None:

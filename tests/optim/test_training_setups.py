@@ -307,6 +307,45 @@ def test_owning_a_weight_but_not_its_bias_is_refused() -> None:
         tk.TwoLevelKFAC(model, params=[model[2].bias])
 
 
+def twin_directions(
+    twin: nn.Module, layers: tuple[int, ...], loss_fn: Callable[[Tensor], Tensor], x: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Each layer's ``∇W̄`` on ``x`` and its KFAC direction (the references below)."""
+    twin.zero_grad()
+    loss_fn(twin(x)).backward()
+    stats = [use_statistics(twin, [twin[i]], loss_fn, x) for i in layers]
+    grads = [joined_grad(twin[i]) for i in layers]
+    return grads, [kfac_direction(a, g, gr) for (a, g), gr in zip(stats, grads, strict=True)]
+
+
+def assert_lr_squared_steps(
+    opt: torch.optim.Optimizer,
+    model: nn.Module,
+    twin: nn.Module,
+    layers: tuple[int, ...],
+    rates: list[Tensor],
+    clip: float,
+    loss_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+) -> float:
+    """One step of ``opt`` moves each layer's ``W̄`` by ``−η ν d`` (``rates``: each entry's
+    ``η``), ``ν = min(1, √(c / Σ_i |Σ η² d ∇|))``, the directions of :func:`twin_directions`;
+    returns ``ν`` (binding)."""
+    grads, directions = twin_directions(twin, layers, loss_fn, x)
+    total = sum(
+        abs(float((r**2 * d * gr).sum())) for r, d, gr in zip(rates, directions, grads, strict=True)
+    )
+    nu = min(1.0, math.sqrt(clip / total))
+    assert nu < 1.0
+    opt.zero_grad()
+    loss_fn(model(x)).backward()
+    opt.step()
+    for i, r, d in zip(layers, rates, directions, strict=True):
+        expected = joined_params(twin[i]) - r * nu * d
+        torch.testing.assert_close(joined_params(model[i]), expected, rtol=1e-10, atol=1e-12)
+    return nu
+
+
 @pytest.mark.parametrize("swap", [False, True])
 def test_lr_squared_kl_clip_reads_each_layers_own_group_lr(float64: None, swap: bool) -> None:
     """``kl_clip_form='lr_squared'`` with two param groups: ``ν = min(1, √(c / Σ_i η_i²
@@ -326,24 +365,9 @@ def test_lr_squared_kl_clip_reads_each_layers_own_group_lr(float64: None, swap: 
     def loss_fn(out: Tensor) -> Tensor:
         return F.cross_entropy(out, y)
 
-    twin.zero_grad()
-    loss_fn(twin(x)).backward()
     layers = (0, 2, 4)
-    stats = [use_statistics(twin, [twin[i]], loss_fn, x) for i in layers]
-    grads = [joined_grad(twin[i]) for i in layers]
-    directions = [kfac_direction(a, g, gr) for (a, g), gr in zip(stats, grads, strict=True)]
-    total = sum(
-        lrs[i] ** 2 * abs(float((d * gr).sum()))
-        for i, d, gr in zip(layers, directions, grads, strict=True)
-    )
-    nu = min(1.0, math.sqrt(clip / total))
-    assert nu < 1.0
-    opt.zero_grad()
-    loss_fn(model(x)).backward()
-    opt.step()
-    for i, d in zip(layers, directions, strict=True):
-        expected = joined_params(twin[i]) - lrs[i] * nu * d
-        torch.testing.assert_close(joined_params(model[i]), expected, rtol=1e-10, atol=1e-12)
+    rates = [torch.full_like(joined_params(model[i]), lrs[i]) for i in layers]
+    assert_lr_squared_steps(opt, model, twin, layers, rates, clip, loss_fn, x)
 
 
 def test_lr_squared_kl_clip_reads_a_bias_group_of_another_rate(float64: None) -> None:
@@ -367,25 +391,13 @@ def test_lr_squared_kl_clip_reads_a_bias_group_of_another_rate(float64: None) ->
     def loss_fn(out: Tensor) -> Tensor:
         return F.cross_entropy(out, y)
 
-    twin.zero_grad()
-    loss_fn(twin(x)).backward()
-    stats = [use_statistics(twin, [twin[i]], loss_fn, x) for i in layers]
-    grads = [joined_grad(twin[i]) for i in layers]
-    directions = [kfac_direction(a, g, gr) for (a, g), gr in zip(stats, grads, strict=True)]
-    total = sum(
-        abs(0.05**2 * float((d[:, :-1] * gr[:, :-1]).sum()) + 0.5**2 * float(d[:, -1] @ gr[:, -1]))
-        for d, gr in zip(directions, grads, strict=True)
-    )
-    nu = min(1.0, math.sqrt(clip / total))
-    assert nu < 1.0
-    opt.zero_grad()
-    loss_fn(model(x)).backward()
-    opt.step()
-    for i, d in zip(layers, directions, strict=True):
-        rates = torch.full_like(d, 0.05)
-        rates[:, -1] = 0.5
-        expected = joined_params(twin[i]) - rates * nu * d
-        torch.testing.assert_close(joined_params(model[i]), expected, rtol=1e-10, atol=1e-12)
+    rates = []
+    for i in layers:
+        rate = torch.full_like(joined_params(model[i]), 0.05)
+        rate[:, -1] = 0.5
+        rates.append(rate)
+    nu = assert_lr_squared_steps(opt, model, twin, layers, rates, clip, loss_fn, x)
+    grads, directions = twin_directions(twin, layers, loss_fn, x)
     names, rated = [str(i) for i in layers], dict.fromkeys((str(i) for i in layers), (0.05, 0.5))
     matrices = [[(d, gr)] for d, gr in zip(directions, grads, strict=True)]
     parts = [[(d[:, :-1], gr[:, :-1]), (d[:, -1], gr[:, -1])] for ((d, gr),) in matrices]
