@@ -250,13 +250,18 @@ def call_rows(call: Call, samples: int | None) -> Tensor:
 
 
 def _dead_of(calls: list[Call], samples: int, dead: Dead) -> Tensor:
-    """The dead positions ``[N', ΣT']`` of one forward's calls of a layer, side by side."""
+    """The dead positions ``[N', ΣT']`` of one forward's calls of a layer, side by side (of
+    ``k`` calls on one position each, their ``[N', k]`` layout: :func:`~.live_positions.
+    loop_calls`)."""
     masks = []
     for call in calls:
         rows = call_rows(call, samples)
         layout = (call.forward, int(rows.shape[0]), int(rows.shape[1]))
         default = torch.zeros(rows.shape[:2], dtype=torch.bool, device=rows.device)
         masks.append(dead.get(layout, default).to(rows.device))
+    looped = (calls[0].forward, int(masks[0].shape[0]), len(masks))
+    if len(masks) > 1 and all(m.shape[1] == 1 for m in masks) and looped in dead:
+        return dead[looped].to(masks[0].device)
     return torch.cat(masks, dim=1)
 
 

@@ -11,9 +11,9 @@ positions are left out: ``A`` and ``G`` average over the ``M`` positions that re
 ``T = M/N`` is their mean count per sample (not an integer): the factors of the same
 samples without the padding.
 
-A position is left out only where it is *dead*: ``δ = 0`` at it (to rounding: below 128
-eps of the call's largest ``|δ|``) in every position-wise layer of the forward with the
-same ``[N, T]`` layout, at least two layers seeing it (:func:`dead_positions`). A single
+A position is left out only where it is *dead*: ``δ = 0`` at it (in float64 to rounding:
+below 16 eps of the call's largest ``|δ|``) in every position-wise layer of the forward with
+the same ``[N, T]`` layout, at least two layers seeing it (:func:`dead_positions`). A single
 layer's zero is not enough: a causal query at position 0 has a structural zero gradient
 (its softmax is over one key) that one attention implementation computes as 0 and another
 as 1e-18, while the keys, values and the layers after it do reach the loss there. Only a
@@ -48,6 +48,7 @@ __all__ = [
     "kept_locations",
     "live_count",
     "live_rows",
+    "loop_calls",
     "output_positions",
     "position_mean",
     "position_wise",
@@ -96,6 +97,25 @@ class PositionGrads(NamedTuple):
     padding: Tensor | None = None  # the forward's real positions (set_padding_mask)
 
 
+def loop_calls(grads: Iterable[PositionGrads]) -> list[PositionGrads]:
+    """``grads`` and, for a layer called ``k ≥ 2`` times in a forward on one position each
+    (a decoder's loop over the target steps, ``[N, D]`` per call), its calls side by side
+    as one ``[N, k, d]`` layout: the calls are its locations (:mod:`.calls`), so a step
+    whose targets are padding is dead in the layers the loop calls (kept before
+    2026-12-06 (evening): steps 0.39–0.58 apart with the targets padded to 5 or 9)."""
+    items, calls = list(grads), dict[tuple[object, str], list[PositionGrads]]()
+    for item in items:
+        calls.setdefault((item.forward, item.layer), []).append(item)
+    for looped in calls.values():
+        one = all(
+            c.grad.shape[1] == 1 and c.grad.shape[0] == looped[0].grad.shape[0] for c in looped
+        )
+        if len(looped) > 1 and one:
+            grad = torch.cat([c.grad for c in looped], dim=1)
+            items.append(looped[0]._replace(grad=grad))
+    return items
+
+
 def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, int], Tensor]:
     """Per forward and layout ``(key, N, T)``: the positions ``[N, T]`` (bool) whose ``δ`` is
     zero in every one of the position-wise layers' output gradients (``T > 1`` only;
@@ -110,7 +130,7 @@ def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, in
     live: dict[tuple[object, int, int], Tensor] = {}
     seen: dict[tuple[object, int, int], set[str]] = {}
     declared: dict[tuple[object, int, int], Tensor] = {}
-    for item in grads:
+    for item in loop_calls(grads):
         if item.grad.shape[1] < 2:
             continue
         layout = (item.forward, int(item.grad.shape[0]), int(item.grad.shape[1]))
@@ -126,19 +146,22 @@ def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, in
     return dead
 
 
-_ROUNDING = 128  # (times the dtype's eps: SDPA's structural zeros were 3 eps of the largest)
+_ROUNDING = 16  # float64 eps: SDPA's structural zeros were up to 5 eps of the largest
 
 
 def _reached(grad: Tensor) -> Tensor:
-    """The positions ``[N, T]`` whose ``δ`` is not zero: above ``_ROUNDING`` units of
-    rounding of the call's largest ``|δ|`` (a causal query's gradient at position 0 is 0
-    in torch's math attention and up to 3 eps of the largest in its default CPU kernel:
-    LoRA's two query layers behind one softmax dropped position 0 for some samples and
-    not others, a step 0.26 off, before 2026-12-06 (evening)). In 16-bit dtypes, whose
-    rounding is as large as real gradients' spread, exactly 0."""
+    """The positions ``[N, T]`` whose ``δ`` is not zero: in float64, above ``_ROUNDING`` eps
+    of the call's largest ``|δ|`` (a causal query's gradient at position 0 is 0 in torch's
+    math attention and up to 5 eps of the largest in its fused CPU kernel: LoRA's two
+    query layers behind one softmax kept position 0 for some samples and not others, a
+    step 0.26 off, before 2026-12-06 (evening)); in float32 and 16-bit dtypes exactly 0,
+    since a confidently predicted position's real gradient can be as small as such a
+    residue there (a 16-eps bar left out half the positions of a sharp per-position
+    model: its float32 step 0.39 off its float64 step)."""
     size = grad.abs().flatten(2).amax(dim=-1)
-    wide = grad.dtype in (torch.float32, torch.float64)
-    return size > _ROUNDING * torch.finfo(grad.dtype).eps * size.max() if wide else size > 0
+    if grad.dtype != torch.float64:
+        return size > 0
+    return size > _ROUNDING * torch.finfo(grad.dtype).eps * size.max()
 
 
 def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:

@@ -128,7 +128,8 @@ def mask_disagreement(
         return "too many", (
             f"the loss mask counts {extra} position(s) where the training loss has no "
             "gradient (ignored targets, padding): fisher='mc' sampled their Fisher. Build "
-            "the mask from the targets (targets != ignore_index), not from the inputs" + shifted
+            "the mask from the positions the loss reads (targets != ignore_index; for CTC, "
+            "each sample's input frames), not from the padded inputs" + shifted
         )
     return None
 
