@@ -319,23 +319,40 @@ def one_forward_run(how: str, fisher: str = "empirical") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
     opt = tk.KFAC(model, fisher=fisher, **OPTIONS)
-    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=how == "attack")
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=how in ("attack", "saliency"))
     y = torch.randint(0, 4, (8,))
     opt.zero_grad()
     out = model(x)
     l1, l2 = F.cross_entropy(out, y), 0.3 * F.cross_entropy(out, (y + 1) % 4)
-    if how == "sum":
+    params = list(model.parameters())
+    if how in ("sum", "sum_assigned"):
         (l1 + l2).backward()
     elif how == "last":
         l2.backward()
     elif how == "attack":
         torch.autograd.grad(l1, x, retain_graph=True)
         l2.backward()
+    elif how in ("probe", "saliency"):  # a gradient-norm probe or a saliency map after it
+        l2.backward(retain_graph=True)
+        torch.autograd.grad(l1, params if how == "probe" else [x])
+    elif how == "pcgrad":  # per-task gradients through the one forward, then composed
+        tasks = []
+        for loss in (l1, l2):
+            opt.zero_grad()
+            loss.backward(retain_graph=True)
+            tasks.append([p.grad.clone() for p in params])
     else:
         l1.backward(retain_graph=True)
         if how == "dropped":
             opt.zero_grad()
         l2.backward()
+    if how in ("pcgrad", "sum_assigned"):  # (the same composed gradient, from a twin)
+        twin = copy.deepcopy(model)  # (its hooks are inert)
+        twin_out, twin_params = twin(x), list(twin.parameters())
+        g1 = torch.autograd.grad(F.cross_entropy(twin_out, y), twin_params, retain_graph=True)
+        g2 = torch.autograd.grad(0.3 * F.cross_entropy(twin_out, (y + 1) % 4), twin_params)
+        for p, a, b in zip(params, g1, g2, strict=True):
+            p.grad = a + 0.5 * b
     opt.step()
     return model
 
@@ -345,8 +362,12 @@ def test_two_backwards_through_one_forward_take_the_step_of_their_sum(fisher: st
     """``l1.backward(retain_graph=True); l2.backward()`` leaves the gradient of ``l1 + l2``
     in ``.grad``: its ``δ`` are the sums of both backwards' (the last backward's alone were
     kept before 2026-12-06 (evening): steps 0.9–2.0 off in a trial). A first backward whose
-    gradient was dropped, or that computed none (an attack's of the input), adds nothing."""
-    pairs = [("two", "sum"), ("dropped", "last"), ("attack", "last")]
+    gradient was dropped, or that computed none (an attack's of the input), adds nothing,
+    nor does an ``autograd.grad`` after the training backward (a gradient-norm probe, a
+    saliency map: 0.4–0.98 off); per-task gradients through the one forward, composed
+    and assigned (PCGrad), count every task (the last alone: 2.8 off)."""
+    pairs = [("two", "sum"), ("dropped", "last"), ("attack", "last"), ("probe", "last")]
+    pairs += [("saliency", "last"), ("pcgrad", "sum_assigned")]
     for how, same in pairs:
         for a, b in zip(
             one_forward_run(how, fisher).parameters(),

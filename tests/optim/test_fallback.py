@@ -356,3 +356,23 @@ def test_a_followed_or_left_fallback_resumes_bit_for_bit(on_fallback: bool, old:
         run(resumed, again, later, range(3, 7))
     for mine, theirs in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_most_parameters_on_the_fallback_step_are_warned_of() -> None:
+    """A recurrent model whose LSTM holds most of the parameters trained them on the
+    fallback step with no word of it; now a warning names the share and the layers (none
+    where blocks hold most, as a norm beside two Linear layers)."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(16, 64, batch_first=True), nn.Linear(64, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0])
+
+    with pytest.warns(RuntimeWarning, match=r"recurrent layers hold 98% .*'rnn' \(98%\)"):
+        tk.KFAC(Recurrent(), class_dim=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.KFAC(net(), fallback="adamw")

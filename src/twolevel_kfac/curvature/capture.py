@@ -332,7 +332,7 @@ class CurvatureCapture:
         along ``N``; the empirical ``δ`` are divided by ``loss_scale`` (a ``GradScaler``'s)."""
         check_unreached(self._unreached, self.layers)
         self._unreached = set()
-        settle(self._done, self.layers)  # (dropped gradients: dropped_gradients)
+        settle(self._done, self.layers, self._records)  # (dropped gradients, held δ)
         taken: dict[str, list[Forward]] = {}
         for name in self.layers:
             records, self._records[name] = self._records[name], []

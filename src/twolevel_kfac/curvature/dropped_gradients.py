@@ -37,7 +37,7 @@ gradient is still held (:func:`still_held`).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,14 +47,23 @@ from torch.utils.hooks import RemovableHandle
 from .blocks import block_parameters
 
 if TYPE_CHECKING:
-    from .forward_pass import ForwardPass
+    from .forward_pass import ForwardPass, Record
 
-__all__ = ["Marks", "backward_started", "layer_writes", "settle", "still_held", "writes"]
+__all__ = [
+    "Marks",
+    "backward_started",
+    "graph_task",
+    "held_deltas",
+    "layer_writes",
+    "settle",
+    "still_held",
+    "writes",
+]
 
 _WRITTEN = "_tlkfac_written_by_backward"  # on a .grad autograd accumulated into: its version
 
 
-def _graph_task() -> int | None:
+def graph_task() -> int | None:
     """The id of the backward (autograd graph task) running now, where torch tells it."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return None if current is None else int(current())
@@ -80,15 +89,27 @@ def _counting(param: Tensor) -> Callable[[Tensor], None]:
         held = ref()
         if held is not None:
             setattr(held, _WRITES, getattr(held, _WRITES, 0) + 1)
+            setattr(held, _COMPUTED, {*getattr(held, _COMPUTED, ()), graph_task()})
+            setattr(held, _FRESH, _dropped(held.grad))  # (what it accumulates into is gone)
 
     return count
 
 
+_TASKS = "_tlkfac_tasks"  # on a .grad: the backwards (graph tasks) accumulated into it
+_COMPUTED = "_tlkfac_computed"  # on a parameter: the backwards that computed its gradient
+_FRESH = "_tlkfac_fresh"  # on a parameter: its next accumulation starts a new .grad
+
+
 def _written(param: Tensor) -> None:
     """After autograd accumulated into ``param.grad``: mark the tensor with its version (an
-    in-place change after it, ``zero_()``, moves the version on)."""
-    if param.grad is not None:
-        setattr(param.grad, _WRITTEN, param.grad._version)
+    in-place change after it, ``zero_()``, moves the version on) and the backward that
+    accumulated (after those since it was made or last dropped)."""
+    grad = param.grad
+    if grad is not None:
+        setattr(grad, _WRITTEN, grad._version)
+        tasks = [] if getattr(param, _FRESH, True) else getattr(grad, _TASKS, [])
+        setattr(grad, _TASKS, [*tasks, graph_task()])
+        setattr(param, _FRESH, False)
 
 
 class Marks:
@@ -135,7 +156,7 @@ def backward_started(
     (``done``, waiting for the step) that wrote no gradient, or whose gradients are gone,
     are no samples (``backward_done`` cleared; module docstring); returns the forwards now
     waiting, ``forward`` among them."""
-    task = _graph_task()
+    task = graph_task()
     if task is None:  # (a torch that does not say: nothing is dropped)
         return done
     marks.cover(layers)  # (before this backward writes anything)
@@ -166,10 +187,42 @@ def still_held(module: nn.Module, seen: int) -> bool:
     return layer_writes(module) > seen and not _dropped(block_parameters(module)[0].grad)
 
 
-def settle(done: list[ForwardPass], layers: dict[str, nn.Module]) -> None:
+def held_deltas(records: Mapping[str, Sequence[Record]], layers: dict[str, nn.Module]) -> None:
+    """At the step: each record's ``δ``, the sum of those of the backwards through its call
+    (``record.parts``, empirical) whose gradients are in the layer's ``.grad``: the
+    backwards that accumulated into it since it was made or last dropped, or, where the
+    user assigned it (a composition: PCGrad's projected per-task gradients), every backward
+    that computed the layer's gradient. A ``torch.autograd.grad`` of the parameters or of
+    the input after the training backward (a gradient-norm probe, a saliency map) adds
+    nothing (0.4–0.98 off before 2026-12-06 (evening)), and PCGrad's tasks all count (the
+    last task's alone were kept: 2.8 off). Without what torch tells (an older torch), the
+    ``δ`` the hooks kept stand."""
+    for name, module in layers.items():
+        main = block_parameters(module)[0]
+        grad = main.grad
+        computed = getattr(main, _COMPUTED, None)
+        setattr(main, _COMPUTED, set())
+        kept = computed if getattr(grad, _WRITTEN, None) is None else getattr(grad, _TASKS, None)
+        if grad is None or kept is None or None in kept:
+            continue
+        for record in records.get(name, ()):
+            if record.parts:
+                chosen = [delta for task, delta in record.parts if task in kept]
+                record.grad = sum(chosen[1:], chosen[0]) if chosen else None
+
+
+def settle(
+    done: list[ForwardPass],
+    layers: dict[str, nn.Module],
+    records: Mapping[str, Sequence[Record]] | None = None,
+) -> None:
     """At the step: the last backward's forwards that wrote no gradient are no samples, and
     where the user composed the layers' gradients (assigned, not written by a backward)
-    the reset forwards, whose backwards wrote, are samples again (module docstring)."""
+    the reset forwards, whose backwards wrote, are samples again (module docstring); the
+    ``records``' ``δ`` are those of the backwards whose gradients are held
+    (:func:`held_deltas`)."""
+    if records is not None:
+        held_deltas(records, layers)
     now = writes(layers) if done else ()
     for forward in done:
         if forward.writes_seen is not None and forward.writes_seen == now:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
 from .captured_batch import scaled_gradient
-from .dropped_gradients import layer_writes, still_held
+from .dropped_gradients import graph_task, layer_writes, still_held
 
 __all__ = [
     "ForwardPass",
@@ -33,6 +33,9 @@ class Record:
     grad: Tensor | None = None
     reshaped: bool = False  # its rows in the batch's order (calls.sample_major)
     writes: int = 0  # the layer's gradient writes when a backward last reached it
+    # empirical: each backward's (graph task, δ), summed at the step over those whose
+    # gradients are in .grad (dropped_gradients.held_deltas)
+    parts: list[tuple[int | None, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,6 +154,7 @@ def empirical_hook(
         check_first_order(f"layer {name!r}", nodes)
         forward.mark_backward()
         delta = scaled_gradient(fisher_rows(grad.detach(), forward), scale)
+        record.parts.append((graph_task(), delta))
         if record.grad is not None and still_held(record.module, record.writes):
             delta = record.grad + delta
         record.grad, record.writes = delta, layer_writes(record.module)

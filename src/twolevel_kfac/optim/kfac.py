@@ -148,16 +148,12 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
                     "implemented under torch.distributed"
                 )
             self.preconditioner.retain_statistics = self.preconditioner.capture.aligned = True
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "nesterov": bool(nesterov),
-        }
-        super().__init__(params, defaults)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        super().__init__(params, {**defaults, "nesterov": bool(nesterov)})
         covered = self.preconditioner.preconditioned_parameters()
         rest = fallback_groups(self.param_groups, covered, params, lr)
-        self.fallback = make_fallback(fallback, rest, fallback_options, model)
+        said = self.param_groups if self.preconditioner.options.unsupported != "ignore" else ()
+        self.fallback = make_fallback(fallback, rest, fallback_options, model, said)
         if self.fallback is not None and self.damping_options.needs_statistics:
             raise ValueError("adaptive damping and qmodel_lr_momentum model every parameter's "
                              "step: use fallback='sgd'")  # fmt: skip
