@@ -333,29 +333,46 @@ def run(model: nn.Module, opt: tk.KFAC, schedulers: list[LRScheduler], steps: ra
             scheduler.step()
 
 
-@pytest.mark.parametrize(("on_fallback", "old"), [(False, False), (True, False), (False, True)])
-def test_a_followed_or_left_fallback_resumes_bit_for_bit(on_fallback: bool, old: bool) -> None:
+@pytest.mark.parametrize("on_fallback", [False, True])
+def test_a_followed_or_left_fallback_resumes_bit_for_bit(on_fallback: bool) -> None:
     """A checkpoint mid-schedule resumes with the same rates and steps, whether the group
-    followed the KFAC group's rate or was left to its own scheduler; one saved before the
-    groups followed (``old``: no ``source``) follows from the load."""
+    followed the KFAC group's rate or was left to its own scheduler."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         model, opt, schedulers = scheduled(on_fallback)
         run(model, opt, schedulers, range(7))
         first, opt, schedulers = scheduled(on_fallback)
         run(first, opt, schedulers, range(3))
-        state = copy.deepcopy(opt.state_dict())
-        if old:
-            for group in state["fallback"]["param_groups"]:
-                del group["source"], group["lr_set"]
         resumed, again, later = scheduled(on_fallback)
         resumed.load_state_dict(first.state_dict())
-        again.load_state_dict(state)
+        again.load_state_dict(copy.deepcopy(opt.state_dict()))
         for scheduler, saved in zip(later, schedulers, strict=True):
             scheduler.load_state_dict(saved.state_dict())
         run(resumed, again, later, range(3, 7))
     for mine, theirs in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_a_checkpoint_saved_before_the_groups_followed_keeps_its_rate() -> None:
+    """A checkpoint saved before 2026-12-06 (evening) (no ``source`` in its AdamW groups)
+    continues as that code ran: the fallback's rate is the one saved (a scheduler on the
+    fallback itself, which the README advised then, keeps setting it), not the KFAC
+    group's (following reset a scheduled 1e-5 to 1e-3 in a review)."""
+    first, opt, schedulers = scheduled(on_fallback=False)
+    run(first, opt, schedulers, range(3))
+    state = copy.deepcopy(opt.state_dict())
+    for group in state["fallback"]["param_groups"]:
+        del group["source"], group["lr_set"]
+        group["lr"] = 1e-5  # (as its own scheduler left it)
+    model, again, later = scheduled(on_fallback=False)
+    model.load_state_dict(first.state_dict())
+    again.load_state_dict(state)
+    later[0].load_state_dict(schedulers[0].state_dict())
+    assert again.fallback is not None and again.fallback.optimizer is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model, again, later, range(3, 6))
+    assert again.fallback.optimizer.param_groups[0]["lr"] == 1e-5
 
 
 def test_most_parameters_on_the_fallback_step_are_warned_of() -> None:

@@ -487,6 +487,16 @@ def test_an_empty_batch_with_a_noise_gradient_is_preconditioned(float64: None) -
         assert not all(torch.allclose(p, q) for p, q in zip(runs[-1], raw, strict=True))
     for p, q in zip(*runs, strict=True):
         assert torch.equal(p, q)
+    model = mlp()  # a coarse level whose step reads the batch's rows has none: skipped
+    opt = tk.TwoLevelKFAC(model, **{**settings, "combination": "adef2"})
+    for seed in range(2):
+        train_step(model, opt, *batch(seed=seed))
+    opt.zero_grad()
+    F.cross_entropy(model(torch.zeros(0, 5)), torch.zeros(0, dtype=torch.long)).backward()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # (an AssertionError in a review before it was skipped)
+    assert opt.last_stats.get("empty_batch") == 1.0
 
 
 def test_preconditioner_drives_any_torch_optimizer(float64: None) -> None:

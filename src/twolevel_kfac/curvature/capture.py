@@ -191,7 +191,7 @@ class CurvatureCapture:
             index = perm[:size].sort().values.to(x.device)
         padding = padding_rows(padding, batch, index)
         others = other_rows(args, kwargs, x) if batch == 1 else ()  # (model(code, x))
-        aligned = self.aligned or index is not None  # a Fisher subset picks row i of every layer
+        aligned = self.aligned or (index is not None and self.fisher == "mc")  # (its δ: row i's)
         self._forward = ForwardPass(index, batch, mask, x, others, padding, aligned)
         self._forward.on_backward = weakref.WeakMethod(self._backward_started)
 

@@ -306,8 +306,9 @@ def _row_of(row: Tensor, first: Tensor | None) -> bool:
 def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: bool) -> None:
     """Where the layers' per-sample gradients are paired row by row (a coarse level,
     adaptive damping's exact Fisher products) or the same rows of every layer are taken for
-    the Fisher mini-batch (``fisher_batch < 1``: under ``mc`` the others' ``δ`` are 0):
-    ``forward.aligned``, refuse a layer whose
+    a Fisher mini-batch whose targets are drawn (``fisher_batch < 1`` under ``mc``: the
+    ``δ`` of samples not drawn are 0; under ``empirical`` any rows are a subsample of the
+    layer's): ``forward.aligned``, refuse a layer whose
     rows are not the samples in the order of the layers before it (:mod:`.row_order`):
     rows of another count not proved ``k`` per sample in order (``reshaped``:
     :func:`~.calls.sample_major`),
@@ -326,8 +327,9 @@ def check_row_order(name: str, inputs: Tensor, forward: ForwardPass, reshaped: b
     else:
         return
     if forward.index is not None:
-        needs = "With fisher_batch < 1 the Fisher mini-batch is the same rows of every layer"
-        way = "Use fisher_batch=1"
+        needs = "With fisher_batch < 1 under fisher='mc' the targets are drawn for the "
+        needs += "samples of the Fisher mini-batch, taken as the same rows of every layer"
+        way = "Use fisher_batch=1 or fisher='empirical'"
     else:
         needs = "Two-level KFAC's coarse level and adaptive damping's exact Fisher products "
         needs += "pair the layers' per-sample gradients row by row"

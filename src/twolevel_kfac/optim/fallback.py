@@ -129,8 +129,8 @@ class AdamWFallback:
             state = {**state, "param_groups": regrouped}
         self.optimizer.load_state_dict(state)
         for group, built in zip(self.optimizer.param_groups, ours, strict=True):
-            if "source" not in group:  # saved before the groups followed the KFAC lr
-                group.update(source=built["source"], lr_set=group["lr"])
+            if "source" not in group:  # saved before the groups followed the KFAC lr: a
+                group.update(source=built["source"], lr_set=None)  # run continues as it was
 
 
 def fallback_groups(

@@ -162,8 +162,10 @@ class CaptureSchedule:
           direction: the step folds, refreshes, counts and writes nothing, and the next
           forward captures. A gradient that is not 0 (DP-SGD's noise on an empty Poisson
           batch) is preconditioned with the factors there are, folding nothing: it was
-          stepped raw before 2026-12-06 (evening). The first step has nothing to
-          precondition with: ``check_statistics`` refuses it.
+          stepped raw before 2026-12-06 (evening); and still is under a coarse level whose
+          step reads the Fisher mini-batch's rows (A-DEF, BALANCED, the faithful residual
+          schedule: none this step). The first step has nothing to precondition with:
+          ``check_statistics`` refuses it.
         * ``"no_gradient"``: no layer has a gradient and ``batch`` holds no statistics (a
           ``step()`` before any backward): as a torch optimizer, nothing changes, and the
           capture stays armed for the coming forward. A zeroed ``.grad`` of a layer without
@@ -177,5 +179,6 @@ class CaptureSchedule:
             if not used_layers(pre.layers, pre.factors, pre.active, (), capturing=False):
                 return "no_gradient"
         ready = all(pre.factors[name].ready for name in pre.active)
-        zero = empty and all(zero_gradient(pre.layers[name]) for name in pre.active)
+        rows = pre.coarse_level is not None and pre.coarse_level.reads_statistics
+        zero = rows or all(zero_gradient(pre.layers[name]) for name in pre.active)
         return "empty_batch" if empty and ready and zero else None
