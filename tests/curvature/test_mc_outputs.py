@@ -94,3 +94,12 @@ def test_gaussian_outputs_the_loss_ignores_are_warned_of() -> None:
         assert len(said) == int(warns)
         if warns:
             assert "3 of the 6 output elements" in str(said[0].message)
+    relu = nn.Sequential(nn.Linear(4, 6), nn.ReLU())  # outputs 0 where their targets are
+    with torch.no_grad():
+        relu[0].bias[3:] = -100.0
+    opt = tk.KFAC(relu, likelihood="gaussian", loss_reduction="mean", cov_interval=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target = torch.cat([noise, torch.zeros(8, 3)], 1)
+        F.mse_loss(relu(x), target).backward()  # (read, its gradient 0: not warned of)
+        opt.step()

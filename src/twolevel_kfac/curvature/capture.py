@@ -283,7 +283,7 @@ class CurvatureCapture:
         loss = self._sampled_loss(samples, forward, class_dim)
         keys = [(name, i) for name, outs in forward.outputs.items() for i in range(len(outs))]
         edges = [forward.outputs[n][i] for n, i in keys]
-        misuse.warn_backward_hooks(self.layers, self._warned)  # (Opacus: run by the MC pass)
+        misuse.warn_backward_hooks(self.model, self._warned)  # (Opacus: run by the MC pass)
         grads = sampled_gradients(loss, edges)
         reached = {n for (n, _), grad in zip(keys, grads, strict=True) if grad is not None}
         self._unreached |= set(forward.outputs) - reached  # judged at take()

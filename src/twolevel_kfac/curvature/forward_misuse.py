@@ -8,9 +8,9 @@ hooks copied onto the new one), and a batch that is not the first tensor argumen
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from ..warning_level import caller_level
@@ -142,17 +142,27 @@ def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
     )
 
 
-def warn_backward_hooks(layers: Mapping[str, nn.Module], warned: set[str]) -> None:
-    """Warn, once, of layers with module backward hooks at a forward whose Monte-Carlo
-    targets are drawn (``fisher="mc"``): their gradients are taken inside ``model(x)``, and
-    torch runs the hooks there with the sampled gradient. Opacus's per-sample hooks then
-    fail in the user's backward (``IndexError: pop from empty list``)."""
-    hooked = [name for name, m in layers.items() if m._backward_hooks or m._backward_pre_hooks]
-    if not hooked or "backward_hooks" in warned:
+def warn_backward_hooks(model: nn.Module, warned: set[str]) -> None:
+    """Warn, once, of modules with module backward hooks (or global ones) at a forward whose
+    Monte-Carlo targets are drawn (``fisher="mc"``): their gradients are taken inside
+    ``model(x)``, and torch runs the hooks there with the sampled gradient. Opacus's
+    per-sample hooks then fail in the user's backward (``IndexError: pop from empty
+    list``)."""
+    if "backward_hooks" in warned:
+        return
+    hooked = [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if m._backward_hooks or m._backward_pre_hooks
+    ]
+    glob = torch.nn.modules.module
+    if glob._global_backward_hooks or glob._global_backward_pre_hooks:
+        hooked.append("<global>")
+    if not hooked:
         return
     warned.add("backward_hooks")
     warnings.warn(
-        f"layer(s) {hooked[:5]}{' …' if len(hooked) > 5 else ''} have module backward hooks "
+        f"module(s) {hooked[:5]}{' …' if len(hooked) > 5 else ''} have module backward hooks "
         "(register_full_backward_hook; Opacus's per-sample gradients): under fisher='mc' the "
         "sampled targets' gradients are taken inside model(x), and torch runs these hooks "
         "there with them, before the loss's backward. Opacus then fails in loss.backward() "

@@ -201,15 +201,20 @@ def warn_loss_gradient(
         warnings.warn(problem[1], RuntimeWarning, stacklevel=caller_level())
 
 
-def warn_ignored_features(grad: Tensor, warned: set[str]) -> None:
+def warn_ignored_features(grad: Tensor, values: Tensor, warned: set[str]) -> None:
     """Warn, once, where the loss's gradient at a ``gaussian`` output ``[N, …]`` is exactly 0
-    at some of its elements for every sample: the Monte-Carlo Fisher samples every element
-    at unit variance, so its ``G`` counts outputs the loss never reads (a diffusion model's
-    learned-variance channels beside the predicted noise: ``G`` 0.25 on every channel where
-    the loss's Fisher is 1 on the three it reads, 0 on the others, in a trial)."""
+    at some of its elements for every sample while the output there is not 0 for some
+    (``values``: a prediction equal to its target, a ReLU output's 0 on a zero border, is
+    read): the Monte-Carlo Fisher samples every element at unit variance, so its ``G``
+    counts outputs the loss never reads (a diffusion model's learned-variance channels
+    beside the predicted noise: ``G`` 0.25 on every channel where the loss's Fisher is 1
+    on the three it reads, 0 on the others, in a trial)."""
     if "ignored_features" in warned or grad.dim() < 2 or len(grad) < 2:
         return
+    flat = values.reshape(len(grad), -1) if values.numel() == grad.numel() else None
     ignored = (grad.reshape(len(grad), -1) == 0).all(dim=0)
+    if flat is not None:
+        ignored &= (flat != 0).any(dim=0)
     count, total = int(ignored.sum()), ignored.numel()
     if count == 0 or count == total:
         return
@@ -252,6 +257,6 @@ def watch_loss_gradient(
             grad, mask = grad.reshape(view), forward.mask
             warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
         elif likelihood == "gaussian":
-            warn_ignored_features(grad.reshape(view), warned)
+            warn_ignored_features(grad.reshape(view), values, warned)
 
     on_gradient(output, backward_hook)
