@@ -1312,11 +1312,14 @@ def test_mc_leaves_a_detached_branch_alone_and_refuses_a_loss_of_its_own() -> No
 def test_functional_calls_beside_the_optimizer_feed_it_nothing() -> None:
     """``torch.func.functional_call`` (per-sample gradients with ``vmap(grad(...))``, an
     evaluation with other weights) runs the model with swapped-in parameters: no crash, no
-    statistics; the optimizer's steps are those of a run without it."""
+    statistics, no warning (their gradients do not reach ``.grad``: the swapped-forward
+    warning of a review's DP-SGD recipe); the optimizer's steps are those of a run
+    without it."""
     from torch.func import functional_call, grad, vmap
 
     x, y = batch(6)
     results = []
+    warnings.simplefilter("error")  # (pytest restores the filters after the test)
     for with_calls in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))

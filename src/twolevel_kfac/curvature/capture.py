@@ -144,8 +144,8 @@ class CurvatureCapture:
         gradients, not recomputed inside a backward (activation checkpointing), and with the
         layers' own weights and biases (``torch.func.functional_call`` swaps in others)."""
         armed = self.active and module.training and torch.is_grad_enabled() and not in_backward()
-        self.alone.swapped = armed and parameters_swapped(self._weights)
-        return armed and not self.alone.swapped
+        self.alone.swapped = parameters_swapped(self._weights) if armed else None
+        return armed and self.alone.swapped is None
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
         """The positions of the next forward's logits that its loss counts (``[N, T]`` for

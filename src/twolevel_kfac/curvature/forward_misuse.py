@@ -185,7 +185,7 @@ class OutsideCalls:
         self.before_root, self.root_called, self.warned = False, False, False
         self.inside = False  # a forward of the module in flight (functional_call's too)
         self.names: set[str] = set()
-        self.swapped = False  # the forward in flight runs on other tensors than its weights
+        self.swapped: str | None = None  # the forward in flight runs on other tensors (hooks)
         self.swapped_reached = self.swapped_warned = False
 
     def note(self, name: str, output: Tensor, backward: bool) -> None:
@@ -202,9 +202,9 @@ class OutsideCalls:
         """The module's forward returned; one that ran on other tensors than the layers'
         weights (``torch.func.functional_call``: not captured) is watched for a backward."""
         self.inside, main = False, main_output(output)
-        if self.swapped and main is not None and main.requires_grad:
+        if self.swapped == "computed" and main is not None and main.requires_grad:
             on_gradient(main, lambda _: setattr(self, "swapped_reached", True))
-        self.swapped = False
+        self.swapped = None
 
     def judge(self, captured: bool) -> None:
         """At the step: warn of the layers whose outside calls reached a backward, and of a

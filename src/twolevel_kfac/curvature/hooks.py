@@ -32,10 +32,16 @@ def registered_parameters(layers: dict[str, nn.Module]) -> Registered:
     return [(m, key, m._parameters.get(key)) for m in layers.values() for key in ("weight", "bias")]
 
 
-def parameters_swapped(registered: Registered) -> bool:
+def parameters_swapped(registered: Registered) -> str | None:
     """Whether a layer runs with other parameters than :func:`registered_parameters` saw
-    (``torch.func.functional_call`` swaps them in for its forward)."""
-    return any(m._parameters.get(key) is not p for m, key, p in registered)
+    (``torch.func.functional_call`` swaps them in for its forward): ``"computed"`` where one
+    of them is computed from other tensors (fast weights ``θ − α∇``, perturbed weights
+    ``θ + ε``, whose gradient reaches the parameters' ``.grad``), ``"other"`` (detached
+    copies, an ensemble's stacked leaves, ``vmap``'s per-sample copies), else ``None``."""
+    swapped = [t for m, key, p in registered if (t := m._parameters.get(key)) is not p]
+    if not swapped:
+        return None
+    return "computed" if any(t is not None and t.grad_fn is not None for t in swapped) else "other"
 
 
 def in_backward() -> bool:
