@@ -335,6 +335,10 @@ def one_forward_run(how: str, fisher: str = "empirical") -> nn.Module:
     elif how in ("probe", "saliency"):  # a gradient-norm probe or a saliency map after it
         l2.backward(retain_graph=True)
         torch.autograd.grad(l1, params if how == "probe" else [x])
+    elif how == "grads_then_sum":  # per-task autograd.grad, then one backward of the sum
+        torch.autograd.grad(l1, params, retain_graph=True)
+        torch.autograd.grad(l2, params, retain_graph=True)
+        (l1 + l2).backward()
     elif how == "pcgrad":  # per-task gradients through the one forward, then composed
         tasks = []
         for loss in (l1, l2):
@@ -346,7 +350,7 @@ def one_forward_run(how: str, fisher: str = "empirical") -> nn.Module:
         if how == "dropped":
             opt.zero_grad()
         l2.backward()
-    if how in ("pcgrad", "sum_assigned"):  # (the same composed gradient, from a twin)
+    if how in ("pcgrad", "sum_assigned", "grads_then_sum"):  # (a composed gradient, from a twin)
         twin = copy.deepcopy(model)  # (its hooks are inert)
         twin_out, twin_params = twin(x), list(twin.parameters())
         g1 = torch.autograd.grad(F.cross_entropy(twin_out, y), twin_params, retain_graph=True)
@@ -367,7 +371,7 @@ def test_two_backwards_through_one_forward_take_the_step_of_their_sum(fisher: st
     saliency map: 0.4–0.98 off); per-task gradients through the one forward, composed
     and assigned (PCGrad), count every task (the last alone: 2.8 off)."""
     pairs = [("two", "sum"), ("dropped", "last"), ("attack", "last"), ("probe", "last")]
-    pairs += [("saliency", "last"), ("pcgrad", "sum_assigned")]
+    pairs += [("saliency", "last"), ("pcgrad", "sum_assigned"), ("grads_then_sum", "sum_assigned")]
     for how, same in pairs:
         for a, b in zip(
             one_forward_run(how, fisher).parameters(),

@@ -98,6 +98,7 @@ def _counting(param: Tensor) -> Callable[[Tensor], None]:
 _TASKS = "_tlkfac_tasks"  # on a .grad: the backwards (graph tasks) accumulated into it
 _COMPUTED = "_tlkfac_computed"  # on a parameter: the backwards that computed its gradient
 _FRESH = "_tlkfac_fresh"  # on a parameter: its next accumulation starts a new .grad
+_ACCUMULATED = "_tlkfac_accumulated"  # on a parameter: the backwards accumulated since a step
 
 
 def _written(param: Tensor) -> None:
@@ -110,6 +111,7 @@ def _written(param: Tensor) -> None:
         tasks = [] if getattr(param, _FRESH, True) else getattr(grad, _TASKS, [])
         setattr(grad, _TASKS, [*tasks, graph_task()])
         setattr(param, _FRESH, False)
+        setattr(param, _ACCUMULATED, {*getattr(param, _ACCUMULATED, ()), graph_task()})
 
 
 class Marks:
@@ -190,24 +192,32 @@ def still_held(module: nn.Module, seen: int) -> bool:
 def held_deltas(records: Mapping[str, Sequence[Record]], layers: dict[str, nn.Module]) -> None:
     """At the step: each record's ``δ``, the sum of those of the backwards through its call
     (``record.parts``, empirical) whose gradients are in the layer's ``.grad``: the
-    backwards that accumulated into it since it was made or last dropped, or, where the
-    user assigned it (a composition: PCGrad's projected per-task gradients), every backward
-    that computed the layer's gradient. A ``torch.autograd.grad`` of the parameters or of
-    the input after the training backward (a gradient-norm probe, a saliency map) adds
-    nothing (0.4–0.98 off before 2026-12-06 (evening)), and PCGrad's tasks all count (the
-    last task's alone were kept: 2.8 off). Without what torch tells (an older torch), the
-    ``δ`` the hooks kept stand."""
+    backwards that accumulated into it since it was made or last dropped; or, where the
+    user assigned it (a composition), those of its forward's backwards that accumulated
+    into a ``.grad`` since the last step (PCGrad's per-task ``backward()``s between
+    ``zero_grad()``s; one backward of the summed losses beside per-task
+    ``autograd.grad``s), else all that computed the layer's gradient (per-task
+    ``autograd.grad``s). A ``torch.autograd.grad`` after the training backward (a
+    gradient-norm probe, a saliency map) adds nothing (0.4–0.98 off before 2026-12-06
+    (evening)), and PCGrad's tasks all count (the last task's alone were kept: 2.8 off).
+    Without what torch tells (an older torch), the ``δ`` the hooks kept stand."""
     for name, module in layers.items():
         main = block_parameters(module)[0]
         grad = main.grad
         computed = getattr(main, _COMPUTED, None)
+        accumulated: set[int | None] = getattr(main, _ACCUMULATED, set())
         setattr(main, _COMPUTED, set())
-        kept = computed if getattr(grad, _WRITTEN, None) is None else getattr(grad, _TASKS, None)
+        setattr(main, _ACCUMULATED, set())
+        composed = getattr(grad, _WRITTEN, None) is None
+        kept = computed if composed else getattr(grad, _TASKS, None)
+        kept = None if kept is None else set(kept)
         if grad is None or kept is None or None in kept:
             continue
         for record in records.get(name, ()):
+            tasks = {task for task, _ in record.parts}
+            chosen_tasks = (tasks & accumulated or tasks & kept) if composed else tasks & kept
+            chosen = [delta for task, delta in record.parts if task in chosen_tasks]
             if record.parts:
-                chosen = [delta for task, delta in record.parts if task in kept]
                 record.grad = sum(chosen[1:], chosen[0]) if chosen else None
 
 
