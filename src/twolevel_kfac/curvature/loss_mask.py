@@ -193,7 +193,8 @@ def warn_loss_gradient(
                     "multi-label BCE output, likelihood='gaussian' or 'bernoulli'; for a module "
                     "whose output is not the model's logits (an optimizer built on a backbone "
                     "whose head runs outside it), build it on the whole model with params= the "
-                    "layers it preconditions"
+                    f"layers it preconditions; and check class_dim (now {class_dim}) names "
+                    "the dimension the loss's softmax runs over"
                 ),
             )
     if problem is not None and problem[0] not in warned:
