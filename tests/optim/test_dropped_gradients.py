@@ -379,3 +379,73 @@ def test_two_backwards_through_one_forward_take_the_step_of_their_sum(fisher: st
             strict=True,
         ):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sam_by_autograd_grad_assigned_takes_the_second_forward() -> None:
+    """SAM with both gradients from ``torch.autograd.grad`` and ``p.grad = g2``: ``.grad`` is
+    the very tensor the second pass computed, so that pass alone counts (both forwards
+    did before 2026-12-06 (evening): 0.73–0.86 off the usual loop's step)."""
+    results = []
+    for by_grad in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+        opt = tk.KFAC(model, fisher="empirical", **OPTIONS)
+        params = list(model.parameters())
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(2):
+            x = torch.randn(8, 3, dtype=torch.float64, generator=gen)
+            y = torch.randint(0, 4, (8,), generator=gen)
+            opt.zero_grad()
+            if by_grad:
+                first = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            else:
+                F.cross_entropy(model(x), y).backward()
+                first = tuple(p.grad.clone() for p in params)
+            norm = torch.sqrt(sum((g * g).sum() for g in first))
+            moves = [0.5 * g / norm for g in first]
+            with torch.no_grad():
+                for p, e in zip(params, moves, strict=True):
+                    p.add_(e)
+            opt.zero_grad()
+            if by_grad:
+                second = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+                for p, g in zip(params, second, strict=True):
+                    p.grad = g
+            else:
+                F.cross_entropy(model(x), y).backward()
+            with torch.no_grad():
+                for p, e in zip(params, moves, strict=True):
+                    p.sub_(e)
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in params]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14)
+
+
+def test_a_head_whose_backward_was_dropped_folds_nothing() -> None:
+    """``l1.backward(retain_graph=True); zero_grad(); l2.backward()``: the head only ``l1``
+    reaches has no gradient at the step, and its factors keep what they were (they took
+    ``l1``'s statistics before 2026-12-06 (evening): its next step 0.2 off)."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 4), nn.Linear(6, 4)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            h = torch.tanh(self.trunk(x))
+            return self.a(h), self.b(h)
+
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    opt = tk.KFAC(model, fisher="empirical", **OPTIONS)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 4, (8,))
+    for drop in (False, True):
+        opt.zero_grad()
+        out_a, out_b = model(x)
+        F.cross_entropy(out_a, y).backward(retain_graph=True)
+        if drop:
+            before = opt.preconditioner.factors["a"].G.clone()
+            opt.zero_grad()
+        F.cross_entropy(out_b, y).backward()
+        opt.step()
+    assert torch.equal(opt.preconditioner.factors["a"].G, before)

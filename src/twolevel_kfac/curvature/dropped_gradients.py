@@ -91,6 +91,7 @@ def _counting(param: Tensor) -> Callable[[Tensor], None]:
             setattr(held, _WRITES, getattr(held, _WRITES, 0) + 1)
             setattr(held, _COMPUTED, {*getattr(held, _COMPUTED, ()), graph_task()})
             setattr(held, _FRESH, _dropped(held.grad))  # (what it accumulates into is gone)
+            setattr(grad, _FROM, graph_task())  # (autograd.grad hands this tensor back)
 
     return count
 
@@ -99,6 +100,7 @@ _TASKS = "_tlkfac_tasks"  # on a .grad: the backwards (graph tasks) accumulated 
 _COMPUTED = "_tlkfac_computed"  # on a parameter: the backwards that computed its gradient
 _FRESH = "_tlkfac_fresh"  # on a parameter: its next accumulation starts a new .grad
 _ACCUMULATED = "_tlkfac_accumulated"  # on a parameter: the backwards accumulated since a step
+_FROM = "_tlkfac_from"  # on a computed gradient: its backward (assigned as is: that one's)
 
 
 def _written(param: Tensor) -> None:
@@ -133,21 +135,31 @@ class Marks:
                     self.handles.append(param.register_post_accumulate_grad_hook(_written))
 
 
+def _assigned(grad: Tensor | None) -> bool:
+    """Whether a gradient was assigned by the user, not written by a backward: one no
+    backward accumulated into, and not a view (DDP's ``gradient_as_bucket_view`` puts its
+    bucket's view in ``.grad`` after the backward: taken as assigned, a SAM step under DDP
+    was 0.79 off one process's before 2026-12-06 (evening))."""
+    return grad is not None and getattr(grad, _WRITTEN, None) is None and grad._base is None
+
+
 def _composed(layers: dict[str, nn.Module]) -> bool:
     """Whether a layer's gradient was assigned by the user, not written by a backward."""
-    grads = (block_parameters(module)[0].grad for module in layers.values())
-    return any(g is not None and getattr(g, _WRITTEN, None) is None for g in grads)
+    return any(_assigned(block_parameters(module)[0].grad) for module in layers.values())
 
 
 def _dropped(grad: Tensor | None) -> bool:
     """Whether a layer's gradient is gone: ``None``, or changed in place since a backward
     wrote it and zero now (``zero_grad(set_to_none=False)``; a clipped or unscaled one is
-    changed but not zero). One unchanged since its write is read no further."""
+    changed but not zero), or a DDP bucket's view (``gradient_as_bucket_view``, which no
+    backward marks) zero now. One unchanged since its write is read no further."""
     if grad is None:
         return True
     written = getattr(grad, _WRITTEN, None)
-    if written is None or grad._version == written or grad.layout != torch.strided:
+    if grad.layout != torch.strided or grad._version == written:
         return False
+    if written is None and grad._base is None:
+        return False  # (assigned by the user)
     return not bool(grad.any())
 
 
@@ -208,11 +220,14 @@ def held_deltas(records: Mapping[str, Sequence[Record]], layers: dict[str, nn.Mo
         accumulated: set[int | None] = getattr(main, _ACCUMULATED, set())
         setattr(main, _COMPUTED, set())
         setattr(main, _ACCUMULATED, set())
-        composed = getattr(grad, _WRITTEN, None) is None
+        composed = _assigned(grad)
         kept = computed if composed else getattr(grad, _TASKS, None)
-        kept = None if kept is None else set(kept)
-        if grad is None or kept is None or None in kept:
-            continue
+        if composed and hasattr(grad, _FROM):  # one backward's gradient, assigned as is
+            kept = accumulated = {getattr(grad, _FROM)}
+        kept = set() if grad is None else None if kept is None else set(kept)
+        if kept is None or None in kept or (grad is not None and grad._base is not None):
+            continue  # (what torch does not tell, or a DDP bucket's view, whose marks may be
+            # an earlier backward's: the δ the hooks kept stand)
         for record in records.get(name, ()):
             tasks = {task for task, _ in record.parts}
             chosen_tasks = (tasks & accumulated or tasks & kept) if composed else tasks & kept

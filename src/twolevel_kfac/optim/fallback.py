@@ -214,11 +214,11 @@ def warn_mostly_fallback(
     top = sorted(recurrent, key=recurrent.__getitem__, reverse=True)[:3]
     named = ", ".join(f"{o!r} ({recurrent[o] / total:.0%})" for o in top)
     step = "AdamW" if kind == "adamw" else "momentum SGD on the raw gradient"
+    advice = "" if kind == "adamw" else "; fallback='adamw' gives them AdamW"
     warnings.warn(
         f"recurrent layers hold {fallen / total:.0%} of the parameters this optimizer trains "
         f"({named}): they have no curvature block and take the fallback step ({step}), "
-        "not KFAC's (describe_blocks() lists every parameter; fallback='adamw' gives them "
-        "AdamW)",
+        f"not KFAC's (describe_blocks() lists every parameter{advice})",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
