@@ -156,28 +156,27 @@ def test_a_loops_padded_steps_are_dead_positions(float64: None, method: str) -> 
         moved = float((short[k] - short[0]).norm())
         assert moved > 1e-3
         assert float((short[k] - long[k]).norm()) <= 1e-10 * moved, f"step {k}"
-    torch.manual_seed(0)
-    model = LoopTagger().double()
-    opt = tk.KFAC(model, **SETTINGS)
-    x, y, padding = padded(7)
-    token_loss(model(x, padding), y).backward()
-    opt.step()
-    for name, layer in opt.preconditioner.factors.items():
-        assert layer.num_locations == sum(LENGTHS) / N, name
+    assert len(real_locations(LoopTagger)) == 2
 
 
-def test_padding_is_left_out_of_the_factors(float64: None) -> None:
-    """The factors are those of the real positions: ``T = Σ lengths / N`` (2.5, not 7)."""
+def real_locations(make: Callable[[], nn.Module]) -> dict[str, object]:
+    """The factors after one step on the batch padded to 7: each layer's ``T`` is the mean
+    real length ``Σ lengths / N``."""
     torch.manual_seed(0)
-    model = Tagger().double()
+    model = make().double()
     opt = tk.KFAC(model, **SETTINGS)
     x, y, padding = padded(7)
     token_loss(model(x, padding), y).backward()
     opt.step()
     factors = opt.preconditioner.factors
-    assert len(factors) == 5  # embed, the attention's two projections, mlp, head
     for name, layer in factors.items():
         assert layer.num_locations == sum(LENGTHS) / N, name
+    return dict(factors)
+
+
+def test_padding_is_left_out_of_the_factors(float64: None) -> None:
+    """The factors are those of the real positions: ``T = Σ lengths / N`` (2.5, not 7)."""
+    assert len(real_locations(Tagger)) == 5  # embed, the attention's projections, mlp, head
 
 
 class CausalSelfAttention(nn.Module):

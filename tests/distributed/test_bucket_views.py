@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
+from test_dropped_gradients import sam_ascent
 from worker_pair import gloo_group, run_ranks
 
 HALF = 8
@@ -41,12 +42,7 @@ def loop(net: nn.Module, style: str, rows: slice) -> Tensor:
         opt.zero_grad()
         if style == "sam":
             F.cross_entropy(net(x), y).backward()
-            grads = [p.grad.clone() for p in params]
-            norm = torch.sqrt(sum((g * g).sum() for g in grads))
-            moves = [0.5 * g / norm for g in grads]
-            with torch.no_grad():
-                for p, e in zip(params, moves, strict=True):
-                    p.add_(e)
+            moves = sam_ascent(params, [p.grad.clone() for p in params])
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
             with torch.no_grad():

@@ -7,6 +7,7 @@ between them, all stay."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -381,6 +382,16 @@ def test_two_backwards_through_one_forward_take_the_step_of_their_sum(fisher: st
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def sam_ascent(params: list[Tensor], grads: Sequence[Tensor], rho: float = 0.5) -> list[Tensor]:
+    """SAM's ascent: each parameter moved by ``ρ g/‖g‖``; returns the moves (to undo)."""
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    moves = [rho * g / norm for g in grads]
+    with torch.no_grad():
+        for p, e in zip(params, moves, strict=True):
+            p.add_(e)
+    return moves
+
+
 def test_sam_by_autograd_grad_assigned_takes_the_second_forward() -> None:
     """SAM with both gradients from ``torch.autograd.grad`` and ``p.grad = g2``: ``.grad`` is
     the very tensor the second pass computed, so that pass alone counts (both forwards
@@ -401,11 +412,7 @@ def test_sam_by_autograd_grad_assigned_takes_the_second_forward() -> None:
             else:
                 F.cross_entropy(model(x), y).backward()
                 first = tuple(p.grad.clone() for p in params)
-            norm = torch.sqrt(sum((g * g).sum() for g in first))
-            moves = [0.5 * g / norm for g in first]
-            with torch.no_grad():
-                for p, e in zip(params, moves, strict=True):
-                    p.add_(e)
+            moves = sam_ascent(params, first)
             opt.zero_grad()
             if by_grad:
                 second = torch.autograd.grad(F.cross_entropy(model(x), y), params)
