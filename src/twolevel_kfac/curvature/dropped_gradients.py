@@ -88,10 +88,11 @@ def _counting(param: Tensor) -> Callable[[Tensor], None]:
     def count(grad: Tensor) -> None:
         held = ref()
         if held is not None:
-            setattr(held, _WRITES, getattr(held, _WRITES, 0) + 1)
-            setattr(held, _COMPUTED, {*getattr(held, _COMPUTED, ()), graph_task()})
-            setattr(held, _FRESH, _dropped(held.grad))  # (what it accumulates into is gone)
-            setattr(grad, _FROM, graph_task())  # (autograd.grad hands this tensor back)
+            task, marks = graph_task(), held.__dict__
+            marks[_WRITES] = marks.get(_WRITES, 0) + 1
+            marks.setdefault(_COMPUTED, set()).add(task)
+            marks[_FRESH] = _dropped(held.grad)  # (what it accumulates into is gone)
+            grad.__dict__[_FROM] = task  # (autograd.grad hands this tensor back)
 
     return count
 
@@ -109,11 +110,12 @@ def _written(param: Tensor) -> None:
     accumulated (after those since it was made or last dropped)."""
     grad = param.grad
     if grad is not None:
-        setattr(grad, _WRITTEN, grad._version)
-        tasks = [] if getattr(param, _FRESH, True) else getattr(grad, _TASKS, [])
-        setattr(grad, _TASKS, [*tasks, graph_task()])
-        setattr(param, _FRESH, False)
-        setattr(param, _ACCUMULATED, {*getattr(param, _ACCUMULATED, ()), graph_task()})
+        task, marks, own = graph_task(), param.__dict__, grad.__dict__
+        own[_WRITTEN] = grad._version
+        tasks = [] if marks.get(_FRESH, True) else own.get(_TASKS, [])
+        own[_TASKS] = [*tasks, task]
+        marks[_FRESH] = False
+        marks.setdefault(_ACCUMULATED, set()).add(task)
 
 
 class Marks:

@@ -178,7 +178,8 @@ class CaptureSchedule:
         if (batch is None or not batch.names) and not empty:
             if not used_layers(pre.layers, pre.factors, pre.active, (), capturing=False):
                 return "no_gradient"
-        ready = all(pre.factors[name].ready for name in pre.active)
+        if not (empty and all(pre.factors[name].ready for name in pre.active)):
+            return None
         rows = pre.coarse_level is not None and pre.coarse_level.reads_statistics
         zero = rows or all(zero_gradient(pre.layers[name]) for name in pre.active)
-        return "empty_batch" if empty and ready and zero else None
+        return "empty_batch" if zero else None
