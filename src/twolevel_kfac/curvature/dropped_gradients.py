@@ -29,9 +29,10 @@ backward wrote, they count again (and so does a GAN discriminator's
 gradient written into the backward's tensor (``p.grad.copy_(acc)`` after
 ``zero_grad(set_to_none=False)``, ``p.grad.data = g``): it cannot be told from the
 backward's gradient clipped (``clip_grad_value_``), or averaged by DDP, in place; the
-forwards whose gradients were zeroed stay out (assign ``p.grad = acc`` instead). A second
-backward through the same forward adds its ``δ`` to the first's where that one's
-gradient is still held (:func:`still_held`).
+forwards whose gradients were zeroed stay out (assign ``p.grad = acc`` instead). Of
+several backwards through the same forward, those whose gradients ``.grad`` holds give
+its calls' ``δ`` (:func:`held_deltas`, from the backwards the parameters' hooks saw;
+:func:`still_held` as the backwards run, where torch does not tell the backward).
 """
 
 from __future__ import annotations
