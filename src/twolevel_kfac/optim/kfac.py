@@ -152,8 +152,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         super().__init__(params, {**defaults, "nesterov": bool(nesterov)})
         covered = self.preconditioner.preconditioned_parameters()
         rest = fallback_groups(self.param_groups, covered, params, lr)
-        said = self.param_groups if self.preconditioner.options.unsupported != "ignore" else ()
-        self.fallback = make_fallback(fallback, rest, fallback_options, model, said)
+        watched = self.param_groups if self.preconditioner.options.unsupported != "ignore" else ()
+        self.fallback = make_fallback(fallback, rest, fallback_options, model, watched)
         if self.fallback is not None and self.damping_options.needs_statistics:
             raise ValueError("adaptive damping and qmodel_lr_momentum model every parameter's "
                              "step: use fallback='sgd'")  # fmt: skip
