@@ -143,10 +143,6 @@ def batch_not_first(forward: ForwardPass, output: Any) -> str | None:
     )
 
 
-def _holds(module: nn.Module, layer: nn.Module) -> bool:
-    return any(sub is layer for sub in module.modules())
-
-
 def warn_backward_hooks(model: nn.Module, warned: set[str]) -> None:
     """Warn, once, of modules with module backward hooks (or global ones) at a forward whose
     Monte-Carlo targets are drawn (``fisher="mc"``): their gradients are taken inside
@@ -155,13 +151,12 @@ def warn_backward_hooks(model: nn.Module, warned: set[str]) -> None:
     list``)."""
     if "backward_hooks" in warned:
         return
-    layers = [m for m in model.modules() if layer_type(m) is not None]
     hooked = [  # (a layer, or a module holding one: the root's own hooks run after the pass)
         name
         for name, m in model.named_modules()
         if name
         and (m._backward_hooks or m._backward_pre_hooks)
-        and any(layer is m or _holds(m, layer) for layer in layers)
+        and any(layer_type(sub) is not None for sub in m.modules())
     ]
     glob = torch.nn.modules.module
     if glob._global_backward_hooks or glob._global_backward_pre_hooks:
