@@ -104,7 +104,8 @@ def amp_loss_scale(optimizer: Any, fisher: str) -> float | None:
             f"{type(optimizer).__name__}(fisher='empirical') under GradScaler after "
             "scaler.unscale_(opt): the captured output gradients carry the loss scale, "
             "which is then unknown here. Call scaler.step(opt) without unscale_ (to bound "
-            "the step, use kl_clip: see the README's 'Gradient clipping') or use fisher='mc'"
+            "the step, use kl_clip: see 'Gradient clipping' in docs/training_loops.md) or "
+            "use fisher='mc'"
         )
     return 1.0
 
