@@ -253,6 +253,28 @@ def test_unsupported_layers_warn_or_raise() -> None:
         )
 
 
+def test_modules_refused_for_one_reason_are_one_warning() -> None:
+    """A U-Net decoder's transposed convolutions gave one warning each (a helper's note of
+    2026-12-06): now one warning names them all, and a tie without its bias is one too."""
+    up = [nn.ConvTranspose2d(2, 2, 3) for _ in range(8)]
+    model = nn.Sequential(*up, nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 2, 3, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tk.KFAC(model)
+    refused = [str(w.message) for w in caught if "ConvTranspose2d" in str(w.message)]
+    assert len(refused) == 1, refused
+    assert refused[0].startswith("modules '0', '1', '2', '3', '4', '5' and 2 more: ")
+    assert "their parameters get the un-preconditioned fallback step" in refused[0]
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight  # tied without the bias: no [W, b] block for either
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tk.KFAC(nn.Sequential(a, nn.Tanh(), b, nn.Linear(3, 2)))
+    tied = [str(w.message) for w in caught if "share a weight but not its bias" in str(w.message)]
+    assert tied == [tied[0]] and tied[0].startswith("modules '0', '2': modules '0' and '2'")
+
+
 class LinearInOut(nn.Module):
     """transformers' ``Conv1D``: ``x @ W + b`` with ``W`` stored ``[in, out]``."""
 

@@ -2,9 +2,9 @@
 
 :func:`find_layers` walks ``model.named_modules()`` and keeps the trainable layers of the
 types :mod:`.layer_types` registers (``Linear``, ``Embedding``, ``Conv1d/2d/3d``, norms with
-``norm_blocks``, ``MultiheadAttention``'s projections, a user's own)
-whose parameters the optimizer owns. Three situations would
-make a block silently wrong, and are resolved here, before any step:
+``norm_blocks``, ``MultiheadAttention``'s projections, a user's own) whose parameters the
+optimizer owns. Four situations would make a block silently wrong; they are resolved here,
+before any step (modules refused for one reason are named in one warning):
 
 * **Tied weights** (``b.weight = a.weight``): one parameter, several modules. The layers
   form *one* block, registered under the first module's name, whose statistics sum over
@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from ..warning_level import caller_level
@@ -49,6 +49,7 @@ from .blocks import (
     own_statistics,
 )
 from .layer_types import layer_type, registered_types
+from .param_format import parameter_ids
 from .scale_shift import is_scale_shift
 from .unknown_layers import warn_unknown_layers
 
@@ -69,8 +70,6 @@ __all__ = [
     "find_layer_uses",
     "find_layers",
     "is_supported",
-    "materialize_params",
-    "parameter_ids",
     "supported_layers",
     "unsupported_reason",
 ]
@@ -121,18 +120,6 @@ def is_supported(module: nn.Module) -> bool:
     return layer_type(module) is not None and unsupported_reason(module) is None
 
 
-def materialize_params(params: Iterable[Any]) -> list[Any]:
-    """``params`` as ``torch.optim`` takes them, with every iterable made a list (a
-    generator such as ``layer.parameters()`` would be empty once read)."""
-    out: list[Any] = []
-    for item in params:
-        if isinstance(item, dict) and not isinstance(item.get("params"), Tensor):
-            out.append({**item, "params": list(item.get("params", []))})
-        else:
-            out.append(item)
-    return out
-
-
 def added_layers(model: nn.Module, param_group: dict[str, Any], done: set[int]) -> list[str]:
     """The layers of ``model`` with a block whose parameters (its bias alone, in BitFit)
     come with ``param_group`` (``add_param_group``) and are not among those preconditioned
@@ -146,27 +133,6 @@ def added_layers(model: nn.Module, param_group: dict[str, Any], done: set[int]) 
             id(p) in ids and id(p) not in done for p in block_parameters(module) if p is not None
         )
     ]
-
-
-def parameter_ids(params: Iterable[object]) -> set[int]:
-    """The ``id`` of every tensor in ``params``, given as ``torch.optim`` takes them:
-    tensors, ``(name, tensor)`` pairs (``named_parameters()``), or parameter-group dicts
-    whose ``"params"`` is one of those or a tensor."""
-    ids: set[int] = set()
-    for item in params:
-        if isinstance(item, dict):
-            group = item.get("params", [])
-            ids |= parameter_ids([group] if isinstance(group, Tensor) else group)
-        elif isinstance(item, Tensor):
-            ids.add(id(item))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
-            ids.add(id(item[1]))
-        else:
-            raise TypeError(
-                "params must hold tensors or parameter-group dicts (torch.optim's format); "
-                f"got {type(item).__name__}"
-            )
-    return ids
 
 
 def _check_batch_first(model: nn.Module) -> None:
@@ -186,19 +152,25 @@ def _check_batch_first(model: nn.Module) -> None:
             )
 
 
-def _report(name: str, reason: str, unsupported: str) -> None:
-    if unsupported == "error":
-        raise ValueError(
-            f"module {name or '<root>'!r}: {reason}; unsupported='error' refuses it. Leave "
-            "its parameters out of params= (another optimizer for them), or pass "
-            "unsupported='warn' or 'ignore' to give them the un-preconditioned fallback step"
-        )
-    message = (
-        f"module {name or '<root>'!r}: {reason}; its parameters get the un-preconditioned "
-        "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW)"
-    )
-    if unsupported == "warn":
-        warnings.warn(message, stacklevel=caller_level())
+def _report(refused: dict[str, list[str]], unsupported: str) -> None:
+    """Refuse the first module (``unsupported="error"``) or warn once per reason, naming
+    every module refused for it (a U-Net's four transposed convolutions: one warning)."""
+    for reason, names in refused.items():
+        if unsupported == "error":
+            raise ValueError(
+                f"module {names[0] or '<root>'!r}: {reason}; unsupported='error' refuses it. "
+                "Leave its parameters out of params= (another optimizer for them), or pass "
+                "unsupported='warn' or 'ignore' to give them the un-preconditioned fallback step"
+            )
+        listed = ", ".join(repr(n or "<root>") for n in names[:6])
+        listed += f" and {len(names) - 6} more" if len(names) > 6 else ""
+        if unsupported == "warn":
+            warnings.warn(
+                f"module{'s' * (len(names) > 1)} {listed}: {reason}; "
+                f"{'their' if len(names) > 1 else 'its'} parameters get the un-preconditioned "
+                "fallback step (fallback='sgd': momentum SGD; 'adamw': AdamW)",
+                stacklevel=caller_level(),
+            )
 
 
 def _check_ownership(name: str, module: nn.Module, owned: set[int]) -> bool:
@@ -262,6 +234,7 @@ def find_layers(
     _check_batch_first(model)
     layers: dict[str, nn.Module] = {}
     refused: set[int] = set()  # ids of parameters of refused modules
+    reasons: dict[str, list[str]] = {}  # reason -> the modules refused for it
     skip: list[str] = []  # prefixes of the children of functional containers
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in skip):
@@ -276,7 +249,7 @@ def find_layers(
             if owned is not None and not any(id(p) in owned for p in module.parameters()):
                 continue
         if reason is not None:
-            _report(name, reason, unsupported)
+            reasons.setdefault(reason, []).append(name)
             refused |= {id(p) for p in module.parameters()}
             continue
         blocks = [(name, module)] if is_supported(module) else []
@@ -292,6 +265,7 @@ def find_layers(
                 owned is not None and _check_ownership(block_name, layer, owned)
             ):
                 layers[block_name] = layer
+    _report(reasons, unsupported)
     warn_unknown_layers(
         model,
         lambda m: (
@@ -368,11 +342,14 @@ def _resolve_ties(
                     "weight; KFAC has no [W, b] block for them"
                 )
             owner[id(param)] = name
+    _report(
+        {reason: [n for n in layers if bad.get(n) == reason] for reason in bad.values()},
+        unsupported,
+    )
     kept = {}
     for name, module in layers.items():
-        if name in bad:
-            _report(name, bad[name], unsupported)
-        elif first[id(main := block_parameters(module)[0])] == name and id(main) not in refused:
+        main = block_parameters(module)[0]
+        if name not in bad and first[id(main)] == name and id(main) not in refused:
             kept[name] = module
     return kept
 

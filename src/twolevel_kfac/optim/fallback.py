@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..curvature.blocks import bias_only, own_statistics
-from ..curvature.discovery import added_layers, parameter_ids
+from ..curvature.discovery import added_layers
+from ..curvature.param_format import parameter_ids
 from ..curvature.scale_shift import is_scale_shift
 from ..warning_level import caller_level
 from .options import check_choice

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim.sgd import sgd as sgd_update
 
 from ..curvature.blocks import block_parameters
-from ..curvature.discovery import materialize_params
+from ..curvature.param_format import materialize_params
 from ..finite import all_finite
 from .amp import amp_loss_scale, forget_amp_state, forgets_amp_state_on_error
 from .damping import (
