@@ -574,3 +574,67 @@ def test_flattened_logits_have_positions_only_where_proved_sample_major() -> Non
     assert output_positions(logits, None, 4, lambda t: True) == 2
     assert output_positions(logits, None, 4, lambda t: False) is None
     assert output_positions(torch.zeros(7, 3), None, 4, lambda t: True) is None
+
+
+class DropPathBlock(nn.Module):
+    """A residual block whose branch (two position-wise ``Linear`` layers, the only trained
+    layers of the ``[N, T]`` layout) stochastic depth drops for some samples, then a fixed
+    per-position read-out: every position of a dropped sample has ``δ = 0`` in both layers,
+    yet its loss terms depend on it through the residual path."""
+
+    def __init__(self, keep: Tensor) -> None:
+        super().__init__()
+        self.pw1, self.pw2 = nn.Linear(E, 2 * E), nn.Linear(2 * E, E)
+        self.register_buffer("keep", keep)
+        self.register_buffer("readout", torch.randn(E, C))
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch = self.pw2(torch.tanh(self.pw1(x)))
+        return (x + self.keep[:, None, None] * branch) @ self.readout
+
+
+@pytest.mark.parametrize("method", ["kfac", "nicolaides"])
+def test_a_sample_that_stochastic_depth_dropped_keeps_its_positions(
+    float64: None, method: str
+) -> None:
+    """The dropped samples are samples with ``δ = 0``, not padding: the step is the oracle's
+    KFAC over all ``N·T`` positions (≤ 1e-12; left out before 2026-12-06 (late), 0.15–0.56
+    off in a segmentation net). The same samples with no loss term stay dead."""
+    from tests.oracles import dense_kfac_update
+
+    torch.manual_seed(0)
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    model = DropPathBlock(keep).double()
+    x, y = torch.randn(N, 5, E, dtype=torch.float64), torch.randint(0, C, (N, 5))
+    expected = dense_kfac_update(model, token_loss, x, y, damping=SETTINGS["damping"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = OPTIMIZERS[method](model, **{**SETTINGS, "lr": 1.0, "ema_decay": 0.0})
+    opt.zero_grad()
+    token_loss(model(x), y).backward()
+    opt.step()
+    if method == "kfac":
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(
+                p.detach() - before[name], expected[name], rtol=1e-10, atol=1e-12
+            )
+    assert opt.preconditioner.factors["pw1"].num_locations == 5
+    silent = y.masked_fill(keep[:, None] == 0, IGNORE)  # the dropped samples without a loss term
+    opt.zero_grad()
+    token_loss(model(x), silent).backward()
+    opt.step()
+    assert opt.preconditioner.factors["pw1"].num_locations == 5 * 2 / N  # theirs left out
+
+
+def test_under_mc_a_dropped_sample_stays_in_the_factors(float64: None) -> None:
+    """Under ``fisher="mc"`` the sampled loss reaches the dropped samples through the
+    residual path too: ``A`` of the branch's first layer is that of all ``N·T`` inputs."""
+    torch.manual_seed(0)
+    model = DropPathBlock(torch.tensor([1.0, 0.0, 1.0, 0.0])).double()
+    opt = tk.KFAC(model, **{**SETTINGS, "fisher": "mc", "ema_decay": 0.0})
+    x = torch.randn(N, 5, E, dtype=torch.float64)
+    token_loss(model(x), torch.randint(0, C, (N, 5))).backward()
+    opt.step()
+    rows = torch.cat([x, torch.ones(N, 5, 1, dtype=x.dtype)], -1).reshape(N * 5, -1)
+    factors = opt.preconditioner.factors["pw1"]
+    assert factors.num_locations == 5
+    torch.testing.assert_close(factors.A, rows.T @ rows / (N * 5))

@@ -50,13 +50,14 @@ class Call(NamedTuple):
     positions: int | None = None  # that forward's output positions per sample
     padding: Tensor | None = None  # that forward's real positions (set_padding_mask)
     batch: int = 0  # that forward's batch size (its Fisher mini-batch may be fewer)
+    reached: Tensor | None = None  # that forward's samples with a loss term (live_positions)
 
     @classmethod
     def of(cls, record: Record) -> Call:
         """The call of a captured record."""
         owner = record.owner
         return cls(record.module, record.inputs, record.grad, record.reshaped, id(owner),
-                   owner.positions, owner.padding, owner.batch_size)  # fmt: skip
+                   owner.positions, owner.padding, owner.batch_size, owner.reached)  # fmt: skip
 
 
 Forward = tuple[int, list[Call]]
@@ -102,17 +103,19 @@ class CapturedBatch:
 
     def __iter__(self) -> Iterator[tuple[str, LayerStats]]:
         if self._dead is None:  # before any layer's records are dropped
-            self._dead = dead_positions(  # of forwards with output positions or padding
-                PositionGrads(
-                    call.forward, name, call_rows(call, samples), bool(call.positions), call.padding
-                )
+            grads = (  # of forwards with output positions or padding
+                PositionGrads(c.forward, name, call_rows(c, n), bool(c.positions), c.padding)
                 for name, forwards in self._forwards.items()
-                for samples, calls in forwards
-                for call in calls
-                if call.grad is not None
-                and position_wise(call.module)
-                and (call.positions or call.padding is not None)
+                for n, calls in forwards
+                for c in calls
+                if c.grad is not None
+                and position_wise(c.module)
+                and (c.positions or c.padding is not None)
             )
+            reached = {
+                c.forward: c.reached for fs in self._forwards.values() for _, cs in fs for c in cs
+            }
+            self._dead = dead_positions(grads, reached.get)
         while self._forwards:
             name = next(iter(self._forwards))
             forwards = self._forwards.pop(name)  # its records go with its statistics

@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .hooks import on_gradient
 from .layer_types import layer_type, linear_features
 from .padding_mask import check_padding_unreached
 
 if TYPE_CHECKING:
     from .blocks import LayerStats
+    from .forward_pass import ForwardPass
 
 __all__ = [
     "PositionGrads",
@@ -52,6 +54,7 @@ __all__ = [
     "output_positions",
     "position_mean",
     "position_wise",
+    "watch_positions",
 ]
 
 
@@ -87,6 +90,27 @@ def output_positions(
     return count if count > 1 else None
 
 
+def watch_positions(
+    output: object, class_dim: int | None, forward: ForwardPass, in_order: Callable[[Tensor], bool]
+) -> None:
+    """Set ``forward.positions`` (:func:`output_positions`) and, for an output with positions,
+    hook its gradient: ``forward.reached`` (``[N]``, the Fisher mini-batch's samples) marks
+    the samples whose loss gradient there is not zero in some backward through it (the
+    sampled loss's under ``fisher="mc"``, the user's), samples with a loss term."""
+    forward.positions = output_positions(output, class_dim, forward.batch_size, in_order)
+    main = output.get("logits") if isinstance(output, dict) else output
+    if not forward.positions or not isinstance(main, Tensor) or not main.requires_grad:
+        return
+
+    def reached(grad: Tensor) -> None:
+        some = grad.detach().reshape(forward.batch_size, -1).ne(0).any(dim=1)
+        if forward.index is not None:
+            some = some.index_select(0, forward.index.to(some.device))
+        forward.reached = some if forward.reached is None else forward.reached | some
+
+    on_gradient(main, reached)
+
+
 class PositionGrads(NamedTuple):
     """A position-wise layer call's output gradients ``[N, T, d]`` in its forward."""
 
@@ -116,13 +140,20 @@ def loop_calls(grads: Iterable[PositionGrads]) -> list[PositionGrads]:
     return items
 
 
-def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, int], Tensor]:
+def dead_positions(
+    grads: Iterable[PositionGrads], reaching: Callable[[object], Tensor | None] = lambda _: None
+) -> dict[tuple[object, int, int], Tensor]:
     """Per forward and layout ``(key, N, T)``: the positions ``[N, T]`` (bool) whose ``δ`` is
     zero in every one of the position-wise layers' output gradients (``T > 1`` only;
     :class:`PositionGrads`) of a forward whose output has positions. A layout that fewer
     than two layers see marks none: one layer's zeros may be structural (a causal query at
-    position 0) where no other layer tells. Where the forward was given its padding
-    (:mod:`.padding_mask`), the positions it marks in the layouts of its shape are dead too.
+    position 0) where no other layer tells. Nor is a sample whose every position is zero
+    there dead where ``reaching(key)`` (``[N]``: :func:`watch_positions`) has it: the loss
+    depends on it past these layers (a residual branch that stochastic depth dropped for
+    it), so its zeros are real locations, not padding (left out before 2026-12-06 (late): a
+    segmentation net's steps 0.43–0.56 off). Where the
+    forward was given its padding (:mod:`.padding_mask`), the positions it marks in the
+    layouts of its shape are dead too.
 
     Raises:
         ValueError: a layer's ``δ`` is not zero at a position marked as padding.
@@ -140,7 +171,12 @@ def dead_positions(grads: Iterable[PositionGrads]) -> dict[tuple[object, int, in
         if item.automatic:
             live[layout] = reached if layout not in live else live[layout] | reached
             seen.setdefault(layout, set()).add(item.layer)
-    dead = {layout: ~reached for layout, reached in live.items() if len(seen[layout]) > 1}
+    dead = {layout: ~mask for layout, mask in live.items() if len(seen[layout]) > 1}
+    for layout, mask in dead.items():
+        whole = mask.all(dim=1)  # samples with no live position here
+        samples = reaching(layout[0]) if bool(whole.any()) else None
+        if samples is not None and samples.shape == whole.shape:
+            dead[layout] = mask & ~(whole & samples.to(whole.device)).unsqueeze(1)
     for layout, padding in declared.items():
         dead[layout] = padding | dead[layout] if layout in dead else padding
     return dead
