@@ -176,3 +176,32 @@ def test_a_changed_number_of_locations_is_told(
     assert len(told) == (1 if warns else 0)
     if warns:
         assert "layer '0'" in told[0] and "(16 → 49)" in told[0]
+
+
+@pytest.mark.parametrize(
+    ("first", "warns"), [((5, 6, 7, 8), False), ((2, 3, 2, 3), True)]
+)  # real positions per sample at the first capture; at the second (6, 7, 8, 8): T = 7.25
+def test_a_sequences_real_positions_are_told_only_when_they_move_by_half(
+    first: tuple[int, ...], warns: bool
+) -> None:
+    """Batches padded to their longest sequence: the real positions per sample (``T =
+    M/N``) move by tens of percent from batch to batch; told only beyond half (a newcomer's
+    padded language model was warned at every run, and told to use ``reduce``, which does
+    not suit a loss per position), and then without that advice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+    opt = tk.KFAC(model, fisher="empirical", class_dim=-1, cov_interval=2, inv_interval=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for lengths in (first, first, (6, 7, 8, 8), (6, 7, 8, 8)):
+            opt.zero_grad()
+            x, y = torch.randn(4, 8, 3), torch.randint(0, 4, (4, 8))
+            for n, length in enumerate(lengths):
+                y[n, length:] = -100  # padding: no loss term, dead positions
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+            loss.backward()
+            opt.step()
+    told = [str(w.message) for w in caught if "number of locations T" in str(w.message)]
+    assert len(told) == (1 if warns else 0)
+    if warns:
+        assert "(2.5 → 7.25)" in told[0] and "reduce" not in told[0]

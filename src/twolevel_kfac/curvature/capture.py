@@ -56,7 +56,7 @@ from .likelihoods import (
     sampled_nll,
     sampled_output,
 )
-from .live_positions import output_positions
+from .live_positions import watch_positions
 from .loss_mask import counted_mask, watch_loss_gradient
 from .loss_scale import SummedLoss
 from .padding_mask import check_padding_matched, padding_rows, real_positions
@@ -102,6 +102,8 @@ class CurvatureCapture:
         self._next_padding: Tensor | None = None
         self.aligned = False  # rows checked to be the samples in order (row_order)
         self._warned, self._summed = set[str](), SummedLoss()  # (the kinds warned of, once)
+        summed = accumulation_steps if loss_reduction == "sum" else None  # (a token mean?)
+        self._watch_loss = partial(watch_loss_gradient, warned=self._warned, summed_steps=summed)
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers, self._weights = layers, registered_parameters(layers)
         self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
@@ -109,13 +111,11 @@ class CurvatureCapture:
         self._drawn_from: Tensor | None = None  # the generator before this step's draws
         self.accumulation_steps, self.dtypes, self.active = accumulation_steps, dtypes or {}, False
         self.empty_batch, self.alone = False, misuse.OutsideCalls()  # (0 rows at the last take)
-        # since the last take: a forward over 0 rows, one in eval() with gradients
-        self._empty_forward = self._eval_forward = False
+        self._empty_forward = self._eval_forward = False  # since the last take: 0 rows, eval()
         self._forward: ForwardPass | None = None
         self._records: dict[str, list[Record]] = {name: [] for name in layers}
         self._done: list[ForwardPass] = []  # forwards the user's backward reached, by then
-        # The hooks hold the capture weakly, and are removed when it is collected: an
-        # optimizer that is dropped (a notebook cell run again) leaves nothing on the model.
+        # hooks hold the capture weakly: a dropped optimizer leaves nothing on the model
         this = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(WeakHook(this, "_root_pre_hook"), with_kwargs=True),
@@ -123,9 +123,9 @@ class CurvatureCapture:
         uses = uses or {name: [module] for name, module in layers.items()}
         for name, modules in uses.items():
             for module in modules:
-                hook = WeakHook(this, "layer_hook", name)  # first: before a user's hook
+                first = WeakHook(this, "layer_hook", name)  # first: before a user's hook
                 self._handles.append(
-                    module.register_forward_hook(hook, prepend=True, with_kwargs=True)
+                    module.register_forward_hook(first, prepend=True, with_kwargs=True)
                 )
         for attention in attention_modules(model, layers):
             hook = WeakHook(this, "_attention_hook")
@@ -270,7 +270,7 @@ class CurvatureCapture:
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
         in_order = partial(sample_major, forward=forward)  # (logits flattened in forward)
-        forward.positions = output_positions(output, self.class_dim, forward.batch_size, in_order)
+        watch_positions(output, self.class_dim, forward, in_order)  # (and its samples reached)
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
         empirical = self.fisher == "empirical" and forward.index is None
         check_batch_rows(forward, output, empirical)
@@ -290,8 +290,7 @@ class CurvatureCapture:
         for (name, i), grad in zip(keys, grads, strict=True):
             if grad is not None:  # a call whose output does not reach the output: δ = 0
                 forward.records[name][i].grad = fisher_rows(grad.detach(), forward)
-        warned, shape = self._warned, samples.shape
-        watch_loss_gradient(output, shape, forward, class_dim, self.likelihood, warned)
+        self._watch_loss(output, samples.shape, forward, class_dim, self.likelihood)
 
     def _per_sample(self, output: Tensor, forward: ForwardPass) -> tuple[Tensor, int | None]:
         """The model output as ``[N, …]`` with its class dimension (logits flattened inside

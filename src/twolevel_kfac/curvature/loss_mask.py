@@ -231,6 +231,43 @@ def warn_ignored_features(grad: Tensor, values: Tensor, warned: set[str]) -> Non
     )
 
 
+def token_mean_ratio(grad: Tensor, values: Tensor, class_dim: int) -> tuple[float, float]:
+    """``(R, T̄)`` of categorical logits with positions ``[N, T…, C]`` and the training
+    loss's gradient there: ``R = N Σ|g|₁ / Σ 2(1 − Σ_c p_c²)`` over the ``T̄ N`` positions it
+    counts (``g ≠ 0``), ``p`` the output's softmax. Of a loss summed over each sample's
+    positions and divided by ``N`` (``loss_reduction="sum"``), ``N g = p − y``: each term's
+    ``|p − y|₁`` is at least half ``E_{ŷ∼p}|p − e_ŷ|₁ = 2(1 − Σ p²)`` for a hard target at
+    the argmax, more elsewhere, so ``R ≥ ½``; of torch's mean over the tokens ``R/T̄``."""
+    g = grad.movedim(class_dim, -1).reshape(len(grad), -1, grad.shape[class_dim]).float()
+    p = values.movedim(class_dim, -1).reshape(g.shape).float().softmax(dim=-1)
+    counted = g.abs().sum(dim=-1) > 0
+    spread = (2 * (1 - (p * p).sum(dim=-1)))[counted].sum()
+    positions = float(counted.sum()) / max(len(grad), 1)
+    return float(len(grad) * g.abs().sum() / spread) if spread > 0 else math.inf, positions
+
+
+def warn_token_mean(ratio: float, positions: float, warned: set[str]) -> None:
+    """Warn, once, under ``loss_reduction="sum"`` of a loss gradient at categorical logits
+    with positions whose :func:`token_mean_ratio` ``R < ¼`` over ``T̄ ≥ 8`` counted positions
+    per sample: a mean over the tokens (``F.cross_entropy(logits.flatten(0, 1), …)``, the
+    usual language-model loss) whose MC Fisher is then ``T̄²`` times too large for it (a
+    trial: a loss after 100 steps 45× higher than with ``loss_reduction="mean"``)."""
+    if "token mean" in warned or positions < 8 or ratio >= 0.25:
+        return
+    warned.add("token mean")
+    warnings.warn(
+        f"the training loss's gradient at the logits is {ratio:.2g} of what "
+        "loss_reduction='sum' (a loss summed over each sample's positions and divided by "
+        f"the batch size) gives, over {positions:.3g} counted positions per sample: is the "
+        "loss a mean over the tokens (F.cross_entropy(logits.flatten(0, 1), y.flatten()))? "
+        "Then pass loss_reduction='mean', or the Monte-Carlo Fisher is about "
+        f"{positions:.3g}² times too large for it. A loss weighted on purpose is not wrong: "
+        "ignore this then",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
 def watch_loss_gradient(
     output: Tensor,
     view: torch.Size,
@@ -238,12 +275,15 @@ def watch_loss_gradient(
     class_dim: int | None,
     likelihood: str,
     warned: set[str],
+    summed_steps: int | None = None,
 ) -> None:
     """Hook the gradient the user's backward hands the model ``output`` (or the tensor it
     was cast from: :func:`~.hooks.on_gradient`): it marks the forward's backward done,
     refuses a second-order backward through it, and (``categorical``, as ``view``: the
-    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems, (``gaussian``)
-    of :func:`warn_ignored_features`'."""
+    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems and, under
+    ``loss_reduction="sum"`` (``summed_steps``: the micro-batches per step, whose losses are
+    divided by it), :func:`warn_token_mean`'s; (``gaussian``) of
+    :func:`warn_ignored_features`'."""
     categorical, nodes, positions = likelihood == "categorical", inputs_of(output), len(view) > 2
     made = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
     values = output.detach()  # (no copy, no graph)
@@ -257,6 +297,9 @@ def watch_loss_gradient(
         if categorical:
             grad, mask = grad.reshape(view), forward.mask
             warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
+            if positions and summed_steps is not None and "token mean" not in warned:
+                ratio, count = token_mean_ratio(grad, values.reshape(view), class_dim or -1)
+                warn_token_mean(ratio * summed_steps, count, warned)
         elif likelihood == "gaussian":
             warn_ignored_features(grad.reshape(view), values, warned)
 

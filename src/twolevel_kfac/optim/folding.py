@@ -111,25 +111,33 @@ def fold_statistics(
 
 
 def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> None:
-    """Warn (once per preconditioner) where a layer's number of locations ``T`` moved by
-    more than 10 % since its last capture while steps between captures reuse it: the inverse
-    is divided by the last capture's ``T``, so a step on inputs of another size (or with
-    another share of padding) is scaled by their ratio."""
+    """Warn (once per preconditioner) where a layer's number of locations ``T`` moved since
+    its last capture while steps between captures reuse it: the inverse is divided by the
+    last capture's ``T``, so a step on inputs of another size is scaled by their ratio. By
+    more than 10 % for an input's shape (multi-scale training); for a sequence's real
+    positions (``T = M/N``, not an integer: batches padded to their longest sequence, whose
+    share of padding varies by tens of percent from batch to batch, as the tokens the
+    gradient sums do) by more than half, since 2026-12-06 (late) (a warning at every padded
+    language model before, whose advice, ``weight_sharing="reduce"``, is not the choice
+    for a loss with a term per position)."""
     factors = pre.factors.get(name)
     if factors is None or not factors.ready or pre.options.cov_interval == 1 or not locations:
         return
     previous = float(getattr(factors, "num_locations", locations))
-    if abs(locations - previous) <= 0.1 * previous or pre in _WARNED_LOCATIONS:
+    positions = not (float(previous).is_integer() and float(locations).is_integer())
+    bound = 0.5 if positions else 0.1
+    if abs(locations - previous) <= bound * previous or pre in _WARNED_LOCATIONS:
         return
     _WARNED_LOCATIONS.add(pre)
+    fix = "" if positions else ", or weight_sharing='reduce' (no division by T),"
     warnings.warn(
         f"layer {name!r}: its number of locations T (a convolution's output positions, a "
         f"sequence's real positions) changed between two captures ({previous:g} → "
         f"{locations:g}). The steps between captures (cov_interval="
         f"{pre.options.cov_interval}) divide its inverse by the last capture's T, so inputs "
         "whose size changes from step to step (multi-scale training, batches padded to "
-        "their longest sequence) take steps scaled by the ratio of the two T; "
-        "cov_interval=1, or weight_sharing='reduce' (no division by T), avoids it",
+        f"their longest sequence) take steps scaled by the ratio of the two T; "
+        f"cov_interval=1{fix} avoids it",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
