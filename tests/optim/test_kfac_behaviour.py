@@ -216,8 +216,11 @@ def test_load_state_dict_rejects_other_model() -> None:
         ({"inv_interval": 2.5}, "inv_interval must be"),
         ({"lr": -1.0}, "lr must be"),
         ({"kl_clip": -1.0}, "kl_clip must be"),
+        ({"kl_clip": 0}, "kl_clip must be .*; kl_clip=None turns the KL clip off"),
         ({"inverse_method": "cholesky", "damping_mode": "eigen_sum"}, "eigen_sum"),
-        ({"dampign": 1e-3}, "unknown argument"),
+        ({"dampign": 1e-3}, "unknown argument.*did you mean 'damping'"),
+        ({"moment": 0.9}, "did you mean 'momentum'.*it takes: .*lr"),  # its own too
+        ({"adaptive_dampin": True}, "did you mean 'adaptive_damping'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
@@ -906,3 +909,76 @@ def test_a_second_view_through_a_submodule_is_warned_of() -> None:
     loss.backward()
     with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['body'\] ran outside a call"):
         opt.step()
+
+
+def _replace_parameters(model: nn.Module, how: str) -> None:
+    if how == "overwrite_on_conversion":
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.to(torch.float32)  # same dtype, yet every Parameter is a new object
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
+    elif how == "load_state_dict_assign":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+    else:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        last.weight = nn.Parameter(last.weight.detach().clone())
+
+
+@pytest.mark.parametrize("how", ["overwrite_on_conversion", "load_state_dict_assign", "assigned"])
+@pytest.mark.parametrize("build", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
+def test_parameters_replaced_after_building_are_refused(how: str, build: Any) -> None:
+    """A user trial (2026-12-06, late): parameters replaced after the optimizer was built
+    (the optimizer holds the old ones) left the model where it was at every later step,
+    silently (moved by 0.0). Now the step is refused by name before anything moves, after a
+    step or before the first."""
+    x, y = batch()
+    for steps_before in (1, 0):
+        model = mlp()
+        opt = build(model, lr=0.1, fisher="empirical", cov_interval=1, inv_interval=1)
+        for _ in range(steps_before):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        _replace_parameters(model, how)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(ValueError, match=r"is not the parameter it was when the optimizer"):
+            opt.step()
+        assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_a_preconditioner_warns_of_layers_unfrozen_after_it_was_built() -> None:
+    """A user trial (2026-12-06, late): ``KFACPreconditioner(model)`` takes the layers that
+    train when it is built; a body unfrozen later and trained by the torch optimizer beside
+    it (``add_param_group``) kept its raw gradient, silently. Now a warning names it, once;
+    built with ``params=model.parameters()`` it is preconditioned and nothing warns."""
+    x, y = batch()
+    for params in (None, "all"):
+        model = mlp()
+        model[0].requires_grad_(False)
+        given = None if params is None else model.parameters()
+        precond = tk.KFACPreconditioner(model, params=given, fisher="empirical", cov_interval=1)
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model[0].requires_grad_(True)
+        sgd.add_param_group({"params": model[0].parameters()})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                sgd.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                raw = model[0].weight.grad.clone()
+                precond.step()
+                sgd.step()
+        said = [
+            str(w.message)
+            for w in caught
+            if "were frozen when the preconditioner" in str(w.message)
+        ]
+        if params is None:
+            assert len(said) == 1 and said[0].startswith("layer(s) ['0'] were frozen")
+            assert torch.equal(model[0].weight.grad, raw)  # not preconditioned
+        else:
+            assert not said and not torch.equal(model[0].weight.grad, raw)

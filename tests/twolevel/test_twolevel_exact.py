@@ -296,7 +296,7 @@ def test_faithful_refresh_rebuilds_basis_every_step(space: str) -> None:
         ({"coarse_scale": -1.0}, "coarse_scale must be"),
         ({"fine_weight": 0.5, "combination": "adef2"}, "fine_weight"),
         ({"spectral_which": "middle"}, "spectral_which must be one of"),
-        ({"coarse_spcae": "nicolaides"}, "unknown argument"),
+        ({"coarse_spcae": "nicolaides"}, "unknown argument.*did you mean 'coarse_space'"),
     ],
 )
 def test_bad_coarse_arguments_are_named(kwargs: dict[str, object], message: str) -> None:

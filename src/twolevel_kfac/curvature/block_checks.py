@@ -39,11 +39,23 @@ __all__ = [
 @dataclass
 class BlockMemory:
     """:func:`check_blocks`' memory: each layer's weight dtype when the optimizer was built
-    (its statistics', hence its factors' and coarse level's), and each untied layer's
+    (its statistics', hence its factors' and coarse level's) and the ``id`` of its weight
+    and bias then (the parameters the optimizer holds), and each untied layer's
     :func:`block_signature` and factor shapes at its last check."""
 
     dtypes: dict[str, torch.dtype]
     seen: dict[str, object] = field(default_factory=dict)
+    built: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layers: dict[str, nn.Module], dtypes: dict[str, torch.dtype]) -> BlockMemory:
+        """The memory of an optimizer built on ``layers`` now."""
+        return cls(dtypes, built={name: _registered(m) for name, m in layers.items()})
+
+
+def _registered(module: nn.Module) -> tuple[int, int]:
+    """The ``id`` of the module's registered weight and bias (of ``None`` where it has none)."""
+    return id(module._parameters.get("weight")), id(module._parameters.get("bias"))
 
 
 def block_key(module: nn.Module) -> int | None:
@@ -103,7 +115,8 @@ def check_blocks(
             (:func:`check_bias_only`), or its bias or weight was frozen or unfrozen after
             its factors were first estimated (the block's shape changed), or modules tied
             through a frozen weight now train their own biases alone (separate blocks),
-            or its weight changed dtype; the message names the layer and the fix.
+            or its weight changed dtype or was replaced; the message names the layer and the
+            fix.
     """
     for name in dict.fromkeys(names):
         module = layers[name]
@@ -117,6 +130,7 @@ def check_blocks(
         if not trains(module):  # frozen whole: its block is not used, its factors are kept
             continue
         if checked is not None:
+            _check_same(name, module, checked.built.get(name))
             _check_dtype(name, module, checked.dtypes.get(name))
         if len(tied) > 1 and len({block_key(m) for m in tied}) > 1:
             raise ValueError(
@@ -137,6 +151,26 @@ def check_blocks(
             )
         if key is not None and checked is not None:
             checked.seen[name] = key
+
+
+def _check_same(name: str, module: nn.Module, built: tuple[int, int] | None) -> None:
+    """Refuse a layer whose weight or bias is another parameter than when the optimizer was
+    built (``model.to(…)`` under ``torch.__future__.set_overwrite_module_params_on_conversion
+    (True)``, ``layer.weight = nn.Parameter(…)``, ``load_state_dict(…, assign=True)``): the
+    optimizer holds the old ones, so the model would never move again (every step moved it
+    by 0, silently, before 2026-12-06 (late)).
+
+    Raises:
+        ValueError: naming the layer and the fix.
+    """
+    if built is not None and _registered(module) != built:
+        raise ValueError(
+            f"layer {name!r}: its weight or bias is not the parameter it was when the "
+            "optimizer was built (replaced: model.to() or .double() under torch.__future__."
+            "set_overwrite_module_params_on_conversion(True), an assigned nn.Parameter, "
+            "load_state_dict(..., assign=True)), and the optimizer holds the old one, which "
+            "the model no longer uses: build the optimizer after replacing parameters"
+        )
 
 
 def _check_dtype(name: str, module: nn.Module, built: torch.dtype | None) -> None:

@@ -70,6 +70,7 @@ __all__ = [
     "find_layer_uses",
     "find_layers",
     "is_supported",
+    "require_layers",
     "supported_layers",
     "unsupported_reason",
 ]
@@ -352,6 +353,16 @@ def _resolve_ties(
         if name not in bad and first[id(main)] == name and id(main) not in refused:
             kept[name] = module
     return kept
+
+
+def require_layers(layers: dict[str, nn.Module], model: nn.Module, given: bool) -> None:
+    """Refuse a model without a layer to precondition (``given``: among the ``params``)."""
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable layer with a curvature block (Linear, "
+            f"Conv1d/2d/3d, a registered type){' in params' if given else ''}: its parameters "
+            "would take the plain fallback step; use a torch optimizer"
+        )
 
 
 def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:

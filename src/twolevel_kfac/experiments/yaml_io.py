@@ -47,7 +47,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(
+            f"config file {path} does not exist{where}; the experiment configs are the YAML "
+            "files in the repository's configs/ (a pip-installed package has none)"
+        )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.MarkedYAMLError as error:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..curvature.blocks import bias_only, own_statistics
-from ..curvature.discovery import added_layers
+from ..curvature.discovery import added_layers, is_supported
 from ..curvature.param_format import parameter_ids
 from ..curvature.scale_shift import is_scale_shift
 from ..warning_level import caller_level
@@ -44,6 +44,7 @@ __all__ = [
     "block_table",
     "warn_added",
     "warn_unfrozen",
+    "warn_unpreconditioned",
 ]
 
 FallbackKind = Literal["sgd", "adamw"]
@@ -303,6 +304,34 @@ def warn_unfrozen(
             "params (the parameters that trained then) and train now: it does not step them "
             "(another optimizer may). Build it with params=model.parameters() to precondition "
             "layers unfrozen later, or add them with add_param_group",
+            stacklevel=caller_level(),
+        )
+    return [p for p in watched if not p.requires_grad]
+
+
+def warn_unpreconditioned(
+    watched: Sequence[nn.Parameter], model: nn.Module, layers: Mapping[str, nn.Module]
+) -> list[nn.Parameter]:
+    """Warn of the layers of a block type with a parameter of ``watched`` (frozen when
+    ``KFACPreconditioner(model)`` took its default ``params``: the layers that trained then)
+    that trains now: their gradients are left as they are (another optimizer steps them
+    raw; silently before 2026-12-06 (late)); the parameters still frozen, to watch."""
+    if all(not p.requires_grad for p in watched):
+        return list(watched)
+    unfrozen = {id(p) for p in watched if p.requires_grad}
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name not in layers
+        and is_supported(module)
+        and any(id(p) in unfrozen for p in module.parameters(recurse=False))
+    ]
+    if names:
+        warnings.warn(
+            f"layer(s) {names} were frozen when the preconditioner was built with its default "
+            "params (the layers that trained then) and train now: their gradients are not "
+            "preconditioned. Build it with params=model.parameters() to precondition layers "
+            "unfrozen later",
             stacklevel=caller_level(),
         )
     return [p for p in watched if not p.requires_grad]

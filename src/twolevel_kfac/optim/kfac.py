@@ -38,11 +38,12 @@ from .damping import (
 )
 from .fallback import block_table, fallback_groups, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
-from .options import CurvatureOptions, Rate, check_choice, check_model, check_real
+from .options import CurvatureOptions, Rate, check_choice, check_known, check_model, check_real
 from .preconditioner import KFACPreconditioner
 from .state import all_or_nothing
 
 CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
+FINE_ARGUMENTS = frozenset({"options", "coarse", "fine"})  # the preconditioner's own
 logger = logging.getLogger("twolevel_kfac")
 NONFINITE_POLICIES = ("skip", "raise", "unchecked")
 
@@ -168,13 +169,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
 
         cls = self.preconditioner_class
         fine = cls.fine_level if "fine" not in kwargs else fine_level_type(kwargs["fine"])
-        allowed = CURVATURE_ARGUMENTS | fine.extra_arguments | {"options", "coarse", "fine"}
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unknown argument(s) {unknown}; "
-                f"allowed: {sorted(allowed)}"
-            )
+        allowed = CURVATURE_ARGUMENTS | fine.extra_arguments | FINE_ARGUMENTS
+        check_known(type(self), kwargs, allowed, taken=DAMPING_ARGUMENTS)
         return self.preconditioner_class(
             model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs
         )

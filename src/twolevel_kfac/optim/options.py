@@ -6,6 +6,8 @@ so a typo in a config or a constructor call fails at once and says why.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -44,6 +46,25 @@ def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_known(
+    owner: type, given: Iterable[str], allowed: Iterable[str], taken: Iterable[str] = ()
+) -> None:
+    """Refuse keyword arguments of ``owner(...)`` outside ``allowed`` (the options it passes
+    on), naming the nearest of those, of ``taken`` (the options it took before) and of its
+    own parameters (``lr``, ``momentum``, …)."""
+    unknown = sorted(set(given) - set(allowed))
+    if not unknown:
+        return
+    own = [n for n in inspect.signature(owner).parameters if n != "model"]
+    names = sorted({*allowed, *taken, *own} - {"options", "kwargs"})
+    near = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+    hints = "; ".join(f"did you mean {m[0]!r} for {u!r}?" for u, m in near.items() if m)
+    raise TypeError(
+        f"{owner.__name__} got unknown argument(s) {unknown}"
+        f"{'; ' + hints if hints else ''}; it takes: {', '.join(names)}"
+    )
 
 
 def check_model(owner: str, model: object) -> None:
@@ -262,7 +283,10 @@ class CurvatureOptions:
         check_interval("cov_interval", self.cov_interval)
         check_interval("inv_interval", self.inv_interval)
         if self.kl_clip is not None:
-            check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
+            try:
+                check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
+            except (TypeError, ValueError) as error:  # (kl_clip=0 for "off", a newcomer)
+                raise type(error)(f"{error}; kl_clip=None turns the KL clip off") from None
         check_choice("kl_clip_form", self.kl_clip_form, KL_CLIP_FORMS)
         check_choice("inverse_method", self.inverse_method, INVERSE_CHOICES)
         if self.inverse_method == "cholesky" and self.damping_mode == "eigen_sum":

@@ -34,7 +34,7 @@ from ..curvature.blocks import (
     new_factors,
 )
 from ..curvature.capture import CurvatureCapture
-from ..curvature.discovery import find_layer_uses, find_layers
+from ..curvature.discovery import find_layer_uses, find_layers, require_layers
 from ..curvature.factor_inverse import HALF_DTYPES, solver_dtype
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
@@ -44,6 +44,7 @@ from .amp import drops_overflow
 from .coarse import CoarseLevel
 from .coarse_absorb import absorber
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
+from .fallback import warn_unpreconditioned
 from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term
@@ -107,12 +108,9 @@ class KFACPreconditioner(NotCopyable):
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
         self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)
-        if not self.layers:
-            raise ValueError(
-                f"{type(model).__name__} has no trainable layer with a curvature block "
-                f"(Linear, Conv1d/2d/3d, a registered type){'' if params is None else ' in params'}"
-                ": its parameters would take the plain fallback step; use a torch optimizer"
-            )
+        require_layers(self.layers, model, given=params is not None)
+        # default params: the layers that train now (those frozen: warned of once unfrozen)
+        self._watched = [p for p in model.parameters() if params is None and not p.requires_grad]
         self.damping, self.steps, self.fine_version = damping_at(self.options.damping, 0), 0, 0
         self.generator = torch.Generator().manual_seed(step_seed(opts.seed, self.comm.rank, 0))
         self.sample_counts: dict[str, int] = {}  # distributed: global Fisher batches
@@ -145,7 +143,7 @@ class KFACPreconditioner(NotCopyable):
         self.retained_stats: dict[str, LayerStats] = {}
         self.active: list[str] = list(self.layers)  # with a gradient this step (others: left)
         self.schedule = CaptureSchedule(self.options.cov_interval)
-        self._checked_blocks = BlockMemory(self.capture.dtypes)  # check_blocks' memory
+        self._checked_blocks = BlockMemory.of(self.layers, self.capture.dtypes)  # check_blocks'
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
         self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
 
@@ -175,6 +173,8 @@ class KFACPreconditioner(NotCopyable):
         batch = self.capture.take(loss_scale) if active else None
         self.last_stats = {"damping": self.damping}
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
+        if self._watched:
+            self._watched = warn_unpreconditioned(self._watched, self.model, self.layers)
         if skipped := self.schedule.skipped(self, batch):
             self.last_stats[skipped] = 1.0
             return

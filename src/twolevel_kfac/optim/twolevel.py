@@ -48,8 +48,8 @@ from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.layer_basis import dense_basis
 from ..twolevel.vectors import LayerVector
 from .coarse import CoarseLevel
-from .kfac import CURVATURE_ARGUMENTS, KFAC
-from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions
+from .kfac import CURVATURE_ARGUMENTS, FINE_ARGUMENTS, KFAC
+from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions, check_known
 from .preconditioner import KFACPreconditioner
 
 __all__ = ["CoarseOptions", "TwoLevelKFAC", "TwoLevelPreconditioner"]
@@ -158,12 +158,9 @@ class TwoLevelKFAC(KFAC):
 
         fine = kwargs.get("fine", "kfac")
         extra = fine_level_type(fine).extra_arguments
-        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | {"options", "coarse", "fine"}
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise TypeError(
-                f"TwoLevelKFAC got unknown argument(s) {unknown}; allowed: {sorted(allowed)}"
-            )
+        check_known(
+            type(self), kwargs, CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | FINE_ARGUMENTS
+        )
         return TwoLevelPreconditioner(
             model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs
         )
