@@ -291,3 +291,47 @@ def test_a_mask_is_used_by_the_next_forward_only(float64: None) -> None:
     position_sum_loss(model(short), torch.zeros(2, T, dtype=torch.long)).backward()
     opt.step()
     assert opt.preconditioner.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("reduction", "loss", "steps", "warns"),
+    [
+        ("sum", "token_mean", 1, True),  # the usual LM loss under the default: said once
+        ("mean", "token_mean", 1, False),
+        ("sum", "position_sum", 1, False),
+        ("sum", "position_sum", 2, False),  # micro-batches' losses divided by 2
+        ("sum", "smoothed_sum", 1, False),  # label smoothing: a soft target
+    ],
+)
+def test_a_token_mean_loss_under_sum_is_warned_of(
+    reduction: str, loss: str, steps: int, warns: bool
+) -> None:
+    """Under ``fisher="mc"`` with the default ``loss_reduction="sum"``, torch's token mean
+    (``T̄ = 12`` counted positions per sample) makes the MC Fisher ``T̄²`` too large for the
+    loss: a newcomer's language model reached a loss 45× higher after 100 steps, silently.
+    Its gradient at the logits, ``1/T̄`` of a per-sample sum's, is warned of once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(V, 6), nn.Tanh(), CausalMean(), nn.Linear(6, C))
+    opt = tk.KFAC(
+        model, class_dim=-1, cov_interval=1, loss_reduction=reduction, accumulation_steps=steps
+    )
+    losses = {
+        "token_mean": token_mean_loss,
+        "position_sum": position_sum_loss,
+        "smoothed_sum": lambda out, y: (
+            F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum", label_smoothing=0.1)
+            / len(out)
+        ),
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            for _ in range(steps):
+                x, y = torch.randn(N, 12, V), torch.randint(0, C, (N, 12))
+                (losses[loss](model(x), y) / steps).backward()
+            opt.step()
+    said = [str(w.message) for w in caught if "loss_reduction='sum'" in str(w.message)]
+    assert len(said) == (1 if warns else 0), said
+    if warns:
+        assert "over 12 counted positions per sample" in said[0] and "'mean'" in said[0]

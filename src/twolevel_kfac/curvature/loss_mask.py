@@ -268,6 +268,17 @@ def warn_token_mean(ratio: float, positions: float, warned: set[str]) -> None:
     )
 
 
+def _checks_left(warned: set[str], kind: str, budget: int = 8) -> bool:
+    """Whether ``kind`` was neither warned of nor checked ``budget`` times yet (the checks
+    are counted in ``warned`` as ``kind#i``; a check that costs a pass over the logits is
+    taken at the first captures alone, where the model is furthest from its targets)."""
+    used = sum(1 for said in warned if said.startswith(kind + "#"))
+    if kind in warned or used >= budget:
+        return False
+    warned.add(f"{kind}#{used}")
+    return True
+
+
 def watch_loss_gradient(
     output: Tensor,
     view: torch.Size,
@@ -282,7 +293,7 @@ def watch_loss_gradient(
     refuses a second-order backward through it, and (``categorical``, as ``view``: the
     per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems and, under
     ``loss_reduction="sum"`` (``summed_steps``: the micro-batches per step, whose losses are
-    divided by it), :func:`warn_token_mean`'s; (``gaussian``) of
+    divided by it), :func:`warn_token_mean`'s, at the first 8 backwards; (``gaussian``) of
     :func:`warn_ignored_features`'."""
     categorical, nodes, positions = likelihood == "categorical", inputs_of(output), len(view) > 2
     made = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
@@ -297,7 +308,7 @@ def watch_loss_gradient(
         if categorical:
             grad, mask = grad.reshape(view), forward.mask
             warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
-            if positions and summed_steps is not None and "token mean" not in warned:
+            if positions and summed_steps is not None and _checks_left(warned, "token mean"):
                 ratio, count = token_mean_ratio(grad, values.reshape(view), class_dim or -1)
                 warn_token_mean(ratio * summed_steps, count, warned)
         elif likelihood == "gaussian":
