@@ -24,7 +24,7 @@ Which layers get a block: :mod:`twolevel_kfac.curvature.discovery`; everything e
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -287,26 +287,38 @@ def warn_added(
         )
 
 
+def _watch_unfrozen(
+    watched: Sequence[nn.Parameter],
+    named: Callable[[set[int]], list[str]],
+    message: Callable[[list[str]], str],
+) -> list[nn.Parameter]:
+    """Warn with ``message`` of what ``named`` names among the parameters of ``watched``
+    that train now (their ``id``); the ones still frozen, to watch at the next step."""
+    if all(not p.requires_grad for p in watched):
+        return list(watched)
+    names = named({id(p) for p in watched if p.requires_grad})
+    if names:
+        warnings.warn(message(names), stacklevel=caller_level())
+    return [p for p in watched if not p.requires_grad]
+
+
 def warn_unfrozen(
     watched: Sequence[nn.Parameter], model: nn.Module, groups: Iterable[dict[str, Any]]
 ) -> list[nn.Parameter]:
     """Warn of the parameters of ``watched`` (frozen when ``KFAC(model)`` took its default
     ``params``: the parameters that trained then) that train now but are in no param
     group, which no step moves; the ones still frozen, to watch at the next step."""
-    if all(not p.requires_grad for p in watched):
-        return list(watched)
     held = parameter_ids(list(groups))
-    unfrozen = {id(p) for p in watched if p.requires_grad} - held
-    names = [n for n, p in model.named_parameters() if id(p) in unfrozen]
-    if names:
-        warnings.warn(
+    return _watch_unfrozen(
+        watched,
+        lambda ids: [n for n, p in model.named_parameters() if id(p) in ids - held],
+        lambda names: (
             f"parameter(s) {names} were frozen when the optimizer was built with its default "
             "params (the parameters that trained then) and train now: it does not step them "
             "(another optimizer may). Build it with params=model.parameters() to precondition "
-            "layers unfrozen later, or add them with add_param_group",
-            stacklevel=caller_level(),
-        )
-    return [p for p in watched if not p.requires_grad]
+            "layers unfrozen later, or add them with add_param_group"
+        ),
+    )
 
 
 def warn_unpreconditioned(
@@ -316,22 +328,24 @@ def warn_unpreconditioned(
     ``KFACPreconditioner(model)`` took its default ``params``: the layers that trained then)
     that trains now: their gradients are left as they are (another optimizer steps them
     raw; silently before 2026-12-06 (late)); the parameters still frozen, to watch."""
-    if all(not p.requires_grad for p in watched):
-        return list(watched)
-    unfrozen = {id(p) for p in watched if p.requires_grad}
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name not in layers
-        and is_supported(module)
-        and any(id(p) in unfrozen for p in module.parameters(recurse=False))
-    ]
-    if names:
-        warnings.warn(
+
+    def named(ids: set[int]) -> list[str]:
+        modules = model.named_modules()
+        return [
+            name
+            for name, module in modules
+            if name not in layers
+            and is_supported(module)
+            and any(id(p) in ids for p in module.parameters(recurse=False))
+        ]
+
+    return _watch_unfrozen(
+        watched,
+        named,
+        lambda names: (
             f"layer(s) {names} were frozen when the preconditioner was built with its default "
             "params (the layers that trained then) and train now: their gradients are not "
             "preconditioned. Build it with params=model.parameters() to precondition layers "
-            "unfrozen later",
-            stacklevel=caller_level(),
-        )
-    return [p for p in watched if not p.requires_grad]
+            "unfrozen later"
+        ),
+    )
