@@ -50,7 +50,7 @@ class Call(NamedTuple):
     positions: int | None = None  # that forward's output positions per sample
     padding: Tensor | None = None  # that forward's real positions (set_padding_mask)
     batch: int = 0  # that forward's batch size (its Fisher mini-batch may be fewer)
-    reached: Tensor | None = None  # that forward's samples with a loss term (live_positions)
+    reached: Tensor | None = None  # that forward's output positions with a loss term
 
     @classmethod
     def of(cls, record: Record) -> Call:

@@ -64,7 +64,7 @@ class ForwardPass:
     outputs: dict[str, list[GradientEdge]] = field(default_factory=dict)
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
-    reached: Tensor | None = None  # its samples [N] with a loss term (live_positions)
+    reached: Tensor | None = None  # its output's positions [N, T] with a loss term
 
     def mark_backward(self) -> None:
         """The user's backward reached this forward (:attr:`on_backward` at the first)."""

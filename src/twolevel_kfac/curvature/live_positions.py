@@ -94,19 +94,25 @@ def watch_positions(
     output: object, class_dim: int | None, forward: ForwardPass, in_order: Callable[[Tensor], bool]
 ) -> None:
     """Set ``forward.positions`` (:func:`output_positions`) and, for an output with positions,
-    hook its gradient: ``forward.reached`` (``[N]``, the Fisher mini-batch's samples) marks
-    the samples whose loss gradient there is not zero in some backward through it (the
-    sampled loss's under ``fisher="mc"``, the user's), samples with a loss term."""
+    hook its gradient: ``forward.reached`` (``[N, T]``, the Fisher mini-batch's samples at
+    the output's positions, the classes or features last: ``[N, C, H, W]``'s pixels for
+    ``class_dim=1``) marks where it is not zero in some backward through it (the sampled
+    loss's under ``fisher="mc"``, the user's): the positions with a loss term."""
     forward.positions = output_positions(output, class_dim, forward.batch_size, in_order)
     main = output.get("logits") if isinstance(output, dict) else output
     if not forward.positions or not isinstance(main, Tensor) or not main.requires_grad:
         return
+    first = class_dim is not None and main.dim() > 2 and class_dim % main.dim() == 1
+    batch, positions = forward.batch_size, forward.positions
+    if len(main) not in (batch, batch * positions):  # (time-major logits: none marked)
+        return
 
     def reached(grad: Tensor) -> None:
-        some = grad.detach().reshape(forward.batch_size, -1).ne(0).any(dim=1)
+        grad = grad.detach().movedim(1, -1) if first else grad.detach()
+        at = grad.reshape(batch, positions, -1).ne(0).any(dim=-1)
         if forward.index is not None:
-            some = some.index_select(0, forward.index.to(some.device))
-        forward.reached = some if forward.reached is None else forward.reached | some
+            at = at.index_select(0, forward.index.to(at.device))
+        forward.reached = at if forward.reached is None else forward.reached | at
 
     on_gradient(main, reached)
 
@@ -147,11 +153,14 @@ def dead_positions(
     zero in every one of the position-wise layers' output gradients (``T > 1`` only;
     :class:`PositionGrads`) of a forward whose output has positions. A layout that fewer
     than two layers see marks none: one layer's zeros may be structural (a causal query at
-    position 0) where no other layer tells. Nor is a sample whose every position is zero
-    there dead where ``reaching(key)`` (``[N]``: :func:`watch_positions`) has it: the loss
-    depends on it past these layers (a residual branch that stochastic depth dropped for
-    it), so its zeros are real locations, not padding (left out before 2026-12-06 (late): a
-    segmentation net's steps 0.43–0.56 off). Where the
+    position 0) where no other layer tells. The loss's own terms (``reaching(key)``: the
+    output's positions ``[N, T']`` with a loss term, :func:`watch_positions`) overrule the
+    zeros: in a layout of the output's positions (``T = T'``: a per-pixel model's, a tagger's)
+    a position with a loss term is live (a max-pool after these layers zeroes the pixels it
+    does not pick), and a sample whose every position is zero here but that has a loss term
+    keeps its positions (a residual branch that stochastic depth dropped for it): its zeros
+    are real locations, not padding (both left out before 2026-12-06 (late): steps of
+    per-pixel models 0.10–0.56 off). Where the
     forward was given its padding (:mod:`.padding_mask`), the positions it marks in the
     layouts of its shape are dead too.
 
@@ -173,10 +182,14 @@ def dead_positions(
             seen.setdefault(layout, set()).add(item.layer)
     dead = {layout: ~mask for layout, mask in live.items() if len(seen[layout]) > 1}
     for layout, mask in dead.items():
-        whole = mask.all(dim=1)  # samples with no live position here
-        samples = reaching(layout[0]) if bool(whole.any()) else None
-        if samples is not None and samples.shape == whole.shape:
-            dead[layout] = mask & ~(whole & samples.to(whole.device)).unsqueeze(1)
+        at = reaching(layout[0])  # [N, T'] the output's positions with a loss term
+        if at is None or len(at) != len(mask):
+            continue
+        at = at.to(mask.device)
+        if at.shape == mask.shape:  # the output's own positions: a loss term there is live
+            mask = mask & ~at
+        whole = mask.all(dim=1, keepdim=True) & at.any(dim=1, keepdim=True)
+        dead[layout] = mask & ~whole
     for layout, padding in declared.items():
         dead[layout] = padding | dead[layout] if layout in dead else padding
     return dead
