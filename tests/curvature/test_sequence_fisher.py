@@ -301,6 +301,10 @@ def test_a_mask_is_used_by_the_next_forward_only(float64: None) -> None:
         ("sum", "position_sum", 1, False),
         ("sum", "position_sum", 2, False),  # micro-batches' losses divided by 2
         ("sum", "smoothed_sum", 1, False),  # label smoothing: a soft target
+        ("sum", "smoothed_mean", 1, True),  # its token mean
+        ("sum", "distilled_sum", 1, False),  # soft targets near the model's own output
+        ("sum", "weighted_sum", 1, False),  # a per-sample sum weighted by 0.5
+        ("sum", "scaled_token_mean", 1, True),  # under a GradScaler
     ],
 )
 def test_a_token_mean_loss_under_sum_is_warned_of(
@@ -309,29 +313,47 @@ def test_a_token_mean_loss_under_sum_is_warned_of(
     """Under ``fisher="mc"`` with the default ``loss_reduction="sum"``, torch's token mean
     (``T̄ = 12`` counted positions per sample) makes the MC Fisher ``T̄²`` too large for the
     loss: a newcomer's language model reached a loss 45× higher after 100 steps, silently.
-    Its gradient at the logits, ``1/T̄`` of a per-sample sum's, is warned of once."""
+    Its gradient at the logits, ``1/T̄`` of a per-sample sum's at the hard-target positions
+    (``curvature/token_mean.py``), is warned of once; a loss weight, soft targets (a review
+    found distillation near its teacher warned of by a first form of the check) and a
+    ``GradScaler``'s scale (which hid a token mean) are not taken for it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(V, 6), nn.Tanh(), CausalMean(), nn.Linear(6, C))
+    classes = 10
+    model = nn.Sequential(nn.Linear(V, 6), nn.Tanh(), CausalMean(), nn.Linear(6, classes))
     opt = tk.KFAC(
         model, class_dim=-1, cov_interval=1, loss_reduction=reduction, accumulation_steps=steps
     )
+
+    def per_sample_sum(out: Tensor, y: Tensor, **kwargs: float) -> Tensor:
+        flat = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum", **kwargs)
+        return flat / len(out)
+
+    def distilled(out: Tensor, _y: Tensor) -> Tensor:
+        teacher = (out.detach() + 0.3 * torch.randn_like(out)).softmax(-1)
+        return F.kl_div(out.log_softmax(-1), teacher, reduction="sum") / len(out)
+
     losses = {
         "token_mean": token_mean_loss,
-        "position_sum": position_sum_loss,
-        "smoothed_sum": lambda out, y: (
-            F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum", label_smoothing=0.1)
-            / len(out)
+        "scaled_token_mean": token_mean_loss,
+        "position_sum": per_sample_sum,
+        "smoothed_sum": lambda out, y: per_sample_sum(out, y, label_smoothing=0.1),
+        "smoothed_mean": lambda out, y: F.cross_entropy(
+            out.flatten(0, 1), y.flatten(), label_smoothing=0.1
         ),
+        "distilled_sum": distilled,
+        "weighted_sum": lambda out, y: 0.5 * per_sample_sum(out, y),
     }
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=loss.startswith("scaled"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             opt.zero_grad()
             for _ in range(steps):
-                x, y = torch.randn(N, 12, V), torch.randint(0, C, (N, 12))
-                (losses[loss](model(x), y) / steps).backward()
-            opt.step()
+                x, y = torch.randn(N, 12, V), torch.randint(0, classes, (N, 12))
+                scaler.scale(losses[loss](model(x), y) / steps).backward()
+            scaler.step(opt)
+            scaler.update()
     said = [str(w.message) for w in caught if "loss_reduction='sum'" in str(w.message)]
     assert len(said) == (1 if warns else 0), said
     if warns:
-        assert "over 12 counted positions per sample" in said[0] and "'mean'" in said[0]
+        assert "the 12 counted positions per sample" in said[0] and "'mean'" in said[0]

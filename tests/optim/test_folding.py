@@ -179,7 +179,7 @@ def test_a_changed_number_of_locations_is_told(
 
 
 @pytest.mark.parametrize(
-    ("first", "warns"), [((5, 6, 7, 8), False), ((2, 3, 2, 3), True)]
+    ("first", "warns"), [((5, 6, 7, 8), False), ((5, 5, 5, 5), False), ((2, 3, 2, 3), True)]
 )  # real positions per sample at the first capture; at the second (6, 7, 8, 8): T = 7.25
 def test_a_sequences_real_positions_are_told_only_when_they_move_by_half(
     first: tuple[int, ...], warns: bool

@@ -921,17 +921,22 @@ def _replace_parameters(model: nn.Module, how: str) -> None:
     elif how == "load_state_dict_assign":
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(state, assign=True)
+    elif how == "module":  # model.fc = nn.Linear(...), transformers' resize_token_embeddings
+        model[2] = nn.Linear(4, 3)
     else:
         last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
         last.weight = nn.Parameter(last.weight.detach().clone())
 
 
-@pytest.mark.parametrize("how", ["overwrite_on_conversion", "load_state_dict_assign", "assigned"])
+@pytest.mark.parametrize(
+    "how", ["overwrite_on_conversion", "load_state_dict_assign", "assigned", "module"]
+)
 @pytest.mark.parametrize("build", [tk.KFAC, tk.EKFAC, tk.TwoLevelKFAC])
 def test_parameters_replaced_after_building_are_refused(how: str, build: Any) -> None:
     """A user trial (2026-12-06, late): parameters replaced after the optimizer was built
     (the optimizer holds the old ones) left the model where it was at every later step,
-    silently (moved by 0.0). Now the step is refused by name before anything moves, after a
+    silently (moved by 0.0); so did a module replaced (found by a review). Now the step is
+    refused by name before anything moves (a module: at the next capturing step), after a
     step or before the first."""
     x, y = batch()
     for steps_before in (1, 0):
@@ -945,7 +950,8 @@ def test_parameters_replaced_after_building_are_refused(how: str, build: Any) ->
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        with pytest.raises(ValueError, match=r"is not the parameter it was when the optimizer"):
+        said = "no longer modules of" if how == "module" else "is not the parameter it was when"
+        with pytest.raises(ValueError, match=said):
             opt.step()
         assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
@@ -982,3 +988,28 @@ def test_a_preconditioner_warns_of_layers_unfrozen_after_it_was_built() -> None:
             assert torch.equal(model[0].weight.grad, raw)  # not preconditioned
         else:
             assert not said and not torch.equal(model[0].weight.grad, raw)
+
+
+def test_a_norm_unfrozen_beside_a_preconditioner_is_not_warned_of() -> None:
+    """Without ``norm_blocks`` a norm layer has no block whether it was frozen or not: its
+    unfreezing is not warned of (the review of 2026-12-06 (late): the advice changed
+    nothing); with ``norm_blocks=True`` it is."""
+    x, y = batch()
+    for norm_blocks in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+        model[1].requires_grad_(False)
+        precond = tk.KFACPreconditioner(
+            model, fisher="empirical", cov_interval=1, norm_blocks=norm_blocks
+        )
+        model[1].requires_grad_(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            F.cross_entropy(model(x), y).backward()
+            precond.step()
+        said = [
+            str(w.message)
+            for w in caught
+            if "were frozen when the preconditioner" in str(w.message)
+        ]
+        assert len(said) == int(norm_blocks), said

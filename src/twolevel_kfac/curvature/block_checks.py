@@ -168,8 +168,9 @@ def _check_same(name: str, module: nn.Module, built: tuple[int, int] | None) -> 
             f"layer {name!r}: its weight or bias is not the parameter it was when the "
             "optimizer was built (replaced: model.to() or .double() under torch.__future__."
             "set_overwrite_module_params_on_conversion(True), an assigned nn.Parameter, "
-            "load_state_dict(..., assign=True)), and the optimizer holds the old one, which "
-            "the model no longer uses: build the optimizer after replacing parameters"
+            "load_state_dict(..., assign=True); or parametrized or pruned since), and the "
+            "optimizer holds the old one, which the model no longer uses: build the "
+            "optimizer after changing the model's parameters"
         )
 
 

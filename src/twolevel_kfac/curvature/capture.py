@@ -57,10 +57,11 @@ from .likelihoods import (
     sampled_output,
 )
 from .live_positions import watch_positions
-from .loss_mask import counted_mask, watch_loss_gradient
+from .loss_mask import check_mask_likelihood, counted_mask, watch_loss_gradient
 from .loss_scale import SummedLoss
 from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
+from .token_mean import TokenMean
 
 FisherType = Literal["mc", "empirical"]
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
@@ -102,8 +103,8 @@ class CurvatureCapture:
         self._next_padding: Tensor | None = None
         self.aligned = False  # rows checked to be the samples in order (row_order)
         self._warned, self._summed = set[str](), SummedLoss()  # (the kinds warned of, once)
-        summed = accumulation_steps if loss_reduction == "sum" else None  # (a token mean?)
-        self._watch_loss = partial(watch_loss_gradient, warned=self._warned, summed_steps=summed)
+        self._mean = TokenMean(accumulation_steps) if loss_reduction == "sum" else None
+        self._watch_loss = partial(watch_loss_gradient, warned=self._warned, token_mean=self._mean)
         self._unreached: set[str] = set()  # MC: layers whose outputs missed the model output
         self.layers, self._weights = layers, registered_parameters(layers)
         self.fisher, self.likelihood, self.loss_reduction = fisher, likelihood, loss_reduction
@@ -155,12 +156,7 @@ class CurvatureCapture:
         Raises:
             ValueError: for ``fisher="mc"`` with a likelihood other than ``categorical``.
         """
-        if mask is not None and self.fisher == "mc" and self.likelihood != "categorical":
-            raise ValueError(
-                f"set_loss_mask marks categorical logits' positions; fisher='mc' with likelihood"
-                f"={self.likelihood!r} samples every output element at the scale of the mean "
-                "over all: a loss over some positions (masked regression) needs 'empirical'"
-            )
+        check_mask_likelihood(mask, self.fisher, self.likelihood)
         self._next_mask = None if mask is None else mask.detach()
 
     def set_padding_mask(self, mask: Tensor | None) -> None:
@@ -270,7 +266,7 @@ class CurvatureCapture:
         calls = {name: len(records) for name, records in forward.records.items()}
         check_weight_uses(output, self.layers, calls)
         in_order = partial(sample_major, forward=forward)  # (logits flattened in forward)
-        watch_positions(output, self.class_dim, forward, in_order)  # (and its samples reached)
+        watch_positions(output, self.class_dim, forward, in_order, self.fisher == "mc")
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))
         empirical = self.fisher == "empirical" and forward.index is None
         check_batch_rows(forward, output, empirical)
@@ -349,6 +345,7 @@ class CurvatureCapture:
                 misuse.warn_forwards(len(done), self.accumulation_steps, self._warned)
             if done:
                 taken[name] = [(c[0].owner.samples, [Call.of(r) for r in c]) for c in done]
+        misuse.check_in_model(self.model, self.layers, taken)  # (a layer replaced since)
         self.empty_batch = self._empty_forward and not taken
         if self._eval_forward and not taken and not self._empty_forward:
             misuse.warn_eval_forwards()
@@ -358,6 +355,8 @@ class CurvatureCapture:
         # the empirical δ carry a GradScaler's scale (an embedding's ā carry them)
         scale = loss_scale if self.fisher == "empirical" else 1.0
         self._summed.judge(scale)
+        if self._mean is not None:  # (the user's gradient carries a GradScaler's scale)
+            self._mean.judge(loss_scale)
         return CapturedBatch(self.layers, taken, self.dtypes, scale)
 
     def discard(self, drawn_from: Tensor | None = None) -> None:
@@ -367,6 +366,8 @@ class CurvatureCapture:
         step leaves the draws of the steps after it as they would have been without it."""
         self._unreached, self._empty_forward, self._eval_forward = set(), False, False
         self._summed.seen = []
+        if self._mean is not None:
+            self._mean.seen = []
         for name in self._records:
             self._records[name] = []
         drawn_from = self._drawn_from if self._drawn_from is not None else drawn_from

@@ -8,6 +8,7 @@ hooks copied onto the new one), and a batch that is not the first tensor argumen
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +104,35 @@ def replaced_layer(name: str, module: nn.Module) -> str:
         "the optimizer's curvature block belongs to the module it replaced. Build the "
         "optimizer after converting the model"
     )
+
+
+def check_in_model(model: nn.Module, layers: dict[str, nn.Module], called: Iterable[str]) -> None:
+    """Refuse, at a capturing step, a layer that was not called and whose weight is no
+    parameter of ``model`` any more: replaced after the optimizer was built (``model.fc =
+    nn.Linear(…)``, transformers' ``resize_token_embeddings``), whose new module the
+    optimizer never sees (it stood still, silently, before 2026-12-06 (late)). Walks the
+    model's parameters only where a layer was not called (one unused this step: an
+    auxiliary head, a branch).
+
+    Raises:
+        ValueError: naming the layer and the fix.
+    """
+    missing = set(layers) - set(called)
+    if not missing:
+        return
+    present = {id(p) for p in model.parameters()}  # (an attention's in_proj: no submodule)
+    gone = [
+        name
+        for name in layers
+        if name in missing and id(getattr(layers[name], "weight", None)) not in present
+    ]
+    if gone:
+        raise ValueError(
+            f"layer(s) {gone} are no longer modules of the model: replaced after the optimizer "
+            "was built (model.fc = nn.Linear(...), resize_token_embeddings), and the optimizer "
+            "holds the old ones, which nothing calls. Build the optimizer after changing the "
+            "model"
+        )
 
 
 def batch_not_first(forward: ForwardPass, output: Any) -> str | None:

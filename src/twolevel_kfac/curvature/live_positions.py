@@ -91,13 +91,19 @@ def output_positions(
 
 
 def watch_positions(
-    output: object, class_dim: int | None, forward: ForwardPass, in_order: Callable[[Tensor], bool]
+    output: object,
+    class_dim: int | None,
+    forward: ForwardPass,
+    in_order: Callable[[Tensor], bool],
+    sampled: bool = False,
 ) -> None:
     """Set ``forward.positions`` (:func:`output_positions`) and, for an output with positions,
     hook its gradient: ``forward.reached`` (``[N, T]``, the Fisher mini-batch's samples at
     the output's positions, the classes or features last: ``[N, C, H, W]``'s pixels for
-    ``class_dim=1``) marks where it is not zero in some backward through it (the sampled
-    loss's under ``fisher="mc"``, the user's): the positions with a loss term."""
+    ``class_dim=1``) marks where it is not zero in some backward through it, the positions
+    with a loss term: the user's backwards', or (``sampled``: ``fisher="mc"``) the sampled
+    loss's alone, the first (whose ``δ`` the statistics hold; one pass over the logits'
+    gradient fewer)."""
     forward.positions = output_positions(output, class_dim, forward.batch_size, in_order)
     main = output.get("logits") if isinstance(output, dict) else output
     if not forward.positions or not isinstance(main, Tensor) or not main.requires_grad:
@@ -108,8 +114,10 @@ def watch_positions(
         return
 
     def reached(grad: Tensor) -> None:
+        if sampled and forward.reached is not None:
+            return
         grad = grad.detach().movedim(1, -1) if first else grad.detach()
-        at = grad.reshape(batch, positions, -1).ne(0).any(dim=-1)
+        at = grad.reshape(batch, positions, -1).any(dim=-1)  # (no temporary of its size)
         if forward.index is not None:
             at = at.index_select(0, forward.index.to(at.device))
         forward.reached = at if forward.reached is None else forward.reached | at

@@ -28,6 +28,7 @@ from ..warning_level import caller_level
 from .forward_pass import ForwardPass, check_first_order, inputs_of
 from .hooks import on_gradient
 from .likelihoods import made_by, positions_shape
+from .token_mean import TokenMean
 
 __all__ = [
     "check_loss_mask",
@@ -39,6 +40,17 @@ __all__ = [
     "warn_loss_gradient",
     "watch_loss_gradient",
 ]
+
+
+def check_mask_likelihood(mask: Tensor | None, fisher: str, likelihood: str) -> None:
+    """Refuse a loss mask under ``fisher="mc"`` with a likelihood other than
+    ``categorical``, which samples every output element at the scale of the mean over all."""
+    if mask is not None and fisher == "mc" and likelihood != "categorical":
+        raise ValueError(
+            f"set_loss_mask marks categorical logits' positions; fisher='mc' with likelihood"
+            f"={likelihood!r} samples every output element at the scale of the mean over all: "
+            "a loss over some positions (masked regression) needs 'empirical'"
+        )
 
 
 def check_loss_mask(mask: Tensor, output: Tensor, class_dim: int | None) -> None:
@@ -231,54 +243,6 @@ def warn_ignored_features(grad: Tensor, values: Tensor, warned: set[str]) -> Non
     )
 
 
-def token_mean_ratio(grad: Tensor, values: Tensor, class_dim: int) -> tuple[float, float]:
-    """``(R, T̄)`` of categorical logits with positions ``[N, T…, C]`` and the training
-    loss's gradient there: ``R = N Σ|g|₁ / Σ 2(1 − Σ_c p_c²)`` over the ``T̄ N`` positions it
-    counts (``g ≠ 0``), ``p`` the output's softmax. Of a loss summed over each sample's
-    positions and divided by ``N`` (``loss_reduction="sum"``), ``N g = p − y``: each term's
-    ``|p − y|₁`` is at least half ``E_{ŷ∼p}|p − e_ŷ|₁ = 2(1 − Σ p²)`` for a hard target at
-    the argmax, more elsewhere, so ``R ≥ ½``; of torch's mean over the tokens ``R/T̄``."""
-    g = grad.movedim(class_dim, -1).reshape(len(grad), -1, grad.shape[class_dim]).float()
-    p = values.movedim(class_dim, -1).reshape(g.shape).float().softmax(dim=-1)
-    counted = g.abs().sum(dim=-1) > 0
-    spread = (2 * (1 - (p * p).sum(dim=-1)))[counted].sum()
-    positions = float(counted.sum()) / max(len(grad), 1)
-    return float(len(grad) * g.abs().sum() / spread) if spread > 0 else math.inf, positions
-
-
-def warn_token_mean(ratio: float, positions: float, warned: set[str]) -> None:
-    """Warn, once, under ``loss_reduction="sum"`` of a loss gradient at categorical logits
-    with positions whose :func:`token_mean_ratio` ``R < ¼`` over ``T̄ ≥ 8`` counted positions
-    per sample: a mean over the tokens (``F.cross_entropy(logits.flatten(0, 1), …)``, the
-    usual language-model loss) whose MC Fisher is then ``T̄²`` times too large for it (a
-    trial: a loss after 100 steps 45× higher than with ``loss_reduction="mean"``)."""
-    if "token mean" in warned or positions < 8 or ratio >= 0.25:
-        return
-    warned.add("token mean")
-    warnings.warn(
-        f"the training loss's gradient at the logits is {ratio:.2g} of what "
-        "loss_reduction='sum' (a loss summed over each sample's positions and divided by "
-        f"the batch size) gives, over {positions:.3g} counted positions per sample: is the "
-        "loss a mean over the tokens (F.cross_entropy(logits.flatten(0, 1), y.flatten()))? "
-        "Then pass loss_reduction='mean', or the Monte-Carlo Fisher is about "
-        f"{positions:.3g}² times too large for it. A loss weighted on purpose is not wrong: "
-        "ignore this then",
-        RuntimeWarning,
-        stacklevel=caller_level(),
-    )
-
-
-def _checks_left(warned: set[str], kind: str, budget: int = 8) -> bool:
-    """Whether ``kind`` was neither warned of nor checked ``budget`` times yet (the checks
-    are counted in ``warned`` as ``kind#i``; a check that costs a pass over the logits is
-    taken at the first captures alone, where the model is furthest from its targets)."""
-    used = sum(1 for said in warned if said.startswith(kind + "#"))
-    if kind in warned or used >= budget:
-        return False
-    warned.add(f"{kind}#{used}")
-    return True
-
-
 def watch_loss_gradient(
     output: Tensor,
     view: torch.Size,
@@ -286,15 +250,14 @@ def watch_loss_gradient(
     class_dim: int | None,
     likelihood: str,
     warned: set[str],
-    summed_steps: int | None = None,
+    token_mean: TokenMean | None = None,
 ) -> None:
     """Hook the gradient the user's backward hands the model ``output`` (or the tensor it
     was cast from: :func:`~.hooks.on_gradient`): it marks the forward's backward done,
     refuses a second-order backward through it, and (``categorical``, as ``view``: the
-    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems and, under
-    ``loss_reduction="sum"`` (``summed_steps``: the micro-batches per step, whose losses are
-    divided by it), :func:`warn_token_mean`'s, at the first 8 backwards; (``gaussian``) of
-    :func:`warn_ignored_features`'."""
+    per-sample logits' shape) warns of :func:`warn_loss_gradient`'s problems and, with
+    positions, gives it to ``token_mean`` (``loss_reduction="sum"``: :mod:`.token_mean`);
+    (``gaussian``) of :func:`warn_ignored_features`'."""
     categorical, nodes, positions = likelihood == "categorical", inputs_of(output), len(view) > 2
     made = categorical and made_by(output, "LogSoftmaxBackward0", "LogBackward0")
     values = output.detach()  # (no copy, no graph)
@@ -308,9 +271,8 @@ def watch_loss_gradient(
         if categorical:
             grad, mask = grad.reshape(view), forward.mask
             warn_loss_gradient(grad, mask, class_dim, positions, warned, log_probabilities)
-            if positions and summed_steps is not None and _checks_left(warned, "token mean"):
-                ratio, count = token_mean_ratio(grad, values.reshape(view), class_dim or -1)
-                warn_token_mean(ratio * summed_steps, count, warned)
+            if positions and token_mean is not None:
+                token_mean.note(grad, values.reshape(view), -1 if class_dim is None else class_dim)
         elif likelihood == "gaussian":
             warn_ignored_features(grad.reshape(view), values, warned)
 

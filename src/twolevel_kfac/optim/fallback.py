@@ -322,12 +322,16 @@ def warn_unfrozen(
 
 
 def warn_unpreconditioned(
-    watched: Sequence[nn.Parameter], model: nn.Module, layers: Mapping[str, nn.Module]
+    watched: Sequence[nn.Parameter],
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    norm_blocks: bool = False,
 ) -> list[nn.Parameter]:
     """Warn of the layers of a block type with a parameter of ``watched`` (frozen when
     ``KFACPreconditioner(model)`` took its default ``params``: the layers that trained then)
     that trains now: their gradients are left as they are (another optimizer steps them
-    raw; silently before 2026-12-06 (late)); the parameters still frozen, to watch."""
+    raw; silently before 2026-12-06 (late)), norms only under ``norm_blocks``; the
+    parameters still frozen, to watch."""
 
     def named(ids: set[int]) -> list[str]:
         modules = model.named_modules()
@@ -336,6 +340,7 @@ def warn_unpreconditioned(
             for name, module in modules
             if name not in layers
             and is_supported(module)
+            and (norm_blocks or not is_scale_shift(module))  # (as find_layers takes them)
             and any(id(p) in ids for p in module.parameters(recurse=False))
         ]
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
 from ..curvature.captured_batch import CapturedBatch
+from ..curvature.live_positions import position_wise
 from ..distributed import gradient_checksum, layer_specs, reduce_statistics, step_totals
 from ..finite import all_finite
 from ..warning_level import caller_level
@@ -114,17 +115,18 @@ def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> No
     """Warn (once per preconditioner) where a layer's number of locations ``T`` moved since
     its last capture while steps between captures reuse it: the inverse is divided by the
     last capture's ``T``, so a step on inputs of another size is scaled by their ratio. By
-    more than 10 % for an input's shape (multi-scale training); for a sequence's real
-    positions (``T = M/N``, not an integer: batches padded to their longest sequence, whose
-    share of padding varies by tens of percent from batch to batch, as the tokens the
-    gradient sums do) by more than half, since 2026-12-06 (late) (a warning at every padded
-    language model before, whose advice, ``weight_sharing="reduce"``, is not the choice
-    for a loss with a term per position)."""
+    more than 10 % for a convolution's output positions (multi-scale training); for the
+    positions of a ``Linear`` or an embedding (a sequence's real positions, ``T = M/N``:
+    batches padded to their longest sequence or of one sequence vary by tens of percent
+    from batch to batch, as the tokens the gradient sums do) by more than half, since
+    2026-12-06 (late): a warning at every padded language model before, whose advice,
+    ``weight_sharing="reduce"``, is not the choice for a loss with a term per position.
+    Between the two, the steps between captures are scaled by up to 1.5× unsaid."""
     factors = pre.factors.get(name)
     if factors is None or not factors.ready or pre.options.cov_interval == 1 or not locations:
         return
     previous = float(getattr(factors, "num_locations", locations))
-    positions = not (float(previous).is_integer() and float(locations).is_integer())
+    positions = position_wise(pre.layers[name])  # (a Linear's or a table's: not a conv's)
     bound = 0.5 if positions else 0.1
     if abs(locations - previous) <= bound * previous or pre in _WARNED_LOCATIONS:
         return

@@ -57,8 +57,9 @@ def check_known(
     unknown = sorted(set(given) - set(allowed))
     if not unknown:
         return
-    own = [n for n in inspect.signature(owner).parameters if n != "model"]
-    names = sorted({*allowed, *taken, *own} - {"options", "kwargs"})
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    own = [n for n, p in inspect.signature(owner).parameters.items() if p.kind in named]
+    names = sorted({*allowed, *taken, *own} - {"options", "model"})
     near = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
     hints = "; ".join(f"did you mean {m[0]!r} for {u!r}?" for u, m in near.items() if m)
     raise TypeError(

@@ -174,7 +174,8 @@ class KFACPreconditioner(NotCopyable):
         self.last_stats = {"damping": self.damping}
         self.active = [name for name, m in self.layers.items() if has_gradient(m)]
         if self._watched:
-            self._watched = warn_unpreconditioned(self._watched, self.model, self.layers)
+            watched, norms = self._watched, opts.norm_blocks
+            self._watched = warn_unpreconditioned(watched, self.model, self.layers, norms)
         if skipped := self.schedule.skipped(self, batch):
             self.last_stats[skipped] = 1.0
             return
