@@ -304,6 +304,7 @@ def test_a_mask_is_used_by_the_next_forward_only(float64: None) -> None:
         ("sum", "smoothed_mean", 1, True),  # its token mean
         ("sum", "distilled_sum", 1, False),  # soft targets near the model's own output
         ("sum", "weighted_sum", 1, False),  # a per-sample sum weighted by 0.5
+        ("sum", "focal_sum", 1, False),  # its slope p_c f(p_y) varies with the position
         ("sum", "scaled_token_mean", 1, True),  # under a GradScaler
     ],
 )
@@ -316,7 +317,8 @@ def test_a_token_mean_loss_under_sum_is_warned_of(
     Its gradient at the logits, ``1/T̄`` of a per-sample sum's at the hard-target positions
     (``curvature/token_mean.py``), is warned of once; a loss weight, soft targets (a review
     found distillation near its teacher warned of by a first form of the check) and a
-    ``GradScaler``'s scale (which hid a token mean) are not taken for it."""
+    ``GradScaler``'s scale (which hid a token mean) are not taken for it, nor a focal loss
+    (a second form warned of one)."""
     torch.manual_seed(0)
     classes = 10
     model = nn.Sequential(nn.Linear(V, 6), nn.Tanh(), CausalMean(), nn.Linear(6, classes))
@@ -332,6 +334,10 @@ def test_a_token_mean_loss_under_sum_is_warned_of(
         teacher = (out.detach() + 0.3 * torch.randn_like(out)).softmax(-1)
         return F.kl_div(out.log_softmax(-1), teacher, reduction="sum") / len(out)
 
+    def focal(out: Tensor, y: Tensor) -> Tensor:  # a review's false warning, C = 3 to 30
+        log_p = (3 * out).log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return -(((1 - log_p.exp()) ** 2) * log_p).sum() / len(out)
+
     losses = {
         "token_mean": token_mean_loss,
         "scaled_token_mean": token_mean_loss,
@@ -342,6 +348,7 @@ def test_a_token_mean_loss_under_sum_is_warned_of(
         ),
         "distilled_sum": distilled,
         "weighted_sum": lambda out, y: 0.5 * per_sample_sum(out, y),
+        "focal_sum": focal,
     }
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=loss.startswith("scaled"))
     with warnings.catch_warnings(record=True) as caught:

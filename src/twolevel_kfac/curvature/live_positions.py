@@ -161,14 +161,16 @@ def dead_positions(
     zero in every one of the position-wise layers' output gradients (``T > 1`` only;
     :class:`PositionGrads`) of a forward whose output has positions. A layout that fewer
     than two layers see marks none: one layer's zeros may be structural (a causal query at
-    position 0) where no other layer tells. The loss's own terms (``reaching(key)``: the
-    output's positions ``[N, T']`` with a loss term, :func:`watch_positions`) overrule the
-    zeros: in a layout of the output's positions (``T = T'``: a per-pixel model's, a tagger's)
-    a position with a loss term is live (a max-pool after these layers zeroes the pixels it
-    does not pick), and a sample whose every position is zero here but that has a loss term
-    keeps its positions (a residual branch that stochastic depth dropped for it): its zeros
-    are real locations, not padding (both left out before 2026-12-06 (late): steps of
-    per-pixel models 0.10–0.56 off). Where the
+    position 0) where no other layer tells. Nor is a sample whose every position is zero
+    in a layout but that has a loss term (``reaching(key)``: the output's positions
+    ``[N, T']`` with one, :func:`watch_positions`): a residual branch that stochastic depth
+    dropped for it, whose zeros are real locations, not padding (left out before 2026-12-06
+    (late): steps 0.15–0.56 off). In a layout of the output's positions (``T = T'``) it keeps
+    those where the output has its loss terms (a transposed layout would keep others);
+    in another, all of them, and only where no other sample has a dead position there (a
+    layout without padding): a sample whose side input is all padding, in a padded layout,
+    stays padding. Zeros at some positions of a sample with loss terms elsewhere (the pixels
+    a max-pool after these layers does not pick) are dead. Where the
     forward was given its padding (:mod:`.padding_mask`), the positions it marks in the
     layouts of its shape are dead too.
 
@@ -194,10 +196,11 @@ def dead_positions(
         if at is None or len(at) != len(mask):
             continue
         at = at.to(mask.device)
-        if at.shape == mask.shape:  # the output's own positions: a loss term there is live
-            mask = mask & ~at
         whole = mask.all(dim=1, keepdim=True) & at.any(dim=1, keepdim=True)
-        dead[layout] = mask & ~whole
+        if at.shape == mask.shape:  # (a dropped branch: its positions with a loss term)
+            dead[layout] = torch.where(whole, ~at, mask)
+        elif not bool((mask & ~whole).any()):  # (no padding here: none of another sample)
+            dead[layout] = mask & ~whole
     for layout, padding in declared.items():
         dead[layout] = padding | dead[layout] if layout in dead else padding
     return dead

@@ -13,11 +13,15 @@ target ``y`` (or a smoothed one, ``(1 − ε)e_y + ε/C``) it is ``g = a(p − q
 classes ``c ≠ y`` it is affine in ``p_c`` with slope ``a``: ``a = 1/N`` for a per-sample
 sum, ``1/N_tok`` for the token mean (``1/(kN…)`` over ``k`` micro-batches, each loss
 divided by ``k``; ``S`` times that under a ``GradScaler`` of scale ``S``). The median of
-``r = N·a`` over the positions whose gradient fits that form (``R² ≥ 0.99``; not a
-distillation's or a focal loss's) is ``1`` for ``sum`` and ``1/T̄`` for the token mean,
+``r = N·a`` over the positions whose gradient fits that form (``R² ≥ 0.99`` over 4 or more
+classes; one slope for all, within 5 %: not a distillation's, a focal loss's, whose slope
+``a f(p_y)`` varies, nor a class-weighted loss's) is ``1`` for ``sum`` and ``1/T̄`` for the
+token mean,
 ``T̄ = N_tok/N`` the counted positions per sample: :class:`TokenMean` warns where ``r T̄``
 is within 25 % of 1 over ``T̄ ≥ 4``. Judged on at most 64 positions of each of the first 8
-backwards (passes over ``64·C`` numbers, not over the logits).
+backwards of steps taken (passes over ``64·C`` numbers, not over the logits). Not judged:
+a gradient unscaled by ``scaler.unscale_(opt)`` before ``scaler.step`` (its scale is then
+unknown here), targets all soft.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def token_scale(grad: Tensor, values: Tensor, class_dim: int) -> tuple[float, fl
     docstring), from at most :data:`_POSITIONS` evenly spread positions; ``None`` where
     fewer than 8 of them fit the hard-target form."""
     classes, samples = int(grad.shape[class_dim]), len(grad)
-    if classes < 3:
+    if classes < 5:  # (a fit over fewer than 4 classes passes any soft target)
         return None
     g, p = _picked(grad, class_dim), _picked(values, class_dim).softmax(-1)  # [K, C]
     counted = g.abs().amax(dim=-1) > 0
@@ -61,7 +65,10 @@ def token_scale(grad: Tensor, values: Tensor, class_dim: int) -> tuple[float, fl
     fits = (var > 0) & (spread - slope * cov <= 0.01 * spread)  # R² ≥ 0.99
     if int(fits.sum()) < 8:
         return None
-    return float(slope[fits].median()) * samples, positions
+    low, mid, high = torch.quantile(slope[fits], slope.new_tensor([0.25, 0.5, 0.75])).tolist()
+    if high - low > 0.05 * abs(mid):  # one slope for every position, or no such loss
+        return None  # (a focal loss's, p_c f(p_y), varies with p_y; a class weight's too)
+    return mid * samples, positions
 
 
 def _picked(tensor: Tensor, class_dim: int) -> Tensor:
@@ -89,9 +96,8 @@ class TokenMean:
 
     def note(self, grad: Tensor, values: Tensor, class_dim: int) -> None:
         """Judge one backward's gradient at the logits (the first :data:`_CHECKS`)."""
-        if self.warned or self.checks >= _CHECKS:
+        if self.warned or self.checks + len(self.seen) >= _CHECKS:
             return
-        self.checks += 1
         found = token_scale(grad, values, class_dim)
         if found is not None:
             self.seen.append((found[0] * self.steps, found[1]))
@@ -100,6 +106,7 @@ class TokenMean:
         """Warn, once, where a noted backward's ``r`` (unscaled by ``loss_scale``, a
         ``GradScaler``'s) is ``1/T̄`` within 25 % over ``T̄ ≥ 4`` counted positions."""
         seen, self.seen = self.seen, []
+        self.checks += len(seen)  # (a step dropped for an overflow judges nothing: discard)
         for ratio, positions in seen:
             ratio /= loss_scale
             if self.warned or positions < 4 or not 0.8 <= ratio * positions <= 1.25:

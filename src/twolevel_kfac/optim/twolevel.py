@@ -48,6 +48,7 @@ from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.layer_basis import dense_basis
 from ..twolevel.vectors import LayerVector
 from .coarse import CoarseLevel
+from .damping import DAMPING_ARGUMENTS
 from .kfac import CURVATURE_ARGUMENTS, FINE_ARGUMENTS, KFAC
 from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions, check_known
 from .preconditioner import KFACPreconditioner
@@ -158,9 +159,8 @@ class TwoLevelKFAC(KFAC):
 
         fine = kwargs.get("fine", "kfac")
         extra = fine_level_type(fine).extra_arguments
-        check_known(
-            type(self), kwargs, CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | FINE_ARGUMENTS
-        )
+        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | FINE_ARGUMENTS
+        check_known(type(self), kwargs, allowed, taken=DAMPING_ARGUMENTS)
         return TwoLevelPreconditioner(
             model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs
         )
