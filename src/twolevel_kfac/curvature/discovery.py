@@ -72,6 +72,7 @@ __all__ = [
     "is_supported",
     "require_layers",
     "supported_layers",
+    "takes_block",
     "unsupported_reason",
 ]
 
@@ -121,15 +122,23 @@ def is_supported(module: nn.Module) -> bool:
     return layer_type(module) is not None and unsupported_reason(module) is None
 
 
-def added_layers(model: nn.Module, param_group: dict[str, Any], done: set[int]) -> list[str]:
-    """The layers of ``model`` with a block whose parameters (its bias alone, in BitFit)
-    come with ``param_group`` (``add_param_group``) and are not among those preconditioned
-    (``done``: their ``id``)."""
+def takes_block(module: nn.Module, norm_blocks: bool = False) -> bool:
+    """Whether :func:`find_layers` gives a trained module of this kind a block of its own:
+    a supported layer type (:func:`is_supported`), a norm only under ``norm_blocks``."""
+    return is_supported(module) and (norm_blocks or not is_scale_shift(module))
+
+
+def added_layers(
+    model: nn.Module, param_group: dict[str, Any], done: set[int], norm_blocks: bool = False
+) -> list[str]:
+    """The layers of ``model`` with a block (:func:`takes_block`) whose parameters (its bias
+    alone, in BitFit) come with ``param_group`` (``add_param_group``) and are not among those
+    preconditioned (``done``: their ``id``)."""
     ids = parameter_ids([param_group])
     return [
         name
         for name, module in model.named_modules()
-        if is_supported(module)
+        if takes_block(module, norm_blocks)
         and any(
             id(p) in ids and id(p) not in done for p in block_parameters(module) if p is not None
         )
@@ -253,7 +262,7 @@ def find_layers(
             reasons.setdefault(reason, []).append(name)
             refused |= {id(p) for p in module.parameters()}
             continue
-        blocks = [(name, module)] if is_supported(module) else []
+        blocks = [(name, module)] if takes_block(module, norm_blocks) else []
         if isinstance(module, nn.MultiheadAttention):
             blocks = [(f"{name}.{suffix}", layer) for suffix, layer in attention_blocks(module)]
         for block_name, layer in blocks:

@@ -76,9 +76,8 @@ def _picked(tensor: Tensor, class_dim: int) -> Tensor:
     ``class_dim``, ``1`` or last) as ``[K, C]`` float32, gathered without a copy of the
     whole (a view ``[N, T, C]`` or ``[N, C, T]``)."""
     first = class_dim % tensor.dim() == 1 and tensor.dim() > 2
-    flat = tensor.detach().reshape(len(tensor), tensor.shape[1], -1) if first else None
-    if flat is None:
-        flat = tensor.detach().reshape(len(tensor), -1, tensor.shape[-1])
+    classes = tensor.shape[1] if first else -1
+    flat = tensor.detach().reshape(len(tensor), classes, -1 if first else tensor.shape[-1])
     count = flat.shape[0] * flat.shape[2 if first else 1]
     pick = torch.linspace(0, count - 1, min(_POSITIONS, count), device=flat.device).long()
     n, t = pick // (count // len(flat)), pick % (count // len(flat))

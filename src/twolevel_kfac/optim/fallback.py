@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from ..curvature.blocks import bias_only, own_statistics
-from ..curvature.discovery import added_layers, is_supported
+from ..curvature.discovery import added_layers, takes_block
 from ..curvature.param_format import parameter_ids
-from ..curvature.scale_shift import is_scale_shift
 from ..warning_level import caller_level
 from .options import check_choice
 
@@ -271,9 +270,7 @@ def warn_added(
     preconditioned (``preconditioned``: the ``id`` of those that are; a norm only with
     ``norm_blocks``: ``norms``), and any parameter stepped by ``fallback="adamw"``
     (``adamw``)."""
-    layers = added_layers(model, group, preconditioned)
-    what = "layer(s)"
-    added = [n for n in layers if norms or not is_scale_shift(model.get_submodule(n))]
+    what, added = "layer(s)", added_layers(model, group, preconditioned, norms)
     if adamw:
         ids = parameter_ids([group]) - preconditioned
         what, added = "parameter(s)", [n for n, p in model.named_parameters() if id(p) in ids]
@@ -339,8 +336,7 @@ def warn_unpreconditioned(
             name
             for name, module in modules
             if name not in layers
-            and is_supported(module)
-            and (norm_blocks or not is_scale_shift(module))  # (as find_layers takes them)
+            and takes_block(module, norm_blocks)
             and any(id(p) in ids for p in module.parameters(recurse=False))
         ]
 

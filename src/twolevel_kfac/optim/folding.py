@@ -138,7 +138,7 @@ def _check_locations(pre: KFACPreconditioner, name: str, locations: float) -> No
         f"{locations:g}). The steps between captures (cov_interval="
         f"{pre.options.cov_interval}) divide its inverse by the last capture's T, so inputs "
         "whose size changes from step to step (multi-scale training, batches padded to "
-        f"their longest sequence) take steps scaled by the ratio of the two T; "
+        "their longest sequence) take steps scaled by the ratio of the two T; "
         f"cov_interval=1{fix} avoids it",
         RuntimeWarning,
         stacklevel=caller_level(),
