@@ -228,6 +228,22 @@ def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> Non
         tk.KFAC(mlp(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dampin": 1e-3}, r"KFACPreconditioner got unknown argument.*did you mean 'damping'"),
+        ({"coarse_space": "spectral"}, r"did you mean 'coarse'.*it takes: .*params"),
+        ({"power_iteration": 2}, r"did you mean 'power_iterations'"),  # KPSVD's own (taken before)
+    ],
+)
+def test_preconditioner_typos_are_named(kwargs: dict[str, object], message: str) -> None:
+    """The preconditioner used alone names a mistyped option as the optimizers do: before
+    it was ``CurvatureOptions.__init__``'s ``TypeError``, without the nearest name."""
+    fine = {"fine": "kpsvd"} if "power_iteration" in kwargs else {}
+    with pytest.raises(TypeError, match=message):
+        tk.KFACPreconditioner(mlp(), **fine, **kwargs)
+
+
 def test_param_groups_passed_as_lr_are_named() -> None:
     """``functools.partial(tk.KFAC, model)`` as a wrapper's base optimizer (SAM's) passes
     the param groups where ``lr`` is: the error said "lr must be a real number" and dumped

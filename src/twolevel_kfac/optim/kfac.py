@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -38,11 +37,18 @@ from .damping import (
 )
 from .fallback import block_table, fallback_groups, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
-from .options import CurvatureOptions, Rate, check_choice, check_known, check_model, check_real
+from .options import (
+    CURVATURE_ARGUMENTS,
+    CurvatureOptions,
+    Rate,
+    check_choice,
+    check_known,
+    check_model,
+    check_real,
+)
 from .preconditioner import KFACPreconditioner
 from .state import all_or_nothing
 
-CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
 FINE_ARGUMENTS = frozenset({"options", "coarse", "fine"})  # the preconditioner's own
 logger = logging.getLogger("twolevel_kfac")
 NONFINITE_POLICIES = ("skip", "raise", "unchecked")

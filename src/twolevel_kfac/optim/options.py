@@ -315,6 +315,14 @@ class CurvatureOptions:
             )
         check_choice("distributed_inverses", self.distributed_inverses, INVERSE_PLACEMENTS)
 
+    @classmethod
+    def of(cls, owner: type, given: dict[str, Any], taken: Iterable[str]) -> CurvatureOptions:
+        """``cls(**given)`` for ``owner(..., **given)``, an unknown field refused by
+        :func:`check_known` (naming the nearest field, or of ``taken``: the arguments
+        ``owner`` took before, a fine level's own)."""
+        check_known(owner, given, CURVATURE_ARGUMENTS, taken=taken)
+        return cls(**given)
+
 
 COARSE_REFRESH: tuple[str, ...] = get_args(CoarseRefresh)
 SPECTRAL_WHICH: tuple[str, ...] = get_args(SpectralWhich)
@@ -379,4 +387,5 @@ class CoarseOptions:
                 )
 
 
+CURVATURE_ARGUMENTS = frozenset(f.name for f in fields(CurvatureOptions))
 COARSE_ARGUMENTS = frozenset(f.name for f in fields(CoarseOptions))

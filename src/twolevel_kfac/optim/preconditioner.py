@@ -93,7 +93,7 @@ class KFACPreconditioner(NotCopyable):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if options is not None and kwargs:
             raise TypeError("pass either options=... or keyword arguments, not both")
-        options = options if options is not None else CurvatureOptions(**kwargs)
+        options = options or CurvatureOptions.of(type(self), kwargs, fine_type.extra_arguments)
         coarse_type = self.coarse_level_type
         method = resolve_inverse_method(
             options.inverse_method,
