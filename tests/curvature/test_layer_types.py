@@ -175,7 +175,17 @@ class _LoggedConv(nn.Conv2d):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("module", [_ScaledLinear(4, 3), _LoggedConv(2, 3, 3)])
+class _ScaledConv(nn.Conv2d):
+    """A weight scale in ``_conv_forward`` (equalized learning rate): took ``Conv2d``'s block,
+    a step 0.92 off, silently, before 2026-12-06 (night)."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(x, 0.25 * weight, bias)
+
+
+@pytest.mark.parametrize(
+    "module", [_ScaledLinear(4, 3), _LoggedConv(2, 3, 3), _ScaledConv(2, 3, 3)]
+)
 def test_a_subclass_that_overrides_forward_falls_back_until_registered(module: nn.Module) -> None:
     """A subclass of a layer type that overrides ``forward`` (weight standardisation, fake
     quantisation, a scale) is not given its base's block (``_ScaledLinear`` got ``Linear``'s

@@ -199,3 +199,80 @@ def test_the_probe_leaves_the_inputs_alone(registered: Callable[..., None]) -> N
     opt = tk.KFAC(model, fisher="empirical")
     F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
     opt.step()
+
+
+def _cylindrical(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv._conv_forward`` replaced on the instance: circular padding along the width,
+    zeros along the height (climate and panorama models)."""
+    pad = conv._reversed_padding_repeated_twice
+
+    def conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x = F.pad(F.pad(x, (pad[0], pad[1], 0, 0), mode="circular"), (0, 0, pad[2], pad[3]))
+        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+
+    conv._conv_forward = conv_forward  # type: ignore[method-assign]
+    return conv
+
+
+def _scaled_forward(layer: nn.Module) -> nn.Module:
+    """``layer.forward`` replaced on the instance by a scaled one."""
+    original = layer.forward
+    layer.forward = lambda x: 2.0 * original(x)  # type: ignore[method-assign]
+    return layer
+
+
+def _wrapped_forward(layer: nn.Module) -> nn.Module:
+    """accelerate's device hooks: the instance's ``forward`` runs the class's on the same
+    (here: moved to the layer's device) inputs."""
+    original = layer.forward
+
+    def forward(*args: Tensor) -> Tensor:
+        return original(*(a.to(layer.weight.device) for a in args))
+
+    layer.forward = forward  # type: ignore[method-assign]
+    return layer
+
+
+def _conv_net(first: nn.Module) -> nn.Sequential:
+    return nn.Sequential(first, nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+
+
+def _kfac_step(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    opt = tk.KFAC(model, lr=1.0, momentum=0.0, damping=1e-3, fisher="empirical",
+                  cov_interval=1, inv_interval=1, ema_decay=0.0, kl_clip=None)  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("patch", "method"),
+    [(_cylindrical, "_conv_forward"), (_scaled_forward, "forward")],
+)
+def test_a_forward_replaced_on_the_instance_is_probed(
+    patch: Callable[[nn.Conv2d], nn.Module], method: str
+) -> None:
+    """A torch layer whose ``forward`` or ``_conv_forward`` was replaced on the instance got
+    the block of the padding and output the class computes: steps 0.13–0.92 off KFC of what
+    the layer computed, without a word. The probe runs for such a module and refuses it."""
+    torch.manual_seed(0)
+    model = _conv_net(patch(nn.Conv2d(2, 3, 3, padding=1).double()).double()).double()
+    opt = tk.KFAC(model, fisher="empirical")
+    x = torch.randn(4, 2, 5, 6, dtype=torch.float64)
+    for _ in range(2):  # refused again when the first error is caught
+        with pytest.raises(ValueError, match=rf"layer '0': its {method} was replaced on the"):
+            model(x)
+    assert opt.preconditioner.steps == 0
+
+
+def test_a_wrapper_that_runs_the_class_forward_takes_the_plain_step() -> None:
+    """A wrapper that computes what the class does (accelerate's device hooks) passes the
+    probe and takes the step of the same layer unwrapped, bit for bit."""
+    torch.manual_seed(0)
+    plain = _conv_net(nn.Conv2d(2, 3, 3, padding=1)).double()
+    wrapped = _conv_net(_wrapped_forward(nn.Conv2d(2, 3, 3, padding=1))).double()
+    wrapped.load_state_dict(plain.state_dict())
+    x, y = torch.randn(4, 2, 5, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    for got, want in zip(_kfac_step(wrapped, x, y), _kfac_step(plain, x, y), strict=True):
+        assert torch.equal(got, want)

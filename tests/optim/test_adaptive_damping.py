@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -274,3 +275,30 @@ def test_adaptive_damping_resumes_its_own_lambda_and_says_so() -> None:
             resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         assert resumed_opt.preconditioner.damping == current
         assert any("adaptive damping continues" in str(w.message) for w in caught) == warned
+
+
+def test_the_quadratic_model_step_takes_no_kl_clip(float64: None) -> None:
+    """``qmodel_lr_momentum`` picks the step's scale itself (M&G §7): under the default
+    ``kl_clip`` the clip rescaled the preconditioned directions against the weight decay
+    and a fallback LayerNorm's raw gradient before the model chose ``α, μ`` (a trial's
+    first step 60 % off). The clip is off there by default, and refused when asked for."""
+
+    def run(**extra: Any) -> list[Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+        opt = tk.KFAC(model, damping=0.5, weight_decay=1e-2, qmodel_lr_momentum=True,
+                      fisher="empirical", **extra)  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for default, unclipped in zip(run(), run(kl_clip=None), strict=True):
+        assert torch.equal(default, unclipped)
+    with pytest.raises(ValueError, match=r"qmodel_lr_momentum .*kl_clip=0.01.*pass kl_clip=None"):
+        run(kl_clip=1e-2)
+    with pytest.raises(ValueError, match="pass kl_clip=None"):
+        run(curvature=tk.CurvatureOptions())

@@ -256,6 +256,17 @@ def test_param_groups_passed_as_lr_are_named() -> None:
     assert len(str(caught.value)) < 300
 
 
+def test_lazy_modules_not_yet_run_are_named() -> None:
+    """An optimizer built before a lazy model's first forward is refused naming the
+    parameters and the fix (torch's own error, raised from inside, named no layer)."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias', '2.weight', '2.bias'\] are "
+                       "not initialized yet.*run one forward with a dummy batch"):  # fmt: skip
+        tk.KFAC(model)
+    model(torch.randn(2, 3, 5, 5))
+    assert list(tk.KFAC(model).preconditioner.layers) == ["0", "2"]
+
+
 def test_unsupported_layers_warn_or_raise() -> None:
     model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 4, 5, 5))

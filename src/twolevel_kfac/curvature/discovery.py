@@ -48,7 +48,7 @@ from .blocks import (
     layer_weight,
     own_statistics,
 )
-from .layer_types import layer_type, registered_types
+from .layer_types import layer_type, overridden_forward, registered_types
 from .param_format import parameter_ids
 from .scale_shift import is_scale_shift
 from .unknown_layers import warn_unknown_layers
@@ -90,11 +90,12 @@ def unsupported_reason(module: nn.Module) -> str | None:
             "parametrization such as weight_norm, spectral_norm or orthogonal computes it): "
             "KFAC's block is for the weight parameter itself"
         )
-    if entry is not None and type(module).forward is not entry.module_type.forward:
+    method = None if entry is None else overridden_forward(type(module), entry.module_type)
+    if entry is not None and method is not None:
         base, kind = entry.module_type.__name__, type(module)
         name = kind.__name__ if kind.__name__ != base else f"{kind.__module__}.{kind.__name__}"
         return (
-            f"{name} overrides {base}.forward, which may change its weight, "
+            f"{name} overrides {base}.{method}, which may change its weight, "
             "input or output (weight standardisation, fake quantisation, a scale) where "
             f"{base}'s block would not see it; if it computes what {base}.forward does, "
             f"register it: tk.register_layer_type({name}, "
@@ -145,13 +146,20 @@ def added_layers(
     ]
 
 
-def _check_batch_first(model: nn.Module) -> None:
+def _check_usable(model: nn.Module) -> None:
     """Refuse sequence-first modules: KFAC takes the first dimension of every layer input
-    as the batch, so ``[S, N, d]`` activations would make the sequence the samples.
+    as the batch, so ``[S, N, d]`` activations would make the sequence the samples; and
+    lazy modules not yet run (their blocks take their shapes: torch's own error named none).
 
     Raises:
-        ValueError: naming the module and the fix.
+        ValueError: naming the modules and the fix.
     """
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"parameters {lazy[:4]}{' …' if len(lazy) > 4 else ''} are not initialized yet "
+            "(lazy modules): run one forward with a dummy batch, then build the optimizer"
+        )
     for name, module in model.named_modules():
         if isinstance(module, SEQUENCE_FIRST) and not getattr(module, "batch_first", True):
             raise ValueError(
@@ -241,7 +249,7 @@ def find_layers(
             trained weight), or a bias trained alone has no block (:func:`check_bias_only`).
     """
     owned = None if params is None else parameter_ids(params)
-    _check_batch_first(model)
+    _check_usable(model)
     layers: dict[str, nn.Module] = {}
     refused: set[int] = set()  # ids of parameters of refused modules
     reasons: dict[str, list[str]] = {}  # reason -> the modules refused for it

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMBEDDING_MAX_ROWS",
+    "FORWARD_METHODS",
     "LayerType",
     "channel_locations",
     "conv_patches",
@@ -48,6 +49,8 @@ __all__ = [
     "library_registered",
     "linear_features",
     "one_hot_rows",
+    "overridden_forward",
+    "patched_forward",
     "register_layer_type",
     "registered_types",
     "unregister_layer_type",
@@ -146,6 +149,24 @@ def layer_type(module: nn.Module | type[nn.Module]) -> LayerType | None:
 
 
 # ------------------------------------------------------------------ built-in types
+FORWARD_METHODS = ("forward", "_conv_forward")
+"""The methods a layer type's forward runs through (torch's convolutions compute theirs in
+``_conv_forward``: circular-in-width padding, a weight scale are written there)."""
+
+
+def overridden_forward(kind: type, base: type) -> str | None:
+    """The first of :data:`FORWARD_METHODS` that ``base`` defines and its subclass ``kind``
+    overrides, or ``None``."""
+    methods = (n for n in FORWARD_METHODS if hasattr(base, n))
+    return next((n for n in methods if getattr(kind, n) is not getattr(base, n)), None)
+
+
+def patched_forward(module: nn.Module) -> str | None:
+    """The first of :data:`FORWARD_METHODS` set on the instance (``conv.forward = …``,
+    accelerate's device hooks), or ``None``."""
+    return next((name for name in FORWARD_METHODS if name in vars(module)), None)
+
+
 def linear_features(module: nn.Module, inputs: Tensor) -> Tensor:
     """A ``Linear``'s inputs (or output gradients) ``[N, T, d]``: the leading dimensions
     after the batch are locations."""

@@ -9,11 +9,15 @@ without an error when square and fails with a bare shape error otherwise; a modu
 scales its output registered with ``Linear``'s ``δ`` is off by the scale. At the first
 captured forward of each such type, one probe checks it: for a fixed pseudo-random
 ``u`` shaped like the output, ``∇_W̄ ⟨u, f(x)⟩`` from autograd against ``Σ_t δ(u)_t ā_tᵀ``.
-Types of torch and of this package are not probed (their blocks are tested)."""
+Types of torch and of this package are not probed (their blocks are tested), unless a
+module of theirs had its forward replaced on the instance (``conv._conv_forward = …`` with
+circular padding in width, ``lin.forward = lambda x: orig(x) * s``: their steps were 0.13–0.92
+off, silently, before 2026-12-06 (night)): each such module is probed once."""
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -21,11 +25,12 @@ from torch import Tensor, nn
 
 from ..warning_level import caller_level
 from .blocks import input_features, layer_bias, layer_weight, output_gradients
-from .layer_types import LayerType, layer_type, library_registered
+from .layer_types import LayerType, layer_type, library_registered, patched_forward
 
 __all__ = ["check_registration"]
 
 _CHECKED: set[LayerType] = set()  # registrations probed (a new one of a type is probed again)
+_PATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules patched, probed
 _OWN = ("torch.", "twolevel_kfac.")
 
 
@@ -41,21 +46,27 @@ def check_registration(
     Raises:
         ValueError: naming the layer, the type, the error and the contract.
     """
-    entry, kind = layer_type(module), type(module)
-    if entry is None or entry in _CHECKED:
+    entry, kind, patched = layer_type(module), type(module), patched_forward(module)
+    if entry is None or (patched is None and entry in _CHECKED) or module in _PATCHED:
         return
-    if kind.__module__.startswith(_OWN) and library_registered(entry.module_type):
-        return  # (the library's own registrations: a torch type a user registers is probed)
-    if torch.compiler.is_compiling():  # a probe is no graph to trace: an eager capture's
-        return
-    _CHECKED.add(entry)
-    if entry.statistics is not None or entry.rows_from_inputs or not output.requires_grad:
-        return  # a block type of its own, or a table: its own contract
+    # the library's own registrations are tested (a torch type a user registers is probed)
+    own = kind.__module__.startswith(_OWN) and library_registered(entry.module_type)
+    if (own and patched is None) or torch.compiler.is_compiling():
+        return  # (under compile a probe is no graph to trace: an eager capture's)
+    if patched is None:
+        _CHECKED.add(entry)
+    else:
+        _PATCHED.add(module)
+    stats = entry.statistics
+    own_block = stats is not None and (patched is None or stats.applies(module))
+    if own_block or entry.rows_from_inputs or not output.requires_grad:
+        return  # a block type of its own (a grouped convolution), or a table: its own contract
     weight, bias = layer_weight(module), layer_bias(module)
     rerun, copies = _own_use(module, call, output.device)
     if not isinstance(rerun, Tensor):
+        what = f"the registration of {kind.__name__}" if patched is None else f"its {patched}"
         warnings.warn(
-            f"layer {name!r}: the registration of {kind.__name__} could not be checked (its "
+            f"layer {name!r}: {what} could not be checked (its "
             "forward, run again on copies of its parameters, failed or returned no tensor): "
             "make sure its features and gradients give Σ_t δ_t ā_tᵀ = its weight's gradient",
             RuntimeWarning,
@@ -74,6 +85,14 @@ def check_registration(
         a = input_features(module, kept).double()
         g = output_gradients(module, probe).double()
         problem = _mismatch(weight, bias, a, g, expected, rerun.dtype)
+    if problem is not None and patched is not None:
+        _PATCHED.discard(module)  # (probed again: the error again, if caught)
+        raise ValueError(
+            f"layer {name!r}: its {patched} was replaced on the instance and does not compute "
+            f"what {entry.module_type.__name__}'s block assumes ({problem}): restore the "
+            f"class's {patched}, or write the layer as a subclass overriding {patched} (it "
+            "then takes the fallback step, or the block of a type you register)"
+        )
     if problem is not None:
         _CHECKED.discard(entry)
         raise ValueError(

@@ -39,6 +39,7 @@ from .coarse_fisher import (
 )
 from .coarse_parts import parts_step, refreshes_on_parts, steps_on_parts
 from .coarse_state import check_coarse_state, coarse_rank_state, coarse_state, load_coarse_state
+from .frozen import fine_alone
 from .options import CoarseOptions
 
 if TYPE_CHECKING:
@@ -57,10 +58,9 @@ class CoarseLevel:
 
     @staticmethod
     def needs_eigenbasis(options: CoarseOptions) -> bool:
-        """Whether the coarse space needs the factors' full eigendecompositions
-        (``inverse_method="auto"`` then picks ``eigen``): none does. The spectral space
-        reads one extreme eigenpair per factor, which :mod:`twolevel_kfac.curvature.
-        extreme_eigen` finds beside a Cholesky inverse for less than ``eigh`` costs."""
+        """Whether the coarse space needs the factors' full eigendecompositions (``auto``
+        then picks ``eigen``): none does; the spectral space's extreme eigenpair of a factor
+        comes from :mod:`twolevel_kfac.curvature.extreme_eigen`, for less than ``eigh``."""
         return False
 
     def __init__(self, host: KFACPreconditioner, options: CoarseOptions) -> None:
@@ -177,7 +177,7 @@ class CoarseLevel:
             self._between_refreshes()
         zero = block_parameters(self.host.layers[self.names[0]])[0].new_zeros  # g of unused
         g = [grads[n] if n in grads else zero(layer_shape(self.host.layers[n])) for n in self.names]
-        outside = {n: self.host.apply_fine(n, grads[n]) for n in grads if n not in self.names}
+        outside = fine_alone(self.host, {n: grads[n] for n in grads if n not in self.names})
         options, columns = self.options, self.fisher_columns
         if not refreshed and columns is not None and self.columns_suffice:
             assert self._operator is not None  # W is kept with the operator it belongs to
@@ -188,7 +188,8 @@ class CoarseLevel:
             return self._keep_active(direction, grads, outside)
         if options.coarse_scale == 0.0:
             self.fisher_stats = self.fisher_stats if options.diagnostics else None
-            return self._keep_active(self.minv(g), grads, outside)
+            weighted = [options.fine_weight * d for d in self.minv(g)]  # additive's ω_f M⁻¹g
+            return self._keep_active(weighted, grads, outside)
         if refreshed or self._per_step_basis:  # rebuilt below: not held beside the new one
             self._drop_basis()
         minv_g, residual, minv_res = residual_terms(self, g, refreshed)

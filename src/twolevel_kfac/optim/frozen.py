@@ -23,12 +23,12 @@ from ..curvature.blocks import LayerStats, factor_shapes, trains
 from ..warning_level import caller_level
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from .coarse import CoarseLevel
     from .preconditioner import KFACPreconditioner
 
-__all__ = ["coarse_term", "trained_as"]
+__all__ = ["coarse_term", "fine_alone", "fine_weight", "trained_as"]
 
 
 @contextmanager
@@ -79,3 +79,18 @@ def coarse_term(pre: KFACPreconditioner, stats: dict[str, LayerStats]) -> Coarse
             stacklevel=caller_level(),
         )
     return None
+
+
+def fine_alone(pre: KFACPreconditioner, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``ω_f M⁻¹g`` of each layer of ``grads``: its direction without a coarse term (a
+    layer outside the coarse level, or every layer while :func:`coarse_term` pauses it),
+    ``additive``'s ``d = ω_f M⁻¹g + ω_c Qg`` with ``Q = 0`` there (``ω_f``: ``fine_weight``,
+    1 but in ``additive``; it was left out on these paths before 2026-12-06 (night))."""
+    weight = fine_weight(pre)
+    directions = {name: pre.apply_fine(name, grad) for name, grad in grads.items()}
+    return directions if weight == 1.0 else {n: weight * d for n, d in directions.items()}
+
+
+def fine_weight(pre: KFACPreconditioner) -> float:
+    """``ω_f`` of :func:`fine_alone`: the coarse level's ``fine_weight``, 1 without one."""
+    return 1.0 if pre.coarse_level is None else pre.coarse_level.options.fine_weight

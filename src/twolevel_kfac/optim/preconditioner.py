@@ -47,7 +47,7 @@ from .directions import assign_layers, clip_scale, part_pairs, writable_in_place
 from .fallback import warn_unpreconditioned
 from .fine import FineLevel, OuterApplied
 from .folding import fold_statistics, keeps_statistics
-from .frozen import coarse_term
+from .frozen import coarse_term, fine_alone, fine_weight
 from .interrupted import partial_step, step_guard
 from .not_copyable import NotCopyable
 from .options import CoarseOptions, CurvatureOptions, Rate, damping_at, resolve_inverse_method
@@ -285,7 +285,7 @@ class KFACPreconditioner(NotCopyable):
         coarse = coarse_term(self, stats)
         if coarse is not None:
             return coarse.precondition(grads, stats)
-        return {name: self.apply_fine(name, grad) for name, grad in grads.items()}
+        return fine_alone(self, grads)  # (a coarse level paused: frozen.py)
 
     def _precondition_grads(self, stats: dict[str, LayerStats], lrs: dict[str, Rate]) -> None:
         """Overwrite the layers' ``.grad`` with their KL-clipped directions.
@@ -303,7 +303,7 @@ class KFACPreconditioner(NotCopyable):
             if on_parts is not None:
                 self._write_parts(*on_parts, lrs)
                 return
-        if self.fine.plain and coarse is None:
+        if self.fine.plain and coarse is None and fine_weight(self) == 1.0:
             parts = {name: gradient_parts(self.layers[name]) for name in self.active}
             # without a KL clip nothing reads the gradient once its direction exists
             over = self.options.kl_clip is None
