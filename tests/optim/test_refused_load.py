@@ -202,3 +202,16 @@ def test_a_tselepidis_checkpoint_from_before_the_location_counts_is_told() -> No
     del state["preconditioner"]["coarse"]["tselepidis_locations"]
     with pytest.warns(RuntimeWarning, match="predates 2026-12-04"):
         stepped().load_state_dict(state)
+
+
+@pytest.mark.parametrize("key", ["steps", "generator", "factors", "damping"])
+def test_a_state_without_an_entry_is_named(key: str) -> None:
+    """A state missing an entry (edited, another version) raised a bare ``KeyError``; it
+    names the entry now, and nothing is loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = tk.KFAC(model)
+    state = opt.state_dict()
+    del state["preconditioner"][key]
+    with pytest.raises(ValueError, match=rf"no entry '{key}' that KFAC saves"):
+        tk.KFAC(model).load_state_dict(state)

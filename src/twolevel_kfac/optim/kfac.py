@@ -199,10 +199,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
                 f"{type(self).__name__}(adaptive_damping=True) needs step(closure): the loss "
                 "is re-evaluated after the step (Martens & Grosse 2015 §6.5)"
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = None if closure is None else closure()
         pre = self.preconditioner
         if self._watched:  # (parameters frozen when built: warned of once unfrozen)
             self._watched = warn_unfrozen(self._watched, pre.model, self.param_groups)
@@ -344,9 +342,9 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The state to checkpoint (restored by :meth:`load_state_dict`)."""
-        state = super().state_dict()
-        state["preconditioner"] = self.preconditioner.state_dict()
-        state["nonfinite"] = [self.nonfinite_steps, self.consecutive_nonfinite]
+        state = {**super().state_dict(), "preconditioner": self.preconditioner.state_dict()}
+        counts = self.nonfinite_steps, self.consecutive_nonfinite, self.amp_skipped_steps
+        state["nonfinite"] = list(counts)
         if self.fallback is not None:
             state["fallback"] = self.fallback.state_dict()
         return state
@@ -364,7 +362,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         if (state.get("fallback") is None) != (self.fallback is None):
             raise ValueError(f"state saved with another fallback than '{self.fallback_kind}'")
         self.preconditioner.load_state_dict(state.pop("preconditioner"))
-        self.nonfinite_steps, self.consecutive_nonfinite = state.pop("nonfinite", [0, 0])
+        counts = [*state.pop("nonfinite", []), 0, 0, 0]  # (the AMP count since 2026-12-06)
+        self.nonfinite_steps, self.consecutive_nonfinite, self.amp_skipped_steps = counts[:3]
         if self.fallback is not None:
             self.fallback.load_state_dict(state.pop("fallback"))
         super().load_state_dict({k: v for k, v in state.items() if k != "fallback"})

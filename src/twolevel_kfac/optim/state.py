@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from .frozen import trained_as
 from .interrupted import check_not_interrupted
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from .preconditioner import KFACPreconditioner
 
@@ -56,7 +57,9 @@ def all_or_nothing(load: _Loader) -> _Loader:
             load(self, state_dict)
             return
         try:
-            before = copy.deepcopy(self.state_dict())
+            with warnings.catch_warnings():  # (a copy to fall back to, not a checkpoint)
+                warnings.filterwarnings("ignore", message=re.escape(_MID_STEP))
+                before = copy.deepcopy(self.state_dict())
         except RuntimeError:  # an interrupted step's state, which a load may replace
             before = None
         capture = pre.capture
@@ -64,10 +67,15 @@ def all_or_nothing(load: _Loader) -> _Loader:
         stack.append(self)
         try:
             load(self, state_dict)
-        except Exception:
+        except Exception as error:
             if before is not None:
                 load(self, before)
                 capture.restore(pending)
+            if isinstance(error, KeyError):  # (torch's own optimizers raise it bare)
+                raise ValueError(
+                    f"the state dict has no entry {error} that {type(self).__name__} saves: "
+                    "edited, or saved by another class or version; nothing was loaded"
+                ) from error
             raise
         finally:
             stack.pop()
@@ -97,7 +105,7 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
         "steps": pre.steps,
         "damping": pre.damping,
         "damping_option": None if callable(pre.options.damping) else pre.options.damping,
-        "generator": pre.generator.get_state(),
+        "generator": _sampler_state(pre),
         "factors": {name: f.state_dict() for name, f in pre.factors.items()},
         "layers": list(pre.layers),
         "saved_by": _method(pre),
@@ -116,6 +124,31 @@ def kfac_state(pre: KFACPreconditioner) -> dict[str, Any]:
     return state
 
 
+_MID_STEP = "state_dict() between a captured backward and step()"
+
+
+def _sampler_state(pre: KFACPreconditioner) -> Tensor:
+    """The sampler's state to save: between a captured backward and its ``step()`` (a
+    SIGTERM handler's save, a callback after ``backward()``), the state before that step's
+    draws, so that a resume redoing the step's forward and backward draws the same targets
+    and rows (it drew others: a step 0.06–0.07 off under ``mc``, before 2026-12-06
+    (night)), with a warning: the captured statistics are not saved, so a resume that
+    calls ``step()`` on saved gradients folds none at this step."""
+    capture = pre.capture
+    drawn_from = capture.drawn_from
+    if drawn_from is None or not capture.pending()["_done"]:
+        return pre.generator.get_state()
+    warnings.warn(
+        f"{_MID_STEP}: the statistics captured for this step are not in the state, and "
+        "its sampler is saved as it was before this step's forward. Resume by redoing the "
+        "step's forward and backward (then the run continues bit for bit); a resumed "
+        "step() on saved gradients takes the factors from before this step",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+    return drawn_from
+
+
 def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     """Restore :func:`kfac_state` into ``pre`` (:func:`load_kfac_state`: all or nothing).
 
@@ -129,7 +162,9 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         raise ValueError(
             f"preconditioner state is for layers {saved}, but this model has {list(pre.layers)}"
             f" (new here: {extra}; gone: {missing}). Another model, other params= or "
-            "norm_blocks, or a checkpoint from a version that gave fewer module types a block "
+            "norm_blocks, an optimizer built on the torch.compile'd model on one side only "
+            "(its layers are named '_orig_mod.…'), or a checkpoint from a version that gave "
+            "fewer module types a block "
             "(embedding tables over 4096 rows, grouped convolutions under "
             "coarse_space='tselepidis' have one since 2026-12-02)"
         )
