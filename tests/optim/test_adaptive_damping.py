@@ -302,3 +302,11 @@ def test_the_quadratic_model_step_takes_no_kl_clip(float64: None) -> None:
         run(kl_clip=1e-2)
     with pytest.raises(ValueError, match="pass kl_clip=None"):
         run(curvature=tk.CurvatureOptions())
+
+
+def test_a_first_damping_outside_the_adapted_range_is_refused() -> None:
+    """``damping=1e-3`` with ``min_damping=0.1`` took 1e-3 until the first adaptation, then
+    jumped to 0.1 whatever ρ said; it is refused now, naming the range."""
+    with pytest.raises(ValueError, match=r"damping=0.001 is outside \[min_damping, max_damping\]"):
+        tk.KFAC(tiny_mlp(), damping=1e-3, adaptive_damping=True, min_damping=0.1)
+    tk.KFAC(tiny_mlp(), damping=1e-3, min_damping=0.1)  # (not adapted: no range)

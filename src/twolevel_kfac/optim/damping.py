@@ -98,20 +98,31 @@ class DampingOptions:
 DAMPING_ARGUMENTS = frozenset(f.name for f in fields(DampingOptions))
 
 
-def unclipped_qmodel(
+def check_damping_fields(
     owner: str, damping: DampingOptions, fields: dict[str, Any], given: Any
 ) -> None:
-    """Under ``qmodel_lr_momentum`` the quadratic model picks the step's scale (Martens &
-    Grosse §7: ``δ = αΔ + μδ₀``, no KL clip): the clip would rescale the preconditioned
-    layers' directions against the weight decay and the fallback parameters' gradients,
-    and the model would pick its ``α, μ`` along another direction (a trial: a first step
-    60 % off, a loss after 30 steps 0.99 against 0.82). ``kl_clip`` defaults to ``None``
-    there (``fields``: the curvature keywords; ``given``: a ``CurvatureOptions``, or
-    ``None``); a clip asked for is refused.
+    """Check the curvature options the damping options constrain (``fields``: the curvature
+    keywords; ``given``: a ``CurvatureOptions``, or ``None``).
+
+    * Under ``adaptive_damping`` the first ``λ`` lies in ``[min_damping, max_damping]`` (one
+      outside took its value until the first adaptation, then jumped to the bound).
+    * Under ``qmodel_lr_momentum`` the quadratic model picks the step's scale (Martens &
+      Grosse §7: ``δ = αΔ + μδ₀``, no KL clip): the clip would rescale the preconditioned
+      layers' directions against the weight decay and the fallback parameters' gradients,
+      and the model would pick its ``α, μ`` along another direction (a trial: a first step
+      60 % off, a loss after 30 steps 0.99 against 0.82). ``kl_clip`` defaults to ``None``
+      there; a clip asked for is refused.
 
     Raises:
-        ValueError: naming ``kl_clip=None``.
+        ValueError: naming the option to change.
     """
+    first = fields.get("damping") if given is None else given.damping
+    low, high = damping.min_damping, damping.max_damping
+    if damping.adaptive_damping and isinstance(first, (int, float)) and not low <= first <= high:
+        raise ValueError(
+            f"{owner}: damping={first!r} is outside [min_damping, max_damping] = [{low!r}, "
+            f"{high!r}], where adaptive_damping keeps λ"
+        )
     if not damping.qmodel_lr_momentum:
         return
     asked = fields.get("kl_clip") if given is None else given.kl_clip

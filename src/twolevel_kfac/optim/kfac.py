@@ -33,8 +33,8 @@ from .damping import (
     DampingOptions,
     QuadraticModel,
     adjust_damping,
+    check_damping_fields,
     evaluate_without_capture,
-    unclipped_qmodel,
 )
 from .fallback import block_table, fallback_groups, make_fallback, warn_added, warn_unfrozen
 from .not_copyable import NotCopyable
@@ -130,7 +130,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         self.damping_options = DampingOptions(
             **{k: options.pop(k) for k in list(options) if k in DAMPING_ARGUMENTS}
         )
-        unclipped_qmodel(type(self).__name__, self.damping_options, options, curvature)
+        check_damping_fields(type(self).__name__, self.damping_options, options, curvature)
         if curvature is not None:
             given = sorted(set(options) & CURVATURE_ARGUMENTS)
             if given:
