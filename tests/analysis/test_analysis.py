@@ -27,6 +27,7 @@ from oracles import (
 )
 from twolevel_kfac.analysis import metrics
 from twolevel_kfac.analysis.config import AnalyzeConfig, load_config
+from twolevel_kfac.analysis.coordinates import analysis_layers, flatten, to_layer_matrices
 from twolevel_kfac.analysis.evaluate import evaluate_state
 from twolevel_kfac.analysis.exact import compute_curvature, fisher_from_statistics
 from twolevel_kfac.analysis.operators import ALL_METHODS, MethodSet, parse_method
@@ -256,6 +257,49 @@ def test_direction_equals_a_real_optimizer_step(
     )
 
 
+class _Reused(nn.Module):
+    """``mid`` called twice, and ``tied`` sharing ``out``'s weight and bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5)
+        self.tied = nn.Linear(5, 5)
+        self.tied.weight, self.tied.bias = self.out.weight, self.out.bias
+        self.head = nn.Linear(5, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.mid(torch.tanh(self.mid(torch.tanh(self.inp(x))))))
+        return self.head(torch.tanh(self.tied(torch.tanh(self.out(h)))))
+
+
+@pytest.mark.parametrize("method", ["kfac", "nicolaides+adef2", "residual+additive"])
+def test_a_reused_or_tied_layer_is_analysed_as_the_optimizer_steps(
+    float64: None, method: str
+) -> None:
+    """A layer called twice, or two modules sharing a weight: the statistics kept the last
+    call of the first module alone, so every Kronecker-based number was wrong (a KFAC
+    cosine of −0.045 for the optimizer's 0.264). Every call is now a location, as in the
+    optimizer: the analysis direction is the step it takes."""
+    torch.manual_seed(9)
+    model = _Reused()
+    x, y = _batch((4,), 6, "categorical")
+    curv = compute_curvature(model, x, y, "categorical", "empirical")
+    expected = MethodSet(model, curv, damping=0.05).direction(method)
+    trained = copy.deepcopy(model)
+    space, _, combination = method.partition("+")
+    coarse = {"coarse_space": space, "combination": combination} if combination else {}
+    opt = (tk.TwoLevelKFAC if coarse else tk.KFAC)(
+        trained, lr=1.0, momentum=0.0, damping=0.05, fisher="empirical", ema_decay=0.0,
+        kl_clip=None, **coarse,
+    )  # fmt: skip
+    before = {k: p.detach().clone() for k, p in trained.named_parameters()}
+    nn.functional.cross_entropy(trained(x), y).backward()
+    opt.step()
+    moved = {k: before[k] - p.detach() for k, p in trained.named_parameters()}
+    step = flatten(to_layer_matrices(analysis_layers(trained), moved))
+    torch.testing.assert_close(step, expected, rtol=1e-9, atol=1e-11)
+
+
 def test_coarse_gain_is_the_energy_change_of_adef2(float64: None) -> None:
     """E(β*) − E(0) (dense Galerkin metric) = E(A-DEF2) − E(KFAC) = the optimizer's
     diagnostic, for every Galerkin coarse space; and it is ≤ 0."""
@@ -388,6 +432,43 @@ def test_a_batch_larger_than_the_pool_is_refused(tmp_path: Path) -> None:
     pool = (torch.zeros(64, 6), torch.zeros(64, dtype=torch.int64))
     with pytest.raises(ValueError, match="batch_size 100 is more than the 64 samples"):
         analysis_batch(config, pool)
+
+
+class _Segmenter(nn.Module):
+    def __init__(self, groups: int = 1, head: str = "pool") -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1, groups=groups), head
+        self.drop, self.fc = nn.Dropout(0.2), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.conv(x))
+        if self.head == "pixels":  # [N, C, H, W] logits
+            return h[:, :3]
+        return self.fc(self.drop(h.mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_Segmenter(), r"modules \['drop'\] are in train mode .*call model.eval\(\)"),
+        (_Segmenter(groups=2).eval(), r"grouped convolutions \['conv'\] are not supported"),
+        (_Segmenter(head="pixels").eval(), r"categorical logits \[N, C\]; the model's are"),
+    ],
+)
+def test_models_the_analysis_cannot_take_are_named(model: nn.Module, message: str) -> None:
+    """A dropout in train mode, a grouped convolution and per-pixel logits crashed inside
+    (a vmap in-place error, a zip or einsum error, a bare AssertionError)."""
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=message):
+        compute_curvature(model, x, y, "categorical", "empirical")
+
+
+def test_an_empty_damping_sweep_is_refused(tmp_path: Path) -> None:
+    """It ran the whole analysis, then failed in the sweep's plot without a report."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text("model: {kind: mlp, sizes: [6, 3]}\ndamping_sweep: []\n")
+    with pytest.raises(ValueError, match="damping_sweep: one damping or more"):
+        load_config(path)
 
 
 def test_analyze_command_writes_outputs(tmp_path: Path) -> None:

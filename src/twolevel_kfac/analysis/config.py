@@ -246,8 +246,8 @@ class AnalyzeConfig(_Strict):
     @field_validator("damping_sweep")
     @classmethod
     def _sweep(cls, value: list[float]) -> list[float]:
-        if any(not v > 0 for v in value):
-            raise ValueError("damping_sweep: every damping must be > 0")
+        if not value or any(not v > 0 for v in value):  # (an empty one failed in the plot)
+            raise ValueError("damping_sweep: one damping or more, every one > 0")
         return value
 
     @field_validator("state_method")

@@ -31,15 +31,33 @@ from ..curvature.likelihoods import summed_nll
 from ..twolevel.vectors import LayerVector
 
 
+def _stochastic(module: nn.Module) -> bool:
+    """A dropout of ``p > 0`` or a batch norm: in train mode, no per-sample function."""
+    dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+    return dropout or isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
 # ----------------------------------------------------------------- coordinates
 def analysis_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of the analysis vector: those the optimizer preconditions, by name.
 
     Raises:
         ValueError: a layer trains its bias alone (its weight frozen): the analysis vector
-            holds every layer's ``[W, b]``.
+            holds every layer's ``[W, b]``; a grouped convolution (its block is not one
+            ``A ⊗ G``, which the analysis' operators take); a dropout or batch norm in
+            train mode (the per-sample Jacobians need a forward without randomness or
+            batch statistics).
     """
+    training = [n for n, m in model.named_modules() if m.training and _stochastic(m)]
+    if training:
+        raise ValueError(
+            f"modules {training[:4]} are in train mode (dropout, batch norm): the analysis "
+            "differentiates a deterministic per-sample forward; call model.eval() first"
+        )
     layers = find_layers(model, "ignore")
+    grouped = [n for n, m in layers.items() if getattr(m, "groups", 1) > 1]
+    if grouped:
+        raise ValueError(f"grouped convolutions {grouped} are not supported by the analysis")
     alone = [name for name, module in layers.items() if bias_only(module)]
     if alone:
         raise ValueError(

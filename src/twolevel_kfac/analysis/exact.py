@@ -41,6 +41,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from ..curvature.attention import attention_modules, recompute_attention
 from ..curvature.blocks import LayerStats, block_statistics, layer_shape
+from ..curvature.discovery import find_layer_uses
 from ..curvature.likelihoods import LIKELIHOODS, sample_targets, summed_nll
 from ..curvature.sample_products import per_sample_gradients
 from ..twolevel.vectors import LayerVector
@@ -140,19 +141,19 @@ def fisher_statistics(
     Returns:
         One :class:`LayerStats` per layer with ``N' = B·K`` samples.
     """
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
+    calls: dict[str, list[tuple[nn.Module, Tensor, Tensor]]] = {n: [] for n in layers}
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         def record(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            inputs[name], outputs[name] = args[0].detach(), out
+            calls[name].append((module, args[0].detach(), out))
 
         return record
 
     def recompute(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _: Any) -> Any:
         return recompute_attention(module, args, kwargs)  # type: ignore[arg-type]
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    uses = find_layer_uses(model, layers)  # a tied weight's every module
+    handles = [m.register_forward_hook(hook(n)) for n, used in uses.items() for m in used]
     handles += [
         a.register_forward_hook(recompute, with_kwargs=True)
         for a in attention_modules(model, layers)
@@ -163,21 +164,28 @@ def fisher_statistics(
     finally:
         for h in handles:
             h.remove()
+    unused = [n for n, c in calls.items() if not c]
+    if unused:
+        raise ValueError(f"layers {unused} are not called by the model's forward on the batch")
     num = factor.shape[2]
-    names = list(layers)
-    pairs: dict[str, list[tuple[Tensor, Tensor | None]]] = {n: [] for n in names}
+    flat = [(n, call) for n, c in calls.items() for call in c]
+    pairs: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in layers}
     for k in range(num):
         cotangent = factor[:, :, k].reshape(output.shape)
-        grads = torch.autograd.grad(
-            output, [outputs[n] for n in names], cotangent, retain_graph=True, allow_unused=True
-        )
-        for n, gr in zip(names, grads, strict=True):
-            gr = torch.zeros_like(outputs[n]) if gr is None else gr
-            pairs[n].append(block_statistics(layers[n], inputs[n], gr.detach()))
+        outs = [out for _, (_, _, out) in flat]
+        grads = torch.autograd.grad(output, outs, cotangent, retain_graph=True, allow_unused=True)
+        per_call: dict[str, list[tuple[Tensor, Tensor | None]]] = {n: [] for n in layers}
+        for (n, (module, inputs, out)), gr in zip(flat, grads, strict=True):
+            gr = torch.zeros_like(out) if gr is None else gr
+            per_call[n].append(block_statistics(module, inputs, gr.detach()))
+        for n, parts in per_call.items():  # a layer's calls: more locations (the optimizer's)
+            a = torch.cat([a for a, _ in parts], dim=1)
+            g = torch.cat([g for _, g in parts if g is not None], dim=1)
+            pairs[n].append((a, g))
     stats = []
-    for n in names:
+    for n in layers:
         a = torch.stack([a for a, _ in pairs[n]], dim=1)  # [B, K, T, d_in']
-        g = torch.stack([g for _, g in pairs[n] if g is not None], dim=1) * math.sqrt(num)
+        g = torch.stack([g for _, g in pairs[n]], dim=1) * math.sqrt(num)
         stats.append(LayerStats(a.flatten(0, 1), g.flatten(0, 1)))
     return stats
 
@@ -306,9 +314,14 @@ def compute_curvature(
         The :class:`Curvature`.
     """
     layers = analysis_layers(model)
-    loss, grad = loss_and_gradient(model, layers, x, y, likelihood)
     with torch.no_grad(), exact_attention():
         output = model(x)
+    if likelihood == "categorical" and output.dim() != 2:  # (a bare AssertionError before)
+        raise ValueError(
+            f"the analysis takes categorical logits [N, C]; the model's are "
+            f"{tuple(output.shape)}: flatten positions into the batch in forward"
+        )
+    loss, grad = loss_and_gradient(model, layers, x, y, likelihood)
     factor = output_factor(output, likelihood, fisher, y, mc_samples, generator)
     stats = fisher_statistics(model, layers, x, factor)
     curvature = Curvature(
