@@ -6,6 +6,7 @@ probed again."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -276,3 +277,70 @@ def test_a_wrapper_that_runs_the_class_forward_takes_the_plain_step() -> None:
     x, y = torch.randn(4, 2, 5, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     for got, want in zip(_kfac_step(wrapped, x, y), _kfac_step(plain, x, y), strict=True):
         assert torch.equal(got, want)
+
+
+class _LoRA(nn.Module):
+    """``l1.forward`` patched to add a branch ``B(A(x))`` of two layers the parent holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.A, self.B = nn.Linear(5, 2), nn.Linear(2, 4)
+        original, branch_in, branch_out = self.l1.forward, self.A, self.B
+        self.l1.forward = lambda x: original(x) + branch_out(branch_in(x))  # type: ignore[method-assign]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class _Unpatched(_LoRA):
+    def __init__(self) -> None:
+        super().__init__()
+        del self.l1.forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(torch.tanh(self.l1(x) + self.B(self.A(x))))
+
+
+def test_the_probe_rerun_records_nothing_in_other_layers() -> None:
+    """The probe's rerun of a patched forward that calls other layers went through their
+    capture hooks: a second call without a gradient, their first blocks 0.45–0.48 off. The
+    rerun runs without any of the model's hooks: the steps are the unpatched model's."""
+    steps = []
+    for kind in (_LoRA, _Unpatched):
+        torch.manual_seed(0)
+        model = kind().double()
+        steps.append(_kfac_step(model, torch.randn(8, 5).double(), torch.randint(0, 3, (8,))))
+    for got, want in zip(*steps, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_the_probe_leaves_unchanged_buffers_alone() -> None:
+    """It copied every buffer back, bumping the version of one the user's graph saved (a
+    patched ``orig(x) * lin.scale``): the user's backward failed with torch's in-place error."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    layer, original = model[0], model[0].forward
+    layer.register_buffer("scale", torch.ones(6))
+    layer.forward = lambda x: original(x) * layer.scale  # type: ignore[method-assign]
+    opt = tk.KFAC(model)
+    F.cross_entropy(model(torch.randn(8, 5)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("kind", ["closure", "embedding"])
+def test_a_patch_the_probe_cannot_read_is_warned_of(kind: str) -> None:
+    """A forward holding the layer's parameters in a closure was refused as "1.2e+31 off";
+    an embedding table's patch went unchecked without a word. Both are warned of now."""
+    if kind == "closure":
+        layer: nn.Module = nn.Linear(5, 6)
+        layer.forward = functools.partial(F.linear, weight=layer.weight, bias=layer.bias)  # type: ignore[method-assign]
+        model, x = nn.Sequential(layer, nn.Tanh(), nn.Linear(6, 3)), torch.randn(8, 5)
+    else:
+        layer = nn.Embedding(7, 6)
+        original = layer.forward
+        layer.forward = lambda t: 2.0 * original(t)  # type: ignore[method-assign]
+        model, x = nn.Sequential(layer, nn.Flatten(), nn.Linear(12, 3)), torch.randint(0, 7, (8, 2))
+    opt = tk.KFAC(model)
+    with pytest.warns(RuntimeWarning, match=r"layer '0': its forward could not be checked"):
+        F.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+    opt.step()

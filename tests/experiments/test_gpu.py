@@ -139,3 +139,35 @@ def test_the_extreme_pair_is_certified_on_the_gpu(samples: int, which: str) -> N
     assert_certified_pair(matrix, which)
     values, vectors = extreme_eigenpair(matrix, which)
     assert values.device == vectors.device == matrix.device
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_a_wrapped_layer_passes_the_probe_under_tf32(kind: str) -> None:
+    """A layer whose forward a wrapper replaced on the instance (accelerate's device hooks)
+    is probed at its first captured forward; under TF32 (cuDNN convolutions' default,
+    ``float32_matmul_precision("high")`` for a Linear) its gradient is ~3e-4 off float64,
+    inside the probe's float32 tolerance of 1e-2: the step is taken."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+        ).cuda()  # fmt: skip
+        x = torch.randn(16, 16, 16, 16, device="cuda")
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+        ).cuda()
+        x = torch.randn(64, 256, device="cuda")
+    original = model[0].forward
+    model[0].forward = lambda *args: original(*args)  # type: ignore[method-assign]
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        opt = tk.KFAC(model, lr=0.1, damping=0.1)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (len(x),)).cuda())
+        loss.backward()
+        opt.step()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert opt.preconditioner.steps == 1

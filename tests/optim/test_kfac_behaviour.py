@@ -244,6 +244,18 @@ def test_preconditioner_typos_are_named(kwargs: dict[str, object], message: str)
         tk.KFACPreconditioner(mlp(), **fine, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "hint"), [({"coarse_scal": 1.0}, "coarse_scale"), ({"fin": "kfac"}, "fine")]
+)
+def test_two_level_preconditioner_typos_name_the_coarse_options(
+    kwargs: dict[str, object], hint: str
+) -> None:
+    """Its coarse fields and ``fine`` were left out of the names: ``coarse_scal`` got "did
+    you mean 'coarse'", ``fin`` no hint."""
+    with pytest.raises(TypeError, match=rf"did you mean '{hint}' for"):
+        tk.TwoLevelPreconditioner(mlp(), **kwargs)
+
+
 def test_param_groups_passed_as_lr_are_named() -> None:
     """``functools.partial(tk.KFAC, model)`` as a wrapper's base optimizer (SAM's) passes
     the param groups where ``lr`` is: the error said "lr must be a real number" and dumped
@@ -265,6 +277,8 @@ def test_lazy_modules_not_yet_run_are_named() -> None:
         tk.KFAC(model)
     model(torch.randn(2, 3, 5, 5))
     assert list(tk.KFAC(model).preconditioner.layers) == ["0", "2"]
+    partial = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))  # a lazy head left out: built
+    assert list(tk.KFAC(partial, params=partial[0].parameters()).preconditioner.layers) == ["0"]
 
 
 def test_unsupported_layers_warn_or_raise() -> None:

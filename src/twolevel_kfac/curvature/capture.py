@@ -213,7 +213,7 @@ class CurvatureCapture:
         reshaped = sample_major(x, forward)  # its rows k per sample, in the batch's order
         check_subset_rows(f"the input of layer {name!r}", x, forward, reshaped)
         check_batched_input(name, module, x, forward, reshaped)
-        check_registration(name, module, (args, kwargs), output)
+        check_registration(name, module, (args, kwargs), output, self.model)
         kept = recorded_input(module, x.detach())
         record = Record(module, fisher_rows(kept, forward), forward, None, reshaped)
         if output.grad_fn is not None:

@@ -146,15 +146,18 @@ def added_layers(
     ]
 
 
-def _check_usable(model: nn.Module) -> None:
+def _check_usable(model: nn.Module, owned: set[int] | None) -> None:
     """Refuse sequence-first modules: KFAC takes the first dimension of every layer input
     as the batch, so ``[S, N, d]`` activations would make the sequence the samples; and
-    lazy modules not yet run (their blocks take their shapes: torch's own error named none).
+    lazy modules not yet run among the parameters ``owned`` (their ``id``; ``None``: all),
+    whose blocks take their shapes (torch's own error named none).
 
     Raises:
         ValueError: naming the modules and the fix.
     """
-    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.UninitializedParameter)]
+    pending = nn.UninitializedParameter
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, pending)]
+    lazy = [n for n in lazy if owned is None or id(model.get_parameter(n)) in owned]
     if lazy:
         raise ValueError(
             f"parameters {lazy[:4]}{' …' if len(lazy) > 4 else ''} are not initialized yet "
@@ -249,7 +252,7 @@ def find_layers(
             trained weight), or a bias trained alone has no block (:func:`check_bias_only`).
     """
     owned = None if params is None else parameter_ids(params)
-    _check_usable(model)
+    _check_usable(model, owned)
     layers: dict[str, nn.Module] = {}
     refused: set[int] = set()  # ids of parameters of refused modules
     reasons: dict[str, list[str]] = {}  # reason -> the modules refused for it

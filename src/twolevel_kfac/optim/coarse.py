@@ -188,8 +188,8 @@ class CoarseLevel:
             return self._keep_active(direction, grads, outside)
         if options.coarse_scale == 0.0:
             self.fisher_stats = self.fisher_stats if options.diagnostics else None
-            weighted = [options.fine_weight * d for d in self.minv(g)]  # additive's ω_f M⁻¹g
-            return self._keep_active(weighted, grads, outside)
+            fine = fine_alone(self.host, dict(zip(self.names, g, strict=True)))  # ω_f M⁻¹g
+            return self._keep_active(list(fine.values()), grads, outside)
         if refreshed or self._per_step_basis:  # rebuilt below: not held beside the new one
             self._drop_basis()
         minv_g, residual, minv_res = residual_terms(self, g, refreshed)

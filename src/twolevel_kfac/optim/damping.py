@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..curvature.blocks import block_parameters, trains, weight_rows
 from ..twolevel.fisher_products import sample_coefficients
-from .options import check_real
+from .options import CurvatureOptions, check_real
 from .preconditioner import KFACPreconditioner
 
 
@@ -99,10 +99,10 @@ DAMPING_ARGUMENTS = frozenset(f.name for f in fields(DampingOptions))
 
 
 def check_damping_fields(
-    owner: str, damping: DampingOptions, fields: dict[str, Any], given: Any
+    owner: str, damping: DampingOptions, keywords: dict[str, Any], given: CurvatureOptions | None
 ) -> None:
-    """Check the curvature options the damping options constrain (``fields``: the curvature
-    keywords; ``given``: a ``CurvatureOptions``, or ``None``).
+    """Check the curvature options the damping options constrain (``keywords``: the
+    curvature keywords; ``given``: a ``CurvatureOptions``, or ``None``).
 
     * Under ``adaptive_damping`` the first ``λ`` lies in ``[min_damping, max_damping]`` (one
       outside took its value until the first adaptation, then jumped to the bound).
@@ -110,13 +110,14 @@ def check_damping_fields(
       Grosse §7: ``δ = αΔ + μδ₀``, no KL clip): the clip would rescale the preconditioned
       layers' directions against the weight decay and the fallback parameters' gradients,
       and the model would pick its ``α, μ`` along another direction (a trial: a first step
-      60 % off, a loss after 30 steps 0.99 against 0.82). ``kl_clip`` defaults to ``None``
-      there; a clip asked for is refused.
+      60 % off, a loss after 30 steps 0.99 against 0.82). The ``kl_clip`` keyword defaults
+      to ``None`` there; a clip passed, or a ``CurvatureOptions`` with one (its default
+      too: it cannot tell), is refused.
 
     Raises:
         ValueError: naming the option to change.
     """
-    first = fields.get("damping") if given is None else given.damping
+    first = keywords.get("damping") if given is None else given.damping
     low, high = damping.min_damping, damping.max_damping
     if damping.adaptive_damping and isinstance(first, (int, float)) and not low <= first <= high:
         raise ValueError(
@@ -125,16 +126,17 @@ def check_damping_fields(
         )
     if not damping.qmodel_lr_momentum:
         return
-    asked = fields.get("kl_clip") if given is None else given.kl_clip
+    asked = keywords.get("kl_clip") if given is None else given.kl_clip
     if asked is not None:
+        where = "kl_clip=None" if given is None else "CurvatureOptions(..., kl_clip=None)"
         raise ValueError(
             f"{owner}: qmodel_lr_momentum picks the step's scale from the quadratic model; a "
             f"KL clip (kl_clip={asked!r}) would change the direction it scales (the mix of the "
             "preconditioned directions, the weight decay and the fallback parameters' "
-            "gradients): pass kl_clip=None"
+            f"gradients): pass {where}"
         )
     if given is None:
-        fields["kl_clip"] = None
+        keywords["kl_clip"] = None
 
 
 def adjust_damping(damping: float, rho: float, options: DampingOptions) -> float:

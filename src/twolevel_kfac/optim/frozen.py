@@ -10,6 +10,10 @@ fine level's direction alone, with one warning per layer, rather than a coarse t
 formed for another parameter space. A checkpoint loaded while such a layer is frozen
 restores its factors and coarse vectors of the block it had when they were estimated
 (:func:`trained_as`), so that unfrozen again it continues as the saved run would.
+
+The fine direction that stands without a coarse term, in those steps and elsewhere (a
+layer outside the coarse level, ``coarse_scale = 0``), is :func:`fine_alone`'s
+``ω_f M⁻¹g``: ``additive``'s formula with ``Q = 0`` there.
 """
 
 from __future__ import annotations
