@@ -450,8 +450,14 @@ class _Segmenter(nn.Module):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (_Segmenter(), r"modules \['drop'\] are in train mode .*call model.eval\(\)"),
+        (_Segmenter(), r"modules \['drop'\] draw at random .*call model.eval\(\)"),
         (_Segmenter(groups=2).eval(), r"grouped convolutions \['conv'\] are not supported"),
+        (
+            nn.Sequential(
+                nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Flatten()
+            ).eval(),
+            r"modules \['1'\] draw at random or use the batch's statistics",
+        ),
         (_Segmenter(head="pixels").eval(), r"categorical logits \[N, C\]; the model's are"),
     ],
 )

@@ -341,6 +341,22 @@ def test_a_patch_the_probe_cannot_read_is_warned_of(kind: str) -> None:
         layer.forward = lambda t: 2.0 * original(t)  # type: ignore[method-assign]
         model, x = nn.Sequential(layer, nn.Flatten(), nn.Linear(12, 3)), torch.randint(0, 7, (8, 2))
     opt = tk.KFAC(model)
-    with pytest.warns(RuntimeWarning, match=r"layer '0': its forward could not be checked"):
+    with pytest.warns(RuntimeWarning, match=r"layer '0'.*: its forward could not be checked"):
         F.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
     opt.step()
+
+
+def test_a_users_hook_on_the_patched_path_is_kept_in_the_rerun() -> None:
+    """A patch routing the layer's output through a module whose hook doubles it: a rerun
+    without any of the model's hooks passed it (a step 1.39 off); the rerun drops only the
+    captures' hooks there, so it is refused."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    gate = nn.Identity()
+    gate.register_forward_hook(lambda module, args, out: 2 * out)
+    model.add_module("gate", gate)
+    original = model[0].forward
+    model[0].forward = lambda x: gate(original(x))  # type: ignore[method-assign]
+    opt = tk.KFAC(model)
+    with pytest.raises(ValueError, match=r"layer '0': its forward was replaced on the instance"):
+        model(torch.randn(8, 5))
+    assert opt.preconditioner.steps == 0

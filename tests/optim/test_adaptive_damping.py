@@ -310,3 +310,5 @@ def test_a_first_damping_outside_the_adapted_range_is_refused() -> None:
     with pytest.raises(ValueError, match=r"damping=0.001 is outside \[min_damping, max_damping\]"):
         tk.KFAC(tiny_mlp(), damping=1e-3, adaptive_damping=True, min_damping=0.1)
     tk.KFAC(tiny_mlp(), damping=1e-3, min_damping=0.1)  # (not adapted: no range)
+    with pytest.raises(ValueError, match=r"damping=0.001 is outside"):  # the default λ too
+        tk.KFAC(tiny_mlp(), adaptive_damping=True, min_damping=0.1)

@@ -254,6 +254,7 @@ def test_two_level_preconditioner_typos_name_the_coarse_options(
     you mean 'coarse'", ``fin`` no hint."""
     with pytest.raises(TypeError, match=rf"did you mean '{hint}' for"):
         tk.TwoLevelPreconditioner(mlp(), **kwargs)
+    assert tk.TwoLevelPreconditioner(mlp(), fine=None).fine_level is not None  # (the default)
 
 
 def test_param_groups_passed_as_lr_are_named() -> None:

@@ -213,5 +213,5 @@ def test_a_state_without_an_entry_is_named(key: str) -> None:
     opt = tk.KFAC(model)
     state = opt.state_dict()
     del state["preconditioner"][key]
-    with pytest.raises(ValueError, match=rf"no entry '{key}' that KFAC saves"):
+    with pytest.raises(ValueError, match=rf"lacks an entry '{key}'.*nothing was loaded"):
         tk.KFAC(model).load_state_dict(state)

@@ -32,9 +32,11 @@ from ..twolevel.vectors import LayerVector
 
 
 def _stochastic(module: nn.Module) -> bool:
-    """A dropout of ``p > 0`` or a batch norm: in train mode, no per-sample function."""
-    dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-    return dropout or isinstance(module, nn.modules.batchnorm._BatchNorm)
+    """A dropout of ``p > 0`` or a batch norm in train mode, or a batch norm without running
+    statistics: no per-sample function."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or not module.track_running_stats
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training
 
 
 # ----------------------------------------------------------------- coordinates
@@ -48,10 +50,11 @@ def analysis_layers(model: nn.Module) -> dict[str, nn.Module]:
             train mode (the per-sample Jacobians need a forward without randomness or
             batch statistics).
     """
-    training = [n for n, m in model.named_modules() if m.training and _stochastic(m)]
-    if training:
+    coupled = [n for n, m in model.named_modules() if _stochastic(m)]
+    if coupled:
         raise ValueError(
-            f"modules {training[:4]} are in train mode (dropout, batch norm): the analysis "
+            f"modules {coupled[:4]} draw at random or use the batch's statistics (dropout or "
+            "batch norm in train mode, a batch norm without running statistics): the analysis "
             "differentiates a deterministic per-sample forward; call model.eval() first"
         )
     layers = find_layers(model, "ignore")

@@ -127,7 +127,8 @@ def fisher_statistics(
 
     Sample ``(n, k)`` (``n``-major) has ``ā_n`` and ``δ_{n,k} = √K · J_{s,n}ᵀ S_n[:, k]``,
     the pre-activation gradient of the output cotangent ``S_n[:, k]`` (one backward pass
-    per column ``k``), formatted by the optimizer's own ``block_statistics``. An attention
+    per column ``k``), formatted by the optimizer's own ``block_statistics``; every call of a
+    layer and every module sharing its weight adds locations, as in the optimizer. An attention
     with blocks is recomputed with its projections called as modules, as the optimizer's
     capture does (:func:`~twolevel_kfac.curvature.attention.recompute_attention`), so that
     the hooks of ``<name>.in_proj`` and ``<name>.out_proj`` see their inputs and outputs.
@@ -140,6 +141,9 @@ def fisher_statistics(
 
     Returns:
         One :class:`LayerStats` per layer with ``N' = B·K`` samples.
+
+    Raises:
+        ValueError: a layer the forward does not call.
     """
     calls: dict[str, list[tuple[nn.Module, Tensor, Tensor]]] = {n: [] for n in layers}
 
@@ -312,6 +316,10 @@ def compute_curvature(
 
     Returns:
         The :class:`Curvature`.
+
+    Raises:
+        ValueError: categorical logits other than ``[N, C]``; a model the analysis cannot
+            take (:func:`~.coordinates.analysis_layers`).
     """
     layers = analysis_layers(model)
     with torch.no_grad(), exact_attention():

@@ -117,7 +117,7 @@ def check_damping_fields(
     Raises:
         ValueError: naming the option to change.
     """
-    first = keywords.get("damping") if given is None else given.damping
+    first = keywords.get("damping", CurvatureOptions.damping) if given is None else given.damping
     low, high = damping.min_damping, damping.max_damping
     if damping.adaptive_damping and isinstance(first, (int, float)) and not low <= first <= high:
         raise ValueError(

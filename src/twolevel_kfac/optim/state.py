@@ -73,8 +73,9 @@ def all_or_nothing(load: _Loader) -> _Loader:
                 capture.restore(pending)
             if isinstance(error, KeyError):  # (torch's own optimizers raise it bare)
                 raise ValueError(
-                    f"the state dict has no entry {error} that {type(self).__name__} saves: "
-                    "edited, or saved by another class or version; nothing was loaded"
+                    f"the {type(self).__name__} state dict lacks an entry {error} (edited, or "
+                    "saved by another class or version)"
+                    + ("; nothing was loaded" if before is not None else "")
                 ) from error
             raise
         finally:
@@ -140,9 +141,9 @@ def _sampler_state(pre: KFACPreconditioner) -> Tensor:
         return pre.generator.get_state()
     warnings.warn(
         f"{_MID_STEP}: the statistics captured for this step are not in the state, and "
-        "its sampler is saved as it was before this step's forward. Resume by redoing the "
-        "step's forward and backward (then the run continues bit for bit); a resumed "
-        "step() on saved gradients takes the factors from before this step",
+        "its sampler is saved as it was before this step's first capturing forward. Resume "
+        "by redoing the step's forward and backward (then it draws what this step drew); "
+        "a resumed step() on saved gradients takes the factors from before this step",
         RuntimeWarning,
         stacklevel=caller_level(),
     )

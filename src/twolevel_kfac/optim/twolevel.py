@@ -71,7 +71,7 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         coarse_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in COARSE_ARGUMENTS}
         from .levels import fine_level_type  # the fine levels import this module
 
-        fine = self.fine_level if "fine" not in kwargs else fine_level_type(kwargs["fine"])
+        fine = self.fine_level if kwargs.get("fine") is None else fine_level_type(kwargs["fine"])
         own = CURVATURE_ARGUMENTS | fine.extra_arguments | {"params", "fine", "damping_varies"}
         check_known(type(self), kwargs, own, taken=COARSE_ARGUMENTS)  # (coarse ones: hints)
         if coarse is not None and coarse_kwargs:
