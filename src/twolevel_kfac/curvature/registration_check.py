@@ -44,8 +44,8 @@ def check_registration(
 ) -> None:
     """Probe ``module``'s registered type once, or ``module`` once where its forward was
     replaced on the instance (module docstring), rerunning it on its call's ``(args,
-    kwargs)`` without the hooks of ``model``'s modules (the capture's own: a patched
-    forward may call other layers, which would record a call without a gradient).
+    kwargs)`` without the captures' hooks in ``model`` (a patched forward may call other
+    layers, whose hooks would record a call without a gradient) (:func:`_own_use`).
 
     Raises:
         ValueError: naming the layer, the type, the error and the contract.
@@ -127,10 +127,10 @@ def _unchecked(name: str, what: str, why: str, kind: type | None = None) -> None
     if kind is not None:
         _WARNED.add((kind, why))
     patch = what.startswith("its ")
-    advice = "compute what the class does" if patch else "give Σ_t δ_t ā_tᵀ = its weight's gradient"
+    advice = "computes what the class does" if patch else "gives Σ_t δ_t ā_tᵀ = ∇W"
     warnings.warn(
         f"layer {name!r}{' (and those of its type)' if kind else ''}: {what} could not be "
-        f"checked ({why}): make sure it does {advice}",
+        f"checked ({why}): make sure it {advice}",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
