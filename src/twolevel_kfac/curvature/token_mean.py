@@ -101,9 +101,10 @@ def _one_slope_per_class(slope: Tensor, target: Tensor, p_y: Tensor, varied: boo
     within 5 %, or, ``varied``, all of them, where ``p_y`` varies by 20 % or more (with
     1–3 other classes the form of one position is no test, and a loss of ``p`` alone, a
     Dice loss near a uniform output, has one slope where ``p_y`` is the same)."""
-    low, mid, high = torch.quantile(slope, slope.new_tensor([0.25, 0.5, 0.75])).tolist()
-    if not varied and high - low <= 0.05 * abs(mid):
-        return True
+    if not varied:
+        low, mid, high = torch.quantile(slope, slope.new_tensor([0.25, 0.5, 0.75])).tolist()
+        if high - low <= 0.05 * abs(mid):
+            return True
     if _within(slope):
         return not varied or _varies(p_y)
     groups = [mine for label in target.unique().tolist() if (mine := target == label).sum() > 1]
