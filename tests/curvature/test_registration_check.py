@@ -360,3 +360,81 @@ def test_a_users_hook_on_the_patched_path_is_kept_in_the_rerun() -> None:
     with pytest.raises(ValueError, match=r"layer '0': its forward was replaced on the instance"):
         model(torch.randn(8, 5))
     assert opt.preconditioner.steps == 0
+
+
+class _SideNorm(nn.Module):
+    """``l1.forward`` patched to also normalise its input with a train-mode batch norm the
+    parent holds, a side output the loss reads (``patched=False``: the same, unpatched)."""
+
+    def __init__(self, patched: bool) -> None:
+        super().__init__()
+        self.l1, self.l2, self.norm = nn.Linear(5, 4), nn.Linear(4, 3), nn.BatchNorm1d(5)
+        self.side: Tensor | None = None
+        if patched:
+            original = self.l1.forward
+
+            def forward(x: Tensor) -> Tensor:
+                self.side = self.norm(x)
+                return original(x)
+
+            self.l1.forward = forward  # type: ignore[method-assign]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "forward" not in vars(self.l1):
+            self.side = self.norm(x)
+        out = self.l2(torch.tanh(self.l1(x)))
+        assert self.side is not None
+        return out + self.side[:, :3]
+
+
+def test_the_probe_leaves_the_running_statistics_of_a_norm_it_calls() -> None:
+    """A patch calling a train-mode batch norm: the probe's rerun updated its running
+    statistics a second time, in place, and the user's backward failed with torch's
+    in-place error. The rerun updates none: the steps and the running statistics are the
+    unpatched model's."""
+    runs = []
+    for patched in (True, False):
+        torch.manual_seed(0)
+        model = _SideNorm(patched).double()
+        step = _kfac_step(model, torch.randn(8, 5).double(), torch.randint(0, 3, (8,)))
+        runs.append((step, [b.clone() for b in model.norm.buffers()]))
+    (got, got_stats), (want, want_stats) = runs
+    for a, b in zip([*got, *got_stats], [*want, *want_stats], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_a_patch_through_a_norm_child_is_refused_not_crashed() -> None:
+    """``l1.forward = lambda x: l1.bn(orig(x))`` with a train-mode batch norm child: the
+    probe's own gradient failed with torch's in-place error inside the forward (the rerun
+    updated the child's running statistics the forward's graph saved). The rerun runs
+    the child on copies of its buffers: the patch is refused by name, the child's running
+    statistics are those of the user's forward alone."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    layer, original = model[0], model[0].forward
+    layer.bn = nn.BatchNorm1d(4)
+    layer.forward = lambda x: layer.bn(original(x))  # type: ignore[method-assign]
+    opt = tk.KFAC(model)
+    x = torch.randn(8, 5)
+    with torch.no_grad():
+        expected = 0.1 * original(x).mean(0)  # one update of the zero running mean
+    with pytest.raises(ValueError, match=r"layer '0': its forward was replaced on the instance"):
+        model(x)
+    torch.testing.assert_close(layer.bn.running_mean, expected)
+    assert opt.preconditioner.steps == 0
+
+
+def test_a_forward_patched_again_is_probed_again() -> None:
+    """A layer probed with a wrapper that computes the class's forward, then patched again
+    to scale its output: the second patch was never probed (the module was marked probed),
+    so its steps took the unscaled block. Each new patch is probed at its first captured
+    forward."""
+    torch.manual_seed(0)
+    model = _conv_net(_wrapped_forward(nn.Conv2d(2, 3, 3, padding=1))).double()
+    opt = tk.KFAC(model, fisher="empirical", cov_interval=1)
+    x, y = torch.randn(4, 2, 5, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    _scaled_forward(model[0])
+    with pytest.raises(ValueError, match=r"layer '0': its forward was replaced on the"):
+        model(x)
+    assert opt.preconditioner.steps == 1

@@ -257,6 +257,36 @@ def test_two_level_preconditioner_typos_name_the_coarse_options(
     assert tk.TwoLevelPreconditioner(mlp(), fine=None).fine_level is not None  # (the default)
 
 
+@pytest.mark.parametrize(
+    ("build", "own", "fine"),
+    [
+        (tk.EKFAC, "ekfac", "kpsvd"),
+        (tk.KPSVD, "kpsvd", "kfac"),
+        (tk.KFACCorrected, "kfac_corrected", "ekfac"),
+        (tk.EKFACPreconditioner, "ekfac", "kfac_corrected"),
+    ],
+)
+def test_a_preset_refuses_another_fine_level(build: Any, own: str, fine: str) -> None:
+    """``EKFAC(model, fine="kpsvd")`` ran KPSVD's fine level under EKFAC's name (its
+    ``describe_blocks``, logs and checkpoints said EKFAC); a preset now takes its own level
+    only, and the message names where the other one is given."""
+    with pytest.raises(ValueError, match=rf"fine={fine!r} names another: give fine="):
+        build(mlp(), fine=fine)
+    built = build(mlp(), fine=own)  # its own name is accepted
+    assert getattr(built, "preconditioner", built).fine.name == own
+
+
+@pytest.mark.parametrize("fine", [None, "kfac", "ekfac", "kpsvd", "kfac_corrected"])
+def test_the_general_classes_take_every_fine_level(fine: str | None) -> None:
+    """``KFAC``, ``TwoLevelKFAC`` and the preconditioners take any fine level by name, and
+    ``fine=None`` for their default (``TwoLevelKFAC(fine=None)`` raised before 2026-12-06)."""
+    expected = "kfac" if fine is None else fine
+    for build in (tk.KFAC, tk.TwoLevelKFAC):
+        assert build(mlp(), fine=fine).preconditioner.fine.name == expected
+    for precondition in (tk.KFACPreconditioner, tk.TwoLevelPreconditioner):
+        assert precondition(mlp(), fine=fine).fine.name == expected
+
+
 def test_param_groups_passed_as_lr_are_named() -> None:
     """``functools.partial(tk.KFAC, model)`` as a wrapper's base optimizer (SAM's) passes
     the param groups where ``lr`` is: the error said "lr must be a real number" and dumped

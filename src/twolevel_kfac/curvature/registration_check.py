@@ -18,20 +18,28 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from ..warning_level import caller_level
 from .blocks import input_features, layer_bias, layer_weight, output_gradients
 from .hooks import WeakHook
-from .layer_types import LayerType, layer_type, library_registered, patched_forward
+from .layer_types import (
+    FORWARD_METHODS,
+    LayerType,
+    layer_type,
+    library_registered,
+    patched_forward,
+)
 
 __all__ = ["check_registration"]
 
 _CHECKED: set[LayerType] = set()  # registrations probed (a new one of a type is probed again)
-_PATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules patched, probed
+# modules patched, probed: their patches then (a forward patched again is probed again)
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 _OWN = ("torch.", "twolevel_kfac.")
 
 
@@ -51,7 +59,7 @@ def check_registration(
         ValueError: naming the layer, the type, the error and the contract.
     """
     entry, kind, patched = layer_type(module), type(module), patched_forward(module)
-    if entry is None or (patched is None and entry in _CHECKED) or module in _PATCHED:
+    if entry is None or (patched is None and entry in _CHECKED) or _probed(module):
         return
     # the library's own registrations are tested (a torch type a user registers is probed)
     own = kind.__module__.startswith(_OWN) and library_registered(entry.module_type)
@@ -60,7 +68,7 @@ def check_registration(
     if patched is None:
         _CHECKED.add(entry)
     else:
-        _PATCHED.add(module)
+        _PATCHED[module] = tuple(map(_reference, _patches(module)))
     stats = entry.statistics
     own_block = stats is not None and (patched is None or stats.applies(module))
     what = f"the registration of {kind.__name__}" if patched is None else f"its {patched}"
@@ -90,7 +98,7 @@ def check_registration(
         g = output_gradients(module, probe).double()
         problem = _mismatch(weight, bias, a, g, expected, rerun.dtype)
     if problem is not None and patched is not None:
-        _PATCHED.discard(module)  # (probed again: the error again, if caught)
+        del _PATCHED[module]  # (probed again: the error again, if caught)
         raise ValueError(
             f"layer {name!r}: its {patched} was replaced on the instance and does not compute "
             f"what {entry.module_type.__name__}'s block assumes ({problem}): restore the "
@@ -107,6 +115,30 @@ def check_registration(
             "stored [in, out] (transformers' Conv1D) is not supported: convert such modules "
             "to nn.Linear (weight.T); a module that rescales its output must scale δ too"
         )
+
+
+def _patches(module: nn.Module) -> tuple[Any, ...]:
+    """What replaces each of :data:`~.layer_types.FORWARD_METHODS` on ``module`` (``None``:
+    the class's)."""
+    return tuple(vars(module).get(name) for name in FORWARD_METHODS)
+
+
+def _reference(patch: Any) -> Any:
+    """A weak reference to ``patch`` (the patch's closure may hold the module), else the
+    object where it takes none."""
+    try:
+        return weakref.ref(patch)
+    except TypeError:
+        return patch
+
+
+def _probed(module: nn.Module) -> bool:
+    """Whether ``module`` was probed with the patches it has now."""
+    held = _PATCHED.get(module)
+    if held is None:
+        return False
+    then = (r() if isinstance(r, weakref.ref) else r for r in held)
+    return all(a is b for a, b in zip(then, _patches(module), strict=True))
 
 
 def _unprobed(entry: LayerType, module: nn.Module) -> str:
@@ -143,17 +175,20 @@ def _own_use(
     model: nn.Module,
 ) -> tuple[Any, dict[int, Tensor]]:
     """``module.forward`` run again on its call's detached arguments with detached copies of
-    its (and its submodules') floating parameters (by the originals' ids), without its
-    (and its submodules') forward hooks and the captures' hooks anywhere in ``model`` (a
-    patched forward that calls other layers would record calls there; a user's hook on
-    another module stays: it may be part of what the patch computes), its buffers (those
-    changed) and torch's random state restored afterwards: autograd's gradient of its own
-    use, which neither a tied use, nor the user's graph, nor the run's random stream see
-    (``None`` where that forward fails)."""
+    its (and its submodules') floating parameters (by the originals' ids) and copies of
+    their buffers, without its (and its submodules') forward hooks and the captures' hooks
+    anywhere in ``model`` (a patched forward that calls other layers would record calls
+    there; a user's hook on another module stays: it may be part of what the patch
+    computes), the other train-mode norms of ``model`` not tracking running statistics
+    (a norm the patch calls normalises by its batch's as before, and updates nothing), and
+    torch's random state restored afterwards: autograd's gradient of its own use, which
+    neither a tied use, nor the user's graph (whose saved buffers no update reaches: a
+    batch norm's running statistics), nor the run's random stream see (``None`` where
+    that forward fails)."""
     copies: dict[int, Tensor] = {}
-    swapped: list[tuple[nn.Module, str, Any]] = []
+    swapped: list[tuple[dict[str, Any], str, Any]] = []  # (parameters or buffers, key, original)
     tables: list[tuple[Any, dict[int, Any]]] = []  # hook tables, as they were
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    norms = [m for m in model.modules() if _updates_running_statistics(m)]
     # copies: an in-place op of the rerun on an alias would bump the user's version counter
     args = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in call[0])
     kwargs = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in call[1].items()}
@@ -165,22 +200,32 @@ def _own_use(
             for key, param in list(owner._parameters.items()):
                 if param is not None and param.is_floating_point():
                     copy = copies.setdefault(id(param), param.detach().requires_grad_(True))
-                    swapped.append((owner, key, param))
+                    swapped.append((owner._parameters, key, param))
                     owner._parameters[key] = copy  # type: ignore[assignment]
+            for key, buffer in list(owner._buffers.items()):
+                if buffer is not None:  # (the original untouched: no version bumped)
+                    swapped.append((owner._buffers, key, buffer))
+                    owner._buffers[key] = buffer.detach().clone()
+        for norm in norms:
+            norm.track_running_stats = False
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             return module.forward(*args, **kwargs), copies
     except Exception:  # any failure: the probe is skipped (with a warning), not the step
         return None, copies
     finally:
-        for owner, key, param in swapped:
-            owner._parameters[key] = param
+        for table_of, key, original in swapped:
+            table_of[key] = original
+        for norm in norms:
+            norm.track_running_stats = True
         for table, entries in tables:  # (in their order: the capture's hooks run first)
             table.clear()
             table.update(entries)
-        with torch.no_grad():  # (only those changed: a copy bumps a saved buffer's version)
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
+
+
+def _updates_running_statistics(module: nn.Module) -> TypeGuard[_NormBase]:
+    """Whether ``module``'s forward updates running statistics in place (a batch or
+    instance norm in train mode that tracks them)."""
+    return isinstance(module, _NormBase) and module.training and module.track_running_stats
 
 
 def _without_hooks(model: nn.Module, inside: set[nn.Module]) -> list[tuple[Any, dict[int, Any]]]:

@@ -82,9 +82,8 @@ def allowed_arguments(method: str) -> frozenset[str]:
         ValueError: Unknown method.
     """
     from twolevel_kfac.optim.damping import DAMPING_ARGUMENTS
-    from twolevel_kfac.optim.kfac import CURVATURE_ARGUMENTS
-    from twolevel_kfac.optim.kpsvd import KPSVDPreconditioner
-    from twolevel_kfac.optim.options import COARSE_ARGUMENTS
+    from twolevel_kfac.optim.kpsvd import KPSVDFine
+    from twolevel_kfac.optim.options import COARSE_ARGUMENTS, CURVATURE_ARGUMENTS
 
     if method == "sgd":
         return _SGD_ARGS
@@ -94,9 +93,9 @@ def allowed_arguments(method: str) -> frozenset[str]:
     if method == "kfac" or method == "ekfac":
         return kfac_args
     if method in ("kpsvd", "kfac_corrected"):
-        return kfac_args | KPSVDPreconditioner.extra_arguments
+        return kfac_args | KPSVDFine.extra_arguments
     if method in TWO_LEVEL_METHODS:
-        fine = {"fine", *KPSVDPreconditioner.extra_arguments}
+        fine = {"fine", *KPSVDFine.extra_arguments}
         return kfac_args | fine | (COARSE_ARGUMENTS - {"coarse_space"})
     raise ValueError(f"unknown method {method!r}; allowed: {list(METHODS)}")
 

@@ -28,6 +28,7 @@ from ..curvature.blocks import block_parameters
 from ..curvature.param_format import materialize_params
 from ..finite import all_finite
 from .amp import amp_loss_scale, forget_amp_state, forgets_amp_state_on_error
+from .construction import accepted_arguments
 from .damping import (
     DAMPING_ARGUMENTS,
     DampingOptions,
@@ -173,11 +174,8 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
     def _make_preconditioner(
         self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
     ) -> KFACPreconditioner:
-        from .levels import fine_level_type  # the fine levels import this module
-
         cls = self.preconditioner_class
-        fine = cls.fine_level if "fine" not in kwargs else fine_level_type(kwargs["fine"])
-        allowed = CURVATURE_ARGUMENTS | fine.extra_arguments | FINE_ARGUMENTS
+        allowed = accepted_arguments(cls, kwargs.get("fine")) | FINE_ARGUMENTS
         check_known(type(self), kwargs, allowed, taken=DAMPING_ARGUMENTS)
         return self.preconditioner_class(
             model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs

@@ -259,14 +259,12 @@ class KPSVDPreconditioner(KFACPreconditioner):
     """The KFAC preconditioner with the KPSVD fine level (:class:`KPSVDFine`)."""
 
     fine_level = KPSVDFine
-    extra_arguments = KPSVDFine.extra_arguments
 
 
 class KFACCorrectedPreconditioner(KFACPreconditioner):
     """The KFAC preconditioner with the KFAC-corrected fine level (:class:`KFACCorrectedFine`)."""
 
     fine_level = KFACCorrectedFine
-    extra_arguments = KFACCorrectedFine.extra_arguments
 
 
 class KPSVD(KFAC):

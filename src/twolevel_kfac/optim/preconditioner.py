@@ -16,7 +16,6 @@ correction when one is held (:mod:`.coarse`), the KL clip and the write into ``.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -35,7 +34,7 @@ from ..curvature.blocks import (
 )
 from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import find_layer_uses, find_layers, require_layers
-from ..curvature.factor_inverse import HALF_DTYPES, solver_dtype
+from ..curvature.factor_inverse import solver_dtype
 from ..curvature.kronecker_apply import LayerParts
 from ..curvature.layer_types import fixed_rows, is_token_table
 from ..distributed import make_communicator, step_seed, unwrap_model
@@ -43,6 +42,7 @@ from ..placement import autocast_off, move_tensors
 from .amp import drops_overflow
 from .coarse import CoarseLevel
 from .coarse_absorb import absorber
+from .construction import resolve_options
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
 from .fallback import warn_unpreconditioned
 from .fine import FineLevel, OuterApplied
@@ -50,7 +50,7 @@ from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term, fine_alone, fine_weight
 from .interrupted import partial_step, step_guard
 from .not_copyable import NotCopyable
-from .options import CoarseOptions, CurvatureOptions, Rate, damping_at, resolve_inverse_method
+from .options import CoarseOptions, CurvatureOptions, Rate, damping_at
 from .schedule import CaptureSchedule
 from .state import kfac_state, load_kfac_state
 
@@ -60,11 +60,12 @@ T = TypeVar("T")
 class KFACPreconditioner(NotCopyable):
     """Block-diagonal KFAC preconditioner (see :class:`CurvatureOptions` for arguments)."""
 
-    # The fine level of this class (presets such as EKFACPreconditioner name another), and
-    # the constructor arguments it takes beyond CurvatureOptions (KPSVD's power iteration).
+    # The fine level of this class (presets such as EKFACPreconditioner name another), the
+    # coarse level's class (given coarse=) and the keywords of its options the constructor
+    # takes (TwoLevelPreconditioner's; :func:`.construction.accepted_arguments`).
     fine_level: ClassVar[type[FineLevel]] = FineLevel
-    coarse_level_type: ClassVar[type[CoarseLevel]] = CoarseLevel  # its class, given coarse=
-    extra_arguments: ClassVar[frozenset[str]] = frozenset()
+    coarse_level_type: ClassVar[type[CoarseLevel]] = CoarseLevel
+    coarse_arguments: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -85,25 +86,12 @@ class KFACPreconditioner(NotCopyable):
         damping; a schedule is seen in ``options``), read by ``inverse_method="auto"``.
 
         :attr:`options` holds the resolved ``inverse_method`` (never ``auto``)."""
-        from .levels import fine_level_type  # the registry imports the fine levels, and they this
-
-        fine_type = self.fine_level if fine is None else fine_level_type(fine)
-        fine_arguments = {k: kwargs.pop(k) for k in list(kwargs) if k in fine_type.extra_arguments}
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if options is not None and kwargs:
-            raise TypeError("pass either options=... or keyword arguments, not both")
-        options = options or CurvatureOptions.of(type(self), kwargs, fine_type.extra_arguments)
-        coarse_type = self.coarse_level_type
-        method = resolve_inverse_method(
-            options.inverse_method,
-            damping_mode=options.damping_mode,
-            damping_varies=damping_varies or callable(options.damping),
-            fine_needs_eigenbasis=fine_type.needs_eigenbasis,
-            coarse_needs_eigenbasis=coarse is not None and coarse_type.needs_eigenbasis(coarse),
-            half_factors=options.factor_dtype in HALF_DTYPES,
+        self.options, fine_type, fine_arguments = resolve_options(
+            type(self), options, fine, coarse, damping_varies, kwargs
         )
-        self.options = opts = replace(options, inverse_method=method)
+        opts = self.options
         self.damping_varies = damping_varies  # λ is state (adaptive), not an option
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)

@@ -48,9 +48,8 @@ from ..twolevel.coarse_matrix import CoarseOperator
 from ..twolevel.layer_basis import dense_basis
 from ..twolevel.vectors import LayerVector
 from .coarse import CoarseLevel
-from .damping import DAMPING_ARGUMENTS
-from .kfac import CURVATURE_ARGUMENTS, FINE_ARGUMENTS, KFAC
-from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions, check_known
+from .kfac import KFAC
+from .options import COARSE_ARGUMENTS, CoarseOptions, CurvatureOptions
 from .preconditioner import KFACPreconditioner
 
 __all__ = ["CoarseOptions", "TwoLevelKFAC", "TwoLevelPreconditioner"]
@@ -61,6 +60,8 @@ class TwoLevelPreconditioner(KFACPreconditioner):
     :class:`KFACPreconditioner` argument plus ``coarse`` (a :class:`CoarseOptions`) or its
     fields as keywords. Its coarse level's state is exposed here (``basis``, ``names``, …)."""
 
+    coarse_arguments = COARSE_ARGUMENTS
+
     def __init__(
         self,
         model: nn.Module,
@@ -69,11 +70,6 @@ class TwoLevelPreconditioner(KFACPreconditioner):
         **kwargs: Any,
     ) -> None:
         coarse_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in COARSE_ARGUMENTS}
-        from .levels import fine_level_type  # the fine levels import this module
-
-        fine = self.fine_level if kwargs.get("fine") is None else fine_level_type(kwargs["fine"])
-        own = CURVATURE_ARGUMENTS | fine.extra_arguments | {"params", "fine", "damping_varies"}
-        check_known(type(self), kwargs, own, taken=COARSE_ARGUMENTS)  # (coarse ones: hints)
         if coarse is not None and coarse_kwargs:
             raise TypeError("pass either coarse=... or coarse keyword arguments, not both")
         coarse = coarse if coarse is not None else CoarseOptions(**coarse_kwargs)
@@ -156,16 +152,3 @@ class TwoLevelKFAC(KFAC):
     the last two also take ``power_iterations``, ``power_tol``)."""
 
     preconditioner_class = TwoLevelPreconditioner
-
-    def _make_preconditioner(
-        self, model: nn.Module, kwargs: dict[str, Any], params: list[Any]
-    ) -> KFACPreconditioner:
-        from .levels import fine_level_type  # the fine levels import KFAC
-
-        fine = kwargs.get("fine", "kfac")
-        extra = fine_level_type(fine).extra_arguments
-        allowed = CURVATURE_ARGUMENTS | COARSE_ARGUMENTS | extra | FINE_ARGUMENTS
-        check_known(type(self), kwargs, allowed, taken=DAMPING_ARGUMENTS)
-        return TwoLevelPreconditioner(
-            model, params=params, damping_varies=self.damping_options.adaptive_damping, **kwargs
-        )
