@@ -393,3 +393,63 @@ def test_most_parameters_on_the_fallback_step_are_warned_of() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tk.KFAC(net(), fallback="adamw")
+
+
+def test_a_pruned_bias_takes_the_fallback_step() -> None:
+    """``prune.l1_unstructured(layer, "bias", …)`` leaves ``bias_orig`` as the parameter and
+    ``bias`` a plain tensor: the layer's block is ``W``'s alone, but ``bias_orig`` was
+    counted as preconditioned, listed as ``KFAC Linear`` and stepped by KFAC's momentum
+    step at KFAC's rate under ``fallback="adamw"`` (8–10× AdamW's step in a trial). It
+    takes the fallback's step now, AdamW's bit for bit."""
+    from torch.nn.utils import prune
+
+    model = net()
+    prune.l1_unstructured(model[0], "bias", amount=0.5)
+    opt = tk.KFAC(model, lr=0.1, fallback="adamw", fallback_options=ADAMW)
+    listed = [line.split() for line in opt.describe_blocks().splitlines()]
+    assert ["0.bias_orig", "AdamW", "(no", "block)"] in listed
+    twin = model[0].bias_orig.detach().clone().requires_grad_(True)
+    reference = torch.optim.AdamW([twin], **ADAMW)  # type: ignore[arg-type]
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(batch(step)[0]), batch(step)[1]).backward()
+        twin.grad = model[0].bias_orig.grad.clone()
+        opt.step()
+        reference.step()
+        assert torch.equal(model[0].bias_orig, twin)
+
+
+@pytest.mark.parametrize("how", ["parameter", "module"])
+def test_a_replaced_parameter_without_a_block_is_refused(how: str) -> None:
+    """``ln.weight = nn.Parameter(…)`` or ``model.ln = nn.LayerNorm(…)`` after the optimizer
+    was built: the new parameter was in no group and never moved (its gradient 9.4e-2 in
+    a trial), silently, while the same on a ``Linear`` was refused. Refused now at the next
+    capturing step, before anything moves."""
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, cov_interval=1)  # (default: at most 10 steps later)
+    _step(model, opt, 0)
+    if how == "parameter":
+        model[1].weight = nn.Parameter(model[1].weight.detach().clone())
+    else:
+        model[1] = nn.LayerNorm(8)
+    before = [p.detach().clone() for p in model.parameters()]
+    names = r"\['1.weight'\]" if how == "parameter" else r"\['1.weight', '1.bias'\]"
+    with pytest.raises(ValueError, match=rf"parameter\(s\) {names} have gradients but are not"):
+        _step(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_parameters_outside_given_params_or_added_are_not_refused() -> None:
+    """With ``params=`` the optimizer owns those alone (another optimizer may step a new
+    head), and ``add_param_group`` hands it new ones: neither is refused."""
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, params=list(model.parameters()), cov_interval=1)
+    model[1] = nn.LayerNorm(8)
+    _step(model, opt, 0)
+    model = net()
+    opt = tk.KFAC(model, lr=0.1, cov_interval=1)
+    model[1] = nn.LayerNorm(8)
+    opt.add_param_group({"params": list(model[1].parameters())})
+    before = model[1].weight.detach().clone()
+    _step(model, opt, 0)
+    assert not torch.equal(before, model[1].weight)

@@ -1085,3 +1085,33 @@ def test_a_norm_unfrozen_beside_a_preconditioner_is_not_warned_of() -> None:
             if "were frozen when the preconditioner" in str(w.message)
         ]
         assert len(said) == int(norm_blocks), said
+
+
+@pytest.mark.parametrize("value", [-1.0, -1e-3, 0.0, math.nan, math.inf])
+def test_damping_set_between_steps_is_checked(value: float) -> None:
+    """``opt.preconditioner.damping = λ`` (the README's way to change λ in a run) took any
+    value: a negative λ stepped with denominators ``(d − 1)``, NaN or 0 skipped every step
+    without a word. It is checked as the constructor's ``damping`` is."""
+    opt = tk.KFAC(mlp())
+    with pytest.raises(ValueError, match=r"damping must be a finite number in \(0.0, inf\)"):
+        opt.preconditioner.damping = value
+    opt.preconditioner.damping = 0.5
+    assert opt.preconditioner.damping == 0.5
+
+
+def test_a_layer_pruned_after_building_is_named() -> None:
+    """``prune.l1_unstructured(layer, "weight", …)`` after the optimizer was built is
+    refused: the message said "Linear's weight is not a parameter of its own", without
+    saying which of the model's Linears; it names the layer now."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = tk.KFAC(model)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(TypeError, match=r"layer '2': Linear's weight is not a parameter"):
+        opt.step()

@@ -67,6 +67,26 @@ def test_nonfinite_policy_raise() -> None:
         tk.KFAC(model, nonfinite_policy="ignore")
 
 
+def test_a_run_whose_steps_are_all_skipped_is_warned_of_once() -> None:
+    """Parameters blown up by a far too large rate: every later loss is NaN, and every
+    step was skipped and counted without a word, forever. After ten in a row one warning
+    says the run has diverged; a good step ends the streak, and the next streak of ten
+    warns again."""
+    model, x, y = model_and_batch()
+    opt = tk.KFAC(model, lr=0.1)
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))  # (a blown-up run: every loss NaN)
+    with pytest.warns(RuntimeWarning, match=r"the last 10 steps were all skipped") as caught:
+        for _ in range(15):
+            step(model, opt, x, y)
+    assert len([w for w in caught if "all skipped" in str(w.message)]) == 1
+    assert opt.nonfinite_steps == opt.consecutive_nonfinite == 15
+    opt.consecutive_nonfinite = 0  # (as a finite step would)
+    with pytest.warns(RuntimeWarning, match=r"the last 10 steps"):
+        for _ in range(10):
+            step(model, opt, x, y)
+
+
 def _tiny_run(method: str, **problem: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """A 2-layer deep-linear run's config on 48 in-memory examples (6 batches of 8), and
     the examples."""
@@ -334,3 +354,26 @@ def test_a_run_stuck_for_an_epoch_is_diverged(tmp_path: Path, method: str) -> No
     result = train_run(config, tmp_path / "b", data=Data((x, y), None, None), progress=False)
     assert result.stop_reason == "epochs" and result.step == 8
     assert all(math.isfinite(r["train_loss"]) for r in result.records)
+
+
+def test_a_first_capture_whose_statistics_overflow_is_named() -> None:
+    """One input of 1e30 in the first batch: the loss and gradients are finite, the
+    activations' second moments are not, so the first layer has no factors. The error
+    told the user to run the forward and backward, which they had; it names the overflow
+    now and nothing moved (the optimizer is built again: the other layers' statistics of
+    that step may be folded)."""
+    model, x, y = model_and_batch()
+    opt = tk.KFAC(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    poisoned = x.clone()
+    poisoned[5, 2] = 1e30
+    with pytest.warns(RuntimeWarning, match="statistics of layer"):
+        with pytest.raises(
+            RuntimeError, match=r"layer\(s\) \['0', '2'\]: this step's, their first"
+        ):
+            step(model, opt, poisoned, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt = tk.KFAC(model, lr=0.1)
+    step(model, opt, x, y)
+    assert opt.preconditioner.steps == 1
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -832,8 +832,14 @@ def test_a_frozen_bias_gives_the_block_of_the_weight_alone(float64: None) -> Non
     torch.testing.assert_close(model[2].weight.detach(), expected, rtol=1e-10, atol=1e-12)
     assert torch.equal(model[2].bias, bias) and model[2].bias.grad is None
     for change, match in (
-        (lambda: model[0].bias.requires_grad_(False), r"layer '0': its bias or weight was"),
-        (lambda: model[4].weight.requires_grad_(False), r"layer '4': its bias or weight was"),
+        (
+            lambda: model[0].bias.requires_grad_(False),
+            r"layer '0': its block \[W, b\] changed shape.*bias or weight was",
+        ),
+        (
+            lambda: model[4].weight.requires_grad_(False),
+            r"layer '4': its block \[W, b\] changed shape.*bias or weight was",
+        ),
     ):
         change()
         opt.zero_grad()
@@ -1585,3 +1591,20 @@ def test_a_learning_rate_of_zero_is_accepted_and_moves_nothing(cls: Any) -> None
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_a_checkpoint_of_the_same_layers_in_another_order_says_so() -> None:
+    """The same layer names registered in another order: the message listed "new here: [];
+    gone: []", which told nothing; it says the order differs."""
+    first = nn.Sequential()
+    first.add_module("a", nn.Linear(4, 4))
+    first.add_module("b", nn.Linear(4, 4))
+    second = nn.Module()
+    second.add_module("b", first.b)
+    second.add_module("a", first.a)
+    trained = tk.KFAC(first, lr=0.01)
+    first(torch.randn(8, 4)).sum().backward()
+    trained.step()
+    other = tk.KFAC(second, lr=0.01)
+    with pytest.raises(ValueError, match=r"\(the same layers in another order: the modules"):
+        other.load_state_dict(trained.state_dict())

@@ -144,10 +144,11 @@ def check_blocks(
         now = factor_shapes(module)
         if got is not None and tuple(got) != tuple(now):
             raise ValueError(
-                f"layer {name!r}: its bias or weight was frozen or unfrozen (requires_grad) "
-                f"after its curvature was first estimated, so its block [W, b] changed "
-                f"(curvature {list(got)}, now {list(now)}): build a new optimizer after "
-                "changing which parameters train"
+                f"layer {name!r}: its block [W, b] changed shape after its curvature was "
+                f"first estimated (curvature {list(got)}, now {list(now)}): its bias or "
+                "weight was frozen or unfrozen (requires_grad), or its weight resized in "
+                "place (a widened layer): build a new optimizer after changing which "
+                "parameters train or their shapes"
             )
         if key is not None and checked is not None:
             checked.seen[name] = key
@@ -224,11 +225,13 @@ def check_statistics(
     active: list[str],
     empty_batch: bool = False,
     outside: bool = False,
+    nonfinite: bool = False,
 ) -> None:
     """Refuse a step on a layer that has a gradient but no statistics although this step
     captured them (a layer first used between two captures is deferred before this:
     :mod:`twolevel_kfac.optim.schedule`); ``outside``: layers ran outside a call of the
-    module the optimizer was built on (a Lightning module's ``self.net(x)``).
+    module the optimizer was built on (a Lightning module's ``self.net(x)``);
+    ``nonfinite``: some of this step's statistics were not finite, and not folded.
 
     Raises:
         RuntimeError: naming the layers, and why that happens.
@@ -246,6 +249,14 @@ def check_statistics(
             "(a wrapper's submodule called directly, self.net(x), or a method other than "
             "forward, model.logits(x)). Call the module itself, model(x), or build the "
             "optimizer on the module you call (tk.KFAC(self.net))"
+        )
+    if missing and nonfinite:
+        raise RuntimeError(
+            f"no curvature statistics for layer(s) {missing}: this step's, their first, were "
+            "not finite although the gradients were (an input or activation whose square "
+            "overflows the factors' dtype), so the step was not taken and the optimizer "
+            "cannot go on from it: scale the inputs (or give factor_dtype=torch.float64) "
+            "and build the optimizer again, or load a state_dict saved before this step"
         )
     if missing:
         raise RuntimeError(

@@ -89,12 +89,16 @@ def _retry_with_damping(
     )
 
 
-def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+def safe_eigh(matrix: Tensor, exact: bool = False) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
 
     Tries the factor's dtype (float32 is the faster, ``docs/benchmarks/eigh_dtype.md``;
-    float32 for a half dtype: :func:`solver_dtype`), then float64, then float64
-    with growing extra damping ``M + εI`` (:data:`RETRY_DAMPINGS`). The first rung
+    float32 for a half dtype: :func:`solver_dtype`) or float64 where ``exact`` (every
+    eigenvalue right to ``ε₆₄‖M‖``, not ``ε₃₂‖M‖``: ``Q diag(1/(d + s)) Qᵀ`` from float32
+    pairs is off by about ``2.4·ε₃₂·d_max/s``, on MNIST's input factor at ``s = 1e-3``
+    5.7e-3 where Cholesky is 4.8e-6, on raw pixels 0.28; from float64 pairs rounded to
+    float32 1.6e-8), then float64, then float64 with growing extra damping ``M + εI``
+    (:data:`RETRY_DAMPINGS`). The first rung
     (ε = 1e-10·(tr M / n + 1)) is subtracted again, since the eigenvectors do not change
     under a shift; larger rungs are kept in the eigenvalues (the factor is damped more)
     and warned about. Returns ``(eigenvalues, eigenvectors)`` in the input's dtype.
@@ -104,12 +108,12 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not torch.isfinite(matrix).all():
         raise RuntimeError("cannot decompose a Kronecker factor with NaN/Inf entries")
-    work = matrix.to(solver_dtype(matrix.dtype))
+    work = matrix.to(torch.float64 if exact else solver_dtype(matrix.dtype))
     sym = 0.5 * (work + work.T)
     result = eigh_or_none(sym)
     if result is None:
         sym64 = sym.double()
-        result = eigh_or_none(sym64)
+        result = None if exact else eigh_or_none(sym64)
         if result is None:
             (values, vectors), shift, negligible = _retry_with_damping(
                 sym64, eigh_or_none, "eigendecomposition"
@@ -119,22 +123,26 @@ def safe_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
-def batched_eigh(matrices: Tensor) -> tuple[Tensor, Tensor] | None:
+def batched_eigh(matrices: Tensor, exact: bool = False) -> tuple[Tensor, Tensor] | None:
     """:func:`safe_eigh` of a stack of factors ``[B, n, n]`` in one call (eigenvalues
-    clipped at 0), or ``None`` when any of them would need its retries (decompose those
-    one by one)."""
+    clipped at 0; ``exact``: in float64), or ``None`` when any of them would need its
+    retries (decompose those one by one)."""
     if not bool(torch.isfinite(matrices).all()):
         return None
-    result = eigh_or_none(0.5 * (matrices + matrices.mT))
-    return None if result is None else (result[0].clamp_min(0.0), result[1])
+    work = matrices.double() if exact else matrices
+    result = eigh_or_none(0.5 * (work + work.mT))
+    if result is None:
+        return None
+    return result[0].clamp_min(0.0).to(matrices.dtype), result[1].to(matrices.dtype)
 
 
-def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
-    """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh`;
+def decompose_factor(matrix: Tensor, method: str, exact: bool = False) -> tuple[Tensor, Tensor]:
+    """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh` (``exact``:
+    in float64);
     ``cholesky`` → ``(the factor itself, empty)`` (its damped inverse is formed per damping;
     the factor's next update is then out of place: :mod:`.running_average`)."""
     if method == "eigen":
-        return safe_eigh(matrix)
+        return safe_eigh(matrix, exact)
     return matrix, matrix.new_empty(0)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "LayerType",
     "channel_locations",
     "conv_patches",
+    "covered_parameters",
     "embedding_reason",
     "fixed_rows",
     "is_token_table",
@@ -165,6 +166,19 @@ def patched_forward(module: nn.Module) -> str | None:
     """The first of :data:`FORWARD_METHODS` set on the instance (``conv.forward = …``,
     accelerate's device hooks), or ``None``."""
     return next((name for name in FORWARD_METHODS if name in vars(module)), None)
+
+
+def covered_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` its block steps: its own, but a pruned one's original
+    (``torch.nn.utils.prune`` keeps ``bias_orig`` as the parameter and ``bias`` as a plain
+    tensor: the block is then ``W``'s alone, and ``bias_orig`` takes the fallback step)."""
+    own = module._parameters  # (registered: parameters(recurse=False), faster)
+    return [
+        p
+        for name, p in own.items()
+        if p is not None
+        and not (name.endswith("_orig") and not isinstance(own.get(name[:-5]), nn.Parameter))
+    ]
 
 
 def linear_features(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -188,14 +188,15 @@ def _own_use(
     copies: dict[int, Tensor] = {}
     swapped: list[tuple[dict[str, Any], str, Any]] = []  # (parameters or buffers, key, original)
     tables: list[tuple[Any, dict[int, Any]]] = []  # hook tables, as they were
-    norms = [m for m in model.modules() if _updates_running_statistics(m)]
+    modules = list(model.modules())  # (walked once: a wrapped model probes every layer)
+    norms = [m for m in modules if _updates_running_statistics(m)]
     # copies: an in-place op of the rerun on an alias would bump the user's version counter
     args = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in call[0])
     kwargs = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in call[1].items()}
     devices = [device] if device.type == "cuda" else []
     try:
         inside = set(module.modules())
-        tables = _without_hooks(model, inside)
+        tables = _without_hooks(modules, inside)
         for owner in inside:
             for key, param in list(owner._parameters.items()):
                 if param is not None and param.is_floating_point():
@@ -228,12 +229,15 @@ def _updates_running_statistics(module: nn.Module) -> TypeGuard[_NormBase]:
     return isinstance(module, _NormBase) and module.training and module.track_running_stats
 
 
-def _without_hooks(model: nn.Module, inside: set[nn.Module]) -> list[tuple[Any, dict[int, Any]]]:
+def _without_hooks(
+    modules: list[nn.Module], inside: set[nn.Module]
+) -> list[tuple[Any, dict[int, Any]]]:
     """Take out the forward hooks of the modules ``inside``, and the captures' own
-    (:class:`~.hooks.WeakHook`) of ``model``'s other modules; the tables they were in, with
-    their entries as they were (put back in their order: a capture's hook runs first)."""
+    (:class:`~.hooks.WeakHook`) of the model's other ``modules``; the tables they were in,
+    with their entries as they were (put back in their order: a capture's hook runs
+    first)."""
     tables = []
-    for owner in {*model.modules(), *inside}:
+    for owner in {*modules, *inside}:
         for table in (owner._forward_hooks, owner._forward_pre_hooks):
             gone = [k for k, h in table.items() if owner in inside or isinstance(h, WeakHook)]
             if gone:

@@ -112,6 +112,7 @@ class EKFACFine(FineLevel):
     name = "ekfac"
     state_entry = "scalings"
     needs_eigenbasis = True
+    exact_eigenpairs = False  # (its scalings are measured in the basis it holds)
 
     def __init__(self, host: FineContext, **arguments: Any) -> None:
         super().__init__(host, **arguments)

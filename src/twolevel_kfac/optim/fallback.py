@@ -32,6 +32,7 @@ from torch import nn
 
 from ..curvature.blocks import bias_only, own_statistics
 from ..curvature.discovery import added_layers, takes_block
+from ..curvature.layer_types import covered_parameters
 from ..curvature.param_format import parameter_ids
 from ..warning_level import caller_level
 from .options import check_choice
@@ -238,7 +239,7 @@ def block_table(
     owner = {
         id(p): f"KFAC {type(module).__name__} {name!r}{_kind(module)}"
         for name, module in layers.items()
-        for p in module.parameters(recurse=False)
+        for p in covered_parameters(module)
     }
     held = {id(p) for p in params}
     return [
@@ -316,6 +317,37 @@ def warn_unfrozen(
             "layers unfrozen later, or add them with add_param_group"
         ),
     )
+
+
+def refuse_new_parameters(
+    model: nn.Module, known: Collection[int], groups: Iterable[dict[str, Any]], norms: bool
+) -> None:
+    """Refuse parameters of ``model`` with a gradient that are in no param group and were
+    not parameters of it when ``KFAC(model)`` took its default ``params`` (``known``: their
+    ``id``): a parameter or module replaced or added since (``ln.weight = nn.Parameter(…)``,
+    ``model.ln = nn.LayerNorm(…)``, ``remove_parametrizations``), which no step would move
+    (silently before 2026-12-07). Modules of a block type (``norms``: norm layers too) are
+    left to the preconditioner's own checks, whose messages say more.
+
+    Raises:
+        ValueError: naming the parameters and the fixes.
+    """
+    held = parameter_ids(list(groups))
+    new = [
+        f"{prefix}{'.' if prefix else ''}{name}"
+        for prefix, module in model.named_modules()
+        if not takes_block(module, norms)
+        for name, p in module.named_parameters(recurse=False)
+        if p.grad is not None and id(p) not in held and id(p) not in known
+    ]
+    if new:
+        raise ValueError(
+            f"parameter(s) {new} have gradients but are not parameters the optimizer was "
+            "built with (replaced or added since: an assigned nn.Parameter, a new module, "
+            "remove_parametrizations), so no step would move them: build the optimizer "
+            "after changing the model, add them with add_param_group, or give params= "
+            "(then parameters outside it are left to another optimizer)"
+        )
 
 
 def warn_unpreconditioned(

@@ -26,7 +26,6 @@ from torch.optim.sgd import sgd as sgd_update
 
 from ..curvature.blocks import block_parameters
 from ..curvature.param_format import materialize_params
-from ..finite import all_finite
 from .amp import amp_loss_scale, forget_amp_state, forgets_amp_state_on_error
 from .construction import accepted_arguments
 from .damping import (
@@ -37,7 +36,15 @@ from .damping import (
     check_damping_fields,
     evaluate_without_capture,
 )
-from .fallback import block_table, fallback_groups, make_fallback, warn_added, warn_unfrozen
+from .fallback import (
+    block_table,
+    fallback_groups,
+    make_fallback,
+    refuse_new_parameters,
+    warn_added,
+    warn_unfrozen,
+)
+from .nonfinite import finite_after_step, finite_gradients, skip_nonfinite
 from .not_copyable import NotCopyable
 from .options import (
     CURVATURE_ARGUMENTS,
@@ -141,9 +148,11 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
                 )
             options["options"] = curvature
         self._watched: list[nn.Parameter] = []  # frozen, when params are the default's
+        self._known: frozenset[int] | None = None  # the model's, when params are the default
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
             self._watched = [p for p in model.parameters() if not p.requires_grad]
+            self._known = frozenset(id(p) for p in model.parameters())
         params = materialize_params(params)
         self.preconditioner = self._make_preconditioner(model, options, params)
         if self.damping_options.adaptive_damping and callable(self.preconditioner.options.damping):
@@ -202,6 +211,10 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         pre = self.preconditioner
         if self._watched:  # (parameters frozen when built: warned of once unfrozen)
             self._watched = warn_unfrozen(self._watched, pre.model, self.param_groups)
+        if self._known is not None and pre.capture.active:  # (as replaced layers are found)
+            refuse_new_parameters(
+                pre.model, self._known, self.param_groups, pre.options.norm_blocks
+            )
         loss_scale = amp_loss_scale(self, self.preconditioner.options.fisher)
         if loss_scale is None:  # GradScaler found an inf: its scale drops, nothing else moves
             pre.capture.discard()
@@ -212,19 +225,18 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         needs_model = adapt or damping.qmodel_lr_momentum
         checked = self.nonfinite_policy != "unchecked"
         deferred = not needs_model and pre.defers_gradient_check()
-        if checked and not deferred and not self._finite_gradients():
-            self._skip_nonfinite("gradient")
+        if checked and not deferred and not finite_gradients(self.param_groups):
+            skip_nonfinite(self, "gradient")
             return loss
         model = QuadraticModel(self.param_groups, pre) if needs_model else None
         squared = pre.options.kl_clip_form == "lr_squared"  # the only reader of the lrs
         lr = self._layer_lrs() if squared else float(self.param_groups[0]["lr"])
         pre.step(lr=lr, loss_scale=loss_scale, checked=True)  # (the scaler found no inf)
-        if checked and not self._finite_after_step(pre.directions_finite, deferred):
+        if checked and not finite_after_step(self, pre.directions_finite, deferred):
             if deferred:
                 pre.undo_step()
-            self._skip_nonfinite(
-                "gradient or preconditioned direction" if deferred else "preconditioned direction"
-            )
+            what = "preconditioned direction"
+            skip_nonfinite(self, f"gradient or {what}" if deferred else what)
             return loss
         self.consecutive_nonfinite = 0
         if model is not None and damping.qmodel_lr_momentum:
@@ -275,41 +287,6 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         pre.damping = adjust_damping(pre.damping, rho, self.damping_options)
         pre.last_stats.update(rho=rho, actual_change=actual, predicted_change=predicted)
         pre.last_stats["next_damping"] = pre.damping
-
-    def _finite_gradients(self, skip: frozenset[int] = frozenset()) -> bool:
-        """Whether every gradient entry is finite (:func:`~twolevel_kfac.finite.all_finite`),
-        leaving out the parameters whose ``id`` is in ``skip``."""
-        return all_finite(
-            p.grad
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and id(p) not in skip
-        )
-
-    def _finite_after_step(self, directions_finite: bool | None, deferred: bool) -> bool:
-        """Whether every ``.grad`` is finite after preconditioning, with as few passes as
-        possible: the KL clip's sum may have decided it for the preconditioned layers
-        (``directions_finite``); the other parameters' gradients need a look only if the
-        check before the step was ``deferred``."""
-        if directions_finite is None:
-            return self._finite_gradients()
-        if not directions_finite:
-            return False
-        return not deferred or self._finite_gradients(
-            frozenset(self.preconditioner.preconditioned_parameters())
-        )
-
-    def _skip_nonfinite(self, what: str) -> None:
-        """A NaN/Inf never reaches the parameters, the momentum or the running factors:
-        the step (and its captured curvature statistics) is dropped and counted."""
-        self.preconditioner.capture.discard()
-        self.nonfinite_steps += 1
-        self.consecutive_nonfinite += 1
-        self.preconditioner.last_stats = {"nonfinite_skipped": 1.0}
-        if self.nonfinite_policy == "raise":
-            raise FloatingPointError(
-                f"non-finite {what} at step {self.preconditioner.steps} (nonfinite_policy='raise')"
-            )
 
     def _momentum_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.SGD``'s update on the preconditioned gradients: ``d = p.grad + wd·p``,

@@ -36,7 +36,7 @@ from ..curvature.capture import CurvatureCapture
 from ..curvature.discovery import find_layer_uses, find_layers, require_layers
 from ..curvature.factor_inverse import solver_dtype
 from ..curvature.kronecker_apply import LayerParts
-from ..curvature.layer_types import fixed_rows, is_token_table
+from ..curvature.layer_types import covered_parameters, fixed_rows, is_token_table
 from ..distributed import make_communicator, step_seed, unwrap_model
 from ..placement import autocast_off, move_tensors
 from .amp import drops_overflow
@@ -50,7 +50,7 @@ from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term, fine_alone, fine_weight
 from .interrupted import partial_step, step_guard
 from .not_copyable import NotCopyable
-from .options import CoarseOptions, CurvatureOptions, Rate, damping_at
+from .options import CoarseOptions, CurvatureOptions, Rate, check_real, damping_at
 from .schedule import CaptureSchedule
 from .state import kfac_state, load_kfac_state
 
@@ -135,6 +135,17 @@ class KFACPreconditioner(NotCopyable):
         self.frozen_warned: set[str] = set()  # layers frozen whole under a coarse level
         self.interrupted: str | None = None  # a step interrupted part-way (optim/interrupted.py)
 
+    @property
+    def damping(self) -> float:
+        """λ of the coming step: the option's, a schedule's, adaptive damping's, or one set
+        here between steps (a finite number > 0: a negative λ stepped, NaN or 0 skipped
+        every step, silently, before 2026-12-07)."""
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self._damping = check_real("damping", value, low=0.0, low_open=True)
+
     def step(
         self, lr: float | Mapping[str, Rate] = 1.0, loss_scale: float = 1.0, checked: bool = False
     ) -> None:
@@ -185,7 +196,8 @@ class KFACPreconditioner(NotCopyable):
             self.factors, self.active, captured=active, folded=folded, steps=self.steps
         )
         empty, outside = self.capture.empty_batch and active, self.capture.alone.before_root
-        check_statistics(self.factors, self.active, empty, outside)
+        nonfinite = bool(self.last_stats.get("nonfinite_factor_updates"))
+        check_statistics(self.factors, self.active, empty, outside, nonfinite)
         if self.steps % opts.inv_interval == 0 or any(
             f.ready and not f.decomposed for f in self.factors.values()
         ):
@@ -347,8 +359,7 @@ class KFACPreconditioner(NotCopyable):
 
     def preconditioned_parameters(self) -> set[int]:
         """The ``id`` of every preconditioned parameter."""
-        layers = self.layers.values()  # registered: parameters(recurse=False), faster
-        return {id(p) for m in layers for p in m._parameters.values() if p is not None}
+        return {id(p) for m in self.layers.values() for p in covered_parameters(m)}
 
     def state_dict(self) -> dict[str, Any]:
         """Factors, cached decompositions, step counter and the sampler's RNG state

@@ -37,10 +37,15 @@ def check_new_gradients(pre: KFACPreconditioner) -> None:
 
     Raises:
         RuntimeError: naming the layers and the fix.
+        TypeError: a layer's weight is not a parameter of its own any more (pruned or
+            parametrized after the optimizer was built), naming it.
     """
     stale = []
     for name, module in pre.layers.items():
-        grad = block_parameters(module)[0].grad
+        try:
+            grad = block_parameters(module)[0].grad
+        except TypeError as error:  # (pruned or parametrized since: named here, first)
+            raise TypeError(f"layer {name!r}: {error}") from None
         if grad is not None and getattr(grad, _MARK, None) == grad._version:
             stale.append(name)
     if stale:

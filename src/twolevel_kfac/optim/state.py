@@ -160,9 +160,12 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     if saved != list(pre.layers):
         extra = [n for n in pre.layers if n not in saved]
         missing = [n for n in saved if n not in pre.layers]
+        what = f"new here: {extra}; gone: {missing}"
+        if not (extra or missing):  # (their order is that of the model's modules)
+            what = "the same layers in another order: the modules were registered in another"
         raise ValueError(
             f"preconditioner state is for layers {saved}, but this model has {list(pre.layers)}"
-            f" (new here: {extra}; gone: {missing}). Another model, other params= or "
+            f" ({what}). Another model, other params= or "
             "norm_blocks, an optimizer built on the torch.compile'd model on one side only "
             "(its layers are named '_orig_mod.…'), or a checkpoint from a version that gave "
             "fewer module types a block "
