@@ -20,8 +20,10 @@ from twolevel_kfac.analysis.config import AnalyzeConfig
 from twolevel_kfac.analysis.config import load_config as load_analysis_config
 from twolevel_kfac.analysis.evaluate import evaluate_state
 from twolevel_kfac.analysis.exact import compute_curvature
+from twolevel_kfac.analysis.formatting import clean
 from twolevel_kfac.analysis.pipeline import run_analysis
 from twolevel_kfac.analysis.problems import load_data as analysis_data
+from twolevel_kfac.analysis.stages import STAGE_DIR, Stages, stage_key
 from twolevel_kfac.cli import main
 from twolevel_kfac.experiments.checkpoint import list_snapshots
 from twolevel_kfac.experiments.config import (
@@ -267,3 +269,69 @@ def test_a_sequence_run_is_refused_by_name() -> None:
     run = _run_config(loss="sequence_cross_entropy")
     differences = problem_differences(_analysis(), run)
     assert any("has logits with positions" in d for d in differences)
+
+
+# ------------------------------------------------------------------ a resumed analysis
+class _Stopped(Stages):
+    """Stages that stop the run (a Ctrl-C) before computing the ``stop``-th stage."""
+
+    def __init__(self, out: Path, key: str, stop: int) -> None:
+        super().__init__(out, key)
+        self.stop, self.seen = stop, 0
+
+    def __call__(self, name: str, compute: Any) -> Any:
+        self.seen += 1
+        if self.seen == self.stop:
+            raise KeyboardInterrupt
+        return super().__call__(name, compute)
+
+
+def _outputs(output: Any) -> str:
+    details = {k: v for k, v in output.details.items() if k != "timings"}
+    return json.dumps(
+        clean([output.methods, details, output.spectra, output.along_run]), sort_keys=True
+    )
+
+
+@pytest.mark.parametrize("stop", [2, 5, 8])
+def test_an_analysis_stopped_part_way_resumes_to_the_same_outputs(
+    run_dir: Path, tmp_path: Path, stop: int
+) -> None:
+    """``tlkfac analyze`` had no resume: a run stopped part-way (the ViT analysis takes 10
+    minutes) began again. Each finished stage is kept; stopped before its ``stop``-th stage
+    (of: the state's training, the methods, the structure, the sweep, two training runs,
+    one per snapshot), the run again reads the ones kept and writes what an uninterrupted
+    run writes, bit for bit."""
+    config = _analysis(state_steps=2, train={"steps": 3, "methods": ["kfac", "block_diagonal"]})
+    want = _outputs(run_analysis(config, progress=False, run_dir=run_dir))
+    key = stage_key(config, run_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(config, progress=False, run_dir=run_dir, stages=_Stopped(tmp_path, key, stop))
+    stages = Stages(tmp_path, key)
+    got = run_analysis(config, progress=False, run_dir=run_dir, stages=stages)
+    assert len(stages.resumed) == stop - 1
+    assert _outputs(got) == want
+    assert len(list((tmp_path / STAGE_DIR / key).iterdir())) == 4 + 2 + len(STEPS)
+
+
+def test_the_command_resumes_and_starts_afresh_when_asked(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command keeps the stages while it runs, says how many it read back, removes
+    them once the outputs are written; ``--fresh`` ignores kept ones; another config
+    keeps its own."""
+    path, out = tmp_path / "a.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(_analysis().model_dump(mode="json")))
+    argv = ["analyze", str(path), "--out", str(out), "--run", str(run_dir), "--no-progress"]
+    key = stage_key(load_analysis_config(path), run_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(_analysis(), False, run_dir, _Stopped(out, key, 4))
+    assert main(argv) == 0
+    assert "resumed 3 finished stage(s)" in capsys.readouterr().out  # methods, structure, sweep
+    assert not (out / STAGE_DIR).exists()
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(_analysis(), False, run_dir, _Stopped(out, key, 4))
+    assert main([*argv, "--fresh"]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    other = _analysis(damping=0.1)
+    assert stage_key(other, run_dir) != key

@@ -183,7 +183,10 @@ def state_metrics(
 
 
 def along_run(
-    config: AnalyzeConfig, run: RunSnapshots, progress: Callable[[], None] | None = None
+    config: AnalyzeConfig,
+    run: RunSnapshots,
+    progress: Callable[[], None] | None = None,
+    stage: Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The metrics at every snapshot of ``run`` (module docstring).
 
@@ -191,6 +194,8 @@ def along_run(
         config: the analysis configuration.
         run: the checked run directory (:func:`open_run`).
         progress: called once per snapshot.
+        stage: keeps each snapshot's metrics, and gives back those kept
+            (:class:`~.stages.Stages`; default: none kept).
 
     Returns:
         ``{"run_dir", "method", "optimizer", "model", "damping", "backend", "batch_size",
@@ -202,8 +207,14 @@ def along_run(
     batch = analysis_batch(config, load_data(config))
     rows = []
     for step, path in run.snapshots:
-        load_state(model, path)
-        rows.append({"step": step, **state_metrics(model, batch, config, backend)})
+
+        def metrics(at: Path = path) -> dict[str, Any]:
+            load_state(model, at)
+            return state_metrics(model, batch, config, backend)
+
+        name = f"along_run/step{step}-{path.stat().st_mtime_ns}"  # (a snapshot written again)
+        kept = stage(name, metrics) if stage else metrics()
+        rows.append({"step": step, **kept})
         if progress is not None:
             progress()
     (label,) = run.config.methods

@@ -5,12 +5,14 @@ Writes ``analysis.json`` (method name → metrics, each with ``cos_to_exact_ng``
 ``energy_error``), ``details.json``, ``spectra.npz``, ``report.md`` and PNG figures into
 ``DIR`` (default ``results/analysis/<config name>``); with ``--run`` (or ``along_run.run_dir``
 in the config) also ``along_run.json``: the metrics at every model snapshot of that
-``tlkfac run`` directory (trained with ``problem.keep_checkpoints: true``).
+``tlkfac run`` directory (trained with ``problem.keep_checkpoints: true``). A run stopped
+part-way goes on from the stages it finished (:mod:`.stages`; ``--fresh``: from scratch).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -34,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-progress", action="store_true", help="no progress bars (or lines, off a terminal)"
     )
     parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every stage (default: a run stopped part-way resumes from the "
+        "stages it finished, kept in OUT/.stages)",
+    )
+    parser.add_argument(
         "--render-only",
         action="store_true",
         help="re-draw report.md and the figures from the JSON files already in --out",
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
     from .config import load_config
     from .pipeline import run_analysis
     from .report import load_outputs, render, write_outputs
+    from .stages import STAGE_DIR, Stages, stage_key
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
@@ -61,8 +70,18 @@ def run(args: argparse.Namespace) -> None:
     if args.render_only:
         print(f"re-rendered {len(render(load_outputs(out), out))} files in {out}")
         return
-    output = run_analysis(config, progress=not args.no_progress, run_dir=args.run)
+    run_dir = args.run if args.run is not None else config.along_run.run_dir
+    stages = Stages(out, stage_key(config, run_dir), fresh=args.fresh)
+    try:
+        output = run_analysis(config, not args.no_progress, args.run, stages)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished stages are kept in {out / STAGE_DIR}; run the "
+              "same command again to go on from them", file=sys.stderr)  # fmt: skip
+        raise
     paths = write_outputs(output, out)
+    stages.finish()
+    if stages.resumed:
+        print(f"resumed {len(stages.resumed)} finished stage(s) kept in {out / STAGE_DIR}")
     exact, kfac = output.methods.get("exact", {}), output.methods.get("kfac", {})
     print(f"wrote {len(paths)} files to {out}")
     if output.along_run is not None:

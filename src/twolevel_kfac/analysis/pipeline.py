@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from .coordinates import analysis_layers, num_parameters
 from .evaluate import damping_sweep, evaluate_state
 from .exact import Curvature, compute_curvature
 from .problems import analysis_batch, build_model, load_data
+from .stages import Stages
 from .structure import fisher_structure
 from .training import train_run
 
@@ -50,7 +53,10 @@ class AnalysisOutput:
 
 
 def run_analysis(
-    config: AnalyzeConfig, progress: bool = True, run_dir: str | Path | None = None
+    config: AnalyzeConfig,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+    stages: Stages | None = None,
 ) -> AnalysisOutput:
     """Run the analysis of ``config``.
 
@@ -59,6 +65,8 @@ def run_analysis(
         progress: show tqdm progress bars (only on a terminal).
         run_dir: a ``tlkfac run`` directory whose snapshots are analysed (default
             ``config.along_run.run_dir``; none: no analysis along a run).
+        stages: where finished stages are kept and read back (:mod:`.stages`: a run
+            stopped part-way resumes); default: nothing kept.
 
     Returns:
         The :class:`AnalysisOutput`.
@@ -70,19 +78,23 @@ def run_analysis(
     """
     run_dir = run_dir if run_dir is not None else config.along_run.run_dir
     run = open_run(config, run_dir) if run_dir is not None else None  # refuse early
+    stage = stages if stages is not None else Stages(None, "")
     clock = _Clock()
-    initial, model, data, batch = _problem(config)
+    initial, model, data, batch = _problem(config, stage)
     backend = config.resolve_backend(num_parameters(analysis_layers(model)))
-    curvature = compute_curvature(
-        model,
-        *batch,
-        config.likelihood,
-        config.fisher,
-        mc_samples=config.mc_samples,
-        generator=torch.Generator().manual_seed(config.seed + 3),
-        dense="func" if backend == "dense" else None,
-    )
-    clock.lap("curvature_s")
+    held: list[Curvature] = []
+
+    def exact_curvature() -> Curvature:  # (only where a stage is not kept)
+        if not held:
+            held.append(compute_curvature(
+                model, *batch, config.likelihood, config.fisher,
+                mc_samples=config.mc_samples,
+                generator=torch.Generator().manual_seed(config.seed + 3),
+                dense="func" if backend == "dense" else None,
+            ))  # fmt: skip
+            clock.lap("curvature_s")
+        return held[0]
+
     names = config.method_names
     opts = config.matrix_free
     kwargs: dict[str, Any] = {
@@ -92,42 +104,50 @@ def run_analysis(
         "backend": backend,
         "options": opts,
     }
-    with progress_bar(len(names), "methods", progress) as bar:
-        state = evaluate_state(
-            model, curvature, batch, config.likelihood, names, damping=config.damping,
-            spectra=config.spectrum_methods, step_size=config.step_size,
-            progress=lambda _name: bar.update(), **kwargs,
-        )  # fmt: skip
+
+    def state_metrics() -> dict[str, Any]:
+        with progress_bar(len(names), "methods", progress) as bar:
+            state = evaluate_state(
+                model, exact_curvature(), batch, config.likelihood, names,
+                damping=config.damping, spectra=config.spectrum_methods,
+                step_size=config.step_size, progress=lambda _name: bar.update(), **kwargs,
+            )  # fmt: skip
+        spectra = {k: v.tolist() for k, v in state.spectra.items()}
+        problem = _describe(config, exact_curvature())
+        return {"methods": state.methods, "spaces": state.spaces, "spectra": spectra,
+                "solver": state.solver, "problem": problem}  # fmt: skip
+
+    state = stage("methods", state_metrics)
     clock.lap("methods_s")
-    structure = fisher_structure(
-        curvature,
-        probes=opts.block_norm_probes,
-        max_numbers=opts.gram_max_numbers,
+    structure = stage("structure", lambda: fisher_structure(
+        exact_curvature(), probes=opts.block_norm_probes, max_numbers=opts.gram_max_numbers,
         seed=opts.seed,
-    )
+    ))  # fmt: skip
     clock.lap("structure_s")
-    sweep = damping_sweep(model, curvature, names, config.damping_sweep, **kwargs)
+    sweep = stage("sweep", lambda: damping_sweep(
+        model, exact_curvature(), names, config.damping_sweep, **kwargs
+    ))  # fmt: skip
     clock.lap("sweep_s")
-    training = _train(initial, data, config, progress)
+    held.clear()  # (the dense Fisher: not held through the training runs)
+    training = _train(initial, data, config, progress, stage)
     clock.lap("training_s")
     along = None
     if run is not None:
         with progress_bar(len(run.snapshots), "snapshots", progress) as bar:
-            along = along_run(config, run, bar.update)
+            along = along_run(config, run, bar.update, stage)
     clock.lap("along_run_s")
     details = {
         "name": config.name,
         "config": config.model_dump(mode="json"),
-        "problem": _describe(config, curvature),
-        "solver": state.solver,
+        "problem": state["problem"],
+        "solver": state["solver"],
         "fisher": structure,
-        "coarse_spaces": state.spaces,
+        "coarse_spaces": state["spaces"],
         "damping_sweep": sweep,
         "training": training,
         "timings": clock.laps,
     }
-    spectra = {k: v.tolist() for k, v in state.spectra.items()}
-    return AnalysisOutput(config, state.methods, details, spectra, along)
+    return AnalysisOutput(config, state["methods"], details, state["spectra"], along)
 
 
 class _Clock:
@@ -142,29 +162,36 @@ class _Clock:
 
 
 def _problem(
-    config: AnalyzeConfig,
+    config: AnalyzeConfig, stage: Stages
 ) -> tuple[torch.nn.Module, torch.nn.Module, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """The network at initialisation, the analysed network, the data pool and the analysed
-    batch (the analysed network is the initial one unless ``state_steps > 0``).
+    batch (the analysed network is the initial one unless ``state_steps > 0``: then its
+    parameters are a kept stage).
 
     Raises:
-        ValueError: if the network has more analysis parameters than ``max_params``.
+        ValueError: if the network has more analysis parameters than ``max_params``, or
+            the ``state_steps`` run diverged.
     """
     torch.manual_seed(config.seed)
     x_all, y_all = load_data(config)
     initial = build_model(config.model, config.seed)
     model: torch.nn.Module = initial
     config.resolve_backend(num_parameters(analysis_layers(model)))  # refuses too large nets
-    if config.state_steps:
+
+    def trained() -> dict[str, Tensor]:
         run = train_run(
-            model, (x_all, y_all), config, config.state_method, steps=config.state_steps
+            initial, (x_all, y_all), config, config.state_method, steps=config.state_steps
         )
         if run.diverged or run.model is None:
             raise ValueError(
                 f"state_steps: the {config.state_method!r} run diverged before step "
                 f"{config.state_steps}; lower train.lr or raise train.damping"
             )
-        model = run.model
+        return run.model.state_dict()
+
+    if config.state_steps:
+        model = copy.deepcopy(initial)
+        model.load_state_dict(stage("state", trained))
     return initial, model, (x_all, y_all), analysis_batch(config, (x_all, y_all))
 
 
@@ -189,14 +216,23 @@ def _train(
     data: tuple[torch.Tensor, torch.Tensor],
     config: AnalyzeConfig,
     progress: bool,
+    stage: Stages,
 ) -> dict[str, Any]:
     spec = config.train
     if spec.steps == 0:
         return {}
     runs: dict[str, Any] = {}
     with progress_bar(spec.steps * len(spec.methods), "training", progress) as bar:
+        ran: list[str] = []
+
+        def trained(method: str) -> dict[str, Any]:
+            ran.append(method)
+            return train_run(model, data, config, method, bar.update).to_dict()
+
         for method in spec.methods:
-            runs[method] = train_run(model, data, config, method, bar.update).to_dict()
+            runs[method] = stage(f"training/{method}", functools.partial(trained, method))
+            if method not in ran:  # (a kept run: its steps at once)
+                bar.update(spec.steps)
     return {
         "steps": spec.steps,
         "lr": spec.lr,
