@@ -10,7 +10,13 @@ import torch
 
 from oracles import outer_matrix
 from twolevel_kfac.curvature import kronecker
-from twolevel_kfac.curvature.factor_inverse import damped_inverse, eigen_inverse, safe_eigh
+from twolevel_kfac.curvature.factor_inverse import (
+    converted_decomposition,
+    damped_inverse,
+    decompose_factor,
+    eigen_inverse,
+    safe_eigh,
+)
 from twolevel_kfac.curvature.kronecker import (
     KroneckerFactors,
     ema_weight,
@@ -67,12 +73,12 @@ def test_safe_eigh_falls_back_when_eigh_returns_nan(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("scale", [1.0, 255.0])
-def test_exact_eigenpairs_give_the_damped_inverse_to_float32_accuracy(scale: float) -> None:
+def test_wide_eigenpairs_give_the_damped_inverse_to_float32_accuracy(scale: float) -> None:
     """A float32 ``eigh`` is off by about ``ε₃₂‖A‖`` in every eigenvalue: the damped inverse
     ``Q diag(1/(d + s)) Qᵀ`` of pixel inputs' factor is 3.9e-6 (inputs in [0, 1]) and
     5.7e-2 (raw pixels) off the float64 one at ``s = 1e-3``, where Cholesky is 2.5e-6 and
-    1.7e-7 off. ``exact`` pairs come from a float64 ``eigh``, in the factor's dtype: 1.8e-7
-    and 6.4e-8."""
+    1.7e-7 off. ``wide`` pairs (the cached ones of the damped inverses) come from a float64
+    ``eigh``, in the factor's dtype: 1.8e-7 and 6.4e-8."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(256, 64, generator=generator) ** 3 * scale  # dark, skewed images
     a = torch.cat([pixels, torch.ones(256, 1)], dim=1)
@@ -83,9 +89,12 @@ def test_exact_eigenpairs_give_the_damped_inverse_to_float32_accuracy(scale: flo
         got = eigen_inverse(*pairs, 1e-3).double()
         return float((got - exact).norm() / exact.norm())
 
-    pairs = safe_eigh(factor, exact=True)
+    pairs = safe_eigh(factor, wide=True)
     assert pairs[0].dtype == pairs[1].dtype == torch.float32
     assert error(pairs) < 1e-6
+    assert error(decompose_factor(factor, "eigen")) < 1e-6  # the cached pairs
+    converted = converted_decomposition((factor, factor.new_empty(0)), "eigen")  # (a resume)
+    assert converted is not None and error(converted) < 1e-6
     assert (error(safe_eigh(factor)) > 1e-2) == (scale > 1)  # float32's, as before
 
 

@@ -303,3 +303,116 @@ def test_a_tuned_point_far_above_every_other_methods_is_flagged() -> None:
         notes = _implausible({"kfac": (0.1, 0.1, 30.0), "sgd": (0.01, None, 6e16)})
     assert len(notes) == 2 and "sgd" in notes[1]
     assert _implausible({"kfac": (0.1, 0.1, 30.0), "sgd": (0.01, None, 45.0)}) == []
+
+
+def test_the_report_shows_only_the_runs_of_its_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A comparison, then only ``kfac`` again under another ``kfac`` lr with ``--fresh``:
+    ``tlkfac compare`` reported kfac and sgd, but ``tlkfac report DIR`` tabulated every
+    run in the folder, nico's under the old lr with the new lr in its notes. It reports
+    what ``compare`` does now, and names the runs it leaves out."""
+    out = tmp_path / "cmp"
+    base = ["--out", str(out), "--quiet", "--seeds", "0"]
+    assert main(["compare", SMOKE_COMPARE, *base, "--methods", "kfac,nico"]) == 0
+    changed = _write(
+        tmp_path, "c.yaml", Path(SMOKE_COMPARE).read_text().replace("lr: 0.1,", "lr: 0.2,")
+    )
+    assert main(["compare", changed, *base, "--methods", "kfac", "--fresh"]) == 0
+    compared = (out / "report.md").read_text()
+    assert "| kfac | 1 |" in compared and "| nico |" not in compared
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "left out (not finished under" in printed and "nico/seed0" in printed
+    assert (out / "report.md").read_text() == compared
+
+
+def test_a_fresh_run_drops_the_old_runs_snapshots(tmp_path: Path) -> None:
+    """``compare --fresh`` removed the old run's checkpoint and metrics but kept its
+    ``snapshots/`` and ``provenance.jsonl``: ``analyze --run`` then read both runs'
+    snapshots as one trajectory, and the report counted the old start."""
+    out = tmp_path / "cmp"
+    keep = (
+        Path(SMOKE_COMPARE)
+        .read_text()
+        .replace(
+            "  seeds: [0, 1]", "  seeds: [0, 1]\n  keep_checkpoints: true\n  checkpoint_every: 3"
+        )
+    )
+    first = _write(tmp_path, "a.yaml", keep)
+    base = ["--out", str(out), "--quiet", "--seeds", "0", "--methods", "sgd"]
+    assert main(["compare", first, *base]) == 0
+    run = out / "sgd" / "seed0"
+    old = sorted(p.name for p in (run / "snapshots").iterdir())
+    second = _write(tmp_path, "b.yaml", keep.replace("checkpoint_every: 3", "checkpoint_every: 4"))
+    assert main(["compare", second, *base, "--fresh"]) == 0
+    new = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert new != old and not (set(new) - {"step0.pt", "step8.pt"}) & set(old)
+    assert [e["event"] for e in provenance.read(run)] == ["start"]
+
+
+def test_a_comparison_of_another_experiment_into_a_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A comparison of another problem into a folder holding one (no method in common)
+    wrote over its compare.yaml, report and plots and tabulated both. Refused by name now
+    (``--fresh`` writes over it); a method added or more epochs is the same experiment."""
+    out = tmp_path / "cmp"
+    base = ["--out", str(out), "--quiet", "--seeds", "0", "--methods", "sgd"]
+    assert main(["compare", SMOKE_COMPARE, *base]) == 0
+    report = (out / "report.md").read_text()
+    other = _write(
+        tmp_path,
+        "o.yaml",
+        Path(SMOKE_COMPARE).read_text().replace("batch_size: 64", "batch_size: 32"),
+    )
+    assert main(["compare", other, *base]) == 2
+    assert "holds the comparison of another experiment (problem.batch_size differ" in (
+        capsys.readouterr().err
+    )
+    assert (out / "report.md").read_text() == report
+    longer = _write(
+        tmp_path, "l.yaml", Path(SMOKE_COMPARE).read_text().replace("epochs: 2", "epochs: 3")
+    )
+    assert main(["compare", longer, *base]) == 0
+    assert main(["compare", other, *base, "--fresh"]) == 0
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A byte flipped in a tensor of a checkpoint: ``torch.load`` does not check the zip's
+    CRC-32s, and the run resumed from the changed weights, silently (0.059 off an
+    uninterrupted run in a trial). Refused by name now, the file left as it is."""
+    import struct
+    import zipfile
+
+    run = tmp_path / "run"
+    assert main(["run", SMOKE_RUN, "--out", str(run), "--quiet", "--max-steps", "5"]) == 0
+    path = run / "checkpoint.pt"
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's bytes
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["run", SMOKE_RUN, "--out", str(run), "--quiet", "--resume"]) == 2
+    assert "fails its CRC-32 check" in capsys.readouterr().err
+    assert path.read_bytes() == bytes(raw)
+
+
+@pytest.mark.parametrize("value", ["nan", "-5", "0", "inf"])
+def test_a_target_loss_that_is_not_a_positive_number_is_refused(
+    tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tlkfac report DIR --target-loss nan`` (or ``-5``) was taken, as the config's
+    ``report.target_loss`` is not."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["report", str(tmp_path), "--target-loss", value])
+    assert stopped.value.code == 2
+    assert "--target-loss: must be a finite number > 0" in capsys.readouterr().err

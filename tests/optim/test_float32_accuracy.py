@@ -27,17 +27,19 @@ def _step(model: nn.Module, build: Any, kwargs: dict[str, Any], x: torch.Tensor)
 
 
 @pytest.mark.parametrize(
-    ("build", "kwargs"),
+    ("build", "kwargs", "tolerance"),
     [
-        (tk.KFAC, {"inverse_method": "eigen"}),
-        (tk.KFAC, {"inverse_method": "eigen", "damping_mode": "pi"}),
-        (tk.KFAC, {"damping_mode": "eigen_sum"}),
-        (tk.KFAC, {"damping": lambda k: 1e-3}),  # a schedule: auto picks eigen
+        (tk.KFAC, {"inverse_method": "eigen"}, 1e-4),
+        (tk.KFAC, {"inverse_method": "eigen", "damping_mode": "pi"}, 1e-4),
+        (tk.KFAC, {"damping_mode": "eigen_sum"}, 1e-4),
+        (tk.KFAC, {"damping": lambda k: 1e-3}, 1e-4),  # a schedule: auto picks eigen
+        (tk.EKFAC, {}, 1e-3),  # (its scalings: float32 sums of squares)
+        (tk.EKFAC, {"damping_mode": "eigen_sum"}, 1e-3),
     ],
-    ids=["eigen", "eigen_pi", "eigen_sum", "schedule"],
+    ids=["eigen", "eigen_pi", "eigen_sum", "schedule", "ekfac", "ekfac_eigen_sum"],
 )
 def test_a_float32_eigen_step_on_raw_pixels_is_the_float64_step(
-    build: Any, kwargs: dict[str, Any]
+    build: Any, kwargs: dict[str, Any], tolerance: float
 ) -> None:
     """Raw pixel inputs in [0, 255]: the float32 ``eigh`` of their factor is off by about
     ``ε₃₂‖A‖`` = 0.3 in every eigenvalue against a damping of 1e-3, and the step was
@@ -45,12 +47,13 @@ def test_a_float32_eigen_step_on_raw_pixels_is_the_float64_step(
     Cholesky (``auto``) is 2e-5 off. π-damping (a shift scaled up with ``A``) and
     ``eigen_sum`` were 3e-5 off at most here; a damping schedule (``auto`` picks the
     eigenpairs) as per-factor ``eigen``. With the eigenpairs from a float64 ``eigh`` all are
-    within 2e-5. (EKFAC's scalings are measured in the basis it holds: its float32
-    step was 1e-4 off with either ``eigh``.)"""
+    within 2e-5. EKFAC's default damping adds ``λ(d_G + d_A) + λ²`` to its scalings from
+    the eigenvalues: 7e-3 to 0.14 off over four seeds in a review, 1.3e-4 at most with
+    float64 pairs (``eigen_sum``: 4e-4 at most either way)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     x = (torch.rand(128, 64) ** 3 * 255).round()
     wide = copy.deepcopy(model).double()
     got = _step(model, build, kwargs, x)
     want = _step(wide, build, kwargs, x.double())
-    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert float((got - want).norm() / want.norm()) < tolerance

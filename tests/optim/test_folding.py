@@ -119,10 +119,7 @@ def test_a_refresh_step_decomposes_each_layer_as_it_is_folded(inverse_method: st
     calls: list[str] = []
     for name, factors in pre.factors.items():
         decompose = factors.decompose
-        factors.decompose = lambda method, exact=False, n=name, d=decompose: (  # type: ignore[method-assign]
-            calls.append(n),
-            d(method, exact),
-        )[1]
+        factors.decompose = lambda method, n=name, d=decompose: (calls.append(n), d(method))[1]  # type: ignore[method-assign]
     fine.store = watched  # type: ignore[method-assign]
     train(model, opt, 1)
     assert replaced == [[True, False, False], [True, True, False], [True, True, True]]

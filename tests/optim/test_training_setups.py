@@ -1606,5 +1606,7 @@ def test_a_checkpoint_of_the_same_layers_in_another_order_says_so() -> None:
     first(torch.randn(8, 4)).sum().backward()
     trained.step()
     other = tk.KFAC(second, lr=0.01)
-    with pytest.raises(ValueError, match=r"\(the same layers in another order: the modules"):
+    with pytest.raises(
+        ValueError, match=r"\(the same layers in another order: this model registers"
+    ):
         other.load_state_dict(trained.state_dict())

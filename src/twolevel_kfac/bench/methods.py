@@ -232,6 +232,7 @@ def runner_for(
 def inverse_method(spec: MethodSpec) -> str:
     """How the method inverts its factors (for the FLOP floor): ``eigen`` or ``cholesky``,
     as the optimizer resolves ``inverse_method="auto"``."""
+    from twolevel_kfac.curvature.factor_inverse import HALF_DTYPES
     from twolevel_kfac.optim.coarse import CoarseLevel
     from twolevel_kfac.optim.levels import fine_level_type
     from twolevel_kfac.optim.options import CoarseOptions, resolve_inverse_method
@@ -248,6 +249,7 @@ def inverse_method(spec: MethodSpec) -> str:
         fine_needs_eigenbasis=fine_level_type(fine).needs_eigenbasis,
         coarse_needs_eigenbasis=space is not None
         and CoarseLevel.needs_eigenbasis(CoarseOptions(coarse_space=space)),
+        half_factors=kwargs.get("factor_dtype") in HALF_DTYPES,
     )
 
 

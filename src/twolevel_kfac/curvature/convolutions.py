@@ -63,22 +63,21 @@ class GroupedFactors(InverseOnMatrices):
         """Whether every group's decomposition is cached."""
         return bool(self.groups) and all(f.decomposed for f in self.groups)
 
-    def decompose(self, method: str, exact: bool = False) -> None:
+    def decompose(self, method: str) -> None:
         """Decompose every group's factors: for ``eigen`` one batched ``eigh`` per side
-        (:func:`~.factor_inverse.batched_eigh`, in float64 where ``exact``; a depthwise
-        layer of 256 channels took 46 ms one group at a time, 9 ms batched), group by
-        group where that fails."""
+        (:func:`~.factor_inverse.batched_eigh`; a depthwise layer of 256 channels took
+        46 ms one group at a time, 9 ms batched), group by group where that fails."""
         self._stack_key = None
         if method == "eigen" and self.groups:
-            side_a = batched_eigh(torch.stack([f.A for f in self.groups]), exact)  # type: ignore[misc]
-            side_g = batched_eigh(torch.stack([f.G for f in self.groups]), exact)  # type: ignore[misc]
+            side_a = batched_eigh(torch.stack([f.A for f in self.groups]))  # type: ignore[misc]
+            side_g = batched_eigh(torch.stack([f.G for f in self.groups]))  # type: ignore[misc]
             if side_a is not None and side_g is not None:
                 (vals_a, vecs_a), (vals_g, vecs_g) = side_a, side_g
                 for i, factors in enumerate(self.groups):
                     factors.install_decomposition((vals_a[i], vecs_a[i]), (vals_g[i], vecs_g[i]))
                 return
         for factors in self.groups:
-            factors.decompose(method, exact)
+            factors.decompose(method)
 
     def convert_decomposition(self, method: str) -> bool:
         """Convert every group's decompositions to ``method``; whether any changed."""

@@ -24,6 +24,7 @@ __all__ = [
     "damped_inverse",
     "decompose_factor",
     "eigen_inverse",
+    "eigh_dtype",
     "eigh_or_none",
     "safe_eigh",
     "solver_dtype",
@@ -38,6 +39,20 @@ def solver_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a factor is decomposed in: float32 for the half dtypes (``factor_dtype=
     torch.bfloat16``: LAPACK and cuSOLVER take neither), else its own."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def eigh_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a factor's cached eigenpairs are computed in (:func:`decompose_factor`):
+    float64, for a float32 factor too (its eigenpairs are rounded to float32 afterwards),
+    float32 for a half one (whose own rounding, ``2⁻⁸``, is coarser than float32's ``eigh``).
+
+    A float32 ``eigh`` is off by about ``ε₃₂‖M‖`` in every eigenvalue, so the damped
+    inverse ``Q diag(1/(d + s)) Qᵀ`` (EKFAC's ``S + λ(d_G + d_A) + λ²`` likewise) is off by
+    about ``2.4·ε₃₂·d_max/s``: 5.7e-3 on MNIST's input factor at ``s = 1e-3``, 0.28 on raw
+    pixels, where a float32 Cholesky is 4.8e-6 and 4.1e-4; from float64 pairs rounded to
+    float32 1.6e-8 and 6.9e-9 (``docs/benchmarks/implementation_choices.md``, "eigh in
+    float64"; 1.3–1.9× the time of a float32 ``eigh``)."""
+    return torch.float32 if dtype in HALF_DTYPES else torch.float64
 
 
 def eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -89,16 +104,13 @@ def _retry_with_damping(
     )
 
 
-def safe_eigh(matrix: Tensor, exact: bool = False) -> tuple[Tensor, Tensor]:
+def safe_eigh(matrix: Tensor, wide: bool = False) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with eigenvalues clipped at 0.
 
     Tries the factor's dtype (float32 is the faster, ``docs/benchmarks/eigh_dtype.md``;
-    float32 for a half dtype: :func:`solver_dtype`) or float64 where ``exact`` (every
-    eigenvalue right to ``ε₆₄‖M‖``, not ``ε₃₂‖M‖``: ``Q diag(1/(d + s)) Qᵀ`` from float32
-    pairs is off by about ``2.4·ε₃₂·d_max/s``, on MNIST's input factor at ``s = 1e-3``
-    5.7e-3 where Cholesky is 4.8e-6, on raw pixels 0.28; from float64 pairs rounded to
-    float32 1.6e-8), then float64, then float64 with growing extra damping ``M + εI``
-    (:data:`RETRY_DAMPINGS`). The first rung
+    float32 for a half dtype: :func:`solver_dtype`), or :func:`eigh_dtype` where ``wide``
+    (the eigenpairs of the damped inverses), then float64, then float64 with growing extra
+    damping ``M + εI`` (:data:`RETRY_DAMPINGS`). The first rung
     (ε = 1e-10·(tr M / n + 1)) is subtracted again, since the eigenvectors do not change
     under a shift; larger rungs are kept in the eigenvalues (the factor is damped more)
     and warned about. Returns ``(eigenvalues, eigenvectors)`` in the input's dtype.
@@ -108,12 +120,12 @@ def safe_eigh(matrix: Tensor, exact: bool = False) -> tuple[Tensor, Tensor]:
     """
     if not torch.isfinite(matrix).all():
         raise RuntimeError("cannot decompose a Kronecker factor with NaN/Inf entries")
-    work = matrix.to(torch.float64 if exact else solver_dtype(matrix.dtype))
+    work = matrix.to((eigh_dtype if wide else solver_dtype)(matrix.dtype))
     sym = 0.5 * (work + work.T)
     result = eigh_or_none(sym)
     if result is None:
         sym64 = sym.double()
-        result = None if exact else eigh_or_none(sym64)
+        result = None if sym.dtype == torch.float64 else eigh_or_none(sym64)
         if result is None:
             (values, vectors), shift, negligible = _retry_with_damping(
                 sym64, eigh_or_none, "eigendecomposition"
@@ -123,26 +135,26 @@ def safe_eigh(matrix: Tensor, exact: bool = False) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
-def batched_eigh(matrices: Tensor, exact: bool = False) -> tuple[Tensor, Tensor] | None:
-    """:func:`safe_eigh` of a stack of factors ``[B, n, n]`` in one call (eigenvalues
-    clipped at 0; ``exact``: in float64), or ``None`` when any of them would need its
-    retries (decompose those one by one)."""
+def batched_eigh(matrices: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`decompose_factor`'s eigenpairs of a stack of factors ``[B, n, n]`` in one call
+    (in :func:`eigh_dtype`, eigenvalues clipped at 0), or ``None`` when any of them would
+    need :func:`safe_eigh`'s retries (decompose those one by one)."""
     if not bool(torch.isfinite(matrices).all()):
         return None
-    work = matrices.double() if exact else matrices
+    work = matrices.to(eigh_dtype(matrices.dtype))
     result = eigh_or_none(0.5 * (work + work.mT))
     if result is None:
         return None
     return result[0].clamp_min(0.0).to(matrices.dtype), result[1].to(matrices.dtype)
 
 
-def decompose_factor(matrix: Tensor, method: str, exact: bool = False) -> tuple[Tensor, Tensor]:
-    """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh` (``exact``:
-    in float64);
-    ``cholesky`` → ``(the factor itself, empty)`` (its damped inverse is formed per damping;
-    the factor's next update is then out of place: :mod:`.running_average`)."""
+def decompose_factor(matrix: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    """The cached decomposition of one factor: ``eigen`` → :func:`safe_eigh` in
+    :func:`eigh_dtype` (float64 for a float32 factor, since 2026-12-07); ``cholesky`` →
+    ``(the factor itself, empty)`` (its damped inverse is formed per damping; the factor's
+    next update is then out of place: :mod:`.running_average`)."""
     if method == "eigen":
-        return safe_eigh(matrix, exact)
+        return safe_eigh(matrix, wide=True)
     return matrix, matrix.new_empty(0)
 
 
@@ -155,7 +167,7 @@ def converted_decomposition(
         return None
     values, vectors = decomp
     if method == "eigen":
-        return safe_eigh(values)
+        return safe_eigh(values, wide=True)
     return (vectors * values) @ vectors.T, values.new_empty(0)
 
 

@@ -150,12 +150,11 @@ class KroneckerFactors:
         """Whether a decomposition is cached (a refresh has run since the first estimate)."""
         return self.decomp_a is not None
 
-    def decompose(self, method: str, exact: bool = False) -> None:
-        """Refresh the cached decomposition (and π) from the current factors (``exact``:
-        eigenpairs from a float64 ``eigh``, :func:`~.factor_inverse.safe_eigh`)."""
+    def decompose(self, method: str) -> None:
+        """Refresh the cached decomposition (and π) from the current factors."""
         assert self.A is not None and self.G is not None
         self.install_decomposition(
-            decompose_factor(self.A, method, exact), decompose_factor(self.G, method, exact)
+            decompose_factor(self.A, method), decompose_factor(self.G, method)
         )
 
     def install_decomposition(

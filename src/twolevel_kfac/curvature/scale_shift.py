@@ -71,9 +71,8 @@ class UnitWiseFactors(InverseOnMatrices):
         """Whether a frozen ``F`` is cached."""
         return self.frozen is not None
 
-    def decompose(self, method: str, exact: bool = False) -> None:
-        """Freeze the current ``F`` for the inverses until the next refresh (they are
-        solves at each damping, no eigenpairs: ``exact`` changes nothing here)."""
+    def decompose(self, method: str) -> None:
+        """Freeze the current ``F`` for the inverses until the next refresh."""
         assert self.fisher is not None
         self.frozen = self.fisher.clone()
 

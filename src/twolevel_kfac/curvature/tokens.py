@@ -112,12 +112,11 @@ class TokenFactors(InverseOnMatrices):
         """Whether a refresh has frozen the factors for the inverses."""
         return self.a_decomposition is not None
 
-    def decompose(self, method: str, exact: bool = False) -> None:
-        """Freeze ``f`` and ``A``'s decomposition (and π) until the next refresh
-        (``exact``: from a float64 ``eigh``)."""
+    def decompose(self, method: str) -> None:
+        """Freeze ``f`` and ``A``'s decomposition (and π) until the next refresh."""
         assert self.a_factor is not None and self.frequencies is not None
         a, f = self.a_factor, self.frequencies
-        self.a_decomposition = decompose_factor(a, method, exact)
+        self.a_decomposition = decompose_factor(a, method)
         self.frozen_frequencies = f  # the next update is out of place (.running_average)
         self.decomp_pi = pi_ratio(float(a.trace()), a.shape[0], float(f.sum()), f.shape[0])
         self._key = None

@@ -66,10 +66,8 @@ def share_decompositions(
     method: str,
     damping: float,
     mode: str,
-    exact: bool = False,
 ) -> None:
-    """``distributed_inverses="split"``: step 3 of the module doc, installed in ``factors``
-    (``exact``: eigenpairs from a float64 ``eigh``).
+    """``distributed_inverses="split"``: step 3 of the module doc, installed in ``factors``.
 
     Raises:
         RuntimeError: (on every rank) if an owner's decomposition failed.
@@ -84,7 +82,7 @@ def share_decompositions(
         sizes = [d + d * d for d in dims]
 
         def compute(i: int) -> Tensor:
-            values, vectors = decompose_factor(mats[i], "eigen", exact)
+            values, vectors = decompose_factor(mats[i], "eigen")
             return torch.cat([values, vectors.reshape(-1)])
     else:
         for f in factors.values():

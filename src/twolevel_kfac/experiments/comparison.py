@@ -16,25 +16,38 @@ long comparison can be committed and the comparison continued on a fresh clone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from twolevel_kfac.experiments.config import ExperimentConfig
+from twolevel_kfac.experiments.checkpoint import SNAPSHOT_DIR
+from twolevel_kfac.experiments.config import ExperimentConfig, load_config
 from twolevel_kfac.experiments.epoch_table import epoch_table
 from twolevel_kfac.experiments.metrics import read_metrics
+from twolevel_kfac.experiments.provenance import FILE as PROVENANCE_FILE
 from twolevel_kfac.experiments.provenance import describe_runs
 from twolevel_kfac.experiments.reference_curves import read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
 from twolevel_kfac.experiments.run_state import RESULT_FILE, outcome, read_finished, run_limits
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
 
-__all__ = ["ComparisonResult", "describe", "run_comparison", "run_one", "select"]
+__all__ = [
+    "ComparisonResult",
+    "check_same_experiment",
+    "comparison_runs",
+    "describe",
+    "run_comparison",
+    "run_one",
+    "select",
+]
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", RESULT_FILE)
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", RESULT_FILE, PROVENANCE_FILE)
+# what makes a comparison directory another experiment's (a method added, more epochs: not)
+IDENTITY = ("name", "model", "dataset", "loss", "loss_reduction", "batch_size")
 
 
 @dataclass
@@ -101,6 +114,8 @@ def run_one(
         if fresh or not (run_dir / "checkpoint.pt").exists():
             for name in RUN_FILES:  # a run that never reached a checkpoint starts over
                 (run_dir / name).unlink(missing_ok=True)
+            # (an old run's snapshots beside the new ones: `analyze --run` read both)
+            shutil.rmtree(run_dir / SNAPSHOT_DIR, ignore_errors=True)
         resume = (run_dir / "checkpoint.pt").exists()
         return train_run(
             run_config,
@@ -188,6 +203,7 @@ def run_comparison(
     # read first: a missing reference file must not surface after hours of training
     references = [read_reference(path, label) for label, path in config.report.references.items()]
     out = Path(out_dir)
+    check_same_experiment(config, out, fresh)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(config.problem, data_dir)
     outcome = ComparisonResult({}, None, "")
@@ -217,15 +233,8 @@ def run_comparison(
     # written once a run was taken under it (a refused one leaves the folder's as it was)
     dump = config.model_dump(mode="json")
     (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
-    results: dict[str, list[Records]] = {}
-    for label in config.methods:  # the runs of this call and the finished ones already there
-        runs = [
-            records
-            for s in sorted(_seeds(out / label) | set(seed_list))
-            if (records := _report_records(config, label, s, out, (label, s) in ran))
-        ]
-        if runs:
-            results[label] = runs
+    runs = comparison_runs(config, out, seed_list, ran)
+    results = {label: list(by_seed.values()) for label, by_seed in runs.items()}
     title = config.report.title or config.problem.name
     seeds_seen = sorted({s for label in results for s in _seeds(out / label)} | set(seed_list))
     notes = describe(config, list(results), seeds_seen)
@@ -243,6 +252,49 @@ def run_comparison(
     )
     outcome.table = markdown_table(results, config.report.target_loss, config.problem.clock)
     return outcome
+
+
+def comparison_runs(
+    config: ExperimentConfig,
+    out: Path,
+    seeds: Sequence[int] = (),
+    ran: Collection[tuple[str, int]] = (),
+) -> dict[str, dict[int, Records]]:
+    """The runs of ``out`` the report of ``config`` shows, by method (in config order) and
+    seed: those of this call (``ran``: ``(method, seed)``) as they stand, and the finished
+    ones already there under this config (a method of another config, or a run under
+    another learning rate, is left out: ``tlkfac report`` showed them beside, silently)."""
+    results: dict[str, dict[int, Records]] = {}
+    for label in config.methods:
+        runs = {
+            s: records
+            for s in sorted(_seeds(out / label) | set(seeds))
+            if (records := _report_records(config, label, s, out, (label, s) in ran))
+        }
+        if runs:
+            results[label] = runs
+    return results
+
+
+def check_same_experiment(config: ExperimentConfig, out: Path, fresh: bool) -> None:
+    """Refuse a comparison into ``out`` that holds another experiment's (its
+    ``compare.yaml`` differs in a key of :data:`IDENTITY`), unless ``fresh``: its report,
+    summary and plots were overwritten, its runs tabulated beside the new ones.
+
+    Raises:
+        ValueError: naming the keys that differ and the fixes.
+    """
+    saved = out / "compare.yaml"
+    if fresh or not saved.is_file():
+        return
+    old = load_config(saved).problem.model_dump(mode="json")
+    new = config.problem.model_dump(mode="json")
+    differ = [f"problem.{k}" for k in IDENTITY if old.get(k) != new.get(k)]
+    if differ:
+        raise ValueError(
+            f"{out} holds the comparison of another experiment ({', '.join(differ)} differ "
+            f"from its compare.yaml): choose another --out, or pass --fresh to write over it"
+        )
 
 
 def _seeds(method_dir: Path) -> set[int]:

@@ -320,33 +320,38 @@ def warn_unfrozen(
 
 
 def refuse_new_parameters(
-    model: nn.Module, known: Collection[int], groups: Iterable[dict[str, Any]], norms: bool
+    model: nn.Module,
+    known: Collection[int],
+    groups: Iterable[dict[str, Any]],
+    layers: Mapping[str, nn.Module],
 ) -> None:
     """Refuse parameters of ``model`` with a gradient that are in no param group and were
     not parameters of it when ``KFAC(model)`` took its default ``params`` (``known``: their
     ``id``): a parameter or module replaced or added since (``ln.weight = nn.Parameter(…)``,
-    ``model.ln = nn.LayerNorm(…)``, ``remove_parametrizations``), which no step would move
-    (silently before 2026-12-07). Modules of a block type (``norms``: norm layers too) are
-    left to the preconditioner's own checks, whose messages say more.
+    ``model.ln = nn.LayerNorm(…)``, an adapter ``nn.Linear``, a parametrization with two
+    originals removed), which no step would move (silently before 2026-12-07). The weight
+    and bias of the preconditioned ``layers`` are left to the preconditioner's checks,
+    whose messages say more (a parameter assigned to a layer).
 
     Raises:
         ValueError: naming the parameters and the fixes.
     """
     held = parameter_ids(list(groups))
+    own = {id(m) for m in layers.values()}
     new = [
         f"{prefix}{'.' if prefix else ''}{name}"
         for prefix, module in model.named_modules()
-        if not takes_block(module, norms)
         for name, p in module.named_parameters(recurse=False)
         if p.grad is not None and id(p) not in held and id(p) not in known
-    ]
+        and not (id(module) in own and name in ("weight", "bias"))
+    ]  # fmt: skip
     if new:
         raise ValueError(
             f"parameter(s) {new} have gradients but are not parameters the optimizer was "
-            "built with (replaced or added since: an assigned nn.Parameter, a new module, "
-            "remove_parametrizations), so no step would move them: build the optimizer "
-            "after changing the model, add them with add_param_group, or give params= "
-            "(then parameters outside it are left to another optimizer)"
+            "built with (replaced or added since: an assigned nn.Parameter, a new module), "
+            "so no step would move them: build the optimizer after changing the model, add "
+            "them with add_param_group, or give params= (then parameters outside it are "
+            "left to another optimizer)"
         )
 
 

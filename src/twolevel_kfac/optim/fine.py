@@ -81,11 +81,6 @@ class FineLevel:
     needs_eigenbasis: ClassVar[bool] = False
     """Whether it works in the factors' eigenbasis (``inverse_method="auto"`` then picks
     ``eigen``)."""
-    exact_eigenpairs: ClassVar[bool] = True
-    """Whether its ``eigen`` decompositions come from a float64 ``eigh``: the damped inverse
-    ``Q diag(1/(d + s)) Qᵀ`` from float32 pairs is off by about ``2.4·ε₃₂·d_max/s`` (5.7e-3
-    on MNIST's input factor at ``s = 1e-3``; :func:`~..curvature.factor_inverse.safe_eigh`);
-    EKFAC's scalings are measured in the basis it holds, which float32's serves."""
     state_entry: ClassVar[str | None] = None
     """The top-level entry of the preconditioner's state that :meth:`state_dict` adds and
     :meth:`load_state_dict` needs (KFAC adds none)."""
@@ -142,7 +137,7 @@ class FineLevel:
         factors = self.host.factors[name]
         if self._decomposed_at_fold(name, factors):
             return
-        factors.decompose(self.host.options.inverse_method, self.exact_eigenpairs)
+        factors.decompose(self.host.options.inverse_method)
         assert factors.A is not None and factors.G is not None
         self._at_fold[name] = (factors.A, factors.A._version, factors.G, factors.G._version)
 
@@ -172,12 +167,11 @@ class FineLevel:
             # blocks of their own (norms, grouped convolutions) are decomposed by every rank
             kronecker = {n: f for n, f in ready.items() if type(f) is KroneckerFactors}
             share_decompositions(
-                host.comm, kronecker, opts.inverse_method, damping, opts.damping_mode,
-                self.exact_eigenpairs,
-            )  # fmt: skip
+                host.comm, kronecker, opts.inverse_method, damping, opts.damping_mode
+            )
             ready = {n: f for n, f in ready.items() if n not in kronecker}
         for factors in ready.values():
-            factors.decompose(opts.inverse_method, self.exact_eigenpairs)
+            factors.decompose(opts.inverse_method)
 
     def after_refresh(self, stats: dict[str, LayerStats]) -> None:
         """Fold the statistics that live in the decompositions' eigenbasis (none for KFAC)."""

@@ -212,9 +212,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         if self._watched:  # (parameters frozen when built: warned of once unfrozen)
             self._watched = warn_unfrozen(self._watched, pre.model, self.param_groups)
         if self._known is not None and pre.capture.active:  # (as replaced layers are found)
-            refuse_new_parameters(
-                pre.model, self._known, self.param_groups, pre.options.norm_blocks
-            )
+            refuse_new_parameters(pre.model, self._known, self.param_groups, pre.layers)
         loss_scale = amp_loss_scale(self, self.preconditioner.options.fisher)
         if loss_scale is None:  # GradScaler found an inf: its scale drops, nothing else moves
             pre.capture.discard()

@@ -119,6 +119,15 @@ def damping_at(damping: float | Callable[[int], float], step: int) -> float:
     return check_real(f"damping schedule at step {step}", value, low=0.0, low_open=True)
 
 
+def damping_value(value: object) -> float:
+    """A λ set between steps (``opt.preconditioner.damping = λ``), also a numpy scalar or a
+    one-element tensor: a finite number > 0 (a negative λ stepped, NaN or 0 skipped every
+    step, silently, before 2026-12-07)."""
+    item = getattr(value, "item", None)
+    value = item() if callable(item) and getattr(value, "ndim", None) == 0 else value
+    return check_real("damping", value, low=0.0, low_open=True)
+
+
 def resolve_inverse_method(
     requested: str,
     *,

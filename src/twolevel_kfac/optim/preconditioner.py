@@ -50,8 +50,9 @@ from .folding import fold_statistics, keeps_statistics
 from .frozen import coarse_term, fine_alone, fine_weight
 from .interrupted import partial_step, step_guard
 from .not_copyable import NotCopyable
-from .options import CoarseOptions, CurvatureOptions, Rate, check_real, damping_at
+from .options import CoarseOptions, CurvatureOptions, Rate, damping_at, damping_value
 from .schedule import CaptureSchedule
+from .stale_gradients import named_weight
 from .state import kfac_state, load_kfac_state
 
 T = TypeVar("T")
@@ -138,13 +139,12 @@ class KFACPreconditioner(NotCopyable):
     @property
     def damping(self) -> float:
         """λ of the coming step: the option's, a schedule's, adaptive damping's, or one set
-        here between steps (a finite number > 0: a negative λ stepped, NaN or 0 skipped
-        every step, silently, before 2026-12-07)."""
+        here between steps (:func:`.options.damping_value`)."""
         return self._damping
 
     @damping.setter
     def damping(self, value: float) -> None:
-        self._damping = check_real("damping", value, low=0.0, low_open=True)
+        self._damping = damping_value(value)
 
     def step(
         self, lr: float | Mapping[str, Rate] = 1.0, loss_scale: float = 1.0, checked: bool = False
@@ -156,7 +156,7 @@ class KFACPreconditioner(NotCopyable):
         (``≠ 1``: a step whose gradients overflowed is dropped, :func:`.amp.drops_overflow`,
         unless the caller ``checked`` them finite). Raises ``RuntimeError`` if a layer has a
         gradient but never had curvature statistics."""
-        weight = layer_weight(next(iter(self.layers.values())))
+        weight = named_weight(*next(iter(self.layers.items())))
         with step_guard(self), torch.no_grad(), autocast_off(weight):
             if checked or not drops_overflow(self, loss_scale):  # beside a GradScaler
                 self._step(lr, loss_scale)

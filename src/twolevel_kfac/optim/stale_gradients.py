@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..curvature.blocks import block_parameters
+from torch import nn
+
+from ..curvature.blocks import block_parameters, layer_weight
 
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner
@@ -32,6 +34,19 @@ def mark_directions(pre: KFACPreconditioner, names: list[str]) -> None:
             setattr(grad, _MARK, grad._version)
 
 
+def named_weight(name: str, module: nn.Module) -> nn.Parameter:
+    """Layer ``name``'s weight (:func:`~..curvature.blocks.layer_weight`).
+
+    Raises:
+        TypeError: it is not a parameter of its own any more (pruned or parametrized after
+            the optimizer was built), naming the layer.
+    """
+    try:
+        return layer_weight(module)
+    except TypeError as error:
+        raise TypeError(f"layer {name!r}: {error}") from None
+
+
 def check_new_gradients(pre: KFACPreconditioner) -> None:
     """Refuse a step whose layers' ``.grad`` are the directions the last step wrote.
 
@@ -42,10 +57,8 @@ def check_new_gradients(pre: KFACPreconditioner) -> None:
     """
     stale = []
     for name, module in pre.layers.items():
-        try:
-            grad = block_parameters(module)[0].grad
-        except TypeError as error:  # (pruned or parametrized since: named here, first)
-            raise TypeError(f"layer {name!r}: {error}") from None
+        named_weight(name, module)  # (pruned or parametrized since: named here, first)
+        grad = block_parameters(module)[0].grad
         if grad is not None and getattr(grad, _MARK, None) == grad._version:
             stale.append(name)
     if stale:

@@ -162,7 +162,10 @@ def _load_kfac_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
         missing = [n for n in saved if n not in pre.layers]
         what = f"new here: {extra}; gone: {missing}"
         if not (extra or missing):  # (their order is that of the model's modules)
-            what = "the same layers in another order: the modules were registered in another"
+            what = (
+                "the same layers in another order: this model registers its modules in "
+                "another order than the saved one's; build it in the saved order"
+            )
         raise ValueError(
             f"preconditioner state is for layers {saved}, but this model has {list(pre.layers)}"
             f" ({what}). Another model, other params= or "

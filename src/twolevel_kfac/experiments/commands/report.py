@@ -1,15 +1,31 @@
 """Re-render a comparison's report from its finished runs: ``tlkfac report DIR``.
 
-Reads ``DIR/<method>/seed<k>/metrics.jsonl`` (and ``DIR/compare.yaml`` for the method
-order, title, notes, target loss and reference curves when present) and rewrites
-``DIR/report.md``, the PNGs and ``DIR/summary.json``, with the runs' provenance
+With ``DIR/compare.yaml`` (a ``tlkfac compare`` directory): the runs of its methods that
+finished under it, as ``tlkfac compare`` reports them (runs of other methods or of another
+config, left from earlier comparisons into ``DIR``, are left out and named: before
+2026-12-07 they were tabulated beside them), in its method order, with its title, notes,
+target loss and reference curves. Without it: every ``DIR/<method>/seed<k>/metrics.jsonl``.
+Rewrites ``DIR/report.md``, the PNGs and ``DIR/summary.json``, with the runs' provenance
 (``provenance.jsonl``) and any ``--reference [LABEL=]FILE`` curve drawn beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (``nan`` and ``-5`` were taken, as ``report.target_loss`` is
+    not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="comparison directory (tlkfac compare --out)")
     parser.add_argument("--title", default=None, help="report title")
     parser.add_argument(
-        "--target-loss", type=float, default=None, help="train loss for the time-to-target column"
+        "--target-loss",
+        type=_positive,
+        default=None,
+        help="train loss for the time-to-target column (a finite number > 0)",
     )
     parser.add_argument(
         "--reference",
@@ -31,19 +50,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
-    from twolevel_kfac.experiments.comparison import describe
+    from twolevel_kfac.experiments.comparison import comparison_runs, describe
     from twolevel_kfac.experiments.config import load_config
     from twolevel_kfac.experiments.epoch_table import epoch_table
     from twolevel_kfac.experiments.metrics import load_runs
     from twolevel_kfac.experiments.provenance import describe_runs
     from twolevel_kfac.experiments.reference_curves import parse_reference, read_reference
-    from twolevel_kfac.experiments.report import markdown_table, write_report
+    from twolevel_kfac.experiments.report import Results, markdown_table, write_report
 
     root = Path(args.dir)
     if not root.is_dir():
         raise FileNotFoundError(f"comparison directory {root} does not exist")
     config = load_config(root / "compare.yaml") if (root / "compare.yaml").is_file() else None
-    results = load_runs(root, order=list(config.methods) if config else ())
+    results: Results
+    if config is None:
+        results = load_runs(root)
+    else:
+        runs = comparison_runs(config, root)
+        results = {label: list(by_seed.values()) for label, by_seed in runs.items()}
+        shown = {f"{label}/seed{seed}" for label, by_seed in runs.items() for seed in by_seed}
+        found = sorted(f"{p.parent.name}/{p.name}" for p in root.glob("*/seed*") if p.is_dir())
+        if left := [run for run in found if run not in shown]:
+            print(f"left out (not finished under {root / 'compare.yaml'}): {', '.join(left)}")
+        if not results:
+            raise FileNotFoundError(f"no run under {root} finished under its compare.yaml")
     title, notes, target = args.title or root.name, "", args.target_loss
     clock = config.problem.clock if config is not None else "wall"
     if config is not None:
