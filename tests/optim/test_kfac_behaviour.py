@@ -1131,3 +1131,20 @@ def test_damping_set_as_a_numpy_or_torch_scalar_is_taken() -> None:
         assert type(opt.preconditioner.damping) is float
     with pytest.raises(TypeError, match="damping must be a real number"):
         opt.preconditioner.damping = torch.tensor([0.1, 0.2])  # type: ignore[assignment]
+
+
+def test_a_curvature_option_set_in_a_param_group_is_warned_of_once() -> None:
+    """``opt.param_groups[0]["damping"] = 1e-2`` is not read (the curvature options are the
+    optimizer's): it was taken without a word; a warning names it and the fix, once."""
+    model = mlp()
+    opt = tk.KFAC(model)
+    x, y = batch()
+    opt.param_groups[0]["damping"] = 1e-2
+    with pytest.warns(RuntimeWarning, match=r"\['damping'\] are curvature options.*set "):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()

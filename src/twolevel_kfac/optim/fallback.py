@@ -35,7 +35,7 @@ from ..curvature.discovery import added_layers, takes_block
 from ..curvature.layer_types import covered_parameters
 from ..curvature.param_format import parameter_ids
 from ..warning_level import caller_level
-from .options import check_choice
+from .options import CURVATURE_ARGUMENTS, check_choice
 
 __all__ = [
     "FALLBACKS",
@@ -317,6 +317,22 @@ def warn_unfrozen(
             "layers unfrozen later, or add them with add_param_group"
         ),
     )
+
+
+def warn_unread_keys(groups: Iterable[dict[str, Any]], warned: set[str]) -> None:
+    """Warn, once per key (``warned``: those warned of), of a param group key naming a
+    curvature option (``group["damping"] = 1e-2``): the curvature options are the
+    optimizer's, fixed when it was built, and no group's is read (it was set, silently)."""
+    keys = sorted({k for g in groups for k in g.keys() & CURVATURE_ARGUMENTS} - warned)
+    if keys:
+        warned.update(keys)
+        fix = "set optimizer.preconditioner.damping" if "damping" in keys else "build it with them"
+        warnings.warn(
+            f"param group key(s) {keys} are curvature options, which are the optimizer's and "
+            f"not read from a group: {fix} (a schedule: damping=lambda step: …)",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
 
 
 def refuse_new_parameters(

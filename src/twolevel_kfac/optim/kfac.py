@@ -43,6 +43,7 @@ from .fallback import (
     refuse_new_parameters,
     warn_added,
     warn_unfrozen,
+    warn_unread_keys,
 )
 from .nonfinite import finite_after_step, finite_gradients, skip_nonfinite
 from .not_copyable import NotCopyable
@@ -149,6 +150,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
             options["options"] = curvature
         self._watched: list[nn.Parameter] = []  # frozen, when params are the default's
         self._known: frozenset[int] | None = None  # the model's, when params are the default
+        self._unread: set[str] = set()  # curvature options seen in a group, warned of
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
             self._watched = [p for p in model.parameters() if not p.requires_grad]
@@ -209,6 +211,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
         with torch.enable_grad():
             loss = None if closure is None else closure()
         pre = self.preconditioner
+        warn_unread_keys(self.param_groups, self._unread)
         if self._watched:  # (parameters frozen when built: warned of once unfrozen)
             self._watched = warn_unfrozen(self._watched, pre.model, self.param_groups)
         if self._known is not None and pre.capture.active:  # (as replaced layers are found)
