@@ -1140,7 +1140,9 @@ def test_a_curvature_option_set_in_a_param_group_is_warned_of_once() -> None:
     opt = tk.KFAC(model)
     x, y = batch()
     opt.param_groups[0]["damping"] = 1e-2
-    with pytest.warns(RuntimeWarning, match=r"\['damping'\] are curvature options.*set "):
+    with pytest.warns(
+        RuntimeWarning, match=r"\['damping'\] are curvature options.*preconditioner.damping"
+    ):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     with warnings.catch_warnings():

@@ -326,10 +326,12 @@ def warn_unread_keys(groups: Iterable[dict[str, Any]], warned: set[str]) -> None
     keys = sorted({k for g in groups for k in g.keys() & CURVATURE_ARGUMENTS} - warned)
     if keys:
         warned.update(keys)
-        fix = "set optimizer.preconditioner.damping" if "damping" in keys else "build it with them"
+        fix = "pass them to the optimizer when building it"
+        if "damping" in keys:
+            fix += "; set optimizer.preconditioner.damping = λ in a run, or give a schedule"
         warnings.warn(
             f"param group key(s) {keys} are curvature options, which are the optimizer's and "
-            f"not read from a group: {fix} (a schedule: damping=lambda step: …)",
+            f"not read from a group: {fix}",
             RuntimeWarning,
             stacklevel=caller_level(),
         )
