@@ -368,7 +368,7 @@ def test_a_comparison_of_another_experiment_into_a_folder_is_refused(
         Path(SMOKE_COMPARE).read_text().replace("batch_size: 64", "batch_size: 32"),
     )
     assert main(["compare", other, *base]) == 2
-    assert "holds the comparison of another experiment (problem.batch_size differ" in (
+    assert "holds the comparison of another experiment (problem.batch_size differs" in (
         capsys.readouterr().err
     )
     assert (out / "report.md").read_text() == report

@@ -1129,6 +1129,10 @@ def test_damping_set_as_a_numpy_or_torch_scalar_is_taken() -> None:
         opt.preconditioner.damping = value  # type: ignore[assignment]
         assert opt.preconditioner.damping == float(value)
         assert type(opt.preconditioner.damping) is float
+    opt.preconditioner.damping = torch.tensor([0.75])  # type: ignore[assignment]
+    assert opt.preconditioner.damping == 0.75
+    opt.preconditioner.damping = np.array([0.5])  # type: ignore[assignment]
+    assert opt.preconditioner.damping == 0.5
     with pytest.raises(TypeError, match="damping must be a real number"):
         opt.preconditioner.damping = torch.tensor([0.1, 0.2])  # type: ignore[assignment]
 

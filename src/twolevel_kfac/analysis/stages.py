@@ -8,14 +8,15 @@ block structure, the damping sweep, each training run, each snapshot along a run
 analysed state's training (``state_steps``). Each is seeded on its own (no stage reads a
 random stream another one moved), so a resumed run writes what an uninterrupted one
 writes, bit for bit, but for its timings. ``<key>`` hashes the configuration, the run
-directory analysed and the library's version: another configuration starts afresh beside
-it. The folder is removed once every output is written.
+directory analysed, the library's source, torch's thread count and ``$TLKFAC_DATA``:
+another of these starts afresh beside it. The folder is removed once every output is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +34,19 @@ T = TypeVar("T")
 
 def stage_key(config: Any, run_dir: str | Path | None) -> str:
     """The key of a run's stages: a hash of ``config`` (a pydantic model), the resolved
-    ``run_dir`` and the library's version."""
-    from .. import __version__
-
+    ``run_dir``, the library's source (a code change between a stop and the rerun: its
+    stages are not reused), torch's thread count (it moves the last bits) and
+    ``$TLKFAC_DATA``."""
+    package = Path(__file__).resolve().parents[1]
+    source = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        source.update(path.read_bytes())
     described = {
         "config": config.model_dump(mode="json"),
         "run_dir": None if run_dir is None else str(Path(run_dir).resolve()),
-        "version": __version__,
+        "source": source.hexdigest(),
+        "threads": torch.get_num_threads(),
+        "data": os.environ.get("TLKFAC_DATA"),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 

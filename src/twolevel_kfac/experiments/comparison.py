@@ -47,7 +47,7 @@ __all__ = [
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", RESULT_FILE, PROVENANCE_FILE)
 # what makes a comparison directory another experiment's (a method added, more epochs: not)
-IDENTITY = ("name", "model", "dataset", "loss", "loss_reduction", "batch_size")
+IDENTITY = ("model", "dataset", "loss", "loss_reduction", "batch_size")
 
 
 @dataclass
@@ -292,8 +292,9 @@ def check_same_experiment(config: ExperimentConfig, out: Path, fresh: bool) -> N
     differ = [f"problem.{k}" for k in IDENTITY if old.get(k) != new.get(k)]
     if differ:
         raise ValueError(
-            f"{out} holds the comparison of another experiment ({', '.join(differ)} differ "
-            f"from its compare.yaml): choose another --out, or pass --fresh to write over it"
+            f"{out} holds the comparison of another experiment ({', '.join(differ)} "
+            f"{'differs' if len(differ) == 1 else 'differ'} from its compare.yaml): choose "
+            "another --out, or pass --fresh to write over it"
         )
 
 

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..curvature.blocks import BlockStats, LayerStats
 from ..curvature.eigen_cluster import cluster_mean
-from ..curvature.factor_inverse import eigh_dtype
+from ..curvature.factor_inverse import solver_dtype
 from ..curvature.kronecker import eigen_denominator
 from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
@@ -149,7 +149,7 @@ class EKFACFine(FineLevel):
         would depend on that pick (the same batches in another sample order: steps 0.9
         apart on a move of 2.4); the mean is the same for every pick."""
         values_a, vectors_a, values_g, vectors_g = bases
-        dtype = eigh_dtype(values_a.dtype)  # what eigh ran in (float32 for bfloat16)
+        dtype = solver_dtype(values_a.dtype)  # the factor's rounding sets a cluster's spread
         scalings = cluster_mean(scalings, values_a, vectors_a, -1, dtype)
         if values_g is None or vectors_g is None:  # a table's G = diag(f): Q_G = I, no pick
             return scalings

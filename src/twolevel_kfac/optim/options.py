@@ -123,8 +123,9 @@ def damping_value(value: object) -> float:
     """A λ set between steps (``opt.preconditioner.damping = λ``), also a numpy scalar or a
     one-element tensor: a finite number > 0 (a negative λ stepped, NaN or 0 skipped every
     step, silently, before 2026-12-07)."""
-    item = getattr(value, "item", None)
-    value = item() if callable(item) and getattr(value, "ndim", None) == 0 else value
+    item, numel = getattr(value, "item", None), getattr(value, "numel", None)
+    one = (numel() if callable(numel) else getattr(value, "size", None)) == 1
+    value = item() if callable(item) and one else value
     return check_real("damping", value, low=0.0, low_open=True)
 
 

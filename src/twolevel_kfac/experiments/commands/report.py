@@ -1,10 +1,11 @@
 """Re-render a comparison's report from its finished runs: ``tlkfac report DIR``.
 
 With ``DIR/compare.yaml`` (a ``tlkfac compare`` directory): the runs of its methods that
-finished under it, as ``tlkfac compare`` reports them (runs of other methods or of another
-config, left from earlier comparisons into ``DIR``, are left out and named: before
-2026-12-07 they were tabulated beside them), in its method order, with its title, notes,
-target loss and reference curves. Without it: every ``DIR/<method>/seed<k>/metrics.jsonl``.
+finished under it (runs of other methods or of another config, left from earlier
+comparisons into ``DIR``, are left out and named: before 2026-12-07 they were tabulated
+beside them; so are unfinished ones, which ``tlkfac compare`` reports as they stand for
+the runs of its own call), in its method order, with its title, notes, target loss and
+reference curves. Without it: every ``DIR/<method>/seed<k>/metrics.jsonl``.
 Rewrites ``DIR/report.md``, the PNGs and ``DIR/summary.json``, with the runs' provenance
 (``provenance.jsonl``) and any ``--reference [LABEL=]FILE`` curve drawn beside them.
 """
@@ -73,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
         if left := [run for run in found if run not in shown]:
             print(f"left out (not finished under {root / 'compare.yaml'}): {', '.join(left)}")
         if not results:
-            raise FileNotFoundError(f"no run under {root} finished under its compare.yaml")
+            raise FileNotFoundError(
+                f"no run under {root} finished under its compare.yaml (runs made before "
+                "result.json existed, or not finished: `tlkfac compare CONFIG --out DIR` "
+                "re-reads or finishes them and writes the report)"
+            )
     title, notes, target = args.title or root.name, "", args.target_loss
     clock = config.problem.clock if config is not None else "wall"
     if config is not None:
