@@ -290,23 +290,7 @@ def test_scalings_in_a_degenerate_eigenbasis_do_not_depend_on_the_rounding(
     between refreshes (``cov_interval < inv_interval``) took that pick into the steps: the
     same batches with their samples in another order ended 0.92 apart on a move of 2.2.
     ``S`` is averaged within each cluster of equal eigenvalues (the mean is every pick's)."""
-    moved = []
-    for permute in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 6), nn.Tanh(), nn.Linear(6, 4)).double()
-        start = torch.cat([p.detach().flatten() for p in model.parameters()])
-        opt = tk.EKFAC(model, lr=0.1, damping=1e-2, fisher="empirical", cov_interval=2)
-        gen = torch.Generator().manual_seed(0)
-        for k in range(25):
-            x = torch.randn(8, 20, generator=gen, dtype=torch.float64)
-            y = torch.randint(0, 4, (8,), generator=gen)
-            if permute:
-                order = torch.randperm(8, generator=torch.Generator().manual_seed(k))
-                x, y = x[order], y[order]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        moved.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+    moved = [_degenerate_run(torch.float64, permute) for permute in (False, True)]
     assert float(moved[0].abs().max()) > 1.0
     torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-11)
 
@@ -317,25 +301,28 @@ def test_a_float32_ekfac_in_a_degenerate_eigenbasis_follows_the_float64_run() ->
     where the eigenpairs come from a float64 ``eigh`` (a review: grouped at float64's, they
     were no longer averaged and the run ended 0.27 off the float64 one, 0.36 between two
     sample orders)."""
-
-    def moved(dtype: torch.dtype, permute: bool) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 6), nn.Tanh(), nn.Linear(6, 4)).to(dtype)
-        start = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        opt = tk.EKFAC(model, lr=0.1, damping=1e-2, fisher="empirical", cov_interval=2)
-        gen = torch.Generator().manual_seed(0)
-        for k in range(25):
-            x = torch.randn(8, 20, generator=gen, dtype=torch.float64).to(dtype)
-            y = torch.randint(0, 4, (8,), generator=gen)
-            if permute:
-                order = torch.randperm(8, generator=torch.Generator().manual_seed(k))
-                x, y = x[order], y[order]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        return torch.cat([p.detach().double().flatten() for p in model.parameters()]) - start
-
-    wide = moved(torch.float64, False)
+    wide = _degenerate_run(torch.float64, False)
     for permute in (False, True):
-        narrow = moved(torch.float32, permute)
+        narrow = _degenerate_run(torch.float32, permute)
         assert float((narrow - wide).norm() / wide.norm()) < 1e-3
+
+
+def _degenerate_run(dtype: torch.dtype, permute: bool) -> torch.Tensor:
+    """The move of a 20-6-4 MLP in ``dtype`` over 25 EKFAC steps on batches of 8 (its first
+    factor rank-deficient), ``cov_interval=2`` (scalings re-estimated between refreshes),
+    each batch's samples in another order where ``permute``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 6), nn.Tanh(), nn.Linear(6, 4)).to(dtype)
+    start = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    opt = tk.EKFAC(model, lr=0.1, damping=1e-2, fisher="empirical", cov_interval=2)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(25):
+        x = torch.randn(8, 20, generator=gen, dtype=torch.float64).to(dtype)
+        y = torch.randint(0, 4, (8,), generator=gen)
+        if permute:
+            order = torch.randperm(8, generator=torch.Generator().manual_seed(k))
+            x, y = x[order], y[order]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().double().flatten() for p in model.parameters()]) - start

@@ -40,11 +40,10 @@ from .fallback import (
     block_table,
     fallback_groups,
     make_fallback,
-    refuse_new_parameters,
     warn_added,
     warn_unfrozen,
-    warn_unread_keys,
 )
+from .group_checks import refuse_new_parameters, warn_unread_keys
 from .nonfinite import finite_after_step, finite_gradients, skip_nonfinite
 from .not_copyable import NotCopyable
 from .options import (

@@ -120,9 +120,8 @@ def damping_at(damping: float | Callable[[int], float], step: int) -> float:
 
 
 def damping_value(value: object) -> float:
-    """A λ set between steps (``opt.preconditioner.damping = λ``), also a numpy scalar or a
-    one-element tensor: a finite number > 0 (a negative λ stepped, NaN or 0 skipped every
-    step, silently, before 2026-12-07)."""
+    """A λ set between steps (``opt.preconditioner.damping = λ``; a one-element array or
+    tensor too): a finite number > 0 (NaN, 0, < 0 were taken before 2026-12-07)."""
     item, numel = getattr(value, "item", None), getattr(value, "numel", None)
     one = (numel() if callable(numel) else getattr(value, "size", None)) == 1
     value = item() if callable(item) and one else value
