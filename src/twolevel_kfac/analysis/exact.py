@@ -174,9 +174,9 @@ def fisher_statistics(
     num = factor.shape[2]
     flat = [(n, call) for n, c in calls.items() for call in c]
     pairs: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in layers}
+    outs = [out for _, (_, _, out) in flat]
     for k in range(num):
         cotangent = factor[:, :, k].reshape(output.shape)
-        outs = [out for _, (_, _, out) in flat]
         grads = torch.autograd.grad(output, outs, cotangent, retain_graph=True, allow_unused=True)
         per_call: dict[str, list[tuple[Tensor, Tensor | None]]] = {n: [] for n in layers}
         for (n, (module, inputs, out)), gr in zip(flat, grads, strict=True):

@@ -223,15 +223,14 @@ def _train(
         return {}
     runs: dict[str, Any] = {}
     with progress_bar(spec.steps * len(spec.methods), "training", progress) as bar:
-        ran: list[str] = []
 
         def trained(method: str) -> dict[str, Any]:
-            ran.append(method)
             return train_run(model, data, config, method, bar.update).to_dict()
 
         for method in spec.methods:
-            runs[method] = stage(f"training/{method}", functools.partial(trained, method))
-            if method not in ran:  # (a kept run: its steps at once)
+            name = f"training/{method}"
+            runs[method] = stage(name, functools.partial(trained, method))
+            if name in stage.resumed:  # (a kept run: its steps at once)
                 bar.update(spec.steps)
     return {
         "steps": spec.steps,

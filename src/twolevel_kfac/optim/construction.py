@@ -52,7 +52,12 @@ def accepted_arguments(cls: type[KFACPreconditioner], fine: str | None) -> froze
     """The keyword arguments ``cls(model, fine=fine, ...)`` takes besides its own
     parameters: every :class:`CurvatureOptions` field, the fine level's
     (``power_iterations``, …) and the coarse level's (``cls.coarse_arguments``)."""
-    return CURVATURE_ARGUMENTS | fine_type_of(cls, fine).extra_arguments | cls.coarse_arguments
+    return _accepted(cls, fine_type_of(cls, fine))
+
+
+def _accepted(cls: type[KFACPreconditioner], fine_type: type[FineLevel]) -> frozenset[str]:
+    """:func:`accepted_arguments` with the fine level resolved."""
+    return CURVATURE_ARGUMENTS | fine_type.extra_arguments | cls.coarse_arguments
 
 
 def resolve_options(
@@ -78,7 +83,7 @@ def resolve_options(
     fine_arguments = {k: kwargs.pop(k) for k in list(kwargs) if k in fine_type.extra_arguments}
     if options is not None and kwargs:
         raise TypeError("pass either options=... or keyword arguments, not both")
-    hints = accepted_arguments(cls, fine) | OWN_PARAMETERS
+    hints = _accepted(cls, fine_type) | OWN_PARAMETERS
     options = options or CurvatureOptions.of(cls, kwargs, hints)
     method = resolve_inverse_method(
         options.inverse_method,
