@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..experiments.checkpoint import save_checkpoint
+from ..experiments.checkpoint import check_crc, save_checkpoint
 
 __all__ = ["STAGE_DIR", "Stages", "stage_key"]
 
@@ -73,8 +73,9 @@ class Stages:
         path = self.dir / f"{name.replace('/', '--')}.pt"
         if path.exists():
             try:
+                check_crc(path)  # a changed byte was used before 2026-12-08
                 value: T = torch.load(path, weights_only=True)["value"]
-            except Exception:  # a file of another version or torn by hand: computed again
+            except Exception:  # another version's, torn or changed by hand: computed again
                 path.unlink(missing_ok=True)
             else:
                 self.resumed.append(name)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT",
     "SNAPSHOT_DIR",
+    "check_crc",
     "get_rng_state",
     "keep_snapshot",
     "list_snapshots",
@@ -137,17 +138,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _check_crc(path: Path) -> None:
-    """Refuse a checkpoint whose bytes were changed after it was written: ``torch.save``'s
-    zip records a CRC-32 of every entry, which ``torch.load`` does not check (a flipped
-    byte in a tensor resumed a run 0.059 off an uninterrupted one, silently). One read of
-    the file; a file that is no zip is left to ``torch.load``'s own error.
+def check_crc(path: Path, advice: str = "resume from another copy, or start afresh") -> None:
+    """Refuse a file of :func:`save_checkpoint` whose bytes were changed after it was
+    written: ``torch.save``'s zip records a CRC-32 of every entry, which ``torch.load``
+    does not check (a flipped byte in a tensor resumed a run 0.059 off an uninterrupted
+    one, silently). One read of the file; a file that is no zip is left to
+    ``torch.load``'s own error, and one saved without CRCs (torch's
+    ``set_crc32_options(False)``: every CRC 0) is not checked (it was refused as changed
+    before 2026-12-08).
+
+    Args:
+        path: The file.
+        advice: What to do instead, for the message.
 
     Raises:
         ValueError: naming the file and the entry that fails its CRC.
     """
     try:
         with zipfile.ZipFile(path) as archive:
+            if all(entry.CRC == 0 for entry in archive.infolist() if entry.file_size):
+                return  # written without CRCs
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError):
         return
@@ -156,7 +166,7 @@ def _check_crc(path: Path) -> None:
     if bad is not None:
         raise ValueError(
             f"{path} is corrupt: its entry {bad} fails its CRC-32 check (the file was "
-            "changed after it was written); resume from another copy, or start afresh"
+            f"changed after it was written); {advice}"
         )
 
 
@@ -183,7 +193,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"no checkpoint {path} to resume from")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
-    _check_crc(path)
+    check_crc(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
@@ -255,8 +265,10 @@ def load_snapshot(path: str | Path) -> dict[str, Any]:
         ``{"format", "kind", "step", "model"}``.
 
     Raises:
-        ValueError: Not a readable snapshot of this format.
+        ValueError: Not a readable snapshot of this format, or changed after it was
+            written (its CRC-32s: used as it was before 2026-12-08).
     """
+    check_crc(Path(path), "delete it to leave that step out, or rerun the training run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types

@@ -17,7 +17,7 @@ long comparison can be committed and the comparison continued on a fresh clone.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,20 @@ from twolevel_kfac.experiments.epoch_table import epoch_table
 from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.provenance import FILE as PROVENANCE_FILE
 from twolevel_kfac.experiments.provenance import describe_runs
-from twolevel_kfac.experiments.reference_curves import read_reference
+from twolevel_kfac.experiments.reference_curves import ReferenceCurve, read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
 from twolevel_kfac.experiments.run_state import RESULT_FILE, outcome, read_finished, run_limits
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
+from twolevel_kfac.experiments.shown_runs import ShownRuns, shown_runs
 
 __all__ = [
     "ComparisonResult",
     "check_same_experiment",
-    "comparison_runs",
     "describe",
     "run_comparison",
     "run_one",
     "select",
+    "write_comparison_report",
 ]
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", RESULT_FILE, PROVENANCE_FILE)
@@ -233,47 +234,55 @@ def run_comparison(
     # written once a run was taken under it (a refused one leaves the folder's as it was)
     dump = config.model_dump(mode="json")
     (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
-    runs = comparison_runs(config, out, seed_list, ran)
-    results = {label: list(by_seed.values()) for label, by_seed in runs.items()}
-    title = config.report.title or config.problem.name
-    seeds_seen = sorted({s for label in results for s in _seeds(out / label)} | set(seed_list))
-    notes = describe(config, list(results), seeds_seen)
-    outcome.results = results
-    outcome.report = write_report(
-        results,
-        out,
-        title,
-        notes,
-        config.report.target_loss,
-        references=references,
-        provenance=describe_runs(out),
-        epochs_table=epoch_table(results, references, config.report.epochs),
-        clock=config.problem.clock,
-    )
-    outcome.table = markdown_table(results, config.report.target_loss, config.problem.clock)
+    shown = shown_runs(config, out, seed_list, ran)
+    outcome.results = shown.results
+    outcome.report, outcome.table = write_comparison_report(config, out, shown, references)
     return outcome
 
 
-def comparison_runs(
+def write_comparison_report(
     config: ExperimentConfig,
     out: Path,
-    seeds: Sequence[int] = (),
-    ran: Collection[tuple[str, int]] = (),
-) -> dict[str, dict[int, Records]]:
-    """The runs of ``out`` the report of ``config`` shows, by method (in config order) and
-    seed: those of this call (``ran``: ``(method, seed)``) as they stand, and the finished
-    ones already there under this config (a method of another config, or a run under
-    another learning rate, is left out: ``tlkfac report`` showed them beside, silently)."""
-    results: dict[str, dict[int, Records]] = {}
-    for label in config.methods:
-        runs = {
-            s: records
-            for s in sorted(_seeds(out / label) | set(seeds))
-            if (records := _report_records(config, label, s, out, (label, s) in ran))
-        }
-        if runs:
-            results[label] = runs
-    return results
+    shown: ShownRuns,
+    references: Sequence[ReferenceCurve] = (),
+    *,
+    title: str | None = None,
+    target_loss: float | None = None,
+) -> tuple[Path, str]:
+    """Write ``out``'s report of the runs ``shown`` (``tlkfac compare`` and ``tlkfac
+    report`` alike): title, notes (set-up, hyper-parameters, unfinished runs) and
+    provenance of those runs alone (before 2026-12-08 the notes' seeds and the provenance
+    came from every run folder, runs left out of the table too).
+
+    Args:
+        config: The comparison's config.
+        out: The comparison directory.
+        shown: Its runs to report (:func:`.shown_runs.shown_runs`).
+        references: Curves drawn beside the runs.
+        title: Overrides ``report.title`` (else the problem's name).
+        target_loss: Overrides ``report.target_loss``.
+
+    Returns:
+        The report's path and its markdown table.
+    """
+    results = shown.results
+    labels = [label for label in config.methods if label in results]
+    notes = describe(config, labels, shown.seeds or config.problem.seeds)
+    if shown.note():
+        notes += "\n\n" + shown.note()
+    target = target_loss if target_loss is not None else config.report.target_loss
+    path = write_report(
+        results,
+        out,
+        title or config.report.title or config.problem.name,
+        notes,
+        target,
+        references=list(references),
+        provenance=describe_runs(out, shown.run_dirs(out)),
+        epochs_table=epoch_table(results, list(references), config.report.epochs),
+        clock=config.problem.clock,
+    )
+    return path, markdown_table(results, target, config.problem.clock)
 
 
 def check_same_experiment(config: ExperimentConfig, out: Path, fresh: bool) -> None:
@@ -296,33 +305,6 @@ def check_same_experiment(config: ExperimentConfig, out: Path, fresh: bool) -> N
             f"{'differs' if len(differ) == 1 else 'differ'} from its compare.yaml): choose "
             "another --out, or pass --fresh to write over it"
         )
-
-
-def _seeds(method_dir: Path) -> set[int]:
-    """The seeds of a method's run folders (``seed<k>``)."""
-    return {int(p.name[4:]) for p in method_dir.glob("seed*") if p.name[4:].isdigit()}
-
-
-def _report_records(
-    config: ExperimentConfig, label: str, seed: int, out: Path, ran: bool
-) -> Records | None:
-    """The metrics of ``(label, seed)`` for the report: a run of this call as it stands, a
-    run of an earlier call only when finished under this config (its ``result.json``)."""
-    run_dir = out / label / f"seed{seed}"
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    records = read_metrics(metrics)
-    if ran:
-        return records
-    run_config = config.for_run(label, seed)
-    try:
-        kept = read_finished(
-            run_dir, run_config.fingerprint(), records, run_limits(run_config.problem)
-        )
-    except ValueError:  # another config's, or cut short: not this comparison's
-        return None
-    return None if kept is None else records
 
 
 def _run_line(result: RunResult) -> str:

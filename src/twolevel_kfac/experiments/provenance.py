@@ -127,8 +127,12 @@ def describe(entries: Iterable[Mapping[str, Any]], runs_without: int = 0) -> str
     return text
 
 
-def describe_runs(root: str | Path) -> str:
-    """:func:`describe` of every run of a comparison directory (``<method>/seed<k>/``)."""
-    run_dirs = sorted(p.parent for p in Path(root).glob("*/seed*/metrics.jsonl"))
+def describe_runs(root: str | Path, runs: Iterable[Path] | None = None) -> str:
+    """:func:`describe` of the runs ``runs`` of a comparison directory (default: every
+    ``<method>/seed<k>/`` with a ``metrics.jsonl``)."""
+    if runs is None:
+        run_dirs = sorted(p.parent for p in Path(root).glob("*/seed*/metrics.jsonl"))
+    else:
+        run_dirs = sorted(runs)
     entries = [entry for run in run_dirs for entry in read(run)]
     return describe(entries, runs_without=sum(1 for run in run_dirs if not read(run)))

@@ -1,13 +1,15 @@
-"""Re-render a comparison's report from its finished runs: ``tlkfac report DIR``.
+"""Re-render a comparison's report from its runs: ``tlkfac report DIR``.
 
-With ``DIR/compare.yaml`` (a ``tlkfac compare`` directory): the runs of its methods that
-finished under it (runs of other methods or of another config, left from earlier
-comparisons into ``DIR``, are left out and named: before 2026-12-07 they were tabulated
-beside them; so are unfinished ones, which ``tlkfac compare`` reports as they stand for
-the runs of its own call), in its method order, with its title, notes, target loss and
-reference curves. Without it: every ``DIR/<method>/seed<k>/metrics.jsonl``.
-Rewrites ``DIR/report.md``, the PNGs and ``DIR/summary.json``, with the runs' provenance
-(``provenance.jsonl``) and any ``--reference [LABEL=]FILE`` curve drawn beside them.
+With ``DIR/compare.yaml`` (a ``tlkfac compare`` directory): the runs ``tlkfac compare``
+would show (:mod:`~twolevel_kfac.experiments.shown_runs`): those finished under it, and
+unfinished ones of its config as they stand, named in the notes (before 2026-12-08 they
+were left out, and the command failed when no run had finished). Runs of other methods or
+of another config, left from earlier comparisons into ``DIR``, are left out and named
+(before 2026-12-07 they were tabulated beside them). In the config's method order, with
+its title, notes, target loss and reference curves. Without it: every
+``DIR/<method>/seed<k>/metrics.jsonl``. Rewrites ``DIR/report.md``, the PNGs and
+``DIR/summary.json``, with the shown runs' provenance (``provenance.jsonl``) and any
+``--reference [LABEL=]FILE`` curve drawn beside them.
 """
 
 from __future__ import annotations
@@ -51,59 +53,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
-    from twolevel_kfac.experiments.comparison import comparison_runs, describe
+    from twolevel_kfac.experiments.comparison import write_comparison_report
     from twolevel_kfac.experiments.config import load_config
     from twolevel_kfac.experiments.epoch_table import epoch_table
     from twolevel_kfac.experiments.metrics import load_runs
     from twolevel_kfac.experiments.provenance import describe_runs
     from twolevel_kfac.experiments.reference_curves import parse_reference, read_reference
-    from twolevel_kfac.experiments.report import Results, markdown_table, write_report
+    from twolevel_kfac.experiments.report import markdown_table, write_report
+    from twolevel_kfac.experiments.shown_runs import shown_runs
 
     root = Path(args.dir)
     if not root.is_dir():
         raise FileNotFoundError(f"comparison directory {root} does not exist")
-    config = load_config(root / "compare.yaml") if (root / "compare.yaml").is_file() else None
-    results: Results
-    if config is None:
-        results = load_runs(root)
-    else:
-        runs = comparison_runs(config, root)
-        results = {label: list(by_seed.values()) for label, by_seed in runs.items()}
-        shown = {f"{label}/seed{seed}" for label, by_seed in runs.items() for seed in by_seed}
-        found = sorted(f"{p.parent.name}/{p.name}" for p in root.glob("*/seed*") if p.is_dir())
-        if left := [run for run in found if run not in shown]:
-            print(f"left out (not finished under {root / 'compare.yaml'}): {', '.join(left)}")
-        if not results:
-            raise FileNotFoundError(
-                f"no run under {root} finished under its compare.yaml (runs made before "
-                "result.json existed, or not finished: `tlkfac compare CONFIG --out DIR` "
-                "re-reads or finishes them and writes the report)"
-            )
-    title, notes, target = args.title or root.name, "", args.target_loss
-    clock = config.problem.clock if config is not None else "wall"
-    if config is not None:
-        title = args.title or config.report.title or config.problem.name
-        seeds = sorted({int(p.name[4:]) for p in root.glob("*/seed*") if p.name[4:].isdigit()})
-        labels = [m for m in config.methods if m in results]
-        notes = describe(config, labels, seeds or config.problem.seeds)
-        target = target if target is not None else config.report.target_loss
     references = [parse_reference(spec) for spec in args.reference]
-    epochs: list[int] = []
-    if config is not None:
-        configured = config.report.references.items()
-        references = [read_reference(path, label) for label, path in configured] + references
-        epochs = config.report.epochs
-    path = write_report(
-        results,
-        root,
-        title,
-        notes,
-        target,
-        references,
-        provenance=describe_runs(root),
-        epochs_table=epoch_table(results, references, epochs),
-        clock=clock,
-    )
-    print(markdown_table(results, target, clock))
+    if not (root / "compare.yaml").is_file():
+        results = load_runs(root)
+        target = args.target_loss
+        path = write_report(
+            results,
+            root,
+            args.title or root.name,
+            "",
+            target,
+            references,
+            provenance=describe_runs(root),
+            epochs_table=epoch_table(results, references, []),
+        )
+        table = markdown_table(results, target)
+    else:
+        config = load_config(root / "compare.yaml")
+        shown = shown_runs(config, root)
+        if shown.left_out:
+            print(f"left out (not runs of {root / 'compare.yaml'}): {', '.join(shown.left_out)}")
+        if shown.unfinished:
+            print(f"unfinished, shown as they stand: {', '.join(shown.unfinished)}")
+        if not shown.by_method:
+            raise FileNotFoundError(
+                f"no run under {root} is a run of its compare.yaml (`tlkfac compare CONFIG "
+                "--out DIR` trains them and writes the report)"
+            )
+        configured = [
+            read_reference(path, label) for label, path in config.report.references.items()
+        ]
+        path, table = write_comparison_report(
+            config,
+            root,
+            shown,
+            configured + references,
+            title=args.title,
+            target_loss=args.target_loss,
+        )
+    print(table)
     print(f"report: {path}")
     return 0
