@@ -186,9 +186,10 @@ class TokenClassifier(nn.Module):
 
 @pytest.mark.parametrize("sharing", ["expand", "reduce"])
 def test_an_embeddings_padding_tokens_are_left_out(float64: None, sharing: str) -> None:
-    """``weight_sharing="reduce"`` sums an embedding's one-hot tokens (its block's ``δ``
-    side): the padding's tokens were summed too, 1.0 off a step of 1.2 between padding to
-    5 and to 8 positions."""
+    """The padding's tokens were counted in an embedding's factors under
+    ``weight_sharing="reduce"``: 1.0 off a step of 1.2 between padding to 5 and to 8
+    positions (the tokens, its block's ``δ`` side, were summed then; averaged over the
+    real positions since 2026-12-08: ``test_reduce_view.py``)."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 9, (N, max(LENGTHS)), generator=gen)
     steps = []

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from oracles import capture_layer_stats
-from twolevel_kfac.curvature.blocks import LayerStats, reduce_locations
+from twolevel_kfac.curvature.blocks import LayerStats
+from twolevel_kfac.curvature.reduce_view import reduce_locations
 from twolevel_kfac.distributed import layer_specs, make_communicator, reduce_statistics
 
 N, T, D, H, C = 6, 5, 4, 3, 2
@@ -122,7 +123,7 @@ def test_the_distributed_reduction_takes_the_same_view(float64: None) -> None:
     try:
         comm = make_communicator()
         assert comm.distributed or comm.world_size == 1
-        reduced = reduce_statistics(comm, stats, specs, reduce_locations)
+        reduced = reduce_statistics(comm, stats, specs, lambda _, s: reduce_locations(s))
     finally:
         dist.destroy_process_group()
     A, G, locations = reduced.factors["shared"]

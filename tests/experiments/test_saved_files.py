@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from file_damage import flip_tensor_byte
 
+from file_damage import flip_tensor_byte
 from twolevel_kfac.analysis.stages import Stages
 from twolevel_kfac.experiments.checkpoint import check_crc, load_snapshot, save_checkpoint
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .kronecker import KroneckerFactors
 from .layer_types import LayerType, layer_type
-from .live_positions import kept_locations, live_rows, position_mean
+from .live_positions import kept_locations, live_rows
 
 
 @dataclass
@@ -370,21 +370,6 @@ def kronecker_factors_at(stats: LayerStats) -> tuple[Tensor, Tensor, int | float
     a, g, locations = live_rows(stats)
     rows = max(int(a.shape[0]), 1)  # none (T = 0): zeros, which the fold does not take
     return scaled_gram(a, 1.0 / rows), scaled_gram(g, 1.0 / rows), locations
-
-
-def reduce_locations(stats: LayerStats) -> LayerStats:
-    """KFAC-reduce's view of weight sharing (Eschenhagen et al. 2023): one row per sample,
-    ``ā_n = (1/T) Σ_t ā_nt`` and ``δ_n = Σ_t δ_nt``, so ``A = E_n[ā_n ā_nᵀ]``,
-    ``G = E_n[δ_n δ_nᵀ]``, no division by ``T``, and for ``T = 1`` the statistics themselves
-    (over the positions that reach the loss, an embedding's tokens too: :mod:`.live_positions`).
-    Only the factors are built from it: the exact Fisher products (coarse level, EKFAC)
-    keep every location."""
-    if isinstance(stats, BlockStats):
-        return stats.reduced()
-    if stats.num_locations == 1:
-        return stats
-    g = stats.g if stats.dead is None else stats.g.masked_fill(stats.dead.unsqueeze(-1), 0)
-    return LayerStats(position_mean(stats), g.sum(dim=1, keepdim=True))
 
 
 def kronecker_factors_as(

@@ -52,7 +52,6 @@ __all__ = [
     "live_rows",
     "loop_calls",
     "output_positions",
-    "position_mean",
     "position_wise",
     "watch_positions",
 ]
@@ -254,15 +253,3 @@ def kept_locations(stats: LayerStats) -> int | float:
     if stats.dead is None or stats.num_samples == 0:
         return stats.num_locations
     return live_count(stats) / stats.num_samples
-
-
-def position_mean(stats: LayerStats) -> Tensor:
-    """``ā_n = (1/T_n) Σ_t ā_nt`` (``[N, 1, d_in']``, ``weight_sharing="reduce"``) over the
-    ``T_n`` positions of sample ``n`` that are not dead (all ``T`` for a sample whose every
-    position is)."""
-    if stats.dead is None:
-        return stats.a.mean(dim=1, keepdim=True)
-    keep = ~stats.dead.unsqueeze(-1)  # [N, T, 1]
-    keep = keep | ~keep.any(dim=1, keepdim=True)
-    weights = keep.to(stats.a.dtype)
-    return (stats.a * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)

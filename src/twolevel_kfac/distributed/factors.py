@@ -82,14 +82,14 @@ def reduce_statistics(
     comm: Communicator,
     stats: Mapping[str, LayerStats],
     specs: Mapping[str, LayerSpec],
-    factor_view: Callable[[LayerStats], LayerStats] | None = None,
+    factor_view: Callable[[str, LayerStats], LayerStats] | None = None,
     samples: int = 0,
     batch: int = 0,
     checksum: int = 0,
 ) -> ReducedStatistics:
     """Kronecker factors of the union of every rank's statistics (step 2 of the module doc),
-    formed from ``factor_view`` of them (``weight_sharing="reduce"``); every rank calls it
-    with the same ``specs`` (missing local statistics count as zero samples).
+    formed from ``factor_view(name, stats)`` of them (``weight_sharing="reduce"``); every
+    rank calls it with the same ``specs`` (missing local statistics count as zero samples).
 
     Each layer's ``T`` is the rows its factors average over per sample, whatever each
     rank's own ``T`` (sequences padded to other lengths, dead positions left out).
@@ -195,7 +195,7 @@ def step_totals(
 def _local_sums(
     stats: Mapping[str, LayerStats],
     specs: Mapping[str, LayerSpec],
-    factor_view: Callable[[LayerStats], LayerStats] | None,
+    factor_view: Callable[[str, LayerStats], LayerStats] | None,
     samples: int = 0,
     batch: int = 0,
 ) -> tuple[list[Tensor], Tensor]:
@@ -214,7 +214,7 @@ def _local_sums(
         if spec.own is not None:  # the block's factors times their count
             own = [torch.zeros(shape, dtype=spec.dtype, device=device) for shape in spec.shapes[2:]]
             if s is not None:
-                f = factor_view(s) if factor_view is not None else s
+                f = factor_view(name, s) if factor_view is not None else s
                 count = f.factor_count()  # type: ignore[attr-defined]
                 own = [t.to(spec.dtype) * count for t in kronecker_factors(f)]
                 counts[3 * i], counts[3 * i + 1], counts[3 * i + 2] = s.num_samples, count, count
@@ -225,7 +225,7 @@ def _local_sums(
             for dim in (spec.dim_a, spec.dim_g):
                 sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
             continue
-        f = factor_view(s) if factor_view is not None else s
+        f = factor_view(name, s) if factor_view is not None else s
         a, g, _ = live_rows(f)
         a, g = a.to(spec.dtype), g.to(spec.dtype)
         sums += [pack_symmetric(a.T @ a), pack_symmetric(g.T @ g)]

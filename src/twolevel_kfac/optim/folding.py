@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ..curvature.blocks import LayerStats, kronecker_factors_as, reduce_locations
+from ..curvature.blocks import LayerStats, kronecker_factors_as
 from ..curvature.captured_batch import CapturedBatch
 from ..curvature.live_positions import position_wise
+from ..curvature.reduce_view import mixed_blocks, reduce_view
 from ..distributed import gradient_checksum, layer_specs, reduce_statistics, step_totals
 from ..finite import all_finite
 from ..warning_level import caller_level
@@ -37,6 +38,24 @@ __all__ = ["fold_statistics", "keeps_statistics"]
 
 # the preconditioners that have warned of a changed number of locations
 _WARNED_LOCATIONS: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
+# those that have warned of a tied table keeping the expand view under weight_sharing="reduce"
+_WARNED_MIXED: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
+
+
+def _reduce_view(pre: KFACPreconditioner) -> Callable[[str, LayerStats], LayerStats]:
+    """:func:`.reduce_view` of ``pre``'s blocks; a table tied to a ``Linear`` head keeps
+    the expand view, warned of once per preconditioner."""
+    mixed = mixed_blocks(pre.uses)
+    if mixed and pre not in _WARNED_MIXED:
+        _WARNED_MIXED.add(pre)
+        warnings.warn(
+            f"weight_sharing='reduce': {', '.join(map(repr, mixed))} is an embedding table "
+            "tied to a Linear head, whose calls hold their inputs on opposite sides of the "
+            "block: it keeps the expand view (every position a sample, direction ÷ T)",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
+    return reduce_view(pre.uses)
 
 
 def keeps_statistics(pre: KFACPreconditioner) -> bool:
@@ -72,7 +91,7 @@ def fold_statistics(
         result has this rank's statistics of every layer some rank saw (empty where this
         one saw none); ``pre.sample_counts`` holds the global sample counts.
     """
-    view = reduce_locations if pre.options.weight_sharing == "reduce" else None
+    view = _reduce_view(pre) if pre.options.weight_sharing == "reduce" else None
     new: Iterable[tuple[str, LayerStats, tuple[Tensor, Tensor, float]]]
     kept: dict[str, LayerStats] = {}
     if pre.comm.distributed:
@@ -88,7 +107,7 @@ def fold_statistics(
         new = ((n, kept[n], f) for n, f in reduced.factors.items())
     else:
         new = (
-            (n, s, kronecker_factors_as(view(s) if view else s, pre.factor_dtype(n)))
+            (n, s, kronecker_factors_as(view(n, s) if view else s, pre.factor_dtype(n)))
             for n, s in layers
         )
     skipped: list[str] = []
