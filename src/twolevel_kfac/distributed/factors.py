@@ -116,11 +116,14 @@ def reduce_statistics(
         )
     if comm.world_size * totals[-1] != totals[-2] ** 2:
         warnings.warn(
-            "ranks have different local batch sizes: the curvature is weighted by the "
-            "sample counts (exact), but DDP's gradient is the unweighted mean of the ranks' "
-            "mean gradients, not the global mean gradient. Weight each rank's gradient by "
-            "its share of the batch (a DDP comm hook, as tlkfac run installs: README, "
-            "Distributed), after which this warning can be ignored",
+            "ranks have different local batch sizes: the curvature counts every sample "
+            "once. With each rank's loss its own mean, DDP's gradient is the unweighted "
+            "mean of the ranks' mean gradients, not the global mean gradient: weight each "
+            "rank's gradient by its share of the batch (a DDP comm hook, as tlkfac run "
+            "installs: README, Distributed), after which this warning can be ignored. "
+            "Weighting the loss instead (a sum / the global batch × world size) gives the "
+            "global mean gradient but scales each rank's empirical Fisher rows by its "
+            "weight (B_r·W/B), so the curvature is off: use the comm hook",
             stacklevel=caller_level(),
         )
     result = ReducedStatistics({}, {}, {})
