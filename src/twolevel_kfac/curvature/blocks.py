@@ -24,6 +24,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from .gram import position_gram, scaled_gram
 from .kronecker import KroneckerFactors
 from .layer_types import LayerType, layer_type
 from .live_positions import kept_locations, live_rows
@@ -367,6 +368,10 @@ def kronecker_factors_at(stats: LayerStats) -> tuple[Tensor, Tensor, int | float
     for (``M/N`` when positions are left out: :func:`~.live_positions.live_rows`)."""
     if isinstance(stats, BlockStats):
         return (*stats.block_factors(), kept_locations(stats))
+    if stats.dead is None:  # every row
+        rows = max(stats.num_samples * stats.num_locations, 1)
+        a_mat, g_mat = (position_gram(x, 1.0 / rows) for x in (stats.a, stats.g))
+        return a_mat, g_mat, stats.num_locations
     a, g, locations = live_rows(stats)
     rows = max(int(a.shape[0]), 1)  # none (T = 0): zeros, which the fold does not take
     return scaled_gram(a, 1.0 / rows), scaled_gram(g, 1.0 / rows), locations
@@ -377,9 +382,3 @@ def kronecker_factors_as(
 ) -> tuple[Tensor, Tensor, int | float]:
     """:func:`kronecker_factors_at` computed in ``dtype``."""
     return kronecker_factors_at(replace(stats, a=stats.a.to(dtype), g=stats.g.to(dtype)))
-
-
-def scaled_gram(rows: Tensor, scale: float) -> Tensor:
-    """``scale · XᵀX`` as one GEMM (``scale`` is its α): dividing the product afterwards
-    would write a second full-size matrix."""
-    return torch.addmm(rows.new_zeros(()), rows.T, rows, beta=0.0, alpha=scale)
