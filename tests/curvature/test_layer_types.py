@@ -4,6 +4,7 @@ registered type is preconditioned, and a user's own module type can be registere
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -354,6 +355,48 @@ def test_constant_or_windowed_indices_of_other_rows_than_the_batch_pass() -> Non
     buckets = torch.arange(6)[None, :] - torch.arange(6)[:, None] + 5
     with pytest.raises(RuntimeError, match="not one row per sample"):
         check_unbatched_embedding("rel", table, buckets.clamp(0, 8), 2)
+
+
+class RelativeBias(nn.Module):
+    """T5's relative-position bias: a table looked up once with ``[T, T]`` buckets and
+    broadcast over the batch's attention scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias, self.head = nn.Embedding(9, 1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        buckets = (torch.arange(length)[None, :] - torch.arange(length)[:, None] + 4).clamp(0, 8)
+        scores = x @ x.transpose(1, 2) + self.bias(buckets)[..., 0]  # [B, T, T]
+        return self.head((scores.softmax(-1) @ x).mean(1))
+
+
+@pytest.mark.parametrize("batch", [4, 5])
+def test_buckets_shared_by_a_batch_of_as_many_samples_are_warned_of(batch: int) -> None:
+    """T5 at a batch size equal to its sequence lengths passed without a word, its
+    relative-position tables 2.3–6.8 off in a trial (other sizes are refused). The
+    indices might be a batch's (left padding's position ids): warned of, once; the
+    message no longer says a table left out of ``params`` takes the fallback step (it
+    takes none)."""
+    torch.manual_seed(0)
+    model, x, y = RelativeBias(), torch.randn(batch, 4, 4), torch.randint(0, 3, (batch,))
+    opt = tk.KFAC(model, fisher="empirical")
+    if batch != 4:
+        with pytest.raises(RuntimeError, match="not one row per sample") as refused:
+            F.cross_entropy(model(x), y).backward()
+        assert "takes no step from this optimizer" in str(refused.value)
+        return
+    with pytest.warns(RuntimeWarning, match=r"look shared by the whole batch .* as many rows"):
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()  # (once per layer)
+    table = nn.Embedding(9, 2)
+    with pytest.warns(RuntimeWarning, match="look shared"):
+        check_unbatched_embedding("pos", table, torch.arange(6), 6)  # pos(arange(T)), T = B
 
 
 def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
