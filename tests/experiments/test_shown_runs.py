@@ -81,3 +81,31 @@ def test_a_folder_with_no_run_of_its_config_is_refused(
     assert main(["report", str(out)]) == 2
     assert "no run under" in capsys.readouterr().err
     assert not (out / "report.md").exists()
+
+
+def test_a_first_comparison_killed_hard_reports_its_unfinished_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``compare`` wrote ``compare.yaml`` after its runs alone: a first comparison killed
+    hard (SIGKILL, a scheduler's limit; here the second run dies after 3 steps) left
+    none, and ``tlkfac report`` averaged the cut run with the finished ones, unflagged
+    (a review: seed 1 at epoch 23 of 40 in the mean). It is written first now."""
+    from twolevel_kfac.experiments import comparison
+
+    out = tmp_path / "cmp"
+    real = comparison.run_one
+
+    def killed(config: object, label: str, seed: int, *args: object, **kwargs: object) -> object:
+        if seed == 1:
+            real(config, label, seed, *args, **{**kwargs, "max_steps": 3})  # type: ignore[arg-type]
+            raise RuntimeError("killed")
+        return real(config, label, seed, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(comparison, "run_one", killed)
+    argv = ["compare", _config(tmp_path), "--out", str(out), "--quiet", "--methods", "sgd"]
+    assert main([*argv, "--seeds", "0,1"]) == 2  # (the error printed, no report)
+    assert (out / "compare.yaml").is_file() and not (out / "report.md").exists()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "unfinished, shown as they stand: sgd/seed1 (step 3)" in capsys.readouterr().out
+    assert "Unfinished, shown as they stand" in (out / "report.md").read_text()

@@ -206,6 +206,8 @@ def run_comparison(
     out = Path(out_dir)
     check_same_experiment(config, out, fresh)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "compare.yaml").exists():  # (a first comparison killed hard: its runs
+        _write_config(config, out)  # are reported as this config's, unfinished ones named)
     data = load_data(config.problem, data_dir)
     outcome = ComparisonResult({}, None, "")
     pairs = [(m, s) for m in labels for s in seed_list if s in config.method_seeds(m)]
@@ -232,12 +234,20 @@ def run_comparison(
             break
     # every method of the config (a later `--methods` subset adds runs to the same report),
     # written once a run was taken under it (a refused one leaves the folder's as it was)
-    dump = config.model_dump(mode="json")
-    (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
+    _write_config(config, out)
     shown = shown_runs(config, out, seed_list, ran)
     outcome.results = shown.results
     outcome.report, outcome.table = write_comparison_report(config, out, shown, references)
     return outcome
+
+
+def _write_config(config: ExperimentConfig, out: Path) -> None:
+    """``out/compare.yaml``: the config whose runs the folder's report shows. Written
+    before the first run of a folder too (since 2026-12-08: a first comparison killed
+    hard, SIGKILL or a scheduler's limit, left none, and ``tlkfac report`` then averaged
+    its unfinished runs with the finished ones without a word)."""
+    dump = config.model_dump(mode="json")
+    (out / "compare.yaml").write_text(yaml.safe_dump(dump, sort_keys=False), encoding="utf-8")
 
 
 def write_comparison_report(
