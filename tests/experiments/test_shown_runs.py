@@ -57,6 +57,7 @@ def test_unfinished_runs_of_another_config_are_left_out_of_table_notes_and_prove
     compared = (out / "report.md").read_text()
     assert "seeds [0]." in compared and "Unfinished" not in compared
     assert "Provenance (1 starts and resumes)" in compared
+    assert "Left out (runs in this folder of another method or config): sgd/seed1." in compared
     shown = shown_runs(load_config(out / "compare.yaml"), out)
     assert shown.left_out == ["sgd/seed1"] and shown.unfinished == []
     assert list(shown.by_method) == ["sgd"] and list(shown.by_method["sgd"]) == [0]

@@ -57,13 +57,19 @@ class ShownRuns:
         ]
 
     def note(self) -> str:
-        """A markdown line naming the unfinished runs ("" when every run finished)."""
-        if not self.unfinished:
-            return ""
-        return (
-            "Unfinished, shown as they stand (their last record; `tlkfac compare` continues "
-            f"them): {', '.join(self.unfinished)}."
-        )
+        """Markdown naming the unfinished runs and those left out ("" when neither)."""
+        lines = []
+        if self.unfinished:
+            lines.append(
+                "Unfinished, shown as they stand (their last record; `tlkfac compare` "
+                f"continues them): {', '.join(self.unfinished)}."
+            )
+        if self.left_out:
+            lines.append(
+                "Left out (runs in this folder of another method or config): "
+                f"{', '.join(self.left_out)}."
+            )
+        return "\n\n".join(lines)
 
 
 def seed_folders(method_dir: Path) -> set[int]:
