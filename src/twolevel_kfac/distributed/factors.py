@@ -19,6 +19,7 @@ from ..curvature.blocks import (
     layer_stats,
     own_statistics,
 )
+from ..curvature.gram import position_gram
 from ..curvature.live_positions import kept_locations, live_rows
 from ..warning_level import caller_level
 from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
@@ -229,11 +230,16 @@ def _local_sums(
                 sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
             continue
         f = factor_view(name, s) if factor_view is not None else s
-        a, g, _ = live_rows(f)
-        a, g = a.to(spec.dtype), g.to(spec.dtype)
-        sums += [pack_symmetric(a.T @ a), pack_symmetric(g.T @ g)]
+        if f.dead is None:  # every row: a convolution's read in im2col's order (gram.py)
+            grams = [position_gram(x.to(spec.dtype), 1.0) for x in (f.a, f.g)]
+            live = f.a.shape[0] * f.a.shape[1]
+        else:
+            a, g, _ = live_rows(f)
+            a, g = a.to(spec.dtype), g.to(spec.dtype)
+            grams, live = [a.T @ a, g.T @ g], a.shape[0]
+        sums += [pack_symmetric(m) for m in grams]
         counts[3 * i], counts[3 * i + 1] = s.num_samples, f.a.shape[0] * f.a.shape[1]
-        counts[3 * i + 2] = a.shape[0]
+        counts[3 * i + 2] = live
         local_n = max(local_n, s.num_samples)
     rows = batch or samples or local_n  # (a layer's gathered rows may outnumber the samples)
     counts[-2], counts[-1] = rows, rows * rows
