@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,12 @@ def test_the_report_shows_unfinished_runs_as_compare_does(
     assert "unfinished, shown as they stand: kfac/seed0 (step 3), sgd/seed0 (step 3)" in printed
     assert "left out" not in printed
     assert (out / "report.md").read_text() == compared
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == {"unfinished": {"kfac/seed0": 3, "sgd/seed0": 3}, "left_out": []}
     assert main([*argv, "--methods", "kfac,sgd"]) == 0  # finished: no longer named
     finished = (out / "report.md").read_text()
     assert note not in finished and "| kfac | 1 |" in finished and "| sgd | 1 |" in finished
+    assert json.loads((out / "summary.json").read_text())["runs"]["unfinished"] == {}
 
 
 def test_unfinished_runs_of_another_config_are_left_out_of_table_notes_and_provenance(
@@ -59,7 +63,7 @@ def test_unfinished_runs_of_another_config_are_left_out_of_table_notes_and_prove
     assert "Provenance (1 starts and resumes)" in compared
     assert "Left out (runs in this folder of another method or config): sgd/seed1." in compared
     shown = shown_runs(load_config(out / "compare.yaml"), out)
-    assert shown.left_out == ["sgd/seed1"] and shown.unfinished == []
+    assert shown.left_out == ["sgd/seed1"] and shown.unfinished == {}
     assert list(shown.by_method) == ["sgd"] and list(shown.by_method["sgd"]) == [0]
     capsys.readouterr()
     assert main(["report", str(out)]) == 0

@@ -291,6 +291,7 @@ def write_comparison_report(
         provenance=describe_runs(out, shown.run_dirs(out)),
         epochs_table=epoch_table(results, list(references), config.report.epochs),
         clock=config.problem.clock,
+        runs=shown.status(),
     )
     return path, markdown_table(results, target, config.problem.clock)
 

@@ -341,6 +341,7 @@ def write_report(
     provenance: str = "",
     epochs_table: str = "",
     clock: str = "wall",
+    runs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md`` (table, notes, plots), the PNGs and ``summary.json``.
 
@@ -354,6 +355,8 @@ def write_report(
         provenance: The runs' provenance paragraph (:func:`.provenance.describe`).
         epochs_table: The train loss at chosen epochs (:func:`.epoch_table.epoch_table`).
         clock: Which time the table and the time plot read (``CLOCKS``).
+        runs: What ``summary.json`` records of the runs besides the table (a
+            comparison's unfinished and left-out runs: :meth:`.ShownRuns.status`).
 
     Returns:
         Path of ``report.md``.
@@ -385,6 +388,7 @@ def write_report(
         "target_loss": target_loss or default_target(results),
         "clock": clock,
         "rows": summarize(results, target_loss, clock),
+        **({"runs": dict(runs)} if runs is not None else {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return path

@@ -35,7 +35,7 @@ class ShownRuns:
     """The runs a comparison's report shows (by method in config order, then seed)."""
 
     by_method: dict[str, dict[int, Records]] = field(default_factory=dict)
-    unfinished: list[str] = field(default_factory=list)  # "<method>/seed<k> (step N)"
+    unfinished: dict[str, int] = field(default_factory=dict)  # "<method>/seed<k>" → step
     left_out: list[str] = field(default_factory=list)  # "<method>/seed<k>" not shown
 
     @property
@@ -56,13 +56,22 @@ class ShownRuns:
             for seed in by_seed
         ]
 
+    def unfinished_text(self) -> str:
+        """The unfinished runs as ``<method>/seed<k> (step N)``, comma-separated."""
+        return ", ".join(f"{run} (step {step})" for run, step in self.unfinished.items())
+
+    def status(self) -> dict[str, object]:
+        """What ``summary.json`` records of the runs beside the table: the unfinished
+        ones with their last step, and those left out."""
+        return {"unfinished": dict(self.unfinished), "left_out": list(self.left_out)}
+
     def note(self) -> str:
         """Markdown naming the unfinished runs and those left out ("" when neither)."""
         lines = []
         if self.unfinished:
             lines.append(
                 "Unfinished, shown as they stand (their last record; `tlkfac compare` "
-                f"continues them): {', '.join(self.unfinished)}."
+                f"continues them): {self.unfinished_text()}."
             )
         if self.left_out:
             lines.append(
@@ -106,9 +115,7 @@ def shown_runs(
             shown.by_method.setdefault(label, {})[seed] = records
             if not finished:
                 step = records[-1].get("step") if records else None
-                shown.unfinished.append(
-                    f"{label}/seed{seed} (step {step if step is not None else 0})"
-                )
+                shown.unfinished[f"{label}/seed{seed}"] = int(step) if step is not None else 0
     found = sorted(f"{p.parent.name}/{p.name}" for p in out.glob("*/seed*") if p.is_dir())
     kept = {f"{label}/seed{seed}" for label, by_seed in shown.by_method.items() for seed in by_seed}
     shown.left_out = [run for run in found if run not in kept]

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if shown.left_out:
             print(f"left out (not runs of {root / 'compare.yaml'}): {', '.join(shown.left_out)}")
         if shown.unfinished:
-            print(f"unfinished, shown as they stand: {', '.join(shown.unfinished)}")
+            print(f"unfinished, shown as they stand: {shown.unfinished_text()}")
         if not shown.by_method:
             raise FileNotFoundError(
                 f"no run under {root} is a run of its compare.yaml (`tlkfac compare CONFIG "
