@@ -57,7 +57,7 @@ from .likelihoods import (
     sampled_output,
 )
 from .live_positions import watch_positions
-from .loss_mask import check_mask_likelihood, counted_mask, watch_loss_gradient
+from .loss_mask import check_mask_likelihood, counted_mask, drawable, watch_loss_gradient
 from .loss_scale import SummedLoss
 from .padding_mask import check_padding_matched, padding_rows, real_positions
 from .registration_check import check_registration
@@ -273,8 +273,8 @@ class CurvatureCapture:
         if not forward.outputs:
             return
         output = sampled_output(output)  # the tensor, or a dict's (ModelOutput's) "logits"
-        if not output.requires_grad or not bool(torch.isfinite(output.detach()).all()):
-            return  # a non-finite output gives no statistics this step
+        if not output.requires_grad or not drawable(output.detach(), self.likelihood):
+            return  # a NaN/Inf output (not -inf logits) gives no statistics this step
         samples, class_dim = self._per_sample(output, forward)
         loss = self._sampled_loss(samples, forward, class_dim)
         keys = [(name, i) for name, outs in forward.outputs.items() for i in range(len(outs))]

@@ -34,12 +34,24 @@ __all__ = [
     "check_loss_mask",
     "counted_mask",
     "counted_positions",
+    "drawable",
     "mask_disagreement",
     "off_simplex_share",
     "warn_ignored_features",
     "warn_loss_gradient",
     "watch_loss_gradient",
 ]
+
+
+def drawable(output: Tensor, likelihood: str) -> bool:
+    """Whether ``fisher="mc"`` can draw targets from ``output``: finite, or categorical
+    logits masked with ``-inf`` (invalid actions, masked classes: probability 0, never
+    drawn; no NaN, no ``+inf``). Before 2026-12-08 any ``-inf`` skipped the step's
+    statistics: the step took the previous batch's factors without a word, or, at the
+    first capture, failed with a message about ``torch.no_grad``."""
+    if likelihood != "categorical":
+        return bool(torch.isfinite(output).all())
+    return not bool((torch.isnan(output) | torch.isposinf(output)).any())
 
 
 def check_mask_likelihood(mask: Tensor | None, fisher: str, likelihood: str) -> None:
