@@ -403,3 +403,25 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     opt = tk.KFAC(model, fisher="empirical")
     F.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+def test_a_time_step_of_shape_nothing_is_refused_with_the_expand_fix() -> None:
+    """A diffusion time step drawn as a 0-d tensor gives its time MLP a ``[E]`` input: the
+    refusal said ``x[None]`` for one sample; it names ``t.expand(B)`` for a value shared
+    by the batch too (a generative-model trial)."""
+
+    class Denoiser(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.time, self.net = nn.Linear(4, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            freqs = torch.arange(1, 3, dtype=x.dtype)
+            embedded = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)])  # [4]
+            return self.net(x) + self.time(embedded)
+
+    model = Denoiser()
+    opt = tk.KFAC(model, fisher="empirical")
+    with pytest.raises(RuntimeError, match=r"one unbatched sample .* t\.expand\(B\)"):
+        model(torch.randn(5, 3), torch.tensor(0.3)).pow(2).mean().backward()
+        opt.step()

@@ -243,7 +243,9 @@ def check_unbatched_sample(name: str, module: nn.Module, inputs: Tensor) -> None
             f"layer {name!r} ({type(module).__name__}) was called on one unbatched sample "
             f"of shape {tuple(inputs.shape)} in a forward the optimizer captures: KFAC takes "
             "the first dimension of a layer input as the batch. Call the model on a batch "
-            "(x[None] for one sample), or run such forwards under torch.no_grad() or eval()"
+            "(x[None] for one sample; a value shared by the batch, such as a diffusion time "
+            "step t of shape [], expanded to it: t.expand(B)), or run such forwards under "
+            "torch.no_grad() or eval()"
         )
 
 
