@@ -8,6 +8,7 @@ hooks copied onto the new one), and a batch that is not the first tensor argumen
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "warn_eval_forwards",
     "warn_forwards",
     "warn_held",
+    "warn_sample_major",
 ]
 
 
@@ -46,6 +48,35 @@ def warn_forwards(forwards: int, accumulation_steps: int, warned: set[str]) -> N
         "batch size × accumulation_steps, so a loss averaged over k forwards (two views "
         "of a batch, micro-batches, a contrastive or triplet loss over k separate forwards) "
         "needs accumulation_steps=k; a loss summing the forwards' means needs nothing",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
+_SAMPLE_MAJOR: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the layers warned of
+
+
+def warn_sample_major(
+    name: str, module: nn.Module, inputs: Tensor, batch: int, reshaped: bool
+) -> None:
+    """Warn, once per layer, of a ``Linear`` called on ``[K, B, …]`` whose second dimension
+    is the batch (``B > 1``) and first is not: KFAC reads the first dimension as the rows
+    (``K`` gathered rows of ``B`` locations each) where the samples are the second
+    (``torch.distributions`` puts ``rsample((K,))``'s samples first: an IWAE decoder
+    stepped 0.21–0.54 off in a trial, silently, before 2026-12-08). Rows proved ``k`` per
+    sample (``reshaped``) pass, and so does ``K = B`` (it cannot be told)."""
+    if reshaped or batch < 2 or not isinstance(module, nn.Linear) or inputs.dim() < 3:
+        return
+    if inputs.shape[1] != batch or inputs.shape[0] == batch or module in _SAMPLE_MAJOR:
+        return
+    _SAMPLE_MAJOR.add(module)
+    warnings.warn(
+        f"layer {name!r} was called on an input of shape {tuple(inputs.shape)}, whose second "
+        f"dimension is the batch of {batch}: KFAC takes the first dimension as the rows "
+        f"({inputs.shape[0]} gathered rows of {batch} locations each), not {batch} samples "
+        f"of {inputs.shape[0]} locations. If the samples are the second dimension (sample "
+        "dimensions first, as torch.distributions' rsample((K,)) puts them; time-major "
+        "sequences), move the batch first (z.transpose(0, 1)) before the layer",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
