@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -71,3 +72,25 @@ def test_minus_inf_logits_step_as_a_large_negative_fill(masked_steps: set[int]) 
     for got, expected in zip(ours, want, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     assert opt.preconditioner.factors["l2"].num_updates == 4
+
+
+def test_a_row_with_every_action_masked_gives_no_statistics() -> None:
+    """A state with no valid action (every logit ``-inf``) has no distribution to draw
+    from (``torch.multinomial`` would raise inside the forward): that step's statistics
+    are skipped, as any non-finite output's (its loss is NaN; the gradient of its row,
+    through ``masked_fill``, is 0)."""
+    torch.manual_seed(0)
+    model = Policy(float("-inf")).double()
+    opt = tk.KFAC(model, fisher="mc", cov_interval=1, inv_interval=1)
+    s = torch.randn(N, D, dtype=torch.float64)
+    valid = torch.ones(N, C, dtype=torch.bool)
+    losses = []
+    for _ in range(2):  # a step of valid actions first, then one with a state without any
+        opt.zero_grad()
+        loss = -F.log_softmax(model(s, valid), -1)[:, 0].mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        valid[0] = False
+    assert math.isfinite(losses[0]) and math.isnan(losses[1])
+    assert opt.preconditioner.factors["l2"].num_updates == 1

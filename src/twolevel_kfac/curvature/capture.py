@@ -273,7 +273,7 @@ class CurvatureCapture:
         if not forward.outputs:
             return
         output = sampled_output(output)  # the tensor, or a dict's (ModelOutput's) "logits"
-        if not output.requires_grad or not drawable(output.detach(), self.likelihood):
+        if not output.requires_grad or not drawable(output, self.likelihood, self.class_dim):
             return  # a NaN/Inf output (not -inf logits) gives no statistics this step
         samples, class_dim = self._per_sample(output, forward)
         loss = self._sampled_loss(samples, forward, class_dim)

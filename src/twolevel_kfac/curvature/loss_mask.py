@@ -43,15 +43,19 @@ __all__ = [
 ]
 
 
-def drawable(output: Tensor, likelihood: str) -> bool:
+def drawable(output: Tensor, likelihood: str, class_dim: int | None = None) -> bool:
     """Whether ``fisher="mc"`` can draw targets from ``output``: finite, or categorical
     logits masked with ``-inf`` (invalid actions, masked classes: probability 0, never
-    drawn; no NaN, no ``+inf``). Before 2026-12-08 any ``-inf`` skipped the step's
-    statistics: the step took the previous batch's factors without a word, or, at the
-    first capture, failed with a message about ``torch.no_grad``."""
+    drawn), with no NaN, no ``+inf`` and a finite logit in every row (along ``class_dim``,
+    default the last). Before 2026-12-08 any ``-inf`` skipped the step's statistics: the
+    step took the previous batch's factors without a word, or, at the first capture,
+    failed with a message about ``torch.no_grad``."""
+    output = output.detach()
     if likelihood != "categorical":
         return bool(torch.isfinite(output).all())
-    return not bool((torch.isnan(output) | torch.isposinf(output)).any())
+    if bool((torch.isnan(output) | torch.isposinf(output)).any()):
+        return False
+    return bool(torch.isfinite(output).any(dim=-1 if class_dim is None else class_dim).all())
 
 
 def check_mask_likelihood(mask: Tensor | None, fisher: str, likelihood: str) -> None:
