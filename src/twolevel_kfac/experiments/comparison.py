@@ -32,7 +32,7 @@ from twolevel_kfac.experiments.provenance import FILE as PROVENANCE_FILE
 from twolevel_kfac.experiments.provenance import describe_runs
 from twolevel_kfac.experiments.reference_curves import ReferenceCurve, read_reference
 from twolevel_kfac.experiments.report import Records, epoch_records, markdown_table, write_report
-from twolevel_kfac.experiments.run_state import RESULT_FILE, outcome, read_finished, run_limits
+from twolevel_kfac.experiments.run_state import RESULT_FILE, outcome, read_finished
 from twolevel_kfac.experiments.runner import Data, RunResult, load_data, train_run
 from twolevel_kfac.experiments.shown_runs import ShownRuns, shown_runs
 
@@ -107,9 +107,7 @@ def run_one(
         if not fresh and not (run_dir / "checkpoint.pt").exists():
             metrics = run_dir / "metrics.jsonl"
             records = read_metrics(metrics) if metrics.exists() else []
-            kept = read_finished(
-                run_dir, run_config.fingerprint(), records, run_limits(run_config.problem)
-            )
+            kept = read_finished(run_dir, run_config, records)
             if kept is not None:  # finished, its checkpoint not kept (run_state)
                 return kept
         if fresh or not (run_dir / "checkpoint.pt").exists():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from twolevel_kfac.experiments.config import ProblemSpec
+    from twolevel_kfac.experiments.config import ExperimentConfig, ProblemSpec
 
 __all__ = [
     "FINAL_REASONS",
@@ -98,15 +98,15 @@ def write_result(result: RunResult, fingerprint: str, limits: dict[str, Any]) ->
 
 
 def read_finished(
-    run_dir: Path, fingerprint: str, records: list[dict[str, Any]], limits: dict[str, Any]
+    run_dir: Path, config: ExperimentConfig, records: list[dict[str, Any]]
 ) -> RunResult | None:
     """The finished run in ``run_dir`` (``None`` without ``result.json``).
 
     Args:
         run_dir: The run directory.
-        fingerprint: The fingerprint of the config asking for the run.
+        config: The run config asking for the run (``ExperimentConfig.for_run``): its
+            fingerprint and :func:`run_limits`.
         records: Its ``metrics.jsonl`` records.
-        limits: That config's ``epochs``, ``time_budget_s`` and ``clock``.
 
     Returns:
         The run, finished, when ``result.json`` answers that config.
@@ -119,6 +119,7 @@ def read_finished(
     path = run_dir / RESULT_FILE
     if not path.exists():
         return None
+    fingerprint, limits = config.fingerprint(), run_limits(config.problem)
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved_fingerprint, stop_reason, step = (

@@ -25,7 +25,7 @@ from typing import Any
 from twolevel_kfac.experiments.config import ExperimentConfig, load_config
 from twolevel_kfac.experiments.metrics import read_metrics
 from twolevel_kfac.experiments.report import Records
-from twolevel_kfac.experiments.run_state import read_finished, run_limits
+from twolevel_kfac.experiments.run_state import read_finished
 
 __all__ = ["ShownRuns", "seed_folders", "shown_runs"]
 
@@ -108,9 +108,10 @@ def shown_runs(
             if not metrics.exists():
                 continue
             records = read_metrics(metrics)
-            finished = _finished(config, label, seed, run_dir, records)
+            run_config = config.for_run(label, seed)
+            finished = _finished(run_config, run_dir, records)
             ours = finished or (label, seed) in ran
-            if not ours and not (finished is False and _config_of(config, label, seed, run_dir)):
+            if not ours and not (finished is False and _config_of(run_config, run_dir)):
                 continue
             shown.by_method.setdefault(label, {})[seed] = records
             if not finished:
@@ -123,22 +124,19 @@ def shown_runs(
 
 
 def _finished(
-    config: ExperimentConfig, label: str, seed: int, run_dir: Path, records: list[dict[str, Any]]
+    run_config: ExperimentConfig, run_dir: Path, records: list[dict[str, Any]]
 ) -> bool | None:
-    """``True`` when the run finished under ``config`` (its ``result.json``), ``False``
+    """``True`` when the run finished under ``run_config`` (its ``result.json``), ``False``
     when it has no ``result.json``, ``None`` when that file answers another config."""
-    run_config = config.for_run(label, seed)
     try:
-        kept = read_finished(
-            run_dir, run_config.fingerprint(), records, run_limits(run_config.problem)
-        )
+        kept = read_finished(run_dir, run_config, records)
     except ValueError:  # another config's, or cut short
         return None
     return kept is not None
 
 
-def _config_of(config: ExperimentConfig, label: str, seed: int, run_dir: Path) -> bool:
-    """Whether the run's ``config.yaml`` is ``config``'s run config of ``(label, seed)``."""
+def _config_of(run_config: ExperimentConfig, run_dir: Path) -> bool:
+    """Whether the run's ``config.yaml`` is ``run_config``."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return False
@@ -146,4 +144,4 @@ def _config_of(config: ExperimentConfig, label: str, seed: int, run_dir: Path) -
         saved = load_config(path)
     except (OSError, ValueError):  # unreadable or invalid (read_yaml, parse_config)
         return False
-    return saved.fingerprint() == config.for_run(label, seed).fingerprint()
+    return saved.fingerprint() == run_config.fingerprint()
