@@ -24,10 +24,9 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from .gram import position_gram, scaled_gram
 from .kronecker import KroneckerFactors
 from .layer_types import LayerType, layer_type
-from .live_positions import kept_locations, live_rows
+from .live_positions import kept_locations, live_grams
 
 
 @dataclass
@@ -368,13 +367,8 @@ def kronecker_factors_at(stats: LayerStats) -> tuple[Tensor, Tensor, int | float
     for (``M/N`` when positions are left out: :func:`~.live_positions.live_rows`)."""
     if isinstance(stats, BlockStats):
         return (*stats.block_factors(), kept_locations(stats))
-    if stats.dead is None:  # every row
-        rows = max(stats.num_samples * stats.num_locations, 1)
-        a_mat, g_mat = (position_gram(x, 1.0 / rows) for x in (stats.a, stats.g))
-        return a_mat, g_mat, stats.num_locations
-    a, g, locations = live_rows(stats)
-    rows = max(int(a.shape[0]), 1)  # none (T = 0): zeros, which the fold does not take
-    return scaled_gram(a, 1.0 / rows), scaled_gram(g, 1.0 / rows), locations
+    a_mat, g_mat, _, locations = live_grams(stats, mean=True)
+    return a_mat, g_mat, locations
 
 
 def kronecker_factors_as(

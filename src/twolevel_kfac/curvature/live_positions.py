@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .gram import position_gram, scaled_gram
 from .hooks import on_gradient
 from .layer_types import layer_type, linear_features
 from .padding_mask import check_padding_unreached
@@ -49,6 +50,7 @@ __all__ = [
     "dead_positions",
     "kept_locations",
     "live_count",
+    "live_grams",
     "live_rows",
     "loop_calls",
     "output_positions",
@@ -238,6 +240,22 @@ def live_rows(stats: LayerStats) -> tuple[Tensor, Tensor, int | float]:
     if count == samples * locations:
         return a, g, locations
     return a[keep], g[keep], count / samples
+
+
+def live_grams(stats: LayerStats, mean: bool) -> tuple[Tensor, Tensor, int, int | float]:
+    """``(Σ āāᵀ, Σ δδᵀ, M, T)`` over the rows of :func:`live_rows` (their means where
+    ``mean``: the Kronecker factors' batch estimates), each one GEMM. With no dead
+    position every row is read in its memory order (:func:`~.gram.position_gram`: a
+    convolution's im2col order, without the transposing row-major copy)."""
+    if stats.dead is None:
+        rows = stats.num_samples * stats.num_locations
+        scale = 1.0 / max(rows, 1) if mean else 1.0
+        a_mat, g_mat = (position_gram(x, scale) for x in (stats.a, stats.g))
+        return a_mat, g_mat, rows, stats.num_locations
+    a, g, locations = live_rows(stats)
+    rows = int(a.shape[0])  # none (T = 0): zeros, which the fold does not take
+    scale = 1.0 / max(rows, 1) if mean else 1.0
+    return scaled_gram(a, scale), scaled_gram(g, scale), rows, locations
 
 
 def live_count(stats: LayerStats) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +19,7 @@ from ..curvature.blocks import (
     layer_stats,
     own_statistics,
 )
-from ..curvature.gram import position_gram
-from ..curvature.live_positions import kept_locations, live_rows
+from ..curvature.live_positions import kept_locations, live_grams
 from ..warning_level import caller_level
 from .communicator import Communicator, all_reduce_sum, pack_symmetric, unpack_symmetric
 
@@ -206,7 +205,7 @@ def _local_sums(
     """This rank's part of :func:`reduce_statistics`: each layer's factor sums (packed
     ``āᵀā``, ``δᵀδ`` of the rows the factors average over, or a block type's factors times
     their count) and the counts, per layer the samples, the rows ``N·T`` and the rows
-    averaged over (:func:`~..curvature.live_positions.live_rows`), then ``B_r`` (``batch``,
+    averaged over (:func:`~..curvature.live_positions.live_grams`), then ``B_r`` (``batch``,
     default ``samples``, else the most samples any layer has) and ``B_r²`` (unequal
     batches are told)."""
     sums: list[Tensor] = []
@@ -230,14 +229,9 @@ def _local_sums(
                 sums.append(torch.zeros(dim * (dim + 1) // 2, dtype=spec.dtype, device=device))
             continue
         f = factor_view(name, s) if factor_view is not None else s
-        if f.dead is None:  # every row: a convolution's read in im2col's order (gram.py)
-            grams = [position_gram(x.to(spec.dtype), 1.0) for x in (f.a, f.g)]
-            live = f.a.shape[0] * f.a.shape[1]
-        else:
-            a, g, _ = live_rows(f)
-            a, g = a.to(spec.dtype), g.to(spec.dtype)
-            grams, live = [a.T @ a, g.T @ g], a.shape[0]
-        sums += [pack_symmetric(m) for m in grams]
+        cast = replace(f, a=f.a.to(spec.dtype), g=f.g.to(spec.dtype))
+        a_sum, g_sum, live, _ = live_grams(cast, mean=False)
+        sums += [pack_symmetric(a_sum), pack_symmetric(g_sum)]
         counts[3 * i], counts[3 * i + 1] = s.num_samples, f.a.shape[0] * f.a.shape[1]
         counts[3 * i + 2] = live
         local_n = max(local_n, s.num_samples)
