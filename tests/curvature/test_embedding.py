@@ -5,6 +5,7 @@ step equals the damped dense formula ``Δ = −(T · kron(G + λI, A + λI))⁻�
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -21,8 +22,10 @@ from oracles import (
     tselepidis_subblock_matrix,
     twolevel_direction,
 )
+from table_forms import dense_tables
 from test_kfac_exact import CONTRACT as KFAC_CONTRACT
 from twolevel_kfac.curvature import layer_types
+from twolevel_kfac.curvature.kronecker import KroneckerFactors
 
 N, T, V, D, C = 4, 5, 7, 3, 4
 DAMPING = 0.1
@@ -67,13 +70,19 @@ def embedding_statistics(net: TokenNet, tokens: Tensor, y: Tensor) -> tuple[Tens
     return len(tokens) * grad, delta
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["frequencies", "dense"])
 @pytest.mark.parametrize("pad", [None, 2])
-def test_embedding_step_equals_the_dense_formula(float64: None, pad: int | None) -> None:
-    """With ``padding_idx`` the padding row has no gradient and takes no step."""
+def test_embedding_step_equals_the_dense_formula(
+    float64: None, pad: int | None, dense: bool
+) -> None:
+    """With ``padding_idx`` the padding row has no gradient and takes no step. The token
+    factor kept as the vector of frequencies (the default of an untied table) or as the
+    dense ``G`` (:func:`table_forms.dense_tables`)."""
     net = TokenNet(padding_idx=pad)
     tokens, y = tokens_and_targets(pad)
     a, g = embedding_statistics(net, tokens, y)
-    opt = tk.KFAC(net, damping=DAMPING, **EXACT)
+    with dense_tables() if dense else contextlib.nullcontext():
+        opt = tk.KFAC(net, damping=DAMPING, **EXACT)
     assert list(opt.preconditioner.layers) == ["emb", "mix", "head"]
     before = net.emb.weight.detach().clone()
     loss_fn(net(tokens), y).backward()
@@ -88,8 +97,9 @@ def test_embedding_step_equals_the_dense_formula(float64: None, pad: int | None)
     expected = before - torch.linalg.solve(block, grad.reshape(-1)).view_as(grad)
     torch.testing.assert_close(net.emb.weight.detach(), expected, rtol=1e-10, atol=1e-12)
     factors = opt.preconditioner.factors["emb"]
-    torch.testing.assert_close(factors.G, G, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(factors.A, A, rtol=1e-12, atol=1e-15)
+    kept_g = factors.G if dense else torch.diag(factors.frequencies)
+    torch.testing.assert_close(kept_g, G, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(factors.A if dense else factors.a_factor, A, rtol=1e-12, atol=1e-15)
     if pad is not None:
         assert torch.equal(net.emb.weight[pad], before[pad])
 
@@ -106,10 +116,10 @@ PADDED = [
 ]
 
 
-@pytest.mark.parametrize("rows_limit", [4096, 4], ids=["dense", "diagonal"])
+@pytest.mark.parametrize("form", ["dense", "frequencies", "large"])
 @pytest.mark.parametrize(("space", "combination"), PADDED)
 def test_two_level_leaves_the_padding_row_and_equals_the_reduced_formula(
-    float64: None, space: str, combination: str, rows_limit: int
+    float64: None, space: str, combination: str, form: str
 ) -> None:
     """The padding row of an untied table never gets a gradient: it is outside the
     parameter space, and the coarse vectors leave it out. One step equals the dense
@@ -145,12 +155,14 @@ def test_two_level_leaves_the_padding_row_and_equals_the_reduced_formula(
         return torch.cat(parts).detach().clone()
 
     saved = layer_types.EMBEDDING_MAX_ROWS
-    layer_types.EMBEDDING_MAX_ROWS = rows_limit
+    layer_types.EMBEDDING_MAX_ROWS = 4 if form == "large" else saved  # (the table: V rows)
     try:
         before = flat()
-        opt = tk.TwoLevelKFAC(
-            net, damping=DAMPING, coarse_space=space, combination=combination, **EXACT
-        )
+        with dense_tables() if form == "dense" else contextlib.nullcontext():
+            opt = tk.TwoLevelKFAC(
+                net, damping=DAMPING, coarse_space=space, combination=combination, **EXACT
+            )
+        assert isinstance(opt.preconditioner.factors["emb"], KroneckerFactors) == (form == "dense")
         loss_fn(net(tokens), y).backward()
         opt.step()
     finally:

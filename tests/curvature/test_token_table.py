@@ -1,9 +1,11 @@
-"""Embedding tables over ``EMBEDDING_MAX_ROWS`` rows (:mod:`twolevel_kfac.curvature.tokens`):
-the same block as the dense path of ``test_embedding`` (proven against the dense formula
-there), with the token-frequency factor kept as its diagonal and the statistics as token
-ids. The threshold is lowered here so that one table takes either path: every fine level
-and coarse space steps as the dense path (EKFAC in the table's eigenbasis ``I ⊗ Q_A``;
-KPSVD and KFAC-corrected keep KFAC's inverse on such a table)."""
+"""Embedding tables whose token-frequency factor is a vector
+(:mod:`twolevel_kfac.curvature.tokens`): untied tables of any size, and every table over
+``EMBEDDING_MAX_ROWS`` rows. The same block as the dense path of ``test_embedding`` (proven
+against the dense formula there), with the factor kept as its diagonal and the statistics
+as token ids: one table takes either path here (:func:`table_forms.dense_tables`, or the
+threshold lowered), and every fine level and coarse space steps as the dense path (EKFAC in
+the table's eigenbasis ``I ⊗ Q_A``; KPSVD and KFAC-corrected keep KFAC's inverse on a large
+table and the dense block on a small one)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from oracles import assert_resume_is_bit_identical
+from table_forms import dense_tables
 from twolevel_kfac.curvature import layer_types
 from twolevel_kfac.curvature.tokens import TokenFactors, TokenStats
 
@@ -93,22 +96,34 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize(("optimizer", "kwargs"), SETTINGS)
-def test_a_large_table_steps_as_the_dense_path(
-    float64: None, optimizer: type, kwargs: dict
-) -> None:
-    dense, dense_factors = trained(optimizer, **kwargs)
-    saved = layer_types.EMBEDDING_MAX_ROWS
-    layer_types.EMBEDDING_MAX_ROWS = 8
-    try:
-        diagonal, factors = trained(optimizer, **kwargs)
-    finally:
-        layer_types.EMBEDDING_MAX_ROWS = saved
+def test_a_table_steps_as_the_dense_path(float64: None, optimizer: type, kwargs: dict) -> None:
+    """Untied, a small table keeps the vector (the library's default); forced dense, the
+    same table steps alike."""
+    with dense_tables():
+        dense, dense_factors = trained(optimizer, **kwargs)
+    diagonal, factors = trained(optimizer, **kwargs)
     assert isinstance(factors, TokenFactors) and not isinstance(dense_factors, TokenFactors)
     start = torch.cat([p.detach().reshape(-1) for p in TokenNet().parameters()])
     error = float((diagonal - dense).norm() / (dense - start).norm())
     assert error < 1e-10, f"{error:.2e}"
     assert factors.frequencies is not None and factors.frequencies.shape == (V,)
     torch.testing.assert_close(torch.diag(factors.frequencies), dense_factors.G)
+
+
+@pytest.mark.parametrize("optimizer", [tk.KFAC, tk.TwoLevelKFAC])
+def test_a_large_table_steps_as_a_small_one(float64: None, optimizer: type) -> None:
+    """Over ``EMBEDDING_MAX_ROWS`` rows the table takes the vector path whatever the
+    optimizer chose for small ones (here: the dense, as KPSVD's would)."""
+    small, _ = trained(optimizer)
+    saved = layer_types.EMBEDDING_MAX_ROWS
+    layer_types.EMBEDDING_MAX_ROWS = 8
+    try:
+        with dense_tables():
+            large, factors = trained(optimizer)
+    finally:
+        layer_types.EMBEDDING_MAX_ROWS = saved
+    assert isinstance(factors, TokenFactors)
+    torch.testing.assert_close(large, small, rtol=1e-12, atol=1e-14)
 
 
 def test_statistics_against_their_definitions(float64: None, small_threshold: None) -> None:

@@ -1,7 +1,8 @@
 """twolevel_kfac.curvature: what a layer's curvature block is (``docs/architecture.md``).
 
 Importing the package registers the built-in layer types: ``Linear`` and ``Embedding``
-(:mod:`.layer_types`; tables over 4096 rows: :mod:`.tokens`), the convolutions
+(:mod:`.layer_types`; tables keeping their token frequencies as a vector: :mod:`.tokens`,
+:mod:`.token_form`), the convolutions
 (:mod:`.convolutions`), the norm layers (:mod:`.scale_shift`).
 """
 

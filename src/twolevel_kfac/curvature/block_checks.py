@@ -25,6 +25,7 @@ from .blocks import (
     zero_gradient,
 )
 from .kronecker import KroneckerFactors
+from .token_form import keeps_frequencies
 
 __all__ = [
     "BlockMemory",
@@ -91,7 +92,16 @@ def block_signature(module: nn.Module) -> tuple[object, ...] | None:
     if weight is None:
         return None
     trains = None if bias is None else bias.requires_grad
-    return (id(weight), weight.requires_grad, weight.shape, weight.dtype, id(bias), trains)
+    frequencies = keeps_frequencies(module)  # (a later optimizer may choose the other form)
+    return (
+        id(weight),
+        weight.requires_grad,
+        weight.shape,
+        weight.dtype,
+        id(bias),
+        trains,
+        frequencies,
+    )
 
 
 def check_blocks(
@@ -139,6 +149,7 @@ def check_blocks(
                 "block): build a new optimizer after changing which parameters train"
             )
         check_bias_only(name, module)
+        _check_table_form(name, module, factors[name])
         if got is None and type(factors[name]) is KroneckerFactors:  # (frozen when built)
             factors[name].bordered = has_bias(module)  # as new_factors would build it now
         now = factor_shapes(module)
@@ -152,6 +163,30 @@ def check_blocks(
             )
         if key is not None and checked is not None:
             checked.seen[name] = key
+
+
+def _check_table_form(name: str, module: nn.Module, factors: object) -> None:
+    """Refuse an embedding table whose token factor has another form now than the one its
+    curvature was built in (:mod:`.token_form`: an optimizer built on the model since chose
+    for it).
+
+    Raises:
+        ValueError: naming the layer, both forms and the fix.
+    """
+    if not isinstance(module, nn.Embedding):
+        return
+    dense = isinstance(factors, KroneckerFactors)
+    if dense != keeps_frequencies(module):
+        return
+    forms = ("a dense V × V matrix", "the vector of token frequencies")
+    raise ValueError(
+        f"layer {name!r} (an embedding table of {module.num_embeddings} rows): this "
+        f"optimizer keeps its token factor as {forms[not dense]}, and an optimizer built on "
+        f"the model since keeps it as {forms[dense]} (KPSVD, KFAC-corrected, "
+        "weight_sharing='reduce' and a table tied to a module of another type keep the "
+        "dense one): step the model with one of them at a time, and build this one again "
+        "to use it"
+    )
 
 
 def _check_same(name: str, module: nn.Module, built: tuple[int, int] | None) -> None:

@@ -18,8 +18,9 @@ transposed: ``E[x] = Eᵀ e_x``, ``∇E = Σ_t e_{x_t} δ_tᵀ``. Its rows index
 the diagonal of the token frequencies, ``A = E_{n,t}[δδᵀ]`` (the Kronecker factors of the
 embedding, rows and columns swapped), and a ``Linear`` head tied to the table has the same
 orientation (its calls are more locations of the same block). The frequencies are kept as
-a dense ``V × V`` matrix up to :data:`EMBEDDING_MAX_ROWS` rows, as its diagonal above
-(:mod:`.tokens`).
+their vector (:mod:`.tokens`) above :data:`EMBEDDING_MAX_ROWS` rows and for the smaller
+untied tables of most optimizers, else as a dense ``V × V`` matrix here
+(:mod:`.token_form`).
 """
 
 from __future__ import annotations
@@ -229,8 +230,9 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
 
 
 EMBEDDING_MAX_ROWS = 4096
-"""The largest ``num_embeddings`` whose block keeps its frequency factor as a dense
-``V × V`` matrix (64 MiB in float32 at this size); larger tables keep its diagonal
+"""The largest ``num_embeddings`` whose block may keep its frequency factor as a dense
+``V × V`` matrix (64 MiB in float32 at this size: tied to a ``Linear`` head, or under
+options that read the dense block, :mod:`.token_form`); larger tables keep its diagonal
 (:mod:`.tokens`)."""
 
 

@@ -14,6 +14,18 @@ from ..warning_level import caller_level
 
 __all__ = ["check_unbatched_embedding"]
 
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the tables warned of
+_FIX = (
+    "Call it with the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position "
+    "table (Hugging Face models that take position_ids: model(..., position_ids="
+    "torch.arange(T).expand(B, T))), or leave the table out of this optimizer's params and "
+    "give it a torch optimizer of its own (T5's relative_attention_bias: a parameter left "
+    "out of params takes no step from this optimizer; before 2026-12-08 this message said "
+    "it took the fallback step). A soft prompt looked up once for the batch (peft's prompt "
+    "tuning) likewise, or write it as an nn.Embedding called on "
+    "torch.arange(P).expand(B, P)"
+)
+
 
 def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batch: int) -> None:
     """Refuse an embedding table called on positions shared by the whole batch (nanoGPT's
@@ -67,16 +79,3 @@ def check_unbatched_embedding(name: str, module: nn.Module, inputs: Tensor, batc
             "gradients summed over the samples, and one call per sample (a loop in forward) "
             f"is not a batch either; KFAC needs one call with a row per sample. {_FIX}"
         )
-
-
-_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the tables warned of
-_FIX = (
-    "Call it with the batch first: e.g. pos(torch.arange(T).expand(B, T)) for a position "
-    "table (Hugging Face models that take position_ids: model(..., position_ids="
-    "torch.arange(T).expand(B, T))), or leave the table out of this optimizer's params and "
-    "give it a torch optimizer of its own (T5's relative_attention_bias: a parameter left "
-    "out of params takes no step from this optimizer; before 2026-12-08 this message said "
-    "it took the fallback step). A soft prompt looked up once for the batch (peft's prompt "
-    "tuning) likewise, or write it as an nn.Embedding called on "
-    "torch.arange(P).expand(B, P)"
-)

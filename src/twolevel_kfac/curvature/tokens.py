@@ -1,5 +1,7 @@
-"""Embedding tables with more than :data:`~.layer_types.EMBEDDING_MAX_ROWS` rows: the
-Kronecker block of :mod:`.layer_types` with its token-frequency factor kept as a vector.
+"""Embedding tables whose token-frequency factor is kept as a vector: the Kronecker block
+of :mod:`.layer_types` for tables of more than :data:`~.layer_types.EMBEDDING_MAX_ROWS`
+rows, and for smaller ones that nothing else computes with, wherever the optimizer's
+options allow (:func:`~.token_form.choose_token_factors`).
 
 A table ``E`` (``[V, D]``) is a ``Linear`` on one-hot tokens (:mod:`.layer_types`): sample
 ``n``'s gradient is ``∇E = Σ_t e_{x_t} δ_tᵀ`` and its block is ``G ⊗ A`` in the table's
@@ -20,9 +22,17 @@ The statistics (:class:`TokenStats`) keep the token ids as a float column (float
 captured, whatever the model's dtype; a float32 factor dtype holds them up to 2²⁴ rows) and
 the output gradients ``δ``; the coarse level's products with per-sample gradients
 gather and scatter rows by token instead of forming ``[N, V, D]``. Limits: a table tied to
-a ``Linear`` head has a dense ``V × V`` factor from the head's logits (it takes the
-fallback step, :mod:`.discovery`), and ``weight_sharing="reduce"`` keeps the expand view
-for these tables (reduce's per-sample token counts have a dense ``G``).
+a ``Linear`` head has a dense ``V × V`` factor from the head's logits (above
+``EMBEDDING_MAX_ROWS`` rows it takes the fallback step, :mod:`.discovery`), and
+``weight_sharing="reduce"`` keeps the expand view for the large tables (reduce's
+per-sample token counts have a dense ``G``).
+
+Small tables (up to ``EMBEDDING_MAX_ROWS`` rows) keep the dense one-hot block where the
+diagonal one would change the step: tied to a module of another type, under
+``weight_sharing="reduce"``, and for fine levels that read the dense block (Kronecker-SVD,
+KFAC-corrected). Untied elsewhere (before 2026-12-09 every small table was dense), the two
+are the same block: a ``V = 4096`` table's steady step took 2.13× an SGD step, its refresh
+2.1 s and its state 74 MiB dense, 1.17×, 205 ms and 9.7 MiB as a vector.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import layer_types
 from .blocks import BlockStats, layer_weight
 from .extreme_eigen import frozen_eigenpairs
 from .factor_inverse import converted_decomposition, damped_inverse, decompose_factor, eigen_inverse
@@ -48,8 +57,9 @@ from .layer_types import (
 )
 from .live_positions import live_count
 from .running_average import ema_weight, running_average, shares_memory
+from .token_form import keeps_frequencies
 
-__all__ = ["TokenFactors", "TokenStats", "table_spectral_vector"]
+__all__ = ["TokenFactors", "TokenStats", "frozen_diagonal", "table_spectral_vector"]
 
 
 def table_spectral_vector(
@@ -86,12 +96,21 @@ class TokenFactors(InverseOnMatrices):
         self._key: tuple[float, str, str, float] | None = None  # (λ, mode, method, T)
         self._prepared: tuple[Tensor, ...] = ()
 
-    def update(self, new_a: Tensor, new_f: Tensor, ema_decay: float, num_locations: float) -> None:
-        """``X ← ρ X + (1 − ρ) X_new`` for ``A`` and ``f`` (:mod:`.running_average`)."""
+    def update(
+        self,
+        new_a: Tensor,
+        new_f: Tensor,
+        ema_decay: float,
+        num_locations: float,
+        replacing: bool = False,
+    ) -> None:
+        """``X ← ρ X + (1 − ρ) X_new`` for ``A`` and ``f`` (:mod:`.running_average`; in
+        place over the frozen ones where ``replacing``, as
+        :meth:`~.kronecker.KroneckerFactors.update`)."""
         self.num_updates += 1
         self.num_locations = num_locations
         rho = ema_weight(self.num_updates, ema_decay)
-        frozen = self.frozen_frequencies, *(self.a_decomposition or ())
+        frozen = () if replacing else (self.frozen_frequencies, *(self.a_decomposition or ()))
         a, f = self.a_factor, self.frequencies
         self.a_factor = running_average(a, new_a, rho, not shares_memory(a, *frozen))
         self.frequencies = running_average(f, new_f, rho, not shares_memory(f, *frozen))
@@ -195,7 +214,10 @@ class TokenFactors(InverseOnMatrices):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict`, or the dense block's of an untied table (a small
+        table's, saved before 2026-12-09): ``f`` the diagonal of its ``G``."""
+        if "G" in state and "frequencies" not in state:
+            state = _from_dense(state)
         missing = [key for key in self.state_dict() if key not in state]
         if missing:
             raise KeyError(f"embedding table block state is missing {missing}")
@@ -207,6 +229,35 @@ class TokenFactors(InverseOnMatrices):
         self.frozen_frequencies = state["frozen_frequencies"]
         self.decomp_pi = float(state["decomp_pi"])
         self._key = None
+
+
+def frozen_diagonal(decomposition: tuple[Tensor, Tensor]) -> Tensor:
+    """The diagonal of a frozen ``G`` from its decomposition (``f`` of a table's ``G =
+    diag(f)``): the matrix itself under Cholesky (an empty second entry), else ``Σ_k
+    λ_k q_k²`` of its eigenpairs."""
+    values, vectors = decomposition
+    return values.diagonal() if vectors.numel() == 0 else (vectors**2) @ values
+
+
+def _from_dense(state: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`TokenFactors` state from a dense ``(A, G)`` block's
+    (:class:`~.kronecker.KroneckerFactors`) of a table whose ``G`` is diagonal.
+
+    Raises:
+        KeyError: its ``G`` is not diagonal.
+    """
+    dense_g, decomp_g = state["G"], state["decomp_g"]
+    if dense_g is not None and bool((dense_g - torch.diag(dense_g.diagonal())).any()):
+        raise KeyError("the saved token factor G is not diagonal (a table tied to a head)")
+    return {
+        "a_factor": state["A"],
+        "frequencies": None if dense_g is None else dense_g.diagonal().clone(),
+        "num_updates": state["num_updates"],
+        "num_locations": state["num_locations"],
+        "a_decomposition": state["decomp_a"],
+        "frozen_frequencies": None if decomp_g is None else frozen_diagonal(decomp_g),
+        "decomp_pi": state["decomp_pi"],
+    }
 
 
 @dataclass
@@ -235,8 +286,8 @@ class TokenStats(BlockStats):
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
-        """Tables with more than ``EMBEDDING_MAX_ROWS`` rows (smaller ones: dense ``G``)."""
-        return int(getattr(module, "num_embeddings", 0)) > layer_types.EMBEDDING_MAX_ROWS
+        """Tables that keep ``f`` (:func:`keeps_frequencies`; the others: dense ``G``)."""
+        return keeps_frequencies(module)
 
     @classmethod
     def shapes(cls, module: nn.Module) -> tuple[tuple[int, ...], ...]:
@@ -336,7 +387,7 @@ def _check_ids(dtype: torch.dtype, rows: int) -> None:
 def _features(module: nn.Module, tokens: Tensor) -> Tensor:
     """Token ids as a float column ``[N, T, 1]`` for a large table, else one-hot rows."""
     assert isinstance(module, nn.Embedding)
-    if module.num_embeddings <= layer_types.EMBEDDING_MAX_ROWS:
+    if not keeps_frequencies(module):
         return one_hot_rows(module, tokens)
     return tokens.reshape(tokens.shape[0], tokens.shape[1:].numel(), 1).to(torch.float64)
 

@@ -37,11 +37,11 @@ import torch
 from torch import Tensor
 
 from ..curvature.blocks import LayerStats
-from ..curvature.kronecker import KroneckerFactors
 from ..twolevel.coarse_matrix import projected_coarse_matrix
 from ..twolevel.fisher_products import shared_size
 from ..twolevel.layer_basis import CoarseBasis, sample_dots_layer
 from .coarse_basis import refresh_layer_basis
+from .fine import FOLD_DECOMPOSED
 
 if TYPE_CHECKING:
     from .coarse import CoarseLevel
@@ -80,7 +80,7 @@ class AbsorbedBatch:
 def absorbs_statistics(level: CoarseLevel) -> bool:
     """Whether ``level`` takes this step's Fisher products as the statistics are folded
     (module docstring): the Nicolaides basis, or the spectral one where this step
-    decomposes at the fold and every block is Kronecker-factored
+    decomposes at the fold and every block is Kronecker-factored (a table's too)
     (of :class:`~.coarse.CoarseLevel` itself, not a subclass's); the additive combination
     with a coarse term, no diagnostics, KFAC's own fine level, no exact Fisher products
     kept for adaptive damping, one process."""
@@ -108,7 +108,7 @@ def _basis_known_at_fold(level: CoarseLevel) -> bool:
     return (
         space == "spectral"
         and host.fine.decomposes_at_fold()
-        and all(type(f) is KroneckerFactors for f in host.factors.values())
+        and all(type(f) in FOLD_DECOMPOSED for f in host.factors.values())
     )
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..curvature.blocks import block_parameters, has_bias, layer_shape
 from ..curvature.extreme_eigen import frozen_eigenpairs
 from ..curvature.kronecker import KroneckerFactors
-from ..curvature.tokens import table_spectral_vector
+from ..curvature.tokens import frozen_diagonal, table_spectral_vector
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
     build_basis,
@@ -69,10 +69,7 @@ def _layer_spectral_vector(level: CoarseLevel, name: str) -> Tensor | OuterVecto
     assert decomp_a is not None and decomp_g is not None
     vals_a, vecs_a = frozen_eigenpairs(decomp_a, which)
     if name in host.token_tables:  # G = diag(f): its eigenvectors are e_v
-        values_g, vectors_g = decomp_g
-        cholesky = vectors_g.numel() == 0  # the frozen G itself
-        frequencies = values_g.diagonal() if cholesky else (vectors_g**2) @ values_g
-        return table_spectral_vector(frequencies, vals_a, vecs_a, which)
+        return table_spectral_vector(frozen_diagonal(decomp_g), vals_a, vecs_a, which)
     vals_g, vecs_g = frozen_eigenpairs(decomp_g, which)
     q_g, q_a = kronecker_spectral_pair(vecs_a, vals_a, vecs_g, vals_g, which)
     return OuterVectors(q_g.unsqueeze(0), q_a.unsqueeze(0))

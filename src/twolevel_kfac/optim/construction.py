@@ -5,7 +5,8 @@ presets (``EKFACPreconditioner``, ``KPSVDPreconditioner``, …, ``TwoLevelPrecon
 resolve them here, once: the fine level by name (:func:`fine_type_of`), the keyword
 arguments the class takes (:func:`accepted_arguments`: the :class:`.options.CurvatureOptions`
 fields, the fine level's own, a coarse level's), and the options with their
-``inverse_method`` resolved (:func:`resolve_options`). The optimizers (``KFAC``,
+``inverse_method`` resolved (:func:`resolve_options`); and the form of the small embedding
+tables' token factors (:func:`choose_table_forms`). The optimizers (``KFAC``,
 ``TwoLevelKFAC``, …) check their keywords against the same sets.
 """
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from ..curvature.factor_inverse import HALF_DTYPES
+from ..curvature.token_form import choose_token_factors
 from .fine import FineLevel
 from .options import CURVATURE_ARGUMENTS, CoarseOptions, CurvatureOptions, resolve_inverse_method
 
@@ -95,3 +99,13 @@ def resolve_options(
         half_factors=options.factor_dtype in HALF_DTYPES,
     )
     return replace(options, inverse_method=method), fine_type, fine_arguments
+
+
+def choose_table_forms(model: nn.Module, options: CurvatureOptions, fine: type[FineLevel]) -> None:
+    """Give the small embedding tables of ``model`` the diagonal token factor where the
+    options read nothing but ``G`` of their blocks (the expand view, a fine level with
+    :attr:`~.fine.FineLevel.diagonal_tables`), else the dense one
+    (:func:`~twolevel_kfac.curvature.token_form.choose_token_factors`: tables tied to a
+    module of another type keep it too)."""
+    diagonal = options.weight_sharing == "expand" and fine.diagonal_tables
+    choose_token_factors(dict(model.named_modules()), diagonal)

@@ -212,7 +212,7 @@ class QuadraticModel:
             if bias is not None:
                 mat = torch.cat([mat, by_id.get(id(bias), torch.zeros_like(bias))[:, None]], 1)
             stats.append(pre.retained_stats[name])
-            matrices.append(mat.to(stats[-1].a.dtype))
+            matrices.append(mat.to(stats[-1].g.dtype))
         if not stats:  # no layer of the kept batch trains now: no Fisher term
             return torch.zeros(max([1, *(s.num_samples for s in pre.retained_stats.values())]))
         return sample_coefficients(stats, matrices)

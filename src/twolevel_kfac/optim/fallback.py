@@ -258,6 +258,8 @@ def _kind(module: nn.Module) -> str:
         return " (bias alone)"
     if own_statistics(module) is None:
         return ""
+    if hasattr(module, "num_embeddings"):  # (before 2026-12-09 described as unit-wise)
+        return " (G diagonal: the token frequencies kept as a vector)"
     groups = getattr(module, "groups", None)
     return f" ({groups} groups: a block each)" if groups else " (unit-wise)"
 

@@ -31,13 +31,17 @@ from torch import Tensor
 from ..curvature.blocks import LayerStats
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts, apply_on_parts
+from ..curvature.tokens import TokenFactors
 from ..distributed import share_decompositions
 
 if TYPE_CHECKING:
     from ..distributed import Communicator
     from .options import CurvatureOptions
 
-__all__ = ["FineContext", "FineLevel", "OuterApplied"]
+__all__ = ["FOLD_DECOMPOSED", "FineContext", "FineLevel", "OuterApplied"]
+
+FOLD_DECOMPOSED = (KroneckerFactors, TokenFactors)
+"""The factor types :meth:`FineLevel.refresh_layer` decomposes at their fold."""
 
 OuterApplied = Tensor | tuple[Tensor, Tensor]
 """``M_i⁻¹(u vᵀ)``: the matrix, or for a Kronecker inverse ``(G⁻¹u, A⁻¹v)``, the pair of
@@ -81,6 +85,9 @@ class FineLevel:
     needs_eigenbasis: ClassVar[bool] = False
     """Whether it works in the factors' eigenbasis (``inverse_method="auto"`` then picks
     ``eigen``)."""
+    diagonal_tables: ClassVar[bool] = True
+    """Whether an untied embedding table's block may keep its token factor as the vector of
+    frequencies (:mod:`~twolevel_kfac.curvature.token_form`): where it only inverts ``G``."""
     state_entry: ClassVar[str | None] = None
     """The top-level entry of the preconditioner's state that :meth:`state_dict` adds and
     :meth:`load_state_dict` needs (KFAC adds none)."""
@@ -111,7 +118,7 @@ class FineLevel:
             Whether the update was stored (``False``: it was not finite and was dropped).
         """
         factors, decay = self.host.factors[name], self.host.options.ema_decay
-        if type(factors) is KroneckerFactors and self.decomposes_at_fold():
+        if type(factors) in FOLD_DECOMPOSED and self.decomposes_at_fold():
             factors.update(new_a, new_g, decay, locations, replacing=True)
             self.refresh_layer(name)  # replaces the frozen factors the update wrote over
         else:
@@ -119,10 +126,10 @@ class FineLevel:
         return True
 
     def decomposes_at_fold(self) -> bool:
-        """Whether this step decomposes each Kronecker layer's factors as soon as its fold
-        has updated them (:meth:`refresh_layer`) instead of all at the refresh: KFAC's own
-        fine level in one process, at a step that refreshes (``steps % inv_interval ==
-        0``). The same decompositions; a layer's old frozen factors and their damped
+        """Whether this step decomposes each layer's factors (:data:`FOLD_DECOMPOSED`) as
+        soon as its fold has updated them (:meth:`refresh_layer`), not all at the refresh:
+        KFAC's own fine level in one process, at a step that refreshes (``steps %
+        inv_interval == 0``). The same decompositions; a layer's old frozen factors and their damped
         inverses are then dropped at once, not held beside every other layer's new
         factors until the fold ends (the peak of a refresh step)."""
         host = self.host
@@ -131,27 +138,24 @@ class FineLevel:
         )
 
     def refresh_layer(self, name: str) -> None:
-        """Decompose layer ``name``'s (ready, Kronecker) factors now, as this step's
-        :meth:`refresh` would; it leaves them alone then (nothing is done twice while the
-        factors stay the tensors decomposed, unwritten)."""
+        """Decompose layer ``name``'s (ready, :data:`FOLD_DECOMPOSED`) factors now, as this
+        step's :meth:`refresh` would; it leaves them alone then (nothing is done twice while
+        the factors stay the tensors decomposed, unwritten)."""
         factors = self.host.factors[name]
         if self._decomposed_at_fold(name, factors):
             return
         factors.decompose(self.host.options.inverse_method)
-        assert factors.A is not None and factors.G is not None
-        self._at_fold[name] = (factors.A, factors.A._version, factors.G, factors.G._version)
+        a, g = _fold_tensors(factors)
+        self._at_fold[name] = (a, a._version, g, g._version)
 
     def _decomposed_at_fold(self, name: str, factors: KroneckerFactors) -> bool:
         """Whether :meth:`refresh_layer` decomposed these very factors (same tensors and
         versions: a later fold, or a loaded state, replaces or writes them)."""
         held = self._at_fold.get(name)
-        return (
-            held is not None
-            and held[0] is factors.A
-            and held[1] == held[0]._version
-            and held[2] is factors.G
-            and held[3] == held[2]._version
-        )
+        if held is None:
+            return False
+        a, g = _fold_tensors(factors)
+        return held[0] is a and held[1] == a._version and held[2] is g and held[3] == g._version
 
     def refresh(self, damping: float) -> None:
         """Decompose every layer's running factors (shared across the ranks as configured),
@@ -236,3 +240,15 @@ class FineLevel:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s entries from the preconditioner's state."""
+
+
+def _fold_tensors(factors: KroneckerFactors | TokenFactors) -> tuple[Tensor, Tensor]:
+    """The running tensors a layer's decomposition is made of: ``A`` and ``G``, a table's
+    ``A`` and ``f`` (:mod:`~twolevel_kfac.curvature.tokens`)."""
+    a, g = (
+        (factors.a_factor, factors.frequencies)
+        if isinstance(factors, TokenFactors)
+        else (factors.A, factors.G)
+    )
+    assert a is not None and g is not None
+    return a, g

@@ -73,6 +73,7 @@ class PowerIterationFine(FineLevel):
     """
 
     extra_arguments: ClassVar[frozenset[str]] = frozenset({"power_iterations", "power_tol"})
+    diagonal_tables: ClassVar[bool] = False  # its blocks read the one-hot rows themselves
 
     def __init__(
         self, host: FineContext, *, power_iterations: int = 50, power_tol: float = 1e-8

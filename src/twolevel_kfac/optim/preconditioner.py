@@ -42,7 +42,7 @@ from ..placement import autocast_off, move_tensors
 from .amp import drops_overflow
 from .coarse import CoarseLevel
 from .coarse_absorb import absorber
-from .construction import resolve_options
+from .construction import choose_table_forms, resolve_options
 from .directions import assign_layers, clip_scale, part_pairs, writable_in_place, write_layer
 from .fallback import warn_unpreconditioned
 from .fine import FineLevel, OuterApplied
@@ -96,6 +96,7 @@ class KFACPreconditioner(NotCopyable):
         self.damping_varies = damping_varies  # λ is state (adaptive), not an option
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
+        choose_table_forms(model, opts, fine_type)  # (before find_layers: ties compare them)
         self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)
         require_layers(self.layers, model, given=params is not None)
         # default params: the layers that train now (those frozen: warned of once unfrozen)

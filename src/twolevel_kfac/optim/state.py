@@ -317,9 +317,12 @@ def _restored_factors(pre: KFACPreconditioner, name: str, saved: dict[str, Any])
     try:
         factors.load_state_dict(pre.placed(name, saved))
     except (KeyError, TypeError, AttributeError):
+        table = hasattr(module, "num_embeddings")  # an embedding table (token_form)
         raise ValueError(
             f"layer {name!r}: the checkpoint's curvature is not of this layer's block "
             f"({type(module).__name__}): the model changed since it was saved"
+            + ", or an optimizer of other options saved it (its dense token factor: KPSVD, "
+            "KFAC-corrected, weight_sharing='reduce')" * table
         ) from None
     got = factors.factor_shapes()
     if got is None:

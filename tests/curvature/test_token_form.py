@@ -1,0 +1,134 @@
+"""Which form a small embedding table's token factor takes (:mod:`twolevel_kfac.curvature.
+token_form`): the vector of frequencies where the optimizer reads nothing but ``G`` of an
+untied table, the dense one-hot ``G`` elsewhere; two live optimizers that chose differently
+for one table; checkpoints saved in the dense form."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import twolevel_kfac as tk
+from table_forms import dense_tables
+from test_token_table import SEQUENCE, TokenNet, data, loss_fn
+from twolevel_kfac.curvature.kronecker import KroneckerFactors
+from twolevel_kfac.curvature.tokens import TokenFactors
+
+FORMS = [
+    (tk.KFAC, {}, False, True),
+    (tk.EKFAC, {}, False, True),
+    (tk.TwoLevelKFAC, {}, False, True),
+    (tk.TwoLevelKFAC, {"coarse_space": "spectral", "combination": "adef2"}, False, True),
+    (tk.KPSVD, {}, False, False),
+    (tk.KFACCorrected, {}, False, False),
+    (tk.TwoLevelKFAC, {"fine": "kpsvd"}, False, False),
+    (tk.KFAC, {"weight_sharing": "reduce"}, False, False),
+    (tk.KFAC, {}, True, False),  # tied to its Linear head
+]
+
+
+@pytest.mark.parametrize(("optimizer", "kwargs", "tied", "vector"), FORMS)
+def test_small_tables_keep_the_dense_block_where_the_options_read_it(
+    optimizer: type, kwargs: dict, tied: bool, vector: bool
+) -> None:
+    net = TokenNet(tied=tied)
+    opt = optimizer(net, lr=0.01, cov_interval=1, inv_interval=1, **SEQUENCE, **kwargs)
+    factors = opt.preconditioner.factors["emb"]
+    assert isinstance(factors, TokenFactors if vector else KroneckerFactors)
+    line = next(row for row in opt.describe_blocks().splitlines() if "emb.weight" in row)
+    assert ("token frequencies kept as a vector" in line) == vector, line
+    tokens, y = data()
+    targets = tokens if tied else y
+    opt.zero_grad()
+    F.cross_entropy(net(tokens).flatten(0, 1), targets.flatten()).backward()
+    opt.step()  # the statistics are captured in the form chosen
+    assert factors.factor_shapes() == (((4, 4), (20,)) if vector else ((4, 4), (20, 20)))
+
+
+def test_an_optimizer_whose_table_form_was_changed_since_refuses_to_step() -> None:
+    """A KPSVD built on the model after a KFAC gives the table the dense form: stepping the
+    KFAC then is refused (its factors are the vector), naming the layer; nothing moves.
+    Rebinding one name to a new optimizer (the old one dropped) is not refused."""
+    net = TokenNet()
+    tokens, y = data()
+    kfac = tk.KFAC(net, lr=0.01, **SEQUENCE)
+    kpsvd = tk.KPSVD(net, lr=0.01, **SEQUENCE)
+    loss_fn(net, tokens, y).backward()
+    kpsvd.step()
+    before = [p.detach().clone() for p in net.parameters()]
+    kpsvd.zero_grad()
+    loss_fn(net, tokens, y).backward()
+    with pytest.raises(ValueError, match=r"layer 'emb'.*built on the model since keeps it as a"):
+        kfac.step()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
+    opt = tk.KFAC(net, lr=0.01, **SEQUENCE)
+    opt = tk.KPSVD(net, lr=0.01, **SEQUENCE)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(net, tokens, y).backward()
+        opt.step()
+
+
+def test_a_dense_checkpoint_of_an_untied_table_loads_as_its_frequencies(float64: None) -> None:
+    """A checkpoint saved while small tables were dense (before 2026-12-09) resumes with
+    the same steps; one whose ``G`` is not diagonal is refused by name."""
+    tokens, y = data()
+    net = TokenNet()
+    settings = {"lr": 0.1, "cov_interval": 2, "inv_interval": 2, **SEQUENCE}
+    with dense_tables():
+        dense = tk.KFAC(net, **settings)
+    for _ in range(3):
+        dense.zero_grad()
+        loss_fn(net, tokens, y).backward()
+        dense.step()
+    twin = copy.deepcopy(net)
+    resumed = tk.KFAC(twin, **settings)
+    resumed.load_state_dict(copy.deepcopy(dense.state_dict()))  # (not shared with it)
+    assert isinstance(resumed.preconditioner.factors["emb"], TokenFactors)
+    for model, opt in ((net, dense), (twin, resumed)):
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn(model, tokens, y).backward()
+            opt.step()
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-13)
+    state = dense.state_dict()
+    emb = state["preconditioner"]["factors"]["emb"]
+    emb["G"] = emb["G"] + 1e-3  # a tied head's G: not diagonal
+    with pytest.raises(ValueError, match=r"layer 'emb'.*not of this layer's block"):
+        tk.KFAC(copy.deepcopy(net), **settings).load_state_dict(state)
+
+
+def test_a_checkpoint_of_the_vector_form_into_a_dense_optimizer_names_the_options() -> None:
+    net = TokenNet()
+    opt = tk.KFAC(net, lr=0.1, **SEQUENCE)
+    tokens, y = data()
+    loss_fn(net, tokens, y).backward()
+    opt.step()
+    reduce = tk.KFAC(copy.deepcopy(net), lr=0.1, weight_sharing="reduce", **SEQUENCE)
+    with pytest.raises(ValueError, match=r"layer 'emb'.*weight_sharing='reduce'"):
+        reduce.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("rows", [20, 5000])
+def test_adaptive_damping_reads_a_float32_tables_statistics(rows: int) -> None:
+    """The exact Fisher products of adaptive damping cast the step's direction to the
+    statistics' dtype, not to the token ids' float64 (raised before 2026-12-09)."""
+    net = TokenNet(vocabulary=rows)
+    tokens, y = data(rows)
+    opt = tk.KFAC(net, lr=0.1, adaptive_damping=True, fisher="empirical", **SEQUENCE)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(net, tokens, y)
+        loss.backward()
+        return loss
+
+    before = net.emb.weight.detach().clone()
+    for _ in range(3):
+        opt.step(closure)
+    assert isinstance(opt.preconditioner.factors["emb"], TokenFactors)
+    assert torch.isfinite(net.emb.weight).all() and not torch.equal(net.emb.weight, before)
