@@ -5,6 +5,7 @@ for one table; checkpoints saved in the dense form."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -132,3 +133,19 @@ def test_adaptive_damping_reads_a_float32_tables_statistics(rows: int) -> None:
         opt.step(closure)
     assert isinstance(opt.preconditioner.factors["emb"], TokenFactors)
     assert torch.isfinite(net.emb.weight).all() and not torch.equal(net.emb.weight, before)
+
+
+def test_the_dense_inverse_of_a_table_is_the_dense_paths(float64: None) -> None:
+    """``FineLevel.dense_inverse`` (the oracles' and the analysis' dense ``M_i⁻¹``) of a
+    table in the vector form equals the dense form's (it read a dense ``G``)."""
+    tokens, y = data()
+    inverses = []
+    for dense in (True, False):
+        net = TokenNet()
+        with dense_tables() if dense else contextlib.nullcontext():
+            opt = tk.KFAC(net, lr=0.1, cov_interval=1, inv_interval=1, **SEQUENCE)
+        loss_fn(net, tokens, y).backward()
+        opt.step()
+        inverses.append(opt.preconditioner.fine.dense_inverse("emb", opt.preconditioner.damping))
+    assert inverses[0].shape == (20 * 4, 20 * 4)
+    torch.testing.assert_close(inverses[1], inverses[0], rtol=1e-10, atol=1e-12)

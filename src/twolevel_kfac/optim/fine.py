@@ -225,10 +225,9 @@ class FineLevel:
         """``M_i⁻¹`` of layer ``name`` as a dense ``(P_i, P_i)`` matrix in the row-major
         coordinates of ``W̄`` (column ``k`` is ``M_i⁻¹`` of the ``k``-th unit matrix): for
         oracles and the analysis on small layers (``P_i²`` numbers)."""
-        factors = self.host.factors[name]
-        assert factors.A is not None and factors.G is not None
-        d_out, d_in = factors.G.shape[0], factors.A.shape[0]
-        units = torch.eye(d_out * d_in, dtype=factors.A.dtype, device=factors.A.device)
+        a, g = _fold_tensors(self.host.factors[name])  # (a table's G: the vector f)
+        d_out, d_in = g.shape[0], a.shape[0]
+        units = torch.eye(d_out * d_in, dtype=a.dtype, device=a.device)
         columns = [self.apply(name, e.reshape(d_out, d_in), damping).reshape(-1) for e in units]
         return torch.stack(columns, dim=1)
 
