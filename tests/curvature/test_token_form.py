@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -149,3 +150,27 @@ def test_the_dense_inverse_of_a_table_is_the_dense_paths(float64: None) -> None:
         inverses.append(opt.preconditioner.fine.dense_inverse("emb", opt.preconditioner.damping))
     assert inverses[0].shape == (20 * 4, 20 * 4)
     torch.testing.assert_close(inverses[1], inverses[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_large_table_under_reduce_keeps_the_expand_view_and_says_so(float64: None) -> None:
+    """Over 4096 rows the table's token factor is a vector, which has no reduce view: its
+    step is expand's (first step, the table's rows; no KL clip, which reads every layer),
+    warned once (silent before 2026-12-09)."""
+    tokens, y = data(5000)
+    steps = []
+    for sharing in ("expand", "reduce"):
+        net = TokenNet(vocabulary=5000)
+        before = net.emb.weight.detach().clone()
+        opt = tk.KFAC(net, lr=0.1, weight_sharing=sharing, cov_interval=1, kl_clip=None, **SEQUENCE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                opt.zero_grad()
+                loss_fn(net, tokens, y).backward()
+                opt.step()
+                steps.append(net.emb.weight.detach() - before) if _ == 0 else None
+        told = [str(w.message) for w in caught if "keeps the expand view" in str(w.message)]
+        assert len(told) == (sharing == "reduce"), told
+        if told:
+            assert "'emb': an embedding table of more than 4096 rows" in told[0]
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-12, atol=1e-14)

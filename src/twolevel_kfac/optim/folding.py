@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from ..curvature import layer_types
 from ..curvature.blocks import LayerStats, kronecker_factors_as
 from ..curvature.captured_batch import CapturedBatch
 from ..curvature.live_positions import position_wise
 from ..curvature.reduce_view import mixed_blocks, reduce_view
+from ..curvature.token_form import keeps_frequencies
 from ..distributed import gradient_checksum, layer_specs, reduce_statistics, step_totals
 from ..finite import all_finite
 from ..warning_level import caller_level
@@ -43,15 +45,25 @@ _WARNED_MIXED: weakref.WeakSet[KFACPreconditioner] = weakref.WeakSet()
 
 
 def _reduce_view(pre: KFACPreconditioner) -> Callable[[str, LayerStats], LayerStats]:
-    """:func:`.reduce_view` of ``pre``'s blocks; a table tied to a ``Linear`` head keeps
-    the expand view, warned of once per preconditioner."""
+    """:func:`.reduce_view` of ``pre``'s blocks; a table tied to a ``Linear`` head, and
+    one over ``EMBEDDING_MAX_ROWS`` rows (:mod:`~twolevel_kfac.curvature.tokens`), keep the
+    expand view, warned of once per preconditioner (the large tables silently before
+    2026-12-09)."""
     mixed = mixed_blocks(pre.uses)
-    if mixed and pre not in _WARNED_MIXED:
+    large = [name for name, m in pre.layers.items() if keeps_frequencies(m)]
+    if (mixed or large) and pre not in _WARNED_MIXED:
         _WARNED_MIXED.add(pre)
+        why = [
+            f"{', '.join(map(repr, mixed))}: an embedding table tied to a Linear head, whose "
+            "calls hold their inputs on opposite sides of the block" * bool(mixed),
+            f"{', '.join(map(repr, large))}: an embedding table of more than "
+            f"{layer_types.EMBEDDING_MAX_ROWS} rows, whose token factor is kept as its "
+            "diagonal (the reduce view's per-sample token counts have a dense one)" * bool(large),
+        ]
         warnings.warn(
-            f"weight_sharing='reduce': {', '.join(map(repr, mixed))} is an embedding table "
-            "tied to a Linear head, whose calls hold their inputs on opposite sides of the "
-            "block: it keeps the expand view (every position a sample, direction ÷ T)",
+            f"weight_sharing='reduce': {'; '.join(w for w in why if w)}: "
+            f"{'they keep' if len(mixed) + len(large) > 1 else 'it keeps'} the expand view "
+            "(every position a sample, direction ÷ T)",
             RuntimeWarning,
             stacklevel=caller_level(),
         )
