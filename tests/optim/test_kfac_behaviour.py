@@ -221,6 +221,10 @@ def test_load_state_dict_rejects_other_model() -> None:
         ({"dampign": 1e-3}, "unknown argument.*did you mean 'damping'"),
         ({"moment": 0.9}, "did you mean 'momentum'.*it takes: .*lr"),  # its own too
         ({"adaptive_dampin": True}, "did you mean 'adaptive_damping'"),
+        # torch.optim.SGD's: what to do instead, not a near name ('damping' is another thing)
+        ({"dampening": 0.1}, r"'dampening' is torch.optim.SGD's, not taken here: the momentum"),
+        ({"maximize": True}, r"'maximize' is torch.optim.SGD's.*negated objective"),
+        ({"fused": True}, r"unknown argument\(s\) \['fused'\]; 'fused' is torch.optim.SGD's"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:

@@ -44,6 +44,7 @@ from .fallback import (
     warn_unfrozen,
 )
 from .group_checks import refuse_new_parameters, warn_unread_keys
+from .keywords import check_known, refuse_sgd_keys
 from .nonfinite import finite_after_step, finite_gradients, skip_nonfinite
 from .not_copyable import NotCopyable
 from .options import (
@@ -51,7 +52,6 @@ from .options import (
     CurvatureOptions,
     Rate,
     check_choice,
-    check_known,
     check_model,
     check_real,
 )
@@ -211,6 +211,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
             loss = None if closure is None else closure()
         pre = self.preconditioner
         warn_unread_keys(self.param_groups, self._unread)
+        refuse_sgd_keys(self.param_groups)  # (set in a group since it was added)
         if self._watched:  # (parameters frozen when built: warned of once unfrozen)
             self._watched = warn_unfrozen(self._watched, pre.model, self.param_groups)
         if self._known is not None and pre.capture.active:  # (as replaced layers are found)
@@ -254,6 +255,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim``'s, warning that the group's parameters get the plain momentum
         step where they would have had a block or AdamW (:func:`.fallback.warn_added`)."""
+        refuse_sgd_keys([param_group])
         super().add_param_group(param_group)
         pre = getattr(self, "preconditioner", None)
         if pre is not None and getattr(self, "_built", False):  # not the constructor's groups

@@ -6,8 +6,6 @@ so a typo in a config or a constructor call fails at once and says why.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -22,6 +20,7 @@ from ..curvature.kronecker import DAMPING_MODES, DampingMode, InverseMethod
 from ..curvature.likelihoods import LIKELIHOODS, LOSS_REDUCTIONS, Likelihood, LossReduction
 from ..twolevel.coarse_spaces import COARSE_SPACES, RESIDUAL_SPACES, CoarseSpace
 from ..twolevel.combinations import COMBINATIONS, CombinationName
+from .keywords import check_known
 
 InversePlacement = Literal["split", "replicate"]
 InverseChoice = Literal["auto", "eigen", "cholesky"]
@@ -46,26 +45,6 @@ def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def check_known(
-    owner: type, given: Iterable[str], allowed: Iterable[str], taken: Iterable[str] = ()
-) -> None:
-    """Refuse keyword arguments of ``owner(...)`` outside ``allowed`` (the options it passes
-    on), naming the nearest of those, of ``taken`` (the options it took before) and of its
-    own parameters (``lr``, ``momentum``, …)."""
-    unknown = sorted(set(given) - set(allowed))
-    if not unknown:
-        return
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    own = [n for n, p in inspect.signature(owner).parameters.items() if p.kind in named]
-    names = sorted({*allowed, *taken, *own} - {"options", "model"})
-    near = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
-    hints = "; ".join(f"did you mean {m[0]!r} for {u!r}?" for u, m in near.items() if m)
-    raise TypeError(
-        f"{owner.__name__} got unknown argument(s) {unknown}"
-        f"{'; ' + hints if hints else ''}; it takes: {', '.join(names)}"
-    )
 
 
 def check_model(owner: str, model: object) -> None:
