@@ -538,3 +538,17 @@ def test_a_quick_check_never_writes_the_published_numbers(
     assert main(["bench", "eigh_dtype", *QUICK]) == 0
     assert (tmp_path / "results" / "bench-quick" / "eigh_dtype.json").is_file()
     assert not (tmp_path / "docs").exists()
+
+
+def test_tables_quick(tmp_path: Path) -> None:
+    """Both forms of an untied table's token factor, per ``V``, against SGD."""
+    data = _run(tmp_path, "tables")
+    assert [(r["rows"], r["form"]) for r in data["rows"]] == [
+        (rows, form) for rows in (64, 300) for form in ("dense", "vector")
+    ]
+    for row in data["rows"]:
+        assert _positive(row["steady_s"]) and _positive(row["refresh_s"]), row
+        assert row["ratio"] == pytest.approx(row["steady_s"] / row["sgd_s"])
+    dense, vector = data["rows"][2], data["rows"][3]  # V = 300: the dense V × V state
+    assert dense["state_mib"] > vector["state_mib"] + 300 * 300 * 4 / 2**20 * 0.9
+    assert "steady ÷ SGD" in (tmp_path / "tables.md").read_text()

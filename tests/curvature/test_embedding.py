@@ -22,10 +22,10 @@ from oracles import (
     tselepidis_subblock_matrix,
     twolevel_direction,
 )
-from table_forms import dense_tables
 from test_kfac_exact import CONTRACT as KFAC_CONTRACT
 from twolevel_kfac.curvature import layer_types
 from twolevel_kfac.curvature.kronecker import KroneckerFactors
+from twolevel_kfac.optim.construction import dense_tables
 
 N, T, V, D, C = 4, 5, 7, 3, 4
 DAMPING = 0.1
@@ -77,7 +77,7 @@ def test_embedding_step_equals_the_dense_formula(
 ) -> None:
     """With ``padding_idx`` the padding row has no gradient and takes no step. The token
     factor kept as the vector of frequencies (the default of an untied table) or as the
-    dense ``G`` (:func:`table_forms.dense_tables`)."""
+    dense ``G`` (:func:`~twolevel_kfac.optim.construction.dense_tables`)."""
     net = TokenNet(padding_idx=pad)
     tokens, y = tokens_and_targets(pad)
     a, g = embedding_statistics(net, tokens, y)

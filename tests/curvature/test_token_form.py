@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import twolevel_kfac as tk
-from table_forms import dense_tables
 from test_token_table import SEQUENCE, TokenNet, data, loss_fn
 from twolevel_kfac.curvature.kronecker import KroneckerFactors
 from twolevel_kfac.curvature.tokens import TokenFactors
+from twolevel_kfac.optim.construction import dense_tables
 
 FORMS = [
     (tk.KFAC, {}, False, True),

@@ -2,7 +2,7 @@
 (:mod:`twolevel_kfac.curvature.tokens`): untied tables of any size, and every table over
 ``EMBEDDING_MAX_ROWS`` rows. The same block as the dense path of ``test_embedding`` (proven
 against the dense formula there), with the factor kept as its diagonal and the statistics
-as token ids: one table takes either path here (:func:`table_forms.dense_tables`, or the
+as token ids: one table takes either path here (``construction.dense_tables``, or the
 threshold lowered), and every fine level and coarse space steps as the dense path (EKFAC in
 the table's eigenbasis ``I ⊗ Q_A``; KPSVD and KFAC-corrected keep KFAC's inverse on a large
 table and the dense block on a small one)."""
@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 import twolevel_kfac as tk
 from oracles import assert_resume_is_bit_identical
-from table_forms import dense_tables
 from twolevel_kfac.curvature import layer_types
 from twolevel_kfac.curvature.tokens import TokenFactors, TokenStats
+from twolevel_kfac.optim.construction import dense_tables
 
 N, T, V, D, C = 6, 5, 20, 4, 3
 SEQUENCE = {"class_dim": -1, "loss_reduction": "mean"}  # CrossEntropyLoss over [N, T, C]

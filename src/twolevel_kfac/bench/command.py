@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "memory": ("twolevel_kfac.bench.footprints", "peak memory and state_dict size per method"),
     "intervals": ("twolevel_kfac.bench.intervals", "default T_cov/T_inv: loss reached per second"),
     "asdl_target": ("twolevel_kfac.bench.asdl_target", "time to a target loss: ours vs ASDL"),
+    "tables": ("twolevel_kfac.bench.tables", "an untied embedding table: dense vs vector G"),
 }
 DEFAULT = ("step_time", "scaling", "asdl", "time_to_target")
 

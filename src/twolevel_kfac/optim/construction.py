@@ -12,6 +12,8 @@ tables' token factors (:func:`choose_table_forms`). The optimizers (``KFAC``,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -107,5 +109,19 @@ def choose_table_forms(model: nn.Module, options: CurvatureOptions, fine: type[F
     :attr:`~.fine.FineLevel.diagonal_tables`), else the dense one
     (:func:`~twolevel_kfac.curvature.token_form.choose_token_factors`: tables tied to a
     module of another type keep it too)."""
-    diagonal = options.weight_sharing == "expand" and fine.diagonal_tables
+    diagonal = options.weight_sharing == "expand" and fine.diagonal_tables and not _DENSE
     choose_token_factors(dict(model.named_modules()), diagonal)
+
+
+_DENSE: list[None] = []  # one entry per dense_tables() block in force
+
+
+@contextmanager
+def dense_tables() -> Iterator[None]:
+    """Optimizers built inside keep the dense one-hot ``G`` of every small table (the form
+    of all of them before 2026-12-09): for benchmarks and tests that compare the forms."""
+    _DENSE.append(None)
+    try:
+        yield
+    finally:
+        _DENSE.pop()
