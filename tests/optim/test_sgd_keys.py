@@ -31,7 +31,7 @@ def test_a_group_with_an_sgd_option_that_changes_the_step_is_refused(
 ) -> None:
     model = mlp()
     groups = [{"params": model[0].parameters(), key: value}, {"params": model[2].parameters()}]
-    with pytest.raises(ValueError, match=rf"param group 0 sets {key}={value!r}.*{message}"):
+    with pytest.raises(ValueError, match=rf"param group sets {key}={value!r}.*{message}"):
         optimizer(model, params=groups, lr=0.1)
     opt = optimizer(model, params=[{"params": model[0].parameters()}], lr=0.1)
     with pytest.raises(ValueError, match=rf"sets {key}="):
@@ -55,3 +55,13 @@ def test_options_that_change_no_number_and_false_values_pass() -> None:
     opt = tk.KFAC(model, params=groups, lr=0.1)
     F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
     opt.step()
+
+
+def test_nesterov_without_momentum_is_refused_as_torch_does() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
+        tk.KFAC(model, lr=0.1, momentum=0.0, nesterov=True)
+    opt = tk.KFAC(model, params=[{"params": model[0].parameters()}], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
+        opt.add_param_group({"params": model[2].parameters(), "nesterov": True, "momentum": 0})
+    tk.KFAC(mlp(), lr=0.1, momentum=0.9, nesterov=True)  # (with a momentum: taken)

@@ -30,19 +30,27 @@ def sgd_only_note(names: Iterable[str]) -> str:
     return "; ".join(f"{n!r} is torch.optim.SGD's, not taken here: {SGD_ONLY[n]}" for n in found)
 
 
-def refuse_sgd_keys(groups: Iterable[dict[str, Any]]) -> None:
+def refuse_sgd_keys(groups: Iterable[dict[str, Any]], added: bool = False) -> None:
     """Refuse a param group holding an SGD option that would change its step
     (``maximize=True``, a nonzero ``dampening``, ``differentiable=True``); ``foreach`` and
-    ``fused`` change no number and pass.
+    ``fused`` change no number and pass. A group being ``added`` (with the optimizer's
+    defaults) is also refused for ``nesterov=True`` without momentum, as torch's SGD does
+    (a scheduler may cycle the momentum of a group already added through 0).
 
     Raises:
         ValueError: naming the key and what to do instead.
     """
     for index, group in enumerate(groups):
+        if added and group.get("nesterov") and not group.get("momentum"):
+            raise ValueError(
+                "nesterov=True needs a momentum: the step would be the plain one "
+                "(torch.optim.SGD refuses it too)"
+            )
         for key in ("maximize", "dampening", "differentiable"):
             if group.get(key):
+                where = "the param group" if added else f"param group {index}"
                 raise ValueError(
-                    f"param group {index} sets {key}={group[key]!r}: {sgd_only_note([key])} "
+                    f"{where} sets {key}={group[key]!r}: {sgd_only_note([key])} "
                     "(the step would be taken as if it were not set)"
                 )
 

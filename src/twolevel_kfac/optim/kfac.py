@@ -255,7 +255,7 @@ class KFAC(NotCopyable, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim``'s, warning that the group's parameters get the plain momentum
         step where they would have had a block or AdamW (:func:`.fallback.warn_added`)."""
-        refuse_sgd_keys([param_group])
+        refuse_sgd_keys([{**getattr(self, "defaults", {}), **param_group}], added=True)
         super().add_param_group(param_group)
         pre = getattr(self, "preconditioner", None)
         if pre is not None and getattr(self, "_built", False):  # not the constructor's groups
