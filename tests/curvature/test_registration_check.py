@@ -90,14 +90,14 @@ def test_a_scaled_output_needs_a_scaled_gradient(registered: Callable[..., None]
 
 def test_the_fallback_warning_names_a_working_registration() -> None:
     """A ``Linear`` subclass overriding ``forward`` is warned about with a registration call
-    that runs as written (``tk.layer_type(Linear).features``; it said
+    that runs as written (``tk.layer_type(nn.Linear).features``; it said
     ``*layer_type(Linear)'s features``)."""
 
     class Custom(nn.Linear):
         def forward(self, x: Tensor) -> Tensor:
             return super().forward(x)
 
-    with pytest.warns(UserWarning, match=r"tk\.layer_type\(Linear\)\.features"):
+    with pytest.warns(UserWarning, match=r"tk\.layer_type\(nn\.Linear\)\.features"):
         tk.KFAC(nn.Sequential(Custom(2, 2), nn.Linear(2, 2)))
 
 

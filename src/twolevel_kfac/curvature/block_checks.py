@@ -167,8 +167,8 @@ def check_blocks(
 
 def _check_table_form(name: str, module: nn.Module, factors: object) -> None:
     """Refuse an embedding table whose token factor has another form now than the one its
-    curvature was built in (:mod:`.token_form`: an optimizer built on the model since chose
-    for it).
+    curvature was built in (:mod:`.token_form`: an optimizer built on the model since, still
+    alive, chose for it).
 
     Raises:
         ValueError: naming the layer, both forms and the fix.
@@ -183,9 +183,9 @@ def _check_table_form(name: str, module: nn.Module, factors: object) -> None:
         f"layer {name!r} (an embedding table of {module.num_embeddings} rows): this "
         f"optimizer keeps its token factor as {forms[not dense]}, and an optimizer built on "
         f"the model since keeps it as {forms[dense]} (KPSVD, KFAC-corrected, "
-        "weight_sharing='reduce' and a table tied to a module of another type keep the "
-        "dense one): step the model with one of them at a time, and build this one again "
-        "to use it"
+        "weight_sharing='reduce', a half factor_dtype and a table tied to a module of "
+        "another type keep the dense one) and is still alive: drop that one (this one "
+        "steps again then), or build this one again"
     )
 
 

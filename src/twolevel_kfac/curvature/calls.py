@@ -162,7 +162,8 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
 
     * a reshape (``view``, ``reshape``, ``flatten``) of a tensor whose first dimension is
       the ``N`` samples, not a transpose or permute of one that moved its first dimension
-      (:func:`_batch_first_reshape`);
+      (:func:`_batch_first_reshape`), with row-wise operations after it (a reshape that
+      keeps the first dimension among them: :func:`_keeps_rows`);
     * or row-wise operations on such a reshape or on a layer output proved so
       (``forward.ordered``): every path back through autograd's graph reaches one before
       an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
@@ -195,7 +196,9 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         if node in forward.ordered or (name in _RESHAPES and _batch_first_reshape(node, samples)):
             proved = True
             continue
-        if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
+        if (name in _KEEPS and _keeps_rows(node)) or (name in _PICKS and _beside_rows(node)):
+            pass  # (its rows as its input's: walked on)
+        elif name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
             return False
         for edge, (parent, _) in enumerate(node.next_functions):
             if (name, edge) in _MIXED or _flat_batched(node, name, edge):  # P @ h: rows mixed
@@ -212,12 +215,15 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
 def _parameters_alone(node: Node) -> bool:
     """Whether the tensor of ``node`` is computed from parameters alone (every path back
     ends at a parameter's ``AccumulateGrad``; none at a tensor without a graph, such as
-    the data, nor past :data:`_WALK` nodes): a weight ``Wᵀ``, weight-normed or LoRA's, not
-    a tensor of the batch (a layer's output, a ``LayerNorm`` of the data)."""
+    the data, at a leaf that is no ``nn.Parameter`` (the data with ``requires_grad``, an
+    attack's), nor past :data:`_WALK` nodes): a weight ``Wᵀ``, weight-normed or LoRA's,
+    not a tensor of the batch (a layer's output, a ``LayerNorm`` of the data)."""
     stack, seen = [node], {node}
     while stack:
         node = stack.pop()
-        if type(node).__name__ == "AccumulateGrad":
+        if type(node).__name__ == "AccumulateGrad":  # (a leaf: a parameter, not the data)
+            if not isinstance(getattr(node, "variable", None), nn.Parameter):
+                return False
             continue
         for parent, _ in node.next_functions:
             if parent is None or len(seen) > _WALK:
@@ -284,6 +290,41 @@ def _moves_rows(node: Node) -> bool:
     if not dims:  # (a roll of the flattened tensor)
         return True
     return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
+
+
+_KEEPS = _RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
+_PICKS = frozenset(
+    {"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0"}
+    | {"UnbindBackward0"}
+)
+
+
+def _beside_rows(node: Node) -> bool:
+    """Whether a split, slice, select or unbind works along a dimension other than the
+    rows (the ``q, k, v`` chunks of a fused projection of windows): every row is kept."""
+    dim = getattr(node, "_saved_dim", None)
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    metadata = getattr(node, "_input_metadata", None)
+    if sizes:
+        rank = len(sizes)
+    elif metadata and type(node).__name__ == "UnbindBackward0":  # (its outputs: one dim less)
+        rank = len(metadata[0].shape) + 1
+    else:
+        return False
+    return dim is not None and signed(int(dim)) % rank != 0
+
+
+def _keeps_rows(node: Node) -> bool:
+    """A reshape or expand whose output has its input's first dimension (the others merged,
+    split or broadcast: Swin's windows ``[B·n, s, s, C] → [B·n, s², C]``, a batched
+    ``matmul``'s operands), which leaves every row as it was: row-wise (before 2026-12-09
+    it ended the proof, and Swin's window attention took KFC's step with the damping of
+    gathered rows: 3× off, silently)."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    metadata = getattr(node, "_input_metadata", None)
+    if not sizes or not metadata or not len(metadata[0].shape):
+        return False
+    return int(sizes[0]) == int(metadata[0].shape[0])
 
 
 def _batch_first_reshape(node: Node, samples: int) -> bool:

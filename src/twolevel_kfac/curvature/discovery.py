@@ -48,9 +48,10 @@ from .blocks import (
     layer_weight,
     own_statistics,
 )
-from .layer_types import layer_type, overridden_forward, registered_types
+from .layer_types import layer_type, overridden_forward, override_reason, registered_types
 from .param_format import parameter_ids
 from .scale_shift import is_scale_shift
+from .token_form import is_small_table
 from .unknown_layers import warn_unknown_layers
 
 
@@ -92,19 +93,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
         )
     method = None if entry is None else overridden_forward(type(module), entry.module_type)
     if entry is not None and method is not None:
-        base, kind = entry.module_type.__name__, type(module)
-        name = kind.__name__ if kind.__name__ != base else f"{kind.__module__}.{kind.__name__}"
-        return (
-            f"{name} overrides {base}.{method}, which may change its weight, "
-            "input or output (weight standardisation, fake quantisation, a scale) where "
-            f"{base}'s block would not see it; if it computes what {base}.forward does, "
-            f"register it: tk.register_layer_type({name}, "
-            f"tk.layer_type({base}).features, tk.layer_type({base}).gradients"
-            f"{', rows_from_inputs=True' if entry.rows_from_inputs else ''}); if not, "
-            "register functions that give its input and its pre-activation gradient (a "
-            "scaled output scales the gradient: checked at the first captured forward for "
-            "the types you register)"
-        )
+        return override_reason(type(module), entry, method)
     if entry is not None:
         return entry.reason(module)
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -336,7 +325,7 @@ def _resolve_ties(
         weight, bias = block_parameters(module)
         if id(weight) in first:
             lead = first[id(weight)]
-            if own_statistics(module) is not own_statistics(layers[lead]):
+            if _block_type(module) is not _block_type(layers[lead]):
                 bad[name] = bad[lead] = (
                     f"modules {lead!r} and {name!r} share a weight, but their blocks differ "
                     f"({type(layers[lead]).__name__}, {type(module).__name__}: e.g. an "
@@ -398,3 +387,9 @@ def find_layer_uses(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str,
         if name is not None and module is not layers[name]:
             uses[name].append(module)
     return uses
+
+
+def _block_type(module: nn.Module) -> type | None:
+    """The block type of ``module``, a small table's as dense whatever form an optimizer
+    chose for it (:mod:`.token_form`: chosen after the ties are resolved)."""
+    return None if is_small_table(module) else own_statistics(module)

@@ -64,11 +64,13 @@ def warn_sample_major(
     (``K`` gathered rows of ``B`` locations each) where the samples are the second
     (``torch.distributions`` puts ``rsample((K,))``'s samples first: an IWAE decoder
     stepped 0.21–0.54 off in a trial, silently, before 2026-12-08). Rows proved ``k`` per
-    sample (``reshaped``) pass, and so does ``K = B`` (it cannot be told)."""
+    sample (``reshaped``) pass, and so does ``K`` a multiple of ``B`` (it cannot be told
+    from rows flattened batch-first: Swin's windows, ``k·B`` rows of ``B`` tokens, were
+    warned of, with a wrong fix, before 2026-12-09)."""
     if reshaped or batch < 2 or not isinstance(module, nn.Linear) or inputs.dim() < 3:
         return
-    if inputs.shape[1] != batch or inputs.shape[0] == batch or module in _SAMPLE_MAJOR:
-        return
+    if inputs.shape[1] != batch or inputs.shape[0] % batch == 0 or module in _SAMPLE_MAJOR:
+        return  # (k·B rows: flattened batch-first, Swin's windows of k = B tokens)
     _SAMPLE_MAJOR.add(module)
     warnings.warn(
         f"layer {name!r} was called on an input of shape {tuple(inputs.shape)}, whose second "

@@ -52,6 +52,7 @@ __all__ = [
     "linear_features",
     "one_hot_rows",
     "overridden_forward",
+    "override_reason",
     "patched_forward",
     "register_layer_type",
     "registered_types",
@@ -227,6 +228,36 @@ def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
     x = x.permute(order)
     return x.reshape(n, math.prod(x.shape[1 : 1 + dims]), channels * math.prod(kernel))
+
+
+def override_reason(kind: type[nn.Module], entry: LayerType, method: str) -> str:
+    """Why a subclass ``kind`` of ``entry``'s type that overrides its ``method`` has no
+    block, with the whole registration that gives it its base's (features and gradients;
+    where the base has them, its ``rows_from_inputs``, ``record`` and ``statistics``:
+    without them a norm's registration was refused at its first step, or took the raw
+    input for the normalised one, before 2026-12-09)."""
+    base = entry.module_type.__name__
+    name = kind.__name__ if kind.__name__ != base else f"{kind.__module__}.{kind.__name__}"
+    public = [c.__name__ for c in kind.__mro__[1:] if getattr(nn, c.__name__, None) is c]
+    typed = f"nn.{public[0]}" if public else base  # (not torch's private _BatchNorm)
+    extra = [
+        f"{key}=tk.layer_type({typed}).{key}"
+        for key in ("record", "statistics")
+        if getattr(entry, key) is not None
+    ]
+    extra = (["rows_from_inputs=True"] if entry.rows_from_inputs else []) + extra
+    own = " (a norm with an activation or any other op in its forward is not)" * bool(
+        entry.statistics
+    )
+    return (
+        f"{name} overrides {base}.{method}, which may change its weight, input or output "
+        f"(weight standardisation, fake quantisation, a scale, an activation) where {base}'s "
+        f"block would not see it; if it computes exactly what {base}.forward does{own}, "
+        f"register it: tk.register_layer_type({name}, tk.layer_type({typed}).features, "
+        f"tk.layer_type({typed}).gradients{''.join(', ' + e for e in extra)}); if not, "
+        "register functions that give its input and its pre-activation gradient (checked "
+        "against autograd at the first captured forward of the types you register)"
+    )
 
 
 EMBEDDING_MAX_ROWS = 4096

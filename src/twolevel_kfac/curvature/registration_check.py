@@ -34,6 +34,7 @@ from .layer_types import (
     library_registered,
     patched_forward,
 )
+from .scale_shift import ScaleShiftStats
 
 __all__ = ["check_registration"]
 
@@ -71,8 +72,11 @@ def check_registration(
         _PATCHED[module] = tuple(map(_reference, _patches(module)))
     stats = entry.statistics
     own_block = stats is not None and (patched is None or stats.applies(module))
+    # a norm registered by the user: γ ⊙ x̂ + β, probed unit-wise (unprobed before 2026-12-09:
+    # timm's BatchNormAct2d registered as a BatchNorm stepped 7–191 % off, silently)
+    unitwise = own_block and patched is None and stats is ScaleShiftStats
     what = f"the registration of {kind.__name__}" if patched is None else f"its {patched}"
-    if own_block or entry.rows_from_inputs or not output.requires_grad:
+    if (own_block and not unitwise) or entry.rows_from_inputs or not output.requires_grad:
         if patched is not None and output.requires_grad:  # (the others: their own contract)
             _unchecked(name, what, f"a {_unprobed(entry, module)} has no probe", kind)
         return
@@ -93,10 +97,13 @@ def check_registration(
     expected = tuple(grads.pop(0) if c is not None and c.requires_grad else None for c in wanted)
     inputs = (call[0][0] if call[0] else next(iter(call[1].values()))).detach()
     with torch.no_grad():
-        kept = inputs if entry.record is None else entry.record(module, inputs)  # as captured
-        a = input_features(module, kept).double()
-        g = output_gradients(module, probe).double()
-        problem = _mismatch(weight, bias, a, g, expected, rerun.dtype)
+        try:
+            kept = inputs if entry.record is None else entry.record(module, inputs)  # as kept
+            a = input_features(module, kept).double()
+            g = output_gradients(module, probe).double()
+            problem = _mismatch(weight, bias, a, g, expected, rerun.dtype, unitwise)
+        except (RuntimeError, ValueError, IndexError) as error:  # (a norm of other layout)
+            problem = f"its functions raised {type(error).__name__}: {error}"
     if problem is not None and patched is not None:
         del _PATCHED[module]  # (probed again: the error again, if caught)
         raise ValueError(
@@ -104,6 +111,17 @@ def check_registration(
             f"what {entry.module_type.__name__}'s block assumes ({problem}): restore the "
             f"class's {patched}, or write the layer as a subclass overriding {patched} (it "
             "then takes the fallback step, or the block of a type you register)"
+        )
+    if problem is not None and unitwise:
+        _CHECKED.discard(entry)
+        raise ValueError(
+            f"layer {name!r}: the functions registered for {kind.__name__} do not reproduce "
+            f"its scale's and shift's gradients ({problem}). A norm's must give x̂, the "
+            "normalised input, and δ = ∂L/∂y of its output y = γ ⊙ x̂ + β, [N, T, D] each; a "
+            "forward that does more after the affine map (an activation: timm's "
+            "BatchNormAct2d) or normalises another dimension (timm's LayerNorm2d over NCHW "
+            "channels) is not such a norm: leave it to the fallback step (do not register "
+            "it, or pass norm_blocks=False)"
         )
     if problem is not None:
         _CHECKED.discard(entry)
@@ -254,12 +272,16 @@ def _mismatch(
     g: Tensor,
     expected: tuple[Tensor | None, ...],
     dtype: torch.dtype,
+    unitwise: bool = False,
 ) -> str | None:
-    """Why ``Σ δ āᵀ`` (and ``Σ δ`` for the bias) is not the autograd gradient, or ``None``."""
+    """Why ``Σ δ āᵀ`` (``Σ δ ⊙ x̂`` where ``unitwise``: a norm's ``γ``; ``Σ δ`` for the
+    bias) is not the autograd gradient, or ``None``."""
     if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
         return f"ā has shape {tuple(a.shape)} and δ {tuple(g.shape)}, not [N, T, d] alike"
     rows = int(g.shape[-1])
-    if weight.numel() % rows or a.shape[-1] * rows != weight.numel():
+    if unitwise and (a.shape != g.shape or rows != weight.numel()):
+        return f"x̂ has shape {tuple(a.shape)} and δ {tuple(g.shape)}, for {weight.numel()} units"
+    if not unitwise and (weight.numel() % rows or a.shape[-1] * rows != weight.numel()):
         return (
             f"ā has {a.shape[-1]} and δ {rows} columns, but the weight has shape "
             f"{tuple(weight.shape)}"
@@ -272,7 +294,8 @@ def _mismatch(
     tolerance = 5e-2 if dtype in half or weight.dtype in half else single
     pairs = []
     if weight.requires_grad:
-        pairs.append((torch.einsum("nto,nti->oi", g, a), expected[0], "weight"))
+        product = (g * a).sum(dim=(0, 1)) if unitwise else torch.einsum("nto,nti->oi", g, a)
+        pairs.append((product, expected[0], "weight"))
     if bias is not None and bias.requires_grad:
         pairs.append((g.sum(dim=(0, 1)), expected[1], "bias"))
     for got, want, what in pairs:

@@ -9,7 +9,8 @@ orientation, ``G = E_{n,t}[e eᵀ] = diag(f)`` with ``f_v`` the frequency of tok
 among the ``N·T`` positions, ``A = E_{n,t}[δ δᵀ]`` (``D × D``). One-hot vectors are
 orthogonal, so ``G`` is diagonal exactly: keeping ``f`` instead of the dense ``V × V``
 matrix, and the token ids instead of one-hot rows, is the same block at ``O(V + D²)``
-memory. The damped inverse on ``X`` (``[V, D]``) is, for a factored damping (``s_G``,
+memory (the running factors: :mod:`.token_factors`). The damped inverse on ``X``
+(``[V, D]``) is, for a factored damping (``s_G``,
 ``s_A`` of :func:`~.kronecker.factor_dampings`, ``π`` with ``tr G = Σ_v f_v``),
 
     ((G + s_G I) ⊗ (A + s_A I))⁻¹ X = diag(1/(f + s_G)) X (A + s_A I)⁻¹ / T,
@@ -45,10 +46,6 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BlockStats, layer_weight
-from .extreme_eigen import frozen_eigenpairs
-from .factor_inverse import converted_decomposition, damped_inverse, decompose_factor, eigen_inverse
-from .kronecker import factor_dampings, location_count, per_location, pi_ratio
-from .kronecker_apply import InverseOnMatrices
 from .layer_types import (
     embedding_reason,
     linear_features,
@@ -56,208 +53,10 @@ from .layer_types import (
     register_layer_type,
 )
 from .live_positions import live_count
-from .running_average import ema_weight, running_average, shares_memory
+from .token_factors import TokenFactors, frozen_diagonal, table_spectral_vector
 from .token_form import keeps_frequencies
 
 __all__ = ["TokenFactors", "TokenStats", "frozen_diagonal", "table_spectral_vector"]
-
-
-def table_spectral_vector(
-    frequencies: Tensor, values_a: Tensor, vectors_a: Tensor, which: str
-) -> Tensor:
-    """The spectral coarse vector of a table's block ``diag(f) ⊗ A`` (``[V, D]``): ``e_v
-    q_jᵀ`` of its smallest (largest) eigenvalue ``f_v a_j`` *among the tokens seen*
-    (``f_v > 0``). An unseen (or padding) token's row gets no gradient, so its eigenvector,
-    which the plain rule would pick for ``"smallest"``, would add nothing to the coarse
-    space. Zeros when no token was seen."""
-    out = vectors_a.new_zeros(frequencies.shape[0], vectors_a.shape[0])
-    seen = torch.nonzero(frequencies > 0).flatten()
-    if len(seen) == 0:
-        return out
-    pick = torch.argmin if which == "smallest" else torch.argmax
-    row = int(seen[pick(frequencies[seen])])
-    out[row] = vectors_a[:, int(pick(values_a))]
-    return out
-
-
-class TokenFactors(InverseOnMatrices):
-    """Running ``A`` (``[D, D]``) and token frequencies ``f`` (``[V]``) of a large table,
-    with ``A``'s decomposition frozen at the last refresh (the interface of
-    :class:`~.kronecker.KroneckerFactors` that the fine and coarse levels use)."""
-
-    def __init__(self) -> None:
-        self.a_factor: Tensor | None = None
-        self.frequencies: Tensor | None = None
-        self.num_updates = 0
-        self.num_locations: float = 1
-        self.a_decomposition: tuple[Tensor, Tensor] | None = None
-        self.frozen_frequencies: Tensor | None = None
-        self.decomp_pi = 1.0
-        self._key: tuple[float, str, str, float] | None = None  # (λ, mode, method, T)
-        self._prepared: tuple[Tensor, ...] = ()
-
-    def update(
-        self,
-        new_a: Tensor,
-        new_f: Tensor,
-        ema_decay: float,
-        num_locations: float,
-        replacing: bool = False,
-    ) -> None:
-        """``X ← ρ X + (1 − ρ) X_new`` for ``A`` and ``f`` (:mod:`.running_average`; in
-        place over the frozen ones where ``replacing``, as
-        :meth:`~.kronecker.KroneckerFactors.update`)."""
-        self.num_updates += 1
-        self.num_locations = num_locations
-        rho = ema_weight(self.num_updates, ema_decay)
-        frozen = () if replacing else (self.frozen_frequencies, *(self.a_decomposition or ()))
-        a, f = self.a_factor, self.frequencies
-        self.a_factor = running_average(a, new_a, rho, not shares_memory(a, *frozen))
-        self.frequencies = running_average(f, new_f, rho, not shares_memory(f, *frozen))
-
-    @property
-    def ready(self) -> bool:
-        """Whether ``A`` and ``f`` hold an estimate."""
-        return self.a_factor is not None and self.frequencies is not None
-
-    def factor_shapes(self) -> tuple[tuple[int, ...], ...] | None:
-        """The shapes of ``A`` and ``f`` (``None`` before an estimate)."""
-        if self.a_factor is None or self.frequencies is None:
-            return None
-        return tuple(self.a_factor.shape), tuple(self.frequencies.shape)
-
-    @property
-    def decomposed(self) -> bool:
-        """Whether a refresh has frozen the factors for the inverses."""
-        return self.a_decomposition is not None
-
-    def decompose(self, method: str) -> None:
-        """Freeze ``f`` and ``A``'s decomposition (and π) until the next refresh."""
-        assert self.a_factor is not None and self.frequencies is not None
-        a, f = self.a_factor, self.frequencies
-        self.a_decomposition = decompose_factor(a, method)
-        self.frozen_frequencies = f  # the next update is out of place (.running_average)
-        self.decomp_pi = pi_ratio(float(a.trace()), a.shape[0], float(f.sum()), f.shape[0])
-        self._key = None
-
-    def convert_decomposition(self, method: str) -> bool:
-        """Put ``A``'s cached decomposition in ``method``'s form (a checkpoint of the other
-        ``inverse_method``); whether it changed."""
-        converted = converted_decomposition(self.a_decomposition, method)
-        if converted is None:
-            return False
-        self.a_decomposition, self._key = converted, None
-        return True
-
-    def _inverse(self, damping: float, mode: str, method: str) -> tuple[Tensor, ...]:
-        """``(1/(f + s_G)/T, (A + s_A I)⁻¹)`` for a factored damping, ``(Q, 1/(f aᵀ + λ)/T)``
-        for ``eigen_sum``; cached per damping."""
-        if self._key == (damping, mode, method, self.num_locations):
-            return self._prepared
-        if self.a_decomposition is None or self.frozen_frequencies is None:
-            raise RuntimeError("TokenFactors.decompose() must run before apply_inverse()")
-        f, t = self.frozen_frequencies, self.num_locations
-        if mode == "eigen_sum":
-            values, vectors = self.a_decomposition
-            grid = torch.outer(f, values) + damping
-            self._prepared = (vectors, per_location(grid.reciprocal_(), t))
-        else:
-            shift_a, shift_g = factor_dampings(damping, mode, self.decomp_pi)
-            if method == "eigen":
-                inv_a = eigen_inverse(*self.a_decomposition, shift_a)
-            else:
-                inv_a = damped_inverse(self.a_decomposition[0], shift_a)
-            self._prepared = (per_location((f + shift_g).reciprocal(), t), inv_a)
-        self._key = (damping, mode, method, self.num_locations)
-        return self._prepared
-
-    def apply_inverse(self, grad: Tensor, damping: float, mode: str, method: str) -> Tensor:
-        """The damped ``(G ⊗ A)⁻¹`` (divided by ``T``) on a ``[V, D]`` matrix."""
-        prepared = self._inverse(damping, mode, method)
-        x = grad.to(prepared[0].dtype)
-        if mode == "eigen_sum":
-            vectors, grid = prepared
-            out = ((x @ vectors) * grid) @ vectors.T
-        else:
-            inv_f, inv_a = prepared
-            out = (x * inv_f[:, None]) @ inv_a
-        return out.to(grad.dtype)
-
-    def table_eigenbasis(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(f, d_A, Q_A)`` of the frozen factors (``G = diag(f)``: its eigenbasis is the
-        identity), or ``None`` without an eigendecomposition of ``A`` (EKFAC's basis,
-        :mod:`twolevel_kfac.optim.ekfac`)."""
-        if self.a_decomposition is None or self.frozen_frequencies is None:
-            return None
-        values, vectors = self.a_decomposition
-        if vectors.numel() == 0:  # a Cholesky factor
-            return None
-        return self.frozen_frequencies, values, vectors
-
-    def spectral_vector(self, which: str) -> Tensor:
-        """:func:`table_spectral_vector` of the frozen factors (``A``'s eigenpairs, or its
-        one extreme pair under Cholesky: :func:`~.extreme_eigen.frozen_eigenpairs`)."""
-        assert self.a_decomposition is not None and self.frozen_frequencies is not None
-        pairs = frozen_eigenpairs(self.a_decomposition, which)
-        return table_spectral_vector(self.frozen_frequencies, *pairs, which)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state to checkpoint."""
-        return {
-            "a_factor": self.a_factor,
-            "frequencies": self.frequencies,
-            "num_updates": self.num_updates,
-            "num_locations": self.num_locations,
-            "a_decomposition": self.a_decomposition,
-            "frozen_frequencies": self.frozen_frequencies,
-            "decomp_pi": self.decomp_pi,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`, or the dense block's of an untied table (a small
-        table's, saved before 2026-12-09): ``f`` the diagonal of its ``G``."""
-        if "G" in state and "frequencies" not in state:
-            state = _from_dense(state)
-        missing = [key for key in self.state_dict() if key not in state]
-        if missing:
-            raise KeyError(f"embedding table block state is missing {missing}")
-        self.a_factor, self.frequencies = state["a_factor"], state["frequencies"]
-        self.num_updates = int(state["num_updates"])
-        self.num_locations = location_count(state["num_locations"])
-        decomp = state["a_decomposition"]
-        self.a_decomposition = None if decomp is None else (decomp[0], decomp[1])
-        self.frozen_frequencies = state["frozen_frequencies"]
-        self.decomp_pi = float(state["decomp_pi"])
-        self._key = None
-
-
-def frozen_diagonal(decomposition: tuple[Tensor, Tensor]) -> Tensor:
-    """The diagonal of a frozen ``G`` from its decomposition (``f`` of a table's ``G =
-    diag(f)``): the matrix itself under Cholesky (an empty second entry), else ``Σ_k
-    λ_k q_k²`` of its eigenpairs."""
-    values, vectors = decomposition
-    return values.diagonal() if vectors.numel() == 0 else (vectors**2) @ values
-
-
-def _from_dense(state: dict[str, Any]) -> dict[str, Any]:
-    """A :class:`TokenFactors` state from a dense ``(A, G)`` block's
-    (:class:`~.kronecker.KroneckerFactors`) of a table whose ``G`` is diagonal.
-
-    Raises:
-        KeyError: its ``G`` is not diagonal.
-    """
-    dense_g, decomp_g = state["G"], state["decomp_g"]
-    if dense_g is not None and bool((dense_g - torch.diag(dense_g.diagonal())).any()):
-        raise KeyError("the saved token factor G is not diagonal (a table tied to a head)")
-    return {
-        "a_factor": state["A"],
-        "frequencies": None if dense_g is None else dense_g.diagonal().clone(),
-        "num_updates": state["num_updates"],
-        "num_locations": state["num_locations"],
-        "a_decomposition": state["decomp_a"],
-        "frozen_frequencies": None if decomp_g is None else frozen_diagonal(decomp_g),
-        "decomp_pi": state["decomp_pi"],
-    }
 
 
 @dataclass
@@ -269,7 +68,7 @@ class TokenStats(BlockStats):
     exact_inputs: ClassVar[bool] = True  # the ids stay float64 in a half-precision model
     dead_rows: ClassVar[bool] = True
     table_rows: int = 0
-    padding: int = -1  # the table's padding_idx (-1: none): its positions give no gradient
+    padding: bool = False  # some positions hold ``table_rows``: a padding_idx (no gradient)
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> TokenStats:
@@ -281,8 +80,7 @@ class TokenStats(BlockStats):
         """
         rows = int(layer_weight(module).shape[0])
         _check_ids(a.dtype, rows)
-        padding = getattr(module, "padding_idx", None)
-        return cls(a, g, rows, -1 if padding is None else int(padding))
+        return cls(a, g, rows, bool((a[..., 0] == rows).any()))
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
@@ -297,27 +95,37 @@ class TokenStats(BlockStats):
 
     @property
     def tokens(self) -> Tensor:
-        """The token ids, ``[N, T]`` (int64)."""
+        """The token ids, ``[N, T]`` (int64; a padding position's: any row, its ``δ`` is
+        zero in :meth:`_gradients`)."""
         _check_ids(self.a.dtype, self.table_rows)
-        return self.a[..., 0].long()
+        ids = self.a[..., 0].long()
+        return ids.clamp_max(self.table_rows - 1) if self.padding else ids
+
+    @property
+    def padded(self) -> Tensor:
+        """The positions of a call's ``padding_idx`` (``[N, T]``, bool): :func:`_features`
+        gave them the id ``table_rows``, per call (tables sharing a weight may pad with
+        different tokens, or one not at all: one ``padding_idx`` for the block was 0.12–0.71
+        off in a review, before 2026-12-09)."""
+        return self.a[..., 0] == self.table_rows
 
     def _gradients(self) -> Tensor:
-        """``δ`` of the positions that give the table a gradient (``padding`` ones zero)."""
-        if self.padding < 0:
+        """``δ`` of the positions that give the table a gradient (padding ones zero)."""
+        if not self.padding:
             return self.g
-        return self.g.masked_fill((self.tokens == self.padding).unsqueeze(-1), 0.0)
+        return self.g.masked_fill(self.padded.unsqueeze(-1), 0.0)
 
     def block_factors(self) -> tuple[Tensor, Tensor]:
         """``A = Σ_{n,t} δ δᵀ / (N T)`` and ``f_v``: the share of the ``N·T`` positions
         holding token ``v`` (the positions that are not ``dead``: :mod:`.live_positions`)."""
-        rows, tokens = self.g.flatten(0, 1), self.tokens.reshape(-1)
+        _check_ids(self.a.dtype, self.table_rows)
+        rows, tokens = self.g.flatten(0, 1), self.a[..., 0].long().reshape(-1)
         if self.dead is not None:
             keep = ~self.dead.reshape(-1)
             rows, tokens = rows[keep], tokens[keep]
         count = max(int(rows.shape[0]), 1)
-        counts = torch.bincount(tokens, minlength=self.table_rows)
-        if self.padding >= 0:  # as the dense path's zero one-hot row of the padding token
-            counts[self.padding] = 0
+        # (padding positions, id table_rows, counted apart: the dense path's zero one-hot row)
+        counts = torch.bincount(tokens, minlength=self.table_rows + 1)[: self.table_rows]
         return rows.T @ rows / count, counts.to(self.g.dtype) / count
 
     def factor_count(self) -> int:
@@ -361,8 +169,8 @@ class TokenStats(BlockStats):
     def nicolaides_sums(self) -> tuple[Tensor, Tensor]:
         """``1ᵀδ`` (the ``A`` side) and ``1ᵀe = 1`` per position, ``[N, T, 1]`` each."""
         counted = torch.ones_like(self.a)
-        if self.padding >= 0:
-            counted[self.tokens == self.padding] = 0.0
+        if self.padding:
+            counted[self.padded] = 0.0
         return self.g.sum(-1, keepdim=True), counted
 
     def numel(self) -> int:
@@ -389,7 +197,10 @@ def _features(module: nn.Module, tokens: Tensor) -> Tensor:
     assert isinstance(module, nn.Embedding)
     if not keeps_frequencies(module):
         return one_hot_rows(module, tokens)
-    return tokens.reshape(tokens.shape[0], tokens.shape[1:].numel(), 1).to(torch.float64)
+    ids = tokens.reshape(tokens.shape[0], tokens.shape[1:].numel(), 1).to(torch.float64)
+    if module.padding_idx is None:
+        return ids
+    return ids.masked_fill(ids == module.padding_idx, float(module.num_embeddings))
 
 
 register_layer_type(

@@ -103,14 +103,20 @@ def resolve_options(
     return replace(options, inverse_method=method), fine_type, fine_arguments
 
 
-def choose_table_forms(model: nn.Module, options: CurvatureOptions, fine: type[FineLevel]) -> None:
-    """Give the small embedding tables of ``model`` the diagonal token factor where the
-    options read nothing but ``G`` of their blocks (the expand view, a fine level with
-    :attr:`~.fine.FineLevel.diagonal_tables`), else the dense one
-    (:func:`~twolevel_kfac.curvature.token_form.choose_token_factors`: tables tied to a
-    module of another type keep it too)."""
-    diagonal = options.weight_sharing == "expand" and fine.diagonal_tables and not _DENSE
-    choose_token_factors(dict(model.named_modules()), diagonal)
+def choose_table_forms(pre: KFACPreconditioner, fine: type[FineLevel]) -> None:
+    """Choose the form of the token factor of each small embedding table ``pre``
+    preconditions (:mod:`~twolevel_kfac.curvature.token_form`): the vector of frequencies
+    where the options read nothing but ``G`` of its block (the expand view, a fine level
+    with :attr:`~.fine.FineLevel.diagonal_tables`, factors not in a half dtype, which holds
+    few token ids exactly) and no module of another type computes with its weight (a tied
+    ``Linear`` head adds a dense ``δδᵀ``); else the dense one-hot ``G``."""
+    options, tables = pre.options, dict[nn.Module, bool]()
+    for name, modules in pre.uses.items():
+        untied = all(isinstance(m, nn.Embedding) for m in modules)
+        vector = untied and options.weight_sharing == "expand" and fine.diagonal_tables
+        vector = vector and not _DENSE and pre.factor_dtype(name) not in HALF_DTYPES
+        tables.update({m: vector for m in modules if isinstance(m, nn.Embedding)})
+    choose_token_factors(pre, tables)
 
 
 _DENSE: list[None] = []  # one entry per dense_tables() block in force

@@ -55,6 +55,7 @@ from ..curvature.kronecker import eigen_denominator
 from ..curvature.kronecker_apply import apply_in_eigenbasis
 from ..curvature.persample import eigenbasis_diagonal_transport, rotated_second_moments
 from ..curvature.running_average import ema_weight, running_average
+from ..curvature.token_factors import TokenFactors
 from ..distributed import all_reduce_sum
 from .fine import FineContext, FineLevel
 from .kfac import KFAC
@@ -266,9 +267,36 @@ class EKFACFine(FineLevel):
         """
         if "scalings" not in state:
             raise ValueError("not an EKFAC state: no 'scalings' entry")
-        self.scalings = {n: self.host.placed(n, s) for n, s in state["scalings"]["S"].items()}
+        saved = state.get("factors", {})
+        self.scalings = {
+            n: self.host.placed(n, _token_rows(n, s, saved.get(n), self.host.factors.get(n)))
+            for n, s in state["scalings"]["S"].items()
+        }
         self.scaling_updates = {k: int(v) for k, v in state["scalings"]["updates"].items()}
         self._scaling_cache.clear()
+
+
+def _token_rows(name: str, scalings: Tensor, saved: Any, factors: Any) -> Tensor:
+    """A table's scalings ``[V, D]`` in token order where they were saved in the dense
+    form's eigenbasis of ``G = diag(f)`` (a permutation of the tokens, ``eigh``'s order)
+    and load into the vector form (:mod:`~twolevel_kfac.curvature.token_form`): read row
+    by row, they took other tokens' scalings (1 % off a step, before 2026-12-09).
+
+    Raises:
+        ValueError: the saved eigenbasis is not a permutation of the tokens.
+    """
+    if not isinstance(factors, TokenFactors) or not isinstance(saved, dict) or "G" not in saved:
+        return scalings
+    vectors = saved["decomp_g"][1] if saved.get("decomp_g") is not None else None
+    if vectors is None or vectors.numel() == 0 or not bool((vectors.abs().amax(0) == 1).all()):
+        raise ValueError(
+            f"layer {name!r}: its EKFAC scalings were saved in an eigenbasis of its token "
+            "factor that is not the tokens' own (a table tied to a head, or a Cholesky "
+            "state): load the checkpoint into an optimizer of the options that saved it"
+        )
+    rows = torch.empty_like(scalings)
+    rows[vectors.abs().argmax(dim=0)] = scalings
+    return rows
 
 
 class EKFACPreconditioner(KFACPreconditioner):

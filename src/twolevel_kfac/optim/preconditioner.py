@@ -96,9 +96,10 @@ class KFACPreconditioner(NotCopyable):
         self.damping_varies = damping_varies  # λ is state (adaptive), not an option
         self.model = model = unwrap_model(model)
         self.comm = make_communicator(self.options.process_group)
-        choose_table_forms(model, opts, fine_type)  # (before find_layers: ties compare them)
         self.layers = find_layers(model, opts.unsupported, params, opts.norm_blocks)
         require_layers(self.layers, model, given=params is not None)
+        self.uses = uses = find_layer_uses(model, self.layers)
+        choose_table_forms(self, fine_type)  # (before the factors, which take that form)
         # default params: the layers that train now (those frozen: warned of once unfrozen)
         self._watched = [p for p in model.parameters() if params is None and not p.requires_grad]
         self.damping, self.steps, self.fine_version = damping_at(self.options.damping, 0), 0, 0
@@ -107,7 +108,6 @@ class KFACPreconditioner(NotCopyable):
         self.factors = {name: new_factors(m) for name, m in self.layers.items()}
         self.fine = fine_type(self, **fine_arguments)
         self.coarse_level = None if coarse is None else self.coarse_level_type(self, coarse)
-        self.uses = uses = find_layer_uses(model, self.layers)
         # rows no step may move (an untied embedding's padding row), by layer
         self.fixed_rows = {name: rows for name in self.layers if (rows := fixed_rows(uses[name]))}
         self.token_tables = {name for name in self.layers if is_token_table(uses[name])}
