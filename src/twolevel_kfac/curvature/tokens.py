@@ -53,10 +53,10 @@ from .layer_types import (
     register_layer_type,
 )
 from .live_positions import live_count
-from .token_factors import TokenFactors, frozen_diagonal, table_spectral_vector
+from .token_factors import TokenFactors
 from .token_form import keeps_frequencies
 
-__all__ = ["TokenFactors", "TokenStats", "frozen_diagonal", "table_spectral_vector"]
+__all__ = ["TokenFactors", "TokenStats"]
 
 
 @dataclass

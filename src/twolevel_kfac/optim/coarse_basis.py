@@ -15,7 +15,7 @@ from torch import Tensor
 from ..curvature.blocks import block_parameters, has_bias, layer_shape
 from ..curvature.extreme_eigen import frozen_eigenpairs
 from ..curvature.kronecker import KroneckerFactors
-from ..curvature.tokens import frozen_diagonal, table_spectral_vector
+from ..curvature.token_factors import frozen_diagonal, table_spectral_vector
 from ..twolevel.coarse_spaces import (
     RESIDUAL_SPACES,
     build_basis,

@@ -84,7 +84,7 @@ class StackedEigenbasis(Protocol):
 @runtime_checkable
 class TableEigenbasis(Protocol):
     """Factors ``diag(f) ⊗ A`` of a large embedding table that give ``(f, d_A, Q_A)``
-    (:class:`~twolevel_kfac.curvature.tokens.TokenFactors`)."""
+    (:class:`~twolevel_kfac.curvature.token_factors.TokenFactors`)."""
 
     num_locations: int
     decomp_pi: float

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..curvature.blocks import LayerStats
 from ..curvature.kronecker import KroneckerFactors
 from ..curvature.kronecker_apply import LayerParts, apply_on_parts
-from ..curvature.tokens import TokenFactors
+from ..curvature.token_factors import TokenFactors
 from ..distributed import share_decompositions
 
 if TYPE_CHECKING:
