@@ -172,6 +172,10 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "steps stacked from rows picked": torch.stack([h[torch.randperm(B), t] for t in range(T)])
         .transpose(0, 1)
         .reshape(B * T, D),
+        # (2026-12-09: row-wise where the first dimension stays, not where it is new)
+        "expand to a new first dimension": flat.sum(1).expand(B * T, B * T),
+        "chunk along the rows": flat.chunk(2, dim=-2)[0],
+        "unbind of the rows": torch.stack(flat.unbind(0)),
         "time-major gathered, back": (
             h.transpose(0, 1)
             .reshape(T * B, D)[torch.randperm(T * B)]
@@ -195,6 +199,11 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "flip(1)": flat.flip(1),
         "cumsum(1)": flat.cumsum(1),
         "attention's transposes": h.view(B, T, 1, D).transpose(1, 2).transpose(1, 2).reshape(-1, D),
+        # (2026-12-09) a view or expand keeping the first dimension, a chunk beside the rows
+        "a view keeping the rows": flat.view(B * T, 1, D).view(B * T, D),
+        "an expand of a trailing dimension": flat[:, :1].expand(-1, D),
+        "a chunk of the features (q, k, v)": flat.chunk(D, dim=-1)[0],
+        "a select beside the rows": flat.view(B * T, 1, D).select(1, 0),
     }
     for name, rows in kept.items():
         assert sample_major(rows, forward), name

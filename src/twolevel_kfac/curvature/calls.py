@@ -324,7 +324,10 @@ def _keeps_rows(node: Node) -> bool:
     metadata = getattr(node, "_input_metadata", None)
     if not sizes or not metadata or not len(metadata[0].shape):
         return False
-    return int(sizes[0]) == int(metadata[0].shape[0])
+    shape = metadata[0].shape  # (an expand's new leading dimensions: not the rows)
+    if type(node).__name__ == "ExpandBackward0" and len(shape) != len(sizes):
+        return False
+    return int(sizes[0]) == int(shape[0])
 
 
 def _batch_first_reshape(node: Node, samples: int) -> bool:
