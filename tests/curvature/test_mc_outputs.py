@@ -103,3 +103,15 @@ def test_gaussian_outputs_the_loss_ignores_are_warned_of() -> None:
         target = torch.cat([noise, torch.zeros(8, 3)], 1)
         F.mse_loss(relu(x), target).backward()  # (read, its gradient 0: not warned of)
         opt.step()
+
+
+def test_one_logit_per_sample_under_the_default_likelihood_names_bernoulli() -> None:
+    """A click model's ``[N]`` logits under ``fisher='mc'``'s categorical default: the
+    refusal names the likelihoods that fit (it asked for a batch, which it was)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0))
+    opt = tk.KFAC(model, lr=0.1)
+    with pytest.raises(ValueError, match=r"got \(8,\): one logit per sample .*='bernoulli'"):
+        F.binary_cross_entropy_with_logits(model(torch.randn(8, 4)), torch.rand(8)).backward()
+        opt.step()
+    tk.KFAC(model, lr=0.1, likelihood="bernoulli")  # (and with it the step is taken)

@@ -189,17 +189,27 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
             and inputs.data_ptr() == first.data_ptr()
             and inputs.numel() == first.numel()
         )
-    stack, seen, proved = [node], {node}, False
+    # (past a reshape, expand or pick that keeps the rows, a batch-first reshape of a tensor
+    # with another dimension of N must be the copy of a permute keeping the first dimension:
+    # at T = B a time-major flatten behind an op, (h.transpose(0, 1) * 1).reshape(T * B, D)
+    # .view(…), was proved, silently, in review)
+    stack, seen, proved = [(node, False)], {node}, False
     while stack:
-        node = stack.pop()
+        node, strict = stack.pop()
         name = type(node).__name__
-        if node in forward.ordered or (name in _RESHAPES and _batch_first_reshape(node, samples)):
+        batch_first = name in _RESHAPES and _batch_first_reshape(node, samples, strict)
+        if node in forward.ordered or batch_first:
             proved = True
             continue
-        if (name in _KEEPS and _keeps_rows(node)) or (name in _PICKS and _beside_rows(node)):
-            pass  # (its rows as its input's: walked on)
-        elif name in _RESHAPES or name in _REORDERS or _moves_rows(node) or len(seen) > _WALK:
+        step = _row_step(node, name, len(seen), samples)
+        if step is False:
             return False
+        if step is None or not isinstance(step, bool):  # (a weight; rows put back: from there)
+            if step is not None and step not in seen:
+                seen.add(step)
+                stack.append((step, True))
+            continue
+        strict = strict or name in _KEEPS or name in _PICKS
         for edge, (parent, _) in enumerate(node.next_functions):
             if (name, edge) in _MIXED or _flat_batched(node, name, edge):  # P @ h: rows mixed
                 if not (_frozen_weight(node) if parent is None else _parameters_alone(parent)):
@@ -208,7 +218,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
             if parent is None or parent in seen or type(parent).__name__ == "AccumulateGrad":
                 continue
             seen.add(parent)
-            stack.append(parent)
+            stack.append((parent, strict))
     return proved
 
 
@@ -292,6 +302,7 @@ def _moves_rows(node: Node) -> bool:
     return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
 
 
+_PERMUTE = "PermuteBackward0"
 _KEEPS = _RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
 _PICKS = frozenset(
     {"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0"}
@@ -314,34 +325,91 @@ def _beside_rows(node: Node) -> bool:
     return dim is not None and signed(int(dim)) % rank != 0
 
 
-def _keeps_rows(node: Node) -> bool:
-    """A reshape or expand whose output has its input's first dimension (the others merged,
-    split or broadcast: Swin's windows ``[B·n, s, s, C] → [B·n, s², C]``, a batched
-    ``matmul``'s operands), which leaves every row as it was: row-wise (before 2026-12-09
-    it ended the proof, and Swin's window attention took KFC's step with the damping of
-    gathered rows: 3× off, silently)."""
+def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool | None:
+    """How :func:`sample_major`'s walk goes on at ``node``: ``True`` row-wise (on to its
+    inputs), a node to go on from instead (:func:`_rows_put_back`), ``None`` for a branch
+    of parameters alone (a weight broadcast in: Swin's position bias), ``False`` where the
+    rows are not proved (made, moved or mixed, a reshape of something else, a walk past
+    :data:`_WALK` nodes)."""
+    if (name in _KEEPS and _keeps_rows(node, samples)) or (name in _PICKS and _beside_rows(node)):
+        return True  # (its rows as its input's)
+    source = _rows_put_back(node) if name in _PICKS else None
+    if source is not None:
+        return source
+    if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or walked > _WALK:
+        return None if _parameters_alone(node) else False
+    return True
+
+
+def _rows_put_back(node: Node) -> Node | None:
+    """The input of a permute that moved the rows to the second dimension, where ``node``
+    selects or unbinds along the first (``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1,
+    4).unbind(0)``, timm's attention): the rows are first again, as in that input; else
+    ``None``."""
+    if signed(int(getattr(node, "_saved_dim", -1))) != 0 or not node.next_functions:
+        return None
+    permute = node.next_functions[0][0]
+    if permute is None or type(permute).__name__ != "PermuteBackward0":
+        return None
+    dims = [signed(int(d)) for d in permute._saved_dims]  # type: ignore[attr-defined]
+    if len(dims) < 2 or dims[1] % len(dims) != 0 or not permute.next_functions:
+        return None
+    source: Node | None = permute.next_functions[0][0]
+    return source
+
+
+def _keeps_rows(node: Node, samples: int) -> bool:
+    """A reshape that groups rows contiguously, or an expand that keeps the first dimension:
+    its output's first dimension is its input's, or the product of its input's leading
+    dimensions (``[R, h, n, d] → [R·h, n, d]``, a batched ``matmul`` over heads), or one of
+    the factors of its input's (the reverse): each row of one side is a run of rows of the
+    other, in order, so rows stay sample-major (Swin's windows ``[B·n, s, s, C] → [B·n, s²,
+    C]``; before 2026-12-09 such a reshape ended the proof, and Swin's window attention took
+    KFC's step with the damping of gathered rows: 3× off, silently). Both sides must have a
+    multiple of the ``samples`` rows, each row inside one sample (a row spanning samples,
+    ``[T, N, D]`` of a flattened ``[N·T, D]``, would let an op along another dimension mix
+    them). An expand's new leading dimensions are no rows."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     metadata = getattr(node, "_input_metadata", None)
     if not sizes or not metadata or not len(metadata[0].shape):
         return False
-    shape = metadata[0].shape  # (an expand's new leading dimensions: not the rows)
-    if type(node).__name__ == "ExpandBackward0" and len(shape) != len(sizes):
+    before, after = [int(s) for s in sizes], [int(s) for s in metadata[0].shape]
+    if before[0] % samples or after[0] % samples:
         return False
-    return int(sizes[0]) == int(shape[0])
+    if type(node).__name__ == "ExpandBackward0":
+        return len(before) == len(after) and before[0] == after[0]
+    return _leading_product(before, after[0]) or _leading_product(after, before[0])
 
 
-def _batch_first_reshape(node: Node, samples: int) -> bool:
+def _leading_product(dims: list[int], target: int) -> bool:
+    """Whether the product of some leading dimensions of ``dims`` is ``target`` (> 0)."""
+    product = 1
+    for size in dims:
+        product *= size
+        if product == target:
+            return target > 0
+        if product > target or product == 0:
+            return False
+    return False
+
+
+def _batch_first_reshape(node: Node, samples: int, strict: bool = False) -> bool:
     """A reshape node whose input had the ``samples`` first (its saved sizes), unless it is
     a copy (``reshape`` of a non-contiguous tensor copies it first) of a transpose or
     permute that moved the first dimension: what was done in the other layout is not
     walked (rows gathered time-major, put back). Only a recurrent layer's time-major output
     brought batch-first proves it (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``,
     a recurrent op's or its time steps stacked: ``nn.GRU``'s), where the dimension sent
-    away has another size than ``samples``."""
+    away has another size than ``samples``. ``strict``: where another dimension (but the
+    last) has ``samples`` entries too, only the copy of a transpose or permute that kept
+    the first dimension (the first may be that other one, moved there: time-major)."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     if not sizes or int(sizes[0]) != samples:
         return False
+    strict = strict and [int(s) for s in sizes[:-1]].count(samples) > 1  # (T = B: which?)
     parent = node.next_functions[0][0] if node.next_functions else None
+    if strict and (parent is None or type(parent).__name__ != "CloneBackward0"):
+        return False
     if parent is not None and type(parent).__name__ == "CloneBackward0":
         source = parent.next_functions[0][0] if parent.next_functions else None
         kind, rank = type(source).__name__, len(sizes)
@@ -353,7 +421,7 @@ def _batch_first_reshape(node: Node, samples: int) -> bool:
             order = [signed(int(d)) % rank for d in getattr(source, "_saved_dims")]  # noqa: B009
             moved = order.index(0) if order[0] != 0 else None
         if moved is None or moved == 0:
-            return True
+            return not strict or kind in ("TransposeBackward0", "TransposeBackward1", _PERMUTE)
         origin = source.next_functions[0][0] if source and source.next_functions else None
         recurrent = type(origin).__name__
         if "Rnn" in recurrent:  # (a recurrent op's time-major output)

@@ -100,9 +100,10 @@ def check_output(
         return
     if output.dim() < 2:
         raise ValueError(
-            f"likelihood='categorical' expects logits of shape [N, C], got "
-            f"{tuple(output.shape)}: one unbatched sample? Call the model on a batch "
-            "(x[None] for one sample)"
+            f"likelihood='categorical' (fisher='mc''s default) expects logits of shape [N, "
+            f"C], got {tuple(output.shape)}: one logit per sample (a click model's BCE) takes "
+            "likelihood='bernoulli', one value per sample under MSE likelihood='gaussian'; "
+            "for one unbatched sample, call the model on a batch (x[None])"
         )
     if output.dim() > 2 and class_dim is None:
         raise ValueError(

@@ -68,7 +68,6 @@ class TokenStats(BlockStats):
     exact_inputs: ClassVar[bool] = True  # the ids stay float64 in a half-precision model
     dead_rows: ClassVar[bool] = True
     table_rows: int = 0
-    padding: bool = False  # some positions hold ``table_rows``: a padding_idx (no gradient)
 
     @classmethod
     def of(cls, module: nn.Module, a: Tensor, g: Tensor) -> TokenStats:
@@ -80,7 +79,7 @@ class TokenStats(BlockStats):
         """
         rows = int(layer_weight(module).shape[0])
         _check_ids(a.dtype, rows)
-        return cls(a, g, rows, bool((a[..., 0] == rows).any()))
+        return cls(a, g, rows)
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
@@ -100,6 +99,12 @@ class TokenStats(BlockStats):
         _check_ids(self.a.dtype, self.table_rows)
         ids = self.a[..., 0].long()
         return ids.clamp_max(self.table_rows - 1) if self.padding else ids
+
+    @property
+    def padding(self) -> bool:
+        """Whether some position holds a call's ``padding_idx`` (read from the ids each time:
+        statistics joined from other ranks' carry theirs, ``dataclasses.replace``)."""
+        return bool(self.padded.any())
 
     @property
     def padded(self) -> Tensor:
