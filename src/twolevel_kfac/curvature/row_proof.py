@@ -1,0 +1,362 @@
+"""The proof that a layer input of ``R = k·N`` rows holds them ``k`` per sample in the
+batch's order (:func:`sample_major`), from how autograd's graph made them: the rows of
+tokens flattened batch-first inside ``forward`` are then locations of their samples
+(:mod:`.calls`), and a coarse level may pair them with the other layers' rows as samples.
+A false proof regroups rows into the wrong samples, silently: every rule here refuses what
+it cannot prove.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from .row_order import signed
+
+if TYPE_CHECKING:
+    from torch.autograd.graph import Node
+
+    from .forward_pass import ForwardPass
+
+__all__ = ["sample_major"]
+
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_REORDERS = frozenset(
+    {
+        "IndexBackward0",
+        "IndexSelectBackward0",
+        "GatherBackward0",
+        "MaskedSelectBackward0",
+        "CatBackward0",
+        "StackBackward0",
+        "RepeatBackward0",
+        "RepeatInterleaveBackward0",
+        "ExpandBackward0",
+        "IndexPutBackward0",
+        "SliceBackward0",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnbindBackward0",
+        "SelectBackward0",
+        "EmbeddingBackward0",  # (F.embedding(index, h): rows of h picked)
+        "IndexCopyBackward0",
+        "IndexAddBackward0",
+        "IndexReduceBackward0",
+        "ScatterBackward0",
+        "ScatterAddBackward0",
+        "ScatterReduceBackward0",
+        "MaskedScatterBackward0",
+        "SortBackward0",
+        "TopkBackward0",
+        "TakeBackward0",
+    }
+)
+_MIXED = frozenset({("MmBackward0", 1), ("AddmmBackward0", 2)})  # P @ h: h's rows mixed
+_ALONG = frozenset(  # (along the dimensions they saved)
+    {
+        "FlipBackward0",
+        "RollBackward0",
+        "Rot90Backward0",
+        "CumsumBackward0",
+        "CumprodBackward0",
+        "CummaxBackward0",
+        "CumminBackward0",
+        "LogcumsumexpBackward0",
+        "UnfoldBackward0",
+    }
+)
+_RANKED = _ALONG | {  # (what _moves_rows reads an output's rank for)
+    "PermuteBackward0",
+    "UnsqueezeBackward0",
+    "ConstantPadNdBackward0",
+    "TransposeBackward0",
+    "TransposeBackward1",
+}
+_WALK = 256  # autograd nodes looked at, at most
+
+
+def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
+    """Whether a layer input (or a model output) of ``R = k·N`` rows, ``N`` the forward's
+    samples, has them ``k`` per sample in the batch's order, as proved from how it was made.
+
+    * a reshape (``view``, ``reshape``, ``flatten``) of a tensor whose first dimension is
+      the ``N`` samples, not a transpose or permute of one that moved its first dimension
+      (:func:`_batch_first_reshape`), with row-wise operations after it (a reshape that
+      keeps the first dimension among them: :func:`_keeps_rows`);
+    * or row-wise operations on such a reshape or on a layer output proved so
+      (``forward.ordered``): every path back through autograd's graph reaches one before
+      an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
+      repeating, expanding), moves or mixes them (:func:`_moves_rows`; the right operand
+      of a product ``P @ h`` is not followed), or a reshape of something else; paths to
+      parameters aside;
+    * or, without autograd history, a contiguous view of all of the model's first tensor
+      argument (the data flattened).
+
+    Otherwise (a mixture-of-experts expert's gathered tokens, a time-major flatten, a walk
+    longer than :data:`_WALK` nodes) ``False``: the rows are not regrouped."""
+    samples, rows = forward.batch_size, int(inputs.shape[0]) if inputs.dim() else 0  # (all)
+    if rows in (0, samples) or rows % samples:
+        return False
+    node = inputs.grad_fn
+    if node is None:
+        first = forward.first
+        return (
+            first is not None
+            and inputs._base is not None
+            and inputs.is_contiguous()
+            and first.is_contiguous()
+            and inputs.data_ptr() == first.data_ptr()
+            and inputs.numel() == first.numel()
+        )
+    # (past a reshape, expand or pick that keeps the rows, a batch-first reshape of a tensor
+    # with another dimension of N must be the copy of a permute keeping the first dimension:
+    # at T = B a time-major flatten behind an op, (h.transpose(0, 1) * 1).reshape(T * B, D)
+    # .view(…), was proved, silently, in review)
+    stack, seen, proved = [(node, False)], {node}, False
+    while stack:
+        node, strict = stack.pop()
+        name = type(node).__name__
+        batch_first = name in _RESHAPES and _batch_first_reshape(node, samples, strict)
+        if node in forward.ordered or batch_first:
+            proved = True
+            continue
+        step = _row_step(node, name, len(seen), samples)
+        if step is False:
+            return False
+        if step is None or not isinstance(step, bool):  # (a weight; rows put back: from there)
+            if step is not None and step not in seen:
+                seen.add(step)
+                stack.append((step, True))
+            continue
+        strict = strict or name in _KEEPS or name in _PICKS
+        for edge, (parent, _) in enumerate(node.next_functions):
+            if (name, edge) in _MIXED or _flat_batched(node, name, edge):  # P @ h: rows mixed
+                if not (_frozen_weight(node) if parent is None else _parameters_alone(parent)):
+                    return False  # (P @ x, P @ h: the right operand is no weight)
+                continue  # (a weight, h @ Wᵀ: the rows are the left operand's)
+            if parent is None or parent in seen or type(parent).__name__ == "AccumulateGrad":
+                continue
+            seen.add(parent)
+            stack.append((parent, strict))
+    return proved
+
+
+def _parameters_alone(node: Node) -> bool:
+    """Whether the tensor of ``node`` is computed from parameters alone (every path back
+    ends at a parameter's ``AccumulateGrad``; none at a tensor without a graph, such as
+    the data, at a leaf that is no ``nn.Parameter`` (the data with ``requires_grad``, an
+    attack's), nor past :data:`_WALK` nodes): a weight ``Wᵀ``, weight-normed or LoRA's,
+    not a tensor of the batch (a layer's output, a ``LayerNorm`` of the data)."""
+    stack, seen = [node], {node}
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "AccumulateGrad":  # (a leaf: a parameter, not the data)
+            if not isinstance(getattr(node, "variable", None), nn.Parameter):
+                return False
+            continue
+        for parent, _ in node.next_functions:
+            if parent is None or len(seen) > _WALK:
+                return False
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return True
+
+
+def _frozen_weight(node: Node) -> bool:
+    """Whether a product's right operand without a graph is a frozen weight: a parameter
+    or a view of one (``Wᵀ``), not the data's rows (``P @ x``, ``P @ x.T``). A frozen
+    weight cast under autocast, or held in a buffer, cannot be told from the data's rows
+    (a transposed view of a tensor without a graph): not proved."""
+    saved = getattr(node, "_saved_mat2", None)
+    if saved is None:
+        saved = getattr(node, "_saved_batch2", None)
+    return any(isinstance(t, nn.Parameter) for t in (saved, getattr(saved, "_base", None)))
+
+
+def _flat_batched(node: Node, name: str, edge: int) -> bool:
+    """A batched product of one matrix pair (``bmm(P[None], h[None])``): the right
+    operand's rows mixed as by ``P @ h``."""
+    if (name, edge) not in (("BmmBackward0", 1), ("BaddbmmBackward0", 2)):
+        return False
+    left = getattr(node, "_saved_self", None)
+    if left is None:
+        left = getattr(node, "_saved_batch1", None)
+    return left is None or int(left.shape[0]) == 1
+
+
+def _moves_rows(node: Node) -> bool:
+    """Whether ``node`` moves or mixes the rows of its output's first dimension: a flip,
+    roll, rotation, cumulative op, unfold or padding along it (a roll of the flattened
+    tensor too), a 2-D transpose, a transpose or permute that moves it (``P = gates.T``
+    for ``P @ h``), an unsqueeze before it (``h[None]``, after which ops along the rows
+    are not seen).
+    Without the output's rank (before torch's ``_input_metadata``) a dimension saved
+    negative counts as the first for the former, and the latter are taken as row-wise."""
+    name = type(node).__name__
+    if name == "TBackward0":
+        return True
+    if name not in _RANKED:  # (the rest move no rows: no metadata read for them)
+        return False
+    metadata = getattr(node, "_input_metadata", None)
+    rank = len(metadata[0].shape) if metadata else None
+    if name == "PermuteBackward0":
+        first = signed(int(node._saved_dims[0]))  # type: ignore[attr-defined]
+        return rank is not None and first % rank != 0
+    if name == "UnsqueezeBackward0":  # (x[None]: the rows leave the first dimension)
+        return rank is None or signed(int(node._saved_dim)) % rank == 0  # type: ignore[attr-defined]
+    if name == "ConstantPadNdBackward0":  # (F.pad of the rows: shifted, cropped)
+        pad = [signed(int(p)) for p in node._saved_pad]  # type: ignore[attr-defined]
+        return rank is None or (len(pad) >= 2 * rank and pad[2 * rank - 2 : 2 * rank] != [0, 0])
+    if name in ("TransposeBackward0", "TransposeBackward1"):
+        dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
+        return rank is not None and 0 in {d % rank for d in dims}
+    saved = getattr(node, "_saved_dims", None)  # (one of _ALONG from here)
+    if saved is None:  # (a cumulative op's one dimension, an unfold's)
+        one = getattr(node, "_saved_dim", None)
+        saved = (getattr(node, "_saved_dimension", 0) if one is None else one,)
+    dims = [signed(int(d)) for d in saved]
+    if not dims:  # (a roll of the flattened tensor)
+        return True
+    return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
+
+
+_PERMUTE = "PermuteBackward0"
+_KEEPS = _RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
+_PICKS = frozenset(
+    {"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0"}
+    | {"UnbindBackward0"}
+)
+
+
+def _beside_rows(node: Node) -> bool:
+    """Whether a split, slice, select or unbind works along a dimension other than the
+    rows (the ``q, k, v`` chunks of a fused projection of windows): every row is kept."""
+    dim = getattr(node, "_saved_dim", None)
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    metadata = getattr(node, "_input_metadata", None)
+    if sizes:
+        rank = len(sizes)
+    elif metadata and type(node).__name__ == "UnbindBackward0":  # (its outputs: one dim less)
+        rank = len(metadata[0].shape) + 1
+    else:
+        return False
+    return dim is not None and signed(int(dim)) % rank != 0
+
+
+def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool | None:
+    """How :func:`sample_major`'s walk goes on at ``node``: ``True`` row-wise (on to its
+    inputs), a node to go on from instead (:func:`_rows_put_back`), ``None`` for a branch
+    of parameters alone (a weight broadcast in: Swin's position bias), ``False`` where the
+    rows are not proved (made, moved or mixed, a reshape of something else, a walk past
+    :data:`_WALK` nodes)."""
+    if (name in _KEEPS and _keeps_rows(node, samples)) or (name in _PICKS and _beside_rows(node)):
+        return True  # (its rows as its input's)
+    source = _rows_put_back(node) if name in _PICKS else None
+    if source is not None:
+        return source
+    if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or walked > _WALK:
+        return None if _parameters_alone(node) else False
+    return True
+
+
+def _rows_put_back(node: Node) -> Node | None:
+    """The input of a permute that moved the rows to the second dimension, where ``node``
+    selects or unbinds along the first (``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1,
+    4).unbind(0)``, timm's attention): the rows are first again, as in that input; else
+    ``None``."""
+    if signed(int(getattr(node, "_saved_dim", -1))) != 0 or not node.next_functions:
+        return None
+    permute = node.next_functions[0][0]
+    if permute is None or type(permute).__name__ != "PermuteBackward0":
+        return None
+    dims = [signed(int(d)) for d in permute._saved_dims]  # type: ignore[attr-defined]
+    if len(dims) < 2 or dims[1] % len(dims) != 0 or not permute.next_functions:
+        return None
+    source: Node | None = permute.next_functions[0][0]
+    return source
+
+
+def _keeps_rows(node: Node, samples: int) -> bool:
+    """A reshape that groups rows contiguously, or an expand that keeps the first dimension:
+    its output's first dimension is its input's, or the product of its input's leading
+    dimensions (``[R, h, n, d] → [R·h, n, d]``, a batched ``matmul`` over heads), or one of
+    the factors of its input's (the reverse): each row of one side is a run of rows of the
+    other, in order, so rows stay sample-major (Swin's windows ``[B·n, s, s, C] → [B·n, s²,
+    C]``; before 2026-12-09 such a reshape ended the proof, and Swin's window attention took
+    KFC's step with the damping of gathered rows: 3× off, silently). Both sides must have a
+    multiple of the ``samples`` rows, each row inside one sample (a row spanning samples,
+    ``[T, N, D]`` of a flattened ``[N·T, D]``, would let an op along another dimension mix
+    them). An expand's new leading dimensions are no rows."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    metadata = getattr(node, "_input_metadata", None)
+    if not sizes or not metadata or not len(metadata[0].shape):
+        return False
+    before, after = [int(s) for s in sizes], [int(s) for s in metadata[0].shape]
+    if before[0] % samples or after[0] % samples:
+        return False
+    if type(node).__name__ == "ExpandBackward0":
+        return len(before) == len(after) and before[0] == after[0]
+    return _leading_product(before, after[0]) or _leading_product(after, before[0])
+
+
+def _leading_product(dims: list[int], target: int) -> bool:
+    """Whether the product of some leading dimensions of ``dims`` is ``target`` (> 0)."""
+    product = 1
+    for size in dims:
+        product *= size
+        if product == target:
+            return target > 0
+        if product > target or product == 0:
+            return False
+    return False
+
+
+def _batch_first_reshape(node: Node, samples: int, strict: bool = False) -> bool:
+    """A reshape node whose input had the ``samples`` first (its saved sizes), unless it is
+    a copy (``reshape`` of a non-contiguous tensor copies it first) of a transpose or
+    permute that moved the first dimension: what was done in the other layout is not
+    walked (rows gathered time-major, put back). Only a recurrent layer's time-major output
+    brought batch-first proves it (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``,
+    a recurrent op's or its time steps stacked: ``nn.GRU``'s), where the dimension sent
+    away has another size than ``samples``. ``strict``: where another dimension (but the
+    last) has ``samples`` entries too, only the copy of a transpose or permute that kept
+    the first dimension (the first may be that other one, moved there: time-major)."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    if not sizes or int(sizes[0]) != samples:
+        return False
+    strict = strict and [int(s) for s in sizes[:-1]].count(samples) > 1  # (T = B: which?)
+    parent = node.next_functions[0][0] if node.next_functions else None
+    if strict and (parent is None or type(parent).__name__ != "CloneBackward0"):
+        return False
+    if parent is not None and type(parent).__name__ == "CloneBackward0":
+        source = parent.next_functions[0][0] if parent.next_functions else None
+        kind, rank = type(source).__name__, len(sizes)
+        moved = None  # where the first dimension went
+        if kind in ("TransposeBackward0", "TransposeBackward1"):  # (unsigned: -1 is 2⁶⁴ − 1)
+            dims = [signed(int(getattr(source, f"_saved_dim{i}"))) % rank for i in (0, 1)]
+            moved = dims[1] if dims[0] == 0 else dims[0] if dims[1] == 0 else None
+        elif kind == "PermuteBackward0":
+            order = [signed(int(d)) % rank for d in getattr(source, "_saved_dims")]  # noqa: B009
+            moved = order.index(0) if order[0] != 0 else None
+        if moved is None or moved == 0:
+            return not strict or kind in ("TransposeBackward0", "TransposeBackward1", _PERMUTE)
+        origin = source.next_functions[0][0] if source and source.next_functions else None
+        recurrent = type(origin).__name__
+        if "Rnn" in recurrent:  # (a recurrent op's time-major output)
+            return int(sizes[moved]) != samples
+        stacked = recurrent == "StackBackward0" and origin is not None and _steps(origin)
+        return stacked and int(sizes[moved]) != samples
+    return True
+
+
+def _steps(stack: Node) -> bool:
+    """Whether a stack's tensors are time steps computed in place (a native ``nn.GRU``'s
+    cells), none picked, moved or unbound from rows (``h[perm, t]``, ``x.unbind(0)``)."""
+    return all(
+        parent is not None
+        and type(parent).__name__ not in _REORDERS | _RESHAPES
+        and not _moves_rows(parent)
+        for parent, _ in stack.next_functions
+    )
