@@ -6,6 +6,7 @@ step equals the damped dense formula ``Δ = −(T · kron(G + λI, A + λI))⁻�
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from oracles import (
     build_dense_problem,
     coarse_basis,
     dense_kfac_matrix,
-    kfac_factors,
+    position_factors,
     tselepidis_subblock_matrix,
     twolevel_direction,
 )
@@ -75,9 +76,11 @@ def embedding_statistics(net: TokenNet, tokens: Tensor, y: Tensor) -> tuple[Tens
 def test_embedding_step_equals_the_dense_formula(
     float64: None, pad: int | None, dense: bool
 ) -> None:
-    """With ``padding_idx`` the padding row has no gradient and takes no step. The token
-    factor kept as the vector of frequencies (the default of an untied table) or as the
-    dense ``G`` (:func:`~twolevel_kfac.optim.construction.dense_tables`)."""
+    """With ``padding_idx`` the padding row has no gradient and takes no step, and the
+    padding positions are left out of ``A``, ``G`` and ``T`` (since 2026-12-09: they give
+    the table no gradient). The token factor kept as the vector of frequencies (the
+    default of an untied table) or as the dense ``G``
+    (:func:`~twolevel_kfac.optim.construction.dense_tables`)."""
     net = TokenNet(padding_idx=pad)
     tokens, y = tokens_and_targets(pad)
     a, g = embedding_statistics(net, tokens, y)
@@ -88,12 +91,12 @@ def test_embedding_step_equals_the_dense_formula(
     loss_fn(net(tokens), y).backward()
     grad = net.emb.weight.grad.clone()
     opt.step()
-    A, G = kfac_factors(a, g)
+    A, G, locations = position_factors(a, g)  # (the padding positions, δ = 0: left out)
     counts = torch.bincount(tokens.flatten(), minlength=V)
     if pad is not None:
         counts[pad] = 0
-    torch.testing.assert_close(G, torch.diag(counts / (N * T)).double())
-    block = dense_kfac_matrix(A, G, DAMPING) * T
+    torch.testing.assert_close(G, torch.diag(counts / counts.sum()).double())
+    block = dense_kfac_matrix(A, G, DAMPING) * locations
     expected = before - torch.linalg.solve(block, grad.reshape(-1)).view_as(grad)
     torch.testing.assert_close(net.emb.weight.detach(), expected, rtol=1e-10, atol=1e-12)
     factors = opt.preconditioner.factors["emb"]
@@ -129,13 +132,16 @@ def test_two_level_leaves_the_padding_row_and_equals_the_reduced_formula(
     tokens, y = tokens_and_targets(pad)
     prob = build_dense_problem(net, loss_fn, tokens, y, DAMPING)
     assert prob.names[0] == "emb"
+    A, G, locations = position_factors(*prob.stats[0])  # (the table's padding left out)
+    full = prob.kfac_inv.clone()
+    full[: V * D, : V * D] = torch.linalg.inv(dense_kfac_matrix(A, G, DAMPING) * locations)
+    prob = dataclasses.replace(prob, kfac_inv=full)  # (the residual bases apply it too)
     keep = torch.tensor([i for i in range(len(prob.grad)) if not pad * D <= i < (pad + 1) * D])
     sizes = [prob.sizes[0] - D, *prob.sizes[1:]]
     g, fisher = prob.grad[keep], prob.fisher_damped[keep][:, keep]
     kfac_inv = prob.kfac_inv[keep][:, keep]  # the table's block is row-wise (G diagonal)
     R0 = coarse_basis(prob, space)
     if space == "spectral":  # the table's vector: among the seen tokens (not the padding)
-        A, G = kfac_factors(*prob.stats[0])
         frequencies, (values, vectors) = torch.diagonal(G), torch.linalg.eigh(A)
         seen = torch.nonzero(frequencies > 0).flatten()
         block = torch.zeros(V, D, dtype=R0.dtype)

@@ -266,3 +266,38 @@ def test_an_optimizer_chooses_for_its_own_tables_while_it_lives() -> None:
         loss_fn(net, tokens, y).backward()
         kfac.step()
     assert isinstance(kfac.preconditioner.factors["emb"], TokenFactors) and head is not None
+
+
+class Bags(torch.nn.Module):
+    """A multi-hot feature: a bag of ids per sample summed (``padding_idx=0`` fills it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(12, 4, padding_idx=0)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.table(ids).sum(1)))
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["vector", "dense"])
+def test_padding_slots_of_a_bag_are_left_out(float64: None, dense: bool) -> None:
+    """The padding slots of a pooled bag get an output gradient but give the table none:
+    they are left out of ``A`` and ``T``, so the same samples padded to 5 or 10 slots take
+    the same step (34–38 % apart, silently, before 2026-12-09)."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 12, (6, 5), generator=gen)
+    ids[torch.rand(6, 5, generator=gen) < 0.4] = 0  # (bags of 1–5 ids)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    steps = []
+    for length in (5, 10):
+        net = Bags()
+        before = net.table.weight.detach().clone()
+        with dense_tables() if dense else contextlib.nullcontext():
+            opt = tk.KFAC(net, lr=0.1, fisher="empirical", cov_interval=1, kl_clip=None)
+        padded = torch.nn.functional.pad(ids, (0, length - 5))
+        F.cross_entropy(net(padded), y).backward()
+        opt.step()
+        steps.append(net.table.weight.detach() - before)
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-10, atol=1e-12)

@@ -65,4 +65,3 @@ def test_nesterov_without_momentum_is_refused_as_torch_does() -> None:
     with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
         opt.add_param_group({"params": model[2].parameters(), "nesterov": True, "momentum": 0})
     tk.KFAC(mlp(), lr=0.1, momentum=0.9, nesterov=True)  # (with a momentum: taken)
-
