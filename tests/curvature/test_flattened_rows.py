@@ -176,6 +176,7 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "expand to a new first dimension": flat.sum(1).expand(B * T, B * T),
         "rows spanning samples, flipped": flat.view(T, B, D).flip(1).reshape(B * T, D),
         "one row of all, flipped": flat.view(1, B * T, D).flip(1)[0],
+        "heads moved first, chunked": flat.view(B * T, 1, D).permute(1, 0, 2).chunk(1, 0)[0][0],
         "chunk along the rows": flat.chunk(2, dim=-2)[0],
         "unbind of the rows": torch.stack(flat.unbind(0)),
         "time-major gathered, back": (
@@ -211,6 +212,7 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "an expand of a trailing dimension": flat[:, :1].expand(-1, D),
         "a chunk of the features (q, k, v)": flat.chunk(D, dim=-1)[0],
         "a select beside the rows": flat.view(B * T, 1, D).select(1, 0),
+        "heads moved first, unbound": flat.view(B * T, 1, D).permute(1, 0, 2).unbind(0)[0],
     }
     for name, rows in kept.items():
         assert sample_major(rows, forward), name

@@ -224,6 +224,7 @@ def _moves_rows(node: Node) -> bool:
 
 _PERMUTE = "PermuteBackward0"
 _KEEPS = _RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
+_DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})  # (they remove the dimension)
 _PICKS = frozenset(
     {"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0"}
     | {"UnbindBackward0"}
@@ -253,7 +254,7 @@ def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool |
     :data:`_WALK` nodes)."""
     if (name in _KEEPS and _keeps_rows(node, samples)) or (name in _PICKS and _beside_rows(node)):
         return True  # (its rows as its input's)
-    source = _rows_put_back(node) if name in _PICKS else None
+    source = _rows_put_back(node) if name in _DROPS else None
     if source is not None:
         return source
     if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or walked > _WALK:
