@@ -197,6 +197,12 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     # still: a documented gap)
     hidden = (square.transpose(0, 1) * 1).reshape(B * B, D).view(B * B, 1, D)
     assert not sample_major(hidden, forward)
+    # (a third review) the batch merged into another dimension, or moved two steps away
+    merged = torch.tanh(square.transpose(0, 1).reshape(B, B * D)).view(B * B, D)
+    assert not sample_major(merged.view(B * B, 1, D), forward)
+    assert not sample_major(merged.view(B * B, 1, D).expand(B * B, 2, D), forward)
+    twice = square.transpose(0, 1).transpose(1, 2).transpose(1, 2).reshape(B * B, D)
+    assert not sample_major(twice.view(B * B, 1, D), forward)
     lstm = nn.LSTM(D, 7, batch_first=True)  # [T, B, H] inside, transposed back to [B, T, H]
     gru = nn.GRU(D, 7, batch_first=True)
     kept = {  # row-wise: proved as before

@@ -234,7 +234,9 @@ def _padding_slots(stats: LayerStats, modules: list[nn.Module]) -> Tensor | None
     reaches the table from them, but in a bag pooled over its slots (``emb(ids).sum(1)``)
     they get an output gradient, which counted in ``A`` and in ``T`` (the same samples
     padded to 5 or 10 slots stepped 34–38 % apart, silently, in a trial, before
-    2026-12-09): they are left out of the factors."""
+    2026-12-09): they are left out of the factors. Not in a block that a module of another
+    type shares (a tied head: which of its positions are the table's calls' is not kept
+    here; documented)."""
     if not modules or not all(isinstance(m, nn.Embedding) for m in modules):
         return None
     if all(m.padding_idx is None for m in modules):

@@ -109,16 +109,16 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
             and inputs.data_ptr() == first.data_ptr()
             and inputs.numel() == first.numel()
         )
-    # (past a reshape, expand or pick that keeps the rows, a batch-first reshape of a tensor
-    # with another dimension of N must be the copy of a permute keeping the first dimension:
-    # at T = B a time-major flatten behind an op, (h.transpose(0, 1) * 1).reshape(T * B, D)
-    # .view(…), was proved, silently, in review)
+    # (past a reshape, expand or pick that keeps the rows, ``strict``: a reshape of a tensor
+    # with N rows first proves nothing by its size, whatever its other dimensions (at T = B
+    # a time-major tensor has N rows, its batch perhaps merged into another dimension, two
+    # reviews found such forwards proved, silently): only a layer's output of N rows does,
+    # reached through row-wise steps that kept its first dimension first)
     stack, seen, proved = [(node, False)], {node}, False
     while stack:
         node, strict = stack.pop()
         name = type(node).__name__
-        batch_first = name in _RESHAPES and _batch_first_reshape(node, samples, strict)
-        if node in forward.ordered or batch_first:
+        if _proves(node, name, forward, strict):
             proved = True
             continue
         step = _row_step(node, name, len(seen), samples)
@@ -222,7 +222,6 @@ def _moves_rows(node: Node) -> bool:
     return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
 
 
-_PERMUTE = "PermuteBackward0"
 _KEEPS = _RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
 _DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})  # (they remove the dimension)
 _PICKS = frozenset(
@@ -314,23 +313,37 @@ def _leading_product(dims: list[int], target: int) -> bool:
     return False
 
 
-def _batch_first_reshape(node: Node, samples: int, strict: bool = False) -> bool:
+def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
+    """Whether ``node``'s rows are proved sample-major: a layer output proved so, or a
+    batch-first reshape (:func:`_batch_first_reshape`); ``strict`` (past a step that keeps
+    the rows), a layer's output of the ``N`` samples instead of a reshape."""
+    if node in forward.ordered:
+        return True
+    if strict:
+        return node in forward.per_sample and _first_size(node) == forward.batch_size
+    return name in _RESHAPES and _batch_first_reshape(node, forward.batch_size)
+
+
+def _first_size(node: Node) -> int | None:
+    """The first dimension of ``node``'s output (``None`` where torch does not tell)."""
+    metadata = getattr(node, "_input_metadata", None)
+    if not metadata or not len(metadata[0].shape):
+        return None
+    return int(metadata[0].shape[0])
+
+
+def _batch_first_reshape(node: Node, samples: int) -> bool:
     """A reshape node whose input had the ``samples`` first (its saved sizes), unless it is
     a copy (``reshape`` of a non-contiguous tensor copies it first) of a transpose or
     permute that moved the first dimension: what was done in the other layout is not
     walked (rows gathered time-major, put back). Only a recurrent layer's time-major output
     brought batch-first proves it (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``,
     a recurrent op's or its time steps stacked: ``nn.GRU``'s), where the dimension sent
-    away has another size than ``samples``. ``strict``: where another dimension (but the
-    last) has ``samples`` entries too, only the copy of a transpose or permute that kept
-    the first dimension (the first may be that other one, moved there: time-major)."""
+    away has another size than ``samples``."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     if not sizes or int(sizes[0]) != samples:
         return False
-    strict = strict and [int(s) for s in sizes[:-1]].count(samples) > 1  # (T = B: which?)
     parent = node.next_functions[0][0] if node.next_functions else None
-    if strict and (parent is None or type(parent).__name__ != "CloneBackward0"):
-        return False
     if parent is not None and type(parent).__name__ == "CloneBackward0":
         source = parent.next_functions[0][0] if parent.next_functions else None
         kind, rank = type(source).__name__, len(sizes)
@@ -342,7 +355,7 @@ def _batch_first_reshape(node: Node, samples: int, strict: bool = False) -> bool
             order = [signed(int(d)) % rank for d in getattr(source, "_saved_dims")]  # noqa: B009
             moved = order.index(0) if order[0] != 0 else None
         if moved is None or moved == 0:
-            return not strict or kind in ("TransposeBackward0", "TransposeBackward1", _PERMUTE)
+            return True
         origin = source.next_functions[0][0] if source and source.next_functions else None
         recurrent = type(origin).__name__
         if "Rnn" in recurrent:  # (a recurrent op's time-major output)
