@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .blocks import LayerStats, input_features, layer_stats, output_gradients, own_statistics
 from .calls import calls_statistics, per_sample, sample_rows
+from .layer_types import is_token_table
 from .live_positions import PositionGrads, dead_positions, position_wise
 
 if TYPE_CHECKING:
@@ -237,7 +238,7 @@ def _padding_slots(stats: LayerStats, modules: list[nn.Module]) -> Tensor | None
     2026-12-09): they are left out of the factors. Not in a block that a module of another
     type shares (a tied head: which of its positions are the table's calls' is not kept
     here; documented)."""
-    if not modules or not all(isinstance(m, nn.Embedding) for m in modules):
+    if not is_token_table(modules):
         return None
     if all(m.padding_idx is None for m in modules):
         return None

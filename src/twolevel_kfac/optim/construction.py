@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..curvature.factor_inverse import HALF_DTYPES
+from ..curvature.layer_types import is_token_table
 from ..curvature.token_form import choose_token_factors
 from .fine import FineLevel
 from .options import CURVATURE_ARGUMENTS, CoarseOptions, CurvatureOptions, resolve_inverse_method
@@ -112,8 +113,9 @@ def choose_table_forms(pre: KFACPreconditioner, fine: type[FineLevel]) -> None:
     ``Linear`` head adds a dense ``δδᵀ``); else the dense one-hot ``G``."""
     options, tables = pre.options, dict[nn.Module, bool]()
     for name, modules in pre.uses.items():
-        untied = all(isinstance(m, nn.Embedding) for m in modules)
-        vector = untied and options.weight_sharing == "expand" and fine.diagonal_tables
+        vector = (
+            is_token_table(modules) and options.weight_sharing == "expand" and fine.diagonal_tables
+        )
         vector = vector and not _DENSE and pre.factor_dtype(name) not in HALF_DTYPES
         tables.update({m: vector for m in modules if isinstance(m, nn.Embedding)})
     choose_token_factors(pre, tables)
