@@ -193,8 +193,7 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     refused_square = square.transpose(0, 1).reshape(B * B, D)  # time-major: T = B, unproved
     assert not sample_major(refused_square, forward)
     # (2026-12-09 review) behind an op, then a view keeping the rows: a first dimension of B
-    # rows is not taken for the batch past that view (the time-major flatten directly is
-    # still: a documented gap)
+    # rows is not taken for the batch past that view
     hidden = (square.transpose(0, 1) * 1).reshape(B * B, D).view(B * B, 1, D)
     assert not sample_major(hidden, forward)
     # (a third review) the batch merged into another dimension, or moved two steps away
@@ -203,6 +202,32 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     assert not sample_major(merged.view(B * B, 1, D).expand(B * B, 2, D), forward)
     twice = square.transpose(0, 1).transpose(1, 2).transpose(1, 2).reshape(B * B, D)
     assert not sample_major(twice.view(B * B, 1, D), forward)
+    # (2026-12-10) the first dimension followed back to where the batch is: a time-major
+    # flatten behind an op at T = B (proved before, regrouped 1.7–3.0 off in a review)
+    layer = torch.tanh(torch.randn(B, B, D, requires_grad=True) * 2)  # a layer's [B, T = B, D]
+    forward.per_sample.add(layer.grad_fn)
+    time_major = {
+        "behind an op": torch.tanh(layer.transpose(0, 1)).reshape(B * B, D),
+        "behind a scale": (layer.transpose(0, 1) * 2).reshape(B * B, D),
+        "contiguous, viewed twice": layer.transpose(0, 1).contiguous().view(B, B, D).view(-1, D),
+        "permuted behind an op": torch.tanh(layer.permute(1, 0, 2)).reshape(B * B, D),
+        "flattened, split back": layer.transpose(0, 1).reshape(-1, D).view(B, B, D).view(-1, D),
+        "the positions stacked first": torch.stack([layer[:, t] for t in range(B)]).view(-1, D),
+        "the data's positions first": torch.tanh(square.transpose(0, 1)).reshape(B * B, D),
+        "one path moved": (layer + layer.transpose(0, 1)).reshape(B * B, D),
+    }
+    for name, rows in time_major.items():
+        assert not sample_major(rows, forward), name
+    back = torch.tanh(layer.transpose(0, 1)).transpose(0, 1)
+    kept_square = {
+        "moved and put back": (layer + back).reshape(B * B, D),
+        "the positions stacked beside": torch.stack([layer[:, t] for t in range(B)], 1).view(-1, D),
+        "the samples' rows stacked": torch.stack([layer[n] for n in range(B)]).view(-1, D),
+        "LSTM(batch_first) at T = B": nn.LSTM(D, 7, batch_first=True)(layer)[0].reshape(-1, 7),
+        "GRU(batch_first) at T = B": nn.GRU(D, 7, batch_first=True)(layer)[0].reshape(-1, 7),
+    }
+    for name, rows in kept_square.items():
+        assert sample_major(rows, forward), name
     lstm = nn.LSTM(D, 7, batch_first=True)  # [T, B, H] inside, transposed back to [B, T, H]
     gru = nn.GRU(D, 7, batch_first=True)
     kept = {  # row-wise: proved as before

@@ -61,3 +61,45 @@ def test_a_time_major_linear_is_warned_of(length: int) -> None:
     assert len(said) == 2 and "layer 'l1'" in said[0] and "z.transpose(0, 1)" in said[0]
     gap = float((time_major - batch_first).norm() / batch_first.norm())
     assert gap > 0.1  # (why it is warned of: the rows are not the samples)
+
+
+class FlattenedTimeMajor(nn.Module):
+    """A head on ``[T, N, d]`` flattened behind an op (``tanh(h.transpose(0, 1))``), its
+    rows time-major; ``gathered`` picks them by an index (rows any proof refuses)."""
+
+    def __init__(self, gathered: bool) -> None:
+        super().__init__()
+        self.gathered = gathered
+        self.l1, self.l2 = nn.Linear(D, 6), nn.Linear(6, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[1]
+        rows = torch.tanh(self.l1(x).transpose(0, 1)).reshape(length * N, 6)
+        if self.gathered:
+            rows = rows[torch.arange(length * N)]
+        return self.l2(rows).view(length, N, C).transpose(0, 1)
+
+
+def _flattened_step(optimizer: type[tk.KFAC], gathered: bool) -> Tensor:
+    torch.manual_seed(0)
+    model = FlattenedTimeMajor(gathered).double()
+    opt = optimizer(model, class_dim=-1, loss_reduction="mean", **EXACT)
+    x = torch.randn(N, N, D, dtype=torch.float64)  # T = N
+    y = torch.randint(0, C, (N, N))
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    pairs = zip(model.parameters(), before, strict=True)
+    return torch.cat([(p.detach() - b).flatten() for p, b in pairs])
+
+
+def test_a_time_major_flatten_behind_an_op_is_not_regrouped_at_t_equal_n() -> None:
+    """At ``T = N`` the flattened ``[T·N, d]`` has a first dimension of ``N`` entries before
+    the reshape: its rows were regrouped as ``T`` locations of each sample (1.7–3.0 off in
+    a review, silently; two-level KFAC took them as samples). Its first dimension is
+    followed back to the transpose now (2026-12-10): the rows are gathered rows, as at
+    ``T ≠ N``, and two-level KFAC refuses them."""
+    moved = _flattened_step(tk.KFAC, gathered=False)
+    torch.testing.assert_close(moved, _flattened_step(tk.KFAC, gathered=True), rtol=0, atol=1e-14)
+    with pytest.raises(RuntimeError, match="layer 'l2': 25 rows for the batch of 5"):
+        _flattened_step(tk.TwoLevelKFAC, gathered=False)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from .batch_dim import batch_first_reshape
+from .row_ops import REORDERS, RESHAPES, moves_rows
 from .row_order import signed
 
 if TYPE_CHECKING:
@@ -21,58 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["sample_major"]
 
-_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
-_REORDERS = frozenset(
-    {
-        "IndexBackward0",
-        "IndexSelectBackward0",
-        "GatherBackward0",
-        "MaskedSelectBackward0",
-        "CatBackward0",
-        "StackBackward0",
-        "RepeatBackward0",
-        "RepeatInterleaveBackward0",
-        "ExpandBackward0",
-        "IndexPutBackward0",
-        "SliceBackward0",
-        "SplitBackward0",
-        "SplitWithSizesBackward0",
-        "UnbindBackward0",
-        "SelectBackward0",
-        "EmbeddingBackward0",  # (F.embedding(index, h): rows of h picked)
-        "IndexCopyBackward0",
-        "IndexAddBackward0",
-        "IndexReduceBackward0",
-        "ScatterBackward0",
-        "ScatterAddBackward0",
-        "ScatterReduceBackward0",
-        "MaskedScatterBackward0",
-        "SortBackward0",
-        "TopkBackward0",
-        "TakeBackward0",
-    }
-)
 _MIXED = frozenset({("MmBackward0", 1), ("AddmmBackward0", 2)})  # P @ h: h's rows mixed
-_ALONG = frozenset(  # (along the dimensions they saved)
-    {
-        "FlipBackward0",
-        "RollBackward0",
-        "Rot90Backward0",
-        "CumsumBackward0",
-        "CumprodBackward0",
-        "CummaxBackward0",
-        "CumminBackward0",
-        "LogcumsumexpBackward0",
-        "UnfoldBackward0",
-    }
-)
-_RANKED = _ALONG | {  # (what _moves_rows reads an output's rank for)
-    "PermuteBackward0",
-    "UnsqueezeBackward0",
-    "ConstantPadNdBackward0",
-    "TransposeBackward0",
-    "TransposeBackward1",
-}
 _WALK = 256  # autograd nodes looked at, at most
 
 
@@ -82,12 +33,12 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
 
     * a reshape (``view``, ``reshape``, ``flatten``) of a tensor whose first dimension is
       the ``N`` samples, not a transpose or permute of one that moved its first dimension
-      (:func:`_batch_first_reshape`), with row-wise operations after it (a reshape that
+      (:func:`batch_first_reshape`), with row-wise operations after it (a reshape that
       keeps the first dimension among them: :func:`_keeps_rows`);
     * or row-wise operations on such a reshape or on a layer output proved so
       (``forward.ordered``): every path back through autograd's graph reaches one before
       an operation that makes rows (indexing, gathering, slicing, concatenating, stacking,
-      repeating, expanding), moves or mixes them (:func:`_moves_rows`; the right operand
+      repeating, expanding), moves or mixes them (:func:`moves_rows`; the right operand
       of a product ``P @ h`` is not followed), or a reshape of something else; paths to
       parameters aside;
     * or, without autograd history, a contiguous view of all of the model's first tensor
@@ -186,43 +137,7 @@ def _flat_batched(node: Node, name: str, edge: int) -> bool:
     return left is None or int(left.shape[0]) == 1
 
 
-def _moves_rows(node: Node) -> bool:
-    """Whether ``node`` moves or mixes the rows of its output's first dimension: a flip,
-    roll, rotation, cumulative op, unfold or padding along it (a roll of the flattened
-    tensor too), a 2-D transpose, a transpose or permute that moves it (``P = gates.T``
-    for ``P @ h``), an unsqueeze before it (``h[None]``, after which ops along the rows
-    are not seen).
-    Without the output's rank (before torch's ``_input_metadata``) a dimension saved
-    negative counts as the first for the former, and the latter are taken as row-wise."""
-    name = type(node).__name__
-    if name == "TBackward0":
-        return True
-    if name not in _RANKED:  # (the rest move no rows: no metadata read for them)
-        return False
-    metadata = getattr(node, "_input_metadata", None)
-    rank = len(metadata[0].shape) if metadata else None
-    if name == "PermuteBackward0":
-        first = signed(int(node._saved_dims[0]))  # type: ignore[attr-defined]
-        return rank is not None and first % rank != 0
-    if name == "UnsqueezeBackward0":  # (x[None]: the rows leave the first dimension)
-        return rank is None or signed(int(node._saved_dim)) % rank == 0  # type: ignore[attr-defined]
-    if name == "ConstantPadNdBackward0":  # (F.pad of the rows: shifted, cropped)
-        pad = [signed(int(p)) for p in node._saved_pad]  # type: ignore[attr-defined]
-        return rank is None or (len(pad) >= 2 * rank and pad[2 * rank - 2 : 2 * rank] != [0, 0])
-    if name in ("TransposeBackward0", "TransposeBackward1"):
-        dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
-        return rank is not None and 0 in {d % rank for d in dims}
-    saved = getattr(node, "_saved_dims", None)  # (one of _ALONG from here)
-    if saved is None:  # (a cumulative op's one dimension, an unfold's)
-        one = getattr(node, "_saved_dim", None)
-        saved = (getattr(node, "_saved_dimension", 0) if one is None else one,)
-    dims = [signed(int(d)) for d in saved]
-    if not dims:  # (a roll of the flattened tensor)
-        return True
-    return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
-
-
-_KEEPS = _RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
+_KEEPS = RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
 _DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})  # (they remove the dimension)
 _PICKS = frozenset(
     {"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0"}
@@ -256,7 +171,7 @@ def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool |
     source = _rows_put_back(node) if name in _DROPS else None
     if source is not None:
         return source
-    if name in _RESHAPES or name in _REORDERS or _moves_rows(node) or walked > _WALK:
+    if name in RESHAPES or name in REORDERS or moves_rows(node) or walked > _WALK:
         return None if _parameters_alone(node) else False
     return True
 
@@ -315,13 +230,13 @@ def _leading_product(dims: list[int], target: int) -> bool:
 
 def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
     """Whether ``node``'s rows are proved sample-major: a layer output proved so, or a
-    batch-first reshape (:func:`_batch_first_reshape`); ``strict`` (past a step that keeps
+    batch-first reshape (:func:`batch_first_reshape`); ``strict`` (past a step that keeps
     the rows), a layer's output of the ``N`` samples instead of a reshape."""
     if node in forward.ordered:
         return True
     if strict:
         return node in forward.per_sample and _first_size(node) == forward.batch_size
-    return name in _RESHAPES and _batch_first_reshape(node, forward.batch_size)
+    return name in RESHAPES and batch_first_reshape(node, forward)
 
 
 def _first_size(node: Node) -> int | None:
@@ -330,47 +245,3 @@ def _first_size(node: Node) -> int | None:
     if not metadata or not len(metadata[0].shape):
         return None
     return int(metadata[0].shape[0])
-
-
-def _batch_first_reshape(node: Node, samples: int) -> bool:
-    """A reshape node whose input had the ``samples`` first (its saved sizes), unless it is
-    a copy (``reshape`` of a non-contiguous tensor copies it first) of a transpose or
-    permute that moved the first dimension: what was done in the other layout is not
-    walked (rows gathered time-major, put back). Only a recurrent layer's time-major output
-    brought batch-first proves it (``nn.LSTM(batch_first=True)``'s ``[T, B, H] → [B, T, H]``,
-    a recurrent op's or its time steps stacked: ``nn.GRU``'s), where the dimension sent
-    away has another size than ``samples``."""
-    sizes = getattr(node, "_saved_self_sym_sizes", None)
-    if not sizes or int(sizes[0]) != samples:
-        return False
-    parent = node.next_functions[0][0] if node.next_functions else None
-    if parent is not None and type(parent).__name__ == "CloneBackward0":
-        source = parent.next_functions[0][0] if parent.next_functions else None
-        kind, rank = type(source).__name__, len(sizes)
-        moved = None  # where the first dimension went
-        if kind in ("TransposeBackward0", "TransposeBackward1"):  # (unsigned: -1 is 2⁶⁴ − 1)
-            dims = [signed(int(getattr(source, f"_saved_dim{i}"))) % rank for i in (0, 1)]
-            moved = dims[1] if dims[0] == 0 else dims[0] if dims[1] == 0 else None
-        elif kind == "PermuteBackward0":
-            order = [signed(int(d)) % rank for d in getattr(source, "_saved_dims")]  # noqa: B009
-            moved = order.index(0) if order[0] != 0 else None
-        if moved is None or moved == 0:
-            return True
-        origin = source.next_functions[0][0] if source and source.next_functions else None
-        recurrent = type(origin).__name__
-        if "Rnn" in recurrent:  # (a recurrent op's time-major output)
-            return int(sizes[moved]) != samples
-        stacked = recurrent == "StackBackward0" and origin is not None and _steps(origin)
-        return stacked and int(sizes[moved]) != samples
-    return True
-
-
-def _steps(stack: Node) -> bool:
-    """Whether a stack's tensors are time steps computed in place (a native ``nn.GRU``'s
-    cells), none picked, moved or unbound from rows (``h[perm, t]``, ``x.unbind(0)``)."""
-    return all(
-        parent is not None
-        and type(parent).__name__ not in _REORDERS | _RESHAPES
-        and not _moves_rows(parent)
-        for parent, _ in stack.next_functions
-    )

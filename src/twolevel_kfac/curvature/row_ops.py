@@ -1,0 +1,102 @@
+"""What autograd's nodes do to the rows of a tensor (its first dimension): the vocabulary
+of :mod:`.row_proof` (rows proved sample-major) and :mod:`.batch_dim` (the batch first).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .row_order import signed
+
+if TYPE_CHECKING:
+    from torch.autograd.graph import Node
+
+__all__ = ["REORDERS", "RESHAPES", "moves_rows"]
+
+RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+REORDERS = frozenset(
+    {
+        "IndexBackward0",
+        "IndexSelectBackward0",
+        "GatherBackward0",
+        "MaskedSelectBackward0",
+        "CatBackward0",
+        "StackBackward0",
+        "RepeatBackward0",
+        "RepeatInterleaveBackward0",
+        "ExpandBackward0",
+        "IndexPutBackward0",
+        "SliceBackward0",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnbindBackward0",
+        "SelectBackward0",
+        "EmbeddingBackward0",  # (F.embedding(index, h): rows of h picked)
+        "IndexCopyBackward0",
+        "IndexAddBackward0",
+        "IndexReduceBackward0",
+        "ScatterBackward0",
+        "ScatterAddBackward0",
+        "ScatterReduceBackward0",
+        "MaskedScatterBackward0",
+        "SortBackward0",
+        "TopkBackward0",
+        "TakeBackward0",
+    }
+)
+_ALONG = frozenset(  # (along the dimensions they saved)
+    {
+        "FlipBackward0",
+        "RollBackward0",
+        "Rot90Backward0",
+        "CumsumBackward0",
+        "CumprodBackward0",
+        "CummaxBackward0",
+        "CumminBackward0",
+        "LogcumsumexpBackward0",
+        "UnfoldBackward0",
+    }
+)
+_RANKED = _ALONG | {  # (what _moves_rows reads an output's rank for)
+    "PermuteBackward0",
+    "UnsqueezeBackward0",
+    "ConstantPadNdBackward0",
+    "TransposeBackward0",
+    "TransposeBackward1",
+}
+
+
+def moves_rows(node: Node) -> bool:
+    """Whether ``node`` moves or mixes the rows of its output's first dimension: a flip,
+    roll, rotation, cumulative op, unfold or padding along it (a roll of the flattened
+    tensor too), a 2-D transpose, a transpose or permute that moves it (``P = gates.T``
+    for ``P @ h``), an unsqueeze before it (``h[None]``, after which ops along the rows
+    are not seen).
+    Without the output's rank (before torch's ``_input_metadata``) a dimension saved
+    negative counts as the first for the former, and the latter are taken as row-wise."""
+    name = type(node).__name__
+    if name == "TBackward0":
+        return True
+    if name not in _RANKED:  # (the rest move no rows: no metadata read for them)
+        return False
+    metadata = getattr(node, "_input_metadata", None)
+    rank = len(metadata[0].shape) if metadata else None
+    if name == "PermuteBackward0":
+        first = signed(int(node._saved_dims[0]))  # type: ignore[attr-defined]
+        return rank is not None and first % rank != 0
+    if name == "UnsqueezeBackward0":  # (x[None]: the rows leave the first dimension)
+        return rank is None or signed(int(node._saved_dim)) % rank == 0  # type: ignore[attr-defined]
+    if name == "ConstantPadNdBackward0":  # (F.pad of the rows: shifted, cropped)
+        pad = [signed(int(p)) for p in node._saved_pad]  # type: ignore[attr-defined]
+        return rank is None or (len(pad) >= 2 * rank and pad[2 * rank - 2 : 2 * rank] != [0, 0])
+    if name in ("TransposeBackward0", "TransposeBackward1"):
+        dims = [signed(int(getattr(node, f"_saved_dim{i}"))) for i in (0, 1)]
+        return rank is not None and 0 in {d % rank for d in dims}
+    saved = getattr(node, "_saved_dims", None)  # (one of _ALONG from here)
+    if saved is None:  # (a cumulative op's one dimension, an unfold's)
+        one = getattr(node, "_saved_dim", None)
+        saved = (getattr(node, "_saved_dimension", 0) if one is None else one,)
+    dims = [signed(int(d)) for d in saved]
+    if not dims:  # (a roll of the flattened tensor)
+        return True
+    return 0 in {d % rank for d in dims} if rank else any(d <= 0 for d in dims)
