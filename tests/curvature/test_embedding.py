@@ -269,3 +269,57 @@ def test_a_language_model_with_an_embedding_block_trains() -> None:
             opt.step()
             losses.append(float(loss.detach()))
         assert losses[-1] < losses[0], cls.__name__
+
+
+class TiedLM(nn.Module):
+    """A table tied to its ``Linear`` head: one block, the table's positions beside the
+    head's (``ā = N ∂L/∂E[x]``, ``δ = e_x``; ``ā = h``, ``δ = N ∂L/∂logits``)."""
+
+    def __init__(self, padding_idx: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def test_a_table_tied_to_its_head_leaves_its_padding_positions_out(float64: None) -> None:
+    """The table's padding positions give it no gradient, but their ``ā`` (the output
+    gradient of the padding token's embedding, not zero where the loss covers the
+    position) counted in the tied block's ``A`` and ``T`` before 2026-12-10 (8 % of a
+    step in a review), where an untied table's were left out: left out now, the table's
+    positions alone (a head position keeps its place, whatever its ``δ``)."""
+    pad = 2
+    tokens, _ = tokens_and_targets(pad)
+    net = TiedLM(pad)
+    store: dict[str, Tensor] = {}
+    handles = [
+        net.emb.register_forward_hook(lambda _m, _i, out: store.update(emb=out)),
+        net.head.register_forward_hook(lambda _m, inp, out: store.update(h=inp[0], logits=out)),
+    ]
+
+    def lm_loss(logits: Tensor) -> Tensor:  # (every position counted, the padding's too)
+        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum") / N
+
+    d_emb, d_logits = torch.autograd.grad(lm_loss(net(tokens)), [store["emb"], store["logits"]])
+    for handle in handles:
+        handle.remove()
+    a = torch.cat([N * d_emb, store["h"].detach()], dim=1)  # [N, 2T, D]
+    one_hot = F.one_hot(tokens, V).double() * (tokens != pad)[..., None]
+    g = torch.cat([one_hot, N * d_logits], dim=1)  # [N, 2T, V]
+    assert bool((d_emb[tokens == pad] != 0).all())  # (their ā are not zero)
+    A, G, locations = position_factors(a, g)  # (the table's padding positions left out)
+    assert locations == 2 * T - int((tokens == pad).sum()) / N
+    opt = tk.KFAC(net, damping=DAMPING, **EXACT)
+    before = net.emb.weight.detach().clone()
+    lm_loss(net(tokens)).backward()
+    grad = net.emb.weight.grad.clone()
+    opt.step()
+    block = dense_kfac_matrix(A, G, DAMPING) * locations
+    expected = before - torch.linalg.solve(block, grad.reshape(-1)).view_as(grad)
+    torch.testing.assert_close(net.emb.weight.detach(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(opt.preconditioner.factors["emb"].A, A, rtol=1e-12, atol=1e-15)

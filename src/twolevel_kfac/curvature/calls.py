@@ -5,7 +5,7 @@ block_statistics`, their locations side by side."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,16 @@ from .row_proof import sample_major
 if TYPE_CHECKING:
     from .captured_batch import Call
 
-__all__ = ["calls_statistics", "per_sample", "sample_major", "sample_rows"]
+__all__ = ["CallsStatistics", "calls_statistics", "per_sample", "sample_major", "sample_rows"]
+
+
+class CallsStatistics(NamedTuple):
+    """One forward's ``ā`` and ``δ`` of a layer (``[N, T, d]``), its calls' locations side by
+    side: ``lengths`` of each, in order."""
+
+    a: Tensor
+    g: Tensor
+    lengths: tuple[int, ...]
 
 
 def calls_statistics(
@@ -24,7 +33,7 @@ def calls_statistics(
     calls: Sequence[Call],
     dtype: torch.dtype | None,
     samples: int | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> CallsStatistics:
     """``ā`` and ``δ`` (``[N, T, d]``, in ``dtype``) of one forward's calls of a layer, given
     as ``(module, its input, its output gradient)``: each call's locations side by side (a
     call whose output did not reach the loss has ``δ = 0``), a call on ``k·N`` rows read as
@@ -52,9 +61,10 @@ def calls_statistics(
             f"with different numbers of rows {rows}: KFAC treats the calls of a shared "
             "weight as more locations of the same samples"
         )
+    lengths = tuple(int(a.shape[1]) for a in inputs)
     if len(calls) == 1:
-        return inputs[0], grads[0]  # type: ignore[return-value]
-    return torch.cat(inputs, dim=1), torch.cat(grads, dim=1)  # type: ignore[arg-type]
+        return CallsStatistics(inputs[0], grads[0], lengths)  # type: ignore[arg-type]
+    return CallsStatistics(torch.cat(inputs, dim=1), torch.cat(grads, dim=1), lengths)  # type: ignore[arg-type]
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:

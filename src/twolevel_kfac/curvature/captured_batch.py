@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import LayerStats, input_features, layer_stats, output_gradients, own_statistics
-from .calls import calls_statistics, per_sample, sample_rows
+from .calls import CallsStatistics, calls_statistics, per_sample, sample_rows
 from .layer_types import is_token_table
 from .live_positions import PositionGrads, dead_positions, position_wise
 
@@ -191,7 +191,7 @@ def forward_statistics(
     Raises:
         RuntimeError: forwards of different numbers of locations of another layer type.
     """
-    pairs = [
+    located = [
         calls_statistics(
             name,
             [call._replace(grad=_unscaled(call.grad, loss_scale)) for call in calls],
@@ -200,6 +200,7 @@ def forward_statistics(
         )
         for samples, calls in forwards
     ]
+    pairs = [(s.a, s.g) for s in located]
     lengths = sorted({int(a.shape[1]) for a, _ in pairs})
     own = own_statistics(module)
     wise = (own is None or own.dead_rows) and all(
@@ -223,27 +224,38 @@ def forward_statistics(
     if masks is not None:
         mask = torch.cat(masks).to(a.device)
         stats.dead = mask if bool(mask.any()) else None
-    padded = _padding_slots(stats, [c.module for _, calls in forwards for c in calls])
+    padded = _padding_slots(stats, forwards, located)
     if padded is not None:  # (left out of the factors, as dead positions are)
         stats.dead = padded if stats.dead is None else stats.dead | padded
     return stats
 
 
-def _padding_slots(stats: LayerStats, modules: list[nn.Module]) -> Tensor | None:
-    """The positions of an embedding table's block that hold a ``padding_idx`` token
-    (``[N, T]``; ``None`` for none, or a block with a module of another type): no gradient
-    reaches the table from them, but in a bag pooled over its slots (``emb(ids).sum(1)``)
-    they get an output gradient, which counted in ``A`` and in ``T`` (the same samples
-    padded to 5 or 10 slots stepped 34–38 % apart, silently, in a trial, before
-    2026-12-09): they are left out of the factors. Not in a block that a module of another
-    type shares (a tied head: which of its positions are the table's calls' is not kept
-    here; documented)."""
-    if not is_token_table(modules):
-        return None
-    if all(m.padding_idx is None for m in modules):
+def _padding_slots(
+    stats: LayerStats, forwards: list[Forward], located: list[CallsStatistics]
+) -> Tensor | None:
+    """The positions of an embedding table's calls in its block that hold a ``padding_idx``
+    token (``[N, T]``; ``None`` for none, or a block without a table): no gradient reaches
+    the table from them, but their ``ā`` (the token's output gradient) is not zero where a
+    loss or a pooled bag (``emb(ids).sum(1)``) reaches them, which counted in ``A`` and in
+    ``T`` (the same samples padded to 5 or 10 slots stepped 34–38 % apart, silently, in a
+    trial, before 2026-12-09; in a table tied to a ``Linear`` head, 8 % of a step in a
+    review, before 2026-12-10): they are left out of the factors. A tied head's positions
+    are kept, whatever their ``δ``."""
+    modules = [c.module for _, calls in forwards for c in calls]
+    if all(getattr(m, "padding_idx", None) is None for m in modules):
         return None
     padded = getattr(stats, "padded", None)  # (the vector form: ids; dense: zero one-hot rows)
     slots = padded if isinstance(padded, Tensor) else ~stats.g.ne(0).any(dim=-1)
+    if not is_token_table(modules):  # (a tied head's positions beside the table's)
+        length, tables = int(slots.shape[1]), []
+        for (_, calls), forward in zip(forwards, located, strict=True):
+            own = [
+                torch.full((n,), isinstance(c.module, nn.Embedding), device=slots.device)
+                for c, n in zip(calls, forward.lengths, strict=True)
+            ]
+            mark = torch.cat([*own, slots.new_zeros(length - sum(forward.lengths))])
+            tables.append(mark.expand(int(forward.a.shape[0]), -1))
+        slots = slots & torch.cat(tables)
     return slots if bool(slots.any()) else None
 
 
