@@ -123,7 +123,8 @@ def check_output(
             f"likelihood='categorical' on a model output of shape {tuple(output.shape)}: one "
             "logit per sample has softmax 1, so the Monte-Carlo Fisher (every G factor) would "
             "be 0. Use likelihood='gaussian' for a regression output (MSE loss) or "
-            "likelihood='bernoulli' for a single binary logit (BCEWithLogits loss)"
+            "likelihood='bernoulli' for a single binary logit (BCEWithLogits loss), or "
+            "fisher='empirical' for another loss (Poisson, Huber, L1: neither is its Fisher)"
         )
 
 

@@ -218,11 +218,12 @@ def warn_loss_gradient(
                     "softmax over the output, whose Fisher has no curvature along that direction, "
                     "so the step goes about 1/damping times too far along it. For an embedding "
                     "(a contrastive or triplet loss) use fisher='empirical'; for an MSE or "
-                    "multi-label BCE output, likelihood='gaussian' or 'bernoulli'; for a module "
-                    "whose output is not the model's logits (an optimizer built on a backbone "
-                    "whose head runs outside it), build it on the whole model with params= the "
-                    f"layers it preconditions; and check class_dim (now {class_dim}) names "
-                    "the dimension the loss's softmax runs over"
+                    "multi-label BCE output, likelihood='gaussian' or 'bernoulli' (for another "
+                    "loss, Poisson, Huber, L1, fisher='empirical': neither is its Fisher); for "
+                    "a module whose output is not the model's logits (an optimizer built on a "
+                    "backbone whose head runs outside it), build it on the whole model with "
+                    f"params= the layers it preconditions; and check class_dim (now {class_dim}) "
+                    "names the dimension the loss's softmax runs over"
                 ),
             )
     if problem is not None and problem[0] not in warned:
