@@ -471,3 +471,38 @@ def test_a_model_returning_a_sum_over_its_samples_is_not_judged() -> None:
     model(torch.randn(1, 3, dtype=torch.float64)).backward()
     mc.step()
     assert mc.preconditioner.factors["a"].ready
+
+
+class SplitPooled(nn.Module):
+    """Graphs of equal size pooled by a reshape (``h.view(G, n, D).mean(1)``), or each
+    graph's nodes picked and summed in a loop (``torch.stack([h[graph == g].sum(0) …])``)."""
+
+    def __init__(self, loop: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loop = loop
+        self.node, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor, graph: Tensor) -> Tensor:
+        h = torch.tanh(self.node(x))
+        if self.loop:
+            return self.head(torch.stack([h[graph == g].sum(0) for g in range(2)]))
+        return self.head(h.view(2, -1, 4).mean(1))
+
+
+@pytest.mark.parametrize(("loop", "node"), [(False, "MeanBackward1"), (True, "SumBackward1")])
+def test_graphs_pooled_by_a_reshape_or_a_loop_are_refused_with_nodes_first(
+    loop: bool, node: str
+) -> None:
+    """Before 2026-12-10 these pools passed: the 6 nodes taken as the samples of 2 graphs'
+    losses, silently (a sweep)."""
+    model = SplitPooled(loop).double()
+    opt = tk.KFAC(model, fisher="empirical")
+    x, graph = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(RuntimeError, match=rf"rows pool the 6 rows .*\({node} into"):
+        model(x, graph)
+    time_major = nn.Linear(3, 2).double()  # (a reshape without a reduction: not a pool)
+    opt = tk.KFAC(time_major, fisher="empirical")
+    F.cross_entropy(time_major(x).view(3, 2, 2).flatten(0, 1), graph).backward()
+    opt.step()
+    assert all(f.ready for f in opt.preconditioner.factors.values())

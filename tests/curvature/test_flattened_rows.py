@@ -215,6 +215,16 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "the positions stacked first": torch.stack([layer[:, t] for t in range(B)]).view(-1, D),
         "the data's positions first": torch.tanh(square.transpose(0, 1)).reshape(B * B, D),
         "one path moved": (layer + layer.transpose(0, 1)).reshape(B * B, D),
+        # (a review: behind ops that change the shape beside the first dimension)
+        "features concatenated": torch.cat([tm := layer.transpose(0, 1), tm], -1).view(-1, 2 * D),
+        "padded": F.pad(tm, (0, 1)).reshape(-1, D + 1),
+        "unsqueezed": tm.unsqueeze(2).reshape(-1, D),
+        "times a weight": (tm @ nn.Parameter(torch.randn(D, D))).reshape(-1, D),
+        "features repeated": tm.repeat(1, 1, 2).reshape(-1, 2 * D),
+        "unfolded": tm.unfold(2, 2, 1).reshape(B * B, -1),
+        "summed over a new one": (tm[..., None] * torch.ones(2)).sum(-1).reshape(-1, D),
+        "stacked beside": torch.stack([torch.tanh(tm), torch.sigmoid(tm)], 2).view(B * B, -1),
+        "its halves concatenated": torch.cat([tm[:2], torch.tanh(tm[2:])]).reshape(-1, D),
     }
     for name, rows in time_major.items():
         assert not sample_major(rows, forward), name
@@ -225,7 +235,18 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "the samples' rows stacked": torch.stack([layer[n] for n in range(B)]).view(-1, D),
         "LSTM(batch_first) at T = B": nn.LSTM(D, 7, batch_first=True)(layer)[0].reshape(-1, 7),
         "GRU(batch_first) at T = B": nn.GRU(D, 7, batch_first=True)(layer)[0].reshape(-1, 7),
+        # (the review's cases that the first version refused)
+        "the samples unbound, stacked": torch.stack(layer.unbind(0)).reshape(-1, D),
+        "a per-sample loop": torch.stack([layer[n] * 2 for n in range(B)]).reshape(-1, D),
+        "a position picked, stacked beside": torch.stack([layer, layer[:, [0] * B]], 2).view(-1, D),
+        "features padded time-major, back": (F.pad(layer.transpose(0, 1), (0, 1))[..., :D])
+        .transpose(0, 1)
+        .reshape(-1, D),
     }
+    inner = nn.Linear(D, D)  # a layer on the time-major tensor, its output put back
+    time_major_out = inner(layer.transpose(0, 1))
+    forward.add_output(time_major_out.grad_fn, inner, layer.transpose(0, 1))
+    kept_square["a layer time-major, back"] = (time_major_out.transpose(0, 1) * 1).reshape(-1, D)
     for name, rows in kept_square.items():
         assert sample_major(rows, forward), name
     lstm = nn.LSTM(D, 7, batch_first=True)  # [T, B, H] inside, transposed back to [B, T, H]
@@ -247,8 +268,11 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     }
     for name, rows in kept.items():
         assert sample_major(rows, forward), name
-    one = ForwardPass(index=None, batch_size=1, first=torch.randn(1, 1))  # model(t, x), t [1, 1]
-    assert not sample_major(torch.tanh(torch.randn(B, D, requires_grad=True)), one)
+    rows = torch.tanh(torch.randn(B, D, requires_grad=True))
+    one = ForwardPass(index=None, batch_size=1, first=torch.randn(1, 1), other_rows=(B,))
+    assert not sample_major(rows, one)  # model(t, x), t [1, 1]: the batch second
+    alone = ForwardPass(index=None, batch_size=1, first=torch.randn(1, T, D), other_rows=(1,))
+    assert sample_major(rows, alone)  # (one sample: its rows, whatever they are)
 
 
 def _autocast_linear(rows: Tensor) -> Tensor:

@@ -287,3 +287,35 @@ def test_a_compiled_models_donated_buffers_are_named(monkeypatch: pytest.MonkeyP
     with pytest.raises(RuntimeError, match="donated_buffer = False before compiling"):
         model(torch.randn(5, 4))
     assert opt.preconditioner.capture.active  # (the optimizer holds the hooks)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_hook_prepended_after_the_optimizer_runs_after_its_hooks(fisher: str) -> None:
+    """A forward hook registered after the optimizer with ``prepend=True`` that replaces a
+    layer's output (``prepare_qat``'s fake-quantizing observer on a module it does not
+    swap) ran before the optimizer's hook, whose ``δ`` was then the gradient at the
+    replaced output (0.31 off here before 2026-12-10, silently): the optimizer's hooks are
+    put back first. A global forward hook, which runs before every module's own, is
+    warned of."""
+    moved = []
+    for prepend in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        opt = tk.KFAC(
+            model, lr=1.0, momentum=0.0, damping=0.1, fisher=fisher, cov_interval=1,
+            inv_interval=1, ema_decay=0.0, kl_clip=None,
+        )  # fmt: skip
+        model[0].register_forward_hook(lambda _m, _i, out: out.clamp(-0.3, 0.3), prepend=prepend)
+        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+        before = model[0].weight.detach().clone()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        moved.append(model[0].weight.detach() - before)
+    assert moved[0].abs().max() > 1e-3
+    torch.testing.assert_close(moved[1], moved[0], rtol=0, atol=1e-14)
+    handle = nn.modules.module.register_module_forward_hook(lambda _m, _i, _o: None)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"1 global forward hook\(s\)"):
+            model(x)
+    finally:
+        handle.remove()

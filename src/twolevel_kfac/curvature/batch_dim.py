@@ -3,14 +3,16 @@ first dimension of ``N`` entries may be another one moved first (a time-major se
 ``T = N`` positions: ``tanh(h.transpose(0, 1)).reshape(T * N, D)``), whose rows a proof by
 its size alone would regroup into the wrong samples, silently (1.7–3.0 off in a review,
 before 2026-12-10). The dimension is followed back through autograd's graph instead
-(:func:`batch_first_reshape`).
+(:func:`batch_first_reshape`). Where the walk cannot follow it, it takes the dimension
+for the batch if it is the first there (as the proof by size did), and refuses it if not.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .row_ops import REORDERS, RESHAPES, moves_rows
 from .row_order import node_shape, signed
@@ -20,73 +22,105 @@ if TYPE_CHECKING:
 
     from .forward_pass import ForwardPass
 
-__all__ = ["batch_first_reshape"]
+__all__ = ["batch_first_reshape", "first_is_batch", "leads_to_batch"]
 
-_WALK = 256  # (node, dimension) pairs looked at, at most
+_WALK = 1024  # (node, dimension) pairs looked at, at most
 _TRANSPOSES = frozenset(
     {"TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "TBackward0"}
 )
+_SHAPED = RESHAPES | {  # (their dimensions followed by shape, as a reshape's)
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "UnsqueezeBackward0",
+}
 _PICKS = frozenset({"SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"})
 _DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})
-_OPAQUE = frozenset(  # (their output's dimensions are not one operand's)
-    {
-        "MmBackward0",
-        "AddmmBackward0",
-        "BmmBackward0",
-        "BaddbmmBackward0",
-        "MvBackward0",
-        "AddmvBackward0",
-        "Rot90Backward0",
-        "AsStridedBackward0",
-        "AsStridedBackward1",
-    }
-)
+_ROWS_OF = {"MmBackward0": 0, "AddmmBackward0": 1}  # (an output's rows: this operand's)
+_BATCHED = {"BmmBackward0": (0, 1), "BaddbmmBackward0": (1, 2)}  # (its two operands' edges)
+_OPAQUE = frozenset({"Rot90Backward0", "AsStridedBackward0", "AsStridedBackward1"})
 Path = tuple["Node", int]  # a node, and the dimension of its output followed
+Parents = list[Path] | Literal[False] | None
 
 
 def batch_first_reshape(node: Node, forward: ForwardPass) -> bool:
     """Whether a reshape node's input has the batch first: ``N`` entries first (its saved
     sizes), and on every path back through autograd's graph that dimension, followed
-    through transposes, permutes, reshapes that keep it or merge it with the dimensions
-    after it, picks beside it and operations that keep their input's shape
-    (:func:`_parents`), is the first one of the tensor the path ends at: a layer's output,
-    the data, an operation that does not tell (a product; the status quo before
-    2026-12-10: taken as the batch there), or a recurrent op's time steps stacked first
-    (``nn.GRU``'s). A path ending at another dimension (a time-major tensor, the batch of
-    a layer's output moved away) refuses the proof. ``nn.LSTM(batch_first=True)``'s
-    ``[B, T, H] → [T, B, H] → rnn → [B, T, H]`` is proved at any ``T`` (the rnn keeps its
-    input's dimensions); before 2026-12-10 only where ``T ≠ N``. Past :data:`_WALK` pairs
-    (a deep residual stream) the paths still open are taken as proved where they follow
-    the first dimension."""
+    through transposes, permutes, reshapes, squeezes, picks beside it, a ``Linear``
+    (layer output to layer input), a product's rows and operations that keep it
+    (:func:`_parents`), is the first one where the path ends: a layer's output, the data,
+    an operation that does not tell (the proof by size before 2026-12-10 took every first
+    dimension of ``N`` entries for the batch), or a recurrent op's time steps stacked
+    (``nn.GRU``'s ``[T, N, H]``: the second). A path ending at another dimension (a
+    time-major tensor, a layer's output with its batch moved away) refuses the proof.
+    ``nn.LSTM(batch_first=True)``'s ``[B, T, H] → [T, B, H] → rnn → [B, T, H]`` is proved
+    at any ``T`` (the rnn keeps its input's dimensions); before 2026-12-10 only where
+    ``T ≠ N``. Past :data:`_WALK` pairs (a deep residual stream) the paths still open are
+    taken as proved where they follow the first dimension, as the proof by size did. The
+    pairs found leading to the batch are kept for the forward's other layers
+    (``forward.batch_led``)."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     if not sizes or int(sizes[0]) != forward.batch_size:
         return False
-    parent = node.next_functions[0][0] if node.next_functions else None
+    return leads_to_batch(node.next_functions[0][0] if node.next_functions else None, forward)
+
+
+def first_is_batch(inputs: Tensor, forward: ForwardPass) -> bool:
+    """Whether a layer input's first dimension is (the major part of) the batch, as
+    :func:`batch_first_reshape` follows it: ``False`` for a time-major ``[T, N, D]`` made
+    inside ``forward`` or a view of the model's first argument that moved its first
+    dimension (``x.transpose(0, 1)``), ``True`` where not told."""
+    if inputs.grad_fn is not None:
+        return leads_to_batch(inputs.grad_fn, forward)
+    return _data_dim_is_batch(inputs, 0, forward) is not False
+
+
+def _data_dim_is_batch(data: Tensor, dim: int, forward: ForwardPass) -> bool | None:
+    """Whether dimension ``dim`` of a tensor without a graph is the batch: of a view of the
+    model's first argument, the one with the batch's stride; ``None`` for another tensor
+    (where the data came from is not told), or the first argument itself at ``dim`` 0."""
+    first = forward.first
+    if first is None or (data is not first and data._base is None):
+        return None
+    if data.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+        return None
+    return data.stride(dim) == first.stride(0) and data.shape[dim] == first.shape[0]
+
+
+def leads_to_batch(parent: Node | None, forward: ForwardPass) -> bool:
+    """Whether dimension 0 of ``parent``'s output leads to the batch on every path
+    (:func:`batch_first_reshape`)."""
     stack: list[Path] = [] if parent is None else [(parent, 0)]
     seen = set(stack)
     while stack:
         if len(seen) > _WALK:
             return all(dim == 0 for _, dim in stack)
         here, dim = stack.pop()
+        if (here, dim) in forward.batch_led:
+            continue
         parents = _parents(here, dim, forward)
         if parents is False or (parents is None and dim):
             return False
-        if parents is None:
-            continue
-        for path in parents:
+        for path in parents or ():
             if path not in seen:
                 seen.add(path)
                 stack.append(path)
+    forward.batch_led |= seen
     return True
 
 
-def _parents(node: Node, dim: int, forward: ForwardPass) -> list[Path] | Literal[False] | None:
+def _parents(node: Node, dim: int, forward: ForwardPass) -> Parents:
     """The inputs of ``node`` to follow dimension ``dim`` of its output into, with where
     that dimension is in each (``[]``: the path ends at the batch; ``None``: it ends at
     ``node``, proving the batch first only where ``dim`` is ``0``; ``False``: refused)."""
     name = type(node).__name__
     if node in forward.per_sample or node in forward.ordered:  # (a layer's output)
-        return None
+        inner, rank = forward.through.get(node), len(node_shape(node, 0))
+        if inner is None or dim >= rank - 1:  # (not a Linear's: its first dimension the batch)
+            return None
+        if inner.grad_fn is not None:
+            return [(inner.grad_fn, dim)]
+        return [] if _data_dim_is_batch(inner, dim, forward) in (None, True) else False
     if name == "AccumulateGrad":  # (a parameter has no batch: the path tells nothing)
         return [] if isinstance(getattr(node, "variable", None), nn.Parameter) else None
     if name == "StackBackward0":
@@ -95,12 +129,12 @@ def _parents(node: Node, dim: int, forward: ForwardPass) -> list[Path] | Literal
     if name in _OPAQUE or not out or not node.next_functions:
         return None
     parent, nr = node.next_functions[0]
-    if "Rnn" in name:  # (a recurrent op keeps its input's sequence and batch dimensions)
-        return None if parent is None or dim > 1 else [(parent, dim)]
+    if "Rnn" in name or name in _ROWS_OF or name in _BATCHED:
+        return _operands(node, name, out, dim, forward)
     if name in _TRANSPOSES:
         source = _transposed(node, name, dim, len(out))
         return None if parent is None or source is None else [(parent, source)]
-    if name in RESHAPES:
+    if name in _SHAPED:
         source = _major(node_shape(parent, nr), out, dim)
         return None if parent is None or source is None else [(parent, source)]
     if name in _DROPS | _PICKS:
@@ -108,8 +142,77 @@ def _parents(node: Node, dim: int, forward: ForwardPass) -> list[Path] | Literal
         rank = len(out) + (name in _DROPS)
         drop = name in _DROPS and at % rank <= dim
         return None if parent is None else [(parent, dim + 1 if drop else dim)]
-    same = [(p, dim) for p, n in node.next_functions if p is not None and node_shape(p, n) == out]
-    return same or None
+    source = _reduced(node, name, dim)
+    if source is not None:
+        return None if parent is None else [(parent, source)]
+    return _kept(node, name, out, dim)
+
+
+def _operands(node: Node, name: str, out: list[int], dim: int, forward: ForwardPass) -> Parents:
+    """Where a recurrent op's or a product's dimension ``dim`` is in its operands: a
+    recurrent op keeps its input's sequence and batch dimensions; a product's rows are its
+    left operand's (``mm``); ``bmm``'s batch is both operands', its rows the left's and
+    its columns the right's."""
+    if "Rnn" in name:
+        parent = node.next_functions[0][0]
+        if parent is None:
+            return _recurrent_on_data(node, out, dim, forward)
+        return None if dim > 1 else [(parent, dim)]
+    if name in _ROWS_OF:
+        left = node.next_functions[_ROWS_OF[name]][0]
+        return None if left is None or dim else [(left, 0)]
+    left, right = (node.next_functions[i][0] for i in _BATCHED[name])
+    follow = [left] if dim == 1 else [right] if dim == 2 else [left, right]
+    return [(p, dim) for p in follow if p is not None]
+
+
+def _kept(node: Node, name: str, out: list[int], dim: int) -> list[Path] | None:
+    """The inputs of an operation of another kind that keep dimension ``dim`` where it is:
+    of the output's shape (an elementwise op, a norm, attention's output), else of its
+    rank with the same size there (a ``pad``, ``repeat``, ``gather`` or broadcast op along
+    other dimensions), or every piece of a ``cat``; ``None`` where none does."""
+    edges = [(p, node_shape(p, n)) for p, n in node.next_functions if p is not None]
+    same = [(p, dim) for p, shape in edges if shape == out]
+    if same:
+        return same
+    kept = [
+        (p, dim)
+        for p, shape in edges
+        if len(shape) == len(out) and (shape[dim] == out[dim] or name == "CatBackward0")
+    ]
+    return kept or None
+
+
+def _reduced(node: Node, name: str, dim: int) -> int | None:
+    """The input's dimension that a reduction over other dimensions (``sum(-1)``, ``amax``)
+    or an ``unfold`` made dimension ``dim`` of its output; ``None`` for another op."""
+    if name == "UnfoldBackward0":
+        return dim if dim != signed(int(getattr(node, "_saved_dimension", -1))) else None
+    saved = getattr(node, "_saved_dim", None)
+    if getattr(node, "_saved_keepdim", None) is None or not isinstance(saved, tuple):
+        return None
+    rank = len(node_shape(node.next_functions[0][0], node.next_functions[0][1]))
+    reduced = {signed(int(d)) % max(rank, 1) for d in saved}
+    if node._saved_keepdim:  # type: ignore[attr-defined]
+        return None if dim in reduced else dim
+    kept = [d for d in range(rank) if d not in reduced]
+    return kept[dim] if dim < len(kept) else None
+
+
+def _recurrent_on_data(node: Node, out: list[int], dim: int, forward: ForwardPass) -> Parents:
+    """A recurrent op's time-major output ``[T, N, H]`` on an input without a graph (the
+    data): the batch is its second dimension where ``T ≠ N``, or where its input is the
+    model's first argument time-major (``nn.LSTM(batch_first=True)`` on the data)."""
+    if dim != 1 or len(out) < 2:
+        return None
+    if out[0] != forward.batch_size:
+        return []
+    saved, first = getattr(node, "_saved_input", None), forward.first
+    if saved is None or first is None or first.dim() < 2:
+        return False
+    flipped = first.transpose(0, 1)
+    same = saved.shape == flipped.shape and saved.dtype == flipped.dtype
+    return [] if same and bool(torch.equal(saved, flipped)) else False
 
 
 def _transposed(node: Node, name: str, dim: int, rank: int) -> int | None:
@@ -135,39 +238,71 @@ def _major(before: list[int], after: list[int], dim: int) -> int | None:
     while at < len(before) and product < lead:
         product *= before[at]
         at += 1
+    while at < len(before) - 1 and before[at] == 1 and dim < len(after) and after[dim] != 1:
+        at += 1  # (past a dimension of size 1 that an unsqueeze added)
     if product != lead or at >= len(before) or dim >= len(after):
         return None
     return at if before[at] % after[dim] == 0 or after[dim] % before[at] == 0 else None
 
 
-def _stacked(stack: Node, dim: int) -> list[Path] | Literal[False]:
+def _stacked(stack: Node, dim: int) -> Parents:
     """Where a stack's dimension ``dim`` is in the tensors stacked: one of theirs (the
     batch itself where they are a recurrent op's time steps: ``nn.GRU``'s ``[T, N, H]``;
-    refused where they are rows gathered, each in its own order);
-    the stacked one is the batch only where they are the rows of one tensor picked in
-    order (``torch.stack([h[i] for i in range(N)])``), not the positions of a
-    batch-first tensor (``torch.stack([h[:, t] for t in range(T)])`` at ``T = N``)."""
+    refused where one is rows picked by an index along it, each in its own order:
+    ``h[perm_t, t]``); the stacked one refused where a tensor is a position picked beside
+    the rows (``torch.stack([h[:, t] for t in range(T)])`` at ``T = N``), followed into
+    the source where every tensor is its row ``i`` (``torch.stack([h[i] …])``, a
+    per-sample loop), else ended there (``torch.stack([f(x[i]) …])``)."""
     rank = len(node_shape(stack, 0))
     made = signed(int(getattr(stack, "_saved_dim", 0))) % max(rank, 1)
     parents = [parent for parent, _ in stack.next_functions]
     if dim != made:
         item = dim if dim < made else dim - 1
-        if _steps(stack):
-            return [] if item == 0 else False
-        if any(type(p).__name__ in REORDERS - _DROPS - _PICKS for p in parents):
-            return False  # (each picked in its own order: h[perm_t, t] for each t)
+        if made == 0 and item == 0 and _steps(stack):
+            return []
+        if any(_picks_rows(p, item) for p in parents):
+            return False
         return [(parent, item) for parent in parents if parent is not None]
-    picks = {  # (each stacked tensor: source, dimension, index)
-        (p.next_functions[0][0], signed(int(p._saved_dim)), int(p._saved_index))  # type: ignore[attr-defined]
-        for p in parents
-        if p is not None and type(p).__name__ == "SelectBackward0" and p.next_functions
-    }
-    sources = {source for source, _, _ in picks}
-    rows = {(at, index) for _, at, index in picks}
-    if len(sources) != 1 or rows != {(0, i) for i in range(len(parents))}:
+    picked = [_picked_row(p) for p in parents]
+    if any(row is False for row in picked):
         return False
-    source = sources.pop()
-    return [] if source is None else [(source, 0)]
+    sources = {row[0] for row in picked if row}
+    if len(sources) == 1 and [row[1] for row in picked if row] == list(range(len(parents))):
+        return [(sources.pop(), 0)]
+    return []
+
+
+def _picks_rows(node: Node | None, dim: int) -> bool:
+    """Whether ``node`` picks entries of its output's dimension ``dim`` by an index from its
+    input's (``h[perm]``, ``index_select``, ``gather`` along it)."""
+    name = type(node).__name__
+    if name == "IndexBackward0":
+        indices = list(getattr(node, "_saved_indices", ()) or ())
+        return dim < len(indices) and indices[dim] is not None
+    if name in ("IndexSelectBackward0", "GatherBackward0"):
+        return signed(int(getattr(node, "_saved_dim", 0))) == dim
+    return False
+
+
+def _picked_row(node: Node | None) -> tuple[Node, int] | Literal[False] | None:
+    """Which row of which tensor a stacked tensor is (``h[i]``, through operations that
+    keep its shape: ``tanh(h[i])``), ``False`` for an entry along another dimension
+    (``h[:, t]``), ``None`` where not told (a layer's output on ``x[i]``)."""
+    for _ in range(_WALK):
+        name = type(node).__name__
+        if node is None or not node.next_functions:
+            return None
+        if name == "SelectBackward0":
+            if signed(int(getattr(node, "_saved_dim", 0))) != 0:
+                return False
+            source = node.next_functions[0][0]
+            return None if source is None else (source, int(getattr(node, "_saved_index", -1)))
+        shape = node_shape(node, 0)
+        same = [p for p, n in node.next_functions if p is not None and node_shape(p, n) == shape]
+        if len(same) != 1:
+            return None
+        node = same[0]
+    return None
 
 
 def _steps(stack: Node) -> bool:

@@ -116,18 +116,17 @@ class CurvatureCapture:
         self._forward: ForwardPass | None = None
         self._records: dict[str, list[Record]] = {name: [] for name in layers}
         self._done: list[ForwardPass] = []  # forwards the user's backward reached, by then
-        # hooks hold the capture weakly: a dropped optimizer leaves nothing on the model
-        this = weakref.ref(self)
+        this = weakref.ref(self)  # (held weakly: a dropped optimizer leaves no hook acting)
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(WeakHook(this, "_root_pre_hook"), with_kwargs=True),
         ]
         uses = uses or {name: [module] for name, module in layers.items()}
-        for name, modules in uses.items():
-            for module in modules:
-                first = WeakHook(this, "layer_hook", name)  # first: before a user's hook
-                self._handles.append(
-                    module.register_forward_hook(first, prepend=True, with_kwargs=True)
-                )
+        self._first = [  # (before a user's hooks, and kept so: misuse.keep_hooks_first)
+            m.register_forward_hook(WeakHook(this, "layer_hook", n), prepend=True, with_kwargs=True)
+            for n, modules in uses.items()
+            for m in modules
+        ]
+        self._handles += self._first
         for attention in attention_modules(model, layers):
             hook = WeakHook(this, "_attention_hook")
             self._handles.append(attention.register_forward_hook(hook, with_kwargs=True))
@@ -174,6 +173,7 @@ class CurvatureCapture:
         if not self._capturing(module):  # (a training forward left in eval(): told at take)
             self._eval_forward |= self.active and not module.training and torch.is_grad_enabled()
             return
+        misuse.keep_hooks_first(self._first, self._warned)  # (prepare_qat prepends its own)
         batch = int((x := batch_argument(args, kwargs)).shape[0])
         if batch == 0:  # no sample: nothing recorded or drawn (an empty batch or DDP share)
             self._empty_forward = True
@@ -217,7 +217,7 @@ class CurvatureCapture:
         kept = recorded_input(module, x.detach())
         record = Record(module, fisher_rows(kept, forward), forward, None, reshaped)
         if output.grad_fn is not None:
-            forward.per_sample.add(output.grad_fn)
+            forward.add_output(output.grad_fn, module, x)
             if record.reshaped:  # its rows as ordered as its input's
                 forward.ordered.add(output.grad_fn)
         forward.records.setdefault(name, []).append(record)

@@ -275,7 +275,7 @@ def check_batched_input(
     check_unbatched_sample(name, module, inputs)
     check_unbatched_embedding(name, module, inputs, batch)
     check_calls_on_parts(name, inputs, forward, reshaped)
-    warn_sample_major(name, module, inputs, batch, reshaped)
+    warn_sample_major(name, module, inputs, forward, reshaped)
     if isinstance(inputs, nn.Parameter):
         what = "a parameter"
     elif batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and inputs.grad_fn is None:

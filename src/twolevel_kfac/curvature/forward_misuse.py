@@ -16,12 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from ..warning_level import caller_level
+from .batch_dim import first_is_batch
 from .hooks import on_gradient
 from .layer_types import layer_type
 from .pooled_rows import main_output
 
 if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
     from .forward_pass import ForwardPass
+
 
 __all__ = [
     "HELD",
@@ -57,19 +61,23 @@ _SAMPLE_MAJOR: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the layers warn
 
 
 def warn_sample_major(
-    name: str, module: nn.Module, inputs: Tensor, batch: int, reshaped: bool
+    name: str, module: nn.Module, inputs: Tensor, forward: ForwardPass, reshaped: bool
 ) -> None:
     """Warn, once per layer, of a ``Linear`` called on ``[K, B, …]`` whose second dimension
     is the batch (``B > 1``) and first is not: KFAC reads the first dimension as the rows
     (``K`` gathered rows of ``B`` locations each) where the samples are the second
     (``torch.distributions`` puts ``rsample((K,))``'s samples first: an IWAE decoder
     stepped 0.21–0.54 off in a trial, silently, before 2026-12-08). Rows proved ``k`` per
-    sample (``reshaped``) pass, and so does ``K`` a multiple of ``B`` (it cannot be told
-    from rows flattened batch-first: Swin's windows, ``k·B`` rows of ``B`` tokens, were
-    warned of, with a wrong fix, before 2026-12-09)."""
+    sample (``reshaped``) pass, and so does ``K`` a multiple of ``B`` where its first
+    dimension leads to the batch (:func:`~.batch_dim.first_is_batch`: Swin's windows,
+    ``k·B`` rows of ``B`` tokens, were warned of, with a wrong fix, before 2026-12-09; a
+    time-major ``[2B, B, D]`` passed unwarned before 2026-12-10, 0.56–0.77 off)."""
+    batch = forward.batch_size
     if reshaped or batch < 2 or not isinstance(module, nn.Linear) or inputs.dim() < 3:
         return
-    if inputs.shape[1] != batch or inputs.shape[0] % batch == 0 or module in _SAMPLE_MAJOR:
+    if inputs.shape[1] != batch or module in _SAMPLE_MAJOR:
+        return
+    if inputs.shape[0] % batch == 0 and first_is_batch(inputs, forward):
         return  # (k·B rows: flattened batch-first, Swin's windows of k = B tokens)
     _SAMPLE_MAJOR.add(module)
     warnings.warn(
@@ -79,6 +87,35 @@ def warn_sample_major(
         f"of {inputs.shape[0]} locations. If the samples are the second dimension (sample "
         "dimensions first, as torch.distributions' rsample((K,)) puts them; time-major "
         "sequences), move the batch first (z.transpose(0, 1)) before the layer",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
+def keep_hooks_first(handles: list[RemovableHandle], warned: set[str]) -> None:
+    """Put each layer hook of ``handles`` back before its module's other forward hooks
+    (called before a forward, not while the hooks run), and warn once (``warned``) of
+    global forward hooks, which run before every module's own. A hook registered after the
+    optimizer with ``prepend=True`` ran before the layer's, and one replacing the output
+    made ``δ`` the gradient at its output: ``torch.ao.quantization.prepare_qat``'s
+    observer on a module it does not swap (``nn.Conv1d``) fake-quantizes the output, and
+    ``δ`` missed its clip mask while ``∇W`` had it (0.15–0.29 off in a trial before
+    2026-12-10, silently)."""
+    for handle in handles:
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks and next(iter(hooks)) != handle.id:
+            hooks.move_to_end(handle.id, last=False)
+    count = len(nn.modules.module._global_forward_hooks)
+    if not count or "global hooks" in warned:
+        return
+    warned.add("global hooks")
+    warnings.warn(
+        f"{count} global forward hook(s) (torch.nn.modules.module."
+        "register_module_forward_hook) run before the optimizer's layer hooks: one that "
+        "replaces a layer's output (a fake-quantizing observer, a clamp) makes KFAC take the "
+        "output gradients at the replaced output, not the layer's own, and its steps wrong. "
+        "Register such a hook on the module (module.register_forward_hook) instead; a hook "
+        "that only observes is harmless",
         RuntimeWarning,
         stacklevel=caller_level(),
     )

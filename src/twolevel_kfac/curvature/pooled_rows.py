@@ -15,9 +15,11 @@ rows than the samples ``index_add``, ``scatter_add``, ``scatter_reduce``,
 or a matrix product ``P @ h``. A mixture of experts' dispatch into capacity slots and
 its combine back into the tokens keep more rows than the samples, and its load beside the
 logits is not the main output: they pass. Not seen: pools into as many rows as the
-samples or more, a loop over the graphs (``torch.stack([h[batch == g].sum(0) …])``: each
-sum is of a part of the rows), a reshape and a reduction (``h.view(G, n, D).sum(1)``), a
-compiled graph.
+samples or more, a compiled graph. Since 2026-12-10 a reduction of rows picked along
+dimension 0 (a loop over the graphs, ``torch.stack([h[batch == g].sum(0) …])``, or over
+``h.split(sizes)``) and a
+reshape splitting the rows whose split is reduced (``h.view(G, n, D).sum(1)``) are named
+too (they passed: the nodes taken as the samples, silently).
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> i
     edges = [(p, n) for p, n in node.next_functions if p is not None]
     dims = _reduced_dims(node, max((len(node_shape(p, n)) for p, n in edges), default=0))
     if dims is not None:
-        if 0 not in dims:
+        judged = [_through_split_or_pick(p, n, dims, batch) for p, n in edges]
+        if 0 not in dims and not any(split for _, _, split in judged):
             return None
-        rows = 1
+        rows = out[0] if out and 0 not in dims else 1
+        edges = [(p, n) for p, n, _ in judged]
     elif out and out[0] < batch and _summing(node, out):
         name, rows = type(node).__name__, out[0]
         if name in _PRODUCTS:
@@ -98,6 +102,51 @@ def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> i
         if parent in stops or reaches(parent, stops):
             return rows
     return None
+
+
+_SPLITS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_PICKS = frozenset(
+    {"IndexBackward0", "IndexSelectBackward0", "MaskedSelectBackward0", "SliceBackward0"}
+    | {"SplitBackward0", "SplitWithSizesBackward0"}
+)
+
+
+def _through_split_or_pick(
+    parent: Node, nr: int, dims: set[int], batch: int
+) -> tuple[Node, int, bool]:
+    """The input of a reduction to judge (``parent``), or the rows it came from: those of a
+    reshape that split them into leading dimensions one of which the reduction reduced
+    (``h.view(G, n, D).sum(1)``: graphs of ``n`` nodes each; ``True``), or of rows picked
+    along dimension 0 for a reduction of it (``h[batch == g].sum(0)``, stacked over the
+    graphs: each sum is of a part of the rows)."""
+    name = type(parent).__name__
+    source = parent.next_functions[0] if parent.next_functions else (None, 0)
+    if source[0] is None:
+        return parent, nr, False
+    if name in _PICKS and 0 in dims and _picked_along_rows(parent):
+        return source[0], source[1], False
+    before = [int(d) for d in getattr(parent, "_saved_self_sym_sizes", ()) or ()]
+    after = node_shape(parent, nr)
+    if name not in _SPLITS or not before or before[0] % batch or len(after) < 2:
+        return parent, nr, False
+    product = 1
+    for at, size in enumerate(after):
+        product *= size
+        if product == before[0]:
+            split = at > 0 and any(0 < d <= at for d in dims)
+            return (source[0], source[1], True) if split else (parent, nr, False)
+        if product > before[0]:
+            break
+    return parent, nr, False
+
+
+def _picked_along_rows(node: Node) -> bool:
+    """Whether an index, index_select, masked select, slice or split picks rows along dim
+    0."""
+    name = type(node).__name__
+    if name in ("SliceBackward0", "IndexSelectBackward0") or "Split" in name:
+        return signed(int(getattr(node, "_saved_dim", 0))) == 0
+    return True  # (h[mask], h[index]: the first indexed dimension is the rows)
 
 
 def main_output(output: Any) -> Tensor | None:

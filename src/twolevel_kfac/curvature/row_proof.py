@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from .batch_dim import batch_first_reshape
+from .batch_dim import batch_first_reshape, leads_to_batch
 from .row_ops import REORDERS, RESHAPES, moves_rows
 from .row_order import signed
 
@@ -44,22 +44,18 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
     * or, without autograd history, a contiguous view of all of the model's first tensor
       argument (the data flattened).
 
+    * or a forward of one sample: every row is its own (unless another tensor argument
+      has other rows: the batch may be passed second, ``model(code, x)``).
+
     Otherwise (a mixture-of-experts expert's gathered tokens, a time-major flatten, a walk
     longer than :data:`_WALK` nodes) ``False``: the rows are not regrouped."""
     samples, rows = forward.batch_size, int(inputs.shape[0]) if inputs.dim() else 0  # (all)
-    if rows in (0, samples) or rows % samples:
-        return False
+    counted = _by_count(rows, forward)
+    if counted is not None:
+        return counted
     node = inputs.grad_fn
     if node is None:
-        first = forward.first
-        return (
-            first is not None
-            and inputs._base is not None
-            and inputs.is_contiguous()
-            and first.is_contiguous()
-            and inputs.data_ptr() == first.data_ptr()
-            and inputs.numel() == first.numel()
-        )
+        return _the_data_flattened(inputs, forward.first)
     # (past a reshape, expand or pick that keeps the rows, ``strict``: a reshape of a tensor
     # with N rows first proves nothing by its size, whatever its other dimensions (at T = B
     # a time-major tensor has N rows, its batch perhaps merged into another dimension, two
@@ -91,6 +87,30 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
             seen.add(parent)
             stack.append((parent, strict))
     return proved
+
+
+def _by_count(rows: int, forward: ForwardPass) -> bool | None:
+    """``False`` where the ``rows`` are not ``k·N`` with ``k > 1``, ``True`` where one
+    sample has them all (before 2026-12-10 not proved: nanoGPT's positions broadcast,
+    ``pos(arange(T))``, stepped 2–3× off at a batch of one, silently), else ``None``."""
+    samples = forward.batch_size
+    if rows in (0, samples) or rows % samples:
+        return False
+    alone = all(other == 1 for other in forward.other_rows)  # (not model(code, x))
+    return True if samples == 1 and alone else None
+
+
+def _the_data_flattened(inputs: Tensor, first: Tensor | None) -> bool:
+    """Whether ``inputs`` (without autograd history) is a contiguous view of all of the
+    model's first tensor argument."""
+    return (
+        first is not None
+        and inputs._base is not None
+        and inputs.is_contiguous()
+        and first.is_contiguous()
+        and inputs.data_ptr() == first.data_ptr()
+        and inputs.numel() == first.numel()
+    )
 
 
 def _parameters_alone(node: Node) -> bool:
@@ -231,11 +251,17 @@ def _leading_product(dims: list[int], target: int) -> bool:
 def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
     """Whether ``node``'s rows are proved sample-major: a layer output proved so, or a
     batch-first reshape (:func:`batch_first_reshape`); ``strict`` (past a step that keeps
-    the rows), a layer's output of the ``N`` samples instead of a reshape."""
+    the rows), a layer's output of the ``N`` samples instead of a reshape, its first
+    dimension followed back to the batch (a ``Linear`` on a time-major ``[T, N, D]`` at
+    ``T = N`` has ``N`` rows first: proved before 2026-12-10)."""
     if node in forward.ordered:
         return True
     if strict:
-        return node in forward.per_sample and _first_size(node) == forward.batch_size
+        return (
+            node in forward.per_sample
+            and _first_size(node) == forward.batch_size
+            and leads_to_batch(node, forward)
+        )
     return name in RESHAPES and batch_first_reshape(node, forward)
 
 
