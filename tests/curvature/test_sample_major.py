@@ -107,7 +107,7 @@ def test_a_time_major_flatten_behind_an_op_is_not_regrouped_at_t_equal_n() -> No
 
 class Positions(nn.Module):
     """nanoGPT's positions, ``pos(torch.arange(T))`` broadcast over the batch, or one row
-    of them per sample (``[None]``)."""
+    of them per sample (``expand(B, T)``)."""
 
     def __init__(self, broadcast: bool) -> None:
         super().__init__()
@@ -117,7 +117,7 @@ class Positions(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         index = torch.arange(tokens.shape[1])
-        positions = self.pos(index if self.broadcast else index[None])
+        positions = self.pos(index if self.broadcast else index.expand(len(tokens), -1))
         return self.head(torch.tanh(self.tok(tokens) + positions).cumsum(1))
 
 
@@ -153,6 +153,29 @@ def test_one_samples_rows_are_its_positions_whatever_their_layout(optimizer: typ
         tokens, y = torch.randint(0, 7, (1, 5)), torch.randint(0, C, (1, 5))
         before = net.pos.weight.detach().clone()
         F.cross_entropy(net(tokens).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        moved.append(net.pos.weight.detach() - before)
+    assert moved[1].abs().max() > 1e-3
+    torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-13)
+
+
+def test_micro_batches_of_one_with_broadcast_positions_step_as_the_whole_batch() -> None:
+    """nanoGPT's positions broadcast, accumulated over micro-batches of one sample (a
+    trial: 2.9 off the whole batch's step before 2026-12-10, silently; micro-batches of two
+    are refused by name): each micro-batch's rows are its one sample's positions now."""
+    moved = []
+    for micro in (1, 4):
+        net = Positions(broadcast=micro == 1).double()
+        opt = tk.KFAC(
+            net, class_dim=-1, loss_reduction="mean", accumulation_steps=4 // micro, **EXACT
+        )
+        tokens, y = torch.randint(0, 7, (4, 5)), torch.randint(0, C, (4, 5))
+        before = net.pos.weight.detach().clone()
+        for start in range(0, 4, micro):
+            part = slice(start, start + micro)
+            logits = net(tokens[part])
+            loss = F.cross_entropy(logits.flatten(0, 1), y[part].flatten()) * micro / 4
+            loss.backward()
         opt.step()
         moved.append(net.pos.weight.detach() - before)
     assert moved[1].abs().max() > 1e-3
