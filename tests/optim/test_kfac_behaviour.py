@@ -1158,3 +1158,28 @@ def test_a_curvature_option_set_in_a_param_group_is_warned_of_once() -> None:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+class _FusedLinear(nn.Module):
+    """What ``prepare_qat`` swaps a fused ``nni`` sequence for: a new module computing with
+    the old layer's weight (shared, not copied)."""
+
+    def __init__(self, old: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = old.weight, old.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(F.linear(x, self.weight, self.bias))
+
+
+def test_a_layer_replaced_by_a_module_sharing_its_weight_is_named_as_replaced() -> None:
+    """A trial: an optimizer built on ``fuse_modules_qat``'s sequences, then
+    ``prepare_qat(inplace=True)``: the new module reads the old layer's weight, and the
+    refusal spoke of a functional use "such as a tied decoder"; it names the replacement
+    now (2026-12-10)."""
+    model = mlp()
+    opt = tk.KFAC(model, fisher="empirical")
+    model[0] = _FusedLinear(model[0])
+    with pytest.raises(ValueError, match=r"layer '0' is no longer a module of the model, but"):
+        model(batch()[0])
+    assert opt.preconditioner.layers

@@ -264,7 +264,7 @@ class CurvatureCapture:
     def _close(self, forward: ForwardPass, output: Any) -> None:
         """:meth:`_root_hook` of a captured forward."""
         calls = {name: len(records) for name, records in forward.records.items()}
-        check_weight_uses(output, self.layers, calls)
+        check_weight_uses(output, self.layers, calls, self.model)
         in_order = partial(sample_major, forward=forward)  # (logits flattened in forward)
         watch_positions(output, self.class_dim, forward, in_order, self.fisher == "mc")
         check_padding_matched(forward.padding, (r for rs in forward.records.values() for r in rs))

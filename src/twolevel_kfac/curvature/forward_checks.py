@@ -47,7 +47,9 @@ def output_tensors(output: Any) -> Iterator[Tensor]:
             yield from output_tensors(value)
 
 
-def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str, int]) -> None:
+def check_weight_uses(
+    output: Any, layers: dict[str, nn.Module], calls: dict[str, int], model: nn.Module
+) -> None:
     """Refuse a weight the forward also uses outside its modules' calls.
 
     Walks autograd's graph from every tensor of the model ``output`` and counts, for each
@@ -57,7 +59,9 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
     preconditioning its gradient; an embedding's lookup counts as a read like any other (a
     head ``F.linear(h, wte.weight)`` tied to it is refused, a tied ``nn.Linear`` head that
     is a call of the shared block is not). Under autocast a weight's cast is cached and
-    shared, so uses there may go unseen.
+    shared, so uses there may go unseen. A layer whose module is no longer one of
+    ``model``'s, its weight read by the module that replaced it (``prepare_qat`` swapping a
+    fused ``nni`` sequence after the optimizer was built), is named as replaced.
 
     Raises:
         ValueError: naming the layer, the counts and the fix.
@@ -80,6 +84,14 @@ def check_weight_uses(output: Any, layers: dict[str, nn.Module], calls: dict[str
             stack.append(child)
     for name, count in reads.items():
         if count > calls.get(name, 0):
+            if not calls.get(name) and all(m is not layers[name] for m in model.modules()):
+                raise ValueError(
+                    f"layer {name!r} is no longer a module of the model, but its weight is "
+                    "read in the forward: its module was replaced after the optimizer was "
+                    "built (prepare_qat, fuse_modules(inplace=True), model.fc = ...), and the "
+                    "optimizer's block belongs to the old one. Build the optimizer after "
+                    "changing the model"
+                )
             what = "bias" if bias_only(layers[name]) else "weight"  # a bias alone: its key
             raise ValueError(
                 f"layer {name!r}: its {what} is read {count} times in the forward but its "
