@@ -7,6 +7,7 @@ exact steps of a hand-written KFAC block."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -188,6 +189,11 @@ def test_a_batch_of_graphs_pooled_per_graph_is_refused_with_nodes_first(fisher: 
     opt.step()
 
 
+@dataclasses.dataclass
+class _Batch:
+    x: Tensor
+
+
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 def test_a_task_code_passed_before_the_batch_is_refused(fisher: str) -> None:
     """``model(code, x)``, a code ``[1, D]`` drawn for the batch and put through a layer:
@@ -218,6 +224,9 @@ def test_a_task_code_passed_before_the_batch_is_refused(fisher: str) -> None:
     model.forward = lambda code, batch: Coded.forward(model, code, batch["x"])  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match=r"first tensor argument has one row, but another has 8"):
         model(code, {"x": x})  # (the batch inside a dict)
+    model.forward = lambda code, batch: Coded.forward(model, code, batch.x)  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"first tensor argument has one row, but another has 8"):
+        model(code, _Batch(x))  # (inside a dataclass: stepped 2.2 off, 2026-12-10's review)
     del model.forward
     F.cross_entropy(model(code.expand(8, -1), x), torch.zeros(8, dtype=torch.long)).backward()
     opt.step()

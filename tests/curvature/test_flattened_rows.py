@@ -225,6 +225,9 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
         "summed over a new one": (tm[..., None] * torch.ones(2)).sum(-1).reshape(-1, D),
         "stacked beside": torch.stack([torch.tanh(tm), torch.sigmoid(tm)], 2).view(B * B, -1),
         "its halves concatenated": torch.cat([tm[:2], torch.tanh(tm[2:])]).reshape(-1, D),
+        # (a second review: OLD and the first version proved these)
+        "a loop's steps stacked": torch.stack(_recurrent_steps(layer)).reshape(-1, D),
+        "rotated": torch.rot90(layer, 1, (0, 1)).reshape(-1, D),
     }
     for name, rows in time_major.items():
         assert not sample_major(rows, forward), name
@@ -273,6 +276,15 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     assert not sample_major(rows, one)  # model(t, x), t [1, 1]: the batch second
     alone = ForwardPass(index=None, batch_size=1, first=torch.randn(1, T, D), other_rows=(1,))
     assert sample_major(rows, alone)  # (one sample: its rows, whatever they are)
+
+
+def _recurrent_steps(inputs: Tensor) -> list[Tensor]:
+    """A hand-written RNN's states over ``inputs [B, T, D]``, each ``[B, D]``."""
+    weight, state, states = nn.Parameter(torch.randn(D, D)), torch.zeros_like(inputs[:, 0]), []
+    for t in range(inputs.shape[1]):
+        state = torch.tanh(inputs[:, t] + state @ weight)
+        states.append(state)
+    return states
 
 
 def _autocast_linear(rows: Tensor) -> Tensor:
@@ -463,3 +475,64 @@ def test_an_expert_dispatched_by_a_product_steps_as_one_dispatched_by_indexing(
         steps.append(model.expert.weight.detach() - before)
     assert steps[0].abs().max() > 1e-3
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-10, atol=1e-13)
+
+
+class Encoded(nn.Module):
+    """A batch-first ``nn.TransformerEncoderLayer`` (its attention flattens ``[T, B, E]``
+    to ``[T·B, E]`` inside, the batch the minor factor) or a packed LSTM, then a head on
+    the flattened tokens (``flat``) or on ``[B, T, E]``."""
+
+    def __init__(self, flat: bool, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.flat, self.kind = flat, kind
+        self.enc = nn.TransformerEncoderLayer(D, 1, 8, dropout=0.0, batch_first=True)
+        self.inp, self.lstm = nn.Linear(D, D), nn.LSTM(D, D, batch_first=True)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "encoder":
+            h = self.enc(x)
+        else:
+            length = x.shape[1]
+            lengths = torch.tensor([max(1, length - n) for n in range(len(x))]).flip(0)
+            packed = nn.utils.rnn.pack_padded_sequence(
+                self.inp(x), lengths, batch_first=True, enforce_sorted=False
+            )
+            out = self.lstm(packed)[0]
+            h = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=length)[0]
+        if not self.flat:
+            return self.head(h)
+        return self.head(h.reshape(-1, D)).view(len(x), -1, C)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "packed"])
+@pytest.mark.parametrize("length", [B, T])
+def test_an_attention_or_packed_sequence_flattened_is_proved(kind: str, length: int) -> None:
+    """A review of the first version of the batch-dimension walk (2026-12-10): inside
+    ``nn.MultiheadAttention`` and ``pad_packed_sequence`` the batch is the minor factor of
+    a merged ``[T·B]`` dimension, which it did not follow; a head on the flattened tokens
+    was read as gathered rows (0.56–1.37 off) and two-level KFAC refused it. The batch is
+    followed as a factor of merged dimensions now: the flattened head steps as the one on
+    ``[B, T, E]``, for KFAC under ``reduce`` (where the grouping counts) and two-level (the
+    packed sequence: two-level KFAC steps)."""
+    x = torch.randn(B, length, D, dtype=torch.float64)
+    y = torch.randint(0, C, (B, length))
+    if kind == "packed":
+        model = Encoded(True, kind).double()
+        opt = tk.TwoLevelKFAC(model, **CONTRACT)
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        assert opt.preconditioner.factors["head"].ready
+        return
+    for make, kwargs in ((tk.KFAC, {"weight_sharing": "reduce"}), (tk.TwoLevelKFAC, {})):
+        moved = []
+        for flat in (True, False):
+            model = Encoded(flat, kind).double()
+            opt = make(model, **CONTRACT, **kwargs)
+            before = model.head.weight.detach().clone()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+            moved.append(model.head.weight.detach() - before)
+        assert moved[1].abs().max() > 1e-4
+        torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-12)

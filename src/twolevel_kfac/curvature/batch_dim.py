@@ -9,6 +9,7 @@ for the batch if it is the first there (as the proof by size did), and refuses i
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -38,9 +39,10 @@ _PICKS = frozenset({"SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0
 _DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})
 _ROWS_OF = {"MmBackward0": 0, "AddmmBackward0": 1}  # (an output's rows: this operand's)
 _BATCHED = {"BmmBackward0": (0, 1), "BaddbmmBackward0": (1, 2)}  # (its two operands' edges)
-_OPAQUE = frozenset({"Rot90Backward0", "AsStridedBackward0", "AsStridedBackward1"})
+_OPAQUE = frozenset({"AsStridedBackward0", "AsStridedBackward1"})
 Path = tuple["Node", int]  # a node, and the dimension of its output followed
 Parents = list[Path] | Literal[False] | None
+Track = tuple["Node", int, int]  # and the batch's stride inside that dimension (merged)
 
 
 def batch_first_reshape(node: Node, forward: ForwardPass) -> bool:
@@ -70,8 +72,8 @@ def first_is_batch(inputs: Tensor, forward: ForwardPass) -> bool:
     :func:`batch_first_reshape` follows it: ``False`` for a time-major ``[T, N, D]`` made
     inside ``forward`` or a view of the model's first argument that moved its first
     dimension (``x.transpose(0, 1)``), ``True`` where not told."""
-    if inputs.grad_fn is not None:
-        return leads_to_batch(inputs.grad_fn, forward)
+    if inputs.grad_fn is not None:  # (k·N rows first: sample-major, k apart)
+        return leads_to_batch(inputs.grad_fn, forward, max(1, len(inputs) // forward.batch_size))
     return _data_dim_is_batch(inputs, 0, forward) is not False
 
 
@@ -87,24 +89,38 @@ def _data_dim_is_batch(data: Tensor, dim: int, forward: ForwardPass) -> bool | N
     return data.stride(dim) == first.stride(0) and data.shape[dim] == first.shape[0]
 
 
-def leads_to_batch(parent: Node | None, forward: ForwardPass) -> bool:
+def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) -> bool:
     """Whether dimension 0 of ``parent``'s output leads to the batch on every path
-    (:func:`batch_first_reshape`)."""
-    stack: list[Path] = [] if parent is None else [(parent, 0)]
+    (:func:`batch_first_reshape`), the batch's entries ``inner`` apart in it (``k`` for
+    ``k·N`` rows sample-major). Through a reshape the batch is followed as a factor of a
+    merged dimension (``nn.MultiheadAttention``'s ``[T, N, E] → [T·N, E] → Linear → [T, N,
+    E]``: the batch the minor factor, :func:`_regrouped`)."""
+    stack: list[Track] = [] if parent is None else [(parent, 0, inner)]
     seen = set(stack)
     while stack:
         if len(seen) > _WALK:
-            return all(dim == 0 for _, dim in stack)
-        here, dim = stack.pop()
-        if (here, dim) in forward.batch_led:
+            return all(dim == 0 for _, dim, _ in stack)
+        here, dim, inner = stack.pop()
+        if (here, dim, inner) in forward.batch_led:
             continue
-        parents = _parents(here, dim, forward)
-        if parents is False or (parents is None and dim):
+        parents: list[Track] | Literal[False] | None
+        name, batch = type(here).__name__, forward.batch_size
+        if _reorders_along(here, name, dim) and node_shape(here, 0)[dim : dim + 1] != [batch]:
+            return False  # (entries of a merged dimension reordered: the batch's with others)
+        if name in _SHAPED and here not in forward.per_sample and here not in forward.ordered:
+            parents = _regrouped(here, dim, inner, batch)
+        else:
+            found = _parents(here, dim, forward)
+            parents = (
+                found if found is None or found is False else [(p, d, inner) for p, d in found]
+            )
+        ends_off = dim or node_shape(here, 0)[:1] > [batch * inner]  # (the batch minor there)
+        if parents is False or (parents is None and ends_off):
             return False
-        for path in parents or ():
-            if path not in seen:
-                seen.add(path)
-                stack.append(path)
+        for track in parents or ():
+            if track not in seen:
+                seen.add(track)
+                stack.append(track)
     forward.batch_led |= seen
     return True
 
@@ -123,19 +139,16 @@ def _parents(node: Node, dim: int, forward: ForwardPass) -> Parents:
         return [] if _data_dim_is_batch(inner, dim, forward) in (None, True) else False
     if name == "AccumulateGrad":  # (a parameter has no batch: the path tells nothing)
         return [] if isinstance(getattr(node, "variable", None), nn.Parameter) else None
-    if name == "StackBackward0":
-        return _stacked(node, dim)
+    if name in _SPECIAL:
+        return _SPECIAL[name](node, dim, forward)
     out = node_shape(node, 0)
     if name in _OPAQUE or not out or not node.next_functions:
         return None
-    parent, nr = node.next_functions[0]
+    parent = node.next_functions[0][0]
     if "Rnn" in name or name in _ROWS_OF or name in _BATCHED:
         return _operands(node, name, out, dim, forward)
     if name in _TRANSPOSES:
         source = _transposed(node, name, dim, len(out))
-        return None if parent is None or source is None else [(parent, source)]
-    if name in _SHAPED:
-        source = _major(node_shape(parent, nr), out, dim)
         return None if parent is None or source is None else [(parent, source)]
     if name in _DROPS | _PICKS:
         at = signed(int(getattr(node, "_saved_dim", 0)))
@@ -226,33 +239,35 @@ def _transposed(node: Node, name: str, dim: int, rank: int) -> int | None:
     return pair[1] if dim == pair[0] else pair[0] if dim == pair[1] else dim
 
 
-def _major(before: list[int], after: list[int], dim: int) -> int | None:
-    """The dimension of a reshape's input ``before`` whose entries are the major part of
-    its output's dimension ``dim`` (``after``): the same one, one of the dimensions merged
-    into it, the first (``[a, b, D] → [a·b, D]``: ``a``), or the one split into it and the
-    dimensions after it (``[a·b, D] → [a, b, D]``); ``None`` where the dimensions before it
-    are regrouped too."""
-    lead, at, product = 1, 0, 1
-    for size in after[:dim]:
-        lead *= size
-    while at < len(before) and product < lead:
-        product *= before[at]
-        at += 1
-    while at < len(before) - 1 and before[at] == 1 and dim < len(after) and after[dim] != 1:
-        at += 1  # (past a dimension of size 1 that an unsqueeze added)
-    if product != lead or at >= len(before) or dim >= len(after):
+def _regrouped(node: Node, dim: int, inner: int, batch: int) -> list[Track] | None:
+    """Where a reshape's (or a squeeze's) input holds the batch that its output holds in
+    dimension ``dim``, ``inner`` apart: the input's dimension holding the whole factor of
+    ``batch`` entries at the same flat stride, and its entries' stride in it (the same
+    dimension; one merged into it, as the major or the minor factor; one split out of
+    it); ``None`` where the factor is split across the input's dimensions, or the
+    reshape's input has no graph."""
+    parent, nr = node.next_functions[0] if node.next_functions else (None, 0)
+    before, after = node_shape(parent, nr), node_shape(node, 0)
+    if parent is None or not before or dim >= len(after):
         return None
-    return at if before[at] % after[dim] == 0 or after[dim] % before[at] == 0 else None
+    stride, tail = inner * math.prod(after[dim + 1 :]), 1  # (the batch's flat stride)
+    for at in reversed(range(len(before))):
+        if stride % tail == 0 and tail <= stride and stride * batch <= tail * before[at]:
+            return [(parent, at, stride // tail)]
+        tail *= before[at]
+    return None
 
 
-def _stacked(stack: Node, dim: int) -> Parents:
+def _stacked(stack: Node, dim: int, forward: ForwardPass) -> Parents:
     """Where a stack's dimension ``dim`` is in the tensors stacked: one of theirs (the
     batch itself where they are a recurrent op's time steps: ``nn.GRU``'s ``[T, N, H]``;
     refused where one is rows picked by an index along it, each in its own order:
     ``h[perm_t, t]``); the stacked one refused where a tensor is a position picked beside
     the rows (``torch.stack([h[:, t] for t in range(T)])`` at ``T = N``), followed into
     the source where every tensor is its row ``i`` (``torch.stack([h[i] …])``, a
-    per-sample loop), else ended there (``torch.stack([f(x[i]) …])``)."""
+    per-sample loop), refused where each holds the batch first (a hand-written RNN's steps
+    ``torch.stack(outs)``, 2.8 off at ``T = N`` in a review), else ended there
+    (``torch.stack([f(x[i]) …])``)."""
     rank = len(node_shape(stack, 0))
     made = signed(int(getattr(stack, "_saved_dim", 0))) % max(rank, 1)
     parents = [parent for parent, _ in stack.next_functions]
@@ -269,7 +284,45 @@ def _stacked(stack: Node, dim: int) -> Parents:
     sources = {row[0] for row in picked if row}
     if len(sources) == 1 and [row[1] for row in picked if row] == list(range(len(parents))):
         return [(sources.pop(), 0)]
+    items = [parent for parent in parents if parent is not None]
+    if items and all(leads_to_batch(item, forward) for item in items):
+        return False  # (each holds the batch: a loop's time steps, torch.stack(outs))
     return []
+
+
+def _rotated(node: Node, dim: int, forward: ForwardPass) -> Parents:
+    """A ``rot90``'s input dimension of its output's ``dim``: refused where it rotates it."""
+    rank = max(len(node_shape(node, 0)), 1)
+    dims = [signed(int(d)) % rank for d in node._saved_dims]  # type: ignore[attr-defined]
+    parent = node.next_functions[0][0]
+    return False if dim in dims else None if parent is None else [(parent, dim)]
+
+
+def _packed(node: Node, dim: int, forward: ForwardPass) -> Parents:
+    """A packed sequence's rows (each time step's samples, packed): the padded input's
+    batch dimension."""
+    padded = node.next_functions[0][0] if node.next_functions else None
+    rows = 0 if getattr(node, "_saved_batch_first", False) else 1
+    return None if padded is None or dim else [(padded, rows)]
+
+
+_SPECIAL = {
+    "StackBackward0": _stacked,
+    "Rot90Backward0": _rotated,
+    "PackPaddedSequenceBackward0": _packed,
+}
+
+
+def _reorders_along(node: Node, name: str, dim: int) -> bool:
+    """Whether ``node`` reorders or picks the entries of its output's dimension ``dim``
+    (an index, gather, sort, flip or roll along it)."""
+    if _picks_rows(node, dim):
+        return True
+    if name not in ("SortBackward0", "TopkBackward0", "FlipBackward0", "RollBackward0"):
+        return False
+    saved = getattr(node, "_saved_dims", None) or (getattr(node, "_saved_dim", None),)
+    rank = len(node_shape(node, 0))
+    return any(d is not None and signed(int(d)) % max(rank, 1) == dim for d in saved)
 
 
 def _picks_rows(node: Node | None, dim: int) -> bool:

@@ -35,17 +35,16 @@ from torch.utils.hooks import RemovableHandle
 from . import forward_misuse as misuse
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
+from .call_arguments import batch_argument, other_rows
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward
 from .dropped_gradients import Marks, backward_started, settle
 from .forward_checks import (
-    batch_argument,
     check_batch_rows,
     check_batched_input,
     check_subset_rows,
     check_unreached,
     check_weight_uses,
-    other_rows,
 )
 from .forward_pass import ForwardPass, Record, empirical_hook, fisher_rows
 from .hooks import WeakHook, in_backward, parameters_swapped, registered_parameters, remove_all

@@ -30,7 +30,6 @@ __all__ = [
     "check_subset_rows",
     "check_unreached",
     "check_weight_uses",
-    "first_tensor",
     "output_tensors",
 ]
 
@@ -145,46 +144,6 @@ def check_batch_rows(forward: ForwardPass, output: Any, empirical: bool) -> None
         f"the model's first tensor argument has {batch} rows, but its layers see "
         f"{sorted(rows)}: KFAC takes the batch size (the empirical Fisher's scale) from the "
         "first tensor argument of model(...); pass the batch first"
-    )
-
-
-def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-    """The first tensor among a call's positional and keyword arguments."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value
-    return None
-
-
-def other_rows(args: tuple[Any, ...], kwargs: dict[str, Any], first: Tensor) -> tuple[int, ...]:
-    """The first dimensions of a call's tensor arguments other than ``first``, and of the
-    tensors in its dict, list and tuple arguments (``model(code, {"x": x})``)."""
-    values = [*args, *kwargs.values()]
-    values += [v for c in values if isinstance(c, (dict, list, tuple)) for v in _items(c)]
-    return tuple(
-        int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim() and v is not first
-    )
-
-
-def _items(container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> list[Any]:
-    return list(container.values() if isinstance(container, dict) else container)
-
-
-def batch_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    """The model call's batch: its first tensor argument, with at least one dimension.
-
-    Raises:
-        RuntimeError: none (the batch inside a dict or a list), or a 0-d tensor.
-    """
-    x = first_tensor(args, kwargs)
-    if x is not None and x.dim() > 0:
-        return x
-    first = next(iter((*args, *kwargs.values())), None)
-    raise RuntimeError(
-        "KFAC capture: the model's first tensor argument must be the batch, its first "
-        f"dimension the samples (got {type(first).__name__ if x is None else '0-d tensor'}). "
-        "A dict or list of tensors is not read: call model(**batch) or model(x, ...) with "
-        "the batch's tensor first"
     )
 
 

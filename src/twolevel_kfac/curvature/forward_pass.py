@@ -54,10 +54,11 @@ class ForwardPass:
     # autograd nodes of layer outputs not computed from parameters alone (their inputs'
     # walks stopped without a proof: forward_checks.check_batched_input)
     per_sample: set[Node] = field(default_factory=set)
-    # a Linear's output node: its input's (batch_dim follows a dimension through it); and
+    # a Linear's or an Embedding's output node: its input (batch_dim follows a dimension
+    # through it); and
     # the (node, dimension) pairs batch_dim found leading to the batch
     through: dict[Node, Tensor] = field(default_factory=dict)
-    batch_led: set[tuple[Node, int]] = field(default_factory=set)
+    batch_led: set[tuple[Node, int, int]] = field(default_factory=set)
     backward_done: bool = False  # the user's loss.backward() ran through this forward
     backward_task: int | None = None  # the id of that backward (dropped_gradients)
     writes_seen: tuple[int, ...] | None = None  # the layers' gradient writes by then
@@ -87,7 +88,7 @@ class ForwardPass:
     def add_output(self, node: Node, module: nn.Module, inputs: Tensor) -> None:
         """A layer's output node (:attr:`per_sample`; a ``Linear``'s :attr:`through`)."""
         self.per_sample.add(node)
-        if isinstance(module, nn.Linear):  # (its output's leading dimensions: its input's)
+        if isinstance(module, (nn.Linear, nn.Embedding)):  # (leading dimensions: its input's)
             self.through[node] = inputs
 
     @property
