@@ -48,8 +48,8 @@ Track = tuple["Node", int, int]  # and the batch's stride inside that dimension 
 def batch_first_reshape(node: Node, forward: ForwardPass) -> bool:
     """Whether a reshape node's input has the batch first: ``N`` entries first (its saved
     sizes), and on every path back through autograd's graph that dimension, followed
-    through transposes, permutes, reshapes, squeezes, picks beside it, a ``Linear``
-    (layer output to layer input), a product's rows and operations that keep it
+    through transposes, permutes, reshapes, squeezes, picks beside it, a ``Linear`` or
+    ``Embedding`` (layer output to layer input), a product's rows and operations that keep it
     (:func:`_parents`), is the first one where the path ends: a layer's output, the data,
     an operation that does not tell (the proof by size before 2026-12-10 took every first
     dimension of ``N`` entries for the batch), or a recurrent op's time steps stacked
@@ -131,12 +131,12 @@ def _parents(node: Node, dim: int, forward: ForwardPass) -> Parents:
     ``node``, proving the batch first only where ``dim`` is ``0``; ``False``: refused)."""
     name = type(node).__name__
     if node in forward.per_sample or node in forward.ordered:  # (a layer's output)
-        inner, rank = forward.through.get(node), len(node_shape(node, 0))
-        if inner is None or dim >= rank - 1:  # (not a Linear's: its first dimension the batch)
+        layer_input, rank = forward.through.get(node), len(node_shape(node, 0))
+        if layer_input is None or dim >= rank - 1:  # (another layer's: its first dim the batch)
             return None
-        if inner.grad_fn is not None:
-            return [(inner.grad_fn, dim)]
-        return [] if _data_dim_is_batch(inner, dim, forward) in (None, True) else False
+        if layer_input.grad_fn is not None:
+            return [(layer_input.grad_fn, dim)]
+        return [] if _data_dim_is_batch(layer_input, dim, forward) in (None, True) else False
     if name == "AccumulateGrad":  # (a parameter has no batch: the path tells nothing)
         return [] if isinstance(getattr(node, "variable", None), nn.Parameter) else None
     if name in _SPECIAL:
