@@ -536,3 +536,27 @@ def test_an_attention_or_packed_sequence_flattened_is_proved(kind: str, length: 
             moved.append(model.head.weight.detach() - before)
         assert moved[1].abs().max() > 1e-4
         torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("put_back", ["index_add", "gather"])
+def test_tokens_sorted_by_expert_and_put_back_keep_the_proof(put_back: str) -> None:
+    """A third review (2026-12-10): the batch followed into the sorted tokens through the
+    put-back refused the head's proof (0.5–1.5 off under ``reduce``, two-level KFAC
+    refusing) where the proof by size had stepped exactly; the walk ends at rows placed or
+    picked by an index along the batch's merged dimension now, as before."""
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    inp = nn.Linear(D, D).double()
+    forward = ForwardPass(index=None, batch_size=B, first=x)
+    h = inp(x)
+    forward.add_output(h.grad_fn, inp, x)
+    flat = h.reshape(-1, D)
+    perm = torch.argsort((flat[:, 0] > 0).long(), stable=True)
+    ys = torch.tanh(flat[perm])
+    back = (
+        torch.zeros_like(flat).index_add(0, perm, ys)
+        if put_back == "index_add"
+        else ys[torch.argsort(perm)]
+    )
+    assert sample_major((h + back.view_as(h)).reshape(-1, D), forward)
+    shuffled = h.transpose(0, 1).reshape(-1, D)[torch.randperm(B * T)]  # (time-major: refused)
+    assert not sample_major((h + shuffled.view(T, B, D).transpose(0, 1)).reshape(-1, D), forward)

@@ -105,10 +105,11 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) ->
             continue
         parents: list[Track] | Literal[False] | None
         name, batch = type(here).__name__, forward.batch_size
-        if _reorders_along(here, name, dim) and node_shape(here, 0)[dim : dim + 1] != [batch]:
-            return False  # (entries of a merged dimension reordered: the batch's with others)
+        merged = node_shape(here, 0)[dim : dim + 1] != [batch]  # (the batch one factor of it)
         if name in _SHAPED and here not in forward.per_sample and here not in forward.ordered:
             parents = _regrouped(here, dim, inner, batch)
+        elif _placed_along(here, name, dim) or (merged and _reorders_along(here, name, dim)):
+            parents = None  # (rows placed or picked by an index: a permutation put back)
         else:
             found = _parents(here, dim, forward)
             parents = (
@@ -323,6 +324,26 @@ def _reorders_along(node: Node, name: str, dim: int) -> bool:
     saved = getattr(node, "_saved_dims", None) or (getattr(node, "_saved_dim", None),)
     rank = len(node_shape(node, 0))
     return any(d is not None and signed(int(d)) % max(rank, 1) == dim for d in saved)
+
+
+_PLACES = frozenset(
+    {"IndexAddBackward0", "IndexCopyBackward0", "IndexReduceBackward0", "ScatterBackward0"}
+    | {"ScatterBackward1", "ScatterAddBackward0", "ScatterReduceBackward0"}
+)
+
+
+def _placed_along(node: Node, name: str, dim: int) -> bool:
+    """Whether ``node`` places rows along its output's dimension ``dim`` by an index
+    (``index_add``, ``index_put``, ``scatter``): a mixture of experts putting its sorted
+    tokens back. The walk ends there, as the proof by size did (a review found its rows
+    refused when followed into the sorted source, 0.5–1.5 off and two-level KFAC refusing,
+    in the first version of 2026-12-10), and so it does at rows picked by an index along a
+    merged dimension (``ys[argsort(perm)]``): proved where the batch is its major factor
+    there, refused where it is the minor one (a time-major ``[T·B]`` shuffled)."""
+    if name == "IndexPutBackward0":
+        indices = list(getattr(node, "_saved_indices", ()) or ())
+        return dim < len(indices) and indices[dim] is not None
+    return name in _PLACES and signed(int(getattr(node, "_saved_dim", -1))) == dim
 
 
 def _picks_rows(node: Node | None, dim: int) -> bool:
