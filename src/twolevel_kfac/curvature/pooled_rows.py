@@ -17,9 +17,9 @@ its combine back into the tokens keep more rows than the samples, and its load b
 logits is not the main output: they pass. Not seen: pools into as many rows as the
 samples or more, a compiled graph. Since 2026-12-10 a reduction of rows picked along
 dimension 0 (a loop over the graphs, ``torch.stack([h[batch == g].sum(0) …])``, or over
-``h.split(sizes)``) and a
-reshape splitting the rows whose split is reduced (``h.view(G, n, D).sum(1)``) are named
-too (they passed: the nodes taken as the samples, silently).
+``h.split(sizes)``) and a reshape splitting the rows whose split is reduced
+(``h.view(G, n, D).sum(1)``) are named too (they passed: the nodes taken as the samples,
+silently, 0.65–1.9 off in a trial).
 """
 
 from __future__ import annotations
