@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from .row_ops import REORDERS, RESHAPES, moves_rows
-from .row_order import node_shape, signed
+from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
+from .row_order import node_shape, reduced_dim, signed, transposed_dim
 
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
@@ -35,8 +35,6 @@ _SHAPED = RESHAPES | {  # (their dimensions followed by shape, as a reshape's)
     "SqueezeBackward2",
     "UnsqueezeBackward0",
 }
-_PICKS = frozenset({"SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"})
-_DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})
 _ROWS_OF = {"MmBackward0": 0, "AddmmBackward0": 1}  # (an output's rows: this operand's)
 _BATCHED = {"BmmBackward0": (0, 1), "BaddbmmBackward0": (1, 2)}  # (its two operands' edges)
 _OPAQUE = frozenset({"AsStridedBackward0", "AsStridedBackward1"})
@@ -105,7 +103,8 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) ->
             continue
         parents: list[Track] | Literal[False] | None
         name, batch = type(here).__name__, forward.batch_size
-        merged = node_shape(here, 0)[dim : dim + 1] != [batch]  # (the batch one factor of it)
+        shape = node_shape(here, 0)
+        merged = shape[dim : dim + 1] != [batch]  # (the batch one factor of it)
         if name in _SHAPED and here not in forward.per_sample and here not in forward.ordered:
             parents = _regrouped(here, dim, inner, batch)
         elif _placed_along(here, name, dim) or (merged and _reorders_along(here, name, dim)):
@@ -115,7 +114,7 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) ->
             parents = (
                 found if found is None or found is False else [(p, d, inner) for p, d in found]
             )
-        ends_off = dim or node_shape(here, 0)[:1] > [batch * inner]  # (the batch minor there)
+        ends_off = dim or shape[:1] > [batch * inner]  # (the batch minor there)
         if parents is False or (parents is None and ends_off):
             return False
         for track in parents or ():
@@ -149,12 +148,13 @@ def _parents(node: Node, dim: int, forward: ForwardPass) -> Parents:
     if "Rnn" in name or name in _ROWS_OF or name in _BATCHED:
         return _operands(node, name, out, dim, forward)
     if name in _TRANSPOSES:
-        source = _transposed(node, name, dim, len(out))
-        return None if parent is None or source is None else [(parent, source)]
-    if name in _DROPS | _PICKS:
+        if parent is None or dim >= len(out):
+            return None
+        return [(parent, transposed_dim(node, dim, len(out)))]
+    if name in DROPS | SLICES:
         at = signed(int(getattr(node, "_saved_dim", 0)))
-        rank = len(out) + (name in _DROPS)
-        drop = name in _DROPS and at % rank <= dim
+        rank = len(out) + (name in DROPS)
+        drop = name in DROPS and at % rank <= dim
         return None if parent is None else [(parent, dim + 1 if drop else dim)]
     source = _reduced(node, name, dim)
     if source is not None:
@@ -205,12 +205,8 @@ def _reduced(node: Node, name: str, dim: int) -> int | None:
     saved = getattr(node, "_saved_dim", None)
     if getattr(node, "_saved_keepdim", None) is None or not isinstance(saved, tuple):
         return None
-    rank = len(node_shape(node.next_functions[0][0], node.next_functions[0][1]))
-    reduced = {signed(int(d)) % max(rank, 1) for d in saved}
-    if node._saved_keepdim:  # type: ignore[attr-defined]
-        return None if dim in reduced else dim
-    kept = [d for d in range(rank) if d not in reduced]
-    return kept[dim] if dim < len(kept) else None
+    inp = node_shape(node.next_functions[0][0], node.next_functions[0][1])
+    return reduced_dim(node, dim, inp) if inp else None
 
 
 def _recurrent_on_data(node: Node, out: list[int], dim: int, forward: ForwardPass) -> Parents:
@@ -227,17 +223,6 @@ def _recurrent_on_data(node: Node, out: list[int], dim: int, forward: ForwardPas
     flipped = first.transpose(0, 1)
     same = saved.shape == flipped.shape and saved.dtype == flipped.dtype
     return [] if same and bool(torch.equal(saved, flipped)) else False
-
-
-def _transposed(node: Node, name: str, dim: int, rank: int) -> int | None:
-    """The input's dimension that a transpose or permute made dimension ``dim`` of."""
-    if name == "TBackward0":
-        return 1 - dim if rank == 2 else dim
-    if name == "PermuteBackward0":
-        order = [signed(int(d)) % rank for d in node._saved_dims]  # type: ignore[attr-defined]
-        return order[dim] if dim < len(order) else None
-    pair = [signed(int(getattr(node, f"_saved_dim{i}"))) % rank for i in (0, 1)]
-    return pair[1] if dim == pair[0] else pair[0] if dim == pair[1] else dim
 
 
 def _regrouped(node: Node, dim: int, inner: int, batch: int) -> list[Track] | None:

@@ -30,6 +30,7 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from .row_ops import RESHAPES
 from .row_order import node_shape, reaches, signed
 
 __all__ = ["pooled_by"]
@@ -104,7 +105,6 @@ def _pools(node: Node, out: list[int], batch: int, stops: Collection[Node]) -> i
     return None
 
 
-_SPLITS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 _PICKS = frozenset(
     {"IndexBackward0", "IndexSelectBackward0", "MaskedSelectBackward0", "SliceBackward0"}
     | {"SplitBackward0", "SplitWithSizesBackward0"}
@@ -127,7 +127,7 @@ def _through_split_or_pick(
         return source[0], source[1], False
     before = [int(d) for d in getattr(parent, "_saved_self_sym_sizes", ()) or ()]
     after = node_shape(parent, nr)
-    if name not in _SPLITS or not before or before[0] % batch or len(after) < 2:
+    if name not in RESHAPES or not before or before[0] % batch or len(after) < 2:
         return parent, nr, False
     product = 1
     for at, size in enumerate(after):

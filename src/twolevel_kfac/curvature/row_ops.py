@@ -11,9 +11,11 @@ from .row_order import signed
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
 
-__all__ = ["REORDERS", "RESHAPES", "moves_rows"]
+__all__ = ["DROPS", "REORDERS", "RESHAPES", "SLICES", "moves_rows"]
 
 RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})  # (they remove a dimension)
+SLICES = frozenset({"SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"})
 REORDERS = frozenset(
     {
         "IndexBackward0",

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["moved_rows", "node_shape", "reaches", "signed"]
+__all__ = ["moved_rows", "node_shape", "reaches", "reduced_dim", "signed", "transposed_dim"]
 
 _WALK = 512  # autograd nodes looked at, at most
 _RESHAPES = frozenset(
@@ -152,16 +152,19 @@ def _piece(offset: int, size: int) -> Rows:
     return rows_of
 
 
-def _transposed(node: Node, dim: int, inp: list[int], at: Context) -> Step:
-    rank = len(inp)
+def transposed_dim(node: Node, dim: int, rank: int) -> int:
+    """The input dimension that a ``transpose``, ``.t()`` or ``permute`` (of ``rank``
+    dimensions) made dimension ``dim`` of its output."""
     if type(node).__name__ == "TBackward0":  # ``.t()`` of a matrix
-        return (1 - dim if rank == 2 else dim), None, None
+        return 1 - dim if rank == 2 else dim
+    if type(node).__name__ == "PermuteBackward0":
+        return signed(int(node._saved_dims[dim])) % rank  # type: ignore[attr-defined]
     a, b = _dim(node, rank, "_saved_dim0"), _dim(node, rank, "_saved_dim1")
-    return (b if dim == a else a if dim == b else dim), None, None
+    return b if dim == a else a if dim == b else dim
 
 
-def _permuted(node: Node, dim: int, inp: list[int], at: Context) -> Step:
-    return signed(int(node._saved_dims[dim])) % len(inp), None, None  # type: ignore[attr-defined]
+def _transposed(node: Node, dim: int, inp: list[int], at: Context) -> Step:
+    return transposed_dim(node, dim, len(inp)), None, None
 
 
 def _dropped(node: Node, dim: int, inp: list[int], at: Context) -> Step:
@@ -230,7 +233,7 @@ def _along(node: Node, dim: int, inp: list[int], at: Context) -> Step:
 _RULES: dict[str, Callable[[Node, int, list[int], Context], Step]] = {
     "TransposeBackward0": _transposed,
     "TBackward0": _transposed,
-    "PermuteBackward0": _permuted,
+    "PermuteBackward0": _transposed,
     "SelectBackward0": _dropped,
     "UnbindBackward0": _dropped,
     "StackBackward0": _dropped,
@@ -270,7 +273,7 @@ def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Contex
             # rows of another count summed into the samples' rows: a graph's E messages
         return where, rows, moved
     if hasattr(node, "_saved_keepdim"):  # a reduction (sum, mean, amax, std, norm, …)
-        return _reduced(node, dim, inp), None, None
+        return reduced_dim(node, dim, inp), None, None
     shift = len(out) - len(inp)  # broadcast from the right (not a reduction: fewer dims)
     if 0 <= shift and 0 <= dim - shift < len(inp) and inp[dim - shift] == out[dim]:
         return dim - shift, None, None
@@ -279,7 +282,7 @@ def _parent_dim(node: Node, out: list[int], dim: int, inp: list[int], at: Contex
     return None, None, None
 
 
-def _reduced(node: Node, dim: int, inp: list[int]) -> int | None:
+def reduced_dim(node: Node, dim: int, inp: list[int]) -> int | None:
     """The input dimension of a reduction's output dimension ``dim`` (``keepdim`` or not);
     ``None`` where the samples' own dimension was reduced."""
     saved = getattr(node, "_saved_dim", ())

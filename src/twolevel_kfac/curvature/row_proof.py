@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from .batch_dim import batch_first_reshape, leads_to_batch
-from .row_ops import REORDERS, RESHAPES, moves_rows
+from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
 from .row_order import signed
 
 if TYPE_CHECKING:
@@ -158,11 +158,7 @@ def _flat_batched(node: Node, name: str, edge: int) -> bool:
 
 
 _KEEPS = RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
-_DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})  # (they remove the dimension)
-_PICKS = frozenset(
-    {"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0"}
-    | {"UnbindBackward0"}
-)
+_PICKS = SLICES | DROPS
 
 
 def _beside_rows(node: Node) -> bool:
@@ -188,7 +184,7 @@ def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool |
     :data:`_WALK` nodes)."""
     if (name in _KEEPS and _keeps_rows(node, samples)) or (name in _PICKS and _beside_rows(node)):
         return True  # (its rows as its input's)
-    source = _rows_put_back(node) if name in _DROPS else None
+    source = _rows_put_back(node) if name in DROPS else None
     if source is not None:
         return source
     if name in RESHAPES or name in REORDERS or moves_rows(node) or walked > _WALK:
