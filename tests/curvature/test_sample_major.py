@@ -64,25 +64,45 @@ def test_a_time_major_linear_is_warned_of(length: int) -> None:
 
 
 class FlattenedTimeMajor(nn.Module):
-    """A head on ``[T, N, d]`` flattened behind an op (``tanh(h.transpose(0, 1))``), its
-    rows time-major; ``gathered`` picks them by an index (rows any proof refuses)."""
+    """A head on ``[T, N, d]`` flattened, its rows time-major, made from ``[N, T, d]`` by
+    ``kind``: an op behind a transpose (``tanh(h.transpose(0, 1))``), a buffer filled in a
+    loop (``buf[t] = tanh(h[:, t])``) or ``F.grid_sample`` with a grid that transposes;
+    ``gathered`` picks the rows by an index (rows any proof refuses)."""
 
-    def __init__(self, gathered: bool) -> None:
+    def __init__(self, gathered: bool, kind: str = "op") -> None:
         super().__init__()
-        self.gathered = gathered
+        self.gathered, self.kind = gathered, kind
         self.l1, self.l2 = nn.Linear(D, 6), nn.Linear(6, C)
 
     def forward(self, x: Tensor) -> Tensor:
-        length = x.shape[1]
-        rows = torch.tanh(self.l1(x).transpose(0, 1)).reshape(length * N, 6)
+        length, h = x.shape[1], self.l1(x)
+        rows = _time_major(h, self.kind).reshape(length * N, 6)
         if self.gathered:
             rows = rows[torch.arange(length * N)]
         return self.l2(rows).view(length, N, C).transpose(0, 1)
 
 
-def _flattened_step(optimizer: type[tk.KFAC], gathered: bool) -> Tensor:
+def _time_major(h: Tensor, kind: str) -> Tensor:
+    """``tanh`` of ``h`` (``[N, T, d]``) as ``[T, N, d]``, made as ``kind`` says."""
+    length = h.shape[1]
+    if kind == "buffer":
+        buffer = h.new_zeros(length, N, h.shape[2])
+        for t in range(length):
+            buffer[t] = torch.tanh(h[:, t])
+        return buffer
+    if kind == "grid":  # ([1, d, N, T] sampled at its transposed grid: [1, d, T, N])
+        rows, cols = torch.meshgrid(
+            torch.linspace(-1, 1, N), torch.linspace(-1, 1, length), indexing="ij"
+        )
+        grid = torch.stack([cols, rows], -1).transpose(0, 1)[None].to(h)
+        moved = F.grid_sample(h.permute(2, 0, 1)[None], grid, align_corners=True)
+        return torch.tanh(moved[0].permute(1, 2, 0))
+    return torch.tanh(h.transpose(0, 1))
+
+
+def _flattened_step(optimizer: type[tk.KFAC], gathered: bool, kind: str = "op") -> Tensor:
     torch.manual_seed(0)
-    model = FlattenedTimeMajor(gathered).double()
+    model = FlattenedTimeMajor(gathered, kind).double()
     opt = optimizer(model, class_dim=-1, loss_reduction="mean", **EXACT)
     x = torch.randn(N, N, D, dtype=torch.float64)  # T = N
     y = torch.randint(0, C, (N, N))
@@ -93,16 +113,60 @@ def _flattened_step(optimizer: type[tk.KFAC], gathered: bool) -> Tensor:
     return torch.cat([(p.detach() - b).flatten() for p, b in pairs])
 
 
-def test_a_time_major_flatten_behind_an_op_is_not_regrouped_at_t_equal_n() -> None:
+@pytest.mark.parametrize("kind", ["op", "buffer", "grid"])
+def test_a_time_major_flatten_is_not_regrouped_at_t_equal_n(kind: str) -> None:
     """At ``T = N`` the flattened ``[T·N, d]`` has a first dimension of ``N`` entries before
     the reshape: its rows were regrouped as ``T`` locations of each sample (1.7–3.0 off in
     a review, silently; two-level KFAC took them as samples). Its first dimension is
     followed back to the transpose now (2026-12-10): the rows are gathered rows, as at
-    ``T ≠ N``, and two-level KFAC refuses them."""
-    moved = _flattened_step(tk.KFAC, gathered=False)
-    torch.testing.assert_close(moved, _flattened_step(tk.KFAC, gathered=True), rtol=0, atol=1e-14)
+    ``T ≠ N``, and two-level KFAC refuses them. A buffer filled in place and ``grid_sample``
+    were still regrouped (4.5–5.0 off a step in a review): the shapes do not tell which
+    dimension ``buf[t] = …`` picks (its backward does), and ``grid_sample`` resamples its
+    spatial dimensions; followed and refused since 2026-12-11."""
+    moved = _flattened_step(tk.KFAC, False, kind)
+    gathered = _flattened_step(tk.KFAC, True, kind)
+    torch.testing.assert_close(moved, gathered, rtol=0, atol=1e-14)
     with pytest.raises(RuntimeError, match="layer 'l2': 25 rows for the batch of 5"):
-        _flattened_step(tk.TwoLevelKFAC, gathered=False)
+        _flattened_step(tk.TwoLevelKFAC, False, kind)
+
+
+class BatchFirstBuffer(nn.Module):
+    """A head on ``[N, T, d]`` flattened, filled as ``buf[:, t] = tanh(h[:, t])`` in a loop
+    (``buffer``) or written at once."""
+
+    def __init__(self, buffer: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.buffer = buffer
+        self.l1, self.l2 = nn.Linear(D, 6), nn.Linear(6, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.l1(x)
+        out = h.new_zeros(h.shape) if self.buffer else torch.tanh(h)
+        for t in range(h.shape[1] if self.buffer else 0):
+            out[:, t] = torch.tanh(h[:, t])
+        return self.l2(out.reshape(-1, 6)).view(len(x), -1, C)
+
+
+@pytest.mark.parametrize("length", [3, N])
+def test_a_batch_first_buffer_is_proved(length: int) -> None:
+    """The control of the buffer above: ``buf[:, t] = …`` into ``[N, T, d]`` keeps the
+    rows of the values written, and the head steps as on the tensor written at once (two-level
+    KFAC too), at ``T = N`` as well, where the shapes are a time-major buffer's: the
+    dimension written along is read from the write's own backward there."""
+    x = torch.randn(N, length, D, dtype=torch.float64)
+    y = torch.randint(0, C, (N, length))
+    for make in (tk.KFAC, tk.TwoLevelKFAC):
+        moved = []
+        for buffer in (True, False):
+            model = BatchFirstBuffer(buffer).double()
+            opt = make(model, class_dim=-1, loss_reduction="mean", **EXACT)
+            before = model.l2.weight.detach().clone()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+            moved.append(model.l2.weight.detach() - before)
+        assert moved[1].abs().max() > 1e-3
+        torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-13)
 
 
 class Positions(nn.Module):

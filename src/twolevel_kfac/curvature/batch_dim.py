@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
+from .row_ops import (
+    DROPS,
+    PICKED,
+    REORDERS,
+    RESHAPES,
+    SLICES,
+    moves_rows,
+    picks_rows,
+    placed_along,
+    reorders_along,
+    written_dims,
+)
 from .row_order import node_shape, reduced_dim, signed, transposed_dim
 
 if TYPE_CHECKING:
@@ -107,7 +118,7 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) ->
         merged = shape[dim : dim + 1] != [batch]  # (the batch one factor of it)
         if name in _SHAPED and here not in forward.per_sample and here not in forward.ordered:
             parents = _regrouped(here, dim, inner, batch)
-        elif _placed_along(here, name, dim) or (merged and _reorders_along(here, name, dim)):
+        elif placed_along(here, name, dim) or (merged and reorders_along(here, name, dim)):
             parents = None  # (rows placed or picked by an index: a permutation put back)
         else:
             found = _parents(here, dim, forward)
@@ -261,7 +272,7 @@ def _stacked(stack: Node, dim: int, forward: ForwardPass) -> Parents:
         item = dim if dim < made else dim - 1
         if made == 0 and item == 0 and _steps(stack):
             return []
-        if any(_picks_rows(p, item) for p in parents):
+        if any(picks_rows(p, item) for p in parents):
             return False
         return [(parent, item) for parent in parents if parent is not None]
     picked = [_picked_row(p) for p in parents]
@@ -292,55 +303,39 @@ def _packed(node: Node, dim: int, forward: ForwardPass) -> Parents:
     return None if padded is None or dim else [(padded, rows)]
 
 
+def _copied_slices(node: Node, dim: int, forward: ForwardPass) -> Parents:
+    """A write into part of a tensor (:func:`~.row_ops.written_dims`): refused where the
+    dimension picked is not told (a time-major ``[T, N, D]`` buffer filled by ``buf[t] =
+    h_t`` at ``T = N`` was taken for a batch-first one filled by ``buf[:, t] = h_t``: 4.5–7.2
+    off a step in a review, before 2026-12-11), or where ``dim`` is, the values holding
+    the batch (a loop's time steps written, as :func:`_stacked` refuses them stacked)."""
+    where = written_dims(node, dim)
+    if where is None:
+        return False
+    if any(at == PICKED and leads_to_batch(parent, forward) for parent, at in where):
+        return False
+    return [(parent, at) for parent, at in where if at is not None and at != PICKED] or None
+
+
+def _resampled(node: Node, dim: int, forward: ForwardPass) -> Parents:
+    """``F.grid_sample``'s output: its batch is its input's and its grid's, its channels
+    its input's; its spatial dimensions are resampled, refused (a grid transposing
+    ``[1, D, N, T]`` moved the batch: 5.0 off a step at ``T = N`` in a review, before
+    2026-12-11)."""
+    if dim >= 2:
+        return False
+    image, grid = (parent for parent, _ in node.next_functions[:2])
+    return [(p, dim) for p in ([image] if dim else [image, grid]) if p is not None] or None
+
+
 _SPECIAL = {
     "StackBackward0": _stacked,
     "Rot90Backward0": _rotated,
     "PackPaddedSequenceBackward0": _packed,
+    "CopySlices": _copied_slices,
+    "GridSampler2DBackward0": _resampled,
+    "GridSampler3DBackward0": _resampled,
 }
-
-
-def _reorders_along(node: Node, name: str, dim: int) -> bool:
-    """Whether ``node`` reorders or picks the entries of its output's dimension ``dim``
-    (an index, gather, sort, flip or roll along it)."""
-    if _picks_rows(node, dim):
-        return True
-    if name not in ("SortBackward0", "TopkBackward0", "FlipBackward0", "RollBackward0"):
-        return False
-    saved = getattr(node, "_saved_dims", None) or (getattr(node, "_saved_dim", None),)
-    rank = len(node_shape(node, 0))
-    return any(d is not None and signed(int(d)) % max(rank, 1) == dim for d in saved)
-
-
-_PLACES = frozenset(
-    {"IndexAddBackward0", "IndexCopyBackward0", "IndexReduceBackward0", "ScatterBackward0"}
-    | {"ScatterBackward1", "ScatterAddBackward0", "ScatterReduceBackward0"}
-)
-
-
-def _placed_along(node: Node, name: str, dim: int) -> bool:
-    """Whether ``node`` places rows along its output's dimension ``dim`` by an index
-    (``index_add``, ``index_put``, ``scatter``): a mixture of experts putting its sorted
-    tokens back. The walk ends there, as the proof by size did (a review found its rows
-    refused when followed into the sorted source, 0.5–1.5 off and two-level KFAC refusing,
-    in the first version of 2026-12-10), and so it does at rows picked by an index along a
-    merged dimension (``ys[argsort(perm)]``): proved where the batch is its major factor
-    there, refused where it is the minor one (a time-major ``[T·B]`` shuffled)."""
-    if name == "IndexPutBackward0":
-        indices = list(getattr(node, "_saved_indices", ()) or ())
-        return dim < len(indices) and indices[dim] is not None
-    return name in _PLACES and signed(int(getattr(node, "_saved_dim", -1))) == dim
-
-
-def _picks_rows(node: Node | None, dim: int) -> bool:
-    """Whether ``node`` picks entries of its output's dimension ``dim`` by an index from its
-    input's (``h[perm]``, ``index_select``, ``gather`` along it)."""
-    name = type(node).__name__
-    if name == "IndexBackward0":
-        indices = list(getattr(node, "_saved_indices", ()) or ())
-        return dim < len(indices) and indices[dim] is not None
-    if name in ("IndexSelectBackward0", "GatherBackward0"):
-        return signed(int(getattr(node, "_saved_dim", 0))) == dim
-    return False
 
 
 def _picked_row(node: Node | None) -> tuple[Node, int] | Literal[False] | None:

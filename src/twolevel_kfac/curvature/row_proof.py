@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from .batch_dim import batch_first_reshape, leads_to_batch
-from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
+from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows, written_dims
 from .row_order import signed
 
 if TYPE_CHECKING:
@@ -184,6 +184,9 @@ def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool |
     :data:`_WALK` nodes)."""
     if (name in _KEEPS and _keeps_rows(node, samples)) or (name in _PICKS and _beside_rows(node)):
         return True  # (its rows as its input's)
+    if name == "CopySlices":  # (buf[:, t] = h_t keeps h_t's rows; buf[t] = h_t does not)
+        where = written_dims(node, 0)
+        return where is not None and all(at == 0 for _, at in where)
     source = _rows_put_back(node) if name in DROPS else None
     if source is not None:
         return source
