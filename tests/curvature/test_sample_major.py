@@ -244,3 +244,61 @@ def test_micro_batches_of_one_with_broadcast_positions_step_as_the_whole_batch()
         moved.append(net.pos.weight.detach() - before)
     assert moved[1].abs().max() > 1e-3
     torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-13)
+
+
+class PermutedData(nn.Module):
+    """A layer on the data's ``[N, C, H, W]`` entries as token rows: a copy permuted
+    batch-first (``x.permute(0, 2, 3, 1).reshape(N·L, C)``, ``layout="rows"``), the same
+    unflattened (``"grid"``: a ``Linear`` on ``[N, H, W, C]``), or location-major
+    (``"location"``: ``x.permute(2, 3, 0, 1).reshape(L·N, C)``, picked by an index where
+    ``gathered``); a second layer on its output's rows in the same layout."""
+
+    def __init__(self, layout: str, gathered: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layout, self.gathered = layout, gathered
+        self.l1, self.l2, self.head = nn.Linear(D, 6), nn.Linear(6, 6), nn.Linear(6, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, height, width = x.shape
+        length = height * width
+        if self.layout == "location":
+            rows = x.permute(2, 3, 0, 1).reshape(length * n, D)
+            rows = rows[torch.arange(length * n)] if self.gathered else rows
+            h = torch.tanh(self.l1(rows)).view(length, n, 6)
+            h = self.l2(h.reshape(length * n, 6)).view(length, n, 6).transpose(0, 1)
+        elif self.layout == "rows":
+            h = torch.tanh(self.l1(x.permute(0, 2, 3, 1).reshape(n * length, D)))
+            h = self.l2(h).view(n, length, 6)
+        else:
+            h = self.l2(torch.tanh(self.l1(x.permute(0, 2, 3, 1)))).view(n, length, 6)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def _permuted_step(optimizer: type[tk.KFAC], layout: str, gathered: bool, **kw: str) -> Tensor:
+    model = PermutedData(layout, gathered).double()
+    opt = optimizer(model, **EXACT, **kw)
+    x = torch.randn(4, D, 2, 2, dtype=torch.float64)  # H·W = N
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    pairs = zip(model.parameters(), before, strict=True)
+    return torch.cat([(p.detach() - b).flatten() for p, b in pairs])
+
+
+def test_rows_of_the_data_permuted_are_told_by_their_values() -> None:
+    """A copy of the data permuted has no graph, and no storage ties it to the model's
+    argument: a batch-first copy of token rows (a patch embedding's) was read as gathered
+    rows, two-level KFAC refusing it; a location-major one at ``H·W = N`` was proved
+    ``H·W`` rows per sample (6.8 off a step under ``reduce`` in a trial, silently). The
+    permutation is found from the values now (2026-12-11): the batch-first rows step as
+    the unflattened layer's, two-level KFAC too; the location-major ones as gathered
+    rows."""
+    for optimizer in (tk.KFAC, tk.TwoLevelKFAC):
+        rows = _permuted_step(optimizer, "rows", False, weight_sharing="reduce")
+        grid = _permuted_step(optimizer, "grid", False, weight_sharing="reduce")
+        assert grid.abs().max() > 1e-3
+        torch.testing.assert_close(rows, grid, rtol=0, atol=1e-13)
+    moved = _permuted_step(tk.KFAC, "location", False, weight_sharing="reduce")
+    gathered = _permuted_step(tk.KFAC, "location", True, weight_sharing="reduce")
+    torch.testing.assert_close(moved, gathered, rtol=0, atol=1e-13)

@@ -1087,6 +1087,19 @@ def test_a_cache_carrying_an_earlier_forwards_graph_names_the_fix() -> None:
         model(torch.randn(4, 3) + cache)
 
 
+def test_a_sampler_chaining_forwards_with_gradients_on_is_told_first() -> None:
+    """A diffusion sampler run on the training model with gradients on (``x = x − 0.1·
+    model(x)``): the second forward reads the weights through the first's graph. The
+    refusal led with tied decoders, the cause a trial's user did not have (2026-12-11); it
+    names iterative sampling and the fix first now."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
+    x = torch.randn(4, 3)
+    x = x - 0.1 * model(x)
+    with pytest.raises(ValueError, match=r"times\. Either .*iterative sampling.*torch\.no_grad"):
+        model(x)
+
+
 def test_preconditioner_with_your_own_optimizer_under_grad_scaler() -> None:
     """``KFACPreconditioner`` + ``torch.optim.SGD`` under ``GradScaler``, as the README
     says: ``scaler.unscale_(sgd)``, ``precond.step(loss_scale=scaler.get_scale())``,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from .data_layout import batch_stride
 from .row_ops import (
     DROPS,
     PICKED,
@@ -86,13 +87,20 @@ def first_is_batch(inputs: Tensor, forward: ForwardPass) -> bool:
     return _data_dim_is_batch(inputs, 0, forward) is not False
 
 
-def _data_dim_is_batch(data: Tensor, dim: int, forward: ForwardPass) -> bool | None:
-    """Whether dimension ``dim`` of a tensor without a graph is the batch: of a view of the
-    model's first argument, the one with the batch's stride; ``None`` for another tensor
-    (where the data came from is not told), or the first argument itself at ``dim`` 0."""
+def _data_dim_is_batch(data: Tensor, dim: int, forward: ForwardPass, inner: int = 1) -> bool | None:
+    """Whether dimension ``dim`` of a tensor without a graph is the batch (``inner`` apart
+    in it): of a view of the model's first argument, the one with the batch's stride; of a
+    copy of it permuted (:func:`~.data_layout.batch_stride`: location-major rows at
+    ``H·W = N`` were proved ``H·W`` per sample before 2026-12-11, 6.8 off a step under
+    ``reduce`` in a trial), the one holding the batch at that stride; ``None`` for another
+    tensor (where the data came from is not told), or the first argument itself at ``dim``
+    0."""
     first = forward.first
-    if first is None or (data is not first and data._base is None):
+    if first is None:
         return None
+    if data is not first and data._base is None:
+        stride = batch_stride(data, first)
+        return None if stride is None else stride == inner * math.prod(data.shape[dim + 1 :])
     if data.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
         return None
     return data.stride(dim) == first.stride(0) and data.shape[dim] == first.shape[0]
@@ -121,7 +129,7 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) ->
         elif placed_along(here, name, dim) or (merged and reorders_along(here, name, dim)):
             parents = None  # (rows placed or picked by an index: a permutation put back)
         else:
-            found = _parents(here, dim, forward)
+            found = _parents(here, dim, forward, inner)
             parents = (
                 found if found is None or found is False else [(p, d, inner) for p, d in found]
             )
@@ -136,7 +144,7 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) ->
     return True
 
 
-def _parents(node: Node, dim: int, forward: ForwardPass) -> Parents:
+def _parents(node: Node, dim: int, forward: ForwardPass, inner: int = 1) -> Parents:
     """The inputs of ``node`` to follow dimension ``dim`` of its output into, with where
     that dimension is in each (``[]``: the path ends at the batch; ``None``: it ends at
     ``node``, proving the batch first only where ``dim`` is ``0``; ``False``: refused)."""
@@ -147,7 +155,8 @@ def _parents(node: Node, dim: int, forward: ForwardPass) -> Parents:
             return None
         if layer_input.grad_fn is not None:
             return [(layer_input.grad_fn, dim)]
-        return [] if _data_dim_is_batch(layer_input, dim, forward) in (None, True) else False
+        told = _data_dim_is_batch(layer_input, dim, forward, inner)
+        return [] if told in (None, True) else False
     if name == "AccumulateGrad":  # (a parameter has no batch: the path tells nothing)
         return [] if isinstance(getattr(node, "variable", None), nn.Parameter) else None
     if name in _SPECIAL:

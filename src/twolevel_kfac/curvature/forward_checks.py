@@ -94,13 +94,14 @@ def check_weight_uses(
             what = "bias" if bias_only(layers[name]) else "weight"  # a bias alone: its key
             raise ValueError(
                 f"layer {name!r}: its {what} is read {count} times in the forward but its "
-                f"module(s) ran {calls.get(name, 0)} times: a functional use (such as a tied "
-                "decoder F.linear(h, encoder.weight.t())) adds gradient that the layer's "
-                "block never sees. Untie it, make the other use a module sharing the weight "
-                "(b.weight = a.weight), or leave the layer out with params=. If the forward "
-                "reuses a tensor from an earlier forward that still carries its graph (a "
-                "KV cache built with gradients on, during generation), run those forwards "
-                "under torch.no_grad() or detach the cache"
+                f"module(s) ran {calls.get(name, 0)} times. Either the forward reuses a "
+                "tensor from an earlier forward that still carries its graph (iterative "
+                "sampling or generation with gradients on: a diffusion sampler's x = x - "
+                "model(x, t), a KV cache): run those forwards under torch.no_grad() or "
+                "detach the cache; or a functional use (such as a tied decoder F.linear(h, "
+                "encoder.weight.t())) adds gradient that the layer's block never sees: untie "
+                "it, make the other use a module sharing the weight (b.weight = a.weight), "
+                "or leave the layer out with params="
             )
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from .batch_dim import batch_first_reshape, leads_to_batch
+from .data_layout import batch_stride
 from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows, written_dims
 from .row_order import signed
 
@@ -55,7 +56,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         return counted
     node = inputs.grad_fn
     if node is None:
-        return _the_data_flattened(inputs, forward.first)
+        return _the_data_flattened(inputs, forward.first, samples)
     # (past a reshape, expand or pick that keeps the rows, ``strict``: a reshape of a tensor
     # with N rows first proves nothing by its size, whatever its other dimensions (at T = B
     # a time-major tensor has N rows, its batch perhaps merged into another dimension, two
@@ -100,16 +101,19 @@ def _by_count(rows: int, forward: ForwardPass) -> bool | None:
     return True if samples == 1 and alone else None
 
 
-def _the_data_flattened(inputs: Tensor, first: Tensor | None) -> bool:
+def _the_data_flattened(inputs: Tensor, first: Tensor | None, samples: int) -> bool:
     """Whether ``inputs`` (without autograd history) is a contiguous view of all of the
-    model's first tensor argument."""
+    model's first tensor argument, or a copy of it permuted with the batch first
+    (:func:`~.data_layout.batch_stride`: ``x.permute(0, 2, 3, 1).reshape(N·H·W, C)``, a
+    patch embedding's rows, read as gathered rows before 2026-12-11)."""
+    if first is None or inputs.numel() != first.numel() or not inputs.dim():
+        return False
+    if inputs._base is None:
+        rows = int(inputs.shape[0])
+        stride = batch_stride(inputs, first)
+        return not rows % samples and stride == rows // samples * inputs[0].numel()
     return (
-        first is not None
-        and inputs._base is not None
-        and inputs.is_contiguous()
-        and first.is_contiguous()
-        and inputs.data_ptr() == first.data_ptr()
-        and inputs.numel() == first.numel()
+        inputs.is_contiguous() and first.is_contiguous() and inputs.data_ptr() == first.data_ptr()
     )
 
 
