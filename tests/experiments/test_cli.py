@@ -294,6 +294,33 @@ def test_an_interrupted_comparison_reports_no_other_configs_runs(
     assert "| kfac | 1 |" in report and "| sgd |" not in report
 
 
+def test_an_interrupted_comparisons_hint_repeats_its_budget_and_subset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The "to continue" hint after Ctrl-C left out ``--max-steps``, ``--methods`` and
+    ``--seeds`` (a trial: following it started every method and seed of the config, and ran
+    the interrupted run past its 60-step budget); it repeats them now."""
+    import dataclasses
+
+    from twolevel_kfac.experiments import comparison
+
+    real = comparison.run_one
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        return dataclasses.replace(real(*args, **kwargs), interrupted=True)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(comparison, "run_one", interrupted)
+    out = tmp_path / "cmp"
+    flags = ["--methods", "kfac,sgd", "--seeds", "0", "--max-steps", "2", "--threads", "1"]
+    before = torch.get_num_threads()
+    try:
+        assert main(["compare", SMOKE_COMPARE, "--out", str(out), "--quiet", *flags]) == 130
+    finally:
+        torch.set_num_threads(before)
+    hint = capsys.readouterr().out.split("interrupted: run `")[1].split("`")[0]
+    assert hint == f"tlkfac compare {SMOKE_COMPARE} --out {out} {' '.join(flags)}"
+
+
 def test_a_tuned_point_far_above_every_other_methods_is_flagged() -> None:
     """A one-epoch grid cannot see a blow-up: SGD's chosen point ended at 6e16 in a trial,
     without a word. A point 100× above the lowest loss any method reached is flagged."""
@@ -407,3 +434,17 @@ def test_a_target_loss_that_is_not_a_positive_number_is_refused(
         main(["report", str(tmp_path), "--target-loss", value])
     assert stopped.value.code == 2
     assert "--target-loss: must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_sgd_without_momentum_is_plain_sgd() -> None:
+    """``sgd: {momentum: 0}`` met torch's "Nesterov momentum requires a momentum and zero
+    dampening": Nesterov is the config's default for SGD, not the user's choice, and is
+    off where the momentum is 0 now; asked for, it is still refused by torch."""
+    from twolevel_kfac.experiments.optimizers import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    group = make_optimizer("sgd", model, lr=0.1, momentum=0).param_groups[0]
+    assert (group["momentum"], group["nesterov"]) == (0, False)
+    assert make_optimizer("sgd", model, lr=0.1).param_groups[0]["nesterov"]
+    with pytest.raises(ValueError, match="Nesterov"):
+        make_optimizer("sgd", model, lr=0.1, momentum=0, nesterov=True)

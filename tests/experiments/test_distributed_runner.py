@@ -211,9 +211,11 @@ def test_one_process_is_the_identity() -> None:
     par.check_split(1, 7)  # one process takes any split
 
 
-def test_ctrl_c_stops_every_rank_with_one_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_every_rank_with_one_checkpoint(tmp_path: Path, signum: int) -> None:
     """The console script with spawned workers: SIGINT to the process group (a terminal's
-    Ctrl-C) makes the ranks agree to stop, rank 0 checkpoints and says so once."""
+    Ctrl-C), or SIGTERM to the launcher alone (``timeout``, a batch system), which passes
+    it on, makes the ranks agree to stop, rank 0 checkpoints and says so once."""
     config = write_config(tmp_path / "long.yaml", epochs=200)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "twolevel_kfac.cli", "run", str(config), "--out", str(out)]
@@ -232,13 +234,16 @@ def test_ctrl_c_stops_every_rank_with_one_checkpoint(tmp_path: Path) -> None:
         while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGINT)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, stderr
-    assert stderr.count("interrupt: saving a checkpoint") == 1
+    assert stderr.count(": saving a checkpoint after this step") == 1
     assert "--nproc 2 --resume" in stdout
     records = lines(out)
     assert records[-1]["event"] == "partial"

@@ -138,7 +138,13 @@ def test_resume_after_crash_truncates_metrics(tmp_path: Path) -> None:
     assert _losses(done.records) == _losses(full.records)
 
 
-def test_ctrl_c_checkpoints_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_checkpoints_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """Ctrl-C, or a SIGTERM (``timeout``, a batch system's preemption: not caught before
+    2026-12-11, a run kept only its last periodic checkpoint), checkpoints after the step
+    and stops; the resumed run continues bit for bit."""
     config = _config("kfac", epochs=2)
     full = train_run(config, tmp_path / "full", data=_data(), progress=False)
     original = runner._Loop.step
@@ -146,7 +152,7 @@ def test_ctrl_c_checkpoints_and_resumes(tmp_path: Path, monkeypatch: pytest.Monk
     def step_then_interrupt(self: Any) -> float:
         loss = original(self)
         if self.state.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return loss
 
     monkeypatch.setattr(runner._Loop, "step", step_then_interrupt)
@@ -432,3 +438,16 @@ def test_batch_norm_needs_two_rows_per_process(
             check_batch_norm_rows(with_bn, n_rows, batch, processes)
     else:
         check_batch_norm_rows(with_bn, n_rows, batch, processes)
+
+
+def test_a_mismatched_checkpoint_names_the_model_first_and_counts_the_rest() -> None:
+    """A checkpoint of another model differs in many keys: the list stopped at ten without
+    a word, and the eleventh named the model (a trial). Names of models and data sets come
+    first now, and the rest is counted."""
+    from twolevel_kfac.experiments.checkpoint import _differences
+
+    diff = [f"problem.a{i}: 1 → 2" for i in range(11)] + ["problem.model.name: 'a' → 'b'"]
+    text = _differences(diff)
+    assert text.startswith("problem.model.name: 'a' → 'b'; problem.a0")
+    assert text.endswith("; … and 2 more")
+    assert _differences([]) == "unknown differences"

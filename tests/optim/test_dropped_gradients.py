@@ -456,3 +456,57 @@ def test_a_head_whose_backward_was_dropped_folds_nothing() -> None:
         F.cross_entropy(out_b, y).backward()
         opt.step()
     assert torch.equal(opt.preconditioner.factors["a"].G, before)
+
+
+class Monitored(nn.Module):
+    """A layer called once more with gradients on, its output read by no loss: a norm kept
+    for monitoring (``monitor``), or a deep equilibrium model's ``f(z0)`` read only by a
+    gradient hook's ``autograd.grad`` (``hook``: the implicit gradient's pattern; ``lazy``
+    calls it inside the hook, in the backward, which adds no location)."""
+
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.extra = extra
+        self.a, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.tanh(self.a(x))
+        if self.extra == "monitor":
+            self.norm = self.a(z.detach()).norm()
+        elif self.extra in ("hook", "lazy"):
+            z0 = z.detach().requires_grad_()
+            eager = self.a(z0) if self.extra == "hook" else None
+
+            def adjoint(grad: Tensor) -> Tensor:  # (one step of y = Jᵀy + g)
+                with torch.enable_grad():  # (lazy: called in the backward)
+                    f0 = eager if eager is not None else self.a(z0)
+                    return grad + 0.1 * torch.autograd.grad(f0, z0, grad, retain_graph=True)[0]
+
+            z.register_hook(adjoint)
+        return self.head(z)
+
+
+@pytest.mark.parametrize("make", [tk.KFAC, tk.TwoLevelKFAC])
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("pair", [("monitor", "none"), ("hook", "lazy")])
+def test_a_call_whose_output_no_loss_reads_is_not_a_location(
+    make: type, fisher: str, pair: tuple[str, str]
+) -> None:
+    """A call the backward never reached was a location with ``δ = 0``: it took a share of
+    ``A`` and of the location count (0.27 off a step for a monitoring call, 0.31–0.46 for a
+    deep equilibrium model's implicit gradient, in a trial). It is left out (2026-12-11):
+    the steps are the model's without it (the hook's, whose gradient differs, against the
+    same hook with ``f0`` built inside it)."""
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    moved = []
+    for extra in pair:
+        torch.manual_seed(3)
+        model = Monitored(extra).double()
+        opt = make(model, fisher=fisher, **OPTIONS)
+        before = model.a.weight.detach().clone()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        moved.append(model.a.weight.detach() - before)
+    assert moved[1].abs().max() > 1e-3
+    torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-13)

@@ -211,7 +211,7 @@ def load_checkpoint(
     if state["fingerprint"] != fingerprint:
         saved = json.loads(state["config"])
         diff = config_diff(saved, config) if config is not None else []
-        detail = "; ".join(diff[:10]) if diff else "unknown differences"
+        detail = _differences(diff)
         raise ValueError(
             f"{path} was written for another config ({detail}); resume with the same "
             "config or start a new run directory"
@@ -276,3 +276,18 @@ def load_snapshot(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise ValueError(f"{path} is not a twolevel_kfac model snapshot (format {FORMAT})")
     return state
+
+
+_NAMES = (".name:", "dataset.")  # (a model's or a data set's name: the likely cause)
+_SHOWN = 10
+
+
+def _differences(diff: list[str]) -> str:
+    """The config keys that differ, names of models and data sets first, at most
+    :data:`_SHOWN` of them and how many more (the cut was silent before 2026-12-11: a
+    trial's eleventh, left out, named the other model)."""
+    if not diff:
+        return "unknown differences"
+    ordered = sorted(diff, key=lambda line: not any(name in line for name in _NAMES))
+    more = len(ordered) - _SHOWN
+    return "; ".join(ordered[:_SHOWN]) + (f"; … and {more} more" if more > 0 else "")

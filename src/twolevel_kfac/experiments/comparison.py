@@ -319,7 +319,7 @@ def check_same_experiment(config: ExperimentConfig, out: Path, fresh: bool) -> N
 def _run_line(result: RunResult) -> str:
     epochs = epoch_records(result.records)
     if not epochs:
-        return f"    {outcome(result.stop_reason)} after {result.step} steps"
+        return f"    {outcome(result.stop_reason, result.step)}"
     last = epochs[-1]
     held = "".join(
         f", {k} {last[k]:.4g}"
@@ -329,7 +329,7 @@ def _run_line(result: RunResult) -> str:
     loss = last.get("train_loss")
     loss_text = f"{loss:.4g}" if isinstance(loss, float) else "nan"
     return (
-        f"    {outcome(result.stop_reason)} after {result.step} steps, epoch {last['epoch']:g}: "
+        f"    {outcome(result.stop_reason, result.step)}, epoch {last['epoch']:g}: "
         f"train loss {loss_text}{held}, {last['wall_time_s']:.1f} s"
         + (f" ({last['cpu_time_s']:.1f} CPU s)" if "cpu_time_s" in last else "")
     )

@@ -1,4 +1,5 @@
-"""Ctrl-C during a run: the first one asks the loop to checkpoint and stop, a second aborts."""
+"""Ctrl-C or SIGTERM during a run (``kill``, ``timeout``, a batch system's preemption, ``docker
+stop``): the first one asks the loop to checkpoint and stop, a second aborts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ __all__ = ["interrupt_flag"]
 
 @contextmanager
 def interrupt_flag(announce: bool = True) -> Iterator[threading.Event]:
-    """A flag that the first SIGINT sets; a second SIGINT raises ``KeyboardInterrupt``.
+    """A flag that the first SIGINT or SIGTERM sets; a second raises ``KeyboardInterrupt``
+    (SIGTERM was not caught before 2026-12-11: a run killed by ``timeout`` kept only its
+    last periodic checkpoint, a trial found).
 
     Outside the main thread no handler can be installed, and the flag is never set.
 
@@ -22,7 +25,7 @@ def interrupt_flag(announce: bool = True) -> Iterator[threading.Event]:
             a distributed run, which all receive the terminal's SIGINT).
 
     Yields:
-        The flag; the previous SIGINT handler is restored on exit.
+        The flag; the previous handlers are restored on exit.
     """
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -34,13 +37,15 @@ def interrupt_flag(announce: bool = True) -> Iterator[threading.Event]:
             raise KeyboardInterrupt
         flag.set()
         if announce:
+            what = "interrupt" if signum == signal.SIGINT else "terminate (SIGTERM)"
             print(
-                "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)",
+                f"\n{what}: saving a checkpoint after this step (again to abort)",
                 file=sys.stderr,
             )
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -254,7 +254,7 @@ def _spawn(job: _Job, nproc: int) -> RunResult:
             start_method=_start_method(),
         )
         try:
-            with _first_sigint_ignored():
+            with _first_interrupt_passed_on(context.processes):
                 while not context.join():
                     pass
         except ProcessException as failure:
@@ -300,22 +300,28 @@ def _first_error(rendezvous: Path) -> Exception | None:
 
 
 @contextmanager
-def _first_sigint_ignored() -> Iterator[None]:
+def _first_interrupt_passed_on(processes: list[Any]) -> Iterator[None]:
     """While the workers run: Ctrl-C reaches them too (they checkpoint and stop), so the
-    parent ignores the first one and raises ``KeyboardInterrupt`` on a second."""
+    parent ignores the first one; a SIGTERM, sent to the parent alone (``timeout``, a batch
+    system), is passed on to them; a second of either raises ``KeyboardInterrupt``."""
     presses = [0]
 
     def handler(signum: int, frame: object) -> None:
         presses[0] += 1
         if presses[0] > 1:
             raise KeyboardInterrupt
+        if signum == signal.SIGTERM:
+            for process in processes:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: no handler
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

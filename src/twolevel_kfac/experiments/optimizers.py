@@ -117,8 +117,10 @@ def make_optimizer(name: str, model: nn.Module, **hparams: Any) -> torch.optim.O
         name: One of ``METHODS`` (case-insensitive).
         model: The model whose parameters are optimised.
         **hparams: Constructor arguments (``lr``, ``damping``, …); for SGD ``momentum``
-            and ``nesterov`` override the defaults 0.9 and ``True``; ``factor_dtype`` may
-            be a dtype name.
+            and ``nesterov`` override the defaults 0.9 and ``True`` (``False`` where the
+            momentum is 0 or ``dampening`` is set: torch refuses Nesterov there, with a
+            message that did not say the default was ours); ``factor_dtype`` may be a
+            dtype name.
 
     Returns:
         The optimizer.
@@ -132,7 +134,8 @@ def make_optimizer(name: str, model: nn.Module, **hparams: Any) -> torch.optim.O
 
     key = name.lower()
     if key == "sgd":
-        sgd_args: dict[str, Any] = {"momentum": 0.9, "nesterov": True, **hparams}
+        heavy = hparams.get("momentum", 0.9) > 0 and not hparams.get("dampening", 0)
+        sgd_args: dict[str, Any] = {"momentum": 0.9, "nesterov": heavy, **hparams}
         return torch.optim.SGD(model.parameters(), **sgd_args)
     if key == "adam":
         return torch.optim.Adam(model.parameters(), **hparams)

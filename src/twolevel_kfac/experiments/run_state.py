@@ -166,7 +166,8 @@ _OUTCOMES = {
 }
 
 
-def outcome(stop_reason: str) -> str:
-    """A run's ``stop_reason`` in words (``"epochs"``: finished its epochs), for the lines a
-    run or comparison prints; the reason itself as it is saved otherwise."""
-    return _OUTCOMES.get(stop_reason, stop_reason)
+def outcome(stop_reason: str, step: int) -> str:
+    """A run's ``stop_reason`` and its steps in words (``"epochs"``: finished its epochs
+    after 12 steps), for the lines a run or comparison prints; the reason itself as it is
+    saved otherwise."""
+    return f"{_OUTCOMES.get(stop_reason, stop_reason)} after {step} step{'s' * (step != 1)}"

@@ -86,7 +86,11 @@ def add_common(
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (or lines, off a terminal)"
     )
-    parser.add_argument("--data-dir", default=None, help="data directory (else $TLKFAC_DATA)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory (default: $TLKFAC_DATA, else <repo>/data or ../shared/data)",
+    )
     parser.add_argument(
         "--threads",
         type=positive_int,
@@ -104,9 +108,20 @@ def apply_common(args: argparse.Namespace) -> None:
 
 
 def continue_flags(args: argparse.Namespace) -> str:
-    """The options of the command line that a resume must repeat to continue bit for bit
-    (``--threads``: the sums' order; ``--data-dir``: the same data), as command text."""
+    """The options of the command line that a resume must repeat, as command text: to
+    continue bit for bit (``--threads``: the sums' order; ``--data-dir``: the same data;
+    ``--device``), and to do the same work (``--max-steps``, ``compare``'s ``--methods``
+    and ``--seeds``: without them the hint of 2026-12-10 ran every method and seed of the
+    config, each past the budget, a trial found)."""
     flags = ""
+    if getattr(args, "methods", None):
+        flags += f" --methods {shlex.quote(','.join(args.methods))}"
+    if getattr(args, "seeds", None):
+        flags += f" --seeds {shlex.quote(','.join(str(s) for s in args.seeds))}"
+    if getattr(args, "max_steps", None):
+        flags += f" --max-steps {args.max_steps}"
+    if getattr(args, "device", None):
+        flags += f" --device {shlex.quote(str(args.device))}"
     if getattr(args, "threads", None):
         flags += f" --threads {args.threads}"
     if getattr(args, "data_dir", None):

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     last = epochs[-1] if epochs else {}
     loss = last.get("train_loss")
     print(
-        f"{label} seed {seed}: {outcome(result.stop_reason)} after {result.step} steps"
+        f"{label} seed {seed}: {outcome(result.stop_reason, result.step)}"
         + (f", train loss {loss:.4g}" if isinstance(loss, float) else "")
         + f" → {out}"
     )

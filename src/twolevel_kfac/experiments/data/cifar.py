@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from twolevel_kfac.experiments.data.idx import resolve_data_dir
+from twolevel_kfac.experiments.data.idx import missing_file, resolve_data_dir
 
 __all__ = [
     "CIFAR_DATASETS",
@@ -151,7 +151,7 @@ def restricted_load(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing data file {path}")
+        raise missing_file(path)
     blob = path.read_bytes()
     if not blob or blob[0] not in _PICKLE_FIRST_BYTES:
         raise ValueError(

@@ -35,6 +35,7 @@ __all__ = [
     "IdxDataset",
     "IdxFile",
     "load_idx_dataset",
+    "missing_file",
     "parse_idx",
     "read_idx",
     "repo_root",
@@ -223,13 +224,18 @@ def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
     return data.astype(dtype.newbyteorder("="), copy=True)
 
 
+def missing_file(path: Path) -> FileNotFoundError:
+    """The error of a data file that is not there, with where else to look."""
+    return FileNotFoundError(
+        f"missing data file {path} (another folder: --data-dir or ${ENV_VAR}; "
+        "`tlkfac data fetch NAME` downloads it)"
+    )
+
+
 def _read_bytes(path: Path) -> tuple[bytes, bytes | None]:
     """Decompressed content and, for ``.gz`` files, the compressed bytes."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"missing data file {path} (another folder: --data-dir or ${ENV_VAR}; "
-            "`tlkfac data fetch NAME` downloads it)"
-        )
+        raise missing_file(path)
     blob = path.read_bytes()
     if path.suffix != ".gz":
         return blob, None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from twolevel_kfac.experiments.data.cifar import file_md5
-from twolevel_kfac.experiments.data.idx import resolve_data_dir
+from twolevel_kfac.experiments.data.idx import missing_file, resolve_data_dir
 
 __all__ = ["SVHN", "SvhnFile", "check_mat_header", "load_svhn", "read_svhn_mat"]
 
@@ -86,7 +86,7 @@ def read_svhn_mat(path: str | os.PathLike[str], md5: str | None = None) -> tuple
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing data file {path}")
+        raise missing_file(path)
     with path.open("rb") as handle:
         check_mat_header(path, handle.read(128))
     if md5 is not None and (got := file_md5(path)) != md5.lower():
