@@ -447,8 +447,8 @@ def test_token_logits_with_a_fisher_subset_take_the_steps_of_the_batched_model()
     batch-first to ``[N·T, C]`` inside ``forward`` (proved ``T`` rows per sample) sample
     the positions of the subset's samples, as the model returning ``[N, T, C]`` does
     (refused since ``G ≡ 0`` was found, and until 2026-12-06 (evening)); flattened
-    time-major they are not the samples' and are refused. So is a layer input of other
-    rows; a layer input flattened batch-first takes the ``k`` rows of each sample."""
+    time-major they are not the samples' and are refused. A layer input flattened
+    batch-first takes the ``k`` rows of each sample, a copy of the argument flattened too."""
     tokens = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(0))
     moved = []
     for flat in (True, False):
@@ -470,7 +470,7 @@ def test_token_logits_with_a_fisher_subset_take_the_steps_of_the_batched_model()
     model = TokenModel()
     time_major = model.forward
     model.forward = lambda t: time_major(t).reshape(4, 6, 7).transpose(0, 1).reshape(24, 7)  # type: ignore[method-assign]
-    kept = tk.KFAC(model, fisher_batch=0.5)
+    kept = tk.KFAC(model, fisher_batch=0.5)  # noqa: F841 (kept: its hooks)
     with pytest.raises(RuntimeError, match=r"model output has shape \(24, 7\).*4 rows"):
         model(tokens)
     x, targets = torch.randn(4, 3, 4), torch.randint(0, 3, (12,))
@@ -484,10 +484,17 @@ def test_token_logits_with_a_fisher_subset_take_the_steps_of_the_batched_model()
         sub.step()
         moved.append(head.weight.detach().clone())
     torch.testing.assert_close(moved[0], moved[1], rtol=1e-6, atol=1e-7)
-    gathered = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 3))
-    kept = tk.KFAC(gathered, fisher_batch=0.5, fisher="empirical")  # noqa: F841
-    with pytest.raises(RuntimeError, match=r"input of layer '1' has shape \(8, 4\).* 2 rows"):
-        gathered(x[:, :2].transpose(0, 1))  # (a transposed copy: its rows not proved)
+    moved = []  # (the argument a transposed view, flattened by a copy: refused before
+    for flatten in (True, False):  # 2026-12-11, its rows told by its values now)
+        torch.manual_seed(1)
+        head = nn.Linear(4, 3)
+        net = nn.Sequential(nn.Flatten(0, 1), head) if flatten else head
+        sub = tk.KFAC(net, fisher_batch=0.5, fisher="empirical", lr=0.1)
+        out = net(x[:, :2].transpose(0, 1))
+        F.cross_entropy(out.reshape(8, 3), targets[:8]).backward()
+        sub.step()
+        moved.append(head.weight.detach().clone())
+    torch.testing.assert_close(moved[0], moved[1], rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ autocast

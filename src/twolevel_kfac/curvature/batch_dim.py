@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from .data_layout import batch_stride
 from .row_ops import (
     DROPS,
-    PICKED,
     REORDERS,
     RESHAPES,
     SLICES,
@@ -26,9 +25,9 @@ from .row_ops import (
     picks_rows,
     placed_along,
     reorders_along,
-    written_dims,
 )
 from .row_order import node_shape, reduced_dim, signed, transposed_dim
+from .written_slices import written_dims
 
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
@@ -90,29 +89,27 @@ def first_is_batch(inputs: Tensor, forward: ForwardPass) -> bool:
 def _data_dim_is_batch(data: Tensor, dim: int, forward: ForwardPass, inner: int = 1) -> bool | None:
     """Whether dimension ``dim`` of a tensor without a graph is the batch (``inner`` apart
     in it): of a view of the model's first argument, the one with the batch's stride; of a
-    copy of it permuted (:func:`~.data_layout.batch_stride`: location-major rows at
-    ``H·W = N`` were proved ``H·W`` per sample before 2026-12-11, 6.8 off a step under
-    ``reduce`` in a trial), the one holding the batch at that stride; ``None`` for another
-    tensor (where the data came from is not told), or the first argument itself at ``dim``
-    0."""
+    copy of it permuted, or a view of one (:func:`~.data_layout.batch_stride`:
+    location-major rows at ``H·W = N`` were proved ``H·W`` per sample before 2026-12-11,
+    1.6–6.8 off a step under ``reduce`` in a trial and a review), the one holding the batch
+    at that stride, ``False`` where several permutations give it; ``None`` for another
+    tensor (where the data came from is not told)."""
     first = forward.first
     if first is None:
         return None
-    if data is not first and data._base is None:
+    if data.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():  # (a copy)
         stride = batch_stride(data, first)
         return None if stride is None else stride == inner * math.prod(data.shape[dim + 1 :])
-    if data.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
-        return None
     return data.stride(dim) == first.stride(0) and data.shape[dim] == first.shape[0]
 
 
-def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1) -> bool:
-    """Whether dimension 0 of ``parent``'s output leads to the batch on every path
+def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1, dim: int = 0) -> bool:
+    """Whether dimension ``dim`` of ``parent``'s output leads to the batch on every path
     (:func:`batch_first_reshape`), the batch's entries ``inner`` apart in it (``k`` for
     ``k·N`` rows sample-major). Through a reshape the batch is followed as a factor of a
     merged dimension (``nn.MultiheadAttention``'s ``[T, N, E] → [T·N, E] → Linear → [T, N,
     E]``: the batch the minor factor, :func:`_regrouped`)."""
-    stack: list[Track] = [] if parent is None else [(parent, 0, inner)]
+    stack: list[Track] = [] if parent is None else [(parent, dim, inner)]
     seen = set(stack)
     while stack:
         if len(seen) > _WALK:
@@ -313,17 +310,38 @@ def _packed(node: Node, dim: int, forward: ForwardPass) -> Parents:
 
 
 def _copied_slices(node: Node, dim: int, forward: ForwardPass) -> Parents:
-    """A write into part of a tensor (:func:`~.row_ops.written_dims`): refused where the
-    dimension picked is not told (a time-major ``[T, N, D]`` buffer filled by ``buf[t] =
-    h_t`` at ``T = N`` was taken for a batch-first one filled by ``buf[:, t] = h_t``: 4.5–7.2
-    off a step in a review, before 2026-12-11), or where ``dim`` is, the values holding
-    the batch (a loop's time steps written, as :func:`_stacked` refuses them stacked)."""
+    """A write into part of a tensor (:func:`~.written_slices.written_dims`): followed into
+    the tensor written into and each value holding ``dim`` whole; a value written into one
+    entry or a run of it ends the walk there (``out[i] = f(x[i])``, a per-sample loop; a
+    packed sequence's shorter steps), refused where it holds the batch: first, where the
+    shapes placed it, in any other dimension where the backward did (a loop's time steps
+    written, as :func:`_stacked` refuses them stacked); where the backward placed row ``i``
+    of a source into entry ``j``, followed into the source where ``i = j``, else refused.
+    Refused where a value is not placed or the backward cannot tell (a time-major ``[T, N,
+    D]`` buffer filled by ``buf[t] = h_t``, ``buf[t:t + 1] = h_t[None]``, a ``narrow`` or in
+    halves at ``T = N`` was taken for a batch-first one: 0.55–7.2 off a step in two
+    reviews, before 2026-12-11)."""
     where = written_dims(node, dim)
     if where is None:
         return False
-    if any(at == PICKED and leads_to_batch(parent, forward) for parent, at in where):
-        return False
-    return [(parent, at) for parent, at in where if at is not None and at != PICKED] or None
+    whole, follow = node_shape(node, 0)[dim], []
+    for parent, shape, at, entry in where:
+        if at is not None and shape[at] == whole:
+            follow.append((parent, at))
+            continue
+        if at is None and entry is None:
+            return False
+        row = _picked_row(parent) if entry is not None and entry >= 0 else None
+        if row is False or (row and row[1] != entry):
+            return False  # (``buf[t, n] = h[n, t]``: another entry's row)
+        if row:
+            follow.append((row[0], 0))  # (``out[i] = h[i]``: row i of a source)
+            continue
+        batch = forward.batch_size
+        held = [d for d, n in enumerate(shape) if n == batch and d != at] if entry != -1 else [0]
+        if any(leads_to_batch(parent, forward, dim=d) for d in held):
+            return False  # (one entry, or a run, of ``dim`` written with the batch: time steps)
+    return follow or None
 
 
 def _resampled(node: Node, dim: int, forward: ForwardPass) -> Parents:

@@ -4,10 +4,7 @@ of :mod:`.row_proof` (rows proved sample-major) and :mod:`.batch_dim` (the batch
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
-
-import torch
 
 from .row_order import node_shape, signed
 
@@ -16,7 +13,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DROPS",
-    "PICKED",
     "REORDERS",
     "RESHAPES",
     "SLICES",
@@ -24,7 +20,6 @@ __all__ = [
     "picks_rows",
     "placed_along",
     "reorders_along",
-    "written_dims",
 ]
 
 RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
@@ -160,61 +155,3 @@ def picks_rows(node: Node | None, dim: int) -> bool:
     if name in ("IndexSelectBackward0", "GatherBackward0"):
         return signed(int(getattr(node, "_saved_dim", 0))) == dim
     return False
-
-
-PICKED = -1  # (written_dims: a value written into one entry of the dimension)
-
-
-def written_dims(node: Node, dim: int) -> list[tuple[Node, int | None]] | None:
-    """Where dimension ``dim`` of a ``CopySlices`` node's output (a write into part of a
-    tensor: ``buf[t] = h``, ``buf[:, t] = h``, an in-place op on a view) is in each of its
-    inputs of that rank or one less: the same dimension of the tensor written into and of
-    a value of the same rank with as many entries there (``None`` with fewer: a slice of
-    ``dim`` written); in a value of one dimension fewer, the one of the dimension picked,
-    :data:`PICKED` where ``dim`` is the one picked (``out[i] = f(x[i])``, ``buf[t] =
-    h_t``). Autograd keeps no record of the dimension picked: the shapes tell it, or where
-    they do not (``buf[t] = h_t`` into ``[T, N, D]`` at ``T = N`` has the sizes of
-    ``buf[:, t] = h_t``) the node's own backward does (:func:`_picked_by_probe`). ``None``
-    overall where neither does."""
-    out, where = node_shape(node, 0), []
-    for edge, (parent, nr) in enumerate(node.next_functions):
-        shape = node_shape(parent, nr) if parent is not None else []
-        if parent is None or len(shape) not in (len(out), len(out) - 1) or dim >= len(out):
-            continue
-        if len(shape) == len(out):
-            where.append((parent, dim if shape[dim] == out[dim] else None))
-            continue
-        picked = [k for k in range(len(out)) if out[:k] + out[k + 1 :] == shape]
-        if len(picked) > 1:
-            picked = _picked_by_probe(node, edge, out, picked)
-        places = {PICKED if k == dim else dim - (k < dim) for k in picked}
-        if len(places) > 1:
-            return None
-        where += [(parent, at) for at in places]
-    return where
-
-
-def _picked_by_probe(node: Node, edge: int, out: list[int], picked: list[int]) -> list[int]:
-    """Of the dimensions ``picked`` that a ``CopySlices`` node's value at ``edge`` may have
-    been written along, the one its backward says: the gradient the value receives of a
-    probe numbering the output's entries is the slice written, ``probe.select(k, i)``;
-    ``picked`` itself where it is not one (an op on a view, which scales it), the probe
-    cannot number every entry exactly in the output's dtype, or the graph is freed."""
-    metadata = getattr(node, "_input_metadata", None)
-    if not metadata:
-        return picked
-    dtype, size = metadata[0].dtype, math.prod(out)
-    if not dtype.is_floating_point or size > 1 / torch.finfo(dtype).eps:
-        return picked
-    probe = torch.arange(size, dtype=dtype, device=metadata[0].device).view(out)
-    try:
-        with torch.no_grad():
-            written = node(probe)[edge]  # type: ignore[operator]
-    except RuntimeError:  # (its graph freed: a backward ran through it)
-        return picked
-    if written is None or written.numel() == 0:
-        return picked
-    at = int(written.reshape(-1)[0])  # (its first entry's place in the output)
-    index = [at // math.prod(out[k + 1 :]) % out[k] for k in range(len(out))]
-    right = [k for k in picked if torch.equal(probe.select(k, index[k]), written)]
-    return right if len(right) == 1 else picked

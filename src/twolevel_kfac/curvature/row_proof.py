@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from .batch_dim import batch_first_reshape, leads_to_batch
 from .data_layout import batch_stride
-from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows, written_dims
-from .row_order import signed
+from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
+from .row_order import node_shape, signed
+from .written_slices import written_dims
 
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
@@ -103,12 +104,12 @@ def _by_count(rows: int, forward: ForwardPass) -> bool | None:
 
 def _the_data_flattened(inputs: Tensor, first: Tensor | None, samples: int) -> bool:
     """Whether ``inputs`` (without autograd history) is a contiguous view of all of the
-    model's first tensor argument, or a copy of it permuted with the batch first
-    (:func:`~.data_layout.batch_stride`: ``x.permute(0, 2, 3, 1).reshape(N·H·W, C)``, a
-    patch embedding's rows, read as gathered rows before 2026-12-11)."""
+    model's first tensor argument, or a copy of it permuted with the batch first, or a view
+    of one (:func:`~.data_layout.batch_stride`: ``x.permute(0, 2, 3, 1).reshape(N·H·W,
+    C)``, a patch embedding's rows, read as gathered rows before 2026-12-11)."""
     if first is None or inputs.numel() != first.numel() or not inputs.dim():
         return False
-    if inputs._base is None:
+    if inputs.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
         rows = int(inputs.shape[0])
         stride = batch_stride(inputs, first)
         return not rows % samples and stride == rows // samples * inputs[0].numel()
@@ -190,7 +191,8 @@ def _row_step(node: Node, name: str, walked: int, samples: int) -> Node | bool |
         return True  # (its rows as its input's)
     if name == "CopySlices":  # (buf[:, t] = h_t keeps h_t's rows; buf[t] = h_t does not)
         where = written_dims(node, 0)
-        return where is not None and all(at == 0 for _, at in where)
+        rows = node_shape(node, 0)[:1]
+        return where is not None and all(w.dim == 0 and list(w.shape[:1]) == rows for w in where)
     source = _rows_put_back(node) if name in DROPS else None
     if source is not None:
         return source
