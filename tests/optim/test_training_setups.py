@@ -1098,12 +1098,13 @@ def test_a_sampler_chaining_forwards_with_gradients_on_is_told_first() -> None:
     """A diffusion sampler run on the training model with gradients on (``x = x − 0.1·
     model(x)``): the second forward reads the weights through the first's graph. The
     refusal led with tied decoders, the cause a trial's user did not have (2026-12-11); it
-    names iterative sampling and the fix first now."""
+    names a graph carried from an earlier forward first now, with both fixes (the loop
+    into ``forward``, or the sampling under ``torch.no_grad()``)."""
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
     opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
     x = torch.randn(4, 3)
     x = x - 0.1 * model(x)
-    with pytest.raises(ValueError, match=r"times\. Either .*iterative sampling.*torch\.no_grad"):
+    with pytest.raises(ValueError, match=r"times\. The forward reuses .*iterative sampling"):
         model(x)
 
 

@@ -94,11 +94,13 @@ def check_weight_uses(
             what = "bias" if bias_only(layers[name]) else "weight"  # a bias alone: its key
             raise ValueError(
                 f"layer {name!r}: its {what} is read {count} times in the forward but its "
-                f"module(s) ran {calls.get(name, 0)} times. Either the forward reuses a "
-                "tensor from an earlier forward that still carries its graph (iterative "
-                "sampling or generation with gradients on: a diffusion sampler's x = x - "
-                "model(x, t), a KV cache): run those forwards under torch.no_grad() or "
-                "detach the cache; or a functional use (such as a tied decoder F.linear(h, "
+                f"module(s) ran {calls.get(name, 0)} times. The forward reuses a tensor "
+                "from an earlier forward that still carries its graph: where one backward "
+                "should run through both (a recurrent cell stepped outside forward, h = "
+                "model(x[:, t], h)), move the loop into the model's forward; where not "
+                "(iterative sampling or generation with gradients on: a diffusion sampler's "
+                "x = x - model(x, t), a KV cache), run those forwards under torch.no_grad() "
+                "or detach the cache. Or a functional use (such as a tied decoder F.linear(h, "
                 "encoder.weight.t())) adds gradient that the layer's block never sees: untie "
                 "it, make the other use a module sharing the weight (b.weight = a.weight), "
                 "or leave the layer out with params="
