@@ -114,18 +114,11 @@ def continue_flags(args: argparse.Namespace) -> str:
     and ``--seeds``: without them the hint of 2026-12-10 ran every method and seed of the
     config, each past the budget, a trial found)."""
     flags = ""
-    if getattr(args, "methods", None):
-        flags += f" --methods {shlex.quote(','.join(args.methods))}"
-    if getattr(args, "seeds", None):
-        flags += f" --seeds {shlex.quote(','.join(str(s) for s in args.seeds))}"
-    if getattr(args, "max_steps", None):
-        flags += f" --max-steps {args.max_steps}"
-    if getattr(args, "device", None):
-        flags += f" --device {shlex.quote(str(args.device))}"
-    if getattr(args, "threads", None):
-        flags += f" --threads {args.threads}"
-    if getattr(args, "data_dir", None):
-        flags += f" --data-dir {shlex.quote(str(args.data_dir))}"
+    for name in ("methods", "seeds", "max_steps", "device", "threads", "data_dir"):
+        value = getattr(args, name, None)
+        if value:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            flags += f" --{name.replace('_', '-')} {shlex.quote(text)}"
     return flags
 
 
