@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError, OSError, ArithmeticError) as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
+        print(f"error: {error}{notes}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

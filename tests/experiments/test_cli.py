@@ -448,3 +448,24 @@ def test_sgd_without_momentum_is_plain_sgd() -> None:
     assert make_optimizer("sgd", model, lr=0.1).param_groups[0]["nesterov"]
     with pytest.raises(ValueError, match="Nesterov"):
         make_optimizer("sgd", model, lr=0.1, momentum=0, nesterov=True)
+
+
+def test_a_model_that_does_not_fit_the_data_leaves_no_run_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model whose input size is not the data's failed in its first step and left a
+    step-0 run behind: the corrected config then met "already holds a run", and with
+    ``--resume`` "written for another config" (a trial). The run directory holds no run
+    after such a failure now, and the error says so."""
+    text = Path(SMOKE_RUN).read_text()
+    bad = _write(
+        tmp_path,
+        "bad.yaml",
+        text.replace("{name: curves_autoencoder}", "{name: mlp, kwargs: {sizes: [6, 5, 784]}}"),
+    )
+    out = tmp_path / "run"
+    assert main(["run", bad, "--out", str(out), "--quiet", "--max-steps", "2"]) == 2
+    said = capsys.readouterr().err
+    assert "cannot be multiplied" in said and "nothing was trained" in said
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+    assert main(["run", SMOKE_RUN, "--out", str(out), "--quiet", "--max-steps", "2"]) == 0

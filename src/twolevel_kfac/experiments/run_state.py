@@ -27,6 +27,7 @@ __all__ = [
     "RESULT_FILE",
     "LoopState",
     "RunResult",
+    "forget_start",
     "outcome",
     "read_finished",
     "run_limits",
@@ -171,3 +172,20 @@ def outcome(stop_reason: str, step: int) -> str:
     after 12 steps), for the lines a run or comparison prints; the reason itself as it is
     saved otherwise."""
     return f"{_OUTCOMES.get(stop_reason, stop_reason)} after {step} step{'s' * (step != 1)}"
+
+
+def forget_start(run_dir: Path, error: Exception, main: bool, first: bool) -> None:
+    """A new run whose first step failed (``first``; a model that does not fit the data:
+    "mat1 and mat2 shapes cannot be multiplied"): its step-0 checkpoint and metrics are
+    removed (on the main process), so that the corrected config starts there without
+    ``--resume`` (before 2026-12-11 the directory "already held a run", and with
+    ``--resume`` was "written for another config", a trial found); the error says so."""
+    if not first:
+        return
+    if main:
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    error.add_note(
+        f"(the first training step failed: nothing was trained, and {run_dir} holds no run; "
+        "check problem.model against the data set, e.g. its input size)"
+    )

@@ -86,6 +86,7 @@ from twolevel_kfac.experiments.run_state import (
     RESULT_FILE,
     LoopState,
     RunResult,
+    forget_start,
     run_limits,
     write_result,
 )
@@ -375,7 +376,11 @@ def train_run(
         loop.save()
     writer_class = MetricsWriter if par.is_main else NullMetricsWriter
     with writer_class(metrics, loop.state.records if resume else None) as writer:
-        interrupted, partial = _run_loop(loop, writer, max_steps, progress)
+        try:
+            interrupted, partial = _run_loop(loop, writer, max_steps, progress)
+        except Exception as error:
+            forget_start(run_dir, error, par.is_main, not resume and loop.state.step == 0)
+            raise
         loop.state.records = writer.count
         if not done and (loop.params_finite() or not par.from_main(checkpoint.exists)):
             loop.save(full=not (loop.finished() and config.problem.final_checkpoint == "model"))
