@@ -275,7 +275,9 @@ class CurvatureOptions:
             try:
                 check_real("kl_clip", self.kl_clip, low=0.0, low_open=True)
             except (TypeError, ValueError) as error:  # (kl_clip=0 for "off", a newcomer)
-                raise type(error)(f"{error}; kl_clip=None turns the KL clip off") from None
+                raise type(error)(
+                    f"{error}; kl_clip=None turns the KL clip off (kl_clip: null in a YAML file)"
+                ) from None
         check_choice("kl_clip_form", self.kl_clip_form, KL_CLIP_FORMS)
         check_choice("inverse_method", self.inverse_method, INVERSE_CHOICES)
         if self.inverse_method == "cholesky" and self.damping_mode == "eigen_sum":

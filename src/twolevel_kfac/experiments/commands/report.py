@@ -2,10 +2,9 @@
 
 With ``DIR/compare.yaml`` (a ``tlkfac compare`` directory): the runs ``tlkfac compare``
 would show (:mod:`~twolevel_kfac.experiments.shown_runs`): those finished under it, and
-unfinished ones of its config as they stand, named in the notes (before 2026-12-08 they
-were left out, and the command failed when no run had finished). Runs of other methods or
-of another config, left from earlier comparisons into ``DIR``, are left out and named
-(before 2026-12-07 they were tabulated beside them). In the config's method order, with
+unfinished ones of its config as they stand, named in the notes. Runs of other methods or
+of another config, left from earlier comparisons into ``DIR``, are left out and named. In
+the config's method order, with
 its title, notes, target loss and reference curves. Without it: every
 ``DIR/<method>/seed<k>/metrics.jsonl``. Rewrites ``DIR/report.md``, the PNGs and
 ``DIR/summary.json``, with the shown runs' provenance (``provenance.jsonl``) and any
