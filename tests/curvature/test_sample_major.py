@@ -90,6 +90,16 @@ def _time_major(h: Tensor, kind: str) -> Tensor:
         for t in range(length):
             buffer[t] = torch.tanh(h[:, t])
         return buffer
+    if kind == "rows":  # (rows[t·N:(t + 1)·N] = …: time-major rows written in slices)
+        rows = h.new_zeros(length * N, h.shape[2])
+        for t in range(length):
+            rows[t * N : (t + 1) * N] = torch.tanh(h[:, t])
+        return rows.view(length, N, -1)
+    if kind == "merged":  # (buf[t] = … into [T, N·d]: the batch merged with the features)
+        merged = h.new_zeros(length, N * h.shape[2])
+        for t in range(length):
+            merged[t] = torch.tanh(h[:, t]).reshape(-1)
+        return merged.view(length, N, -1)
     if kind in ("slices", "halves"):  # (buf[t:t+1] = …[None]; a bidirectional RNN's halves)
         buffer, half = h.new_zeros(length, N, h.shape[2]), h.shape[2] // 2
         for t in range(length):
@@ -122,7 +132,7 @@ def _flattened_step(optimizer: type[tk.KFAC], gathered: bool, kind: str = "op") 
     return torch.cat([(p.detach() - b).flatten() for p, b in pairs])
 
 
-@pytest.mark.parametrize("kind", ["op", "buffer", "slices", "halves", "grid"])
+@pytest.mark.parametrize("kind", ["op", "buffer", "slices", "halves", "rows", "merged", "grid"])
 def test_a_time_major_flatten_is_not_regrouped_at_t_equal_n(kind: str) -> None:
     """At ``T = N`` the flattened ``[T·N, d]`` has a first dimension of ``N`` entries before
     the reshape: its rows were regrouped as ``T`` locations of each sample (1.7–3.0 off in
@@ -133,7 +143,8 @@ def test_a_time_major_flatten_is_not_regrouped_at_t_equal_n(kind: str) -> None:
     dimension ``buf[t] = …`` picks (its backward does), and ``grid_sample`` resamples its
     spatial dimensions; followed and refused since 2026-12-11 (a review of the first
     version found ``buf[t:t + 1] = …`` and a bidirectional RNN's halves still regrouped,
-    0.55–3.9 off)."""
+    0.55–3.9 off; a second, rows written in slices of rows, at any sizes, and the batch
+    merged with the features, ``[T, N·d]``, 1.1–2.5 off)."""
     moved = _flattened_step(tk.KFAC, False, kind)
     gathered = _flattened_step(tk.KFAC, True, kind)
     torch.testing.assert_close(moved, gathered, rtol=0, atol=1e-14)
@@ -143,7 +154,8 @@ def test_a_time_major_flatten_is_not_regrouped_at_t_equal_n(kind: str) -> None:
 
 class BatchFirstBuffer(nn.Module):
     """A head on ``[N, T, d]`` flattened, filled as ``buf[:, t] = tanh(h[:, t])`` in a loop
-    (``buffer``; in halves in float64, whole in another ``dtype``) or written at once."""
+    (``buffer``; in halves in float64, one of them by ``-=``, whole in another ``dtype``)
+    or written at once."""
 
     def __init__(self, buffer: bool, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
@@ -155,8 +167,9 @@ class BatchFirstBuffer(nn.Module):
         h = self.l1(x)
         out = h.new_zeros(h.shape, dtype=self.dtype) if self.buffer else torch.tanh(h)
         for t in range(h.shape[1] if self.buffer else 0):
-            if self.dtype == torch.float64:  # (in halves)
-                out[:, t, :3], out[:, t, 3:] = torch.tanh(h[:, t, :3]), torch.tanh(h[:, t, 3:])
+            if self.dtype == torch.float64:  # (in halves, one subtracted: a factor -1)
+                out[:, t, :3] = torch.tanh(h[:, t, :3])
+                out[:, t, 3:] -= -torch.tanh(h[:, t, 3:])
             else:
                 out[:, t] = torch.tanh(h[:, t])
         return self.l2(out.to(h.dtype).reshape(-1, 6)).view(len(x), -1, C)
@@ -326,3 +339,40 @@ def test_rows_of_the_data_permuted_are_told_by_their_values() -> None:
         moved = _permuted_step(tk.KFAC, layout, False, bits, weight_sharing="reduce")
         gathered = _permuted_step(tk.KFAC, layout, True, bits, weight_sharing="reduce")
         torch.testing.assert_close(moved, gathered, rtol=0, atol=1e-13)
+
+
+class Patches(nn.Module):
+    """PatchTST's channel-independent overlapping patches of the data, ``x.reshape(N·C,
+    L).unfold(-1, P, S)`` (``flat``), or the same patches as ``[N, C, n, P]``."""
+
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.flat = flat
+        self.embed, self.head = nn.Linear(4, 3), nn.Linear(2 * 5 * 3, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, channels, length = x.shape
+        patches = x.reshape(n * channels, length) if self.flat else x
+        h = torch.tanh(self.embed(patches.unfold(-1, 4, 2)))  # (5 patches of 4, stride 2)
+        return self.head(h.reshape(n, -1))
+
+
+def test_overlapping_patches_of_the_data_are_told_by_their_strides() -> None:
+    """Overlapping patches cut from a view of the data are a view with other strides and
+    more entries than the data: they were read as gathered rows (KFAC 0.64–1.0 off a step
+    in a trial, two-level KFAC refusing them). Each row's storage lies in one sample's, so
+    they are proved since 2026-12-11: the steps of the patches as ``[N, C, n, P]``."""
+    x = torch.randn(3, 2, 12, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    for make in (tk.KFAC, tk.TwoLevelKFAC):
+        moved = []
+        for flat in (True, False):
+            model = Patches(flat).double()
+            opt = make(model, weight_sharing="reduce", **EXACT)
+            before = model.embed.weight.detach().clone()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            moved.append(model.embed.weight.detach() - before)
+        assert moved[1].abs().max() > 1e-3
+        torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-13)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from torch import Tensor, nn
 
-from .data_layout import batch_stride
+from .data_layout import data_dim_is_batch, recurrent_on_data
 from .row_ops import (
     DROPS,
     REORDERS,
@@ -83,32 +82,18 @@ def first_is_batch(inputs: Tensor, forward: ForwardPass) -> bool:
     dimension (``x.transpose(0, 1)``), ``True`` where not told."""
     if inputs.grad_fn is not None:  # (k·N rows first: sample-major, k apart)
         return leads_to_batch(inputs.grad_fn, forward, max(1, len(inputs) // forward.batch_size))
-    return _data_dim_is_batch(inputs, 0, forward) is not False
+    return data_dim_is_batch(inputs, 0, forward.first) is not False
 
 
-def _data_dim_is_batch(data: Tensor, dim: int, forward: ForwardPass, inner: int = 1) -> bool | None:
-    """Whether dimension ``dim`` of a tensor without a graph is the batch (``inner`` apart
-    in it): of a view of the model's first argument, the one with the batch's stride; of a
-    copy of it permuted, or a view of one (:func:`~.data_layout.batch_stride`:
-    location-major rows at ``H·W = N`` were proved ``H·W`` per sample before 2026-12-11,
-    1.6–6.8 off a step under ``reduce`` in a trial and a review), the one holding the batch
-    at that stride, ``False`` where several permutations give it; ``None`` for another
-    tensor (where the data came from is not told)."""
-    first = forward.first
-    if first is None:
-        return None
-    if data.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():  # (a copy)
-        stride = batch_stride(data, first)
-        return None if stride is None else stride == inner * math.prod(data.shape[dim + 1 :])
-    return data.stride(dim) == first.stride(0) and data.shape[dim] == first.shape[0]
-
-
-def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1, dim: int = 0) -> bool:
+def leads_to_batch(
+    parent: Node | None, forward: ForwardPass, inner: int = 1, dim: int = 0, strict: bool = False
+) -> bool:
     """Whether dimension ``dim`` of ``parent``'s output leads to the batch on every path
     (:func:`batch_first_reshape`), the batch's entries ``inner`` apart in it (``k`` for
     ``k·N`` rows sample-major). Through a reshape the batch is followed as a factor of a
     merged dimension (``nn.MultiheadAttention``'s ``[T, N, E] → [T·N, E] → Linear → [T, N,
-    E]``: the batch the minor factor, :func:`_regrouped`)."""
+    E]``: the batch the minor factor, :func:`_regrouped`). ``strict``: a path that ends at
+    a layer output's features (its last dimension) does not lead to the batch."""
     stack: list[Track] = [] if parent is None else [(parent, dim, inner)]
     seen = set(stack)
     while stack:
@@ -126,7 +111,7 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1, di
         elif placed_along(here, name, dim) or (merged and reorders_along(here, name, dim)):
             parents = None  # (rows placed or picked by an index: a permutation put back)
         else:
-            found = _parents(here, dim, forward, inner)
+            found = _parents(here, dim, forward, inner, strict)
             parents = (
                 found if found is None or found is False else [(p, d, inner) for p, d in found]
             )
@@ -141,21 +126,20 @@ def leads_to_batch(parent: Node | None, forward: ForwardPass, inner: int = 1, di
     return True
 
 
-def _parents(node: Node, dim: int, forward: ForwardPass, inner: int = 1) -> Parents:
+def _parents(
+    node: Node, dim: int, forward: ForwardPass, inner: int = 1, strict: bool = False
+) -> Parents:
     """The inputs of ``node`` to follow dimension ``dim`` of its output into, with where
     that dimension is in each (``[]``: the path ends at the batch; ``None``: it ends at
-    ``node``, proving the batch first only where ``dim`` is ``0``; ``False``: refused)."""
+    ``node``, proving the batch first only where ``dim`` is ``0``; ``False``: refused, as
+    a layer output's features are where ``strict``)."""
     name = type(node).__name__
     if node in forward.per_sample or node in forward.ordered:  # (a layer's output)
-        layer_input, rank = forward.through.get(node), len(node_shape(node, 0))
-        if layer_input is None or dim >= rank - 1:  # (another layer's: its first dim the batch)
-            return None
-        if layer_input.grad_fn is not None:
-            return [(layer_input.grad_fn, dim)]
-        told = _data_dim_is_batch(layer_input, dim, forward, inner)
-        return [] if told in (None, True) else False
+        return _through_layer(node, dim, forward, inner, strict)
     if name == "AccumulateGrad":  # (a parameter has no batch: the path tells nothing)
         return [] if isinstance(getattr(node, "variable", None), nn.Parameter) else None
+    if name == "CopySlices":
+        return _copied_slices(node, dim, forward, inner)
     if name in _SPECIAL:
         return _SPECIAL[name](node, dim, forward)
     out = node_shape(node, 0)
@@ -179,6 +163,20 @@ def _parents(node: Node, dim: int, forward: ForwardPass, inner: int = 1) -> Pare
     return _kept(node, name, out, dim)
 
 
+def _through_layer(node: Node, dim: int, forward: ForwardPass, inner: int, strict: bool) -> Parents:
+    """A layer output's dimension ``dim`` in the layer's input (its features, the last
+    dimension, are another layer's: not followed, refused where ``strict``)."""
+    layer_input, rank = forward.through.get(node), len(node_shape(node, 0))
+    if dim >= rank - 1 and strict:
+        return False
+    if layer_input is None or dim >= rank - 1:  # (another layer's: its first dim the batch)
+        return None
+    if layer_input.grad_fn is not None:
+        return [(layer_input.grad_fn, dim)]
+    told = data_dim_is_batch(layer_input, dim, forward.first, inner)
+    return [] if told in (None, True) else False
+
+
 def _operands(node: Node, name: str, out: list[int], dim: int, forward: ForwardPass) -> Parents:
     """Where a recurrent op's or a product's dimension ``dim`` is in its operands: a
     recurrent op keeps its input's sequence and batch dimensions; a product's rows are its
@@ -187,7 +185,7 @@ def _operands(node: Node, name: str, out: list[int], dim: int, forward: ForwardP
     if "Rnn" in name:
         parent = node.next_functions[0][0]
         if parent is None:
-            return _recurrent_on_data(node, out, dim, forward)
+            return recurrent_on_data(node, out, dim, forward.batch_size, forward.first)
         return None if dim > 1 else [(parent, dim)]
     if name in _ROWS_OF:
         left = node.next_functions[_ROWS_OF[name]][0]
@@ -224,22 +222,6 @@ def _reduced(node: Node, name: str, dim: int) -> int | None:
         return None
     inp = node_shape(node.next_functions[0][0], node.next_functions[0][1])
     return reduced_dim(node, dim, inp) if inp else None
-
-
-def _recurrent_on_data(node: Node, out: list[int], dim: int, forward: ForwardPass) -> Parents:
-    """A recurrent op's time-major output ``[T, N, H]`` on an input without a graph (the
-    data): the batch is its second dimension where ``T ≠ N``, or where its input is the
-    model's first argument time-major (``nn.LSTM(batch_first=True)`` on the data)."""
-    if dim != 1 or len(out) < 2:
-        return None
-    if out[0] != forward.batch_size:
-        return []
-    saved, first = getattr(node, "_saved_input", None), forward.first
-    if saved is None or first is None or first.dim() < 2:
-        return False
-    flipped = first.transpose(0, 1)
-    same = saved.shape == flipped.shape and saved.dtype == flipped.dtype
-    return [] if same and bool(torch.equal(saved, flipped)) else False
 
 
 def _regrouped(node: Node, dim: int, inner: int, batch: int) -> list[Track] | None:
@@ -309,13 +291,15 @@ def _packed(node: Node, dim: int, forward: ForwardPass) -> Parents:
     return None if padded is None or dim else [(padded, rows)]
 
 
-def _copied_slices(node: Node, dim: int, forward: ForwardPass) -> Parents:
+def _copied_slices(node: Node, dim: int, forward: ForwardPass, inner: int) -> Parents:
     """A write into part of a tensor (:func:`~.written_slices.written_dims`): followed into
     the tensor written into and each value holding ``dim`` whole; a value written into one
     entry or a run of it ends the walk there (``out[i] = f(x[i])``, a per-sample loop; a
     packed sequence's shorter steps), refused where it holds the batch: first, where the
     shapes placed it, in any other dimension where the backward did (a loop's time steps
-    written, as :func:`_stacked` refuses them stacked); where the backward placed row ``i``
+    written, as :func:`_stacked` refuses them stacked; a run of a merged dimension, its
+    batch ``inner`` apart, holding the batch along the run too: time-major rows written in
+    slices, ``rows[t·N:(t + 1)·N] = h_t``); where the backward placed row ``i``
     of a source into entry ``j``, followed into the source where ``i = j``, else refused.
     Refused where a value is not placed or the backward cannot tell (a time-major ``[T, N,
     D]`` buffer filled by ``buf[t] = h_t``, ``buf[t:t + 1] = h_t[None]``, a ``narrow`` or in
@@ -337,11 +321,25 @@ def _copied_slices(node: Node, dim: int, forward: ForwardPass) -> Parents:
         if row:
             follow.append((row[0], 0))  # (``out[i] = h[i]``: row i of a source)
             continue
-        batch = forward.batch_size
-        held = [d for d, n in enumerate(shape) if n == batch and d != at] if entry != -1 else [0]
-        if any(leads_to_batch(parent, forward, dim=d) for d in held):
+        if _holds_batch(parent, shape, forward, at if inner == 1 else None):
             return False  # (one entry, or a run, of ``dim`` written with the batch: time steps)
     return follow or None
+
+
+def _holds_batch(
+    parent: Node, shape: tuple[int, ...], forward: ForwardPass, skip: int | None
+) -> bool:
+    """Whether a value written into part of a dimension holds the batch in another one of
+    its dimensions, whole or as a factor of a merged one (``[N·D]``), as
+    :func:`leads_to_batch` follows it (``strict``: a per-sample loop's value, a layer's
+    output on ``x[i]``, holds features, not the batch)."""
+    batch = forward.batch_size
+    for d, n in enumerate(shape):
+        if d != skip and n % batch == 0:
+            for inner in {n // batch, 1}:
+                if leads_to_batch(parent, forward, inner, dim=d, strict=True):
+                    return True
+    return False
 
 
 def _resampled(node: Node, dim: int, forward: ForwardPass) -> Parents:
@@ -359,7 +357,6 @@ _SPECIAL = {
     "StackBackward0": _stacked,
     "Rot90Backward0": _rotated,
     "PackPaddedSequenceBackward0": _packed,
-    "CopySlices": _copied_slices,
     "GridSampler2DBackward0": _resampled,
     "GridSampler3DBackward0": _resampled,
 }

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from .batch_dim import batch_first_reshape, leads_to_batch
-from .data_layout import batch_stride
+from .data_layout import batch_stride, rows_in_samples
 from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
 from .row_order import node_shape, signed
 from .written_slices import written_dims
@@ -103,19 +103,20 @@ def _by_count(rows: int, forward: ForwardPass) -> bool | None:
 
 
 def _the_data_flattened(inputs: Tensor, first: Tensor | None, samples: int) -> bool:
-    """Whether ``inputs`` (without autograd history) is a contiguous view of all of the
-    model's first tensor argument, or a copy of it permuted with the batch first, or a view
-    of one (:func:`~.data_layout.batch_stride`: ``x.permute(0, 2, 3, 1).reshape(N·H·W,
-    C)``, a patch embedding's rows, read as gathered rows before 2026-12-11)."""
-    if first is None or inputs.numel() != first.numel() or not inputs.dim():
+    """Whether ``inputs`` (without autograd history) is a view of the model's first tensor
+    argument whose rows lie in its samples in order (:func:`~.data_layout.rows_in_samples`:
+    the data flattened, overlapping patches), or a copy of it permuted with the batch first,
+    or a view of one (:func:`~.data_layout.batch_stride`: ``x.permute(0, 2, 3,
+    1).reshape(N·H·W, C)``, a patch embedding's rows, read as gathered rows before
+    2026-12-11)."""
+    if first is None or not inputs.dim():
         return False
-    if inputs.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
-        rows = int(inputs.shape[0])
-        stride = batch_stride(inputs, first)
-        return not rows % samples and stride == rows // samples * inputs[0].numel()
-    return (
-        inputs.is_contiguous() and first.is_contiguous() and inputs.data_ptr() == first.data_ptr()
-    )
+    if inputs.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        return rows_in_samples(inputs, first, samples)  # (a view: its rows' storage)
+    rows = int(inputs.shape[0])
+    if inputs.numel() != first.numel() or rows % samples:
+        return False
+    return batch_stride(inputs, first) == rows // samples * inputs[0].numel()
 
 
 def _parameters_alone(node: Node) -> bool:

@@ -33,43 +33,49 @@ class Written(NamedTuple):
 
 def written_dims(node: Node, dim: int) -> list[Written] | None:
     """Where dimension ``dim`` of a ``CopySlices`` node's output is in each input with a
-    graph: the tensor written into (edge 0) keeps it; where no other dimension of the output
-    has as many entries, the shapes place a value: of the same rank with as many entries
-    there, in the same place (with fewer, a slice of ``dim``: left out); of one dimension
-    fewer, the output's shape without one dimension, written into one entry of ``dim`` or
-    holding it one place up; others (broadcast) are left out. Where another dimension has
-    as many entries (the shapes do not tell), the node's backward places every value
-    (:func:`_probed`). ``None`` where it cannot (the probe not exact in the output's dtype,
-    an op on a view that scales what it writes, the graph freed)."""
+    graph: the tensor written into (edge 0) keeps it whole; a value holds it whole along
+    one of its dimensions (``buf[:, t] = h_t``), or is written into part of it (an entry,
+    ``buf[t] = h_t``; a run, ``rows[t·N:(t + 1)·N] = h_t``; ``entry`` ``-1``, or a run's
+    dimension with fewer entries), or is not placed. Where no other dimension of the output
+    has a multiple of ``dim``'s entries the shapes say it; where one has (``[T, N, D]`` at
+    ``T = N``, ``[T, N·D]``: the shapes do not tell), the node's backward does
+    (:func:`_probed`). ``None`` where neither tells (the shapes fit two ways, the probe is
+    not exact in the output's dtype, the graph is freed)."""
     out = node_shape(node, 0)
     if dim >= len(out):
         return None
-    if any(n == out[dim] for k, n in enumerate(out) if k != dim):
+    if out[dim] > 1 and any(n % out[dim] == 0 for k, n in enumerate(out) if k != dim):
         return _probed(node, dim, out)
     where = []
     for edge, (parent, nr) in enumerate(node.next_functions):
-        shape = node_shape(parent, nr) if parent is not None else []
-        if parent is None or len(shape) not in (len(out), len(out) - 1):
-            continue  # (a value broadcast into the part: no entries of ``dim``)
-        size = tuple(shape)
-        if edge == 0 or len(shape) == len(out):
-            if shape[dim] == out[dim]:  # (else a slice of ``dim`` written: not followed)
-                where.append(Written(parent, size, dim))
+        if parent is None:
             continue
-        picked = {k for k in range(len(out)) if out[:k] + out[k + 1 :] == shape}
-        places = {-1 if k == dim else dim - (k < dim) for k in picked}
-        if len(places) > 1:
+        shape = tuple(node_shape(parent, nr)) if edge else tuple(out)
+        if len(shape) == len(out):
+            where.append(Written(parent, shape, dim))  # (fewer entries there: a run)
+            continue
+        fits = {k for k in range(len(out)) if _fits(shape, out[:k] + out[k + 1 :])}
+        whole = {dim - (k < dim) for k in fits if k != dim and shape[dim - (k < dim)] == out[dim]}
+        if len(whole) > 1:
             return None
-        where += [Written(parent, size, *((None, -1) if at < 0 else (at, None))) for at in places]
+        where.append(
+            Written(parent, shape, whole.pop()) if whole else Written(parent, shape, None, -1)
+        )
     return where
+
+
+def _fits(shape: tuple[int, ...], room: list[int]) -> bool:
+    """Whether a value of ``shape`` fits in a part of ``room`` (no more entries anywhere)."""
+    return len(shape) == len(room) and all(v <= r for v, r in zip(shape, room, strict=True))
 
 
 def _probed(node: Node, dim: int, out: list[int]) -> list[Written] | None:
     """:func:`written_dims` from the node's backward: the gradient each value receives of
-    a probe holding every entry's coordinate along ``dim`` is that coordinate for each of
-    the value's entries: one constant (entry ``entry`` written), or running ``0, 1, …``
-    (or a run of them) along one of its dimensions and constant along the others (``dim``
-    is that one), else the value is not placed."""
+    a probe holding every entry's coordinate along ``dim`` plus one is, for each of the
+    value's entries, that number times the factor the write applies (``-=``: ``-1``;
+    ``lerp_(v, 0.5)``: ``0.5``): one constant (an entry: its index where the factor is 1),
+    or ``s·(c + 1), s·(c + 2), …`` along one of the value's dimensions and constant along
+    the others (a run from ``c``, in order), else the value is not placed."""
     metadata = getattr(node, "_input_metadata", None)
     if not metadata or not metadata[0].dtype.is_floating_point:
         return None
@@ -78,7 +84,7 @@ def _probed(node: Node, dim: int, out: list[int]) -> list[Written] | None:
         return None
     shape = [1] * len(out)
     shape[dim] = out[dim]
-    probe = torch.arange(out[dim], dtype=dtype, device=device).view(shape).expand(out)
+    probe = torch.arange(1, out[dim] + 1, dtype=dtype, device=device).view(shape).expand(out)
     try:
         with torch.no_grad():
             grads = node(probe.contiguous())  # type: ignore[operator]
@@ -94,24 +100,32 @@ def _probed(node: Node, dim: int, out: list[int]) -> list[Written] | None:
         coordinates = grads[edge]
         if coordinates is None:
             return None
-        placed = _placed(coordinates.to(torch.float64))
-        if placed is None:
-            return None
+        placed = _placed(coordinates.to(torch.float64), out[dim])
         where.append(Written(parent, tuple(coordinates.shape), *placed))
     return where
 
 
-def _placed(coordinates: torch.Tensor) -> tuple[int | None, int | None] | None:
-    """``(dim, None)`` where ``coordinates`` run ``c, c + 1, …`` along dimension ``dim`` and
-    are constant along the others; ``(None, entry)`` where all are ``entry``; ``(None,
-    None)`` for another pattern of whole numbers; ``None`` for other numbers (scaled)."""
-    if not coordinates.numel() or not bool((coordinates == coordinates.round()).all()):
-        return None if coordinates.numel() else (None, None)
-    first = coordinates.reshape(-1)[0]
-    if bool((coordinates == first).all()):
-        return None, int(first)
-    varying = [j for j in range(coordinates.dim()) if bool(coordinates.diff(dim=j).ne(0).any())]
+def _placed(numbers: torch.Tensor, whole: int) -> tuple[int | None, int | None]:
+    """Where a value's probe ``numbers`` (:func:`_probed`) place it in a dimension of
+    ``whole`` entries: ``(j, None)``, a run in order along the value's dimension ``j``;
+    ``(None, e)``, entry ``e`` (``-1``: scaled, its index unknown); ``(None, None)``, not
+    placed (not one factor: ``*= g``, a reversed run, a zero)."""
+    if not numbers.numel() or not bool((numbers != 0).all() and numbers.isfinite().all()):
+        return None, None
+    first = float(numbers.reshape(-1)[0])
+    if bool((numbers == first).all()):
+        return (
+            (None, round(first) - 1)
+            if first == round(first) and 1 <= first <= whole
+            else (None, -1)
+        )
+    varying = [j for j in range(numbers.dim()) if bool(numbers.diff(dim=j).ne(0).any())]
     if len(varying) != 1:
         return None, None
-    steps = coordinates.diff(dim=varying[0])
-    return (varying[0], None) if bool((steps == 1).all()) else (None, None)
+    steps = numbers.diff(dim=varying[0])
+    step = float(steps.reshape(-1)[0])
+    start = first / step  # (c + 1)
+    length = int(numbers.shape[varying[0]])
+    regular = bool(torch.allclose(steps, torch.full_like(steps, step), rtol=1e-9, atol=0.0))
+    ordered = abs(start - round(start)) < 1e-6 and 1 <= round(start) <= whole - length + 1
+    return (varying[0], None) if regular and ordered else (None, None)
