@@ -345,11 +345,11 @@ class Patches(nn.Module):
     """PatchTST's channel-independent overlapping patches of the data, ``x.reshape(N·C,
     L).unfold(-1, P, S)`` (``flat``), or the same patches as ``[N, C, n, P]``."""
 
-    def __init__(self, flat: bool) -> None:
+    def __init__(self, flat: bool, patches: int = 5) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.flat = flat
-        self.embed, self.head = nn.Linear(4, 3), nn.Linear(2 * 5 * 3, C)
+        self.embed, self.head = nn.Linear(4, 3), nn.Linear(2 * patches * 3, C)
 
     def forward(self, x: Tensor) -> Tensor:
         n, channels, length = x.shape
@@ -362,7 +362,8 @@ def test_overlapping_patches_of_the_data_are_told_by_their_strides() -> None:
     """Overlapping patches cut from a view of the data are a view with other strides and
     more entries than the data: they were read as gathered rows (KFAC 0.64–1.0 off a step
     in a trial, two-level KFAC refusing them). Each row's storage lies in one sample's, so
-    they are proved since 2026-12-11: the steps of the patches as ``[N, C, n, P]``."""
+    they are proved since 2026-12-11: the steps of the patches as ``[N, C, n, P]``; with
+    as many patches as samples, no warning that the batch is their second dimension."""
     x = torch.randn(3, 2, 12, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
     for make in (tk.KFAC, tk.TwoLevelKFAC):
@@ -376,3 +377,70 @@ def test_overlapping_patches_of_the_data_are_told_by_their_strides() -> None:
             moved.append(model.embed.weight.detach() - before)
         assert moved[1].abs().max() > 1e-3
         torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-13)
+
+
+class ChannelAttention(nn.Module):
+    """PatchTST's channel independence: ``[N, C, S, E]`` tokens as ``[N·C, S, E]`` rows
+    through ``nn.MultiheadAttention(batch_first=True)`` (``torch_attention``) or the same
+    attention written with ``Linear`` projections (its weights copied)."""
+
+    def __init__(self, torch_attention: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.torch_attention, width = torch_attention, 4
+        self.pre, self.head = nn.Linear(width, width), nn.Linear(width, C)
+        self.mha = nn.MultiheadAttention(width, 1, batch_first=True)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        with torch.no_grad():
+            for i, layer in enumerate((self.q, self.k, self.v)):
+                layer.weight.copy_(self.mha.in_proj_weight[i * width : (i + 1) * width])
+                layer.bias.copy_(self.mha.in_proj_bias[i * width : (i + 1) * width])
+            self.out.weight.copy_(self.mha.out_proj.weight)
+            self.out.bias.copy_(self.mha.out_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, channels, length, width = x.shape
+        u = self.pre(x).reshape(n * channels, length, width)
+        if self.torch_attention:
+            a = self.mha(u, u, u, need_weights=False)[0]
+        else:
+            weights = torch.softmax(self.q(u) @ self.k(u).transpose(1, 2) / 2.0, -1)
+            a = self.out(weights @ self.v(u))
+        return self.head((u + a).mean(1)).reshape(n, channels, -1).mean(1)
+
+
+def test_torch_attention_on_rows_of_the_batch_times_channels_is_proved() -> None:
+    """``nn.MultiheadAttention(batch_first=True)`` transposes its ``[N·C, S, E]`` input
+    and its output back: ``out_proj``'s rows were a transpose of rows, read as gathered
+    rows (0.63–0.86 off a step from ``out_proj`` on, in a forecasting trial; two-level
+    KFAC refused them). The transpose is followed back to the batch since 2026-12-11: the
+    output projection and the head step as in the same attention written with
+    ``Linear`` layers."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    moved = []
+    for torch_attention in (True, False):
+        model = ChannelAttention(torch_attention).double()
+        opt = tk.KFAC(model, weight_sharing="reduce", **EXACT)
+        out = model.mha.out_proj if torch_attention else model.out
+        before = [out.weight.detach().clone(), model.head.weight.detach().clone()]
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        moved.append(
+            torch.cat(
+                [(out.weight - before[0]).flatten(), (model.head.weight - before[1]).flatten()]
+            ).detach()
+        )
+    assert moved[1].abs().max() > 1e-3
+    torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=1e-12)
+    model = ChannelAttention(True).double()
+    opt = tk.TwoLevelKFAC(model, **EXACT)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # (refused before)
+    model = Patches(True, patches=3).double()
+    opt = tk.KFAC(model, **EXACT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (3 patches of 4, stride 2, for 3 samples)
+        F.cross_entropy(model(torch.randn(3, 2, 8, dtype=torch.float64)), y).backward()
+        opt.step()

@@ -80,9 +80,10 @@ def first_is_batch(inputs: Tensor, forward: ForwardPass) -> bool:
     :func:`batch_first_reshape` follows it: ``False`` for a time-major ``[T, N, D]`` made
     inside ``forward`` or a view of the model's first argument that moved its first
     dimension (``x.transpose(0, 1)``), ``True`` where not told."""
-    if inputs.grad_fn is not None:  # (k·N rows first: sample-major, k apart)
-        return leads_to_batch(inputs.grad_fn, forward, max(1, len(inputs) // forward.batch_size))
-    return data_dim_is_batch(inputs, 0, forward.first) is not False
+    inner = max(1, len(inputs) // forward.batch_size)  # (k·N rows first: sample-major)
+    if inputs.grad_fn is not None:
+        return leads_to_batch(inputs.grad_fn, forward, inner)
+    return data_dim_is_batch(inputs, 0, forward.first, inner) is not False
 
 
 def leads_to_batch(

@@ -255,8 +255,12 @@ def _leading_product(dims: list[int], target: int) -> bool:
 
 
 def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
-    """Whether ``node``'s rows are proved sample-major: a layer output proved so, or a
-    batch-first reshape (:func:`batch_first_reshape`); ``strict`` (past a step that keeps
+    """Whether ``node``'s rows are proved sample-major: a layer output proved so, a
+    batch-first reshape (:func:`batch_first_reshape`), or a transpose or permute that moved
+    the batch first, ``k`` rows per sample, as :func:`~.batch_dim.leads_to_batch` follows
+    it back (``nn.MultiheadAttention(batch_first=True)`` on ``[N·C, S, E]``: its output
+    transposed back, read as gathered rows before 2026-12-11, 0.63–0.86 off a step in a
+    trial); ``strict`` (past a step that keeps
     the rows), a layer's output of the ``N`` samples instead of a reshape, its first
     dimension followed back to the batch (a ``Linear`` on a time-major ``[T, N, D]`` at
     ``T = N`` has ``N`` rows first: proved before 2026-12-10)."""
@@ -268,6 +272,9 @@ def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
             and _first_size(node) == forward.batch_size
             and leads_to_batch(node, forward)
         )
+    if name in _TRANSPOSES and moves_rows(node):  # (rows moved first: followed back)
+        rows, samples = _first_size(node) or 0, forward.batch_size
+        return rows > 0 and not rows % samples and leads_to_batch(node, forward, rows // samples)
     return name in RESHAPES and batch_first_reshape(node, forward)
 
 
@@ -277,3 +284,6 @@ def _first_size(node: Node) -> int | None:
     if not metadata or not len(metadata[0].shape):
         return None
     return int(metadata[0].shape[0])
+
+
+_TRANSPOSES = frozenset({"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"})
