@@ -260,10 +260,10 @@ def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
     the batch first, ``k`` rows per sample, as :func:`~.batch_dim.leads_to_batch` follows
     it back (``nn.MultiheadAttention(batch_first=True)`` on ``[N·C, S, E]``: its output
     transposed back, read as gathered rows before 2026-12-11, 0.63–0.86 off a step in a
-    trial); ``strict`` (past a step that keeps
-    the rows), a layer's output of the ``N`` samples instead of a reshape, its first
-    dimension followed back to the batch (a ``Linear`` on a time-major ``[T, N, D]`` at
-    ``T = N`` has ``N`` rows first: proved before 2026-12-10)."""
+    trial); ``strict`` (past a step that keeps the rows), a layer's output of the ``N``
+    samples instead of a reshape, its first dimension followed back to the batch (a
+    ``Linear`` on a time-major ``[T, N, D]`` at ``T = N`` has ``N`` rows first: proved
+    before 2026-12-10)."""
     if node in forward.ordered:
         return True
     if strict:
