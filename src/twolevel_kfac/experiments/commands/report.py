@@ -5,10 +5,9 @@ would show (:mod:`~twolevel_kfac.experiments.shown_runs`): those finished under 
 unfinished ones of its config as they stand, named in the notes. Runs of other methods or
 of another config, left from earlier comparisons into ``DIR``, are left out and named. In
 the config's method order, with its title, notes, target loss and reference curves.
-Without it: every
-``DIR/<method>/seed<k>/metrics.jsonl``. Rewrites ``DIR/report.md``, the PNGs and
-``DIR/summary.json``, with the shown runs' provenance (``provenance.jsonl``) and any
-``--reference [LABEL=]FILE`` curve drawn beside them.
+Without it: every ``DIR/<method>/seed<k>/metrics.jsonl``. Rewrites ``DIR/report.md``, the
+PNGs and ``DIR/summary.json``, with the shown runs' provenance (``provenance.jsonl``) and
+any ``--reference [LABEL=]FILE`` curve drawn beside them.
 """
 
 from __future__ import annotations
