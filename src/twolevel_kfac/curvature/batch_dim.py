@@ -21,11 +21,13 @@ from .row_ops import (
     RESHAPES,
     SLICES,
     moves_rows,
+    node_shape,
     picks_rows,
     placed_along,
     reorders_along,
+    signed,
 )
-from .row_order import node_shape, reduced_dim, signed, transposed_dim
+from .row_order import reduced_dim, transposed_dim
 from .written_slices import written_dims
 
 if TYPE_CHECKING:

@@ -30,8 +30,8 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from .row_ops import RESHAPES
-from .row_order import node_shape, reaches, signed
+from .row_ops import RESHAPES, node_shape, signed
+from .row_order import reaches
 
 __all__ = ["pooled_by"]
 

@@ -1,12 +1,11 @@
-"""What autograd's nodes do to the rows of a tensor (its first dimension): the vocabulary
-of :mod:`.row_proof` (rows proved sample-major) and :mod:`.batch_dim` (the batch first).
+"""What autograd's nodes do to the rows of a tensor (its first dimension), and what they
+say of their shapes and saved dimensions: the vocabulary of :mod:`.row_proof` (rows proved
+sample-major), :mod:`.batch_dim` (the batch first) and :mod:`.row_order` (rows moved).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-from .row_order import node_shape, signed
 
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
@@ -17,10 +16,26 @@ __all__ = [
     "RESHAPES",
     "SLICES",
     "moves_rows",
+    "node_shape",
     "picks_rows",
     "placed_along",
     "reorders_along",
+    "signed",
 ]
+
+
+def signed(value: int) -> int:
+    """A saved ``int64`` as autograd returns it (``-1`` comes back as ``2⁶⁴ − 1``)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def node_shape(node: Node | None, output_nr: int) -> list[int]:
+    """The shape of a node's forward output ``output_nr``, from autograd's metadata."""
+    meta = getattr(node, "_input_metadata", None) if node is not None else None
+    if not meta or output_nr >= len(meta):
+        return []
+    return [int(n) for n in getattr(meta[output_nr], "shape", [])]
+
 
 RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 DROPS = frozenset({"SelectBackward0", "UnbindBackward0"})  # (they remove a dimension)

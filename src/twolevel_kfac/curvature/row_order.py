@@ -41,7 +41,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["moved_rows", "node_shape", "reaches", "reduced_dim", "signed", "transposed_dim"]
+from .row_ops import node_shape, signed
+
+__all__ = ["moved_rows", "reaches", "reduced_dim", "transposed_dim"]
 
 _WALK = 512  # autograd nodes looked at, at most
 _RESHAPES = frozenset(
@@ -89,19 +91,6 @@ class Context(NamedTuple):
     edge: int
     inputs: list[list[int]]
     output_nr: int
-
-
-def signed(value: int) -> int:
-    """A saved ``int64`` as autograd returns it (``-1`` comes back as ``2⁶⁴ − 1``)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def node_shape(node: Node | None, output_nr: int) -> list[int]:
-    """The shape of a node's forward output ``output_nr``, from autograd's metadata."""
-    meta = getattr(node, "_input_metadata", None) if node is not None else None
-    if not meta or output_nr >= len(meta):
-        return []
-    return [int(n) for n in getattr(meta[output_nr], "shape", [])]
 
 
 def _dim(node: Node, rank: int, attribute: str = "_saved_dim") -> int:

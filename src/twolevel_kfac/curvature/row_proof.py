@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from .batch_dim import batch_first_reshape, leads_to_batch
 from .data_layout import batch_stride, rows_in_samples
-from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows
-from .row_order import node_shape, signed
+from .row_ops import DROPS, REORDERS, RESHAPES, SLICES, moves_rows, node_shape, signed
 from .written_slices import written_dims
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .row_order import node_shape
+from .row_ops import node_shape
 
 if TYPE_CHECKING:
     from torch.autograd.graph import Node
