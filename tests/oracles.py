@@ -893,3 +893,12 @@ def assert_resume_is_bit_identical(
     train(resumed, opt, after)
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def step_change(opt: torch.optim.Optimizer, weight: Tensor, loss: Tensor) -> Tensor:
+    """How far one ``opt.step()`` after ``loss.backward()`` moves ``weight`` (the forward
+    that made ``loss`` leaves it as it was)."""
+    before = weight.detach().clone()
+    loss.backward()
+    opt.step()
+    return weight.detach() - before
