@@ -253,9 +253,9 @@ def _stacked(stack: Node, dim: int, forward: ForwardPass) -> Parents:
     ``h[perm_t, t]``); the stacked one refused where a tensor is a position picked beside
     the rows (``torch.stack([h[:, t] for t in range(T)])`` at ``T = N``), followed into
     the source where every tensor is its row ``i`` (``torch.stack([h[i] …])``, a
-    per-sample loop), refused where each holds the batch first (a hand-written RNN's steps
-    ``torch.stack(outs)``, 2.8 off at ``T = N`` in a review), else ended there
-    (``torch.stack([f(x[i]) …])``)."""
+    per-sample loop), refused where each holds the batch (an RNN's steps ``stack(outs)``,
+    2.8 off at ``T = N`` in a review; merged, ``[v_t.view(N·D) …]``, 0.99 off before
+    2026-12-12), else ended there (``torch.stack([f(x[i]) …])``)."""
     rank = len(node_shape(stack, 0))
     made = signed(int(getattr(stack, "_saved_dim", 0))) % max(rank, 1)
     parents = [parent for parent, _ in stack.next_functions]
@@ -273,8 +273,11 @@ def _stacked(stack: Node, dim: int, forward: ForwardPass) -> Parents:
     if len(sources) == 1 and [row[1] for row in picked if row] == list(range(len(parents))):
         return [(sources.pop(), 0)]
     items = [parent for parent in parents if parent is not None]
-    if items and all(leads_to_batch(item, forward) for item in items):
-        return False  # (each holds the batch: a loop's time steps, torch.stack(outs))
+    if items and all(
+        leads_to_batch(it, forward) or _holds_batch(it, node_shape(it, 0), forward, None)
+        for it in items
+    ):
+        return False  # (each holds the batch: torch.stack(outs); merged: [v_t.view(N·D) …])
     return []
 
 
