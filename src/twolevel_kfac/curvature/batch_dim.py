@@ -333,7 +333,7 @@ def _copied_slices(node: Node, dim: int, forward: ForwardPass, inner: int) -> Pa
 
 
 def _holds_batch(
-    parent: Node, shape: tuple[int, ...], forward: ForwardPass, skip: int | None
+    parent: Node, shape: tuple[int, ...] | list[int], forward: ForwardPass, skip: int | None
 ) -> bool:
     """Whether a value written into part of a dimension holds the batch in another one of
     its dimensions, whole or as a factor of a merged one (``[N·D]``), as
