@@ -190,3 +190,34 @@ def test_rows_of_their_own_sample_train_and_shared_ones_are_refused(
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class _TimeMajorCell(nn.Module):
+    """A recurrent cell looped over ``x[t]`` of a time-major ``x`` ``[T, B, D]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.i, self.o = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.new_zeros(x.shape[1], 5)
+        for t in range(len(x)):
+            h = torch.tanh(self.i(x[t]) + h)
+        return self.o(h)
+
+
+@pytest.mark.parametrize("steps", [3, 6])
+def test_a_time_major_loop_is_told_to_pass_the_batch_first(steps: int) -> None:
+    """A cell looped over a time-major input's steps is refused (its first dimension is
+    taken for the batch) and, since 2026-12-12, told to pass the input batch-first: the
+    refusal named chunks, experts and finished samples only, none of which it was."""
+    model = _TimeMajorCell()
+    opt = tk.KFAC(model, fisher="empirical")  # (held: its hooks go with it)
+    with pytest.raises(RuntimeError, match=r"loop over x\[t\] of x \[T, B, \.\.\.\]"):
+        model(torch.randn(steps, 4, 3))
+    chunked = _PerSample("chunks")
+    held = tk.KFAC(chunked, fisher="empirical")
+    with pytest.raises(RuntimeError, match="on parts of the batch") as chunks:
+        chunked(torch.randn(8, 3, 4, dtype=torch.float64))
+    assert "x[t]" not in str(chunks.value)  # (chunks of a batch: no such hint)
+    assert opt.param_groups and held.param_groups

@@ -349,6 +349,8 @@ def check_calls_on_parts(
     gathered = any(n != batch and not ok for n, ok in zip(rows, proved, strict=True))
     if min(rows) >= batch and not gathered:
         return
+    first = forward.first
+    steps = first is not None and first.dim() > 1 and set(rows) == {first.shape[1]} != {batch}
     raise RuntimeError(
         f"layer {name!r} was called {len(rows)} times in one forward on parts of the batch "
         f"of {batch} or rows gathered from it (rows {rows}): KFAC takes the calls of one "
@@ -356,4 +358,11 @@ def check_calls_on_parts(
         "every row (concatenate the parts first: one call per expert for all its tokens, the "
         "batch at once instead of a loop over samples or chunks, a recurrent cell on every "
         "sample with the finished ones masked)"
+        + (
+            f". The batch is the first dimension of the model's first argument ({batch}), "
+            "and every call has as many rows as its second: if the first is time steps (a "
+            "loop over x[t] of x [T, B, ...]), pass x batch-first and loop over x[:, t]"
+            if steps
+            else ""
+        )
     )
