@@ -1108,6 +1108,46 @@ def test_a_sampler_chaining_forwards_with_gradients_on_is_told_first() -> None:
         model(x)
 
 
+class _Adjoint(torch.autograd.Function):
+    """``x + f(x)`` with ``f``'s weights as inputs and their gradient made in ``backward``
+    by running ``f`` again (an adjoint ODE solver's pattern, as torchdiffeq's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, f: nn.Module, *params: Tensor) -> Tensor:
+        ctx.f = f
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return x + f(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            grads = torch.autograd.grad(x + ctx.f(x), (x, *ctx.f.parameters()), grad)
+        return (grads[0], None, *grads[1:])
+
+
+def test_a_weight_read_by_a_custom_function_is_named_so() -> None:
+    """An adjoint solver's ``autograd.Function`` takes the weights as inputs and makes their
+    gradient in its backward, beside the module's calls. Refused as before, and since
+    2026-12-12 the refusal names the Function and the fix (it spoke of a graph carried
+    from an earlier forward, which a trial's user did not have)."""
+
+    class Solved(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(_Adjoint.apply(x, self.f, *self.f.parameters()))
+
+    model = Solved()
+    opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
+    with pytest.raises(ValueError, match=r"'f'.*custom autograd.Function \(_AdjointBackward"):
+        model(torch.randn(4, 3))
+
+
 def test_preconditioner_with_your_own_optimizer_under_grad_scaler() -> None:
     """``KFACPreconditioner`` + ``torch.optim.SGD`` under ``GradScaler``, as the README
     says: ``scaler.unscale_(sgd)``, ``precond.step(loss_scale=scaler.get_scale())``,

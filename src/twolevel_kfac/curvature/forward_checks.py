@@ -68,6 +68,7 @@ def check_weight_uses(
     # a layer that trains its bias alone: the bias (its frozen weight has no AccumulateGrad)
     weights = {id(block_parameters(m)[0]): name for name, m in layers.items()}
     reads: dict[str, int] = dict.fromkeys(layers, 0)
+    custom: dict[str, str] = {}  # (a weight read by a custom autograd.Function's backward)
     seen: set[int] = set()
     stack: list[Any] = [t.grad_fn for t in output_tensors(output) if t.grad_fn is not None]
     while stack:
@@ -80,6 +81,8 @@ def check_weight_uses(
             name = weights.get(id(variable)) if variable is not None else None
             if name is not None:
                 reads[name] += 1
+                if hasattr(node, "_forward_cls"):
+                    custom[name] = type(node).__name__
             stack.append(child)
     for name, count in reads.items():
         if count > calls.get(name, 0):
@@ -92,6 +95,15 @@ def check_weight_uses(
                     "changing the model"
                 )
             what = "bias" if bias_only(layers[name]) else "weight"  # a bias alone: its key
+            if name in custom:
+                raise ValueError(
+                    f"layer {name!r}: its {what} is read by a custom autograd.Function "
+                    f"({custom[name]}), whose backward makes its gradient outside the "
+                    "module's calls (an adjoint ODE solver, a hand-written backward): the "
+                    "layer's block never sees that curvature. Backpropagate through the "
+                    "module's calls instead (odeint without the adjoint), or leave the layer "
+                    "out with params="
+                )
             raise ValueError(
                 f"layer {name!r}: its {what} is read {count} times in the forward but its "
                 f"module(s) ran {calls.get(name, 0)} times. The forward reuses a tensor "
