@@ -209,3 +209,43 @@ def test_an_embeddings_padding_tokens_are_left_out(float64: None, sharing: str) 
             opt.step()
         steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)
+
+
+class Gated(nn.Module):
+    """Per-position ``Linear → tanh → Linear`` to a density and a value; the loss reads the
+    value through ``relu(density)`` (a NeRF's raw output, rendered in the loss): a position
+    of density ≤ 0 has ``δ = 0`` in every layer, a real point, not padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(V, E), nn.Linear(E, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inner(x)))
+
+
+def test_positions_declared_real_are_kept_whatever_their_gradient(float64: None) -> None:
+    """``set_padding_mask`` says which positions are real: those it marks real are kept in
+    ``A`` and ``T`` even where every layer's ``δ`` is zero there (they were left out as
+    dead before 2026-12-12, whatever the mask said: 0.76 off a step in a NeRF trial)."""
+    x, y = torch.randn(N, 5, V, dtype=torch.float64), torch.randn(N, 5, dtype=torch.float64)
+    factors, dead = [], []
+    for declared in (False, True):
+        torch.manual_seed(0)
+        model = Gated().double()
+        opt = tk.KFAC(model, **SETTINGS)
+        if declared:
+            opt.set_padding_mask(torch.ones(N, 5, dtype=torch.bool))
+        raw = model(x)
+        dead.append(raw[..., 0] <= 0)
+        F.mse_loss(torch.relu(raw[..., 0]) * raw[..., 1], y).backward()
+        opt.step()
+        factors.append(opt.preconditioner.factors["inner"])
+    assert torch.equal(dead[0], dead[1]) and 0 < int(dead[0].sum()) < dead[0].numel()
+    automatic, kept = factors
+    live = ~dead[0].reshape(-1)
+    assert automatic.num_locations == int(live.sum()) / N
+    assert kept.num_locations == 5
+    rows = torch.cat([x, torch.ones(N, 5, 1, dtype=x.dtype)], -1).reshape(N * 5, -1)
+    torch.testing.assert_close(kept.A, rows.T @ rows / (N * 5))
+    torch.testing.assert_close(automatic.A, rows[live].T @ rows[live] / int(live.sum()))

@@ -172,8 +172,9 @@ def dead_positions(
     layout without padding): a sample whose side input is all padding, in a padded layout,
     stays padding. Zeros at some positions of a sample with loss terms elsewhere (the pixels
     a max-pool after these layers does not pick) are dead. Where the
-    forward was given its padding (:mod:`.padding_mask`), the positions it marks in the
-    layouts of its shape are dead too.
+    forward was given its padding (:mod:`.padding_mask`), the positions it marks are the
+    dead ones in the layouts of its shape: those it marks real are kept whatever their
+    ``δ`` (a NeRF point of zero density; they were left out before 2026-12-12, 0.76 off).
 
     Raises:
         ValueError: a layer's ``δ`` is not zero at a position marked as padding.
@@ -202,8 +203,7 @@ def dead_positions(
             dead[layout] = torch.where(whole, ~at, mask)
         elif not bool((mask & ~whole).any()):  # (no padding here: none of another sample)
             dead[layout] = mask & ~whole
-    for layout, padding in declared.items():
-        dead[layout] = padding | dead[layout] if layout in dead else padding
+    dead.update(declared)  # (the positions declared real are kept, whatever their δ)
     return dead
 
 
