@@ -249,3 +249,29 @@ def test_positions_declared_real_are_kept_whatever_their_gradient(float64: None)
     rows = torch.cat([x, torch.ones(N, 5, 1, dtype=x.dtype)], -1).reshape(N * 5, -1)
     torch.testing.assert_close(kept.A, rows.T @ rows / (N * 5))
     torch.testing.assert_close(automatic.A, rows[live].T @ rows[live] / int(live.sum()))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"combination": "adef2"}, {"coarse_space": "spectral"}, {"coarse_space": "residual"}],
+)
+def test_a_first_capture_with_every_position_dead(float64: None, options: dict) -> None:
+    """Every density ≤ 0 at the first step: no position has a loss term, the gradient is 0
+    and nothing folds. Two-level KFAC raised there before 2026-12-12 ("captured but never
+    folded", or an inverse asked before any decomposition: a NeRF trial); it takes KFAC's
+    step now (none), and the next, live, capture builds the level as a first one does."""
+    x, y = torch.randn(N, 5, V, dtype=torch.float64), torch.randn(N, 5, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = Gated().double()
+    opt = tk.TwoLevelKFAC(model, **SETTINGS, **options)
+    for live in (False, True):
+        with torch.no_grad():
+            model.out.bias[0] = 5.0 if live else -5.0
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        raw = model(x)
+        F.mse_loss(torch.relu(raw[..., 0]) * raw[..., 1], y).backward()
+        opt.step()
+        moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
+        assert any(moved) == live
+    assert opt.preconditioner.coarse_level.fisher_samples == N

@@ -145,13 +145,14 @@ class CoarseLevel:
 
     def refreshing(self, stats: dict[str, LayerStats]) -> bool:
         """Whether this step refreshes the level: its statistics are given, or their
-        products were taken as they were folded (:mod:`.coarse_absorb`)."""
-        return bool(stats) or self.absorbed is not None
+        products were taken as they were folded (:mod:`.coarse_absorb`; a capture whose
+        positions were all dead folded none: not a refresh, as with its statistics)."""
+        return bool(stats) or (self.absorbed is not None and bool(self.absorbed.columns))
 
     def refresh_names(self, stats: dict[str, LayerStats]) -> list[str]:
         """The layers this refresh covers, in the preconditioner's order."""
         absorbed = self.absorbed
-        return absorbed.names if absorbed else [n for n in self.host.layers if n in stats]
+        return absorbed.folded() if absorbed else [n for n in self.host.layers if n in stats]
 
     def _start_refresh(self, stats: dict[str, LayerStats]) -> None:
         """Keep this step's Fisher mini-batch (rows) for the layers it covers (or its

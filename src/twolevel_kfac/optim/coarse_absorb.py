@@ -64,16 +64,17 @@ class AbsorbedBatch:
     columns: dict[str, Tensor] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
 
+    def folded(self) -> list[str]:
+        """The layers of the refresh whose statistics were folded (a layer whose positions
+        were all dead folds none, and stays out of the refresh, as with its statistics)."""
+        return [n for n in self.names if n in self.columns]
+
     def samples(self) -> int:
         """``N`` of the Fisher mini-batch.
 
         Raises:
-            ValueError: the layers disagree on it (as the kept statistics would), or a
-                layer of the refresh was not folded.
+            ValueError: the layers disagree on it (as the kept statistics would).
         """
-        missing = [n for n in self.names if n not in self.columns]
-        if missing:
-            raise ValueError(f"layer(s) {missing} were captured but never folded")
         return shared_size(self.sizes)
 
 
@@ -136,5 +137,5 @@ def absorbed_coarse_matrix(absorbed: AbsorbedBatch, basis: CoarseBasis, damping:
     """``F_c`` of ``basis`` (the one rebuilt after the fold: equal to the absorbed one) from
     the absorbed columns, as :func:`~twolevel_kfac.twolevel.coarse_matrix.
     exact_coarse_matrix` forms it from the statistics."""
-    projections = torch.cat([absorbed.columns[n] for n in absorbed.names], dim=1)
+    projections = torch.cat([absorbed.columns[n] for n in absorbed.folded()], dim=1)
     return projected_coarse_matrix(projections, absorbed.samples(), basis, damping)

@@ -128,7 +128,8 @@ def fold_statistics(
         finite = all_finite((new_a, new_g))
         pre.interrupted = pre.interrupted or partial_step(pre, folds=True)  # until the step ends
         if locations == 0:  # every position dead (no loss term): nothing to fold
-            pass
+            if not pre.factors[name].ready:  # (nor kept: a refresh leaves out a layer
+                continue  # without a block yet; 2026-12-12: it raised at the first step)
         elif not (finite and pre.fine.store(name, new_a, new_g, locations, stats)):
             skipped.append(name)
         del new_a, new_g  # folded: not held beside what ``consume`` forms

@@ -64,11 +64,14 @@ def trained_as(module: nn.Module, shapes: tuple[Any, ...]) -> Iterator[bool]:
 
 def coarse_term(pre: KFACPreconditioner, stats: dict[str, LayerStats]) -> CoarseLevel | None:
     """The coarse level when this step takes its term: it has one, and it refreshes now
-    (``stats``, or products taken at the fold) or every layer it spans still trains; else
-    ``None`` (module docstring)."""
+    (``stats``, or products taken at the fold) or every layer it spans still trains since
+    a refresh; else ``None`` (module docstring; before any refresh: a first capture whose
+    positions were all dead, where KFAC's step is its fine level's)."""
     level = pre.coarse_level
     if level is None or level.refreshing(stats):
         return level
+    if level.fisher_samples is None:  # (never refreshed: a first capture folded nothing)
+        return None
     frozen = [name for name in level.names if not trains(pre.layers[name])]
     if not frozen:
         return level
