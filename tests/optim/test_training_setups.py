@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
-from oracles import _homogeneous_inputs, _locations_last, dense_kfac_matrix, kfac_factors
+from oracles import (
+    _homogeneous_inputs,
+    _locations_last,
+    dense_kfac_matrix,
+    kfac_factors,
+    step_change,
+)
 from test_kfac_exact import CONTRACT
 from twolevel_kfac.curvature.tokens import TokenFactors
 
@@ -1146,6 +1152,38 @@ def test_a_weight_read_by_a_custom_function_is_named_so() -> None:
     opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
     with pytest.raises(ValueError, match=r"'f'.*custom autograd.Function \(_AdjointBackward"):
         model(torch.randn(4, 3))
+
+
+class _Queries(nn.Module):
+    """DETR's learned queries: a table read whole (``lookup=False``) or looked up."""
+
+    def __init__(self, lookup: bool) -> None:
+        super().__init__()
+        self.lookup, self.query, self.head = lookup, nn.Embedding(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.lookup:
+            queries = self.query(torch.arange(3).expand(len(x), 3))
+        else:
+            queries = self.query.weight.unsqueeze(0).repeat(len(x), 1, 1)
+        return self.head(queries + x[:, None]).mean(1)
+
+
+def test_a_table_read_whole_is_told_to_be_looked_up() -> None:
+    """DETR's ``query_embed.weight.unsqueeze(0).repeat(B, 1, 1)``: refused as before, and
+    since 2026-12-12 the refusal says what it is and gives the lookup that works (it led
+    with a graph carried from an earlier forward, which a trial's user did not have)."""
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    whole = _Queries(lookup=False)
+    refusing = tk.KFAC(whole, fisher="empirical")  # noqa: F841 (kept: its hooks)
+    with pytest.raises(ValueError, match=r"'query'.*never ran.*arange\(Q\)\.expand\(B, Q\)"):
+        whole(x)
+    looked_up = _Queries(lookup=True)
+    with torch.no_grad():
+        looked_up.load_state_dict(whole.state_dict())
+    opt = tk.KFAC(looked_up, fisher="empirical")
+    moved = step_change(opt, looked_up.query.weight, F.cross_entropy(looked_up(x), y))
+    assert bool(moved.abs().sum() > 0)
 
 
 def test_preconditioner_with_your_own_optimizer_under_grad_scaler() -> None:

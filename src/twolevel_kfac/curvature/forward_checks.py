@@ -104,6 +104,15 @@ def check_weight_uses(
                     "module's calls instead (odeint without the adjoint), or leave the layer "
                     "out with params="
                 )
+            if not calls.get(name) and isinstance(layers[name], nn.Embedding):
+                raise ValueError(
+                    f"layer {name!r}: its table is read {count} times in the forward, but "
+                    "the module never ran: read whole, as DETR's query_embed.weight or "
+                    "learned latents are (unsqueeze(0).repeat(B, 1, 1)), its rows are no "
+                    "sample's lookups and its block cannot see them. Look them up by "
+                    "calling it, query(torch.arange(Q).expand(B, Q)) (the same values, one "
+                    "row per sample), or leave the layer out with params="
+                )
             raise ValueError(
                 f"layer {name!r}: its {what} is read {count} times in the forward but its "
                 f"module(s) ran {calls.get(name, 0)} times. The forward reuses a tensor "
