@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .batch_independent import shared_rows
 from .blocks import bias_only, block_parameters, has_gradient
-from .forward_misuse import batch_not_first, warn_sample_major
+from .forward_misuse import batch_not_first, warn_sample_major, warn_unproved_data_rows
 from .pooled_rows import pooled_by
 from .row_order import moved_rows
 from .shared_indices import check_unbatched_embedding
@@ -271,6 +271,7 @@ def check_batched_input(
     check_unbatched_embedding(name, module, inputs, batch)
     check_calls_on_parts(name, inputs, forward, reshaped)
     warn_sample_major(name, module, inputs, forward, reshaped)
+    warn_unproved_data_rows(name, module, inputs, forward, reshaped)
     if isinstance(inputs, nn.Parameter):
         what = "a parameter"
     elif batch > 1 and inputs.dim() > 1 and len(inputs) == 1 and inputs.grad_fn is None:

@@ -7,6 +7,7 @@ hooks copied onto the new one), and a batch that is not the first tensor argumen
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ __all__ = [
     "warn_forwards",
     "warn_held",
     "warn_sample_major",
+    "warn_unproved_data_rows",
 ]
 
 
@@ -87,6 +89,43 @@ def warn_sample_major(
         f"of {inputs.shape[0]} locations. If the samples are the second dimension (sample "
         "dimensions first, as torch.distributions' rsample((K,)) puts them; time-major "
         "sequences), move the batch first (z.transpose(0, 1)) before the layer",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
+_UNPROVED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the layers warned of
+
+
+def warn_unproved_data_rows(
+    name: str, module: nn.Module, inputs: Tensor, forward: ForwardPass, reshaped: bool
+) -> None:
+    """Warn, once per layer, of ``k·B`` input rows (``k > 1``) without autograd's history
+    that are neither a view of the model's first argument nor a permuted copy of it
+    (:mod:`.data_layout`): a positional encoding of ``x.reshape(B·S, 3)`` (a NeRF's points,
+    2.6–4.9 off the per-ray step in a trial, silently, before 2026-12-12) is made by
+    operations the graph does not record, so nothing tells whether its rows are ``k``
+    locations of each sample in order; KFAC reads them as gathered rows. Only where ``k``
+    is the size of some run of the data's dimensions after the batch (its positions, its
+    pixels), not for views of the batch concatenated."""
+    batch, rows = forward.batch_size, len(inputs) if inputs.dim() else 0
+    if reshaped or inputs.grad_fn is not None or isinstance(inputs, nn.Parameter):
+        return
+    if batch < 2 or rows <= batch or rows % batch or module in _UNPROVED:
+        return
+    k, sizes = rows // batch, [] if forward.first is None else list(forward.first.shape[1:])
+    runs = (math.prod(sizes[i:j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes) + 1))
+    if k not in runs:  # (not locations of the data's: two views concatenated, cat([x, v(x)]))
+        return
+    _UNPROVED.add(module)
+    warnings.warn(
+        f"layer {name!r} was called on {rows} rows for the batch of {batch}, made from the "
+        "data by operations autograd does not record (no gradient flows into the data: a "
+        "positional encoding of x.reshape(B * S, D), a normalized copy), so nothing tells "
+        f"whether they are {k} locations of each sample in order: KFAC reads them as "
+        "gathered rows (two-level KFAC refuses them). If they are, keep the samples first "
+        f"in the layer's input, [B, {k}, ...] (encode x.reshape(B, S, D) and apply the "
+        "layers to it unflattened), which KFAC reads as locations of each sample",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
