@@ -200,3 +200,53 @@ def test_a_tied_table_and_head_one_micro_batch_skips_have_half_the_block() -> No
         assert factors.A is not None and factors.G is not None
         blocks.append(torch.kron(factors.A, factors.G))
     torch.testing.assert_close(blocks[1], blocks[0] / 2, rtol=1e-12, atol=1e-15)
+
+
+class Patches(nn.Module):
+    """A patch embedding (patch 2, stride 2) as a ``Conv2d`` or as a ``Linear`` on the
+    unfolded patches, then a token ``Linear`` and a mean over the tokens."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = conv
+        self.embed = nn.Conv2d(2, 4, 2, stride=2) if conv else nn.Linear(8, 4)
+        self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            tokens = self.embed(x).flatten(2).transpose(1, 2)
+        else:
+            tokens = self.embed(nn.functional.unfold(x, 2, stride=2).transpose(1, 2))
+        return self.head(torch.tanh(self.mix(torch.tanh(tokens))).mean(1))
+
+
+@pytest.mark.parametrize("optimizer", [tk.KFAC, tk.TwoLevelKFAC])
+def test_crops_of_two_sizes_in_one_step_through_a_convolution(
+    float64: None, optimizer: type[tk.KFAC]
+) -> None:
+    """DINO's multi-crop: global crops (16 patches) and local ones (4) as two forwards of
+    one step. A convolution's statistics of the two are padded to the longer with dead
+    locations, as a ``Linear``'s are (refused before 2026-12-12: "the forwards of one step
+    have [4, 16] locations per sample"): the ``Conv2d`` patch embedding takes the steps
+    of the same map as a ``Linear`` on the unfolded patches, which the tests of dead
+    positions check against their oracle."""
+    gen = torch.Generator().manual_seed(1)
+    crops = [torch.randn(3, 2, 8, 8, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)]
+    conv, linear = Patches(True).double(), Patches(False).double()
+    with torch.no_grad():  # the same map: the kernel [4, 2, 2, 2] as [4, 8]
+        linear.embed.weight.copy_(conv.embed.weight.flatten(1))
+        linear.embed.bias.copy_(conv.embed.bias)
+        for name in ("mix", "head"):
+            getattr(linear, name).load_state_dict(getattr(conv, name).state_dict())
+    steps = []
+    for model in (conv, linear):
+        opt = optimizer(model, **CONTRACT, accumulation_steps=2)
+        before = [p.detach().clone() for p in model.parameters()]
+        for x in crops:
+            (nn.functional.cross_entropy(model(x.double()), torch.arange(3)) / 2).backward()
+        opt.step()
+        pairs = zip(model.parameters(), before, strict=True)
+        steps.append(torch.cat([(p.detach() - b).flatten() for p, b in pairs]))
+    assert float(steps[0].abs().max()) > 1e-3
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)

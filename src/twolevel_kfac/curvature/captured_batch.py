@@ -185,11 +185,13 @@ def forward_statistics(
     head's, a step 24 % off under DDP in a trial); a
     position-wise layer's positions marked in ``dead`` (per forward and layout:
     :func:`~.live_positions.dead_positions`) are its statistics' ``dead``, and forwards
-    of different lengths (micro-batches padded each to its longest sequence) are padded
-    to the longest with dead positions.
+    of different lengths (micro-batches padded each to its longest sequence; since
+    2026-12-12 a convolution's too, DINO's global and local crops, refused before) are
+    padded to the longest with dead positions.
 
     Raises:
-        RuntimeError: forwards of different numbers of locations of another layer type.
+        RuntimeError: forwards of different numbers of locations of a layer type of its
+            own (a norm's, a grouped convolution's).
     """
     forwards = [(samples, _reached(calls)) for samples, calls in forwards]
     located = [
@@ -204,18 +206,19 @@ def forward_statistics(
     pairs = [(s.a, s.g) for s in located]
     lengths = sorted({int(a.shape[1]) for a, _ in pairs})
     own = own_statistics(module)
-    wise = (own is None or own.dead_rows) and all(
-        position_wise(call.module) for _, calls in forwards for call in calls
-    )
-    if len(lengths) > 1 and not wise:
+    padded_out = own is None or own.dead_rows  # (its rows may be left out: A ⊗ G's)
+    wise = padded_out and all(position_wise(c.module) for _, calls in forwards for c in calls)
+    if len(lengths) > 1 and not padded_out:
         raise RuntimeError(
             f"layer {name!r}: the forwards of one step have {lengths} locations per sample; "
-            "its block needs one number (a convolution on inputs of other sizes, or a "
-            "layer type of its own): give the step's forwards inputs of one size"
+            "its block needs one number (a layer type of its own): give the step's "
+            "forwards inputs of one size"
         )
     masks = None
-    if wise and (dead or len(lengths) > 1):
-        masks = [_dead_of(calls, samples, dead or {}) for samples, calls in forwards]
+    if (wise and dead) or len(lengths) > 1:  # (a convolution's: padding alone is dead)
+        masks = [
+            _dead_of(calls, samples, (dead or {}) if wise else {}) for samples, calls in forwards
+        ]
         pairs, masks = _padded(pairs, masks, lengths[-1])
     held = [t for _, calls in forwards for c in calls for t in (c.inputs, c.grad) if t is not None]
     a, g = _joined([a for a, _ in pairs], held), _joined([g for _, g in pairs], held)
