@@ -7,7 +7,6 @@ hooks copied onto the new one), and a batch that is not the first tensor argumen
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -105,18 +104,15 @@ def warn_unproved_data_rows(
     (:mod:`.data_layout`): a positional encoding of ``x.reshape(B·S, 3)`` (a NeRF's points,
     2.6–4.9 off the per-ray step in a trial, silently, before 2026-12-12) is made by
     operations the graph does not record, so nothing tells whether its rows are ``k``
-    locations of each sample in order; KFAC reads them as gathered rows. Only where ``k``
-    is the size of some run of the data's dimensions after the batch (its positions, its
-    pixels), not for views of the batch concatenated."""
+    locations of each sample in order; KFAC reads them as gathered rows (two augmented
+    views concatenated inside ``forward``, ``cat([v1(x), v2(x)])``, are ``k = 2`` rows of
+    each sample too, view-major: stacked ``[B, 2, …]`` they are read as its locations)."""
     batch, rows = forward.batch_size, len(inputs) if inputs.dim() else 0
     if reshaped or inputs.grad_fn is not None or isinstance(inputs, nn.Parameter):
         return
     if batch < 2 or rows <= batch or rows % batch or module in _UNPROVED:
         return
-    k, sizes = rows // batch, [] if forward.first is None else list(forward.first.shape[1:])
-    runs = (math.prod(sizes[i:j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes) + 1))
-    if k not in runs:  # (not locations of the data's: two views concatenated, cat([x, v(x)]))
-        return
+    k = rows // batch
     _UNPROVED.add(module)
     warnings.warn(
         f"layer {name!r} was called on {rows} rows for the batch of {batch}, made from the "
@@ -125,7 +121,8 @@ def warn_unproved_data_rows(
         f"whether they are {k} locations of each sample in order: KFAC reads them as "
         "gathered rows (two-level KFAC refuses them). If they are, keep the samples first "
         f"in the layer's input, [B, {k}, ...] (encode x.reshape(B, S, D) and apply the "
-        "layers to it unflattened), which KFAC reads as locations of each sample",
+        "layers to it unflattened, stack views as [B, 2, ...], look up ids [B, k]), which "
+        "KFAC reads as locations of each sample",
         RuntimeWarning,
         stacklevel=caller_level(),
     )

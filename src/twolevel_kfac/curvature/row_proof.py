@@ -8,6 +8,7 @@ it cannot prove.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         return counted
     node = inputs.grad_fn
     if node is None:
-        return _the_data_flattened(inputs, forward.first, samples)
+        return any(_the_data_flattened(inputs, data, samples) for data in forward.batched)
     # (past a reshape, expand or pick that keeps the rows, ``strict``: a reshape of a tensor
     # with N rows first proves nothing by its size, whatever its other dimensions (at T = B
     # a time-major tensor has N rows, its batch perhaps merged into another dimension, two
@@ -163,15 +164,25 @@ def _flat_batched(node: Node, name: str, edge: int) -> bool:
 
 
 _KEEPS = RESHAPES | {"ExpandBackward0"}  # (row-wise where the first dimension stays)
-_PICKS = SLICES | DROPS
+_PICKS = SLICES | DROPS | {"CatBackward0", "StackBackward0", "RepeatBackward0"}  # (beside)
 
 
 def _beside_rows(node: Node) -> bool:
     """Whether a split, slice, select or unbind works along a dimension other than the
-    rows (the ``q, k, v`` chunks of a fused projection of windows): every row is kept."""
+    rows (the ``q, k, v`` chunks of a fused projection of windows), or a ``cat`` or
+    ``stack`` joins, or a ``repeat`` repeats, along one (a per-frame CLS token repeated
+    over the frames and joined to their tokens folded into the rows, two streams'
+    features: 1–3 off a step as gathered rows, silently, before 2026-12-12): every row is
+    kept."""
     dim = getattr(node, "_saved_dim", None)
     sizes = getattr(node, "_saved_self_sym_sizes", None)
     metadata = getattr(node, "_input_metadata", None)
+    if type(node).__name__ in ("CatBackward0", "StackBackward0"):  # (dim: the output's)
+        rank = len(node_shape(node, 0))
+        return dim is not None and rank > 0 and signed(int(dim)) % rank != 0
+    if type(node).__name__ == "RepeatBackward0":  # (TimeSformer's cls.repeat(1, T, 1))
+        repeats = [int(r) for r in node._saved_repeats]  # type: ignore[attr-defined]
+        return sizes is not None and len(repeats) == len(sizes) and repeats[0] == 1
     if sizes:
         rank = len(sizes)
     elif metadata and type(node).__name__ == "UnbindBackward0":  # (its outputs: one dim less)
@@ -220,12 +231,12 @@ def _rows_put_back(node: Node) -> Node | None:
 
 def _keeps_rows(node: Node, samples: int) -> bool:
     """A reshape that groups rows contiguously, or an expand that keeps the first dimension:
-    its output's first dimension is its input's, or the product of its input's leading
-    dimensions (``[R, h, n, d] → [R·h, n, d]``, a batched ``matmul`` over heads), or one of
-    the factors of its input's (the reverse): each row of one side is a run of rows of the
-    other, in order, so rows stay sample-major (Swin's windows ``[B·n, s, s, C] → [B·n, s²,
-    C]``; before 2026-12-09 such a reshape ended the proof, and Swin's window attention took
-    KFC's step with the damping of gathered rows: 3× off, silently). Both sides must have a
+    each row of one side is a run of rows of the other, or a part of one, in order
+    (:func:`_rows_nest`: ``[R, h, n, d] → [R·h, n, d]``, a batched ``matmul`` over heads,
+    the reverse, ``[B·N, T, D] → [B, N·T, D]``), so rows stay sample-major (Swin's windows
+    ``[B·n, s, s, C] → [B·n, s², C]``; before 2026-12-09 such a reshape ended the proof,
+    and Swin's window attention took KFC's step with the damping of gathered rows: 3× off,
+    silently; TimeSformer's frames put back, before 2026-12-12). Both sides must have a
     multiple of the ``samples`` rows, each row inside one sample (a row spanning samples,
     ``[T, N, D]`` of a flattened ``[N·T, D]``, would let an op along another dimension mix
     them). An expand's new leading dimensions are no rows."""
@@ -238,19 +249,18 @@ def _keeps_rows(node: Node, samples: int) -> bool:
         return False
     if type(node).__name__ == "ExpandBackward0":
         return len(before) == len(after) and before[0] == after[0]
-    return _leading_product(before, after[0]) or _leading_product(after, before[0])
+    return _rows_nest(before, after)
 
 
-def _leading_product(dims: list[int], target: int) -> bool:
-    """Whether the product of some leading dimensions of ``dims`` is ``target`` (> 0)."""
-    product = 1
-    for size in dims:
-        product *= size
-        if product == target:
-            return target > 0
-        if product > target or product == 0:
-            return False
-    return False
+def _rows_nest(before: list[int], after: list[int]) -> bool:
+    """Whether each row of one side lies inside one row of the other: their sizes divide
+    (in the flat order a reshape keeps, a row of either side is then a run of rows of the
+    other, or a part of one: leading dimensions merged or split, and TimeSformer's frames
+    put back, ``[B·N, T, D] → [B, N·T, D]``, read as gathered rows before 2026-12-12)."""
+    row_before, row_after = math.prod(before[1:]), math.prod(after[1:])
+    if not row_before or not row_after:
+        return False
+    return row_before % row_after == 0 or row_after % row_before == 0
 
 
 def _proves(node: Node, name: str, forward: ForwardPass, strict: bool) -> bool:
