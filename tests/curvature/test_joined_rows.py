@@ -146,3 +146,34 @@ def test_a_view_of_another_argument_is_proved() -> None:
         moved.append(step_change(opt, model.table.weight, loss))
     assert float(moved[1].abs().max()) > 1e-3
     torch.testing.assert_close(moved[0], moved[1], rtol=1e-10, atol=1e-12)
+
+
+class Video(nn.Module):
+    """Frames of a video folded into the batch of a ``Conv2d``: from the 5-D layout
+    ``[B, C, T, H, W]`` permuted in ``forward`` (torchvision's and PyTorchVideo's), or fed
+    ``[B, T, C, H, W]``."""
+
+    def __init__(self, permuted: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.permuted = permuted
+        self.conv, self.head = nn.Conv2d(2, 3, 2), nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        frames = x.permute(0, 2, 1, 3, 4) if self.permuted else x
+        frames = frames.reshape(B * T, *frames.shape[2:])
+        return self.head(torch.tanh(self.conv(frames)).mean((2, 3)).reshape(B, T, 3).mean(1))
+
+
+def test_a_video_in_the_five_dimensional_layout_is_folded_by_its_values() -> None:
+    """The data permuted in 5 dimensions is found from its values (4 at most before
+    2026-12-12: the folded frames were gathered rows, 3.0 off in a trial at ``T = 4``)."""
+    x, y = torch.randn(B, 2, T, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    moved = []
+    for permuted in (True, False):
+        model = Video(permuted).double()
+        opt = tk.TwoLevelKFAC(model, **EXACT)
+        data = x if permuted else x.transpose(1, 2).contiguous()
+        moved.append(step_change(opt, model.conv.weight, F.cross_entropy(model(data), y)))
+    assert float(moved[1].abs().max()) > 1e-3
+    torch.testing.assert_close(moved[0], moved[1], rtol=1e-10, atol=1e-12)

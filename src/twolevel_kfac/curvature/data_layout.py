@@ -26,7 +26,7 @@ __all__ = [
 
 SEVERAL = -1  # (batch_stride: permutations with other strides give the tensor)
 
-_MAX_RANK = 4  # (the permutations tried: at most 4! = 24)
+_MAX_RANK = 5  # (the permutations tried: at most 5! = 120, video [B, C, T, H, W])
 _PREFIX = 64  # (entries compared before a whole comparison)
 
 
