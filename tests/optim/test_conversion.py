@@ -74,3 +74,13 @@ def test_putting_back_checks_the_module() -> None:
     model.c_fc = nn.Linear(4, 5)
     with pytest.raises(ValueError, match="'c_fc' is not the Linear"):
         tk.conv1d_from_linear(model, swapped)
+
+
+def test_an_embedding_bag_is_told_its_preconditioned_form() -> None:
+    """``nn.EmbeddingBag`` takes the fallback step; the warning told it to convert to
+    ``nn.Linear`` (not a linear map of a vector input). Since 2026-12-12 it names the
+    lookup and the sum over the slots, which KFAC preconditions."""
+    model = nn.Sequential(nn.EmbeddingBag(10, 4, mode="sum"), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"padding_idx=p\)\(ids\)\.sum\(1\)") as said:
+        tk.KFAC(model)
+    assert "convert it to nn.Linear" not in str(said[0].message)

@@ -36,6 +36,12 @@ def no_block_reason(
     if layer_type(module) is not None:
         return None
     weight = module._parameters.get("weight")
+    if isinstance(module, nn.EmbeddingBag):  # (a table pooled: a lookup and a sum)
+        return (
+            "EmbeddingBag has no block type: a bag is a lookup pooled over its slots, "
+            "nn.Embedding(..., padding_idx=p)(ids).sum(1) (or .mean(1) over the real slots), "
+            "which KFAC preconditions, its padding slots left out"
+        )
     if weight is not None and weight.dim() >= 2 and next(module.children(), None) is None:
         return (
             f"{type(module).__name__} has a weight matrix but no block type: if it is a "
