@@ -273,13 +273,9 @@ def test_the_batchs_order_is_proved_or_the_rows_are_not_regrouped() -> None:
     for name, rows in kept.items():
         assert sample_major(rows, forward), name
     rows = torch.tanh(torch.randn(B, D, requires_grad=True))
-    one = ForwardPass(
-        index=None, batch_size=1, first=torch.randn(1, 1), others=(torch.randn(B, D),)
-    )
+    one = ForwardPass(index=None, batch_size=1, first=torch.randn(1, 1), other_rows=(B,))
     assert not sample_major(rows, one)  # model(t, x), t [1, 1]: the batch second
-    alone = ForwardPass(
-        index=None, batch_size=1, first=torch.randn(1, T, D), others=(torch.randn(1, D),)
-    )
+    alone = ForwardPass(index=None, batch_size=1, first=torch.randn(1, T, D), other_rows=(1,))
     assert sample_major(rows, alone)  # (one sample: its rows, whatever they are)
 
 

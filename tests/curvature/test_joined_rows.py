@@ -1,9 +1,9 @@
 """Rows of frames folded into the batch (``[B·T, …]``) joined, repeated or regrouped along
 another dimension keep their samples (``curvature/row_proof.py``): a per-frame CLS token
-joined to each frame's tokens, two streams' features, TimeSformer's frames put back; and a
-view of a tensor argument other than the first (tabular models' ``forward(x_num, x_cat)``)
-is proved as the first's is. Each was read as gathered rows before 2026-12-12: KFAC 1–3
-off the per-video step in a trial, silently; two-level KFAC refused."""
+joined to each frame's tokens, two streams' features, TimeSformer's frames put back, a
+video's 5-D layout folded. Each was read as gathered rows before 2026-12-12: KFAC 1–3 off
+the per-video step in a trial, silently; two-level KFAC refused. A view of another
+argument is not proved (tabular models' ``forward(x_num, x_cat)``): warned of."""
 
 from __future__ import annotations
 
@@ -132,48 +132,15 @@ class Tabular(nn.Module):
         return self.head(torch.cat([codes, x_num], 1))
 
 
-def test_a_view_of_another_argument_is_proved() -> None:
-    """The categories flattened in ``forward`` are 3 positions of each sample as the
-    first argument's flattened view is (the table's step 0.23 off at the default damping,
-    1.78 at 0.1, silently, before 2026-12-12)."""
+def test_a_view_of_another_argument_is_warned_of() -> None:
+    """The categories flattened in ``forward`` are read as gathered rows (the table's step
+    0.23 off at the default damping, 1.78 at 0.1, in a trial): another argument with the
+    batch's rows need not hold the samples (time-major, a support set, a memory bank:
+    proving them took steps 0.4–14 off in a review), so nothing proves them. Warned of
+    since 2026-12-12, with the lookup on ``[B, columns]`` that KFAC reads as 3 positions
+    of each sample."""
     x_num, x_cat = torch.randn(5, 2), torch.randint(0, 6, (5, 3))
-    y = torch.tensor([0, 1, 2, 0, 1])
-    moved = []
-    for flat in (True, False):
-        model = Tabular(flat).double()
-        opt = tk.KFAC(model, **EXACT)
-        loss = F.cross_entropy(model(x_num.double(), x_cat), y)
-        moved.append(step_change(opt, model.table.weight, loss))
-    assert float(moved[1].abs().max()) > 1e-3
-    torch.testing.assert_close(moved[0], moved[1], rtol=1e-10, atol=1e-12)
-
-
-class Video(nn.Module):
-    """Frames of a video folded into the batch of a ``Conv2d``: from the 5-D layout
-    ``[B, C, T, H, W]`` permuted in ``forward`` (torchvision's and PyTorchVideo's), or fed
-    ``[B, T, C, H, W]``."""
-
-    def __init__(self, permuted: bool) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.permuted = permuted
-        self.conv, self.head = nn.Conv2d(2, 3, 2), nn.Linear(3, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        frames = x.permute(0, 2, 1, 3, 4) if self.permuted else x
-        frames = frames.reshape(B * T, *frames.shape[2:])
-        return self.head(torch.tanh(self.conv(frames)).mean((2, 3)).reshape(B, T, 3).mean(1))
-
-
-def test_a_video_in_the_five_dimensional_layout_is_folded_by_its_values() -> None:
-    """The data permuted in 5 dimensions is found from its values (4 at most before
-    2026-12-12: the folded frames were gathered rows, 3.0 off in a trial at ``T = 4``)."""
-    x, y = torch.randn(B, 2, T, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
-    moved = []
-    for permuted in (True, False):
-        model = Video(permuted).double()
-        opt = tk.TwoLevelKFAC(model, **EXACT)
-        data = x if permuted else x.transpose(1, 2).contiguous()
-        moved.append(step_change(opt, model.conv.weight, F.cross_entropy(model(data), y)))
-    assert float(moved[1].abs().max()) > 1e-3
-    torch.testing.assert_close(moved[0], moved[1], rtol=1e-10, atol=1e-12)
+    model = Tabular(flat=True).double()
+    opt = tk.KFAC(model, **EXACT)  # noqa: F841 (kept: its hooks)
+    with pytest.warns(RuntimeWarning, match=r"'table' was called on 15 rows.*look up ids"):
+        model(x_num.double(), x_cat)

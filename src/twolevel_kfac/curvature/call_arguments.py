@@ -1,7 +1,6 @@
 """The model call's arguments: its batch (the first tensor argument, whose first
-dimension is the samples) and the others (a batch of one whose real batch is passed
-second, ``model(code, x)``, is refused by :mod:`.forward_misuse`; views of those with the
-batch's rows prove their rows as the first's do, :mod:`.row_proof`)."""
+dimension is the samples) and the rows of the others (a batch of one whose real batch is
+passed second, ``model(code, x)``, is refused by :mod:`.forward_misuse`)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["batch_argument", "first_tensor", "other_tensors"]
+__all__ = ["batch_argument", "first_tensor", "other_rows"]
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -21,14 +20,14 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
     return None
 
 
-def other_tensors(
-    args: tuple[Any, ...], kwargs: dict[str, Any], first: Tensor
-) -> tuple[Tensor, ...]:
-    """A call's tensor arguments other than ``first`` (with a dimension), and the tensors
-    in its dict, list and tuple arguments (``model(code, {"x": x})``)."""
+def other_rows(args: tuple[Any, ...], kwargs: dict[str, Any], first: Tensor) -> tuple[int, ...]:
+    """The first dimensions of a call's tensor arguments other than ``first``, and of the
+    tensors in its dict, list and tuple arguments (``model(code, {"x": x})``)."""
     values = [*args, *kwargs.values()]
     values += [v for c in values if _container(c) for v in _items(c)]
-    return tuple(v for v in values if isinstance(v, Tensor) and v.dim() and v is not first)
+    return tuple(
+        int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim() and v is not first
+    )
 
 
 def _container(value: Any) -> bool:

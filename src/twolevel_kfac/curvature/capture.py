@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from . import forward_misuse as misuse
 from .attention import attention_modules, recompute_attention
 from .blocks import recorded_input, trains
-from .call_arguments import batch_argument, other_tensors
+from .call_arguments import batch_argument, other_rows
 from .calls import sample_major
 from .captured_batch import Call, CapturedBatch, Forward
 from .dropped_gradients import Marks, backward_started, settle
@@ -185,7 +185,7 @@ class CurvatureCapture:
             perm = torch.randperm(batch, generator=self.generator)
             index = perm[:size].sort().values.to(x.device)
         padding = padding_rows(padding, batch, index)
-        others = other_tensors(args, kwargs, x)  # (model(code, x); model(x_num, x_cat))
+        others = other_rows(args, kwargs, x) if batch == 1 else ()  # (model(code, x))
         aligned = self.aligned or (index is not None and self.fisher == "mc")  # (its δ: row i's)
         self._forward = ForwardPass(index, batch, mask, x, others, padding, aligned)
         self._forward.on_backward = weakref.WeakMethod(self._backward_started)

@@ -117,7 +117,8 @@ def warn_unproved_data_rows(
     warnings.warn(
         f"layer {name!r} was called on {rows} rows for the batch of {batch}, made from the "
         "data by operations autograd does not record (no gradient flows into the data: a "
-        "positional encoding of x.reshape(B * S, D), a normalized copy), so nothing tells "
+        "positional encoding of x.reshape(B * S, D), a normalized copy, a view of another "
+        "argument than the first), so nothing tells "
         f"whether they are {k} locations of each sample in order: KFAC reads them as "
         "gathered rows (two-level KFAC refuses them). If they are, keep the samples first "
         f"in the layer's input, [B, {k}, ...] (encode x.reshape(B, S, D) and apply the "

@@ -46,7 +46,7 @@ class ForwardPass:
     batch_size: int
     mask: Tensor | None = None  # the positions the loss counts (set_loss_mask)
     first: Tensor | None = None  # the model's first tensor argument (the batch)
-    others: tuple[Tensor, ...] = ()  # the model's other tensor arguments
+    other_rows: tuple[int, ...] = ()  # a batch of one: its other tensor arguments' rows
     padding: Tensor | None = None  # the real positions [N, T] (padding_mask)
     aligned: bool = False  # the layers' rows must be the samples in order (row_order)
     # autograd nodes of layer outputs whose rows are k per sample in the batch's order
@@ -70,17 +70,6 @@ class ForwardPass:
     records: dict[str, list[Record]] = field(default_factory=dict)
     positions: int | None = None  # the output's positions per sample (live_positions)
     reached: Tensor | None = None  # its output's positions [N, T] with a loss term
-
-    @property
-    def other_rows(self) -> tuple[int, ...]:
-        """A batch of one: its other tensor arguments' rows (``model(code, x)``)."""
-        return tuple(int(t.shape[0]) for t in self.others) if self.batch_size == 1 else ()
-
-    @property
-    def batched(self) -> tuple[Tensor, ...]:
-        """The model's tensor arguments with the batch's rows, the first one first."""
-        rows = self.batch_size
-        return tuple(t for t in (self.first, *self.others) if t is not None and len(t) == rows)
 
     def mark_backward(self) -> None:
         """The user's backward reached this forward (:attr:`on_backward` at the first)."""

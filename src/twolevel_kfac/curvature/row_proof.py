@@ -57,7 +57,7 @@ def sample_major(inputs: Tensor, forward: ForwardPass) -> bool:
         return counted
     node = inputs.grad_fn
     if node is None:
-        return any(_the_data_flattened(inputs, data, samples) for data in forward.batched)
+        return _the_data_flattened(inputs, forward.first, samples)
     # (past a reshape, expand or pick that keeps the rows, ``strict``: a reshape of a tensor
     # with N rows first proves nothing by its size, whatever its other dimensions (at T = B
     # a time-major tensor has N rows, its batch perhaps merged into another dimension, two
