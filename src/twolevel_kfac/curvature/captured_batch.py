@@ -211,8 +211,8 @@ def forward_statistics(
     if len(lengths) > 1 and not padded_out:
         raise RuntimeError(
             f"layer {name!r}: the forwards of one step have {lengths} locations per sample; "
-            "its block needs one number (a layer type of its own): give the step's "
-            "forwards inputs of one size"
+            "its block needs one number (a layer type of its own: a grouped or depthwise "
+            "convolution, a norm): give the step's forwards inputs of one size"
         )
     masks = None
     if (wise and dead) or len(lengths) > 1:  # (a convolution's: padding alone is dead)
