@@ -81,8 +81,8 @@ def check_weight_uses(
             name = weights.get(id(variable)) if variable is not None else None
             if name is not None:
                 reads[name] += 1
-                if hasattr(node, "_forward_cls"):
-                    custom[name] = type(node).__name__
+                if hasattr(node, "_forward_cls"):  # (the user's class, not its backward's)
+                    custom[name] = getattr(node._forward_cls, "__name__", type(node).__name__)
             stack.append(child)
     for name, count in reads.items():
         if count > calls.get(name, 0):
