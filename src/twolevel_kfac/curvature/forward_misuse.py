@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..warning_level import caller_level
-from .batch_dim import first_is_batch
+from .batch_dim import first_is_batch, leads_to_batch
 from .hooks import on_gradient
 from .layer_types import layer_type
 from .pooled_rows import main_output
@@ -72,7 +72,9 @@ def warn_sample_major(
     sample (``reshaped``) pass, and so does ``K`` a multiple of ``B`` where its first
     dimension leads to the batch (:func:`~.batch_dim.first_is_batch`: Swin's windows,
     ``k·B`` rows of ``B`` tokens, were warned of, with a wrong fix, before 2026-12-09; a
-    time-major ``[2B, B, D]`` passed unwarned before 2026-12-10, 0.56–0.77 off)."""
+    time-major ``[2B, B, D]`` passed unwarned before 2026-12-10, 0.56–0.77 off), and so
+    does a second dimension followed back to another one than the batch (head-major rows
+    ``[H·B, L, d]`` at ``L = B`` were told to move their time first before 2026-12-12)."""
     batch = forward.batch_size
     if reshaped or batch < 2 or not isinstance(module, nn.Linear) or inputs.dim() < 3:
         return
@@ -80,6 +82,8 @@ def warn_sample_major(
         return
     if inputs.shape[0] % batch == 0 and first_is_batch(inputs, forward):
         return  # (k·B rows: flattened batch-first, Swin's windows of k = B tokens)
+    if inputs.grad_fn is not None and not leads_to_batch(inputs.grad_fn, forward, dim=1):
+        return  # (another dimension of B entries: the time of head-major [H·B, L, d] rows)
     _SAMPLE_MAJOR.add(module)
     warnings.warn(
         f"layer {name!r} was called on an input of shape {tuple(inputs.shape)}, whose second "
