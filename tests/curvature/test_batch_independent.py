@@ -212,12 +212,11 @@ def test_a_time_major_loop_is_told_to_pass_the_batch_first(steps: int) -> None:
     taken for the batch) and, since 2026-12-12, told to pass the input batch-first: the
     refusal named chunks, experts and finished samples only, none of which it was."""
     model = _TimeMajorCell()
-    opt = tk.KFAC(model, fisher="empirical")  # (held: its hooks go with it)
+    opt = tk.KFAC(model, fisher="empirical")  # noqa: F841 (kept: its hooks)
     with pytest.raises(RuntimeError, match=r"loop over x\[t\] of x \[T, B, \.\.\.\]"):
         model(torch.randn(steps, 4, 3))
     chunked = _PerSample("chunks")
-    held = tk.KFAC(chunked, fisher="empirical")
+    held = tk.KFAC(chunked, fisher="empirical")  # noqa: F841 (kept: its hooks)
     with pytest.raises(RuntimeError, match="on parts of the batch") as chunks:
         chunked(torch.randn(8, 3, 4, dtype=torch.float64))
     assert "x[t]" not in str(chunks.value)  # (chunks of a batch: no such hint)
-    assert opt.param_groups and held.param_groups

@@ -145,8 +145,7 @@ class CoarseLevel:
 
     def refreshing(self, stats: dict[str, LayerStats]) -> bool:
         """Whether this step refreshes the level: its statistics are given, or their
-        products were taken as they were folded (:mod:`.coarse_absorb`; a capture whose
-        positions were all dead folded none: not a refresh, as with its statistics)."""
+        products were taken as they were folded (:mod:`.coarse_absorb`; none: all dead)."""
         return bool(stats) or (self.absorbed is not None and bool(self.absorbed.columns))
 
     def refresh_names(self, stats: dict[str, LayerStats]) -> list[str]:
