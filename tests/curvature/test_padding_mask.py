@@ -10,7 +10,18 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.curvature.test_live_positions import LENGTHS, OPTIMIZERS, SETTINGS, C, E, N, V, padded
+from tests.curvature.test_live_positions import (
+    LENGTHS,
+    OPTIMIZERS,
+    SETTINGS,
+    C,
+    E,
+    N,
+    Tagger,
+    V,
+    padded,
+    token_loss,
+)
 from torch import Tensor, nn
 
 import twolevel_kfac as tk
@@ -156,6 +167,10 @@ def test_refusals(float64: None) -> None:
     with pytest.raises(ValueError, match=r"reaches the loss at \d+ position\(s\) marked as pad"):
         F.cross_entropy(model(x, padding), labels()).backward()
         opt.step()
+    try:  # the advice is the attention's and the pooling's (the loss has no positions)
+        F.cross_entropy(model(x, padding), labels()).backward()
+    except ValueError as error:
+        assert "key_padding_mask" in str(error) and "set_loss_mask" not in str(error)
     model = TextClassifier().double()
     opt = tk.KFAC(model, **CLASSIFIER)
     for bad, match in [
@@ -168,6 +183,30 @@ def test_refusals(float64: None) -> None:
         with pytest.raises(ValueError, match=match):
             opt.set_padding_mask(bad)
             model(x, padding)
+
+
+def test_the_sampled_loss_at_the_padding_names_the_loss_mask(float64: None) -> None:
+    """Under ``fisher="mc"`` a tagger's padding mask without a loss mask is refused: the
+    sampled loss has a term at every position, padding included. The message named the
+    attention and the pooling before 2026-12-13, where ``set_loss_mask`` is the fix; with
+    it the padding is left out (the factors of the real positions)."""
+    torch.manual_seed(0)
+    x, y, padding = padded(7)
+    model = Tagger().double()
+    opt = tk.KFAC(model, **{**SETTINGS, "fisher": "mc"})
+    opt.set_padding_mask(~padding)
+    with (
+        pytest.raises(ValueError, match=r"The loss has terms at \d+ of them: under fisher='mc'"),
+        pytest.warns(RuntimeWarning, match="no loss mask was given"),
+    ):
+        token_loss(model(x, padding), y).backward()
+        opt.step()
+    opt.zero_grad()
+    opt.set_padding_mask(~padding)
+    opt.set_loss_mask(~padding)
+    token_loss(model(x, padding), y).backward()
+    opt.step()
+    assert opt.preconditioner.factors["mlp"].num_locations == sum(LENGTHS) / N
 
 
 class TokenClassifier(nn.Module):

@@ -188,7 +188,8 @@ def dead_positions(
         layout = (item.forward, int(item.grad.shape[0]), int(item.grad.shape[1]))
         reached = _reached(item.grad)
         if item.padding is not None and item.padding.shape == reached.shape:
-            declared[layout] = ~check_padding_unreached(item.layer, reached, item.padding)
+            output = reaching(item.forward)
+            declared[layout] = ~check_padding_unreached(item.layer, reached, item.padding, output)
         if item.automatic:
             live[layout] = reached if layout not in live else live[layout] | reached
             seen.setdefault(layout, set()).add(item.layer)

@@ -95,21 +95,40 @@ def check_padding_matched(padding: Tensor | None, records: Iterable[Record]) -> 
     )
 
 
-def check_padding_unreached(layer: str, reached: Tensor, padding: Tensor) -> Tensor:
+def check_padding_unreached(
+    layer: str, reached: Tensor, padding: Tensor, output: Tensor | None = None
+) -> Tensor:
     """``padding`` (the real positions) where no position it marks as padding has a
-    non-zero ``δ`` in ``layer`` (``reached``, ``[N, T]``).
+    non-zero ``δ`` in ``layer`` (``reached``, ``[N, T]``). ``output``: the model output's
+    positions with a loss term, where known: a loss term at a padded position of the same
+    layout is named as the cause (under ``fisher="mc"`` without ``set_loss_mask`` the
+    sampled loss has one at every position).
 
     Raises:
         ValueError: a padding position reaches the loss through ``layer``.
     """
     padding = padding.to(reached.device)
     stray = reached & ~padding
-    if bool(stray.any()):
-        n, t = (int(i) for i in stray.nonzero()[0])
-        raise ValueError(
-            f"set_padding_mask: layer {layer!r} reaches the loss at {int(stray.sum())} "
-            f"position(s) marked as padding (the first: sample {n}, position {t}); leaving "
-            "them out would drop real terms of the Fisher. Mask the padding out of the "
-            "attention (key_padding_mask / attention_mask) and of the pooling, or fix the mask"
-        )
-    return padding
+    if not bool(stray.any()):
+        return padding
+    n, t = (int(i) for i in stray.nonzero()[0])
+    where = (
+        f"set_padding_mask: layer {layer!r} reaches the loss at {int(stray.sum())} "
+        f"position(s) marked as padding (the first: sample {n}, position {t}); leaving "
+        "them out would drop real terms of the Fisher. "
+    )
+    if output is not None and output.shape == padding.shape:
+        counted = output.to(padding.device) & ~padding
+        if bool(counted.any()):
+            raise ValueError(
+                where + f"The loss has terms at {int(counted.sum())} of them: under "
+                "fisher='mc' the sampled loss has one at every output position unless "
+                "opt.set_loss_mask(real) marks those the loss counts, before the forward "
+                "(categorical logits; a gaussian or bernoulli output needs "
+                "fisher='empirical'); with fisher='empirical', leave the padding out of the "
+                "loss (ignore_index)"
+            )
+    raise ValueError(
+        where + "Mask the padding out of the attention (key_padding_mask / attention_mask) "
+        "and of the pooling, or fix the mask"
+    )
