@@ -20,8 +20,8 @@ _FIX = (
     "table (Hugging Face models that take position_ids: model(..., position_ids="
     "torch.arange(T).expand(B, T))), or leave the table out of this optimizer's params and "
     "give it a torch optimizer of its own (T5's relative_attention_bias: a parameter left "
-    "out of params takes no step from this optimizer). A soft prompt looked up once for the batch (peft's prompt "
-    "tuning) likewise, or write it as an nn.Embedding called on "
+    "out of params takes no step from this optimizer). A soft prompt looked up once for "
+    "the batch (peft's prompt tuning) likewise, or write it as an nn.Embedding called on "
     "torch.arange(P).expand(B, P)"
 )
 
