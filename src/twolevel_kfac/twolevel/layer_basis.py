@@ -45,6 +45,7 @@ __all__ = [
     "LayerBasis",
     "OuterVectors",
     "SplitVectors",
+    "add_rows",
     "dense_basis",
     "dense_layer",
     "gram_layer",
@@ -202,6 +203,18 @@ def restrict_layer(b: LayerBasis, v: Tensor) -> Tensor:
     return b.flatten(1) @ v.flatten()
 
 
+def add_rows(target: Tensor, rows: Tensor, y: Tensor, alpha: float) -> Tensor:
+    """``target ← target + α yᵀrows`` in place for a vector ``target`` (``[n]``) and
+    ``rows`` ``[k, n]``: one vector's multiple (``addcmul_``) where ``k = 1``, a GEMV
+    otherwise. Torch's CPU GEMV on the ``[n, 1]`` transpose is slow where it reads from
+    memory: a residual basis' prolongation between refreshes took 0.98 ms on a 784 × 1000
+    layer of the MNIST autoencoder (``addcmul_``: about 0.4 ms); the two round alike
+    to the last bit or so (``α·r·y`` and ``α·(r·y)``)."""
+    if rows.shape[0] == 1:
+        return target.addcmul_(rows[0], y, value=alpha)
+    return target.addmv_(rows.T, y, alpha=alpha)
+
+
 def prolong_add_layer(b: LayerBasis, y: Tensor, target: Tensor, alpha: float) -> Tensor:
     """``target ← target + α Σ_j y_j r_j`` in place (``y``: ``[k]`` in ``target``'s dtype);
     for :class:`OuterVectors` the rank-``k`` update ``α (lᵀ diag(y)) r̃``."""
@@ -209,10 +222,10 @@ def prolong_add_layer(b: LayerBasis, y: Tensor, target: Tensor, alpha: float) ->
         return target.addmm_(b.left.T * y, b.right, alpha=alpha)
     if isinstance(b, SplitVectors):
         target[:, :-1].add_(torch.tensordot(y, b.weight, dims=1), alpha=alpha)
-        target[:, -1].addmv_(b.bias.T, y, alpha=alpha)
+        add_rows(target[:, -1], b.bias, y, alpha)
         return target
     if target.is_contiguous():
-        target.view(-1).addmv_(b.flatten(1).T, y, alpha=alpha)
+        add_rows(target.view(-1), b.flatten(1), y, alpha)
         return target
     return target.add_(torch.einsum("k,koi->oi", y, b), alpha=alpha)
 

@@ -27,6 +27,7 @@ from twolevel_kfac.twolevel.layer_basis import (
     LayerBasis,
     OuterVectors,
     SplitVectors,
+    add_rows,
     prolong_add_layer,
     restrict_layer,
 )
@@ -158,9 +159,9 @@ def prolong_add_into_parts(split: SplitBasis, y: Tensor, target: Parts, alpha: f
             continue
         bw, bb = entry
         coefficients = yi.to(tw.dtype)
-        tw.view(-1).addmv_(bw.T, coefficients, alpha=alpha)
+        add_rows(tw.view(-1), bw, coefficients, alpha)
         if bb is not None and tb is not None:
-            tb.addmv_(bb.T, coefficients, alpha=alpha)
+            add_rows(tb, bb, coefficients, alpha)
     return target
 
 
