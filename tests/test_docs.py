@@ -21,11 +21,11 @@ def test_readme_has_examples() -> None:
 def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
     namespace: dict[str, object] = {}
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
-    out = capsys.readouterr().out
-    if "describe_blocks" in BLOCKS[index]:  # the drop-in example: every Linear has its block
-        assert "0.weight  KFAC Linear '0'" in out and "2.bias    KFAC Linear '2'" in out
-    elif "opt" in namespace:
-        assert "kl_scale" in out
+    out, block = capsys.readouterr().out, BLOCKS[index]
+    if "opt" in namespace:  # it prints what it says: the step's statistics, the blocks
+        expected = ["kl_scale"] if "last_stats" in block else []
+        expected += ["weight  KFAC Linear"] if "describe_blocks" in block else []
+        assert expected and all(text in out for text in expected), (expected, out)
 
 
 def test_the_analysis_example_runs_and_prints_what_the_doc_says(
