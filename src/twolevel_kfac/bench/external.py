@@ -3,7 +3,9 @@
 * **ASDL** (``pip install asdfghjkl``, imported as ``asdl``; our ``bench`` extra):
   ``KfacGradientMaker`` with the empirical Fisher of the whole batch, π-damping and
   Cholesky inverses (what ASDL's ``Kron.update_inv`` does), factors and inverses refreshed
-  every T steps, running average weight 1 − 0.95, BatchNorm layers left to SGD (as ours),
+  every T steps, running average weight 1 − 0.95 (the same work as ours at 0.95, not the
+  same steps: ASDL's average starts from zero, docs/migrating.md), BatchNorm layers left to
+  SGD (as ours),
   then ``torch.optim.SGD`` with momentum 0.9. ASDL 0.1a5 calls ``torch.cuda.nvtx.range``
   unconditionally, which raises on CPU-only torch builds ("NVTX functions not installed");
   :func:`asdl_status` replaces ASDL's ``nvtx`` handle with a no-op on such builds. ASDL

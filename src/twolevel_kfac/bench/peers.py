@@ -49,12 +49,13 @@ KL_CLIP = 1e-2
 
 
 AUTHORS_PAIRS = (  # the authors' preconditioner (their combination is additive) and ours
-    # their KFAC inverts A + √λI and G + √λI explicitly: our π-damping's form (π = 1 there)
+    # their KFAC inverts A + √λI and G + √λI explicitly: our per_factor form, the same
+    # step at damping √λ (docs/migrating.md); the timing pairs the work at one λ
     (
         "authors:kfac",
         {"variant": "kfac"},
         "kfac",
-        {"damping_mode": "pi", "inverse_method": "cholesky"},
+        {"damping_mode": "per_factor", "inverse_method": "cholesky"},
     ),
     (
         "authors:nicolaides",
@@ -75,7 +76,7 @@ def authors_specs(checkout: str | None) -> tuple[list[MethodSpec], dict[str, str
     """The authors' KFAC, NICO and RESIDU preconditioners, each after ours configured to
     do its work: the MC Fisher on a quarter of the batch, KL clip without lr², factors and
     inverses every T steps; their KFAC's explicit inverses of the √λ-damped factors (ours:
-    π-damped Cholesky inverses), their two-level eigendecompositions of ``A + λI`` and
+    ``per_factor`` Cholesky inverses), their two-level eigendecompositions of ``A + λI`` and
     ``G + λI`` (ours: ``per_factor``, ``eigen``) and per-step residual basis
     (``coarse_refresh="faithful"``)."""
     reason = external.authors_status(checkout)
