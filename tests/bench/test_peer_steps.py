@@ -98,13 +98,17 @@ def _trajectory(
         opt.zero_grad()
         step(x, y)
         opt.step()
-        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        out.append(_flat(model))
     return out
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _distance(bias: bool, norm: bool, interval: int) -> float:
     """``max_k ‖θ_ASDL − θ_ours‖ / ‖θ_ASDL − θ₀‖`` over the 5 steps."""
-    start = torch.cat([p.detach().reshape(-1) for p in _mlp(bias, norm).parameters()])
+    start = _flat(_mlp(bias, norm))
     theirs = _asdl(_mlp(bias, norm), _batches(), interval)
     ours = _ours(_mlp(bias, norm), _batches(), interval, norm)
     return max(
